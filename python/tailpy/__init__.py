@@ -1,0 +1,1 @@
+"""tailpy: a mesh VPN in the manner of Tailscale."""

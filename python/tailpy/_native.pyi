@@ -1,0 +1,99 @@
+"""Typed stub of the Rust extension ``tailpy._native`` (crate ``rust/tailpy-py``).
+
+All keys are raw 32-byte Curve25519 (X25519) values. Errors are raised as classes of :mod:`tailpy.errors`:
+``InvalidKeyError`` for a malformed key, ``PermissionDeniedError`` when creating a TUN without CAP_NET_ADMIN,
+``DeviceError`` for other TUN/socket failures and unknown peers, ``ConfigError`` for a malformed address,
+prefix or endpoint.
+"""
+
+from typing import Literal, TypedDict
+
+__version__: str
+
+def generate_private_key() -> bytes:
+    """A new random X25519 private key, clamped as WireGuard does (32 bytes)."""
+
+def public_key(private_key: bytes) -> bytes:
+    """The 32-byte X25519 public key of a 32-byte private key. Raises InvalidKeyError."""
+
+class PeerStats(TypedDict):
+    public_key: bytes
+    allowed_ips: list[str]
+    endpoint: str | None  # "ip:port" or "[ipv6]:port"
+    path: Literal["direct", "relay"]
+    persistent_keepalive: int | None  # seconds
+    tx_bytes: int  # WireGuard datagram bytes sent (ciphertext, including overhead)
+    rx_bytes: int
+    tx_packets: int
+    rx_packets: int
+    last_handshake: float | None  # unix time, seconds
+
+class DeviceStats(TypedDict):
+    rx_datagrams: int  # UDP datagrams received on the socket
+    tx_datagrams: int
+    to_python: int  # STUN / disco datagrams queued for Python
+    dropped_malformed: int  # neither WireGuard, STUN nor disco, or a WireGuard message of the wrong size
+    dropped_unknown_peer: int  # handshake initiation from an unknown key, or data for an unknown index
+    dropped_decrypt: int  # WireGuard message that failed authentication/decryption
+    dropped_no_route: int  # packet from the TUN whose destination no peer's allowed IPs cover
+    dropped_queue_full: int  # Python's queue was full
+    handshakes_sent: int
+
+class Device:
+    """One node's data plane: a TUN interface, one UDP socket (IPv4 and IPv6), and a table of peers.
+
+    The packet loop runs on Rust threads with the GIL released; timers are driven every ~250 ms.
+    """
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        tun_name: str = "tailpy0",
+        listen_port: int = 0,
+        mtu: int = 1280,
+    ) -> None:
+        """Create the TUN ``tun_name`` (not configured: Python sets addresses and routes) and bind UDP
+        ``[::]:listen_port`` dual-stack (0 picks a free port). Raises PermissionDeniedError without
+        CAP_NET_ADMIN, DeviceError if the name or port is taken, InvalidKeyError for a bad key."""
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def tun_name(self) -> str: ...
+    @property
+    def listen_port(self) -> int: ...
+    def set_private_key(self, private_key: bytes) -> None:
+        """Replace the device's private key (node key rotation); existing sessions are dropped."""
+    def set_peer(
+        self,
+        public_key: bytes,
+        *,
+        allowed_ips: list[str],
+        endpoint: str | None = None,
+        persistent_keepalive: int | None = None,
+        preshared_key: bytes | None = None,
+    ) -> None:
+        """Add a peer or update it in place (sessions are kept when only allowed IPs, endpoint or keepalive
+        change). ``allowed_ips`` are CIDR prefixes (IPv4 or IPv6); ``endpoint`` is "ip:port" or
+        "[ipv6]:port"; ``persistent_keepalive`` in seconds (None or 0 = off)."""
+    def remove_peer(self, public_key: bytes) -> bool:
+        """Remove a peer; True if it existed. Packets in flight for it are dropped and counted."""
+    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None:
+        """Choose how a peer's encrypted datagrams leave: "direct" to its endpoint over UDP, or "relay",
+        where they are queued for Python (see ``drain``) to send over DERP. Raises DeviceError for an
+        unknown peer."""
+    def inject(self, public_key: bytes, datagram: bytes) -> None:
+        """Process a WireGuard datagram as if received from ``public_key`` (a DERP RecvPacket payload).
+        Replies it causes (handshake responses) go out on the peer's current path."""
+    def send_datagram(self, data: bytes, endpoint: str) -> None:
+        """Send one UDP datagram (STUN, disco) from the device's socket to "ip:port"."""
+    def fileno(self) -> int:
+        """An eventfd that becomes readable when ``drain`` has something; for ``loop.add_reader``."""
+    def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]:
+        """Take queued items and reset the eventfd: (datagrams, relay) where datagrams are
+        ``(payload, "ip:port")`` of STUN/disco received on the socket, and relay are
+        ``(peer_public_key, wireguard_datagram)`` to be sent over DERP. Never blocks."""
+    def peers(self) -> list[PeerStats]: ...
+    def stats(self) -> DeviceStats: ...
+    def close(self) -> None:
+        """Stop the threads, close the socket and remove the TUN. Idempotent."""

@@ -1,0 +1,61 @@
+"""tailpy's one exception hierarchy.
+
+Every expected failure is a :class:`TailpyError` whose message is one sentence saying what went wrong and,
+where there is one, what to do. The Rust extension raises these same classes (see ``rust/tailpy-py``).
+"""
+
+from __future__ import annotations
+
+
+class TailpyError(Exception):
+    """Base class of every error tailpy raises on purpose."""
+
+
+class InvalidKeyError(TailpyError, ValueError):
+    """A key is malformed: wrong length, wrong prefix, bad base64/hex, or a low-order point."""
+
+
+class ParseError(TailpyError, ValueError):
+    """Bytes from the network could not be parsed (a malformed STUN, disco, DERP or control message)."""
+
+
+class PermissionDeniedError(TailpyError, PermissionError):
+    """An operation needs a privilege the process lacks (CAP_NET_ADMIN to create a TUN device)."""
+
+
+class DeviceError(TailpyError, OSError):
+    """The data plane could not do what was asked (TUN or UDP socket failure, unknown peer)."""
+
+
+class ConfigError(TailpyError, ValueError):
+    """A setting or argument is wrong; the message says which and what is expected."""
+
+
+class ControlError(TailpyError):
+    """The coordination server refused a request or could not be reached."""
+
+
+class AuthKeyError(ControlError):
+    """An auth key is unknown, expired or already used."""
+
+
+class DaemonNotRunningError(TailpyError):
+    """No tailpyd answers on the local API socket."""
+
+
+class LabError(TailpyError):
+    """A lab topology (network namespaces, veth links, NAT rules) could not be built."""
+
+
+__all__ = [
+    "AuthKeyError",
+    "ConfigError",
+    "ControlError",
+    "DaemonNotRunningError",
+    "DeviceError",
+    "InvalidKeyError",
+    "LabError",
+    "ParseError",
+    "PermissionDeniedError",
+    "TailpyError",
+]

@@ -1,0 +1,63 @@
+# tailpy: every target sets up what it needs on a fresh Debian machine (root), then runs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := iproute2 iputils-ping nftables iperf3 wireguard-go wireguard-tools procps
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all deps venv build demo test test-rust test-py bench lint fmt clean
+
+all: build
+
+# System packages, only when one is missing (apt-get update first, as Debian needs).
+deps:
+	@missing=""; \
+	for c in ip:iproute2 ping:iputils-ping nft:nftables iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps; do \
+	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v cargo >/dev/null || { echo "cargo (Rust) is needed: install it with rustup"; exit 1; }
+
+$(VENV)/.installed: requirements-dev.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-dev.lock
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Builds the Rust extension into the venv (editable install of the Python package).
+build: deps venv
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+
+demo: build
+	$(VENV)/bin/tailpy demo
+
+test-rust: deps
+	cargo test --workspace --release -q
+
+test-py: build
+	$(VENV)/bin/pytest -q
+
+test: test-rust test-py
+
+bench: build
+	$(PY) benchmarks/throughput.py
+
+lint: build
+	$(VENV)/bin/ruff check python tests benchmarks
+	$(VENV)/bin/ruff format --check python tests benchmarks
+	$(VENV)/bin/mypy
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: venv
+	$(VENV)/bin/ruff format python tests benchmarks
+	$(VENV)/bin/ruff check --fix python tests benchmarks
+	cargo fmt --all
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,3 @@
+//! tailpy's data plane, without Python: keys, and (to come) the `Device`.
+
+pub mod keys;

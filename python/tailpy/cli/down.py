@@ -1,9 +1,15 @@
-"""`tailpy down` (placeholder until its owner lands it)."""
+"""`tailpy down`: disconnect from the tailnet (the node stays registered)."""
+
+from __future__ import annotations
 
 import click
 
+from tailpy.cli.common import local, run, socket_option
+
 
 @click.command("down")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("tailpy down is not built yet")
+@socket_option
+def command(socket_path: str) -> None:
+    """Disconnect this device from the tailnet."""
+    run(local(socket_path).down())
+    click.echo("stopped")

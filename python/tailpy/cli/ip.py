@@ -1,9 +1,26 @@
-"""`tailpy ip` (placeholder until its owner lands it)."""
+"""`tailpy ip`: this node's tailnet addresses."""
+
+from __future__ import annotations
 
 import click
 
+from tailpy.cli.common import local, run, socket_option
+from tailpy.errors import TailpyError
+
 
 @click.command("ip")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("tailpy ip is not built yet")
+@click.option("-4", "only4", is_flag=True, help="Only the IPv4 address.")
+@click.option("-6", "only6", is_flag=True, help="Only the IPv6 address.")
+@socket_option
+def command(only4: bool, only6: bool, socket_path: str) -> None:
+    """Print this node's tailnet addresses, one a line."""
+    st = run(local(socket_path).status())
+    addrs = [a.split("/")[0] for a in st["self"]["addresses"]]
+    if only4:
+        addrs = [a for a in addrs if ":" not in a]
+    if only6:
+        addrs = [a for a in addrs if ":" in a]
+    if not addrs:
+        raise TailpyError("this node has no tailnet address yet: run `tailpy up`")
+    for a in addrs:
+        click.echo(a)

@@ -1,9 +1,88 @@
-"""`tailpy up` (placeholder until its owner lands it)."""
+"""`tailpy up`: connect this device to a tailnet, starting tailpyd if it is not running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import click
+from rich.console import Console
+
+from tailpy.cli.common import local, run, socket_option, state_dir_option
+from tailpy.daemon.client import LocalClient
+from tailpy.errors import DaemonNotRunningError, TailpyError
+
+
+def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
+    Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = open(Path(state_dir) / "tailpyd.log", "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "tailpy.daemon", "--state-dir", state_dir, "--socket", socket_path,
+         "--exit-on-down"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )
+
+
+async def _wait_daemon(client: LocalClient, proc: subprocess.Popen[bytes], state_dir: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            await client.status()
+            return
+        except DaemonNotRunningError:
+            if proc.poll() is not None:
+                tail = (Path(state_dir) / "tailpyd.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise TailpyError(
+                    "tailpyd exited at start: " + (" | ".join(tail) or f"exit code {proc.returncode}")
+                ) from None
+            await asyncio.sleep(0.1)
+    raise TailpyError(f"tailpyd did not answer on {client.socket_path} within 15 s")
+
+
+async def _up(socket_path: str, state_dir: str, login_server: str, auth_key: str | None,
+              hostname: str | None, timeout: float, console: Console) -> dict[str, Any]:
+    client = local(socket_path)
+    try:
+        await client.status()
+    except DaemonNotRunningError:
+        console.print(f"starting tailpyd (state {state_dir}, socket {socket_path})")
+        await _wait_daemon(client, _start_daemon(socket_path, state_dir), state_dir)
+    with console.status(f"registering with {login_server}"):
+        st = await client.up(login_server, auth_key, hostname)
+    deadline = time.monotonic() + timeout
+    with console.status("waiting for the netmap") as spinner:
+        while st["backend_state"] != "Running":
+            if time.monotonic() > deadline:
+                raise TailpyError(
+                    f"not connected after {timeout:.0f} s (state {st['backend_state']}"
+                    + (f": {st['error']}" if st.get("error") else "") + ")"
+                )
+            spinner.update(f"waiting for the netmap ({st['backend_state']})")
+            await asyncio.sleep(0.1)
+            st = await client.status()
+    return st
 
 
 @click.command("up")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("tailpy up is not built yet")
+@click.option("--login-server", required=True, envvar="TAILPY_LOGIN_SERVER",
+              help="URL of the coordination server, e.g. http://192.0.2.1:8080.")
+@click.option("--auth-key", envvar="TAILPY_AUTH_KEY", default=None,
+              help="Pre-auth key from `tailpy control authkey create` (not needed to reconnect).")
+@click.option("--hostname", default=None, help="Name to ask for (default: the host name).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the connection.")
+@socket_option
+@state_dir_option
+def command(login_server: str, auth_key: str | None, hostname: str | None, timeout: float,
+            socket_path: str, state_dir: str) -> None:
+    """Connect this device to the tailnet; shows progress until it is connected."""
+    console = Console(stderr=True)
+    st = run(_up(os.path.abspath(socket_path), os.path.abspath(state_dir), login_server, auth_key,
+                 hostname, timeout, console))
+    me = st["self"]
+    click.echo(f"connected: {me['name'] or me['hostname']} {' '.join(a.split('/')[0] for a in me['addresses'])}"
+               f" ({len(st['peers'])} peers)")

@@ -1,0 +1,3 @@
+from tailpy.daemon.main import main
+
+main()

@@ -1,0 +1,75 @@
+"""tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
+
+Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname}),
+``POST /localapi/v0/down``. Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth
+key refused), 502 (control unreachable or refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from tailpy.daemon.backend import Backend
+from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
+
+PREFIX = "/localapi/v0"
+
+
+def _error(status: int, e: BaseException) -> web.Response:
+    return web.json_response({"error": str(e)}, status=status)
+
+
+def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web.Application:
+    """The aiohttp application serving ``backend``. ``on_down`` runs after a successful ``down``."""
+    routes = web.RouteTableDef()
+
+    @routes.get(PREFIX + "/status")
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(backend.status())
+
+    @routes.post(PREFIX + "/up")
+    async def up(request: web.Request) -> web.Response:
+        try:
+            body: dict[str, Any] = await request.json()
+        except ValueError:
+            return _error(400, ConfigError("request body is not JSON"))
+        try:
+            await backend.up(str(body.get("login_server", "")), body.get("auth_key"), body.get("hostname"))
+        except AuthKeyError as e:
+            return _error(401, e)
+        except ConfigError as e:
+            return _error(400, e)
+        except ControlError as e:
+            return _error(502, e)
+        except TailpyError as e:
+            return _error(500, e)
+        return web.json_response(backend.status())
+
+    @routes.post(PREFIX + "/down")
+    async def down(request: web.Request) -> web.Response:
+        await backend.down()
+        if on_down is not None:
+            asyncio.get_running_loop().call_soon(on_down)
+        return web.json_response(backend.status())
+
+    app = web.Application()
+    app.add_routes(routes)
+    return app
+
+
+async def serve(app: web.Application, socket_path: str) -> web.AppRunner:
+    """Start serving ``app`` on unix socket ``socket_path`` (a stale socket file is replaced)."""
+    os.makedirs(os.path.dirname(os.path.abspath(socket_path)), mode=0o755, exist_ok=True)
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.UnixSite(runner, socket_path)
+    await site.start()
+    os.chmod(socket_path, 0o600)
+    return runner

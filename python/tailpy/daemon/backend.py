@@ -1,0 +1,304 @@
+"""tailpyd's node state machine: log in to control, follow the netmap, and keep the data plane in step.
+
+States (as Tailscale names them): ``NoState`` (just started), ``NeedsLogin`` (no login server or key yet),
+``Starting`` (registered, waiting for the first netmap), ``Running`` (netmap applied, tunnel up),
+``Stopped`` (``tailpy down``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tailpy import netmap as nm
+from tailpy.control import ControlClient
+from tailpy.daemon import netconf
+from tailpy.daemon.state import NodeState, StateStore
+from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
+
+log = logging.getLogger("tailpy.daemon")
+
+ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints
+BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
+BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
+
+
+class DataPlane(Protocol):
+    """What the backend needs of :class:`tailpy._native.Device` (a Protocol, so tests can pass their own)."""
+
+    @property
+    def listen_port(self) -> int: ...
+    @property
+    def tun_name(self) -> str: ...
+    def set_peer(
+        self,
+        public_key: bytes,
+        *,
+        allowed_ips: list[str],
+        endpoint: str | None = None,
+        persistent_keepalive: int | None = None,
+        preshared_key: bytes | None = None,
+    ) -> None: ...
+    def remove_peer(self, public_key: bytes) -> bool: ...
+    def peers(self) -> Any: ...
+    def stats(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+DeviceFactory = Callable[[bytes], DataPlane]
+
+
+def backoff_delays(rng: random.Random | None = None) -> Any:
+    """Reconnect delays in seconds: exponential from BACKOFF_MIN to BACKOFF_MAX with full jitter on the upper
+    half, so many nodes do not return in step after a control restart."""
+    r = rng or random.Random()
+    d = BACKOFF_MIN
+    while True:
+        yield d / 2 + r.random() * d / 2
+        d = min(d * 2, BACKOFF_MAX)
+
+
+class Backend:
+    """One node. ``device_factory(private_key)`` creates the data plane (a real ``tailpy._native.Device``
+    in production); ``tun_mtu`` bytes."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        device_factory: DeviceFactory,
+        *,
+        tun_mtu: int = 1280,
+        configure_os: bool = True,
+    ) -> None:
+        self.store = store
+        self.state_data: NodeState = store.load_or_create()
+        self._device_factory = device_factory
+        self._mtu = tun_mtu
+        self._configure_os = configure_os
+        self.device: DataPlane | None = None
+        self.netmap: nm.NetMap | None = None
+        self.backend_state = "NoState"
+        self.last_error: str = ""
+        self.control_connected = False
+        self._session: asyncio.Task[None] | None = None
+        self._endpoints: list[str] = []
+        self.changed = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """After a restart: reconnect if the node was up before, else wait for ``up``."""
+        s = self.state_data
+        if s.want_running and s.login_server and s.node_id is not None:
+            self._set_state("Starting")
+            self._ensure_device()
+            self._start_session(auth_key=None)
+        else:
+            self._set_state("NeedsLogin")
+
+    async def up(self, login_server: str, auth_key: str | None, hostname: str | None) -> None:
+        """Register with ``login_server`` (re-registering a known machine needs no key) and start following
+        the netmap. Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a bad URL."""
+        if not login_server.startswith(("http://", "https://")):
+            raise ConfigError(f"login server {login_server!r} must be an http:// or https:// URL")
+        s = self.state_data
+        new_server = login_server.rstrip("/") != s.login_server
+        if new_server and s.login_server:
+            s.node_id, s.addresses = None, ()
+        if s.node_id is None and not auth_key:
+            raise AuthKeyError("this node is not registered yet: pass --auth-key (create one with "
+                               "`tailpy control authkey create`)")
+        await self._stop_session()
+        s.login_server = login_server.rstrip("/")
+        s.hostname = hostname or s.hostname or socket.gethostname()
+        client = ControlClient(s.login_server, s.machine_key)
+        try:
+            node = await client.register(s.node_key.public, s.hostname, auth_key or None)
+        finally:
+            await client.close()
+        s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
+        self.store.save(s)
+        self.last_error = ""
+        self._set_state("Starting")
+        self._ensure_device()
+        self._apply_self(node)
+        self._start_session(auth_key=None)
+
+    async def down(self) -> None:
+        """Disconnect: stop following control and remove the tunnel; the node stays registered."""
+        await self._stop_session()
+        self.state_data.want_running = False
+        self.store.save(self.state_data)
+        self._close_device()
+        self.netmap = None
+        self._set_state("Stopped")
+
+    async def close(self) -> None:
+        """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
+        await self._stop_session()
+        self._close_device()
+
+    # -- the session with control ----------------------------------------------------------------------
+
+    def _start_session(self, auth_key: str | None) -> None:
+        self._session = asyncio.create_task(self._run_session(), name="control-session")
+
+    async def _stop_session(self) -> None:
+        task, self._session = self._session, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.control_connected = False
+
+    async def _run_session(self) -> None:
+        s = self.state_data
+        delays = backoff_delays()
+        while True:
+            client = ControlClient(s.login_server, s.machine_key)
+            refresher = asyncio.create_task(self._refresh_endpoints(client))
+            try:
+                self._endpoints = self._local_endpoints()
+                async for netmap in client.stream_map(s.node_key.public, self._endpoints, s.hostname):
+                    self.control_connected = True
+                    self.last_error = ""
+                    delays = backoff_delays()
+                    self.apply_netmap(netmap)
+            except asyncio.CancelledError:
+                raise
+            except TailpyError as e:
+                self.last_error = str(e)
+                log.warning("control session: %s", e)
+            except Exception as e:  # keep the node up whatever one stream did
+                self.last_error = f"control session failed: {e!r}"
+                log.exception("control session failed")
+            finally:
+                refresher.cancel()
+                self.control_connected = False
+                await client.close()
+            self.changed.set()
+            await asyncio.sleep(next(delays))
+
+    async def _refresh_endpoints(self, client: ControlClient) -> None:
+        while True:
+            await asyncio.sleep(ENDPOINT_REFRESH)
+            now = self._local_endpoints()
+            if now != self._endpoints:
+                self._endpoints = now
+                try:
+                    await client.update_endpoints(now)
+                except ControlError as e:
+                    log.warning("endpoint update: %s", e)
+
+    def _local_endpoints(self) -> list[str]:
+        if self.device is None:
+            return []
+        return netconf.local_endpoints(self.device.listen_port, exclude_ifaces=(self.device.tun_name,))
+
+    # -- applying the netmap ---------------------------------------------------------------------------
+
+    def apply_netmap(self, new: nm.NetMap) -> nm.NetMapDiff:
+        """Bring the data plane in line with ``new``: add, update and remove peers as the diff says."""
+        dev = self._ensure_device()
+        self._apply_self(new.self_node)
+        d = nm.diff(self.netmap, new)
+        local = netconf.local_addresses(exclude_ifaces=(dev.tun_name,)) if self._configure_os else []
+        for old in d.removed:
+            dev.remove_peer(old.node_key.raw)
+        for old, node in d.changed:
+            if old.node_key != node.node_key:
+                dev.remove_peer(old.node_key.raw)
+            self._set_peer(dev, node, local)
+        for node in d.added:
+            self._set_peer(dev, node, local)
+        self.netmap = new
+        if d:
+            log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
+        self._set_state("Running")
+        return d
+
+    @staticmethod
+    def _set_peer(dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface]) -> None:
+        dev.set_peer(
+            node.node_key.raw,
+            allowed_ips=list(node.addresses),
+            endpoint=netconf.choose_endpoint(node.endpoints, local),
+        )
+
+    def _apply_self(self, node: nm.Node) -> None:
+        s = self.state_data
+        if tuple(node.addresses) != s.addresses or node.id != s.node_id:
+            s.addresses, s.node_id = tuple(node.addresses), node.id
+            self.store.save(s)
+        if self.device is not None and self._configure_os:
+            netconf.configure_tun(self.device.tun_name, list(node.addresses), self._mtu)
+
+    def _ensure_device(self) -> DataPlane:
+        if self.device is None:
+            self.device = self._device_factory(self.state_data.node_key.raw)
+        return self.device
+
+    def _close_device(self) -> None:
+        dev, self.device = self.device, None
+        if dev is not None:
+            dev.close()
+
+    def _set_state(self, state: str) -> None:
+        self.backend_state = state
+        self.changed.set()
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The node and its peers, as ``tailpy status --json`` prints it. Times are unix seconds."""
+        s = self.state_data
+        stats: dict[bytes, Any] = {}
+        if self.device is not None:
+            stats = {p["public_key"]: p for p in self.device.peers()}
+        me = self.netmap.self_node if self.netmap else None
+        peers = []
+        for node in sorted(self.netmap.peers.values(), key=lambda n: n.name) if self.netmap else []:
+            st = stats.get(node.node_key.raw, {})
+            peers.append(
+                {
+                    "id": node.id,
+                    "name": node.name,
+                    "hostname": node.hostname,
+                    "node_key": node.node_key.text(),
+                    "addresses": list(node.addresses),
+                    "online": node.online,
+                    "endpoint": st.get("endpoint"),
+                    "path": st.get("path"),
+                    "last_handshake": st.get("last_handshake"),
+                    "tx_bytes": st.get("tx_bytes", 0),
+                    "rx_bytes": st.get("rx_bytes", 0),
+                }
+            )
+        return {
+            "backend_state": self.backend_state,
+            "login_server": s.login_server,
+            "control_connected": self.control_connected,
+            "error": self.last_error,
+            "now": time.time(),
+            "self": {
+                "id": s.node_id,
+                "name": me.name if me else "",
+                "hostname": s.hostname,
+                "node_key": s.node_key.public.text(),
+                "machine_key": s.machine_key.public.text(),
+                "addresses": list(s.addresses),
+                "listen_port": self.device.listen_port if self.device else None,
+                "endpoints": list(self._endpoints),
+                "tun": self.device.tun_name if self.device else None,
+            },
+            "domain": self.netmap.domain if self.netmap else "",
+            "peers": peers,
+            "device": dict(self.device.stats()) if self.device else None,
+        }

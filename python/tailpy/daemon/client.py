@@ -1,0 +1,60 @@
+"""Client of tailpyd's local API (used by the CLI)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+
+from tailpy.errors import AuthKeyError, ConfigError, ControlError, DaemonNotRunningError, TailpyError
+
+DEFAULT_SOCKET = "/run/tailpy/tailpyd.sock"
+DEFAULT_STATE_DIR = "/var/lib/tailpy"
+
+
+def default_socket() -> str:
+    """``$TAILPY_SOCKET`` or /run/tailpy/tailpyd.sock."""
+    return os.environ.get("TAILPY_SOCKET") or DEFAULT_SOCKET
+
+
+def default_state_dir() -> str:
+    """``$TAILPY_STATE_DIR`` or /var/lib/tailpy."""
+    return os.environ.get("TAILPY_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+_ERRORS: dict[int, type[TailpyError]] = {400: ConfigError, 401: AuthKeyError, 502: ControlError}
+
+
+class LocalClient:
+    """Talks to the tailpyd listening on unix socket ``socket_path``."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        conn = aiohttp.UnixConnector(path=self.socket_path)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session,
+                session.request(method, "http://local-tailpyd/localapi/v0" + path, json=body) as resp,
+            ):
+                data: dict[str, Any] = await resp.json()
+                if resp.status >= 400:
+                    raise _ERRORS.get(resp.status, TailpyError)(data.get("error", f"HTTP {resp.status}"))
+                return data
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunningError(
+                f"tailpyd is not running (no answer on {self.socket_path}); start it with `tailpy up`"
+            ) from None
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("GET", "/status")
+
+    async def up(self, login_server: str, auth_key: str | None, hostname: str | None) -> dict[str, Any]:
+        return await self._call(
+            "POST", "/up", {"login_server": login_server, "auth_key": auth_key, "hostname": hostname}
+        )
+
+    async def down(self) -> dict[str, Any]:
+        return await self._call("POST", "/down")

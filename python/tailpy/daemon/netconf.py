@@ -1,0 +1,120 @@
+"""Operating-system side of a node: addresses and routes of the TUN interface, and local endpoints.
+
+Uses iproute2's ``ip`` (``ip -j`` JSON output). Runs in whatever network namespace the daemon runs in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+
+from tailpy.errors import ConfigError, DeviceError
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
+TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("ip")
+    if exe is None:
+        raise ConfigError("`ip` not found: install iproute2")
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise DeviceError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc
+
+
+def configure_tun(name: str, addresses: list[str], mtu: int) -> None:
+    """Give TUN ``name`` its tailnet addresses (CIDR host prefixes), bring it up, and route 100.64.0.0/10 and
+    fd7a:115c:a1e0::/48 into it. Idempotent: addresses no longer wanted are removed."""
+    _ip("link", "set", "dev", name, "mtu", str(mtu), "up")
+    want = {str(ipaddress.ip_interface(a)) for a in addresses}
+    have = set(interface_addresses(name))
+    for a in sorted(have - want):
+        _ip("addr", "del", a, "dev", name, check=False)
+    for a in sorted(want - have):
+        if ":" in a:
+            _ip("-6", "addr", "add", a, "dev", name, "nodad")
+        else:
+            _ip("addr", "add", a, "dev", name)
+    _ip("route", "replace", str(TAILNET_V4), "dev", name)
+    if any(":" in a for a in want):
+        _ip("-6", "route", "replace", str(TAILNET_V6), "dev", name)
+
+
+def interface_addresses(name: str) -> list[str]:
+    """Addresses on interface ``name`` as "ip/prefixlen" strings ([] if it does not exist)."""
+    proc = _ip("-j", "addr", "show", "dev", name, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return []
+    out: list[str] = []
+    for link in json.loads(proc.stdout):
+        for a in link.get("addr_info", []):
+            out.append(str(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")))
+    return out
+
+
+def local_addresses(exclude_ifaces: tuple[str, ...] = ()) -> list[IPInterface]:
+    """Addresses of this host's interfaces that peers might reach: up, not loopback, not link-local or
+    multicast, not in the tailnet ranges, not on ``exclude_ifaces`` (tailpy's own TUN). IPv4 first."""
+    proc = _ip("-j", "addr", "show", check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return []
+    found: list[IPInterface] = []
+    for link in json.loads(proc.stdout):
+        flags = link.get("flags", [])
+        if link.get("ifname") in exclude_ifaces or "LOOPBACK" in flags or "UP" not in flags:
+            continue
+        for a in link.get("addr_info", []):
+            iface = ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")
+            ip = iface.ip
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
+                continue
+            if ip in TAILNET_V4 or ip in TAILNET_V6:
+                continue
+            found.append(iface)
+    return sorted(found, key=lambda i: i.version)
+
+
+def format_endpoint(ip: IPAddress, port: int) -> str:
+    """"ip:port" for IPv4, "[ip]:port" for IPv6."""
+    return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+
+
+def parse_endpoint(endpoint: str) -> tuple[IPAddress, int]:
+    """Split "ip:port" or "[ipv6]:port". Raises ConfigError."""
+    host, sep, port = endpoint.rpartition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return ipaddress.ip_address(host.strip("[]")), int(port)
+    except ValueError:
+        raise ConfigError(f"malformed endpoint {endpoint!r}: expected ip:port or [ipv6]:port") from None
+
+
+def local_endpoints(port: int, exclude_ifaces: tuple[str, ...] = ()) -> list[str]:
+    """UDP endpoints of :func:`local_addresses` at ``port``."""
+    return [format_endpoint(i.ip, port) for i in local_addresses(exclude_ifaces)]
+
+
+def choose_endpoint(candidates: list[str] | tuple[str, ...], local: list[IPInterface]) -> str | None:
+    """Pick the endpoint to send to from a peer's advertised ones: one on a subnet this host is on first
+    (same LAN), else the first IPv4 one, else the first. Malformed candidates are skipped."""
+    parsed: list[tuple[str, IPAddress]] = []
+    for c in candidates:
+        try:
+            parsed.append((c, parse_endpoint(c)[0]))
+        except ConfigError:
+            continue
+    for c, ip in parsed:
+        if any(ip.version == i.version and ip in i.network for i in local):
+            return c
+    for c, ip in parsed:
+        if ip.version == 4:
+            return c
+    return parsed[0][0] if parsed else None

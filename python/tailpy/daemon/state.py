@@ -1,0 +1,94 @@
+"""The node's state file: its keys and what it last knew, kept across restarts.
+
+File ``<state_dir>/tailpyd.state``, JSON, mode 0600, written atomically (write to a temporary file, fsync,
+rename). The machine key lasts for the device's life; the node key until it expires or rotates; the disco
+key is never stored (new at each start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tailpy.errors import ConfigError
+from tailpy.keys import MachinePrivate, NodePrivate
+
+STATE_FILE = "tailpyd.state"
+
+
+@dataclass
+class NodeState:
+    """What tailpyd keeps on disk. ``login_server`` is the control URL last used ("" before first login);
+    ``node_id`` and ``addresses`` are what control last gave (for display before the first netmap)."""
+
+    machine_key: MachinePrivate
+    node_key: NodePrivate
+    login_server: str = ""
+    hostname: str = ""
+    node_id: int | None = None
+    addresses: tuple[str, ...] = ()
+    want_running: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "machine_key": self.machine_key.text(),
+            "node_key": self.node_key.text(),
+            "login_server": self.login_server,
+            "hostname": self.hostname,
+            "node_id": self.node_id,
+            "addresses": list(self.addresses),
+            "want_running": self.want_running,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> NodeState:
+        return cls(
+            machine_key=MachinePrivate.from_text(obj["machine_key"]),
+            node_key=NodePrivate.from_text(obj["node_key"]),
+            login_server=str(obj.get("login_server", "")),
+            hostname=str(obj.get("hostname", "")),
+            node_id=obj.get("node_id"),
+            addresses=tuple(obj.get("addresses", ())),
+            want_running=bool(obj.get("want_running", False)),
+        )
+
+
+class StateStore:
+    """Loads and saves :class:`NodeState` in ``state_dir`` (created with mode 0700 if missing)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / STATE_FILE
+
+    def load_or_create(self) -> NodeState:
+        """Read the state file, or create new machine and node keys if there is none.
+
+        Raises ConfigError if the file exists but cannot be read as a tailpy state file."""
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create state directory {self.dir}: {e.strerror}") from None
+        if self.path.exists():
+            try:
+                return NodeState.from_json(json.loads(self.path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(
+                    f"state file {self.path} is unreadable ({e}); move it away to start as a new node"
+                ) from None
+        state = NodeState(MachinePrivate.generate(), NodePrivate.generate())
+        self.save(state)
+        return state
+
+    def save(self, state: NodeState) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)

@@ -1,0 +1,398 @@
+"""Lab topologies from Linux network namespaces: hosts, LANs (a bridge in its own "switch" namespace),
+point-to-point veth links, and (later) NAT routers.
+
+Every namespace is named ``<prefix><name>`` where the prefix (``tpy<4 hex>-``) is unique to one :class:`Lab`,
+so labs running in parallel never collide. Nothing is ever attached to the machine's own (root) namespace:
+veth pairs are created inside a lab namespace with their other end moved straight into another one.
+:meth:`Lab.close` stops every process the lab started (SIGTERM, then SIGKILL, by pid) and deletes every
+namespace it made; it is idempotent and runs on exceptions, at interpreter exit, and on SIGINT/SIGTERM
+when :meth:`Lab.install_signal_handlers` was called (the CLI does).
+
+Example::
+
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lan = lab.lan("lan", [a, b])            # a = 192.0.2.1, b = 192.0.2.2
+        a.run(["ping", "-c1", lan.ip(b)])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any, Literal
+
+from tailpy.errors import LabError
+from tailpy.lab.procs import GRACE, stop_process
+
+#: Address ranges a lab may use: documentation ranges for the lab's "internet", 198.18.0.0/15 for LANs
+#: behind NAT. Anything else is refused, so a typo cannot put a real address on a lab interface.
+ALLOWED_RANGES = tuple(
+    ipaddress.ip_network(n)
+    for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15", "2001:db8::/32")
+)
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+NatKind = Literal["none", "eim", "symmetric"]
+
+
+def unavailable_reason() -> str | None:
+    """Why no lab can be built on this machine (one sentence), or None if it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (CAP_SYS_ADMIN)"
+    if shutil.which("ip") is None:
+        return "`ip` not found: install iproute2"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return f"`ip netns` does not work here: {probe.stderr.strip() or 'exit ' + str(probe.returncode)}"
+    return None
+
+
+def _check_subnet(subnet: str) -> IpNetwork:
+    try:
+        net = ipaddress.ip_network(subnet, strict=True)
+    except ValueError as e:
+        raise LabError(f"lab subnet {subnet!r} is not a network prefix: {e}") from None
+    if not any(net.version == r.version and net.subnet_of(r) for r in ALLOWED_RANGES):  # type: ignore[arg-type]
+        allowed = ", ".join(str(r) for r in ALLOWED_RANGES)
+        raise LabError(f"lab subnet {subnet} is outside the lab's address ranges ({allowed})")
+    return net
+
+
+def _check_ifname(name: str) -> str:
+    if not 0 < len(name) <= 15 or "/" in name or " " in name:
+        raise LabError(f"interface name {name!r} must be 1-15 characters without '/' or spaces")
+    return name
+
+
+@dataclass
+class Host:
+    """One network namespace of a lab; loopback up, IPv6 DAD off (addresses are usable at once).
+
+    ``addresses`` maps interface name to the addresses (with prefix length) the lab gave it.
+    """
+
+    lab: Lab
+    name: str
+    netns: str
+    addresses: dict[str, list[str]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r}, netns={self.netns!r})"
+
+    # -- running things inside -------------------------------------------------------------------------
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        """``args`` prefixed with ``ip netns exec <netns>`` (which execs: the pid is the command's own)."""
+        return ["ip", "netns", "exec", self.netns, *args]
+
+    def run(
+        self, args: Sequence[str], *, check: bool = True, timeout: float | None = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``args`` inside the namespace to completion, capturing text output.
+
+        Raises LabError (command, exit status, last line of stderr) when ``check`` and it fails."""
+        try:
+            done = subprocess.run(
+                self.argv(args), capture_output=True, text=True, timeout=timeout, input=input, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise LabError(f"`{' '.join(args)}` in {self.name} did not finish within {timeout:g} s") from None
+        if check and done.returncode != 0:
+            err = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LabError(f"`{' '.join(args)}` in {self.name} failed (exit {done.returncode}): {err}")
+        return done
+
+    async def arun(
+        self, args: Sequence[str], *, check: bool = True, timeout: float | None = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """:meth:`run` for async code (runs in a worker thread)."""
+        return await asyncio.to_thread(self.run, args, check=check, timeout=timeout)
+
+    def popen(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = subprocess.DEVNULL,
+        stderr: int | IO[Any] | None = None,
+        text: bool = True,
+    ) -> subprocess.Popen[str]:
+        """Start ``args`` inside the namespace, in its own session (so its children can be stopped with it),
+        tracked by the lab: :meth:`Lab.close` stops it. ``env`` is added to this process's environment."""
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.Popen(
+            self.argv(args),
+            env=full_env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            start_new_session=True,
+        )
+        self.lab._track(proc)
+        return proc
+
+    def python(self, module: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """Start ``sys.executable -m module args...`` inside (see :meth:`popen` for keyword arguments).
+        The tailpy package this process imported is put on PYTHONPATH, so a source checkout works too."""
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env = dict(kwargs.pop("env", None) or {})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return self.popen([sys.executable, "-m", module, *args], env=env, **kwargs)
+
+    def ip(self, iface: str | None = None) -> str:
+        """The first address (without prefix length) the lab gave this host, on ``iface`` or any interface."""
+        for name, addrs in self.addresses.items():
+            if addrs and (iface is None or name == iface):
+                return addrs[0].split("/")[0]
+        raise LabError(f"host {self.name} has no lab address{' on ' + iface if iface else ''}")
+
+    def add_address(self, iface: str, cidr: str) -> None:
+        """Add ``cidr`` (address/prefix) to ``iface`` and record it in :attr:`addresses`."""
+        self.lab._ip("-n", self.netns, "addr", "add", cidr, "dev", iface)
+        self.addresses.setdefault(iface, []).append(cidr)
+
+    def sysctl(self, **settings: str | int) -> None:
+        """Set sysctls in this namespace; keys use ``__`` for ``.`` (``net__ipv4__ip_forward=1``)."""
+        args = [f"{k.replace('__', '.')}={v}" for k, v in settings.items()]
+        self.run(["sysctl", "-qw", *args])
+
+
+@dataclass
+class Lan:
+    """A LAN: a bridge ``br0`` in its own switch namespace, one veth per host (host side named like the LAN)."""
+
+    lab: Lab
+    name: str
+    switch: str  # the switch's namespace
+    subnet: IpNetwork
+    subnet6: IpNetwork | None
+    members: dict[str, str] = field(default_factory=dict)  # host name -> its IPv4/IPv6 address (first given)
+    _next: int = 1
+    _ports: int = 0
+
+    def ip(self, host: Host) -> str:
+        """The address ``host`` has on this LAN (no prefix length)."""
+        try:
+            return self.members[host.name]
+        except KeyError:
+            raise LabError(f"host {host.name} is not on LAN {self.name}") from None
+
+    def attach(self, host: Host, address: str | None = None) -> str:
+        """Connect ``host`` to this LAN; give it ``address`` or the next free one. Returns the address."""
+        lab, ifname = self.lab, self.name
+        port = f"p{self._ports}"
+        self._ports += 1
+        lab._ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", host.netns)
+        lab._ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+        lab._ip("-n", host.netns, "link", "set", ifname, "up")
+        index = self._next
+        self._next += 1
+        if address is None:
+            address = str(self.subnet.network_address + index)
+        host.add_address(ifname, f"{address}/{self.subnet.prefixlen}")
+        if self.subnet6 is not None:
+            host.add_address(ifname, f"{self.subnet6.network_address + index}/{self.subnet6.prefixlen}")
+        self.members[host.name] = address
+        return address
+
+
+@dataclass
+class Router(Host):
+    """A host forwarding between an inside LAN and an outside LAN, optionally doing NAT with nftables.
+
+    API shape only (filled by a later issue): ``nat="eim"`` is ``masquerade`` (endpoint-independent
+    mapping), ``nat="symmetric"`` is ``masquerade fully-random`` (endpoint-dependent), ``"none"`` routes."""
+
+    nat: NatKind = "eim"
+
+
+class Lab:
+    """A set of namespaces, links and processes that is torn down as one; a (sync or async) context manager."""
+
+    def __init__(self, *, grace: float = GRACE) -> None:
+        reason = unavailable_reason()
+        if reason:
+            raise LabError(reason)
+        self.grace = grace
+        self.prefix = self._unique_prefix()
+        self.hosts: dict[str, Host] = {}
+        self.lans: dict[str, Lan] = {}
+        self._netns: list[str] = []  # creation order
+        self._procs: list[subprocess.Popen[str]] = []
+        self._paths: list[Path] = []
+        self._closed = False
+        self._lock = threading.RLock()  # a signal handler may close while close runs
+        atexit.register(_close_ref, weakref.ref(self))
+
+    # -- context manager -------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Lab:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+    # -- building ------------------------------------------------------------------------------------
+
+    def host(self, name: str) -> Host:
+        """A new namespace ``<prefix><name>`` with loopback up and IPv6 DAD off."""
+        if name in self.hosts:
+            raise LabError(f"the lab already has a host named {name!r}")
+        host = Host(self, name, self._add_netns(name))
+        self._ip("-n", host.netns, "link", "set", "lo", "up")
+        host.sysctl(
+            net__ipv6__conf__all__accept_dad=0,
+            net__ipv6__conf__default__accept_dad=0,
+            net__ipv6__conf__all__forwarding=0,
+        )
+        self.hosts[name] = host
+        return host
+
+    def lan(
+        self, name: str, hosts: Iterable[Host] = (), subnet: str = "192.0.2.0/24", subnet6: str | None = None
+    ) -> Lan:
+        """A LAN ``name`` (also the hosts' interface name, at most 15 characters) through a bridge in its own
+        switch namespace; each host gets the next address of ``subnet`` (.1, .2, ...) and of ``subnet6``."""
+        _check_ifname(name)
+        if name in self.lans:
+            raise LabError(f"the lab already has a LAN named {name!r}")
+        net = _check_subnet(subnet)
+        net6 = _check_subnet(subnet6) if subnet6 else None
+        switch = self._add_netns(f"sw-{name}")
+        self._ip("-n", switch, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+        self._ip("-n", switch, "link", "set", "br0", "up")
+        lan = Lan(self, name, switch, net, net6)
+        self.lans[name] = lan
+        for h in hosts:
+            lan.attach(h)
+        return lan
+
+    def link(
+        self, a: Host, b: Host, subnet: str = "198.51.100.0/30", ifname: str = "eth0"
+    ) -> tuple[str, str]:
+        """A point-to-point veth pair between ``a`` and ``b`` (both ends named ``ifname``), addresses .1 and .2
+        of ``subnet``. Returns (address of a, address of b)."""
+        _check_ifname(ifname)
+        net = _check_subnet(subnet)
+        self._ip("-n", a.netns, "link", "add", ifname, "type", "veth", "peer", "name", ifname, "netns", b.netns)
+        addrs = (str(net.network_address + 1), str(net.network_address + 2))
+        for host, addr in zip((a, b), addrs, strict=True):
+            self._ip("-n", host.netns, "link", "set", ifname, "up")
+            host.add_address(ifname, f"{addr}/{net.prefixlen}")
+        return addrs
+
+    def router(self, name: str, *, inside: Lan, outside: Lan, nat: NatKind = "eim") -> Router:
+        """A router on ``inside`` and ``outside`` with forwarding on and, unless ``nat="none"``, nftables
+        masquerade on its outside interface; inside hosts route by default through it.
+        Not built yet: raises NotImplementedError (a later issue fills it)."""
+        raise NotImplementedError("lab routers with NAT are not built yet")
+
+    def track_path(self, path: str | os.PathLike[str]) -> None:
+        """Remove ``path`` (a file some tracked process leaves behind, a UAPI socket say) on close."""
+        self._paths.append(Path(path))
+
+    # -- tearing down ----------------------------------------------------------------------------------
+
+    def stop(self, proc: subprocess.Popen[str]) -> int | None:
+        """Stop one tracked process now (SIGTERM, then SIGKILL after the grace period); its exit status."""
+        return stop_process(proc, self.grace)
+
+    def close(self) -> None:
+        """Stop every process the lab started, then delete every namespace it made. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for proc in reversed(self._procs):
+                with contextlib.suppress(Exception):
+                    stop_process(proc, self.grace)
+            for ns in reversed(self._netns):
+                self._kill_leftovers(ns)
+                subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+            for path in self._paths:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM and SIGINT close the lab and exit (status 130/143), for CLI use."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.close()
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def namespaces(self) -> list[str]:
+        """The namespaces this lab made (hosts and switches), oldest first."""
+        return list(self._netns)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _track(self, proc: subprocess.Popen[str]) -> None:
+        if self._closed:
+            stop_process(proc, self.grace)
+            raise LabError("the lab is closed")
+        self._procs.append(proc)
+
+    def _unique_prefix(self) -> str:
+        existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+        for _ in range(16):
+            prefix = f"tpy{secrets.token_hex(2)}-"
+            if prefix not in existing:
+                return prefix
+        raise LabError("could not find an unused lab prefix (are many stale tpy*- namespaces left over?)")
+
+    def _add_netns(self, name: str) -> str:
+        if self._closed:
+            raise LabError("the lab is closed")
+        ns = self.prefix + name
+        self._ip("netns", "add", ns)
+        self._netns.append(ns)
+        return ns
+
+    def _ip(self, *args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            err = done.stderr.strip() or f"exit {done.returncode}"
+            raise LabError(f"`ip {' '.join(args)}` failed: {err}")
+
+    @staticmethod
+    def _kill_leftovers(ns: str) -> None:
+        """SIGKILL, by pid, any process still inside ``ns`` (only processes the lab started can be there)."""
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
+        for pid in pids.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _close_ref(ref: weakref.ReferenceType[Lab]) -> None:
+    lab = ref()
+    if lab is not None:
+        lab.close()

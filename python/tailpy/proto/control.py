@@ -1,0 +1,269 @@
+"""Sans-IO sealing of control messages (tailpy's own format, see DESIGN.md "Wire formats").
+
+Every control request and response is a NaCl box (Curve25519 + XSalsa20-Poly1305, PyNaCl's ``Box``) between
+the node's machine private key and the server's machine public key, so messages are authenticated and
+confidential even over plain HTTP.
+
+Request (HTTP body, UTF-8 JSON)::
+
+    {"machine_key": "mkey:<64 hex>", "box": "<base64 of 24-byte nonce + ciphertext>"}
+
+The boxed plaintext is a JSON object carrying the request fields plus
+
+* ``ts``: the sender's clock, unix seconds (float);
+* ``nonce_id``: 32 random hex characters, unique per request;
+* ``path``: the HTTP path the request is meant for ("/machine/register"), so a request sealed for one
+  endpoint cannot be replayed against another.
+
+The server refuses a body whose ``ts`` is more than :data:`REPLAY_WINDOW` seconds from its clock, or whose
+``nonce_id`` it has already seen from that machine key within the window (:class:`ReplayGuard`).
+
+Response: a unary response is ``{"box": "<base64>"}`` (or ``{"error": "..."}`` in plain JSON when the
+request could not be authenticated); a streamed response is one base64 box per line (``\\n`` terminated).
+Each boxed response body carries ``reply_to`` (the request's ``nonce_id``) so that a client never accepts a
+response recorded from another exchange; stream messages also carry ``seq`` (0, 1, 2, ... per stream).
+
+Nothing here does I/O or reads the clock: callers pass ``now``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.exceptions
+import nacl.public
+
+from tailpy.errors import ControlError, InvalidKeyError, ParseError
+from tailpy.keys import MachinePrivate, MachinePublic
+
+REPLAY_WINDOW = 120.0
+"""Seconds a request's ``ts`` may differ from the receiver's clock; also how long nonce_ids are kept."""
+
+MAX_MESSAGE = 1 << 20
+"""Largest sealed message accepted, bytes (1 MiB)."""
+
+
+class UnauthenticatedError(ParseError):
+    """A box did not open: it was not sealed by the private key matching the claimed machine key, or it was
+    sealed for another server key, or it was altered in transit. The server answers HTTP 401."""
+
+
+class ReplayError(ControlError):
+    """A request is stale (``ts`` outside the window) or its ``nonce_id`` was already seen (a replay)."""
+
+
+def public_of(private: MachinePrivate) -> MachinePublic:
+    """The machine public key of ``private`` (X25519 base-point multiplication, via PyNaCl)."""
+    return MachinePublic(bytes(nacl.public.PrivateKey(private.raw).public_key))
+
+
+def _box(private: MachinePrivate, peer: MachinePublic) -> nacl.public.Box:
+    return nacl.public.Box(nacl.public.PrivateKey(private.raw), nacl.public.PublicKey(peer.raw))
+
+
+def _seal(private: MachinePrivate, peer: MachinePublic, body: Mapping[str, Any]) -> str:
+    plaintext = json.dumps(body, separators=(",", ":")).encode()
+    return base64.b64encode(bytes(_box(private, peer).encrypt(plaintext))).decode()
+
+
+def _open(private: MachinePrivate, peer: MachinePublic, sealed: object) -> dict[str, Any]:
+    if not isinstance(sealed, str):
+        raise ParseError("control message has no 'box' string")
+    if len(sealed) > MAX_MESSAGE:
+        raise ParseError(f"control message box is larger than {MAX_MESSAGE} bytes")
+    try:
+        raw = base64.b64decode(sealed, validate=True)
+    except (binascii.Error, ValueError):
+        raise ParseError("control message box is not valid base64") from None
+    if len(raw) < nacl.public.Box.NONCE_SIZE + 16:
+        raise UnauthenticatedError("control message box is too short to be a NaCl box")
+    try:
+        plaintext = _box(private, peer).decrypt(raw)
+    except nacl.exceptions.CryptoError:
+        raise UnauthenticatedError(
+            f"control message box does not open with machine key {peer.text()}: "
+            "it was sealed with another key or altered"
+        ) from None
+    return _json_object(plaintext, "sealed control message")
+
+
+def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise ParseError(f"{what} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ParseError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def new_nonce_id() -> str:
+    """32 random hex characters (128 bits)."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class SealedRequest:
+    """A request ready to send: ``data`` is the HTTP body; ``nonce_id`` is what responses must echo."""
+
+    data: bytes
+    nonce_id: str
+
+
+def seal_request(
+    machine_key: MachinePrivate,
+    server_key: MachinePublic,
+    path: str,
+    body: Mapping[str, Any],
+    *,
+    now: float,
+    nonce_id: str | None = None,
+) -> SealedRequest:
+    """Seal ``body`` (a JSON-able mapping) for ``path``, stamped with ``now`` (unix seconds)."""
+    nid = nonce_id if nonce_id is not None else new_nonce_id()
+    full = {**body, "ts": now, "nonce_id": nid, "path": path}
+    envelope = {"machine_key": public_of(machine_key).text(), "box": _seal(machine_key, server_key, full)}
+    return SealedRequest(json.dumps(envelope, separators=(",", ":")).encode(), nid)
+
+
+@dataclass(frozen=True)
+class OpenedRequest:
+    """An authenticated request: who sent it (``machine_key``) and its body (with ts/nonce_id/path)."""
+
+    machine_key: MachinePublic
+    body: dict[str, Any]
+
+    @property
+    def nonce_id(self) -> str:
+        return str(self.body["nonce_id"])
+
+
+def open_request(server_key: MachinePrivate, data: bytes, *, path: str) -> OpenedRequest:
+    """Open a request envelope sent to ``path``.
+
+    Raises ParseError for a malformed envelope or body, UnauthenticatedError when the box does not open with
+    the claimed machine key. Freshness is checked separately by :class:`ReplayGuard`.
+    """
+    if len(data) > MAX_MESSAGE + 200:
+        raise ParseError(f"control request is larger than {MAX_MESSAGE} bytes")
+    envelope = _json_object(data, "control request")
+    mk = envelope.get("machine_key")
+    if not isinstance(mk, str):
+        raise ParseError("control request has no 'machine_key' string")
+    try:
+        machine_key = MachinePublic.from_text(mk)
+    except InvalidKeyError as e:
+        raise ParseError(f"control request machine_key: {e}") from None
+    body = _open(server_key, machine_key, envelope.get("box"))
+    ts, nid, p = body.get("ts"), body.get("nonce_id"), body.get("path")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise ParseError("sealed control request has no numeric 'ts'")
+    if not isinstance(nid, str) or not 16 <= len(nid) <= 64:
+        raise ParseError("sealed control request has no 'nonce_id' string of 16-64 characters")
+    if p != path:
+        raise UnauthenticatedError(f"sealed control request was made for {p!r}, not {path!r}")
+    return OpenedRequest(machine_key, body)
+
+
+@dataclass
+class ReplayGuard:
+    """Refuses stale and replayed requests: remembers (machine key, nonce_id) for ``window`` seconds.
+
+    Memory is bounded by the request rate times the window; entries are pruned on every check.
+    """
+
+    window: float = REPLAY_WINDOW
+    _seen: dict[tuple[bytes, str], float] = field(default_factory=dict)
+
+    def check(self, request: OpenedRequest, now: float) -> None:
+        """Accept ``request`` once. Raises ReplayError with a sentence saying why it is refused."""
+        ts = float(request.body["ts"])
+        if abs(ts - now) > self.window:
+            raise ReplayError(
+                f"request timestamp is {ts - now:+.0f} s from the control server's clock (more than "
+                f"{self.window:.0f} s): fix the clock on this machine or the server"
+            )
+        self._prune(now)
+        key = (request.machine_key.raw, request.nonce_id)
+        if key in self._seen:
+            raise ReplayError("request was already received (nonce_id seen before): refusing a replay")
+        self._seen[key] = now + self.window
+
+    def _prune(self, now: float) -> None:
+        # Entries are inserted in time order, so expired ones are at the front.
+        while self._seen:
+            k, expires = next(iter(self._seen.items()))
+            if expires >= now:
+                break
+            del self._seen[k]
+
+
+def seal_response(
+    server_key: MachinePrivate,
+    machine_key: MachinePublic,
+    reply_to: str,
+    body: Mapping[str, Any],
+    *,
+    seq: int | None = None,
+) -> str:
+    """Seal a response body for ``machine_key``; returns the base64 box (a unary response wraps it as
+    ``{"box": ...}``, a stream writes it as one line)."""
+    full: dict[str, Any] = {**body, "reply_to": reply_to}
+    if seq is not None:
+        full["seq"] = seq
+    return _seal(server_key, machine_key, full)
+
+
+def open_response(
+    machine_key: MachinePrivate,
+    server_key: MachinePublic,
+    sealed: object,
+    *,
+    reply_to: str,
+    seq: int | None = None,
+) -> dict[str, Any]:
+    """Open a response box; check it answers ``reply_to`` (and, for streams, is message number ``seq``).
+
+    Raises ParseError / UnauthenticatedError.
+    """
+    body = _open(machine_key, server_key, sealed)
+    if body.get("reply_to") != reply_to:
+        raise UnauthenticatedError("control response answers another request (reply_to mismatch)")
+    if seq is not None and body.get("seq") != seq:
+        raise UnauthenticatedError(f"control stream message out of order: expected seq {seq}")
+    return body
+
+
+def unary_envelope(sealed: str) -> bytes:
+    """The HTTP body of a unary sealed response."""
+    return json.dumps({"box": sealed}).encode()
+
+
+def parse_unary(data: bytes) -> dict[str, Any]:
+    """Parse a unary response body: ``{"box": ...}`` or ``{"error": "..."}``. Raises ParseError."""
+    return _json_object(data, "control response")
+
+
+__all__ = [
+    "MAX_MESSAGE",
+    "REPLAY_WINDOW",
+    "OpenedRequest",
+    "ReplayError",
+    "ReplayGuard",
+    "SealedRequest",
+    "UnauthenticatedError",
+    "new_nonce_id",
+    "open_request",
+    "open_response",
+    "parse_unary",
+    "public_of",
+    "seal_request",
+    "seal_response",
+    "unary_envelope",
+]

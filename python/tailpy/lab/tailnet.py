@@ -1,0 +1,175 @@
+"""A whole tailnet in the lab: a control server host and nodes running the real `tailpy` commands.
+
+Used by `tailpy demo`, the integration tests and the benchmarks, so all three exercise the product as a
+user runs it: ``tailpy control serve``, ``tailpyd``, ``tailpy up``, ``tailpy status --json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tailpy.errors import LabError
+from tailpy.lab.netns import Host, Lab, Lan
+from tailpy.lab.procs import stop_process, wait_for
+
+CONTROL_PORT = 8080
+WG_PORT = 41641
+
+_PROBE = (
+    "import sys, urllib.request\n"
+    "try:\n    urllib.request.urlopen(sys.argv[1], timeout=1).read()\nexcept Exception:\n    sys.exit(1)\n"
+)
+
+
+def tailpy_argv(*args: str) -> list[str]:
+    """The argv that runs the ``tailpy`` CLI with this interpreter."""
+    return [sys.executable, "-m", "tailpy.cli.main", *args]
+
+
+@dataclass
+class LabNode:
+    """A tailpy node: a lab host running tailpyd with its own state directory and local API socket."""
+
+    tailnet: LabTailnet
+    host: Host
+    state_dir: Path
+    daemon: Any = None  # subprocess.Popen of tailpyd
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.state_dir / "tailpyd.log"
+
+    @property
+    def socket(self) -> str:
+        return str(self.state_dir / "tailpyd.sock")
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 90) -> str:
+        """Run ``tailpy <args> --socket <this node's socket>`` inside the node; returns stdout."""
+        return self.host.run(tailpy_argv(*args, "--socket", self.socket), check=check, timeout=timeout).stdout
+
+    def start_daemon(self) -> None:
+        """Start tailpyd (tracked by the lab) and wait until its local API answers."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "a")  # noqa: SIM115 - the child owns it
+        self.daemon = self.host.python(
+            "tailpy.daemon", "--state-dir", str(self.state_dir), "--socket", self.socket,
+            "--port", str(WG_PORT), stdout=logf, stderr=logf,
+        )
+        logf.close()
+        wait_for(lambda: self._answers(), timeout=20, what=f"tailpyd on {self.name} to answer")
+
+    def _answers(self) -> bool:
+        if self.daemon is not None and self.daemon.poll() is not None:
+            raise LabError(f"tailpyd on {self.name} exited: {self.log_tail()}")
+        return self.cli("status", "--json", check=False, timeout=20) != ""
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            stop_process(self.daemon)
+            self.daemon = None
+
+    def up(self, auth_key: str | None = None) -> dict[str, Any]:
+        """``tailpy up`` against the lab's control server; returns ``tailpy status --json``."""
+        args = ["up", "--login-server", self.tailnet.control_url, "--hostname", self.name]
+        if auth_key:
+            args += ["--auth-key", auth_key]
+        self.cli(*args)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.cli("status", "--json"))
+        return out
+
+    def ip(self) -> str:
+        return self.cli("ip", "-4").strip()
+
+    def ip6(self) -> str:
+        return self.cli("ip", "-6").strip()
+
+    def wait_peers(self, count: int, timeout: float = 30) -> dict[str, Any]:
+        """Wait until this node's netmap shows ``count`` peers; returns the status."""
+        def check() -> dict[str, Any] | None:
+            st = self.status()
+            return st if st["backend_state"] == "Running" and len(st["peers"]) == count else None
+
+        return wait_for(check, timeout=timeout, what=f"{self.name} to see {count} peers", interval=0.2)
+
+    def ping(self, address: str, count: int = 3, timeout: float = 30) -> str:
+        """``ping`` from this node, each probe waiting up to 2 s; raises LabError if every probe is lost."""
+        flag = ["-6"] if ":" in address else []
+        return self.host.run(["ping", *flag, "-c", str(count), "-W", "2", "-i", "0.2", address],
+                             timeout=timeout).stdout
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class LabTailnet:
+    """A control server on host ``control`` and nodes on one LAN (``subnet`` and ``subnet6``)."""
+
+    def __init__(self, lab: Lab, subnet: str = "192.0.2.0/24", subnet6: str = "2001:db8:1::/64") -> None:
+        self.lab = lab
+        self.root = Path(tempfile.mkdtemp(prefix="tailpy-lab-"))
+        lab.track_path(self.root)
+        self.control_host = lab.host("control")
+        self.lan: Lan = lab.lan("lan0", [self.control_host], subnet=subnet, subnet6=subnet6)
+        self.control_state = self.root / "control"
+        self.control_proc: Any = None
+        self.nodes: dict[str, LabNode] = {}
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.lan.ip(self.control_host)}:{CONTROL_PORT}"
+
+    def start_control(self) -> str:
+        """Start ``tailpy control serve`` and wait until it answers; returns its URL."""
+        self.control_state.mkdir(parents=True, exist_ok=True)
+        logf = open(self.root / "control.log", "a")  # noqa: SIM115 - the child owns it
+        self.control_proc = self.control_host.python(
+            "tailpy.cli.main", "control", "serve", "--state-dir", str(self.control_state),
+            "--listen", f"0.0.0.0:{CONTROL_PORT}", stdout=logf, stderr=logf,
+        )
+        logf.close()
+
+        def answers() -> bool:
+            if self.control_proc.poll() is not None:
+                tail = (self.root / "control.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise LabError("control server exited: " + " | ".join(tail))
+            probe = [sys.executable, "-c", _PROBE, self.control_url + "/key"]
+            return self.control_host.run(probe, check=False, timeout=10).returncode == 0
+
+        wait_for(answers, timeout=20, what="the control server to answer", interval=0.2)
+        return self.control_url
+
+    def stop_control(self) -> None:
+        if self.control_proc is not None:
+            stop_process(self.control_proc)
+            self.control_proc = None
+
+    def authkey(self, reusable: bool = True) -> str:
+        """A new pre-auth key from ``tailpy control authkey create``."""
+        args = ["control", "authkey", "create", "--state-dir", str(self.control_state)]
+        if reusable:
+            args.append("--reusable")
+        return self.control_host.run(tailpy_argv(*args)).stdout.strip().splitlines()[-1]
+
+    def add_node(self, name: str) -> LabNode:
+        """A new host on the LAN running tailpyd (not yet up)."""
+        host = self.lab.host(name)
+        self.lan.attach(host)
+        node = LabNode(self, host, self.root / name)
+        node.start_daemon()
+        self.nodes[name] = node
+        return node

@@ -1,0 +1,90 @@
+"""A real tailnet in the lab: `tailpy control serve`, tailpyd on each node, `tailpy up`, ping over WireGuard."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tailpy.lab import Lab, wait_for
+from tailpy.lab.tailnet import LabTailnet
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def tailnet(lab: Lab) -> LabTailnet:
+    net = LabTailnet(lab)
+    net.start_control()
+    return net
+
+
+def test_three_nodes_every_pair_pings_both_ways(tailnet: LabTailnet) -> None:
+    key = tailnet.authkey(reusable=True)
+    nodes = [tailnet.add_node(n) for n in ("n1", "n2", "n3")]
+    for n in nodes:
+        n.up(key)
+    statuses = {n.name: n.wait_peers(2) for n in nodes}
+    addrs = {name: st["self"]["addresses"] for name, st in statuses.items()}
+    v4 = [a[0] for a in addrs.values()]
+    assert len(set(v4)) == 3 and all(a.startswith("100.") for a in v4)
+    for src, dst in itertools.permutations(nodes, 2):
+        src.ping(dst.ip(), count=2)
+        src.ping(dst.ip6(), count=1)
+    st = nodes[0].status()
+    for p in st["peers"]:
+        assert p["last_handshake"] is not None, p
+        assert p["rx_bytes"] > 0 and p["tx_bytes"] > 0, p
+        assert p["endpoint"].startswith("192.0.2."), p
+
+
+def test_node_restart_keeps_address(tailnet: LabTailnet) -> None:
+    key = tailnet.authkey(reusable=False)
+    a = tailnet.add_node("a")
+    b = tailnet.add_node("b")
+    a.up(key)
+    b.up(tailnet.authkey(reusable=False))
+    before = a.status()["self"]["addresses"]
+    a.stop_daemon()
+    a.start_daemon()
+    # The daemon reconnects by itself from its state file: no key needed, same address.
+    st = wait_for(lambda: (s := a.status())["backend_state"] == "Running" and s, timeout=30,
+                  what="a to reconnect after restart")
+    assert st["self"]["addresses"] == before
+    b.wait_peers(1)
+    b.ping(a.ip(), count=2)
+    # `tailpy up` again (no key) also works for a registered node and keeps the address.
+    assert a.up()["self"]["addresses"] == before
+
+
+def test_control_restart_keeps_state_and_nodes_reconnect(tailnet: LabTailnet) -> None:
+    key = tailnet.authkey(reusable=True)
+    a, b = tailnet.add_node("a"), tailnet.add_node("b")
+    a.up(key)
+    b.up(key)
+    a.wait_peers(1)
+    addr_a = a.status()["self"]["addresses"]
+    tailnet.stop_control()
+    wait_for(lambda: not a.status()["control_connected"], timeout=30, what="a to notice control is gone")
+    a.ping(b.ip(), count=2)  # the data plane keeps working without control
+    tailnet.start_control()
+    for n in (a, b):
+        wait_for(lambda n=n: n.status()["control_connected"], timeout=60, what=f"{n.name} to reconnect")
+    c = tailnet.add_node("c")
+    c.up(key)  # the same reusable key still works: the server kept its state
+    a.wait_peers(2)
+    assert a.status()["self"]["addresses"] == addr_a
+    c.ping(a.ip(), count=2)
+
+
+def test_bad_auth_key_is_one_clear_sentence(tailnet: LabTailnet) -> None:
+    n = tailnet.add_node("n")
+    out = n.host.run(
+        ["sh", "-c", " ".join([*__import__("tailpy.lab.tailnet", fromlist=["x"]).tailpy_argv(
+            "up", "--login-server", tailnet.control_url, "--auth-key", "tskey-auth-bogus",
+            "--socket", n.socket)]) + " 2>&1"],
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stdout
+    assert "auth key" in out.stdout.lower()

@@ -51,7 +51,9 @@ def _from_base64(text: str, what: str) -> bytes:
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidKeyError(f"{what} is not valid base64 (expected 44 characters as wg(8) writes)") from None
+        raise InvalidKeyError(
+            f"{what} is not valid base64 (expected 44 characters as wg(8) writes)"
+        ) from None
     return _check_len(raw, what)
 
 

@@ -125,9 +125,7 @@ def diff(old: NetMap | None, new: NetMap) -> NetMapDiff:
     before: Mapping[int, Node] = old.peers if old is not None else {}
     added = tuple(n for i, n in sorted(new.peers.items()) if i not in before)
     removed = tuple(n for i, n in sorted(before.items()) if i not in new.peers)
-    changed = tuple(
-        (before[i], n) for i, n in sorted(new.peers.items()) if i in before and before[i] != n
-    )
+    changed = tuple((before[i], n) for i, n in sorted(new.peers.items()) if i in before and before[i] != n)
     return NetMapDiff(added, removed, changed)
 
 

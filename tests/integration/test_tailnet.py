@@ -1,4 +1,4 @@
-"""A real tailnet in the lab: `tailpy control serve`, tailpyd on each node, `tailpy up`, ping over WireGuard."""
+"""A real tailnet in the lab: `tailpy control serve`, tailpyd per node, `tailpy up`, ping over WireGuard."""
 
 from __future__ import annotations
 
@@ -48,8 +48,11 @@ def test_node_restart_keeps_address(tailnet: LabTailnet) -> None:
     a.stop_daemon()
     a.start_daemon()
     # The daemon reconnects by itself from its state file: no key needed, same address.
-    st = wait_for(lambda: (s := a.status())["backend_state"] == "Running" and s, timeout=30,
-                  what="a to reconnect after restart")
+    st = wait_for(
+        lambda: (s := a.status())["backend_state"] == "Running" and s,
+        timeout=30,
+        what="a to reconnect after restart",
+    )
     assert st["self"]["addresses"] == before
     b.wait_peers(1)
     b.ping(a.ip(), count=2)
@@ -79,8 +82,9 @@ def test_control_restart_keeps_state_and_nodes_reconnect(tailnet: LabTailnet) ->
 
 def test_bad_auth_key_is_one_clear_sentence(tailnet: LabTailnet) -> None:
     n = tailnet.add_node("n")
-    argv = tailpy_argv("up", "--login-server", tailnet.control_url, "--auth-key", "tskey-auth-bogus",
-                       "--socket", n.socket)
+    argv = tailpy_argv(
+        "up", "--login-server", tailnet.control_url, "--auth-key", "tskey-auth-bogus", "--socket", n.socket
+    )
     out = n.host.run(argv, check=False)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr

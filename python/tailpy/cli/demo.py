@@ -47,7 +47,8 @@ def run_demo(seconds: int, console: Console) -> dict[str, Any]:
         a, b = net.add_node("alpha"), net.add_node("beta")
         for n in (a, b):
             st = n.up(key)
-            console.print(f"[bold]{n.name}[/]: `tailpy up` → {' '.join(x.split('/')[0] for x in st['self']['addresses'])}")
+            shown = " ".join(x.split("/")[0] for x in st["self"]["addresses"])
+            console.print(f"[bold]{n.name}[/]: `tailpy up` → {shown}")
         a.wait_peers(1)
         b.wait_peers(1)
         result["connect_seconds"] = round(time.monotonic() - t0, 2)
@@ -70,8 +71,13 @@ def run_demo(seconds: int, console: Console) -> dict[str, Any]:
         for col in ("peer", "address", "path", "tx", "rx"):
             table.add_column(col)
         for p in st["peers"]:
-            table.add_row(p["name"], p["addresses"][0], f"direct {p['endpoint']}",
-                          f"{p['tx_bytes'] / 1e6:.1f} MB", f"{p['rx_bytes'] / 1e6:.1f} MB")
+            table.add_row(
+                p["name"],
+                p["addresses"][0],
+                f"direct {p['endpoint']}",
+                f"{p['tx_bytes'] / 1e6:.1f} MB",
+                f"{p['rx_bytes'] / 1e6:.1f} MB",
+            )
         console.print(table)
     console.print("[bold]cleaned up[/]: namespaces, processes and files removed")
     return result

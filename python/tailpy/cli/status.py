@@ -41,11 +41,18 @@ def render(st: dict[str, Any], console: Console) -> None:
     for col in ("name", "address", "path", "handshake", "tx", "rx"):
         table.add_column(col)
     for p in st["peers"]:
-        path = "-" if not p["endpoint"] and p["path"] != "relay" else (
-            f"relay" if p["path"] == "relay" else f"direct {p['endpoint']}")
+        path = (
+            "-"
+            if not p["endpoint"] and p["path"] != "relay"
+            else ("relay" if p["path"] == "relay" else f"direct {p['endpoint']}")
+        )
         table.add_row(
-            p["name"], (p["addresses"] or ["-"])[0].split("/")[0], path,
-            _ago(p["last_handshake"], now), _bytes(p["tx_bytes"]), _bytes(p["rx_bytes"]),
+            p["name"],
+            (p["addresses"] or ["-"])[0].split("/")[0],
+            path,
+            _ago(p["last_handshake"], now),
+            _bytes(p["tx_bytes"]),
+            _bytes(p["rx_bytes"]),
         )
     if st["peers"]:
         console.print(table)

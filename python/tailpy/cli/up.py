@@ -22,9 +22,20 @@ def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
     Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     log = open(Path(state_dir) / "tailpyd.log", "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(
-        [sys.executable, "-m", "tailpy.daemon", "--state-dir", state_dir, "--socket", socket_path,
-         "--exit-on-down"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "tailpy.daemon",
+            "--state-dir",
+            state_dir,
+            "--socket",
+            socket_path,
+            "--exit-on-down",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
 
 
@@ -44,8 +55,15 @@ async def _wait_daemon(client: LocalClient, proc: subprocess.Popen[bytes], state
     raise TailpyError(f"tailpyd did not answer on {client.socket_path} within 15 s")
 
 
-async def _up(socket_path: str, state_dir: str, login_server: str, auth_key: str | None,
-              hostname: str | None, timeout: float, console: Console) -> dict[str, Any]:
+async def _up(
+    socket_path: str,
+    state_dir: str,
+    login_server: str,
+    auth_key: str | None,
+    hostname: str | None,
+    timeout: float,
+    console: Console,
+) -> dict[str, Any]:
     client = local(socket_path)
     try:
         await client.status()
@@ -60,7 +78,8 @@ async def _up(socket_path: str, state_dir: str, login_server: str, auth_key: str
             if time.monotonic() > deadline:
                 raise TailpyError(
                     f"not connected after {timeout:.0f} s (state {st['backend_state']}"
-                    + (f": {st['error']}" if st.get("error") else "") + ")"
+                    + (f": {st['error']}" if st.get("error") else "")
+                    + ")"
                 )
             spinner.update(f"waiting for the netmap ({st['backend_state']})")
             await asyncio.sleep(0.1)
@@ -69,20 +88,45 @@ async def _up(socket_path: str, state_dir: str, login_server: str, auth_key: str
 
 
 @click.command("up")
-@click.option("--login-server", required=True, envvar="TAILPY_LOGIN_SERVER",
-              help="URL of the coordination server, e.g. http://192.0.2.1:8080.")
-@click.option("--auth-key", envvar="TAILPY_AUTH_KEY", default=None,
-              help="Pre-auth key from `tailpy control authkey create` (not needed to reconnect).")
+@click.option(
+    "--login-server",
+    required=True,
+    envvar="TAILPY_LOGIN_SERVER",
+    help="URL of the coordination server, e.g. http://192.0.2.1:8080.",
+)
+@click.option(
+    "--auth-key",
+    envvar="TAILPY_AUTH_KEY",
+    default=None,
+    help="Pre-auth key from `tailpy control authkey create` (not needed to reconnect).",
+)
 @click.option("--hostname", default=None, help="Name to ask for (default: the host name).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the connection.")
 @socket_option
 @state_dir_option
-def command(login_server: str, auth_key: str | None, hostname: str | None, timeout: float,
-            socket_path: str, state_dir: str) -> None:
+def command(
+    login_server: str,
+    auth_key: str | None,
+    hostname: str | None,
+    timeout: float,
+    socket_path: str,
+    state_dir: str,
+) -> None:
     """Connect this device to the tailnet; shows progress until it is connected."""
     console = Console(stderr=True)
-    st = run(_up(os.path.abspath(socket_path), os.path.abspath(state_dir), login_server, auth_key,
-                 hostname, timeout, console))
+    st = run(
+        _up(
+            os.path.abspath(socket_path),
+            os.path.abspath(state_dir),
+            login_server,
+            auth_key,
+            hostname,
+            timeout,
+            console,
+        )
+    )
     me = st["self"]
-    click.echo(f"connected: {me['name'] or me['hostname']} {' '.join(a.split('/')[0] for a in me['addresses'])}"
-               f" ({len(st['peers'])} peers)")
+    click.echo(
+        f"connected: {me['name'] or me['hostname']} {' '.join(a.split('/')[0] for a in me['addresses'])}"
+        f" ({len(st['peers'])} peers)"
+    )

@@ -8,6 +8,7 @@ States (as Tailscale names them): ``NoState`` (just started), ``NeedsLogin`` (no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -97,13 +98,14 @@ class Backend:
         if s.want_running and s.login_server and s.node_id is not None:
             self._set_state("Starting")
             self._ensure_device()
-            self._start_session(auth_key=None)
+            self._start_session()
         else:
             self._set_state("NeedsLogin")
 
     async def up(self, login_server: str, auth_key: str | None, hostname: str | None) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
-        the netmap. Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a bad URL."""
+        the netmap. Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a bad
+        URL."""
         if not login_server.startswith(("http://", "https://")):
             raise ConfigError(f"login server {login_server!r} must be an http:// or https:// URL")
         s = self.state_data
@@ -111,8 +113,10 @@ class Backend:
         if new_server and s.login_server:
             s.node_id, s.addresses = None, ()
         if s.node_id is None and not auth_key:
-            raise AuthKeyError("this node is not registered yet: pass --auth-key (create one with "
-                               "`tailpy control authkey create`)")
+            raise AuthKeyError(
+                "this node is not registered yet: pass --auth-key (create one with "
+                "`tailpy control authkey create`)"
+            )
         await self._stop_session()
         s.login_server = login_server.rstrip("/")
         s.hostname = hostname or s.hostname or socket.gethostname()
@@ -127,7 +131,7 @@ class Backend:
         self._set_state("Starting")
         self._ensure_device()
         self._apply_self(node)
-        self._start_session(auth_key=None)
+        self._start_session()
 
     async def down(self) -> None:
         """Disconnect: stop following control and remove the tunnel; the node stays registered."""
@@ -145,17 +149,15 @@ class Backend:
 
     # -- the session with control ----------------------------------------------------------------------
 
-    def _start_session(self, auth_key: str | None) -> None:
+    def _start_session(self) -> None:
         self._session = asyncio.create_task(self._run_session(), name="control-session")
 
     async def _stop_session(self) -> None:
         task, self._session = self._session, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self.control_connected = False
 
     async def _run_session(self) -> None:

@@ -44,20 +44,37 @@ async def run(state_dir: str, socket_path: str, tun: str, port: int, mtu: int, e
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state-dir", default=default_state_dir, show_default="$TAILPY_STATE_DIR or /var/lib/tailpy",
-              help="Directory for the state file (keys).")
-@click.option("--socket", "socket_path", default=default_socket,
-              show_default="$TAILPY_SOCKET or /run/tailpy/tailpyd.sock", help="Local API unix socket.")
+@click.option(
+    "--state-dir",
+    default=default_state_dir,
+    show_default="$TAILPY_STATE_DIR or /var/lib/tailpy",
+    help="Directory for the state file (keys).",
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    default=default_socket,
+    show_default="$TAILPY_SOCKET or /run/tailpy/tailpyd.sock",
+    help="Local API unix socket.",
+)
 @click.option("--tun", default="tailpy0", show_default=True, help="TUN interface name.")
-@click.option("--port", default=41641, show_default=True, help="UDP port for WireGuard, STUN and disco (0 = any).")
+@click.option(
+    "--port", default=41641, show_default=True, help="UDP port for WireGuard, STUN and disco (0 = any)."
+)
 @click.option("--mtu", default=1280, show_default=True, help="TUN MTU in bytes.")
-@click.option("--exit-on-down", is_flag=True, help="Exit after `tailpy down` (used when `tailpy up` starts it).")
+@click.option(
+    "--exit-on-down", is_flag=True, help="Exit after `tailpy down` (used when `tailpy up` starts it)."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(state_dir: str, socket_path: str, tun: str, port: int, mtu: int, exit_on_down: bool,
-         verbose: bool) -> None:
+def main(
+    state_dir: str, socket_path: str, tun: str, port: int, mtu: int, exit_on_down: bool, verbose: bool
+) -> None:
     """tailpyd: the tailpy node daemon."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     try:
         asyncio.run(run(state_dir, socket_path, tun, port, mtu, exit_on_down))
     except TailpyError as e:

@@ -82,7 +82,7 @@ def local_addresses(exclude_ifaces: tuple[str, ...] = ()) -> list[IPInterface]:
 
 
 def format_endpoint(ip: IPAddress, port: int) -> str:
-    """"ip:port" for IPv4, "[ip]:port" for IPv6."""
+    """ "ip:port" for IPv4, "[ip]:port" for IPv6."""
     return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
 
 

@@ -61,8 +61,15 @@ class LabNode:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log, "a")  # noqa: SIM115 - the child owns it
         self.daemon = self.host.python(
-            "tailpy.daemon", "--state-dir", str(self.state_dir), "--socket", self.socket,
-            "--port", str(WG_PORT), stdout=logf, stderr=logf,
+            "tailpy.daemon",
+            "--state-dir",
+            str(self.state_dir),
+            "--socket",
+            self.socket,
+            "--port",
+            str(WG_PORT),
+            stdout=logf,
+            stderr=logf,
         )
         logf.close()
         wait_for(lambda: self._answers(), timeout=20, what=f"tailpyd on {self.name} to answer")
@@ -97,6 +104,7 @@ class LabNode:
 
     def wait_peers(self, count: int, timeout: float = 30) -> dict[str, Any]:
         """Wait until this node's netmap shows ``count`` peers; returns the status."""
+
         def check() -> dict[str, Any] | None:
             st = self.status()
             return st if st["backend_state"] == "Running" and len(st["peers"]) == count else None
@@ -106,8 +114,9 @@ class LabNode:
     def ping(self, address: str, count: int = 3, timeout: float = 30) -> str:
         """``ping`` from this node, each probe waiting up to 2 s; raises LabError if every probe is lost."""
         flag = ["-6"] if ":" in address else []
-        return self.host.run(["ping", *flag, "-c", str(count), "-W", "2", "-i", "0.2", address],
-                             timeout=timeout).stdout
+        return self.host.run(
+            ["ping", *flag, "-c", str(count), "-W", "2", "-i", "0.2", address], timeout=timeout
+        ).stdout
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -138,8 +147,15 @@ class LabTailnet:
         self.control_state.mkdir(parents=True, exist_ok=True)
         logf = open(self.root / "control.log", "a")  # noqa: SIM115 - the child owns it
         self.control_proc = self.control_host.python(
-            "tailpy.cli.main", "control", "serve", "--state-dir", str(self.control_state),
-            "--listen", f"0.0.0.0:{CONTROL_PORT}", stdout=logf, stderr=logf,
+            "tailpy.cli.main",
+            "control",
+            "serve",
+            "--state-dir",
+            str(self.control_state),
+            "--listen",
+            f"0.0.0.0:{CONTROL_PORT}",
+            stdout=logf,
+            stderr=logf,
         )
         logf.close()
 

@@ -177,7 +177,7 @@ class Host:
 
 @dataclass
 class Lan:
-    """A LAN: a bridge ``br0`` in its own switch namespace, one veth per host (host side named like the LAN)."""
+    """A LAN: a bridge ``br0`` in its own switch namespace, one veth per host (named like the LAN)."""
 
     lab: Lab
     name: str
@@ -200,7 +200,20 @@ class Lan:
         lab, ifname = self.lab, self.name
         port = f"p{self._ports}"
         self._ports += 1
-        lab._ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", host.netns)
+        lab._ip(
+            "-n",
+            self.switch,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ifname,
+            "netns",
+            host.netns,
+        )
         lab._ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
         lab._ip("-n", host.netns, "link", "set", ifname, "up")
         index = self._next
@@ -225,7 +238,7 @@ class Router(Host):
 
 
 class Lab:
-    """A set of namespaces, links and processes that is torn down as one; a (sync or async) context manager."""
+    """Namespaces, links and processes torn down as one; a (sync or async) context manager."""
 
     def __init__(self, *, grace: float = GRACE) -> None:
         reason = unavailable_reason()
@@ -296,11 +309,13 @@ class Lab:
     def link(
         self, a: Host, b: Host, subnet: str = "198.51.100.0/30", ifname: str = "eth0"
     ) -> tuple[str, str]:
-        """A point-to-point veth pair between ``a`` and ``b`` (both ends named ``ifname``), addresses .1 and .2
-        of ``subnet``. Returns (address of a, address of b)."""
+        """A point-to-point veth pair between ``a`` and ``b`` (both ends named ``ifname``), addresses
+        .1 and .2 of ``subnet``. Returns (address of a, address of b)."""
         _check_ifname(ifname)
         net = _check_subnet(subnet)
-        self._ip("-n", a.netns, "link", "add", ifname, "type", "veth", "peer", "name", ifname, "netns", b.netns)
+        self._ip(
+            "-n", a.netns, "link", "add", ifname, "type", "veth", "peer", "name", ifname, "netns", b.netns
+        )
         addrs = (str(net.network_address + 1), str(net.network_address + 2))
         for host, addr in zip((a, b), addrs, strict=True):
             self._ip("-n", host.netns, "link", "set", ifname, "up")

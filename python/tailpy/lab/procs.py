@@ -5,6 +5,7 @@ Nothing here sleeps for a fixed time where a condition can be polled instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -22,7 +23,7 @@ GRACE = 3.0
 
 
 def wait_for(
-    predicate: Callable[[], T | None | bool], *, timeout: float, what: str, interval: float = 0.05
+    predicate: Callable[[], T | bool | None], *, timeout: float, what: str, interval: float = 0.05
 ) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and return that.
 
@@ -61,10 +62,8 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def read_line(stream: IO[str], timeout: float, what: str) -> str:

@@ -37,7 +37,9 @@ class RelayBridge:
 
     Counters: ``sent`` / ``received`` frames, ``other`` STUN/disco datagrams drained and ignored."""
 
-    def __init__(self, device: RelayDevice, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, device: RelayDevice, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.device, self.reader, self.writer = device, reader, writer
         self.sent = self.received = self.other = 0
 
@@ -74,7 +76,9 @@ class RelayBridge:
             self.writer.close()
 
 
-async def connect(host: str, port: int, timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(
+    host: str, port: int, timeout: float = 10.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a listening bridge, retrying while it is not up yet (polls until ``timeout`` seconds)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -61,7 +61,16 @@ class TailpyNode:
         timeout: float = 20.0,
     ) -> TailpyNode:
         """Start the node and wait (up to ``timeout`` s) until it reports ready. Raises LabError."""
-        args = ["--private-key", private_key, "--listen-port", str(listen_port), "--tun", tun, "--address", address]
+        args = [
+            "--private-key",
+            private_key,
+            "--listen-port",
+            str(listen_port),
+            "--tun",
+            tun,
+            "--address",
+            address,
+        ]
         for peer in peers:
             args += ["--peer", peer.format()]
         if keepalive:
@@ -106,20 +115,29 @@ class WireguardGo:
         mtu: int = 1280,
         timeout: float = 10.0,
     ) -> WireguardGo:
-        """Start wireguard-go in the foreground (a tracked process), wait for its UAPI socket, configure it."""
+        """Start wireguard-go in the foreground (tracked), wait for its UAPI socket, configure it."""
         reason = missing_tools("wireguard-go", "wg")
         if reason:
             raise LabError(reason)
         ifname = f"wg{host.lab.prefix[3:7]}{host.name}"[:15]
         sock = WG_RUN_DIR / f"{ifname}.sock"
         host.lab.track_path(sock)
-        proc = host.popen(["wireguard-go", "-f", ifname], env={"LOG_LEVEL": "error"}, stderr=subprocess.DEVNULL)
-        wait_for(lambda: sock.exists() or proc.poll() is not None, timeout=timeout, what=f"wireguard-go {ifname}")
+        proc = host.popen(
+            ["wireguard-go", "-f", ifname], env={"LOG_LEVEL": "error"}, stderr=subprocess.DEVNULL
+        )
+        wait_for(
+            lambda: sock.exists() or proc.poll() is not None, timeout=timeout, what=f"wireguard-go {ifname}"
+        )
         if proc.poll() is not None:
             raise LabError(f"wireguard-go {ifname} on {host.name} exited with status {proc.returncode}")
         cmd = ["wg", "set", ifname, "private-key", "/dev/stdin", "listen-port", str(listen_port)]
         for peer in peers:
-            cmd += ["peer", base64.b64encode(peer.public_key).decode(), "allowed-ips", ",".join(peer.allowed_ips)]
+            cmd += [
+                "peer",
+                base64.b64encode(peer.public_key).decode(),
+                "allowed-ips",
+                ",".join(peer.allowed_ips),
+            ]
             if peer.endpoint:
                 cmd += ["endpoint", peer.endpoint]
         host.run(cmd, input=private_key + "\n")

@@ -3,7 +3,8 @@
 Run inside a lab host (it configures the TUN with ``ip``, so it must be in the namespace)::
 
     python -m tailpy.lab.wgnode --private-key B64 --listen-port 51820 --address 100.64.0.1/32 \\
-        --peer PUB_B64,ENDPOINT,ALLOWED[+ALLOWED...] [--keepalive S] [--relay-listen IP:PORT | --relay-connect IP:PORT]
+        --peer PUB_B64,ENDPOINT,ALLOWED[+ALLOWED...] [--keepalive S] \\
+        [--relay-listen IP:PORT | --relay-connect IP:PORT]
 
 ``ENDPOINT`` is ``ip:port``, ``[ipv6]:port`` or ``-`` (none: learned from the peer's handshake). With a
 ``--relay-*`` option every peer's path is "relay" and the relay queue is bridged over TCP
@@ -102,7 +103,9 @@ async def main_async(args: argparse.Namespace) -> None:
     from tailpy._native import Device  # imported here so --help works without the extension
     from tailpy.lab import relay
 
-    device = Device(base64.b64decode(args.private_key), tun_name=args.tun, listen_port=args.listen_port, mtu=args.mtu)
+    device = Device(
+        base64.b64decode(args.private_key), tun_name=args.tun, listen_port=args.listen_port, mtu=args.mtu
+    )
     bridge: relay.RelayBridge | None = None
     try:
         for address in args.address:
@@ -134,7 +137,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 if line.strip() == b"stats":
                     counters = {"sent": bridge.sent, "received": bridge.received} if bridge else None
                     peers = device.peers()
-                    _emit({"event": "stats", "device": dict(device.stats()), "peers": peers, "relay": counters})
+                    _emit(
+                        {"event": "stats", "device": dict(device.stats()), "peers": peers, "relay": counters}
+                    )
 
         async def serve_relay() -> None:
             nonlocal bridge

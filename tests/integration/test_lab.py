@@ -1,0 +1,105 @@
+"""The lab itself: hosts on a LAN reach each other, and closing leaves no namespace or process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tailpy.errors import LabError
+from tailpy.lab import Lab
+
+pytestmark = pytest.mark.lab
+
+
+def _netns_list() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def _ours(lab: Lab) -> list[str]:
+    return [line.split()[0] for line in _netns_list().splitlines() if line.startswith(lab.prefix)]
+
+
+def test_two_hosts_on_a_lan_ping_each_other(lab: Lab) -> None:
+    a, b = lab.host("a"), lab.host("b")
+    lan = lab.lan("lan", [a, b], subnet="192.0.2.0/24", subnet6="2001:db8:1::/64")
+    assert lan.ip(a) == "192.0.2.1" and lan.ip(b) == "192.0.2.2"
+    a.run(["ping", "-c", "1", "-W", "5", lan.ip(b)])
+    b.run(["ping", "-c", "1", "-W", "5", lan.ip(a)])
+    a.run(["ping", "-c", "1", "-W", "5", "2001:db8:1::2"])
+
+
+def test_close_removes_every_namespace_and_process() -> None:
+    lab = Lab()
+    a, b = lab.host("a"), lab.host("b")
+    lab.lan("lan", [a, b])
+    lab.link(a, b)
+    procs = [a.popen(["sleep", "600"]), b.popen(["sh", "-c", "sleep 600 & sleep 600"])]
+    assert sorted(_ours(lab)) == sorted(lab.namespaces())
+    assert len(lab.namespaces()) == 3  # a, b and the LAN's switch
+    pids = [int(p) for ns in lab.namespaces() for p in _netns_pids(ns)]
+    assert len(pids) == 4  # two sleeps, sh and its background sleep
+    lab.close()
+    lab.close()  # idempotent
+    assert _ours(lab) == []
+    for proc in procs:
+        assert proc.poll() is not None
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
+
+
+def _netns_pids(ns: str) -> list[str]:
+    return subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True, check=True
+    ).stdout.split()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+SIGNALLED = """
+import sys
+from tailpy.lab import Lab
+lab = Lab()
+lab.install_signal_handlers()
+lab.host("a").popen(["sleep", "600"])
+print(lab.prefix, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_closes_the_lab(sig: signal.Signals) -> None:
+    argv = [sys.executable, "-c", SIGNALLED]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        prefix = proc.stdout.readline().strip()
+        assert prefix.startswith("tpy")
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 128 + sig
+        assert not [line for line in _netns_list().splitlines() if line.startswith(prefix)]
+
+
+def test_close_runs_when_the_body_raises() -> None:
+    with pytest.raises(RuntimeError), Lab() as lab:
+        lab.host("a").popen(["sleep", "600"])
+        raise RuntimeError("boom")
+    assert _ours(lab) == []
+
+
+def test_prefixes_are_unique_and_names_checked(lab: Lab) -> None:
+    with Lab() as other:
+        assert other.prefix != lab.prefix
+    lab.host("a")
+    with pytest.raises(LabError, match="already has a host"):
+        lab.host("a")
+    with pytest.raises(LabError, match="outside the lab's address ranges"):
+        lab.lan("bad", subnet="10.0.0.0/24")

@@ -1,0 +1,345 @@
+"""The coordination server: an aiohttp app over :class:`tailpy.control.store.Store`.
+
+Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
+
+* ``GET /key`` -> the server's machine public key, ``mkey:<hex>`` as text/plain (public, unauthenticated).
+* ``POST /machine/register`` sealed ``{node_key, hostname, auth_key?}`` -> sealed ``{"node": Node JSON}``.
+* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?}`` -> a stream (``application/x-ndjson``,
+  chunked), one sealed message per line: ``{"type": "netmap", "netmap": NetMap JSON}`` first and after every
+  change the node can see, ``{"type": "keepalive"}`` after :attr:`ControlServer.keepalive` seconds of
+  silence. The node is online while one of its map streams is open. (A later ``"delta"`` type will carry
+  changes only; each stream keeps the last netmap it sent so a delta can be computed from it.)
+* ``POST /machine/update`` sealed ``{endpoints}`` -> sealed ``{"node": Node JSON}``; pushed to all streams.
+
+Every request acts only on the node of the machine key that sealed it. Errors: 400 malformed, 401 a box that
+does not open / stale or replayed request / refused auth key, 403 an unregistered machine or wrong node key;
+their JSON ``{"error": sentence}`` is sealed when the request was authenticated (with ``"kind": "auth_key"``
+for auth key refusals), plain otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tailpy.control.store import Store
+from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
+from tailpy.keys import MachinePublic, NodePublic
+from tailpy.netmap import NetMap, Node
+from tailpy.proto import control as proto
+
+log = logging.getLogger("tailpy.control")
+
+MAX_ENDPOINTS = 64
+POLL_INTERVAL = 5.0  # seconds between looks for changes made by other processes (admin commands)
+
+
+class _Refused(Exception):
+    """Internal: answer with ``status`` and ``message`` (sealed to ``machine_key`` when known)."""
+
+    def __init__(self, status: int, message: str, kind: str = "control") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass(eq=False)
+class _Stream:
+    machine_key: MachinePublic
+    node_id: int
+    reply_to: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    last_sent: NetMap | None = None
+    seq: int = 0
+
+
+def parse_endpoints(obj: object) -> list[str]:
+    """Validate a list of at most 64 UDP endpoints "ip:port" / "[ipv6]:port". Raises ParseError."""
+    if not isinstance(obj, list) or len(obj) > MAX_ENDPOINTS:
+        raise ParseError(f'endpoints must be a list of at most {MAX_ENDPOINTS} "ip:port" strings')
+    out = []
+    for e in obj:
+        if not isinstance(e, str) or ":" not in e:
+            raise ParseError(f'endpoint {e!r} is not "ip:port"')
+        host, _, port = e.rpartition(":")
+        v6 = host.startswith("[") and host.endswith("]")
+        try:
+            addr = ipaddress.ip_address(host[1:-1] if v6 else host)
+            ok = port.isdigit() and 0 < int(port) < 65536 and (addr.version == 6) == v6
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ParseError(f'endpoint {e!r} is not "ip:port" or "[ipv6]:port"')
+        out.append(e)
+    return out
+
+
+def _str_field(
+    body: Mapping[str, Any], name: str, *, max_len: int = 255, required: bool = True
+) -> str | None:
+    v = body.get(name)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not v or len(v) > max_len:
+        raise _Refused(400, f"field {name!r} must be a string of 1-{max_len} characters")
+    return v
+
+
+def _node_key(body: Mapping[str, Any]) -> NodePublic:
+    try:
+        return NodePublic.from_text(str(body.get("node_key")))
+    except InvalidKeyError as e:
+        raise _Refused(400, f"field 'node_key': {e}") from None
+
+
+class ControlServer:
+    """The control server's request handling and netmap streams.
+
+    ``clock`` gives unix seconds (injected for tests); ``keepalive`` seconds of stream silence before a
+    keepalive line; ``domain`` is the tailnet's DNS domain sent in netmaps.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        keepalive: float = 15.0,
+        domain: str = "tailpy.internal",
+    ) -> None:
+        self.store = store
+        self.key = store.server_key()
+        self.public_key = proto.public_of(self.key)
+        self.clock = clock
+        self.keepalive = keepalive
+        self.domain = domain
+        self._guard = proto.ReplayGuard()
+        self._streams: set[_Stream] = set()
+        self._online: Counter[int] = Counter()
+        self._snapshot: list[Node] | None = None
+        self._closing = False
+        self._runner: web.AppRunner | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # --- app and lifecycle ---
+
+    def app(self) -> web.Application:
+        """The aiohttp application (its shutdown ends every map stream)."""
+        app = web.Application(client_max_size=proto.MAX_MESSAGE + 4096)
+        app.router.add_get("/key", self._key)
+        app.router.add_post("/machine/register", self._register)
+        app.router.add_post("/machine/map", self._map)
+        app.router.add_post("/machine/update", self._update)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (0: any free port); returns the bound (host, port). Raises OSError."""
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0]
+        return str(bound[0]), int(bound[1])
+
+    async def stop(self) -> None:
+        """Close every stream and the listener; the store stays open (the caller owns it)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        self._closing = False
+        self._poller = asyncio.create_task(self._poll())
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        self._closing = True
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        self._changed()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self._changed()  # streams send only if their netmap differs
+
+    # --- netmaps ---
+
+    def _changed(self) -> None:
+        self._snapshot = None
+        for s in self._streams:
+            s.wake.set()
+
+    def netmap(self, node_id: int) -> NetMap | None:
+        """The netmap of node ``node_id`` (None if it no longer exists), from the current snapshot."""
+        if self._snapshot is None:
+            self._snapshot = self.store.list_nodes()
+        me: Node | None = None
+        peers: dict[int, Node] = {}
+        for n in self._snapshot:
+            n = _with_online(n, self._online[n.id] > 0)
+            if n.id == node_id:
+                me = n
+            else:
+                peers[n.id] = n
+        return None if me is None else NetMap(me, peers, self.domain)
+
+    # --- request plumbing ---
+
+    async def _authenticate(self, request: web.Request, path: str) -> proto.OpenedRequest:
+        data = await request.read()
+        try:
+            opened = proto.open_request(self.key, data, path=path)
+            self._guard.check(opened, self.clock())
+        except proto.UnauthenticatedError as e:
+            raise _Refused(401, str(e)) from None
+        except proto.ReplayError as e:
+            raise _Refused(401, str(e)) from None
+        except ParseError as e:
+            raise _Refused(400, str(e)) from None
+        return opened
+
+    def _reply(self, req: proto.OpenedRequest, body: Mapping[str, Any], status: int = 200) -> web.Response:
+        sealed = proto.seal_response(self.key, req.machine_key, req.nonce_id, body)
+        return web.Response(status=status, body=proto.unary_envelope(sealed), content_type="application/json")
+
+    async def _handle(
+        self, request: web.Request, path: str, fn: Callable[[proto.OpenedRequest], Any]
+    ) -> web.StreamResponse:
+        req: proto.OpenedRequest | None = None
+        try:
+            req = await self._authenticate(request, path)
+            result = fn(req)
+            if asyncio.iscoroutine(result):
+                result = await result
+            assert isinstance(result, web.StreamResponse)
+            return result
+        except _Refused as e:
+            who = req.machine_key.short() if req is not None else request.remote
+            log.warning("refused %s from %s: %s", path, who, e.message)
+            if req is None:
+                return web.json_response({"error": e.message}, status=e.status)
+            return self._reply(req, {"error": e.message, "kind": e.kind}, e.status)
+
+    def _live_node(self, req: proto.OpenedRequest, node_key: NodePublic | None) -> Node:
+        node = self.store.node_by_machine_key(req.machine_key)
+        if node is None:
+            raise _Refused(403, "this machine is not registered (or was deleted); register with an auth key")
+        if node_key is not None and node.node_key != node_key:
+            raise _Refused(
+                403, f"node key {node_key.short()} is not this machine's registered key; register again"
+            )
+        return node
+
+    # --- handlers ---
+
+    async def _key(self, _request: web.Request) -> web.Response:
+        return web.Response(text=self.public_key.text())
+
+    async def _register(self, request: web.Request) -> web.StreamResponse:
+        def do(req: proto.OpenedRequest) -> web.Response:
+            node_key = _node_key(req.body)
+            hostname = _str_field(req.body, "hostname")
+            auth_key = _str_field(req.body, "auth_key", max_len=200, required=False)
+            assert hostname is not None
+            try:
+                node = self.store.register(req.machine_key, node_key, hostname, auth_key, self.clock())
+            except AuthKeyError as e:
+                raise _Refused(401, str(e), "auth_key") from None
+            except ControlError as e:
+                raise _Refused(409, str(e)) from None
+            log.info("registered node %d %s (%s) %s", node.id, node.name, node.ipv4, req.machine_key.short())
+            self._changed()
+            return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
+
+        return await self._handle(request, "/machine/register", do)
+
+    async def _update(self, request: web.Request) -> web.StreamResponse:
+        def do(req: proto.OpenedRequest) -> web.Response:
+            try:
+                endpoints = parse_endpoints(req.body.get("endpoints"))
+            except ParseError as e:
+                raise _Refused(400, str(e)) from None
+            self._live_node(req, None)
+            node = self.store.update_node(req.machine_key, endpoints=endpoints, now=self.clock())
+            if node is None:
+                raise _Refused(403, "this machine is not registered (or was deleted)")
+            self._changed()
+            return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
+
+        return await self._handle(request, "/machine/update", do)
+
+    async def _map(self, request: web.Request) -> web.StreamResponse:
+        async def do(req: proto.OpenedRequest) -> web.StreamResponse:
+            node_key = _node_key(req.body)
+            hostname = _str_field(req.body, "hostname", required=False)
+            try:
+                endpoints = parse_endpoints(req.body.get("endpoints", []))
+            except ParseError as e:
+                raise _Refused(400, str(e)) from None
+            node = self._live_node(req, node_key)
+            self.store.update_node(req.machine_key, endpoints=endpoints, hostname=hostname, now=self.clock())
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await self._serve_stream(resp, _Stream(req.machine_key, node.id, req.nonce_id))
+            return resp
+
+        return await self._handle(request, "/machine/map", do)
+
+    async def _serve_stream(self, resp: web.StreamResponse, stream: _Stream) -> None:
+        self._streams.add(stream)
+        self._online[stream.node_id] += 1
+        self._changed()
+        log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
+        try:
+            idle = False
+            while not self._closing:
+                stream.wake.clear()
+                nm = self.netmap(stream.node_id)
+                if nm is None:
+                    break  # deleted
+                if nm != stream.last_sent:
+                    await self._send(resp, stream, {"type": "netmap", "netmap": nm.to_json()})
+                    stream.last_sent = nm
+                elif idle:
+                    await self._send(resp, stream, {"type": "keepalive"})
+                try:
+                    await asyncio.wait_for(stream.wake.wait(), self.keepalive)
+                    idle = False
+                except asyncio.TimeoutError:
+                    idle = True
+        except (ConnectionError, RuntimeError) as e:  # client went away mid-write
+            log.info("map stream for node %d broke: %s", stream.node_id, e)
+        finally:
+            self._streams.discard(stream)
+            self._online[stream.node_id] -= 1
+            if self._online[stream.node_id] <= 0:
+                del self._online[stream.node_id]
+            self.store.update_node(stream.machine_key, now=self.clock())
+            self._changed()
+            log.info("map stream closed for node %d", stream.node_id)
+
+    async def _send(self, resp: web.StreamResponse, stream: _Stream, body: Mapping[str, Any]) -> None:
+        line = proto.seal_response(self.key, stream.machine_key, stream.reply_to, body, seq=stream.seq)
+        stream.seq += 1
+        await resp.write(line.encode() + b"\n")
+
+
+def _with_online(node: Node, online: bool) -> Node:
+    return node if node.online == online else dataclasses.replace(node, online=online)
+
+
+__all__ = ["ControlServer", "parse_endpoints"]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tailpy.lab import Lab, unavailable_reason
+from tailpy.lab.tunnels import native_device_reason
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -28,17 +29,6 @@ def lab() -> Iterator[Lab]:
     """A fresh lab (unique namespace prefix), closed after the test, pass or fail."""
     with Lab() as the_lab:
         yield the_lab
-
-
-def native_device_reason() -> str | None:
-    """Why tailpy._native.Device cannot be used (one sentence), or None when it can."""
-    try:
-        from tailpy import _native
-    except ImportError as e:
-        return f"tailpy._native is not built ({e}); run make build"
-    if not hasattr(_native, "Device"):
-        return "tailpy._native has no Device yet (the data plane is not built into this extension)"
-    return None
 
 
 @pytest.fixture

@@ -329,7 +329,8 @@ class Lab:
         raise NotImplementedError("lab routers with NAT are not built yet")
 
     def track_path(self, path: str | os.PathLike[str]) -> None:
-        """Remove ``path`` (a file some tracked process leaves behind, a UAPI socket say) on close."""
+        """Remove ``path`` on close: a file some tracked process leaves behind (a UAPI socket, say) or a
+        directory (removed with its contents)."""
         self._paths.append(Path(path))
 
     # -- tearing down ----------------------------------------------------------------------------------
@@ -351,8 +352,11 @@ class Lab:
                 self._kill_leftovers(ns)
                 subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
             for path in self._paths:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
     def install_signal_handlers(self) -> None:
         """Make SIGTERM and SIGINT close the lab and exit (status 130/143), for CLI use."""

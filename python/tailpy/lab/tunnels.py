@@ -27,6 +27,17 @@ def missing_tools(*tools: str) -> str | None:
     return f"not installed: {', '.join(missing)} (make deps installs them)" if missing else None
 
 
+def native_device_reason() -> str | None:
+    """Why ``tailpy._native.Device`` cannot be used (one sentence), or None when it can."""
+    try:
+        from tailpy import _native
+    except ImportError as e:
+        return f"tailpy._native is not built ({e}): run make build"
+    if not hasattr(_native, "Device"):
+        return "tailpy._native has no Device yet (this build of the extension lacks the data plane)"
+    return None
+
+
 def wg_keypair() -> tuple[str, str]:
     """(private, public) key in base64, from ``wg genkey`` / ``wg pubkey`` (no network involved)."""
     private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()

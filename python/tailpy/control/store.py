@@ -313,8 +313,8 @@ class Store:
                 node_key=node_key.text(),
                 hostname=hostname,
                 name=name,
-                ipv4=str(_first_free(IPV4_RANGE, {r.ipv4 for r in used})),
-                ipv6=str(_first_free(IPV6_RANGE, {r.ipv6 for r in used})),
+                ipv4=str(first_free(IPV4_RANGE, {r.ipv4 for r in used})),
+                ipv6=str(first_free(IPV6_RANGE, {r.ipv6 for r in used})),
                 endpoints="[]",
                 last_seen=now,
                 created=now,
@@ -373,7 +373,9 @@ class Store:
         return bool(res.rowcount)
 
 
-def _first_free(net: ipaddress.IPv4Network | ipaddress.IPv6Network, used: set[str]) -> Any:
+def first_free(net: ipaddress.IPv4Network | ipaddress.IPv6Network, used: set[str]) -> Any:
+    """The lowest host address of ``net`` not in ``used`` (text forms) and not reserved (MagicDNS, the
+    network and broadcast addresses). Raises ControlError when none is left."""
     for host in _hosts(net):
         if host not in RESERVED and str(host) not in used:
             return host

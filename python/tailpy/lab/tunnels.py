@@ -66,6 +66,7 @@ class TailpyNode:
         peers: list[PeerArg],
         listen_port: int = 0,
         tun: str = "tailpy0",
+        mtu: int = 1280,
         keepalive: int | None = None,
         relay_listen: str | None = None,
         relay_connect: str | None = None,
@@ -81,6 +82,8 @@ class TailpyNode:
             tun,
             "--address",
             address,
+            "--mtu",
+            str(mtu),
         ]
         for peer in peers:
             args += ["--peer", peer.format()]

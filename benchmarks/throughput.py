@@ -123,7 +123,7 @@ def measure(name: str, start: Starter, seconds: float, mtu: int) -> dict[str, An
         ip_a, ip_b = lab.link(a, b, subnet="198.51.100.0/30")
         pids = start(lab, a, b, ip_a, ip_b, mtu)
         a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", B_TUN])  # handshake done
-        b.popen(["iperf3", "-s", "-B", B_TUN])
+        b.popen(["iperf3", "-s", "-B", B_TUN], stderr=subprocess.DEVNULL)
         wait_for(
             lambda: "LISTEN" in b.run(["ss", "-Htln", "sport", "= :5201"], check=False).stdout,
             timeout=10,

@@ -10,8 +10,8 @@ carry nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import os
 import socket
 

@@ -159,7 +159,10 @@ class Store:
     def __init__(self, state_dir: Path | str, *, create: bool = True) -> None:
         self.state_dir = Path(state_dir)
         if not self.state_dir.is_dir():
-            raise ConfigError(f"control state directory {self.state_dir} does not exist; create it first")
+            raise ConfigError(
+                f"control state directory {self.state_dir} does not exist; pass the --state-dir that "
+                "`tailpy control serve` uses"
+            )
         path = self.state_dir / DB_NAME
         if not create and not path.exists():
             raise ConfigError(

@@ -149,10 +149,16 @@ async def main_async(args: argparse.Namespace) -> None:
                 reader, writer = await relay.connect(*args.relay_connect)
             bridge = relay.RelayBridge(device, reader, writer)
             await bridge.run()
+            print("wgnode: the relay connection closed", file=sys.stderr)
+
+        def report(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                print(f"wgnode: relay bridge failed: {task.exception()!r}", file=sys.stderr)
 
         tasks = [asyncio.create_task(serve_stdin())]
         if args.relay_listen or args.relay_connect:
             tasks.append(asyncio.create_task(serve_relay()))
+            tasks[-1].add_done_callback(report)
         await stop.wait()
         for t in tasks:
             t.cancel()

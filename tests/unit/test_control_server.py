@@ -42,7 +42,7 @@ class Control:
 
     async def start(self) -> None:
         self.store = Store(self.state_dir)
-        self.server = ControlServer(self.store, keepalive=0.5)
+        self.server = ControlServer(self.store, keepalive=0.5, poll_interval=0.2)
         host, port = await self.server.start("127.0.0.1", 0)
         self.url = f"http://{host}:{port}"
 
@@ -162,6 +162,30 @@ async def test_stream_pushes_joins_endpoints_and_leaves(control: Control) -> Non
         await sa.aclose()
         await a.close()
         await b.close()
+
+
+async def test_deleted_node_leaves_netmaps_and_its_stream_ends(control: Control) -> None:
+    a, b = control.client(), control.client()
+    key = control.authkey(reusable=True)
+    na = await a.register(nkey(), "alpha", key)
+    nb = await b.register(nkey(), "beta", key)
+    sa = a.stream_map(na.node_key, [], "alpha")
+    sb = b.stream_map(nb.node_key, [], "beta")
+    try:
+        assert nb.id in (await next_map(sa)).peers
+        await next_map(sb)
+        assert control.store is not None
+        assert control.store.delete_node(nb.id, time.time())  # as `tailpy control nodes delete` does
+        while nb.id in (await next_map(sa)).peers:
+            pass
+        with pytest.raises(ControlError, match="closed the map stream"):
+            while True:
+                await next_map(sb)
+        with pytest.raises(ControlError, match="not registered"):
+            await b.update_endpoints(["192.0.2.2:2"])
+    finally:
+        await sa.aclose()
+        await sb.aclose()
 
 
 async def test_keepalives_are_consumed_and_stream_survives(control: Control) -> None:

@@ -105,7 +105,8 @@ class ControlServer:
     """The control server's request handling and netmap streams.
 
     ``clock`` gives unix seconds (injected for tests); ``keepalive`` seconds of stream silence before a
-    keepalive line; ``domain`` is the tailnet's DNS domain sent in netmaps.
+    keepalive line; ``poll_interval`` seconds between looks at the database for changes other processes made
+    (``tailpy control nodes delete``); ``domain`` is the tailnet's DNS domain sent in netmaps.
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class ControlServer:
         *,
         clock: Callable[[], float] = time.time,
         keepalive: float = 15.0,
+        poll_interval: float = POLL_INTERVAL,
         domain: str = "tailpy.internal",
     ) -> None:
         self.store = store
@@ -121,6 +123,7 @@ class ControlServer:
         self.public_key = proto.public_of(self.key)
         self.clock = clock
         self.keepalive = keepalive
+        self.poll_interval = poll_interval
         self.domain = domain
         self._guard = proto.ReplayGuard()
         self._streams: set[_Stream] = set()
@@ -172,7 +175,7 @@ class ControlServer:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(POLL_INTERVAL)
+            await asyncio.sleep(self.poll_interval)
             self._changed()  # streams send only if their netmap differs
 
     # --- netmaps ---

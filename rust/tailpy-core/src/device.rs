@@ -1,0 +1,874 @@
+//! `Device`: one node's data plane. A TUN, one UDP socket, a peer table keyed by public key, a
+//! longest-prefix-match table of allowed IPs, and three threads (TUN reader, UDP reader, timers).
+//!
+//! Locking: the device state (peers, index map, routes, keys) sits behind one `RwLock`, read-locked per
+//! packet and write-locked only by configuration calls; each peer's `Tunn` has its own `Mutex`; counters
+//! are atomics. No allocation per packet: each thread owns its buffers.
+
+use crate::error::{Error, Result};
+use crate::io::{unmap, EventFd, Tun, Udp};
+use crate::keys::{self, KEY_LEN};
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ip_network::IpNetwork;
+use ip_network_table::IpNetworkTable;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Largest datagram or packet handled (TUN offloads may later hand us 64 KiB).
+pub const MAX_PACKET: usize = 65536;
+/// Room for WireGuard's overhead and the largest handshake message.
+const BUF_LEN: usize = MAX_PACKET + 256;
+/// How often timers run.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Items each queue to Python holds before new ones are dropped.
+pub const QUEUE_LIMIT: usize = 4096;
+/// Handshake initiations per second before the device asks for cookies (as boringtun's device does).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// The disco magic, "TS💬".
+pub const DISCO_MAGIC: &[u8] = b"TS\xf0\x9f\x92\xac";
+const STUN_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+
+/// What a datagram arriving on the socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    WireGuard,
+    Stun,
+    Disco,
+    Other,
+}
+
+/// Classify a datagram by its first bytes (WireGuard: type 1-4 then three zero bytes; STUN: magic
+/// cookie at offset 4, RFC 8489 §5; disco: `TS💬`).
+pub fn classify(d: &[u8]) -> Kind {
+    if d.len() >= 4 && (1..=4).contains(&d[0]) && d[1..4] == [0, 0, 0] {
+        Kind::WireGuard
+    } else if d.len() >= 20 && d[0] & 0xc0 == 0 && d[4..8] == STUN_COOKIE {
+        Kind::Stun
+    } else if d.starts_with(DISCO_MAGIC) {
+        Kind::Disco
+    } else {
+        Kind::Other
+    }
+}
+
+/// How a peer's encrypted datagrams leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Direct,
+    Relay,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Relay => "relay",
+        }
+    }
+}
+
+impl FromStr for Path {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "direct" => Ok(Path::Direct),
+            "relay" => Ok(Path::Relay),
+            _ => Err(Error::Config(format!(
+                "path must be \"direct\" or \"relay\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// Parse "ip:port" or "[ipv6]:port".
+pub fn parse_endpoint(s: &str) -> Result<SocketAddr> {
+    SocketAddr::from_str(s.trim()).map(unmap).map_err(|_| {
+        Error::Config(format!(
+            "malformed endpoint {s:?}: expected ip:port or [ipv6]:port"
+        ))
+    })
+}
+
+/// Parse a CIDR prefix ("100.64.0.1/32", "fd7a::/48"; a bare address means the host prefix). Host bits
+/// are cleared, as wg(8) does.
+pub fn parse_prefix(s: &str) -> Result<IpNetwork> {
+    let bad = || {
+        Error::Config(format!(
+            "malformed allowed IP {s:?}: expected a CIDR prefix such as 100.64.0.1/32"
+        ))
+    };
+    let (addr, len) = match s.trim().split_once('/') {
+        Some((a, l)) => (
+            IpAddr::from_str(a).map_err(|_| bad())?,
+            Some(l.parse::<u8>().map_err(|_| bad())?),
+        ),
+        None => (IpAddr::from_str(s.trim()).map_err(|_| bad())?, None),
+    };
+    match addr {
+        IpAddr::V4(a) => {
+            ip_network::Ipv4Network::new_truncate(a, len.unwrap_or(32)).map(IpNetwork::V4)
+        }
+        IpAddr::V6(a) => {
+            ip_network::Ipv6Network::new_truncate(a, len.unwrap_or(128)).map(IpNetwork::V6)
+        }
+    }
+    .map_err(|_| bad())
+}
+
+/// Configuration of one peer, as `set_peer` takes it.
+#[derive(Debug, Clone, Default)]
+pub struct PeerConfig {
+    pub allowed_ips: Vec<IpNetwork>,
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds; 0 = off.
+    pub persistent_keepalive: u16,
+    pub preshared_key: Option<[u8; KEY_LEN]>,
+}
+
+/// A snapshot of one peer, for `peers()`.
+#[derive(Debug, Clone)]
+pub struct PeerStats {
+    pub public_key: [u8; KEY_LEN],
+    pub allowed_ips: Vec<IpNetwork>,
+    pub endpoint: Option<SocketAddr>,
+    pub path: Path,
+    pub persistent_keepalive: Option<u16>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    /// Unix time, seconds.
+    pub last_handshake: Option<f64>,
+}
+
+/// Device-wide counters (see `_native.pyi` `DeviceStats`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub rx_datagrams: AtomicU64,
+    pub tx_datagrams: AtomicU64,
+    pub to_python: AtomicU64,
+    pub dropped_malformed: AtomicU64,
+    pub dropped_unknown_peer: AtomicU64,
+    pub dropped_decrypt: AtomicU64,
+    pub dropped_no_route: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_not_allowed: AtomicU64,
+    pub dropped_no_endpoint: AtomicU64,
+    pub dropped_send_error: AtomicU64,
+    pub handshakes_sent: AtomicU64,
+}
+
+/// A snapshot of `Counters`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    pub rx_datagrams: u64,
+    pub tx_datagrams: u64,
+    pub to_python: u64,
+    pub dropped_malformed: u64,
+    pub dropped_unknown_peer: u64,
+    pub dropped_decrypt: u64,
+    pub dropped_no_route: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_not_allowed: u64,
+    pub dropped_no_endpoint: u64,
+    pub dropped_send_error: u64,
+    pub handshakes_sent: u64,
+}
+
+struct Peer {
+    public_key: [u8; KEY_LEN],
+    index: u32,
+    tunn: Mutex<Tunn>,
+    endpoint: RwLock<Option<SocketAddr>>,
+    path: AtomicU8,
+    keepalive: AtomicU64,
+    /// Milliseconds since device start of the last datagram sent to this peer (for persistent keepalive).
+    last_tx_ms: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    rx_packets: AtomicU64,
+}
+
+impl Peer {
+    fn path(&self) -> Path {
+        if self.path.load(Relaxed) == 1 {
+            Path::Relay
+        } else {
+            Path::Direct
+        }
+    }
+}
+
+struct State {
+    private: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: HashMap<[u8; KEY_LEN], Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    routes: IpNetworkTable<Arc<Peer>>,
+    next_index: u32,
+}
+
+#[derive(Default)]
+struct Queues {
+    datagrams: VecDeque<(Vec<u8>, SocketAddr)>,
+    relay: VecDeque<([u8; KEY_LEN], Vec<u8>)>,
+}
+
+struct Shared {
+    state: RwLock<State>,
+    tun: Box<dyn Tun>,
+    udp: Box<dyn Udp>,
+    counters: Counters,
+    queues: Mutex<Queues>,
+    event: EventFd,
+    started: Instant,
+    stopped: AtomicBool,
+}
+
+/// Items taken by `Device::drain`: STUN/disco datagrams with their source, and relay datagrams per peer.
+pub type Drained = (Vec<(Vec<u8>, SocketAddr)>, Vec<([u8; KEY_LEN], Vec<u8>)>);
+
+/// One node's data plane. Threads stop on `close` (or drop).
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    timer_stop: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::Device(format!("{what}: {e}"))
+}
+
+impl Device {
+    /// A device on a real TUN `tun_name` (MTU set, link left down) and UDP `[::]:listen_port`.
+    pub fn open(
+        private_key: &[u8; KEY_LEN],
+        tun_name: &str,
+        listen_port: u16,
+        mtu: u32,
+    ) -> Result<Device> {
+        keys::check_private_key(private_key, "private key")?;
+        let tun = crate::io::LinuxTun::create(tun_name, mtu)?;
+        let udp = crate::io::LinuxUdp::bind(listen_port)?;
+        Device::with_io(private_key, Box::new(tun), Box::new(udp))
+    }
+
+    /// A device over any transports (tests pass in-memory ones).
+    pub fn with_io(
+        private_key: &[u8; KEY_LEN],
+        tun: Box<dyn Tun>,
+        udp: Box<dyn Udp>,
+    ) -> Result<Device> {
+        keys::check_private_key(private_key, "private key")?;
+        let private = StaticSecret::from(*private_key);
+        let public = PublicKey::from(&private);
+        let mut seed = [0u8; 4];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+        let shared = Arc::new(Shared {
+            state: RwLock::new(State {
+                rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+                private,
+                public,
+                peers: HashMap::new(),
+                by_index: HashMap::new(),
+                routes: IpNetworkTable::new(),
+                next_index: u32::from_le_bytes(seed) >> 8,
+            }),
+            tun,
+            udp,
+            counters: Counters::default(),
+            queues: Mutex::new(Queues::default()),
+            event: EventFd::new().map_err(|e| io_err("cannot create an eventfd", e))?,
+            started: Instant::now(),
+            stopped: AtomicBool::new(false),
+        });
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(f)
+                .map_err(|e| io_err("cannot start a thread", e))
+        };
+        let s1 = shared.clone();
+        let s2 = shared.clone();
+        let s3 = shared.clone();
+        let threads = vec![
+            spawn("tailpy-tun", Box::new(move || s1.tun_loop()))?,
+            spawn("tailpy-udp", Box::new(move || s2.udp_loop()))?,
+            spawn("tailpy-timers", Box::new(move || s3.timer_loop(stop_rx)))?,
+        ];
+        Ok(Device {
+            shared,
+            threads: Mutex::new(threads),
+            timer_stop: Mutex::new(Some(stop_tx)),
+        })
+    }
+
+    pub fn public_key(&self) -> [u8; KEY_LEN] {
+        self.shared.state.read().public.to_bytes()
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.shared.udp.local_port()
+    }
+
+    /// Replace the private key; every peer's sessions are dropped.
+    pub fn set_private_key(&self, private_key: &[u8; KEY_LEN]) -> Result<()> {
+        keys::check_private_key(private_key, "private key")?;
+        let mut st = self.shared.state.write();
+        let private = StaticSecret::from(*private_key);
+        let public = PublicKey::from(&private);
+        if st.peers.contains_key(&public.to_bytes()) {
+            return Err(Error::InvalidKey(
+                "private key's public key is one of this device's peers".into(),
+            ));
+        }
+        for p in st.peers.values() {
+            p.tunn
+                .lock()
+                .set_static_private(private.clone(), public, None);
+        }
+        st.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        st.private = private;
+        st.public = public;
+        Ok(())
+    }
+
+    /// Add a peer or update it in place (sessions survive changes of allowed IPs, endpoint and
+    /// keepalive; a changed preshared key starts a new session).
+    pub fn set_peer(&self, public_key: &[u8; KEY_LEN], config: PeerConfig) -> Result<()> {
+        keys::check_peer_public_key(public_key, "peer public key")?;
+        let mut guard = self.shared.state.write();
+        let st = &mut *guard;
+        if *public_key == st.public.to_bytes() {
+            return Err(Error::InvalidKey(
+                "peer public key is this device's own public key".into(),
+            ));
+        }
+        let keepalive = config.persistent_keepalive;
+        let peer = match st.peers.get(public_key) {
+            Some(p) => {
+                if let Some(psk) = config.preshared_key {
+                    // boringtun cannot change the PSK of a Tunn: start afresh (same index).
+                    let t = Tunn::new(
+                        st.private.clone(),
+                        PublicKey::from(*public_key),
+                        Some(psk),
+                        None,
+                        p.index,
+                        None,
+                    );
+                    *p.tunn.lock() = t;
+                }
+                p.clone()
+            }
+            None => {
+                let index = loop {
+                    let i = st.next_index & 0x00ff_ffff;
+                    st.next_index = st.next_index.wrapping_add(1);
+                    if !st.by_index.contains_key(&i) {
+                        break i;
+                    }
+                };
+                let tunn = Tunn::new(
+                    st.private.clone(),
+                    PublicKey::from(*public_key),
+                    config.preshared_key,
+                    None,
+                    index,
+                    None,
+                );
+                let p = Arc::new(Peer {
+                    public_key: *public_key,
+                    index,
+                    tunn: Mutex::new(tunn),
+                    endpoint: RwLock::new(None),
+                    path: AtomicU8::new(0),
+                    keepalive: AtomicU64::new(0),
+                    last_tx_ms: AtomicU64::new(0),
+                    tx_bytes: AtomicU64::new(0),
+                    rx_bytes: AtomicU64::new(0),
+                    tx_packets: AtomicU64::new(0),
+                    rx_packets: AtomicU64::new(0),
+                });
+                st.peers.insert(*public_key, p.clone());
+                st.by_index.insert(index, p.clone());
+                p
+            }
+        };
+        if config.endpoint.is_some() {
+            *peer.endpoint.write() = config.endpoint.map(unmap);
+        }
+        peer.keepalive.store(u64::from(keepalive), Relaxed);
+        st.routes.retain(|_, p| !Arc::ptr_eq(p, &peer));
+        for net in config.allowed_ips {
+            st.routes.insert(net, peer.clone());
+        }
+        Ok(())
+    }
+
+    /// Remove a peer; true if it existed.
+    pub fn remove_peer(&self, public_key: &[u8; KEY_LEN]) -> bool {
+        let mut st = self.shared.state.write();
+        match st.peers.remove(public_key) {
+            Some(p) => {
+                st.by_index.remove(&p.index);
+                st.routes.retain(|_, q| !Arc::ptr_eq(q, &p));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn peer(&self, public_key: &[u8; KEY_LEN]) -> Result<Arc<Peer>> {
+        self.shared
+            .state
+            .read()
+            .peers
+            .get(public_key)
+            .cloned()
+            .ok_or_else(|| {
+                Error::Device(format!("no peer with public key {}", hex_short(public_key)))
+            })
+    }
+
+    pub fn set_path(&self, public_key: &[u8; KEY_LEN], path: Path) -> Result<()> {
+        self.peer(public_key)?
+            .path
+            .store(u8::from(path == Path::Relay), Relaxed);
+        Ok(())
+    }
+
+    /// Process a WireGuard datagram as if received from `public_key` (a DERP payload).
+    pub fn inject(&self, public_key: &[u8; KEY_LEN], datagram: &[u8]) -> Result<()> {
+        let peer = self.peer(public_key)?;
+        if classify(datagram) != Kind::WireGuard {
+            self.shared.counters.dropped_malformed.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        let mut bufs = Bufs::new();
+        let st = self.shared.state.read();
+        self.shared
+            .receive_wireguard(&st, datagram, None, Some(&peer), &mut bufs);
+        Ok(())
+    }
+
+    /// Send one datagram from the device's socket.
+    pub fn send_datagram(&self, data: &[u8], to: SocketAddr) -> Result<()> {
+        self.shared
+            .udp
+            .send_to(data, to)
+            .map_err(|e| io_err(&format!("cannot send a datagram to {to}"), e))?;
+        self.shared.counters.tx_datagrams.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// The eventfd that is readable while `drain` has items.
+    pub fn event_fd(&self) -> i32 {
+        self.shared.event.fd()
+    }
+
+    /// Take up to `max_items` from each queue; the eventfd stays readable only if items remain.
+    pub fn drain(&self, max_items: usize) -> Drained {
+        let mut q = self.shared.queues.lock();
+        let n = max_items.min(q.datagrams.len());
+        let datagrams: Vec<_> = q.datagrams.drain(..n).collect();
+        let n = max_items.min(q.relay.len());
+        let relay: Vec<_> = q.relay.drain(..n).collect();
+        if q.datagrams.is_empty() && q.relay.is_empty() {
+            self.shared.event.reset();
+        }
+        (datagrams, relay)
+    }
+
+    pub fn peers(&self) -> Vec<PeerStats> {
+        let st = self.shared.state.read();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut out: Vec<PeerStats> = st
+            .peers
+            .values()
+            .map(|p| {
+                let since = p.tunn.lock().stats().0;
+                let ka = p.keepalive.load(Relaxed) as u16;
+                PeerStats {
+                    public_key: p.public_key,
+                    allowed_ips: st
+                        .routes
+                        .iter()
+                        .filter(|(_, q)| Arc::ptr_eq(q, p))
+                        .map(|(n, _)| n)
+                        .collect(),
+                    endpoint: *p.endpoint.read(),
+                    path: p.path(),
+                    persistent_keepalive: (ka > 0).then_some(ka),
+                    tx_bytes: p.tx_bytes.load(Relaxed),
+                    rx_bytes: p.rx_bytes.load(Relaxed),
+                    tx_packets: p.tx_packets.load(Relaxed),
+                    rx_packets: p.rx_packets.load(Relaxed),
+                    last_handshake: since.map(|d| now.saturating_sub(d).as_secs_f64()),
+                }
+            })
+            .collect();
+        out.sort_by_key(|p| p.public_key);
+        out
+    }
+
+    pub fn stats(&self) -> DeviceStats {
+        let c = &self.shared.counters;
+        DeviceStats {
+            rx_datagrams: c.rx_datagrams.load(Relaxed),
+            tx_datagrams: c.tx_datagrams.load(Relaxed),
+            to_python: c.to_python.load(Relaxed),
+            dropped_malformed: c.dropped_malformed.load(Relaxed),
+            dropped_unknown_peer: c.dropped_unknown_peer.load(Relaxed),
+            dropped_decrypt: c.dropped_decrypt.load(Relaxed),
+            dropped_no_route: c.dropped_no_route.load(Relaxed),
+            dropped_queue_full: c.dropped_queue_full.load(Relaxed),
+            dropped_not_allowed: c.dropped_not_allowed.load(Relaxed),
+            dropped_no_endpoint: c.dropped_no_endpoint.load(Relaxed),
+            dropped_send_error: c.dropped_send_error.load(Relaxed),
+            handshakes_sent: c.handshakes_sent.load(Relaxed),
+        }
+    }
+
+    /// Stop the threads and release the TUN and socket (when the device is dropped). Idempotent.
+    pub fn close(&self) {
+        self.shared.stopped.store(true, Relaxed);
+        self.shared.tun.close();
+        self.shared.udp.close();
+        self.timer_stop.lock().take();
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.stopped.load(Relaxed)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn hex_short(k: &[u8]) -> String {
+    k.iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        + "…"
+}
+
+/// A thread's buffers, reused for every packet.
+struct Bufs {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+impl Bufs {
+    fn new() -> Self {
+        Bufs {
+            src: vec![0; BUF_LEN],
+            dst: vec![0; BUF_LEN],
+        }
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn signal_if(&self, was_empty: bool) {
+        if was_empty {
+            self.event.signal();
+        }
+    }
+
+    /// Send a WireGuard datagram to a peer on its current path.
+    fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
+        if datagram.first() == Some(&1) {
+            self.counters.handshakes_sent.fetch_add(1, Relaxed);
+        }
+        peer.last_tx_ms.store(self.now_ms(), Relaxed);
+        match peer.path() {
+            Path::Relay => {
+                let mut q = self.queues.lock();
+                if q.relay.len() >= QUEUE_LIMIT {
+                    self.counters.dropped_queue_full.fetch_add(1, Relaxed);
+                    return;
+                }
+                let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
+                q.relay.push_back((peer.public_key, datagram.to_vec()));
+                self.signal_if(was_empty);
+            }
+            Path::Direct => {
+                let Some(to) = *peer.endpoint.read() else {
+                    self.counters.dropped_no_endpoint.fetch_add(1, Relaxed);
+                    return;
+                };
+                if self.udp.send_to(datagram, to).is_err() {
+                    self.counters.dropped_send_error.fetch_add(1, Relaxed);
+                    return;
+                }
+                self.counters.tx_datagrams.fetch_add(1, Relaxed);
+            }
+        }
+        peer.tx_packets.fetch_add(1, Relaxed);
+        peer.tx_bytes.fetch_add(datagram.len() as u64, Relaxed);
+    }
+
+    fn tun_loop(&self) {
+        let mut bufs = Bufs::new();
+        while !self.stopped.load(Relaxed) {
+            let n = match self.tun.recv(&mut bufs.src[..MAX_PACKET]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => break,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            self.outbound(n, &mut bufs);
+        }
+    }
+
+    /// One packet from the TUN (in `bufs.src[..n]`): route, encrypt, send.
+    fn outbound(&self, n: usize, bufs: &mut Bufs) {
+        let packet = &bufs.src[..n];
+        let Some(dst) = Tunn::dst_address(packet) else {
+            self.counters.dropped_no_route.fetch_add(1, Relaxed);
+            return;
+        };
+        let st = self.state.read();
+        let Some((_, peer)) = st.routes.longest_match(dst) else {
+            self.counters.dropped_no_route.fetch_add(1, Relaxed);
+            return;
+        };
+        let peer = peer.clone();
+        drop(st);
+        let res = peer.tunn.lock().encapsulate(packet, &mut bufs.dst);
+        if let TunnResult::WriteToNetwork(d) = res {
+            self.send_to_peer(&peer, d);
+        }
+    }
+
+    fn udp_loop(&self) {
+        let mut bufs = Bufs::new();
+        let mut dgram = vec![0u8; BUF_LEN];
+        while !self.stopped.load(Relaxed) {
+            let (n, from) = match self.udp.recv_from(&mut dgram[..MAX_PACKET]) {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => break,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            self.counters.rx_datagrams.fetch_add(1, Relaxed);
+            let d = &dgram[..n];
+            match classify(d) {
+                Kind::WireGuard => {
+                    let st = self.state.read();
+                    self.receive_wireguard(&st, d, Some(from), None, &mut bufs);
+                }
+                Kind::Stun | Kind::Disco => {
+                    let mut q = self.queues.lock();
+                    if q.datagrams.len() >= QUEUE_LIMIT {
+                        self.counters.dropped_queue_full.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
+                    q.datagrams.push_back((d.to_vec(), from));
+                    self.counters.to_python.fetch_add(1, Relaxed);
+                    self.signal_if(was_empty);
+                }
+                Kind::Other => {
+                    self.counters.dropped_malformed.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A WireGuard datagram from the socket (`from` set) or injected for `via` (from DERP).
+    fn receive_wireguard(
+        &self,
+        st: &State,
+        d: &[u8],
+        from: Option<SocketAddr>,
+        via: Option<&Arc<Peer>>,
+        bufs: &mut Bufs,
+    ) {
+        let c = &self.counters;
+        // MAC1 (and, under load, cookie) check before any Diffie-Hellman.
+        let packet = match st
+            .rate_limiter
+            .verify_packet(from.map(|a| a.ip()), d, &mut bufs.dst)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                if let Some(to) = from {
+                    if self.udp.send_to(cookie, to).is_ok() {
+                        c.tx_datagrams.fetch_add(1, Relaxed);
+                    }
+                }
+                return;
+            }
+            Err(TunnResult::Err(boringtun::noise::errors::WireGuardError::InvalidPacket)) => {
+                c.dropped_malformed.fetch_add(1, Relaxed);
+                return;
+            }
+            Err(_) => {
+                c.dropped_decrypt.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        let peer = match packet {
+            Packet::HandshakeInit(ref init) => {
+                match parse_handshake_anon(&st.private, &st.public, init) {
+                    Ok(half) => match st.peers.get(&half.peer_static_public) {
+                        Some(p) => p.clone(),
+                        None => {
+                            c.dropped_unknown_peer.fetch_add(1, Relaxed);
+                            return;
+                        }
+                    },
+                    Err(_) => {
+                        c.dropped_decrypt.fetch_add(1, Relaxed);
+                        return;
+                    }
+                }
+            }
+            Packet::HandshakeResponse(ref p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(p) => p.clone(),
+                None => {
+                    c.dropped_unknown_peer.fetch_add(1, Relaxed);
+                    return;
+                }
+            },
+            Packet::PacketCookieReply(ref p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(p) => p.clone(),
+                None => {
+                    c.dropped_unknown_peer.fetch_add(1, Relaxed);
+                    return;
+                }
+            },
+            Packet::PacketData(ref p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(p) => p.clone(),
+                None => {
+                    c.dropped_unknown_peer.fetch_add(1, Relaxed);
+                    return;
+                }
+            },
+        };
+        if let Some(v) = via {
+            // An injected datagram must be from the peer DERP says it is from.
+            if !Arc::ptr_eq(v, &peer) {
+                c.dropped_unknown_peer.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        let mut tunn = peer.tunn.lock();
+        match tunn.decapsulate(from.map(|a| a.ip()), d, &mut bufs.dst) {
+            TunnResult::Done => self.authenticated(&peer, from, d.len()),
+            TunnResult::Err(_) => {
+                c.dropped_decrypt.fetch_add(1, Relaxed);
+            }
+            TunnResult::WriteToNetwork(out) => {
+                // The endpoint first: the reply (a handshake response) goes to where the peer is now.
+                self.authenticated(&peer, from, d.len());
+                self.send_to_peer(&peer, out);
+                // Flush packets queued while the handshake was in progress.
+                while let TunnResult::WriteToNetwork(out) =
+                    tunn.decapsulate(None, &[], &mut bufs.dst)
+                {
+                    self.send_to_peer(&peer, out);
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                self.authenticated(&peer, from, d.len());
+                self.deliver(st, &peer, p, src.into());
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                self.authenticated(&peer, from, d.len());
+                self.deliver(st, &peer, p, src.into());
+            }
+        }
+    }
+
+    /// Count an authenticated datagram from `peer`, and follow the peer to its new address (roaming):
+    /// only authenticated datagrams can move an endpoint.
+    fn authenticated(&self, peer: &Peer, from: Option<SocketAddr>, len: usize) {
+        peer.rx_packets.fetch_add(1, Relaxed);
+        peer.rx_bytes.fetch_add(len as u64, Relaxed);
+        if let Some(from) = from {
+            if *peer.endpoint.read() != Some(from) {
+                *peer.endpoint.write() = Some(from);
+            }
+        }
+    }
+
+    /// Write a decrypted packet to the TUN if its source is within the sending peer's allowed IPs.
+    fn deliver(&self, st: &State, peer: &Arc<Peer>, packet: &[u8], src: IpAddr) {
+        match st.routes.longest_match(src) {
+            Some((_, p)) if Arc::ptr_eq(p, peer) => {
+                let _ = self.tun.send(packet);
+            }
+            _ => {
+                self.counters.dropped_not_allowed.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn timer_loop(&self, stop: mpsc::Receiver<()>) {
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut last_reset = Instant::now();
+        loop {
+            match stop.recv_timeout(TIMER_TICK) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let peers: Vec<Arc<Peer>> = {
+                let st = self.state.read();
+                if last_reset.elapsed() >= Duration::from_secs(1) {
+                    st.rate_limiter.reset_count();
+                    last_reset = Instant::now();
+                }
+                st.peers.values().cloned().collect()
+            };
+            let now = self.now_ms();
+            for peer in peers {
+                let mut tunn = peer.tunn.lock();
+                if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut buf) {
+                    drop(tunn);
+                    self.send_to_peer(&peer, d);
+                    continue;
+                }
+                let ka = peer.keepalive.load(Relaxed);
+                if ka > 0 && now.saturating_sub(peer.last_tx_ms.load(Relaxed)) >= ka * 1000 {
+                    if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&[], &mut buf) {
+                        drop(tunn);
+                        self.send_to_peer(&peer, d);
+                    }
+                }
+            }
+        }
+    }
+}

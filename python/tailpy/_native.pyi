@@ -1,6 +1,6 @@
 """Typed stub of the Rust extension ``tailpy._native`` (crate ``rust/tailpy-py``).
 
-All keys are raw 32-byte Curve25519 (X25519) values. Errors are raised as classes of :mod:`tailpy.errors`:
+Built from ``rust/tailpy-py`` over ``rust/tailpy-core``. All keys are raw 32-byte Curve25519 (X25519) values. Errors are raised as classes of :mod:`tailpy.errors`:
 ``InvalidKeyError`` for a malformed key, ``PermissionDeniedError`` when creating a TUN without CAP_NET_ADMIN,
 ``DeviceError`` for other TUN/socket failures and unknown peers, ``ConfigError`` for a malformed address,
 prefix or endpoint.
@@ -36,7 +36,10 @@ class DeviceStats(TypedDict):
     dropped_unknown_peer: int  # handshake initiation from an unknown key, or data for an unknown index
     dropped_decrypt: int  # WireGuard message that failed authentication/decryption
     dropped_no_route: int  # packet from the TUN whose destination no peer's allowed IPs cover
-    dropped_queue_full: int  # Python's queue was full
+    dropped_queue_full: int  # a queue to Python (STUN/disco datagrams, or relay datagrams) was full
+    dropped_not_allowed: int  # decrypted packet whose inner source is not in the sending peer's allowed IPs
+    dropped_no_endpoint: int  # datagram for a direct-path peer that has no endpoint yet
+    dropped_send_error: int  # the UDP socket refused a datagram (e.g. network unreachable)
     handshakes_sent: int
 
 class Device:
@@ -53,9 +56,11 @@ class Device:
         listen_port: int = 0,
         mtu: int = 1280,
     ) -> None:
-        """Create the TUN ``tun_name`` (not configured: Python sets addresses and routes) and bind UDP
-        ``[::]:listen_port`` dual-stack (0 picks a free port). Raises PermissionDeniedError without
-        CAP_NET_ADMIN, DeviceError if the name or port is taken, InvalidKeyError for a bad key."""
+        """Create the TUN ``tun_name`` with its MTU set (576..65535) but the link left down and unaddressed
+        (Python brings it up, sets addresses and routes), and bind UDP ``[::]:listen_port`` dual-stack
+        (0 picks a free port; IPv4-only ``0.0.0.0`` where the kernel has no IPv6). Raises
+        PermissionDeniedError without CAP_NET_ADMIN, DeviceError if the name or port is taken,
+        InvalidKeyError for a bad key, ConfigError for a bad name, port or MTU."""
     @property
     def public_key(self) -> bytes: ...
     @property
@@ -74,8 +79,13 @@ class Device:
         preshared_key: bytes | None = None,
     ) -> None:
         """Add a peer or update it in place (sessions are kept when only allowed IPs, endpoint or keepalive
-        change). ``allowed_ips`` are CIDR prefixes (IPv4 or IPv6); ``endpoint`` is "ip:port" or
-        "[ipv6]:port"; ``persistent_keepalive`` in seconds (None or 0 = off)."""
+        change; a preshared key given again starts a new session). ``allowed_ips`` are CIDR prefixes
+        (IPv4 or IPv6; host bits are cleared, a bare address means /32 or /128) and replace the peer's
+        previous ones; a prefix another peer holds moves to this one, as in WireGuard. ``endpoint`` is
+        "ip:port" or "[ipv6]:port"; None keeps the current one (set earlier, or learned from the peer's
+        authenticated datagrams: roaming). ``persistent_keepalive`` in seconds (None or 0 = off).
+        Raises InvalidKeyError (wrong length, all-zero or low-order key, or the device's own key),
+        ConfigError (malformed prefix, endpoint or keepalive)."""
     def remove_peer(self, public_key: bytes) -> bool:
         """Remove a peer; True if it existed. Packets in flight for it are dropped and counted."""
     def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None:
@@ -84,7 +94,8 @@ class Device:
         unknown peer."""
     def inject(self, public_key: bytes, datagram: bytes) -> None:
         """Process a WireGuard datagram as if received from ``public_key`` (a DERP RecvPacket payload).
-        Replies it causes (handshake responses) go out on the peer's current path."""
+        Replies it causes (handshake responses) go out on the peer's current path. A datagram that turns
+        out to belong to another peer is dropped and counted. Raises DeviceError for an unknown peer."""
     def send_datagram(self, data: bytes, endpoint: str) -> None:
         """Send one UDP datagram (STUN, disco) from the device's socket to "ip:port"."""
     def fileno(self) -> int:
@@ -96,4 +107,5 @@ class Device:
     def peers(self) -> list[PeerStats]: ...
     def stats(self) -> DeviceStats: ...
     def close(self) -> None:
-        """Stop the threads, close the socket and remove the TUN. Idempotent."""
+        """Stop the threads, close the socket and remove the TUN. Idempotent; afterwards ``set_peer``,
+        ``inject`` and ``send_datagram`` raise DeviceError."""

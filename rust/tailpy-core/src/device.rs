@@ -349,6 +349,7 @@ impl Device {
     /// Add a peer or update it in place (sessions survive changes of allowed IPs, endpoint and
     /// keepalive; a changed preshared key starts a new session).
     pub fn set_peer(&self, public_key: &[u8; KEY_LEN], config: PeerConfig) -> Result<()> {
+        self.check_open()?;
         keys::check_peer_public_key(public_key, "peer public key")?;
         let mut guard = self.shared.state.write();
         let st = &mut *guard;
@@ -453,6 +454,7 @@ impl Device {
 
     /// Process a WireGuard datagram as if received from `public_key` (a DERP payload).
     pub fn inject(&self, public_key: &[u8; KEY_LEN], datagram: &[u8]) -> Result<()> {
+        self.check_open()?;
         let peer = self.peer(public_key)?;
         if classify(datagram) != Kind::WireGuard {
             self.shared.counters.dropped_malformed.fetch_add(1, Relaxed);
@@ -467,6 +469,7 @@ impl Device {
 
     /// Send one datagram from the device's socket.
     pub fn send_datagram(&self, data: &[u8], to: SocketAddr) -> Result<()> {
+        self.check_open()?;
         self.shared
             .udp
             .send_to(data, to)
@@ -555,6 +558,15 @@ impl Device {
         for t in threads {
             let _ = t.join();
         }
+        self.shared.tun.release();
+        self.shared.udp.release();
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Device("the device is closed".into()));
+        }
+        Ok(())
     }
 
     pub fn is_closed(&self) -> bool {

@@ -7,8 +7,10 @@
 
 use crate::error::{Error, Result};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Where IP packets enter and leave the host: a TUN interface, or a test's in-memory channel.
 pub trait Tun: Send + Sync + 'static {
@@ -18,6 +20,8 @@ pub trait Tun: Send + Sync + 'static {
     fn send(&self, packet: &[u8]) -> io::Result<()>;
     /// Wake blocked readers; later reads fail with `NotConnected`.
     fn close(&self);
+    /// Release the interface (the TUN disappears); called once no thread reads it any more.
+    fn release(&self) {}
 }
 
 /// The one UDP socket of a device (WireGuard, STUN and disco share it).
@@ -28,6 +32,8 @@ pub trait Udp: Send + Sync + 'static {
     fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()>;
     fn local_port(&self) -> u16;
     fn close(&self);
+    /// Close the socket; called once no thread reads it any more.
+    fn release(&self) {}
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it is; others unchanged.
@@ -79,6 +85,34 @@ impl EventFd {
     }
 }
 
+/// A file descriptor that can be closed while others hold `&self` (they then see -1 and fail with EBADF).
+#[derive(Debug)]
+struct FdCell(AtomicI32);
+
+impl FdCell {
+    fn new(fd: OwnedFd) -> Self {
+        FdCell(AtomicI32::new(fd.into_raw_fd()))
+    }
+
+    fn get(&self) -> RawFd {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn release(&self) {
+        let fd = self.0.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            // SAFETY: we owned fd and nobody else closes it (swap hands it out once).
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
+impl Drop for FdCell {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Block until `fd` is ready for `events` or `wake` is signalled (then `Err(NotConnected)`).
 fn wait(fd: RawFd, events: libc::c_short, wake: &EventFd) -> io::Result<()> {
     let mut fds = [
@@ -114,7 +148,7 @@ fn wait(fd: RawFd, events: libc::c_short, wake: &EventFd) -> io::Result<()> {
 
 /// A Linux TUN interface (IFF_TUN | IFF_NO_PI), removed when dropped.
 pub struct LinuxTun {
-    fd: OwnedFd,
+    fd: FdCell,
     wake: EventFd,
     name: String,
 }
@@ -199,7 +233,7 @@ impl LinuxTun {
         }
         set_mtu(&raw_name, name, mtu)?;
         Ok(LinuxTun {
-            fd,
+            fd: FdCell::new(fd),
             wake: EventFd::new().map_err(|e| Error::Device(format!("eventfd: {e}")))?,
             name: name.to_string(),
         })
@@ -240,13 +274,13 @@ impl Tun for LinuxTun {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: reads at most buf.len() bytes into buf.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { libc::read(self.fd.get(), buf.as_mut_ptr().cast(), buf.len()) };
             if n >= 0 {
                 return Ok(n as usize);
             }
             let e = io::Error::last_os_error();
             match e.kind() {
-                io::ErrorKind::WouldBlock => wait(self.fd.as_raw_fd(), libc::POLLIN, &self.wake)?,
+                io::ErrorKind::WouldBlock => wait(self.fd.get(), libc::POLLIN, &self.wake)?,
                 io::ErrorKind::Interrupted => {}
                 _ => return Err(e),
             }
@@ -256,14 +290,13 @@ impl Tun for LinuxTun {
     fn send(&self, packet: &[u8]) -> io::Result<()> {
         loop {
             // SAFETY: writes packet.len() bytes from packet.
-            let n =
-                unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+            let n = unsafe { libc::write(self.fd.get(), packet.as_ptr().cast(), packet.len()) };
             if n >= 0 {
                 return Ok(());
             }
             let e = io::Error::last_os_error();
             match e.kind() {
-                io::ErrorKind::WouldBlock => wait(self.fd.as_raw_fd(), libc::POLLOUT, &self.wake)?,
+                io::ErrorKind::WouldBlock => wait(self.fd.get(), libc::POLLOUT, &self.wake)?,
                 io::ErrorKind::Interrupted => {}
                 _ => return Err(e),
             }
@@ -273,6 +306,10 @@ impl Tun for LinuxTun {
     fn close(&self) {
         self.wake.signal();
     }
+
+    fn release(&self) {
+        self.fd.release();
+    }
 }
 
 /// Socket buffer size asked for (the kernel may cap it unless we are root, where SO_*BUFFORCE works).
@@ -280,7 +317,7 @@ pub const SOCKET_BUFFER: usize = 8 << 20;
 
 /// A UDP socket bound to `[::]:port` accepting IPv4 too (falls back to `0.0.0.0:port` without IPv6).
 pub struct LinuxUdp {
-    sock: UdpSocket,
+    fd: FdCell,
     wake: EventFd,
     port: u16,
     v6: bool,
@@ -339,7 +376,7 @@ impl LinuxUdp {
             .map_err(|e| Error::Device(format!("UDP socket has no address: {e}")))?
             .port();
         Ok(LinuxUdp {
-            sock,
+            fd: FdCell::new(OwnedFd::from(sock)),
             wake: EventFd::new().map_err(|e| Error::Device(format!("eventfd: {e}")))?,
             port,
             v6,
@@ -347,15 +384,22 @@ impl LinuxUdp {
     }
 }
 
+impl LinuxUdp {
+    /// A std view of the socket, without taking ownership.
+    fn sock(&self) -> ManuallyDrop<UdpSocket> {
+        // SAFETY: the fd stays open while borrowed (released only after reader threads stop), and
+        // ManuallyDrop keeps this view from closing it.
+        ManuallyDrop::new(unsafe { UdpSocket::from_raw_fd(self.fd.get()) })
+    }
+}
+
 impl Udp for LinuxUdp {
     fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            match self.sock.recv_from(buf) {
+            match self.sock().recv_from(buf) {
                 Ok((n, from)) => return Ok((n, unmap(from))),
                 Err(e) => match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        wait(self.sock.as_raw_fd(), libc::POLLIN, &self.wake)?
-                    }
+                    io::ErrorKind::WouldBlock => wait(self.fd.get(), libc::POLLIN, &self.wake)?,
                     // ICMP errors from earlier sends surface here on Linux; they are not ours to handle.
                     io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused => {}
                     _ => return Err(e),
@@ -372,12 +416,10 @@ impl Udp for LinuxUdp {
             other => other,
         };
         loop {
-            match self.sock.send_to(data, to) {
+            match self.sock().send_to(data, to) {
                 Ok(_) => return Ok(()),
                 Err(e) => match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        wait(self.sock.as_raw_fd(), libc::POLLOUT, &self.wake)?
-                    }
+                    io::ErrorKind::WouldBlock => wait(self.fd.get(), libc::POLLOUT, &self.wake)?,
                     io::ErrorKind::Interrupted => {}
                     _ => return Err(e),
                 },
@@ -391,5 +433,9 @@ impl Udp for LinuxUdp {
 
     fn close(&self) {
         self.wake.signal();
+    }
+
+    fn release(&self) {
+        self.fd.release();
     }
 }

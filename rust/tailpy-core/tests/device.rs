@@ -536,6 +536,10 @@ fn bad_keys_and_config_rejected() {
     a.dev.close();
     a.dev.close();
     assert!(a.dev.is_closed());
+    assert_eq!(
+        a.dev.send_datagram(b"x", b.addr),
+        Err(Error::Device("the device is closed".into()))
+    );
 }
 
 #[test]

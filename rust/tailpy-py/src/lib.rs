@@ -1,8 +1,11 @@
 //! The Python module `tailpy._native`: a thin binding of `tailpy-core`. See `python/tailpy/_native.pyi`.
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
-use tailpy_core::keys;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use std::net::SocketAddr;
+use tailpy_core::device::{parse_endpoint, parse_prefix};
+use tailpy_core::keys::{self, KEY_LEN};
+use tailpy_core::{Device, Error, Path, PeerConfig};
 
 /// Instantiate one of `tailpy.errors`' classes with a one-sentence message.
 fn tailpy_error(py: Python<'_>, class: &str, msg: impl Into<String>) -> PyErr {
@@ -34,10 +37,225 @@ fn public_key<'py>(py: Python<'py>, private_key: &[u8]) -> PyResult<Bound<'py, P
     Ok(PyBytes::new(py, &keys::public_key(&k)))
 }
 
+fn core_err(py: Python<'_>, e: Error) -> PyErr {
+    let class = match e {
+        Error::InvalidKey(_) => "InvalidKeyError",
+        Error::PermissionDenied(_) => "PermissionDeniedError",
+        Error::Device(_) => "DeviceError",
+        Error::Config(_) => "ConfigError",
+    };
+    tailpy_error(py, class, e.message())
+}
+
+fn key(py: Python<'_>, raw: &[u8], what: &str) -> PyResult<[u8; KEY_LEN]> {
+    keys::key_from_slice(raw, what).map_err(|e| invalid_key(py, e))
+}
+
+fn config_err(py: Python<'_>, msg: String) -> PyErr {
+    tailpy_error(py, "ConfigError", msg)
+}
+
+/// One node's data plane: a TUN interface, one UDP socket (IPv4 and IPv6), and a table of peers.
+#[pyclass(frozen, name = "Device", module = "tailpy._native")]
+struct PyDevice {
+    inner: Device,
+    tun_name: String,
+}
+
+#[pymethods]
+impl PyDevice {
+    #[new]
+    #[pyo3(signature = (private_key, *, tun_name = "tailpy0".to_string(), listen_port = 0, mtu = 1280))]
+    fn new(
+        py: Python<'_>,
+        private_key: &[u8],
+        tun_name: String,
+        listen_port: i64,
+        mtu: i64,
+    ) -> PyResult<Self> {
+        let k = key(py, private_key, "private key")?;
+        let port = u16::try_from(listen_port).map_err(|_| {
+            config_err(
+                py,
+                format!("listen_port must be between 0 and 65535, got {listen_port}"),
+            )
+        })?;
+        let mtu = u32::try_from(mtu)
+            .ok()
+            .filter(|m| (576..=65535).contains(m))
+            .ok_or_else(|| {
+                config_err(py, format!("mtu must be between 576 and 65535, got {mtu}"))
+            })?;
+        let name = tun_name.clone();
+        let inner = py
+            .detach(move || Device::open(&k, &name, port, mtu))
+            .map_err(|e| core_err(py, e))?;
+        Ok(PyDevice { inner, tun_name })
+    }
+
+    #[getter]
+    fn public_key<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.public_key())
+    }
+
+    #[getter]
+    fn tun_name(&self) -> &str {
+        &self.tun_name
+    }
+
+    #[getter]
+    fn listen_port(&self) -> u16 {
+        self.inner.listen_port()
+    }
+
+    fn set_private_key(&self, py: Python<'_>, private_key: &[u8]) -> PyResult<()> {
+        let k = key(py, private_key, "private key")?;
+        py.detach(|| self.inner.set_private_key(&k))
+            .map_err(|e| core_err(py, e))
+    }
+
+    #[pyo3(signature = (public_key, *, allowed_ips, endpoint = None, persistent_keepalive = None, preshared_key = None))]
+    fn set_peer(
+        &self,
+        py: Python<'_>,
+        public_key: &[u8],
+        allowed_ips: Vec<String>,
+        endpoint: Option<String>,
+        persistent_keepalive: Option<i64>,
+        preshared_key: Option<&[u8]>,
+    ) -> PyResult<()> {
+        let pk = key(py, public_key, "peer public key")?;
+        let allowed_ips = allowed_ips
+            .iter()
+            .map(|s| parse_prefix(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| core_err(py, e))?;
+        let endpoint = endpoint
+            .map(|e| parse_endpoint(&e))
+            .transpose()
+            .map_err(|e| core_err(py, e))?;
+        let ka = persistent_keepalive.unwrap_or(0);
+        let persistent_keepalive = u16::try_from(ka).map_err(|_| {
+            config_err(
+                py,
+                format!("persistent_keepalive must be between 0 and 65535 seconds, got {ka}"),
+            )
+        })?;
+        let preshared_key = preshared_key
+            .map(|k| key(py, k, "preshared key"))
+            .transpose()?;
+        let cfg = PeerConfig {
+            allowed_ips,
+            endpoint,
+            persistent_keepalive,
+            preshared_key,
+        };
+        py.detach(|| self.inner.set_peer(&pk, cfg))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn remove_peer(&self, py: Python<'_>, public_key: &[u8]) -> PyResult<bool> {
+        let pk = key(py, public_key, "peer public key")?;
+        Ok(py.detach(|| self.inner.remove_peer(&pk)))
+    }
+
+    fn set_path(&self, py: Python<'_>, public_key: &[u8], path: &str) -> PyResult<()> {
+        let pk = key(py, public_key, "peer public key")?;
+        let path: Path = path.parse().map_err(|e| core_err(py, e))?;
+        self.inner.set_path(&pk, path).map_err(|e| core_err(py, e))
+    }
+
+    fn inject(&self, py: Python<'_>, public_key: &[u8], datagram: &[u8]) -> PyResult<()> {
+        let pk = key(py, public_key, "peer public key")?;
+        py.detach(|| self.inner.inject(&pk, datagram))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn send_datagram(&self, py: Python<'_>, data: &[u8], endpoint: &str) -> PyResult<()> {
+        let to: SocketAddr = parse_endpoint(endpoint).map_err(|e| core_err(py, e))?;
+        py.detach(|| self.inner.send_datagram(data, to))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn fileno(&self) -> i32 {
+        self.inner.event_fd()
+    }
+
+    #[pyo3(signature = (max_items = 1024))]
+    fn drain<'py>(&self, py: Python<'py>, max_items: usize) -> PyResult<Bound<'py, PyTuple>> {
+        let (datagrams, relay) = self.inner.drain(max_items);
+        let d = PyList::empty(py);
+        for (payload, from) in datagrams {
+            d.append((PyBytes::new(py, &payload), from.to_string()))?;
+        }
+        let r = PyList::empty(py);
+        for (k, payload) in relay {
+            r.append((PyBytes::new(py, &k), PyBytes::new(py, &payload)))?;
+        }
+        PyTuple::new(py, [d.into_any(), r.into_any()])
+    }
+
+    fn peers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for p in py.detach(|| self.inner.peers()) {
+            let d = PyDict::new(py);
+            d.set_item("public_key", PyBytes::new(py, &p.public_key))?;
+            d.set_item(
+                "allowed_ips",
+                p.allowed_ips
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>(),
+            )?;
+            d.set_item("endpoint", p.endpoint.map(|e| e.to_string()))?;
+            d.set_item("path", p.path.as_str())?;
+            d.set_item("persistent_keepalive", p.persistent_keepalive)?;
+            d.set_item("tx_bytes", p.tx_bytes)?;
+            d.set_item("rx_bytes", p.rx_bytes)?;
+            d.set_item("tx_packets", p.tx_packets)?;
+            d.set_item("rx_packets", p.rx_packets)?;
+            d.set_item("last_handshake", p.last_handshake)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("rx_datagrams", s.rx_datagrams)?;
+        d.set_item("tx_datagrams", s.tx_datagrams)?;
+        d.set_item("to_python", s.to_python)?;
+        d.set_item("dropped_malformed", s.dropped_malformed)?;
+        d.set_item("dropped_unknown_peer", s.dropped_unknown_peer)?;
+        d.set_item("dropped_decrypt", s.dropped_decrypt)?;
+        d.set_item("dropped_no_route", s.dropped_no_route)?;
+        d.set_item("dropped_queue_full", s.dropped_queue_full)?;
+        d.set_item("dropped_not_allowed", s.dropped_not_allowed)?;
+        d.set_item("dropped_no_endpoint", s.dropped_no_endpoint)?;
+        d.set_item("dropped_send_error", s.dropped_send_error)?;
+        d.set_item("handshakes_sent", s.handshakes_sent)?;
+        Ok(d)
+    }
+
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.inner.close());
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<tailpy._native.Device {} port {}>",
+            self.tun_name,
+            self.inner.listen_port()
+        )
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(generate_private_key, m)?)?;
     m.add_function(wrap_pyfunction!(public_key, m)?)?;
+    m.add_class::<PyDevice>()?;
     Ok(())
 }

@@ -233,6 +233,8 @@ struct Shared {
     counters: Counters,
     queues: Mutex<Queues>,
     event: EventFd,
+    /// Buffers for `inject` (called from Python threads), allocated once.
+    inject_bufs: Mutex<Bufs>,
     started: Instant,
     stopped: AtomicBool,
 }
@@ -291,6 +293,7 @@ impl Device {
             counters: Counters::default(),
             queues: Mutex::new(Queues::default()),
             event: EventFd::new().map_err(|e| io_err("cannot create an eventfd", e))?,
+            inject_bufs: Mutex::new(Bufs::new()),
             started: Instant::now(),
             stopped: AtomicBool::new(false),
         });
@@ -460,7 +463,7 @@ impl Device {
             self.shared.counters.dropped_malformed.fetch_add(1, Relaxed);
             return Ok(());
         }
-        let mut bufs = Bufs::new();
+        let mut bufs = self.shared.inject_bufs.lock();
         let st = self.shared.state.read();
         self.shared
             .receive_wireguard(&st, datagram, None, Some(&peer), &mut bufs);

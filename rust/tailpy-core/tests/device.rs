@@ -602,3 +602,61 @@ fn persistent_keepalive_sends_without_traffic() {
         "keepalives are not delivered"
     );
 }
+
+#[test]
+fn preshared_key_must_match() {
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    let mut cfg_a = peer_cfg(&["100.64.0.2/32"], Some(b.addr));
+    cfg_a.preshared_key = Some([7; 32]);
+    let mut cfg_b = peer_cfg(&["100.64.0.1/32"], Some(a.addr));
+    cfg_b.preshared_key = Some([7; 32]);
+    a.dev.set_peer(&b.key, cfg_a.clone()).unwrap();
+    b.dev.set_peer(&a.key, cfg_b.clone()).unwrap();
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"psk"),
+    );
+    cfg_b.preshared_key = Some([8; 32]);
+    b.dev.set_peer(&a.key, cfg_b).unwrap();
+    a.dev.set_peer(&b.key, cfg_a).unwrap();
+    a.host.write(&ipv4_packet(
+        v4("100.64.0.1"),
+        v4("100.64.0.2"),
+        b"wrong psk",
+    ));
+    wait_for(|| a.dev.stats().dropped_decrypt + b.dev.stats().dropped_decrypt >= 1);
+    assert!(b.host.read(Duration::from_millis(100)).is_none());
+}
+
+#[test]
+fn node_key_rotation() {
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"old key"),
+    );
+    let new_priv = generate_private_key();
+    a.dev.set_private_key(&new_priv).unwrap();
+    assert_eq!(a.dev.public_key(), public_key(&new_priv));
+    assert!(b.dev.remove_peer(&a.key));
+    b.dev
+        .set_peer(
+            &public_key(&new_priv),
+            peer_cfg(&["100.64.0.1/32"], Some(a.addr)),
+        )
+        .unwrap();
+    expect_delivery(
+        &b.host,
+        &a.host,
+        &ipv4_packet(v4("100.64.0.2"), v4("100.64.0.1"), b"new key"),
+    );
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"new key"),
+    );
+}

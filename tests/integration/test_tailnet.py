@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 import pytest
 
@@ -90,3 +92,26 @@ def test_bad_auth_key_is_one_clear_sentence(tailnet: LabTailnet) -> None:
     assert "Traceback" not in out.stderr
     assert "auth key" in out.stderr.lower()
     assert n.status()["self"]["addresses"] == []  # nothing was registered
+
+
+def test_up_starts_the_daemon_and_down_stops_it(tailnet: LabTailnet) -> None:
+    """A user's path: no tailpyd running; `tailpy up` starts one, `tailpy down` disconnects and it exits."""
+    key = tailnet.authkey()
+    peer = tailnet.add_node("peer")
+    peer.up(key)
+    host = tailnet.lab.host("fresh")
+    tailnet.lan.attach(host)
+    state = tailnet.root / "fresh"
+    sock = str(state / "tailpyd.sock")
+    env_cli = ["env", f"TAILPY_STATE_DIR={state}", f"TAILPY_SOCKET={sock}"]
+    out = host.run([*env_cli, *tailpy_argv("up", "--login-server", tailnet.control_url, "--auth-key", key)])
+    assert "connected:" in out.stdout
+    assert (state / "tailpyd.state").stat().st_mode & 0o777 == 0o600
+    status = json.loads(host.run([*env_cli, *tailpy_argv("status", "--json")]).stdout)
+    assert status["backend_state"] == "Running" and len(status["peers"]) == 1
+    peer.wait_peers(1)
+    host.run(["ping", "-c", "2", "-W", "2", peer.ip()])
+    host.run([*env_cli, *tailpy_argv("down")])
+    wait_for(lambda: not os.path.exists(sock), timeout=15, what="tailpyd to exit after `tailpy down`")
+    gone = host.run([*env_cli, *tailpy_argv("status")], check=False)
+    assert gone.returncode == 1 and "not running" in gone.stderr

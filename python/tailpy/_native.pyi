@@ -1,6 +1,7 @@
 """Typed stub of the Rust extension ``tailpy._native`` (crate ``rust/tailpy-py``).
 
-Built from ``rust/tailpy-py`` over ``rust/tailpy-core``. All keys are raw 32-byte Curve25519 (X25519) values. Errors are raised as classes of :mod:`tailpy.errors`:
+Built from ``rust/tailpy-py`` over ``rust/tailpy-core``. All keys are raw 32-byte Curve25519 (X25519)
+values. Errors are raised as classes of :mod:`tailpy.errors`:
 ``InvalidKeyError`` for a malformed key, ``PermissionDeniedError`` when creating a TUN without CAP_NET_ADMIN,
 ``DeviceError`` for other TUN/socket failures and unknown peers, ``ConfigError`` for a malformed address,
 prefix or endpoint.

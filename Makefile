@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iputils-ping nftables iperf3 wireguard-go wireguard-tools procps
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps venv build demo test test-rust test-py bench lint fmt clean
+.PHONY: all deps venv build wheel demo test test-rust test-py bench lint fmt clean
 
 all: build
 
@@ -32,6 +32,10 @@ venv: $(VENV)/.installed
 # Builds the Rust extension into the venv (editable install of the Python package).
 build: deps venv
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+
+# An abi3 wheel in dist/ (what cibuildwheel builds per platform; see [tool.cibuildwheel]).
+wheel: venv
+	$(VENV)/bin/maturin build --release --out dist
 
 demo: build
 	$(VENV)/bin/tailpy demo
@@ -60,4 +64,4 @@ fmt: venv
 	cargo fmt --all
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target dist

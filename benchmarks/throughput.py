@@ -1,16 +1,26 @@
 """Throughput, CPU cost and latency through the tunnel: tailpy's data plane vs wireguard-go, same run.
 
-Topology (one lab per implementation, built the same way): hosts ``a`` and ``b`` on a veth pair
-(198.51.100.0/30), a tunnel between them (100.64.0.1 <-> 100.64.0.2). For each implementation:
+Topology (one lab per row): hosts ``a`` and ``b`` and a tunnel between them. For the two bare rows ``a`` and
+``b`` share a veth pair (198.51.100.0/30) and the tunnel is 100.64.0.1 <-> 100.64.0.2; for the product row
+they sit on the lab tailnet's LAN (192.0.2.0/24, a bridge in its own namespace, next to the control host) and
+the tunnel addresses are whatever the control server hands out. For each row:
 
 * iperf3 TCP, one stream, ``--seconds`` long, a -> b and b -> a (``-R``): Gbit/s received;
 * CPU-seconds per Gbit: utime + stime of both tunnel processes (from /proc/<pid>/stat) over each run,
-  divided by the gigabits moved;
+  divided by the gigabits moved (for the product row: the two tailpyd processes);
 * ping RTT p50/p99 through the tunnel, idle and under load (``ping -i 0.01 -c 200`` while iperf3 runs).
 
-tailpy runs as the bare data plane (``python -m tailpy.lab.wgnode`` on each side); wireguard-go is Debian's,
-configured with wg(8). Prints a table (``--json`` for JSON) and the ratios tailpy / wireguard-go.
-Usage: ``python benchmarks/throughput.py [--seconds 10] [--mtu 1420] [--json] [--only tailpy|wireguard-go]``
+Rows:
+
+* ``tailpy``: the bare data plane (``python -m tailpy.lab.wgnode`` on each side, static keys and peers);
+* ``tailpy-product``: tailpy as users run it (:mod:`tailpy.lab.tailnet`): ``tailpy control serve`` on a
+  control host, then ``tailpyd`` + ``tailpy up --auth-key`` on each node. tailpyd picks its own TUN MTU
+  (its default, 1280: ``LabNode`` starts it without ``--mtu``), so ``--mtu`` does not apply to this row;
+* ``wireguard-go``: Debian's, configured with wg(8).
+
+Prints a table (``--json`` for JSON) and the ratios tailpy / wireguard-go, one line per tailpy row.
+Usage: ``python benchmarks/throughput.py [--seconds 10] [--mtu 1420] [--json]
+[--only tailpy|tailpy-product|wireguard-go]``
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tailpy.errors import TailpyError
 from tailpy.lab import Host, Lab, cpu_seconds, wait_for
+from tailpy.lab.tailnet import LabTailnet
 from tailpy.lab.tunnels import TailpyNode, WireguardGo, missing_tools, native_device_reason, wg_keypair
 from tailpy.lab.wgnode import PeerArg
 
@@ -33,11 +45,32 @@ A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 51820
 PING_COUNT = 200
 
-Starter = Callable[[Lab, Host, Host, str, str, int], list[int]]
+
+@dataclass
+class Tunnel:
+    """A tunnel up between ``a`` and ``b``: where to reach ``b`` through it, the processes doing the work,
+    and the MTU of the tunnel interfaces."""
+
+    a: Host
+    b: Host
+    b_addr: str
+    pids: list[int]
+    mtu: int
 
 
-def start_tailpy(lab: Lab, a: Host, b: Host, ip_a: str, ip_b: str, mtu: int) -> list[int]:
-    """Both ends as tailpy wgnode processes; returns their pids."""
+Starter = Callable[[Lab, int], Tunnel]
+
+
+def veth_pair(lab: Lab) -> tuple[Host, Host, str, str]:
+    """Hosts ``a`` and ``b`` on one veth pair; returns them and their addresses."""
+    a, b = lab.host("a"), lab.host("b")
+    ip_a, ip_b = lab.link(a, b, subnet="198.51.100.0/30")
+    return a, b, ip_a, ip_b
+
+
+def start_tailpy(lab: Lab, mtu: int) -> Tunnel:
+    """Both ends as tailpy wgnode processes (the bare data plane)."""
+    a, b, ip_a, ip_b = veth_pair(lab)
     (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
     na = TailpyNode.start(
         a,
@@ -55,11 +88,37 @@ def start_tailpy(lab: Lab, a: Host, b: Host, ip_a: str, ip_b: str, mtu: int) -> 
         mtu=mtu,
         peers=[PeerArg(base64.b64decode(a_pub), f"{ip_a}:{PORT_A}", [f"{A_TUN}/32"])],
     )
-    return [na.proc.pid, nb.proc.pid]
+    return Tunnel(a, b, B_TUN, [na.proc.pid, nb.proc.pid], mtu)
 
 
-def start_wireguard_go(lab: Lab, a: Host, b: Host, ip_a: str, ip_b: str, mtu: int) -> list[int]:
-    """Both ends as wireguard-go processes; returns their pids."""
+def start_tailpy_product(lab: Lab, mtu: int) -> Tunnel:
+    """tailpy as users run it: a control server, then tailpyd + ``tailpy up`` on ``a`` and ``b``.
+
+    ``mtu`` is not used: tailpyd sets its own (``LabNode`` starts it with its default)."""
+    net = LabTailnet(lab)
+    net.start_control()
+    key = net.authkey(reusable=True)
+    na, nb = net.add_node("a"), net.add_node("b")
+    for node in (na, nb):
+        node.up(key)
+    na.wait_peers(1)
+    nb.wait_peers(1)
+    b_addr = nb.ip()
+    tun_mtu = int(nb.host.run(["cat", f"/sys/class/net/{_route_dev(nb.host, b_addr)}/mtu"]).stdout)
+    return Tunnel(na.host, nb.host, b_addr, [na.daemon.pid, nb.daemon.pid], tun_mtu)
+
+
+def _route_dev(host: Host, address: str) -> str:
+    """The interface ``host`` has ``address`` on."""
+    out = host.run(["ip", "-o", "addr", "show", "to", address]).stdout.split()
+    if len(out) < 2:
+        raise TailpyError(f"{host.name} has no interface with {address}")
+    return out[1]
+
+
+def start_wireguard_go(lab: Lab, mtu: int) -> Tunnel:
+    """Both ends as wireguard-go processes."""
+    a, b, ip_a, ip_b = veth_pair(lab)
     (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
     wa = WireguardGo.start(
         a,
@@ -77,7 +136,7 @@ def start_wireguard_go(lab: Lab, a: Host, b: Host, ip_a: str, ip_b: str, mtu: in
         mtu=mtu,
         peers=[PeerArg(base64.b64decode(a_pub), f"{ip_a}:{PORT_A}", [f"{A_TUN}/32"])],
     )
-    return [wa.proc.pid, wb.proc.pid]
+    return Tunnel(a, b, B_TUN, [wa.proc.pid, wb.proc.pid], mtu)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,10 +161,10 @@ def ping_rtts(host: Host, address: str) -> dict[str, float]:
     }
 
 
-def iperf(a: Host, seconds: float, reverse: bool, pids: list[int]) -> dict[str, float]:
+def iperf(a: Host, b_addr: str, seconds: float, reverse: bool, pids: list[int]) -> dict[str, float]:
     """One iperf3 TCP stream through the tunnel: Gbit/s and CPU-seconds per Gbit of the tunnel processes."""
     cpu0 = sum(cpu_seconds(p) for p in pids)
-    args = ["iperf3", "-c", B_TUN, "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
+    args = ["iperf3", "-c", b_addr, "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
     out = json.loads(a.run(args, timeout=seconds + 30).stdout)
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
     received = out["end"]["sum_received"]
@@ -119,23 +178,22 @@ def iperf(a: Host, seconds: float, reverse: bool, pids: list[int]) -> dict[str, 
 def measure(name: str, start: Starter, seconds: float, mtu: int) -> dict[str, Any]:
     """Build a fresh lab, start ``name``'s tunnel on it, and take every measurement."""
     with Lab() as lab:
-        a, b = lab.host("a"), lab.host("b")
-        ip_a, ip_b = lab.link(a, b, subnet="198.51.100.0/30")
-        pids = start(lab, a, b, ip_a, ip_b, mtu)
-        a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", B_TUN])  # handshake done
-        b.popen(["iperf3", "-s", "-B", B_TUN], stderr=subprocess.DEVNULL)
+        t = start(lab, mtu)
+        a, b, dst = t.a, t.b, t.b_addr
+        a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", dst])  # handshake done
+        b.popen(["iperf3", "-s", "-B", dst], stderr=subprocess.DEVNULL)
         wait_for(
             lambda: "LISTEN" in b.run(["ss", "-Htln", "sport", "= :5201"], check=False).stdout,
             timeout=10,
             what="iperf3 server",
         )
-        result: dict[str, Any] = {"implementation": name, "mtu": mtu, "seconds": seconds}
-        result["ping_idle"] = ping_rtts(a, B_TUN)
-        result["forward"] = iperf(a, seconds, False, pids)
-        result["reverse"] = iperf(a, seconds, True, pids)
+        result: dict[str, Any] = {"implementation": name, "mtu": t.mtu, "seconds": seconds}
+        result["ping_idle"] = ping_rtts(a, dst)
+        result["forward"] = iperf(a, dst, seconds, False, t.pids)
+        result["reverse"] = iperf(a, dst, seconds, True, t.pids)
         load_seconds = max(4.0, PING_COUNT * 0.01 + 2)
-        load = a.popen(["iperf3", "-c", B_TUN, "-t", str(load_seconds)], stdout=subprocess.DEVNULL)
-        result["ping_loaded"] = ping_rtts(a, B_TUN)
+        load = a.popen(["iperf3", "-c", dst, "-t", str(load_seconds)], stdout=subprocess.DEVNULL)
+        result["ping_loaded"] = ping_rtts(a, dst)
         load.wait(timeout=load_seconds + 30)
         return result
 
@@ -157,37 +215,40 @@ def ratios(tp: dict[str, Any], wg: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def print_table(results: list[dict[str, Any]], ratio: dict[str, float] | None) -> None:
+def print_table(results: list[dict[str, Any]], ratio: dict[str, dict[str, float]]) -> None:
+    """The table: one row per implementation, then one ratio line per tailpy row (``ratio`` keys)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="tunnel throughput, CPU and latency (a <-> b over veth)")
-    for col in ("", "Gbit/s a→b", "Gbit/s b→a", "CPU-s/Gbit a→b", "CPU-s/Gbit b→a", "ping idle p50/p99 ms",
-                "ping loaded p50/p99 ms"):  # fmt: skip
+    table = Table(title="tunnel throughput, CPU and latency (a <-> b)")
+    for col in ("", "MTU", "Gbit/s a→b", "Gbit/s b→a", "CPU-s/Gbit a→b", "CPU-s/Gbit b→a",
+                "ping idle p50/p99 ms", "ping loaded p50/p99 ms (loss)"):  # fmt: skip
         table.add_column(col, justify="right" if col else "left")
     for res in results:
         if "error" in res:
-            table.add_row(res["implementation"], *["-"] * 6)
+            table.add_row(res["implementation"], *["-"] * 7)
             continue
         f, rv, pi, pl = res["forward"], res["reverse"], res["ping_idle"], res["ping_loaded"]
         table.add_row(
             res["implementation"],
+            str(res["mtu"]),
             f"{f['gbit_s']:.2f}",
             f"{rv['gbit_s']:.2f}",
             f"{f['cpu_s_per_gbit']:.2f}",
             f"{rv['cpu_s_per_gbit']:.2f}",
             f"{pi['p50_ms']:.3f} / {pi['p99_ms']:.3f}",
-            f"{pl['p50_ms']:.3f} / {pl['p99_ms']:.3f}",
+            f"{pl['p50_ms']:.3f} / {pl['p99_ms']:.3f} ({pl['loss_pct']:.1f} %)",
         )
-    if ratio:
+    for name, r in ratio.items():
         table.add_row(
-            "[bold]tailpy / wireguard-go[/bold]",
-            f"{ratio['gbit_s_forward']:.2f}x",
-            f"{ratio['gbit_s_reverse']:.2f}x",
-            f"{ratio['cpu_s_per_gbit_forward']:.2f}x",
-            f"{ratio['cpu_s_per_gbit_reverse']:.2f}x",
-            f"{ratio['ping_idle_p50']:.2f}x (p50)",
-            f"{ratio['ping_loaded_p50']:.2f}x / {ratio['ping_loaded_p99']:.2f}x",
+            f"[bold]{name} / wireguard-go[/bold]",
+            "",
+            f"{r['gbit_s_forward']:.2f}x",
+            f"{r['gbit_s_reverse']:.2f}x",
+            f"{r['cpu_s_per_gbit_forward']:.2f}x",
+            f"{r['cpu_s_per_gbit_reverse']:.2f}x",
+            f"{r['ping_idle_p50']:.2f}x (p50)",
+            f"{r['ping_loaded_p50']:.2f}x / {r['ping_loaded_p99']:.2f}x",
         )
     console = Console(width=max(Console().width, 130))
     console.print(table)
@@ -199,13 +260,16 @@ def print_table(results: list[dict[str, Any]], ratio: dict[str, float] | None) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=10, help="length of each iperf3 run (default 10)")
-    p.add_argument("--mtu", type=int, default=1420, help="tunnel MTU for both implementations (default 1420)")
+    p.add_argument("--mtu", type=int, default=1420, help="tunnel MTU of the bare rows (default 1420)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--only", choices=["tailpy", "wireguard-go"], help="measure one implementation")
+    p.add_argument(
+        "--only", choices=["tailpy", "tailpy-product", "wireguard-go"], help="measure one row only"
+    )
     args = p.parse_args(argv)
 
     starters: list[tuple[str, Starter, str | None]] = [
         ("tailpy", start_tailpy, native_device_reason()),
+        ("tailpy-product", start_tailpy_product, native_device_reason()),
         ("wireguard-go", start_wireguard_go, missing_tools("wireguard-go", "wg")),
     ]
     base = missing_tools("iperf3", "ping", "wg")
@@ -223,9 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         except TailpyError as e:
             results.append({"implementation": name, "error": str(e)})
     by_name = {r["implementation"]: r for r in results if "error" not in r}
-    ratio = ratios(by_name["tailpy"], by_name["wireguard-go"]) if len(by_name) == 2 else None
+    wg = by_name.get("wireguard-go")
+    ratio = {n: ratios(by_name[n], wg) for n in ("tailpy", "tailpy-product") if wg and n in by_name}
     if args.json:
-        print(json.dumps({"results": results, "ratio_tailpy_over_wireguard_go": ratio}, indent=2))
+        out = {
+            "results": results,
+            "ratio_tailpy_over_wireguard_go": ratio.get("tailpy"),
+            "ratio_tailpy_product_over_wireguard_go": ratio.get("tailpy-product"),
+        }
+        print(json.dumps(out, indent=2))
     else:
         print_table(results, ratio)
     return 0 if results and all("error" not in r for r in results) else 1

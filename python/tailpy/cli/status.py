@@ -37,6 +37,8 @@ def render(st: dict[str, Any], console: Console) -> None:
         + ("" if st["control_connected"] else "  (control not connected)")
         + (f"  [red]{st['error']}[/]" if st.get("error") else "")
     )
+    for warning in st.get("health", []):
+        console.print(f"[yellow]health:[/] {warning}")
     table = Table(box=None, pad_edge=False)
     for col in ("name", "address", "path", "handshake", "tx", "rx"):
         table.add_column(col)

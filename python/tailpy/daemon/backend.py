@@ -288,6 +288,7 @@ class Backend:
             "login_server": s.login_server,
             "control_connected": self.control_connected,
             "error": self.last_error,
+            "health": netconf.mtu_warnings(self._mtu),
             "now": time.time(),
             "self": {
                 "id": s.node_id,

@@ -29,11 +29,17 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+IPV6_MIN_MTU = 1280  # bytes, RFC 8200 §5: below it the kernel disables IPv6 on the link
+
+
 def configure_tun(name: str, addresses: list[str], mtu: int) -> None:
     """Give TUN ``name`` its tailnet addresses (CIDR host prefixes), bring it up, and route 100.64.0.0/10 and
-    fd7a:115c:a1e0::/48 into it. Idempotent: addresses no longer wanted are removed."""
+    fd7a:115c:a1e0::/48 into it. Idempotent: addresses no longer wanted are removed. With ``mtu`` below
+    1280 bytes the IPv6 addresses are left out (see :func:`mtu_warnings`)."""
     _ip("link", "set", "dev", name, "mtu", str(mtu), "up")
     want = {str(ipaddress.ip_interface(a)) for a in addresses}
+    if mtu < IPV6_MIN_MTU:
+        want = {a for a in want if ":" not in a}
     have = set(interface_addresses(name))
     for a in sorted(have - want):
         _ip("addr", "del", a, "dev", name, check=False)
@@ -45,6 +51,16 @@ def configure_tun(name: str, addresses: list[str], mtu: int) -> None:
     _ip("route", "replace", str(TAILNET_V4), "dev", name)
     if any(":" in a for a in want):
         _ip("-6", "route", "replace", str(TAILNET_V6), "dev", name)
+
+
+def mtu_warnings(mtu: int) -> list[str]:
+    """Health warnings for a TUN MTU (bytes): one sentence each."""
+    if mtu < IPV6_MIN_MTU:
+        return [
+            f"TUN MTU {mtu} is below IPv6's minimum of {IPV6_MIN_MTU}: the node's IPv6 tailnet address is "
+            "not configured; raise --mtu to 1280 if the underlay allows"
+        ]
+    return []
 
 
 def interface_addresses(name: str) -> list[str]:

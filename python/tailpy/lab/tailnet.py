@@ -39,6 +39,7 @@ class LabNode:
     host: Host
     state_dir: Path
     daemon: Any = None  # subprocess.Popen of tailpyd
+    daemon_args: tuple[str, ...] = ()  # extra tailpyd flags, e.g. ("--mtu", "1240")
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class LabNode:
             self.socket,
             "--port",
             str(WG_PORT),
+            *self.daemon_args,
             stdout=logf,
             stderr=logf,
         )
@@ -181,11 +183,11 @@ class LabTailnet:
             args.append("--reusable")
         return self.control_host.run(tailpy_argv(*args)).stdout.strip().splitlines()[-1]
 
-    def add_node(self, name: str) -> LabNode:
-        """A new host on the LAN running tailpyd (not yet up)."""
+    def add_node(self, name: str, daemon_args: tuple[str, ...] = ()) -> LabNode:
+        """A new host on the LAN running tailpyd with ``daemon_args`` (not yet up)."""
         host = self.lab.host(name)
         self.lan.attach(host)
-        node = LabNode(self, host, self.root / name)
+        node = LabNode(self, host, self.root / name, daemon_args=daemon_args)
         node.start_daemon()
         self.nodes[name] = node
         return node

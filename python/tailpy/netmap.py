@@ -33,6 +33,11 @@ class Node:
     endpoints: tuple[str, ...] = ()
     online: bool = False
     last_seen: float | None = None
+    user: str = ""  # owner's login name; empty for a tagged node
+    tags: tuple[str, ...] = ()  # "tag:server", ...; a tagged node has no user
+    os: str = ""  # "linux", as the node reports it
+    key_expiry: float | None = None  # unix seconds when the node key expires; None = never
+    expired: bool = False  # the node key has expired (peers must not talk to it)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +50,11 @@ class Node:
             "endpoints": list(self.endpoints),
             "online": self.online,
             "last_seen": self.last_seen,
+            "user": self.user,
+            "tags": list(self.tags),
+            "os": self.os,
+            "key_expiry": self.key_expiry,
+            "expired": self.expired,
         }
 
     @classmethod
@@ -61,9 +71,18 @@ class Node:
                 endpoints=tuple(str(e) for e in obj.get("endpoints", ())),
                 online=bool(obj.get("online", False)),
                 last_seen=None if obj.get("last_seen") is None else float(obj["last_seen"]),
+                user=str(obj.get("user", "")),
+                tags=tuple(str(t) for t in obj.get("tags", ())),
+                os=str(obj.get("os", "")),
+                key_expiry=None if obj.get("key_expiry") is None else float(obj["key_expiry"]),
+                expired=bool(obj.get("expired", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ParseError(f"malformed node in netmap: {e}") from None
+
+    def fqdn(self, domain: str) -> str:
+        """``<name>.<domain>`` (just the name when the domain is empty)."""
+        return f"{self.name}.{domain}" if domain else self.name
 
     @property
     def ipv4(self) -> str | None:

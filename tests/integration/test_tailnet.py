@@ -38,6 +38,20 @@ def test_three_nodes_every_pair_pings_both_ways(tailnet: LabTailnet) -> None:
         assert p["last_handshake"] is not None, p
         assert p["rx_bytes"] > 0 and p["tx_bytes"] > 0, p
         assert p["endpoint"].startswith("192.0.2."), p
+        assert p["active"] and p["online"] and not p["expired"], p
+    # The human table: one row per node, the peers active over a direct path.
+    table = nodes[0].cli("status")
+    for n in nodes[1:]:
+        row = next(line for line in table.splitlines() if f" {n.name} " in line)
+        assert n.ip() in row and "active; direct 192.0.2." in row, table
+    # whois answers for a peer's address and for this node's own.
+    who = json.loads(nodes[0].cli("whois", nodes[2].ip(), "--json"))
+    assert who["name"] == "n3" and who["node_key"] == statuses["n3"]["self"]["node_key"]
+    assert "n1" in nodes[0].cli("whois", nodes[0].ip6())
+    missing = nodes[0].host.run(
+        tailpy_argv("whois", "100.64.99.99", "--socket", nodes[0].socket), check=False
+    )
+    assert missing.returncode == 1 and "no node" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_node_restart_keeps_address(tailnet: LabTailnet) -> None:

@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tailpy.cli import control, demo, down, ip, status, up
+    from tailpy.cli import control, demo, down, ip, status, up, whois
 
-    for mod in (up, down, status, ip, control, demo):
+    for mod in (up, down, status, ip, whois, control, demo):
         cli.add_command(mod.command)
 
 

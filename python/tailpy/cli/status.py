@@ -1,4 +1,5 @@
-"""`tailpy status`: this node and its peers (`--json` for scripts)."""
+"""`tailpy status`: this node and its peers, one row each, in the manner of `tailscale status`
+(`--json` for scripts)."""
 
 from __future__ import annotations
 
@@ -13,62 +14,80 @@ from rich.table import Table
 from tailpy.cli.common import json_option, local, run, socket_option
 
 
-def _ago(ts: float | None, now: float) -> str:
+def ago(ts: float | None, now: float) -> str:
+    """ "12s ago", "5m ago", "3h ago", "2d ago" or "never"."""
     if not ts:
         return "never"
     s = max(0.0, now - ts)
-    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= 2 * size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n = n / 1024  # type: ignore[assignment]
+        n /= 1024
     return f"{n:.1f} TiB"
+
+
+def peer_state(p: dict[str, Any], now: float) -> str:
+    """The status column: expired; offline with last seen; active/idle with the path and traffic."""
+    if p["expired"]:
+        return "expired"
+    if not p["online"] and not p["active"]:
+        return f"offline, last seen {ago(p['last_seen'], now)}"
+    if p["path"] == "relay":
+        path = "relay"
+    elif p["endpoint"]:
+        path = f"direct {p['endpoint']}"
+    else:
+        path = "no path yet"
+    if not p["active"]:
+        return f"idle; {path}"
+    return f"active; {path}, tx {human_bytes(p['tx_bytes'])} rx {human_bytes(p['rx_bytes'])}"
+
+
+def _owner(n: dict[str, Any]) -> str:
+    return str(n.get("user") or ", ".join(n.get("tags", [])) or "-")
 
 
 def render(st: dict[str, Any], console: Console) -> None:
     me = st["self"]
     now = st.get("now") or time.time()
-    console.print(
-        f"[bold]{me['name'] or me['hostname']}[/] {' '.join(a.split('/')[0] for a in me['addresses'])}  "
-        f"state {st['backend_state']}"
-        + ("" if st["control_connected"] else "  (control not connected)")
-        + (f"  [red]{st['error']}[/]" if st.get("error") else "")
-    )
+    state = st["backend_state"]
+    if state != "Running":
+        console.print(f"[yellow]{state}[/]" + (f": {st['error']}" if st.get("error") else ""))
+    elif st.get("error"):
+        console.print(f"[red]{st['error']}[/]")
+    if not st["control_connected"] and state == "Running":
+        console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
     for warning in st.get("health", []):
         console.print(f"[yellow]health:[/] {warning}")
-    table = Table(box=None, pad_edge=False)
-    for col in ("name", "address", "path", "handshake", "tx", "rx"):
-        table.add_column(col)
+    table = Table(box=None, pad_edge=False, show_header=False)
+    for _ in range(5):
+        table.add_column()
+
+    def first_ip(n: dict[str, Any]) -> str:
+        return str((n["addresses"] or ["-"])[0]).split("/")[0]
+
+    if me["addresses"]:
+        table.add_row(first_ip(me), me["name"] or me["hostname"], _owner(me), me.get("os") or "-", "-")
     for p in st["peers"]:
-        path = (
-            "-"
-            if not p["endpoint"] and p["path"] != "relay"
-            else ("relay" if p["path"] == "relay" else f"direct {p['endpoint']}")
-        )
-        table.add_row(
-            p["name"],
-            (p["addresses"] or ["-"])[0].split("/")[0],
-            path,
-            _ago(p["last_handshake"], now),
-            _bytes(p["tx_bytes"]),
-            _bytes(p["rx_bytes"]),
-        )
-    if st["peers"]:
-        console.print(table)
-    else:
-        console.print("no peers")
+        table.add_row(first_ip(p), p["name"], _owner(p), p["os"] or "-", peer_state(p, now))
+    console.print(table)
 
 
 @click.command("status")
 @json_option
 @socket_option
 def command(as_json: bool, socket_path: str) -> None:
-    """Show this node, its peers, their paths, handshake age and traffic."""
+    """Show this node and its peers: address, name, owner, OS, and active/idle with the path (direct
+    ip:port or relay), offline with last seen, or expired."""
     st = run(local(socket_path).status())
     if as_json:
         click.echo(json.dumps(st, indent=2))
     else:
-        render(st, Console())
+        render(st, Console(width=200))

@@ -1,8 +1,9 @@
 """tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
 
 Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname}),
-``POST /localapi/v0/down``. Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth
-key refused), 502 (control unreachable or refused).
+``POST /localapi/v0/down``, ``GET /localapi/v0/whois?addr=IP``. Errors: ``{"error": "<one sentence>"}``
+with status 400 (bad request), 401 (auth key refused), 404 (no such node), 502 (control unreachable or
+refused).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
         except TailpyError as e:
             return _error(500, e)
         return web.json_response(backend.status())
+
+    @routes.get(PREFIX + "/whois")
+    async def whois(request: web.Request) -> web.Response:
+        addr = request.query.get("addr", "")
+        try:
+            node = backend.whois(addr)
+        except ConfigError as e:
+            return _error(400, e)
+        if node is None:
+            return _error(404, ConfigError(f"no node in this tailnet has address {addr}"))
+        return web.json_response(node)
 
     @routes.post(PREFIX + "/down")
     async def down(request: web.Request) -> web.Response:

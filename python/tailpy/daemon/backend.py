@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from tailpy import netmap as nm
@@ -24,6 +25,7 @@ from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
 
 log = logging.getLogger("tailpy.daemon")
 
+ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
 ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
@@ -82,7 +84,8 @@ class Backend:
         self._mtu = tun_mtu
         self._configure_os = configure_os
         self.device: DataPlane | None = None
-        self.netmap: nm.NetMap | None = None
+        self.netmap: nm.NetMap | None = None  # as control sent it
+        self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
         self.backend_state = "NoState"
         self.last_error: str = ""
         self.control_connected = False
@@ -207,31 +210,47 @@ class Backend:
     # -- applying the netmap ---------------------------------------------------------------------------
 
     def apply_netmap(self, new: nm.NetMap) -> nm.NetMapDiff:
-        """Bring the data plane in line with ``new``: add, update and remove peers as the diff says."""
+        """Bring the data plane in line with ``new``: add, update and remove peers as the diff says.
+
+        Peers whose node key has expired are left out of WireGuard (they stay in the netmap, shown as
+        expired); when this node's own key has expired, every peer is left out and the node needs login."""
         dev = self._ensure_device()
         self._apply_self(new.self_node)
-        d = nm.diff(self.netmap, new)
+        me_expired = new.self_node.expired
+        wanted = new.with_peers(() if me_expired else (p for p in new.peers.values() if not p.expired))
+        d = nm.diff(self._applied, wanted)
         local = netconf.local_addresses(exclude_ifaces=(dev.tun_name,)) if self._configure_os else []
         for old in d.removed:
             dev.remove_peer(old.node_key.raw)
         for old, node in d.changed:
             if old.node_key != node.node_key:
                 dev.remove_peer(old.node_key.raw)
-            self._set_peer(dev, node, local)
+                self._set_peer(dev, node, local)
+            elif (old.addresses, old.endpoints) != (node.addresses, node.endpoints):
+                # An unchanged endpoint list is not re-sent: that would undo roaming the data plane saw.
+                self._set_peer(dev, node, local, endpoints_changed=old.endpoints != node.endpoints)
         for node in d.added:
             self._set_peer(dev, node, local)
-        self.netmap = new
+        self.netmap, self._applied = new, wanted
         if d:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
-        self._set_state("Running")
+        if me_expired:
+            if self.backend_state != "NeedsLogin":
+                log.warning("this node's key has expired: it needs login (`tailpy up --auth-key …`)")
+                self.last_error = "this node's key has expired; log in again with `tailpy up --auth-key KEY`"
+            self._set_state("NeedsLogin")
+        else:
+            self._set_state("Running")
         return d
 
     @staticmethod
-    def _set_peer(dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface]) -> None:
+    def _set_peer(
+        dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface], endpoints_changed: bool = True
+    ) -> None:
         dev.set_peer(
             node.node_key.raw,
             allowed_ips=list(node.addresses),
-            endpoint=netconf.choose_endpoint(node.endpoints, local),
+            endpoint=netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None,
         )
 
     def _apply_self(self, node: nm.Node) -> None:
@@ -249,6 +268,7 @@ class Backend:
 
     def _close_device(self) -> None:
         dev, self.device = self.device, None
+        self._applied = None  # a new device starts with no peers
         if dev is not None:
             dev.close()
 
@@ -256,44 +276,62 @@ class Backend:
         self.backend_state = state
         self.changed.set()
 
-    # -- status ----------------------------------------------------------------------------------------
+    # -- status ---------------------------------------------------------------------------------------
+
+    def _node_json(self, node: nm.Node, st: Mapping[str, Any], now: float) -> dict[str, Any]:
+        domain = self.netmap.domain if self.netmap else ""
+        hs = st.get("last_handshake")
+        return {
+            "id": node.id,
+            "name": node.name,
+            "fqdn": node.fqdn(domain),
+            "hostname": node.hostname,
+            "user": node.user,
+            "tags": list(node.tags),
+            "os": node.os,
+            "node_key": node.node_key.text(),
+            "addresses": list(node.addresses),
+            "online": node.online,
+            "last_seen": node.last_seen,
+            "key_expiry": node.key_expiry,
+            "expired": node.expired,
+            "endpoint": st.get("endpoint"),
+            "path": st.get("path"),
+            "last_handshake": hs,
+            # A WireGuard session lives 180 s past its handshake, and handshakes happen only for traffic.
+            "active": hs is not None and now - hs < ACTIVE_WINDOW,
+            "tx_bytes": st.get("tx_bytes", 0),
+            "rx_bytes": st.get("rx_bytes", 0),
+        }
 
     def status(self) -> dict[str, Any]:
         """The node and its peers, as ``tailpy status --json`` prints it. Times are unix seconds."""
         s = self.state_data
+        now = time.time()
         stats: dict[bytes, Any] = {}
         if self.device is not None:
             stats = {p["public_key"]: p for p in self.device.peers()}
         me = self.netmap.self_node if self.netmap else None
-        peers = []
-        for node in sorted(self.netmap.peers.values(), key=lambda n: n.name) if self.netmap else []:
-            st = stats.get(node.node_key.raw, {})
-            peers.append(
-                {
-                    "id": node.id,
-                    "name": node.name,
-                    "hostname": node.hostname,
-                    "node_key": node.node_key.text(),
-                    "addresses": list(node.addresses),
-                    "online": node.online,
-                    "endpoint": st.get("endpoint"),
-                    "path": st.get("path"),
-                    "last_handshake": st.get("last_handshake"),
-                    "tx_bytes": st.get("tx_bytes", 0),
-                    "rx_bytes": st.get("rx_bytes", 0),
-                }
-            )
+        peers = [
+            self._node_json(node, stats.get(node.node_key.raw, {}), now)
+            for node in (sorted(self.netmap.peers.values(), key=lambda n: n.name) if self.netmap else [])
+        ]
         return {
             "backend_state": self.backend_state,
             "login_server": s.login_server,
             "control_connected": self.control_connected,
             "error": self.last_error,
             "health": netconf.mtu_warnings(self._mtu),
-            "now": time.time(),
+            "now": now,
             "self": {
                 "id": s.node_id,
                 "name": me.name if me else "",
+                "fqdn": me.fqdn(self.netmap.domain) if me and self.netmap else "",
                 "hostname": s.hostname,
+                "user": me.user if me else "",
+                "os": me.os if me else "",
+                "key_expiry": me.key_expiry if me else None,
+                "expired": me.expired if me else False,
                 "node_key": s.node_key.public.text(),
                 "machine_key": s.machine_key.public.text(),
                 "addresses": list(s.addresses),
@@ -305,3 +343,23 @@ class Backend:
             "peers": peers,
             "device": dict(self.device.stats()) if self.device else None,
         }
+
+    def whois(self, address: str) -> dict[str, Any] | None:
+        """The node (self or a peer) owning tailnet ``address`` ("100.64.0.2", "fd7a:115c:a1e0::2";
+        an "ip:port" is accepted), as in ``status``; None when no node has it."""
+        if self.netmap is None:
+            return None
+        try:
+            ip = (
+                netconf.parse_endpoint(address)[0]
+                if address.count(":") == 1 or "]" in address
+                else (ipaddress.ip_address(address))
+            )
+        except ValueError:
+            raise ConfigError(f"{address!r} is not an IP address") from None
+        stats = {p["public_key"]: p for p in self.device.peers()} if self.device else {}
+        now = time.time()
+        for node in (self.netmap.self_node, *self.netmap.peers.values()):
+            if any(ipaddress.ip_interface(a).ip == ip for a in node.addresses):
+                return self._node_json(node, stats.get(node.node_key.raw, {}), now)
+        return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,12 @@ def default_state_dir() -> str:
     return os.environ.get("TAILPY_STATE_DIR") or DEFAULT_STATE_DIR
 
 
-_ERRORS: dict[int, type[TailpyError]] = {400: ConfigError, 401: AuthKeyError, 502: ControlError}
+_ERRORS: dict[int, type[TailpyError]] = {
+    400: ConfigError,
+    401: AuthKeyError,
+    404: ConfigError,
+    502: ControlError,
+}
 
 
 class LocalClient:
@@ -55,6 +61,10 @@ class LocalClient:
         return await self._call(
             "POST", "/up", {"login_server": login_server, "auth_key": auth_key, "hostname": hostname}
         )
+
+    async def whois(self, address: str) -> dict[str, Any]:
+        """The node owning tailnet ``address``; raises ConfigError when none does."""
+        return await self._call("GET", "/whois?addr=" + urllib.parse.quote(address))
 
     async def down(self) -> dict[str, Any]:
         return await self._call("POST", "/down")

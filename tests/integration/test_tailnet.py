@@ -60,7 +60,8 @@ def test_node_restart_keeps_address(tailnet: LabTailnet) -> None:
     b = tailnet.add_node("b")
     a.up(key)
     b.up(tailnet.authkey(reusable=False))
-    before = a.status()["self"]["addresses"]
+    first = a.status()["self"]
+    before = first["addresses"]
     a.stop_daemon()
     a.start_daemon()
     # The daemon reconnects by itself from its state file: no key needed, same address.
@@ -70,6 +71,9 @@ def test_node_restart_keeps_address(tailnet: LabTailnet) -> None:
         what="a to reconnect after restart",
     )
     assert st["self"]["addresses"] == before
+    # The machine key lasts; the disco key is new at each start.
+    assert st["self"]["machine_key"] == first["machine_key"]
+    assert st["self"]["disco_key"] != first["disco_key"]
     b.wait_peers(1)
     b.ping(a.ip(), count=2)
     # `tailpy up` again (no key) also works for a registered node and keeps the address.

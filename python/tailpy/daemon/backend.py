@@ -22,6 +22,7 @@ from tailpy.control import ControlClient
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
+from tailpy.keys import DiscoPrivate
 
 log = logging.getLogger("tailpy.daemon")
 
@@ -80,6 +81,8 @@ class Backend:
     ) -> None:
         self.store = store
         self.state_data: NodeState = store.load_or_create()
+        # The disco key is never stored: new at each start (the machine key lasts, the node key rotates).
+        self.disco_key = DiscoPrivate.generate()
         self._device_factory = device_factory
         self._mtu = tun_mtu
         self._configure_os = configure_os
@@ -334,6 +337,7 @@ class Backend:
                 "expired": me.expired if me else False,
                 "node_key": s.node_key.public.text(),
                 "machine_key": s.machine_key.public.text(),
+                "disco_key": self.disco_key.public.text(),
                 "addresses": list(s.addresses),
                 "listen_port": self.device.listen_port if self.device else None,
                 "endpoints": list(self._endpoints),

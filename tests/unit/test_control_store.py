@@ -95,7 +95,7 @@ def test_addresses_skip_reserved() -> None:
     assert str(first_free(IPV6_RANGE, used)) == "fd7a:115c:a1e0::54"
     net = ipaddress.IPv4Network("100.100.100.96/28")
     assert str(first_free(net, {"100.100.100.97", "100.100.100.98", "100.100.100.99"})) == "100.100.100.101"
-    with pytest.raises(ControlError, match="no free address"):
+    with pytest.raises(ControlError, match="address pool 100.64.0.0/30 is exhausted"):
         first_free(ipaddress.IPv4Network("100.64.0.0/30"), {"100.64.0.1", "100.64.0.2"})
 
 

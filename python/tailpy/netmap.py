@@ -148,4 +148,81 @@ def diff(old: NetMap | None, new: NetMap) -> NetMapDiff:
     return NetMapDiff(added, removed, changed)
 
 
-__all__ = ["NetMap", "NetMapDiff", "Node", "diff"]
+@dataclass(frozen=True)
+class MapDelta:
+    """An incremental netmap change as the map stream carries it (``{"type": "delta", ...}``).
+
+    ``self_node``: the recipient's own new record, or None if unchanged; ``changed``: peers added or changed
+    (full new records; a peer id the recipient does not know is an addition); ``removed``: ids of peers that
+    left the tailnet (unknown ids are ignored). ``version``: the server's change counter after this delta
+    (what a client sends back to resume), 0 when unknown.
+    """
+
+    version: int = 0
+    self_node: Node | None = None
+    changed: tuple[Node, ...] = ()
+    removed: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.self_node is not None or self.changed or self.removed)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"type": "delta", "version": int, "self"?: Node, "peers_changed"?: [Node], "peers_removed"?:
+        [int]}`` (empty parts omitted)."""
+        out: dict[str, Any] = {"type": "delta", "version": self.version}
+        if self.self_node is not None:
+            out["self"] = self.self_node.to_json()
+        if self.changed:
+            out["peers_changed"] = [n.to_json() for n in self.changed]
+        if self.removed:
+            out["peers_removed"] = list(self.removed)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> MapDelta:
+        """Parse :meth:`to_json`'s form. Raises ParseError for a missing or mistyped field."""
+        try:
+            me = obj.get("self")
+            removed = obj.get("peers_removed", [])
+            if not isinstance(removed, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in removed
+            ):
+                raise ParseError("malformed delta: 'peers_removed' must be a list of node ids")
+            changed = obj.get("peers_changed", [])
+            if not isinstance(changed, list):
+                raise ParseError("malformed delta: 'peers_changed' must be a list of nodes")
+            version = obj.get("version", 0)
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise ParseError("malformed delta: 'version' must be an integer")
+            return cls(
+                version,
+                None if me is None else Node.from_json(me),
+                tuple(Node.from_json(n) for n in changed),
+                tuple(removed),
+            )
+        except (AttributeError, TypeError) as e:
+            raise ParseError(f"malformed delta: {e}") from None
+
+
+def delta(old: NetMap, new: NetMap, version: int = 0) -> MapDelta:
+    """The delta that turns ``old`` into ``new`` (pure; O(peers)): ``apply_delta(old, delta(old, new)) ==
+    new`` for netmaps of the same domain."""
+    changed = tuple(n for i, n in sorted(new.peers.items()) if old.peers.get(i) != n)
+    removed = tuple(i for i in sorted(old.peers) if i not in new.peers)
+    me = None if old.self_node == new.self_node else new.self_node
+    return MapDelta(version, me, changed, removed)
+
+
+def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
+    """``old`` with ``d`` applied (pure: ``old`` is not modified; O(peers) for the copy). A changed peer that
+    is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id."""
+    peers = dict(old.peers)
+    for i in d.removed:
+        peers.pop(i, None)
+    for n in d.changed:
+        if n.id != old.self_node.id:
+            peers[n.id] = n
+    return NetMap(d.self_node if d.self_node is not None else old.self_node, peers, old.domain)
+
+
+__all__ = ["MapDelta", "NetMap", "NetMapDiff", "Node", "apply_delta", "delta", "diff"]

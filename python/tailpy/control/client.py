@@ -3,19 +3,108 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import aiohttp
 
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
 from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
-from tailpy.netmap import NetMap, Node
+from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
 from tailpy.proto import control as proto
 
 STREAM_SILENCE = 45.0
 """Seconds without a line (the server sends keepalives every ~15 s) after which a map stream is dead."""
+
+
+def reconnect_delays(
+    base: float = 1.0, cap: float = 60.0, rng: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """Seconds to wait before each reconnection: exponential backoff (``base`` * 2^n, at most ``cap``) with
+    full jitter (a uniform draw from [d/2, d]; ``rng`` gives [0, 1)), so many nodes cut off together do not
+    come back together."""
+    d = base
+    while True:
+        yield d / 2 + rng() * d / 2
+        d = min(cap, d * 2)
+
+
+@dataclass(frozen=True)
+class MapState:
+    """What a client has applied: its netmap and where it is in the server's change stream (``generation``
+    and ``version`` from the last message), sent back as ``resume`` on reconnect."""
+
+    netmap: NetMap
+    generation: str
+    version: int
+
+
+class MapMessage:
+    """One opened map stream message (``type`` "netmap" or "delta"; see :mod:`tailpy.control.mapper`).
+
+    ``raw`` is the plaintext JSON object (bytes); it is parsed only when :attr:`body` is first read, since a
+    full netmap of 10,000 peers is ~6 MB.
+    """
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    @cached_property
+    def type(self) -> str:
+        """The message type; the server writes ``"type"`` first, so this needs no full parse."""
+        for t in ("netmap", "delta", "keepalive"):
+            if self.raw.startswith(b'{"type":"%s"' % t.encode()):
+                return t
+        return str(self.body.get("type"))
+
+    @cached_property
+    def body(self) -> dict[str, Any]:
+        """The parsed JSON object. Raises ControlError if it is not one."""
+        try:
+            obj = json.loads(self.raw)
+        except (UnicodeDecodeError, ValueError):
+            raise ControlError("control server sent a map message that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ControlError("control server sent a map message that is not a JSON object")
+        return obj
+
+    def netmap(self) -> NetMap:
+        """The full netmap of a "netmap" message. Raises ControlError when malformed."""
+        try:
+            return NetMap.from_json(self.body["netmap"])
+        except (KeyError, TypeError, ParseError) as e:
+            raise ControlError(f"control server sent a malformed netmap: {e}") from None
+
+    def delta(self) -> MapDelta:
+        """The delta of a "delta" message. Raises ControlError when malformed."""
+        try:
+            return MapDelta.from_json(self.body)
+        except ParseError as e:
+            raise ControlError(f"control server sent a malformed delta: {e}") from None
+
+    def version(self) -> int:
+        v = self.body.get("version", 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def apply_message(state: MapState | None, msg: MapMessage) -> MapState:
+    """The state after ``msg`` (pure): a netmap replaces it, a delta is applied to it. Raises ControlError for
+    a delta with nothing to apply it to (or for another tailnet generation)."""
+    generation = msg.body.get("generation")
+    if msg.type == "netmap":
+        if not isinstance(generation, str):
+            raise ControlError("control server sent a netmap without a generation")
+        return MapState(msg.netmap(), generation, msg.version())
+    if msg.type != "delta":
+        raise ControlError(f"control server sent a map message of unknown type {msg.type!r}")
+    if state is None or (generation is not None and generation != state.generation):
+        raise ControlError("control server sent a delta to a node that has no netmap to apply it to")
+    return MapState(apply_delta(state.netmap, msg.delta()), state.generation, msg.version())
 
 
 class ControlClient:
@@ -40,6 +129,7 @@ class ControlClient:
         self.stream_silence = stream_silence
         self._server_key: MachinePublic | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.map_state: MapState | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -128,18 +218,32 @@ class ControlClient:
         except (KeyError, TypeError, ParseError) as e:
             raise ControlError(f"control server sent a malformed node: {e}") from None
 
-    async def stream_map(
-        self, node_key: NodePublic, endpoints: list[str], hostname: str
-    ) -> AsyncIterator[NetMap]:
-        """Open the map stream and yield each netmap the server sends: the full netmap first, then a new one
-        after every change (keepalives are consumed here).
+    async def stream_messages(
+        self,
+        node_key: NodePublic,
+        endpoints: list[str],
+        hostname: str,
+        *,
+        resume: tuple[str, int] | None = None,
+    ) -> AsyncIterator[MapMessage]:
+        """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
+        (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
+        of the last message applied, to get a delta since then instead of a full netmap (the server decides:
+        the first message says which).
 
         Ends with ControlError when the stream breaks, the server closes it, or nothing arrives for
-        ``stream_silence`` seconds; the caller reconnects (with its current endpoints).
+        ``stream_silence`` seconds.
         """
         server_key = await self.server_key()
-        body = {"node_key": node_key.text(), "endpoints": list(endpoints), "hostname": hostname}
+        body: dict[str, Any] = {
+            "node_key": node_key.text(),
+            "endpoints": list(endpoints),
+            "hostname": hostname,
+        }
+        if resume is not None:
+            body["resume"] = {"generation": resume[0], "version": resume[1]}
         req = proto.seal_request(self.machine_key, server_key, "/machine/map", body, now=self.clock())
+        opener = proto.StreamOpener(self.machine_key, server_key, req.nonce_id)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.stream_silence)
         try:
             async with self._http().post(
@@ -148,39 +252,80 @@ class ControlClient:
                 if r.status != 200:
                     self._decode(await r.read(), r.status, req.nonce_id)
                     raise ControlError(f"control server answered HTTP {r.status} to the map request")
-                seq = 0
-                while True:
-                    line = await r.content.readline()
-                    if not line:
-                        break
-                    if line.strip():
-                        msg = self._open_line(line, server_key, req.nonce_id, seq)
-                        seq += 1
-                        if msg.get("type") == "netmap":
-                            yield self._netmap(msg)
+                buf = bytearray()
+                async for chunk in r.content.iter_any():
+                    start = len(buf)
+                    buf += chunk
+                    while (i := buf.find(b"\n", start)) >= 0:
+                        line = bytes(buf[:i])
+                        del buf[: i + 1]
+                        start = 0
+                        if line.strip():
+                            msg = MapMessage(self._open_line(opener, line))
+                            if msg.type != "keepalive":
+                                yield msg
+                    if len(buf) > proto.MAX_STREAM_LINE:
+                        raise ControlError(
+                            f"control server at {self.server_url} sent a map message larger than "
+                            f"{proto.MAX_STREAM_LINE} bytes"
+                        )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise ControlError(
                 f"map stream from control server at {self.server_url} broke: {e or type(e).__name__}"
             ) from None
         raise ControlError(f"control server at {self.server_url} closed the map stream")
 
-    def _open_line(self, line: bytes, server_key: MachinePublic, nonce_id: str, seq: int) -> dict[str, Any]:
+    async def stream_map(
+        self, node_key: NodePublic, endpoints: list[str], hostname: str
+    ) -> AsyncIterator[NetMap]:
+        """Open the map stream and yield the full netmap after each message the server sends: the netmap
+        first, then the netmap with each delta applied (keepalives are consumed here).
+
+        Resumes from :attr:`map_state` (set by the previous stream of this client; assignable to carry it to
+        a new client): the server then sends only what changed since. Ends with ControlError when the stream
+        breaks, the server closes it, or nothing arrives for ``stream_silence`` seconds; the caller
+        reconnects (with its current endpoints), e.g. after :func:`reconnect_delays`, or uses
+        :meth:`follow_map`.
+        """
+        state = self.map_state
+        resume = None if state is None else (state.generation, state.version)
+        first = True
+        async for msg in self.stream_messages(node_key, endpoints, hostname, resume=resume):
+            if first and msg.type == "netmap":
+                state = None  # the server could not resume: start over
+            first = False
+            state = self.map_state = apply_message(state, msg)
+            yield state.netmap
+
+    async def follow_map(
+        self,
+        node_key: NodePublic,
+        endpoints: Callable[[], list[str]],
+        hostname: str,
+        *,
+        delays: Callable[[], Iterator[float]] = reconnect_delays,
+    ) -> AsyncIterator[NetMap]:
+        """:meth:`stream_map` forever: reconnect after each break, waiting ``delays()`` seconds (reset after
+        a message arrives), resuming where the last stream left off. ``endpoints()`` gives the current
+        endpoints at each connection. Raises AuthKeyError (the node must register again); other
+        ControlErrors are retried."""
+        waits = delays()
+        while True:
+            try:
+                async for nm in self.stream_map(node_key, endpoints(), hostname):
+                    waits = delays()
+                    yield nm
+            except AuthKeyError:
+                raise
+            except ControlError:
+                pass
+            await asyncio.sleep(next(waits))
+
+    def _open_line(self, opener: proto.StreamOpener, line: bytes) -> bytes:
         try:
-            return proto.open_response(
-                self.machine_key,
-                server_key,
-                line.strip().decode("ascii", "replace"),
-                reply_to=nonce_id,
-                seq=seq,
-            )
+            return opener.open(line)
         except ParseError as e:
             raise ControlError(f"bad map message from control server at {self.server_url}: {e}") from None
 
-    def _netmap(self, msg: Mapping[str, Any]) -> NetMap:
-        try:
-            return NetMap.from_json(msg["netmap"])
-        except (KeyError, TypeError, ParseError) as e:
-            raise ControlError(f"control server sent a malformed netmap: {e}") from None
 
-
-__all__ = ["ControlClient"]
+__all__ = ["ControlClient", "MapMessage", "MapState", "apply_message", "reconnect_delays"]

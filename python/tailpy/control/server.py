@@ -4,11 +4,11 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 
 * ``GET /key`` -> the server's machine public key, ``mkey:<hex>`` as text/plain (public, unauthenticated).
 * ``POST /machine/register`` sealed ``{node_key, hostname, auth_key?}`` -> sealed ``{"node": Node JSON}``.
-* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?}`` -> a stream (``application/x-ndjson``,
-  chunked), one sealed message per line: ``{"type": "netmap", "netmap": NetMap JSON}`` first and after every
-  change the node can see, ``{"type": "keepalive"}`` after :attr:`ControlServer.keepalive` seconds of
-  silence. The node is online while one of its map streams is open. (A later ``"delta"`` type will carry
-  changes only; each stream keeps the last netmap it sent so a delta can be computed from it.)
+* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, resume?: {generation, version}}`` -> a
+  stream (``application/x-ndjson``, chunked), one sealed message per line: a full netmap (or, resuming, a
+  delta since ``version``) first, then a ``delta`` per change the node can see, keepalives after
+  :attr:`ControlServer.keepalive` seconds of silence; the exact format is in :mod:`tailpy.control.mapper`.
+  The node is online while one of its map streams is open.
 * ``POST /machine/update`` sealed ``{endpoints}`` -> sealed ``{"node": Node JSON}``; pushed to all streams.
 
 Every request acts only on the node of the machine key that sealed it. Errors: 400 malformed, 401 a box that
@@ -27,14 +27,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.store import Store
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
-from tailpy.keys import MachinePublic, NodePublic
+from tailpy.keys import NodePublic
 from tailpy.netmap import NetMap, Node
 from tailpy.proto import control as proto
 
@@ -50,16 +50,6 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str, kind: str = "control") -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
-
-
-@dataclass(eq=False)
-class _Stream:
-    machine_key: MachinePublic
-    node_id: int
-    reply_to: str
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    last_sent: NetMap | None = None
-    seq: int = 0
 
 
 def parse_endpoints(obj: object) -> list[str]:
@@ -126,9 +116,9 @@ class ControlServer:
         self.poll_interval = poll_interval
         self.domain = domain
         self._guard = proto.ReplayGuard()
-        self._streams: set[_Stream] = set()
         self._online: Counter[int] = Counter()
-        self._snapshot: list[Node] | None = None
+        self.mapper = Mapper(self.key, domain)
+        self.mapper.load(store.list_nodes())
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -171,33 +161,49 @@ class ControlServer:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        self._changed()
+        self.mapper.end_all()
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            self._changed()  # streams send only if their netmap differs
+            self._changed()  # streams hear only of records that differ
 
     # --- netmaps ---
 
+    def publish_node(self, node_id: int) -> None:
+        """Node ``node_id``'s record changed in the store: read it once and send a delta to every stream that
+        can see it (its own streams get it as ``self``). A node that is no longer live is removed."""
+        node = self._read_node(node_id)
+        if node is None:
+            self.publish_removed(node_id)
+        else:
+            self.mapper.publish(node)
+
+    def publish_removed(self, node_id: int) -> None:
+        """Node ``node_id`` left the tailnet: its peers get ``peers_removed`` and its own streams end."""
+        self.mapper.remove(node_id)
+
+    def _read_node(self, node_id: int) -> Node | None:
+        by_id = getattr(self.store, "node", None)  # Store.node(node_id) -> live Node | None, when it has one
+        if callable(by_id):
+            found = by_id(node_id)
+            return found if isinstance(found, Node) else None
+        known = self.mapper.nodes.get(node_id)
+        if known is not None:
+            node = self.store.node_by_machine_key(known.machine_key)
+            return node if node is not None and node.id == node_id else None
+        return next((n for n in self.store.list_nodes() if n.id == node_id), None)
+
     def _changed(self) -> None:
-        self._snapshot = None
-        for s in self._streams:
-            s.wake.set()
+        """Full resync: read every node from the store and send deltas for what differs (O(nodes) reads and
+        compares; only changed records are sent). For changes made where :meth:`publish_node` was not
+        called (other processes: ``tailpy control nodes delete``)."""
+        since = self.mapper.version
+        self.mapper.resync(self.store.list_nodes(), since)
 
     def netmap(self, node_id: int) -> NetMap | None:
-        """The netmap of node ``node_id`` (None if it no longer exists), from the current snapshot."""
-        if self._snapshot is None:
-            self._snapshot = self.store.list_nodes()
-        me: Node | None = None
-        peers: dict[int, Node] = {}
-        for n in self._snapshot:
-            n = _with_online(n, self._online[n.id] > 0)
-            if n.id == node_id:
-                me = n
-            else:
-                peers[n.id] = n
-        return None if me is None else NetMap(me, peers, self.domain)
+        """The netmap of node ``node_id`` as streams know it (None if it is not live)."""
+        return self.mapper.netmap(node_id)
 
     # --- request plumbing ---
 
@@ -264,7 +270,7 @@ class ControlServer:
             except ControlError as e:
                 raise _Refused(409, str(e)) from None
             log.info("registered node %d %s (%s) %s", node.id, node.name, node.ipv4, req.machine_key.short())
-            self._changed()
+            self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
         return await self._handle(request, "/machine/register", do)
@@ -279,7 +285,7 @@ class ControlServer:
             node = self.store.update_node(req.machine_key, endpoints=endpoints, now=self.clock())
             if node is None:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
-            self._changed()
+            self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
         return await self._handle(request, "/machine/update", do)
@@ -292,53 +298,54 @@ class ControlServer:
                 endpoints = parse_endpoints(req.body.get("endpoints", []))
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
+            resume = _resume(req.body.get("resume"))
             node = self._live_node(req, node_key)
-            self.store.update_node(req.machine_key, endpoints=endpoints, hostname=hostname, now=self.clock())
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             resp.enable_chunked_encoding()
             await resp.prepare(request)
-            await self._serve_stream(resp, _Stream(req.machine_key, node.id, req.nonce_id))
+            stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume)
+            await self._serve_stream(resp, stream, endpoints, hostname)
             return resp
 
         return await self._handle(request, "/machine/map", do)
 
-    async def _serve_stream(self, resp: web.StreamResponse, stream: _Stream) -> None:
-        self._streams.add(stream)
+    async def _serve_stream(
+        self, resp: web.StreamResponse, stream: MapStream, endpoints: list[str], hostname: str | None
+    ) -> None:
         self._online[stream.node_id] += 1
-        self._changed()
-        log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
         try:
-            idle = False
-            while not self._closing:
-                stream.wake.clear()
-                nm = self.netmap(stream.node_id)
-                if nm is None:
-                    break  # deleted
-                if nm != stream.last_sent:
-                    await self._send(resp, stream, {"type": "netmap", "netmap": nm.to_json()})
-                    stream.last_sent = nm
-                elif idle:
-                    await self._send(resp, stream, {"type": "keepalive"})
-                try:
-                    await asyncio.wait_for(stream.wake.wait(), self.keepalive)
-                    idle = False
-                except asyncio.TimeoutError:
-                    idle = True
+            node = self.store.update_node(
+                stream.machine_key, endpoints=endpoints, hostname=hostname, now=self.clock()
+            )
+            if node is None:
+                self.publish_removed(stream.node_id)
+                return
+            self.mapper.publish(node)  # endpoints, online
+            log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
+            await self.mapper.serve(stream, resp.write, self.keepalive)
         except (ConnectionError, RuntimeError) as e:  # client went away mid-write
             log.info("map stream for node %d broke: %s", stream.node_id, e)
         finally:
-            self._streams.discard(stream)
+            self.mapper.close_stream(stream)
             self._online[stream.node_id] -= 1
             if self._online[stream.node_id] <= 0:
                 del self._online[stream.node_id]
-            self.store.update_node(stream.machine_key, now=self.clock())
-            self._changed()
+            if not self._closing:
+                node = self.store.update_node(stream.machine_key, now=self.clock())
+                if node is not None:
+                    self.mapper.publish(node)  # last_seen, offline
             log.info("map stream closed for node %d", stream.node_id)
 
-    async def _send(self, resp: web.StreamResponse, stream: _Stream, body: Mapping[str, Any]) -> None:
-        line = proto.seal_response(self.key, stream.machine_key, stream.reply_to, body, seq=stream.seq)
-        stream.seq += 1
-        await resp.write(line.encode() + b"\n")
+
+def _resume(obj: object) -> tuple[str, int] | None:
+    """The ``resume`` field of a map request: ``{"generation": str, "version": int}`` or absent."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        g, v = obj.get("generation"), obj.get("version")
+        if isinstance(g, str) and len(g) <= 64 and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return g, v
+    raise _Refused(400, 'field \'resume\' must be {"generation": string, "version": integer >= 0}')
 
 
 def _with_online(node: Node, online: bool) -> Node:

@@ -250,13 +250,85 @@ def parse_unary(data: bytes) -> dict[str, Any]:
     return _json_object(data, "control response")
 
 
+MAX_STREAM_LINE = 256 << 20
+"""Largest map stream line accepted, bytes (256 MiB: a full netmap of 10,000 peers is about 6 MiB)."""
+
+
+class StreamSealer:
+    """Seals the messages of one map stream for ``machine_key``, numbering them ``seq`` 0, 1, 2, ...
+
+    The NaCl box (one Curve25519 agreement) is computed once per stream. :meth:`seal` takes a body already
+    encoded as a compact JSON object (``b'{"type":...}'``, encoded once and shared by every stream that gets
+    it) and appends ``,"reply_to":"<nonce_id>","seq":<n>}`` to it, so the plaintext is the same JSON object
+    :func:`seal_response` would make. Returns one stream line: base64 of (24-byte nonce + ciphertext), ``\n``.
+    """
+
+    def __init__(self, server_key: MachinePrivate, machine_key: MachinePublic, reply_to: str) -> None:
+        self._box = _box(server_key, machine_key)
+        self._suffix = b',"reply_to":' + json.dumps(reply_to).encode() + b',"seq":'
+        self.seq = 0
+
+    def seal(self, body_json: bytes) -> bytes:
+        if not body_json.startswith(b"{") or not body_json.endswith(b"}") or body_json == b"{}":
+            raise ValueError("stream message body must be a non-empty JSON object")
+        plaintext = b"".join((body_json[:-1], self._suffix, str(self.seq).encode(), b"}"))
+        self.seq += 1
+        return base64.b64encode(bytes(self._box.encrypt(plaintext))) + b"\n"
+
+
+class StreamOpener:
+    """Opens the lines of one map stream (the client's side of :class:`StreamSealer`).
+
+    :meth:`open` returns the plaintext JSON object as bytes (not parsed: a full netmap of many peers is
+    megabytes, and a caller may only need its ``type``), after checking that it answers ``reply_to`` and is
+    message number ``seq`` (0, 1, 2, ... counted here). Raises ParseError / UnauthenticatedError.
+    """
+
+    def __init__(self, machine_key: MachinePrivate, server_key: MachinePublic, reply_to: str) -> None:
+        self._box = _box(machine_key, server_key)
+        self._server_key = server_key
+        self._reply_to = reply_to
+        self._suffix = b',"reply_to":' + json.dumps(reply_to).encode() + b',"seq":'
+        self.seq = 0
+
+    def open(self, line: bytes) -> bytes:
+        line = line.strip()
+        if len(line) > MAX_STREAM_LINE:
+            raise ParseError(f"map stream message is larger than {MAX_STREAM_LINE} bytes")
+        try:
+            raw = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            raise ParseError("map stream message is not valid base64") from None
+        if len(raw) < nacl.public.Box.NONCE_SIZE + 16:
+            raise UnauthenticatedError("map stream message is too short to be a NaCl box")
+        try:
+            plaintext = bytes(self._box.decrypt(raw))
+        except nacl.exceptions.CryptoError:
+            raise UnauthenticatedError(
+                f"map stream message does not open with machine key {self._server_key.text()}: "
+                "it was sealed with another key or altered"
+            ) from None
+        # Fast path: the server appends reply_to and seq last (StreamSealer); else parse and check.
+        if not plaintext.endswith(self._suffix + str(self.seq).encode() + b"}"):
+            body = _json_object(plaintext, "sealed map stream message")
+            if body.get("reply_to") != self._reply_to:
+                raise UnauthenticatedError("control response answers another request (reply_to mismatch)")
+            if body.get("seq") != self.seq:
+                raise UnauthenticatedError(f"control stream message out of order: expected seq {self.seq}")
+        self.seq += 1
+        return plaintext
+
+
 __all__ = [
     "MAX_MESSAGE",
+    "MAX_STREAM_LINE",
     "REPLAY_WINDOW",
     "OpenedRequest",
     "ReplayError",
     "ReplayGuard",
     "SealedRequest",
+    "StreamOpener",
+    "StreamSealer",
     "UnauthenticatedError",
     "new_nonce_id",
     "open_request",

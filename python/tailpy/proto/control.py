@@ -40,7 +40,7 @@ import nacl.exceptions
 import nacl.public
 
 from tailpy.errors import ControlError, InvalidKeyError, ParseError
-from tailpy.keys import MachinePrivate, MachinePublic
+from tailpy.keys import MachinePrivate, MachinePublic, NodePrivate, NodePublic
 
 REPLAY_WINDOW = 120.0
 """Seconds a request's ``ts`` may differ from the receiver's clock; also how long nonce_ids are kept."""
@@ -319,6 +319,59 @@ class StreamOpener:
         return plaintext
 
 
+ROTATION_PROOF_AGE = REPLAY_WINDOW
+"""Seconds a node key rotation proof's ``ts`` may differ from the server's clock."""
+
+
+def seal_rotation_proof(
+    old_node_private: NodePrivate, server_public: MachinePublic, new_node_key: NodePublic, now: float
+) -> str:
+    """Proof that the holder of the current node key agrees to replace it by ``new_node_key``: base64 of a
+    NaCl box (24-byte nonce + ciphertext) from ``old_node_private`` (Curve25519) to the server's machine
+    public key, sealing ``{"new_node_key": "nodekey:<hex>", "ts": now}`` (unix seconds). Sent in a register
+    request as ``old_node_proof`` next to ``old_node_key``."""
+    body = {"new_node_key": new_node_key.text(), "ts": now}
+    box = nacl.public.Box(
+        nacl.public.PrivateKey(old_node_private.raw), nacl.public.PublicKey(server_public.raw)
+    )
+    return base64.b64encode(bytes(box.encrypt(json.dumps(body, separators=(",", ":")).encode()))).decode()
+
+
+def open_rotation_proof(
+    server_private: MachinePrivate,
+    old_node_key: NodePublic,
+    proof: object,
+    *,
+    new_node_key: NodePublic,
+    now: float,
+) -> None:
+    """Check a :func:`seal_rotation_proof` proof: sealed by ``old_node_key``'s private key for this server,
+    naming ``new_node_key``, made within :data:`ROTATION_PROOF_AGE` seconds of ``now``.
+
+    Raises ParseError (malformed), UnauthenticatedError (does not open, or names another key), ReplayError
+    (stale)."""
+    box = nacl.public.Box(nacl.public.PrivateKey(server_private.raw), nacl.public.PublicKey(old_node_key.raw))
+    if not isinstance(proof, str) or len(proof) > 1024:
+        raise ParseError("old_node_proof must be a base64 string")
+    try:
+        raw = base64.b64decode(proof, validate=True)
+        body = _json_object(box.decrypt(raw), "node key rotation proof")
+    except (binascii.Error, ValueError):
+        raise ParseError("old_node_proof is not valid base64") from None
+    except nacl.exceptions.CryptoError:
+        raise UnauthenticatedError(
+            f"node key rotation proof does not open with node key {old_node_key.short()}"
+        ) from None
+    if body.get("new_node_key") != new_node_key.text():
+        raise UnauthenticatedError("node key rotation proof names another new node key")
+    ts = body.get("ts")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or abs(ts - now) > ROTATION_PROOF_AGE:
+        raise ReplayError(
+            f"node key rotation proof is stale (more than {ROTATION_PROOF_AGE:.0f} s from the server's clock)"
+        )
+
+
+
 __all__ = [
     "MAX_MESSAGE",
     "MAX_STREAM_LINE",
@@ -333,9 +386,11 @@ __all__ = [
     "new_nonce_id",
     "open_request",
     "open_response",
+    "open_rotation_proof",
     "parse_unary",
     "public_of",
     "seal_request",
     "seal_response",
+    "seal_rotation_proof",
     "unary_envelope",
 ]

@@ -371,7 +371,6 @@ def open_rotation_proof(
         )
 
 
-
 __all__ = [
     "MAX_MESSAGE",
     "MAX_STREAM_LINE",

@@ -304,3 +304,54 @@ async def test_forged_replayed_and_impersonating_requests_change_nothing(control
     finally:
         await a.close()
         await b.close()
+
+
+async def test_reconnect_resumes_with_a_delta(control: Control) -> None:
+    a, b = control.client(), control.client()
+    key = control.authkey(reusable=True)
+    na = await a.register(nkey(), "alpha", key)
+    nb = await b.register(nkey(), "beta", key)
+    sa = a.stream_map(na.node_key, [], "alpha")
+    first = await next_map(sa)
+    await sa.aclose()  # the stream breaks; the client keeps what it applied
+    assert a.map_state is not None and a.map_state.netmap == first
+    await b.update_endpoints(["198.51.100.2:2"])  # changes while A is away
+
+    kinds: list[str] = []
+    state = a.map_state
+    msgs = a.stream_messages(na.node_key, [], "alpha", resume=(state.generation, state.version))
+    msg = await asyncio.wait_for(msgs.__anext__(), STEP)
+    kinds.append(msg.type)
+    await msgs.aclose()
+    assert kinds == ["delta"] and msg.body["generation"] == state.generation
+    assert [n["id"] for n in msg.body["peers_changed"]] == [nb.id]
+
+    sa = a.stream_map(na.node_key, [], "alpha")  # stream_map resumes from map_state by itself
+    try:
+        nm = await next_map(sa)
+        assert nm.peers[nb.id].endpoints == ("198.51.100.2:2",)
+        assert a.map_state is not None and a.map_state.generation == state.generation
+    finally:
+        await sa.aclose()
+
+
+async def test_server_restart_means_a_full_netmap(control: Control) -> None:
+    m = mkey()
+    a = control.client(m)
+    na = await a.register(nkey(), "alpha", control.authkey())
+    sa = a.stream_map(na.node_key, [], "alpha")
+    await next_map(sa)
+    await sa.aclose()
+    assert a.map_state is not None
+    await control.stop()
+    await control.start()
+    a.server_url = control.url
+    sa = a.stream_map(na.node_key, [], "alpha")
+    try:
+        nm = await next_map(
+            sa
+        )  # another generation: the server sends the full netmap, the client starts over
+        assert nm.self_node.id == na.id and a.map_state is not None
+        assert control.server is not None and a.map_state.generation == control.server.mapper.generation
+    finally:
+        await sa.aclose()

@@ -3,7 +3,14 @@
 Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 
 * ``GET /key`` -> the server's machine public key, ``mkey:<hex>`` as text/plain (public, unauthenticated).
-* ``POST /machine/register`` sealed ``{node_key, hostname, auth_key?}`` -> sealed ``{"node": Node JSON}``.
+* ``POST /machine/register`` sealed ``{node_key, hostname, os?, auth_key?, old_node_key?, old_node_proof?}``
+  -> sealed ``{"node": Node JSON}``. With ``old_node_key`` (the machine's current node key) and
+  ``old_node_proof`` (:func:`tailpy.proto.control.seal_rotation_proof`, fresh) the node key is rotated to
+  ``node_key`` with no auth key: same id, addresses and name, a new expiry, the old key refused at once.
+  Otherwise see :meth:`tailpy.control.store.Store.register` (a restart with the same, unexpired node key
+  needs no auth key; a new machine, new node key, expired or logged-out key needs one).
+* ``POST /machine/logout`` sealed ``{node_key}`` -> sealed ``{"node": Node JSON}``: the node's key is expired
+  and logged out (its record stays; a later register with an auth key brings it back).
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, resume?: {generation, version}}`` -> a
   stream (``application/x-ndjson``, chunked), one sealed message per line: a full netmap (or, resuming, a
   delta since ``version``) first, then a ``delta`` per change the node can see, keepalives after
@@ -32,7 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from tailpy.control.mapper import Mapper, MapStream
-from tailpy.control.store import Store
+from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
 from tailpy.keys import NodePublic
 from tailpy.netmap import NetMap, Node
@@ -41,6 +48,7 @@ from tailpy.proto import control as proto
 log = logging.getLogger("tailpy.control")
 
 MAX_ENDPOINTS = 64
+EPHEMERAL_TIMEOUT = 1800.0  # seconds an ephemeral node may be offline before it is removed
 POLL_INTERVAL = 5.0  # seconds between looks for changes made by other processes (admin commands)
 
 
@@ -96,7 +104,10 @@ class ControlServer:
 
     ``clock`` gives unix seconds (injected for tests); ``keepalive`` seconds of stream silence before a
     keepalive line; ``poll_interval`` seconds between looks at the database for changes other processes made
-    (``tailpy control nodes delete``); ``domain`` is the tailnet's DNS domain sent in netmaps.
+    (``tailpy control nodes delete``); ``domain`` is the tailnet's DNS domain sent in netmaps (None: the one
+    stored in the database, default ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
+    registration (None: never expires); ``ephemeral_timeout`` seconds an ephemeral node may stay offline
+    before it is removed. One timer fires at the next key expiry or ephemeral deadline (no per-node polling).
     """
 
     def __init__(
@@ -106,7 +117,9 @@ class ControlServer:
         clock: Callable[[], float] = time.time,
         keepalive: float = 15.0,
         poll_interval: float = POLL_INTERVAL,
-        domain: str = "tailpy.internal",
+        domain: str | None = None,
+        key_lifetime: float | None = DEFAULT_KEY_LIFETIME,
+        ephemeral_timeout: float = EPHEMERAL_TIMEOUT,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -114,10 +127,15 @@ class ControlServer:
         self.clock = clock
         self.keepalive = keepalive
         self.poll_interval = poll_interval
-        self.domain = domain
+        self.domain = domain if domain is not None else store.settings().domain
+        self.key_lifetime = key_lifetime
+        self.ephemeral_timeout = ephemeral_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._last_check = self.clock()
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
-        self.mapper = Mapper(self.key, domain)
+        self.mapper = Mapper(self.key, self.domain)
         self.mapper.load(store.list_nodes())
         self._closing = False
         self._runner: web.AppRunner | None = None
@@ -132,6 +150,7 @@ class ControlServer:
         app.router.add_post("/machine/register", self._register)
         app.router.add_post("/machine/map", self._map)
         app.router.add_post("/machine/update", self._update)
+        app.router.add_post("/machine/logout", self._logout)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -154,9 +173,13 @@ class ControlServer:
     async def _on_startup(self, _app: web.Application) -> None:
         self._closing = False
         self._poller = asyncio.create_task(self._poll())
+        self._lifecycle()
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -167,6 +190,7 @@ class ControlServer:
         while True:
             await asyncio.sleep(self.poll_interval)
             self._changed()  # streams hear only of records that differ
+            self._lifecycle()  # other processes' changes, streams closed: move the timer
 
     # --- netmaps ---
 
@@ -200,6 +224,52 @@ class ControlServer:
         called (other processes: ``tailpy control nodes delete``)."""
         since = self.mapper.version
         self.mapper.resync(self.store.list_nodes(), since)
+
+    # --- lifecycle: admin changes, key expiry, ephemeral nodes ---
+
+    def is_online(self, node_id: int) -> bool:
+        """True while node ``node_id`` has a map stream open."""
+        return self._online[node_id] > 0
+
+    def admin_changed(self, node_id: int) -> None:
+        """An admin command changed node ``node_id`` (name, expiry): tell the nodes now."""
+        self.publish_node(node_id)
+        self._lifecycle()
+
+    def admin_removed(self, node_id: int) -> None:
+        """An admin command deleted node ``node_id``: tell its peers now and end its streams."""
+        self.publish_removed(node_id)
+        self._lifecycle()
+
+    def _lifecycle(self) -> None:
+        """Publish keys that expired since the last look, remove ephemeral nodes offline for longer than
+        ``ephemeral_timeout``, and set the one timer to the next such moment."""
+        if self._closing:
+            return
+        now = self.clock()
+        online = {i for i, c in self._online.items() if c > 0}
+        for node_id in self.store.expired_between(self._last_check, now):
+            log.info("node %d: key expired", node_id)
+            self.publish_node(node_id)
+        self._last_check = now
+        for node_id in self.store.ephemeral_gc(now, self.ephemeral_timeout, online):
+            log.info("node %d: ephemeral and offline for %.0f s, removed", node_id, self.ephemeral_timeout)
+            self.publish_removed(node_id)
+        at = self.store.next_deadline(now, self.ephemeral_timeout, online)
+        if at == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None:
+            delay = min(max(at - now, 0.0) + 0.01, 86400.0)  # re-armed at least daily (clock changes)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._lifecycle()
 
     def netmap(self, node_id: int) -> NetMap | None:
         """The netmap of node ``node_id`` as streams know it (None if it is not live)."""
@@ -262,18 +332,61 @@ class ControlServer:
             node_key = _node_key(req.body)
             hostname = _str_field(req.body, "hostname")
             auth_key = _str_field(req.body, "auth_key", max_len=200, required=False)
+            os_name = _str_field(req.body, "os", max_len=64, required=False) or ""
             assert hostname is not None
+            now = self.clock()
             try:
-                node = self.store.register(req.machine_key, node_key, hostname, auth_key, self.clock())
+                if req.body.get("old_node_key") is not None:
+                    node = self._rotate(req, node_key, now)
+                else:
+                    node = self.store.register(
+                        req.machine_key,
+                        node_key,
+                        hostname,
+                        auth_key,
+                        now,
+                        os_name=os_name,
+                        key_lifetime=self.key_lifetime,
+                    )
             except AuthKeyError as e:
                 raise _Refused(401, str(e), "auth_key") from None
             except ControlError as e:
                 raise _Refused(409, str(e)) from None
+            self._lifecycle()
             log.info("registered node %d %s (%s) %s", node.id, node.name, node.ipv4, req.machine_key.short())
             self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
         return await self._handle(request, "/machine/register", do)
+
+    def _rotate(self, req: proto.OpenedRequest, new_key: NodePublic, now: float) -> Node:
+        try:
+            old_key = NodePublic.from_text(str(req.body.get("old_node_key")))
+        except InvalidKeyError as e:
+            raise _Refused(400, f"field 'old_node_key': {e}") from None
+        try:
+            proto.open_rotation_proof(
+                self.key, old_key, req.body.get("old_node_proof"), new_node_key=new_key, now=now
+            )
+        except (ParseError, ControlError) as e:
+            raise _Refused(401, str(e)) from None
+        node = self.store.rotate_node_key(
+            req.machine_key, old_key, new_key, now, key_lifetime=self.key_lifetime
+        )
+        log.info("node %d: node key rotated %s -> %s", node.id, old_key.short(), new_key.short())
+        return node
+
+    async def _logout(self, request: web.Request) -> web.StreamResponse:
+        def do(req: proto.OpenedRequest) -> web.Response:
+            self._live_node(req, _node_key(req.body))
+            node = self.store.logout(req.machine_key, self.clock())
+            if node is None:
+                raise _Refused(403, "this machine is not registered (or was deleted)")
+            log.info("node %d %s logged out", node.id, node.name)
+            self.publish_node(node.id)
+            return self._reply(req, {"node": _with_online(node, self.is_online(node.id)).to_json()})
+
+        return await self._handle(request, "/machine/logout", do)
 
     async def _update(self, request: web.Request) -> web.StreamResponse:
         def do(req: proto.OpenedRequest) -> web.Response:

@@ -21,7 +21,8 @@ starts with a delta of the nodes changed since V, else with a full netmap.
 
 Costs: a change is one JSON encoding shared by every stream plus one NaCl seal per stream that can see the
 node (every stream today: there are no ACLs yet); a stream's messages wait in a bounded queue of shared
-encoded bodies; a stream whose queue overflows (a slow reader) drops it and gets one full netmap when it
+encoded bodies (when several are waiting, the writer merges them into one delta and seals once); a stream
+whose queue overflows (a slow reader) drops it and gets one full netmap when it
 catches up.
 Full netmaps are built from per-node JSON cached here, at most ``full_map_concurrency`` at a time. Nothing
 here touches the database: the server reads records and hands them in.
@@ -58,22 +59,35 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class Change:
+    """One published change, shared by every stream's queue: ``node_json`` None means removed; the two
+    bodies are the encoded delta messages for peers and for the node's own streams."""
+
+    version: int
+    node_id: int
+    node_json: bytes | None
+    to_peers: bytes
+    to_self: bytes
+
+
 @dataclass(eq=False)
 class MapStream:
-    """One open map stream: its node, sealer and queue of encoded message bodies (shared between streams)."""
+    """One open map stream: its node, sealer and queue of changes (shared between streams)."""
 
     node_id: int
     machine_key: MachinePublic
     sealer: proto.StreamSealer
     limit: int = QUEUE_LIMIT
-    queue: collections.deque[bytes] = field(default_factory=collections.deque)
+    queue: collections.deque[Change | bytes] = field(default_factory=collections.deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     resync: bool = False  # a full netmap is due (first message, or the queue overflowed)
     ended: bool = False  # the node was removed or the server is closing: end the stream
     overflows: int = 0
 
-    def push(self, body: bytes) -> None:
-        """Queue ``body`` (O(1)); on overflow drop the queue and ask for a full netmap instead."""
+    def push(self, body: Change | bytes) -> None:
+        """Queue ``body`` (a change, or an encoded message; O(1)); on overflow drop the queue and ask for a
+        full netmap instead."""
         if self.resync or self.ended:
             return
         if len(self.queue) >= self.limit:
@@ -83,6 +97,46 @@ class MapStream:
         else:
             self.queue.append(body)
         self.wake.set()
+
+    def take(self) -> list[bytes]:
+        """Empty the queue into encoded message bodies: one change as its shared body; several consecutive
+        changes merged into one delta (latest record per node), so a stream that fell behind pays one seal."""
+        out: list[bytes] = []
+        run: list[Change] = []
+        for item in self.queue:
+            if isinstance(item, Change):
+                run.append(item)
+                continue
+            out += self._merge(run)
+            run = []
+            out.append(item)
+        out += self._merge(run)
+        self.queue.clear()
+        return out
+
+    def _merge(self, run: list[Change]) -> list[bytes]:
+        if len(run) <= 1:
+            return [c.to_self if c.node_id == self.node_id else c.to_peers for c in run]
+        me: bytes | None = None
+        changed: dict[int, bytes] = {}
+        removed: set[int] = set()
+        for c in run:
+            if c.node_id == self.node_id:
+                me = c.node_json or me
+            elif c.node_json is None:
+                changed.pop(c.node_id, None)
+                removed.add(c.node_id)
+            else:
+                removed.discard(c.node_id)
+                changed[c.node_id] = c.node_json
+        parts = [b'{"type":"delta","version":%d' % run[-1].version]
+        if me is not None:
+            parts.append(b'"self":' + me)
+        if changed:
+            parts.append(b'"peers_changed":[' + b",".join(changed.values()) + b"]")
+        if removed:
+            parts.append(b'"peers_removed":' + _dumps(sorted(removed)))
+        return [b",".join(parts) + b"}"]
 
     def end(self) -> None:
         self.ended = True
@@ -171,10 +225,9 @@ class Mapper:
         self.nodes[node.id] = node
         j = self._json[node.id] = _dumps(node.to_json())
         head = b'{"type":"delta","version":%d,' % v
-        to_peers = head + b'"peers_changed":[' + j + b"]}"
-        to_self = head + b'"self":' + j + b"}"
+        change = Change(v, node.id, j, head + b'"peers_changed":[' + j + b"]}", head + b'"self":' + j + b"}")
         for s in self._streams:
-            s.push(to_self if s.node_id == node.id else to_peers)
+            s.push(change)
         return True
 
     def remove(self, node_id: int) -> bool:
@@ -185,11 +238,12 @@ class Mapper:
         del self._json[node_id]
         v = self._bump(node_id)
         body = b'{"type":"delta","version":%d,"peers_removed":[%d]}' % (v, node_id)
+        change = Change(v, node_id, None, body, body)
         for s in self._streams:
             if s.node_id == node_id:
                 s.end()
             else:
-                s.push(body)
+                s.push(change)
         return True
 
     def resync(self, nodes: Iterable[Node], since: int) -> int:
@@ -285,9 +339,7 @@ class Mapper:
                     await write(s.sealer.seal(body))
                 continue
             if s.queue:
-                batch = list(s.queue)
-                s.queue.clear()
-                await write(b"".join([s.sealer.seal(b) for b in batch]))
+                await write(b"".join([s.sealer.seal(b) for b in s.take()]))
                 continue
             s.wake.clear()
             try:
@@ -304,4 +356,4 @@ def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[in
         yield node_id
 
 
-__all__ = ["KEEPALIVE", "LOG_LIMIT", "QUEUE_LIMIT", "MapStream", "Mapper"]
+__all__ = ["KEEPALIVE", "LOG_LIMIT", "QUEUE_LIMIT", "Change", "MapStream", "Mapper"]

@@ -1,8 +1,8 @@
 """`tailpy control`: run the coordination server and administer it.
 
-Admin commands (authkey, nodes) work on the server's SQLite database directly (``<state_dir>/control.db``;
-SQLite serializes writers), so they are never reachable by nodes over HTTP; a running server picks up
-their changes within a few seconds.
+Admin commands (users, nodes, authkey) go through ``<state_dir>/admin.sock`` when `tailpy control serve`
+runs on that state dir (the server applies them and tells the nodes at once), and straight to the database
+otherwise (see :mod:`tailpy.control.admin`). Nodes can never reach them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,20 +31,33 @@ _state_dir = click.option(
     help=f"Directory of the server's database and key (default: ${ENV_STATE_DIR}).",
 )
 
+_db = click.option(
+    "--db",
+    envvar="TAILPY_CONTROL_DB",
+    default=None,
+    help="Database URL: postgresql://user@host/dbname (default: SQLite control.db in --state-dir).",
+)
+_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table or a sentence.")
+
+ADMIN_NOTE = (
+    "Goes through <state-dir>/admin.sock when `tailpy control serve` runs there (nodes hear of changes at "
+    "once), else straight to the database."
+)
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float | None:
+def parse_duration(text: str, flag: str = "--expiration") -> float | None:
     """ "90s", "30m", "1h", "7d" (or combinations like "1h30m") -> seconds; "never" -> None.
 
-    Raises ConfigError.
+    Raises ConfigError naming ``flag``.
     """
     t = text.strip().lower()
     if t in ("never", "none", "0"):
         return None
     parts = re.findall(r"(\d+)([smhd])", t)
     if not parts or "".join(n + u for n, u in parts) != t:
-        raise ConfigError(f"--expiration {text!r} is not a duration like 90s, 30m, 1h, 7d or 'never'")
+        raise ConfigError(f"{flag} {text!r} is not a duration like 90s, 30m, 1h, 7d or 'never'")
     return float(sum(int(n) * _UNITS[u] for n, u in parts))
 
 
@@ -62,30 +76,62 @@ def command() -> None:
 
 @command.command("serve")
 @_state_dir
+@_db
 @click.option("--listen", default="0.0.0.0:8080", show_default=True, help="HOST:PORT to serve HTTP on.")
-def serve(state_dir: Path, listen: str) -> None:
-    """Run the coordination server until SIGTERM or SIGINT (logs go to stderr)."""
+@click.option("--domain", default=None, help="Tailnet DNS domain, stored (default: tailnet.internal).")
+@click.option("--prefix-v4", default=None, help="IPv4 pool within 100.64.0.0/10, stored (default: all).")
+@click.option("--prefix-v6", default=None, help="IPv6 pool in fd7a:115c:a1e0::/48, stored (default: all).")
+@click.option("--key-expiry", default="180d", show_default=True, help="Node key lifetime (30d, never).")
+@click.option(
+    "--ephemeral-timeout",
+    default="30m",
+    show_default=True,
+    help="Offline time after which an ephemeral node is removed.",
+)
+def serve(
+    state_dir: Path,
+    db: str | None,
+    listen: str,
+    domain: str | None,
+    prefix_v4: str | None,
+    prefix_v6: str | None,
+    key_expiry: str,
+    ephemeral_timeout: str,
+) -> None:
+    """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
+    through <state-dir>/admin.sock (mode 0600)."""
     from tailpy.control import ControlServer, Store
+    from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
 
     host, port = _parse_listen(listen)
+    lifetime = parse_duration(key_expiry, "--key-expiry")
+    gc_after = parse_duration(ephemeral_timeout, "--ephemeral-timeout")
+    if gc_after is None:
+        raise ConfigError("--ephemeral-timeout must be a duration like 30m (ephemeral nodes are removed)")
     if not state_dir.exists():
         if not state_dir.parent.is_dir():
             raise ConfigError(f"cannot create state directory {state_dir}: {state_dir.parent} does not exist")
         state_dir.mkdir(mode=0o700)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    store = Store(state_dir)
+    store = Store(state_dir, db=db)
 
     async def run() -> None:
-        server = ControlServer(store)
+        settings = store.configure(domain=domain, prefix_v4=prefix_v4, prefix_v6=prefix_v6)
+        server = ControlServer(store, key_lifetime=lifetime, ephemeral_timeout=gc_after)
+        admin = AdminServer(Admin(store, server=server, key_lifetime=lifetime), state_dir / SOCKET_NAME)
+        await admin.start()
         try:
             bound = await server.start(host, port)
         except OSError as e:
+            await admin.stop()
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
         logging.getLogger("tailpy.control").info(
-            "control server listening on http://%s:%d (key %s, state %s)",
+            "control server listening on http://%s:%d (key %s, state %s, domain %s, database %s)",
             *bound,
             server.public_key.text(),
             state_dir,
+            settings.domain,
+            store.where,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -93,12 +139,78 @@ def serve(state_dir: Path, listen: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logging.getLogger("tailpy.control").info("shutting down")
+        await admin.stop()
         await server.stop()
 
     try:
         asyncio.run(run())
     finally:
         store.close()
+
+
+def _admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> Any:
+    from tailpy.control import admin
+
+    return admin.run(state_dir, db, op, args)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers)
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def _out(as_json: bool, result: Any, sentence: str) -> None:
+    click.echo(json.dumps(result, indent=2) if as_json else sentence)
+
+
+# --- users ---
+
+
+@command.group("users")
+def users() -> None:
+    """Users own nodes (through the auth keys they register with)."""
+
+
+@users.command("create")
+@_state_dir
+@_db
+@_json
+@click.argument("name")
+def users_create(state_dir: Path, db: str | None, as_json: bool, name: str) -> None:
+    """Create user NAME (alice, alice@example.com)."""
+    _out(as_json, _admin(state_dir, db, "users.create", {"name": name}), f"created user {name}")
+
+
+@users.command("list")
+@_state_dir
+@_db
+@_json
+def users_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """List users."""
+    result = _admin(state_dir, db, "users.list", {})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    now = time.time()
+    _table(["ID", "NAME", "CREATED"], [[str(u["id"]), u["name"], _when(u["created"], now)] for u in result])
+
+
+@users.command("delete")
+@_state_dir
+@_db
+@_json
+@click.argument("name")
+def users_delete(state_dir: Path, db: str | None, as_json: bool, name: str) -> None:
+    """Delete user NAME and its auth keys (refused while it owns nodes)."""
+    _out(as_json, _admin(state_dir, db, "users.delete", {"name": name}), f"deleted user {name}")
+
+
+# --- auth keys ---
 
 
 @command.group("authkey")
@@ -108,44 +220,75 @@ def authkey() -> None:
 
 @authkey.command("create")
 @_state_dir
+@_db
+@_json
+@click.option("--user", default=None, help="Owner of the nodes it registers (default: user 'default').")
+@click.option("--tags", default="", help="Comma-separated tags (tag:server,...): tagged nodes, no user.")
 @click.option("--reusable", is_flag=True, help="Let the key register any number of machines.")
-@click.option("--expiration", default="24h", show_default=True, help="Lifetime: 90s, 30m, 1h, 7d or never.")
-def authkey_create(state_dir: Path, reusable: bool, expiration: str) -> None:
+@click.option("--ephemeral", is_flag=True, help="Its nodes are removed after --ephemeral-timeout offline.")
+@click.option("--expiration", default="1h", show_default=True, help="Lifetime: 90s, 30m, 1h, 7d or never.")
+def authkey_create(
+    state_dir: Path,
+    db: str | None,
+    as_json: bool,
+    user: str | None,
+    tags: str,
+    reusable: bool,
+    ephemeral: bool,
+    expiration: str,
+) -> None:
     """Print a new pre-auth key (tskey-auth-...) for `tailpy up --auth-key`."""
-    from tailpy.control import Store
-
-    lifetime = parse_duration(expiration)
-    now = time.time()
-    store = Store(state_dir, create=False)
-    try:
-        key = store.create_auth_key(
-            reusable=reusable, expires=None if lifetime is None else now + lifetime, now=now
-        )
-    finally:
-        store.close()
-    click.echo(key.key)
+    args = {
+        "user": user,
+        "tags": [t for t in tags.split(",") if t.strip()],
+        "reusable": reusable,
+        "ephemeral": ephemeral,
+        "expiration": parse_duration(expiration),
+    }
+    result = _admin(state_dir, db, "authkey.create", args)
+    _out(as_json, result, result["key"])
 
 
 @authkey.command("list")
 @_state_dir
-def authkey_list(state_dir: Path) -> None:
-    """List pre-auth keys (prefix only), whether reusable, used, and when they expire."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from tailpy.control import Store
-
-    store = Store(state_dir, create=False)
-    try:
-        keys = store.list_auth_keys()
-    finally:
-        store.close()
-    table = Table("KEY", "REUSABLE", "USED", "EXPIRES")
+@_db
+@_json
+def authkey_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """List pre-auth keys (prefix only): owner or tags, reusable, ephemeral, used, expiry."""
+    result = _admin(state_dir, db, "authkey.list", {})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
     now = time.time()
-    for k in keys:
-        exp = "never" if k.expires is None else _when(k.expires, now)
-        table.add_row(k.key[:15] + "…", "yes" if k.reusable else "no", "yes" if k.used else "no", exp)
-    Console().print(table)
+    yn = {True: "yes", False: "no"}
+    _table(
+        ["ID", "KEY", "USER/TAGS", "REUSABLE", "EPHEMERAL", "USED", "EXPIRES"],
+        [
+            [
+                str(k["id"]),
+                k["key"],
+                k["user"] or ",".join(k["tags"]),
+                yn[k["reusable"]],
+                yn[k["ephemeral"]],
+                yn[k["used"]],
+                "never" if k["expires"] is None else _when(k["expires"], now),
+            ]
+            for k in result
+        ],
+    )
+
+
+@authkey.command("expire")
+@_state_dir
+@_db
+@_json
+@click.argument("key")
+def authkey_expire(state_dir: Path, db: str | None, as_json: bool, key: str) -> None:
+    """Make auth key KEY (its ID from `authkey list`, or the full key) expire now."""
+    _out(as_json, _admin(state_dir, db, "authkey.expire", {"key": key}), f"expired auth key {key}")
+
+
+# --- nodes ---
 
 
 @command.group("nodes")
@@ -155,53 +298,137 @@ def nodes() -> None:
 
 @nodes.command("list")
 @_state_dir
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of nodes) instead of a table.")
-def nodes_list(state_dir: Path, as_json: bool) -> None:
-    """List registered nodes: id, name, addresses, endpoints, last seen."""
-    from tailpy.control import Store
-
-    store = Store(state_dir, create=False)
-    try:
-        all_nodes = store.list_nodes()
-    finally:
-        store.close()
+@_db
+@_json
+def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """List nodes: id, name, owner, addresses, online, key expiry, last seen."""
+    result = _admin(state_dir, db, "nodes.list", {})
     if as_json:
-        click.echo(json.dumps([n.to_json() for n in all_nodes], indent=2))
+        click.echo(json.dumps(result, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("ID", "NAME", "HOSTNAME", "IPV4", "IPV6", "ENDPOINTS", "LAST SEEN", "NODE KEY")
     now = time.time()
-    for n in all_nodes:
-        seen = "-" if n.last_seen is None else _when(n.last_seen, now)
-        table.add_row(
-            str(n.id),
-            n.name,
-            n.hostname,
-            n.ipv4 or "",
-            n.ipv6 or "",
-            " ".join(n.endpoints),
-            seen,
-            n.node_key.short(),
-        )
-    Console().print(table)
+    _table(
+        ["ID", "NAME", "USER/TAGS", "IPV4", "IPV6", "OS", "ONLINE", "KEY EXPIRES", "LAST SEEN", "NODE KEY"],
+        [
+            [
+                str(n["id"]),
+                n["name"],
+                n["user"] or ",".join(n["tags"]),
+                _addr(n, 4),
+                _addr(n, 6),
+                n["os"],
+                "yes" if n["online"] else "no",
+                _expiry(n, now),
+                "-" if n["last_seen"] is None else _when(n["last_seen"], now),
+                n["node_key"][:16] + "…",
+            ]
+            for n in result
+        ],
+    )
+
+
+def _addr(n: dict[str, Any], version: int) -> str:
+    for a in n["addresses"]:
+        if (":" in a) == (version == 6):
+            return str(a).split("/")[0]
+    return ""
+
+
+def _expiry(n: dict[str, Any], now: float) -> str:
+    if n["expired"]:
+        return "expired"
+    return "never" if n["key_expiry"] is None else _when(n["key_expiry"], now)
+
+
+@nodes.command("show")
+@_state_dir
+@_db
+@_json
+@click.argument("node_id", type=int)
+def nodes_show(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
+    """Show node NODE_ID in full."""
+    n = _admin(state_dir, db, "nodes.show", {"id": node_id})
+    if as_json:
+        click.echo(json.dumps(n, indent=2))
+        return
+    now = time.time()
+    for k, v in [
+        ("id", n["id"]),
+        ("name", n["fqdn"]),
+        ("hostname", n["hostname"]),
+        ("user", n["user"] or "-"),
+        ("tags", ",".join(n["tags"]) or "-"),
+        ("os", n["os"] or "-"),
+        ("addresses", " ".join(n["addresses"])),
+        ("endpoints", " ".join(n["endpoints"]) or "-"),
+        ("online", "yes" if n["online"] else "no"),
+        ("key expiry", _expiry(n, now)),
+        ("node key", n["node_key"]),
+        ("machine key", n["machine_key"]),
+    ]:
+        click.echo(f"{k + ':':13} {v}")
+
+
+@nodes.command("rename")
+@_state_dir
+@_db
+@_json
+@click.argument("node_id", type=int)
+@click.argument("name")
+def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node_id: int, name: str) -> None:
+    """Rename node NODE_ID to NAME (a DNS label; refused when another node has it)."""
+    n = _admin(state_dir, db, "nodes.rename", {"id": node_id, "name": name})
+    _out(as_json, n, f"node {node_id} is now {n['fqdn']}")
+
+
+@nodes.command("expire")
+@_state_dir
+@_db
+@_json
+@click.argument("node_id", type=int)
+def nodes_expire(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
+    """Expire node NODE_ID's key now: peers stop talking to it until it logs in again with an auth key."""
+    n = _admin(state_dir, db, "nodes.expire", {"id": node_id})
+    _out(as_json, n, f"expired the key of node {node_id} ({n['name']})")
+
+
+@nodes.command("expiry")
+@_state_dir
+@_db
+@_json
+@click.argument("node_id", type=int)
+@click.option("--disable/--enable", "disable", required=True, help="Turn key expiry off or back on.")
+def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node_id: int, disable: bool) -> None:
+    """Disable key expiry for node NODE_ID (its key never expires), or enable it again (from now)."""
+    n = _admin(state_dir, db, "nodes.expiry", {"id": node_id, "disabled": disable})
+    _out(as_json, n, f"key expiry of node {node_id} ({n['name']}): {_expiry(n, time.time())}")
 
 
 @nodes.command("delete")
 @_state_dir
+@_db
+@_json
 @click.argument("node_id", type=int)
-def nodes_delete(state_dir: Path, node_id: int) -> None:
+def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
     """Remove node NODE_ID from the tailnet (its machine may rejoin with an auth key, same address)."""
-    from tailpy.control import Store
+    _out(as_json, _admin(state_dir, db, "nodes.delete", {"id": node_id}), f"deleted node {node_id}")
 
-    store = Store(state_dir, create=False)
-    try:
-        if not store.delete_node(node_id, time.time()):
-            raise ConfigError(f"there is no node {node_id}; see `tailpy control nodes list`")
-    finally:
-        store.close()
-    click.echo(f"deleted node {node_id}")
+
+for _cmd in (
+    users_create,
+    users_list,
+    users_delete,
+    authkey_create,
+    authkey_list,
+    authkey_expire,
+    nodes_list,
+    nodes_show,
+    nodes_rename,
+    nodes_expire,
+    nodes_expiry,
+    nodes_delete,
+):
+    _cmd.help = f"{_cmd.help}\n\n{ADMIN_NOTE}"
 
 
 def _when(t: float, now: float) -> str:

@@ -817,11 +817,16 @@ impl Shared {
                     self.send_to_peer(&peer, out);
                 }
             }
+            // The packet lives in `bufs.dst`, not in the session: release the peer's lock before the TUN
+            // write, which runs the host's whole receive path (inner TCP, its ACKs back into the TUN) and
+            // would otherwise stall this peer's TUN thread waiting to encrypt.
             TunnResult::WriteToTunnelV4(p, src) => {
+                drop(tunn);
                 self.authenticated(&peer, from, d.len());
                 self.deliver(st, &peer, p, src.into());
             }
             TunnResult::WriteToTunnelV6(p, src) => {
+                drop(tunn);
                 self.authenticated(&peer, from, d.len());
                 self.deliver(st, &peer, p, src.into());
             }

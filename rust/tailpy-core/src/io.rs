@@ -312,8 +312,15 @@ impl Tun for LinuxTun {
     }
 }
 
-/// Socket buffer size asked for (the kernel may cap it unless we are root, where SO_*BUFFORCE works).
+/// Send buffer size asked for (the kernel may cap it unless we are root, where SO_SNDBUFFORCE works).
 pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Receive buffer size asked for (forced as root; the kernel doubles it for bookkeeping, so ~512 KiB of
+/// skb truesize, ~220 full-size datagrams, a few ms at 1 Gbit/s). This buffer is where packets wait when
+/// the receive thread falls behind, so it is a queue every tunnelled flow shares: 8 MiB (16 MiB
+/// effective) let one TCP stream park megabytes in it and delay everything else, pings included. Kept
+/// small it bounds that delay, and as it counts bytes, small packets still fit when full-size ones do not.
+pub const RECV_BUFFER: usize = 256 << 10;
 
 /// A UDP socket bound to `[::]:port` accepting IPv4 too (falls back to `0.0.0.0:port` without IPv6).
 pub struct LinuxUdp {
@@ -364,9 +371,9 @@ impl LinuxUdp {
                 (s, false)
             }
         };
-        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_recv_buffer_size(RECV_BUFFER);
         let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-        force_buffer(sock.as_raw_fd(), libc::SO_RCVBUFFORCE, SOCKET_BUFFER);
+        force_buffer(sock.as_raw_fd(), libc::SO_RCVBUFFORCE, RECV_BUFFER);
         force_buffer(sock.as_raw_fd(), libc::SO_SNDBUFFORCE, SOCKET_BUFFER);
         sock.set_nonblocking(true)
             .map_err(|e| Error::Device(format!("cannot make the UDP socket nonblocking: {e}")))?;

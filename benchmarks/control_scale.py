@@ -1,0 +1,291 @@
+"""Control server scale: N simulated nodes streaming their netmaps from one `tailpy control serve` process.
+
+    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--json]
+
+The server is a real subprocess on 127.0.0.1 with its own state dir. Simulated nodes live in ``--workers``
+separate processes (each holding thousands of streams): each has its own machine key and NaCl boxes and talks
+the real protocol through ``ControlClient`` (``stream_messages``: every message is opened and checked, full
+netmaps are not parsed into Node objects). Measured, per N:
+
+* change: one node changes its endpoints; seconds until every other node has the delta (p50, p99, max);
+* join: a new node registers and opens its stream; seconds until every other node has seen it (p50, p99);
+* server CPU seconds (utime+stime from /proc/<pid>/stat) spent in the change and in the whole run, and its
+  peak RSS (VmHWM, MiB).
+
+Clients and server share the machine's cores, so figures are upper bounds of the server's own latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import nacl.public
+
+from tailpy.control.client import ControlClient
+from tailpy.keys import MachinePrivate, NodePublic
+
+TAILPY = str(Path(sys.executable).with_name("tailpy"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def server_cpu(pid: int) -> float:
+    """utime + stime of ``pid``, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def server_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def new_key() -> MachinePrivate:
+    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else float("nan")
+
+
+# --- worker process: many simulated nodes ---
+
+
+async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Connection) -> None:
+    sem = asyncio.Semaphore(32)
+    clients = [ControlClient(url, new_key(), stream_silence=600) for _ in range(count)]
+    node_keys = [NodePublic(bytes(nacl.public.PrivateKey.generate().public_key)) for _ in range(count)]
+
+    async def register(i: int) -> None:
+        async with sem:
+            await clients[i].register(node_keys[i], f"w{index}-{i}", auth_key)
+
+    await asyncio.gather(*(register(i) for i in range(count)))
+    pipe.send(("registered", count))
+
+    ready = asyncio.Event()
+    got_full = 0
+    seen: dict[bytes, dict[int, float]] = {}  # marker -> node index -> first arrival (monotonic)
+
+    async def follow(i: int) -> None:
+        nonlocal got_full
+        async with sem:
+            it = clients[i].stream_messages(node_keys[i], [f"192.0.2.{index}:{i + 1}"], f"w{index}-{i}")
+            first = True
+            async for msg in it:
+                now = time.monotonic()
+                if first:
+                    first = False
+                    got_full += 1
+                    if got_full == count:
+                        ready.set()
+                    sem.release()  # only connecting is throttled
+                    await asyncio.sleep(0)
+                    continue
+                for marker, times in seen.items():
+                    if i not in times and marker in msg.raw and (index, i) != (0, 0):  # (0, 0) moves
+                        times[i] = now
+            await sem.acquire()
+
+    tasks = [asyncio.create_task(follow(i)) for i in range(count)]
+    await ready.wait()
+    pipe.send(("ready", count))
+    loop = asyncio.get_running_loop()
+    while True:
+        cmd, arg = await loop.run_in_executor(None, pipe.recv)
+        if cmd == "watch":
+            seen[arg.encode()] = {}
+            pipe.send(("ok", None))
+        elif cmd == "collect":
+            marker, expect, deadline = arg
+            while len(seen[marker.encode()]) < expect and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            pipe.send(("times", list(seen[marker.encode()].values())))
+        elif cmd == "move":  # node 0 of this worker changes its endpoints to the marker
+            await clients[0].update_endpoints([arg])
+            pipe.send(("ok", None))
+        elif cmd == "stop":
+            break
+    for t in tasks:
+        t.cancel()
+    for c in clients:
+        await c.close()
+
+
+def worker(url: str, auth_key: str, count: int, index: int, pipe: Connection) -> None:
+    raise_nofile()
+    asyncio.run(worker_main(url, auth_key, count, index, pipe))
+
+
+# --- the run ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ask(pipes: list[Connection], cmd: str, arg: Any) -> list[Any]:
+    for p in pipes:
+        p.send((cmd, arg))
+    return [p.recv()[1] for p in pipes]
+
+
+def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
+    state = tempfile.mkdtemp(prefix="tailpy-control-scale-")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(Path(state) / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [TAILPY, "control", "serve", "--state-dir", state, "--listen", f"127.0.0.1:{port}"],
+        stdout=log,
+        stderr=log,
+    )
+    procs: list[mp.process.BaseProcess] = []
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        key = subprocess.run(
+            [
+                TAILPY,
+                "control",
+                "authkey",
+                "create",
+                "--state-dir",
+                state,
+                "--reusable",
+                "--expiration",
+                "1h",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[-1]
+        ctx = mp.get_context("spawn")
+        pipes: list[Connection] = []
+        per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
+        t0 = time.monotonic()
+        for i, count in enumerate(per):
+            a, b = ctx.Pipe()
+            proc_w = ctx.Process(target=worker, args=(url, key, count, i, b), daemon=True)
+            proc_w.start()
+            procs.append(proc_w)
+            pipes.append(a)
+        [p.recv() for p in pipes]
+        t_reg = time.monotonic() - t0
+        [p.recv() for p in pipes]
+        t_ready = time.monotonic() - t0
+
+        # One node changes its endpoints.
+        marker = "203.0.113.77:4242"
+        ask(pipes, "watch", marker)
+        cpu0 = server_cpu(proc.pid)
+        start = time.monotonic()
+        pipes[0].send(("move", marker))
+        pipes[0].recv()
+        expect = [c - (1 if i == 0 else 0) for i, c in enumerate(per)]
+        times: list[float] = []
+        for p, e in zip(pipes, expect, strict=True):
+            p.send(("collect", (marker, e, start + timeout)))
+        for p in pipes:
+            times += p.recv()[1]
+        change = [t - start for t in times]
+        cpu_change = server_cpu(proc.pid) - cpu0
+
+        # A node joins: registers and opens its stream; others see its node key.
+        async def join() -> tuple[float, str]:
+            c = ControlClient(url, new_key())
+            nk = NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
+            ask(pipes, "watch", nk.text())
+            begin = time.monotonic()
+            await c.register(nk, "joiner", key)
+            it = c.stream_messages(nk, ["198.51.100.9:9"], "joiner")
+            await it.__anext__()
+            await it.aclose()  # type: ignore[attr-defined]
+            await c.close()
+            return begin, nk.text()
+
+        begin, nk_text = asyncio.run(join())
+        for p, count in zip(pipes, per, strict=True):
+            p.send(("collect", (nk_text, count, begin + timeout)))
+        joined: list[float] = []
+        for p in pipes:
+            joined += [t - begin for t in p.recv()[1]]
+        for pipe in pipes:
+            pipe.send(("stop", None))
+        return {
+            "nodes": n,
+            "workers": workers,
+            "register_s": round(t_reg, 1),
+            "all_streams_ready_s": round(t_ready, 1),
+            "change_received": len(change),
+            "change_expected": n - 1,
+            "change_p50_s": round(pct(change, 50), 3),
+            "change_p99_s": round(pct(change, 99), 3),
+            "change_max_s": round(max(change, default=float("nan")), 3),
+            "join_received": len(joined),
+            "change_server_cpu_s": round(cpu_change, 2),
+            "join_p50_s": round(pct(joined, 50), 3),
+            "join_p99_s": round(pct(joined, 99), 3),
+            "server_cpu_total_s": round(server_cpu(proc.pid), 1),
+            "server_peak_rss_mib": round(server_hwm_mib(proc.pid), 1),
+        }
+    finally:
+        for w in procs:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", default="1000,10000", help="comma-separated node counts")
+    ap.add_argument("--workers", type=int, default=4, help="client processes")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a delta everywhere")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    raise_nofile()
+    rows = [run(int(n), args.workers, args.timeout) for n in args.nodes.split(",")]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    cols = list(rows[0])
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    print(f"({os.cpu_count()} cores shared by the server and the client processes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import nacl.public
@@ -95,7 +97,7 @@ def test_addresses_skip_reserved() -> None:
     assert str(first_free(IPV6_RANGE, used)) == "fd7a:115c:a1e0::54"
     net = ipaddress.IPv4Network("100.100.100.96/28")
     assert str(first_free(net, {"100.100.100.97", "100.100.100.98", "100.100.100.99"})) == "100.100.100.101"
-    with pytest.raises(ControlError, match="address pool 100.64.0.0/30 is exhausted"):
+    with pytest.raises(ControlError, match=r"address pool 100\.64\.0\.0/30 is exhausted"):
         first_free(ipaddress.IPv4Network("100.64.0.0/30"), {"100.64.0.1", "100.64.0.2"})
 
 
@@ -131,3 +133,158 @@ def test_expired_key(store: Store) -> None:
         AuthKeyError, match="is expired; create a new one with `tailpy control authkey create`"
     ):
         store.register(mkey(), nkey(), "y", key, NOW + 10)
+
+
+# --- users, tags, ephemeral, settings -----------------------------------------------------------------------
+
+
+def test_keys_carry_owner_tags_and_ephemerality(store: Store) -> None:
+    store.create_user("alice", NOW)
+    a = store.create_auth_key(reusable=False, expires=None, now=NOW, user="alice", ephemeral=True)
+    t = store.create_auth_key(reusable=True, expires=None, now=NOW, tags=["server", "tag:web"])
+    d = store.create_auth_key(reusable=True, expires=None, now=NOW)
+    assert (a.user, a.ephemeral, t.user, t.tags, d.user) == (
+        "alice",
+        True,
+        "",
+        ("tag:server", "tag:web"),
+        "default",
+    )
+    na = store.register(mkey(), nkey(), "a", a.key, NOW, os_name="linux")
+    nt = store.register(mkey(), nkey(), "t", t.key, NOW)
+    assert (na.user, na.tags, na.os) == ("alice", (), "linux")
+    assert (nt.user, nt.tags, nt.key_expiry) == ("", ("tag:server", "tag:web"), None)  # tagged: no expiry
+    assert na.key_expiry == NOW + 180 * 86400 and not na.expired
+    with pytest.raises(ConfigError, match="there is no user bob; create it with"):
+        store.create_auth_key(reusable=False, expires=None, now=NOW, user="bob")
+    with pytest.raises(ConfigError, match="not both"):
+        store.create_auth_key(reusable=False, expires=None, now=NOW, user="alice", tags=["x"])
+    with pytest.raises(ConfigError, match="still owns 1 node"):
+        store.delete_user("alice")
+    with pytest.raises(ConfigError, match="already exists"):
+        store.create_user("alice", NOW)
+    assert store.delete_node(na.id, NOW)
+    store.delete_user("alice")
+    assert [u.name for u in store.list_users()] == ["default"]
+
+
+def test_ephemeral_gc_spares_online_and_recent(store: Store) -> None:
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW, ephemeral=True).key
+    e1 = store.register(mkey(), nkey(), "e1", key, NOW)
+    e2 = store.register(mkey(), nkey(), "e2", key, NOW)
+    e3 = store.register(mkey(), nkey(), "e3", key, NOW + 100)
+    keeper = store.register(
+        mkey(), nkey(), "k", store.create_auth_key(reusable=True, expires=None, now=NOW).key, NOW
+    )
+    assert store.next_deadline(NOW, 60, online={e2.id}) == NOW + 60
+    assert store.ephemeral_gc(NOW + 60, 60, online={e2.id}) == [e1.id]
+    assert {n.id for n in store.list_nodes()} == {e2.id, e3.id, keeper.id}
+
+
+def test_settings_prefixes_and_exhaustion(store: Store) -> None:
+    assert store.settings().domain == "tailnet.internal"
+    cfg = store.configure(domain="Corp.Internal", prefix_v4="100.70.0.0/30")
+    assert (cfg.domain, str(cfg.prefix_v4)) == ("corp.internal", "100.70.0.0/30")
+    with pytest.raises(ConfigError, match=r"must lie within 100\.64\.0\.0/10"):
+        store.configure(prefix_v4="10.0.0.0/8")
+    with pytest.raises(ConfigError, match="is not a DNS name"):
+        store.configure(domain="bad domain")
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    assert [store.register(mkey(), nkey(), "n", key, NOW).ipv4 for _ in range(2)] == [
+        "100.70.0.1",
+        "100.70.0.2",
+    ]
+    with pytest.raises(ControlError, match=r"address pool 100.70.0.0/30 is exhausted.*--prefix-v4"):
+        store.register(mkey(), nkey(), "n", key, NOW)
+    assert len(store.list_nodes()) == 2  # the key and nothing else changed
+
+
+# --- expiry, logout, rotation -------------------------------------------------------------------------------
+
+
+def test_restart_needs_no_auth_even_with_expired_preauth_key(store: Store) -> None:  # C29a
+    key = store.create_auth_key(reusable=False, expires=NOW + 60, now=NOW).key
+    mk, nk = mkey(), nkey()
+    n = store.register(mk, nk, "pi", key, NOW)
+    again = store.register(mk, nk, "pi", None, NOW + 3600)
+    assert (again.id, again.name, again.addresses) == (n.id, n.name, n.addresses)
+
+
+def test_node_key_expiry_and_reauth(store: Store) -> None:
+    k1 = store.create_auth_key(reusable=False, expires=None, now=NOW).key
+    mk, nk = mkey(), nkey()
+    n = store.register(mk, nk, "pi", k1, NOW, key_lifetime=100)
+    assert store.next_deadline(NOW, 1800, online=()) == NOW + 100
+    assert store.expired_between(NOW, NOW + 99) == [] and store.expired_between(NOW + 99, NOW + 100) == [n.id]
+    assert store.list_nodes(NOW + 100)[0].expired
+    with pytest.raises(AuthKeyError, match="node key expired: pass an auth key"):
+        store.register(mk, nk, "pi", None, NOW + 101)
+    k2 = store.create_auth_key(reusable=False, expires=None, now=NOW).key
+    back = store.register(mk, nk, "pi", k2, NOW + 101, key_lifetime=100)  # same node key, re-auth
+    assert (back.id, back.name, back.addresses, back.expired, back.key_expiry) == (
+        n.id,
+        n.name,
+        n.addresses,
+        False,
+        NOW + 201,
+    )
+    off = store.set_key_expiry(n.id, disabled=True, now=NOW + 300)
+    assert (off.key_expiry, off.expired) == (None, False)
+    assert store.expire_node(n.id, NOW + 400).expired
+
+
+def test_logout_keeps_record_and_key_used_only_on_success(store: Store) -> None:  # C29c
+    mk, nk = mkey(), nkey()
+    n = store.register(mk, nk, "pi", store.create_auth_key(reusable=False, expires=None, now=NOW).key, NOW)
+    out = store.logout(mk, NOW + 1)
+    assert out is not None and out.expired and [x.id for x in store.list_nodes()] == [n.id]
+    with pytest.raises(AuthKeyError, match="logged out"):
+        store.register(mk, nk, "pi", None, NOW + 2)
+    single = store.create_auth_key(reusable=False, expires=None, now=NOW).key
+    other = store.register(
+        mkey(), nkey(), "o", store.create_auth_key(reusable=True, expires=None, now=NOW).key, NOW
+    )
+    with pytest.raises(ControlError, match="belongs to another machine"):
+        store.register(mk, other.node_key, "pi", single, NOW + 3)
+    assert not next(k for k in store.list_auth_keys() if k.key == single).used
+    back = store.register(mk, nkey(), "pi", single, NOW + 4)
+    assert (back.id, back.name, back.addresses, back.expired) == (n.id, n.name, n.addresses, False)
+    assert next(k for k in store.list_auth_keys() if k.key == single).used
+
+
+def test_rotation_keeps_identity(store: Store) -> None:
+    mk, old, new = mkey(), nkey(), nkey()
+    n = store.register(mk, old, "pi", store.create_auth_key(reusable=False, expires=None, now=NOW).key, NOW)
+    r = store.rotate_node_key(mk, old, new, NOW + 10, key_lifetime=50)
+    assert (r.id, r.name, r.addresses, r.node_key, r.key_expiry) == (n.id, n.name, n.addresses, new, NOW + 60)
+    with pytest.raises(ControlError, match="not this machine's current key"):
+        store.rotate_node_key(mk, old, nkey(), NOW + 11)
+
+
+# --- concurrency ------------------------------------------------------------------------------------------
+
+
+def test_concurrent_registrations_get_distinct_addresses(store: Store) -> None:
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    with ThreadPoolExecutor(10) as pool:
+        got = list(pool.map(lambda i: store.register(mkey(), nkey(), f"h{i % 3}", key, NOW), range(30)))
+    assert len({n.ipv4 for n in got}) == len({n.ipv6 for n in got}) == len({n.name for n in got}) == 30
+
+
+def _register_many(state_dir: str, key: str, count: int) -> list[str]:
+    s = Store(state_dir)
+    try:
+        return [str(s.register(mkey(), nkey(), "p", key, NOW).ipv4) for _ in range(count)]
+    finally:
+        s.close()
+
+
+def test_concurrent_processes_on_one_sqlite_file(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    key = s.create_auth_key(reusable=True, expires=None, now=NOW).key
+    s.close()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        results = list(pool.map(_register_many, [str(tmp_path)] * 4, [key] * 4, [5] * 4))
+    addrs = [a for r in results for a in r]
+    assert len(addrs) == len(set(addrs)) == 20

@@ -447,6 +447,7 @@ class ControlServer:
                 node = self.store.update_node(stream.machine_key, now=self.clock())
                 if node is not None:
                     self.mapper.publish(node)  # last_seen, offline
+                self._lifecycle()  # an ephemeral node's offline timeout starts now
             log.info("map stream closed for node %d", stream.node_id)
 
 

@@ -92,13 +92,12 @@ def start_tailpy(lab: Lab, mtu: int) -> Tunnel:
 
 
 def start_tailpy_product(lab: Lab, mtu: int) -> Tunnel:
-    """tailpy as users run it: a control server, then tailpyd + ``tailpy up`` on ``a`` and ``b``.
-
-    ``mtu`` is not used: tailpyd sets its own (``LabNode`` starts it with its default)."""
+    """tailpy as users run it: a control server, then tailpyd (``--mtu mtu``) + ``tailpy up`` on ``a`` and
+    ``b``, on the tailnet's bridged LAN."""
     net = LabTailnet(lab)
     net.start_control()
     key = net.authkey(reusable=True)
-    na, nb = net.add_node("a"), net.add_node("b")
+    na, nb = net.add_node("a", ("--mtu", str(mtu))), net.add_node("b", ("--mtu", str(mtu)))
     for node in (na, nb):
         node.up(key)
     na.wait_peers(1)

@@ -101,3 +101,43 @@ def test_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_admin_commands_json_and_sentences(tmp_path: Path) -> None:
+    Store(tmp_path).close()
+    env = {"TAILPY_CONTROL_STATE_DIR": str(tmp_path), "COLUMNS": "200"}
+
+    def run(*args: str) -> object:
+        r = CliRunner().invoke(cli, ["control", *args, "--json"], env=env)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    assert run("users", "create", "alice")["name"] == "alice"  # type: ignore[index]
+    k = run("authkey", "create", "--user", "alice", "--ephemeral")
+    assert isinstance(k, dict) and k["user"] == "alice" and k["ephemeral"] and not k["reusable"]
+    assert 3590 < k["expires"] - k["created"] <= 3600  # default 1 h
+    t = run("authkey", "create", "--tags", "tag:server,web", "--reusable", "--expiration", "never")
+    assert isinstance(t, dict) and t["tags"] == ["tag:server", "tag:web"] and t["expires"] is None
+    store = Store(tmp_path)
+    mk = lambda: MachinePublic(bytes(nacl.public.PrivateKey.generate().public_key))  # noqa: E731
+    nk = lambda: NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))  # noqa: E731
+    pi = store.register(mk(), nk(), "pi", str(t["key"]), time.time())
+    pi1 = store.register(mk(), nk(), "pi", str(k["key"]), time.time())
+    store.close()
+    listed = run("nodes", "list")
+    assert isinstance(listed, list) and [(n["name"], n["user"]) for n in listed] == [
+        ("pi", ""),
+        ("pi-1", "alice"),
+    ]
+    assert run("nodes", "show", str(pi.id))["fqdn"] == "pi.tailnet.internal"  # type: ignore[index]
+    r = CliRunner().invoke(cli, ["control", "nodes", "rename", str(pi1.id), "pi"], env=env)
+    assert r.exit_code == 1 and r.output == f"tailpy: name pi is taken by node {pi.id}\n"
+    assert run("nodes", "expire", str(pi1.id))["expired"] is True  # type: ignore[index]
+    assert run("nodes", "expiry", str(pi1.id), "--disable")["key_expiry"] is None  # type: ignore[index]
+    keys = run("authkey", "list")
+    assert isinstance(keys, list) and all(x["key"].endswith("…") for x in keys)
+    assert run("authkey", "expire", str(keys[0]["id"]))["expires"] is not None  # type: ignore[index]
+    r = CliRunner().invoke(cli, ["control", "users", "delete", "alice"], env=env)
+    assert r.exit_code == 1 and "still owns 1 node" in r.output
+    r = CliRunner().invoke(cli, ["control", "users", "list"], env=env)
+    assert r.exit_code == 0 and "alice" in r.output

@@ -71,7 +71,8 @@ def test_postgres_migrations_and_newer_schema(pg_url: str, tmp_path: Path, store
         Store(tmp_path, db=pg_url)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # psycopg's failed conn __del__
+# psycopg warns from a failed connection's __del__
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreachable_postgres_is_one_sentence(tmp_path: Path) -> None:
     from tailpy.errors import ConfigError
 

@@ -54,6 +54,10 @@ LOG_LIMIT = 65536
 
 KEEPALIVE = b'{"type":"keepalive"}'
 
+LARGE = 64 << 10
+"""Bytes above which a write waits its turn with full netmaps (at most ``full_map_concurrency`` at once), so
+that many streams catching up at once do not each hold a large message in their socket buffers."""
+
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
@@ -339,7 +343,12 @@ class Mapper:
                     await write(s.sealer.seal(body))
                 continue
             if s.queue:
-                await write(b"".join([s.sealer.seal(b) for b in s.take()]))
+                bodies = s.take()
+                if sum(map(len, bodies)) < LARGE:
+                    await write(b"".join([s.sealer.seal(b) for b in bodies]))
+                else:  # a merged delta of many nodes: bound the bytes in flight like full netmaps
+                    async with self._full_maps:
+                        await write(b"".join([s.sealer.seal(b) for b in bodies]))
                 continue
             s.wake.clear()
             try:

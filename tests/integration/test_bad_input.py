@@ -17,16 +17,23 @@ pytestmark = pytest.mark.lab
 
 # Sends, from one UDP socket, a datagram of every length 0..1500: random bytes, then the same lengths behind
 # each WireGuard message header (types 1-4 with the three zero bytes), which must not crash the parser.
+# Paced (a pause every 50 datagrams) so the kernel's socket buffer never overflows: every datagram must
+# reach the device to be counted.
 _GARBAGE = """
-import os, socket, sys
+import os, socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 dst = (sys.argv[1], int(sys.argv[2]))
 n = 0
+def send(d):
+    global n
+    s.sendto(d, dst); n += 1
+    if n % 50 == 0:
+        time.sleep(0.005)
 for length in range(0, 1501):
-    s.sendto(os.urandom(length), dst); n += 1
+    send(os.urandom(length))
 for t in (1, 2, 3, 4):
     for length in range(4, 1501, 7):
-        s.sendto(bytes([t, 0, 0, 0]) + os.urandom(length - 4), dst); n += 1
+        send(bytes([t, 0, 0, 0]) + os.urandom(length - 4))
 print(n)
 """
 

@@ -62,6 +62,7 @@ async def _up(
     auth_key: str | None,
     hostname: str | None,
     timeout: float,
+    force_reauth: bool,
     console: Console,
 ) -> dict[str, Any]:
     client = local(socket_path)
@@ -70,11 +71,13 @@ async def _up(
     except DaemonNotRunningError:
         console.print(f"starting tailpyd (state {state_dir}, socket {socket_path})")
         await _wait_daemon(client, _start_daemon(socket_path, state_dir), state_dir)
-    with console.status(f"registering with {login_server}"):
-        st = await client.up(login_server, auth_key, hostname)
+    with console.status(f"registering with {login_server or 'the login server'}"):
+        st = await client.up(login_server, auth_key, hostname, force_reauth)
     deadline = time.monotonic() + timeout
     with console.status("waiting for the netmap") as spinner:
         while st["backend_state"] != "Running":
+            if st["backend_state"] == "NeedsLogin":
+                raise TailpyError(st["error"] or "this node needs login: pass --auth-key")
             if time.monotonic() > deadline:
                 raise TailpyError(
                     f"not connected after {timeout:.0f} s (state {st['backend_state']}"
@@ -90,9 +93,9 @@ async def _up(
 @click.command("up")
 @click.option(
     "--login-server",
-    required=True,
+    default="",
     envvar="TAILPY_LOGIN_SERVER",
-    help="URL of the coordination server, e.g. http://192.0.2.1:8080.",
+    help="URL of the coordination server, e.g. http://192.0.2.1:8080 (default: the one used last).",
 )
 @click.option(
     "--auth-key",
@@ -102,6 +105,9 @@ async def _up(
 )
 @click.option("--hostname", default=None, help="Name to ask for (default: the host name).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the connection.")
+@click.option(
+    "--force-reauth", is_flag=True, help="Log in again with a new node key and --auth-key, even if logged in."
+)
 @socket_option
 @state_dir_option
 def command(
@@ -109,6 +115,7 @@ def command(
     auth_key: str | None,
     hostname: str | None,
     timeout: float,
+    force_reauth: bool,
     socket_path: str,
     state_dir: str,
 ) -> None:
@@ -122,6 +129,7 @@ def command(
             auth_key,
             hostname,
             timeout,
+            force_reauth,
             console,
         )
     )

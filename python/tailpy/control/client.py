@@ -197,16 +197,38 @@ class ControlClient:
             raise ControlError(f"control server answered HTTP {status}")
         return body
 
-    async def register(self, node_key: NodePublic, hostname: str, auth_key: str | None) -> Node:
+    async def register(
+        self,
+        node_key: NodePublic,
+        hostname: str,
+        auth_key: str | None,
+        *,
+        os: str = "",
+        old_node_key: NodePublic | None = None,
+        old_node_proof: str | None = None,
+    ) -> Node:
         """Register this machine with ``node_key`` and ``hostname``; returns its node (id, name, addresses).
 
-        ``auth_key`` (``tskey-auth-...``) is needed the first time and whenever the node key changes.
-        Raises AuthKeyError (unknown, expired or used-up key: the server's sentence) or ControlError.
+        ``auth_key`` (``tskey-auth-...``) is needed the first time, after logout or expiry, and when the node
+        key changes without a rotation proof. Rotation: ``old_node_key`` (the current key) with
+        ``old_node_proof`` from :func:`tailpy.proto.control.seal_rotation_proof` replaces it, no auth key.
+        ``os``: the node's operating system ("linux"). Raises AuthKeyError (unknown, expired or used-up key:
+        the server's sentence) or ControlError.
         """
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname}
         if auth_key is not None:
             body["auth_key"] = auth_key
+        if os:
+            body["os"] = os
+        if old_node_key is not None:
+            body["old_node_key"] = old_node_key.text()
+            body["old_node_proof"] = old_node_proof
         return self._node(await self._call("/machine/register", body))
+
+    async def logout(self, node_key: NodePublic) -> Node:
+        """Log this machine out: the server expires ``node_key`` and keeps the node record (id, address,
+        name) for the next registration with an auth key. Raises ControlError."""
+        return self._node(await self._call("/machine/logout", {"node_key": node_key.text()}))
 
     async def update_endpoints(self, endpoints: list[str]) -> None:
         """Tell the server this node's UDP endpoints ("ip:port" / "[ipv6]:port"); pushed to every peer."""

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailpy.asyncutil import wait_event
 from tailpy.keys import MachinePrivate, MachinePublic
 from tailpy.netmap import NetMap, Node
 from tailpy.proto import control as proto
@@ -351,9 +352,7 @@ class Mapper:
                         await write(b"".join([s.sealer.seal(b) for b in bodies]))
                 continue
             s.wake.clear()
-            try:
-                await asyncio.wait_for(s.wake.wait(), keepalive)
-            except asyncio.TimeoutError:
+            if not await wait_event(s.wake, keepalive):
                 await write(s.sealer.seal(KEEPALIVE))
 
 

@@ -346,6 +346,9 @@ class Store:
             self.engine.dispose()
             detail = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
             raise ConfigError(f"cannot open control database {self.where}: {detail}") from None
+        except BaseException:
+            self.engine.dispose()  # a newer schema, say: no pooled connection may outlive the error
+            raise
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,9 +1,9 @@
 """tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
 
-Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname}),
-``POST /localapi/v0/down``, ``GET /localapi/v0/whois?addr=IP``. Errors: ``{"error": "<one sentence>"}``
-with status 400 (bad request), 401 (auth key refused), 404 (no such node), 502 (control unreachable or
-refused).
+Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname,
+force_reauth}), ``POST /localapi/v0/down``, ``POST /localapi/v0/logout``, ``GET /localapi/v0/whois?addr=IP``.
+Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 404 (no such
+node), 502 (control unreachable or refused).
 """
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
         except ValueError:
             return _error(400, ConfigError("request body is not JSON"))
         try:
-            await backend.up(str(body.get("login_server", "")), body.get("auth_key"), body.get("hostname"))
+            await backend.up(
+                str(body.get("login_server", "")),
+                body.get("auth_key"),
+                body.get("hostname"),
+                force_reauth=bool(body.get("force_reauth", False)),
+            )
         except AuthKeyError as e:
             return _error(401, e)
         except ConfigError as e:
@@ -61,6 +66,14 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
         if node is None:
             return _error(404, ConfigError(f"no node in this tailnet has address {addr}"))
         return web.json_response(node)
+
+    @routes.post(PREFIX + "/logout")
+    async def logout(request: web.Request) -> web.Response:
+        try:
+            await backend.logout()
+        except ControlError as e:
+            return _error(502, e)
+        return web.json_response(backend.status())
 
     @routes.post(PREFIX + "/down")
     async def down(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import platform
 import random
 import socket
 import time
@@ -18,15 +19,19 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from tailpy import netmap as nm
+from tailpy.asyncutil import wait_event
 from tailpy.control import ControlClient
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
-from tailpy.keys import DiscoPrivate
+from tailpy.keys import DiscoPrivate, NodePrivate
+from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.daemon")
 
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
+ROTATE_BEFORE = 7 * 86400.0  # seconds before node key expiry to rotate it (at most half its lifetime)
+OS_NAME = platform.system().lower()  # "linux", as the node reports it to control
 ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
@@ -49,6 +54,7 @@ class DataPlane(Protocol):
         preshared_key: bytes | None = None,
     ) -> None: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
+    def set_private_key(self, private_key: bytes) -> None: ...
     def peers(self) -> Any: ...
     def stats(self) -> Any: ...
     def close(self) -> None: ...
@@ -78,6 +84,7 @@ class Backend:
         *,
         tun_mtu: int = 1280,
         configure_os: bool = True,
+        rotate_before: float = ROTATE_BEFORE,
     ) -> None:
         self.store = store
         self.state_data: NodeState = store.load_or_create()
@@ -95,6 +102,8 @@ class Backend:
         self._session: asyncio.Task[None] | None = None
         self._endpoints: list[str] = []
         self.changed = asyncio.Event()
+        self._netmap_changed = asyncio.Event()
+        self._rotate_before = rotate_before
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -103,35 +112,50 @@ class Backend:
         s = self.state_data
         if s.want_running and s.login_server and s.node_id is not None:
             self._set_state("Starting")
+            if s.pending_node_key is not None:
+                await self._finish_pending_rotation()
             self._ensure_device()
             self._start_session()
         else:
             self._set_state("NeedsLogin")
 
-    async def up(self, login_server: str, auth_key: str | None, hostname: str | None) -> None:
+    async def up(
+        self, login_server: str, auth_key: str | None, hostname: str | None, *, force_reauth: bool = False
+    ) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
-        the netmap. Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a bad
-        URL."""
+        the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
+        Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a bad URL."""
+        s = self.state_data
+        login_server = login_server or s.login_server
+        if not login_server:
+            raise ConfigError("no login server yet: pass --login-server URL")
         if not login_server.startswith(("http://", "https://")):
             raise ConfigError(f"login server {login_server!r} must be an http:// or https:// URL")
-        s = self.state_data
         new_server = login_server.rstrip("/") != s.login_server
         if new_server and s.login_server:
             s.node_id, s.addresses = None, ()
-        if s.node_id is None and not auth_key:
+        if (s.node_id is None or force_reauth) and not auth_key:
             raise AuthKeyError(
-                "this node is not registered yet: pass --auth-key (create one with "
-                "`tailpy control authkey create`)"
+                (
+                    "--force-reauth needs a new --auth-key"
+                    if force_reauth
+                    else "this node is not registered yet: pass --auth-key"
+                )
+                + " (create one with `tailpy control authkey create`)"
             )
         await self._stop_session()
         s.login_server = login_server.rstrip("/")
         s.hostname = hostname or s.hostname or socket.gethostname()
+        node_key = NodePrivate.generate() if force_reauth else s.node_key
         client = ControlClient(s.login_server, s.machine_key)
         try:
-            node = await client.register(s.node_key.public, s.hostname, auth_key or None)
+            node = await client.register(node_key.public, s.hostname, auth_key or None, os=OS_NAME)
         finally:
             await client.close()
+        if node_key is not s.node_key:
+            self._adopt_node_key(node_key)
         s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
+        s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
         self.store.save(s)
         self.last_error = ""
         self._set_state("Starting")
@@ -147,6 +171,26 @@ class Backend:
         self._close_device()
         self.netmap = None
         self._set_state("Stopped")
+
+    async def logout(self) -> None:
+        """Log out: control expires this node's key (the record, address and name stay for the next login),
+        the tunnel goes away, and a new node key waits for the next ``up --auth-key``.
+        Raises ControlError when control cannot be told."""
+        s = self.state_data
+        if s.login_server and s.node_id is not None:
+            client = ControlClient(s.login_server, s.machine_key)
+            try:
+                await client.logout(s.node_key.public)
+            finally:
+                await client.close()
+        await self._stop_session()
+        self._close_device()
+        self._adopt_node_key(NodePrivate.generate())
+        s.node_id, s.addresses, s.want_running, s.node_key_issued = None, (), False, None
+        self.store.save(s)
+        self.netmap = None
+        self.last_error = ""
+        self._set_state("NeedsLogin")
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
@@ -167,18 +211,26 @@ class Backend:
         self.control_connected = False
 
     async def _run_session(self) -> None:
-        s = self.state_data
+        """Follow the netmap stream, reconnecting with backoff; rotate the node key when it is due (then
+        reconnect at once with the new key)."""
         delays = backoff_delays()
         while True:
-            client = ControlClient(s.login_server, s.machine_key)
-            refresher = asyncio.create_task(self._refresh_endpoints(client))
+            client = ControlClient(self.state_data.login_server, self.state_data.machine_key)
+            tasks = {
+                asyncio.create_task(self._follow(client), name="follow"),
+                asyncio.create_task(self._rotate_when_due(client), name="rotate"),
+                asyncio.create_task(self._refresh_endpoints(client), name="endpoints"),
+            }
+            rotated = False
             try:
-                self._endpoints = self._local_endpoints()
-                async for netmap in client.stream_map(s.node_key.public, self._endpoints, s.hostname):
-                    self.control_connected = True
-                    self.last_error = ""
-                    delays = backoff_delays()
-                    self.apply_netmap(netmap)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.get_name() == "rotate" and task.exception() is None:
+                        rotated = True
+                    else:
+                        task.result()  # raises what ended it
+                if not rotated:
+                    raise ControlError("control server ended the map stream")
             except asyncio.CancelledError:
                 raise
             except TailpyError as e:
@@ -188,11 +240,86 @@ class Backend:
                 self.last_error = f"control session failed: {e!r}"
                 log.exception("control session failed")
             finally:
-                refresher.cancel()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 self.control_connected = False
                 await client.close()
             self.changed.set()
+            if rotated:
+                delays = backoff_delays()
+                continue
             await asyncio.sleep(next(delays))
+
+    async def _follow(self, client: ControlClient) -> None:
+        s = self.state_data
+        self._endpoints = self._local_endpoints()
+        async for netmap in client.stream_map(s.node_key.public, self._endpoints, s.hostname):
+            self.control_connected = True
+            if self.backend_state != "NeedsLogin" or not netmap.self_node.expired:
+                self.last_error = ""
+            self.apply_netmap(netmap)
+            self._netmap_changed.set()
+
+    # -- node key rotation -------------------------------------------------------------------------------
+
+    def rotate_at(self) -> float | None:
+        """Unix time at which to rotate the node key: ``rotate_before`` seconds before it expires, but no
+        earlier than half its lifetime; None when rotation is off, the key never expires or has expired."""
+        me = self.netmap.self_node if self.netmap else None
+        if self._rotate_before <= 0 or me is None or me.key_expiry is None or me.expired:
+            return None
+        issued = self.state_data.node_key_issued or time.time()
+        lead = min(self._rotate_before, max(0.0, me.key_expiry - issued) / 2)
+        return me.key_expiry - lead
+
+    async def _rotate_when_due(self, client: ControlClient) -> None:
+        """Return once the node key has been rotated (the session then reconnects with the new key)."""
+        while True:
+            due = self.rotate_at()
+            wait = 3600.0 if due is None else due - time.time()
+            if wait <= 0:
+                await self._rotate(client)
+                return
+            self._netmap_changed.clear()
+            await wait_event(self._netmap_changed, min(wait, 3600.0))
+
+    async def _rotate(self, client: ControlClient) -> None:
+        """Replace the node key: prove the old one to control, then switch the data plane. Peers learn the
+        new key from their netmaps; traffic resumes after one handshake."""
+        s = self.state_data
+        new = s.pending_node_key or NodePrivate.generate()
+        s.pending_node_key = new
+        self.store.save(s)
+        proof = proto.seal_rotation_proof(s.node_key, await client.server_key(), new.public, time.time())
+        await client.register(
+            new.public, s.hostname, None, os=OS_NAME, old_node_key=s.node_key.public, old_node_proof=proof
+        )
+        log.info("node key rotated: %s -> %s", s.node_key.public.short(), new.public.short())
+        self._adopt_node_key(new)
+        s.node_key_issued = time.time()
+        self.store.save(s)
+
+    async def _finish_pending_rotation(self) -> None:
+        """At start, after a crash mid-rotation: if control took the pending key, adopt it; else drop it."""
+        s = self.state_data
+        pending, s.pending_node_key = s.pending_node_key, None
+        assert pending is not None
+        client = ControlClient(s.login_server, s.machine_key)
+        try:
+            await client.register(pending.public, s.hostname, None, os=OS_NAME)
+            self._adopt_node_key(pending)
+            s.node_key_issued = time.time()
+        except ControlError as e:
+            log.info("pending node key not taken by control (%s); keeping the current one", e)
+        finally:
+            await client.close()
+        self.store.save(s)
+
+    def _adopt_node_key(self, key: NodePrivate) -> None:
+        self.state_data.node_key, self.state_data.pending_node_key = key, None
+        if self.device is not None:
+            self.device.set_private_key(key.raw)
 
     async def _refresh_endpoints(self, client: ControlClient) -> None:
         while True:

@@ -57,10 +57,19 @@ class LocalClient:
     async def status(self) -> dict[str, Any]:
         return await self._call("GET", "/status")
 
-    async def up(self, login_server: str, auth_key: str | None, hostname: str | None) -> dict[str, Any]:
-        return await self._call(
-            "POST", "/up", {"login_server": login_server, "auth_key": auth_key, "hostname": hostname}
-        )
+    async def up(
+        self, login_server: str, auth_key: str | None, hostname: str | None, force_reauth: bool = False
+    ) -> dict[str, Any]:
+        body = {
+            "login_server": login_server,
+            "auth_key": auth_key,
+            "hostname": hostname,
+            "force_reauth": force_reauth,
+        }
+        return await self._call("POST", "/up", body)
+
+    async def logout(self) -> dict[str, Any]:
+        return await self._call("POST", "/logout")
 
     async def whois(self, address: str) -> dict[str, Any]:
         """The node owning tailnet ``address``; raises ConfigError when none does."""

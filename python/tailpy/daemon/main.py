@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import click
 
 from tailpy.daemon.api import make_app, serve
-from tailpy.daemon.backend import Backend
+from tailpy.daemon.backend import ROTATE_BEFORE, Backend
 from tailpy.daemon.client import default_socket, default_state_dir
 from tailpy.daemon.state import StateStore
 from tailpy.errors import TailpyError
@@ -19,17 +20,28 @@ from tailpy.errors import TailpyError
 log = logging.getLogger("tailpy.daemon")
 
 
-async def run(state_dir: str, socket_path: str, tun: str, port: int, mtu: int, exit_on_down: bool) -> None:
+def _log_tasks() -> None:
+    """SIGUSR1: log the stack of every asyncio task (what the daemon is waiting on)."""
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
+
+async def run(
+    state_dir: str, socket_path: str, tun: str, port: int, mtu: int, exit_on_down: bool, rotate_before: float
+) -> None:
     from tailpy._native import Device
 
     def factory(private_key: bytes) -> Device:
         return Device(private_key, tun_name=tun, listen_port=port, mtu=mtu)
 
-    backend = Backend(StateStore(state_dir), factory, tun_mtu=mtu)
+    backend = Backend(StateStore(state_dir), factory, tun_mtu=mtu, rotate_before=rotate_before)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
     runner = await serve(make_app(backend, on_down=stop.set if exit_on_down else None), socket_path)
     log.info("tailpyd listening on %s (state %s)", socket_path, state_dir)
     try:
@@ -65,9 +77,23 @@ async def run(state_dir: str, socket_path: str, tun: str, port: int, mtu: int, e
 @click.option(
     "--exit-on-down", is_flag=True, help="Exit after `tailpy down` (used when `tailpy up` starts it)."
 )
+@click.option(
+    "--rotate-before",
+    default=ROTATE_BEFORE,
+    show_default=True,
+    type=float,
+    help="Seconds before the node key expires to rotate it (at most half its lifetime; 0 = never rotate).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(
-    state_dir: str, socket_path: str, tun: str, port: int, mtu: int, exit_on_down: bool, verbose: bool
+    state_dir: str,
+    socket_path: str,
+    tun: str,
+    port: int,
+    mtu: int,
+    exit_on_down: bool,
+    rotate_before: float,
+    verbose: bool,
 ) -> None:
     """tailpyd: the tailpy node daemon."""
     logging.basicConfig(
@@ -76,7 +102,7 @@ def main(
         stream=sys.stderr,
     )
     try:
-        asyncio.run(run(state_dir, socket_path, tun, port, mtu, exit_on_down))
+        asyncio.run(run(state_dir, socket_path, tun, port, mtu, exit_on_down, rotate_before))
     except TailpyError as e:
         click.echo(f"tailpyd: {e}", err=True)
         sys.exit(1)

@@ -31,6 +31,10 @@ class NodeState:
     node_id: int | None = None
     addresses: tuple[str, ...] = ()
     want_running: bool = False
+    node_key_issued: float | None = None  # unix seconds the control server accepted node_key
+    # A rotation in flight: the new key is saved before control hears of it, so a crash between control
+    # accepting it and this file recording it cannot strand the node (the next start tries it first).
+    pending_node_key: NodePrivate | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +46,8 @@ class NodeState:
             "node_id": self.node_id,
             "addresses": list(self.addresses),
             "want_running": self.want_running,
+            "node_key_issued": self.node_key_issued,
+            "pending_node_key": self.pending_node_key.text() if self.pending_node_key else None,
         }
 
     @classmethod
@@ -54,6 +60,10 @@ class NodeState:
             node_id=obj.get("node_id"),
             addresses=tuple(obj.get("addresses", ())),
             want_running=bool(obj.get("want_running", False)),
+            node_key_issued=obj.get("node_key_issued"),
+            pending_node_key=NodePrivate.from_text(obj["pending_node_key"])
+            if obj.get("pending_node_key")
+            else None,
         )
 
 

@@ -138,14 +138,17 @@ class LabTailnet:
         self.lan: Lan = lab.lan("lan0", [self.control_host], subnet=subnet, subnet6=subnet6)
         self.control_state = self.root / "control"
         self.control_proc: Any = None
+        self.control_args: tuple[str, ...] = ()
         self.nodes: dict[str, LabNode] = {}
 
     @property
     def control_url(self) -> str:
         return f"http://{self.lan.ip(self.control_host)}:{CONTROL_PORT}"
 
-    def start_control(self) -> str:
-        """Start ``tailpy control serve`` and wait until it answers; returns its URL."""
+    def start_control(self, *args: str) -> str:
+        """Start ``tailpy control serve [args]`` and wait until it answers; returns its URL. The arguments
+        are kept for later restarts."""
+        self.control_args = args or self.control_args
         self.control_state.mkdir(parents=True, exist_ok=True)
         logf = open(self.root / "control.log", "a")  # noqa: SIM115 - the child owns it
         self.control_proc = self.control_host.python(
@@ -156,6 +159,7 @@ class LabTailnet:
             str(self.control_state),
             "--listen",
             f"0.0.0.0:{CONTROL_PORT}",
+            *self.control_args,
             stdout=logf,
             stderr=logf,
         )
@@ -176,11 +180,18 @@ class LabTailnet:
             stop_process(self.control_proc)
             self.control_proc = None
 
-    def authkey(self, reusable: bool = True) -> str:
+    def control(self, *args: str, check: bool = True) -> str:
+        """Run ``tailpy control <args> --state-dir <the server's>`` on the control host; returns stdout."""
+        argv = tailpy_argv("control", *args, "--state-dir", str(self.control_state))
+        return self.control_host.run(argv, check=check).stdout
+
+    def authkey(self, reusable: bool = True, expiration: str | None = None) -> str:
         """A new pre-auth key from ``tailpy control authkey create``."""
         args = ["control", "authkey", "create", "--state-dir", str(self.control_state)]
         if reusable:
             args.append("--reusable")
+        if expiration:
+            args += ["--expiration", expiration]
         return self.control_host.run(tailpy_argv(*args)).stdout.strip().splitlines()[-1]
 
     def add_node(self, name: str, daemon_args: tuple[str, ...] = ()) -> LabNode:

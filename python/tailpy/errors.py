@@ -39,6 +39,10 @@ class AuthKeyError(ControlError):
     """An auth key is unknown, expired or already used."""
 
 
+class NotRegisteredError(ControlError):
+    """The control server does not know this machine (never registered, or deleted by an admin)."""
+
+
 class DaemonNotRunningError(TailpyError):
     """No tailpyd answers on the local API socket."""
 
@@ -55,6 +59,7 @@ __all__ = [
     "DeviceError",
     "InvalidKeyError",
     "LabError",
+    "NotRegisteredError",
     "ParseError",
     "PermissionDeniedError",
     "TailpyError",

@@ -103,3 +103,22 @@ def test_prefixes_are_unique_and_names_checked(lab: Lab) -> None:
         lab.host("a")
     with pytest.raises(LabError, match="outside the lab's address ranges"):
         lab.lan("bad", subnet="10.0.0.0/24")
+
+
+SLOW_TO_STOP = SIGNALLED.replace('["sleep", "600"]', '["sh", "-c", "trap \'\' TERM; sleep 600"]')
+
+
+def test_a_second_interrupt_during_cleanup_does_not_stop_it() -> None:
+    """A double Ctrl-C (or `timeout -s INT`, which signals the whole group) must not leave the lab behind:
+    the second signal arrives while close() waits for a process that ignores SIGTERM."""
+    argv = [sys.executable, "-c", SLOW_TO_STOP]
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        prefix = proc.stdout.readline().strip()
+        proc.send_signal(signal.SIGINT)
+        assert "removing the lab" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)  # close() is now waiting out the grace period
+        assert proc.wait(timeout=30) == 128 + signal.SIGINT
+        assert not [line for line in _netns_list().splitlines() if line.startswith(prefix)]

@@ -16,15 +16,16 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
+from tailpy.cli.status import render
 from tailpy.errors import TailpyError
 
 
-def _ping_summary(out: str) -> str:
+def _ping_figures(out: str) -> tuple[float | None, float | None]:
+    """(loss percent, average RTT in ms) from ping(8)'s summary."""
     loss = re.search(r"(\d+(?:\.\d+)?)% packet loss", out)
     rtt = re.search(r"= [\d.]+/([\d.]+)/", out)
-    return f"{loss.group(1) if loss else '?'}% loss, avg {rtt.group(1) if rtt else '?'} ms"
+    return (float(loss.group(1)) if loss else None, float(rtt.group(1)) if rtt else None)
 
 
 def run_demo(seconds: int, console: Console) -> dict[str, Any]:
@@ -53,11 +54,13 @@ def run_demo(seconds: int, console: Console) -> dict[str, Any]:
         b.wait_peers(1)
         result["connect_seconds"] = round(time.monotonic() - t0, 2)
         ip_a, ip_b = a.ip(), b.ip()
+        result["pings"] = []
         for src, dst, addr in ((a, b, ip_b), (b, a, ip_a), (a, b, b.ip6())):
-            out = src.ping(addr, count=5)
-            summary = _ping_summary(out)
-            result[f"ping {src.name}→{dst.name} {addr}"] = summary
-            console.print(f"[bold]ping[/] {src.name} → {dst.name} ({addr}): {summary}")
+            loss, avg = _ping_figures(src.ping(addr, count=5))
+            result["pings"].append(
+                {"from": src.name, "to": dst.name, "address": addr, "loss_percent": loss, "avg_ms": avg}
+            )
+            console.print(f"[bold]ping[/] {src.name} → {dst.name} ({addr}): {loss}% loss, avg {avg} ms")
         server = b.host.popen(["iperf3", "-s", "-1", "-B", ip_b])
         time.sleep(0.5)
         out = a.host.run(["iperf3", "-c", ip_b, "-t", str(seconds), "-J"], timeout=seconds + 30).stdout
@@ -66,19 +69,8 @@ def run_demo(seconds: int, console: Console) -> dict[str, Any]:
         gbps = rep["end"]["sum_received"]["bits_per_second"] / 1e9
         result["iperf3_gbit_per_s"] = round(gbps, 3)
         console.print(f"[bold]iperf3[/] {a.name} → {b.name} over the tunnel, {seconds} s: {gbps:.2f} Gbit/s")
-        st = a.status()
-        table = Table(title=f"tailpy status on {a.name}", box=None)
-        for col in ("peer", "address", "path", "tx", "rx"):
-            table.add_column(col)
-        for p in st["peers"]:
-            table.add_row(
-                p["name"],
-                p["addresses"][0],
-                f"direct {p['endpoint']}",
-                f"{p['tx_bytes'] / 1e6:.1f} MB",
-                f"{p['rx_bytes'] / 1e6:.1f} MB",
-            )
-        console.print(table)
+        console.print(f"[bold]tailpy status[/] on {a.name}:")
+        render(a.status(), console)
     console.print("[bold]cleaned up[/]: namespaces, processes and files removed")
     return result
 

@@ -16,10 +16,8 @@ def command(only4: bool, only6: bool, socket_path: str) -> None:
     """Print this node's tailnet addresses, one a line."""
     st = run(local(socket_path).status())
     addrs = [a.split("/")[0] for a in st["self"]["addresses"]]
-    if only4:
-        addrs = [a for a in addrs if ":" not in a]
-    if only6:
-        addrs = [a for a in addrs if ":" in a]
+    if only4 != only6:  # one flag narrows; both or neither print every address
+        addrs = [a for a in addrs if (":" in a) == only6]
     if not addrs:
         raise TailpyError("this node has no tailnet address yet: run `tailpy up`")
     for a in addrs:

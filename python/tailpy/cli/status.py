@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from tailpy.cli.common import json_option, local, run, socket_option
 
@@ -66,18 +65,24 @@ def render(st: dict[str, Any], console: Console) -> None:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
     for warning in st.get("health", []):
         console.print(f"[yellow]health:[/] {warning}")
-    table = Table(box=None, pad_edge=False, show_header=False)
-    for _ in range(5):
-        table.add_column()
 
     def first_ip(n: dict[str, Any]) -> str:
         return str((n["addresses"] or ["-"])[0]).split("/")[0]
 
+    rows: list[tuple[str, ...]] = []
     if me["addresses"]:
-        table.add_row(first_ip(me), me["name"] or me["hostname"], _owner(me), me.get("os") or "-", "-")
+        rows.append((first_ip(me), me["name"] or me["hostname"], _owner(me), me.get("os") or "-", "-"))
     for p in st["peers"]:
-        table.add_row(first_ip(p), p["name"], _owner(p), p["os"] or "-", peer_state(p, now))
-    console.print(table)
+        rows.append((first_ip(p), p["name"], _owner(p), p["os"] or "-", peer_state(p, now)))
+    # Plain aligned columns, never wrapped or cut, whatever the terminal width (as `tailscale status`).
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
+    for r in rows:
+        console.print(
+            "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4],
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @click.command("status")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,12 +16,20 @@ from rich.console import Console
 
 from tailpy.cli.common import local, run, socket_option, state_dir_option
 from tailpy.daemon.client import LocalClient
-from tailpy.errors import DaemonNotRunningError, TailpyError
+from tailpy.errors import ConfigError, DaemonNotRunningError, PermissionDeniedError, TailpyError
 
 
 def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
-    Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    log = open(Path(state_dir) / "tailpyd.log", "ab")  # noqa: SIM115 - handed to the child
+    if os.geteuid() != 0:
+        raise PermissionDeniedError(
+            "tailpy up needs root to start tailpyd (it creates a TUN device, which needs CAP_NET_ADMIN): "
+            "run it with sudo"
+        )
+    try:
+        Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        log = open(Path(state_dir) / "tailpyd.log", "ab")  # noqa: SIM115 - handed to the child
+    except OSError as e:
+        raise ConfigError(f"cannot use state directory {state_dir}: {e.strerror}") from None
     return subprocess.Popen(
         [
             sys.executable,
@@ -66,16 +75,26 @@ async def _up(
     console: Console,
 ) -> dict[str, Any]:
     client = local(socket_path)
+    started = False
     try:
         await client.status()
     except DaemonNotRunningError:
-        console.print(f"starting tailpyd (state {state_dir}, socket {socket_path})")
+        console.print(f"starting tailpyd (state {state_dir}, socket {socket_path}, log tailpyd.log there)")
         await _wait_daemon(client, _start_daemon(socket_path, state_dir), state_dir)
-    with console.status(f"registering with {login_server or 'the login server'}"):
-        st = await client.up(login_server, auth_key, hostname, force_reauth)
+        started = True
+    try:
+        with console.status(f"registering with {login_server or 'the login server'}"):
+            st = await client.up(login_server, auth_key, hostname, force_reauth)
+    except TailpyError:
+        if started:  # leave nothing running behind a failed first `up`
+            with contextlib.suppress(TailpyError):
+                await client.down()
+        raise
     deadline = time.monotonic() + timeout
     with console.status("waiting for the netmap") as spinner:
         while st["backend_state"] != "Running":
+            if not st["control_connected"] and st.get("error"):
+                spinner.update(f"waiting for control ({st['error']})")
             if st["backend_state"] == "NeedsLogin":
                 raise TailpyError(st["error"] or "this node needs login: pass --auth-key")
             if time.monotonic() > deadline:
@@ -104,7 +123,13 @@ async def _up(
     help="Pre-auth key from `tailpy control authkey create` (not needed to reconnect).",
 )
 @click.option("--hostname", default=None, help="Name to ask for (default: the host name).")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the connection.")
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds to wait for the connection.",
+)
 @click.option(
     "--force-reauth", is_flag=True, help="Log in again with a new node key and --auth-key, even if logged in."
 )

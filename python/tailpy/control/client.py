@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
+from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, NotRegisteredError, ParseError
 from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
 from tailpy.proto import control as proto
@@ -137,7 +137,12 @@ class ControlClient:
         return self._session
 
     def _unreachable(self, e: BaseException) -> ControlError:
-        detail = str(e) or type(e).__name__
+        if isinstance(e, aiohttp.ClientConnectorError):
+            detail = e.os_error.strerror or str(e.os_error)  # not aiohttp's "ssl:default [...]" wording
+        elif isinstance(e, asyncio.TimeoutError):
+            detail = "timed out"
+        else:
+            detail = str(e) or type(e).__name__
         return ControlError(f"cannot reach control server at {self.server_url}: {detail}")
 
     async def close(self) -> None:
@@ -191,7 +196,11 @@ class ControlClient:
                 f"bad response from control server at {self.server_url} (HTTP {status}): {e}"
             ) from None
         if "error" in body:
-            cls = AuthKeyError if body.get("kind") == "auth_key" else ControlError
+            cls: type[ControlError] = ControlError
+            if body.get("kind") == "auth_key":
+                cls = AuthKeyError
+            elif status == 403:
+                cls = NotRegisteredError
             raise cls(str(body["error"]))
         if status != 200:
             raise ControlError(f"control server answered HTTP {status}")

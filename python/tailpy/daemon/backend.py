@@ -15,6 +15,7 @@ import platform
 import random
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -23,7 +24,7 @@ from tailpy.asyncutil import wait_event
 from tailpy.control import ControlClient
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
-from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
+from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.proto import control as proto
 
@@ -55,12 +56,31 @@ class DataPlane(Protocol):
     ) -> None: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
     def set_private_key(self, private_key: bytes) -> None: ...
+    def fileno(self) -> int: ...
+    def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
     def peers(self) -> Any: ...
     def stats(self) -> Any: ...
     def close(self) -> None: ...
 
 
 DeviceFactory = Callable[[bytes], DataPlane]
+
+
+def check_login_server(url: str) -> str:
+    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port.
+    Raises ConfigError with what is wrong."""
+    if not url:
+        raise ConfigError("no login server yet: pass --login-server URL")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise ConfigError(f"login server {url!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"login server {url!r} must be an http:// or https:// URL with a host, e.g. http://192.0.2.1:8080"
+        )
+    return url.rstrip("/")
 
 
 def backoff_delays(rng: random.Random | None = None) -> Any:
@@ -103,6 +123,7 @@ class Backend:
         self._endpoints: list[str] = []
         self.changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
+        self.ignored_datagrams = 0  # STUN/disco/relay datagrams drained with no consumer yet
         self._rotate_before = rotate_before
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -124,43 +145,65 @@ class Backend:
     ) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
-        Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a bad URL."""
+
+        Nothing is changed (state file, tunnel) unless control accepts the registration, except that a node
+        already registered with this server, finding control unreachable, comes up on what it knows and keeps
+        trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
+        for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
-        login_server = login_server or s.login_server
-        if not login_server:
-            raise ConfigError("no login server yet: pass --login-server URL")
-        if not login_server.startswith(("http://", "https://")):
-            raise ConfigError(f"login server {login_server!r} must be an http:// or https:// URL")
-        new_server = login_server.rstrip("/") != s.login_server
-        if new_server and s.login_server:
-            s.node_id, s.addresses = None, ()
-        if (s.node_id is None or force_reauth) and not auth_key:
+        url = check_login_server(login_server or s.login_server)
+        registered_here = s.node_id is not None and url == s.login_server
+        if (not registered_here or force_reauth) and not auth_key:
             raise AuthKeyError(
                 (
                     "--force-reauth needs a new --auth-key"
                     if force_reauth
-                    else "this node is not registered yet: pass --auth-key"
+                    else "this node is not registered with this server yet: pass --auth-key"
                 )
                 + " (create one with `tailpy control authkey create`)"
             )
         await self._stop_session()
-        s.login_server = login_server.rstrip("/")
-        s.hostname = hostname or s.hostname or socket.gethostname()
+        hostname = hostname or s.hostname or socket.gethostname()
         node_key = NodePrivate.generate() if force_reauth else s.node_key
-        client = ControlClient(s.login_server, s.machine_key)
+        created = self.device is None
+        self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
+        client = ControlClient(url, s.machine_key)
         try:
-            node = await client.register(node_key.public, s.hostname, auth_key or None, os=OS_NAME)
+            node = await client.register(node_key.public, hostname, auth_key or None, os=OS_NAME)
+        except ControlError as e:
+            if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
+                log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
+                self._bring_up_offline(hostname, str(e))
+                return
+            self.last_error = str(e)
+            if created:
+                self._close_device()
+            if self.netmap is not None and not force_reauth and s.want_running:
+                self._start_session()  # a failed re-login leaves a running node as it was
+            raise
         finally:
             await client.close()
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
+        if url != s.login_server:
+            self.netmap = None
+        s.login_server, s.hostname = url, hostname
         s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
         s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
         self.store.save(s)
         self.last_error = ""
         self._set_state("Starting")
-        self._ensure_device()
         self._apply_self(node)
+        self._start_session()
+
+    def _bring_up_offline(self, hostname: str, error: str) -> None:
+        s = self.state_data
+        s.hostname, s.want_running = hostname, True
+        self.store.save(s)
+        self.last_error = error
+        self._set_state("Starting")
+        if self.device is not None and self._configure_os and s.addresses:
+            netconf.configure_tun(self.device.tun_name, list(s.addresses), self._mtu)
         self._start_session()
 
     async def down(self) -> None:
@@ -214,8 +257,10 @@ class Backend:
         """Follow the netmap stream, reconnecting with backoff; rotate the node key when it is due (then
         reconnect at once with the new key)."""
         delays = backoff_delays()
+        resume = None
         while True:
             client = ControlClient(self.state_data.login_server, self.state_data.machine_key)
+            client.map_state = resume  # resume from what the last stream applied (only deltas since)
             tasks = {
                 asyncio.create_task(self._follow(client), name="follow"),
                 asyncio.create_task(self._rotate_when_due(client), name="rotate"),
@@ -233,6 +278,9 @@ class Backend:
                     raise ControlError("control server ended the map stream")
             except asyncio.CancelledError:
                 raise
+            except NotRegisteredError as e:
+                self._forgotten(e)
+                return
             except TailpyError as e:
                 self.last_error = str(e)
                 log.warning("control session: %s", e)
@@ -244,12 +292,27 @@ class Backend:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.control_connected = False
+                resume = client.map_state if client.map_state is not None and not rotated else None
                 await client.close()
             self.changed.set()
             if rotated:
                 delays = backoff_delays()
                 continue
             await asyncio.sleep(next(delays))
+
+    def _forgotten(self, e: NotRegisteredError) -> None:
+        """Control no longer knows this machine (an admin deleted it): drop the peers and need login."""
+        log.warning("control does not know this node any more: %s", e)
+        s = self.state_data
+        s.node_id, s.addresses, s.want_running = None, (), False
+        self.store.save(s)
+        self._close_device()
+        self.netmap = None
+        self.control_connected = False
+        self.last_error = (
+            "this node was removed from the tailnet; log in again with `tailpy up --auth-key KEY`"
+        )
+        self._set_state("NeedsLogin")
 
     async def _follow(self, client: ControlClient) -> None:
         s = self.state_data
@@ -393,13 +456,27 @@ class Backend:
 
     def _ensure_device(self) -> DataPlane:
         if self.device is None:
-            self.device = self._device_factory(self.state_data.node_key.raw)
+            dev = self._device_factory(self.state_data.node_key.raw)
+            self.device = dev
+            with contextlib.suppress(RuntimeError):  # no running loop (tests driving apply_netmap)
+                asyncio.get_running_loop().add_reader(dev.fileno(), self._on_device_events)
         return self.device
+
+    def _on_device_events(self) -> None:
+        """The data plane queued datagrams for Python. STUN and disco have no consumer yet (NAT traversal
+        comes later): they are taken and counted, so the bounded queue never fills; relay datagrams are
+        only produced for peers set to the relay path, which this daemon does not use yet."""
+        if self.device is None:
+            return
+        datagrams, relay = self.device.drain()
+        self.ignored_datagrams += len(datagrams) + len(relay)
 
     def _close_device(self) -> None:
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
         if dev is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(dev.fileno())
             dev.close()
 
     def _set_state(self, state: str) -> None:
@@ -473,6 +550,7 @@ class Backend:
             "domain": self.netmap.domain if self.netmap else "",
             "peers": peers,
             "device": dict(self.device.stats()) if self.device else None,
+            "ignored_datagrams": self.ignored_datagrams,
         }
 
     def whois(self, address: str) -> dict[str, Any] | None:

@@ -8,7 +8,14 @@ from typing import Any
 
 import aiohttp
 
-from tailpy.errors import AuthKeyError, ConfigError, ControlError, DaemonNotRunningError, TailpyError
+from tailpy.errors import (
+    AuthKeyError,
+    ConfigError,
+    ControlError,
+    DaemonNotRunningError,
+    PermissionDeniedError,
+    TailpyError,
+)
 
 DEFAULT_SOCKET = "/run/tailpy/tailpyd.sock"
 DEFAULT_STATE_DIR = "/var/lib/tailpy"
@@ -49,6 +56,18 @@ class LocalClient:
                 if resp.status >= 400:
                     raise _ERRORS.get(resp.status, TailpyError)(data.get("error", f"HTTP {resp.status}"))
                 return data
+        except PermissionError:
+            raise PermissionDeniedError(
+                f"permission denied on tailpyd's socket {self.socket_path}: run this as root (sudo)"
+            ) from None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, PermissionError):
+                raise PermissionDeniedError(
+                    f"permission denied on tailpyd's socket {self.socket_path}: run this as root (sudo)"
+                ) from None
+            raise DaemonNotRunningError(
+                f"tailpyd is not running (no answer on {self.socket_path}); start it with `tailpy up`"
+            ) from None
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunningError(
                 f"tailpyd is not running (no answer on {self.socket_path}); start it with `tailpy up`"

@@ -252,6 +252,7 @@ class Lab:
         self._procs: list[subprocess.Popen[str]] = []
         self._paths: list[Path] = []
         self._closed = False
+        self._signals_installed = False
         self._lock = threading.RLock()  # a signal handler may close while close runs
         atexit.register(_close_ref, weakref.ref(self))
 
@@ -345,6 +346,11 @@ class Lab:
             if self._closed:
                 return
             self._closed = True
+            if self._signals_installed and threading.current_thread() is threading.main_thread():
+                # A second Ctrl-C (or the SIGINT that `timeout` and a terminal send to the whole group)
+                # must not interrupt the cleanup it asked for.
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
             for proc in reversed(self._procs):
                 with contextlib.suppress(Exception):
                     stop_process(proc, self.grace)
@@ -362,11 +368,14 @@ class Lab:
         """Make SIGTERM and SIGINT close the lab and exit (status 130/143), for CLI use."""
 
         def handler(signum: int, frame: FrameType | None) -> None:
+            if not self._closed:
+                sys.stderr.write(f"interrupted ({signal.Signals(signum).name}): removing the lab\n")
             self.close()
             raise SystemExit(128 + signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
+        self._signals_installed = True
 
     def namespaces(self) -> list[str]:
         """The namespaces this lab made (hosts and switches), oldest first."""

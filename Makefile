@@ -29,9 +29,15 @@ $(VENV)/.installed: requirements-dev.lock pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Builds the Rust extension into the venv (editable install of the Python package).
-build: deps venv
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+RUST_SOURCES := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml)
+
+# Builds the Rust extension into the venv (editable install of the Python package), when a Rust source,
+# pyproject.toml or the pins changed since the last build.
+$(VENV)/.built: $(VENV)/.installed pyproject.toml $(RUST_SOURCES)
+	VIRTUAL_ENV=$(abspath $(VENV)) PIP_QUIET=1 $(VENV)/bin/maturin develop --release -q
+	touch $@
+
+build: deps venv $(VENV)/.built
 
 # An abi3 wheel in dist/ (what cibuildwheel builds per platform; see [tool.cibuildwheel]).
 wheel: venv

@@ -33,15 +33,23 @@ class DeviceStats(TypedDict):
     rx_datagrams: int  # UDP datagrams received on the socket
     tx_datagrams: int
     to_python: int  # STUN / disco datagrams queued for Python
-    dropped_malformed: int  # neither WireGuard, STUN nor disco, or a WireGuard message of the wrong size
+    # neither WireGuard, STUN nor disco; a STUN/disco datagram over 2048 bytes (MAX_STUN_DISCO_LEN: STUN
+    # stays within the path MTU, disco messages are small); or a WireGuard message of the wrong size
+    dropped_malformed: int
     dropped_unknown_peer: int  # handshake initiation from an unknown key, or data for an unknown index
     dropped_decrypt: int  # WireGuard message that failed authentication/decryption
     dropped_no_route: int  # packet from the TUN whose destination no peer's allowed IPs cover
-    dropped_queue_full: int  # a queue to Python (STUN/disco datagrams, or relay datagrams) was full
+    # a queue to Python was full: STUN/disco datagrams (4096 items or 1 MiB of payload), relay datagrams
+    # (4096 items or 4 MiB)
+    dropped_queue_full: int
     dropped_not_allowed: int  # decrypted packet whose inner source is not in the sending peer's allowed IPs
     dropped_no_endpoint: int  # datagram for a direct-path peer that has no endpoint yet
     dropped_send_error: int  # the UDP socket refused a datagram (e.g. network unreachable)
-    handshakes_sent: int
+    handshakes_sent: int  # handshake initiations sent (including those counted below)
+    # handshakes initiated because a peer sent data for a session this device doesn't have (it kept one with
+    # this device's previous run, e.g. across a daemon restart), from the peer's current endpoint or over
+    # DERP from it, while we had no session with it; at most one per peer per 5 s (REKEY_TIMEOUT)
+    handshakes_for_unknown_index: int
 
 class Device:
     """One node's data plane: a TUN interface, one UDP socket (IPv4 and IPv6), and a table of peers.
@@ -104,7 +112,13 @@ class Device:
     def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]:
         """Take queued items and reset the eventfd: (datagrams, relay) where datagrams are
         ``(payload, "ip:port")`` of STUN/disco received on the socket, and relay are
-        ``(peer_public_key, wireguard_datagram)`` to be sent over DERP. Never blocks."""
+        ``(peer_public_key, wireguard_datagram)`` to be sent over DERP. Never blocks.
+
+        Both queues are bounded, and what arrives while one is full is dropped and counted in
+        ``dropped_queue_full``: STUN/disco datagrams (unauthenticated, anyone can send them) at 4096 items
+        or 1 MiB of payload, and only datagrams of at most 2048 bytes are queued at all (longer ones count
+        as ``dropped_malformed``); relay datagrams at 4096 items or 4 MiB. Drain promptly whenever
+        ``fileno()`` is readable."""
     def peers(self) -> list[PeerStats]: ...
     def stats(self) -> DeviceStats: ...
     def close(self) -> None:

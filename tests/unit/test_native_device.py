@@ -87,6 +87,21 @@ _IN_NETNS = textwrap.dedent(
     assert all(payload == stun for payload, _ in got)
     assert dev.stats()["to_python"] == 2
 
+    # The tester's flood: disco-looking datagrams too large to be disco are counted, never queued.
+    before = dev.stats()
+    for _ in range(20):
+        dev.send_datagram(b"TS\\xf0\\x9f\\x92\\xac" + os.urandom(65000), f"127.0.0.1:{dev.listen_port}")
+    dev.send_datagram(b"TS\\xf0\\x9f\\x92\\xac" + bytes(2042), f"127.0.0.1:{dev.listen_port}")  # 2048: fits
+    for _ in range(500):
+        if dev.stats()["rx_datagrams"] == before["rx_datagrams"] + 21:
+            break
+        select.select([], [], [], 0.01)
+    after = dev.stats()
+    assert after["dropped_malformed"] - before["dropped_malformed"] == 20, after
+    assert after["to_python"] - before["to_python"] == 1, after
+    assert [len(p) for p, _ in dev.drain()[0]] == [2048]
+    assert after["handshakes_for_unknown_index"] == 0, after
+
     assert dev.remove_peer(peer) and not dev.remove_peer(peer)
     dev.close()
     dev.close()

@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::io::{unmap, EventFd, Tun, Udp};
 use crate::keys::{self, KEY_LEN};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -32,6 +33,17 @@ const BUF_LEN: usize = MAX_PACKET + 256;
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Items each queue to Python holds before new ones are dropped.
 pub const QUEUE_LIMIT: usize = 4096;
+/// Payload bytes the STUN/disco queue to Python holds before new datagrams are dropped (anyone can send
+/// these, unauthenticated: the queue must stay small).
+pub const DATAGRAM_QUEUE_BYTES: usize = 1 << 20;
+/// Largest STUN or disco datagram queued for Python; longer ones are counted as malformed. STUN over UDP
+/// stays within the path MTU (RFC 8489 §6.1), and disco messages are a few hundred bytes.
+pub const MAX_STUN_DISCO_LEN: usize = 2048;
+/// Payload bytes the relay queue to Python holds before new datagrams are dropped (our own encrypted
+/// packets, each up to MTU + 32 bytes).
+pub const RELAY_QUEUE_BYTES: usize = 4 << 20;
+/// Least time between two handshakes a peer's data for an unknown index starts (WireGuard's REKEY_TIMEOUT).
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshake initiations per second before the device asks for cookies (as boringtun's device does).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// The disco magic, "TS💬".
@@ -166,6 +178,7 @@ pub struct Counters {
     pub dropped_no_endpoint: AtomicU64,
     pub dropped_send_error: AtomicU64,
     pub handshakes_sent: AtomicU64,
+    pub handshakes_for_unknown_index: AtomicU64,
 }
 
 /// A snapshot of `Counters`.
@@ -183,6 +196,7 @@ pub struct DeviceStats {
     pub dropped_no_endpoint: u64,
     pub dropped_send_error: u64,
     pub handshakes_sent: u64,
+    pub handshakes_for_unknown_index: u64,
 }
 
 struct Peer {
@@ -198,7 +212,12 @@ struct Peer {
     rx_bytes: AtomicU64,
     tx_packets: AtomicU64,
     rx_packets: AtomicU64,
+    /// Milliseconds since device start of the last handshake started for data with an unknown index
+    /// (`NEVER` if none).
+    unknown_index_hs_ms: AtomicU64,
 }
+
+const NEVER: u64 = u64::MAX;
 
 impl Peer {
     fn path(&self) -> Path {
@@ -224,6 +243,9 @@ struct State {
 struct Queues {
     datagrams: VecDeque<(Vec<u8>, SocketAddr)>,
     relay: VecDeque<([u8; KEY_LEN], Vec<u8>)>,
+    /// Payload bytes in `datagrams` and in `relay`.
+    datagram_bytes: usize,
+    relay_bytes: usize,
 }
 
 struct Shared {
@@ -232,6 +254,9 @@ struct Shared {
     udp: Box<dyn Udp>,
     counters: Counters,
     queues: Mutex<Queues>,
+    /// Peers by their current endpoint, to find which peer data with an unknown index comes from. Entries
+    /// are checked against the peer's endpoint on use. Lock order: `state`, then this.
+    endpoints: Mutex<HashMap<SocketAddr, Arc<Peer>>>,
     event: EventFd,
     /// Buffers for `inject` (called from Python threads), allocated once.
     inject_bufs: Mutex<Bufs>,
@@ -292,6 +317,7 @@ impl Device {
             udp,
             counters: Counters::default(),
             queues: Mutex::new(Queues::default()),
+            endpoints: Mutex::new(HashMap::new()),
             event: EventFd::new().map_err(|e| io_err("cannot create an eventfd", e))?,
             inject_bufs: Mutex::new(Bufs::new()),
             started: Instant::now(),
@@ -406,14 +432,15 @@ impl Device {
                     rx_bytes: AtomicU64::new(0),
                     tx_packets: AtomicU64::new(0),
                     rx_packets: AtomicU64::new(0),
+                    unknown_index_hs_ms: AtomicU64::new(NEVER),
                 });
                 st.peers.insert(*public_key, p.clone());
                 st.by_index.insert(index, p.clone());
                 p
             }
         };
-        if config.endpoint.is_some() {
-            *peer.endpoint.write() = config.endpoint.map(unmap);
+        if let Some(ep) = config.endpoint {
+            self.shared.set_endpoint(&peer, unmap(ep));
         }
         peer.keepalive.store(u64::from(keepalive), Relaxed);
         st.routes.retain(|_, p| !Arc::ptr_eq(p, &peer));
@@ -430,6 +457,10 @@ impl Device {
             Some(p) => {
                 st.by_index.remove(&p.index);
                 st.routes.retain(|_, q| !Arc::ptr_eq(q, &p));
+                self.shared
+                    .endpoints
+                    .lock()
+                    .retain(|_, q| !Arc::ptr_eq(q, &p));
                 true
             }
             None => false,
@@ -488,11 +519,14 @@ impl Device {
 
     /// Take up to `max_items` from each queue; the eventfd stays readable only if items remain.
     pub fn drain(&self, max_items: usize) -> Drained {
-        let mut q = self.shared.queues.lock();
+        let mut guard = self.shared.queues.lock();
+        let q = &mut *guard;
         let n = max_items.min(q.datagrams.len());
         let datagrams: Vec<_> = q.datagrams.drain(..n).collect();
+        q.datagram_bytes -= datagrams.iter().map(|(d, _)| d.len()).sum::<usize>();
         let n = max_items.min(q.relay.len());
         let relay: Vec<_> = q.relay.drain(..n).collect();
+        q.relay_bytes -= relay.iter().map(|(_, d)| d.len()).sum::<usize>();
         if q.datagrams.is_empty() && q.relay.is_empty() {
             self.shared.event.reset();
         }
@@ -548,6 +582,7 @@ impl Device {
             dropped_no_endpoint: c.dropped_no_endpoint.load(Relaxed),
             dropped_send_error: c.dropped_send_error.load(Relaxed),
             handshakes_sent: c.handshakes_sent.load(Relaxed),
+            handshakes_for_unknown_index: c.handshakes_for_unknown_index.load(Relaxed),
         }
     }
 
@@ -626,12 +661,15 @@ impl Shared {
         match peer.path() {
             Path::Relay => {
                 let mut q = self.queues.lock();
-                if q.relay.len() >= QUEUE_LIMIT {
+                if q.relay.len() >= QUEUE_LIMIT
+                    || q.relay_bytes + datagram.len() > RELAY_QUEUE_BYTES
+                {
                     self.counters.dropped_queue_full.fetch_add(1, Relaxed);
                     return;
                 }
                 let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
                 q.relay.push_back((peer.public_key, datagram.to_vec()));
+                q.relay_bytes += datagram.len();
                 self.signal_if(was_empty);
             }
             Path::Direct => {
@@ -704,14 +742,20 @@ impl Shared {
                     let st = self.state.read();
                     self.receive_wireguard(&st, d, Some(from), None, &mut bufs);
                 }
+                Kind::Stun | Kind::Disco if d.len() > MAX_STUN_DISCO_LEN => {
+                    self.counters.dropped_malformed.fetch_add(1, Relaxed);
+                }
                 Kind::Stun | Kind::Disco => {
                     let mut q = self.queues.lock();
-                    if q.datagrams.len() >= QUEUE_LIMIT {
+                    if q.datagrams.len() >= QUEUE_LIMIT
+                        || q.datagram_bytes + d.len() > DATAGRAM_QUEUE_BYTES
+                    {
                         self.counters.dropped_queue_full.fetch_add(1, Relaxed);
                         continue;
                     }
                     let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
                     q.datagrams.push_back((d.to_vec(), from));
+                    q.datagram_bytes += d.len();
                     self.counters.to_python.fetch_add(1, Relaxed);
                     self.signal_if(was_empty);
                 }
@@ -746,7 +790,7 @@ impl Shared {
                 }
                 return;
             }
-            Err(TunnResult::Err(boringtun::noise::errors::WireGuardError::InvalidPacket)) => {
+            Err(TunnResult::Err(WireGuardError::InvalidPacket)) => {
                 c.dropped_malformed.fetch_add(1, Relaxed);
                 return;
             }
@@ -789,6 +833,7 @@ impl Shared {
                 Some(p) => p.clone(),
                 None => {
                     c.dropped_unknown_peer.fetch_add(1, Relaxed);
+                    self.handshake_for_unknown_index(st, None, from, via, bufs);
                     return;
                 }
             },
@@ -803,6 +848,15 @@ impl Shared {
         let mut tunn = peer.tunn.lock();
         match tunn.decapsulate(from.map(|a| a.ip()), d, &mut bufs.dst) {
             TunnResult::Done => self.authenticated(&peer, from, d.len()),
+            TunnResult::Err(WireGuardError::NoCurrentSession) => {
+                // Data for a session of ours that doesn't exist (a previous incarnation of this device
+                // that happened to use the same peer index).
+                drop(tunn);
+                c.dropped_decrypt.fetch_add(1, Relaxed);
+                if d[0] == 4 {
+                    self.handshake_for_unknown_index(st, Some(&peer), from, via, bufs);
+                }
+            }
             TunnResult::Err(_) => {
                 c.dropped_decrypt.fetch_add(1, Relaxed);
             }
@@ -835,13 +889,84 @@ impl Shared {
 
     /// Count an authenticated datagram from `peer`, and follow the peer to its new address (roaming):
     /// only authenticated datagrams can move an endpoint.
-    fn authenticated(&self, peer: &Peer, from: Option<SocketAddr>, len: usize) {
+    fn authenticated(&self, peer: &Arc<Peer>, from: Option<SocketAddr>, len: usize) {
         peer.rx_packets.fetch_add(1, Relaxed);
         peer.rx_bytes.fetch_add(len as u64, Relaxed);
         if let Some(from) = from {
             if *peer.endpoint.read() != Some(from) {
-                *peer.endpoint.write() = Some(from);
+                self.set_endpoint(peer, from);
             }
+        }
+    }
+
+    /// Move `peer` to endpoint `to`, keeping `endpoints` in step.
+    fn set_endpoint(&self, peer: &Arc<Peer>, to: SocketAddr) {
+        let mut eps = self.endpoints.lock();
+        let mut ep = peer.endpoint.write();
+        if let Some(old) = ep.replace(to) {
+            if eps.get(&old).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+                eps.remove(&old);
+            }
+        }
+        eps.insert(to, peer.clone());
+    }
+
+    /// A data packet for a session this device doesn't have: the peer still holds a session with a
+    /// previous incarnation of this device (its daemon restarted with the same key) and would only give up
+    /// on it after its own timeouts (10-15 s). If the packet comes from a peer's current endpoint (or over
+    /// DERP from that peer: `via`) and there is no session with that peer, initiate a handshake now, at
+    /// most once per `REKEY_TIMEOUT` per peer. `known` is the peer the receiver index names, if any. The
+    /// packet itself is unauthenticated: at worst a forger with a peer's address makes us send that peer
+    /// one handshake initiation every 5 s while we have no session with it anyway.
+    fn handshake_for_unknown_index(
+        &self,
+        st: &State,
+        known: Option<&Arc<Peer>>,
+        from: Option<SocketAddr>,
+        via: Option<&Arc<Peer>>,
+        bufs: &mut Bufs,
+    ) {
+        let peer = match (via, from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match self.endpoints.lock().get(&from) {
+                Some(p) if *p.endpoint.read() == Some(from) => p.clone(),
+                _ => return,
+            },
+            (None, None) => return,
+        };
+        if known.is_some_and(|k| !Arc::ptr_eq(k, &peer))
+            || !st
+                .peers
+                .get(&peer.public_key)
+                .is_some_and(|p| Arc::ptr_eq(p, &peer))
+        {
+            return;
+        }
+        let now = self.now_ms();
+        let last = peer.unknown_index_hs_ms.load(Relaxed);
+        if last != NEVER && now.saturating_sub(last) < REKEY_TIMEOUT.as_millis() as u64 {
+            return;
+        }
+        let mut tunn = peer.tunn.lock();
+        if tunn.time_since_last_handshake().is_some() {
+            return; // A session exists: this is a stray packet, not a peer stuck on an old session.
+        }
+        if peer
+            .unknown_index_hs_ms
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        // Not forced: a handshake already in progress is left to its own retries.
+        if let TunnResult::WriteToNetwork(init) =
+            tunn.format_handshake_initiation(&mut bufs.dst, false)
+        {
+            drop(tunn);
+            self.counters
+                .handshakes_for_unknown_index
+                .fetch_add(1, Relaxed);
+            self.send_to_peer(&peer, init);
         }
     }
 

@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
-use tailpy_core::device::{parse_endpoint, parse_prefix, DISCO_MAGIC};
+use tailpy_core::device::{
+    parse_endpoint, parse_prefix, DATAGRAM_QUEUE_BYTES, DISCO_MAGIC, MAX_STUN_DISCO_LEN,
+    QUEUE_LIMIT, RELAY_QUEUE_BYTES,
+};
 use tailpy_core::io::LinuxUdp;
 use tailpy_core::keys::{generate_private_key, public_key};
 use tailpy_core::memory::{MemNet, MemTun, MemTunHost, MemUdp};
@@ -19,10 +22,13 @@ struct Node {
 }
 
 fn node(net: &MemNet, addr: &str) -> (Node, std::sync::Arc<()>) {
+    node_with_key(net, addr, generate_private_key())
+}
+
+fn node_with_key(net: &MemNet, addr: &str, priv_key: [u8; 32]) -> (Node, std::sync::Arc<()>) {
     let addr: SocketAddr = addr.parse().unwrap();
     let (tun, host) = MemTun::pair();
     let udp = net.bind(addr);
-    let priv_key = generate_private_key();
     let dev = Device::with_io(&priv_key, Box::new(tun), Box::new(udp)).unwrap();
     (
         Node {
@@ -83,12 +89,7 @@ fn expect_delivery(from: &MemTunHost, to: &MemTunHost, pkt: &[u8]) {
 fn pair(net: &MemNet) -> (Node, Node) {
     let (a, _) = node(net, "192.0.2.1:41641");
     let (b, _) = node(net, "198.51.100.2:41641");
-    a.dev
-        .set_peer(
-            &b.key,
-            peer_cfg(&["100.64.0.2/32", "fd7a:115c:a1e0::2/128"], Some(b.addr)),
-        )
-        .unwrap();
+    configure_a(&a, &b);
     b.dev
         .set_peer(
             &a.key,
@@ -96,6 +97,16 @@ fn pair(net: &MemNet) -> (Node, Node) {
         )
         .unwrap();
     (a, b)
+}
+
+/// A's side of `pair`'s configuration.
+fn configure_a(a: &Node, b: &Node) {
+    a.dev
+        .set_peer(
+            &b.key,
+            peer_cfg(&["100.64.0.2/32", "fd7a:115c:a1e0::2/128"], Some(b.addr)),
+        )
+        .unwrap();
 }
 
 #[test]
@@ -312,6 +323,10 @@ fn garbage_of_every_length_is_counted_and_device_still_works() {
         "{s:?}"
     );
     assert_eq!(s.to_python, 0);
+    assert_eq!(
+        s.handshakes_for_unknown_index, 0,
+        "not from a peer's endpoint"
+    );
     expect_delivery(
         &a.host,
         &b.host,
@@ -658,5 +673,186 @@ fn node_key_rotation() {
         &a.host,
         &b.host,
         &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"new key"),
+    );
+}
+
+fn disco_of_len(len: usize) -> Vec<u8> {
+    let mut d = DISCO_MAGIC.to_vec();
+    d.resize(len, 0x5a);
+    d
+}
+
+#[test]
+fn stun_disco_queue_is_bounded_by_bytes_and_oversize_datagrams_are_malformed() {
+    let net = MemNet::new();
+    let (a, _) = node(&net, "192.0.2.1:1");
+    let other = net.bind("203.0.113.9:9".parse().unwrap());
+    use tailpy_core::io::Udp;
+    // The tester's attack: large disco-looking datagrams. None is queued.
+    for _ in 0..50 {
+        other.send_to(&disco_of_len(65000), a.addr).unwrap();
+    }
+    let mut stun = vec![0u8; MAX_STUN_DISCO_LEN + 1];
+    stun[1] = 1;
+    stun[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    other.send_to(&stun, a.addr).unwrap();
+    wait_for(|| a.dev.stats().rx_datagrams == 51);
+    let s = a.dev.stats();
+    assert_eq!((s.dropped_malformed, s.to_python), (51, 0), "{s:?}");
+    assert!(!readable(a.dev.event_fd()));
+    // Datagrams of the largest size allowed fill the queue by bytes long before its item limit.
+    let fits = DATAGRAM_QUEUE_BYTES / MAX_STUN_DISCO_LEN;
+    assert!(fits < QUEUE_LIMIT);
+    let sent = fits + 100;
+    for _ in 0..sent {
+        other
+            .send_to(&disco_of_len(MAX_STUN_DISCO_LEN), a.addr)
+            .unwrap();
+    }
+    wait_for(|| a.dev.stats().rx_datagrams == 51 + sent as u64);
+    let s = a.dev.stats();
+    assert_eq!(s.to_python, fits as u64, "{s:?}");
+    assert_eq!(s.dropped_queue_full, 100, "{s:?}");
+    let (d, r) = a.dev.drain(usize::MAX);
+    assert!(r.is_empty());
+    assert_eq!(d.len(), fits);
+    assert!(d.iter().map(|(p, _)| p.len()).sum::<usize>() <= DATAGRAM_QUEUE_BYTES);
+    assert!(!readable(a.dev.event_fd()));
+    // Draining frees the bytes: small datagrams are queued again, up to the item limit.
+    for _ in 0..QUEUE_LIMIT + 10 {
+        other.send_to(&disco_of_len(64), a.addr).unwrap();
+    }
+    wait_for(|| a.dev.stats().rx_datagrams == (51 + sent + QUEUE_LIMIT + 10) as u64);
+    let s = a.dev.stats();
+    assert_eq!(s.to_python, (fits + QUEUE_LIMIT) as u64, "{s:?}");
+    assert_eq!(s.dropped_queue_full, 110, "{s:?}");
+    assert_eq!(a.dev.drain(usize::MAX).0.len(), QUEUE_LIMIT);
+}
+
+#[test]
+fn relay_queue_is_bounded_by_bytes() {
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"session"),
+    );
+    a.dev.set_path(&b.key, Path::Relay).unwrap();
+    // Jumbo packets (a TUN with a large MTU): each relay datagram is the packet plus 32 bytes.
+    let pkt = ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), &[3; 60000]);
+    let fits = RELAY_QUEUE_BYTES / (pkt.len() + 32);
+    assert!(fits < QUEUE_LIMIT);
+    let tx0 = a.dev.peers()[0].tx_packets;
+    let sent = fits + 20;
+    for _ in 0..sent {
+        a.host.write(&pkt);
+    }
+    wait_for(|| {
+        a.dev.stats().dropped_queue_full + a.dev.peers()[0].tx_packets - tx0 >= sent as u64
+    });
+    assert_eq!(a.dev.stats().dropped_queue_full, 20);
+    let (d, relay) = a.dev.drain(usize::MAX);
+    assert!(d.is_empty());
+    assert_eq!(relay.len(), fits);
+    assert!(relay.iter().map(|(_, p)| p.len()).sum::<usize>() <= RELAY_QUEUE_BYTES);
+    // What was queued is intact: B decrypts and delivers it.
+    for (k, dgram) in &relay[..3] {
+        assert_eq!(*k, b.key);
+        b.dev.inject(&a.key, dgram).unwrap();
+        assert_eq!(b.host.read(WAIT).unwrap(), pkt);
+    }
+}
+
+#[test]
+fn restarted_node_heals_the_session_with_its_own_handshake() {
+    let net = MemNet::new();
+    let ka = generate_private_key();
+    let (a, _) = node_with_key(&net, "192.0.2.1:41641", ka);
+    let (b, _) = node(&net, "198.51.100.2:41641");
+    configure_a(&a, &b);
+    b.dev
+        .set_peer(&a.key, peer_cfg(&["100.64.0.1/32"], Some(a.addr)))
+        .unwrap();
+    let ab = |m: &[u8]| ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), m);
+    let ba = |m: &[u8]| ipv4_packet(v4("100.64.0.2"), v4("100.64.0.1"), m);
+    expect_delivery(&a.host, &b.host, &ab(b"before"));
+    expect_delivery(&b.host, &a.host, &ba(b"before"));
+    // A's daemon restarts: a fresh device, same key, same address, same peer configuration. B keeps its
+    // session with the old A.
+    drop(a);
+    let (a, _) = node_with_key(&net, "192.0.2.1:41641", ka);
+    configure_a(&a, &b);
+    let b_sent = b.dev.stats().handshakes_sent;
+    let b_rx = b.dev.peers()[0].rx_packets;
+    // B sends a burst on its stale session: A can't read it, but answers with one handshake initiation.
+    for _ in 0..5 {
+        b.host.write(&ba(b"stale"));
+    }
+    wait_for(|| {
+        let s = a.dev.stats();
+        s.dropped_unknown_peer + s.dropped_decrypt >= 5
+    });
+    assert_eq!(a.dev.stats().handshakes_for_unknown_index, 1);
+    // One round trip: B responds to A's initiation, A confirms with a keepalive on the new session.
+    wait_for(|| b.dev.peers()[0].rx_packets >= b_rx + 2);
+    assert!(a.host.read(Duration::from_millis(20)).is_none());
+    expect_delivery(&b.host, &a.host, &ba(b"after"));
+    expect_delivery(&a.host, &b.host, &ab(b"after"));
+    let (sa, sb) = (a.dev.stats(), b.dev.stats());
+    assert_eq!(sa.handshakes_for_unknown_index, 1, "{sa:?}");
+    assert_eq!(sa.handshakes_sent, 1, "{sa:?}");
+    assert_eq!(
+        sb.handshakes_sent, b_sent,
+        "B never had to initiate: {sb:?}"
+    );
+    assert_eq!(sb.dropped_decrypt, 0, "{sb:?}");
+}
+
+/// A WireGuard data message for receiver index `idx` (not decryptable).
+fn stale_data(idx: u32) -> Vec<u8> {
+    let mut d = vec![4, 0, 0, 0];
+    d.extend_from_slice(&idx.to_le_bytes());
+    d.extend_from_slice(&[0; 8]);
+    d.extend_from_slice(&[0x77; 32]);
+    d
+}
+
+#[test]
+fn unknown_index_handshake_only_for_a_peer_without_session_and_rate_limited() {
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    use tailpy_core::io::Udp;
+    // From an address that is no peer's endpoint: dropped, no handshake.
+    let stranger = net.bind("203.0.113.5:5".parse().unwrap());
+    for i in 0..10 {
+        stranger
+            .send_to(&stale_data(0xdead_0000 + i), a.addr)
+            .unwrap();
+    }
+    wait_for(|| a.dev.stats().dropped_unknown_peer + a.dev.stats().dropped_decrypt == 10);
+    assert_eq!(a.dev.stats().handshakes_for_unknown_index, 0);
+    assert_eq!(a.dev.stats().handshakes_sent, 0);
+    // Over DERP from B (no session yet): one handshake, then none for REKEY_TIMEOUT however many come.
+    for i in 0..10 {
+        a.dev.inject(&b.key, &stale_data(0xbeef_0000 + i)).unwrap();
+    }
+    assert_eq!(a.dev.stats().handshakes_for_unknown_index, 1);
+    // B (direct path, A's endpoint known) answers: the session is up.
+    wait_for(|| a.dev.peers()[0].last_handshake.is_some());
+    assert_eq!(a.dev.stats().handshakes_sent, 1);
+    // With a session, stale data from B's own endpoint starts nothing.
+    let before = a.dev.stats();
+    a.dev.inject(&b.key, &stale_data(0xbeef_1000)).unwrap();
+    let after = a.dev.stats();
+    assert_eq!(
+        after.handshakes_for_unknown_index,
+        before.handshakes_for_unknown_index
+    );
+    assert_eq!(after.handshakes_sent, before.handshakes_sent);
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"fine"),
     );
 }

@@ -235,6 +235,10 @@ impl PyDevice {
         d.set_item("dropped_no_endpoint", s.dropped_no_endpoint)?;
         d.set_item("dropped_send_error", s.dropped_send_error)?;
         d.set_item("handshakes_sent", s.handshakes_sent)?;
+        d.set_item(
+            "handshakes_for_unknown_index",
+            s.handshakes_for_unknown_index,
+        )?;
         Ok(d)
     }
 

@@ -19,13 +19,22 @@ server published (every node add/change/remove is one version). A client that re
 applied); when G is the current generation and the server's change log still reaches back to V, the stream
 starts with a delta of the nodes changed since V, else with a full netmap.
 
-Costs: a change is one JSON encoding shared by every stream plus one NaCl seal per stream that can see the
-node (every stream today: there are no ACLs yet); a stream's messages wait in a bounded queue of shared
-encoded bodies (when several are waiting, the writer merges them into one delta and seals once); a stream
-whose queue overflows (a slow reader) drops it and gets one full netmap when it
-catches up.
-Full netmaps are built from per-node JSON cached here, at most ``full_map_concurrency`` at a time. Nothing
-here touches the database: the server reads records and hands them in.
+Costs: a change is one JSON encoding of the node, one entry in a shared change log, and a wake-up of the
+streams that are idle; a stream holds no queue, only the version its client has. When its writer runs it
+collects the nodes changed since that version from the log (each once, latest record: a stream that fell
+behind merges everything into one delta and pays one seal), and after writing a delta it waits
+``batch_delay`` seconds before the next, so a burst of changes (thousands of nodes coming online) reaches
+each stream as a few merged deltas instead of one message per change. A stream whose version fell out of the
+log gets one full netmap instead.
+
+Memory is bounded per stream and in total: full netmaps and merged deltas of more than ``LARGE_DELTA`` nodes
+are built, sealed and written at most ``full_map_concurrency`` at a time (the body is freed before the
+write), written in ``CHUNK``-byte slices that each wait for the socket to drain, so a slow reader holds at
+most one sealed message and its socket buffer.
+
+A node whose key has expired (or that logged out) is shown itself, expired, and no peers: its full netmap
+has no peers and its deltas carry only ``self``; when its key expires or becomes valid again its streams get
+a full netmap. Nothing here touches the database: the server reads records and hands them in.
 """
 
 from __future__ import annotations
@@ -47,105 +56,45 @@ from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
 
-QUEUE_LIMIT = 512
-"""Messages a stream may have waiting before it is dropped to a full resync."""
-
 LOG_LIMIT = 65536
-"""Changes remembered for resuming streams."""
+"""Changes remembered for resuming streams and for streams that fell behind (older: a full netmap)."""
 
 KEEPALIVE = b'{"type":"keepalive"}'
 
-LARGE = 64 << 10
-"""Bytes above which a write waits its turn with full netmaps (at most ``full_map_concurrency`` at once), so
-that many streams catching up at once do not each hold a large message in their socket buffers."""
+LARGE_DELTA = 128
+"""Changed nodes above which a delta is built and written with the full netmaps (at most
+``full_map_concurrency`` at once), so that many streams catching up at once do not each hold a large
+message."""
+
+CHUNK = 64 << 10
+"""Bytes per write of a large message (each write waits for the socket to drain)."""
+
+BATCH_DELAY = 0.1
+"""Seconds a stream waits after writing a delta before it writes the next (changes meanwhile are merged)."""
 
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-@dataclass(frozen=True)
-class Change:
-    """One published change, shared by every stream's queue: ``node_json`` None means removed; the two
-    bodies are the encoded delta messages for peers and for the node's own streams."""
-
-    version: int
-    node_id: int
-    node_json: bytes | None
-    to_peers: bytes
-    to_self: bytes
-
-
 @dataclass(eq=False)
 class MapStream:
-    """One open map stream: its node, sealer and queue of changes (shared between streams)."""
+    """One open map stream: its node, sealer, and how far its client is (``sent``: the mapper version its
+    last message brought it to)."""
 
     node_id: int
     machine_key: MachinePublic
     sealer: proto.StreamSealer
-    limit: int = QUEUE_LIMIT
-    queue: collections.deque[Change | bytes] = field(default_factory=collections.deque)
+    sent: int = 0
+    first: bytes | None = None  # the resume delta, written before anything else
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    resync: bool = False  # a full netmap is due (first message, or the queue overflowed)
+    resync: bool = False  # a full netmap is due (first message, fell behind the log, expiry changed)
     ended: bool = False  # the node was removed or the server is closing: end the stream
-    overflows: int = 0
-
-    def push(self, body: Change | bytes) -> None:
-        """Queue ``body`` (a change, or an encoded message; O(1)); on overflow drop the queue and ask for a
-        full netmap instead."""
-        if self.resync or self.ended:
-            return
-        if len(self.queue) >= self.limit:
-            self.queue.clear()
-            self.resync = True
-            self.overflows += 1
-        else:
-            self.queue.append(body)
-        self.wake.set()
-
-    def take(self) -> list[bytes]:
-        """Empty the queue into encoded message bodies: one change as its shared body; several consecutive
-        changes merged into one delta (latest record per node), so a stream that fell behind pays one seal."""
-        out: list[bytes] = []
-        run: list[Change] = []
-        for item in self.queue:
-            if isinstance(item, Change):
-                run.append(item)
-                continue
-            out += self._merge(run)
-            run = []
-            out.append(item)
-        out += self._merge(run)
-        self.queue.clear()
-        return out
-
-    def _merge(self, run: list[Change]) -> list[bytes]:
-        if len(run) <= 1:
-            return [c.to_self if c.node_id == self.node_id else c.to_peers for c in run]
-        me: bytes | None = None
-        changed: dict[int, bytes] = {}
-        removed: set[int] = set()
-        for c in run:
-            if c.node_id == self.node_id:
-                me = c.node_json or me
-            elif c.node_json is None:
-                changed.pop(c.node_id, None)
-                removed.add(c.node_id)
-            else:
-                removed.discard(c.node_id)
-                changed[c.node_id] = c.node_json
-        parts = [b'{"type":"delta","version":%d' % run[-1].version]
-        if me is not None:
-            parts.append(b'"self":' + me)
-        if changed:
-            parts.append(b'"peers_changed":[' + b",".join(changed.values()) + b"]")
-        if removed:
-            parts.append(b'"peers_removed":' + _dumps(sorted(removed)))
-        return [b",".join(parts) + b"}"]
+    overflows: int = 0  # times it fell behind the change log
 
     def end(self) -> None:
         self.ended = True
-        self.queue.clear()
+        self.first = None
         self.wake.set()
 
 
@@ -154,7 +103,7 @@ class Mapper:
 
     ``server_key`` seals stream messages; ``domain`` goes into netmaps. Call :meth:`load` with the store's
     nodes first, :meth:`publish` / :meth:`remove` for every change, :meth:`open_stream` / :meth:`serve` /
-    :meth:`close_stream` per map request.
+    :meth:`close_stream` per map request. ``batch_delay``: seconds between two deltas of one stream.
     """
 
     def __init__(
@@ -162,15 +111,15 @@ class Mapper:
         server_key: MachinePrivate,
         domain: str,
         *,
-        queue_limit: int = QUEUE_LIMIT,
         log_limit: int = LOG_LIMIT,
-        full_map_concurrency: int = 8,
+        full_map_concurrency: int = 4,
+        batch_delay: float = BATCH_DELAY,
     ) -> None:
         self.server_key = server_key
         self.domain = domain
         self.generation = secrets.token_hex(16)
         self.version = 0
-        self.queue_limit = queue_limit
+        self.batch_delay = batch_delay
         self.nodes: dict[int, Node] = {}
         self._json: dict[int, bytes] = {}
         self._changed_at: dict[int, int] = {}  # node id -> version of its last change
@@ -178,6 +127,7 @@ class Mapper:
         self._log_floor = 0  # every change with a version above this is in _log
         self._streams: set[MapStream] = set()
         self._by_node: dict[int, set[MapStream]] = {}
+        self._idle: set[MapStream] = set()  # writers waiting for a change
         self._full_maps = asyncio.Semaphore(full_map_concurrency)
 
     # --- state ---
@@ -191,10 +141,12 @@ class Mapper:
         return len(self._streams)
 
     def netmap(self, node_id: int) -> NetMap | None:
-        """Node ``node_id``'s full netmap (O(nodes)), None if it is not live."""
+        """Node ``node_id``'s full netmap (O(nodes)), None if it is not live (an expired node: no peers)."""
         me = self.nodes.get(node_id)
         if me is None:
             return None
+        if me.expired:
+            return NetMap(me, {}, self.domain)
         return NetMap(me, {i: n for i, n in self.nodes.items() if i != node_id}, self.domain)
 
     def load(self, nodes: Iterable[Node]) -> None:
@@ -216,23 +168,31 @@ class Mapper:
         self._changed_at[node_id] = self.version
         return self.version
 
+    def _wake(self) -> None:
+        """Wake every idle writer (O(idle streams)); busy ones look at the version before they sleep."""
+        for s in self._idle:
+            s.wake.set()
+        self._idle.clear()
+
     # --- changes ---
 
     def publish(self, node: Node) -> bool:
         """``node``'s record as the store has it (``online`` is replaced by the stream count). If it differs
-        from what streams were told, send every stream a delta: ``self`` to the node's own streams,
-        ``peers_changed`` to the others. O(streams) seals happen later, in each stream's writer. Returns
-        whether anything was sent."""
+        from what streams were told, log it and wake the streams: its own streams get it as ``self``, the
+        others as ``peers_changed``; when its expiry flipped its own streams get a full netmap. Returns
+        whether anything changed."""
         node = self._with_online(node)
-        if self.nodes.get(node.id) == node:
+        old = self.nodes.get(node.id)
+        if old == node:
             return False
-        v = self._bump(node.id)
+        self._bump(node.id)
         self.nodes[node.id] = node
-        j = self._json[node.id] = _dumps(node.to_json())
-        head = b'{"type":"delta","version":%d,' % v
-        change = Change(v, node.id, j, head + b'"peers_changed":[' + j + b"]}", head + b'"self":' + j + b"}")
-        for s in self._streams:
-            s.push(change)
+        self._json[node.id] = _dumps(node.to_json())
+        if old is not None and old.expired != node.expired:
+            for s in self._by_node.get(node.id, ()):
+                s.resync = True
+                s.wake.set()
+        self._wake()
         return True
 
     def remove(self, node_id: int) -> bool:
@@ -241,14 +201,10 @@ class Mapper:
         if self.nodes.pop(node_id, None) is None:
             return False
         del self._json[node_id]
-        v = self._bump(node_id)
-        body = b'{"type":"delta","version":%d,"peers_removed":[%d]}' % (v, node_id)
-        change = Change(v, node_id, None, body, body)
-        for s in self._streams:
-            if s.node_id == node_id:
-                s.end()
-            else:
-                s.push(change)
+        self._bump(node_id)
+        for s in self._by_node.get(node_id, ()):
+            s.end()
+        self._wake()
         return True
 
     def resync(self, nodes: Iterable[Node], since: int) -> int:
@@ -273,38 +229,62 @@ class Mapper:
         """Register a stream for ``node_id`` (it counts as online from now: publish its record next). Its
         first message is a delta since ``resume`` ((generation, version)) when the change log reaches back
         that far, else a full netmap."""
-        s = MapStream(
-            node_id, machine_key, proto.StreamSealer(self.server_key, machine_key, reply_to), self.queue_limit
-        )
-        first = self._resume_body(node_id, resume) if resume is not None else None
-        if first is None:
-            s.resync = True
+        s = MapStream(node_id, machine_key, proto.StreamSealer(self.server_key, machine_key, reply_to))
+        me = self.nodes.get(node_id)
+        if resume is not None and self._resumable(*resume) and not (me is not None and me.expired):
+            s.sent = resume[1]
+            s.first = self.delta_body(s, resumed=True)
         else:
-            s.queue.append(first)
+            s.resync = True
         self._streams.add(s)
         self._by_node.setdefault(node_id, set()).add(s)
         return s
 
-    def _resume_body(self, node_id: int, resume: tuple[str, int]) -> bytes | None:
-        generation, since = resume
-        if generation != self.generation or not self._log_floor <= since <= self.version:
+    def _resumable(self, generation: str, since: int) -> bool:
+        return generation == self.generation and self._log_floor <= since <= self.version
+
+    def changed_since(self, since: int) -> set[int] | None:
+        """Ids of the nodes changed after version ``since``; None when the log no longer reaches back."""
+        if since < self._log_floor:
             return None
-        ids = set(_since(self._log, since))
-        body: dict[str, Any] = {"type": "delta", "generation": self.generation, "version": self.version}
-        parts = [_dumps(body)[:-1]]
-        if node_id in ids and node_id in self._json:
-            parts.append(b'"self":' + self._json[node_id])
-        changed = [self._json[i] for i in sorted(ids) if i != node_id and i in self._json]
-        if changed:
-            parts.append(b'"peers_changed":[' + b",".join(changed) + b"]")
-        removed = sorted(i for i in ids if i not in self._json)
-        if removed:
-            parts.append(b'"peers_removed":' + _dumps(removed))
+        return set(_since(self._log, since))
+
+    def delta_body(self, s: MapStream, *, resumed: bool = False) -> bytes | None:
+        """The delta that brings ``s`` from ``s.sent`` to the current version (and moves ``s.sent`` there):
+        None when nothing it can see changed, or (setting ``s.resync``) when the log no longer reaches back.
+        O(changes since) joins of cached node JSON. ``resumed``: the first message of a resumed stream,
+        which carries the generation and is sent even when empty."""
+        ids = self.changed_since(s.sent)
+        if ids is None:
+            s.resync = True
+            s.overflows += 1
+            return None
+        s.sent = self.version
+        me = self.nodes.get(s.node_id)
+        if me is None:
+            return None
+        parts = [b'{"type":"delta","version":%d' % self.version]
+        if resumed:
+            parts = [
+                b'{"type":"delta","generation":%s,"version":%d' % (_dumps(self.generation), self.version)
+            ]
+        if s.node_id in ids:
+            parts.append(b'"self":' + self._json[s.node_id])
+        if not me.expired:  # an expired node is shown no peers
+            changed = [self._json[i] for i in sorted(ids) if i != s.node_id and i in self._json]
+            if changed:
+                parts.append(b'"peers_changed":[' + b",".join(changed) + b"]")
+            removed = sorted(i for i in ids if i not in self._json)
+            if removed:
+                parts.append(b'"peers_removed":' + _dumps(removed))
+        if len(parts) == 1 and not resumed:
+            return None
         return b",".join(parts) + b"}"
 
     def close_stream(self, s: MapStream) -> None:
         """Forget ``s`` (publish the node's record next: it may have gone offline)."""
         self._streams.discard(s)
+        self._idle.discard(s)
         mine = self._by_node.get(s.node_id)
         if mine is not None:
             mine.discard(s)
@@ -318,42 +298,90 @@ class Mapper:
 
     def full_map_body(self, node_id: int) -> bytes | None:
         """The encoded ``{"type": "netmap", ...}`` body for ``node_id`` (None if it is not live): O(nodes)
-        byte joins of cached node JSON, no per-node encoding."""
+        byte joins of cached node JSON, no per-node encoding. An expired node gets no peers."""
         me = self._json.get(node_id)
         if me is None:
             return None
         head = _dumps({"type": "netmap", "generation": self.generation, "version": self.version})[:-1]
-        peers = b",".join([j for i, j in self._json.items() if i != node_id])
+        if self.nodes[node_id].expired:
+            peers = b""
+        else:
+            peers = b",".join([j for i, j in self._json.items() if i != node_id])
         tail = b'],"domain":' + _dumps(self.domain) + b"}}"
         return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, tail))
 
     async def serve(self, s: MapStream, write: Callable[[bytes], Awaitable[None]], keepalive: float) -> None:
-        """Write ``s``'s messages with ``write`` (which applies backpressure) until it ends: queued deltas
-        in one write per wake-up, a full netmap when due, a keepalive after ``keepalive`` seconds of
-        silence. Returns when the stream ended (node removed, server closing); write errors propagate."""
+        """Write ``s``'s messages with ``write`` (which applies backpressure) until it ends: a full netmap
+        when due, else one merged delta of what changed since its last message (then ``batch_delay``
+        seconds' pause), a keepalive after ``keepalive`` seconds of silence. Returns when the stream ended
+        (node removed, server closing); write errors propagate."""
         while not s.ended:
             if s.resync:
-                async with self._full_maps:
-                    if s.ended:
-                        break
-                    s.resync = False
-                    s.queue.clear()
-                    body = self.full_map_body(s.node_id)
-                    if body is None:
-                        break
-                    await write(s.sealer.seal(body))
-                continue
-            if s.queue:
-                bodies = s.take()
-                if sum(map(len, bodies)) < LARGE:
-                    await write(b"".join([s.sealer.seal(b) for b in bodies]))
-                else:  # a merged delta of many nodes: bound the bytes in flight like full netmaps
-                    async with self._full_maps:
-                        await write(b"".join([s.sealer.seal(b) for b in bodies]))
-                continue
-            s.wake.clear()
-            if not await wait_event(s.wake, keepalive):
-                await write(s.sealer.seal(KEEPALIVE))
+                if not await self._write_full_map(s, write):
+                    break
+            elif s.first is not None:
+                body, s.first = s.first, None
+                await _write_line(write, s.sealer.seal(body))
+                del body
+            elif s.sent < self.version:
+                await self._write_delta(s, write)
+                if self.batch_delay > 0 and not s.ended:
+                    await asyncio.sleep(self.batch_delay)
+            else:
+                s.wake.clear()
+                self._idle.add(s)
+                try:
+                    woke = await wait_event(s.wake, keepalive)
+                finally:
+                    self._idle.discard(s)
+                if not woke:
+                    await write(s.sealer.seal(KEEPALIVE))
+
+    # Each message is built, sealed and written in a function of its own, so that no reference to it outlives
+    # the write (a local of serve() would pin every idle stream's last full netmap: hundreds of MB).
+
+    async def _write_full_map(self, s: MapStream, write: Callable[[bytes], Awaitable[None]]) -> bool:
+        async with self._full_maps:
+            if s.ended:
+                return False
+            s.resync = False
+            s.first = None
+            body = self.full_map_body(s.node_id)
+            if body is None:
+                return False
+            s.sent = self.version
+            line = s.sealer.seal(body)
+            del body
+            await _write_line(write, line)
+        return True
+
+    async def _write_delta(self, s: MapStream, write: Callable[[bytes], Awaitable[None]]) -> None:
+        ids = self.changed_since(s.sent)
+        if ids is None or len(ids) <= LARGE_DELTA:
+            del ids
+            body = self.delta_body(s)
+            if body is not None:
+                await write(s.sealer.seal(body))
+            return
+        del ids
+        async with self._full_maps:  # a large merged delta: built, sealed and written a few at a time
+            if s.ended or s.resync:
+                return
+            body = self.delta_body(s)
+            if body is not None:
+                line = s.sealer.seal(body)
+                del body
+                await _write_line(write, line)
+
+
+async def _write_line(write: Callable[[bytes], Awaitable[None]], line: bytes) -> None:
+    """Write ``line`` in ``CHUNK``-byte slices, each waiting for the socket to drain, so the transport never
+    holds a second copy of a large message."""
+    if len(line) <= CHUNK:
+        await write(line)
+        return
+    for i in range(0, len(line), CHUNK):
+        await write(line[i : i + CHUNK])
 
 
 def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[int]:
@@ -364,4 +392,4 @@ def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[in
         yield node_id
 
 
-__all__ = ["KEEPALIVE", "LOG_LIMIT", "QUEUE_LIMIT", "Change", "MapStream", "Mapper"]
+__all__ = ["CHUNK", "KEEPALIVE", "LARGE_DELTA", "LOG_LIMIT", "MapStream", "Mapper"]

@@ -22,12 +22,13 @@ Tailscale, by default for tagged nodes); a logged-out node counts as expired.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ RESERVED = frozenset(
         IPV4_RANGE.broadcast_address,
     }
 )
+_BATCH = 16  # candidate names / addresses looked up per query
 _PG_LOCK = 0x7A11_9C  # pg_advisory_xact_lock id: one writer at a time, like SQLite's BEGIN IMMEDIATE
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _TAG = re.compile(r"tag:[a-z0-9][a-z0-9-]{0,62}")
@@ -146,6 +148,15 @@ def _m2(conn: Connection) -> None:
 MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
+
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS ix_nodes_node_key ON nodes (node_key)",
+    "CREATE INDEX IF NOT EXISTS ix_nodes_key_expiry ON nodes (key_expiry)",
+    "CREATE INDEX IF NOT EXISTS ix_nodes_ephemeral ON nodes (ephemeral)",
+)
+"""Indexes for the per-registration node queries (node key clash, expiry and ephemeral timers), so that a
+registration costs O(log nodes). Created when missing on every open (idempotent, SQLite and PostgreSQL
+alike); they change no data, so they are not a schema version."""
 
 _meta = sa.MetaData()
 schema_version = sa.Table("schema_version", _meta, sa.Column("version", sa.Integer, nullable=False))
@@ -339,6 +350,7 @@ class Store:
                 f"no control database in {self.state_dir}; run `tailpy control serve --state-dir "
                 f"{self.state_dir}` once, or pass the right --state-dir"
             )
+        self._hint: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}  # see _free_address
         self.engine = _engine(url)
         try:
             self.migrate()
@@ -367,6 +379,8 @@ class Store:
             for step in MIGRATIONS[v:]:
                 step(conn)
             conn.execute(schema_version.update().values(version=len(MIGRATIONS)))
+            for ddl in _INDEXES:
+                conn.exec_driver_sql(ddl)
         return len(MIGRATIONS)
 
     def schema_version(self) -> int:
@@ -642,7 +656,7 @@ class Store:
             if row is not None:
                 if row.deleted is not None:
                     values["deleted"] = None
-                    values["name"] = names.unique(names.sanitize(hostname), self._names(conn))
+                    values["name"] = self._unique_name(conn, names.sanitize(hostname))
                 conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
                 node_id = int(row.id)
             else:
@@ -651,20 +665,54 @@ class Store:
                 conn.execute(auth_keys.update().where(auth_keys.c.id == key.id).values(used=True))
             return self._node(conn, node_id, now)
 
-    def _names(self, conn: Connection) -> set[str]:
-        return {r.name for r in conn.execute(sa.select(nodes.c.name))}
+    def _unique_name(self, conn: Connection, base: str) -> str:
+        """``base``, else the first of ``base-1``, ``base-2``, ... no node has: indexed lookups of the
+        candidates, ``_BATCH`` at a time (O(log nodes) per batch; one batch unless the name is common)."""
+        n = 0
+        while True:
+            batch = [base if i == 0 else names.with_suffix(base, i) for i in range(n, n + _BATCH)]
+            taken = {r.name for r in conn.execute(sa.select(nodes.c.name).where(nodes.c.name.in_(batch)))}
+            free = next((c for c in batch if c not in taken), None)
+            if free is not None:
+                return free
+            n += _BATCH
+
+    def _free_address(
+        self, conn: Connection, net: ipaddress.IPv4Network | ipaddress.IPv6Network, column: sa.Column[Any]
+    ) -> Any:
+        """The lowest free address of ``net`` (see :func:`first_free`), O(log nodes): addresses are never
+        given back (a node's row outlives its deletion), so the lowest free one only grows; the search
+        starts at the last one found here (once per prefix and process: a scan of every address) and checks
+        candidates ``_BATCH`` at a time against the unique index, inside the caller's serialized
+        transaction. The hint is the address found, not the next one, so a rolled-back registration leaves
+        no gap."""
+        start = self._hint.get(net)
+        if start is None:
+            used = {r[0] for r in conn.execute(sa.select(column))}
+            start = int(first_free(net, used))
+        hosts = _hosts(net, start)
+        while True:
+            batch = [str(h) for h in itertools.islice(hosts, _BATCH)]
+            if not batch:
+                count = conn.execute(sa.select(sa.func.count()).select_from(nodes)).scalar() or 0
+                raise _exhausted(net, count)
+            taken = {r[0] for r in conn.execute(sa.select(column).where(column.in_(batch)))}
+            free = next((a for a in batch if a not in taken), None)
+            if free is not None:
+                addr = ipaddress.ip_address(free)
+                self._hint[net] = int(addr)
+                return addr
 
     def _insert(
         self, conn: Connection, machine_key: MachinePublic, hostname: str, values: dict[str, Any], now: float
     ) -> int:
-        used = conn.execute(sa.select(nodes.c.name, nodes.c.ipv4, nodes.c.ipv6)).all()
         cfg = self._settings(conn)
         res = conn.execute(
             nodes.insert().values(
                 machine_key=machine_key.text(),
-                name=names.unique(names.sanitize(hostname), {r.name for r in used}),
-                ipv4=str(first_free(cfg.prefix_v4, {r.ipv4 for r in used})),
-                ipv6=str(first_free(cfg.prefix_v6, {r.ipv6 for r in used})),
+                name=self._unique_name(conn, names.sanitize(hostname)),
+                ipv4=str(self._free_address(conn, cfg.prefix_v4, nodes.c.ipv4)),
+                ipv6=str(self._free_address(conn, cfg.prefix_v6, nodes.c.ipv6)),
                 endpoints="[]",
                 created=now,
                 **values,
@@ -884,18 +932,23 @@ def first_free(net: ipaddress.IPv4Network | ipaddress.IPv6Network, used: set[str
     """The lowest host address of ``net`` not in ``used`` (text forms) and not reserved (MagicDNS, the
     network and broadcast addresses). Raises ControlError when none is left."""
     for host in _hosts(net):
-        if host not in RESERVED and str(host) not in used:
+        if str(host) not in used:
             return host
-    raise ControlError(
-        f"address pool {net} is exhausted ({len(used)} addresses given out); serve with a wider "
+    raise _exhausted(net, len(used))
+
+
+def _exhausted(net: ipaddress.IPv4Network | ipaddress.IPv6Network, given: int) -> ControlError:
+    return ControlError(
+        f"address pool {net} is exhausted ({given} addresses given out); serve with a wider "
         f"--prefix-v{net.version} or delete nodes"
     )
 
 
-def _hosts(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
-    first = int(net.network_address) + 1
+def _hosts(net: ipaddress.IPv4Network | ipaddress.IPv6Network, start: int = 0) -> Iterator[Any]:
+    """The host addresses of ``net`` from ``start`` (an int; default the first), reserved ones skipped."""
+    first = max(int(net.network_address) + 1, start)
     cls: Callable[[int], Any] = type(net.network_address)
-    return (cls(i) for i in range(first, int(net.broadcast_address)))
+    return (a for a in (cls(i) for i in range(first, int(net.broadcast_address))) if a not in RESERVED)
 
 
 def _now(now: float | None) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 
@@ -105,3 +106,16 @@ def test_response_round_trip_and_binding() -> None:
         proto.open_response(NODE, SERVER.public, box, reply_to="abc", seq=4)
     with pytest.raises(proto.UnauthenticatedError):
         proto.open_response(OTHER, SERVER.public, box, reply_to="abc")
+
+
+DEEP = b'{"a":' * 5000  # 25 KB of nesting: json.loads raises RecursionError, not ValueError
+
+
+def test_deeply_nested_json_is_a_parse_error() -> None:
+    with pytest.raises(ParseError, match="control request is nested too deeply"):
+        proto.open_request(SERVER, DEEP, path="/p")
+    # Sealed by a real machine key: the box opens, its plaintext is the nesting.
+    box = base64.b64encode(bytes(proto._box(NODE, SERVER.public).encrypt(DEEP))).decode()
+    envelope = json.dumps({"machine_key": NODE.public.text(), "box": box}).encode()
+    with pytest.raises(ParseError, match="sealed control message is nested too deeply"):
+        proto.open_request(SERVER, envelope, path="/p")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -355,3 +356,16 @@ async def test_server_restart_means_a_full_netmap(control: Control) -> None:
         assert control.server is not None and a.map_state.generation == control.server.mapper.generation
     finally:
         await sa.aclose()
+
+
+@pytest.mark.parametrize("path", ["/machine/register", "/machine/map", "/machine/update"])
+async def test_deeply_nested_json_is_a_400_and_one_log_line(
+    control: Control, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    status, body = await _post(control.url + path, b'{"a":' * 5000)
+    assert status == 400 and body == {"error": "control request is nested too deeply"}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"refused {path} from 127.0.0.1: control request is nested too deeply"
+    ]
+    assert not any(r.exc_info for r in caplog.records)

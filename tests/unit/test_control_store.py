@@ -46,7 +46,7 @@ def test_fresh_db_reaches_latest_and_rerun_is_noop(tmp_path: Path) -> None:
     s.close()
     s2 = Store(tmp_path)  # opening again migrates nothing and keeps data
     assert s2.schema_version() == len(MIGRATIONS)
-    assert [k.key for k in s2.list_auth_keys()] == [key.key]
+    assert [k.shown for k in s2.list_auth_keys()] == [key.shown]
     s2.close()
 
 
@@ -240,16 +240,17 @@ def test_logout_keeps_record_and_key_used_only_on_success(store: Store) -> None:
     assert out is not None and out.expired and [x.id for x in store.list_nodes()] == [n.id]
     with pytest.raises(AuthKeyError, match="logged out"):
         store.register(mk, nk, "pi", None, NOW + 2)
-    single = store.create_auth_key(reusable=False, expires=None, now=NOW).key
+    single_key = store.create_auth_key(reusable=False, expires=None, now=NOW)
+    single = single_key.key
     other = store.register(
         mkey(), nkey(), "o", store.create_auth_key(reusable=True, expires=None, now=NOW).key, NOW
     )
     with pytest.raises(ControlError, match="belongs to another machine"):
         store.register(mk, other.node_key, "pi", single, NOW + 3)
-    assert not next(k for k in store.list_auth_keys() if k.key == single).used
+    assert not next(k for k in store.list_auth_keys() if k.id == single_key.id).used
     back = store.register(mk, nkey(), "pi", single, NOW + 4)
     assert (back.id, back.name, back.addresses, back.expired) == (n.id, n.name, n.addresses, False)
-    assert next(k for k in store.list_auth_keys() if k.key == single).used
+    assert next(k for k in store.list_auth_keys() if k.id == single_key.id).used
 
 
 def test_rotation_keeps_identity(store: Store) -> None:

@@ -44,29 +44,54 @@ ADMIN_NOTE = (
     "once), else straight to the database."
 )
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_DAYS = 3650
+"""Longest duration the options take (10 years): a longer one is a typo, or `never`."""
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhdw])")
 
 
 def parse_duration(text: str, flag: str = "--expiration") -> float | None:
-    """ "90s", "30m", "1h", "7d" (or combinations like "1h30m") -> seconds; "never" -> None.
+    """A positive duration -> seconds: a number and a unit s, m, h, d or w ("90s", "30m", "1.5h", "7d",
+    "2w"), or several ("1h30m"); case and surrounding spaces do not matter; "never" -> None. At most
+    :data:`MAX_DURATION_DAYS` days.
 
-    Raises ConfigError naming ``flag``.
+    Raises ConfigError (a sentence naming ``flag``) for anything else, zero included.
     """
     t = text.strip().lower()
-    if t in ("never", "none", "0"):
+    if t == "never":
         return None
-    parts = re.findall(r"(\d+)([smhd])", t)
+    parts = _PART.findall(t)
     if not parts or "".join(n + u for n, u in parts) != t:
-        raise ConfigError(f"{flag} {text!r} is not a duration like 90s, 30m, 1h, 7d or 'never'")
-    return float(sum(int(n) * _UNITS[u] for n, u in parts))
+        if re.fullmatch(r"0+(?:\.0*)?", t):
+            raise ConfigError(f"{flag} must be a positive duration like 1h, or 'never'; {text!r} is zero")
+        raise ConfigError(
+            f"{flag} {text!r} is not a duration like 90s, 30m, 1.5h, 7d, 2w or 'never' (a number and a unit)"
+        )
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{flag} must be a positive duration like 1h, or 'never'; {text!r} is zero")
+    if not seconds <= MAX_DURATION_DAYS * 86400:  # (inf from hundreds of digits too)
+        raise ConfigError(f"{flag} must be at most {MAX_DURATION_DAYS}d (or 'never'), not {text.strip()!r}")
+    return seconds
 
 
-def _parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"--listen {text!r} is not HOST:PORT (for example 0.0.0.0:8080 or [::]:8080)")
-    return host, int(port)
+def _parse_listen(text: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every address) -> (host or None, port)."""
+    usage = f"--listen {text!r} is not HOST:PORT (for example 0.0.0.0:8080, [::1]:8080 or :8080 for all)"
+    t = text.strip()
+    if t.startswith("["):
+        host, sep, port = t[1:].partition("]:")
+        if not sep or not host or ":" not in host:
+            raise ConfigError(usage)
+    else:
+        host, sep, port = t.rpartition(":")
+        if not sep:
+            raise ConfigError(usage)
+        if ":" in host:
+            raise ConfigError(f"--listen {text!r}: put an IPv6 address in brackets, like [{host}]:{port}")
+    if not port.isdigit() or len(port) > 5 or not 0 <= int(port) < 65536:
+        raise ConfigError(usage)
+    return host or None, int(port)
 
 
 @click.group("control")
@@ -102,6 +127,7 @@ def serve(
     through <state-dir>/admin.sock (mode 0600)."""
     from tailpy.control import ControlServer, Store
     from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
+    from tailpy.control.server import http_url
 
     host, port = _parse_listen(listen)
     lifetime = parse_duration(key_expiry, "--key-expiry")
@@ -111,7 +137,10 @@ def serve(
     if not state_dir.exists():
         if not state_dir.parent.is_dir():
             raise ConfigError(f"cannot create state directory {state_dir}: {state_dir.parent} does not exist")
-        state_dir.mkdir(mode=0o700)
+        try:
+            state_dir.mkdir(mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"cannot create state directory {state_dir}: {e.strerror or e}") from None
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     store = Store(state_dir, db=db)
 
@@ -121,13 +150,13 @@ def serve(
         admin = AdminServer(Admin(store, server=server, key_lifetime=lifetime), state_dir / SOCKET_NAME)
         await admin.start()
         try:
-            bound = await server.start(host, port)
+            await server.start(host, port)
         except OSError as e:
             await admin.stop()
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
         logging.getLogger("tailpy.control").info(
-            "control server listening on http://%s:%d (key %s, state %s, domain %s, database %s)",
-            *bound,
+            "control server listening on %s (key %s, state %s, domain %s, database %s)",
+            " and ".join(http_url(h, p) for h, p in server.addresses),
             server.public_key.text(),
             state_dir,
             settings.domain,
@@ -155,6 +184,12 @@ def _admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> An
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
+    """A table on a terminal; when stdout is not one (a pipe, a file), tab-separated lines: a header line,
+    then one line per row, nothing cut short whatever the width."""
+    if not sys.stdout.isatty():
+        for r in [headers, *rows]:
+            click.echo("\t".join(c.replace("\t", " ").replace("\n", " ") for c in r))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -254,7 +289,7 @@ def authkey_create(
 @_db
 @_json
 def authkey_list(state_dir: Path, db: str | None, as_json: bool) -> None:
-    """List pre-auth keys (prefix only): owner or tags, reusable, ephemeral, used, expiry."""
+    """List pre-auth keys (prefix only): owner or tags, reusable, ephemeral, uses, last use, expiry."""
     result = _admin(state_dir, db, "authkey.list", {})
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -262,7 +297,7 @@ def authkey_list(state_dir: Path, db: str | None, as_json: bool) -> None:
     now = time.time()
     yn = {True: "yes", False: "no"}
     _table(
-        ["ID", "KEY", "USER/TAGS", "REUSABLE", "EPHEMERAL", "USED", "EXPIRES"],
+        ["ID", "KEY", "USER/TAGS", "REUSABLE", "EPHEMERAL", "USED", "LAST USED", "EXPIRES"],
         [
             [
                 str(k["id"]),
@@ -270,7 +305,8 @@ def authkey_list(state_dir: Path, db: str | None, as_json: bool) -> None:
                 k["user"] or ",".join(k["tags"]),
                 yn[k["reusable"]],
                 yn[k["ephemeral"]],
-                yn[k["used"]],
+                _uses(k),
+                "-" if k.get("last_used") is None else _when(k["last_used"], now),
                 "never" if k["expires"] is None else _when(k["expires"], now),
             ]
             for k in result
@@ -325,6 +361,14 @@ def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
             for n in result
         ],
     )
+
+
+def _uses(k: dict[str, Any]) -> str:
+    """USED of `authkey list`: yes/no for a single-use key; how many registrations for a reusable one."""
+    uses = int(k.get("uses") or (1 if k["used"] else 0))
+    if not k["reusable"]:
+        return "yes" if uses else "no"
+    return "no" if not uses else "1 time" if uses == 1 else f"{uses} times"
 
 
 def _addr(n: dict[str, Any], version: int) -> str:

@@ -15,8 +15,9 @@ Operations (``op``: arguments -> result, all JSON):
 * ``users.create`` {name} -> User; ``users.list`` {} -> [User]; ``users.delete`` {name} -> {}
 * ``nodes.list`` {} -> [Node]; ``nodes.show`` {id} -> Node; ``nodes.rename`` {id, name} -> Node;
   ``nodes.expire`` {id} -> Node; ``nodes.expiry`` {id, disabled} -> Node; ``nodes.delete`` {id} -> {}
-* ``authkey.create`` {user?, tags?, reusable, ephemeral, expiration (seconds or null)} -> AuthKey (full key);
-  ``authkey.list`` {} -> [AuthKey] (key prefix only); ``authkey.expire`` {key} -> AuthKey
+* ``authkey.create`` {user?, tags?, reusable, ephemeral, expiration (seconds up to 3650 days, or null)} ->
+  AuthKey (the full key: the only time it is shown, the database keeps a hash); ``authkey.list`` {} ->
+  [AuthKey] (key prefix only; ``uses``, ``last_used``); ``authkey.expire`` {key (id or full key)} -> AuthKey
 * ``settings.show`` {} -> {domain, prefix_v4, prefix_v6, database}
 
 Node JSON is :meth:`tailpy.netmap.Node.to_json` plus ``fqdn``.
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from tailpy.control.server import ControlServer
 
 SOCKET_NAME = "admin.sock"
+MAX_EXPIRATION = 3650 * 86400.0
+"""Longest auth key lifetime, seconds (10 years; `tailpy control` parses durations up to the same)."""
 
 
 def _int(args: Mapping[str, Any], name: str) -> int:
@@ -150,8 +153,15 @@ class Admin:
     def op_authkey_create(self, args: Mapping[str, Any]) -> Any:
         now = self.clock()
         lifetime = args.get("expiration")
-        if lifetime is not None and (not isinstance(lifetime, (int, float)) or lifetime <= 0):
-            raise ConfigError("expiration must be a positive number of seconds or null (never)")
+        if lifetime is not None and (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, (int, float))
+            or not 0 < lifetime <= MAX_EXPIRATION
+        ):
+            raise ConfigError(
+                f"expiration must be a positive number of seconds up to {MAX_EXPIRATION:.0f} (3650 days), "
+                "or null (never)"
+            )
         tags = args.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ConfigError("tags must be a list of strings like tag:server")
@@ -225,7 +235,7 @@ class AdminServer:
             return web.json_response({"result": self.admin.run(request.match_info["op"], args)})
         except (ConfigError, ControlError) as e:
             return web.json_response({"error": str(e)}, status=400)
-        except ValueError:
+        except (ValueError, RecursionError):
             return web.json_response({"error": "admin request is not JSON"}, status=400)
 
 
@@ -278,4 +288,4 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2)
 
 
-__all__ = ["SOCKET_NAME", "Admin", "AdminServer", "call_socket", "run"]
+__all__ = ["MAX_EXPIRATION", "SOCKET_NAME", "Admin", "AdminServer", "call_socket", "run"]

@@ -155,14 +155,21 @@ class ControlServer:
         app.on_shutdown.append(self._on_shutdown)
         return app
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on ``host:port`` (0: any free port); returns the bound (host, port). Raises OSError."""
+    async def start(self, host: str | None, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (``host`` None: every address, IPv4 and IPv6; ``port`` 0: any free port);
+        returns the first bound (host, port), all of them in :attr:`addresses`. Raises OSError."""
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        bound = self._runner.addresses[0]
-        return str(bound[0]), int(bound[1])
+        return self.addresses[0]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs the server listens on (none before :meth:`start`)."""
+        if self._runner is None:
+            return []
+        return [(str(a[0]), int(a[1])) for a in self._runner.addresses]
 
     async def stop(self) -> None:
         """Close every stream and the listener; the store stays open (the caller owns it)."""
@@ -451,6 +458,11 @@ class ControlServer:
             log.info("map stream closed for node %d", stream.node_id)
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets (``http://[::1]:8080``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _resume(obj: object) -> tuple[str, int] | None:
     """The ``resume`` field of a map request: ``{"generation": str, "version": int}`` or absent."""
     if obj is None:
@@ -466,4 +478,4 @@ def _with_online(node: Node, online: bool) -> Node:
     return node if node.online == online else dataclasses.replace(node, online=online)
 
 
-__all__ = ["ControlServer", "parse_endpoints"]
+__all__ = ["ControlServer", "http_url", "parse_endpoints"]

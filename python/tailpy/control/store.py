@@ -7,7 +7,10 @@ run. Every transaction is serialized against every other writer: SQLite's ``BEGI
 concurrent registrations never get one address or one name. SQLite runs with ``synchronous=FULL``: a commit
 that returned is on disk (it survives kill -9 and power loss).
 
-The server's machine key lives in ``<state_dir>/control.key`` (``privkey:<hex>``, mode 0600).
+The server's machine key lives in ``<state_dir>/control.key`` (``privkey:<hex>``, mode 0600). The SQLite
+files (``control.db`` and its ``-wal`` and ``-shm``) are mode 0600 too: they are created so, and opening a
+database made by an older tailpy tightens them. Auth keys are stored only as a SHA-256 hash (plus a short
+visible prefix for listings): the full ``tskey-auth-…`` text is shown once, when it is created.
 
 Addresses: IPv4 from the tailnet's IPv4 prefix (default 100.64.0.0/10) and IPv6 from its IPv6 prefix (default
 fd7a:115c:a1e0::/48), each the lowest free one, skipping the network address, 100.100.100.100 and
@@ -21,6 +24,8 @@ Tailscale, by default for tagged nodes); a logged-out node counts as expired.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -145,7 +150,36 @@ def _m2(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2)
+def hash_auth_key(key: str) -> str:
+    """What the database stores for auth key ``key``: ``sha256:<hex>`` of its text."""
+    return "sha256:" + hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def auth_key_prefix(key: str) -> str:
+    """The visible part of auth key ``key`` kept for listings: ``tskey-auth-`` and 4 characters."""
+    return key[: len(AUTH_KEY_PREFIX) + 4]
+
+
+def _m3(conn: Connection) -> None:
+    """3: auth keys stored as a SHA-256 hash (``key``) and a visible ``prefix``; ``uses`` (successful
+    registrations) and ``last_used`` on keys. Existing keys are hashed in place."""
+    _add_columns(
+        conn,
+        "auth_keys",
+        sa.Column("prefix", sa.Text, nullable=False, server_default=""),
+        sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("last_used", sa.Float),
+    )
+    t = sa.table("auth_keys", sa.column("id"), sa.column("key"), sa.column("used"))
+    for r in conn.execute(sa.select(t.c.id, t.c.key, t.c.used)).all():
+        if str(r.key).startswith(AUTH_KEY_PREFIX):
+            conn.execute(
+                sa.text("UPDATE auth_keys SET key = :h, prefix = :p, uses = :u WHERE id = :id"),
+                {"h": hash_auth_key(r.key), "p": auth_key_prefix(r.key), "u": 1 if r.used else 0, "id": r.id},
+            )
+
+
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
 
@@ -180,6 +214,9 @@ auth_keys = sa.Table(
     sa.Column("user_id", sa.Integer),
     sa.Column("tags", sa.Text),
     sa.Column("ephemeral", sa.Boolean),
+    sa.Column("prefix", sa.Text),
+    sa.Column("uses", sa.Integer),
+    sa.Column("last_used", sa.Float),
 )
 nodes = sa.Table(
     "nodes",
@@ -207,8 +244,11 @@ nodes = sa.Table(
 
 @dataclass(frozen=True)
 class AuthKey:
-    """A pre-auth key. ``expires`` and ``created`` are unix seconds (``expires`` None: never); ``user`` the
-    owner's name of nodes it registers ("" for a tagged key); ``tags`` like ("tag:server",)."""
+    """A pre-auth key. ``key`` is the full ``tskey-auth-…`` text only as :meth:`Store.create_auth_key` returns
+    it; read back from the database it is the visible prefix and "…" (only a hash of the rest is stored).
+    ``expires`` and ``created`` are unix seconds (``expires`` None: never); ``user`` the owner's name of nodes
+    it registers ("" for a tagged key); ``tags`` like ("tag:server",); ``uses`` how many registrations it
+    made, the last at ``last_used``."""
 
     key: str
     reusable: bool
@@ -219,17 +259,26 @@ class AuthKey:
     user: str = ""
     tags: tuple[str, ...] = ()
     ephemeral: bool = False
+    uses: int = 0
+    last_used: float | None = None
+
+    @property
+    def shown(self) -> str:
+        """The key as listings show it: ``tskey-auth-AbCd…``."""
+        return auth_key_prefix(self.key) + "…"
 
     def to_json(self, *, full_key: bool = False) -> dict[str, Any]:
-        """JSON for admin output; the key shown as a prefix unless ``full_key``."""
+        """JSON for admin output; the key shown as a prefix unless ``full_key`` (right after creation)."""
         return {
             "id": self.id,
-            "key": self.key if full_key else self.key[: len(AUTH_KEY_PREFIX) + 4] + "…",
+            "key": self.key if full_key else self.shown,
             "user": self.user,
             "tags": list(self.tags),
             "reusable": self.reusable,
             "ephemeral": self.ephemeral,
             "used": self.used,
+            "uses": self.uses,
+            "last_used": self.last_used,
             "expires": self.expires,
             "created": self.created,
         }
@@ -296,6 +345,34 @@ def _engine(url: str) -> Engine:
     return engine
 
 
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL (None for other databases and in-memory SQLite)."""
+    u = sa.make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def _secure_sqlite_files(path: Path, *, create: bool) -> None:
+    """Create the SQLite database ``path`` empty with mode 0600 (when ``create`` and it is missing), and
+    take group and other access away from it and its ``-wal`` and ``-shm`` (databases of older versions
+    were 0644 and hold auth keys). Raises ConfigError when it cannot be created."""
+    if create and not path.exists():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ConfigError(
+                f"cannot create control database {path}: {e.strerror or e}; pass a --state-dir this user "
+                f"(uid {os.getuid()}) can write"
+            ) from None
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):  # missing, or not ours: SQLite's own error says more
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
+
+
 def _version(conn: Connection) -> int:
     conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     v = conn.execute(sa.select(schema_version.c.version)).scalar()
@@ -350,17 +427,27 @@ class Store:
                 f"no control database in {self.state_dir}; run `tailpy control serve --state-dir "
                 f"{self.state_dir}` once, or pass the right --state-dir"
             )
+        sqlite_path = _sqlite_path(url)
+        if sqlite_path is not None:
+            _secure_sqlite_files(sqlite_path, create=create)
         self._hint: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}  # see _free_address
         self.engine = _engine(url)
+        old_umask = os.umask(0o077)  # -wal and -shm (SQLite gives them the database file's mode anyway)
         try:
             self.migrate()
         except sa.exc.OperationalError as e:
             self.engine.dispose()
             detail = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
-            raise ConfigError(f"cannot open control database {self.where}: {detail}") from None
+            hint = ""
+            if sqlite_path is not None and ("unable to open" in detail or "readonly" in detail):
+                who = f"this user (uid {os.getuid()})"
+                hint = f"; check that {who} can write {sqlite_path.parent} and its files"
+            raise ConfigError(f"cannot open control database {self.where}: {detail}{hint}") from None
         except BaseException:
             self.engine.dispose()  # a newer schema, say: no pooled connection may outlive the error
             raise
+        finally:
+            os.umask(old_umask)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -401,6 +488,13 @@ class Store:
                 raise ConfigError(
                     f"server key file {path} is damaged ({e}); restore it from backup"
                 ) from None
+            except OSError as e:
+                raise ConfigError(f"cannot read server key file {path}: {e.strerror or e}") from None
+        except OSError as e:
+            raise ConfigError(
+                f"cannot create server key file {path}: {e.strerror or e}; pass a --state-dir this user "
+                f"(uid {os.getuid()}) can write"
+            ) from None
         key = MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
         with os.fdopen(fd, "w") as f:
             f.write(key.text() + "\n")
@@ -534,7 +628,9 @@ class Store:
                     uid = int(row.id)
             res = conn.execute(
                 auth_keys.insert().values(
-                    key=key,
+                    key=hash_auth_key(key),
+                    prefix=auth_key_prefix(key),
+                    uses=0,
                     reusable=reusable,
                     expires=expires,
                     used=False,
@@ -561,7 +657,9 @@ class Store:
     def expire_auth_key(self, key_or_id: str, now: float) -> AuthKey:
         """Make a key (by id, or the full ``tskey-auth-…`` text) expire now. Raises ConfigError if unknown."""
         where = (
-            auth_keys.c.id == int(key_or_id) if key_or_id.isdigit() else auth_keys.c.key == key_or_id.strip()
+            auth_keys.c.id == int(key_or_id)
+            if key_or_id.isdigit()
+            else auth_keys.c.key == hash_auth_key(key_or_id)
         )
         with self.engine.begin() as conn:
             res = conn.execute(auth_keys.update().where(where).values(expires=now))
@@ -572,8 +670,8 @@ class Store:
     def _take_auth_key(self, conn: Connection, key: str | None, now: float, why: str) -> Any:
         if not key:
             raise AuthKeyError(f"{why}: pass an auth key (create one with {CREATE_HINT})")
-        shown = key[: len(AUTH_KEY_PREFIX) + 4] + "…"
-        row = conn.execute(sa.select(auth_keys).where(auth_keys.c.key == key)).first()
+        shown = auth_key_prefix(key) + "…"
+        row = conn.execute(sa.select(auth_keys).where(auth_keys.c.key == hash_auth_key(key))).first()
         if row is None:
             raise AuthKeyError(
                 f"auth key {shown} is not known to this control server; create one with {CREATE_HINT}"
@@ -661,8 +759,11 @@ class Store:
                 node_id = int(row.id)
             else:
                 node_id = self._insert(conn, machine_key, hostname, values, now)
-            if not key.reusable:
-                conn.execute(auth_keys.update().where(auth_keys.c.id == key.id).values(used=True))
+            conn.execute(
+                auth_keys.update()
+                .where(auth_keys.c.id == key.id)
+                .values(used=True, uses=auth_keys.c.uses + 1, last_used=now)
+            )
             return self._node(conn, node_id, now)
 
     def _unique_name(self, conn: Connection, base: str) -> str:
@@ -957,7 +1058,7 @@ def _now(now: float | None) -> float:
 
 def _to_auth_key(r: Any) -> AuthKey:
     return AuthKey(
-        r.key,
+        (r.prefix or AUTH_KEY_PREFIX) + "…",
         bool(r.reusable),
         r.expires,
         bool(r.used),
@@ -966,6 +1067,8 @@ def _to_auth_key(r: Any) -> AuthKey:
         r.user_name or "",
         tuple(json.loads(r.tags or "[]")),
         bool(r.ephemeral),
+        int(r.uses or 0),
+        r.last_used,
     )
 
 
@@ -1002,7 +1105,9 @@ __all__ = [
     "Settings",
     "Store",
     "User",
+    "auth_key_prefix",
     "database_url",
     "dns_label",
+    "hash_auth_key",
     "parse_tags",
 ]

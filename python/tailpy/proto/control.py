@@ -98,6 +98,8 @@ def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError):
         raise ParseError(f"{what} is not valid JSON") from None
+    except RecursionError:  # "{"a": {"a": ...}}" a few thousand levels deep
+        raise ParseError(f"{what} is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ParseError(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from tailpy.control import Store
+from tailpy.control.store import MIGRATIONS
 
 UNIT = Path(__file__).resolve().parents[1] / "unit"
 sys.path.insert(0, str(UNIT))
@@ -63,7 +64,7 @@ def store(pg_url: str, tmp_path: Path) -> Iterator[Store]:
 
 def test_postgres_migrations_and_newer_schema(pg_url: str, tmp_path: Path, store: Store) -> None:
     assert store.url.startswith("postgresql+psycopg://")
-    assert store.migrate() == 2
+    assert store.migrate() == len(MIGRATIONS)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     from tailpy.errors import ControlError

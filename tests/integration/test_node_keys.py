@@ -48,6 +48,7 @@ def test_expired_key_drops_the_node_until_it_logs_in_again(lab: Lab) -> None:
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
 
     after = n.up(net.authkey(reusable=False))["self"]
+    assert after["node_key"] != before["node_key"]  # the expired key never comes back
     assert (after["id"], after["name"], after["addresses"]) == (
         before["id"],
         before["name"],

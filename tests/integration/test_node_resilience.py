@@ -38,6 +38,7 @@ def test_mistyped_login_server_changes_nothing(pair: tuple[LabTailnet, LabNode, 
     wrong = net.control_url.replace(":8080", ":9999")
     code, _, err = _cli(a, "up", "--login-server", wrong, "--timeout", "5")
     assert code == 1 and "Traceback" not in err
+    assert f"registered with {net.control_url}, not {wrong}" in err
     code, _, err = _cli(a, "up", "--login-server", "http://[bad")
     assert code == 1 and "not a valid URL" in err
     after = a.status()

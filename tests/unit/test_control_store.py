@@ -181,6 +181,17 @@ def test_ephemeral_gc_spares_online_and_recent(store: Store) -> None:
     assert {n.id for n in store.list_nodes()} == {e2.id, e3.id, keeper.id}
 
 
+def test_ephemeral_offline_time_counts_from_server_start(store: Store) -> None:
+    """A node connected when the server stopped has a stale last_seen: a restarted server must not remove
+    it at once, only once it stays offline for the timeout after the start."""
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW, ephemeral=True).key
+    e = store.register(mkey(), nkey(), "e", key, NOW)
+    started = NOW + 3600  # the server restarts an hour after e was last seen
+    assert store.ephemeral_gc(started + 1, 60, online=set(), not_before=started) == []
+    assert store.next_deadline(started + 1, 60, online=set(), not_before=started) == started + 60
+    assert store.ephemeral_gc(started + 60, 60, online=set(), not_before=started) == [e.id]
+
+
 def test_settings_prefixes_and_exhaustion(store: Store) -> None:
     assert store.settings().domain == "tailnet.internal"
     cfg = store.configure(domain="Corp.Internal", prefix_v4="100.70.0.0/30")

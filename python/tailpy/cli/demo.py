@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import time
 from typing import Any
 
@@ -61,7 +62,7 @@ def run_demo(seconds: int, console: Console) -> dict[str, Any]:
                 {"from": src.name, "to": dst.name, "address": addr, "loss_percent": loss, "avg_ms": avg}
             )
             console.print(f"[bold]ping[/] {src.name} → {dst.name} ({addr}): {loss}% loss, avg {avg} ms")
-        server = b.host.popen(["iperf3", "-s", "-1", "-B", ip_b])
+        server = b.host.popen(["iperf3", "-s", "-1", "-B", ip_b], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         out = a.host.run(["iperf3", "-c", ip_b, "-t", str(seconds), "-J"], timeout=seconds + 30).stdout
         lab.stop(server)

@@ -161,5 +161,5 @@ def command(
     me = st["self"]
     click.echo(
         f"connected: {me['name'] or me['hostname']} {' '.join(a.split('/')[0] for a in me['addresses'])}"
-        f" ({len(st['peers'])} peers)"
+        f" ({len(st['peers'])} peer{'' if len(st['peers']) == 1 else 's'})"
     )

@@ -31,4 +31,4 @@ def command(address: str, as_json: bool, socket_path: str) -> None:
         ("  Key expired", "yes" if node["expired"] else "no"),
         ("User", owner),
     ):
-        click.echo(f"{label + ':':14}{value}")
+        click.echo(f"{label + ':':16}{value}")

@@ -133,6 +133,7 @@ class ControlServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last_check = self.clock()
+        self._started = self._last_check  # offline time of ephemeral nodes counts from here at the earliest
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
         self.mapper = Mapper(self.key, self.domain)
@@ -259,10 +260,10 @@ class ControlServer:
             log.info("node %d: key expired", node_id)
             self.publish_node(node_id)
         self._last_check = now
-        for node_id in self.store.ephemeral_gc(now, self.ephemeral_timeout, online):
+        for node_id in self.store.ephemeral_gc(now, self.ephemeral_timeout, online, self._started):
             log.info("node %d: ephemeral and offline for %.0f s, removed", node_id, self.ephemeral_timeout)
             self.publish_removed(node_id)
-        at = self.store.next_deadline(now, self.ephemeral_timeout, online)
+        at = self.store.next_deadline(now, self.ephemeral_timeout, online, self._started)
         if at == self._timer_at and self._timer is not None:
             return
         if self._timer is not None:

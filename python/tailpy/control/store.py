@@ -985,11 +985,16 @@ class Store:
 
     # --- lifecycle (timers) ---
 
-    def ephemeral_gc(self, now: float, timeout: float, online: Collection[int]) -> list[int]:
+    def ephemeral_gc(
+        self, now: float, timeout: float, online: Collection[int], not_before: float = 0.0
+    ) -> list[int]:
         """Delete every live ephemeral node not in ``online`` last seen ``timeout`` seconds or more before
-        ``now``; returns their ids."""
+        ``now``; returns their ids. Offline time counts from ``not_before`` at the earliest (the server's
+        start: a node connected when the server stopped has a stale ``last_seen``)."""
         gone = [
-            n.id for n in self._ephemeral() if n.id not in online and (n.last_seen or 0.0) + timeout <= now
+            n.id
+            for n in self._ephemeral()
+            if n.id not in online and max(n.last_seen or 0.0, not_before) + timeout <= now
         ]
         for node_id in gone:
             self.delete_node(node_id, now)
@@ -1005,7 +1010,9 @@ class Store:
                 ).all()
             )
 
-    def next_deadline(self, now: float, ephemeral_timeout: float, online: Collection[int]) -> float | None:
+    def next_deadline(
+        self, now: float, ephemeral_timeout: float, online: Collection[int], not_before: float = 0.0
+    ) -> float | None:
         """The earliest moment after ``now`` when something changes by itself: a live node's key expires, or
         an offline ephemeral node's timeout ends (unix seconds; None: nothing pending)."""
         with self.engine.begin() as conn:
@@ -1015,7 +1022,11 @@ class Store:
                 )
             ).scalar()
         times = [float(expiry)] if expiry is not None else []
-        times += [(n.last_seen or 0.0) + ephemeral_timeout for n in self._ephemeral() if n.id not in online]
+        times += [
+            max(n.last_seen or 0.0, not_before) + ephemeral_timeout
+            for n in self._ephemeral()
+            if n.id not in online
+        ]
         return min(times) if times else None
 
     def expired_between(self, since: float, now: float) -> list[int]:

@@ -153,18 +153,25 @@ class Backend:
         s = self.state_data
         url = check_login_server(login_server or s.login_server)
         registered_here = s.node_id is not None and url == s.login_server
+        expired = self.netmap is not None and self.netmap.self_node.expired
         if (not registered_here or force_reauth) and not auth_key:
-            raise AuthKeyError(
-                (
-                    "--force-reauth needs a new --auth-key"
-                    if force_reauth
-                    else "this node is not registered with this server yet: pass --auth-key"
+            if force_reauth:
+                why = "--force-reauth needs a new --auth-key"
+            elif s.node_id is not None:
+                why = (
+                    f"this node is registered with {s.login_server}, not {url}: pass --auth-key to join "
+                    f"{url}, or leave out --login-server to reconnect to {s.login_server}"
                 )
-                + " (create one with `tailpy control authkey create`)"
-            )
+            elif s.login_server and url == s.login_server:
+                why = "this node is logged out: pass --auth-key to log in again"
+            else:
+                why = f"this node is not registered with {url} yet: pass --auth-key"
+            raise AuthKeyError(why + " (create a key with `tailpy control authkey create`)")
         await self._stop_session()
         hostname = hostname or s.hostname or socket.gethostname()
-        node_key = NodePrivate.generate() if force_reauth else s.node_key
+        # A new node key on every fresh login (forced, or after the key expired): an admin who expired a
+        # node because its key may be compromised must not see that key come back.
+        node_key = NodePrivate.generate() if force_reauth or expired else s.node_key
         created = self.device is None
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
         client = ControlClient(url, s.machine_key)
@@ -536,6 +543,7 @@ class Backend:
                 "fqdn": me.fqdn(self.netmap.domain) if me and self.netmap else "",
                 "hostname": s.hostname,
                 "user": me.user if me else "",
+                "tags": list(me.tags) if me else [],
                 "os": me.os if me else "",
                 "key_expiry": me.key_expiry if me else None,
                 "expired": me.expired if me else False,

@@ -370,7 +370,10 @@ class Lab:
         def handler(signum: int, frame: FrameType | None) -> None:
             if not self._closed:
                 sys.stderr.write(f"interrupted ({signal.Signals(signum).name}): removing the lab\n")
+            first = not self._closed
             self.close()
+            if first:
+                sys.stderr.write("lab removed\n")
             raise SystemExit(128 + signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -315,8 +315,7 @@ class ControlClient:
         Resumes from :attr:`map_state` (set by the previous stream of this client; assignable to carry it to
         a new client): the server then sends only what changed since. Ends with ControlError when the stream
         breaks, the server closes it, or nothing arrives for ``stream_silence`` seconds; the caller
-        reconnects (with its current endpoints), e.g. after :func:`reconnect_delays`, or uses
-        :meth:`follow_map`.
+        reconnects (with its current endpoints) after :func:`reconnect_delays`, as tailpyd's session does.
         """
         state = self.map_state
         resume = None if state is None else (state.generation, state.version)
@@ -327,30 +326,6 @@ class ControlClient:
             first = False
             state = self.map_state = apply_message(state, msg)
             yield state.netmap
-
-    async def follow_map(
-        self,
-        node_key: NodePublic,
-        endpoints: Callable[[], list[str]],
-        hostname: str,
-        *,
-        delays: Callable[[], Iterator[float]] = reconnect_delays,
-    ) -> AsyncIterator[NetMap]:
-        """:meth:`stream_map` forever: reconnect after each break, waiting ``delays()`` seconds (reset after
-        a message arrives), resuming where the last stream left off. ``endpoints()`` gives the current
-        endpoints at each connection. Raises AuthKeyError (the node must register again); other
-        ControlErrors are retried."""
-        waits = delays()
-        while True:
-            try:
-                async for nm in self.stream_map(node_key, endpoints(), hostname):
-                    waits = delays()
-                    yield nm
-            except AuthKeyError:
-                raise
-            except ControlError:
-                pass
-            await asyncio.sleep(next(waits))
 
     def _open_line(self, opener: proto.StreamOpener, line: bytes) -> bytes:
         try:

@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import logging
 import platform
-import random
 import socket
 import time
 import urllib.parse
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 from tailpy import netmap as nm
 from tailpy.asyncutil import wait_event
 from tailpy.control import ControlClient
+from tailpy.control.client import reconnect_delays
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
@@ -81,16 +81,6 @@ def check_login_server(url: str) -> str:
             f"login server {url!r} must be an http:// or https:// URL with a host, e.g. http://192.0.2.1:8080"
         )
     return url.rstrip("/")
-
-
-def backoff_delays(rng: random.Random | None = None) -> Any:
-    """Reconnect delays in seconds: exponential from BACKOFF_MIN to BACKOFF_MAX with full jitter on the upper
-    half, so many nodes do not return in step after a control restart."""
-    r = rng or random.Random()
-    d = BACKOFF_MIN
-    while True:
-        yield d / 2 + r.random() * d / 2
-        d = min(d * 2, BACKOFF_MAX)
 
 
 class Backend:
@@ -263,7 +253,7 @@ class Backend:
     async def _run_session(self) -> None:
         """Follow the netmap stream, reconnecting with backoff; rotate the node key when it is due (then
         reconnect at once with the new key)."""
-        delays = backoff_delays()
+        delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
         resume = None
         while True:
             client = ControlClient(self.state_data.login_server, self.state_data.machine_key)
@@ -303,7 +293,7 @@ class Backend:
                 await client.close()
             self.changed.set()
             if rotated:
-                delays = backoff_delays()
+                delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
                 continue
             await asyncio.sleep(next(delays))
 

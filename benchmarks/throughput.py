@@ -96,12 +96,7 @@ def start_tailpy_product(lab: Lab, mtu: int) -> Tunnel:
     ``b``, on the tailnet's bridged LAN."""
     net = LabTailnet(lab)
     net.start_control()
-    key = net.authkey(reusable=True)
-    na, nb = net.add_node("a", ("--mtu", str(mtu))), net.add_node("b", ("--mtu", str(mtu)))
-    for node in (na, nb):
-        node.up(key)
-    na.wait_peers(1)
-    nb.wait_peers(1)
+    na, nb = net.connected("a", "b", daemon_args=("--mtu", str(mtu)))
     b_addr = nb.ip()
     tun_mtu = int(nb.host.run(["cat", f"/sys/class/net/{_route_dev(nb.host, b_addr)}/mtu"]).stdout)
     return Tunnel(na.host, nb.host, b_addr, [na.daemon.pid, nb.daemon.pid], tun_mtu)

@@ -47,11 +47,7 @@ def _device(node_status: dict[str, object]) -> dict[str, int]:
 def test_garbage_and_unknown_handshake_are_counted_and_dropped(lab: Lab) -> None:
     net = LabTailnet(lab)
     net.start_control()
-    key = net.authkey()
-    a, b = net.add_node("a"), net.add_node("b")
-    a.up(key)
-    b.up(key)
-    b.wait_peers(1)
+    a, b = net.connected("a", "b")
     b.ping(a.ip(), count=1)
     before = _device(a.status())
 

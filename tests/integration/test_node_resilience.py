@@ -19,11 +19,7 @@ pytestmark = pytest.mark.lab
 def pair(lab: Lab) -> tuple[LabTailnet, LabNode, LabNode]:
     net = LabTailnet(lab)
     net.start_control()
-    key = net.authkey()
-    a, b = net.add_node("a"), net.add_node("b")
-    a.up(key)
-    b.up(key)
-    a.wait_peers(1)
+    a, b = net.connected("a", "b")
     return net, a, b
 
 

@@ -22,11 +22,8 @@ def tailnet(lab: Lab) -> LabTailnet:
 
 
 def test_three_nodes_every_pair_pings_both_ways(tailnet: LabTailnet) -> None:
-    key = tailnet.authkey(reusable=True)
-    nodes = [tailnet.add_node(n) for n in ("n1", "n2", "n3")]
-    for n in nodes:
-        n.up(key)
-    statuses = {n.name: n.wait_peers(2) for n in nodes}
+    nodes = tailnet.connected("n1", "n2", "n3")
+    statuses = {n.name: n.status() for n in nodes}
     addrs = {name: st["self"]["addresses"] for name, st in statuses.items()}
     v4 = [a[0] for a in addrs.values()]
     assert len(set(v4)) == 3 and all(a.startswith("100.") for a in v4)

@@ -202,3 +202,14 @@ class LabTailnet:
         node.start_daemon()
         self.nodes[name] = node
         return node
+
+    def connected(self, *names: str, daemon_args: tuple[str, ...] = ()) -> list[LabNode]:
+        """New nodes ``names``, each brought up with one reusable key, returned once every node of the
+        tailnet sees all the others. The control server must be running."""
+        key = self.authkey(reusable=True)
+        nodes = [self.add_node(name, daemon_args) for name in names]
+        for node in nodes:
+            node.up(key)
+        for node in nodes:
+            node.wait_peers(len(self.nodes) - 1)
+        return nodes

@@ -1,0 +1,501 @@
+"""An asyncio DERP client (Tailscale's DERP protocol version 2, ``derp/derp_client.go`` and
+``derp/derphttp/derphttp_client.go`` in tailscale/tailscale).
+
+Connection: ``GET /derp`` over HTTP/1.1 (or HTTPS) with ``Upgrade: DERP`` and ``Connection: Upgrade``; the
+server answers ``101 Switching Protocols`` and the same TCP stream then carries DERP frames (1-byte type +
+big-endian u32 length + payload). Login: the server sends ServerKey (magic ``DERP🔑`` + its 32-byte key),
+the client sends ClientInfo (its 32-byte node public key + a NaCl box of JSON ``{"version": 2, ...}``), the
+server answers ServerInfo (NaCl box of JSON).
+
+:class:`DerpClient` is one connection: :meth:`DerpClient.connect`, then :meth:`~DerpClient.send`,
+:meth:`~DerpClient.recv` (or ``async for``), :meth:`~DerpClient.ping`, :meth:`~DerpClient.note_preferred`,
+:meth:`~DerpClient.close`. Server pings are answered and keep-alives consumed inside the client. Frames
+are encoded and parsed by :mod:`tailpy.proto.derp`; messages are its frame dataclasses.
+:class:`ReconnectingDerpClient` wraps it with exponential backoff and jitter, so clients do not all return
+in step after a relay restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
+
+from tailpy.asyncutil import wait_event
+from tailpy.errors import ParseError, TailpyError
+from tailpy.keys import MachinePublic, NodePrivate, NodePublic
+from tailpy.proto import derp as proto
+
+log = logging.getLogger(__name__)
+
+MAX_RECV_FRAME_LEN = 1 << 20
+"""Largest frame the client reads, bytes: derp_client.go refuses frames above 1 MiB."""
+MAX_HTTP_HEADER = 16 << 10
+READ_CHUNK = 64 << 10
+
+
+class DerpClientError(TailpyError, ConnectionError):
+    """The DERP server could not be reached, refused the upgrade or login, or the connection broke."""
+
+
+class DerpClosedError(DerpClientError):
+    """The DERP connection is closed (by :meth:`DerpClient.close`, by the server, or after an error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfoMessage:
+    """The ServerInfo JSON (derp.go ``ServerInfo``): protocol version and the server's advisory rate limit
+    (bytes per second and burst bytes; 0 = unspecified)."""
+
+    version: int
+    token_bucket_bytes_per_second: int = 0
+    token_bucket_bytes_burst: int = 0
+
+
+Message: TypeAlias = (
+    proto.RecvPacket | proto.PeerGone | proto.PeerPresent | proto.Pong | proto.Health | proto.Restarting
+)
+"""What :meth:`DerpClient.recv` returns (frames of :mod:`tailpy.proto.derp`). Pong only when no
+:meth:`DerpClient.ping` was waiting for it; KeepAlive, Ping (answered), repeated ServerInfo and unknown
+frame types are consumed inside the client."""
+
+_SURFACED = (proto.RecvPacket, proto.PeerGone, proto.PeerPresent, proto.Pong, proto.Health, proto.Restarting)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str
+    port: int
+    path: str
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> _Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise DerpClientError(f"DERP URL {url!r} must look like http(s)://host[:port]/derp")
+        tls = parts.scheme == "https"
+        try:
+            port = parts.port or (443 if tls else 80)
+        except ValueError:
+            raise DerpClientError(f"DERP URL {url!r} has an invalid port") from None
+        return cls(parts.hostname, port, parts.path or "/derp", tls)
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class DerpClient:
+    """One DERP connection, logged in. Make it with :meth:`connect`; use it from one event loop."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frames: proto.FrameReader,
+        pending: list[proto.Frame],
+        private_key: NodePrivate,
+        server_key: MachinePublic,
+        server_info: ServerInfoMessage,
+        *,
+        queue_size: int = 1024,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._frames = frames
+        self.private_key = private_key
+        self.public_key: NodePublic = private_key.public
+        self.server_key = server_key
+        """The server's 32-byte Curve25519 key from its ServerKey frame."""
+        self.server_info = server_info
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=queue_size)
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._drain_lock = asyncio.Lock()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._read_task = asyncio.get_running_loop().create_task(self._read_loop(pending))
+
+    # ---- connecting ----
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        private_key: NodePrivate,
+        *,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        queue_size: int = 1024,
+    ) -> DerpClient:
+        """Connect to ``url`` (``http(s)://host[:port]/derp``), upgrade to DERP and log in as ``private_key``.
+
+        ``timeout`` (seconds) bounds TCP, TLS, HTTP upgrade and login together. ``ssl_context`` is used for
+        https (default: the system's verified context). Raises DerpClientError with one sentence on refusal,
+        timeout or a malformed greeting."""
+        target = _Target.parse(url)
+        try:
+            return await asyncio.wait_for(cls._connect(target, private_key, ssl_context, queue_size), timeout)
+        except asyncio.TimeoutError:
+            raise DerpClientError(f"DERP server {url} did not complete login within {timeout:g} s") from None
+        except DerpClientError:
+            raise
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            raise DerpClientError(f"could not connect to DERP server {url}: {exc}") from None
+        except ParseError as exc:
+            raise DerpClientError(f"DERP server {url} sent a malformed greeting: {exc}") from None
+
+    @classmethod
+    async def _connect(
+        cls,
+        target: _Target,
+        private_key: NodePrivate,
+        ssl_context: ssl.SSLContext | None,
+        queue_size: int,
+    ) -> DerpClient:
+        ctx: ssl.SSLContext | None = None
+        if target.tls:
+            ctx = ssl_context or ssl.create_default_context()
+        reader, writer = await asyncio.open_connection(
+            target.host,
+            target.port,
+            ssl=ctx,
+            server_hostname=target.host if ctx is not None else None,
+            limit=MAX_HTTP_HEADER,
+        )
+        try:
+            request = (
+                f"GET {target.path} HTTP/1.1\r\n"
+                f"Host: {target.host_header}\r\n"
+                "User-Agent: tailpy-derp\r\n"
+                "Upgrade: DERP\r\n"
+                "Connection: Upgrade\r\n"
+                "\r\n"
+            )
+            writer.write(request.encode("ascii"))
+            await writer.drain()
+            await _read_upgrade_response(reader)
+
+            frames = proto.FrameReader(max_frame_len=MAX_RECV_FRAME_LEN)
+            pending: list[proto.Frame] = []
+            first = await _next_frame(reader, frames, pending)
+            if not isinstance(first, proto.ServerKey):
+                raise ParseError(f"expected a ServerKey frame first, got {type(first).__name__}")
+            server_key = first.key
+
+            info = {"version": proto.PROTOCOL_VERSION, "CanAckPings": True}
+            writer.write(proto.encode(proto.seal_client_info(private_key, server_key, info)))
+            await writer.drain()
+
+            second = await _next_frame(reader, frames, pending)
+            if not isinstance(second, proto.ServerInfo):
+                raise ParseError(f"expected a ServerInfo frame, got {type(second).__name__}")
+            server_info = _server_info(proto.open_server_info(private_key, server_key, second))
+        except BaseException:
+            writer.close()
+            raise
+        return cls(
+            reader, writer, frames, pending, private_key, server_key, server_info, queue_size=queue_size
+        )
+
+    # ---- sending ----
+
+    async def _write(self, frame: bytes) -> None:
+        if self._closed:
+            raise DerpClosedError(f"DERP connection is closed{self._reason()}")
+        self._writer.write(frame)
+        async with self._drain_lock:
+            try:
+                await self._writer.drain()
+            except OSError as exc:
+                self._fail(exc)
+                raise DerpClosedError(f"DERP connection broke while sending: {exc}") from None
+
+    async def send(self, dst: NodePublic, payload: bytes) -> None:
+        """Relay ``payload`` (at most 64 KiB) to the node whose key is ``dst`` (frameSendPacket).
+
+        Raises ValueError for an oversized payload, DerpClosedError when the connection is gone."""
+        await self._write(proto.encode_send_packet(dst, payload))
+
+    async def note_preferred(self, preferred: bool = True) -> None:
+        """Tell the server whether it is this node's home DERP (frameNotePreferred; stats only)."""
+        await self._write(proto.encode(proto.NotePreferred(preferred)))
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Send framePing with 8 random bytes and wait for the matching framePong; the round trip in seconds.
+
+        Raises asyncio.TimeoutError after ``timeout`` seconds, DerpClosedError if the connection goes."""
+        data = os.urandom(proto.PING_LEN)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[data] = fut
+        start = time.monotonic()
+        try:
+            await self._write(proto.encode(proto.Ping(data)))
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(data, None)
+        return time.monotonic() - start
+
+    # ---- receiving ----
+
+    async def recv(self) -> Message:
+        """The next message: RecvPacket, PeerGone, PeerPresent, Pong (unmatched), Health or Restarting.
+
+        Raises DerpClosedError once the connection is closed and every queued message was read."""
+        if self._closed and self._queue.empty():
+            raise DerpClosedError(f"DERP connection is closed{self._reason()}")
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)  # keep the end marker for any other reader
+            raise DerpClosedError(f"DERP connection is closed{self._reason()}")
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.recv()
+            except DerpClosedError:
+                return
+
+    async def _handle(self, frame: proto.Frame) -> None:
+        if isinstance(frame, proto.Ping):
+            self._writer.write(proto.encode(proto.Pong(frame.data)))
+            return
+        if isinstance(frame, proto.Pong):
+            fut = self._pings.pop(frame.data, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(None)
+                return
+        if isinstance(frame, _SURFACED):
+            await self._queue.put(frame)
+        # KeepAlive, repeated ServerInfo, Unknown and frames meant for servers: ignored (derp_client.go Recv)
+
+    async def _read_loop(self, pending: list[proto.Frame]) -> None:
+        try:
+            for frame in pending:
+                await self._handle(frame)
+            while True:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    self._fail(None if self._closed else DerpClosedError("the server closed the connection"))
+                    return
+                for frame in self._frames.feed(data):
+                    await self._handle(frame)
+        except (OSError, ParseError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        if self._error is None and exc is not None:
+            self._error = exc
+        self._shutdown()
+
+    def _reason(self) -> str:
+        return f": {self._error}" if self._error is not None else ""
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(DerpClosedError(f"DERP connection is closed{self._reason()}"))
+        self._pings.clear()
+        if self._queue.full():  # make room for the end marker: a reader must learn of the close
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._queue.get_nowait()
+        self._queue.put_nowait(None)
+        self._writer.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the connection and stop the reader; queued messages stay readable. Idempotent."""
+        self._shutdown()
+        self._read_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError, ssl.SSLError):
+            await self._read_task
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await self._writer.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection ends (server close, error or :meth:`close`)."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._read_task)
+
+    async def __aenter__(self) -> DerpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _read_upgrade_response(reader: asyncio.StreamReader) -> None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise DerpClientError("DERP server sent an oversized HTTP response header") from None
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise DerpClientError(f"DERP server answered with a non-HTTP response: {status_line[:80]!r}")
+    if parts[1] != "101":
+        raise DerpClientError(f"DERP server refused the upgrade: {status_line[:120]}")
+
+
+async def _next_frame(
+    reader: asyncio.StreamReader, frames: proto.FrameReader, pending: list[proto.Frame]
+) -> proto.Frame:
+    """The next login frame; frames that came in the same read wait in ``pending``."""
+    while not pending:
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            raise DerpClientError("the DERP server closed the connection during login")
+        pending.extend(frames.feed(data))
+    return pending.pop(0)
+
+
+def _server_info(raw: dict[str, Any]) -> ServerInfoMessage:
+    def num(name: str) -> int:
+        value = raw.get(name, 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return ServerInfoMessage(num("version"), num("TokenBucketBytesPerSecond"), num("TokenBucketBytesBurst"))
+
+
+# ---- reconnecting wrapper ----
+
+
+def backoff_delay(
+    attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before reconnect attempt ``attempt`` (0 = first retry): exponential growth from
+    ``base`` up to ``cap``, with "equal jitter" (uniform in [d/2, d]) so clients do not return in step."""
+    r = rng or random
+    delay = min(cap, base * (2 ** min(attempt, 32)))
+    return r.uniform(delay / 2, delay)
+
+
+class ReconnectingDerpClient:
+    """Keeps one DERP connection up: reconnects with :func:`backoff_delay` after failures.
+
+    Messages from every connection come out of :meth:`recv`; :meth:`send` waits (up to ``timeout``) for a
+    connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say)."""
+
+    def __init__(
+        self,
+        url: str,
+        private_key: NodePrivate,
+        *,
+        cap: float = 30.0,
+        base: float = 0.5,
+        connect_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        on_connect: Callable[[DerpClient], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self.private_key = private_key
+        self.cap = cap
+        self.base = base
+        self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
+        self.on_connect = on_connect
+        self._rng = rng or random.Random()
+        self._client: DerpClient | None = None
+        self._connected = asyncio.Event()
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=1024)
+        self._task: asyncio.Task[None] | None = None
+        self.connects = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def client(self) -> DerpClient | None:
+        return self._client if self._connected.is_set() else None
+
+    async def wait_connected(self, timeout: float) -> DerpClient:
+        """The current connection, waiting up to ``timeout`` seconds for one; DerpClientError if none."""
+        if not await wait_event(self._connected, timeout) or self._client is None:
+            why = f" ({self.last_error})" if self.last_error else ""
+            raise DerpClientError(f"no connection to DERP server {self.url} within {timeout:g} s{why}")
+        return self._client
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            delay: float | None = None
+            try:
+                client = await DerpClient.connect(
+                    self.url, self.private_key, timeout=self.connect_timeout, ssl_context=self.ssl_context
+                )
+            except DerpClientError as exc:
+                self.last_error = str(exc)
+                log.info("DERP %s: %s", self.url, exc)
+            else:
+                attempt = 0
+                self.connects += 1
+                self._client = client
+                self._connected.set()
+                if self.on_connect is not None:
+                    self.on_connect(client)
+                try:
+                    async for msg in client:
+                        if isinstance(msg, proto.Restarting):
+                            delay = msg.reconnect_in_ms / 1000.0
+                        await self._queue.put(msg)
+                finally:
+                    self._connected.clear()
+                    await client.close()
+                self.last_error = f"connection to {self.url} ended"
+            if delay is None:
+                delay = backoff_delay(attempt, base=self.base, cap=self.cap, rng=self._rng)
+                attempt += 1
+            await asyncio.sleep(delay)
+
+    async def send(self, dst: NodePublic, payload: bytes, *, timeout: float = 5.0) -> None:
+        """Send through the current connection, waiting up to ``timeout`` seconds for one."""
+        client = await self.wait_connected(timeout)
+        await client.send(dst, payload)
+
+    async def recv(self) -> Message:
+        return await self._queue.get()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._client is not None:
+            await self._client.close()
+        self._connected.clear()
+
+
+__all__ = [
+    "DerpClient",
+    "DerpClientError",
+    "DerpClosedError",
+    "Message",
+    "ReconnectingDerpClient",
+    "ServerInfoMessage",
+    "backoff_delay",
+]

@@ -300,9 +300,9 @@ def _tailpy_derp_serve_tls_options() -> tuple[str, str] | str:
     )
     if proc.returncode != 0:
         return f"tailpy derp serve --help failed: {(proc.stderr or proc.stdout).strip()[-200:]}"
-    options = re.findall(r"(--[a-z0-9-]+)", proc.stdout)
-    cert = next((o for o in options if "cert" in o and "key" not in o), None)
-    key = next((o for o in options if "key" in o and ("tls" in o or "cert" in o)), None)
+    options = set(re.findall(r"(--[a-z0-9-]+)", proc.stdout))
+    cert = next((o for o in ("--tls-cert", "--cert", "--cert-file", "--tls-cert-file") if o in options), None)
+    key = next((o for o in ("--tls-key", "--cert-key", "--key-file", "--tls-key-file") if o in options), None)
     if cert is None or key is None:
         return (
             "tailpy derp serve has no TLS certificate options yet; derpprobe's mesh probe needs TLS "

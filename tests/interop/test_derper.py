@@ -285,37 +285,7 @@ def test_derpprobe_against_derper(go_tools: GoTools, tmp_path: Path) -> None:
         stop_process(proc)
 
 
-def _tailpy_derp_serve_tls_options() -> tuple[str, str] | str:
-    """The cert and key options of ``tailpy derp serve``, or why derpprobe cannot be pointed at it yet."""
-    try:
-        import tailpy.cli.derp  # noqa: F401
-    except ImportError:
-        return "tailpy derp serve does not exist yet (no tailpy.cli.derp module)"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tailpy.cli.main", "derp", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return f"tailpy derp serve --help failed: {(proc.stderr or proc.stdout).strip()[-200:]}"
-    options = set(re.findall(r"(--[a-z0-9-]+)", proc.stdout))
-    cert = next((o for o in ("--tls-cert", "--cert", "--cert-file", "--tls-cert-file") if o in options), None)
-    key = next((o for o in ("--tls-key", "--cert-key", "--key-file", "--tls-key-file") if o in options), None)
-    if cert is None or key is None:
-        return (
-            "tailpy derp serve has no TLS certificate options yet; derpprobe's mesh probe needs TLS "
-            "(prober/derp.go newConn checks the TLS state)"
-        )
-    return cert, key
-
-
 def test_derpprobe_against_tailpy_derp_serve(go_tools: GoTools, tmp_path: Path) -> None:
-    opts = _tailpy_derp_serve_tls_options()
-    if isinstance(opts, str):
-        pytest.skip(opts)
-    cert_opt, key_opt = opts
     made = _self_signed_localhost(tmp_path)
     if isinstance(made, str):
         pytest.skip(made)
@@ -327,7 +297,7 @@ def test_derpprobe_against_tailpy_derp_serve(go_tools: GoTools, tmp_path: Path) 
             [
                 sys.executable, "-m", "tailpy.cli.main", "derp", "serve",
                 "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}",
-                cert_opt, str(crt), key_opt, str(key),
+                "--certfile", str(crt), "--keyfile", str(key),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -99,31 +99,191 @@ class Node:
         return None
 
 
+def _int_field(obj: Mapping[str, Any], name: str, default: int | None = None) -> int:
+    v = obj.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ParseError(f"field {name!r} must be an integer, not {v!r}")
+    return v
+
+
+def _str_field(obj: Mapping[str, Any], name: str, default: str | None = None) -> str:
+    v = obj.get(name, default)
+    if not isinstance(v, str):
+        raise ParseError(f"field {name!r} must be a string, not {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class DerpNode:
+    """One DERP relay server of a region (Tailscale's ``tailcfg.DERPNode``).
+
+    ``derp_port`` 0 means 443; ``stun_port`` 0 means 3478 and -1 no STUN; ``ipv4`` / ``ipv6`` empty: resolve
+    ``host_name``. ``insecure_for_tests``: a lab or test relay; tailpy reaches such a node over plain HTTP
+    (the embedded relay of ``tailpy control serve`` has no certificate), any other over HTTPS.
+    """
+
+    name: str
+    region_id: int
+    host_name: str
+    ipv4: str = ""
+    ipv6: str = ""
+    stun_port: int = 0
+    derp_port: int = 0
+    insecure_for_tests: bool = False
+
+    def url(self) -> str:
+        """``http(s)://host:port/derp`` for :meth:`tailpy.derp.client.DerpClient.connect`: the IPv4 address
+        when given, else the IPv6 one, else the host name."""
+        host = self.ipv4 or (f"[{self.ipv6}]" if self.ipv6 else self.host_name)
+        scheme = "http" if self.insecure_for_tests else "https"
+        return f"{scheme}://{host}:{self.derp_port or 443}/derp"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Name": self.name, "RegionID": self.region_id, "HostName": self.host_name}
+        if self.ipv4:
+            out["IPv4"] = self.ipv4
+        if self.ipv6:
+            out["IPv6"] = self.ipv6
+        if self.stun_port:
+            out["STUNPort"] = self.stun_port
+        if self.derp_port:
+            out["DERPPort"] = self.derp_port
+        if self.insecure_for_tests:
+            out["InsecureForTests"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> DerpNode:
+        """Raises ParseError for a missing or mistyped field (absent optional fields are Go's zero values)."""
+        if not isinstance(obj, Mapping):
+            raise ParseError(f"a DERP node must be an object, not {obj!r}")
+        insecure = obj.get("InsecureForTests", False)
+        if not isinstance(insecure, bool):
+            raise ParseError(f"field 'InsecureForTests' must be true or false, not {insecure!r}")
+        node = cls(
+            name=_str_field(obj, "Name"),
+            region_id=_int_field(obj, "RegionID"),
+            host_name=_str_field(obj, "HostName"),
+            ipv4=_str_field(obj, "IPv4", ""),
+            ipv6=_str_field(obj, "IPv6", ""),
+            stun_port=_int_field(obj, "STUNPort", 0),
+            derp_port=_int_field(obj, "DERPPort", 0),
+            insecure_for_tests=insecure,
+        )
+        if not 0 <= node.derp_port < 65536 or not -1 <= node.stun_port < 65536:
+            raise ParseError(f"DERP node {node.name!r} has a port out of range")
+        return node
+
+
+@dataclass(frozen=True)
+class DerpRegion:
+    """A DERP region (Tailscale's ``tailcfg.DERPRegion``): id, short code, display name, its nodes."""
+
+    region_id: int
+    region_code: str
+    region_name: str = ""
+    nodes: tuple[DerpNode, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "RegionID": self.region_id,
+            "RegionCode": self.region_code,
+            "RegionName": self.region_name,
+            "Nodes": [n.to_json() for n in self.nodes],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> DerpRegion:
+        if not isinstance(obj, Mapping):
+            raise ParseError(f"a DERP region must be an object, not {obj!r}")
+        nodes = obj.get("Nodes") or []
+        if not isinstance(nodes, list):
+            raise ParseError("field 'Nodes' must be a list of DERP nodes")
+        return cls(
+            region_id=_int_field(obj, "RegionID"),
+            region_code=_str_field(obj, "RegionCode"),
+            region_name=_str_field(obj, "RegionName", ""),
+            nodes=tuple(DerpNode.from_json(n) for n in nodes),
+        )
+
+
+@dataclass(frozen=True)
+class DerpMap:
+    """The DERP relays a node may use (Tailscale's ``tailcfg.DERPMap``), regions by region id.
+
+    JSON as Tailscale writes it: ``{"Regions": {"900": {"RegionID": 900, "RegionCode": ..., "RegionName":
+    ..., "Nodes": [{"Name", "RegionID", "HostName", "IPv4"?, "IPv6"?, "STUNPort"?, "DERPPort"?,
+    "InsecureForTests"?}]}}}``; other keys (``OmitDefaultRegions``, a region's ``Avoid``) are ignored.
+    """
+
+    regions: Mapping[int, DerpRegion] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Regions": {str(i): r.to_json() for i, r in sorted(self.regions.items())}}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DerpMap:
+        """Raises ParseError (one sentence) for anything that is not a DERP map."""
+        if not isinstance(obj, Mapping):
+            raise ParseError("a DERP map must be a JSON object with 'Regions'")
+        regions = obj.get("Regions")
+        if not isinstance(regions, Mapping):
+            raise ParseError("a DERP map needs 'Regions': an object of regions keyed by region id")
+        out: dict[int, DerpRegion] = {}
+        for key, r in regions.items():
+            region = DerpRegion.from_json(r)
+            if str(region.region_id) != str(key):
+                raise ParseError(f"DERP region {key!r} has RegionID {region.region_id}")
+            if any(n.region_id != region.region_id for n in region.nodes):
+                raise ParseError(f"DERP region {key} has a node of another region")
+            out[region.region_id] = region
+        return cls(out)
+
+    def merged(self, other: DerpMap) -> DerpMap:
+        """Both maps' regions. Raises ParseError when a region id is in both."""
+        both = sorted(set(self.regions) & set(other.regions))
+        if both:
+            raise ParseError(f"DERP region {both[0]} is defined twice")
+        return DerpMap({**self.regions, **other.regions})
+
+
 @dataclass(frozen=True)
 class NetMap:
-    """A node's view: itself, its peers (by node id), and the tailnet's DNS domain."""
+    """A node's view: itself, its peers (by node id), the tailnet's DNS domain, and the DERP relays (None:
+    control sent no DERP map)."""
 
     self_node: Node
     peers: Mapping[int, Node] = field(default_factory=dict)
     domain: str = ""
+    derp_map: DerpMap | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """``{"self", "peers", "domain", "derp_map"?}`` (``derp_map`` only when there is one)."""
+        out = {
             "self": self.self_node.to_json(),
             "peers": [p.to_json() for p in sorted(self.peers.values(), key=lambda n: n.id)],
             "domain": self.domain,
         }
+        if self.derp_map is not None:
+            out["derp_map"] = self.derp_map.to_json()
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> NetMap:
         try:
             peers = [Node.from_json(p) for p in obj["peers"]]
-            return cls(Node.from_json(obj["self"]), {p.id: p for p in peers}, str(obj.get("domain", "")))
+            dm = obj.get("derp_map")
+            return cls(
+                Node.from_json(obj["self"]),
+                {p.id: p for p in peers},
+                str(obj.get("domain", "")),
+                None if dm is None else DerpMap.from_json(dm),
+            )
         except (KeyError, TypeError) as e:
             raise ParseError(f"malformed netmap: {e}") from None
 
     def with_peers(self, peers: Iterable[Node]) -> NetMap:
-        return NetMap(self.self_node, {p.id: p for p in peers}, self.domain)
+        return NetMap(self.self_node, {p.id: p for p in peers}, self.domain, self.derp_map)
 
 
 @dataclass(frozen=True)
@@ -215,14 +375,26 @@ def delta(old: NetMap, new: NetMap, version: int = 0) -> MapDelta:
 
 def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
     """``old`` with ``d`` applied (pure: ``old`` is not modified; O(peers) for the copy). A changed peer that
-    is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id."""
+    is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id.
+    The DERP map is kept (deltas never carry one)."""
     peers = dict(old.peers)
     for i in d.removed:
         peers.pop(i, None)
     for n in d.changed:
         if n.id != old.self_node.id:
             peers[n.id] = n
-    return NetMap(d.self_node if d.self_node is not None else old.self_node, peers, old.domain)
+    return NetMap(d.self_node if d.self_node is not None else old.self_node, peers, old.domain, old.derp_map)
 
 
-__all__ = ["MapDelta", "NetMap", "NetMapDiff", "Node", "apply_delta", "delta", "diff"]
+__all__ = [
+    "DerpMap",
+    "DerpNode",
+    "DerpRegion",
+    "MapDelta",
+    "NetMap",
+    "NetMapDiff",
+    "Node",
+    "apply_delta",
+    "delta",
+    "diff",
+]

@@ -15,11 +15,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tailpy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tailpy.netmap import DerpMap
 
 ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
 
@@ -75,9 +78,9 @@ def parse_duration(text: str, flag: str = "--expiration") -> float | None:
     return seconds
 
 
-def _parse_listen(text: str) -> tuple[str | None, int]:
+def _parse_listen(text: str, flag: str = "--listen") -> tuple[str | None, int]:
     """``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every address) -> (host or None, port)."""
-    usage = f"--listen {text!r} is not HOST:PORT (for example 0.0.0.0:8080, [::1]:8080 or :8080 for all)"
+    usage = f"{flag} {text!r} is not HOST:PORT (for example 0.0.0.0:8080, [::1]:8080 or :8080 for all)"
     t = text.strip()
     if t.startswith("["):
         host, sep, port = t[1:].partition("]:")
@@ -88,10 +91,76 @@ def _parse_listen(text: str) -> tuple[str | None, int]:
         if not sep:
             raise ConfigError(usage)
         if ":" in host:
-            raise ConfigError(f"--listen {text!r}: put an IPv6 address in brackets, like [{host}]:{port}")
+            raise ConfigError(f"{flag} {text!r}: put an IPv6 address in brackets, like [{host}]:{port}")
     if not port.isdigit() or len(port) > 5 or not 0 <= int(port) < 65536:
         raise ConfigError(usage)
     return host or None, int(port)
+
+
+DERP_PORT = 3340
+"""Default port of the embedded DERP relay of `tailpy control serve` (Headscale's default too)."""
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def load_derp_map(path: Path) -> DerpMap:
+    """A Tailscale-shaped DERP map (``tailcfg.DERPMap`` JSON) from ``path``. Raises ConfigError (one
+    sentence naming the file)."""
+    from tailpy.errors import ParseError
+    from tailpy.netmap import DerpMap
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read --derp-map {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--derp-map {path} is not a JSON text file") from None
+    try:
+        return DerpMap.from_json(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--derp-map {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ParseError, RecursionError) as e:
+        raise ConfigError(f"--derp-map {path} is not a DERP map: {e}") from None
+
+
+def derp_advertised_host(derp_host: str | None, listen_host: str | None, hostname: str | None) -> str | None:
+    """The host nodes are told to reach the embedded relay at: ``--derp-hostname`` when given, else the
+    relay's listen address when it is a specific one, else ``--listen``'s host when that is, else None (the
+    relay runs but is not put in the DERP map)."""
+    if hostname:
+        return hostname
+    for h in (derp_host, listen_host):
+        if h is not None and h not in _WILDCARDS:
+            return h
+    return None
+
+
+def embedded_derp_map(host: str, port: int, region_id: int, region_code: str) -> DerpMap:
+    """The one-region, one-node DERP map of the embedded relay at ``host:port`` (plain HTTP, so
+    InsecureForTests; no STUN: STUNPort -1). An IP literal also goes into IPv4 / IPv6."""
+    import ipaddress
+
+    from tailpy.netmap import DerpMap, DerpNode, DerpRegion
+
+    ipv4 = ipv6 = ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        ipv4, ipv6 = (str(ip), "") if ip.version == 4 else ("", str(ip))
+    node = DerpNode(
+        name=f"{region_id}a",
+        region_id=region_id,
+        host_name=host,
+        ipv4=ipv4,
+        ipv6=ipv6,
+        stun_port=-1,
+        derp_port=port,
+        insecure_for_tests=True,
+    )
+    region = DerpRegion(region_id, region_code, f"tailpy embedded DERP ({region_code})", (node,))
+    return DerpMap({region_id: region})
 
 
 @click.group("control")
@@ -113,6 +182,27 @@ def command() -> None:
     show_default=True,
     help="Offline time after which an ephemeral node is removed.",
 )
+@click.option("--derp/--no-derp", default=True, show_default=True, help="Run the embedded DERP relay.")
+@click.option(
+    "--derp-listen",
+    default=None,
+    help=f"HOST:PORT of the embedded DERP relay (default: --listen's host, port {DERP_PORT}).",
+)
+@click.option(
+    "--derp-hostname",
+    default=None,
+    help="Host or IP nodes reach the embedded relay at (needed when both listen on every address).",
+)
+@click.option("--derp-region-id", default=900, show_default=True, type=int, help="Embedded relay's region.")
+@click.option("--derp-region-code", default="tailpy", show_default=True, help="Embedded region's code.")
+@click.option(
+    "--derp-map",
+    "derp_map_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Tailscale-shaped DERP map JSON of external relays, sent with (or, with --no-derp, instead of) "
+    "the embedded one.",
+)
 def serve(
     state_dir: Path,
     db: str | None,
@@ -122,14 +212,40 @@ def serve(
     prefix_v6: str | None,
     key_expiry: str,
     ephemeral_timeout: str,
+    derp: bool,
+    derp_listen: str | None,
+    derp_hostname: str | None,
+    derp_region_id: int,
+    derp_region_code: str,
+    derp_map_file: Path | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
-    through <state-dir>/admin.sock (mode 0600)."""
+    through <state-dir>/admin.sock (mode 0600).
+
+    Unless --no-derp, a DERP relay runs in the same process (plain HTTP at /derp on --derp-listen; its key in
+    <state-dir>/derp.key) and every node's netmap carries a DERP map with its region. Nodes are told to reach
+    it at --derp-hostname, else at --derp-listen's host, else at --listen's host; when all of these are
+    every address (0.0.0.0, ::) the relay runs but is left out of the map (a warning says so). A relay that
+    cannot listen (port taken) is logged and left out too: control serves regardless. --derp-map adds
+    external relays (a Tailscale DERPMap JSON file; region ids must differ from the embedded one)."""
     from tailpy.control import ControlServer, Store
     from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
     from tailpy.control.server import http_url
+    from tailpy.derp.server import DerpServer, load_or_create_key
+    from tailpy.errors import ParseError
 
     host, port = _parse_listen(listen)
+    derp_host, derp_port = host, DERP_PORT
+    if derp_listen is not None:
+        derp_host, derp_port = _parse_listen(derp_listen, "--derp-listen")
+    if not 0 < derp_region_id < 1 << 31:
+        raise ConfigError(f"--derp-region-id must be a positive integer, not {derp_region_id}")
+    external = load_derp_map(derp_map_file) if derp_map_file is not None else None
+    if external is not None and derp and derp_region_id in external.regions:
+        raise ConfigError(
+            f"--derp-map {derp_map_file} has region {derp_region_id}, the embedded relay's: "
+            "pass another --derp-region-id"
+        )
     lifetime = parse_duration(key_expiry, "--key-expiry")
     gc_after = parse_duration(ephemeral_timeout, "--ephemeral-timeout")
     if gc_after is None:
@@ -143,18 +259,68 @@ def serve(
             raise ConfigError(f"cannot create state directory {state_dir}: {e.strerror or e}") from None
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     store = Store(state_dir, db=db)
+    try:
+        derp_key = load_or_create_key(state_dir) if derp else None
+    except ConfigError:
+        store.close()
+        raise
+    log = logging.getLogger("tailpy.control")
 
     async def run() -> None:
+        relay: DerpServer | None = None
+        derp_note: tuple[int, str] | None = None  # logged after the "listening" line (read first by tools)
+        derp_map = external
+        if derp_key is not None:
+            relay = DerpServer(derp_key)
+            where = f"{derp_host or '*'}:{derp_port}"
+            try:
+                await relay.start(derp_host, derp_port)
+            except OSError as e:
+                await relay.stop()
+                relay = None
+                why = e.strerror or e
+                derp_note = (
+                    logging.WARNING,
+                    f"embedded DERP relay cannot listen on {where} ({why}): left out",
+                )
+            else:
+                bound = relay.addresses[0][1] if relay.addresses else derp_port
+                advertised = derp_advertised_host(derp_host, host, derp_hostname)
+                urls = ", ".join(f"{http_url(h, p)}/derp" for h, p in relay.addresses)
+                if advertised is None:
+                    derp_note = (
+                        logging.WARNING,
+                        f"embedded DERP relay listening on {urls} (key {derp_key.public.text()}) but left "
+                        "out of the DERP map: pass --derp-hostname (the host or IP nodes reach it at)",
+                    )
+                else:
+                    own = embedded_derp_map(advertised, bound, derp_region_id, derp_region_code)
+                    try:
+                        derp_map = own if external is None else own.merged(external)
+                    except ParseError as e:  # (region ids were checked above)
+                        raise ConfigError(str(e)) from None
+                    at = own.regions[derp_region_id].nodes[0].url()
+                    derp_note = (
+                        logging.INFO,
+                        f"embedded DERP relay listening on {urls} (key {derp_key.public.text()}), region "
+                        f"{derp_region_id} {derp_region_code!r} at {at}",
+                    )
         settings = store.configure(domain=domain, prefix_v4=prefix_v4, prefix_v6=prefix_v6)
-        server = ControlServer(store, key_lifetime=lifetime, ephemeral_timeout=gc_after)
+        server = ControlServer(store, key_lifetime=lifetime, ephemeral_timeout=gc_after, derp_map=derp_map)
         admin = AdminServer(Admin(store, server=server, key_lifetime=lifetime), state_dir / SOCKET_NAME)
         await admin.start()
         try:
             await server.start(host, port)
         except OSError as e:
             await admin.stop()
+            if relay is not None:
+                await relay.stop()
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
-        logging.getLogger("tailpy.control").info(
+        stop = asyncio.Event()  # (before the log lines: a reader may signal as soon as it sees them)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
             "control server listening on %s (key %s, state %s, domain %s, database %s)",
             " and ".join(http_url(h, p) for h, p in server.addresses),
             server.public_key.text(),
@@ -162,14 +328,16 @@ def serve(
             settings.domain,
             store.where,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if derp_note is not None:
+            log.log(*derp_note)
+        regions = sorted(derp_map.regions) if derp_map is not None else []
+        log.info("DERP map: %s", ", ".join(map(str, regions)) if regions else "none")
         await stop.wait()
         logging.getLogger("tailpy.control").info("shutting down")
         await admin.stop()
         await server.stop()
+        if relay is not None:
+            await relay.stop()
 
     try:
         asyncio.run(run())
@@ -482,4 +650,11 @@ def _when(t: float, now: float) -> str:
     return f"in {text}" if d > 0 else f"{text} ago"
 
 
-__all__ = ["command", "parse_duration"]
+__all__ = [
+    "DERP_PORT",
+    "command",
+    "derp_advertised_host",
+    "embedded_derp_map",
+    "load_derp_map",
+    "parse_duration",
+]

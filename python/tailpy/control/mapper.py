@@ -5,8 +5,9 @@ per message, each line the base64 NaCl box (server machine key -> node machine k
 :mod:`tailpy.proto.control`) of one compact JSON object, ``\\n`` terminated. Every object ends with
 ``"reply_to"`` (the request's ``nonce_id``) and ``"seq"`` (0, 1, 2, ... per stream). Types:
 
-* ``{"type": "netmap", "generation": G, "version": V, "netmap": NetMap JSON}``: the full netmap. First on a
-  stream that does not resume, and again whenever the stream fell behind (its queue overflowed).
+* ``{"type": "netmap", "generation": G, "version": V, "netmap": NetMap JSON}``: the full netmap (with the
+  server's DERP map, when it has one). First on a stream that does not resume, and again whenever the stream
+  fell behind (its queue overflowed).
 * ``{"type": "delta", "version": V, "self"?: Node JSON, "peers_changed"?: [Node JSON], "peers_removed"?:
   [node id]}``: what changed (:class:`tailpy.netmap.MapDelta`); a changed peer carries its full new record
   (endpoints, keys, name, online, expiry, ...). The first message of a resumed stream is a delta that also
@@ -51,7 +52,7 @@ from typing import Any
 
 from tailpy.asyncutil import wait_event
 from tailpy.keys import MachinePrivate, MachinePublic
-from tailpy.netmap import NetMap, Node
+from tailpy.netmap import DerpMap, NetMap, Node
 from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
@@ -101,7 +102,8 @@ class MapStream:
 class Mapper:
     """Every live node as peers see it (``online`` set from open streams), and the streams to tell.
 
-    ``server_key`` seals stream messages; ``domain`` goes into netmaps. Call :meth:`load` with the store's
+    ``server_key`` seals stream messages; ``domain`` and ``derp_map`` (static for the server's life: full
+    netmaps carry it, deltas never) go into netmaps. Call :meth:`load` with the store's
     nodes first, :meth:`publish` / :meth:`remove` for every change, :meth:`open_stream` / :meth:`serve` /
     :meth:`close_stream` per map request. ``batch_delay``: seconds between two deltas of one stream.
     """
@@ -114,9 +116,12 @@ class Mapper:
         log_limit: int = LOG_LIMIT,
         full_map_concurrency: int = 4,
         batch_delay: float = BATCH_DELAY,
+        derp_map: DerpMap | None = None,
     ) -> None:
         self.server_key = server_key
         self.domain = domain
+        self.derp_map = derp_map
+        self._derp_json = b"" if derp_map is None else b',"derp_map":' + _dumps(derp_map.to_json())
         self.generation = secrets.token_hex(16)
         self.version = 0
         self.batch_delay = batch_delay
@@ -146,8 +151,8 @@ class Mapper:
         if me is None:
             return None
         if me.expired:
-            return NetMap(me, {}, self.domain)
-        return NetMap(me, {i: n for i, n in self.nodes.items() if i != node_id}, self.domain)
+            return NetMap(me, {}, self.domain, self.derp_map)
+        return NetMap(me, {i: n for i, n in self.nodes.items() if i != node_id}, self.domain, self.derp_map)
 
     def load(self, nodes: Iterable[Node]) -> None:
         """Set the starting records (no stream is told: call before streams open)."""
@@ -307,7 +312,7 @@ class Mapper:
             peers = b""
         else:
             peers = b",".join([j for i, j in self._json.items() if i != node_id])
-        tail = b'],"domain":' + _dumps(self.domain) + b"}}"
+        tail = b'],"domain":' + _dumps(self.domain) + self._derp_json + b"}}"
         return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, tail))
 
     async def serve(self, s: MapStream, write: Callable[[bytes], Awaitable[None]], keepalive: float) -> None:

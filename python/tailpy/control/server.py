@@ -42,7 +42,7 @@ from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
 from tailpy.keys import NodePublic
-from tailpy.netmap import NetMap, Node
+from tailpy.netmap import DerpMap, NetMap, Node
 from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
@@ -107,7 +107,9 @@ class ControlServer:
     (``tailpy control nodes delete``); ``domain`` is the tailnet's DNS domain sent in netmaps (None: the one
     stored in the database, default ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
     registration (None: never expires); ``ephemeral_timeout`` seconds an ephemeral node may stay offline
-    before it is removed. One timer fires at the next key expiry or ephemeral deadline (no per-node polling).
+    before it is removed; ``derp_map``: the DERP relays every full netmap carries (static for the server's
+    life; None: no DERP map). One timer fires at the next key expiry or ephemeral deadline (no per-node
+    polling).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class ControlServer:
         domain: str | None = None,
         key_lifetime: float | None = DEFAULT_KEY_LIFETIME,
         ephemeral_timeout: float = EPHEMERAL_TIMEOUT,
+        derp_map: DerpMap | None = None,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -136,7 +139,7 @@ class ControlServer:
         self._started = self._last_check  # offline time of ephemeral nodes counts from here at the earliest
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
-        self.mapper = Mapper(self.key, self.domain)
+        self.mapper = Mapper(self.key, self.domain, derp_map=derp_map)
         self.mapper.load(store.list_nodes())
         self._closing = False
         self._runner: web.AppRunner | None = None

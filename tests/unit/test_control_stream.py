@@ -11,7 +11,8 @@ import tracemalloc
 import nacl.public
 import pytest
 
-from tailpy.control.client import MapMessage, MapState, apply_message, reconnect_delays
+from tailpy.backoff import reconnect_delays
+from tailpy.control.client import MapMessage, MapState, apply_message
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.errors import ControlError, ParseError
 from tailpy.keys import MachinePrivate, MachinePublic, NodePublic

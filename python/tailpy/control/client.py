@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -20,18 +19,6 @@ from tailpy.proto import control as proto
 
 STREAM_SILENCE = 45.0
 """Seconds without a line (the server sends keepalives every ~15 s) after which a map stream is dead."""
-
-
-def reconnect_delays(
-    base: float = 1.0, cap: float = 60.0, rng: Callable[[], float] = random.random
-) -> Iterator[float]:
-    """Seconds to wait before each reconnection: exponential backoff (``base`` * 2^n, at most ``cap``) with
-    full jitter (a uniform draw from [d/2, d]; ``rng`` gives [0, 1)), so many nodes cut off together do not
-    come back together."""
-    d = base
-    while True:
-        yield d / 2 + rng() * d / 2
-        d = min(cap, d * 2)
 
 
 @dataclass(frozen=True)
@@ -315,7 +302,8 @@ class ControlClient:
         Resumes from :attr:`map_state` (set by the previous stream of this client; assignable to carry it to
         a new client): the server then sends only what changed since. Ends with ControlError when the stream
         breaks, the server closes it, or nothing arrives for ``stream_silence`` seconds; the caller
-        reconnects (with its current endpoints) after :func:`reconnect_delays`, as tailpyd's session does.
+        reconnects (with its current endpoints) after :func:`tailpy.backoff.reconnect_delays`, as tailpyd's
+        session does.
         """
         state = self.map_state
         resume = None if state is None else (state.generation, state.version)
@@ -334,4 +322,4 @@ class ControlClient:
             raise ControlError(f"bad map message from control server at {self.server_url}: {e}") from None
 
 
-__all__ = ["ControlClient", "MapMessage", "MapState", "apply_message", "reconnect_delays"]
+__all__ = ["ControlClient", "MapMessage", "MapState", "apply_message"]

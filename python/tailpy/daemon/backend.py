@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from tailpy import netmap as nm
 from tailpy.asyncutil import wait_event
+from tailpy.backoff import reconnect_delays
 from tailpy.control import ControlClient
-from tailpy.control.client import reconnect_delays
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError

@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from tailpy.asyncutil import wait_event
+from tailpy.backoff import reconnect_delays
 from tailpy.errors import ParseError, TailpyError
 from tailpy.keys import MachinePublic, NodePrivate, NodePublic
 from tailpy.proto import derp as proto
@@ -381,18 +382,8 @@ def _server_info(raw: dict[str, Any]) -> ServerInfoMessage:
 # ---- reconnecting wrapper ----
 
 
-def backoff_delay(
-    attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before reconnect attempt ``attempt`` (0 = first retry): exponential growth from
-    ``base`` up to ``cap``, with "equal jitter" (uniform in [d/2, d]) so clients do not return in step."""
-    r = rng or random
-    delay = min(cap, base * (2 ** min(attempt, 32)))
-    return r.uniform(delay / 2, delay)
-
-
 class ReconnectingDerpClient:
-    """Keeps one DERP connection up: reconnects with :func:`backoff_delay` after failures.
+    """Keeps one DERP connection up: reconnects after failures with :func:`tailpy.backoff.reconnect_delays`.
 
     Messages from every connection come out of :meth:`recv`; :meth:`send` waits (up to ``timeout``) for a
     connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say)."""
@@ -440,7 +431,7 @@ class ReconnectingDerpClient:
         return self._client
 
     async def _run(self) -> None:
-        attempt = 0
+        delays = reconnect_delays(self.base, self.cap, self._rng.random)
         while True:
             delay: float | None = None
             try:
@@ -451,7 +442,7 @@ class ReconnectingDerpClient:
                 self.last_error = str(exc)
                 log.info("DERP %s: %s", self.url, exc)
             else:
-                attempt = 0
+                delays = reconnect_delays(self.base, self.cap, self._rng.random)
                 self.connects += 1
                 self._client = client
                 self._connected.set()
@@ -466,10 +457,7 @@ class ReconnectingDerpClient:
                     self._connected.clear()
                     await client.close()
                 self.last_error = f"connection to {self.url} ended"
-            if delay is None:
-                delay = backoff_delay(attempt, base=self.base, cap=self.cap, rng=self._rng)
-                attempt += 1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(next(delays) if delay is None else delay)
 
     async def send(self, dst: NodePublic, payload: bytes, *, timeout: float = 5.0) -> None:
         """Send through the current connection, waiting up to ``timeout`` seconds for one."""
@@ -497,5 +485,4 @@ __all__ = [
     "Message",
     "ReconnectingDerpClient",
     "ServerInfoMessage",
-    "backoff_delay",
 ]

@@ -72,24 +72,29 @@ def _seal(private: MachinePrivate, peer: MachinePublic, body: Mapping[str, Any])
     return base64.b64encode(bytes(_box(private, peer).encrypt(plaintext))).decode()
 
 
-def _open(private: MachinePrivate, peer: MachinePublic, sealed: object) -> dict[str, Any]:
-    if not isinstance(sealed, str):
-        raise ParseError("control message has no 'box' string")
-    if len(sealed) > MAX_MESSAGE:
-        raise ParseError(f"control message box is larger than {MAX_MESSAGE} bytes")
+def _unbox(box: nacl.public.Box, sealed: str | bytes, limit: int, what: str, peer: MachinePublic) -> bytes:
+    """The plaintext of base64 ``sealed`` (24-byte nonce + NaCl box) at most ``limit`` characters long.
+    Raises ParseError (too long, not base64) or UnauthenticatedError (too short, does not open)."""
+    if len(sealed) > limit:
+        raise ParseError(f"{what} is larger than {limit} bytes")
     try:
         raw = base64.b64decode(sealed, validate=True)
     except (binascii.Error, ValueError):
-        raise ParseError("control message box is not valid base64") from None
+        raise ParseError(f"{what} is not valid base64") from None
     if len(raw) < nacl.public.Box.NONCE_SIZE + 16:
-        raise UnauthenticatedError("control message box is too short to be a NaCl box")
+        raise UnauthenticatedError(f"{what} is too short to be a NaCl box")
     try:
-        plaintext = _box(private, peer).decrypt(raw)
+        return bytes(box.decrypt(raw))
     except nacl.exceptions.CryptoError:
         raise UnauthenticatedError(
-            f"control message box does not open with machine key {peer.text()}: "
-            "it was sealed with another key or altered"
+            f"{what} does not open with machine key {peer.text()}: it was sealed with another key or altered"
         ) from None
+
+
+def _open(private: MachinePrivate, peer: MachinePublic, sealed: object) -> dict[str, Any]:
+    if not isinstance(sealed, str):
+        raise ParseError("control message has no 'box' string")
+    plaintext = _unbox(_box(private, peer), sealed, MAX_MESSAGE, "control message box", peer)
     return _json_object(plaintext, "sealed control message")
 
 
@@ -294,22 +299,7 @@ class StreamOpener:
         self.seq = 0
 
     def open(self, line: bytes) -> bytes:
-        line = line.strip()
-        if len(line) > MAX_STREAM_LINE:
-            raise ParseError(f"map stream message is larger than {MAX_STREAM_LINE} bytes")
-        try:
-            raw = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            raise ParseError("map stream message is not valid base64") from None
-        if len(raw) < nacl.public.Box.NONCE_SIZE + 16:
-            raise UnauthenticatedError("map stream message is too short to be a NaCl box")
-        try:
-            plaintext = bytes(self._box.decrypt(raw))
-        except nacl.exceptions.CryptoError:
-            raise UnauthenticatedError(
-                f"map stream message does not open with machine key {self._server_key.text()}: "
-                "it was sealed with another key or altered"
-            ) from None
+        plaintext = _unbox(self._box, line.strip(), MAX_STREAM_LINE, "map stream message", self._server_key)
         # Fast path: the server appends reply_to and seq last (StreamSealer); else parse and check.
         if not plaintext.endswith(self._suffix + str(self.seq).encode() + b"}"):
             body = _json_object(plaintext, "sealed map stream message")

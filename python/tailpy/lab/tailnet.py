@@ -159,6 +159,12 @@ class LabTailnet:
             str(self.control_state),
             "--listen",
             f"0.0.0.0:{CONTROL_PORT}",
+            # The embedded relay listens on every address; nodes are told to reach it at the LAN address.
+            *(
+                ()
+                if "--derp-hostname" in self.control_args
+                else ("--derp-hostname", self.lan.ip(self.control_host))
+            ),
             *self.control_args,
             stdout=logf,
             stderr=logf,

@@ -94,6 +94,19 @@ def apply_message(state: MapState | None, msg: MapMessage) -> MapState:
     return MapState(apply_delta(state.netmap, msg.delta()), state.generation, msg.version())
 
 
+@dataclass(frozen=True)
+class LoginAnswer:
+    """One answer to :meth:`ControlClient.login_poll`: ``node`` when registered; else ``auth_url`` (the
+    page the user opens to sign in; ``error`` says why the last sign-in was refused), or
+    ``pending_approval`` with the server's ``message``."""
+
+    node: Node | None = None
+    auth_url: str = ""
+    error: str = ""
+    pending_approval: bool = False
+    message: str = ""
+
+
 class ControlClient:
     """Talks to the control server at ``server_url`` ("http://host:port") as the machine ``machine_key``.
 
@@ -158,12 +171,12 @@ class ControlClient:
                 raise ControlError(f"control server at {self.server_url} sent a bad key: {e}") from None
         return self._server_key
 
-    async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def _call(self, path: str, body: Mapping[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         server_key = await self.server_key()
         req = proto.seal_request(self.machine_key, server_key, path, body, now=self.clock())
         try:
             async with self._http().post(
-                self.server_url + path, data=req.data, timeout=aiohttp.ClientTimeout(total=30)
+                self.server_url + path, data=req.data, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as r:
                 data = await r.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
@@ -220,6 +233,28 @@ class ControlClient:
             body["old_node_key"] = old_node_key.text()
             body["old_node_proof"] = old_node_proof
         return self._node(await self._call("/machine/register", body))
+
+    async def login_poll(
+        self, node_key: NodePublic, hostname: str, *, os: str = "", wait: float = 25.0
+    ) -> LoginAnswer:
+        """Register with no auth key, interactively (issue 7): the server answers at once with the node when
+        the machine needs no login, else holds the request up to ``wait`` seconds and answers the login URL
+        to show the user, or that the user signed in and an admin's approval is awaited, or the node once the
+        login is done. Call again until :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server
+        has no interactive login (the sentence asks for an auth key), ControlError."""
+        body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname, "interactive": True}
+        body["wait"] = wait
+        if os:
+            body["os"] = os
+        answer = await self._call("/machine/register", body, timeout=wait + 30.0)
+        if "node" in answer:
+            return LoginAnswer(node=self._node(answer))
+        if answer.get("pending_approval") is True:
+            return LoginAnswer(pending_approval=True, message=str(answer.get("message", "")))
+        url = answer.get("auth_url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2048:
+            raise ControlError(f"control server at {self.server_url} sent no usable login URL")
+        return LoginAnswer(auth_url=url, error=str(answer.get("error") or ""))
 
     async def logout(self, node_key: NodePublic) -> Node:
         """Log this machine out: the server expires ``node_key`` and keeps the node record (id, address,
@@ -322,4 +357,4 @@ class ControlClient:
             raise ControlError(f"bad map message from control server at {self.server_url}: {e}") from None
 
 
-__all__ = ["ControlClient", "MapMessage", "MapState", "apply_message"]
+__all__ = ["ControlClient", "LoginAnswer", "MapMessage", "MapState", "apply_message"]

@@ -39,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from tailpy.control.mapper import Mapper, MapStream
+from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
 from tailpy.keys import NodePublic
@@ -123,6 +124,7 @@ class ControlServer:
         key_lifetime: float | None = DEFAULT_KEY_LIFETIME,
         ephemeral_timeout: float = EPHEMERAL_TIMEOUT,
         derp_map: DerpMap | None = None,
+        oidc: OIDCConfig | None = None,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -144,6 +146,11 @@ class ControlServer:
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
+        self.logins: Logins | None = None  # interactive login (issue 7), see tailpy.control.oidc
+        if oidc is not None:
+            self.logins = Logins(
+                oidc, store, on_node=self.admin_changed, key_lifetime=key_lifetime, clock=clock
+            )
 
     # --- app and lifecycle ---
 
@@ -155,6 +162,8 @@ class ControlServer:
         app.router.add_post("/machine/map", self._map)
         app.router.add_post("/machine/update", self._update)
         app.router.add_post("/machine/logout", self._logout)
+        if self.logins is not None:
+            self.logins.install(app)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -339,7 +348,7 @@ class ControlServer:
         return web.Response(text=self.public_key.text())
 
     async def _register(self, request: web.Request) -> web.StreamResponse:
-        def do(req: proto.OpenedRequest) -> web.Response:
+        async def do(req: proto.OpenedRequest) -> web.Response:
             node_key = _node_key(req.body)
             hostname = _str_field(req.body, "hostname")
             auth_key = _str_field(req.body, "auth_key", max_len=200, required=False)
@@ -360,6 +369,13 @@ class ControlServer:
                         key_lifetime=self.key_lifetime,
                     )
             except AuthKeyError as e:
+                if auth_key is None and self.logins is not None and req.body.get("interactive") is True:
+                    wait = req.body.get("wait", 0)
+                    wait = (
+                        float(wait) if isinstance(wait, (int, float)) and not isinstance(wait, bool) else 0.0
+                    )
+                    answer = await self.logins.poll(req.machine_key, node_key, hostname, os_name, wait)
+                    return self._reply(req, answer)
                 raise _Refused(401, str(e), "auth_key") from None
             except ControlError as e:
                 raise _Refused(409, str(e)) from None

@@ -179,7 +179,37 @@ def _m3(conn: Connection) -> None:
             )
 
 
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3)
+def _m6(conn: Connection) -> None:
+    """6 (issue 7, OpenID Connect login): users get ``oidc_issuer``, ``oidc_subject`` (unique together),
+    ``email`` and ``display_name``; ``pending_nodes`` holds logins waiting for an admin's approval (see
+    :mod:`tailpy.control.identity`). Named 6 to follow main's 4 and 5."""
+    _add_columns(
+        conn,
+        "users",
+        sa.Column("oidc_issuer", sa.Text),
+        sa.Column("oidc_subject", sa.Text),
+        sa.Column("email", sa.Text, nullable=False, server_default=""),
+        sa.Column("display_name", sa.Text, nullable=False, server_default=""),
+    )
+    conn.exec_driver_sql("CREATE UNIQUE INDEX ux_users_oidc ON users (oidc_issuer, oidc_subject)")
+    md = sa.MetaData()
+    sa.Table(
+        "pending_nodes",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("machine_key", sa.Text, nullable=False, unique=True),
+        sa.Column("node_key", sa.Text, nullable=False),
+        sa.Column("hostname", sa.Text, nullable=False),
+        sa.Column("os", sa.Text, nullable=False, server_default=""),
+        sa.Column("user_id", sa.Integer, nullable=False),
+        sa.Column("key_expiry", sa.Float),
+        sa.Column("created", sa.Float, nullable=False),
+        sqlite_autoincrement=True,
+    )
+    md.create_all(conn)
+
+
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m6)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
 

@@ -254,7 +254,7 @@ class ControlClient:
         url = answer.get("auth_url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2048:
             raise ControlError(f"control server at {self.server_url} sent no usable login URL")
-        return LoginAnswer(auth_url=url, error=str(answer.get("error") or ""))
+        return LoginAnswer(auth_url=url, error=str(answer.get("login_error") or ""))
 
     async def logout(self, node_key: NodePublic) -> Node:
         """Log this machine out: the server expires ``node_key`` and keeps the node record (id, address,

@@ -5,8 +5,8 @@ Flow (OpenID Connect Core 1.0 §3.1, authorization code flow, with PKCE, RFC 763
 1. A node registers with no auth key and ``"interactive": true``; control answers (sealed)
    ``{"auth_url": "<server>/login/<login id>"}`` and, when the node asks again, holds the request up to
    ``wait`` seconds (a long poll) until the login is done (``{"node": ...}``), waits for approval
-   (``{"pending_approval": true, ...}``), or answers the URL again (with ``"error"`` when the last sign-in
-   was refused). See :meth:`Logins.poll`.
+   (``{"pending_approval": true, ...}``), or answers the URL again (with ``"login_error"`` when the last
+   sign-in was refused). See :meth:`Logins.poll`.
 2. ``GET /login/<id>``: a page naming the device, with a "Sign in" button to ``/login/<id>/start``, which
    makes a fresh ``state``, ``nonce`` and PKCE verifier and redirects to the provider's authorization
    endpoint (from its discovery document, ``<issuer>/.well-known/openid-configuration``).
@@ -434,7 +434,7 @@ class Logins:
     ) -> dict[str, Any]:
         """The register answer for a machine that needs login: waits up to ``wait`` seconds (capped at
         :data:`MAX_WAIT`) for the login (or the approval) to finish. Returns ``{"node": Node JSON}``,
-        ``{"pending_approval": true, "message": …}`` or ``{"auth_url": …, "error"?: …}``."""
+        ``{"pending_approval": true, "message": …}`` or ``{"auth_url": …, "login_error"?: …}``."""
         login = self.begin(machine_key, node_key, hostname, os_name)
         deadline = self.clock() + max(0.0, min(wait, MAX_WAIT))
         while True:
@@ -461,7 +461,7 @@ class Logins:
             }
         answer: dict[str, Any] = {"auth_url": self.auth_url(login)}
         if login.error:
-            answer["error"] = login.error
+            answer["login_error"] = login.error
         return answer
 
     def _done(self, login: PendingLogin) -> None:

@@ -1,0 +1,265 @@
+"""Interactive login (issue 7) end to end on 127.0.0.1: a real control server, the real test OpenID Connect
+provider (tests/_oidc_provider.py, RS256 keys), the real ControlClient, and an aiohttp session standing in for
+the browser. Refusal cases (tampered state, replayed code, expired / wrongly-signed ID token, wrong nonce or
+audience, disallowed user) go through the callback with real tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+import nacl.public
+import pytest
+from aiohttp import web
+
+from _oidc_provider import Provider, User
+from tailpy.control import ControlClient, ControlServer, Store
+from tailpy.control import identity as ident
+from tailpy.control.oidc import OIDCConfig
+from tailpy.errors import AuthKeyError
+from tailpy.keys import MachinePrivate, NodePublic
+
+CLIENT_ID, SECRET = "tailpy", "s3cret-value"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mkey() -> MachinePrivate:
+    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
+
+
+def nkey() -> NodePublic:
+    return NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
+
+
+@dataclass
+class Env:
+    store: Store
+    server: ControlServer
+    provider: Provider
+    url: str
+    browser: aiohttp.ClientSession
+    client: ControlClient
+    node_key: NodePublic
+
+
+async def _start(tmp_path: Path, **cfg: object) -> AsyncIterator[Env]:
+    pport = free_port()
+    issuer = f"http://127.0.0.1:{pport}"
+    cport = free_port()
+    url = f"http://127.0.0.1:{cport}"
+    provider = Provider(
+        issuer,
+        CLIENT_ID,
+        SECRET,
+        url + "/oidc/callback",
+        {
+            "alice": User("pw-alice", "alice@example.com", "Alice A", ("staff",)),
+            "bob": User("pw-bob", "bob@other.org", "Bob B"),
+        },
+    )
+    prunner = web.AppRunner(provider.app(), access_log=None)
+    await prunner.setup()
+    await web.TCPSite(prunner, "127.0.0.1", pport).start()
+    config = replace(OIDCConfig(issuer, CLIENT_ID, SECRET, url), **cfg)  # type: ignore[arg-type]
+    store = Store(tmp_path)
+    server = ControlServer(store, keepalive=0.5, poll_interval=0.2, oidc=config)
+    await server.start("127.0.0.1", cport)
+    browser = aiohttp.ClientSession()
+    client = ControlClient(url, mkey())
+    try:
+        yield Env(store, server, provider, url, browser, client, nkey())
+    finally:
+        await client.close()
+        await browser.close()
+        await server.stop()
+        store.close()
+        await prunner.cleanup()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async for e in _start(tmp_path, allowed_domains=("example.com",)):
+        yield e
+
+
+async def begin(env: Env) -> str:
+    """The login URL the node gets; returns the provider URL the "Sign in" button leads to."""
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    assert answer.node is None and answer.auth_url.startswith(env.url + "/login/")
+    async with env.browser.get(answer.auth_url) as r:
+        page = await r.text()
+        assert r.status == 200 and "laptop" in page and "Sign in" in page
+    start = re.search(r'href="([^"]+)"', page)
+    assert start is not None
+    async with env.browser.get(env.url + start.group(1), allow_redirects=False) as r:
+        assert r.status == 302
+        return r.headers["Location"]
+
+
+async def sign_in(env: Env, auth: str, user: str, password: str) -> str:
+    """Fill the provider's form; returns the callback URL it redirects to."""
+    query = dict(urllib.parse.parse_qsl(auth.split("?", 1)[1]))
+    assert query["code_challenge_method"] == "S256" and query["nonce"] and query["state"]
+    async with env.browser.post(
+        auth.split("?")[0], data={**query, "login": user, "password": password}, allow_redirects=False
+    ) as r:
+        assert r.status == 302, await r.text()
+        return r.headers["Location"]
+
+
+async def callback(env: Env, url: str) -> tuple[int, str]:
+    async with env.browser.get(url, allow_redirects=False) as r:
+        text = await r.text()
+        assert r.headers["Content-Type"].startswith("text/html")
+        assert "Traceback" not in text and 'File "' not in text
+        return r.status, text
+
+
+async def test_login_registers_node_for_the_signed_in_user(env: Env) -> None:
+    cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+    # The node long-polls meanwhile: it gets its node the moment the callback completes.
+    poll = asyncio.create_task(env.client.login_poll(env.node_key, "laptop", wait=20))
+    await asyncio.sleep(0.2)
+    status, page = await callback(env, cb)
+    assert status == 200 and "alice@example.com" in page and "joined the tailnet" in page
+    answer = await asyncio.wait_for(poll, 30)
+    assert answer.node is not None and answer.node.node_key == env.node_key
+    assert answer.node.user == "alice@example.com" and not answer.node.expired
+    users = {u.name for u in env.store.list_users()}
+    assert "alice@example.com" in users
+    # A later poll (a restart) answers the node at once; the same identity maps to the same user.
+    again = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    assert again.node is not None and again.node.id == answer.node.id
+
+
+async def test_disallowed_user_is_refused_and_node_stays_logged_out(env: Env) -> None:
+    cb = await sign_in(env, await begin(env), "bob", "pw-bob")
+    status, page = await callback(env, cb)
+    assert status == 403 and "bob@other.org" in page and "not allowed" in page and "was not added" in page
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    assert answer.node is None and answer.auth_url and "not allowed" in answer.error
+    assert env.store.list_nodes() == []
+
+
+async def test_tampered_state_is_refused_before_the_code_is_used(env: Env) -> None:
+    cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+    tampered = re.sub(r"state=[^&]+", "state=" + "A" * 43, cb)
+    status, page = await callback(env, tampered)
+    assert status == 400 and "does not match a sign-in started here" in page
+    assert env.provider.token_requests == 0 and env.store.list_nodes() == []
+
+
+async def test_replayed_callback_and_replayed_code_are_refused(env: Env) -> None:
+    cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+    assert (await callback(env, cb))[0] == 200
+    # The same callback again: its state was used up.
+    status, _ = await callback(env, cb)
+    assert status == 400
+    # The old code with a fresh, valid state (a new login of another node key): the provider refuses the
+    # code, which it gave out once already.
+    env.node_key = nkey()
+    fresh = await begin(env)
+    state = dict(urllib.parse.parse_qsl(fresh.split("?", 1)[1]))["state"]
+    replay = re.sub(r"state=[^&]+", "state=" + state, cb)
+    status, page = await callback(env, replay)
+    assert status == 401 and "refused the authorization code" in page
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        ("expired", "expired"),
+        ("wrong_key", "signature"),
+        ("wrong_nonce", "nonce"),
+        ("wrong_audience", "aud"),
+    ],
+)
+async def test_bad_id_tokens_are_refused(env: Env, mode: str, words: str) -> None:
+    env.provider.id_token_mode = mode
+    cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+    status, page = await callback(env, cb)
+    assert status == 401 and "could not be verified" in page and words in page, page
+    assert env.store.list_nodes() == []
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    assert answer.node is None and answer.auth_url
+
+
+async def test_pages_are_plain_and_never_show_a_traceback(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    for path in (
+        "/login/nope",
+        "/login/nope/start",
+        "/oidc/callback",
+        "/oidc/callback?state=x&code=y",
+        "/login/",
+    ):
+        status, page = await callback(env, env.url + path)
+        assert status in (400, 404) and "<h1>" in page, (path, status)
+    assert (await callback(env, env.url + "/oidc/callback?error=access_denied&state=x"))[0] == 400
+    # An unexpected failure inside the flow: a plain 500 page, the details only in the log.
+    cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+
+    async def broken(*_a: object) -> None:
+        raise RuntimeError("internal detail that must not reach a browser")
+
+    monkeypatch.setattr(env.server.logins.provider, "exchange", broken)  # type: ignore[union-attr]
+    status, page = await callback(env, cb)
+    assert status == 500 and "internal detail" not in page and "Something went wrong" in page
+
+
+async def test_manual_approval(tmp_path: Path) -> None:
+    async for env in _start(tmp_path, approval=True, expiry_from_token=True):
+        cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+        status, page = await callback(env, cb)
+        assert status == 200 and "approves" in page
+        answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+        assert answer.pending_approval and answer.node is None
+        [pending] = ident.list_pending(env.store)
+        assert pending.email == "alice@example.com" and pending.hostname == "laptop"
+        assert env.store.list_nodes() == []
+        poll = asyncio.create_task(env.client.login_poll(env.node_key, "laptop", wait=20))
+        await asyncio.sleep(0.3)
+        node = ident.approve_pending(env.store, pending.id, time.time())  # as another process would
+        answer = await asyncio.wait_for(poll, 30)
+        assert answer.node is not None and answer.node.id == node.id
+        assert ident.list_pending(env.store) == []
+        # The key expires with the ID token (the provider gives one hour).
+        assert answer.node.key_expiry is not None and 3000 < answer.node.key_expiry - time.time() <= 3600
+
+
+async def test_without_oidc_a_keyless_register_still_asks_for_an_auth_key(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    server = ControlServer(store)
+    host, port = await server.start("127.0.0.1", 0)
+    client = ControlClient(f"http://{host}:{port}", mkey())
+    try:
+        with pytest.raises(AuthKeyError, match="auth key"):
+            await client.login_poll(nkey(), "laptop", wait=0)
+    finally:
+        await client.close()
+        await server.stop()
+        store.close()
+
+
+def test_policy() -> None:
+    base = OIDCConfig("https://idp.example", "c", "s", "http://control")
+    alice = ident.Identity("https://idp.example", "1", "alice@example.com", True, groups=("staff",))
+    assert base.refusal(alice) is None  # no restriction: anyone the provider signs in
+    assert replace(base, allowed_domains=("example.com",)).refusal(alice) is None
+    unverified = replace(alice, email_verified=False)
+    assert replace(base, allowed_domains=("example.com",)).refusal(unverified) is not None
+    assert replace(base, allowed_users=("ALICE@example.com",)).refusal(alice) is None
+    assert replace(base, allowed_groups=("staff",)).refusal(alice) is None
+    refused = replace(base, allowed_groups=("admins",)).refusal(alice)
+    assert refused is not None and "alice@example.com" in refused and "admins" in refused

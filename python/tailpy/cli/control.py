@@ -203,6 +203,44 @@ def command() -> None:
     help="Tailscale-shaped DERP map JSON of external relays, sent with (or, with --no-derp, instead of) "
     "the embedded one.",
 )
+@click.option(
+    "--oidc-issuer", default=None, help="OpenID Connect provider's issuer URL: enables browser login."
+)
+@click.option("--oidc-client-id", default=None, help="Client id registered at the provider.")
+@click.option(
+    "--oidc-client-secret-file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the client secret (first line).",
+)
+@click.option(
+    "--oidc-scope",
+    "oidc_scopes",
+    multiple=True,
+    help="Scope to request (repeat; default openid email profile).",
+)
+@click.option(
+    "--oidc-allowed-domain",
+    "oidc_domains",
+    multiple=True,
+    help="Admit verified emails at this domain (repeat).",
+)
+@click.option(
+    "--oidc-allowed-user", "oidc_users", multiple=True, help="Admit this email or subject (repeat)."
+)
+@click.option(
+    "--oidc-allowed-group", "oidc_groups", multiple=True, help="Admit members of this group (repeat)."
+)
+@click.option(
+    "--oidc-groups-claim", default="groups", show_default=True, help="ID token claim listing groups."
+)
+@click.option("--oidc-expiry-from-token", is_flag=True, help="Node keys expire with the login's ID token.")
+@click.option("--approve-nodes", is_flag=True, help="New machines that log in wait for `nodes approve`.")
+@click.option(
+    "--server-url",
+    default=None,
+    help="URL browsers and nodes reach this server at (login links, OIDC redirect); default from --listen.",
+)
 def serve(
     state_dir: Path,
     db: str | None,
@@ -218,6 +256,17 @@ def serve(
     derp_region_id: int,
     derp_region_code: str,
     derp_map_file: Path | None,
+    oidc_issuer: str | None,
+    oidc_client_id: str | None,
+    oidc_client_secret_file: Path | None,
+    oidc_scopes: tuple[str, ...],
+    oidc_domains: tuple[str, ...],
+    oidc_users: tuple[str, ...],
+    oidc_groups: tuple[str, ...],
+    oidc_groups_claim: str,
+    oidc_expiry_from_token: bool,
+    approve_nodes: bool,
+    server_url: str | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
     through <state-dir>/admin.sock (mode 0600).
@@ -246,6 +295,19 @@ def serve(
             f"--derp-map {derp_map_file} has region {derp_region_id}, the embedded relay's: "
             "pass another --derp-region-id"
         )
+    oidc = oidc_config(
+        oidc_issuer,
+        oidc_client_id,
+        oidc_client_secret_file,
+        server_url or _default_server_url(listen),
+        scopes=oidc_scopes,
+        domains=oidc_domains,
+        users=oidc_users,
+        groups=oidc_groups,
+        groups_claim=oidc_groups_claim,
+        expiry_from_token=oidc_expiry_from_token,
+        approval=approve_nodes,
+    )
     lifetime = parse_duration(key_expiry, "--key-expiry")
     gc_after = parse_duration(ephemeral_timeout, "--ephemeral-timeout")
     if gc_after is None:
@@ -306,7 +368,9 @@ def serve(
                         f"{derp_region_id} {derp_region_code!r} at {at}",
                     )
         settings = store.configure(domain=domain, prefix_v4=prefix_v4, prefix_v6=prefix_v6)
-        server = ControlServer(store, key_lifetime=lifetime, ephemeral_timeout=gc_after, derp_map=derp_map)
+        server = ControlServer(
+            store, key_lifetime=lifetime, ephemeral_timeout=gc_after, derp_map=derp_map, oidc=oidc
+        )
         admin = AdminServer(Admin(store, server=server, key_lifetime=lifetime), state_dir / SOCKET_NAME)
         await admin.start()
         try:
@@ -330,6 +394,8 @@ def serve(
         )
         if derp_note is not None:
             log.log(*derp_note)
+        if oidc is not None:
+            log.info("login with %s enabled; login links start at %s", oidc.issuer, oidc.server_url)
         regions = sorted(derp_map.regions) if derp_map is not None else []
         log.info("DERP map: %s", ", ".join(map(str, regions)) if regions else "none")
         await stop.wait()
@@ -343,6 +409,53 @@ def serve(
         asyncio.run(run())
     finally:
         store.close()
+
+
+def _default_server_url(listen: str) -> str | None:
+    host, port = _parse_listen(listen)
+    if host in (None, "0.0.0.0", "::"):
+        return None
+    from tailpy.control.server import http_url
+
+    return http_url(host, port)
+
+
+def oidc_config(
+    issuer: str | None,
+    client_id: str | None,
+    secret_file: Path | None,
+    server_url: str | None,
+    **policy: Any,
+) -> Any:
+    """The :class:`tailpy.control.oidc.OIDCConfig` of the --oidc-* options (None without --oidc-issuer).
+    Raises ConfigError naming what is missing."""
+    if issuer is None:
+        if client_id or secret_file:
+            raise ConfigError("--oidc-client-id and --oidc-client-secret-file need --oidc-issuer")
+        return None
+    from tailpy.control.oidc import OIDCConfig, read_secret
+
+    if not issuer.startswith(("https://", "http://")):
+        raise ConfigError(f"--oidc-issuer {issuer!r} must be an https:// (or, for tests, http://) URL")
+    if not client_id or secret_file is None:
+        raise ConfigError("--oidc-issuer needs --oidc-client-id and --oidc-client-secret-file")
+    if server_url is None:
+        raise ConfigError(
+            "pass --server-url (how browsers reach this server, e.g. https://control.example.com): --listen "
+            "is every address"
+        )
+    scopes = tuple(policy.pop("scopes")) or ("openid", "email", "profile")
+    return OIDCConfig(
+        issuer.rstrip("/"),
+        client_id,
+        read_secret(secret_file),
+        server_url.rstrip("/"),
+        scopes=scopes,
+        allowed_domains=tuple(policy.pop("domains")),
+        allowed_users=tuple(policy.pop("users")),
+        allowed_groups=tuple(policy.pop("groups")),
+        **policy,
+    )
 
 
 def _admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> Any:
@@ -529,6 +642,56 @@ def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
             for n in result
         ],
     )
+
+
+@nodes.command("pending")
+@_state_dir
+@_db
+@_json
+def nodes_pending(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """List machines that signed in and wait for approval (serve --approve-nodes)."""
+    result = _admin(state_dir, db, "nodes.pending", {})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    now = time.time()
+    _table(
+        ["ID", "HOSTNAME", "USER", "EMAIL", "OS", "SIGNED IN", "MACHINE KEY"],
+        [
+            [
+                str(p["id"]),
+                p["hostname"],
+                p["user"],
+                p["email"],
+                p["os"],
+                _when(p["created"], now),
+                p["machine_key"][:16] + "…",
+            ]
+            for p in result
+        ],
+    )
+
+
+@nodes.command("approve")
+@_state_dir
+@_db
+@_json
+@click.argument("pending_id", type=int)
+def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending_id: int) -> None:
+    """Let pending machine PENDING_ID (see `nodes pending`) join the tailnet."""
+    n = _admin(state_dir, db, "nodes.approve", {"id": pending_id})
+    _out(as_json, n, f"approved: node {n['id']} {n['name']} {_addr(n, 4)} ({n['user']})")
+
+
+@nodes.command("reject")
+@_state_dir
+@_db
+@_json
+@click.argument("pending_id", type=int)
+def nodes_reject(state_dir: Path, db: str | None, as_json: bool, pending_id: int) -> None:
+    """Refuse pending machine PENDING_ID; it may sign in again."""
+    p = _admin(state_dir, db, "nodes.reject", {"id": pending_id})
+    _out(as_json, p, f"rejected: {p['hostname']} ({p['user']})")
 
 
 def _uses(k: dict[str, Any]) -> str:

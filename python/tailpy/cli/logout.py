@@ -12,4 +12,4 @@ from tailpy.cli.common import local, run, socket_option
 def command(socket_path: str) -> None:
     """Log this device out of the tailnet. Its address and name are kept for the next login."""
     run(local(socket_path).logout())
-    click.echo("logged out; log in again with `tailpy up --auth-key KEY`")
+    click.echo("logged out; log in again with `tailpy login` (or `tailpy up --auth-key KEY`)")

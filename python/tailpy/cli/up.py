@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import local, run, socket_option, state_dir_option
+from tailpy.cli.login import wait_login
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import ConfigError, DaemonNotRunningError, PermissionDeniedError, TailpyError
 
@@ -73,6 +74,7 @@ async def _up(
     timeout: float,
     force_reauth: bool,
     console: Console,
+    qr: bool = False,
 ) -> dict[str, Any]:
     client = local(socket_path)
     started = False
@@ -90,6 +92,8 @@ async def _up(
             with contextlib.suppress(TailpyError):
                 await client.down()
         raise
+    if st["backend_state"] == "NeedsLogin" and st.get("login_pending"):
+        st = await wait_login(client, st, console, qr)
     deadline = time.monotonic() + timeout
     with console.status("waiting for the netmap") as spinner:
         while st["backend_state"] != "Running":
@@ -131,8 +135,11 @@ async def _up(
     help="Seconds to wait for the connection.",
 )
 @click.option(
-    "--force-reauth", is_flag=True, help="Log in again with a new node key and --auth-key, even if logged in."
+    "--force-reauth",
+    is_flag=True,
+    help="Log in again with a new node key (and --auth-key, or in a browser), even if logged in.",
 )
+@click.option("--qr", is_flag=True, help="Also show the login URL as a QR code.")
 @socket_option
 @state_dir_option
 def command(
@@ -141,10 +148,12 @@ def command(
     hostname: str | None,
     timeout: float,
     force_reauth: bool,
+    qr: bool,
     socket_path: str,
     state_dir: str,
 ) -> None:
-    """Connect this device to the tailnet; shows progress until it is connected."""
+    """Connect this device to the tailnet; shows progress until it is connected. Without --auth-key, a
+    control server with a login provider prints a URL to sign in at, and this waits until you have."""
     console = Console(stderr=True)
     st = run(
         _up(
@@ -156,10 +165,16 @@ def command(
             timeout,
             force_reauth,
             console,
+            qr,
         )
     )
+    click.echo(connected_line(st))
+
+
+def connected_line(st: dict[str, Any]) -> str:
+    """``connected: <name> <addresses> (<n> peers)`` from tailpyd's status."""
     me = st["self"]
-    click.echo(
+    return (
         f"connected: {me['name'] or me['hostname']} {' '.join(a.split('/')[0] for a in me['addresses'])}"
         f" ({len(st['peers'])} peer{'' if len(st['peers']) == 1 else 's'})"
     )

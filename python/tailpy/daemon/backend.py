@@ -22,6 +22,7 @@ from tailpy import netmap as nm
 from tailpy.asyncutil import wait_event
 from tailpy.backoff import reconnect_delays
 from tailpy.control import ControlClient
+from tailpy.control.client import LoginAnswer
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
@@ -36,6 +37,7 @@ OS_NAME = platform.system().lower()  # "linux", as the node reports it to contro
 ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
+LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
 
 
 class DataPlane(Protocol):
@@ -115,6 +117,8 @@ class Backend:
         self._netmap_changed = asyncio.Event()
         self.ignored_datagrams = 0  # STUN/disco/relay datagrams drained with no consumer yet
         self._rotate_before = rotate_before
+        self.auth_url = ""  # where the user signs in while an interactive login waits (issue 7)
+        self._login: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class Backend:
         url = check_login_server(login_server or s.login_server)
         registered_here = s.node_id is not None and url == s.login_server
         expired = self.netmap is not None and self.netmap.self_node.expired
+        why = ""
         if (not registered_here or force_reauth) and not auth_key:
             if force_reauth:
                 why = "--force-reauth needs a new --auth-key"
@@ -156,8 +161,9 @@ class Backend:
                 why = "this node is logged out: pass --auth-key to log in again"
             else:
                 why = f"this node is not registered with {url} yet: pass --auth-key"
-            raise AuthKeyError(why + " (create a key with `tailpy control authkey create`)")
+            why += " (create a key with `tailpy control authkey create`)"
         await self._stop_session()
+        await self._stop_login()
         hostname = hostname or s.hostname or socket.gethostname()
         # A new node key on every fresh login (forced, or after the key expired): an admin who expired a
         # node because its key may be compromised must not see that key come back.
@@ -165,9 +171,16 @@ class Backend:
         created = self.device is None
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
         client = ControlClient(url, s.machine_key)
+        login: LoginAnswer | None = None
         try:
-            node = await client.register(node_key.public, hostname, auth_key or None, os=OS_NAME)
+            if auth_key:
+                node: nm.Node | None = await client.register(node_key.public, hostname, auth_key, os=OS_NAME)
+            else:  # interactive login where control offers it (issue 7); an auth key where it does not
+                login = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=0)
+                node = login.node
         except ControlError as e:
+            if why and isinstance(e, AuthKeyError):
+                e = AuthKeyError(why)
             if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
                 self._bring_up_offline(hostname, str(e))
@@ -177,9 +190,19 @@ class Backend:
                 self._close_device()
             if self.netmap is not None and not force_reauth and s.want_running:
                 self._start_session()  # a failed re-login leaves a running node as it was
-            raise
+            raise e from None
         finally:
             await client.close()
+        if node is None:
+            assert login is not None
+            self._await_login(url, node_key, hostname, login)
+            return
+        self._registered(url, node_key, hostname, node)
+
+    def _registered(self, url: str, node_key: NodePrivate, hostname: str, node: nm.Node) -> None:
+        """Control registered this machine as ``node`` with ``node_key``: save it and follow the netmap."""
+        s = self.state_data
+        self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
         if url != s.login_server:
@@ -193,6 +216,54 @@ class Backend:
         self._apply_self(node)
         self._start_session()
 
+    # -- interactive login (issue 7) -----------------------------------------------------------------
+
+    def _await_login(self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer) -> None:
+        """Control wants the user to sign in: show ``auth_url`` in the status (state NeedsLogin) and long-poll
+        control in the background until the login (and any approval) is done, then come up."""
+        self._show_login(first)
+        self._set_state("NeedsLogin")
+        self._login = asyncio.create_task(self._wait_login(url, node_key, hostname), name="login")
+
+    def _show_login(self, answer: LoginAnswer) -> None:
+        if answer.auth_url:
+            self.auth_url = answer.auth_url
+        if answer.pending_approval:
+            self.auth_url = ""
+        self.last_error = answer.message if answer.pending_approval else answer.error
+        self.changed.set()
+
+    async def _wait_login(self, url: str, node_key: NodePrivate, hostname: str) -> None:
+        delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
+        client = ControlClient(url, self.state_data.machine_key)
+        try:
+            while True:
+                try:
+                    answer = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=LOGIN_POLL)
+                except ControlError as e:  # control restarting, say: keep waiting, the URL is renewed
+                    log.warning("waiting for login: %s", e)
+                    self.last_error = str(e)
+                    self.changed.set()
+                    await asyncio.sleep(next(delays))
+                    continue
+                delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
+                if answer.node is not None:
+                    log.info("login done: node %d %s", answer.node.id, answer.node.name)
+                    self._login = None
+                    self._registered(url, node_key, hostname, answer.node)
+                    return
+                self._show_login(answer)
+        finally:
+            await client.close()
+
+    async def _stop_login(self) -> None:
+        task, self._login = self._login, None
+        self.auth_url = ""
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     def _bring_up_offline(self, hostname: str, error: str) -> None:
         s = self.state_data
         s.hostname, s.want_running = hostname, True
@@ -205,6 +276,7 @@ class Backend:
 
     async def down(self) -> None:
         """Disconnect: stop following control and remove the tunnel; the node stays registered."""
+        await self._stop_login()
         await self._stop_session()
         self.state_data.want_running = False
         self.store.save(self.state_data)
@@ -216,6 +288,7 @@ class Backend:
         """Log out: control expires this node's key (the record, address and name stay for the next login),
         the tunnel goes away, and a new node key waits for the next ``up --auth-key``.
         Raises ControlError when control cannot be told."""
+        await self._stop_login()
         s = self.state_data
         if s.login_server and s.node_id is not None:
             client = ControlClient(s.login_server, s.machine_key)
@@ -234,6 +307,7 @@ class Backend:
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
+        await self._stop_login()
         await self._stop_session()
         self._close_device()
 
@@ -525,6 +599,8 @@ class Backend:
             "login_server": s.login_server,
             "control_connected": self.control_connected,
             "error": self.last_error,
+            "auth_url": self.auth_url,
+            "login_pending": self._login is not None,
             "health": netconf.mtu_warnings(self._mtu),
             "now": now,
             "self": {

@@ -1,0 +1,160 @@
+"""Issue 7 in the lab: nodes started without a key are brought up by a browser login.
+
+The control server (``tailpy control serve --oidc-*``) and the test OpenID Connect provider
+(tests/_oidc_provider.py: real RS256 ID tokens, PKCE, one-use codes) run on the lab's control host; each node
+runs ``tailpy up`` with no auth key, which prints a login URL; headless Chromium (Debian's, through Selenium)
+follows it inside the node's namespace and signs in. A user outside the allowed domain is refused with a
+clear page and the node stays logged out; signing in with an allowed account then brings it up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from _browser_login import unavailable_reason
+from tailpy.lab import Lab, wait_for
+from tailpy.lab.procs import read_line, stop_process
+from tailpy.lab.tailnet import LabNode, LabTailnet, tailpy_argv
+
+pytestmark = pytest.mark.lab
+
+TESTS = Path(__file__).resolve().parents[1]
+PROVIDER_PORT = 5556
+USERS = ("alice:pw-alice:alice@example.com:staff", "bob:pw-bob:bob@other.org")
+URL = re.compile(r"(https?://\S+/login/\S+)")
+
+
+@pytest.fixture
+def tailnet(lab: Lab) -> LabTailnet:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"browser login: {reason}")
+    net = LabTailnet(lab)
+    ctrl = net.lan.ip(net.control_host)
+    issuer = f"http://{ctrl}:{PROVIDER_PORT}"
+    secret = net.root / "oidc-secret"
+    secret.write_text("lab-client-secret\n")
+    plog = open(net.root / "provider.log", "w")  # noqa: SIM115 - handed to the child, closed below
+    provider = net.control_host.popen(
+        [
+            sys.executable,
+            str(TESTS / "_oidc_provider.py"),
+            "--listen",
+            f"0.0.0.0:{PROVIDER_PORT}",
+            "--issuer",
+            issuer,
+            "--client-id",
+            "tailpy-lab",
+            "--client-secret",
+            "lab-client-secret",
+            "--redirect-uri",
+            f"{net.control_url}/oidc/callback",
+            *(a for u in USERS for a in ("--user", u)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=plog,
+    )
+    plog.close()
+    assert provider.stdout is not None
+    assert read_line(provider.stdout, 30, "the OIDC provider to start") == "ready"
+    net.start_control(
+        "--oidc-issuer",
+        issuer,
+        "--oidc-client-id",
+        "tailpy-lab",
+        "--oidc-client-secret-file",
+        str(secret),
+        "--oidc-allowed-domain",
+        "example.com",
+        "--server-url",
+        net.control_url,
+    )
+    return net
+
+
+class Up:
+    """``tailpy up`` with no key on ``node``, in the background; its stderr is read by a thread (the login
+    URL and notes go there), so nothing waits on a pipe's buffering."""
+
+    def __init__(self, node: LabNode) -> None:
+        argv = tailpy_argv(
+            "up", "--login-server", node.tailnet.control_url, "--hostname", node.name, "--socket", node.socket
+        )
+        self.proc = node.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.err: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def url(self) -> str:
+        def found() -> str | None:
+            return next((m.group(1) for line in self.err if (m := URL.search(line))), None)
+
+        return wait_for(found, timeout=60, what=f"tailpy up to print a login URL ({self.err})", interval=0.1)
+
+    def finish(self, timeout: float = 90) -> tuple[int, str, str]:
+        """Wait for it to exit: (exit status, stdout, stderr)."""
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        return rc, self.proc.stdout.read(), "".join(self.err)
+
+
+def browse(node: LabNode, url: str, user: str, password: str) -> dict[str, str]:
+    out = node.host.run(
+        [sys.executable, str(TESTS / "_browser_login.py"), url, user, password], timeout=120
+    ).stdout
+    page: dict[str, str] = json.loads(out.strip().splitlines()[-1])
+    assert "Traceback" not in page["text"]
+    return page
+
+
+def test_browser_login_brings_nodes_up_and_refuses_a_disallowed_user(tailnet: LabTailnet) -> None:
+    n1 = tailnet.add_node("n1")
+    up1 = Up(n1)
+    url1 = up1.url()
+    st = n1.status()
+    assert st["backend_state"] == "NeedsLogin" and st["auth_url"] == url1
+    page = browse(n1, url1, "alice", "pw-alice")
+    assert page["heading"].startswith("Signed in") and "alice@example.com" in page["text"], page
+    rc, out, err = up1.finish()
+    assert rc == 0, err
+    assert out.startswith("connected: n1 100.64."), out
+    st = n1.status()
+    assert st["backend_state"] == "Running" and st["self"]["user"] == "alice@example.com"
+
+    # Bob's email domain is not admitted: a clear page, and n2 stays logged out (still waiting).
+    n2 = tailnet.add_node("n2")
+    up2 = Up(n2)
+    url2 = up2.url()
+    page = browse(n2, url2, "bob", "pw-bob")
+    assert page["heading"] == "This account may not join the tailnet", page
+    assert "bob@other.org" in page["text"] and "was not added" in page["text"]
+    st = wait_for(lambda: (s := n2.status())["error"] and s, timeout=40, what="n2 to hear of the refusal")
+    assert st["backend_state"] == "NeedsLogin" and "not allowed" in st["error"]
+    assert up2.proc.poll() is None  # `tailpy up` keeps waiting for a sign-in
+    listed = json.loads(tailnet.control("nodes", "list", "--json"))
+    assert [n["name"] for n in listed] == ["n1"]
+
+    # Signing in with an allowed account from the same link brings n2 up; the two reach each other.
+    page = browse(n2, st["auth_url"], "alice", "pw-alice")
+    assert page["heading"].startswith("Signed in"), page
+    rc, out, err = up2.finish()
+    assert rc == 0 and out.startswith("connected: n2"), err
+    assert "not allowed" in err  # the refusal was shown to the user at the terminal
+    n1.wait_peers(1)
+    n2.wait_peers(1)
+    n2.ping(n1.ip(), count=2)
+    stop_process(up1.proc)
+    stop_process(up2.proc)

@@ -8,7 +8,12 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   ``old_node_proof`` (:func:`tailpy.proto.control.seal_rotation_proof`, fresh) the node key is rotated to
   ``node_key`` with no auth key: same id, addresses and name, a new expiry, the old key refused at once.
   Otherwise see :meth:`tailpy.control.store.Store.register` (a restart with the same, unexpired node key
-  needs no auth key; a new machine, new node key, expired or logged-out key needs one).
+  needs no auth key; a new machine, new node key, expired or logged-out key needs one). With
+  ``"interactive": true``, no auth key and a login provider configured (``oidc``), a machine that needs one
+  gets instead sealed ``{"auth_url"}`` / ``{"pending_approval": true}`` after a long poll of up to ``wait``
+  seconds, or ``{"node"}`` once its user has signed in (:meth:`tailpy.control.oidc.Logins.poll`).
+* ``GET /login/<id>``, ``GET /login/<id>/start``, ``GET /oidc/callback``: the login pages (HTML), with
+  ``oidc`` only.
 * ``POST /machine/logout`` sealed ``{node_key}`` -> sealed ``{"node": Node JSON}``: the node's key is expired
   and logged out (its record stays; a later register with an auth key brings it back).
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, resume?: {generation, version}}`` -> a
@@ -109,8 +114,9 @@ class ControlServer:
     stored in the database, default ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
     registration (None: never expires); ``ephemeral_timeout`` seconds an ephemeral node may stay offline
     before it is removed; ``derp_map``: the DERP relays every full netmap carries (static for the server's
-    life; None: no DERP map). One timer fires at the next key expiry or ephemeral deadline (no per-node
-    polling).
+    life; None: no DERP map); ``oidc``: login with an OpenID Connect provider for nodes without an auth key
+    (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only). One timer fires at the next key
+    expiry or ephemeral deadline (no per-node polling).
     """
 
     def __init__(

@@ -6,6 +6,8 @@ audience, disallowed user) go through the callback with real tokens."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import re
 import socket
 import time
@@ -18,12 +20,16 @@ import aiohttp
 import nacl.public
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from joserfc.jwk import KeySet, RSAKey
 
 from _oidc_provider import Provider, User
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control import identity as ident
-from tailpy.control.oidc import OIDCConfig
-from tailpy.errors import AuthKeyError
+from tailpy.control.oidc import IdTokenError, OIDCConfig
+from tailpy.control.oidc import Provider as OIDCProvider
+from tailpy.errors import AuthKeyError, ConfigError
 from tailpy.keys import MachinePrivate, NodePublic
 
 CLIENT_ID, SECRET = "tailpy", "s3cret-value"
@@ -263,3 +269,61 @@ def test_policy() -> None:
     assert replace(base, allowed_groups=("staff",)).refusal(alice) is None
     refused = replace(base, allowed_groups=("admins",)).refusal(alice)
     assert refused is not None and "alice@example.com" in refused and "admins" in refused
+
+
+_FUZZ_KEY = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+
+
+def _fuzz_provider() -> OIDCProvider:
+    p = OIDCProvider(OIDCConfig("https://idp.example", "c", "s", "http://control"))
+    p.metadata = {"issuer": "https://idp.example", "id_token_signing_alg_values_supported": ["RS256"]}
+    p._keys, p._keys_at = KeySet([_FUZZ_KEY]), time.time()
+    return p
+
+
+def _segment(obj: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.builds(
+            lambda h, c, sig: f"{_segment(h)}.{_segment(c)}.{sig}",
+            st.dictionaries(
+                st.sampled_from(["alg", "kid", "typ", "crit"]), st.text(max_size=8) | st.integers()
+            ),
+            st.dictionaries(
+                st.sampled_from(["iss", "aud", "sub", "exp", "iat", "nonce", "groups"]),
+                st.text(max_size=8) | st.integers() | st.lists(st.text(max_size=4), max_size=3),
+            ),
+            st.text(alphabet="ABCxyz-_0", max_size=40),
+        ),
+    )
+)
+def test_id_token_verification_raises_only_id_token_error(token: str) -> None:
+    """Whatever a provider sends as an ID token, verification refuses it with IdTokenError (one sentence)."""
+    with pytest.raises(IdTokenError):
+        asyncio.run(_fuzz_provider().verify_id_token(token, "nonce"))
+
+
+def test_users_from_identities(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    try:
+        store.create_user("alice@example.com", 1.0)  # a local user already has the name
+        a = ident.Identity("https://idp.example", "s1", "alice@example.com", True, "Alice")
+        uid = ident.user_for_identity(store, a, 2.0)
+        assert ident.user_for_identity(store, replace(a, email="alice@new.example"), 3.0) == uid
+        names = {u.name for u in store.list_users()}
+        assert "alice@example.com-2" in names  # no clash with the local user
+        other = ident.user_for_identity(store, replace(a, issuer="https://other.example"), 4.0)
+        assert other != uid  # same subject at another issuer: another user
+        node = ident.add_pending(store, mkey().public, nkey(), "pc", "linux", uid, 5.0, None)
+        assert [p.id for p in ident.list_pending(store)] == [node.id]
+        assert ident.reject_pending(store, node.id).hostname == "pc"
+        assert ident.list_pending(store) == []
+        with pytest.raises(ConfigError, match="no pending node"):
+            ident.approve_pending(store, node.id, 6.0)
+    finally:
+        store.close()

@@ -63,6 +63,8 @@ MAX_WAIT = 60.0
 """Longest long poll, seconds."""
 JWKS_REFRESH = 60.0
 """Seconds between JWKS re-fetches caused by unknown key ids."""
+MAX_PENDING = 10_000
+"""Pending logins (and sign-in attempts) kept at most; past that the oldest are dropped."""
 
 
 class IdTokenError(ControlError):
@@ -420,6 +422,8 @@ class Logins:
             if p is not None:
                 del self.pending[p.id]
             p = PendingLogin(generate_token(32), machine_key, node_key, hostname, os_name, 0.0)
+            while len(self.pending) >= MAX_PENDING:  # many machine keys asking at once: drop the oldest
+                self._done(next(iter(self.pending.values())))
             self.pending[p.id] = p
             self._by_machine[machine_key.raw] = p.id
         p.hostname, p.os = hostname, os_name
@@ -505,6 +509,8 @@ class Logins:
                 "Try again in a minute; if it persists, tell the tailnet's administrator.",
             )
         state, nonce, verifier = generate_token(32), generate_token(32), generate_token(64)
+        while len(self.attempts) >= MAX_PENDING:
+            del self.attempts[next(iter(self.attempts))]
         self.attempts[state] = _Attempt(login.id, nonce, verifier, self.clock())
         raise web.HTTPFound(self.provider.authorization_url(state, nonce, verifier))
 

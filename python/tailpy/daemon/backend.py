@@ -250,7 +250,12 @@ class Backend:
                 if answer.node is not None:
                     log.info("login done: node %d %s", answer.node.id, answer.node.name)
                     self._login = None
-                    self._registered(url, node_key, hostname, answer.node)
+                    try:
+                        self._registered(url, node_key, hostname, answer.node)
+                    except TailpyError as e:  # the tunnel's addresses could not be set, say
+                        log.warning("after login: %s", e)
+                        self.last_error = str(e)
+                        self._set_state("NeedsLogin")
                     return
                 self._show_login(answer)
         finally:
@@ -500,8 +505,10 @@ class Backend:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
         if me_expired:
             if self.backend_state != "NeedsLogin":
-                log.warning("this node's key has expired: it needs login (`tailpy up --auth-key …`)")
-                self.last_error = "this node's key has expired; log in again with `tailpy up --auth-key KEY`"
+                log.warning("this node's key has expired: it needs login (`tailpy login`)")
+                self.last_error = (
+                    "this node's key has expired; log in again with `tailpy login` (or with an auth key)"
+                )
             self._set_state("NeedsLogin")
         else:
             self._set_state("Running")

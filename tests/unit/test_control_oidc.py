@@ -20,11 +20,13 @@ import aiohttp
 import nacl.public
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from joserfc.jwk import KeySet, RSAKey
 
 from _oidc_provider import Provider, User
+from tailpy.cli.main import cli
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control import identity as ident
 from tailpy.control.oidc import IdTokenError, OIDCConfig
@@ -327,3 +329,42 @@ def test_users_from_identities(tmp_path: Path) -> None:
             ident.approve_pending(store, node.id, 6.0)
     finally:
         store.close()
+
+
+def test_admin_cli_pending_approve_reject(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    uid = ident.user_for_identity(
+        store, ident.Identity("https://idp.example", "s1", "ann@example.com", True), 1.0
+    )
+    first = ident.add_pending(store, mkey().public, nkey(), "ann-laptop", "linux", uid, time.time(), None)
+    second = ident.add_pending(store, mkey().public, nkey(), "ann-phone", "linux", uid, time.time(), None)
+    store.close()
+    runner = CliRunner()
+    env = {"TAILPY_CONTROL_STATE_DIR": str(tmp_path)}
+    r = runner.invoke(cli, ["control", "nodes", "pending"], env=env)
+    assert r.exit_code == 0 and "ann-laptop" in r.output and "ann@example.com" in r.output, r.output
+    r = runner.invoke(cli, ["control", "nodes", "approve", str(first.id)], env=env)
+    assert r.exit_code == 0 and "approved: node 1 ann-laptop 100.64.0.1 (ann@example.com)" in r.output, (
+        r.output
+    )
+    r = runner.invoke(cli, ["control", "nodes", "reject", str(second.id)], env=env)
+    assert r.exit_code == 0 and "rejected: ann-phone" in r.output
+    r = runner.invoke(cli, ["control", "nodes", "pending", "--json"], env=env)
+    assert json.loads(r.output) == []
+    r = runner.invoke(cli, ["control", "nodes", "approve", "99"], env=env)
+    assert r.exit_code == 1 and "no pending node 99" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--oidc-issuer", "https://idp.example"], "needs --oidc-client-id"),
+        (["--oidc-client-id", "x"], "need --oidc-issuer"),
+        (["--oidc-issuer", "idp.example", "--oidc-client-id", "x"], "https://"),
+    ],
+)
+def test_serve_oidc_options_are_checked(tmp_path: Path, args: list[str], words: str) -> None:
+    r = CliRunner().invoke(
+        cli, ["control", "serve", "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--no-derp", *args]
+    )
+    assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output

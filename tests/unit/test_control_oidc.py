@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import socket
@@ -24,8 +25,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from joserfc.jwk import KeySet, RSAKey
+from rich.console import Console
 
 from _oidc_provider import Provider, User
+from tailpy.cli.login import show_qr
 from tailpy.cli.main import cli
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control import identity as ident
@@ -368,3 +371,10 @@ def test_serve_oidc_options_are_checked(tmp_path: Path, args: list[str], words: 
         cli, ["control", "serve", "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--no-derp", *args]
     )
     assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_qr_code_is_drawn_with_block_characters() -> None:
+    out = io.StringIO()
+    show_qr("http://192.0.2.1:8080/login/abc", Console(file=out, width=200))
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 10 and any("█" in line or "▀" in line for line in lines)

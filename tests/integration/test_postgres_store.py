@@ -40,6 +40,9 @@ globals().update(_store_tests("test_control_store"))
 globals().update(
     {k.replace("test_", "test_names_", 1): v for k, v in _store_tests("test_control_names").items()}
 )
+globals().update(
+    {k.replace("test_", "test_identity_", 1): v for k, v in _store_tests("test_control_identity").items()}
+)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control import identity as ident
 from tailpy.control.oidc import IdTokenError, OIDCConfig
 from tailpy.control.oidc import Provider as OIDCProvider
-from tailpy.errors import AuthKeyError, ConfigError
+from tailpy.errors import AuthKeyError
 from tailpy.keys import MachinePrivate, NodePublic
 
 CLIENT_ID, SECRET = "tailpy", "s3cret-value"
@@ -311,27 +311,6 @@ def test_id_token_verification_raises_only_id_token_error(token: str) -> None:
     """Whatever a provider sends as an ID token, verification refuses it with IdTokenError (one sentence)."""
     with pytest.raises(IdTokenError):
         asyncio.run(_fuzz_provider().verify_id_token(token, "nonce"))
-
-
-def test_users_from_identities(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    try:
-        store.create_user("alice@example.com", 1.0)  # a local user already has the name
-        a = ident.Identity("https://idp.example", "s1", "alice@example.com", True, "Alice")
-        uid = ident.user_for_identity(store, a, 2.0)
-        assert ident.user_for_identity(store, replace(a, email="alice@new.example"), 3.0) == uid
-        names = {u.name for u in store.list_users()}
-        assert "alice@example.com-2" in names  # no clash with the local user
-        other = ident.user_for_identity(store, replace(a, issuer="https://other.example"), 4.0)
-        assert other != uid  # same subject at another issuer: another user
-        node = ident.add_pending(store, mkey().public, nkey(), "pc", "linux", uid, 5.0, None)
-        assert [p.id for p in ident.list_pending(store)] == [node.id]
-        assert ident.reject_pending(store, node.id).hostname == "pc"
-        assert ident.list_pending(store) == []
-        with pytest.raises(ConfigError, match="no pending node"):
-            ident.approve_pending(store, node.id, 6.0)
-    finally:
-        store.close()
 
 
 def test_admin_cli_pending_approve_reject(tmp_path: Path) -> None:

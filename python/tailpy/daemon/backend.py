@@ -179,8 +179,10 @@ class Backend:
                 login = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=0)
                 node = login.node
         except ControlError as e:
-            if why and isinstance(e, AuthKeyError):
+            if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)
+            elif why and not isinstance(e, NotRegisteredError):  # unreachable: say both
+                e = ControlError(f"{e}; and {why}")
             if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
                 self._bring_up_offline(hostname, str(e))

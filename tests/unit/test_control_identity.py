@@ -1,0 +1,57 @@
+"""Users from an identity provider and logins waiting for approval (tailpy.control.identity), on SQLite here
+and on PostgreSQL through tests/integration/test_postgres_store.py (every test taking ``store``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import nacl.public
+import pytest
+
+from tailpy.control import Store
+from tailpy.control import identity as ident
+from tailpy.errors import ConfigError
+from tailpy.keys import MachinePrivate, NodePublic
+
+
+def mkey() -> MachinePrivate:
+    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
+
+
+def nkey() -> NodePublic:
+    return NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A Store on SQLite (tests/integration/test_postgres_store.py runs the same tests on PostgreSQL)."""
+    s = Store(tmp_path)
+    yield s
+    s.close()
+
+
+def test_users_from_identities(store: Store) -> None:
+    store.create_user("alice@example.com", 1.0)  # a local user already has the name
+    a = ident.Identity("https://idp.example", "s1", "alice@example.com", True, "Alice")
+    uid = ident.user_for_identity(store, a, 2.0)
+    assert ident.user_for_identity(store, replace(a, email="alice@new.example"), 3.0) == uid
+    names = {u.name for u in store.list_users()}
+    assert "alice@example.com-2" in names  # no clash with the local user
+    other = ident.user_for_identity(store, replace(a, issuer="https://other.example"), 4.0)
+    assert other != uid  # same subject at another issuer: another user
+    node = ident.add_pending(store, mkey().public, nkey(), "pc", "linux", uid, 5.0, None)
+    assert [p.id for p in ident.list_pending(store)] == [node.id]
+    assert ident.reject_pending(store, node.id).hostname == "pc"
+    assert ident.list_pending(store) == []
+    with pytest.raises(ConfigError, match="no pending node"):
+        ident.approve_pending(store, node.id, 6.0)
+    # Approval registers the machine for the user; a second login of it replaces nothing but the key.
+    mk = mkey().public
+    p = ident.add_pending(store, mk, nkey(), "pc2", "linux", uid, 7.0, 1e12)
+    approved = ident.approve_pending(store, p.id, 8.0)
+    assert approved.user == "alice@example.com-2" and approved.key_expiry == 1e12
+    assert ident.has_live_node(store, mk) and ident.pending_for(store, mk) is None
+    again = ident.register_for_user(store, mk, nkey(), "pc2", "linux", other, 9.0, None)
+    assert again.id == approved.id and again.addresses == approved.addresses

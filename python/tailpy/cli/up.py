@@ -124,7 +124,8 @@ async def _up(
     "--auth-key",
     envvar="TAILPY_AUTH_KEY",
     default=None,
-    help="Pre-auth key from `tailpy control authkey create` (not needed to reconnect).",
+    help="Pre-auth key from `tailpy control authkey create` (not needed to reconnect; without one, a control "
+    "server with a login provider prints a link to sign in at).",
 )
 @click.option("--hostname", default=None, help="Name to ask for (default: the host name).")
 @click.option(

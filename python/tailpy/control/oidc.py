@@ -549,6 +549,8 @@ class Logins:
             who = await self.provider.verify_id_token(tokens["id_token"], attempt.nonce)
         except IdTokenError as e:
             log.warning("login for %s refused: %s", login.hostname, e)
+            login.error = f"the sign-in could not be verified ({e}); open the link again"
+            login.event.set()
             return pages.error_page(
                 401,
                 "Sign-in could not be verified",

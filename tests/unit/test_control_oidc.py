@@ -204,7 +204,7 @@ async def test_bad_id_tokens_are_refused(env: Env, mode: str, words: str) -> Non
     assert status == 401 and "could not be verified" in page and words in page, page
     assert env.store.list_nodes() == []
     answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
-    assert answer.node is None and answer.auth_url
+    assert answer.node is None and answer.auth_url and "could not be verified" in answer.error
 
 
 async def test_pages_are_plain_and_never_show_a_traceback(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

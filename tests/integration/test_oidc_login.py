@@ -33,6 +33,11 @@ URL = re.compile(r"(https?://\S+/login/\S+)")
 
 @pytest.fixture
 def tailnet(lab: Lab) -> LabTailnet:
+    return oidc_tailnet(lab, "--oidc-allowed-domain", "example.com")
+
+
+def oidc_tailnet(lab: Lab, *control_args: str) -> LabTailnet:
+    """The lab's tailnet with the test provider on the control host and ``control serve --oidc-*``."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"browser login: {reason}")
@@ -71,10 +76,9 @@ def tailnet(lab: Lab) -> LabTailnet:
         "tailpy-lab",
         "--oidc-client-secret-file",
         str(secret),
-        "--oidc-allowed-domain",
-        "example.com",
         "--server-url",
         net.control_url,
+        *control_args,
     )
     return net
 
@@ -158,3 +162,26 @@ def test_browser_login_brings_nodes_up_and_refuses_a_disallowed_user(tailnet: La
     n2.ping(n1.ip(), count=2)
     stop_process(up1.proc)
     stop_process(up2.proc)
+
+
+def test_approval_in_the_lab(lab: Lab) -> None:
+    """With --approve-nodes a node that signed in waits until `tailpy control nodes approve` (through the
+    running server's admin socket), then comes up."""
+    net = oidc_tailnet(lab, "--approve-nodes")
+    n1 = net.add_node("n1")
+    up = Up(n1)
+    page = browse(n1, up.url(), "bob", "pw-bob")  # no domain restriction here
+    assert page["heading"] == "Signed in: waiting for approval", page
+    st = wait_for(
+        lambda: (s := n1.status())["error"].startswith("signed in; waiting") and s,
+        timeout=40,
+        what="n1 to hear it waits for approval",
+    )
+    assert st["backend_state"] == "NeedsLogin" and up.proc.poll() is None
+    [pending] = json.loads(net.control("nodes", "pending", "--json"))
+    assert pending["hostname"] == "n1" and pending["email"] == "bob@other.org"
+    assert json.loads(net.control("nodes", "list", "--json")) == []
+    assert "approved: node" in net.control("nodes", "approve", str(pending["id"]))
+    rc, out, err = up.finish()
+    assert rc == 0 and out.startswith("connected: n1 100.64."), err
+    assert n1.status()["self"]["user"] == "bob@other.org"

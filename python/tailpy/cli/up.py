@@ -73,6 +73,7 @@ async def _up(
     timeout: float,
     force_reauth: bool,
     console: Console,
+    accept_dns: bool | None = None,
 ) -> dict[str, Any]:
     client = local(socket_path)
     started = False
@@ -84,7 +85,7 @@ async def _up(
         started = True
     try:
         with console.status(f"registering with {login_server or 'the login server'}"):
-            st = await client.up(login_server, auth_key, hostname, force_reauth)
+            st = await client.up(login_server, auth_key, hostname, force_reauth, accept_dns)
     except TailpyError:
         if started:  # leave nothing running behind a failed first `up`
             with contextlib.suppress(TailpyError):
@@ -133,6 +134,13 @@ async def _up(
 @click.option(
     "--force-reauth", is_flag=True, help="Log in again with a new node key and --auth-key, even if logged in."
 )
+@click.option(
+    "--accept-dns",
+    type=click.BOOL,
+    default=None,
+    help="Point this host's resolver at MagicDNS (default true; --accept-dns=false leaves it alone; "
+    "not given: as the last `up` said).",
+)
 @socket_option
 @state_dir_option
 def command(
@@ -141,6 +149,7 @@ def command(
     hostname: str | None,
     timeout: float,
     force_reauth: bool,
+    accept_dns: bool | None,
     socket_path: str,
     state_dir: str,
 ) -> None:
@@ -156,6 +165,7 @@ def command(
             timeout,
             force_reauth,
             console,
+            accept_dns,
         )
     )
     me = st["self"]

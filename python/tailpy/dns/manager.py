@@ -32,6 +32,10 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, check=False)
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class DNSManager:
     """Owns the node's resolver (:class:`Resolver` + :class:`DNSServer`) and its OS configuration.
 
@@ -135,7 +139,7 @@ class DNSManager:
                     log.warning("%s", self.error)
             self.server = server
             if server.addresses:
-                log.info("MagicDNS listening on %s", ", ".join(f"{h}:{p}" for h, p in server.addresses))
+                log.info("MagicDNS listening on %s", ", ".join(_hostport(h, p) for h, p in server.addresses))
         finally:
             self._starting = None
 
@@ -167,7 +171,7 @@ class DNSManager:
         r = self.resolver
         return {
             "magic_dns": r.config.magic_dns,
-            "listening": [f"{h}:{p}" for h, p in self.server.addresses] if self.server else [],
+            "listening": [_hostport(h, p) for h, p in self.server.addresses] if self.server else [],
             "os_configured": self.resolv.active or bool(self.resolved and self.resolved.active),
             "mode": "resolved" if self._resolved_mode else "resolv.conf",
             "names": len(r.names()),

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import struct
+import typing
 from collections.abc import Iterable
 
 import dns.asyncquery
@@ -65,8 +66,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         out = self.server.resolver.handle(data, tcp=False)

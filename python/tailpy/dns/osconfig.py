@@ -13,9 +13,9 @@ Two ways, chosen by :func:`detect`:
   removes the copy. A daemon that crashed finds the copy at its next start (:meth:`ResolvConf.recover`).
   A file someone else changed since tailpy wrote it (no tailpy header) is left alone.
 
-Safety: a process in a network namespace other than PID 1's whose ``/etc/resolv.conf`` is the very file PID
-1 sees (no ``/etc/netns/<ns>/resolv.conf``) is refused (:func:`check_not_host_file`): a lab node must never
-edit the machine's own resolver configuration.
+Safety: a process in an ``ip netns`` namespace ``<ns>`` whose ``/etc/resolv.conf`` is not
+``/etc/netns/<ns>/resolv.conf`` (the file was missing when it started, so it sees the machine's own) is
+refused (:func:`check_not_host_file`): a lab node must never edit the machine's resolver configuration.
 """
 
 from __future__ import annotations
@@ -73,25 +73,44 @@ def upstreams_from(text: str, exclude: Iterable[IPAddress] = ()) -> list[tuple[I
     return out
 
 
+NETNS_RUN = Path("/run/netns")
+NETNS_ETC = Path("/etc/netns")
+
+
+def named_netns() -> str | None:
+    """The name of the ``ip netns`` namespace this process runs in (its ``/run/netns/<name>`` is the same
+    namespace as ``/proc/self/ns/net``), or None (the host's own, or an unnamed one)."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+        entries = list(NETNS_RUN.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            st = os.stat(entry)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return entry.name
+    return None
+
+
 def check_not_host_file(path: Path) -> None:
-    """Raise ConfigError when this process runs in a network namespace other than PID 1's and ``path`` is
-    the same file PID 1 sees there (a lab namespace without its own ``/etc/netns/<ns>/resolv.conf``)."""
-    try:
-        own_ns = os.stat("/proc/self/ns/net").st_ino
-        init_ns = os.stat("/proc/1/ns/net").st_ino
-    except OSError:
-        return  # not Linux, or no access to PID 1: nothing to compare
-    if own_ns == init_ns:
+    """Raise ConfigError when this process runs in an ``ip netns`` namespace ``<ns>`` but ``path`` is not
+    that namespace's own ``/etc/netns/<ns>/resolv.conf`` (which ``ip netns exec`` mounts over
+    /etc/resolv.conf): the file would be the machine's own."""
+    ns = named_netns()
+    if ns is None:
         return
+    own = NETNS_ETC / ns / "resolv.conf"
     try:
-        mine = os.stat(path)
-        hosts = os.stat(f"/proc/1/root{path.resolve()}")
+        same = os.path.samefile(path, own)
     except OSError:
-        return
-    if (mine.st_dev, mine.st_ino) == (hosts.st_dev, hosts.st_ino):
+        same = False
+    if not same:
         raise ConfigError(
-            f"{path} is the host's own file but this tailpyd runs in another network namespace: not "
-            "touching it (give the namespace its own /etc/netns/<ns>/resolv.conf, or use --accept-dns=false)"
+            f"this tailpyd runs in network namespace {ns} but {path} is not its own {own}: not touching the "
+            "host's resolver configuration (create that file, or use --accept-dns=false)"
         )
 
 
@@ -258,6 +277,7 @@ __all__ = [
     "ResolvConf",
     "Resolved",
     "check_not_host_file",
+    "named_netns",
     "parse_resolv_conf",
     "render_resolv_conf",
     "resolved_running",

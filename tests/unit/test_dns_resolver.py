@@ -238,3 +238,20 @@ def test_fuzz_mutated_valid_queries(tail: bytes, pos: int) -> None:
     assert out is None or isinstance(out, (Reply, Forward))
     with contextlib.suppress(ParseError):  # the only exception the parser may raise
         parse_query(mutated)
+
+
+def test_local_answer_cache_keeps_ids_and_case_and_follows_netmaps() -> None:
+    r = Resolver()
+    r.update(netmap(node(2, "pi")))
+    q1 = dns.message.make_query("Pi.ts.test", "A")
+    q2 = dns.message.make_query("Pi.ts.test", "A")
+    q2.id = (q1.id + 1) % 65536
+    a1, a2 = (r.handle(q.to_wire()) for q in (q1, q2))
+    assert isinstance(a1, Reply) and isinstance(a2, Reply)
+    assert dns.message.from_wire(a2.wire).id == q2.id and a1.wire[2:] == a2.wire[2:]
+    other_case = ask(r, "PI.TS.TEST")
+    assert other_case.answer[0].name.to_text() == "PI.TS.TEST."
+    r.update(netmap(node(2, "pi"), node(5, "x")))  # a new netmap: answers are computed again
+    r.update(netmap(node(7, "pi")))  # pi now has another address
+    assert addresses(ask(r, "Pi.ts.test")) == ["100.64.0.7"]
+    assert r.local == 4

@@ -56,6 +56,9 @@ OUR_PAYLOAD = 1232
 
 TCP_MAX = 65535
 
+CACHE_MAX = 4096
+"""Local answers kept rendered (keyed by the query's bytes after its id); emptied by every netmap."""
+
 MAGICDNS_V4 = ipaddress.IPv4Address("100.100.100.100")
 MAGICDNS_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
 TAILNET_V4 = ipaddress.IPv4Network("100.64.0.0/10")
@@ -162,6 +165,7 @@ class Resolver:
         self._nameservers: tuple[Upstream, ...] = ()
         self._routes: list[tuple[dns.name.Name, tuple[Upstream, ...]]] = []
         self.queries = self.local = self.forwarded = self.bad = self.servfails = 0
+        self._cache: dict[tuple[bytes, bool], bytes] = {}
 
     # -- tables ------------------------------------------------------------------------------------------
 
@@ -199,6 +203,7 @@ class Resolver:
             name = dns.name.from_text(r.name + ".")
             extra.setdefault(name, {}).setdefault(rdtype, []).append(ipaddress.ip_address(r.value))
         self.config, self.domain = cfg, domain
+        self._cache = {}
         self._hosts, self._short, self._ptr, self._extra = hosts, short, ptr, extra
         self._nameservers = tuple(parse_resolver(s) for s in cfg.nameservers)
         routes = [
@@ -216,8 +221,14 @@ class Resolver:
     def handle(self, wire: bytes, *, tcp: bool = False) -> Outcome:
         """What to do with one query datagram / TCP message: a reply, a forward, or None (drop).
 
-        Malformed input never raises: it is counted in ``bad`` and answered FORMERR when it has a header."""
+        Malformed input never raises: it is counted in ``bad`` and answered FORMERR when it has a header.
+        A local answer is rendered once per netmap: the same query bytes (after the 2-byte id) get the same
+        answer bytes with the query's id."""
         self.queries += 1
+        cached = self._cache.get((wire[2:], tcp)) if len(wire) >= 12 else None
+        if cached is not None:
+            self.local += 1
+            return Reply(wire[:2] + cached)
         try:
             query = parse_query(wire)
         except ParseError:
@@ -237,7 +248,11 @@ class Resolver:
         resp = self.answer_locally(query)
         if resp is not None:
             self.local += 1
-            return Reply(render(resp, max_size))
+            out = render(resp, max_size)
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()
+            self._cache[(wire[2:], tcp)] = out[2:]
+            return Reply(out)
         if q.rdclass != dns.rdataclass.IN:
             return Reply(render(self._rcode(query, dns.rcode.REFUSED), max_size))
         upstreams = self.upstreams_for(q.name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import struct
 import typing
@@ -24,6 +25,7 @@ import dns.message
 import dns.rcode
 
 from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream
+from tailpy.errors import ParseError
 
 log = logging.getLogger("tailpy.dns")
 
@@ -37,21 +39,118 @@ MAX_PENDING = 1024
 """Forwarded queries in flight at most; more are dropped (the client retries)."""
 
 
+SOCKETS_PER_UPSTREAM = 4
+"""UDP sockets (source ports) each upstream is asked from, in turn; each query also has a random id."""
+
+
+class _UpstreamSocket(asyncio.DatagramProtocol):
+    """One connected UDP socket to an upstream; answers are matched to pending queries by id."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) >= 12:
+            fut = self.pending.pop(int.from_bytes(data[:2], "big"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("upstream socket closed"))
+        self.pending.clear()
+        self.transport = None
+
+
+class UpstreamPool:
+    """Shared UDP sockets to upstream resolvers (:data:`SOCKETS_PER_UPSTREAM` each, opened on first use),
+    so forwarding costs no socket per query. :meth:`udp` sends one query and waits for its answer."""
+
+    def __init__(self) -> None:
+        self._socks: dict[Upstream, list[_UpstreamSocket]] = {}
+        self._next = 0
+        self._rng = random.SystemRandom()
+
+    async def _socket(self, upstream: Upstream) -> _UpstreamSocket:
+        socks = self._socks.setdefault(upstream, [])
+        socks[:] = [s for s in socks if s.transport is not None]
+        if len(socks) < SOCKETS_PER_UPSTREAM:
+            ip, port = upstream
+            _, proto = await asyncio.get_running_loop().create_datagram_endpoint(
+                _UpstreamSocket, remote_addr=(str(ip), port)
+            )
+            socks.append(proto)
+            return proto
+        self._next += 1
+        return socks[self._next % len(socks)]
+
+    async def udp(
+        self, query: dns.message.Message, upstream: Upstream, timeout: float
+    ) -> dns.message.Message:
+        """``query``'s answer from ``upstream`` over UDP (a fresh random id). Raises asyncio.TimeoutError,
+        OSError, or dnspython's errors for an answer that does not parse or does not match."""
+        sock = await self._socket(upstream)
+        loop = asyncio.get_running_loop()
+        qid = self._rng.randrange(65536)
+        while qid in sock.pending:
+            qid = self._rng.randrange(65536)
+        query.id = qid
+        fut: asyncio.Future[bytes] = loop.create_future()
+        sock.pending[qid] = fut
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            assert sock.transport is not None
+            sock.transport.sendto(query.to_wire())
+            wire = await fut
+        finally:
+            timer.cancel()
+            if sock.pending.get(qid) is fut:
+                del sock.pending[qid]
+        answer = dns.message.from_wire(wire)
+        if not query.is_response(answer):
+            raise ParseError("upstream answer does not match the query")
+        return answer
+
+    def close(self) -> None:
+        for socks in self._socks.values():
+            for s in socks:
+                if s.transport is not None:
+                    s.transport.close()
+        self._socks.clear()
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 async def forward(
-    query: dns.message.Message, upstreams: Iterable[Upstream], timeout: float = UPSTREAM_TIMEOUT
+    query: dns.message.Message,
+    upstreams: Iterable[Upstream],
+    timeout: float = UPSTREAM_TIMEOUT,
+    pool: UpstreamPool | None = None,
 ) -> dns.message.Message | None:
     """Ask ``upstreams`` in order for ``query``'s question (:meth:`Resolver.upstream_query`); the first
-    answer that is not SERVFAIL or REFUSED, else None."""
+    answer that is not SERVFAIL or REFUSED, else None. UDP through ``pool`` (a socket per query without
+    one), TCP when the answer is truncated."""
     up = Resolver.upstream_query(query)
     for ip, port in upstreams:
         where = str(ip)
         try:
-            answer = await dns.asyncquery.udp(
-                up, where, timeout=timeout, port=port, ignore_unexpected=True, ignore_errors=True
-            )
+            if pool is not None:
+                answer = await pool.udp(up, (ip, port), timeout)
+            else:
+                answer = await dns.asyncquery.udp(
+                    up, where, timeout=timeout, port=port, ignore_unexpected=True, ignore_errors=True
+                )
             if answer.flags & dns.flags.TC:
                 answer = await dns.asyncquery.tcp(up, where, timeout=timeout, port=port)
-        except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
+        except (dns.exception.DNSException, OSError, EOFError, ValueError, asyncio.TimeoutError) as e:
             log.debug("upstream %s:%d: %s", where, port, type(e).__name__)
             continue
         if answer.rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
@@ -100,6 +199,7 @@ class DNSServer:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.pool = UpstreamPool()
 
     async def start(self, addresses: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         """Listen on every (host, port) of ``addresses``, UDP and TCP (port 0: one free port, the same for
@@ -144,6 +244,7 @@ class DNSServer:
             s.close()
         for task in list(self._tasks):
             task.cancel()
+        self.pool.close()
         self._udp, self._tcp, self.addresses = [], [], []
 
     async def wait_closed(self) -> None:
@@ -163,7 +264,7 @@ class DNSServer:
 
     async def resolve_forward(self, f: Forward) -> bytes:
         """The client's answer to a forwarded query: the upstream's, or SERVFAIL."""
-        answer = await forward(f.query, f.upstreams, self.upstream_timeout)
+        answer = await forward(f.query, f.upstreams, self.upstream_timeout, self.pool)
         if answer is None:
             return self.resolver.servfail(f.query, f.max_size)
         return self.resolver.relay(f.query, answer, f.max_size)
@@ -199,4 +300,4 @@ class DNSServer:
                 await writer.wait_closed()
 
 
-__all__ = ["MAX_PENDING", "TCP_IDLE", "UPSTREAM_TIMEOUT", "DNSServer", "forward"]
+__all__ = ["MAX_PENDING", "TCP_IDLE", "UPSTREAM_TIMEOUT", "DNSServer", "UpstreamPool", "forward"]

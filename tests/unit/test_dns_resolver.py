@@ -18,7 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailpy.dns.config import DNSConfig, ExtraRecord
-from tailpy.dns.resolver import Forward, Reply, Resolver, parse_query, render, reverse_name, udp_limit
+from tailpy.dns.resolver import (
+    Forward,
+    Reply,
+    Resolver,
+    parse_query,
+    question_end,
+    render,
+    reverse_name,
+    udp_limit,
+)
 from tailpy.errors import ParseError
 from tailpy.keys import MachinePrivate, NodePrivate
 from tailpy.netmap import NetMap, Node
@@ -255,3 +264,13 @@ def test_local_answer_cache_keeps_ids_and_case_and_follows_netmaps() -> None:
     r.update(netmap(node(7, "pi")))  # pi now has another address
     assert addresses(ask(r, "Pi.ts.test")) == ["100.64.0.7"]
     assert r.local == 4
+
+
+def test_question_end() -> None:
+    wire = dns.message.make_query("pi.ts.test", "A", use_edns=0).to_wire()
+    end = question_end(wire)
+    assert end == 12 + len(b"\x02pi\x02ts\x04test\x00") + 4
+    assert question_end(wire[: end - 1]) is None
+    assert question_end(wire[:12]) is None
+    compressed = wire[:12] + b"\xc0\x0c\x00\x01\x00\x01"
+    assert question_end(compressed) is None

@@ -79,13 +79,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class Forward:
-    """Forward ``query`` (the client's parsed query) to ``upstreams`` in order; answer with
-    :meth:`Resolver.relay` (or :meth:`Resolver.servfail` when none answers). ``max_size``: the client's
-    limit in bytes."""
+    """Forward ``query`` (the client's parsed query; ``wire`` its bytes) to ``upstreams`` in order; answer
+    with :meth:`Resolver.relay` (or :meth:`Resolver.servfail` when none answers). ``max_size``: the
+    client's limit in bytes."""
 
     query: dns.message.Message
     upstreams: tuple[Upstream, ...]
     max_size: int
+    wire: bytes = b""
 
 
 Outcome = Reply | Forward | None  # None: drop the datagram silently
@@ -141,6 +142,22 @@ def _one(rrset: dns.rrset.RRset, rd: dns.rdata.Rdata) -> dns.rrset.RRset:
     single = dns.rrset.RRset(rrset.name, rrset.rdclass, rrset.rdtype, rrset.covers)
     single.add(rd, rrset.ttl)
     return single
+
+
+def question_end(wire: bytes) -> int | None:
+    """Offset just past the first question of message ``wire`` (header, name, type, class), or None when it
+    has no question or its name is compressed or cut short."""
+    if len(wire) < 12 or wire[4:6] == b"\0\0":
+        return None
+    i = 12
+    while i < len(wire):
+        n = wire[i]
+        if n == 0:
+            return i + 5 if i + 5 <= len(wire) else None
+        if n & 0xC0:
+            return None
+        i += n + 1
+    return None
 
 
 def reverse_name(ip: IPAddress) -> dns.name.Name:
@@ -260,7 +277,7 @@ class Resolver:
             self.servfails += 1
             return Reply(render(self._rcode(query, dns.rcode.SERVFAIL), max_size))
         self.forwarded += 1
-        return Forward(query, upstreams, max_size)
+        return Forward(query, upstreams, max_size, wire)
 
     def upstreams_for(self, qname: dns.name.Name) -> tuple[Upstream, ...]:
         """Where a name not answered locally goes: the longest matching split DNS route (never for a
@@ -415,6 +432,7 @@ __all__ = [
     "Resolver",
     "error_reply",
     "parse_query",
+    "question_end",
     "render",
     "reverse_name",
     "udp_limit",

@@ -24,7 +24,7 @@ import dns.exception
 import dns.message
 import dns.rcode
 
-from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream
+from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream, question_end
 from tailpy.errors import ParseError
 
 log = logging.getLogger("tailpy.dns")
@@ -94,27 +94,32 @@ class UpstreamPool:
     ) -> dns.message.Message:
         """``query``'s answer from ``upstream`` over UDP (a fresh random id). Raises asyncio.TimeoutError,
         OSError, or dnspython's errors for an answer that does not parse or does not match."""
+        wire = await self.exchange(query.to_wire(), upstream, timeout)
+        query.id = int.from_bytes(wire[:2], "big")
+        answer = dns.message.from_wire(wire)
+        if not query.is_response(answer):
+            raise ParseError("upstream answer does not match the query")
+        return answer
+
+    async def exchange(self, wire: bytes, upstream: Upstream, timeout: float) -> bytes:
+        """Send query ``wire`` (its id replaced by a fresh random one) to ``upstream`` over UDP; the answer's
+        bytes (with that id). Raises asyncio.TimeoutError or OSError."""
         sock = await self._socket(upstream)
         loop = asyncio.get_running_loop()
         qid = self._rng.randrange(65536)
         while qid in sock.pending:
             qid = self._rng.randrange(65536)
-        query.id = qid
         fut: asyncio.Future[bytes] = loop.create_future()
         sock.pending[qid] = fut
         timer = loop.call_later(timeout, _expire, fut)
         try:
             assert sock.transport is not None
-            sock.transport.sendto(query.to_wire())
-            wire = await fut
+            sock.transport.sendto(qid.to_bytes(2, "big") + wire[2:])
+            return await fut
         finally:
             timer.cancel()
             if sock.pending.get(qid) is fut:
                 del sock.pending[qid]
-        answer = dns.message.from_wire(wire)
-        if not query.is_response(answer):
-            raise ParseError("upstream answer does not match the query")
-        return answer
 
     def close(self) -> None:
         for socks in self._socks.values():
@@ -263,11 +268,41 @@ class DNSServer:
         task.add_done_callback(self._tasks.discard)
 
     async def resolve_forward(self, f: Forward) -> bytes:
-        """The client's answer to a forwarded query: the upstream's, or SERVFAIL."""
+        """The client's answer to a forwarded query: the upstream's, or SERVFAIL.
+
+        Fast path: the client's query bytes go upstream as they are (a new id); an answer to the same
+        question (byte for byte), not truncated, not SERVFAIL/REFUSED and within the client's limit is
+        relayed as it is (its id back). Anything else takes the full path (:func:`forward`: EDNS0 1232,
+        TCP when truncated, cut to the client's size)."""
+        fast = await self._forward_raw(f)
+        if fast is not None:
+            return fast
         answer = await forward(f.query, f.upstreams, self.upstream_timeout, self.pool)
         if answer is None:
             return self.resolver.servfail(f.query, f.max_size)
         return self.resolver.relay(f.query, answer, f.max_size)
+
+    async def _forward_raw(self, f: Forward) -> bytes | None:
+        end = question_end(f.wire)
+        if end is None:
+            return None
+        question = f.wire[12:end]
+        timed_out = 0
+        for upstream in f.upstreams:
+            try:
+                got = await self.pool.exchange(f.wire, upstream, self.upstream_timeout)
+            except (OSError, asyncio.TimeoutError):
+                timed_out += 1
+                continue
+            rcode = got[3] & 0x0F
+            if rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+                continue
+            if not got[2] & 0x80 or got[12:end] != question or got[2] & 0x02 or len(got) > f.max_size:
+                return None  # not a response, another question, truncated, or too big for the client
+            return f.wire[:2] + got[2:]
+        if timed_out == len(f.upstreams):
+            return self.resolver.servfail(f.query, f.max_size)  # nobody answers: no second round
+        return None
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

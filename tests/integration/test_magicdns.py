@@ -116,9 +116,11 @@ def test_names_resolve_on_every_node_ping_by_name_and_resolv_conf_restored(
         # The host's resolver is MagicDNS now, and the host's other DNS still answers (its old upstream).
         got = n.host.run(["getent", "ahostsv4", "www.example"]).stdout
         assert "198.51.100.10" in got
-    # ping <peer-name> works with nothing configured by hand.
-    nodes[0].ping("b", count=1)
-    nodes[1].ping("foo-bar", count=1)
+    # ping <peer-name> works from every node with nothing configured by hand.
+    for src in nodes:
+        for name in ips:
+            if tailnet.nodes[_lab(name)] is not src:
+                src.ping(name, count=1)
     # C23: any case resolves, and the answer echoes the question's case.
     for asked in ("foo-bar.tailnet.internal.", "FOO-BAR.tailnet.internal.", "fOo-BaR.TaIlNeT.InTeRnAl."):
         out = dig(nodes[0], "@100.100.100.100", asked, "A", "+noall", "+answer")

@@ -96,12 +96,14 @@ def test_store_and_admin_ops(tmp_path: Path) -> None:
     try:
         admin = Admin(store)
         assert admin.run("dns.show", {}) == {"domain": "tailnet.internal", **DNSConfig().to_json()}
+        assert dnsconfig.for_netmap(store) is None  # the default: netmaps carry no "dns" (as before)
         out = admin.run("dns.set", {"domain": "TS.test", "nameservers": ["192.0.2.53"], "magic_dns": False})
         assert out["domain"] == "ts.test" and out["nameservers"] == ["192.0.2.53"] and not out["magic_dns"]
         out = admin.run("dns.set", {"routes": {"corp.example": ["198.51.100.53:5353"]}})
         assert out["nameservers"] == ["192.0.2.53"]  # fields not given stay
         assert out["routes"] == {"corp.example": ["198.51.100.53:5353"]}
         assert dnsconfig.load(store).routes == {"corp.example": ("198.51.100.53:5353",)}
+        assert dnsconfig.for_netmap(store) == dnsconfig.load(store)
         for bad in ({"nameservers": ["nope"]}, {"colour": "blue"}, {"domain": "bad domain"}):
             with pytest.raises(ConfigError):
                 admin.run("dns.set", bad)

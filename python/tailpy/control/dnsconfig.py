@@ -35,6 +35,13 @@ def load(store: Store) -> DNSConfig:
         return DNSConfig()
 
 
+def for_netmap(store: Store) -> DNSConfig | None:
+    """What netmaps carry: the stored configuration, or None when it is the default (MagicDNS on, nothing
+    else), which nodes assume when a netmap has no ``dns``: default netmaps stay as small as before."""
+    cfg = load(store)
+    return None if cfg == DNSConfig() else cfg
+
+
 def save(store: Store, cfg: DNSConfig) -> None:
     with store.engine.begin() as conn:
         conn.execute(settings.delete().where(settings.c.name == SETTING))
@@ -67,4 +74,4 @@ def update(store: Store, args: Mapping[str, Any]) -> tuple[dict[str, Any], bool]
     return out, out["domain"] != old_domain
 
 
-__all__ = ["FIELDS", "SETTING", "load", "save", "show", "update"]
+__all__ = ["FIELDS", "SETTING", "for_netmap", "load", "save", "show", "update"]

@@ -140,7 +140,7 @@ class ControlServer:
         self._started = self._last_check  # offline time of ephemeral nodes counts from here at the earliest
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
-        self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.load(store))
+        self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
         self.mapper.load(store.list_nodes())
         self._closing = False
         self._runner: web.AppRunner | None = None
@@ -242,7 +242,7 @@ class ControlServer:
         """Re-read the DNS config and domain from the store; if they changed, every node gets a full
         netmap."""
         self.domain = self.store.settings().domain
-        self.mapper.set_dns(dnsconfig.load(self.store), self.domain)
+        self.mapper.set_dns(dnsconfig.for_netmap(self.store), self.domain)
 
     # --- lifecycle: admin changes, key expiry, ephemeral nodes ---
 

@@ -86,6 +86,7 @@ class DNSManager:
         key = (
             accept_dns and cfg.configures_os,
             netmap.domain,
+            cfg.magic_dns,
             cfg.search_domains,
             bool(cfg.nameservers),
             tun,

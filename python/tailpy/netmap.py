@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailpy.dns.config import DNSConfig
 from tailpy.errors import ParseError
 from tailpy.keys import MachinePublic, NodePublic
 
@@ -249,16 +250,18 @@ class DerpMap:
 
 @dataclass(frozen=True)
 class NetMap:
-    """A node's view: itself, its peers (by node id), the tailnet's DNS domain, and the DERP relays (None:
-    control sent no DERP map)."""
+    """A node's view: itself, its peers (by node id), the tailnet's DNS domain, the DERP relays (None:
+    control sent no DERP map) and the DNS configuration (None: control sent none; MagicDNS defaults)."""
 
     self_node: Node
     peers: Mapping[int, Node] = field(default_factory=dict)
     domain: str = ""
     derp_map: DerpMap | None = None
+    dns: DNSConfig | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """``{"self", "peers", "domain", "derp_map"?}`` (``derp_map`` only when there is one)."""
+        """``{"self", "peers", "domain", "derp_map"?, "dns"?}`` (``derp_map``, ``dns`` only when there is
+        one; ``dns``: :class:`tailpy.dns.config.DNSConfig`)."""
         out = {
             "self": self.self_node.to_json(),
             "peers": [p.to_json() for p in sorted(self.peers.values(), key=lambda n: n.id)],
@@ -266,6 +269,8 @@ class NetMap:
         }
         if self.derp_map is not None:
             out["derp_map"] = self.derp_map.to_json()
+        if self.dns is not None:
+            out["dns"] = self.dns.to_json()
         return out
 
     @classmethod
@@ -273,17 +278,19 @@ class NetMap:
         try:
             peers = [Node.from_json(p) for p in obj["peers"]]
             dm = obj.get("derp_map")
+            dns = obj.get("dns")
             return cls(
                 Node.from_json(obj["self"]),
                 {p.id: p for p in peers},
                 str(obj.get("domain", "")),
                 None if dm is None else DerpMap.from_json(dm),
+                None if dns is None else DNSConfig.from_json(dns),
             )
         except (KeyError, TypeError) as e:
             raise ParseError(f"malformed netmap: {e}") from None
 
     def with_peers(self, peers: Iterable[Node]) -> NetMap:
-        return NetMap(self.self_node, {p.id: p for p in peers}, self.domain, self.derp_map)
+        return NetMap(self.self_node, {p.id: p for p in peers}, self.domain, self.derp_map, self.dns)
 
 
 @dataclass(frozen=True)
@@ -376,14 +383,15 @@ def delta(old: NetMap, new: NetMap, version: int = 0) -> MapDelta:
 def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
     """``old`` with ``d`` applied (pure: ``old`` is not modified; O(peers) for the copy). A changed peer that
     is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id.
-    The DERP map is kept (deltas never carry one)."""
+    The DERP map and DNS config are kept (deltas never carry them)."""
     peers = dict(old.peers)
     for i in d.removed:
         peers.pop(i, None)
     for n in d.changed:
         if n.id != old.self_node.id:
             peers[n.id] = n
-    return NetMap(d.self_node if d.self_node is not None else old.self_node, peers, old.domain, old.derp_map)
+    me = d.self_node if d.self_node is not None else old.self_node
+    return NetMap(me, peers, old.domain, old.derp_map, old.dns)
 
 
 __all__ = [

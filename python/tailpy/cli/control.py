@@ -789,6 +789,14 @@ def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node_id: int) -
     _out(as_json, _admin(state_dir, db, "nodes.delete", {"id": node_id}), f"deleted node {node_id}")
 
 
+def _add_dns() -> None:
+    from tailpy.cli import control_dns
+
+    command.add_command(control_dns.command)
+
+
+_add_dns()
+
 for _cmd in (
     users_create,
     users_list,

@@ -75,6 +75,7 @@ async def _up(
     force_reauth: bool,
     console: Console,
     qr: bool = False,
+    accept_dns: bool | None = None,
 ) -> dict[str, Any]:
     client = local(socket_path)
     started = False
@@ -86,7 +87,7 @@ async def _up(
         started = True
     try:
         with console.status(f"registering with {login_server or 'the login server'}"):
-            st = await client.up(login_server, auth_key, hostname, force_reauth)
+            st = await client.up(login_server, auth_key, hostname, force_reauth, accept_dns)
     except TailpyError:
         if started:  # leave nothing running behind a failed first `up`
             with contextlib.suppress(TailpyError):
@@ -141,6 +142,13 @@ async def _up(
     help="Log in again with a new node key (and --auth-key, or in a browser), even if logged in.",
 )
 @click.option("--qr", is_flag=True, help="Also show the login URL as a QR code.")
+@click.option(
+    "--accept-dns",
+    type=click.BOOL,
+    default=None,
+    help="Point this host's resolver at MagicDNS (default true; --accept-dns=false leaves it alone; "
+    "not given: as the last `up` said).",
+)
 @socket_option
 @state_dir_option
 def command(
@@ -150,6 +158,7 @@ def command(
     timeout: float,
     force_reauth: bool,
     qr: bool,
+    accept_dns: bool | None,
     socket_path: str,
     state_dir: str,
 ) -> None:
@@ -167,6 +176,7 @@ def command(
             force_reauth,
             console,
             qr,
+            accept_dns,
         )
     )
     click.echo(connected_line(st))

@@ -19,6 +19,7 @@ Operations (``op``: arguments -> result, all JSON):
   AuthKey (the full key: the only time it is shown, the database keeps a hash); ``authkey.list`` {} ->
   [AuthKey] (key prefix only; ``uses``, ``last_used``); ``authkey.expire`` {key (id or full key)} -> AuthKey
 * ``settings.show`` {} -> {domain, prefix_v4, prefix_v6, database}
+* ``dns.show`` {} and ``dns.set`` {fields to replace} -> DNS settings (see :mod:`tailpy.control.dnsconfig`)
 
 Node JSON is :meth:`tailpy.netmap.Node.to_json` plus ``fqdn``.
 """
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from tailpy.control import dnsconfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.errors import ConfigError, ControlError
 from tailpy.netmap import Node
@@ -198,6 +200,17 @@ class Admin:
 
     def op_authkey_expire(self, args: Mapping[str, Any]) -> Any:
         return self.store.expire_auth_key(_str(args, "key"), self.clock()).to_json()
+
+    # --- DNS ---
+
+    def op_dns_show(self, _args: Mapping[str, Any]) -> Any:
+        return dnsconfig.show(self.store)
+
+    def op_dns_set(self, args: Mapping[str, Any]) -> Any:
+        out, _ = dnsconfig.update(self.store, args)
+        if self.server is not None:
+            self.server.dns_changed()
+        return out
 
     # --- settings ---
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.asyncutil import wait_event
+from tailpy.dns.config import DNSConfig
 from tailpy.keys import MachinePrivate, MachinePublic
 from tailpy.netmap import DerpMap, NetMap, Node
 from tailpy.proto import control as proto
@@ -117,11 +118,14 @@ class Mapper:
         full_map_concurrency: int = 4,
         batch_delay: float = BATCH_DELAY,
         derp_map: DerpMap | None = None,
+        dns: DNSConfig | None = None,
     ) -> None:
         self.server_key = server_key
         self.domain = domain
         self.derp_map = derp_map
         self._derp_json = b"" if derp_map is None else b',"derp_map":' + _dumps(derp_map.to_json())
+        self.dns = dns
+        self._dns_json = b"" if dns is None else b',"dns":' + _dumps(dns.to_json())
         self.generation = secrets.token_hex(16)
         self.version = 0
         self.batch_delay = batch_delay
@@ -151,8 +155,21 @@ class Mapper:
         if me is None:
             return None
         if me.expired:
-            return NetMap(me, {}, self.domain, self.derp_map)
-        return NetMap(me, {i: n for i, n in self.nodes.items() if i != node_id}, self.domain, self.derp_map)
+            return NetMap(me, {}, self.domain, self.derp_map, self.dns)
+        peers = {i: n for i, n in self.nodes.items() if i != node_id}
+        return NetMap(me, peers, self.domain, self.derp_map, self.dns)
+
+    def set_dns(self, dns: DNSConfig | None, domain: str) -> bool:
+        """New DNS config or tailnet domain (admin ``dns set``): every stream gets a full netmap (deltas
+        never carry them; such changes are rare). Returns whether anything changed."""
+        if dns == self.dns and domain == self.domain:
+            return False
+        self.dns, self.domain = dns, domain
+        self._dns_json = b"" if dns is None else b',"dns":' + _dumps(dns.to_json())
+        for s in self._streams:
+            s.resync = True
+            s.wake.set()
+        return True
 
     def load(self, nodes: Iterable[Node]) -> None:
         """Set the starting records (no stream is told: call before streams open)."""
@@ -312,7 +329,7 @@ class Mapper:
             peers = b""
         else:
             peers = b",".join([j for i, j in self._json.items() if i != node_id])
-        tail = b'],"domain":' + _dumps(self.domain) + self._derp_json + b"}}"
+        tail = b'],"domain":' + _dumps(self.domain) + self._derp_json + self._dns_json + b"}}"
         return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, tail))
 
     async def serve(self, s: MapStream, write: Callable[[bytes], Awaitable[None]], keepalive: float) -> None:

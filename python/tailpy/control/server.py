@@ -43,6 +43,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tailpy.control import dnsconfig
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
@@ -147,7 +148,7 @@ class ControlServer:
         self._started = self._last_check  # offline time of ephemeral nodes counts from here at the earliest
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
-        self.mapper = Mapper(self.key, self.domain, derp_map=derp_map)
+        self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
         self.mapper.load(store.list_nodes())
         self._closing = False
         self._runner: web.AppRunner | None = None
@@ -216,6 +217,7 @@ class ControlServer:
         while True:
             await asyncio.sleep(self.poll_interval)
             self._changed()  # streams hear only of records that differ
+            self.dns_changed()  # DNS settings changed straight in the database
             self._lifecycle()  # other processes' changes, streams closed: move the timer
 
     # --- netmaps ---
@@ -250,6 +252,12 @@ class ControlServer:
         called (other processes: ``tailpy control nodes delete``)."""
         since = self.mapper.version
         self.mapper.resync(self.store.list_nodes(), since)
+
+    def dns_changed(self) -> None:
+        """Re-read the DNS config and domain from the store; if they changed, every node gets a full
+        netmap."""
+        self.domain = self.store.settings().domain
+        self.mapper.set_dns(dnsconfig.for_netmap(self.store), self.domain)
 
     # --- lifecycle: admin changes, key expiry, ephemeral nodes ---
 

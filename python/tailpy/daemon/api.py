@@ -1,7 +1,8 @@
 """tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
 
 Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname,
-force_reauth}), ``POST /localapi/v0/down``, ``POST /localapi/v0/logout``, ``GET /localapi/v0/whois?addr=IP``.
+force_reauth, accept_dns?}),
+``POST /localapi/v0/down``, ``POST /localapi/v0/logout``, ``GET /localapi/v0/whois?addr=IP``.
 Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 404 (no such
 node), 502 (control unreachable or refused).
 """
@@ -45,6 +46,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
                 body.get("auth_key"),
                 body.get("hostname"),
                 force_reauth=bool(body.get("force_reauth", False)),
+                accept_dns=None if body.get("accept_dns") is None else bool(body["accept_dns"]),
             )
         except AuthKeyError as e:
             return _error(401, e)

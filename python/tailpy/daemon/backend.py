@@ -16,7 +16,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tailpy import netmap as nm
 from tailpy.asyncutil import wait_event
@@ -28,6 +28,9 @@ from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.proto import control as proto
+
+if TYPE_CHECKING:
+    from tailpy.dns.manager import DNSManager
 
 log = logging.getLogger("tailpy.daemon")
 
@@ -87,7 +90,7 @@ def check_login_server(url: str) -> str:
 
 class Backend:
     """One node. ``device_factory(private_key)`` creates the data plane (a real ``tailpy._native.Device``
-    in production); ``tun_mtu`` bytes."""
+    in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched)."""
 
     def __init__(
         self,
@@ -97,8 +100,10 @@ class Backend:
         tun_mtu: int = 1280,
         configure_os: bool = True,
         rotate_before: float = ROTATE_BEFORE,
+        dns: DNSManager | None = None,
     ) -> None:
         self.store = store
+        self.dns = dns
         self.state_data: NodeState = store.load_or_create()
         # The disco key is never stored: new at each start (the machine key lasts, the node key rotates).
         self.disco_key = DiscoPrivate.generate()
@@ -118,6 +123,7 @@ class Backend:
         self.ignored_datagrams = 0  # STUN/disco/relay datagrams drained with no consumer yet
         self._rotate_before = rotate_before
         self.auth_url = ""  # where the user signs in while an interactive login waits (issue 7)
+        self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -125,6 +131,8 @@ class Backend:
     async def start(self) -> None:
         """After a restart: reconnect if the node was up before, else wait for ``up``."""
         s = self.state_data
+        if self.dns is not None:
+            self.dns.recover()  # a resolv.conf left pointed at MagicDNS by a crash
         if s.want_running and s.login_server and s.node_id is not None:
             self._set_state("Starting")
             if s.pending_node_key is not None:
@@ -135,10 +143,17 @@ class Backend:
             self._set_state("NeedsLogin")
 
     async def up(
-        self, login_server: str, auth_key: str | None, hostname: str | None, *, force_reauth: bool = False
+        self,
+        login_server: str,
+        auth_key: str | None,
+        hostname: str | None,
+        *,
+        force_reauth: bool = False,
+        accept_dns: bool | None = None,
     ) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
+        ``accept_dns``: point the host's resolver at MagicDNS (None: as before; True on a new node).
 
         Nothing is changed (state file, tunnel) unless control accepts the registration, except that a node
         already registered with this server, finding control unreachable, comes up on what it knows and keeps
@@ -164,6 +179,7 @@ class Backend:
             why += " (create a key with `tailpy control authkey create`)"
         await self._stop_session()
         await self._stop_login()
+        self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
         hostname = hostname or s.hostname or socket.gethostname()
         # A new node key on every fresh login (forced, or after the key expired): an admin who expired a
         # node because its key may be compromised must not see that key come back.
@@ -211,6 +227,8 @@ class Backend:
             self.netmap = None
         s.login_server, s.hostname = url, hostname
         s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
+        if self._up_accept_dns is not None:
+            s.accept_dns = self._up_accept_dns
         s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
         self.store.save(s)
         self.last_error = ""
@@ -503,6 +521,8 @@ class Backend:
         for node in d.added:
             self._set_peer(dev, node, local)
         self.netmap, self._applied = new, wanted
+        if self.dns is not None:
+            self.dns.apply(new, accept_dns=self.state_data.accept_dns and not me_expired, tun=dev.tun_name)
         if d:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
         if me_expired:
@@ -552,6 +572,8 @@ class Backend:
         self.ignored_datagrams += len(datagrams) + len(relay)
 
     def _close_device(self) -> None:
+        if self.dns is not None:
+            self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
         if dev is not None:
@@ -634,6 +656,7 @@ class Backend:
             "peers": peers,
             "device": dict(self.device.stats()) if self.device else None,
             "ignored_datagrams": self.ignored_datagrams,
+            "dns": self.dns.status() if self.dns is not None else None,
         }
 
     def whois(self, address: str) -> dict[str, Any] | None:

@@ -77,13 +77,19 @@ class LocalClient:
         return await self._call("GET", "/status")
 
     async def up(
-        self, login_server: str, auth_key: str | None, hostname: str | None, force_reauth: bool = False
+        self,
+        login_server: str,
+        auth_key: str | None,
+        hostname: str | None,
+        force_reauth: bool = False,
+        accept_dns: bool | None = None,
     ) -> dict[str, Any]:
         body = {
             "login_server": login_server,
             "auth_key": auth_key,
             "hostname": hostname,
             "force_reauth": force_reauth,
+            "accept_dns": accept_dns,
         }
         return await self._call("POST", "/up", body)
 

@@ -29,14 +29,24 @@ def _log_tasks() -> None:
 
 
 async def run(
-    state_dir: str, socket_path: str, tun: str, port: int, mtu: int, exit_on_down: bool, rotate_before: float
+    state_dir: str,
+    socket_path: str,
+    tun: str,
+    port: int,
+    mtu: int,
+    exit_on_down: bool,
+    rotate_before: float,
+    magicdns: bool = True,
 ) -> None:
     from tailpy._native import Device
 
     def factory(private_key: bytes) -> Device:
         return Device(private_key, tun_name=tun, listen_port=port, mtu=mtu)
 
-    backend = Backend(StateStore(state_dir), factory, tun_mtu=mtu, rotate_before=rotate_before)
+    from tailpy.dns.manager import DNSManager
+
+    dns = DNSManager(state_dir) if magicdns else None
+    backend = Backend(StateStore(state_dir), factory, tun_mtu=mtu, rotate_before=rotate_before, dns=dns)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,6 +94,12 @@ async def run(
     type=float,
     help="Seconds before the node key expires to rotate it (at most half its lifetime; 0 = never rotate).",
 )
+@click.option(
+    "--magicdns/--no-magicdns",
+    default=True,
+    show_default=True,
+    help="Run the MagicDNS resolver on 100.100.100.100 (port 53).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(
     state_dir: str,
@@ -93,6 +109,7 @@ def main(
     mtu: int,
     exit_on_down: bool,
     rotate_before: float,
+    magicdns: bool,
     verbose: bool,
 ) -> None:
     """tailpyd: the tailpy node daemon."""
@@ -102,7 +119,7 @@ def main(
         stream=sys.stderr,
     )
     try:
-        asyncio.run(run(state_dir, socket_path, tun, port, mtu, exit_on_down, rotate_before))
+        asyncio.run(run(state_dir, socket_path, tun, port, mtu, exit_on_down, rotate_before, magicdns))
     except TailpyError as e:
         click.echo(f"tailpyd: {e}", err=True)
         sys.exit(1)

@@ -35,6 +35,7 @@ class NodeState:
     # A rotation in flight: the new key is saved before control hears of it, so a crash between control
     # accepting it and this file recording it cannot strand the node (the next start tries it first).
     pending_node_key: NodePrivate | None = None
+    accept_dns: bool = True  # point the host's resolver at MagicDNS (`tailpy up --accept-dns`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +49,7 @@ class NodeState:
             "want_running": self.want_running,
             "node_key_issued": self.node_key_issued,
             "pending_node_key": self.pending_node_key.text() if self.pending_node_key else None,
+            "accept_dns": self.accept_dns,
         }
 
     @classmethod
@@ -64,6 +66,7 @@ class NodeState:
             pending_node_key=NodePrivate.from_text(obj["pending_node_key"])
             if obj.get("pending_node_key")
             else None,
+            accept_dns=bool(obj.get("accept_dns", True)),
         )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tailpy.errors import LabError
+from tailpy.lab.dns import give_resolv_conf
 from tailpy.lab.netns import Host, Lab, Lan
 from tailpy.lab.procs import stop_process, wait_for
 
@@ -140,6 +141,8 @@ class LabTailnet:
         self.control_proc: Any = None
         self.control_args: tuple[str, ...] = ()
         self.nodes: dict[str, LabNode] = {}
+        # Each node's own /etc/resolv.conf (tailpyd's MagicDNS edits that copy, never the machine's).
+        self.resolv_conf = "# tailpy lab: this namespace's own resolv.conf\n"
 
     @property
     def control_url(self) -> str:
@@ -203,6 +206,7 @@ class LabTailnet:
     def add_node(self, name: str, daemon_args: tuple[str, ...] = ()) -> LabNode:
         """A new host on the LAN running tailpyd with ``daemon_args`` (not yet up)."""
         host = self.lab.host(name)
+        give_resolv_conf(host, self.resolv_conf)
         self.lan.attach(host)
         node = LabNode(self, host, self.root / name, daemon_args=daemon_args)
         node.start_daemon()

@@ -1,0 +1,135 @@
+"""`tailpy control dns show|set`: the tailnet's DNS settings (MagicDNS, domain, nameservers, split DNS,
+search domains, extra records). Nodes get a new full netmap at once when the server runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tailpy.errors import ConfigError
+
+ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
+
+_state_dir = click.option(
+    "--state-dir",
+    envvar=ENV_STATE_DIR,
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Directory of the server's database and key (default: ${ENV_STATE_DIR}).",
+)
+_db = click.option("--db", envvar="TAILPY_CONTROL_DB", default=None, help="Database URL (default: SQLite).")
+_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> Any:
+    from tailpy.control import admin
+
+    return admin.run(state_dir, db, op, args)
+
+
+def _print(cfg: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(cfg, indent=2))
+        return
+    routes = cfg["routes"]
+    for k, v in [
+        ("MagicDNS", "on" if cfg["magic_dns"] else "off"),
+        ("domain", cfg["domain"]),
+        ("nameservers", " ".join(cfg["nameservers"]) or "- (each node's own resolvers)"),
+        ("split DNS", "; ".join(f"{d} -> {' '.join(r)}" for d, r in routes.items()) or "-"),
+        ("search", " ".join(cfg["search_domains"]) or "-"),
+        ("records", "; ".join(f"{r['name']} {r['type']} {r['value']}" for r in cfg["extra_records"]) or "-"),
+    ]:
+        click.echo(f"{k + ':':13} {v}")
+
+
+def parse_route(text: str) -> tuple[str, list[str]]:
+    """``DOMAIN=RESOLVER[,RESOLVER...]`` -> (domain, resolvers). Raises ConfigError."""
+    domain, sep, rest = text.partition("=")
+    resolvers = [r.strip() for r in rest.split(",") if r.strip()]
+    if not sep or not domain.strip() or not resolvers:
+        raise ConfigError(f"--route {text!r} is not DOMAIN=RESOLVER[,RESOLVER...] (corp.example=192.0.2.53)")
+    return domain.strip(), resolvers
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """``"NAME TYPE VALUE"`` (spaces or commas) -> an extra record object. Raises ConfigError."""
+    parts = text.replace(",", " ").split()
+    if len(parts) != 3:
+        raise ConfigError(f"--record {text!r} is not 'NAME TYPE VALUE' (www.ts.example A 100.64.0.9)")
+    return {"name": parts[0], "type": parts[1], "value": parts[2]}
+
+
+@click.group("dns")
+def command() -> None:
+    """The tailnet's DNS settings, sent to every node in its netmap."""
+
+
+@command.command("show")
+@_state_dir
+@_db
+@_json
+def show(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """Show the DNS settings."""
+    _print(_admin(state_dir, db, "dns.show", {}), as_json)
+
+
+@command.command("set")
+@_state_dir
+@_db
+@_json
+@click.option("--magic-dns/--no-magic-dns", default=None, help="Answer <node>.<domain> on 100.100.100.100.")
+@click.option("--domain", default=None, help="Tailnet DNS domain (node names are <name>.<domain>).")
+@click.option("--nameserver", "nameservers", multiple=True, help="Upstream resolver IP[:PORT] (repeat).")
+@click.option("--no-nameservers", is_flag=True, help="Forget the nameservers (nodes use their own).")
+@click.option("--search-domain", "search", multiple=True, help="Search domain (repeat).")
+@click.option("--no-search-domains", is_flag=True, help="Forget the search domains.")
+@click.option("--route", "routes", multiple=True, help="Split DNS: DOMAIN=IP[:PORT][,IP...] (repeat).")
+@click.option("--no-routes", is_flag=True, help="Forget the split DNS routes.")
+@click.option(
+    "--record", "records", multiple=True, help="Extra record 'NAME TYPE VALUE', A or AAAA (repeat)."
+)
+@click.option("--no-records", is_flag=True, help="Forget the extra records.")
+def set_(
+    state_dir: Path,
+    db: str | None,
+    as_json: bool,
+    magic_dns: bool | None,
+    domain: str | None,
+    nameservers: tuple[str, ...],
+    no_nameservers: bool,
+    search: tuple[str, ...],
+    no_search_domains: bool,
+    routes: tuple[str, ...],
+    no_routes: bool,
+    records: tuple[str, ...],
+    no_records: bool,
+) -> None:
+    """Change DNS settings: each option given replaces that setting (a repeated option gives a list);
+    the others stay."""
+    args: dict[str, Any] = {}
+    if magic_dns is not None:
+        args["magic_dns"] = magic_dns
+    if domain is not None:
+        args["domain"] = domain
+    if nameservers or no_nameservers:
+        args["nameservers"] = list(nameservers)
+    if search or no_search_domains:
+        args["search_domains"] = list(search)
+    if routes or no_routes:
+        parsed: dict[str, list[str]] = {}
+        for r in routes:
+            d, rs = parse_route(r)
+            parsed.setdefault(d, []).extend(rs)
+        args["routes"] = parsed
+    if records or no_records:
+        args["extra_records"] = [parse_record(r) for r in records]
+    if not args:
+        raise ConfigError("nothing to set: give at least one option (see `tailpy control dns set --help`)")
+    _print(_admin(state_dir, db, "dns.set", args), as_json)
+
+
+__all__ = ["command", "parse_record", "parse_route"]

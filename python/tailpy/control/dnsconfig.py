@@ -1,0 +1,77 @@
+"""The tailnet's DNS configuration in the control database, and the admin operations on it.
+
+Stored as one JSON document (:class:`tailpy.dns.config.DNSConfig` wire form) under the name ``dns`` in the
+``settings`` table (no schema change); the tailnet domain stays the ``domain`` setting. Admin operations
+(see :mod:`tailpy.control.admin`): ``dns.show`` {} -> {domain, magic_dns, nameservers, routes,
+search_domains, extra_records}; ``dns.set`` {any of those} -> the same, each given field replacing the
+stored one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from tailpy.control.store import Store, settings
+from tailpy.dns.config import DNSConfig
+from tailpy.errors import ConfigError, ParseError
+
+SETTING = "dns"
+FIELDS = ("magic_dns", "nameservers", "routes", "search_domains", "extra_records")
+
+
+def load(store: Store) -> DNSConfig:
+    """The stored DNS configuration (defaults when none is stored or it cannot be read)."""
+    with store.engine.begin() as conn:
+        row = conn.execute(sa.select(settings.c.value).where(settings.c.name == SETTING)).first()
+    if row is None:
+        return DNSConfig()
+    try:
+        return DNSConfig.from_json(json.loads(row[0]))
+    except (ValueError, ParseError):
+        return DNSConfig()
+
+
+def for_netmap(store: Store) -> DNSConfig | None:
+    """What netmaps carry: the stored configuration, or None when it is the default (MagicDNS on, nothing
+    else), which nodes assume when a netmap has no ``dns``: default netmaps stay as small as before."""
+    cfg = load(store)
+    return None if cfg == DNSConfig() else cfg
+
+
+def save(store: Store, cfg: DNSConfig) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(settings.delete().where(settings.c.name == SETTING))
+        conn.execute(settings.insert().values(name=SETTING, value=json.dumps(cfg.to_json())))
+
+
+def show(store: Store) -> dict[str, Any]:
+    """``dns.show``: the domain and the DNS configuration as JSON."""
+    return {"domain": store.settings().domain, **load(store).to_json()}
+
+
+def update(store: Store, args: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``dns.set``: replace the fields given in ``args`` (``domain`` and :data:`FIELDS`); returns the new
+    :func:`show` and whether the domain changed. Raises ConfigError (one sentence) for a bad value."""
+    unknown = sorted(set(args) - {"domain", *FIELDS})
+    if unknown:
+        raise ConfigError(f"unknown DNS setting {unknown[0]!r}")
+    merged = {**load(store).to_json(), **{k: v for k, v in args.items() if k in FIELDS}}
+    try:
+        cfg = DNSConfig.from_json(merged)
+    except ParseError as e:
+        raise ConfigError(str(e)) from None
+    old_domain = store.settings().domain
+    if args.get("domain") is not None:
+        if not isinstance(args["domain"], str):
+            raise ConfigError("domain must be a DNS name like ts.example")
+        store.configure(domain=args["domain"])
+    save(store, cfg)
+    out = show(store)
+    return out, out["domain"] != old_domain
+
+
+__all__ = ["FIELDS", "SETTING", "for_netmap", "load", "save", "show", "update"]

@@ -38,6 +38,7 @@ class Node:
     os: str = ""  # "linux", as the node reports it
     key_expiry: float | None = None  # unix seconds when the node key expires; None = never
     expired: bool = False  # the node key has expired (peers must not talk to it)
+    home_derp: int = 0  # DERP region id of the node's home relay; 0 = none
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class Node:
             "os": self.os,
             "key_expiry": self.key_expiry,
             "expired": self.expired,
+            "home_derp": self.home_derp,
         }
 
     @classmethod
@@ -76,6 +78,7 @@ class Node:
                 os=str(obj.get("os", "")),
                 key_expiry=None if obj.get("key_expiry") is None else float(obj["key_expiry"]),
                 expired=bool(obj.get("expired", False)),
+                home_derp=parse_home_derp(obj.get("home_derp", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ParseError(f"malformed node in netmap: {e}") from None
@@ -97,6 +100,18 @@ class Node:
             if ":" in a:
                 return a.split("/")[0]
         return None
+
+
+MAX_REGION_ID = (1 << 31) - 1
+"""Largest DERP region id (tailcfg's RegionID is a Go int; JSON peers keep to int32)."""
+
+
+def parse_home_derp(v: object) -> int:
+    """Validate a home DERP region id from the wire: an integer 0 (none) .. :data:`MAX_REGION_ID`.
+    Raises ParseError."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_REGION_ID:
+        raise ParseError(f"home_derp must be a DERP region id (0 .. {MAX_REGION_ID}), not {v!r}")
+    return v
 
 
 def _int_field(obj: Mapping[str, Any], name: str, default: int | None = None) -> int:
@@ -387,6 +402,7 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
 
 
 __all__ = [
+    "MAX_REGION_ID",
     "DerpMap",
     "DerpNode",
     "DerpRegion",
@@ -397,4 +413,5 @@ __all__ = [
     "apply_delta",
     "delta",
     "diff",
+    "parse_home_derp",
 ]

@@ -179,7 +179,12 @@ def _m3(conn: Connection) -> None:
             )
 
 
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3)
+def _m4(conn: Connection) -> None:
+    """4: ``home_derp`` on nodes: the DERP region id the node reports as its home (0 = none)."""
+    _add_columns(conn, "nodes", sa.Column("home_derp", sa.Integer, nullable=False, server_default="0"))
+
+
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m4)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
 
@@ -239,6 +244,7 @@ nodes = sa.Table(
     sa.Column("key_expiry", sa.Float),
     sa.Column("expiry_disabled", sa.Boolean),
     sa.Column("logged_out", sa.Boolean),
+    sa.Column("home_derp", sa.Integer),
 )
 
 
@@ -907,12 +913,16 @@ class Store:
         now: float,
         endpoints: Sequence[str] | None = None,
         hostname: str | None = None,
+        home_derp: int | None = None,
     ) -> Node | None:
-        """Set the endpoints and/or hostname of ``machine_key``'s live node and its last_seen; None if there
-        is no such node. (The node's name stays: only an admin rename changes it.)"""
+        """Set the endpoints, hostname and/or home DERP region id (0: none) of ``machine_key``'s live node and
+        its last_seen; None if there is no such node. (The node's name stays: only an admin rename changes
+        it.)"""
         values: dict[str, Any] = {"last_seen": now}
         if endpoints is not None:
             values["endpoints"] = json.dumps(list(endpoints))
+        if home_derp is not None:
+            values["home_derp"] = home_derp
         if hostname is not None:
             values["hostname"] = hostname
         where = (nodes.c.machine_key == machine_key.text(), nodes.c.deleted.is_(None))
@@ -1101,6 +1111,7 @@ def _to_node(row: Any, now: float) -> Node:
         os=row.os or "",
         key_expiry=row.key_expiry,
         expired=bool(row.logged_out) or (row.key_expiry is not None and row.key_expiry <= now),
+        home_derp=int(row.home_derp or 0),
     )
 
 

@@ -203,6 +203,12 @@ def command() -> None:
     help="Tailscale-shaped DERP map JSON of external relays, sent with (or, with --no-derp, instead of) "
     "the embedded one.",
 )
+@click.option(
+    "--derp-verify-clients/--no-derp-verify-clients",
+    default=True,
+    show_default=True,
+    help="The embedded relay admits only this tailnet's nodes (live, unexpired node keys).",
+)
 def serve(
     state_dir: Path,
     db: str | None,
@@ -218,6 +224,7 @@ def serve(
     derp_region_id: int,
     derp_region_code: str,
     derp_map_file: Path | None,
+    derp_verify_clients: bool,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
     through <state-dir>/admin.sock (mode 0600).
@@ -232,6 +239,7 @@ def serve(
     from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
     from tailpy.control.server import http_url
     from tailpy.derp.server import DerpServer, load_or_create_key
+    from tailpy.derp.verify import local_admission
     from tailpy.errors import ParseError
 
     host, port = _parse_listen(listen)
@@ -307,6 +315,8 @@ def serve(
                     )
         settings = store.configure(domain=domain, prefix_v4=prefix_v4, prefix_v6=prefix_v6)
         server = ControlServer(store, key_lifetime=lifetime, ephemeral_timeout=gc_after, derp_map=derp_map)
+        if relay is not None and derp_verify_clients:
+            relay.verify_client = local_admission(server.derp_admits)
         admin = AdminServer(Admin(store, server=server, key_lifetime=lifetime), state_dir / SOCKET_NAME)
         await admin.start()
         try:

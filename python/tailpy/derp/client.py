@@ -199,6 +199,8 @@ class DerpClient:
             await writer.drain()
 
             second = await _next_frame(reader, frames, pending)
+            if isinstance(second, proto.Health) and second.problem:
+                raise DerpClientError(f"DERP server {target.host_header} {second.problem}")
             if not isinstance(second, proto.ServerInfo):
                 raise ParseError(f"expected a ServerInfo frame, got {type(second).__name__}")
             server_info = _server_info(proto.open_server_info(private_key, server_key, second))

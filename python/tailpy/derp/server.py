@@ -28,7 +28,11 @@ DERP connection
 ---------------
 ServerKey, then the client's ClientInfo must arrive within ``handshake_timeout`` seconds and its box must
 open with the server key (else the connection is closed and counted in ``derp_login_failures_total``); the
-server answers ServerInfo ``{"version": 2}``. Then:
+server answers ServerInfo ``{"version": 2}``. With a ``verify_client`` (:mod:`tailpy.derp.verify`; derper's
+``-verify-clients`` / ``-verify-client-url``) the client's node key is checked first: a key the verifier
+refuses, or one it cannot answer for within ``verify_timeout`` seconds (fail closed, logged), gets a Health
+frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is closed (counted in
+``derp_clients_refused_total{reason="not_admitted"|"verify_failed"}``). Then:
 
 * SendPacket → RecvPacket on the destination's active connection, through that connection's send queue of at
   most ``queue_depth`` packets; when it is full the OLDEST queued packet is dropped (``queue_head``), so a
@@ -72,6 +76,7 @@ from pathlib import Path
 
 import nacl.public
 
+from tailpy.derp.verify import AdmissionError, Verifier
 from tailpy.errors import ConfigError, ParseError
 from tailpy.keys import MachinePrivate, NodePublic
 from tailpy.proto import derp as proto
@@ -91,6 +96,12 @@ DUPLICATE_KEY_PROBLEM = (
 
 DROP_REASONS = ("unknown_dest", "gone_disconnected", "queue_head", "write_error")
 """Labels of ``derp_packets_dropped_total`` (names as derpserver's ``dropReason``)."""
+
+REFUSAL_REASONS = ("not_admitted", "verify_failed")
+"""Labels of ``derp_clients_refused_total``: the verifier said no; the verifier could not answer."""
+
+REFUSED_PREFIX = "refused: "
+"""Start of the Health frame a refused client gets before the server closes (the rest is one sentence)."""
 
 _READ_CHUNK = 1 << 16
 _WRITE_BUFFER = 1 << 17
@@ -140,6 +151,7 @@ class Metrics:
     bytes_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     peer_gone_frames: dict[str, int] = field(default_factory=lambda: {"disconnected": 0, "not_here": 0})
     pings: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
     disconnects: dict[str, int] = field(default_factory=collections.Counter)
 
     def drop(self, reason: str, nbytes: int) -> None:
@@ -165,6 +177,13 @@ class Metrics:
         metric("derp_duplicate_client_keys", "gauge", "Keys connected more than once.", self.duplicate_keys)
         metric("derp_accepts_total", "counter", "Connections that completed the login.", self.accepts)
         metric("derp_login_failures_total", "counter", "Connections refused at login.", self.login_failures)
+        metric(
+            "derp_clients_refused_total",
+            "counter",
+            "Logins refused by client verification, by reason.",
+            self.refused,
+            "reason",
+        )
         metric("derp_packets_received_total", "counter", "SendPacket frames received.", self.packets_received)
         metric("derp_bytes_received_total", "counter", "Packet bytes received.", self.bytes_received)
         metric(
@@ -353,6 +372,8 @@ class DerpServer:
         write_timeout: float = 10.0,
         max_header_bytes: int = MAX_HEADER_BYTES,
         public_metrics: bool = False,
+        verify_client: Verifier | None = None,
+        verify_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.private_key = private_key
@@ -367,6 +388,10 @@ class DerpServer:
         self.write_timeout = write_timeout
         self.max_header_bytes = max_header_bytes
         self.public_metrics = public_metrics
+        self.verify_client = verify_client
+        """Admission check run at each login (None: every client that logs in is admitted); see
+        :mod:`tailpy.derp.verify`. May be set after construction, before clients connect."""
+        self.verify_timeout = verify_timeout
         self.clock = clock
         self.metrics = Metrics()
         self._clients: dict[NodePublic, _KeySet] = {}
@@ -521,6 +546,8 @@ class DerpServer:
             self.metrics.login_failures += 1
             log.info("DERP login from %s refused: %s", peer, e or "timed out")
             return
+        if self.verify_client is not None and not await self._admit(first.key, writer, peer):
+            return
         conn = Conn(self, first.key, writer, peer)
         conn.info = info
         writer.write(proto.encode(proto.seal_server_info(self.private_key, first.key)))
@@ -536,6 +563,39 @@ class DerpServer:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+
+    async def _admit(self, key: NodePublic, writer: asyncio.StreamWriter, peer: str) -> bool:
+        """Ask :attr:`verify_client` about ``key``; a refused client (or one the verifier cannot answer
+        for: fail closed) is sent a Health frame saying why, then closed."""
+        assert self.verify_client is not None
+        source = _peer_ip(writer.get_extra_info("peername"))
+        try:
+            allowed = await asyncio.wait_for(self.verify_client(key, source), self.verify_timeout)
+        except (AdmissionError, asyncio.TimeoutError, OSError) as e:
+            log.warning(
+                "DERP client %s from %s refused: its key could not be verified (%s); clients are refused "
+                "until the admission check answers",
+                key.short(),
+                peer,
+                e or f"no answer within {self.verify_timeout:g} s",
+            )
+            reason = "verify_failed"
+            problem = "this DERP server could not verify this node's key right now; try again later"
+        else:
+            if allowed:
+                return True
+            log.info("DERP client %s from %s refused: not an admitted node key", key.short(), peer)
+            reason = "not_admitted"
+            problem = (
+                f"this DERP server admits only known nodes and node key {key.short()} is not one "
+                "(unknown to its control server, expired or logged out)"
+            )
+        self.metrics.refused[reason] += 1
+        self.metrics.disconnects[reason] += 1
+        writer.write(proto.encode(proto.Health(REFUSED_PREFIX + problem)))
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        return False
 
     async def _read_first(
         self, reader: asyncio.StreamReader, frames: proto.FrameReader
@@ -689,6 +749,13 @@ def _is_loopback(peer: object) -> bool:
         return False
 
 
+def _peer_ip(peer: object) -> str:
+    """The IP address (no port, no zone) of a peername tuple; "" when there is none."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0]).split("%", 1)[0]
+    return ""
+
+
 def _peer_text(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
@@ -711,6 +778,8 @@ __all__ = [
     "DROP_REASONS",
     "DUPLICATE_KEY_PROBLEM",
     "KEY_NAME",
+    "REFUSAL_REASONS",
+    "REFUSED_PREFIX",
     "Conn",
     "DerpServer",
     "Metrics",

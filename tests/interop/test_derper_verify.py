@@ -1,5 +1,6 @@
 """Tailscale's derper with ``-verify-client-url`` pointed at tailpy's control server (``POST /derp/admit``):
-the admission endpoint speaks derper's protocol, so a tailnet node logs in and a stranger is refused.
+the admission endpoint speaks derper's protocol, so a tailnet node logs in and a stranger is refused; and
+tailpy's WebSocket DERP client against derper's WebSocket handler.
 derper listens on 127.0.0.1 only and is killed by pid at the end, pass or fail."""
 
 from __future__ import annotations
@@ -74,3 +75,28 @@ async def test_derper_admits_through_tailpy_control(tmp_path: Path) -> None:
         store.close()
     text = (tmp_path / "derper" / "derper.log").read_text(errors="replace")
     assert "not allowed" in text, text[-2000:]
+
+
+async def test_websocket_client_against_derper(tmp_path: Path) -> None:
+    """tailpy's ws:// DERP client logs in to derper's WebSocket handler and relays to a plain client."""
+    tools = build_tailscale_tools()
+    if isinstance(tools, str):
+        pytest.skip(tools)
+    from _tailscale_go import Derper
+
+    from tailpy.proto.derp import RecvPacket
+
+    with Derper(tools.derper, tmp_path / "derper") as d:
+        a, b = NodePrivate.generate(), NodePrivate.generate()
+        ca = await DerpClient.connect(d.url.replace("http://", "ws://"), a)
+        cb = await DerpClient.connect(d.url, b)
+        try:
+            await ca.send(b.public, b"over websocket")
+            got = await asyncio.wait_for(cb.recv(), 5)
+            assert isinstance(got, RecvPacket) and got.data == b"over websocket" and got.src == a.public
+            await cb.send(a.public, b"x" * 60000)
+            back = await asyncio.wait_for(ca.recv(), 5)
+            assert isinstance(back, RecvPacket) and back.data == b"x" * 60000
+        finally:
+            await ca.close()
+            await cb.close()

@@ -18,6 +18,8 @@ Paths (as Tailscale's ``derpserver/handler.go`` and ``cmd/derper``):
 
 * ``GET /derp`` with ``Upgrade: DERP`` → ``101 Switching Protocols`` (headers ``Derp-Version: 2``,
   ``Derp-Public-Key: <hex>``; none with ``Derp-Fast-Start: 1``), then DERP frames. Without Upgrade: 426.
+* ``GET /derp`` with ``Upgrade: websocket`` and subprotocol ``derp`` → a WebSocket (RFC 6455) whose binary
+  messages carry the same DERP frame stream (:mod:`tailpy.derp.ws`; derper's ``AddWebSocketSupport``).
 * ``GET|HEAD /derp/probe`` and ``/derp/latency-check`` → 200, ``Access-Control-Allow-Origin: *``.
 * ``GET /generate_204`` → 204; an ``X-Tailscale-Challenge`` of at most 64 characters from
   ``[A-Za-z0-9._:-]`` is answered with ``X-Tailscale-Response: response <challenge>``.
@@ -76,7 +78,9 @@ from pathlib import Path
 
 import nacl.public
 
+from tailpy.derp import ws
 from tailpy.derp.verify import AdmissionError, Verifier
+from tailpy.derp.ws import Reader, Writer
 from tailpy.errors import ConfigError, ParseError
 from tailpy.keys import MachinePrivate, NodePublic
 from tailpy.proto import derp as proto
@@ -142,6 +146,7 @@ class Metrics:
     home_clients: int = 0
     duplicate_keys: int = 0
     accepts: int = 0
+    websocket_accepts: int = 0
     login_failures: int = 0
     packets_received: int = 0
     bytes_received: int = 0
@@ -176,6 +181,12 @@ class Metrics:
         )
         metric("derp_duplicate_client_keys", "gauge", "Keys connected more than once.", self.duplicate_keys)
         metric("derp_accepts_total", "counter", "Connections that completed the login.", self.accepts)
+        metric(
+            "derp_websocket_accepts_total",
+            "counter",
+            "WebSocket upgrades accepted at /derp.",
+            self.websocket_accepts,
+        )
         metric("derp_login_failures_total", "counter", "Connections refused at login.", self.login_failures)
         metric(
             "derp_clients_refused_total",
@@ -247,7 +258,7 @@ class _TokenBucket:
 class Conn:
     """One logged-in DERP connection: its key, its send queues and its writer task."""
 
-    def __init__(self, server: DerpServer, key: NodePublic, writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, server: DerpServer, key: NodePublic, writer: Writer, peer: str) -> None:
         self.server = server
         self.key = key
         self.peer = peer
@@ -484,7 +495,17 @@ class DerpServer:
                 return
             await self._respond(writer, 200, "OK", {"Access-Control-Allow-Origin": "*"})
         elif path == "/derp":
-            if headers.get("upgrade", "").lower() not in ("derp",):
+            if ws.wants_websocket(headers):
+                try:
+                    ws_reader, ws_writer = ws.server_accept(head, reader, writer)
+                except ParseError as e:
+                    await self._respond(writer, 400, "Bad Request", body=f"{e}\n".encode())
+                    return
+                self.metrics.websocket_accepts += 1
+                await self._serve_derp(ws_reader, ws_writer)
+                return
+            # ("Upgrade: WebSocket" without the derp subprotocol: early Tailscale clients speaking plain DERP)
+            if headers.get("upgrade", "").lower() not in ("derp", "websocket"):
                 await self._respond(
                     writer, 426, "Upgrade Required", body=b"DERP requires connection upgrade\n"
                 )
@@ -532,7 +553,7 @@ class DerpServer:
 
     # --- DERP -----------------------------------------------------------------------------------------------
 
-    async def _serve_derp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_derp(self, reader: Reader, writer: Writer) -> None:
         _set_keepalive(writer)
         peer = _peer_text(writer.get_extra_info("peername"))
         frames = proto.FrameReader()
@@ -564,7 +585,7 @@ class DerpServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
-    async def _admit(self, key: NodePublic, writer: asyncio.StreamWriter, peer: str) -> bool:
+    async def _admit(self, key: NodePublic, writer: Writer, peer: str) -> bool:
         """Ask :attr:`verify_client` about ``key``; a refused client (or one the verifier cannot answer
         for: fail closed) is sent a Health frame saying why, then closed."""
         assert self.verify_client is not None
@@ -598,7 +619,7 @@ class DerpServer:
         return False
 
     async def _read_first(
-        self, reader: asyncio.StreamReader, frames: proto.FrameReader
+        self, reader: Reader, frames: proto.FrameReader
     ) -> tuple[proto.Frame, list[proto.Frame]]:
         while True:
             data = await reader.read(_READ_CHUNK)
@@ -611,7 +632,7 @@ class DerpServer:
     async def _read_loop(
         self,
         conn: Conn,
-        reader: asyncio.StreamReader,
+        reader: Reader,
         frames: proto.FrameReader,
         pending: list[proto.Frame],
     ) -> str:
@@ -762,7 +783,7 @@ def _peer_text(peer: object) -> str:
     return str(peer)
 
 
-def _set_keepalive(writer: asyncio.StreamWriter) -> None:
+def _set_keepalive(writer: Writer) -> None:
     """TCP keepalive: a half-open connection dies after about 30 + 3 x 10 s of silence from the peer."""
     sock = writer.get_extra_info("socket")
     if sock is None:

@@ -405,6 +405,8 @@ class DerpServer:
         self.verify_timeout = verify_timeout
         self.clock = clock
         self.metrics = Metrics()
+        self.extra_metrics: list[Callable[[], str]] = []
+        """More Prometheus text served at /debug/metrics after the relay's (the STUN server's, say)."""
         self._clients: dict[NodePublic, _KeySet] = {}
         self._watchers: collections.defaultdict[NodePublic, set[Conn]] = collections.defaultdict(set)
         self._servers: list[asyncio.Server] = []
@@ -528,7 +530,7 @@ class DerpServer:
             if not self.public_metrics and not _is_loopback(peer):
                 await self._respond(writer, 403, "Forbidden", body=b"metrics are served to loopback only\n")
                 return
-            body = self.metrics.prometheus().encode()
+            body = "".join([self.metrics.prometheus(), *(f() for f in self.extra_metrics)]).encode()
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain; version=0.0.4"}, body)
         elif path == "/":
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain"}, b"tailpy DERP server\n")

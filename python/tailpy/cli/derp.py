@@ -41,6 +41,14 @@ def command() -> None:
     "--verify-client-url",
     help="Admission controller URL (Tailscale's derper -verify-client-url protocol); fails closed.",
 )
+@click.option("--stun/--no-stun", default=True, show_default=True, help="Run the STUN server.")
+@click.option(
+    "--stun-port",
+    default=3478,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="UDP port of the STUN server, on --listen's host (0 picks one).",
+)
 def serve(
     state_dir: Path,
     listen: str,
@@ -49,15 +57,22 @@ def serve(
     verify_clients: bool,
     control_url: str | None,
     verify_client_url: str | None,
+    stun: bool,
+    stun_port: int,
 ) -> None:
     """Serve DERP at /derp (plus /derp/probe, /derp/latency-check, /generate_204 and /debug/metrics from
     loopback) until SIGTERM or SIGINT; plain HTTP unless --certfile and --keyfile are given.
 
     With --verify-clients (and --control-url) or --verify-client-url, each client's node key is checked at
     login (POST {"NodePublic", "Source"} -> {"Allow"}); refused keys, and every key while the check does not
-    answer, are closed with a Health frame saying why."""
+    answer, are closed with a Health frame saying why.
+
+    Unless --no-stun, a STUN Binding server (RFC 8489) answers on UDP --stun-port (3478) of --listen's host
+    (every address, IPv4 and IPv6, when that is 0.0.0.0 or empty), as Tailscale's derper does; its counters
+    are in /debug/metrics."""
     from tailpy.cli.control import _parse_listen
     from tailpy.derp.server import DerpServer, load_or_create_key
+    from tailpy.derp.stun_server import StunServer
     from tailpy.derp.verify import AdmissionURL, control_admission_url
 
     host, port = _parse_listen(listen)
@@ -107,12 +122,31 @@ def serve(
             f"{scheme}://{h if ':' not in h else f'[{h}]'}:{p}/derp" for h, p in server.addresses
         )
         log.info("DERP relay listening on %s (key %s)", where, key.public.text())
+        stun_server: StunServer | None = None
+        if stun:
+            stun_server = StunServer()
+            stun_host = None if host in (None, "0.0.0.0") else host
+            try:
+                await stun_server.start(stun_host, stun_port)
+            except OSError as e:
+                await server.stop()
+                raise ConfigError(
+                    f"cannot serve STUN on UDP {stun_host or '*'}:{stun_port}: {e.strerror or e} "
+                    "(pass another --stun-port, or --no-stun)"
+                ) from None
+            server.extra_metrics.append(stun_server.metrics.prometheus)
+            log.info(
+                "STUN server listening on %s",
+                ", ".join(f"udp {h if ':' not in h else f'[{h}]'}:{p}" for h, p in stun_server.addresses),
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        if stun_server is not None:
+            await stun_server.stop()
         await server.stop()
         if verifier is not None:
             await verifier.aclose()

@@ -56,6 +56,7 @@ test: test-rust test-py
 
 bench: build
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/derp_relay.py
 
 lint: build
 	$(VENV)/bin/ruff check python tests benchmarks

@@ -16,8 +16,9 @@ pid: CPU seconds over the measured run (``cpu%``: of one core) and peak RSS (VmR
 own CPU use is printed too, to show whether it, not the server, was the limit.
 
 Prints a table (``--json`` for JSON) and the ratio tailpy / derper of packets/s per N.
-Usage: ``python benchmarks/derp_relay.py [--pairs 1,10,100] [--seconds 5] [--size 1200] [--json]
-[--only tailpy|derper]``. Needs root (namespaces) and Go (derper, derpload).
+Usage: ``python benchmarks/derp_relay.py [--pairs 1,10,100] [--seconds 5] [--size 1200] [--rate PPS]
+[--json] [--only tailpy|derper]`` (``--rate``: pace each sender, in packets/s, instead of full speed).
+Needs root (namespaces) and Go (derper, derpload).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def measure(
         f"-size={args.size}",
         f"-duration={args.seconds}s",
         f"-warmup={args.warmup}s",
+        f"-rate={args.rate}",
     ]
     proc = clients.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with RssSampler(pid) as rss:
@@ -179,6 +181,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     ap.add_argument("--size", type=int, default=1200, help="packet size, bytes")
+    ap.add_argument(
+        "--rate", type=float, default=0, help="packets/s per sender (default 0: as fast as the server takes)"
+    )
     ap.add_argument("--only", choices=("tailpy", "derper"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -53,6 +53,7 @@ func main() {
 	size := flag.Int("size", 1200, "packet size, bytes")
 	duration := flag.Duration("duration", 5*time.Second, "measured time")
 	warmup := flag.Duration("warmup", 1*time.Second, "time before measuring")
+	rate := flag.Float64("rate", 0, "packets per second per sender (0: as fast as the server takes them)")
 	flag.Parse()
 
 	quiet := func(string, ...any) {}
@@ -116,7 +117,14 @@ func main() {
 		go func() { // sender
 			defer done.Done()
 			pkt := make([]byte, *size)
+			t0, n := time.Now(), 0
 			for !stop.Load() {
+				if *rate > 0 {
+					n++
+					if ahead := time.Duration(float64(n)/(*rate)*1e9) - time.Since(t0); ahead > time.Millisecond {
+						time.Sleep(ahead)
+					}
+				}
 				if err := p.tx.Send(dst, pkt); err != nil {
 					sendErrs.Add(1)
 					time.Sleep(10 * time.Millisecond)

@@ -10,7 +10,8 @@ What is answered (RFC 8489 §6.3):
 * a Binding request → success with XOR-MAPPED-ADDRESS, SOFTWARE and FINGERPRINT, with or without a
   FINGERPRINT in the request (unlike Tailscale's server, which ignores requests without one; field case C01);
 * a Binding request from a classic RFC 3489 client (no magic cookie) → success with MAPPED-ADDRESS and the
-  client's 16-byte transaction id echoed (RFC 8489 §12);
+  client's 16-byte transaction id echoed, without SOFTWARE or FINGERPRINT (RFC 8489 §12; Debian's
+  stun-client is one such client);
 * a request with unknown comprehension-required attributes (0x0000-0x7FFF, C04), or a CHANGE-REQUEST asking
   for another address or port (which this server does not have, RFC 5780 §6.1) → 420 with
   UNKNOWN-ATTRIBUTES;
@@ -69,7 +70,8 @@ def answer(
         return None, "not_stun"
     if req.cls != stun.MessageClass.REQUEST:
         return None, "not_request"
-    extra = [stun.software_attr(software)] if software else []
+    # (no SOFTWARE to RFC 3489 clients: theirs parse it as SERVER, which had to be a multiple of 4 bytes)
+    extra = [stun.software_attr(software)] if software and not req.is_rfc3489 else []
     fp = not req.is_rfc3489
     txid, cookie = req.txid, req.cookie
     if req.method != stun.BINDING:

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iproute2 iputils-ping nftables conntrack iperf3 wireguard-go wireguard-tools procps postgresql
+APT_PACKAGES := iproute2 iputils-ping nftables conntrack iperf3 wireguard-go wireguard-tools procps postgresql stun-client
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps venv build wheel demo test test-rust test-py bench lint fmt clean
@@ -12,7 +12,7 @@ all: build
 # System packages, only when one is missing (apt-get update first, as Debian needs).
 deps:
 	@missing=""; \
-	for c in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps pg_lsclusters:postgresql; do \
+	for c in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps pg_lsclusters:postgresql stun:stun-client; do \
 	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

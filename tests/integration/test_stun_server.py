@@ -189,3 +189,34 @@ def test_netcheck_against_two_stun_ports(lab: Lab, tmp_path: Path) -> None:
     assert "\t* MappingVariesByDestIP: false" in text
     assert "\t* Nearest DERP: Lab " in text
     assert "- one: " in text and "- two: " in text and "- dead:" in text
+
+
+@pytest.mark.parametrize(
+    ("nat", "hairpin", "varies"),
+    [("eim", False, False), ("eim", True, False), ("edm", False, True)],
+    ids=["eim", "eim-hairpin", "edm"],
+)
+def test_netcheck_behind_nat(lab: Lab, tmp_path: Path, nat: str, hairpin: bool, varies: bool) -> None:
+    """Behind a lab NAT router, with two STUN servers on the lab's internet: the global endpoint is the
+    router's public address; an endpoint-dependent mapping ("edm", nftables ``masquerade fully-random``) is
+    seen as varying by destination, an endpoint-independent one ("eim") is not; hairpinning is what the
+    router does."""
+    inet = lab.lan("inet", subnet="203.0.113.0/24")
+    servers = [lab.host("s1"), lab.host("s2")]
+    for s in servers:
+        inet.attach(s)
+    home = lab.lan("home", subnet="198.18.1.0/24")
+    router = lab.router("r1", inside=home, outside=inet, nat=nat, hairpin=hairpin)  # type: ignore[arg-type]
+    cli = lab.host("cli")
+    home.attach(cli)
+    for i, s in enumerate(servers):
+        _derp_serve(s, tmp_path / f"derp{i}", 8443, 3478)
+    stun_args = [arg for s in servers for arg in ("--stun", f"{inet.ip(s)}:3478")]
+    done = _tailpy(
+        cli, "netcheck", "--json", "--socket", str(tmp_path / "none.sock"), "--timeout", "3", *stun_args
+    )
+    report = json.loads(done.stdout)
+    assert report["udp"]
+    assert report["global_v4"].startswith(f"{router.public_ip}:")
+    assert report["mapping_varies_by_dest_ip"] is varies and report["mapping_varies_fresh"]
+    assert report["hairpinning"] is hairpin

@@ -69,7 +69,7 @@ def serve(
 
     Unless --no-stun, a STUN Binding server (RFC 8489) answers on UDP --stun-port (3478) of --listen's host
     (every address, IPv4 and IPv6, when that is 0.0.0.0 or empty), as Tailscale's derper does; its counters
-    are in /debug/metrics."""
+    are in /debug/metrics. A STUN port that cannot be bound is logged, and the relay serves without STUN."""
     from tailpy.cli.control import _parse_listen
     from tailpy.derp.server import DerpServer, load_or_create_key
     from tailpy.derp.stun_server import StunServer
@@ -128,17 +128,20 @@ def serve(
             stun_host = None if host in (None, "0.0.0.0") else host
             try:
                 await stun_server.start(stun_host, stun_port)
-            except OSError as e:
-                await server.stop()
-                raise ConfigError(
-                    f"cannot serve STUN on UDP {stun_host or '*'}:{stun_port}: {e.strerror or e} "
-                    "(pass another --stun-port, or --no-stun)"
-                ) from None
-            server.extra_metrics.append(stun_server.metrics.prometheus)
-            log.info(
-                "STUN server listening on %s",
-                ", ".join(f"udp {h if ':' not in h else f'[{h}]'}:{p}" for h, p in stun_server.addresses),
-            )
+            except OSError as e:  # (the relay serves on, as derper's does)
+                stun_server = None
+                log.warning(
+                    "STUN server cannot listen on UDP %s:%d (%s): no STUN; pass another --stun-port",
+                    stun_host or "*",
+                    stun_port,
+                    e.strerror or e,
+                )
+            else:
+                server.extra_metrics.append(stun_server.metrics.prometheus)
+                log.info(
+                    "STUN server listening on %s",
+                    ", ".join(f"udp {h if ':' not in h else f'[{h}]'}:{p}" for h, p in stun_server.addresses),
+                )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

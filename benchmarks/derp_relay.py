@@ -10,7 +10,8 @@ version, built once into ``~/.cache/tailpy/go-bin/derpload-<hash>/``) on ``clien
 pairs, each sender sending ``--size``-byte packets (1200 B: a WireGuard-sized datagram) to its receiver as
 fast as the server takes them (TCP backpressure), for ``--warmup`` + ``--seconds`` seconds. Measured at the
 receivers: relayed packets/s and Gbit/s (payload bits; DERP framing not counted). From /proc of the server
-pid: CPU seconds over the measured run (``cpu%``: of one core) and peak RSS (VmRSS sampled every 0.1 s).
+pid: CPU seconds over the measured run (``cpu%``: of one core), packets relayed per CPU second (the cost per
+packet, which a shared machine disturbs less than the rate) and peak RSS (VmRSS sampled every 0.1 s).
 ``sent/s`` is what the senders handed over; where it is far above ``pkts/s`` the server dropped packets
 (derper drops from a full per-client queue, tailpy drops its oldest queued packet). The load generator's
 own CPU use is printed too, to show whether it, not the server, was the limit.
@@ -242,12 +243,13 @@ def main() -> int:
     )
     print(
         f"{'server':<8} {'pairs':>5} {'pkts/s':>10} {'Gbit/s':>7} {'sent/s':>10} {'CPU s':>6} {'cpu%':>5} "
-        f"{'RSS MiB':>8} {'load cpu%':>9}"
+        f"{'RSS MiB':>8} {'pkts/CPU s':>10} {'load cpu%':>9}"
     )
     for r in rows:
         print(
             f"{r.server:<8} {r.pairs:>5} {r.pps:>10,.0f} {r.gbps:>7.3f} {r.sent_pps:>10,.0f} {r.cpu_s:>6.2f} "
-            f"{r.cpu_pct:>5.0f} {r.rss_mib:>8.1f} {r.load_cpu_pct:>9.0f}"
+            f"{r.cpu_pct:>5.0f} {r.rss_mib:>8.1f} {r.pps * r.seconds / max(r.cpu_s, 1e-9):>10,.0f} "
+            f"{r.load_cpu_pct:>9.0f}"
         )
     if len(servers) == 2:
         for n in pair_counts:

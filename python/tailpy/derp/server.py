@@ -70,6 +70,7 @@ import random
 import secrets
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ REFUSAL_REASONS = ("not_admitted", "verify_failed")
 REFUSED_PREFIX = "refused: "
 """Start of the Health frame a refused client gets before the server closes (the rest is one sentence)."""
 
+_RECV_HEADER = struct.Struct(">BI")
+_RECV_PACKET = int(proto.FrameType.RECV_PACKET)
 _READ_CHUNK = 1 << 16
 _WRITE_BUFFER = 1 << 17
 """Bytes a connection's transport may hold unsent before packets stay in its send queue."""
@@ -272,6 +275,58 @@ class Conn:
         self.senders: set[NodePublic] = set()
         """Keys that sent packets to this connection (told PeerGone when they leave)."""
         self.peer_gone_limit = _TokenBucket(1.0, 3, server.clock)
+        self._out: list[bytes | memoryview] = []
+        """RecvPacket frames gathered while one read of senders' data is handled, written in one go by
+        :meth:`flush` (one send() for many packets)."""
+        self._out_bytes = 0
+        self._last_src: Conn | None = None
+
+    def push(self, src: Conn, payload: bytes) -> None:
+        """The fast path of :meth:`enqueue_packet`: ``payload`` is a SendPacket frame's payload (32-byte
+        destination key + packet) from ``src``. Gathered for :meth:`flush` while the transport buffer plus
+        what is gathered stays under 128 KiB, else queued as :meth:`enqueue_packet` does."""
+        n = len(payload) - proto.KEY_LEN
+        if self.closed or self._writer.transport.is_closing():
+            self.server.metrics.drop("gone_disconnected", n)
+            return
+        if src is not self._last_src:
+            self._last_src = src
+            self._note_sender(src.key)
+        if (
+            not self._packets
+            and self._writer.transport.get_write_buffer_size() + self._out_bytes < _WRITE_BUFFER
+        ):
+            if not self._out:
+                self.server._dirty.append(self)
+            self._out.append(_RECV_HEADER.pack(_RECV_PACKET, len(payload)) + src.key.raw)
+            self._out.append(memoryview(payload)[proto.KEY_LEN :])
+            self._out_bytes += len(payload) + proto.FRAME_HEADER_LEN
+            m = self.server.metrics
+            m.packets_relayed += 1
+            m.bytes_relayed += n
+        else:
+            self._queue(src.key, payload[proto.KEY_LEN :])
+
+    def flush(self) -> None:
+        """Write what :meth:`push` gathered, as one write."""
+        if self._out:
+            if not self.closed:
+                self._writer.write(b"".join(self._out))
+            self._out.clear()
+            self._out_bytes = 0
+
+    def _note_sender(self, src: NodePublic) -> None:
+        if src not in self.senders and len(self.senders) < 10_000:
+            self.senders.add(src)
+            self.server._watchers[src].add(self)
+
+    def _queue(self, src: NodePublic, data: bytes) -> None:
+        q = self._packets
+        if len(q) >= self.server.queue_depth:
+            _, old = q.popleft()
+            self.server.metrics.drop("queue_head", len(old))
+        q.append((src, data))
+        self._wake.set()
 
     def enqueue_packet(self, src: NodePublic, data: bytes) -> None:
         """Send a packet: straight to the transport while its buffer holds under 128 KiB, else into the send
@@ -280,19 +335,14 @@ class Conn:
         if self.closed:
             self.server.metrics.drop("gone_disconnected", len(data))
             return
+        self._note_sender(src)
+        self.flush()  # (keeps order with packets gathered by push)
         if not q and self._writer.transport.get_write_buffer_size() < _WRITE_BUFFER:
             self._writer.write(proto.encode_recv_packet(src, data))
             self.server.metrics.packets_relayed += 1
             self.server.metrics.bytes_relayed += len(data)
         else:
-            if len(q) >= self.server.queue_depth:
-                _, old = q.popleft()
-                self.server.metrics.drop("queue_head", len(old))
-            q.append((src, data))
-        if src not in self.senders and len(self.senders) < 10_000:
-            self.senders.add(src)
-            self.server._watchers[src].add(self)
-        self._wake.set()
+            self._queue(src, data)
 
     def enqueue_frame(self, frame: proto.Frame) -> None:
         """Queue a control frame (Pong, PeerGone, Health, ...); at most 64 wait, the oldest dropped first."""
@@ -408,6 +458,10 @@ class DerpServer:
         self.extra_metrics: list[Callable[[], str]] = []
         """More Prometheus text served at /debug/metrics after the relay's (the STUN server's, say)."""
         self._clients: dict[NodePublic, _KeySet] = {}
+        self._active: dict[bytes, Conn] = {}
+        """Raw 32-byte key -> the connection that gets its packets (the fast path's lookup)."""
+        self._dirty: list[Conn] = []
+        """Connections with packets gathered by Conn.push, flushed after each read."""
         self._watchers: collections.defaultdict[NodePublic, set[Conn]] = collections.defaultdict(set)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -659,13 +713,39 @@ class DerpServer:
                 return "eof"
             pinged = False
             try:
-                got = frames.feed(data)
+                self._handle_raw(conn, frames.feed_raw(data))
             except ParseError as e:
                 log.info("DERP client %s %s: closing: %s", conn.peer, conn.key.short(), e)
                 return "bad_frame"
-            for f in got:
-                self._handle(conn, f)
+            finally:
+                dirty = self._dirty
+                for c in dirty:
+                    c.flush()
+                dirty.clear()
         return "closed"
+
+    def _handle_raw(self, conn: Conn, raw: list[tuple[int, bytes]]) -> None:
+        """Handle one read's frames: SendPacket on the fast path (no frame objects; packets gathered per
+        destination and written once per read), the rest through :func:`proto.parse_frame` and
+        :meth:`_handle`. Raises ParseError for a malformed frame."""
+        self._note_activity(conn)
+        m = self.metrics
+        active = self._active
+        send_packet = int(proto.FrameType.SEND_PACKET)
+        for t, payload in raw:
+            if t == send_packet:
+                n = len(payload) - proto.KEY_LEN
+                if n < 0 or n > proto.MAX_PACKET_SIZE:
+                    raise ParseError(f"DERP SendPacket frame with a {len(payload)}-byte payload")
+                m.packets_received += 1
+                m.bytes_received += n
+                target = active.get(payload[: proto.KEY_LEN])
+                if target is None or target.closed:
+                    self._not_here(conn, NodePublic(payload[: proto.KEY_LEN]), n)
+                    continue
+                target.push(conn, payload)
+            else:
+                self._handle(conn, proto.parse_frame(t, payload))
 
     def _handle(self, conn: Conn, f: proto.Frame) -> None:
         self._note_activity(conn)
@@ -676,10 +756,7 @@ class DerpServer:
                 ks = self._clients.get(dst)
                 target = ks.active if ks else None
                 if target is None or target.closed:
-                    self.metrics.drop("unknown_dest", len(data))
-                    if conn.peer_gone_limit.allow():
-                        self.metrics.peer_gone_frames["not_here"] += 1
-                        conn.enqueue_frame(proto.PeerGone(dst, proto.PeerGoneReason.NOT_HERE))
+                    self._not_here(conn, dst, len(data))
                     return
                 target.enqueue_packet(conn.key, data)
             case proto.Ping(data):
@@ -692,12 +769,19 @@ class DerpServer:
             case _:
                 pass  # Pong, KeepAlive, unknown and mesh frames (no mesh key support yet): ignored
 
+    def _not_here(self, conn: Conn, dst: NodePublic, nbytes: int) -> None:
+        self.metrics.drop("unknown_dest", nbytes)
+        if conn.peer_gone_limit.allow():
+            self.metrics.peer_gone_frames["not_here"] += 1
+            conn.enqueue_frame(proto.PeerGone(dst, proto.PeerGoneReason.NOT_HERE))
+
     # --- client table ---------------------------------------------------------------------------------------
 
     def _register(self, conn: Conn) -> None:
         ks = self._clients.setdefault(conn.key, _KeySet())
         ks.conns.append(conn)
         ks.active = conn
+        self._active[conn.key.raw] = conn
         self.metrics.clients += 1
         self.metrics.accepts += 1
         if len(ks.conns) == 2:
@@ -713,6 +797,7 @@ class DerpServer:
         ks = self._clients.get(conn.key)
         if ks is not None and ks.active is not conn and len(ks.conns) > 1:
             ks.active = conn  # the most recent sender gets the packets
+            self._active[conn.key.raw] = conn
 
     def _unregister(self, conn: Conn) -> None:
         if conn.preferred:
@@ -733,11 +818,13 @@ class DerpServer:
         if ks.conns:
             if ks.active is conn:
                 ks.active = ks.conns[-1]
+                self._active[conn.key.raw] = ks.active
             if len(ks.conns) == 1:
                 self.metrics.duplicate_keys -= 1
                 ks.conns[0].enqueue_frame(proto.Health(""))
             return
         del self._clients[conn.key]
+        self._active.pop(conn.key.raw, None)
         for w in self._watchers.pop(conn.key, set()):
             if not w.closed:
                 self.metrics.peer_gone_frames["disconnected"] += 1

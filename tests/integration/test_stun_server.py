@@ -45,6 +45,32 @@ for _ in range(20):
         break
 """
 
+# In a lab host: a real data plane (Device: TUN + its one UDP socket) sends STUN through send_datagram and
+# gets the answers back through drain(), as tailpyd does; prints the device's port and the netcheck report.
+_THROUGH_DEVICE = """
+import asyncio, json, sys
+from tailpy import _native
+from tailpy.magicsock import netcheck
+from tailpy.magicsock.stun import StunRunner
+from tailpy.proto import stun
+
+async def main():
+    dev = _native.Device(_native.generate_private_key(), tun_name="tpystun0")
+    runner = StunRunner(dev.send_datagram)
+    def readable():
+        datagrams, _relay = dev.drain()
+        for payload, source in datagrams:
+            if stun.is_stun(payload):
+                runner.feed(payload, source)
+    asyncio.get_running_loop().add_reader(dev.fileno(), readable)
+    targets = netcheck.stun_targets(None, sys.argv[1:])
+    report = await netcheck.run(runner, targets, netcheck.Netcheck(), timeout=5.0)
+    print(json.dumps({"port": dev.listen_port, "report": report.to_json()}))
+    dev.close()
+
+asyncio.run(main())
+"""
+
 _METRICS = """
 import urllib.request, sys
 print(urllib.request.urlopen("http://127.0.0.1:%s/debug/metrics" % sys.argv[1], timeout=10).read().decode())
@@ -220,3 +246,17 @@ def test_netcheck_behind_nat(lab: Lab, tmp_path: Path, nat: str, hairpin: bool, 
     assert report["global_v4"].startswith(f"{router.public_ip}:")
     assert report["mapping_varies_by_dest_ip"] is varies and report["mapping_varies_fresh"]
     assert report["hairpinning"] is hairpin
+
+
+def test_stun_from_the_data_planes_own_socket(lab: Lab, tmp_path: Path, native_device: None) -> None:
+    """StunRunner over a real Device (send_datagram out, drain() in): the mapped address is the data
+    plane's own socket, and the hairpin probe comes back up through the device's STUN queue."""
+    srv, cli = _lan(lab)
+    _derp_serve(srv, tmp_path / "one", 8443, 3478)
+    _derp_serve(srv, tmp_path / "two", 8444, 3479)
+    out = cli.run([sys.executable, "-c", _THROUGH_DEVICE, f"{SERVER_V4}:3478", f"{SERVER_V4}:3479"]).stdout
+    got = json.loads(out)
+    report = got["report"]
+    assert report["global_v4"] == f"{CLIENT_V4}:{got['port']}"
+    assert report["mapping_varies_by_dest_ip"] is False
+    assert report["hairpinning"] is True

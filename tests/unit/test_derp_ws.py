@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import nacl.public
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tailpy.derp.client import DerpClient, DerpClientError
 from tailpy.derp.server import DerpServer
@@ -132,3 +134,51 @@ async def test_websocket_url_refused_by_a_plain_http_server() -> None:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+ws_items = st.lists(
+    st.tuples(st.sampled_from(["raw", "msg"]), st.binary(max_size=64)),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ws_items)
+def test_fuzz_websocket_reader_only_data_or_end(items: list[tuple[str, bytes]]) -> None:
+    """Whatever bytes follow the handshake (binary messages from a real client side, or junk), WsReader.read
+    returns message data or b"" (the end) and never raises (wsproto's protocol errors end the stream); a
+    stream of messages alone reads back as their concatenation."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Message, Request
+
+    from tailpy.derp.ws import WsReader, WsWriter
+
+    class _Sink:
+        def write(self, data: bytes) -> None:
+            pass
+
+    async def run() -> None:
+        server = WSConnection(ConnectionType.SERVER)
+        client = WSConnection(ConnectionType.CLIENT)
+        server.receive_data(client.send(Request(host="x", target="/derp", subprotocols=["derp"])))
+        list(server.events())
+        client.receive_data(server.send(AcceptConnection(subprotocol="derp")))
+        list(client.events())
+        raw = asyncio.StreamReader()
+        for kind, data in items:
+            raw.feed_data(client.send(Message(data=data)) if kind == "msg" else data)
+        raw.feed_eof()
+        reader = WsReader(raw, server, WsWriter(_Sink(), server))  # type: ignore[arg-type]
+        got = b""
+        for _ in range(10 * len(items) + 2):
+            data = await reader.read(1 << 16)
+            assert isinstance(data, bytes)
+            if not data:
+                break
+            got += data
+        else:
+            pytest.fail("the reader never ended")
+        if all(kind == "msg" for kind, _ in items):
+            assert got == b"".join(data for _, data in items)
+
+    asyncio.run(run())

@@ -55,6 +55,11 @@ frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is c
   newest at first); each gets a Health frame saying the key is connected more than once (cleared with an empty
   Health when one is left). Nobody is kicked, so there is no kick loop.
 
+Per-packet path: each read's frames come as (type, payload) (:meth:`~tailpy.proto.derp.FrameReader.feed_raw`);
+a SendPacket is looked up by its raw 32-byte key and its RecvPacket gathered per destination, and every
+destination gets one write per read (one ``send()`` for many packets). Other frames are parsed into frame
+objects. (``benchmarks/derp_relay.py`` measures it against derper.)
+
 Sans-IO parts (framing, boxes) live in :mod:`tailpy.proto.derp`; this module is the transport, the client
 table and the queues. The clock is injectable (``clock``, seconds, monotonic) for the rate limiter.
 """

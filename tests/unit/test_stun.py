@@ -186,7 +186,9 @@ def test_c04_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
     assert m.mapped_address == ("192.0.2.1", 32853)
     tx = client.Transactions()
     tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    assert tx.due(0.0) == [(stun.binding_request(TXID)[1], "192.0.2.9:3478")]
+    request = stun.binding_request(TXID, software=client.CLIENT_SOFTWARE)[1]
+    assert tx.due(0.0) == [(request, "192.0.2.9:3478")]
+    assert stun.parse(request).software == "tailnode" and stun.parse(request).has_fingerprint
     result = tx.receive(resp, "192.0.2.9:3478", now=0.25)
     assert result is not None and result.ok and result.mapped == ("192.0.2.1", 32853)
     assert result.rtt == pytest.approx(0.25)

@@ -42,6 +42,10 @@ RC = 7
 """Requests sent in all (the first and 6 retransmissions)."""
 RM = 16
 """After the last request, wait Rm × RTO for an answer."""
+CLIENT_SOFTWARE = "tailnode"
+"""SOFTWARE of requests. Tailscale's STUN servers (derper, stund: ``net/stun`` ``ParseBindingRequest``) answer
+only Binding requests whose SOFTWARE is exactly "tailnode" and that end with FINGERPRINT, so tailpy sends
+both: nodes can then use Tailscale's relays' STUN as well as tailpy's (which answers anyone)."""
 
 
 def format_endpoint(ip: str, port: int) -> str:
@@ -146,9 +150,12 @@ class Transaction:
 class Transactions:
     """The Binding transactions in flight, by txid (sans-IO).
 
-    ``rto``, ``rc``, ``rm``: RFC 8489 §6.2.1 defaults; ``software``: SOFTWARE in requests (None: none)."""
+    ``rto``, ``rc``, ``rm``: RFC 8489 §6.2.1 defaults; ``software``: SOFTWARE in requests (default
+    :data:`CLIENT_SOFTWARE`; None: none)."""
 
-    def __init__(self, *, rto: float = RTO, rc: int = RC, rm: int = RM, software: str | None = None) -> None:
+    def __init__(
+        self, *, rto: float = RTO, rc: int = RC, rm: int = RM, software: str | None = CLIENT_SOFTWARE
+    ) -> None:
         self.rto, self.rc, self.rm, self.software = rto, rc, rm, software
         self._txs: dict[bytes, Transaction] = {}
 
@@ -253,7 +260,7 @@ class StunRunner:
         send: SendFn,
         *,
         clock: Callable[[], float] = time.monotonic,
-        software: str | None = "tailpy",
+        software: str | None = CLIENT_SOFTWARE,
         rto: float = RTO,
         rc: int = RC,
         rm: int = RM,
@@ -415,6 +422,7 @@ class StandaloneStun:
 
 
 __all__ = [
+    "CLIENT_SOFTWARE",
     "RC",
     "RM",
     "RTO",

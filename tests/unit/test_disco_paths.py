@@ -15,6 +15,8 @@ from ipaddress import ip_network
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tailpy.keys import DiscoPrivate, NodePrivate, NodePublic
 from tailpy.magicsock import paths
@@ -508,3 +510,61 @@ def test_candidates_are_bounded() -> None:
     peer.on_call_me_maybe(CallMeMaybe(many), 0.0)
     assert len(peer.candidates) == paths.MAX_CANDIDATES
     assert peer.counters.candidates_refused == 199 - paths.MAX_CANDIDATES
+
+
+# --- fuzzing the node: any input sequence, no exception, invariants hold ------------------------------------
+
+FUZZ_A = DiscoPrivate.generate()
+FUZZ_B = DiscoPrivate.generate()
+FUZZ_B_NODE = NodePrivate.generate().public
+FUZZ_EPS = (B_PUB, B_LAN, ep("198.51.100.1:9"), ep("[2001:db8::5]:41641"))
+
+fuzz_endpoints = st.sampled_from(FUZZ_EPS)
+fuzz_messages = st.one_of(
+    st.builds(Ping, st.binary(min_size=12, max_size=12), st.sampled_from([None, FUZZ_B_NODE])),
+    st.builds(Pong, st.binary(min_size=12, max_size=12) | st.just((1).to_bytes(12, "big")), fuzz_endpoints),
+    st.builds(CallMeMaybe, st.lists(fuzz_endpoints, max_size=5).map(tuple)),
+)
+fuzz_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("msg"), fuzz_messages, st.one_of(fuzz_endpoints, st.just(ViaDERP(1)))),
+        st.tuples(st.just("junk"), st.binary(max_size=120), fuzz_endpoints),
+        st.tuples(st.just("activity"), st.none(), st.none()),
+        st.tuples(st.just("ping"), st.none(), st.none()),
+        st.tuples(st.just("netmap"), st.lists(fuzz_endpoints, max_size=3).map(tuple), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@given(fuzz_steps, st.lists(st.floats(0.0, 8.0), min_size=40, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_fuzz_node_inputs(steps: list[tuple[str, Any, Any]], gaps: list[float]) -> None:
+    txids = counter_txids()
+    node = DiscoNode(FUZZ_A, NodePrivate.generate().public, endpoints=(A_PUB,), txid=lambda: next(txids))
+    node.on_netmap([PeerInfo(FUZZ_B_NODE, FUZZ_B.public, (str(B_PUB),))], 0.0)
+    now = 0.0
+    for (kind, x, y), gap in zip(steps, gaps, strict=False):
+        now += gap
+        out: list[Action] = []
+        if kind == "msg":
+            out = node.feed(disco.seal(FUZZ_B, FUZZ_A.public, x), y, now, derp_src=FUZZ_B_NODE)
+        elif kind == "junk":
+            out = node.feed(x, str(y), now)
+            out += node.feed(disco.MAGIC + FUZZ_B.public.raw + x, str(y), now)
+        elif kind == "activity":
+            node.note_activity(FUZZ_B_NODE, now)
+        elif kind == "ping":
+            out = node.ping(FUZZ_B_NODE, now)[1]
+        else:
+            out = node.on_netmap([PeerInfo(FUZZ_B_NODE, FUZZ_B.public, tuple(str(e) for e in x))], now)
+        out += node.poll(now)
+        for a in out:
+            if isinstance(a, SendUDP):
+                assert disco.open_datagram(FUZZ_B, a.datagram)[1] == a.message
+        peer = node.peer_paths(FUZZ_B_NODE)
+        assert peer is not None
+        assert peer.path is None or (peer.path == peer.best and peer.path in peer.candidates)
+        assert len(peer.candidates) <= paths.MAX_CANDIDATES
+        nt = node.next_timer()
+        assert nt is None or nt > now  # poll(now) left nothing due

@@ -14,18 +14,24 @@ Design note: how the daemon drives it
     act(node.feed(payload, ViaDERP(region), now, derp_src=src_node_key))
     node.note_activity(peer_node_key, now)   # WireGuard datagrams went to this peer (e.g. tx_packets moved)
     act(node.poll(now))                      # at node.next_timer() at the latest (and after note_activity)
-    request = node.ping(peer_node_key, now)  # `tailpy ping`: answers come as PingResult / PingTimeout
+    request, actions = node.ping(peer_node_key, now)  # `tailpy ping`; answers: PingResult / PingTimeout
+    act(actions)
 
     def act(actions):
         for a in actions:
             match a:
                 case SendUDP(endpoint, datagram):   device.send_datagram(datagram, str(endpoint))
-                case SendDERP(node_key, datagram):  send_via_derp(node_key, datagram)  # the peer's home DERP
-                case SetPath(node_key, None):       device.set_path(node_key.raw, "relay")
-                case SetPath(node_key, endpoint):   device.set_peer(node_key.raw, allowed_ips=...,
-                                                                    endpoint=str(endpoint))
-                                                    device.set_path(node_key.raw, "direct")
+                case SendDERP(node_key, datagram):  magicsock.send_via_derp(node_key, datagram)
+                case SetPath(node_key, None):       magicsock.set_peer_path(node_key, region=0)  # relay
+                case SetPath(node_key, endpoint):   magicsock.set_peer_path(node_key, endpoint=str(endpoint))
                 case PingResult() | PingTimeout():  hand to the waiting `tailpy ping` (by .request)
+
+With A1's :class:`tailpy.magicsock.conn.MagicSock`: construct it with ``policy=None`` (disco decides paths),
+set ``magicsock.on_disco = lambda src, payload, region: act(node.feed(payload, ViaDERP(region), now,
+derp_src=src))``, and call :meth:`DiscoNode.note_activity` from the loop that already reads
+``device.peers()`` each second, for every peer whose ``tx_packets`` grew. (Without MagicSock: relay is
+``device.set_path(key, "relay")``; direct is ``device.set_peer(key, allowed_ips=..., endpoint=str(ep))``
+then ``device.set_path(key, "direct")``.)
 
 Every peer starts on the relay path (``SetPath(peer, None)`` from :meth:`DiscoNode.on_netmap`); the switch
 to direct and back never touches the WireGuard session (``set_peer`` keeps it when only the endpoint

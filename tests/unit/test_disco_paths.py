@@ -393,6 +393,19 @@ def test_cli_ping_reports_via_derp_then_direct() -> None:
     second = next(r for r in a.results if r.request == request2)
     assert isinstance(second, PingResult) and second.direct
     assert second.via == B_LAN and second.describe("b") == "pong from b via 198.18.0.2:41641 in 20ms"
+    assert [r.request for r in a.results] == [request, request2]  # one answer per request
+    # While the direct path is untrusted a ping goes both ways; the first Pong answers it, the other one
+    # still counts for its path (not an unknown txid).
+    peer = a.node.peer_paths(b.node_key)
+    assert peer is not None
+    peer.trust_until = net.now
+    request3, actions = a.node.ping(b.node_key, net.now)
+    assert {type(x) for x in actions} == {SendUDP, SendDERP}
+    net.act(a, actions)
+    net.run(net.now + 0.2)
+    third = [r for r in a.results if r.request == request3]
+    assert len(third) == 1 and isinstance(third[0], PingResult) and third[0].direct
+    assert a.node.counters.unknown_txid == 0
 
 
 def test_cli_ping_times_out() -> None:

@@ -352,8 +352,9 @@ class PeerPaths:
         rtt = max(0.0, now - sp.at)
         if sp.request is not None and sp.request in self.requests:
             for t in self.requests.pop(sp.request):
-                if t != pong.txid:
-                    self.sent.pop(t, None)
+                other = self.sent.get(t)
+                if other is not None:
+                    other.request = None  # answered: its other Pings still probe their path
             self._out.append(PingResult(sp.request, self.node_key, via, rtt, pong.src))
         if isinstance(via, ViaDERP) or sp.to is None:
             return True

@@ -10,6 +10,7 @@ that let everything through (or nothing) fails the test.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -49,6 +50,10 @@ while True:
         s.sendto(f"{ip}:{p}".encode(), (ip, p))
     print(f"from {ip}:{p} {data.decode(errors='replace')}", flush=True)
 """
+
+needs_conntrack = pytest.mark.skipif(
+    shutil.which("conntrack") is None, reason="`conntrack` not found: install the Debian package conntrack"
+)
 
 STUN_PORT = 3478
 #: Seconds a datagram that should not arrive is given to arrive anyway (sent several times meanwhile).
@@ -305,6 +310,7 @@ def test_double_nat_works_outward(lab: Lab, inet: Lan) -> None:
     assert h_host.seen_as() >= {h_host.ip(), inner.public_ip, outer.public_ip}
 
 
+@needs_conntrack
 def test_roaming_new_lan_address_and_traffic_resumes(lab: Lab, inet: Lan) -> None:
     router, lan = site(lab, inet, 1, "eim", "h")
     h_host, s1 = lab.hosts["h"], lab.hosts["s1"]
@@ -341,6 +347,7 @@ def test_block_udp_between_two_hosts(lab: Lab, inet: Lan) -> None:
     h.mapped(s1)
 
 
+@needs_conntrack
 def test_flush_conntrack_forgets_mappings(lab: Lab, inet: Lan) -> None:
     router, _ = site(lab, inet, 1, "eim", "h")
     h_host, s1 = lab.hosts["h"], lab.hosts["s1"]

@@ -535,7 +535,8 @@ class Lab:
 
         It takes the next free address on each LAN, forwards IPv4 (in its own namespace only) and becomes
         ``inside``'s gateway: every inside host, now and later, routes by default through it. A
-        ``"firewall"`` or ``"none"`` router's inside prefix is routed through it on ``outside``'s hosts.
+        ``"firewall"`` or ``"none"`` router's inside prefix is routed through it on ``outside``'s hosts
+        (and on through further non-NAT routers); a NAT router's inside is reachable only through NAT.
         ``hairpin`` lets inside hosts reach each other through the router's public address (NAT kinds
         only). ``udp_timeout`` (seconds) sets conntrack's UDP timeouts (both unreplied and assured flows;
         Linux defaults 30 s and 120 s) and the lifetime of recorded mappings. Raises LabError."""
@@ -573,7 +574,14 @@ class Lab:
         for host in inside.hosts():
             inside._apply_routes(host)
         if nat not in TRANSLATING:
-            outside.add_route(str(inside.subnet), router.public_ip)
+            # The inside prefix is routed from the outside, through every non-NAT router further out.
+            lan, via = outside, router.public_ip
+            while True:
+                lan.add_route(str(inside.subnet), via)
+                gw = lan.gateway
+                if gw is None or gw.nat in TRANSLATING or gw.outside is None:
+                    break
+                lan, via = gw.outside, gw.public_ip
         return router
 
     def block_udp(self, a: Host, b: Host) -> UdpBlock:

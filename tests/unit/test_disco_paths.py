@@ -78,6 +78,11 @@ class Net:
         self.dropped: set[Endpoint] = set()
         self.derp_down = False
         self.traffic: set[tuple[str, str]] = set()  # (from, to) pairs with data flowing
+        # Hosts behind a port-restricted cone NAT: a datagram reaches them only from an endpoint they have
+        # sent to (the mapping is endpoint-independent: their one public endpoint).
+        self.natted: set[str] = set()
+        self.opened: dict[str, set[Endpoint]] = {}
+        self.nat_drops = 0
         self._q: list[tuple[float, int, str, tuple[Host, bytes, Any]]] = []
         self._seq = itertools.count()
 
@@ -111,6 +116,7 @@ class Net:
             if isinstance(a, SendUDP):
                 h.sent_udp.append(a)
                 h.sent_udp_at.append(self.now)
+                self.opened.setdefault(h.name, set()).add(a.endpoint)
                 dst = self.owner.get(a.endpoint)
                 if dst is None or a.endpoint in self.dropped:
                     continue
@@ -157,6 +163,9 @@ class Net:
                 _, _, kind, what = heapq.heappop(self._q)
                 dst, datagram, src = what
                 if kind == "udp":
+                    if dst.name in self.natted and src not in self.opened.get(dst.name, set()):
+                        self.nat_drops += 1
+                        continue
                     self.act(dst, dst.node.feed(datagram, str(src), self.now))
                 else:
                     self.act(dst, dst.node.feed(datagram, ViaDERP(1), self.now, derp_src=src))
@@ -293,6 +302,24 @@ def test_call_me_maybe_triggers_pings_to_all_endpoints_at_once() -> None:
         A_LAN,
     }
     assert len(b.sent_udp) == before  # (returned, not yet carried out by the test network)
+
+
+def test_simultaneous_open_through_port_restricted_nats() -> None:
+    """Both hosts behind port-restricted NATs, only public endpoints: a's first Pings die in b's NAT, but
+    they open a's; the CallMeMaybe via DERP makes b ping a (opening b's NAT), and both go direct."""
+    net = Net()
+    a = net.add("a", (A_PUB,), {})
+    b = net.add("b", (B_PUB,), {})
+    net.natted = {"a", "b"}
+    net.netmap()
+    net.traffic = {("a", "b")}
+    net.run(1.0)
+    assert net.nat_drops >= 1  # a's first Ping did not get through
+    assert b.paths[a.node_key] == A_PUB  # b pinged after the CallMeMaybe (30 ms) and got a Pong
+    assert a.paths[b.node_key] == B_PUB  # a pinged b back when b's Ping arrived
+    t_a = next(t for t, p in a.path_log if p is not None)
+    assert t_a < 0.1  # DERP one way + a few UDP round trips, not the next 5 s round
+    assert b.node.counters.call_me_maybes == 1
 
 
 def test_call_me_maybe_endpoints_are_learned_and_replaced() -> None:

@@ -29,6 +29,10 @@ routes the disco messages); it takes decoded messages and ``now`` (seconds, any 
 * **Answering**: a Ping is answered with a Pong carrying the source it came from, on the way it came (UDP to
   that source, or DERP); over DERP the source is ``127.3.3.40:<region id>`` (Tailscale's DERP magic IP).
   A CallMeMaybe replaces the previous one's endpoints and pings them all at once, even those pinged lately.
+* **Ping back** (not in Tailscale): a Ping from the peer while we have traffic for it and no trusted path
+  is answered with a Pong and also a Ping of our own to its source if our last Ping there got no Pong (at
+  most every :data:`PING_BACK_INTERVAL`): its NAT has just opened towards us, so the initiator of a
+  simultaneous open goes direct one round trip after the peer does, not at its next round (up to 5 s on).
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ PING_TIMEOUT: Final = 5.0
 SESSION_ACTIVE_TIMEOUT: Final = 45.0
 """Seconds without traffic after which a peer is idle: no more heartbeats (magicsock
 ``sessionActiveTimeout``); also how long an endpoint learned from a Ping is kept."""
+
+PING_BACK_INTERVAL: Final = 1.0
+"""Least seconds between Pings sent back to an endpoint a Ping came from (while no direct path is trusted)."""
 
 UPGRADE_INTERVAL: Final = 60.0
 """Seconds between full rounds while a trusted direct path is slower than :data:`GOOD_ENOUGH_LATENCY`."""
@@ -225,6 +232,7 @@ class Candidate:
     last_got_ping: float | None = None  # a Ping came from here (learned endpoint)
     last_got_ping_txid: bytes = b""
     last_ping: float | None = None  # we last pinged it
+    last_ping_back: float | None = None  # we last pinged it because a Ping came from it
     latency: float | None = None  # round trip of the last Pong, seconds
     last_pong: float | None = None
     pong_src: Endpoint | None = None  # our source as the peer saw it
@@ -340,6 +348,17 @@ class PeerPaths:
             c.last_got_ping = now
             c.last_got_ping_txid = ping.txid
         self._send(via, Pong(ping.txid, via))
+        # tailpy addition: while we are looking for a path to this peer, its Ping shows the way back is open
+        # now (its NAT just sent to us), so ping that source at once rather than at the next round.
+        if (
+            c is not None
+            and self.active(now)
+            and not self.trusted(now)
+            and (c.last_pong is None or c.last_ping is None or c.last_pong < c.last_ping)
+            and (c.last_ping_back is None or now - c.last_ping_back >= PING_BACK_INTERVAL)
+        ):
+            c.last_ping_back = now
+            self._ping(via, now, Purpose.DISCOVERY)
 
     def on_pong(self, pong: Pong, via: Via, now: float) -> bool:
         """A Pong from this peer arrived ``via``. Returns False (and counts it) when it answers no pending
@@ -568,6 +587,7 @@ __all__ = [
     "LAN_NETWORKS",
     "LATENCY_TIE",
     "MAX_CANDIDATES",
+    "PING_BACK_INTERVAL",
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "SESSION_ACTIVE_TIMEOUT",

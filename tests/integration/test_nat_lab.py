@@ -22,9 +22,14 @@ import pytest
 from tailpy.errors import LabError
 from tailpy.lab import Host, Lab, Lan, read_line, wait_for
 from tailpy.lab.netns import Router
-from tailpy.lab.tailnet import LabTailnet
+from tailpy.lab.tailnet import LabNode, LabTailnet
 
-pytestmark = pytest.mark.lab
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(
+        shutil.which("nft") is None, reason="`nft` not found: install the Debian package nftables"
+    ),
+]
 
 AGENT = r"""
 import os, socket, sys, threading
@@ -362,6 +367,18 @@ def test_flush_conntrack_forgets_mappings(lab: Lab, inet: Lan) -> None:
     assert h.got("after-flush") == []  # the mapping is gone: s1 is unsolicited again
 
 
+def first_reply(node: LabNode, address: str) -> float:
+    """Seconds until ``node`` gets a ping reply from ``address`` (one probe at a time, 1 s each)."""
+    started = time.monotonic()
+
+    def answered() -> bool:
+        probe = ["ping", "-c", "1", "-W", "1", address]
+        return node.host.run(probe, check=False, timeout=10).returncode == 0
+
+    wait_for(answered, timeout=60, what=f"{node.name} to get a ping reply from {address}", interval=0.05)
+    return time.monotonic() - started
+
+
 def test_tailnet_sites(lab: Lab) -> None:
     """The topology builder: nodes behind each router kind register through their NAT and see each other;
     two nodes on one site LAN talk directly; a NATed node reaches a public one through its NAT."""
@@ -390,5 +407,12 @@ def test_tailnet_sites(lab: Lab) -> None:
     a.ping(b.ip(), count=2)  # same LAN: LAN endpoints work without any NAT traversal
     for n in (c, d, f):
         n.ping(pub.ip(), count=2, timeout=60)  # outward through the NAT (or firewall)
+    # Roaming: a new LAN address behind the same NAT, then another network; tailpyd is not told, and its
+    # traffic to the public node resumes through the new NAT mapping.
     new = a.roam()
     assert a.lan_ip() == new and new.startswith("198.18.")
+    print(f"roam (new LAN address): ping answered after {first_reply(a, pub.ip()):.1f} s")
+    assert c.site is not None
+    a.move(c.site)
+    assert a.lan_ip().startswith(c.lan_ip().rsplit(".", 1)[0] + ".")
+    print(f"roam (another network): ping answered after {first_reply(a, pub.ip()):.1f} s")

@@ -541,6 +541,8 @@ class Lab:
         only). ``udp_timeout`` (seconds) sets conntrack's UDP timeouts (both unreplied and assured flows;
         Linux defaults 30 s and 120 s) and the lifetime of recorded mappings. Raises LabError."""
         nat = check_kind(nat)
+        if shutil.which("nft") is None:
+            raise LabError("`nft` not found: install the Debian package nftables")
         if inside is outside:
             raise LabError("a router needs two different LANs (inside and outside)")
         if inside.gateway is not None:

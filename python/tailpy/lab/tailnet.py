@@ -122,6 +122,17 @@ class LabNode:
         networks would get; tailpyd is not told. Returns the new address."""
         return self.lan.readdress(self.host, address)
 
+    def move(self, site: LabSite | None) -> str:
+        """Move the node's host to another network: ``site``'s LAN, or the internet LAN for None (a laptop
+        going from home Wi-Fi to a phone's hotspot). tailpyd keeps running and is not told. Returns the new
+        LAN address."""
+        new_lan = site.lan if site is not None else self.tailnet.lan
+        if new_lan is self.lan:
+            raise LabError(f"{self.name} is already on LAN {new_lan.name}")
+        self.lan.detach(self.host)
+        self.site = site
+        return new_lan.attach(self.host)
+
     def cli(self, *args: str, check: bool = True, timeout: float = 90) -> str:
         """Run ``tailpy <args> --socket <this node's socket>`` inside the node; returns stdout."""
         return self.host.run(tailpy_argv(*args, "--socket", self.socket), check=check, timeout=timeout).stdout

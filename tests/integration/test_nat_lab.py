@@ -299,9 +299,11 @@ def test_hairpinning_off_by_default(lab: Lab, inet: Lan, hairpin: bool) -> None:
     reaches(a, (lan.ip(lab.hosts["b"]), 41642), "lan", b)
     if hairpin:
         assert reaches(a, eb, "hairpin", b) == f"{router.public_ip}:{ea[1]}"  # b sees a's public endpoint
+        reaches(a, ea, "self", a)  # a datagram to one's own public endpoint comes back (netcheck's test)
     else:
         a.keeps_sending(*eb, "hairpin")
-        assert b.got("hairpin") == []
+        a.keeps_sending(*ea, "self")
+        assert b.got("hairpin") == [] and a.got("self") == []
 
 
 def test_double_nat_works_outward(lab: Lab, inet: Lan) -> None:
@@ -350,6 +352,32 @@ def test_block_udp_between_two_hosts(lab: Lab, inet: Lan) -> None:
         h.mapped(s2)  # other hosts are still reachable
         s1.run(["ping", "-c", "1", "-W", "5", lab.hosts["r1"].ip("inet")])  # and s1 still pings
     h.mapped(s1)
+
+
+@needs_conntrack
+@pytest.mark.parametrize("kind", ["eim", "full-cone"])
+def test_udp_timeout_expires_idle_mappings(lab: Lab, inet: Lan, kind: str) -> None:
+    """``udp_timeout`` (a carrier NAT's short timeout, C16): an idle mapping is forgotten, and the remote end
+    is unsolicited again until the inside sends."""
+    lan = lab.lan("home1", subnet="198.18.1.0/24")
+    router = lab.router("r1", inside=lan, outside=inet, nat=kind, udp_timeout=2)  # type: ignore[arg-type]
+    lan.attach(lab.host("h"))
+    h_host, s1 = lab.hosts["h"], lab.hosts["s1"]
+    h, peer = Udp(h_host, 41641), Udp(s1, 5000)
+    mapped = split(reaches(h, (s1.ip(), 5000), "opening", peer))
+    reaches(peer, mapped, "before", h)
+    # Two seconds idle end the flow; conntrack removes expired entries lazily, so wait until it has.
+    wait_for(
+        lambda: not router.conntrack("-p", "udp", "--orig-src", h_host.ip()),
+        timeout=60,
+        what="the idle mapping to expire",
+        interval=0.5,
+    )
+    # (A full-cone router's recorded mapping has the same timeout, counted from h's last datagram, which
+    # came before s1's last one: it is gone too.)
+    peer.keeps_sending(*mapped, "after-idle")
+    assert h.got("after-idle") == []
+    reaches(h, (s1.ip(), 5000), "again", peer)
 
 
 @needs_conntrack

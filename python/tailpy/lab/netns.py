@@ -251,6 +251,12 @@ class Lan:
         (the default route through :attr:`gateway`, :attr:`routes`). Returns the address."""
         if host.name in self.members:
             raise LabError(f"host {host.name} is already on LAN {self.name}")
+        index: int | None = None
+        if address is None:
+            index = self._free_index()
+            address = str(self.subnet.network_address + index)
+        else:
+            self._check_address(address)
         lab, ifname = self.lab, self.name
         port = f"p{self._ports}"
         self._ports += 1
@@ -270,11 +276,6 @@ class Lan:
         )
         lab._ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
         lab._ip("-n", host.netns, "link", "set", ifname, "up")
-        index = self._free_index() if address is None else None
-        if address is None:
-            address = str(self.subnet.network_address + index)  # type: ignore[operator]
-        else:
-            self._check_address(address)
         host.add_address(ifname, f"{address}/{self.subnet.prefixlen}")
         if self.subnet6 is not None:
             six = self.subnet6.network_address + (index if index is not None else self._free_index(v6=True))

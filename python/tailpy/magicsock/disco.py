@@ -33,6 +33,10 @@ derp_src=src))``, and call :meth:`DiscoNode.note_activity` from the loop that al
 ``device.set_path(key, "relay")``; direct is ``device.set_peer(key, allowed_ips=..., endpoint=str(ep))``
 then ``device.set_path(key, "direct")``.)
 
+``device.send_datagram`` raises DeviceError when the kernel refuses a datagram (EPERM from a firewall,
+network unreachable): catch it and carry on, the missing Pong is how disco notices. A complete driver of this
+kind, against the real data plane with a TCP stand-in for DERP, is ``tests/integration/_disco_lab_node.py``.
+
 Every peer starts on the relay path (``SetPath(peer, None)`` from :meth:`DiscoNode.on_netmap`); the switch
 to direct and back never touches the WireGuard session (``set_peer`` keeps it when only the endpoint
 changes). Timing and path choice are in :mod:`tailpy.magicsock.paths`.

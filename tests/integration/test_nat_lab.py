@@ -426,6 +426,8 @@ def test_tailnet_sites(lab: Lab) -> None:
     assert d.site is not None and d.site.kinds == ("eim", "eim")
     assert d.site.routers[0].public_ip.startswith("192.0.2.")
     assert d.site.routers[1].public_ip.startswith("198.19.")
+    outside = net.public_host("outside")
+    assert outside.ip().startswith("192.0.2.") and outside.default_route() is None
     with pytest.raises(LabError, match="behind eim, not edm"):
         net.add_node("x", behind="edm", lan="home")
     for n in nodes:

@@ -284,6 +284,13 @@ class LabTailnet:
             args += ["--expiration", expiration]
         return self.control_host.run(tailpy_argv(*args)).stdout.strip().splitlines()[-1]
 
+    def public_host(self, name: str) -> Host:
+        """A plain host (no tailpyd) on the internet LAN, beside the control server: a second STUN or DERP
+        server, a reflector, an outside peer."""
+        host = self.lab.host(name)
+        self.lan.attach(host)
+        return host
+
     def site(
         self, name: str, behind: Behind = "eim", *, hairpin: bool = False, udp_timeout: int | None = None
     ) -> LabSite:

@@ -11,14 +11,15 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   needs no auth key; a new machine, new node key, expired or logged-out key needs one).
 * ``POST /machine/logout`` sealed ``{node_key}`` -> sealed ``{"node": Node JSON}``: the node's key is expired
   and logged out (its record stays; a later register with an auth key brings it back).
-* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, resume?: {generation,
-  version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message per line: a full netmap (or,
-  resuming, a delta since ``version``) first, then a ``delta`` per change the node can see, keepalives after
-  :attr:`ControlServer.keepalive` seconds of silence; the exact format is in :mod:`tailpy.control.mapper`.
-  The node is online while one of its map streams is open.
-* ``POST /machine/update`` sealed ``{endpoints?, home_derp?}`` (at least one) -> sealed
+* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, resume?:
+  {generation, version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message per line: a
+  full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the node can
+  see, keepalives after :attr:`ControlServer.keepalive` seconds of silence; the exact format is in
+  :mod:`tailpy.control.mapper`. The node is online while one of its map streams is open.
+* ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?}`` (at least one) -> sealed
   ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed on
-  (0: none), which peers use to reach it over DERP.
+  (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current
+  disco public key (peers' disco pings are sealed to it).
 * ``POST /derp/admit`` plain JSON ``{"NodePublic": "nodekey:<hex>", "Source": ip}`` -> ``{"Allow": bool}``:
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
@@ -48,8 +49,8 @@ from aiohttp import web
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
-from tailpy.keys import NodePublic
-from tailpy.netmap import DerpMap, NetMap, Node, parse_home_derp
+from tailpy.keys import DiscoPublic, NodePublic
+from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
@@ -431,16 +432,21 @@ class ControlServer:
     async def _update(self, request: web.Request) -> web.StreamResponse:
         def do(req: proto.OpenedRequest) -> web.Response:
             body = req.body
-            if "endpoints" not in body and "home_derp" not in body:
-                raise _Refused(400, "an update needs 'endpoints' or 'home_derp'")
+            if "endpoints" not in body and "home_derp" not in body and "disco_key" not in body:
+                raise _Refused(400, "an update needs 'endpoints' or 'home_derp' or 'disco_key'")
             try:
                 endpoints = parse_endpoints(body["endpoints"]) if "endpoints" in body else None
                 home_derp = parse_home_derp(body["home_derp"]) if "home_derp" in body else None
+                disco_key = parse_disco_key(body.get("disco_key"))
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             self._live_node(req, None)
             node = self.store.update_node(
-                req.machine_key, endpoints=endpoints, home_derp=home_derp, now=self.clock()
+                req.machine_key,
+                endpoints=endpoints,
+                home_derp=home_derp,
+                disco_key=disco_key,
+                now=self.clock(),
             )
             if node is None:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
@@ -456,6 +462,7 @@ class ControlServer:
             try:
                 endpoints = parse_endpoints(req.body.get("endpoints", []))
                 home_derp = parse_home_derp(req.body["home_derp"]) if "home_derp" in req.body else None
+                disco_key = parse_disco_key(req.body.get("disco_key"))
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
@@ -464,7 +471,7 @@ class ControlServer:
             resp.enable_chunked_encoding()
             await resp.prepare(request)
             stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume)
-            await self._serve_stream(resp, stream, endpoints, hostname, home_derp)
+            await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key)
             return resp
 
         return await self._handle(request, "/machine/map", do)
@@ -476,6 +483,7 @@ class ControlServer:
         endpoints: list[str],
         hostname: str | None,
         home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
     ) -> None:
         self._online[stream.node_id] += 1
         try:
@@ -484,6 +492,7 @@ class ControlServer:
                 endpoints=endpoints,
                 hostname=hostname,
                 home_derp=home_derp,
+                disco_key=disco_key,
                 now=self.clock(),
             )
             if node is None:

@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from tailpy.control import names
 from tailpy.errors import AuthKeyError, ConfigError, ControlError
-from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
+from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
 
 DB_NAME = "control.db"
@@ -184,7 +184,13 @@ def _m4(conn: Connection) -> None:
     _add_columns(conn, "nodes", sa.Column("home_derp", sa.Integer, nullable=False, server_default="0"))
 
 
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m4)
+def _m7_disco_key(conn: Connection) -> None:
+    """``disco_key`` on nodes: the node's current disco public key, ``discokey:<hex>`` ("" = none sent).
+    (Named _m7: other branches append _m5 and _m6; the integrator orders them.)"""
+    _add_columns(conn, "nodes", sa.Column("disco_key", sa.Text, nullable=False, server_default=""))
+
+
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m4, _m7_disco_key)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
 
@@ -245,6 +251,7 @@ nodes = sa.Table(
     sa.Column("expiry_disabled", sa.Boolean),
     sa.Column("logged_out", sa.Boolean),
     sa.Column("home_derp", sa.Integer),
+    sa.Column("disco_key", sa.Text),
 )
 
 
@@ -914,11 +921,14 @@ class Store:
         endpoints: Sequence[str] | None = None,
         hostname: str | None = None,
         home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
     ) -> Node | None:
-        """Set the endpoints, hostname and/or home DERP region id (0: none) of ``machine_key``'s live node and
-        its last_seen; None if there is no such node. (The node's name stays: only an admin rename changes
-        it.)"""
+        """Set the endpoints, hostname, home DERP region id (0: none) and/or disco public key of
+        ``machine_key``'s live node and its last_seen; None if there is no such node. (The node's name stays:
+        only an admin rename changes it.)"""
         values: dict[str, Any] = {"last_seen": now}
+        if disco_key is not None:
+            values["disco_key"] = disco_key.text()
         if endpoints is not None:
             values["endpoints"] = json.dumps(list(endpoints))
         if home_derp is not None:
@@ -1112,6 +1122,7 @@ def _to_node(row: Any, now: float) -> Node:
         key_expiry=row.key_expiry,
         expired=bool(row.logged_out) or (row.key_expiry is not None and row.key_expiry <= now),
         home_derp=int(row.home_derp or 0),
+        disco_key=DiscoPublic.from_text(row.disco_key) if row.disco_key else None,
     )
 
 

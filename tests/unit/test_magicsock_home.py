@@ -146,6 +146,20 @@ def test_session_that_stops_answering_goes_relay_after_longer_wait() -> None:
     assert observe(p, t + 21, tx_packets=31, rx_packets=10, last_handshake=t) == "relay"
 
 
+def test_refused_sends_count_as_unanswered_for_peers_without_session() -> None:
+    """A local firewall makes the socket refuse datagrams: tx_packets stays, the device counts errors."""
+    p = FallbackPolicy()
+    observe(p, 0.0)
+    assert observe(p, 1.0, send_errors=True) == "direct"
+    assert observe(p, 3.0, send_errors=True) == "direct"
+    assert observe(p, 6.5, send_errors=True) == "relay"
+    q = FallbackPolicy()  # a peer with a working session is not blamed for another peer's refused sends
+    t = 1000.0
+    observe(q, t, tx_packets=5, rx_packets=5, last_handshake=t)
+    for i in range(1, 40):
+        assert observe(q, t + i, tx_packets=5, rx_packets=5, last_handshake=t, send_errors=True) == "direct"
+
+
 def test_stale_unanswered_sending_is_forgotten() -> None:
     p = FallbackPolicy()
     observe(p, 0.0)

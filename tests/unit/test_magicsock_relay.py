@@ -28,12 +28,13 @@ class RecordingDevice:
         self.paths: dict[bytes, str] = {}
         self.endpoints: dict[bytes, str | None] = {}
         self.injected: list[tuple[bytes, bytes]] = []
-        self.stats: dict[bytes, dict[str, Any]] = {}
+        self.peer_stats: dict[bytes, dict[str, Any]] = {}
+        self.send_errors = 0
 
     def add(self, key: bytes, endpoint: str | None) -> None:
         self.paths[key] = "direct"
         self.endpoints[key] = endpoint
-        self.stats[key] = {"tx_packets": 0, "rx_packets": 0, "last_handshake": None}
+        self.peer_stats[key] = {"tx_packets": 0, "rx_packets": 0, "last_handshake": None}
 
     def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None:
         if public_key not in self.paths:
@@ -50,10 +51,13 @@ class RecordingDevice:
     ) -> None:
         self.endpoints[public_key] = endpoint
 
+    def stats(self) -> dict[str, int]:
+        return {"dropped_send_error": self.send_errors}
+
     def peers(self) -> list[dict[str, Any]]:
         return [
             {"public_key": k, "path": self.paths[k], "endpoint": self.endpoints[k], **st}
-            for k, st in self.stats.items()
+            for k, st in self.peer_stats.items()
         ]
 
 
@@ -163,7 +167,7 @@ async def test_policy_relays_a_peer_without_endpoint_and_one_that_never_answers(
         assert dev.paths[kc.public.raw] == "direct"
         # C gets handshake initiations that are never answered: relay after about 5 s.
         for _ in range(8):
-            dev.stats[kc.public.raw]["tx_packets"] += 1
+            dev.peer_stats[kc.public.raw]["tx_packets"] += 1
             await asyncio.sleep(1.0)
             if dev.paths[kc.public.raw] == "relay":
                 break

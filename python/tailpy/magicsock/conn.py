@@ -49,6 +49,7 @@ class RelayDevice(Protocol):
     def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None: ...
     def inject(self, public_key: bytes, datagram: bytes) -> None: ...
     def peers(self) -> Any: ...
+    def stats(self) -> Any: ...
     def set_peer(
         self,
         public_key: bytes,
@@ -89,6 +90,7 @@ class MagicSock:
         self._via_region: dict[bytes, int] = {}  # node key -> region a DERP packet from it last came through
         self._region_override: dict[bytes, int] = {}  # set_peer_path(region=...)
         self._stats: dict[bytes, Mapping[str, Any]] = {}  # device.peers() at the last policy round
+        self._send_errors = -1  # the device's dropped_send_error at the last policy round
         self._map_changed = asyncio.Event()
         self._probe_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -254,9 +256,11 @@ class MagicSock:
     def _policy_round(self) -> None:
         try:
             stats = {p["public_key"]: p for p in self.device.peers()}
+            errors = int(self.device.stats().get("dropped_send_error", 0))
         except DeviceError:
             return
         self._stats = stats
+        send_errors, self._send_errors = errors > self._send_errors >= 0, errors
         if self.policy is None:
             return
         now = time.time()
@@ -272,6 +276,7 @@ class MagicSock:
                 tx_packets=int(st.get("tx_packets", 0)),
                 rx_packets=int(st.get("rx_packets", 0)),
                 last_handshake=st.get("last_handshake"),
+                send_errors=send_errors,
             )
             if path != st.get("path"):
                 self._apply_path(key, path)

@@ -10,6 +10,10 @@ Until disco ("relay from the first packet, upgrade to direct on a pong") replace
   :data:`SESSION_WAIT` seconds and at least :data:`SESSION_UNANSWERED` datagrams with one (KEEPALIVE 10 s +
   REKEY_TIMEOUT 5 s: the peer would have answered or re-keyed; a lone passive keepalive, which the peer never
   answers, does not count). Then relay;
+* the device's socket refusing datagrams (``dropped_send_error`` grew: a local firewall, an unroutable
+  endpoint) counts as sending unanswered for every direct peer with no fresh handshake, since the data plane
+  counts only datagrams that left in ``tx_packets`` (it cannot say which peer the refused ones were for; an
+  idle peer with no session may thus be relayed too, which still works);
 * a WireGuard datagram arriving over DERP from a peer with no fresh handshake: relay at once, so the answer
   goes back the way the peer can hear (the peer's direct path to us does not work, or it would not relay).
 
@@ -69,8 +73,10 @@ class FallbackPolicy:
         tx_packets: int,
         rx_packets: int,
         last_handshake: float | None,
+        send_errors: bool = False,
     ) -> Path:
-        """The path for peer ``key`` given its counters now (``now`` and ``last_handshake`` unix seconds)."""
+        """The path for peer ``key`` given its counters now (``now`` and ``last_handshake`` unix seconds);
+        ``send_errors``: the device's socket refused datagrams since the last call."""
         t = self._peers.setdefault(key, _PeerTrack())
         if home_derp == 0:
             t.path = "direct"
@@ -83,14 +89,15 @@ class FallbackPolicy:
             t.unanswered_since, t.unanswered_tx, t.tx_moved = now, 0, now  # sending before we first looked
         elif rx_packets != t.rx or now - t.tx_moved > IDLE_RESET:
             t.unanswered_since = None
-        if tx_packets != t.tx and t.tx >= 0:
+        fresh = last_handshake is not None and now - last_handshake < HANDSHAKE_FRESH
+        if (tx_packets != t.tx and t.tx >= 0) or (send_errors and not fresh):
             t.tx_moved = now
             if t.unanswered_since is None and rx_packets == t.rx:
                 t.unanswered_since, t.unanswered_tx = now, t.tx
         t.tx, t.rx = tx_packets, rx_packets
         if t.unanswered_since is not None:
             waited = now - t.unanswered_since
-            if last_handshake is not None and now - last_handshake < HANDSHAKE_FRESH:
+            if fresh:
                 stuck = waited >= self.session_wait and tx_packets - t.unanswered_tx >= SESSION_UNANSWERED
             else:
                 stuck = waited >= self.no_session_wait

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,7 @@ def _diagnose(*nodes: LabNode) -> str:
     return "\n".join(out)
 
 
-def _peer(st: dict[str, object], name: str) -> dict[str, object]:
+def _peer(st: dict[str, Any], name: str) -> dict[str, Any]:
     peers = st["peers"]
     assert isinstance(peers, list)
     return next(p for p in peers if p["name"] == name)

@@ -215,3 +215,37 @@ async def test_latency_check_over_http_and_none_for_a_closed_port(servers: list[
     port = s.addresses[0][1]
     await s.stop()
     assert await measure_latency(region(901, port), timeout=2.0) is None
+
+
+async def test_c20_home_switch_reported_and_old_home_still_delivers(servers: list[DerpServer]) -> None:
+    """C20 end to end: the home moves only after three slow reports; control is told (on_home_changed), the
+    new relay hears NotePreferred, and a peer still sending to the old home region reaches us there."""
+    s900, s901 = servers
+    dm = DerpMap({900: region(900, s900.addresses[0][1]), 901: region(901, s901.addresses[0][1])})
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    dev_a = RecordingDevice()
+    dev_a.add(kb.public.raw, "192.0.2.2:41641")
+    homes: list[int] = []
+    a = MagicSock(dev_a, ka, on_home_changed=homes.append)
+    a.set_netmap(NetMap(node(1, ka, 0), {2: node(2, kb, 900)}, derp_map=dm))
+    await a.derp.set_derp_map(dm)  # driven by hand: no probe loop measuring loopback
+    b = DerpConnections(kb, lambda *_: None)
+    try:
+        assert a.add_latency_report({900: 0.030, 901: 0.032}) == 900
+        await until(lambda: s900.metrics.home_clients == 1, "NotePreferred at region 900")
+        assert a.add_latency_report({901: 0.032}) == 900  # probe lost, frames recent (the connect)
+        assert a.add_latency_report({900: 0.080, 901: 0.032}) == 900
+        assert a.add_latency_report({900: 0.080, 901: 0.032}) == 900
+        assert a.add_latency_report({900: 0.080, 901: 0.032}) == 901
+        assert homes == [900, 901]
+        await until(
+            lambda: s901.metrics.home_clients == 1 and s900.metrics.home_clients == 0, "preferred moved"
+        )
+        # B still thinks A is at home in 900: the old home connection stays open and delivers.
+        await b.set_derp_map(dm)
+        assert b.send(900, ka.public, WG_DATA)
+        await until(lambda: bool(dev_a.injected), "the packet sent to the old home")
+        assert dev_a.injected == [(kb.public.raw, WG_DATA)]
+    finally:
+        await b.close()
+        await a.close()

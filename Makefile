@@ -57,6 +57,7 @@ test: test-rust test-py
 bench: build
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/derp_relay.py
+	$(PY) benchmarks/connect_time.py
 
 lint: build
 	$(VENV)/bin/ruff check python tests benchmarks

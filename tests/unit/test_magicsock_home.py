@@ -170,6 +170,12 @@ def test_stale_unanswered_sending_is_forgotten() -> None:
 def test_no_endpoint_relays_at_once_no_home_derp_never_relays() -> None:
     p = FallbackPolicy()
     assert observe(p, 0.0, has_endpoint=False) == "relay"
+    assert observe(p, 1.0, has_endpoint=False, tx_packets=3) == "relay"
+    assert observe(p, 2.0, tx_packets=3) == "direct"  # control brought an endpoint: try it
+    assert observe(p, 3.0, tx_packets=4) == "direct"
+    assert observe(p, 9.0, tx_packets=5) == "relay"  # ... which does not answer
+    assert observe(p, 10.0, has_endpoint=False, tx_packets=5) == "relay"
+    assert observe(p, 11.0, tx_packets=5) == "relay"  # relayed for not answering: stays
     q = FallbackPolicy()
     assert observe(q, 0.0, home_derp=0, has_endpoint=False) == "direct"
     for i in range(1, 20):

@@ -3,7 +3,8 @@
 Until disco ("relay from the first packet, upgrade to direct on a pong") replaces it, a peer's path is:
 
 * no home DERP region: direct (there is nowhere to relay through);
-* no direct endpoint: relay at once;
+* no direct endpoint: relay at once (and back to direct when control brings one, unless another rule below
+  has relayed the peer meanwhile);
 * otherwise direct, until the data plane shows we are sending to the peer and hearing nothing back: our
   transmit counter grew and the receive counter did not move for :data:`NO_SESSION_WAIT` seconds while there
   is no fresh WireGuard handshake (REKEY_TIMEOUT 5 s: a handshake would have completed), or for
@@ -17,8 +18,8 @@ Until disco ("relay from the first packet, upgrade to direct on a pong") replace
 * a WireGuard datagram arriving over DERP from a peer with no fresh handshake: relay at once, so the answer
   goes back the way the peer can hear (the peer's direct path to us does not work, or it would not relay).
 
-Relay is sticky: going back to direct is disco's job. :class:`FallbackPolicy` is one small object so the
-daemon can swap it for disco's path selection.
+Otherwise relay is sticky: going back to direct is disco's job. :class:`FallbackPolicy` is one small object
+so the daemon can swap it for disco's path selection.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ HANDSHAKE_FRESH = 130.0  # seconds a handshake counts as fresh (REKEY_AFTER 120 
 @dataclass
 class _PeerTrack:
     path: Path = "direct"
+    no_endpoint: bool = False  # relayed only because the peer had no endpoint
     tx: int = -1
     rx: int = -1
     unanswered_since: float | None = None  # first tx growth since rx last moved
@@ -79,9 +81,13 @@ class FallbackPolicy:
         ``send_errors``: the device's socket refused datagrams since the last call."""
         t = self._peers.setdefault(key, _PeerTrack())
         if home_derp == 0:
-            t.path = "direct"
+            t.path, t.no_endpoint = "direct", False
         elif not has_endpoint:
-            t.path = "relay"
+            if t.path == "direct":
+                t.path, t.no_endpoint = "relay", True
+        elif t.no_endpoint:
+            t.path, t.no_endpoint = "direct", False
+            t.unanswered_since = None
         if t.path == "relay" or home_derp == 0:
             t.tx, t.rx = tx_packets, rx_packets
             return t.path
@@ -103,6 +109,7 @@ class FallbackPolicy:
                 stuck = waited >= self.no_session_wait
             if stuck:
                 t.path = "relay"
+                t.no_endpoint = False
         return t.path
 
     def received_via_derp(
@@ -113,7 +120,7 @@ class FallbackPolicy:
         t = self._peers.setdefault(key, _PeerTrack())
         fresh = last_handshake is not None and now - last_handshake < HANDSHAKE_FRESH
         if home_derp != 0 and not fresh:
-            t.path = "relay"
+            t.path, t.no_endpoint = "relay", False
         return t.path
 
 

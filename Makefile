@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iproute2 iputils-ping nftables iperf3 wireguard-go wireguard-tools procps postgresql \
-	bind9-dnsutils dnsmasq-base dnsperf chromium chromium-driver
+APT_PACKAGES := iproute2 iputils-ping nftables conntrack iperf3 wireguard-go wireguard-tools procps postgresql \
+	stun-client bind9-dnsutils dnsmasq-base dnsperf chromium chromium-driver
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps venv build wheel demo test test-rust test-py bench lint fmt clean
@@ -13,8 +13,8 @@ all: build
 # System packages, only when one is missing (apt-get update first, as Debian needs).
 deps:
 	@missing=""; \
-	for c in ip:iproute2 ping:iputils-ping nft:nftables iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps pg_lsclusters:postgresql \
-	  dig:bind9-dnsutils dnsmasq:dnsmasq-base dnsperf:dnsperf chromium:chromium chromedriver:chromium-driver; do \
+	for c in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps pg_lsclusters:postgresql \
+	  stun:stun-client dig:bind9-dnsutils dnsmasq:dnsmasq-base dnsperf:dnsperf chromium:chromium chromedriver:chromium-driver; do \
 	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -58,6 +58,8 @@ test: test-rust test-py
 
 bench: build
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/derp_relay.py
+	$(PY) benchmarks/connect_time.py
 	$(PY) benchmarks/dns.py
 
 lint: build

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.dns.config import DNSConfig
-from tailpy.errors import ParseError
-from tailpy.keys import MachinePublic, NodePublic
+from tailpy.errors import InvalidKeyError, ParseError
+from tailpy.keys import DiscoPublic, MachinePublic, NodePublic
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class Node:
 
     ``addresses`` are the node's tailnet addresses as CIDR host prefixes ("100.64.0.1/32",
     "fd7a:115c:a1e0::1/128"); ``endpoints`` are "ip:port" / "[ipv6]:port" UDP endpoints where its data plane
-    may be reached; ``last_seen`` unix seconds or None.
+    may be reached; ``last_seen`` unix seconds or None; ``disco_key`` the node's current disco public key
+    (a new one each time its daemon starts; JSON ``"discokey:<hex>"``), None when the node sent none (an old
+    node: peers fall back to a path policy without disco).
     """
 
     id: int
@@ -39,9 +41,11 @@ class Node:
     os: str = ""  # "linux", as the node reports it
     key_expiry: float | None = None  # unix seconds when the node key expires; None = never
     expired: bool = False  # the node key has expired (peers must not talk to it)
+    home_derp: int = 0  # DERP region id of the node's home relay; 0 = none
+    disco_key: DiscoPublic | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "hostname": self.hostname,
@@ -56,7 +60,11 @@ class Node:
             "os": self.os,
             "key_expiry": self.key_expiry,
             "expired": self.expired,
+            "home_derp": self.home_derp,
         }
+        if self.disco_key is not None:
+            out["disco_key"] = self.disco_key.text()
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Node:
@@ -77,6 +85,8 @@ class Node:
                 os=str(obj.get("os", "")),
                 key_expiry=None if obj.get("key_expiry") is None else float(obj["key_expiry"]),
                 expired=bool(obj.get("expired", False)),
+                home_derp=parse_home_derp(obj.get("home_derp", 0)),
+                disco_key=parse_disco_key(obj.get("disco_key")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ParseError(f"malformed node in netmap: {e}") from None
@@ -98,6 +108,31 @@ class Node:
             if ":" in a:
                 return a.split("/")[0]
         return None
+
+
+def parse_disco_key(v: object) -> DiscoPublic | None:
+    """A disco public key from the wire: ``"discokey:<64 hex>"``, or None for null / absent.
+    Raises ParseError."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ParseError(f'disco_key must be a "discokey:<hex>" string, not {v!r}')
+    try:
+        return DiscoPublic.from_text(v)
+    except InvalidKeyError as e:
+        raise ParseError(f"disco_key: {e}") from None
+
+
+MAX_REGION_ID = (1 << 31) - 1
+"""Largest DERP region id (tailcfg's RegionID is a Go int; JSON peers keep to int32)."""
+
+
+def parse_home_derp(v: object) -> int:
+    """Validate a home DERP region id from the wire: an integer 0 (none) .. :data:`MAX_REGION_ID`.
+    Raises ParseError."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_REGION_ID:
+        raise ParseError(f"home_derp must be a DERP region id (0 .. {MAX_REGION_ID}), not {v!r}")
+    return v
 
 
 def _int_field(obj: Mapping[str, Any], name: str, default: int | None = None) -> int:
@@ -395,6 +430,7 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
 
 
 __all__ = [
+    "MAX_REGION_ID",
     "DerpMap",
     "DerpNode",
     "DerpRegion",
@@ -405,4 +441,5 @@ __all__ = [
     "apply_delta",
     "delta",
     "diff",
+    "parse_home_derp",
 ]

@@ -122,3 +122,56 @@ def test_a_second_interrupt_during_cleanup_does_not_stop_it() -> None:
         proc.send_signal(signal.SIGINT)  # close() is now waiting out the grace period
         assert proc.wait(timeout=30) == 128 + signal.SIGINT
         assert not [line for line in _netns_list().splitlines() if line.startswith(prefix)]
+
+
+def test_routers_gateways_routes_and_roaming(lab: Lab) -> None:
+    """Router plumbing without NAT semantics: gateways, routes to non-NAT insides, readdressing, detaching,
+    argument checks, and the router namespaces going away with the lab."""
+    inet = lab.lan("inet", [lab.host("srv")], subnet="203.0.113.0/24")
+    home = lab.lan("home", [lab.host("early")], subnet="198.18.1.0/24")
+    fw = lab.router("fw", inside=home, outside=inet, nat="firewall")
+    late = lab.host("late")
+    home.attach(late)
+    assert fw.inside_ip == "198.18.1.2" and fw.public_ip == "203.0.113.2"  # next free on each LAN
+    assert home.gateway is fw and inet.gateway is None
+    for host in (lab.hosts["early"], late):  # attached before and after the router
+        assert host.default_route() == fw.inside_ip
+    srv = lab.hosts["srv"]
+    assert srv.default_route() is None
+    assert "198.18.1.0/24 via 203.0.113.2" in srv.run(["ip", "-4", "route"]).stdout
+    late.run(["ping", "-c", "1", "-W", "5", srv.ip()])
+    assert fw.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
+    assert srv.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
+
+    old = late.ip()
+    new = home.readdress(late)
+    assert new != old and home.ip(late) == new and late.ip("home") == new
+    assert late.default_route() == fw.inside_ip
+    late.run(["ping", "-c", "1", "-W", "5", srv.ip()])
+    assert home.readdress(late, "198.18.1.200") == "198.18.1.200"
+    with pytest.raises(LabError, match="already used"):
+        home.readdress(late, fw.inside_ip)
+    with pytest.raises(LabError, match="not in LAN"):
+        home.readdress(late, "198.18.2.9")
+    home.detach(late)
+    assert "home" not in late.addresses and late.default_route() is None
+    assert home.attach(late) not in (fw.inside_ip, "198.18.1.200")
+
+    with pytest.raises(LabError, match="unknown router kind 'cone'"):
+        lab.router("bad", inside=lab.lan("x", subnet="198.18.9.0/24"), outside=inet, nat="cone")  # type: ignore[arg-type]
+    with pytest.raises(LabError, match="already has router fw"):
+        lab.router("bad2", inside=home, outside=inet)
+    with pytest.raises(LabError, match="hairpinning needs a NAT router"):
+        lab.router(
+            "bad3", inside=lab.lan("y", subnet="198.18.8.0/24"), outside=inet, nat="none", hairpin=True
+        )
+    assert not {"bad", "bad2", "bad3"} & set(lab.hosts)  # nothing half-built was left
+
+    cgn_lan = lab.lan("cgn", subnet="198.19.1.0/24")
+    nat = lab.router("cgn", inside=cgn_lan, outside=inet, nat="edm", udp_timeout=25)
+    for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+        assert nat.run(["sysctl", "-n", f"net.netfilter.{key}"]).stdout.strip() == "25"
+    assert "fully-random" in nat.run(["nft", "list", "ruleset"]).stdout
+    names = lab.namespaces()
+    lab.close()
+    assert not set(names) & set(_ours(lab)) and _ours(lab) == []

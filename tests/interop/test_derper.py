@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ import pytest
 
 from tailpy.derp.client import DerpClient, DerpClientError, Message, ReconnectingDerpClient
 from tailpy.keys import NodePrivate
+from tailpy.lab import Lab, wait_for
+from tailpy.lab.tailnet import LabTailnet
 from tailpy.proto.derp import PeerGone, PeerGoneReason, RecvPacket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +38,11 @@ from _tailscale_go import (
 pytestmark = pytest.mark.interop
 
 DISCO_MAGIC = "TS💬".encode()
+
+_HTTP_PROBE = (
+    "import sys, urllib.request\n"
+    "try:\n    urllib.request.urlopen(sys.argv[1], timeout=1).read()\nexcept Exception:\n    sys.exit(1)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +322,68 @@ def test_derpprobe_against_tailpy_derp_serve(go_tools: GoTools, tmp_path: Path) 
         assert re.search(r"good: derp/test/900a/900a/mesh", result.stderr), result.stderr[-2000:]
     finally:
         stop_process(proc)
+
+
+# ---- two tailpy nodes relaying through derper ----
+
+DERPER_PORT = 3341
+
+
+@pytest.mark.lab
+def test_two_tailpy_nodes_relay_through_derper(go_tools: GoTools, lab: Lab) -> None:
+    """Control with --no-derp and a --derp-map naming derper (plain HTTP, in the control host's namespace);
+    two nodes with UDP between them dropped ping both ways through derper, and status says relay "derper"."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft (Debian package nftables) is not installed")
+    net = LabTailnet(lab)
+    host_ip = net.lan.ip(net.control_host)
+    workdir = net.root / "derper"
+    workdir.mkdir()
+    log = open(workdir / "derper.log", "wb")  # noqa: SIM115 - the child owns it
+    derper = net.control_host.popen(
+        [
+            str(go_tools.derper),
+            "-a", f"0.0.0.0:{DERPER_PORT}", "-http-port=-1", "-stun=false", "-home=blank",
+            "-c", str(workdir / "derper.key"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log.close()
+    probe = [sys.executable, "-c", _HTTP_PROBE, f"http://{host_ip}:{DERPER_PORT}/generate_204"]
+    wait_for(
+        lambda: derper.poll() is None and net.control_host.run(probe, check=False).returncode == 0,
+        timeout=30,
+        what="derper to answer",
+        interval=0.2,
+    )
+    dm = _derp_map(host_ip, DERPER_PORT)
+    region = dm["Regions"]["900"]  # type: ignore[index]
+    region["RegionID"], region["RegionCode"] = 901, "derper"
+    region["Nodes"][0].update({"Name": "901a", "RegionID": 901, "IPv4": host_ip, "IPv6": ""})
+    map_file = workdir / "derpmap.json"
+    map_file.write_text(json.dumps({"Regions": {"901": region}}))
+    net.start_control("--no-derp", "--derp-map", str(map_file), "--derp-hostname", host_ip)
+    a, b = net.connected("a", "b")
+    with lab.block_udp(a.host, b.host):
+        for node in (a, b):
+            wait_for(
+                lambda node=node: node.status()["self"]["home_derp"] == 901,  # type: ignore[misc]
+                timeout=60,
+                what=f"{node.name} to make derper's region its home",
+                interval=0.5,
+            )
+
+        def pings() -> bool:
+            return a.host.run(["ping", "-c", "1", "-W", "2", b.ip()], check=False, timeout=30).returncode == 0
+
+        wait_for(pings, timeout=90, what="a to ping b through derper", interval=0.5)
+        a.ping(b.ip(), count=3)
+        b.ping(a.ip(), count=3)
+        for node, other in ((a, b), (b, a)):
+            st = node.status()
+            p = next(p for p in st["peers"] if p["name"] == other.name)
+            assert p["path"] == "relay" and p["relay_region_code"] == "derper", p
+            row = next(line for line in node.cli("status").splitlines() if f" {other.name} " in line)
+            assert 'relay "derper"' in row, row
+    assert derper.poll() is None, (workdir / "derper.log").read_text(errors="replace")[-1500:]

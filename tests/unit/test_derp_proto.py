@@ -270,3 +270,29 @@ def test_fuzz_well_framed_any_payload(frames: list[bytes], step: int) -> None:
 def test_fuzz_open_client_info(sealed: bytes) -> None:
     with contextlib.suppress(ParseError):
         json.dumps(derp.open_client_info(SERVER, derp.ClientInfo(A, sealed)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frame_headers, max_size=6), st.integers(min_value=1, max_value=17), st.binary(max_size=12))
+def test_fuzz_feed_raw_matches_feed(frames: list[bytes], step: int, junk: bytes) -> None:
+    """feed_raw (the server's fast path) splits any stream exactly where feed does and raises only
+    ParseError; parsing its (type, payload) pairs gives feed's frames."""
+    wire = b"".join(frames) + junk
+    raw_reader, reader = derp.FrameReader(max_frame_len=100), derp.FrameReader(max_frame_len=100)
+    raw: list[tuple[int, bytes]] = []
+    try:
+        for i in range(0, len(wire), step):
+            raw += raw_reader.feed_raw(wire[i : i + step])
+    except ParseError:
+        with pytest.raises(ParseError):
+            reader.feed(wire)
+        return
+    assert raw_reader.buffered == len(wire) - sum(5 + len(p) for _, p in raw)
+    try:
+        want = reader.feed(wire)
+    except ParseError:
+        with pytest.raises(ParseError):
+            for t, p in raw:
+                derp.parse_frame(t, p)
+        return
+    assert [derp.parse_frame(t, p) for t, p in raw] == want

@@ -418,3 +418,39 @@ def test_cli_errors_are_one_sentence(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "is not HOST:PORT" in r.output
     r = runner.invoke(cli, ["derp", "--help"])
     assert r.exit_code == 0 and "serve" in r.output
+
+
+async def test_fast_path_keeps_order_across_senders_and_bursts(server: DerpServer) -> None:
+    """Bursts written in one go (many SendPackets per read, gathered per destination and written once)
+    arrive complete and in order from each sender; a frame split across reads still relays."""
+    rx = await Client().login(port_of(server))
+    tx1, tx2 = await Client().login(port_of(server)), await Client().login(port_of(server))
+    n = 300
+    burst1 = b"".join(proto.encode_send_packet(rx.public, b"1" + i.to_bytes(4, "big")) for i in range(n))
+    burst2 = b"".join(proto.encode_send_packet(rx.public, b"2" + i.to_bytes(4, "big")) for i in range(n))
+    tx1.writer.write(burst1[:1001])  # (mid-frame)
+    tx2.writer.write(burst2)
+    await asyncio.sleep(0.05)
+    tx1.writer.write(burst1[1001:])
+    got: dict[bytes, list[int]] = {b"1": [], b"2": []}
+    srcs = {b"1": tx1.public, b"2": tx2.public}
+    while len(got[b"1"]) + len(got[b"2"]) < 2 * n:
+        f = await rx.recv(skip=(proto.KeepAlive,))
+        assert isinstance(f, proto.RecvPacket)
+        tag = f.data[:1]
+        assert f.src == srcs[tag]
+        got[tag].append(int.from_bytes(f.data[1:], "big"))
+    assert got[b"1"] == list(range(n)) and got[b"2"] == list(range(n))
+    assert server.metrics.packets_relayed == 2 * n and server.metrics.bytes_relayed == 2 * n * 5
+    for c in (rx, tx1, tx2):
+        await c.close()
+
+
+async def test_fast_path_short_send_packet_closes_only_that_client(server: DerpServer) -> None:
+    a, b = await Client().login(port_of(server)), await Client().login(port_of(server))
+    a.writer.write(proto.encode_header(proto.FrameType.SEND_PACKET, 10) + b"x" * 10)
+    await a.expect_eof()
+    b.send(proto.Ping(b"12345678"))
+    assert await b.recv(skip=(proto.KeepAlive,)) == proto.Pong(b"12345678")
+    await eventually(lambda: server.metrics.disconnects["bad_frame"] == 1)
+    await b.close()

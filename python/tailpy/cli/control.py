@@ -135,9 +135,10 @@ def derp_advertised_host(derp_host: str | None, listen_host: str | None, hostnam
     return None
 
 
-def embedded_derp_map(host: str, port: int, region_id: int, region_code: str) -> DerpMap:
+def embedded_derp_map(host: str, port: int, region_id: int, region_code: str, stun_port: int = -1) -> DerpMap:
     """The one-region, one-node DERP map of the embedded relay at ``host:port`` (plain HTTP, so
-    InsecureForTests; no STUN: STUNPort -1). An IP literal also goes into IPv4 / IPv6."""
+    InsecureForTests) with its STUN server on UDP ``stun_port`` (-1: none). An IP literal also goes into
+    IPv4 / IPv6."""
     import ipaddress
 
     from tailpy.netmap import DerpMap, DerpNode, DerpRegion
@@ -155,7 +156,7 @@ def embedded_derp_map(host: str, port: int, region_id: int, region_code: str) ->
         host_name=host,
         ipv4=ipv4,
         ipv6=ipv6,
-        stun_port=-1,
+        stun_port=stun_port,
         derp_port=port,
         insecure_for_tests=True,
     )
@@ -202,6 +203,25 @@ def command() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Tailscale-shaped DERP map JSON of external relays, sent with (or, with --no-derp, instead of) "
     "the embedded one.",
+)
+@click.option(
+    "--derp-verify-clients/--no-derp-verify-clients",
+    default=True,
+    show_default=True,
+    help="The embedded relay admits only this tailnet's nodes (live, unexpired node keys).",
+)
+@click.option(
+    "--stun/--no-stun",
+    default=True,
+    show_default=True,
+    help="Run a STUN server beside the embedded relay (UDP, on its host) and put it in the DERP map.",
+)
+@click.option(
+    "--stun-port",
+    default=3478,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="UDP port of that STUN server (0 picks one).",
 )
 @click.option(
     "--oidc-issuer", default=None, help="OpenID Connect provider's issuer URL: enables browser login."
@@ -256,6 +276,9 @@ def serve(
     derp_region_id: int,
     derp_region_code: str,
     derp_map_file: Path | None,
+    derp_verify_clients: bool,
+    stun: bool,
+    stun_port: int,
     oidc_issuer: str | None,
     oidc_client_id: str | None,
     oidc_client_secret_file: Path | None,
@@ -276,12 +299,18 @@ def serve(
     it at --derp-hostname, else at --derp-listen's host, else at --listen's host; when all of these are
     every address (0.0.0.0, ::) the relay runs but is left out of the map (a warning says so). A relay that
     cannot listen (port taken) is logged and left out too: control serves regardless. --derp-map adds
-    external relays (a Tailscale DERPMap JSON file; region ids must differ from the embedded one)."""
+    external relays (a Tailscale DERPMap JSON file; region ids must differ from the embedded one).
+
+    Unless --no-stun, a STUN server answers on UDP --stun-port (3478) of the relay's host and the map says
+    so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1)."""
     from tailpy.control import ControlServer, Store
     from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
     from tailpy.control.server import http_url
     from tailpy.derp.server import DerpServer, load_or_create_key
+    from tailpy.derp.stun_server import StunServer
+    from tailpy.derp.verify import local_admission
     from tailpy.errors import ParseError
+    from tailpy.magicsock.stun import format_endpoint
 
     host, port = _parse_listen(listen)
     derp_host, derp_port = host, DERP_PORT
@@ -330,7 +359,9 @@ def serve(
 
     async def run() -> None:
         relay: DerpServer | None = None
+        stun_server: StunServer | None = None
         derp_note: tuple[int, str] | None = None  # logged after the "listening" line (read first by tools)
+        stun_note: tuple[int, str] | None = None
         derp_map = external
         if derp_key is not None:
             relay = DerpServer(derp_key)
@@ -346,6 +377,27 @@ def serve(
                     f"embedded DERP relay cannot listen on {where} ({why}): left out",
                 )
             else:
+                advertised_stun = -1
+                if stun:
+                    stun_server = StunServer()
+                    stun_host = None if derp_host == "0.0.0.0" else derp_host
+                    try:
+                        await stun_server.start(stun_host, stun_port)
+                    except OSError as e:
+                        stun_server = None
+                        stun_note = (
+                            logging.WARNING,
+                            f"STUN server cannot listen on UDP {stun_host or '*'}:{stun_port} "
+                            f"({e.strerror or e}): left out of the DERP map",
+                        )
+                    else:
+                        relay.extra_metrics.append(stun_server.metrics.prometheus)
+                        advertised_stun = stun_server.addresses[0][1]
+                        stun_note = (
+                            logging.INFO,
+                            "STUN server listening on "
+                            + ", ".join(f"udp {format_endpoint(h, p)}" for h, p in stun_server.addresses),
+                        )
                 bound = relay.addresses[0][1] if relay.addresses else derp_port
                 advertised = derp_advertised_host(derp_host, host, derp_hostname)
                 urls = ", ".join(f"{http_url(h, p)}/derp" for h, p in relay.addresses)
@@ -356,7 +408,9 @@ def serve(
                         "out of the DERP map: pass --derp-hostname (the host or IP nodes reach it at)",
                     )
                 else:
-                    own = embedded_derp_map(advertised, bound, derp_region_id, derp_region_code)
+                    own = embedded_derp_map(
+                        advertised, bound, derp_region_id, derp_region_code, advertised_stun
+                    )
                     try:
                         derp_map = own if external is None else own.merged(external)
                     except ParseError as e:  # (region ids were checked above)
@@ -371,12 +425,16 @@ def serve(
         server = ControlServer(
             store, key_lifetime=lifetime, ephemeral_timeout=gc_after, derp_map=derp_map, oidc=oidc
         )
+        if relay is not None and derp_verify_clients:
+            relay.verify_client = local_admission(server.derp_admits)
         admin = AdminServer(Admin(store, server=server, key_lifetime=lifetime), state_dir / SOCKET_NAME)
         await admin.start()
         try:
             await server.start(host, port)
         except OSError as e:
             await admin.stop()
+            if stun_server is not None:
+                await stun_server.stop()
             if relay is not None:
                 await relay.stop()
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
@@ -398,10 +456,14 @@ def serve(
             log.info("login with %s enabled; login links start at %s", oidc.issuer, oidc.server_url)
         regions = sorted(derp_map.regions) if derp_map is not None else []
         log.info("DERP map: %s", ", ".join(map(str, regions)) if regions else "none")
+        if stun_note is not None:
+            log.log(*stun_note)
         await stop.wait()
         logging.getLogger("tailpy.control").info("shutting down")
         await admin.stop()
         await server.stop()
+        if stun_server is not None:
+            await stun_server.stop()
         if relay is not None:
             await relay.stop()
 

@@ -29,13 +29,62 @@ def command() -> None:
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT to serve on.")
 @click.option("--certfile", type=click.Path(dir_okay=False, path_type=Path), help="TLS certificate (PEM).")
 @click.option("--keyfile", type=click.Path(dir_okay=False, path_type=Path), help="TLS private key (PEM).")
-def serve(state_dir: Path, listen: str, certfile: Path | None, keyfile: Path | None) -> None:
+@click.option(
+    "--verify-clients",
+    is_flag=True,
+    help="Admit only node keys the control server (--control-url) knows and has not expired.",
+)
+@click.option(
+    "--control-url", help="The tailpy control server asked by --verify-clients (http(s)://host:port)."
+)
+@click.option(
+    "--verify-client-url",
+    help="Admission controller URL (Tailscale's derper -verify-client-url protocol); fails closed.",
+)
+@click.option("--stun/--no-stun", default=True, show_default=True, help="Run the STUN server.")
+@click.option(
+    "--stun-port",
+    default=3478,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="UDP port of the STUN server, on --listen's host (0 picks one).",
+)
+def serve(
+    state_dir: Path,
+    listen: str,
+    certfile: Path | None,
+    keyfile: Path | None,
+    verify_clients: bool,
+    control_url: str | None,
+    verify_client_url: str | None,
+    stun: bool,
+    stun_port: int,
+) -> None:
     """Serve DERP at /derp (plus /derp/probe, /derp/latency-check, /generate_204 and /debug/metrics from
-    loopback) until SIGTERM or SIGINT; plain HTTP unless --certfile and --keyfile are given."""
+    loopback) until SIGTERM or SIGINT; plain HTTP unless --certfile and --keyfile are given.
+
+    With --verify-clients (and --control-url) or --verify-client-url, each client's node key is checked at
+    login (POST {"NodePublic", "Source"} -> {"Allow"}); refused keys, and every key while the check does not
+    answer, are closed with a Health frame saying why.
+
+    Unless --no-stun, a STUN Binding server (RFC 8489) answers on UDP --stun-port (3478) of --listen's host
+    (every address, IPv4 and IPv6, when that is 0.0.0.0 or empty), as Tailscale's derper does; its counters
+    are in /debug/metrics. A STUN port that cannot be bound is logged, and the relay serves without STUN."""
     from tailpy.cli.control import _parse_listen
     from tailpy.derp.server import DerpServer, load_or_create_key
+    from tailpy.derp.stun_server import StunServer
+    from tailpy.derp.verify import AdmissionURL, control_admission_url
 
     host, port = _parse_listen(listen)
+    if verify_clients and verify_client_url:
+        raise ConfigError("give --verify-clients (with --control-url) or --verify-client-url, not both")
+    if verify_clients and not control_url:
+        raise ConfigError("--verify-clients asks the control server: pass --control-url http(s)://host:port")
+    if control_url and not verify_clients:
+        raise ConfigError("--control-url is used only with --verify-clients")
+    admit_url = control_admission_url(control_url) if verify_clients and control_url else verify_client_url
+    if admit_url is not None and not admit_url.startswith(("http://", "https://")):
+        raise ConfigError(f"admission URL {admit_url!r} must start with http:// or https://")
     if (certfile is None) != (keyfile is None):
         raise ConfigError(
             "--certfile and --keyfile go together: give both for TLS, or neither for plain HTTP"
@@ -60,22 +109,49 @@ def serve(state_dir: Path, listen: str, certfile: Path | None, keyfile: Path | N
     log = logging.getLogger("tailpy.derp")
 
     async def run() -> None:
-        server = DerpServer(key)
+        verifier = AdmissionURL(admit_url) if admit_url is not None else None
+        server = DerpServer(key, verify_client=verifier)
         try:
             await server.start(host, port, ctx)
         except OSError as e:
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        if admit_url is not None:
+            log.info("DERP clients are verified at %s (refused while it does not answer)", admit_url)
         scheme = "https" if ctx else "http"
         where = ", ".join(
             f"{scheme}://{h if ':' not in h else f'[{h}]'}:{p}/derp" for h, p in server.addresses
         )
         log.info("DERP relay listening on %s (key %s)", where, key.public.text())
+        stun_server: StunServer | None = None
+        if stun:
+            stun_server = StunServer()
+            stun_host = None if host in (None, "0.0.0.0") else host
+            try:
+                await stun_server.start(stun_host, stun_port)
+            except OSError as e:  # (the relay serves on, as derper's does)
+                stun_server = None
+                log.warning(
+                    "STUN server cannot listen on UDP %s:%d (%s): no STUN; pass another --stun-port",
+                    stun_host or "*",
+                    stun_port,
+                    e.strerror or e,
+                )
+            else:
+                server.extra_metrics.append(stun_server.metrics.prometheus)
+                log.info(
+                    "STUN server listening on %s",
+                    ", ".join(f"udp {h if ':' not in h else f'[{h}]'}:{p}" for h, p in stun_server.addresses),
+                )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        if stun_server is not None:
+            await stun_server.stop()
         await server.stop()
+        if verifier is not None:
+            await verifier.aclose()
 
     asyncio.run(run())

@@ -33,13 +33,15 @@ def human_bytes(n: float) -> str:
 
 
 def peer_state(p: dict[str, Any], now: float) -> str:
-    """The status column: expired; offline with last seen; active/idle with the path and traffic."""
+    """The status column: expired; offline with last seen; active/idle with the path (``direct <ip:port>``
+    or ``relay "<DERP region code>"``) and traffic."""
     if p["expired"]:
         return "expired"
     if not p["online"] and not p["active"]:
         return f"offline, last seen {ago(p['last_seen'], now)}"
     if p["path"] == "relay":
-        path = "relay"
+        code = p.get("relay_region_code") or ""
+        path = f'relay "{code}"' if code else "relay"
     elif p["endpoint"]:
         path = f"direct {p['endpoint']}"
     else:
@@ -71,7 +73,9 @@ def render(st: dict[str, Any], console: Console) -> None:
 
     rows: list[tuple[str, ...]] = []
     if me["addresses"]:
-        rows.append((first_ip(me), me["name"] or me["hostname"], _owner(me), me.get("os") or "-", "-"))
+        code = me.get("home_derp_code") or (str(me["home_derp"]) if me.get("home_derp") else "")
+        home = f'home DERP "{code}"' if code else "-"
+        rows.append((first_ip(me), me["name"] or me["hostname"], _owner(me), me.get("os") or "-", home))
     for p in st["peers"]:
         rows.append((first_ip(p), p["name"], _owner(p), p["os"] or "-", peer_state(p, now)))
     # Plain aligned columns, never wrapped or cut, whatever the terminal width (as `tailscale status`).
@@ -89,8 +93,8 @@ def render(st: dict[str, Any], console: Console) -> None:
 @json_option
 @socket_option
 def command(as_json: bool, socket_path: str) -> None:
-    """Show this node and its peers: address, name, owner, OS, and active/idle with the path (direct
-    ip:port or relay), offline with last seen, or expired."""
+    """Show this node (with its home DERP region) and its peers: address, name, owner, OS, and active/idle
+    with the path (direct ip:port, or relay "region" through DERP), offline with last seen, or expired."""
     st = run(local(socket_path).status())
     if as_json:
         click.echo(json.dumps(st, indent=2))

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, NotRegisteredError, ParseError
-from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
+from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
 from tailpy.proto import control as proto
 
@@ -263,7 +263,27 @@ class ControlClient:
 
     async def update_endpoints(self, endpoints: list[str]) -> None:
         """Tell the server this node's UDP endpoints ("ip:port" / "[ipv6]:port"); pushed to every peer."""
-        await self._call("/machine/update", {"endpoints": list(endpoints)})
+        await self.update(endpoints=endpoints)
+
+    async def update(
+        self,
+        *,
+        endpoints: list[str] | None = None,
+        home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
+    ) -> None:
+        """Tell the server what changed of this node: its UDP endpoints ("ip:port" / "[ipv6]:port"), its
+        home DERP region id (0: none) and/or its disco public key; pushed to every peer. Raises
+        ControlError."""
+        body: dict[str, Any] = {}
+        if disco_key is not None:
+            body["disco_key"] = disco_key.text()
+        if endpoints is not None:
+            body["endpoints"] = list(endpoints)
+        if home_derp is not None:
+            body["home_derp"] = home_derp
+        if body:
+            await self._call("/machine/update", body)
 
     def _node(self, body: Mapping[str, Any]) -> Node:
         try:
@@ -278,11 +298,14 @@ class ControlClient:
         hostname: str,
         *,
         resume: tuple[str, int] | None = None,
+        home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
     ) -> AsyncIterator[MapMessage]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
         (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
         of the last message applied, to get a delta since then instead of a full netmap (the server decides:
-        the first message says which).
+        the first message says which). ``home_derp``: this node's home DERP region id (0: none; None: leave
+        what the server has). ``disco_key``: this node's disco public key (None: leave what the server has).
 
         Ends with ControlError when the stream breaks, the server closes it, or nothing arrives for
         ``stream_silence`` seconds.
@@ -295,6 +318,10 @@ class ControlClient:
         }
         if resume is not None:
             body["resume"] = {"generation": resume[0], "version": resume[1]}
+        if home_derp is not None:
+            body["home_derp"] = home_derp
+        if disco_key is not None:
+            body["disco_key"] = disco_key.text()
         req = proto.seal_request(self.machine_key, server_key, "/machine/map", body, now=self.clock())
         opener = proto.StreamOpener(self.machine_key, server_key, req.nonce_id)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.stream_silence)
@@ -329,7 +356,13 @@ class ControlClient:
         raise ControlError(f"control server at {self.server_url} closed the map stream")
 
     async def stream_map(
-        self, node_key: NodePublic, endpoints: list[str], hostname: str
+        self,
+        node_key: NodePublic,
+        endpoints: list[str],
+        hostname: str,
+        *,
+        home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
     ) -> AsyncIterator[NetMap]:
         """Open the map stream and yield the full netmap after each message the server sends: the netmap
         first, then the netmap with each delta applied (keepalives are consumed here).
@@ -343,7 +376,9 @@ class ControlClient:
         state = self.map_state
         resume = None if state is None else (state.generation, state.version)
         first = True
-        async for msg in self.stream_messages(node_key, endpoints, hostname, resume=resume):
+        async for msg in self.stream_messages(
+            node_key, endpoints, hostname, resume=resume, home_derp=home_derp, disco_key=disco_key
+        ):
             if first and msg.type == "netmap":
                 state = None  # the server could not resume: start over
             first = False

@@ -16,12 +16,19 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   ``oidc`` only.
 * ``POST /machine/logout`` sealed ``{node_key}`` -> sealed ``{"node": Node JSON}``: the node's key is expired
   and logged out (its record stays; a later register with an auth key brings it back).
-* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, resume?: {generation, version}}`` -> a
-  stream (``application/x-ndjson``, chunked), one sealed message per line: a full netmap (or, resuming, a
-  delta since ``version``) first, then a ``delta`` per change the node can see, keepalives after
-  :attr:`ControlServer.keepalive` seconds of silence; the exact format is in :mod:`tailpy.control.mapper`.
-  The node is online while one of its map streams is open.
-* ``POST /machine/update`` sealed ``{endpoints}`` -> sealed ``{"node": Node JSON}``; pushed to all streams.
+* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, resume?:
+  {generation, version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message per line: a
+  full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the node can
+  see, keepalives after :attr:`ControlServer.keepalive` seconds of silence; the exact format is in
+  :mod:`tailpy.control.mapper`. The node is online while one of its map streams is open.
+* ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?}`` (at least one) -> sealed
+  ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed on
+  (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current
+  disco public key (peers' disco pings are sealed to it).
+* ``POST /derp/admit`` plain JSON ``{"NodePublic": "nodekey:<hex>", "Source": ip}`` -> ``{"Allow": bool}``:
+  DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
+  when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
+  derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
 
 Every request acts only on the node of the machine key that sealed it. Errors: 400 malformed, 401 a box that
 does not open / stale or replayed request / refused auth key, 403 an unregistered machine or wrong node key;
@@ -35,6 +42,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import time
 from collections import Counter
@@ -48,13 +56,14 @@ from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
-from tailpy.keys import NodePublic
-from tailpy.netmap import DerpMap, NetMap, Node
+from tailpy.keys import DiscoPublic, NodePublic
+from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
 
 MAX_ENDPOINTS = 64
+DERP_ADMIT_PATH = "/derp/admit"  # (tailpy.derp.verify.CONTROL_ADMIT_PATH)
 EPHEMERAL_TIMEOUT = 1800.0  # seconds an ephemeral node may be offline before it is removed
 POLL_INTERVAL = 5.0  # seconds between looks for changes made by other processes (admin commands)
 
@@ -169,6 +178,7 @@ class ControlServer:
         app.router.add_post("/machine/map", self._map)
         app.router.add_post("/machine/update", self._update)
         app.router.add_post("/machine/logout", self._logout)
+        app.router.add_post(DERP_ADMIT_PATH, self._derp_admit)
         if self.logins is not None:
             self.logins.install(app)
         app.on_startup.append(self._on_startup)
@@ -305,6 +315,26 @@ class ControlServer:
         self._timer_at = None
         self._lifecycle()
 
+    def derp_admits(self, node_key: NodePublic) -> bool:
+        """True when ``node_key`` is the current key of a live node that is not expired or logged out (as
+        the netmap streams know the nodes: admin changes from other processes count after the next poll)."""
+        now = self.clock()
+        for n in self.mapper.nodes.values():
+            if n.node_key == node_key:
+                return not n.expired and (n.key_expiry is None or n.key_expiry > now)
+        return False
+
+    async def _derp_admit(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.content.read(4096))
+            key = NodePublic.from_text(str(body["NodePublic"]))
+        except (ValueError, TypeError, KeyError, InvalidKeyError):
+            return web.json_response({"error": 'expected JSON {"NodePublic": "nodekey:<hex>"}'}, status=400)
+        allow = self.derp_admits(key)
+        if not allow:
+            log.info("DERP admission refused for %s from %s", key.short(), body.get("Source", "?"))
+        return web.json_response({"Allow": allow})
+
     def netmap(self, node_id: int) -> NetMap | None:
         """The netmap of node ``node_id`` as streams know it (None if it is not live)."""
         return self.mapper.netmap(node_id)
@@ -431,12 +461,23 @@ class ControlServer:
 
     async def _update(self, request: web.Request) -> web.StreamResponse:
         def do(req: proto.OpenedRequest) -> web.Response:
+            body = req.body
+            if "endpoints" not in body and "home_derp" not in body and "disco_key" not in body:
+                raise _Refused(400, "an update needs 'endpoints' or 'home_derp' or 'disco_key'")
             try:
-                endpoints = parse_endpoints(req.body.get("endpoints"))
+                endpoints = parse_endpoints(body["endpoints"]) if "endpoints" in body else None
+                home_derp = parse_home_derp(body["home_derp"]) if "home_derp" in body else None
+                disco_key = parse_disco_key(body.get("disco_key"))
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             self._live_node(req, None)
-            node = self.store.update_node(req.machine_key, endpoints=endpoints, now=self.clock())
+            node = self.store.update_node(
+                req.machine_key,
+                endpoints=endpoints,
+                home_derp=home_derp,
+                disco_key=disco_key,
+                now=self.clock(),
+            )
             if node is None:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
             self.mapper.publish(node)
@@ -450,6 +491,8 @@ class ControlServer:
             hostname = _str_field(req.body, "hostname", required=False)
             try:
                 endpoints = parse_endpoints(req.body.get("endpoints", []))
+                home_derp = parse_home_derp(req.body["home_derp"]) if "home_derp" in req.body else None
+                disco_key = parse_disco_key(req.body.get("disco_key"))
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
@@ -458,18 +501,29 @@ class ControlServer:
             resp.enable_chunked_encoding()
             await resp.prepare(request)
             stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume)
-            await self._serve_stream(resp, stream, endpoints, hostname)
+            await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key)
             return resp
 
         return await self._handle(request, "/machine/map", do)
 
     async def _serve_stream(
-        self, resp: web.StreamResponse, stream: MapStream, endpoints: list[str], hostname: str | None
+        self,
+        resp: web.StreamResponse,
+        stream: MapStream,
+        endpoints: list[str],
+        hostname: str | None,
+        home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
     ) -> None:
         self._online[stream.node_id] += 1
         try:
             node = self.store.update_node(
-                stream.machine_key, endpoints=endpoints, hostname=hostname, now=self.clock()
+                stream.machine_key,
+                endpoints=endpoints,
+                hostname=hostname,
+                home_derp=home_derp,
+                disco_key=disco_key,
+                now=self.clock(),
             )
             if node is None:
                 self.publish_removed(stream.node_id)

@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from tailpy.control import names
 from tailpy.errors import AuthKeyError, ConfigError, ControlError
-from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
+from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
 
 DB_NAME = "control.db"
@@ -179,10 +179,20 @@ def _m3(conn: Connection) -> None:
             )
 
 
-def _m6(conn: Connection) -> None:
+def _m4(conn: Connection) -> None:
+    """4: ``home_derp`` on nodes: the DERP region id the node reports as its home (0 = none)."""
+    _add_columns(conn, "nodes", sa.Column("home_derp", sa.Integer, nullable=False, server_default="0"))
+
+
+def _m5_disco_key(conn: Connection) -> None:
+    """5: ``disco_key`` on nodes: the node's current disco public key, ``discokey:<hex>`` ("" = none sent)."""
+    _add_columns(conn, "nodes", sa.Column("disco_key", sa.Text, nullable=False, server_default=""))
+
+
+def _m6_oidc(conn: Connection) -> None:
     """6 (issue 7, OpenID Connect login): users get ``oidc_issuer``, ``oidc_subject`` (unique together),
     ``email`` and ``display_name``; ``pending_nodes`` holds logins waiting for an admin's approval (see
-    :mod:`tailpy.control.identity`). Named 6 to follow main's 4 and 5."""
+    :mod:`tailpy.control.identity`)."""
     _add_columns(
         conn,
         "users",
@@ -209,7 +219,7 @@ def _m6(conn: Connection) -> None:
     md.create_all(conn)
 
 
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m6)
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m4, _m5_disco_key, _m6_oidc)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
 
@@ -269,6 +279,8 @@ nodes = sa.Table(
     sa.Column("key_expiry", sa.Float),
     sa.Column("expiry_disabled", sa.Boolean),
     sa.Column("logged_out", sa.Boolean),
+    sa.Column("home_derp", sa.Integer),
+    sa.Column("disco_key", sa.Text),
 )
 
 
@@ -937,12 +949,19 @@ class Store:
         now: float,
         endpoints: Sequence[str] | None = None,
         hostname: str | None = None,
+        home_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
     ) -> Node | None:
-        """Set the endpoints and/or hostname of ``machine_key``'s live node and its last_seen; None if there
-        is no such node. (The node's name stays: only an admin rename changes it.)"""
+        """Set the endpoints, hostname, home DERP region id (0: none) and/or disco public key of
+        ``machine_key``'s live node and its last_seen; None if there is no such node. (The node's name stays:
+        only an admin rename changes it.)"""
         values: dict[str, Any] = {"last_seen": now}
+        if disco_key is not None:
+            values["disco_key"] = disco_key.text()
         if endpoints is not None:
             values["endpoints"] = json.dumps(list(endpoints))
+        if home_derp is not None:
+            values["home_derp"] = home_derp
         if hostname is not None:
             values["hostname"] = hostname
         where = (nodes.c.machine_key == machine_key.text(), nodes.c.deleted.is_(None))
@@ -1131,6 +1150,8 @@ def _to_node(row: Any, now: float) -> Node:
         os=row.os or "",
         key_expiry=row.key_expiry,
         expired=bool(row.logged_out) or (row.key_expiry is not None and row.key_expiry <= now),
+        home_derp=int(row.home_derp or 0),
+        disco_key=DiscoPublic.from_text(row.disco_key) if row.disco_key else None,
     )
 
 

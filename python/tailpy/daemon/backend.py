@@ -16,7 +16,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tailpy import netmap as nm
 from tailpy.asyncutil import wait_event
@@ -27,6 +27,7 @@ from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
+from tailpy.magicsock import MagicSock
 from tailpy.proto import control as proto
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ class DataPlane(Protocol):
         preshared_key: bytes | None = None,
     ) -> None: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
+    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None: ...
+    def inject(self, public_key: bytes, datagram: bytes) -> None: ...
+    def send_datagram(self, data: bytes, endpoint: str) -> None: ...
     def set_private_key(self, private_key: bytes) -> None: ...
     def fileno(self) -> int: ...
     def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
@@ -120,7 +124,11 @@ class Backend:
         self._endpoints: list[str] = []
         self.changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
-        self.ignored_datagrams = 0  # STUN/disco/relay datagrams drained with no consumer yet
+        self.ignored_datagrams = 0  # STUN/disco datagrams drained with no consumer yet
+        # DERP home region, relay and path policy; made with the device when an event loop runs.
+        self.magicsock: MagicSock | None = None
+        self._home_changed = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
         self._rotate_before = rotate_before
         self.auth_url = ""  # where the user signs in while an interactive login waits (issue 7)
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
@@ -335,6 +343,7 @@ class Backend:
         await self._stop_login()
         await self._stop_session()
         self._close_device()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- the session with control ----------------------------------------------------------------------
 
@@ -361,6 +370,7 @@ class Backend:
                 asyncio.create_task(self._follow(client), name="follow"),
                 asyncio.create_task(self._rotate_when_due(client), name="rotate"),
                 asyncio.create_task(self._refresh_endpoints(client), name="endpoints"),
+                asyncio.create_task(self._report_home(client), name="home-derp"),
             }
             rotated = False
             try:
@@ -413,7 +423,10 @@ class Backend:
     async def _follow(self, client: ControlClient) -> None:
         s = self.state_data
         self._endpoints = self._local_endpoints()
-        async for netmap in client.stream_map(s.node_key.public, self._endpoints, s.hostname):
+        self._home_changed.clear()  # the map request carries the current home
+        async for netmap in client.stream_map(
+            s.node_key.public, self._endpoints, s.hostname, home_derp=self.home_derp
+        ):
             self.control_connected = True
             if self.backend_state != "NeedsLogin" or not netmap.self_node.expired:
                 self.last_error = ""
@@ -479,6 +492,34 @@ class Backend:
         self.state_data.node_key, self.state_data.pending_node_key = key, None
         if self.device is not None:
             self.device.set_private_key(key.raw)
+        if self.magicsock is not None:
+            self.magicsock.set_private_key(key)  # DERP knows a node by its node key
+
+    # -- home DERP region ------------------------------------------------------------------------------
+
+    @property
+    def home_derp(self) -> int:
+        """This node's home DERP region id (0: none yet)."""
+        return self.magicsock.home_region if self.magicsock is not None else 0
+
+    def _on_home_changed(self, region_id: int) -> None:
+        self._home_changed.set()
+        self.changed.set()
+
+    async def _report_home(self, client: ControlClient) -> None:
+        """Tell control each new home region (peers reach this node there); the map request carries it
+        at each (re)connection."""
+        while True:
+            await wait_event(self._home_changed, 3600.0)
+            if not self._home_changed.is_set():
+                continue
+            self._home_changed.clear()
+            try:
+                await client.update(home_derp=self.home_derp)
+            except ControlError as e:
+                log.warning("home DERP update: %s", e)
+                self._home_changed.set()
+                await asyncio.sleep(5.0)
 
     async def _refresh_endpoints(self, client: ControlClient) -> None:
         while True:
@@ -521,6 +562,8 @@ class Backend:
         for node in d.added:
             self._set_peer(dev, node, local)
         self.netmap, self._applied = new, wanted
+        if self.magicsock is not None:
+            self.magicsock.set_netmap(wanted)
         if self.dns is not None:
             self.dns.apply(new, accept_dns=self.state_data.accept_dns and not me_expired, tun=dev.tun_name)
         if d:
@@ -560,22 +603,36 @@ class Backend:
             self.device = dev
             with contextlib.suppress(RuntimeError):  # no running loop (tests driving apply_netmap)
                 asyncio.get_running_loop().add_reader(dev.fileno(), self._on_device_events)
+                self.magicsock = MagicSock(
+                    dev, self.state_data.node_key, on_home_changed=self._on_home_changed
+                )
+                self.magicsock.start()
         return self.device
 
     def _on_device_events(self) -> None:
-        """The data plane queued datagrams for Python. STUN and disco have no consumer yet (NAT traversal
-        comes later): they are taken and counted, so the bounded queue never fills; relay datagrams are
-        only produced for peers set to the relay path, which this daemon does not use yet."""
+        """The data plane queued datagrams for Python: relay datagrams go over DERP (magicsock); STUN and
+        disco received on the UDP socket have no consumer yet (NAT traversal comes later): they are taken
+        and counted, so the bounded queue never fills."""
         if self.device is None:
             return
         datagrams, relay = self.device.drain()
-        self.ignored_datagrams += len(datagrams) + len(relay)
+        self.ignored_datagrams += len(datagrams)
+        if relay:
+            if self.magicsock is not None:
+                self.magicsock.on_relay(relay)
+            else:
+                self.ignored_datagrams += len(relay)
 
     def _close_device(self) -> None:
         if self.dns is not None:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
+        ms, self.magicsock = self.magicsock, None
+        if ms is not None:
+            task = asyncio.get_running_loop().create_task(ms.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         if dev is not None:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().remove_reader(dev.fileno())
@@ -590,6 +647,10 @@ class Backend:
     def _node_json(self, node: nm.Node, st: Mapping[str, Any], now: float) -> dict[str, Any]:
         domain = self.netmap.domain if self.netmap else ""
         hs = st.get("last_handshake")
+        ms = self.magicsock
+        relay_region = (
+            ms.relay_region(node.node_key.raw) if ms is not None and st.get("path") == "relay" else 0
+        )
         return {
             "id": node.id,
             "name": node.name,
@@ -604,8 +665,11 @@ class Backend:
             "last_seen": node.last_seen,
             "key_expiry": node.key_expiry,
             "expired": node.expired,
+            "home_derp": node.home_derp,
             "endpoint": st.get("endpoint"),
             "path": st.get("path"),
+            "relay_region": relay_region,
+            "relay_region_code": ms.region_code(relay_region) if ms is not None and relay_region else "",
             "last_handshake": hs,
             # A WireGuard session lives 180 s past its handshake, and handshakes happen only for traffic.
             "active": hs is not None and now - hs < ACTIVE_WINDOW,
@@ -614,7 +678,8 @@ class Backend:
         }
 
     def status(self) -> dict[str, Any]:
-        """The node and its peers, as ``tailpy status --json`` prints it. Times are unix seconds."""
+        """The node and its peers, as ``tailpy status --json`` prints it (fields in README "Status JSON").
+        Times are unix seconds."""
         s = self.state_data
         now = time.time()
         stats: dict[bytes, Any] = {}
@@ -651,10 +716,13 @@ class Backend:
                 "listen_port": self.device.listen_port if self.device else None,
                 "endpoints": list(self._endpoints),
                 "tun": self.device.tun_name if self.device else None,
+                "home_derp": self.home_derp,
+                "home_derp_code": self.magicsock.region_code(self.home_derp) if self.magicsock else "",
             },
             "domain": self.netmap.domain if self.netmap else "",
             "peers": peers,
             "device": dict(self.device.stats()) if self.device else None,
+            "derp": self.magicsock.status() if self.magicsock else None,
             "ignored_datagrams": self.ignored_datagrams,
             "dns": self.dns.status() if self.dns is not None else None,
         }

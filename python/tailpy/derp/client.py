@@ -3,9 +3,11 @@
 
 Connection: ``GET /derp`` over HTTP/1.1 (or HTTPS) with ``Upgrade: DERP`` and ``Connection: Upgrade``; the
 server answers ``101 Switching Protocols`` and the same TCP stream then carries DERP frames (1-byte type +
-big-endian u32 length + payload). Login: the server sends ServerKey (magic ``DERP🔑`` + its 32-byte key),
-the client sends ClientInfo (its 32-byte node public key + a NaCl box of JSON ``{"version": 2, ...}``), the
-server answers ServerInfo (NaCl box of JSON).
+big-endian u32 length + payload). A ``ws://`` or ``wss://`` URL uses the WebSocket variant instead
+(subprotocol ``derp``, the same frame stream in binary messages; :mod:`tailpy.derp.ws`). Login: the server
+sends ServerKey (magic ``DERP🔑`` + its 32-byte key), the client sends ClientInfo (its 32-byte node public
+key + a NaCl box of JSON ``{"version": 2, ...}``), the server answers ServerInfo (NaCl box of JSON); a server
+that refuses the node's key sends a Health frame instead and closes (DerpClientError says why).
 
 :class:`DerpClient` is one connection: :meth:`DerpClient.connect`, then :meth:`~DerpClient.send`,
 :meth:`~DerpClient.recv` (or ``async for``), :meth:`~DerpClient.ping`, :meth:`~DerpClient.note_preferred`,
@@ -31,6 +33,8 @@ from urllib.parse import urlsplit
 
 from tailpy.asyncutil import wait_event
 from tailpy.backoff import reconnect_delays
+from tailpy.derp import ws
+from tailpy.derp.ws import Reader, Writer
 from tailpy.errors import ParseError, TailpyError
 from tailpy.keys import MachinePublic, NodePrivate, NodePublic
 from tailpy.proto import derp as proto
@@ -77,18 +81,19 @@ class _Target:
     port: int
     path: str
     tls: bool
+    websocket: bool = False
 
     @classmethod
     def parse(cls, url: str) -> _Target:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise DerpClientError(f"DERP URL {url!r} must look like http(s)://host[:port]/derp")
-        tls = parts.scheme == "https"
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise DerpClientError(f"DERP URL {url!r} must look like http(s)://host[:port]/derp (or ws(s)://)")
+        tls = parts.scheme in ("https", "wss")
         try:
             port = parts.port or (443 if tls else 80)
         except ValueError:
             raise DerpClientError(f"DERP URL {url!r} has an invalid port") from None
-        return cls(parts.hostname, port, parts.path or "/derp", tls)
+        return cls(parts.hostname, port, parts.path or "/derp", tls, parts.scheme in ("ws", "wss"))
 
     @property
     def host_header(self) -> str:
@@ -102,8 +107,8 @@ class DerpClient:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: Reader,
+        writer: Writer,
         frames: proto.FrameReader,
         pending: list[proto.Frame],
         private_key: NodePrivate,
@@ -167,13 +172,23 @@ class DerpClient:
         ctx: ssl.SSLContext | None = None
         if target.tls:
             ctx = ssl_context or ssl.create_default_context()
-        reader, writer = await asyncio.open_connection(
+        raw_reader, raw_writer = await asyncio.open_connection(
             target.host,
             target.port,
             ssl=ctx,
             server_hostname=target.host if ctx is not None else None,
             limit=MAX_HTTP_HEADER,
         )
+        reader: Reader = raw_reader
+        writer: Writer = raw_writer
+        try:
+            if target.websocket:
+                reader, writer = await ws.client_handshake(
+                    raw_reader, raw_writer, target.host_header, target.path
+                )
+        except BaseException:
+            raw_writer.close()
+            raise
         try:
             request = (
                 f"GET {target.path} HTTP/1.1\r\n"
@@ -183,9 +198,10 @@ class DerpClient:
                 "Connection: Upgrade\r\n"
                 "\r\n"
             )
-            writer.write(request.encode("ascii"))
-            await writer.drain()
-            await _read_upgrade_response(reader)
+            if not target.websocket:
+                writer.write(request.encode("ascii"))
+                await writer.drain()
+                await _read_upgrade_response(raw_reader)
 
             frames = proto.FrameReader(max_frame_len=MAX_RECV_FRAME_LEN)
             pending: list[proto.Frame] = []
@@ -199,6 +215,8 @@ class DerpClient:
             await writer.drain()
 
             second = await _next_frame(reader, frames, pending)
+            if isinstance(second, proto.Health) and second.problem:
+                raise DerpClientError(f"DERP server {target.host_header} {second.problem}")
             if not isinstance(second, proto.ServerInfo):
                 raise ParseError(f"expected a ServerInfo frame, got {type(second).__name__}")
             server_info = _server_info(proto.open_server_info(private_key, server_key, second))
@@ -359,9 +377,7 @@ async def _read_upgrade_response(reader: asyncio.StreamReader) -> None:
         raise DerpClientError(f"DERP server refused the upgrade: {status_line[:120]}")
 
 
-async def _next_frame(
-    reader: asyncio.StreamReader, frames: proto.FrameReader, pending: list[proto.Frame]
-) -> proto.Frame:
+async def _next_frame(reader: Reader, frames: proto.FrameReader, pending: list[proto.Frame]) -> proto.Frame:
     """The next login frame; frames that came in the same read wait in ``pending``."""
     while not pending:
         data = await reader.read(READ_CHUNK)

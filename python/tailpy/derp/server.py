@@ -18,6 +18,8 @@ Paths (as Tailscale's ``derpserver/handler.go`` and ``cmd/derper``):
 
 * ``GET /derp`` with ``Upgrade: DERP`` → ``101 Switching Protocols`` (headers ``Derp-Version: 2``,
   ``Derp-Public-Key: <hex>``; none with ``Derp-Fast-Start: 1``), then DERP frames. Without Upgrade: 426.
+* ``GET /derp`` with ``Upgrade: websocket`` and subprotocol ``derp`` → a WebSocket (RFC 6455) whose binary
+  messages carry the same DERP frame stream (:mod:`tailpy.derp.ws`; derper's ``AddWebSocketSupport``).
 * ``GET|HEAD /derp/probe`` and ``/derp/latency-check`` → 200, ``Access-Control-Allow-Origin: *``.
 * ``GET /generate_204`` → 204; an ``X-Tailscale-Challenge`` of at most 64 characters from
   ``[A-Za-z0-9._:-]`` is answered with ``X-Tailscale-Response: response <challenge>``.
@@ -28,7 +30,11 @@ DERP connection
 ---------------
 ServerKey, then the client's ClientInfo must arrive within ``handshake_timeout`` seconds and its box must
 open with the server key (else the connection is closed and counted in ``derp_login_failures_total``); the
-server answers ServerInfo ``{"version": 2}``. Then:
+server answers ServerInfo ``{"version": 2}``. With a ``verify_client`` (:mod:`tailpy.derp.verify`; derper's
+``-verify-clients`` / ``-verify-client-url``) the client's node key is checked first: a key the verifier
+refuses, or one it cannot answer for within ``verify_timeout`` seconds (fail closed, logged), gets a Health
+frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is closed (counted in
+``derp_clients_refused_total{reason="not_admitted"|"verify_failed"}``). Then:
 
 * SendPacket → RecvPacket on the destination's active connection, through that connection's send queue of at
   most ``queue_depth`` packets; when it is full the OLDEST queued packet is dropped (``queue_head``), so a
@@ -49,6 +55,11 @@ server answers ServerInfo ``{"version": 2}``. Then:
   newest at first); each gets a Health frame saying the key is connected more than once (cleared with an empty
   Health when one is left). Nobody is kicked, so there is no kick loop.
 
+Per-packet path: each read's frames come as (type, payload) (:meth:`~tailpy.proto.derp.FrameReader.feed_raw`);
+a SendPacket is looked up by its raw 32-byte key and its RecvPacket gathered per destination, and every
+destination gets one write per read (one ``send()`` for many packets). Other frames are parsed into frame
+objects. (``benchmarks/derp_relay.py`` measures it against derper.)
+
 Sans-IO parts (framing, boxes) live in :mod:`tailpy.proto.derp`; this module is the transport, the client
 table and the queues. The clock is injectable (``clock``, seconds, monotonic) for the rate limiter.
 """
@@ -64,6 +75,7 @@ import random
 import secrets
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +84,9 @@ from pathlib import Path
 
 import nacl.public
 
+from tailpy.derp import ws
+from tailpy.derp.verify import AdmissionError, Verifier
+from tailpy.derp.ws import Reader, Writer
 from tailpy.errors import ConfigError, ParseError
 from tailpy.keys import MachinePrivate, NodePublic
 from tailpy.proto import derp as proto
@@ -92,6 +107,14 @@ DUPLICATE_KEY_PROBLEM = (
 DROP_REASONS = ("unknown_dest", "gone_disconnected", "queue_head", "write_error")
 """Labels of ``derp_packets_dropped_total`` (names as derpserver's ``dropReason``)."""
 
+REFUSAL_REASONS = ("not_admitted", "verify_failed")
+"""Labels of ``derp_clients_refused_total``: the verifier said no; the verifier could not answer."""
+
+REFUSED_PREFIX = "refused: "
+"""Start of the Health frame a refused client gets before the server closes (the rest is one sentence)."""
+
+_RECV_HEADER = struct.Struct(">BI")
+_RECV_PACKET = int(proto.FrameType.RECV_PACKET)
 _READ_CHUNK = 1 << 16
 _WRITE_BUFFER = 1 << 17
 """Bytes a connection's transport may hold unsent before packets stay in its send queue."""
@@ -131,6 +154,7 @@ class Metrics:
     home_clients: int = 0
     duplicate_keys: int = 0
     accepts: int = 0
+    websocket_accepts: int = 0
     login_failures: int = 0
     packets_received: int = 0
     bytes_received: int = 0
@@ -140,6 +164,7 @@ class Metrics:
     bytes_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     peer_gone_frames: dict[str, int] = field(default_factory=lambda: {"disconnected": 0, "not_here": 0})
     pings: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
     disconnects: dict[str, int] = field(default_factory=collections.Counter)
 
     def drop(self, reason: str, nbytes: int) -> None:
@@ -164,7 +189,20 @@ class Metrics:
         )
         metric("derp_duplicate_client_keys", "gauge", "Keys connected more than once.", self.duplicate_keys)
         metric("derp_accepts_total", "counter", "Connections that completed the login.", self.accepts)
+        metric(
+            "derp_websocket_accepts_total",
+            "counter",
+            "WebSocket upgrades accepted at /derp.",
+            self.websocket_accepts,
+        )
         metric("derp_login_failures_total", "counter", "Connections refused at login.", self.login_failures)
+        metric(
+            "derp_clients_refused_total",
+            "counter",
+            "Logins refused by client verification, by reason.",
+            self.refused,
+            "reason",
+        )
         metric("derp_packets_received_total", "counter", "SendPacket frames received.", self.packets_received)
         metric("derp_bytes_received_total", "counter", "Packet bytes received.", self.bytes_received)
         metric(
@@ -228,7 +266,7 @@ class _TokenBucket:
 class Conn:
     """One logged-in DERP connection: its key, its send queues and its writer task."""
 
-    def __init__(self, server: DerpServer, key: NodePublic, writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, server: DerpServer, key: NodePublic, writer: Writer, peer: str) -> None:
         self.server = server
         self.key = key
         self.peer = peer
@@ -242,6 +280,58 @@ class Conn:
         self.senders: set[NodePublic] = set()
         """Keys that sent packets to this connection (told PeerGone when they leave)."""
         self.peer_gone_limit = _TokenBucket(1.0, 3, server.clock)
+        self._out: list[bytes | memoryview] = []
+        """RecvPacket frames gathered while one read of senders' data is handled, written in one go by
+        :meth:`flush` (one send() for many packets)."""
+        self._out_bytes = 0
+        self._last_src: Conn | None = None
+
+    def push(self, src: Conn, payload: bytes) -> None:
+        """The fast path of :meth:`enqueue_packet`: ``payload`` is a SendPacket frame's payload (32-byte
+        destination key + packet) from ``src``. Gathered for :meth:`flush` while the transport buffer plus
+        what is gathered stays under 128 KiB, else queued as :meth:`enqueue_packet` does."""
+        n = len(payload) - proto.KEY_LEN
+        if self.closed or self._writer.transport.is_closing():
+            self.server.metrics.drop("gone_disconnected", n)
+            return
+        if src is not self._last_src:
+            self._last_src = src
+            self._note_sender(src.key)
+        if (
+            not self._packets
+            and self._writer.transport.get_write_buffer_size() + self._out_bytes < _WRITE_BUFFER
+        ):
+            if not self._out:
+                self.server._dirty.append(self)
+            self._out.append(_RECV_HEADER.pack(_RECV_PACKET, len(payload)) + src.key.raw)
+            self._out.append(memoryview(payload)[proto.KEY_LEN :])
+            self._out_bytes += len(payload) + proto.FRAME_HEADER_LEN
+            m = self.server.metrics
+            m.packets_relayed += 1
+            m.bytes_relayed += n
+        else:
+            self._queue(src.key, payload[proto.KEY_LEN :])
+
+    def flush(self) -> None:
+        """Write what :meth:`push` gathered, as one write."""
+        if self._out:
+            if not self.closed:
+                self._writer.write(b"".join(self._out))
+            self._out.clear()
+            self._out_bytes = 0
+
+    def _note_sender(self, src: NodePublic) -> None:
+        if src not in self.senders and len(self.senders) < 10_000:
+            self.senders.add(src)
+            self.server._watchers[src].add(self)
+
+    def _queue(self, src: NodePublic, data: bytes) -> None:
+        q = self._packets
+        if len(q) >= self.server.queue_depth:
+            _, old = q.popleft()
+            self.server.metrics.drop("queue_head", len(old))
+        q.append((src, data))
+        self._wake.set()
 
     def enqueue_packet(self, src: NodePublic, data: bytes) -> None:
         """Send a packet: straight to the transport while its buffer holds under 128 KiB, else into the send
@@ -250,19 +340,14 @@ class Conn:
         if self.closed:
             self.server.metrics.drop("gone_disconnected", len(data))
             return
+        self._note_sender(src)
+        self.flush()  # (keeps order with packets gathered by push)
         if not q and self._writer.transport.get_write_buffer_size() < _WRITE_BUFFER:
             self._writer.write(proto.encode_recv_packet(src, data))
             self.server.metrics.packets_relayed += 1
             self.server.metrics.bytes_relayed += len(data)
         else:
-            if len(q) >= self.server.queue_depth:
-                _, old = q.popleft()
-                self.server.metrics.drop("queue_head", len(old))
-            q.append((src, data))
-        if src not in self.senders and len(self.senders) < 10_000:
-            self.senders.add(src)
-            self.server._watchers[src].add(self)
-        self._wake.set()
+            self._queue(src, data)
 
     def enqueue_frame(self, frame: proto.Frame) -> None:
         """Queue a control frame (Pong, PeerGone, Health, ...); at most 64 wait, the oldest dropped first."""
@@ -353,6 +438,8 @@ class DerpServer:
         write_timeout: float = 10.0,
         max_header_bytes: int = MAX_HEADER_BYTES,
         public_metrics: bool = False,
+        verify_client: Verifier | None = None,
+        verify_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.private_key = private_key
@@ -367,9 +454,19 @@ class DerpServer:
         self.write_timeout = write_timeout
         self.max_header_bytes = max_header_bytes
         self.public_metrics = public_metrics
+        self.verify_client = verify_client
+        """Admission check run at each login (None: every client that logs in is admitted); see
+        :mod:`tailpy.derp.verify`. May be set after construction, before clients connect."""
+        self.verify_timeout = verify_timeout
         self.clock = clock
         self.metrics = Metrics()
+        self.extra_metrics: list[Callable[[], str]] = []
+        """More Prometheus text served at /debug/metrics after the relay's (the STUN server's, say)."""
         self._clients: dict[NodePublic, _KeySet] = {}
+        self._active: dict[bytes, Conn] = {}
+        """Raw 32-byte key -> the connection that gets its packets (the fast path's lookup)."""
+        self._dirty: list[Conn] = []
+        """Connections with packets gathered by Conn.push, flushed after each read."""
         self._watchers: collections.defaultdict[NodePublic, set[Conn]] = collections.defaultdict(set)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -459,7 +556,17 @@ class DerpServer:
                 return
             await self._respond(writer, 200, "OK", {"Access-Control-Allow-Origin": "*"})
         elif path == "/derp":
-            if headers.get("upgrade", "").lower() not in ("derp",):
+            if ws.wants_websocket(headers):
+                try:
+                    ws_reader, ws_writer = ws.server_accept(head, reader, writer)
+                except ParseError as e:
+                    await self._respond(writer, 400, "Bad Request", body=f"{e}\n".encode())
+                    return
+                self.metrics.websocket_accepts += 1
+                await self._serve_derp(ws_reader, ws_writer)
+                return
+            # ("Upgrade: WebSocket" without the derp subprotocol: early Tailscale clients speaking plain DERP)
+            if headers.get("upgrade", "").lower() not in ("derp", "websocket"):
                 await self._respond(
                     writer, 426, "Upgrade Required", body=b"DERP requires connection upgrade\n"
                 )
@@ -482,7 +589,7 @@ class DerpServer:
             if not self.public_metrics and not _is_loopback(peer):
                 await self._respond(writer, 403, "Forbidden", body=b"metrics are served to loopback only\n")
                 return
-            body = self.metrics.prometheus().encode()
+            body = "".join([self.metrics.prometheus(), *(f() for f in self.extra_metrics)]).encode()
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain; version=0.0.4"}, body)
         elif path == "/":
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain"}, b"tailpy DERP server\n")
@@ -507,7 +614,7 @@ class DerpServer:
 
     # --- DERP -----------------------------------------------------------------------------------------------
 
-    async def _serve_derp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_derp(self, reader: Reader, writer: Writer) -> None:
         _set_keepalive(writer)
         peer = _peer_text(writer.get_extra_info("peername"))
         frames = proto.FrameReader()
@@ -520,6 +627,8 @@ class DerpServer:
         except (ParseError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
             self.metrics.login_failures += 1
             log.info("DERP login from %s refused: %s", peer, e or "timed out")
+            return
+        if self.verify_client is not None and not await self._admit(first.key, writer, peer):
             return
         conn = Conn(self, first.key, writer, peer)
         conn.info = info
@@ -537,8 +646,41 @@ class DerpServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
+    async def _admit(self, key: NodePublic, writer: Writer, peer: str) -> bool:
+        """Ask :attr:`verify_client` about ``key``; a refused client (or one the verifier cannot answer
+        for: fail closed) is sent a Health frame saying why, then closed."""
+        assert self.verify_client is not None
+        source = _peer_ip(writer.get_extra_info("peername"))
+        try:
+            allowed = await asyncio.wait_for(self.verify_client(key, source), self.verify_timeout)
+        except (AdmissionError, asyncio.TimeoutError, OSError) as e:
+            log.warning(
+                "DERP client %s from %s refused: its key could not be verified (%s); clients are refused "
+                "until the admission check answers",
+                key.short(),
+                peer,
+                e or f"no answer within {self.verify_timeout:g} s",
+            )
+            reason = "verify_failed"
+            problem = "this DERP server could not verify this node's key right now; try again later"
+        else:
+            if allowed:
+                return True
+            log.info("DERP client %s from %s refused: not an admitted node key", key.short(), peer)
+            reason = "not_admitted"
+            problem = (
+                f"this DERP server admits only known nodes and node key {key.short()} is not one "
+                "(unknown to its control server, expired or logged out)"
+            )
+        self.metrics.refused[reason] += 1
+        self.metrics.disconnects[reason] += 1
+        writer.write(proto.encode(proto.Health(REFUSED_PREFIX + problem)))
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        return False
+
     async def _read_first(
-        self, reader: asyncio.StreamReader, frames: proto.FrameReader
+        self, reader: Reader, frames: proto.FrameReader
     ) -> tuple[proto.Frame, list[proto.Frame]]:
         while True:
             data = await reader.read(_READ_CHUNK)
@@ -551,7 +693,7 @@ class DerpServer:
     async def _read_loop(
         self,
         conn: Conn,
-        reader: asyncio.StreamReader,
+        reader: Reader,
         frames: proto.FrameReader,
         pending: list[proto.Frame],
     ) -> str:
@@ -576,13 +718,39 @@ class DerpServer:
                 return "eof"
             pinged = False
             try:
-                got = frames.feed(data)
+                self._handle_raw(conn, frames.feed_raw(data))
             except ParseError as e:
                 log.info("DERP client %s %s: closing: %s", conn.peer, conn.key.short(), e)
                 return "bad_frame"
-            for f in got:
-                self._handle(conn, f)
+            finally:
+                dirty = self._dirty
+                for c in dirty:
+                    c.flush()
+                dirty.clear()
         return "closed"
+
+    def _handle_raw(self, conn: Conn, raw: list[tuple[int, bytes]]) -> None:
+        """Handle one read's frames: SendPacket on the fast path (no frame objects; packets gathered per
+        destination and written once per read), the rest through :func:`proto.parse_frame` and
+        :meth:`_handle`. Raises ParseError for a malformed frame."""
+        self._note_activity(conn)
+        m = self.metrics
+        active = self._active
+        send_packet = int(proto.FrameType.SEND_PACKET)
+        for t, payload in raw:
+            if t == send_packet:
+                n = len(payload) - proto.KEY_LEN
+                if n < 0 or n > proto.MAX_PACKET_SIZE:
+                    raise ParseError(f"DERP SendPacket frame with a {len(payload)}-byte payload")
+                m.packets_received += 1
+                m.bytes_received += n
+                target = active.get(payload[: proto.KEY_LEN])
+                if target is None or target.closed:
+                    self._not_here(conn, NodePublic(payload[: proto.KEY_LEN]), n)
+                    continue
+                target.push(conn, payload)
+            else:
+                self._handle(conn, proto.parse_frame(t, payload))
 
     def _handle(self, conn: Conn, f: proto.Frame) -> None:
         self._note_activity(conn)
@@ -593,10 +761,7 @@ class DerpServer:
                 ks = self._clients.get(dst)
                 target = ks.active if ks else None
                 if target is None or target.closed:
-                    self.metrics.drop("unknown_dest", len(data))
-                    if conn.peer_gone_limit.allow():
-                        self.metrics.peer_gone_frames["not_here"] += 1
-                        conn.enqueue_frame(proto.PeerGone(dst, proto.PeerGoneReason.NOT_HERE))
+                    self._not_here(conn, dst, len(data))
                     return
                 target.enqueue_packet(conn.key, data)
             case proto.Ping(data):
@@ -609,12 +774,19 @@ class DerpServer:
             case _:
                 pass  # Pong, KeepAlive, unknown and mesh frames (no mesh key support yet): ignored
 
+    def _not_here(self, conn: Conn, dst: NodePublic, nbytes: int) -> None:
+        self.metrics.drop("unknown_dest", nbytes)
+        if conn.peer_gone_limit.allow():
+            self.metrics.peer_gone_frames["not_here"] += 1
+            conn.enqueue_frame(proto.PeerGone(dst, proto.PeerGoneReason.NOT_HERE))
+
     # --- client table ---------------------------------------------------------------------------------------
 
     def _register(self, conn: Conn) -> None:
         ks = self._clients.setdefault(conn.key, _KeySet())
         ks.conns.append(conn)
         ks.active = conn
+        self._active[conn.key.raw] = conn
         self.metrics.clients += 1
         self.metrics.accepts += 1
         if len(ks.conns) == 2:
@@ -630,6 +802,7 @@ class DerpServer:
         ks = self._clients.get(conn.key)
         if ks is not None and ks.active is not conn and len(ks.conns) > 1:
             ks.active = conn  # the most recent sender gets the packets
+            self._active[conn.key.raw] = conn
 
     def _unregister(self, conn: Conn) -> None:
         if conn.preferred:
@@ -650,11 +823,13 @@ class DerpServer:
         if ks.conns:
             if ks.active is conn:
                 ks.active = ks.conns[-1]
+                self._active[conn.key.raw] = ks.active
             if len(ks.conns) == 1:
                 self.metrics.duplicate_keys -= 1
                 ks.conns[0].enqueue_frame(proto.Health(""))
             return
         del self._clients[conn.key]
+        self._active.pop(conn.key.raw, None)
         for w in self._watchers.pop(conn.key, set()):
             if not w.closed:
                 self.metrics.peer_gone_frames["disconnected"] += 1
@@ -689,13 +864,20 @@ def _is_loopback(peer: object) -> bool:
         return False
 
 
+def _peer_ip(peer: object) -> str:
+    """The IP address (no port, no zone) of a peername tuple; "" when there is none."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0]).split("%", 1)[0]
+    return ""
+
+
 def _peer_text(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
 
 
-def _set_keepalive(writer: asyncio.StreamWriter) -> None:
+def _set_keepalive(writer: Writer) -> None:
     """TCP keepalive: a half-open connection dies after about 30 + 3 x 10 s of silence from the peer."""
     sock = writer.get_extra_info("socket")
     if sock is None:
@@ -711,6 +893,8 @@ __all__ = [
     "DROP_REASONS",
     "DUPLICATE_KEY_PROBLEM",
     "KEY_NAME",
+    "REFUSAL_REASONS",
+    "REFUSED_PREFIX",
     "Conn",
     "DerpServer",
     "Metrics",

@@ -1,5 +1,5 @@
 """Lab topologies from Linux network namespaces: hosts, LANs (a bridge in its own "switch" namespace),
-point-to-point veth links, and (later) NAT routers.
+point-to-point veth links, and routers (NAT, firewall or plain; rules in :mod:`tailpy.lab.nat`).
 
 Every namespace is named ``<prefix><name>`` where the prefix (``tpy<4 hex>-``) is unique to one :class:`Lab`,
 so labs running in parallel never collide. Nothing is ever attached to the machine's own (root) namespace:
@@ -14,6 +14,15 @@ Example::
         a, b = lab.host("a"), lab.host("b")
         lan = lab.lan("lan", [a, b])            # a = 192.0.2.1, b = 192.0.2.2
         a.run(["ping", "-c1", lan.ip(b)])
+
+    with Lab() as lab:                          # a host behind a NAT router on the lab's "internet"
+        net = lab.lan("inet", [lab.host("server")], subnet="203.0.113.0/24")
+        home = lab.lan("home", subnet="198.18.1.0/24")
+        router = lab.router("r", inside=home, outside=net, nat="eim")   # 203.0.113.2 / 198.18.1.1
+        laptop = lab.host("laptop")
+        home.attach(laptop)                      # 198.18.1.2, default route via the router
+
+Only IPv4 is routed: routers never forward IPv6, so IPv6 addresses given to a LAN reach only that LAN.
 """
 
 from __future__ import annotations
@@ -34,9 +43,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, TypeVar
 
 from tailpy.errors import LabError
+from tailpy.lab.nat import (
+    DEFAULT_MAP_TIMEOUT,
+    TABLE,
+    TRANSLATING,
+    NatKind,
+    block_ruleset,
+    check_kind,
+    router_ruleset,
+)
 from tailpy.lab.procs import GRACE, stop_process
 
 #: Address ranges a lab may use: documentation ranges for the lab's "internet", 198.18.0.0/15 for LANs
@@ -47,7 +65,7 @@ ALLOWED_RANGES = tuple(
 )
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-NatKind = Literal["none", "eim", "symmetric"]
+H = TypeVar("H", bound="Host")
 
 
 def unavailable_reason() -> str | None:
@@ -174,10 +192,37 @@ class Host:
         args = [f"{k.replace('__', '.')}={v}" for k, v in settings.items()]
         self.run(["sysctl", "-qw", *args])
 
+    def nft(self, ruleset: str) -> None:
+        """Load ``ruleset`` (``nft -f`` syntax) into this namespace's nftables. Raises LabError."""
+        self.run(["nft", "-f", "-"], input=ruleset)
+
+    def lans(self) -> list[Lan]:
+        """The lab's LANs this host is attached to, in creation order."""
+        return [lan for lan in self.lab.lans.values() if self.name in lan.members]
+
+    def seen_as(self) -> set[str]:
+        """Every address other hosts may see this host's packets come from: its own addresses and the
+        outside address of each NAT router it sits behind, layer by layer up to the lab's internet."""
+        seen = {cidr.split("/")[0] for addrs in self.addresses.values() for cidr in addrs}
+        for lan in self.lans():
+            gw = lan.gateway
+            if gw is not None and gw is not self and gw.nat in TRANSLATING:
+                seen |= gw.seen_as()
+        return seen
+
+    def default_route(self) -> str | None:
+        """The IPv4 default gateway of this namespace, or None."""
+        out = self.run(["ip", "-4", "route", "show", "default"]).stdout.split()
+        return out[out.index("via") + 1] if "via" in out else None
+
 
 @dataclass
 class Lan:
-    """A LAN: a bridge ``br0`` in its own switch namespace, one veth per host (named like the LAN)."""
+    """A LAN: a bridge ``br0`` in its own switch namespace, one veth per host (named like the LAN).
+
+    ``gateway`` is the router whose inside this LAN is (hosts attached get their IPv4 default route
+    through it); ``routes`` are (prefix, via) IPv4 routes every member gets, such as the inside prefix of
+    a firewall or plain router on this LAN."""
 
     lab: Lab
     name: str
@@ -185,6 +230,8 @@ class Lan:
     subnet: IpNetwork
     subnet6: IpNetwork | None
     members: dict[str, str] = field(default_factory=dict)  # host name -> its IPv4/IPv6 address (first given)
+    gateway: Router | None = None
+    routes: list[tuple[str, str]] = field(default_factory=list)
     _next: int = 1
     _ports: int = 0
 
@@ -195,8 +242,21 @@ class Lan:
         except KeyError:
             raise LabError(f"host {host.name} is not on LAN {self.name}") from None
 
+    def hosts(self) -> list[Host]:
+        """The hosts on this LAN, in the order they were attached."""
+        return [self.lab.hosts[name] for name in self.members]
+
     def attach(self, host: Host, address: str | None = None) -> str:
-        """Connect ``host`` to this LAN; give it ``address`` or the next free one. Returns the address."""
+        """Connect ``host`` to this LAN; give it ``address`` or the next free one, and the LAN's routes
+        (the default route through :attr:`gateway`, :attr:`routes`). Returns the address."""
+        if host.name in self.members:
+            raise LabError(f"host {host.name} is already on LAN {self.name}")
+        index: int | None = None
+        if address is None:
+            index = self._free_index()
+            address = str(self.subnet.network_address + index)
+        else:
+            self._check_address(address)
         lab, ifname = self.lab, self.name
         port = f"p{self._ports}"
         self._ports += 1
@@ -216,25 +276,160 @@ class Lan:
         )
         lab._ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
         lab._ip("-n", host.netns, "link", "set", ifname, "up")
-        index = self._next
-        self._next += 1
-        if address is None:
-            address = str(self.subnet.network_address + index)
         host.add_address(ifname, f"{address}/{self.subnet.prefixlen}")
         if self.subnet6 is not None:
-            host.add_address(ifname, f"{self.subnet6.network_address + index}/{self.subnet6.prefixlen}")
+            six = self.subnet6.network_address + (index if index is not None else self._free_index(v6=True))
+            host.add_address(ifname, f"{six}/{self.subnet6.prefixlen}")
         self.members[host.name] = address
+        self._apply_routes(host)
         return address
+
+    def readdress(self, host: Host, address: str | None = None) -> str:
+        """Roaming: give ``host`` a new IPv4 address on this LAN (``address`` or the next free one) in place
+        of its current one, keeping the interface, the IPv6 address and the routes. Sockets bound to the
+        wildcard address keep working; a NAT router in front maps the new address afresh. Returns it."""
+        old = self.ip(host)
+        if address is None:
+            address = str(self.subnet.network_address + self._free_index())
+        else:
+            self._check_address(address)
+        plen = self.subnet.prefixlen
+        self.lab._ip("-n", host.netns, "addr", "del", f"{old}/{plen}", "dev", self.name)
+        addrs = host.addresses[self.name]
+        addrs.remove(f"{old}/{plen}")
+        self.members[host.name] = address
+        self.lab._ip("-n", host.netns, "addr", "add", f"{address}/{plen}", "dev", self.name)
+        addrs.insert(0, f"{address}/{plen}")
+        self._apply_routes(host)
+        return address
+
+    def detach(self, host: Host) -> None:
+        """Disconnect ``host`` from this LAN (its interface is deleted, with its addresses and routes)."""
+        self.ip(host)
+        self.lab._ip("-n", host.netns, "link", "del", self.name)
+        del self.members[host.name]
+        host.addresses.pop(self.name, None)
+
+    def add_route(self, prefix: str, via: str) -> None:
+        """Route IPv4 ``prefix`` through ``via`` (an address on this LAN) on every member, now and later."""
+        self.routes.append((prefix, via))
+        for host in self.hosts():
+            if self.members[host.name] != via:
+                self.lab._ip("-n", host.netns, "route", "replace", prefix, "via", via, "dev", self.name)
+
+    def _apply_routes(self, host: Host) -> None:
+        gw = self.gateway
+        if gw is not None and gw is not host:
+            via = self.ip(gw)
+            self.lab._ip("-n", host.netns, "route", "replace", "default", "via", via, "dev", self.name)
+        mine = self.members[host.name]
+        for prefix, via in self.routes:
+            if via != mine:
+                self.lab._ip("-n", host.netns, "route", "replace", prefix, "via", via, "dev", self.name)
+
+    def _used(self, v6: bool = False) -> set[str]:
+        net = self.subnet6 if v6 else self.subnet
+        if net is None:
+            return set()
+        used = set()
+        for name in self.members:
+            for cidr in self.lab.hosts[name].addresses.get(self.name, []):
+                addr = ipaddress.ip_address(cidr.split("/")[0])
+                if addr in net:
+                    used.add(str(addr))
+        return used
+
+    def _free_index(self, v6: bool = False) -> int:
+        used = self._used(v6)
+        net = self.subnet6 if v6 else self.subnet
+        assert net is not None
+        index = self._next
+        while str(net.network_address + index) in used:
+            index += 1
+        if index >= net.num_addresses - 1:
+            raise LabError(f"LAN {self.name} has no free address left in {net}")
+        self._next = index + 1
+        return index
+
+    def _check_address(self, address: str) -> None:
+        try:
+            addr = ipaddress.ip_address(address)
+        except ValueError:
+            raise LabError(f"{address!r} is not an IP address") from None
+        if addr not in self.subnet:
+            raise LabError(f"{address} is not in LAN {self.name}'s subnet {self.subnet}")
+        if address in self._used():
+            raise LabError(f"{address} is already used on LAN {self.name}")
 
 
 @dataclass
 class Router(Host):
-    """A host forwarding between an inside LAN and an outside LAN, optionally doing NAT with nftables.
-
-    API shape only (filled by a later issue): ``nat="eim"`` is ``masquerade`` (endpoint-independent
-    mapping), ``nat="symmetric"`` is ``masquerade fully-random`` (endpoint-dependent), ``"none"`` routes."""
+    """A host forwarding IPv4 between an inside LAN and an outside LAN with nftables rules of one kind
+    (see :mod:`tailpy.lab.nat`): ``"eim"`` (``masquerade``: endpoint-independent mapping, port-restricted
+    filtering), ``"full-cone"`` (``masquerade`` with endpoint-independent filtering), ``"edm"`` or
+    ``"symmetric"`` (``masquerade fully-random``: endpoint-dependent mapping), ``"firewall"`` (no NAT,
+    stateful, unsolicited inbound dropped) or ``"none"`` (routes both ways). Made by :meth:`Lab.router`."""
 
     nat: NatKind = "eim"
+    inside: Lan | None = None
+    outside: Lan | None = None
+    hairpin: bool = False
+
+    def __repr__(self) -> str:
+        return f"Router({self.name!r}, nat={self.nat!r}, netns={self.netns!r})"
+
+    @property
+    def public_ip(self) -> str:
+        """The router's IPv4 address on its outside LAN (what NATed inside hosts are seen as)."""
+        assert self.outside is not None
+        return self.outside.ip(self)
+
+    @property
+    def inside_ip(self) -> str:
+        """The router's IPv4 address on its inside LAN (the inside hosts' default gateway)."""
+        assert self.inside is not None
+        return self.inside.ip(self)
+
+    def flush_conntrack(self) -> None:
+        """Forget every connection-tracking entry (so every NAT mapping and every "established" flow) and
+        every recorded full-cone/hairpin mapping. Needs the ``conntrack`` tool (Debian package conntrack)."""
+        if shutil.which("conntrack") is None:
+            raise LabError("`conntrack` not found: install the Debian package conntrack")
+        done = self.run(["conntrack", "-F"], check=False)
+        if done.returncode != 0 and "0 flow entries" not in done.stderr:
+            raise LabError(f"`conntrack -F` in {self.name} failed: {done.stderr.strip()}")
+        if self.nat == "full-cone" or self.hairpin:
+            self.run(["nft", "flush", "map", "ip", TABLE, "cone"])
+
+    def conntrack(self, *args: str) -> list[str]:
+        """``conntrack -L [args]`` in this router, one line per entry (``-p udp``, ``--orig-src ADDR``...)."""
+        if shutil.which("conntrack") is None:
+            raise LabError("`conntrack` not found: install the Debian package conntrack")
+        out = self.run(["conntrack", "-L", *args]).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+
+@dataclass
+class UdpBlock:
+    """UDP dropped between two hosts (nftables tables in both namespaces); :meth:`remove` lifts it."""
+
+    lab: Lab
+    table: str
+    hosts: tuple[Host, Host]
+    active: bool = True
+
+    def remove(self) -> None:
+        """Let UDP through again. Idempotent."""
+        if self.active:
+            self.active = False
+            for host in self.hosts:
+                host.run(["nft", "delete", "table", "inet", self.table], check=False)
+
+    def __enter__(self) -> UdpBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 class Lab:
@@ -251,6 +446,7 @@ class Lab:
         self._netns: list[str] = []  # creation order
         self._procs: list[subprocess.Popen[str]] = []
         self._paths: list[Path] = []
+        self._blocks = 0
         self._closed = False
         self._signals_installed = False
         self._lock = threading.RLock()  # a signal handler may close while close runs
@@ -276,9 +472,12 @@ class Lab:
 
     def host(self, name: str) -> Host:
         """A new namespace ``<prefix><name>`` with loopback up and IPv6 DAD off."""
+        return self._new_host(Host, name)
+
+    def _new_host(self, cls: type[H], name: str, **fields: Any) -> H:
         if name in self.hosts:
             raise LabError(f"the lab already has a host named {name!r}")
-        host = Host(self, name, self._add_netns(name))
+        host = cls(self, name, self._add_netns(name), **fields)
         self._ip("-n", host.netns, "link", "set", "lo", "up")
         host.sysctl(
             net__ipv6__conf__all__accept_dad=0,
@@ -323,11 +522,86 @@ class Lab:
             host.add_address(ifname, f"{addr}/{net.prefixlen}")
         return addrs
 
-    def router(self, name: str, *, inside: Lan, outside: Lan, nat: NatKind = "eim") -> Router:
-        """A router on ``inside`` and ``outside`` with forwarding on and, unless ``nat="none"``, nftables
-        masquerade on its outside interface; inside hosts route by default through it.
-        Not built yet: raises NotImplementedError (a later issue fills it)."""
-        raise NotImplementedError("lab routers with NAT are not built yet")
+    def router(
+        self,
+        name: str,
+        *,
+        inside: Lan,
+        outside: Lan,
+        nat: NatKind = "eim",
+        hairpin: bool = False,
+        udp_timeout: int | None = None,
+    ) -> Router:
+        """A router host ``name`` between ``inside`` and ``outside`` doing ``nat`` (see :class:`Router`).
+
+        It takes the next free address on each LAN, forwards IPv4 (in its own namespace only) and becomes
+        ``inside``'s gateway: every inside host, now and later, routes by default through it. A
+        ``"firewall"`` or ``"none"`` router's inside prefix is routed through it on ``outside``'s hosts
+        (and on through further non-NAT routers); a NAT router's inside is reachable only through NAT.
+        ``hairpin`` lets inside hosts reach each other through the router's public address (NAT kinds
+        only). ``udp_timeout`` (seconds) sets conntrack's UDP timeouts (both unreplied and assured flows;
+        Linux defaults 30 s and 120 s) and the lifetime of recorded mappings. Raises LabError."""
+        nat = check_kind(nat)
+        if shutil.which("nft") is None:
+            raise LabError("`nft` not found: install the Debian package nftables")
+        if inside is outside:
+            raise LabError("a router needs two different LANs (inside and outside)")
+        if inside.gateway is not None:
+            raise LabError(f"LAN {inside.name} already has router {inside.gateway.name} as its gateway")
+        if inside.subnet.version != 4 or outside.subnet.version != 4:
+            raise LabError("lab routers route IPv4: give both LANs an IPv4 subnet")
+        if udp_timeout is not None and udp_timeout <= 0:
+            raise LabError(f"udp_timeout must be a positive number of seconds, not {udp_timeout}")
+        if hairpin and nat not in TRANSLATING:
+            raise LabError(f"hairpinning needs a NAT router, not a {nat!r} one")
+        router = self._new_host(Router, name, nat=nat, inside=inside, outside=outside, hairpin=hairpin)
+        outside.attach(router)
+        inside.attach(router)
+        ruleset = router_ruleset(
+            nat,
+            inside_if=inside.name,
+            outside_if=outside.name,
+            inside_net=str(inside.subnet),
+            public_ip=router.public_ip,
+            hairpin=hairpin,
+            map_timeout=udp_timeout or DEFAULT_MAP_TIMEOUT,
+        )
+        router.sysctl(net__ipv4__ip_forward=1)
+        router.nft(ruleset)
+        if udp_timeout is not None:
+            router.sysctl(
+                net__netfilter__nf_conntrack_udp_timeout=udp_timeout,
+                net__netfilter__nf_conntrack_udp_timeout_stream=udp_timeout,
+            )
+        inside.gateway = router
+        for host in inside.hosts():
+            inside._apply_routes(host)
+        if nat not in TRANSLATING:
+            # The inside prefix is routed from the outside, through every non-NAT router further out.
+            lan, via = outside, router.public_ip
+            while True:
+                lan.add_route(str(inside.subnet), via)
+                gw = lan.gateway
+                if gw is None or gw.nat in TRANSLATING or gw.outside is None:
+                    break
+                lan, via = gw.outside, gw.public_ip
+        return router
+
+    def block_udp(self, a: Host, b: Host) -> UdpBlock:
+        """Drop UDP between ``a`` and ``b`` until the returned handle's ``remove()`` (also a context
+        manager): in each host's namespace, UDP to and from every address the other may be seen as
+        (:meth:`Host.seen_as`: its own addresses and its NAT routers' public ones). TCP (control, DERP)
+        still flows. Behind a NAT this also cuts UDP with other hosts behind the same router."""
+        self._blocks += 1
+        table = f"tailpy_block_{self._blocks}"
+        block = UdpBlock(self, table, (a, b))
+        a.nft(block_ruleset(table, b.seen_as()))
+        try:
+            b.nft(block_ruleset(table, a.seen_as()))
+        except LabError:
+            block.remove()
+            raise
+        return block
 
     def track_path(self, path: str | os.PathLike[str]) -> None:
         """Remove ``path`` on close: a file some tracked process leaves behind (a UAPI socket, say) or a

@@ -2,6 +2,21 @@
 
 Used by `tailpy demo`, the integration tests and the benchmarks, so all three exercise the product as a
 user runs it: ``tailpy control serve``, ``tailpyd``, ``tailpy up``, ``tailpy status --json``.
+
+Topologies: the control server (with its embedded DERP relay) sits on the lab's "internet" LAN ``lan0``
+(192.0.2.0/24 by default). A node added without ``behind`` joins that LAN too (a public host: today's
+default, every node on one LAN). ``add_node(name, behind="eim")`` puts it on a LAN of its own behind a new
+router of that kind (:mod:`tailpy.lab.nat`); ``behind="double-eim"`` behind two such routers, the outer
+one CGNAT-like; ``lan="home"`` puts several nodes on one site's LAN behind one router::
+
+    net = LabTailnet(lab); net.start_control()
+    a = net.add_node("a", behind="eim", lan="home")
+    b = net.add_node("b", lan="home")           # same LAN as a, same router
+    c = net.add_node("c", behind="edm")         # a site of its own
+    d = net.add_node("d", behind=("edm", "eim"))  # EIM home router behind an EDM carrier NAT
+    e = net.add_node("e")                       # public, on lan0
+
+Site LANs are 198.18.<n>.0/24, the LANs between two routers 198.19.<n>.0/24; sites have no IPv6.
 """
 
 from __future__ import annotations
@@ -9,13 +24,15 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tailpy.errors import LabError
 from tailpy.lab.dns import give_resolv_conf
-from tailpy.lab.netns import Host, Lab, Lan
+from tailpy.lab.nat import NAT_KINDS, NatKind, check_kind
+from tailpy.lab.netns import Host, Lab, Lan, Router
 from tailpy.lab.procs import stop_process, wait_for
 
 CONTROL_PORT = 8080
@@ -32,6 +49,43 @@ def tailpy_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tailpy.cli.main", *args]
 
 
+#: ``behind=`` shorthands: a router kind, "public" (the internet LAN), or "double-<kind>" (two routers).
+Behind = str | Sequence[str]
+
+
+def parse_behind(behind: Behind) -> tuple[NatKind, ...]:
+    """Router kinds, outermost first, for a ``behind`` value: ``"public"`` -> ``()``, ``"eim"`` ->
+    ``("eim",)``, ``"double-edm"`` -> ``("edm", "edm")``, a sequence of kinds as it is. Raises LabError."""
+    if isinstance(behind, str):
+        if behind == "public":
+            return ()
+        if behind.startswith("double-"):
+            kind = check_kind(behind.removeprefix("double-"))
+            return (kind, kind)
+        return (check_kind(behind),)
+    kinds = tuple(check_kind(k) for k in behind)
+    if not kinds:
+        raise LabError("a site needs at least one router kind (or behind='public')")
+    return kinds
+
+
+@dataclass
+class LabSite:
+    """A LAN behind one or more routers: ``routers`` outermost first, ``router`` the LAN's own gateway."""
+
+    name: str
+    lan: Lan
+    routers: list[Router]
+
+    @property
+    def router(self) -> Router:
+        return self.routers[-1]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(r.nat for r in self.routers)
+
+
 @dataclass
 class LabNode:
     """A tailpy node: a lab host running tailpyd with its own state directory and local API socket."""
@@ -41,6 +95,7 @@ class LabNode:
     state_dir: Path
     daemon: Any = None  # subprocess.Popen of tailpyd
     daemon_args: tuple[str, ...] = ()  # extra tailpyd flags, e.g. ("--mtu", "1240")
+    site: LabSite | None = None  # None: on the internet LAN
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +108,31 @@ class LabNode:
     @property
     def name(self) -> str:
         return self.host.name
+
+    @property
+    def lan(self) -> Lan:
+        """The LAN this node's host is on (its site's, or the internet LAN)."""
+        return self.site.lan if self.site is not None else self.tailnet.lan
+
+    def lan_ip(self) -> str:
+        """The node's IPv4 address on its LAN (not its tailnet address)."""
+        return self.lan.ip(self.host)
+
+    def roam(self, address: str | None = None) -> str:
+        """Give the node a new LAN address (``address`` or the next free one) as a laptop moving between
+        networks would get; tailpyd is not told. Returns the new address."""
+        return self.lan.readdress(self.host, address)
+
+    def move(self, site: LabSite | None) -> str:
+        """Move the node's host to another network: ``site``'s LAN, or the internet LAN for None (a laptop
+        going from home Wi-Fi to a phone's hotspot). tailpyd keeps running and is not told. Returns the new
+        LAN address."""
+        new_lan = site.lan if site is not None else self.tailnet.lan
+        if new_lan is self.lan:
+            raise LabError(f"{self.name} is already on LAN {new_lan.name}")
+        self.lan.detach(self.host)
+        self.site = site
+        return new_lan.attach(self.host)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 90) -> str:
         """Run ``tailpy <args> --socket <this node's socket>`` inside the node; returns stdout."""
@@ -143,6 +223,10 @@ class LabTailnet:
         self.nodes: dict[str, LabNode] = {}
         # Each node's own /etc/resolv.conf (tailpyd's MagicDNS edits that copy, never the machine's).
         self.resolv_conf = "# tailpy lab: this namespace's own resolv.conf\n"
+        self.sites: dict[str, LabSite] = {}
+        self._site_nets = 0  # 198.18.<n>.0/24 for sites
+        self._carrier_nets = 0  # 198.19.<n>.0/24 between routers
+        self._auto_sites = 0
 
     @property
     def control_url(self) -> str:
@@ -203,23 +287,99 @@ class LabTailnet:
             args += ["--expiration", expiration]
         return self.control_host.run(tailpy_argv(*args)).stdout.strip().splitlines()[-1]
 
-    def add_node(self, name: str, daemon_args: tuple[str, ...] = ()) -> LabNode:
-        """A new host on the LAN running tailpyd with ``daemon_args`` (not yet up)."""
+    def public_host(self, name: str) -> Host:
+        """A plain host (no tailpyd) on the internet LAN, beside the control server: a second STUN or DERP
+        server, a reflector, an outside peer."""
         host = self.lab.host(name)
         give_resolv_conf(host, self.resolv_conf)
         self.lan.attach(host)
-        node = LabNode(self, host, self.root / name, daemon_args=daemon_args)
+        return host
+
+    def site(
+        self, name: str, behind: Behind = "eim", *, hairpin: bool = False, udp_timeout: int | None = None
+    ) -> LabSite:
+        """A new LAN ``name`` (at most 15 characters, also the interface name) behind routers of the kinds
+        ``behind`` names (see :func:`parse_behind`; outermost first), the outermost on the internet LAN.
+        ``hairpin`` and ``udp_timeout`` apply to every router of the site (see :meth:`Lab.router`)."""
+        kinds = parse_behind(behind)
+        if not kinds:
+            raise LabError("a public node needs no site: add it without behind= (or behind='public')")
+        if name in self.sites or name in self.lab.lans:
+            raise LabError(f"the lab already has a LAN named {name!r}")
+        if self._site_nets + 1 > 255 or self._carrier_nets + len(kinds) - 1 > 255:
+            raise LabError("the lab has no site addresses left (255 sites at most)")
+        self._site_nets += 1
+        site_subnet = f"198.18.{self._site_nets}.0/24"
+        outside = self.lan
+        routers: list[Router] = []
+        for depth, kind in enumerate(kinds):
+            last = depth == len(kinds) - 1
+            if last:
+                inside = self.lab.lan(name, subnet=site_subnet)
+            else:
+                self._carrier_nets += 1
+                inside = self.lab.lan(f"cg{self._carrier_nets}", subnet=f"198.19.{self._carrier_nets}.0/24")
+            router_name = f"{name}-r" if last else f"{name}-cg{depth}"
+            routers.append(
+                self.lab.router(
+                    router_name,
+                    inside=inside,
+                    outside=outside,
+                    nat=kind,
+                    hairpin=hairpin and kind != "firewall" and kind != "none",
+                    udp_timeout=udp_timeout,
+                )
+            )
+            outside = inside
+        site = LabSite(name, outside, routers)
+        self.sites[name] = site
+        return site
+
+    def add_node(
+        self,
+        name: str,
+        daemon_args: tuple[str, ...] = (),
+        *,
+        behind: Behind | None = None,
+        lan: str | None = None,
+    ) -> LabNode:
+        """A new host running tailpyd with ``daemon_args`` (not yet up). Without ``behind`` and ``lan`` it
+        is on the internet LAN, as every node used to be. ``behind`` (a router kind: ``"eim"``,
+        ``"full-cone"``, ``"edm"``, ``"firewall"``, ``"none"``, ``"double-<kind>"``, a sequence of kinds
+        outermost first, or ``"public"``) puts it on a new site of its own; ``lan`` names a site to join,
+        made (behind ``behind``, by default ``"eim"``) if it does not exist yet. Raises LabError."""
+        site: LabSite | None = None
+        if lan is not None:
+            site = self.sites.get(lan)
+            if site is None:
+                site = self.site(lan, "eim" if behind is None else behind)
+            elif behind is not None and parse_behind(behind) != site.kinds:
+                raise LabError(f"site {lan} is behind {'/'.join(site.kinds)}, not {behind}")
+        elif behind is not None and parse_behind(behind):
+            self._auto_sites += 1
+            while f"site{self._auto_sites}" in self.lab.lans:
+                self._auto_sites += 1
+            site = self.site(f"site{self._auto_sites}", behind)
+        host = self.lab.host(name)
+        (site.lan if site is not None else self.lan).attach(host)
+        node = LabNode(self, host, self.root / name, daemon_args=daemon_args, site=site)
         node.start_daemon()
         self.nodes[name] = node
         return node
 
-    def connected(self, *names: str, daemon_args: tuple[str, ...] = ()) -> list[LabNode]:
-        """New nodes ``names``, each brought up with one reusable key, returned once every node of the
-        tailnet sees all the others. The control server must be running."""
+    def connected(
+        self, *names: str, daemon_args: tuple[str, ...] = (), behind: Behind | None = None
+    ) -> list[LabNode]:
+        """New nodes ``names`` (each on a site of its own behind ``behind``, or public), each brought up
+        with one reusable key, returned once every node of the tailnet sees all the others. The control
+        server must be running."""
         key = self.authkey(reusable=True)
-        nodes = [self.add_node(name, daemon_args) for name in names]
+        nodes = [self.add_node(name, daemon_args, behind=behind) for name in names]
         for node in nodes:
             node.up(key)
         for node in nodes:
             node.wait_peers(len(self.nodes) - 1)
         return nodes
+
+
+__all__ = ["NAT_KINDS", "LabNode", "LabSite", "LabTailnet", "parse_behind", "tailpy_argv"]

@@ -512,6 +512,33 @@ class FrameReader:
         del buf[:pos]
         return frames
 
+    def feed_raw(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Add ``data``; return every complete frame as (type, payload bytes), unparsed (the server's
+        per-packet fast path parses SendPacket itself; :func:`parse_frame` does the rest). The header limit
+        is checked as in :meth:`feed`. Raises ParseError (then always)."""
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        frames: list[tuple[int, bytes]] = []
+        buf = self._buf
+        pos = 0
+        size = len(buf)
+        unpack = _HEADER.unpack_from
+        limit = self.max_frame_len
+        while size - pos >= FRAME_HEADER_LEN:
+            t, n = unpack(buf, pos)
+            if n > limit:
+                self._error = ParseError(f"DERP frame header claims {n} bytes, more than the limit {limit}")
+                self._buf = bytearray()
+                raise self._error
+            end = pos + FRAME_HEADER_LEN + n
+            if size < end:
+                break
+            frames.append((t, bytes(buf[pos + FRAME_HEADER_LEN : end])))
+            pos = end
+        del buf[:pos]
+        return frames
+
 
 # --- login boxes --------------------------------------------------------------------------------------------
 

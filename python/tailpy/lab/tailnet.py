@@ -361,6 +361,7 @@ class LabTailnet:
                 self._auto_sites += 1
             site = self.site(f"site{self._auto_sites}", behind)
         host = self.lab.host(name)
+        give_resolv_conf(host, self.resolv_conf)
         (site.lan if site is not None else self.lan).attach(host)
         node = LabNode(self, host, self.root / name, daemon_args=daemon_args, site=site)
         node.start_daemon()

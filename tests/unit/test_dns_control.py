@@ -164,3 +164,61 @@ def test_mapper_sends_dns_in_full_netmaps_and_resyncs_every_stream_on_change() -
         assert msg.type == "netmap"
         assert c.state is not None and c.state.netmap.dns == new and c.state.netmap.domain == "example.test"
     assert apply_message(a.state, a.messages[-1]).netmap.dns == new
+
+
+def test_cli_dns_set_refuses_magicdns_as_nameserver_contradictions_and_too_many(tmp_path: Path) -> None:
+    Store(tmp_path).close()
+    runner = CliRunner()
+    base = ["control", "dns", "set", "--state-dir", str(tmp_path)]
+    for ns in ("100.100.100.100", "fd7a:115c:a1e0::53", "[fd7a:115c:a1e0::53]:53"):
+        bad = runner.invoke(cli, [*base, "--nameserver", "192.0.2.53", "--nameserver", ns])
+        assert bad.exit_code == 1 and "MagicDNS itself" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(cli, [*base, "--route", "corp.example=100.100.100.100"])
+    assert bad.exit_code == 1 and "MagicDNS itself" in bad.output
+    bad = runner.invoke(cli, [*base, "--no-nameservers", "--nameserver", "192.0.2.53"])
+    assert bad.exit_code == 1 and "contradict" in bad.output, bad.output
+    records = [a for i in range(257) for a in ("--record", f"h{i}.ts.test A 100.64.0.9")]
+    bad = runner.invoke(cli, [*base, *records])
+    assert bad.exit_code == 1 and "--record" in bad.output and "extra_records" not in bad.output, bad.output
+    r = runner.invoke(cli, ["control", "dns", "show", "--state-dir", str(tmp_path), "--json"])
+    assert json.loads(r.output)["nameservers"] == []  # nothing refused was stored
+
+
+def test_node_never_forwards_to_magicdns_itself() -> None:
+    from tailpy.dns.resolver import Resolver
+    from tailpy.keys import MachinePrivate, NodePrivate
+    from tailpy.netmap import Node
+
+    me = Node(
+        id=1,
+        name="me",
+        hostname="me",
+        node_key=NodePrivate.generate().public,
+        machine_key=MachinePrivate.generate().public,
+        addresses=("100.64.0.1/32",),
+    )
+    r = Resolver()
+    cfg = DNSConfig.from_json(
+        {
+            "nameservers": ["100.100.100.100", "192.0.2.53", "fd7a:115c:a1e0::53"],
+            "routes": {"c.example": ["100.100.100.100"]},
+        }
+    )
+    r.update(NetMap(me, {}, "ts.test"), cfg)
+    import dns.name
+
+    assert [str(ip) for ip, _ in r.upstreams_for(dns.name.from_text("www.example."))] == ["192.0.2.53"]
+    assert r.upstreams_for(dns.name.from_text("x.c.example.")) == ()
+
+
+def test_up_accept_dns_bare_flag_is_true_and_takes_no_argument() -> None:
+    from tailpy.cli import up
+
+    def params(*args: str) -> Any:
+        return up.command.make_context("up", list(args)).params
+
+    assert params("--accept-dns", "--hostname", "x")["accept_dns"] is True
+    assert params("--accept-dns", "--hostname", "x")["hostname"] == "x"
+    assert params("--accept-dns")["accept_dns"] is True
+    assert params("--accept-dns=false")["accept_dns"] is False
+    assert params()["accept_dns"] is None

@@ -10,6 +10,7 @@ import struct
 import dns.flags
 import dns.message
 import dns.name
+import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -274,3 +275,13 @@ def test_question_end() -> None:
     assert question_end(wire[:12]) is None
     compressed = wire[:12] + b"\xc0\x0c\x00\x01\x00\x01"
     assert question_end(compressed) is None
+
+
+@pytest.mark.parametrize("opcode", [dns.opcode.UPDATE, dns.opcode.NOTIFY, dns.opcode.STATUS])
+def test_other_opcodes_get_notimp(opcode: dns.opcode.Opcode) -> None:
+    q = dns.message.make_query("pi.ts.test", "A")
+    q.set_opcode(opcode)
+    out = resolver().handle(q.to_wire())
+    assert isinstance(out, Reply)
+    resp = dns.message.from_wire(out.wire)
+    assert resp.rcode() == dns.rcode.NOTIMP and resp.id == q.id and resp.opcode() == opcode

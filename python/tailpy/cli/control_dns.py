@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from tailpy.dns.config import MAX_ITEMS
 from tailpy.errors import ConfigError
 
 ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
@@ -110,6 +111,17 @@ def set_(
 ) -> None:
     """Change DNS settings: each option given replaces that setting (a repeated option gives a list);
     the others stay."""
+    for given, forget, what in (
+        (nameservers, no_nameservers, "nameserver"),
+        (search, no_search_domains, "search-domain"),
+        (routes, no_routes, "route"),
+        (records, no_records, "record"),
+    ):
+        if given and forget:
+            plural = "search-domains" if what == "search-domain" else what + "s"
+            raise ConfigError(f"--no-{plural} and --{what} contradict each other: give one of them")
+        if len(given) > MAX_ITEMS:
+            raise ConfigError(f"at most {MAX_ITEMS} --{what} options may be given, not {len(given)}")
     args: dict[str, Any] = {}
     if magic_dns is not None:
         args["magic_dns"] = magic_dns

@@ -146,6 +146,8 @@ async def _up(
     "--accept-dns",
     type=click.BOOL,
     default=None,
+    is_flag=False,
+    flag_value=True,  # a bare --accept-dns means true; it never takes the next argument as its value
     help="Point this host's resolver at MagicDNS (default true; --accept-dns=false leaves it alone; "
     "not given: as the last `up` said).",
 )

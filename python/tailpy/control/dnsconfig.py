@@ -16,7 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from tailpy.control.store import Store, settings
-from tailpy.dns.config import DNSConfig
+from tailpy.dns.config import DNSConfig, parse_resolver
+from tailpy.dns.resolver import MAGICDNS_V4, MAGICDNS_V6
 from tailpy.errors import ConfigError, ParseError
 
 SETTING = "dns"
@@ -64,6 +65,12 @@ def update(store: Store, args: Mapping[str, Any]) -> tuple[dict[str, Any], bool]
         cfg = DNSConfig.from_json(merged)
     except ParseError as e:
         raise ConfigError(str(e)) from None
+    for resolver in (*cfg.nameservers, *(r for rs in cfg.routes.values() for r in rs)):
+        ip, _ = parse_resolver(resolver)
+        if ip in (MAGICDNS_V4, MAGICDNS_V6):
+            raise ConfigError(
+                f"nameserver {resolver} is MagicDNS itself; nodes would forward to themselves in a loop"
+            )
     old_domain = store.settings().domain
     if args.get("domain") is not None:
         if not isinstance(args["domain"], str):

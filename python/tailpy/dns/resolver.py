@@ -160,6 +160,16 @@ def question_end(wire: bytes) -> int | None:
     return None
 
 
+def is_magicdns(ip: IPAddress) -> bool:
+    """Whether ``ip`` is a MagicDNS address (100.100.100.100, fd7a:115c:a1e0::53): never an upstream, since
+    forwarding to it would loop."""
+    return ip in (MAGICDNS_V4, MAGICDNS_V6)
+
+
+def _not_self(upstreams: Iterable[Upstream]) -> tuple[Upstream, ...]:
+    return tuple(u for u in upstreams if not is_magicdns(u[0]))
+
+
 def reverse_name(ip: IPAddress) -> dns.name.Name:
     """The in-addr.arpa / ip6.arpa name of ``ip``."""
     return dns.name.from_text(ip.reverse_pointer + ".")
@@ -172,7 +182,7 @@ class Resolver:
     input, answered FORMERR or dropped), ``servfails``."""
 
     def __init__(self, fallback: Iterable[Upstream] = ()) -> None:
-        self.fallback: tuple[Upstream, ...] = tuple(fallback)
+        self.fallback: tuple[Upstream, ...] = _not_self(fallback)
         self.config = DNSConfig()
         self.domain: dns.name.Name | None = None
         self._hosts: dict[dns.name.Name, tuple[list[IPAddress], list[IPAddress]]] = {}
@@ -222,9 +232,9 @@ class Resolver:
         self.config, self.domain = cfg, domain
         self._cache = {}
         self._hosts, self._short, self._ptr, self._extra = hosts, short, ptr, extra
-        self._nameservers = tuple(parse_resolver(s) for s in cfg.nameservers)
+        self._nameservers = _not_self(parse_resolver(s) for s in cfg.nameservers)
         routes = [
-            (dns.name.from_text(d + "."), tuple(parse_resolver(s) for s in rs))
+            (dns.name.from_text(d + "."), _not_self(parse_resolver(s) for s in rs))
             for d, rs in cfg.routes.items()
         ]
         self._routes = sorted(routes, key=lambda r: -len(r[0]))  # longest suffix first
@@ -246,6 +256,10 @@ class Resolver:
         if cached is not None:
             self.local += 1
             return Reply(wire[:2] + cached)
+        if len(wire) >= 12 and not wire[2] & 0x80 and (wire[2] >> 3) & 0x0F != dns.opcode.QUERY:
+            # Another opcode (UPDATE, NOTIFY, ...): NOTIMP whatever its sections hold (RFC 1035 §4.1.1).
+            err = error_reply(wire, dns.rcode.NOTIMP)
+            return None if err is None else Reply(err)
         try:
             query = parse_query(wire)
         except ParseError:
@@ -253,9 +267,6 @@ class Resolver:
             err = error_reply(wire, dns.rcode.FORMERR)
             return None if err is None else Reply(err)
         max_size = TCP_MAX if tcp else udp_limit(query)
-        if query.opcode() != dns.opcode.QUERY:
-            err = error_reply(wire, dns.rcode.NOTIMP)
-            return None if err is None else Reply(err)
         if query.edns > 0:  # RFC 6891 §6.1.3: only version 0
             bad = dns.message.make_response(query, our_payload=OUR_PAYLOAD)
             bad.use_edns(0, payload=OUR_PAYLOAD)
@@ -431,6 +442,7 @@ __all__ = [
     "Reply",
     "Resolver",
     "error_reply",
+    "is_magicdns",
     "parse_query",
     "question_end",
     "render",

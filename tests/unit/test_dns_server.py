@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import resource
 import socket
 from collections.abc import AsyncIterator
 
@@ -159,7 +160,7 @@ async def test_dead_upstream_gives_servfail_and_garbage_is_survived() -> None:
     server, port = await serve(r)
     try:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.sendto(b"\x00\x01garbage-that-is-not-dns", ("127.0.0.1", port))
+        s.sendto(b"\x00\x01\x01\x00garbage-that-is-not-dns", ("127.0.0.1", port))  # opcode QUERY
         s.sendto(b"\x07", ("127.0.0.1", port))
         s.close()
         resp = await dns.asyncquery.udp(
@@ -173,5 +174,130 @@ async def test_dead_upstream_gives_servfail_and_garbage_is_survived() -> None:
         assert r.bad == 2
     finally:
         dead.close()
+        server.close()
+        await server.wait_closed()
+
+
+def free_udp_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port  # nothing listens there now: queries to it get ICMP port unreachable
+
+
+def forwarding_resolver(*ports: int) -> Resolver:
+    r = Resolver()
+    cfg = DNSConfig(nameservers=tuple(f"127.0.0.1:{p}" for p in ports))
+    r.update(NetMap(node(1, "me"), {}, "ts.test"), cfg)
+    return r
+
+
+async def test_refusing_first_upstream_fails_over_at_once_on_icmp(upstream: Upstream) -> None:
+    # The upstream timeout and the stagger are far longer than the client waits: only reacting to the
+    # ICMP port unreachable of the first upstream lets the second one answer in time.
+    refusing = free_udp_port()
+    r = forwarding_resolver(refusing, upstream.port)
+    server = DNSServer(r, upstream_timeout=60, stagger=60)
+    [(_, port)] = await server.start([("127.0.0.1", 0)])
+    try:
+        for name in ("www.example.org", "www.Example.net", "mail.example.org"):
+            resp = await dns.asyncquery.udp(
+                dns.message.make_query(name, "A"), "127.0.0.1", timeout=5, port=port
+            )
+            assert resp.answer[0][0].to_text() == "192.0.2.1"
+        assert (ipaddress.ip_address("127.0.0.1"), refusing) in server.pool.dead  # remembered
+        assert server.pool.order(r.upstreams_for(dns.name.from_text("x.example.")))[0][1] == upstream.port
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_silent_first_upstream_is_raced_and_then_asked_last(upstream: Upstream) -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # bound, never answers, no ICMP either
+    r = forwarding_resolver(silent.getsockname()[1], upstream.port)
+    server = DNSServer(r, upstream_timeout=60, stagger=0.2)  # the client gives up long before 60 s
+    [(_, port)] = await server.start([("127.0.0.1", 0)])
+    try:
+        q = dns.message.make_query("www.example.org", "A")
+        for resp in (
+            await dns.asyncquery.udp(q, "127.0.0.1", timeout=5, port=port),
+            await dns.asyncquery.tcp(q, "127.0.0.1", timeout=5, port=port),
+        ):
+            assert resp.answer[0][0].to_text() == "192.0.2.1"
+    finally:
+        silent.close()
+        server.close()
+        await server.wait_closed()
+
+
+class Malformed(asyncio.DatagramProtocol):
+    """An upstream whose answers carry a record cut short (the reviewer's badup.py)."""
+
+    def connection_made(self, t: asyncio.BaseTransport) -> None:
+        self.t = t
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        i = 12
+        while data[i]:
+            i += data[i] + 1
+        head = data[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+        cut = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01"
+        self.t.sendto(head + data[12 : i + 5] + cut, addr)  # type: ignore[attr-defined]
+
+
+def ask_raw(q: dns.message.Message, port: int) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(q.to_wire(), ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+async def test_malformed_upstream_answer_is_never_relayed(upstream: Upstream) -> None:
+    t, _ = await asyncio.get_running_loop().create_datagram_endpoint(Malformed, local_addr=("127.0.0.1", 0))
+    bad_port = t.get_extra_info("sockname")[1]
+    try:
+        for ports, want in (
+            ((bad_port,), dns.rcode.SERVFAIL),
+            ((bad_port, upstream.port), dns.rcode.NOERROR),
+        ):
+            server = DNSServer(forwarding_resolver(*ports), upstream_timeout=2)
+            [(_, port)] = await server.start([("127.0.0.1", 0)])
+            try:
+                wire = await asyncio.to_thread(ask_raw, dns.message.make_query("www.example.org", "A"), port)
+                resp = dns.message.from_wire(wire)  # raises if the malformed answer was relayed
+                assert resp.rcode() == want
+                assert server.bad_upstream >= 1
+            finally:
+                server.close()
+                await server.wait_closed()
+    finally:
+        t.close()
+
+
+async def test_many_idle_tcp_connections_do_not_stop_udp_forwarding(upstream: Upstream) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 3000:
+        pytest.skip(f"1,100 connections need 3000 file descriptors; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 3000), hard))
+    server = DNSServer(forwarding_resolver(upstream.port), tcp_idle=60)
+    [(_, port)] = await server.start([("127.0.0.1", 0)])
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(1100):
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+        for _ in range(100):
+            if server.dropped >= 1100 - server.max_tcp:
+                break
+            await asyncio.sleep(0.05)
+        assert server.dropped >= 1100 - server.max_tcp  # the connections beyond the bound were closed
+        resp = await dns.asyncquery.udp(
+            dns.message.make_query("www.example.org", "A"), "127.0.0.1", timeout=5, port=port
+        )
+        assert resp.answer[0][0].to_text() == "192.0.2.1"
+    finally:
+        for _, w in conns:
+            w.close()
         server.close()
         await server.wait_closed()

@@ -1,11 +1,16 @@
 """MagicDNS's asyncio transports: UDP and TCP listeners (port 53 on 100.100.100.100 and fd7a:115c:a1e0::53
 in a node) around :class:`tailpy.dns.resolver.Resolver`, and forwarding to upstream resolvers.
 
-Forwarding uses dnspython's asyncio queries: UDP first (EDNS0, 1232 bytes), TCP when the upstream's answer
-is truncated; each upstream of the list in turn gets ``upstream_timeout`` seconds; an answer with SERVFAIL
-or REFUSED moves on to the next; when none answers the client gets SERVFAIL. TCP clients send any number of
-length-prefixed queries on one connection (RFC 7766), answered in order; an idle connection is closed
-after ``tcp_idle`` seconds.
+Forwarding races the upstreams of the list: the first is asked at once, the next one when the first has
+not answered within :data:`STAGGER` seconds or has failed (ICMP unreachable, SERVFAIL, REFUSED, an answer
+that does not parse), and so on; the first good answer wins and the other queries are abandoned. Each
+upstream gets ``upstream_timeout`` seconds. An upstream that timed out or was unreachable is remembered as
+dead for :data:`DEAD_FOR` seconds and asked after the live ones meanwhile (so it is probed again, last).
+UDP first (EDNS0, 1232 bytes), TCP when the upstream's answer is truncated; when none answers the client
+gets SERVFAIL; an upstream answer is parsed before it is relayed (SERVFAIL if none parses). TCP clients
+send any number of length-prefixed queries on one connection (RFC 7766), answered in order; at most
+:data:`MAX_TCP` connections at once (more are closed at once and counted in ``dropped``), and an idle
+connection is closed after ``tcp_idle`` seconds.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import logging
 import random
 import socket
 import struct
+import time
 import typing
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import dns.asyncquery
 import dns.exception
@@ -36,7 +42,16 @@ TCP_IDLE = 10.0
 """Seconds a TCP client connection may stay silent before it is closed."""
 
 MAX_PENDING = 1024
-"""Forwarded queries in flight at most; more are dropped (the client retries)."""
+"""Forwarded UDP queries in flight at most; more are dropped (the client retries)."""
+
+MAX_TCP = 256
+"""TCP client connections at once at most (counted apart from :data:`MAX_PENDING`); more are closed."""
+
+STAGGER = 0.25
+"""Seconds before the next upstream is asked too while the ones asked have not answered."""
+
+DEAD_FOR = 30.0
+"""Seconds an upstream that timed out or was unreachable is asked only after the others."""
 
 
 SOCKETS_PER_UPSTREAM = 4
@@ -59,6 +74,13 @@ class _UpstreamSocket(asyncio.DatagramProtocol):
             if fut is not None and not fut.done():
                 fut.set_result(data)
 
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error (port or host unreachable) for this connected socket: its one upstream is not
+        # there; every query waiting on it fails now instead of at its timeout.
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
     def connection_lost(self, exc: Exception | None) -> None:
         for fut in self.pending.values():
             if not fut.done():
@@ -75,6 +97,25 @@ class UpstreamPool:
         self._socks: dict[Upstream, list[_UpstreamSocket]] = {}
         self._next = 0
         self._rng = random.SystemRandom()
+        self.dead: dict[Upstream, float] = {}  # upstream -> monotonic time until which it counts as dead
+
+    def order(self, upstreams: Iterable[Upstream]) -> list[Upstream]:
+        """``upstreams`` with the ones remembered as dead moved last (their order otherwise kept)."""
+        now = time.monotonic()
+        ups = list(upstreams)
+        if not self.dead:
+            return ups
+        for u, until in list(self.dead.items()):
+            if until <= now:
+                del self.dead[u]
+        return [u for u in ups if u not in self.dead] + [u for u in ups if u in self.dead]
+
+    def mark(self, upstream: Upstream, alive: bool) -> None:
+        """Remember ``upstream`` as dead for :data:`DEAD_FOR` seconds, or as alive again."""
+        if alive:
+            self.dead.pop(upstream, None)
+        else:
+            self.dead[upstream] = time.monotonic() + DEAD_FOR
 
     async def _socket(self, upstream: Upstream) -> _UpstreamSocket:
         socks = self._socks.setdefault(upstream, [])
@@ -95,8 +136,8 @@ class UpstreamPool:
         """``query``'s answer from ``upstream`` over UDP (a fresh random id). Raises asyncio.TimeoutError,
         OSError, or dnspython's errors for an answer that does not parse or does not match."""
         wire = await self.exchange(query.to_wire(), upstream, timeout)
-        query.id = int.from_bytes(wire[:2], "big")
         answer = dns.message.from_wire(wire)
+        answer.id = query.id  # exchange matched it by the random id it sent
         if not query.is_response(answer):
             raise ParseError("upstream answer does not match the query")
         return answer
@@ -134,34 +175,79 @@ def _expire(fut: asyncio.Future[bytes]) -> None:
         fut.set_exception(asyncio.TimeoutError())
 
 
+_T = typing.TypeVar("_T")
+
+
+async def race(
+    upstreams: Iterable[Upstream],
+    attempt: Callable[[Upstream], Awaitable[_T | None]],
+    stagger: float = STAGGER,
+) -> _T | None:
+    """Run ``attempt`` for each upstream, staggered: the next starts when those running have not finished
+    within ``stagger`` seconds or one has failed (returned None). The first result that is not None, the
+    others cancelled; None when all failed. ``attempt`` must not raise."""
+    remaining = list(upstreams)
+    running: set[asyncio.Future[_T | None]] = set()
+    try:
+        while True:
+            if remaining:
+                running.add(asyncio.ensure_future(attempt(remaining.pop(0))))
+            if not running:
+                return None
+            done, running = await asyncio.wait(
+                running, timeout=stagger if remaining else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in done:
+                got = t.result()
+                if got is not None:
+                    return got
+    finally:
+        for t in running:
+            t.cancel()
+
+
+_FAILED = (dns.exception.DNSException, OSError, EOFError, ValueError, asyncio.TimeoutError)
+
+
 async def forward(
     query: dns.message.Message,
     upstreams: Iterable[Upstream],
     timeout: float = UPSTREAM_TIMEOUT,
     pool: UpstreamPool | None = None,
+    stagger: float = STAGGER,
 ) -> dns.message.Message | None:
-    """Ask ``upstreams`` in order for ``query``'s question (:meth:`Resolver.upstream_query`); the first
-    answer that is not SERVFAIL or REFUSED, else None. UDP through ``pool`` (a socket per query without
-    one), TCP when the answer is truncated."""
+    """Ask ``upstreams`` for ``query``'s question (:meth:`Resolver.upstream_query`), raced (:func:`race`,
+    dead ones last when ``pool`` remembers them); the first answer that is not SERVFAIL or REFUSED, else
+    None. UDP through ``pool`` (a socket per query without one), TCP when the answer is truncated."""
     up = Resolver.upstream_query(query)
-    for ip, port in upstreams:
+
+    async def attempt(upstream: Upstream) -> dns.message.Message | None:
+        ip, port = upstream
         where = str(ip)
         try:
             if pool is not None:
-                answer = await pool.udp(up, (ip, port), timeout)
+                answer = await pool.udp(up, upstream, timeout)
             else:
                 answer = await dns.asyncquery.udp(
                     up, where, timeout=timeout, port=port, ignore_unexpected=True, ignore_errors=True
                 )
             if answer.flags & dns.flags.TC:
                 answer = await dns.asyncquery.tcp(up, where, timeout=timeout, port=port)
-        except (dns.exception.DNSException, OSError, EOFError, ValueError, asyncio.TimeoutError) as e:
+        except (OSError, asyncio.TimeoutError) as e:
             log.debug("upstream %s:%d: %s", where, port, type(e).__name__)
-            continue
+            if pool is not None:
+                pool.mark(upstream, alive=False)
+            return None
+        except (*_FAILED, ParseError) as e:
+            log.debug("upstream %s:%d: %s", where, port, type(e).__name__)
+            return None
+        if pool is not None:
+            pool.mark(upstream, alive=True)
         if answer.rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
-            continue
+            return None
         return answer
-    return None
+
+    return await race(pool.order(upstreams) if pool is not None else upstreams, attempt, stagger)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -191,25 +277,40 @@ class _Udp(asyncio.DatagramProtocol):
 
 class DNSServer:
     """Serves ``resolver`` on UDP and TCP. :meth:`start` binds; :meth:`close` stops (idempotent).
-    ``dropped``: forwarded queries dropped because :data:`MAX_PENDING` were in flight."""
+    ``dropped``: forwarded UDP queries dropped because :data:`MAX_PENDING` were in flight, plus TCP
+    connections closed because :data:`MAX_TCP` were open; ``bad_upstream``: upstream answers that did not
+    parse (never relayed)."""
 
     def __init__(
-        self, resolver: Resolver, *, upstream_timeout: float = UPSTREAM_TIMEOUT, tcp_idle: float = TCP_IDLE
+        self,
+        resolver: Resolver,
+        *,
+        upstream_timeout: float = UPSTREAM_TIMEOUT,
+        tcp_idle: float = TCP_IDLE,
+        stagger: float = STAGGER,
+        max_tcp: int = MAX_TCP,
     ) -> None:
         self.resolver = resolver
         self.upstream_timeout = upstream_timeout
         self.tcp_idle = tcp_idle
+        self.stagger = stagger
+        self.max_tcp = max_tcp
         self.addresses: list[tuple[str, int]] = []
         self.dropped = 0
+        self.bad_upstream = 0
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[asyncio.Task[None]] = set()
         self.pool = UpstreamPool()
 
-    async def start(self, addresses: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    async def start(
+        self, addresses: Iterable[tuple[str, int]], *, device: str | None = None
+    ) -> list[tuple[str, int]]:
         """Listen on every (host, port) of ``addresses``, UDP and TCP (port 0: one free port, the same for
-        both). Returns the bound (host, port) pairs. Raises OSError when an address cannot be bound (what
-        was bound stays until :meth:`close`)."""
+        both). ``device``: accept only packets that arrive on that interface (SO_BINDTODEVICE; "lo": only
+        this host's own processes; needs CAP_NET_RAW). Returns the bound (host, port) pairs. Raises OSError
+        when an address cannot be bound (what was bound stays until :meth:`close`)."""
         loop = asyncio.get_running_loop()
         bound: list[tuple[str, int]] = []
         for host, port in addresses:
@@ -219,12 +320,16 @@ class DNSServer:
                 tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     tcp_sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if device is not None:
+                    tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
                 tcp_sock.bind((host, port))
                 port = tcp_sock.getsockname()[1]
                 udp_sock = socket.socket(family, socket.SOCK_DGRAM)
                 try:
                     if family == socket.AF_INET6:
                         udp_sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    if device is not None:
+                        udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
                     udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                     udp_sock.bind((host, port))
                 except OSError:
@@ -247,7 +352,7 @@ class DNSServer:
             t.close()
         for s in self._tcp:
             s.close()
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._conns]:
             task.cancel()
         self.pool.close()
         self._udp, self._tcp, self.addresses = [], [], []
@@ -255,8 +360,8 @@ class DNSServer:
     async def wait_closed(self) -> None:
         for s in self._tcp:
             await s.wait_closed()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks or self._conns:
+            await asyncio.gather(*self._tasks, *self._conns, return_exceptions=True)
 
     def _spawn(self, coro: object) -> None:
         if len(self._tasks) >= MAX_PENDING:
@@ -270,44 +375,61 @@ class DNSServer:
     async def resolve_forward(self, f: Forward) -> bytes:
         """The client's answer to a forwarded query: the upstream's, or SERVFAIL.
 
-        Fast path: the client's query bytes go upstream as they are (a new id); an answer to the same
-        question (byte for byte), not truncated, not SERVFAIL/REFUSED and within the client's limit is
-        relayed as it is (its id back). Anything else takes the full path (:func:`forward`: EDNS0 1232,
-        TCP when truncated, cut to the client's size)."""
+        Fast path: the client's query bytes go upstream as they are (a new id), raced (:func:`race`); an
+        answer that parses, to the same question (byte for byte), not truncated, not SERVFAIL/REFUSED and
+        within the client's limit is relayed as it is (its id back). An answer that is well-formed but
+        truncated, too big or another question takes the full path (:func:`forward`: EDNS0 1232, TCP when
+        truncated, cut to the client's size). None answering, or none well-formed: SERVFAIL."""
         fast = await self._forward_raw(f)
-        if fast is not None:
+        if isinstance(fast, bytes):
             return fast
-        answer = await forward(f.query, f.upstreams, self.upstream_timeout, self.pool)
+        if fast is None:
+            return self.resolver.servfail(f.query, f.max_size)
+        answer = await forward(f.query, f.upstreams, self.upstream_timeout, self.pool, self.stagger)
         if answer is None:
             return self.resolver.servfail(f.query, f.max_size)
         return self.resolver.relay(f.query, answer, f.max_size)
 
-    async def _forward_raw(self, f: Forward) -> bytes | None:
+    async def _forward_raw(self, f: Forward) -> bytes | bool | None:
+        """The relayed answer (bytes), True when the full path must be taken, None when no upstream gave
+        a usable answer."""
         end = question_end(f.wire)
         if end is None:
-            return None
+            return True
         question = f.wire[12:end]
-        timed_out = 0
-        for upstream in f.upstreams:
+
+        async def attempt(upstream: Upstream) -> bytes | bool | None:
             try:
                 got = await self.pool.exchange(f.wire, upstream, self.upstream_timeout)
             except (OSError, asyncio.TimeoutError):
-                timed_out += 1
-                continue
-            rcode = got[3] & 0x0F
-            if rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
-                continue
-            if not got[2] & 0x80 or got[12:end] != question or got[2] & 0x02 or len(got) > f.max_size:
-                return None  # not a response, another question, truncated, or too big for the client
+                self.pool.mark(upstream, alive=False)
+                return None
+            self.pool.mark(upstream, alive=True)
+            try:
+                dns.message.from_wire(got)
+            except Exception:  # dnspython raises many types for bad input
+                self.bad_upstream += 1
+                log.debug("upstream %s:%d sent a malformed answer", upstream[0], upstream[1])
+                return None
+            if not got[2] & 0x80 or got[12:end] != question:
+                self.bad_upstream += 1
+                return None  # not a response, or to another question
+            if got[3] & 0x0F in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+                return None
+            if got[2] & 0x02 or len(got) > f.max_size:
+                return True  # truncated, or too big for the client: the full path
             return f.wire[:2] + got[2:]
-        if timed_out == len(f.upstreams):
-            return self.resolver.servfail(f.query, f.max_size)  # nobody answers: no second round
-        return None
+
+        return await race(self.pool.order(f.upstreams), attempt, self.stagger)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._conns) >= self.max_tcp:
+            self.dropped += 1
+            writer.close()
+            return
         if task is not None:
-            self._tasks.add(task)
+            self._conns.add(task)
         try:
             while True:
                 try:
@@ -329,10 +451,21 @@ class DNSServer:
             pass
         finally:
             if task is not None:
-                self._tasks.discard(task)
+                self._conns.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
 
 
-__all__ = ["MAX_PENDING", "TCP_IDLE", "UPSTREAM_TIMEOUT", "DNSServer", "UpstreamPool", "forward"]
+__all__ = [
+    "DEAD_FOR",
+    "MAX_PENDING",
+    "MAX_TCP",
+    "STAGGER",
+    "TCP_IDLE",
+    "UPSTREAM_TIMEOUT",
+    "DNSServer",
+    "UpstreamPool",
+    "forward",
+    "race",
+]

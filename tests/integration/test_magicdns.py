@@ -18,7 +18,7 @@ import pytest
 
 from tailpy.lab import Lab, wait_for
 from tailpy.lab.dns import Dnsmasq, dnsmasq_reason, resolv_conf_path
-from tailpy.lab.tailnet import LabNode, LabTailnet
+from tailpy.lab.tailnet import LabNode, LabTailnet, tailpy_argv
 
 pytestmark = [
     pytest.mark.lab,
@@ -109,8 +109,14 @@ def test_names_resolve_on_every_node_ping_by_name_and_resolv_conf_restored(
         conf = resolv_conf_path(n.host).read_text()
         assert "nameserver 100.100.100.100" in conf and f"search {DOMAIN} lab.example" in conf, conf
         assert "options timeout:2" in conf
+        # Both listeners on every node (the IPv6 one used to fail at random: its address was tentative).
+        wait_for(
+            lambda n=n: len(n.status()["dns"]["listening"]) == 2, timeout=30, what=f"{n.name}'s listeners"
+        )
+        assert n.status()["dns"]["error"] == ""
         for name, ip in ips.items():
             assert short(n, "@100.100.100.100", f"{name}.{DOMAIN}") == [ip], (n.name, name)
+            assert short(n, "@fd7a:115c:a1e0::53", f"{name}.{DOMAIN}") == [ip], (n.name, name)
             assert short(n, f"{name}.{DOMAIN}", "AAAA") == [tailnet.nodes[_lab(name)].ip6()]
             assert short(n, "-q", name) == [ip]  # the short name, from the node's own resolv.conf server
         # The host's resolver is MagicDNS now, and the host's other DNS still answers (its old upstream).
@@ -269,3 +275,51 @@ def test_accept_dns_false_crash_recovery_and_garbage(tailnet: LabTailnet, resolv
     )
     out = bare.run([sys.executable, "-c", probe]).stdout
     assert out.startswith("refused:"), out
+
+
+def test_only_local_processes_are_answered_not_the_lan(tailnet: LabTailnet, resolvers: Resolvers) -> None:
+    """A LAN neighbour routing the MagicDNS addresses through a node gets nothing (Linux would accept the
+    packets for the node's lo addresses on its LAN interface); the node itself still gets answers."""
+    a, b = tailnet.connected("a", "b")
+    neighbour = tailnet.lab.hosts["dns"]  # the resolvers' host, on the same LAN as a
+    neighbour.run(["ip", "route", "replace", "100.100.100.100/32", "via", a.lan_ip()])
+    a6 = a.host.run(["ip", "-6", "-o", "addr", "show", "dev", "lan0", "scope", "global"]).stdout.split()
+    assert len(a6) > 3, a6
+    neighbour.run(["ip", "-6", "route", "replace", "fd7a:115c:a1e0::53/128", "via", a6[3].split("/")[0]])
+    assert short(a, "@100.100.100.100", f"b.{DOMAIN}") == [b.ip()]
+    assert short(a, "@fd7a:115c:a1e0::53", f"b.{DOMAIN}") == [b.ip()]
+    assert short(a, "@100.100.100.100", "+tcp", f"b.{DOMAIN}") == [b.ip()]
+    for server in ("@100.100.100.100", "@fd7a:115c:a1e0::53"):
+        for opts in ((), ("+tcp",)):
+            for q in ((f"b.{DOMAIN}",), ("www.example",), ("-x", b.ip())):
+                out = neighbour.run(
+                    ["dig", "+time=1", "+tries=1", server, *opts, *q], check=False, timeout=30
+                ).stdout
+                assert "status:" not in out, (server, opts, q, out)
+
+
+def test_dead_first_nameserver_fails_over_quickly(tailnet: LabTailnet, resolvers: Resolvers) -> None:
+    """A nameserver that does not answer (192.0.2.99, nothing there) or refuses (the resolvers' host, port
+    5399: ICMP port unreachable) ahead of a working one: lookups are answered within dig's 1 s."""
+    (a,) = tailnet.connected("a")
+    for dead in ("192.0.2.99", f"{UPSTREAM}:5399"):
+        tailnet.control("dns", "set", "--nameserver", dead, "--nameserver", UPSTREAM)
+        for name in ("www.example", "big.example"):
+            wait_for(
+                lambda name=name: (
+                    short(a, "+time=1", "+tries=1", "@100.100.100.100", name)[:1]
+                    in (["198.51.100.10"], ["198.18.0.1"])
+                ),
+                timeout=30,
+                what=f"{name} through the second nameserver",
+            )
+        for _ in range(5):  # and every lookup, not only one
+            assert short(a, "+time=1", "+tries=1", "@100.100.100.100", "www.example") == ["198.51.100.10"]
+    assert a.status()["dns"]["dropped"] == 0
+
+
+def test_dns_set_refuses_magicdns_as_nameserver(tailnet: LabTailnet) -> None:
+    argv = tailpy_argv("control", "dns", "set", "--nameserver", "100.100.100.100")
+    out = tailnet.control_host.run([*argv, "--state-dir", str(tailnet.control_state)], check=False)
+    assert out.returncode != 0 and "MagicDNS itself" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr

@@ -2,19 +2,28 @@
 every netmap, and the host's resolver pointed at it while the node is up.
 
 The MagicDNS addresses are added to ``lo`` (so packets for them are delivered locally and never enter the
-tunnel: the local routing table wins over the 100.64.0.0/10 route to the TUN) and removed on :meth:`stop`.
+tunnel: the local routing table wins over the 100.64.0.0/10 route to the TUN) and removed on :meth:`stop`;
+the IPv6 one without duplicate address detection (``nodad``), so it can be bound at once. Only this host's
+own processes may query MagicDNS: the listening sockets are bound to ``lo`` (SO_BINDTODEVICE), so a LAN
+neighbour that routes 100.100.100.100 through the node (Linux accepts packets for a local address on any
+interface) or a tailnet peer gets no answer; the kernel drops those packets, nothing to clean up on exit.
+An address that cannot be bound yet (EADDRNOTAVAIL) is retried with backoff for :data:`LISTEN_RETRY`
+seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+from tailpy.backoff import reconnect_delays
 from tailpy.dns.config import DNSConfig
 from tailpy.dns.osconfig import RESOLV_CONF, ResolvConf, Resolved, resolved_running, upstreams_from
 from tailpy.dns.resolver import MAGICDNS_V4, MAGICDNS_V6, Resolver
@@ -25,6 +34,9 @@ from tailpy.netmap import NetMap
 log = logging.getLogger("tailpy.dns")
 
 DNS_PORT = 53
+
+LISTEN_RETRY = 30.0
+"""Seconds MagicDNS keeps retrying an address it cannot bind yet (not assigned yet, or tentative)."""
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -132,23 +144,37 @@ class DNSManager:
             if self.add_addresses:
                 self._add_addresses()
             server = DNSServer(self.resolver)
-            for host, port in self.listen:
-                try:
-                    await server.start([(host, port)])
-                except OSError as e:
-                    self.error = f"MagicDNS cannot listen on {host} port {port}: {e.strerror or e}"
-                    log.warning("%s", self.error)
             self.server = server
+            errors = await asyncio.gather(*(self._listen(server, h, p) for h, p in self.listen))
+            self.error = next((e for e in errors if e), "")
             if server.addresses:
                 log.info("MagicDNS listening on %s", ", ".join(_hostport(h, p) for h, p in server.addresses))
         finally:
             self._starting = None
 
+    async def _listen(self, server: DNSServer, host: str, port: int) -> str:
+        """Bind ``host`` port ``port``, retrying while the address is not there yet; "" or the error."""
+        device = "lo" if self.add_addresses else None
+        deadline = time.monotonic() + LISTEN_RETRY
+        delays = reconnect_delays(base=0.05, cap=2.0)
+        while True:
+            try:
+                await server.start([(host, port)], device=device)
+                return ""
+            except OSError as e:
+                error = f"MagicDNS cannot listen on {host} port {port}: {e.strerror or e}"
+                if e.errno != errno.EADDRNOTAVAIL or time.monotonic() >= deadline:
+                    log.warning("%s", error)
+                    return error
+                self.error = error + " (retrying)"
+                await asyncio.sleep(next(delays))
+
     def _add_addresses(self) -> None:
         for ip in (MAGICDNS_V4, MAGICDNS_V6):
             fam = "-6" if ip.version == 6 else "-4"
             plen = 128 if ip.version == 6 else 32
-            done = _ip(fam, "addr", "replace", f"{ip}/{plen}", "dev", "lo")
+            extra = ["nodad"] if ip.version == 6 else []  # usable at once, not tentative for a second or two
+            done = _ip(fam, "addr", "replace", f"{ip}/{plen}", "dev", "lo", *extra)
             if done.returncode != 0:
                 log.warning("cannot add %s to lo: %s", ip, done.stderr.strip())
 
@@ -181,6 +207,8 @@ class DNSManager:
             "forwarded": r.forwarded,
             "servfail": r.servfails,
             "bad": r.bad,
+            "dropped": self.server.dropped if self.server else 0,
+            "bad_upstream": self.server.bad_upstream if self.server else 0,
         }
 
 

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import re
 import socket
 import time
@@ -28,6 +29,7 @@ from joserfc.jwk import KeySet, RSAKey
 from rich.console import Console
 
 from _oidc_provider import Provider, User
+from tailpy.cli.control import _when, oidc_config
 from tailpy.cli.login import show_qr
 from tailpy.cli.main import cli
 from tailpy.control import ControlClient, ControlServer, Store
@@ -35,7 +37,8 @@ from tailpy.control import identity as ident
 from tailpy.control.oidc import IdTokenError, OIDCConfig
 from tailpy.control.oidc import Provider as OIDCProvider
 from tailpy.errors import AuthKeyError
-from tailpy.keys import MachinePrivate, NodePublic
+from tailpy.keys import MachinePrivate, NodePrivate, NodePublic
+from tailpy.proto import control as proto
 
 CLIENT_ID, SECRET = "tailpy", "s3cret-value"
 
@@ -87,7 +90,7 @@ async def _start(tmp_path: Path, **cfg: object) -> AsyncIterator[Env]:
     store = Store(tmp_path)
     server = ControlServer(store, keepalive=0.5, poll_interval=0.2, oidc=config)
     await server.start("127.0.0.1", cport)
-    browser = aiohttp.ClientSession()
+    browser = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # cookies of IP hosts too
     client = ControlClient(url, mkey())
     try:
         yield Env(store, server, provider, url, browser, client, nkey())
@@ -186,6 +189,108 @@ async def test_replayed_callback_and_replayed_code_are_refused(env: Env) -> None
     replay = re.sub(r"state=[^&]+", "state=" + state, cb)
     status, page = await callback(env, replay)
     assert status == 401 and "refused the authorization code" in page
+
+
+async def test_callback_from_another_browser_is_refused(env: Env) -> None:
+    """S4: someone fetches the device's /start (the provider URL) and has another person sign in with it:
+    that browser lacks the cookie set at /start, so the device is not added."""
+    auth = await begin(env)  # env.browser plays the attacker: it holds the binding cookie
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as victim:
+        query = dict(urllib.parse.parse_qsl(auth.split("?", 1)[1]))
+        async with victim.post(
+            auth.split("?")[0],
+            data={**query, "login": "alice", "password": "pw-alice"},
+            allow_redirects=False,
+        ) as r:
+            cb = r.headers["Location"]
+        async with victim.get(cb, allow_redirects=False) as r:
+            status, page = r.status, await r.text()
+    assert status == 400 and "started in another browser" in page and "Traceback" not in page
+    assert env.provider.token_requests == 0 and env.store.list_nodes() == []
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    assert answer.node is None
+
+
+async def test_start_sets_a_narrow_binding_cookie(env: Env) -> None:
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    async with env.browser.get(answer.auth_url + "/start", allow_redirects=False) as r:
+        assert r.status == 302
+        [cookie] = r.cookies.values()
+    assert cookie.key.startswith("tailpy_signin_") and len(cookie.value) >= 32
+    assert cookie["httponly"] and cookie["samesite"] == "Lax" and cookie["path"] == "/oidc/callback"
+    assert not cookie["secure"]  # plain http here; https server URLs get Secure
+    # The browser that started it still signs in (the flow of the other tests), once per cookie.
+    cb = await sign_in(env, r.headers["Location"], "alice", "pw-alice")
+    status, _ = await callback(env, cb)
+    assert status == 200
+
+
+async def test_refusal_reaches_the_waiting_node_at_once(env: Env) -> None:
+    """M3: the long poll answers the moment a sign-in is refused, not at the end of its wait."""
+    cb = await sign_in(env, await begin(env), "bob", "pw-bob")
+    poll = asyncio.create_task(env.client.login_poll(env.node_key, "laptop", wait=60))
+    await asyncio.sleep(0.3)
+    assert (await callback(env, cb))[0] == 403
+    answer = await asyncio.wait_for(poll, 30)  # well before the 60 s the poll may wait
+    assert answer.node is None and "not allowed" in answer.error
+    # The refusal is told once: the next poll waits again (no busy loop on an old error).
+    again = asyncio.create_task(env.client.login_poll(env.node_key, "laptop", wait=3))
+    await asyncio.sleep(1.0)
+    assert not again.done()
+    assert "not allowed" in (await asyncio.wait_for(again, 30)).error
+
+
+@pytest.mark.parametrize("approval", [False, True])
+async def test_rotation_keeps_an_expiry_that_came_from_the_token(tmp_path: Path, approval: bool) -> None:
+    """S5: with --oidc-expiry-from-token, node key rotation must not give the node the server's key
+    lifetime: the expiry stays the ID token's."""
+    async for env in _start(tmp_path, expiry_from_token=True, approval=approval):
+        env.provider.token_lifetime = 300
+        old = NodePrivate.generate()
+        env.node_key = old.public
+        assert (await callback(env, await sign_in(env, await begin(env), "alice", "pw-alice")))[0] == 200
+        if approval:
+            [pending] = ident.list_pending(env.store)
+            ident.approve_pending(env.store, pending.id, time.time())
+        answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+        assert answer.node is not None and answer.node.key_expiry is not None
+        expiry = answer.node.key_expiry
+        assert 200 < expiry - time.time() <= 300
+        new = NodePrivate.generate()
+        proof = proto.seal_rotation_proof(old, await env.client.server_key(), new.public, time.time())
+        rotated = await env.client.register(
+            new.public, "laptop", None, old_node_key=old.public, old_node_proof=proof
+        )
+        assert rotated.node_key == new.public and rotated.key_expiry == expiry
+        # A node that joined with an auth key still gets a fresh lifetime at rotation.
+        key = env.store.create_auth_key(reusable=False, expires=None, now=time.time())
+        other, c2 = NodePrivate.generate(), ControlClient(env.url, mkey())
+        try:
+            n = await c2.register(other.public, "server", key.key)
+            new2 = NodePrivate.generate()
+            proof = proto.seal_rotation_proof(other, await c2.server_key(), new2.public, time.time() + 1)
+            r2 = await c2.register(
+                new2.public, "server", None, old_node_key=other.public, old_node_proof=proof
+            )
+            assert n.key_expiry is not None and r2.key_expiry is not None and r2.key_expiry > n.key_expiry
+        finally:
+            await c2.close()
+
+
+async def test_access_log_keeps_no_login_secrets(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """M11: login link ids and the callback's code and state stay out of the access log."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    login_id = answer.auth_url.rsplit("/", 1)[1]
+    cb = await sign_in(env, await begin(env), "alice", "pw-alice")
+    assert (await callback(env, cb))[0] == 200
+    query = dict(urllib.parse.parse_qsl(cb.split("?", 1)[1]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any("/oidc/callback?…" in line for line in lines) and any(
+        "/login/…/start" in line for line in lines
+    )
+    for line in lines:
+        assert login_id not in line and query["code"] not in line and query["state"] not in line
 
 
 @pytest.mark.parametrize(
@@ -343,9 +448,26 @@ def test_admin_cli_pending_approve_reject(tmp_path: Path) -> None:
         (["--oidc-issuer", "https://idp.example"], "needs --oidc-client-id"),
         (["--oidc-client-id", "x"], "need --oidc-issuer"),
         (["--oidc-issuer", "idp.example", "--oidc-client-id", "x"], "https://"),
+        (["--server-url", "ftp://x"], "must be an http:// or https:// URL"),
+        (["--server-url", "http://"], "must be an http:// or https:// URL"),
+        (["--approve-nodes"], "--approve-nodes only applies to browser login: it needs --oidc-issuer"),
+        (
+            ["--oidc-expiry-from-token", "--oidc-allowed-domain", "example.com"],
+            "--oidc-allowed-domain, --oidc-expiry-from-token only apply to browser login: they need",
+        ),
+        (["--oidc-allowed-domain", "@example.com", *"OIDC"], "'@example.com' is not an email domain"),
+        (["--oidc-scope", "", *"OIDC"], "'' is not a scope"),
+        (["--oidc-scope", "email profile", *"OIDC"], "one word per --oidc-scope"),
     ],
 )
 def test_serve_oidc_options_are_checked(tmp_path: Path, args: list[str], words: str) -> None:
+    if args[-4:] == list("OIDC"):  # with a complete provider configuration
+        (tmp_path / "secret").write_text("s\n")
+        args = [
+            *args[:-4],
+            *("--oidc-issuer", "https://idp.example", "--oidc-client-id", "x"),
+            *("--oidc-client-secret-file", str(tmp_path / "secret"), "--server-url", "https://c.example"),
+        ]
     r = CliRunner().invoke(
         cli, ["control", "serve", "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--no-derp", *args]
     )
@@ -357,3 +479,38 @@ def test_qr_code_is_drawn_with_block_characters() -> None:
     show_qr("http://192.0.2.1:8080/login/abc", Console(file=out, width=200))
     lines = out.getvalue().splitlines()
     assert len(lines) > 10 and any("█" in line or "▀" in line for line in lines)
+
+
+def test_scopes_always_ask_for_openid(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s\n")
+    config = oidc_config(
+        "https://idp.example",
+        "x",
+        tmp_path / "secret",
+        "https://c.example",
+        scopes=("email", "groups", "email"),
+        domains=(),
+        users=(),
+        groups=(),
+        groups_claim="groups",
+        expiry_from_token=False,
+        approval=False,
+    )
+    assert config.scopes == ("openid", "email", "groups")
+
+
+@pytest.mark.parametrize(
+    ("delta", "shown"),
+    [
+        (180 * 86400 + 5, "in 180d"),
+        (3 * 3600 + 5 * 60 + 2, "in 3h 5m"),
+        (2 * 3600, "in 2h"),
+        (45, "in 45s"),
+        (30 * 60, "in 30m"),
+        (2 * 86400 + 4 * 3600, "in 2d 4h"),
+        (-(3 * 86400 + 60), "3d ago"),
+    ],
+)
+def test_expiry_times_are_humanised(delta: float, shown: str) -> None:
+    now = 1_800_000_000.0
+    assert _when(now + delta, now) == shown

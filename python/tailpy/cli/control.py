@@ -482,6 +482,36 @@ def _default_server_url(listen: str) -> str | None:
     return http_url(host, port)
 
 
+_OIDC_ONLY = (
+    ("--oidc-scope", "scopes"),
+    ("--oidc-allowed-domain", "domains"),
+    ("--oidc-allowed-user", "users"),
+    ("--oidc-allowed-group", "groups"),
+    ("--oidc-groups-claim", "groups_claim"),
+    ("--oidc-expiry-from-token", "expiry_from_token"),
+    ("--approve-nodes", "approval"),
+)
+_DOMAIN = re.compile(r"(?i)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+")
+
+
+def _check_server_url(url: str) -> None:
+    """Raise ConfigError unless ``url`` is an http(s) URL with a host (and nothing after the path)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--server-url {url!r} must be an http:// or https:// URL with a host, e.g. "
+            "https://control.example.com"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"--server-url {url!r} must not have a query or fragment")
+
+
 def oidc_config(
     issuer: str | None,
     client_id: str | None,
@@ -491,11 +521,34 @@ def oidc_config(
 ) -> Any:
     """The :class:`tailpy.control.oidc.OIDCConfig` of the --oidc-* options (None without --oidc-issuer).
     Raises ConfigError naming what is missing."""
+    if server_url is not None:
+        _check_server_url(server_url)
     if issuer is None:
         if client_id or secret_file:
             raise ConfigError("--oidc-client-id and --oidc-client-secret-file need --oidc-issuer")
+        given = [
+            flag
+            for flag, key in _OIDC_ONLY
+            if policy.get(key) and (key != "groups_claim" or policy[key] != "groups")
+        ]
+        if given:
+            one = len(given) == 1
+            raise ConfigError(
+                f"{', '.join(given)} only appl{'ies' if one else 'y'} to browser login: "
+                f"{'it needs' if one else 'they need'} --oidc-issuer"
+            )
         return None
     from tailpy.control.oidc import OIDCConfig, read_secret
+
+    for d in policy["domains"]:
+        if not _DOMAIN.fullmatch(d):
+            raise ConfigError(
+                f"--oidc-allowed-domain {d!r} is not an email domain: give it like example.com (no @, no "
+                "scheme)"
+            )
+    for sc in policy["scopes"]:
+        if not sc or any(c.isspace() for c in sc):
+            raise ConfigError(f"--oidc-scope {sc!r} is not a scope: give one word per --oidc-scope")
 
     if not issuer.startswith(("https://", "http://")):
         raise ConfigError(f"--oidc-issuer {issuer!r} must be an https:// (or, for tests, http://) URL")
@@ -506,7 +559,9 @@ def oidc_config(
             "pass --server-url (how browsers reach this server, e.g. https://control.example.com): --listen "
             "is every address"
         )
+    # OpenID Connect needs "openid" (without it the provider sends no ID token): always asked for.
     scopes = tuple(policy.pop("scopes")) or ("openid", "email", "profile")
+    scopes = ("openid", *(sc for sc in dict.fromkeys(scopes) if sc != "openid"))
     return OIDCConfig(
         issuer.rstrip("/"),
         client_id,
@@ -876,11 +931,23 @@ for _cmd in (
     _cmd.help = f"{_cmd.help}\n\n{ADMIN_NOTE}"
 
 
+def _span(seconds: float) -> str:
+    """A duration for people: "45s", "12m", "3h 5m", "2d 4h", "180d"."""
+    s = round(abs(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h {m}m" if m else f"{h}h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d {h}h" if h and d < 10 else f"{d}d"
+
+
 def _when(t: float, now: float) -> str:
     d = t - now
-    span = abs(d)
-    text = f"{span:.0f}s" if span < 120 else f"{span / 60:.0f}m" if span < 7200 else f"{span / 3600:.1f}h"
-    return f"in {text}" if d > 0 else f"{text} ago"
+    return f"in {_span(d)}" if d > 0 else f"{_span(d)} ago"
 
 
 __all__ = [

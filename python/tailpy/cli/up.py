@@ -101,7 +101,9 @@ async def _up(
             if not st["control_connected"] and st.get("error"):
                 spinner.update(f"waiting for control ({st['error']})")
             if st["backend_state"] == "NeedsLogin":
-                raise TailpyError(st["error"] or "this node needs login: pass --auth-key")
+                raise TailpyError(
+                    st["error"] or "this node needs login: run `tailpy login` (or `tailpy up --auth-key KEY`)"
+                )
             if time.monotonic() > deadline:
                 raise TailpyError(
                     f"not connected after {timeout:.0f} s (state {st['backend_state']}"

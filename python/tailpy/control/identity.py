@@ -49,6 +49,7 @@ pending_nodes = sa.Table(
     sa.Column("user_id", sa.Integer),
     sa.Column("key_expiry", sa.Float),
     sa.Column("created", sa.Float),
+    sa.Column("key_expiry_fixed", sa.Boolean),
 )
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._@+-]")
 
@@ -161,6 +162,7 @@ def _register(
     user_id: int,
     now: float,
     key_expiry: float | None,
+    expiry_fixed: bool,
 ) -> Node:
     row = conn.execute(sa.select(nodes).where(nodes.c.machine_key == machine_key.text())).first()
     clash = conn.execute(
@@ -179,6 +181,7 @@ def _register(
         "tags": "[]",
         "ephemeral": False,
         "key_expiry": None if disabled else key_expiry,
+        "key_expiry_fixed": expiry_fixed and key_expiry is not None,
         "logged_out": False,
     }
     if os_name:
@@ -204,13 +207,18 @@ def register_for_user(
     user_id: int,
     now: float,
     key_expiry: float | None,
+    *,
+    expiry_fixed: bool = False,
 ) -> Node:
     """Register (or re-register) ``machine_key`` with ``node_key`` for user ``user_id`` after a login: the
     same one record per machine as :meth:`Store.register` (id, addresses, name kept), owned by the user, no
     tags, key expiring at ``key_expiry`` (unix seconds; None: never, and never when disabled for the node).
+    ``expiry_fixed``: the expiry came from the ID token, and node key rotation keeps it.
     Raises ControlError when the node key belongs to another machine or the address pool is exhausted."""
     with store.engine.begin() as conn:
-        return _register(store, conn, machine_key, node_key, hostname, os_name, user_id, now, key_expiry)
+        return _register(
+            store, conn, machine_key, node_key, hostname, os_name, user_id, now, key_expiry, expiry_fixed
+        )
 
 
 def add_pending(
@@ -222,6 +230,8 @@ def add_pending(
     user_id: int,
     now: float,
     key_expiry: float | None,
+    *,
+    expiry_fixed: bool = False,
 ) -> PendingNode:
     """Park ``machine_key`` (signed in as ``user_id``) until an admin approves it; a later login of the same
     machine replaces its entry. Returns it."""
@@ -236,6 +246,7 @@ def add_pending(
                 os=os_name,
                 user_id=user_id,
                 key_expiry=key_expiry,
+                key_expiry_fixed=expiry_fixed,
                 created=now,
             )
         )
@@ -286,7 +297,16 @@ def approve_pending(store: Store, pending_id: int, now: float) -> Node:
             raise ConfigError(f"there is no pending node {pending_id}; see `tailpy control nodes pending`")
         p = _to_pending(row)
         return _register(
-            store, conn, p.machine_key, p.node_key, p.hostname, p.os, int(row.user_id), now, p.key_expiry
+            store,
+            conn,
+            p.machine_key,
+            p.node_key,
+            p.hostname,
+            p.os,
+            int(row.user_id),
+            now,
+            p.key_expiry,
+            bool(row.key_expiry_fixed),
         )
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import logging
 import time
 import urllib.parse
@@ -352,6 +354,13 @@ class PendingLogin:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     error: str = ""
     waiting_approval: bool = False
+    outcomes: int = 0  # sign-ins finished (refused or parked): a waiting poll answers at once on a new one
+
+    def fail(self, error: str) -> None:
+        """The sign-in was refused with ``error``: tell the waiting node now."""
+        self.error = error
+        self.outcomes += 1
+        self.event.set()
 
 
 @dataclass(frozen=True)
@@ -360,6 +369,20 @@ class _Attempt:
     nonce: str
     verifier: str
     created: float
+    binding: str  # SHA-256 (hex) of the secret in the browser's cookie set at /start
+
+
+BINDING_COOKIE = "tailpy_signin_"
+"""Prefix of the cookie that binds a sign-in to the browser that started it (name: prefix + 16 hex
+digits of SHA-256 of the state, so several sign-ins in one browser do not overwrite each other)."""
+
+
+def _cookie_name(state: str) -> str:
+    return BINDING_COOKIE + hashlib.sha256(state.encode()).hexdigest()[:16]
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class Logins:
@@ -441,6 +464,7 @@ class Logins:
         ``{"pending_approval": true, "message": …}`` or ``{"auth_url": …, "login_error"?: …}``."""
         login = self.begin(machine_key, node_key, hostname, os_name)
         deadline = self.clock() + max(0.0, min(wait, MAX_WAIT))
+        outcomes = login.outcomes
         while True:
             node = self.store.node_by_machine_key(machine_key, self.clock())
             if node is not None and node.node_key == node_key and not node.expired:
@@ -453,7 +477,7 @@ class Logins:
                 login.waiting_approval = False
                 login.error = "an administrator rejected this device; sign in again or ask them"
             left = deadline - self.clock()
-            if left <= 0:
+            if left <= 0 or login.outcomes != outcomes:  # a refusal (or approval wait) is told at once
                 break
             login.event.clear()
             await wait_event(login.event, min(left, 1.0))  # 1 s ticks: approvals come from other processes
@@ -509,10 +533,24 @@ class Logins:
                 "Try again in a minute; if it persists, tell the tailnet's administrator.",
             )
         state, nonce, verifier = generate_token(32), generate_token(32), generate_token(64)
+        secret = generate_token(32)
         while len(self.attempts) >= MAX_PENDING:
             del self.attempts[next(iter(self.attempts))]
-        self.attempts[state] = _Attempt(login.id, nonce, verifier, self.clock())
-        raise web.HTTPFound(self.provider.authorization_url(state, nonce, verifier))
+        self.attempts[state] = _Attempt(login.id, nonce, verifier, self.clock(), _digest(secret))
+        # The callback is accepted only from the browser holding this cookie: someone who fetched /start
+        # and hands the provider URL to another person cannot have that person sign their device in.
+        found = web.HTTPFound(self.provider.authorization_url(state, nonce, verifier))
+        found.set_cookie(
+            _cookie_name(state),
+            secret,
+            max_age=int(ATTEMPT_LIFETIME),
+            path="/oidc/callback",
+            httponly=True,
+            samesite="Lax",
+            secure=self.config.server_url.lower().startswith("https:"),
+        )
+        found.headers["Cache-Control"] = "no-store"
+        raise found
 
     async def _callback(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -536,6 +574,18 @@ class Logins:
                 "already used, or is too old).",
                 "Open the link that `tailpy login` printed on the device again.",
             )
+        secret = request.cookies.get(_cookie_name(state), "")
+        if not hmac.compare_digest(_digest(secret), attempt.binding):
+            log.warning("login callback without the browser binding cookie from %s", request.remote)
+            return pages.error_page(
+                400,
+                "This sign-in was started in another browser",
+                "The sign-in answer reached a browser that did not open the device's sign-in link, so the "
+                "device was not added. (If someone sent you a sign-in address, do not use it: they may be "
+                "trying to add their device to your account.)",
+                "Open the link that `tailpy login` printed on your device in this browser and sign in "
+                "from there.",
+            )
         login = self.pending.get(attempt.login_id)
         if login is None:
             return self._stale()
@@ -549,8 +599,7 @@ class Logins:
             who = await self.provider.verify_id_token(tokens["id_token"], attempt.nonce)
         except IdTokenError as e:
             log.warning("login for %s refused: %s", login.hostname, e)
-            login.error = f"the sign-in could not be verified ({e}); open the link again"
-            login.event.set()
+            login.fail(f"the sign-in could not be verified ({e}); open the link again")
             return pages.error_page(
                 401,
                 "Sign-in could not be verified",
@@ -571,8 +620,7 @@ class Logins:
         refusal = self.config.refusal(who)
         if refusal is not None:
             log.warning("login for %s refused: %s", login.hostname, refusal)
-            login.error = refusal
-            login.event.set()
+            login.fail(refusal)
             return pages.error_page(
                 403,
                 "This account may not join the tailnet",
@@ -580,7 +628,8 @@ class Logins:
                 "Sign in with another account from the device's link, or ask the administrator for access.",
             )
         now = self.clock()
-        if self.config.expiry_from_token and who.expires is not None:
+        fixed = self.config.expiry_from_token and who.expires is not None
+        if fixed:
             expiry: float | None = who.expires
         else:
             expiry = None if self.key_lifetime is None else now + self.key_lifetime
@@ -588,19 +637,35 @@ class Logins:
         login.error = ""
         if self.config.approval and not ident.has_live_node(self.store, login.machine_key):
             ident.add_pending(
-                self.store, login.machine_key, login.node_key, login.hostname, login.os, user_id, now, expiry
+                self.store,
+                login.machine_key,
+                login.node_key,
+                login.hostname,
+                login.os,
+                user_id,
+                now,
+                expiry,
+                expiry_fixed=fixed,
             )
             login.waiting_approval = True
+            login.outcomes += 1
             login.event.set()
             log.info("login: %s signed in %s; waiting for approval", who.shown, login.hostname)
             return pages.approval_page(who.shown, login.hostname)
         try:
             node = ident.register_for_user(
-                self.store, login.machine_key, login.node_key, login.hostname, login.os, user_id, now, expiry
+                self.store,
+                login.machine_key,
+                login.node_key,
+                login.hostname,
+                login.os,
+                user_id,
+                now,
+                expiry,
+                expiry_fixed=fixed,
             )
         except ControlError as e:
-            login.error = str(e)
-            login.event.set()
+            login.fail(str(e))
             return pages.error_page(409, "The device could not be added", f"{e}.", pages._AGAIN)
         log.info("login: %s signed in %s, node %d %s", who.shown, login.hostname, node.id, node.name)
         self.on_node(node.id)

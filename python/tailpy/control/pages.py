@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 log = logging.getLogger("tailpy.control.login")
 
@@ -138,14 +139,48 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 _AGAIN = "Run `tailpy login` on the device again to get a new sign-in link."
 
+
+def redact_path(path: str, query: str) -> str:
+    """``path`` as access logs show it: login link ids (``/login/<id>``) replaced by ``…`` and any query
+    string (the OIDC callback's ``code`` and ``state``) dropped, shown as ``?…``; these are one-time
+    secrets that logs must not keep."""
+    if path.startswith("/login/"):
+        rest = path[len("/login/") :]
+        _, sep, tail = rest.partition("/")
+        path = "/login/…" + (sep + tail if sep else "")
+    return path + ("?…" if query else "")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """The control server's access log (logger ``aiohttp.access``): client, request line with
+    :func:`redact_path`, status, size, seconds, user agent. No Referer: a provider's page may put the
+    sign-in's parameters in it."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"',
+            request.remote,
+            request.method,
+            redact_path(request.path, request.query_string),
+            request.version.major,
+            request.version.minor,
+            response.status,
+            response.body_length,
+            time,
+            request.headers.get("User-Agent", "-"),
+        )
+
+
 __all__ = [
     "PAGE_PREFIXES",
+    "AccessLogger",
     "approval_page",
     "error_middleware",
     "error_page",
     "login_page",
     "not_found",
     "page",
+    "redact_path",
     "render",
     "success_page",
 ]

@@ -51,7 +51,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tailpy.control import dnsconfig
+from tailpy.control import dnsconfig, pages
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
@@ -188,7 +188,12 @@ class ControlServer:
     async def start(self, host: str | None, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (``host`` None: every address, IPv4 and IPv6; ``port`` 0: any free port);
         returns the first bound (host, port), all of them in :attr:`addresses`. Raises OSError."""
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=5.0)
+        self._runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
+            access_log_class=pages.AccessLogger,  # login link ids and callback codes stay out of logs
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

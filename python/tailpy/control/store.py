@@ -219,7 +219,24 @@ def _m6_oidc(conn: Connection) -> None:
     md.create_all(conn)
 
 
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_m1, _m2, _m3, _m4, _m5_disco_key, _m6_oidc)
+def _m7_expiry_fixed(conn: Connection) -> None:
+    """7 (issue 7): ``key_expiry_fixed`` on nodes and pending nodes: the key expiry came from the login's ID
+    token, so rotating the node key keeps it (only a new login renews it)."""
+    for table in ("nodes", "pending_nodes"):
+        _add_columns(
+            conn, table, sa.Column("key_expiry_fixed", sa.Boolean, nullable=False, server_default=sa.false())
+        )
+
+
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (
+    _m1,
+    _m2,
+    _m3,
+    _m4,
+    _m5_disco_key,
+    _m6_oidc,
+    _m7_expiry_fixed,
+)
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
 
@@ -281,6 +298,7 @@ nodes = sa.Table(
     sa.Column("logged_out", sa.Boolean),
     sa.Column("home_derp", sa.Integer),
     sa.Column("disco_key", sa.Text),
+    sa.Column("key_expiry_fixed", sa.Boolean),
 )
 
 
@@ -789,6 +807,7 @@ class Store:
                 "tags": key.tags or "[]",
                 "ephemeral": bool(key.ephemeral),
                 "key_expiry": expiry,
+                "key_expiry_fixed": False,
                 "logged_out": False,
             }
             if os_name:
@@ -875,7 +894,8 @@ class Store:
         key_lifetime: float | None = DEFAULT_KEY_LIFETIME,
     ) -> Node:
         """Replace the live node's current key ``old_node_key`` by ``new_node_key`` (the caller has checked
-        the rotation proof) and set a new expiry; id, addresses and name stay. Raises ControlError when
+        the rotation proof) and set a new expiry (kept as it is when it came from a login's ID token:
+        ``key_expiry_fixed``); id, addresses and name stay. Raises ControlError when
         ``old_node_key`` is not the machine's current key or the node is logged out, or the new key belongs
         to another machine."""
         with self.engine.begin() as conn:
@@ -884,8 +904,8 @@ class Store:
             ).first()
             if row is None or row.node_key != old_node_key.text() or row.logged_out:
                 raise ControlError(
-                    f"node key {old_node_key.short()} is not this machine's current key; log in again with "
-                    "an auth key"
+                    f"node key {old_node_key.short()} is not this machine's current key; log in again "
+                    "(`tailpy login`, or `tailpy up --auth-key KEY`)"
                 )
             clash = conn.execute(
                 sa.select(nodes.c.id).where(nodes.c.node_key == new_node_key.text(), nodes.c.id != row.id)
@@ -894,6 +914,8 @@ class Store:
                 raise ControlError(f"node key {new_node_key.short()} belongs to another machine")
             tagged = bool(json.loads(row.tags or "[]"))
             expiry = None if key_lifetime is None or row.expiry_disabled or tagged else now + key_lifetime
+            if row.key_expiry_fixed and not row.expiry_disabled:
+                expiry = row.key_expiry  # set by the identity provider's token: never extended by rotation
             conn.execute(
                 nodes.update()
                 .where(nodes.c.id == row.id)

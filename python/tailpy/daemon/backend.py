@@ -130,7 +130,9 @@ class Backend:
         self._home_changed = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
         self._rotate_before = rotate_before
+        self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
         self.auth_url = ""  # where the user signs in while an interactive login waits (issue 7)
+        self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
 
@@ -168,23 +170,35 @@ class Backend:
         trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
         for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
-        url = check_login_server(login_server or s.login_server)
+        url = check_login_server(login_server or s.login_server or self._login_server)
+        if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
+            if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
+                self._up_accept_dns = accept_dns
+            return
         registered_here = s.node_id is not None and url == s.login_server
         expired = self.netmap is not None and self.netmap.self_node.expired
-        why = ""
+        why = why_offline = ""
         if (not registered_here or force_reauth) and not auth_key:
             if force_reauth:
-                why = "--force-reauth needs a new --auth-key"
+                head, why = "this node logs in again", "--force-reauth needs a new --auth-key"
             elif s.node_id is not None:
+                head = f"this node is registered with {s.login_server}, not {url}"
                 why = (
-                    f"this node is registered with {s.login_server}, not {url}: pass --auth-key to join "
-                    f"{url}, or leave out --login-server to reconnect to {s.login_server}"
+                    f"{head}: pass --auth-key to join {url}, or leave out --login-server to reconnect to "
+                    f"{s.login_server}"
                 )
             elif s.login_server and url == s.login_server:
-                why = "this node is logged out: pass --auth-key to log in again"
+                head = "this node is logged out"
+                why = f"{head}: pass --auth-key to log in again"
             else:
-                why = f"this node is not registered with {url} yet: pass --auth-key"
+                head = f"this node is not registered with {url} yet"
+                why = f"{head}: pass --auth-key"
             why += " (create a key with `tailpy control authkey create`)"
+            # When control cannot be reached, whether it offers a browser login is unknown: name both ways.
+            why_offline = (
+                f"{head}: once control answers, run `tailpy login` (sign in in a browser, where control "
+                "offers it) or `tailpy up --auth-key KEY`"
+            )
         await self._stop_session()
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
@@ -206,7 +220,7 @@ class Backend:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)
             elif why and not isinstance(e, NotRegisteredError):  # unreachable: say both
-                e = ControlError(f"{e}; and {why}")
+                e = ControlError(f"{e}; and {why_offline}")
             if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
                 self._bring_up_offline(hostname, str(e))
@@ -251,6 +265,7 @@ class Backend:
         control in the background until the login (and any approval) is done, then come up."""
         self._show_login(first)
         self._set_state("NeedsLogin")
+        self._login_server = url
         self._login = asyncio.create_task(self._wait_login(url, node_key, hostname), name="login")
 
     def _show_login(self, answer: LoginAnswer) -> None:
@@ -416,7 +431,8 @@ class Backend:
         self.netmap = None
         self.control_connected = False
         self.last_error = (
-            "this node was removed from the tailnet; log in again with `tailpy up --auth-key KEY`"
+            "this node was removed from the tailnet; log in again with `tailpy login` (or "
+            "`tailpy up --auth-key KEY`)"
         )
         self._set_state("NeedsLogin")
 
@@ -441,6 +457,8 @@ class Backend:
         me = self.netmap.self_node if self.netmap else None
         if self._rotate_before <= 0 or me is None or me.key_expiry is None or me.expired:
             return None
+        if me.key_expiry == self._unextendable_expiry:  # a rotation kept it: only a new login renews it
+            return None
         issued = self.state_data.node_key_issued or time.time()
         lead = min(self._rotate_before, max(0.0, me.key_expiry - issued) / 2)
         return me.key_expiry - lead
@@ -464,10 +482,15 @@ class Backend:
         s.pending_node_key = new
         self.store.save(s)
         proof = proto.seal_rotation_proof(s.node_key, await client.server_key(), new.public, time.time())
-        await client.register(
+        before = self.netmap.self_node.key_expiry if self.netmap else None
+        node = await client.register(
             new.public, s.hostname, None, os=OS_NAME, old_node_key=s.node_key.public, old_node_proof=proof
         )
         log.info("node key rotated: %s -> %s", s.node_key.public.short(), new.public.short())
+        if node.key_expiry is not None and before is not None and node.key_expiry <= before:
+            # Control kept the expiry (it follows the login's ID token): do not rotate again before it.
+            log.info("node key expiry stays %s; `tailpy login` renews it", time.ctime(node.key_expiry))
+            self._unextendable_expiry = node.key_expiry
         self._adopt_node_key(new)
         s.node_key_issued = time.time()
         self.store.save(s)
@@ -692,7 +715,7 @@ class Backend:
         ]
         return {
             "backend_state": self.backend_state,
-            "login_server": s.login_server,
+            "login_server": s.login_server or (self._login_server if self._login is not None else ""),
             "control_connected": self.control_connected,
             "error": self.last_error,
             "auth_url": self.auth_url,

@@ -449,6 +449,8 @@ class DNSServer:
                 await writer.drain()
         except ConnectionError:
             pass
+        except asyncio.CancelledError:
+            pass  # close(): end quietly (Python 3.11's start_server logs a cancelled handler as an error)
         finally:
             if task is not None:
                 self._conns.discard(task)

@@ -226,6 +226,7 @@ async def _main(args: argparse.Namespace) -> None:
             password, email, groups=tuple(g for g in (rest[0] if rest else "").split(",") if g)
         )
     prov = Provider(args.issuer.rstrip("/"), args.client_id, args.client_secret, args.redirect_uri, users)
+    prov.token_lifetime = args.token_lifetime
     runner = web.AppRunner(prov.app(), access_log=None)
     await runner.setup()
     host, _, port = args.listen.rpartition(":")
@@ -246,5 +247,6 @@ if __name__ == "__main__":
     p.add_argument("--client-secret", required=True)
     p.add_argument("--redirect-uri", required=True)
     p.add_argument("--user", action="append", default=[])
+    p.add_argument("--token-lifetime", type=int, default=3600, help="ID token lifetime, seconds")
     asyncio.run(_main(p.parse_args()))
     sys.exit(0)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,8 +38,9 @@ def tailnet(lab: Lab) -> LabTailnet:
     return oidc_tailnet(lab, "--oidc-allowed-domain", "example.com")
 
 
-def oidc_tailnet(lab: Lab, *control_args: str) -> LabTailnet:
-    """The lab's tailnet with the test provider on the control host and ``control serve --oidc-*``."""
+def oidc_tailnet(lab: Lab, *control_args: str, token_lifetime: int = 3600) -> LabTailnet:
+    """The lab's tailnet with the test provider on the control host and ``control serve --oidc-*``; the
+    provider's ID tokens last ``token_lifetime`` seconds."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"browser login: {reason}")
@@ -62,6 +65,7 @@ def oidc_tailnet(lab: Lab, *control_args: str) -> LabTailnet:
             "--redirect-uri",
             f"{net.control_url}/oidc/callback",
             *(a for u in USERS for a in ("--user", u)),
+            *("--token-lifetime", str(token_lifetime)),
         ],
         stdout=subprocess.PIPE,
         stderr=plog,
@@ -87,10 +91,11 @@ class Up:
     """``tailpy up`` with no key on ``node``, in the background; its stderr is read by a thread (the login
     URL and notes go there), so nothing waits on a pipe's buffering."""
 
-    def __init__(self, node: LabNode) -> None:
-        argv = tailpy_argv(
-            "up", "--login-server", node.tailnet.control_url, "--hostname", node.name, "--socket", node.socket
-        )
+    def __init__(self, node: LabNode, *args: str, command: str = "up") -> None:
+        """``args``: instead of ``--login-server <the lab's> --hostname <node>``."""
+        if not args:
+            args = ("--login-server", node.tailnet.control_url, "--hostname", node.name)
+        argv = tailpy_argv(command, *args, "--socket", node.socket)
         self.proc = node.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.err: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -185,3 +190,57 @@ def test_approval_in_the_lab(lab: Lab) -> None:
     rc, out, err = up.finish()
     assert rc == 0 and out.startswith("connected: n1 100.64."), err
     assert n1.status()["self"]["user"] == "bob@other.org"
+
+
+def test_token_expiry_pending_login_and_messages(lab: Lab) -> None:
+    """With --oidc-expiry-from-token and 40 s ID tokens: a plain `tailpy up` after Ctrl-C continues the
+    pending login (M4); node key rotation keeps the token's expiry and tailpyd rotates once, not in a loop
+    (S5); at expiry the node needs login and `tailpy login` renews it; a deleted node is told to run
+    `tailpy login` (M5)."""
+    net = oidc_tailnet(lab, "--oidc-expiry-from-token", token_lifetime=40)
+    n1 = net.add_node("n1")
+    first = Up(n1)
+    url = first.url()
+    first.proc.send_signal(signal.SIGINT)  # Ctrl-C while waiting: the login stays pending in tailpyd
+    first.proc.wait(timeout=30)
+    st = n1.status()
+    assert st["login_pending"] and st["auth_url"] == url and st["login_server"] == net.control_url, st
+    again = Up(n1, "--hostname", "n1")  # no --login-server: continues the pending login
+    assert again.url() == url
+    page = browse(n1, url, "alice", "pw-alice")
+    assert page["heading"].startswith("Signed in"), page
+    rc, out, err = again.finish()
+    assert rc == 0 and out.startswith("connected: n1"), err
+
+    [node] = json.loads(net.control("nodes", "list", "--json"))
+    expiry, key = node["key_expiry"], node["node_key"]
+    assert expiry is not None and 0 < expiry - time.time() <= 40
+    # tailpyd rotates at half the key's life; control keeps the token's expiry, and tailpyd stops there.
+    wait_for(
+        lambda: "node key expiry stays" in n1.log.read_text(), timeout=60, what="n1 to rotate its node key"
+    )
+    [node] = json.loads(net.control("nodes", "list", "--json"))
+    assert node["node_key"] != key and node["key_expiry"] == expiry
+    st = wait_for(
+        lambda: (s := n1.status())["backend_state"] == "NeedsLogin" and s,
+        timeout=90,
+        what="n1's key to expire",
+    )
+    assert "tailpy login" in st["error"], st
+    assert n1.log.read_text().count("node key rotated") == 1
+
+    renew = Up(n1, command="login")
+    page = browse(n1, renew.url(), "alice", "pw-alice")
+    assert page["heading"].startswith("Signed in"), page
+    rc, out, err = renew.finish()
+    assert rc == 0 and out.startswith("connected: n1"), err
+    [node] = json.loads(net.control("nodes", "list", "--json"))
+    assert node["key_expiry"] > expiry
+
+    net.control("nodes", "delete", str(node["id"]))
+    st = wait_for(
+        lambda: (s := n1.status())["backend_state"] == "NeedsLogin" and s,
+        timeout=60,
+        what="n1 to hear it was deleted",
+    )
+    assert "removed from the tailnet" in st["error"] and "tailpy login" in st["error"], st

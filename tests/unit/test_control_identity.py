@@ -55,3 +55,23 @@ def test_users_from_identities(store: Store) -> None:
     assert ident.has_live_node(store, mk) and ident.pending_for(store, mk) is None
     again = ident.register_for_user(store, mk, nkey(), "pc2", "linux", other, 9.0, None)
     assert again.id == approved.id and again.addresses == approved.addresses
+
+
+def test_rotation_keeps_a_fixed_expiry_and_a_key_login_clears_it(store: Store) -> None:
+    """S5: an expiry from the ID token (``expiry_fixed``) survives node key rotation, also through
+    approval; registering with an auth key later gives the server's lifetime again."""
+    uid = ident.user_for_identity(store, ident.Identity("https://idp.example", "s1", "a@example.com"), 1.0)
+    mk, k1, k2, k3 = mkey().public, nkey(), nkey(), nkey()
+    p = ident.add_pending(store, mk, k1, "pc", "linux", uid, 2.0, 500.0, expiry_fixed=True)
+    node = ident.approve_pending(store, p.id, 3.0)
+    assert node.key_expiry == 500.0
+    assert store.rotate_node_key(mk, k1, k2, 100.0, key_lifetime=3600).key_expiry == 500.0
+    # Without the flag (the server's lifetime), rotation gives a fresh lifetime.
+    mk2, j1, j2 = mkey().public, nkey(), nkey()
+    ident.register_for_user(store, mk2, j1, "pc2", "linux", uid, 4.0, 500.0)
+    assert store.rotate_node_key(mk2, j1, j2, 100.0, key_lifetime=3600).key_expiry == 3700.0
+    # The fixed node logs in with an auth key: its expiry is the server's again, and rotation extends it.
+    key = store.create_auth_key(reusable=False, expires=None, now=200.0)
+    again = store.register(mk, k3, "pc", key.key, 200.0, key_lifetime=3600)
+    assert again.key_expiry == 3800.0
+    assert store.rotate_node_key(mk, k3, nkey(), 300.0, key_lifetime=3600).key_expiry == 3900.0

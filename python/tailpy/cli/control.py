@@ -902,7 +902,8 @@ def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node_id: int, d
 @_json
 @click.argument("node_id", type=int)
 def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
-    """Remove node NODE_ID from the tailnet (its machine may rejoin with an auth key, same address)."""
+    """Remove node NODE_ID from the tailnet (its machine may rejoin, same address, with `tailpy login`
+    where control has a login provider, or with an auth key)."""
     _out(as_json, _admin(state_dir, db, "nodes.delete", {"id": node_id}), f"deleted node {node_id}")
 
 

@@ -516,7 +516,9 @@ class Logins:
         login = self._login_for(request.match_info["login_id"])
         if login is None:
             return self._stale()
-        return pages.login_page(login.hostname, self.config.provider_name, f"/login/{login.id}/start")
+        return pages.login_page(
+            login.hostname, self.config.provider_name, f"/login/{login.id}/start", login.os
+        )
 
     async def _start(self, request: web.Request) -> web.StreamResponse:
         login = self._login_for(request.match_info["login_id"])

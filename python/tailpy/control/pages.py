@@ -58,14 +58,16 @@ def page(
     )
 
 
-def login_page(hostname: str, provider: str, start_url: str) -> web.Response:
+def login_page(hostname: str, provider: str, start_url: str, os_name: str = "") -> web.Response:
+    system = f" ({os_name})" if os_name else ""
     return page(
         200,
         "Add a device to your tailnet",
         [
-            f"The device {hostname!r} asks to join this tailnet.",
-            f"Sign in with your account at {provider} to add it. If you did not start this (with "
-            "`tailpy up` or `tailpy login`), close this page.",
+            f"The device {hostname!r}{system} asks to join this tailnet with your account.",
+            f"Only continue if you started this yourself on that device, just now (with `tailpy up` or "
+            f"`tailpy login`), and it printed this link; if someone sent you this link, close this page. "
+            f"Sign in with your account at {provider} to add the device.",
         ],
         link=(start_url, "Sign in"),
     )

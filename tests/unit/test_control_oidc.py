@@ -223,6 +223,16 @@ async def test_start_sets_a_narrow_binding_cookie(env: Env) -> None:
     cb = await sign_in(env, r.headers["Location"], "alice", "pw-alice")
     status, _ = await callback(env, cb)
     assert status == 200
+    # Behind https (the server URL browsers use), the cookie is Secure.
+    logins = env.server.logins
+    assert logins is not None
+    logins.config = replace(logins.config, server_url="https://control.example")
+    env.node_key = nkey()
+    answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
+    path = urllib.parse.urlsplit(answer.auth_url).path
+    async with env.browser.get(env.url + path + "/start", allow_redirects=False) as r:
+        assert r.status == 302
+        assert "Secure" in r.headers["Set-Cookie"] and "HttpOnly" in r.headers["Set-Cookie"]
 
 
 async def test_refusal_reaches_the_waiting_node_at_once(env: Env) -> None:

@@ -12,6 +12,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -28,6 +29,7 @@ from tailpy.dns.resolver import (
     render,
     reverse_name,
     udp_limit,
+    well_formed,
 )
 from tailpy.errors import ParseError
 from tailpy.keys import MachinePrivate, NodePrivate
@@ -285,3 +287,48 @@ def test_other_opcodes_get_notimp(opcode: dns.opcode.Opcode) -> None:
     assert isinstance(out, Reply)
     resp = dns.message.from_wire(out.wire)
     assert resp.rcode() == dns.rcode.NOTIMP and resp.id == q.id and resp.opcode() == opcode
+
+
+def _answer(name: str = "www.example", n: int = 3) -> bytes:
+    q = dns.message.make_query(name, "A", use_edns=0)
+    resp = dns.message.make_response(q)
+    rr = dns.rrset.RRset(dns.name.from_text(name), 1, 1)
+    for i in range(n):
+        rr.add(dns.rdata.from_text(1, 1, f"198.51.100.{i + 1}"), 60)
+    resp.answer.append(rr)
+    resp.authority.append(dns.rrset.from_text(name + ".", 60, "IN", "MX", f"10 mail.{name}."))
+    return resp.to_wire()
+
+
+def test_well_formed_accepts_real_answers_and_rejects_cut_or_padded_ones() -> None:
+    wire = _answer()
+    assert well_formed(wire)
+    assert all(not well_formed(wire[:i]) for i in range(len(wire)))  # cut anywhere
+    assert not well_formed(wire + b"\0")  # trailing bytes
+    q = dns.message.make_query("www.example", "A").to_wire()
+    i = question_end(q)
+    assert i is not None
+    head = q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+    cut = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01"  # the reviewer's badup.py answer
+    assert not well_formed(head + q[12:i] + cut)
+    short_a = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x01\x01"  # A record with 1 byte of data
+    assert not well_formed(head + q[12:i] + short_a)
+    loop = head[:6] + b"\x00\x00" + head[8:] + b"\xc0\xff\x00\x01\x00\x01"  # pointer out of the message
+    assert not well_formed(loop)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=300), st.integers(min_value=0, max_value=400), st.integers(min_value=1, max_value=5)
+)
+def test_fuzz_well_formed_never_raises_and_accepts_what_dnspython_reads(
+    junk: bytes, pos: int, n: int
+) -> None:
+    wire = _answer("x.example", n)
+    for blob in (junk, wire[:pos] + junk[:8] + wire[pos + 8 :]):
+        ok = well_formed(blob)  # never raises
+        try:
+            dns.message.from_wire(blob)
+        except Exception:  # dnspython refuses it: well_formed may or may not
+            continue
+        assert ok, blob.hex()  # whatever dnspython reads is well-formed

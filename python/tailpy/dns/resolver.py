@@ -160,6 +160,53 @@ def question_end(wire: bytes) -> int | None:
     return None
 
 
+def _skip_name(wire: bytes, i: int) -> int:
+    """Offset just past the (possibly compressed) name at ``i``; -1 when it runs past the end, has a bad
+    label type, a pointer outside the message, or more than 255 bytes before a pointer."""
+    n = len(wire)
+    start = i
+    while i < n:
+        b = wire[i]
+        if b == 0:
+            return i + 1
+        if b & 0xC0 == 0xC0:
+            if i + 2 > n or ((b & 0x3F) << 8 | wire[i + 1]) >= n:
+                return -1
+            return i + 2
+        if b & 0xC0:
+            return -1  # extended label types (RFC 6891 §5) are not used
+        i += b + 1
+        if i - start > 255:
+            return -1
+    return -1
+
+
+def well_formed(wire: bytes) -> bool:
+    """Whether ``wire`` is structurally a DNS message: a header, exactly as many questions and records as
+    it counts, every name, record and RDATA length inside the message, A and AAAA data of 4 and 16 bytes,
+    nothing after the last record. Cheap (no objects): checks an upstream's answer before it is relayed as
+    it is. Never raises."""
+    n = len(wire)
+    if n < 12:
+        return False
+    qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
+    i = 12
+    for _ in range(qd):
+        i = _skip_name(wire, i)
+        if i < 0 or i + 4 > n:
+            return False
+        i += 4
+    for _ in range(an + ns + ar):
+        i = _skip_name(wire, i)
+        if i < 0 or i + 10 > n:
+            return False
+        rdtype, _, _, rdlen = struct.unpack_from("!HHIH", wire, i)
+        i += 10 + rdlen
+        if i > n or (rdtype == 1 and rdlen != 4) or (rdtype == 28 and rdlen != 16):
+            return False
+    return i == n
+
+
 def is_magicdns(ip: IPAddress) -> bool:
     """Whether ``ip`` is a MagicDNS address (100.100.100.100, fd7a:115c:a1e0::53): never an upstream, since
     forwarding to it would loop."""
@@ -448,4 +495,5 @@ __all__ = [
     "render",
     "reverse_name",
     "udp_limit",
+    "well_formed",
 ]

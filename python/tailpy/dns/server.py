@@ -3,14 +3,15 @@ in a node) around :class:`tailpy.dns.resolver.Resolver`, and forwarding to upstr
 
 Forwarding races the upstreams of the list: the first is asked at once, the next one when the first has
 not answered within :data:`STAGGER` seconds or has failed (ICMP unreachable, SERVFAIL, REFUSED, an answer
-that does not parse), and so on; the first good answer wins and the other queries are abandoned. Each
+that is malformed), and so on; the first good answer wins and the other queries are abandoned. Each
 upstream gets ``upstream_timeout`` seconds. An upstream that timed out or was unreachable is remembered as
 dead for :data:`DEAD_FOR` seconds and asked after the live ones meanwhile (so it is probed again, last).
 UDP first (EDNS0, 1232 bytes), TCP when the upstream's answer is truncated; when none answers the client
-gets SERVFAIL; an upstream answer is parsed before it is relayed (SERVFAIL if none parses). TCP clients
-send any number of length-prefixed queries on one connection (RFC 7766), answered in order; at most
-:data:`MAX_TCP` connections at once (more are closed at once and counted in ``dropped``), and an idle
-connection is closed after ``tcp_idle`` seconds.
+gets SERVFAIL. An upstream answer is checked before it is relayed (:func:`well_formed` on the fast path,
+dnspython's parser on the full one); SERVFAIL when none is well-formed. TCP clients send any number of
+length-prefixed queries on one connection (RFC 7766), answered in order; at most :data:`MAX_TCP`
+connections at once (more are closed at once and counted in ``dropped``), and an idle connection is
+closed after ``tcp_idle`` seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import dns.exception
 import dns.message
 import dns.rcode
 
-from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream, question_end
+from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream, question_end, well_formed
 from tailpy.errors import ParseError
 
 log = logging.getLogger("tailpy.dns")
@@ -187,6 +188,8 @@ async def race(
     within ``stagger`` seconds or one has failed (returned None). The first result that is not None, the
     others cancelled; None when all failed. ``attempt`` must not raise."""
     remaining = list(upstreams)
+    if len(remaining) == 1:
+        return await attempt(remaining[0])  # nothing to race: no task
     running: set[asyncio.Future[_T | None]] = set()
     try:
         while True:
@@ -376,10 +379,12 @@ class DNSServer:
         """The client's answer to a forwarded query: the upstream's, or SERVFAIL.
 
         Fast path: the client's query bytes go upstream as they are (a new id), raced (:func:`race`); an
-        answer that parses, to the same question (byte for byte), not truncated, not SERVFAIL/REFUSED and
-        within the client's limit is relayed as it is (its id back). An answer that is well-formed but
-        truncated, too big or another question takes the full path (:func:`forward`: EDNS0 1232, TCP when
-        truncated, cut to the client's size). None answering, or none well-formed: SERVFAIL."""
+        answer that is well-formed (:func:`well_formed`), to the same question (byte for byte), not
+        truncated, not SERVFAIL/REFUSED and within the client's limit is relayed as it is (its id back); one
+        to another question counts as malformed. A well-formed answer that is truncated or too big takes
+        the full path
+        (:func:`forward`: EDNS0 1232, TCP when truncated, parsed, cut to the client's size). None
+        answering, or none well-formed: SERVFAIL."""
         fast = await self._forward_raw(f)
         if isinstance(fast, bytes):
             return fast
@@ -405,9 +410,7 @@ class DNSServer:
                 self.pool.mark(upstream, alive=False)
                 return None
             self.pool.mark(upstream, alive=True)
-            try:
-                dns.message.from_wire(got)
-            except Exception:  # dnspython raises many types for bad input
+            if not well_formed(got):
                 self.bad_upstream += 1
                 log.debug("upstream %s:%d sent a malformed answer", upstream[0], upstream[1])
                 return None

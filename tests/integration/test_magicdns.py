@@ -323,3 +323,23 @@ def test_dns_set_refuses_magicdns_as_nameserver(tailnet: LabTailnet) -> None:
     out = tailnet.control_host.run([*argv, "--state-dir", str(tailnet.control_state)], check=False)
     assert out.returncode != 0 and "MagicDNS itself" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_idle_tcp_flood_and_update_opcode(tailnet: LabTailnet, resolvers: Resolvers) -> None:
+    """1,100 idle TCP connections to MagicDNS (the reviewer's tcpflood.py) do not stop forwarded UDP
+    lookups, and are counted in status's dns.dropped; an UPDATE query gets NOTIMP."""
+    (a,) = tailnet.connected("a")
+    script = (
+        "import resource, socket, subprocess, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n"
+        "socks = [socket.create_connection(('100.100.100.100', 53)) for _ in range(1100)]\n"
+        "for name in ('www.example', 'a.tailnet.internal'):\n"
+        "    out = subprocess.run(['dig', '+time=3', '+tries=1', '+short', '@100.100.100.100', name],\n"
+        "                         capture_output=True, text=True).stdout.split()\n"
+        "    print(name, ' '.join(out))\n"
+    )
+    out = a.host.run([sys.executable, "-c", script], timeout=120).stdout
+    assert "www.example 198.51.100.10" in out and f"a.{DOMAIN} {a.ip()}" in out, out
+    assert a.status()["dns"]["dropped"] >= 1100 - 256
+    out = dig(a, "@100.100.100.100", "+opcode=update", f"b.{DOMAIN}", check=False)
+    assert status_of(out) == "NOTIMP", out

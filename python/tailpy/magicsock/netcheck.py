@@ -166,7 +166,7 @@ class Report:
                 region_v4_latency={int(k): float(v) for k, v in obj.get("region_v4_latency", {}).items()},
                 region_v6_latency={int(k): float(v) for k, v in obj.get("region_v6_latency", {}).items()},
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ParseError(f"malformed netcheck report: {e!r}") from None
 
 

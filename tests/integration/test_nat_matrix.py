@@ -43,8 +43,9 @@ needs_ping = pytest.mark.skipif(
 
 #: `tailpy ping` lines: "pong from b (100.64.0.2) via DERP(tailpy) in 3ms", "... via 192.0.2.7:41641 in 1ms".
 PONG = re.compile(r"^pong from (?P<name>\S+) \((?P<ip>[^)]+)\) via (?P<via>\S+) in (?P<ms>[\d.]+)\s*ms")
-#: Seconds `tailpy ping --until-direct` may take before a cell that should go direct is judged a failure.
-DIRECT_WITHIN = 30
+#: Pings `tailpy ping --until-direct` gets (one every 0.5 s after each pong, at least 15 s) before a cell
+#: that should go direct is judged a failure.
+DIRECT_PINGS = 30
 #: Pings (one every 0.5 s after each pong) a relay-only cell gets to show no direct path appears (C14 gives
 #: a path 10 s to settle).
 RELAY_PINGS = 20
@@ -74,6 +75,7 @@ CELLS = [
     Cell("eim-full-cone", "eim", "full-cone", direct=True),
     Cell("firewall-firewall", "firewall", "firewall", direct=True),  # simultaneous open, no NAT
     Cell("edm-public", "edm", "public", direct=True),  # direct once the EDM side sends first
+    Cell("public-edm", "public", "edm", direct=True),  # the public side asks: CallMeMaybe makes EDM send
     Cell("edm-edm", "edm", "edm", direct=False),
     Cell("edm-eim", "edm", "eim", direct=False),
     Cell("cgnat-edm-eim", ("edm", "eim"), "eim", direct=False),  # C16: one endpoint-dependent layer
@@ -190,10 +192,10 @@ def tailpy_ping(
     return PingRun(done.returncode, pongs, out, took)
 
 
-def expect_direct(a: LabNode, b: LabNode, timeout: int = DIRECT_WITHIN) -> PingRun:
+def expect_direct(a: LabNode, b: LabNode, pings: int = DIRECT_PINGS) -> PingRun:
     """``tailpy ping --until-direct`` from a to b ends with a direct pong from an address b is seen as, and
     a's status shows b on a direct path there."""
-    run = tailpy_ping(a, b.ip(), count=timeout, timeout=5)
+    run = tailpy_ping(a, b.ip(), count=pings, timeout=5)
     assert run.returncode == 0, f"{a.name} -> {b.name} did not go direct:\n{run.out}\n{a.log_tail(15)}"
     assert run.pongs and not is_derp(run.last_via), run.out
     assert all(p["ip"] == b.ip() for p in run.pongs), run.out

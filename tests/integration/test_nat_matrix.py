@@ -192,6 +192,13 @@ def tailpy_ping(
     return PingRun(done.returncode, pongs, out, took)
 
 
+def status_row(a: LabNode, b: LabNode) -> str:
+    """b's row in a's human ``tailpy status``."""
+    rows = [line for line in a.cli("status").splitlines() if f" {b.name} " in line]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
 def expect_direct(a: LabNode, b: LabNode, pings: int = DIRECT_PINGS) -> PingRun:
     """``tailpy ping --until-direct`` from a to b ends with a direct pong from an address b is seen as, and
     a's status shows b on a direct path there."""
@@ -206,6 +213,7 @@ def expect_direct(a: LabNode, b: LabNode, pings: int = DIRECT_PINGS) -> PingRun:
     st = peer(a.status(), b.name)
     assert st is not None and st["path"] == "direct", st
     assert st["endpoint"] and st["endpoint"].rsplit(":", 1)[0] in b.host.seen_as(), st
+    assert f"direct {st['endpoint']}" in status_row(a, b), a.cli("status")
     return run
 
 
@@ -219,6 +227,7 @@ def expect_relay(a: LabNode, b: LabNode) -> PingRun:
     assert all(is_derp(p["via"]) for p in run.pongs), run.out
     st = peer(a.status(), b.name)
     assert st is not None and st["path"] == "relay" and st["relay_region_code"], st
+    assert f'relay "{st["relay_region_code"]}"' in status_row(a, b), a.cli("status")
     return run
 
 

@@ -438,6 +438,20 @@ class Backend:
         self._endpoints_changed.set()
         self.changed.set()
 
+    def _on_link_change(self) -> None:
+        """An address of this host went away: the control connection may be bound to it; reconnect."""
+        if self._session is None or self._session.done():
+            return
+        task = asyncio.get_running_loop().create_task(self._restart_session())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _restart_session(self) -> None:
+        await self._stop_session()
+        if self.state_data.want_running and self.device is not None and self._session is None:
+            log.info("link change: reconnecting to control")
+            self._start_session()
+
     async def _refresh_endpoints(self, client: ControlClient) -> None:
         """Tell control this node's endpoints when they change: as the traversal finds them (re-STUN every
         20-26 s), or, without it, from the local addresses every :data:`ENDPOINT_REFRESH` seconds."""
@@ -540,6 +554,7 @@ class Backend:
                     local_endpoints=self._local_endpoints,
                     lan_networks=lambda: [i.network for i in netconf.local_addresses(exclude_ifaces=(tun,))],
                     on_endpoints=self._on_endpoints,
+                    on_link_change=self._on_link_change,
                     choose_endpoint=lambda eps: netconf.choose_endpoint(
                         eps, netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
                     ),

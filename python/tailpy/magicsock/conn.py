@@ -157,6 +157,13 @@ class MagicSock:
         """Node key rotation: DERP connections are made again under the new key."""
         asyncio.get_running_loop().create_task(self.derp.set_private_key(private_key))
 
+    def rebind(self) -> None:
+        """The host's addresses changed: every DERP connection (TCP from a maybe vanished address) is made
+        again, the home one at once."""
+        task = asyncio.get_running_loop().create_task(self.derp.set_private_key(self.derp.private_key))
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
     @property
     def home_region(self) -> int:
         return self.chooser.home

@@ -25,6 +25,10 @@ note there) and :mod:`tailpy.magicsock.netcheck`, beside :class:`~tailpy.magicso
   ones) go to the DiscoNode (sent in CallMeMaybe) and, when they changed, to ``on_endpoints`` (the daemon
   tells control).
 * **tailpy ping**: :meth:`Traversal.ping` sends one disco Ping and waits for its Pong.
+* **Link changes** (:mod:`tailpy.magicsock.linkmon`): when the host's local endpoints change, the endpoints
+  are refreshed and netcheck runs at once; when an address went away, DERP reconnects (its TCP was bound to
+  it) and ``on_link_change()`` lets the daemon reconnect to control; direct paths are pinged at once and
+  kept if they answer, else relayed within :data:`LINK_CHANGE_GRACE`.
 
 Clock: ``time.monotonic()`` for disco timers; netcheck reports carry unix times.
 """
@@ -54,6 +58,7 @@ from tailpy.magicsock.disco import (
     SetPath,
     ViaDERP,
 )
+from tailpy.magicsock.linkmon import LinkMonitor
 from tailpy.magicsock.netcheck import Netcheck, Report, run, stun_targets
 from tailpy.magicsock.stun import StunRunner
 from tailpy.netmap import NetMap, Node
@@ -68,6 +73,8 @@ NETCHECK_TIMEOUT = 3.0
 """Seconds each STUN probe of a periodic netcheck may take."""
 ACTIVITY_INTERVAL = 0.25
 """Seconds between looks at the device's per-peer tx counters."""
+LINK_CHANGE_GRACE = 1.5
+"""Seconds a direct path stays trusted after a local address went away, unless it answers a Ping."""
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -119,6 +126,8 @@ class Traversal:
         lan_networks: Callable[[], Iterable[Network]] = tuple,
         on_endpoints: Callable[[list[str]], None] | None = None,
         choose_endpoint: Callable[[list[str]], str | None] = lambda eps: eps[0] if eps else None,
+        on_link_change: Callable[[], None] | None = None,
+        monitor_links: bool = True,
         netcheck_interval: tuple[float, float] = NETCHECK_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -130,6 +139,13 @@ class Traversal:
         self.lan_networks = lan_networks
         self.on_endpoints = on_endpoints
         self.choose_endpoint = choose_endpoint
+        self.on_link_change = on_link_change
+        self.link_changes = 0
+        self.linkmon = (
+            LinkMonitor(lambda: tuple(sorted(self.local_endpoints())), self._on_link_change)
+            if monitor_links
+            else None
+        )
         self.netcheck_interval = netcheck_interval
         self.disco = DiscoNode(disco_private, node_key)
         self.stun = StunRunner(self._send_stun)
@@ -156,6 +172,8 @@ class Traversal:
     def start(self) -> None:
         if not self._tasks:
             self._refresh_endpoints()
+            if self.linkmon is not None:
+                self.linkmon.start()
             loop = asyncio.get_running_loop()
             self._tasks = [
                 loop.create_task(self._timer_loop(), name="disco-timers"),
@@ -167,6 +185,8 @@ class Traversal:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.linkmon is not None:
+            await self.linkmon.close()
         for fut in self._pings.values():
             fut.cancel()
 
@@ -297,6 +317,7 @@ class Traversal:
             "disco": self.disco.counters.as_dict(),
             "send_errors": self.send_errors,
             "copied": self.copied,
+            "link_changes": self.link_changes,
             "ignored": self.ignored,
             "stun_unmatched": self.stun.unmatched,
             "netcheck": nc,
@@ -311,6 +332,27 @@ class Traversal:
         }
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _on_link_change(self, old: object, new: object) -> None:
+        gone = set(old) - set(new) if isinstance(old, tuple) and isinstance(new, tuple) else {old}
+        log.info("link change: local endpoints %s -> %s", old, new)
+        self.link_changes += 1
+        if gone:
+            # TCP connections made from a vanished address are dead: DERP and control reconnect. Direct
+            # paths are pinged at once and kept if they answer (a public peer follows our new source, as
+            # WireGuard roams); one that does not falls back to the relay within LINK_CHANGE_GRACE.
+            self.magicsock.rebind()
+            now = self.clock()
+            for key in list(self._peers):
+                paths = self.disco.peer_paths(key)
+                if paths is not None:
+                    paths.revalidate(now, LINK_CHANGE_GRACE)
+            self._act(self.disco.poll(now))
+            if self.on_link_change is not None:
+                self.on_link_change()
+        self._refresh_endpoints()
+        self._netcheck_now.set()
+        self._wake.set()
 
     def _send_stun(self, datagram: bytes, dest: str) -> None:
         self.device.send_datagram(datagram, dest)  # DeviceError: the runner counts a failed probe

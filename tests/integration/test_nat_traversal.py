@@ -12,6 +12,7 @@ selection and `tailpy ping`, on real nodes in the lab (control with its embedded
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -113,7 +114,11 @@ def test_eim_nodes_go_direct(lab: Lab) -> None:
         table = node.cli("status")
         row = next(line for line in table.splitlines() if f" {other.name} " in line)
         assert "direct 192.0.2." in row, table
-    # A peer given by tailnet IP and by FQDN answers too; --json reports the direct pong.
+    # `tailpy netcheck` runs in tailpyd over the data plane's socket: its mapping is the one peers use.
+    report = json.loads(a.cli("netcheck", "--json", "--timeout", "3"))
+    assert report["udp"] and report["global_v4"] in a.status()["self"]["endpoints"], report
+    assert report["global_v4"] in _peer(b.status(), "a")["endpoints"], report
+    # A peer given by tailnet IP answers too; --json reports the direct pong.
     out = _tailpy_ping(b, "-c", "5", "--json", a.ip())
     assert out.returncode == 0, out.stderr
     assert '"direct": true' in out.stdout

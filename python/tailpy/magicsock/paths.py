@@ -445,6 +445,8 @@ class PeerPaths:
         if self.best is None or self.path is None:
             return
         self.trust_until = min(self.trust_until, now + grace)
+        for c in self.candidates.values():
+            c.last_ping = None  # pings from the old address proved nothing: the next round tries them all
         self._ping(self.best, now, Purpose.HEARTBEAT)
 
     # --- timers ---------------------------------------------------------------------------------------------
@@ -452,7 +454,7 @@ class PeerPaths:
     def poll(self, now: float) -> None:
         """Run what is due at ``now``: ping timeouts, trust expiry (back to relay), heartbeat."""
         for txid, sp in list(self.sent.items()):
-            if now - sp.at < PING_TIMEOUT:
+            if now < sp.at + PING_TIMEOUT:  # the same sum next_timer gives (no float edge that spins)
                 continue
             del self.sent[txid]
             self.counters.ping_timeouts += 1
@@ -463,6 +465,10 @@ class PeerPaths:
                 if not self.requests[sp.request]:
                     del self.requests[sp.request]
                     self._out.append(PingTimeout(sp.request, self.node_key))
+        if self.path is not None and not self.trusted(now) and self.active(now):
+            self.heartbeat_at = (
+                now  # the direct path just lapsed: look for another one now, not at the next beat
+            )
         if self.heartbeat_at is not None and now >= self.heartbeat_at:
             self._heartbeat(now)
         self._update_path(now)

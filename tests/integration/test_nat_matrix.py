@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from tailpy.cli.main import cli
 from tailpy.lab import Lab, wait_for
 from tailpy.lab.tailnet import Behind, LabNode, LabTailnet, tailpy_argv
 
@@ -36,10 +35,6 @@ pytestmark = [
         shutil.which("nft") is None, reason="`nft` not found: install the Debian package nftables"
     ),
 ]
-
-needs_ping = pytest.mark.skipif(
-    "ping" not in cli.commands, reason="`tailpy ping` does not exist yet (disco in tailpyd, issue 5 item 3)"
-)
 
 #: `tailpy ping` lines: "pong from b (100.64.0.2) via DERP(tailpy) in 3ms", "... via 192.0.2.7:41641 in 1ms".
 PONG = re.compile(r"^pong from (?P<name>\S+) \((?P<ip>[^)]+)\) via (?P<via>\S+) in (?P<ms>[\d.]+)\s*ms")
@@ -269,7 +264,6 @@ def add_pair(tailnet: LabTailnet, cell: Cell) -> tuple[LabNode, LabNode]:
 # -- C14: the matrix -----------------------------------------------------------------------------------------
 
 
-@needs_ping
 @pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
 def test_matrix_cell(tailnet: LabTailnet, authkey: str, cell: Cell) -> None:
     a, b = add_pair(tailnet, cell)
@@ -302,7 +296,6 @@ def test_matrix_cell(tailnet: LabTailnet, authkey: str, cell: Cell) -> None:
 # -- C15: peers behind one NAT -------------------------------------------------------------------------------
 
 
-@needs_ping
 def test_peers_behind_one_nat(tailnet: LabTailnet, authkey: str) -> None:
     """Three nodes on one listen port (41641) behind one EIM router without hairpinning: each pair is direct
     over LAN addresses, and an outside public node reaches each of them directly on a port of its own (the
@@ -375,16 +368,7 @@ def test_double_nat_advertises_only_real_endpoints(tailnet: LabTailnet, authkey:
 # -- roaming -------------------------------------------------------------------------------------------------
 
 
-ROAM_BUG = pytest.mark.xfail(
-    reason="tailpyd does not notice its LAN address changed: its DERP and control TCP connections stay on "
-    "the vanished address (relay dead), endpoints are re-read only every 20-26 s, so traffic through an "
-    "EIM peer may not resume for a minute or more",
-    strict=False,
-)
-
-
-@needs_ping
-@pytest.mark.parametrize("peer_behind", [pytest.param("eim", marks=ROAM_BUG), "public"])
+@pytest.mark.parametrize("peer_behind", ["eim", "public"])
 def test_roaming_traffic_resumes(tailnet: LabTailnet, authkey: str, peer_behind: str) -> None:
     """A node behind EIM on a direct path to a node behind ``peer_behind`` gets a new LAN address (tailpyd
     is not told): ICMP through the tunnel resumes (issue 5 goal: within 5 s; asserted only within a

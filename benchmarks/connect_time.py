@@ -65,6 +65,7 @@ CELLS = [
     Cell("eim-full-cone", "eim", "full-cone", direct=True),
     Cell("firewall-firewall", "firewall", "firewall", direct=True),
     Cell("edm-public", "edm", "public", direct=True),
+    Cell("public-edm", "public", "edm", direct=True),
     Cell("edm-edm", "edm", "edm", direct=False),
     Cell("edm-eim", "edm", "eim", direct=False),
     Cell("cgnat-edm-eim", ("edm", "eim"), "eim", direct=False),

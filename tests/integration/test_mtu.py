@@ -27,6 +27,12 @@ def _pair(lab: Lab, path_mtu: int, daemon_args: tuple[str, ...] = ()) -> tuple[L
         subprocess.run(
             ["ip", "-n", net.lan.switch, "link", "set", "dev", dev, "mtu", str(path_mtu)], check=True
         )
+    # The control server (and its DERP relay) knows its path's MTU, so its TCP (map stream, DERP frames)
+    # fits: what is under test is the tunnel's UDP, not control's TCP in a black hole.
+    subprocess.run(
+        ["ip", "-n", net.control_host.netns, "link", "set", "dev", net.lan.name, "mtu", str(path_mtu)],
+        check=True,
+    )
     for n in (a, b):
         n.up(key)
     a.wait_peers(1)

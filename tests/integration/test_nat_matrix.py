@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from tailpy.cli.main import cli
 from tailpy.lab import Lab, wait_for
 from tailpy.lab.tailnet import Behind, LabNode, LabTailnet, tailpy_argv
 
@@ -37,18 +36,18 @@ pytestmark = [
     ),
 ]
 
-needs_ping = pytest.mark.skipif(
-    "ping" not in cli.commands, reason="`tailpy ping` does not exist yet (disco in tailpyd, issue 5 item 3)"
-)
-
 #: `tailpy ping` lines: "pong from b (100.64.0.2) via DERP(tailpy) in 3ms", "... via 192.0.2.7:41641 in 1ms".
 PONG = re.compile(r"^pong from (?P<name>\S+) \((?P<ip>[^)]+)\) via (?P<via>\S+) in (?P<ms>[\d.]+)\s*ms")
-#: Seconds `tailpy ping --until-direct` may take before a cell that should go direct is judged a failure.
-DIRECT_WITHIN = 30
-#: Pings (about one a second) a relay-only cell gets to prove no direct path appears (C14: "within 10 s").
-RELAY_PINGS = 10
+#: Pings `tailpy ping --until-direct` gets (one every 0.5 s after each pong, at least 15 s) before a cell
+#: that should go direct is judged a failure.
+DIRECT_PINGS = 30
+#: Pings (one every 0.5 s after each pong) a relay-only cell gets to show no direct path appears (C14 gives
+#: a path 10 s to settle).
+RELAY_PINGS = 20
 #: ICMP pings keep flowing this long after the path settles (the upgrade must drop none of them).
 AFTER_UPGRADE = 2.0
+#: Seconds traffic gets to resume after a node roams (issue 5's goal is 5 s; only this generous bound fails).
+ROAM_WITHIN = 45
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,7 @@ CELLS = [
     Cell("eim-full-cone", "eim", "full-cone", direct=True),
     Cell("firewall-firewall", "firewall", "firewall", direct=True),  # simultaneous open, no NAT
     Cell("edm-public", "edm", "public", direct=True),  # direct once the EDM side sends first
+    Cell("public-edm", "public", "edm", direct=True),  # the public side asks: CallMeMaybe makes EDM send
     Cell("edm-edm", "edm", "edm", direct=False),
     Cell("edm-eim", "edm", "eim", direct=False),
     Cell("cgnat-edm-eim", ("edm", "eim"), "eim", direct=False),  # C16: one endpoint-dependent layer
@@ -187,10 +187,17 @@ def tailpy_ping(
     return PingRun(done.returncode, pongs, out, took)
 
 
-def expect_direct(a: LabNode, b: LabNode, timeout: int = DIRECT_WITHIN) -> PingRun:
+def status_row(a: LabNode, b: LabNode) -> str:
+    """b's row in a's human ``tailpy status``."""
+    rows = [line for line in a.cli("status").splitlines() if f" {b.name} " in line]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def expect_direct(a: LabNode, b: LabNode, pings: int = DIRECT_PINGS) -> PingRun:
     """``tailpy ping --until-direct`` from a to b ends with a direct pong from an address b is seen as, and
     a's status shows b on a direct path there."""
-    run = tailpy_ping(a, b.ip(), count=timeout, timeout=5)
+    run = tailpy_ping(a, b.ip(), count=pings, timeout=5)
     assert run.returncode == 0, f"{a.name} -> {b.name} did not go direct:\n{run.out}\n{a.log_tail(15)}"
     assert run.pongs and not is_derp(run.last_via), run.out
     assert all(p["ip"] == b.ip() for p in run.pongs), run.out
@@ -201,6 +208,7 @@ def expect_direct(a: LabNode, b: LabNode, timeout: int = DIRECT_WITHIN) -> PingR
     st = peer(a.status(), b.name)
     assert st is not None and st["path"] == "direct", st
     assert st["endpoint"] and st["endpoint"].rsplit(":", 1)[0] in b.host.seen_as(), st
+    assert f"direct {st['endpoint']}" in status_row(a, b), a.cli("status")
     return run
 
 
@@ -214,6 +222,7 @@ def expect_relay(a: LabNode, b: LabNode) -> PingRun:
     assert all(is_derp(p["via"]) for p in run.pongs), run.out
     st = peer(a.status(), b.name)
     assert st is not None and st["path"] == "relay" and st["relay_region_code"], st
+    assert f'relay "{st["relay_region_code"]}"' in status_row(a, b), a.cli("status")
     return run
 
 
@@ -255,7 +264,6 @@ def add_pair(tailnet: LabTailnet, cell: Cell) -> tuple[LabNode, LabNode]:
 # -- C14: the matrix -----------------------------------------------------------------------------------------
 
 
-@needs_ping
 @pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
 def test_matrix_cell(tailnet: LabTailnet, authkey: str, cell: Cell) -> None:
     a, b = add_pair(tailnet, cell)
@@ -288,7 +296,6 @@ def test_matrix_cell(tailnet: LabTailnet, authkey: str, cell: Cell) -> None:
 # -- C15: peers behind one NAT -------------------------------------------------------------------------------
 
 
-@needs_ping
 def test_peers_behind_one_nat(tailnet: LabTailnet, authkey: str) -> None:
     """Three nodes on one listen port (41641) behind one EIM router without hairpinning: each pair is direct
     over LAN addresses, and an outside public node reaches each of them directly on a port of its own (the
@@ -305,11 +312,12 @@ def test_peers_behind_one_nat(tailnet: LabTailnet, authkey: str) -> None:
         assert router is not None and not router.hairpin
         run = expect_direct(h[0], h[1])
         assert run.last_via == f"{h[1].lan_ip()}:41641", run.out
-        for node in h:
-            expect_direct(node, out)
         seen = {}
         for node in h:
-            st = wait_path(out, node, "direct")
+            expect_direct(node, out)
+            expect_direct(out, node)  # and the outside node reaches each of them directly
+            st = peer(out.status(), node.name)
+            assert st is not None
             ip, port = st["endpoint"].rsplit(":", 1)
             assert ip == router.public_ip, st
             seen[node.name] = port
@@ -360,13 +368,13 @@ def test_double_nat_advertises_only_real_endpoints(tailnet: LabTailnet, authkey:
 # -- roaming -------------------------------------------------------------------------------------------------
 
 
-@needs_ping
-def test_roaming_traffic_resumes(tailnet: LabTailnet, authkey: str) -> None:
-    """A node behind EIM on a direct path to another EIM node gets a new LAN address (tailpyd is not told):
-    ICMP through the tunnel resumes (issue 5 goal: within 5 s; asserted only within a generous bound) and
-    the path goes direct again."""
-    a = tailnet.add_node("roam-a", behind="eim")
-    b = tailnet.add_node("roam-b", behind="eim")
+@pytest.mark.parametrize("peer_behind", ["eim", "public"])
+def test_roaming_traffic_resumes(tailnet: LabTailnet, authkey: str, peer_behind: str) -> None:
+    """A node behind EIM on a direct path to a node behind ``peer_behind`` gets a new LAN address (tailpyd
+    is not told): ICMP through the tunnel resumes (issue 5 goal: within 5 s; asserted only within a
+    generous bound) and the path goes direct again."""
+    a = tailnet.add_node(f"roam-{peer_behind}-a", behind="eim")
+    b = tailnet.add_node(f"roam-{peer_behind}-b", behind=peer_behind)
     try:
         bring_up(tailnet, authkey, a, b)
         # No traffic yet: `tailpy ping` itself starts discovery, and shows the upgrade from DERP to direct
@@ -376,9 +384,8 @@ def test_roaming_traffic_resumes(tailnet: LabTailnet, authkey: str) -> None:
         old = a.lan_ip()
         new = a.roam()
         assert new != old
-        took = until_reply(a, b.ip(), timeout=60)
-        print(f"roaming: {old} -> {new}: ping through the tunnel answered after {took:.1f} s")
-        assert took < 60
+        took = until_reply(a, b.ip(), timeout=ROAM_WITHIN)
+        print(f"roaming (peer {peer_behind}): {old} -> {new}: ping answered after {took:.1f} s")
         expect_direct(a, b)
     finally:
         finish(a, b)

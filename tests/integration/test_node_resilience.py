@@ -100,14 +100,14 @@ for i in range(6000):
 
 
 def test_datagrams_for_python_are_drained(pair: tuple[LabTailnet, LabNode, LabNode]) -> None:
-    """More disco-looking datagrams than the data plane's queue holds: the daemon drains them, so the
-    queue never stays full (nothing reads them yet: NAT traversal comes later)."""
+    """More disco-looking (too short) datagrams than the data plane's queue holds: the daemon drains them,
+    so the queue never stays full; they are counted as ignored (STUN and disco go to NAT traversal)."""
     net, a, b = pair
     b.host.run([sys.executable, "-c", _FLOOD, net.lan.ip(a.host), str(WG_PORT)])
     st = wait_for(
         lambda: (s := a.status())["ignored_datagrams"] > 4096 and s, timeout=30, what="a to drain the queue"
     )
-    assert st["device"]["to_python"] == st["ignored_datagrams"]
+    assert st["device"]["to_python"] >= st["ignored_datagrams"]
     b.ping(a.ip(), count=1)
 
 

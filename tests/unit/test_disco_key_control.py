@@ -4,12 +4,12 @@ updates, pushed to peers as deltas; a real aiohttp server on 127.0.0.1 and a rea
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from _schema import rewind
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -83,13 +83,7 @@ def test_disco_key_migration_adds_empty_key_to_existing_nodes(tmp_path: Path) ->
         MachinePrivate.generate().public, NodePrivate.generate().public, "old", key, now=now
     )
     store.close()
-    with sqlite3.connect(tmp_path / "control.db") as c:  # back to the schema before the disco key (4)
-        c.execute("DROP TABLE pending_nodes")  # (what the later migration 6 added)
-        c.execute("DROP INDEX ux_users_oidc")
-        for col in ("oidc_issuer", "oidc_subject", "email", "display_name"):
-            c.execute(f"ALTER TABLE users DROP COLUMN {col}")
-        c.execute("ALTER TABLE nodes DROP COLUMN disco_key")
-        c.execute("UPDATE schema_version SET version = ?", (MIGRATIONS.index(_m5_disco_key),))
+    rewind(tmp_path / "control.db", MIGRATIONS.index(_m5_disco_key))  # before the disco key
     store = Store(tmp_path)
     try:
         assert store.schema_version() == len(MIGRATIONS)

@@ -4,13 +4,13 @@ pushed to peers as deltas; a real aiohttp server on 127.0.0.1 and a real SQLite 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nacl.public
 import pytest
+from _schema import rewind
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,14 +91,7 @@ def test_migration_4_adds_home_derp_to_existing_nodes(tmp_path: Path) -> None:
     )
     store.close()
     db = tmp_path / "control.db"
-    with sqlite3.connect(db) as c:  # take the database back to version 3, as an older tailpy left it
-        c.execute("ALTER TABLE nodes DROP COLUMN home_derp")
-        c.execute("ALTER TABLE nodes DROP COLUMN disco_key")  # added by later migrations (5, 6)
-        c.execute("DROP TABLE pending_nodes")
-        c.execute("DROP INDEX ux_users_oidc")
-        for col in ("oidc_issuer", "oidc_subject", "email", "display_name"):
-            c.execute(f"ALTER TABLE users DROP COLUMN {col}")
-        c.execute("UPDATE schema_version SET version = 3")
+    rewind(db, 3)  # as an older tailpy left it
     store = Store(tmp_path)
     try:
         assert store.schema_version() == len(MIGRATIONS) >= 4

@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tailpy.cli import control, demo, derp, down, ip, login, logout, netcheck, status, up, whois
+    from tailpy.cli import control, demo, derp, down, ip, login, logout, netcheck, ping, status, up, whois
 
-    for mod in (up, login, down, logout, status, ip, whois, netcheck, control, derp, demo):
+    for mod in (up, login, down, logout, status, ip, ping, whois, netcheck, control, derp, demo):
         cli.add_command(mod.command)
 
 

@@ -1,11 +1,12 @@
 """`tailpy netcheck`: UDP reachability, global endpoints, NAT mapping behaviour, hairpinning and DERP
 latency, printed in the manner of `tailscale netcheck` (see :mod:`tailpy.magicsock.netcheck`).
 
-The probes leave from a UDP socket of this command's own (``--bind-port``, any port by default), not from
-tailpyd's data-plane socket: the mapping seen is the one a new socket gets from the NAT. The STUN servers
-come from ``--derp-map FILE`` (a Tailscale-shaped DERP map) when given, else from the DERP map in tailpyd's
-netmap when the daemon answers on ``--socket`` and its status carries one (``derp_map``), plus any
-``--stun HOST:PORT``.
+When tailpyd answers on ``--socket`` and has a DERP map, and no ``--derp-map``, ``--stun`` or ``--bind-port``
+is given, tailpyd runs the netcheck over its data plane's own UDP socket (``POST /localapi/v0/netcheck``):
+the mapping reported is the real one peers see. Otherwise the probes leave from a UDP socket of this
+command's own (``--bind-port``, any port by default): the mapping seen is the one a new socket gets from the
+NAT. The STUN servers then come from ``--derp-map FILE`` (a Tailscale-shaped DERP map) when given, else from
+the DERP map in tailpyd's netmap (status ``derp_map``), plus any ``--stun HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ async def _daemon_derp_map(socket_path: str) -> DerpMap | None:
     try:
         return DerpMap.from_json(dm)
     except ParseError:
+        return None
+
+
+async def _daemon_netcheck(socket_path: str, timeout: float) -> tuple[Report, DerpMap] | None:
+    """A report made by tailpyd over its data-plane socket, with its DERP map; None when the daemon does
+    not answer or has no DERP map yet."""
+    from tailpy.daemon.client import LocalClient
+    from tailpy.magicsock.netcheck import Report
+
+    try:
+        got = await LocalClient(socket_path).netcheck(timeout)
+        return Report.from_json(got["report"]), DerpMap.from_json(got["derp_map"])
+    except (TailpyError, KeyError, TypeError):
         return None
 
 
@@ -143,6 +157,16 @@ def command(
     derp_map = load_derp_map(derp_map_file) if derp_map_file is not None else None
 
     async def main() -> None:
+        if derp_map_file is None and not extra_stun and not bind_port:
+            while (got := await _daemon_netcheck(socket_path, timeout)) is not None:
+                report, daemon_dm = got
+                if as_json:
+                    click.echo(json.dumps(report.to_json(), indent=2))
+                else:
+                    click.echo(format_report(report, daemon_dm))
+                if not every:
+                    return
+                await asyncio.sleep(every)
         dm = derp_map if derp_map_file is not None else await _daemon_derp_map(socket_path)
         targets = stun_targets(dm, extra_stun)
         if not targets:

@@ -1,8 +1,10 @@
 """tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
 
 Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname,
-force_reauth, accept_dns?}),
-``POST /localapi/v0/down``, ``POST /localapi/v0/logout``, ``GET /localapi/v0/whois?addr=IP``.
+force_reauth, accept_dns?}), ``POST /localapi/v0/down``, ``POST /localapi/v0/logout``,
+``GET /localapi/v0/whois?addr=IP``, ``POST /localapi/v0/ping`` ({target: peer name or tailnet IP, timeout:
+seconds}) -> one disco ping's answer (:meth:`Backend.ping`), ``POST /localapi/v0/netcheck`` ({timeout}) -> a
+netcheck report made over the data plane's own socket (:meth:`Backend.netcheck`).
 Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 404 (no such
 node), 502 (control unreachable or refused).
 """
@@ -68,6 +70,37 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
         if node is None:
             return _error(404, ConfigError(f"no node in this tailnet has address {addr}"))
         return web.json_response(node)
+
+    @routes.post(PREFIX + "/ping")
+    async def ping(request: web.Request) -> web.Response:
+        try:
+            body: dict[str, Any] = await request.json()
+            target = str(body.get("target", ""))
+            timeout = float(body.get("timeout", 5.0))
+        except (ValueError, TypeError):
+            return _error(400, ConfigError("ping needs a JSON body {target, timeout}"))
+        if not 0 < timeout <= 60:
+            return _error(400, ConfigError("ping timeout must be between 0 and 60 seconds"))
+        try:
+            return web.json_response(await backend.ping(target, timeout))
+        except ConfigError as e:
+            return _error(404, e)
+        except TailpyError as e:
+            return _error(500, e)
+
+    @routes.post(PREFIX + "/netcheck")
+    async def netcheck(request: web.Request) -> web.Response:
+        try:
+            body: dict[str, Any] = await request.json()
+            timeout = float(body.get("timeout", 5.0))
+        except (ValueError, TypeError):
+            return _error(400, ConfigError("netcheck needs a JSON body {timeout}"))
+        try:
+            return web.json_response(await backend.netcheck(min(max(timeout, 0.1), 60.0)))
+        except ConfigError as e:
+            return _error(400, e)
+        except TailpyError as e:
+            return _error(500, e)
 
     @routes.post(PREFIX + "/logout")
     async def logout(request: web.Request) -> web.Response:

@@ -28,6 +28,7 @@ from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import MagicSock
+from tailpy.magicsock.traversal import Traversal
 from tailpy.proto import control as proto
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ log = logging.getLogger("tailpy.daemon")
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
 ROTATE_BEFORE = 7 * 86400.0  # seconds before node key expiry to rotate it (at most half its lifetime)
 OS_NAME = platform.system().lower()  # "linux", as the node reports it to control
-ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints
+ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints (without NAT traversal running)
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
 LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
@@ -127,6 +128,9 @@ class Backend:
         self.ignored_datagrams = 0  # STUN/disco datagrams drained with no consumer yet
         # DERP home region, relay and path policy; made with the device when an event loop runs.
         self.magicsock: MagicSock | None = None
+        # disco, STUN, netcheck and endpoints over the device's socket; made with magicsock.
+        self.traversal: Traversal | None = None
+        self._endpoints_changed = asyncio.Event()
         self._home_changed = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
         self._rotate_before = rotate_before
@@ -438,10 +442,15 @@ class Backend:
 
     async def _follow(self, client: ControlClient) -> None:
         s = self.state_data
-        self._endpoints = self._local_endpoints()
+        self._endpoints = list(self.traversal.endpoints) if self.traversal else self._local_endpoints()
         self._home_changed.clear()  # the map request carries the current home
+        self._endpoints_changed.clear()  # and the current endpoints
         async for netmap in client.stream_map(
-            s.node_key.public, self._endpoints, s.hostname, home_derp=self.home_derp
+            s.node_key.public,
+            self._endpoints,
+            s.hostname,
+            home_derp=self.home_derp,
+            disco_key=self.disco_key.public,
         ):
             self.control_connected = True
             if self.backend_state != "NeedsLogin" or not netmap.self_node.expired:
@@ -517,6 +526,8 @@ class Backend:
             self.device.set_private_key(key.raw)
         if self.magicsock is not None:
             self.magicsock.set_private_key(key)  # DERP knows a node by its node key
+        if self.traversal is not None:
+            self.traversal.set_node_key(key.public)  # it goes in every disco Ping
 
     # -- home DERP region ------------------------------------------------------------------------------
 
@@ -544,16 +555,39 @@ class Backend:
                 self._home_changed.set()
                 await asyncio.sleep(5.0)
 
+    def _on_endpoints(self, endpoints: list[str]) -> None:
+        """NAT traversal found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""
+        self._endpoints_changed.set()
+        self.changed.set()
+
+    def _on_link_change(self) -> None:
+        """An address of this host went away: the control connection may be bound to it; reconnect."""
+        if self._session is None or self._session.done():
+            return
+        task = asyncio.get_running_loop().create_task(self._restart_session())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _restart_session(self) -> None:
+        await self._stop_session()
+        if self.state_data.want_running and self.device is not None and self._session is None:
+            log.info("link change: reconnecting to control")
+            self._start_session()
+
     async def _refresh_endpoints(self, client: ControlClient) -> None:
+        """Tell control this node's endpoints when they change: as the traversal finds them (re-STUN every
+        20-26 s), or, without it, from the local addresses every :data:`ENDPOINT_REFRESH` seconds."""
         while True:
-            await asyncio.sleep(ENDPOINT_REFRESH)
-            now = self._local_endpoints()
+            await wait_event(self._endpoints_changed, ENDPOINT_REFRESH)
+            self._endpoints_changed.clear()
+            now = list(self.traversal.endpoints) if self.traversal else self._local_endpoints()
             if now != self._endpoints:
                 self._endpoints = now
                 try:
                     await client.update_endpoints(now)
                 except ControlError as e:
                     log.warning("endpoint update: %s", e)
+                    self._endpoints = []  # try again at the next round
 
     def _local_endpoints(self) -> list[str]:
         if self.device is None:
@@ -575,13 +609,18 @@ class Backend:
         local = netconf.local_addresses(exclude_ifaces=(dev.tun_name,)) if self._configure_os else []
         for old in d.removed:
             dev.remove_peer(old.node_key.raw)
+        disco = self.traversal is not None
         for old, node in d.changed:
             if old.node_key != node.node_key:
                 dev.remove_peer(old.node_key.raw)
                 self._set_peer(dev, node, local)
             elif (old.addresses, old.endpoints) != (node.addresses, node.endpoints):
-                # An unchanged endpoint list is not re-sent: that would undo roaming the data plane saw.
-                self._set_peer(dev, node, local, endpoints_changed=old.endpoints != node.endpoints)
+                # An unchanged endpoint list is not re-sent: that would undo roaming the data plane saw;
+                # nor is a disco peer's: disco chose its direct endpoint.
+                changed = old.endpoints != node.endpoints and (
+                    not (disco and node.disco_key is not None) or not old.endpoints
+                )
+                self._set_peer(dev, node, local, endpoints_changed=changed)
         for node in d.added:
             self._set_peer(dev, node, local)
         self.netmap, self._applied = new, wanted
@@ -589,6 +628,8 @@ class Backend:
             self.magicsock.set_netmap(wanted)
         if self.dns is not None:
             self.dns.apply(new, accept_dns=self.state_data.accept_dns and not me_expired, tun=dev.tun_name)
+        if self.traversal is not None:
+            self.traversal.set_netmap(wanted)
         if d:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
         if me_expired:
@@ -630,17 +671,38 @@ class Backend:
                     dev, self.state_data.node_key, on_home_changed=self._on_home_changed
                 )
                 self.magicsock.start()
+                tun = dev.tun_name
+                self.traversal = Traversal(
+                    dev,
+                    self.magicsock,
+                    self.disco_key,
+                    self.state_data.node_key.public,
+                    local_endpoints=self._local_endpoints,
+                    lan_networks=lambda: [i.network for i in netconf.local_addresses(exclude_ifaces=(tun,))],
+                    on_endpoints=self._on_endpoints,
+                    on_link_change=self._on_link_change,
+                    choose_endpoint=lambda eps: netconf.choose_endpoint(
+                        eps, netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
+                    ),
+                )
+                self.traversal.start()
         return self.device
 
     def _on_device_events(self) -> None:
         """The data plane queued datagrams for Python: relay datagrams go over DERP (magicsock); STUN and
-        disco received on the UDP socket have no consumer yet (NAT traversal comes later): they are taken
-        and counted, so the bounded queue never fills."""
+        disco received on the UDP socket go to NAT traversal (counted when there is none, so the bounded
+        queue never fills)."""
         if self.device is None:
             return
         datagrams, relay = self.device.drain()
-        self.ignored_datagrams += len(datagrams)
+        if datagrams:
+            if self.traversal is not None:
+                self.traversal.on_datagrams(datagrams)
+            else:
+                self.ignored_datagrams += len(datagrams)
         if relay:
+            if self.traversal is not None:
+                self.traversal.on_relay(relay)  # handshakes also straight to a best-guess endpoint
             if self.magicsock is not None:
                 self.magicsock.on_relay(relay)
             else:
@@ -651,6 +713,11 @@ class Backend:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
+        tr, self.traversal = self.traversal, None
+        if tr is not None:
+            task_tr = asyncio.get_running_loop().create_task(tr.close())
+            self._closing.add(task_tr)
+            task_tr.add_done_callback(self._closing.discard)
         ms, self.magicsock = self.magicsock, None
         if ms is not None:
             task = asyncio.get_running_loop().create_task(ms.close())
@@ -689,6 +756,8 @@ class Backend:
             "key_expiry": node.key_expiry,
             "expired": node.expired,
             "home_derp": node.home_derp,
+            "disco_key": node.disco_key.text() if node.disco_key is not None else None,
+            "endpoints": list(node.endpoints),
             "endpoint": st.get("endpoint"),
             "path": st.get("path"),
             "relay_region": relay_region,
@@ -746,9 +815,69 @@ class Backend:
             "peers": peers,
             "device": dict(self.device.stats()) if self.device else None,
             "derp": self.magicsock.status() if self.magicsock else None,
-            "ignored_datagrams": self.ignored_datagrams,
+            "derp_map": self.netmap.derp_map.to_json() if self.netmap and self.netmap.derp_map else None,
+            "traversal": self.traversal.status() if self.traversal else None,
+            # datagrams from the socket that were neither disco nor STUN (or came with no traversal running)
+            "ignored_datagrams": self.ignored_datagrams + (self.traversal.ignored if self.traversal else 0),
             "dns": self.dns.status() if self.dns is not None else None,
         }
+
+    def find_peer(self, target: str) -> nm.Node:
+        """The peer called ``target`` (its name, its FQDN with or without the final dot, or its hostname)
+        or owning tailnet address ``target``. Raises ConfigError with a sentence when there is none."""
+        if self.netmap is None:
+            raise ConfigError("this node has no netmap yet: run `tailpy up` and wait for it to connect")
+        want = target.strip().rstrip(".").lower()
+        ip: Any = None
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(want)
+        domain = self.netmap.domain
+        for node in sorted(self.netmap.peers.values(), key=lambda n: n.id):
+            if ip is not None:
+                if any(ipaddress.ip_interface(a).ip == ip for a in node.addresses):
+                    return node
+            elif want in (node.name.lower(), node.fqdn(domain).lower()):
+                return node
+        if ip is None:
+            for node in self.netmap.peers.values():
+                if node.hostname.lower() == want:
+                    return node
+        me = self.netmap.self_node
+        if (ip is not None and any(ipaddress.ip_interface(a).ip == ip for a in me.addresses)) or (
+            want in (me.name.lower(), me.fqdn(domain).lower())
+        ):
+            raise ConfigError(f"{target} is this node; ping a peer")
+        raise ConfigError(f"no peer {target!r} in this tailnet (see `tailpy status`)")
+
+    async def ping(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
+        """One disco ping to peer ``target`` (name or tailnet IP, :meth:`find_peer`), waiting up to
+        ``timeout`` seconds: ``{"peer": {name, fqdn, ip}, "direct", "via" ("DERP(<code>)" or "ip:port"),
+        "rtt" (seconds or None), "peer_saw", "timeout"}``. Raises ConfigError (unknown peer, one without
+        disco, node not running)."""
+        node = self.find_peer(target)
+        if node.expired:
+            raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
+        if self.traversal is None:
+            raise ConfigError("this node is not running (no data plane): run `tailpy up`")
+        if node.disco_key is None:
+            raise ConfigError(f"peer {node.name} runs no disco (an older tailpy?): `tailpy ping` needs it")
+        try:
+            reply = await self.traversal.ping(node.node_key, timeout)
+        except KeyError:
+            raise ConfigError(f"peer {node.name} is not in the data plane yet; try again") from None
+        domain = self.netmap.domain if self.netmap else ""
+        peer = {"name": node.name, "fqdn": node.fqdn(domain), "ip": node.ipv4 or node.ipv6 or ""}
+        return {"peer": peer, **reply.to_json()}
+
+    async def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
+        """A netcheck run now over the data plane's socket: ``{"report": Report JSON, "derp_map": DERP map
+        JSON}``. Raises ConfigError when there is no data plane or no DERP map with STUN servers yet."""
+        if self.traversal is None or self.magicsock is None:
+            raise ConfigError("this node is not running (no data plane): run `tailpy up`")
+        report = await self.traversal.netcheck(timeout=timeout)
+        if report is None:
+            raise ConfigError("tailpyd has no DERP map with STUN servers yet")
+        return {"report": report.to_json(), "derp_map": self.magicsock.derp_map.to_json()}
 
     def whois(self, address: str) -> dict[str, Any] | None:
         """The node (self or a peer) owning tailnet ``address`` ("100.64.0.2", "fd7a:115c:a1e0::2";

@@ -100,5 +100,16 @@ class LocalClient:
         """The node owning tailnet ``address``; raises ConfigError when none does."""
         return await self._call("GET", "/whois?addr=" + urllib.parse.quote(address))
 
+    async def ping(self, target: str, timeout: float) -> dict[str, Any]:
+        """One disco ping to peer ``target`` (name or tailnet IP), waiting up to ``timeout`` seconds:
+        ``{"peer": {name, fqdn, ip}, "direct", "via", "rtt", "peer_saw", "timeout"}``. Raises ConfigError
+        for an unknown peer."""
+        return await self._call("POST", "/ping", {"target": target, "timeout": timeout})
+
+    async def netcheck(self, timeout: float) -> dict[str, Any]:
+        """A netcheck report made by tailpyd over its data-plane socket: ``{"report": Report JSON,
+        "derp_map": DERP map JSON}``. Raises ConfigError when tailpyd has no DERP map yet."""
+        return await self._call("POST", "/netcheck", {"timeout": timeout})
+
     async def down(self) -> dict[str, Any]:
         return await self._call("POST", "/down")

@@ -9,8 +9,10 @@ The Rust data plane sends a peer's WireGuard datagrams straight out of its UDP s
   connecting on demand (:mod:`tailpy.magicsock.derp`; idle non-home connections close after 60 s);
 * hands WireGuard datagrams received over DERP to the device (``device.inject``), and disco datagrams
   (payload starting with :data:`DISCO_MAGIC`) to ``on_disco(src_node_key, payload, via_region)``;
-* runs the path policy every second (:class:`tailpy.magicsock.fallback.FallbackPolicy` until disco replaces
-  it: pass ``policy=None`` to decide paths only through :meth:`set_peer_path`).
+* runs the path policy every second (:class:`tailpy.magicsock.fallback.FallbackPolicy`) for the peers disco
+  does not drive: with :class:`tailpy.magicsock.traversal.Traversal` running, peers with a disco key
+  (:attr:`MagicSock.disco_peers`) get their paths only through :meth:`set_peer_path`, the others (older nodes
+  without disco) keep the fallback policy; ``policy=None`` turns the policy off for all.
 
 ``now`` for decisions: the monotonic clock for DERP timing and home choice, the wall clock for WireGuard
 handshake ages (the device reports unix times).
@@ -100,6 +102,9 @@ class MagicSock:
         self.derp_received = 0
         self.derp_dropped = 0  # DERP packets from keys that are not peers
         self.disco_dropped = 0  # disco datagrams while no disco handler is set
+        self.disco_peers: set[bytes] = set()
+        """Node keys of the peers whose paths disco decides (the fallback policy leaves them alone)."""
+        self._external_latency_until = 0.0  # monotonic time until which netcheck's latencies stand
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -137,12 +142,27 @@ class MagicSock:
 
     def add_latency_report(self, latencies: Mapping[int, float]) -> int:
         """Take a latency report from elsewhere (netcheck's STUN round): region id -> seconds. Returns the
-        home region after it (a change is applied and reported in the background)."""
+        home region after it (a change is applied and reported in the background). While such reports keep
+        coming (within the longest probe interval), the DERP latency probes are skipped."""
+        if latencies:
+            self._external_latency_until = time.monotonic() + self.probe_interval[1] + 5.0
         return self._report(dict(latencies))
+
+    @property
+    def derp_map(self) -> DerpMap:
+        """The DERP map of the last netmap that had one (empty before)."""
+        return self._derp_map
 
     def set_private_key(self, private_key: NodePrivate) -> None:
         """Node key rotation: DERP connections are made again under the new key."""
         asyncio.get_running_loop().create_task(self.derp.set_private_key(private_key))
+
+    def rebind(self) -> None:
+        """The host's addresses changed: every DERP connection (TCP from a maybe vanished address) is made
+        again, the home one at once."""
+        task = asyncio.get_running_loop().create_task(self.derp.set_private_key(self.derp.private_key))
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     @property
     def home_region(self) -> int:
@@ -208,7 +228,7 @@ class MagicSock:
             self.derp_dropped += 1
             return
         self._via_region[key] = region
-        if self.policy is not None and self.policy.path(key) == "direct":
+        if self.policy is not None and key not in self.disco_peers and self.policy.path(key) == "direct":
             st = self._stats.get(key, {})
             if (
                 self.policy.received_via_derp(
@@ -266,7 +286,7 @@ class MagicSock:
         now = time.time()
         for key in self._peers:
             st = stats.get(key)
-            if st is None:
+            if st is None or key in self.disco_peers:
                 continue
             path = self.policy.observe(
                 now,
@@ -283,7 +303,7 @@ class MagicSock:
 
     async def _probe_loop(self) -> None:
         while True:
-            if self._derp_map.regions:
+            if self._derp_map.regions and time.monotonic() >= self._external_latency_until:
                 await self.probe()
             lo, hi = self.probe_interval
             self._probe_now.clear()

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.asyncutil import wait_event
+from tailpy.errors import ParseError
 from tailpy.magicsock.stun import BindingResult, StunRunner, format_endpoint, parse_endpoint
 from tailpy.netmap import DerpMap
 from tailpy.proto import stun
@@ -142,6 +143,35 @@ class Report:
                 for p in self.probes
             ],
         }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Report:
+        """Parse :meth:`to_json`'s form (as tailpyd's local API sends it; probes are not carried back).
+        Raises ParseError."""
+        try:
+            return cls(
+                time=float(obj["time"]),
+                udp=bool(obj["udp"]),
+                ipv4=bool(obj["ipv4"]),
+                ipv6=bool(obj["ipv6"]),
+                os_has_ipv6=bool(obj["os_has_ipv6"]),
+                global_v4=None if obj.get("global_v4") is None else str(obj["global_v4"]),
+                global_v6=None if obj.get("global_v6") is None else str(obj["global_v6"]),
+                mapping_varies_by_dest_ip=_opt_bool(obj.get("mapping_varies_by_dest_ip")),
+                mapping_varies_fresh=bool(obj.get("mapping_varies_fresh", False)),
+                hairpinning=_opt_bool(obj.get("hairpinning")),
+                hairpinning_fresh=bool(obj.get("hairpinning_fresh", False)),
+                preferred_derp=int(obj.get("preferred_derp", 0)),
+                region_latency={int(k): float(v) for k, v in obj.get("region_latency", {}).items()},
+                region_v4_latency={int(k): float(v) for k, v in obj.get("region_v4_latency", {}).items()},
+                region_v6_latency={int(k): float(v) for k, v in obj.get("region_v6_latency", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ParseError(f"malformed netcheck report: {e!r}") from None
+
+
+def _opt_bool(v: object) -> bool | None:
+    return None if v is None else bool(v)
 
 
 def stun_targets(derp_map: DerpMap | None, extra: Sequence[str] = ()) -> list[StunTarget]:

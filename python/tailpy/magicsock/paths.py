@@ -67,6 +67,9 @@ SESSION_ACTIVE_TIMEOUT: Final = 45.0
 PING_BACK_INTERVAL: Final = 1.0
 """Least seconds between Pings sent back to an endpoint a Ping came from (while no direct path is trusted)."""
 
+CALL_ME_MAYBE_GRACE: Final = 1.5
+"""Seconds a trusted direct path the peer's CallMeMaybe no longer lists stays trusted without a new Pong."""
+
 UPGRADE_INTERVAL: Final = 60.0
 """Seconds between full rounds while a trusted direct path is slower than :data:`GOOD_ENOUGH_LATENCY`."""
 
@@ -229,6 +232,7 @@ class Candidate:
     endpoint: Endpoint
     from_netmap: bool = False
     from_call_me_maybe: bool = False
+    last_cmm_gone: bool = False  # listed in the peer's previous CallMeMaybe, not in its last one
     last_got_ping: float | None = None  # a Ping came from here (learned endpoint)
     last_got_ping_txid: bytes = b""
     last_ping: float | None = None  # we last pinged it
@@ -382,10 +386,13 @@ class PeerPaths:
             return True  # no longer a candidate
         c.latency, c.last_pong, c.pong_src = rtt, now, pong.src
         ep = sp.to
+        old = self.candidates.get(self.best) if self.best is not None else None
         if (
             self.best is None
             or not self.trusted(now)
             or better(ep, rtt, self.best, self.best_latency, self.local.lan_networks)
+            # the peer's last CallMeMaybe lists this endpoint and not the one in use: its network changed
+            or (c.from_call_me_maybe and old is not None and not old.from_call_me_maybe and old.last_cmm_gone)
         ):
             self.best = ep
         if self.best == ep:
@@ -398,6 +405,7 @@ class PeerPaths:
         """The peer sent CallMeMaybe (via DERP): it has just pinged us, so ping all its endpoints now."""
         self.counters.call_me_maybe_received += 1
         for c in self.candidates.values():
+            c.last_cmm_gone = c.from_call_me_maybe and c.endpoint not in cmm.endpoints
             c.from_call_me_maybe = False
         for e in dict.fromkeys(cmm.endpoints):
             if _usable(e):
@@ -408,6 +416,11 @@ class PeerPaths:
         for c in self.candidates.values():
             c.last_ping = None  # the first Pings probably died in the peer's NAT: try again at once
         self._full_ping(now, call_me_maybe=False)
+        best = self.candidates.get(self.best) if self.best is not None else None
+        if best is not None and best.last_cmm_gone and self.trusted(now):
+            # The peer no longer lists the endpoint we use (its network changed): keep it only if it still
+            # answers soon; the full round above pinged it.
+            self.trust_until = min(self.trust_until, now + CALL_ME_MAYBE_GRACE)
 
     def start_ping(self, request: int, now: float) -> None:
         """``tailpy ping``: one disco Ping to the trusted direct path, or else via DERP and to the best
@@ -424,12 +437,24 @@ class PeerPaths:
             txids.add(self._ping(to, now, Purpose.CLI, request))
         self.requests[request] = txids
 
+    def revalidate(self, now: float, grace: float) -> None:
+        """This host's network changed (an address went away): ping the direct path now and trust it at most
+        ``grace`` more seconds unless that Ping is answered, so a path that died with the old address falls
+        back to the relay soon (and rediscovery, with a CallMeMaybe of the new endpoints, starts) while one
+        that still works is kept. Nothing happens without a direct path."""
+        if self.best is None or self.path is None:
+            return
+        self.trust_until = min(self.trust_until, now + grace)
+        for c in self.candidates.values():
+            c.last_ping = None  # pings from the old address proved nothing: the next round tries them all
+        self._ping(self.best, now, Purpose.HEARTBEAT)
+
     # --- timers ---------------------------------------------------------------------------------------------
 
     def poll(self, now: float) -> None:
         """Run what is due at ``now``: ping timeouts, trust expiry (back to relay), heartbeat."""
         for txid, sp in list(self.sent.items()):
-            if now - sp.at < PING_TIMEOUT:
+            if now < sp.at + PING_TIMEOUT:  # the same sum next_timer gives (no float edge that spins)
                 continue
             del self.sent[txid]
             self.counters.ping_timeouts += 1
@@ -440,6 +465,10 @@ class PeerPaths:
                 if not self.requests[sp.request]:
                     del self.requests[sp.request]
                     self._out.append(PingTimeout(sp.request, self.node_key))
+        if self.path is not None and not self.trusted(now) and self.active(now):
+            self.heartbeat_at = (
+                now  # the direct path just lapsed: look for another one now, not at the next beat
+            )
         if self.heartbeat_at is not None and now >= self.heartbeat_at:
             self._heartbeat(now)
         self._update_path(now)

@@ -206,6 +206,8 @@ async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentPr
     conns = DerpConnections(
         node(), lambda *_: None, idle_ping=0.3, ping_timeout=0.3, connect_timeout=0.5, cap=0.5
     )
+    down: list[int] = []
+    conns.on_down = down.append
     await conns.set_derp_map(DerpMap(regions={901: region}))
     try:
         await conns.set_home(901)
@@ -215,6 +217,7 @@ async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentPr
         proxy.silent = True
         await eventually(lambda: not conns.connected(901))
         assert conns.last_recv(901) is None
+        assert down and down[0] == 901  # MagicSock's hook to re-measure at once
         st = conns.status()[0]
         assert st["connected"] is False and "ping" in st["last_error"]
         proxy.silent = False  # the relay comes back: the error clears on the next connect (D5)

@@ -414,7 +414,8 @@ class ReconnectingDerpClient:
     """Keeps one DERP connection up: reconnects after failures with :func:`tailpy.backoff.reconnect_delays`.
 
     Messages from every connection come out of :meth:`recv`; :meth:`send` waits (up to ``timeout``) for a
-    connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say).
+    connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say),
+    ``on_disconnect`` with the reason (``last_error``) when a logged-in connection ends.
 
     Backoff: the delays grow (``base`` doubling to ``cap``, jittered) across failed attempts *and* across
     connections that end within ``stable_after`` seconds; only a connection that stayed up that long resets
@@ -432,6 +433,7 @@ class ReconnectingDerpClient:
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         on_connect: Callable[[DerpClient], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
         stable_after: float = STABLE_AFTER,
         idle_ping: float = IDLE_PING,
@@ -444,6 +446,7 @@ class ReconnectingDerpClient:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
         self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
         self.stable_after = stable_after
         self.idle_ping = idle_ping
         self.ping_timeout = ping_timeout
@@ -505,6 +508,8 @@ class ReconnectingDerpClient:
                     await client.close()
                 if self.last_error is None:
                     self.last_error = f"connection to {self.url} ended{client._reason()}"
+                if self.on_disconnect is not None:
+                    self.on_disconnect(self.last_error)
                 if time.monotonic() - up_at >= self.stable_after:
                     delays = reconnect_delays(self.base, self.cap, self._rng.random)
             wait = next(delays) if delay is None else delay

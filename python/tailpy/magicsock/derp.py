@@ -89,6 +89,9 @@ class DerpConnections:
         self.home = 0
         self._regions: dict[int, _Region] = {}
         self.peer_gone: dict[bytes, tuple[int, int]] = {}  # node key -> (region id, PeerGone reason)
+        self.on_down: Callable[[int], None] | None = None
+        """Called with the region id when a logged-in connection ends (closed, broken, or found dead by the
+        liveness ping); MagicSock may re-measure at once when it is the home region."""
 
     # -- configuration ---------------------------------------------------------------------------------
 
@@ -196,6 +199,7 @@ class DerpConnections:
         )
         r = _Region(region, rc, asyncio.Queue(maxsize=SEND_QUEUE), last_send=self.clock())
         rc.on_connect = lambda client: self._on_connect(r, client)
+        rc.on_disconnect = lambda why: self._on_disconnect(r, why)
         rc.start()
         r.tasks = [
             asyncio.get_running_loop().create_task(self._writer(r), name=f"derp-{region_id}-send"),
@@ -211,6 +215,21 @@ class DerpConnections:
                  " (home)" if r.home else "")  # fmt: skip
         if r.home:
             self._note_preferred(r, True)
+
+    def _on_disconnect(self, r: _Region, why: str) -> None:
+        rid = r.region.region_id
+        log.info(
+            "DERP region %d (%s): disconnected%s: %s",
+            rid,
+            r.region.region_code,
+            " (home)" if r.home else "",
+            why,
+        )
+        if self.on_down is not None:
+            try:
+                self.on_down(rid)
+            except Exception:
+                log.exception("DERP region %d: on_down hook failed", rid)
 
     def _note_preferred(self, r: _Region, preferred: bool) -> None:
         client = r.client.client

@@ -34,7 +34,11 @@ from tailpy.proto import derp as proto
 log = logging.getLogger("tailpy.magicsock")
 
 IDLE_TIMEOUT = 60.0  # seconds a non-home connection may go without sending before it is closed
-RECONNECT_CAP = 10.0  # seconds, cap of the reconnect backoff (as magicsock's DERP reader in Tailscale)
+RECONNECT_CAP = 10.0
+"""Seconds, cap of a region connection's reconnect backoff. Tailscale's magicsock DERP reader caps at 5 s;
+10 s keeps a node from waiting ~30 s after its relay returns (the old cap) while still spreading a fleet's
+returns (jitter; the backoff resets only after a connection stayed up 10 s, so a relay closing at once is
+not hammered)."""
 SEND_QUEUE = 1024  # datagrams waiting per region; beyond it the newest is dropped and counted
 SEND_TIMEOUT = 5.0  # seconds a datagram waits for a connection before it is dropped
 PROBE_TIMEOUT = 3.0  # seconds for one latency measurement

@@ -40,6 +40,7 @@ from pathlib import Path
 from tailpy.errors import TailpyError
 from tailpy.lab import Host, Lab, cpu_seconds, wait_for
 from tailpy.lab.netns import unavailable_reason
+from tailpy.proto import derp as proto
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "interop"))
@@ -176,6 +177,24 @@ def measure(
     )
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """One sentence about the first invalid option, or None when all are usable."""
+    parts = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return f"--pairs {args.pairs!r} must be positive whole numbers separated by commas, like 1,10,100"
+    if not args.seconds > 0:
+        return f"--seconds {args.seconds:g} must be more than 0"
+    if not args.warmup >= 0:
+        return f"--warmup {args.warmup:g} must be 0 or more"
+    if not 1 <= args.size <= proto.MAX_PACKET_SIZE:
+        return (
+            f"--size {args.size} must be 1 to {proto.MAX_PACKET_SIZE} bytes (the DERP packet payload limit)"
+        )
+    if not args.rate >= 0:
+        return f"--rate {args.rate:g} must be 0 (as fast as possible) or more"
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--pairs", default="1,10,100", help="comma-separated numbers of client pairs")
@@ -188,7 +207,10 @@ def main() -> int:
     ap.add_argument("--only", choices=("tailpy", "derper"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    pair_counts = [int(p) for p in args.pairs.split(",") if p]
+    problem = check_args(args)
+    if problem:
+        ap.error(problem)
+    pair_counts = [int(p) for p in args.pairs.split(",") if p.strip()]
     why = unavailable_reason()
     if why:
         print(f"derp_relay: skipped: {why}", file=sys.stderr)

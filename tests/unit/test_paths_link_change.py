@@ -119,3 +119,38 @@ async def test_link_monitor_calls_back_once_per_change() -> None:
         assert seen == [(("192.0.2.1:41641",), ("192.0.2.9:41641",))] and mon.changes == 1
     finally:
         await mon.close()
+
+
+def _pair_keys() -> tuple[PeerPaths, PeerPaths]:
+    """Two path machines for the same pair of nodes seen from each side (low key's view, high key's view)."""
+    k1, k2 = NodePrivate.generate().public, NodePrivate.generate().public
+    low, high = sorted((k1, k2), key=lambda k: k.raw)
+    it = _txids()
+    mine = PeerPaths(high, LocalInfo(low, (ME,)), [OLD], txid=lambda: next(it))
+    theirs = PeerPaths(low, LocalInfo(high, (ME,)), [OLD], txid=lambda: next(it))
+    return mine, theirs
+
+
+def test_new_endpoints_of_an_active_peer_are_pinged_without_waiting_for_the_heartbeat() -> None:
+    low_side, high_side = _pair_keys()
+    for p in (low_side, high_side):
+        p.note_activity(0.0)
+        p.poll(0.0)  # first round: OLD pinged; no answer
+        p.drain()
+        p.poll(0.1)
+        p.drain()
+    # Both learn NEW (the other's STUN-mapped endpoint) at the same instant, 1 s in: the next heartbeat is
+    # at 3 s, but the low-key side pings NEW at once and the high-key side DISCOVERY_RETRY (0.5 s) later.
+    for p in (low_side, high_side):
+        p.set_endpoints([OLD, NEW])
+        p.poll(1.0)
+    assert _pings(low_side, NEW) and not _pings(high_side, NEW)
+    nt = high_side.next_timer()
+    assert nt is not None and nt <= 1.5
+    high_side.poll(1.5)
+    assert _pings(high_side, NEW)
+    # An unanswered first Ping is retried once, 0.5 s later (the crossing case), then waits for the round.
+    low_side.poll(1.5)
+    assert _pings(low_side, NEW)
+    low_side.poll(2.0)
+    assert not _pings(low_side, NEW)

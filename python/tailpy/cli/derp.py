@@ -83,8 +83,10 @@ def serve(
     if control_url and not verify_clients:
         raise ConfigError("--control-url is used only with --verify-clients")
     admit_url = control_admission_url(control_url) if verify_clients and control_url else verify_client_url
+    if control_url and not control_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--control-url {control_url!r} must start with http:// or https://")
     if admit_url is not None and not admit_url.startswith(("http://", "https://")):
-        raise ConfigError(f"admission URL {admit_url!r} must start with http:// or https://")
+        raise ConfigError(f"--verify-client-url {admit_url!r} must start with http:// or https://")
     if (certfile is None) != (keyfile is None):
         raise ConfigError(
             "--certfile and --keyfile go together: give both for TLS, or neither for plain HTTP"
@@ -94,8 +96,10 @@ def serve(
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             ctx.load_cert_chain(certfile, keyfile)
-        except (OSError, ssl.SSLError) as e:
-            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e
+        except ssl.SSLError as e:
+            raise ConfigError(_tls_load_error(certfile, keyfile, e)) from None
+        except OSError as e:
+            reason = getattr(e, "strerror", None) or e
             raise ConfigError(
                 f"cannot load TLS certificate {certfile} with key {keyfile}: {reason}"
             ) from None
@@ -155,3 +159,16 @@ def serve(
             await verifier.aclose()
 
     asyncio.run(run())
+
+
+def _tls_load_error(certfile: Path, keyfile: Path, exc: ssl.SSLError) -> str:
+    """One sentence naming the file ``load_cert_chain`` failed on (OpenSSL's own text does not)."""
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return f"TLS key {keyfile} does not belong to the certificate {certfile}"
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(certfile))
+    except (ssl.SSLError, ValueError):
+        return f"--certfile {certfile} is not a valid PEM certificate"
+    except OSError as e:
+        return f"cannot read --certfile {certfile}: {e.strerror or e}"
+    return f"--keyfile {keyfile} is not a valid PEM private key (or does not match {certfile})"

@@ -130,6 +130,8 @@ class DerpClient:
         self._drain_lock = asyncio.Lock()
         self._closed = False
         self._error: BaseException | None = None
+        self.last_recv = time.monotonic()
+        """Monotonic seconds when bytes last arrived from the server (login counts)."""
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop(pending))
 
     # ---- connecting ----
@@ -312,6 +314,7 @@ class DerpClient:
                 if not data:
                     self._fail(None if self._closed else DerpClosedError("the server closed the connection"))
                     return
+                self.last_recv = time.monotonic()
                 for frame in self._frames.feed(data):
                     await self._handle(frame)
         except (OSError, ParseError) as exc:
@@ -398,11 +401,27 @@ def _server_info(raw: dict[str, Any]) -> ServerInfoMessage:
 # ---- reconnecting wrapper ----
 
 
+STABLE_AFTER = 10.0
+"""Seconds a connection must stay up before the reconnect backoff starts again from ``base``: a server that
+closes right after login is retried with growing delays (up to the cap), not every half second."""
+IDLE_PING = 15.0
+"""Seconds without any bytes from the server after which the client sends a DERP Ping (liveness check)."""
+PING_TIMEOUT = 5.0
+"""Seconds to wait for the Pong of a liveness ping before the connection is taken as dead and replaced."""
+
+
 class ReconnectingDerpClient:
     """Keeps one DERP connection up: reconnects after failures with :func:`tailpy.backoff.reconnect_delays`.
 
     Messages from every connection come out of :meth:`recv`; :meth:`send` waits (up to ``timeout``) for a
-    connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say)."""
+    connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say),
+    ``on_disconnect`` with the reason (``last_error``) when a logged-in connection ends.
+
+    Backoff: the delays grow (``base`` doubling to ``cap``, jittered) across failed attempts *and* across
+    connections that end within ``stable_after`` seconds; only a connection that stayed up that long resets
+    them. Liveness: when nothing arrived for ``idle_ping`` seconds the client sends a Ping; no Pong within
+    ``ping_timeout`` seconds closes the connection (``last_error`` says so) and the usual reconnect follows,
+    so a relay that went silent is noticed within about ``idle_ping + ping_timeout`` seconds."""
 
     def __init__(
         self,
@@ -414,7 +433,11 @@ class ReconnectingDerpClient:
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         on_connect: Callable[[DerpClient], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
+        stable_after: float = STABLE_AFTER,
+        idle_ping: float = IDLE_PING,
+        ping_timeout: float = PING_TIMEOUT,
     ) -> None:
         self.url = url
         self.private_key = private_key
@@ -423,6 +446,12 @@ class ReconnectingDerpClient:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
         self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.stable_after = stable_after
+        self.idle_ping = idle_ping
+        self.ping_timeout = ping_timeout
+        self.delays: list[float] = []
+        """The reconnect delays slept so far (seconds), newest last; at most the last 64."""
         self._rng = rng or random.Random()
         self._client: DerpClient | None = None
         self._connected = asyncio.Event()
@@ -458,12 +487,14 @@ class ReconnectingDerpClient:
                 self.last_error = str(exc)
                 log.info("DERP %s: %s", self.url, exc)
             else:
-                delays = reconnect_delays(self.base, self.cap, self._rng.random)
+                up_at = time.monotonic()
                 self.connects += 1
+                self.last_error = None
                 self._client = client
                 self._connected.set()
                 if self.on_connect is not None:
                     self.on_connect(client)
+                watch = asyncio.get_running_loop().create_task(self._watch(client))
                 try:
                     async for msg in client:
                         if isinstance(msg, proto.Restarting):
@@ -471,9 +502,45 @@ class ReconnectingDerpClient:
                         await self._queue.put(msg)
                 finally:
                     self._connected.clear()
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
                     await client.close()
-                self.last_error = f"connection to {self.url} ended"
-            await asyncio.sleep(next(delays) if delay is None else delay)
+                if self.last_error is None:
+                    self.last_error = f"connection to {self.url} ended{client._reason()}"
+                if self.on_disconnect is not None:
+                    self.on_disconnect(self.last_error)
+                if time.monotonic() - up_at >= self.stable_after:
+                    delays = reconnect_delays(self.base, self.cap, self._rng.random)
+            wait = next(delays) if delay is None else delay
+            self.delays = [*self.delays[-63:], wait]
+            await asyncio.sleep(wait)
+
+    async def _watch(self, client: DerpClient) -> None:
+        """Liveness: Ping after ``idle_ping`` quiet seconds; no Pong within ``ping_timeout`` -> close."""
+        while not client.closed:
+            idle = time.monotonic() - client.last_recv
+            if idle < self.idle_ping:
+                await asyncio.sleep(self.idle_ping - idle)
+                continue
+            try:
+                await asyncio.wait_for(client.ping(timeout=self.ping_timeout), self.ping_timeout)
+            except asyncio.TimeoutError:
+                self.last_error = (
+                    f"DERP server {self.url} sent nothing for {self.idle_ping:g} s and did not answer "
+                    f"a ping within {self.ping_timeout:g} s; reconnecting"
+                )
+                log.warning("%s", self.last_error)
+                await client.close()
+                return
+            except DerpClientError:
+                return
+
+    @property
+    def last_recv(self) -> float | None:
+        """Monotonic seconds of the last bytes from the server on the current connection; None when down."""
+        client = self.client
+        return None if client is None else client.last_recv
 
     async def send(self, dst: NodePublic, payload: bytes, *, timeout: float = 5.0) -> None:
         """Send through the current connection, waiting up to ``timeout`` seconds for one."""

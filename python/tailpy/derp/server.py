@@ -534,6 +534,13 @@ class DerpServer:
                 writer.transport.abort()
 
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The stream's limit is 64 KiB (DERP frames are read through it later); while reading the request head
+        # it is lowered to max_header_bytes so readuntil gives up as soon as that many bytes came without the
+        # blank line (CPython's StreamReader keeps it in ``_limit``; without that attribute the length check
+        # below still answers 431, only later).
+        saved = getattr(reader, "_limit", None)
+        if isinstance(saved, int):
+            setattr(reader, "_limit", self.max_header_bytes)  # noqa: B010
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
         except asyncio.LimitOverrunError:
@@ -541,6 +548,9 @@ class DerpServer:
             return
         except (asyncio.TimeoutError, asyncio.IncompleteReadError):
             return
+        finally:
+            if isinstance(saved, int):
+                setattr(reader, "_limit", saved)  # noqa: B010
         if len(head) > self.max_header_bytes:
             await self._respond(writer, 431, "Request Header Fields Too Large")
             return
@@ -626,7 +636,12 @@ class DerpServer:
             info = proto.open_client_info(self.private_key, first)
         except (ParseError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
             self.metrics.login_failures += 1
-            log.info("DERP login from %s refused: %s", peer, e or "timed out")
+            if isinstance(e, asyncio.IncompleteReadError):
+                log.info("DERP login from %s failed: the client closed the connection during login", peer)
+            elif isinstance(e, asyncio.TimeoutError):
+                log.info("DERP login from %s failed: no ClientInfo within %g s", peer, self.handshake_timeout)
+            else:
+                log.info("DERP login from %s refused: %s", peer, e)
             return
         if self.verify_client is not None and not await self._admit(first.key, writer, peer):
             return

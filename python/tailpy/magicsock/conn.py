@@ -105,6 +105,7 @@ class MagicSock:
         self.disco_peers: set[bytes] = set()
         """Node keys of the peers whose paths disco decides (the fallback policy leaves them alone)."""
         self._external_latency_until = 0.0  # monotonic time until which netcheck's latencies stand
+        self.derp.on_down = self._on_region_down
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -139,6 +140,14 @@ class MagicSock:
             self._derp_map = netmap.derp_map
             self._probe_now.set()
         self._map_changed.set()
+
+    def _on_region_down(self, region_id: int) -> None:
+        """The connection to ``region_id`` ended (closed, or found dead by its liveness ping): when it is
+        the home, measure every region now, over DERP even while netcheck's reports stand, so the home moves
+        to a live region without waiting for the next round."""
+        if region_id and region_id == self.chooser.home:
+            self._external_latency_until = 0.0
+            self._probe_now.set()
 
     def add_latency_report(self, latencies: Mapping[int, float]) -> int:
         """Take a latency report from elsewhere (netcheck's STUN round): region id -> seconds. Returns the

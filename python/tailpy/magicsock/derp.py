@@ -4,8 +4,12 @@ Each region has a :class:`tailpy.derp.client.ReconnectingDerpClient` (reconnects
 :func:`tailpy.backoff.reconnect_delays`, jittered, capped at ``cap`` seconds), a bounded send queue drained by
 one writer task, and a reader task that hands every RecvPacket to ``on_packet(src_node_key, payload,
 region_id)``. A connection other than the home one is closed after ``idle_timeout`` seconds without sending
-(:meth:`DerpConnections.sweep`); the home connection stays. An old home is kept open like any other connection
-until it idles out, so packets peers still send there (before their netmap shows the new home) arrive.
+(:meth:`DerpConnections.sweep`); the home connection stays. Every connection checks its own liveness (a DERP
+Ping after 15 s without a frame, dead without a Pong within 5 s; :class:`ReconnectingDerpClient`), and
+:meth:`DerpConnections.last_recv` answers None for a connection that is down, so the home chooser drops a
+silent home at its next report instead of trusting old traffic. An old home is kept open like any other
+connection until it idles out, so packets peers still send there (before their netmap shows the new home)
+arrive.
 
 Latency to a region (:func:`measure_latency`): the DERP Ping/Pong round trip over an open connection, else
 an HTTP ``GET /derp/latency-check`` on a new TCP (TLS) connection, timed from the request to the status line.
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailpy.derp.client import DerpClient, DerpClientError, ReconnectingDerpClient
+from tailpy.derp.client import IDLE_PING, PING_TIMEOUT, DerpClient, DerpClientError, ReconnectingDerpClient
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
 from tailpy.proto import derp as proto
@@ -30,7 +34,11 @@ from tailpy.proto import derp as proto
 log = logging.getLogger("tailpy.magicsock")
 
 IDLE_TIMEOUT = 60.0  # seconds a non-home connection may go without sending before it is closed
-RECONNECT_CAP = 30.0  # seconds, cap of the reconnect backoff
+RECONNECT_CAP = 10.0
+"""Seconds, cap of a region connection's reconnect backoff. Tailscale's magicsock DERP reader caps at 5 s;
+10 s keeps a node from waiting ~30 s after its relay returns (the old cap) while still spreading a fleet's
+returns (jitter; the backoff resets only after a connection stayed up 10 s, so a relay closing at once is
+not hammered)."""
 SEND_QUEUE = 1024  # datagrams waiting per region; beyond it the newest is dropped and counted
 SEND_TIMEOUT = 5.0  # seconds a datagram waits for a connection before it is dropped
 PROBE_TIMEOUT = 3.0  # seconds for one latency measurement
@@ -51,6 +59,7 @@ class _Region:
     received: int = 0
     dropped: int = 0
     peer_gone: int = 0
+    health: str = ""  # the server's last Health problem ("" = none or cleared)
 
 
 class DerpConnections:
@@ -66,6 +75,9 @@ class DerpConnections:
         base: float = 0.5,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
+        idle_ping: float = IDLE_PING,
+        ping_timeout: float = PING_TIMEOUT,
+        connect_timeout: float = 10.0,
     ) -> None:
         self.private_key = private_key
         self.on_packet = on_packet
@@ -74,10 +86,16 @@ class DerpConnections:
         self.base = base
         self.ssl_context = ssl_context
         self.clock = clock
+        self.idle_ping = idle_ping  # seconds without a frame before a liveness Ping
+        self.ping_timeout = ping_timeout  # seconds for its Pong before the connection counts as dead
+        self.connect_timeout = connect_timeout
         self.derp_map = DerpMap()
         self.home = 0
         self._regions: dict[int, _Region] = {}
         self.peer_gone: dict[bytes, tuple[int, int]] = {}  # node key -> (region id, PeerGone reason)
+        self.on_down: Callable[[int], None] | None = None
+        """Called with the region id when a logged-in connection ends (closed, broken, or found dead by the
+        liveness ping); MagicSock may re-measure at once when it is the home region."""
 
     # -- configuration ---------------------------------------------------------------------------------
 
@@ -158,8 +176,10 @@ class DerpConnections:
             elif isinstance(msg, proto.PeerGone):
                 r.peer_gone += 1
                 self.peer_gone[msg.key.raw] = (rid, int(msg.reason))
-            elif isinstance(msg, proto.Health) and msg.problem:
-                log.warning("DERP region %d: server health: %s", rid, msg.problem)
+            elif isinstance(msg, proto.Health):
+                r.health = msg.problem
+                if msg.problem:
+                    log.warning("DERP region %d: server health: %s", rid, msg.problem)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -176,11 +196,14 @@ class DerpConnections:
             self.private_key,
             cap=self.cap,
             base=self.base,
-            connect_timeout=10.0,
+            connect_timeout=self.connect_timeout,
             ssl_context=self.ssl_context,
+            idle_ping=self.idle_ping,
+            ping_timeout=self.ping_timeout,
         )
         r = _Region(region, rc, asyncio.Queue(maxsize=SEND_QUEUE), last_send=self.clock())
         rc.on_connect = lambda client: self._on_connect(r, client)
+        rc.on_disconnect = lambda why: self._on_disconnect(r, why)
         rc.start()
         r.tasks = [
             asyncio.get_running_loop().create_task(self._writer(r), name=f"derp-{region_id}-send"),
@@ -196,6 +219,21 @@ class DerpConnections:
                  " (home)" if r.home else "")  # fmt: skip
         if r.home:
             self._note_preferred(r, True)
+
+    def _on_disconnect(self, r: _Region, why: str) -> None:
+        rid = r.region.region_id
+        log.info(
+            "DERP region %d (%s): disconnected%s: %s",
+            rid,
+            r.region.region_code,
+            " (home)" if r.home else "",
+            why,
+        )
+        if self.on_down is not None:
+            try:
+                self.on_down(rid)
+            except Exception:
+                log.exception("DERP region %d: on_down hook failed", rid)
 
     def _note_preferred(self, r: _Region, preferred: bool) -> None:
         client = r.client.client
@@ -241,9 +279,17 @@ class DerpConnections:
         return r is not None and r.client.client is not None
 
     def last_recv(self, region_id: int) -> float | None:
-        """Monotonic time of the last frame from region ``region_id`` (connect, packet, pong), or None."""
+        """Monotonic time of the last frame from region ``region_id`` (connect, packet, pong, any bytes), or
+        None when there is no live connection to it (never made, reconnecting, or found dead)."""
         r = self._regions.get(region_id)
-        return None if r is None else r.last_recv
+        if r is None:
+            return None
+        seen = r.client.last_recv  # time.monotonic, any bytes incl. liveness pongs
+        if seen is None:
+            return None
+        if self.clock is not time.monotonic:
+            return r.last_recv
+        return seen if r.last_recv is None else max(seen, r.last_recv)
 
     async def measure(self, region_id: int, timeout: float = PROBE_TIMEOUT) -> float | None:
         """Latency to ``region_id`` in seconds (see :func:`measure_latency`), or None if it did not answer."""
@@ -263,7 +309,8 @@ class DerpConnections:
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per open region connection: ``region_id``, ``region_code``, ``home``, ``connected``,
-        ``url``, counters ``sent``/``received``/``dropped``/``peer_gone``, ``last_error``."""
+        ``url``, counters ``sent``/``received``/``dropped``/``peer_gone``, ``last_error`` (None since the last
+        successful connect), ``health`` (the server's last Health problem, "" none)."""
         return [
             {
                 "region_id": rid,
@@ -276,6 +323,7 @@ class DerpConnections:
                 "dropped": r.dropped,
                 "peer_gone": r.peer_gone,
                 "last_error": r.client.last_error,
+                "health": r.health,
             }
             for rid, r in sorted(self._regions.items())
         ]

@@ -15,9 +15,11 @@ reading Tailscale's ``net/netcheck`` ``addReportHistoryAndSetPreferredDERP``):
   best, one slow probe of the home changes nothing; the home must be slow ``history`` times in a row.
   (Tailscale compares against the home's latency in the current report only; the recent best of both is
   steadier against flapping.)
-* The home missing from a report (its probe lost) is kept when DERP traffic arrived from it within
-  ``traffic_window`` seconds (a live connection is proof enough, as in Tailscale PR 10528); otherwise the
-  home is taken to be unreachable and the best candidate replaces it.
+* The home missing from a report (its probe lost) is kept while its connection is live: DERP frames
+  arrived on it within ``traffic_window`` seconds (as in Tailscale PR 10528). The caller passes None when the
+  connection is down; a silent connection is found dead by the DERP client's liveness ping (Ping after
+  15 s without a frame, no Pong in 5 s). Otherwise the home is taken to be unreachable and the best
+  candidate replaces it.
 * A report with no candidates at all (no network) keeps the home.
 
 Field case C20 (stale home region and flapping) is the unit test of this module.
@@ -33,7 +35,7 @@ HISTORY = 3  # reports a region's recent best looks back over
 MAX_AGE = 300.0  # seconds after which a report is forgotten
 REL_BETTER = 1 / 3  # fraction by which a new region must beat the home's recent best
 ABS_BETTER = 0.010  # seconds by which a new region must beat the home's recent best
-TRAFFIC_WINDOW = 60.0  # seconds: DERP frames from the home this recent keep it when its probe is lost
+TRAFFIC_WINDOW = 30.0  # seconds: DERP frames from the home this recent keep it when its probe is lost
 
 
 @dataclass(frozen=True)

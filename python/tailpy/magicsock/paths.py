@@ -70,6 +70,11 @@ PING_BACK_INTERVAL: Final = 1.0
 CALL_ME_MAYBE_GRACE: Final = 1.5
 """Seconds a trusted direct path the peer's CallMeMaybe no longer lists stays trusted without a new Pong."""
 
+DISCOVERY_RETRY: Final = 0.5
+"""Seconds after which a discovery Ping to a candidate that has never answered is sent once more: when both
+peers ping each other's new endpoints at the same instant, each NAT drops the other's first Ping (it has not
+sent there yet); the retry, after both have, gets through."""
+
 UPGRADE_INTERVAL: Final = 60.0
 """Seconds between full rounds while a trusted direct path is slower than :data:`GOOD_ENOUGH_LATENCY`."""
 
@@ -233,6 +238,7 @@ class Candidate:
     from_netmap: bool = False
     from_call_me_maybe: bool = False
     last_cmm_gone: bool = False  # listed in the peer's previous CallMeMaybe, not in its last one
+    retry_at: float | None = None  # when to ping again a candidate that has never answered (one retry)
     last_got_ping: float | None = None  # a Ping came from here (learned endpoint)
     last_got_ping_txid: bytes = b""
     last_ping: float | None = None  # we last pinged it
@@ -307,6 +313,7 @@ class PeerPaths:
         self.counters = PeerCounters()
         self._txid = txid
         self._out: list[PeerAction] = []
+        self._beat_delay: float | None = None  # new endpoints: beat this long after the next poll
         self.set_endpoints(endpoints)
 
     # --- inputs ---------------------------------------------------------------------------------------------
@@ -314,6 +321,7 @@ class PeerPaths:
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """The peer's endpoints from the netmap (replacing the previous netmap's)."""
         want = [e for e in dict.fromkeys(endpoints) if _usable(e)]
+        new = [e for e in want if e not in self.candidates]
         for c in self.candidates.values():
             c.from_netmap = False
         for e in want:
@@ -321,6 +329,13 @@ class PeerPaths:
             if got is not None:
                 got.from_netmap = True
         self._prune(None)
+        if new and self.heartbeat_at is not None:
+            # Traffic is flowing and the peer has new endpoints (its STUN-mapped address, say): ping them at
+            # the next poll rather than at the next heartbeat (up to 3 s on). Both peers usually learn each
+            # other's at the same instant; the one with the higher node key waits DISCOVERY_RETRY so the two
+            # first Pings do not cross (each NAT would drop the other's before it has sent there itself).
+            self.heartbeat_at = -math.inf
+            self._beat_delay = 0.0 if self.local.node_key.raw < self.node_key.raw else DISCOVERY_RETRY
 
     def note_activity(self, now: float) -> None:
         """Traffic is flowing to this peer (call it when WireGuard datagrams go out to it, at any rate).
@@ -384,7 +399,7 @@ class PeerPaths:
         c = self.candidates.get(sp.to)
         if c is None:
             return True  # no longer a candidate
-        c.latency, c.last_pong, c.pong_src = rtt, now, pong.src
+        c.latency, c.last_pong, c.pong_src, c.retry_at = rtt, now, pong.src, None
         ep = sp.to
         old = self.candidates.get(self.best) if self.best is not None else None
         if (
@@ -469,8 +484,15 @@ class PeerPaths:
             self.heartbeat_at = (
                 now  # the direct path just lapsed: look for another one now, not at the next beat
             )
+        if self._beat_delay is not None and self.heartbeat_at is not None:
+            self.heartbeat_at, self._beat_delay = now + self._beat_delay, None
         if self.heartbeat_at is not None and now >= self.heartbeat_at:
             self._heartbeat(now)
+        for c in list(self.candidates.values()):
+            if c.retry_at is not None and now >= c.retry_at:
+                c.retry_at = None
+                if c.last_pong is None and not self.trusted(now) and self.active(now):
+                    self._ping(c.endpoint, now, Purpose.DISCOVERY)
         self._update_path(now)
 
     def next_timer(self) -> float | None:
@@ -480,6 +502,7 @@ class PeerPaths:
             times.append(self.heartbeat_at)
         if self.path is not None:
             times.append(self.trust_until)
+        times.extend(c.retry_at for c in self.candidates.values() if c.retry_at is not None)
         return min(times) if times else None
 
     def drain(self) -> list[PeerAction]:
@@ -525,6 +548,8 @@ class PeerPaths:
             if c.last_ping is not None and now - c.last_ping < PING_INTERVAL:
                 continue
             self._ping(c.endpoint, now, Purpose.DISCOVERY)
+            if c.last_pong is None:
+                c.retry_at = now + DISCOVERY_RETRY
             sent_any = True
         if not call_me_maybe or not self.local.endpoints:
             return

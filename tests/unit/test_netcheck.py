@@ -184,3 +184,32 @@ def test_bad_extra_stun_endpoint_is_a_config_error(bad: str) -> None:
 
     with pytest.raises(ConfigError):
         nc.stun_targets(None, [bad])
+
+
+async def test_mapped_endpoint_is_reported_before_the_hairpin_check_ends() -> None:
+    """on_mapped gets each STUN-mapped address as it arrives, while the run still waits for the hairpin
+    check (no hairpinning: about a second of unanswered sends), so tailpyd can publish it at once."""
+    runner: StunRunner
+    seen: list[tuple[str, bool]] = []
+    done = asyncio.Event()
+
+    def send(datagram: bytes, dest: str) -> None:
+        req = stun.parse(datagram)
+        if dest != "192.0.2.10:3478":
+            return  # the hairpin probe to our own mapped address never comes back
+        reply = stun.encode(
+            stun.BINDING,
+            stun.MessageClass.SUCCESS,
+            req.txid,
+            [stun.address_attr(("203.0.113.5", 41641), req.txid)],
+        )
+        asyncio.get_running_loop().call_soon(runner.feed, reply, dest)
+
+    runner = StunRunner(send, rto=0.05)
+    task = asyncio.ensure_future(
+        nc.run(runner, [A], nc.Netcheck(), timeout=2.0, on_mapped=lambda ep: seen.append((ep, done.is_set())))
+    )
+    task.add_done_callback(lambda _: done.set())
+    report = await task
+    assert seen == [("203.0.113.5:41641", False)]  # reported while the run was still going
+    assert report.global_v4 == "203.0.113.5:41641" and report.hairpinning is False

@@ -334,11 +334,14 @@ async def run(
     timeout: float = 5.0,
     hairpin: bool = True,
     clock: Callable[[], float] = time.time,
+    on_mapped: Callable[[str], None] | None = None,
 ) -> Report:
     """One netcheck run: probe every target at once over ``runner`` (each probe retransmitted per RFC
     8489 and given up after ``timeout`` seconds), check hairpinning as soon as a global IPv4 endpoint is
     known (unless ``hairpin`` is False), and return ``history``'s report. Never raises for network
-    trouble (it shows as failed probes)."""
+    trouble (it shows as failed probes). ``on_mapped("ip:port")`` is called with each probe's mapped
+    address as it arrives, before the run ends (the hairpin check alone takes about a second), so a caller
+    can publish a new endpoint at once."""
 
     async def probe(t: StunTarget) -> ProbeResult:
         ip = await _resolve(t)
@@ -355,6 +358,8 @@ async def run(
         for next_done in asyncio.as_completed(tasks):
             res = await next_done
             results.append(res)
+            if on_mapped is not None and res.ok and res.mapped:
+                on_mapped(format_endpoint(*res.mapped))
             if hairpin and hairpin_task is None and res.ok and res.target.family == 4 and res.mapped:
                 hairpin_task = asyncio.ensure_future(check_hairpin(runner, format_endpoint(*res.mapped)))
         hairpin_ok = await hairpin_task if hairpin_task is not None else None

@@ -291,7 +291,7 @@ class Traversal:
         if not targets:
             return None
         async with self._netcheck_lock:
-            report = await run(self.stun, targets, self.history, timeout=timeout)
+            report = await run(self.stun, targets, self.history, timeout=timeout, on_mapped=self._mapped_now)
         if report.region_latency:
             self.magicsock.add_latency_report(report.region_latency)
         self._refresh_endpoints()
@@ -409,6 +409,19 @@ class Traversal:
                 self.magicsock.set_peer_path(key, endpoint=guess)
         except DeviceError:
             return
+
+    def _mapped_now(self, endpoint: str) -> None:
+        """A STUN answer of a netcheck in progress: a mapped endpoint not yet known goes to disco and to
+        control at once (peers behind NAT need it to go direct); the report at the end of the run then sets
+        the list (:meth:`_refresh_endpoints`)."""
+        if endpoint in self.endpoints:
+            return
+        eps = [*self.endpoints, endpoint]
+        self.disco.set_endpoints(eps)
+        self.endpoints = eps
+        log.info("endpoints: %s (STUN)", ", ".join(eps))
+        if self.on_endpoints is not None:
+            self.on_endpoints(list(eps))
 
     def _refresh_endpoints(self) -> None:
         try:

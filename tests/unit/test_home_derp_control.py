@@ -120,3 +120,36 @@ def test_parse_home_derp_only_parse_errors(v: object) -> None:
     except ParseError:
         return
     assert isinstance(got, int) and 0 <= got <= MAX_REGION_ID
+
+
+async def test_stream_alive_tells_whether_control_holds_the_map_stream(
+    server: tuple[ControlServer, str],
+) -> None:
+    """tailpyd's check that its map stream still reaches it: true while a stream is open, false once the
+    server has closed it; the check changes nothing and pushes nothing to peers."""
+    srv, url = server
+    key = srv.store.create_auth_key(reusable=True, expires=None, now=time.time()).key
+    a = ControlClient(url, mkey())
+    try:
+        na = await a.register(nkey(), "alpha", key)
+        assert await a.stream_alive() is False  # no stream yet
+        sa = a.stream_map(na.node_key, ["192.0.2.1:41641"], "alpha")
+        await _next(sa)
+        before = srv.store.node(na.id)
+        assert await a.stream_alive() is True
+        assert srv.store.node(na.id) == before  # nothing changed
+        await sa.aclose()
+        for _ in range(50):  # the server notices the closed stream
+            if not await a.stream_alive():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the server still holds a closed map stream")
+        stranger = ControlClient(url, mkey())
+        try:
+            with pytest.raises(ControlError, match="not registered"):
+                await stranger.stream_alive()
+        finally:
+            await stranger.close()
+    finally:
+        await a.close()

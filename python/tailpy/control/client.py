@@ -285,6 +285,13 @@ class ControlClient:
         if body:
             await self._call("/machine/update", body)
 
+    async def stream_alive(self) -> bool:
+        """Whether the server holds an open map stream of this node (``/machine/update`` with
+        ``check_stream``): False means the stream this client reads is dead though it has not noticed yet
+        (e.g. a NAT on the way lost its state). Raises ControlError."""
+        body = await self._call("/machine/update", {"check_stream": True})
+        return body.get("streaming") is True
+
     def _node(self, body: Mapping[str, Any]) -> Node:
         try:
             return Node.from_json(body["node"])

@@ -24,7 +24,8 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 * ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?}`` (at least one) -> sealed
   ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed on
   (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current
-  disco public key (peers' disco pings are sealed to it).
+  disco public key (peers' disco pings are sealed to it). ``{"check_stream": true}`` alone changes nothing
+  and answers ``{"streaming": bool}``: whether the server holds an open map stream of this node.
 * ``POST /derp/admit`` plain JSON ``{"NodePublic": "nodekey:<hex>", "Source": ip}`` -> ``{"Allow": bool}``:
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
@@ -467,6 +468,11 @@ class ControlServer:
     async def _update(self, request: web.Request) -> web.StreamResponse:
         def do(req: proto.OpenedRequest) -> web.Response:
             body = req.body
+            if body.get("check_stream") is True and not {"endpoints", "home_derp", "disco_key"} & set(body):
+                # tailpyd's check that its map stream still reaches it (a NAT that lost its state drops
+                # the stream's packets silently on the node's side): changes nothing
+                live = self._live_node(req, None)
+                return self._reply(req, {"streaming": self.is_online(live.id)})
             if "endpoints" not in body and "home_derp" not in body and "disco_key" not in body:
                 raise _Refused(400, "an update needs 'endpoints' or 'home_derp' or 'disco_key'")
             try:

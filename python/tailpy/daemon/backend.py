@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import platform
+import random
 import socket
 import time
 import urllib.parse
@@ -42,6 +43,7 @@ OS_NAME = platform.system().lower()  # "linux", as the node reports it to contro
 ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints (without NAT traversal running)
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
+STREAM_CHECK = (15.0, 20.0)  # seconds between checks that control still holds the map stream (a draw)
 LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
 
 
@@ -390,6 +392,7 @@ class Backend:
                 asyncio.create_task(self._rotate_when_due(client), name="rotate"),
                 asyncio.create_task(self._refresh_endpoints(client), name="endpoints"),
                 asyncio.create_task(self._report_home(client), name="home-derp"),
+                asyncio.create_task(self._check_stream(client), name="stream-check"),
             }
             rotated = False
             try:
@@ -554,6 +557,23 @@ class Backend:
                 log.warning("home DERP update: %s", e)
                 self._home_changed.set()
                 await asyncio.sleep(5.0)
+
+    async def _check_stream(self, client: ControlClient) -> None:
+        """Every :data:`STREAM_CHECK` seconds while connected, ask control whether it still holds this
+        node's map stream; when it does not (a NAT on the way lost its state, so control's writes no longer
+        reach this node and it closed the stream), end the session to reconnect now, rather than after the
+        stream's 45 s of silence."""
+        while True:
+            await asyncio.sleep(random.uniform(*STREAM_CHECK))
+            if not self.control_connected:
+                continue
+            try:
+                alive = await client.stream_alive()
+            except ControlError as e:  # unreachable: the stream's own silence timeout decides
+                log.debug("map stream check: %s", e)
+                continue
+            if not alive:
+                raise ControlError("control no longer holds this node's map stream: reconnecting")
 
     def _on_endpoints(self, endpoints: list[str]) -> None:
         """NAT traversal found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""

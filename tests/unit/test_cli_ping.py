@@ -130,3 +130,11 @@ async def test_no_reply_and_unknown_peer_and_no_daemon(
     assert code == 1 and "no peer 'nosuch'" in err and "Traceback" not in err
     code, _, err = await tailpy("ping", "b", "--socket", str(tmp_path / "none.sock"))
     assert code == 1 and "tailpyd is not running" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "0.05", "61"])
+async def test_timeout_out_of_range_nan_and_inf_are_click_usage_errors(value: str, tmp_path: Path) -> None:
+    code, out, err = await tailpy("ping", "b", "--timeout", value, "--socket", str(tmp_path / "none.sock"))
+    assert code == 2 and out == ""
+    assert "Invalid value for '--timeout'" in err and "is not in the range 0.1<=x<=60." in err
+    assert "Traceback" not in err

@@ -213,3 +213,47 @@ async def test_mapped_endpoint_is_reported_before_the_hairpin_check_ends() -> No
     report = await task
     assert seen == [("203.0.113.5:41641", False)]  # reported while the run was still going
     assert report.global_v4 == "203.0.113.5:41641" and report.hairpinning is False
+
+
+def test_c17_carried_over_endpoint_is_labelled_in_text_and_json() -> None:
+    from tailpy.cli.netcheck import format_report
+
+    h = nc.Netcheck(keep_endpoint_for=300)
+    r = h.report([probe(A, ("192.0.2.2", 41641))], now=0.0, hairpin=False)
+    assert r.global_v4_fresh and r.global_v6_fresh
+    text = format_report(r, None)
+    assert "\t* IPv4: yes, 192.0.2.2:41641\n" in text and "kept from an earlier run" not in text
+    # STUN blocked: UDP false, and the endpoint shown is the earlier run's, saying so (no bare "yes")
+    r = h.report([probe(A, None)], now=30.0)
+    assert not r.udp and r.global_v4 == "192.0.2.2:41641" and not r.global_v4_fresh
+    lines = format_report(r, None).splitlines()
+    assert "\t* UDP: false" in lines
+    assert "\t* IPv4: 192.0.2.2:41641 (kept from an earlier run; this one could not tell)" in lines
+    assert "\t* HairPinning: false (kept from an earlier run; this one could not tell)" in lines
+    doc = r.to_json()
+    assert doc["global_v4"] == "192.0.2.2:41641" and doc["global_v4_fresh"] is False
+    assert nc.Report.from_json(doc).global_v4_fresh is False
+    # an older daemon's report without the field: fresh, as before
+    del doc["global_v4_fresh"]
+    assert nc.Report.from_json(doc).global_v4_fresh is True
+    # found again: fresh
+    r = h.report([probe(A, ("192.0.2.2", 41641))], now=60.0)
+    assert r.global_v4_fresh and "\t* IPv4: yes, 192.0.2.2:41641" in format_report(r, None).splitlines()
+
+
+@pytest.mark.parametrize(
+    "args", [["--every", "nan"], ["--every", "inf"], ["--timeout", "nan"], ["--timeout", "inf"]]
+)
+def test_netcheck_nan_and_inf_options_are_usage_errors(args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tailpy.cli.main", "netcheck", "--stun", "127.0.0.1:9", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"Invalid value for '{args[0]}'" in proc.stderr and "is not in the range" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tailpy.cli.common import json_option, socket_option
+from tailpy.cli.common import FiniteFloatRange, json_option, socket_option
 from tailpy.errors import ConfigError, ParseError, TailpyError
 from tailpy.netmap import DerpMap
 
@@ -62,9 +62,18 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
 
+KEPT = "(kept from an earlier run; this one could not tell)"
+
+
 def _verdict(value: bool | None, fresh: bool) -> str:
     text = "unknown" if value is None else str(value).lower()
-    return text if fresh or value is None else f"{text} (kept from an earlier run; this one could not tell)"
+    return text if fresh or value is None else f"{text} {KEPT}"
+
+
+def _endpoint(endpoint: str, fresh: bool) -> str:
+    """``yes, IP:PORT`` for an endpoint this run found; a carried-over one (C17) is labelled instead, as
+    the kept verdicts are: no server of that family answered this run."""
+    return f"yes, {endpoint}" if fresh else f"{endpoint} {KEPT}"
 
 
 def format_report(report: Report, derp_map: DerpMap | None) -> str:
@@ -72,9 +81,12 @@ def format_report(report: Report, derp_map: DerpMap | None) -> str:
     when = datetime.datetime.fromtimestamp(report.time, tz=datetime.timezone.utc).astimezone()
     lines = ["", "Report:", f"\t* Time: {when.isoformat(sep=' ', timespec='microseconds')}"]
     lines.append(f"\t* UDP: {str(report.udp).lower()}")
-    lines.append(f"\t* IPv4: yes, {report.global_v4}" if report.global_v4 else "\t* IPv4: (no addr found)")
+    if report.global_v4:
+        lines.append(f"\t* IPv4: {_endpoint(report.global_v4, report.global_v4_fresh)}")
+    else:
+        lines.append("\t* IPv4: (no addr found)")
     if report.global_v6:
-        lines.append(f"\t* IPv6: yes, {report.global_v6}")
+        lines.append(f"\t* IPv6: {_endpoint(report.global_v6, report.global_v6_fresh)}")
     elif report.ipv6:
         lines.append("\t* IPv6: (no addr found)")
     elif report.os_has_ipv6:
@@ -128,14 +140,14 @@ def format_report(report: Report, derp_map: DerpMap | None) -> str:
     "--timeout",
     default=5.0,
     show_default=True,
-    type=click.FloatRange(0.1, 60),
+    type=FiniteFloatRange(0.1, 60),
     help="Seconds to wait for each STUN server (requests are retransmitted per RFC 8489 until then).",
 )
 @click.option("--bind-port", default=0, type=click.IntRange(0, 65535), help="Local UDP port (0 = any).")
 @click.option(
     "--every",
     default=0.0,
-    type=click.FloatRange(0, None),
+    type=FiniteFloatRange(0, None),
     help="Seconds between reports, repeating until interrupted (0 = one report). Later reports keep earlier "
     "verdicts where a run cannot tell.",
 )

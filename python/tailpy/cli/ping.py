@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from tailpy.cli.common import json_option, local, socket_option
+from tailpy.cli.common import FiniteFloatRange, json_option, local, socket_option
 from tailpy.errors import TailpyError
 
 PAUSE = 0.5  # seconds between pings (after a pong; a timeout already waited)
@@ -40,7 +40,7 @@ def describe(peer: dict[str, Any], reply: dict[str, Any]) -> str:
     show_default=True,
     help="Stop at the first pong over a direct path; exit 1 if none of the pings went direct.",
 )
-@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 60),
+@click.option("--timeout", default=5.0, show_default=True, type=FiniteFloatRange(0.1, 60),
               help="Seconds to wait for each pong.")  # fmt: skip
 @json_option
 @socket_option

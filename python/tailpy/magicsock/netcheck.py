@@ -22,7 +22,8 @@ run's ``timeout``) to every STUN server of the DERP map (each node's ``STUNPort`
   :mod:`tailpy.magicsock.derp`'s; this is netcheck's own verdict.)
 * A global endpoint missing from a run is carried over from earlier runs for :data:`KEEP_ENDPOINT_FOR`
   seconds, so one lost round does not make the daemon tell control its endpoints changed;
-  :attr:`Netcheck.endpoints_changed` says whether the last run changed them.
+  :attr:`Netcheck.endpoints_changed` says whether the last run changed them; the report marks such an
+  endpoint ``global_v4_fresh`` / ``global_v6_fresh`` False (``tailpy netcheck`` labels it).
 
 :class:`Netcheck` holds the history and computes reports from probe results (sans-IO: ``now`` passed in);
 :func:`run` does one run over a :class:`~tailpy.magicsock.stun.StunRunner`, whichever socket that sends
@@ -90,7 +91,9 @@ class ProbeResult:
 class Report:
     """One netcheck report (see the module docstring for each verdict). Times: ``time`` unix seconds,
     latencies seconds. ``mapping_varies_fresh`` / ``hairpinning_fresh``: False when the verdict was
-    carried over from an earlier run because this one could not tell."""
+    carried over from an earlier run because this one could not tell; ``global_v4_fresh`` /
+    ``global_v6_fresh`` likewise False when that endpoint was carried over (no server of the family answered
+    this run, C17), True when this run found it or there is none."""
 
     time: float
     udp: bool
@@ -104,6 +107,8 @@ class Report:
     hairpinning: bool | None
     hairpinning_fresh: bool
     preferred_derp: int
+    global_v4_fresh: bool = True
+    global_v6_fresh: bool = True
     region_latency: dict[int, float] = field(default_factory=dict)
     region_v4_latency: dict[int, float] = field(default_factory=dict)
     region_v6_latency: dict[int, float] = field(default_factory=dict)
@@ -123,6 +128,8 @@ class Report:
             "os_has_ipv6": self.os_has_ipv6,
             "global_v4": self.global_v4,
             "global_v6": self.global_v6,
+            "global_v4_fresh": self.global_v4_fresh,
+            "global_v6_fresh": self.global_v6_fresh,
             "mapping_varies_by_dest_ip": self.mapping_varies_by_dest_ip,
             "mapping_varies_fresh": self.mapping_varies_fresh,
             "hairpinning": self.hairpinning,
@@ -157,6 +164,8 @@ class Report:
                 os_has_ipv6=bool(obj["os_has_ipv6"]),
                 global_v4=None if obj.get("global_v4") is None else str(obj["global_v4"]),
                 global_v6=None if obj.get("global_v6") is None else str(obj["global_v6"]),
+                global_v4_fresh=bool(obj.get("global_v4_fresh", True)),
+                global_v6_fresh=bool(obj.get("global_v6_fresh", True)),
                 mapping_varies_by_dest_ip=_opt_bool(obj.get("mapping_varies_by_dest_ip")),
                 mapping_varies_fresh=bool(obj.get("mapping_varies_fresh", False)),
                 hairpinning=_opt_bool(obj.get("hairpinning")),
@@ -229,6 +238,7 @@ class Netcheck:
         by_family = {f: [p for p in ok if p.target.family == f] for f in (4, 6)}
 
         globals_: dict[int, str | None] = {}
+        fresh: dict[int, bool] = {}
         for f in (4, 6):
             answered = by_family[f]
             if answered:
@@ -240,6 +250,7 @@ class Netcheck:
             else:
                 kept = self._seen.get(f)
                 globals_[f] = kept[0] if kept and now - kept[1] <= self.keep_endpoint_for else None
+            fresh[f] = bool(answered) or globals_[f] is None
 
         dests = {p.endpoint for p in by_family[4]}
         mapped = {p.mapped for p in by_family[4]}
@@ -282,6 +293,8 @@ class Netcheck:
             os_has_ipv6=os_has_ipv6,
             global_v4=globals_[4],
             global_v6=globals_[6],
+            global_v4_fresh=fresh[4],
+            global_v6_fresh=fresh[6],
             mapping_varies_by_dest_ip=varies,
             mapping_varies_fresh=varies_fresh,
             hairpinning=hp,

@@ -21,36 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tailpy.control import names
-from tailpy.control.store import Store, nodes
+from tailpy.control.store import Store, nodes, pending_nodes, users
 from tailpy.errors import ConfigError, ControlError
 from tailpy.keys import MachinePublic, NodePublic
 from tailpy.netmap import Node
 
-_meta = sa.MetaData()
-oidc_users = sa.Table(
-    "users",
-    _meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.Text),
-    sa.Column("created", sa.Float),
-    sa.Column("oidc_issuer", sa.Text),
-    sa.Column("oidc_subject", sa.Text),
-    sa.Column("email", sa.Text),
-    sa.Column("display_name", sa.Text),
-)
-pending_nodes = sa.Table(
-    "pending_nodes",
-    _meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("machine_key", sa.Text),
-    sa.Column("node_key", sa.Text),
-    sa.Column("hostname", sa.Text),
-    sa.Column("os", sa.Text),
-    sa.Column("user_id", sa.Integer),
-    sa.Column("key_expiry", sa.Float),
-    sa.Column("created", sa.Float),
-    sa.Column("key_expiry_fixed", sa.Boolean),
-)
+oidc_users = users  # with the columns of migration 6
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._@+-]")
 
 

@@ -257,6 +257,23 @@ users = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.Text),
     sa.Column("created", sa.Float),
+    sa.Column("oidc_issuer", sa.Text),  # migration 6: an identity provider's user (issuer, subject)
+    sa.Column("oidc_subject", sa.Text),
+    sa.Column("email", sa.Text),
+    sa.Column("display_name", sa.Text),
+)
+pending_nodes = sa.Table(  # migration 6: logins waiting for an admin's approval (tailpy.control.identity)
+    "pending_nodes",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("machine_key", sa.Text),
+    sa.Column("node_key", sa.Text),
+    sa.Column("hostname", sa.Text),
+    sa.Column("os", sa.Text),
+    sa.Column("user_id", sa.Integer),
+    sa.Column("key_expiry", sa.Float),
+    sa.Column("created", sa.Float),
+    sa.Column("key_expiry_fixed", sa.Boolean),
 )
 settings = sa.Table("settings", _meta, sa.Column("name", sa.Text), sa.Column("value", sa.Text))
 auth_keys = sa.Table(

@@ -22,7 +22,7 @@ def derp(rtt: float = 0.003) -> dict[str, Any]:
         "direct": False,
         "via": "DERP(tailpy)",
         "rtt": rtt,
-        "peer_saw": "",
+        "peer_saw": None,
         "timeout": False,
     }
 
@@ -33,13 +33,13 @@ def direct(rtt: float = 0.001) -> dict[str, Any]:
         "direct": True,
         "via": "198.51.100.7:41641",
         "rtt": rtt,
-        "peer_saw": "",
+        "peer_saw": "203.0.113.5:41641",
         "timeout": False,
     }
 
 
 def timeout() -> dict[str, Any]:
-    return {"peer": PEER, "direct": False, "via": "", "rtt": None, "peer_saw": "", "timeout": True}
+    return {"peer": PEER, "direct": False, "via": "", "rtt": None, "peer_saw": None, "timeout": True}
 
 
 Script = list[Callable[[], dict[str, Any]]]

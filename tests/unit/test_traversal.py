@@ -20,7 +20,7 @@ from tailpy.errors import ParseError
 from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate
 from tailpy.magicsock import MagicSock
 from tailpy.magicsock.netcheck import Report
-from tailpy.magicsock.traversal import Traversal
+from tailpy.magicsock.traversal import PingReply, Traversal
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
 
 
@@ -215,3 +215,31 @@ def test_report_from_json_only_parse_errors(obj: object) -> None:
     except ParseError:
         return
     assert isinstance(got, Report)
+
+
+def test_ping_reply_via_derp_has_no_peer_saw() -> None:
+    """A Pong relayed by DERP carries the DERP placeholder 127.3.3.40:<region> as our source: `tailpy ping
+    --json` says null there, not that address; a direct Pong keeps what the peer saw."""
+    from ipaddress import ip_address
+
+    from tailpy.magicsock.disco import PingResult, ViaDERP
+    from tailpy.magicsock.paths import DERP_MAGIC_IP
+    from tailpy.proto.disco import Endpoint
+
+    key = NodePrivate.generate().public
+    codes = {900: "tailpy"}
+    derp = PingResult(1, key, ViaDERP(900), 0.003, Endpoint(DERP_MAGIC_IP, 900))
+    reply = PingReply.from_result(derp, lambda r: codes.get(r, ""))
+    assert reply.to_json() == {
+        "direct": False,
+        "via": "DERP(tailpy)",
+        "rtt": 0.003,
+        "peer_saw": None,
+        "timeout": False,
+    }
+    assert PingReply.from_result(derp, lambda r: "").via == "DERP(900)"
+    seen = Endpoint(ip_address("203.0.113.5"), 41641)
+    direct = PingResult(2, key, Endpoint(ip_address("198.51.100.7"), 41641), 0.001, seen)
+    reply = PingReply.from_result(direct, lambda r: "")
+    assert reply.direct and reply.via == "198.51.100.7:41641" and reply.peer_saw == "203.0.113.5:41641"
+    assert PingReply(False, "", None, timeout=True).to_json()["peer_saw"] is None

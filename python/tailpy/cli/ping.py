@@ -5,6 +5,11 @@ through the relay, ``pong from b (100.64.0.2) via 198.51.100.7:41641 in 1ms`` on
 With ``--until-direct`` (the default) it stops at the first direct pong, and exits 1 with "direct connection
 not established" when none of the ``-c`` pings went direct. The pings are tailpyd's (``POST
 /localapi/v0/ping``); they also start path discovery, as traffic does.
+
+``--json`` prints ``{"peer": {name, fqdn, ip}, "pongs": [...], "direct": bool}``, each pong
+``{"direct", "via", "rtt" (seconds, null on timeout), "peer_saw", "timeout"}``; ``peer_saw`` is our
+"ip:port" as the peer saw it for a direct pong, null for a pong via DERP or a timeout (see
+:class:`tailpy.magicsock.traversal.PingReply`).
 """
 
 from __future__ import annotations

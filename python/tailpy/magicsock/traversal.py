@@ -89,14 +89,25 @@ class TraversalDevice(Protocol):
 @dataclass(frozen=True)
 class PingReply:
     """One ``tailpy ping`` answer: ``via`` ``"DERP(<region code>)"`` or ``"ip:port"``, ``rtt`` seconds,
-    ``peer_saw`` our source as the peer saw it ("ip:port"); ``timeout`` True (and the rest empty) when no
-    Pong came in time."""
+    ``peer_saw`` our source as the peer saw it ("ip:port") for a Pong that came directly, None (JSON null)
+    for one that came via DERP (the peer saw only the DERP placeholder ``127.3.3.40:<region>``, not an
+    address of ours); ``timeout`` True (``via`` empty, ``rtt`` and ``peer_saw`` None) when no Pong came in
+    time."""
 
     direct: bool
     via: str
     rtt: float | None
-    peer_saw: str = ""
+    peer_saw: str | None = None
     timeout: bool = False
+
+    @classmethod
+    def from_result(cls, got: PingResult, region_code: Callable[[int], str]) -> PingReply:
+        """The reply for disco's ``got``; ``region_code(region id)`` names a DERP region ("" if unknown)."""
+        if isinstance(got.via, ViaDERP):
+            region = got.via.region
+            code = region_code(region) if isinstance(region, int) else ""
+            return cls(False, f"DERP({code or region})", got.rtt, None)
+        return cls(got.direct, str(got.via), got.rtt, str(got.peer_saw))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -274,13 +285,7 @@ class Traversal:
             self._pings.pop(request, None)
         if isinstance(got, PingTimeout):
             return PingReply(False, "", None, timeout=True)
-        if isinstance(got.via, ViaDERP):
-            region = got.via.region
-            code = self.magicsock.region_code(region) if isinstance(region, int) else ""
-            via = f"DERP({code or region})"
-        else:
-            via = str(got.via)
-        return PingReply(got.direct, via, got.rtt, str(got.peer_saw))
+        return PingReply.from_result(got, self.magicsock.region_code)
 
     # -- netcheck --------------------------------------------------------------------------------------
 

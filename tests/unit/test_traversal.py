@@ -243,3 +243,26 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
     reply = PingReply.from_result(direct, lambda r: "")
     assert reply.direct and reply.via == "198.51.100.7:41641" and reply.peer_saw == "203.0.113.5:41641"
     assert PingReply(False, "", None, timeout=True).to_json()["peer_saw"] is None
+
+
+def test_status_json_endpoint_is_null_while_relayed(tmp_path: Any) -> None:
+    """`tailpy status --json`: the data plane keeps a relayed peer's would-be direct endpoint (often its
+    unreachable LAN address); status shows it only with "path": "direct", as the text does."""
+    from tailpy.cli.status import peer_state
+    from tailpy.daemon.backend import Backend
+    from tailpy.daemon.state import StateStore
+
+    def no_device(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("no device in this test")
+
+    backend = Backend(StateStore(tmp_path), no_device, configure_os=False)
+    node = Node(
+        2, "b", "b", NodePrivate.generate().public, MachinePrivate.generate().public, ("100.64.0.2/32",)
+    )
+    stats = {"endpoint": "192.168.1.20:41641", "tx_bytes": 0, "rx_bytes": 0}
+    relayed = backend._node_json(node, {**stats, "path": "relay"}, time.time())
+    assert relayed["path"] == "relay" and relayed["endpoint"] is None
+    assert peer_state({**relayed, "online": True}, time.time()) == "idle; relay"
+    direct = backend._node_json(node, {**stats, "path": "direct"}, time.time())
+    assert direct["path"] == "direct" and direct["endpoint"] == "192.168.1.20:41641"
+    assert peer_state({**direct, "online": True}, time.time()) == "idle; direct 192.168.1.20:41641"

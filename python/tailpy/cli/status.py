@@ -1,5 +1,6 @@
 """`tailpy status`: this node and its peers, one row each, in the manner of `tailscale status`
-(`--json` for scripts)."""
+(`--json` for scripts; fields in README "Home DERP and relay fallback"). A peer's JSON ``endpoint`` is
+its direct path's "ip:port" and null while ``path`` is "relay", as the text shows ``relay "<region>"``."""
 
 from __future__ import annotations
 

@@ -778,7 +778,9 @@ class Backend:
             "home_derp": node.home_derp,
             "disco_key": node.disco_key.text() if node.disco_key is not None else None,
             "endpoints": list(node.endpoints),
-            "endpoint": st.get("endpoint"),
+            # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
+            # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
+            "endpoint": None if st.get("path") == "relay" else st.get("endpoint"),
             "path": st.get("path"),
             "relay_region": relay_region,
             "relay_region_code": ms.region_code(relay_region) if ms is not None and relay_region else "",

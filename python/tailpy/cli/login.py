@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from tailpy.cli.common import run, socket_option, state_dir_option
+from tailpy.cli.common import FiniteFloatRange, run, socket_option, state_dir_option
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import TailpyError
 
@@ -77,7 +77,7 @@ async def wait_login(client: LocalClient, st: dict[str, Any], console: Console, 
     "--timeout",
     default=60.0,
     show_default=True,
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     help="Seconds to wait for the connection once logged in.",
 )
 @click.option("--qr", is_flag=True, help="Also show the login URL as a QR code.")

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from tailpy.cli.common import local, run, socket_option, state_dir_option
+from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state_dir_option
 from tailpy.cli.login import wait_login
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import ConfigError, DaemonNotRunningError, PermissionDeniedError, TailpyError
@@ -135,7 +135,7 @@ async def _up(
     "--timeout",
     default=60.0,
     show_default=True,
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     help="Seconds to wait for the connection.",
 )
 @click.option(

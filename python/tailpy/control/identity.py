@@ -20,7 +20,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tailpy.control import names
 from tailpy.control.store import Store, nodes, pending_nodes, users
 from tailpy.errors import ConfigError, ControlError
 from tailpy.keys import MachinePublic, NodePublic
@@ -162,14 +161,7 @@ def _register(
     }
     if os_name:
         values["os"] = os_name
-    if row is not None:
-        if row.deleted is not None:
-            values["deleted"] = None
-            values["name"] = store._unique_name(conn, names.sanitize(hostname))
-        conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
-        node_id = int(row.id)
-    else:
-        node_id = store._insert(conn, machine_key, hostname, values, now)
+    node_id = store._write_node(conn, row, machine_key, hostname, values, now)
     conn.execute(pending_nodes.delete().where(pending_nodes.c.machine_key == machine_key.text()))
     return store._node(conn, node_id, now)
 

@@ -829,14 +829,7 @@ class Store:
             }
             if os_name:
                 values["os"] = os_name
-            if row is not None:
-                if row.deleted is not None:
-                    values["deleted"] = None
-                    values["name"] = self._unique_name(conn, names.sanitize(hostname))
-                conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
-                node_id = int(row.id)
-            else:
-                node_id = self._insert(conn, machine_key, hostname, values, now)
+            node_id = self._write_node(conn, row, machine_key, hostname, values, now)
             conn.execute(
                 auth_keys.update()
                 .where(auth_keys.c.id == key.id)
@@ -881,6 +874,24 @@ class Store:
                 addr = ipaddress.ip_address(free)
                 self._hint[net] = int(addr)
                 return addr
+
+    def _write_node(
+        self,
+        conn: Connection,
+        row: Any,
+        machine_key: MachinePublic,
+        hostname: str,
+        values: dict[str, Any],
+        now: float,
+    ) -> int:
+        """Write a registration's ``values`` into the machine's one node record ``row`` (None: make it,
+        with addresses and a name); a deleted record comes back under a fresh unique name. Returns its id."""
+        if row is None:
+            return self._insert(conn, machine_key, hostname, values, now)
+        if row.deleted is not None:
+            values = {**values, "deleted": None, "name": self._unique_name(conn, names.sanitize(hostname))}
+        conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
+        return int(row.id)
 
     def _insert(
         self, conn: Connection, machine_key: MachinePublic, hostname: str, values: dict[str, Any], now: float

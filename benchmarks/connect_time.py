@@ -41,35 +41,12 @@ from typing import Any
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import TailpyError
 from tailpy.lab import Lab, stop_process, wait_for
+from tailpy.lab.matrix import CELLS, Cell
 from tailpy.lab.netns import unavailable_reason
-from tailpy.lab.tailnet import Behind, LabNode, LabTailnet, tailpy_argv
+from tailpy.lab.tailnet import LabNode, LabTailnet, tailpy_argv
 
 PONG = re.compile(r"^pong from \S+ \([^)]+\) via (?P<via>\S+) in ")
 PING_COUNT = 40
-
-
-@dataclass(frozen=True)
-class Cell:
-    id: str
-    a: Behind
-    b: Behind
-    direct: bool
-    same_lan: bool = False
-
-
-CELLS = [
-    Cell("same-lan", "eim", "eim", direct=True, same_lan=True),
-    Cell("eim-eim", "eim", "eim", direct=True),
-    Cell("eim-public", "eim", "public", direct=True),
-    Cell("double-eim-eim", "double-eim", "eim", direct=True),
-    Cell("eim-full-cone", "eim", "full-cone", direct=True),
-    Cell("firewall-firewall", "firewall", "firewall", direct=True),
-    Cell("edm-public", "edm", "public", direct=True),
-    Cell("public-edm", "public", "edm", direct=True),
-    Cell("edm-edm", "edm", "edm", direct=False),
-    Cell("edm-eim", "edm", "eim", direct=False),
-    Cell("cgnat-edm-eim", ("edm", "eim"), "eim", direct=False),
-]
 
 
 @dataclass

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from tailpy.lab import Lab, wait_for
-from tailpy.lab.tailnet import Behind, LabNode, LabTailnet, tailpy_argv
+from tailpy.lab.matrix import CELLS, Cell
+from tailpy.lab.tailnet import LabNode, LabTailnet, tailpy_argv
 
 pytestmark = [
     pytest.mark.lab,
@@ -48,33 +49,6 @@ RELAY_PINGS = 20
 AFTER_UPGRADE = 2.0
 #: Seconds traffic gets to resume after a node roams (issue 5's goal is 5 s; only this generous bound fails).
 ROAM_WITHIN = 45
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell of the matrix: ``a`` and ``b`` behind these topologies (``behind=`` values), or both on one
-    site LAN (``same_lan``); ``direct`` is the expected outcome."""
-
-    id: str
-    a: Behind
-    b: Behind
-    direct: bool
-    same_lan: bool = False
-
-
-CELLS = [
-    Cell("same-lan", "eim", "eim", direct=True, same_lan=True),
-    Cell("eim-eim", "eim", "eim", direct=True),
-    Cell("eim-public", "eim", "public", direct=True),
-    Cell("double-eim-eim", "double-eim", "eim", direct=True),  # C16: double NAT of EIM layers
-    Cell("eim-full-cone", "eim", "full-cone", direct=True),
-    Cell("firewall-firewall", "firewall", "firewall", direct=True),  # simultaneous open, no NAT
-    Cell("edm-public", "edm", "public", direct=True),  # direct once the EDM side sends first
-    Cell("public-edm", "public", "edm", direct=True),  # the public side asks: CallMeMaybe makes EDM send
-    Cell("edm-edm", "edm", "edm", direct=False),
-    Cell("edm-eim", "edm", "eim", direct=False),
-    Cell("cgnat-edm-eim", ("edm", "eim"), "eim", direct=False),  # C16: one endpoint-dependent layer
-]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tailpy import netmap as nm
 from tailpy.asyncutil import wait_event
@@ -28,8 +28,8 @@ from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
-from tailpy.magicsock import MagicSock
-from tailpy.magicsock.traversal import Traversal
+from tailpy.magicsock import MagicSock, RelayDevice
+from tailpy.magicsock.traversal import Traversal, TraversalDevice
 from tailpy.proto import control as proto
 
 if TYPE_CHECKING:
@@ -47,31 +47,18 @@ STREAM_CHECK = (15.0, 20.0)  # seconds between checks that control still holds t
 LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
 
 
-class DataPlane(Protocol):
-    """What the backend needs of :class:`tailpy._native.Device` (a Protocol, so tests can pass their own)."""
+class DataPlane(RelayDevice, TraversalDevice, Protocol):
+    """What the backend needs of :class:`tailpy._native.Device` (a Protocol, so tests can pass their own):
+    what MagicSock (relay) and Traversal (disco, STUN) need, and the rest below."""
 
     @property
     def listen_port(self) -> int: ...
     @property
     def tun_name(self) -> str: ...
-    def set_peer(
-        self,
-        public_key: bytes,
-        *,
-        allowed_ips: list[str],
-        endpoint: str | None = None,
-        persistent_keepalive: int | None = None,
-        preshared_key: bytes | None = None,
-    ) -> None: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
-    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None: ...
-    def inject(self, public_key: bytes, datagram: bytes) -> None: ...
-    def send_datagram(self, data: bytes, endpoint: str) -> None: ...
     def set_private_key(self, private_key: bytes) -> None: ...
     def fileno(self) -> int: ...
     def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
-    def peers(self) -> Any: ...
-    def stats(self) -> Any: ...
     def close(self) -> None: ...
 
 

@@ -1,10 +1,13 @@
-//! tailpy's data plane, without Python: keys, transports (TUN, UDP) and the `Device`.
+//! tailpy's data plane, without Python: keys, packet batches, TUN offloads, transports (TUN, UDP) and
+//! the `Device`.
 
+pub mod batch;
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod keys;
 pub mod memory;
+pub mod offload;
 
 pub use device::{Device, DeviceStats, Path, PeerConfig, PeerStats};
 pub use error::{Error, Result};

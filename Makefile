@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iproute2 iputils-ping nftables conntrack iperf3 wireguard-go wireguard-tools procps postgresql \
+APT_PACKAGES := iproute2 iputils-ping nftables conntrack iperf3 wireguard-go wireguard-tools procps postgresql ethtool \
 	stun-client bind9-dnsutils dnsmasq-base dnsperf chromium chromium-driver
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -13,7 +13,7 @@ all: build
 # System packages, only when one is missing (apt-get update first, as Debian needs).
 deps:
 	@missing=""; \
-	for c in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps pg_lsclusters:postgresql \
+	for c in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools pgrep:procps pg_lsclusters:postgresql ethtool:ethtool \
 	  stun:stun-client dig:bind9-dnsutils dnsmasq:dnsmasq-base dnsperf:dnsperf chromium:chromium chromedriver:chromium-driver; do \
 	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c##*:}"; \
 	done; \

@@ -29,6 +29,36 @@ class PeerStats(TypedDict):
     rx_packets: int
     last_handshake: float | None  # unix time, seconds
 
+class OffloadStats(TypedDict):
+    """Which offloads the device's TUN and UDP socket use, what they fell back from, and what they did.
+
+    TUN offloads: the TUN carries a virtio-net header (``IFF_VNET_HDR``) and hands the device TCP (TSO4/6)
+    and, on Linux >= 6.2, UDP (USO4/6) super-packets of up to 64 KiB, split into packets before
+    encryption; decrypted segments of one flow are coalesced (GRO) before each TUN write. UDP: runs of
+    same-size datagrams to one endpoint leave as one ``sendmmsg`` message with ``UDP_SEGMENT`` (GSO), and
+    the socket receives coalesced datagrams (``UDP_GRO``). Environment knobs: ``TAILPY_TUN_OFFLOAD=0``
+    (plain TUN) or ``=tso`` (no USO), ``TAILPY_UDP_GSO=0``, ``TAILPY_UDP_GRO=0``."""
+
+    tun_vnet_hdr: bool
+    tun_tso: bool
+    tun_uso: bool
+    tun_gro: bool  # coalescing before TUN writes (off after the kernel refuses a super-packet)
+    udp_gso: bool  # off after the kernel refuses a GSO send (EIO/EINVAL: no checksum offload on the route)
+    udp_gro: bool
+    # each fallback taken, once, in words, e.g. "udp: GSO refused (Input/output error ...), one datagram
+    # per message"; empty when every offload is in use
+    fallbacks: list[str]
+    tun_super_packets_read: int  # TUN reads that carried a GSO super-packet
+    tun_split_packets: int  # packets those were split into
+    tun_split_errors: int  # packets from the TUN dropped: header or split malformed
+    tun_super_packets_written: int  # coalesced TUN writes
+    tun_coalesced_segments: int  # segments appended to their heads in those writes
+    tun_write_errors: int  # TUN writes the kernel refused
+    udp_gso_sends: int  # GSO messages sent
+    udp_gso_datagrams: int  # datagrams they carried
+    udp_gro_receives: int  # received slots that held coalesced datagrams
+    udp_gro_datagrams: int  # datagrams they held
+
 class DeviceStats(TypedDict):
     rx_datagrams: int  # UDP datagrams received on the socket
     tx_datagrams: int
@@ -50,6 +80,7 @@ class DeviceStats(TypedDict):
     # this device's previous run, e.g. across a daemon restart), from the peer's current endpoint or over
     # DERP from it, while we had no session with it; at most one per peer per 5 s (REKEY_TIMEOUT)
     handshakes_for_unknown_index: int
+    offload: OffloadStats
 
 class Device:
     """One node's data plane: a TUN interface, one UDP socket (IPv4 and IPv6), and a table of peers.

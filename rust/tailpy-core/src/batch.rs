@@ -48,6 +48,11 @@ impl Batch {
         self.pkts.len() >= self.max_packets
     }
 
+    /// How many more packets may be added (by count).
+    pub fn packets_left(&self) -> usize {
+        self.max_packets.saturating_sub(self.pkts.len())
+    }
+
     /// Free bytes after the last packet.
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.used
@@ -199,10 +204,12 @@ impl RecvBatch {
         &self.buf[i * self.slot..i * self.slot + m.len.min(self.slot)]
     }
 
-    /// The datagrams of slot `i`, cut at its stride.
+    /// The datagrams of slot `i`, cut at its stride (an empty datagram is one empty slice).
     pub fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let stride = self.meta[i].stride.max(1);
-        self.get(i).chunks(stride)
+        let data = self.get(i);
+        let empty = data.is_empty().then_some(data);
+        data.chunks(stride).chain(empty)
     }
 }
 
@@ -253,6 +260,6 @@ mod tests {
             r.datagrams(1).collect::<Vec<_>>(),
             vec![&b"aaa"[..], b"bbb", b"c"]
         );
-        assert_eq!(r.datagrams(0).count(), 0);
+        assert_eq!(r.datagrams(0).collect::<Vec<_>>(), vec![&b""[..]]);
     }
 }

@@ -1,13 +1,23 @@
 //! `Device`: one node's data plane. A TUN, one UDP socket, a peer table keyed by public key, a
 //! longest-prefix-match table of allowed IPs, and three threads (TUN reader, UDP reader, timers).
 //!
+//! Packets move in batches. The TUN thread reads a batch of IP packets (a super-packet already split by
+//! the transport), encrypts each into one contiguous batch of datagrams per run of packets for one peer,
+//! and hands that batch to the socket (one `sendmmsg`, GSO where it can). The UDP thread receives a batch
+//! (`recvmmsg`, GRO bundles cut at their stride), demultiplexes each datagram (WireGuard to its peer,
+//! STUN/disco to Python's queue), decrypts WireGuard data straight into a batch for the TUN, and writes
+//! that batch once per receive (coalesced per flow by the transport). One thread per direction keeps
+//! each flow in order and lets encryption and decryption run on two cores at once.
+//!
 //! Locking: the device state (peers, index map, routes, keys) sits behind one `RwLock`, read-locked per
-//! packet and write-locked only by configuration calls; each peer's `Tunn` has its own `Mutex`; counters
+//! batch and write-locked only by configuration calls; each peer's `Tunn` has its own `Mutex`; counters
 //! are atomics. No allocation per packet: each thread owns its buffers.
 
+use crate::batch::{Batch, RecvBatch};
 use crate::error::{Error, Result};
-use crate::io::{unmap, EventFd, Tun, Udp};
+use crate::io::{unmap, EventFd, OffloadStats, Tun, Udp};
 use crate::keys::{self, KEY_LEN};
+use crate::offload::GroTable;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -25,10 +35,23 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Largest datagram or packet handled (TUN offloads may later hand us 64 KiB).
+/// Largest datagram or packet handled (a TUN super-packet or UDP GRO bundle is at most 64 KiB).
 pub const MAX_PACKET: usize = 65536;
 /// Room for WireGuard's overhead and the largest handshake message.
 const BUF_LEN: usize = MAX_PACKET + 256;
+/// WireGuard's overhead on a data packet (header and tag) plus padding to 16 bytes.
+const WG_OVERHEAD: usize = 32 + 16;
+/// Bytes and packets of the batch read from the TUN (room for a super-packet and its split).
+const TUN_READ_BYTES: usize = 640 << 10;
+const TUN_READ_PACKETS: usize = 512;
+/// Bytes and packets of a batch of encrypted datagrams for one peer.
+const UDP_OUT_BYTES: usize = 512 << 10;
+const UDP_OUT_PACKETS: usize = 512;
+/// Receive slots per `recvmmsg` (each holds a GRO bundle of up to 64 KiB).
+const UDP_RECV_SLOTS: usize = 64;
+/// Bytes and packets of the batch of decrypted packets written to the TUN at once.
+const TUN_WRITE_BYTES: usize = 1 << 20;
+const TUN_WRITE_PACKETS: usize = 1024;
 /// How often timers run.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Items each queue to Python holds before new ones are dropped.
@@ -319,7 +342,7 @@ impl Device {
             queues: Mutex::new(Queues::default()),
             endpoints: Mutex::new(HashMap::new()),
             event: EventFd::new().map_err(|e| io_err("cannot create an eventfd", e))?,
-            inject_bufs: Mutex::new(Bufs::new()),
+            inject_bufs: Mutex::new(Bufs::new(2 * BUF_LEN, 64)),
             started: Instant::now(),
             stopped: AtomicBool::new(false),
         });
@@ -498,6 +521,7 @@ impl Device {
         let st = self.shared.state.read();
         self.shared
             .receive_wireguard(&st, datagram, None, Some(&peer), &mut bufs);
+        self.shared.flush_tun(&mut bufs);
         Ok(())
     }
 
@@ -567,6 +591,14 @@ impl Device {
         out
     }
 
+    /// Which offloads the transports use, the fallbacks they took, and their counters.
+    pub fn offload_stats(&self) -> OffloadStats {
+        let mut s = OffloadStats::default();
+        self.shared.tun.offload_stats(&mut s);
+        self.shared.udp.offload_stats(&mut s);
+        s
+    }
+
     pub fn stats(&self) -> DeviceStats {
         let c = &self.shared.counters;
         DeviceStats {
@@ -626,17 +658,25 @@ fn hex_short(k: &[u8]) -> String {
         + "…"
 }
 
-/// A thread's buffers, reused for every packet.
+/// A thread's buffers, reused for every batch.
 struct Bufs {
-    src: Vec<u8>,
+    /// Scratch for handshake messages, cookies and timers' output.
     dst: Vec<u8>,
+    /// Encrypted datagrams for one peer, end to end (one GSO send).
+    out: Batch,
+    /// Decrypted packets for the TUN.
+    tun: Batch,
+    gro: GroTable,
 }
 
 impl Bufs {
-    fn new() -> Self {
+    /// Buffers with a TUN batch of `tun_bytes` / `tun_packets`.
+    fn new(tun_bytes: usize, tun_packets: usize) -> Self {
         Bufs {
-            src: vec![0; BUF_LEN],
             dst: vec![0; BUF_LEN],
+            out: Batch::new(UDP_OUT_BYTES, UDP_OUT_PACKETS),
+            tun: Batch::new(tun_bytes, tun_packets),
+            gro: GroTable::new(),
         }
     }
 }
@@ -652,7 +692,7 @@ impl Shared {
         }
     }
 
-    /// Send a WireGuard datagram to a peer on its current path.
+    /// Send one WireGuard datagram (a handshake message, a keepalive) to a peer on its current path.
     fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
         if datagram.first() == Some(&1) {
             self.counters.handshakes_sent.fetch_add(1, Relaxed);
@@ -660,17 +700,9 @@ impl Shared {
         peer.last_tx_ms.store(self.now_ms(), Relaxed);
         match peer.path() {
             Path::Relay => {
-                let mut q = self.queues.lock();
-                if q.relay.len() >= QUEUE_LIMIT
-                    || q.relay_bytes + datagram.len() > RELAY_QUEUE_BYTES
-                {
-                    self.counters.dropped_queue_full.fetch_add(1, Relaxed);
+                if !self.queue_relay(peer, datagram) {
                     return;
                 }
-                let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
-                q.relay.push_back((peer.public_key, datagram.to_vec()));
-                q.relay_bytes += datagram.len();
-                self.signal_if(was_empty);
             }
             Path::Direct => {
                 let Some(to) = *peer.endpoint.read() else {
@@ -689,79 +721,174 @@ impl Shared {
     }
 
     fn tun_loop(&self) {
-        let mut bufs = Bufs::new();
+        let mut bufs = Bufs::new(BUF_LEN, 1);
+        let mut input = Batch::new(TUN_READ_BYTES, TUN_READ_PACKETS);
         while !self.stopped.load(Relaxed) {
-            let n = match self.tun.recv(&mut bufs.src[..MAX_PACKET]) {
-                Ok(n) => n,
+            input.clear();
+            match self.tun.recv_batch(&mut input) {
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotConnected => break,
                 Err(_) => {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
-            };
-            self.outbound(n, &mut bufs);
+            }
+            self.outbound(&input, &mut bufs);
         }
     }
 
-    /// One packet from the TUN (in `bufs.src[..n]`): route, encrypt, send.
-    fn outbound(&self, n: usize, bufs: &mut Bufs) {
-        let packet = &bufs.src[..n];
-        let Some(dst) = Tunn::dst_address(packet) else {
-            self.counters.dropped_no_route.fetch_add(1, Relaxed);
-            return;
-        };
+    /// Packets from the TUN: route each, encrypt runs of packets for one peer into `bufs.out`, send
+    /// each run as one batch.
+    fn outbound(&self, input: &Batch, bufs: &mut Bufs) {
+        let mut run: Option<Arc<Peer>> = None;
+        let mut last: Option<(IpAddr, Arc<Peer>)> = None;
         let st = self.state.read();
-        let Some((_, peer)) = st.routes.longest_match(dst) else {
-            self.counters.dropped_no_route.fetch_add(1, Relaxed);
-            return;
-        };
-        let peer = peer.clone();
+        for packet in input.iter() {
+            let Some(dst) = Tunn::dst_address(packet) else {
+                self.counters.dropped_no_route.fetch_add(1, Relaxed);
+                continue;
+            };
+            // Packets of one super-packet share their destination: look it up once.
+            let peer = match &last {
+                Some((a, p)) if *a == dst => p.clone(),
+                _ => match st.routes.longest_match(dst) {
+                    Some((_, p)) => {
+                        last = Some((dst, p.clone()));
+                        p.clone()
+                    }
+                    None => {
+                        self.counters.dropped_no_route.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                },
+            };
+            if let Some(r) = &run {
+                if !Arc::ptr_eq(r, &peer) || !bufs.out.has_room(packet.len() + WG_OVERHEAD) {
+                    self.flush_out(r, &mut bufs.out);
+                }
+            }
+            run = Some(peer.clone());
+            if !bufs.out.has_room(packet.len() + WG_OVERHEAD) {
+                self.counters.dropped_no_route.fetch_add(1, Relaxed);
+                continue;
+            }
+            let res = peer.tunn.lock().encapsulate(packet, bufs.out.spare());
+            if let TunnResult::WriteToNetwork(d) = res {
+                let n = d.len();
+                bufs.out.commit(n);
+            }
+        }
         drop(st);
-        let res = peer.tunn.lock().encapsulate(packet, &mut bufs.dst);
-        if let TunnResult::WriteToNetwork(d) = res {
-            self.send_to_peer(&peer, d);
+        if let Some(r) = &run {
+            self.flush_out(r, &mut bufs.out);
+        }
+    }
+
+    /// Send the datagrams in `out` (all for `peer`) on the peer's path, and empty `out`.
+    fn flush_out(&self, peer: &Peer, out: &mut Batch) {
+        if out.is_empty() {
+            return;
+        }
+        let c = &self.counters;
+        let handshakes = out.iter().filter(|d| d.first() == Some(&1)).count();
+        c.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
+        peer.last_tx_ms.store(self.now_ms(), Relaxed);
+        let sent = match peer.path() {
+            Path::Relay => out.iter().filter(|d| self.queue_relay(peer, d)).count(),
+            Path::Direct => match *peer.endpoint.read() {
+                None => {
+                    c.dropped_no_endpoint.fetch_add(out.len() as u64, Relaxed);
+                    0
+                }
+                Some(to) => {
+                    let sent = self.udp.send_batch(out, to);
+                    c.tx_datagrams.fetch_add(sent as u64, Relaxed);
+                    c.dropped_send_error
+                        .fetch_add((out.len() - sent) as u64, Relaxed);
+                    sent
+                }
+            },
+        };
+        let bytes: usize = out.iter().take(sent).map(<[u8]>::len).sum();
+        peer.tx_packets.fetch_add(sent as u64, Relaxed);
+        peer.tx_bytes.fetch_add(bytes as u64, Relaxed);
+        out.clear();
+    }
+
+    /// Queue a datagram for Python to send over the relay; false (counted) if the queue is full.
+    fn queue_relay(&self, peer: &Peer, datagram: &[u8]) -> bool {
+        let mut q = self.queues.lock();
+        if q.relay.len() >= QUEUE_LIMIT || q.relay_bytes + datagram.len() > RELAY_QUEUE_BYTES {
+            self.counters.dropped_queue_full.fetch_add(1, Relaxed);
+            return false;
+        }
+        let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
+        q.relay.push_back((peer.public_key, datagram.to_vec()));
+        q.relay_bytes += datagram.len();
+        self.signal_if(was_empty);
+        true
+    }
+
+    /// Write the decrypted packets in `bufs.tun` to the TUN, and empty it.
+    fn flush_tun(&self, bufs: &mut Bufs) {
+        if !bufs.tun.is_empty() {
+            self.tun.send_batch(&mut bufs.tun, &mut bufs.gro);
+            bufs.tun.clear();
         }
     }
 
     fn udp_loop(&self) {
-        let mut bufs = Bufs::new();
-        let mut dgram = vec![0u8; BUF_LEN];
+        let mut bufs = Bufs::new(TUN_WRITE_BYTES, TUN_WRITE_PACKETS);
+        let mut rx = RecvBatch::new(UDP_RECV_SLOTS, MAX_PACKET);
         while !self.stopped.load(Relaxed) {
-            let (n, from) = match self.udp.recv_from(&mut dgram[..MAX_PACKET]) {
-                Ok(x) => x,
+            match self.udp.recv_batch(&mut rx) {
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotConnected => break,
                 Err(_) => {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
-            };
-            self.counters.rx_datagrams.fetch_add(1, Relaxed);
-            let d = &dgram[..n];
-            match classify(d) {
-                Kind::WireGuard => {
-                    let st = self.state.read();
-                    self.receive_wireguard(&st, d, Some(from), None, &mut bufs);
+            }
+            let st = self.state.read();
+            for k in 0..rx.len() {
+                let from = rx.meta(k).from;
+                for d in rx.datagrams(k) {
+                    self.counters.rx_datagrams.fetch_add(1, Relaxed);
+                    self.inbound(&st, d, from, &mut bufs);
                 }
-                Kind::Stun | Kind::Disco if d.len() > MAX_STUN_DISCO_LEN => {
-                    self.counters.dropped_malformed.fetch_add(1, Relaxed);
+            }
+            self.flush_tun(&mut bufs);
+        }
+    }
+
+    /// One datagram from the socket: WireGuard to its peer, STUN and disco to Python.
+    fn inbound(&self, st: &State, d: &[u8], from: SocketAddr, bufs: &mut Bufs) {
+        match classify(d) {
+            Kind::WireGuard => {
+                if !bufs.tun.has_room(d.len()) {
+                    self.flush_tun(bufs);
                 }
-                Kind::Stun | Kind::Disco => {
-                    let mut q = self.queues.lock();
-                    if q.datagrams.len() >= QUEUE_LIMIT
-                        || q.datagram_bytes + d.len() > DATAGRAM_QUEUE_BYTES
-                    {
-                        self.counters.dropped_queue_full.fetch_add(1, Relaxed);
-                        continue;
-                    }
-                    let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
-                    q.datagrams.push_back((d.to_vec(), from));
-                    q.datagram_bytes += d.len();
-                    self.counters.to_python.fetch_add(1, Relaxed);
-                    self.signal_if(was_empty);
+                self.receive_wireguard(st, d, Some(from), None, bufs);
+            }
+            Kind::Stun | Kind::Disco if d.len() > MAX_STUN_DISCO_LEN => {
+                self.counters.dropped_malformed.fetch_add(1, Relaxed);
+            }
+            Kind::Stun | Kind::Disco => {
+                let mut q = self.queues.lock();
+                if q.datagrams.len() >= QUEUE_LIMIT
+                    || q.datagram_bytes + d.len() > DATAGRAM_QUEUE_BYTES
+                {
+                    self.counters.dropped_queue_full.fetch_add(1, Relaxed);
+                    return;
                 }
-                Kind::Other => {
-                    self.counters.dropped_malformed.fetch_add(1, Relaxed);
-                }
+                let was_empty = q.relay.is_empty() && q.datagrams.is_empty();
+                q.datagrams.push_back((d.to_vec(), from));
+                q.datagram_bytes += d.len();
+                self.counters.to_python.fetch_add(1, Relaxed);
+                self.signal_if(was_empty);
+            }
+            Kind::Other => {
+                self.counters.dropped_malformed.fetch_add(1, Relaxed);
             }
         }
     }
@@ -846,7 +973,8 @@ impl Shared {
             }
         }
         let mut tunn = peer.tunn.lock();
-        match tunn.decapsulate(from.map(|a| a.ip()), d, &mut bufs.dst) {
+        // Decrypt straight into the TUN batch; the packet joins it only if its source is allowed.
+        match tunn.decapsulate(from.map(|a| a.ip()), d, bufs.tun.spare()) {
             TunnResult::Done => self.authenticated(&peer, from, d.len()),
             TunnResult::Err(WireGuardError::NoCurrentSession) => {
                 // Data for a session of ours that doesn't exist (a previous incarnation of this device
@@ -871,18 +999,20 @@ impl Shared {
                     self.send_to_peer(&peer, out);
                 }
             }
-            // The packet lives in `bufs.dst`, not in the session: release the peer's lock before the TUN
-            // write, which runs the host's whole receive path (inner TCP, its ACKs back into the TUN) and
-            // would otherwise stall this peer's TUN thread waiting to encrypt.
+            // The packet lives in `bufs.tun`, not in the session: the peer's lock is released before
+            // the batch's TUN write, which runs the host's whole receive path (inner TCP, its ACKs back
+            // into the TUN) and would otherwise stall this peer's TUN thread waiting to encrypt.
             TunnResult::WriteToTunnelV4(p, src) => {
+                let n = p.len();
                 drop(tunn);
                 self.authenticated(&peer, from, d.len());
-                self.deliver(st, &peer, p, src.into());
+                self.deliver(st, &peer, n, src.into(), &mut bufs.tun);
             }
             TunnResult::WriteToTunnelV6(p, src) => {
+                let n = p.len();
                 drop(tunn);
                 self.authenticated(&peer, from, d.len());
-                self.deliver(st, &peer, p, src.into());
+                self.deliver(st, &peer, n, src.into(), &mut bufs.tun);
             }
         }
     }
@@ -970,11 +1100,12 @@ impl Shared {
         }
     }
 
-    /// Write a decrypted packet to the TUN if its source is within the sending peer's allowed IPs.
-    fn deliver(&self, st: &State, peer: &Arc<Peer>, packet: &[u8], src: IpAddr) {
+    /// Keep the decrypted packet of `len` bytes at the start of `tun.spare()` for the TUN if its source
+    /// is within the sending peer's allowed IPs.
+    fn deliver(&self, st: &State, peer: &Arc<Peer>, len: usize, src: IpAddr, tun: &mut Batch) {
         match st.routes.longest_match(src) {
             Some((_, p)) if Arc::ptr_eq(p, peer) => {
-                let _ = self.tun.send(packet);
+                tun.commit(len);
             }
             _ => {
                 self.counters.dropped_not_allowed.fetch_add(1, Relaxed);

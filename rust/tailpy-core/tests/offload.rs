@@ -551,7 +551,7 @@ fn fuzz_header_split_and_coalesce() {
         };
         let cap = rng.below(out.len() + 1);
         if let Ok(n) = split(&hdr, &mut pkt, &mut out[..cap], &mut segs) {
-            assert!(n >= 1 && n <= MAX_SEGMENTS);
+            assert!((1..=MAX_SEGMENTS).contains(&n));
             let mut b = Batch::new(200_000, 256);
             for &(o, l) in &segs[..n] {
                 assert!(b.push(&out[o..o + l]));

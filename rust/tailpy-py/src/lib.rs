@@ -239,6 +239,26 @@ impl PyDevice {
             "handshakes_for_unknown_index",
             s.handshakes_for_unknown_index,
         )?;
+        let o = self.inner.offload_stats();
+        let od = PyDict::new(py);
+        od.set_item("tun_vnet_hdr", o.tun_vnet_hdr)?;
+        od.set_item("tun_tso", o.tun_tso)?;
+        od.set_item("tun_uso", o.tun_uso)?;
+        od.set_item("tun_gro", o.tun_gro)?;
+        od.set_item("udp_gso", o.udp_gso)?;
+        od.set_item("udp_gro", o.udp_gro)?;
+        od.set_item("fallbacks", PyList::new(py, &o.fallbacks)?)?;
+        od.set_item("tun_super_packets_read", o.tun_super_packets_read)?;
+        od.set_item("tun_split_packets", o.tun_split_packets)?;
+        od.set_item("tun_split_errors", o.tun_split_errors)?;
+        od.set_item("tun_super_packets_written", o.tun_super_packets_written)?;
+        od.set_item("tun_coalesced_segments", o.tun_coalesced_segments)?;
+        od.set_item("tun_write_errors", o.tun_write_errors)?;
+        od.set_item("udp_gso_sends", o.udp_gso_sends)?;
+        od.set_item("udp_gso_datagrams", o.udp_gso_datagrams)?;
+        od.set_item("udp_gro_receives", o.udp_gro_receives)?;
+        od.set_item("udp_gro_datagrams", o.udp_gro_datagrams)?;
+        d.set_item("offload", od)?;
         Ok(d)
     }
 

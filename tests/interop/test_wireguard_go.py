@@ -2,7 +2,9 @@
 
 Host A runs a bare tailpy Device (``python -m tailpy.lab.wgnode``), host B runs ``wireguard-go -f``; they
 share a veth link. Each case lets one side initiate the handshake: the responder has no endpoint for the
-initiator and learns it from the handshake, so the direction is forced.
+initiator and learns it from the handshake, so the direction is forced. Each direction runs with tailpy's
+offloads on and with each fallback of :mod:`tailpy.lab.offloads` (driven on host A, tailpy's side), and
+tailpy must report the mode it ran in.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import pytest
 
 from tailpy.lab import Host, Lab, wait_for
+from tailpy.lab.offloads import OFFLOAD_MODES, OffloadMode
 from tailpy.lab.tunnels import TailpyNode, WireguardGo, missing_tools, native_device_reason, wg_keypair
 from tailpy.lab.wgnode import PeerArg
 
@@ -34,9 +37,10 @@ def _ping(host: Host, address: str) -> None:
     host.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", address])
 
 
-def _pair(lab: Lab, initiator: str) -> tuple[Host, Host, TailpyNode, WireguardGo]:
+def _pair(lab: Lab, initiator: str, mode: OffloadMode) -> tuple[Host, Host, TailpyNode, WireguardGo]:
     a, b = lab.host("a"), lab.host("b")
     ip_a, ip_b = lab.link(a, b, subnet="198.51.100.0/30")
+    mode.prepare(a)
     (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
     a_knows_b = f"{ip_b}:{B_PORT}" if initiator == "tailpy" else None
     b_knows_a = f"{ip_a}:{A_PORT}" if initiator == "wireguard-go" else None
@@ -59,9 +63,17 @@ def _pair(lab: Lab, initiator: str) -> tuple[Host, Host, TailpyNode, WireguardGo
     return a, b, node, wg
 
 
+@pytest.mark.parametrize("mode", OFFLOAD_MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("initiator", ["tailpy", "wireguard-go"])
-def test_handshake_ping_and_iperf(lab: Lab, initiator: str) -> None:
-    a, b, node, wg = _pair(lab, initiator)
+def test_handshake_ping_and_iperf(
+    lab: Lab, initiator: str, mode: OffloadMode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reason = mode.missing_tool()
+    if reason:
+        pytest.skip(reason)
+    for key, value in mode.env.items():
+        monkeypatch.setenv(key, value)  # inherited by the wgnode process
+    a, b, node, wg = _pair(lab, initiator, mode)
     if initiator == "tailpy":
         _ping(a, B_TUN)
         _ping(b, A_TUN)
@@ -88,3 +100,7 @@ def test_handshake_ping_and_iperf(lab: Lab, initiator: str) -> None:
     assert (
         bits_per_second > 1e6
     )  # non-trivial: more than 1 Mbit/s went through the tunnel (not a timing test)
+    device = node.stats()["device"]
+    problem = mode.check(device["offload"])
+    assert problem is None, problem
+    assert device["dropped_decrypt"] == 0

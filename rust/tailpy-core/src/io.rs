@@ -987,8 +987,12 @@ impl LinuxUdp {
                         }
                     }
                     Some(libc::EINTR) => {}
-                    Some(libc::EIO) | Some(libc::EINVAL) if spans[k].1 > 1 => {
-                        // The route's device cannot checksum or segment for us: send the rest plain.
+                    Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE)
+                        if spans[k].1 > 1 =>
+                    {
+                        // The kernel refuses GSO on this route (EIO: the device cannot checksum for
+                        // us; EMSGSIZE/EINVAL: a segment exceeds the route's MTU, which a plain send
+                        // fragments): send the rest, and everything after, one datagram per message.
                         self.gso.store(false, Relaxed);
                         self.fallbacks
                             .note(format!("udp: GSO refused ({e}), one datagram per message"));

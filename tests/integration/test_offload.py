@@ -15,6 +15,7 @@ import pytest
 
 from tailpy.lab import Host, Lab, wait_for
 from tailpy.lab.offloads import OFFLOAD_MODES, OffloadMode
+from tailpy.lab.tailnet import LabTailnet
 from tailpy.lab.tunnels import TailpyNode, missing_tools, native_device_reason, wg_keypair
 from tailpy.lab.wgnode import PeerArg
 
@@ -78,3 +79,27 @@ def test_traffic_flows_and_mode_is_reported(
         assert problem is None, f"{node.host.name}: {problem}"
         assert device["offload"]["tun_split_errors"] == 0
         assert device["dropped_decrypt"] == 0
+
+
+@pytest.mark.parametrize("tun_offload", ["on", "0"])
+def test_status_json_says_which_offloads_run(
+    lab: Lab, tun_offload: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tailpy status --json`` carries the device's offload state and fallbacks under ``device.offload``."""
+    reason = native_device_reason()
+    if reason:
+        pytest.skip(reason)
+    if tun_offload != "on":
+        monkeypatch.setenv("TAILPY_TUN_OFFLOAD", tun_offload)  # inherited by tailpyd
+    net = LabTailnet(lab)
+    net.start_control()
+    a, b = net.connected("a", "b")
+    a.ping(b.ip(), count=1)
+    offload = a.status()["device"]["offload"]
+    assert offload["udp_gso"] and offload["udp_gro"]
+    if tun_offload == "on":
+        assert offload["tun_vnet_hdr"] and offload["tun_tso"]
+        assert offload["fallbacks"] == []
+    else:
+        assert not offload["tun_vnet_hdr"]
+        assert any("TAILPY_TUN_OFFLOAD" in f for f in offload["fallbacks"])

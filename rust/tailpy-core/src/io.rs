@@ -824,13 +824,9 @@ impl LinuxUdp {
                 (s, false)
             }
         };
-        let rcvbuf: usize = std::env::var("TAILPY_EXP_RCVBUF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(RECV_BUFFER);
-        let _ = sock.set_recv_buffer_size(rcvbuf);
+        let _ = sock.set_recv_buffer_size(RECV_BUFFER);
         let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-        force_buffer(sock.as_raw_fd(), libc::SO_RCVBUFFORCE, rcvbuf);
+        force_buffer(sock.as_raw_fd(), libc::SO_RCVBUFFORCE, RECV_BUFFER);
         force_buffer(sock.as_raw_fd(), libc::SO_SNDBUFFORCE, SOCKET_BUFFER);
         let fallbacks = Fallbacks::default();
         let raw = sock.as_raw_fd();
@@ -1125,6 +1121,8 @@ impl Udp for LinuxUdp {
         s.udp_gro_datagrams = self.gro_datagrams.load(Relaxed);
     }
 
+    /// With `UDP_GRO` on, datagrams a sender coalesced (GSO) may arrive here as one bundle; the device
+    /// uses `recv_batch`, which says where to cut them.
     fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
             match self.sock().recv_from(buf) {

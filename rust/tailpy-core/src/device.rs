@@ -1,13 +1,16 @@
 //! `Device`: one node's data plane. A TUN, one UDP socket, a peer table keyed by public key, a
-//! longest-prefix-match table of allowed IPs, and three threads (TUN reader, UDP reader, timers).
+//! longest-prefix-match table of allowed IPs, and four threads (TUN reader, UDP reader, TUN writer,
+//! timers).
 //!
 //! Packets move in batches. The TUN thread reads a batch of IP packets (a super-packet already split by
 //! the transport), encrypts each into one contiguous batch of datagrams per run of packets for one peer,
 //! and hands that batch to the socket (one `sendmmsg`, GSO where it can). The UDP thread receives a batch
 //! (`recvmmsg`, GRO bundles cut at their stride), demultiplexes each datagram (WireGuard to its peer,
 //! STUN/disco to Python's queue), decrypts WireGuard data straight into a batch for the TUN, and writes
-//! that batch once per receive (coalesced per flow by the transport). One thread per direction keeps
-//! each flow in order and lets encryption and decryption run on two cores at once.
+//! that batch once per receive (coalesced per flow by the transport); under bulk traffic it hands full
+//! batches to the TUN writer thread instead, so that the next batch is decrypted while the host runs
+//! its receive path for this one. One thread per direction (plus the writer, fed in order) keeps each
+//! flow in order and lets encryption, decryption and TUN writes run on the cores there are.
 //!
 //! Locking: the device state (peers, index map, routes, keys) sits behind one `RwLock`, read-locked per
 //! batch and write-locked only by configuration calls; each peer's `Tunn` has its own `Mutex`; counters
@@ -29,7 +32,9 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering, Ordering::Relaxed,
+};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -52,6 +57,11 @@ const UDP_RECV_SLOTS: usize = 64;
 /// Bytes and packets of the batch of decrypted packets written to the TUN at once.
 const TUN_WRITE_BYTES: usize = 1 << 20;
 const TUN_WRITE_PACKETS: usize = 1024;
+/// Batches of decrypted packets handed to the TUN writer thread at most at once.
+const TUN_WRITER_DEPTH: usize = 2;
+/// A batch of at least this many packets goes to the TUN writer thread (so that the next batch is
+/// decrypted while it is written); smaller ones, while the writer is idle, are written at once.
+const TUN_WRITER_MIN_PACKETS: usize = 8;
 /// How often timers run.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Items each queue to Python holds before new ones are dropped.
@@ -356,9 +366,25 @@ impl Device {
         let s1 = shared.clone();
         let s2 = shared.clone();
         let s3 = shared.clone();
+        let s4 = shared.clone();
+        let (to_writer, writer_rx) = mpsc::sync_channel::<Batch>(TUN_WRITER_DEPTH);
+        let (writer_back, empties) = mpsc::sync_channel::<Batch>(TUN_WRITER_DEPTH);
+        for _ in 0..TUN_WRITER_DEPTH {
+            let _ = writer_back.send(Batch::new(TUN_WRITE_BYTES, TUN_WRITE_PACKETS));
+        }
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let pipe = Pipe {
+            to_writer,
+            empties,
+            in_flight: in_flight.clone(),
+        };
         let threads = vec![
             spawn("tailpy-tun", Box::new(move || s1.tun_loop()))?,
-            spawn("tailpy-udp", Box::new(move || s2.udp_loop()))?,
+            spawn("tailpy-udp", Box::new(move || s2.udp_loop(pipe)))?,
+            spawn(
+                "tailpy-tunw",
+                Box::new(move || s4.tun_writer(writer_rx, writer_back, in_flight)),
+            )?,
             spawn("tailpy-timers", Box::new(move || s3.timer_loop(stop_rx)))?,
         ];
         Ok(Device {
@@ -667,6 +693,8 @@ struct Bufs {
     /// Decrypted packets for the TUN.
     tun: Batch,
     gro: GroTable,
+    /// The TUN writer thread, for the UDP thread's full batches.
+    pipe: Option<Pipe>,
 }
 
 impl Bufs {
@@ -677,8 +705,19 @@ impl Bufs {
             out: Batch::new(UDP_OUT_BYTES, UDP_OUT_PACKETS),
             tun: Batch::new(tun_bytes, tun_packets),
             gro: GroTable::new(),
+            pipe: None,
         }
     }
+}
+
+/// The UDP thread's end of the TUN writer thread: full batches go out on `to_writer`, written (empty)
+/// ones come back on `empties`; `in_flight` counts batches handed over and not yet written. A batch is
+/// written by the UDP thread itself only while nothing is in flight, so packets reach the TUN in the
+/// order they were decrypted.
+struct Pipe {
+    to_writer: mpsc::SyncSender<Batch>,
+    empties: mpsc::Receiver<Batch>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -829,16 +868,52 @@ impl Shared {
         true
     }
 
-    /// Write the decrypted packets in `bufs.tun` to the TUN, and empty it.
+    /// Write the decrypted packets in `bufs.tun` to the TUN, or hand them to the TUN writer thread, and
+    /// leave `bufs.tun` empty. Large batches (bulk traffic) go to the writer so that decryption of the
+    /// next one overlaps the write (which runs the host's receive path: TCP, socket wakeups); small ones
+    /// are written at once while the writer is idle, sparing interactive packets a thread handoff.
     fn flush_tun(&self, bufs: &mut Bufs) {
-        if !bufs.tun.is_empty() {
-            self.tun.send_batch(&mut bufs.tun, &mut bufs.gro);
-            bufs.tun.clear();
+        if bufs.tun.is_empty() {
+            return;
+        }
+        if let Some(pipe) = &bufs.pipe {
+            let busy = pipe.in_flight.load(Ordering::Acquire) > 0;
+            if busy || bufs.tun.len() >= TUN_WRITER_MIN_PACKETS {
+                if let Ok(empty) = pipe.empties.recv() {
+                    let full = std::mem::replace(&mut bufs.tun, empty);
+                    pipe.in_flight.fetch_add(1, Ordering::AcqRel);
+                    if pipe.to_writer.send(full).is_ok() {
+                        return;
+                    }
+                    pipe.in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        self.tun.send_batch(&mut bufs.tun, &mut bufs.gro);
+        bufs.tun.clear();
+    }
+
+    /// The TUN writer thread: write the batches the UDP thread hands over, in order, and hand them back.
+    fn tun_writer(
+        &self,
+        full: mpsc::Receiver<Batch>,
+        back: mpsc::SyncSender<Batch>,
+        in_flight: Arc<AtomicUsize>,
+    ) {
+        let mut gro = GroTable::new();
+        while let Ok(mut batch) = full.recv() {
+            self.tun.send_batch(&mut batch, &mut gro);
+            batch.clear();
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            if back.send(batch).is_err() {
+                break;
+            }
         }
     }
 
-    fn udp_loop(&self) {
+    fn udp_loop(&self, pipe: Pipe) {
         let mut bufs = Bufs::new(TUN_WRITE_BYTES, TUN_WRITE_PACKETS);
+        bufs.pipe = Some(pipe);
         let mut rx = RecvBatch::new(UDP_RECV_SLOTS, MAX_PACKET);
         while !self.stopped.load(Relaxed) {
             match self.udp.recv_batch(&mut rx) {

@@ -226,7 +226,7 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
             await c.register(nk, "joiner", key)
             it = c.stream_messages(nk, ["198.51.100.9:9"], "joiner")
             await it.__anext__()
-            await it.aclose()  # type: ignore[attr-defined]
+            await it.aclose()
             await c.close()
             return begin, nk.text()
 

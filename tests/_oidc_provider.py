@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from authlib.common.security import generate_token
-from authlib.common.urls import add_params_to_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from authlib.common.security import generate_token  # type: ignore[import-untyped]
+from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
+from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 

@@ -109,10 +109,12 @@ def test_names_resolve_on_every_node_ping_by_name_and_resolv_conf_restored(
         conf = resolv_conf_path(n.host).read_text()
         assert "nameserver 100.100.100.100" in conf and f"search {DOMAIN} lab.example" in conf, conf
         assert "options timeout:2" in conf
+
         # Both listeners on every node (the IPv6 one used to fail at random: its address was tentative).
-        wait_for(
-            lambda n=n: len(n.status()["dns"]["listening"]) == 2, timeout=30, what=f"{n.name}'s listeners"
-        )
+        def both_listening(n: LabNode = n) -> bool:
+            return len(n.status()["dns"]["listening"]) == 2
+
+        wait_for(both_listening, timeout=30, what=f"{n.name}'s listeners")
         assert n.status()["dns"]["error"] == ""
         for name, ip in ips.items():
             assert short(n, "@100.100.100.100", f"{name}.{DOMAIN}") == [ip], (n.name, name)
@@ -305,11 +307,15 @@ def test_dead_first_nameserver_fails_over_quickly(tailnet: LabTailnet, resolvers
     for dead in ("192.0.2.99", f"{UPSTREAM}:5399"):
         tailnet.control("dns", "set", "--nameserver", dead, "--nameserver", UPSTREAM)
         for name in ("www.example", "big.example"):
+
+            def answered(name: str = name) -> bool:
+                return short(a, "+time=1", "+tries=1", "@100.100.100.100", name)[:1] in (
+                    ["198.51.100.10"],
+                    ["198.18.0.1"],
+                )
+
             wait_for(
-                lambda name=name: (
-                    short(a, "+time=1", "+tries=1", "@100.100.100.100", name)[:1]
-                    in (["198.51.100.10"], ["198.18.0.1"])
-                ),
+                answered,
                 timeout=30,
                 what=f"{name} through the second nameserver",
             )

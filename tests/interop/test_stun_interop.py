@@ -130,4 +130,4 @@ async def test_tailpy_client_and_netcheck_against_tailscale_stund() -> None:
         reply, _ = answer(minimal, ("127.0.0.1", 1))
         assert reply is not None and stun.parse(reply).mapped_address == ("127.0.0.1", 1)
     finally:
-        stop_process(proc)  # type: ignore[arg-type]
+        stop_process(proc)

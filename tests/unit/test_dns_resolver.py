@@ -13,6 +13,7 @@ import dns.name
 import dns.opcode
 import dns.rcode
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -175,17 +176,19 @@ def test_extra_records() -> None:
 def big_response(n: int = 200) -> dns.message.Message:
     q = dns.message.make_query("big.example", "A")
     resp = dns.message.make_response(q)
-    rr = dns.rrset.RRset(dns.name.from_text("big.example."), 1, 1)
+    rr = dns.rrset.RRset(dns.name.from_text("big.example."), dns.rdataclass.IN, dns.rdatatype.A)
     for i in range(n):
-        rr.add(dns.rdata.from_text(1, 1, f"198.18.{i // 250}.{i % 250 + 1}"), 60)
+        rr.add(
+            dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, f"198.18.{i // 250}.{i % 250 + 1}"), 60
+        )
     resp.answer.append(rr)
     return resp
 
 
 @pytest.mark.parametrize("edns,limit", [(None, 512), (1232, 1232), (4096, 4096)])
 def test_c26_udp_truncated_at_record_boundary_within_limit(edns: int | None, limit: int) -> None:
-    q = dns.message.make_query("big.example", "A", use_edns=edns is not None, payload=edns or 1232)
-    q = dns.message.from_wire(q.to_wire())
+    query = dns.message.make_query("big.example", "A", use_edns=edns is not None, payload=edns or 1232)
+    q = dns.message.from_wire(query.to_wire())
     assert udp_limit(q) == limit
     r = Resolver()
     wire = r.relay(q, big_response(), udp_limit(q))
@@ -292,9 +295,9 @@ def test_other_opcodes_get_notimp(opcode: dns.opcode.Opcode) -> None:
 def _answer(name: str = "www.example", n: int = 3) -> bytes:
     q = dns.message.make_query(name, "A", use_edns=0)
     resp = dns.message.make_response(q)
-    rr = dns.rrset.RRset(dns.name.from_text(name), 1, 1)
+    rr = dns.rrset.RRset(dns.name.from_text(name), dns.rdataclass.IN, dns.rdatatype.A)
     for i in range(n):
-        rr.add(dns.rdata.from_text(1, 1, f"198.51.100.{i + 1}"), 60)
+        rr.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, f"198.51.100.{i + 1}"), 60)
     resp.answer.append(rr)
     resp.authority.append(dns.rrset.from_text(name + ".", 60, "IN", "MX", f"10 mail.{name}."))
     return resp.to_wire()

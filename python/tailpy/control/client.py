@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -307,7 +307,7 @@ class ControlClient:
         resume: tuple[str, int] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
-    ) -> AsyncIterator[MapMessage]:
+    ) -> AsyncGenerator[MapMessage, None]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
         (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
         of the last message applied, to get a delta since then instead of a full netmap (the server decides:
@@ -370,7 +370,7 @@ class ControlClient:
         *,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
-    ) -> AsyncIterator[NetMap]:
+    ) -> AsyncGenerator[NetMap, None]:
         """Open the map stream and yield the full netmap after each message the server sends: the netmap
         first, then the netmap with each delta applied (keepalives are consumed here).
 

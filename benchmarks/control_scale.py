@@ -1,6 +1,6 @@
 """Control server scale: N simulated nodes streaming their netmaps from one `tailpy control serve` process.
 
-    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--json]
+    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--json] [--smoke]
 
 The server is a real subprocess on 127.0.0.1 with its own state dir. Simulated nodes live in ``--workers``
 separate processes (each holding thousands of streams): each has its own machine key and NaCl boxes and talks
@@ -13,6 +13,8 @@ netmaps are not parsed into Node objects). Measured, per N:
   peak RSS (VmHWM, MiB).
 
 Clients and server share the machine's cores, so figures are upper bounds of the server's own latency.
+Exits 1 when some node never saw the change or the join within ``--timeout``. ``--smoke``: 20 nodes in one
+client process, a check (in seconds) that the benchmark still works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -268,24 +270,34 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
         log.close()
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="1000,10000", help="comma-separated node counts")
     ap.add_argument("--workers", type=int, default=4, help="client processes")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a delta everywhere")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--smoke", action="store_true", help="20 nodes, 1 worker: check it still runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.nodes, args.workers, args.timeout = "20", 1, 30.0
     raise_nofile()
     rows = [run(int(n), args.workers, args.timeout) for n in args.nodes.split(",")]
+    short = [
+        r["nodes"] for r in rows if r["change_received"] < r["expected"] or r["join_received"] < r["expected"]
+    ]
+    if short:
+        print(f"control_scale: some nodes missed the change or the join with {short} nodes", file=sys.stderr)
+    status = 1 if short else 0
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+        return status
     cols = list(rows[0])
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
     print(f"({os.cpu_count()} cores shared by the server and the client processes)")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -71,8 +71,9 @@ def _verdict(value: bool | None, fresh: bool) -> str:
 
 
 def _endpoint(endpoint: str, fresh: bool) -> str:
-    """``yes, IP:PORT`` for an endpoint this run found; a carried-over one (C17) is labelled instead, as
-    the kept verdicts are: no server of that family answered this run."""
+    """``yes, IP:PORT`` for an endpoint this run found; one carried over from an earlier run (see
+    :data:`tailpy.magicsock.netcheck.KEEP_ENDPOINT_FOR`) is labelled instead, as the kept verdicts are: no
+    server of that family answered this run."""
     return f"yes, {endpoint}" if fresh else f"{endpoint} {KEPT}"
 
 

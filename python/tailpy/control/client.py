@@ -237,11 +237,12 @@ class ControlClient:
     async def login_poll(
         self, node_key: NodePublic, hostname: str, *, os: str = "", wait: float = 25.0
     ) -> LoginAnswer:
-        """Register with no auth key, interactively (issue 7): the server answers at once with the node when
-        the machine needs no login, else holds the request up to ``wait`` seconds and answers the login URL
-        to show the user, or that the user signed in and an admin's approval is awaited, or the node once the
-        login is done. Call again until :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server
-        has no interactive login (the sentence asks for an auth key), ControlError."""
+        """Register with no auth key, interactively (an OpenID Connect login, :mod:`tailpy.control.oidc`):
+        the server answers at once with the node when the machine needs no login, else holds the request up
+        to ``wait`` seconds and answers the login URL to show the user, or that the user signed in and an
+        admin's approval is awaited, or the node once the login is done. Call again until
+        :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server has no interactive login (the
+        sentence asks for an auth key), ControlError."""
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname, "interactive": True}
         body["wait"] = wait
         if os:

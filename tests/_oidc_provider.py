@@ -2,7 +2,7 @@
 
 Dex cannot be built here with ``go install`` (the Go module proxy serves only dex v2.13.0+incompatible from
 2019: later releases have a go.mod without the /v2 suffix, so no tag can be installed, and branch queries
-are refused), so the tests run this provider instead, as the issue allows.
+are refused), so the tests run this provider instead.
 
 What it implements (OpenID Connect Core 1.0, code flow): discovery at ``/.well-known/openid-configuration``,
 keys at ``/keys`` (one RSA key, RS256), ``/auth`` (a username/password form; a successful POST redirects to

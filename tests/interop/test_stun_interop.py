@@ -111,7 +111,8 @@ async def test_tailpy_client_and_netcheck_against_tailscale_stund() -> None:
             assert report.udp and report.global_v4 == f"127.0.0.1:{sock.port}"
             assert 1 in report.region_latency
 
-        # Field case C01 (b): Tailscale's server ignores a request without FINGERPRINT; tailpy's answers it.
+        # Tailscale's server ignores a request without FINGERPRINT (tailscale/tailscale#4177); tailpy's
+        # answers it.
         minimal = bytes.fromhex("000100002112a442b7e7a701bc34d686fa87dfae")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.3)

@@ -1,4 +1,5 @@
-"""netcheck (tailpy.magicsock.netcheck): field case C17 with a fake clock, preferred-region hysteresis,
+"""netcheck (tailpy.magicsock.netcheck): endpoint-dependent mapping detection that does not flap
+(tailscale/tailscale#1559) with a fake clock, preferred-region hysteresis,
 endpoint carry-over, and a run over a real StunRunner whose transport loses first attempts."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def probe(t: nc.StunTarget, mapped: tuple[str, int] | None, rtt: float | None = 
     )
 
 
-def test_c17_mapping_varies_flapping_keeps_previous_verdict() -> None:
+def test_mapping_varies_flapping_keeps_previous_verdict() -> None:
     h = nc.Netcheck()
     now = 1_000.0
     # (1) two servers on different IPs see the same ip:port: not varying
@@ -42,7 +43,7 @@ def test_c17_mapping_varies_flapping_keeps_previous_verdict() -> None:
     assert r.udp is False
 
 
-def test_c17_unknown_from_the_start_is_none() -> None:
+def test_mapping_varies_unknown_from_the_start_is_none() -> None:
     r = nc.Netcheck().report([probe(A, ("203.0.113.5", 41641)), probe(B, None)], now=0.0)
     assert r.mapping_varies_by_dest_ip is None and not r.mapping_varies_fresh
     assert r.to_json()["mapping_varies_by_dest_ip"] is None
@@ -129,7 +130,7 @@ def test_stun_targets_from_a_derp_map() -> None:
     ]
 
 
-async def test_c17_probe_is_retransmitted_before_it_counts_as_lost() -> None:
+async def test_probe_is_retransmitted_before_it_counts_as_lost() -> None:
     """A run over a real StunRunner whose transport drops the first request to each server: the
     retransmission is answered, so both servers count and the verdict is fresh."""
     sent: dict[str, int] = {}

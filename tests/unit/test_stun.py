@@ -1,5 +1,6 @@
 """STUN codec (tailpy.proto.stun), server logic (tailpy.derp.stun_server.answer) and client transactions
-(tailpy.magicsock.stun): RFC 5769 vectors, field cases C01, C02, C04, RFC 8489 retransmission, fuzzing."""
+(tailpy.magicsock.stun): RFC 5769 vectors, comprehension-required attributes (RFC 8489 §14), RFC 8489
+retransmission, fuzzing."""
 
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ from tailpy.proto import stun
 TXID = bytes.fromhex("b7e7a701bc34d686fa87dfae")
 PASSWORD = "VOkJxbRl1RmTxUk/WvJxBt"
 
-# RFC 5769 §2.1 (C01)
+# RFC 5769 §2.1
 REQUEST = bytes.fromhex(
     "000100582112a442b7e7a701bc34d686fa87dfae802200105354554e207465737420636c69656e74002400046e0001ff"
     "80290008932ff9b151263b36000600096576746a3a68367659202020000800149aeaa70cbfd8cb56781ef2b5b2d3f249"
     "c1b571a280280004e57a3bcf"
 )
-# RFC 5769 §2.2 and §2.3 (C02)
+# RFC 5769 §2.2 and §2.3
 RESPONSE_V4 = bytes.fromhex(
     "0101003c2112a442b7e7a701bc34d686fa87dfae8022000b7465737420766563746f7220002000080001a147e112a643"
     "000800142b91f599fd9e90c38c7489f92af9ba53f06be7d780280004c07d4c96"
@@ -44,10 +45,10 @@ REQUEST_LONG_TERM = bytes.fromhex(
 CLIENT_ADDR = ("192.0.2.1", 32853)
 
 
-# --- C01: the request vector -------------------------------------------------------------------------
+# --- RFC 5769 §2.1: the request vector -------------------------------------------------------------------
 
 
-def test_c01_request_vector() -> None:
+def test_rfc5769_request_vector() -> None:
     m = stun.parse(REQUEST)
     assert (m.method, m.cls, m.txid) == (stun.BINDING, stun.MessageClass.REQUEST, TXID)
     assert len(REQUEST) == 108 and len(REQUEST) - stun.HEADER_LEN == 88
@@ -69,7 +70,7 @@ def test_c01_request_vector() -> None:
     assert rebuilt == REQUEST
 
 
-def test_c01a_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
+def test_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
     bad = bytearray(REQUEST)
     assert bad[34] == 0x63
     bad[34] = 0x43  # "client" -> "Client"
@@ -91,7 +92,7 @@ def test_c01a_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
     ],
     ids=["minimal", "minimal+fingerprint", "rfc5769"],
 )
-def test_c01b_requests_with_or_without_fingerprint_are_answered(request_hex: str) -> None:
+def test_requests_with_or_without_fingerprint_are_answered(request_hex: str) -> None:
     reply, disposition = answer(bytes.fromhex(request_hex), CLIENT_ADDR)
     assert disposition == "success" and reply is not None
     r = stun.parse(reply)
@@ -100,7 +101,7 @@ def test_c01b_requests_with_or_without_fingerprint_are_answered(request_hex: str
     assert r.get(stun.XOR_MAPPED_ADDRESS) is not None and r.has_fingerprint and r.software
 
 
-def test_c01_wrong_fingerprint_is_dropped() -> None:
+def test_wrong_fingerprint_is_dropped() -> None:
     req = bytes.fromhex("000100082112a442b7e7a701bc34d686fa87dfae80280004fdf6ae03")
     assert answer(req, CLIENT_ADDR) == (None, "bad_fingerprint")
 
@@ -116,7 +117,7 @@ def test_rfc5769_long_term_vector() -> None:
     assert m.encode() == REQUEST_LONG_TERM
 
 
-# --- C02: the response vectors -------------------------------------------------------------------------
+# --- RFC 5769 §2.2, §2.3: the response vectors -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -127,7 +128,7 @@ def test_rfc5769_long_term_vector() -> None:
     ],
     ids=["ipv4", "ipv6"],
 )
-def test_c02_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) -> None:
+def test_rfc5769_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) -> None:
     m = stun.parse(vector)
     assert (m.cls, m.txid) == (stun.MessageClass.SUCCESS, TXID)
     assert m.software == "test vector"
@@ -139,7 +140,7 @@ def test_c02_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) 
     assert stun.address_attr(mapped, TXID).value == m.get(stun.XOR_MAPPED_ADDRESS)
 
 
-def test_c02_reply_with_another_txid_is_not_matched() -> None:
+def test_reply_with_another_txid_is_not_matched() -> None:
     tx = client.Transactions()
     other = bytes(12)
     start = tx.start("192.0.2.9:3478", now=0.0, txid=other)
@@ -164,10 +165,10 @@ def test_mapped_address_fallback() -> None:
     assert stun.parse(both).mapped_address == CLIENT_ADDR
 
 
-# --- C04: comprehension-required vs optional --------------------------------------------------------------
+# --- RFC 8489 §14: comprehension-required vs optional ----------------------------------------------------
 
 
-def test_c04_unknown_required_attribute_gets_420() -> None:
+def test_unknown_required_attribute_gets_420() -> None:
     req = bytes.fromhex("000100082112a442b7e7a701bc34d686fa87dfae7ffe000400000000")
     reply, disposition = answer(req, CLIENT_ADDR)
     assert disposition == "unknown_attribute" and reply is not None
@@ -179,7 +180,7 @@ def test_c04_unknown_required_attribute_gets_420() -> None:
     assert r.mapped_address is None
 
 
-def test_c04_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
+def test_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
     resp = bytes.fromhex("010100142112a442b7e7a701bc34d686fa87dfaec057000400010000002000080001a147e112a643")
     m = stun.parse(resp)
     assert m.unknown_required() == []
@@ -194,13 +195,13 @@ def test_c04_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
     assert result.rtt == pytest.approx(0.25)
 
 
-def test_c04_optional_attribute_in_request_is_answered() -> None:
+def test_optional_attribute_in_request_is_answered() -> None:
     req = stun.encode(stun.BINDING, stun.MessageClass.REQUEST, TXID, [stun.Attribute(0xC057, b"\0\1\0\0")])
     reply, disposition = answer(req, CLIENT_ADDR)
     assert disposition == "success" and reply is not None
 
 
-def test_c04_success_with_unknown_required_attribute_fails_the_transaction() -> None:
+def test_success_with_unknown_required_attribute_fails_the_transaction() -> None:
     resp = stun.encode(
         stun.BINDING,
         stun.MessageClass.SUCCESS,

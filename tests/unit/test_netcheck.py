@@ -216,7 +216,7 @@ async def test_mapped_endpoint_is_reported_before_the_hairpin_check_ends() -> No
     assert report.global_v4 == "203.0.113.5:41641" and report.hairpinning is False
 
 
-def test_c17_carried_over_endpoint_is_labelled_in_text_and_json() -> None:
+def test_carried_over_endpoint_is_labelled_in_text_and_json() -> None:
     from tailpy.cli.netcheck import format_report
 
     h = nc.Netcheck(keep_endpoint_for=300)

@@ -73,15 +73,12 @@ def build_load_generator() -> Path:
     for name in ("main.go", "go.mod", "go.sum"):
         digest.update((LOAD_DIR / name).read_bytes())
     out = cache_dir(TAILSCALE_VERSION).parent / f"derpload-{digest.hexdigest()[:12]}" / "derpload"
-    if out.is_file():
-        return out
-    go = shutil.which("go")
-    if go is None:
-        raise TailpyError("no Go toolchain ('go' on PATH) to build benchmarks/derpload")
-    out.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out.parent):  # another process may be building it right now
         if out.is_file():
             return out
+        go = shutil.which("go")
+        if go is None:
+            raise TailpyError("no Go toolchain ('go' on PATH) to build benchmarks/derpload")
         env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
         partial = out.with_name(out.name + ".partial")
         done = subprocess.run(

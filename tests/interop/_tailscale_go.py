@@ -72,17 +72,12 @@ def build_tailscale_tools(version: str = TAILSCALE_VERSION) -> GoTools | str:
     out = cache_dir(version)
     derper, derpprobe = out / "derper", out / "derpprobe"
 
-    def cached() -> bool:
-        return all(b.is_file() and os.access(b, os.X_OK) for b in (derper, derpprobe))
-
-    if cached():
-        return GoTools(derper, derpprobe, version, 0.0)
-    go = shutil.which("go")
-    if go is None:
-        return "no Go toolchain ('go' is not on PATH) to build Tailscale's derper and derpprobe"
-    with build_lock(out):
-        if cached():
+    with build_lock(out):  # a binary another process is still writing is never taken for a built one
+        if all(b.is_file() and os.access(b, os.X_OK) for b in (derper, derpprobe)):
             return GoTools(derper, derpprobe, version, 0.0)
+        go = shutil.which("go")
+        if go is None:
+            return "no Go toolchain ('go' is not on PATH) to build Tailscale's derper and derpprobe"
         return _go_install(go, out, version)
 
 

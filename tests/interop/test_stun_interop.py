@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from _tailscale_go import BUILD_TIMEOUT, TAILSCALE_VERSION, _last_error_line, cache_dir, stop_process
+from _tailscale_go import (
+    BUILD_TIMEOUT,
+    TAILSCALE_VERSION,
+    _last_error_line,
+    build_lock,
+    cache_dir,
+    stop_process,
+)
 
 from tailpy.derp.stun_server import StunServer
 from tailpy.magicsock import netcheck
@@ -28,35 +35,35 @@ def _tools() -> tuple[Path, Path]:
     """stunc and stund at the pinned version (built once per machine), or skip saying why."""
     out = cache_dir(TAILSCALE_VERSION)
     stunc, stund = out / "stunc", out / "stund"
-    if stunc.is_file() and stund.is_file() and os.access(stunc, os.X_OK) and os.access(stund, os.X_OK):
-        return stunc, stund
-    go = shutil.which("go") or (
-        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
-    )
-    if go is None:
-        pytest.skip("no Go toolchain ('go' is not on PATH) to build Tailscale's stunc and stund")
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GOBIN=str(out), GOFLAGS="-mod=mod", GOTOOLCHAIN="local", CGO_ENABLED="0")
-    try:
-        proc = subprocess.run(
-            [
-                go,
-                "install",
-                f"tailscale.com/cmd/stunc@{TAILSCALE_VERSION}",
-                f"tailscale.com/cmd/stund@{TAILSCALE_VERSION}",
-            ],
-            env=env,
-            cwd=out,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-            check=False,
+    with build_lock(out):  # parallel test workers build them once
+        if all(b.is_file() and os.access(b, os.X_OK) for b in (stunc, stund)):
+            return stunc, stund
+        go = shutil.which("go") or (
+            "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
         )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"building Tailscale's stunc/stund {TAILSCALE_VERSION} took over {BUILD_TIMEOUT:g} s")
-    if proc.returncode != 0 or not stunc.is_file() or not stund.is_file():
-        pytest.skip(f"go install of Tailscale's stunc/stund failed: {_last_error_line(proc.stderr)}")
+        if go is None:
+            pytest.skip("no Go toolchain ('go' is not on PATH) to build Tailscale's stunc and stund")
+        env = dict(os.environ, GOBIN=str(out), GOFLAGS="-mod=mod", GOTOOLCHAIN="local", CGO_ENABLED="0")
+        try:
+            proc = subprocess.run(
+                [
+                    go,
+                    "install",
+                    f"tailscale.com/cmd/stunc@{TAILSCALE_VERSION}",
+                    f"tailscale.com/cmd/stund@{TAILSCALE_VERSION}",
+                ],
+                env=env,
+                cwd=out,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"building Tailscale's stunc/stund {TAILSCALE_VERSION} took over {BUILD_TIMEOUT:g} s")
+        if proc.returncode != 0 or not stunc.is_file() or not stund.is_file():
+            pytest.skip(f"go install of Tailscale's stunc/stund failed: {_last_error_line(proc.stderr)}")
     return stunc, stund
 
 

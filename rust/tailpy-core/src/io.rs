@@ -719,12 +719,13 @@ pub const SOCKET_BUFFER: usize = 8 << 20;
 /// Receive buffer size asked for (forced as root; the kernel doubles it for bookkeeping). This buffer is
 /// where datagrams wait when the receive thread falls behind (descheduled on a busy host, or simply
 /// slower than the sender: it also runs the host's TCP receive path in its TUN writes), so it is both a
-/// queue every tunnelled flow shares and what absorbs bursts. Sized in bytes, it bounds the delay: with
-/// UDP GSO a sender bursts 64 KiB bundles, and 256 KiB (~8 bundles) dropped ~9 % of a TCP stream's
-/// datagrams on a loaded 2-core host, which TCP then resent; 4 MiB (8 MiB effective, ~20 ms at 3 Gbit/s)
-/// drops next to none there while ping under load stays below wireguard-go's (which asks for 7 MiB).
-/// Measured with `benchmarks/throughput.py` on a 2-vCPU VM, netns + veth, MTU 1420.
-pub const RECV_BUFFER: usize = 4 << 20;
+/// queue every tunnelled flow shares and what absorbs bursts. With UDP GSO a sender bursts 64 KiB
+/// bundles, and a drop loses a whole bundle: 256 KiB (~8 bundles) dropped ~9 % of one TCP stream's
+/// datagrams on a loaded 2-core host, 4 MiB still dropped bundles of 4 parallel streams; at 8 MiB
+/// (wireguard-go asks for 7 MiB) none were dropped while ping under load (p99 ~25-30 ms there) stayed
+/// well below wireguard-go's. Measured with iperf3 and ping through two bare nodes on a 2-vCPU VM,
+/// netns + veth, MTU 1420.
+pub const RECV_BUFFER: usize = 8 << 20;
 
 /// A UDP socket bound to `[::]:port` accepting IPv4 too (falls back to `0.0.0.0:port` without IPv6).
 ///

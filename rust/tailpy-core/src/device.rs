@@ -807,10 +807,6 @@ impl Shared {
                 }
             }
             run = Some(peer.clone());
-            if !bufs.out.has_room(packet.len() + WG_OVERHEAD) {
-                self.counters.dropped_no_route.fetch_add(1, Relaxed);
-                continue;
-            }
             let res = peer.tunn.lock().encapsulate(packet, bufs.out.spare());
             if let TunnResult::WriteToNetwork(d) = res {
                 let n = d.len();

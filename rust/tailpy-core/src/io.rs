@@ -600,9 +600,11 @@ impl Tun for LinuxTun {
         } else {
             MAX_READ
         };
+        // Room for the most packets one read can split into.
+        let slots = if self.vnet { MAX_SEGMENTS } else { 1 };
         let mut added = 0;
         let mut block = true;
-        while batch.remaining() >= need && !batch.is_full() {
+        while batch.remaining() >= need && batch.packets_left() >= slots {
             let k = if self.vnet {
                 self.read_vnet(batch, block)?
             } else {

@@ -1,6 +1,8 @@
 //! In-memory `Tun` and `Udp` for tests: a TUN is a pair of channels, UDP sockets live on a `MemNet`
-//! that routes datagrams by address (and can move a socket to a new address, to test roaming).
+//! that routes datagrams by address (and can move a socket to a new address, to test roaming). Batched
+//! reads take everything already queued (up to the batch's room), as the Linux transports do.
 
+use crate::batch::{Batch, RecvBatch, RecvMeta};
 use crate::io::{Tun, Udp};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -84,6 +86,20 @@ impl Tun for MemTun {
         Ok(())
     }
 
+    fn recv_batch(&self, batch: &mut Batch) -> io::Result<usize> {
+        let n = self.recv(batch.spare())?;
+        batch.commit(n);
+        let rx = self.outbound.lock();
+        let mut added = 1;
+        // Only while any packet fits, so that none is taken and then dropped.
+        while !batch.is_full() && batch.remaining() >= crate::io::MAX_READ {
+            let Ok(p) = rx.try_recv() else { break };
+            batch.push(&p);
+            added += 1;
+        }
+        Ok(added)
+    }
+
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
     }
@@ -162,6 +178,30 @@ impl Udp for MemUdp {
                 Err(RecvTimeoutError::Disconnected) => return Err(closed()),
             }
         }
+    }
+
+    fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.clear();
+        let (n, from) = self.recv_from(batch.slot_mut(0))?;
+        batch.push_meta(RecvMeta {
+            len: n,
+            stride: n,
+            from,
+        });
+        let rx = self.rx.lock();
+        while batch.len() < batch.slots() {
+            let Ok((d, from)) = rx.try_recv() else { break };
+            let i = batch.len();
+            let slot = batch.slot_mut(i);
+            let n = d.len().min(slot.len());
+            slot[..n].copy_from_slice(&d[..n]);
+            batch.push_meta(RecvMeta {
+                len: n,
+                stride: n,
+                from,
+            });
+        }
+        Ok(batch.len())
     }
 
     fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {

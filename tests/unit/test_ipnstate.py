@@ -3,6 +3,7 @@ README "Status JSON" documents), and parsed back by the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tailpy import netmap as nm
 from tailpy.daemon.backend import Backend
@@ -458,3 +461,45 @@ def test_not_a_status_is_a_parse_error(obj: object) -> None:
         Status.from_json(obj)
     with pytest.raises(ParseError):
         PingReply.from_json(obj)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@given(_json)
+@settings(max_examples=300, deadline=None)
+def test_fuzz_parsers_raise_only_parse_errors(obj: object) -> None:
+    for parse in (Status.from_json, PeerStatus.from_json, PingReply.from_json, TraversalStatus.from_json):
+        with contextlib.suppress(ParseError):
+            parse(obj)
+
+
+@given(st.sampled_from(["self", "peers", "derp", "traversal", "now", "device"]), _json)
+@settings(max_examples=300, deadline=None)
+def test_fuzz_one_field_of_a_real_status(key: str, value: object) -> None:
+    doc = {**_STATUS_DOC, key: value}
+    with contextlib.suppress(ParseError):
+        Status.from_json(doc)
+
+
+_STATUS_DOC: dict[str, Any] = {
+    **EXPECTED_STATUS,
+    "self": {
+        **EXPECTED_STATUS["self"],
+        "node_key": NodePublic(bytes([1]) * 32).text(),
+        "machine_key": MachinePublic(bytes([101]) * 32).text(),
+        "disco_key": DiscoPublic(bytes([7]) * 32).text(),
+    },
+    "derp": DERP_JSON,
+    "traversal": TRAVERSAL_JSON,
+}
+
+
+def test_the_fuzzed_status_parses() -> None:
+    assert Status.from_json(_STATUS_DOC).to_json() == _STATUS_DOC

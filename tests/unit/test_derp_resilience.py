@@ -1,4 +1,5 @@
-"""DERP reconnect backoff, liveness and error wording.
+"""DERP reconnect backoff (no reconnect storms: tailscale/tailscale#109), liveness of a silent connection,
+Health frames, and error wording.
 
 Real sockets on 127.0.0.1: a real DerpServer, a scripted server that closes right after login, and a TCP
 proxy that can go silent (swallow everything both ways) to stand for a relay whose path died."""
@@ -75,7 +76,7 @@ async def _close_after_login_server() -> tuple[asyncio.Server, list[float]]:
     return await asyncio.start_server(handle, "127.0.0.1", 0), accepted
 
 
-async def test_immediate_close_after_login_backs_off_c19() -> None:
+async def test_immediate_close_after_login_backs_off() -> None:
     """A server closing each connection right after login sees growing delays, not a flat 0.25-0.5 s."""
     srv, _accepted = await _close_after_login_server()
     port = srv.sockets[0].getsockname()[1]
@@ -164,7 +165,7 @@ async def relay() -> AsyncIterator[tuple[DerpServer, SilentProxy, int]]:
     await s.stop()
 
 
-async def test_silent_relay_is_found_dead_c20(relay: tuple[DerpServer, SilentProxy, int]) -> None:
+async def test_silent_relay_is_found_dead(relay: tuple[DerpServer, SilentProxy, int]) -> None:
     """A connection that goes silent is pinged, and without a Pong it is closed (status no longer
     'connected'); before, it stayed 'connected' forever."""
     _, proxy, port = relay
@@ -341,7 +342,7 @@ def test_cli_names_control_url_and_bad_pem(tmp_path: Path) -> None:
     ],
 )
 def test_benchmark_validates_options(argv: list[str], words: str) -> None:
-    """Benchmarks/derp_relay.py refuses bad options with one sentence, no traceback."""
+    """benchmarks/derp_relay.py refuses bad options with one sentence, no traceback."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "derp_relay.py"), *argv],
         capture_output=True,

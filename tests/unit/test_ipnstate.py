@@ -126,7 +126,7 @@ def backend(tmp_path: Path) -> Backend:
     return b
 
 
-EXPECTED_STATUS = {
+EXPECTED_STATUS: dict[str, Any] = {
     "backend_state": "Running",
     "login_server": "http://192.0.2.1:8080",
     "control_connected": False,
@@ -263,7 +263,7 @@ EXPECTED_STATUS = {
 """The status JSON of :func:`backend` (``now`` and this node's random keys blanked), as tailpyd sent it
 before the status had types."""
 
-EXPECTED_WHOIS = {
+EXPECTED_WHOIS: dict[str, Any] = {
     "id": 3,
     "name": "n3",
     "fqdn": "n3.tail.example",

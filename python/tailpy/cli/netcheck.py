@@ -64,8 +64,9 @@ def _verdict(value: bool | None, fresh: bool) -> str:
 
 
 def _endpoint(endpoint: Endpoint, fresh: bool) -> str:
-    """``yes, IP:PORT`` for an endpoint this run found; a carried-over one is labelled instead, as
-    the kept verdicts are: no server of that family answered this run."""
+    """``yes, IP:PORT`` for an endpoint this run found; one carried over from an earlier run (see
+    :data:`tailpy.magicsock.netcheck.KEEP_ENDPOINT_FOR`) is labelled instead, as the kept verdicts are: no
+    server of that family answered this run."""
     return f"yes, {endpoint}" if fresh else f"{endpoint} {KEPT}"
 
 

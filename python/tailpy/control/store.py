@@ -43,6 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tailpy.control import names
+from tailpy.control.pgdriver import require_psycopg
 from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import AuthKeyError, ConfigError, ControlError
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
@@ -398,6 +399,7 @@ def database_url(db: str | None, state_dir: Path) -> str:
 
 def _engine(url: str) -> Engine:
     if url.startswith("postgresql"):
+        require_psycopg()
         engine = sa.create_engine(url, pool_pre_ping=True)
 
         @sa.event.listens_for(engine, "begin")

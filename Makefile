@@ -56,7 +56,10 @@ test-py: build
 
 test: test-rust test-py
 
+# throughput.py --build-tools builds the pinned peers (newest wireguard-go, boringtun-cli) once into
+# $TAILPY_BENCH_CACHE (default ~/.cache/tailpy/bench-tools); without Go or Rust that row is skipped, with the reason.
 bench: build
+	$(PY) benchmarks/throughput.py --build-tools
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/derp_relay.py
 	$(PY) benchmarks/connect_time.py

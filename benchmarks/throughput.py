@@ -645,11 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = [r for r in rows if not r.skipped]
     for n in range(1, rounds + 1):
         for row in measured:
-            if not args.json:
-                print(
-                    f"round {n}/{rounds}: {row.name} ({settings.seconds} s per iperf3 run)...",
-                    file=sys.stderr,
-                )
+            print(f"round {n}/{rounds}: {row.name} ({settings.seconds} s per iperf3 run)...", file=sys.stderr)
             try:
                 row.samples.append(measure(row, settings))
             except TailpyError as e:

@@ -136,14 +136,10 @@ class Row:
 class Settings:
     """How long and how hard to measure."""
 
-    seconds: int
+    seconds: int  # each iperf3 run
     mtu: int
-    ping_count: int
-
-    @property
-    def load_seconds(self) -> int:
-        """Length of the iperf3 run that loads the tunnel while the loaded pings go (outlasts them)."""
-        return max(2, math.ceil(self.ping_count * 0.01 + 2))
+    ping_count: int  # pings of each ping run, 10 ms apart
+    load_seconds: int  # the iperf3 run under the loaded pings: outlasts them
 
 
 def veth_pair(lab: Lab) -> tuple[Host, Host, str, str]:
@@ -342,6 +338,7 @@ def iperf(
 
 def measure(row: Row, settings: Settings) -> dict[str, Any]:
     """Build a fresh lab, start ``row``'s tunnel on it, and take every measurement of one round."""
+    started = time.monotonic()
     with Lab() as lab:
         t = row.start(lab, settings.mtu)
         a, b, dst = t.a, t.b, t.b_addr
@@ -360,7 +357,8 @@ def measure(row: Row, settings: Settings) -> dict[str, Any]:
         load = a.popen(["iperf3", "-c", dst, "-t", str(settings.load_seconds)], stdout=subprocess.DEVNULL)
         sample["ping_loaded"] = ping_rtts(a, dst, settings.ping_count)
         load.wait(timeout=settings.load_seconds + 30)
-        return sample
+    sample["elapsed_s"] = round(time.monotonic() - started, 1)  # lab set-up and tear-down included
+    return sample
 
 
 # -- summarising -------------------------------------------------------------------------------------------
@@ -438,6 +436,7 @@ def report(rows: list[Row], settings: Settings, rounds: int, smoke: bool, elapse
             "seconds": settings.seconds,
             "mtu": settings.mtu,
             "ping_count": settings.ping_count,
+            "load_seconds": settings.load_seconds,
             "smoke": smoke,
         },
         "elapsed_s": round(elapsed, 1),
@@ -623,9 +622,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
 
-    rounds, settings = args.rounds, Settings(args.seconds, args.mtu, 200)
+    rounds, settings = args.rounds, Settings(args.seconds, args.mtu, 200, 4)
     if args.smoke:
-        rounds, settings = 1, Settings(1, args.mtu, 20)
+        rounds, settings = 1, Settings(1, args.mtu, 20, 2)
     if rounds < 1 or settings.seconds < 1:
         p.error("--rounds and --seconds must be at least 1")
 

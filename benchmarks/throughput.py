@@ -420,16 +420,19 @@ def git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-def report(rows: list[Row], settings: Settings, rounds: int, smoke: bool, elapsed: float) -> dict[str, Any]:
-    """Everything as one JSON-able dict (the ``--json`` output)."""
+def report(
+    rows: list[Row], settings: Settings, rounds: int, smoke: bool, commit: str, started: float
+) -> dict[str, Any]:
+    """Everything as one JSON-able dict (the ``--json`` output); ``commit`` and ``started`` (time.time())
+    from the start of the run."""
     by_name = {r.name: r for r in rows}
     ratios: dict[str, Any] = {}
     for num, den in RATIOS:
         if num in by_name and den in by_name and not by_name[num].skipped and not by_name[den].skipped:
             ratios[f"{num} / {den}"] = ratio_summary(by_name[num], by_name[den])
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count() or 0},
         "settings": {
             "rounds": rounds,
@@ -439,7 +442,7 @@ def report(rows: list[Row], settings: Settings, rounds: int, smoke: bool, elapse
             "load_seconds": settings.load_seconds,
             "smoke": smoke,
         },
-        "elapsed_s": round(elapsed, 1),
+        "elapsed_s": round(time.time() - started, 1),
         "rows": [
             {
                 "name": r.name,
@@ -640,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         if base and not row.skipped:
             row.skipped = base
 
-    started = time.monotonic()
+    started, commit = time.time(), git_commit()
     measured = [r for r in rows if not r.skipped]
     for n in range(1, rounds + 1):
         for row in measured:
@@ -650,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             except TailpyError as e:
                 row.errors.append(f"round {n}: {e}")
                 row.samples.append(None)  # keeps rounds aligned for the ratios
-    data = _jsonable(report(rows, settings, rounds, args.smoke, time.monotonic() - started))
+    data = _jsonable(report(rows, settings, rounds, args.smoke, commit, started))
     if args.json:
         print(json.dumps(data, indent=2))
     elif args.markdown:

@@ -82,6 +82,8 @@ from tailpy.lab.wgnode import PeerArg
 A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 51820
 IPERF_PORT = 5201
+#: Tries again when the iperf3 server is still busy with the previous test.
+BUSY_RETRIES = 5
 
 #: The reference row of the ratios, and the ratios printed: (numerator, denominator).
 REFERENCE = "wireguard-go-newest"
@@ -307,26 +309,25 @@ def iperf(
 ) -> dict[str, float]:
     """One iperf3 TCP run through the tunnel: Gbit/s received, CPU-seconds per Gbit of the tunnel
     processes, and the sender's TCP retransmits (iperf3 -J ``end.sum_sent.retransmits``)."""
-    cpu0 = sum(cpu_seconds(p) for p in pids)
-    args = [
-        "iperf3",
-        "-c",
-        b_addr,
-        "-t",
-        str(seconds),
-        "-J",
-        "-P",
-        str(streams),
-        *(["-R"] if reverse else []),
-    ]
-    done = a.run(args, timeout=seconds + 30, check=False)
-    cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-    try:
-        out = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise TailpyError(f"iperf3 printed no JSON (exit {done.returncode}): {done.stderr.strip()}") from None
+    args = ["iperf3", "-c", b_addr, "-t", str(seconds), "-J", "-P", str(streams)]
+    args += ["-R"] if reverse else []
+    for attempt in range(BUSY_RETRIES + 1):
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        done = a.run(args, timeout=seconds + 30, check=False)
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        try:
+            out = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise TailpyError(
+                f"iperf3 printed no JSON (exit {done.returncode}): {done.stderr.strip()}"
+            ) from None
+        if "busy" in str(out.get("error", "")) and attempt < BUSY_RETRIES:
+            # The server, still closing the previous test, refuses the next ("the server is busy").
+            time.sleep(0.5)
+            continue
+        break
     if "error" in out:
-        raise TailpyError(f"iperf3: {out['error']}")
+        raise TailpyError(f"`{' '.join(args)}`: {out['error']}")
     received, sent = out["end"]["sum_received"], out["end"]["sum_sent"]
     gbits = received["bytes"] * 8 / 1e9
     return {

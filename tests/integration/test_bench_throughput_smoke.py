@@ -27,8 +27,12 @@ def smoke() -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--json"], capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
-    out: dict[str, Any] = json.loads(done.stdout)
+    try:
+        out: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"no JSON (exit {done.returncode}): {done.stderr[-2000:]}")
+    errors = [f"{row['name']}: {e}" for row in out["rows"] for e in row["errors"]]
+    assert done.returncode == 0 and not errors, errors or done.stderr[-2000:]
     return out
 
 

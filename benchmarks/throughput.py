@@ -585,7 +585,8 @@ def print_markdown(data: dict[str, Any]) -> None:
         "run, "
         f"MTU {s['mtu']}; median (min–max).\n"
     )
-    for _title, columns in TABLES:
+    for title, columns in TABLES:
+        print(f"{title[0].upper()}{title[1:]}:\n")
         headings = ["", "MTU", *(c[0] for c in columns)]
         print("| " + " | ".join(headings) + " |")
         print("|---|" + "---:|" * (len(headings) - 1))

@@ -82,8 +82,10 @@ from tailpy.lab.wgnode import PeerArg
 A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 51820
 IPERF_PORT = 5201
-#: Tries again when the iperf3 server is still busy with the previous test.
+#: Tries again when the iperf3 server is between two tests: still busy with the previous one, or its
+#: listening socket not open again yet (iperf3's server reopens it after each test).
 BUSY_RETRIES = 5
+BUSY_ERRORS = ("busy", "Connection refused")
 
 #: The reference row of the ratios, and the ratios printed: (numerator, denominator).
 REFERENCE = "wireguard-go-newest"
@@ -321,8 +323,8 @@ def iperf(
             raise TailpyError(
                 f"iperf3 printed no JSON (exit {done.returncode}): {done.stderr.strip()}"
             ) from None
-        if "busy" in str(out.get("error", "")) and attempt < BUSY_RETRIES:
-            # The server, still closing the previous test, refuses the next ("the server is busy").
+        error = str(out.get("error", ""))
+        if any(e in error for e in BUSY_ERRORS) and attempt < BUSY_RETRIES:
             time.sleep(0.5)
             continue
         break
@@ -337,6 +339,35 @@ def iperf(
     }
 
 
+def wait_listening(b: Host) -> None:
+    """Wait (up to 10 s) until the iperf3 server on ``b`` listens. Raises LabError."""
+    wait_for(
+        lambda: "LISTEN" in b.run(["ss", "-Htln", "sport", f"= :{IPERF_PORT}"], check=False).stdout,
+        timeout=10,
+        what="iperf3 server",
+    )
+
+
+def start_load(a: Host, b: Host, dst: str, seconds: int) -> subprocess.Popen[str]:
+    """One iperf3 stream a -> b for ``seconds`` in the background, returned once its control and data
+    connections are established (so the pings that follow see a loaded tunnel). Started again when the
+    server refused it between two tests. Raises TailpyError when it never connects."""
+    for _ in range(BUSY_RETRIES + 1):
+        wait_listening(b)
+        load = a.popen(["iperf3", "-c", dst, "-t", str(seconds)], stdout=subprocess.DEVNULL)
+
+        def connected(load: subprocess.Popen[str] = load) -> str | None:
+            if load.poll() is not None:
+                return "exited"
+            ss = ["ss", "-Htn", "state", "established", "dst", f"{dst}:{IPERF_PORT}"]
+            return "up" if len(a.run(ss, check=False).stdout.splitlines()) >= 2 else None
+
+        if wait_for(connected, timeout=10, what="the load's iperf3 to connect") == "up":
+            return load
+        time.sleep(0.5)
+    raise TailpyError(f"the load's iperf3 to {dst} kept exiting before it connected")
+
+
 def measure(row: Row, settings: Settings) -> dict[str, Any]:
     """Build a fresh lab, start ``row``'s tunnel on it, and take every measurement of one round."""
     started = time.monotonic()
@@ -345,17 +376,13 @@ def measure(row: Row, settings: Settings) -> dict[str, Any]:
         a, b, dst = t.a, t.b, t.b_addr
         a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", dst])  # handshake done
         b.popen(["iperf3", "-s", "-B", dst, "-p", str(IPERF_PORT)], stderr=subprocess.DEVNULL)
-        wait_for(
-            lambda: "LISTEN" in b.run(["ss", "-Htln", "sport", f"= :{IPERF_PORT}"], check=False).stdout,
-            timeout=10,
-            what="iperf3 server",
-        )
         sample: dict[str, Any] = {"mtu": t.mtu}
         sample["ping_idle"] = ping_rtts(a, dst, settings.ping_count)
+        wait_listening(b)
         sample["forward"] = iperf(a, dst, settings.seconds, t.pids)
         sample["reverse"] = iperf(a, dst, settings.seconds, t.pids, reverse=True)
         sample["parallel"] = iperf(a, dst, settings.seconds, t.pids, streams=4)
-        load = a.popen(["iperf3", "-c", dst, "-t", str(settings.load_seconds)], stdout=subprocess.DEVNULL)
+        load = start_load(a, b, dst, settings.load_seconds)
         sample["ping_loaded"] = ping_rtts(a, dst, settings.ping_count)
         load.wait(timeout=settings.load_seconds + 30)
     sample["elapsed_s"] = round(time.monotonic() - started, 1)  # lab set-up and tear-down included

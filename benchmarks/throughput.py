@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tailpy.errors import TailpyError
+from tailpy.errors import LabError, TailpyError
 from tailpy.lab import Host, Lab, cpu_seconds, wait_for
 from tailpy.lab.tailnet import LabTailnet
 from tailpy.lab.tunnels import (
@@ -82,10 +82,9 @@ from tailpy.lab.wgnode import PeerArg
 A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 51820
 IPERF_PORT = 5201
-#: Tries again when the iperf3 server is between two tests: still busy with the previous one, or its
-#: listening socket not open again yet (iperf3's server reopens it after each test).
-BUSY_RETRIES = 5
-BUSY_ERRORS = ("busy", "Connection refused")
+#: iperf3 client errors after which a run is tried again (against a new server), and how many times.
+CLIENT_ERRORS = ("busy", "Connection refused", "Connection reset", "unable to receive control message")
+RETRIES = 3
 
 #: The reference row of the ratios, and the ratios printed: (numerator, denominator).
 REFERENCE = "wireguard-go-newest"
@@ -306,17 +305,53 @@ def ping_rtts(host: Host, address: str, count: int) -> dict[str, float]:
     }
 
 
+def serve_once(b: Host, dst: str) -> subprocess.Popen[str]:
+    """A one-off iperf3 server on ``b`` (``-s -1``: serves one test, then exits), returned once it listens.
+
+    One server per run: a long-lived iperf3 3.12 server, between two tests, now and then refuses or resets
+    the next client ("the server is busy", "connection refused", "unable to receive control message").
+    Raises LabError when it exits or does not listen within 10 s."""
+    server = b.popen(["iperf3", "-s", "-1", "-B", dst, "-p", str(IPERF_PORT)], stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        if server.poll() is not None:
+            raise LabError(f"iperf3 -s on {b.name} exited with status {server.returncode}")
+        return "LISTEN" in b.run(["ss", "-Htln", "sport", f"= :{IPERF_PORT}"], check=False).stdout
+
+    wait_for(listening, timeout=10, what="iperf3 server")
+    return server
+
+
+def finish(b: Host, server: subprocess.Popen[str]) -> None:
+    """Let a one-off server exit after its test (up to 5 s), else stop it; the port is free afterwards."""
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        b.lab.stop(server)
+
+
 def iperf(
-    a: Host, b_addr: str, seconds: int, pids: list[int], *, reverse: bool = False, streams: int = 1
+    a: Host,
+    b: Host,
+    b_addr: str,
+    seconds: int,
+    pids: list[int],
+    *,
+    reverse: bool = False,
+    streams: int = 1,
 ) -> dict[str, float]:
-    """One iperf3 TCP run through the tunnel: Gbit/s received, CPU-seconds per Gbit of the tunnel
-    processes, and the sender's TCP retransmits (iperf3 -J ``end.sum_sent.retransmits``)."""
-    args = ["iperf3", "-c", b_addr, "-t", str(seconds), "-J", "-P", str(streams)]
+    """One iperf3 TCP run a -> b through the tunnel (b -> a with ``reverse``) against a fresh one-off server:
+    Gbit/s received, CPU-seconds per Gbit of the tunnel processes, and the sender's TCP retransmits
+    (iperf3 -J ``end.sum_sent.retransmits``). A run the client could not start (:data:`CLIENT_ERRORS`) is
+    tried again, up to :data:`RETRIES` times. Raises TailpyError."""
+    args = ["iperf3", "-c", b_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "-P", str(streams)]
     args += ["-R"] if reverse else []
-    for attempt in range(BUSY_RETRIES + 1):
+    for attempt in range(RETRIES + 1):
+        server = serve_once(b, b_addr)
         cpu0 = sum(cpu_seconds(p) for p in pids)
         done = a.run(args, timeout=seconds + 30, check=False)
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        finish(b, server)
         try:
             out = json.loads(done.stdout)
         except json.JSONDecodeError:
@@ -324,10 +359,9 @@ def iperf(
                 f"iperf3 printed no JSON (exit {done.returncode}): {done.stderr.strip()}"
             ) from None
         error = str(out.get("error", ""))
-        if any(e in error for e in BUSY_ERRORS) and attempt < BUSY_RETRIES:
-            time.sleep(0.5)
-            continue
-        break
+        if not any(e in error for e in CLIENT_ERRORS) or attempt == RETRIES:
+            break
+        time.sleep(0.5)
     if "error" in out:
         raise TailpyError(f"`{' '.join(args)}`: {out['error']}")
     received, sent = out["end"]["sum_received"], out["end"]["sum_sent"]
@@ -339,22 +373,15 @@ def iperf(
     }
 
 
-def wait_listening(b: Host) -> None:
-    """Wait (up to 10 s) until the iperf3 server on ``b`` listens. Raises LabError."""
-    wait_for(
-        lambda: "LISTEN" in b.run(["ss", "-Htln", "sport", f"= :{IPERF_PORT}"], check=False).stdout,
-        timeout=10,
-        what="iperf3 server",
-    )
-
-
-def start_load(a: Host, b: Host, dst: str, seconds: int) -> subprocess.Popen[str]:
-    """One iperf3 stream a -> b for ``seconds`` in the background, returned once its control and data
-    connections are established (so the pings that follow see a loaded tunnel). Started again when the
-    server refused it between two tests. Raises TailpyError when it never connects."""
-    for _ in range(BUSY_RETRIES + 1):
-        wait_listening(b)
-        load = a.popen(["iperf3", "-c", dst, "-t", str(seconds)], stdout=subprocess.DEVNULL)
+def start_load(
+    a: Host, b: Host, dst: str, seconds: int
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """One iperf3 stream a -> b for ``seconds`` in the background against a one-off server; returns (client,
+    server) once the client's control and data connections are established, so that the pings that follow
+    see a loaded tunnel. Started again when the client exits first. Raises TailpyError."""
+    for _ in range(RETRIES + 1):
+        server = serve_once(b, dst)
+        load = a.popen(["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds)])
 
         def connected(load: subprocess.Popen[str] = load) -> str | None:
             if load.poll() is not None:
@@ -363,7 +390,8 @@ def start_load(a: Host, b: Host, dst: str, seconds: int) -> subprocess.Popen[str
             return "up" if len(a.run(ss, check=False).stdout.splitlines()) >= 2 else None
 
         if wait_for(connected, timeout=10, what="the load's iperf3 to connect") == "up":
-            return load
+            return load, server
+        finish(b, server)
         time.sleep(0.5)
     raise TailpyError(f"the load's iperf3 to {dst} kept exiting before it connected")
 
@@ -375,16 +403,15 @@ def measure(row: Row, settings: Settings) -> dict[str, Any]:
         t = row.start(lab, settings.mtu)
         a, b, dst = t.a, t.b, t.b_addr
         a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", dst])  # handshake done
-        b.popen(["iperf3", "-s", "-B", dst, "-p", str(IPERF_PORT)], stderr=subprocess.DEVNULL)
         sample: dict[str, Any] = {"mtu": t.mtu}
         sample["ping_idle"] = ping_rtts(a, dst, settings.ping_count)
-        wait_listening(b)
-        sample["forward"] = iperf(a, dst, settings.seconds, t.pids)
-        sample["reverse"] = iperf(a, dst, settings.seconds, t.pids, reverse=True)
-        sample["parallel"] = iperf(a, dst, settings.seconds, t.pids, streams=4)
-        load = start_load(a, b, dst, settings.load_seconds)
+        sample["forward"] = iperf(a, b, dst, settings.seconds, t.pids)
+        sample["reverse"] = iperf(a, b, dst, settings.seconds, t.pids, reverse=True)
+        sample["parallel"] = iperf(a, b, dst, settings.seconds, t.pids, streams=4)
+        load, server = start_load(a, b, dst, settings.load_seconds)
         sample["ping_loaded"] = ping_rtts(a, dst, settings.ping_count)
         load.wait(timeout=settings.load_seconds + 30)
+        finish(b, server)
     sample["elapsed_s"] = round(time.monotonic() - started, 1)  # lab set-up and tear-down included
     return sample
 

@@ -601,7 +601,8 @@ def print_tables(data: dict[str, Any]) -> None:
 
     console = Console(width=max(Console().width, 200))
     s = data["settings"]
-    for title, columns in TABLES:
+    measured = any(row["samples"] for row in data["rows"])
+    for title, columns in TABLES if measured else ():
         table = Table(
             title=f"{title}: median (min–max) of {s['rounds']} round(s), {s['seconds']} s iperf3 runs",
             title_justify="left",

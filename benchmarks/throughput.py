@@ -23,12 +23,13 @@ reason is printed (and put in the JSON).
 
 Per row and round:
 
-* iperf3 TCP, ``--seconds`` long: one stream a -> b, one stream b -> a (``-R``), four streams a -> b
-  (``-P 4``): Gbit/s received, TCP retransmits of the sender (iperf3's ``end.sum_sent.retransmits``);
+* iperf3 TCP, ``--seconds`` long, each run against a one-off server (``iperf3 -s -1``): one stream a -> b,
+  one stream b -> a (``-R``), four streams a -> b (``-P 4``): Gbit/s received, TCP retransmits of the
+  sender (iperf3's ``end.sum_sent.retransmits``);
 * CPU-seconds per Gbit: utime + stime of both tunnel processes (``/proc/<pid>/stat``, all threads) over each
   iperf3 run, divided by the gigabits received (for ``tailpy-product``: the two tailpyd processes);
-* ping RTT p50/p99 (nearest rank) and loss through the tunnel, idle and while one iperf3 stream runs a -> b
-  (``ping -i 0.01 -c 200``).
+* ping RTT p50/p99 (nearest rank) and loss through the tunnel (``ping -i 0.01 -c 200``), idle and while
+  one iperf3 stream runs a -> b (the pings start once its connections are up).
 
 Rounds alternate (round 1: every row, then round 2: every row, ...), so slow drifts of a shared machine fall
 on every row alike. Each figure is the median over rounds with its spread (min-max). Ratios are taken per
@@ -36,7 +37,7 @@ round (same round, so the closest in time) and summarised the same way: ``tailpy
 over ``wireguard-go-newest``, and ``tailpy-product`` over ``tailpy``.
 
 Usage: ``python benchmarks/throughput.py [--rounds 3] [--seconds 10] [--mtu 1420] [--only ROW,...]
-[--json | --markdown] [--smoke] [--build-tools]``. ``--smoke`` is a seconds-long check that the benchmark
+[--json | --markdown] [--smoke] [--build-tools]``. ``--smoke`` checks in about a minute that the benchmark
 still runs (one round, 1 s iperf3 runs, 20 pings, only rows whose tools are already built). Exit status 0
 when every row that was not skipped was measured in every round, 1 otherwise.
 """

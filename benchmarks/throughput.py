@@ -39,7 +39,8 @@ over ``wireguard-go-newest``, and ``tailpy-product`` over ``tailpy``.
 Usage: ``python benchmarks/throughput.py [--rounds 3] [--seconds 10] [--mtu 1420] [--only ROW,...]
 [--json | --markdown] [--smoke] [--build-tools]``. ``--smoke`` checks in about a minute that the benchmark
 still runs (one round, 1 s iperf3 runs, 20 pings, only rows whose tools are already built). Exit status 0
-when every row that was not skipped was measured in every round, 1 otherwise.
+when every row that was not skipped was measured in every round, 77 (skipped) when no row can run here (no
+network namespaces, iperf3 missing...; the reason on stderr), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from tailpy.errors import LabError, TailpyError
-from tailpy.lab import Host, Lab, cpu_seconds, wait_for
+from tailpy.lab import Host, Lab, cpu_seconds, unavailable_reason, wait_for
 from tailpy.lab.tailnet import LabTailnet
 from tailpy.lab.tunnels import (
     Boringtun,
@@ -86,6 +87,8 @@ IPERF_PORT = 5201
 #: iperf3 client errors after which a run is tried again (against a new server), and how many times.
 CLIENT_ERRORS = ("busy", "Connection refused", "Connection reset", "unable to receive control message")
 RETRIES = 3
+#: Exit status when no row can run here (automake's "skipped"), the reason on stderr's last line.
+SKIPPED = 77
 
 #: The reference row of the ratios, and the ratios printed: (numerator, denominator).
 REFERENCE = "wireguard-go-newest"
@@ -696,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"--only: unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.name for r in rows)}")
         rows = [r for r in rows if r.name in wanted]
-    base = missing_tools("iperf3", "ping", "wg", "ss")
+    base = unavailable_reason() or missing_tools("iperf3", "ping", "wg", "ss")
     for row in rows:
         if base and not row.skipped:
             row.skipped = base
@@ -718,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
         print_markdown(data)
     else:
         print_tables(data)
+    if not measured:
+        reasons = sorted({r.skipped for r in rows if r.skipped})
+        print(f"throughput.py: no row can run here: {'; '.join(reasons)}", file=sys.stderr)
+        return SKIPPED
     return 0 if all(not r.errors for r in measured) else 1
 
 

@@ -71,8 +71,8 @@ def _verdict(value: bool | None, fresh: bool) -> str:
 
 
 def _endpoint(endpoint: str, fresh: bool) -> str:
-    """``yes, IP:PORT`` for an endpoint this run found; a carried-over one (C17) is labelled instead, as
-    the kept verdicts are: no server of that family answered this run."""
+    """``yes, IP:PORT`` for an endpoint this run found; one carried over from an earlier run is labelled
+    instead, as the kept verdicts are: no server of that family answered this run."""
     return f"yes, {endpoint}" if fresh else f"{endpoint} {KEPT}"
 
 
@@ -162,7 +162,7 @@ def command(
 ) -> None:
     """Print an analysis of local network conditions: UDP, global IPv4/IPv6 endpoint, whether the NAT
     mapping varies by destination, hairpinning, and latency to each DERP region (with the nearest)."""
-    from tailpy.cli.control import load_derp_map
+    from tailpy.control.options import load_derp_map
     from tailpy.magicsock.netcheck import Netcheck, run, stun_targets
     from tailpy.magicsock.stun import StandaloneStun
 

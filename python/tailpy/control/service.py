@@ -21,18 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
 from tailpy.control.options import WILDCARDS
+from tailpy.control.server import ControlServer, http_url
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store
+from tailpy.derp.server import DerpServer, load_or_create_key
+from tailpy.derp.stun_server import StunServer
+from tailpy.derp.verify import local_admission
 from tailpy.errors import ConfigError, ParseError
+from tailpy.keys import MachinePrivate
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
 
 if TYPE_CHECKING:
-    from tailpy.control.admin import AdminServer
     from tailpy.control.oidc import OIDCConfig
-    from tailpy.control.server import ControlServer
-    from tailpy.derp.server import DerpServer
-    from tailpy.derp.stun_server import StunServer
-    from tailpy.keys import MachinePrivate
 
 log = logging.getLogger("tailpy.control")
 
@@ -184,8 +185,6 @@ class ControlProcess:
         and leave them out), the control server and the admin socket, and log what listens where. Raises
         ConfigError (bad settings, unusable state directory, database or DERP key file, control's port
         taken), having stopped whatever it started."""
-        from tailpy.derp.server import load_or_create_key
-
         cfg = self.config
         cfg.check()
         prepare_state_dir(cfg.state_dir)
@@ -200,9 +199,6 @@ class ControlProcess:
         self._log_started(settings.domain)
 
     async def _start_relay(self, derp_key: MachinePrivate) -> None:
-        from tailpy.control.server import http_url
-        from tailpy.derp.server import DerpServer
-
         cfg = self.config
         relay = DerpServer(derp_key)
         where = f"{cfg.derp_host or '*'}:{cfg.derp_port}"
@@ -243,8 +239,6 @@ class ControlProcess:
 
     async def _start_stun(self) -> int:
         """Start the STUN server beside the relay; its bound port, or -1 when it cannot listen."""
-        from tailpy.derp.stun_server import StunServer
-
         cfg = self.config
         assert self.relay is not None
         stun = StunServer()
@@ -265,10 +259,6 @@ class ControlProcess:
         return stun.addresses[0][1]
 
     async def _start_control(self) -> Settings:
-        from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
-        from tailpy.control.server import ControlServer
-        from tailpy.derp.verify import local_admission
-
         cfg = self.config
         assert self.store is not None
         settings = self.store.configure(domain=cfg.domain, prefix_v4=cfg.prefix_v4, prefix_v6=cfg.prefix_v6)
@@ -294,8 +284,6 @@ class ControlProcess:
         return settings
 
     def _log_started(self, domain: str) -> None:
-        from tailpy.control.server import http_url
-
         assert self.server is not None and self.store is not None
         log.info(
             "control server listening on %s (key %s, state %s, domain %s, database %s)",

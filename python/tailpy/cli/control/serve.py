@@ -5,7 +5,6 @@ socket) until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -163,28 +162,6 @@ def command(
     derp_host, derp_port = host, DERP_PORT
     if derp_listen is not None:
         derp_host, derp_port = parse_listen(derp_listen, "--derp-listen")
-    external = load_derp_map(derp_map_file) if derp_map_file is not None else None
-    config = ControlConfig(
-        state_dir=state_dir,
-        db=db,
-        host=host,
-        port=port,
-        domain=domain,
-        prefix_v4=prefix_v4,
-        prefix_v6=prefix_v6,
-        derp=derp,
-        derp_host=derp_host,
-        derp_port=derp_port,
-        derp_hostname=derp_hostname,
-        derp_region_id=derp_region_id,
-        derp_region_code=derp_region_code,
-        derp_map=external,
-        derp_map_file=derp_map_file,
-        derp_verify_clients=derp_verify_clients,
-        stun=stun,
-        stun_port=stun_port,
-    )
-    config.check()
     oidc = oidc_config(
         oidc_issuer,
         oidc_client_id,
@@ -202,7 +179,30 @@ def command(
     gc_after = parse_duration(ephemeral_timeout, "--ephemeral-timeout")
     if gc_after is None:
         raise ConfigError("--ephemeral-timeout must be a duration like 30m (ephemeral nodes are removed)")
-    config = dataclasses.replace(config, key_lifetime=lifetime, ephemeral_timeout=gc_after, oidc=oidc)
+    config = ControlConfig(
+        state_dir=state_dir,
+        db=db,
+        host=host,
+        port=port,
+        domain=domain,
+        prefix_v4=prefix_v4,
+        prefix_v6=prefix_v6,
+        key_lifetime=lifetime,
+        ephemeral_timeout=gc_after,
+        derp=derp,
+        derp_host=derp_host,
+        derp_port=derp_port,
+        derp_hostname=derp_hostname,
+        derp_region_id=derp_region_id,
+        derp_region_code=derp_region_code,
+        derp_map=load_derp_map(derp_map_file) if derp_map_file is not None else None,
+        derp_map_file=derp_map_file,
+        derp_verify_clients=derp_verify_clients,
+        stun=stun,
+        stun_port=stun_port,
+        oidc=oidc,
+    )
+    config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(run_control(config))
 

@@ -1,4 +1,5 @@
-"""Users from an identity provider and nodes registered by login (OpenID Connect), over :class:`Store`.
+"""Users from an identity provider and nodes registered by login (:mod:`tailpy.control.oidc`), over
+:class:`Store`.
 
 A login with OpenID Connect gives an :class:`Identity` (issuer and subject: who it is for good; email, name
 and groups: what it says about itself now). :func:`user_for_identity` finds the tailpy user of that issuer

@@ -28,6 +28,7 @@ from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store
 from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.derp.stun_server import StunServer
 from tailpy.derp.verify import local_admission
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError, ParseError
 from tailpy.keys import MachinePrivate
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
@@ -254,7 +255,7 @@ class ControlProcess:
             return -1
         self.stun_server = stun
         self.relay.extra_metrics.append(stun.metrics.prometheus)
-        listening = ", ".join(f"udp {_host_port(h, p)}" for h, p in stun.addresses)
+        listening = ", ".join(f"udp {Endpoint.from_sockaddr(a)}" for a in stun.addresses)
         self._stun_note = (logging.INFO, "STUN server listening on " + listening)
         return stun.addresses[0][1]
 

@@ -26,6 +26,7 @@ from tailpy.control import ControlClient
 from tailpy.control.client import LoginAnswer
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
+from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import MagicSock, RelayDevice
@@ -44,7 +45,7 @@ ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints (without NA
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
 STREAM_CHECK = (15.0, 20.0)  # seconds between checks that control still holds the map stream (a draw)
-LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
+LOGIN_POLL = 25.0  # seconds control may hold a login poll (ControlClient.login_poll)
 
 
 class DataPlane(RelayDevice, TraversalDevice, Protocol):
@@ -111,7 +112,7 @@ class Backend:
         self.last_error: str = ""
         self.control_connected = False
         self._session: asyncio.Task[None] | None = None
-        self._endpoints: list[str] = []
+        self._endpoints: list[Endpoint] = []
         self.changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
         self.ignored_datagrams = 0  # STUN/disco datagrams drained with no consumer yet
@@ -124,7 +125,7 @@ class Backend:
         self._closing: set[asyncio.Task[None]] = set()
         self._rotate_before = rotate_before
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
-        self.auth_url = ""  # where the user signs in while an interactive login waits (issue 7)
+        self.auth_url = ""  # where the user signs in while an interactive login waits
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
@@ -206,7 +207,7 @@ class Backend:
         try:
             if auth_key:
                 node: nm.Node | None = await client.register(node_key.public, hostname, auth_key, os=OS_NAME)
-            else:  # interactive login where control offers it (issue 7); an auth key where it does not
+            else:  # interactive login where control offers it; an auth key where it does not
                 login = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=0)
                 node = login.node
         except ControlError as e:
@@ -251,7 +252,7 @@ class Backend:
         self._apply_self(node)
         self._start_session()
 
-    # -- interactive login (issue 7) -----------------------------------------------------------------
+    # -- interactive login --------------------------------------------------------------------------
 
     def _await_login(self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer) -> None:
         """Control wants the user to sign in: show ``auth_url`` in the status (state NeedsLogin) and long-poll
@@ -562,7 +563,7 @@ class Backend:
             if not alive:
                 raise ControlError("control no longer holds this node's map stream: reconnecting")
 
-    def _on_endpoints(self, endpoints: list[str]) -> None:
+    def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
         """NAT traversal found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""
         self._endpoints_changed.set()
         self.changed.set()
@@ -596,7 +597,7 @@ class Backend:
                     log.warning("endpoint update: %s", e)
                     self._endpoints = []  # try again at the next round
 
-    def _local_endpoints(self) -> list[str]:
+    def _local_endpoints(self) -> list[Endpoint]:
         if self.device is None:
             return []
         return netconf.local_endpoints(self.device.listen_port, exclude_ifaces=(self.device.tun_name,))
@@ -654,10 +655,9 @@ class Backend:
     def _set_peer(
         dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface], endpoints_changed: bool = True
     ) -> None:
+        ep = netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None
         dev.set_peer(
-            node.node_key.raw,
-            allowed_ips=list(node.addresses),
-            endpoint=netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None,
+            node.node_key.raw, allowed_ips=list(node.addresses), endpoint=None if ep is None else str(ep)
         )
 
     def _apply_self(self, node: nm.Node) -> None:
@@ -764,7 +764,7 @@ class Backend:
             "expired": node.expired,
             "home_derp": node.home_derp,
             "disco_key": node.disco_key.text() if node.disco_key is not None else None,
-            "endpoints": list(node.endpoints),
+            "endpoints": [str(e) for e in node.endpoints],
             # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
             # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
             "endpoint": None if st.get("path") == "relay" else st.get("endpoint"),
@@ -815,7 +815,7 @@ class Backend:
                 "disco_key": self.disco_key.public.text(),
                 "addresses": list(s.addresses),
                 "listen_port": self.device.listen_port if self.device else None,
-                "endpoints": list(self._endpoints),
+                "endpoints": [str(e) for e in self._endpoints],
                 "tun": self.device.tun_name if self.device else None,
                 "home_derp": self.home_derp,
                 "home_derp_code": self.magicsock.region_code(self.home_derp) if self.magicsock else "",
@@ -895,7 +895,7 @@ class Backend:
             return None
         try:
             ip = (
-                netconf.parse_endpoint(address)[0]
+                Endpoint.parse(address).ip
                 if address.count(":") == 1 or "]" in address
                 else (ipaddress.ip_address(address))
             )

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
 from tailpy.asyncutil import wait_event
+from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.magicsock.derp import DerpConnections
@@ -205,9 +206,9 @@ class MagicSock:
         return bool(region) and self.derp.send(region, peer, payload)
 
     def set_peer_path(
-        self, peer: NodePublic, *, endpoint: str | None = None, region: int | None = None
+        self, peer: NodePublic, *, endpoint: Endpoint | None = None, region: int | None = None
     ) -> None:
-        """Point ``peer``'s WireGuard datagrams at a direct ``endpoint`` ("ip:port" / "[ipv6]:port") or at
+        """Point ``peer``'s WireGuard datagrams at a direct ``endpoint`` or at
         DERP ``region`` (region id; 0 = the peer's home region). Exactly one of the two. Raises ValueError for
         neither/both, DeviceError for a peer the device does not have."""
         if (endpoint is None) == (region is None):
@@ -216,7 +217,7 @@ class MagicSock:
         if endpoint is not None:
             if node is None:
                 raise DeviceError(f"peer {peer.short()} is not in the netmap")
-            self.device.set_peer(peer.raw, allowed_ips=list(node.addresses), endpoint=endpoint)
+            self.device.set_peer(peer.raw, allowed_ips=list(node.addresses), endpoint=str(endpoint))
             self.device.set_path(peer.raw, "direct")
             self._region_override.pop(peer.raw, None)
         else:

@@ -22,6 +22,7 @@ import nacl.public
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from tailpy.control.pgdriver import require_psycopg
 from tailpy.errors import ConfigError
 from tailpy.keys import MachinePrivate
 
@@ -48,8 +49,10 @@ def database_url(db: str | None, state_dir: Path) -> str:
 def create_engine(url: str) -> Engine:
     """An engine for ``url`` whose every transaction (``engine.begin()``) holds the database's one writer
     lock: PostgreSQL's advisory lock :data:`PG_LOCK`, SQLite's ``BEGIN IMMEDIATE`` (WAL, 30 s busy timeout,
-    ``synchronous=FULL``)."""
+    ``synchronous=FULL``). Raises ConfigError for PostgreSQL without its driver (the ``tailpy[postgres]``
+    extra)."""
     if url.startswith("postgresql"):
+        require_psycopg()
         engine = sa.create_engine(url, pool_pre_ping=True)
 
         @sa.event.listens_for(engine, "begin")

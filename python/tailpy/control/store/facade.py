@@ -19,6 +19,7 @@ from tailpy.control.store.pending import PendingNode
 from tailpy.control.store.settings import Settings
 from tailpy.control.store.users import User
 from tailpy.dns.config import DNSConfig
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
@@ -367,7 +368,7 @@ class Store:
         machine_key: MachinePublic,
         *,
         now: float,
-        endpoints: Sequence[str] | None = None,
+        endpoints: Sequence[Endpoint] | None = None,
         hostname: str | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,

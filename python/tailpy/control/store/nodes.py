@@ -22,6 +22,7 @@ from tailpy.control.store import authkeys
 from tailpy.control.store import settings as settings_repo
 from tailpy.control.store.addresses import BATCH, AddressAllocator
 from tailpy.control.store.schema import nodes, users
+from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import ConfigError, ControlError
 from tailpy.keys import DiscoPublic, MachinePublic, NodePublic
 from tailpy.netmap import Node
@@ -41,7 +42,7 @@ def to_node(row: Any, now: float) -> Node:
         node_key=NodePublic.from_text(row.node_key),
         machine_key=MachinePublic.from_text(row.machine_key),
         addresses=(f"{v4}/32", f"{v6}/128"),
-        endpoints=tuple(json.loads(row.endpoints)),
+        endpoints=parse_valid(json.loads(row.endpoints)),
         online=False,
         last_seen=row.last_seen,
         user="" if tags else (row.user_name or ""),
@@ -287,7 +288,7 @@ def update(
     machine_key: MachinePublic,
     *,
     now: float,
-    endpoints: Sequence[str] | None,
+    endpoints: Sequence[Endpoint] | None,
     hostname: str | None,
     home_derp: int | None,
     disco_key: DiscoPublic | None,
@@ -297,7 +298,7 @@ def update(
     if disco_key is not None:
         values["disco_key"] = disco_key.text()
     if endpoints is not None:
-        values["endpoints"] = json.dumps(list(endpoints))
+        values["endpoints"] = json.dumps([str(e) for e in endpoints])
     if home_derp is not None:
         values["home_derp"] = home_derp
     if hostname is not None:

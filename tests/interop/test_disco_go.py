@@ -24,7 +24,7 @@ from tailpy.proto import disco
 from tailpy.proto.disco import CallMeMaybe, Endpoint, Ping, Pong
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tailscale_go import TAILSCALE_VERSION, _last_error_line, cache_dir
+from _tailscale_go import TAILSCALE_VERSION, _last_error_line, build_lock, cache_dir
 
 pytestmark = pytest.mark.interop
 
@@ -38,12 +38,16 @@ def build() -> Path | str:
     tag = hashlib.sha256(src + TAILSCALE_VERSION.encode()).hexdigest()[:16]
     out = cache_dir().parent / f"disco-interop-{tag}"
     binary = out / "disco-interop"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    go = shutil.which("go")
-    if go is None:
-        return "no Go toolchain ('go' is not on PATH) to build the disco interop helper"
-    out.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):  # parallel test workers build it once
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return binary
+        go = shutil.which("go")
+        if go is None:
+            return "no Go toolchain ('go' is not on PATH) to build the disco interop helper"
+        return _build(go, src, out, binary)
+
+
+def _build(go: str, src: bytes, out: Path, binary: Path) -> Path | str:
     (out / "main.go").write_bytes(src)
     (out / "go.mod").write_text(
         f"module tailpy.test/discointerop\n\ngo 1.26.6\n\nrequire tailscale.com {TAILSCALE_VERSION}\n"

@@ -525,7 +525,7 @@ def test_netmap_changes() -> None:
     # b leaves the netmap: forgotten; its datagrams now count as unknown senders.
     net.act(a, a.node.on_netmap([], net.now))
     assert a.node.peer_paths(b.node_key) is None
-    a.node.feed(disco.seal(b.node.private, a.node.public, Ping(b"q" * 12)), str(B_PUB), net.now)
+    a.node.feed(disco.seal(b.node.private, a.node.public, Ping(b"q" * 12)), B_PUB, net.now)
     assert a.node.counters.unknown_sender == 1
     # A peer without a disco key gets no disco.
     net.act(a, a.node.on_netmap([PeerInfo(b.node_key, None, (B_PUB,))], net.now))

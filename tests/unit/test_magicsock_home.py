@@ -1,5 +1,5 @@
-"""Home DERP region choice with hysteresis (field case C20) and the interim direct/relay path policy; sans-IO,
-``now`` passed in."""
+"""Home DERP region choice with hysteresis (a stale home region must not flap: tailscale/tailscale#8603) and
+the interim direct/relay path policy; sans-IO, ``now`` passed in."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ R1, R2, R3 = 1, 2, 3
 MS = 0.001
 
 
-def test_c20_stale_home_region_and_flapping() -> None:
-    """C20: R1 30 ms, R2 32 ms, home R1; one R1 probe lost while frames still arrive; then R1 at 80 ms for
+def test_stale_home_region_and_flapping() -> None:
+    """R1 30 ms, R2 32 ms, home R1; one R1 probe lost while frames still arrive; then R1 at 80 ms for
     three reports: home stays R1 through the first two steps and moves to R2 in the third."""
     c = HomeChooser()
     t = 1000.0

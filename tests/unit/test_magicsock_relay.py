@@ -13,6 +13,7 @@ from typing import Any, Literal
 import pytest
 
 from tailpy.derp.server import DerpServer
+from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError
 from tailpy.keys import MachinePrivate, NodePrivate, NodePublic
 from tailpy.magicsock import DISCO_MAGIC, DerpConnections, MagicSock, measure_latency
@@ -69,7 +70,7 @@ def node(i: int, key: NodePrivate, home: int) -> Node:
         key.public,
         MachinePrivate.generate().public,
         (f"100.64.0.{i}/32",),
-        (f"192.0.2.{i}:41641",),
+        (Endpoint.parse(f"192.0.2.{i}:41641"),),
         home_derp=home,
     )
 
@@ -217,9 +218,10 @@ async def test_latency_check_over_http_and_none_for_a_closed_port(servers: list[
     assert await measure_latency(region(901, port), timeout=2.0) is None
 
 
-async def test_c20_home_switch_reported_and_old_home_still_delivers(servers: list[DerpServer]) -> None:
-    """C20 end to end: the home moves only after three slow reports; control is told (on_home_changed), the
-    new relay hears NotePreferred, and a peer still sending to the old home region reaches us there."""
+async def test_home_switch_reported_and_old_home_still_delivers(servers: list[DerpServer]) -> None:
+    """Home region hysteresis end to end (tailscale/tailscale#8603): the home moves only after three slow
+    reports; control is told (on_home_changed), the new relay hears NotePreferred, and a peer still sending to
+    the old home region reaches us there."""
     s900, s901 = servers
     dm = DerpMap({900: region(900, s900.addresses[0][1]), 901: region(901, s901.addresses[0][1])})
     ka, kb = NodePrivate.generate(), NodePrivate.generate()

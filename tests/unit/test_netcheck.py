@@ -1,5 +1,5 @@
-"""netcheck (tailpy.magicsock.netcheck): verdicts kept while a run cannot tell, with a fake clock,
-preferred-region hysteresis,
+"""netcheck (tailpy.magicsock.netcheck): endpoint-dependent mapping detection that does not flap
+(tailscale/tailscale#1559) with a fake clock, preferred-region hysteresis,
 endpoint carry-over, and a run over a real StunRunner whose transport loses first attempts."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_mapping_varies_flapping_keeps_previous_verdict() -> None:
     assert r.udp is False
 
 
-def test_unknown_from_the_start_is_none() -> None:
+def test_mapping_varies_unknown_from_the_start_is_none() -> None:
     r = nc.Netcheck().report([probe(A, ("203.0.113.5", 41641)), probe(B, None)], now=0.0)
     assert r.mapping_varies_by_dest_ip is None and not r.mapping_varies_fresh
     assert r.to_json()["mapping_varies_by_dest_ip"] is None

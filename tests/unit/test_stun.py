@@ -1,6 +1,6 @@
 """STUN codec (tailpy.proto.stun), server logic (tailpy.derp.stun_server.answer) and client transactions
-(tailpy.magicsock.stun): RFC 5769 vectors, comprehension-required attributes,
-RFC 8489 retransmission, fuzzing."""
+(tailpy.magicsock.stun): RFC 5769 vectors, comprehension-required attributes (RFC 8489 §14), RFC 8489
+retransmission, fuzzing."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ REQUEST_LONG_TERM = bytes.fromhex(
 CLIENT_ADDR = ("192.0.2.1", 32853)
 
 
-# --- the request vector ------------------------------------------------------------------------------
+# --- RFC 5769 §2.1: the request vector -------------------------------------------------------------------
 
 
-def test_request_vector() -> None:
+def test_rfc5769_request_vector() -> None:
     m = stun.parse(REQUEST)
     assert (m.method, m.cls, m.txid) == (stun.BINDING, stun.MessageClass.REQUEST, TXID)
     assert len(REQUEST) == 108 and len(REQUEST) - stun.HEADER_LEN == 88
@@ -73,7 +73,7 @@ def test_request_vector() -> None:
     assert rebuilt == REQUEST
 
 
-def test_c01a_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
+def test_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
     bad = bytearray(REQUEST)
     assert bad[34] == 0x63
     bad[34] = 0x43  # "client" -> "Client"
@@ -95,7 +95,7 @@ def test_c01a_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
     ],
     ids=["minimal", "minimal+fingerprint", "rfc5769"],
 )
-def test_c01b_requests_with_or_without_fingerprint_are_answered(request_hex: str) -> None:
+def test_requests_with_or_without_fingerprint_are_answered(request_hex: str) -> None:
     reply, disposition = answer(bytes.fromhex(request_hex), CLIENT_ADDR)
     assert disposition == "success" and reply is not None
     r = stun.parse(reply)
@@ -120,7 +120,7 @@ def test_rfc5769_long_term_vector() -> None:
     assert m.encode() == REQUEST_LONG_TERM
 
 
-# --- the response vectors ------------------------------------------------------------------------------
+# --- RFC 5769 §2.2, §2.3: the response vectors -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_rfc5769_long_term_vector() -> None:
     ],
     ids=["ipv4", "ipv6"],
 )
-def test_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) -> None:
+def test_rfc5769_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) -> None:
     m = stun.parse(vector)
     assert (m.cls, m.txid) == (stun.MessageClass.SUCCESS, TXID)
     assert m.software == "test vector"
@@ -168,7 +168,7 @@ def test_mapped_address_fallback() -> None:
     assert stun.parse(both).mapped_address == CLIENT_ADDR
 
 
-# --- comprehension-required vs optional -------------------------------------------------------------------
+# --- RFC 8489 §14: comprehension-required vs optional ----------------------------------------------------
 
 
 def test_unknown_required_attribute_gets_420() -> None:

@@ -72,8 +72,9 @@ def _verdict(value: bool | None, fresh: bool) -> str:
 
 
 def _endpoint(endpoint: Endpoint, fresh: bool) -> str:
-    """``yes, IP:PORT`` for an endpoint this run found; a carried-over one is labelled instead, as
-    the kept verdicts are: no server of that family answered this run."""
+    """``yes, IP:PORT`` for an endpoint this run found; one carried over from an earlier run (see
+    :data:`tailpy.magicsock.netcheck.KEEP_ENDPOINT_FOR`) is labelled instead, as the kept verdicts are: no
+    server of that family answered this run."""
     return f"yes, {endpoint}" if fresh else f"{endpoint} {KEPT}"
 
 
@@ -163,7 +164,7 @@ def command(
 ) -> None:
     """Print an analysis of local network conditions: UDP, global IPv4/IPv6 endpoint, whether the NAT
     mapping varies by destination, hairpinning, and latency to each DERP region (with the nearest)."""
-    from tailpy.cli.control import load_derp_map
+    from tailpy.control.options import load_derp_map
     from tailpy.magicsock.netcheck import Netcheck, run, stun_targets
     from tailpy.magicsock.stun import StandaloneStun
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -238,11 +238,12 @@ class ControlClient:
     async def login_poll(
         self, node_key: NodePublic, hostname: str, *, os: str = "", wait: float = 25.0
     ) -> LoginAnswer:
-        """Register with no auth key, interactively: the server answers at once with the node when
-        the machine needs no login, else holds the request up to ``wait`` seconds and answers the login URL
-        to show the user, or that the user signed in and an admin's approval is awaited, or the node once the
-        login is done. Call again until :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server
-        has no interactive login (the sentence asks for an auth key), ControlError."""
+        """Register with no auth key, interactively (an OpenID Connect login, :mod:`tailpy.control.oidc`):
+        the server answers at once with the node when the machine needs no login, else holds the request up
+        to ``wait`` seconds and answers the login URL to show the user, or that the user signed in and an
+        admin's approval is awaited, or the node once the login is done. Call again until
+        :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server has no interactive login (the
+        sentence asks for an auth key), ControlError."""
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname, "interactive": True}
         body["wait"] = wait
         if os:
@@ -309,7 +310,7 @@ class ControlClient:
         resume: tuple[str, int] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
-    ) -> AsyncIterator[MapMessage]:
+    ) -> AsyncGenerator[MapMessage, None]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
         (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
         of the last message applied, to get a delta since then instead of a full netmap (the server decides:
@@ -372,7 +373,7 @@ class ControlClient:
         *,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
-    ) -> AsyncIterator[NetMap]:
+    ) -> AsyncGenerator[NetMap, None]:
         """Open the map stream and yield the full netmap after each message the server sends: the netmap
         first, then the netmap with each delta applied (keepalives are consumed here).
 

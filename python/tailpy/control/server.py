@@ -158,7 +158,7 @@ class ControlServer:
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
-        self.logins: Logins | None = None  # interactive login, see tailpy.control.oidc
+        self.logins: Logins | None = None  # interactive login (OpenID Connect), see tailpy.control.oidc
         if oidc is not None:
             self.logins = Logins(
                 oidc, store, on_node=self.admin_changed, key_lifetime=key_lifetime, clock=clock

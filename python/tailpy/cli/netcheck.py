@@ -156,7 +156,7 @@ def command(
 ) -> None:
     """Print an analysis of local network conditions: UDP, global IPv4/IPv6 endpoint, whether the NAT
     mapping varies by destination, hairpinning, and latency to each DERP region (with the nearest)."""
-    from tailpy.cli.control import load_derp_map
+    from tailpy.control.options import load_derp_map
     from tailpy.magicsock.netcheck import Netcheck, run, stun_targets
     from tailpy.magicsock.stun import StandaloneStun
 

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 from tailpy.asyncutil import wait_event
 from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError
+from tailpy.ipnstate import DerpStatus
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.magicsock.derp import DerpConnections
 from tailpy.magicsock.fallback import FallbackPolicy
@@ -350,20 +351,20 @@ class MagicSock:
         region = self._derp_map.regions.get(region_id)
         return region.region_code if region is not None else ""
 
-    def status(self) -> dict[str, Any]:
-        """``home_derp`` (region id, 0 none), ``home_derp_code``, ``latency`` (region id as text -> ms of the
-        last report), ``connections`` (:meth:`DerpConnections.status`), and counters."""
-        return {
-            "home_derp": self.chooser.home,
-            "home_derp_code": self.region_code(self.chooser.home),
-            "latency_ms": {str(r): round(d * 1000, 2) for r, d in sorted(self.latency.items())},
-            "connections": self.derp.status(),
-            "relay_sent": self.relay_sent,
-            "relay_dropped": self.relay_dropped,
-            "derp_received": self.derp_received,
-            "derp_dropped": self.derp_dropped,
-            "disco_dropped": self.disco_dropped,
-        }
+    def status(self) -> DerpStatus:
+        """The home region, the last latency report (milliseconds), the open connections
+        (:meth:`DerpConnections.status`) and the counters (:class:`tailpy.ipnstate.DerpStatus`)."""
+        return DerpStatus(
+            home_derp=self.chooser.home,
+            home_derp_code=self.region_code(self.chooser.home),
+            latency_ms={r: round(d * 1000, 2) for r, d in sorted(self.latency.items())},
+            connections=tuple(self.derp.status()),
+            relay_sent=self.relay_sent,
+            relay_dropped=self.relay_dropped,
+            derp_received=self.derp_received,
+            derp_dropped=self.derp_dropped,
+            disco_dropped=self.disco_dropped,
+        )
 
 
 __all__ = ["DISCO_MAGIC", "DiscoHandler", "MagicSock", "RelayDevice"]

@@ -42,12 +42,12 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tailpy.asyncutil import wait_event
 from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError, EndpointError, TailpyError
+from tailpy.ipnstate import DiscoPeerStatus, PingReply, TraversalStatus
 from tailpy.keys import DiscoPrivate, NodePublic
 from tailpy.magicsock.conn import MagicSock
 from tailpy.magicsock.disco import (
@@ -88,37 +88,15 @@ class TraversalDevice(Protocol):
     def peers(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class PingReply:
-    """One ``tailpy ping`` answer: ``via`` ``"DERP(<region code>)"`` or the direct endpoint's text
-    ``"ip:port"``, ``rtt`` seconds, ``peer_saw`` our source as the peer saw it for a Pong that came
-    directly, None (JSON null) for one that came via DERP (the peer saw only the DERP placeholder
-    ``127.3.3.40:<region>``, not an address of ours); ``timeout`` True (``via`` empty, ``rtt`` and
-    ``peer_saw`` None) when no Pong came in time."""
-
-    direct: bool
-    via: str
-    rtt: float | None
-    peer_saw: Endpoint | None = None
-    timeout: bool = False
-
-    @classmethod
-    def from_result(cls, got: PingResult, region_code: Callable[[int], str]) -> PingReply:
-        """The reply for disco's ``got``; ``region_code(region id)`` names a DERP region ("" if unknown)."""
-        if isinstance(got.via, ViaDERP):
-            region = got.via.region
-            code = region_code(region) if isinstance(region, int) else ""
-            return cls(False, f"DERP({code or region})", got.rtt, None)
-        return cls(got.direct, str(got.via), got.rtt, got.peer_saw)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "direct": self.direct,
-            "via": self.via,
-            "rtt": self.rtt,
-            "peer_saw": None if self.peer_saw is None else str(self.peer_saw),
-            "timeout": self.timeout,
-        }
+def ping_reply(got: PingResult, region_code: Callable[[int], str]) -> PingReply:
+    """The ``tailpy ping`` answer for disco's ``got``; ``region_code(region id)`` names a DERP region ("" if
+    unknown). A Pong via DERP carries the DERP placeholder ``127.3.3.40:<region>`` as our source: the
+    answer's ``peer_saw`` is None there, not that address."""
+    if isinstance(got.via, ViaDERP):
+        region = got.via.region
+        code = region_code(region) if isinstance(region, int) else ""
+        return PingReply(False, f"DERP({code or region})", got.rtt, None)
+    return PingReply(got.direct, str(got.via), got.rtt, got.peer_saw)
 
 
 class Traversal:
@@ -292,7 +270,7 @@ class Traversal:
             self._pings.pop(request, None)
         if isinstance(got, PingTimeout):
             return PingReply(False, "", None, timeout=True)
-        return PingReply.from_result(got, self.magicsock.region_code)
+        return ping_reply(got, self.magicsock.region_code)
 
     # -- netcheck --------------------------------------------------------------------------------------
 
@@ -315,33 +293,28 @@ class Traversal:
 
     # -- status ----------------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """``endpoints``, ``disco`` counters, ``send_errors``, ``ignored``, ``netcheck`` (last report's JSON
-        without probes, or None) and per-peer ``peers`` {nodekey text: {path, latency_ms, active}}."""
+    def status(self) -> TraversalStatus:
+        """Endpoints, disco counters, send errors, the last netcheck report and disco's view of each peer
+        (:class:`tailpy.ipnstate.TraversalStatus`)."""
         now = self.clock()
-        report = self.history.last
-        nc = None
-        if report is not None:
-            nc = report.to_json()
-            nc.pop("probes", None)
-        return {
-            "endpoints": [str(e) for e in self.endpoints],
-            "disco": self.disco.counters.as_dict(),
-            "send_errors": self.send_errors,
-            "copied": self.copied,
-            "link_changes": self.link_changes,
-            "ignored": self.ignored,
-            "stun_unmatched": self.stun.unmatched,
-            "netcheck": nc,
-            "peers": {
-                s.node_key.text(): {
-                    "path": None if s.path is None else str(s.path),
-                    "latency_ms": None if s.latency is None else round(s.latency * 1000, 2),
-                    "active": s.active,
-                }
+        return TraversalStatus(
+            endpoints=tuple(self.endpoints),
+            disco=self.disco.counters.as_dict(),
+            send_errors=self.send_errors,
+            copied=self.copied,
+            link_changes=self.link_changes,
+            ignored=self.ignored,
+            stun_unmatched=self.stun.unmatched,
+            netcheck=self.history.last,
+            peers={
+                s.node_key: DiscoPeerStatus(
+                    path=s.path,
+                    latency_ms=None if s.latency is None else round(s.latency * 1000, 2),
+                    active=s.active,
+                )
                 for s in self.disco.status(now)
             },
-        }
+        )
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -504,4 +477,11 @@ class Traversal:
                 self._refresh_endpoints()  # local addresses may have changed all the same
 
 
-__all__ = ["ACTIVITY_INTERVAL", "NETCHECK_INTERVAL", "PingReply", "Traversal", "TraversalDevice"]
+__all__ = [
+    "ACTIVITY_INTERVAL",
+    "NETCHECK_INTERVAL",
+    "PingReply",
+    "Traversal",
+    "TraversalDevice",
+    "ping_reply",
+]

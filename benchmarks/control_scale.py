@@ -37,6 +37,7 @@ from typing import Any
 import nacl.public
 
 from tailpy.control.client import ControlClient
+from tailpy.endpoint import Endpoint
 from tailpy.keys import MachinePrivate, NodePublic
 
 TAILPY = str(Path(sys.executable).with_name("tailpy"))
@@ -92,7 +93,9 @@ async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Con
     async def follow(i: int) -> None:
         nonlocal got_full
         async with sem:
-            it = clients[i].stream_messages(node_keys[i], [f"192.0.2.{index}:{i + 1}"], f"w{index}-{i}")
+            it = clients[i].stream_messages(
+                node_keys[i], [Endpoint.parse(f"192.0.2.{index}:{i + 1}")], f"w{index}-{i}"
+            )
             first = True
             async for msg in it:
                 now = time.monotonic()
@@ -226,7 +229,7 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
             ask(pipes, "watch", nk.text())
             begin = time.monotonic()
             await c.register(nk, "joiner", key)
-            it = c.stream_messages(nk, ["198.51.100.9:9"], "joiner")
+            it = c.stream_messages(nk, [Endpoint.parse("198.51.100.9:9")], "joiner")
             await it.__anext__()
             await it.aclose()
             await c.close()

@@ -167,9 +167,9 @@ def test_tailpy_sealed_messages_open_in_go(go: GoDisco) -> None:
 
 def test_disco_node_answers_a_tailscale_ping(go: GoDisco) -> None:
     node = DiscoNode(PY, NodePrivate.generate().public)
-    node.on_netmap([PeerInfo(NODE, TS.public, ("192.0.2.50:41641",))], 0.0)
+    node.on_netmap([PeerInfo(NODE, TS.public, (Endpoint.parse("192.0.2.50:41641"),))], 0.0)
     ping = go_seal(go, type="ping", txid=TXID.hex(), nodekey=NODE.raw.hex())
-    (reply,) = node.feed(ping, "192.0.2.50:41641", 1.0)
+    (reply,) = node.feed(ping, Endpoint.parse("192.0.2.50:41641"), 1.0)
     assert isinstance(reply, SendUDP) and str(reply.endpoint) == "192.0.2.50:41641"
     r = go_open(go, reply.datagram)
     want = ("pong", TXID.hex(), "192.0.2.50:41641", PY.public.raw.hex())

@@ -24,6 +24,7 @@ from _tailscale_go import (
 )
 
 from tailpy.derp.stun_server import StunServer
+from tailpy.endpoint import Endpoint
 from tailpy.magicsock import netcheck
 from tailpy.magicsock.stun import StandaloneStun
 from tailpy.proto import stun
@@ -108,14 +109,14 @@ async def test_tailpy_client_and_netcheck_against_tailscale_stund() -> None:
     try:
         async with StandaloneStun(bind="127.0.0.1") as sock:
             # stund may take a moment to bind: RFC 8489 retransmission covers that
-            result = await sock.runner.binding(f"127.0.0.1:{stun_port}", total=20.0)
+            result = await sock.runner.binding(Endpoint.parse(f"127.0.0.1:{stun_port}"), total=20.0)
             assert result.ok, result
-            assert result.mapped == ("127.0.0.1", sock.port)
+            assert result.mapped == Endpoint.parse(f"127.0.0.1:{sock.port}")
             target = netcheck.StunTarget(1, "1a", "127.0.0.1", stun_port, 4)
             report = await netcheck.run(
                 sock.runner, [target], netcheck.Netcheck(), timeout=5.0, hairpin=False
             )
-            assert report.udp and report.global_v4 == f"127.0.0.1:{sock.port}"
+            assert report.udp and report.global_v4 == Endpoint.parse(f"127.0.0.1:{sock.port}")
             assert 1 in report.region_latency
 
         # Tailscale's server ignores a request without FINGERPRINT (tailscale/tailscale#4177); tailpy's

@@ -12,9 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailpy.derp.stun_server import StunServer, answer
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ParseError
 from tailpy.magicsock import stun as client
 from tailpy.proto import stun
+
+DEST = Endpoint.parse("192.0.2.9:3478")  # a STUN server the client transactions talk to
 
 TXID = bytes.fromhex("b7e7a701bc34d686fa87dfae")
 PASSWORD = "VOkJxbRl1RmTxUk/WvJxBt"
@@ -143,9 +146,9 @@ def test_rfc5769_response_vectors(vector: bytes, mapped: tuple[str, int], crc: s
 def test_reply_with_another_txid_is_not_matched() -> None:
     tx = client.Transactions()
     other = bytes(12)
-    start = tx.start("192.0.2.9:3478", now=0.0, txid=other)
+    start = tx.start(DEST, now=0.0, txid=other)
     assert start.txid == other
-    assert tx.receive(RESPONSE_V4, "192.0.2.9:3478", now=0.1) is None  # its txid is TXID, not ours
+    assert tx.receive(RESPONSE_V4, DEST, now=0.1) is None  # its txid is TXID, not ours
     assert tx.pending() == 1
 
 
@@ -186,12 +189,12 @@ def test_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
     assert m.unknown_required() == []
     assert m.mapped_address == ("192.0.2.1", 32853)
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
+    tx.start(DEST, now=0.0, txid=TXID)
     request = stun.binding_request(TXID, software=client.CLIENT_SOFTWARE)[1]
-    assert tx.due(0.0) == [(request, "192.0.2.9:3478")]
+    assert tx.due(0.0) == [(request, DEST)]
     assert stun.parse(request).software == "tailnode" and stun.parse(request).has_fingerprint
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.25)
-    assert result is not None and result.ok and result.mapped == ("192.0.2.1", 32853)
+    result = tx.receive(resp, DEST, now=0.25)
+    assert result is not None and result.ok and result.mapped == Endpoint.parse("192.0.2.1:32853")
     assert result.rtt == pytest.approx(0.25)
 
 
@@ -210,8 +213,8 @@ def test_success_with_unknown_required_attribute_fails_the_transaction() -> None
     )
     assert stun.parse(resp).unknown_required() == [0x0005]
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.1)
+    tx.start(DEST, now=0.0, txid=TXID)
+    result = tx.receive(resp, DEST, now=0.1)
     assert result is not None and not result.ok and result.mapped is None
     assert "0x0005" in (result.error or "")
     assert tx.pending() == 0
@@ -222,8 +225,8 @@ def test_error_response_fails_the_transaction() -> None:
         stun.BINDING, stun.MessageClass.ERROR, TXID, [stun.error_attr(420), stun.unknown_attributes_attr([3])]
     )
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.1)
+    tx.start(DEST, now=0.0, txid=TXID)
+    result = tx.receive(resp, DEST, now=0.1)
     assert result is not None and not result.ok and "420" in (result.error or "")
 
 
@@ -338,8 +341,8 @@ def test_fuzz_structured(mtype: int, cookie: bytes, attrs: list[tuple[int, bytes
     data = mtype.to_bytes(2, "big") + length.to_bytes(2, "big") + cookie + TXID + body
     _safe_parse(data)
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    tx.receive(data, "192.0.2.9:3478", now=0.1)  # never raises either
+    tx.start(DEST, now=0.0, txid=TXID)
+    tx.receive(data, DEST, now=0.1)  # never raises either
 
 
 # --- client transactions: RFC 8489 §6.2.1 retransmission --------------------------------------------------
@@ -349,7 +352,7 @@ def test_retransmission_schedule_rfc8489() -> None:
     """RTO 500 ms doubling, Rc = 7 sends, then Rm * RTO = 8 s: sends at 0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s
     and failure at 39.5 s."""
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0)
+    tx.start(DEST, now=0.0)
     sends: list[float] = []
     failed: list[client.BindingResult] = []
     t = 0.0
@@ -366,7 +369,7 @@ def test_retransmission_schedule_rfc8489() -> None:
 
 def test_retransmission_with_a_shorter_total() -> None:
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=10.0, total=3.0)
+    tx.start(DEST, now=10.0, total=3.0)
     sends: list[float] = []
     failed: list[client.BindingResult] = []
     t = 10.0
@@ -381,15 +384,15 @@ def test_retransmission_with_a_shorter_total() -> None:
 
 def test_late_answer_after_a_retransmission_still_matches() -> None:
     tx = client.Transactions()
-    start = tx.start("192.0.2.9:3478", now=0.0)
+    start = tx.start(DEST, now=0.0)
     assert len(tx.due(0.0)) == 1 and len(tx.due(0.5)) == 1
     resp = stun.encode(
         stun.BINDING, stun.MessageClass.SUCCESS, start.txid, [stun.address_attr(CLIENT_ADDR, start.txid)]
     )
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.7)
+    result = tx.receive(resp, DEST, now=0.7)
     assert result is not None and result.ok and result.attempts == 2
     assert result.rtt == pytest.approx(0.2)  # from the latest send
-    assert tx.receive(resp, "192.0.2.9:3478", now=0.8) is None  # a duplicate answer matches nothing
+    assert tx.receive(resp, DEST, now=0.8) is None  # a duplicate answer matches nothing
 
 
 # --- the asyncio server and runner on loopback --------------------------------------------------------
@@ -401,8 +404,8 @@ async def test_server_and_runner_on_loopback() -> None:
     try:
         port = server.addresses[0][1]
         async with client.StandaloneStun(bind="127.0.0.1") as standalone:
-            result = await standalone.runner.binding(f"127.0.0.1:{port}", total=5.0)
-            assert result.ok and result.mapped == ("127.0.0.1", standalone.port)
+            result = await standalone.runner.binding(Endpoint.parse(f"127.0.0.1:{port}"), total=5.0)
+            assert result.ok and result.mapped == Endpoint.parse(f"127.0.0.1:{standalone.port}")
             assert result.rtt is not None and result.rtt >= 0
         # garbage is counted and dropped; the server keeps serving
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -428,5 +431,5 @@ async def test_runner_times_out_without_a_server() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        result = await standalone.runner.binding(f"127.0.0.1:{port}", total=0.6, rto=0.1)
+        result = await standalone.runner.binding(Endpoint.parse(f"127.0.0.1:{port}"), total=0.6, rto=0.1)
         assert not result.ok and result.error == "timeout" and result.attempts >= 2

@@ -7,6 +7,7 @@ parse back from JSON (fuzzed: only ParseError)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,11 +17,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailpy.derp.stun_server import StunServer
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ParseError
+from tailpy.ipnstate import PingReply
 from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate
 from tailpy.magicsock import MagicSock
 from tailpy.magicsock.netcheck import Report
-from tailpy.magicsock.traversal import PingReply, Traversal
+from tailpy.magicsock.traversal import Traversal, ping_reply
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
 
 
@@ -82,13 +85,13 @@ class Side:
         self.key = NodePrivate.generate()
         self.disco = DiscoPrivate.generate()
         self.device = UdpDevice()
-        self.endpoint = ""
-        self.reported: list[list[str]] = []
+        self.endpoint = Endpoint.parse("0.0.0.0:0")
+        self.reported: list[list[Endpoint]] = []
         self.ms: MagicSock | None = None
         self.tr: Traversal | None = None
 
     async def start(self) -> None:
-        self.endpoint = await self.device.start()
+        self.endpoint = Endpoint.parse(await self.device.start())
         self.ms = MagicSock(self.device, self.key)
         self.tr = Traversal(
             self.device,
@@ -150,12 +153,14 @@ async def test_ping_goes_direct_after_discovery(pair: tuple[Side, Side]) -> None
         if r.direct:
             break
     assert replies[-1].direct, replies
-    assert replies[-1].via == b.endpoint and replies[-1].rtt is not None
+    assert replies[-1].via == str(b.endpoint) and replies[-1].rtt is not None
     assert replies[-1].peer_saw == a.endpoint
     # The path machine put b on the direct path to the endpoint that answered.
-    assert a.device.paths[b.key.public.raw] == "direct" and a.device.endpoints[b.key.public.raw] == b.endpoint
+    assert a.device.paths[b.key.public.raw] == "direct" and a.device.endpoints[b.key.public.raw] == str(
+        b.endpoint
+    )
     st = a.tr.status()
-    assert st["peers"][b.key.public.text()]["path"] == b.endpoint and st["disco"]["pongs"] >= 1
+    assert st.peers[b.key.public].path == b.endpoint and st.disco["pongs"] >= 1
     with pytest.raises(KeyError):
         await a.tr.ping(NodePrivate.generate().public)
 
@@ -224,12 +229,11 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
 
     from tailpy.magicsock.disco import PingResult, ViaDERP
     from tailpy.magicsock.paths import DERP_MAGIC_IP
-    from tailpy.proto.disco import Endpoint
 
     key = NodePrivate.generate().public
     codes = {900: "tailpy"}
     derp = PingResult(1, key, ViaDERP(900), 0.003, Endpoint(DERP_MAGIC_IP, 900))
-    reply = PingReply.from_result(derp, lambda r: codes.get(r, ""))
+    reply = ping_reply(derp, lambda r: codes.get(r, ""))
     assert reply.to_json() == {
         "direct": False,
         "via": "DERP(tailpy)",
@@ -237,11 +241,11 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
         "peer_saw": None,
         "timeout": False,
     }
-    assert PingReply.from_result(derp, lambda r: "").via == "DERP(900)"
+    assert ping_reply(derp, lambda r: "").via == "DERP(900)"
     seen = Endpoint(ip_address("203.0.113.5"), 41641)
     direct = PingResult(2, key, Endpoint(ip_address("198.51.100.7"), 41641), 0.001, seen)
-    reply = PingReply.from_result(direct, lambda r: "")
-    assert reply.direct and reply.via == "198.51.100.7:41641" and reply.peer_saw == "203.0.113.5:41641"
+    reply = ping_reply(direct, lambda r: "")
+    assert reply.direct and reply.via == "198.51.100.7:41641" and str(reply.peer_saw) == "203.0.113.5:41641"
     assert PingReply(False, "", None, timeout=True).to_json()["peer_saw"] is None
 
 
@@ -260,9 +264,11 @@ def test_status_json_endpoint_is_null_while_relayed(tmp_path: Any) -> None:
         2, "b", "b", NodePrivate.generate().public, MachinePrivate.generate().public, ("100.64.0.2/32",)
     )
     stats = {"endpoint": "192.168.1.20:41641", "tx_bytes": 0, "rx_bytes": 0}
-    relayed = backend._node_json(node, {**stats, "path": "relay"}, time.time())
-    assert relayed["path"] == "relay" and relayed["endpoint"] is None
-    assert peer_state({**relayed, "online": True}, time.time()) == "idle; relay"
-    direct = backend._node_json(node, {**stats, "path": "direct"}, time.time())
-    assert direct["path"] == "direct" and direct["endpoint"] == "192.168.1.20:41641"
-    assert peer_state({**direct, "online": True}, time.time()) == "idle; direct 192.168.1.20:41641"
+    relayed = backend._peer_status(node, {**stats, "path": "relay"}, time.time())
+    assert relayed.to_json()["path"] == "relay" and relayed.to_json()["endpoint"] is None
+    assert peer_state(dataclasses.replace(relayed, online=True), time.time()) == "idle; relay"
+    direct = backend._peer_status(node, {**stats, "path": "direct"}, time.time())
+    assert direct.to_json()["path"] == "direct" and direct.to_json()["endpoint"] == "192.168.1.20:41641"
+    assert (
+        peer_state(dataclasses.replace(direct, online=True), time.time()) == "idle; direct 192.168.1.20:41641"
+    )

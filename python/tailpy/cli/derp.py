@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
 
 
@@ -70,12 +71,12 @@ def serve(
     Unless --no-stun, a STUN Binding server (RFC 8489) answers on UDP --stun-port (3478) of --listen's host
     (every address, IPv4 and IPv6, when that is 0.0.0.0 or empty), as Tailscale's derper does; its counters
     are in /debug/metrics. A STUN port that cannot be bound is logged, and the relay serves without STUN."""
-    from tailpy.cli.control import _parse_listen
+    from tailpy.control.options import parse_listen
     from tailpy.derp.server import DerpServer, load_or_create_key
     from tailpy.derp.stun_server import StunServer
     from tailpy.derp.verify import AdmissionURL, control_admission_url
 
-    host, port = _parse_listen(listen)
+    host, port = parse_listen(listen)
     if verify_clients and verify_client_url:
         raise ConfigError("give --verify-clients (with --control-url) or --verify-client-url, not both")
     if verify_clients and not control_url:
@@ -122,9 +123,7 @@ def serve(
         if admit_url is not None:
             log.info("DERP clients are verified at %s (refused while it does not answer)", admit_url)
         scheme = "https" if ctx else "http"
-        where = ", ".join(
-            f"{scheme}://{h if ':' not in h else f'[{h}]'}:{p}/derp" for h, p in server.addresses
-        )
+        where = ", ".join(f"{scheme}://{Endpoint.from_sockaddr(a)}/derp" for a in server.addresses)
         log.info("DERP relay listening on %s (key %s)", where, key.public.text())
         stun_server: StunServer | None = None
         if stun:
@@ -144,7 +143,7 @@ def serve(
                 server.extra_metrics.append(stun_server.metrics.prometheus)
                 log.info(
                     "STUN server listening on %s",
-                    ", ".join(f"udp {h if ':' not in h else f'[{h}]'}:{p}" for h, p in stun_server.addresses),
+                    ", ".join(f"udp {Endpoint.from_sockaddr(a)}" for a in stun_server.addresses),
                 )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

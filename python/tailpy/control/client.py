@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import aiohttp
 
+from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, NotRegisteredError, ParseError
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
@@ -262,14 +263,15 @@ class ControlClient:
         name) for the next registration with an auth key. Raises ControlError."""
         return self._node(await self._call("/machine/logout", {"node_key": node_key.text()}))
 
-    async def update_endpoints(self, endpoints: list[str]) -> None:
-        """Tell the server this node's UDP endpoints ("ip:port" / "[ipv6]:port"); pushed to every peer."""
+    async def update_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Tell the server this node's UDP endpoints (sent as "ip:port" / "[ipv6]:port"); pushed to every
+        peer."""
         await self.update(endpoints=endpoints)
 
     async def update(
         self,
         *,
-        endpoints: list[str] | None = None,
+        endpoints: Sequence[Endpoint] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
     ) -> None:
@@ -280,7 +282,7 @@ class ControlClient:
         if disco_key is not None:
             body["disco_key"] = disco_key.text()
         if endpoints is not None:
-            body["endpoints"] = list(endpoints)
+            body["endpoints"] = [str(e) for e in endpoints]
         if home_derp is not None:
             body["home_derp"] = home_derp
         if body:
@@ -302,7 +304,7 @@ class ControlClient:
     async def stream_messages(
         self,
         node_key: NodePublic,
-        endpoints: list[str],
+        endpoints: Sequence[Endpoint],
         hostname: str,
         *,
         resume: tuple[str, int] | None = None,
@@ -321,7 +323,7 @@ class ControlClient:
         server_key = await self.server_key()
         body: dict[str, Any] = {
             "node_key": node_key.text(),
-            "endpoints": list(endpoints),
+            "endpoints": [str(e) for e in endpoints],
             "hostname": hostname,
         }
         if resume is not None:
@@ -366,7 +368,7 @@ class ControlClient:
     async def stream_map(
         self,
         node_key: NodePublic,
-        endpoints: list[str],
+        endpoints: Sequence[Endpoint],
         hostname: str,
         *,
         home_derp: int | None = None,

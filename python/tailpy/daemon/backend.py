@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import platform
@@ -26,7 +27,16 @@ from tailpy.control import ControlClient
 from tailpy.control.client import LoginAnswer
 from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
-from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
+from tailpy.endpoint import Endpoint
+from tailpy.errors import (
+    AuthKeyError,
+    ConfigError,
+    ControlError,
+    EndpointError,
+    NotRegisteredError,
+    TailpyError,
+)
+from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import MagicSock, RelayDevice
 from tailpy.magicsock.traversal import Traversal, TraversalDevice
@@ -44,7 +54,7 @@ ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints (without NA
 BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
 BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
 STREAM_CHECK = (15.0, 20.0)  # seconds between checks that control still holds the map stream (a draw)
-LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
+LOGIN_POLL = 25.0  # seconds control may hold a login poll (ControlClient.login_poll)
 
 
 class DataPlane(RelayDevice, TraversalDevice, Protocol):
@@ -111,7 +121,7 @@ class Backend:
         self.last_error: str = ""
         self.control_connected = False
         self._session: asyncio.Task[None] | None = None
-        self._endpoints: list[str] = []
+        self._endpoints: list[Endpoint] = []
         self.changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
         self.ignored_datagrams = 0  # STUN/disco datagrams drained with no consumer yet
@@ -124,7 +134,7 @@ class Backend:
         self._closing: set[asyncio.Task[None]] = set()
         self._rotate_before = rotate_before
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
-        self.auth_url = ""  # where the user signs in while an interactive login waits (issue 7)
+        self.auth_url = ""  # where the user signs in while an interactive login waits
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
@@ -206,7 +216,7 @@ class Backend:
         try:
             if auth_key:
                 node: nm.Node | None = await client.register(node_key.public, hostname, auth_key, os=OS_NAME)
-            else:  # interactive login where control offers it (issue 7); an auth key where it does not
+            else:  # interactive login where control offers it; an auth key where it does not
                 login = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=0)
                 node = login.node
         except ControlError as e:
@@ -251,7 +261,7 @@ class Backend:
         self._apply_self(node)
         self._start_session()
 
-    # -- interactive login (issue 7) -----------------------------------------------------------------
+    # -- interactive login --------------------------------------------------------------------------
 
     def _await_login(self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer) -> None:
         """Control wants the user to sign in: show ``auth_url`` in the status (state NeedsLogin) and long-poll
@@ -562,7 +572,7 @@ class Backend:
             if not alive:
                 raise ControlError("control no longer holds this node's map stream: reconnecting")
 
-    def _on_endpoints(self, endpoints: list[str]) -> None:
+    def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
         """NAT traversal found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""
         self._endpoints_changed.set()
         self.changed.set()
@@ -596,7 +606,7 @@ class Backend:
                     log.warning("endpoint update: %s", e)
                     self._endpoints = []  # try again at the next round
 
-    def _local_endpoints(self) -> list[str]:
+    def _local_endpoints(self) -> list[Endpoint]:
         if self.device is None:
             return []
         return netconf.local_endpoints(self.device.listen_port, exclude_ifaces=(self.device.tun_name,))
@@ -654,10 +664,9 @@ class Backend:
     def _set_peer(
         dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface], endpoints_changed: bool = True
     ) -> None:
+        ep = netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None
         dev.set_peer(
-            node.node_key.raw,
-            allowed_ips=list(node.addresses),
-            endpoint=netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None,
+            node.node_key.raw, allowed_ips=list(node.addresses), endpoint=None if ep is None else str(ep)
         )
 
     def _apply_self(self, node: nm.Node) -> None:
@@ -741,95 +750,100 @@ class Backend:
 
     # -- status ---------------------------------------------------------------------------------------
 
-    def _node_json(self, node: nm.Node, st: Mapping[str, Any], now: float) -> dict[str, Any]:
+    def _peer_status(self, node: nm.Node, st: Mapping[str, Any], now: float) -> PeerStatus:
+        """``node`` from the netmap with ``st``, the data plane's counters of it (``Device.peers()``; empty
+        when the data plane does not have it)."""
         domain = self.netmap.domain if self.netmap else ""
         hs = st.get("last_handshake")
         ms = self.magicsock
-        relay_region = (
-            ms.relay_region(node.node_key.raw) if ms is not None and st.get("path") == "relay" else 0
-        )
-        return {
-            "id": node.id,
-            "name": node.name,
-            "fqdn": node.fqdn(domain),
-            "hostname": node.hostname,
-            "user": node.user,
-            "tags": list(node.tags),
-            "os": node.os,
-            "node_key": node.node_key.text(),
-            "addresses": list(node.addresses),
-            "online": node.online,
-            "last_seen": node.last_seen,
-            "key_expiry": node.key_expiry,
-            "expired": node.expired,
-            "home_derp": node.home_derp,
-            "disco_key": node.disco_key.text() if node.disco_key is not None else None,
-            "endpoints": list(node.endpoints),
-            # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
-            # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
-            "endpoint": None if st.get("path") == "relay" else st.get("endpoint"),
-            "path": st.get("path"),
-            "relay_region": relay_region,
-            "relay_region_code": ms.region_code(relay_region) if ms is not None and relay_region else "",
-            "last_handshake": hs,
+        path = st.get("path")
+        relay_region = ms.relay_region(node.node_key.raw) if ms is not None and path == "relay" else 0
+        endpoint = None
+        # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
+        # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
+        if path != "relay" and st.get("endpoint"):
+            with contextlib.suppress(EndpointError):
+                endpoint = Endpoint.parse(str(st["endpoint"]))
+        return PeerStatus(
+            id=node.id,
+            name=node.name,
+            fqdn=node.fqdn(domain),
+            hostname=node.hostname,
+            user=node.user,
+            tags=tuple(node.tags),
+            os=node.os,
+            node_key=node.node_key,
+            addresses=tuple(node.addresses),
+            online=node.online,
+            last_seen=node.last_seen,
+            key_expiry=node.key_expiry,
+            expired=node.expired,
+            home_derp=node.home_derp,
+            disco_key=node.disco_key,
+            endpoints=tuple(node.endpoints),
+            endpoint=endpoint,
+            path=path,
+            relay_region=relay_region,
+            relay_region_code=ms.region_code(relay_region) if ms is not None and relay_region else "",
+            last_handshake=hs,
             # A WireGuard session lives 180 s past its handshake, and handshakes happen only for traffic.
-            "active": hs is not None and now - hs < ACTIVE_WINDOW,
-            "tx_bytes": st.get("tx_bytes", 0),
-            "rx_bytes": st.get("rx_bytes", 0),
-        }
+            active=hs is not None and now - hs < ACTIVE_WINDOW,
+            tx_bytes=st.get("tx_bytes", 0),
+            rx_bytes=st.get("rx_bytes", 0),
+        )
 
-    def status(self) -> dict[str, Any]:
-        """The node and its peers, as ``tailpy status --json`` prints it (fields in README "Status JSON").
-        Times are unix seconds."""
+    def status(self) -> Status:
+        """The node and its peers, as ``tailpy status --json`` prints it (:class:`tailpy.ipnstate.Status`;
+        fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
         now = time.time()
         stats: dict[bytes, Any] = {}
         if self.device is not None:
             stats = {p["public_key"]: p for p in self.device.peers()}
         me = self.netmap.self_node if self.netmap else None
-        peers = [
-            self._node_json(node, stats.get(node.node_key.raw, {}), now)
+        peers = tuple(
+            self._peer_status(node, stats.get(node.node_key.raw, {}), now)
             for node in (sorted(self.netmap.peers.values(), key=lambda n: n.name) if self.netmap else [])
-        ]
-        return {
-            "backend_state": self.backend_state,
-            "login_server": s.login_server or (self._login_server if self._login is not None else ""),
-            "control_connected": self.control_connected,
-            "error": self.last_error,
-            "auth_url": self.auth_url,
-            "login_pending": self._login is not None,
-            "health": netconf.mtu_warnings(self._mtu),
-            "now": now,
-            "self": {
-                "id": s.node_id,
-                "name": me.name if me else "",
-                "fqdn": me.fqdn(self.netmap.domain) if me and self.netmap else "",
-                "hostname": s.hostname,
-                "user": me.user if me else "",
-                "tags": list(me.tags) if me else [],
-                "os": me.os if me else "",
-                "key_expiry": me.key_expiry if me else None,
-                "expired": me.expired if me else False,
-                "node_key": s.node_key.public.text(),
-                "machine_key": s.machine_key.public.text(),
-                "disco_key": self.disco_key.public.text(),
-                "addresses": list(s.addresses),
-                "listen_port": self.device.listen_port if self.device else None,
-                "endpoints": list(self._endpoints),
-                "tun": self.device.tun_name if self.device else None,
-                "home_derp": self.home_derp,
-                "home_derp_code": self.magicsock.region_code(self.home_derp) if self.magicsock else "",
-            },
-            "domain": self.netmap.domain if self.netmap else "",
-            "peers": peers,
-            "device": dict(self.device.stats()) if self.device else None,
-            "derp": self.magicsock.status() if self.magicsock else None,
-            "derp_map": self.netmap.derp_map.to_json() if self.netmap and self.netmap.derp_map else None,
-            "traversal": self.traversal.status() if self.traversal else None,
+        )
+        return Status(
+            backend_state=self.backend_state,
+            login_server=s.login_server or (self._login_server if self._login is not None else ""),
+            control_connected=self.control_connected,
+            error=self.last_error,
+            auth_url=self.auth_url,
+            login_pending=self._login is not None,
+            health=tuple(netconf.mtu_warnings(self._mtu)),
+            now=now,
+            self_node=SelfStatus(
+                id=s.node_id,
+                name=me.name if me else "",
+                fqdn=me.fqdn(self.netmap.domain) if me and self.netmap else "",
+                hostname=s.hostname,
+                user=me.user if me else "",
+                tags=tuple(me.tags) if me else (),
+                os=me.os if me else "",
+                key_expiry=me.key_expiry if me else None,
+                expired=me.expired if me else False,
+                node_key=s.node_key.public,
+                machine_key=s.machine_key.public,
+                disco_key=self.disco_key.public,
+                addresses=tuple(s.addresses),
+                listen_port=self.device.listen_port if self.device else None,
+                endpoints=tuple(self._endpoints),
+                tun=self.device.tun_name if self.device else None,
+                home_derp=self.home_derp,
+                home_derp_code=self.magicsock.region_code(self.home_derp) if self.magicsock else "",
+            ),
+            domain=self.netmap.domain if self.netmap else "",
+            peers=peers,
+            device=dict(self.device.stats()) if self.device else None,
+            derp=self.magicsock.status() if self.magicsock else None,
+            derp_map=self.netmap.derp_map if self.netmap and self.netmap.derp_map else None,
+            traversal=self.traversal.status() if self.traversal else None,
             # datagrams from the socket that were neither disco nor STUN (or came with no traversal running)
-            "ignored_datagrams": self.ignored_datagrams + (self.traversal.ignored if self.traversal else 0),
-            "dns": self.dns.status() if self.dns is not None else None,
-        }
+            ignored_datagrams=self.ignored_datagrams + (self.traversal.ignored if self.traversal else 0),
+            dns=self.dns.status() if self.dns is not None else None,
+        )
 
     def find_peer(self, target: str) -> nm.Node:
         """The peer called ``target`` (its name, its FQDN with or without the final dot, or its hostname)
@@ -858,11 +872,10 @@ class Backend:
             raise ConfigError(f"{target} is this node; ping a peer")
         raise ConfigError(f"no peer {target!r} in this tailnet (see `tailpy status`)")
 
-    async def ping(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def ping(self, target: str, timeout: float = 5.0) -> PingReply:
         """One disco ping to peer ``target`` (name or tailnet IP, :meth:`find_peer`), waiting up to
-        ``timeout`` seconds: ``{"peer": {name, fqdn, ip}, "direct", "via" ("DERP(<code>)" or "ip:port"),
-        "rtt" (seconds or None), "peer_saw", "timeout"}``. Raises ConfigError (unknown peer, one without
-        disco, node not running)."""
+        ``timeout`` seconds (:class:`tailpy.ipnstate.PingReply`, with its ``peer``). Raises ConfigError
+        (unknown peer, one without disco, node not running)."""
         node = self.find_peer(target)
         if node.expired:
             raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
@@ -875,8 +888,8 @@ class Backend:
         except KeyError:
             raise ConfigError(f"peer {node.name} is not in the data plane yet; try again") from None
         domain = self.netmap.domain if self.netmap else ""
-        peer = {"name": node.name, "fqdn": node.fqdn(domain), "ip": node.ipv4 or node.ipv6 or ""}
-        return {"peer": peer, **reply.to_json()}
+        peer = PingPeer(node.name, node.fqdn(domain), node.ipv4 or node.ipv6 or "")
+        return dataclasses.replace(reply, peer=peer)
 
     async def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
         """A netcheck run now over the data plane's socket: ``{"report": Report JSON, "derp_map": DERP map
@@ -888,14 +901,14 @@ class Backend:
             raise ConfigError("tailpyd has no DERP map with STUN servers yet")
         return {"report": report.to_json(), "derp_map": self.magicsock.derp_map.to_json()}
 
-    def whois(self, address: str) -> dict[str, Any] | None:
+    def whois(self, address: str) -> PeerStatus | None:
         """The node (self or a peer) owning tailnet ``address`` ("100.64.0.2", "fd7a:115c:a1e0::2";
         an "ip:port" is accepted), as in ``status``; None when no node has it."""
         if self.netmap is None:
             return None
         try:
             ip = (
-                netconf.parse_endpoint(address)[0]
+                Endpoint.parse(address).ip
                 if address.count(":") == 1 or "]" in address
                 else (ipaddress.ip_address(address))
             )
@@ -905,5 +918,5 @@ class Backend:
         now = time.time()
         for node in (self.netmap.self_node, *self.netmap.peers.values()):
             if any(ipaddress.ip_interface(a).ip == ip for a in node.addresses):
-                return self._node_json(node, stats.get(node.node_key.raw, {}), now)
+                return self._peer_status(node, stats.get(node.node_key.raw, {}), now)
         return None

@@ -28,7 +28,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
 from tailpy.asyncutil import wait_event
+from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError
+from tailpy.ipnstate import DerpStatus
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.magicsock.derp import DerpConnections
 from tailpy.magicsock.fallback import FallbackPolicy
@@ -205,9 +207,9 @@ class MagicSock:
         return bool(region) and self.derp.send(region, peer, payload)
 
     def set_peer_path(
-        self, peer: NodePublic, *, endpoint: str | None = None, region: int | None = None
+        self, peer: NodePublic, *, endpoint: Endpoint | None = None, region: int | None = None
     ) -> None:
-        """Point ``peer``'s WireGuard datagrams at a direct ``endpoint`` ("ip:port" / "[ipv6]:port") or at
+        """Point ``peer``'s WireGuard datagrams at a direct ``endpoint`` or at
         DERP ``region`` (region id; 0 = the peer's home region). Exactly one of the two. Raises ValueError for
         neither/both, DeviceError for a peer the device does not have."""
         if (endpoint is None) == (region is None):
@@ -216,7 +218,7 @@ class MagicSock:
         if endpoint is not None:
             if node is None:
                 raise DeviceError(f"peer {peer.short()} is not in the netmap")
-            self.device.set_peer(peer.raw, allowed_ips=list(node.addresses), endpoint=endpoint)
+            self.device.set_peer(peer.raw, allowed_ips=list(node.addresses), endpoint=str(endpoint))
             self.device.set_path(peer.raw, "direct")
             self._region_override.pop(peer.raw, None)
         else:
@@ -349,20 +351,20 @@ class MagicSock:
         region = self._derp_map.regions.get(region_id)
         return region.region_code if region is not None else ""
 
-    def status(self) -> dict[str, Any]:
-        """``home_derp`` (region id, 0 none), ``home_derp_code``, ``latency`` (region id as text -> ms of the
-        last report), ``connections`` (:meth:`DerpConnections.status`), and counters."""
-        return {
-            "home_derp": self.chooser.home,
-            "home_derp_code": self.region_code(self.chooser.home),
-            "latency_ms": {str(r): round(d * 1000, 2) for r, d in sorted(self.latency.items())},
-            "connections": self.derp.status(),
-            "relay_sent": self.relay_sent,
-            "relay_dropped": self.relay_dropped,
-            "derp_received": self.derp_received,
-            "derp_dropped": self.derp_dropped,
-            "disco_dropped": self.disco_dropped,
-        }
+    def status(self) -> DerpStatus:
+        """The home region, the last latency report (milliseconds), the open connections
+        (:meth:`DerpConnections.status`) and the counters (:class:`tailpy.ipnstate.DerpStatus`)."""
+        return DerpStatus(
+            home_derp=self.chooser.home,
+            home_derp_code=self.region_code(self.chooser.home),
+            latency_ms={r: round(d * 1000, 2) for r, d in sorted(self.latency.items())},
+            connections=tuple(self.derp.status()),
+            relay_sent=self.relay_sent,
+            relay_dropped=self.relay_dropped,
+            derp_received=self.derp_received,
+            derp_dropped=self.derp_dropped,
+            disco_dropped=self.disco_dropped,
+        )
 
 
 __all__ = ["DISCO_MAGIC", "DiscoHandler", "MagicSock", "RelayDevice"]

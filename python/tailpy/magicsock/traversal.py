@@ -36,16 +36,18 @@ Clock: ``time.monotonic()`` for disco timers; netcheck reports carry unix times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tailpy.asyncutil import wait_event
-from tailpy.errors import DeviceError, TailpyError
+from tailpy.endpoint import Endpoint
+from tailpy.errors import DeviceError, EndpointError, TailpyError
+from tailpy.ipnstate import DiscoPeerStatus, PingReply, TraversalStatus
 from tailpy.keys import DiscoPrivate, NodePublic
 from tailpy.magicsock.conn import MagicSock
 from tailpy.magicsock.disco import (
@@ -86,42 +88,20 @@ class TraversalDevice(Protocol):
     def peers(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class PingReply:
-    """One ``tailpy ping`` answer: ``via`` ``"DERP(<region code>)"`` or ``"ip:port"``, ``rtt`` seconds,
-    ``peer_saw`` our source as the peer saw it ("ip:port") for a Pong that came directly, None (JSON null)
-    for one that came via DERP (the peer saw only the DERP placeholder ``127.3.3.40:<region>``, not an
-    address of ours); ``timeout`` True (``via`` empty, ``rtt`` and ``peer_saw`` None) when no Pong came in
-    time."""
-
-    direct: bool
-    via: str
-    rtt: float | None
-    peer_saw: str | None = None
-    timeout: bool = False
-
-    @classmethod
-    def from_result(cls, got: PingResult, region_code: Callable[[int], str]) -> PingReply:
-        """The reply for disco's ``got``; ``region_code(region id)`` names a DERP region ("" if unknown)."""
-        if isinstance(got.via, ViaDERP):
-            region = got.via.region
-            code = region_code(region) if isinstance(region, int) else ""
-            return cls(False, f"DERP({code or region})", got.rtt, None)
-        return cls(got.direct, str(got.via), got.rtt, str(got.peer_saw))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "direct": self.direct,
-            "via": self.via,
-            "rtt": self.rtt,
-            "peer_saw": self.peer_saw,
-            "timeout": self.timeout,
-        }
+def ping_reply(got: PingResult, region_code: Callable[[int], str]) -> PingReply:
+    """The ``tailpy ping`` answer for disco's ``got``; ``region_code(region id)`` names a DERP region ("" if
+    unknown). A Pong via DERP carries the DERP placeholder ``127.3.3.40:<region>`` as our source: the
+    answer's ``peer_saw`` is None there, not that address."""
+    if isinstance(got.via, ViaDERP):
+        region = got.via.region
+        code = region_code(region) if isinstance(region, int) else ""
+        return PingReply(False, f"DERP({code or region})", got.rtt, None)
+    return PingReply(got.direct, str(got.via), got.rtt, got.peer_saw)
 
 
 class Traversal:
     """Disco, STUN and netcheck for one node's data plane. ``local_endpoints()`` gives this host's
-    "ip:port" endpoints at the listen port (no loopback, no tailpy interface, no tailnet ranges);
+    endpoints at the listen port (no loopback, no tailpy interface, no tailnet ranges);
     ``lan_networks()`` its interfaces' subnets; ``on_endpoints(endpoints)`` is called when the endpoint list
     changed (the daemon sends it to control); ``choose_endpoint(peer_endpoints)`` picks the endpoint to try
     first from a peer's netmap endpoints (same LAN first)."""
@@ -133,10 +113,10 @@ class Traversal:
         disco_private: DiscoPrivate,
         node_key: NodePublic,
         *,
-        local_endpoints: Callable[[], list[str]] = list,
+        local_endpoints: Callable[[], list[Endpoint]] = list,
         lan_networks: Callable[[], Iterable[Network]] = tuple,
-        on_endpoints: Callable[[list[str]], None] | None = None,
-        choose_endpoint: Callable[[list[str]], str | None] = lambda eps: eps[0] if eps else None,
+        on_endpoints: Callable[[list[Endpoint]], None] | None = None,
+        choose_endpoint: Callable[[list[Endpoint]], Endpoint | None] = lambda eps: eps[0] if eps else None,
         on_link_change: Callable[[], None] | None = None,
         monitor_links: bool = True,
         netcheck_interval: tuple[float, float] = NETCHECK_INTERVAL,
@@ -161,15 +141,15 @@ class Traversal:
         self.disco = DiscoNode(disco_private, node_key)
         self.stun = StunRunner(self._send_stun)
         self.history = Netcheck()
-        self.endpoints: list[str] = []
+        self.endpoints: list[Endpoint] = []
         self.send_errors = 0  # datagrams the kernel refused (a firewall's EPERM, unreachable)
         self.ignored = 0  # datagrams from the socket that were neither disco nor STUN
         self._rng = rng or random.Random()
         self._peers: dict[NodePublic, Node] = {}  # disco peers of the last netmap
         self._relayed: set[NodePublic] = set()  # disco says relay (None path)
         self._tx: dict[bytes, int] = {}
-        self._device_endpoint: dict[bytes, str] = {}  # the data plane's endpoint per peer (last look)
-        self._netmap_guess: dict[NodePublic, str | None] = {}  # choose_endpoint of its netmap endpoints
+        self._device_endpoint: dict[bytes, Endpoint] = {}  # the data plane's endpoint per peer (last look)
+        self._netmap_guess: dict[NodePublic, Endpoint | None] = {}  # choose_endpoint of its netmap endpoints
         self.copied = 0  # relay datagrams also sent straight to a best-guess endpoint
         self._pings: dict[int, asyncio.Future[PingResult | PingTimeout]] = {}
         self._wake = asyncio.Event()
@@ -205,9 +185,14 @@ class Traversal:
 
     def on_datagrams(self, datagrams: list[tuple[bytes, str]]) -> None:
         """Datagrams from the data plane's UDP socket (``device.drain()``'s first list: payload, source
-        "ip:port"): disco to the DiscoNode, STUN to the runner, others counted."""
+        "ip:port" text): disco to the DiscoNode, STUN to the runner, others counted."""
         now = self.clock()
-        for payload, src in datagrams:
+        for payload, text in datagrams:
+            try:
+                src = Endpoint.parse(text)
+            except EndpointError:
+                self.ignored += 1
+                continue
             if disco_proto.looks_like_disco(payload):
                 self._act(self.disco.feed(payload, src, now))
             elif stun_proto.is_stun(payload):
@@ -232,7 +217,7 @@ class Traversal:
             if to is None:
                 continue
             try:
-                self.device.send_datagram(datagram, to)
+                self.device.send_datagram(datagram, str(to))
                 self.copied += 1
             except (DeviceError, OSError):
                 self.send_errors += 1
@@ -285,7 +270,7 @@ class Traversal:
             self._pings.pop(request, None)
         if isinstance(got, PingTimeout):
             return PingReply(False, "", None, timeout=True)
-        return PingReply.from_result(got, self.magicsock.region_code)
+        return ping_reply(got, self.magicsock.region_code)
 
     # -- netcheck --------------------------------------------------------------------------------------
 
@@ -308,33 +293,28 @@ class Traversal:
 
     # -- status ----------------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """``endpoints``, ``disco`` counters, ``send_errors``, ``ignored``, ``netcheck`` (last report's JSON
-        without probes, or None) and per-peer ``peers`` {nodekey text: {path, latency_ms, active}}."""
+    def status(self) -> TraversalStatus:
+        """Endpoints, disco counters, send errors, the last netcheck report and disco's view of each peer
+        (:class:`tailpy.ipnstate.TraversalStatus`)."""
         now = self.clock()
-        report = self.history.last
-        nc = None
-        if report is not None:
-            nc = report.to_json()
-            nc.pop("probes", None)
-        return {
-            "endpoints": list(self.endpoints),
-            "disco": self.disco.counters.as_dict(),
-            "send_errors": self.send_errors,
-            "copied": self.copied,
-            "link_changes": self.link_changes,
-            "ignored": self.ignored,
-            "stun_unmatched": self.stun.unmatched,
-            "netcheck": nc,
-            "peers": {
-                s.node_key.text(): {
-                    "path": None if s.path is None else str(s.path),
-                    "latency_ms": None if s.latency is None else round(s.latency * 1000, 2),
-                    "active": s.active,
-                }
+        return TraversalStatus(
+            endpoints=tuple(self.endpoints),
+            disco=self.disco.counters.as_dict(),
+            send_errors=self.send_errors,
+            copied=self.copied,
+            link_changes=self.link_changes,
+            ignored=self.ignored,
+            stun_unmatched=self.stun.unmatched,
+            netcheck=self.history.last,
+            peers={
+                s.node_key: DiscoPeerStatus(
+                    path=s.path,
+                    latency_ms=None if s.latency is None else round(s.latency * 1000, 2),
+                    active=s.active,
+                )
                 for s in self.disco.status(now)
             },
-        }
+        )
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -359,8 +339,8 @@ class Traversal:
         self._netcheck_now.set()
         self._wake.set()
 
-    def _send_stun(self, datagram: bytes, dest: str) -> None:
-        self.device.send_datagram(datagram, dest)  # DeviceError: the runner counts a failed probe
+    def _send_stun(self, datagram: bytes, dest: Endpoint) -> None:
+        self.device.send_datagram(datagram, str(dest))  # DeviceError: the runner counts a failed probe
 
     def _act(self, actions: list[Action]) -> None:
         for a in actions:
@@ -389,18 +369,18 @@ class Traversal:
             return
         self._relayed.discard(a.node_key)
         try:
-            self.magicsock.set_peer_path(a.node_key, endpoint=str(a.endpoint))
+            self.magicsock.set_peer_path(a.node_key, endpoint=a.endpoint)
         except DeviceError as e:
             log.debug("peer %s: cannot go direct: %s", name, e)
             return
         log.info("peer %s: direct %s", name, a.endpoint)
 
-    def _guess(self, key: NodePublic) -> str | None:
+    def _guess(self, key: NodePublic) -> Endpoint | None:
         """The peer's best-guess direct endpoint: disco's best candidate, else the one ``choose_endpoint``
         picks from its netmap endpoints, else the data plane's."""
         paths = self.disco.peer_paths(key)
         if paths is not None and paths.best is not None:
-            return str(paths.best)
+            return paths.best
         return self._netmap_guess.get(key) or self._device_endpoint.get(key.raw)
 
     def _place_relay(self, key: NodePublic) -> None:
@@ -415,7 +395,7 @@ class Traversal:
         except DeviceError:
             return
 
-    def _mapped_now(self, endpoint: str) -> None:
+    def _mapped_now(self, endpoint: Endpoint) -> None:
         """A STUN answer of a netcheck in progress: a mapped endpoint not yet known goes to disco and to
         control at once (peers behind NAT need it to go direct); the report at the end of the run then sets
         the list (:meth:`_refresh_endpoints`)."""
@@ -424,7 +404,7 @@ class Traversal:
         eps = [*self.endpoints, endpoint]
         self.disco.set_endpoints(eps)
         self.endpoints = eps
-        log.info("endpoints: %s (STUN)", ", ".join(eps))
+        log.info("endpoints: %s (STUN)", ", ".join(map(str, eps)))
         if self.on_endpoints is not None:
             self.on_endpoints(list(eps))
 
@@ -441,7 +421,7 @@ class Traversal:
         self.disco.set_endpoints(eps)
         if eps != self.endpoints:
             self.endpoints = eps
-            log.info("endpoints: %s", ", ".join(eps) or "none")
+            log.info("endpoints: %s", ", ".join(map(str, eps)) or "none")
             if self.on_endpoints is not None:
                 self.on_endpoints(list(eps))
 
@@ -455,7 +435,8 @@ class Traversal:
             tx = int(p.get("tx_packets", 0))
             ep = p.get("endpoint")
             if ep:
-                self._device_endpoint[key] = str(ep)
+                with contextlib.suppress(EndpointError):
+                    self._device_endpoint[key] = Endpoint.parse(str(ep))
             if tx > self._tx.get(key, 0):
                 self.disco.note_activity(NodePublic(key), now)
             self._tx[key] = tx
@@ -496,4 +477,11 @@ class Traversal:
                 self._refresh_endpoints()  # local addresses may have changed all the same
 
 
-__all__ = ["ACTIVITY_INTERVAL", "NETCHECK_INTERVAL", "PingReply", "Traversal", "TraversalDevice"]
+__all__ = [
+    "ACTIVITY_INTERVAL",
+    "NETCHECK_INTERVAL",
+    "PingReply",
+    "Traversal",
+    "TraversalDevice",
+    "ping_reply",
+]

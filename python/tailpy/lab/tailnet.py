@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tailpy.errors import LabError
+from tailpy.ipnstate import Status
 from tailpy.lab.dns import give_resolv_conf
 from tailpy.lab.nat import NAT_KINDS, NatKind, check_kind
 from tailpy.lab.netns import Host, Lab, Lan, Router
@@ -64,8 +65,10 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def local_api_status(socket_path: str, timeout: float = 20.0) -> dict[str, Any]:
-    """``GET /localapi/v0/status`` from the tailpyd on ``socket_path``: the object ``tailpy status --json``
-    prints. Raises LabError when tailpyd does not answer or answers with an error."""
+    """``GET /localapi/v0/status`` from the tailpyd on ``socket_path``, through
+    :class:`tailpy.ipnstate.Status` as the CLI reads it: the object ``tailpy status --json`` prints. Raises
+    LabError when tailpyd does not answer or answers with an error, ParseError for an answer that is not a
+    status."""
     conn = _UnixHTTPConnection(socket_path, timeout)
     try:
         conn.request("GET", "/localapi/v0/status")
@@ -77,8 +80,7 @@ def local_api_status(socket_path: str, timeout: float = 20.0) -> dict[str, Any]:
         conn.close()
     if resp.status != 200:
         raise LabError(f"tailpyd on {socket_path} answered HTTP {resp.status}: {body[:300]!r}")
-    status: dict[str, Any] = json.loads(body)
-    return status
+    return Status.from_json(json.loads(body)).to_json()
 
 
 _PROBE = (

@@ -54,9 +54,10 @@ demo: build
 test-rust: deps
 	cargo test --workspace --release -q
 
-# Test files run in parallel on PYTEST_WORKERS pytest-xdist workers (lab tests mostly wait on timers, so
-# more workers than cores pays); tests of one xdist_group share a worker. PYTEST_WORKERS=0 runs serially.
-PYTEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n * 2 > 6 ? n * 2 : 6 )))
+# Tests run in parallel on PYTEST_WORKERS pytest-xdist workers: twice the cores, at least 4 (lab tests wait
+# on timers much of the time, so more workers than cores pays; many more starve each other of CPU on a
+# small machine). Tests of one xdist_group share a worker. PYTEST_WORKERS=0 runs them serially.
+PYTEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n * 2 > 4 ? n * 2 : 4 )))
 test-py: build
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 

@@ -1,7 +1,10 @@
 """A whole tailnet in the lab: a control server host and nodes running the real `tailpy` commands.
 
 Used by `tailpy demo`, the integration tests and the benchmarks, so all three exercise the product as a
-user runs it: ``tailpy control serve``, ``tailpyd``, ``tailpy up``, ``tailpy status --json``.
+user runs it: ``tailpy control serve``, ``tailpyd``, ``tailpy up``. :meth:`LabNode.status` reads the JSON
+``tailpy status --json`` prints straight from tailpyd's local API socket (``GET /localapi/v0/status``): tests
+poll it often, and a CLI process per poll (a Python interpreter importing tailpy, about half a CPU-second)
+would keep a 2-core machine busy with nothing else.
 
 Topologies: the control server (with its embedded DERP relay) sits on the lab's "internet" LAN ``lan0``
 (192.0.2.0/24 by default). A node added without ``behind`` joins that LAN too (a public host: today's
@@ -21,7 +24,9 @@ Site LANs are 198.18.<n>.0/24, the LANs between two routers 198.19.<n>.0/24; sit
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tailpy.errors import LabError
+from tailpy.ipnstate import Status
 from tailpy.lab.dns import give_resolv_conf
 from tailpy.lab.nat import NAT_KINDS, NatKind, check_kind
 from tailpy.lab.netns import Host, Lab, Lan, Router
@@ -37,6 +43,45 @@ from tailpy.lab.procs import stop_process, wait_for
 
 CONTROL_PORT = 8080
 WG_PORT = 41641
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a unix socket (tailpyd's local API). The socket is a file: it is reachable from any
+    network namespace, the lab's own included."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("local-tailpyd", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def local_api_status(socket_path: str, timeout: float = 20.0) -> dict[str, Any]:
+    """``GET /localapi/v0/status`` from the tailpyd on ``socket_path``, through
+    :class:`tailpy.ipnstate.Status` as the CLI reads it: the object ``tailpy status --json`` prints. Raises
+    LabError when tailpyd does not answer or answers with an error, ParseError for an answer that is not a
+    status."""
+    conn = _UnixHTTPConnection(socket_path, timeout)
+    try:
+        conn.request("GET", "/localapi/v0/status")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise LabError(f"tailpyd on {socket_path} did not answer: {e}") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise LabError(f"tailpyd on {socket_path} answered HTTP {resp.status}: {body[:300]!r}")
+    return Status.from_json(json.loads(body)).to_json()
+
 
 _PROBE = (
     "import sys, urllib.request\n"
@@ -160,7 +205,11 @@ class LabNode:
     def _answers(self) -> bool:
         if self.daemon is not None and self.daemon.poll() is not None:
             raise LabError(f"tailpyd on {self.name} exited: {self.log_tail()}")
-        return self.cli("status", "--json", check=False, timeout=20) != ""
+        try:
+            local_api_status(self.socket, timeout=20)
+        except LabError:
+            return False
+        return True
 
     def stop_daemon(self) -> None:
         if self.daemon is not None:
@@ -176,8 +225,8 @@ class LabNode:
         return self.status()
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.cli("status", "--json"))
-        return out
+        """What ``tailpy status --json`` prints, read from the local API (see the module docstring)."""
+        return local_api_status(self.socket)
 
     def ip(self) -> str:
         return self.cli("ip", "-4").strip()

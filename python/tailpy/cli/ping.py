@@ -9,7 +9,7 @@ not established" when none of the ``-c`` pings went direct. The pings are tailpy
 ``--json`` prints ``{"peer": {name, fqdn, ip}, "pongs": [...], "direct": bool}``, each pong
 ``{"direct", "via", "rtt" (seconds, null on timeout), "peer_saw", "timeout"}``; ``peer_saw`` is our
 "ip:port" as the peer saw it for a direct pong, null for a pong via DERP or a timeout (see
-:class:`tailpy.magicsock.traversal.PingReply`).
+:class:`tailpy.magicsock.ping.PingReply`).
 """
 
 from __future__ import annotations

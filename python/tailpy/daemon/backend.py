@@ -28,8 +28,7 @@ from tailpy.daemon import netconf
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
-from tailpy.magicsock import MagicSock, RelayDevice
-from tailpy.magicsock.traversal import Traversal, TraversalDevice
+from tailpy.magicsock import Conn, ConnDevice, Options
 from tailpy.proto import control as proto
 
 if TYPE_CHECKING:
@@ -47,9 +46,10 @@ STREAM_CHECK = (15.0, 20.0)  # seconds between checks that control still holds t
 LOGIN_POLL = 25.0  # seconds control may hold a login poll (issue 7)
 
 
-class DataPlane(RelayDevice, TraversalDevice, Protocol):
+class DataPlane(ConnDevice, Protocol):
     """What the backend needs of :class:`tailpy._native.Device` (a Protocol, so tests can pass their own):
-    what MagicSock (relay) and Traversal (disco, STUN) need, and the rest below."""
+    what :class:`~tailpy.magicsock.Conn` needs (paths, endpoints, sending, the queue), and the rest below:
+    peers' keys and allowed IPs, the node key, counters."""
 
     @property
     def listen_port(self) -> int: ...
@@ -57,8 +57,7 @@ class DataPlane(RelayDevice, TraversalDevice, Protocol):
     def tun_name(self) -> str: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
     def set_private_key(self, private_key: bytes) -> None: ...
-    def fileno(self) -> int: ...
-    def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
+    def stats(self) -> Any: ...
     def close(self) -> None: ...
 
 
@@ -114,11 +113,8 @@ class Backend:
         self._endpoints: list[str] = []
         self.changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
-        self.ignored_datagrams = 0  # STUN/disco datagrams drained with no consumer yet
-        # DERP home region, relay and path policy; made with the device when an event loop runs.
-        self.magicsock: MagicSock | None = None
-        # disco, STUN, netcheck and endpoints over the device's socket; made with magicsock.
-        self.traversal: Traversal | None = None
+        # The peers' paths (DERP, disco, STUN, netcheck, endpoints); made with the device.
+        self.conn: Conn | None = None
         self._endpoints_changed = asyncio.Event()
         self._home_changed = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
@@ -432,7 +428,7 @@ class Backend:
 
     async def _follow(self, client: ControlClient) -> None:
         s = self.state_data
-        self._endpoints = list(self.traversal.endpoints) if self.traversal else self._local_endpoints()
+        self._endpoints = list(self.conn.endpoints) if self.conn else self._local_endpoints()
         self._home_changed.clear()  # the map request carries the current home
         self._endpoints_changed.clear()  # and the current endpoints
         async for netmap in client.stream_map(
@@ -514,17 +510,15 @@ class Backend:
         self.state_data.node_key, self.state_data.pending_node_key = key, None
         if self.device is not None:
             self.device.set_private_key(key.raw)
-        if self.magicsock is not None:
-            self.magicsock.set_private_key(key)  # DERP knows a node by its node key
-        if self.traversal is not None:
-            self.traversal.set_node_key(key.public)  # it goes in every disco Ping
+        if self.conn is not None:
+            self.conn.set_private_key(key)  # DERP knows a node by its node key; disco Pings carry it
 
     # -- home DERP region ------------------------------------------------------------------------------
 
     @property
     def home_derp(self) -> int:
         """This node's home DERP region id (0: none yet)."""
-        return self.magicsock.home_region if self.magicsock is not None else 0
+        return self.conn.home_region if self.conn is not None else 0
 
     def _on_home_changed(self, region_id: int) -> None:
         self._home_changed.set()
@@ -587,7 +581,7 @@ class Backend:
         while True:
             await wait_event(self._endpoints_changed, ENDPOINT_REFRESH)
             self._endpoints_changed.clear()
-            now = list(self.traversal.endpoints) if self.traversal else self._local_endpoints()
+            now = list(self.conn.endpoints) if self.conn else self._local_endpoints()
             if now != self._endpoints:
                 self._endpoints = now
                 try:
@@ -613,30 +607,22 @@ class Backend:
         me_expired = new.self_node.expired
         wanted = new.with_peers(() if me_expired else (p for p in new.peers.values() if not p.expired))
         d = nm.diff(self._applied, wanted)
-        local = netconf.local_addresses(exclude_ifaces=(dev.tun_name,)) if self._configure_os else []
+        # WireGuard's part here (keys, allowed IPs); endpoints and paths are the Conn's.
         for old in d.removed:
             dev.remove_peer(old.node_key.raw)
-        disco = self.traversal is not None
         for old, node in d.changed:
             if old.node_key != node.node_key:
                 dev.remove_peer(old.node_key.raw)
-                self._set_peer(dev, node, local)
-            elif (old.addresses, old.endpoints) != (node.addresses, node.endpoints):
-                # An unchanged endpoint list is not re-sent: that would undo roaming the data plane saw;
-                # nor is a disco peer's: disco chose its direct endpoint.
-                changed = old.endpoints != node.endpoints and (
-                    not (disco and node.disco_key is not None) or not old.endpoints
-                )
-                self._set_peer(dev, node, local, endpoints_changed=changed)
+                dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
+            elif old.addresses != node.addresses:
+                dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         for node in d.added:
-            self._set_peer(dev, node, local)
+            dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         self.netmap, self._applied = new, wanted
-        if self.magicsock is not None:
-            self.magicsock.set_netmap(wanted)
+        if self.conn is not None:
+            self.conn.set_netmap(wanted)
         if self.dns is not None:
             self.dns.apply(new, accept_dns=self.state_data.accept_dns and not me_expired, tun=dev.tun_name)
-        if self.traversal is not None:
-            self.traversal.set_netmap(wanted)
         if d:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
         if me_expired:
@@ -650,16 +636,6 @@ class Backend:
             self._set_state("Running")
         return d
 
-    @staticmethod
-    def _set_peer(
-        dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface], endpoints_changed: bool = True
-    ) -> None:
-        dev.set_peer(
-            node.node_key.raw,
-            allowed_ips=list(node.addresses),
-            endpoint=netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None,
-        )
-
     def _apply_self(self, node: nm.Node) -> None:
         s = self.state_data
         if tuple(node.addresses) != s.addresses or node.id != s.node_id:
@@ -669,70 +645,43 @@ class Backend:
             netconf.configure_tun(self.device.tun_name, list(node.addresses), self._mtu)
 
     def _ensure_device(self) -> DataPlane:
+        """The data plane and its :class:`Conn` (made here, inside the running event loop)."""
         if self.device is None:
             dev = self._device_factory(self.state_data.node_key.raw)
             self.device = dev
-            with contextlib.suppress(RuntimeError):  # no running loop (tests driving apply_netmap)
-                asyncio.get_running_loop().add_reader(dev.fileno(), self._on_device_events)
-                self.magicsock = MagicSock(
-                    dev, self.state_data.node_key, on_home_changed=self._on_home_changed
-                )
-                self.magicsock.start()
-                tun = dev.tun_name
-                self.traversal = Traversal(
-                    dev,
-                    self.magicsock,
+            tun = dev.tun_name
+
+            def local() -> list[netconf.IPInterface]:
+                return netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
+
+            self.conn = Conn(
+                dev,
+                self.state_data.node_key,
+                Options(
                     self.disco_key,
-                    self.state_data.node_key.public,
+                    on_endpoints=self._on_endpoints,
+                    on_home_changed=self._on_home_changed,
+                    on_link_change=self._on_link_change,
                     local_endpoints=self._local_endpoints,
                     lan_networks=lambda: [i.network for i in netconf.local_addresses(exclude_ifaces=(tun,))],
-                    on_endpoints=self._on_endpoints,
-                    on_link_change=self._on_link_change,
-                    choose_endpoint=lambda eps: netconf.choose_endpoint(
-                        eps, netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
-                    ),
-                )
-                self.traversal.start()
+                    choose_endpoint=lambda eps: netconf.choose_endpoint(eps, local()),
+                ),
+            )
+            self.conn.start()
         return self.device
-
-    def _on_device_events(self) -> None:
-        """The data plane queued datagrams for Python: relay datagrams go over DERP (magicsock); STUN and
-        disco received on the UDP socket go to NAT traversal (counted when there is none, so the bounded
-        queue never fills)."""
-        if self.device is None:
-            return
-        datagrams, relay = self.device.drain()
-        if datagrams:
-            if self.traversal is not None:
-                self.traversal.on_datagrams(datagrams)
-            else:
-                self.ignored_datagrams += len(datagrams)
-        if relay:
-            if self.traversal is not None:
-                self.traversal.on_relay(relay)  # handshakes also straight to a best-guess endpoint
-            if self.magicsock is not None:
-                self.magicsock.on_relay(relay)
-            else:
-                self.ignored_datagrams += len(relay)
 
     def _close_device(self) -> None:
         if self.dns is not None:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
-        tr, self.traversal = self.traversal, None
-        if tr is not None:
-            task_tr = asyncio.get_running_loop().create_task(tr.close())
-            self._closing.add(task_tr)
-            task_tr.add_done_callback(self._closing.discard)
-        ms, self.magicsock = self.magicsock, None
-        if ms is not None:
-            task = asyncio.get_running_loop().create_task(ms.close())
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.stop()  # no more reads of the device's queue, no more ticks
+            task = asyncio.get_running_loop().create_task(conn.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if dev is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(dev.fileno())
             dev.close()
 
     def _set_state(self, state: str) -> None:
@@ -744,9 +693,9 @@ class Backend:
     def _node_json(self, node: nm.Node, st: Mapping[str, Any], now: float) -> dict[str, Any]:
         domain = self.netmap.domain if self.netmap else ""
         hs = st.get("last_handshake")
-        ms = self.magicsock
+        conn = self.conn
         relay_region = (
-            ms.relay_region(node.node_key.raw) if ms is not None and st.get("path") == "relay" else 0
+            conn.relay_region(node.node_key.raw) if conn is not None and st.get("path") == "relay" else 0
         )
         return {
             "id": node.id,
@@ -770,7 +719,7 @@ class Backend:
             "endpoint": None if st.get("path") == "relay" else st.get("endpoint"),
             "path": st.get("path"),
             "relay_region": relay_region,
-            "relay_region_code": ms.region_code(relay_region) if ms is not None and relay_region else "",
+            "relay_region_code": conn.region_code(relay_region) if conn is not None and relay_region else "",
             "last_handshake": hs,
             # A WireGuard session lives 180 s past its handshake, and handshakes happen only for traffic.
             "active": hs is not None and now - hs < ACTIVE_WINDOW,
@@ -783,9 +732,8 @@ class Backend:
         Times are unix seconds."""
         s = self.state_data
         now = time.time()
-        stats: dict[bytes, Any] = {}
-        if self.device is not None:
-            stats = {p["public_key"]: p for p in self.device.peers()}
+        stats = self.conn.peer_stats() if self.conn is not None else {}
+        paths = self.conn.status() if self.conn is not None else {"derp": None, "traversal": None}
         me = self.netmap.self_node if self.netmap else None
         peers = [
             self._node_json(node, stats.get(node.node_key.raw, {}), now)
@@ -818,16 +766,16 @@ class Backend:
                 "endpoints": list(self._endpoints),
                 "tun": self.device.tun_name if self.device else None,
                 "home_derp": self.home_derp,
-                "home_derp_code": self.magicsock.region_code(self.home_derp) if self.magicsock else "",
+                "home_derp_code": self.conn.region_code(self.home_derp) if self.conn else "",
             },
             "domain": self.netmap.domain if self.netmap else "",
             "peers": peers,
             "device": dict(self.device.stats()) if self.device else None,
-            "derp": self.magicsock.status() if self.magicsock else None,
+            "derp": paths["derp"],
             "derp_map": self.netmap.derp_map.to_json() if self.netmap and self.netmap.derp_map else None,
-            "traversal": self.traversal.status() if self.traversal else None,
-            # datagrams from the socket that were neither disco nor STUN (or came with no traversal running)
-            "ignored_datagrams": self.ignored_datagrams + (self.traversal.ignored if self.traversal else 0),
+            "traversal": paths["traversal"],
+            # datagrams from the socket that were neither disco nor STUN
+            "ignored_datagrams": self.conn.ignored if self.conn else 0,
             "dns": self.dns.status() if self.dns is not None else None,
         }
 
@@ -866,12 +814,12 @@ class Backend:
         node = self.find_peer(target)
         if node.expired:
             raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
-        if self.traversal is None:
+        if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:
             raise ConfigError(f"peer {node.name} runs no disco (an older tailpy?): `tailpy ping` needs it")
         try:
-            reply = await self.traversal.ping(node.node_key, timeout)
+            reply = await self.conn.ping(node.node_key, timeout)
         except KeyError:
             raise ConfigError(f"peer {node.name} is not in the data plane yet; try again") from None
         domain = self.netmap.domain if self.netmap else ""
@@ -881,12 +829,12 @@ class Backend:
     async def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
         """A netcheck run now over the data plane's socket: ``{"report": Report JSON, "derp_map": DERP map
         JSON}``. Raises ConfigError when there is no data plane or no DERP map with STUN servers yet."""
-        if self.traversal is None or self.magicsock is None:
+        if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
-        report = await self.traversal.netcheck(timeout=timeout)
+        report = await self.conn.netcheck(timeout=timeout)
         if report is None:
             raise ConfigError("tailpyd has no DERP map with STUN servers yet")
-        return {"report": report.to_json(), "derp_map": self.magicsock.derp_map.to_json()}
+        return {"report": report.to_json(), "derp_map": self.conn.relay.derp_map.to_json()}
 
     def whois(self, address: str) -> dict[str, Any] | None:
         """The node (self or a peer) owning tailnet ``address`` ("100.64.0.2", "fd7a:115c:a1e0::2";
@@ -901,7 +849,7 @@ class Backend:
             )
         except ValueError:
             raise ConfigError(f"{address!r} is not an IP address") from None
-        stats = {p["public_key"]: p for p in self.device.peers()} if self.device else {}
+        stats = self.conn.peer_stats() if self.conn is not None else {}
         now = time.time()
         for node in (self.netmap.self_node, *self.netmap.peers.values()):
             if any(ipaddress.ip_interface(a).ip == ip for a in node.addresses):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -209,3 +209,54 @@ def test_status_json_endpoint_is_null_while_relayed(tmp_path: Any) -> None:
     direct = backend._node_json(node, {**stats, "path": "direct"}, time.time())
     assert direct["path"] == "direct" and direct["endpoint"] == "192.168.1.20:41641"
     assert peer_state({**direct, "online": True}, time.time()) == "idle; direct 192.168.1.20:41641"
+
+
+async def test_tick_rearms_for_the_earliest_deadline_and_periodic_jobs_run_on_request() -> None:
+    """The tick (tailpy.magicsock.tick): one timer, re-armed for whatever deadline is earliest after each
+    event; a periodic job runs at once when asked, and once more right after a run if asked during it."""
+    import math
+    import random
+
+    from tailpy.magicsock.tick import Periodic, Tick
+
+    loop = asyncio.get_running_loop()
+    due = math.inf  # the owner's own deadline
+    fired: list[float] = []
+    runs: list[float] = []
+    gate = asyncio.Event()
+
+    async def job() -> None:
+        runs.append(loop.time())
+        await gate.wait()
+
+    def on_timer(now: float) -> None:
+        nonlocal due
+        if now >= due:
+            fired.append(now)
+            due = math.inf  # done: the owner moves its deadline
+        periodic.run_if_due(now)
+
+    tick = Tick(loop.time, lambda: min(due, periodic.at), on_timer)
+    periodic = Periodic(tick, "job", job, (3600.0, 3600.0), random.Random(1))
+    tick.start()
+
+    async def until(cond: Callable[[], bool]) -> None:
+        for _ in range(100):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    try:
+        due = loop.time() + 0.05
+        tick.rearm()
+        await until(lambda: len(fired) == 1)
+        periodic.soon()
+        await until(lambda: len(runs) == 1)
+        periodic.soon()  # asked during the run: runs again right after it
+        gate.set()
+        await until(lambda: len(runs) == 2)
+        assert periodic.at > loop.time() + 3000  # then the next run is a draw away
+        assert len(fired) == 1
+    finally:
+        await tick.close()

@@ -13,11 +13,10 @@ queue and reads its per-peer counters. It is built from sans-IO parts and I/O sh
 * :class:`~tailpy.magicsock.relay.Relay`: DERP connections, the home region (hysteresis), the relay region
   of each peer. Relay datagrams drained from the device go over DERP; WireGuard datagrams received over DERP
   are injected into the device, disco datagrams go to the DiscoNode.
-* :class:`~tailpy.magicsock.stun.StunRunner` and :mod:`tailpy.magicsock.netcheck`: STUN over the data
-  plane's own socket (so the mapped address is the one peers must use), every 20-26 s
-  (:data:`NETCHECK_INTERVAL`, and at once when the DERP map arrives or a link changes): region latencies go
-  to the home choice, endpoints (local addresses at the listen port, then STUN-mapped ones) to the
-  DiscoNode (sent in CallMeMaybe) and, when they changed, to ``on_endpoints``.
+* :class:`~tailpy.magicsock.endpoints.LocalEndpoints`: netcheck (STUN) over the data plane's own socket
+  every 20-26 s (:data:`NETCHECK_INTERVAL`, and at once when the DERP map arrives or a link changes): region
+  latencies go to the home choice, endpoints (local addresses at the listen port, then STUN-mapped ones) to
+  the DiscoNode (sent in CallMeMaybe) and, when they changed, to ``on_endpoints``.
 * :class:`~tailpy.magicsock.linkmon.LinkMonitor`: when a local address went away, DERP reconnects (its TCP
   was bound to it), direct paths are pinged at once and kept if they answer (else relayed within
   :data:`LINK_CHANGE_GRACE`), and ``on_link_change()`` lets the daemon reconnect to control.
@@ -33,13 +32,13 @@ endpoints; relayed when it has none (back to direct when control brings one), an
 WireGuard datagram from it arrives over DERP while no handshake is fresh (:data:`HANDSHAKE_FRESH`): it cannot
 reach us directly, so the answer goes back the way it can hear.
 
-**The tick** follows aioquic's ``asyncio/protocol.py``: every input (a drained datagram, a DERP packet, a
-netmap, a ping) is handed to the sans-IO parts at once and their actions carried out, then one timer is
-re-armed with ``loop.call_at`` for the earliest deadline of all of them (disco timers, the next look at the
-device's counters every :data:`ACTIVITY_INTERVAL`, the next DERP latency probe, netcheck run and idle sweep).
-I/O that takes time (DERP connects, probes, netcheck) runs in tasks the tick starts. ``clock`` (monotonic
-seconds: disco, DERP, home choice), ``wall_clock`` (unix seconds: the device's handshake times) and ``rng``
-are given once, in :class:`Options`.
+**The tick** (:mod:`tailpy.magicsock.tick`) follows aioquic's ``asyncio/protocol.py``: every input (a
+drained datagram, a DERP packet, a netmap, a ping) is handed to the sans-IO parts at once and their actions
+carried out, then one timer is re-armed with ``loop.call_at`` for the earliest deadline of all of them (disco
+timers, the next look at the device's counters every :data:`ACTIVITY_INTERVAL`, the next DERP latency probe,
+netcheck run and idle sweep). I/O that takes time (DERP connects, probes, netcheck) runs in tasks the tick
+starts. ``clock`` (monotonic seconds: disco, DERP, home choice), ``wall_clock`` (unix seconds: the device's
+handshake times) and ``rng`` are given once, in :class:`Options`.
 """
 
 from __future__ import annotations
@@ -51,19 +50,20 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from tailpy.errors import DeviceError, TailpyError
+from tailpy.errors import DeviceError
 from tailpy.keys import DiscoPrivate, NodePrivate, NodePublic
 from tailpy.magicsock.disco import Action, DiscoNode, PingResult, PingTimeout, SendDERP, SendUDP, SetPath
+from tailpy.magicsock.endpoints import LocalEndpoints
 from tailpy.magicsock.linkmon import LinkMonitor
-from tailpy.magicsock.netcheck import Netcheck, Report, run, stun_targets
+from tailpy.magicsock.netcheck import Report, stun_targets
 from tailpy.magicsock.paths import ViaDERP
 from tailpy.magicsock.ping import PingReply
 from tailpy.magicsock.relay import Relay
-from tailpy.magicsock.stun import StunRunner
+from tailpy.magicsock.tick import Periodic, Tick
 from tailpy.netmap import NetMap, Node
 from tailpy.proto import disco as disco_proto
 from tailpy.proto import stun as stun_proto
@@ -147,18 +147,23 @@ class Conn:
         self.options = options
         self.clock = options.clock
         self._wall = options.wall_clock
-        self._rng = options.rng
         self.relay = Relay(private_key, self._on_derp_packet, clock=self.clock)
         self.relay.derp.on_down = self._on_region_down
         self.disco = DiscoNode(options.disco_private, private_key.public)
-        self.stun = StunRunner(self._send_stun, clock=self.clock)
-        self.history = Netcheck()
+        self.local = LocalEndpoints(
+            self._send_stun,
+            self.disco,
+            local_endpoints=options.local_endpoints,
+            lan_networks=options.lan_networks,
+            on_change=options.on_endpoints,
+            clock=self.clock,
+            wall_clock=self._wall,
+        )
         self.linkmon = (
             LinkMonitor(lambda: tuple(sorted(options.local_endpoints())), self._on_link_change)
             if options.monitor_links
             else None
         )
-        self.endpoints: list[str] = []
         self.send_errors = 0  # datagrams the kernel refused (a firewall's EPERM, unreachable)
         self.ignored = 0  # datagrams from the socket that were neither disco nor STUN
         self.copied = 0  # relay datagrams also sent straight to a best-guess endpoint
@@ -171,55 +176,46 @@ class Conn:
         self._stats: dict[bytes, Mapping[str, Any]] = {}  # device.peers() at the last look
         self._tx: dict[bytes, int] = {}
         self._pings: dict[int, asyncio.Future[PingResult | PingTimeout]] = {}
-        self._netcheck_lock = asyncio.Lock()
         self._external_latency_until = -math.inf  # netcheck's latencies stand until then (clock)
-        # The tick's deadlines (clock seconds; inf: not due) and the tasks it started.
-        self._look_at = self._probe_at = self._netcheck_at = self._sweep_at = math.inf
-        self._probe_job: asyncio.Task[None] | None = None
-        self._netcheck_job: asyncio.Task[None] | None = None
-        self._probe_again = self._netcheck_again = False
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
-        self._running = False
+        # One timer (the tick) for disco's timers, the look at the counters and the periodic jobs.
+        self._tick = Tick(self.clock, self._deadline, self._on_timer)
+        self._look_at = math.inf
+        rng = options.rng
+        self._probe = Periodic(self._tick, "derp-probe", self._probe_regions, options.probe_interval, rng)
+        self._netcheck = Periodic(
+            self._tick, "netcheck", self._periodic_netcheck, options.netcheck_interval, rng
+        )
+        self._sweep = Periodic(
+            self._tick, "derp-sweep", self._sweep_idle, (SWEEP_INTERVAL, SWEEP_INTERVAL), rng
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start reading the device's queue, the link monitor and the tick."""
-        if self._running:
+        if self._tick.running:
             return
-        self._running = True
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.device.fileno(), self._on_readable)
-        self._refresh_endpoints()
+        asyncio.get_running_loop().add_reader(self.device.fileno(), self._on_readable)
+        self.local.refresh()
         if self.linkmon is not None:
             self.linkmon.start()
-        now = self.clock()
-        self._look_at = now
-        self._probe_at = now + self._draw(self.options.probe_interval)
-        self._netcheck_at = now + self._draw(self.options.netcheck_interval)
-        self._sweep_at = now + SWEEP_INTERVAL
-        self._schedule()
+        self._look_at = self.clock()
+        for job in (self._probe, self._netcheck, self._sweep):
+            job.schedule()
+        self._tick.start()
 
     def stop(self) -> None:
         """Stop reading the device's queue and the tick, at once (then the device may be closed)."""
-        if self._running:
-            self._running = False
+        if self._tick.running:
             with contextlib.suppress(ValueError, OSError, DeviceError):  # the device was closed first
                 asyncio.get_running_loop().remove_reader(self.device.fileno())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._tick.stop()
 
     async def close(self) -> None:
         """Stop everything (:meth:`stop`, then tasks, the link monitor and DERP). The device itself stays
         open: its owner closes it."""
         self.stop()
-        jobs = list(self._jobs)
-        for t in jobs:
-            t.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
+        await self._tick.close()
         if self.linkmon is not None:
             await self.linkmon.close()
         await self.relay.close()
@@ -238,10 +234,10 @@ class Conn:
         peers = list(netmap.peers.values())
         self.relay.set_peers(peers)
         if self.relay.set_derp_map(netmap.derp_map):
-            self._spawn(self.relay.apply_derp_map(), "derp-map")
-            self._probe_soon()
-            if stun_targets(self.relay.derp_map) and self.history.last is None:
-                self._netcheck_soon()
+            self._tick.spawn(self.relay.apply_derp_map(), "derp-map")
+            self._probe.soon()
+            if stun_targets(self.relay.derp_map) and self.local.history.last is None:
+                self._netcheck.soon()
         old, self._peers = self._peers, {p.node_key: p for p in peers}
         for gone in set(old) - set(self._peers):
             self._guess.pop(gone, None)
@@ -263,11 +259,11 @@ class Conn:
             self._place_relay(key)
         for p in peers:
             self._place_plain(p)
-        self._schedule()
+        self._tick.rearm()
 
     def set_private_key(self, private_key: NodePrivate) -> None:
         """Node key rotation: DERP connections are made again under the new key; disco Pings carry it."""
-        self._spawn(self.relay.derp.set_private_key(private_key), "derp-rekey")
+        self._tick.spawn(self.relay.derp.set_private_key(private_key), "derp-rekey")
         self.disco.set_node_key(private_key.public)
 
     # -- in: tailpy ping, netcheck ---------------------------------------------------------------------
@@ -281,7 +277,7 @@ class Conn:
         self._pings[request] = fut
         try:
             self._act(actions)
-            self._schedule()
+            self._tick.rearm()
             try:
                 got = await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
@@ -293,30 +289,24 @@ class Conn:
         return PingReply.from_result(got, self.relay.region_code)
 
     async def netcheck(self, *, timeout: float = NETCHECK_TIMEOUT) -> Report | None:
-        """Run netcheck now over the data plane's socket (STUN servers of the DERP map); None when there is
-        no DERP map with STUN servers. The report updates the home-region choice and the endpoints."""
-        targets = stun_targets(self.relay.derp_map)
-        if not targets:
-            return None
-        async with self._netcheck_lock:
-            report = await run(
-                self.stun,
-                targets,
-                self.history,
-                timeout=timeout,
-                clock=self._wall,
-                on_mapped=self._on_mapped,
-            )
-        if report.region_latency:
+        """Run netcheck now over the data plane's socket (STUN servers of the DERP map, each probe given up
+        after ``timeout`` seconds); None when there is no DERP map with STUN servers. The report's region
+        latencies update the home-region choice; its endpoints, this node's."""
+        report = await self.local.netcheck(self.relay.derp_map, timeout)
+        if report is not None and report.region_latency:
             # While netcheck's reports keep coming (within the longest probe interval), no DERP probes.
             self._external_latency_until = self.clock() + self.options.probe_interval[1] + 5.0
             self._report(report.region_latency)
-        self._refresh_endpoints()
         return report
 
     @property
     def last_report(self) -> Report | None:
-        return self.history.last
+        return self.local.history.last
+
+    @property
+    def endpoints(self) -> list[str]:
+        """This node's endpoints ("ip:port"): local addresses at the listen port, then STUN-mapped ones."""
+        return self.local.endpoints
 
     # -- status ----------------------------------------------------------------------------------------
 
@@ -345,7 +335,7 @@ class Conn:
         :meth:`Relay.status`; ``traversal``: ``endpoints``, ``disco`` counters, ``send_errors``, ``copied``,
         ``link_changes``, ``ignored``, ``stun_unmatched``, ``netcheck`` (the last report's JSON without
         probes, or None) and per-peer ``peers`` {nodekey text: {path, latency_ms, active}}."""
-        report = self.history.last
+        report = self.local.history.last
         nc = None
         if report is not None:
             nc = report.to_json()
@@ -357,7 +347,7 @@ class Conn:
             "copied": self.copied,
             "link_changes": self.link_changes,
             "ignored": self.ignored,
-            "stun_unmatched": self.stun.unmatched,
+            "stun_unmatched": self.local.stun.unmatched,
             "netcheck": nc,
             "peers": {
                 s.node_key.text(): {
@@ -372,42 +362,18 @@ class Conn:
 
     # -- the tick --------------------------------------------------------------------------------------
 
-    def _schedule(self) -> None:
-        """Re-arm the one timer for the earliest deadline (aioquic's ``QuicConnectionProtocol.transmit``)."""
-        if not self._running:
-            return
+    def _deadline(self) -> float:
         nt = self.disco.next_timer()
-        when = min(
-            self._look_at, self._probe_at, self._netcheck_at, self._sweep_at, math.inf if nt is None else nt
-        )
-        if self._timer is not None:
-            if when == self._timer_at:
-                return
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer_at = when
-        self._timer = loop.call_at(loop.time() + max(0.0, when - self.clock()), self._on_timer)
+        jobs = (self._probe.at, self._netcheck.at, self._sweep.at)
+        return min(self._look_at, *jobs, math.inf if nt is None else nt)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        self._tick(self.clock())
-        self._schedule()
-
-    def _tick(self, now: float) -> None:
+    def _on_timer(self, now: float) -> None:
         if now >= self._look_at:
             self._look(now)
             self._look_at = now + ACTIVITY_INTERVAL
         self._act(self.disco.poll(now))
-        if now >= self._probe_at:
-            self._probe_at = math.inf
-            self._probe_job = self._spawn(self._probe(), "derp-probe")
-        if now >= self._netcheck_at:
-            self._netcheck_at = math.inf
-            self._netcheck_job = self._spawn(self._periodic_netcheck(), "netcheck")
-        if now >= self._sweep_at:
-            self._sweep_at = now + SWEEP_INTERVAL
-            self._spawn(self._sweep(), "derp-sweep")
+        for job in (self._probe, self._netcheck, self._sweep):
+            job.run_if_due(now)
 
     def _look(self, now: float) -> None:
         """Read the device's per-peer counters (once): a peer whose ``tx_packets`` grew has traffic (disco
@@ -428,69 +394,26 @@ class Conn:
         for node in self._peers.values():
             self._place_plain(node)
 
-    def _draw(self, interval: tuple[float, float]) -> float:
-        lo, hi = interval
-        return lo + self._rng.random() * (hi - lo)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._jobs.add(task)
-        task.add_done_callback(self._job_done)
-        return task
-
-    def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._jobs.discard(task)
-        if not task.cancelled() and (e := task.exception()) is not None:
-            log.error("%s failed: %r", task.get_name(), e, exc_info=e)
-
-    def _probe_soon(self) -> None:
-        if self._probe_job is not None:
-            self._probe_again = True
-        else:
-            self._probe_at = -math.inf
-            self._schedule()
-
-    def _netcheck_soon(self) -> None:
-        if self._netcheck_job is not None:
-            self._netcheck_again = True
-        else:
-            self._netcheck_at = -math.inf
-            self._schedule()
-
-    async def _probe(self) -> None:
-        try:
-            if self.relay.derp_map.regions and self.clock() >= self._external_latency_until:
-                self._report(await self.relay.probe())
-        finally:
-            self._probe_job = None
-            again, self._probe_again = self._probe_again, False
-            self._probe_at = -math.inf if again else self.clock() + self._draw(self.options.probe_interval)
-            self._schedule()
+    async def _probe_regions(self) -> None:
+        if self.relay.derp_map.regions and self.clock() >= self._external_latency_until:
+            self._report(await self.relay.probe())
 
     async def _periodic_netcheck(self) -> None:
-        try:
-            report = await self.netcheck()
-            if report is None:
-                self._refresh_endpoints()  # local addresses may have changed all the same
-            else:
-                latency = {r: round(d * 1000, 1) for r, d in sorted(report.region_latency.items())}
-                log.debug("netcheck: udp=%s v4=%s varies=%s latency=%s", report.udp, report.global_v4,
-                          report.mapping_varies_by_dest_ip, latency)  # fmt: skip
-        finally:
-            self._netcheck_job = None
-            again, self._netcheck_again = self._netcheck_again, False
-            self._netcheck_at = (
-                -math.inf if again else self.clock() + self._draw(self.options.netcheck_interval)
-            )
-            self._schedule()
+        report = await self.netcheck()
+        if report is None:
+            self.local.refresh()  # local addresses may have changed all the same
+        else:
+            latency = {r: round(d * 1000, 1) for r, d in sorted(report.region_latency.items())}
+            log.debug("netcheck: udp=%s v4=%s varies=%s latency=%s", report.udp, report.global_v4,
+                      report.mapping_varies_by_dest_ip, latency)  # fmt: skip
 
-    async def _sweep(self) -> None:
+    async def _sweep_idle(self) -> None:
         await self.relay.sweep()
 
     def _report(self, latencies: Mapping[int, float]) -> None:
         home, moved = self.relay.report(latencies)
         if moved:
-            self._spawn(self.relay.derp.set_home(home), "derp-home")
+            self._tick.spawn(self.relay.derp.set_home(home), "derp-home")
             if self.options.on_home_changed is not None:
                 self.options.on_home_changed(home)
 
@@ -499,7 +422,7 @@ class Conn:
         even while netcheck's reports stand, so the home moves to a live region without waiting."""
         if region_id and region_id == self.relay.home:
             self._external_latency_until = -math.inf
-            self._probe_soon()
+            self._probe.soon()
 
     # -- in: datagrams --------------------------------------------------------------------------------
 
@@ -515,14 +438,14 @@ class Conn:
             if disco_proto.looks_like_disco(payload):
                 self._act(self.disco.feed(payload, src, now))
             elif stun_proto.is_stun(payload):
-                if not self.stun.feed(payload, src):
+                if not self.local.feed_stun(payload, src):
                     self.ignored += 1
             else:
                 self.ignored += 1
         if relay:
             self._copy_direct(relay)
             self.relay.relay(relay)
-        self._schedule()
+        self._tick.rearm()
 
     def _copy_direct(self, items: list[tuple[bytes, bytes]]) -> None:
         """Relay datagrams to disco peers also go to the best-guess endpoint: handshakes always, others
@@ -548,7 +471,7 @@ class Conn:
         self.relay.derp_received += 1
         if payload.startswith(DISCO_MAGIC):
             self._act(self.disco.feed(payload, ViaDERP(region), self.clock(), derp_src=src))
-            self._schedule()
+            self._tick.rearm()
             return
         key = src.raw
         if not self.relay.knows(key):
@@ -658,37 +581,7 @@ class Conn:
     def _send_stun(self, datagram: bytes, dest: str) -> None:
         self.device.send_datagram(datagram, dest)  # DeviceError: the runner counts a failed probe
 
-    # -- endpoints and links --------------------------------------------------------------------------
-
-    def _on_mapped(self, endpoint: str) -> None:
-        """A STUN answer of a netcheck in progress: a mapped endpoint not yet known goes to disco and to
-        ``on_endpoints`` at once (peers behind NAT need it to go direct); the report at the end of the run
-        then sets the list (:meth:`_refresh_endpoints`)."""
-        if endpoint in self.endpoints:
-            return
-        eps = [*self.endpoints, endpoint]
-        self.disco.set_endpoints(eps)
-        self.endpoints = eps
-        log.info("endpoints: %s (STUN)", ", ".join(eps))
-        if self.options.on_endpoints is not None:
-            self.options.on_endpoints(list(eps))
-
-    def _refresh_endpoints(self) -> None:
-        try:
-            eps = list(self.options.local_endpoints())
-        except TailpyError as e:
-            log.warning("local endpoints: %s", e)
-            eps = list(self.endpoints)
-        report = self.history.last
-        if report is not None:
-            eps += [e for e in report.endpoints() if e not in eps]
-        self.disco.set_lan_networks(self.options.lan_networks())
-        self.disco.set_endpoints(eps)
-        if eps != self.endpoints:
-            self.endpoints = eps
-            log.info("endpoints: %s", ", ".join(eps) or "none")
-            if self.options.on_endpoints is not None:
-                self.options.on_endpoints(list(eps))
+    # -- links ----------------------------------------------------------------------------------------
 
     def _on_link_change(self, old: object, new: object) -> None:
         gone = set(old) - set(new) if isinstance(old, tuple) and isinstance(new, tuple) else {old}
@@ -698,7 +591,7 @@ class Conn:
             # TCP connections made from a vanished address are dead: DERP and control reconnect. Direct
             # paths are pinged at once and kept if they answer (a public peer follows our new source, as
             # WireGuard roams); one that does not falls back to the relay within LINK_CHANGE_GRACE.
-            self._spawn(self.relay.derp.set_private_key(self.relay.derp.private_key), "derp-rebind")
+            self._tick.spawn(self.relay.derp.set_private_key(self.relay.derp.private_key), "derp-rebind")
             now = self.clock()
             for key in list(self._peers):
                 paths = self.disco.peer_paths(key)
@@ -707,9 +600,9 @@ class Conn:
             self._act(self.disco.poll(now))
             if self.options.on_link_change is not None:
                 self.options.on_link_change()
-        self._refresh_endpoints()
-        self._netcheck_soon()
-        self._schedule()
+        self.local.refresh()
+        self._netcheck.soon()
+        self._tick.rearm()
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Control server scale: N simulated nodes streaming their netmaps from one `tailpy control serve` process.
 
-    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--json]
+    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--json] [--smoke]
 
 The server is a real subprocess on 127.0.0.1 with its own state dir. Simulated nodes live in ``--workers``
 separate processes (each holding thousands of streams): each has its own machine key and NaCl boxes and talks
@@ -13,6 +13,8 @@ netmaps are not parsed into Node objects). Measured, per N:
   peak RSS (VmHWM, MiB).
 
 Clients and server share the machine's cores, so figures are upper bounds of the server's own latency.
+Exits 1 when some node never saw the change or the join within ``--timeout``. ``--smoke``: 20 nodes in one
+client process, a check (in seconds) that the benchmark still works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import nacl.public
 
 from tailpy.control.client import ControlClient
+from tailpy.endpoint import Endpoint
 from tailpy.keys import MachinePrivate, NodePublic
 
 TAILPY = str(Path(sys.executable).with_name("tailpy"))
@@ -90,7 +93,9 @@ async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Con
     async def follow(i: int) -> None:
         nonlocal got_full
         async with sem:
-            it = clients[i].stream_messages(node_keys[i], [f"192.0.2.{index}:{i + 1}"], f"w{index}-{i}")
+            it = clients[i].stream_messages(
+                node_keys[i], [Endpoint.parse(f"192.0.2.{index}:{i + 1}")], f"w{index}-{i}"
+            )
             first = True
             async for msg in it:
                 now = time.monotonic()
@@ -224,9 +229,9 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
             ask(pipes, "watch", nk.text())
             begin = time.monotonic()
             await c.register(nk, "joiner", key)
-            it = c.stream_messages(nk, ["198.51.100.9:9"], "joiner")
+            it = c.stream_messages(nk, [Endpoint.parse("198.51.100.9:9")], "joiner")
             await it.__anext__()
-            await it.aclose()  # type: ignore[attr-defined]
+            await it.aclose()
             await c.close()
             return begin, nk.text()
 
@@ -268,24 +273,34 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
         log.close()
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="1000,10000", help="comma-separated node counts")
     ap.add_argument("--workers", type=int, default=4, help="client processes")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a delta everywhere")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--smoke", action="store_true", help="20 nodes, 1 worker: check it still runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.nodes, args.workers, args.timeout = "20", 1, 30.0
     raise_nofile()
     rows = [run(int(n), args.workers, args.timeout) for n in args.nodes.split(",")]
+    short = [
+        r["nodes"] for r in rows if r["change_received"] < r["expected"] or r["join_received"] < r["expected"]
+    ]
+    if short:
+        print(f"control_scale: some nodes missed the change or the join with {short} nodes", file=sys.stderr)
+    status = 1 if short else 0
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+        return status
     cols = list(rows[0])
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
     print(f"({os.cpu_count()} cores shared by the server and the client processes)")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

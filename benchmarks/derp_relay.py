@@ -18,8 +18,10 @@ own CPU use is printed too, to show whether it, not the server, was the limit.
 
 Prints a table (``--json`` for JSON) and the ratio tailpy / derper of packets/s per N.
 Usage: ``python benchmarks/derp_relay.py [--pairs 1,10,100] [--seconds 5] [--size 1200] [--rate PPS]
-[--json] [--only tailpy|derper]`` (``--rate``: pace each sender, in packets/s, instead of full speed).
-Needs root (namespaces) and Go (derper, derpload).
+[--json] [--only tailpy|derper] [--smoke]`` (``--rate``: pace each sender, in packets/s, instead of full
+speed; ``--smoke``: one pair for one second per server, a check in seconds that the benchmark still works,
+once derper and derpload are built). Needs root (namespaces) and Go (derper, derpload); without them it
+exits 77 (the "skipped" status of automake's test harness) with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ from tailpy.proto import derp as proto
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "interop"))
-from _tailscale_go import TAILSCALE_VERSION, build_tailscale_tools, cache_dir  # noqa: E402
+from _tailscale_go import TAILSCALE_VERSION, build_lock, build_tailscale_tools, cache_dir  # noqa: E402
 
 LOAD_DIR = HERE / "derpload"
 PORTS = {"tailpy": 3340, "derper": 3341}
+SKIPPED = 77  # exit status: the benchmark could not run here (automake's convention for a skipped test)
 
 
 @dataclass
@@ -70,24 +73,26 @@ def build_load_generator() -> Path:
     for name in ("main.go", "go.mod", "go.sum"):
         digest.update((LOAD_DIR / name).read_bytes())
     out = cache_dir(TAILSCALE_VERSION).parent / f"derpload-{digest.hexdigest()[:12]}" / "derpload"
-    if out.is_file():
-        return out
-    go = shutil.which("go")
-    if go is None:
-        raise TailpyError("no Go toolchain ('go' on PATH) to build benchmarks/derpload")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
-    done = subprocess.run(
-        [go, "build", "-o", str(out), "."],
-        cwd=LOAD_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise TailpyError(f"cannot build benchmarks/derpload: {done.stderr.strip()[-300:]}")
+    with build_lock(out.parent):  # another process may be building it right now
+        if out.is_file():
+            return out
+        go = shutil.which("go")
+        if go is None:
+            raise TailpyError("no Go toolchain ('go' on PATH) to build benchmarks/derpload")
+        env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
+        partial = out.with_name(out.name + ".partial")
+        done = subprocess.run(
+            [go, "build", "-o", str(partial), "."],
+            cwd=LOAD_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise TailpyError(f"cannot build benchmarks/derpload: {done.stderr.strip()[-300:]}")
+        partial.replace(out)
     return out
 
 
@@ -206,24 +211,27 @@ def main() -> int:
     )
     ap.add_argument("--only", choices=("tailpy", "derper"))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="1 pair, 1 s per server: check it still runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.pairs, args.seconds, args.warmup = "1", 1.0, 0.2
     problem = check_args(args)
     if problem:
         ap.error(problem)
     pair_counts = [int(p) for p in args.pairs.split(",") if p.strip()]
     why = unavailable_reason()
     if why:
-        print(f"derp_relay: skipped: {why}", file=sys.stderr)
-        return 0
+        print(f"derp_relay: skipped: no lab on this machine: {why}", file=sys.stderr)
+        return SKIPPED
     tools = build_tailscale_tools()
     if isinstance(tools, str):
         print(f"derp_relay: skipped: {tools}", file=sys.stderr)
-        return 0
+        return SKIPPED
     try:
         load = build_load_generator()
     except TailpyError as e:
         print(f"derp_relay: skipped: {e}", file=sys.stderr)
-        return 0
+        return SKIPPED
     servers = [s for s in ("tailpy", "derper") if args.only in (None, s)]
     rows: list[Row] = []
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="derp-relay-") as tmp:

@@ -2,7 +2,7 @@
 
 Dex cannot be built here with ``go install`` (the Go module proxy serves only dex v2.13.0+incompatible from
 2019: later releases have a go.mod without the /v2 suffix, so no tag can be installed, and branch queries
-are refused), so the tests run this provider instead, as the issue allows.
+are refused), so the tests run this provider instead.
 
 What it implements (OpenID Connect Core 1.0, code flow): discovery at ``/.well-known/openid-configuration``,
 keys at ``/keys`` (one RSA key, RS256), ``/auth`` (a username/password form; a successful POST redirects to
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from authlib.common.security import generate_token
-from authlib.common.urls import add_params_to_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from authlib.common.security import generate_token  # type: ignore[import-untyped]
+from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
+from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 

@@ -19,6 +19,12 @@ class ParseError(TailpyError, ValueError):
     """Bytes from the network could not be parsed (a malformed STUN, disco, DERP or control message)."""
 
 
+class EndpointError(ParseError):
+    """A UDP endpoint is malformed (:class:`tailpy.endpoint.Endpoint`): text that is not ``ip:port``,
+    ``[ipv6]:port`` or ``[ipv6%zone]:port``, a port outside 0-65535, a bad zone, or a disco form that is not
+    18 bytes."""
+
+
 class PermissionDeniedError(TailpyError, PermissionError):
     """An operation needs a privilege the process lacks (CAP_NET_ADMIN to create a TUN device)."""
 
@@ -57,6 +63,7 @@ __all__ = [
     "ControlError",
     "DaemonNotRunningError",
     "DeviceError",
+    "EndpointError",
     "InvalidKeyError",
     "LabError",
     "NotRegisteredError",

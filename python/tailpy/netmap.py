@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.dns.config import DNSConfig
+from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import InvalidKeyError, ParseError
 from tailpy.keys import DiscoPublic, MachinePublic, NodePublic
 
@@ -21,10 +22,11 @@ class Node:
     """One node of the tailnet as the netmap shows it.
 
     ``addresses`` are the node's tailnet addresses as CIDR host prefixes ("100.64.0.1/32",
-    "fd7a:115c:a1e0::1/128"); ``endpoints`` are "ip:port" / "[ipv6]:port" UDP endpoints where its data plane
-    may be reached; ``last_seen`` unix seconds or None; ``disco_key`` the node's current disco public key
-    (a new one each time its daemon starts; JSON ``"discokey:<hex>"``), None when the node sent none (an old
-    node: peers fall back to a path policy without disco).
+    "fd7a:115c:a1e0::1/128"); ``endpoints`` the UDP endpoints where its data plane may be reached (JSON:
+    "ip:port" / "[ipv6]:port" strings; one that does not parse is skipped, not the node); ``last_seen`` unix
+    seconds or None; ``disco_key`` the node's current disco public key (a new one each time its daemon
+    starts; JSON ``"discokey:<hex>"``), None when the node sent none (an old node: peers fall back to a
+    path policy without disco).
     """
 
     id: int
@@ -33,7 +35,7 @@ class Node:
     node_key: NodePublic
     machine_key: MachinePublic
     addresses: tuple[str, ...]
-    endpoints: tuple[str, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
     online: bool = False
     last_seen: float | None = None
     user: str = ""  # owner's login name; empty for a tagged node
@@ -52,7 +54,7 @@ class Node:
             "node_key": self.node_key.text(),
             "machine_key": self.machine_key.text(),
             "addresses": list(self.addresses),
-            "endpoints": list(self.endpoints),
+            "endpoints": [str(e) for e in self.endpoints],
             "online": self.online,
             "last_seen": self.last_seen,
             "user": self.user,
@@ -77,7 +79,7 @@ class Node:
                 node_key=NodePublic.from_text(str(obj["node_key"])),
                 machine_key=MachinePublic.from_text(str(obj["machine_key"])),
                 addresses=tuple(str(a) for a in obj["addresses"]),
-                endpoints=tuple(str(e) for e in obj.get("endpoints", ())),
+                endpoints=parse_valid(obj.get("endpoints", ())),
                 online=bool(obj.get("online", False)),
                 last_seen=None if obj.get("last_seen") is None else float(obj["last_seen"]),
                 user=str(obj.get("user", "")),

@@ -24,6 +24,7 @@ from typing import Any
 
 from tailpy._native import Device
 from tailpy.asyncutil import wait_event
+from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError
 from tailpy.keys import DiscoPrivate, DiscoPublic, NodePrivate, NodePublic
 from tailpy.magicsock.disco import Action, DiscoNode, PeerInfo, SendDERP, SendUDP
@@ -45,7 +46,9 @@ class LabNode:
         self.peer = NodePublic.from_base64(args.peer_key)
         self.device = Device(node_priv.raw, tun_name=args.tun, listen_port=args.listen_port, mtu=1280)
         self.disco = DiscoNode(
-            DiscoPrivate(bytes.fromhex(args.disco_key)), node_priv.public, endpoints=[args.endpoint]
+            DiscoPrivate(bytes.fromhex(args.disco_key)),
+            node_priv.public,
+            endpoints=[Endpoint.parse(args.endpoint)],
         )
         self.writer: asyncio.StreamWriter | None = None
         self.wake = asyncio.Event()
@@ -60,7 +63,9 @@ class LabNode:
         self.device.set_path(self.peer.raw, "relay")
         subprocess.run([*ip, "route", "replace", self.args.peer_allowed, "dev", self.args.tun], check=True)
         info = PeerInfo(
-            self.peer, DiscoPublic(bytes.fromhex(self.args.peer_disco)), (self.args.peer_endpoint,)
+            self.peer,
+            DiscoPublic(bytes.fromhex(self.args.peer_disco)),
+            (Endpoint.parse(self.args.peer_endpoint),),
         )
         self.act(self.disco.on_netmap([info], time.monotonic()))
 
@@ -95,7 +100,7 @@ class LabNode:
         now = time.monotonic()
         for payload, src in datagrams:
             if disco.looks_like_disco(payload):
-                self.act(self.disco.feed(payload, src, now))
+                self.act(self.disco.feed(payload, Endpoint.parse(src), now))
         for _key, datagram in relay:
             self.frame(WG, datagram)
 

@@ -1,4 +1,4 @@
-"""Relay fallback (issue 4 item 5): two nodes on one LAN with UDP between them dropped by nftables in each
+"""Relay fallback through DERP: two nodes on one LAN with UDP between them dropped by nftables in each
 node's namespace still ping both ways and carry TCP, through the control server's embedded DERP relay
 (region 900 "tailpy"), and ``tailpy status`` says ``relay "tailpy"``. Also: both nodes report their home DERP
 region to control, and peers see it in their netmaps."""

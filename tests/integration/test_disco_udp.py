@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 
 from tailpy.asyncutil import wait_event
+from tailpy.endpoint import Endpoint
 from tailpy.keys import DiscoPrivate, NodePrivate, NodePublic
 from tailpy.magicsock.disco import Action, DiscoNode, PeerInfo, SendDERP, SendUDP
 from tailpy.magicsock.paths import PingResult, PingTimeout, SetPath, ViaDERP
-from tailpy.proto.disco import Endpoint
 
 DERP_DELAY = 0.02  # seconds, the stand-in relay's one-way delay
 WAIT = 30.0  # seconds: generous bound for any state to be reached
@@ -48,7 +48,7 @@ class Driver(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if not self.cut:
-            self.act(self.node.feed(data, f"{addr[0]}:{addr[1]}", time.monotonic()))
+            self.act(self.node.feed(data, Endpoint.from_sockaddr(addr), time.monotonic()))
 
     def from_derp(self, data: bytes, src: NodePublic) -> None:
         self.act(self.node.feed(data, ViaDERP(1), time.monotonic(), derp_src=src))
@@ -103,7 +103,7 @@ async def test_direct_relay_direct_over_loopback() -> None:
     a.peers, b.peers = {b.node_key: b}, {a.node_key: a}
     for me, other in ((a, b), (b, a)):
         assert other.endpoint is not None
-        me.act(me.node.on_netmap([PeerInfo(other.node_key, other.node.public, (str(other.endpoint),))], 0.0))
+        me.act(me.node.on_netmap([PeerInfo(other.node_key, other.node.public, (other.endpoint,))], 0.0))
     assert a.paths == {b.node_key: None} and b.paths == {a.node_key: None}
     tasks = [asyncio.create_task(d.run()) for d in (a, b)]
     try:

@@ -1,4 +1,4 @@
-"""C13: the tunnel MTU against the path's. TUN MTU 1280 needs 1280 + 20 + 8 + 32 = 1340 bytes of IPv4 path;
+"""The tunnel MTU against the path's. TUN MTU 1280 needs 1280 + 20 + 8 + 32 = 1340 bytes of IPv4 path;
 on a smaller path that drops big packets without ICMP, tailpyd's --mtu fixes it, and a TUN MTU below
 IPv6's 1280 is reported in `tailpy status` rather than failing."""
 

@@ -357,8 +357,8 @@ def test_block_udp_between_two_hosts(lab: Lab, inet: Lan) -> None:
 @needs_conntrack
 @pytest.mark.parametrize("kind", ["eim", "full-cone"])
 def test_udp_timeout_expires_idle_mappings(lab: Lab, inet: Lan, kind: str) -> None:
-    """``udp_timeout`` (a carrier NAT's short timeout, C16): an idle mapping is forgotten, and the remote end
-    is unsolicited again until the inside sends."""
+    """``udp_timeout`` (a carrier-grade NAT's short timeout, RFC 6888): an idle mapping is forgotten, and the
+    remote end is unsolicited again until the inside sends."""
     lan = lab.lan("home1", subnet="198.18.1.0/24")
     router = lab.router("r1", inside=lan, outside=inet, nat=kind, udp_timeout=2)  # type: ignore[arg-type]
     lan.attach(lab.host("h"))

@@ -1,4 +1,5 @@
-"""The NAT matrix (C14), peers behind one NAT (C15), double NAT (C16) and roaming, with real tailnet nodes.
+"""The NAT matrix (RFC 4787 behaviours), peers behind one NAT, double NAT (RFC 6888) and roaming, with real
+tailnet nodes.
 
 Every node runs the real ``tailpyd`` behind real nftables routers (:mod:`tailpy.lab`). For each pair of
 topologies the test starts an ICMP ``ping -i 0.2`` between the two nodes' tailnet addresses, runs ``tailpy
@@ -42,12 +43,12 @@ PONG = re.compile(r"^pong from (?P<name>\S+) \((?P<ip>[^)]+)\) via (?P<via>\S+) 
 #: Pings `tailpy ping --until-direct` gets (one every 0.5 s after each pong, at least 15 s) before a cell
 #: that should go direct is judged a failure.
 DIRECT_PINGS = 30
-#: Pings (one every 0.5 s after each pong) a relay-only cell gets to show no direct path appears (C14 gives
-#: a path 10 s to settle).
+#: Pings (one every 0.5 s after each pong) a relay-only cell gets to show no direct path appears (a path
+#: gets 10 s to settle).
 RELAY_PINGS = 20
 #: ICMP pings keep flowing this long after the path settles (the upgrade must drop none of them).
 AFTER_UPGRADE = 2.0
-#: Seconds traffic gets to resume after a node roams (issue 5's goal is 5 s; only this generous bound fails).
+#: Seconds traffic gets to resume after a node roams (the aim is 5 s; only this generous bound fails).
 ROAM_WITHIN = 45
 
 
@@ -235,7 +236,7 @@ def add_pair(tailnet: LabTailnet, cell: Cell) -> tuple[LabNode, LabNode]:
     return tailnet.add_node(a_name, behind=cell.a), tailnet.add_node(b_name, behind=cell.b)
 
 
-# -- C14: the matrix -----------------------------------------------------------------------------------------
+# -- the matrix ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
@@ -267,7 +268,7 @@ def test_matrix_cell(tailnet: LabTailnet, authkey: str, cell: Cell) -> None:
         finish(a, b)
 
 
-# -- C15: peers behind one NAT -------------------------------------------------------------------------------
+# -- peers behind one NAT --------------------------------------------------------------------------------
 
 
 def test_peers_behind_one_nat(tailnet: LabTailnet, authkey: str) -> None:
@@ -295,7 +296,7 @@ def test_peers_behind_one_nat(tailnet: LabTailnet, authkey: str) -> None:
             ip, port = st["endpoint"].rsplit(":", 1)
             assert ip == router.public_ip, st
             seen[node.name] = port
-        print(f"C15: outside peer sees the three nodes at ports {seen}")
+        print(f"outside peer sees the three nodes at ports {seen}")
         assert len(set(seen.values())) == 3, seen
         # netcheck from the site: no hairpinning through this router.
         report = h[0].cli("netcheck", "--json", "--timeout", "3")
@@ -305,7 +306,8 @@ def test_peers_behind_one_nat(tailnet: LabTailnet, authkey: str) -> None:
 
 
 def test_netcheck_sees_hairpinning_when_enabled(tailnet: LabTailnet) -> None:
-    """C15: netcheck's HairPinning is true behind a router that hairpins (false is checked above)."""
+    """netcheck's HairPinning is true behind a router that hairpins (false is checked above); Tailscale's
+    detection once regressed to always false (tailscale/tailscale#188)."""
     site = tailnet.site("c15hp", "eim", hairpin=True)
     host = tailnet.lab.host("c15-hp")
     site.lan.attach(host)
@@ -314,7 +316,7 @@ def test_netcheck_sees_hairpinning_when_enabled(tailnet: LabTailnet) -> None:
     assert '"hairpinning": true' in done.stdout, done.stdout
 
 
-# -- C16: double NAT -----------------------------------------------------------------------------------------
+# -- double NAT ------------------------------------------------------------------------------------------
 
 
 def test_double_nat_advertises_only_real_endpoints(tailnet: LabTailnet, authkey: str) -> None:
@@ -332,20 +334,20 @@ def test_double_nat_advertises_only_real_endpoints(tailnet: LabTailnet, authkey:
             return eps if any(e.rsplit(":", 1)[0] == expected for e in eps) else None
 
         eps = wait_for(endpoints, timeout=40, what=f"{d.name} to learn {expected} by STUN", interval=0.5)
-        print(f"C16: endpoints {eps}")
+        print(f"double NAT: endpoints {eps}")
         assert not any(e.startswith(inner.public_ip + ":") for e in eps), eps
         assert not any(e.startswith("198.19.") for e in eps), eps
     finally:
         finish(d)
 
 
-# -- roaming -------------------------------------------------------------------------------------------------
+# -- roaming ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("peer_behind", ["eim", "public"])
 def test_roaming_traffic_resumes(tailnet: LabTailnet, authkey: str, peer_behind: str) -> None:
     """A node behind EIM on a direct path to a node behind ``peer_behind`` gets a new LAN address (tailpyd
-    is not told): ICMP through the tunnel resumes (issue 5 goal: within 5 s; asserted only within a
+    is not told): ICMP through the tunnel resumes (the aim: within 5 s; asserted only within a
     generous bound) and the path goes direct again."""
     a = tailnet.add_node(f"roam-{peer_behind}-a", behind="eim")
     b = tailnet.add_node(f"roam-{peer_behind}-b", behind=peer_behind)

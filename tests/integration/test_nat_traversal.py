@@ -1,4 +1,4 @@
-"""NAT traversal in tailpyd (issue 5 items 3, 4, 6): disco keys in the netmap, STUN endpoints, disco path
+"""NAT traversal in tailpyd: disco keys in the netmap, STUN endpoints, disco path
 selection and `tailpy ping`, on real nodes in the lab (control with its embedded DERP+STUN, region 900
 "tailpy", on the internet LAN).
 

@@ -1,5 +1,5 @@
-"""Node keys in a real tailnet: expiry (C28), rotation with proof of the old key, logout and login again
-(C29), with real nodes, `tailpy control` admin commands and WireGuard between them."""
+"""Node keys in a real tailnet: expiry, rotation with proof of the old key, logout and login again (one node
+record per machine key), with real nodes, `tailpy control` admin commands and WireGuard between them."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _never_expire(net: LabTailnet, node: LabNode) -> None:
 
 
 def test_expired_key_drops_the_node_until_it_logs_in_again(lab: Lab) -> None:
-    """C28: N's key expires while P pings it; P marks N expired and drops it from WireGuard; N needs login;
+    """N's key expires while P pings it; P marks N expired and drops it from WireGuard; N needs login;
     after re-authentication N has the same address and name."""
     net = LabTailnet(lab)
     net.start_control("--key-expiry", "20s")

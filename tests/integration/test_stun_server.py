@@ -50,18 +50,19 @@ for _ in range(20):
 _THROUGH_DEVICE = """
 import asyncio, json, sys
 from tailpy import _native
+from tailpy.endpoint import Endpoint
 from tailpy.magicsock import netcheck
 from tailpy.magicsock.stun import StunRunner
 from tailpy.proto import stun
 
 async def main():
     dev = _native.Device(_native.generate_private_key(), tun_name="tpystun0")
-    runner = StunRunner(dev.send_datagram)
+    runner = StunRunner(lambda datagram, to: dev.send_datagram(datagram, str(to)))
     def readable():
         datagrams, _relay = dev.drain()
         for payload, source in datagrams:
             if stun.is_stun(payload):
-                runner.feed(payload, source)
+                runner.feed(payload, Endpoint.parse(source))
     asyncio.get_running_loop().add_reader(dev.fileno(), readable)
     targets = netcheck.stun_targets(None, sys.argv[1:])
     report = await netcheck.run(runner, targets, netcheck.Netcheck(), timeout=5.0)

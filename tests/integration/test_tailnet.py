@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tailpy.lab import Lab, wait_for
-from tailpy.lab.tailnet import LabTailnet, tailpy_argv
+from tailpy.lab.tailnet import LabNode, LabTailnet, tailpy_argv
 
 pytestmark = pytest.mark.lab
 
@@ -89,7 +89,11 @@ def test_control_restart_keeps_state_and_nodes_reconnect(tailnet: LabTailnet) ->
     a.ping(b.ip(), count=2)  # the data plane keeps working without control
     tailnet.start_control()
     for n in (a, b):
-        wait_for(lambda n=n: n.status()["control_connected"], timeout=60, what=f"{n.name} to reconnect")
+
+        def reconnected(n: LabNode = n) -> bool:
+            return bool(n.status()["control_connected"])
+
+        wait_for(reconnected, timeout=60, what=f"{n.name} to reconnect")
     c = tailnet.add_node("c")
     c.up(key)  # the same reusable key still works: the server kept its state
     a.wait_peers(2)

@@ -12,6 +12,8 @@ derper on 127.0.0.1 (plain HTTP, no certificates, no STUN) and kills it by pid w
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +44,20 @@ def cache_dir(version: str = TAILSCALE_VERSION) -> Path:
     return Path(root) / "go-bin" / version
 
 
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock(2) on ``<directory>/.build.lock``: one build at a time per output directory,
+    across processes (parallel test workers, a benchmark), so a second builder waits and then finds the
+    binaries in the cache instead of building them again beside the first."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _last_error_line(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in reversed(lines):
@@ -50,20 +67,22 @@ def _last_error_line(output: str) -> str:
 
 
 def build_tailscale_tools(version: str = TAILSCALE_VERSION) -> GoTools | str:
-    """Build (or find in the cache) derper and derpprobe at ``version``: GoTools, or a reason to skip."""
+    """Build (or find in the cache) derper and derpprobe at ``version``: GoTools, or a reason to skip.
+    Concurrent callers (in several processes) build once: the others wait on :func:`build_lock`."""
     out = cache_dir(version)
     derper, derpprobe = out / "derper", out / "derpprobe"
-    if (
-        derper.is_file()
-        and derpprobe.is_file()
-        and os.access(derper, os.X_OK)
-        and os.access(derpprobe, os.X_OK)
-    ):
-        return GoTools(derper, derpprobe, version, 0.0)
-    go = shutil.which("go")
-    if go is None:
-        return "no Go toolchain ('go' is not on PATH) to build Tailscale's derper and derpprobe"
-    out.mkdir(parents=True, exist_ok=True)
+
+    with build_lock(out):  # a binary another process is still writing is never taken for a built one
+        if all(b.is_file() and os.access(b, os.X_OK) for b in (derper, derpprobe)):
+            return GoTools(derper, derpprobe, version, 0.0)
+        go = shutil.which("go")
+        if go is None:
+            return "no Go toolchain ('go' is not on PATH) to build Tailscale's derper and derpprobe"
+        return _go_install(go, out, version)
+
+
+def _go_install(go: str, out: Path, version: str) -> GoTools | str:
+    derper, derpprobe = out / "derper", out / "derpprobe"
     env = dict(os.environ)
     env.update(GOBIN=str(out), GOFLAGS="-mod=mod", GOTOOLCHAIN="local", CGO_ENABLED="0")
     start = time.monotonic()

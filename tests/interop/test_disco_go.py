@@ -24,7 +24,7 @@ from tailpy.proto import disco
 from tailpy.proto.disco import CallMeMaybe, Endpoint, Ping, Pong
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tailscale_go import TAILSCALE_VERSION, _last_error_line, cache_dir
+from _tailscale_go import TAILSCALE_VERSION, _last_error_line, build_lock, cache_dir
 
 pytestmark = pytest.mark.interop
 
@@ -38,12 +38,16 @@ def build() -> Path | str:
     tag = hashlib.sha256(src + TAILSCALE_VERSION.encode()).hexdigest()[:16]
     out = cache_dir().parent / f"disco-interop-{tag}"
     binary = out / "disco-interop"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    go = shutil.which("go")
-    if go is None:
-        return "no Go toolchain ('go' is not on PATH) to build the disco interop helper"
-    out.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):  # parallel test workers build it once
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return binary
+        go = shutil.which("go")
+        if go is None:
+            return "no Go toolchain ('go' is not on PATH) to build the disco interop helper"
+        return _build(go, src, out, binary)
+
+
+def _build(go: str, src: bytes, out: Path, binary: Path) -> Path | str:
     (out / "main.go").write_bytes(src)
     (out / "go.mod").write_text(
         f"module tailpy.test/discointerop\n\ngo 1.26.6\n\nrequire tailscale.com {TAILSCALE_VERSION}\n"
@@ -163,9 +167,9 @@ def test_tailpy_sealed_messages_open_in_go(go: GoDisco) -> None:
 
 def test_disco_node_answers_a_tailscale_ping(go: GoDisco) -> None:
     node = DiscoNode(PY, NodePrivate.generate().public)
-    node.on_netmap([PeerInfo(NODE, TS.public, ("192.0.2.50:41641",))], 0.0)
+    node.on_netmap([PeerInfo(NODE, TS.public, (Endpoint.parse("192.0.2.50:41641"),))], 0.0)
     ping = go_seal(go, type="ping", txid=TXID.hex(), nodekey=NODE.raw.hex())
-    (reply,) = node.feed(ping, "192.0.2.50:41641", 1.0)
+    (reply,) = node.feed(ping, Endpoint.parse("192.0.2.50:41641"), 1.0)
     assert isinstance(reply, SendUDP) and str(reply.endpoint) == "192.0.2.50:41641"
     r = go_open(go, reply.datagram)
     want = ("pong", TXID.hex(), "192.0.2.50:41641", PY.public.raw.hex())

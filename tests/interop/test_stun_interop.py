@@ -14,9 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from _tailscale_go import BUILD_TIMEOUT, TAILSCALE_VERSION, _last_error_line, cache_dir, stop_process
+from _tailscale_go import (
+    BUILD_TIMEOUT,
+    TAILSCALE_VERSION,
+    _last_error_line,
+    build_lock,
+    cache_dir,
+    stop_process,
+)
 
 from tailpy.derp.stun_server import StunServer
+from tailpy.endpoint import Endpoint
 from tailpy.magicsock import netcheck
 from tailpy.magicsock.stun import StandaloneStun
 from tailpy.proto import stun
@@ -28,35 +36,35 @@ def _tools() -> tuple[Path, Path]:
     """stunc and stund at the pinned version (built once per machine), or skip saying why."""
     out = cache_dir(TAILSCALE_VERSION)
     stunc, stund = out / "stunc", out / "stund"
-    if stunc.is_file() and stund.is_file() and os.access(stunc, os.X_OK) and os.access(stund, os.X_OK):
-        return stunc, stund
-    go = shutil.which("go") or (
-        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
-    )
-    if go is None:
-        pytest.skip("no Go toolchain ('go' is not on PATH) to build Tailscale's stunc and stund")
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GOBIN=str(out), GOFLAGS="-mod=mod", GOTOOLCHAIN="local", CGO_ENABLED="0")
-    try:
-        proc = subprocess.run(
-            [
-                go,
-                "install",
-                f"tailscale.com/cmd/stunc@{TAILSCALE_VERSION}",
-                f"tailscale.com/cmd/stund@{TAILSCALE_VERSION}",
-            ],
-            env=env,
-            cwd=out,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-            check=False,
+    with build_lock(out):  # parallel test workers build them once
+        if all(b.is_file() and os.access(b, os.X_OK) for b in (stunc, stund)):
+            return stunc, stund
+        go = shutil.which("go") or (
+            "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
         )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"building Tailscale's stunc/stund {TAILSCALE_VERSION} took over {BUILD_TIMEOUT:g} s")
-    if proc.returncode != 0 or not stunc.is_file() or not stund.is_file():
-        pytest.skip(f"go install of Tailscale's stunc/stund failed: {_last_error_line(proc.stderr)}")
+        if go is None:
+            pytest.skip("no Go toolchain ('go' is not on PATH) to build Tailscale's stunc and stund")
+        env = dict(os.environ, GOBIN=str(out), GOFLAGS="-mod=mod", GOTOOLCHAIN="local", CGO_ENABLED="0")
+        try:
+            proc = subprocess.run(
+                [
+                    go,
+                    "install",
+                    f"tailscale.com/cmd/stunc@{TAILSCALE_VERSION}",
+                    f"tailscale.com/cmd/stund@{TAILSCALE_VERSION}",
+                ],
+                env=env,
+                cwd=out,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"building Tailscale's stunc/stund {TAILSCALE_VERSION} took over {BUILD_TIMEOUT:g} s")
+        if proc.returncode != 0 or not stunc.is_file() or not stund.is_file():
+            pytest.skip(f"go install of Tailscale's stunc/stund failed: {_last_error_line(proc.stderr)}")
     return stunc, stund
 
 
@@ -101,17 +109,18 @@ async def test_tailpy_client_and_netcheck_against_tailscale_stund() -> None:
     try:
         async with StandaloneStun(bind="127.0.0.1") as sock:
             # stund may take a moment to bind: RFC 8489 retransmission covers that
-            result = await sock.runner.binding(f"127.0.0.1:{stun_port}", total=20.0)
+            result = await sock.runner.binding(Endpoint.parse(f"127.0.0.1:{stun_port}"), total=20.0)
             assert result.ok, result
-            assert result.mapped == ("127.0.0.1", sock.port)
+            assert result.mapped == Endpoint.parse(f"127.0.0.1:{sock.port}")
             target = netcheck.StunTarget(1, "1a", "127.0.0.1", stun_port, 4)
             report = await netcheck.run(
                 sock.runner, [target], netcheck.Netcheck(), timeout=5.0, hairpin=False
             )
-            assert report.udp and report.global_v4 == f"127.0.0.1:{sock.port}"
+            assert report.udp and report.global_v4 == Endpoint.parse(f"127.0.0.1:{sock.port}")
             assert 1 in report.region_latency
 
-        # Field case C01 (b): Tailscale's server ignores a request without FINGERPRINT; tailpy's answers it.
+        # Tailscale's server ignores a request without FINGERPRINT (tailscale/tailscale#4177); tailpy's
+        # answers it.
         minimal = bytes.fromhex("000100002112a442b7e7a701bc34d686fa87dfae")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.3)
@@ -130,4 +139,4 @@ async def test_tailpy_client_and_netcheck_against_tailscale_stund() -> None:
         reply, _ = answer(minimal, ("127.0.0.1", 1))
         assert reply is not None and stun.parse(reply).mapped_address == ("127.0.0.1", 1)
     finally:
-        stop_process(proc)  # type: ignore[arg-type]
+        stop_process(proc)

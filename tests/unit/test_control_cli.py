@@ -123,8 +123,13 @@ def test_admin_commands_json_and_sentences(tmp_path: Path) -> None:
     t = run("authkey", "create", "--tags", "tag:server,web", "--reusable", "--expiration", "never")
     assert isinstance(t, dict) and t["tags"] == ["tag:server", "tag:web"] and t["expires"] is None
     store = Store(tmp_path)
-    mk = lambda: MachinePublic(bytes(nacl.public.PrivateKey.generate().public_key))  # noqa: E731
-    nk = lambda: NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))  # noqa: E731
+
+    def mk() -> MachinePublic:
+        return MachinePublic(bytes(nacl.public.PrivateKey.generate().public_key))
+
+    def nk() -> NodePublic:
+        return NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
+
     pi = store.register(mk(), nk(), "pi", str(t["key"]), time.time())
     pi1 = store.register(mk(), nk(), "pi", str(k["key"]), time.time())
     store.close()

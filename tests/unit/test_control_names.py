@@ -1,4 +1,5 @@
-"""Node names: sanitising hostnames to DNS labels, collisions (C25), renames, and that names stay put."""
+"""Node names: sanitising hostnames to DNS labels, collisions (``pi``, ``pi-1``, … also under concurrent
+registrations), renames, and that names stay put."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_check_label() -> None:
         check_label("Pi 2")
 
 
-def test_c25_collisions_concurrency_rename_and_stability(store: Store) -> None:
+def test_collisions_concurrency_rename_and_stability(store: Store) -> None:
     key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
     pis = [store.register(mkey(), nkey(), "pi", key, NOW) for _ in range(3)]
     assert [n.name for n in pis] == ["pi", "pi-1", "pi-2"]

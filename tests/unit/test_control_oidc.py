@@ -1,7 +1,7 @@
-"""Interactive login (issue 7) end to end on 127.0.0.1: a real control server, the real test OpenID Connect
-provider (tests/_oidc_provider.py, RS256 keys), the real ControlClient, and an aiohttp session standing in for
-the browser. Refusal cases (tampered state, replayed code, expired / wrongly-signed ID token, wrong nonce or
-audience, disallowed user) go through the callback with real tokens."""
+"""Interactive login (OpenID Connect) end to end on 127.0.0.1: a real control server, the real test OpenID
+Connect provider (tests/_oidc_provider.py, RS256 keys), the real ControlClient, and an aiohttp session
+standing in for the browser. Refusal cases (tampered state, replayed code, expired / wrongly-signed ID token,
+wrong nonce or audience, disallowed user) go through the callback with real tokens."""
 
 from __future__ import annotations
 

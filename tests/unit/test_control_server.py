@@ -15,6 +15,7 @@ import nacl.public
 import pytest
 
 from tailpy.control import ControlClient, ControlServer, Store
+from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ControlError
 from tailpy.keys import MachinePrivate, NodePublic
 from tailpy.netmap import NetMap
@@ -132,27 +133,29 @@ async def test_stream_pushes_joins_endpoints_and_leaves(control: Control) -> Non
     a, b = control.client(), control.client()
     key = control.authkey(reusable=True)
     na = await a.register(nkey(), "alpha", key)
-    sa = a.stream_map(na.node_key, ["192.0.2.1:41641"], "alpha")
+    sa = a.stream_map(na.node_key, [Endpoint.parse("192.0.2.1:41641")], "alpha")
     try:
         nm = await next_map(sa)
         assert nm.self_node.id == na.id and nm.self_node.online and nm.peers == {}
-        assert nm.self_node.endpoints == ("192.0.2.1:41641",)
+        assert tuple(map(str, nm.self_node.endpoints)) == ("192.0.2.1:41641",)
         assert nm.domain
 
         nb = await b.register(nkey(), "beta", key)  # B joins
         nm = await next_map(sa)
         assert nm.peers[nb.id].node_key == nb.node_key and not nm.peers[nb.id].online
 
-        sb = b.stream_map(nb.node_key, ["198.51.100.2:41641"], "beta")  # B comes online
+        sb = b.stream_map(nb.node_key, [Endpoint.parse("198.51.100.2:41641")], "beta")  # B comes online
         nm_b = await next_map(sb)
         assert set(nm_b.peers) == {na.id} and nm_b.peers[na.id].online
         while not (nm := await next_map(sa)).peers[nb.id].online:
             pass
-        assert nm.peers[nb.id].endpoints == ("198.51.100.2:41641",)
+        assert tuple(map(str, nm.peers[nb.id].endpoints)) == ("198.51.100.2:41641",)
 
-        await b.update_endpoints(["198.51.100.2:41641", "[2001:db8::2]:41641"])  # B's endpoints change
+        await b.update_endpoints(
+            [Endpoint.parse("198.51.100.2:41641"), Endpoint.parse("[2001:db8::2]:41641")]
+        )  # B's endpoints change
         nm = await next_map(sa)
-        assert nm.peers[nb.id].endpoints == ("198.51.100.2:41641", "[2001:db8::2]:41641")
+        assert tuple(map(str, nm.peers[nb.id].endpoints)) == ("198.51.100.2:41641", "[2001:db8::2]:41641")
         assert (await next_map(sb)).self_node.endpoints == nm.peers[nb.id].endpoints
 
         await sb.aclose()  # B leaves: A sees it offline
@@ -183,7 +186,7 @@ async def test_deleted_node_leaves_netmaps_and_its_stream_ends(control: Control)
             while True:
                 await next_map(sb)
         with pytest.raises(ControlError, match="not registered"):
-            await b.update_endpoints(["192.0.2.2:2"])
+            await b.update_endpoints([Endpoint.parse("192.0.2.2:2")])
     finally:
         await sa.aclose()
         await sb.aclose()
@@ -198,9 +201,9 @@ async def test_keepalives_are_consumed_and_stream_survives(control: Control) -> 
         pending = asyncio.ensure_future(sa.__anext__())
         await asyncio.sleep(1.6)  # three keepalives (every 0.5 s here) arrive and are not yielded
         assert not pending.done()
-        await a.update_endpoints(["192.0.2.1:1"])
+        await a.update_endpoints([Endpoint.parse("192.0.2.1:1")])
         nm = await asyncio.wait_for(pending, STEP)
-        assert nm.self_node.endpoints == ("192.0.2.1:1",)
+        assert tuple(map(str, nm.self_node.endpoints)) == ("192.0.2.1:1",)
         await sa.aclose()
     finally:
         await a.close()
@@ -266,7 +269,7 @@ async def test_forged_replayed_and_impersonating_requests_change_nothing(control
         key = control.authkey(reusable=True)
         await a.register(nkey(), "alpha", key)
         await b.register(nkey(), "beta", key)
-        await b.update_endpoints(["198.51.100.2:1"])
+        await b.update_endpoints([Endpoint.parse("198.51.100.2:1")])
         server_key = await a.server_key()
         assert control.store is not None
         before = records(control.store)
@@ -291,14 +294,14 @@ async def test_forged_replayed_and_impersonating_requests_change_nothing(control
             b_key, server_key, "/machine/update", {"endpoints": ["203.0.113.7:7"]}, now=time.time()
         )
         assert (await _post(url, req.data))[0] == 200
-        await b.update_endpoints(["198.51.100.2:1"])
+        await b.update_endpoints([Endpoint.parse("198.51.100.2:1")])
         status, body = await _post(url, req.data)
         assert status == 401 and "replay" in str(body["error"])
 
         # A stale request (clock far off) is refused with a sentence about the clock.
         stale = ControlClient(control.url, b_key, clock=lambda: time.time() - 1000)
         with pytest.raises(ControlError, match="clock"):
-            await stale.update_endpoints(["203.0.113.8:8"])
+            await stale.update_endpoints([Endpoint.parse("203.0.113.8:8")])
         await stale.close()
 
         assert records(control.store) == before
@@ -316,7 +319,7 @@ async def test_reconnect_resumes_with_a_delta(control: Control) -> None:
     first = await next_map(sa)
     await sa.aclose()  # the stream breaks; the client keeps what it applied
     assert a.map_state is not None and a.map_state.netmap == first
-    await b.update_endpoints(["198.51.100.2:2"])  # changes while A is away
+    await b.update_endpoints([Endpoint.parse("198.51.100.2:2")])  # changes while A is away
 
     kinds: list[str] = []
     state = a.map_state
@@ -330,7 +333,7 @@ async def test_reconnect_resumes_with_a_delta(control: Control) -> None:
     sa = a.stream_map(na.node_key, [], "alpha")  # stream_map resumes from map_state by itself
     try:
         nm = await next_map(sa)
-        assert nm.peers[nb.id].endpoints == ("198.51.100.2:2",)
+        assert tuple(map(str, nm.peers[nb.id].endpoints)) == ("198.51.100.2:2",)
         assert a.map_state is not None and a.map_state.generation == state.generation
     finally:
         await sa.aclose()

@@ -1,4 +1,5 @@
-"""DERP reconnect backoff, liveness and error wording (reviewer defects D1-D5, D7, D8; field case C19/C20).
+"""DERP reconnect backoff (no reconnect storms: tailscale/tailscale#109), liveness of a silent connection,
+Health frames, and error wording.
 
 Real sockets on 127.0.0.1: a real DerpServer, a scripted server that closes right after login, and a TCP
 proxy that can go silent (swallow everything both ways) to stand for a relay whose path died."""
@@ -75,8 +76,8 @@ async def _close_after_login_server() -> tuple[asyncio.Server, list[float]]:
     return await asyncio.start_server(handle, "127.0.0.1", 0), accepted
 
 
-async def test_immediate_close_after_login_backs_off_c19() -> None:
-    """D1: a server closing each connection right after login sees growing delays, not a flat 0.25-0.5 s."""
+async def test_immediate_close_after_login_backs_off() -> None:
+    """A server closing each connection right after login sees growing delays, not a flat 0.25-0.5 s."""
     srv, _accepted = await _close_after_login_server()
     port = srv.sockets[0].getsockname()[1]
     c = ReconnectingDerpClient(f"http://127.0.0.1:{port}/derp", node(), base=0.02, cap=0.64, rng=_FixedRng())
@@ -164,8 +165,8 @@ async def relay() -> AsyncIterator[tuple[DerpServer, SilentProxy, int]]:
     await s.stop()
 
 
-async def test_silent_relay_is_found_dead_c20(relay: tuple[DerpServer, SilentProxy, int]) -> None:
-    """D2: a connection that goes silent is pinged, and without a Pong it is closed (status no longer
+async def test_silent_relay_is_found_dead(relay: tuple[DerpServer, SilentProxy, int]) -> None:
+    """A connection that goes silent is pinged, and without a Pong it is closed (status no longer
     'connected'); before, it stayed 'connected' forever."""
     _, proxy, port = relay
     c = ReconnectingDerpClient(
@@ -185,7 +186,7 @@ async def test_silent_relay_is_found_dead_c20(relay: tuple[DerpServer, SilentPro
 
 
 async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentProxy, int]) -> None:
-    """D2 in magicsock: once the home's connection is found dead, last_recv() is None, so the home chooser
+    """In magicsock: once the home's connection is found dead, last_recv() is None, so the home chooser
     (which keeps a probe-less home only while frames arrive) moves home at its next report."""
     _, proxy, port = relay
     region = DerpRegion(
@@ -220,7 +221,7 @@ async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentPr
         assert down and down[0] == 901  # magicsock.Conn's hook to re-measure at once
         st = conns.status()[0]
         assert st["connected"] is False and "ping" in st["last_error"]
-        proxy.silent = False  # the relay comes back: the error clears on the next connect (D5)
+        proxy.silent = False  # the relay comes back: the error clears on the next connect
         await eventually(lambda: conns.connected(901), timeout=30)
         assert conns.status()[0]["last_error"] is None
     finally:
@@ -228,7 +229,7 @@ async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentPr
 
 
 async def test_last_error_cleared_after_reconnect() -> None:
-    """D5: after a failed attempt and then a successful connect, last_error is None."""
+    """After a failed attempt and then a successful connect, last_error is None."""
     sock_srv = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = sock_srv.sockets[0].getsockname()[1]
     sock_srv.close()
@@ -247,7 +248,7 @@ async def test_last_error_cleared_after_reconnect() -> None:
 
 
 async def test_health_frame_in_status() -> None:
-    """D6: a Health frame from the server (duplicate key) shows in DerpConnections.status()."""
+    """A Health frame from the server (duplicate key) shows in DerpConnections.status()."""
     s = DerpServer(MachinePrivate(bytes(nacl.public.PrivateKey.generate())))
     await s.start("127.0.0.1", 0)
     port = s.addresses[0][1]
@@ -282,7 +283,7 @@ async def test_health_frame_in_status() -> None:
 
 
 async def test_request_head_431_at_the_cap() -> None:
-    """D3: 9000 bytes with no blank line get 431 at once, not a close after header_timeout."""
+    """9000 bytes with no blank line get 431 at once, not a close after header_timeout."""
     s = DerpServer(MachinePrivate(bytes(nacl.public.PrivateKey.generate())), header_timeout=30.0)
     await s.start("127.0.0.1", 0)
     try:
@@ -297,7 +298,7 @@ async def test_request_head_431_at_the_cap() -> None:
 
 
 async def test_client_dropping_during_login_logged_plainly(caplog: pytest.LogCaptureFixture) -> None:
-    """D7: the log says the client closed the connection during login, not IncompleteReadError text."""
+    """The log says the client closed the connection during login, not IncompleteReadError text."""
     s = DerpServer(MachinePrivate(bytes(nacl.public.PrivateKey.generate())))
     await s.start("127.0.0.1", 0)
     caplog.set_level(logging.INFO, logger="tailpy.derp")
@@ -315,7 +316,7 @@ async def test_client_dropping_during_login_logged_plainly(caplog: pytest.LogCap
 
 
 def test_cli_names_control_url_and_bad_pem(tmp_path: Path) -> None:
-    """D8: --control-url notaurl names the flag and the value; a bad PEM names the file."""
+    """--control-url notaurl names the flag and the value; a bad PEM names the file."""
     from click.testing import CliRunner
 
     from tailpy.cli.main import cli
@@ -341,7 +342,7 @@ def test_cli_names_control_url_and_bad_pem(tmp_path: Path) -> None:
     ],
 )
 def test_benchmark_validates_options(argv: list[str], words: str) -> None:
-    """D4: benchmarks/derp_relay.py refuses bad options with one sentence, no traceback."""
+    """benchmarks/derp_relay.py refuses bad options with one sentence, no traceback."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "derp_relay.py"), *argv],
         capture_output=True,

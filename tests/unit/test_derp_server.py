@@ -258,8 +258,9 @@ async def test_slow_reader_does_not_stall_others() -> None:
         await s.stop()
 
 
-async def test_duplicate_key_c19(server: DerpServer) -> None:
-    """C19: both same-key connections kept, packets to the most recent sender, Health flags it, no kicks."""
+async def test_duplicate_key(server: DerpServer) -> None:
+    """Both same-key connections kept (cloned machines, tailscale/tailscale#2745), packets to the most recent
+    sender, Health flags it, no kicks."""
     key = node()
     first = await Client(key).login(port_of(server))
     second = await Client(key).login(port_of(server))

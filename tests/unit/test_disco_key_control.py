@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tailpy.control import MIGRATIONS, ControlClient, ControlServer, Store
 from tailpy.control.store import _m5_disco_key
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError, ParseError
 from tailpy.keys import DiscoPrivate, DiscoPublic, MachinePrivate, NodePrivate
 from tailpy.netmap import NetMap, Node, parse_disco_key
@@ -58,7 +59,7 @@ async def test_disco_key_from_map_request_and_update_reaches_peers(server: tuple
         got = srv.store.node(na.id)
         assert got is not None and got.disco_key == d2
         # An update of the endpoints alone leaves the disco key as it is.
-        await a.update(endpoints=["192.0.2.1:41641"])
+        await a.update(endpoints=[Endpoint.parse("192.0.2.1:41641")])
         while not (nm_b := await _next(sb)).peers[na.id].endpoints:
             pass
         assert nm_b.peers[na.id].disco_key == d2

@@ -105,7 +105,7 @@ class Net:
     def netmap(self) -> None:
         for h in self.hosts.values():
             peers = [
-                PeerInfo(o.node_key, o.node.public, tuple(str(e) for e in o.endpoints))
+                PeerInfo(o.node_key, o.node.public, tuple(o.endpoints))
                 for o in self.hosts.values()
                 if o is not h
             ]
@@ -166,7 +166,7 @@ class Net:
                     if dst.name in self.natted and src not in self.opened.get(dst.name, set()):
                         self.nat_drops += 1
                         continue
-                    self.act(dst, dst.node.feed(datagram, str(src), self.now))
+                    self.act(dst, dst.node.feed(datagram, src, self.now))
                 else:
                     self.act(dst, dst.node.feed(datagram, ViaDERP(1), self.now, derp_src=src))
             for h in self.hosts.values():
@@ -456,27 +456,26 @@ def test_spoofed_and_undecryptable_messages_are_dropped_and_counted() -> None:
     ping = Ping(b"m" * 12, b.node_key)
     n = a.node.counters
     # Unknown sender key: dropped before any crypto.
-    assert a.node.feed(disco.seal(mallory, a.node.public, ping), str(B_PUB), 1.0) == []
+    assert a.node.feed(disco.seal(mallory, a.node.public, ping), B_PUB, 1.0) == []
     assert n.unknown_sender == 1
     # b's disco key in the header, but sealed by mallory: the box does not open.
     forged = disco.seal(mallory, a.node.public, ping)
     forged = forged[:6] + b.node.public.raw + forged[38:]
-    assert a.node.feed(forged, str(B_PUB), 1.0) == []
+    assert a.node.feed(forged, B_PUB, 1.0) == []
     assert n.undecryptable == 1
     # A genuine datagram with one byte flipped.
     good = bytearray(disco.seal(b.node.private, a.node.public, ping))
     good[-3] ^= 0x40
-    assert a.node.feed(bytes(good), str(B_PUB), 1.0) == []
+    assert a.node.feed(bytes(good), B_PUB, 1.0) == []
     assert n.undecryptable == 2
-    # Not disco at all, a malformed source, our own key.
-    assert a.node.feed(b"\x01\x00\x00\x00" + bytes(100), str(B_PUB), 1.0) == []
-    assert a.node.feed(bytes(disco.seal(b.node.private, a.node.public, ping)), "nonsense", 1.0) == []
-    assert n.malformed == 2
-    assert a.node.feed(disco.seal(a.node.private, a.node.public, ping), str(B_PUB), 1.0) == []
+    # Not disco at all, our own key.
+    assert a.node.feed(b"\x01\x00\x00\x00" + bytes(100), B_PUB, 1.0) == []
+    assert n.malformed == 1
+    assert a.node.feed(disco.seal(a.node.private, a.node.public, ping), B_PUB, 1.0) == []
     assert n.from_self == 1
     # b's key, but a Ping claiming another node key.
     liar = Ping(b"l" * 12, NodePrivate.generate().public)
-    assert a.node.feed(disco.seal(b.node.private, a.node.public, liar), str(B_PUB), 1.0) == []
+    assert a.node.feed(disco.seal(b.node.private, a.node.public, liar), B_PUB, 1.0) == []
     assert n.node_key_mismatch == 1
     # Via DERP from a node that does not own the disco key.
     msg = disco.seal(b.node.private, a.node.public, ping)
@@ -484,17 +483,17 @@ def test_spoofed_and_undecryptable_messages_are_dropped_and_counted() -> None:
     assert n.derp_source_mismatch == 1
     # CallMeMaybe is only accepted via DERP.
     cmm = disco.seal(b.node.private, a.node.public, CallMeMaybe((B_PUB,)))
-    assert a.node.feed(cmm, str(B_PUB), 1.0) == []
+    assert a.node.feed(cmm, B_PUB, 1.0) == []
     assert n.call_me_maybe_not_via_derp == 1
     # A Pong for no Ping of ours.
     pong = disco.seal(b.node.private, a.node.public, Pong(b"z" * 12, A_PUB))
-    assert a.node.feed(pong, str(B_PUB), 1.0) == []
+    assert a.node.feed(pong, B_PUB, 1.0) == []
     assert n.unknown_txid == 1
-    assert n.dropped() == 10
+    assert n.dropped() == 9
     # None of it touched a's path or learned an endpoint, and a genuine Ping still works.
     peer = a.node.peer_paths(b.node_key)
     assert peer is not None and set(peer.candidates) == {B_PUB, B_LAN} and a.paths[b.node_key] is None
-    out = a.node.feed(disco.seal(b.node.private, a.node.public, ping), str(B_PUB), 1.0)
+    out = a.node.feed(disco.seal(b.node.private, a.node.public, ping), B_PUB, 1.0)
     assert [type(x) for x in out] == [SendUDP]
     assert disco.open_datagram(b.node.private, out[0].datagram)[1] == Pong(b"m" * 12, B_PUB)  # type: ignore[union-attr]
     assert n.pings == 1
@@ -506,7 +505,7 @@ def test_netmap_changes() -> None:
     net.run(1.0)
     assert a.paths[b.node_key] == B_LAN
     # The netmap drops b's LAN endpoint, but b pinged us from there lately: it stays a (learned) candidate.
-    peers = [PeerInfo(b.node_key, b.node.public, (str(B_PUB),))]
+    peers = [PeerInfo(b.node_key, b.node.public, (B_PUB,))]
     net.act(a, a.node.on_netmap(peers, net.now))
     assert a.paths[b.node_key] == B_LAN
     # An endpoint only the netmap gave, once gone from it, is left at once (relay until the next pong).
@@ -526,10 +525,10 @@ def test_netmap_changes() -> None:
     # b leaves the netmap: forgotten; its datagrams now count as unknown senders.
     net.act(a, a.node.on_netmap([], net.now))
     assert a.node.peer_paths(b.node_key) is None
-    a.node.feed(disco.seal(b.node.private, a.node.public, Ping(b"q" * 12)), str(B_PUB), net.now)
+    a.node.feed(disco.seal(b.node.private, a.node.public, Ping(b"q" * 12)), B_PUB, net.now)
     assert a.node.counters.unknown_sender == 1
     # A peer without a disco key gets no disco.
-    net.act(a, a.node.on_netmap([PeerInfo(b.node_key, None, (str(B_PUB),))], net.now))
+    net.act(a, a.node.on_netmap([PeerInfo(b.node_key, None, (B_PUB,))], net.now))
     assert a.node.peer_paths(b.node_key) is None
 
 
@@ -582,7 +581,7 @@ fuzz_steps = st.lists(
 def test_fuzz_node_inputs(steps: list[tuple[str, Any, Any]], gaps: list[float]) -> None:
     txids = counter_txids()
     node = DiscoNode(FUZZ_A, NodePrivate.generate().public, endpoints=(A_PUB,), txid=lambda: next(txids))
-    node.on_netmap([PeerInfo(FUZZ_B_NODE, FUZZ_B.public, (str(B_PUB),))], 0.0)
+    node.on_netmap([PeerInfo(FUZZ_B_NODE, FUZZ_B.public, (B_PUB,))], 0.0)
     now = 0.0
     for (kind, x, y), gap in zip(steps, gaps, strict=False):
         now += gap
@@ -590,14 +589,14 @@ def test_fuzz_node_inputs(steps: list[tuple[str, Any, Any]], gaps: list[float]) 
         if kind == "msg":
             out = node.feed(disco.seal(FUZZ_B, FUZZ_A.public, x), y, now, derp_src=FUZZ_B_NODE)
         elif kind == "junk":
-            out = node.feed(x, str(y), now)
-            out += node.feed(disco.MAGIC + FUZZ_B.public.raw + x, str(y), now)
+            out = node.feed(x, y, now)
+            out += node.feed(disco.MAGIC + FUZZ_B.public.raw + x, y, now)
         elif kind == "activity":
             node.note_activity(FUZZ_B_NODE, now)
         elif kind == "ping":
             out = node.ping(FUZZ_B_NODE, now)[1]
         else:
-            out = node.on_netmap([PeerInfo(FUZZ_B_NODE, FUZZ_B.public, tuple(str(e) for e in x))], now)
+            out = node.on_netmap([PeerInfo(FUZZ_B_NODE, FUZZ_B.public, tuple(x))], now)
         out += node.poll(now)
         for a in out:
             if isinstance(a, SendUDP):

@@ -16,6 +16,8 @@ import dns.message
 import dns.name
 import dns.rcode
 import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import dns.rrset
 import pytest
 
@@ -52,11 +54,15 @@ class Upstream:
         self.asked.append(q.question[0].name.to_text())
         resp = dns.message.make_response(q)
         name = q.question[0].name
-        rr = dns.rrset.RRset(name, 1, 1)
+        rr = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.A)
         count = 200 if name == dns.name.from_text("big.example.") else 1
         for i in range(count):
             rr.add(
-                dns.rdata.from_text(1, 1, f"198.18.{i // 250}.{i % 250 + 1}" if count > 1 else "192.0.2.1"),
+                dns.rdata.from_text(
+                    dns.rdataclass.IN,
+                    dns.rdatatype.A,
+                    f"198.18.{i // 250}.{i % 250 + 1}" if count > 1 else "192.0.2.1",
+                ),
                 60,
             )
         resp.answer.append(rr)
@@ -77,7 +83,7 @@ class Upstream:
                 self.t.sendto(outer.answer(data, 1232), addr)  # type: ignore[attr-defined]
 
         t, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", self.port))
-        self._udp = t  # type: ignore[assignment]
+        self._udp = t
 
         async def tcp(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             n = int.from_bytes(await r.readexactly(2), "big")

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailpy.control import MIGRATIONS, ControlClient, ControlServer, Store
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError, ParseError
 from tailpy.keys import MachinePrivate, NodePrivate, NodePublic
 from tailpy.netmap import MAX_REGION_ID, NetMap, Node, parse_home_derp
@@ -64,7 +65,7 @@ async def test_home_derp_from_map_request_and_update_reaches_peers(server: tuple
             pass
         assert srv.store.node(na.id) is not None and srv.store.node(na.id).home_derp == 901  # type: ignore[union-attr]
         # An update of the endpoints alone leaves the home region as it is.
-        await a.update(endpoints=["192.0.2.1:41641"])
+        await a.update(endpoints=[Endpoint.parse("192.0.2.1:41641")])
         while not (nm_b := await _next(sb)).peers[na.id].endpoints:
             pass
         assert nm_b.peers[na.id].home_derp == 901
@@ -133,7 +134,7 @@ async def test_stream_alive_tells_whether_control_holds_the_map_stream(
     try:
         na = await a.register(nkey(), "alpha", key)
         assert await a.stream_alive() is False  # no stream yet
-        sa = a.stream_map(na.node_key, ["192.0.2.1:41641"], "alpha")
+        sa = a.stream_map(na.node_key, [Endpoint.parse("192.0.2.1:41641")], "alpha")
         await _next(sa)
         before = srv.store.node(na.id)
         assert await a.stream_alive() is True

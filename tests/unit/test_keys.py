@@ -8,7 +8,7 @@ from tailpy.daemon.state import StateStore
 from tailpy.errors import ConfigError, InvalidKeyError
 from tailpy.keys import DiscoPrivate, MachinePrivate, MachinePublic, NodePrivate, NodePublic
 
-# RFC 7748 §6.1 (C07): Alice's private key and public key.
+# RFC 7748 §6.1: Alice's private key and public key.
 ALICE_PRIV = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
 ALICE_PUB = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
 

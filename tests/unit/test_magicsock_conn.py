@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailpy.derp.stun_server import StunServer
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ParseError
 from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate
 from tailpy.magicsock import Conn, Options, PingReply
@@ -30,12 +31,12 @@ class Side:
         self.key = NodePrivate.generate()
         self.disco = DiscoPrivate.generate()
         self.device = FakeDevice()
-        self.endpoint = ""
-        self.reported: list[list[str]] = []
+        self.endpoint = Endpoint.parse("0.0.0.0:0")
+        self.reported: list[list[Endpoint]] = []
         self.conn: Conn | None = None
 
     async def start(self) -> None:
-        self.endpoint = await self.device.start()
+        self.endpoint = Endpoint.parse(await self.device.start())
         self.conn = Conn(
             self.device,
             self.key,
@@ -93,12 +94,13 @@ async def test_ping_goes_direct_after_discovery(pair: tuple[Side, Side]) -> None
         if r.direct:
             break
     assert replies[-1].direct, replies
-    assert replies[-1].via == b.endpoint and replies[-1].rtt is not None
+    assert replies[-1].via == str(b.endpoint) and replies[-1].rtt is not None
     assert replies[-1].peer_saw == a.endpoint
     # The path machine put b on the direct path to the endpoint that answered.
-    assert a.device.paths[b.key.public.raw] == "direct" and a.device.endpoints[b.key.public.raw] == b.endpoint
+    assert a.device.paths[b.key.public.raw] == "direct"
+    assert a.device.endpoints[b.key.public.raw] == str(b.endpoint)
     st = a.conn.status()["traversal"]
-    assert st["peers"][b.key.public.text()]["path"] == b.endpoint and st["disco"]["pongs"] >= 1
+    assert st["peers"][b.key.public.text()]["path"] == str(b.endpoint) and st["disco"]["pongs"] >= 1
     with pytest.raises(KeyError):
         await a.conn.ping(NodePrivate.generate().public)
 
@@ -167,7 +169,6 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
 
     from tailpy.magicsock.disco import PingResult, ViaDERP
     from tailpy.magicsock.paths import DERP_MAGIC_IP
-    from tailpy.proto.disco import Endpoint
 
     key = NodePrivate.generate().public
     codes = {900: "tailpy"}
@@ -184,7 +185,7 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
     seen = Endpoint(ip_address("203.0.113.5"), 41641)
     direct = PingResult(2, key, Endpoint(ip_address("198.51.100.7"), 41641), 0.001, seen)
     reply = PingReply.from_result(direct, lambda r: "")
-    assert reply.direct and reply.via == "198.51.100.7:41641" and reply.peer_saw == "203.0.113.5:41641"
+    assert reply.direct and reply.via == "198.51.100.7:41641" and str(reply.peer_saw) == "203.0.113.5:41641"
     assert PingReply(False, "", None, timeout=True).to_json()["peer_saw"] is None
 
 

@@ -1,5 +1,5 @@
-"""Home DERP region choice with hysteresis (a stale home region and flapping latencies); sans-IO, ``now``
-passed in."""
+"""Home DERP region choice with hysteresis (a stale home region must not flap: tailscale/tailscale#8603);
+sans-IO, ``now`` passed in."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import pytest
 from _conn_device import FakeDevice
 
 from tailpy.derp.server import DerpServer
+from tailpy.endpoint import Endpoint
 from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate, NodePublic
 from tailpy.magicsock import DISCO_MAGIC, Conn, DerpConnections, Options, Relay, measure_latency
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
@@ -32,7 +33,7 @@ def node(i: int, key: NodePrivate, home: int) -> Node:
         key.public,
         MachinePrivate.generate().public,
         (f"100.64.0.{i}/32",),
-        (f"192.0.2.{i}:41641",),
+        (Endpoint.parse(f"192.0.2.{i}:41641"),),
         home_derp=home,
     )
 
@@ -200,8 +201,9 @@ async def test_latency_check_over_http_and_none_for_a_closed_port(servers: list[
 
 
 async def test_home_moves_after_slow_reports_old_home_delivers(servers: list[DerpServer]) -> None:
-    """A stale home region on the DERP side: the home moves only after three slow reports, the new relay hears
-    NotePreferred, and a peer still sending to the old home region reaches us there."""
+    """Home region hysteresis on the DERP side (tailscale/tailscale#8603): the home moves only after three
+    slow reports, the new relay hears NotePreferred, and a peer still sending to the old home region reaches
+    us there."""
     s900, s901 = servers
     dm = DerpMap({900: region(900, s900.addresses[0][1]), 901: region(901, s901.addresses[0][1])})
     ka, kb = NodePrivate.generate(), NodePrivate.generate()

@@ -1,4 +1,5 @@
-"""netcheck (tailpy.magicsock.netcheck): field case C17 with a fake clock, preferred-region hysteresis,
+"""netcheck (tailpy.magicsock.netcheck): endpoint-dependent mapping detection that does not flap
+(tailscale/tailscale#1559) with a fake clock, preferred-region hysteresis,
 endpoint carry-over, and a run over a real StunRunner whose transport loses first attempts."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import asyncio
 
 import pytest
 
+from tailpy.endpoint import Endpoint
 from tailpy.magicsock import netcheck as nc
 from tailpy.magicsock.stun import StandaloneStun, StunRunner
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
@@ -18,18 +20,19 @@ B2 = nc.StunTarget(1, "1a", "192.0.2.10", 3479, 4)  # a second port of A's serve
 
 
 def probe(t: nc.StunTarget, mapped: tuple[str, int] | None, rtt: float | None = 0.02) -> nc.ProbeResult:
+    ep = None if mapped is None else Endpoint.from_sockaddr(mapped)
     return nc.ProbeResult(
-        t, f"{t.host}:{t.port}", mapped, rtt if mapped else None, None if mapped else "timeout"
+        t, Endpoint.parse(f"{t.host}:{t.port}"), ep, rtt if mapped else None, None if mapped else "timeout"
     )
 
 
-def test_c17_mapping_varies_flapping_keeps_previous_verdict() -> None:
+def test_mapping_varies_flapping_keeps_previous_verdict() -> None:
     h = nc.Netcheck()
     now = 1_000.0
     # (1) two servers on different IPs see the same ip:port: not varying
     r = h.report([probe(A, ("203.0.113.5", 41641)), probe(B, ("203.0.113.5", 41641))], now=now)
     assert r.mapping_varies_by_dest_ip is False and r.mapping_varies_fresh
-    assert r.global_v4 == "203.0.113.5:41641"
+    assert str(r.global_v4) == "203.0.113.5:41641"
     # (2) different mapped ports: endpoint-dependent mapping
     r = h.report([probe(A, ("203.0.113.5", 41641)), probe(B, ("203.0.113.5", 50000))], now=now + 25)
     assert r.mapping_varies_by_dest_ip is True and r.mapping_varies_fresh
@@ -42,7 +45,7 @@ def test_c17_mapping_varies_flapping_keeps_previous_verdict() -> None:
     assert r.udp is False
 
 
-def test_c17_unknown_from_the_start_is_none() -> None:
+def test_mapping_varies_unknown_from_the_start_is_none() -> None:
     r = nc.Netcheck().report([probe(A, ("203.0.113.5", 41641)), probe(B, None)], now=0.0)
     assert r.mapping_varies_by_dest_ip is None and not r.mapping_varies_fresh
     assert r.to_json()["mapping_varies_by_dest_ip"] is None
@@ -62,19 +65,19 @@ def test_endpoints_change_only_when_they_change() -> None:
     assert not h.endpoints_changed
     # a lost round: the endpoint found 20 s ago stands, nothing to tell control
     r = h.report([probe(A, None)], now=40.0)
-    assert r.global_v4 == "203.0.113.5:41641" and not r.udp and not h.endpoints_changed
+    assert str(r.global_v4) == "203.0.113.5:41641" and not r.udp and not h.endpoints_changed
     # lost for longer than keep_endpoint_for: gone (a change)
     r = h.report([probe(A, None)], now=400.0)
     assert r.global_v4 is None and h.endpoints_changed
     r = h.report([probe(A, ("203.0.113.5", 50000))], now=420.0)
-    assert r.global_v4 == "203.0.113.5:50000" and h.endpoints_changed
+    assert str(r.global_v4) == "203.0.113.5:50000" and h.endpoints_changed
 
 
 def test_global_endpoint_is_the_fastest_servers_view() -> None:
     r = nc.Netcheck().report(
         [probe(A, ("203.0.113.5", 1), rtt=0.050), probe(B, ("203.0.113.5", 2), rtt=0.010)], now=0.0
     )
-    assert r.global_v4 == "203.0.113.5:2"
+    assert str(r.global_v4) == "203.0.113.5:2"
 
 
 def test_preferred_region_hysteresis() -> None:
@@ -129,14 +132,15 @@ def test_stun_targets_from_a_derp_map() -> None:
     ]
 
 
-async def test_c17_probe_is_retransmitted_before_it_counts_as_lost() -> None:
+async def test_probe_is_retransmitted_before_it_counts_as_lost() -> None:
     """A run over a real StunRunner whose transport drops the first request to each server: the
     retransmission is answered, so both servers count and the verdict is fresh."""
     sent: dict[str, int] = {}
     mapped_for = {"192.0.2.10:3478": ("203.0.113.5", 41641), "198.51.100.10:3478": ("203.0.113.5", 41641)}
     runner: StunRunner
 
-    def send(datagram: bytes, dest: str) -> None:
+    def send(datagram: bytes, to: Endpoint) -> None:
+        dest = str(to)
         sent[dest] = sent.get(dest, 0) + 1
         if sent[dest] == 1 or dest not in mapped_for:
             return  # lost
@@ -144,13 +148,13 @@ async def test_c17_probe_is_retransmitted_before_it_counts_as_lost() -> None:
         reply = stun.encode(
             stun.BINDING, stun.MessageClass.SUCCESS, req.txid, [stun.address_attr(mapped_for[dest], req.txid)]
         )
-        asyncio.get_running_loop().call_soon(runner.feed, reply, dest)
+        asyncio.get_running_loop().call_soon(runner.feed, reply, to)
 
     runner = StunRunner(send, rto=0.05)
     history = nc.Netcheck()
     report = await nc.run(runner, [A, B], history, timeout=5.0, hairpin=False)
     assert sent == {"192.0.2.10:3478": 2, "198.51.100.10:3478": 2}
-    assert report.udp and report.global_v4 == "203.0.113.5:41641"
+    assert report.udp and str(report.global_v4) == "203.0.113.5:41641"
     assert report.mapping_varies_by_dest_ip is False and report.mapping_varies_fresh
     assert set(report.region_latency) == {1, 2}
 
@@ -169,7 +173,7 @@ async def test_run_on_loopback_with_two_stun_ports_and_hairpin() -> None:
         async with StandaloneStun(bind="127.0.0.1") as sock:
             report = await nc.run(sock.runner, targets, nc.Netcheck(), timeout=5.0)
             assert report.udp and report.ipv4
-            assert report.global_v4 == f"127.0.0.1:{sock.port}"
+            assert str(report.global_v4) == f"127.0.0.1:{sock.port}"
             assert report.mapping_varies_by_dest_ip is False
             assert report.hairpinning is True  # no NAT: our own address reaches us
             assert set(report.region_latency) == {1, 2} and report.preferred_derp in (1, 2)
@@ -190,12 +194,12 @@ async def test_mapped_endpoint_is_reported_before_the_hairpin_check_ends() -> No
     """on_mapped gets each STUN-mapped address as it arrives, while the run still waits for the hairpin
     check (no hairpinning: about a second of unanswered sends), so tailpyd can publish it at once."""
     runner: StunRunner
-    seen: list[tuple[str, bool]] = []
+    seen: list[tuple[Endpoint, bool]] = []
     done = asyncio.Event()
 
-    def send(datagram: bytes, dest: str) -> None:
+    def send(datagram: bytes, dest: Endpoint) -> None:
         req = stun.parse(datagram)
-        if dest != "192.0.2.10:3478":
+        if dest != Endpoint.parse("192.0.2.10:3478"):
             return  # the hairpin probe to our own mapped address never comes back
         reply = stun.encode(
             stun.BINDING,
@@ -211,11 +215,11 @@ async def test_mapped_endpoint_is_reported_before_the_hairpin_check_ends() -> No
     )
     task.add_done_callback(lambda _: done.set())
     report = await task
-    assert seen == [("203.0.113.5:41641", False)]  # reported while the run was still going
-    assert report.global_v4 == "203.0.113.5:41641" and report.hairpinning is False
+    assert seen == [(Endpoint.parse("203.0.113.5:41641"), False)]  # reported while the run was still going
+    assert str(report.global_v4) == "203.0.113.5:41641" and report.hairpinning is False
 
 
-def test_c17_carried_over_endpoint_is_labelled_in_text_and_json() -> None:
+def test_carried_over_endpoint_is_labelled_in_text_and_json() -> None:
     from tailpy.cli.netcheck import format_report
 
     h = nc.Netcheck(keep_endpoint_for=300)
@@ -225,7 +229,7 @@ def test_c17_carried_over_endpoint_is_labelled_in_text_and_json() -> None:
     assert "\t* IPv4: yes, 192.0.2.2:41641\n" in text and "kept from an earlier run" not in text
     # STUN blocked: UDP false, and the endpoint shown is the earlier run's, saying so (no bare "yes")
     r = h.report([probe(A, None)], now=30.0)
-    assert not r.udp and r.global_v4 == "192.0.2.2:41641" and not r.global_v4_fresh
+    assert not r.udp and str(r.global_v4) == "192.0.2.2:41641" and not r.global_v4_fresh
     lines = format_report(r, None).splitlines()
     assert "\t* UDP: false" in lines
     assert "\t* IPv4: 192.0.2.2:41641 (kept from an earlier run; this one could not tell)" in lines

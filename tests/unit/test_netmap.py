@@ -2,8 +2,9 @@ import ipaddress
 
 import pytest
 
-from tailpy.daemon.netconf import choose_endpoint, parse_endpoint
-from tailpy.errors import ConfigError, ParseError
+from tailpy.daemon.netconf import choose_endpoint
+from tailpy.endpoint import Endpoint
+from tailpy.errors import ParseError
 from tailpy.keys import MachinePrivate, NodePrivate
 from tailpy.netmap import NetMap, Node, diff
 
@@ -16,7 +17,7 @@ def node(i: int, **kw: object) -> Node:
         "node_key": NodePrivate.generate().public,
         "machine_key": MachinePrivate.generate().public,
         "addresses": (f"100.64.0.{i}/32", f"fd7a:115c:a1e0::{i}/128"),
-        "endpoints": (f"192.0.2.{i}:41641",),
+        "endpoints": (Endpoint.parse(f"192.0.2.{i}:41641"),),
     }
     fields.update(kw)
     return Node(**fields)  # type: ignore[arg-type]
@@ -25,7 +26,7 @@ def node(i: int, **kw: object) -> Node:
 def test_diff_added_removed_changed() -> None:
     me, a, b, c = node(1), node(2), node(3), node(4)
     old = NetMap(me, {2: a, 3: b})
-    b2 = Node(**{**b.__dict__, "endpoints": ("198.51.100.3:41641",)})
+    b2 = Node(**{**b.__dict__, "endpoints": (Endpoint.parse("198.51.100.3:41641"),)})
     new = NetMap(me, {3: b2, 4: c})
     d = diff(old, new)
     assert d.added == (c,)
@@ -56,17 +57,18 @@ def test_malformed_netmap_is_parse_error() -> None:
         NetMap.from_json({"peers": []})
 
 
+def test_endpoints_json_are_strings_and_junk_is_skipped() -> None:
+    n = node(2, endpoints=(Endpoint.parse("192.0.2.2:41641"), Endpoint.parse("[2001:db8::2]:7")))
+    obj = n.to_json()
+    assert obj["endpoints"] == ["192.0.2.2:41641", "[2001:db8::2]:7"]
+    obj["endpoints"] = ["junk", "192.0.2.2:41641", "[::ffff:192.0.2.3]:9", "2001:db8::1:80"]
+    assert Node.from_json(obj).endpoints == (Endpoint.parse("192.0.2.2:41641"), Endpoint.parse("192.0.2.3:9"))
+
+
 def test_choose_endpoint_prefers_same_lan_then_ipv4() -> None:
     lan = [ipaddress.ip_interface("198.18.1.5/24"), ipaddress.ip_interface("2001:db8::5/64")]
-    cands = ["[2001:db8:1::9]:41641", "203.0.113.9:41641", "198.18.1.9:41641", "junk"]
-    assert choose_endpoint(cands, lan) == "198.18.1.9:41641"
-    assert choose_endpoint(cands[:2], lan) == "203.0.113.9:41641"
-    assert choose_endpoint(["[2001:db8::9]:1"], lan) == "[2001:db8::9]:1"
-    assert choose_endpoint(["junk"], lan) is None
-
-
-def test_parse_endpoint() -> None:
-    assert parse_endpoint("[2001:db8::1]:53") == (ipaddress.ip_address("2001:db8::1"), 53)
-    assert parse_endpoint("192.0.2.1:41641") == (ipaddress.ip_address("192.0.2.1"), 41641)
-    with pytest.raises(ConfigError, match="malformed endpoint"):
-        parse_endpoint("192.0.2.1")
+    cands = [Endpoint.parse(e) for e in ("[2001:db8:1::9]:41641", "203.0.113.9:41641", "198.18.1.9:41641")]
+    assert choose_endpoint(cands, lan) == Endpoint.parse("198.18.1.9:41641")
+    assert choose_endpoint(cands[:2], lan) == Endpoint.parse("203.0.113.9:41641")
+    assert choose_endpoint([Endpoint.parse("[2001:db8::9]:1")], lan) == Endpoint.parse("[2001:db8::9]:1")
+    assert choose_endpoint([], lan) is None

@@ -95,7 +95,7 @@ def test_call_me_maybe_still_listing_the_endpoint_keeps_it() -> None:
     assert p.on_pong(Pong(txid, ME), OLD, 0.01) and p.path == OLD
     p.drain()
     p.on_call_me_maybe(CallMeMaybe((OLD, NEW)), 1.0)
-    to_new = [a.message.txid for a in p.drain() if isinstance(a, Send) and a.to == NEW]
+    to_new = _pings(p, NEW)
     assert p.on_pong(Pong(to_new[0], ME), NEW, 1.05)
     assert p.path == OLD  # equally fast: the path in use stays
     p.poll(3.0)

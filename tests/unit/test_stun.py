@@ -1,5 +1,6 @@
 """STUN codec (tailpy.proto.stun), server logic (tailpy.derp.stun_server.answer) and client transactions
-(tailpy.magicsock.stun): RFC 5769 vectors, field cases C01, C02, C04, RFC 8489 retransmission, fuzzing."""
+(tailpy.magicsock.stun): RFC 5769 vectors, comprehension-required attributes (RFC 8489 §14), RFC 8489
+retransmission, fuzzing."""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailpy.derp.stun_server import StunServer, answer
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ParseError
 from tailpy.magicsock import stun as client
 from tailpy.proto import stun
 
+DEST = Endpoint.parse("192.0.2.9:3478")  # a STUN server the client transactions talk to
+
 TXID = bytes.fromhex("b7e7a701bc34d686fa87dfae")
 PASSWORD = "VOkJxbRl1RmTxUk/WvJxBt"
 
-# RFC 5769 §2.1 (C01)
+# RFC 5769 §2.1
 REQUEST = bytes.fromhex(
     "000100582112a442b7e7a701bc34d686fa87dfae802200105354554e207465737420636c69656e74002400046e0001ff"
     "80290008932ff9b151263b36000600096576746a3a68367659202020000800149aeaa70cbfd8cb56781ef2b5b2d3f249"
     "c1b571a280280004e57a3bcf"
 )
-# RFC 5769 §2.2 and §2.3 (C02)
+# RFC 5769 §2.2 and §2.3
 RESPONSE_V4 = bytes.fromhex(
     "0101003c2112a442b7e7a701bc34d686fa87dfae8022000b7465737420766563746f7220002000080001a147e112a643"
     "000800142b91f599fd9e90c38c7489f92af9ba53f06be7d780280004c07d4c96"
@@ -44,10 +48,10 @@ REQUEST_LONG_TERM = bytes.fromhex(
 CLIENT_ADDR = ("192.0.2.1", 32853)
 
 
-# --- C01: the request vector -------------------------------------------------------------------------
+# --- RFC 5769 §2.1: the request vector -------------------------------------------------------------------
 
 
-def test_c01_request_vector() -> None:
+def test_rfc5769_request_vector() -> None:
     m = stun.parse(REQUEST)
     assert (m.method, m.cls, m.txid) == (stun.BINDING, stun.MessageClass.REQUEST, TXID)
     assert len(REQUEST) == 108 and len(REQUEST) - stun.HEADER_LEN == 88
@@ -69,7 +73,7 @@ def test_c01_request_vector() -> None:
     assert rebuilt == REQUEST
 
 
-def test_c01a_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
+def test_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
     bad = bytearray(REQUEST)
     assert bad[34] == 0x63
     bad[34] = 0x43  # "client" -> "Client"
@@ -91,7 +95,7 @@ def test_c01a_one_changed_byte_fails_both_checks_and_is_dropped() -> None:
     ],
     ids=["minimal", "minimal+fingerprint", "rfc5769"],
 )
-def test_c01b_requests_with_or_without_fingerprint_are_answered(request_hex: str) -> None:
+def test_requests_with_or_without_fingerprint_are_answered(request_hex: str) -> None:
     reply, disposition = answer(bytes.fromhex(request_hex), CLIENT_ADDR)
     assert disposition == "success" and reply is not None
     r = stun.parse(reply)
@@ -100,7 +104,7 @@ def test_c01b_requests_with_or_without_fingerprint_are_answered(request_hex: str
     assert r.get(stun.XOR_MAPPED_ADDRESS) is not None and r.has_fingerprint and r.software
 
 
-def test_c01_wrong_fingerprint_is_dropped() -> None:
+def test_wrong_fingerprint_is_dropped() -> None:
     req = bytes.fromhex("000100082112a442b7e7a701bc34d686fa87dfae80280004fdf6ae03")
     assert answer(req, CLIENT_ADDR) == (None, "bad_fingerprint")
 
@@ -116,7 +120,7 @@ def test_rfc5769_long_term_vector() -> None:
     assert m.encode() == REQUEST_LONG_TERM
 
 
-# --- C02: the response vectors -------------------------------------------------------------------------
+# --- RFC 5769 §2.2, §2.3: the response vectors -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -127,7 +131,7 @@ def test_rfc5769_long_term_vector() -> None:
     ],
     ids=["ipv4", "ipv6"],
 )
-def test_c02_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) -> None:
+def test_rfc5769_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) -> None:
     m = stun.parse(vector)
     assert (m.cls, m.txid) == (stun.MessageClass.SUCCESS, TXID)
     assert m.software == "test vector"
@@ -139,12 +143,12 @@ def test_c02_response_vectors(vector: bytes, mapped: tuple[str, int], crc: str) 
     assert stun.address_attr(mapped, TXID).value == m.get(stun.XOR_MAPPED_ADDRESS)
 
 
-def test_c02_reply_with_another_txid_is_not_matched() -> None:
+def test_reply_with_another_txid_is_not_matched() -> None:
     tx = client.Transactions()
     other = bytes(12)
-    start = tx.start("192.0.2.9:3478", now=0.0, txid=other)
+    start = tx.start(DEST, now=0.0, txid=other)
     assert start.txid == other
-    assert tx.receive(RESPONSE_V4, "192.0.2.9:3478", now=0.1) is None  # its txid is TXID, not ours
+    assert tx.receive(RESPONSE_V4, DEST, now=0.1) is None  # its txid is TXID, not ours
     assert tx.pending() == 1
 
 
@@ -164,10 +168,10 @@ def test_mapped_address_fallback() -> None:
     assert stun.parse(both).mapped_address == CLIENT_ADDR
 
 
-# --- C04: comprehension-required vs optional --------------------------------------------------------------
+# --- RFC 8489 §14: comprehension-required vs optional ----------------------------------------------------
 
 
-def test_c04_unknown_required_attribute_gets_420() -> None:
+def test_unknown_required_attribute_gets_420() -> None:
     req = bytes.fromhex("000100082112a442b7e7a701bc34d686fa87dfae7ffe000400000000")
     reply, disposition = answer(req, CLIENT_ADDR)
     assert disposition == "unknown_attribute" and reply is not None
@@ -179,28 +183,28 @@ def test_c04_unknown_required_attribute_gets_420() -> None:
     assert r.mapped_address is None
 
 
-def test_c04_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
+def test_optional_attribute_before_xor_mapped_address_is_ignored() -> None:
     resp = bytes.fromhex("010100142112a442b7e7a701bc34d686fa87dfaec057000400010000002000080001a147e112a643")
     m = stun.parse(resp)
     assert m.unknown_required() == []
     assert m.mapped_address == ("192.0.2.1", 32853)
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
+    tx.start(DEST, now=0.0, txid=TXID)
     request = stun.binding_request(TXID, software=client.CLIENT_SOFTWARE)[1]
-    assert tx.due(0.0) == [(request, "192.0.2.9:3478")]
+    assert tx.due(0.0) == [(request, DEST)]
     assert stun.parse(request).software == "tailnode" and stun.parse(request).has_fingerprint
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.25)
-    assert result is not None and result.ok and result.mapped == ("192.0.2.1", 32853)
+    result = tx.receive(resp, DEST, now=0.25)
+    assert result is not None and result.ok and result.mapped == Endpoint.parse("192.0.2.1:32853")
     assert result.rtt == pytest.approx(0.25)
 
 
-def test_c04_optional_attribute_in_request_is_answered() -> None:
+def test_optional_attribute_in_request_is_answered() -> None:
     req = stun.encode(stun.BINDING, stun.MessageClass.REQUEST, TXID, [stun.Attribute(0xC057, b"\0\1\0\0")])
     reply, disposition = answer(req, CLIENT_ADDR)
     assert disposition == "success" and reply is not None
 
 
-def test_c04_success_with_unknown_required_attribute_fails_the_transaction() -> None:
+def test_success_with_unknown_required_attribute_fails_the_transaction() -> None:
     resp = stun.encode(
         stun.BINDING,
         stun.MessageClass.SUCCESS,
@@ -209,8 +213,8 @@ def test_c04_success_with_unknown_required_attribute_fails_the_transaction() -> 
     )
     assert stun.parse(resp).unknown_required() == [0x0005]
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.1)
+    tx.start(DEST, now=0.0, txid=TXID)
+    result = tx.receive(resp, DEST, now=0.1)
     assert result is not None and not result.ok and result.mapped is None
     assert "0x0005" in (result.error or "")
     assert tx.pending() == 0
@@ -221,8 +225,8 @@ def test_error_response_fails_the_transaction() -> None:
         stun.BINDING, stun.MessageClass.ERROR, TXID, [stun.error_attr(420), stun.unknown_attributes_attr([3])]
     )
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.1)
+    tx.start(DEST, now=0.0, txid=TXID)
+    result = tx.receive(resp, DEST, now=0.1)
     assert result is not None and not result.ok and "420" in (result.error or "")
 
 
@@ -337,8 +341,8 @@ def test_fuzz_structured(mtype: int, cookie: bytes, attrs: list[tuple[int, bytes
     data = mtype.to_bytes(2, "big") + length.to_bytes(2, "big") + cookie + TXID + body
     _safe_parse(data)
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0, txid=TXID)
-    tx.receive(data, "192.0.2.9:3478", now=0.1)  # never raises either
+    tx.start(DEST, now=0.0, txid=TXID)
+    tx.receive(data, DEST, now=0.1)  # never raises either
 
 
 # --- client transactions: RFC 8489 §6.2.1 retransmission --------------------------------------------------
@@ -348,7 +352,7 @@ def test_retransmission_schedule_rfc8489() -> None:
     """RTO 500 ms doubling, Rc = 7 sends, then Rm * RTO = 8 s: sends at 0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s
     and failure at 39.5 s."""
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=0.0)
+    tx.start(DEST, now=0.0)
     sends: list[float] = []
     failed: list[client.BindingResult] = []
     t = 0.0
@@ -365,7 +369,7 @@ def test_retransmission_schedule_rfc8489() -> None:
 
 def test_retransmission_with_a_shorter_total() -> None:
     tx = client.Transactions()
-    tx.start("192.0.2.9:3478", now=10.0, total=3.0)
+    tx.start(DEST, now=10.0, total=3.0)
     sends: list[float] = []
     failed: list[client.BindingResult] = []
     t = 10.0
@@ -380,15 +384,15 @@ def test_retransmission_with_a_shorter_total() -> None:
 
 def test_late_answer_after_a_retransmission_still_matches() -> None:
     tx = client.Transactions()
-    start = tx.start("192.0.2.9:3478", now=0.0)
+    start = tx.start(DEST, now=0.0)
     assert len(tx.due(0.0)) == 1 and len(tx.due(0.5)) == 1
     resp = stun.encode(
         stun.BINDING, stun.MessageClass.SUCCESS, start.txid, [stun.address_attr(CLIENT_ADDR, start.txid)]
     )
-    result = tx.receive(resp, "192.0.2.9:3478", now=0.7)
+    result = tx.receive(resp, DEST, now=0.7)
     assert result is not None and result.ok and result.attempts == 2
     assert result.rtt == pytest.approx(0.2)  # from the latest send
-    assert tx.receive(resp, "192.0.2.9:3478", now=0.8) is None  # a duplicate answer matches nothing
+    assert tx.receive(resp, DEST, now=0.8) is None  # a duplicate answer matches nothing
 
 
 # --- the asyncio server and runner on loopback --------------------------------------------------------
@@ -400,8 +404,8 @@ async def test_server_and_runner_on_loopback() -> None:
     try:
         port = server.addresses[0][1]
         async with client.StandaloneStun(bind="127.0.0.1") as standalone:
-            result = await standalone.runner.binding(f"127.0.0.1:{port}", total=5.0)
-            assert result.ok and result.mapped == ("127.0.0.1", standalone.port)
+            result = await standalone.runner.binding(Endpoint.parse(f"127.0.0.1:{port}"), total=5.0)
+            assert result.ok and result.mapped == Endpoint.parse(f"127.0.0.1:{standalone.port}")
             assert result.rtt is not None and result.rtt >= 0
         # garbage is counted and dropped; the server keeps serving
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -427,5 +431,5 @@ async def test_runner_times_out_without_a_server() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        result = await standalone.runner.binding(f"127.0.0.1:{port}", total=0.6, rto=0.1)
+        result = await standalone.runner.binding(Endpoint.parse(f"127.0.0.1:{port}"), total=0.6, rto=0.1)
         assert not result.ok and result.error == "timeout" and result.attempts >= 2

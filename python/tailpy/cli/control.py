@@ -309,8 +309,8 @@ def serve(
     from tailpy.derp.server import DerpServer, load_or_create_key
     from tailpy.derp.stun_server import StunServer
     from tailpy.derp.verify import local_admission
+    from tailpy.endpoint import Endpoint
     from tailpy.errors import ParseError
-    from tailpy.magicsock.stun import format_endpoint
 
     host, port = _parse_listen(listen)
     derp_host, derp_port = host, DERP_PORT
@@ -396,7 +396,7 @@ def serve(
                         stun_note = (
                             logging.INFO,
                             "STUN server listening on "
-                            + ", ".join(f"udp {format_endpoint(h, p)}" for h, p in stun_server.addresses),
+                            + ", ".join(f"udp {Endpoint.from_sockaddr(a)}" for a in stun_server.addresses),
                         )
                 bound = relay.addresses[0][1] if relay.addresses else derp_port
                 advertised = derp_advertised_host(derp_host, host, derp_hostname)

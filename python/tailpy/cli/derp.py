@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
 
 
@@ -122,9 +123,7 @@ def serve(
         if admit_url is not None:
             log.info("DERP clients are verified at %s (refused while it does not answer)", admit_url)
         scheme = "https" if ctx else "http"
-        where = ", ".join(
-            f"{scheme}://{h if ':' not in h else f'[{h}]'}:{p}/derp" for h, p in server.addresses
-        )
+        where = ", ".join(f"{scheme}://{Endpoint.from_sockaddr(a)}/derp" for a in server.addresses)
         log.info("DERP relay listening on %s (key %s)", where, key.public.text())
         stun_server: StunServer | None = None
         if stun:
@@ -144,7 +143,7 @@ def serve(
                 server.extra_metrics.append(stun_server.metrics.prometheus)
                 log.info(
                     "STUN server listening on %s",
-                    ", ".join(f"udp {h if ':' not in h else f'[{h}]'}:{p}" for h, p in stun_server.addresses),
+                    ", ".join(f"udp {Endpoint.from_sockaddr(a)}" for a in stun_server.addresses),
                 )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -1,5 +1,5 @@
 """`tailpy login`: log this device in again (a new node key), in a browser or with --auth-key; and the wait
-for an interactive login that `tailpy up` shares (issue 7)."""
+for an interactive login (OpenID Connect, :mod:`tailpy.control.oidc`) that `tailpy up` shares."""
 
 from __future__ import annotations
 

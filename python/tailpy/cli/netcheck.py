@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tailpy.cli.common import FiniteFloatRange, json_option, socket_option
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError, ParseError, TailpyError
 from tailpy.netmap import DerpMap
 
@@ -70,9 +71,10 @@ def _verdict(value: bool | None, fresh: bool) -> str:
     return text if fresh or value is None else f"{text} {KEPT}"
 
 
-def _endpoint(endpoint: str, fresh: bool) -> str:
-    """``yes, IP:PORT`` for an endpoint this run found; a carried-over one (C17) is labelled instead, as
-    the kept verdicts are: no server of that family answered this run."""
+def _endpoint(endpoint: Endpoint, fresh: bool) -> str:
+    """``yes, IP:PORT`` for an endpoint this run found; one carried over from an earlier run (see
+    :data:`tailpy.magicsock.netcheck.KEEP_ENDPOINT_FOR`) is labelled instead, as the kept verdicts are: no
+    server of that family answered this run."""
     return f"yes, {endpoint}" if fresh else f"{endpoint} {KEPT}"
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import aiohttp
 
+from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, NotRegisteredError, ParseError
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
@@ -237,11 +238,12 @@ class ControlClient:
     async def login_poll(
         self, node_key: NodePublic, hostname: str, *, os: str = "", wait: float = 25.0
     ) -> LoginAnswer:
-        """Register with no auth key, interactively (issue 7): the server answers at once with the node when
-        the machine needs no login, else holds the request up to ``wait`` seconds and answers the login URL
-        to show the user, or that the user signed in and an admin's approval is awaited, or the node once the
-        login is done. Call again until :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server
-        has no interactive login (the sentence asks for an auth key), ControlError."""
+        """Register with no auth key, interactively (an OpenID Connect login, :mod:`tailpy.control.oidc`):
+        the server answers at once with the node when the machine needs no login, else holds the request up
+        to ``wait`` seconds and answers the login URL to show the user, or that the user signed in and an
+        admin's approval is awaited, or the node once the login is done. Call again until
+        :attr:`LoginAnswer.node` is set. Raises AuthKeyError when the server has no interactive login (the
+        sentence asks for an auth key), ControlError."""
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname, "interactive": True}
         body["wait"] = wait
         if os:
@@ -261,14 +263,15 @@ class ControlClient:
         name) for the next registration with an auth key. Raises ControlError."""
         return self._node(await self._call("/machine/logout", {"node_key": node_key.text()}))
 
-    async def update_endpoints(self, endpoints: list[str]) -> None:
-        """Tell the server this node's UDP endpoints ("ip:port" / "[ipv6]:port"); pushed to every peer."""
+    async def update_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Tell the server this node's UDP endpoints (sent as "ip:port" / "[ipv6]:port"); pushed to every
+        peer."""
         await self.update(endpoints=endpoints)
 
     async def update(
         self,
         *,
-        endpoints: list[str] | None = None,
+        endpoints: Sequence[Endpoint] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
     ) -> None:
@@ -279,7 +282,7 @@ class ControlClient:
         if disco_key is not None:
             body["disco_key"] = disco_key.text()
         if endpoints is not None:
-            body["endpoints"] = list(endpoints)
+            body["endpoints"] = [str(e) for e in endpoints]
         if home_derp is not None:
             body["home_derp"] = home_derp
         if body:
@@ -301,13 +304,13 @@ class ControlClient:
     async def stream_messages(
         self,
         node_key: NodePublic,
-        endpoints: list[str],
+        endpoints: Sequence[Endpoint],
         hostname: str,
         *,
         resume: tuple[str, int] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
-    ) -> AsyncIterator[MapMessage]:
+    ) -> AsyncGenerator[MapMessage, None]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
         (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
         of the last message applied, to get a delta since then instead of a full netmap (the server decides:
@@ -320,7 +323,7 @@ class ControlClient:
         server_key = await self.server_key()
         body: dict[str, Any] = {
             "node_key": node_key.text(),
-            "endpoints": list(endpoints),
+            "endpoints": [str(e) for e in endpoints],
             "hostname": hostname,
         }
         if resume is not None:
@@ -365,12 +368,12 @@ class ControlClient:
     async def stream_map(
         self,
         node_key: NodePublic,
-        endpoints: list[str],
+        endpoints: Sequence[Endpoint],
         hostname: str,
         *,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
-    ) -> AsyncIterator[NetMap]:
+    ) -> AsyncGenerator[NetMap, None]:
         """Open the map stream and yield the full netmap after each message the server sends: the netmap
         first, then the netmap with each delta applied (keepalives are consumed here).
 

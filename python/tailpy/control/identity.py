@@ -1,4 +1,5 @@
-"""Users from an identity provider and nodes registered by login (issue 7), over :class:`Store`'s database.
+"""Users from an identity provider and nodes registered by login (:mod:`tailpy.control.oidc`), over
+:class:`Store`'s database.
 
 A login with OpenID Connect gives an :class:`Identity` (issuer and subject: who it is for good; email, name
 and groups: what it says about itself now). :func:`user_for_identity` finds the tailpy user of that issuer

@@ -1,4 +1,4 @@
-"""Interactive login with an OpenID Connect provider (issue 7): the control server's side.
+"""Interactive login with an OpenID Connect provider: the control server's side.
 
 Flow (OpenID Connect Core 1.0 §3.1, authorization code flow, with PKCE, RFC 7636):
 

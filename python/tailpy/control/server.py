@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import time
@@ -56,7 +55,8 @@ from tailpy.control import dnsconfig, pages
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
-from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, ParseError
+from tailpy.endpoint import Endpoint
+from tailpy.errors import AuthKeyError, ControlError, EndpointError, InvalidKeyError, ParseError
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
@@ -77,24 +77,19 @@ class _Refused(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def parse_endpoints(obj: object) -> list[str]:
-    """Validate a list of at most 64 UDP endpoints "ip:port" / "[ipv6]:port". Raises ParseError."""
+def parse_endpoints(obj: object) -> list[Endpoint]:
+    """Validate a list of at most 64 UDP endpoints "ip:port" / "[ipv6]:port" (port 1-65535). Raises
+    ParseError (:class:`~tailpy.errors.EndpointError` for a malformed endpoint)."""
     if not isinstance(obj, list) or len(obj) > MAX_ENDPOINTS:
         raise ParseError(f'endpoints must be a list of at most {MAX_ENDPOINTS} "ip:port" strings')
     out = []
     for e in obj:
-        if not isinstance(e, str) or ":" not in e:
+        if not isinstance(e, str):
             raise ParseError(f'endpoint {e!r} is not "ip:port"')
-        host, _, port = e.rpartition(":")
-        v6 = host.startswith("[") and host.endswith("]")
-        try:
-            addr = ipaddress.ip_address(host[1:-1] if v6 else host)
-            ok = port.isdigit() and 0 < int(port) < 65536 and (addr.version == 6) == v6
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ParseError(f'endpoint {e!r} is not "ip:port" or "[ipv6]:port"')
-        out.append(e)
+        ep = Endpoint.parse(e)
+        if ep.port == 0:
+            raise EndpointError(f'endpoint {e!r} has port 0: expected "ip:port" with a port of 1-65535')
+        out.append(ep)
     return out
 
 
@@ -163,7 +158,7 @@ class ControlServer:
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
-        self.logins: Logins | None = None  # interactive login (issue 7), see tailpy.control.oidc
+        self.logins: Logins | None = None  # interactive login (OpenID Connect), see tailpy.control.oidc
         if oidc is not None:
             self.logins = Logins(
                 oidc, store, on_node=self.admin_changed, key_lifetime=key_lifetime, clock=clock
@@ -521,7 +516,7 @@ class ControlServer:
         self,
         resp: web.StreamResponse,
         stream: MapStream,
-        endpoints: list[str],
+        endpoints: list[Endpoint],
         hostname: str | None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,

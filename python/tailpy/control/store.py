@@ -43,6 +43,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tailpy.control import names
+from tailpy.control.pgdriver import require_psycopg
+from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import AuthKeyError, ConfigError, ControlError
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
@@ -190,7 +192,7 @@ def _m5_disco_key(conn: Connection) -> None:
 
 
 def _m6_oidc(conn: Connection) -> None:
-    """6 (issue 7, OpenID Connect login): users get ``oidc_issuer``, ``oidc_subject`` (unique together),
+    """6 (OpenID Connect login): users get ``oidc_issuer``, ``oidc_subject`` (unique together),
     ``email`` and ``display_name``; ``pending_nodes`` holds logins waiting for an admin's approval (see
     :mod:`tailpy.control.identity`)."""
     _add_columns(
@@ -220,7 +222,7 @@ def _m6_oidc(conn: Connection) -> None:
 
 
 def _m7_expiry_fixed(conn: Connection) -> None:
-    """7 (issue 7): ``key_expiry_fixed`` on nodes and pending nodes: the key expiry came from the login's ID
+    """7: ``key_expiry_fixed`` on nodes and pending nodes: the key expiry came from the login's ID
     token, so rotating the node key keeps it (only a new login renews it)."""
     for table in ("nodes", "pending_nodes"):
         _add_columns(
@@ -397,6 +399,7 @@ def database_url(db: str | None, state_dir: Path) -> str:
 
 def _engine(url: str) -> Engine:
     if url.startswith("postgresql"):
+        require_psycopg()
         engine = sa.create_engine(url, pool_pre_ping=True)
 
         @sa.event.listens_for(engine, "begin")
@@ -997,7 +1000,7 @@ class Store:
         machine_key: MachinePublic,
         *,
         now: float,
-        endpoints: Sequence[str] | None = None,
+        endpoints: Sequence[Endpoint] | None = None,
         hostname: str | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
@@ -1009,7 +1012,7 @@ class Store:
         if disco_key is not None:
             values["disco_key"] = disco_key.text()
         if endpoints is not None:
-            values["endpoints"] = json.dumps(list(endpoints))
+            values["endpoints"] = json.dumps([str(e) for e in endpoints])
         if home_derp is not None:
             values["home_derp"] = home_derp
         if hostname is not None:
@@ -1192,7 +1195,7 @@ def _to_node(row: Any, now: float) -> Node:
         node_key=NodePublic.from_text(row.node_key),
         machine_key=MachinePublic.from_text(row.machine_key),
         addresses=(f"{v4}/32", f"{v6}/128"),
-        endpoints=tuple(json.loads(row.endpoints)),
+        endpoints=parse_valid(json.loads(row.endpoints)),
         online=False,
         last_seen=row.last_seen,
         user="" if tags else (row.user_name or ""),

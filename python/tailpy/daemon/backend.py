@@ -30,6 +30,7 @@ from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
+from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import Conn, ConnDevice, Options
@@ -397,7 +398,7 @@ class Backend:
         self.session.notify_home()
         self.changed.set()
 
-    def _on_endpoints(self, endpoints: list[str]) -> None:
+    def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
         """The Conn found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""
         self.session.notify_endpoints()
         self.changed.set()
@@ -410,7 +411,7 @@ class Backend:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def _endpoints(self) -> list[str]:
+    def _endpoints(self) -> list[Endpoint]:
         """This node's endpoints now, for control: the Conn's, else the local addresses."""
         if self.conn is not None:
             return list(self.conn.endpoints)
@@ -532,7 +533,7 @@ class Backend:
             "expired": node.expired,
             "home_derp": node.home_derp,
             "disco_key": node.disco_key.text() if node.disco_key is not None else None,
-            "endpoints": list(node.endpoints),
+            "endpoints": [str(e) for e in node.endpoints],
             # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
             # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
             "endpoint": None if st.get("path") == "relay" else st.get("endpoint"),
@@ -582,7 +583,7 @@ class Backend:
                 "disco_key": self.disco_key.public.text(),
                 "addresses": list(s.addresses),
                 "listen_port": self.device.listen_port if self.device else None,
-                "endpoints": list(self.session.reported_endpoints),
+                "endpoints": [str(e) for e in self.session.reported_endpoints],
                 "tun": self.device.tun_name if self.device else None,
                 "home_derp": self.home_derp,
                 "home_derp_code": self.conn.region_code(self.home_derp) if self.conn else "",
@@ -662,7 +663,7 @@ class Backend:
             return None
         try:
             ip = (
-                netconf.parse_endpoint(address)[0]
+                Endpoint.parse(address).ip
                 if address.count(":") == 1 or "]" in address
                 else (ipaddress.ip_address(address))
             )

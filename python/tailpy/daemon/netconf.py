@@ -9,11 +9,12 @@ import ipaddress
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
 
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError, DeviceError
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
 TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
@@ -97,40 +98,19 @@ def local_addresses(exclude_ifaces: tuple[str, ...] = ()) -> list[IPInterface]:
     return sorted(found, key=lambda i: i.version)
 
 
-def format_endpoint(ip: IPAddress, port: int) -> str:
-    """ "ip:port" for IPv4, "[ip]:port" for IPv6."""
-    return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
-
-
-def parse_endpoint(endpoint: str) -> tuple[IPAddress, int]:
-    """Split "ip:port" or "[ipv6]:port". Raises ConfigError."""
-    host, sep, port = endpoint.rpartition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return ipaddress.ip_address(host.strip("[]")), int(port)
-    except ValueError:
-        raise ConfigError(f"malformed endpoint {endpoint!r}: expected ip:port or [ipv6]:port") from None
-
-
-def local_endpoints(port: int, exclude_ifaces: tuple[str, ...] = ()) -> list[str]:
+def local_endpoints(port: int, exclude_ifaces: tuple[str, ...] = ()) -> list[Endpoint]:
     """UDP endpoints of :func:`local_addresses` at ``port``."""
-    return [format_endpoint(i.ip, port) for i in local_addresses(exclude_ifaces)]
+    return [Endpoint(i.ip, port) for i in local_addresses(exclude_ifaces)]
 
 
-def choose_endpoint(candidates: list[str] | tuple[str, ...], local: list[IPInterface]) -> str | None:
+def choose_endpoint(candidates: Iterable[Endpoint], local: list[IPInterface]) -> Endpoint | None:
     """Pick the endpoint to send to from a peer's advertised ones: one on a subnet this host is on first
-    (same LAN), else the first IPv4 one, else the first. Malformed candidates are skipped."""
-    parsed: list[tuple[str, IPAddress]] = []
-    for c in candidates:
-        try:
-            parsed.append((c, parse_endpoint(c)[0]))
-        except ConfigError:
-            continue
-    for c, ip in parsed:
-        if any(ip.version == i.version and ip in i.network for i in local):
-            return c
-    for c, ip in parsed:
-        if ip.version == 4:
-            return c
-    return parsed[0][0] if parsed else None
+    (same LAN), else the first IPv4 one, else the first."""
+    eps = list(candidates)
+    for e in eps:
+        if any(e.ip.version == i.version and e.ip in i.network for i in local):
+            return e
+    for e in eps:
+        if e.ip.version == 4:
+            return e
+    return eps[0] if eps else None

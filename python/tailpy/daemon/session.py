@@ -36,6 +36,7 @@ from tailpy.backoff import reconnect_delays
 from tailpy.control import ControlClient
 from tailpy.control.client import LoginAnswer
 from tailpy.daemon.state import NodeState, StateStore
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError, NotRegisteredError, TailpyError
 from tailpy.keys import DiscoPublic, MachinePrivate, NodePrivate
 from tailpy.proto import control as proto
@@ -119,7 +120,7 @@ class SessionHooks:
     on_forgotten: Callable[[NotRegisteredError], None]
     on_error: Callable[[str], None]
     on_status: Callable[[], None]
-    endpoints: Callable[[], list[str]]
+    endpoints: Callable[[], list[Endpoint]]
     home_derp: Callable[[], int]
 
 
@@ -147,7 +148,7 @@ class ControlSession:
         self.self_node: nm.Node | None = None
         """This node as the last netmap had it (its key expiry drives rotation)."""
         self._task: asyncio.Task[None] | None = None
-        self.reported_endpoints: list[str] = []
+        self.reported_endpoints: list[Endpoint] = []
         """This node's endpoints as control was last told them (at the last connection or update)."""
         self.reported_endpoints_changed = asyncio.Event()
         self._home_changed = asyncio.Event()

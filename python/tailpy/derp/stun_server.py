@@ -8,13 +8,14 @@ an IPv4 XOR-MAPPED-ADDRESS).
 What is answered (RFC 8489 §6.3):
 
 * a Binding request → success with XOR-MAPPED-ADDRESS, SOFTWARE and FINGERPRINT, with or without a
-  FINGERPRINT in the request (unlike Tailscale's server, which ignores requests without one; field case C01);
+  FINGERPRINT in the request (unlike Tailscale's server, which ignores requests without one:
+  tailscale/tailscale#4177);
 * a Binding request from a classic RFC 3489 client (no magic cookie) → success with MAPPED-ADDRESS and the
   client's 16-byte transaction id echoed, without SOFTWARE or FINGERPRINT (RFC 8489 §12; Debian's
   stun-client is one such client);
-* a request with unknown comprehension-required attributes (0x0000-0x7FFF, C04), or a CHANGE-REQUEST asking
-  for another address or port (which this server does not have, RFC 5780 §6.1) → 420 with
-  UNKNOWN-ATTRIBUTES;
+* a request with unknown comprehension-required attributes (0x0000-0x7FFF, RFC 8489 §14), or a
+  CHANGE-REQUEST asking for another address or port (which this server does not have, RFC 5780 §6.1) → 420
+  with UNKNOWN-ATTRIBUTES;
 * a request of another method → 400.
 
 Dropped and counted: anything that does not parse (``not_stun``), a wrong FINGERPRINT (``bad_fingerprint``),

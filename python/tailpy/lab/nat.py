@@ -9,7 +9,8 @@ Router kinds, in RFC 4787 terms (mapping / filtering), as Linux conntrack and nf
     dependent filtering: only the exact remote ``ip:port`` the inside sent to gets in (a "port-restricted
     cone"). Linux rewrites the port when two inside hosts use the same one; the second host then gets a new
     port towards destinations the first already uses, and its own port towards others (endpoint-dependent
-    for that host), as real Linux routers do (C15).
+    for that host), as real Linux routers do (netbirdio/netbird#2703: peers sharing a listen port behind
+    one NAT).
 ``"full-cone"``
     ``masquerade`` plus endpoint-independent filtering: every outbound UDP mapping is recorded in a dynamic
     nftables map (public port -> inside ``ip . port``) and any remote host's UDP to that public port is

@@ -54,7 +54,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from tailpy.errors import DeviceError
+from tailpy.endpoint import Endpoint
+from tailpy.errors import DeviceError, EndpointError
 from tailpy.keys import DiscoPrivate, NodePrivate, NodePublic
 from tailpy.magicsock.disco import Action, DiscoNode, PingResult, PingTimeout, SendDERP, SendUDP, SetPath
 from tailpy.magicsock.endpoints import LocalEndpoints
@@ -95,7 +96,7 @@ class ConnDevice(Protocol):
 
     def set_path(self, public_key: bytes, path: Path) -> None: ...
     def inject(self, public_key: bytes, datagram: bytes) -> None: ...
-    def send_datagram(self, data: bytes, endpoint: str) -> None: ...
+    def send_datagram(self, data: bytes, endpoint: str) -> None: ...  # endpoint: Endpoint's text
     def peers(self) -> Any: ...
     def set_peer(
         self,
@@ -110,26 +111,26 @@ class ConnDevice(Protocol):
     def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
 
 
-def _first(endpoints: list[str]) -> str | None:
+def _first(endpoints: list[Endpoint]) -> Endpoint | None:
     return endpoints[0] if endpoints else None
 
 
 @dataclass
 class Options:
-    """What :class:`Conn` is given once. ``local_endpoints()``: this host's "ip:port" endpoints at the
-    listen port (no loopback, no tailpy interface); ``lan_networks()``: its interfaces' subnets;
+    """What :class:`Conn` is given once. ``local_endpoints()``: this host's endpoints at the listen port
+    (no loopback, no tailpy interface); ``lan_networks()``: its interfaces' subnets;
     ``choose_endpoint(peer_endpoints)``: the endpoint to try first from a peer's netmap endpoints (same LAN
     first). Callbacks: ``on_endpoints(endpoints)`` when this node's endpoint list changed (tell control),
     ``on_home_changed(region_id)`` when the home DERP region moved, ``on_link_change()`` when a local
     address went away (reconnect to control)."""
 
     disco_private: DiscoPrivate
-    on_endpoints: Callable[[list[str]], None] | None = None
+    on_endpoints: Callable[[list[Endpoint]], None] | None = None
     on_home_changed: Callable[[int], None] | None = None
     on_link_change: Callable[[], None] | None = None
-    local_endpoints: Callable[[], list[str]] = list
+    local_endpoints: Callable[[], list[Endpoint]] = list
     lan_networks: Callable[[], Iterable[Network]] = tuple
-    choose_endpoint: Callable[[list[str]], str | None] = _first
+    choose_endpoint: Callable[[list[Endpoint]], Endpoint | None] = _first
     monitor_links: bool = True
     netcheck_interval: tuple[float, float] = NETCHECK_INTERVAL
     probe_interval: tuple[float, float] = PROBE_INTERVAL
@@ -169,7 +170,7 @@ class Conn:
         self.copied = 0  # relay datagrams also sent straight to a best-guess endpoint
         self.link_changes = 0
         self._peers: dict[NodePublic, Node] = {}  # the netmap's peers as applied to the data plane
-        self._guess: dict[NodePublic, str | None] = {}  # choose_endpoint of its netmap endpoints
+        self._guess: dict[NodePublic, Endpoint | None] = {}  # choose_endpoint of its netmap endpoints
         self._relayed: set[NodePublic] = set()  # disco says relay
         self._plain_path: dict[bytes, Path] = {}  # peers without disco: the path last set
         self._plain_relayed: set[bytes] = set()  # ... relayed for good (WireGuard came over DERP)
@@ -304,8 +305,8 @@ class Conn:
         return self.local.history.last
 
     @property
-    def endpoints(self) -> list[str]:
-        """This node's endpoints ("ip:port"): local addresses at the listen port, then STUN-mapped ones."""
+    def endpoints(self) -> list[Endpoint]:
+        """This node's endpoints: local addresses at the listen port, then STUN-mapped ones."""
         return self.local.endpoints
 
     # -- status ----------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ class Conn:
             nc = report.to_json()
             nc.pop("probes", None)
         traversal = {
-            "endpoints": list(self.endpoints),
+            "endpoints": [str(e) for e in self.endpoints],
             "disco": self.disco.counters.as_dict(),
             "send_errors": self.send_errors,
             "copied": self.copied,
@@ -434,7 +435,12 @@ class Conn:
         except DeviceError:
             return
         now = self.clock()
-        for payload, src in datagrams:
+        for payload, text in datagrams:
+            try:
+                src = Endpoint.parse(text)
+            except EndpointError:
+                self.ignored += 1
+                continue
             if disco_proto.looks_like_disco(payload):
                 self._act(self.disco.feed(payload, src, now))
             elif stun_proto.is_stun(payload):
@@ -462,7 +468,7 @@ class Conn:
             if to is None:
                 continue
             try:
-                self.device.send_datagram(datagram, to)
+                self.device.send_datagram(datagram, str(to))
                 self.copied += 1
             except (DeviceError, OSError):
                 self.send_errors += 1
@@ -516,22 +522,22 @@ class Conn:
             self._place_relay(a.node_key)
             return
         self._relayed.discard(a.node_key)
-        if self._go_direct(a.node_key, str(a.endpoint)):
+        if self._go_direct(a.node_key, a.endpoint):
             log.info("peer %s: direct %s", name, a.endpoint)
 
-    def _set_endpoint(self, node: Node, endpoint: str | None) -> bool:
+    def _set_endpoint(self, node: Node, endpoint: Endpoint | None) -> bool:
         """Point the data plane's endpoint for ``node`` at ``endpoint`` (None: leave it); False when the
         device does not have the peer."""
         if endpoint is None:
             return True
         try:
-            self.device.set_peer(node.node_key.raw, allowed_ips=list(node.addresses), endpoint=endpoint)
+            self.device.set_peer(node.node_key.raw, allowed_ips=list(node.addresses), endpoint=str(endpoint))
         except DeviceError as e:
             log.debug("peer %s: cannot set endpoint %s: %s", node.name, endpoint, e)
             return False
         return True
 
-    def _go_direct(self, key: NodePublic, endpoint: str) -> bool:
+    def _go_direct(self, key: NodePublic, endpoint: Endpoint) -> bool:
         node = self._peers.get(key)
         if node is None or not self._set_endpoint(node, endpoint):
             return False
@@ -545,16 +551,19 @@ class Conn:
             return False
         return True
 
-    def _best_guess(self, key: NodePublic) -> str | None:
+    def _best_guess(self, key: NodePublic) -> Endpoint | None:
         """The peer's best-guess direct endpoint: disco's best candidate, else the one ``choose_endpoint``
         picked from its netmap endpoints, else the data plane's."""
         paths = self.disco.peer_paths(key)
         if paths is not None and paths.best is not None:
-            return str(paths.best)
+            return paths.best
         if (guess := self._guess.get(key)) is not None:
             return guess
         ep = self._stats.get(key.raw, {}).get("endpoint")
-        return str(ep) if ep else None
+        try:
+            return Endpoint.parse(str(ep)) if ep else None
+        except EndpointError:
+            return None
 
     def _place_relay(self, key: NodePublic) -> None:
         """Relay through the peer's region; with no region to relay through, direct to its best guess
@@ -578,8 +587,8 @@ class Conn:
             via = f" via DERP region {region}" if path == "relay" else ""
             log.info("peer %s: path %s%s", node.name, path, via)
 
-    def _send_stun(self, datagram: bytes, dest: str) -> None:
-        self.device.send_datagram(datagram, dest)  # DeviceError: the runner counts a failed probe
+    def _send_stun(self, datagram: bytes, dest: Endpoint) -> None:
+        self.device.send_datagram(datagram, str(dest))  # DeviceError: the runner counts a failed probe
 
     # -- links ----------------------------------------------------------------------------------------
 

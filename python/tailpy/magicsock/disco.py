@@ -9,7 +9,7 @@ Design note: how the daemon drives it
     node = DiscoNode(disco_private, node_key, endpoints=my_endpoints, lan_networks=my_subnets)
     act(node.on_netmap(peers, now))          # peers: objects with .node_key, .disco_key, .endpoints
     # a disco datagram drained from the Rust device's UDP socket (Device.drain() -> (payload, "ip:port")):
-    act(node.feed(payload, "192.0.2.7:41641", now))
+    act(node.feed(payload, Endpoint.parse("192.0.2.7:41641"), now))
     # a disco datagram from DERP (src_node_key: the DERP frame's source; region: where it came through):
     act(node.feed(payload, ViaDERP(region), now, derp_src=src_node_key))
     node.note_activity(peer_node_key, now)   # WireGuard datagrams went to this peer (e.g. tx_packets moved)
@@ -92,16 +92,16 @@ class DiscoPeer(Protocol):
     @property
     def disco_key(self) -> DiscoPublic | None: ...
     @property
-    def endpoints(self) -> Iterable[str | Endpoint]: ...
+    def endpoints(self) -> Iterable[Endpoint]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class PeerInfo:
-    """A plain :class:`DiscoPeer`: node key, disco key, endpoints (``ip:port`` text or :class:`Endpoint`)."""
+    """A plain :class:`DiscoPeer`: node key, disco key, endpoints."""
 
     node_key: NodePublic
     disco_key: DiscoPublic | None
-    endpoints: tuple[str | Endpoint, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,19 +166,6 @@ class _Peer:
     paths: PeerPaths
 
 
-def _endpoints(items: Iterable[str | Endpoint]) -> list[Endpoint]:
-    out: list[Endpoint] = []
-    for e in items:
-        if isinstance(e, Endpoint):
-            out.append(e)
-            continue
-        try:
-            out.append(Endpoint.parse(e))
-        except disco.DiscoParseError:
-            continue  # a malformed endpoint in the netmap is skipped, as netconf.choose_endpoint does
-    return out
-
-
 class DiscoNode:
     """This node's disco: one path machine per peer, routed by the sender's disco key. See the module
     docstring for the calls and the actions. ``txid`` makes Ping txids (tests pass a counter)."""
@@ -188,13 +175,13 @@ class DiscoNode:
         private: DiscoPrivate,
         node_key: NodePublic,
         *,
-        endpoints: Iterable[str | Endpoint] = (),
+        endpoints: Iterable[Endpoint] = (),
         lan_networks: Iterable[IPv4Network | IPv6Network] = (),
         txid: Callable[[], bytes] = disco.new_txid,
     ) -> None:
         self.private = private
         self.public = private.public
-        self.local = LocalInfo(node_key, tuple(_endpoints(endpoints)), tuple(lan_networks))
+        self.local = LocalInfo(node_key, tuple(endpoints), tuple(lan_networks))
         self.counters = DiscoCounters()
         self._txid = txid
         self._peers: dict[NodePublic, _Peer] = {}
@@ -213,7 +200,7 @@ class DiscoNode:
             if p.disco_key is None or p.disco_key == self.public:
                 continue
             seen.add(p.node_key)
-            eps = _endpoints(p.endpoints)
+            eps = list(p.endpoints)
             peer = self._peers.get(p.node_key)
             if peer is not None and peer.disco_key != p.disco_key:
                 box = self._box(p.disco_key)
@@ -239,9 +226,9 @@ class DiscoNode:
         out.extend(self._collect())
         return out
 
-    def set_endpoints(self, endpoints: Iterable[str | Endpoint]) -> None:
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """This node's own endpoints (local addresses and STUN-discovered ones), sent in CallMeMaybe."""
-        self.local.endpoints = tuple(dict.fromkeys(_endpoints(endpoints)))
+        self.local.endpoints = tuple(dict.fromkeys(endpoints))
 
     def set_lan_networks(self, networks: Iterable[IPv4Network | IPv6Network]) -> None:
         """Subnets of this host's interfaces: a peer endpoint in one counts as LAN."""
@@ -254,21 +241,13 @@ class DiscoNode:
     # --- inputs ---------------------------------------------------------------------------------------------
 
     def feed(
-        self, datagram: bytes, src: Via | str, now: float, *, derp_src: NodePublic | None = None
+        self, datagram: bytes, src: Via, now: float, *, derp_src: NodePublic | None = None
     ) -> list[Action]:
-        """A disco datagram arrived: over UDP from ``src`` (``ip:port`` text or :class:`Endpoint`), or via
+        """A disco datagram arrived: over UDP from ``src`` (an :class:`Endpoint`), or via
         DERP (``src`` a :class:`ViaDERP` with the region; ``derp_src`` the DERP frame's source node key).
         Returns what to do now (Pong replies, pings, a path change). Bad datagrams are counted and dropped."""
         self.counters.received += 1
-        via: Via
-        if isinstance(src, str):
-            try:
-                via = Endpoint.parse(src)
-            except disco.DiscoParseError:
-                self.counters.malformed += 1
-                return []
-        else:
-            via = src
+        via = src
         try:
             sender = disco.sender(datagram)
         except disco.DiscoParseError:

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 
+from tailpy.endpoint import Endpoint
 from tailpy.errors import TailpyError
 from tailpy.magicsock.disco import DiscoNode
 from tailpy.magicsock.netcheck import Netcheck, Report, run, stun_targets
@@ -36,9 +37,9 @@ class LocalEndpoints:
         send: SendFn,
         disco: DiscoNode,
         *,
-        local_endpoints: Callable[[], list[str]],
+        local_endpoints: Callable[[], list[Endpoint]],
         lan_networks: Callable[[], Iterable[Network]],
-        on_change: Callable[[list[str]], None] | None,
+        on_change: Callable[[list[Endpoint]], None] | None,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
     ) -> None:
@@ -49,10 +50,10 @@ class LocalEndpoints:
         self.wall_clock = wall_clock
         self.stun = StunRunner(send, clock=clock)
         self.history = Netcheck()
-        self.endpoints: list[str] = []
+        self.endpoints: list[Endpoint] = []
         self._lock = asyncio.Lock()
 
-    def feed_stun(self, payload: bytes, src: str) -> bool:
+    def feed_stun(self, payload: bytes, src: Endpoint) -> bool:
         """A STUN datagram from the socket; False when it answered nothing in flight."""
         return self.stun.feed(payload, src)
 
@@ -89,11 +90,11 @@ class LocalEndpoints:
         self.disco.set_endpoints(eps)
         if eps != self.endpoints:
             self.endpoints = eps
-            log.info("endpoints: %s", ", ".join(eps) or "none")
+            log.info("endpoints: %s", ", ".join(map(str, eps)) or "none")
             if self.on_change is not None:
                 self.on_change(list(eps))
 
-    def _on_mapped(self, endpoint: str) -> None:
+    def _on_mapped(self, endpoint: Endpoint) -> None:
         """A STUN answer of a run in progress: a mapped endpoint not yet known goes out at once (peers behind
         NAT need it to go direct); the end of the run then sets the list (:meth:`refresh`)."""
         if endpoint in self.endpoints:
@@ -101,7 +102,7 @@ class LocalEndpoints:
         eps = [*self.endpoints, endpoint]
         self.disco.set_endpoints(eps)
         self.endpoints = eps
-        log.info("endpoints: %s (STUN)", ", ".join(eps))
+        log.info("endpoints: %s (STUN)", ", ".join(map(str, eps)))
         if self.on_change is not None:
             self.on_change(list(eps))
 

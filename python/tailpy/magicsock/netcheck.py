@@ -10,7 +10,7 @@ run's ``timeout``) to every STUN server of the DERP map (each node's ``STUNPort`
 * **mapping_varies_by_dest_ip** (IPv4): two or more distinct destinations (other IPs, or other ports of one
   IP) answered and saw different mapped addresses: an endpoint-dependent ("hard", symmetric) NAT. The same
   address from each: False. Fewer than two answers: this run cannot tell, and the previous verdict is kept
-  (field case C17: a flapping or missing answer must not flip it).
+  (a flapping or missing answer must not flip it).
 * **hairpinning**: a Binding request sent from the same socket to our own global IPv4 endpoint came back to
   us (the NAT loops traffic for its own public address back inside). Sent 3 times over about a second; no
   arrival = False. Unknown (previous verdict kept) when no global IPv4 endpoint was found.
@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.asyncutil import wait_event
-from tailpy.errors import ParseError
-from tailpy.magicsock.stun import BindingResult, StunRunner, format_endpoint, parse_endpoint
+from tailpy.endpoint import Endpoint, IPAddress
+from tailpy.errors import ConfigError, EndpointError, ParseError
+from tailpy.magicsock.stun import BindingResult, StunRunner
 from tailpy.netmap import DerpMap
 from tailpy.proto import stun
 
@@ -73,12 +74,12 @@ class StunTarget:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What one probe got: ``endpoint`` probed ("ip:port"), ``mapped`` reflexive (ip, port) or None,
-    ``rtt`` seconds or None, ``error`` text when it failed."""
+    """What one probe got: ``endpoint`` probed (None: the target's host did not resolve), ``mapped`` the
+    reflexive endpoint or None, ``rtt`` seconds or None, ``error`` text when it failed."""
 
     target: StunTarget
-    endpoint: str
-    mapped: stun.Address | None = None
+    endpoint: Endpoint | None
+    mapped: Endpoint | None = None
     rtt: float | None = None
     error: str | None = None
 
@@ -93,15 +94,15 @@ class Report:
     latencies seconds. ``mapping_varies_fresh`` / ``hairpinning_fresh``: False when the verdict was
     carried over from an earlier run because this one could not tell; ``global_v4_fresh`` /
     ``global_v6_fresh`` likewise False when that endpoint was carried over (no server of the family answered
-    this run, C17), True when this run found it or there is none."""
+    this run), True when this run found it or there is none."""
 
     time: float
     udp: bool
     ipv4: bool
     ipv6: bool
     os_has_ipv6: bool
-    global_v4: str | None
-    global_v6: str | None
+    global_v4: Endpoint | None
+    global_v6: Endpoint | None
     mapping_varies_by_dest_ip: bool | None
     mapping_varies_fresh: bool
     hairpinning: bool | None
@@ -114,8 +115,8 @@ class Report:
     region_v6_latency: dict[int, float] = field(default_factory=dict)
     probes: tuple[ProbeResult, ...] = ()
 
-    def endpoints(self) -> list[str]:
-        """The global endpoints found ("ip:port"), IPv4 first."""
+    def endpoints(self) -> list[Endpoint]:
+        """The global endpoints found, IPv4 first."""
         return [e for e in (self.global_v4, self.global_v6) if e]
 
     def to_json(self) -> dict[str, Any]:
@@ -126,8 +127,8 @@ class Report:
             "ipv4": self.ipv4,
             "ipv6": self.ipv6,
             "os_has_ipv6": self.os_has_ipv6,
-            "global_v4": self.global_v4,
-            "global_v6": self.global_v6,
+            "global_v4": None if self.global_v4 is None else str(self.global_v4),
+            "global_v6": None if self.global_v6 is None else str(self.global_v6),
             "global_v4_fresh": self.global_v4_fresh,
             "global_v6_fresh": self.global_v6_fresh,
             "mapping_varies_by_dest_ip": self.mapping_varies_by_dest_ip,
@@ -142,8 +143,8 @@ class Report:
                 {
                     "region_id": p.target.region_id,
                     "node": p.target.node,
-                    "endpoint": p.endpoint,
-                    "mapped": None if p.mapped is None else format_endpoint(*p.mapped),
+                    "endpoint": f"{p.target.host}:{p.target.port}" if p.endpoint is None else str(p.endpoint),
+                    "mapped": None if p.mapped is None else str(p.mapped),
                     "rtt": p.rtt,
                     "error": p.error,
                 }
@@ -162,8 +163,8 @@ class Report:
                 ipv4=bool(obj["ipv4"]),
                 ipv6=bool(obj["ipv6"]),
                 os_has_ipv6=bool(obj["os_has_ipv6"]),
-                global_v4=None if obj.get("global_v4") is None else str(obj["global_v4"]),
-                global_v6=None if obj.get("global_v6") is None else str(obj["global_v6"]),
+                global_v4=None if obj.get("global_v4") is None else Endpoint.parse(obj["global_v4"]),
+                global_v6=None if obj.get("global_v6") is None else Endpoint.parse(obj["global_v6"]),
                 global_v4_fresh=bool(obj.get("global_v4_fresh", True)),
                 global_v6_fresh=bool(obj.get("global_v6_fresh", True)),
                 mapping_varies_by_dest_ip=_opt_bool(obj.get("mapping_varies_by_dest_ip")),
@@ -186,7 +187,8 @@ def _opt_bool(v: object) -> bool | None:
 def stun_targets(derp_map: DerpMap | None, extra: Sequence[str] = ()) -> list[StunTarget]:
     """Every STUN server to probe: each DERP node with STUN (``stun_port`` != -1; 0 means 3478) on its
     IPv4 and IPv6 addresses (``host_name`` when it has none: an IP literal goes to its family, a name to
-    both), then ``extra`` endpoints ("ip:port", region 0). Raises ConfigError for a malformed extra."""
+    both), then ``extra`` endpoints ("ip:port" / "[ipv6]:port", region 0). Raises ConfigError for a
+    malformed extra or one with port 0."""
     out: list[StunTarget] = []
     if derp_map is not None:
         for rid in sorted(derp_map.regions):
@@ -207,21 +209,26 @@ def stun_targets(derp_map: DerpMap | None, extra: Sequence[str] = ()) -> list[St
                 if v6:
                     out.append(StunTarget(rid, node.name, v6, port, 6))
     for e in extra:
-        ip, port = parse_endpoint(e)
-        out.append(StunTarget(0, format_endpoint(ip, port), ip, port, 6 if ":" in ip else 4))
+        try:
+            ep = Endpoint.parse(e.strip())
+        except EndpointError as err:
+            raise ConfigError(f"STUN server {err}") from None
+        if ep.port == 0:
+            raise ConfigError(f"STUN server endpoint {e!r} has port 0: expected a port of 1-65535")
+        out.append(StunTarget(0, str(ep), str(ep.ip), ep.port, ep.version))
     return out
 
 
 class Netcheck:
     """netcheck's history: turns each run's probe results into a :class:`Report`, keeping earlier verdicts
-    where a run cannot tell (C17). ``keep_endpoint_for``: seconds (:data:`KEEP_ENDPOINT_FOR`)."""
+    where a run cannot tell. ``keep_endpoint_for``: seconds (:data:`KEEP_ENDPOINT_FOR`)."""
 
     def __init__(self, *, keep_endpoint_for: float = KEEP_ENDPOINT_FOR) -> None:
         self.keep_endpoint_for = keep_endpoint_for
         self.last: Report | None = None
         self.endpoints_changed = False
         """Whether the last :meth:`report` changed the global endpoints (what the daemon tells control)."""
-        self._seen: dict[int, tuple[str, float]] = {}  # family -> (endpoint, unix time last seen)
+        self._seen: dict[int, tuple[Endpoint, float]] = {}  # family -> (endpoint, unix time last seen)
 
     def report(
         self,
@@ -237,16 +244,15 @@ class Netcheck:
         ok = [p for p in probes if p.ok]
         by_family = {f: [p for p in ok if p.target.family == f] for f in (4, 6)}
 
-        globals_: dict[int, str | None] = {}
+        globals_: dict[int, Endpoint | None] = {}
         fresh: dict[int, bool] = {}
         for f in (4, 6):
             answered = by_family[f]
             if answered:
                 fastest = min(answered, key=lambda p: p.rtt if p.rtt is not None else float("inf"))
                 assert fastest.mapped is not None
-                endpoint = format_endpoint(*fastest.mapped)
-                self._seen[f] = (endpoint, now)
-                globals_[f] = endpoint
+                self._seen[f] = (fastest.mapped, now)
+                globals_[f] = fastest.mapped
             else:
                 kept = self._seen.get(f)
                 globals_[f] = kept[0] if kept and now - kept[1] <= self.keep_endpoint_for else None
@@ -321,14 +327,14 @@ def os_has_ipv6() -> bool:
     return True
 
 
-async def _resolve(target: StunTarget) -> str | None:
+async def _resolve(target: StunTarget) -> IPAddress | None:
     """The target's IP for its family (a name resolved with getaddrinfo), or None."""
     try:
         ip = ipaddress.ip_address(target.host)
     except ValueError:
         pass
     else:
-        return str(ip) if ip.version == target.family else None
+        return ip if ip.version == target.family else None
     family = socket.AF_INET if target.family == 4 else socket.AF_INET6
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
@@ -336,7 +342,11 @@ async def _resolve(target: StunTarget) -> str | None:
         )
     except (OSError, UnicodeError):
         return None
-    return str(infos[0][4][0]) if infos else None
+    if not infos:
+        return None
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(str(infos[0][4][0]))
+    return None
 
 
 async def run(
@@ -347,20 +357,20 @@ async def run(
     timeout: float = 5.0,
     hairpin: bool = True,
     clock: Callable[[], float] = time.time,
-    on_mapped: Callable[[str], None] | None = None,
+    on_mapped: Callable[[Endpoint], None] | None = None,
 ) -> Report:
     """One netcheck run: probe every target at once over ``runner`` (each probe retransmitted per RFC
     8489 and given up after ``timeout`` seconds), check hairpinning as soon as a global IPv4 endpoint is
     known (unless ``hairpin`` is False), and return ``history``'s report. Never raises for network
-    trouble (it shows as failed probes). ``on_mapped("ip:port")`` is called with each probe's mapped
+    trouble (it shows as failed probes). ``on_mapped(endpoint)`` is called with each probe's mapped
     address as it arrives, before the run ends (the hairpin check alone takes about a second), so a caller
     can publish a new endpoint at once."""
 
     async def probe(t: StunTarget) -> ProbeResult:
         ip = await _resolve(t)
         if ip is None:
-            return ProbeResult(t, f"{t.host}:{t.port}", error=f"cannot resolve {t.host} (IPv{t.family})")
-        endpoint = format_endpoint(ip, t.port)
+            return ProbeResult(t, None, error=f"cannot resolve {t.host} (IPv{t.family})")
+        endpoint = Endpoint(ip, t.port)
         r: BindingResult = await runner.binding(endpoint, total=timeout)
         return ProbeResult(t, endpoint, r.mapped if r.ok else None, r.rtt if r.ok else None, r.error)
 
@@ -372,9 +382,9 @@ async def run(
             res = await next_done
             results.append(res)
             if on_mapped is not None and res.ok and res.mapped:
-                on_mapped(format_endpoint(*res.mapped))
+                on_mapped(res.mapped)
             if hairpin and hairpin_task is None and res.ok and res.target.family == 4 and res.mapped:
-                hairpin_task = asyncio.ensure_future(check_hairpin(runner, format_endpoint(*res.mapped)))
+                hairpin_task = asyncio.ensure_future(check_hairpin(runner, res.mapped))
         hairpin_ok = await hairpin_task if hairpin_task is not None else None
     finally:
         for t in tasks:
@@ -386,14 +396,14 @@ async def run(
     return history.report(results, now=clock(), hairpin=hairpin_ok, os_has_ipv6=os_has_ipv6())
 
 
-async def check_hairpin(runner: StunRunner, own_endpoint: str) -> bool:
+async def check_hairpin(runner: StunRunner, own_endpoint: Endpoint) -> bool:
     """Send a Binding request from the runner's socket to ``own_endpoint`` (our global IPv4 endpoint) up to
     :data:`HAIRPIN_SENDS` times; True as soon as it arrives back (the runner's ``on_request`` sees it)."""
     txid, request = stun.binding_request()
     arrived = asyncio.Event()
     previous = runner.on_request
 
-    def on_request(msg: stun.Message, source: str) -> None:
+    def on_request(msg: stun.Message, source: Endpoint) -> None:
         if msg.txid == txid:
             arrived.set()
         elif previous is not None:

@@ -8,21 +8,20 @@ Three layers:
   all, then Rm × RTO = 8 s more for an answer, so a lost server is given up after 39.5 s. ``total`` (seconds)
   caps that for callers in a hurry, netcheck among them (sends stop at the cap, and the transaction fails
   there). A response is matched by its 12-byte txid alone (RFC 8489 §6.3.3), whatever its source address.
-* :class:`StunRunner` (asyncio): runs transactions over a ``send(datagram, "ip:port")`` callable and is fed
+* :class:`StunRunner` (asyncio): runs transactions over a ``send(datagram, endpoint)`` callable and is fed
   every received STUN datagram through :meth:`StunRunner.feed`. In tailpyd, ``send`` is
   ``Device.send_datagram`` and ``feed`` gets the STUN datagrams of ``Device.drain()``, so requests leave from
   the data plane's own UDP socket and the mapped address found is the one WireGuard and disco use.
 * :class:`StandaloneStun`: its own UDP socket (dual-stack) feeding a runner, for `tailpy netcheck` when no
   daemon runs, and for tests.
 
-Endpoints are text, "ip:port" or "[ipv6]:port", as the data plane takes them.
+Endpoints are :class:`tailpy.endpoint.Endpoint`; the data plane takes their text form.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import time
@@ -31,7 +30,8 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
-from tailpy.errors import ConfigError, ParseError, TailpyError
+from tailpy.endpoint import Endpoint
+from tailpy.errors import ConfigError, EndpointError, ParseError, TailpyError
 from tailpy.proto import stun
 
 log = logging.getLogger("tailpy.stun")
@@ -48,50 +48,20 @@ only Binding requests whose SOFTWARE is exactly "tailnode" and that end with FIN
 both: nodes can then use Tailscale's relays' STUN as well as tailpy's (which answers anyone)."""
 
 
-def format_endpoint(ip: str, port: int) -> str:
-    """ "ip:port", or "[ipv6]:port"; an IPv4-mapped IPv6 address is written as IPv4."""
-    with contextlib.suppress(ValueError):
-        addr = ipaddress.ip_address(ip.split("%")[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        ip = str(addr)
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """ "ip:port" / "[ipv6]:port" -> (ip text, port). Raises ConfigError (one sentence)."""
-    t = text.strip()
-    if t.startswith("["):
-        host, sep, port = t[1:].partition("]:")
-    else:
-        host, sep, port = t.rpartition(":")
-        if ":" in host:
-            sep = ""
-    try:
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(
-            f"{text!r} is not an IP:PORT endpoint (like 192.0.2.1:3478 or [2001:db8::1]:3478)"
-        ) from None
-    return str(ip), int(port)
-
-
 @dataclass(frozen=True)
 class BindingResult:
     """How one Binding transaction ended.
 
-    ``ok``: a success response came; ``mapped``: its reflexive (ip, port) (XOR-MAPPED-ADDRESS, else
+    ``ok``: a success response came; ``mapped``: its reflexive endpoint (XOR-MAPPED-ADDRESS, else
     MAPPED-ADDRESS); ``rtt``: seconds from the latest send to the answer (an answer to an earlier send of a
     retransmitted request makes it an underestimate: Karn's ambiguity); ``error``: why it failed ("timeout",
     "STUN error 420 Unknown Attribute", "unknown comprehension-required attribute 0x0005", a send error);
     ``attempts``: requests sent."""
 
     txid: bytes
-    dest: str
+    dest: Endpoint
     ok: bool
-    mapped: stun.Address | None = None
+    mapped: Endpoint | None = None
     rtt: float | None = None
     error: str | None = None
     attempts: int = 0
@@ -103,7 +73,7 @@ class Transaction:
     """One Binding request in flight (sans-IO). Times are seconds on the caller's clock."""
 
     txid: bytes
-    dest: str
+    dest: Endpoint
     request: bytes
     started: float
     rto: float = RTO
@@ -161,14 +131,14 @@ class Transactions:
 
     def start(
         self,
-        dest: str,
+        dest: Endpoint,
         now: float,
         *,
         txid: bytes | None = None,
         total: float | None = None,
         rto: float | None = None,
     ) -> Transaction:
-        """A new Binding request to ``dest`` ("ip:port"), with FINGERPRINT; sent by :meth:`due`.
+        """A new Binding request to ``dest``, with FINGERPRINT; sent by :meth:`due`.
         ``total``: give up after that many seconds instead of RFC 8489's 39.5 s."""
         txid, request = stun.binding_request(txid, software=self.software)
         tx = Transaction(
@@ -193,8 +163,8 @@ class Transactions:
     def pending(self) -> int:
         return len(self._txs)
 
-    def due(self, now: float) -> list[tuple[bytes, str]]:
-        """Requests to send now: (datagram, "ip:port")."""
+    def due(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        """Requests to send now: (datagram, destination)."""
         out = []
         for tx in self._txs.values():
             d = tx.due(now)
@@ -213,12 +183,12 @@ class Transactions:
         """The earliest time :meth:`due` or :meth:`expire` has something to do, or None when idle."""
         return min((tx.next_wakeup() for tx in self._txs.values()), default=None)
 
-    def receive(self, data: bytes, source: str, now: float) -> BindingResult | None:
+    def receive(self, data: bytes, source: Endpoint, now: float) -> BindingResult | None:
         """A datagram from ``source``: the result of the transaction it answers (removed), or None when it
         answers none (not STUN, a request, a txid not in flight, a bad FINGERPRINT). Never raises.
 
         A success response with an unknown comprehension-required attribute fails the transaction
-        (RFC 8489 §6.3.3, C04); so does an error response."""
+        (RFC 8489 §6.3.3); so does an error response."""
         try:
             msg = stun.parse(data)
         except ParseError:
@@ -241,15 +211,19 @@ class Transactions:
         mapped = msg.mapped_address
         if mapped is None:
             return replace(base, error="success response without a mapped address")
-        return replace(base, ok=True, mapped=mapped)
+        try:
+            endpoint = Endpoint.from_sockaddr(mapped)
+        except EndpointError:
+            return replace(base, error=f"mapped address {mapped!r} is not an endpoint")
+        return replace(base, ok=True, mapped=endpoint)
 
 
-SendFn = Callable[[bytes, str], None]
-RequestHook = Callable[[stun.Message, str], None]
+SendFn = Callable[[bytes, Endpoint], None]
+RequestHook = Callable[[stun.Message, Endpoint], None]
 
 
 class StunRunner:
-    """Runs Binding transactions (asyncio) over ``send(datagram, "ip:port")``; feed it every STUN datagram
+    """Runs Binding transactions (asyncio) over ``send(datagram, endpoint)``; feed it every STUN datagram
     received on the same socket with :meth:`feed`.
 
     ``clock``: seconds, monotonic. ``on_request``: called with Binding requests that arrive (a hairpin probe
@@ -275,9 +249,14 @@ class StunRunner:
         """Datagrams fed that answered no transaction in flight (late duplicates, strays, garbage)."""
 
     async def binding(
-        self, dest: str, *, total: float | None = None, rto: float | None = None, txid: bytes | None = None
+        self,
+        dest: Endpoint,
+        *,
+        total: float | None = None,
+        rto: float | None = None,
+        txid: bytes | None = None,
     ) -> BindingResult:
-        """Send a Binding request to ``dest`` ("ip:port"), retransmitting per RFC 8489 until it is
+        """Send a Binding request to ``dest``, retransmitting per RFC 8489 until it is
         answered or fails (``total`` seconds at most, if given). Never raises for network trouble: a send
         error or timeout is a failed result."""
         loop = asyncio.get_running_loop()
@@ -306,8 +285,8 @@ class StunRunner:
             self._waiters.pop(tx.txid, None)
             self.transactions.cancel(tx.txid)
 
-    def feed(self, data: bytes, source: str) -> bool:
-        """A received datagram (STUN or not) from ``source`` ("ip:port"). True when it answered a
+    def feed(self, data: bytes, source: Endpoint) -> bool:
+        """A received datagram (STUN or not) from ``source``. True when it answered a
         transaction in flight or was a Binding request handed to ``on_request``."""
         result = self.transactions.receive(data, source, self.clock())
         if result is not None:
@@ -332,7 +311,11 @@ class _Proto(asyncio.DatagramProtocol):
         self.owner = owner
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.owner.runner.feed(data, format_endpoint(str(addr[0]), int(addr[1])))
+        try:
+            source = Endpoint.from_sockaddr(addr)
+        except EndpointError:
+            return
+        self.owner.runner.feed(data, source)
 
     def error_received(self, exc: Exception) -> None:  # ICMP unreachable for an earlier send
         log.debug("STUN client socket: %s", exc)
@@ -407,18 +390,15 @@ class StandaloneStun:
     ) -> None:
         await self.close()
 
-    def _send(self, datagram: bytes, dest: str) -> None:
+    def _send(self, datagram: bytes, dest: Endpoint) -> None:
         if self._sock is None:
             raise ConfigError("the STUN socket is closed")
-        ip, port = parse_endpoint(dest)
-        if self._sock.family == socket.AF_INET6 and ":" not in ip:
-            ip = "::ffff:" + ip
-        elif self._sock.family == socket.AF_INET and ":" in ip:
+        if self._sock.family == socket.AF_INET and dest.version == 6:
             raise OSError(97, "no IPv6 on this socket")
         with contextlib.suppress(
             BlockingIOError
         ):  # a full send buffer loses the datagram, as the network may
-            self._sock.sendto(datagram, (ip, port))
+            self._sock.sendto(datagram, dest.sockaddr(family=self._sock.family))
 
 
 __all__ = [
@@ -431,6 +411,4 @@ __all__ = [
     "StunRunner",
     "Transaction",
     "Transactions",
-    "format_endpoint",
-    "parse_endpoint",
 ]

@@ -31,7 +31,8 @@ API
 * :func:`seal` / :func:`open_datagram` build and open whole datagrams with a node's
   :class:`~tailpy.keys.DiscoPrivate`; :func:`box_for` + :func:`seal_with` / :func:`open_with` do the same with
   a precomputed :class:`nacl.public.Box` (the X25519 agreement done once per peer, as magicsock keeps it).
-* :class:`Endpoint` is an ``(ip, port)`` named tuple with tailpy's text form (``ip:port``, ``[ipv6]:port``).
+* Endpoints are :class:`tailpy.endpoint.Endpoint` (re-exported here), whose 18-byte form
+  (:meth:`~tailpy.endpoint.Endpoint.disco_bytes`) is the one of Pong and CallMeMaybe.
 
 Every malformed input raises :class:`DiscoParseError` (a :class:`tailpy.errors.ParseError`), or one of its
 subclasses :class:`DecryptError` and :class:`UnknownMessageError`, and nothing else. No I/O, no clock.
@@ -40,16 +41,15 @@ subclasses :class:`DecryptError` and :class:`UnknownMessageError`, and nothing e
 from __future__ import annotations
 
 import enum
-import ipaddress
 import os
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
-from typing import Final, NamedTuple, TypeAlias
+from typing import Final, TypeAlias
 
 import nacl.exceptions
 import nacl.public
 import nacl.utils
 
+from tailpy.endpoint import DISCO_LEN, Endpoint, IPAddress
 from tailpy.errors import ParseError
 from tailpy.keys import KEY_LEN, DiscoPrivate, DiscoPublic, NodePublic
 
@@ -71,7 +71,7 @@ MESSAGE_HEADER_LEN: Final = 2
 TXID_LEN: Final = 12
 """Ping/Pong transaction id, bytes."""
 
-ENDPOINT_LEN: Final = 18
+ENDPOINT_LEN: Final = DISCO_LEN
 """An endpoint on the wire: 16-byte IPv6 (IPv4-mapped for IPv4) + big-endian u16 port."""
 
 PING_LEN: Final = TXID_LEN + KEY_LEN
@@ -91,8 +91,6 @@ MAX_PADDING: Final = 65_535
 
 VERSION: Final = 0
 """The only message version there is (disco.go ``v0``)."""
-
-IPAddress: TypeAlias = IPv4Address | IPv6Address
 
 
 class DiscoParseError(ParseError):
@@ -117,55 +115,6 @@ class MessageType(enum.IntEnum):
     PING = 0x01
     PONG = 0x02
     CALL_ME_MAYBE = 0x03
-
-
-class Endpoint(NamedTuple):
-    """A UDP endpoint: IP address and port (0-65535). ``str()`` gives ``ip:port`` / ``[ipv6]:port``, the form
-    the data plane (:meth:`tailpy._native.Device.send_datagram`) and the netmap use."""
-
-    ip: IPAddress
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.ip}:{self.port}" if self.ip.version == 4 else f"[{self.ip}]:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        """``ip:port`` or ``[ipv6]:port`` (IPv4-mapped IPv6 becomes IPv4). Raises DiscoParseError."""
-        host, sep, port = text.rpartition(":")
-        try:
-            if not sep or (":" in host and not (host.startswith("[") and host.endswith("]"))):
-                raise ValueError
-            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-            p = int(port, 10)
-            if not (port.isascii() and port.isdigit()) or not 0 <= p <= 0xFFFF:
-                raise ValueError
-        except ValueError:
-            raise DiscoParseError(
-                f"malformed endpoint {text[:64]!r}: expected ip:port or [ipv6]:port"
-            ) from None
-        return cls.of(ip, p)
-
-    @classmethod
-    def of(cls, ip: IPAddress, port: int) -> Endpoint:
-        """The endpoint with an IPv4-mapped IPv6 address turned into IPv4 (so one host has one form)."""
-        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-            return cls(ip.ipv4_mapped, port)
-        return cls(ip, port)
-
-    def packed(self) -> bytes:
-        """The 18 wire bytes. ValueError for a port out of range."""
-        if not 0 <= self.port <= 0xFFFF:
-            raise ValueError(f"port must be 0-65535, got {self.port}")
-        ip16 = self.ip.packed if self.ip.version == 6 else b"\x00" * 10 + b"\xff\xff" + self.ip.packed
-        return ip16 + self.port.to_bytes(2, "big")
-
-    @classmethod
-    def unpack(cls, b: bytes) -> Endpoint:
-        """From 18 wire bytes (longer input: the first 18). Raises DiscoParseError if shorter."""
-        if len(b) < ENDPOINT_LEN:
-            raise DiscoParseError(f"disco endpoint needs {ENDPOINT_LEN} bytes, got {len(b)}")
-        return cls.of(IPv6Address(bytes(b[:16])), int.from_bytes(b[16:18], "big"))
 
 
 # --- messages -----------------------------------------------------------------------------------------------
@@ -224,9 +173,9 @@ def encode(msg: Message) -> bytes:
             key = node_key.raw if node_key is not None else b""
             return bytes([MessageType.PING, VERSION]) + _txid(txid) + key + bytes(padding)
         case Pong(txid, src):
-            return bytes([MessageType.PONG, VERSION]) + _txid(txid) + src.packed()
+            return bytes([MessageType.PONG, VERSION]) + _txid(txid) + src.disco_bytes()
         case CallMeMaybe(endpoints):
-            return bytes([MessageType.CALL_ME_MAYBE, VERSION]) + b"".join(e.packed() for e in endpoints)
+            return bytes([MessageType.CALL_ME_MAYBE, VERSION]) + b"".join(e.disco_bytes() for e in endpoints)
     raise TypeError(f"not a disco message: {type(msg).__name__}")  # pragma: no cover
 
 
@@ -248,12 +197,14 @@ def parse(plain: bytes) -> Message:
     if t == MessageType.PONG:
         if len(body) < PONG_LEN:
             raise DiscoParseError(f"disco Pong too short: {len(body)} bytes, need {PONG_LEN}")
-        return Pong(body[:TXID_LEN], Endpoint.unpack(body[TXID_LEN:PONG_LEN]))
+        return Pong(body[:TXID_LEN], Endpoint.from_disco(body[TXID_LEN:PONG_LEN]))
     if t == MessageType.CALL_ME_MAYBE:
         if ver != VERSION or len(body) % ENDPOINT_LEN:
             return CallMeMaybe(())
         n = len(body) // ENDPOINT_LEN
-        return CallMeMaybe(tuple(Endpoint.unpack(body[i * ENDPOINT_LEN :]) for i in range(n)))
+        return CallMeMaybe(
+            tuple(Endpoint.from_disco(body[i * ENDPOINT_LEN : (i + 1) * ENDPOINT_LEN]) for i in range(n))
+        )
     raise UnknownMessageError(t)
 
 

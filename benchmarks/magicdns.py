@@ -12,7 +12,11 @@ Each target is measured twice: saturated (dnsperf's default 100 queries outstand
 giving queries per second and the latency under that load, and at a light fixed rate (``--light-qps``),
 giving the latency of an idle resolver. Percentiles come from dnsperf's per-query report (``-v``).
 
-    .venv/bin/python benchmarks/dns.py [--seconds 10] [--light-qps 200] [--json]
+    .venv/bin/python benchmarks/magicdns.py [--seconds 10] [--light-qps 200] [--json] [--smoke]
+
+``--smoke`` runs each target for about a second (a check that the benchmark still works, in seconds; its
+figures mean nothing). Exits 1 when a target answered no query at all, and 77 (the "skipped" status of
+automake's test harness) with the reason on stderr when dnsperf, dig or dnsmasq is missing.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from tailpy.lab import Lab
+from tailpy.lab import unavailable_reason as lab_reason
 from tailpy.lab.dns import Dnsmasq, dnsmasq_reason
 from tailpy.lab.tailnet import LabNode, LabTailnet
 
 UPSTREAM = "192.0.2.53"
 FORWARDED_NAMES = 50
+SKIPPED = 77  # exit status: the benchmark could not run here (automake's convention for a skipped test)
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -68,14 +74,20 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per saturated run")
     ap.add_argument("--light-qps", type=int, default=200, help="query rate of the light runs")
     ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--smoke", action="store_true", help="about a second per target: check it still runs")
     opts = ap.parse_args()
+    if opts.smoke:
+        opts.seconds, opts.light_qps = 1.0, 50
     for tool in ("dnsperf", "dig"):
         if shutil.which(tool) is None:
-            print(f"skipped: {tool} not found (Debian: dnsperf, bind9-dnsutils)")
-            return 0
+            print(f"magicdns: skipped: {tool} not found (Debian: dnsperf, bind9-dnsutils)", file=sys.stderr)
+            return SKIPPED
     if dnsmasq_reason():
-        print(f"skipped: {dnsmasq_reason()}")
-        return 0
+        print(f"magicdns: skipped: {dnsmasq_reason()}", file=sys.stderr)
+        return SKIPPED
+    if lab_reason():
+        print(f"magicdns: skipped: no lab on this machine: {lab_reason()}", file=sys.stderr)
+        return SKIPPED
     rows: dict[str, dict[str, Any]] = {}
     with Lab() as lab:
         lab.install_signal_handlers()
@@ -104,12 +116,22 @@ def main() -> int:
         ):
             rows[label] = {
                 "saturated": dnsperf(a, server, queries, opts.seconds, None),
-                "light": dnsperf(a, server, queries, max(2.0, opts.seconds / 2), opts.light_qps),
+                "light": dnsperf(
+                    a,
+                    server,
+                    queries,
+                    opts.seconds if opts.smoke else max(2.0, opts.seconds / 2),
+                    opts.light_qps,
+                ),
             }
             print(f"{label}: done", file=sys.stderr)
+    silent = [label for label, r in rows.items() if not r["saturated"]["completed"] + r["light"]["completed"]]
+    if silent:
+        print(f"magicdns: no query answered by: {', '.join(silent)}", file=sys.stderr)
+    status = 1 if silent else 0
     if opts.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return status
     print(
         f"| target | qps (saturated) | p50 / p99 ms saturated | p50 / p99 ms at {opts.light_qps} qps | lost |"
     )
@@ -124,7 +146,7 @@ def main() -> int:
     if base:
         for label in ("tailnet", "forwarded"):
             print(f"{label} / dnsmasq qps: {rows[label]['saturated']['qps'] / base:.2f}x")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from typing import Any
 
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import TailpyError
+from tailpy.ipnstate import Status
 from tailpy.lab import Lab, stop_process, wait_for
 from tailpy.lab.matrix import CELLS, Cell
 from tailpy.lab.netns import unavailable_reason
@@ -81,8 +82,8 @@ class Row:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _status(node: LabNode) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
+def _status(node: LabNode) -> Status:
+    async def get() -> Status:
         return await LocalClient(node.socket).status()
 
     return asyncio.run(get())
@@ -93,7 +94,7 @@ def _sees(node: LabNode, other: str) -> bool:
         st = _status(node)
     except TailpyError:
         return False
-    return any(p["hostname"] == other and p["addresses"] for p in st["peers"])
+    return any(p.hostname == other and p.addresses for p in st.peers)
 
 
 def _up(node: LabNode, key: str) -> subprocess.Popen[str]:
@@ -128,7 +129,7 @@ def one_run(net: LabTailnet, key: str, cell: Cell, index: int) -> Run:
         for t in reapers:
             t.start()
         wait_for(lambda: _sees(a, b.name), timeout=60, what=f"{a.name} to see {b.name}", interval=0.02)
-        b_ip = next(p for p in _status(a)["peers"] if p["hostname"] == b.name)["addresses"][0]
+        b_ip = next(p for p in _status(a).peers if p.hostname == b.name).addresses[0]
         b_ip = b_ip.split("/")[0]
         argv = tailpy_argv(
             "ping", "--until-direct", "-c", str(PING_COUNT), "--timeout", "5", b_ip, "--socket", a.socket

@@ -194,9 +194,8 @@ def test_approval_in_the_lab(lab: Lab) -> None:
 
 def test_token_expiry_pending_login_and_messages(lab: Lab) -> None:
     """With --oidc-expiry-from-token and 40 s ID tokens: a plain `tailpy up` after Ctrl-C continues the
-    pending login (M4); node key rotation keeps the token's expiry and tailpyd rotates once, not in a loop
-    (S5); at expiry the node needs login and `tailpy login` renews it; a deleted node is told to run
-    `tailpy login` (M5)."""
+    pending login; node key rotation keeps the token's expiry and tailpyd rotates once, not in a loop; at
+    expiry the node needs login and `tailpy login` renews it; a deleted node is told to run `tailpy login`."""
     net = oidc_tailnet(lab, "--oidc-expiry-from-token", token_lifetime=40)
     n1 = net.add_node("n1")
     first = Up(n1)

@@ -117,6 +117,7 @@ async def test_no_until_direct_counts_every_pong_and_json(
     assert code == 0, err
     doc = json.loads(out)
     assert doc["direct"] is True and len(doc["pongs"]) == 2 and doc["peer"] == PEER
+    assert doc["pongs"] == [direct(), direct()]  # each pong as tailpyd answered it
     assert len(asked) == 2
 
 

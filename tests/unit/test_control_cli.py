@@ -19,9 +19,9 @@ import nacl.public
 import pytest
 from click.testing import CliRunner
 
-from tailpy.cli.control import _parse_listen, parse_duration
 from tailpy.cli.main import cli
 from tailpy.control import Store
+from tailpy.control.options import parse_duration, parse_listen
 from tailpy.errors import ConfigError
 from tailpy.keys import MachinePublic, NodePublic
 
@@ -205,14 +205,14 @@ def test_parse_duration_refuses(text: str, sentence: str) -> None:
         ("localhost:80", ("localhost", 80)),
     ],
 )
-def test_parse_listen(text: str, parsed: tuple[str | None, int]) -> None:
-    assert _parse_listen(text) == parsed
+def testparse_listen(text: str, parsed: tuple[str | None, int]) -> None:
+    assert parse_listen(text) == parsed
 
 
 @pytest.mark.parametrize("text", ["8080", "[::1]", "[]:80", "[::1]8080", "::1:80", "host:", "h:65536", "h:x"])
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(ConfigError, match="--listen"):
-        _parse_listen(text)
+        parse_listen(text)
 
 
 @pytest.mark.parametrize(

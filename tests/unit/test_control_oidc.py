@@ -29,13 +29,14 @@ from joserfc.jwk import KeySet, RSAKey
 from rich.console import Console
 
 from _oidc_provider import Provider, User
-from tailpy.cli.control import _when, oidc_config
+from tailpy.cli.control.common import when
 from tailpy.cli.login import show_qr
 from tailpy.cli.main import cli
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control import identity as ident
 from tailpy.control.oidc import IdTokenError, OIDCConfig
 from tailpy.control.oidc import Provider as OIDCProvider
+from tailpy.control.options import oidc_config
 from tailpy.errors import AuthKeyError
 from tailpy.keys import MachinePrivate, NodePrivate, NodePublic
 from tailpy.proto import control as proto
@@ -506,7 +507,7 @@ def test_scopes_always_ask_for_openid(tmp_path: Path) -> None:
         expiry_from_token=False,
         approval=False,
     )
-    assert config.scopes == ("openid", "email", "groups")
+    assert config is not None and config.scopes == ("openid", "email", "groups")
 
 
 @pytest.mark.parametrize(
@@ -523,4 +524,4 @@ def test_scopes_always_ask_for_openid(tmp_path: Path) -> None:
 )
 def test_expiry_times_are_humanised(delta: float, shown: str) -> None:
     now = 1_800_000_000.0
-    assert _when(now + delta, now) == shown
+    assert when(now + delta, now) == shown

@@ -115,9 +115,9 @@ async def test_backend_moves_by_the_table(control: tuple[ControlServer, str], tm
     (tmp_path / "node").mkdir()
     backend = Backend(StateStore(tmp_path / "node"), factory, configure_os=False)
     try:
-        assert backend.status()["backend_state"] == "NoState"
+        assert backend.status().to_json()["backend_state"] == "NoState"
         await backend.start()
-        assert backend.state is S.NEEDS_LOGIN and backend.status()["backend_state"] == "NeedsLogin"
+        assert backend.state is S.NEEDS_LOGIN and backend.status().to_json()["backend_state"] == "NeedsLogin"
         with pytest.raises(AuthKeyError):
             await backend.up(url, "not-a-key", "alpha")
         assert backend.state is S.NEEDS_LOGIN and backend.device is None  # nothing changed
@@ -125,10 +125,10 @@ async def test_backend_moves_by_the_table(control: tuple[ControlServer, str], tm
         assert backend.state in (S.STARTING, S.RUNNING)
         await until(lambda: backend.state is S.RUNNING, "the first netmap")
         st = backend.status()
-        assert st["backend_state"] == "Running" and st["control_connected"] and st["self"]["name"] == "alpha"
-        assert st["traversal"] is not None and st["derp"] is not None
+        assert st.backend_state == "Running" and st.control_connected and st.self_node.name == "alpha"
+        assert st.traversal is not None and st.derp is not None
         await backend.down()
-        assert backend.state is S.STOPPED and devices[0].closed and not backend.status()["control_connected"]
+        assert backend.state is S.STOPPED and devices[0].closed and not backend.status().control_connected
         await backend.up("", None, None)  # registered here: no key needed
         await until(lambda: backend.state is S.RUNNING, "running again")
         await backend.logout()

@@ -17,9 +17,9 @@ import nacl.public
 import pytest
 from click.testing import CliRunner
 
-from tailpy.cli.control import derp_advertised_host, embedded_derp_map
 from tailpy.cli.main import cli
 from tailpy.control import ControlClient, ControlServer, Store
+from tailpy.control.service import derp_advertised_host, embedded_derp_map
 from tailpy.derp.client import DerpClient
 from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.errors import ParseError

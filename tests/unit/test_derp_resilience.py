@@ -214,16 +214,16 @@ async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentPr
         await conns.set_home(901)
         await eventually(lambda: conns.connected(901))
         assert conns.last_recv(901) is not None
-        assert conns.status()[0]["last_error"] is None
+        assert conns.status()[0].last_error is None
         proxy.silent = True
         await eventually(lambda: not conns.connected(901))
         assert conns.last_recv(901) is None
         assert down and down[0] == 901  # magicsock.Conn's hook to re-measure at once
         st = conns.status()[0]
-        assert st["connected"] is False and "ping" in st["last_error"]
+        assert st.connected is False and st.last_error is not None and "ping" in st.last_error
         proxy.silent = False  # the relay comes back: the error clears on the next connect
         await eventually(lambda: conns.connected(901), timeout=30)
-        assert conns.status()[0]["last_error"] is None
+        assert conns.status()[0].last_error is None
     finally:
         await conns.close()
 
@@ -275,7 +275,7 @@ async def test_health_frame_in_status() -> None:
             await conns.set_derp_map(DerpMap(regions={900: region}))
             await conns.set_home(900)
             await eventually(lambda conns=conns: conns.connected(900))
-        await eventually(lambda: any(c.status()[0]["health"] for c in (a, b)))
+        await eventually(lambda: any(c.status()[0].health for c in (a, b)))
     finally:
         await a.close()
         await b.close()

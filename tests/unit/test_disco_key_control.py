@@ -1,4 +1,4 @@
-"""Disco key in the netmap: stored by control (migration ``_m5_disco_key``), sent in the map request and in
+"""Disco key in the netmap: stored by control (schema migration 5), sent in the map request and in
 updates, pushed to peers as deltas; a real aiohttp server on 127.0.0.1 and a real SQLite file."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailpy.control import MIGRATIONS, ControlClient, ControlServer, Store
-from tailpy.control.store import _m5_disco_key
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError, ParseError
 from tailpy.keys import DiscoPrivate, DiscoPublic, MachinePrivate, NodePrivate
@@ -84,7 +83,7 @@ def test_disco_key_migration_adds_empty_key_to_existing_nodes(tmp_path: Path) ->
         MachinePrivate.generate().public, NodePrivate.generate().public, "old", key, now=now
     )
     store.close()
-    rewind(tmp_path / "control.db", MIGRATIONS.index(_m5_disco_key))  # before the disco key
+    rewind(tmp_path / "control.db", 4)  # before migration 5, which adds the disco key
     store = Store(tmp_path)
     try:
         assert store.schema_version() == len(MIGRATIONS)

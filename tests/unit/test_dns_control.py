@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_control_stream import Client, mkey, node
 
-from tailpy.cli.control_dns import parse_record, parse_route
+from tailpy.cli.control.dns import parse_record, parse_route
 from tailpy.cli.main import cli
 from tailpy.control import Store, dnsconfig
 from tailpy.control.admin import Admin

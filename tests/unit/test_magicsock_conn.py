@@ -7,6 +7,7 @@ back from JSON (fuzzed: only ParseError)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,9 +20,11 @@ from hypothesis import strategies as st
 from tailpy.derp.stun_server import StunServer
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ParseError
+from tailpy.ipnstate import PingReply
 from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate
-from tailpy.magicsock import Conn, Options, PingReply
+from tailpy.magicsock import Conn, Options
 from tailpy.magicsock.netcheck import Report
+from tailpy.magicsock.ping import ping_reply
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
 
 
@@ -99,8 +102,8 @@ async def test_ping_goes_direct_after_discovery(pair: tuple[Side, Side]) -> None
     # The path machine put b on the direct path to the endpoint that answered.
     assert a.device.paths[b.key.public.raw] == "direct"
     assert a.device.endpoints[b.key.public.raw] == str(b.endpoint)
-    st = a.conn.status()["traversal"]
-    assert st["peers"][b.key.public.text()]["path"] == str(b.endpoint) and st["disco"]["pongs"] >= 1
+    st = a.conn.status().traversal
+    assert st.peers[b.key.public].path == b.endpoint and st.disco["pongs"] >= 1
     with pytest.raises(KeyError):
         await a.conn.ping(NodePrivate.generate().public)
 
@@ -173,7 +176,7 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
     key = NodePrivate.generate().public
     codes = {900: "tailpy"}
     derp = PingResult(1, key, ViaDERP(900), 0.003, Endpoint(DERP_MAGIC_IP, 900))
-    reply = PingReply.from_result(derp, lambda r: codes.get(r, ""))
+    reply = ping_reply(derp, lambda r: codes.get(r, ""))
     assert reply.to_json() == {
         "direct": False,
         "via": "DERP(tailpy)",
@@ -181,10 +184,10 @@ def test_ping_reply_via_derp_has_no_peer_saw() -> None:
         "peer_saw": None,
         "timeout": False,
     }
-    assert PingReply.from_result(derp, lambda r: "").via == "DERP(900)"
+    assert ping_reply(derp, lambda r: "").via == "DERP(900)"
     seen = Endpoint(ip_address("203.0.113.5"), 41641)
     direct = PingResult(2, key, Endpoint(ip_address("198.51.100.7"), 41641), 0.001, seen)
-    reply = PingReply.from_result(direct, lambda r: "")
+    reply = ping_reply(direct, lambda r: "")
     assert reply.direct and reply.via == "198.51.100.7:41641" and str(reply.peer_saw) == "203.0.113.5:41641"
     assert PingReply(False, "", None, timeout=True).to_json()["peer_saw"] is None
 
@@ -204,12 +207,14 @@ def test_status_json_endpoint_is_null_while_relayed(tmp_path: Any) -> None:
         2, "b", "b", NodePrivate.generate().public, MachinePrivate.generate().public, ("100.64.0.2/32",)
     )
     stats = {"endpoint": "192.168.1.20:41641", "tx_bytes": 0, "rx_bytes": 0}
-    relayed = backend._node_json(node, {**stats, "path": "relay"}, time.time())
-    assert relayed["path"] == "relay" and relayed["endpoint"] is None
-    assert peer_state({**relayed, "online": True}, time.time()) == "idle; relay"
-    direct = backend._node_json(node, {**stats, "path": "direct"}, time.time())
-    assert direct["path"] == "direct" and direct["endpoint"] == "192.168.1.20:41641"
-    assert peer_state({**direct, "online": True}, time.time()) == "idle; direct 192.168.1.20:41641"
+    relayed = backend._peer_status(node, {**stats, "path": "relay"}, time.time())
+    assert relayed.to_json()["path"] == "relay" and relayed.to_json()["endpoint"] is None
+    assert peer_state(dataclasses.replace(relayed, online=True), time.time()) == "idle; relay"
+    direct = backend._peer_status(node, {**stats, "path": "direct"}, time.time())
+    assert direct.to_json()["path"] == "direct" and direct.to_json()["endpoint"] == "192.168.1.20:41641"
+    assert (
+        peer_state(dataclasses.replace(direct, online=True), time.time()) == "idle; direct 192.168.1.20:41641"
+    )
 
 
 async def test_tick_rearms_for_the_earliest_deadline_and_periodic_jobs_run_on_request() -> None:

@@ -95,8 +95,8 @@ async def test_two_nodes_relay_through_their_home_region(servers: list[DerpServe
         await until(lambda: a.home_region == 900 and b.home_region == 900, "both homes")
         assert homes == [900]
         await until(lambda: a.relay.connected(900) and b.relay.connected(900), "home connections")
-        derp = a.status()["derp"]
-        assert derp["home_derp_code"] == "r900" and derp["latency_ms"]["900"] >= 0
+        derp = a.status().derp
+        assert derp.home_derp_code == "r900" and derp.latency_ms[900] >= 0
         # A relay datagram drained from A's device reaches B's device as an injected datagram from A.
         dev_a.queue_relay(kb.public.raw, WG_DATA)
         await until(lambda: bool(dev_b.injected), "B's inject")
@@ -174,16 +174,16 @@ async def test_on_demand_region_connection_closes_when_idle(servers: list[DerpSe
         assert a.send(901, kb.public, b"hello")  # A connects to B's home on demand
         await until(lambda: bool(got), "B to receive")
         assert got == [(ka.public, b"hello", 901)]
-        assert {c["region_id"]: c["home"] for c in a.status()} == {900: True, 901: False}
+        assert {c.region_id: c.home for c in a.status()} == {900: True, 901: False}
         await asyncio.sleep(0.6)
         assert await a.sweep() == [901]  # idle non-home connection closed; the home stays
-        assert [c["region_id"] for c in a.status()] == [900]
+        assert [c.region_id for c in a.status()] == [900]
         assert await b.sweep() == []
         # Moving home: the old home becomes an ordinary connection and idles out.
         await a.set_home(901)
         await asyncio.sleep(0.6)
         assert await a.sweep() == [900]
-        assert [c["region_id"] for c in a.status()] == [901]
+        assert [c.region_id for c in a.status()] == [901]
     finally:
         await a.close()
         await b.close()

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from tailpy.cli.status import render
 from tailpy.errors import TailpyError
+from tailpy.ipnstate import Status
 
 
 def _ping_figures(out: str) -> tuple[float | None, float | None]:
@@ -71,7 +72,7 @@ def run_demo(seconds: int, console: Console) -> dict[str, Any]:
         result["iperf3_gbit_per_s"] = round(gbps, 3)
         console.print(f"[bold]iperf3[/] {a.name} → {b.name} over the tunnel, {seconds} s: {gbps:.2f} Gbit/s")
         console.print(f"[bold]tailpy status[/] on {a.name}:")
-        render(a.status(), console)
+        render(Status.from_json(a.status()), console)
     console.print("[bold]cleaned up[/]: namespaces, processes and files removed")
     return result
 

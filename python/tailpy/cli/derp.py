@@ -71,12 +71,12 @@ def serve(
     Unless --no-stun, a STUN Binding server (RFC 8489) answers on UDP --stun-port (3478) of --listen's host
     (every address, IPv4 and IPv6, when that is 0.0.0.0 or empty), as Tailscale's derper does; its counters
     are in /debug/metrics. A STUN port that cannot be bound is logged, and the relay serves without STUN."""
-    from tailpy.cli.control import _parse_listen
+    from tailpy.control.options import parse_listen
     from tailpy.derp.server import DerpServer, load_or_create_key
     from tailpy.derp.stun_server import StunServer
     from tailpy.derp.verify import AdmissionURL, control_admission_url
 
-    host, port = _parse_listen(listen)
+    host, port = parse_listen(listen)
     if verify_clients and verify_client_url:
         raise ConfigError("give --verify-clients (with --control-url) or --verify-client-url, not both")
     if verify_clients and not control_url:

@@ -15,7 +15,7 @@ from tailpy.errors import TailpyError
 def command(only4: bool, only6: bool, socket_path: str) -> None:
     """Print this node's tailnet addresses, one a line."""
     st = run(local(socket_path).status())
-    addrs = [a.split("/")[0] for a in st["self"]["addresses"]]
+    addrs = [a.split("/")[0] for a in st.self_node.addresses]
     if only4 != only6:  # one flag narrows; both or neither print every address
         addrs = [a for a in addrs if (":" in a) == only6]
     if not addrs:

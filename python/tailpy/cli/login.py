@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
 import click
 from rich.console import Console
@@ -13,6 +12,7 @@ from rich.console import Console
 from tailpy.cli.common import FiniteFloatRange, run, socket_option, state_dir_option
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import TailpyError
+from tailpy.ipnstate import Status
 
 POLL = 0.2  # seconds between looks at tailpyd's status while waiting for the sign-in
 
@@ -29,14 +29,14 @@ def show_qr(url: str, console: Console) -> None:
     console.file.flush()
 
 
-async def wait_login(client: LocalClient, st: dict[str, Any], console: Console, qr: bool) -> dict[str, Any]:
+async def wait_login(client: LocalClient, st: Status, console: Console, qr: bool) -> Status:
     """While tailpyd waits for an interactive login: print the login URL (again when it changes; with ``qr``
     also as a QR code) and what control says (a refused account, an approval being awaited); return the
     status once the login is done. Raises TailpyError when tailpyd stops waiting without logging in."""
     shown_url, shown_note = "", ""
     announced = False
-    while st["backend_state"] == "NeedsLogin" and st.get("login_pending"):
-        url = st.get("auth_url") or ""
+    while st.backend_state == "NeedsLogin" and st.login_pending:
+        url = st.auth_url
         if url and url != shown_url:
             # One plain line per piece: a URL wrapped at the terminal width could not be clicked or copied.
             console.print(
@@ -46,7 +46,7 @@ async def wait_login(client: LocalClient, st: dict[str, Any], console: Console, 
                 show_qr(url, console)
             shown_url = url
             announced = False
-        note = st.get("error") or ""
+        note = st.error
         if note and note != shown_note:
             console.print(note, soft_wrap=True, highlight=False, markup=False)
             shown_note = note
@@ -55,8 +55,8 @@ async def wait_login(client: LocalClient, st: dict[str, Any], console: Console, 
             announced = True
         await asyncio.sleep(POLL)
         st = await client.status()
-    if st["backend_state"] == "NeedsLogin":
-        raise TailpyError(st.get("error") or "the login did not finish; run `tailpy login` again")
+    if st.backend_state == "NeedsLogin":
+        raise TailpyError(st.error or "the login did not finish; run `tailpy login` again")
     return st
 
 

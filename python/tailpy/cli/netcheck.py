@@ -16,13 +16,13 @@ import contextlib
 import datetime
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from tailpy.cli.common import FiniteFloatRange, json_option, socket_option
 from tailpy.endpoint import Endpoint
-from tailpy.errors import ConfigError, ParseError, TailpyError
+from tailpy.errors import ConfigError, TailpyError
 from tailpy.netmap import DerpMap
 
 if TYPE_CHECKING:
@@ -37,25 +37,17 @@ async def _daemon_derp_map(socket_path: str) -> DerpMap | None:
         status = await LocalClient(socket_path).status()
     except TailpyError:
         return None
-    dm: Any = status.get("derp_map")
-    if not dm:
-        return None
-    try:
-        return DerpMap.from_json(dm)
-    except ParseError:
-        return None
+    return status.derp_map or None
 
 
 async def _daemon_netcheck(socket_path: str, timeout: float) -> tuple[Report, DerpMap] | None:
     """A report made by tailpyd over its data-plane socket, with its DERP map; None when the daemon does
     not answer or has no DERP map yet."""
     from tailpy.daemon.client import LocalClient
-    from tailpy.magicsock.netcheck import Report
 
     try:
-        got = await LocalClient(socket_path).netcheck(timeout)
-        return Report.from_json(got["report"]), DerpMap.from_json(got["derp_map"])
-    except (TailpyError, KeyError, TypeError):
+        return await LocalClient(socket_path).netcheck(timeout)
+    except TailpyError:
         return None
 
 
@@ -164,7 +156,7 @@ def command(
 ) -> None:
     """Print an analysis of local network conditions: UDP, global IPv4/IPv6 endpoint, whether the NAT
     mapping varies by destination, hairpinning, and latency to each DERP region (with the nearest)."""
-    from tailpy.cli.control import load_derp_map
+    from tailpy.control.options import load_derp_map
     from tailpy.magicsock.netcheck import Netcheck, run, stun_targets
     from tailpy.magicsock.stun import StandaloneStun
 

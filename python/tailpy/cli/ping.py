@@ -9,7 +9,7 @@ not established" when none of the ``-c`` pings went direct. The pings are tailpy
 ``--json`` prints ``{"peer": {name, fqdn, ip}, "pongs": [...], "direct": bool}``, each pong
 ``{"direct", "via", "rtt" (seconds, null on timeout), "peer_saw", "timeout"}``; ``peer_saw`` is our
 "ip:port" as the peer saw it for a direct pong, null for a pong via DERP or a timeout (see
-:class:`tailpy.magicsock.ping.PingReply`).
+:class:`tailpy.ipnstate.PingReply`).
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
 
 import click
 
 from tailpy.cli.common import FiniteFloatRange, json_option, local, socket_option
 from tailpy.errors import TailpyError
+from tailpy.ipnstate import PingPeer, PingReply
 
 PAUSE = 0.5  # seconds between pings (after a pong; a timeout already waited)
 
 
-def describe(peer: dict[str, Any], reply: dict[str, Any]) -> str:
+def describe(peer: PingPeer, reply: PingReply) -> str:
     """One output line for a ping ``reply`` (:meth:`tailpy.daemon.backend.Backend.ping`)."""
-    who = f"{peer['name']} ({peer['ip']})" if peer.get("ip") else str(peer["name"])
-    if reply["timeout"]:
+    who = f"{peer.name} ({peer.ip})" if peer.ip else peer.name
+    if reply.timeout or reply.rtt is None:
         return f"timeout waiting for pong from {who}"
-    return f"pong from {who} via {reply['via']} in {reply['rtt'] * 1000:.0f}ms"
+    return f"pong from {who} via {reply.via} in {reply.rtt * 1000:.0f}ms"
 
 
 @click.command("ping")
@@ -56,18 +56,18 @@ def command(
     took: via DERP(<region>) through the relay, or via <ip:port> directly."""
     client = local(socket_path)
 
-    async def main() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        replies: list[dict[str, Any]] = []
-        peer: dict[str, Any] | None = None
+    async def main() -> tuple[list[PingReply], PingPeer | None]:
+        replies: list[PingReply] = []
+        peer: PingPeer | None = None
         for i in range(count):
             reply = await client.ping(target, timeout)
-            peer = reply["peer"]
+            peer = reply.peer or PingPeer(target, "", "")
             replies.append(reply)
             if not as_json:
                 click.echo(describe(peer, reply))
-            if until_direct and reply["direct"]:
+            if until_direct and reply.direct:
                 break
-            if i + 1 < count and not reply["timeout"]:
+            if i + 1 < count and not reply.timeout:
                 await asyncio.sleep(PAUSE)
         return replies, peer
 
@@ -76,16 +76,18 @@ def command(
     except TailpyError as e:
         click.echo(f"tailpy: {e}", err=True)
         sys.exit(1)
-    name = peer["name"] if peer else target
-    answered = [r for r in replies if not r["timeout"]]
-    direct = any(r["direct"] for r in answered)
+    name = peer.name if peer else target
+    answered = [r for r in replies if not r.timeout]
+    direct = any(r.direct for r in answered)
     if as_json:
-        click.echo(json.dumps({"peer": peer, "pongs": replies, "direct": direct}, indent=2))
+        pongs = [r.to_json() for r in replies]
+        out = {"peer": None if peer is None else peer.to_json(), "pongs": pongs, "direct": direct}
+        click.echo(json.dumps(out, indent=2))
     if not answered:
         click.echo(f"tailpy: no pong from {name} in {len(replies)} pings", err=True)
         sys.exit(1)
     if until_direct and not direct:
-        last = answered[-1]["via"]
+        last = answered[-1].via
         click.echo(
             f"tailpy: direct connection not established with {name} after {len(replies)} pings (the peer is "
             f"reached via {last})",

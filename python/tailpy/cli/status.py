@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import click
 from rich.console import Console
 
 from tailpy.cli.common import json_option, local, run, socket_option
+from tailpy.ipnstate import PeerStatus, SelfStatus, Status
 
 
 def ago(ts: float | None, now: float) -> str:
@@ -33,52 +33,49 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def peer_state(p: dict[str, Any], now: float) -> str:
+def peer_state(p: PeerStatus, now: float) -> str:
     """The status column: expired; offline with last seen; active/idle with the path (``direct <ip:port>``
     or ``relay "<DERP region code>"``) and traffic."""
-    if p["expired"]:
+    if p.expired:
         return "expired"
-    if not p["online"] and not p["active"]:
-        return f"offline, last seen {ago(p['last_seen'], now)}"
-    if p["path"] == "relay":
-        code = p.get("relay_region_code") or ""
+    if not p.online and not p.active:
+        return f"offline, last seen {ago(p.last_seen, now)}"
+    if p.path == "relay":
+        code = p.relay_region_code
         path = f'relay "{code}"' if code else "relay"
-    elif p["endpoint"]:
-        path = f"direct {p['endpoint']}"
+    elif p.endpoint is not None:
+        path = f"direct {p.endpoint}"
     else:
         path = "no path yet"
-    if not p["active"]:
+    if not p.active:
         return f"idle; {path}"
-    return f"active; {path}, tx {human_bytes(p['tx_bytes'])} rx {human_bytes(p['rx_bytes'])}"
+    return f"active; {path}, tx {human_bytes(p.tx_bytes)} rx {human_bytes(p.rx_bytes)}"
 
 
-def _owner(n: dict[str, Any]) -> str:
-    return str(n.get("user") or ", ".join(n.get("tags", [])) or "-")
+def _owner(n: PeerStatus | SelfStatus) -> str:
+    return n.user or ", ".join(n.tags) or "-"
 
 
-def render(st: dict[str, Any], console: Console) -> None:
-    me = st["self"]
-    now = st.get("now") or time.time()
-    state = st["backend_state"]
+def render(st: Status, console: Console) -> None:
+    me = st.self_node
+    now = st.now or time.time()
+    state = st.backend_state
     if state != "Running":
-        console.print(f"[yellow]{state}[/]" + (f": {st['error']}" if st.get("error") else ""))
-    elif st.get("error"):
-        console.print(f"[red]{st['error']}[/]")
-    if not st["control_connected"] and state == "Running":
+        console.print(f"[yellow]{state}[/]" + (f": {st.error}" if st.error else ""))
+    elif st.error:
+        console.print(f"[red]{st.error}[/]")
+    if not st.control_connected and state == "Running":
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
-    for warning in st.get("health", []):
+    for warning in st.health:
         console.print(f"[yellow]health:[/] {warning}")
 
-    def first_ip(n: dict[str, Any]) -> str:
-        return str((n["addresses"] or ["-"])[0]).split("/")[0]
-
     rows: list[tuple[str, ...]] = []
-    if me["addresses"]:
-        code = me.get("home_derp_code") or (str(me["home_derp"]) if me.get("home_derp") else "")
+    if me.addresses:
+        code = me.home_derp_code or (str(me.home_derp) if me.home_derp else "")
         home = f'home DERP "{code}"' if code else "-"
-        rows.append((first_ip(me), me["name"] or me["hostname"], _owner(me), me.get("os") or "-", home))
-    for p in st["peers"]:
-        rows.append((first_ip(p), p["name"], _owner(p), p["os"] or "-", peer_state(p, now)))
+        rows.append((me.first_ip, me.name or me.hostname, _owner(me), me.os or "-", home))
+    for p in st.peers:
+        rows.append((p.first_ip, p.name, _owner(p), p.os or "-", peer_state(p, now)))
     # Plain aligned columns, never wrapped or cut, whatever the terminal width (as `tailscale status`).
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
     for r in rows:
@@ -98,6 +95,6 @@ def command(as_json: bool, socket_path: str) -> None:
     with the path (direct ip:port, or relay "region" through DERP), offline with last seen, or expired."""
     st = run(local(socket_path).status())
     if as_json:
-        click.echo(json.dumps(st, indent=2))
+        click.echo(json.dumps(st.to_json(), indent=2))
     else:
         render(st, Console(width=200))

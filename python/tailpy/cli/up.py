@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -18,6 +17,7 @@ from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state
 from tailpy.cli.login import wait_login
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import ConfigError, DaemonNotRunningError, PermissionDeniedError, TailpyError
+from tailpy.ipnstate import Status
 
 
 def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
@@ -76,7 +76,7 @@ async def _up(
     console: Console,
     qr: bool = False,
     accept_dns: bool | None = None,
-) -> dict[str, Any]:
+) -> Status:
     client = local(socket_path)
     started = False
     try:
@@ -93,24 +93,24 @@ async def _up(
             with contextlib.suppress(TailpyError):
                 await client.down()
         raise
-    if st["backend_state"] == "NeedsLogin" and st.get("login_pending"):
+    if st.backend_state == "NeedsLogin" and st.login_pending:
         st = await wait_login(client, st, console, qr)
     deadline = time.monotonic() + timeout
     with console.status("waiting for the netmap") as spinner:
-        while st["backend_state"] != "Running":
-            if not st["control_connected"] and st.get("error"):
-                spinner.update(f"waiting for control ({st['error']})")
-            if st["backend_state"] == "NeedsLogin":
+        while st.backend_state != "Running":
+            if not st.control_connected and st.error:
+                spinner.update(f"waiting for control ({st.error})")
+            if st.backend_state == "NeedsLogin":
                 raise TailpyError(
-                    st["error"] or "this node needs login: run `tailpy login` (or `tailpy up --auth-key KEY`)"
+                    st.error or "this node needs login: run `tailpy login` (or `tailpy up --auth-key KEY`)"
                 )
             if time.monotonic() > deadline:
                 raise TailpyError(
-                    f"not connected after {timeout:.0f} s (state {st['backend_state']}"
-                    + (f": {st['error']}" if st.get("error") else "")
+                    f"not connected after {timeout:.0f} s (state {st.backend_state}"
+                    + (f": {st.error}" if st.error else "")
                     + ")"
                 )
-            spinner.update(f"waiting for the netmap ({st['backend_state']})")
+            spinner.update(f"waiting for the netmap ({st.backend_state})")
             await asyncio.sleep(0.1)
             st = await client.status()
     return st
@@ -186,10 +186,10 @@ def command(
     click.echo(connected_line(st))
 
 
-def connected_line(st: dict[str, Any]) -> str:
+def connected_line(st: Status) -> str:
     """``connected: <name> <addresses> (<n> peers)`` from tailpyd's status."""
-    me = st["self"]
+    me = st.self_node
     return (
-        f"connected: {me['name'] or me['hostname']} {' '.join(a.split('/')[0] for a in me['addresses'])}"
-        f" ({len(st['peers'])} peer{'' if len(st['peers']) == 1 else 's'})"
+        f"connected: {me.name or me.hostname} {' '.join(a.split('/')[0] for a in me.addresses)}"
+        f" ({len(st.peers)} peer{'' if len(st.peers) == 1 else 's'})"
     )

@@ -1,7 +1,8 @@
 """The tailnet's DNS configuration in the control database, and the admin operations on it.
 
 Stored as one JSON document (:class:`tailpy.dns.config.DNSConfig` wire form) under the name ``dns`` in the
-``settings`` table (no schema change); the tailnet domain stays the ``domain`` setting. Admin operations
+``settings`` table (see :mod:`tailpy.control.store.settings`); the tailnet domain stays the ``domain``
+setting. Admin operations
 (see :mod:`tailpy.control.admin`): ``dns.show`` {} -> {domain, magic_dns, nameservers, routes,
 search_domains, extra_records}; ``dns.set`` {any of those} -> the same, each given field replacing the
 stored one.
@@ -9,31 +10,22 @@ stored one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
-import sqlalchemy as sa
-
-from tailpy.control.store import Store, settings
+from tailpy.control.store import Store
+from tailpy.control.store.settings import DNS_SETTING
 from tailpy.dns.config import DNSConfig, parse_resolver
 from tailpy.dns.resolver import MAGICDNS_V4, MAGICDNS_V6
 from tailpy.errors import ConfigError, ParseError
 
-SETTING = "dns"
+SETTING = DNS_SETTING
 FIELDS = ("magic_dns", "nameservers", "routes", "search_domains", "extra_records")
 
 
 def load(store: Store) -> DNSConfig:
     """The stored DNS configuration (defaults when none is stored or it cannot be read)."""
-    with store.engine.begin() as conn:
-        row = conn.execute(sa.select(settings.c.value).where(settings.c.name == SETTING)).first()
-    if row is None:
-        return DNSConfig()
-    try:
-        return DNSConfig.from_json(json.loads(row[0]))
-    except (ValueError, ParseError):
-        return DNSConfig()
+    return store.dns_config()
 
 
 def for_netmap(store: Store) -> DNSConfig | None:
@@ -44,9 +36,8 @@ def for_netmap(store: Store) -> DNSConfig | None:
 
 
 def save(store: Store, cfg: DNSConfig) -> None:
-    with store.engine.begin() as conn:
-        conn.execute(settings.delete().where(settings.c.name == SETTING))
-        conn.execute(settings.insert().values(name=SETTING, value=json.dumps(cfg.to_json())))
+    """Store ``cfg`` as the DNS configuration."""
+    store.set_dns_config(cfg)
 
 
 def show(store: Store) -> dict[str, Any]:
@@ -72,11 +63,10 @@ def update(store: Store, args: Mapping[str, Any]) -> tuple[dict[str, Any], bool]
                 f"nameserver {resolver} is MagicDNS itself; nodes would forward to themselves in a loop"
             )
     old_domain = store.settings().domain
-    if args.get("domain") is not None:
-        if not isinstance(args["domain"], str):
-            raise ConfigError("domain must be a DNS name like ts.example")
-        store.configure(domain=args["domain"])
-    save(store, cfg)
+    domain = args.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise ConfigError("domain must be a DNS name like ts.example")
+    store.set_dns_config(cfg, domain=domain)
     out = show(store)
     return out, out["domain"] != old_domain
 

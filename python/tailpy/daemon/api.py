@@ -34,7 +34,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
 
     @routes.get(PREFIX + "/status")
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(backend.status())
+        return web.json_response(backend.status().to_json())
 
     @routes.post(PREFIX + "/up")
     async def up(request: web.Request) -> web.Response:
@@ -58,7 +58,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             return _error(502, e)
         except TailpyError as e:
             return _error(500, e)
-        return web.json_response(backend.status())
+        return web.json_response(backend.status().to_json())
 
     @routes.get(PREFIX + "/whois")
     async def whois(request: web.Request) -> web.Response:
@@ -69,7 +69,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             return _error(400, e)
         if node is None:
             return _error(404, ConfigError(f"no node in this tailnet has address {addr}"))
-        return web.json_response(node)
+        return web.json_response(node.to_json())
 
     @routes.post(PREFIX + "/ping")
     async def ping(request: web.Request) -> web.Response:
@@ -82,7 +82,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
         if not 0 < timeout <= 60:
             return _error(400, ConfigError("ping timeout must be between 0 and 60 seconds"))
         try:
-            return web.json_response(await backend.ping(target, timeout))
+            return web.json_response((await backend.ping(target, timeout)).to_json())
         except ConfigError as e:
             return _error(404, e)
         except TailpyError as e:
@@ -108,14 +108,14 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             await backend.logout()
         except ControlError as e:
             return _error(502, e)
-        return web.json_response(backend.status())
+        return web.json_response(backend.status().to_json())
 
     @routes.post(PREFIX + "/down")
     async def down(request: web.Request) -> web.Response:
         await backend.down()
         if on_down is not None:
             asyncio.get_running_loop().call_soon(on_down)
-        return web.json_response(backend.status())
+        return web.json_response(backend.status().to_json())
 
     app = web.Application()
     app.add_routes(routes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -31,7 +32,15 @@ from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
-from tailpy.errors import AuthKeyError, ConfigError, ControlError, NotRegisteredError, TailpyError
+from tailpy.errors import (
+    AuthKeyError,
+    ConfigError,
+    ControlError,
+    EndpointError,
+    NotRegisteredError,
+    TailpyError,
+)
+from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import Conn, ConnDevice, Options
 
@@ -510,94 +519,100 @@ class Backend:
 
     # -- status ---------------------------------------------------------------------------------------
 
-    def _node_json(self, node: nm.Node, st: Mapping[str, Any], now: float) -> dict[str, Any]:
+    def _peer_status(self, node: nm.Node, st: Mapping[str, Any], now: float) -> PeerStatus:
+        """``node`` from the netmap with ``st``, the data plane's counters of it (``Device.peers()``; empty
+        when the data plane does not have it)."""
         domain = self.netmap.domain if self.netmap else ""
         hs = st.get("last_handshake")
         conn = self.conn
-        relay_region = (
-            conn.relay_region(node.node_key.raw) if conn is not None and st.get("path") == "relay" else 0
-        )
-        return {
-            "id": node.id,
-            "name": node.name,
-            "fqdn": node.fqdn(domain),
-            "hostname": node.hostname,
-            "user": node.user,
-            "tags": list(node.tags),
-            "os": node.os,
-            "node_key": node.node_key.text(),
-            "addresses": list(node.addresses),
-            "online": node.online,
-            "last_seen": node.last_seen,
-            "key_expiry": node.key_expiry,
-            "expired": node.expired,
-            "home_derp": node.home_derp,
-            "disco_key": node.disco_key.text() if node.disco_key is not None else None,
-            "endpoints": [str(e) for e in node.endpoints],
-            # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
-            # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
-            "endpoint": None if st.get("path") == "relay" else st.get("endpoint"),
-            "path": st.get("path"),
-            "relay_region": relay_region,
-            "relay_region_code": conn.region_code(relay_region) if conn is not None and relay_region else "",
-            "last_handshake": hs,
+        path = st.get("path")
+        relay_region = conn.relay_region(node.node_key.raw) if conn is not None and path == "relay" else 0
+        endpoint = None
+        # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
+        # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
+        if path != "relay" and st.get("endpoint"):
+            with contextlib.suppress(EndpointError):
+                endpoint = Endpoint.parse(str(st["endpoint"]))
+        return PeerStatus(
+            id=node.id,
+            name=node.name,
+            fqdn=node.fqdn(domain),
+            hostname=node.hostname,
+            user=node.user,
+            tags=tuple(node.tags),
+            os=node.os,
+            node_key=node.node_key,
+            addresses=tuple(node.addresses),
+            online=node.online,
+            last_seen=node.last_seen,
+            key_expiry=node.key_expiry,
+            expired=node.expired,
+            home_derp=node.home_derp,
+            disco_key=node.disco_key,
+            endpoints=tuple(node.endpoints),
+            endpoint=endpoint,
+            path=path,
+            relay_region=relay_region,
+            relay_region_code=conn.region_code(relay_region) if conn is not None and relay_region else "",
+            last_handshake=hs,
             # A WireGuard session lives 180 s past its handshake, and handshakes happen only for traffic.
-            "active": hs is not None and now - hs < ACTIVE_WINDOW,
-            "tx_bytes": st.get("tx_bytes", 0),
-            "rx_bytes": st.get("rx_bytes", 0),
-        }
+            active=hs is not None and now - hs < ACTIVE_WINDOW,
+            tx_bytes=st.get("tx_bytes", 0),
+            rx_bytes=st.get("rx_bytes", 0),
+        )
 
-    def status(self) -> dict[str, Any]:
-        """The node and its peers, as ``tailpy status --json`` prints it (fields in README "Status JSON").
-        Times are unix seconds."""
+    def status(self) -> Status:
+        """The node and its peers, as ``tailpy status --json`` prints it (:class:`tailpy.ipnstate.Status`;
+        fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
         now = time.time()
-        stats = self.conn.peer_stats() if self.conn is not None else {}
-        paths = self.conn.status() if self.conn is not None else {"derp": None, "traversal": None}
+        conn = self.conn
+        stats = conn.peer_stats() if conn is not None else {}
+        paths = conn.status() if conn is not None else None
         me = self.netmap.self_node if self.netmap else None
-        peers = [
-            self._node_json(node, stats.get(node.node_key.raw, {}), now)
+        peers = tuple(
+            self._peer_status(node, stats.get(node.node_key.raw, {}), now)
             for node in (sorted(self.netmap.peers.values(), key=lambda n: n.name) if self.netmap else [])
-        ]
-        return {
-            "backend_state": self.state.value,
-            "login_server": s.login_server or (self._login_server if self._login is not None else ""),
-            "control_connected": self.session.connected,
-            "error": self.last_error,
-            "auth_url": self.auth_url,
-            "login_pending": self._login is not None,
-            "health": netconf.mtu_warnings(self._mtu),
-            "now": now,
-            "self": {
-                "id": s.node_id,
-                "name": me.name if me else "",
-                "fqdn": me.fqdn(self.netmap.domain) if me and self.netmap else "",
-                "hostname": s.hostname,
-                "user": me.user if me else "",
-                "tags": list(me.tags) if me else [],
-                "os": me.os if me else "",
-                "key_expiry": me.key_expiry if me else None,
-                "expired": me.expired if me else False,
-                "node_key": s.node_key.public.text(),
-                "machine_key": s.machine_key.public.text(),
-                "disco_key": self.disco_key.public.text(),
-                "addresses": list(s.addresses),
-                "listen_port": self.device.listen_port if self.device else None,
-                "endpoints": [str(e) for e in self.session.reported_endpoints],
-                "tun": self.device.tun_name if self.device else None,
-                "home_derp": self.home_derp,
-                "home_derp_code": self.conn.region_code(self.home_derp) if self.conn else "",
-            },
-            "domain": self.netmap.domain if self.netmap else "",
-            "peers": peers,
-            "device": dict(self.device.stats()) if self.device else None,
-            "derp": paths["derp"],
-            "derp_map": self.netmap.derp_map.to_json() if self.netmap and self.netmap.derp_map else None,
-            "traversal": paths["traversal"],
+        )
+        return Status(
+            backend_state=self.backend_state,
+            login_server=s.login_server or (self._login_server if self._login is not None else ""),
+            control_connected=self.control_connected,
+            error=self.last_error,
+            auth_url=self.auth_url,
+            login_pending=self._login is not None,
+            health=tuple(netconf.mtu_warnings(self._mtu)),
+            now=now,
+            self_node=SelfStatus(
+                id=s.node_id,
+                name=me.name if me else "",
+                fqdn=me.fqdn(self.netmap.domain) if me and self.netmap else "",
+                hostname=s.hostname,
+                user=me.user if me else "",
+                tags=tuple(me.tags) if me else (),
+                os=me.os if me else "",
+                key_expiry=me.key_expiry if me else None,
+                expired=me.expired if me else False,
+                node_key=s.node_key.public,
+                machine_key=s.machine_key.public,
+                disco_key=self.disco_key.public,
+                addresses=tuple(s.addresses),
+                listen_port=self.device.listen_port if self.device else None,
+                endpoints=tuple(self.session.reported_endpoints),
+                tun=self.device.tun_name if self.device else None,
+                home_derp=self.home_derp,
+                home_derp_code=conn.region_code(self.home_derp) if conn is not None else "",
+            ),
+            domain=self.netmap.domain if self.netmap else "",
+            peers=peers,
+            device=dict(self.device.stats()) if self.device else None,
+            derp=paths.derp if paths is not None else None,
+            derp_map=self.netmap.derp_map if self.netmap and self.netmap.derp_map else None,
+            traversal=paths.traversal if paths is not None else None,
             # datagrams from the socket that were neither disco nor STUN
-            "ignored_datagrams": self.conn.ignored if self.conn else 0,
-            "dns": self.dns.status() if self.dns is not None else None,
-        }
+            ignored_datagrams=conn.ignored if conn is not None else 0,
+            dns=self.dns.status() if self.dns is not None else None,
+        )
 
     def find_peer(self, target: str) -> nm.Node:
         """The peer called ``target`` (its name, its FQDN with or without the final dot, or its hostname)
@@ -626,11 +641,10 @@ class Backend:
             raise ConfigError(f"{target} is this node; ping a peer")
         raise ConfigError(f"no peer {target!r} in this tailnet (see `tailpy status`)")
 
-    async def ping(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def ping(self, target: str, timeout: float = 5.0) -> PingReply:
         """One disco ping to peer ``target`` (name or tailnet IP, :meth:`find_peer`), waiting up to
-        ``timeout`` seconds: ``{"peer": {name, fqdn, ip}, "direct", "via" ("DERP(<code>)" or "ip:port"),
-        "rtt" (seconds or None), "peer_saw", "timeout"}``. Raises ConfigError (unknown peer, one without
-        disco, node not running)."""
+        ``timeout`` seconds (:class:`tailpy.ipnstate.PingReply`, with its ``peer``). Raises ConfigError
+        (unknown peer, one without disco, node not running)."""
         node = self.find_peer(target)
         if node.expired:
             raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
@@ -643,8 +657,8 @@ class Backend:
         except KeyError:
             raise ConfigError(f"peer {node.name} is not in the data plane yet; try again") from None
         domain = self.netmap.domain if self.netmap else ""
-        peer = {"name": node.name, "fqdn": node.fqdn(domain), "ip": node.ipv4 or node.ipv6 or ""}
-        return {"peer": peer, **reply.to_json()}
+        peer = PingPeer(node.name, node.fqdn(domain), node.ipv4 or node.ipv6 or "")
+        return dataclasses.replace(reply, peer=peer)
 
     async def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
         """A netcheck run now over the data plane's socket: ``{"report": Report JSON, "derp_map": DERP map
@@ -656,7 +670,7 @@ class Backend:
             raise ConfigError("tailpyd has no DERP map with STUN servers yet")
         return {"report": report.to_json(), "derp_map": self.conn.relay.derp_map.to_json()}
 
-    def whois(self, address: str) -> dict[str, Any] | None:
+    def whois(self, address: str) -> PeerStatus | None:
         """The node (self or a peer) owning tailnet ``address`` ("100.64.0.2", "fd7a:115c:a1e0::2";
         an "ip:port" is accepted), as in ``status``; None when no node has it."""
         if self.netmap is None:
@@ -673,5 +687,5 @@ class Backend:
         now = time.time()
         for node in (self.netmap.self_node, *self.netmap.peers.values()):
             if any(ipaddress.ip_interface(a).ip == ip for a in node.addresses):
-                return self._node_json(node, stats.get(node.node_key.raw, {}), now)
+                return self._peer_status(node, stats.get(node.node_key.raw, {}), now)
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -13,9 +13,15 @@ from tailpy.errors import (
     ConfigError,
     ControlError,
     DaemonNotRunningError,
+    ParseError,
     PermissionDeniedError,
     TailpyError,
 )
+from tailpy.ipnstate import PeerStatus, PingReply, Status
+from tailpy.netmap import DerpMap
+
+if TYPE_CHECKING:
+    from tailpy.magicsock.netcheck import Report
 
 DEFAULT_SOCKET = "/run/tailpy/tailpyd.sock"
 DEFAULT_STATE_DIR = "/var/lib/tailpy"
@@ -73,8 +79,9 @@ class LocalClient:
                 f"tailpyd is not running (no answer on {self.socket_path}); start it with `tailpy up`"
             ) from None
 
-    async def status(self) -> dict[str, Any]:
-        return await self._call("GET", "/status")
+    async def status(self) -> Status:
+        """tailpyd's status. Raises ParseError for an answer that is not a status."""
+        return Status.from_json(await self._call("GET", "/status"))
 
     async def up(
         self,
@@ -83,7 +90,8 @@ class LocalClient:
         hostname: str | None,
         force_reauth: bool = False,
         accept_dns: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> Status:
+        """Log in / bring the node up (``POST /up``): the status after it."""
         body = {
             "login_server": login_server,
             "auth_key": auth_key,
@@ -91,25 +99,30 @@ class LocalClient:
             "force_reauth": force_reauth,
             "accept_dns": accept_dns,
         }
-        return await self._call("POST", "/up", body)
+        return Status.from_json(await self._call("POST", "/up", body))
 
-    async def logout(self) -> dict[str, Any]:
-        return await self._call("POST", "/logout")
+    async def logout(self) -> Status:
+        return Status.from_json(await self._call("POST", "/logout"))
 
-    async def whois(self, address: str) -> dict[str, Any]:
+    async def whois(self, address: str) -> PeerStatus:
         """The node owning tailnet ``address``; raises ConfigError when none does."""
-        return await self._call("GET", "/whois?addr=" + urllib.parse.quote(address))
+        return PeerStatus.from_json(await self._call("GET", "/whois?addr=" + urllib.parse.quote(address)))
 
-    async def ping(self, target: str, timeout: float) -> dict[str, Any]:
-        """One disco ping to peer ``target`` (name or tailnet IP), waiting up to ``timeout`` seconds:
-        ``{"peer": {name, fqdn, ip}, "direct", "via", "rtt", "peer_saw", "timeout"}``. Raises ConfigError
-        for an unknown peer."""
-        return await self._call("POST", "/ping", {"target": target, "timeout": timeout})
+    async def ping(self, target: str, timeout: float) -> PingReply:
+        """One disco ping to peer ``target`` (name or tailnet IP), waiting up to ``timeout`` seconds (the
+        reply has its ``peer``). Raises ConfigError for an unknown peer."""
+        return PingReply.from_json(await self._call("POST", "/ping", {"target": target, "timeout": timeout}))
 
-    async def netcheck(self, timeout: float) -> dict[str, Any]:
-        """A netcheck report made by tailpyd over its data-plane socket: ``{"report": Report JSON,
-        "derp_map": DERP map JSON}``. Raises ConfigError when tailpyd has no DERP map yet."""
-        return await self._call("POST", "/netcheck", {"timeout": timeout})
+    async def netcheck(self, timeout: float) -> tuple[Report, DerpMap]:
+        """A netcheck report made by tailpyd over its data-plane socket, with tailpyd's DERP map. Raises
+        ConfigError when tailpyd has no DERP map yet, ParseError for a malformed answer."""
+        from tailpy.magicsock.netcheck import Report
 
-    async def down(self) -> dict[str, Any]:
-        return await self._call("POST", "/down")
+        got = await self._call("POST", "/netcheck", {"timeout": timeout})
+        try:
+            return Report.from_json(got["report"]), DerpMap.from_json(got["derp_map"])
+        except KeyError as e:
+            raise ParseError(f"malformed netcheck answer from tailpyd: no {e}") from None
+
+    async def down(self) -> Status:
+        return Status.from_json(await self._call("POST", "/down"))

@@ -9,7 +9,7 @@ region with hysteresis), :mod:`tailpy.magicsock.disco` and :mod:`tailpy.magicsoc
 
 from __future__ import annotations
 
-from tailpy.magicsock.conn import DISCO_MAGIC, Conn, ConnDevice, Options
+from tailpy.magicsock.conn import DISCO_MAGIC, Conn, ConnDevice, ConnStatus, Options
 from tailpy.magicsock.derp import DerpConnections, measure_latency
 from tailpy.magicsock.home import HomeChooser, LatencyReport
 from tailpy.magicsock.ping import PingReply
@@ -19,6 +19,7 @@ __all__ = [
     "DISCO_MAGIC",
     "Conn",
     "ConnDevice",
+    "ConnStatus",
     "DerpConnections",
     "HomeChooser",
     "LatencyReport",

@@ -52,17 +52,18 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from tailpy.endpoint import Endpoint
 from tailpy.errors import DeviceError, EndpointError
+from tailpy.ipnstate import DerpStatus, DiscoPeerStatus, PingReply, TraversalStatus
 from tailpy.keys import DiscoPrivate, NodePrivate, NodePublic
 from tailpy.magicsock.disco import Action, DiscoNode, PingResult, PingTimeout, SendDERP, SendUDP, SetPath
 from tailpy.magicsock.endpoints import LocalEndpoints
 from tailpy.magicsock.linkmon import LinkMonitor
 from tailpy.magicsock.netcheck import Report, stun_targets
 from tailpy.magicsock.paths import ViaDERP
-from tailpy.magicsock.ping import PingReply
+from tailpy.magicsock.ping import ping_reply
 from tailpy.magicsock.relay import Relay
 from tailpy.magicsock.tick import Periodic, Tick
 from tailpy.netmap import NetMap, Node
@@ -109,6 +110,13 @@ class ConnDevice(Protocol):
     ) -> None: ...
     def fileno(self) -> int: ...
     def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
+
+
+class ConnStatus(NamedTuple):
+    """:meth:`Conn.status`: the DERP side and the traversal side, as ``tailpy status --json`` shows them."""
+
+    derp: DerpStatus
+    traversal: TraversalStatus
 
 
 def _first(endpoints: list[Endpoint]) -> Endpoint | None:
@@ -287,7 +295,7 @@ class Conn:
             self._pings.pop(request, None)
         if isinstance(got, PingTimeout):
             return PingReply(False, "", None, timeout=True)
-        return PingReply.from_result(got, self.relay.region_code)
+        return ping_reply(got, self.relay.region_code)
 
     async def netcheck(self, *, timeout: float = NETCHECK_TIMEOUT) -> Report | None:
         """Run netcheck now over the data plane's socket (STUN servers of the DERP map, each probe given up
@@ -331,35 +339,29 @@ class Conn:
         except DeviceError:
             return dict(self._stats)
 
-    def status(self) -> dict[str, Any]:
-        """``{"derp": ..., "traversal": ...}`` as ``tailpy status --json`` shows them: ``derp`` from
-        :meth:`Relay.status`; ``traversal``: ``endpoints``, ``disco`` counters, ``send_errors``, ``copied``,
-        ``link_changes``, ``ignored``, ``stun_unmatched``, ``netcheck`` (the last report's JSON without
-        probes, or None) and per-peer ``peers`` {nodekey text: {path, latency_ms, active}}."""
-        report = self.local.history.last
-        nc = None
-        if report is not None:
-            nc = report.to_json()
-            nc.pop("probes", None)
-        traversal = {
-            "endpoints": [str(e) for e in self.endpoints],
-            "disco": self.disco.counters.as_dict(),
-            "send_errors": self.send_errors,
-            "copied": self.copied,
-            "link_changes": self.link_changes,
-            "ignored": self.ignored,
-            "stun_unmatched": self.local.stun.unmatched,
-            "netcheck": nc,
-            "peers": {
-                s.node_key.text(): {
-                    "path": None if s.path is None else str(s.path),
-                    "latency_ms": None if s.latency is None else round(s.latency * 1000, 2),
-                    "active": s.active,
-                }
+    def status(self) -> ConnStatus:
+        """The DERP side (:meth:`Relay.status`) and the traversal side: endpoints, disco counters, send
+        errors, the last netcheck report and disco's view of each peer (:class:`tailpy.ipnstate.DerpStatus`,
+        :class:`tailpy.ipnstate.TraversalStatus`)."""
+        traversal = TraversalStatus(
+            endpoints=tuple(self.endpoints),
+            disco=self.disco.counters.as_dict(),
+            send_errors=self.send_errors,
+            copied=self.copied,
+            link_changes=self.link_changes,
+            ignored=self.ignored,
+            stun_unmatched=self.local.stun.unmatched,
+            netcheck=self.local.history.last,
+            peers={
+                s.node_key: DiscoPeerStatus(
+                    path=s.path,
+                    latency_ms=None if s.latency is None else round(s.latency * 1000, 2),
+                    active=s.active,
+                )
                 for s in self.disco.status(self.clock())
             },
-        }
-        return {"derp": self.relay.status(), "traversal": traversal}
+        )
+        return ConnStatus(self.relay.status(), traversal)
 
     # -- the tick --------------------------------------------------------------------------------------
 
@@ -621,6 +623,7 @@ __all__ = [
     "NETCHECK_INTERVAL",
     "Conn",
     "ConnDevice",
+    "ConnStatus",
     "Options",
     "PingReply",
 ]

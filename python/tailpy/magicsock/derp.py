@@ -24,9 +24,9 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from tailpy.derp.client import IDLE_PING, PING_TIMEOUT, DerpClient, DerpClientError, ReconnectingDerpClient
+from tailpy.ipnstate import DerpConnStatus
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
 from tailpy.proto import derp as proto
@@ -307,24 +307,22 @@ class DerpConnections:
                 return None
         return await measure_latency(region, timeout=timeout, ssl_context=self.ssl_context)
 
-    def status(self) -> list[dict[str, Any]]:
-        """One entry per open region connection: ``region_id``, ``region_code``, ``home``, ``connected``,
-        ``url``, counters ``sent``/``received``/``dropped``/``peer_gone``, ``last_error`` (None since the last
-        successful connect), ``health`` (the server's last Health problem, "" none)."""
+    def status(self) -> list[DerpConnStatus]:
+        """One entry per open region connection, by region id (:class:`tailpy.ipnstate.DerpConnStatus`)."""
         return [
-            {
-                "region_id": rid,
-                "region_code": r.region.region_code,
-                "home": r.home,
-                "connected": r.client.client is not None,
-                "url": r.client.url,
-                "sent": r.sent,
-                "received": r.received,
-                "dropped": r.dropped,
-                "peer_gone": r.peer_gone,
-                "last_error": r.client.last_error,
-                "health": r.health,
-            }
+            DerpConnStatus(
+                region_id=rid,
+                region_code=r.region.region_code,
+                home=r.home,
+                connected=r.client.client is not None,
+                url=r.client.url,
+                sent=r.sent,
+                received=r.received,
+                dropped=r.dropped,
+                peer_gone=r.peer_gone,
+                last_error=r.client.last_error,
+                health=r.health,
+            )
             for rid, r in sorted(self._regions.items())
         ]
 

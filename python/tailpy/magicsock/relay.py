@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
+from tailpy.ipnstate import DerpStatus
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.magicsock.derp import DerpConnections, PacketHandler
 from tailpy.magicsock.home import HomeChooser
@@ -160,20 +160,20 @@ class Relay:
         region = self.derp_map.regions.get(region_id)
         return region.region_code if region is not None else ""
 
-    def status(self) -> dict[str, Any]:
-        """``home_derp`` (region id, 0 none), ``home_derp_code``, ``latency_ms`` (region id as text -> ms of
-        the last report), ``connections`` (:meth:`DerpConnections.status`), and counters."""
-        return {
-            "home_derp": self.chooser.home,
-            "home_derp_code": self.region_code(self.chooser.home),
-            "latency_ms": {str(r): round(d * 1000, 2) for r, d in sorted(self.latency.items())},
-            "connections": self.derp.status(),
-            "relay_sent": self.relay_sent,
-            "relay_dropped": self.relay_dropped,
-            "derp_received": self.derp_received,
-            "derp_dropped": self.derp_dropped,
-            "disco_dropped": 0,  # every DERP disco datagram goes to disco now; kept for the JSON's shape
-        }
+    def status(self) -> DerpStatus:
+        """The home region, the last latency report (milliseconds), the open connections
+        (:meth:`DerpConnections.status`) and the counters (:class:`tailpy.ipnstate.DerpStatus`)."""
+        return DerpStatus(
+            home_derp=self.chooser.home,
+            home_derp_code=self.region_code(self.chooser.home),
+            latency_ms={r: round(d * 1000, 2) for r, d in sorted(self.latency.items())},
+            connections=tuple(self.derp.status()),
+            relay_sent=self.relay_sent,
+            relay_dropped=self.relay_dropped,
+            derp_received=self.derp_received,
+            derp_dropped=self.derp_dropped,
+            disco_dropped=0,  # every DERP disco datagram goes to disco now; kept for the JSON's shape
+        )
 
 
 __all__ = ["Relay"]

@@ -3,37 +3,19 @@ search domains, extra records). Nodes get a new full netmap at once when the ser
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from tailpy.cli.control.common import admin, db_option, json_option, print_json, state_dir_option
 from tailpy.dns.config import MAX_ITEMS
 from tailpy.errors import ConfigError
-
-ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
-
-_state_dir = click.option(
-    "--state-dir",
-    envvar=ENV_STATE_DIR,
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Directory of the server's database and key (default: ${ENV_STATE_DIR}).",
-)
-_db = click.option("--db", envvar="TAILPY_CONTROL_DB", default=None, help="Database URL (default: SQLite).")
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-
-
-def _admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> Any:
-    from tailpy.control import admin
-
-    return admin.run(state_dir, db, op, args)
 
 
 def _print(cfg: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(cfg, indent=2))
+        print_json(cfg)
         return
     routes = cfg["routes"]
     for k, v in [
@@ -70,18 +52,18 @@ def command() -> None:
 
 
 @command.command("show")
-@_state_dir
-@_db
-@_json
+@state_dir_option
+@db_option
+@json_option
 def show(state_dir: Path, db: str | None, as_json: bool) -> None:
     """Show the DNS settings."""
-    _print(_admin(state_dir, db, "dns.show", {}), as_json)
+    _print(admin(state_dir, db, "dns.show", {}), as_json)
 
 
 @command.command("set")
-@_state_dir
-@_db
-@_json
+@state_dir_option
+@db_option
+@json_option
 @click.option("--magic-dns/--no-magic-dns", default=None, help="Answer <node>.<domain> on 100.100.100.100.")
 @click.option("--domain", default=None, help="Tailnet DNS domain (node names are <name>.<domain>).")
 @click.option("--nameserver", "nameservers", multiple=True, help="Upstream resolver IP[:PORT] (repeat).")
@@ -141,7 +123,7 @@ def set_(
         args["extra_records"] = [parse_record(r) for r in records]
     if not args:
         raise ConfigError("nothing to set: give at least one option (see `tailpy control dns set --help`)")
-    _print(_admin(state_dir, db, "dns.set", args), as_json)
+    _print(admin(state_dir, db, "dns.set", args), as_json)
 
 
 __all__ = ["command", "parse_record", "parse_route"]

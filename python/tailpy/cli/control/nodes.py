@@ -1,0 +1,201 @@
+"""`tailpy control nodes list|show|rename|expire|expiry|delete|pending|approve|reject`: machines registered
+with this server, and those waiting for approval."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tailpy.cli.control.common import (
+    admin,
+    db_option,
+    json_option,
+    out,
+    print_json,
+    state_dir_option,
+    table,
+    when,
+    with_admin_note,
+)
+
+
+@click.group("nodes")
+def command() -> None:
+    """Machines registered with this server."""
+
+
+@command.command("list")
+@state_dir_option
+@db_option
+@json_option
+def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """List nodes: id, name, owner, addresses, online, key expiry, last seen."""
+    result = admin(state_dir, db, "nodes.list", {})
+    if as_json:
+        print_json(result)
+        return
+    now = time.time()
+    table(
+        ["ID", "NAME", "USER/TAGS", "IPV4", "IPV6", "OS", "ONLINE", "KEY EXPIRES", "LAST SEEN", "NODE KEY"],
+        [
+            [
+                str(n["id"]),
+                n["name"],
+                n["user"] or ",".join(n["tags"]),
+                _addr(n, 4),
+                _addr(n, 6),
+                n["os"],
+                "yes" if n["online"] else "no",
+                _expiry(n, now),
+                "-" if n["last_seen"] is None else when(n["last_seen"], now),
+                n["node_key"][:16] + "…",
+            ]
+            for n in result
+        ],
+    )
+
+
+@command.command("pending")
+@state_dir_option
+@db_option
+@json_option
+def nodes_pending(state_dir: Path, db: str | None, as_json: bool) -> None:
+    """List machines that signed in and wait for approval (serve --approve-nodes)."""
+    result = admin(state_dir, db, "nodes.pending", {})
+    if as_json:
+        print_json(result)
+        return
+    now = time.time()
+    table(
+        ["ID", "HOSTNAME", "USER", "EMAIL", "OS", "SIGNED IN", "MACHINE KEY"],
+        [
+            [
+                str(p["id"]),
+                p["hostname"],
+                p["user"],
+                p["email"],
+                p["os"],
+                when(p["created"], now),
+                p["machine_key"][:16] + "…",
+            ]
+            for p in result
+        ],
+    )
+
+
+@command.command("approve")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("pending_id", type=int)
+def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending_id: int) -> None:
+    """Let pending machine PENDING_ID (see `nodes pending`) join the tailnet."""
+    n = admin(state_dir, db, "nodes.approve", {"id": pending_id})
+    out(as_json, n, f"approved: node {n['id']} {n['name']} {_addr(n, 4)} ({n['user']})")
+
+
+@command.command("reject")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("pending_id", type=int)
+def nodes_reject(state_dir: Path, db: str | None, as_json: bool, pending_id: int) -> None:
+    """Refuse pending machine PENDING_ID; it may sign in again."""
+    p = admin(state_dir, db, "nodes.reject", {"id": pending_id})
+    out(as_json, p, f"rejected: {p['hostname']} ({p['user']})")
+
+
+def _addr(n: dict[str, Any], version: int) -> str:
+    for a in n["addresses"]:
+        if (":" in a) == (version == 6):
+            return str(a).split("/")[0]
+    return ""
+
+
+def _expiry(n: dict[str, Any], now: float) -> str:
+    if n["expired"]:
+        return "expired"
+    return "never" if n["key_expiry"] is None else when(n["key_expiry"], now)
+
+
+@command.command("show")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("node_id", type=int)
+def nodes_show(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
+    """Show node NODE_ID in full."""
+    n = admin(state_dir, db, "nodes.show", {"id": node_id})
+    if as_json:
+        print_json(n)
+        return
+    now = time.time()
+    for k, v in [
+        ("id", n["id"]),
+        ("name", n["fqdn"]),
+        ("hostname", n["hostname"]),
+        ("user", n["user"] or "-"),
+        ("tags", ",".join(n["tags"]) or "-"),
+        ("os", n["os"] or "-"),
+        ("addresses", " ".join(n["addresses"])),
+        ("endpoints", " ".join(n["endpoints"]) or "-"),
+        ("online", "yes" if n["online"] else "no"),
+        ("key expiry", _expiry(n, now)),
+        ("node key", n["node_key"]),
+        ("machine key", n["machine_key"]),
+    ]:
+        click.echo(f"{k + ':':13} {v}")
+
+
+@command.command("rename")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("node_id", type=int)
+@click.argument("name")
+def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node_id: int, name: str) -> None:
+    """Rename node NODE_ID to NAME (a DNS label; refused when another node has it)."""
+    n = admin(state_dir, db, "nodes.rename", {"id": node_id, "name": name})
+    out(as_json, n, f"node {node_id} is now {n['fqdn']}")
+
+
+@command.command("expire")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("node_id", type=int)
+def nodes_expire(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
+    """Expire node NODE_ID's key now: peers stop talking to it until it logs in again with an auth key."""
+    n = admin(state_dir, db, "nodes.expire", {"id": node_id})
+    out(as_json, n, f"expired the key of node {node_id} ({n['name']})")
+
+
+@command.command("expiry")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("node_id", type=int)
+@click.option("--disable/--enable", "disable", required=True, help="Turn key expiry off or back on.")
+def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node_id: int, disable: bool) -> None:
+    """Disable key expiry for node NODE_ID (its key never expires), or enable it again (from now)."""
+    n = admin(state_dir, db, "nodes.expiry", {"id": node_id, "disabled": disable})
+    out(as_json, n, f"key expiry of node {node_id} ({n['name']}): {_expiry(n, time.time())}")
+
+
+@command.command("delete")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("node_id", type=int)
+def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
+    """Remove node NODE_ID from the tailnet (its machine may rejoin, same address, with `tailpy login`
+    where control has a login provider, or with an auth key)."""
+    out(as_json, admin(state_dir, db, "nodes.delete", {"id": node_id}), f"deleted node {node_id}")
+
+
+with_admin_note([nodes_list, nodes_show, nodes_rename, nodes_expire, nodes_expiry, nodes_delete])
+
+__all__ = ["command"]

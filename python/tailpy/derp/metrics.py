@@ -1,0 +1,118 @@
+"""The DERP relay's counters and gauges (:class:`Metrics`), and their Prometheus text exposition (format
+0.0.4) that the HTTP front serves at ``/debug/metrics``. Names follow derper's expvar metrics
+(``derp/derpserver/derpserver.go``: ``accepts``, ``packets_dropped_reason_*``, ...)."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+DROP_REASONS = ("unknown_dest", "gone_disconnected", "queue_head", "write_error")
+"""Labels of ``derp_packets_dropped_total`` (names as derpserver's ``dropReason``)."""
+
+REFUSAL_REASONS = ("not_admitted", "verify_failed")
+"""Labels of ``derp_clients_refused_total``: the verifier said no; the verifier could not answer."""
+
+
+@dataclass
+class Metrics:
+    """Counters and gauges, exported by :meth:`prometheus` (Prometheus text format 0.0.4)."""
+
+    clients: int = 0
+    home_clients: int = 0
+    duplicate_keys: int = 0
+    accepts: int = 0
+    websocket_accepts: int = 0
+    login_failures: int = 0
+    packets_received: int = 0
+    bytes_received: int = 0
+    packets_relayed: int = 0
+    bytes_relayed: int = 0
+    packets_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    bytes_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    peer_gone_frames: dict[str, int] = field(default_factory=lambda: {"disconnected": 0, "not_here": 0})
+    pings: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
+    disconnects: dict[str, int] = field(default_factory=collections.Counter)
+
+    def drop(self, reason: str, nbytes: int) -> None:
+        """Count a dropped packet of ``nbytes`` bytes under ``reason`` (one of :data:`DROP_REASONS`)."""
+        self.packets_dropped[reason] += 1
+        self.bytes_dropped[reason] += nbytes
+
+    def prometheus(self) -> str:
+        """Every counter and gauge as Prometheus text (``# HELP``, ``# TYPE`` and value lines)."""
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, values: dict[str, int] | int, label: str = "") -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            if isinstance(values, int):
+                out.append(f"{name} {values}")
+            else:
+                for k, v in sorted(values.items()):
+                    out.append(f'{name}{{{label}="{k}"}} {v}')
+
+        metric("derp_clients", "gauge", "Connected DERP clients (connections).", self.clients)
+        metric(
+            "derp_home_clients", "gauge", "Clients that said this server is their home.", self.home_clients
+        )
+        metric("derp_duplicate_client_keys", "gauge", "Keys connected more than once.", self.duplicate_keys)
+        metric("derp_accepts_total", "counter", "Connections that completed the login.", self.accepts)
+        metric(
+            "derp_websocket_accepts_total",
+            "counter",
+            "WebSocket upgrades accepted at /derp.",
+            self.websocket_accepts,
+        )
+        metric("derp_login_failures_total", "counter", "Connections refused at login.", self.login_failures)
+        metric(
+            "derp_clients_refused_total",
+            "counter",
+            "Logins refused by client verification, by reason.",
+            self.refused,
+            "reason",
+        )
+        metric("derp_packets_received_total", "counter", "SendPacket frames received.", self.packets_received)
+        metric("derp_bytes_received_total", "counter", "Packet bytes received.", self.bytes_received)
+        metric(
+            "derp_packets_relayed_total",
+            "counter",
+            "Packets written to their destination.",
+            self.packets_relayed,
+        )
+        metric(
+            "derp_bytes_relayed_total",
+            "counter",
+            "Packet bytes written to their destination.",
+            self.bytes_relayed,
+        )
+        metric(
+            "derp_packets_dropped_total",
+            "counter",
+            "Packets dropped, by reason.",
+            self.packets_dropped,
+            "reason",
+        )
+        metric(
+            "derp_bytes_dropped_total",
+            "counter",
+            "Packet bytes dropped, by reason.",
+            self.bytes_dropped,
+            "reason",
+        )
+        metric(
+            "derp_peer_gone_frames_total", "counter", "PeerGone frames sent.", self.peer_gone_frames, "reason"
+        )
+        metric("derp_pings_total", "counter", "Ping frames answered.", self.pings)
+        metric(
+            "derp_disconnects_total",
+            "counter",
+            "Closed client connections, by cause.",
+            dict(self.disconnects),
+            "cause",
+        )
+        return "\n".join(out) + "\n"
+
+
+__all__ = ["DROP_REASONS", "REFUSAL_REASONS", "Metrics"]

@@ -218,7 +218,7 @@ async def test_dead_home_has_no_recent_traffic(relay: tuple[DerpServer, SilentPr
         proxy.silent = True
         await eventually(lambda: not conns.connected(901))
         assert conns.last_recv(901) is None
-        assert down and down[0] == 901  # MagicSock's hook to re-measure at once
+        assert down and down[0] == 901  # magicsock.Conn's hook to re-measure at once
         st = conns.status()[0]
         assert st.connected is False and st.last_error is not None and "ping" in st.last_error
         proxy.silent = False  # the relay comes back: the error clears on the next connect

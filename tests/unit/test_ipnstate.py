@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ class FakeDevice:
     tun_name = "tailpy0"
 
     def __init__(self, key: bytes) -> None:
+        self._r, self._w = os.pipe()  # the queue for Python: never readable here
+
+    def fileno(self) -> int:
+        return self._r
+
+    def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]:
+        return [], []
+
+    def set_path(self, public_key: bytes, path: str) -> None:
+        pass
+
+    def inject(self, public_key: bytes, datagram: bytes) -> None:
+        pass
+
+    def send_datagram(self, data: bytes, endpoint: str) -> None:
         pass
 
     def set_peer(
@@ -53,11 +69,9 @@ class FakeDevice:
     def set_private_key(self, private_key: bytes) -> None:
         pass
 
-    def fileno(self) -> int:
-        return -1
-
     def close(self) -> None:
-        pass
+        os.close(self._r)
+        os.close(self._w)
 
     def peers(self) -> list[dict[str, Any]]:
         return [
@@ -95,10 +109,12 @@ def node(i: int, **kw: Any) -> nm.Node:
     return dataclasses.replace(base, **kw)
 
 
-def backend(tmp_path: Path) -> Backend:
-    """A node with a netmap of three peers (one relayed, one direct, one expired) and a DERP map; no event
-    loop, so no DERP or NAT traversal parts."""
-    b = Backend(StateStore(tmp_path), FakeDevice, configure_os=False)  # type: ignore[arg-type]
+async def backend(tmp_path: Path) -> Backend:
+    """A node with a netmap of three peers (one relayed, one direct, one expired) and a DERP map. Its
+    magicsock.Conn is stopped at once (before its first tick: no DERP connections, probes or STUN from this
+    host), so its parts of the status are as they start."""
+    b = Backend(StateStore(tmp_path), FakeDevice, configure_os=False)
+    await b.start()  # not registered yet: NeedsLogin, then Running with the netmap below
     s = b.state_data
     s.node_id, s.hostname, s.login_server = 1, "host1", "http://192.0.2.1:8080"
     ep = Endpoint.parse
@@ -121,7 +137,10 @@ def backend(tmp_path: Path) -> Backend:
         900, "r900", "Lab", (nm.DerpNode("900a", 900, "derp.example", ipv4="198.51.100.1", stun_port=3478),)
     )
     b.apply_netmap(nm.NetMap(me, peers, "tail.example", derp_map=nm.DerpMap({900: region})))
-    b._endpoints = [ep("192.0.2.11:41641"), ep("[2001:db8::11]:41641")]
+    assert b.conn is not None
+    b.conn.stop()
+    await b.conn.close()
+    b.session.reported_endpoints = [ep("192.0.2.11:41641"), ep("[2001:db8::11]:41641")]
     b.last_error = "an error"
     return b
 
@@ -176,8 +195,8 @@ EXPECTED_STATUS: dict[str, Any] = {
             "endpoints": ["192.168.1.20:41641", "203.0.113.2:41641"],
             "endpoint": None,
             "path": "relay",
-            "relay_region": 0,
-            "relay_region_code": "",
+            "relay_region": 900,
+            "relay_region_code": "r900",
             "last_handshake": 1000.5,
             "active": False,
             "tx_bytes": 10,
@@ -237,7 +256,7 @@ EXPECTED_STATUS: dict[str, Any] = {
         },
     ],
     "device": {"dropped_send_error": 0, "tx_datagrams": 12, "gso": True},
-    "derp": None,
+    "derp": "X",
     "derp_map": {
         "Regions": {
             "900": {
@@ -256,12 +275,13 @@ EXPECTED_STATUS: dict[str, Any] = {
             }
         }
     },
-    "traversal": None,
+    "traversal": "X",
     "ignored_datagrams": 0,
     "dns": None,
 }
-"""The status JSON of :func:`backend` (``now`` and this node's random keys blanked), as tailpyd sent it
-before the status had types."""
+"""The status JSON of :func:`backend` (``now``, this node's random keys and the magicsock parts ``derp`` and
+``traversal``, which depend on this host's addresses, blanked), as tailpyd sent it before the status had
+types."""
 
 EXPECTED_WHOIS: dict[str, Any] = {
     "id": 3,
@@ -295,11 +315,14 @@ def _blank(st: dict[str, Any]) -> dict[str, Any]:
     st["now"] = 0
     for k in ("node_key", "machine_key", "disco_key"):
         st["self"][k] = "X"
+    for k in ("derp", "traversal"):
+        assert isinstance(st[k], dict)
+        st[k] = "X"
     return st
 
 
-def test_status_json_is_pinned(tmp_path: Path) -> None:
-    b = backend(tmp_path)
+async def test_status_json_is_pinned(tmp_path: Path) -> None:
+    b = await backend(tmp_path)
     st = b.status()
     doc = st.to_json()
     assert json.loads(json.dumps(doc)) == doc  # plain JSON types only
@@ -316,14 +339,14 @@ def test_status_json_is_pinned(tmp_path: Path) -> None:
     assert st.device == {"dropped_send_error": 0, "tx_datagrams": 12, "gso": True}  # passed through
 
 
-def test_whois_json_is_pinned(tmp_path: Path) -> None:
-    got = backend(tmp_path).whois("100.64.0.3")
+async def test_whois_json_is_pinned(tmp_path: Path) -> None:
+    got = (await backend(tmp_path)).whois("100.64.0.3")
     assert got is not None and got.to_json() == EXPECTED_WHOIS
     assert PeerStatus.from_json(EXPECTED_WHOIS) == got
 
 
-def test_status_round_trips_through_json(tmp_path: Path) -> None:
-    doc = backend(tmp_path).status().to_json()
+async def test_status_round_trips_through_json(tmp_path: Path) -> None:
+    doc = (await backend(tmp_path)).status().to_json()
     assert Status.from_json(doc).to_json() == doc
     assert Status.from_json(json.loads(json.dumps(doc))).to_json() == doc
 
@@ -390,7 +413,7 @@ TRAVERSAL_JSON = {
 }
 
 
-def test_derp_and_traversal_parts_round_trip(tmp_path: Path) -> None:
+async def test_derp_and_traversal_parts_round_trip(tmp_path: Path) -> None:
     derp = DerpStatus.from_json(DERP_JSON)
     assert derp.latency_ms == {900: 1.25, 901: 30.0} and derp.connections[0].home
     assert derp.to_json() == DERP_JSON
@@ -399,7 +422,7 @@ def test_derp_and_traversal_parts_round_trip(tmp_path: Path) -> None:
     assert tr.netcheck is not None and tr.netcheck.global_v4 == Endpoint.parse("203.0.113.5:41641")
     assert tr.peers[NodePublic(bytes([2]) * 32)].path == Endpoint.parse("203.0.113.2:41641")
     assert tr.to_json() == TRAVERSAL_JSON
-    doc = backend(tmp_path).status().to_json()
+    doc = (await backend(tmp_path)).status().to_json()
     full = {**doc, "derp": DERP_JSON, "traversal": TRAVERSAL_JSON, "dns": {"magic_dns": True, "names": 3}}
     assert Status.from_json(full).to_json() == full
 
@@ -448,8 +471,8 @@ def test_ping_reply_json() -> None:
         lambda d: d.update(health="one warning"),
     ],
 )
-def test_malformed_status_is_one_parse_error(tmp_path: Path, mutate: Any) -> None:
-    doc = backend(tmp_path).status().to_json()
+async def test_malformed_status_is_one_parse_error(tmp_path: Path, mutate: Any) -> None:
+    doc = (await backend(tmp_path)).status().to_json()
     mutate(doc)
     with pytest.raises(ParseError, match=r"malformed|endpoint"):
         Status.from_json(doc)

@@ -1,12 +1,11 @@
-"""Home DERP region choice with hysteresis (a stale home region must not flap: tailscale/tailscale#8603) and
-the interim direct/relay path policy; sans-IO, ``now`` passed in."""
+"""Home DERP region choice with hysteresis (a stale home region must not flap: tailscale/tailscale#8603);
+sans-IO, ``now`` passed in."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tailpy.magicsock.fallback import HANDSHAKE_FRESH, FallbackPolicy
 from tailpy.magicsock.home import HomeChooser
 
 R1, R2, R3 = 1, 2, 3
@@ -96,97 +95,3 @@ def test_flapping_within_a_third_never_moves_home(r1: list[float], r2: list[floa
     for i, d in enumerate(r1[1:]):
         other = r2[i % len(r2)] if r2 else 0.03
         assert c.add_report((i + 1) * 25.0, {R1: d, R2: other}) == first
-
-
-# ---- the interim path policy ----
-
-KEY = b"k" * 32
-
-
-def observe(p: FallbackPolicy, now: float, **kw: object) -> str:
-    args: dict[str, object] = {
-        "has_endpoint": True,
-        "home_derp": 900,
-        "tx_packets": 0,
-        "rx_packets": 0,
-        "last_handshake": None,
-    }
-    args.update(kw)
-    return p.observe(now, KEY, **args)  # type: ignore[arg-type]
-
-
-def test_no_handshake_within_5s_while_sending_goes_relay() -> None:
-    p = FallbackPolicy()
-    assert observe(p, 0.0) == "direct"
-    assert observe(p, 1.0, tx_packets=1) == "direct"  # first handshake initiation
-    assert observe(p, 4.0, tx_packets=1) == "direct"
-    assert observe(p, 6.5, tx_packets=2) == "relay"  # retried, never answered
-    assert observe(p, 100.0, tx_packets=2, rx_packets=50, last_handshake=99.0) == "relay"  # sticky
-
-
-def test_working_direct_path_stays_direct() -> None:
-    p = FallbackPolicy()
-    t = 1000.0
-    assert observe(p, t) == "direct"
-    tx = rx = 0
-    for i in range(60):  # a ping every second, answered
-        tx, rx = tx + 1, rx + 1
-        assert observe(p, t + i, tx_packets=tx, rx_packets=rx, last_handshake=t) == "direct"
-    # Then idle; our lone passive keepalive is never answered: still direct.
-    assert observe(p, t + 70, tx_packets=tx + 1, rx_packets=rx, last_handshake=t) == "direct"
-    assert observe(p, t + 100, tx_packets=tx + 1, rx_packets=rx, last_handshake=t) == "direct"
-
-
-def test_session_that_stops_answering_goes_relay_after_longer_wait() -> None:
-    p = FallbackPolicy()
-    t = 1000.0
-    observe(p, t, tx_packets=10, rx_packets=10, last_handshake=t)
-    for i in range(1, 19):  # sending, nothing back, the handshake still fresh
-        assert observe(p, t + i, tx_packets=10 + i, rx_packets=10, last_handshake=t) == "direct"
-    assert observe(p, t + 21, tx_packets=31, rx_packets=10, last_handshake=t) == "relay"
-
-
-def test_refused_sends_count_as_unanswered_for_peers_without_session() -> None:
-    """A local firewall makes the socket refuse datagrams: tx_packets stays, the device counts errors."""
-    p = FallbackPolicy()
-    observe(p, 0.0)
-    assert observe(p, 1.0, send_errors=True) == "direct"
-    assert observe(p, 3.0, send_errors=True) == "direct"
-    assert observe(p, 6.5, send_errors=True) == "relay"
-    q = FallbackPolicy()  # a peer with a working session is not blamed for another peer's refused sends
-    t = 1000.0
-    observe(q, t, tx_packets=5, rx_packets=5, last_handshake=t)
-    for i in range(1, 40):
-        assert observe(q, t + i, tx_packets=5, rx_packets=5, last_handshake=t, send_errors=True) == "direct"
-
-
-def test_stale_unanswered_sending_is_forgotten() -> None:
-    p = FallbackPolicy()
-    observe(p, 0.0)
-    observe(p, 1.0, tx_packets=1)  # one initiation, then nothing sent for a long time
-    assert observe(p, 3600.0, tx_packets=1) == "direct"
-
-
-def test_no_endpoint_relays_at_once_no_home_derp_never_relays() -> None:
-    p = FallbackPolicy()
-    assert observe(p, 0.0, has_endpoint=False) == "relay"
-    assert observe(p, 1.0, has_endpoint=False, tx_packets=3) == "relay"
-    assert observe(p, 2.0, tx_packets=3) == "direct"  # control brought an endpoint: try it
-    assert observe(p, 3.0, tx_packets=4) == "direct"
-    assert observe(p, 9.0, tx_packets=5) == "relay"  # ... which does not answer
-    assert observe(p, 10.0, has_endpoint=False, tx_packets=5) == "relay"
-    assert observe(p, 11.0, tx_packets=5) == "relay"  # relayed for not answering: stays
-    q = FallbackPolicy()
-    assert observe(q, 0.0, home_derp=0, has_endpoint=False) == "direct"
-    for i in range(1, 20):
-        assert observe(q, float(i), home_derp=0, tx_packets=i) == "direct"
-
-
-def test_datagram_over_derp_switches_unless_fresh_handshake() -> None:
-    p = FallbackPolicy()
-    assert p.received_via_derp(100.0, KEY, home_derp=900, last_handshake=90.0) == "direct"
-    assert p.received_via_derp(100.0 + HANDSHAKE_FRESH, KEY, home_derp=900, last_handshake=90.0) == "relay"
-    q = FallbackPolicy()
-    assert q.received_via_derp(0.0, KEY, home_derp=900, last_handshake=None) == "relay"
-    q.forget(KEY)
-    assert q.path(KEY) == "direct"

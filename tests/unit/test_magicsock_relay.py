@@ -1,65 +1,28 @@
-"""MagicSock's DERP side against real tailpy DERP servers on 127.0.0.1: home region, relay routing of the
-device's datagrams, DERP packets injected (disco to its hook), on-demand and idle connections, latency.
+"""magicsock.Conn's DERP side against real tailpy DERP servers on 127.0.0.1: home region, relay routing of
+the device's datagrams, DERP packets injected (disco to disco), peers without disco, on-demand and idle
+connections, latency, the home region's hysteresis (:class:`tailpy.magicsock.Relay`).
 
-The data plane is a recording stand-in (the real one needs a TUN; the lab test uses it)."""
+The data plane is a recording stand-in (tests/unit/_conn_device.py; the real one needs a TUN, the lab tests
+use it)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from dataclasses import replace
 
 import pytest
+from _conn_device import FakeDevice
 
 from tailpy.derp.server import DerpServer
 from tailpy.endpoint import Endpoint
-from tailpy.errors import DeviceError
-from tailpy.keys import MachinePrivate, NodePrivate, NodePublic
-from tailpy.magicsock import DISCO_MAGIC, DerpConnections, MagicSock, measure_latency
+from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate, NodePublic
+from tailpy.magicsock import DISCO_MAGIC, Conn, DerpConnections, Options, Relay, measure_latency
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
 
 WG_DATA = bytes([4, 0, 0, 0]) + os.urandom(60)  # looks like a WireGuard transport message
-
-
-class RecordingDevice:
-    """The parts of tailpy._native.Device MagicSock uses: paths, injected datagrams, peer counters."""
-
-    def __init__(self) -> None:
-        self.paths: dict[bytes, str] = {}
-        self.endpoints: dict[bytes, str | None] = {}
-        self.injected: list[tuple[bytes, bytes]] = []
-        self.peer_stats: dict[bytes, dict[str, Any]] = {}
-        self.send_errors = 0
-
-    def add(self, key: bytes, endpoint: str | None) -> None:
-        self.paths[key] = "direct"
-        self.endpoints[key] = endpoint
-        self.peer_stats[key] = {"tx_packets": 0, "rx_packets": 0, "last_handshake": None}
-
-    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None:
-        if public_key not in self.paths:
-            raise DeviceError("unknown peer")
-        self.paths[public_key] = path
-
-    def inject(self, public_key: bytes, datagram: bytes) -> None:
-        if public_key not in self.paths:
-            raise DeviceError("unknown peer")
-        self.injected.append((public_key, datagram))
-
-    def set_peer(
-        self, public_key: bytes, *, allowed_ips: list[str], endpoint: str | None = None, **_: Any
-    ) -> None:
-        self.endpoints[public_key] = endpoint
-
-    def stats(self) -> dict[str, int]:
-        return {"dropped_send_error": self.send_errors}
-
-    def peers(self) -> list[dict[str, Any]]:
-        return [
-            {"public_key": k, "path": self.paths[k], "endpoint": self.endpoints[k], **st}
-            for k, st in self.peer_stats.items()
-        ]
 
 
 def node(i: int, key: NodePrivate, home: int) -> Node:
@@ -101,80 +64,99 @@ async def servers() -> AsyncIterator[list[DerpServer]]:
         await s.stop()
 
 
+def conn(dev: FakeDevice, key: NodePrivate, homes: list[int] | None = None) -> Conn:
+    return Conn(
+        dev,
+        key,
+        Options(
+            DiscoPrivate.generate(),
+            on_home_changed=homes.append if homes is not None else None,
+            monitor_links=False,
+        ),
+    )
+
+
 async def test_two_nodes_relay_through_their_home_region(servers: list[DerpServer]) -> None:
     dm = DerpMap({900: region(900, servers[0].addresses[0][1])})
     ka, kb = NodePrivate.generate(), NodePrivate.generate()
-    dev_a, dev_b = RecordingDevice(), RecordingDevice()
-    dev_a.add(kb.public.raw, "192.0.2.2:41641")
-    dev_b.add(ka.public.raw, "192.0.2.1:41641")
+    dev_a, dev_b = FakeDevice(), FakeDevice()
+    dev_a.add(kb.public.raw)
+    dev_b.add(ka.public.raw)
     homes: list[int] = []
-    a = MagicSock(dev_a, ka, on_home_changed=homes.append)
-    b = MagicSock(dev_b, kb)
-    disco: list[tuple[NodePublic, bytes, int | None]] = []
-    b.on_disco = lambda src, payload, region: disco.append((src, payload, region))
-    a.set_netmap(NetMap(node(1, ka, 0), {2: node(2, kb, 900)}, derp_map=dm))
-    b.set_netmap(NetMap(node(2, kb, 0), {1: node(1, ka, 900)}, derp_map=dm))
+    a = conn(dev_a, ka, homes)
+    b = conn(dev_b, kb)
     a.start()
     b.start()
+    a.set_netmap(NetMap(node(1, ka, 0), {2: node(2, kb, 900)}, derp_map=dm))
+    b.set_netmap(NetMap(node(2, kb, 0), {1: node(1, ka, 900)}, derp_map=dm))
     try:
+        # Neither peer has disco: each is sent to directly at its netmap endpoint.
+        assert dev_a.endpoints[kb.public.raw] == "192.0.2.2:41641" and dev_a.paths[kb.public.raw] == "direct"
         await until(lambda: a.home_region == 900 and b.home_region == 900, "both homes")
         assert homes == [900]
-        await until(lambda: a.derp.connected(900) and b.derp.connected(900), "home connections")
-        assert a.status().home_derp_code == "r900" and a.status().latency_ms[900] >= 0
+        await until(lambda: a.relay.connected(900) and b.relay.connected(900), "home connections")
+        derp = a.status().derp
+        assert derp.home_derp_code == "r900" and derp.latency_ms[900] >= 0
         # A relay datagram drained from A's device reaches B's device as an injected datagram from A.
-        a.on_relay([(kb.public.raw, WG_DATA)])
+        dev_a.queue_relay(kb.public.raw, WG_DATA)
         await until(lambda: bool(dev_b.injected), "B's inject")
         assert dev_b.injected == [(ka.public.raw, WG_DATA)]
         # B had no handshake with A: a WireGuard datagram over DERP puts A on the relay path for B.
         assert dev_b.paths[ka.public.raw] == "relay"
         assert dev_a.paths[kb.public.raw] == "direct"  # A decides for itself (here: nothing sent yet)
-        # Disco over DERP goes to the hook, not to the device.
+        # Disco over DERP goes to disco (here: from no disco peer, so counted and dropped), not to the device.
         probe = DISCO_MAGIC + os.urandom(80)
-        assert a.send_via_derp(kb.public, probe)
-        await until(lambda: bool(disco), "disco hook")
-        assert disco == [(ka.public, probe, 900)] and len(dev_b.injected) == 1
+        assert a.relay.send(kb.public, probe)
+        await until(lambda: b.disco.counters.received == 1, "disco to receive it")
+        assert len(dev_b.injected) == 1
         # A node that is not a peer is dropped and counted.
         stranger = NodePrivate.generate()
         other = DerpConnections(stranger, lambda *_: None)
         try:
             await other.set_derp_map(dm)
             assert other.send(900, kb.public, WG_DATA)
-            await until(lambda: b.derp_dropped == 1, "the stranger's packet to be dropped")
+            await until(lambda: b.relay.derp_dropped == 1, "the stranger's packet to be dropped")
         finally:
             await other.close()
         assert len(dev_b.injected) == 1
         # No region for a peer without a home DERP: the datagram is dropped and counted.
         a.set_netmap(NetMap(node(1, ka, 900), {2: node(2, kb, 0)}, derp_map=dm))
-        a.on_relay([(kb.public.raw, WG_DATA)])
-        assert a.relay_dropped == 1
+        dev_a.queue_relay(kb.public.raw, WG_DATA)
+        await until(lambda: a.relay.relay_dropped == 1, "the datagram to be dropped")
     finally:
         await a.close()
         await b.close()
+        dev_a.close()
+        dev_b.close()
 
 
-async def test_policy_relays_a_peer_without_endpoint_and_one_that_never_answers(
-    servers: list[DerpServer],
-) -> None:
+async def test_peer_without_disco_is_relayed_while_it_has_no_endpoint(servers: list[DerpServer]) -> None:
     dm = DerpMap({900: region(900, servers[0].addresses[0][1])})
     me, kb, kc = NodePrivate.generate(), NodePrivate.generate(), NodePrivate.generate()
-    dev = RecordingDevice()
-    dev.add(kb.public.raw, None)  # no endpoint at all
-    dev.add(kc.public.raw, "192.0.2.3:41641")
-    ms = MagicSock(dev, me)
-    ms.set_netmap(NetMap(node(1, me, 0), {2: node(2, kb, 900), 3: node(3, kc, 900)}, derp_map=dm))
+    dev = FakeDevice()
+    dev.add(kb.public.raw)
+    dev.add(kc.public.raw)
+    ms = conn(dev, me)
     ms.start()
+    no_endpoint = replace(node(2, kb, 900), endpoints=())
+    ms.set_netmap(NetMap(node(1, me, 0), {2: no_endpoint, 3: node(3, kc, 900)}, derp_map=dm))
     try:
-        await until(lambda: dev.paths[kb.public.raw] == "relay", "relay for the peer with no endpoint")
-        assert dev.paths[kc.public.raw] == "direct"
-        # C gets handshake initiations that are never answered: relay after about 5 s.
-        for _ in range(8):
-            dev.peer_stats[kc.public.raw]["tx_packets"] += 1
-            await asyncio.sleep(1.0)
-            if dev.paths[kc.public.raw] == "relay":
-                break
-        assert dev.paths[kc.public.raw] == "relay"
+        assert dev.paths[kb.public.raw] == "relay"  # no endpoint: relay at once
+        assert dev.paths[kc.public.raw] == "direct" and dev.endpoints[kc.public.raw] == "192.0.2.3:41641"
+        # Control brings an endpoint: direct to it.
+        ms.set_netmap(NetMap(node(1, me, 0), {2: node(2, kb, 900), 3: node(3, kc, 900)}, derp_map=dm))
+        assert dev.paths[kb.public.raw] == "direct" and dev.endpoints[kb.public.raw] == "192.0.2.2:41641"
+        # A peer with a disco key is disco's: relay from the first packet, whatever its endpoints.
+        kd = NodePrivate.generate()
+        dev.add(kd.public.raw)
+        with_disco = replace(node(4, kd, 900), disco_key=DiscoPrivate.generate().public)
+        ms.set_netmap(NetMap(node(1, me, 0), {2: node(2, kb, 900), 4: with_disco}, derp_map=dm))
+        assert dev.paths[kd.public.raw] == "relay"
+        await asyncio.sleep(0.6)  # two looks at the counters: nothing moves it
+        assert dev.paths[kd.public.raw] == "relay" and dev.paths[kb.public.raw] == "direct"
     finally:
         await ms.close()
+        dev.close()
 
 
 async def test_on_demand_region_connection_closes_when_idle(servers: list[DerpServer]) -> None:
@@ -218,36 +200,41 @@ async def test_latency_check_over_http_and_none_for_a_closed_port(servers: list[
     assert await measure_latency(region(901, port), timeout=2.0) is None
 
 
-async def test_home_switch_reported_and_old_home_still_delivers(servers: list[DerpServer]) -> None:
-    """Home region hysteresis end to end (tailscale/tailscale#8603): the home moves only after three slow
-    reports; control is told (on_home_changed), the new relay hears NotePreferred, and a peer still sending to
-    the old home region reaches us there."""
+async def test_home_moves_after_slow_reports_old_home_delivers(servers: list[DerpServer]) -> None:
+    """Home region hysteresis on the DERP side (tailscale/tailscale#8603): the home moves only after three
+    slow reports, the new relay hears NotePreferred, and a peer still sending to the old home region reaches
+    us there."""
     s900, s901 = servers
     dm = DerpMap({900: region(900, s900.addresses[0][1]), 901: region(901, s901.addresses[0][1])})
     ka, kb = NodePrivate.generate(), NodePrivate.generate()
-    dev_a = RecordingDevice()
-    dev_a.add(kb.public.raw, "192.0.2.2:41641")
-    homes: list[int] = []
-    a = MagicSock(dev_a, ka, on_home_changed=homes.append)
-    a.set_netmap(NetMap(node(1, ka, 0), {2: node(2, kb, 900)}, derp_map=dm))
-    await a.derp.set_derp_map(dm)  # driven by hand: no probe loop measuring loopback
+    got: list[tuple[NodePublic, bytes, int]] = []
+    a = Relay(ka, lambda src, data, rid: got.append((src, data, rid)), clock=time.monotonic)
+    a.set_peers([node(2, kb, 900)])
+    assert a.set_derp_map(dm)
+    await a.apply_derp_map()  # driven by hand: no probes measuring loopback
     b = DerpConnections(kb, lambda *_: None)
+
+    async def report(latencies: dict[int, float]) -> int:
+        home, moved = a.report(latencies)
+        if moved:  # what Conn does: connect there with NotePreferred (and tell control)
+            await a.derp.set_home(home)
+        return home
+
     try:
-        assert a.add_latency_report({900: 0.030, 901: 0.032}) == 900
+        assert await report({900: 0.030, 901: 0.032}) == 900
         await until(lambda: s900.metrics.home_clients == 1, "NotePreferred at region 900")
-        assert a.add_latency_report({901: 0.032}) == 900  # probe lost, frames recent (the connect)
-        assert a.add_latency_report({900: 0.080, 901: 0.032}) == 900
-        assert a.add_latency_report({900: 0.080, 901: 0.032}) == 900
-        assert a.add_latency_report({900: 0.080, 901: 0.032}) == 901
-        assert homes == [900, 901]
+        assert await report({901: 0.032}) == 900  # probe lost, frames recent (the connect)
+        assert await report({900: 0.080, 901: 0.032}) == 900
+        assert await report({900: 0.080, 901: 0.032}) == 900
+        assert await report({900: 0.080, 901: 0.032}) == 901
         await until(
             lambda: s901.metrics.home_clients == 1 and s900.metrics.home_clients == 0, "preferred moved"
         )
         # B still thinks A is at home in 900: the old home connection stays open and delivers.
         await b.set_derp_map(dm)
         assert b.send(900, ka.public, WG_DATA)
-        await until(lambda: bool(dev_a.injected), "the packet sent to the old home")
-        assert dev_a.injected == [(kb.public.raw, WG_DATA)]
+        await until(lambda: bool(got), "the packet sent to the old home")
+        assert got == [(kb.public, WG_DATA, 900)]
     finally:
         await b.close()
         await a.close()

@@ -1,8 +1,15 @@
-"""tailpyd's node state machine: log in to control, follow the netmap, and keep the data plane in step.
+"""tailpyd's node: a state machine over a session with control, wiring the data plane, its paths and DNS.
 
-States (as Tailscale names them): ``NoState`` (just started), ``NeedsLogin`` (no login server or key yet),
-``Starting`` (registered, waiting for the first netmap), ``Running`` (netmap applied, tunnel up),
-``Stopped`` (``tailpy down``).
+:class:`Backend` handles the local API's commands (``up``, ``down``, ``logout``, ``status``, ``ping``,
+``netcheck``, ``whois``) and wires the parts:
+
+* the data plane (``tailpy._native.Device``): WireGuard's peers (keys, allowed IPs) from the netmap;
+* :class:`tailpy.magicsock.Conn`: the peers' paths (endpoints, DERP, disco), made with the device;
+* :class:`tailpy.daemon.session.ControlSession`: the map stream, key rotation, endpoint and home reports;
+* :class:`tailpy.dns.manager.DNSManager`: MagicDNS.
+
+Its state (:class:`tailpy.daemon.lifecycle.BackendState`) moves only by the table in
+:mod:`tailpy.daemon.lifecycle`.
 """
 
 from __future__ import annotations
@@ -12,8 +19,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import platform
-import random
 import socket
 import time
 import urllib.parse
@@ -21,11 +26,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tailpy import netmap as nm
-from tailpy.asyncutil import wait_event
-from tailpy.backoff import reconnect_delays
-from tailpy.control import ControlClient
 from tailpy.control.client import LoginAnswer
 from tailpy.daemon import netconf
+from tailpy.daemon.lifecycle import BackendState, Event, transition
+from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
 from tailpy.errors import (
@@ -38,9 +42,7 @@ from tailpy.errors import (
 )
 from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
 from tailpy.keys import DiscoPrivate, NodePrivate
-from tailpy.magicsock import MagicSock, RelayDevice
-from tailpy.magicsock.traversal import Traversal, TraversalDevice
-from tailpy.proto import control as proto
+from tailpy.magicsock import Conn, ConnDevice, Options
 
 if TYPE_CHECKING:
     from tailpy.dns.manager import DNSManager
@@ -48,18 +50,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("tailpy.daemon")
 
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
-ROTATE_BEFORE = 7 * 86400.0  # seconds before node key expiry to rotate it (at most half its lifetime)
-OS_NAME = platform.system().lower()  # "linux", as the node reports it to control
-ENDPOINT_REFRESH = 20.0  # seconds between checks of local endpoints (without NAT traversal running)
-BACKOFF_MIN = 0.5  # seconds, first reconnect delay to control
-BACKOFF_MAX = 15.0  # seconds, cap of the exponential backoff
-STREAM_CHECK = (15.0, 20.0)  # seconds between checks that control still holds the map stream (a draw)
-LOGIN_POLL = 25.0  # seconds control may hold a login poll (ControlClient.login_poll)
 
 
-class DataPlane(RelayDevice, TraversalDevice, Protocol):
+class DataPlane(ConnDevice, Protocol):
     """What the backend needs of :class:`tailpy._native.Device` (a Protocol, so tests can pass their own):
-    what MagicSock (relay) and Traversal (disco, STUN) need, and the rest below."""
+    what :class:`~tailpy.magicsock.Conn` needs (paths, endpoints, sending, the queue), and the rest below:
+    peers' keys and allowed IPs, the node key, counters."""
 
     @property
     def listen_port(self) -> int: ...
@@ -67,8 +63,7 @@ class DataPlane(RelayDevice, TraversalDevice, Protocol):
     def tun_name(self) -> str: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
     def set_private_key(self, private_key: bytes) -> None: ...
-    def fileno(self) -> int: ...
-    def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
+    def stats(self) -> Any: ...
     def close(self) -> None: ...
 
 
@@ -94,7 +89,9 @@ def check_login_server(url: str) -> str:
 
 class Backend:
     """One node. ``device_factory(private_key)`` creates the data plane (a real ``tailpy._native.Device``
-    in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched)."""
+    in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched);
+    ``rotate_before``: seconds before the node key expires to rotate it (0: never). Made and used inside a
+    running event loop."""
 
     def __init__(
         self,
@@ -115,29 +112,44 @@ class Backend:
         self._mtu = tun_mtu
         self._configure_os = configure_os
         self.device: DataPlane | None = None
+        self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
         self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
-        self.backend_state = "NoState"
+        self.state = BackendState.NO_STATE
         self.last_error: str = ""
-        self.control_connected = False
-        self._session: asyncio.Task[None] | None = None
-        self._endpoints: list[Endpoint] = []
         self.changed = asyncio.Event()
-        self._netmap_changed = asyncio.Event()
-        self.ignored_datagrams = 0  # STUN/disco datagrams drained with no consumer yet
-        # DERP home region, relay and path policy; made with the device when an event loop runs.
-        self.magicsock: MagicSock | None = None
-        # disco, STUN, netcheck and endpoints over the device's socket; made with magicsock.
-        self.traversal: Traversal | None = None
-        self._endpoints_changed = asyncio.Event()
-        self._home_changed = asyncio.Event()
+        self.session = ControlSession(
+            store,
+            self.state_data,
+            self.disco_key.public,
+            SessionHooks(
+                on_netmap=self._on_netmap,
+                on_node_key=self._adopt_node_key,
+                on_forgotten=self._forgotten,
+                on_error=self._on_session_error,
+                on_status=self.changed.set,
+                endpoints=self._endpoints,
+                home_derp=lambda: self.home_derp,
+            ),
+            rotate_before=rotate_before,
+        )
         self._closing: set[asyncio.Task[None]] = set()
-        self._rotate_before = rotate_before
-        self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
         self.auth_url = ""  # where the user signs in while an interactive login waits
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
+
+    @property
+    def backend_state(self) -> str:
+        """The state as ``tailpy status`` shows it ("NoState", "NeedsLogin", "Starting", "Running",
+        "Stopped")."""
+        return self.state.value
+
+    def _fire(self, event: Event) -> None:
+        """Move the state machine (:func:`tailpy.daemon.lifecycle.transition`; IllegalTransition for an
+        event the table does not allow here)."""
+        self.state = transition(self.state, event)
+        self.changed.set()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -147,13 +159,13 @@ class Backend:
         if self.dns is not None:
             self.dns.recover()  # a resolv.conf left pointed at MagicDNS by a crash
         if s.want_running and s.login_server and s.node_id is not None:
-            self._set_state("Starting")
+            self._fire(Event.START_REGISTERED)
             if s.pending_node_key is not None:
-                await self._finish_pending_rotation()
+                await self.session.finish_pending_rotation()
             self._ensure_device()
-            self._start_session()
+            self.session.start()
         else:
-            self._set_state("NeedsLogin")
+            self._fire(Event.START_LOGGED_OUT)
 
     async def up(
         self,
@@ -202,7 +214,7 @@ class Backend:
                 f"{head}: once control answers, run `tailpy login` (sign in in a browser, where control "
                 "offers it) or `tailpy up --auth-key KEY`"
             )
-        await self._stop_session()
+        await self.session.stop()
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
         hostname = hostname or s.hostname or socket.gethostname()
@@ -211,14 +223,9 @@ class Backend:
         node_key = NodePrivate.generate() if force_reauth or expired else s.node_key
         created = self.device is None
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
-        client = ControlClient(url, s.machine_key)
-        login: LoginAnswer | None = None
         try:
-            if auth_key:
-                node: nm.Node | None = await client.register(node_key.public, hostname, auth_key, os=OS_NAME)
-            else:  # interactive login where control offers it; an auth key where it does not
-                login = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=0)
-                node = login.node
+            # Without an auth key: interactive login where control offers it, an auth key where it does not.
+            answer = await register(url, s.machine_key, node_key, hostname, auth_key)
         except ControlError as e:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)
@@ -232,13 +239,12 @@ class Backend:
             if created:
                 self._close_device()
             if self.netmap is not None and not force_reauth and s.want_running:
-                self._start_session()  # a failed re-login leaves a running node as it was
+                self.session.start()  # a failed re-login leaves a running node as it was
             raise e from None
-        finally:
-            await client.close()
+        node = answer if isinstance(answer, nm.Node) else answer.node
         if node is None:
-            assert login is not None
-            self._await_login(url, node_key, hostname, login)
+            assert isinstance(answer, LoginAnswer)
+            self._await_login(url, node_key, hostname, answer)
             return
         self._registered(url, node_key, hostname, node)
 
@@ -249,7 +255,7 @@ class Backend:
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
         if url != s.login_server:
-            self.netmap = None
+            self._drop_netmap()
         s.login_server, s.hostname = url, hostname
         s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
         if self._up_accept_dns is not None:
@@ -257,17 +263,17 @@ class Backend:
         s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
         self.store.save(s)
         self.last_error = ""
-        self._set_state("Starting")
+        self._fire(Event.REGISTERED)
         self._apply_self(node)
-        self._start_session()
+        self.session.start()
 
-    # -- interactive login --------------------------------------------------------------------------
+    # -- interactive login -----------------------------------------------------------------------------
 
     def _await_login(self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer) -> None:
         """Control wants the user to sign in: show ``auth_url`` in the status (state NeedsLogin) and long-poll
         control in the background until the login (and any approval) is done, then come up."""
         self._show_login(first)
-        self._set_state("NeedsLogin")
+        self._fire(Event.LOGIN_NEEDED)
         self._login_server = url
         self._login = asyncio.create_task(self._wait_login(url, node_key, hostname), name="login")
 
@@ -280,32 +286,22 @@ class Backend:
         self.changed.set()
 
     async def _wait_login(self, url: str, node_key: NodePrivate, hostname: str) -> None:
-        delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
-        client = ControlClient(url, self.state_data.machine_key)
+        def on_error(sentence: str) -> None:  # control restarting, say: keep waiting, the URL is renewed
+            self.last_error = sentence
+            self.changed.set()
+
+        machine_key = self.state_data.machine_key
+        node = await poll_login(
+            url, machine_key, node_key, hostname, on_answer=self._show_login, on_error=on_error
+        )
+        log.info("login done: node %d %s", node.id, node.name)
+        self._login = None
         try:
-            while True:
-                try:
-                    answer = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=LOGIN_POLL)
-                except ControlError as e:  # control restarting, say: keep waiting, the URL is renewed
-                    log.warning("waiting for login: %s", e)
-                    self.last_error = str(e)
-                    self.changed.set()
-                    await asyncio.sleep(next(delays))
-                    continue
-                delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
-                if answer.node is not None:
-                    log.info("login done: node %d %s", answer.node.id, answer.node.name)
-                    self._login = None
-                    try:
-                        self._registered(url, node_key, hostname, answer.node)
-                    except TailpyError as e:  # the tunnel's addresses could not be set, say
-                        log.warning("after login: %s", e)
-                        self.last_error = str(e)
-                        self._set_state("NeedsLogin")
-                    return
-                self._show_login(answer)
-        finally:
-            await client.close()
+            self._registered(url, node_key, hostname, node)
+        except TailpyError as e:  # the tunnel's addresses could not be set, say
+            log.warning("after login: %s", e)
+            self.last_error = str(e)
+            self._fire(Event.LOGIN_FAILED)
 
     async def _stop_login(self) -> None:
         task, self._login = self._login, None
@@ -320,20 +316,20 @@ class Backend:
         s.hostname, s.want_running = hostname, True
         self.store.save(s)
         self.last_error = error
-        self._set_state("Starting")
+        self._fire(Event.UP_OFFLINE)
         if self.device is not None and self._configure_os and s.addresses:
             netconf.configure_tun(self.device.tun_name, list(s.addresses), self._mtu)
-        self._start_session()
+        self.session.start()
 
     async def down(self) -> None:
         """Disconnect: stop following control and remove the tunnel; the node stays registered."""
         await self._stop_login()
-        await self._stop_session()
+        await self.session.stop()
         self.state_data.want_running = False
         self.store.save(self.state_data)
         self._close_device()
-        self.netmap = None
-        self._set_state("Stopped")
+        self._drop_netmap()
+        self._fire(Event.DOWN)
 
     async def logout(self) -> None:
         """Log out: control expires this node's key (the record, address and name stay for the next login),
@@ -342,88 +338,40 @@ class Backend:
         await self._stop_login()
         s = self.state_data
         if s.login_server and s.node_id is not None:
-            client = ControlClient(s.login_server, s.machine_key)
-            try:
-                await client.logout(s.node_key.public)
-            finally:
-                await client.close()
-        await self._stop_session()
+            await logout(s.login_server, s.machine_key, s.node_key)
+        await self.session.stop()
         self._close_device()
         self._adopt_node_key(NodePrivate.generate())
         s.node_id, s.addresses, s.want_running, s.node_key_issued = None, (), False, None
         self.store.save(s)
-        self.netmap = None
+        self._drop_netmap()
         self.last_error = ""
-        self._set_state("NeedsLogin")
+        self._fire(Event.LOGOUT)
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
         await self._stop_login()
-        await self._stop_session()
+        await self.session.stop()
         self._close_device()
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- the session with control ----------------------------------------------------------------------
 
-    def _start_session(self) -> None:
-        self._session = asyncio.create_task(self._run_session(), name="control-session")
+    @property
+    def control_connected(self) -> bool:
+        return self.session.connected
 
-    async def _stop_session(self) -> None:
-        task, self._session = self._session, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.control_connected = False
+    def rotate_at(self) -> float | None:
+        """Unix time at which the node key will be rotated (:meth:`ControlSession.rotate_at`)."""
+        return self.session.rotate_at()
 
-    async def _run_session(self) -> None:
-        """Follow the netmap stream, reconnecting with backoff; rotate the node key when it is due (then
-        reconnect at once with the new key)."""
-        delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
-        resume = None
-        while True:
-            client = ControlClient(self.state_data.login_server, self.state_data.machine_key)
-            client.map_state = resume  # resume from what the last stream applied (only deltas since)
-            tasks = {
-                asyncio.create_task(self._follow(client), name="follow"),
-                asyncio.create_task(self._rotate_when_due(client), name="rotate"),
-                asyncio.create_task(self._refresh_endpoints(client), name="endpoints"),
-                asyncio.create_task(self._report_home(client), name="home-derp"),
-                asyncio.create_task(self._check_stream(client), name="stream-check"),
-            }
-            rotated = False
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.get_name() == "rotate" and task.exception() is None:
-                        rotated = True
-                    else:
-                        task.result()  # raises what ended it
-                if not rotated:
-                    raise ControlError("control server ended the map stream")
-            except asyncio.CancelledError:
-                raise
-            except NotRegisteredError as e:
-                self._forgotten(e)
-                return
-            except TailpyError as e:
-                self.last_error = str(e)
-                log.warning("control session: %s", e)
-            except Exception as e:  # keep the node up whatever one stream did
-                self.last_error = f"control session failed: {e!r}"
-                log.exception("control session failed")
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                self.control_connected = False
-                resume = client.map_state if client.map_state is not None and not rotated else None
-                await client.close()
-            self.changed.set()
-            if rotated:
-                delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
-                continue
-            await asyncio.sleep(next(delays))
+    def _on_netmap(self, netmap: nm.NetMap) -> None:
+        if self.state is not BackendState.NEEDS_LOGIN or not netmap.self_node.expired:
+            self.last_error = ""
+        self.apply_netmap(netmap)
+
+    def _on_session_error(self, sentence: str) -> None:
+        self.last_error = sentence
 
     def _forgotten(self, e: NotRegisteredError) -> None:
         """Control no longer knows this machine (an admin deleted it): drop the peers and need login."""
@@ -432,181 +380,50 @@ class Backend:
         s.node_id, s.addresses, s.want_running = None, (), False
         self.store.save(s)
         self._close_device()
-        self.netmap = None
-        self.control_connected = False
+        self._drop_netmap()
         self.last_error = (
             "this node was removed from the tailnet; log in again with `tailpy login` (or "
             "`tailpy up --auth-key KEY`)"
         )
-        self._set_state("NeedsLogin")
+        self._fire(Event.FORGOTTEN)
 
-    async def _follow(self, client: ControlClient) -> None:
-        s = self.state_data
-        self._endpoints = list(self.traversal.endpoints) if self.traversal else self._local_endpoints()
-        self._home_changed.clear()  # the map request carries the current home
-        self._endpoints_changed.clear()  # and the current endpoints
-        async for netmap in client.stream_map(
-            s.node_key.public,
-            self._endpoints,
-            s.hostname,
-            home_derp=self.home_derp,
-            disco_key=self.disco_key.public,
-        ):
-            self.control_connected = True
-            if self.backend_state != "NeedsLogin" or not netmap.self_node.expired:
-                self.last_error = ""
-            self.apply_netmap(netmap)
-            self._netmap_changed.set()
-
-    # -- node key rotation -------------------------------------------------------------------------------
-
-    def rotate_at(self) -> float | None:
-        """Unix time at which to rotate the node key: ``rotate_before`` seconds before it expires, but no
-        earlier than half its lifetime; None when rotation is off, the key never expires or has expired."""
-        me = self.netmap.self_node if self.netmap else None
-        if self._rotate_before <= 0 or me is None or me.key_expiry is None or me.expired:
-            return None
-        if me.key_expiry == self._unextendable_expiry:  # a rotation kept it: only a new login renews it
-            return None
-        issued = self.state_data.node_key_issued or time.time()
-        lead = min(self._rotate_before, max(0.0, me.key_expiry - issued) / 2)
-        return me.key_expiry - lead
-
-    async def _rotate_when_due(self, client: ControlClient) -> None:
-        """Return once the node key has been rotated (the session then reconnects with the new key)."""
-        while True:
-            due = self.rotate_at()
-            wait = 3600.0 if due is None else due - time.time()
-            if wait <= 0:
-                await self._rotate(client)
-                return
-            self._netmap_changed.clear()
-            await wait_event(self._netmap_changed, min(wait, 3600.0))
-
-    async def _rotate(self, client: ControlClient) -> None:
-        """Replace the node key: prove the old one to control, then switch the data plane. Peers learn the
-        new key from their netmaps; traffic resumes after one handshake."""
-        s = self.state_data
-        new = s.pending_node_key or NodePrivate.generate()
-        s.pending_node_key = new
-        self.store.save(s)
-        proof = proto.seal_rotation_proof(s.node_key, await client.server_key(), new.public, time.time())
-        before = self.netmap.self_node.key_expiry if self.netmap else None
-        node = await client.register(
-            new.public, s.hostname, None, os=OS_NAME, old_node_key=s.node_key.public, old_node_proof=proof
-        )
-        log.info("node key rotated: %s -> %s", s.node_key.public.short(), new.public.short())
-        if node.key_expiry is not None and before is not None and node.key_expiry <= before:
-            # Control kept the expiry (it follows the login's ID token): do not rotate again before it.
-            log.info("node key expiry stays %s; `tailpy login` renews it", time.ctime(node.key_expiry))
-            self._unextendable_expiry = node.key_expiry
-        self._adopt_node_key(new)
-        s.node_key_issued = time.time()
-        self.store.save(s)
-
-    async def _finish_pending_rotation(self) -> None:
-        """At start, after a crash mid-rotation: if control took the pending key, adopt it; else drop it."""
-        s = self.state_data
-        pending, s.pending_node_key = s.pending_node_key, None
-        assert pending is not None
-        client = ControlClient(s.login_server, s.machine_key)
-        try:
-            await client.register(pending.public, s.hostname, None, os=OS_NAME)
-            self._adopt_node_key(pending)
-            s.node_key_issued = time.time()
-        except ControlError as e:
-            log.info("pending node key not taken by control (%s); keeping the current one", e)
-        finally:
-            await client.close()
-        self.store.save(s)
+    def _drop_netmap(self) -> None:
+        self.netmap = None
+        self.session.self_node = None
 
     def _adopt_node_key(self, key: NodePrivate) -> None:
         self.state_data.node_key, self.state_data.pending_node_key = key, None
         if self.device is not None:
             self.device.set_private_key(key.raw)
-        if self.magicsock is not None:
-            self.magicsock.set_private_key(key)  # DERP knows a node by its node key
-        if self.traversal is not None:
-            self.traversal.set_node_key(key.public)  # it goes in every disco Ping
-
-    # -- home DERP region ------------------------------------------------------------------------------
+        if self.conn is not None:
+            self.conn.set_private_key(key)  # DERP knows a node by its node key; disco Pings carry it
 
     @property
     def home_derp(self) -> int:
         """This node's home DERP region id (0: none yet)."""
-        return self.magicsock.home_region if self.magicsock is not None else 0
+        return self.conn.home_region if self.conn is not None else 0
 
     def _on_home_changed(self, region_id: int) -> None:
-        self._home_changed.set()
+        self.session.notify_home()
         self.changed.set()
 
-    async def _report_home(self, client: ControlClient) -> None:
-        """Tell control each new home region (peers reach this node there); the map request carries it
-        at each (re)connection."""
-        while True:
-            await wait_event(self._home_changed, 3600.0)
-            if not self._home_changed.is_set():
-                continue
-            self._home_changed.clear()
-            try:
-                await client.update(home_derp=self.home_derp)
-            except ControlError as e:
-                log.warning("home DERP update: %s", e)
-                self._home_changed.set()
-                await asyncio.sleep(5.0)
-
-    async def _check_stream(self, client: ControlClient) -> None:
-        """Every :data:`STREAM_CHECK` seconds while connected, ask control whether it still holds this
-        node's map stream; when it does not (a NAT on the way lost its state, so control's writes no longer
-        reach this node and it closed the stream), end the session to reconnect now, rather than after the
-        stream's 45 s of silence."""
-        while True:
-            await asyncio.sleep(random.uniform(*STREAM_CHECK))
-            if not self.control_connected:
-                continue
-            try:
-                alive = await client.stream_alive()
-            except ControlError as e:  # unreachable: the stream's own silence timeout decides
-                log.debug("map stream check: %s", e)
-                continue
-            if not alive:
-                raise ControlError("control no longer holds this node's map stream: reconnecting")
-
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
-        """NAT traversal found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""
-        self._endpoints_changed.set()
+        """The Conn found new endpoints (local addresses and STUN-mapped ones, every 20-26 s)."""
+        self.session.notify_endpoints()
         self.changed.set()
 
     def _on_link_change(self) -> None:
         """An address of this host went away: the control connection may be bound to it; reconnect."""
-        if self._session is None or self._session.done():
+        if not self.session.running or not self.state_data.want_running or self.device is None:
             return
-        task = asyncio.get_running_loop().create_task(self._restart_session())
+        task = asyncio.get_running_loop().create_task(self.session.restart())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _restart_session(self) -> None:
-        await self._stop_session()
-        if self.state_data.want_running and self.device is not None and self._session is None:
-            log.info("link change: reconnecting to control")
-            self._start_session()
-
-    async def _refresh_endpoints(self, client: ControlClient) -> None:
-        """Tell control this node's endpoints when they change: as the traversal finds them (re-STUN every
-        20-26 s), or, without it, from the local addresses every :data:`ENDPOINT_REFRESH` seconds."""
-        while True:
-            await wait_event(self._endpoints_changed, ENDPOINT_REFRESH)
-            self._endpoints_changed.clear()
-            now = list(self.traversal.endpoints) if self.traversal else self._local_endpoints()
-            if now != self._endpoints:
-                self._endpoints = now
-                try:
-                    await client.update_endpoints(now)
-                except ControlError as e:
-                    log.warning("endpoint update: %s", e)
-                    self._endpoints = []  # try again at the next round
-
-    def _local_endpoints(self) -> list[Endpoint]:
+    def _endpoints(self) -> list[Endpoint]:
+        """This node's endpoints now, for control: the Conn's, else the local addresses."""
+        if self.conn is not None:
+            return list(self.conn.endpoints)
         if self.device is None:
             return []
         return netconf.local_endpoints(self.device.listen_port, exclude_ifaces=(self.device.tun_name,))
@@ -623,51 +440,34 @@ class Backend:
         me_expired = new.self_node.expired
         wanted = new.with_peers(() if me_expired else (p for p in new.peers.values() if not p.expired))
         d = nm.diff(self._applied, wanted)
-        local = netconf.local_addresses(exclude_ifaces=(dev.tun_name,)) if self._configure_os else []
+        # WireGuard's part here (keys, allowed IPs); endpoints and paths are the Conn's.
         for old in d.removed:
             dev.remove_peer(old.node_key.raw)
-        disco = self.traversal is not None
         for old, node in d.changed:
             if old.node_key != node.node_key:
                 dev.remove_peer(old.node_key.raw)
-                self._set_peer(dev, node, local)
-            elif (old.addresses, old.endpoints) != (node.addresses, node.endpoints):
-                # An unchanged endpoint list is not re-sent: that would undo roaming the data plane saw;
-                # nor is a disco peer's: disco chose its direct endpoint.
-                changed = old.endpoints != node.endpoints and (
-                    not (disco and node.disco_key is not None) or not old.endpoints
-                )
-                self._set_peer(dev, node, local, endpoints_changed=changed)
+                dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
+            elif old.addresses != node.addresses:
+                dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         for node in d.added:
-            self._set_peer(dev, node, local)
+            dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         self.netmap, self._applied = new, wanted
-        if self.magicsock is not None:
-            self.magicsock.set_netmap(wanted)
+        if self.conn is not None:
+            self.conn.set_netmap(wanted)
         if self.dns is not None:
             self.dns.apply(new, accept_dns=self.state_data.accept_dns and not me_expired, tun=dev.tun_name)
-        if self.traversal is not None:
-            self.traversal.set_netmap(wanted)
         if d:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
         if me_expired:
-            if self.backend_state != "NeedsLogin":
+            if self.state is not BackendState.NEEDS_LOGIN:
                 log.warning("this node's key has expired: it needs login (`tailpy login`)")
                 self.last_error = (
                     "this node's key has expired; log in again with `tailpy login` (or with an auth key)"
                 )
-            self._set_state("NeedsLogin")
+            self._fire(Event.KEY_EXPIRED)
         else:
-            self._set_state("Running")
+            self._fire(Event.NETMAP)
         return d
-
-    @staticmethod
-    def _set_peer(
-        dev: DataPlane, node: nm.Node, local: list[netconf.IPInterface], endpoints_changed: bool = True
-    ) -> None:
-        ep = netconf.choose_endpoint(node.endpoints, local) if endpoints_changed else None
-        dev.set_peer(
-            node.node_key.raw, allowed_ips=list(node.addresses), endpoint=None if ep is None else str(ep)
-        )
 
     def _apply_self(self, node: nm.Node) -> None:
         s = self.state_data
@@ -678,75 +478,44 @@ class Backend:
             netconf.configure_tun(self.device.tun_name, list(node.addresses), self._mtu)
 
     def _ensure_device(self) -> DataPlane:
+        """The data plane and its :class:`Conn` (made here, inside the running event loop)."""
         if self.device is None:
             dev = self._device_factory(self.state_data.node_key.raw)
             self.device = dev
-            with contextlib.suppress(RuntimeError):  # no running loop (tests driving apply_netmap)
-                asyncio.get_running_loop().add_reader(dev.fileno(), self._on_device_events)
-                self.magicsock = MagicSock(
-                    dev, self.state_data.node_key, on_home_changed=self._on_home_changed
-                )
-                self.magicsock.start()
-                tun = dev.tun_name
-                self.traversal = Traversal(
-                    dev,
-                    self.magicsock,
-                    self.disco_key,
-                    self.state_data.node_key.public,
-                    local_endpoints=self._local_endpoints,
-                    lan_networks=lambda: [i.network for i in netconf.local_addresses(exclude_ifaces=(tun,))],
-                    on_endpoints=self._on_endpoints,
-                    on_link_change=self._on_link_change,
-                    choose_endpoint=lambda eps: netconf.choose_endpoint(
-                        eps, netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
-                    ),
-                )
-                self.traversal.start()
-        return self.device
+            tun = dev.tun_name
 
-    def _on_device_events(self) -> None:
-        """The data plane queued datagrams for Python: relay datagrams go over DERP (magicsock); STUN and
-        disco received on the UDP socket go to NAT traversal (counted when there is none, so the bounded
-        queue never fills)."""
-        if self.device is None:
-            return
-        datagrams, relay = self.device.drain()
-        if datagrams:
-            if self.traversal is not None:
-                self.traversal.on_datagrams(datagrams)
-            else:
-                self.ignored_datagrams += len(datagrams)
-        if relay:
-            if self.traversal is not None:
-                self.traversal.on_relay(relay)  # handshakes also straight to a best-guess endpoint
-            if self.magicsock is not None:
-                self.magicsock.on_relay(relay)
-            else:
-                self.ignored_datagrams += len(relay)
+            def local() -> list[netconf.IPInterface]:
+                return netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
+
+            self.conn = Conn(
+                dev,
+                self.state_data.node_key,
+                Options(
+                    self.disco_key,
+                    on_endpoints=self._on_endpoints,
+                    on_home_changed=self._on_home_changed,
+                    on_link_change=self._on_link_change,
+                    local_endpoints=lambda: netconf.local_endpoints(dev.listen_port, exclude_ifaces=(tun,)),
+                    lan_networks=lambda: [i.network for i in netconf.local_addresses(exclude_ifaces=(tun,))],
+                    choose_endpoint=lambda eps: netconf.choose_endpoint(eps, local()),
+                ),
+            )
+            self.conn.start()
+        return self.device
 
     def _close_device(self) -> None:
         if self.dns is not None:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
-        tr, self.traversal = self.traversal, None
-        if tr is not None:
-            task_tr = asyncio.get_running_loop().create_task(tr.close())
-            self._closing.add(task_tr)
-            task_tr.add_done_callback(self._closing.discard)
-        ms, self.magicsock = self.magicsock, None
-        if ms is not None:
-            task = asyncio.get_running_loop().create_task(ms.close())
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.stop()  # no more reads of the device's queue, no more ticks
+            task = asyncio.get_running_loop().create_task(conn.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if dev is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(dev.fileno())
             dev.close()
-
-    def _set_state(self, state: str) -> None:
-        self.backend_state = state
-        self.changed.set()
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -755,9 +524,9 @@ class Backend:
         when the data plane does not have it)."""
         domain = self.netmap.domain if self.netmap else ""
         hs = st.get("last_handshake")
-        ms = self.magicsock
+        conn = self.conn
         path = st.get("path")
-        relay_region = ms.relay_region(node.node_key.raw) if ms is not None and path == "relay" else 0
+        relay_region = conn.relay_region(node.node_key.raw) if conn is not None and path == "relay" else 0
         endpoint = None
         # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
         # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
@@ -784,7 +553,7 @@ class Backend:
             endpoint=endpoint,
             path=path,
             relay_region=relay_region,
-            relay_region_code=ms.region_code(relay_region) if ms is not None and relay_region else "",
+            relay_region_code=conn.region_code(relay_region) if conn is not None and relay_region else "",
             last_handshake=hs,
             # A WireGuard session lives 180 s past its handshake, and handshakes happen only for traffic.
             active=hs is not None and now - hs < ACTIVE_WINDOW,
@@ -797,9 +566,9 @@ class Backend:
         fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
         now = time.time()
-        stats: dict[bytes, Any] = {}
-        if self.device is not None:
-            stats = {p["public_key"]: p for p in self.device.peers()}
+        conn = self.conn
+        stats = conn.peer_stats() if conn is not None else {}
+        paths = conn.status() if conn is not None else None
         me = self.netmap.self_node if self.netmap else None
         peers = tuple(
             self._peer_status(node, stats.get(node.node_key.raw, {}), now)
@@ -829,19 +598,19 @@ class Backend:
                 disco_key=self.disco_key.public,
                 addresses=tuple(s.addresses),
                 listen_port=self.device.listen_port if self.device else None,
-                endpoints=tuple(self._endpoints),
+                endpoints=tuple(self.session.reported_endpoints),
                 tun=self.device.tun_name if self.device else None,
                 home_derp=self.home_derp,
-                home_derp_code=self.magicsock.region_code(self.home_derp) if self.magicsock else "",
+                home_derp_code=conn.region_code(self.home_derp) if conn is not None else "",
             ),
             domain=self.netmap.domain if self.netmap else "",
             peers=peers,
             device=dict(self.device.stats()) if self.device else None,
-            derp=self.magicsock.status() if self.magicsock else None,
+            derp=paths.derp if paths is not None else None,
             derp_map=self.netmap.derp_map if self.netmap and self.netmap.derp_map else None,
-            traversal=self.traversal.status() if self.traversal else None,
-            # datagrams from the socket that were neither disco nor STUN (or came with no traversal running)
-            ignored_datagrams=self.ignored_datagrams + (self.traversal.ignored if self.traversal else 0),
+            traversal=paths.traversal if paths is not None else None,
+            # datagrams from the socket that were neither disco nor STUN
+            ignored_datagrams=conn.ignored if conn is not None else 0,
             dns=self.dns.status() if self.dns is not None else None,
         )
 
@@ -879,12 +648,12 @@ class Backend:
         node = self.find_peer(target)
         if node.expired:
             raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
-        if self.traversal is None:
+        if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:
             raise ConfigError(f"peer {node.name} runs no disco (an older tailpy?): `tailpy ping` needs it")
         try:
-            reply = await self.traversal.ping(node.node_key, timeout)
+            reply = await self.conn.ping(node.node_key, timeout)
         except KeyError:
             raise ConfigError(f"peer {node.name} is not in the data plane yet; try again") from None
         domain = self.netmap.domain if self.netmap else ""
@@ -894,12 +663,12 @@ class Backend:
     async def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
         """A netcheck run now over the data plane's socket: ``{"report": Report JSON, "derp_map": DERP map
         JSON}``. Raises ConfigError when there is no data plane or no DERP map with STUN servers yet."""
-        if self.traversal is None or self.magicsock is None:
+        if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
-        report = await self.traversal.netcheck(timeout=timeout)
+        report = await self.conn.netcheck(timeout=timeout)
         if report is None:
             raise ConfigError("tailpyd has no DERP map with STUN servers yet")
-        return {"report": report.to_json(), "derp_map": self.magicsock.derp_map.to_json()}
+        return {"report": report.to_json(), "derp_map": self.conn.relay.derp_map.to_json()}
 
     def whois(self, address: str) -> PeerStatus | None:
         """The node (self or a peer) owning tailnet ``address`` ("100.64.0.2", "fd7a:115c:a1e0::2";
@@ -914,7 +683,7 @@ class Backend:
             )
         except ValueError:
             raise ConfigError(f"{address!r} is not an IP address") from None
-        stats = {p["public_key"]: p for p in self.device.peers()} if self.device else {}
+        stats = self.conn.peer_stats() if self.conn is not None else {}
         now = time.time()
         for node in (self.netmap.self_node, *self.netmap.peers.values()):
             if any(ipaddress.ip_interface(a).ip == ip for a in node.addresses):

@@ -12,8 +12,9 @@ import sys
 import click
 
 from tailpy.daemon.api import make_app, serve
-from tailpy.daemon.backend import ROTATE_BEFORE, Backend
+from tailpy.daemon.backend import Backend
 from tailpy.daemon.client import default_socket, default_state_dir
+from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
 from tailpy.errors import TailpyError
 

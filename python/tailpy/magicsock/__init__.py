@@ -1,24 +1,30 @@
-"""magicsock: a node's paths to its peers: DERP home region and relay, path policy (later: disco, STUN).
+"""magicsock: a node's paths to its peers (direct UDP through NATs, or the DERP relay).
 
-:class:`MagicSock` ties the pieces to the data plane; :class:`HomeChooser` (home region with hysteresis) and
-:class:`FallbackPolicy` (direct first, relay when no handshake completes) are sans-IO and tested alone.
+:class:`Conn` is the one owner (Tailscale's ``wgengine/magicsock``): methods in, callbacks out
+(:class:`Options`). Its parts are sans-IO where they can be and tested alone: :class:`HomeChooser` (home
+region with hysteresis), :mod:`tailpy.magicsock.disco` and :mod:`tailpy.magicsock.paths` (path discovery),
+:mod:`tailpy.magicsock.netcheck` and :mod:`tailpy.magicsock.stun`; the I/O shells are
+:class:`DerpConnections` and :class:`Relay` (DERP) and :mod:`tailpy.magicsock.linkmon`.
 """
 
 from __future__ import annotations
 
-from tailpy.magicsock.conn import DISCO_MAGIC, DiscoHandler, MagicSock, RelayDevice
+from tailpy.magicsock.conn import DISCO_MAGIC, Conn, ConnDevice, ConnStatus, Options
 from tailpy.magicsock.derp import DerpConnections, measure_latency
-from tailpy.magicsock.fallback import FallbackPolicy
 from tailpy.magicsock.home import HomeChooser, LatencyReport
+from tailpy.magicsock.ping import PingReply
+from tailpy.magicsock.relay import Relay
 
 __all__ = [
     "DISCO_MAGIC",
+    "Conn",
+    "ConnDevice",
+    "ConnStatus",
     "DerpConnections",
-    "DiscoHandler",
-    "FallbackPolicy",
     "HomeChooser",
     "LatencyReport",
-    "MagicSock",
-    "RelayDevice",
+    "Options",
+    "PingReply",
+    "Relay",
     "measure_latency",
 ]

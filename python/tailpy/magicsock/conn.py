@@ -1,59 +1,104 @@
-"""MagicSock: the node's paths to its peers around the data plane: DERP home and relay, path policy.
+"""magicsock.Conn: the one owner of a node's paths to its peers, around the Rust data plane's UDP socket.
 
-The Rust data plane sends a peer's WireGuard datagrams straight out of its UDP socket when the peer's path is
-"direct", and queues them for Python when it is "relay". :class:`MagicSock`
+After Tailscale's ``wgengine/magicsock/magicsock.go``: one :class:`Conn` per data plane, methods in
+(:meth:`Conn.set_netmap`, :meth:`Conn.set_private_key`, :meth:`Conn.ping`, :meth:`Conn.netcheck`,
+:meth:`Conn.status`), callbacks out (:class:`Options`: ``on_endpoints``, ``on_home_changed``,
+``on_link_change``). Only ``Conn`` calls the device's path, endpoint, send and inject methods, drains its
+queue and reads its per-peer counters. It is built from sans-IO parts and I/O shells:
 
-* measures latency to every DERP region, keeps a home region with hysteresis (:mod:`tailpy.magicsock.home`),
-  connects there with NotePreferred and reports it (``on_home_changed``, which the daemon sends to control);
-* sends relay datagrams drained from the device (:meth:`on_relay`) to the peer's home region over DERP,
-  connecting on demand (:mod:`tailpy.magicsock.derp`; idle non-home connections close after 60 s);
-* hands WireGuard datagrams received over DERP to the device (``device.inject``), and disco datagrams
-  (payload starting with :data:`DISCO_MAGIC`) to ``on_disco(src_node_key, payload, via_region)``;
-* runs the path policy every second (:class:`tailpy.magicsock.fallback.FallbackPolicy`) for the peers disco
-  does not drive: with :class:`tailpy.magicsock.traversal.Traversal` running, peers with a disco key
-  (:attr:`MagicSock.disco_peers`) get their paths only through :meth:`set_peer_path`, the others (older nodes
-  without disco) keep the fallback policy; ``policy=None`` turns the policy off for all.
+* :class:`~tailpy.magicsock.disco.DiscoNode` (sans-IO): per-peer path machines
+  (:mod:`tailpy.magicsock.paths`): a peer with a disco key starts on the relay (its home DERP region) from
+  the first packet, goes direct on the first Pong, back to the relay when the direct path stops answering.
+  While a peer has no relay region (no home DERP, no DERP map) its best-guess endpoint is used direct.
+* :class:`~tailpy.magicsock.relay.Relay`: DERP connections, the home region (hysteresis), the relay region
+  of each peer. Relay datagrams drained from the device go over DERP; WireGuard datagrams received over DERP
+  are injected into the device, disco datagrams go to the DiscoNode.
+* :class:`~tailpy.magicsock.endpoints.LocalEndpoints`: netcheck (STUN) over the data plane's own socket
+  every 20-26 s (:data:`NETCHECK_INTERVAL`, and at once when the DERP map arrives or a link changes): region
+  latencies go to the home choice, endpoints (local addresses at the listen port, then STUN-mapped ones) to
+  the DiscoNode (sent in CallMeMaybe) and, when they changed, to ``on_endpoints``.
+* :class:`~tailpy.magicsock.linkmon.LinkMonitor`: when a local address went away, DERP reconnects (its TCP
+  was bound to it), direct paths are pinged at once and kept if they answer (else relayed within
+  :data:`LINK_CHANGE_GRACE`), and ``on_link_change()`` lets the daemon reconnect to control.
 
-``now`` for decisions: the monotonic clock for DERP timing and home choice, the wall clock for WireGuard
-handshake ages (the device reports unix times).
+**Both ways while unconfirmed** (as Tailscale sends over UDP and DERP while a direct path is not trusted):
+relay datagrams that are WireGuard handshake messages also go straight to the peer's best-guess endpoint, so
+a session forms at once where UDP works; every relay datagram does while the peer's region has no live
+connection.
+
+**Peers without a disco key** (not a tailpy node of this version; every tailpy node sends one): no path
+discovery. Such a peer is sent to directly at the endpoint ``choose_endpoint`` picks from its netmap
+endpoints; relayed when it has none (back to direct when control brings one), and relayed for good once a
+WireGuard datagram from it arrives over DERP while no handshake is fresh (:data:`HANDSHAKE_FRESH`): it cannot
+reach us directly, so the answer goes back the way it can hear.
+
+**The tick** (:mod:`tailpy.magicsock.tick`) follows aioquic's ``asyncio/protocol.py``: every input (a
+drained datagram, a DERP packet, a netmap, a ping) is handed to the sans-IO parts at once and their actions
+carried out, then one timer is re-armed with ``loop.call_at`` for the earliest deadline of all of them (disco
+timers, the next look at the device's counters every :data:`ACTIVITY_INTERVAL`, the next DERP latency probe,
+netcheck run and idle sweep). I/O that takes time (DERP connects, probes, netcheck) runs in tasks the tick
+starts. ``clock`` (monotonic seconds: disco, DERP, home choice), ``wall_clock`` (unix seconds: the device's
+handshake times) and ``rng`` are given once, in :class:`Options`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import math
 import random
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol
 
-from tailpy.asyncutil import wait_event
 from tailpy.endpoint import Endpoint
-from tailpy.errors import DeviceError
-from tailpy.ipnstate import DerpStatus
-from tailpy.keys import NodePrivate, NodePublic
-from tailpy.magicsock.derp import DerpConnections
-from tailpy.magicsock.fallback import FallbackPolicy
-from tailpy.magicsock.home import HomeChooser
-from tailpy.netmap import DerpMap, NetMap, Node
+from tailpy.errors import DeviceError, EndpointError
+from tailpy.ipnstate import DerpStatus, DiscoPeerStatus, PingReply, TraversalStatus
+from tailpy.keys import DiscoPrivate, NodePrivate, NodePublic
+from tailpy.magicsock.disco import Action, DiscoNode, PingResult, PingTimeout, SendDERP, SendUDP, SetPath
+from tailpy.magicsock.endpoints import LocalEndpoints
+from tailpy.magicsock.linkmon import LinkMonitor
+from tailpy.magicsock.netcheck import Report, stun_targets
+from tailpy.magicsock.paths import ViaDERP
+from tailpy.magicsock.ping import ping_reply
+from tailpy.magicsock.relay import Relay
+from tailpy.magicsock.tick import Periodic, Tick
+from tailpy.netmap import NetMap, Node
+from tailpy.proto import disco as disco_proto
+from tailpy.proto import stun as stun_proto
 
 log = logging.getLogger("tailpy.magicsock")
 
 DISCO_MAGIC = "TS💬".encode()  # b"TS\xf0\x9f\x92\xac", disco/disco.go Magic
-PROBE_INTERVAL = (20.0, 26.0)  # seconds between latency reports (a uniform draw), as netcheck's re-STUN
-POLICY_INTERVAL = 1.0  # seconds between looks at the device's peer counters
-SWEEP_INTERVAL = 10.0  # seconds between closing idle DERP connections
+NETCHECK_INTERVAL = (20.0, 26.0)
+"""Seconds between netcheck runs (a uniform draw): re-STUN before the usual 30 s NAT UDP timeout."""
+NETCHECK_TIMEOUT = 3.0
+"""Seconds each STUN probe of a periodic netcheck may take."""
+PROBE_INTERVAL = (20.0, 26.0)
+"""Seconds between DERP latency probes (a uniform draw), skipped while netcheck's reports keep coming."""
+ACTIVITY_INTERVAL = 0.25
+"""Seconds between looks at the device's per-peer counters (``device.peers()``, once per look)."""
+SWEEP_INTERVAL = 10.0
+"""Seconds between closing idle DERP connections."""
+LINK_CHANGE_GRACE = 1.5
+"""Seconds a direct path stays trusted after a local address went away, unless it answers a Ping."""
+HANDSHAKE_FRESH = 130.0
+"""Seconds a WireGuard handshake counts as fresh (REKEY_AFTER 120 s + 2 x REKEY_TIMEOUT)."""
 
-DiscoHandler = Callable[[NodePublic, bytes, int | None], None]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Path = Literal["direct", "relay"]
 
 
-class RelayDevice(Protocol):
-    """What MagicSock needs of :class:`tailpy._native.Device`."""
+class ConnDevice(Protocol):
+    """What :class:`Conn` needs of :class:`tailpy._native.Device`."""
 
-    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None: ...
+    def set_path(self, public_key: bytes, path: Path) -> None: ...
     def inject(self, public_key: bytes, datagram: bytes) -> None: ...
+    def send_datagram(self, data: bytes, endpoint: str) -> None: ...  # endpoint: Endpoint's text
     def peers(self) -> Any: ...
-    def stats(self) -> Any: ...
     def set_peer(
         self,
         public_key: bytes,
@@ -63,308 +108,522 @@ class RelayDevice(Protocol):
         persistent_keepalive: int | None = None,
         preshared_key: bytes | None = None,
     ) -> None: ...
+    def fileno(self) -> int: ...
+    def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]: ...
 
 
-class MagicSock:
-    """One node's DERP side and path choice. ``device``: the data plane; ``private_key``: the node key (DERP
-    identifies a node by it); ``on_home_changed(region_id)`` is called when the home region changes."""
+class ConnStatus(NamedTuple):
+    """:meth:`Conn.status`: the DERP side and the traversal side, as ``tailpy status --json`` shows them."""
 
-    def __init__(
-        self,
-        device: RelayDevice,
-        private_key: NodePrivate,
-        *,
-        on_home_changed: Callable[[int], None] | None = None,
-        policy: FallbackPolicy | Literal["default"] | None = "default",
-        chooser: HomeChooser | None = None,
-        derp: DerpConnections | None = None,
-        probe_interval: tuple[float, float] = PROBE_INTERVAL,
-        rng: random.Random | None = None,
-    ) -> None:
+    derp: DerpStatus
+    traversal: TraversalStatus
+
+
+def _first(endpoints: list[Endpoint]) -> Endpoint | None:
+    return endpoints[0] if endpoints else None
+
+
+@dataclass
+class Options:
+    """What :class:`Conn` is given once. ``local_endpoints()``: this host's endpoints at the listen port
+    (no loopback, no tailpy interface); ``lan_networks()``: its interfaces' subnets;
+    ``choose_endpoint(peer_endpoints)``: the endpoint to try first from a peer's netmap endpoints (same LAN
+    first). Callbacks: ``on_endpoints(endpoints)`` when this node's endpoint list changed (tell control),
+    ``on_home_changed(region_id)`` when the home DERP region moved, ``on_link_change()`` when a local
+    address went away (reconnect to control)."""
+
+    disco_private: DiscoPrivate
+    on_endpoints: Callable[[list[Endpoint]], None] | None = None
+    on_home_changed: Callable[[int], None] | None = None
+    on_link_change: Callable[[], None] | None = None
+    local_endpoints: Callable[[], list[Endpoint]] = list
+    lan_networks: Callable[[], Iterable[Network]] = tuple
+    choose_endpoint: Callable[[list[Endpoint]], Endpoint | None] = _first
+    monitor_links: bool = True
+    netcheck_interval: tuple[float, float] = NETCHECK_INTERVAL
+    probe_interval: tuple[float, float] = PROBE_INTERVAL
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class Conn:
+    """One node's paths over ``device`` (the data plane) under node key ``private_key``. Call
+    :meth:`start` inside the event loop, :meth:`close` at the end."""
+
+    def __init__(self, device: ConnDevice, private_key: NodePrivate, options: Options) -> None:
         self.device = device
-        self.on_home_changed = on_home_changed
-        self.policy = FallbackPolicy() if policy == "default" else policy
-        self.chooser = chooser or HomeChooser()
-        self.derp = derp or DerpConnections(private_key, self._on_derp_packet)
-        self.probe_interval = probe_interval
-        self.on_disco: DiscoHandler = self._no_disco
-        self._rng = rng or random.Random()
-        self._derp_map = DerpMap()
-        self._peers: dict[bytes, Node] = {}  # node key -> netmap record
-        self._via_region: dict[bytes, int] = {}  # node key -> region a DERP packet from it last came through
-        self._region_override: dict[bytes, int] = {}  # set_peer_path(region=...)
-        self._stats: dict[bytes, Mapping[str, Any]] = {}  # device.peers() at the last policy round
-        self._send_errors = -1  # the device's dropped_send_error at the last policy round
-        self._map_changed = asyncio.Event()
-        self._probe_now = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.latency: dict[int, float] = {}  # last report, region id -> seconds
-        self.relay_sent = 0
-        self.relay_dropped = 0  # relay datagrams with no region to go to, or dropped by a full queue
-        self.derp_received = 0
-        self.derp_dropped = 0  # DERP packets from keys that are not peers
-        self.disco_dropped = 0  # disco datagrams while no disco handler is set
-        self.disco_peers: set[bytes] = set()
-        """Node keys of the peers whose paths disco decides (the fallback policy leaves them alone)."""
-        self._external_latency_until = 0.0  # monotonic time until which netcheck's latencies stand
-        self.derp.on_down = self._on_region_down
+        self.options = options
+        self.clock = options.clock
+        self._wall = options.wall_clock
+        self.relay = Relay(private_key, self._on_derp_packet, clock=self.clock)
+        self.relay.derp.on_down = self._on_region_down
+        self.disco = DiscoNode(options.disco_private, private_key.public)
+        self.local = LocalEndpoints(
+            self._send_stun,
+            self.disco,
+            local_endpoints=options.local_endpoints,
+            lan_networks=options.lan_networks,
+            on_change=options.on_endpoints,
+            clock=self.clock,
+            wall_clock=self._wall,
+        )
+        self.linkmon = (
+            LinkMonitor(lambda: tuple(sorted(options.local_endpoints())), self._on_link_change)
+            if options.monitor_links
+            else None
+        )
+        self.send_errors = 0  # datagrams the kernel refused (a firewall's EPERM, unreachable)
+        self.ignored = 0  # datagrams from the socket that were neither disco nor STUN
+        self.copied = 0  # relay datagrams also sent straight to a best-guess endpoint
+        self.link_changes = 0
+        self._peers: dict[NodePublic, Node] = {}  # the netmap's peers as applied to the data plane
+        self._guess: dict[NodePublic, Endpoint | None] = {}  # choose_endpoint of its netmap endpoints
+        self._relayed: set[NodePublic] = set()  # disco says relay
+        self._plain_path: dict[bytes, Path] = {}  # peers without disco: the path last set
+        self._plain_relayed: set[bytes] = set()  # ... relayed for good (WireGuard came over DERP)
+        self._stats: dict[bytes, Mapping[str, Any]] = {}  # device.peers() at the last look
+        self._tx: dict[bytes, int] = {}
+        self._pings: dict[int, asyncio.Future[PingResult | PingTimeout]] = {}
+        self._external_latency_until = -math.inf  # netcheck's latencies stand until then (clock)
+        # One timer (the tick) for disco's timers, the look at the counters and the periodic jobs.
+        self._tick = Tick(self.clock, self._deadline, self._on_timer)
+        self._look_at = math.inf
+        rng = options.rng
+        self._probe = Periodic(self._tick, "derp-probe", self._probe_regions, options.probe_interval, rng)
+        self._netcheck = Periodic(
+            self._tick, "netcheck", self._periodic_netcheck, options.netcheck_interval, rng
+        )
+        self._sweep = Periodic(
+            self._tick, "derp-sweep", self._sweep_idle, (SWEEP_INTERVAL, SWEEP_INTERVAL), rng
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not self._tasks:
-            loop = asyncio.get_running_loop()
-            self._tasks = [
-                loop.create_task(self._probe_loop(), name="magicsock-probe"),
-                loop.create_task(self._policy_loop(), name="magicsock-policy"),
-            ]
+        """Start reading the device's queue, the link monitor and the tick."""
+        if self._tick.running:
+            return
+        asyncio.get_running_loop().add_reader(self.device.fileno(), self._on_readable)
+        self.local.refresh()
+        if self.linkmon is not None:
+            self.linkmon.start()
+        self._look_at = self.clock()
+        for job in (self._probe, self._netcheck, self._sweep):
+            job.schedule()
+        self._tick.start()
+
+    def stop(self) -> None:
+        """Stop reading the device's queue and the tick, at once (then the device may be closed)."""
+        if self._tick.running:
+            with contextlib.suppress(ValueError, OSError, DeviceError):  # the device was closed first
+                asyncio.get_running_loop().remove_reader(self.device.fileno())
+        self._tick.stop()
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.derp.close()
+        """Stop everything (:meth:`stop`, then tasks, the link monitor and DERP). The device itself stays
+        open: its owner closes it."""
+        self.stop()
+        await self._tick.close()
+        if self.linkmon is not None:
+            await self.linkmon.close()
+        await self.relay.close()
+        for fut in self._pings.values():
+            fut.cancel()
 
-    # -- inputs ----------------------------------------------------------------------------------------
+    # -- in: netmap, key ------------------------------------------------------------------------------
 
     def set_netmap(self, netmap: NetMap) -> None:
-        """Adopt the peers (their home regions and endpoints) and the DERP map of ``netmap`` (a netmap
-        without one keeps the last)."""
-        peers = {n.node_key.raw: n for n in netmap.peers.values()}
-        for key in set(self._peers) - set(peers):
-            if self.policy is not None:
-                self.policy.forget(key)
-            self._via_region.pop(key, None)
-            self._region_override.pop(key, None)
-        self._peers = peers
-        if netmap.derp_map is not None and netmap.derp_map != self._derp_map:
-            self._derp_map = netmap.derp_map
-            self._probe_now.set()
-        self._map_changed.set()
-
-    def _on_region_down(self, region_id: int) -> None:
-        """The connection to ``region_id`` ended (closed, or found dead by its liveness ping): when it is
-        the home, measure every region now, over DERP even while netcheck's reports stand, so the home moves
-        to a live region without waiting for the next round."""
-        if region_id and region_id == self.chooser.home:
-            self._external_latency_until = 0.0
-            self._probe_now.set()
-
-    def add_latency_report(self, latencies: Mapping[int, float]) -> int:
-        """Take a latency report from elsewhere (netcheck's STUN round): region id -> seconds. Returns the
-        home region after it (a change is applied and reported in the background). While such reports keep
-        coming (within the longest probe interval), the DERP latency probes are skipped."""
-        if latencies:
-            self._external_latency_until = time.monotonic() + self.probe_interval[1] + 5.0
-        return self._report(dict(latencies))
-
-    @property
-    def derp_map(self) -> DerpMap:
-        """The DERP map of the last netmap that had one (empty before)."""
-        return self._derp_map
+        """The netmap as applied to the data plane (no expired peers; the device already has each peer's key
+        and allowed IPs): peers' home regions, endpoints and disco keys, and the DERP map (a netmap without
+        one keeps the last). A new peer's endpoint is set in the data plane; a changed endpoint list is not
+        re-sent for a peer with disco (disco chose its direct endpoint) nor when unchanged (that would undo
+        roaming the data plane saw)."""
+        now = self.clock()
+        peers = list(netmap.peers.values())
+        self.relay.set_peers(peers)
+        if self.relay.set_derp_map(netmap.derp_map):
+            self._tick.spawn(self.relay.apply_derp_map(), "derp-map")
+            self._probe.soon()
+            if stun_targets(self.relay.derp_map) and self.local.history.last is None:
+                self._netcheck.soon()
+        old, self._peers = self._peers, {p.node_key: p for p in peers}
+        for gone in set(old) - set(self._peers):
+            self._guess.pop(gone, None)
+            self._relayed.discard(gone)
+            for table in (self._plain_path, self._stats, self._tx):
+                table.pop(gone.raw, None)
+            self._plain_relayed.discard(gone.raw)
+        for p in peers:
+            prev = old.get(p.node_key)
+            # choose_endpoint may look at the host's interfaces: once per change, not per packet
+            if prev is None or prev.endpoints != p.endpoints or p.node_key not in self._guess:
+                self._guess[p.node_key] = self.options.choose_endpoint(list(p.endpoints))
+            if prev is None or (
+                prev.endpoints != p.endpoints and (p.disco_key is None or not prev.endpoints)
+            ):
+                self._set_endpoint(p, self._guess[p.node_key])
+        self._act(self.disco.on_netmap([p for p in peers if p.disco_key is not None], now))
+        for key in list(self._relayed):  # on relay: its relay region may have become known (or gone)
+            self._place_relay(key)
+        for p in peers:
+            self._place_plain(p)
+        self._tick.rearm()
 
     def set_private_key(self, private_key: NodePrivate) -> None:
-        """Node key rotation: DERP connections are made again under the new key."""
-        asyncio.get_running_loop().create_task(self.derp.set_private_key(private_key))
+        """Node key rotation: DERP connections are made again under the new key; disco Pings carry it."""
+        self._tick.spawn(self.relay.derp.set_private_key(private_key), "derp-rekey")
+        self.disco.set_node_key(private_key.public)
 
-    def rebind(self) -> None:
-        """The host's addresses changed: every DERP connection (TCP from a maybe vanished address) is made
-        again, the home one at once."""
-        task = asyncio.get_running_loop().create_task(self.derp.set_private_key(self.derp.private_key))
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+    # -- in: tailpy ping, netcheck ---------------------------------------------------------------------
+
+    async def ping(self, peer: NodePublic, timeout: float = 5.0) -> PingReply:
+        """One disco Ping to ``peer`` (through the trusted direct path, else via DERP and the best
+        endpoint): the first Pong's path and round trip, or a timeout reply after ``timeout`` seconds (or the
+        disco ping timeout, 5 s, if sooner). Raises KeyError for a peer that is not a disco peer."""
+        request, actions = self.disco.ping(peer, self.clock())
+        fut: asyncio.Future[PingResult | PingTimeout] = asyncio.get_running_loop().create_future()
+        self._pings[request] = fut
+        try:
+            self._act(actions)
+            self._tick.rearm()
+            try:
+                got = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                return PingReply(False, "", None, timeout=True)
+        finally:
+            self._pings.pop(request, None)
+        if isinstance(got, PingTimeout):
+            return PingReply(False, "", None, timeout=True)
+        return ping_reply(got, self.relay.region_code)
+
+    async def netcheck(self, *, timeout: float = NETCHECK_TIMEOUT) -> Report | None:
+        """Run netcheck now over the data plane's socket (STUN servers of the DERP map, each probe given up
+        after ``timeout`` seconds); None when there is no DERP map with STUN servers. The report's region
+        latencies update the home-region choice; its endpoints, this node's."""
+        report = await self.local.netcheck(self.relay.derp_map, timeout)
+        if report is not None and report.region_latency:
+            # While netcheck's reports keep coming (within the longest probe interval), no DERP probes.
+            self._external_latency_until = self.clock() + self.options.probe_interval[1] + 5.0
+            self._report(report.region_latency)
+        return report
 
     @property
-    def home_region(self) -> int:
-        return self.chooser.home
+    def last_report(self) -> Report | None:
+        return self.local.history.last
 
-    # -- relay -----------------------------------------------------------------------------------------
-
-    def relay_region(self, key: bytes) -> int:
-        """The DERP region to reach peer ``key`` through: set by :meth:`set_peer_path`, else its home region
-        from the netmap, else the region it last sent us a packet through; 0 when there is none."""
-        region = self._region_override.get(key)
-        if region:
-            return region
-        node = self._peers.get(key)
-        if node is not None and node.home_derp and node.home_derp in self._derp_map.regions:
-            return node.home_derp
-        return self._via_region.get(key, 0)
-
-    def on_relay(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Relay datagrams drained from the device (``(node key, WireGuard datagram)``): sent over DERP."""
-        for key, datagram in items:
-            if self.send_via_derp(NodePublic(key), datagram):
-                self.relay_sent += 1
-            else:
-                self.relay_dropped += 1
-
-    def send_via_derp(self, peer: NodePublic, payload: bytes) -> bool:
-        """Send a raw datagram (WireGuard, disco) to ``peer`` over DERP through :meth:`relay_region`,
-        connecting on demand. False when there is no region to send through or the queue is full."""
-        region = self.relay_region(peer.raw)
-        return bool(region) and self.derp.send(region, peer, payload)
-
-    def set_peer_path(
-        self, peer: NodePublic, *, endpoint: Endpoint | None = None, region: int | None = None
-    ) -> None:
-        """Point ``peer``'s WireGuard datagrams at a direct ``endpoint`` or at
-        DERP ``region`` (region id; 0 = the peer's home region). Exactly one of the two. Raises ValueError for
-        neither/both, DeviceError for a peer the device does not have."""
-        if (endpoint is None) == (region is None):
-            raise ValueError("set_peer_path takes exactly one of endpoint or region")
-        node = self._peers.get(peer.raw)
-        if endpoint is not None:
-            if node is None:
-                raise DeviceError(f"peer {peer.short()} is not in the netmap")
-            self.device.set_peer(peer.raw, allowed_ips=list(node.addresses), endpoint=str(endpoint))
-            self.device.set_path(peer.raw, "direct")
-            self._region_override.pop(peer.raw, None)
-        else:
-            if region:
-                self._region_override[peer.raw] = region
-            else:
-                self._region_override.pop(peer.raw, None)
-            self.device.set_path(peer.raw, "relay")
-
-    def _on_derp_packet(self, src: NodePublic, payload: bytes, region: int) -> None:
-        self.derp_received += 1
-        if payload.startswith(DISCO_MAGIC):
-            self.on_disco(src, payload, region)
-            return
-        key = src.raw
-        node = self._peers.get(key)
-        if node is None:
-            self.derp_dropped += 1
-            return
-        self._via_region[key] = region
-        if self.policy is not None and key not in self.disco_peers and self.policy.path(key) == "direct":
-            st = self._stats.get(key, {})
-            if (
-                self.policy.received_via_derp(
-                    time.time(),
-                    key,
-                    home_derp=self.relay_region(key),
-                    last_handshake=st.get("last_handshake"),
-                )
-                == "relay"
-            ):
-                self._apply_path(key, "relay")
-        try:
-            self.device.inject(key, payload)
-        except DeviceError:
-            self.derp_dropped += 1
-
-    def _no_disco(self, src: NodePublic, payload: bytes, via_region: int | None) -> None:
-        self.disco_dropped += 1
-
-    def _apply_path(self, key: bytes, path: Literal["direct", "relay"]) -> None:
-        try:
-            self.device.set_path(key, path)
-        except DeviceError:
-            return
-        node = self._peers.get(key)
-        log.info("peer %s: path %s%s", node.name if node else key.hex()[:8], path,
-                 f' via DERP region {self.relay_region(key)}' if path == "relay" else "")  # fmt: skip
-
-    # -- loops -----------------------------------------------------------------------------------------
-
-    async def _policy_loop(self) -> None:
-        next_sweep = time.monotonic() + SWEEP_INTERVAL
-        while True:
-            if self._map_changed.is_set():
-                self._map_changed.clear()
-                if self._derp_map != self.derp.derp_map:
-                    await self.derp.set_derp_map(self._derp_map)
-                    self.chooser.keep_regions(self._derp_map.regions)
-            self._policy_round()
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + SWEEP_INTERVAL
-                await self.derp.sweep()
-            await wait_event(self._map_changed, POLICY_INTERVAL)
-
-    def _policy_round(self) -> None:
-        try:
-            stats = {p["public_key"]: p for p in self.device.peers()}
-            errors = int(self.device.stats().get("dropped_send_error", 0))
-        except DeviceError:
-            return
-        self._stats = stats
-        send_errors, self._send_errors = errors > self._send_errors >= 0, errors
-        if self.policy is None:
-            return
-        now = time.time()
-        for key in self._peers:
-            st = stats.get(key)
-            if st is None or key in self.disco_peers:
-                continue
-            path = self.policy.observe(
-                now,
-                key,
-                has_endpoint=bool(st.get("endpoint")),
-                home_derp=self.relay_region(key),
-                tx_packets=int(st.get("tx_packets", 0)),
-                rx_packets=int(st.get("rx_packets", 0)),
-                last_handshake=st.get("last_handshake"),
-                send_errors=send_errors,
-            )
-            if path != st.get("path"):
-                self._apply_path(key, path)
-
-    async def _probe_loop(self) -> None:
-        while True:
-            if self._derp_map.regions and time.monotonic() >= self._external_latency_until:
-                await self.probe()
-            lo, hi = self.probe_interval
-            self._probe_now.clear()
-            await wait_event(self._probe_now, lo + self._rng.random() * (hi - lo))
-
-    async def probe(self) -> int:
-        """Measure every region now (concurrently) and update the home region; returns it."""
-        if self._derp_map != self.derp.derp_map:
-            await self.derp.set_derp_map(self._derp_map)
-            self.chooser.keep_regions(self._derp_map.regions)
-        ids = sorted(self._derp_map.regions)
-        results = await asyncio.gather(*(self.derp.measure(rid) for rid in ids))
-        return self._report({rid: d for rid, d in zip(ids, results, strict=True) if d is not None})
-
-    def _report(self, latencies: dict[int, float]) -> int:
-        self.latency = latencies
-        before = self.chooser.home
-        home = self.chooser.add_report(
-            time.monotonic(), latencies, home_traffic_at=self.derp.last_recv(before) if before else None
-        )
-        if home != before:
-            log.info("home DERP region: %d -> %d (latencies %s)", before, home,
-                     {r: round(d * 1000, 1) for r, d in sorted(latencies.items())})  # fmt: skip
-            task = asyncio.get_running_loop().create_task(self.derp.set_home(home))
-            self._tasks.append(task)
-            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
-            if self.on_home_changed is not None:
-                self.on_home_changed(home)
-        return home
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """This node's endpoints: local addresses at the listen port, then STUN-mapped ones."""
+        return self.local.endpoints
 
     # -- status ----------------------------------------------------------------------------------------
 
+    @property
+    def home_region(self) -> int:
+        """This node's home DERP region id (0: none yet)."""
+        return self.relay.home
+
+    def relay_region(self, key: bytes) -> int:
+        """The DERP region peer ``key`` (node key bytes) is relayed through (0: none)."""
+        return self.relay.relay_region(key)
+
     def region_code(self, region_id: int) -> str:
-        region = self._derp_map.regions.get(region_id)
-        return region.region_code if region is not None else ""
+        """The DERP map's code for ``region_id`` ("" when unknown)."""
+        return self.relay.region_code(region_id)
 
-    def status(self) -> DerpStatus:
-        """The home region, the last latency report (milliseconds), the open connections
-        (:meth:`DerpConnections.status`) and the counters (:class:`tailpy.ipnstate.DerpStatus`)."""
-        return DerpStatus(
-            home_derp=self.chooser.home,
-            home_derp_code=self.region_code(self.chooser.home),
-            latency_ms={r: round(d * 1000, 2) for r, d in sorted(self.latency.items())},
-            connections=tuple(self.derp.status()),
-            relay_sent=self.relay_sent,
-            relay_dropped=self.relay_dropped,
-            derp_received=self.derp_received,
-            derp_dropped=self.derp_dropped,
-            disco_dropped=self.disco_dropped,
+    def peer_stats(self) -> dict[bytes, Mapping[str, Any]]:
+        """The data plane's per-peer counters now (``device.peers()`` by node key bytes)."""
+        try:
+            return {p["public_key"]: p for p in self.device.peers()}
+        except DeviceError:
+            return dict(self._stats)
+
+    def status(self) -> ConnStatus:
+        """The DERP side (:meth:`Relay.status`) and the traversal side: endpoints, disco counters, send
+        errors, the last netcheck report and disco's view of each peer (:class:`tailpy.ipnstate.DerpStatus`,
+        :class:`tailpy.ipnstate.TraversalStatus`)."""
+        traversal = TraversalStatus(
+            endpoints=tuple(self.endpoints),
+            disco=self.disco.counters.as_dict(),
+            send_errors=self.send_errors,
+            copied=self.copied,
+            link_changes=self.link_changes,
+            ignored=self.ignored,
+            stun_unmatched=self.local.stun.unmatched,
+            netcheck=self.local.history.last,
+            peers={
+                s.node_key: DiscoPeerStatus(
+                    path=s.path,
+                    latency_ms=None if s.latency is None else round(s.latency * 1000, 2),
+                    active=s.active,
+                )
+                for s in self.disco.status(self.clock())
+            },
         )
+        return ConnStatus(self.relay.status(), traversal)
+
+    # -- the tick --------------------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        nt = self.disco.next_timer()
+        jobs = (self._probe.at, self._netcheck.at, self._sweep.at)
+        return min(self._look_at, *jobs, math.inf if nt is None else nt)
+
+    def _on_timer(self, now: float) -> None:
+        if now >= self._look_at:
+            self._look(now)
+            self._look_at = now + ACTIVITY_INTERVAL
+        self._act(self.disco.poll(now))
+        for job in (self._probe, self._netcheck, self._sweep):
+            job.run_if_due(now)
+
+    def _look(self, now: float) -> None:
+        """Read the device's per-peer counters (once): a peer whose ``tx_packets`` grew has traffic (disco
+        starts discovery, keeps heartbeats); peers without disco are placed again."""
+        try:
+            peers = self.device.peers()
+        except DeviceError:
+            return
+        stats: dict[bytes, Mapping[str, Any]] = {}
+        for p in peers:
+            key = p["public_key"]
+            stats[key] = p
+            tx = int(p.get("tx_packets", 0))
+            if tx > self._tx.get(key, 0):
+                self.disco.note_activity(NodePublic(key), now)
+            self._tx[key] = tx
+        self._stats = stats
+        for node in self._peers.values():
+            self._place_plain(node)
+
+    async def _probe_regions(self) -> None:
+        if self.relay.derp_map.regions and self.clock() >= self._external_latency_until:
+            self._report(await self.relay.probe())
+
+    async def _periodic_netcheck(self) -> None:
+        report = await self.netcheck()
+        if report is None:
+            self.local.refresh()  # local addresses may have changed all the same
+        else:
+            latency = {r: round(d * 1000, 1) for r, d in sorted(report.region_latency.items())}
+            log.debug("netcheck: udp=%s v4=%s varies=%s latency=%s", report.udp, report.global_v4,
+                      report.mapping_varies_by_dest_ip, latency)  # fmt: skip
+
+    async def _sweep_idle(self) -> None:
+        await self.relay.sweep()
+
+    def _report(self, latencies: Mapping[int, float]) -> None:
+        home, moved = self.relay.report(latencies)
+        if moved:
+            self._tick.spawn(self.relay.derp.set_home(home), "derp-home")
+            if self.options.on_home_changed is not None:
+                self.options.on_home_changed(home)
+
+    def _on_region_down(self, region_id: int) -> None:
+        """The connection to ``region_id`` ended: when it is the home, measure every region now, over DERP
+        even while netcheck's reports stand, so the home moves to a live region without waiting."""
+        if region_id and region_id == self.relay.home:
+            self._external_latency_until = -math.inf
+            self._probe.soon()
+
+    # -- in: datagrams --------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """The data plane queued datagrams for Python: STUN and disco received on its UDP socket, and
+        WireGuard datagrams for peers on the relay path."""
+        try:
+            datagrams, relay = self.device.drain()
+        except DeviceError:
+            return
+        now = self.clock()
+        for payload, text in datagrams:
+            try:
+                src = Endpoint.parse(text)
+            except EndpointError:
+                self.ignored += 1
+                continue
+            if disco_proto.looks_like_disco(payload):
+                self._act(self.disco.feed(payload, src, now))
+            elif stun_proto.is_stun(payload):
+                if not self.local.feed_stun(payload, src):
+                    self.ignored += 1
+            else:
+                self.ignored += 1
+        if relay:
+            self._copy_direct(relay)
+            self.relay.relay(relay)
+        self._tick.rearm()
+
+    def _copy_direct(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Relay datagrams to disco peers also go to the best-guess endpoint: handshakes always, others
+        while the peer's region has no live connection."""
+        for key, datagram in items:
+            node_key = NodePublic(key)
+            if self.disco.peer_paths(node_key) is None:
+                continue
+            if datagram[:1] not in (b"\x01", b"\x02"):
+                region = self.relay.relay_region(key)
+                if region and self.relay.connected(region):
+                    continue
+            to = self._best_guess(node_key)
+            if to is None:
+                continue
+            try:
+                self.device.send_datagram(datagram, str(to))
+                self.copied += 1
+            except (DeviceError, OSError):
+                self.send_errors += 1
+
+    def _on_derp_packet(self, src: NodePublic, payload: bytes, region: int) -> None:
+        self.relay.derp_received += 1
+        if payload.startswith(DISCO_MAGIC):
+            self._act(self.disco.feed(payload, ViaDERP(region), self.clock(), derp_src=src))
+            self._tick.rearm()
+            return
+        key = src.raw
+        if not self.relay.knows(key):
+            self.relay.derp_dropped += 1
+            return
+        self.relay.note_via(key, region)
+        node = self._peers.get(src)
+        if node is not None and self._plain_path.get(key) == "direct":
+            hs = self._stats.get(key, {}).get("last_handshake")
+            if (hs is None or self._wall() - hs >= HANDSHAKE_FRESH) and self.relay.relay_region(key):
+                self._plain_relayed.add(key)
+                self._place_plain(node)
+        try:
+            self.device.inject(key, payload)
+        except DeviceError:
+            self.relay.derp_dropped += 1
+
+    # -- out: the data plane --------------------------------------------------------------------------
+
+    def _act(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendUDP):
+                try:
+                    self.device.send_datagram(a.datagram, str(a.endpoint))
+                except (DeviceError, OSError):
+                    self.send_errors += 1  # e.g. EPERM from a firewall: the missing Pong tells disco
+            elif isinstance(a, SendDERP):
+                if not self.relay.send(a.node_key, a.datagram):
+                    self.send_errors += 1
+            elif isinstance(a, SetPath):
+                self._set_path(a)
+            else:
+                fut = self._pings.get(a.request)
+                if fut is not None and not fut.done():
+                    fut.set_result(a)
+
+    def _set_path(self, a: SetPath) -> None:
+        node = self._peers.get(a.node_key)
+        name = node.name if node is not None else a.node_key.short()
+        if a.endpoint is None:
+            self._relayed.add(a.node_key)
+            self._place_relay(a.node_key)
+            return
+        self._relayed.discard(a.node_key)
+        if self._go_direct(a.node_key, a.endpoint):
+            log.info("peer %s: direct %s", name, a.endpoint)
+
+    def _set_endpoint(self, node: Node, endpoint: Endpoint | None) -> bool:
+        """Point the data plane's endpoint for ``node`` at ``endpoint`` (None: leave it); False when the
+        device does not have the peer."""
+        if endpoint is None:
+            return True
+        try:
+            self.device.set_peer(node.node_key.raw, allowed_ips=list(node.addresses), endpoint=str(endpoint))
+        except DeviceError as e:
+            log.debug("peer %s: cannot set endpoint %s: %s", node.name, endpoint, e)
+            return False
+        return True
+
+    def _go_direct(self, key: NodePublic, endpoint: Endpoint) -> bool:
+        node = self._peers.get(key)
+        if node is None or not self._set_endpoint(node, endpoint):
+            return False
+        self.relay.override(key.raw, 0)
+        return self._set_device_path(key.raw, "direct")
+
+    def _set_device_path(self, key: bytes, path: Path) -> bool:
+        try:
+            self.device.set_path(key, path)
+        except DeviceError:
+            return False
+        return True
+
+    def _best_guess(self, key: NodePublic) -> Endpoint | None:
+        """The peer's best-guess direct endpoint: disco's best candidate, else the one ``choose_endpoint``
+        picked from its netmap endpoints, else the data plane's."""
+        paths = self.disco.peer_paths(key)
+        if paths is not None and paths.best is not None:
+            return paths.best
+        if (guess := self._guess.get(key)) is not None:
+            return guess
+        ep = self._stats.get(key.raw, {}).get("endpoint")
+        try:
+            return Endpoint.parse(str(ep)) if ep else None
+        except EndpointError:
+            return None
+
+    def _place_relay(self, key: NodePublic) -> None:
+        """Relay through the peer's region; with no region to relay through, direct to its best guess
+        (until one is known)."""
+        if self.relay.relay_region(key.raw):
+            self.relay.override(key.raw, 0)
+            self._set_device_path(key.raw, "relay")
+        elif (guess := self._best_guess(key)) is not None:
+            self._go_direct(key, guess)
+
+    def _place_plain(self, node: Node) -> None:
+        """A peer without disco: direct to its endpoint; relayed when it has none or relayed for good."""
+        key = node.node_key.raw
+        if self.disco.peer_paths(node.node_key) is not None:
+            return
+        region = self.relay.relay_region(key)
+        no_endpoint = self._best_guess(node.node_key) is None
+        path: Path = "relay" if region and (no_endpoint or key in self._plain_relayed) else "direct"
+        if self._plain_path.get(key) != path and self._set_device_path(key, path):
+            self._plain_path[key] = path
+            via = f" via DERP region {region}" if path == "relay" else ""
+            log.info("peer %s: path %s%s", node.name, path, via)
+
+    def _send_stun(self, datagram: bytes, dest: Endpoint) -> None:
+        self.device.send_datagram(datagram, str(dest))  # DeviceError: the runner counts a failed probe
+
+    # -- links ----------------------------------------------------------------------------------------
+
+    def _on_link_change(self, old: object, new: object) -> None:
+        gone = set(old) - set(new) if isinstance(old, tuple) and isinstance(new, tuple) else {old}
+        log.info("link change: local endpoints %s -> %s", old, new)
+        self.link_changes += 1
+        if gone:
+            # TCP connections made from a vanished address are dead: DERP and control reconnect. Direct
+            # paths are pinged at once and kept if they answer (a public peer follows our new source, as
+            # WireGuard roams); one that does not falls back to the relay within LINK_CHANGE_GRACE.
+            self._tick.spawn(self.relay.derp.set_private_key(self.relay.derp.private_key), "derp-rebind")
+            now = self.clock()
+            for key in list(self._peers):
+                paths = self.disco.peer_paths(key)
+                if paths is not None:
+                    paths.revalidate(now, LINK_CHANGE_GRACE)
+            self._act(self.disco.poll(now))
+            if self.options.on_link_change is not None:
+                self.options.on_link_change()
+        self.local.refresh()
+        self._netcheck.soon()
+        self._tick.rearm()
 
 
-__all__ = ["DISCO_MAGIC", "DiscoHandler", "MagicSock", "RelayDevice"]
+__all__ = [
+    "ACTIVITY_INTERVAL",
+    "DISCO_MAGIC",
+    "HANDSHAKE_FRESH",
+    "NETCHECK_INTERVAL",
+    "Conn",
+    "ConnDevice",
+    "ConnStatus",
+    "Options",
+    "PingReply",
+]

@@ -95,7 +95,7 @@ class DerpConnections:
         self.peer_gone: dict[bytes, tuple[int, int]] = {}  # node key -> (region id, PeerGone reason)
         self.on_down: Callable[[int], None] | None = None
         """Called with the region id when a logged-in connection ends (closed, broken, or found dead by the
-        liveness ping); MagicSock may re-measure at once when it is the home region."""
+        liveness ping); magicsock.Conn re-measures at once when it is the home region."""
 
     # -- configuration ---------------------------------------------------------------------------------
 

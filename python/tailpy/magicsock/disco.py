@@ -10,7 +10,7 @@ Design note: how the daemon drives it
     act(node.on_netmap(peers, now))          # peers: objects with .node_key, .disco_key, .endpoints
     # a disco datagram drained from the Rust device's UDP socket (Device.drain() -> (payload, "ip:port")):
     act(node.feed(payload, Endpoint.parse("192.0.2.7:41641"), now))
-    # a disco datagram from DERP (the on_disco(src_node_key, payload, via_region) hook of the DERP side):
+    # a disco datagram from DERP (src_node_key: the DERP frame's source; region: where it came through):
     act(node.feed(payload, ViaDERP(region), now, derp_src=src_node_key))
     node.note_activity(peer_node_key, now)   # WireGuard datagrams went to this peer (e.g. tx_packets moved)
     act(node.poll(now))                      # at node.next_timer() at the latest (and after note_activity)
@@ -21,17 +21,16 @@ Design note: how the daemon drives it
         for a in actions:
             match a:
                 case SendUDP(endpoint, datagram):   device.send_datagram(datagram, str(endpoint))
-                case SendDERP(node_key, datagram):  magicsock.send_via_derp(node_key, datagram)
-                case SetPath(node_key, None):       magicsock.set_peer_path(node_key, region=0)  # relay
-                case SetPath(node_key, endpoint):   magicsock.set_peer_path(node_key, endpoint=endpoint)
+                case SendDERP(node_key, datagram):  relay.send(node_key, datagram)  # the peer's region
+                case SetPath(node_key, None):       device.set_path(node_key.raw, "relay")
+                case SetPath(node_key, endpoint):   device.set_peer(node_key.raw, allowed_ips=addresses,
+                                                                    endpoint=str(endpoint))
+                                                    device.set_path(node_key.raw, "direct")
                 case PingResult() | PingTimeout():  hand to the waiting `tailpy ping` (by .request)
 
-With A1's :class:`tailpy.magicsock.conn.MagicSock`: construct it with ``policy=None`` (disco decides paths),
-set ``magicsock.on_disco = lambda src, payload, region: act(node.feed(payload, ViaDERP(region), now,
-derp_src=src))``, and call :meth:`DiscoNode.note_activity` from the loop that already reads
-``device.peers()`` each second, for every peer whose ``tx_packets`` grew. (Without MagicSock: relay is
-``device.set_path(key, "relay")``; direct is ``device.set_peer(key, allowed_ips=..., endpoint=str(ep))``
-then ``device.set_path(key, "direct")``.)
+:class:`tailpy.magicsock.conn.Conn` is this driver in tailpyd: it feeds disco datagrams from the device's
+queue and from DERP, calls :meth:`DiscoNode.note_activity` for every peer whose ``tx_packets`` grew (it reads
+``device.peers()`` every 0.25 s), and polls at :meth:`DiscoNode.next_timer` from its one timer.
 
 ``device.send_datagram`` raises DeviceError when the kernel refuses a datagram (EPERM from a firewall,
 network unreachable): catch it and carry on, the missing Pong is how disco notices. A complete driver of this

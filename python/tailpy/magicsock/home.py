@@ -22,7 +22,8 @@ reading Tailscale's ``net/netcheck`` ``addReportHistoryAndSetPreferredDERP``):
   candidate replaces it.
 * A report with no candidates at all (no network) keeps the home.
 
-Field case C20 (stale home region and flapping) is the unit test of this module.
+The unit test of this module, tests/unit/test_magicsock_home.py, plays a stale home region and flapping
+latencies.
 """
 
 from __future__ import annotations

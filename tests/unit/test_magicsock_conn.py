@@ -1,18 +1,19 @@
-"""tailpyd's NAT traversal shell (tailpy.magicsock.traversal.Traversal) over real UDP sockets on loopback:
-a stand-in data plane (the Rust device's Python-facing calls over an asyncio UDP socket), a real MagicSock,
-a real STUN server. `tailpy ping` goes direct after discovery, netcheck over the node's own socket finds the
-mapped endpoint and reports it, relayed handshakes are copied to the best-guess endpoint; netcheck reports
-parse back from JSON (fuzzed: only ParseError)."""
+"""magicsock.Conn's disco, STUN and netcheck over real UDP sockets on loopback: a stand-in data plane (the
+Rust device's Python-facing calls over an asyncio UDP socket, tests/unit/_conn_device.py), a real STUN
+server. `tailpy ping` goes direct after discovery, netcheck over the node's own socket finds the mapped
+endpoint and reports it, relayed handshakes are copied to the best-guess endpoint; netcheck reports parse
+back from JSON (fuzzed: only ParseError)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from _conn_device import FakeDevice
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,62 +22,10 @@ from tailpy.endpoint import Endpoint
 from tailpy.errors import ParseError
 from tailpy.ipnstate import PingReply
 from tailpy.keys import DiscoPrivate, MachinePrivate, NodePrivate
-from tailpy.magicsock import MagicSock
+from tailpy.magicsock import Conn, Options
 from tailpy.magicsock.netcheck import Report
-from tailpy.magicsock.traversal import Traversal, ping_reply
+from tailpy.magicsock.ping import ping_reply
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
-
-
-class UdpDevice(asyncio.DatagramProtocol):
-    """The calls Traversal and MagicSock make on ``tailpy._native.Device``, over a UDP socket on 127.0.0.1;
-    every datagram received goes to the traversal (as the device queues STUN and disco for Python)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.traversal: Traversal | None = None
-        self.paths: dict[bytes, str] = {}
-        self.endpoints: dict[bytes, str] = {}
-        self.received: list[bytes] = []
-        self.got = asyncio.Event()
-
-    async def start(self) -> str:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
-        self.transport = transport
-        host, port = transport.get_extra_info("sockname")[:2]
-        return f"{host}:{port}"
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.append(data)
-        self.got.set()
-        if self.traversal is not None:
-            self.traversal.on_datagrams([(data, f"{addr[0]}:{addr[1]}")])
-
-    def send_datagram(self, data: bytes, endpoint: str) -> None:
-        host, _, port = endpoint.rpartition(":")
-        assert self.transport is not None
-        self.transport.sendto(data, (host.strip("[]"), int(port)))
-
-    def set_path(self, public_key: bytes, path: str) -> None:
-        self.paths[public_key] = path
-
-    def set_peer(
-        self, public_key: bytes, *, allowed_ips: list[str], endpoint: str | None = None, **_: Any
-    ) -> None:
-        if endpoint is not None:
-            self.endpoints[public_key] = endpoint
-
-    def inject(self, public_key: bytes, datagram: bytes) -> None:
-        pass
-
-    def peers(self) -> list[dict[str, Any]]:
-        return [
-            {"public_key": k, "endpoint": e, "path": self.paths.get(k, "direct"), "tx_packets": 0}
-            for k, e in self.endpoints.items()
-        ]
-
-    def stats(self) -> dict[str, int]:
-        return {"dropped_send_error": 0}
 
 
 class Side:
@@ -84,25 +33,24 @@ class Side:
         self.name = name
         self.key = NodePrivate.generate()
         self.disco = DiscoPrivate.generate()
-        self.device = UdpDevice()
+        self.device = FakeDevice()
         self.endpoint = Endpoint.parse("0.0.0.0:0")
         self.reported: list[list[Endpoint]] = []
-        self.ms: MagicSock | None = None
-        self.tr: Traversal | None = None
+        self.conn: Conn | None = None
 
     async def start(self) -> None:
         self.endpoint = Endpoint.parse(await self.device.start())
-        self.ms = MagicSock(self.device, self.key)
-        self.tr = Traversal(
+        self.conn = Conn(
             self.device,
-            self.ms,
-            self.disco,
-            self.key.public,
-            local_endpoints=lambda: [self.endpoint],
-            on_endpoints=self.reported.append,
+            self.key,
+            Options(
+                self.disco,
+                local_endpoints=lambda: [self.endpoint],
+                on_endpoints=self.reported.append,
+                monitor_links=False,
+            ),
         )
-        self.device.traversal = self.tr
-        self.tr.start()
+        self.conn.start()
 
     def node(self, node_id: int) -> Node:
         return Node(
@@ -117,12 +65,9 @@ class Side:
         )
 
     async def close(self) -> None:
-        if self.tr is not None:
-            await self.tr.close()
-        if self.ms is not None:
-            await self.ms.close()
-        if self.device.transport is not None:
-            self.device.transport.close()
+        if self.conn is not None:
+            await self.conn.close()
+        self.device.close()
 
 
 @pytest.fixture
@@ -131,11 +76,10 @@ async def pair() -> AsyncIterator[tuple[Side, Side]]:
     await a.start()
     await b.start()
     na, nb = a.node(1), b.node(2)
-    for me, peer, ms, tr in ((na, nb, a.ms, a.tr), (nb, na, b.ms, b.tr)):
-        assert ms is not None and tr is not None
-        nm = NetMap(me, {peer.id: peer})
-        ms.set_netmap(nm)
-        tr.set_netmap(nm)
+    for me, peer, side in ((na, nb, a), (nb, na, b)):
+        assert side.conn is not None
+        side.device.add(peer.node_key.raw)  # the backend's part: the peer's key and allowed IPs
+        side.conn.set_netmap(NetMap(me, {peer.id: peer}))
     yield a, b
     await a.close()
     await b.close()
@@ -143,12 +87,12 @@ async def pair() -> AsyncIterator[tuple[Side, Side]]:
 
 async def test_ping_goes_direct_after_discovery(pair: tuple[Side, Side]) -> None:
     a, b = pair
-    assert a.tr is not None and a.ms is not None
-    assert a.ms.disco_peers == {b.key.public.raw}  # the fallback policy leaves b to disco
+    assert a.conn is not None
+    assert a.device.paths[b.key.public.raw] == "direct"  # no relay region: the netmap endpoint, direct
     replies = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        r = await a.tr.ping(b.key.public, timeout=2.0)
+        r = await a.conn.ping(b.key.public, timeout=2.0)
         replies.append(r)
         if r.direct:
             break
@@ -156,24 +100,24 @@ async def test_ping_goes_direct_after_discovery(pair: tuple[Side, Side]) -> None
     assert replies[-1].via == str(b.endpoint) and replies[-1].rtt is not None
     assert replies[-1].peer_saw == a.endpoint
     # The path machine put b on the direct path to the endpoint that answered.
-    assert a.device.paths[b.key.public.raw] == "direct" and a.device.endpoints[b.key.public.raw] == str(
-        b.endpoint
-    )
-    st = a.tr.status()
+    assert a.device.paths[b.key.public.raw] == "direct"
+    assert a.device.endpoints[b.key.public.raw] == str(b.endpoint)
+    st = a.conn.status().traversal
     assert st.peers[b.key.public].path == b.endpoint and st.disco["pongs"] >= 1
     with pytest.raises(KeyError):
-        await a.tr.ping(NodePrivate.generate().public)
+        await a.conn.ping(NodePrivate.generate().public)
 
 
 async def test_relayed_handshake_is_copied_to_the_best_guess_endpoint(pair: tuple[Side, Side]) -> None:
     a, b = pair
-    assert a.tr is not None
+    assert a.conn is not None
     b.device.received.clear()
     b.device.got.clear()
     handshake = b"\x01\x00\x00\x00" + bytes(144)  # a WireGuard handshake initiation's size and type
-    a.tr.on_relay([(b.key.public.raw, handshake), (NodePrivate.generate().public.raw, handshake)])
+    a.device.queue_relay(b.key.public.raw, handshake)
+    a.device.queue_relay(NodePrivate.generate().public.raw, handshake)
     await asyncio.wait_for(b.device.got.wait(), 5)
-    assert b.device.received == [handshake] and a.tr.copied == 1
+    assert b.device.received == [handshake] and a.conn.copied == 1
 
 
 async def test_netcheck_over_the_nodes_socket_reports_its_endpoint() -> None:
@@ -182,20 +126,19 @@ async def test_netcheck_over_the_nodes_socket_reports_its_endpoint() -> None:
     side = Side("a")
     try:
         await side.start()
-        assert side.ms is not None and side.tr is not None
+        assert side.conn is not None
         port = stun.addresses[0][1]
         node = DerpNode(
             "900a", 900, "127.0.0.1", ipv4="127.0.0.1", stun_port=port, derp_port=1, insecure_for_tests=True
         )
         dm = DerpMap({900: DerpRegion(900, "lab", "Lab", (node,))})
         nm = NetMap(side.node(1), {}, derp_map=dm)
-        side.ms.set_netmap(nm)
-        side.tr.set_netmap(nm)
-        report = await side.tr.netcheck(timeout=2.0)
+        side.conn.set_netmap(nm)
+        report = await side.conn.netcheck(timeout=2.0)
         assert report is not None and report.udp
         assert report.global_v4 == side.endpoint  # the node's own socket, as the STUN server saw it
         assert 900 in report.region_latency
-        assert side.tr.endpoints == [side.endpoint]
+        assert side.conn.endpoints == [side.endpoint]
         assert side.reported and side.reported[-1] == [side.endpoint]
         again = Report.from_json(report.to_json())
         assert again.global_v4 == report.global_v4 and again.region_latency == report.region_latency
@@ -272,3 +215,54 @@ def test_status_json_endpoint_is_null_while_relayed(tmp_path: Any) -> None:
     assert (
         peer_state(dataclasses.replace(direct, online=True), time.time()) == "idle; direct 192.168.1.20:41641"
     )
+
+
+async def test_tick_rearms_for_the_earliest_deadline_and_periodic_jobs_run_on_request() -> None:
+    """The tick (tailpy.magicsock.tick): one timer, re-armed for whatever deadline is earliest after each
+    event; a periodic job runs at once when asked, and once more right after a run if asked during it."""
+    import math
+    import random
+
+    from tailpy.magicsock.tick import Periodic, Tick
+
+    loop = asyncio.get_running_loop()
+    due = math.inf  # the owner's own deadline
+    fired: list[float] = []
+    runs: list[float] = []
+    gate = asyncio.Event()
+
+    async def job() -> None:
+        runs.append(loop.time())
+        await gate.wait()
+
+    def on_timer(now: float) -> None:
+        nonlocal due
+        if now >= due:
+            fired.append(now)
+            due = math.inf  # done: the owner moves its deadline
+        periodic.run_if_due(now)
+
+    tick = Tick(loop.time, lambda: min(due, periodic.at), on_timer)
+    periodic = Periodic(tick, "job", job, (3600.0, 3600.0), random.Random(1))
+    tick.start()
+
+    async def until(cond: Callable[[], bool]) -> None:
+        for _ in range(100):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    try:
+        due = loop.time() + 0.05
+        tick.rearm()
+        await until(lambda: len(fired) == 1)
+        periodic.soon()
+        await until(lambda: len(runs) == 1)
+        periodic.soon()  # asked during the run: runs again right after it
+        gate.set()
+        await until(lambda: len(runs) == 2)
+        assert periodic.at > loop.time() + 3000  # then the next run is a draw away
+        assert len(fired) == 1
+    finally:
+        await tick.close()

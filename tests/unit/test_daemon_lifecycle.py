@@ -1,0 +1,137 @@
+"""tailpyd's state machine (tailpy.daemon.lifecycle): the transition table, an error for any event it does not
+allow; and a Backend driven through it against a real control server on 127.0.0.1 with a stand-in data plane
+(tests/unit/_conn_device.py): up with an auth key, Running at the first netmap, down, logout, and the state
+strings status --json shows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _conn_device import FakeDevice
+
+from tailpy.control import ControlServer, Store
+from tailpy.daemon.backend import Backend
+from tailpy.daemon.lifecycle import TRANSITIONS, BackendState, Event, IllegalTransition, transition
+from tailpy.daemon.state import StateStore
+from tailpy.errors import AuthKeyError
+
+S, E = BackendState, Event
+
+
+def test_state_strings_are_tailscales() -> None:
+    assert [s.value for s in S] == ["NoState", "NeedsLogin", "Starting", "Running", "Stopped"]
+
+
+def test_table() -> None:
+    assert transition(S.NO_STATE, E.START_REGISTERED) is S.STARTING
+    assert transition(S.NO_STATE, E.START_LOGGED_OUT) is S.NEEDS_LOGIN
+    for s in S:
+        assert transition(s, E.REGISTERED) is S.STARTING
+        assert transition(s, E.DOWN) is S.STOPPED
+        assert transition(s, E.LOGOUT) is S.NEEDS_LOGIN
+        assert transition(s, E.LOGIN_NEEDED) is S.NEEDS_LOGIN
+    for s in (S.STARTING, S.RUNNING, S.NEEDS_LOGIN):
+        assert transition(s, E.NETMAP) is S.RUNNING
+        assert transition(s, E.KEY_EXPIRED) is S.NEEDS_LOGIN
+        assert transition(s, E.FORGOTTEN) is S.NEEDS_LOGIN
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        (S.RUNNING, E.START_REGISTERED),  # start happens once, first
+        (S.STOPPED, E.START_LOGGED_OUT),
+        (S.STOPPED, E.NETMAP),  # no session runs while stopped
+        (S.NO_STATE, E.NETMAP),
+        (S.STOPPED, E.FORGOTTEN),
+        (S.RUNNING, E.LOGIN_FAILED),
+    ],
+)
+def test_illegal_transitions_raise(state: BackendState, event: Event) -> None:
+    assert event not in TRANSITIONS[state]
+    with pytest.raises(IllegalTransition, match=event.name):
+        transition(state, event)
+
+
+class DataPlane(FakeDevice):
+    """The stand-in device plus what the backend itself calls (peers' keys, the node key, counters)."""
+
+    listen_port = 41641
+    tun_name = "tailpy-test0"
+
+    def __init__(self, private_key: bytes) -> None:
+        super().__init__(strict=False)
+        self.private_key = private_key
+        self.closed = False
+
+    def remove_peer(self, public_key: bytes) -> bool:
+        return self.paths.pop(public_key, None) is not None
+
+    def set_private_key(self, private_key: bytes) -> None:
+        self.private_key = private_key
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            super().close()
+
+
+@pytest.fixture
+async def control(tmp_path: Path) -> AsyncIterator[tuple[ControlServer, str]]:
+    (tmp_path / "control").mkdir()
+    store = Store(tmp_path / "control")
+    srv = ControlServer(store, keepalive=0.5, poll_interval=0.2)
+    host, port = await srv.start("127.0.0.1", 0)
+    yield srv, f"http://{host}:{port}"
+    await srv.stop()
+    store.close()
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_backend_moves_by_the_table(control: tuple[ControlServer, str], tmp_path: Path) -> None:
+    srv, url = control
+    key = srv.store.create_auth_key(reusable=True, expires=None, now=time.time()).key
+    devices: list[DataPlane] = []
+
+    def factory(private_key: bytes) -> Any:
+        devices.append(DataPlane(private_key))
+        return devices[-1]
+
+    (tmp_path / "node").mkdir()
+    backend = Backend(StateStore(tmp_path / "node"), factory, configure_os=False)
+    try:
+        assert backend.status().to_json()["backend_state"] == "NoState"
+        await backend.start()
+        assert backend.state is S.NEEDS_LOGIN and backend.status().to_json()["backend_state"] == "NeedsLogin"
+        with pytest.raises(AuthKeyError):
+            await backend.up(url, "not-a-key", "alpha")
+        assert backend.state is S.NEEDS_LOGIN and backend.device is None  # nothing changed
+        await backend.up(url, key, "alpha")
+        assert backend.state in (S.STARTING, S.RUNNING)
+        await until(lambda: backend.state is S.RUNNING, "the first netmap")
+        st = backend.status()
+        assert st.backend_state == "Running" and st.control_connected and st.self_node.name == "alpha"
+        assert st.traversal is not None and st.derp is not None
+        await backend.down()
+        assert backend.state is S.STOPPED and devices[0].closed and not backend.status().control_connected
+        await backend.up("", None, None)  # registered here: no key needed
+        await until(lambda: backend.state is S.RUNNING, "running again")
+        await backend.logout()
+        assert backend.state is S.NEEDS_LOGIN and backend.state_data.node_id is None
+    finally:
+        await backend.close()

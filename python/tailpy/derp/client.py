@@ -45,6 +45,8 @@ MAX_RECV_FRAME_LEN = 1 << 20
 """Largest frame the client reads, bytes: derp_client.go refuses frames above 1 MiB."""
 MAX_HTTP_HEADER = 16 << 10
 READ_CHUNK = 64 << 10
+CLOSE_TIMEOUT = 2.0
+"""Seconds :meth:`DerpClient.close` lets unsent frames drain before it aborts the connection."""
 
 
 class DerpClientError(TailpyError, ConnectionError):
@@ -352,8 +354,14 @@ class DerpClient:
         self._read_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError, ssl.SSLError):
             await self._read_task
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await self._writer.wait_closed()
+        # A peer that stopped reading (a dead path, a stalled proxy) would keep unsent frames in the
+        # transport's buffer and wait_closed() waiting forever: give the close a moment, then abort.
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except (OSError, ssl.SSLError):
+            pass
+        except asyncio.TimeoutError:
+            self._writer.transport.abort()
 
     async def wait_closed(self) -> None:
         """Wait until the connection ends (server close, error or :meth:`close`)."""

@@ -214,12 +214,18 @@ class DerpServer:
             pass
         finally:
             self._tasks.discard(task)
-            self._writers.discard(writer)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), self.write_timeout)
             except (asyncio.TimeoutError, ConnectionError, OSError):
                 writer.transport.abort()
+            except asyncio.CancelledError:
+                # stop() gave up waiting: a transport left closing (its peer not reading) would keep the
+                # listener's wait_closed() waiting for it forever.
+                writer.transport.abort()
+                raise
+            finally:
+                self._writers.discard(writer)
 
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The stream's limit is 64 KiB (DERP frames are read through it later); while reading the request head

@@ -526,3 +526,23 @@ _STATUS_DOC: dict[str, Any] = {
 
 def test_the_fuzzed_status_parses() -> None:
     assert Status.from_json(_STATUS_DOC).to_json() == _STATUS_DOC
+
+
+def test_status_text_names_offload_fallbacks() -> None:
+    """`tailpy status` says when the data plane fell back from an offload (the JSON has it under
+    device.offload.fallbacks), and says nothing of offloads while all are in use."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tailpy.cli.status import render
+
+    def text(device: dict[str, Any] | None) -> str:
+        out = StringIO()
+        render(Status.from_json({**_STATUS_DOC, "device": device}), Console(file=out, width=200))
+        return out.getvalue()
+
+    fallback = "udp: GSO refused (Input/output error), one datagram per message"
+    assert f"data plane: {fallback}" in text({"offload": {"fallbacks": [fallback]}})
+    assert "data plane" not in text({"offload": {"fallbacks": []}})
+    assert "data plane" not in text(None)

@@ -68,6 +68,10 @@ def render(st: Status, console: Console) -> None:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
     for warning in st.health:
         console.print(f"[yellow]health:[/] {warning}")
+    # The data plane works without an offload it fell back from, at a higher CPU cost per packet.
+    offload = (st.device or {}).get("offload") or {}
+    for fallback in offload.get("fallbacks", []):
+        console.print(f"[yellow]data plane:[/] {fallback}", highlight=False)
 
     rows: list[tuple[str, ...]] = []
     if me.addresses:

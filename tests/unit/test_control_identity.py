@@ -41,19 +41,19 @@ def test_users_from_identities(store: Store) -> None:
     assert "alice@example.com-2" in names  # no clash with the local user
     other = ident.user_for_identity(store, replace(a, issuer="https://other.example"), 4.0)
     assert other != uid  # same subject at another issuer: another user
-    node = ident.add_pending(store, mkey().public, nkey(), "pc", "linux", uid, 5.0, None)
-    assert [p.id for p in ident.list_pending(store)] == [node.id]
-    assert ident.reject_pending(store, node.id).hostname == "pc"
-    assert ident.list_pending(store) == []
+    node = store.add_pending(mkey().public, nkey(), "pc", "linux", uid, 5.0, None)
+    assert [p.id for p in store.list_pending()] == [node.id]
+    assert store.reject_pending(node.id).hostname == "pc"
+    assert store.list_pending() == []
     with pytest.raises(ConfigError, match="no pending node"):
-        ident.approve_pending(store, node.id, 6.0)
+        store.approve_pending(node.id, 6.0)
     # Approval registers the machine for the user; a second login of it replaces nothing but the key.
     mk = mkey().public
-    p = ident.add_pending(store, mk, nkey(), "pc2", "linux", uid, 7.0, 1e12)
-    approved = ident.approve_pending(store, p.id, 8.0)
+    p = store.add_pending(mk, nkey(), "pc2", "linux", uid, 7.0, 1e12)
+    approved = store.approve_pending(p.id, 8.0)
     assert approved.user == "alice@example.com-2" and approved.key_expiry == 1e12
-    assert ident.has_live_node(store, mk) and ident.pending_for(store, mk) is None
-    again = ident.register_for_user(store, mk, nkey(), "pc2", "linux", other, 9.0, None)
+    assert store.node_by_machine_key(mk) is not None and store.pending_for(mk) is None
+    again = store.register_for_user(mk, nkey(), "pc2", "linux", other, 9.0, None)
     assert again.id == approved.id and again.addresses == approved.addresses
 
 
@@ -62,13 +62,13 @@ def test_rotation_keeps_a_fixed_expiry_and_a_key_login_clears_it(store: Store) -
     approval; registering with an auth key later gives the server's lifetime again."""
     uid = ident.user_for_identity(store, ident.Identity("https://idp.example", "s1", "a@example.com"), 1.0)
     mk, k1, k2, k3 = mkey().public, nkey(), nkey(), nkey()
-    p = ident.add_pending(store, mk, k1, "pc", "linux", uid, 2.0, 500.0, expiry_fixed=True)
-    node = ident.approve_pending(store, p.id, 3.0)
+    p = store.add_pending(mk, k1, "pc", "linux", uid, 2.0, 500.0, expiry_fixed=True)
+    node = store.approve_pending(p.id, 3.0)
     assert node.key_expiry == 500.0
     assert store.rotate_node_key(mk, k1, k2, 100.0, key_lifetime=3600).key_expiry == 500.0
     # Without the flag (the server's lifetime), rotation gives a fresh lifetime.
     mk2, j1, j2 = mkey().public, nkey(), nkey()
-    ident.register_for_user(store, mk2, j1, "pc2", "linux", uid, 4.0, 500.0)
+    store.register_for_user(mk2, j1, "pc2", "linux", uid, 4.0, 500.0)
     assert store.rotate_node_key(mk2, j1, j2, 100.0, key_lifetime=3600).key_expiry == 3700.0
     # The fixed node logs in with an auth key: its expiry is the server's again, and rotation extends it.
     key = store.create_auth_key(reusable=False, expires=None, now=200.0)

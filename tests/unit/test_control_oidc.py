@@ -261,8 +261,8 @@ async def test_rotation_keeps_an_expiry_that_came_from_the_token(tmp_path: Path,
         env.node_key = old.public
         assert (await callback(env, await sign_in(env, await begin(env), "alice", "pw-alice")))[0] == 200
         if approval:
-            [pending] = ident.list_pending(env.store)
-            ident.approve_pending(env.store, pending.id, time.time())
+            [pending] = env.store.list_pending()
+            env.store.approve_pending(pending.id, time.time())
         answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
         assert answer.node is not None and answer.node.key_expiry is not None
         expiry = answer.node.key_expiry
@@ -352,15 +352,15 @@ async def test_manual_approval(tmp_path: Path) -> None:
         assert status == 200 and "approves" in page
         answer = await env.client.login_poll(env.node_key, "laptop", wait=0)
         assert answer.pending_approval and answer.node is None
-        [pending] = ident.list_pending(env.store)
+        [pending] = env.store.list_pending()
         assert pending.email == "alice@example.com" and pending.hostname == "laptop"
         assert env.store.list_nodes() == []
         poll = asyncio.create_task(env.client.login_poll(env.node_key, "laptop", wait=20))
         await asyncio.sleep(0.3)
-        node = ident.approve_pending(env.store, pending.id, time.time())  # as another process would
+        node = env.store.approve_pending(pending.id, time.time())  # as another process would
         answer = await asyncio.wait_for(poll, 30)
         assert answer.node is not None and answer.node.id == node.id
-        assert ident.list_pending(env.store) == []
+        assert env.store.list_pending() == []
         # The key expires with the ID token (the provider gives one hour).
         assert answer.node.key_expiry is not None and 3000 < answer.node.key_expiry - time.time() <= 3600
 
@@ -434,8 +434,8 @@ def test_admin_cli_pending_approve_reject(tmp_path: Path) -> None:
     uid = ident.user_for_identity(
         store, ident.Identity("https://idp.example", "s1", "ann@example.com", True), 1.0
     )
-    first = ident.add_pending(store, mkey().public, nkey(), "ann-laptop", "linux", uid, time.time(), None)
-    second = ident.add_pending(store, mkey().public, nkey(), "ann-phone", "linux", uid, time.time(), None)
+    first = store.add_pending(mkey().public, nkey(), "ann-laptop", "linux", uid, time.time(), None)
+    second = store.add_pending(mkey().public, nkey(), "ann-phone", "linux", uid, time.time(), None)
     store.close()
     runner = CliRunner()
     env = {"TAILPY_CONTROL_STATE_DIR": str(tmp_path)}

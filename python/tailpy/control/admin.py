@@ -151,21 +151,18 @@ class Admin:
         return {}
 
     def op_nodes_pending(self, _args: Mapping[str, Any]) -> Any:
-        from tailpy.control import identity
 
-        return [p.to_json() for p in identity.list_pending(self.store)]
+        return [p.to_json() for p in self.store.list_pending()]
 
     def op_nodes_approve(self, args: Mapping[str, Any]) -> Any:
-        from tailpy.control import identity
 
-        node = identity.approve_pending(self.store, _int(args, "id"), self.clock())
+        node = self.store.approve_pending(_int(args, "id"), self.clock())
         self._published(node.id)
         return self._node_json(node)
 
     def op_nodes_reject(self, args: Mapping[str, Any]) -> Any:
-        from tailpy.control import identity
 
-        return identity.reject_pending(self.store, _int(args, "id")).to_json()
+        return self.store.reject_pending(_int(args, "id")).to_json()
 
     # --- auth keys ---
 

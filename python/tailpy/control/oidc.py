@@ -470,7 +470,7 @@ class Logins:
             if node is not None and node.node_key == node_key and not node.expired:
                 self._done(login)
                 return {"node": node.to_json()}
-            pending = ident.pending_for(self.store, machine_key)
+            pending = self.store.pending_for(machine_key)
             if pending is not None and pending.node_key == node_key:
                 login.waiting_approval = True
             elif login.waiting_approval:  # rejected by an admin: sign in again
@@ -637,9 +637,8 @@ class Logins:
             expiry = None if self.key_lifetime is None else now + self.key_lifetime
         user_id = ident.user_for_identity(self.store, who, now)
         login.error = ""
-        if self.config.approval and not ident.has_live_node(self.store, login.machine_key):
-            ident.add_pending(
-                self.store,
+        if self.config.approval and self.store.node_by_machine_key(login.machine_key) is None:
+            self.store.add_pending(
                 login.machine_key,
                 login.node_key,
                 login.hostname,
@@ -655,8 +654,7 @@ class Logins:
             log.info("login: %s signed in %s; waiting for approval", who.shown, login.hostname)
             return pages.approval_page(who.shown, login.hostname)
         try:
-            node = ident.register_for_user(
-                self.store,
+            node = self.store.register_for_user(
                 login.machine_key,
                 login.node_key,
                 login.hostname,

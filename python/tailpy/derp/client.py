@@ -352,8 +352,11 @@ class DerpClient:
         """Close the connection and stop the reader; queued messages stay readable. Idempotent."""
         self._shutdown()
         self._read_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError, ssl.SSLError):
-            await self._read_task
+        # asyncio.wait, not `await task` under suppress(CancelledError): that would also swallow a
+        # cancellation of the task calling close(), which then never ends.
+        await asyncio.wait({self._read_task})
+        if not self._read_task.cancelled():
+            self._read_task.exception()  # retrieved: an OSError of a dead connection is not news here
         # A peer that stopped reading (a dead path, a stalled proxy) would keep unsent frames in the
         # transport's buffer and wait_closed() waiting forever: give the close a moment, then abort.
         try:
@@ -511,8 +514,7 @@ class ReconnectingDerpClient:
                 finally:
                     self._connected.clear()
                     watch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watch
+                    await asyncio.wait({watch})  # a cancellation of this task itself still propagates
                     await client.close()
                 if self.last_error is None:
                     self.last_error = f"connection to {self.url} ended{client._reason()}"
@@ -560,10 +562,12 @@ class ReconnectingDerpClient:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            # Cancelled until it ends: code below it that swallowed one cancellation (Python 3.11's
+            # wait_for can, when its inner future finishes at the same moment) must not keep it alive.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
         if self._client is not None:
             await self._client.close()
         self._connected.clear()

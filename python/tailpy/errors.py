@@ -45,6 +45,10 @@ class AuthKeyError(ControlError):
     """An auth key is unknown, expired or already used."""
 
 
+class TagError(ControlError):
+    """A node or auth key asked for tags that nobody asking may own (the policy's ``tagOwners``)."""
+
+
 class NotRegisteredError(ControlError):
     """The control server does not know this machine (never registered, or deleted by an admin)."""
 
@@ -69,5 +73,6 @@ __all__ = [
     "NotRegisteredError",
     "ParseError",
     "PermissionDeniedError",
+    "TagError",
     "TailpyError",
 ]

@@ -14,11 +14,17 @@ Operations (``op``: arguments -> result, all JSON):
 
 * ``users.create`` {name} -> User; ``users.list`` {} -> [User]; ``users.delete`` {name} -> {}
 * ``nodes.list`` {} -> [Node]; ``nodes.show`` {id} -> Node; ``nodes.rename`` {id, name} -> Node;
-  ``nodes.expire`` {id} -> Node; ``nodes.expiry`` {id, disabled} -> Node; ``nodes.delete`` {id} -> {}
+  ``nodes.expire`` {id} -> Node; ``nodes.expiry`` {id, disabled} -> Node; ``nodes.delete`` {id} -> {};
+  ``nodes.tag`` {id, tags: ["tag:a", ...]} -> Node (an admin override: tags validated, no tagOwners check)
 * ``authkey.create`` {user?, tags?, reusable, ephemeral, expiration (seconds up to 3650 days, or null)} ->
   AuthKey (the full key: the only time it is shown, the database keeps a hash); ``authkey.list`` {} ->
   [AuthKey] (key prefix only; ``uses``, ``last_used``); ``authkey.expire`` {key (id or full key)} -> AuthKey
 * ``settings.show`` {} -> {domain, prefix_v4, prefix_v6, database}
+* the tailnet policy (:mod:`tailpy.control.acl`; ``file`` names the policy in messages, ``FILE:LINE:COLUMN:
+  message``): ``policy.get`` {} -> :meth:`tailpy.control.acl.Running.to_json`; ``policy.set`` {text, file?,
+  by?} -> the same, plus ``not_enforced`` and ``warnings``; ``policy.check`` {text, file?} -> {not_enforced,
+  warnings} (nothing stored); ``policy.test`` {text, file?} -> {tests: count or null, failures: [sentence]};
+  ``policy.filter`` {node: id or name} -> {node: {id, name}, rules: [tailcfg.FilterRule JSON]}
 * ``dns.show`` {} and ``dns.set`` {fields to replace} -> DNS settings (see :mod:`tailpy.control.dnsconfig`)
 
 Node JSON is :meth:`tailpy.netmap.Node.to_json` plus ``fqdn``.
@@ -38,10 +44,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from tailpy.control import dnsconfig
+from tailpy.control import acl, dnsconfig
+from tailpy.control.policy import Policy, PolicyError, check_tests, compile_filter
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
+from tailpy.control.tags import ADMIN, check_tags
 from tailpy.errors import ConfigError, ControlError
 from tailpy.netmap import Node
+from tailpy.packetfilter import filter_to_json
 
 if TYPE_CHECKING:
     from tailpy.control.server import ControlServer
@@ -150,6 +159,14 @@ class Admin:
         self._removed(node_id)
         return {}
 
+    def op_nodes_tag(self, args: Mapping[str, Any]) -> Any:
+        tags = args.get("tags")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ConfigError("tags must be a list of strings like tag:server")
+        node = self.store.set_node_tags(_int(args, "id"), tags, self.clock())
+        self._published(node.id)
+        return self._node_json(node)
+
     def op_nodes_pending(self, _args: Mapping[str, Any]) -> Any:
 
         return [p.to_json() for p in self.store.list_pending()]
@@ -181,6 +198,9 @@ class Admin:
         tags = args.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ConfigError("tags must be a list of strings like tag:server")
+        if tags:
+            # the admin creates the key: may apply any tag the policy defines (tailpy.control.tags)
+            tags = list(check_tags(self._policy(), tags, [ADMIN]))
         user = args.get("user")
         key = self.store.create_auth_key(
             reusable=bool(args.get("reusable")),
@@ -208,6 +228,88 @@ class Admin:
         if self.server is not None:
             self.server.dns_changed()
         return out
+
+    # --- the tailnet policy ---
+
+    def _keeper(self) -> acl.PolicyKeeper:
+        if self.server is not None:
+            return self.server.policy
+        keeper = acl.PolicyKeeper(
+            self.store, path=None, on_change=lambda _p: None, nodes=self._policy_nodes, clock=self.clock
+        )
+        keeper.running = acl.stored(self.store)
+        return keeper
+
+    def _policy(self) -> Policy | None:
+        return self._keeper().policy
+
+    def _policy_nodes(self) -> list[Any]:
+        if self.server is not None:
+            return self.server.policy_nodes()
+        return acl.policy_nodes(self.store.list_nodes(self.clock()), self.store.user_emails())
+
+    @staticmethod
+    def _text(args: Mapping[str, Any]) -> tuple[str, str]:
+        text = args.get("text")
+        if not isinstance(text, str):
+            raise ConfigError("text must be the policy's HuJSON text")
+        where = args.get("file")
+        return text, where if isinstance(where, str) and where else "policy"
+
+    @staticmethod
+    def _notes(policy: Policy | None) -> dict[str, Any]:
+        if policy is None:
+            return {"not_enforced": [], "warnings": []}
+        return {"not_enforced": list(policy.not_enforced), "warnings": list(policy.warnings)}
+
+    def op_policy_get(self, _args: Mapping[str, Any]) -> Any:
+        running = self._keeper().running
+        return {**running.to_json(), **self._notes(running.policy)}
+
+    def op_policy_set(self, args: Mapping[str, Any]) -> Any:
+        text, where = self._text(args)
+        by = args.get("by")
+        running = self._keeper().set(text, by if isinstance(by, str) and by else "admin", where)
+        return {**running.to_json(), **self._notes(running.policy)}
+
+    def op_policy_check(self, args: Mapping[str, Any]) -> Any:
+        text, where = self._text(args)
+        return self._notes(acl.check(text, where, self._policy_nodes()))
+
+    def op_policy_test(self, args: Mapping[str, Any]) -> Any:
+        text, where = self._text(args)
+        try:
+            policy = Policy.parse(text)
+        except PolicyError as e:
+            raise acl.PolicyRefused(acl.locate(where, e)) from None
+        failures = check_tests(policy, self._policy_nodes())
+        tests = getattr(policy, "tests", None)
+        return {
+            "tests": len(tests) if isinstance(tests, (list, tuple)) else None,
+            "failures": [acl.locate(where, f) for f in failures],
+        }
+
+    def op_policy_filter(self, args: Mapping[str, Any]) -> Any:
+        which = args.get("node")
+        nodes = self.store.list_nodes(self.clock())
+        if isinstance(which, bool) or not isinstance(which, (int, str)) or which == "":
+            raise ConfigError("node must be a node id or name; see `tailpy control nodes list`")
+        key = str(which)
+        found = [n for n in nodes if str(n.id) == key] or [
+            n for n in nodes if key in (n.name, n.hostname) or n.fqdn(self.store.settings().domain) == key
+        ]
+        if not found:
+            raise ConfigError(f"there is no node {key}; see `tailpy control nodes list`")
+        if len(found) > 1:
+            raise ConfigError(f"{len(found)} nodes answer to {key}; give an id (`tailpy control nodes list`)")
+        node = found[0]
+        rules = None
+        filter_for = getattr(self.server.mapper, "filter_for", None) if self.server is not None else None
+        if filter_for is not None:  # (the server's compiled filters, shared with its netmaps)
+            rules = filter_for(node.id)
+        if rules is None:
+            rules = compile_filter(self._policy(), node.id, self._policy_nodes())
+        return {"node": {"id": node.id, "name": node.name}, "rules": filter_to_json(tuple(rules))}
 
     # --- settings ---
 

@@ -3,8 +3,11 @@
 Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 
 * ``GET /key`` -> the server's machine public key, ``mkey:<hex>`` as text/plain (public, unauthenticated).
-* ``POST /machine/register`` sealed ``{node_key, hostname, os?, auth_key?, old_node_key?, old_node_proof?}``
-  -> sealed ``{"node": Node JSON}``. With ``old_node_key`` (the machine's current node key) and
+* ``POST /machine/register`` sealed ``{node_key, hostname, os?, auth_key?, old_node_key?, old_node_proof?,
+  request_tags?}`` -> sealed ``{"node": Node JSON}``. ``request_tags`` (``["tag:a", ...]``, Tailscale's
+  ``Hostinfo.RequestTags``: ``tailpy up --advertise-tags``) are granted only when the auth key's creator or
+  the node's owner may own them (:mod:`tailpy.control.tags`); refused, the registration is refused (403,
+  ``"kind": "tags"``, nothing changed). With ``old_node_key`` (the machine's current node key) and
   ``old_node_proof`` (:func:`tailpy.proto.control.seal_rotation_proof`, fresh) the node key is rotated to
   ``node_key`` with no auth key: same id, addresses and name, a new expiry, the old key refused at once.
   Otherwise see :meth:`tailpy.control.store.Store.register` (a restart with the same, unexpired node key
@@ -46,17 +49,21 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from tailpy.control import dnsconfig, pages
+from tailpy.control.acl import PolicyKeeper, policy_nodes
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
+from tailpy.control.policy import Policy, PolicyNode
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
+from tailpy.control.tags import Requester, check_tags
 from tailpy.endpoint import Endpoint
-from tailpy.errors import AuthKeyError, ControlError, EndpointError, InvalidKeyError, ParseError
+from tailpy.errors import AuthKeyError, ControlError, EndpointError, InvalidKeyError, ParseError, TagError
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
@@ -64,6 +71,7 @@ from tailpy.proto import control as proto
 log = logging.getLogger("tailpy.control")
 
 MAX_ENDPOINTS = 64
+MAX_REQUEST_TAGS = 64
 DERP_ADMIT_PATH = "/derp/admit"  # (tailpy.derp.verify.CONTROL_ADMIT_PATH)
 EPHEMERAL_TIMEOUT = 1800.0  # seconds an ephemeral node may be offline before it is removed
 POLL_INTERVAL = 5.0  # seconds between looks for changes made by other processes (admin commands)
@@ -91,6 +99,20 @@ def parse_endpoints(obj: object) -> list[Endpoint]:
             raise EndpointError(f'endpoint {e!r} has port 0: expected "ip:port" with a port of 1-65535')
         out.append(ep)
     return out
+
+
+def parse_request_tags(obj: object) -> tuple[str, ...]:
+    """The ``request_tags`` field of a registration: absent/None -> (); else a list of at most 64 strings
+    (validated as tags later, against the policy). Raises ParseError."""
+    if obj is None:
+        return ()
+    if (
+        not isinstance(obj, list)
+        or len(obj) > MAX_REQUEST_TAGS
+        or not all(isinstance(t, str) and 0 < len(t) <= 128 for t in obj)
+    ):
+        raise ParseError(f'request_tags must be a list of at most {MAX_REQUEST_TAGS} tags like "tag:server"')
+    return tuple(obj)
 
 
 def _str_field(
@@ -122,7 +144,9 @@ class ControlServer:
     before it is removed; ``derp_map``: the DERP relays every full netmap carries (static for the server's
     life; None: no DERP map); ``oidc``: login with an OpenID Connect provider for nodes without an auth key
     (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only). One timer fires at the next key
-    expiry or ephemeral deadline (no per-node polling).
+    expiry or ephemeral deadline (no per-node polling). ``policy_file``: the tailnet policy is that file's
+    (``serve --policy``), else the database's (:class:`tailpy.control.acl.PolicyKeeper`, :attr:`policy`).
+    Raises ConfigError when the policy cannot be loaded (a bad policy file: line, column, what is wrong).
     """
 
     def __init__(
@@ -137,6 +161,7 @@ class ControlServer:
         ephemeral_timeout: float = EPHEMERAL_TIMEOUT,
         derp_map: DerpMap | None = None,
         oidc: OIDCConfig | None = None,
+        policy_file: Path | None = None,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -155,6 +180,12 @@ class ControlServer:
         self._online: Counter[int] = Counter()
         self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
         self.mapper.load(store.list_nodes())
+        self._emails: dict[str, str] = {}
+        self.users_changed()
+        self.policy = PolicyKeeper(
+            store, path=policy_file, on_change=self._apply_policy, nodes=self.policy_nodes, clock=clock
+        )
+        self.policy.load()
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -211,6 +242,7 @@ class ControlServer:
     async def _on_startup(self, _app: web.Application) -> None:
         self._closing = False
         self._poller = asyncio.create_task(self._poll())
+        self.policy.start_watching()
         self._lifecycle()
 
     async def _on_shutdown(self, _app: web.Application) -> None:
@@ -222,6 +254,7 @@ class ControlServer:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        await self.policy.stop()
         self.mapper.end_all()
 
     async def _poll(self) -> None:
@@ -229,6 +262,9 @@ class ControlServer:
             await asyncio.sleep(self.poll_interval)
             self._changed()  # streams hear only of records that differ
             self.dns_changed()  # DNS settings changed straight in the database
+            self.users_changed()  # users made by logins or other processes
+            if self.policy.path is None:
+                self.policy.reload()  # a policy another process stored (database mode)
             self._lifecycle()  # other processes' changes, streams closed: move the timer
 
     # --- netmaps ---
@@ -270,6 +306,33 @@ class ControlServer:
         self.domain = self.store.settings().domain
         self.mapper.set_dns(dnsconfig.for_netmap(self.store), self.domain)
 
+    # --- the tailnet policy ---
+
+    def _apply_policy(self, policy: Policy | None) -> None:
+        """The running policy changed (or was loaded): every node's filter is recompiled and sent."""
+        set_policy = getattr(self.mapper, "set_policy", None)  # STAND-IN guard until the compiler's mapper
+        if set_policy is not None:
+            set_policy(policy)
+
+    def policy_nodes(self) -> list[PolicyNode]:
+        """The live nodes as the policy compiler sees them (owner emails included)."""
+        return policy_nodes(self.mapper.nodes.values(), self._emails)
+
+    def users_changed(self) -> None:
+        """Re-read the users' emails; when they changed, the mapper matches policies against the new ones."""
+        emails = self.store.user_emails()
+        if emails != self._emails:
+            self._emails = emails
+            set_emails = getattr(self.mapper, "set_user_emails", None)  # STAND-IN guard (see _apply_policy)
+            if set_emails is not None:
+                set_emails(emails)
+
+    def check_tags(
+        self, tags: Sequence[str], requesters: Sequence[Requester], held: Sequence[str]
+    ) -> tuple[str, ...]:
+        """Decide requested tags under the running policy (:func:`tailpy.control.tags.check_tags`)."""
+        return check_tags(self.policy.policy, tags, requesters, held)
+
     # --- lifecycle: admin changes, key expiry, ephemeral nodes ---
 
     def is_online(self, node_id: int) -> bool:
@@ -277,7 +340,9 @@ class ControlServer:
         return self._online[node_id] > 0
 
     def admin_changed(self, node_id: int) -> None:
-        """An admin command changed node ``node_id`` (name, expiry): tell the nodes now."""
+        """An admin command changed node ``node_id`` (name, expiry, tags) or a login registered it: tell the
+        nodes now."""
+        self.users_changed()  # (a login may have made its user)
         self.publish_node(node_id)
         self._lifecycle()
 
@@ -398,6 +463,10 @@ class ControlServer:
             hostname = _str_field(req.body, "hostname")
             auth_key = _str_field(req.body, "auth_key", max_len=200, required=False)
             os_name = _str_field(req.body, "os", max_len=64, required=False) or ""
+            try:
+                request_tags = parse_request_tags(req.body.get("request_tags"))
+            except ParseError as e:
+                raise _Refused(400, str(e)) from None
             assert hostname is not None
             now = self.clock()
             try:
@@ -412,7 +481,11 @@ class ControlServer:
                         now,
                         os_name=os_name,
                         key_lifetime=self.key_lifetime,
+                        request_tags=request_tags,
+                        tag_check=self.check_tags,
                     )
+            except TagError as e:
+                raise _Refused(403, str(e), "tags") from None
             except AuthKeyError as e:
                 if auth_key is None and self.logins is not None and req.body.get("interactive") is True:
                     wait = req.body.get("wait", 0)
@@ -572,4 +645,4 @@ def _with_online(node: Node, online: bool) -> Node:
     return node if node.online == online else dataclasses.replace(node, online=online)
 
 
-__all__ = ["ControlServer", "http_url", "parse_endpoints"]
+__all__ = ["ControlServer", "http_url", "parse_endpoints", "parse_request_tags"]

@@ -14,6 +14,7 @@ and left out of the map (STUNPort -1). Control serves regardless. Headscale's em
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -64,6 +65,8 @@ class ControlConfig:
       ``derp_map_file`` the file it came from (for messages).
     * ``stun``: a STUN server beside the relay on UDP ``stun_port`` (0 picks one).
     * ``oidc``: browser login (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only).
+    * ``policy_file``: the tailnet policy is this HuJSON file, reloaded when it changes and on SIGHUP (None:
+      the policy stored in the database, ``tailpy control policy set``); see :mod:`tailpy.control.acl`.
     """
 
     state_dir: Path
@@ -87,6 +90,7 @@ class ControlConfig:
     stun: bool = True
     stun_port: int = 3478
     oidc: OIDCConfig | None = None
+    policy_file: Path | None = None
 
     def check(self) -> None:
         """Raise ConfigError for settings that cannot work together (region id out of range, or taken by
@@ -175,6 +179,7 @@ class ControlProcess:
             None  # logged after the "listening" line (read first by tools)
         )
         self._stun_note: tuple[int, str] | None = None
+        self._sighup = False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -198,6 +203,22 @@ class ControlProcess:
             await self.stop()
             raise
         self._log_started(settings.domain)
+        if cfg.policy_file is not None:
+            self._watch_sighup()
+
+    def _watch_sighup(self) -> None:
+        """SIGHUP reloads the policy file (as it makes many daemons re-read their configuration)."""
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policy)
+        except (RuntimeError, ValueError) as e:  # not the main thread: the file is still watched
+            log.warning("cannot handle SIGHUP here (%s): the policy file is reloaded when it changes", e)
+            return
+        self._sighup = True
+
+    def reload_policy(self) -> None:
+        """Reload the policy file now (SIGHUP); a bad file is logged and the running policy stays."""
+        if self.server is not None:
+            self.server.policy.reload("reloaded on SIGHUP")
 
     async def _start_relay(self, derp_key: MachinePrivate) -> None:
         cfg = self.config
@@ -269,6 +290,7 @@ class ControlProcess:
             ephemeral_timeout=cfg.ephemeral_timeout,
             derp_map=self.derp_map,
             oidc=cfg.oidc,
+            policy_file=cfg.policy_file,
         )
         if self.relay is not None and cfg.derp_verify_clients:
             self.relay.verify_client = local_admission(server.derp_admits)
@@ -296,6 +318,13 @@ class ControlProcess:
         )
         if self._derp_note is not None:
             log.log(*self._derp_note)
+        pol = self.server.policy.running
+        if pol.source == "file":
+            log.info("policy from %s (reloaded when it changes and on SIGHUP)", pol.path)
+        elif pol.policy is None:
+            log.info("policy: none set (every node may reach every other)")
+        else:
+            log.info("policy: %d from the database, set by %s", pol.id, pol.set_by or "?")
         oidc = self.config.oidc
         if oidc is not None:
             log.info("login with %s enabled; login links start at %s", oidc.issuer, oidc.server_url)
@@ -307,6 +336,10 @@ class ControlProcess:
     async def stop(self) -> None:
         """Stop the admin socket, control, the STUN server and the relay, and close the database (each that
         runs; safe to call twice)."""
+        if self._sighup:
+            self._sighup = False
+            with contextlib.suppress(RuntimeError):  # (the loop may be closing)
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None

@@ -1,18 +1,18 @@
 """`tailpy control`: run the coordination server and administer it, one module per subcommand group:
 :mod:`~tailpy.cli.control.serve` (the server: :func:`tailpy.control.service.run_control`),
-:mod:`~tailpy.cli.control.users`, :mod:`~tailpy.cli.control.authkey`, :mod:`~tailpy.cli.control.nodes` and
-:mod:`~tailpy.cli.control.dns`.
+:mod:`~tailpy.cli.control.users`, :mod:`~tailpy.cli.control.authkey`, :mod:`~tailpy.cli.control.nodes`,
+:mod:`~tailpy.cli.control.dns` and :mod:`~tailpy.cli.control.policy`.
 
-Admin commands (users, nodes, authkey, dns) go through ``<state_dir>/admin.sock`` when `tailpy control serve`
-runs on that state dir (the server applies them and tells the nodes at once), and straight to the database
-otherwise (see :mod:`tailpy.control.admin`). Nodes can never reach them.
+Admin commands (users, nodes, authkey, dns, policy) go through ``<state_dir>/admin.sock`` when `tailpy
+control serve` runs on that state dir (the server applies them and tells the nodes at once), and straight to
+the database otherwise (see :mod:`tailpy.control.admin`). Nodes can never reach them.
 """
 
 from __future__ import annotations
 
 import click
 
-from tailpy.cli.control import authkey, dns, nodes, serve, users
+from tailpy.cli.control import authkey, dns, nodes, policy, serve, users
 
 
 @click.group("control")
@@ -20,7 +20,7 @@ def command() -> None:
     """Run and administer the coordination server."""
 
 
-for _group in (serve, users, authkey, nodes, dns):
+for _group in (serve, users, authkey, nodes, dns, policy):
     command.add_command(_group.command)
 
 __all__ = ["command"]

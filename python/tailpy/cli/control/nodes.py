@@ -1,5 +1,5 @@
-"""`tailpy control nodes list|show|rename|expire|expiry|delete|pending|approve|reject`: machines registered
-with this server, and those waiting for approval."""
+"""`tailpy control nodes list|show|rename|tag|expire|expiry|delete|pending|approve|reject`: machines
+registered with this server, and those waiting for approval."""
 
 from __future__ import annotations
 
@@ -162,6 +162,21 @@ def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node_id: int, n
     out(as_json, n, f"node {node_id} is now {n['fqdn']}")
 
 
+@command.command("tag")
+@state_dir_option
+@db_option
+@json_option
+@click.argument("node_id", type=int)
+@click.argument("tags")
+def nodes_tag(state_dir: Path, db: str | None, as_json: bool, node_id: int, tags: str) -> None:
+    """Give node NODE_ID exactly the tags TAGS (comma-separated: tag:web,tag:db): an admin's override, not
+    checked against the policy's tagOwners. A tagged node shows no user and its key does not expire; the
+    policy's rules for those tags apply to it at once."""
+    wanted = [t.strip() for t in tags.split(",") if t.strip()]
+    n = admin(state_dir, db, "nodes.tag", {"id": node_id, "tags": wanted})
+    out(as_json, n, f"node {node_id} ({n['name']}) has tags {','.join(n['tags'])}")
+
+
 @command.command("expire")
 @state_dir_option
 @db_option
@@ -196,6 +211,6 @@ def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node_id: int) -
     out(as_json, admin(state_dir, db, "nodes.delete", {"id": node_id}), f"deleted node {node_id}")
 
 
-with_admin_note([nodes_list, nodes_show, nodes_rename, nodes_expire, nodes_expiry, nodes_delete])
+with_admin_note([nodes_list, nodes_show, nodes_rename, nodes_tag, nodes_expire, nodes_expiry, nodes_delete])
 
 __all__ = ["command"]

@@ -103,6 +103,14 @@ from tailpy.errors import ConfigError
 @click.option("--oidc-expiry-from-token", is_flag=True, help="Node keys expire with the login's ID token.")
 @click.option("--approve-nodes", is_flag=True, help="New machines that log in wait for `nodes approve`.")
 @click.option(
+    "--policy",
+    "policy_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Tailnet policy file (Tailscale's HuJSON format): the policy is this file's, reloaded when it "
+    "changes and on SIGHUP; `policy set` is then refused. Default: the policy stored in the database.",
+)
+@click.option(
     "--server-url",
     default=None,
     help="URL browsers and nodes reach this server at (login links, OIDC redirect); default from --listen.",
@@ -135,6 +143,7 @@ def command(
     oidc_groups_claim: str,
     oidc_expiry_from_token: bool,
     approve_nodes: bool,
+    policy_file: Path | None,
     server_url: str | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
@@ -148,7 +157,10 @@ def command(
     external relays (a Tailscale DERPMap JSON file; region ids must differ from the embedded one).
 
     Unless --no-stun, a STUN server answers on UDP --stun-port (3478) of the relay's host and the map says
-    so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1)."""
+    so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1).
+
+    With --policy FILE the tailnet policy is that file: a bad one stops the server from starting (the
+    sentence gives FILE:LINE:COLUMN); later, a bad edit is logged and the running policy stays."""
     from tailpy.control.options import (
         default_server_url,
         load_derp_map,
@@ -201,6 +213,7 @@ def command(
         stun=stun,
         stun_port=stun_port,
         oidc=oidc,
+        policy_file=policy_file,
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -12,10 +12,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tailpy.control.store import authkeys, database, nodes, pending, schema, settings, users
+from tailpy.control.store import policy as policy_repo
 from tailpy.control.store.addresses import AddressAllocator
 from tailpy.control.store.authkeys import AuthKey
-from tailpy.control.store.nodes import DEFAULT_KEY_LIFETIME
+from tailpy.control.store.nodes import DEFAULT_KEY_LIFETIME, TagCheck
 from tailpy.control.store.pending import PendingNode
+from tailpy.control.store.policy import PolicyRecord
 from tailpy.control.store.settings import Settings
 from tailpy.control.store.users import User
 from tailpy.dns.config import DNSConfig
@@ -159,6 +161,34 @@ class Store:
         with self.engine.begin() as conn:
             return users.for_login(conn, issuer, subject, email, display_name, now)
 
+    def user_emails(self) -> dict[str, str]:
+        """Login name -> email of every user that has an email (OpenID Connect logins)."""
+        with self.engine.begin() as conn:
+            return users.emails(conn)
+
+    # --- the tailnet policy ---
+
+    def policy(self) -> PolicyRecord | None:
+        """The running policy as stored (the newest of the history), or None: no policy set."""
+        with self.engine.begin() as conn:
+            return policy_repo.current(conn)
+
+    def policy_id(self) -> int:
+        """The id of the running policy (0: none): cheap, for noticing a change another process made."""
+        with self.engine.begin() as conn:
+            return policy_repo.current_id(conn)
+
+    def add_policy(self, text: str, set_by: str, now: float) -> PolicyRecord:
+        """Store ``text`` (already checked: :mod:`tailpy.control.acl`) as the running policy, set by
+        ``set_by`` at ``now``; the previous ones stay in the history."""
+        with self.engine.begin() as conn:
+            return policy_repo.add(conn, text, set_by, now)
+
+    def policy_history(self, limit: int = 20) -> list[PolicyRecord]:
+        """The last ``limit`` policies set, newest first."""
+        with self.engine.begin() as conn:
+            return policy_repo.history(conn, limit)
+
     # --- auth keys ---
 
     def create_auth_key(
@@ -204,6 +234,8 @@ class Store:
         *,
         os_name: str = "",
         key_lifetime: float | None = DEFAULT_KEY_LIFETIME,
+        request_tags: Sequence[str] = (),
+        tag_check: TagCheck | None = None,
     ) -> Node:
         """Register ``machine_key`` (or re-register it) and return its node (``online`` False).
 
@@ -215,6 +247,11 @@ class Store:
         ahead (None: never; also never when disabled for the node or the node is tagged). ``os_name`` is
         stored ("linux"). Raises AuthKeyError, ControlError (node key of another machine, address pool
         exhausted).
+
+        ``request_tags`` (``tailpy up --advertise-tags``; empty: keep the node's tags) are decided by
+        ``tag_check`` (:data:`~tailpy.control.store.nodes.TagCheck`) for the auth key's creator (its user,
+        else the admin) or, with no auth key, the node's owner; granted, they replace the node's tags (whose
+        key then never expires, as for a tagged key). Raises TagError (nothing registered) when refused.
         """
         with self.engine.begin() as conn:
             return nodes.register(
@@ -227,6 +264,8 @@ class Store:
                 now,
                 os_name=os_name,
                 key_lifetime=key_lifetime,
+                request_tags=request_tags,
+                tag_check=tag_check,
             )
 
     def register_for_user(
@@ -409,6 +448,13 @@ class Store:
         """Expire node ``node_id``'s key now (it must log in again with an auth key). Raises ConfigError."""
         with self.engine.begin() as conn:
             return nodes.expire(conn, node_id, now)
+
+    def set_node_tags(self, node_id: int, tags: Sequence[str], now: float) -> Node:
+        """Give live node ``node_id`` exactly ``tags`` (an admin's choice: validated as ``tag:<name>``, at
+        least one, no ``tagOwners`` check). Its owner, if any, is kept (a tagged node shows no user); its key
+        no longer expires, as for a node of a tagged auth key. Raises ConfigError."""
+        with self.engine.begin() as conn:
+            return nodes.set_tags(conn, node_id, tags, now)
 
     def set_key_expiry(
         self, node_id: int, *, disabled: bool, now: float, key_lifetime: float = DEFAULT_KEY_LIFETIME

@@ -11,7 +11,7 @@ Tailscale, by default for tagged nodes); a logged-out node counts as expired.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,6 +22,7 @@ from tailpy.control.store import authkeys
 from tailpy.control.store import settings as settings_repo
 from tailpy.control.store.addresses import BATCH, AddressAllocator
 from tailpy.control.store.schema import nodes, users
+from tailpy.control.tags import ADMIN, Requester
 from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import ConfigError, ControlError
 from tailpy.keys import DiscoPublic, MachinePublic, NodePublic
@@ -29,6 +30,19 @@ from tailpy.netmap import Node
 
 DEFAULT_KEY_LIFETIME = 180 * 86400.0
 """Seconds a node key is valid after (re-)registration (180 days, as Tailscale)."""
+
+TagCheck = Callable[[Sequence[str], Sequence[Requester], Sequence[str]], tuple[str, ...]]
+"""Decides a registration's requested tags: (requested, requesters, tags held already) -> the tags granted
+(sorted), or raises TagError (see :func:`tailpy.control.tags.check_tags`)."""
+
+
+def requester(conn: Connection, user_id: int | None) -> Requester:
+    """The :class:`Requester` of user ``user_id`` (name and email), or the admin for None (an auth key
+    made without a user was made by the admin)."""
+    if user_id is None:
+        return ADMIN
+    r = conn.execute(sa.select(users.c.name, users.c.email).where(users.c.id == user_id)).first()
+    return ADMIN if r is None else Requester(str(r.name), str(r.email or ""))
 
 
 def to_node(row: Any, now: float) -> Node:
@@ -149,6 +163,8 @@ def register(
     *,
     os_name: str,
     key_lifetime: float | None,
+    request_tags: Sequence[str] = (),
+    tag_check: TagCheck | None = None,
 ) -> Node:
     """Registration with an auth key (see :meth:`Store.register`)."""
     row = machine_row(conn, machine_key)
@@ -162,6 +178,12 @@ def register(
         values: dict[str, Any] = {"hostname": hostname, "last_seen": now}
         if os_name:
             values["os"] = os_name
+        held = tuple(json.loads(row.tags or "[]"))
+        if request_tags and tag_check is not None:
+            owners = [requester(conn, row.user_id)] if row.user_id is not None else []
+            granted = tag_check(request_tags, owners, held)
+            if granted != held:
+                values.update(tags=json.dumps(list(granted)), key_expiry=None, key_expiry_fixed=False)
         conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
         return read(conn, int(row.id), now)
     check_node_key_free(conn, machine_key, node_key)
@@ -170,6 +192,9 @@ def register(
         why = "this machine logged out" if row.logged_out else "this machine's node key expired"
     key = authkeys.take(conn, auth_key, now, why)
     tags = tuple(json.loads(key.tags or "[]"))
+    if request_tags and tag_check is not None:
+        # the key's creator (its user; the admin for a key with no user) is also the node's owner
+        tags = tag_check(request_tags, [requester(conn, key.user_id)], tags)
     disabled = bool(row.expiry_disabled) if row is not None else False
     expiry = None if key_lifetime is None or disabled or tags else now + key_lifetime
     values = {
@@ -177,7 +202,7 @@ def register(
         "hostname": hostname,
         "last_seen": now,
         "user_id": key.user_id,
-        "tags": key.tags or "[]",
+        "tags": json.dumps(list(tags)),
         "ephemeral": bool(key.ephemeral),
         "key_expiry": expiry,
         "key_expiry_fixed": False,
@@ -339,6 +364,21 @@ def expire(conn: Connection, node_id: int, now: float) -> Node:
     """Expire live node ``node_id``'s key now. Raises ConfigError."""
     live(conn, node_id)
     conn.execute(nodes.update().where(nodes.c.id == node_id).values(key_expiry=now, expiry_disabled=False))
+    return read(conn, node_id, now)
+
+
+def set_tags(conn: Connection, node_id: int, tags: Sequence[str], now: float) -> Node:
+    """Give live node ``node_id`` exactly ``tags`` (validated ``tag:<name>``, at least one; see
+    :meth:`Store.set_node_tags`). Raises ConfigError."""
+    live(conn, node_id)
+    wanted = authkeys.parse_tags(tags)
+    if not wanted:
+        raise ConfigError("give at least one tag, like tag:server (a tagged node cannot lose all its tags)")
+    conn.execute(
+        nodes.update()
+        .where(nodes.c.id == node_id)
+        .values(tags=json.dumps(list(wanted)), key_expiry=None, key_expiry_fixed=False)
+    )
     return read(conn, node_id, now)
 
 

@@ -179,6 +179,23 @@ def _m7_expiry_fixed(conn: Connection) -> None:
         )
 
 
+def _m8_policies(conn: Connection) -> None:
+    """8 (access control): ``policies``, the tailnet policy's history: every accepted policy ``text`` (HuJSON
+    as given), who set it (``set_by``) and when (``set_at``, unix seconds); the row with the highest ``id``
+    is the running policy (none: no policy, every node may reach every other)."""
+    md = sa.MetaData()
+    sa.Table(
+        "policies",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("text", sa.Text, nullable=False),
+        sa.Column("set_by", sa.Text, nullable=False, server_default=""),
+        sa.Column("set_at", sa.Float, nullable=False),
+        sqlite_autoincrement=True,
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m1,
     _m2,
@@ -187,6 +204,7 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m5_disco_key,
     _m6_oidc,
     _m7_expiry_fixed,
+    _m8_policies,
 )
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
@@ -257,6 +275,14 @@ pending_nodes = sa.Table(  # migration 6: logins waiting for an admin's approval
     sa.Column("created", sa.Float),
     sa.Column("key_expiry_fixed", sa.Boolean),
 )
+policies = sa.Table(  # migration 8: the tailnet policy's history (newest id: the running policy)
+    "policies",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("text", sa.Text),
+    sa.Column("set_by", sa.Text),
+    sa.Column("set_at", sa.Float),
+)
 settings = sa.Table("settings", _meta, sa.Column("name", sa.Text), sa.Column("value", sa.Text))
 auth_keys = sa.Table(
     "auth_keys",
@@ -310,6 +336,7 @@ __all__ = [
     "migrate",
     "nodes",
     "pending_nodes",
+    "policies",
     "schema_version",
     "settings",
     "users",

@@ -51,6 +51,12 @@ def list_all(conn: Connection) -> list[User]:
     return [User(int(r.id), r.name, r.created) for r in rows]
 
 
+def emails(conn: Connection) -> dict[str, str]:
+    """Login name -> email of every user with an email (those of an OpenID Connect login)."""
+    rows = conn.execute(sa.select(users.c.name, users.c.email).where(users.c.email != "")).all()
+    return {str(r.name): str(r.email) for r in rows if r.email}
+
+
 def user_id(conn: Connection, name: str) -> int:
     """The id of user ``name``. Raises ConfigError when there is none."""
     row = conn.execute(sa.select(users.c.id).where(users.c.name == name)).first()
@@ -121,4 +127,14 @@ def for_login(conn: Connection, issuer: str, subject: str, email: str, display_n
     return int(res.inserted_primary_key[0])
 
 
-__all__ = ["DEFAULT_USER", "User", "create", "default_user_id", "delete", "for_login", "list_all", "user_id"]
+__all__ = [
+    "DEFAULT_USER",
+    "User",
+    "create",
+    "default_user_id",
+    "delete",
+    "emails",
+    "for_login",
+    "list_all",
+    "user_id",
+]

@@ -76,6 +76,7 @@ async def _up(
     console: Console,
     qr: bool = False,
     accept_dns: bool | None = None,
+    advertise_tags: list[str] | None = None,
 ) -> Status:
     client = local(socket_path)
     started = False
@@ -87,7 +88,7 @@ async def _up(
         started = True
     try:
         with console.status(f"registering with {login_server or 'the login server'}"):
-            st = await client.up(login_server, auth_key, hostname, force_reauth, accept_dns)
+            st = await client.up(login_server, auth_key, hostname, force_reauth, accept_dns, advertise_tags)
     except TailpyError:
         if started:  # leave nothing running behind a failed first `up`
             with contextlib.suppress(TailpyError):
@@ -153,6 +154,14 @@ async def _up(
     help="Point this host's resolver at MagicDNS (default true; --accept-dns=false leaves it alone; "
     "not given: as the last `up` said).",
 )
+@click.option(
+    "--advertise-tags",
+    default=None,
+    metavar="TAGS",
+    help="Ask control to tag this node: comma-separated tags (tag:web,tag:db; a bare name gets tag:). "
+    "Granted only when this node's owner (or its auth key's creator) owns them in the policy's tagOwners; "
+    "kept for later `up`s (not given: as the last `up` said; empty: ask for none).",
+)
 @socket_option
 @state_dir_option
 def command(
@@ -163,6 +172,7 @@ def command(
     force_reauth: bool,
     qr: bool,
     accept_dns: bool | None,
+    advertise_tags: str | None,
     socket_path: str,
     state_dir: str,
 ) -> None:
@@ -181,9 +191,20 @@ def command(
             console,
             qr,
             accept_dns,
+            _tags(advertise_tags),
         )
     )
     click.echo(connected_line(st))
+
+
+def _tags(text: str | None) -> list[str] | None:
+    """``--advertise-tags`` -> tags (``tag:`` prepended to a bare name, as tailscale does), None when not
+    given. Raises ConfigError for a malformed tag."""
+    if text is None:
+        return None
+    from tailpy.control.tags import parse_tags
+
+    return list(parse_tags(t for t in text.split(",")))
 
 
 def connected_line(st: Status) -> str:

@@ -13,7 +13,14 @@ from typing import Any
 import aiohttp
 
 from tailpy.endpoint import Endpoint
-from tailpy.errors import AuthKeyError, ControlError, InvalidKeyError, NotRegisteredError, ParseError
+from tailpy.errors import (
+    AuthKeyError,
+    ControlError,
+    InvalidKeyError,
+    NotRegisteredError,
+    ParseError,
+    TagError,
+)
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
 from tailpy.proto import control as proto
@@ -200,6 +207,8 @@ class ControlClient:
             cls: type[ControlError] = ControlError
             if body.get("kind") == "auth_key":
                 cls = AuthKeyError
+            elif body.get("kind") == "tags":
+                cls = TagError
             elif status == 403:
                 cls = NotRegisteredError
             raise cls(str(body["error"]))
@@ -216,16 +225,20 @@ class ControlClient:
         os: str = "",
         old_node_key: NodePublic | None = None,
         old_node_proof: str | None = None,
+        request_tags: Sequence[str] = (),
     ) -> Node:
         """Register this machine with ``node_key`` and ``hostname``; returns its node (id, name, addresses).
 
         ``auth_key`` (``tskey-auth-...``) is needed the first time, after logout or expiry, and when the node
         key changes without a rotation proof. Rotation: ``old_node_key`` (the current key) with
         ``old_node_proof`` from :func:`tailpy.proto.control.seal_rotation_proof` replaces it, no auth key.
-        ``os``: the node's operating system ("linux"). Raises AuthKeyError (unknown, expired or used-up key:
-        the server's sentence) or ControlError.
+        ``os``: the node's operating system ("linux"). ``request_tags``: tags this node asks for (``tailpy up
+        --advertise-tags``; empty: no request, its tags stay). Raises AuthKeyError (unknown, expired or
+        used-up key: the server's sentence), TagError (a tag nobody asking may own), or ControlError.
         """
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname}
+        if request_tags:
+            body["request_tags"] = list(request_tags)
         if auth_key is not None:
             body["auth_key"] = auth_key
         if os:
@@ -236,7 +249,13 @@ class ControlClient:
         return self._node(await self._call("/machine/register", body))
 
     async def login_poll(
-        self, node_key: NodePublic, hostname: str, *, os: str = "", wait: float = 25.0
+        self,
+        node_key: NodePublic,
+        hostname: str,
+        *,
+        os: str = "",
+        wait: float = 25.0,
+        request_tags: Sequence[str] = (),
     ) -> LoginAnswer:
         """Register with no auth key, interactively (an OpenID Connect login, :mod:`tailpy.control.oidc`):
         the server answers at once with the node when the machine needs no login, else holds the request up
@@ -246,6 +265,8 @@ class ControlClient:
         sentence asks for an auth key), ControlError."""
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname, "interactive": True}
         body["wait"] = wait
+        if request_tags:
+            body["request_tags"] = list(request_tags)
         if os:
             body["os"] = os
         answer = await self._call("/machine/register", body, timeout=wait + 30.0)

@@ -21,15 +21,33 @@ tag, even if they don't own the tag"):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tailpy.control.store.authkeys import parse_tags
 from tailpy.errors import ConfigError, TagError
 
 if TYPE_CHECKING:
     from tailpy.control.policy import Policy
+
+
+_TAG = re.compile(r"tag:[a-z0-9][a-z0-9-]{0,62}")
+
+
+def parse_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    """Validate tags ``tag:<lowercase label>``; sorted, without duplicates. Raises ConfigError."""
+    out = set()
+    for t in tags:
+        t = t.strip()
+        if not t:
+            continue
+        if not t.startswith("tag:"):
+            t = "tag:" + t
+        if not _TAG.fullmatch(t):
+            raise ConfigError(f"tag {t!r} is not tag:<name> with lowercase letters, digits and hyphens")
+        out.add(t)
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -88,4 +106,4 @@ def check_tags(
     return wanted
 
 
-__all__ = ["ADMIN", "Requester", "check_tags"]
+__all__ = ["ADMIN", "Requester", "check_tags", "parse_tags"]

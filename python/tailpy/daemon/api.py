@@ -1,12 +1,13 @@
 """tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
 
 Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname,
-force_reauth, accept_dns?}), ``POST /localapi/v0/down``, ``POST /localapi/v0/logout``,
+force_reauth, accept_dns?, advertise_tags?: ["tag:a", ...]}), ``POST /localapi/v0/down``,
+``POST /localapi/v0/logout``,
 ``GET /localapi/v0/whois?addr=IP``, ``POST /localapi/v0/ping`` ({target: peer name or tailnet IP, timeout:
 seconds}) -> one disco ping's answer (:meth:`Backend.ping`), ``POST /localapi/v0/netcheck`` ({timeout}) -> a
 netcheck report made over the data plane's own socket (:meth:`Backend.netcheck`).
-Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 404 (no such
-node), 502 (control unreachable or refused).
+Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 403 (a
+requested tag refused by control's policy), 404 (no such node), 502 (control unreachable or refused).
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from typing import Any
 from aiohttp import web
 
 from tailpy.daemon.backend import Backend
-from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
+from tailpy.errors import AuthKeyError, ConfigError, ControlError, TagError, TailpyError
 
 PREFIX = "/localapi/v0"
+
+
+def _tags(obj: object) -> list[str] | None:
+    """The ``advertise_tags`` of an ``up`` request: None (keep the last ones) or a list of strings. Raises
+    ConfigError."""
+    if obj is None:
+        return None
+    if not isinstance(obj, list) or not all(isinstance(t, str) for t in obj):
+        raise ConfigError('advertise_tags must be a list of tags like ["tag:server"]')
+    return obj
 
 
 def _error(status: int, e: BaseException) -> web.Response:
@@ -49,9 +60,12 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
                 body.get("hostname"),
                 force_reauth=bool(body.get("force_reauth", False)),
                 accept_dns=None if body.get("accept_dns") is None else bool(body["accept_dns"]),
+                advertise_tags=_tags(body.get("advertise_tags")),
             )
         except AuthKeyError as e:
             return _error(401, e)
+        except TagError as e:
+            return _error(403, e)
         except ConfigError as e:
             return _error(400, e)
         except ControlError as e:

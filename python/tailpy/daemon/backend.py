@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tailpy import netmap as nm
@@ -38,6 +38,7 @@ from tailpy.errors import (
     ControlError,
     EndpointError,
     NotRegisteredError,
+    TagError,
     TailpyError,
 )
 from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
@@ -137,6 +138,7 @@ class Backend:
         self.auth_url = ""  # where the user signs in while an interactive login waits
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
+        self._up_tags: tuple[str, ...] | None = None  # --advertise-tags of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
 
     @property
@@ -175,10 +177,14 @@ class Backend:
         *,
         force_reauth: bool = False,
         accept_dns: bool | None = None,
+        advertise_tags: Sequence[str] | None = None,
     ) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
         ``accept_dns``: point the host's resolver at MagicDNS (None: as before; True on a new node).
+        ``advertise_tags``: tags to ask control for, kept for later registrations (None: as before; empty:
+        ask for none, the node keeps the tags it has); control refuses with TagError when nobody asking may
+        own one (then nothing changes).
 
         Nothing is changed (state file, tunnel) unless control accepts the registration, except that a node
         already registered with this server, finding control unreachable, comes up on what it knows and keeps
@@ -217,6 +223,8 @@ class Backend:
         await self.session.stop()
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
+        self._up_tags = None if advertise_tags is None else tuple(advertise_tags)
+        tags = s.advertise_tags if self._up_tags is None else self._up_tags
         hostname = hostname or s.hostname or socket.gethostname()
         # A new node key on every fresh login (forced, or after the key expired): an admin who expired a
         # node because its key may be compromised must not see that key come back.
@@ -225,13 +233,14 @@ class Backend:
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
         try:
             # Without an auth key: interactive login where control offers it, an auth key where it does not.
-            answer = await register(url, s.machine_key, node_key, hostname, auth_key)
+            answer = await register(url, s.machine_key, node_key, hostname, auth_key, tags)
         except ControlError as e:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)
             elif why and not isinstance(e, NotRegisteredError):  # unreachable: say both
                 e = ControlError(f"{e}; and {why_offline}")
-            if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
+            refused = (AuthKeyError, NotRegisteredError, TagError)  # control answered: not "unreachable"
+            if registered_here and not force_reauth and not isinstance(e, refused):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
                 self._bring_up_offline(hostname, str(e))
                 return
@@ -260,6 +269,8 @@ class Backend:
         s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
         if self._up_accept_dns is not None:
             s.accept_dns = self._up_accept_dns
+        if self._up_tags is not None:
+            s.advertise_tags = self._up_tags
         s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
         self.store.save(s)
         self.last_error = ""

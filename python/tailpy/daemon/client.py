@@ -15,6 +15,7 @@ from tailpy.errors import (
     DaemonNotRunningError,
     ParseError,
     PermissionDeniedError,
+    TagError,
     TailpyError,
 )
 from tailpy.ipnstate import PeerStatus, PingReply, Status
@@ -40,6 +41,7 @@ def default_state_dir() -> str:
 _ERRORS: dict[int, type[TailpyError]] = {
     400: ConfigError,
     401: AuthKeyError,
+    403: TagError,
     404: ConfigError,
     502: ControlError,
 }
@@ -90,15 +92,19 @@ class LocalClient:
         hostname: str | None,
         force_reauth: bool = False,
         accept_dns: bool | None = None,
+        advertise_tags: list[str] | None = None,
     ) -> Status:
-        """Log in / bring the node up (``POST /up``): the status after it."""
-        body = {
+        """Log in / bring the node up (``POST /up``): the status after it. ``advertise_tags``: tags to ask
+        control for (None: as the last `up` said)."""
+        body: dict[str, Any] = {
             "login_server": login_server,
             "auth_key": auth_key,
             "hostname": hostname,
             "force_reauth": force_reauth,
             "accept_dns": accept_dns,
         }
+        if advertise_tags is not None:
+            body["advertise_tags"] = advertise_tags
         return Status.from_json(await self._call("POST", "/up", body))
 
     async def logout(self) -> Status:

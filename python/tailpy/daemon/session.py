@@ -27,7 +27,7 @@ import logging
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tailpy import netmap as nm
@@ -53,16 +53,26 @@ LOGIN_POLL = 25.0  # seconds control may hold a login poll (control's /machine/l
 
 
 async def register(
-    url: str, machine_key: MachinePrivate, node_key: NodePrivate, hostname: str, auth_key: str | None
+    url: str,
+    machine_key: MachinePrivate,
+    node_key: NodePrivate,
+    hostname: str,
+    auth_key: str | None,
+    request_tags: Sequence[str] = (),
 ) -> nm.Node | LoginAnswer:
     """Register ``node_key`` with control at ``url``: with ``auth_key``, the node; without, control's first
-    login answer (the node when the machine is known, else where the user signs in). Raises ControlError
-    (AuthKeyError, NotRegisteredError) with the server's sentence."""
+    login answer (the node when the machine is known, else where the user signs in). ``request_tags``: the
+    tags this node asks for (``tailpy up --advertise-tags``). Raises ControlError (AuthKeyError,
+    NotRegisteredError, TagError) with the server's sentence."""
     client = ControlClient(url, machine_key)
     try:
         if auth_key:
-            return await client.register(node_key.public, hostname, auth_key, os=OS_NAME)
-        return await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=0)
+            return await client.register(
+                node_key.public, hostname, auth_key, os=OS_NAME, request_tags=request_tags
+            )
+        return await client.login_poll(
+            node_key.public, hostname, os=OS_NAME, wait=0, request_tags=request_tags
+        )
     finally:
         await client.close()
 

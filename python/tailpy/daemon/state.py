@@ -36,6 +36,9 @@ class NodeState:
     # accepting it and this file recording it cannot strand the node (the next start tries it first).
     pending_node_key: NodePrivate | None = None
     accept_dns: bool = True  # point the host's resolver at MagicDNS (`tailpy up --accept-dns`)
+    advertise_tags: tuple[
+        str, ...
+    ] = ()  # tags asked of control at registration (`tailpy up --advertise-tags`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,7 @@ class NodeState:
             "node_key_issued": self.node_key_issued,
             "pending_node_key": self.pending_node_key.text() if self.pending_node_key else None,
             "accept_dns": self.accept_dns,
+            "advertise_tags": list(self.advertise_tags),
         }
 
     @classmethod
@@ -67,6 +71,7 @@ class NodeState:
             if obj.get("pending_node_key")
             else None,
             accept_dns=bool(obj.get("accept_dns", True)),
+            advertise_tags=tuple(str(t) for t in obj.get("advertise_tags") or ()),
         )
 
 

@@ -6,7 +6,6 @@ ephemeral, and when it expires."""
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from sqlalchemy.engine import Connection
 
 from tailpy.control.store import users as users_repo
 from tailpy.control.store.schema import AUTH_KEY_PREFIX, auth_key_prefix, auth_keys, hash_auth_key, users
+from tailpy.control.tags import parse_tags
 from tailpy.errors import AuthKeyError, ConfigError
 
 CREATE_HINT = "`tailpy control authkey create`"
-_TAG = re.compile(r"tag:[a-z0-9][a-z0-9-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -63,21 +62,6 @@ class AuthKey:
             "expires": self.expires,
             "created": self.created,
         }
-
-
-def parse_tags(tags: Iterable[str]) -> tuple[str, ...]:
-    """Validate tags ``tag:<lowercase label>``; sorted, without duplicates. Raises ConfigError."""
-    out = set()
-    for t in tags:
-        t = t.strip()
-        if not t:
-            continue
-        if not t.startswith("tag:"):
-            t = "tag:" + t
-        if not _TAG.fullmatch(t):
-            raise ConfigError(f"tag {t!r} is not tag:<name> with lowercase letters, digits and hyphens")
-        out.add(t)
-    return tuple(sorted(out))
 
 
 def create(

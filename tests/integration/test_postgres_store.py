@@ -1,6 +1,6 @@
-"""The store and name tests again, against a real PostgreSQL server started here (initdb into a temporary
-directory, unix socket only) and removed afterwards, pass or fail. Skipped, with the reason, only where
-PostgreSQL cannot be started (binaries missing)."""
+"""The store, name, identity and policy tests again, against a real PostgreSQL server started here (initdb
+into a temporary directory, unix socket only) and removed afterwards, pass or fail. Skipped, with the reason,
+only where PostgreSQL cannot be started (binaries missing)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ globals().update(
 )
 globals().update(
     {k.replace("test_", "test_identity_", 1): v for k, v in _store_tests("test_control_identity").items()}
+)
+globals().update(
+    {k.replace("test_", "test_policy_", 1): v for k, v in _store_tests("test_control_policy").items()}
 )
 
 

@@ -246,14 +246,16 @@ class PolicyKeeper:
         if self.path is not None and self._file_stat() != self._stat:
             self.reload("changed")
 
-    def start_watching(self, interval: float = FILE_POLL) -> None:
-        """Look at the policy file every ``interval`` seconds (file mode only) until :meth:`stop`."""
+    def start_watching(self, interval: float | None = None) -> None:
+        """Look at the policy file every ``interval`` seconds (default :data:`FILE_POLL`; file mode only)
+        until :meth:`stop`."""
         if self.path is None or self._watcher is not None:
             return
+        every = FILE_POLL if interval is None else interval
 
         async def watch() -> None:
             while True:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(every)
                 try:
                     self.poll_file()
                 except Exception:  # a bug here must not stop the watching: log it, look again

@@ -55,6 +55,7 @@ class Policy:
         self._obj = obj
         self.not_enforced = tuple(sorted(k for k in obj if k not in _KNOWN))
         self.warnings: tuple[str, ...] = ()
+        self.tag_owners: dict[str, list[str]] = dict(obj.get("tagOwners") or {})
 
     @classmethod
     def parse(cls, text: str) -> Policy:

@@ -116,14 +116,21 @@ class Admin:
 
     # --- users ---
 
+    def _users_changed(self) -> None:
+        if self.server is not None:
+            self.server.users_changed()
+
     def op_users_create(self, args: Mapping[str, Any]) -> Any:
-        return self.store.create_user(_str(args, "name"), self.clock()).to_json()
+        user = self.store.create_user(_str(args, "name"), self.clock())
+        self._users_changed()
+        return user.to_json()
 
     def op_users_list(self, _args: Mapping[str, Any]) -> Any:
         return [u.to_json() for u in self.store.list_users()]
 
     def op_users_delete(self, args: Mapping[str, Any]) -> Any:
         self.store.delete_user(_str(args, "name"))
+        self._users_changed()
         return {}
 
     # --- nodes ---

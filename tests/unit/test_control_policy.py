@@ -108,6 +108,8 @@ def test_tag_decisions_follow_tag_owners() -> None:
     assert check_tags(policy, ["tag:nope"], [alice], held=["tag:nope"]) == ("tag:nope",)  # held: kept
     with pytest.raises(TagError, match="not tag:<name>"):
         check_tags(policy, ["tag:Bad Name"], [ADMIN])
+    with pytest.raises(TagError, match="this node has no owner who could own it"):
+        check_tags(policy, ["tag:web"], [], held=["tag:db"])
 
 
 def test_without_a_policy_only_the_admin_tags() -> None:

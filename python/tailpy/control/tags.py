@@ -101,7 +101,13 @@ def check_tags(
             raise TagError(f"{tag} is not permitted: the policy's tagOwners does not define it")
         if any(r.admin or policy.may_own(tag, r.name, r.email) for r in requesters):
             continue
-        who = " or ".join(r.describe() for r in requesters) or "nobody"
+        if not requesters:
+            raise TagError(
+                f"{tag} is not permitted: this node has no owner who could own it (its tags came from an "
+                "auth key); register with an auth key that carries the tag, or ask an admin (`tailpy "
+                "control nodes tag`)"
+            )
+        who = " or ".join(r.describe() for r in requesters)
         raise TagError(f"{tag} is not permitted: the policy's tagOwners does not let {who} own it")
     return wanted
 

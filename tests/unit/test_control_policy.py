@@ -36,6 +36,18 @@ POLICY = """{
   "acls": [
     {"action": "accept", "src": ["*"], "dst": ["*:*"]},
   ],
+  "tests": [{"src": "alice@", "accept": ["tag:web:80"]}],
+}
+"""
+
+FAILING_TEST = """{
+  "groups": {"group:ops": ["alice@"]},
+  "tagOwners": {"tag:db": ["bob@"]},
+  "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:db:5432"]}],
+  "tests": [
+    {"src": "alice@", "accept": ["tag:db:5432"]},
+    {"src": "alice@", "accept": ["tag:db:22"]},
+  ],
 }
 """
 
@@ -188,8 +200,13 @@ def test_admin_policy_get_set_and_refusals(store: Store) -> None:
     assert "group:nope" in str(refused.value)
     with pytest.raises(acl.PolicyRefused, match=r"^broken\.hujson:\d+:\d+: "):
         admin.run("policy.set", {"text": '{"acls": [}', "file": "broken.hujson"})
+    with pytest.raises(acl.PolicyRefused, match=r"^t\.hujson:7:5: tests\[1\]: .*tag:db:22"):
+        admin.run("policy.set", {"text": FAILING_TEST, "file": "t.hujson"})
     assert admin.run("policy.get", {})["policy"] == POLICY  # the running policy stayed
     assert len(store.policy_history()) == 1
+    tested = admin.run("policy.test", {"text": FAILING_TEST, "file": "t.hujson"})
+    assert tested["tests"] == 2 and [r["ok"] for r in tested["results"]] == [True, False]
+    assert tested["results"][1]["at"] == "t.hujson:7:5"
 
 
 def test_admin_policy_check_reports_not_enforced_sections(store: Store) -> None:
@@ -245,7 +262,11 @@ def test_cli_policy_commands(tmp_path: Path) -> None:
     code, out = _run("policy", "check", str(ssh), *sd)
     assert code == 0 and "not enforced yet: ssh" in out, out
     code, out = _run("policy", "test", str(good), *sd)
-    assert code == 0 and "pass" in out, out
+    assert code == 0 and "1 of 1 tests pass" in out and out.startswith(f"PASS {good}:"), out
+    failing = tmp_path / "failing.hujson"
+    failing.write_text(FAILING_TEST)
+    code, out = _run("policy", "test", str(failing), *sd)
+    assert code == 1 and f"FAIL {failing}:7:5: " in out and "1 of 2 tests pass" in out, out
     assert Store(state).policy_history()[0].text == POLICY  # check and test stored nothing
     code, out = _run("policy", "filter", "nope", *sd)
     assert code == 1 and "there is no node nope" in out

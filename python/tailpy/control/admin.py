@@ -23,7 +23,8 @@ Operations (``op``: arguments -> result, all JSON):
 * the tailnet policy (:mod:`tailpy.control.acl`; ``file`` names the policy in messages, ``FILE:LINE:COLUMN:
   message``): ``policy.get`` {} -> :meth:`tailpy.control.acl.Running.to_json`; ``policy.set`` {text, file?,
   by?} -> the same, plus ``not_enforced`` and ``warnings``; ``policy.check`` {text, file?} -> {not_enforced,
-  warnings} (nothing stored); ``policy.test`` {text, file?} -> {tests: count or null, failures: [sentence]};
+  warnings} (nothing stored); ``policy.test`` {text, file?} -> {tests: count, results: [{test, src, at,
+  ok, failures}], failures: [sentence]};
   ``policy.filter`` {node: id or name} -> {node: {id, name}, rules: [tailcfg.FilterRule JSON]}
 * ``dns.show`` {} and ``dns.set`` {fields to replace} -> DNS settings (see :mod:`tailpy.control.dnsconfig`)
 
@@ -290,9 +291,22 @@ class Admin:
         except PolicyError as e:
             raise acl.PolicyRefused(acl.locate(where, e)) from None
         failures = check_tests(policy, self._policy_nodes())
-        tests = getattr(policy, "tests", None)
+        results = []
+        for t in policy.tests:  # (check_tests points each failure at its test's position)
+            mine = [f for f in failures if (f.line, f.column) == t.position]
+            line, column = t.position
+            results.append(
+                {
+                    "test": t.where,
+                    "src": t.src,
+                    "at": f"{where}:{line}:{column}" if line is not None else where,
+                    "ok": not mine,
+                    "failures": [f.message for f in mine],
+                }
+            )
         return {
-            "tests": len(tests) if isinstance(tests, (list, tuple)) else None,
+            "tests": len(policy.tests),
+            "results": results,
             "failures": [acl.locate(where, f) for f in failures],
         }
 

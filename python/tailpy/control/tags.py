@@ -67,11 +67,6 @@ ADMIN = Requester("admin", admin=True)
 """The admin (`tailpy control ...`): the creator of every auth key made without a user."""
 
 
-def _defined(policy: Policy, tag: str) -> bool:
-    owners = getattr(policy, "tag_owners", None)
-    return owners is None or tag in owners
-
-
 def check_tags(
     policy: Policy | None,
     tags: Iterable[str],
@@ -97,7 +92,7 @@ def check_tags(
                 "policy's tagOwners with `tailpy control policy set`, or use an auth key the admin made "
                 "with --tags)"
             )
-        if not _defined(policy, tag):
+        if tag not in policy.tag_owners:
             raise TagError(f"{tag} is not permitted: the policy's tagOwners does not define it")
         if any(r.admin or policy.may_own(tag, r.name, r.email) for r in requesters):
             continue

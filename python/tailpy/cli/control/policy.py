@@ -121,18 +121,21 @@ def policy_check(state_dir: Path, db: str | None, as_json: bool, file: Path) -> 
 @json_option
 @policy_file_argument
 def policy_test(state_dir: Path, db: str | None, as_json: bool, file: Path) -> None:
-    """Run the `tests` section of FILE against the current nodes and print each failure (exit status 1 when
-    one fails); stores nothing."""
+    """Run the `tests` section of FILE against the current nodes and print each test's result, PASS or
+    FAIL with FILE:LINE:COLUMN (exit status 1 when one fails); stores nothing."""
     result = admin(state_dir, db, "policy.test", {"text": _read(file), "file": str(file)})
     failures = list(result.get("failures") or [])
     if as_json:
         print_json(result)
     else:
-        for f in failures:
-            click.echo(f"FAIL {f}")
-        total = result.get("tests")
-        if total is None:
-            click.echo(f"{file}: {len(failures)} failing test(s)" if failures else f"{file}: tests pass")
+        for r in result.get("results") or []:
+            if r.get("ok"):
+                click.echo(f"PASS {r.get('at')}: {r.get('test')} (src {r.get('src')})")
+            for f in r.get("failures") or []:
+                click.echo(f"FAIL {r.get('at')}: {f}")
+        total = int(result.get("tests") or 0)
+        if total == 0:
+            click.echo(f"{file}: has no tests")
         else:
             click.echo(f"{file}: {total - len(failures)} of {total} tests pass")
     if failures:

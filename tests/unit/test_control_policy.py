@@ -386,3 +386,22 @@ async def test_database_mode_set_through_the_socket_and_tags_at_registration(tmp
         if client is not None:
             await client.close()
         await process.stop()
+
+
+# --- the node side: --advertise-tags ----------------------------------------------------------------------
+
+
+def test_advertise_tags_are_parsed_and_kept_in_the_state_file() -> None:
+    from tailpy.cli.up import _tags
+    from tailpy.daemon.state import NodeState
+    from tailpy.keys import NodePrivate
+
+    assert _tags(None) is None and _tags("") == [] and _tags("web, tag:db") == ["tag:db", "tag:web"]
+    with pytest.raises(ConfigError, match="not tag:<name>"):
+        _tags("tag:Web")
+    s = NodeState(MachinePrivate(bytes(nacl.public.PrivateKey.generate())), NodePrivate.generate())
+    s.advertise_tags = ("tag:web",)
+    assert NodeState.from_json(json.loads(json.dumps(s.to_json()))).advertise_tags == ("tag:web",)
+    old = s.to_json()
+    del old["advertise_tags"]  # a state file written before the flag existed
+    assert NodeState.from_json(old).advertise_tags == ()

@@ -151,7 +151,8 @@ def _describe(rule: dict[str, Any]) -> str:
         p = d.get("Ports", {})
         first, last = p.get("First", 0), p.get("Last", 65535)
         ports = "*" if (first, last) == (0, 65535) else str(first) if first == last else f"{first}-{last}"
-        dsts.append(f"{d.get('IP')}:{ports}")
+        ip = str(d.get("IP"))
+        dsts.append(f"[{ip}]:{ports}" if ":" in ip else f"{ip}:{ports}")
     return f"from {', '.join(rule.get('SrcIPs', []))}\n    to {', '.join(dsts)} ({proto})"
 
 

@@ -257,6 +257,9 @@ def test_cli_policy_commands(tmp_path: Path) -> None:
     assert code == 0 and "// who may do what" in out and out.startswith("# policy 1, set by ")
     code, out = _run("policy", "get", "--json", *sd)
     assert json.loads(out)["policy"] == POLICY
+    code, out = _run("policy", "history", *sd)
+    assert code == 0 and out.splitlines()[0].split("\t") == ["ID", "SET BY", "SET", "LINES"], out
+    assert out.splitlines()[1].startswith("1\t")
     ssh = tmp_path / "ssh.hujson"
     ssh.write_text(WITH_SSH)
     code, out = _run("policy", "check", str(ssh), *sd)
@@ -270,7 +273,7 @@ def test_cli_policy_commands(tmp_path: Path) -> None:
     assert Store(state).policy_history()[0].text == POLICY  # check and test stored nothing
     code, out = _run("policy", "filter", "nope", *sd)
     assert code == 1 and "there is no node nope" in out
-    for sub in ("get", "set", "check", "test", "filter"):
+    for sub in ("get", "set", "history", "check", "test", "filter"):
         code, out = _run("policy", sub, "--help")
         assert code == 0 and "admin.sock" in out
 

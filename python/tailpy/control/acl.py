@@ -168,6 +168,7 @@ class PolicyKeeper:
         self.clock = clock
         self.running = Running(None)
         self._stat: tuple[int, int, int] | None = None
+        self._refused_id = -1  # a stored policy that did not parse (logged once)
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -229,11 +230,13 @@ class PolicyKeeper:
         return True
 
     def _reload_database(self) -> bool:
-        if self.store.policy_id() == self.running.id:
+        newest = self.store.policy_id()
+        if newest in (self.running.id, self._refused_id):
             return False
         try:
             running = stored(self.store)
         except ConfigError as e:
+            self._refused_id = newest  # said once, not at every poll
             log.warning("%s; keeping the running policy", e)
             return False
         self.running = running

@@ -25,6 +25,7 @@ Operations (``op``: arguments -> result, all JSON):
   by?} -> the same, plus ``not_enforced`` and ``warnings``; ``policy.check`` {text, file?} -> {not_enforced,
   warnings} (nothing stored); ``policy.test`` {text, file?} -> {tests: count, results: [{test, src, at,
   ok, failures}], failures: [sentence]};
+  ``policy.history`` {limit?} -> [{id, text, set_by, set_at}] newest first;
   ``policy.filter`` {node: id or name} -> {node: {id, name}, rules: [tailcfg.FilterRule JSON]}
 * ``dns.show`` {} and ``dns.set`` {fields to replace} -> DNS settings (see :mod:`tailpy.control.dnsconfig`)
 
@@ -279,6 +280,12 @@ class Admin:
         by = args.get("by")
         running = self._keeper().set(text, by if isinstance(by, str) and by else "admin", where)
         return {**running.to_json(), **self._notes(running.policy)}
+
+    def op_policy_history(self, args: Mapping[str, Any]) -> Any:
+        limit = args.get("limit", 20)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 1000:
+            raise ConfigError("limit must be a number of policies from 1 to 1000")
+        return [r.to_json() for r in self.store.policy_history(limit)]
 
     def op_policy_check(self, args: Mapping[str, Any]) -> Any:
         text, where = self._text(args)

@@ -1,5 +1,5 @@
-"""`tailpy control policy get|set|check|test|filter`: the tailnet policy (Tailscale's policy file format,
-HuJSON), its checks, and the packet filter it compiles to for a node (see :mod:`tailpy.control.acl`)."""
+"""`tailpy control policy get|set|history|check|test|filter`: the tailnet policy (Tailscale's policy file
+format, HuJSON), its checks, and the packet filter it compiles to for a node (:mod:`tailpy.control.acl`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tailpy.cli.control.common import (
     json_option,
     print_json,
     state_dir_option,
+    table,
     when,
     with_admin_note,
 )
@@ -99,6 +100,28 @@ def policy_set(state_dir: Path, db: str | None, as_json: bool, file: Path) -> No
     _notes(result)
 
 
+@command.command("history")
+@state_dir_option
+@db_option
+@json_option
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many.")
+def policy_history(state_dir: Path, db: str | None, as_json: bool, limit: int) -> None:
+    """List the policies stored with `policy set`, newest (the running one) first: id, who set it, when,
+    and size. (A `serve --policy FILE` policy is the file's and is not stored.)"""
+    result = admin(state_dir, db, "policy.history", {"limit": limit})
+    if as_json:
+        print_json(result)
+        return
+    now = time.time()
+    table(
+        ["ID", "SET BY", "SET", "LINES"],
+        [
+            [str(r["id"]), r["set_by"] or "-", when(r["set_at"], now), str(r["text"].count("\n") + 1)]
+            for r in result
+        ],
+    )
+
+
 @command.command("check")
 @state_dir_option
 @db_option
@@ -179,6 +202,6 @@ def policy_filter(state_dir: Path, db: str | None, as_json: bool, node: str) -> 
         click.echo("  " + _describe(r))
 
 
-with_admin_note([policy_get, policy_set, policy_check, policy_test, policy_filter])
+with_admin_note([policy_get, policy_set, policy_history, policy_check, policy_test, policy_filter])
 
 __all__ = ["command"]

@@ -28,7 +28,7 @@ OPEN = """{
 CLOSED = """{
   "groups": {"group:ops": ["alice@"]},
   "tagOwners": {"tag:db": ["bob@"]},
-  "acls": [],
+  "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:db:5432"]}],
 }
 """
 
@@ -94,3 +94,7 @@ def test_policy_file_tags_and_filter(lab: Lab) -> None:
         what="the admin's tags to reach b's netmap",
     )
     assert a.status()["self"]["tags"] == ["tag:db", "tag:web"]
+    # group:ops (alice, who owns b) may now reach a on tag:db's port
+    (rule,) = _filter(net, "a")
+    assert {(d["Ports"]["First"], d["Ports"]["Last"]) for d in rule["DstPorts"]} == {(5432, 5432)}
+    assert b.ip() in rule["SrcIPs"] or f"{b.ip()}/32" in rule["SrcIPs"]

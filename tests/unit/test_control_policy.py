@@ -54,7 +54,7 @@ FAILING_TEST = """{
 CLOSED = """{
   "groups": {"group:ops": ["alice@"]},
   "tagOwners": {"tag:db": ["bob@"]},
-  "acls": [],
+  "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:db:5432"]}],
 }
 """
 

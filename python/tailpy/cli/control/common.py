@@ -4,6 +4,7 @@ the admin call (through ``<state_dir>/admin.sock`` when the server runs, else st
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections.abc import Iterable
@@ -40,8 +41,8 @@ ADMIN_NOTE = (
 
 def with_admin_note(commands: Iterable[click.Command]) -> None:
     """Append :data:`ADMIN_NOTE` to the help of each of ``commands``."""
-    for cmd in commands:
-        cmd.help = f"{cmd.help}\n\n{ADMIN_NOTE}"
+    for cmd in commands:  # (dedented first: the note's lines would otherwise keep the docstring's indent)
+        cmd.help = f"{inspect.cleandoc(cmd.help or '')}\n\n{ADMIN_NOTE}"
 
 
 def admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> Any:

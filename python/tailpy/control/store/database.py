@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tailpy.control.pgdriver import require_psycopg
-from tailpy.errors import ConfigError
+from tailpy.errors import ConfigError, ControlError, StorageError, TailpyError
 from tailpy.keys import MachinePrivate
 
 DB_NAME = "control.db"
@@ -114,6 +114,26 @@ def open_error(e: sa.exc.OperationalError, where: str, path: Path | None) -> Con
     if path is not None and ("unable to open" in detail or "readonly" in detail):
         hint = f"; check that this user (uid {os.getuid()}) can write {path.parent} and its files"
     return ConfigError(f"cannot open control database {where}: {detail}{hint}")
+
+
+def db_error(e: Exception, where: str) -> TailpyError | None:
+    """The one sentence for a database error ``e`` met while serving (None: not a database error): a full
+    disk or a read-only database is a StorageError, anything else a ControlError naming the database."""
+    if not isinstance(e, sa.exc.DBAPIError):
+        return None
+    detail = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
+    low = detail.lower()
+    if "disk is full" in low or "no space left" in low or "could not extend file" in low:
+        return StorageError(
+            f"control database {where} cannot be written: its disk is full; free some space there and try "
+            "again (nothing was changed)"
+        )
+    if "readonly database" in low or "read-only" in low:
+        return StorageError(
+            f"control database {where} is read-only; make it and its directory writable for this user "
+            f"(uid {os.getuid()}) and try again (nothing was changed)"
+        )
+    return ControlError(f"control database {where} failed: {detail}")
 
 
 def load_or_create_server_key(state_dir: Path) -> MachinePrivate:

@@ -74,4 +74,19 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
             os.close(dfd)
 
 
-__all__ = ["is_storage_errno", "storage_error", "write_atomic"]
+def directory_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be written in directory ``path`` now, one sentence, or None: a read-only
+    filesystem or one with no space left (``statvfs(3)``). For saying why a process that could not even
+    write its log failed."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return f"{path} is on a read-only filesystem; remount it read-write or use a writable --state-dir"
+    if st.f_bavail * st.f_frsize < 8192 or (st.f_files and st.f_favail == 0):
+        return f"no space left on the filesystem of {path}; free some space there and try again"
+    return None
+
+
+__all__ = ["directory_problem", "is_storage_errno", "storage_error", "write_atomic"]

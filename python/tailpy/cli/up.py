@@ -36,9 +36,6 @@ def _start_daemon(
         log = open(Path(state_dir) / "tailpyd.log", "ab")  # noqa: SIM115 - handed to the child
     except OSError as e:
         raise storage_error(e, Path(state_dir) / "tailpyd.log", "tailpyd's log") from None
-    running = holder(state_dir)
-    if running is not None:  # a daemon holds the state directory but does not answer on this socket
-        raise DaemonRunningError(running.pid)
     extra = ["--netfilter-mode", netfilter_mode] if netfilter_mode else []
     return subprocess.Popen(
         [
@@ -109,6 +106,9 @@ async def _up(
     try:
         await client.status()
     except DaemonNotRunningError:
+        running = holder(state_dir)
+        if running is not None:  # a daemon holds the state directory but does not answer on this socket
+            raise DaemonRunningError(running.pid) from None
         console.print(f"starting tailpyd (state {state_dir}, socket {socket_path}, log tailpyd.log there)")
         await _wait_daemon(client, _start_daemon(socket_path, state_dir, netfilter_mode), state_dir)
         started = True

@@ -251,22 +251,41 @@ class Backend:
             assert isinstance(answer, LoginAnswer)
             self._await_login(url, node_key, hostname, answer)
             return
-        self._registered(url, node_key, hostname, node)
+        try:
+            self._registered(url, node_key, hostname, node)
+        except StorageError:  # the state file cannot record it (a full disk): the node stays as it was
+            if created:
+                self._close_device()
+            elif self.netmap is not None and s.want_running and not self.session.running:
+                self.session.start()
+            raise
 
     def _registered(self, url: str, node_key: NodePrivate, hostname: str, node: nm.Node) -> None:
         """Control registered this machine as ``node`` with ``node_key``: save it and follow the netmap."""
         s = self.state_data
+        # Saved first: a state file that cannot be written (StorageError) leaves the node as it was.
+        new = dataclasses.replace(
+            s,
+            node_key=node_key,
+            pending_node_key=None if node_key is not s.node_key else s.pending_node_key,
+            login_server=url,
+            hostname=hostname,
+            node_id=node.id,
+            addresses=tuple(node.addresses),
+            want_running=True,
+            accept_dns=s.accept_dns if self._up_accept_dns is None else self._up_accept_dns,
+            node_key_issued=s.node_key_issued
+            if node_key is s.node_key and s.node_key_issued
+            else time.time(),
+        )
+        self.store.save(new)
         self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
         if url != s.login_server:
             self._drop_netmap()
-        s.login_server, s.hostname = url, hostname
-        s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
-        if self._up_accept_dns is not None:
-            s.accept_dns = self._up_accept_dns
-        s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
-        self.store.save(s)
+        for f in dataclasses.fields(new):
+            setattr(s, f.name, getattr(new, f.name))
         self.last_error = ""
         self._fire(Event.REGISTERED)
         self._apply_self(node)

@@ -27,6 +27,7 @@ from _tmpfs import fill, remount, tiny_tmpfs, tmpfs_reason
 from tailpy.control import ControlServer, Store
 from tailpy.control.admin import Admin, AdminServer, call_socket
 from tailpy.control.store.database import db_error
+from tailpy.daemon import netfilter
 from tailpy.daemon.api import make_app
 from tailpy.daemon.lock import LOCK_FILE, DaemonLock, RunRecord, holder, leftover
 from tailpy.daemon.sdnotify import notify
@@ -437,3 +438,33 @@ def test_a_lock_for_a_crash_record_round_trips() -> None:
 
 def test_holder_is_none_without_a_lock_file(tmp_path: Path) -> None:
     assert holder(tmp_path) is None and leftover(tmp_path) is None
+
+
+# -- the node firewall ----------------------------------------------------------------------------------
+
+
+def test_firewall_ruleset_follows_ts_input() -> None:
+    script = netfilter.ruleset("tailpy", "tailpy0", 41641)
+    rules = [line.strip() for line in script.splitlines()]
+    # Replaced in one transaction: create (if missing), delete, define.
+    assert rules[:3] == ["table inet tailpy", "delete table inet tailpy", "table inet tailpy {"]
+    body = rules[rules.index("type filter hook input priority filter - 1; policy accept;") + 1 : -2]
+    assert body == [
+        'iifname "lo" accept',
+        'iifname != "tailpy0" ip saddr 100.64.0.0/10 counter drop',
+        'iifname != "tailpy0" ip6 saddr fd7a:115c:a1e0::/48 counter drop',
+        'iifname "tailpy0" accept',
+        "udp dport 41641 accept",
+    ]
+    assert netfilter.table_name("tailpy0") == "tailpy" and netfilter.table_name("ts1") == "tailpy-ts1"
+
+
+def test_missing_nft_is_a_health_warning_not_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netfilter.shutil, "which", lambda name: None)
+    fw = netfilter.Firewall("on")
+    fw.install("tailpy0", 41641)
+    [warning] = fw.warnings()
+    assert "nft (nftables) is not installed" in warning and "--netfilter-mode=off" in warning
+    assert fw.table == ""
+    fw.set_mode("off", "tailpy0", 41641)
+    assert fw.warnings() == []

@@ -448,7 +448,8 @@ def test_firewall_ruleset_follows_ts_input() -> None:
     rules = [line.strip() for line in script.splitlines()]
     # Replaced in one transaction: create (if missing), delete, define.
     assert rules[:3] == ["table inet tailpy", "delete table inet tailpy", "table inet tailpy {"]
-    body = rules[rules.index("type filter hook input priority filter - 1; policy accept;") + 1 : -2]
+    start = rules.index("type filter hook input priority filter - 1; policy accept;") + 1
+    body = rules[start : rules.index("}", start)]
     assert body == [
         'iifname "lo" accept',
         'iifname != "tailpy0" ip saddr 100.64.0.0/10 counter drop',
@@ -456,11 +457,16 @@ def test_firewall_ruleset_follows_ts_input() -> None:
         'iifname "tailpy0" accept',
         "udp dport 41641 accept",
     ]
+    start = rules.index("type filter hook forward priority filter - 1; policy accept;") + 1
+    assert rules[start : rules.index("}", start)] == [
+        'iifname != "tailpy0" ip saddr 100.64.0.0/10 counter drop',
+        'iifname != "tailpy0" ip6 saddr fd7a:115c:a1e0::/48 counter drop',
+    ]
     assert netfilter.table_name("tailpy0") == "tailpy" and netfilter.table_name("ts1") == "tailpy-ts1"
 
 
 def test_missing_nft_is_a_health_warning_not_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netfilter.shutil, "which", lambda name: None)
+    monkeypatch.setattr("tailpy.daemon.netfilter.shutil.which", lambda name: None)
     fw = netfilter.Firewall("on")
     fw.install("tailpy0", 41641)
     [warning] = fw.warnings()

@@ -15,6 +15,11 @@ a TUN not named ``tailpy0``)::
         iifname "<tun>" accept
         udp dport <port> accept
     }
+    chain forward {                                  # as ts-forward: none forwarded with a forged source
+        type filter hook forward priority filter - 1; policy accept;
+        iifname != "<tun>" ip saddr 100.64.0.0/10 counter drop
+        iifname != "<tun>" ip6 saddr fd7a:115c:a1e0::/48 counter drop
+    }
 
 ``accept`` ends only this table's chain (nftables evaluates every base chain of a hook), so the host's own
 firewall still decides for everything else, as with tailscaled. The table is created with the TUN, replaced
@@ -35,6 +40,7 @@ log = logging.getLogger("tailpy.daemon")
 MODES = ("on", "off")
 DEFAULT_TABLE = "tailpy"
 CHAIN = "input"
+FORWARD_CHAIN = "forward"
 TAILNET_V4 = "100.64.0.0/10"
 TAILNET_V6 = "fd7a:115c:a1e0::/48"
 
@@ -55,14 +61,23 @@ def ruleset(table: str, tun: str, port: int) -> str:
     ]
     if port:
         rules.append(f"udp dport {port} accept")
+    forward = [
+        f"iifname != {q} ip saddr {TAILNET_V4} counter drop",
+        f"iifname != {q} ip6 saddr {TAILNET_V6} counter drop",
+    ]
     body = "\n".join(f"    {r}" for r in rules)
+    fbody = "\n".join(f"    {r}" for r in forward)
     return (
         f"table inet {table}\n"
         f"delete table inet {table}\n"
         f"table inet {table} {{\n"
         f"  chain {CHAIN} {{\n"
-        f"    type filter hook input priority filter - 1; policy accept;\n"
+        "    type filter hook input priority filter - 1; policy accept;\n"
         f"{body}\n"
+        "  }\n"
+        f"  chain {FORWARD_CHAIN} {{\n"
+        "    type filter hook forward priority filter - 1; policy accept;\n"
+        f"{fbody}\n"
         "  }\n"
         "}\n"
     )

@@ -15,9 +15,9 @@ import time
 
 import click
 
-from tailpy.cli.common import run, socket_option, state_dir_option
+from tailpy.cli.common import run, socket_option
 from tailpy.daemon.cleanup import cleanup
-from tailpy.daemon.client import DaemonUnresponsiveError, LocalClient
+from tailpy.daemon.client import DaemonUnresponsiveError, LocalClient, default_state_dir
 from tailpy.daemon.lock import RunRecord, holder, leftover
 from tailpy.errors import DaemonNotRunningError, PermissionDeniedError, TailpyError
 
@@ -68,7 +68,12 @@ def stop_by_signal(record: RunRecord, state_dir: str) -> str:
 
 @click.command("down")
 @socket_option
-@state_dir_option
+@click.option(
+    "--state-dir",
+    default=default_state_dir,
+    show_default="$TAILPY_STATE_DIR or /var/lib/tailpy",
+    help="tailpyd's state directory (its lock names the daemon to stop when it does not answer).",
+)
 def command(socket_path: str, state_dir: str) -> None:
     """Disconnect this device from the tailnet. A tailpyd that does not answer is stopped by signal, and
     what a stopped or crashed one left (DNS, TUN, firewall table) is undone."""

@@ -375,6 +375,8 @@ DERP_JSON = {
     "derp_received": 6,
     "derp_dropped": 0,
     "disco_dropped": 0,
+    "not_here": 1,
+    "not_here_peers": [],
 }
 
 NETCHECK_JSON = {

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tailpy import netmap as nm
 from tailpy.control.client import LoginAnswer
+from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tailpy.daemon")
 
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
+HEALTH_INTERVAL = 2.0  # seconds between health checks (each change is logged once)
+ROUTE_MTU_INTERVAL = 30.0  # seconds between looks at the default route's MTU
 
 
 class DataPlane(ConnDevice, Protocol):
@@ -127,7 +130,7 @@ class Backend:
                 on_node_key=self._adopt_node_key,
                 on_forgotten=self._forgotten,
                 on_error=self._on_session_error,
-                on_status=self.changed.set,
+                on_status=self._on_control_status,
                 endpoints=self._endpoints,
                 home_derp=lambda: self.home_derp,
             ),
@@ -138,6 +141,14 @@ class Backend:
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
+        self.health = hl.Tracker()
+        """Named warnings (:mod:`tailpy.daemon.health`), checked every :data:`HEALTH_INTERVAL` seconds."""
+        self._handshakes = hl.HandshakeWatch()
+        self._control_down_since: float | None = None
+        self._control_error = ""
+        self._netmap_since: float | None = None
+        self._route_mtu: tuple[float, tuple[str, int] | None] | None = None  # (looked at, value)
+        self._health_task: asyncio.Task[None] | None = None
 
     @property
     def backend_state(self) -> str:
@@ -156,6 +167,7 @@ class Backend:
     async def start(self) -> None:
         """After a restart: reconnect if the node was up before, else wait for ``up``."""
         s = self.state_data
+        self._start_health()
         if self.dns is not None:
             self.dns.recover()  # a resolv.conf left pointed at MagicDNS by a crash
         if s.want_running and s.login_server and s.node_id is not None:
@@ -185,6 +197,7 @@ class Backend:
         trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
         for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
+        self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
         if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
             if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
@@ -350,6 +363,10 @@ class Backend:
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self._stop_login()
         await self.session.stop()
         self._close_device()
@@ -368,10 +385,90 @@ class Backend:
     def _on_netmap(self, netmap: nm.NetMap) -> None:
         if self.state is not BackendState.NEEDS_LOGIN or not netmap.self_node.expired:
             self.last_error = ""
+        self._control_error = ""
         self.apply_netmap(netmap)
 
     def _on_session_error(self, sentence: str) -> None:
         self.last_error = sentence
+        self._control_error = sentence
+
+    def _on_control_status(self) -> None:
+        self.changed.set()
+
+    # -- health ----------------------------------------------------------------------------------------
+
+    def _start_health(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="health")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                self.check_health()
+            except Exception:  # a check must never stop the daemon
+                log.exception("health check failed")
+
+    def _link_mtu(self, now: float) -> tuple[str, int] | None:
+        if not self._configure_os:
+            return None
+        if self._route_mtu is None or now - self._route_mtu[0] >= ROUTE_MTU_INTERVAL:
+            self._route_mtu = (now, netconf.route_mtu())
+        return self._route_mtu[1]
+
+    def check_health(self) -> None:
+        """Look at the node once and update :attr:`health` (:func:`tailpy.daemon.health.evaluate`)."""
+        now = time.time()
+        s = self.state_data
+        following = self.session.running and s.want_running
+        if following and not self.session.connected:
+            if self._control_down_since is None:
+                self._control_down_since = now
+        else:
+            self._control_down_since = None
+        conn = self.conn
+        home: hl.HomeDerp | None = None
+        peers: list[hl.PeerHandshakes] = []
+        if conn is not None:
+            region = conn.home_region
+            if region:
+                c = next((c for c in conn.relay.derp.status() if c.region_id == region), None)
+                home = hl.HomeDerp(
+                    region,
+                    conn.region_code(region),
+                    connected=c is not None and c.connected,
+                    error=(c.last_error or "") if c is not None else "",
+                )
+            else:
+                errors = list(conn.relay.derp.probe_errors.values())
+                home = hl.HomeDerp(0, error=errors[-1] if errors else "")
+            stats = conn.peer_stats()
+            for node in self._applied.peers.values() if self._applied is not None else ():
+                st = stats.get(node.node_key.raw)
+                if st is not None and "handshakes_sent" in st:
+                    sent, hs = int(st["handshakes_sent"]), st.get("last_handshake")
+                    peers.append(hl.PeerHandshakes(node.name, node.node_key.raw, sent, hs))
+        dns_error = ""
+        if self.dns is not None and self.device is not None and self.netmap is not None:
+            dns_error = self.dns.os_error
+        hl.evaluate(
+            self.health,
+            self._handshakes,
+            hl.Inputs(
+                now=now,
+                following=following,
+                login_server=s.login_server,
+                control_down_since=self._control_down_since,
+                control_error=self._control_error,
+                netmap_since=self._netmap_since,
+                derp_regions=len(conn.relay.derp_map.regions) if conn is not None else 0,
+                home=home,
+                peers=peers,
+                dns_error=dns_error,
+                mtu=netconf.mtu_warnings(self._mtu, self._link_mtu(now)),
+                clock_skew=self.session.clock_skew,
+            ),
+        )
 
     def _forgotten(self, e: NotRegisteredError) -> None:
         """Control no longer knows this machine (an admin deleted it): drop the peers and need login."""
@@ -389,6 +486,7 @@ class Backend:
 
     def _drop_netmap(self) -> None:
         self.netmap = None
+        self._netmap_since = None
         self.session.self_node = None
 
     def _adopt_node_key(self, key: NodePrivate) -> None:
@@ -452,6 +550,8 @@ class Backend:
         for node in d.added:
             dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         self.netmap, self._applied = new, wanted
+        if self._netmap_since is None:
+            self._netmap_since = time.time()
         if self.conn is not None:
             self.conn.set_netmap(wanted)
         if self.dns is not None:
@@ -565,6 +665,7 @@ class Backend:
         """The node and its peers, as ``tailpy status --json`` prints it (:class:`tailpy.ipnstate.Status`;
         fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
+        self.check_health()
         now = time.time()
         conn = self.conn
         stats = conn.peer_stats() if conn is not None else {}
@@ -581,7 +682,7 @@ class Backend:
             error=self.last_error,
             auth_url=self.auth_url,
             login_pending=self._login is not None,
-            health=tuple(netconf.mtu_warnings(self._mtu)),
+            health=self.health.warnings(),
             now=now,
             self_node=SelfStatus(
                 id=s.node_id,

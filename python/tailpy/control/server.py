@@ -30,6 +30,10 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
+* ``GET /health`` -> ``{"status": "ok" | "error", "checks": {name: {"status": ..., ...}}}``, 200 or 503
+  when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
+  :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
+  service managers.
 
 Every request acts only on the node of the machine key that sealed it. Errors: 400 malformed, 401 a box that
 does not open / stale or replayed request / refused auth key, 403 an unregistered machine or wrong node key;
@@ -158,6 +162,8 @@ class ControlServer:
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
+        self.extra_health: dict[str, Callable[[], dict[str, Any]]] = {}
+        """More checks for ``GET /health``: name -> a function answering ``{"status": ..., ...}``."""
         self.logins: Logins | None = None  # interactive login (OpenID Connect), see tailpy.control.oidc
         if oidc is not None:
             self.logins = Logins(
@@ -170,6 +176,7 @@ class ControlServer:
         """The aiohttp application (its shutdown ends every map stream)."""
         app = web.Application(client_max_size=proto.MAX_MESSAGE + 4096)
         app.router.add_get("/key", self._key)
+        app.router.add_get("/health", self._health)
         app.router.add_post("/machine/register", self._register)
         app.router.add_post("/machine/map", self._map)
         app.router.add_post("/machine/update", self._update)
@@ -180,6 +187,29 @@ class ControlServer:
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` answers: ``{"status": "ok" | "error", "checks": {...}}``, each check
+        ``{"status": "ok" | "error", ...}``: ``database`` (a read of the settings), ``map_streams`` (how many
+        are open), and :attr:`extra_health`'s."""
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            self.store.settings()
+            checks["database"] = {"status": "ok"}
+        except Exception as e:  # whatever the driver raises: the answer is "not healthy", with why
+            checks["database"] = {"status": "error", "error": str(e) or type(e).__name__}
+        checks["map_streams"] = {"status": "ok", "open": self.mapper.streams}
+        for name, check in self.extra_health.items():
+            try:
+                checks[name] = check()
+            except Exception as e:
+                checks[name] = {"status": "error", "error": repr(e)}
+        ok = all(c.get("status") != "error" for c in checks.values())
+        return {"status": "ok" if ok else "error", "checks": checks}
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        doc = self.health()
+        return web.json_response(doc, status=200 if doc["status"] == "ok" else 503)
 
     async def start(self, host: str | None, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (``host`` None: every address, IPv4 and IPv6; ``port`` 0: any free port);

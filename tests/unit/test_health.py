@@ -11,6 +11,7 @@ import logging
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -29,8 +30,9 @@ def names(t: hl.Tracker) -> list[str]:
     return [w.name for w in t.warnings()]
 
 
-def run(t: hl.Tracker, w: hl.HandshakeWatch | None = None, **kw: object) -> list[str]:
-    hl.evaluate(t, w or hl.HandshakeWatch(), hl.Inputs(**kw))  # type: ignore[arg-type]
+def run(t: hl.Tracker, **kw: Any) -> list[str]:
+    watch = kw.pop("watch", None) or hl.HandshakeWatch()
+    hl.evaluate(t, watch, hl.Inputs(**kw))
     return names(t)
 
 
@@ -119,7 +121,7 @@ def test_handshake_failing_per_peer_and_clearing() -> None:
 
     def look(now: float, b_sent: int, b_hs: float | None, c_sent: int = 0) -> list[str]:
         peers = [hl.PeerHandshakes("b", key_b, b_sent, b_hs), hl.PeerHandshakes("c", key_c, c_sent, T0)]
-        return run(t, w, now=now, peers=peers)
+        return run(t, watch=w, now=now, peers=peers)
 
     assert look(T0, 0, None) == []
     for i in range(1, 4):  # an initiation every 5 s (REKEY_TIMEOUT), none answered
@@ -139,7 +141,7 @@ def test_handshake_failing_per_peer_and_clearing() -> None:
     for i in range(1, 6):
         look(T0 + 400 + 5 * i, 11 + i, T0 + 151)
     assert names(t) == ["handshake-failing"]
-    run(t, w, now=T0 + 430, peers=[hl.PeerHandshakes("c", key_c, 0, T0)])
+    run(t, watch=w, now=T0 + 430, peers=[hl.PeerHandshakes("c", key_c, 0, T0)])
     assert names(t) == []
 
 

@@ -62,7 +62,7 @@ async def test_control_and_embedded_relay_health(tmp_path: Path) -> None:
         def broken() -> None:
             raise RuntimeError("database is locked")
 
-        process.server.store.settings = broken  # type: ignore[method-assign]
+        process.server.store.settings = broken  # type: ignore[method-assign,assignment]
         status, doc = await _fetch(f"http://{host}:{port}/health")
         assert status == 503 and doc["status"] == "error"
         assert "database is locked" in doc["checks"]["database"]["error"]

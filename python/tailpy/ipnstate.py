@@ -97,8 +97,9 @@ class PeerStatus:
     for a tagged node), ``tags``, ``os``, ``node_key``, ``addresses`` (CIDR host prefixes), ``online``,
     ``last_seen`` / ``key_expiry`` (unix seconds or None), ``expired``, ``home_derp`` (region id, 0 none),
     ``disco_key`` (None: the node runs no disco), ``endpoints`` (where it says it can be reached).
-    From the data plane: ``path`` ("direct", "relay", or None when the peer is not in the data plane),
-    ``endpoint`` (the direct path's endpoint; None while ``path`` is "relay"), ``relay_region`` /
+    From the data plane: ``path`` ("direct" for an endpoint that answered: a disco Pong, or a handshake for
+    a peer without disco; "relay"; None for no path yet or a peer not in the data plane), ``endpoint`` (the
+    direct path's endpoint; None unless ``path`` is "direct"), ``relay_region`` /
     ``relay_region_code`` (the DERP region relayed through, 0 / "" when direct), ``last_handshake`` (unix
     seconds or None), ``active`` (a handshake within the last 180 s), ``tx_bytes`` / ``rx_bytes``."""
 

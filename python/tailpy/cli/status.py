@@ -34,11 +34,12 @@ def human_bytes(n: float) -> str:
 
 
 def peer_state(p: PeerStatus, now: float) -> str:
-    """The status column: expired; offline with last seen; active/idle with the path (``direct <ip:port>``
-    or ``relay "<DERP region code>"``) and traffic."""
+    """The status column: expired; offline with last seen (as control says, at once: a recent handshake
+    does not make a peer whose daemon is gone look alive); active/idle with the path (``direct <ip:port>``
+    for an endpoint that answered, ``relay "<DERP region code>"``, or ``no path yet``) and traffic."""
     if p.expired:
         return "expired"
-    if not p.online and not p.active:
+    if not p.online:
         return f"offline, last seen {ago(p.last_seen, now)}"
     if p.path == "relay":
         code = p.relay_region_code

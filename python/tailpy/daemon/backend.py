@@ -628,9 +628,13 @@ class Backend:
         path = st.get("path")
         relay_region = conn.relay_region(node.node_key.raw) if conn is not None and path == "relay" else 0
         endpoint = None
+        if path == "direct" and (conn is None or not conn.direct_confirmed(node.node_key, st)):
+            # Sent to directly but never answered there (a best guess, say a LAN address behind the
+            # peer's NAT): not a path yet. Status says "direct" only for an endpoint that answered.
+            path = None
         # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
         # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
-        if path != "relay" and st.get("endpoint"):
+        if path == "direct" and st.get("endpoint"):
             with contextlib.suppress(EndpointError):
                 endpoint = Endpoint.parse(str(st["endpoint"]))
         return PeerStatus(
@@ -748,7 +752,15 @@ class Backend:
         (unknown peer, one without disco, node not running)."""
         node = self.find_peer(target)
         if node.expired:
-            raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
+            raise ConfigError(
+                f"{node.name}: peer's key has expired; it cannot be reached until it logs in again "
+                f"(`tailpy login` on {node.name}, or `tailpy control nodes expiry` to extend it)"
+            )
+        if not node.online:
+            seen = f", last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node.last_seen))}"
+            raise ConfigError(
+                f"{node.name}: peer is offline (not connected to control{seen if node.last_seen else ''})"
+            )
         if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:

@@ -95,6 +95,9 @@ class DerpConnections:
         self.peer_gone: dict[bytes, tuple[int, int]] = {}  # node key -> (region id, PeerGone reason)
         self.probe_errors: dict[int, str] = {}
         """Region id -> why its last latency check failed (cleared when one succeeds)."""
+        self.on_peer_gone: Callable[[NodePublic, int, int], None] | None = None
+        """Called with (peer node key, region id, PeerGone reason) for each PeerGone frame a region sends
+        (``derp.go`` ``PeerGoneReasonDisconnected`` 0, ``PeerGoneReasonNotHere`` 1)."""
         self.on_down: Callable[[int], None] | None = None
         """Called with the region id when a logged-in connection ends (closed, broken, or found dead by the
         liveness ping); magicsock.Conn re-measures at once when it is the home region."""
@@ -178,6 +181,8 @@ class DerpConnections:
             elif isinstance(msg, proto.PeerGone):
                 r.peer_gone += 1
                 self.peer_gone[msg.key.raw] = (rid, int(msg.reason))
+                if self.on_peer_gone is not None:
+                    self.on_peer_gone(msg.key, rid, int(msg.reason))
             elif isinstance(msg, proto.Health):
                 r.health = msg.problem
                 if msg.problem:

@@ -226,3 +226,27 @@ async def test_derp_client_says_certificate_not_trusted(tmp_path: Path) -> None:
         await server.wait_closed()
     assert "TLS certificate is not trusted" in str(got.value)
     assert hl.derp_todo(str(got.value)) == hl.DERP_TLS_TODO
+
+
+def test_dns_os_error_and_reapply_after_stop(tmp_path: Path) -> None:
+    """MagicDNS's resolver configuration: os_error is "" once applied, says why when it cannot be, and
+    after stop() (the resolver put back) the next apply points it at MagicDNS again."""
+    from tailpy.dns.manager import DNSManager
+    from tailpy.keys import MachinePublic, NodePublic
+    from tailpy.netmap import NetMap, Node
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    m = DNSManager(tmp_path / "state", listen=[], add_addresses=False, resolv_conf=resolv)
+    (tmp_path / "state").mkdir()
+    me = Node(1, "a", "a", NodePublic(b"\x01" * 32), MachinePublic(b"\x02" * 32), ("100.64.0.1/32",))
+    netmap = NetMap(me, {}, "tail.example")
+    m.apply(netmap, accept_dns=True)
+    assert m.os_error == "" and "100.100.100.100" in resolv.read_text()
+    m.stop()
+    assert "192.0.2.53" in resolv.read_text() and "100.100.100.100" not in resolv.read_text()
+    m.apply(netmap, accept_dns=True)
+    assert m.os_error == "" and "100.100.100.100" in resolv.read_text()
+    m.apply(netmap, accept_dns=False)
+    assert m.os_error == ""  # not wanted: nothing to warn about
+    m.stop()

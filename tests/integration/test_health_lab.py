@@ -83,7 +83,7 @@ def test_relay_with_untrusted_certificate(tmp_path: Path) -> None:
         assert "self-signed" in text or "self signed" in text, text
         # The log says it once, not at every check.
         wait_for(lambda: "health: home-derp-unreachable" in a.log.read_text(), timeout=10, what="log line")
-        assert a.log.read_text().count("health: home-derp-unreachable") == 1
+        assert a.log.read_text().count("WARNING health: home-derp-unreachable") == 1
 
         # The remedy the warning names: tailpyd trusting the relay's CA through SSL_CERT_FILE.
         a.stop_daemon()
@@ -118,3 +118,23 @@ def test_control_health_endpoints_in_lab(tmp_path: Path) -> None:
             status, body = out.split(" ", 1)
             doc = json.loads(body)
             assert status == "200" and doc["status"] == "ok" and isinstance(doc["checks"], dict), out
+
+
+def test_control_unreachable_warning_comes_and_goes(tmp_path: Path) -> None:
+    """Control stops: after a few seconds `tailpy status` says since when it is unreachable and why, the
+    log says it once; control back: the warning clears (logged once more)."""
+    with Lab() as lab:
+        net = LabTailnet(lab)
+        net.start_control()
+        (a,) = net.connected("a")
+        net.stop_control()
+        warning = wait_for(lambda: _warning(a, "control-unreachable"), timeout=60, what="the warning")
+        assert net.control_url in warning["text"] and "unreachable since" in warning["text"]
+        lines = a.cli("status").splitlines()
+        assert lines[0].startswith("health: "), lines  # warnings first (its relay went down with it too)
+        assert any(x.startswith("health: control-unreachable: ") for x in lines), lines
+        net.start_control()
+        wait_for(lambda: _warning(a, "control-unreachable") is None, timeout=60, what="the warning to clear")
+        text = a.log.read_text()
+        assert text.count("WARNING health: control-unreachable:") == 1, text
+        assert "control-unreachable: ok again" in text

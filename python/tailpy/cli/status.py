@@ -63,14 +63,14 @@ def render(st: Status, console: Console) -> None:
     state = st.backend_state
     if state != "Running":
         console.print(f"[yellow]{state}[/]" + (f": {st.error}" if st.error else ""))
-    elif st.error:
+    for w in st.health:  # at the top, the most severe first
+        color = "red" if w.severity == "high" else "yellow"
+        console.print(f"[{color}]health:[/] {w.name}: {w.text}", highlight=False)
+    if state == "Running" and st.error and not any(st.error in w.text for w in st.health):
         console.print(f"[red]{st.error}[/]")
     names = {w.name for w in st.health}
     if not st.control_connected and state == "Running" and "control-unreachable" not in names:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
-    for w in st.health:  # the most severe first
-        color = "red" if w.severity == "high" else "yellow"
-        console.print(f"[{color}]health:[/] {w.name}: {w.text}", highlight=False)
     # The data plane works without an offload it fell back from, at a higher CPU cost per packet.
     offload = (st.device or {}).get("offload") or {}
     for fallback in offload.get("fallbacks", []):

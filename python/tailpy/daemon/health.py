@@ -36,6 +36,8 @@ HANDSHAKE_FAIL_MIN = 3
 """Initiations sent in that time before it counts (a peer that was sent one and is quiet is not failing)."""
 HANDSHAKE_IDLE_CLEAR = 60.0
 """Seconds without a new initiation after which a failing peer's warning clears (no more traffic to it)."""
+RELOG_AFTER = 60.0
+"""Seconds before a warning whose text changed (a new error from each reconnect, say) is logged again."""
 CONTROL_GRACE = 10.0
 """Seconds without a map stream before ``control-unreachable`` shows (reconnects take about a second)."""
 
@@ -143,6 +145,7 @@ class _State:
     key: str
     text: str
     since: float
+    logged: float  # when it was last logged
 
 
 class Tracker:
@@ -153,16 +156,22 @@ class Tracker:
         self._now: dict[tuple[str, str], _State] = {}
 
     def set_unhealthy(self, w: Warnable, args: Mapping[str, str] | None = None, *, key: str = "") -> None:
-        """``w`` (instance ``key``) is unhealthy with ``args``; logged when it is new or its text changed
-        (``since`` stays the moment it became unhealthy)."""
+        """``w`` (instance ``key``) is unhealthy with ``args``; logged when it is new, and when its text
+        changed at most once per :data:`RELOG_AFTER` seconds (``since`` stays the moment it became
+        unhealthy)."""
         text = w.text(args or {})
         cur = self._now.get((w.code, key))
         if cur is not None and cur.text == text:
             return
+        now = self.clock()
         if cur is None:
-            self._now[(w.code, key)] = _State(w, key, text, self.clock())
+            self._now[(w.code, key)] = _State(w, key, text, now, now)
         else:
             cur.text = text
+            if now - cur.logged < RELOG_AFTER:
+                log.debug("health: %s: %s", w.code, text)
+                return
+            cur.logged = now
         log.warning("health: %s: %s", w.code, text)
 
     def set_healthy(self, w: Warnable, *, key: str = "") -> None:

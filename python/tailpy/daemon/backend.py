@@ -445,7 +445,8 @@ class Backend:
             stats = conn.peer_stats()
             for node in self._applied.peers.values() if self._applied is not None else ():
                 st = stats.get(node.node_key.raw)
-                if st is not None and "handshakes_sent" in st:
+                # An offline peer cannot answer: its row in status says so, not a handshake warning.
+                if st is not None and "handshakes_sent" in st and node.online:
                     sent, hs = int(st["handshakes_sent"]), st.get("last_handshake")
                     peers.append(hl.PeerHandshakes(node.name, node.node_key.raw, sent, hs))
         dns_error = ""

@@ -17,6 +17,7 @@ from tailpy import netmap as nm
 from tailpy.cli.status import peer_state
 from tailpy.control.server import STREAM_USER_TIMEOUT, set_stream_keepalive
 from tailpy.daemon.backend import Backend
+from tailpy.daemon.state import StateStore
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
 from tailpy.ipnstate import PeerStatus
@@ -110,3 +111,37 @@ def test_map_stream_socket_notices_a_vanished_peer() -> None:
             assert got == int(STREAM_USER_TIMEOUT * 1000)
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) <= 15
+
+
+class UnansweredDevice(FakeDevice):
+    """Peer 3: initiations keep going out (three more at each look), no handshake ever completes."""
+
+    sent = 0
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = super().peers()
+        UnansweredDevice.sent += 3
+        out[1] = {**out[1], "handshakes_sent": UnansweredDevice.sent, "last_handshake": None}
+        return out
+
+
+async def test_backend_warns_of_failing_handshakes_from_the_data_plane(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tailpy.daemon import health
+
+    monkeypatch.setattr(health, "HANDSHAKE_FAIL_AFTER", 0.0)
+    b = Backend(StateStore(tmp_path), UnansweredDevice, configure_os=False)
+    await b.start()
+    try:
+        b.state_data.node_id = 1
+        b.apply_netmap(nm.NetMap(node(1), {3: node(3, online=True)}, "tail.example"))
+        b.check_health()
+        b.check_health()
+        (w,) = [w for w in b.status().health if w.name == "handshake-failing"]
+        assert "peer n3" in w.text and w.severity == "medium"
+        # the same peer offline (as control says): no handshake warning, its row says offline
+        b.apply_netmap(nm.NetMap(node(1), {3: node(3, online=False)}, "tail.example"))
+        assert not [w for w in b.status().health if w.name == "handshake-failing"]
+    finally:
+        await b.close()

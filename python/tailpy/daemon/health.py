@@ -5,12 +5,13 @@ A :class:`Warnable` is a kind of problem (``control-unreachable``, ``home-derp-u
 once in this module; a :class:`Tracker` holds which of them are unhealthy now, each instance under a key
 (``handshake-failing`` has one per peer). The daemon sets and clears them from what it sees
 (:meth:`Tracker.set_unhealthy`, :meth:`Tracker.set_healthy`); :meth:`Tracker.warnings` gives them for
-``tailpy status`` (JSON: a list of ``{name, severity, text, since}``). Each change (a new warning, a new
-text, a cleared one) is logged once, never per tick.
+``tailpy status`` (JSON: a list of ``{name, severity, text, since}``). A new warning and a cleared one are
+logged once, a changed text at most once per :data:`RELOG_AFTER`; never per tick.
 
-The checks that need state of their own live here too, sans-IO with ``now`` passed in:
-:class:`HandshakeWatch` (handshake initiations sent to a peer and no handshake completed) and
-:func:`clock_skew_text`.
+:func:`evaluate` sets and clears every warning from one look at the node (:class:`Inputs`, which the
+daemon's backend gathers every 2 s). The checks that need state of their own live here too, sans-IO with
+``now`` passed in: :class:`HandshakeWatch` (handshake initiations sent to a peer and no handshake completed)
+and :func:`clock_skew_text`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ CLOCK_SKEW_MAX = 60.0
 control protocol refuses requests beyond ``tailpy.proto.control.REPLAY_WINDOW`` (120 s)."""
 HANDSHAKE_FAIL_AFTER = 15.0
 """Seconds of handshake initiations without a completed handshake before a peer's handshakes count as
-failing (three REKEY_TIMEOUTs of 5 s, WireGuard paper section 6.4; Tailscale's magicsock warns after a
-few unanswered attempts rather than REKEY_ATTEMPT_TIME's 90 s)."""
+failing: three REKEY_TIMEOUTs of 5 s (WireGuard paper section 6.4), well before REKEY_ATTEMPT_TIME's 90 s
+after which WireGuard gives up."""
 HANDSHAKE_FAIL_MIN = 3
 """Initiations sent in that time before it counts (a peer that was sent one and is quiet is not failing)."""
 HANDSHAKE_IDLE_CLEAR = 60.0

@@ -130,7 +130,7 @@ class Backend:
                 on_node_key=self._adopt_node_key,
                 on_forgotten=self._forgotten,
                 on_error=self._on_session_error,
-                on_status=self._on_control_status,
+                on_status=self.changed.set,
                 endpoints=self._endpoints,
                 home_derp=lambda: self.home_derp,
             ),
@@ -391,9 +391,6 @@ class Backend:
     def _on_session_error(self, sentence: str) -> None:
         self.last_error = sentence
         self._control_error = sentence
-
-    def _on_control_status(self) -> None:
-        self.changed.set()
 
     # -- health ----------------------------------------------------------------------------------------
 
@@ -758,10 +755,10 @@ class Backend:
                 f"(`tailpy login` on {node.name}, or `tailpy control nodes expiry` to extend it)"
             )
         if not node.online:
-            seen = f", last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node.last_seen))}"
-            raise ConfigError(
-                f"{node.name}: peer is offline (not connected to control{seen if node.last_seen else ''})"
-            )
+            seen = ""
+            if node.last_seen:
+                seen = f", last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node.last_seen))}"
+            raise ConfigError(f"{node.name}: peer is offline (not connected to control{seen})")
         if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:

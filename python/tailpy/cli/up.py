@@ -93,7 +93,7 @@ async def _up(
             with contextlib.suppress(TailpyError):
                 await client.down()
         raise
-    if st.backend_state == "NeedsLogin" and st.login_pending:
+    if st.login_pending:
         st = await wait_login(client, st, console, qr)
     deadline = time.monotonic() + timeout
     with console.status("waiting for the netmap") as spinner:
@@ -168,6 +168,7 @@ def command(
 ) -> None:
     """Connect this device to the tailnet; shows progress until it is connected. Without --auth-key, a
     control server with a login provider prints a URL to sign in at, and this waits until you have."""
+    check_auth_key(auth_key)
     console = Console(stderr=True)
     st = run(
         _up(
@@ -184,6 +185,13 @@ def command(
         )
     )
     click.echo(connected_line(st))
+
+
+def check_auth_key(auth_key: str | None) -> None:
+    """An auth key given but empty (``--auth-key ""``, or TAILPY_AUTH_KEY set to nothing) is a mistake, not
+    "no key": raises click.UsageError."""
+    if auth_key is not None and not auth_key.strip():
+        raise click.UsageError("--auth-key is empty (or TAILPY_AUTH_KEY is set to nothing): give the key")
 
 
 def connected_line(st: Status) -> str:

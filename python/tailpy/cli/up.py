@@ -185,6 +185,29 @@ def command(
         )
     )
     click.echo(connected_line(st))
+    note = name_note(hostname, st)
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+
+
+def name_note(hostname: str | None, st: Status) -> str:
+    """What to tell a user who asked for ``hostname`` (``--hostname``) and got another node name: the name
+    is taken or reserved (control added a suffix), or an admin set the name, which control keeps. "" when
+    the name is the one asked for (or none was)."""
+    from tailpy.control.names import RESERVED, sanitize
+
+    if not hostname:
+        return ""
+    want, got = sanitize(hostname), st.self_node.name.split(".")[0]
+    if not got or got == want:
+        return ""
+    if got.startswith(want[:50]) and got.rsplit("-", 1)[-1].isdigit():
+        why = "is reserved" if want in RESERVED else "is taken by another node"
+        return f"note: the name {want} {why}: this node is {got}"
+    return (
+        f"note: this node keeps its name {got}: an admin named it, and control keeps that name (an admin "
+        f"can change it with `tailpy control nodes rename {got} {want}`)"
+    )
 
 
 def check_auth_key(auth_key: str | None) -> None:

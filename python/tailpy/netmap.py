@@ -7,6 +7,7 @@ The control server sends it (``tailpy.control``); the daemon applies each change
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from tailpy.dns.config import DNSConfig
 from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import InvalidKeyError, ParseError
 from tailpy.keys import DiscoPublic, MachinePublic, NodePublic
+from tailpy.packetfilter import FilterRule, filter_from_json, filter_to_json
 
 
 @dataclass(frozen=True)
@@ -288,17 +290,21 @@ class DerpMap:
 @dataclass(frozen=True)
 class NetMap:
     """A node's view: itself, its peers (by node id), the tailnet's DNS domain, the DERP relays (None:
-    control sent no DERP map) and the DNS configuration (None: control sent none; MagicDNS defaults)."""
+    control sent no DERP map), the DNS configuration (None: control sent none; MagicDNS defaults) and the
+    packet filter for traffic to this node (None: control sent none, everything is allowed; see
+    :mod:`tailpy.packetfilter`)."""
 
     self_node: Node
     peers: Mapping[int, Node] = field(default_factory=dict)
     domain: str = ""
     derp_map: DerpMap | None = None
     dns: DNSConfig | None = None
+    packet_filter: tuple[FilterRule, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """``{"self", "peers", "domain", "derp_map"?, "dns"?}`` (``derp_map``, ``dns`` only when there is
-        one; ``dns``: :class:`tailpy.dns.config.DNSConfig`)."""
+        """``{"self", "peers", "domain", "derp_map"?, "dns"?, "packet_filter"?}`` (the optional parts only
+        when there is one; ``dns``: :class:`tailpy.dns.config.DNSConfig`; ``packet_filter``: a list of
+        tailcfg.FilterRule objects)."""
         out = {
             "self": self.self_node.to_json(),
             "peers": [p.to_json() for p in sorted(self.peers.values(), key=lambda n: n.id)],
@@ -308,6 +314,8 @@ class NetMap:
             out["derp_map"] = self.derp_map.to_json()
         if self.dns is not None:
             out["dns"] = self.dns.to_json()
+        if self.packet_filter is not None:
+            out["packet_filter"] = filter_to_json(self.packet_filter)
         return out
 
     @classmethod
@@ -316,18 +324,20 @@ class NetMap:
             peers = [Node.from_json(p) for p in obj["peers"]]
             dm = obj.get("derp_map")
             dns = obj.get("dns")
+            pf = obj.get("packet_filter")
             return cls(
                 Node.from_json(obj["self"]),
                 {p.id: p for p in peers},
                 str(obj.get("domain", "")),
                 None if dm is None else DerpMap.from_json(dm),
                 None if dns is None else DNSConfig.from_json(dns),
+                None if pf is None else filter_from_json(pf),
             )
         except (KeyError, TypeError) as e:
             raise ParseError(f"malformed netmap: {e}") from None
 
     def with_peers(self, peers: Iterable[Node]) -> NetMap:
-        return NetMap(self.self_node, {p.id: p for p in peers}, self.domain, self.derp_map, self.dns)
+        return dataclasses.replace(self, peers={p.id: p for p in peers})
 
 
 @dataclass(frozen=True)
@@ -358,21 +368,25 @@ class MapDelta:
 
     ``self_node``: the recipient's own new record, or None if unchanged; ``changed``: peers added or changed
     (full new records; a peer id the recipient does not know is an addition); ``removed``: ids of peers that
-    left the tailnet (unknown ids are ignored). ``version``: the server's change counter after this delta
-    (what a client sends back to resume), 0 when unknown.
+    left the tailnet or are no longer visible to the recipient (unknown ids are ignored); ``packet_filter``:
+    the recipient's whole new packet filter, or None if unchanged. ``version``: the server's change counter
+    after this delta (what a client sends back to resume), 0 when unknown.
     """
 
     version: int = 0
     self_node: Node | None = None
     changed: tuple[Node, ...] = ()
     removed: tuple[int, ...] = ()
+    packet_filter: tuple[FilterRule, ...] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.self_node is not None or self.changed or self.removed)
+        return bool(
+            self.self_node is not None or self.changed or self.removed or self.packet_filter is not None
+        )
 
     def to_json(self) -> dict[str, Any]:
         """``{"type": "delta", "version": int, "self"?: Node, "peers_changed"?: [Node], "peers_removed"?:
-        [int]}`` (empty parts omitted)."""
+        [int], "packet_filter"?: [FilterRule]}`` (empty parts omitted)."""
         out: dict[str, Any] = {"type": "delta", "version": self.version}
         if self.self_node is not None:
             out["self"] = self.self_node.to_json()
@@ -380,6 +394,8 @@ class MapDelta:
             out["peers_changed"] = [n.to_json() for n in self.changed]
         if self.removed:
             out["peers_removed"] = list(self.removed)
+        if self.packet_filter is not None:
+            out["packet_filter"] = filter_to_json(self.packet_filter)
         return out
 
     @classmethod
@@ -398,11 +414,13 @@ class MapDelta:
             version = obj.get("version", 0)
             if not isinstance(version, int) or isinstance(version, bool):
                 raise ParseError("malformed delta: 'version' must be an integer")
+            pf = obj.get("packet_filter")
             return cls(
                 version,
                 None if me is None else Node.from_json(me),
                 tuple(Node.from_json(n) for n in changed),
                 tuple(removed),
+                None if pf is None else filter_from_json(pf),
             )
         except (AttributeError, TypeError) as e:
             raise ParseError(f"malformed delta: {e}") from None
@@ -414,13 +432,15 @@ def delta(old: NetMap, new: NetMap, version: int = 0) -> MapDelta:
     changed = tuple(n for i, n in sorted(new.peers.items()) if old.peers.get(i) != n)
     removed = tuple(i for i in sorted(old.peers) if i not in new.peers)
     me = None if old.self_node == new.self_node else new.self_node
-    return MapDelta(version, me, changed, removed)
+    pf = None if old.packet_filter == new.packet_filter else new.packet_filter
+    return MapDelta(version, me, changed, removed, pf)
 
 
 def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
     """``old`` with ``d`` applied (pure: ``old`` is not modified; O(peers) for the copy). A changed peer that
     is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id.
-    The DERP map and DNS config are kept (deltas never carry them)."""
+    The DERP map and DNS config are kept (deltas never carry them); a delta's packet filter replaces the
+    old one."""
     peers = dict(old.peers)
     for i in d.removed:
         peers.pop(i, None)
@@ -428,7 +448,8 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
         if n.id != old.self_node.id:
             peers[n.id] = n
     me = d.self_node if d.self_node is not None else old.self_node
-    return NetMap(me, peers, old.domain, old.derp_map, old.dns)
+    pf = old.packet_filter if d.packet_filter is None else d.packet_filter
+    return NetMap(me, peers, old.domain, old.derp_map, old.dns, pf)
 
 
 __all__ = [

@@ -153,6 +153,21 @@ async def test_unconfirmed_direct_path_and_pending_handshakes(pair: tuple[Side, 
     assert a.device.retried.count(key) >= 2
 
 
+async def test_wireguard_over_derp_from_a_peer_without_region_moves_it_to_that_region(
+    pair: tuple[Side, Side],
+) -> None:
+    """A disco peer whose home region is not known yet goes direct, unconfirmed; once its WireGuard arrives
+    over DERP, answers go back through that region (not to an endpoint nothing confirmed)."""
+    a, b = pair
+    assert a.conn is not None
+    key = b.key.public.raw
+    assert (a.device.paths[key], a.device.confirmed[key]) == ("direct", False)
+    initiation = b"\x01\x00\x00\x00" + bytes(144)
+    a.conn._on_derp_packet(b.key.public, initiation, 900)
+    assert a.device.paths[key] == "relay" and a.conn.relay_region(key) == 900
+    assert a.device.injected[-1] == (key, initiation)
+
+
 async def test_initiation_from_a_node_not_yet_in_the_netmap_is_held_until_it_is() -> None:
     side = Side("a")
     other = Side("b")

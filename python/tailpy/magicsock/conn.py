@@ -203,6 +203,7 @@ class Conn:
         self._device_path: dict[bytes, tuple[Path, bool, Endpoint | None]] = {}  # (path, confirmed, endpoint)
         # handshake initiations over DERP from keys not (yet) in the netmap: key -> (datagram, region, at)
         self._held: dict[bytes, tuple[bytes, int, float]] = {}
+        self._deferred: set[bytes] | None = None  # retries held back while a netmap is applied
         self._stats: dict[bytes, Mapping[str, Any]] = {}  # device.peers() at the last look
         self._tx: dict[bytes, int] = {}
         self._pings: dict[int, asyncio.Future[PingResult | PingTimeout]] = {}
@@ -261,6 +262,16 @@ class Conn:
         re-sent for a peer with disco (disco chose its direct endpoint) nor when unchanged (that would undo
         roaming the data plane saw)."""
         now = self.clock()
+        self._deferred = set()  # each peer's pending handshake goes again once, on its final path
+        try:
+            self._apply_netmap(netmap, now)
+        finally:
+            deferred, self._deferred = self._deferred, None
+        for key in deferred:
+            self._retry_handshake(key)
+        self._tick.rearm()
+
+    def _apply_netmap(self, netmap: NetMap, now: float) -> None:
         peers = list(netmap.peers.values())
         self.relay.set_peers(peers)
         if self.relay.set_derp_map(netmap.derp_map):
@@ -295,7 +306,6 @@ class Conn:
                 self._release_held(p.node_key, now)
             elif prev != p:
                 self._retry_handshake(p.node_key.raw)  # its home region, endpoints or disco key changed
-        self._tick.rearm()
 
     def set_private_key(self, private_key: NodePrivate) -> None:
         """Node key rotation: DERP connections are made again under the new key; disco Pings carry it."""
@@ -526,6 +536,11 @@ class Conn:
             self.relay.derp_dropped += 1
             return
         self.relay.note_via(key, region)
+        unconfirmed = self._device_path.get(key, ("relay", True, None))[:2] == ("direct", False)
+        if src in self._relayed and unconfirmed:
+            # disco relays it but no region was known (its home region is on its way): now one is; the
+            # answer goes back the way it came, not to an endpoint nothing confirmed
+            self._place_relay(src)
         node = self._peers.get(src)
         if node is not None and self._plain_path.get(key) == "direct":
             hs = self._stats.get(key, {}).get("last_handshake")
@@ -602,6 +617,9 @@ class Conn:
         return True
 
     def _retry_handshake(self, key: bytes) -> None:
+        if self._deferred is not None:
+            self._deferred.add(key)
+            return
         try:
             if self.device.retry_handshake(key):
                 self.handshakes_retried += 1

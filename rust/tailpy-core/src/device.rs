@@ -197,6 +197,8 @@ pub struct PeerStats {
     pub rx_packets: u64,
     /// Unix time, seconds.
     pub last_handshake: Option<f64>,
+    /// Handshake initiations (WireGuard message type 1) sent to this peer, on either path.
+    pub handshakes_sent: u64,
 }
 
 /// Device-wide counters (see `_native.pyi` `DeviceStats`).
@@ -255,6 +257,8 @@ struct Peer {
     rx_bytes: AtomicU64,
     tx_packets: AtomicU64,
     rx_packets: AtomicU64,
+    /// Handshake initiations sent to this peer.
+    handshakes_sent: AtomicU64,
     /// Milliseconds since device start of the last handshake started for data with an unknown index
     /// (`NEVER` if none).
     unknown_index_hs_ms: AtomicU64,
@@ -505,6 +509,7 @@ impl Device {
                     rx_bytes: AtomicU64::new(0),
                     tx_packets: AtomicU64::new(0),
                     rx_packets: AtomicU64::new(0),
+                    handshakes_sent: AtomicU64::new(0),
                     unknown_index_hs_ms: AtomicU64::new(NEVER),
                 });
                 st.peers.insert(*public_key, p.clone());
@@ -670,6 +675,7 @@ impl Device {
                     tx_packets: p.tx_packets.load(Relaxed),
                     rx_packets: p.rx_packets.load(Relaxed),
                     last_handshake: since.map(|d| now.saturating_sub(d).as_secs_f64()),
+                    handshakes_sent: p.handshakes_sent.load(Relaxed),
                 }
             })
             .collect();
@@ -800,6 +806,7 @@ impl Shared {
         if datagram.first() == Some(&1) {
             self.counters.handshakes_sent.fetch_add(1, Relaxed);
             peer.init_sent_ms.store(now, Relaxed);
+            peer.handshakes_sent.fetch_add(1, Relaxed);
         }
         peer.last_tx_ms.store(now, Relaxed);
         // Also relayed: counted as sent even when the direct copy cannot go.
@@ -898,6 +905,7 @@ impl Shared {
         let c = &self.counters;
         let handshakes = out.iter().filter(|d| d.first() == Some(&1)).count();
         c.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
+        peer.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
         let now = self.now_ms();
         if handshakes > 0 {
             peer.init_sent_ms.store(now, Relaxed);

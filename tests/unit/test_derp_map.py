@@ -301,7 +301,7 @@ async def test_serve_keeps_serving_when_the_relay_port_is_taken(tmp_path: Path) 
 
 
 def test_serve_wildcard_without_hostname_refuses_to_start(tmp_path: Path) -> None:
-    """A wildcard --listen gives nodes no host to dial for the embedded relay: one sentence, nothing served."""
+    """A wildcard --listen gives nodes no host to dial for the embedded relay: one sentence, no server."""
     r = subprocess.run(
         [*SERVE, "--state-dir", str(tmp_path), "--listen", ":0", "--derp-listen", ":0"],
         capture_output=True,

@@ -185,10 +185,10 @@ def _describe(rule: dict[str, Any]) -> str:
 @json_option
 @click.argument("node")
 def policy_filter(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
-    """Print the packet filter NODE (a name or an id) receives: the rules whose destination is that node.
+    """Print the packet filter NODE (id, name or FQDN) receives: the rules whose destination is that node.
     --json prints exactly Tailscale's tailcfg.FilterRule list ({"SrcIPs", "DstPorts": [{"IP", "Ports":
     {"First", "Last"}}], "IPProto"?}), as Tailscale renders it (a `*` source becomes the tailnet's ranges)."""
-    result = admin(state_dir, db, "policy.filter", {"node": int(node) if node.isdigit() else node})
+    result = admin(state_dir, db, "policy.filter", {"node": node})
     rules = result.get("rules") or []
     if as_json:
         click.echo(json.dumps(rules, indent=2))

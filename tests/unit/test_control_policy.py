@@ -226,7 +226,7 @@ def test_admin_policy_filter_by_name_or_id(store: Store) -> None:
     assert no_policy["rules"] and no_policy["rules"][0]["SrcIPs"]  # no policy: everything allowed
     admin.run("policy.set", {"text": CLOSED})
     assert admin.run("policy.filter", {"node": a.id})["rules"] == []  # no rule reaches alpha
-    with pytest.raises(ConfigError, match="there is no node gamma"):
+    with pytest.raises(ConfigError, match="there is no node named 'gamma'"):
         admin.run("policy.filter", {"node": "gamma"})
 
 
@@ -272,7 +272,7 @@ def test_cli_policy_commands(tmp_path: Path) -> None:
     assert code == 1 and f"FAIL {failing}:7:5: " in out and "1 of 2 tests pass" in out, out
     assert Store(state).policy_history()[0].text == POLICY  # check and test stored nothing
     code, out = _run("policy", "filter", "nope", *sd)
-    assert code == 1 and "there is no node nope" in out
+    assert code == 1 and "there is no node named 'nope'" in out
     for sub in ("get", "set", "history", "check", "test", "filter"):
         code, out = _run("policy", sub, "--help")
         assert code == 0 and "admin.sock" in out

@@ -37,6 +37,11 @@ class ConfigError(TailpyError, ValueError):
     """A setting or argument is wrong; the message says which and what is expected."""
 
 
+class DialError(TailpyError, ConnectionError):
+    """A TCP connection through a userspace device's network stack could not be opened: the peer refused
+    it (TCP RST), no answer came in time, or no peer's allowed IPs contain the destination."""
+
+
 class ControlError(TailpyError):
     """The coordination server refused a request or could not be reached."""
 
@@ -63,6 +68,7 @@ __all__ = [
     "ControlError",
     "DaemonNotRunningError",
     "DeviceError",
+    "DialError",
     "EndpointError",
     "InvalidKeyError",
     "LabError",

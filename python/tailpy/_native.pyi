@@ -176,8 +176,10 @@ class Device:
         caller's end of an ``AF_UNIX`` ``SOCK_SEQPACKET`` socketpair (blocking, owned by the caller;
         closing it unbinds the port). Each message, both ways, is a 19-byte header then the payload: 1 byte
         family (4 or 6), 16 bytes IP (IPv4 in the first 4), 2 bytes port (big-endian); sending, the
-        destination; receiving, the source. Malformed messages are dropped and counted
-        (``udp_dropped``). Raises DeviceError if the port is bound, ConfigError for a bad port."""
+        destination; receiving, the source. A payload must fit one tunnel packet (at most ``mtu`` - 28
+        bytes over IPv4, ``mtu`` - 48 over IPv6: the stack does not fragment); malformed or oversized
+        messages are dropped and counted (``udp_dropped``). Raises DeviceError if the port is bound,
+        ConfigError for a bad port."""
     def netstack_stats(self) -> NetstackStats:
         """The stack's sockets and counters. Raises DeviceError on a TUN device or after ``close``."""
     @property

@@ -255,9 +255,14 @@ fn udp_header(ep: IpEndpoint) -> [u8; UDP_HEADER_LEN] {
     h
 }
 
-/// Decode a UDP message header; `None` if malformed.
-fn parse_udp_header(m: &[u8]) -> Option<IpEndpoint> {
+/// Decode a UDP message header; `None` if malformed, or if the payload would not fit one packet of
+/// `mtu` bytes (IPv4 and UDP headers: 28 bytes; IPv6: 48), as the stack does not fragment.
+fn parse_udp_header(m: &[u8], mtu: usize) -> Option<IpEndpoint> {
     if m.len() < UDP_HEADER_LEN {
+        return None;
+    }
+    let overhead = if m[0] == 4 { 28 } else { 48 };
+    if m.len() - UDP_HEADER_LEN + overhead > mtu {
         return None;
     }
     let port = u16::from_be_bytes([m[17], m[18]]);
@@ -743,7 +748,14 @@ impl Stack {
                 }
                 Kind::Udp => {
                     let s = self.sockets.get_mut::<udp::Socket>(c.handle);
-                    shuttle_udp(c, s, &mut self.scratch, &mut progress, counters)
+                    shuttle_udp(
+                        c,
+                        s,
+                        &mut self.scratch,
+                        self.phy.mtu,
+                        &mut progress,
+                        counters,
+                    )
                 }
             };
             if done {
@@ -851,6 +863,7 @@ fn shuttle_udp(
     c: &mut Conn,
     s: &mut udp::Socket,
     scratch: &mut [u8],
+    mtu: usize,
     progress: &mut bool,
     counters: &super::Counters,
 ) -> bool {
@@ -880,7 +893,7 @@ fn shuttle_udp(
     // The caller to the tailnet.
     loop {
         if let Some(m) = c.pending.take() {
-            match parse_udp_header(&m) {
+            match parse_udp_header(&m, mtu) {
                 Some(ep) => match s.send_slice(&m[UDP_HEADER_LEN..], ep) {
                     Ok(()) => {
                         counters.udp_datagrams_out.fetch_add(1, Relaxed);
@@ -906,7 +919,7 @@ fn shuttle_udp(
             Ok(0) => return true,
             Ok(n) => {
                 let m = &scratch[..n];
-                match parse_udp_header(m) {
+                match parse_udp_header(m, mtu) {
                     Some(ep) => match s.send_slice(&m[UDP_HEADER_LEN..], ep) {
                         Ok(()) => {
                             counters.udp_datagrams_out.fetch_add(1, Relaxed);
@@ -943,7 +956,11 @@ pub(super) fn run(pipes: &Pipes, stack: &Mutex<Stack>) {
         if pipes.closed.load(Relaxed) {
             return;
         }
-        pipes.wake.reset();
+        // The eventfd is watched edge-triggered, so every signal wakes the wait; resetting it only
+        // when it fired spares a read per pass.
+        if ready.iter().any(|&(t, _)| t == WAKE_TOKEN) {
+            pipes.wake.reset();
+        }
         let delay = {
             let mut st = stack.lock();
             let d = st.work(&ready);

@@ -225,6 +225,9 @@ fn tcp_socket() -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(rx, tx);
     // Bytes arrive from the socketpair in large reads already; Nagle would only delay the tail.
     s.set_nagle_enabled(false);
+    // Without congestion control smoltcp sends the whole peer window at once; over a real path the
+    // burst overflows socket buffers, and the losses back its retransmission timer off to seconds.
+    s.set_congestion_control(tcp::CongestionControl::Cubic);
     s
 }
 

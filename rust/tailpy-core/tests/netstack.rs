@@ -379,3 +379,66 @@ fn tcp_one_way_throughput() {
         LEN >> 20
     );
 }
+
+/// The Internet checksum (RFC 1071) of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[test]
+fn a_tun_peer_pings_the_stack() {
+    use tailpy_core::memory::MemTun;
+    let net = MemNet::new();
+    let (ka, kb) = (generate_private_key(), generate_private_key());
+    let (ea, eb): (SocketAddr, SocketAddr) = (
+        "192.0.2.1:41641".parse().unwrap(),
+        "198.51.100.2:41641".parse().unwrap(),
+    );
+    let (tun, host) = MemTun::pair();
+    let a = Device::with_io(&ka, Box::new(tun), Box::new(net.bind(ea))).unwrap();
+    let b = Device::with_netstack(&kb, Box::new(net.bind(eb)), &addrs(B4, B6), 1280).unwrap();
+    let cfg = |ip: &str, ep| PeerConfig {
+        allowed_ips: vec![parse_prefix(ip).unwrap()],
+        endpoint: Some(ep),
+        ..Default::default()
+    };
+    a.set_peer(&public_key(&kb), cfg("100.64.0.2/32", eb))
+        .unwrap();
+    b.set_peer(&public_key(&ka), cfg("100.64.0.1/32", ea))
+        .unwrap();
+    // ICMP echo request 100.64.0.1 -> 100.64.0.2 (RFC 792), as the TUN host's ping sends it.
+    let mut icmp = vec![8u8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    icmp.extend_from_slice(b"tailpy ping");
+    let c = inet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 1;
+    p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+    p[16..20].copy_from_slice(&[100, 64, 0, 2]);
+    let c = inet_checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    // The first request may wait behind the handshake: repeat until the reply comes.
+    let deadline = Instant::now() + WAIT;
+    let reply = loop {
+        assert!(Instant::now() < deadline, "no echo reply");
+        host.write(&p);
+        if let Some(r) = host.read(Duration::from_millis(300)) {
+            break r;
+        }
+    };
+    assert_eq!(&reply[12..16], &[100, 64, 0, 2]);
+    assert_eq!(&reply[16..20], &[100, 64, 0, 1]);
+    assert_eq!(reply[20], 0, "an echo reply");
+    assert_eq!(&reply[24..], &icmp[4..]);
+}

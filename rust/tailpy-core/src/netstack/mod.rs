@@ -429,9 +429,23 @@ impl Tun for Netstack {
     }
 
     fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let mut b = Batch::new(packet.len(), 1);
-        b.push(packet);
-        self.push_inbound(&mut b);
+        let p = &self.0.pipes;
+        let mut q = p.inbound.lock();
+        let was_empty = q.full.is_empty();
+        let mut queued = q.full.back_mut().is_some_and(|last| last.push(packet));
+        if !queued {
+            if let Some(mut e) = q.empty.pop() {
+                queued = e.push(packet);
+                q.full.push_back(e);
+            }
+        }
+        drop(q);
+        if !queued {
+            p.counters.dropped_rx_queue_full.fetch_add(1, Relaxed);
+        }
+        if was_empty {
+            p.wake.signal();
+        }
         Ok(())
     }
 

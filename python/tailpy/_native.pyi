@@ -101,6 +101,31 @@ class Device:
         (0 picks a free port; IPv4-only ``0.0.0.0`` where the kernel has no IPv6). Raises
         PermissionDeniedError without CAP_NET_ADMIN, DeviceError if the name or port is taken,
         InvalidKeyError for a bad key, ConfigError for a bad name, port or MTU."""
+    @staticmethod
+    def userspace(private_key: bytes, listen_port: int, addresses: list[str], mtu: int = 1280) -> Device:
+        """A device with no TUN: a userspace TCP/IP stack terminates TCP and UDP for ``addresses`` (the
+        node's tailnet addresses as host prefixes, "100.64.0.1/32", "fd7a:115c:a1e0::1/128") inside the
+        process, and one UDP socket ``[::]:listen_port`` (0: any). Needs no privilege. Raises DeviceError
+        (port taken), InvalidKeyError, ConfigError (malformed address)."""
+    def set_addresses(self, addresses: list[str]) -> None:
+        """Replace the userspace stack's addresses (host prefixes, as ``userspace``)."""
+    def tcp_dial(self, dst_ip: str, dst_port: int, timeout: float) -> int:
+        """Open a TCP connection through the stack; blocks (GIL released) until the handshake completes or
+        ``timeout`` seconds pass. Returns an fd (a ``SOCK_STREAM`` socketpair end the caller owns; set it
+        non-blocking). Raises DeviceError-derived errors with one sentence on refusal (RST) or timeout."""
+    def tcp_listen(self, port: int, backlog: int = 128) -> int:
+        """Listen on TCP ``port`` of the stack's addresses; returns a listener id."""
+    def tcp_accept_fd(self, listener: int) -> int:
+        """An fd that is readable while connections wait in the listener's backlog (for add_reader)."""
+    def tcp_accept(self, listener: int) -> tuple[int, str, int] | None:
+        """``(fd, remote_ip, remote_port)`` of the next accepted connection; None when none waits."""
+    def tcp_close_listener(self, listener: int) -> None: ...
+    def udp_bind(self, port: int) -> int:
+        """A UDP socket of the stack on ``port`` (0: ephemeral) as a datagram socketpair end: each message is
+        1 byte family (4|6), 16 bytes address (IPv4 in the first 4), 2 bytes port (big-endian), payload;
+        the destination when sent, the source when received."""
+    def netstack_stats(self) -> dict[str, int]:
+        """The stack's counters: sockets open, bytes, drops."""
     @property
     def public_key(self) -> bytes: ...
     @property

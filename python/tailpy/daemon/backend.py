@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
 from tailpy.control.client import LoginAnswer
+from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tailpy.daemon")
 
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
+HEALTH_INTERVAL = 2.0  # seconds between health checks (each change is logged once)
+ROUTE_MTU_INTERVAL = 30.0  # seconds between looks at the default route's MTU
 
 
 class DataPlane(ConnDevice, Protocol):
@@ -160,6 +163,14 @@ class Backend:
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
+        self.health = hl.Tracker()
+        """Named warnings (:mod:`tailpy.daemon.health`), checked every :data:`HEALTH_INTERVAL` seconds."""
+        self._handshakes = hl.HandshakeWatch()
+        self._control_down_since: float | None = None
+        self._control_error = ""
+        self._netmap_since: float | None = None
+        self._route_mtu: tuple[float, tuple[str, int] | None] | None = None  # (looked at, value)
+        self._health_task: asyncio.Task[None] | None = None
 
     @property
     def backend_state(self) -> str:
@@ -178,6 +189,7 @@ class Backend:
     async def start(self) -> None:
         """After a restart: reconnect if the node was up before, else wait for ``up``."""
         s = self.state_data
+        self._start_health()
         if self.dns is not None:
             self.dns.recover()  # a resolv.conf left pointed at MagicDNS by a crash
         if s.want_running and s.login_server and s.node_id is not None:
@@ -207,6 +219,7 @@ class Backend:
         trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
         for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
+        self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
         if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
             if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
@@ -397,6 +410,10 @@ class Backend:
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self._stop_login()
         await self.session.stop()
         self._close_device()
@@ -415,10 +432,89 @@ class Backend:
     def _on_netmap(self, netmap: nm.NetMap) -> None:
         if self.state is not BackendState.NEEDS_LOGIN or not netmap.self_node.expired:
             self.last_error = ""
+        self._control_error = ""
         self.apply_netmap(netmap)
 
     def _on_session_error(self, sentence: str) -> None:
         self.last_error = sentence
+        self._control_error = sentence
+
+    # -- health ----------------------------------------------------------------------------------------
+
+    def _start_health(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="health")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                self.check_health()
+            except Exception:  # a check must never stop the daemon
+                log.exception("health check failed")
+
+    def _link_mtu(self, now: float) -> tuple[str, int] | None:
+        if not self._configure_os:
+            return None
+        if self._route_mtu is None or now - self._route_mtu[0] >= ROUTE_MTU_INTERVAL:
+            self._route_mtu = (now, netconf.route_mtu())
+        return self._route_mtu[1]
+
+    def check_health(self) -> None:
+        """Look at the node once and update :attr:`health` (:func:`tailpy.daemon.health.evaluate`)."""
+        now = time.time()
+        s = self.state_data
+        following = self.session.running and s.want_running
+        if following and not self.session.connected:
+            if self._control_down_since is None:
+                self._control_down_since = now
+        else:
+            self._control_down_since = None
+        conn = self.conn
+        home: hl.HomeDerp | None = None
+        peers: list[hl.PeerHandshakes] = []
+        if conn is not None:
+            region = conn.home_region
+            if region:
+                c = next((c for c in conn.relay.derp.status() if c.region_id == region), None)
+                home = hl.HomeDerp(
+                    region,
+                    conn.region_code(region),
+                    connected=c is not None and c.connected,
+                    error=(c.last_error or "") if c is not None else "",
+                )
+            else:
+                errors = list(conn.relay.derp.probe_errors.values())
+                home = hl.HomeDerp(0, error=errors[-1] if errors else "")
+            stats = conn.peer_stats()
+            for node in self._applied.peers.values() if self._applied is not None else ():
+                st = stats.get(node.node_key.raw)
+                # An offline peer cannot answer: its row in status says so, not a handshake warning.
+                if st is not None and "handshakes_sent" in st and node.online:
+                    sent, hs = int(st["handshakes_sent"]), st.get("last_handshake")
+                    peers.append(hl.PeerHandshakes(node.name, node.node_key.raw, sent, hs))
+        dns_error = ""
+        if self.dns is not None and self.device is not None and self.netmap is not None:
+            dns_error = self.dns.os_error
+        hl.evaluate(
+            self.health,
+            self._handshakes,
+            hl.Inputs(
+                now=now,
+                following=following,
+                login_server=s.login_server,
+                control_down_since=self._control_down_since,
+                control_error=self._control_error,
+                netmap_since=self._netmap_since,
+                derp_regions=len(conn.relay.derp_map.regions) if conn is not None else 0,
+                home=home,
+                peers=peers,
+                dns_error=dns_error,
+                mtu=netconf.mtu_warnings(self._mtu, self._link_mtu(now)),
+                firewall=self.firewall.warnings() if self.firewall else (),
+                clock_skew=self.session.clock_skew,
+            ),
+        )
 
     def _forgotten(self, e: NotRegisteredError) -> None:
         """Control no longer knows this machine (an admin deleted it): drop the peers and need login."""
@@ -436,6 +532,7 @@ class Backend:
 
     def _drop_netmap(self) -> None:
         self.netmap = None
+        self._netmap_since = None
         self.session.self_node = None
 
     def _adopt_node_key(self, key: NodePrivate) -> None:
@@ -499,6 +596,8 @@ class Backend:
         for node in d.added:
             dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         self.netmap, self._applied = new, wanted
+        if self._netmap_since is None:
+            self._netmap_since = time.time()
         if self.conn is not None:
             self.conn.set_netmap(wanted)
         if self.dns is not None:
@@ -605,9 +704,13 @@ class Backend:
         path = st.get("path")
         relay_region = conn.relay_region(node.node_key.raw) if conn is not None and path == "relay" else 0
         endpoint = None
+        if path == "direct" and (conn is None or not conn.direct_confirmed(node.node_key, st)):
+            # Sent to directly but never answered there (a best guess, say a LAN address behind the
+            # peer's NAT): not a path yet. Status says "direct" only for an endpoint that answered.
+            path = None
         # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
         # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
-        if path != "relay" and st.get("endpoint"):
+        if path == "direct" and st.get("endpoint"):
             with contextlib.suppress(EndpointError):
                 endpoint = Endpoint.parse(str(st["endpoint"]))
         return PeerStatus(
@@ -642,6 +745,7 @@ class Backend:
         """The node and its peers, as ``tailpy status --json`` prints it (:class:`tailpy.ipnstate.Status`;
         fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
+        self.check_health()
         now = time.time()
         conn = self.conn
         stats = conn.peer_stats() if conn is not None else {}
@@ -658,9 +762,7 @@ class Backend:
             error=self.last_error,
             auth_url=self.auth_url,
             login_pending=self._login is not None,
-            health=tuple(
-                netconf.mtu_warnings(self._mtu) + (self.firewall.warnings() if self.firewall else [])
-            ),
+            health=self.health.warnings(),
             now=now,
             self_node=SelfStatus(
                 id=s.node_id,
@@ -726,7 +828,15 @@ class Backend:
         (unknown peer, one without disco, node not running)."""
         node = self.find_peer(target)
         if node.expired:
-            raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
+            raise ConfigError(
+                f"{node.name}: peer's key has expired; it cannot be reached until it logs in again "
+                f"(`tailpy login` on {node.name}, or `tailpy control nodes expiry` to extend it)"
+            )
+        if not node.online:
+            seen = ""
+            if node.last_seen:
+                seen = f", last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node.last_seen))}"
+            raise ConfigError(f"{node.name}: peer is offline (not connected to control{seen})")
         if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:

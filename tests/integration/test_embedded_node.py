@@ -300,3 +300,16 @@ def test_tailpyd_userspace_with_proxies(tailnet: LabTailnet) -> None:
     # Nothing of the host changed: no TUN, no tailnet route.
     assert "tailpy" not in host.run(["ip", "-o", "link"]).stdout
     assert "100.64" not in host.run(["ip", "route"]).stdout
+
+
+def test_readme_first_python_example_as_nobody(tailnet: LabTailnet) -> None:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n") + len("```python\n")
+    key = tailnet.authkey()
+    tailnet.connected("tun1")
+    root = state_root(tailnet.lab)
+    (root / "hello.py").write_text(text[start : text.index("```", start)])
+    os.chown(root / "hello.py", pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    run = f"import os, runpy; os.chdir({str(root)!r}); runpy.run_path('hello.py', run_name='__main__')"
+    out = Embedded(tailnet, tailnet.public_host("hello"), ["-c", run], key).wait()
+    assert out.startswith("tailnet addresses: 100.64.") and "peer: tun1 100.64." in out

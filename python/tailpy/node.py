@@ -185,7 +185,6 @@ class Node:
         backend = Backend(StateStore(self.state_dir), make_device, tun_mtu=mtu, userspace=True)
         self.backend = backend
         self._stack = Netstack(self._device, self._resolve, self._local_ip)
-        self._login_url = asyncio.get_running_loop().create_future()
         self._watch = asyncio.create_task(self._watch_login(), name="tailpy-node-login")
         await backend.start()
         s = backend.state_data
@@ -245,6 +244,7 @@ class Node:
             self._stack = None
         if self._login_url is not None and not self._login_url.done():
             self._login_url.cancel()
+        self._login_url = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -291,9 +291,12 @@ class Node:
         return (self.backend.auth_url or None) if self.backend is not None else None
 
     async def wait_login_url(self) -> str:
-        """The first sign-in URL of an interactive login (waits until control gives one)."""
+        """The first sign-in URL of an interactive login: waits until control gives one (may be awaited
+        before or while :meth:`start` runs, from another task)."""
         if self._login_url is None:
-            raise ConfigError("this node is not started")
+            self._login_url = asyncio.get_running_loop().create_future()
+            if self._reported_url:
+                self._login_url.set_result(self._reported_url)
         return await asyncio.shield(self._login_url)
 
     async def status(self) -> Status:

@@ -224,3 +224,41 @@ def test_datagram_header_rejects_garbage(data: bytes) -> None:
     except ParseError:
         return
     assert data[0] in (4, 6) and 0 <= port <= 65535 and len(payload) == len(data) - 19
+
+
+async def test_interactive_login_reports_the_url(tmp_path: Path) -> None:
+    """Without an auth key, control's sign-in URL goes to on_login_url, login_url and wait_login_url; the
+    node comes up once the user signed in (OpenID Connect, tests/_oidc_provider.py)."""
+    import re
+
+    from test_control_oidc import _start, callback, sign_in
+
+    (tmp_path / "control").mkdir()
+    async for env in _start(tmp_path / "control", allowed_domains=("example.com",)):
+        urls: list[str] = []
+        n = tailpy.Node(
+            control_url=env.url,
+            state_dir=tmp_path / "n",
+            hostname="laptop",
+            on_login_url=urls.append,
+            device_factory=FakeNet().factory,
+        )
+        starting = asyncio.create_task(n.start())
+        try:
+            url = await asyncio.wait_for(n.wait_login_url(), 10)
+            assert url.startswith(env.url + "/login/") and n.login_url == url
+            async with env.browser.get(url) as r:
+                found = re.search(r'href="([^"]+)"', await r.text())
+            assert found is not None
+            async with env.browser.get(env.url + found.group(1), allow_redirects=False) as r:
+                auth = r.headers["Location"]
+            status, _ = await callback(env, await sign_in(env, auth, "alice", "pw-alice"))
+            assert status == 200
+            await asyncio.wait_for(starting, 30)
+            st = await n.status()
+            assert st.backend_state == "Running" and st.self_node.user == "alice@example.com"
+            assert urls == [url] and n.login_url is None
+        finally:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await n.close()

@@ -64,7 +64,7 @@ class UserspaceDevice(Protocol):
     def tcp_accept_fd(self, listener: int) -> int: ...
     def tcp_accept(self, listener: int) -> tuple[int, str, int] | None: ...
     def tcp_close_listener(self, listener: int) -> None: ...
-    def udp_bind(self, port: int) -> int: ...
+    def udp_bind(self, port: int) -> int | tuple[int, int]: ...
 
 
 Resolve = Callable[[str], list[IPAddress]]
@@ -149,7 +149,7 @@ def _addresses(prefixes: Iterable[str]) -> list[IPAddress]:
 
 def _dial_error(e: BaseException, ip: IPAddress, port: int) -> DialError:
     """The data plane's refusal or timeout as a DialError with a reason."""
-    if isinstance(e, DialError):
+    if isinstance(e, DialError) and e.reason != "unreachable":
         return e
     text = str(e) or type(e).__name__
     low = text.lower()
@@ -159,6 +159,8 @@ def _dial_error(e: BaseException, ip: IPAddress, port: int) -> DialError:
         reason = "timeout"
     else:
         reason = "unreachable"
+    if isinstance(e, DialError):  # the data plane's own sentence names the address already
+        return DialError(text, reason)
     return DialError(f"cannot connect to {_hostport(ip, port)}: {text}", reason)
 
 
@@ -371,7 +373,8 @@ class Netstack:
         if remote_addr is not None:
             remote = (self.resolve(remote_addr[0])[0], remote_addr[1])
         dev = self.device()
-        fd = dev.udp_bind(local_port)
+        got = dev.udp_bind(local_port)
+        fd, bound = got if isinstance(got, tuple) else (got, local_port)  # (fd, port) where it is told
         family_ip = self._local_ip(4)
         try:
             sock = socket.socket(fileno=fd)
@@ -380,7 +383,7 @@ class Netstack:
             raise
         sock.setblocking(False)
         protocol = protocol_factory()
-        transport = TailnetDatagramTransport(self, sock, protocol, (family_ip, local_port), remote)
+        transport = TailnetDatagramTransport(self, sock, protocol, (family_ip, bound), remote)
         self._datagrams.add(transport)
         return transport, protocol
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import tailpy
 from tailpy.control import ControlServer, Store
-from tailpy.errors import DaemonRunningError, DialError, ParseError
+from tailpy.errors import AuthKeyError, ConfigError, DaemonRunningError, DialError, ParseError
 from tailpy.netstack import decode_datagram, encode_datagram, lookup
 
 
@@ -262,3 +262,17 @@ async def test_interactive_login_reports_the_url(tmp_path: Path) -> None:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             await n.close()
+
+
+async def test_refused_auth_key_leaves_nothing(control: tuple[ControlServer, str], tmp_path: Path) -> None:
+    _, url = control
+    fds = _fds()
+    with pytest.raises(AuthKeyError):
+        async with tailpy.Node(
+            control_url=url, auth_key="tskey-nope", state_dir=tmp_path / "n", device_factory=FakeNet().factory
+        ):
+            pass
+    await asyncio.sleep(0.1)
+    assert _fds() <= fds
+    with pytest.raises(ConfigError, match="no control server"):
+        await tailpy.Node(state_dir=tmp_path / "m", device_factory=FakeNet().factory).start()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -242,6 +243,12 @@ class Node:
         if self._stack is not None:
             await self._stack.wait_threads()
             self._stack = None
+        if backend is not None:
+            # The data plane's eventfds go with the Device object, which reference cycles among the
+            # session's and magicsock's callbacks can keep alive until the next collection: collect now,
+            # so that a closed node holds no descriptor.
+            del backend
+            gc.collect()
         if self._login_url is not None and not self._login_url.done():
             self._login_url.cancel()
         self._login_url = None

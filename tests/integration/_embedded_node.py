@@ -121,9 +121,19 @@ async def pair(a_name: str, b_name: str) -> None:
         )
 
 
+def _fds() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:  # the directory's own fd, closed by now
+            continue
+    return sorted(out)
+
+
 def snapshot() -> dict[str, Any]:
     return {
-        "fds": sorted(os.listdir("/proc/self/fd")),
+        "fds": _fds(),
         "threads": sorted(t.name for t in threading.enumerate()),
         "tasks": len(os.listdir("/proc/self/task")),  # Rust threads too
     }

@@ -9,11 +9,11 @@ LAN) and a process embedding a :class:`tailpy.Node` on host ``emb``. Each row mo
 * ``tun -> tun``: the same sender and receiver between tun1 and tun2 (the reference).
 
 Sender and receiver are the same small Python programs in every row (this file with ``--role``: 256 KiB
-``sendall``/``recv_into`` loops; the embedded ends use the event loop's ``sock_sendall`` and a protocol's
-``data_received``), so the rows differ only in the data plane. ``cpu/Gbit`` is the CPU seconds of both
-nodes' processes (tailpyd for a TUN node, the whole embedded process: data plane, stack and application)
-per gigabit moved. Each direct path is confirmed first (``tailpy ping --until-direct``). Median of
-``--rounds`` (rows alternate within a round).
+``sendall``/``recv_into`` loops; the embedded node, one process for all rows, uses the event loop's
+``sock_sendall`` and a protocol's ``data_received``), so the rows differ only in the data plane. ``CPU
+s/Gbit`` is the CPU seconds of both nodes' processes (tailpyd for a TUN node, the whole embedded process:
+data plane, stack and application) per gigabit moved. Each direct path is confirmed first (``tailpy ping
+--until-direct``). Median of ``--rounds`` (rows alternate within a round).
 
 Usage: ``python benchmarks/embedded.py [--seconds 10] [--rounds 3] [--json] [--smoke]``; ``--smoke``: one
 round of 1 s, a check that the benchmark still works. Needs root (network namespaces) and a tailpy._native
@@ -77,8 +77,10 @@ def _node(name: str) -> Any:
     )
 
 
-async def node_sink(name: str, port: int) -> None:
-    done: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
+async def node(name: str, port: int) -> None:
+    """One embedded node for every row: a sink on TCP ``port`` (a "result" event per connection), and
+    "send HOST PORT SECONDS" lines on stdin, each answered by a "sent" event."""
+    loop = asyncio.get_running_loop()
 
     class Sink(asyncio.Protocol):
         total, start = 0, 0.0
@@ -89,29 +91,22 @@ async def node_sink(name: str, port: int) -> None:
             self.total += len(data)
 
         def eof_received(self) -> bool:
-            if not done.done():
-                done.set_result((self.total, time.monotonic() - self.start))
+            secs = time.monotonic() - self.start
+            print(json.dumps({"event": "result", "bytes": self.total, "seconds": secs}), flush=True)
             return False
 
-    async with _node(name) as node:
-        await node.create_server(Sink, port)
-        print(json.dumps({"event": "ready", "ip": str(node.addresses[0])}), flush=True)
-        total, secs = await done
-        print(json.dumps({"event": "result", "bytes": total, "seconds": secs}), flush=True)
-
-
-async def node_send(name: str, host: str, port: int, seconds: float) -> None:
-    async with _node(name) as node:
-        print(json.dumps({"event": "ready", "ip": str(node.addresses[0])}), flush=True)
-        sys.stdin.readline()  # go
-        sock = await node.dial(host, port)
-        loop = asyncio.get_running_loop()
-        buf = b"\0" * CHUNK
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            await loop.sock_sendall(sock, buf)
-        sock.close()
-        print(json.dumps({"event": "sent"}), flush=True)
+    async with _node(name) as n:
+        await n.create_server(Sink, port)
+        print(json.dumps({"event": "ready", "ip": str(n.addresses[0])}), flush=True)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            _, host, dport, seconds = line.split()
+            sock = await n.dial(host, int(dport))
+            buf = b"\0" * CHUNK
+            end = time.monotonic() + float(seconds)
+            while time.monotonic() < end:
+                await loop.sock_sendall(sock, buf)
+            sock.close()
+            print(json.dumps({"event": "sent"}), flush=True)
 
 
 def role(argv: list[str]) -> None:
@@ -120,10 +115,8 @@ def role(argv: list[str]) -> None:
         kernel_sink(int(args[0]))
     elif r == "kernel-send":
         kernel_send(args[0], int(args[1]), float(args[2]))
-    elif r == "node-sink":
-        asyncio.run(node_sink(args[0], int(args[1])))
-    elif r == "node-send":
-        asyncio.run(node_send(args[0], args[1], int(args[2]), float(args[3])))
+    elif r == "node":
+        asyncio.run(node(args[0], int(args[1])))
     else:
         raise SystemExit(f"unknown role {r}")
 
@@ -169,7 +162,7 @@ def measure(seconds: float, rounds: int) -> dict[str, list[dict[str, float]]]:
         }
 
         def direct(src: Any, ip: str) -> None:
-            src.cli("ping", "--until-direct", "-c", "40", "--timeout", "5", ip, check=False, timeout=120)
+            src.cli("ping", "--until-direct", "-c", "20", "--timeout", "2", ip, check=False, timeout=120)
 
         def result(rx: subprocess.Popen[str], pids: list[int], run: Any) -> dict[str, float]:
             cpu0 = sum(cpu_seconds(p) for p in pids)
@@ -179,66 +172,52 @@ def measure(seconds: float, rounds: int) -> dict[str, list[dict[str, float]]]:
             gbit = ev["bytes"] * 8 / 1e9
             return {"gbps": gbit / ev["seconds"], "cpu_per_gbit": cpu / gbit if gbit else 0.0}
 
+        emb = emb_host.popen(
+            [*me, "node", "emb", str(PORT)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        emb_ip = _read_event(emb, "ready")["ip"]
+        tun1.wait_peers(2)
+        tun2.wait_peers(2)
+        assert tun1.daemon is not None and tun2.daemon is not None
+        ip1, ip2 = tun1.ip(), tun2.ip()
+        direct(tun1, emb_ip)
+        direct(tun1, ip2)
+
+        def send(seconds: float = seconds) -> None:
+            assert emb.stdin is not None
+            emb.stdin.write(f"send {ip1} {PORT + 1} {seconds}\n")
+            emb.stdin.flush()
+
         for _ in range(rounds):
             # tun1 -> embedded
-            sink = emb_host.popen([*me, "node-sink", "emb", str(PORT)], env=env, stdout=subprocess.PIPE)
-            ip = _read_event(sink, "ready")["ip"]
-            tun1.wait_peers(2)
-            direct(tun1, ip)
-            assert tun1.daemon is not None
-            send = [*me, "kernel-send", ip, str(PORT), str(seconds)]
+            tx = [*me, "kernel-send", emb_ip, str(PORT), str(seconds)]
             rows["tun -> embedded"].append(
                 result(
-                    sink,
-                    [sink.pid, tun1.daemon.pid],
-                    functools.partial(tun1.host.run, send, timeout=seconds + 60),
+                    emb,
+                    [emb.pid, tun1.daemon.pid],
+                    functools.partial(tun1.host.run, tx, timeout=seconds + 60),
                 )
             )
-            lab.stop(sink)
             # embedded -> tun1
             rx = tun1.host.popen([*me, "kernel-sink", str(PORT + 1)], stdout=subprocess.PIPE)
             _read_event(rx, "ready")
-            tx = emb_host.popen(
-                [*me, "node-send", "emb", tun1.ip(), str(PORT + 1), str(seconds)],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            _read_event(tx, "ready")
-            direct(tun1, _read_ip(tun1, "emb"))
-
-            def go(tx: subprocess.Popen[str] = tx) -> None:
-                assert tx.stdin is not None
-                tx.stdin.write("go\n")
-                tx.stdin.flush()
-
-            rows["embedded -> tun"].append(result(rx, [tx.pid, tun1.daemon.pid], go))
-            _read_event(tx, "sent")
-            lab.stop(tx)
+            rows["embedded -> tun"].append(result(rx, [emb.pid, tun1.daemon.pid], send))
+            _read_event(emb, "sent")
             lab.stop(rx)
             # tun1 -> tun2
             rx = tun2.host.popen([*me, "kernel-sink", str(PORT + 2)], stdout=subprocess.PIPE)
             _read_event(rx, "ready")
-            ip2 = tun2.ip()
-            direct(tun1, ip2)
-            assert tun2.daemon is not None
-            send2 = [*me, "kernel-send", ip2, str(PORT + 2), str(seconds)]
+            tx2 = [*me, "kernel-send", ip2, str(PORT + 2), str(seconds)]
             rows["tun -> tun"].append(
                 result(
                     rx,
                     [tun1.daemon.pid, tun2.daemon.pid],
-                    functools.partial(tun1.host.run, send2, timeout=seconds + 60),
+                    functools.partial(tun1.host.run, tx2, timeout=seconds + 60),
                 )
             )
             lab.stop(rx)
+        lab.stop(emb)
     return rows
-
-
-def _read_ip(node: Any, name: str) -> str:
-    for p in node.status()["peers"]:
-        if p["name"] == name:
-            return str(p["addresses"][0]).split("/")[0]
-    raise RuntimeError(f"{node.name} has no peer {name}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,3 +366,70 @@ def test_may_own() -> None:
     assert not pol.may_own("tag:nope", "alice", "alice@example.com")
     member = Policy.parse('{"tagOwners": {"tag:x": ["autogroup:member"]}}')
     assert member.may_own("tag:x", "anyone", "")
+
+
+def test_grant_ip_entries_of_one_protocol_form_one_rule() -> None:
+    pol = policy('"grants": [{"src": ["*"], "dst": ["tag:db"], "ip": ["tcp:80", "udp:53", "tcp:443"]}],')
+    out = filt(pol, DB)
+    assert [(r["DstPorts"], r["IPProto"]) for r in out] == [
+        (own(DB, p22(80), p22(443)), [6]),
+        (own(DB, p22(53)), [17]),
+    ]
+
+
+def test_one_targets_ports_are_joined_per_address_and_targets_ordered_by_kind() -> None:
+    pol = policy(acl(["tag:server"], ["tag:db:22", "group:dev:8080", "tag:db:80", "alice@example.com:3000"]))
+    assert filt(pol, DB)[0]["DstPorts"] == own(DB, p22(22), p22(80))
+    # a user's entries come before a group's, as Tailscale lists them
+    assert filt(pol, ALICE1)[0]["DstPorts"] == own(ALICE1, p22(3000)) + own(ALICE1, p22(8080))
+
+
+def test_grants_come_before_acls() -> None:
+    pol = policy(
+        acl(["tag:server"], ["tag:db:22"]) + '"grants": [{"src": ["*"], "dst": ["tag:db"], "ip": ["443"]}],'
+    )
+    assert [r["DstPorts"][0]["Ports"] for r in filt(pol, DB)] == [p22(443), p22(22)]
+
+
+def test_no_acls_and_no_grants_is_tailscales_default_allow() -> None:
+    assert filt(Policy.parse('{"ssh": []}'), BOB) == [
+        {"SrcIPs": TAILNET, "DstPorts": [{"IP": "*", "Ports": ALL}]}
+    ]
+    assert filt(Policy.parse('{"acls": []}'), BOB) == []
+
+
+def test_user_prefix_and_domain_wildcard() -> None:
+    pol = policy(acl(["user:*@example.com"], ["user:bob@example.org:22"]))
+    assert filt(pol, BOB) == [
+        {
+            "SrcIPs": [
+                "100.64.0.1-100.64.0.2",
+                "100.64.0.20",
+                "fd7a:115c:a1e0::1-fd7a:115c:a1e0::2",
+                "fd7a:115c:a1e0::14",
+            ],
+            "DstPorts": own(BOB, p22(22)),
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"acls": [{"action": "accept", "src": ["*"], "dst": ["0.0.0.0/0:*"]}]}',
+            "to allow all IP addresses",
+        ),
+        ('{"grants": [{"src": ["*"], "dst": ["*"], "ip": []}]}', "ip and app cannot both be empty"),
+        (
+            '{"grants": [{"src": ["*"], "dst": ["autogroup:self"], "ip": ["*"]}]}',
+            "autogroup:self can only be used",
+        ),
+        ('{"tests": [{"src": "a@b.c", "accept": ["10.0.0.0/8:22"]}]}', "single host, not a prefix"),
+        ('{"tests": [{"src": "a@b.c"}]}', "a test needs 'accept' or 'deny'"),
+        ('{"tests": [{"src": "a@b.c", "accept": ["a@b.c:1-2"]}]}', "must name one port"),
+    ],
+)
+def test_more_refusals(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Policy.parse(text)

@@ -44,11 +44,15 @@ from typing import Any
 
 from tailpy.control.policy import ipset
 from tailpy.control.policy.model import Alias, Policy, PolicyError, PolicyNode, user_matches
-from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange
+from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange, PortRange
 
 ClassKey = tuple[str, str, tuple[str, ...]]
 ViewKey = tuple[frozenset[int], frozenset[int]]
 _NODE = ""  # in a template: "the node's own addresses"
+_RANK = {"*": 0, "user": 1, "group": 2, "tag": 3, "autogroup": 4, "ip": 5}
+"""The order in which Tailscale lists one rule's destinations on a node (observed in captured filters): by
+kind of target, then as written; the entries naming one target are joined (the node's addresses, each with
+all the target's ports)."""
 
 
 def class_key(node: PolicyNode) -> ClassKey:
@@ -308,10 +312,9 @@ class Compiled:
             ranges.extend((f, v, v) for f, v in self.nodes[nid].points)
         if not self._wild[i]:
             return ipset.render(ranges)
-        wild = list(ipset.TAILNET)
+        out = set(_TAILNET_TEXT)  # each route as its own entry, even inside another (as Tailscale lists them)
         for extra in self._extra_wild.values():
-            wild.extend(extra)
-        out = set(ipset.render(wild))
+            out.update(ipset.render_range(r) for r in extra)
         out.update(ipset.render(ranges))
         return tuple(sorted(out))
 
@@ -337,12 +340,16 @@ class Compiled:
             out = []
             for i, r in enumerate(self.policy.rules):
                 js = c.dst.get(i, ())
-                items = []
-                for j, d in enumerate(r.dsts):
+                grouped: dict[str, tuple[str, list[PortRange]]] = {}  # alias -> (ip, ports)
+                for j, d in sorted(enumerate(r.dsts), key=lambda jd: _RANK.get(jd[1].alias.kind, 9)):
                     if j in js:
-                        items.append(("*" if d.alias.kind == "*" else _NODE, d.ports))
+                        ip = "*" if d.alias.kind == "*" else _NODE
                     elif (i, j) in n.lit_dst:
-                        items.append((lit[(i, j)], d.ports))
+                        ip = lit[(i, j)]
+                    else:
+                        continue
+                    grouped.setdefault(d.alias.name, (ip, []))[1].extend(d.ports)
+                items = [(ip, tuple(ports)) for ip, ports in grouped.values()]
                 has_self = i in c.self_rules
                 if items or has_self:
                     out.append((i, tuple(items), has_self))
@@ -423,10 +430,15 @@ class Compiled:
 
 
 def _route_range(text: str) -> ipset.Range | None:
+    """A subnet route as a range; None for an exit route (0.0.0.0/0, ::/0: not a subnet) or garbage."""
     try:
-        return ipset.net_range(ipaddress.ip_network(text, strict=False))
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         return None
+    return None if net.prefixlen == 0 else ipset.net_range(net)
+
+
+_TAILNET_TEXT = ipset.render(ipset.TAILNET)
 
 
 def _merge(rules: list[FilterRule]) -> tuple[FilterRule, ...]:

@@ -126,6 +126,7 @@ class Compiled:
         self._views: dict[ViewKey, set[int]] = {}
         self._vis: dict[tuple[ViewKey, ViewKey], bool] = {}
         self._extra_wild: dict[int, tuple[ipset.Range, ...]] = {}  # node -> routes, addresses outside TAILNET
+        self._vis_sets: dict[tuple[ViewKey, str], frozenset[int]] = {}
         for n in nodes:
             self.update(n)
 
@@ -257,6 +258,7 @@ class Compiled:
         return tuple(out)
 
     def _link(self, n: _Node) -> None:
+        self._vis_sets.clear()
         self.nodes[n.node.id] = n
         for i in self._class(n.key).src:
             self._src_members[i].add(n.node.id)
@@ -265,6 +267,7 @@ class Compiled:
             self._by_user.setdefault(n.key[0], set()).add(n.node.id)
 
     def _unlink(self, n: _Node) -> None:
+        self._vis_sets.clear()
         del self.nodes[n.node.id]
         for i in self._class(n.key).src:
             self._src_members[i].discard(n.node.id)
@@ -407,19 +410,36 @@ class Compiled:
         n = self.nodes.get(node_id)
         if n is None:
             return []
-        return [i for i in self._visible_ids_of(n) if i != node_id]
+        return [i for i in self.visible_set(node_id) if i != node_id]
+
+    def visible_set(self, node_id: int) -> frozenset[int]:
+        """The nodes ``node_id`` sees, possibly with itself: one set shared by every node of the same view
+        (and, where ``autogroup:self`` applies, the same owner); O(views + result) when not cached."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return frozenset()
+        key = (n.view, self.self_key(node_id))
+        got = self._vis_sets.get(key)
+        if got is None:
+            out: set[int] = set()
+            for view, members in self._views.items():
+                if self._view_vis(n.view, view):
+                    out.update(members)
+            if key[1]:
+                out.update(self._by_user.get(key[1], ()))
+            got = self._vis_sets[key] = frozenset(out)
+        return got
+
+    def self_key(self, node_id: int) -> str:
+        """The owner whose untagged nodes ``node_id`` sees through ``autogroup:self`` ("" when none)."""
+        n = self.nodes.get(node_id)
+        if n is None or not n.key[0] or n.key[2]:
+            return ""
+        mine = self._by_user.get(n.key[0], ())
+        return n.key[0] if n.self_src or any(self.nodes[i].self_src for i in mine) else ""
 
     def _visible_ids_of(self, n: _Node) -> set[int]:
-        out: set[int] = set()
-        for view, members in self._views.items():
-            if self._view_vis(n.view, view):
-                out.update(members)
-        if n.key[0] and not n.key[2]:
-            mine = self._by_user.get(n.key[0], ())
-            if n.self_src or any(self.nodes[i].self_src for i in mine):
-                out.update(mine)
-        out.discard(n.node.id)
-        return out
+        return set(self.visible_set(n.node.id)) - {n.node.id}
 
     def views(self) -> Mapping[ViewKey, set[int]]:
         return self._views

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -35,8 +36,6 @@ def policy(rules: str, tail: str = "") -> Policy:
 
 
 def acl(src: list[str], dst: list[str], proto: str = "") -> str:
-    import json
-
     rule: dict[str, Any] = {"action": "accept", "src": src, "dst": dst}
     if proto:
         rule["proto"] = proto
@@ -44,7 +43,10 @@ def acl(src: list[str], dst: list[str], proto: str = "") -> str:
 
 
 def filt(pol: Policy, node: PolicyNode, nodes: list[PolicyNode] = NODES) -> list[dict[str, Any]]:
-    return filter_to_json(compile_filter(pol, node.id, nodes))
+    out = filter_to_json(compile_filter(pol, node.id, nodes))
+    # the netmap's encoding, built from encoded pieces, is the same JSON byte for byte
+    assert Compiled(pol, nodes).filter_json(node.id) == json.dumps(out, separators=(",", ":")).encode()
+    return out
 
 
 def own(node: PolicyNode, *ports: dict[str, int]) -> list[dict[str, Any]]:

@@ -200,7 +200,7 @@ class Mapper:
     def _filter_json(self, node_id: int) -> bytes:
         if self._compiled is None:
             return _ALLOW_ALL_JSON
-        return _dumps(filter_to_json(self._compiled.filter(node_id)))
+        return self._compiled.filter_json(node_id)
 
     def _policy_node(self, node: Node) -> PolicyNode:
         return PolicyNode(node.id, node.addresses, node.user, self._emails.get(node.user, ""), node.tags)

@@ -38,6 +38,7 @@ of): A and B see each other iff ``src(A) & dst(B)`` or ``src(B) & dst(A)``, memo
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,14 +122,20 @@ class Compiled:
         self.nodes: dict[int, _Node] = {}
         self._src_members: list[set[int]] = [set() for _ in rules]
         self._src_ips: list[tuple[str, ...] | None] = [None] * self._n
-        self._self_src: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._self_src: dict[str, dict[int, tuple[str, ...]]] = {}  # owner -> rule -> SrcIPs
         self._by_user: dict[str, set[int]] = {}
         self._views: dict[ViewKey, set[int]] = {}
         self._vis: dict[tuple[ViewKey, ViewKey], bool] = {}
         self._extra_wild: dict[int, tuple[ipset.Range, ...]] = {}  # node -> routes, addresses outside TAILNET
         self._vis_sets: dict[tuple[ViewKey, str], frozenset[int]] = {}
+        self._always_src = frozenset(i for i in range(self._n) if self._wild[i] or self._danger[i])
+        self._src_json: list[bytes | None] = [None] * self._n
+        self._proto_json = [b"" if not r.protos else b',"IPProto":' + _dumps(list(r.protos)) for r in rules]
+        self._user_index = _UserIndex(policy)
+        self._bulk = True  # building: no change tracking
         for n in nodes:
             self.update(n)
+        self._bulk = False
 
     # --- classes and nodes ---
 
@@ -143,18 +150,21 @@ class Compiled:
         dst: dict[int, tuple[int, ...]] = {}
         self_rules: list[int] = []
         owned = bool(key[0]) and not key[2]
+        names = self._user_index.names(key[0], key[1]) if owned else frozenset()
         for i, r in enumerate(self.policy.rules):
-            if any(a.kind != "*" and self._matches(a, key) for a in r.srcs):
+            if any(a.kind != "*" and self._matches(a, key, names) for a in r.srcs):
                 src.add(i)
-            js = tuple(j for j, d in enumerate(r.dsts) if self._matches(d.alias, key))
+            js = tuple(j for j, d in enumerate(r.dsts) if self._matches(d.alias, key, names))
             if js:
                 dst[i] = js
             if owned and self._self_ports[i]:
                 self_rules.append(i)
         return _Class(frozenset(src), dst, tuple(self_rules))
 
-    def _matches(self, a: Alias, key: ClassKey) -> bool:
-        user, email, tags = key
+    def _matches(self, a: Alias, key: ClassKey, names: frozenset[str]) -> bool:
+        """Whether target ``a`` contains nodes of class ``key``; ``names``: the user targets and groups
+        that name the class's owner."""
+        user, _email, tags = key
         kind = a.kind
         if kind == "*":
             return True
@@ -162,12 +172,8 @@ class Compiled:
             return a.name in tags
         if tags:
             return a.name == "autogroup:tagged" or a.name == "autogroup:danger-all"
-        if kind == "user":
-            return bool(user) and user_matches(a.name, user, email)
-        if kind == "group":
-            return bool(user) and any(
-                user_matches(m, user, email) for m in self.policy.groups.get(a.name, ())
-            )
+        if kind == "user" or kind == "group":
+            return a.name in names
         if kind == "autogroup":
             return (a.name == "autogroup:member" and bool(user)) or a.name == "autogroup:danger-all"
         return False
@@ -176,7 +182,7 @@ class Compiled:
         key = class_key(node)
         c = self._class(key)
         addrs = tuple(a.split("/", 1)[0] for a in node.addresses)
-        points = tuple(ipset.addr(a) for a in addrs)
+        points = tuple(map(ipset.fast_addr, addrs))
         routes = tuple(r for r in map(_route_range, node.routes) if r is not None)
         lit_src = frozenset(
             i
@@ -190,8 +196,7 @@ class Compiled:
             if any(rng[0] == f and rng[1] <= v <= rng[2] for f, v in points)
             or any(ipset.overlaps(rng, rr) for rr in routes)
         )
-        wild = frozenset(i for i in range(self._n) if self._wild[i] or self._danger[i])
-        src = c.src | lit_src | wild
+        src = c.src | lit_src | self._always_src
         dst = frozenset(c.dst) | frozenset(i for i, _ in lit_dst)
         self_src = frozenset(i for i in c.self_rules if i in src)
         return _Node(node, key, addrs, points, lit_src, lit_dst, src, dst, self_src, (src, dst))
@@ -202,6 +207,12 @@ class Compiled:
         if old is not None and old.node == node:
             return Changes()
         new = self._make_node(node)
+        if self._bulk and old is None:
+            self._link(new)
+            extra = self._wild_extra(new)
+            if extra:
+                self._extra_wild[node.id] = extra
+            return Changes()
         ch = Changes()
         old_visible = self._visible_ids_of(old) if old is not None else None
         if old is not None:
@@ -289,13 +300,13 @@ class Compiled:
             return
         for i in dirty:
             self._src_ips[i] = None
+            self._src_json[i] = None
         for view, members in self._views.items():
             if view[1] & dirty:
                 ch.filters.update(members)
 
     def _user_changed(self, user: str, ch: Changes) -> None:
-        for k in [k for k in self._self_src if k[1] == user]:
-            del self._self_src[k]
+        self._self_src.pop(user, None)
         ch.filters.update(self._by_user.get(user, ()))
 
     # --- filters ---
@@ -311,27 +322,31 @@ class Compiled:
         if self._danger[i]:
             return ("*",)
         ranges: list[ipset.Range] = list(self._lit_src[i])
+        names: dict[tuple[int, int], str] = {}
         for nid in self._src_members[i]:
-            ranges.extend((f, v, v) for f, v in self.nodes[nid].points)
+            n = self.nodes[nid]
+            ranges += [(f, v, v) for f, v in n.points]
+            names.update(zip(n.points, n.addrs, strict=True))
         if not self._wild[i]:
-            return ipset.render(ranges)
+            return ipset.render(ranges, names)
         out = set(_TAILNET_TEXT)  # each route as its own entry, even inside another (as Tailscale lists them)
         for extra in self._extra_wild.values():
             out.update(ipset.render_range(r) for r in extra)
-        out.update(ipset.render(ranges))
+        out.update(ipset.render(ranges, names))
         return tuple(sorted(out))
 
     def _self_src_ips(self, rule: int, user: str) -> tuple[str, ...]:
-        k = (rule, user)
-        s = self._self_src.get(k)
+        mine = self._self_src.setdefault(user, {})
+        s = mine.get(rule)
         if s is None:
-            pts = [
-                (f, v, v)
-                for nid in self._by_user.get(user, ())
-                if rule in self.nodes[nid].src
-                for f, v in self.nodes[nid].points
-            ]
-            s = self._self_src[k] = ipset.render(pts)
+            ranges: list[ipset.Range] = []
+            names: dict[tuple[int, int], str] = {}
+            for nid in self._by_user.get(user, ()):
+                n = self.nodes[nid]
+                if rule in n.src:
+                    ranges += [(f, v, v) for f, v in n.points]
+                    names.update(zip(n.points, n.addrs, strict=True))
+            s = mine[rule] = ipset.render(ranges, names)
         return s
 
     def _template(self, n: _Node) -> tuple[Any, ...]:
@@ -386,6 +401,51 @@ class Compiled:
                         FilterRule(src, tuple(NetPortRange(a, p) for a in n.addrs for p in ports), protos)
                     )
         return _merge(out)
+
+    def filter_json(self, node_id: int) -> bytes:
+        """:meth:`filter` as compact JSON (``json.dumps(filter_to_json(...), separators=(",", ":"))``, byte
+        for byte), built from each rule's encoded SrcIPs without making rule objects: what a netmap
+        carries. ``b"[]"`` for an unknown node."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return b"[]"
+        out: dict[tuple[bytes, bytes], list[bytes]] = {}  # merged by (SrcIPs, IPProto), first seen first
+        for i, items, has_self in self._template(n):
+            proto = self._proto_json[i]
+            if items:
+                src = self._src_json_of(i)
+                if src != b"[]":
+                    dsts = out.setdefault((src, proto), [])
+                    for ip, ports in items:
+                        suffixes = [_port_json(p) for p in ports]
+                        if ip == _NODE:
+                            for a in n.addrs:
+                                head = b'{"IP":"' + a.encode() + b'"'
+                                dsts += [head + sfx for sfx in suffixes]
+                        else:
+                            head = b'{"IP":' + _dumps(ip)
+                            dsts += [head + sfx for sfx in suffixes]
+            if has_self:
+                ssrc = self._self_src_ips(i, n.key[0])
+                if ssrc:
+                    dsts = out.setdefault((_dumps(list(ssrc)), proto), [])
+                    suffixes = [_port_json(p) for p in self._self_ports[i]]
+                    for a in n.addrs:
+                        head = b'{"IP":"' + a.encode() + b'"'
+                        dsts += [head + sfx for sfx in suffixes]
+        pieces = [b"["]  # one join: the SrcIPs (often tens of kB) are copied once
+        for (src, proto), dsts in out.items():
+            pieces += (b'{"SrcIPs":', src, b',"DstPorts":[', b",".join(dsts), b"]", proto, b"},")
+        if len(pieces) > 1:
+            pieces[-1] = pieces[-1][:-1]
+        pieces.append(b"]")
+        return b"".join(pieces)
+
+    def _src_json_of(self, rule: int) -> bytes:
+        b = self._src_json[rule]
+        if b is None:
+            b = self._src_json[rule] = _dumps(list(self.src_ips(rule)))
+        return b
 
     # --- visibility ---
 
@@ -447,6 +507,55 @@ class Compiled:
     def view_of(self, node_id: int) -> ViewKey | None:
         n = self.nodes.get(node_id)
         return None if n is None else n.view
+
+
+class _UserIndex:
+    """Which user targets and groups of a policy name an owner: a lookup per owner instead of comparing
+    every group member (see :func:`tailpy.control.policy.model.user_matches`)."""
+
+    def __init__(self, policy: Policy) -> None:
+        aliases = {a.name for r in policy.rules for a in r.srcs if a.kind == "user"}
+        aliases |= {d.alias.name for r in policy.rules for d in r.dsts if d.alias.kind == "user"}
+        for members in policy.groups.values():
+            aliases.update(members)
+        self._exact: dict[str, set[str]] = {}  # login name or email -> aliases naming it
+        self._domains: list[str] = []  # "*@example.com" aliases
+        for a in aliases:
+            if a.startswith("*@"):
+                self._domains.append(a)
+            elif a.endswith("@"):
+                self._exact.setdefault(a[:-1], set()).add(a)
+                self._exact.setdefault(a, set()).add(a)
+            else:
+                self._exact.setdefault(a, set()).add(a)
+        self._groups: dict[str, set[str]] = {}  # alias -> groups listing it
+        for g, members in policy.groups.items():
+            for m in members:
+                self._groups.setdefault(m, set()).add(g)
+
+    def names(self, user: str, email: str) -> frozenset[str]:
+        """The user aliases naming the owner (login ``user``, ``email``; lower case) and their groups."""
+        found = set(self._exact.get(user, ()))
+        if email:
+            found |= {a for a in self._exact.get(email, ()) if not a.endswith("@")}
+        found |= {a for a in self._domains if user_matches(a, user, email)}
+        groups = [self._groups.get(a, ()) for a in found]
+        return frozenset(found.union(*groups))
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+_PORTS_JSON: dict[PortRange, bytes] = {}
+
+
+def _port_json(p: PortRange) -> bytes:
+    """``,"Ports":{"First":f,"Last":l}}``: the tail of a DstPorts entry."""
+    b = _PORTS_JSON.get(p)
+    if b is None:
+        b = _PORTS_JSON[p] = b',"Ports":{"First":%d,"Last":%d}}' % (p.first, p.last)
+    return b
 
 
 def _route_range(text: str) -> ipset.Range | None:

@@ -68,6 +68,8 @@ class _Class:
     src: frozenset[int]  # rules a non-wildcard, non-literal source of which contains the class
     dst: dict[int, tuple[int, ...]]  # rule -> indexes of its dsts that contain the class (incl. "*")
     self_rules: tuple[int, ...]  # rules with an autogroup:self destination, for an untagged owned class
+    all_src: frozenset[int] = frozenset()  # src with the rules every node is a source of
+    dst_rules: frozenset[int] = frozenset()  # the keys of dst
 
 
 @dataclass
@@ -118,7 +120,14 @@ class Compiled:
             tuple(p for d in r.dsts if d.alias.name == "autogroup:self" for p in d.ports) for r in rules
         ]
         self._classes: dict[ClassKey, _Class] = {}
-        self._templates: dict[tuple[ClassKey, tuple[tuple[int, int], ...]], tuple[Any, ...]] = {}
+        self._class_bodies: dict[tuple[bool, frozenset[str], tuple[str, ...]], _Class] = {}
+        self._rule_names = frozenset(
+            a.name
+            for r in rules
+            for a in (*r.srcs, *(d.alias for d in r.dsts))
+            if a.kind in ("user", "group")
+        )
+        self._templates: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[Any, ...]] = {}
         self.nodes: dict[int, _Node] = {}
         self._src_members: list[set[int]] = [set() for _ in rules]
         self._src_ips: list[tuple[str, ...] | None] = [None] * self._n
@@ -128,6 +137,7 @@ class Compiled:
         self._vis: dict[tuple[ViewKey, ViewKey], bool] = {}
         self._extra_wild: dict[int, tuple[ipset.Range, ...]] = {}  # node -> routes, addresses outside TAILNET
         self._vis_sets: dict[tuple[ViewKey, str], frozenset[int]] = {}
+        self._has_self = any(self._self_ports)
         self._always_src = frozenset(i for i in range(self._n) if self._wild[i] or self._danger[i])
         self._src_json: list[bytes | None] = [None] * self._n
         self._proto_json = [b"" if not r.protos else b',"IPProto":' + _dumps(list(r.protos)) for r in rules]
@@ -142,15 +152,20 @@ class Compiled:
     def _class(self, key: ClassKey) -> _Class:
         c = self._classes.get(key)
         if c is None:
-            c = self._classes[key] = self._make_class(key)
+            owned = bool(key[0]) and not key[2]
+            names = self._user_index.names(key[0], key[1]) & self._rule_names if owned else frozenset()
+            sig = (owned, names, key[2])  # owners in the same groups share one class body
+            c = self._class_bodies.get(sig)
+            if c is None:
+                c = self._class_bodies[sig] = self._make_class(key, names)
+            self._classes[key] = c
         return c
 
-    def _make_class(self, key: ClassKey) -> _Class:
+    def _make_class(self, key: ClassKey, names: frozenset[str]) -> _Class:
         src: set[int] = set()
         dst: dict[int, tuple[int, ...]] = {}
         self_rules: list[int] = []
         owned = bool(key[0]) and not key[2]
-        names = self._user_index.names(key[0], key[1]) if owned else frozenset()
         for i, r in enumerate(self.policy.rules):
             if any(a.kind != "*" and self._matches(a, key, names) for a in r.srcs):
                 src.add(i)
@@ -159,7 +174,9 @@ class Compiled:
                 dst[i] = js
             if owned and self._self_ports[i]:
                 self_rules.append(i)
-        return _Class(frozenset(src), dst, tuple(self_rules))
+        return _Class(
+            frozenset(src), dst, tuple(self_rules), frozenset(src) | self._always_src, frozenset(dst)
+        )
 
     def _matches(self, a: Alias, key: ClassKey, names: frozenset[str]) -> bool:
         """Whether target ``a`` contains nodes of class ``key``; ``names``: the user targets and groups
@@ -196,8 +213,11 @@ class Compiled:
             if any(rng[0] == f and rng[1] <= v <= rng[2] for f, v in points)
             or any(ipset.overlaps(rng, rr) for rr in routes)
         )
-        src = c.src | lit_src | self._always_src
-        dst = frozenset(c.dst) | frozenset(i for i, _ in lit_dst)
+        if lit_src or lit_dst:
+            src = c.src | lit_src | self._always_src
+            dst = c.dst_rules | frozenset(i for i, _ in lit_dst)
+        else:  # shared by the class: views compare and hash them once
+            src, dst = c.all_src, c.dst_rules
         self_src = frozenset(i for i in c.self_rules if i in src)
         return _Node(node, key, addrs, points, lit_src, lit_dst, src, dst, self_src, (src, dst))
 
@@ -350,10 +370,10 @@ class Compiled:
         return s
 
     def _template(self, n: _Node) -> tuple[Any, ...]:
-        tk = (n.key, n.lit_dst)
+        c = self._class(n.key)
+        tk = (id(c), n.lit_dst)  # class bodies live as long as this object
         t = self._templates.get(tk)
         if t is None:
-            c = self._class(n.key)
             lit = {(i, j): text for i, j, _, text in self._lit_dst}
             out = []
             for i, r in enumerate(self.policy.rules):
@@ -493,7 +513,7 @@ class Compiled:
     def self_key(self, node_id: int) -> str:
         """The owner whose untagged nodes ``node_id`` sees through ``autogroup:self`` ("" when none)."""
         n = self.nodes.get(node_id)
-        if n is None or not n.key[0] or n.key[2]:
+        if n is None or not n.key[0] or n.key[2] or not self._has_self:
             return ""
         mine = self._by_user.get(n.key[0], ())
         return n.key[0] if n.self_src or any(self.nodes[i].self_src for i in mine) else ""

@@ -629,14 +629,24 @@ class _Who:
     points: tuple[tuple[int, int], ...] = ()
 
 
-def _identities(policy: Policy, a: Alias, nodes: list[PolicyNode]) -> list[_Who]:
+class _NodeIndex:
+    """The nodes a policy's tests are judged against, with their addresses parsed once."""
+
+    def __init__(self, nodes: Iterable[PolicyNode]) -> None:
+        self.nodes = list(nodes)
+        self.points = {n.id: tuple(ipset.addr(x) for x in n.addresses) for n in self.nodes}
+        self.owner = {p: n for n in self.nodes for p in self.points[n.id]}
+
+
+def _identities(policy: Policy, a: Alias, index: _NodeIndex) -> list[_Who]:
     """Who a test's ``src`` or destination stands for: each member of a group, a user, a tag, an address."""
+    nodes = index.nodes
 
     def pts(ns: Iterable[PolicyNode]) -> tuple[tuple[int, int], ...]:
-        return tuple(ipset.addr(x) for n in ns for x in n.addresses)
+        return tuple(p for n in ns for p in index.points[n.id])
 
     if a.kind == "group":
-        return [_identities(policy, Alias("user", m), nodes)[0] for m in policy.groups.get(a.name, ())]
+        return [_identities(policy, Alias("user", m), index)[0] for m in policy.groups.get(a.name, ())]
     if a.kind == "user":
         mine = [n for n in nodes if not n.tags and user_matches(a.name, n.user, n.email)]
         user = mine[0].user if mine else a.name.rstrip("@")
@@ -648,7 +658,7 @@ def _identities(policy: Policy, a: Alias, nodes: list[PolicyNode]) -> list[_Who]
     assert a.net is not None
     if a.net.num_addresses == 1:
         ip = ipset.addr(str(a.net.network_address))
-        owner = next((n for n in nodes if ip in pts([n])), None)
+        owner = index.owner.get(ip)
         if owner is not None:
             k = class_key(owner)
             return [_Who(k[0], k[1], k[2], (ip,))]
@@ -694,7 +704,7 @@ def check_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[Policy
     ``deny`` one must not (over ``proto``, TCP when not given). Users, groups and tags are judged by who
     they are (a group: every member); ``nodes`` supply the addresses that IP and prefix rules need. Returns
     one PolicyError per failing entry, pointing at the test (empty when all pass)."""
-    ns = list(nodes)
+    ns = _NodeIndex(nodes)
     errors: list[PolicyError] = []
     for t in policy.tests:
         line, col = t.position
@@ -724,7 +734,7 @@ def _alias_of(policy: Policy, s: str) -> Alias:
     if lo.startswith("tag:"):
         return Alias("tag", lo)
     if "@" in s:
-        return Alias("user", lo)
+        return Alias("user", lo.removeprefix("user:"))
     if lo in policy.hosts:
         return Alias("ip", lo, policy.hosts[lo])
     return Alias("ip", s, ipaddress.ip_network(s, strict=False))

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tailpy.control.policy import Compiled, Policy, PolicyError, PolicyNode, check_tests, compile_filter
 from tailpy.packetfilter import ALLOW_ALL, filter_to_json
@@ -435,3 +437,56 @@ def test_user_prefix_and_domain_wildcard() -> None:
 def test_more_refusals(text: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         Policy.parse(text)
+
+
+# --- incremental compilation against a fresh one ---
+
+MIXED = policy(
+    '"acls": ['
+    '{"action": "accept", "src": ["group:dev"], "dst": ["tag:server:22", "autogroup:self:*"]},'
+    '{"action": "accept", "src": ["*"], "dst": ["tag:db:5432"]},'
+    '{"action": "accept", "src": ["autogroup:tagged", "100.64.0.3"], "dst": ["alice@example.com:80"]},'
+    '{"action": "accept", "src": ["tag:db"], "dst": ["100.64.0.0/29:9", "group:dev:53"], "proto": "udp"}],'
+)
+_owners = st.sampled_from(
+    [
+        ("alice", "alice@example.com", ()),
+        ("bob", "", ()),
+        ("carol", "", ()),
+        ("", "", ("tag:server",)),
+        ("", "", ("tag:db",)),
+        ("", "", ("tag:db", "tag:server")),
+    ]
+)
+_ops = st.lists(st.tuples(st.integers(1, 8), _owners, st.integers(1, 9), st.booleans()), max_size=25)
+
+
+@given(_ops)
+@settings(max_examples=150, deadline=None)
+def test_incremental_updates_equal_a_fresh_compile(ops: list[tuple[int, Any, int, bool]]) -> None:
+    c = Compiled(MIXED)
+    live: dict[int, PolicyNode] = {}
+    for node_id, (user, email, tags), host, delete in ops:
+        filters = {i: c.filter_json(i) for i in live}
+        seen_by = {i for i in live if node_id in c.peers(i)}
+        own_peers = set(c.peers(node_id))
+        if delete:
+            ch = c.remove(node_id)
+            live.pop(node_id, None)
+        else:
+            n = PolicyNode(node_id, (f"100.64.0.{host}/32", f"fd7a:115c:a1e0::{host}/128"), user, email, tags)
+            known = node_id in live
+            ch = c.update(n)
+            live[node_id] = n
+            # what changed is reported: filters that differ, peers that lost sight of the node, its own view
+            assert {i for i in filters if i != node_id and c.filter_json(i) != filters[i]} <= ch.filters
+            if known:
+                assert {i for i in seen_by if node_id not in c.peers(i)} <= ch.lost
+                assert set(c.peers(node_id)) == own_peers or ch.view_changed
+        if delete:
+            assert {i for i in filters if i in live and c.filter_json(i) != filters[i]} <= ch.filters
+    fresh = Compiled(MIXED, live.values())
+    for i in live:
+        assert c.filter(i) == fresh.filter(i)
+        assert c.filter_json(i) == fresh.filter_json(i)
+        assert set(c.peers(i)) == set(fresh.peers(i))

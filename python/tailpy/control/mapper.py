@@ -160,6 +160,7 @@ class Mapper:
         self.policy: Policy | None = None
         self._compiled: Compiled | None = None  # None: no policy, everyone sees everyone, ALLOW_ALL
         self._emails: dict[str, str] = {}
+        self._last_filter: tuple[int, bytes] | None = None
 
     # --- state ---
 
@@ -477,6 +478,7 @@ class Mapper:
         else:
             peers = b",".join([self._json[i] for i in self._compiled.peers(node_id) if i in self._json])
         pf = self._filter_json(node_id)
+        self._last_filter = (node_id, pf)  # for full_map_sent, called next
         tail = (
             b'],"domain":'
             + _dumps(self.domain)
@@ -493,7 +495,10 @@ class Mapper:
         visible peers: nothing is pending)."""
         s.sent = self.version
         s.filter_dirty = False
-        s.filter_hash = hash(self._filter_json(s.node_id))
+        last, self._last_filter = self._last_filter, None
+        s.filter_hash = hash(
+            last[1] if last is not None and last[0] == s.node_id else self._filter_json(s.node_id)
+        )
         s.pend_changed.clear()
         s.pend_removed.clear()
 

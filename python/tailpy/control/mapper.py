@@ -108,7 +108,7 @@ class MapStream:
     resync: bool = False  # a full netmap is due (first message, fell behind the log, expiry changed)
     ended: bool = False  # the node was removed or the server is closing: end the stream
     overflows: int = 0  # times it fell behind the change log
-    filter_dirty: bool = False  # its node's packet filter may have changed since it was last sent
+    filter_sig: Any = None  # what its client's filter was made of (Compiled.filter_signature); None: unknown
     filter_hash: int | None = None  # hash of the packet filter JSON its client has
     pend_changed: set[int] = field(default_factory=set)  # peers that became visible (send their records)
     pend_removed: set[int] = field(default_factory=set)  # peers that stopped being visible
@@ -203,6 +203,10 @@ class Mapper:
             return _ALLOW_ALL_JSON
         return self._compiled.filter_json(node_id)
 
+    def _filter_sig(self, node_id: int) -> Any:
+        c = self._compiled
+        return ("allow-all",) if c is None else (c.serial, c.filter_signature(node_id))
+
     def _policy_node(self, node: Node) -> PolicyNode:
         return PolicyNode(node.id, node.addresses, node.user, self._emails.get(node.user, ""), node.tags)
 
@@ -240,8 +244,7 @@ class Mapper:
                 big = len(added) + len(removed) > max(LARGE_DELTA, len(after) // 2)
                 diffs[key] = None if big else (added, removed)
             diff = diffs[key]
-            for st in streams:
-                st.filter_dirty = True
+            for st in streams:  # (their filter signatures changed with the compiled policy)
                 if diff is None:
                     st.resync = True
                 else:
@@ -269,10 +272,7 @@ class Mapper:
             return
         known = node_id in c.nodes
         ch = c.remove(node_id) if node is None else c.update(self._policy_node(node))
-        for i in ch.filters:
-            for st in self._by_node.get(i, ()):
-                st.filter_dirty = True
-        for i in ch.lost:
+        for i in ch.lost:  # (changed filters: each stream compares its filter signature)
             for st in self._by_node.get(i, ()):
                 st.pend_removed.add(node_id)
         if known and ch.view_changed:
@@ -379,7 +379,7 @@ class Mapper:
         me = self.nodes.get(node_id)
         if resume is not None and self._resumable(*resume) and not (me is not None and me.expired):
             s.sent = resume[1]
-            s.filter_dirty = self._compiled is not None  # the filter may have changed meanwhile
+            s.filter_sig = None  # the filter may have changed meanwhile
             s.first = self.delta_body(s, resumed=True)
         else:
             s.resync = True
@@ -439,8 +439,9 @@ class Mapper:
                 parts.append(b'"peers_removed":' + _dumps(removed))
         s.pend_changed.clear()
         s.pend_removed.clear()
-        if s.filter_dirty:
-            s.filter_dirty = False
+        sig = self._filter_sig(s.node_id)
+        if sig != s.filter_sig:  # the filter may have changed: built, and sent when it did
+            s.filter_sig = sig
             pf = self._filter_json(s.node_id)
             if hash(pf) != s.filter_hash:
                 s.filter_hash = hash(pf)
@@ -494,7 +495,7 @@ class Mapper:
         """Record that ``s`` was just given a full netmap of the current version (with its filter and all its
         visible peers: nothing is pending)."""
         s.sent = self.version
-        s.filter_dirty = False
+        s.filter_sig = self._filter_sig(s.node_id)
         last, self._last_filter = self._last_filter, None
         s.filter_hash = hash(
             last[1] if last is not None and last[0] == s.node_id else self._filter_json(s.node_id)

@@ -38,6 +38,7 @@ of): A and B see each other iff ``src(A) & dst(B)`` or ``src(B) & dst(A)``, memo
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class _Node:
     dst: frozenset[int]  # every rule the node is a non-self destination of
     self_src: frozenset[int]  # self rules it is a source of (an untagged owned node)
     view: ViewKey = field(default=(frozenset(), frozenset()))
+    epoch: int = 0  # which record of the node this is (a new one per change)
 
 
 @dataclass
@@ -102,8 +104,11 @@ class Compiled:
     :meth:`filter` gives a node's rules, :meth:`visible` whether two nodes see each other, :meth:`peers`
     every node a node sees."""
 
+    _serials = itertools.count(1)
+
     def __init__(self, policy: Policy, nodes: Iterable[PolicyNode] = ()) -> None:
         self.policy = policy
+        self.serial = next(Compiled._serials)  # unique per compile in this process
         rules = policy.rules
         self._n = len(rules)
         self._wild = [any(a.kind == "*" for a in r.srcs) for r in rules]
@@ -140,6 +145,9 @@ class Compiled:
         self._has_self = any(self._self_ports)
         self._always_src = frozenset(i for i in range(self._n) if self._wild[i] or self._danger[i])
         self._src_json: list[bytes | None] = [None] * self._n
+        self._rule_gen = [0] * self._n  # bumped when a rule's sources change
+        self._user_gen: dict[str, int] = {}  # bumped when an owner's nodes change (autogroup:self)
+        self._epoch = 0
         self._proto_json = [b"" if not r.protos else b',"IPProto":' + _dumps(list(r.protos)) for r in rules]
         self._user_index = _UserIndex(policy)
         self._bulk = True  # building: no change tracking
@@ -219,7 +227,8 @@ class Compiled:
         else:  # shared by the class: views compare and hash them once
             src, dst = c.all_src, c.dst_rules
         self_src = frozenset(i for i in c.self_rules if i in src)
-        return _Node(node, key, addrs, points, lit_src, lit_dst, src, dst, self_src, (src, dst))
+        self._epoch += 1
+        return _Node(node, key, addrs, points, lit_src, lit_dst, src, dst, self_src, (src, dst), self._epoch)
 
     def update(self, node: PolicyNode) -> Changes:
         """Add ``node`` or replace its record. Returns what changed (:class:`Changes`)."""
@@ -321,12 +330,14 @@ class Compiled:
         for i in dirty:
             self._src_ips[i] = None
             self._src_json[i] = None
+            self._rule_gen[i] += 1
         for view, members in self._views.items():
             if view[1] & dirty:
                 ch.filters.update(members)
 
     def _user_changed(self, user: str, ch: Changes) -> None:
         self._self_src.pop(user, None)
+        self._user_gen[user] = self._user_gen.get(user, 0) + 1
         ch.filters.update(self._by_user.get(user, ()))
 
     # --- filters ---
@@ -421,6 +432,17 @@ class Compiled:
                         FilterRule(src, tuple(NetPortRange(a, p) for a in n.addrs for p in ports), protos)
                     )
         return _merge(out)
+
+    def filter_signature(self, node_id: int) -> tuple[Any, ...]:
+        """What node ``node_id``'s filter is made of (its record, its class's template, the versions of
+        those rules' sources): equal signatures, equal filters. O(rules reaching the node); lets a
+        stream tell whether its filter may have changed without building it."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return ()
+        t = self._template(n)
+        gen = self._rule_gen
+        return (n.epoch, id(t), [gen[i] for i, _, _ in t], self._user_gen.get(n.key[0], 0))
 
     def filter_json(self, node_id: int) -> bytes:
         """:meth:`filter` as compact JSON (``json.dumps(filter_to_json(...), separators=(",", ":"))``, byte

@@ -90,13 +90,34 @@ class _Node:
 
 @dataclass
 class Changes:
-    """What one node update changed: ``filters`` node ids whose filter may differ now; ``lost``: node ids
-    that saw the updated node before and do not now; ``view_changed``: the updated node's own peer set may
-    differ (its streams need a full netmap)."""
+    """What one node update changed: :attr:`filters` node ids whose filter may differ now (worked out when
+    asked); ``lost``: node ids that saw the updated node before and do not now; ``view_changed``: the
+    updated node's own peer set may differ (its streams need a full netmap)."""
 
-    filters: set[int] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
     view_changed: bool = False
+    _compiled: Compiled | None = None
+    _nodes: set[int] = field(default_factory=set)  # nodes whose filter changed, named directly
+    _rules: set[int] = field(default_factory=set)  # rules whose sources changed
+    _users: set[str] = field(default_factory=set)  # owners whose autogroup:self sources changed
+    _removed: int = -1  # the node removed (its filter is gone, not changed)
+    _filters: set[int] | None = None
+
+    @property
+    def filters(self) -> set[int]:
+        if self._filters is None:
+            out = set(self._nodes)
+            c = self._compiled
+            if c is not None:
+                if self._rules:
+                    for view, members in c.views().items():
+                        if view[1] & self._rules:
+                            out.update(members)
+                for u in self._users:
+                    out.update(c.owned_by(u))
+            out.discard(self._removed)
+            self._filters = out
+        return self._filters
 
 
 class Compiled:
@@ -215,12 +236,16 @@ class Compiled:
             if any(ipset.contains(self._lit_src[i], f, v) for f, v in points)
             or any(ipset.overlaps(lr, rr) for lr in self._lit_src[i] for rr in routes)
         )
-        lit_dst = tuple(
-            (i, j)
-            for i, j, rng, _ in self._lit_dst
-            if any(rng[0] == f and rng[1] <= v <= rng[2] for f, v in points)
-            or any(ipset.overlaps(rng, rr) for rr in routes)
-        )
+        hits = []
+        for i, j, (fam, lo, hi), _ in self._lit_dst:  # a plain loop: run for every node
+            for f, v in points:
+                if f == fam and lo <= v <= hi:
+                    hits.append((i, j))
+                    break
+            else:
+                if routes and any(ipset.overlaps((fam, lo, hi), rr) for rr in routes):
+                    hits.append((i, j))
+        lit_dst = tuple(hits)
         if lit_src or lit_dst:
             src = c.src | lit_src | self._always_src
             dst = c.dst_rules | frozenset(i for i, _ in lit_dst)
@@ -242,12 +267,12 @@ class Compiled:
             if extra:
                 self._extra_wild[node.id] = extra
             return Changes()
-        ch = Changes()
+        ch = Changes(_compiled=self)
         old_visible = self._visible_ids_of(old) if old is not None else None
         if old is not None:
             self._unlink(old)
         self._link(new)
-        ch.filters.add(node.id)
+        ch._nodes.add(node.id)
         dirty = set()
         old_src = self._class(old.key).src if old is not None else frozenset()
         new_src = self._class(new.key).src
@@ -279,7 +304,7 @@ class Compiled:
     def remove(self, node_id: int) -> Changes:
         """Forget node ``node_id``. Returns what changed."""
         old = self.nodes.get(node_id)
-        ch = Changes()
+        ch = Changes(_compiled=self, _removed=node_id)
         if old is None:
             return ch
         self._unlink(old)
@@ -289,7 +314,6 @@ class Compiled:
         self._mark_dirty(dirty, ch)
         if old.key[0] and not old.key[2]:
             self._user_changed(old.key[0], ch)
-        ch.filters.discard(node_id)
         return ch
 
     def _wild_extra(self, n: _Node) -> tuple[ipset.Range, ...]:
@@ -331,14 +355,16 @@ class Compiled:
             self._src_ips[i] = None
             self._src_json[i] = None
             self._rule_gen[i] += 1
-        for view, members in self._views.items():
-            if view[1] & dirty:
-                ch.filters.update(members)
+        ch._rules |= dirty
 
     def _user_changed(self, user: str, ch: Changes) -> None:
         self._self_src.pop(user, None)
         self._user_gen[user] = self._user_gen.get(user, 0) + 1
-        ch.filters.update(self._by_user.get(user, ()))
+        ch._users.add(user)
+
+    def owned_by(self, user: str) -> set[int]:
+        """Ids of the untagged nodes of owner ``user`` (login name, lower case)."""
+        return self._by_user.get(user, set())
 
     # --- filters ---
 

@@ -254,14 +254,19 @@ class Mapper:
             st.wake.set()
 
     def set_user_emails(self, emails: Mapping[str, str]) -> None:
-        """Login name -> email of every user (users are matched by either in a policy). When an email
-        changed and a policy is set, the policy is applied again."""
+        """Login name -> email of every user (users are matched by either in a policy). The nodes of users
+        whose email changed are matched again (as a change of those nodes)."""
         emails = dict(emails)
         if emails == self._emails:
             return
+        changed = {u for u in self._emails.keys() | emails.keys() if self._emails.get(u) != emails.get(u)}
         self._emails = emails
-        if self.policy is not None:
-            self.set_policy(self.policy)
+        if self._compiled is None:
+            return
+        for n in [n for n in self.nodes.values() if n.user in changed]:  # their owners' nodes, re-matched
+            self._bump(n.id)
+            self._policy_changes(n.id, n)
+        self._wake()
 
     def _policy_changes(self, node_id: int, node: Node | None) -> None:
         """Feed a node's new record (None: removed) to the compiled policy and mark the streams it

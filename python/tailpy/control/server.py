@@ -55,8 +55,10 @@ from tailpy.control import dnsconfig, pages
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
+from tailpy.control.store.database import db_error
 from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ControlError, EndpointError, InvalidKeyError, ParseError
+from tailpy.httperrors import make_json_errors
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
@@ -168,7 +170,12 @@ class ControlServer:
 
     def app(self) -> web.Application:
         """The aiohttp application (its shutdown ends every map stream)."""
-        app = web.Application(client_max_size=proto.MAX_MESSAGE + 4096)
+        where = getattr(self.store, "where", "")
+        app = web.Application(
+            client_max_size=proto.MAX_MESSAGE + 4096,
+            # every error JSON (login pages keep their own HTML error pages)
+            middlewares=[make_json_errors(skip=pages.PAGE_PREFIXES, translate=lambda e: db_error(e, where))],
+        )
         app.router.add_get("/key", self._key)
         app.router.add_post("/machine/register", self._register)
         app.router.add_post("/machine/map", self._map)

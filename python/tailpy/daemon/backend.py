@@ -38,6 +38,7 @@ from tailpy.errors import (
     ControlError,
     EndpointError,
     NotRegisteredError,
+    StorageError,
     TailpyError,
 )
 from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
@@ -45,6 +46,7 @@ from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import Conn, ConnDevice, Options
 
 if TYPE_CHECKING:
+    from tailpy.daemon.netfilter import Firewall
     from tailpy.dns.manager import DNSManager
 
 log = logging.getLogger("tailpy.daemon")
@@ -90,7 +92,8 @@ def check_login_server(url: str) -> str:
 class Backend:
     """One node. ``device_factory(private_key)`` creates the data plane (a real ``tailpy._native.Device``
     in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched);
-    ``rotate_before``: seconds before the node key expires to rotate it (0: never). Made and used inside a
+    ``rotate_before``: seconds before the node key expires to rotate it (0: never); ``firewall``: the node
+    firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
     running event loop."""
 
     def __init__(
@@ -102,9 +105,11 @@ class Backend:
         configure_os: bool = True,
         rotate_before: float = ROTATE_BEFORE,
         dns: DNSManager | None = None,
+        firewall: Firewall | None = None,
     ) -> None:
         self.store = store
         self.dns = dns
+        self.firewall = firewall  # the node firewall's nftables table, made and removed with the device
         self.state_data: NodeState = store.load_or_create()
         # The disco key is never stored: new at each start (the machine key lasts, the node key rotates).
         self.disco_key = DiscoPrivate.generate()
@@ -246,22 +251,41 @@ class Backend:
             assert isinstance(answer, LoginAnswer)
             self._await_login(url, node_key, hostname, answer)
             return
-        self._registered(url, node_key, hostname, node)
+        try:
+            self._registered(url, node_key, hostname, node)
+        except StorageError:  # the state file cannot record it (a full disk): the node stays as it was
+            if created:
+                self._close_device()
+            elif self.netmap is not None and s.want_running and not self.session.running:
+                self.session.start()
+            raise
 
     def _registered(self, url: str, node_key: NodePrivate, hostname: str, node: nm.Node) -> None:
         """Control registered this machine as ``node`` with ``node_key``: save it and follow the netmap."""
         s = self.state_data
+        # Saved first: a state file that cannot be written (StorageError) leaves the node as it was.
+        new = dataclasses.replace(
+            s,
+            node_key=node_key,
+            pending_node_key=None if node_key is not s.node_key else s.pending_node_key,
+            login_server=url,
+            hostname=hostname,
+            node_id=node.id,
+            addresses=tuple(node.addresses),
+            want_running=True,
+            accept_dns=s.accept_dns if self._up_accept_dns is None else self._up_accept_dns,
+            node_key_issued=s.node_key_issued
+            if node_key is s.node_key and s.node_key_issued
+            else time.time(),
+        )
+        self.store.save(new)
         self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
         if url != s.login_server:
             self._drop_netmap()
-        s.login_server, s.hostname = url, hostname
-        s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
-        if self._up_accept_dns is not None:
-            s.accept_dns = self._up_accept_dns
-        s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
-        self.store.save(s)
+        for f in dataclasses.fields(new):
+            setattr(s, f.name, getattr(new, f.name))
         self.last_error = ""
         self._fire(Event.REGISTERED)
         self._apply_self(node)
@@ -322,14 +346,20 @@ class Backend:
         self.session.start()
 
     async def down(self) -> None:
-        """Disconnect: stop following control and remove the tunnel; the node stays registered."""
+        """Disconnect: stop following control and remove the tunnel; the node stays registered. Always
+        completes: a state file that cannot be written (a full disk) is logged and shown in the status's
+        error (the next start then reconnects)."""
         await self._stop_login()
         await self.session.stop()
         self.state_data.want_running = False
-        self.store.save(self.state_data)
         self._close_device()
         self._drop_netmap()
         self._fire(Event.DOWN)
+        try:
+            self.store.save(self.state_data)
+        except StorageError as e:
+            log.warning("down: %s", e)
+            self.last_error = f"stopped, but {e}"
 
     async def logout(self) -> None:
         """Log out: control expires this node's key (the record, address and name stay for the next login),
@@ -501,9 +531,20 @@ class Backend:
                 ),
             )
             self.conn.start()
+            if self.firewall is not None and self._configure_os:
+                self.firewall.install(tun, dev.listen_port)
         return self.device
 
+    def set_netfilter_mode(self, mode: str) -> None:
+        """``up --netfilter-mode``: switch the node firewall on or off now (for this daemon's life)."""
+        if self.firewall is not None and self._configure_os and mode != self.firewall.mode:
+            dev = self.device
+            self.firewall.set_mode(mode, dev.tun_name if dev else None, dev.listen_port if dev else 0)
+            self.changed.set()
+
     def _close_device(self) -> None:
+        if self.firewall is not None:
+            self.firewall.remove()
         if self.dns is not None:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
@@ -581,7 +622,9 @@ class Backend:
             error=self.last_error,
             auth_url=self.auth_url,
             login_pending=self._login is not None,
-            health=tuple(netconf.mtu_warnings(self._mtu)),
+            health=tuple(
+                netconf.mtu_warnings(self._mtu) + (self.firewall.warnings() if self.firewall else [])
+            ),
             now=now,
             self_node=SelfStatus(
                 id=s.node_id,

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tailpy.asyncutil import close_writer
 from tailpy.derp.client import IDLE_PING, PING_TIMEOUT, DerpClient, DerpClientError, ReconnectingDerpClient
 from tailpy.ipnstate import DerpConnStatus
 from tailpy.keys import NodePrivate, NodePublic
@@ -363,9 +364,7 @@ async def _latency_check(node: DerpNode, ssl_context: ssl.SSLContext | None) -> 
             raise ValueError(f"not an HTTP answer: {line[:40]!r}")
         return elapsed
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        await close_writer(writer)  # bounded: a TLS close_notify that never comes cannot hold it
 
 
 __all__ = ["IDLE_TIMEOUT", "DerpConnections", "measure_latency"]

@@ -109,6 +109,7 @@ class MapStream:
     ended: bool = False  # the node was removed or the server is closing: end the stream
     overflows: int = 0  # times it fell behind the change log
     filter_sig: Any = None  # what its client's filter was made of (Compiled.filter_signature); None: unknown
+    filter_epoch: Any = None  # (compile serial, changes) when filter_sig was last worked out
     filter_hash: int | None = None  # hash of the packet filter JSON its client has
     pend_changed: set[int] = field(default_factory=set)  # peers that became visible (send their records)
     pend_removed: set[int] = field(default_factory=set)  # peers that stopped being visible
@@ -384,7 +385,7 @@ class Mapper:
         me = self.nodes.get(node_id)
         if resume is not None and self._resumable(*resume) and not (me is not None and me.expired):
             s.sent = resume[1]
-            s.filter_sig = None  # the filter may have changed meanwhile
+            s.filter_sig = s.filter_epoch = None  # the filter may have changed meanwhile
             s.first = self.delta_body(s, resumed=True)
         else:
             s.resync = True
@@ -444,7 +445,10 @@ class Mapper:
                 parts.append(b'"peers_removed":' + _dumps(removed))
         s.pend_changed.clear()
         s.pend_removed.clear()
-        sig = self._filter_sig(s.node_id)
+        c = self._compiled
+        epoch = None if c is None else (c.serial, c.changes)
+        sig = s.filter_sig if epoch is not None and epoch == s.filter_epoch else self._filter_sig(s.node_id)
+        s.filter_epoch = epoch
         if sig != s.filter_sig:  # the filter may have changed: built, and sent when it did
             s.filter_sig = sig
             pf = self._filter_json(s.node_id)
@@ -501,6 +505,7 @@ class Mapper:
         visible peers: nothing is pending)."""
         s.sent = self.version
         s.filter_sig = self._filter_sig(s.node_id)
+        s.filter_epoch = None
         last, self._last_filter = self._last_filter, None
         s.filter_hash = hash(
             last[1] if last is not None and last[0] == s.node_id else self._filter_json(s.node_id)

@@ -130,6 +130,7 @@ class Compiled:
     def __init__(self, policy: Policy, nodes: Iterable[PolicyNode] = ()) -> None:
         self.policy = policy
         self.serial = next(Compiled._serials)  # unique per compile in this process
+        self.changes = 0  # node updates and removals that changed something (a filter may differ after)
         rules = policy.rules
         self._n = len(rules)
         self._wild = [any(a.kind == "*" for a in r.srcs) for r in rules]
@@ -260,6 +261,7 @@ class Compiled:
         old = self.nodes.get(node.id)
         if old is not None and old.node == node:
             return Changes()
+        self.changes += 1
         new = self._make_node(node)
         if self._bulk and old is None:
             self._link(new)
@@ -307,6 +309,7 @@ class Compiled:
         ch = Changes(_compiled=self, _removed=node_id)
         if old is None:
             return ch
+        self.changes += 1
         self._unlink(old)
         dirty = set(self._class(old.key).src)
         if self._extra_wild.pop(node_id, None) is not None:

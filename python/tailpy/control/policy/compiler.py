@@ -685,7 +685,9 @@ class _NodeIndex:
 
     def __init__(self, nodes: Iterable[PolicyNode]) -> None:
         self.nodes = list(nodes)
-        self.points = {n.id: tuple(ipset.addr(x) for x in n.addresses) for n in self.nodes}
+        self.points = {
+            n.id: tuple(ipset.fast_addr(x.split("/", 1)[0]) for x in n.addresses) for n in self.nodes
+        }
         self.owner = {p: n for n in self.nodes for p in self.points[n.id]}
 
 
@@ -755,6 +757,8 @@ def check_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[Policy
     ``deny`` one must not (over ``proto``, TCP when not given). Users, groups and tags are judged by who
     they are (a group: every member); ``nodes`` supply the addresses that IP and prefix rules need. Returns
     one PolicyError per failing entry, pointing at the test (empty when all pass)."""
+    if not policy.tests:
+        return []
     ns = _NodeIndex(nodes)
     errors: list[PolicyError] = []
     for t in policy.tests:

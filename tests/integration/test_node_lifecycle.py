@@ -171,7 +171,7 @@ def test_firewall_drops_a_forged_tailnet_source_from_the_lan(tailnet: LabTailnet
     a, b = tailnet.connected("a", "b")
     table = _table(a)
     assert table is not None
-    assert not [h for h in a.status()["health"] if "nft" in h]
+    assert not [h for h in a.status()["health"] if h["name"] == "firewall"]
     spoofer = tailnet.lab.host("spoof")
     tailnet.lan.attach(spoofer)
     iface = next(iter(spoofer.addresses))

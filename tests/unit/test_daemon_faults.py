@@ -27,7 +27,7 @@ from _tmpfs import fill, remount, tiny_tmpfs, tmpfs_reason
 from tailpy.control import ControlServer, Store
 from tailpy.control.admin import Admin, AdminServer, call_socket
 from tailpy.control.store.database import db_error
-from tailpy.daemon import netfilter
+from tailpy.daemon import health, netfilter
 from tailpy.daemon.api import make_app
 from tailpy.daemon.lock import LOCK_FILE, DaemonLock, RunRecord, holder, leftover
 from tailpy.daemon.sdnotify import notify
@@ -474,3 +474,12 @@ def test_missing_nft_is_a_health_warning_not_a_failure(monkeypatch: pytest.Monke
     assert fw.table == ""
     fw.set_mode("off", "tailpy0", 41641)
     assert fw.warnings() == []
+
+
+def test_a_firewall_warning_is_a_named_health_warning() -> None:
+    tracker = health.Tracker()
+    health.evaluate(tracker, health.HandshakeWatch(), health.Inputs(now=0.0, firewall=("nft refused",)))
+    (w,) = [w for w in tracker.warnings() if w.name == "firewall"]
+    assert w.text == "nft refused"
+    health.evaluate(tracker, health.HandshakeWatch(), health.Inputs(now=1.0))
+    assert not [w for w in tracker.warnings() if w.name == "firewall"]

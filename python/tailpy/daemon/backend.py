@@ -8,6 +8,10 @@
 * :class:`tailpy.daemon.session.ControlSession`: the map stream, key rotation, endpoint and home reports;
 * :class:`tailpy.dns.manager.DNSManager`: MagicDNS.
 
+In userspace mode (``userspace=True``: ``tailpyd --tun userspace-networking`` and :class:`tailpy.Node`) the
+data plane is a userspace device (``Device.userspace``): the node's addresses go to its TCP/IP stack
+(``set_addresses``) instead of a TUN, and nothing of the host is changed (no routes, DNS or firewall).
+
 Its state (:class:`tailpy.daemon.lifecycle.BackendState`) moves only by the table in
 :mod:`tailpy.daemon.lifecycle`.
 """
@@ -23,10 +27,11 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
 from tailpy.control.client import LoginAnswer
+from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
@@ -52,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tailpy.daemon")
 
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
+HEALTH_INTERVAL = 2.0  # seconds between health checks (each change is logged once)
+ROUTE_MTU_INTERVAL = 30.0  # seconds between looks at the default route's MTU
 
 
 class DataPlane(ConnDevice, Protocol):
@@ -67,6 +74,12 @@ class DataPlane(ConnDevice, Protocol):
     def set_private_key(self, private_key: bytes) -> None: ...
     def stats(self) -> Any: ...
     def close(self) -> None: ...
+
+
+class UserspaceDataPlane(DataPlane, Protocol):
+    """A userspace data plane (``Device.userspace``): the node's addresses go to its TCP/IP stack."""
+
+    def set_addresses(self, addresses: list[str]) -> None: ...
 
 
 DeviceFactory = Callable[[bytes], DataPlane]
@@ -94,7 +107,12 @@ class Backend:
     in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched);
     ``rotate_before``: seconds before the node key expires to rotate it (0: never); ``firewall``: the node
     firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
-    running event loop."""
+    running event loop. ``userspace``: the device is a userspace one (its stack gets the node's addresses;
+    the host is left alone whatever ``configure_os`` says, but its interfaces are still read for this
+    node's endpoints)."""
+
+    USERSPACE_TUN = "userspace-networking"
+    """What status shows as the TUN of a userspace node (tailscaled's ``--tun`` value for it)."""
 
     def __init__(
         self,
@@ -106,6 +124,7 @@ class Backend:
         rotate_before: float = ROTATE_BEFORE,
         dns: DNSManager | None = None,
         firewall: Firewall | None = None,
+        userspace: bool = False,
     ) -> None:
         self.store = store
         self.dns = dns
@@ -115,7 +134,8 @@ class Backend:
         self.disco_key = DiscoPrivate.generate()
         self._device_factory = device_factory
         self._mtu = tun_mtu
-        self._configure_os = configure_os
+        self._userspace = userspace
+        self._configure_os = configure_os and not userspace
         self.device: DataPlane | None = None
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
@@ -143,6 +163,14 @@ class Backend:
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
+        self.health = hl.Tracker()
+        """Named warnings (:mod:`tailpy.daemon.health`), checked every :data:`HEALTH_INTERVAL` seconds."""
+        self._handshakes = hl.HandshakeWatch()
+        self._control_down_since: float | None = None
+        self._control_error = ""
+        self._netmap_since: float | None = None
+        self._route_mtu: tuple[float, tuple[str, int] | None] | None = None  # (looked at, value)
+        self._health_task: asyncio.Task[None] | None = None
 
     @property
     def backend_state(self) -> str:
@@ -161,6 +189,7 @@ class Backend:
     async def start(self) -> None:
         """After a restart: reconnect if the node was up before, else wait for ``up``."""
         s = self.state_data
+        self._start_health()
         if self.dns is not None:
             self.dns.recover()  # a resolv.conf left pointed at MagicDNS by a crash
         if s.want_running and s.login_server and s.node_id is not None:
@@ -185,11 +214,15 @@ class Backend:
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
         ``accept_dns``: point the host's resolver at MagicDNS (None: as before; True on a new node).
 
-        Nothing is changed (state file, tunnel) unless control accepts the registration, except that a node
-        already registered with this server, finding control unreachable, comes up on what it knows and keeps
-        trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
-        for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
+        Nothing is changed (state file, tunnel, node key) unless control accepts the registration, except
+        that a node already registered with this server, finding control unreachable, comes up on what it
+        knows and keeps trying to reach control. A connected node stays connected (its session with control,
+        its node key, its peers) until a new login succeeds: a refused key, an unreachable control or a
+        browser login still waiting change nothing, as in Tailscale's ``tailscale login`` on a running node.
+        Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a malformed URL,
+        PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
+        self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
         if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
             if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
@@ -198,9 +231,12 @@ class Backend:
         registered_here = s.node_id is not None and url == s.login_server
         expired = self.netmap is not None and self.netmap.self_node.expired
         why = why_offline = ""
+        connected = self.session.running and self.netmap is not None  # a re-login must not disconnect it
+        stays = "; this node stays connected with its current key" if connected else ""
         if (not registered_here or force_reauth) and not auth_key:
             if force_reauth:
-                head, why = "this node logs in again", "--force-reauth needs a new --auth-key"
+                head = "logging in again"
+                why = f"{head} needs an auth key: {url} offers no sign-in in a browser; pass --auth-key KEY"
             elif s.node_id is not None:
                 head = f"this node is registered with {s.login_server}, not {url}"
                 why = (
@@ -213,13 +249,14 @@ class Backend:
             else:
                 head = f"this node is not registered with {url} yet"
                 why = f"{head}: pass --auth-key"
-            why += " (create a key with `tailpy control authkey create`)"
+            why += f" (create a key with `tailpy control authkey create`){stays}"
             # When control cannot be reached, whether it offers a browser login is unknown: name both ways.
             why_offline = (
                 f"{head}: once control answers, run `tailpy login` (sign in in a browser, where control "
                 "offers it) or `tailpy up --auth-key KEY`"
             )
-        await self.session.stop()
+        if not connected:
+            await self.session.stop()
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
         hostname = hostname or s.hostname or socket.gethostname()
@@ -235,22 +272,25 @@ class Backend:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)
             elif why and not isinstance(e, NotRegisteredError):  # unreachable: say both
-                e = ControlError(f"{e}; and {why_offline}")
+                e = ControlError(f"{e}; and {why_offline}{stays}")
+            elif connected and not why:  # a refused key, say: the node goes on as it was
+                e = type(e)(f"{e}{stays}")
             if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
-                self._bring_up_offline(hostname, str(e))
+                if not connected:
+                    self._bring_up_offline(hostname, str(e))
                 return
-            self.last_error = str(e)
+            if not connected:
+                self.last_error = str(e)
             if created:
                 self._close_device()
-            if self.netmap is not None and not force_reauth and s.want_running:
-                self.session.start()  # a failed re-login leaves a running node as it was
             raise e from None
         node = answer if isinstance(answer, nm.Node) else answer.node
         if node is None:
             assert isinstance(answer, LoginAnswer)
-            self._await_login(url, node_key, hostname, answer)
+            self._await_login(url, node_key, hostname, answer, connected=connected)
             return
+        await self.session.stop()  # it follows control under the node key just registered
         try:
             self._registered(url, node_key, hostname, node)
         except StorageError:  # the state file cannot record it (a full disk): the node stays as it was
@@ -293,11 +333,15 @@ class Backend:
 
     # -- interactive login -----------------------------------------------------------------------------
 
-    def _await_login(self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer) -> None:
-        """Control wants the user to sign in: show ``auth_url`` in the status (state NeedsLogin) and long-poll
-        control in the background until the login (and any approval) is done, then come up."""
+    def _await_login(
+        self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer, *, connected: bool
+    ) -> None:
+        """Control wants the user to sign in: show ``auth_url`` in the status and long-poll control in the
+        background until the login (and any approval) is done, then come up. A ``connected`` node stays as
+        it is (state, session, node key) meanwhile; any other needs login (state NeedsLogin)."""
         self._show_login(first)
-        self._fire(Event.LOGIN_NEEDED)
+        if not connected:
+            self._fire(Event.LOGIN_NEEDED)
         self._login_server = url
         self._login = asyncio.create_task(self._wait_login(url, node_key, hostname), name="login")
 
@@ -320,6 +364,7 @@ class Backend:
         )
         log.info("login done: node %d %s", node.id, node.name)
         self._login = None
+        await self.session.stop()  # it follows control under the node key just registered
         try:
             self._registered(url, node_key, hostname, node)
         except TailpyError as e:  # the tunnel's addresses could not be set, say
@@ -341,8 +386,8 @@ class Backend:
         self.store.save(s)
         self.last_error = error
         self._fire(Event.UP_OFFLINE)
-        if self.device is not None and self._configure_os and s.addresses:
-            netconf.configure_tun(self.device.tun_name, list(s.addresses), self._mtu)
+        if self.device is not None and s.addresses:
+            self._set_addresses(list(s.addresses))
         self.session.start()
 
     async def down(self) -> None:
@@ -380,6 +425,10 @@ class Backend:
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self._stop_login()
         await self.session.stop()
         self._close_device()
@@ -398,10 +447,89 @@ class Backend:
     def _on_netmap(self, netmap: nm.NetMap) -> None:
         if self.state is not BackendState.NEEDS_LOGIN or not netmap.self_node.expired:
             self.last_error = ""
+        self._control_error = ""
         self.apply_netmap(netmap)
 
     def _on_session_error(self, sentence: str) -> None:
         self.last_error = sentence
+        self._control_error = sentence
+
+    # -- health ----------------------------------------------------------------------------------------
+
+    def _start_health(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="health")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                self.check_health()
+            except Exception:  # a check must never stop the daemon
+                log.exception("health check failed")
+
+    def _link_mtu(self, now: float) -> tuple[str, int] | None:
+        if not self._configure_os:
+            return None
+        if self._route_mtu is None or now - self._route_mtu[0] >= ROUTE_MTU_INTERVAL:
+            self._route_mtu = (now, netconf.route_mtu())
+        return self._route_mtu[1]
+
+    def check_health(self) -> None:
+        """Look at the node once and update :attr:`health` (:func:`tailpy.daemon.health.evaluate`)."""
+        now = time.time()
+        s = self.state_data
+        following = self.session.running and s.want_running
+        if following and not self.session.connected:
+            if self._control_down_since is None:
+                self._control_down_since = now
+        else:
+            self._control_down_since = None
+        conn = self.conn
+        home: hl.HomeDerp | None = None
+        peers: list[hl.PeerHandshakes] = []
+        if conn is not None:
+            region = conn.home_region
+            if region:
+                c = next((c for c in conn.relay.derp.status() if c.region_id == region), None)
+                home = hl.HomeDerp(
+                    region,
+                    conn.region_code(region),
+                    connected=c is not None and c.connected,
+                    error=(c.last_error or "") if c is not None else "",
+                )
+            else:
+                errors = list(conn.relay.derp.probe_errors.values())
+                home = hl.HomeDerp(0, error=errors[-1] if errors else "")
+            stats = conn.peer_stats()
+            for node in self._applied.peers.values() if self._applied is not None else ():
+                st = stats.get(node.node_key.raw)
+                # An offline peer cannot answer: its row in status says so, not a handshake warning.
+                if st is not None and "handshakes_sent" in st and node.online:
+                    sent, hs = int(st["handshakes_sent"]), st.get("last_handshake")
+                    peers.append(hl.PeerHandshakes(node.name, node.node_key.raw, sent, hs))
+        dns_error = ""
+        if self.dns is not None and self.device is not None and self.netmap is not None:
+            dns_error = self.dns.os_error
+        hl.evaluate(
+            self.health,
+            self._handshakes,
+            hl.Inputs(
+                now=now,
+                following=following,
+                login_server=s.login_server,
+                control_down_since=self._control_down_since,
+                control_error=self._control_error,
+                netmap_since=self._netmap_since,
+                derp_regions=len(conn.relay.derp_map.regions) if conn is not None else 0,
+                home=home,
+                peers=peers,
+                dns_error=dns_error,
+                mtu=netconf.mtu_warnings(self._mtu, self._link_mtu(now)),
+                firewall=self.firewall.warnings() if self.firewall else (),
+                clock_skew=self.session.clock_skew,
+            ),
+        )
 
     def _forgotten(self, e: NotRegisteredError) -> None:
         """Control no longer knows this machine (an admin deleted it): drop the peers and need login."""
@@ -419,6 +547,7 @@ class Backend:
 
     def _drop_netmap(self) -> None:
         self.netmap = None
+        self._netmap_since = None
         self.session.self_node = None
 
     def _adopt_node_key(self, key: NodePrivate) -> None:
@@ -482,6 +611,8 @@ class Backend:
         for node in d.added:
             dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         self.netmap, self._applied = new, wanted
+        if self._netmap_since is None:
+            self._netmap_since = time.time()
         if self.conn is not None:
             self.conn.set_netmap(wanted)
         if self.dns is not None:
@@ -504,18 +635,37 @@ class Backend:
         if tuple(node.addresses) != s.addresses or node.id != s.node_id:
             s.addresses, s.node_id = tuple(node.addresses), node.id
             self.store.save(s)
-        if self.device is not None and self._configure_os:
-            netconf.configure_tun(self.device.tun_name, list(node.addresses), self._mtu)
+        if self.device is not None:
+            self._set_addresses(list(node.addresses))
+
+    def _set_addresses(self, addresses: list[str]) -> None:
+        """The node's tailnet addresses on its TUN, or in its userspace stack."""
+        if self.device is None:
+            return
+        if self._userspace:
+            cast(UserspaceDataPlane, self.device).set_addresses(addresses)
+        elif self._configure_os:
+            netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
+
+    @property
+    def tun_name(self) -> str | None:
+        """The data plane's TUN ("userspace-networking" for a userspace one; None: no data plane)."""
+        if self.device is None:
+            return None
+        return self.USERSPACE_TUN if self._userspace else self.device.tun_name
 
     def _ensure_device(self) -> DataPlane:
         """The data plane and its :class:`Conn` (made here, inside the running event loop)."""
         if self.device is None:
             dev = self._device_factory(self.state_data.node_key.raw)
             self.device = dev
-            tun = dev.tun_name
+            tun = "" if self._userspace else dev.tun_name
+            if self._userspace and self.state_data.addresses:
+                cast(UserspaceDataPlane, dev).set_addresses(list(self.state_data.addresses))
 
             def local() -> list[netconf.IPInterface]:
-                return netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
+                read = self._configure_os or self._userspace
+                return netconf.local_addresses(exclude_ifaces=(tun,)) if read else []
 
             self.conn = Conn(
                 dev,
@@ -569,9 +719,13 @@ class Backend:
         path = st.get("path")
         relay_region = conn.relay_region(node.node_key.raw) if conn is not None and path == "relay" else 0
         endpoint = None
+        if path == "direct" and (conn is None or not conn.direct_confirmed(node.node_key, st)):
+            # Sent to directly but never answered there (a best guess, say a LAN address behind the
+            # peer's NAT): not a path yet. Status says "direct" only for an endpoint that answered.
+            path = None
         # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
         # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
-        if path != "relay" and st.get("endpoint"):
+        if path == "direct" and st.get("endpoint"):
             with contextlib.suppress(EndpointError):
                 endpoint = Endpoint.parse(str(st["endpoint"]))
         return PeerStatus(
@@ -606,6 +760,7 @@ class Backend:
         """The node and its peers, as ``tailpy status --json`` prints it (:class:`tailpy.ipnstate.Status`;
         fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
+        self.check_health()
         now = time.time()
         conn = self.conn
         stats = conn.peer_stats() if conn is not None else {}
@@ -622,9 +777,7 @@ class Backend:
             error=self.last_error,
             auth_url=self.auth_url,
             login_pending=self._login is not None,
-            health=tuple(
-                netconf.mtu_warnings(self._mtu) + (self.firewall.warnings() if self.firewall else [])
-            ),
+            health=self.health.warnings(),
             now=now,
             self_node=SelfStatus(
                 id=s.node_id,
@@ -642,7 +795,7 @@ class Backend:
                 addresses=tuple(s.addresses),
                 listen_port=self.device.listen_port if self.device else None,
                 endpoints=tuple(self.session.reported_endpoints),
-                tun=self.device.tun_name if self.device else None,
+                tun=self.tun_name,
                 home_derp=self.home_derp,
                 home_derp_code=conn.region_code(self.home_derp) if conn is not None else "",
             ),
@@ -690,7 +843,15 @@ class Backend:
         (unknown peer, one without disco, node not running)."""
         node = self.find_peer(target)
         if node.expired:
-            raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
+            raise ConfigError(
+                f"{node.name}: peer's key has expired; it cannot be reached until it logs in again "
+                f"(`tailpy login` on {node.name}, or `tailpy control nodes expiry` to extend it)"
+            )
+        if not node.online:
+            seen = ""
+            if node.last_seen:
+                seen = f", last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node.last_seen))}"
+            raise ConfigError(f"{node.name}: peer is offline (not connected to control{seen})")
         if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:

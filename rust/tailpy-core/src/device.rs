@@ -47,16 +47,16 @@ const BUF_LEN: usize = MAX_PACKET + 256;
 /// WireGuard's overhead on a data packet (header and tag) plus padding to 16 bytes.
 const WG_OVERHEAD: usize = 32 + 16;
 /// Bytes and packets of the batch read from the TUN (room for a super-packet and its split).
-const TUN_READ_BYTES: usize = 640 << 10;
-const TUN_READ_PACKETS: usize = 512;
+pub(crate) const TUN_READ_BYTES: usize = 640 << 10;
+pub(crate) const TUN_READ_PACKETS: usize = 512;
 /// Bytes and packets of a batch of encrypted datagrams for one peer.
 const UDP_OUT_BYTES: usize = 512 << 10;
 const UDP_OUT_PACKETS: usize = 512;
 /// Receive slots per `recvmmsg` (each holds a GRO bundle of up to 64 KiB).
 const UDP_RECV_SLOTS: usize = 64;
 /// Bytes and packets of the batch of decrypted packets written to the TUN at once.
-const TUN_WRITE_BYTES: usize = 1 << 20;
-const TUN_WRITE_PACKETS: usize = 1024;
+pub(crate) const TUN_WRITE_BYTES: usize = 1 << 20;
+pub(crate) const TUN_WRITE_PACKETS: usize = 1024;
 /// Batches of decrypted packets handed to the TUN writer thread at most at once.
 const TUN_WRITER_DEPTH: usize = 2;
 /// A batch of at least this many packets goes to the TUN writer thread (so that the next batch is
@@ -77,6 +77,9 @@ pub const MAX_STUN_DISCO_LEN: usize = 2048;
 pub const RELAY_QUEUE_BYTES: usize = 4 << 20;
 /// Least time between two handshakes a peer's data for an unknown index starts (WireGuard's REKEY_TIMEOUT).
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a handshake is retried before WireGuard gives it up and drops its queued packets
+/// (REKEY_ATTEMPT_TIME, WireGuard paper §6.4): a handshake started longer ago is no longer pending.
+pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
 /// Handshake initiations per second before the device asks for cookies (as boringtun's device does).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// The disco magic, "TS💬".
@@ -194,6 +197,8 @@ pub struct PeerStats {
     pub rx_packets: u64,
     /// Unix time, seconds.
     pub last_handshake: Option<f64>,
+    /// Handshake initiations (WireGuard message type 1) sent to this peer, on either path.
+    pub handshakes_sent: u64,
 }
 
 /// Device-wide counters (see `_native.pyi` `DeviceStats`).
@@ -212,6 +217,7 @@ pub struct Counters {
     pub dropped_send_error: AtomicU64,
     pub handshakes_sent: AtomicU64,
     pub handshakes_for_unknown_index: AtomicU64,
+    pub handshakes_retried: AtomicU64,
 }
 
 /// A snapshot of `Counters`.
@@ -230,6 +236,7 @@ pub struct DeviceStats {
     pub dropped_send_error: u64,
     pub handshakes_sent: u64,
     pub handshakes_for_unknown_index: u64,
+    pub handshakes_retried: u64,
 }
 
 struct Peer {
@@ -238,6 +245,11 @@ struct Peer {
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
     path: AtomicU8,
+    /// On the direct path: whether it is confirmed (by the caller, e.g. a disco Pong). While it is not,
+    /// handshake messages to the peer also go to the relay queue.
+    confirmed: AtomicBool,
+    /// Milliseconds since device start of the last handshake initiation sent (`NEVER` if none).
+    init_sent_ms: AtomicU64,
     keepalive: AtomicU64,
     /// Milliseconds since device start of the last datagram sent to this peer (for persistent keepalive).
     last_tx_ms: AtomicU64,
@@ -245,6 +257,8 @@ struct Peer {
     rx_bytes: AtomicU64,
     tx_packets: AtomicU64,
     rx_packets: AtomicU64,
+    /// Handshake initiations sent to this peer.
+    handshakes_sent: AtomicU64,
     /// Milliseconds since device start of the last handshake started for data with an unknown index
     /// (`NEVER` if none).
     unknown_index_hs_ms: AtomicU64,
@@ -260,6 +274,18 @@ impl Peer {
             Path::Direct
         }
     }
+
+    /// Whether a handshake message to this peer also goes to the relay queue: on a direct path that is
+    /// not confirmed (as Tailscale sends over DERP until a direct path is confirmed), or when `via_relay`
+    /// (a reply to a message that came over DERP goes back that way too).
+    fn handshake_via_relay(&self, via_relay: bool) -> bool {
+        self.path() == Path::Direct && (via_relay || !self.confirmed.load(Relaxed))
+    }
+}
+
+/// Whether a WireGuard datagram is a handshake message (initiation or response).
+fn is_handshake(d: &[u8]) -> bool {
+    matches!(d.first(), Some(1) | Some(2))
 }
 
 struct State {
@@ -303,6 +329,8 @@ pub type Drained = (Vec<(Vec<u8>, SocketAddr)>, Vec<([u8; KEY_LEN], Vec<u8>)>);
 /// One node's data plane. Threads stop on `close` (or drop).
 pub struct Device {
     shared: Arc<Shared>,
+    /// The userspace network stack standing in for the TUN, if any (`userspace`).
+    netstack: Option<crate::netstack::Netstack>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     timer_stop: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -323,6 +351,70 @@ impl Device {
         let tun = crate::io::LinuxTun::create(tun_name, mtu)?;
         let udp = crate::io::LinuxUdp::bind(listen_port)?;
         Device::with_io(private_key, Box::new(tun), Box::new(udp))
+    }
+
+    /// A device without a TUN, on UDP `[::]:listen_port`: a userspace TCP/IP stack
+    /// (`crate::netstack`) terminates TCP and UDP for `addresses` (CIDR host prefixes) in the process.
+    /// Needs no privilege.
+    pub fn userspace(
+        private_key: &[u8; KEY_LEN],
+        listen_port: u16,
+        addresses: &[String],
+        mtu: u32,
+    ) -> Result<Device> {
+        keys::check_private_key(private_key, "private key")?;
+        let udp = crate::io::LinuxUdp::bind(listen_port)?;
+        Device::with_netstack(private_key, Box::new(udp), addresses, mtu)
+    }
+
+    /// A device whose packets enter and leave through a userspace stack for `addresses`, over any UDP
+    /// transport (tests pass in-memory ones).
+    pub fn with_netstack(
+        private_key: &[u8; KEY_LEN],
+        udp: Box<dyn Udp>,
+        addresses: &[String],
+        mtu: u32,
+    ) -> Result<Device> {
+        keys::check_private_key(private_key, "private key")?;
+        let ns = crate::netstack::Netstack::new(addresses, mtu)?;
+        let mut dev = match Device::with_io(private_key, Box::new(ns.clone()), udp) {
+            Ok(d) => d,
+            Err(e) => {
+                crate::io::Tun::release(&ns);
+                return Err(e);
+            }
+        };
+        dev.netstack = Some(ns);
+        Ok(dev)
+    }
+
+    /// The userspace network stack; `Error::Device` for a device on a TUN or a closed device.
+    pub fn netstack(&self) -> Result<&crate::netstack::Netstack> {
+        self.check_open()?;
+        self.netstack.as_ref().ok_or_else(|| {
+            Error::Device("this device has a TUN, not a userspace network stack".into())
+        })
+    }
+
+    /// Open a TCP connection to `dst` through the userspace stack (see `Netstack::tcp_dial`);
+    /// `Error::Dial` at once if no peer's allowed IPs contain `dst`.
+    pub fn tcp_dial(&self, dst: SocketAddr, timeout: Duration) -> Result<std::os::fd::OwnedFd> {
+        let ns = self.netstack()?;
+        let dst = unmap(dst);
+        if self
+            .shared
+            .state
+            .read()
+            .routes
+            .longest_match(dst.ip())
+            .is_none()
+        {
+            return Err(Error::Dial(format!(
+                "cannot connect to {dst}: no peer's allowed IPs contain {}",
+                dst.ip()
+            )));
+        }
+        ns.tcp_dial(dst, timeout)
     }
 
     /// A device over any transports (tests pass in-memory ones).
@@ -389,6 +481,7 @@ impl Device {
         ];
         Ok(Device {
             shared,
+            netstack: None,
             threads: Mutex::new(threads),
             timer_stop: Mutex::new(Some(stop_tx)),
         })
@@ -475,12 +568,15 @@ impl Device {
                     tunn: Mutex::new(tunn),
                     endpoint: RwLock::new(None),
                     path: AtomicU8::new(0),
+                    confirmed: AtomicBool::new(true),
+                    init_sent_ms: AtomicU64::new(NEVER),
                     keepalive: AtomicU64::new(0),
                     last_tx_ms: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),
                     rx_bytes: AtomicU64::new(0),
                     tx_packets: AtomicU64::new(0),
                     rx_packets: AtomicU64::new(0),
+                    handshakes_sent: AtomicU64::new(0),
                     unknown_index_hs_ms: AtomicU64::new(NEVER),
                 });
                 st.peers.insert(*public_key, p.clone());
@@ -528,11 +624,47 @@ impl Device {
             })
     }
 
-    pub fn set_path(&self, public_key: &[u8; KEY_LEN], path: Path) -> Result<()> {
-        self.peer(public_key)?
-            .path
-            .store(u8::from(path == Path::Relay), Relaxed);
+    /// Choose how `public_key`'s datagrams leave. `confirmed` matters on the direct path only: while it
+    /// is false (a best-guess endpoint nothing has answered on yet), handshake messages also go to the
+    /// relay queue.
+    pub fn set_path(&self, public_key: &[u8; KEY_LEN], path: Path, confirmed: bool) -> Result<()> {
+        let peer = self.peer(public_key)?;
+        peer.confirmed.store(confirmed, Relaxed);
+        peer.path.store(u8::from(path == Path::Relay), Relaxed);
         Ok(())
+    }
+
+    /// Re-send a pending handshake at once on the peer's current path: when this device sent a handshake
+    /// initiation to `public_key` within `REKEY_ATTEMPT_TIME` and has no session with it (the initiation
+    /// or its response was lost, e.g. sent before any path to the peer worked), a new initiation is sent
+    /// now (boringtun's `format_handshake_initiation(force_resend = true)`) instead of after
+    /// REKEY_TIMEOUT; packets queued for the peer go out once it completes. Call it when the peer's path
+    /// is confirmed or changes. Returns whether one was sent; an unknown peer is an error.
+    pub fn retry_handshake(&self, public_key: &[u8; KEY_LEN]) -> Result<bool> {
+        self.check_open()?;
+        let peer = self.peer(public_key)?;
+        let sent = peer.init_sent_ms.load(Relaxed);
+        let now = self.shared.now_ms();
+        if sent == NEVER || now.saturating_sub(sent) >= REKEY_ATTEMPT_TIME.as_millis() as u64 {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 256];
+        let mut tunn = peer.tunn.lock();
+        if tunn.time_since_last_handshake().is_some() {
+            return Ok(false);
+        }
+        let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true)
+        else {
+            return Ok(false);
+        };
+        let init = init.to_vec();
+        drop(tunn);
+        self.shared
+            .counters
+            .handshakes_retried
+            .fetch_add(1, Relaxed);
+        self.shared.send_to_peer(&peer, &init, false);
+        Ok(true)
     }
 
     /// Process a WireGuard datagram as if received from `public_key` (a DERP payload).
@@ -610,6 +742,7 @@ impl Device {
                     tx_packets: p.tx_packets.load(Relaxed),
                     rx_packets: p.rx_packets.load(Relaxed),
                     last_handshake: since.map(|d| now.saturating_sub(d).as_secs_f64()),
+                    handshakes_sent: p.handshakes_sent.load(Relaxed),
                 }
             })
             .collect();
@@ -641,6 +774,7 @@ impl Device {
             dropped_send_error: c.dropped_send_error.load(Relaxed),
             handshakes_sent: c.handshakes_sent.load(Relaxed),
             handshakes_for_unknown_index: c.handshakes_for_unknown_index.load(Relaxed),
+            handshakes_retried: c.handshakes_retried.load(Relaxed),
         }
     }
 
@@ -731,29 +865,40 @@ impl Shared {
         }
     }
 
-    /// Send one WireGuard datagram (a handshake message, a keepalive) to a peer on its current path.
-    fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
+    /// Send one WireGuard datagram (a handshake message, a keepalive) to a peer on its current path; a
+    /// handshake message also to the relay queue while the direct path is unconfirmed or when `via_relay`
+    /// (see `Peer::handshake_via_relay`).
+    fn send_to_peer(&self, peer: &Peer, datagram: &[u8], via_relay: bool) {
+        let now = self.now_ms();
         if datagram.first() == Some(&1) {
             self.counters.handshakes_sent.fetch_add(1, Relaxed);
+            peer.init_sent_ms.store(now, Relaxed);
+            peer.handshakes_sent.fetch_add(1, Relaxed);
         }
-        peer.last_tx_ms.store(self.now_ms(), Relaxed);
-        match peer.path() {
-            Path::Relay => {
-                if !self.queue_relay(peer, datagram) {
-                    return;
-                }
-            }
-            Path::Direct => {
-                let Some(to) = *peer.endpoint.read() else {
+        peer.last_tx_ms.store(now, Relaxed);
+        // Also relayed: counted as sent even when the direct copy cannot go.
+        let relayed = is_handshake(datagram)
+            && peer.handshake_via_relay(via_relay)
+            && self.queue_relay(peer, datagram);
+        let sent = match peer.path() {
+            Path::Relay => self.queue_relay(peer, datagram),
+            Path::Direct => match *peer.endpoint.read() {
+                None => {
                     self.counters.dropped_no_endpoint.fetch_add(1, Relaxed);
-                    return;
-                };
-                if self.udp.send_to(datagram, to).is_err() {
-                    self.counters.dropped_send_error.fetch_add(1, Relaxed);
-                    return;
+                    false
                 }
-                self.counters.tx_datagrams.fetch_add(1, Relaxed);
-            }
+                Some(to) if self.udp.send_to(datagram, to).is_err() => {
+                    self.counters.dropped_send_error.fetch_add(1, Relaxed);
+                    false
+                }
+                Some(_) => {
+                    self.counters.tx_datagrams.fetch_add(1, Relaxed);
+                    true
+                }
+            },
+        };
+        if !sent && !relayed {
+            return;
         }
         peer.tx_packets.fetch_add(1, Relaxed);
         peer.tx_bytes.fetch_add(datagram.len() as u64, Relaxed);
@@ -827,7 +972,19 @@ impl Shared {
         let c = &self.counters;
         let handshakes = out.iter().filter(|d| d.first() == Some(&1)).count();
         c.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
-        peer.last_tx_ms.store(self.now_ms(), Relaxed);
+        peer.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
+        let now = self.now_ms();
+        if handshakes > 0 {
+            peer.init_sent_ms.store(now, Relaxed);
+        }
+        peer.last_tx_ms.store(now, Relaxed);
+        let mut relayed = 0;
+        if peer.handshake_via_relay(false) {
+            relayed = out
+                .iter()
+                .filter(|d| is_handshake(d) && self.queue_relay(peer, d))
+                .count();
+        }
         let sent = match peer.path() {
             Path::Relay => out.iter().filter(|d| self.queue_relay(peer, d)).count(),
             Path::Direct => match *peer.endpoint.read() {
@@ -845,6 +1002,8 @@ impl Shared {
             },
         };
         let bytes: usize = out.iter().take(sent).map(<[u8]>::len).sum();
+        // A handshake that could only go to the relay queue counts as sent (for activity).
+        let sent = if sent == 0 { relayed } else { sent };
         peer.tx_packets.fetch_add(sent as u64, Relaxed);
         peer.tx_bytes.fetch_add(bytes as u64, Relaxed);
         out.clear();
@@ -1060,14 +1219,15 @@ impl Shared {
                 c.dropped_decrypt.fetch_add(1, Relaxed);
             }
             TunnResult::WriteToNetwork(out) => {
-                // The endpoint first: the reply (a handshake response) goes to where the peer is now.
+                // The endpoint first: the reply (a handshake response) goes to where the peer is now,
+                // and back over DERP too when the message came that way.
                 self.authenticated(&peer, from, d.len());
-                self.send_to_peer(&peer, out);
+                self.send_to_peer(&peer, out, via.is_some());
                 // Flush packets queued while the handshake was in progress.
                 while let TunnResult::WriteToNetwork(out) =
                     tunn.decapsulate(None, &[], &mut bufs.dst)
                 {
-                    self.send_to_peer(&peer, out);
+                    self.send_to_peer(&peer, out, false);
                 }
             }
             // The packet lives in `bufs.tun`, not in the session: the peer's lock is released before
@@ -1167,7 +1327,7 @@ impl Shared {
             self.counters
                 .handshakes_for_unknown_index
                 .fetch_add(1, Relaxed);
-            self.send_to_peer(&peer, init);
+            self.send_to_peer(&peer, init, false);
         }
     }
 
@@ -1205,14 +1365,14 @@ impl Shared {
                 let mut tunn = peer.tunn.lock();
                 if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut buf) {
                     drop(tunn);
-                    self.send_to_peer(&peer, d);
+                    self.send_to_peer(&peer, d, false);
                     continue;
                 }
                 let ka = peer.keepalive.load(Relaxed);
                 if ka > 0 && now.saturating_sub(peer.last_tx_ms.load(Relaxed)) >= ka * 1000 {
                     if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&[], &mut buf) {
                         drop(tunn);
-                        self.send_to_peer(&peer, d);
+                        self.send_to_peer(&peer, d, false);
                     }
                 }
             }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod io;
 pub mod keys;
 pub mod memory;
+pub mod netstack;
 pub mod offload;
 
 pub use device::{Device, DeviceStats, Path, PeerConfig, PeerStats};

@@ -391,6 +391,28 @@ async def test_database_mode_set_through_the_socket_and_tags_at_registration(tmp
         await process.stop()
 
 
+async def test_a_policy_file_edit_reaches_the_nodes_netmaps(file_mode: tuple[ControlProcess, Path]) -> None:
+    process, path = file_mode
+    assert process.store is not None
+    process.store.create_user("alice", 1.0)
+    key = process.store.create_auth_key(reusable=True, expires=None, now=time.time(), user="alice").key
+    host, port = process.addresses[0]
+    client = ControlClient(f"http://{host}:{port}", MachinePrivate(bytes(nacl.public.PrivateKey.generate())))
+    node = await client.register(_nk(), "a", key)
+    stream = client.stream_map(node.node_key, [], "a")
+    try:
+        first = await asyncio.wait_for(stream.__anext__(), 10)
+        assert first.packet_filter  # everyone may reach a
+        _rewrite(path, CLOSED)  # now nothing reaches a (untagged)
+        deadline = time.monotonic() + 10
+        while (nm := await asyncio.wait_for(stream.__anext__(), 10)).packet_filter != ():
+            assert time.monotonic() < deadline, "the edit did not reach a's netmap"
+        assert nm.self_node.id == node.id
+    finally:
+        await stream.aclose()
+        await client.close()
+
+
 # --- the node side: --advertise-tags ----------------------------------------------------------------------
 
 

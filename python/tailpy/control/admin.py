@@ -341,9 +341,8 @@ class Admin:
     def op_policy_filter(self, args: Mapping[str, Any]) -> Any:
         node = self.store.get_node(self.store.find_node(_ref(args, "node")), self.clock())
         rules = None
-        filter_for = getattr(self.server.mapper, "filter_for", None) if self.server is not None else None
-        if filter_for is not None:  # (the server's compiled filters, shared with its netmaps)
-            rules = filter_for(node.id)
+        if self.server is not None:  # the server's compiled filters, as its netmaps carry them
+            rules = self.server.mapper.filter_for(node.id)
         if rules is None:
             rules = compile_filter(self._policy(), node.id, self._policy_nodes())
         return {"node": {"id": node.id, "name": node.name}, "rules": filter_to_json(tuple(rules))}

@@ -348,9 +348,7 @@ class ControlServer:
 
     def _apply_policy(self, policy: Policy | None) -> None:
         """The running policy changed (or was loaded): every node's filter is recompiled and sent."""
-        set_policy = getattr(self.mapper, "set_policy", None)  # STAND-IN guard until the compiler's mapper
-        if set_policy is not None:
-            set_policy(policy)
+        self.mapper.set_policy(policy)
 
     def policy_nodes(self) -> list[PolicyNode]:
         """The live nodes as the policy compiler sees them (owner emails included)."""
@@ -361,9 +359,7 @@ class ControlServer:
         emails = self.store.user_emails()
         if emails != self._emails:
             self._emails = emails
-            set_emails = getattr(self.mapper, "set_user_emails", None)  # STAND-IN guard (see _apply_policy)
-            if set_emails is not None:
-                set_emails(emails)
+            self.mapper.set_user_emails(emails)
 
     def check_tags(
         self, tags: Sequence[str], requesters: Sequence[Requester], held: Sequence[str]

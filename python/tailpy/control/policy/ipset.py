@@ -1,0 +1,92 @@
+"""Sets of IP addresses as merged ranges, rendered the way Tailscale renders a FilterRule's ``SrcIPs``.
+
+An address is ``(family, int)`` (family 4 or 6); a set is a sorted tuple of merged inclusive ranges
+``(family, first, last)``. :func:`render` turns a set into strings: a single address bare
+(``"100.64.0.1"``), a range that is exactly one prefix in CIDR form (``"10.0.0.0/8"``), any other range
+as ``"first-last"``, and the strings sorted (byte order, as Tailscale's control server sorts them).
+Source: go4.org/netipx ``IPSet.Ranges`` and ``IPRange.Prefix``; captured Tailscale filters in Headscale's
+``hscontrol/policy/v2/testdata``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+Range = tuple[int, int, int]
+
+_BITS = {4: 32, 6: 128}
+
+
+def addr(text: str) -> tuple[int, int]:
+    """``"100.64.0.1"`` or ``"100.64.0.1/32"`` (a host prefix) -> (4, int). Raises ValueError."""
+    a = ipaddress.ip_address(text.split("/", 1)[0])
+    return a.version, int(a)
+
+
+def net_range(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Range:
+    return net.version, int(net.network_address), int(net.broadcast_address)
+
+
+def merge(ranges: Iterable[Range]) -> tuple[Range, ...]:
+    """Sort and merge overlapping or adjacent ranges."""
+    out: list[list[int]] = []
+    for fam, lo, hi in sorted(ranges):
+        if out and out[-1][0] == fam and lo <= out[-1][2] + 1:
+            if hi > out[-1][2]:
+                out[-1][2] = hi
+        else:
+            out.append([fam, lo, hi])
+    return tuple((f, lo, hi) for f, lo, hi in out)
+
+
+def subtract(ranges: tuple[Range, ...], cut: Range) -> tuple[Range, ...]:
+    out: list[Range] = []
+    cf, clo, chi = cut
+    for f, lo, hi in ranges:
+        if f != cf or hi < clo or lo > chi:
+            out.append((f, lo, hi))
+            continue
+        if lo < clo:
+            out.append((f, lo, clo - 1))
+        if hi > chi:
+            out.append((f, chi + 1, hi))
+    return tuple(out)
+
+
+def contains(ranges: tuple[Range, ...], fam: int, value: int) -> bool:
+    return any(f == fam and lo <= value <= hi for f, lo, hi in ranges)
+
+
+def overlaps(a: Range, b: Range) -> bool:
+    return a[0] == b[0] and a[1] <= b[2] and b[1] <= a[2]
+
+
+def _text(fam: int, value: int) -> str:
+    return str(ipaddress.IPv4Address(value) if fam == 4 else ipaddress.IPv6Address(value))
+
+
+def render_range(r: Range) -> str:
+    fam, lo, hi = r
+    if lo == hi:
+        return _text(fam, lo)
+    size = hi - lo + 1
+    if size & (size - 1) == 0 and lo % size == 0:
+        return f"{_text(fam, lo)}/{_BITS[fam] - size.bit_length() + 1}"
+    return f"{_text(fam, lo)}-{_text(fam, hi)}"
+
+
+def render(ranges: Iterable[Range]) -> tuple[str, ...]:
+    """Merged, rendered and sorted (see the module docstring)."""
+    return tuple(sorted(render_range(r) for r in merge(ranges)))
+
+
+CGNAT = net_range(ipaddress.ip_network("100.64.0.0/10"))
+CHROMEOS = net_range(ipaddress.ip_network("100.115.92.0/23"))
+ULA = net_range(ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+TAILNET: tuple[Range, ...] = (*subtract((CGNAT,), CHROMEOS), ULA)
+"""What a ``*`` source stands for: the tailnet's address ranges, 100.64.0.0/10 without 100.115.92.0/23
+(which Tailscale leaves to ChromeOS's VMs) and fd7a:115c:a1e0::/48, as Tailscale's control renders it."""
+
+
+__all__ = ["TAILNET", "Range", "addr", "contains", "merge", "net_range", "overlaps", "render", "render_range"]

@@ -1,0 +1,655 @@
+"""The policy model: Tailscale's tailnet policy file read into typed rules, checked, with positions.
+
+A policy is a HuJSON object (:mod:`tailpy.control.policy.hujson`) with Tailscale's sections. Field names
+are matched without regard to case, as Go's ``encoding/json`` (and so Tailscale) matches them: ``"ACLs"``,
+``"TagOwners"`` and ``"acls"`` are the same section. Sections:
+
+* ``groups``: ``{"group:dev": ["alice@example.com", "bob@"]}``: users only (groups do not nest).
+* ``hosts``: ``{"db": "100.64.0.5", "office": "192.0.2.0/24"}``: names for an IP address or a prefix.
+* ``tagOwners``: ``{"tag:server": ["group:ops", "alice@example.com", "tag:ci", "autogroup:admin"]}``: who
+  may give a node the tag (:meth:`Policy.may_own`). Every tag used anywhere must be listed here.
+* ``acls``: ``{"action": "accept", "src": [...], "dst": ["target:ports", ...], "proto"?: "tcp"}`` (the
+  legacy field names ``users`` and ``ports`` are read too). Only ``accept`` exists (Tailscale refuses
+  ``deny``).
+* ``grants``: ``{"src": [...], "dst": [...], "ip": ["*", "22", "tcp:80-443", "icmp:*"]}``: the network
+  part. ``app`` (capability grants) is ignored with a warning; a grant with ``via`` or ``srcPosture`` is
+  not enforced (its rule is left out, so it grants nothing) and reported.
+* ``tests``: ``{"src": "alice@example.com", "proto"?: "tcp", "accept": ["tag:server:22"], "deny": [...]}``,
+  evaluated by :func:`tailpy.control.policy.compiler.check_tests`.
+* anything else (``autoApprovers``, ``ssh``, ``sshTests``, ``nodeAttrs``, ``postures``, ``ipsets``,
+  ``derpMap``, ``disableIPv4``, ``randomizeClientPort``, ...) is accepted and listed in
+  :attr:`Policy.not_enforced`.
+
+Targets (``src``, ``dst`` and the ``tests``): ``*``; a user, written as an email (``alice@example.com``,
+matched against a node owner's login name and email) or as ``name@`` (matched against the login name);
+``group:x``; ``tag:x``; a host name; an IP address or CIDR prefix; ``autogroup:member`` (nodes of users,
+untagged), ``autogroup:tagged``, ``autogroup:self`` (destination only: the source user's own untagged
+nodes), ``autogroup:internet`` (destination only; kept for exit nodes, not enforced yet: it matches no
+node), ``autogroup:danger-all`` (source only: every address, rendered ``"*"``). Autogroups naming user
+roles (``autogroup:admin``, ``autogroup:owner``, ...) match no node: tailpy has no roles. Ports: ``*``,
+``22``, ``80-443`` or a comma-separated list of those. Protocols (``proto``, and grants' ``ip``): IANA
+numbers ``1``-``255`` or the names Tailscale accepts (``tcp``, ``udp``, ``icmp``, ``ipv6-icmp``,
+``sctp``, ``igmp``, ``ipv4``/``ip-in-ip``, ``egp``, ``igp``, ``gre``, ``esp``, ``ah``, ``fc``); a protocol
+without ports (anything but tcp, udp and sctp) only with port ``*``.
+
+Sources: Tailscale's policy file reference (kb/1337 "ACL syntax", kb/1324 "grants"), and Headscale's
+``hscontrol/policy/v2/types.go`` for the corner cases Tailscale's documentation leaves open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailpy.control.policy import hujson
+from tailpy.errors import TailpyError
+from tailpy.packetfilter import PortRange
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class PolicyError(TailpyError, ValueError):
+    """A policy is malformed or inconsistent, or one of its ``tests`` fails.
+
+    ``line`` / ``column``: 1-based position in the policy text, None when not known; ``message``: what is
+    wrong. ``str(e)`` is ``"line 12, column 5: group:dev is not defined"`` (just the message without a
+    position)."""
+
+    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
+        self.message = message
+        self.line = line
+        self.column = column
+        super().__init__(message if line is None else f"line {line}, column {column}: {message}")
+
+
+@dataclass(frozen=True)
+class PolicyNode:
+    """What the compiler knows of a node.
+
+    ``addresses``: CIDR host prefixes as :attr:`tailpy.netmap.Node.addresses` (``"100.64.0.1/32"``); ``user``:
+    the owner's login name (``"alice"`` or ``"alice@example.com"``), ``""`` for a tagged node; ``email``:
+    the owner's email, ``""`` when unknown; ``tags``: ``("tag:server",)``; ``routes``: approved subnet
+    routes the node serves (CIDR prefixes; none until tailpy has subnet routers)."""
+
+    id: int
+    addresses: tuple[str, ...]
+    user: str = ""
+    email: str = ""
+    tags: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+
+    @property
+    def tagged(self) -> bool:
+        return bool(self.tags)
+
+
+# --- targets ---
+
+PROTOCOLS: dict[str, int] = {
+    "icmp": 1,
+    "igmp": 2,
+    "ipv4": 4,
+    "ip-in-ip": 4,
+    "tcp": 6,
+    "egp": 8,
+    "igp": 9,
+    "udp": 17,
+    "gre": 47,
+    "esp": 50,
+    "ah": 51,
+    "ipv6-icmp": 58,
+    "sctp": 132,
+    "fc": 133,
+}
+"""Protocol names Tailscale's policy file accepts, and their IANA numbers (``icmp`` is ICMPv4 only, as in
+Tailscale; ICMPv6 is ``ipv6-icmp`` or ``58``)."""
+
+PORTED_PROTOCOLS = frozenset({6, 17, 132})
+"""Protocols with ports: any other protocol may be given with port ``*`` only."""
+
+ROLE_AUTOGROUPS = frozenset(
+    {
+        "autogroup:admin",
+        "autogroup:owner",
+        "autogroup:it-admin",
+        "autogroup:network-admin",
+        "autogroup:billing-admin",
+        "autogroup:auditor",
+        "autogroup:shared",
+    }
+)
+AUTOGROUPS = frozenset(
+    {"autogroup:member", "autogroup:tagged", "autogroup:self", "autogroup:internet", "autogroup:danger-all"}
+)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """One target: ``kind`` is ``"*"``, ``"user"``, ``"group"``, ``"tag"``, ``"ip"`` (an address, a prefix
+    or a host name: ``net`` set, ``name`` as written) or ``"autogroup"`` (``name`` the whole
+    ``autogroup:x``)."""
+
+    kind: str
+    name: str
+    net: Network | None = None
+
+    def rendered(self) -> str:
+        """A literal destination as Tailscale renders it in DstPorts: a single address bare, else CIDR."""
+        assert self.net is not None
+        if self.net.num_addresses == 1:
+            return str(self.net.network_address)
+        return str(self.net)
+
+
+STAR = Alias("*", "*")
+
+
+@dataclass(frozen=True)
+class Dst:
+    alias: Alias
+    ports: tuple[PortRange, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One network rule: traffic from ``srcs`` to ``dsts`` (each with its ports) over ``protos`` (empty:
+    Tailscale's default set). ``where``: ``"acls[3]"`` or ``"grants[1]"``, for messages."""
+
+    srcs: tuple[Alias, ...]
+    dsts: tuple[Dst, ...]
+    protos: tuple[int, ...]
+    where: str
+
+
+@dataclass(frozen=True)
+class PolicyTest:
+    src: str
+    proto: int | None
+    accept: tuple[str, ...]
+    deny: tuple[str, ...]
+    position: tuple[int | None, int | None]
+    where: str
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A checked policy. Build it with :meth:`parse`.
+
+    ``text``: the source as given; ``rules``: the network rules in order (acls first, then grants, each in
+    file order); ``groups`` (name -> users, lower case), ``hosts`` (name -> network), ``tag_owners`` (tag ->
+    owners as written, lower case); ``tests``; ``not_enforced``: sections present but not enforced yet;
+    ``warnings``: what was read but ignored (``"grants[2]: capability grant ignored (app)"``)."""
+
+    text: str
+    rules: tuple[Rule, ...]
+    groups: Mapping[str, tuple[str, ...]]
+    hosts: Mapping[str, Network]
+    tag_owners: Mapping[str, tuple[str, ...]]
+    tests: tuple[PolicyTest, ...] = ()
+    not_enforced: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    _doc: hujson.Document | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        """Read and check a HuJSON policy. Raises PolicyError with the line and column of the first
+        problem: malformed HuJSON, a section or field of the wrong type, an undefined group, host or tag
+        (a tag is defined by listing it in ``tagOwners``), a bad port or protocol, ``autogroup:self`` with a
+        source other than users, groups, ``autogroup:member`` or ``*``."""
+        try:
+            doc = hujson.parse(text)
+        except hujson.HuJSONError as e:
+            raise PolicyError(e.message, e.line, e.column) from None
+        return _Reader(doc).read()
+
+    def position(self, path: tuple[Any, ...]) -> tuple[int | None, int | None]:
+        """(line, column) of the element at ``path`` in :attr:`text` ((None, None) when unknown)."""
+        pos = None if self._doc is None else self._doc.position(path)
+        return (None, None) if pos is None else pos
+
+    def may_own(self, tag: str, user: str, email: str = "") -> bool:
+        """Whether the user with login name ``user`` (and ``email``, "" when unknown) may give a node
+        ``tag``: listed in the tag's ``tagOwners`` directly (by email or ``name@``), through a group, or
+        through ``autogroup:member`` (any user). Owners that are tags or role autogroups
+        (``autogroup:admin``) admit no user here: tailpy has no roles, so only control's admin API
+        assigns such tags. False for a tag not in ``tagOwners``."""
+        owners = self.tag_owners.get(tag.lower())
+        if owners is None or not (user or email):
+            return False
+        for owner in owners:
+            if owner == "autogroup:member":
+                return True
+            if owner.startswith("group:"):
+                if any(user_matches(m, user, email) for m in self.groups.get(owner, ())):
+                    return True
+            elif "@" in owner and user_matches(owner, user, email):
+                return True
+        return False
+
+
+def user_matches(alias: str, user: str, email: str) -> bool:
+    """Whether the user alias ``alias`` (``"alice@example.com"`` or ``"alice@"``, lower case) names the
+    owner with login name ``user`` and ``email``: an email alias matches the login name or the email, a
+    ``name@`` alias the login name ``name`` (or ``name@``)."""
+    u = user.lower()
+    if alias.endswith("@"):
+        return u == alias[:-1] or u == alias
+    return u == alias or (bool(email) and email.lower() == alias)
+
+
+# --- reading ---
+
+NOT_ENFORCED_SECTIONS = (
+    "autoApprovers",
+    "ssh",
+    "sshTests",
+    "nodeAttrs",
+    "postures",
+    "defaultSrcPosture",
+    "ipsets",
+    "derpMap",
+    "disableIPv4",
+    "randomizeClientPort",
+    "OneCGNATRoute",
+    "attrConfig",
+    "services",
+)
+
+
+def _fold(obj: Mapping[str, Any]) -> dict[str, str]:
+    """lower-case field name -> the name as written."""
+    return {k.lower(): k for k in obj}
+
+
+class _Reader:
+    def __init__(self, doc: hujson.Document) -> None:
+        self.doc = doc
+        self.warnings: list[str] = []
+        self.not_enforced: list[str] = []
+        self.groups: dict[str, tuple[str, ...]] = {}
+        self.hosts: dict[str, Network] = {}
+        self.tag_owners: dict[str, tuple[str, ...]] = {}
+
+    def fail(self, path: tuple[Any, ...], message: str) -> PolicyError:
+        pos = self.doc.position(path)
+        return PolicyError(message, *(pos if pos is not None else (None, None)))
+
+    def key_fail(self, path: tuple[Any, ...], key: str, message: str) -> PolicyError:
+        return self.fail((*path, hujson.KEY, key), message)
+
+    def want(self, v: Any, typ: type | tuple[type, ...], path: tuple[Any, ...], what: str) -> Any:
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+            raise self.fail(path, f"{what} must be {_typename(typ)}, not {_jsontype(v)}")
+        return v
+
+    def strings(self, v: Any, path: tuple[Any, ...], what: str) -> list[str]:
+        self.want(v, list, path, what)
+        for i, s in enumerate(v):
+            self.want(s, str, (*path, i), f"{what}[{i}]")
+        return list(v)
+
+    def read(self) -> Policy:
+        top = self.doc.value
+        if not isinstance(top, dict):
+            raise self.fail((), f"a policy must be a JSON object, not {_jsontype(top)}")
+        names = _fold(top)
+        for low, k in names.items():
+            if k != low and k in top and low in top:
+                raise self.key_fail((), k, f"section {k!r} is given twice (names are not case-sensitive)")
+        sections = {"groups", "hosts", "tagowners", "acls", "grants", "tests"}
+        known = {s.lower(): s for s in NOT_ENFORCED_SECTIONS}
+        for low, k in names.items():
+            if low in sections:
+                continue
+            self.not_enforced.append(known.get(low, k))
+            if low not in known:
+                self.warnings.append(f"{k}: unknown section, ignored")
+        # Definitions first: rules refer to them.
+        if "groups" in names:
+            self.read_groups(top[names["groups"]], (names["groups"],))
+        if "hosts" in names:
+            self.read_hosts(top[names["hosts"]], (names["hosts"],))
+        if "tagowners" in names:
+            self.read_tag_owners(top[names["tagowners"]], (names["tagowners"],))
+        rules: list[Rule] = []
+        if "acls" in names:
+            k = names["acls"]
+            for i, a in enumerate(self.want(top[k], list, (k,), k)):
+                rules.extend(self.read_acl(a, (k, i), f"acls[{i}]"))
+        if "grants" in names:
+            k = names["grants"]
+            for i, g in enumerate(self.want(top[k], list, (k,), k)):
+                rules.extend(self.read_grant(g, (k, i), f"grants[{i}]"))
+        tests: list[PolicyTest] = []
+        if "tests" in names:
+            k = names["tests"]
+            for i, t in enumerate(self.want(top[k], list, (k,), k)):
+                tests.append(self.read_test(t, (k, i), f"tests[{i}]"))
+        return Policy(
+            self.doc.text,
+            tuple(rules),
+            self.groups,
+            self.hosts,
+            self.tag_owners,
+            tuple(tests),
+            tuple(self.not_enforced),
+            tuple(self.warnings),
+            self.doc,
+        )
+
+    # definitions
+
+    def read_groups(self, v: Any, path: tuple[Any, ...]) -> None:
+        self.want(v, dict, path, "groups")
+        for name, members in v.items():
+            if not name.startswith("group:") or len(name) == len("group:"):
+                raise self.key_fail(path, name, f"group name {name!r} must start with 'group:'")
+            mpath = (*path, name)
+            out = []
+            for j, m in enumerate(self.strings(members, mpath, name)):
+                if m.startswith("group:"):
+                    raise self.fail((*mpath, j), f"{name}: groups cannot contain other groups ({m})")
+                if "@" not in m:
+                    raise self.fail(
+                        (*mpath, j), f"{name}: {m!r} is not a user (write alice@example.com or alice@)"
+                    )
+                out.append(m.lower())
+            self.groups[name.lower()] = tuple(out)
+
+    def read_hosts(self, v: Any, path: tuple[Any, ...]) -> None:
+        self.want(v, dict, path, "hosts")
+        for name, addr in v.items():
+            if not name or ":" in name or "@" in name or name == "*" or name.startswith(("tag:", "group:")):
+                raise self.key_fail(path, name, f"host name {name!r} is not valid")
+            self.want(addr, str, (*path, name), f"hosts[{name!r}]")
+            net = _network(addr)
+            if net is None:
+                raise self.fail((*path, name), f"host {name}: {addr!r} is not an IP address or CIDR prefix")
+            self.hosts[name.lower()] = net
+
+    def read_tag_owners(self, v: Any, path: tuple[Any, ...]) -> None:
+        self.want(v, dict, path, "tagOwners")
+        for tag in v:
+            if not _valid_tag(tag):
+                raise self.key_fail(
+                    path, tag, f"tag name {tag!r} must be tag: followed by letters, digits or -"
+                )
+            self.tag_owners[tag.lower()] = ()
+        for tag, owners in v.items():
+            opath = (*path, tag)
+            out = []
+            for j, o in enumerate(self.strings(owners, opath, tag)):
+                lo = o.lower()
+                if lo.startswith("group:"):
+                    if lo not in self.groups:
+                        raise self.fail((*opath, j), f"{o} is not defined")
+                elif lo.startswith("tag:"):
+                    if lo not in self.tag_owners:
+                        raise self.fail((*opath, j), f"{o} is not defined in tagOwners")
+                elif lo.startswith("autogroup:"):
+                    if lo not in ROLE_AUTOGROUPS and lo != "autogroup:member":
+                        raise self.fail((*opath, j), f"{o} cannot own tags")
+                elif "@" not in lo:
+                    raise self.fail(
+                        (*opath, j), f"tag owner {o!r} must be a user, a group, a tag or an autogroup"
+                    )
+                out.append(lo)
+            self.tag_owners[tag.lower()] = tuple(out)
+
+    # targets
+
+    def alias(self, s: str, path: tuple[Any, ...], *, side: str) -> Alias:
+        lo = s.lower()
+        if s == "*":
+            return STAR
+        if lo.startswith("group:"):
+            if lo not in self.groups:
+                raise self.fail(path, f"{s} is not defined")
+            return Alias("group", lo)
+        if lo.startswith("tag:"):
+            if lo not in self.tag_owners:
+                raise self.fail(path, f"{s} is not defined in tagOwners (a tag needs an owner)")
+            return Alias("tag", lo)
+        if lo.startswith("autogroup:"):
+            if lo in ROLE_AUTOGROUPS:
+                self.warn(f"{s} matches no node: tailpy has no user roles")
+                return Alias("autogroup", lo)
+            if lo not in AUTOGROUPS:
+                raise self.fail(path, f"{s} is not a known autogroup")
+            if lo == "autogroup:self" and side != "dst":
+                raise self.fail(path, f'"autogroup:self" is not valid on the {side} side of a rule')
+            if lo == "autogroup:internet" and side != "dst":
+                raise self.fail(path, f'"autogroup:internet" is not valid on the {side} side of a rule')
+            if lo == "autogroup:danger-all" and side != "src":
+                raise self.fail(path, '"autogroup:danger-all" is only valid as a source')
+            if lo == "autogroup:internet":
+                self.warn("autogroup:internet is not enforced yet (exit nodes): it matches no node")
+            return Alias("autogroup", lo)
+        if lo.startswith("ipset:"):
+            raise self.fail(path, f"{s}: IP sets are not supported yet")
+        if "@" in s:
+            return Alias("user", lo)
+        if lo in self.hosts:
+            return Alias("ip", lo, self.hosts[lo])
+        net = _network(s)
+        if net is None:
+            raise self.fail(
+                path, f"{s!r} is not defined (not a host, user, group, tag, IP address or prefix)"
+            )
+        return Alias("ip", s, net)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def srcs(self, v: Any, path: tuple[Any, ...], what: str) -> tuple[Alias, ...]:
+        return tuple(self.alias(s, (*path, i), side="src") for i, s in enumerate(self.strings(v, path, what)))
+
+    def ports(self, spec: str, path: tuple[Any, ...], what: str) -> tuple[PortRange, ...]:
+        if spec == "*":
+            return (PortRange(0, 65535),)
+        out = []
+        for part in spec.split(","):
+            first, sep, last = part.partition("-")
+            if not _digits(first) or (sep and not _digits(last)):
+                raise self.fail(path, f"{what}: bad port {part!r} (a port is 0-65535, a range 80-443, or *)")
+            lo, hi = int(first), int(last) if sep else int(first)
+            if hi > 65535 or lo > 65535:
+                raise self.fail(path, f"{what}: port {part!r} is out of range 0-65535")
+            if lo > hi:
+                raise self.fail(path, f"{what}: port range {part!r} is empty")
+            out.append(PortRange(lo, hi))
+        return tuple(out)
+
+    def dst(self, s: str, path: tuple[Any, ...], what: str) -> Dst:
+        if s.startswith("["):  # [ipv6]:ports
+            host, sep, ports = s[1:].partition("]:")
+        else:
+            host, sep, ports = s.rpartition(":")
+        if not sep or not host:
+            raise self.fail(path, f"{what}: destination {s!r} needs ports (write {s}:* for all ports)")
+        return Dst(self.alias(host, path, side="dst"), self.ports(ports, path, what))
+
+    def protocol(self, v: Any, path: tuple[Any, ...], what: str) -> int:
+        self.want(v, str, path, what)
+        lo = v.lower()
+        if lo in PROTOCOLS:
+            return PROTOCOLS[lo]
+        if _digits(lo) and not (lo.startswith("0")) and int(lo) <= 255:
+            return int(lo)
+        raise self.fail(
+            path, f"{what}: unknown protocol {v!r} (a name such as tcp, udp, icmp, or a number 1-255)"
+        )
+
+    def check_self(self, srcs: tuple[Alias, ...], dsts: Iterable[Alias], src_path: tuple[Any, ...]) -> None:
+        if any(d.kind == "autogroup" and d.name == "autogroup:self" for d in dsts):
+            for i, a in enumerate(srcs):
+                if not (a.kind in ("*", "user", "group") or a.name == "autogroup:member"):
+                    raise self.fail(
+                        (*src_path, i),
+                        "autogroup:self can only be used with users, groups, or supported autogroups "
+                        f"({a.name})",
+                    )
+
+    # rules
+
+    def read_acl(self, v: Any, path: tuple[Any, ...], where: str) -> list[Rule]:
+        self.want(v, dict, path, where)
+        f = _fold(v)
+        action = v.get(f.get("action", "action"))
+        if action != "accept":
+            raise self.fail(
+                (*path, f.get("action", "action")),
+                f'{where}: action={action!r} is not supported (only "accept")',
+            )
+        srck = f.get("src", f.get("users"))
+        dstk = f.get("dst", f.get("ports"))
+        if srck is None or dstk is None:
+            raise self.fail(path, f"{where}: a rule needs 'src' and 'dst'")
+        srcs = self.srcs(v[srck], (*path, srck), f"{where}.src")
+        dsts = tuple(
+            self.dst(s, (*path, dstk, i), f"{where}.dst")
+            for i, s in enumerate(self.strings(v[dstk], (*path, dstk), f"{where}.dst"))
+        )
+        self.check_self(srcs, (d.alias for d in dsts), (*path, srck))
+        protos: tuple[int, ...] = ()
+        if "proto" in f and v[f["proto"]] not in ("", None):
+            proto = self.protocol(v[f["proto"]], (*path, f["proto"]), f"{where}.proto")
+            if proto not in PORTED_PROTOCOLS and any(d.ports != (PortRange(0, 65535),) for d in dsts):
+                raise self.fail(
+                    (*path, f["proto"]), f"{where}: protocol {v[f['proto']]} has no ports: use port *"
+                )
+            protos = (proto,)
+        for k in f:
+            if k in ("srcposture",):
+                self.warn(f"{where}: srcPosture is not enforced yet: the rule is left out")
+                return []
+        return [Rule(srcs, dsts, protos, where)]
+
+    def read_grant(self, v: Any, path: tuple[Any, ...], where: str) -> list[Rule]:
+        self.want(v, dict, path, where)
+        f = _fold(v)
+        if "src" not in f or "dst" not in f:
+            raise self.fail(path, f"{where}: a grant needs 'src' and 'dst'")
+        srcs = self.srcs(v[f["src"]], (*path, f["src"]), f"{where}.src")
+        dpath = (*path, f["dst"])
+        dsts = tuple(
+            self.alias(s, (*dpath, i), side="dst")
+            for i, s in enumerate(self.strings(v[f["dst"]], dpath, f"{where}.dst"))
+        )
+        self.check_self(srcs, dsts, (*path, f["src"]))
+        if "app" in f:
+            self.warn(f"{where}: capability grant ignored (app)")
+        if "ip" not in f:
+            if "app" not in f:
+                raise self.fail(path, f"{where}: a grant needs 'ip' or 'app'")
+            return []
+        ipk = f["ip"]
+        entries: list[tuple[tuple[int, ...], tuple[PortRange, ...]]] = []
+        for i, e in enumerate(self.strings(v[ipk], (*path, ipk), f"{where}.ip")):
+            epath = (*path, ipk, i)
+            if e == "*":
+                entries.append(((), (PortRange(0, 65535),)))
+                continue
+            proto_s, sep, ports_s = e.rpartition(":")
+            if not sep:
+                entries.append(((), self.ports(e, epath, f"{where}.ip")))
+                continue
+            proto = self.protocol(proto_s, epath, f"{where}.ip")
+            ports = self.ports(ports_s, epath, f"{where}.ip")
+            if proto not in PORTED_PROTOCOLS and ports != (PortRange(0, 65535),):
+                raise self.fail(epath, f"{where}: protocol {proto_s} has no ports: use {proto_s}:*")
+            entries.append(((proto,), ports))
+        for k, what in (("via", "via"), ("srcposture", "srcPosture")):
+            if k in f:
+                self.warn(f"{where}: {what} is not enforced yet: the grant is left out")
+                return []
+        return [Rule(srcs, tuple(Dst(d, ports) for d in dsts), protos, where) for protos, ports in entries]
+
+    def read_test(self, v: Any, path: tuple[Any, ...], where: str) -> PolicyTest:
+        self.want(v, dict, path, where)
+        f = _fold(v)
+        if "src" not in f:
+            raise self.fail(path, f"{where}: a test needs 'src'")
+        src = self.want(v[f["src"]], str, (*path, f["src"]), f"{where}.src")
+        a = self.alias(src, (*path, f["src"]), side="src")
+        if a.kind == "*" or a.kind == "autogroup":
+            raise self.fail(
+                (*path, f["src"]), f"{where}: a test's src must be a user, group, tag, host or IP"
+            )
+        proto = None
+        if "proto" in f and v[f["proto"]] not in ("", None):
+            proto = self.protocol(v[f["proto"]], (*path, f["proto"]), f"{where}.proto")
+            if proto not in PORTED_PROTOCOLS:
+                raise self.fail((*path, f["proto"]), f"{where}: a test's proto must be tcp, udp or sctp")
+        lists: dict[str, tuple[str, ...]] = {}
+        for k in ("accept", "deny"):
+            if k in f:
+                items = self.strings(v[f[k]], (*path, f[k]), f"{where}.{k}")
+                for i, d in enumerate(items):
+                    dd = self.dst(d, (*path, f[k], i), f"{where}.{k}")
+                    if len(dd.ports) != 1 or dd.ports[0].first != dd.ports[0].last:
+                        raise self.fail((*path, f[k], i), f"{where}.{k}: {d!r} must name one port")
+                    if dd.alias.kind == "*" or dd.alias.kind == "autogroup":
+                        raise self.fail(
+                            (*path, f[k], i), f"{where}.{k}: {d!r} must name a user, tag, host or IP"
+                        )
+                lists[k] = tuple(items)
+        return PolicyTest(
+            src,
+            proto,
+            lists.get("accept", ()),
+            lists.get("deny", ()),
+            self.doc.position(path) or (None, None),
+            where,
+        )
+
+
+def _valid_tag(tag: str) -> bool:
+    name = tag[4:]
+    return tag.lower().startswith("tag:") and bool(name) and all(c.isalnum() or c in "-_" for c in name)
+
+
+def _digits(s: str) -> bool:
+    return bool(s) and s.isascii() and s.isdigit() and len(s) <= 6
+
+
+def _network(s: str) -> Network | None:
+    try:
+        if "/" in s:
+            return ipaddress.ip_network(s, strict=False)
+        return ipaddress.ip_network(ipaddress.ip_address(s))
+    except ValueError:
+        return None
+
+
+def _typename(typ: type | tuple[type, ...]) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a number"}
+    if isinstance(typ, tuple):
+        return " or ".join(names.get(t, t.__name__) for t in typ)
+    return names.get(typ, typ.__name__)
+
+
+def _jsontype(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true/false"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(
+        type(v), "?"
+    )
+
+
+__all__ = [
+    "PROTOCOLS",
+    "Alias",
+    "Dst",
+    "Policy",
+    "PolicyError",
+    "PolicyNode",
+    "PolicyTest",
+    "Rule",
+    "user_matches",
+]

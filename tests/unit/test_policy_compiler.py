@@ -1,0 +1,368 @@
+"""The policy compiler against hand-written expectations: each construct, rendered as Tailscale renders it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tailpy.control.policy import Compiled, Policy, PolicyError, PolicyNode, check_tests, compile_filter
+from tailpy.packetfilter import ALLOW_ALL, filter_to_json
+
+ALICE1 = PolicyNode(1, ("100.64.0.1/32", "fd7a:115c:a1e0::1/128"), "alice", "alice@example.com")
+ALICE2 = PolicyNode(2, ("100.64.0.2/32", "fd7a:115c:a1e0::2/128"), "alice", "alice@example.com")
+BOB = PolicyNode(3, ("100.64.0.10/32", "fd7a:115c:a1e0::a/128"), "bob", "bob@example.org")
+CAROL = PolicyNode(4, ("100.64.0.20/32", "fd7a:115c:a1e0::14/128"), "carol@example.com", "carol@example.com")
+SERVER = PolicyNode(5, ("100.64.0.30/32", "fd7a:115c:a1e0::1e/128"), "", "", ("tag:server",))
+DB = PolicyNode(6, ("100.64.0.40/32", "fd7a:115c:a1e0::28/128"), "", "", ("tag:db", "tag:server"))
+NODES = [ALICE1, ALICE2, BOB, CAROL, SERVER, DB]
+
+HEAD = """{
+  "groups": {"group:dev": ["alice@example.com", "bob@"], "group:empty": []},
+  "hosts": {"office": "192.0.2.0/24", "printer": "100.64.0.20", "lan": "10.0.0.0/8"},
+  "tagOwners": {"tag:server": ["group:dev"], "tag:db": ["tag:server"], "tag:web": []},
+"""
+
+ALL = {"First": 0, "Last": 65535}
+
+
+def p22(first: int, last: int | None = None) -> dict[str, int]:
+    return {"First": first, "Last": first if last is None else last}
+
+
+def policy(rules: str, tail: str = "") -> Policy:
+    return Policy.parse(HEAD + rules + tail + "}")
+
+
+def acl(src: list[str], dst: list[str], proto: str = "") -> str:
+    import json
+
+    rule: dict[str, Any] = {"action": "accept", "src": src, "dst": dst}
+    if proto:
+        rule["proto"] = proto
+    return '"acls": [' + json.dumps(rule) + "],"
+
+
+def filt(pol: Policy, node: PolicyNode, nodes: list[PolicyNode] = NODES) -> list[dict[str, Any]]:
+    return filter_to_json(compile_filter(pol, node.id, nodes))
+
+
+def own(node: PolicyNode, *ports: dict[str, int]) -> list[dict[str, Any]]:
+    return [{"IP": a.split("/")[0], "Ports": p} for a in node.addresses for p in (ports or (ALL,))]
+
+
+TAILNET = ["100.115.94.0-100.127.255.255", "100.64.0.0-100.115.91.255", "fd7a:115c:a1e0::/48"]
+
+
+def test_no_policy_allows_all() -> None:
+    assert compile_filter(None, 1, NODES) == ALLOW_ALL
+
+
+def test_group_to_tag_port() -> None:
+    pol = policy(acl(["group:dev"], ["tag:server:22"]))
+    src = ["100.64.0.1-100.64.0.2", "100.64.0.10", "fd7a:115c:a1e0::1-fd7a:115c:a1e0::2", "fd7a:115c:a1e0::a"]
+    assert filt(pol, SERVER) == [{"SrcIPs": src, "DstPorts": own(SERVER, p22(22))}]
+    assert filt(pol, DB) == [{"SrcIPs": src, "DstPorts": own(DB, p22(22))}]
+    for n in (ALICE1, ALICE2, BOB, CAROL):
+        assert filt(pol, n) == []  # no rule reaches it: nothing inbound
+
+
+def test_star_source_is_the_tailnet_ranges_and_star_destination_stays() -> None:
+    pol = policy(acl(["*"], ["*:*"]))
+    assert filt(pol, BOB) == [{"SrcIPs": TAILNET, "DstPorts": [{"IP": "*", "Ports": ALL}]}]
+
+
+def test_star_source_keeps_explicit_sources_beside_it() -> None:
+    pol = policy(acl(["*", "office"], ["tag:db:5432"]))
+    assert filt(pol, DB)[0]["SrcIPs"] == [
+        "100.115.94.0-100.127.255.255",
+        "100.64.0.0-100.115.91.255",
+        "192.0.2.0/24",
+        "fd7a:115c:a1e0::/48",
+    ]
+
+
+def test_users_by_email_and_by_name_at() -> None:
+    by_email = policy(acl(["carol@example.com"], ["alice@example.com:80"]))
+    assert filt(by_email, ALICE1) == [
+        {"SrcIPs": ["100.64.0.20", "fd7a:115c:a1e0::14"], "DstPorts": own(ALICE1, p22(80))}
+    ]
+    by_name = policy(acl(["bob@"], ["bob@example.org:*"]))  # bob's email also names him
+    assert filt(by_name, BOB) == [{"SrcIPs": ["100.64.0.10", "fd7a:115c:a1e0::a"], "DstPorts": own(BOB)}]
+    assert filt(by_name, ALICE1) == []
+
+
+def test_ports_lists_and_ranges() -> None:
+    pol = policy(acl(["tag:server"], ["tag:db:22,80-90,443"]))
+    rule = filt(pol, DB)[0]
+    assert rule["DstPorts"] == own(DB, p22(22), p22(80, 90), p22(443))
+    # a node that is both source and destination is its own source too
+    assert rule["SrcIPs"] == ["100.64.0.30", "100.64.0.40", "fd7a:115c:a1e0::1e", "fd7a:115c:a1e0::28"]
+
+
+@pytest.mark.parametrize(
+    ("proto", "numbers"),
+    [("tcp", [6]), ("udp", [17]), ("icmp", [1]), ("ipv6-icmp", [58]), ("17", [17]), ("GRE", [47])],
+)
+def test_proto_names_and_numbers(proto: str, numbers: list[int]) -> None:
+    port = "53" if numbers[0] in (6, 17) else "*"
+    pol = policy(acl(["group:dev"], [f"tag:db:{port}"], proto))
+    assert filt(pol, DB)[0]["IPProto"] == numbers
+
+
+def test_hosts_ips_and_cidrs_as_sources_and_destinations() -> None:
+    pol = policy(acl(["office", "100.64.0.1", "lan"], ["printer:631", "10.0.0.0/8:22", "100.64.0.0/10:9"]))
+    assert filt(pol, CAROL) == [
+        {
+            "SrcIPs": ["10.0.0.0/8", "100.64.0.1", "192.0.2.0/24"],
+            "DstPorts": [{"IP": "100.64.0.20", "Ports": p22(631)}, {"IP": "100.64.0.0/10", "Ports": p22(9)}],
+        }
+    ]
+    # 10.0.0.0/8 is no node's: only a subnet router serving part of it gets that destination
+    router = PolicyNode(7, ("100.64.0.50/32",), "", "", ("tag:server",), routes=("10.33.0.0/16",))
+    assert filt(pol, router, [*NODES, router])[0]["DstPorts"] == [
+        {"IP": "10.0.0.0/8", "Ports": p22(22)},
+        {"IP": "100.64.0.0/10", "Ports": p22(9)},
+    ]
+
+
+def test_star_source_includes_subnet_routes() -> None:
+    router = PolicyNode(7, ("100.64.0.50/32",), "", "", ("tag:server",), routes=("10.33.0.0/16",))
+    pol = policy(acl(["*"], ["tag:db:22"]))
+    assert filt(pol, DB, [*NODES, router])[0]["SrcIPs"] == ["10.33.0.0/16", *TAILNET]
+
+
+def test_autogroups_member_and_tagged() -> None:
+    pol = policy(acl(["autogroup:tagged"], ["autogroup:member:443"]))
+    assert filt(pol, BOB) == [
+        {
+            "SrcIPs": ["100.64.0.30", "100.64.0.40", "fd7a:115c:a1e0::1e", "fd7a:115c:a1e0::28"],
+            "DstPorts": own(BOB, p22(443)),
+        }
+    ]
+    assert filt(pol, SERVER) == []
+
+
+def test_autogroup_self_each_user_reaches_only_their_own_devices() -> None:
+    pol = policy(acl(["autogroup:member"], ["autogroup:self:*"]))
+    mine = ["100.64.0.1-100.64.0.2", "fd7a:115c:a1e0::1-fd7a:115c:a1e0::2"]
+    assert filt(pol, ALICE1) == [{"SrcIPs": mine, "DstPorts": own(ALICE1)}]
+    assert filt(pol, ALICE2) == [{"SrcIPs": mine, "DstPorts": own(ALICE2)}]
+    assert filt(pol, BOB) == [{"SrcIPs": ["100.64.0.10", "fd7a:115c:a1e0::a"], "DstPorts": own(BOB)}]
+    assert filt(pol, SERVER) == []
+    c = Compiled(pol, NODES)
+    assert sorted(c.peers(ALICE1.id)) == [ALICE2.id]
+    assert c.peers(BOB.id) == []
+    assert not c.visible(ALICE1.id, BOB.id)
+
+
+def test_autogroup_self_follows_the_other_destinations_of_its_rule() -> None:
+    pol = policy(acl(["*"], ["autogroup:self:*", "tag:server:22", "autogroup:member:80"]))
+    assert filt(pol, BOB) == [
+        {"SrcIPs": TAILNET, "DstPorts": own(BOB, p22(80))},
+        {"SrcIPs": ["100.64.0.10", "fd7a:115c:a1e0::a"], "DstPorts": own(BOB)},
+    ]
+
+
+def test_rules_with_equal_sources_merge() -> None:
+    pol = policy(
+        '"acls": [{"action": "accept", "src": ["tag:server"], "dst": ["tag:db:22"]},'
+        ' {"action": "accept", "src": ["tag:server"], "dst": ["tag:db:80"]},'
+        ' {"action": "accept", "src": ["tag:server"], "proto": "udp", "dst": ["tag:db:53"]}],'
+    )
+    out = filt(pol, DB)
+    assert [r["DstPorts"] for r in out] == [own(DB, p22(22)) + own(DB, p22(80)), own(DB, p22(53))]
+    assert out[1]["IPProto"] == [17]
+
+
+def test_grants_ip_one_rule_per_entry_and_app_ignored_with_a_warning() -> None:
+    pol = policy(
+        '"grants": [{"src": ["group:dev"], "dst": ["tag:db"], "ip": ["tcp:5432", "icmp:*", "8080-8081"]},'
+        ' {"src": ["*"], "dst": ["tag:db"], "app": {"example.com/cap/x": [{}]}}],'
+    )
+    out = filt(pol, DB)
+    assert [(r["DstPorts"], r.get("IPProto")) for r in out] == [
+        (own(DB, p22(5432)), [6]),
+        (own(DB, ALL), [1]),
+        (own(DB, p22(8080, 8081)), None),
+    ]
+    assert pol.warnings == ("grants[1]: capability grant ignored (app)",)
+
+
+def test_empty_group_gives_no_rule() -> None:
+    assert filt(policy(acl(["group:empty"], ["*:*"])), BOB) == []
+
+
+def test_autogroup_danger_all_is_star() -> None:
+    assert filt(policy(acl(["autogroup:danger-all"], ["tag:db:22"])), DB)[0]["SrcIPs"] == ["*"]
+
+
+def test_autogroup_internet_is_kept_but_matches_no_node() -> None:
+    pol = policy(acl(["*"], ["autogroup:internet:*"]))
+    assert all(filt(pol, n) == [] for n in NODES)
+    assert any("autogroup:internet is not enforced" in w for w in pol.warnings)
+
+
+def test_visibility_both_directions_and_neither() -> None:
+    pol = policy(acl(["group:dev"], ["tag:server:22"]))
+    c = Compiled(pol, NODES)
+    assert c.visible(ALICE1.id, SERVER.id) and c.visible(SERVER.id, ALICE1.id)
+    assert not c.visible(ALICE1.id, ALICE2.id)  # neither reaches the other
+    assert sorted(c.peers(SERVER.id)) == [ALICE1.id, ALICE2.id, BOB.id]
+    assert sorted(c.peers(CAROL.id)) == []
+
+
+def test_incremental_update_matches_a_fresh_compile() -> None:
+    pol = policy(acl(["group:dev"], ["tag:server:22"]))
+    c = Compiled(pol, NODES[:-1])
+    ch = c.update(PolicyNode(8, ("100.64.0.60/32",), "bob", "bob@example.org"))  # a new dev device
+    assert SERVER.id in ch.filters
+    ch = c.update(DB)
+    assert c.filter(SERVER.id) == compile_filter(
+        pol, SERVER.id, [*NODES, PolicyNode(8, ("100.64.0.60/32",), "bob", "bob@example.org")]
+    )
+    ch = c.update(PolicyNode(SERVER.id, SERVER.addresses, "", "", ("tag:db",)))  # no longer tag:server
+    assert ch.view_changed and ALICE1.id in ch.lost
+    assert c.filter(SERVER.id) == ()
+    c.remove(3)
+    assert "100.64.0.10" not in c.filter(DB.id)[0].src_ips
+
+
+# --- checks ---
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "message"),
+    [
+        (
+            '{"acls": [{"action": "accept", "src": ["group:nope"], "dst": ["*:*"]}]}',
+            1,
+            40,
+            "group:nope is not defined",
+        ),
+        (
+            '{"acls": [{"action": "accept", "src": ["*"],\n "dst": ["tag:x:22"]}]}',
+            2,
+            10,
+            "tag:x is not defined in tagOwners",
+        ),
+        (
+            '{"acls": [{"action": "accept", "src": ["nohost"], "dst": ["*:*"]}]}',
+            1,
+            40,
+            "'nohost' is not defined",
+        ),
+        ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:ssh"]}]}', 1, 54, "bad port 'ssh'"),
+        ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:90-80"]}]}', 1, 54, "is empty"),
+        ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:70000"]}]}', 1, 54, "out of range"),
+        ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*"]}]}', 1, 54, "needs ports"),
+        (
+            '{"acls": [{"action": "accept", "src": ["*"], "proto": "foo", "dst": ["*:*"]}]}',
+            1,
+            55,
+            "unknown protocol 'foo'",
+        ),
+        (
+            '{"acls": [{"action": "accept", "src": ["*"], "proto": "gre", "dst": ["*:22"]}]}',
+            1,
+            55,
+            "has no ports",
+        ),
+        ('{"acls": [{"action": "deny", "src": ["*"], "dst": ["*:*"]}]}', 1, 22, "is not supported"),
+        (
+            '{"acls": [{"action": "accept", "src": ["autogroup:self"], "dst": ["*:*"]}]}',
+            1,
+            40,
+            "not valid on the src side",
+        ),
+        (
+            '{"tagOwners": {"tag:a": []}, "acls": [{"action": "accept", "src": ["tag:a"], '
+            '"dst": ["autogroup:self:*"]}]}',
+            1,
+            68,
+            "autogroup:self can only be used",
+        ),
+        ('{"groups": {"group:a": ["group:b"]}}', 1, 25, "cannot contain other groups"),
+        ('{"tagOwners": {"tag:a": ["group:b"]}}', 1, 26, "group:b is not defined"),
+        ('{"hosts": {"h": "not-an-ip"}}', 1, 17, "is not an IP address"),
+        ('{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["tcp:x"]}]}', 1, 49, "bad port 'x'"),
+        ('{"acls": {}}', 1, 10, "must be a list"),
+        ("[]", 1, 1, "must be a JSON object"),
+    ],
+)
+def test_refused_with_line_and_column(text: str, line: int, column: int, message: str) -> None:
+    with pytest.raises(PolicyError) as e:
+        Policy.parse(text)
+    assert message in e.value.message
+    assert (e.value.line, e.value.column) == (line, column)
+    assert str(e.value) == f"line {line}, column {column}: {e.value.message}"
+
+
+def test_every_section_accepted_and_unenforced_ones_reported() -> None:
+    pol = Policy.parse(
+        """{
+          "ACLs": [{"Action": "accept", "Users": ["*"], "Ports": ["*:*"]}],  // legacy names, any case
+          "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:r"]}},
+          "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"],
+                   "users": ["root"]}],
+          "nodeAttrs": [{"target": ["*"], "attr": ["funnel"]}],
+          "postures": {"posture:x": ["node:os == 'linux'"]},
+          "derpMap": {"Regions": {}},
+          "randomizeClientPort": true,
+          "disableIPv4": false,
+          "sshTests": [],
+          "ipsets": {},
+        }"""
+    )
+    assert set(pol.not_enforced) == {
+        "autoApprovers",
+        "ssh",
+        "nodeAttrs",
+        "postures",
+        "derpMap",
+        "randomizeClientPort",
+        "disableIPv4",
+        "sshTests",
+        "ipsets",
+    }
+    assert filt(pol, BOB) == [{"SrcIPs": TAILNET, "DstPorts": [{"IP": "*", "Ports": ALL}]}]
+
+
+def test_tests_accept_and_deny() -> None:
+    good = policy(
+        acl(["group:dev"], ["tag:server:22"]),
+        '"tests": [{"src": "alice@example.com", "accept": ["tag:server:22"], "deny": ["tag:server:80"]},'
+        ' {"src": "group:dev", "proto": "tcp", "accept": ["tag:db:22"]},'
+        ' {"src": "carol@example.com", "deny": ["tag:server:22", "100.64.0.30:22"]}],',
+    )
+    assert check_tests(good, NODES) == []
+    bad = policy(
+        acl(["group:dev"], ["tag:server:22"]),
+        '"tests": [\n  {"src": "bob@", "accept": ["tag:server:80"], "deny": ["tag:server:22"]}],',
+    )
+    errors = check_tests(bad, NODES)
+    assert [e.message for e in errors] == [
+        "tests[0]: bob@ may not reach tag:server:80",
+        "tests[0]: bob@ may reach tag:server:22",
+    ]
+    assert errors[0].line == 6
+
+
+def test_tests_with_autogroup_self_and_no_nodes() -> None:
+    pol = policy(
+        acl(["autogroup:member"], ["autogroup:self:22"]),
+        '"tests": [{"src": "alice@example.com", "accept": ["alice@example.com:22"], "deny": ["bob@:22"]}],',
+    )
+    assert check_tests(pol, []) == []
+
+
+def test_may_own() -> None:
+    pol = policy(acl(["*"], ["*:*"]))
+    assert pol.may_own("tag:server", "alice", "alice@example.com")
+    assert pol.may_own("tag:server", "bob", "")
+    assert not pol.may_own("tag:server", "carol", "carol@example.com")
+    assert not pol.may_own("tag:db", "alice", "alice@example.com")  # owned by a tag only
+    assert not pol.may_own("tag:web", "alice", "alice@example.com")  # no owner: admins only
+    assert not pol.may_own("tag:nope", "alice", "alice@example.com")
+    member = Policy.parse('{"tagOwners": {"tag:x": ["autogroup:member"]}}')
+    assert member.may_own("tag:x", "anyone", "")

@@ -12,9 +12,13 @@
 //! its receive path for this one. One thread per direction (plus the writer, fed in order) keeps each
 //! flow in order and lets encryption, decryption and TUN writes run on the cores there are.
 //!
-//! Locking: the device state (peers, index map, routes, keys) sits behind one `RwLock`, read-locked per
-//! batch and write-locked only by configuration calls; each peer's `Tunn` has its own `Mutex`; counters
-//! are atomics. No allocation per packet: each thread owns its buffers.
+//! Each decrypted packet passes the packet filter (`filter`), if one is set, before it joins the TUN batch;
+//! outbound UDP packets record their flow for the filter to admit the replies.
+//!
+//! Locking: the device state (peers, index map, routes, keys, the packet filter) sits behind one `RwLock`,
+//! read-locked per batch and write-locked only by configuration calls; each peer's `Tunn` has its own
+//! `Mutex`; counters are atomics, and so is the filter's flow table. No allocation per packet: each thread
+//! owns its buffers.
 
 use crate::batch::{Batch, RecvBatch};
 use crate::error::{Error, Result};

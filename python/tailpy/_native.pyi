@@ -28,6 +28,7 @@ class PeerStats(TypedDict):
     tx_packets: int
     rx_packets: int
     last_handshake: float | None  # unix time, seconds
+    handshakes_sent: int  # handshake initiations sent to this peer (either path)
 
 class OffloadStats(TypedDict):
     """Which offloads the device's TUN and UDP socket use, what they fell back from, and what they did.

@@ -16,3 +16,22 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     finally:
         waiter.cancel()
     return event.is_set()
+
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds :func:`close_writer` waits for a stream to close before aborting it."""
+
+
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close ``writer`` and wait at most ``timeout`` seconds for it to finish; then abort its transport.
+
+    ``StreamWriter.wait_closed()`` waits until the transport has sent what it buffered (and, for TLS, the
+    close_notify exchange): a peer that stopped reading would make it wait forever. Errors of a connection
+    already dead are not news here and are swallowed; a cancellation of the caller is not."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+    except asyncio.TimeoutError:
+        writer.transport.abort()
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        pass

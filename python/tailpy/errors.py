@@ -53,6 +53,20 @@ class DaemonNotRunningError(TailpyError):
     """No tailpyd answers on the local API socket."""
 
 
+class DaemonRunningError(TailpyError):
+    """Another tailpyd holds the state directory's lock (one daemon per state directory)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        super().__init__(f"tailpyd is already running (pid {pid if pid is not None else 'unknown'})")
+
+
+class StorageError(TailpyError, OSError):
+    """A file tailpy keeps (state file, lock, database, saved resolv.conf) cannot be written: the disk is
+    full, the filesystem is read-only, or permission is denied. The message says which and what to do; the
+    file as it was before stays."""
+
+
 class LabError(TailpyError):
     """A lab topology (network namespaces, veth links, NAT rules) could not be built."""
 
@@ -62,6 +76,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "DaemonNotRunningError",
+    "DaemonRunningError",
     "DeviceError",
     "EndpointError",
     "InvalidKeyError",
@@ -69,5 +84,6 @@ __all__ = [
     "NotRegisteredError",
     "ParseError",
     "PermissionDeniedError",
+    "StorageError",
     "TailpyError",
 ]

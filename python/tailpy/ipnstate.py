@@ -97,8 +97,9 @@ class PeerStatus:
     for a tagged node), ``tags``, ``os``, ``node_key``, ``addresses`` (CIDR host prefixes), ``online``,
     ``last_seen`` / ``key_expiry`` (unix seconds or None), ``expired``, ``home_derp`` (region id, 0 none),
     ``disco_key`` (None: the node runs no disco), ``endpoints`` (where it says it can be reached).
-    From the data plane: ``path`` ("direct", "relay", or None when the peer is not in the data plane),
-    ``endpoint`` (the direct path's endpoint; None while ``path`` is "relay"), ``relay_region`` /
+    From the data plane: ``path`` ("direct" for an endpoint that answered: a disco Pong, or a handshake for
+    a peer without disco; "relay"; None for no path yet or a peer not in the data plane), ``endpoint`` (the
+    direct path's endpoint; None unless ``path`` is "direct"), ``relay_region`` /
     ``relay_region_code`` (the DERP region relayed through, 0 / "" when direct), ``last_handshake`` (unix
     seconds or None), ``active`` (a handshake within the last 180 s), ``tx_bytes`` / ``rx_bytes``."""
 
@@ -338,7 +339,9 @@ class DerpStatus:
     """The DERP side of the node: ``home_derp`` (region id, 0 none) and ``home_derp_code``, ``latency_ms``
     (region id -> milliseconds of the last report; JSON keys are the ids as text), ``connections``, and the
     counters ``relay_sent`` / ``relay_dropped`` (WireGuard datagrams to DERP), ``derp_received`` /
-    ``derp_dropped`` (from DERP), ``disco_dropped``."""
+    ``derp_dropped`` (from DERP), ``disco_dropped``; ``not_here`` (PeerGone "not here" answers: a peer
+    not connected to the region it was sent through) and ``not_here_peers`` (node keys, as text, of the peers
+    not sent to through that region until their netmap entry changes)."""
 
     home_derp: int
     home_derp_code: str
@@ -349,6 +352,8 @@ class DerpStatus:
     derp_received: int
     derp_dropped: int
     disco_dropped: int
+    not_here: int = 0
+    not_here_peers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -361,6 +366,8 @@ class DerpStatus:
             "derp_received": self.derp_received,
             "derp_dropped": self.derp_dropped,
             "disco_dropped": self.disco_dropped,
+            "not_here": self.not_here,
+            "not_here_peers": list(self.not_here_peers),
         }
 
     @classmethod
@@ -378,6 +385,8 @@ class DerpStatus:
                 derp_received=int(obj["derp_received"]),
                 derp_dropped=int(obj["derp_dropped"]),
                 disco_dropped=int(obj["disco_dropped"]),
+                not_here=int(obj.get("not_here", 0)),
+                not_here_peers=_strs(obj.get("not_here_peers", [])),
             ),
         )
 
@@ -470,16 +479,39 @@ class TraversalStatus:
 
 
 @dataclass(frozen=True)
+class HealthWarning:
+    """One unhealthy warning of :class:`tailpy.daemon.health.Tracker` (Tailscale's ``health.UnhealthyState``):
+    ``name`` (the warnable's code, e.g. "home-derp-unreachable"), ``severity`` ("high", "medium", "low"),
+    ``text`` (one sentence: what is wrong and what to do), ``since`` (unix seconds it became unhealthy)."""
+
+    name: str
+    severity: str
+    text: str
+    since: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "severity": self.severity, "text": self.text, "since": self.since}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> HealthWarning:
+        """Raises ParseError."""
+        return _parse(
+            "health warning",
+            lambda: cls(str(obj["name"]), str(obj["severity"]), str(obj["text"]), _num(obj["since"])),
+        )
+
+
+@dataclass(frozen=True)
 class Status:
     """``GET /localapi/v0/status``, what ``tailpy status --json`` prints.
 
     ``backend_state``: "NoState", "NeedsLogin", "Starting", "Running" or "Stopped"; ``login_server``;
     ``control_connected``; ``error`` (the last problem, "" none); ``auth_url`` (where to sign in while an
-    interactive login waits, "" otherwise) and ``login_pending``; ``health`` (warnings, one sentence each);
-    ``now`` (unix seconds, the daemon's clock when it answered); ``self_node`` (JSON ``self``); ``domain``
-    (the tailnet's DNS domain); ``peers`` sorted by name; ``device``, ``derp``, ``derp_map`` and
-    ``traversal`` (None without a data plane, or before a netmap for ``derp_map``); ``ignored_datagrams``;
-    ``dns`` (None without MagicDNS)."""
+    interactive login waits, "" otherwise) and ``login_pending``; ``health`` (:class:`HealthWarning`, the
+    most severe first); ``now`` (unix seconds, the daemon's clock when it answered); ``self_node`` (JSON
+    ``self``); ``domain`` (the tailnet's DNS domain); ``peers`` sorted by name; ``device``, ``derp``,
+    ``derp_map`` and ``traversal`` (None without a data plane, or before a netmap for ``derp_map``);
+    ``ignored_datagrams``; ``dns`` (None without MagicDNS)."""
 
     backend_state: str
     login_server: str
@@ -487,7 +519,7 @@ class Status:
     error: str
     auth_url: str
     login_pending: bool
-    health: tuple[str, ...]
+    health: tuple[HealthWarning, ...]
     now: float
     self_node: SelfStatus
     domain: str
@@ -507,7 +539,7 @@ class Status:
             "error": self.error,
             "auth_url": self.auth_url,
             "login_pending": self.login_pending,
-            "health": list(self.health),
+            "health": [w.to_json() for w in self.health],
             "now": self.now,
             "self": self.self_node.to_json(),
             "domain": self.domain,
@@ -532,7 +564,7 @@ class Status:
                 error=str(obj["error"]),
                 auth_url=str(obj["auth_url"]),
                 login_pending=bool(obj["login_pending"]),
-                health=_strs(obj["health"]),
+                health=tuple(HealthWarning.from_json(w) for w in obj["health"]),
                 now=_num(obj["now"]),
                 self_node=SelfStatus.from_json(obj["self"]),
                 domain=str(obj["domain"]),
@@ -617,6 +649,7 @@ __all__ = [
     "DerpConnStatus",
     "DerpStatus",
     "DiscoPeerStatus",
+    "HealthWarning",
     "PeerStatus",
     "PingPeer",
     "PingReply",

@@ -82,5 +82,5 @@ def test_smaller_path_is_fixed_by_mtu_flag(lab: Lab) -> None:
     assert _transfer(b, a) == 1 << 20
     # IPv6 needs 1280: the node says why it has no IPv6 tailnet address instead of failing.
     st = a.status()
-    assert any("below IPv6's minimum" in w for w in st["health"])
+    assert any("below IPv6's minimum" in w["text"] and w["name"] == "mtu" for w in st["health"])
     assert "IPv6" in a.cli("status")

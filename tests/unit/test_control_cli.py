@@ -224,6 +224,9 @@ def test_parse_listen_refuses(text: str) -> None:
         (["serve", "--key-expiry", "99999999d"], "--key-expiry must be at most 3650d"),
         (["serve", "--ephemeral-timeout", "1x"], "--ephemeral-timeout '1x' is not a duration"),
         (["serve", "--listen", "::1:80"], "put an IPv6 address in brackets, like [::1]:80"),
+        # the README's first try: nodes behind NAT need to be told where the embedded relay is
+        (["serve", "--listen", "0.0.0.0:8080"], "add --server-url http://HOST:8080"),
+        (["serve", "--listen", ":8080", "--derp-listen", "0.0.0.0:3340"], "or --derp-hostname HOST"),
     ],
 )
 def test_duration_and_listen_mistakes_get_one_sentence(
@@ -239,9 +242,9 @@ def test_duration_and_listen_mistakes_get_one_sentence(
 SERVE = (sys.executable, "-m", "tailpy.cli.main", "control", "serve")
 
 
-def _serve(state: Path, listen: str) -> tuple[subprocess.Popen[str], str]:
+def _serve(state: Path, listen: str, *args: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [*SERVE, "--state-dir", str(state), "--listen", listen],
+        [*SERVE, "--state-dir", str(state), "--listen", listen, *args],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -283,7 +286,7 @@ def test_serve_logs_an_ipv6_url_in_brackets(tmp_path: Path) -> None:
 
 
 def test_serve_listen_port_only_means_every_address(tmp_path: Path) -> None:
-    proc, line = _serve(tmp_path / "state", ":0")
+    proc, line = _serve(tmp_path / "state", ":0", "--no-derp")
     try:
         urls = dict(re.findall(r"http://(0\.0\.0\.0|\[::\]):(\d+)", line))
         assert "0.0.0.0" in urls, line  # (port 0: each family gets its own free port)

@@ -222,8 +222,8 @@ EXPECTED_STATUS: dict[str, Any] = {
             "home_derp": 0,
             "disco_key": None,
             "endpoints": ["[2001:db8::3]:41641"],
-            "endpoint": "[2001:db8::3]:41641",
-            "path": "direct",
+            "endpoint": None,  # sent to directly, never answered (no handshake): no path yet
+            "path": None,
             "relay_region": 0,
             "relay_region_code": "",
             "last_handshake": None,
@@ -303,8 +303,8 @@ EXPECTED_WHOIS: dict[str, Any] = {
     "home_derp": 0,
     "disco_key": None,
     "endpoints": ["[2001:db8::3]:41641"],
-    "endpoint": "[2001:db8::3]:41641",
-    "path": "direct",
+    "endpoint": None,
+    "path": None,
     "relay_region": 0,
     "relay_region_code": "",
     "last_handshake": None,
@@ -334,9 +334,9 @@ async def test_status_json_is_pinned(tmp_path: Path) -> None:
     assert [list(p) for p in doc["peers"]] == [list(p) for p in EXPECTED_STATUS["peers"]]
     # the CLI's view: fields, typed
     assert st.self_node.node_key == b.state_data.node_key.public
-    relayed, direct, expired = st.peers
+    relayed, unanswered, expired = st.peers
     assert relayed.path == "relay" and relayed.endpoint is None and relayed.last_handshake == 1000.5
-    assert direct.endpoint == Endpoint.parse("[2001:db8::3]:41641") and direct.first_ip == "100.64.0.3"
+    assert unanswered.path is None and unanswered.endpoint is None and unanswered.first_ip == "100.64.0.3"
     assert expired.expired and expired.path is None
     assert st.derp_map is not None and st.derp_map.regions[900].region_code == "r900"
     assert st.device == {"dropped_send_error": 0, "tx_datagrams": 12, "gso": True}  # passed through
@@ -378,6 +378,8 @@ DERP_JSON = {
     "derp_received": 6,
     "derp_dropped": 0,
     "disco_dropped": 0,
+    "not_here": 1,
+    "not_here_peers": [],
 }
 
 NETCHECK_JSON = {

@@ -8,6 +8,7 @@ use it)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -238,3 +239,47 @@ async def test_home_moves_after_slow_reports_old_home_delivers(servers: list[Der
     finally:
         await b.close()
         await a.close()
+
+
+async def test_peer_gone_not_here_stops_sending_there_until_the_netmap_entry_changes(
+    servers: list[DerpServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay core answers a packet for a peer not connected there with PeerGone "not here"; the node
+    stops sending to that peer through that region (counted, logged once) until its netmap entry changes."""
+    caplog.set_level(logging.INFO, "tailpy.magicsock")
+    dm = DerpMap({900: region(900, servers[0].addresses[0][1])})
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    got: list[bytes] = []
+    relay = Relay(ka, lambda src, payload, rid: None, clock=time.monotonic)
+    b_relay = Relay(kb, lambda src, payload, rid: got.append(payload), clock=time.monotonic)
+    try:
+        relay.set_derp_map(dm)
+        await relay.apply_derp_map()
+        peer_b = node(2, kb, 900)
+        relay.set_peers([peer_b])
+        assert relay.send(kb.public, WG_DATA)  # b is not connected to region 900
+        await until(lambda: relay.not_here == 1, "PeerGone not here")
+        assert relay.not_here_region(kb.public.raw) == 900
+        for _ in range(3):
+            assert not relay.send(kb.public, WG_DATA)
+        assert relay.not_here_dropped == 3 and relay.not_here == 1
+        st = relay.status()
+        assert st.not_here == 1 and st.not_here_peers == (kb.public.text(),)
+        assert st.to_json()["not_here"] == 1
+        assert sum("PeerGone: not here" in r.getMessage() for r in caplog.records) == 1
+        relay.set_peers([peer_b])  # the same entry again: still not sent there
+        assert not relay.send(kb.public, WG_DATA)
+
+        # b comes up there and control's netmap shows its new endpoints: sending resumes and arrives.
+        b_relay.set_derp_map(dm)
+        await b_relay.apply_derp_map()
+        await b_relay.derp.set_home(900)
+        await until(lambda: b_relay.connected(900), "b connected to region 900")
+        relay.set_peers([replace(peer_b, endpoints=(Endpoint.parse("198.51.100.2:41641"),))])
+        assert relay.not_here_region(kb.public.raw) == 0 and relay.status().not_here_peers == ()
+        b_relay.set_peers([node(1, ka, 900)])
+        assert relay.send(kb.public, WG_DATA)
+        await until(lambda: WG_DATA in got, "the datagram at b")
+    finally:
+        await relay.close()
+        await b_relay.close()

@@ -261,3 +261,13 @@ def test_netcheck_nan_and_inf_options_are_usage_errors(args: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     assert f"Invalid value for '{args[0]}'" in proc.stderr and "is not in the range" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_malformed_extra_stun_server_is_one_sentence_with_a_colon() -> None:
+    from tailpy.errors import ConfigError
+    from tailpy.magicsock.netcheck import stun_targets
+    from tailpy.netmap import DerpMap
+
+    with pytest.raises(ConfigError) as got:
+        stun_targets(DerpMap(), ["not-an-endpoint"])
+    assert str(got.value).startswith("STUN server: malformed endpoint 'not-an-endpoint'")

@@ -1,20 +1,107 @@
-"""`tailpy down`: disconnect from the tailnet (the node stays registered)."""
+"""`tailpy down`: disconnect from the tailnet (the node stays registered).
+
+``down`` always ends with the tunnel gone and the host's DNS restored: when tailpyd does not answer on its
+socket within :data:`DOWN_TIMEOUT` seconds (wedged, stopped, or its disk full), the daemon holding the
+state directory's lock (:mod:`tailpy.daemon.lock`) is sent SIGTERM (and SIGCONT), then SIGKILL after
+:data:`KILL_AFTER` seconds, and what it left is undone (:func:`tailpy.daemon.cleanup.cleanup`); when no
+daemon runs, what a crashed one left is undone.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import click
 
-from tailpy.cli.common import local, run, socket_option
-from tailpy.errors import DaemonNotRunningError
+from tailpy.cli.common import run, socket_option
+from tailpy.daemon.cleanup import cleanup
+from tailpy.daemon.client import DaemonUnresponsiveError, LocalClient, default_state_dir
+from tailpy.daemon.lock import RunRecord, holder, leftover
+from tailpy.errors import DaemonNotRunningError, PermissionDeniedError, TailpyError
+
+DOWN_TIMEOUT = 10.0
+"""Seconds ``down`` waits for tailpyd's answer before stopping it by signal."""
+
+KILL_AFTER = 10.0
+"""Seconds between SIGTERM and SIGKILL."""
+
+
+def _wait_released(state_dir: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while holder(state_dir) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise PermissionDeniedError(
+            f"not allowed to stop tailpyd (pid {pid}): run this as root (sudo)"
+        ) from None
+
+
+def stop_by_signal(record: RunRecord, state_dir: str) -> str:
+    """Stop the daemon of ``record`` (holding ``state_dir``'s lock) by signal, then clean up after it;
+    returns how it went, one sentence. Raises TailpyError when it cannot be stopped."""
+    pid = record.pid
+    if pid is None:
+        raise TailpyError(f"tailpyd holds {state_dir} but its pid is unknown: stop it by hand")
+    _signal(pid, signal.SIGTERM)
+    _signal(pid, signal.SIGCONT)  # a stopped (SIGSTOP) daemon handles SIGTERM only once continued
+    how = "SIGTERM"
+    if not _wait_released(state_dir, KILL_AFTER):
+        _signal(pid, signal.SIGKILL)
+        how = "SIGKILL"
+        if not _wait_released(state_dir, 5.0):
+            raise TailpyError(f"tailpyd (pid {pid}) did not exit even after SIGKILL")
+    done = cleanup(state_dir, (record.tun or "tailpy0",))
+    return f"stopped tailpyd (pid {pid}) with {how}" + (f"; {'; '.join(done)}" if done else "")
 
 
 @click.command("down")
 @socket_option
-def command(socket_path: str) -> None:
-    """Disconnect this device from the tailnet."""
+@click.option(
+    "--state-dir",
+    default=default_state_dir,
+    show_default="$TAILPY_STATE_DIR or /var/lib/tailpy",
+    help="tailpyd's state directory (its lock names the daemon to stop when it does not answer).",
+)
+def command(socket_path: str, state_dir: str) -> None:
+    """Disconnect this device from the tailnet. A tailpyd that does not answer is stopped by signal, and
+    what a stopped or crashed one left (DNS, TUN, firewall table) is undone."""
     try:
-        run(local(socket_path).down())
+        st = run(LocalClient(socket_path, timeout=DOWN_TIMEOUT).down())
     except DaemonNotRunningError:
-        click.echo("tailpyd is not running: nothing to stop")
+        record = holder(state_dir)
+        if record is None:
+            old = leftover(state_dir)  # a daemon that did not exit cleanly (kill -9, a crash)
+            done = (
+                cleanup(state_dir, (old.tun or "tailpy0",)) if old is not None and os.geteuid() == 0 else []
+            )
+            click.echo(
+                "tailpyd is not running: "
+                + ("cleaned up after it: " + "; ".join(done) if done else "nothing to stop")
+            )
+            return
+        why = f"tailpyd (pid {record.pid}) does not answer on {socket_path}"
+    except (DaemonUnresponsiveError, TailpyError) as e:
+        if isinstance(e, PermissionDeniedError):
+            raise
+        record = holder(state_dir)
+        if record is None:
+            raise
+        why = str(e)
+    else:
+        click.echo("stopped")
+        if st.error:
+            click.echo(f"tailpy: warning: {st.error}", err=True)
         return
-    click.echo("stopped")
+    click.echo(f"{why}: {stop_by_signal(record, state_dir)}")

@@ -26,9 +26,37 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tailpy.cli import control, demo, derp, down, ip, login, logout, netcheck, ping, status, up, whois
+    from tailpy.cli import (
+        control,
+        demo,
+        derp,
+        down,
+        install_systemd,
+        ip,
+        login,
+        logout,
+        netcheck,
+        ping,
+        status,
+        up,
+        whois,
+    )
 
-    for mod in (up, login, down, logout, status, ip, ping, whois, netcheck, control, derp, demo):
+    for mod in (
+        up,
+        login,
+        down,
+        logout,
+        status,
+        ip,
+        ping,
+        whois,
+        netcheck,
+        control,
+        derp,
+        demo,
+        install_systemd,
+    ):
         cli.add_command(mod.command)
 
 

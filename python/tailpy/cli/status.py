@@ -35,11 +35,12 @@ def human_bytes(n: float) -> str:
 
 
 def peer_state(p: PeerStatus, now: float) -> str:
-    """The status column: expired; offline with last seen; active/idle with the path (``direct <ip:port>``
-    or ``relay "<DERP region code>"``) and traffic."""
+    """The status column: expired; offline with last seen (as control says, at once: a recent handshake
+    does not make a peer whose daemon is gone look alive); active/idle with the path (``direct <ip:port>``
+    for an endpoint that answered, ``relay "<DERP region code>"``, or ``no path yet``) and traffic."""
     if p.expired:
         return "expired"
-    if not p.online and not p.active:
+    if not p.online:
         return f"offline, last seen {ago(p.last_seen, now)}"
     if p.path == "relay":
         code = p.relay_region_code
@@ -63,12 +64,14 @@ def render(st: Status, console: Console) -> None:
     state = st.backend_state
     if state != "Running":
         console.print(f"[yellow]{state}[/]" + (f": {st.error}" if st.error else ""))
-    elif st.error:
+    for w in st.health:  # at the top, the most severe first
+        color = "red" if w.severity == "high" else "yellow"
+        console.print(f"[{color}]health:[/] {w.name}: {w.text}", highlight=False)
+    if state == "Running" and st.error and not any(st.error in w.text for w in st.health):
         console.print(f"[red]{st.error}[/]")
-    if not st.control_connected and state == "Running":
+    names = {w.name for w in st.health}
+    if not st.control_connected and state == "Running" and "control-unreachable" not in names:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
-    for warning in st.health:
-        console.print(f"[yellow]health:[/] {warning}")
     # The data plane works without an offload it fell back from, at a higher CPU cost per packet.
     offload = (st.device or {}).get("offload") or {}
     for fallback in offload.get("fallbacks", []):

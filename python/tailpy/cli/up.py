@@ -16,11 +16,16 @@ from rich.console import Console
 from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state_dir_option
 from tailpy.cli.login import wait_login
 from tailpy.daemon.client import LocalClient
-from tailpy.errors import ConfigError, DaemonNotRunningError, PermissionDeniedError, TailpyError
+from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, holder
+from tailpy.daemon.netfilter import MODES
+from tailpy.errors import DaemonNotRunningError, DaemonRunningError, PermissionDeniedError, TailpyError
 from tailpy.ipnstate import Status
+from tailpy.storage import directory_problem, storage_error
 
 
-def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
+def _start_daemon(
+    socket_path: str, state_dir: str, netfilter_mode: str | None = None
+) -> subprocess.Popen[bytes]:
     if os.geteuid() != 0:
         raise PermissionDeniedError(
             "tailpy up needs root to start tailpyd (it creates a TUN device, which needs CAP_NET_ADMIN): "
@@ -30,7 +35,8 @@ def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
         Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         log = open(Path(state_dir) / "tailpyd.log", "ab")  # noqa: SIM115 - handed to the child
     except OSError as e:
-        raise ConfigError(f"cannot use state directory {state_dir}: {e.strerror}") from None
+        raise storage_error(e, Path(state_dir) / "tailpyd.log", "tailpyd's log") from None
+    extra = ["--netfilter-mode", netfilter_mode] if netfilter_mode else []
     return subprocess.Popen(
         [
             sys.executable,
@@ -41,6 +47,7 @@ def _start_daemon(socket_path: str, state_dir: str) -> subprocess.Popen[bytes]:
             "--socket",
             socket_path,
             "--exit-on-down",
+            *extra,
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -57,12 +64,28 @@ async def _wait_daemon(client: LocalClient, proc: subprocess.Popen[bytes], state
             return
         except DaemonNotRunningError:
             if proc.poll() is not None:
-                tail = (Path(state_dir) / "tailpyd.log").read_text(errors="replace").strip().splitlines()[-3:]
-                raise TailpyError(
-                    "tailpyd exited at start: " + (" | ".join(tail) or f"exit code {proc.returncode}")
-                ) from None
+                if proc.returncode == EXIT_ALREADY_RUNNING:  # a racing `tailpy up` started one first
+                    running = holder(state_dir)
+                    raise DaemonRunningError(running.pid if running else None) from None
+                raise TailpyError("tailpyd exited at start: " + _start_failure(proc, state_dir)) from None
             await asyncio.sleep(0.1)
     raise TailpyError(f"tailpyd did not answer on {client.socket_path} within 15 s")
+
+
+def _start_failure(proc: subprocess.Popen[bytes], state_dir: str) -> str:
+    """Why tailpyd exited at start: its one-sentence error from the log, else why the state directory
+    cannot be written (a full disk leaves the log empty too), else the last log lines or the exit code."""
+    try:
+        lines = (Path(state_dir) / "tailpyd.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    fatal = [ln for ln in lines[-5:] if ln.startswith("tailpyd: ")]
+    if fatal:
+        return fatal[-1].removeprefix("tailpyd: ")
+    problem = directory_problem(state_dir)
+    if problem:
+        return problem
+    return " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
 
 
 async def _up(
@@ -76,18 +99,22 @@ async def _up(
     console: Console,
     qr: bool = False,
     accept_dns: bool | None = None,
+    netfilter_mode: str | None = None,
 ) -> Status:
     client = local(socket_path)
     started = False
     try:
         await client.status()
     except DaemonNotRunningError:
+        running = holder(state_dir)
+        if running is not None:  # a daemon holds the state directory but does not answer on this socket
+            raise DaemonRunningError(running.pid) from None
         console.print(f"starting tailpyd (state {state_dir}, socket {socket_path}, log tailpyd.log there)")
-        await _wait_daemon(client, _start_daemon(socket_path, state_dir), state_dir)
+        await _wait_daemon(client, _start_daemon(socket_path, state_dir, netfilter_mode), state_dir)
         started = True
     try:
         with console.status(f"registering with {login_server or 'the login server'}"):
-            st = await client.up(login_server, auth_key, hostname, force_reauth, accept_dns)
+            st = await client.up(login_server, auth_key, hostname, force_reauth, accept_dns, netfilter_mode)
     except TailpyError:
         if started:  # leave nothing running behind a failed first `up`
             with contextlib.suppress(TailpyError):
@@ -153,6 +180,13 @@ async def _up(
     help="Point this host's resolver at MagicDNS (default true; --accept-dns=false leaves it alone; "
     "not given: as the last `up` said).",
 )
+@click.option(
+    "--netfilter-mode",
+    type=click.Choice(MODES),
+    default=None,
+    help="on: tailpyd's nftables table drops packets with a tailnet source address arriving on any "
+    "interface but its TUN (the default); off: leave the host's nftables alone.",
+)
 @socket_option
 @state_dir_option
 def command(
@@ -163,6 +197,7 @@ def command(
     force_reauth: bool,
     qr: bool,
     accept_dns: bool | None,
+    netfilter_mode: str | None,
     socket_path: str,
     state_dir: str,
 ) -> None:
@@ -181,6 +216,7 @@ def command(
             console,
             qr,
             accept_dns,
+            netfilter_mode,
         )
     )
     click.echo(connected_line(st))

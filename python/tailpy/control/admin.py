@@ -40,7 +40,9 @@ from aiohttp import web
 
 from tailpy.control import dnsconfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
-from tailpy.errors import ConfigError, ControlError
+from tailpy.control.store.database import db_error
+from tailpy.errors import ConfigError, ControlError, StorageError
+from tailpy.httperrors import make_json_errors
 from tailpy.netmap import Node
 
 if TYPE_CHECKING:
@@ -236,7 +238,8 @@ class AdminServer:
             if await _alive(self.path):
                 raise ConfigError(f"another control server is running on {self.path}; stop it first")
             self.path.unlink()
-        app = web.Application()
+        where = self.admin.store.where
+        app = web.Application(middlewares=[make_json_errors(translate=lambda e: db_error(e, where))])
         app.router.add_post("/admin/{op}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -260,6 +263,8 @@ class AdminServer:
             if not isinstance(args, dict):
                 raise ConfigError("admin request must be a JSON object")
             return web.json_response({"result": self.admin.run(request.match_info["op"], args)})
+        except StorageError as e:
+            return web.json_response({"error": str(e)}, status=507)
         except (ConfigError, ControlError) as e:
             return web.json_response({"error": str(e)}, status=400)
         except (ValueError, RecursionError):
@@ -283,11 +288,12 @@ async def call_socket(path: Path, op: str, args: Mapping[str, Any]) -> Any:
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as http,
         http.post(f"http://control/admin/{op}", json=dict(args), timeout=timeout) as r,
     ):
+        status = r.status
         body = await r.json(content_type=None)
     if not isinstance(body, dict):
         raise ControlError(f"control server on {path} sent a malformed admin answer")
     if "error" in body:
-        raise ConfigError(str(body["error"]))
+        raise (StorageError if status == 507 else ConfigError)(str(body["error"]))
     return body.get("result")
 
 
@@ -306,6 +312,11 @@ def run(state_dir: Path | None, db: str | None, op: str, args: Mapping[str, Any]
     store = Store(state_dir, create=db is not None, db=db)
     try:
         return Admin(store).run(op, args)
+    except Exception as e:
+        known = db_error(e, store.where)
+        if known is None:
+            raise
+        raise known from None
     finally:
         store.close()
 

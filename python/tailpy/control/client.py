@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -131,11 +132,30 @@ class ControlClient:
         self._server_key: MachinePublic | None = None
         self._session: aiohttp.ClientSession | None = None
         self.map_state: MapState | None = None
+        self.clock_skew: float | None = None
+        """Seconds control's clock is ahead of ``clock`` (negative: behind), from the ``Date`` header of its
+        last reply (RFC 9110 section 6.6.1, one-second resolution); None before one."""
+        self.on_clock_skew: Callable[[float], None] | None = None
+        """Called with :attr:`clock_skew` at each reply that has a ``Date`` header."""
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         return self._session
+
+    def _note_date(self, headers: Mapping[str, str]) -> None:
+        """Compare a reply's ``Date`` header with our clock (:attr:`clock_skew`)."""
+        date = headers.get("Date")
+        if not date:
+            return
+        try:
+            server = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        # Date is truncated to the second: the midpoint of that second is the best guess.
+        self.clock_skew = server + 0.5 - self.clock()
+        if self.on_clock_skew is not None:
+            self.on_clock_skew(self.clock_skew)
 
     def _unreachable(self, e: BaseException) -> ControlError:
         if isinstance(e, aiohttp.ClientConnectorError):
@@ -159,6 +179,7 @@ class ControlClient:
                 async with self._http().get(
                     self.server_url + "/key", timeout=aiohttp.ClientTimeout(total=30)
                 ) as r:
+                    self._note_date(r.headers)
                     text = (await r.text()).strip()
                     if r.status != 200:
                         raise ControlError(
@@ -179,6 +200,7 @@ class ControlClient:
             async with self._http().post(
                 self.server_url + path, data=req.data, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as r:
+                self._note_date(r.headers)
                 data = await r.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise self._unreachable(e) from None
@@ -339,6 +361,7 @@ class ControlClient:
             async with self._http().post(
                 self.server_url + "/machine/map", data=req.data, timeout=timeout
             ) as r:
+                self._note_date(r.headers)
                 if r.status != 200:
                     self._decode(await r.read(), r.status, req.nonce_id)
                     raise ControlError(f"control server answered HTTP {r.status} to the map request")

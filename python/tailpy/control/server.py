@@ -30,6 +30,10 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
+* ``GET /health`` -> ``{"status": "ok" | "error", "checks": {name: {"status": ..., ...}}}``, 200 or 503
+  when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
+  :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
+  service managers.
 
 Every request acts only on the node of the machine key that sealed it. Errors: 400 malformed, 401 a box that
 does not open / stale or replayed request / refused auth key, 403 an unregistered machine or wrong node key;
@@ -44,6 +48,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -55,8 +60,10 @@ from tailpy.control import dnsconfig, pages
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
+from tailpy.control.store.database import db_error
 from tailpy.endpoint import Endpoint
 from tailpy.errors import AuthKeyError, ControlError, EndpointError, InvalidKeyError, ParseError
+from tailpy.httperrors import make_json_errors
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
@@ -158,6 +165,8 @@ class ControlServer:
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
+        self.extra_health: dict[str, Callable[[], dict[str, Any]]] = {}
+        """More checks for ``GET /health``: name -> a function answering ``{"status": ..., ...}``."""
         self.logins: Logins | None = None  # interactive login (OpenID Connect), see tailpy.control.oidc
         if oidc is not None:
             self.logins = Logins(
@@ -168,8 +177,14 @@ class ControlServer:
 
     def app(self) -> web.Application:
         """The aiohttp application (its shutdown ends every map stream)."""
-        app = web.Application(client_max_size=proto.MAX_MESSAGE + 4096)
+        where = getattr(self.store, "where", "")
+        app = web.Application(
+            client_max_size=proto.MAX_MESSAGE + 4096,
+            # every error JSON (login pages keep their own HTML error pages)
+            middlewares=[make_json_errors(skip=pages.PAGE_PREFIXES, translate=lambda e: db_error(e, where))],
+        )
         app.router.add_get("/key", self._key)
+        app.router.add_get("/health", self._health)
         app.router.add_post("/machine/register", self._register)
         app.router.add_post("/machine/map", self._map)
         app.router.add_post("/machine/update", self._update)
@@ -180,6 +195,29 @@ class ControlServer:
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` answers: ``{"status": "ok" | "error", "checks": {...}}``, each check
+        ``{"status": "ok" | "error", ...}``: ``database`` (a read of the settings), ``map_streams`` (how many
+        are open), and :attr:`extra_health`'s."""
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            self.store.settings()
+            checks["database"] = {"status": "ok"}
+        except Exception as e:  # whatever the driver raises: the answer is "not healthy", with why
+            checks["database"] = {"status": "error", "error": str(e) or type(e).__name__}
+        checks["map_streams"] = {"status": "ok", "open": self.mapper.streams}
+        for name, check in self.extra_health.items():
+            try:
+                checks[name] = check()
+            except Exception as e:
+                checks[name] = {"status": "error", "error": repr(e)}
+        ok = all(c.get("status") != "error" for c in checks.values())
+        return {"status": "ok" if ok else "error", "checks": checks}
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        doc = self.health()
+        return web.json_response(doc, status=200 if doc["status"] == "ok" else 503)
 
     async def start(self, host: str | None, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (``host`` None: every address, IPv4 and IPv6; ``port`` 0: any free port);
@@ -503,6 +541,8 @@ class ControlServer:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
             node = self._live_node(req, node_key)
+            if request.transport is not None:
+                set_stream_keepalive(request.transport.get_extra_info("socket"))
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             resp.enable_chunked_encoding()
             await resp.prepare(request)
@@ -550,6 +590,33 @@ class ControlServer:
                     self.mapper.publish(node)  # last_seen, offline
                 self._lifecycle()  # an ephemeral node's offline timeout starts now
             log.info("map stream closed for node %d", stream.node_id)
+
+
+STREAM_KEEPALIVE = (10, 5, 3)
+"""TCP keepalive of a map stream's connection: first probe after 10 s idle, then every 5 s, 3 unanswered
+probes end it (tcp(7) ``TCP_KEEPIDLE``, ``TCP_KEEPINTVL``, ``TCP_KEEPCNT``)."""
+STREAM_USER_TIMEOUT = 30.0
+"""Seconds written data may stay unacknowledged before the kernel ends a map stream's connection (tcp(7)
+``TCP_USER_TIMEOUT``, RFC 5482). With keepalive lines every 15 s, a node whose host vanished (power cut,
+cable, a crashed VM: no FIN or RST) counts as offline within about 45 s instead of TCP's ~15 minutes of
+retransmissions."""
+
+
+def set_stream_keepalive(sock: socket.socket | None) -> None:
+    """Make ``sock`` (a map stream's TCP connection) notice a peer that vanished: keepalive probes
+    (:data:`STREAM_KEEPALIVE`) and a user timeout (:data:`STREAM_USER_TIMEOUT`), where the OS has them."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, count = STREAM_KEEPALIVE
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            opt = getattr(socket, name, None)
+            if opt is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(STREAM_USER_TIMEOUT * 1000))
 
 
 def http_url(host: str, port: int) -> str:

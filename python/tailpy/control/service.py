@@ -14,12 +14,14 @@ and left out of the map (STUNPort -1). Control serves regardless. Headscale's em
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
 from tailpy.control.options import WILDCARDS
@@ -57,13 +59,15 @@ class ControlConfig:
     * ``key_lifetime``: node key lifetime, seconds (None: keys never expire); ``ephemeral_timeout``: offline
       seconds after which an ephemeral node is removed.
     * ``derp``: run the embedded relay on ``derp_host:derp_port`` (``derp_host`` None: every address),
-      told to nodes as ``derp_hostname`` (else the first specific one of ``derp_host`` and ``host``) in
+      told to nodes as ``derp_hostname`` (else ``server_url``'s host, else the first specific one of
+      ``derp_host`` and ``host``; :func:`derp_advertised_host`) in
       region ``derp_region_id`` (1..2**31-1) ``derp_region_code``; ``derp_verify_clients``: it admits only
       this tailnet's live, unexpired node keys. ``derp_map``: external relays, sent with (or, without
       ``derp``, instead of) the embedded one; its region ids must differ from ``derp_region_id``;
       ``derp_map_file`` the file it came from (for messages).
     * ``stun``: a STUN server beside the relay on UDP ``stun_port`` (0 picks one).
     * ``oidc``: browser login (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only).
+    * ``server_url``: the URL nodes reach control at (``--server-url``; None: from ``host``).
     """
 
     state_dir: Path
@@ -87,6 +91,7 @@ class ControlConfig:
     stun: bool = True
     stun_port: int = 3478
     oidc: OIDCConfig | None = None
+    server_url: str | None = None
 
     def check(self) -> None:
         """Raise ConfigError for settings that cannot work together (region id out of range, or taken by
@@ -101,12 +106,20 @@ class ControlConfig:
             )
 
 
-def derp_advertised_host(derp_host: str | None, listen_host: str | None, hostname: str | None) -> str | None:
+def derp_advertised_host(
+    derp_host: str | None, listen_host: str | None, hostname: str | None, server_url: str | None = None
+) -> str | None:
     """The host nodes are told to reach the embedded relay at: ``hostname`` (``--derp-hostname``) when
-    given, else the relay's listen address when it is a specific one, else control's listen host when that
-    is, else None (the relay runs but is not put in the DERP map)."""
+    given, else the host of ``server_url`` (``--server-url``: where nodes already reach control), else the
+    relay's listen address when it is a specific one, else control's listen host when that is, else None
+    (the relay runs but is not put in the DERP map; `tailpy control serve` refuses to start so)."""
     if hostname:
         return hostname
+    if server_url:
+        with contextlib.suppress(ValueError):
+            host = urllib.parse.urlsplit(server_url).hostname
+            if host:
+                return host
     for h in (derp_host, listen_host):
         if h is not None and h not in WILDCARDS:
             return h
@@ -217,7 +230,7 @@ class ControlProcess:
         stun_port = await self._start_stun() if cfg.stun else -1
         key_text = derp_key.public.text()
         bound = relay.addresses[0][1] if relay.addresses else cfg.derp_port
-        advertised = derp_advertised_host(cfg.derp_host, cfg.host, cfg.derp_hostname)
+        advertised = derp_advertised_host(cfg.derp_host, cfg.host, cfg.derp_hostname, cfg.server_url)
         urls = ", ".join(f"{http_url(h, p)}/derp" for h, p in relay.addresses)
         if advertised is None:
             self._derp_note = (
@@ -272,6 +285,8 @@ class ControlProcess:
         )
         if self.relay is not None and cfg.derp_verify_clients:
             self.relay.verify_client = local_admission(server.derp_admits)
+        if cfg.derp:
+            server.extra_health["derp"] = self._derp_health
         self.admin = AdminServer(
             Admin(self.store, server=server, key_lifetime=cfg.key_lifetime), cfg.state_dir / SOCKET_NAME
         )
@@ -283,6 +298,17 @@ class ControlProcess:
             raise ConfigError(f"cannot listen on {where}: {e.strerror or e}") from None
         self.server = server
         return settings
+
+    def _derp_health(self) -> dict[str, Any]:
+        """The embedded relay's part of control's ``GET /health``: "error" when it does not run, "warning"
+        when it runs but nodes were not told where (left out of the DERP map)."""
+        if self.relay is None:
+            return {"status": "error", "error": self._derp_note[1] if self._derp_note else "not running"}
+        doc = self.relay.health()
+        region = self.config.derp_region_id
+        in_map = self.derp_map is not None and region in self.derp_map.regions
+        status = doc["status"] if in_map or doc["status"] == "error" else "warning"
+        return {"status": status, "in_derp_map": in_map, **doc["checks"]["relay"]}
 
     def _log_started(self, domain: str) -> None:
         assert self.server is not None and self.store is not None

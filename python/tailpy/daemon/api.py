@@ -6,7 +6,8 @@ force_reauth, accept_dns?}), ``POST /localapi/v0/down``, ``POST /localapi/v0/log
 seconds}) -> one disco ping's answer (:meth:`Backend.ping`), ``POST /localapi/v0/netcheck`` ({timeout}) -> a
 netcheck report made over the data plane's own socket (:meth:`Backend.netcheck`).
 Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 404 (no such
-node), 502 (control unreachable or refused).
+node), 502 (control unreachable or refused), 507 (the state file cannot be written: disk full, read-only),
+500 (anything else, logged with its traceback: :func:`tailpy.httperrors.json_errors`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from tailpy.daemon.backend import Backend
-from tailpy.errors import AuthKeyError, ConfigError, ControlError, TailpyError
+from tailpy.daemon.netfilter import MODES
+from tailpy.errors import AuthKeyError, ConfigError, ControlError, StorageError, TailpyError
+from tailpy.httperrors import json_errors
 
 PREFIX = "/localapi/v0"
 
@@ -42,6 +45,11 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             body: dict[str, Any] = await request.json()
         except ValueError:
             return _error(400, ConfigError("request body is not JSON"))
+        mode = body.get("netfilter_mode")
+        if mode is not None:
+            if mode not in MODES:
+                return _error(400, ConfigError(f"netfilter_mode must be one of {', '.join(MODES)}"))
+            backend.set_netfilter_mode(str(mode))
         try:
             await backend.up(
                 str(body.get("login_server", "")),
@@ -56,6 +64,8 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             return _error(400, e)
         except ControlError as e:
             return _error(502, e)
+        except StorageError as e:
+            return _error(507, e)
         except TailpyError as e:
             return _error(500, e)
         return web.json_response(backend.status().to_json())
@@ -117,7 +127,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             asyncio.get_running_loop().call_soon(on_down)
         return web.json_response(backend.status().to_json())
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.add_routes(routes)
     return app
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tailpy import netmap as nm
 from tailpy.control.client import LoginAnswer
+from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules
@@ -39,6 +40,7 @@ from tailpy.errors import (
     ControlError,
     EndpointError,
     NotRegisteredError,
+    StorageError,
     TailpyError,
 )
 from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
@@ -47,11 +49,14 @@ from tailpy.magicsock import Conn, ConnDevice, Options
 from tailpy.packetfilter import FilterRule
 
 if TYPE_CHECKING:
+    from tailpy.daemon.netfilter import Firewall
     from tailpy.dns.manager import DNSManager
 
 log = logging.getLogger("tailpy.daemon")
 
 ACTIVE_WINDOW = 180.0  # seconds after a handshake a peer counts as active
+HEALTH_INTERVAL = 2.0  # seconds between health checks (each change is logged once)
+ROUTE_MTU_INTERVAL = 30.0  # seconds between looks at the default route's MTU
 
 
 class DataPlane(ConnDevice, Protocol):
@@ -93,7 +98,8 @@ def check_login_server(url: str) -> str:
 class Backend:
     """One node. ``device_factory(private_key)`` creates the data plane (a real ``tailpy._native.Device``
     in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched);
-    ``rotate_before``: seconds before the node key expires to rotate it (0: never). Made and used inside a
+    ``rotate_before``: seconds before the node key expires to rotate it (0: never); ``firewall``: the node
+    firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
     running event loop."""
 
     def __init__(
@@ -105,9 +111,11 @@ class Backend:
         configure_os: bool = True,
         rotate_before: float = ROTATE_BEFORE,
         dns: DNSManager | None = None,
+        firewall: Firewall | None = None,
     ) -> None:
         self.store = store
         self.dns = dns
+        self.firewall = firewall  # the node firewall's nftables table, made and removed with the device
         self.state_data: NodeState = store.load_or_create()
         # The disco key is never stored: new at each start (the machine key lasts, the node key rotates).
         self.disco_key = DiscoPrivate.generate()
@@ -142,6 +150,14 @@ class Backend:
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._login: asyncio.Task[None] | None = None
+        self.health = hl.Tracker()
+        """Named warnings (:mod:`tailpy.daemon.health`), checked every :data:`HEALTH_INTERVAL` seconds."""
+        self._handshakes = hl.HandshakeWatch()
+        self._control_down_since: float | None = None
+        self._control_error = ""
+        self._netmap_since: float | None = None
+        self._route_mtu: tuple[float, tuple[str, int] | None] | None = None  # (looked at, value)
+        self._health_task: asyncio.Task[None] | None = None
 
     @property
     def backend_state(self) -> str:
@@ -160,6 +176,7 @@ class Backend:
     async def start(self) -> None:
         """After a restart: reconnect if the node was up before, else wait for ``up``."""
         s = self.state_data
+        self._start_health()
         if self.dns is not None:
             self.dns.recover()  # a resolv.conf left pointed at MagicDNS by a crash
         if s.want_running and s.login_server and s.node_id is not None:
@@ -189,6 +206,7 @@ class Backend:
         trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
         for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
+        self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
         if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
             if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
@@ -250,22 +268,41 @@ class Backend:
             assert isinstance(answer, LoginAnswer)
             self._await_login(url, node_key, hostname, answer)
             return
-        self._registered(url, node_key, hostname, node)
+        try:
+            self._registered(url, node_key, hostname, node)
+        except StorageError:  # the state file cannot record it (a full disk): the node stays as it was
+            if created:
+                self._close_device()
+            elif self.netmap is not None and s.want_running and not self.session.running:
+                self.session.start()
+            raise
 
     def _registered(self, url: str, node_key: NodePrivate, hostname: str, node: nm.Node) -> None:
         """Control registered this machine as ``node`` with ``node_key``: save it and follow the netmap."""
         s = self.state_data
+        # Saved first: a state file that cannot be written (StorageError) leaves the node as it was.
+        new = dataclasses.replace(
+            s,
+            node_key=node_key,
+            pending_node_key=None if node_key is not s.node_key else s.pending_node_key,
+            login_server=url,
+            hostname=hostname,
+            node_id=node.id,
+            addresses=tuple(node.addresses),
+            want_running=True,
+            accept_dns=s.accept_dns if self._up_accept_dns is None else self._up_accept_dns,
+            node_key_issued=s.node_key_issued
+            if node_key is s.node_key and s.node_key_issued
+            else time.time(),
+        )
+        self.store.save(new)
         self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
         if url != s.login_server:
             self._drop_netmap()
-        s.login_server, s.hostname = url, hostname
-        s.node_id, s.addresses, s.want_running = node.id, tuple(node.addresses), True
-        if self._up_accept_dns is not None:
-            s.accept_dns = self._up_accept_dns
-        s.node_key_issued = s.node_key_issued if node_key is s.node_key and s.node_key_issued else time.time()
-        self.store.save(s)
+        for f in dataclasses.fields(new):
+            setattr(s, f.name, getattr(new, f.name))
         self.last_error = ""
         self._fire(Event.REGISTERED)
         self._apply_self(node)
@@ -326,14 +363,20 @@ class Backend:
         self.session.start()
 
     async def down(self) -> None:
-        """Disconnect: stop following control and remove the tunnel; the node stays registered."""
+        """Disconnect: stop following control and remove the tunnel; the node stays registered. Always
+        completes: a state file that cannot be written (a full disk) is logged and shown in the status's
+        error (the next start then reconnects)."""
         await self._stop_login()
         await self.session.stop()
         self.state_data.want_running = False
-        self.store.save(self.state_data)
         self._close_device()
         self._drop_netmap()
         self._fire(Event.DOWN)
+        try:
+            self.store.save(self.state_data)
+        except StorageError as e:
+            log.warning("down: %s", e)
+            self.last_error = f"stopped, but {e}"
 
     async def logout(self) -> None:
         """Log out: control expires this node's key (the record, address and name stay for the next login),
@@ -354,6 +397,10 @@ class Backend:
 
     async def close(self) -> None:
         """Daemon exit: like ``down`` but keeps ``want_running`` so the next start reconnects."""
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self._stop_login()
         await self.session.stop()
         self._close_device()
@@ -372,10 +419,89 @@ class Backend:
     def _on_netmap(self, netmap: nm.NetMap) -> None:
         if self.state is not BackendState.NEEDS_LOGIN or not netmap.self_node.expired:
             self.last_error = ""
+        self._control_error = ""
         self.apply_netmap(netmap)
 
     def _on_session_error(self, sentence: str) -> None:
         self.last_error = sentence
+        self._control_error = sentence
+
+    # -- health ----------------------------------------------------------------------------------------
+
+    def _start_health(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="health")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                self.check_health()
+            except Exception:  # a check must never stop the daemon
+                log.exception("health check failed")
+
+    def _link_mtu(self, now: float) -> tuple[str, int] | None:
+        if not self._configure_os:
+            return None
+        if self._route_mtu is None or now - self._route_mtu[0] >= ROUTE_MTU_INTERVAL:
+            self._route_mtu = (now, netconf.route_mtu())
+        return self._route_mtu[1]
+
+    def check_health(self) -> None:
+        """Look at the node once and update :attr:`health` (:func:`tailpy.daemon.health.evaluate`)."""
+        now = time.time()
+        s = self.state_data
+        following = self.session.running and s.want_running
+        if following and not self.session.connected:
+            if self._control_down_since is None:
+                self._control_down_since = now
+        else:
+            self._control_down_since = None
+        conn = self.conn
+        home: hl.HomeDerp | None = None
+        peers: list[hl.PeerHandshakes] = []
+        if conn is not None:
+            region = conn.home_region
+            if region:
+                c = next((c for c in conn.relay.derp.status() if c.region_id == region), None)
+                home = hl.HomeDerp(
+                    region,
+                    conn.region_code(region),
+                    connected=c is not None and c.connected,
+                    error=(c.last_error or "") if c is not None else "",
+                )
+            else:
+                errors = list(conn.relay.derp.probe_errors.values())
+                home = hl.HomeDerp(0, error=errors[-1] if errors else "")
+            stats = conn.peer_stats()
+            for node in self._applied.peers.values() if self._applied is not None else ():
+                st = stats.get(node.node_key.raw)
+                # An offline peer cannot answer: its row in status says so, not a handshake warning.
+                if st is not None and "handshakes_sent" in st and node.online:
+                    sent, hs = int(st["handshakes_sent"]), st.get("last_handshake")
+                    peers.append(hl.PeerHandshakes(node.name, node.node_key.raw, sent, hs))
+        dns_error = ""
+        if self.dns is not None and self.device is not None and self.netmap is not None:
+            dns_error = self.dns.os_error
+        hl.evaluate(
+            self.health,
+            self._handshakes,
+            hl.Inputs(
+                now=now,
+                following=following,
+                login_server=s.login_server,
+                control_down_since=self._control_down_since,
+                control_error=self._control_error,
+                netmap_since=self._netmap_since,
+                derp_regions=len(conn.relay.derp_map.regions) if conn is not None else 0,
+                home=home,
+                peers=peers,
+                dns_error=dns_error,
+                mtu=netconf.mtu_warnings(self._mtu, self._link_mtu(now)),
+                firewall=self.firewall.warnings() if self.firewall else (),
+                clock_skew=self.session.clock_skew,
+            ),
+        )
 
     def _forgotten(self, e: NotRegisteredError) -> None:
         """Control no longer knows this machine (an admin deleted it): drop the peers and need login."""
@@ -393,6 +519,7 @@ class Backend:
 
     def _drop_netmap(self) -> None:
         self.netmap = None
+        self._netmap_since = None
         self.session.self_node = None
 
     def _adopt_node_key(self, key: NodePrivate) -> None:
@@ -457,6 +584,8 @@ class Backend:
             dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         self._apply_filter(dev, new.packet_filter)
         self.netmap, self._applied = new, wanted
+        if self._netmap_since is None:
+            self._netmap_since = time.time()
         if self.conn is not None:
             self.conn.set_netmap(wanted)
         if self.dns is not None:
@@ -520,9 +649,20 @@ class Backend:
                 ),
             )
             self.conn.start()
+            if self.firewall is not None and self._configure_os:
+                self.firewall.install(tun, dev.listen_port)
         return self.device
 
+    def set_netfilter_mode(self, mode: str) -> None:
+        """``up --netfilter-mode``: switch the node firewall on or off now (for this daemon's life)."""
+        if self.firewall is not None and self._configure_os and mode != self.firewall.mode:
+            dev = self.device
+            self.firewall.set_mode(mode, dev.tun_name if dev else None, dev.listen_port if dev else 0)
+            self.changed.set()
+
     def _close_device(self) -> None:
+        if self.firewall is not None:
+            self.firewall.remove()
         if self.dns is not None:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
@@ -548,9 +688,13 @@ class Backend:
         path = st.get("path")
         relay_region = conn.relay_region(node.node_key.raw) if conn is not None and path == "relay" else 0
         endpoint = None
+        if path == "direct" and (conn is None or not conn.direct_confirmed(node.node_key, st)):
+            # Sent to directly but never answered there (a best guess, say a LAN address behind the
+            # peer's NAT): not a path yet. Status says "direct" only for an endpoint that answered.
+            path = None
         # Only a direct path's endpoint: on relay the data plane still holds its would-be direct endpoint
         # (often an unreachable LAN address), which would contradict "path": "relay" for scripts.
-        if path != "relay" and st.get("endpoint"):
+        if path == "direct" and st.get("endpoint"):
             with contextlib.suppress(EndpointError):
                 endpoint = Endpoint.parse(str(st["endpoint"]))
         return PeerStatus(
@@ -585,6 +729,7 @@ class Backend:
         """The node and its peers, as ``tailpy status --json`` prints it (:class:`tailpy.ipnstate.Status`;
         fields in README "Status JSON"). Times are unix seconds."""
         s = self.state_data
+        self.check_health()
         now = time.time()
         conn = self.conn
         stats = conn.peer_stats() if conn is not None else {}
@@ -601,7 +746,7 @@ class Backend:
             error=self.last_error,
             auth_url=self.auth_url,
             login_pending=self._login is not None,
-            health=tuple(netconf.mtu_warnings(self._mtu)),
+            health=self.health.warnings(),
             now=now,
             self_node=SelfStatus(
                 id=s.node_id,
@@ -667,7 +812,15 @@ class Backend:
         (unknown peer, one without disco, node not running)."""
         node = self.find_peer(target)
         if node.expired:
-            raise ConfigError(f"peer {node.name}'s key has expired: it cannot be reached")
+            raise ConfigError(
+                f"{node.name}: peer's key has expired; it cannot be reached until it logs in again "
+                f"(`tailpy login` on {node.name}, or `tailpy control nodes expiry` to extend it)"
+            )
+        if not node.online:
+            seen = ""
+            if node.last_seen:
+                seen = f", last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node.last_seen))}"
+            raise ConfigError(f"{node.name}: peer is offline (not connected to control{seen})")
         if self.conn is None:
             raise ConfigError("this node is not running (no data plane): run `tailpy up`")
         if node.disco_key is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from tailpy.errors import (
     DaemonNotRunningError,
     ParseError,
     PermissionDeniedError,
+    StorageError,
     TailpyError,
 )
 from tailpy.ipnstate import PeerStatus, PingReply, Status
@@ -22,6 +24,11 @@ from tailpy.netmap import DerpMap
 
 if TYPE_CHECKING:
     from tailpy.magicsock.netcheck import Report
+
+
+class DaemonUnresponsiveError(TailpyError):
+    """tailpyd accepted a connection on its socket but did not answer in time (wedged or stopped)."""
+
 
 DEFAULT_SOCKET = "/run/tailpy/tailpyd.sock"
 DEFAULT_STATE_DIR = "/var/lib/tailpy"
@@ -42,26 +49,40 @@ _ERRORS: dict[int, type[TailpyError]] = {
     401: AuthKeyError,
     404: ConfigError,
     502: ControlError,
+    507: StorageError,
 }
 
 
 class LocalClient:
-    """Talks to the tailpyd listening on unix socket ``socket_path``."""
+    """Talks to the tailpyd listening on unix socket ``socket_path``; a call that gets no answer within
+    ``timeout`` seconds raises DaemonUnresponsiveError."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
         self.socket_path = socket_path
+        self.timeout = timeout
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         conn = aiohttp.UnixConnector(path=self.socket_path)
         try:
             async with (
-                aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session,
+                aiohttp.ClientSession(
+                    connector=conn, timeout=aiohttp.ClientTimeout(total=self.timeout)
+                ) as session,
                 session.request(method, "http://local-tailpyd/localapi/v0" + path, json=body) as resp,
             ):
-                data: dict[str, Any] = await resp.json()
+                try:
+                    data: dict[str, Any] = await resp.json(content_type=None)
+                except ValueError:
+                    raise TailpyError(f"tailpyd answered HTTP {resp.status} without JSON") from None
+                if not isinstance(data, dict):
+                    raise TailpyError(f"tailpyd answered HTTP {resp.status} with malformed JSON")
                 if resp.status >= 400:
                     raise _ERRORS.get(resp.status, TailpyError)(data.get("error", f"HTTP {resp.status}"))
                 return data
+        except asyncio.TimeoutError:
+            raise DaemonUnresponsiveError(
+                f"tailpyd did not answer on {self.socket_path} within {self.timeout:.0f} s"
+            ) from None
         except PermissionError:
             raise PermissionDeniedError(
                 f"permission denied on tailpyd's socket {self.socket_path}: run this as root (sudo)"
@@ -90,15 +111,18 @@ class LocalClient:
         hostname: str | None,
         force_reauth: bool = False,
         accept_dns: bool | None = None,
+        netfilter_mode: str | None = None,
     ) -> Status:
         """Log in / bring the node up (``POST /up``): the status after it."""
-        body = {
+        body: dict[str, Any] = {
             "login_server": login_server,
             "auth_key": auth_key,
             "hostname": hostname,
             "force_reauth": force_reauth,
             "accept_dns": accept_dns,
         }
+        if netfilter_mode is not None:
+            body["netfilter_mode"] = netfilter_mode
         return Status.from_json(await self._call("POST", "/up", body))
 
     async def logout(self) -> Status:

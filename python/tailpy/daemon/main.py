@@ -11,12 +11,17 @@ import sys
 
 import click
 
+from tailpy.daemon import netfilter
 from tailpy.daemon.api import make_app, serve
 from tailpy.daemon.backend import Backend
+from tailpy.daemon.cleanup import cleanup
 from tailpy.daemon.client import default_socket, default_state_dir
+from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, DaemonLock, RunRecord
+from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
-from tailpy.errors import TailpyError
+from tailpy.errors import DaemonRunningError, TailpyError
+from tailpy.storage import is_storage_errno, storage_error
 
 log = logging.getLogger("tailpy.daemon")
 
@@ -38,7 +43,11 @@ async def run(
     exit_on_down: bool,
     rotate_before: float,
     magicdns: bool = True,
+    netfilter_mode: str = "on",
 ) -> None:
+    """Serve the node until SIGTERM/SIGINT (or ``down`` with ``exit_on_down``). The caller holds the state
+    directory's lock (:class:`tailpy.daemon.lock.DaemonLock`). Tells systemd READY=1 once the node is up or
+    waiting for login (:func:`tailpy.daemon.sdnotify.notify`)."""
     from tailpy._native import Device
 
     def factory(private_key: bytes) -> Device:
@@ -47,7 +56,14 @@ async def run(
     from tailpy.dns.manager import DNSManager
 
     dns = DNSManager(state_dir) if magicdns else None
-    backend = Backend(StateStore(state_dir), factory, tun_mtu=mtu, rotate_before=rotate_before, dns=dns)
+    backend = Backend(
+        StateStore(state_dir),
+        factory,
+        tun_mtu=mtu,
+        rotate_before=rotate_before,
+        dns=dns,
+        firewall=netfilter.Firewall(netfilter_mode),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,8 +73,10 @@ async def run(
     log.info("tailpyd listening on %s (state %s)", socket_path, state_dir)
     try:
         await backend.start()
+        notify("READY=1", f"STATUS={backend.backend_state}")
         await stop.wait()
     finally:
+        notify("STOPPING=1")
         await runner.cleanup()
         await backend.close()
         if os.path.exists(socket_path):
@@ -101,6 +119,21 @@ async def run(
     show_default=True,
     help="Run the MagicDNS resolver on 100.100.100.100 (port 53).",
 )
+@click.option(
+    "--netfilter-mode",
+    type=click.Choice(netfilter.MODES),
+    default="on",
+    show_default=True,
+    help="on: an nftables table of tailpyd's own drops packets with a tailnet source address arriving on "
+    "any interface but the TUN; off: leave the host's nftables alone.",
+)
+@click.option(
+    "--cleanup",
+    "cleanup_only",
+    is_flag=True,
+    help="Do not run: undo what a tailpyd that did not exit cleanly left (the host's resolv.conf, MagicDNS "
+    "addresses, its TUN, routes and nftables table), then exit (systemd's ExecStopPost).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(
     state_dir: str,
@@ -111,19 +144,50 @@ def main(
     exit_on_down: bool,
     rotate_before: float,
     magicdns: bool,
+    netfilter_mode: str,
+    cleanup_only: bool,
     verbose: bool,
 ) -> None:
-    """tailpyd: the tailpy node daemon."""
+    """tailpyd: the tailpy node daemon. One runs per state directory: a second one exits (status 3)
+    saying which pid holds it."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    lock = DaemonLock(state_dir)
     try:
-        asyncio.run(run(state_dir, socket_path, tun, port, mtu, exit_on_down, rotate_before, magicdns))
+        lock.acquire()  # before the socket, the TUN, DNS or the state file
+    except DaemonRunningError as e:
+        click.echo(f"tailpyd: {e}", err=True)
+        sys.exit(EXIT_ALREADY_RUNNING)
     except TailpyError as e:
         click.echo(f"tailpyd: {e}", err=True)
         sys.exit(1)
+    try:
+        prev = lock.previous
+        if prev is not None and not cleanup_only:
+            log.warning("tailpyd (pid %s) did not exit cleanly: undoing what it left", prev.pid)
+        done = cleanup(state_dir, (tun, prev.tun if prev else ""))
+        if cleanup_only:
+            click.echo("cleaned up: " + "; ".join(done) if done else "nothing to clean up")
+            return
+        table = netfilter.table_name(tun) if netfilter_mode == "on" else ""
+        lock.record(RunRecord(pid=os.getpid(), tun=tun, socket=socket_path, netfilter_table=table))
+        asyncio.run(
+            run(state_dir, socket_path, tun, port, mtu, exit_on_down, rotate_before, magicdns, netfilter_mode)
+        )
+    except TailpyError as e:
+        click.echo(f"tailpyd: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        log.debug("tailpyd failed", exc_info=True)
+        if is_storage_errno(e) and e.filename:
+            e = storage_error(e, e.filename, "file")
+        click.echo(f"tailpyd: {e}", err=True)
+        sys.exit(1)
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -54,14 +54,51 @@ def configure_tun(name: str, addresses: list[str], mtu: int) -> None:
         _ip("-6", "route", "replace", str(TAILNET_V6), "dev", name)
 
 
-def mtu_warnings(mtu: int) -> list[str]:
-    """Health warnings for a TUN MTU (bytes): one sentence each."""
+WIREGUARD_OVERHEAD = 80
+"""Bytes WireGuard adds to a packet over IPv6 (40 IPv6 + 8 UDP + 32 WireGuard header and tag; 60 over
+IPv4): the TUN MTU plus this must fit the underlay link's MTU."""
+
+
+def mtu_warnings(mtu: int, link: tuple[str, int] | None = None) -> list[str]:
+    """Health warnings for a TUN MTU (bytes), one sentence each; ``link``: the underlay's (interface, MTU)
+    (:func:`route_mtu`), when known."""
+    out = []
     if mtu < IPV6_MIN_MTU:
-        return [
+        out.append(
             f"TUN MTU {mtu} is below IPv6's minimum of {IPV6_MIN_MTU}: the node's IPv6 tailnet address is "
             "not configured; raise --mtu to 1280 if the underlay allows"
-        ]
-    return []
+        )
+    if link is not None and mtu + WIREGUARD_OVERHEAD > link[1]:
+        dev, link_mtu = link
+        out.append(
+            f"TUN MTU {mtu} plus WireGuard's {WIREGUARD_OVERHEAD} bytes exceeds {dev}'s MTU {link_mtu}: "
+            "large packets through the tunnel are fragmented or lost; start tailpyd with --mtu "
+            f"{max(link_mtu - WIREGUARD_OVERHEAD, 576)} or less"
+        )
+    return out
+
+
+def route_mtu() -> tuple[str, int] | None:
+    """The interface of the default route and its MTU (the smaller of the link's and a route ``mtu``
+    attribute), or None when there is no default route or ``ip`` fails."""
+    try:
+        proc = _ip("-j", "route", "show", "default", check=False)
+        routes = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else []
+        if not routes or not routes[0].get("dev"):
+            return None
+        dev = str(routes[0]["dev"])
+        link = _ip("-j", "link", "show", "dev", dev, check=False)
+        links = json.loads(link.stdout) if link.returncode == 0 and link.stdout.strip() else []
+    except (ConfigError, ValueError, OSError):
+        return None
+    if not links or "mtu" not in links[0]:
+        return None
+    mtu = int(links[0]["mtu"])
+    metrics = routes[0].get("metrics") or []
+    for m in metrics if isinstance(metrics, list) else []:
+        if isinstance(m, dict) and "mtu" in m:
+            mtu = min(mtu, int(m["mtu"]))
+    return dev, mtu
 
 
 def interface_addresses(name: str) -> list[str]:

@@ -154,6 +154,8 @@ class ControlSession:
         self._home_changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
+        self.clock_skew: float | None = None
+        """Seconds control's clock is ahead of ours, from its last reply (``ControlClient.clock_skew``)."""
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -223,6 +225,9 @@ class ControlSession:
 
     # -- internals -------------------------------------------------------------------------------------
 
+    def _note_skew(self, skew: float) -> None:
+        self.clock_skew = skew
+
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
             self.connected = connected
@@ -235,6 +240,7 @@ class ControlSession:
         resume = None
         while True:
             client = ControlClient(self.state.login_server, self.state.machine_key)
+            client.on_clock_skew = self._note_skew
             client.map_state = resume  # resume from what the last stream applied (only deltas since)
             tasks = {
                 asyncio.create_task(self._follow(client), name="follow"),

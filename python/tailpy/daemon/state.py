@@ -1,7 +1,8 @@
 """The node's state file: its keys and what it last knew, kept across restarts.
 
-File ``<state_dir>/tailpyd.state``, JSON, mode 0600, written atomically (write to a temporary file, fsync,
-rename). The machine key lasts for the device's life; the node key until it expires or rotates; the disco
+File ``<state_dir>/tailpyd.state``, JSON, mode 0600, written atomically (:func:`tailpy.storage.write_atomic`:
+a temporary file, fsync, rename; on a full or read-only disk the old file stays and StorageError says so).
+The machine key lasts for the device's life; the node key until it expires or rotates; the disco
 key is never stored (new at each start).
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from tailpy.errors import ConfigError
 from tailpy.keys import MachinePrivate, NodePrivate
+from tailpy.storage import write_atomic
 
 STATE_FILE = "tailpyd.state"
 
@@ -97,11 +99,7 @@ class StateStore:
         return state
 
     def save(self, state: NodeState) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        """Write ``state`` atomically (:func:`tailpy.storage.write_atomic`). Raises StorageError with one
+        sentence (disk full, read-only, permission); the file on disk then stays as it was."""
+        data = json.dumps(state.to_json(), indent=1).encode()
+        write_atomic(self.path, data, mode=0o600, what="state file")

@@ -160,6 +160,11 @@ class DerpClient:
             raise DerpClientError(f"DERP server {url} did not complete login within {timeout:g} s") from None
         except DerpClientError:
             raise
+        except ssl.SSLCertVerificationError as exc:
+            why = exc.verify_message or exc.reason or str(exc)
+            raise DerpClientError(
+                f"could not connect to DERP server {url}: its TLS certificate is not trusted ({why})"
+            ) from None
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             raise DerpClientError(f"could not connect to DERP server {url}: {exc}") from None
         except ParseError as exc:

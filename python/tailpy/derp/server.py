@@ -27,6 +27,8 @@ Paths (as Tailscale's ``derpserver/handler.go`` and ``cmd/derper``):
   ``[A-Za-z0-9._:-]`` is answered with ``X-Tailscale-Response: response <challenge>``.
 * ``GET /debug/metrics`` → counters in Prometheus text format (:mod:`tailpy.derp.metrics`; from loopback
   only unless ``public_metrics``).
+* ``GET /health`` → ``{"status": "ok" | "error", "checks": {name: {"status": ..., ...}}}`` with 200, or 503
+  when a check failed (:meth:`DerpServer.health`; for load balancers and service managers).
 
 What happens on a DERP connection (login, forwarding, PeerGone, duplicate keys, keepalives) is the relay
 core's: see :mod:`tailpy.derp.relay`.
@@ -36,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import ssl
 import time
 from collections.abc import Callable
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import nacl.public
 
@@ -135,6 +139,8 @@ class DerpServer:
         self.public_metrics = public_metrics
         self.extra_metrics: list[Callable[[], str]] = []
         """More Prometheus text served at /debug/metrics after the relay's (the STUN server's, say)."""
+        self.extra_health: dict[str, Callable[[], dict[str, Any]]] = {}
+        """More checks for /health: name -> a function answering ``{"status": "ok" | "error", ...}``."""
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -180,6 +186,24 @@ class DerpServer:
             ssl_handshake_timeout=self.header_timeout if ssl_context else None,
         )
         self._servers.append(srv)
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` answers: ``{"status": "ok" | "error", "checks": {...}}``; a check is
+        ``{"status": "ok" | "error", ...}``: ``listening`` (the listening addresses), ``relay`` (connected
+        clients), and :attr:`extra_health`'s."""
+        m = self.metrics
+        listening = [f"{h}:{p}" for h, p in self.addresses]
+        checks: dict[str, dict[str, Any]] = {
+            "listening": {"status": "ok" if listening else "error", "addresses": listening},
+            "relay": {"status": "ok", "clients": m.clients, "home_clients": m.home_clients},
+        }
+        for name, check in self.extra_health.items():
+            try:
+                checks[name] = check()
+            except Exception as e:  # a broken check is a failed check, not a broken endpoint
+                checks[name] = {"status": "error", "error": repr(e)}
+        ok = all(c.get("status") != "error" for c in checks.values())
+        return {"status": "ok" if ok else "error", "checks": checks}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -295,6 +319,11 @@ class DerpServer:
                 return
             body = "".join([self.metrics.prometheus(), *(f() for f in self.extra_metrics)]).encode()
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain; version=0.0.4"}, body)
+        elif path == "/health":
+            doc = self.health()
+            code, reason = (200, "OK") if doc["status"] == "ok" else (503, "Service Unavailable")
+            body = json.dumps(doc).encode() + b"\n"
+            await self._respond(writer, code, reason, {"Content-Type": "application/json"}, body)
         elif path == "/":
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain"}, b"tailpy DERP server\n")
         else:

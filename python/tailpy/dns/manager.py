@@ -107,6 +107,18 @@ class DNSManager:
             self._os_key = key
             self._configure_os(netmap.domain, cfg, accept_dns, tun)
 
+    @property
+    def os_error(self) -> str:
+        """Why the host's resolver does not point at MagicDNS though it should ("" when it does, or when
+        ``accept_dns`` or control's DNS config do not ask for it)."""
+        if self._os_key is None or not self._os_key[0]:
+            return ""
+        if self.error:
+            return self.error
+        if not (self.resolv.active or (self.resolved is not None and self.resolved.active)):
+            return "the host's resolver configuration was not changed"
+        return ""
+
     def _host_upstreams(self) -> list[Any]:
         exclude = (MAGICDNS_V4, MAGICDNS_V6)
         if self._use_resolved():

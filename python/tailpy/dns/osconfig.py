@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tailpy.dns.config import IPAddress, parse_resolver
-from tailpy.errors import ConfigError, ParseError
+from tailpy.errors import ConfigError, ParseError, StorageError
+from tailpy.storage import write_atomic
 
 log = logging.getLogger("tailpy.dns")
 
@@ -197,13 +198,11 @@ class ResolvConf:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Raises ConfigError (the host's resolver then stays as it is) when ``path`` cannot be written."""
+    try:
+        write_atomic(path, data, mode=0o600, what="copy of the original resolv.conf")
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _write_in_place(path: Path, data: bytes) -> None:
@@ -212,10 +211,13 @@ def _write_in_place(path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def resolved_running(path: Path = RESOLV_CONF) -> bool:

@@ -31,6 +31,7 @@ import dns.exception
 import dns.message
 import dns.rcode
 
+from tailpy.asyncutil import CLOSE_TIMEOUT, close_writer
 from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream, question_end, well_formed
 from tailpy.errors import ParseError
 
@@ -361,8 +362,9 @@ class DNSServer:
         self._udp, self._tcp, self.addresses = [], [], []
 
     async def wait_closed(self) -> None:
-        for s in self._tcp:
-            await s.wait_closed()
+        for s in self._tcp:  # Python 3.12+ waits here for every connection: bounded
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(s.wait_closed(), CLOSE_TIMEOUT)
         if self._tasks or self._conns:
             await asyncio.gather(*self._tasks, *self._conns, return_exceptions=True)
 
@@ -449,7 +451,10 @@ class DNSServer:
                 else:
                     return  # not even a header: close the connection
                 writer.write(struct.pack("!H", len(wire)) + wire)
-                await writer.drain()
+                try:  # a client that stops reading holds the connection no longer than the idle timeout
+                    await asyncio.wait_for(writer.drain(), self.tcp_idle)
+                except asyncio.TimeoutError:
+                    return
         except ConnectionError:
             pass
         except asyncio.CancelledError:
@@ -457,9 +462,8 @@ class DNSServer:
         finally:
             if task is not None:
                 self._conns.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            with contextlib.suppress(asyncio.CancelledError):
+                await close_writer(writer)  # bounded: a peer that stopped reading cannot hold it
 
 
 __all__ = [

@@ -140,6 +140,7 @@ class LabNode:
     state_dir: Path
     daemon: Any = None  # subprocess.Popen of tailpyd
     daemon_args: tuple[str, ...] = ()  # extra tailpyd flags, e.g. ("--mtu", "1240")
+    daemon_env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. SSL_CERT_FILE
     site: LabSite | None = None  # None: on the internet LAN
     log: Path = field(init=False)
 
@@ -196,6 +197,7 @@ class LabNode:
             "--port",
             str(WG_PORT),
             *self.daemon_args,
+            env=self.daemon_env or None,
             stdout=logf,
             stderr=logf,
         )

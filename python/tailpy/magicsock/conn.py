@@ -332,6 +332,17 @@ class Conn:
         """The DERP map's code for ``region_id`` ("" when unknown)."""
         return self.relay.region_code(region_id)
 
+    def direct_confirmed(self, key: NodePublic, stats: Mapping[str, Any] | None = None) -> bool:
+        """Whether peer ``key``'s direct path is one it answered on: for a peer with disco, a Pong confirmed
+        the endpoint in use (:meth:`DiscoNode.path`); for one without, a WireGuard handshake completed within
+        :data:`HANDSHAKE_FRESH` seconds while the data plane sends to it directly (``stats``: its
+        ``device.peers()`` entry, else the last look's)."""
+        if self.disco.peer_paths(key) is not None:
+            return self.disco.path(key) is not None
+        st = stats if stats is not None else self._stats.get(key.raw, {})
+        hs = st.get("last_handshake")
+        return st.get("path") == "direct" and hs is not None and self._wall() - hs < HANDSHAKE_FRESH
+
     def peer_stats(self) -> dict[bytes, Mapping[str, Any]]:
         """The data plane's per-peer counters now (``device.peers()`` by node key bytes)."""
         try:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tailpy.asyncutil import close_writer
 from tailpy.derp.client import IDLE_PING, PING_TIMEOUT, DerpClient, DerpClientError, ReconnectingDerpClient
 from tailpy.ipnstate import DerpConnStatus
 from tailpy.keys import NodePrivate, NodePublic
@@ -93,6 +94,11 @@ class DerpConnections:
         self.home = 0
         self._regions: dict[int, _Region] = {}
         self.peer_gone: dict[bytes, tuple[int, int]] = {}  # node key -> (region id, PeerGone reason)
+        self.probe_errors: dict[int, str] = {}
+        """Region id -> why its last latency check failed (cleared when one succeeds)."""
+        self.on_peer_gone: Callable[[NodePublic, int, int], None] | None = None
+        """Called with (peer node key, region id, PeerGone reason) for each PeerGone frame a region sends
+        (``derp.go`` ``PeerGoneReasonDisconnected`` 0, ``PeerGoneReasonNotHere`` 1)."""
         self.on_down: Callable[[int], None] | None = None
         """Called with the region id when a logged-in connection ends (closed, broken, or found dead by the
         liveness ping); magicsock.Conn re-measures at once when it is the home region."""
@@ -176,6 +182,8 @@ class DerpConnections:
             elif isinstance(msg, proto.PeerGone):
                 r.peer_gone += 1
                 self.peer_gone[msg.key.raw] = (rid, int(msg.reason))
+                if self.on_peer_gone is not None:
+                    self.on_peer_gone(msg.key, rid, int(msg.reason))
             elif isinstance(msg, proto.Health):
                 r.health = msg.problem
                 if msg.problem:
@@ -305,7 +313,13 @@ class DerpConnections:
                 return rtt
             except (asyncio.TimeoutError, DerpClientError):
                 return None
-        return await measure_latency(region, timeout=timeout, ssl_context=self.ssl_context)
+        errors: list[str] = []
+        measured = await measure_latency(region, timeout=timeout, ssl_context=self.ssl_context, errors=errors)
+        if measured is None and errors:
+            self.probe_errors[region_id] = errors[-1]
+        else:
+            self.probe_errors.pop(region_id, None)
+        return measured
 
     def status(self) -> list[DerpConnStatus]:
         """One entry per open region connection, by region id (:class:`tailpy.ipnstate.DerpConnStatus`)."""
@@ -328,16 +342,28 @@ class DerpConnections:
 
 
 async def measure_latency(
-    region: DerpRegion, *, timeout: float = PROBE_TIMEOUT, ssl_context: ssl.SSLContext | None = None
+    region: DerpRegion,
+    *,
+    timeout: float = PROBE_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
+    errors: list[str] | None = None,
 ) -> float | None:
     """Seconds from sending ``GET /derp/latency-check`` on a new connection to a region node to reading the
     HTTP status line (one round trip plus the server's time to answer); the first node that answers counts.
-    None when no node answers within ``timeout`` seconds."""
+    None when no node answers within ``timeout`` seconds; each node's failure, one sentence, is appended to
+    ``errors``."""
     for node in region.nodes:
         try:
             return await asyncio.wait_for(_latency_check(node, ssl_context), timeout)
+        except ssl.SSLCertVerificationError as e:
+            why = f"its TLS certificate is not trusted ({e.verify_message or e.reason or e})"
+            log.debug("DERP node %s: latency check failed: %s", node.name, why)
+            if errors is not None:
+                errors.append(f"DERP node {node.url()}: {why}")
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError, ValueError) as e:
             log.debug("DERP node %s: latency check failed: %s", node.name, e)
+            if errors is not None:
+                errors.append(f"DERP node {node.url()}: {e or type(e).__name__}")
     return None
 
 
@@ -363,9 +389,7 @@ async def _latency_check(node: DerpNode, ssl_context: ssl.SSLContext | None) -> 
             raise ValueError(f"not an HTTP answer: {line[:40]!r}")
         return elapsed
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        await close_writer(writer)  # bounded: a TLS close_notify that never comes cannot hold it
 
 
 __all__ = ["IDLE_TIMEOUT", "DerpConnections", "measure_latency"]

@@ -212,7 +212,7 @@ def stun_targets(derp_map: DerpMap | None, extra: Sequence[str] = ()) -> list[St
         try:
             ep = Endpoint.parse(e.strip())
         except EndpointError as err:
-            raise ConfigError(f"STUN server {err}") from None
+            raise ConfigError(f"STUN server: {err}") from None
         if ep.port == 0:
             raise ConfigError(f"STUN server endpoint {e!r} has port 0: expected a port of 1-65535")
         out.append(StunTarget(0, str(ep), str(ep.ip), ep.port, ep.version))

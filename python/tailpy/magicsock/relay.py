@@ -8,6 +8,10 @@ to relay each peer. No tasks and no data-plane calls of its own: ``Conn`` drives
   whether the home moved (``Conn`` then connects there and calls ``on_home_changed``).
 * **Relay region of a peer** (:meth:`Relay.relay_region`): the region disco asked for, else the peer's home
   region from the netmap, else the region a DERP packet from it last came through.
+* **"Not here"**: when a region answers a packet with PeerGone reason ``NotHere`` (``derp/derp.go``
+  ``PeerGoneReasonNotHere``: the peer is not connected there), nothing more is sent to that peer through
+  that region until its netmap entry changes (home region, endpoints or node key) or a packet from it
+  arrives through that region; logged once per peer and region, counted in :attr:`Relay.not_here`.
 
 Times are seconds on the clock ``Conn`` passes (monotonic).
 """
@@ -18,11 +22,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
+from tailpy.endpoint import Endpoint
 from tailpy.ipnstate import DerpStatus
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.magicsock.derp import DerpConnections, PacketHandler
 from tailpy.magicsock.home import HomeChooser
 from tailpy.netmap import DerpMap, Node
+from tailpy.proto import derp as proto
 
 log = logging.getLogger("tailpy.magicsock")
 
@@ -49,6 +55,13 @@ class Relay:
         self._home_derp: dict[bytes, int] = {}  # node key -> home region from the netmap
         self._via_region: dict[bytes, int] = {}  # node key -> region a DERP packet from it last came through
         self._override: dict[bytes, int] = {}  # node key -> region disco chose
+        self._entries: dict[bytes, tuple[int, tuple[Endpoint, ...]]] = {}  # node key -> (home, endpoints)
+        self._not_here: dict[bytes, int] = {}  # node key -> region that answered PeerGone "not here"
+        self.derp.on_peer_gone = self._on_peer_gone
+        self.not_here = 0
+        """PeerGone "not here" answers received (a peer not connected to the region it was sent through)."""
+        self.not_here_dropped = 0
+        """Datagrams not sent to a peer through a region that said it is not there."""
         self.relay_sent = 0
         self.relay_dropped = 0  # relay datagrams with no region to go to, or dropped by a full queue
         self.derp_received = 0
@@ -58,11 +71,20 @@ class Relay:
 
     def set_peers(self, peers: Iterable[Node]) -> None:
         """The netmap's peers: their home regions; what is known of peers that left is forgotten."""
+        peers = list(peers)
         homes = {n.node_key.raw: n.home_derp for n in peers}
         for key in set(self._home_derp) - set(homes):
             self._via_region.pop(key, None)
             self._override.pop(key, None)
+            self._entries.pop(key, None)
+            self._not_here.pop(key, None)
         self._home_derp = homes
+        for n in peers:
+            key, entry = n.node_key.raw, (n.home_derp, tuple(n.endpoints))
+            if self._entries.get(key) != entry:
+                self._entries[key] = entry
+                if self._not_here.pop(key, None) is not None:
+                    log.info("peer %s: netmap entry changed; sending through DERP to it again", n.name)
 
     def set_derp_map(self, derp_map: DerpMap | None) -> bool:
         """Adopt the netmap's DERP map (None keeps the last); True when it changed (then call
@@ -87,6 +109,25 @@ class Relay:
 
     def note_via(self, key: bytes, region: int) -> None:
         self._via_region[key] = region
+        if self._not_here.get(key) == region:  # it is there after all (it connected since)
+            del self._not_here[key]
+
+    def _on_peer_gone(self, key: NodePublic, region: int, reason: int) -> None:
+        if reason != proto.PeerGoneReason.NOT_HERE or key.raw not in self._home_derp:
+            return
+        self.not_here += 1
+        if self._not_here.get(key.raw) != region:
+            self._not_here[key.raw] = region
+            log.warning(
+                "peer %s is not connected to DERP region %d (PeerGone: not here): not sending to it there "
+                "until its netmap entry changes",
+                key.short(),
+                region,
+            )
+
+    def not_here_region(self, key: bytes) -> int:
+        """The region that said peer ``key`` is not connected there (0: none)."""
+        return self._not_here.get(key, 0)
 
     def knows(self, key: bytes) -> bool:
         return key in self._home_derp
@@ -108,6 +149,9 @@ class Relay:
         """Queue a raw datagram (WireGuard, disco) to ``peer`` through :meth:`relay_region`, connecting on
         demand. False when there is no region to send through or its queue is full."""
         region = self.relay_region(peer.raw)
+        if region and self._not_here.get(peer.raw) == region:
+            self.not_here_dropped += 1
+            return False
         return bool(region) and self.derp.send(region, peer, payload)
 
     def relay(self, items: Iterable[tuple[bytes, bytes]]) -> None:
@@ -173,6 +217,8 @@ class Relay:
             derp_received=self.derp_received,
             derp_dropped=self.derp_dropped,
             disco_dropped=0,  # every DERP disco datagram goes to disco now; kept for the JSON's shape
+            not_here=self.not_here,
+            not_here_peers=tuple(NodePublic(k).text() for k in sorted(self._not_here)),
         )
 
 

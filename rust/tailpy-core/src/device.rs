@@ -199,6 +199,8 @@ pub struct PeerStats {
     pub rx_packets: u64,
     /// Unix time, seconds.
     pub last_handshake: Option<f64>,
+    /// Handshake initiations (WireGuard message type 1) sent to this peer, on either path.
+    pub handshakes_sent: u64,
 }
 
 /// Device-wide counters (see `_native.pyi` `DeviceStats`).
@@ -258,6 +260,8 @@ struct Peer {
     rx_bytes: AtomicU64,
     tx_packets: AtomicU64,
     rx_packets: AtomicU64,
+    /// Handshake initiations sent to this peer.
+    handshakes_sent: AtomicU64,
     /// Milliseconds since device start of the last handshake started for data with an unknown index
     /// (`NEVER` if none).
     unknown_index_hs_ms: AtomicU64,
@@ -501,6 +505,7 @@ impl Device {
                     rx_bytes: AtomicU64::new(0),
                     tx_packets: AtomicU64::new(0),
                     rx_packets: AtomicU64::new(0),
+                    handshakes_sent: AtomicU64::new(0),
                     unknown_index_hs_ms: AtomicU64::new(NEVER),
                 });
                 st.peers.insert(*public_key, p.clone());
@@ -641,6 +646,7 @@ impl Device {
                     tx_packets: p.tx_packets.load(Relaxed),
                     rx_packets: p.rx_packets.load(Relaxed),
                     last_handshake: since.map(|d| now.saturating_sub(d).as_secs_f64()),
+                    handshakes_sent: p.handshakes_sent.load(Relaxed),
                 }
             })
             .collect();
@@ -776,6 +782,7 @@ impl Shared {
     fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
         if datagram.first() == Some(&1) {
             self.counters.handshakes_sent.fetch_add(1, Relaxed);
+            peer.handshakes_sent.fetch_add(1, Relaxed);
         }
         peer.last_tx_ms.store(self.now_ms(), Relaxed);
         match peer.path() {
@@ -870,6 +877,7 @@ impl Shared {
         let c = &self.counters;
         let handshakes = out.iter().filter(|d| d.first() == Some(&1)).count();
         c.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
+        peer.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
         peer.last_tx_ms.store(self.now_ms(), Relaxed);
         let sent = match peer.path() {
             Path::Relay => out.iter().filter(|d| self.queue_relay(peer, d)).count(),

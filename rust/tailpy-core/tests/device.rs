@@ -130,6 +130,8 @@ fn handshake_and_data_both_ways() {
     let pa = &a.dev.peers()[0];
     assert_eq!(pa.public_key, b.key);
     assert!(pa.tx_packets >= 101 && pa.rx_packets >= 1);
+    // per peer as for the device: the initiations a sent to b (the device counts every peer's)
+    assert!(pa.handshakes_sent >= 1 && pa.handshakes_sent <= sa.handshakes_sent);
     assert!(pa.tx_bytes > 100 * 1000);
     let hs = pa.last_handshake.expect("handshake time");
     let now = std::time::SystemTime::now()

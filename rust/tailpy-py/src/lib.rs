@@ -236,6 +236,7 @@ impl PyDevice {
             d.set_item("tx_packets", p.tx_packets)?;
             d.set_item("rx_packets", p.rx_packets)?;
             d.set_item("last_handshake", p.last_handshake)?;
+            d.set_item("handshakes_sent", p.handshakes_sent)?;
             out.append(d)?;
         }
         Ok(out)

@@ -142,26 +142,30 @@ def command(
 
     Unless --no-derp, a DERP relay runs in the same process (plain HTTP at /derp on --derp-listen; its key in
     <state-dir>/derp.key) and every node's netmap carries a DERP map with its region. Nodes are told to reach
-    it at --derp-hostname, else at --derp-listen's host, else at --listen's host; when all of these are
-    every address (0.0.0.0, ::) the relay runs but is left out of the map (a warning says so). A relay that
-    cannot listen (port taken) is logged and left out too: control serves regardless. --derp-map adds
-    external relays (a Tailscale DERPMap JSON file; region ids must differ from the embedded one).
+    it at --derp-hostname, else at --server-url's host, else at --derp-listen's host, else at --listen's
+    host; when none of these names a host (0.0.0.0, ::) serve refuses to start and says which flag to add.
+    A relay that cannot listen (port taken) is logged and left out of the map: control serves regardless.
+    --derp-map adds external relays (a Tailscale DERPMap JSON file; region ids must differ from the
+    embedded one). GET /health on control and on the relay answers JSON {"status", "checks"} (200 or 503).
 
     Unless --no-stun, a STUN server answers on UDP --stun-port (3478) of the relay's host and the map says
     so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1)."""
     from tailpy.control.options import (
+        check_server_url,
         default_server_url,
         load_derp_map,
         oidc_config,
         parse_duration,
         parse_listen,
     )
-    from tailpy.control.service import DERP_PORT, ControlConfig, run_control
+    from tailpy.control.service import DERP_PORT, ControlConfig, derp_advertised_host, run_control
 
     host, port = parse_listen(listen)
     derp_host, derp_port = host, DERP_PORT
     if derp_listen is not None:
         derp_host, derp_port = parse_listen(derp_listen, "--derp-listen")
+    if server_url is not None:
+        check_server_url(server_url)
     oidc = oidc_config(
         oidc_issuer,
         oidc_client_id,
@@ -179,6 +183,12 @@ def command(
     gc_after = parse_duration(ephemeral_timeout, "--ephemeral-timeout")
     if gc_after is None:
         raise ConfigError("--ephemeral-timeout must be a duration like 30m (ephemeral nodes are removed)")
+    if derp and derp_advertised_host(derp_host, host, derp_hostname, server_url) is None:
+        raise ConfigError(
+            f"--listen {listen} is every address, so nodes cannot be told where to reach the embedded DERP "
+            f"relay: add --server-url http://HOST:{port} (the address nodes log in at) or --derp-hostname "
+            "HOST (or --no-derp)"
+        )
     config = ControlConfig(
         state_dir=state_dir,
         db=db,
@@ -201,6 +211,7 @@ def command(
         stun=stun,
         stun_port=stun_port,
         oidc=oidc,
+        server_url=server_url,
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

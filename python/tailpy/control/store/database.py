@@ -23,8 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tailpy.control.pgdriver import require_psycopg
-from tailpy.errors import ConfigError
+from tailpy.errors import ConfigError, ControlError, StorageError, TailpyError
 from tailpy.keys import MachinePrivate
+from tailpy.storage import directory_problem
 
 DB_NAME = "control.db"
 KEY_NAME = "control.key"
@@ -106,14 +107,44 @@ def secure_sqlite_files(path: Path, *, create: bool) -> None:
                 os.chmod(p, 0o600)
 
 
-def open_error(e: sa.exc.OperationalError, where: str, path: Path | None) -> ConfigError:
-    """The one-sentence ConfigError for a database that cannot be opened (``where``: how to name it;
-    ``path``: the SQLite file, for a hint about permissions)."""
+def open_error(e: sa.exc.OperationalError, where: str, path: Path | None) -> TailpyError:
+    """The one-sentence error for a database that cannot be opened (``where``: how to name it; ``path``:
+    the SQLite file, for a hint about permissions): StorageError when its directory is full or read-only,
+    else ConfigError."""
     detail = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
+    problem = directory_problem(path.parent) if path is not None else None
+    if problem:
+        return StorageError(f"cannot open control database {where}: {problem}")
     hint = ""
     if path is not None and ("unable to open" in detail or "readonly" in detail):
         hint = f"; check that this user (uid {os.getuid()}) can write {path.parent} and its files"
     return ConfigError(f"cannot open control database {where}: {detail}{hint}")
+
+
+def db_error(e: Exception, where: str) -> TailpyError | None:
+    """The one sentence for a database error ``e`` met while serving (None: not a database error): a full
+    disk or a read-only database is a StorageError, anything else a ControlError naming the database."""
+    if not isinstance(e, sa.exc.DBAPIError):
+        return None
+    detail = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
+    low = detail.lower()
+    if "disk i/o error" in low:  # SQLite's word for a -wal or -shm file it could not grow
+        problem = directory_problem(Path(where).parent)
+        if problem:
+            return StorageError(
+                f"control database {where} cannot be written: {problem} (nothing was changed)"
+            )
+    if "disk is full" in low or "no space left" in low or "could not extend file" in low:
+        return StorageError(
+            f"control database {where} cannot be written: its disk is full; free some space there and try "
+            "again (nothing was changed)"
+        )
+    if "readonly database" in low or "read-only" in low:
+        return StorageError(
+            f"control database {where} is read-only; make it and its directory writable for this user "
+            f"(uid {os.getuid()}) and try again (nothing was changed)"
+        )
+    return ControlError(f"control database {where} failed: {detail}")
 
 
 def load_or_create_server_key(state_dir: Path) -> MachinePrivate:

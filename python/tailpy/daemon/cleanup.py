@@ -1,0 +1,95 @@
+"""Undo what a tailpyd that did not exit cleanly (kill -9, a crash, a power cut) left on the host: the host's
+resolver pointed at MagicDNS, the MagicDNS addresses on ``lo``, a persistent TUN and its routes, and the
+nftables table of :mod:`tailpy.daemon.netfilter`.
+
+Run by tailpyd at every start (after taking the lock), by ``tailpyd --cleanup`` (systemd's
+``ExecStopPost``), and by ``tailpy down`` when no daemon runs. Only what no running daemon owns is touched:
+the caller holds, or has checked, the state directory's lock. A TUN that is not persistent vanishes with the
+process that opened it (and its routes with it); one that still exists and is not persistent belongs to a
+live process and is left alone, with its nftables table and the MagicDNS addresses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from tailpy.daemon import netfilter
+from tailpy.dns.osconfig import RESOLV_CONF, ResolvConf
+from tailpy.dns.resolver import MAGICDNS_V4, MAGICDNS_V6
+
+log = logging.getLogger("tailpy.daemon")
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str] | None:
+    exe = shutil.which("ip")
+    if exe is None:
+        return None
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def _tun_state(name: str) -> str:
+    """ "absent", "persistent" (a TUN no process needs to hold), or "live" (held open by some process, or
+    not a TUN at all: not ours to touch)."""
+    done = _ip("-d", "-j", "link", "show", "dev", name)
+    if done is None or done.returncode != 0 or not done.stdout.strip():
+        return "absent"
+    with contextlib.suppress(ValueError, IndexError, AttributeError):
+        info = json.loads(done.stdout)[0].get("linkinfo", {})
+        if info.get("info_kind") == "tun" and info.get("info_data", {}).get("persist"):
+            return "persistent"
+    return "live"
+
+
+def _lo_has(address: str) -> bool:
+    done = _ip("-j", "addr", "show", "dev", "lo")
+    if done is None or done.returncode != 0:
+        return False
+    with contextlib.suppress(ValueError):
+        return any(
+            a.get("local") == address for link in json.loads(done.stdout) for a in link.get("addr_info", [])
+        )
+    return False
+
+
+def cleanup(
+    state_dir: str | Path,
+    tuns: tuple[str, ...] = ("tailpy0",),
+    *,
+    resolv_conf: Path = RESOLV_CONF,
+    magicdns_addresses: bool = True,
+) -> list[str]:
+    """Undo a dead tailpyd's changes for TUNs ``tuns`` (names; "" skipped); returns what was done, one
+    phrase each ("restored /etc/resolv.conf", ...), empty when there was nothing. Never raises for what it
+    cannot do: each failure is logged."""
+    done: list[str] = []
+    try:
+        if ResolvConf(Path(state_dir), resolv_conf).recover():
+            done.append(f"restored {resolv_conf}")
+    except OSError as e:
+        log.warning("cannot restore %s: %s", resolv_conf, e)
+    states = {tun: _tun_state(tun) for tun in dict.fromkeys(t for t in tuns if t)}
+    if magicdns_addresses and "live" not in states.values():
+        for ip, plen in ((MAGICDNS_V4, 32), (MAGICDNS_V6, 128)):
+            if _lo_has(str(ip)):
+                _ip("-6" if ip.version == 6 else "-4", "addr", "del", f"{ip}/{plen}", "dev", "lo")
+                done.append(f"removed {ip} from lo")
+    for tun, state in states.items():
+        if state == "live":
+            log.info("cleanup: TUN %s is held by a running process: leaving it and its firewall table", tun)
+            continue
+        if state == "persistent":
+            _ip("link", "del", "dev", tun)
+            done.append(f"removed TUN {tun} and its routes")
+        if netfilter.delete_table(netfilter.table_name(tun)):
+            done.append(f"removed nftables table inet {netfilter.table_name(tun)}")
+    for what in done:
+        log.info("cleanup: %s", what)
+    return done
+
+
+__all__ = ["cleanup"]

@@ -300,19 +300,17 @@ async def test_serve_keeps_serving_when_the_relay_port_is_taken(tmp_path: Path) 
             _stop(proc)
 
 
-def test_serve_wildcard_without_hostname_leaves_the_relay_out(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
+def test_serve_wildcard_without_hostname_refuses_to_start(tmp_path: Path) -> None:
+    """A wildcard --listen gives nodes no host to dial for the embedded relay: one sentence, no server."""
+    r = subprocess.run(
         [*SERVE, "--state-dir", str(tmp_path), "--listen", ":0", "--derp-listen", ":0"],
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=60,
     )
-    try:
-        assert proc.stderr is not None
-        assert "listening on" in proc.stderr.readline()
-        assert "pass --derp-hostname" in proc.stderr.readline()
-        assert "DERP map: none" in proc.stderr.readline()
-    finally:
-        _stop(proc)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("tailpy: --listen :0 is every address") and r.stderr.count("\n") == 1, r.stderr
+    assert "--server-url" in r.stderr and "--derp-hostname" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -337,7 +335,17 @@ def test_malformed_derp_map_is_one_sentence(
     elif content is not None:
         f.write_text(content)
     r = CliRunner().invoke(
-        cli, ["control", "serve", "--state-dir", str(tmp_path / "s"), "--derp-map", str(f)]
+        cli,
+        [
+            "control",
+            "serve",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--listen",
+            "127.0.0.1:0",
+            "--derp-map",
+            str(f),
+        ],
     )
     assert r.exit_code == 1, r.output
     assert r.output.startswith("tailpy: ") and sentence in r.output, r.output

@@ -17,6 +17,14 @@ they arrive. Measured from t=0, in seconds:
 
 ``up``, ``ping started`` and ``first pong`` are medians too.
 
+**First reply with plain ping** (real traffic, no disco ping): each cell also has ``--runs`` runs with fresh
+nodes where, the moment a's netmap holds b, a runs iputils ``ping -n -c 3 <b's tailnet IPv4>`` (one echo
+request a second, as a user types it) and nothing else. ``first reply`` is the time from ``ping`` starting to
+its first echo reply (median, and max), ``lost`` the echo requests sent before the one first answered
+(median; 0: the very first one was answered). The first WireGuard handshake goes out while the direct path
+is still unknown: it goes over DERP too, and is sent again at once when a path is confirmed, so the first
+echo request (queued in the data plane until the handshake completes) is answered.
+
 Each figure includes starting the ``tailpy`` CLI processes (a Python interpreter each, about 0.3-0.5 s on
 a busy 2-core machine), as a user's would. Each cell has a lab of its own (one control server with its
 embedded DERP/STUN); runs of a cell share it, with fresh nodes each run. Median, min and max over
@@ -51,6 +59,8 @@ from tailpy.lab.netns import unavailable_reason
 from tailpy.lab.tailnet import LabNode, LabTailnet, tailpy_argv
 
 PONG = re.compile(r"^pong from \S+ \([^)]+\) via (?P<via>\S+) in ")
+ECHO_REPLY = re.compile(r"bytes from \S+: icmp_seq=(?P<seq>\d+) ")
+PLAIN_PING_COUNT = 3
 PING_COUNT = 40
 SKIPPED = 77  # exit status: the benchmark could not run here (automake's convention for a skipped test)
 SMOKE_CELL = "eim-eim"
@@ -68,6 +78,16 @@ class Run:
 
 
 @dataclass
+class PlainRun:
+    """One run with plain ``ping``: seconds from ``ping`` starting to its first echo reply, and how many echo
+    requests went unanswered before it (None: no reply at all)."""
+
+    first_reply: float | None = None
+    lost: int | None = None
+    error: str = ""
+
+
+@dataclass
 class Row:
     cell: str
     expected: str
@@ -79,7 +99,12 @@ class Row:
     up_median: float | None
     ping_start_median: float | None
     first_pong_median: float | None
+    first_reply_median: float | None = None  # plain ping: seconds from its start to the first echo reply
+    first_reply_max: float | None = None
+    lost_median: float | None = None  # echo requests unanswered before the first reply
+    plain_failed: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    plain_samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _status(node: LabNode) -> Status:
@@ -106,14 +131,59 @@ def _up(node: LabNode, key: str) -> subprocess.Popen[str]:
     )
 
 
-def one_run(net: LabTailnet, key: str, cell: Cell, index: int) -> Run:
-    names = (f"{cell.id[:10]}-{index}a", f"{cell.id[:10]}-{index}b")
+def _nodes(net: LabTailnet, cell: Cell, names: tuple[str, str]) -> tuple[LabNode, LabNode]:
     if cell.same_lan:
         site = f"lan{len(net.sites) + 1}"
-        a = net.add_node(names[0], behind=cell.a, lan=site)
-        b = net.add_node(names[1], lan=site)
-    else:
-        a, b = net.add_node(names[0], behind=cell.a), net.add_node(names[1], behind=cell.b)
+        return net.add_node(names[0], behind=cell.a, lan=site), net.add_node(names[1], lan=site)
+    return net.add_node(names[0], behind=cell.a), net.add_node(names[1], behind=cell.b)
+
+
+def _peer_ip(a: LabNode, b: LabNode) -> str:
+    """b's tailnet IPv4 address as a's netmap has it, once it does (polled every 20 ms)."""
+    wait_for(lambda: _sees(a, b.name), timeout=60, what=f"{a.name} to see {b.name}", interval=0.02)
+    return next(p for p in _status(a).peers if p.hostname == b.name).addresses[0].split("/")[0]
+
+
+def plain_run(net: LabTailnet, key: str, cell: Cell, index: int) -> PlainRun:
+    """Both nodes up at once; the moment a sees b, plain ``ping`` from a to b (and nothing else)."""
+    a, b = _nodes(net, cell, (f"{cell.id[:10]}-{index}p", f"{cell.id[:10]}-{index}q"))
+    run = PlainRun()
+    ping: subprocess.Popen[str] | None = None
+    ups: list[subprocess.Popen[str]] = []
+    try:
+        ups = [_up(a, key), _up(b, key)]
+        b_ip = _peer_ip(a, b)
+        t0 = time.monotonic()
+        ping = a.host.popen(
+            ["ping", "-n", "-c", str(PLAIN_PING_COUNT), b_ip],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert ping.stdout is not None
+        for line in ping.stdout:
+            m = ECHO_REPLY.search(line)
+            if m:
+                run.first_reply, run.lost = time.monotonic() - t0, int(m["seq"]) - 1
+                break
+        else:
+            run.error = f"no echo reply to {PLAIN_PING_COUNT} echo requests"
+        for proc in ups:
+            proc.wait(timeout=120)
+    except (TailpyError, subprocess.TimeoutExpired) as e:
+        run.error = str(e)
+    finally:
+        if ping is not None:
+            stop_process(ping)
+        for proc in ups:
+            stop_process(proc)
+        a.stop_daemon()
+        b.stop_daemon()
+    return run
+
+
+def one_run(net: LabTailnet, key: str, cell: Cell, index: int) -> Run:
+    names = (f"{cell.id[:10]}-{index}a", f"{cell.id[:10]}-{index}b")
+    a, b = _nodes(net, cell, names)
     run = Run()
     ping: subprocess.Popen[str] | None = None
     try:
@@ -128,9 +198,7 @@ def one_run(net: LabTailnet, key: str, cell: Cell, index: int) -> Run:
         reapers = [threading.Thread(target=reap, args=(i,), daemon=True) for i in (0, 1)]
         for t in reapers:
             t.start()
-        wait_for(lambda: _sees(a, b.name), timeout=60, what=f"{a.name} to see {b.name}", interval=0.02)
-        b_ip = next(p for p in _status(a).peers if p.hostname == b.name).addresses[0]
-        b_ip = b_ip.split("/")[0]
+        b_ip = _peer_ip(a, b)
         argv = tailpy_argv(
             "ping", "--until-direct", "-c", str(PING_COUNT), "--timeout", "5", b_ip, "--socket", a.socket
         )
@@ -178,6 +246,7 @@ def _median(xs: list[float]) -> float | None:
 
 def measure(cell: Cell, runs: int, quiet: bool) -> Row:
     samples: list[Run] = []
+    plain: list[PlainRun] = []
     with Lab() as lab:
         net = LabTailnet(lab)
         net.start_control()
@@ -193,6 +262,18 @@ def measure(cell: Cell, runs: int, quiet: bool) -> Row:
                     file=sys.stderr,
                     flush=True,
                 )
+        for i in range(runs):
+            p = plain_run(net, key, cell, i)
+            plain.append(p)
+            if not quiet:
+                f = f"{p.first_reply:.2f} s, {p.lost} lost" if p.first_reply is not None else "-"
+                err = f" ERROR {p.error}" if p.error else ""
+                print(
+                    f"  {cell.id} plain ping {i + 1}: first reply {f}{err}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    replied = [p for p in plain if not p.error and p.first_reply is not None]
     ok = [r for r in samples if not r.error and r.connect is not None]
     connect = [r.connect for r in ok if r.connect is not None]
     return Row(
@@ -206,7 +287,12 @@ def measure(cell: Cell, runs: int, quiet: bool) -> Row:
         up_median=_median([r.up for r in ok if r.up is not None]),
         ping_start_median=_median([r.ping_start for r in ok if r.ping_start is not None]),
         first_pong_median=_median([r.first_pong for r in ok if r.first_pong is not None]),
+        first_reply_median=_median([p.first_reply for p in replied if p.first_reply is not None]),
+        first_reply_max=max((p.first_reply for p in replied if p.first_reply is not None), default=None),
+        lost_median=_median([float(p.lost) for p in replied if p.lost is not None]),
+        plain_failed=runs - len(replied),
         samples=[asdict(r) for r in samples],
+        plain_samples=[asdict(p) for p in plain],
     )
 
 
@@ -217,14 +303,15 @@ def _f(x: float | None) -> str:
 def table(rows: list[Row]) -> str:
     lines = [
         "| cell | path | connect median (s) | min | max | up (s) | ping started (s) | first pong (s) "
-        "| failed |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| failed | first reply, plain ping (s) | max | lost | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.cell} | {r.expected} | {_f(r.connect_median)} | {_f(r.connect_min)} | "
             f"{_f(r.connect_max)} | {_f(r.up_median)} | {_f(r.ping_start_median)} | "
-            f"{_f(r.first_pong_median)} | {r.failed}/{r.runs} |"
+            f"{_f(r.first_pong_median)} | {r.failed}/{r.runs} | {_f(r.first_reply_median)} | "
+            f"{_f(r.first_reply_max)} | {_f(r.lost_median)} | {r.plain_failed}/{r.runs} |"
         )
     return "\n".join(lines)
 
@@ -263,7 +350,7 @@ def main() -> int:
         print(json.dumps([asdict(r) for r in rows], indent=2))
     else:
         print(table(rows))
-    return 0 if all(r.failed == 0 for r in rows) else 1
+    return 0 if all(r.failed == 0 and r.plain_failed == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class DeviceStats(TypedDict):
     # DERP from it, while we had no session with it; at most one per peer per 5 s (REKEY_TIMEOUT)
     handshakes_for_unknown_index: int
     filter: FilterStats
+    handshakes_retried: int  # pending handshakes sent again at once by retry_handshake
     offload: OffloadStats
 
 class Device:
@@ -154,10 +155,22 @@ class Device:
         stays), OverflowError/TypeError for values out of range (ports 0-65535, protocols 0-255)."""
     def remove_peer(self, public_key: bytes) -> bool:
         """Remove a peer; True if it existed. Packets in flight for it are dropped and counted."""
-    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None:
+    def set_path(
+        self, public_key: bytes, path: Literal["direct", "relay"], *, confirmed: bool = True
+    ) -> None:
         """Choose how a peer's encrypted datagrams leave: "direct" to its endpoint over UDP, or "relay",
-        where they are queued for Python (see ``drain``) to send over DERP. Raises DeviceError for an
-        unknown peer."""
+        where they are queued for Python (see ``drain``) to send over DERP. On the direct path,
+        ``confirmed=False`` (an endpoint nothing has answered on yet) also queues the peer's handshake
+        messages for DERP, as Tailscale sends over DERP until a direct path is confirmed; a handshake
+        response to an initiation injected from DERP is always queued for DERP too. Raises DeviceError for
+        an unknown peer."""
+    def retry_handshake(self, public_key: bytes) -> bool:
+        """Send a pending handshake again at once on the peer's current path: when an initiation went to
+        the peer within the last 90 s (REKEY_ATTEMPT_TIME) and no session exists, a new one is sent now
+        (boringtun ``format_handshake_initiation(force_resend=True)``) rather than after REKEY_TIMEOUT
+        (5 s); packets queued behind it follow once it completes. Call it when the peer's path is
+        confirmed or changes. True if one was sent. Raises DeviceError for an unknown peer or a closed
+        device."""
     def inject(self, public_key: bytes, datagram: bytes) -> None:
         """Process a WireGuard datagram as if received from ``public_key`` (a DERP RecvPacket payload).
         Replies it causes (handshake responses) go out on the peer's current path. A datagram that turns

@@ -18,6 +18,9 @@ class FakeDevice(asyncio.DatagramProtocol):
         self.strict = strict  # set_path/inject on an unknown peer raise DeviceError, as the device does
         self.transport: asyncio.DatagramTransport | None = None
         self.paths: dict[bytes, str] = {}
+        self.confirmed: dict[bytes, bool] = {}  # set_path's confirmed=
+        self.retried: list[bytes] = []  # retry_handshake calls
+        self.pending: set[bytes] = set()  # keys retry_handshake reports a handshake re-sent for
         self.endpoints: dict[bytes, str | None] = {}
         self.injected: list[tuple[bytes, bytes]] = []
         self.peer_stats: dict[bytes, dict[str, Any]] = {}
@@ -77,10 +80,20 @@ class FakeDevice(asyncio.DatagramProtocol):
             raise DeviceError("no socket")
         self.transport.sendto(data, (host.strip("[]"), int(port)))
 
-    def set_path(self, public_key: bytes, path: Literal["direct", "relay"]) -> None:
+    def set_path(
+        self, public_key: bytes, path: Literal["direct", "relay"], *, confirmed: bool = True
+    ) -> None:
         if self.strict and public_key not in self.paths:
             raise DeviceError("unknown peer")
         self.paths[public_key] = path
+        self.confirmed[public_key] = confirmed
+
+    def retry_handshake(self, public_key: bytes) -> bool:
+        """Records the call; True (a pending handshake sent again) for keys in :attr:`pending`."""
+        if self.strict and public_key not in self.paths:
+            raise DeviceError("unknown peer")
+        self.retried.append(public_key)
+        return public_key in self.pending
 
     def set_peer(
         self, public_key: bytes, *, allowed_ips: list[str], endpoint: str | None = None, **_: Any

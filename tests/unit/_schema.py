@@ -24,6 +24,7 @@ _UNDO: dict[int, tuple[str, ...]] = {
         "ALTER TABLE nodes DROP COLUMN key_expiry_fixed",
         "ALTER TABLE pending_nodes DROP COLUMN key_expiry_fixed",
     ),
+    8: ("DROP INDEX ix_nodes_deleted", "ALTER TABLE nodes DROP COLUMN name_by_admin"),
 }
 
 

@@ -143,6 +143,14 @@ def test_admin_commands_json_and_sentences(tmp_path: Path) -> None:
     assert r.exit_code == 1 and r.output == f"tailpy: name pi is taken by node {pi.id}\n"
     assert run("nodes", "expire", str(pi1.id))["expired"] is True  # type: ignore[index]
     assert run("nodes", "expiry", str(pi1.id), "--disable")["key_expiry"] is None  # type: ignore[index]
+    # by name (or FQDN) as well as by id
+    assert run("nodes", "show", "pi-1")["id"] == pi1.id  # type: ignore[index]
+    assert run("nodes", "rename", "pi-1.tailnet.internal", "bee")["name"] == "bee"  # type: ignore[index]
+    assert run("nodes", "expire", "bee")["expired"] is True  # type: ignore[index]
+    r = CliRunner().invoke(cli, ["control", "nodes", "delete", "wasp"], env=env)
+    assert r.exit_code == 1 and "no node named 'wasp'" in r.output, r.output
+    r = CliRunner().invoke(cli, ["control", "nodes", "rename", "bee", "localhost"], env=env)
+    assert r.exit_code == 1 and "reserved" in r.output, r.output
     keys = run("authkey", "list")
     assert isinstance(keys, list) and all(x["key"].endswith("…") for x in keys)
     assert run("authkey", "expire", str(keys[0]["id"]))["expires"] is not None  # type: ignore[index]

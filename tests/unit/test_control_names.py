@@ -85,12 +85,65 @@ def test_collisions_concurrency_rename_and_stability(store: Store) -> None:
     assert again.name == "pi-2"  # pi-2 was freed by the rename
 
 
-def test_name_kept_across_reregistration_and_hostname_change(store: Store) -> None:
+def test_name_kept_across_reregistration_and_follows_a_new_hostname(store: Store) -> None:
     key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
     mk = mkey()
     n = store.register(mk, nkey(), "pi", key, NOW)
-    store.register(mkey(), nkey(), "pi", key, NOW)
-    again = store.register(mk, nkey(), "Other Name", key, NOW)  # new node key, new hostname
+    store.register(mkey(), nkey(), "pi", key, NOW)  # pi-1
+    again = store.register(mk, nkey(), "Pi.local", key, NOW)  # new node key, same hostname as a label
     assert again.name == n.name == "pi"
+    # `tailpy up --hostname` on the registered node (same node key, no auth key): the name follows
+    nk = nkey()
+    moved = store.register(mk, nk, "Other Name", key, NOW)
+    assert (moved.id, moved.name, moved.hostname) == (n.id, "other-name", "Other Name")
+    assert store.register(mk, nk, "pi", None, NOW).name == "pi"  # back: its old name is free again
+    # a hostname another node's name has: a suffix
+    assert store.register(mk, nk, "pi", None, NOW).name == "pi"  # unchanged hostname: stays
+    clash = store.register(mk, nk, "box", None, NOW).name
+    other = store.register(mkey(), nkey(), "box", key, NOW)
+    assert (clash, other.name) == ("box", "box-1")
+    assert store.register(other.machine_key, other.node_key, "pi", None, NOW).name == "pi"
+    assert store.register(mk, nk, "pi", None, NOW).name == "pi-2"  # pi and pi-1 are taken
+    # a map request's hostname is stored but does not rename
     updated = store.update_node(mk, now=NOW, hostname="renamed-host")
-    assert updated is not None and updated.name == "pi" and updated.hostname == "renamed-host"
+    assert updated is not None and updated.name == "pi-2" and updated.hostname == "renamed-host"
+
+
+def test_a_name_an_admin_gave_stays(store: Store) -> None:
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    mk, nk = mkey(), nkey()
+    n = store.register(mk, nk, "laptop", key, NOW)
+    assert store.rename_node(n.id, "build-server").name == "build-server"
+    assert store.register(mk, nk, "bee", None, NOW).name == "build-server"
+    assert store.register(mk, nkey(), "wasp", key, NOW).name == "build-server"  # new key too
+    assert store.delete_node(n.id, NOW)
+    back = store.register(mk, nkey(), "bee", key, NOW)  # a deleted node comes back under its hostname
+    assert back.name == "bee"
+    assert store.register(mk, back.node_key, "wasp", None, NOW).name == "wasp"
+
+
+@pytest.mark.parametrize(
+    "hostname", ["localhost", "LOCALHOST.local", "ip6-localhost", "broadcasthost", "wpad"]
+)
+def test_reserved_names_get_a_suffix(store: Store, hostname: str) -> None:
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    base = hostname.lower().removesuffix(".local")
+    n = store.register(mkey(), nkey(), hostname, key, NOW)
+    assert n.name == f"{base}-1"
+    assert store.register(mkey(), nkey(), hostname, key, NOW).name == f"{base}-2"
+    with pytest.raises(ConfigError, match="reserved"):
+        store.rename_node(n.id, base)
+
+
+def test_nodes_found_by_id_name_or_fqdn(store: Store) -> None:
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    n = store.register(mkey(), nkey(), "bee", key, NOW)
+    domain = store.settings().domain
+    for ref in (n.id, str(n.id), "bee", "BEE", f"bee.{domain}", f"bee.{domain}."):
+        assert store.find_node(ref) == n.id
+    for ref in ("wasp", "999", 999):
+        with pytest.raises(ConfigError, match="no node"):
+            store.find_node(ref)
+    assert store.delete_node(n.id, NOW)
+    with pytest.raises(ConfigError):
+        store.find_node("bee")

@@ -301,3 +301,59 @@ def test_concurrent_processes_on_one_sqlite_file(tmp_path: Path) -> None:
         results = list(pool.map(_register_many, [str(tmp_path)] * 4, [key] * 4, [5] * 4))
     addrs = [a for r in results for a in r]
     assert len(addrs) == len(set(addrs)) == 20
+
+
+# --- addresses come back ---
+
+
+def test_ephemeral_cycles_reuse_addresses_after_quarantine(store: Store) -> None:
+    """1,000 CI runners on a /24 (253 usable addresses) register with an ephemeral key, go offline and are
+    removed, 10 s apart on a fake clock, beside one node that stays: every registration gets an address,
+    no address is held by two live nodes, and none comes back within the 600 s quarantine."""
+    store.configure(prefix_v4="100.64.7.0/24")
+    assert store.addresses.quarantine == 600.0  # the default
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW, ephemeral=True).key
+    keeper_key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    keeper = store.register(mkey(), nkey(), "keeper", keeper_key, NOW)
+    freed: dict[str, float] = {}  # address -> when its node was removed
+    reused = 0
+    for i in range(1000):
+        t = NOW + 10.0 * i
+        node = store.register(mkey(), nkey(), "ci-runner", key, t)
+        ip = node.ipv4
+        assert node.name == "ci-runner" and ip is not None and ip != keeper.ipv4
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network("100.64.7.0/24")
+        if ip in freed:
+            assert t - freed[ip] >= 600.0, f"{ip} reissued {t - freed[ip]} s after its node was removed"
+            reused += 1
+        assert store.ephemeral_gc(t + 5.0, 5.0, online={keeper.id}) == [node.id]
+        freed[ip] = t + 5.0
+    assert reused > 700
+    live = store.list_nodes()
+    assert [n.name for n in live] == ["keeper"] and live[0].ipv4 == keeper.ipv4
+
+
+def test_quarantined_addresses_are_not_given_and_a_deleted_node_gets_its_own_back(tmp_path: Path) -> None:
+    s = Store(tmp_path, address_quarantine=60.0)
+    try:
+        s.configure(prefix_v4="100.64.9.0/29")  # .1-.6
+        key = s.create_auth_key(reusable=True, expires=None, now=NOW).key
+        mks = [mkey() for _ in range(6)]
+        first = [s.register(mk, nkey(), "n", key, NOW) for mk in mks]
+        assert [n.ipv4 for n in first] == [f"100.64.9.{i}" for i in range(1, 7)]
+        for n in first[:3]:
+            assert s.delete_node(n.id, NOW)
+        with pytest.raises(ControlError, match="exhausted"):  # all three still in quarantine
+            s.register(mkey(), nkey(), "n", key, NOW + 59.0)
+        # the deleted machine itself may come back to its address within the quarantine
+        assert s.register(mks[0], nkey(), "n", key, NOW + 30.0).ipv4 == "100.64.9.1"
+        new = s.register(mkey(), nkey(), "n", key, NOW + 60.0)
+        assert new.ipv4 == "100.64.9.2"  # the longest-deleted first
+        back = s.register(mks[1], nkey(), "n", key, NOW + 61.0)
+        assert back.ipv4 == "100.64.9.3" and back.id == first[1].id  # its own was given away: a free one
+        with s.engine.begin() as conn:  # the database refuses one address on two rows
+            row = conn.execute(sa.text("SELECT ipv4 FROM nodes WHERE id = :i"), {"i": new.id}).scalar()
+            with pytest.raises(sa.exc.IntegrityError):
+                conn.execute(sa.text("UPDATE nodes SET ipv4 = :a WHERE id = :i"), {"a": row, "i": back.id})
+    finally:
+        s.close()

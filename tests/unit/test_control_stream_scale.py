@@ -73,7 +73,7 @@ def test_lowest_free_address_across_stores_prefixes_and_rollbacks(tmp_path: Path
         assert ips == [f"100.64.0.{i}" for i in range(1, 6)]
         with pytest.raises(Exception, match="boom"), a.engine.begin() as conn:  # a registration rolled back
             net = ipaddress.IPv4Network("100.64.0.0/10")
-            assert str(a.addresses.allocate(conn, net, nodes.c.ipv4)) == "100.64.0.6"
+            assert str(a.addresses.allocate(conn, net, nodes.c.ipv4, NOW)) == "100.64.0.6"
             raise RuntimeError("boom")
         assert a.register(mkey(), nkey(), "n", key, NOW).ipv4 == "100.64.0.6"  # no gap
         a.configure(prefix_v4="100.64.0.0/28")  # .1-.6 taken

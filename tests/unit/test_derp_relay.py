@@ -76,3 +76,78 @@ async def test_relay_core_serves_a_bare_stream(relay_port: tuple[Relay, int]) ->
     finally:
         for c in (a, b):
             c.writer.close()
+
+
+def _raw(frame_type: int, payload: bytes) -> bytes:
+    return proto.encode_header(frame_type, len(payload)) + payload
+
+
+async def _closed(c: BareClient) -> bool:
+    """True when the server closed ``c``'s connection (EOF after whatever it had queued)."""
+    try:
+        while await asyncio.wait_for(c.reader.read(1 << 16), 10):
+            pass
+    except ConnectionError:
+        pass
+    return True
+
+
+async def test_frames_a_client_does_not_send_are_ignored_unanswered(relay_port: tuple[Relay, int]) -> None:
+    """As derpserver's sclient.run: server-to-client types, KeepAlive, Pong and unknown types from a client
+    are read and dropped, malformed or not, and nothing is sent back; the connection goes on."""
+    relay, port = relay_port
+    a, b = await _client(port), await _client(port)
+    try:
+        ignored = [
+            _raw(proto.FrameType.SERVER_KEY, b"not the magic" + bytes(40)),
+            _raw(proto.FrameType.SERVER_INFO, b"x"),
+            _raw(proto.FrameType.RECV_PACKET, b"short"),
+            _raw(proto.FrameType.KEEP_ALIVE, b""),
+            _raw(proto.FrameType.PEER_GONE, b"?"),
+            _raw(proto.FrameType.PEER_PRESENT, bytes(7)),
+            _raw(proto.FrameType.HEALTH, b"\xff\xfe not utf-8"),
+            _raw(proto.FrameType.RESTARTING, b""),
+            _raw(proto.FrameType.PONG, b"1234"),
+            _raw(proto.FrameType.CLIENT_INFO, b"again"),
+            _raw(0x7F, b"a frame type from the future"),
+            _raw(0xEE, bytes(proto.MAX_PACKET_SIZE + proto.KEY_LEN)),  # the largest one ignored
+        ]
+        a.writer.write(b"".join(ignored) + proto.encode(proto.Ping(b"12345678")))
+        assert await a.recv(skip=()) == proto.Pong(b"12345678")  # the first answer is the Ping's
+        assert relay.metrics.ignored_frames == len(ignored)
+        a.writer.write(proto.encode(proto.SendPacket(b.key.public, b"still here")))
+        assert await b.recv() == proto.RecvPacket(a.key.public, b"still here")
+    finally:
+        for c in (a, b):
+            c.writer.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (_raw(0x7F, bytes(proto.MAX_PACKET_SIZE + proto.KEY_LEN + 1)), "too large to ignore"),
+        (_raw(proto.FrameType.PING, bytes(1001)), "Ping frame of 1001 bytes"),
+        (_raw(proto.FrameType.PING, bytes(7)), "Ping"),
+        (_raw(proto.FrameType.NOTE_PREFERRED, b"\x01\x01"), "NotePreferred"),
+        (_raw(proto.FrameType.WATCH_CONNS, b""), "insufficient permissions"),
+        (_raw(proto.FrameType.CLOSE_PEER, bytes(32)), "insufficient permissions"),
+        (_raw(proto.FrameType.FORWARD_PACKET, bytes(64) + b"x"), "insufficient permissions"),
+    ],
+    ids=["unknown-oversize", "ping-oversize", "ping-short", "note-preferred-2", "watch", "close", "forward"],
+)
+async def test_frames_derpserver_refuses_close_only_that_connection(
+    relay_port: tuple[Relay, int], frame: bytes, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay, port = relay_port
+    a, b = await _client(port), await _client(port)
+    try:
+        with caplog.at_level("INFO", logger="tailpy.derp"):
+            a.writer.write(frame)
+            assert await _closed(a)
+        assert any(why in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+        assert relay.metrics.disconnects["bad_frame"] == 1
+        b.writer.write(proto.encode(proto.Ping(b"abcdefgh")))
+        assert await b.recv(skip=(proto.KeepAlive, proto.Health, proto.PeerGone)) == proto.Pong(b"abcdefgh")
+    finally:
+        for c in (a, b):
+            c.writer.close()

@@ -49,8 +49,11 @@ class FakeDevice:
     def drain(self, max_items: int = 1024) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, bytes]]]:
         return [], []
 
-    def set_path(self, public_key: bytes, path: str) -> None:
+    def set_path(self, public_key: bytes, path: str, *, confirmed: bool = True) -> None:
         pass
+
+    def retry_handshake(self, public_key: bytes) -> bool:
+        return False
 
     def inject(self, public_key: bytes, datagram: bytes) -> None:
         pass

@@ -108,9 +108,19 @@ async def test_ping_goes_direct_after_discovery(pair: tuple[Side, Side]) -> None
         await a.conn.ping(NodePrivate.generate().public)
 
 
+def _relayed_netmap(me: Node, peer: Node) -> NetMap:
+    """``peer`` with home DERP region 900 (a relay nobody listens on): ``me`` relays it until disco finds a
+    direct path."""
+    node = DerpNode("900a", 900, "127.0.0.1", ipv4="127.0.0.1", derp_port=1, insecure_for_tests=True)
+    dm = DerpMap({900: DerpRegion(900, "lab", "Lab", (node,))})
+    return NetMap(me, {peer.id: dataclasses.replace(peer, home_derp=900)}, derp_map=dm)
+
+
 async def test_relayed_handshake_is_copied_to_the_best_guess_endpoint(pair: tuple[Side, Side]) -> None:
     a, b = pair
     assert a.conn is not None
+    a.conn.set_netmap(_relayed_netmap(a.node(1), b.node(2)))
+    assert a.device.paths[b.key.public.raw] == "relay"
     b.device.received.clear()
     b.device.got.clear()
     handshake = b"\x01\x00\x00\x00" + bytes(144)  # a WireGuard handshake initiation's size and type
@@ -118,6 +128,64 @@ async def test_relayed_handshake_is_copied_to_the_best_guess_endpoint(pair: tupl
     a.device.queue_relay(NodePrivate.generate().public.raw, handshake)
     await asyncio.wait_for(b.device.got.wait(), 5)
     assert b.device.received == [handshake] and a.conn.copied == 1
+
+
+async def test_unconfirmed_direct_path_and_pending_handshakes(pair: tuple[Side, Side]) -> None:
+    """With no relay region, a peer goes direct to its netmap endpoint unconfirmed (the data plane also
+    relays its handshakes); a Pong confirms it. Each change of path re-sends a pending handshake at once,
+    and the data plane's own relayed copy of a handshake is not copied to the endpoint a second time."""
+    a, b = pair
+    assert a.conn is not None
+    key = b.key.public.raw
+    assert (a.device.paths[key], a.device.confirmed[key]) == ("direct", False)
+    a.device.pending.add(key)
+    a.device.retried.clear()
+    a.device.queue_relay(key, b"\x01\x00\x00\x00" + bytes(144))
+    await asyncio.sleep(0.05)
+    assert a.conn.copied == 0
+    deadline = time.monotonic() + 30
+    while not (r := await a.conn.ping(b.key.public, timeout=2.0)).direct:
+        assert time.monotonic() < deadline, r
+    assert a.device.confirmed[key] is True
+    assert a.device.retried == [key] and a.conn.handshakes_retried == 1  # once, when the Pong confirmed it
+    # A netmap in which the peer's entry changed (here: a home region) places it again and re-sends.
+    a.conn.set_netmap(_relayed_netmap(a.node(1), b.node(2)))
+    assert a.device.retried.count(key) >= 2
+
+
+async def test_wireguard_over_derp_from_a_peer_without_region_moves_it_to_that_region(
+    pair: tuple[Side, Side],
+) -> None:
+    """A disco peer whose home region is not known yet goes direct, unconfirmed; once its WireGuard arrives
+    over DERP, answers go back through that region (not to an endpoint nothing confirmed)."""
+    a, b = pair
+    assert a.conn is not None
+    key = b.key.public.raw
+    assert (a.device.paths[key], a.device.confirmed[key]) == ("direct", False)
+    initiation = b"\x01\x00\x00\x00" + bytes(144)
+    a.conn._on_derp_packet(b.key.public, initiation, 900)
+    assert a.device.paths[key] == "relay" and a.conn.relay_region(key) == 900
+    assert a.device.injected[-1] == (key, initiation)
+
+
+async def test_initiation_from_a_node_not_yet_in_the_netmap_is_held_until_it_is() -> None:
+    side = Side("a")
+    other = Side("b")
+    try:
+        await side.start()
+        assert side.conn is not None
+        me, peer = side.node(1), other.node(2)
+        side.conn.set_netmap(NetMap(me, {}))
+        initiation = b"\x01\x00\x00\x00" + bytes(144)
+        side.conn._on_derp_packet(other.key.public, initiation, 900)  # over DERP, before its netmap entry
+        side.conn._on_derp_packet(other.key.public, b"\x04\x00\x00\x00" + bytes(28), 900)  # data: dropped
+        assert side.device.injected == []
+        side.device.add(peer.node_key.raw)
+        side.conn.set_netmap(NetMap(me, {peer.id: peer}))
+        assert side.device.injected == [(peer.node_key.raw, initiation)]
+        assert side.conn.relay_region(peer.node_key.raw) == 900  # answered the way it came
+    finally:
+        await side.close()
 
 
 async def test_netcheck_over_the_nodes_socket_reports_its_endpoint() -> None:

@@ -282,6 +282,27 @@ def test_server_drops_what_is_not_a_request() -> None:
     assert stun.parse(reply).error is not None and stun.parse(reply).error[0] == 400  # type: ignore[index]
 
 
+def test_server_ignores_what_rfc_8489_says_to_ignore() -> None:
+    """RFC 8489 §6.3: responses and indications to a server get no answer (§6.3.2, §6.3.3), not even an
+    indication with an unknown comprehension-required attribute; attributes after MESSAGE-INTEGRITY (but
+    FINGERPRINT) are ignored (§14.5), so an unknown one there is no reason for a 420; anything after a
+    FINGERPRINT makes the message malformed (§14.7)."""
+    unknown = stun.Attribute(0x7FFE, bytes(4))
+    error = stun.encode(stun.BINDING, stun.MessageClass.ERROR, TXID, [stun.error_attr(420)], fingerprint=True)
+    assert answer(error, CLIENT_ADDR) == (None, "not_request")
+    ind = stun.encode(stun.BINDING, stun.MessageClass.INDICATION, TXID, [unknown], fingerprint=True)
+    assert answer(ind, CLIENT_ADDR) == (None, "not_request")
+    mi = stun.Attribute(stun.MESSAGE_INTEGRITY, bytes(20))
+    after_mi = stun.encode(stun.BINDING, stun.MessageClass.REQUEST, TXID, [mi, unknown], fingerprint=True)
+    reply, disposition = answer(after_mi, CLIENT_ADDR)
+    assert disposition == "success" and reply is not None
+    before_mi = stun.encode(stun.BINDING, stun.MessageClass.REQUEST, TXID, [unknown, mi], fingerprint=True)
+    assert answer(before_mi, CLIENT_ADDR)[1] == "unknown_attribute"
+    req = stun.encode(stun.BINDING, stun.MessageClass.REQUEST, TXID, [], fingerprint=True)
+    trailing = req[:2] + (len(req) - 20 + 8).to_bytes(2, "big") + req[4:] + bytes.fromhex("8022000474657374")
+    assert answer(trailing, CLIENT_ADDR) == (None, "not_stun")
+
+
 def test_ipv4_mapped_ipv6_source_is_answered_as_ipv4() -> None:
     reply, _ = answer(stun.binding_request(TXID)[1], ("::ffff:192.0.2.1", 32853))
     assert reply is not None and stun.parse(reply).mapped_address == CLIENT_ADDR

@@ -35,7 +35,7 @@ async def wait_login(client: LocalClient, st: Status, console: Console, qr: bool
     status once the login is done. Raises TailpyError when tailpyd stops waiting without logging in."""
     shown_url, shown_note = "", ""
     announced = False
-    while st.backend_state == "NeedsLogin" and st.login_pending:
+    while st.login_pending:  # a connected node stays connected (and Running) while it waits
         url = st.auth_url
         if url and url != shown_url:
             # One plain line per piece: a URL wrapped at the terminal width could not be clicked or copied.
@@ -93,9 +93,11 @@ def command(
     state_dir: str,
 ) -> None:
     """Log this device in (again) with a new node key: for a node whose key expired or that logged out, or
-    to switch accounts. Prints a URL to sign in at (unless --auth-key) and waits until you have."""
-    from tailpy.cli.up import _up, connected_line
+    to switch accounts. Prints a URL to sign in at (unless --auth-key) and waits until you have. A connected
+    node stays connected with its current key until the new login succeeds."""
+    from tailpy.cli.up import _up, check_auth_key, connected_line
 
+    check_auth_key(auth_key)
     console = Console(stderr=True)
     st = run(
         _up(

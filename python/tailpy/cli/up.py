@@ -120,7 +120,7 @@ async def _up(
             with contextlib.suppress(TailpyError):
                 await client.down()
         raise
-    if st.backend_state == "NeedsLogin" and st.login_pending:
+    if st.login_pending:
         st = await wait_login(client, st, console, qr)
     deadline = time.monotonic() + timeout
     with console.status("waiting for the netmap") as spinner:
@@ -203,6 +203,7 @@ def command(
 ) -> None:
     """Connect this device to the tailnet; shows progress until it is connected. Without --auth-key, a
     control server with a login provider prints a URL to sign in at, and this waits until you have."""
+    check_auth_key(auth_key)
     console = Console(stderr=True)
     st = run(
         _up(
@@ -220,6 +221,36 @@ def command(
         )
     )
     click.echo(connected_line(st))
+    note = name_note(hostname, st)
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+
+
+def name_note(hostname: str | None, st: Status) -> str:
+    """What to tell a user who asked for ``hostname`` (``--hostname``) and got another node name: the name
+    is taken or reserved (control added a suffix), or an admin set the name, which control keeps. "" when
+    the name is the one asked for (or none was)."""
+    from tailpy.control.names import RESERVED, sanitize
+
+    if not hostname:
+        return ""
+    want, got = sanitize(hostname), st.self_node.name.split(".")[0]
+    if not got or got == want:
+        return ""
+    if got.startswith(want[:50]) and got.rsplit("-", 1)[-1].isdigit():
+        why = "is reserved" if want in RESERVED else "is taken by another node"
+        return f"note: the name {want} {why}: this node is {got}"
+    return (
+        f"note: this node keeps its name {got}: an admin named it, and control keeps that name (an admin "
+        f"can change it with `tailpy control nodes rename {got} {want}`)"
+    )
+
+
+def check_auth_key(auth_key: str | None) -> None:
+    """An auth key given but empty (``--auth-key ""``, or TAILPY_AUTH_KEY set to nothing) is a mistake, not
+    "no key": raises click.UsageError."""
+    if auth_key is not None and not auth_key.strip():
+        raise click.UsageError("--auth-key is empty (or TAILPY_AUTH_KEY is set to nothing): give the key")
 
 
 def connected_line(st: Status) -> str:

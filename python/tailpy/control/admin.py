@@ -53,10 +53,11 @@ MAX_EXPIRATION = 3650 * 86400.0
 """Longest auth key lifetime, seconds (10 years; `tailpy control` parses durations up to the same)."""
 
 
-def _int(args: Mapping[str, Any], name: str) -> int:
+def _ref(args: Mapping[str, Any], name: str) -> str | int:
+    """A node given by id (a number) or by name (or FQDN), as the admin typed it."""
     v = args.get(name)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{name} must be a node id (a number); see `tailpy control nodes list`")
+    if isinstance(v, bool) or not isinstance(v, (int, str)) or v == "":
+        raise ConfigError(f"{name} must be a node id or name; see `tailpy control nodes list`")
     return v
 
 
@@ -121,32 +122,49 @@ class Admin:
 
     # --- nodes ---
 
+    def _node_id(self, args: Mapping[str, Any]) -> int:
+        return self.store.find_node(_ref(args, "id"))
+
+    def _pending_id(self, args: Mapping[str, Any]) -> int:
+        """A pending login by its id, or by its machine's hostname when one pending login has it."""
+        ref = _ref(args, "id")
+        if isinstance(ref, int) or ref.strip().isdigit():
+            return int(ref)
+        matches = [p.id for p in self.store.list_pending() if p.hostname.lower() == ref.strip().lower()]
+        if len(matches) != 1:
+            how = "none has" if not matches else f"{len(matches)} have"
+            raise ConfigError(
+                f"{how} hostname {ref!r} among pending logins: give its id "
+                "(see `tailpy control nodes pending`)"
+            )
+        return matches[0]
+
     def op_nodes_list(self, _args: Mapping[str, Any]) -> Any:
         return [self._node_json(n) for n in self.store.list_nodes(self.clock())]
 
     def op_nodes_show(self, args: Mapping[str, Any]) -> Any:
-        return self._node_json(self.store.get_node(_int(args, "id"), self.clock()))
+        return self._node_json(self.store.get_node(self._node_id(args), self.clock()))
 
     def op_nodes_rename(self, args: Mapping[str, Any]) -> Any:
-        node = self.store.rename_node(_int(args, "id"), _str(args, "name"))
+        node = self.store.rename_node(self._node_id(args), _str(args, "name"))
         self._published(node.id)
         return self._node_json(node)
 
     def op_nodes_expire(self, args: Mapping[str, Any]) -> Any:
-        node = self.store.expire_node(_int(args, "id"), self.clock())
+        node = self.store.expire_node(self._node_id(args), self.clock())
         self._published(node.id)
         return self._node_json(node)
 
     def op_nodes_expiry(self, args: Mapping[str, Any]) -> Any:
         lifetime = self.key_lifetime if self.key_lifetime is not None else DEFAULT_KEY_LIFETIME
         node = self.store.set_key_expiry(
-            _int(args, "id"), disabled=bool(args.get("disabled")), now=self.clock(), key_lifetime=lifetime
+            self._node_id(args), disabled=bool(args.get("disabled")), now=self.clock(), key_lifetime=lifetime
         )
         self._published(node.id)
         return self._node_json(node)
 
     def op_nodes_delete(self, args: Mapping[str, Any]) -> Any:
-        node_id = _int(args, "id")
+        node_id = self._node_id(args)
         if not self.store.delete_node(node_id, self.clock()):
             raise ConfigError(f"there is no node {node_id}; see `tailpy control nodes list`")
         self._removed(node_id)
@@ -158,13 +176,13 @@ class Admin:
 
     def op_nodes_approve(self, args: Mapping[str, Any]) -> Any:
 
-        node = self.store.approve_pending(_int(args, "id"), self.clock())
+        node = self.store.approve_pending(self._pending_id(args), self.clock())
         self._published(node.id)
         return self._node_json(node)
 
     def op_nodes_reject(self, args: Mapping[str, Any]) -> Any:
 
-        return self.store.reject_pending(_int(args, "id")).to_json()
+        return self.store.reject_pending(self._pending_id(args)).to_json()
 
     # --- auth keys ---
 

@@ -1,8 +1,15 @@
 """Node names: hostnames made into DNS labels, made unique in the tailnet, and checked for renames.
 
-A node's name is given once, at its first registration (or when a deleted node comes back), and stored; it
-never changes because another node comes or goes. Only an admin rename changes it. Its FQDN is
-``<name>.<tailnet domain>``.
+A node's name is given at its first registration (or when a deleted node comes back), and stored; it never
+changes because another node comes or goes. The node asking for a new hostname (``tailpy up --hostname``)
+changes it, as Tailscale's control follows a node's Hostinfo.Hostname, unless an admin renamed the node
+(then the admin's name stays). Its FQDN is ``<name>.<tailnet domain>``.
+
+Names a resolver or a host treats specially are never given as they are (:data:`RESERVED`: ``localhost``
+and the other names of /etc/hosts' loopback and multicast lines, ``broadcasthost``, ``wpad`` (proxy
+auto-discovery, which a tailnet name must not answer for), and ``magicdns``, the MagicDNS resolver's own
+name): a node asking for one gets the first free ``<name>-1``, ``<name>-2``, ..., and an admin cannot
+rename a node to one.
 """
 
 from __future__ import annotations
@@ -16,6 +23,24 @@ MAX_LABEL = 63
 DEFAULT_NAME = "node"
 DEFAULT_DOMAIN = "tailnet.internal"
 LOCAL_SUFFIXES = (".localdomain", ".local", ".lan")
+
+RESERVED = frozenset(
+    {
+        "localhost",
+        "localhost6",
+        "ip6-localhost",
+        "ip6-loopback",
+        "ip6-localnet",
+        "ip6-allnodes",
+        "ip6-allrouters",
+        "ip6-mcastprefix",
+        "broadcasthost",
+        "localdomain",
+        "wpad",
+        "magicdns",
+    }
+)
+"""Labels never given to a node as they are (see the module docstring)."""
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -46,9 +71,10 @@ def with_suffix(base: str, n: int) -> str:
 
 
 def unique(base: str, taken: Container[str]) -> str:
-    """``base`` if it is not in ``taken``, else the first free ``base-1``, ``base-2``, ..."""
+    """``base`` if it is not in ``taken`` nor :data:`RESERVED`, else the first free ``base-1``, ``base-2``,
+    ..."""
     name, n = base, 0
-    while name in taken:
+    while name in taken or name in RESERVED:
         n += 1
         name = with_suffix(base, n)
     return name
@@ -61,6 +87,8 @@ def check_label(name: str) -> str:
             f"{name!r} is not a valid node name: use 1-63 lowercase letters, digits and inner hyphens "
             f"(for example {sanitize(name)!r})"
         )
+    if name in RESERVED:
+        raise ConfigError(f"{name!r} is reserved (resolvers treat it specially): choose another node name")
     return name
 
 
@@ -72,4 +100,4 @@ def check_domain(domain: str) -> str:
     return d
 
 
-__all__ = ["DEFAULT_DOMAIN", "check_domain", "check_label", "sanitize", "unique", "with_suffix"]
+__all__ = ["DEFAULT_DOMAIN", "RESERVED", "check_domain", "check_label", "sanitize", "unique", "with_suffix"]

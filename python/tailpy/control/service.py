@@ -27,6 +27,7 @@ from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
 from tailpy.control.options import WILDCARDS
 from tailpy.control.server import ControlServer, http_url
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store
+from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.derp.stun_server import StunServer
 from tailpy.derp.verify import local_admission
@@ -57,7 +58,8 @@ class ControlConfig:
     * ``host``/``port``: where control serves HTTP (``host`` None: every address; port 0 picks one).
     * ``domain``, ``prefix_v4``, ``prefix_v6``: stored tailnet settings (None: keep the stored one).
     * ``key_lifetime``: node key lifetime, seconds (None: keys never expire); ``ephemeral_timeout``: offline
-      seconds after which an ephemeral node is removed.
+      seconds after which an ephemeral node is removed; ``address_quarantine``: seconds a deleted node's
+      addresses stay unused (:mod:`tailpy.control.store.addresses`).
     * ``derp``: run the embedded relay on ``derp_host:derp_port`` (``derp_host`` None: every address),
       told to nodes as ``derp_hostname`` (else ``server_url``'s host, else the first specific one of
       ``derp_host`` and ``host``; :func:`derp_advertised_host`) in
@@ -79,6 +81,7 @@ class ControlConfig:
     prefix_v6: str | None = None
     key_lifetime: float | None = DEFAULT_KEY_LIFETIME
     ephemeral_timeout: float = DEFAULT_EPHEMERAL_TIMEOUT
+    address_quarantine: float = DEFAULT_QUARANTINE
     derp: bool = True
     derp_host: str | None = None
     derp_port: int = DERP_PORT
@@ -202,7 +205,7 @@ class ControlProcess:
         cfg = self.config
         cfg.check()
         prepare_state_dir(cfg.state_dir)
-        self.store = Store(cfg.state_dir, db=cfg.db)
+        self.store = Store(cfg.state_dir, db=cfg.db, address_quarantine=cfg.address_quarantine)
         try:
             if cfg.derp:
                 await self._start_relay(load_or_create_key(cfg.state_dir))

@@ -201,10 +201,13 @@ class Backend:
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
         ``accept_dns``: point the host's resolver at MagicDNS (None: as before; True on a new node).
 
-        Nothing is changed (state file, tunnel) unless control accepts the registration, except that a node
-        already registered with this server, finding control unreachable, comes up on what it knows and keeps
-        trying to reach control. Raises AuthKeyError / ControlError with the server's sentence, ConfigError
-        for a malformed URL, PermissionDeniedError / DeviceError when the tunnel cannot be created."""
+        Nothing is changed (state file, tunnel, node key) unless control accepts the registration, except
+        that a node already registered with this server, finding control unreachable, comes up on what it
+        knows and keeps trying to reach control. A connected node stays connected (its session with control,
+        its node key, its peers) until a new login succeeds: a refused key, an unreachable control or a
+        browser login still waiting change nothing, as in Tailscale's ``tailscale login`` on a running node.
+        Raises AuthKeyError / ControlError with the server's sentence, ConfigError for a malformed URL,
+        PermissionDeniedError / DeviceError when the tunnel cannot be created."""
         s = self.state_data
         self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
@@ -215,9 +218,12 @@ class Backend:
         registered_here = s.node_id is not None and url == s.login_server
         expired = self.netmap is not None and self.netmap.self_node.expired
         why = why_offline = ""
+        connected = self.session.running and self.netmap is not None  # a re-login must not disconnect it
+        stays = "; this node stays connected with its current key" if connected else ""
         if (not registered_here or force_reauth) and not auth_key:
             if force_reauth:
-                head, why = "this node logs in again", "--force-reauth needs a new --auth-key"
+                head = "logging in again"
+                why = f"{head} needs an auth key: {url} offers no sign-in in a browser; pass --auth-key KEY"
             elif s.node_id is not None:
                 head = f"this node is registered with {s.login_server}, not {url}"
                 why = (
@@ -230,13 +236,14 @@ class Backend:
             else:
                 head = f"this node is not registered with {url} yet"
                 why = f"{head}: pass --auth-key"
-            why += " (create a key with `tailpy control authkey create`)"
+            why += f" (create a key with `tailpy control authkey create`){stays}"
             # When control cannot be reached, whether it offers a browser login is unknown: name both ways.
             why_offline = (
                 f"{head}: once control answers, run `tailpy login` (sign in in a browser, where control "
                 "offers it) or `tailpy up --auth-key KEY`"
             )
-        await self.session.stop()
+        if not connected:
+            await self.session.stop()
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
         hostname = hostname or s.hostname or socket.gethostname()
@@ -252,22 +259,25 @@ class Backend:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)
             elif why and not isinstance(e, NotRegisteredError):  # unreachable: say both
-                e = ControlError(f"{e}; and {why_offline}")
+                e = ControlError(f"{e}; and {why_offline}{stays}")
+            elif connected and not why:  # a refused key, say: the node goes on as it was
+                e = type(e)(f"{e}{stays}")
             if registered_here and not force_reauth and not isinstance(e, (AuthKeyError, NotRegisteredError)):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
-                self._bring_up_offline(hostname, str(e))
+                if not connected:
+                    self._bring_up_offline(hostname, str(e))
                 return
-            self.last_error = str(e)
+            if not connected:
+                self.last_error = str(e)
             if created:
                 self._close_device()
-            if self.netmap is not None and not force_reauth and s.want_running:
-                self.session.start()  # a failed re-login leaves a running node as it was
             raise e from None
         node = answer if isinstance(answer, nm.Node) else answer.node
         if node is None:
             assert isinstance(answer, LoginAnswer)
-            self._await_login(url, node_key, hostname, answer)
+            self._await_login(url, node_key, hostname, answer, connected=connected)
             return
+        await self.session.stop()  # it follows control under the node key just registered
         try:
             self._registered(url, node_key, hostname, node)
         except StorageError:  # the state file cannot record it (a full disk): the node stays as it was
@@ -310,11 +320,15 @@ class Backend:
 
     # -- interactive login -----------------------------------------------------------------------------
 
-    def _await_login(self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer) -> None:
-        """Control wants the user to sign in: show ``auth_url`` in the status (state NeedsLogin) and long-poll
-        control in the background until the login (and any approval) is done, then come up."""
+    def _await_login(
+        self, url: str, node_key: NodePrivate, hostname: str, first: LoginAnswer, *, connected: bool
+    ) -> None:
+        """Control wants the user to sign in: show ``auth_url`` in the status and long-poll control in the
+        background until the login (and any approval) is done, then come up. A ``connected`` node stays as
+        it is (state, session, node key) meanwhile; any other needs login (state NeedsLogin)."""
         self._show_login(first)
-        self._fire(Event.LOGIN_NEEDED)
+        if not connected:
+            self._fire(Event.LOGIN_NEEDED)
         self._login_server = url
         self._login = asyncio.create_task(self._wait_login(url, node_key, hostname), name="login")
 
@@ -337,6 +351,7 @@ class Backend:
         )
         log.info("login done: node %d %s", node.id, node.name)
         self._login = None
+        await self.session.stop()  # it follows control under the node key just registered
         try:
             self._registered(url, node_key, hostname, node)
         except TailpyError as e:  # the tunnel's addresses could not be set, say

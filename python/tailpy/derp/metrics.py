@@ -32,6 +32,7 @@ class Metrics:
     bytes_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     peer_gone_frames: dict[str, int] = field(default_factory=lambda: {"disconnected": 0, "not_here": 0})
     pings: int = 0
+    ignored_frames: int = 0
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
     disconnects: dict[str, int] = field(default_factory=collections.Counter)
 
@@ -105,6 +106,12 @@ class Metrics:
             "derp_peer_gone_frames_total", "counter", "PeerGone frames sent.", self.peer_gone_frames, "reason"
         )
         metric("derp_pings_total", "counter", "Ping frames answered.", self.pings)
+        metric(
+            "derp_ignored_frames_total",
+            "counter",
+            "Frames of types a client does not send to a server (or unknown), read and ignored.",
+            self.ignored_frames,
+        )
         metric(
             "derp_disconnects_total",
             "counter",

@@ -27,6 +27,13 @@ frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is c
   seconds more, it is closed. TCP keepalive is also on.
 * A frame header claiming more than :data:`~tailpy.proto.derp.MAX_FRAME_LEN` bytes, or any malformed frame,
   closes that connection alone, before its body is read.
+* What derpserver's ``sclient.run`` ignores is ignored, what it refuses closes: frames of any type a client
+  does not send to a server (unknown types, and server-to-client ones: ServerKey, ServerInfo, RecvPacket,
+  KeepAlive, PeerGone, PeerPresent, Health, Restarting, a second ClientInfo; also Pong) are read and
+  dropped unanswered (``derp_ignored_frames_total``), up to :data:`MAX_IGNORED_FRAME_LEN` bytes
+  (``maxUnknownFrameLen``; a longer one closes); a Ping shorter than 8 or longer than :data:`MAX_PING_LEN`
+  bytes closes; mesh frames (ForwardPacket, WatchConns, ClosePeer) close the connection ("insufficient
+  permissions": this server has no mesh key).
 * One key on two or more connections (cloned machines, or a reconnect racing the old connection's close):
   every connection is kept; packets go to the one that most recently sent a frame (the newest at first); each
   gets a Health frame saying the key is connected more than once (cleared with an empty Health when one is
@@ -69,6 +76,19 @@ DUPLICATE_KEY_PROBLEM = (
     "this node key is connected to this DERP server more than once (another connection uses the same key; "
     "a cloned machine or state file?); packets go to the connection that sent most recently"
 )
+
+MAX_IGNORED_FRAME_LEN = proto.MAX_PACKET_SIZE + proto.KEY_LEN
+"""Largest frame of a type the server ignores that it reads and drops, bytes (derpserver's
+``maxUnknownFrameLen``: the largest frame a client sends, a full SendPacket); a longer one closes."""
+MAX_PING_LEN = 1000
+"""Largest Ping payload, bytes (derpserver's ``handleFramePing``: 8 bytes and some room for extensions)."""
+MESH_FRAMES = frozenset(
+    {proto.FrameType.FORWARD_PACKET, proto.FrameType.WATCH_CONNS, proto.FrameType.CLOSE_PEER}
+)
+HANDLED_FRAMES = frozenset(
+    {proto.FrameType.SEND_PACKET, proto.FrameType.NOTE_PREFERRED, proto.FrameType.PING}
+)
+"""Frame types a client sends that the server acts on; any other type (but the mesh ones) is ignored."""
 
 REFUSED_PREFIX = "refused: "
 """Start of the Health frame a refused client gets before the server closes (the rest is one sentence)."""
@@ -384,25 +404,31 @@ class Relay:
 
     async def _read_first(
         self, reader: Reader, frames: proto.FrameReader
-    ) -> tuple[proto.Frame, list[proto.Frame]]:
+    ) -> tuple[proto.Frame, list[tuple[int, bytes]]]:
+        """The first frame, parsed, and the frames read with it, raw (handled after the login)."""
         while True:
             data = await reader.read(READ_CHUNK)
             if not data:
                 raise asyncio.IncompleteReadError(b"", None)
-            got = frames.feed(data)
+            got = frames.feed_raw(data)
             if got:
-                return got[0], got[1:]
+                return proto.parse_frame(*got[0]), got[1:]
 
     async def _read_loop(
         self,
         conn: Conn,
         reader: Reader,
         frames: proto.FrameReader,
-        pending: list[proto.Frame],
+        pending: list[tuple[int, bytes]],
     ) -> str:
         """Read and handle frames until the connection ends; returns the cause (a metrics label)."""
-        for f in pending:
-            self._handle(conn, f)
+        try:
+            self._handle_raw(conn, pending)
+        except ParseError as e:
+            log.info("DERP client %s %s: closing: %s", conn.peer, conn.key.short(), e)
+            return "bad_frame"
+        finally:
+            self._flush_dirty()
         pinged = False
         while not conn.closed:
             try:
@@ -426,11 +452,15 @@ class Relay:
                 log.info("DERP client %s %s: closing: %s", conn.peer, conn.key.short(), e)
                 return "bad_frame"
             finally:
-                dirty = self._dirty
-                for c in dirty:
-                    c.flush()
-                dirty.clear()
+                self._flush_dirty()
         return "closed"
+
+    def _flush_dirty(self) -> None:
+        """Write what this read queued to each destination (one write per destination)."""
+        dirty = self._dirty
+        for c in dirty:
+            c.flush()
+        dirty.clear()
 
     def _handle_raw(self, conn: Conn, raw: list[tuple[int, bytes]]) -> None:
         """Handle one read's frames: SendPacket on the fast path (no frame objects; packets gathered per
@@ -452,8 +482,17 @@ class Relay:
                     self._not_here(conn, NodePublic(payload[: proto.KEY_LEN]), n)
                     continue
                 target.push(conn, payload)
-            else:
+            elif t in HANDLED_FRAMES:
+                if t == proto.FrameType.PING and len(payload) > MAX_PING_LEN:
+                    raise ParseError(f"DERP Ping frame of {len(payload)} bytes (at most {MAX_PING_LEN})")
                 self._handle(conn, proto.parse_frame(t, payload))
+            elif t in MESH_FRAMES:
+                name = proto.FrameType(t).name
+                raise ParseError(f"DERP {name} frame from a client: insufficient permissions (no mesh key)")
+            elif len(payload) > MAX_IGNORED_FRAME_LEN:
+                raise ParseError(f"DERP frame of type {t} is too large to ignore: {len(payload)} bytes")
+            else:
+                m.ignored_frames += 1
 
     def _handle(self, conn: Conn, f: proto.Frame) -> None:
         self._note_activity(conn)
@@ -475,7 +514,7 @@ class Relay:
                     conn.preferred = preferred
                     self.metrics.home_clients += 1 if preferred else -1
             case _:
-                pass  # Pong, KeepAlive, unknown and mesh frames (no mesh key support yet): ignored
+                pass  # only the frame types of HANDLED_FRAMES come here
 
     def _not_here(self, conn: Conn, dst: NodePublic, nbytes: int) -> None:
         self.metrics.drop("unknown_dest", nbytes)

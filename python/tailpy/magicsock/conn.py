@@ -24,7 +24,17 @@ queue and reads its per-peer counters. It is built from sans-IO parts and I/O sh
 **Both ways while unconfirmed** (as Tailscale sends over UDP and DERP while a direct path is not trusted):
 relay datagrams that are WireGuard handshake messages also go straight to the peer's best-guess endpoint, so
 a session forms at once where UDP works; every relay datagram does while the peer's region has no live
-connection.
+connection. The other way round, a peer sent direct to an endpoint no Pong confirmed (a peer without disco,
+or one with no relay region yet) is set ``confirmed=False`` in the data plane, which then queues its
+handshake messages for DERP as well.
+
+**No handshake waits out REKEY_TIMEOUT** (WireGuard retries a lost initiation only after 5 s): whenever a
+peer's path changes (relay to direct, a new direct endpoint, a Pong confirming one), its netmap entry changes
+(disco key, home region, endpoints), or the DERP connection it is relayed through comes up, a handshake
+still pending for it is sent again at once (``Device.retry_handshake``), and the packets the data plane
+queued behind it follow. A handshake initiation that arrives over DERP from a node not yet in the netmap
+(its netmap entry is on its way) is held for :data:`HELD_INITIATION_TTL` and handed to the data plane when
+the peer appears.
 
 **Peers without a disco key** (not a tailpy node of this version; every tailpy node sends one): no path
 discovery. Such a peer is sent to directly at the endpoint ``choose_endpoint`` picks from its netmap
@@ -87,6 +97,11 @@ LINK_CHANGE_GRACE = 1.5
 """Seconds a direct path stays trusted after a local address went away, unless it answers a Ping."""
 HANDSHAKE_FRESH = 130.0
 """Seconds a WireGuard handshake counts as fresh (REKEY_AFTER 120 s + 2 x REKEY_TIMEOUT)."""
+HELD_INITIATION_TTL = 5.0
+"""Seconds a handshake initiation from a node not yet in the netmap is held (WireGuard's REKEY_TIMEOUT: its
+sender retries after that anyway)."""
+HELD_INITIATION_MAX = 64
+"""Senders whose handshake initiation is held at most (the oldest is dropped first)."""
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Path = Literal["direct", "relay"]
@@ -95,7 +110,8 @@ Path = Literal["direct", "relay"]
 class ConnDevice(Protocol):
     """What :class:`Conn` needs of :class:`tailpy._native.Device`."""
 
-    def set_path(self, public_key: bytes, path: Path) -> None: ...
+    def set_path(self, public_key: bytes, path: Path, *, confirmed: bool = True) -> None: ...
+    def retry_handshake(self, public_key: bytes) -> bool: ...
     def inject(self, public_key: bytes, datagram: bytes) -> None: ...
     def send_datagram(self, data: bytes, endpoint: str) -> None: ...  # endpoint: Endpoint's text
     def peers(self) -> Any: ...
@@ -158,6 +174,7 @@ class Conn:
         self._wall = options.wall_clock
         self.relay = Relay(private_key, self._on_derp_packet, clock=self.clock)
         self.relay.derp.on_down = self._on_region_down
+        self.relay.derp.on_up = self._on_region_up
         self.disco = DiscoNode(options.disco_private, private_key.public)
         self.local = LocalEndpoints(
             self._send_stun,
@@ -177,11 +194,16 @@ class Conn:
         self.ignored = 0  # datagrams from the socket that were neither disco nor STUN
         self.copied = 0  # relay datagrams also sent straight to a best-guess endpoint
         self.link_changes = 0
+        self.handshakes_retried = 0  # pending handshakes sent again at once (a path changed)
         self._peers: dict[NodePublic, Node] = {}  # the netmap's peers as applied to the data plane
         self._guess: dict[NodePublic, Endpoint | None] = {}  # choose_endpoint of its netmap endpoints
         self._relayed: set[NodePublic] = set()  # disco says relay
         self._plain_path: dict[bytes, Path] = {}  # peers without disco: the path last set
         self._plain_relayed: set[bytes] = set()  # ... relayed for good (WireGuard came over DERP)
+        self._device_path: dict[bytes, tuple[Path, bool, Endpoint | None]] = {}  # (path, confirmed, endpoint)
+        # handshake initiations over DERP from keys not (yet) in the netmap: key -> (datagram, region, at)
+        self._held: dict[bytes, tuple[bytes, int, float]] = {}
+        self._deferred: set[bytes] | None = None  # retries held back while a netmap is applied
         self._stats: dict[bytes, Mapping[str, Any]] = {}  # device.peers() at the last look
         self._tx: dict[bytes, int] = {}
         self._pings: dict[int, asyncio.Future[PingResult | PingTimeout]] = {}
@@ -240,6 +262,16 @@ class Conn:
         re-sent for a peer with disco (disco chose its direct endpoint) nor when unchanged (that would undo
         roaming the data plane saw)."""
         now = self.clock()
+        self._deferred = set()  # each peer's pending handshake goes again once, on its final path
+        try:
+            self._apply_netmap(netmap, now)
+        finally:
+            deferred, self._deferred = self._deferred, None
+        for key in deferred:
+            self._retry_handshake(key)
+        self._tick.rearm()
+
+    def _apply_netmap(self, netmap: NetMap, now: float) -> None:
         peers = list(netmap.peers.values())
         self.relay.set_peers(peers)
         if self.relay.set_derp_map(netmap.derp_map):
@@ -251,7 +283,7 @@ class Conn:
         for gone in set(old) - set(self._peers):
             self._guess.pop(gone, None)
             self._relayed.discard(gone)
-            for table in (self._plain_path, self._stats, self._tx):
+            for table in (self._plain_path, self._stats, self._tx, self._device_path):
                 table.pop(gone.raw, None)
             self._plain_relayed.discard(gone.raw)
         for p in peers:
@@ -268,7 +300,12 @@ class Conn:
             self._place_relay(key)
         for p in peers:
             self._place_plain(p)
-        self._tick.rearm()
+        for p in peers:
+            prev = old.get(p.node_key)
+            if prev is None:
+                self._release_held(p.node_key, now)
+            elif prev != p:
+                self._retry_handshake(p.node_key.raw)  # its home region, endpoints or disco key changed
 
     def set_private_key(self, private_key: NodePrivate) -> None:
         """Node key rotation: DERP connections are made again under the new key; disco Pings carry it."""
@@ -438,6 +475,15 @@ class Conn:
             self._external_latency_until = -math.inf
             self._probe.soon()
 
+    def _on_region_up(self, region_id: int) -> None:
+        """A DERP connection came up: handshakes pending for peers relayed through it go again now (the
+        first ones may have been dropped while it was connecting)."""
+        for node_key in list(self._peers):
+            key = node_key.raw
+            relayed = self._device_path.get(key, ("direct", True, None))[0] == "relay"
+            if relayed and self.relay.relay_region(key) == region_id:
+                self._retry_handshake(key)
+
     # -- in: datagrams --------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
@@ -473,6 +519,8 @@ class Conn:
             node_key = NodePublic(key)
             if self.disco.peer_paths(node_key) is None:
                 continue
+            if self._device_path.get(key, ("relay", True, None))[0] == "direct":
+                continue  # a handshake relayed while the direct path is unconfirmed: the data plane sent it
             if datagram[:1] not in (b"\x01", b"\x02"):
                 region = self.relay.relay_region(key)
                 if region and self.relay.connected(region):
@@ -494,9 +542,16 @@ class Conn:
             return
         key = src.raw
         if not self.relay.knows(key):
+            if payload[:1] == b"\x01" and len(payload) == 148:  # a handshake initiation (WireGuard §5.4.2)
+                self._hold(key, payload, region)
             self.relay.derp_dropped += 1
             return
         self.relay.note_via(key, region)
+        unconfirmed = self._device_path.get(key, ("relay", True, None))[:2] == ("direct", False)
+        if src in self._relayed and unconfirmed:
+            # disco relays it but no region was known (its home region is on its way): now one is; the
+            # answer goes back the way it came, not to an endpoint nothing confirmed
+            self._place_relay(src)
         node = self._peers.get(src)
         if node is not None and self._plain_path.get(key) == "direct":
             hs = self._stats.get(key, {}).get("last_handshake")
@@ -535,7 +590,7 @@ class Conn:
             self._place_relay(a.node_key)
             return
         self._relayed.discard(a.node_key)
-        if self._go_direct(a.node_key, a.endpoint):
+        if self._go_direct(a.node_key, a.endpoint, confirmed=True):
             log.info("peer %s: direct %s", name, a.endpoint)
 
     def _set_endpoint(self, node: Node, endpoint: Endpoint | None) -> bool:
@@ -550,19 +605,60 @@ class Conn:
             return False
         return True
 
-    def _go_direct(self, key: NodePublic, endpoint: Endpoint) -> bool:
+    def _go_direct(self, key: NodePublic, endpoint: Endpoint, *, confirmed: bool) -> bool:
         node = self._peers.get(key)
         if node is None or not self._set_endpoint(node, endpoint):
             return False
         self.relay.override(key.raw, 0)
-        return self._set_device_path(key.raw, "direct")
+        return self._set_device_path(key.raw, "direct", confirmed=confirmed, endpoint=endpoint)
 
-    def _set_device_path(self, key: bytes, path: Path) -> bool:
+    def _set_device_path(
+        self, key: bytes, path: Path, *, confirmed: bool = True, endpoint: Endpoint | None = None
+    ) -> bool:
+        """Set the data plane's path for ``key``; when it changed (or its direct endpoint did), a handshake
+        still pending for the peer goes again at once on the new path."""
         try:
-            self.device.set_path(key, path)
+            self.device.set_path(key, path, confirmed=confirmed)
         except DeviceError:
             return False
+        now = (path, confirmed, endpoint if path == "direct" else None)
+        if self._device_path.get(key) != now:
+            self._device_path[key] = now
+            self._retry_handshake(key)
         return True
+
+    def _retry_handshake(self, key: bytes) -> None:
+        if self._deferred is not None:
+            self._deferred.add(key)
+            return
+        try:
+            if self.device.retry_handshake(key):
+                self.handshakes_retried += 1
+                log.debug("peer %s: pending handshake sent again (path %s)", NodePublic(key).short(),
+                          self._device_path.get(key))  # fmt: skip
+        except DeviceError:
+            pass
+
+    def _hold(self, key: bytes, initiation: bytes, region: int) -> None:
+        """Keep the latest handshake initiation from ``key`` (not in the netmap yet) for a while."""
+        self._held.pop(key, None)
+        while len(self._held) >= HELD_INITIATION_MAX:
+            del self._held[next(iter(self._held))]
+        self._held[key] = (initiation, region, self.clock())
+
+    def _release_held(self, node_key: NodePublic, now: float) -> None:
+        """A peer joined the netmap: hand the data plane the initiation it sent before (if still fresh)."""
+        for k in [k for k, (_, _, at) in self._held.items() if now - at >= HELD_INITIATION_TTL]:
+            del self._held[k]
+        held = self._held.pop(node_key.raw, None)
+        if held is None:
+            return
+        initiation, region, _ = held
+        self.relay.note_via(node_key.raw, region)
+        try:
+            self.device.inject(node_key.raw, initiation)
+        except DeviceError:
+            self.relay.derp_dropped += 1
 
     def _best_guess(self, key: NodePublic) -> Endpoint | None:
         """The peer's best-guess direct endpoint: disco's best candidate, else the one ``choose_endpoint``
@@ -585,7 +681,7 @@ class Conn:
             self.relay.override(key.raw, 0)
             self._set_device_path(key.raw, "relay")
         elif (guess := self._best_guess(key)) is not None:
-            self._go_direct(key, guess)
+            self._go_direct(key, guess, confirmed=False)
 
     def _place_plain(self, node: Node) -> None:
         """A peer without disco: direct to its endpoint; relayed when it has none or relayed for good."""
@@ -595,7 +691,8 @@ class Conn:
         region = self.relay.relay_region(key)
         no_endpoint = self._best_guess(node.node_key) is None
         path: Path = "relay" if region and (no_endpoint or key in self._plain_relayed) else "direct"
-        if self._plain_path.get(key) != path and self._set_device_path(key, path):
+        # direct to a netmap endpoint nothing confirmed: handshakes go over DERP too
+        if self._plain_path.get(key) != path and self._set_device_path(key, path, confirmed=False):
             self._plain_path[key] = path
             via = f" via DERP region {region}" if path == "relay" else ""
             log.info("peer %s: path %s%s", node.name, path, via)
@@ -631,6 +728,7 @@ __all__ = [
     "ACTIVITY_INTERVAL",
     "DISCO_MAGIC",
     "HANDSHAKE_FRESH",
+    "HELD_INITIATION_TTL",
     "NETCHECK_INTERVAL",
     "Conn",
     "ConnDevice",

@@ -102,6 +102,9 @@ class DerpConnections:
         self.on_down: Callable[[int], None] | None = None
         """Called with the region id when a logged-in connection ends (closed, broken, or found dead by the
         liveness ping); magicsock.Conn re-measures at once when it is the home region."""
+        self.on_up: Callable[[int], None] | None = None
+        """Called with the region id each time a connection is made; magicsock.Conn re-sends handshakes
+        pending for peers relayed through it."""
 
     # -- configuration ---------------------------------------------------------------------------------
 
@@ -227,6 +230,11 @@ class DerpConnections:
                  " (home)" if r.home else "")  # fmt: skip
         if r.home:
             self._note_preferred(r, True)
+        if self.on_up is not None:
+            try:
+                self.on_up(r.region.region_id)
+            except Exception:
+                log.exception("DERP region %d: on_up hook failed", r.region.region_id)
 
     def _on_disconnect(self, r: _Region, why: str) -> None:
         rid = r.region.region_id

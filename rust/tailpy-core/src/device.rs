@@ -82,6 +82,9 @@ pub const MAX_STUN_DISCO_LEN: usize = 2048;
 pub const RELAY_QUEUE_BYTES: usize = 4 << 20;
 /// Least time between two handshakes a peer's data for an unknown index starts (WireGuard's REKEY_TIMEOUT).
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a handshake is retried before WireGuard gives it up and drops its queued packets
+/// (REKEY_ATTEMPT_TIME, WireGuard paper §6.4): a handshake started longer ago is no longer pending.
+pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
 /// Handshake initiations per second before the device asks for cookies (as boringtun's device does).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// The disco magic, "TS💬".
@@ -221,6 +224,7 @@ pub struct Counters {
     pub handshakes_for_unknown_index: AtomicU64,
     /// Inbound packets the packet filter dropped, per `DropReason` (its discriminant).
     pub filter_dropped: [AtomicU64; DropReason::COUNT],
+    pub handshakes_retried: AtomicU64,
 }
 
 /// A snapshot of `Counters`.
@@ -245,6 +249,7 @@ pub struct DeviceStats {
     pub filter_dropped: [u64; DropReason::COUNT],
     /// UDP/SCTP flows this node started whose replies pass the filter (live entries of the flow table).
     pub filter_flows: usize,
+    pub handshakes_retried: u64,
 }
 
 struct Peer {
@@ -253,6 +258,11 @@ struct Peer {
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
     path: AtomicU8,
+    /// On the direct path: whether it is confirmed (by the caller, e.g. a disco Pong). While it is not,
+    /// handshake messages to the peer also go to the relay queue.
+    confirmed: AtomicBool,
+    /// Milliseconds since device start of the last handshake initiation sent (`NEVER` if none).
+    init_sent_ms: AtomicU64,
     keepalive: AtomicU64,
     /// Milliseconds since device start of the last datagram sent to this peer (for persistent keepalive).
     last_tx_ms: AtomicU64,
@@ -277,6 +287,18 @@ impl Peer {
             Path::Direct
         }
     }
+
+    /// Whether a handshake message to this peer also goes to the relay queue: on a direct path that is
+    /// not confirmed (as Tailscale sends over DERP until a direct path is confirmed), or when `via_relay`
+    /// (a reply to a message that came over DERP goes back that way too).
+    fn handshake_via_relay(&self, via_relay: bool) -> bool {
+        self.path() == Path::Direct && (via_relay || !self.confirmed.load(Relaxed))
+    }
+}
+
+/// Whether a WireGuard datagram is a handshake message (initiation or response).
+fn is_handshake(d: &[u8]) -> bool {
+    matches!(d.first(), Some(1) | Some(2))
 }
 
 struct State {
@@ -499,6 +521,8 @@ impl Device {
                     tunn: Mutex::new(tunn),
                     endpoint: RwLock::new(None),
                     path: AtomicU8::new(0),
+                    confirmed: AtomicBool::new(true),
+                    init_sent_ms: AtomicU64::new(NEVER),
                     keepalive: AtomicU64::new(0),
                     last_tx_ms: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),
@@ -563,11 +587,47 @@ impl Device {
             })
     }
 
-    pub fn set_path(&self, public_key: &[u8; KEY_LEN], path: Path) -> Result<()> {
-        self.peer(public_key)?
-            .path
-            .store(u8::from(path == Path::Relay), Relaxed);
+    /// Choose how `public_key`'s datagrams leave. `confirmed` matters on the direct path only: while it
+    /// is false (a best-guess endpoint nothing has answered on yet), handshake messages also go to the
+    /// relay queue.
+    pub fn set_path(&self, public_key: &[u8; KEY_LEN], path: Path, confirmed: bool) -> Result<()> {
+        let peer = self.peer(public_key)?;
+        peer.confirmed.store(confirmed, Relaxed);
+        peer.path.store(u8::from(path == Path::Relay), Relaxed);
         Ok(())
+    }
+
+    /// Re-send a pending handshake at once on the peer's current path: when this device sent a handshake
+    /// initiation to `public_key` within `REKEY_ATTEMPT_TIME` and has no session with it (the initiation
+    /// or its response was lost, e.g. sent before any path to the peer worked), a new initiation is sent
+    /// now (boringtun's `format_handshake_initiation(force_resend = true)`) instead of after
+    /// REKEY_TIMEOUT; packets queued for the peer go out once it completes. Call it when the peer's path
+    /// is confirmed or changes. Returns whether one was sent; an unknown peer is an error.
+    pub fn retry_handshake(&self, public_key: &[u8; KEY_LEN]) -> Result<bool> {
+        self.check_open()?;
+        let peer = self.peer(public_key)?;
+        let sent = peer.init_sent_ms.load(Relaxed);
+        let now = self.shared.now_ms();
+        if sent == NEVER || now.saturating_sub(sent) >= REKEY_ATTEMPT_TIME.as_millis() as u64 {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 256];
+        let mut tunn = peer.tunn.lock();
+        if tunn.time_since_last_handshake().is_some() {
+            return Ok(false);
+        }
+        let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true)
+        else {
+            return Ok(false);
+        };
+        let init = init.to_vec();
+        drop(tunn);
+        self.shared
+            .counters
+            .handshakes_retried
+            .fetch_add(1, Relaxed);
+        self.shared.send_to_peer(&peer, &init, false);
+        Ok(true)
     }
 
     /// Process a WireGuard datagram as if received from `public_key` (a DERP payload).
@@ -681,6 +741,7 @@ impl Device {
             filter_rules: self.shared.state.read().filter.as_ref().map(|f| f.rules()),
             filter_dropped: std::array::from_fn(|i| c.filter_dropped[i].load(Relaxed)),
             filter_flows: self.shared.flows.live_flows(self.shared.now_s()),
+            handshakes_retried: c.handshakes_retried.load(Relaxed),
         }
     }
 
@@ -778,30 +839,40 @@ impl Shared {
         }
     }
 
-    /// Send one WireGuard datagram (a handshake message, a keepalive) to a peer on its current path.
-    fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
+    /// Send one WireGuard datagram (a handshake message, a keepalive) to a peer on its current path; a
+    /// handshake message also to the relay queue while the direct path is unconfirmed or when `via_relay`
+    /// (see `Peer::handshake_via_relay`).
+    fn send_to_peer(&self, peer: &Peer, datagram: &[u8], via_relay: bool) {
+        let now = self.now_ms();
         if datagram.first() == Some(&1) {
             self.counters.handshakes_sent.fetch_add(1, Relaxed);
+            peer.init_sent_ms.store(now, Relaxed);
             peer.handshakes_sent.fetch_add(1, Relaxed);
         }
-        peer.last_tx_ms.store(self.now_ms(), Relaxed);
-        match peer.path() {
-            Path::Relay => {
-                if !self.queue_relay(peer, datagram) {
-                    return;
-                }
-            }
-            Path::Direct => {
-                let Some(to) = *peer.endpoint.read() else {
+        peer.last_tx_ms.store(now, Relaxed);
+        // Also relayed: counted as sent even when the direct copy cannot go.
+        let relayed = is_handshake(datagram)
+            && peer.handshake_via_relay(via_relay)
+            && self.queue_relay(peer, datagram);
+        let sent = match peer.path() {
+            Path::Relay => self.queue_relay(peer, datagram),
+            Path::Direct => match *peer.endpoint.read() {
+                None => {
                     self.counters.dropped_no_endpoint.fetch_add(1, Relaxed);
-                    return;
-                };
-                if self.udp.send_to(datagram, to).is_err() {
-                    self.counters.dropped_send_error.fetch_add(1, Relaxed);
-                    return;
+                    false
                 }
-                self.counters.tx_datagrams.fetch_add(1, Relaxed);
-            }
+                Some(to) if self.udp.send_to(datagram, to).is_err() => {
+                    self.counters.dropped_send_error.fetch_add(1, Relaxed);
+                    false
+                }
+                Some(_) => {
+                    self.counters.tx_datagrams.fetch_add(1, Relaxed);
+                    true
+                }
+            },
+        };
+        if !sent && !relayed {
+            return;
         }
         peer.tx_packets.fetch_add(1, Relaxed);
         peer.tx_bytes.fetch_add(datagram.len() as u64, Relaxed);
@@ -878,7 +949,18 @@ impl Shared {
         let handshakes = out.iter().filter(|d| d.first() == Some(&1)).count();
         c.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
         peer.handshakes_sent.fetch_add(handshakes as u64, Relaxed);
-        peer.last_tx_ms.store(self.now_ms(), Relaxed);
+        let now = self.now_ms();
+        if handshakes > 0 {
+            peer.init_sent_ms.store(now, Relaxed);
+        }
+        peer.last_tx_ms.store(now, Relaxed);
+        let mut relayed = 0;
+        if peer.handshake_via_relay(false) {
+            relayed = out
+                .iter()
+                .filter(|d| is_handshake(d) && self.queue_relay(peer, d))
+                .count();
+        }
         let sent = match peer.path() {
             Path::Relay => out.iter().filter(|d| self.queue_relay(peer, d)).count(),
             Path::Direct => match *peer.endpoint.read() {
@@ -896,6 +978,8 @@ impl Shared {
             },
         };
         let bytes: usize = out.iter().take(sent).map(<[u8]>::len).sum();
+        // A handshake that could only go to the relay queue counts as sent (for activity).
+        let sent = if sent == 0 { relayed } else { sent };
         peer.tx_packets.fetch_add(sent as u64, Relaxed);
         peer.tx_bytes.fetch_add(bytes as u64, Relaxed);
         out.clear();
@@ -1112,14 +1196,15 @@ impl Shared {
                 c.dropped_decrypt.fetch_add(1, Relaxed);
             }
             TunnResult::WriteToNetwork(out) => {
-                // The endpoint first: the reply (a handshake response) goes to where the peer is now.
+                // The endpoint first: the reply (a handshake response) goes to where the peer is now,
+                // and back over DERP too when the message came that way.
                 self.authenticated(&peer, from, d.len());
-                self.send_to_peer(&peer, out);
+                self.send_to_peer(&peer, out, via.is_some());
                 // Flush packets queued while the handshake was in progress.
                 while let TunnResult::WriteToNetwork(out) =
                     tunn.decapsulate(None, &[], &mut bufs.dst)
                 {
-                    self.send_to_peer(&peer, out);
+                    self.send_to_peer(&peer, out, false);
                 }
             }
             // The packet lives in `bufs.tun`, not in the session: the peer's lock is released before
@@ -1219,7 +1304,7 @@ impl Shared {
             self.counters
                 .handshakes_for_unknown_index
                 .fetch_add(1, Relaxed);
-            self.send_to_peer(&peer, init);
+            self.send_to_peer(&peer, init, false);
         }
     }
 
@@ -1264,14 +1349,14 @@ impl Shared {
                 let mut tunn = peer.tunn.lock();
                 if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut buf) {
                     drop(tunn);
-                    self.send_to_peer(&peer, d);
+                    self.send_to_peer(&peer, d, false);
                     continue;
                 }
                 let ka = peer.keepalive.load(Relaxed);
                 if ka > 0 && now.saturating_sub(peer.last_tx_ms.load(Relaxed)) >= ka * 1000 {
                     if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&[], &mut buf) {
                         drop(tunn);
-                        self.send_to_peer(&peer, d);
+                        self.send_to_peer(&peer, d, false);
                     }
                 }
             }

@@ -250,8 +250,8 @@ fn relay_path_both_ways() {
     b.dev
         .set_peer(&a.key, peer_cfg(&["100.64.0.1/32"], None))
         .unwrap();
-    a.dev.set_path(&b.key, Path::Relay).unwrap();
-    b.dev.set_path(&a.key, Path::Relay).unwrap();
+    a.dev.set_path(&b.key, Path::Relay, true).unwrap();
+    b.dev.set_path(&a.key, Path::Relay, true).unwrap();
     assert!(!readable(a.dev.event_fd()));
     let ab = ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"via derp");
     let ba = ipv4_packet(v4("100.64.0.2"), v4("100.64.0.1"), b"and back");
@@ -545,7 +545,7 @@ fn bad_keys_and_config_rejected() {
         "2001:db8::1".parse::<IpAddr>().unwrap()
     );
     assert!(matches!(
-        a.dev.set_path(&[3; 32], Path::Relay),
+        a.dev.set_path(&[3; 32], Path::Relay, true),
         Err(Error::Device(_))
     ));
     let (b, _) = node(&net, "192.0.2.2:1");
@@ -740,7 +740,7 @@ fn relay_queue_is_bounded_by_bytes() {
         &b.host,
         &ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"session"),
     );
-    a.dev.set_path(&b.key, Path::Relay).unwrap();
+    a.dev.set_path(&b.key, Path::Relay, true).unwrap();
     // Jumbo packets (a TUN with a large MTU): each relay datagram is the packet plus 32 bytes.
     let pkt = ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), &[3; 60000]);
     let fits = RELAY_QUEUE_BYTES / (pkt.len() + 32);
@@ -921,4 +921,84 @@ fn packet_filter_drops_unsolicited_udp_and_admits_replies() {
         &b.host,
         &udp4("100.64.0.1", 40000, "100.64.0.2", 54),
     );
+}
+
+#[test]
+fn unconfirmed_direct_path_sends_handshakes_over_the_relay_too() {
+    let net = MemNet::new();
+    let (a, _) = node(&net, "192.0.2.1:1");
+    let (b, _) = node(&net, "192.0.2.2:2");
+    // A's only guess for B is an endpoint nothing answers on; B has no endpoint for A at all.
+    let nowhere: SocketAddr = "203.0.113.9:9".parse().unwrap();
+    a.dev
+        .set_peer(&b.key, peer_cfg(&["100.64.0.2/32"], Some(nowhere)))
+        .unwrap();
+    b.dev
+        .set_peer(&a.key, peer_cfg(&["100.64.0.1/32"], None))
+        .unwrap();
+    a.dev.set_path(&b.key, Path::Direct, false).unwrap();
+    b.dev.set_path(&a.key, Path::Direct, false).unwrap();
+    a.host.write(&ipv4_packet(
+        v4("100.64.0.1"),
+        v4("100.64.0.2"),
+        b"first packet",
+    ));
+    // The initiation goes to the guess and to the relay queue, B's response (no endpoint for A) back
+    // over the relay: the session forms on the first initiation. Only handshake messages are relayed.
+    let t = Instant::now();
+    while a.dev.peers()[0].last_handshake.is_none() {
+        assert!(t.elapsed() < WAIT, "no session over the relay");
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            for (k, d) in from.dev.drain(1024).1 {
+                assert_eq!(k, to.key);
+                assert!(d[0] == 1 || d[0] == 2, "only handshakes: type {}", d[0]);
+                to.dev.inject(&from.key, &d).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(a.dev.stats().handshakes_sent, 1, "no retry was needed");
+    assert_eq!(
+        b.dev.stats().dropped_no_endpoint,
+        1,
+        "B's direct copy had nowhere to go"
+    );
+    // Once confirmed, the direct path carries handshakes alone.
+    a.dev.set_path(&b.key, Path::Direct, true).unwrap();
+    assert!(!a.dev.retry_handshake(&b.key).unwrap(), "a session exists");
+}
+
+#[test]
+fn retry_handshake_resends_a_lost_initiation_at_once() {
+    let net = MemNet::new();
+    let (a, _) = node(&net, "192.0.2.1:1");
+    let (b, _) = node(&net, "192.0.2.2:2");
+    let nowhere: SocketAddr = "203.0.113.9:9".parse().unwrap();
+    a.dev
+        .set_peer(&b.key, peer_cfg(&["100.64.0.2/32"], Some(nowhere)))
+        .unwrap();
+    b.dev
+        .set_peer(&a.key, peer_cfg(&["100.64.0.1/32"], Some(a.addr)))
+        .unwrap();
+    // Nothing pending yet: nothing to retry.
+    assert!(!a.dev.retry_handshake(&b.key).unwrap());
+    let ab = ipv4_packet(v4("100.64.0.1"), v4("100.64.0.2"), b"queued");
+    a.host.write(&ab);
+    wait_for(|| a.dev.stats().handshakes_sent == 1);
+    assert!(b.host.read(Duration::from_millis(50)).is_none());
+    // The path to B is found: the pending handshake goes again now, not after REKEY_TIMEOUT, and the
+    // packet queued behind it follows.
+    a.dev
+        .set_peer(&b.key, peer_cfg(&["100.64.0.2/32"], Some(b.addr)))
+        .unwrap();
+    assert!(a.dev.retry_handshake(&b.key).unwrap());
+    assert_eq!(b.host.read(Duration::from_secs(2)), Some(ab));
+    let s = a.dev.stats();
+    assert_eq!((s.handshakes_sent, s.handshakes_retried), (2, 1));
+    // With a session there is nothing pending.
+    assert!(!a.dev.retry_handshake(&b.key).unwrap());
+    assert!(matches!(
+        a.dev.retry_handshake(&[9; 32]),
+        Err(Error::Device(_))
+    ));
 }

@@ -180,10 +180,25 @@ impl PyDevice {
         Ok(py.detach(|| self.inner.remove_peer(&pk)))
     }
 
-    fn set_path(&self, py: Python<'_>, public_key: &[u8], path: &str) -> PyResult<()> {
+    #[pyo3(signature = (public_key, path, *, confirmed = true))]
+    fn set_path(
+        &self,
+        py: Python<'_>,
+        public_key: &[u8],
+        path: &str,
+        confirmed: bool,
+    ) -> PyResult<()> {
         let pk = key(py, public_key, "peer public key")?;
         let path: Path = path.parse().map_err(|e| core_err(py, e))?;
-        self.inner.set_path(&pk, path).map_err(|e| core_err(py, e))
+        self.inner
+            .set_path(&pk, path, confirmed)
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn retry_handshake(&self, py: Python<'_>, public_key: &[u8]) -> PyResult<bool> {
+        let pk = key(py, public_key, "peer public key")?;
+        py.detach(|| self.inner.retry_handshake(&pk))
+            .map_err(|e| core_err(py, e))
     }
 
     fn inject(&self, py: Python<'_>, public_key: &[u8], datagram: &[u8]) -> PyResult<()> {
@@ -271,6 +286,7 @@ impl PyDevice {
         }
         fd.set_item("udp_flows", s.filter_flows)?;
         d.set_item("filter", fd)?;
+        d.set_item("handshakes_retried", s.handshakes_retried)?;
         let o = self.inner.offload_stats();
         let od = PyDict::new(py);
         od.set_item("tun_vnet_hdr", o.tun_vnet_hdr)?;

@@ -90,10 +90,10 @@ def nodes_pending(state_dir: Path, db: str | None, as_json: bool) -> None:
 @state_dir_option
 @db_option
 @json_option
-@click.argument("pending_id", type=int)
-def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending_id: int) -> None:
-    """Let pending machine PENDING_ID (see `nodes pending`) join the tailnet."""
-    n = admin(state_dir, db, "nodes.approve", {"id": pending_id})
+@click.argument("pending")
+def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending: str) -> None:
+    """Let pending machine PENDING (its id in `nodes pending`, or its hostname) join the tailnet."""
+    n = admin(state_dir, db, "nodes.approve", {"id": pending})
     out(as_json, n, f"approved: node {n['id']} {n['name']} {_addr(n, 4)} ({n['user']})")
 
 
@@ -101,10 +101,10 @@ def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending_id: in
 @state_dir_option
 @db_option
 @json_option
-@click.argument("pending_id", type=int)
-def nodes_reject(state_dir: Path, db: str | None, as_json: bool, pending_id: int) -> None:
-    """Refuse pending machine PENDING_ID; it may sign in again."""
-    p = admin(state_dir, db, "nodes.reject", {"id": pending_id})
+@click.argument("pending")
+def nodes_reject(state_dir: Path, db: str | None, as_json: bool, pending: str) -> None:
+    """Refuse pending machine PENDING (id or hostname); it may sign in again."""
+    p = admin(state_dir, db, "nodes.reject", {"id": pending})
     out(as_json, p, f"rejected: {p['hostname']} ({p['user']})")
 
 
@@ -125,10 +125,10 @@ def _expiry(n: dict[str, Any], now: float) -> str:
 @state_dir_option
 @db_option
 @json_option
-@click.argument("node_id", type=int)
-def nodes_show(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
-    """Show node NODE_ID in full."""
-    n = admin(state_dir, db, "nodes.show", {"id": node_id})
+@click.argument("node")
+def nodes_show(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+    """Show node NODE (its id, name or FQDN) in full."""
+    n = admin(state_dir, db, "nodes.show", {"id": node})
     if as_json:
         print_json(n)
         return
@@ -154,46 +154,50 @@ def nodes_show(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> 
 @state_dir_option
 @db_option
 @json_option
-@click.argument("node_id", type=int)
+@click.argument("node")
 @click.argument("name")
-def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node_id: int, name: str) -> None:
-    """Rename node NODE_ID to NAME (a DNS label; refused when another node has it)."""
-    n = admin(state_dir, db, "nodes.rename", {"id": node_id, "name": name})
-    out(as_json, n, f"node {node_id} is now {n['fqdn']}")
+def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node: str, name: str) -> None:
+    """Rename node NODE (id, name or FQDN) to NAME (a DNS label; refused when another node has it or
+    it is reserved, e.g. localhost). The node keeps it when it later asks for another hostname."""
+    n = admin(state_dir, db, "nodes.rename", {"id": node, "name": name})
+    out(as_json, n, f"node {n['id']} is now {n['fqdn']}")
 
 
 @command.command("expire")
 @state_dir_option
 @db_option
 @json_option
-@click.argument("node_id", type=int)
-def nodes_expire(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
-    """Expire node NODE_ID's key now: peers stop talking to it until it logs in again with an auth key."""
-    n = admin(state_dir, db, "nodes.expire", {"id": node_id})
-    out(as_json, n, f"expired the key of node {node_id} ({n['name']})")
+@click.argument("node")
+def nodes_expire(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+    """Expire node NODE's key (id, name or FQDN) now: peers stop talking to it until it logs in again with
+    an auth key."""
+    n = admin(state_dir, db, "nodes.expire", {"id": node})
+    out(as_json, n, f"expired the key of node {n['id']} ({n['name']})")
 
 
 @command.command("expiry")
 @state_dir_option
 @db_option
 @json_option
-@click.argument("node_id", type=int)
+@click.argument("node")
 @click.option("--disable/--enable", "disable", required=True, help="Turn key expiry off or back on.")
-def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node_id: int, disable: bool) -> None:
-    """Disable key expiry for node NODE_ID (its key never expires), or enable it again (from now)."""
-    n = admin(state_dir, db, "nodes.expiry", {"id": node_id, "disabled": disable})
-    out(as_json, n, f"key expiry of node {node_id} ({n['name']}): {_expiry(n, time.time())}")
+def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node: str, disable: bool) -> None:
+    """Disable key expiry for node NODE (id, name or FQDN): its key never expires; or enable it again
+    (from now)."""
+    n = admin(state_dir, db, "nodes.expiry", {"id": node, "disabled": disable})
+    out(as_json, n, f"key expiry of node {n['id']} ({n['name']}): {_expiry(n, time.time())}")
 
 
 @command.command("delete")
 @state_dir_option
 @db_option
 @json_option
-@click.argument("node_id", type=int)
-def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node_id: int) -> None:
-    """Remove node NODE_ID from the tailnet (its machine may rejoin, same address, with `tailpy login`
-    where control has a login provider, or with an auth key)."""
-    out(as_json, admin(state_dir, db, "nodes.delete", {"id": node_id}), f"deleted node {node_id}")
+@click.argument("node")
+def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+    """Remove node NODE (id, name or FQDN) from the tailnet (its machine may rejoin, with `tailpy login`
+    where control has a login provider, or with an auth key; its addresses return to the pool after
+    `serve --address-quarantine`)."""
+    out(as_json, admin(state_dir, db, "nodes.delete", {"id": node}), f"deleted node {node}")
 
 
 with_admin_note([nodes_list, nodes_show, nodes_rename, nodes_expire, nodes_expiry, nodes_delete])

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from tailpy.cli.control.common import db_option, state_dir_option
+from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.errors import ConfigError
 
 
@@ -28,6 +29,14 @@ from tailpy.errors import ConfigError
     default="30m",
     show_default=True,
     help="Offline time after which an ephemeral node is removed.",
+)
+@click.option(
+    "--address-quarantine",
+    default=DEFAULT_QUARANTINE,
+    show_default=True,
+    type=click.FloatRange(min=0, max=10 * 365 * 86400),
+    metavar="SECONDS",
+    help="Seconds a deleted (or gone ephemeral) node's addresses stay unused before they are given again.",
 )
 @click.option("--derp/--no-derp", default=True, show_default=True, help="Run the embedded DERP relay.")
 @click.option(
@@ -116,6 +125,7 @@ def command(
     prefix_v6: str | None,
     key_expiry: str,
     ephemeral_timeout: str,
+    address_quarantine: float,
     derp: bool,
     derp_listen: str | None,
     derp_hostname: str | None,
@@ -199,6 +209,7 @@ def command(
         prefix_v6=prefix_v6,
         key_lifetime=lifetime,
         ephemeral_timeout=gc_after,
+        address_quarantine=address_quarantine,
         derp=derp,
         derp_host=derp_host,
         derp_port=derp_port,

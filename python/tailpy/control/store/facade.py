@@ -12,7 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tailpy.control.store import authkeys, database, nodes, pending, schema, settings, users
-from tailpy.control.store.addresses import AddressAllocator
+from tailpy.control.store.addresses import DEFAULT_QUARANTINE, AddressAllocator
 from tailpy.control.store.authkeys import AuthKey
 from tailpy.control.store.nodes import DEFAULT_KEY_LIFETIME
 from tailpy.control.store.pending import PendingNode
@@ -48,7 +48,14 @@ class Store:
     engine (for tests and diagnostics: the rest of tailpy uses the methods).
     """
 
-    def __init__(self, state_dir: Path | str, *, create: bool = True, db: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        create: bool = True,
+        db: str | None = None,
+        address_quarantine: float = DEFAULT_QUARANTINE,
+    ) -> None:
         self.state_dir = Path(state_dir)
         if not self.state_dir.is_dir():
             raise ConfigError(
@@ -68,7 +75,7 @@ class Store:
         sqlite_path = database.sqlite_path(url)
         if sqlite_path is not None:
             database.secure_sqlite_files(sqlite_path, create=create)
-        self.addresses = AddressAllocator()
+        self.addresses = AddressAllocator(address_quarantine)
         self.engine = database.create_engine(url)
         old_umask = os.umask(0o077)  # -wal and -shm (SQLite gives them the database file's mode anyway)
         try:
@@ -393,9 +400,15 @@ class Store:
         with self.engine.begin() as conn:
             return nodes.list_live(conn, _now(now))
 
+    def find_node(self, ref: str | int) -> int:
+        """The id of the live node ``ref`` names: an id, a name or an FQDN. Raises ConfigError."""
+        with self.engine.begin() as conn:
+            return nodes.find(conn, ref, settings.read(conn).domain)
+
     def delete_node(self, node_id: int, now: float) -> bool:
-        """Remove node ``node_id`` from the tailnet: its row and addresses stay reserved for its machine key
-        (which may rejoin with an auth key), its name is freed. True if it was live."""
+        """Remove node ``node_id`` from the tailnet: its row stays for its machine key (which may rejoin with
+        an auth key), its name is freed, and its addresses return to the pool after the address quarantine
+        (``address_quarantine`` seconds from ``now``). True if it was live."""
         with self.engine.begin() as conn:
             return nodes.delete(conn, node_id, now)
 

@@ -1,8 +1,9 @@
 """Nodes: one record per machine key, written by registration (auth key or login), read into
 :class:`tailpy.netmap.Node`.
 
-A node keeps its record (id, addresses) for the life of its machine key, even when deleted, so an address is
-never given to two nodes; a deleted node gives up its name (see :mod:`tailpy.control.names`). Users own
+A node keeps its record (id) for the life of its machine key, even when deleted; a deleted node gives up its
+name at once (see :mod:`tailpy.control.names`) and its addresses after a quarantine, when the pool needs them
+(see :mod:`tailpy.control.store.addresses`). Users own
 nodes; a node registered with a tagged auth key carries the tags and no user. Node keys expire
 ``key_lifetime`` seconds after (re-)registration unless expiry is disabled for the node (and, as in
 Tailscale, by default for tagged nodes); a logged-out node counts as expired.
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Connection
 from tailpy.control import names
 from tailpy.control.store import authkeys
 from tailpy.control.store import settings as settings_repo
-from tailpy.control.store.addresses import BATCH, AddressAllocator
+from tailpy.control.store.addresses import BATCH, RELEASED, AddressAllocator
 from tailpy.control.store.schema import nodes, users
 from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import ConfigError, ControlError
@@ -75,6 +76,22 @@ def live(conn: Connection, node_id: int) -> Any:
     return row
 
 
+def find(conn: Connection, ref: str | int, domain: str) -> int:
+    """The id of the live node ``ref`` names: its id (a number), its name, or its FQDN (``<name>.<domain>``,
+    a trailing dot allowed). Raises ConfigError when no live node matches."""
+    if isinstance(ref, int) or ref.strip().isdigit():
+        node_id = int(ref)
+        live(conn, node_id)
+        return node_id
+    name = ref.strip().lower().rstrip(".")
+    if name.endswith("." + domain):
+        name = name[: -len(domain) - 1]
+    row = conn.execute(sa.select(nodes.c.id).where(nodes.c.name == name, nodes.c.deleted.is_(None))).first()
+    if row is None:
+        raise ConfigError(f"there is no node named {ref!r}; see `tailpy control nodes list`")
+    return int(row.id)
+
+
 def machine_row(conn: Connection, machine_key: MachinePublic) -> Any:
     """The one record of ``machine_key`` (live or deleted), or None."""
     return conn.execute(sa.select(nodes).where(nodes.c.machine_key == machine_key.text())).first()
@@ -91,17 +108,28 @@ def check_node_key_free(conn: Connection, machine_key: MachinePublic, node_key: 
         raise ControlError(f"node key {node_key.short()} belongs to another machine; generate a new node key")
 
 
-def unique_name(conn: Connection, base: str) -> str:
-    """``base``, else the first of ``base-1``, ``base-2``, ... no node has: indexed lookups of the
-    candidates, :data:`BATCH` at a time (O(log nodes) per batch; one batch unless the name is common)."""
+def unique_name(conn: Connection, base: str, mine: int | None = None) -> str:
+    """``base``, else the first of ``base-1``, ``base-2``, ... no node (other than node ``mine``) has and
+    not reserved (:data:`tailpy.control.names.RESERVED`): indexed lookups of the candidates, :data:`BATCH`
+    at a time (O(log nodes) per batch; one batch unless the name is common)."""
     n = 0
     while True:
         batch = [base if i == 0 else names.with_suffix(base, i) for i in range(n, n + BATCH)]
-        taken = {r.name for r in conn.execute(sa.select(nodes.c.name).where(nodes.c.name.in_(batch)))}
+        rows = conn.execute(sa.select(nodes.c.id, nodes.c.name).where(nodes.c.name.in_(batch)))
+        taken = {r.name for r in rows if r.id != mine} | names.RESERVED
         free = next((c for c in batch if c not in taken), None)
         if free is not None:
             return free
         n += BATCH
+
+
+def follow_hostname(conn: Connection, row: Any, hostname: str) -> dict[str, Any]:
+    """The name change a live node's registration with ``hostname`` makes: when the hostname differs from
+    the stored one (as DNS labels) and no admin named the node, ``{"name": <the new hostname's label, made
+    unique>}``; else ``{}`` (the name stays)."""
+    if row.name_by_admin or names.sanitize(hostname) == names.sanitize(row.hostname):
+        return {}
+    return {"name": unique_name(conn, names.sanitize(hostname), mine=int(row.id))}
 
 
 def write(
@@ -122,8 +150,8 @@ def write(
             nodes.insert().values(
                 machine_key=machine_key.text(),
                 name=unique_name(conn, names.sanitize(hostname)),
-                ipv4=str(addresses.allocate(conn, cfg.prefix_v4, nodes.c.ipv4)),
-                ipv6=str(addresses.allocate(conn, cfg.prefix_v6, nodes.c.ipv6)),
+                ipv4=str(addresses.allocate(conn, cfg.prefix_v4, nodes.c.ipv4, now)),
+                ipv6=str(addresses.allocate(conn, cfg.prefix_v6, nodes.c.ipv6, now)),
                 endpoints="[]",
                 created=now,
                 **values,
@@ -133,7 +161,20 @@ def write(
         assert pk is not None
         return int(pk[0])
     if row.deleted is not None:
-        values = {**values, "deleted": None, "name": unique_name(conn, names.sanitize(hostname))}
+        values = {
+            **values,
+            "deleted": None,
+            "name": unique_name(conn, names.sanitize(hostname)),
+            "name_by_admin": False,
+        }
+        cfg = settings_repo.read(conn)
+        # its old addresses, unless they went back to the pool (then new ones)
+        if str(row.ipv4).startswith(RELEASED):
+            values["ipv4"] = str(addresses.allocate(conn, cfg.prefix_v4, nodes.c.ipv4, now))
+        if str(row.ipv6).startswith(RELEASED):
+            values["ipv6"] = str(addresses.allocate(conn, cfg.prefix_v6, nodes.c.ipv6, now))
+    else:
+        values = {**values, **follow_hostname(conn, row, hostname)}
     conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
     return int(row.id)
 
@@ -162,6 +203,7 @@ def register(
         values: dict[str, Any] = {"hostname": hostname, "last_seen": now}
         if os_name:
             values["os"] = os_name
+        values.update(follow_hostname(conn, row, hostname))
         conn.execute(nodes.update().where(nodes.c.id == row.id).values(**values))
         return read(conn, int(row.id), now)
     check_node_key_free(conn, machine_key, node_key)
@@ -331,7 +373,7 @@ def rename(conn: Connection, node_id: int, name: str, now: float) -> Node:
     other = conn.execute(sa.select(nodes.c.id).where(nodes.c.name == name)).first()
     if other is not None and int(other.id) != node_id:
         raise ConfigError(f"name {name} is taken by node {other.id}")
-    conn.execute(nodes.update().where(nodes.c.id == node_id).values(name=name))
+    conn.execute(nodes.update().where(nodes.c.id == node_id).values(name=name, name_by_admin=True))
     return read(conn, node_id, now)
 
 
@@ -403,6 +445,8 @@ __all__ = [
     "ephemeral",
     "expire",
     "expired_between",
+    "find",
+    "follow_hostname",
     "list_live",
     "live",
     "logout",

@@ -179,6 +179,16 @@ def _m7_expiry_fixed(conn: Connection) -> None:
         )
 
 
+def _m8_names_addresses(conn: Connection) -> None:
+    """8: ``name_by_admin`` on nodes: an admin gave the node its name (``nodes rename``), so a new hostname
+    from the node does not change it; and an index on ``deleted``, which the address allocator searches for
+    addresses whose quarantine after deletion has ended."""
+    _add_columns(
+        conn, "nodes", sa.Column("name_by_admin", sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    conn.exec_driver_sql("CREATE INDEX ix_nodes_deleted ON nodes (deleted)")
+
+
 MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m1,
     _m2,
@@ -187,6 +197,7 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m5_disco_key,
     _m6_oidc,
     _m7_expiry_fixed,
+    _m8_names_addresses,
 )
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
@@ -298,6 +309,7 @@ nodes = sa.Table(
     sa.Column("home_derp", sa.Integer),
     sa.Column("disco_key", sa.Text),
     sa.Column("key_expiry_fixed", sa.Boolean),
+    sa.Column("name_by_admin", sa.Boolean),  # migration 8
 )
 
 __all__ = [

@@ -68,7 +68,7 @@ test: test-rust test-py
 # throughput.py --build-tools builds its pinned peers (newest wireguard-go, boringtun-cli) once into
 # $TAILPY_BENCH_CACHE (default ~/.cache/tailpy/bench-tools); without Go or cargo, that row is skipped
 # with the reason.
-BENCHMARKS := throughput derp_relay connect_time magicdns
+BENCHMARKS := throughput derp_relay connect_time magicdns embedded
 bench: build
 	$(PY) benchmarks/throughput.py --build-tools
 	@for b in $(BENCHMARKS); do \
@@ -79,15 +79,15 @@ bench: build
 	done
 
 lint: build
-	$(VENV)/bin/ruff check python tests benchmarks
-	$(VENV)/bin/ruff format --check python tests benchmarks
+	$(VENV)/bin/ruff check python tests benchmarks examples
+	$(VENV)/bin/ruff format --check python tests benchmarks examples
 	$(VENV)/bin/mypy
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt: venv
-	$(VENV)/bin/ruff format python tests benchmarks
-	$(VENV)/bin/ruff check --fix python tests benchmarks
+	$(VENV)/bin/ruff format python tests benchmarks examples
+	$(VENV)/bin/ruff check --fix python tests benchmarks examples
 	cargo fmt --all
 
 clean:

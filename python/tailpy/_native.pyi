@@ -4,7 +4,8 @@ Built from ``rust/tailpy-py`` over ``rust/tailpy-core``. All keys are raw 32-byt
 values. Errors are raised as classes of :mod:`tailpy.errors`:
 ``InvalidKeyError`` for a malformed key, ``PermissionDeniedError`` when creating a TUN without CAP_NET_ADMIN,
 ``DeviceError`` for other TUN/socket failures and unknown peers, ``ConfigError`` for a malformed address,
-prefix or endpoint.
+prefix or endpoint,
+``DialError`` when a TCP connection through a userspace device's network stack cannot be opened.
 """
 
 from typing import Literal, TypedDict
@@ -98,10 +99,39 @@ class DeviceStats(TypedDict):
     handshakes_retried: int  # pending handshakes sent again at once by retry_handshake
     offload: OffloadStats
 
+class NetstackStats(TypedDict):
+    """A userspace device's network stack (``Device.userspace``): its sockets and counters."""
+
+    tcp_connections: int  # TCP connections whose socketpair end is open (dialled or accepted)
+    tcp_listeners: int
+    udp_sockets: int
+    rx_packets: int  # IP packets the device decrypted (and the packet filter admitted) into the stack
+    rx_bytes: int
+    tx_packets: int  # IP packets the stack emitted for the device to encrypt
+    tx_bytes: int
+    # decrypted packets dropped because the stack's inbound queue (4 batches of up to 1 MiB / 1024
+    # packets) was full; TCP retransmits them
+    dropped_rx_queue_full: int
+    tcp_bytes_in: int  # TCP payload bytes from the tailnet written to socketpair ends
+    tcp_bytes_out: int  # TCP payload bytes read from socketpair ends and sent to the tailnet
+    udp_datagrams_in: int
+    udp_datagrams_out: int
+    # UDP messages dropped: a malformed header (see ``Device.udp_bind``), an address the stack cannot
+    # send to, or a datagram the socketpair refused (larger than its buffer)
+    udp_dropped: int
+
 class Device:
-    """One node's data plane: a TUN interface, one UDP socket (IPv4 and IPv6), and a table of peers.
+    """One node's data plane: a TUN interface (or, made by ``Device.userspace``, a userspace TCP/IP
+    stack), one UDP socket (IPv4 and IPv6), and a table of peers.
 
     The packet loop runs on Rust threads with the GIL released; timers are driven every ~250 ms.
+
+    A userspace device terminates TCP and UDP for its tailnet addresses in the process (smoltcp, on one
+    Rust thread): each connection and bound UDP port is handed out as one end of a Unix ``socketpair``
+    (libtailscale's choice), a plain file descriptor that asyncio (``asyncio.open_connection(sock=...)``,
+    ``loop.add_reader``) and any other code can use as a socket, with no Python per packet. The caller
+    owns each descriptor it receives and closes it; ``close()`` closes the stack's ends, so the caller's
+    ends then read end-of-stream. WireGuard, paths, relay (DERP) and the packet filter work as with a TUN.
     """
 
     def __init__(
@@ -117,6 +147,56 @@ class Device:
         (0 picks a free port; IPv4-only ``0.0.0.0`` where the kernel has no IPv6). Raises
         PermissionDeniedError without CAP_NET_ADMIN, DeviceError if the name or port is taken,
         InvalidKeyError for a bad key, ConfigError for a bad name, port or MTU."""
+    @staticmethod
+    def userspace(private_key: bytes, listen_port: int, addresses: list[str], mtu: int = 1280) -> Device:
+        """A device without a TUN, needing no privilege: a userspace TCP/IP stack for ``addresses``
+        (the node's tailnet addresses as CIDR host prefixes, at most one IPv4 and one IPv6, e.g.
+        ``["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]``), and UDP ``[::]:listen_port`` (0 picks a free
+        port). ``mtu`` (576..65535 bytes) is the tunnel's; TCP's MSS follows from it. ``tun_name`` is
+        ``"userspace-networking"``. Raises InvalidKeyError for a bad key, ConfigError for a bad address,
+        port or MTU, DeviceError if the port is taken."""
+    def set_addresses(self, addresses: list[str]) -> None:
+        """Replace the node's addresses (as for ``userspace``; after a key or address change from
+        control). Connections on a removed address stay until they fail. Raises ConfigError, and
+        DeviceError on a TUN device or after ``close``."""
+    def tcp_dial(self, dst_ip: str, dst_port: int, timeout: float) -> int:
+        """Open a TCP connection to ``dst_ip``:``dst_port`` (a tailnet IP, v4 or v6) through the stack,
+        blocking with the GIL released until the handshake completes (call it from an executor in
+        asyncio), at most ``timeout`` seconds. Returns a file descriptor: the caller's end of an
+        ``AF_UNIX`` ``SOCK_STREAM`` socketpair, blocking (the caller sets it non-blocking), owned by the
+        caller. Shutting down its writing half sends FIN; closing it closes the connection (RST if data
+        still arrives). A reset from the peer reads as end-of-stream.
+
+        Raises DialError (one sentence) when no peer's allowed IPs contain ``dst_ip`` (at once), the node
+        has no address of that family, the peer refuses (TCP RST: nothing listens on the port), or no
+        answer comes within ``timeout``; ConfigError for a malformed IP, port 0 or a timeout that is not
+        positive; DeviceError on a TUN device or after ``close``."""
+    def tcp_listen(self, port: int, backlog: int = 128) -> int:
+        """Listen on TCP ``port`` (1-65535) of every node address; returns a listener id. Up to
+        ``backlog`` (1-4096) connections wait (handshake done) to be taken with ``tcp_accept``; while
+        that many wait, further connection attempts are refused with a reset. Raises DeviceError if the
+        port already listens, ConfigError for a bad port or backlog."""
+    def tcp_accept_fd(self, listener: int) -> int:
+        """An eventfd, readable while connections wait on ``listener`` (for ``loop.add_reader``); owned by
+        the device (do not close it; it closes with ``tcp_close_listener``). Raises DeviceError for an
+        unknown listener."""
+    def tcp_accept(self, listener: int) -> tuple[int, str, int] | None:
+        """Never blocks: ``(fd, remote_ip, remote_port)`` of the next waiting connection, or None if none
+        waits. ``fd`` is as ``tcp_dial``'s. Raises DeviceError for an unknown listener."""
+    def tcp_close_listener(self, listener: int) -> None:
+        """Stop listening; connections not yet accepted are closed. Raises DeviceError for an unknown
+        listener."""
+    def udp_bind(self, port: int) -> int:
+        """Bind UDP ``port`` (0: an ephemeral port, 49152-65535) on every node address. Returns the
+        caller's end of an ``AF_UNIX`` ``SOCK_SEQPACKET`` socketpair (blocking, owned by the caller;
+        closing it unbinds the port). Each message, both ways, is a 19-byte header then the payload: 1 byte
+        family (4 or 6), 16 bytes IP (IPv4 in the first 4), 2 bytes port (big-endian); sending, the
+        destination; receiving, the source. A payload must fit one tunnel packet (at most ``mtu`` - 28
+        bytes over IPv4, ``mtu`` - 48 over IPv6: the stack does not fragment); malformed or oversized
+        messages are dropped and counted (``udp_dropped``). Raises DeviceError if the port is bound,
+        ConfigError for a bad port."""
+    def netstack_stats(self) -> NetstackStats:
+        """The stack's sockets and counters. Raises DeviceError on a TUN device or after ``close``."""
     @property
     def public_key(self) -> bytes: ...
     @property
@@ -192,5 +272,6 @@ class Device:
     def peers(self) -> list[PeerStats]: ...
     def stats(self) -> DeviceStats: ...
     def close(self) -> None:
-        """Stop the threads, close the socket and remove the TUN. Idempotent; afterwards ``set_peer``,
-        ``inject`` and ``send_datagram`` raise DeviceError."""
+        """Stop the threads, close the socket and remove the TUN (a userspace device: close every stack
+        socket, listener and the stack's socketpair ends). Idempotent; afterwards ``set_peer``,
+        ``inject``, ``send_datagram`` and the stack's methods raise DeviceError."""

@@ -33,6 +33,20 @@ class DeviceError(TailpyError, OSError):
     """The data plane could not do what was asked (TUN or UDP socket failure, unknown peer)."""
 
 
+class DialError(TailpyError, ConnectionError):
+    """A connection over the tailnet could not be made: the name is not in the node's netmap, the peer
+    refused it (TCP RST), no answer came in time, or no peer's allowed IPs contain the destination (raised
+    by the userspace device's ``tcp_dial`` too). ``reason`` is ``"no-name"``, ``"refused"``, ``"timeout"``
+    or ``"unreachable"`` (what a SOCKS5 reply code or an HTTP proxy's 502 is chosen from)."""
+
+    def __init__(self, message: str, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ConfigError(TailpyError, ValueError):
     """A setting or argument is wrong; the message says which and what is expected."""
 
@@ -78,6 +92,7 @@ __all__ = [
     "DaemonNotRunningError",
     "DaemonRunningError",
     "DeviceError",
+    "DialError",
     "EndpointError",
     "InvalidKeyError",
     "LabError",

@@ -29,6 +29,7 @@ SMOKE = [
     pytest.param("connect_time", marks=pytest.mark.lab, id="connect_time"),
     pytest.param("derp_relay", marks=pytest.mark.lab, id="derp_relay"),
     pytest.param("magicdns", marks=pytest.mark.lab, id="magicdns"),
+    pytest.param("embedded", marks=pytest.mark.lab, id="embedded"),
 ]
 
 

@@ -8,6 +8,10 @@
 * :class:`tailpy.daemon.session.ControlSession`: the map stream, key rotation, endpoint and home reports;
 * :class:`tailpy.dns.manager.DNSManager`: MagicDNS.
 
+In userspace mode (``userspace=True``: ``tailpyd --tun userspace-networking`` and :class:`tailpy.Node`) the
+data plane is a userspace device (``Device.userspace``): the node's addresses go to its TCP/IP stack
+(``set_addresses``) instead of a TUN, and nothing of the host is changed (no routes, DNS or firewall).
+
 Its state (:class:`tailpy.daemon.lifecycle.BackendState`) moves only by the table in
 :mod:`tailpy.daemon.lifecycle`.
 """
@@ -23,7 +27,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
 from tailpy.control.client import LoginAnswer
@@ -75,6 +79,12 @@ class DataPlane(ConnDevice, Protocol):
     def close(self) -> None: ...
 
 
+class UserspaceDataPlane(DataPlane, Protocol):
+    """A userspace data plane (``Device.userspace``): the node's addresses go to its TCP/IP stack."""
+
+    def set_addresses(self, addresses: list[str]) -> None: ...
+
+
 DeviceFactory = Callable[[bytes], DataPlane]
 
 
@@ -100,7 +110,12 @@ class Backend:
     in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched);
     ``rotate_before``: seconds before the node key expires to rotate it (0: never); ``firewall``: the node
     firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
-    running event loop."""
+    running event loop. ``userspace``: the device is a userspace one (its stack gets the node's addresses;
+    the host is left alone whatever ``configure_os`` says, but its interfaces are still read for this
+    node's endpoints)."""
+
+    USERSPACE_TUN = "userspace-networking"
+    """What status shows as the TUN of a userspace node (tailscaled's ``--tun`` value for it)."""
 
     def __init__(
         self,
@@ -112,6 +127,7 @@ class Backend:
         rotate_before: float = ROTATE_BEFORE,
         dns: DNSManager | None = None,
         firewall: Firewall | None = None,
+        userspace: bool = False,
     ) -> None:
         self.store = store
         self.dns = dns
@@ -121,7 +137,8 @@ class Backend:
         self.disco_key = DiscoPrivate.generate()
         self._device_factory = device_factory
         self._mtu = tun_mtu
-        self._configure_os = configure_os
+        self._userspace = userspace
+        self._configure_os = configure_os and not userspace
         self.device: DataPlane | None = None
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
@@ -373,8 +390,8 @@ class Backend:
         self.store.save(s)
         self.last_error = error
         self._fire(Event.UP_OFFLINE)
-        if self.device is not None and self._configure_os and s.addresses:
-            netconf.configure_tun(self.device.tun_name, list(s.addresses), self._mtu)
+        if self.device is not None and s.addresses:
+            self._set_addresses(list(s.addresses))
         self.session.start()
 
     async def down(self) -> None:
@@ -637,18 +654,37 @@ class Backend:
         if tuple(node.addresses) != s.addresses or node.id != s.node_id:
             s.addresses, s.node_id = tuple(node.addresses), node.id
             self.store.save(s)
-        if self.device is not None and self._configure_os:
-            netconf.configure_tun(self.device.tun_name, list(node.addresses), self._mtu)
+        if self.device is not None:
+            self._set_addresses(list(node.addresses))
+
+    def _set_addresses(self, addresses: list[str]) -> None:
+        """The node's tailnet addresses on its TUN, or in its userspace stack."""
+        if self.device is None:
+            return
+        if self._userspace:
+            cast(UserspaceDataPlane, self.device).set_addresses(addresses)
+        elif self._configure_os:
+            netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
+
+    @property
+    def tun_name(self) -> str | None:
+        """The data plane's TUN ("userspace-networking" for a userspace one; None: no data plane)."""
+        if self.device is None:
+            return None
+        return self.USERSPACE_TUN if self._userspace else self.device.tun_name
 
     def _ensure_device(self) -> DataPlane:
         """The data plane and its :class:`Conn` (made here, inside the running event loop)."""
         if self.device is None:
             dev = self._device_factory(self.state_data.node_key.raw)
             self.device = dev
-            tun = dev.tun_name
+            tun = "" if self._userspace else dev.tun_name
+            if self._userspace and self.state_data.addresses:
+                cast(UserspaceDataPlane, dev).set_addresses(list(self.state_data.addresses))
 
             def local() -> list[netconf.IPInterface]:
-                return netconf.local_addresses(exclude_ifaces=(tun,)) if self._configure_os else []
+                read = self._configure_os or self._userspace
+                return netconf.local_addresses(exclude_ifaces=(tun,)) if read else []
 
             self.conn = Conn(
                 dev,
@@ -779,7 +815,7 @@ class Backend:
                 addresses=tuple(s.addresses),
                 listen_port=self.device.listen_port if self.device else None,
                 endpoints=tuple(self.session.reported_endpoints),
-                tun=self.device.tun_name if self.device else None,
+                tun=self.tun_name,
                 home_derp=self.home_derp,
                 home_derp_code=conn.region_code(self.home_derp) if conn is not None else "",
             ),

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any, cast
 
 import click
 
@@ -20,10 +21,15 @@ from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, DaemonLock, RunRecord
 from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
-from tailpy.errors import DaemonRunningError, TailpyError
+from tailpy.errors import ConfigError, DaemonRunningError, ParseError, TailpyError
+from tailpy.netstack import Netstack, UserspaceDevice, lookup
+from tailpy.proxy import ProxyServer, parse_listen, start_http_proxy, start_socks5
 from tailpy.storage import is_storage_errno, storage_error
 
 log = logging.getLogger("tailpy.daemon")
+
+USERSPACE = "userspace-networking"
+"""``--tun`` value for a userspace data plane (tailscaled's name for it)."""
 
 
 def _log_tasks() -> None:
@@ -44,26 +50,48 @@ async def run(
     rotate_before: float,
     magicdns: bool = True,
     netfilter_mode: str = "on",
+    socks5_server: str = "",
+    http_proxy: str = "",
 ) -> None:
     """Serve the node until SIGTERM/SIGINT (or ``down`` with ``exit_on_down``). The caller holds the state
     directory's lock (:class:`tailpy.daemon.lock.DaemonLock`). Tells systemd READY=1 once the node is up or
-    waiting for login (:func:`tailpy.daemon.sdnotify.notify`)."""
+    waiting for login (:func:`tailpy.daemon.sdnotify.notify`).
+
+    ``tun`` :data:`USERSPACE` runs the node on a userspace data plane (no TUN, no root; MagicDNS, routes and
+    the firewall left alone) with a SOCKS5 proxy on ``socks5_server`` and an HTTP proxy on ``http_proxy``
+    ("host:port"; "" none) into the tailnet (:mod:`tailpy.proxy`)."""
     from tailpy._native import Device
 
-    def factory(private_key: bytes) -> Device:
-        return Device(private_key, tun_name=tun, listen_port=port, mtu=mtu)
+    userspace = tun == USERSPACE
+    backend: Backend
+    if userspace:
+        if not hasattr(Device, "userspace"):
+            raise ConfigError(
+                "this build of tailpy has no userspace data plane (Device.userspace): rebuild the extension"
+            )
 
-    from tailpy.dns.manager import DNSManager
+        def userspace_factory(private_key: bytes) -> Any:
+            return Device.userspace(private_key, port, [], mtu)
 
-    dns = DNSManager(state_dir) if magicdns else None
-    backend = Backend(
-        StateStore(state_dir),
-        factory,
-        tun_mtu=mtu,
-        rotate_before=rotate_before,
-        dns=dns,
-        firewall=netfilter.Firewall(netfilter_mode),
-    )
+        backend = Backend(
+            StateStore(state_dir), userspace_factory, tun_mtu=mtu, rotate_before=rotate_before, userspace=True
+        )
+    else:
+
+        def factory(private_key: bytes) -> Device:
+            return Device(private_key, tun_name=tun, listen_port=port, mtu=mtu)
+
+        from tailpy.dns.manager import DNSManager
+
+        dns = DNSManager(state_dir) if magicdns else None
+        backend = Backend(
+            StateStore(state_dir),
+            factory,
+            tun_mtu=mtu,
+            rotate_before=rotate_before,
+            dns=dns,
+            firewall=netfilter.Firewall(netfilter_mode),
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,14 +99,35 @@ async def run(
     loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
     runner = await serve(make_app(backend, on_down=stop.set if exit_on_down else None), socket_path)
     log.info("tailpyd listening on %s (state %s)", socket_path, state_dir)
+    proxies: list[ProxyServer] = []
+    stack: Netstack | None = None
     try:
+        if socks5_server or http_proxy:
+            stack = Netstack(
+                lambda: cast(UserspaceDevice | None, backend.device),
+                lambda host: lookup(backend.netmap, host),
+                lambda version: next(
+                    (a.split("/")[0] for a in backend.state_data.addresses if (":" in a) == (version == 6)),
+                    "0.0.0.0" if version == 4 else "::",
+                ),
+            )
+            if socks5_server:
+                proxies.append(await start_socks5(socks5_server, stack.open_connection))
+            if http_proxy:
+                proxies.append(await start_http_proxy(http_proxy, stack.open_connection))
         await backend.start()
         notify("READY=1", f"STATUS={backend.backend_state}")
         await stop.wait()
     finally:
         notify("STOPPING=1")
         await runner.cleanup()
+        for proxy in proxies:
+            await proxy.close()
+        if stack is not None:
+            await stack.close()
         await backend.close()
+        if stack is not None:
+            await stack.wait_threads()
         if os.path.exists(socket_path):
             os.unlink(socket_path)
         log.info("tailpyd stopped")
@@ -98,7 +147,13 @@ async def run(
     show_default="$TAILPY_SOCKET or /run/tailpy/tailpyd.sock",
     help="Local API unix socket.",
 )
-@click.option("--tun", default="tailpy0", show_default=True, help="TUN interface name.")
+@click.option(
+    "--tun",
+    default="tailpy0",
+    show_default=True,
+    help=f"TUN interface name, or {USERSPACE} for a userspace data plane: no TUN and no root; programs reach "
+    "the tailnet through --socks5-server / --outbound-http-proxy-listen.",
+)
 @click.option(
     "--port", default=41641, show_default=True, help="UDP port for WireGuard, STUN and disco (0 = any)."
 )
@@ -134,6 +189,21 @@ async def run(
     help="Do not run: undo what a tailpyd that did not exit cleanly left (the host's resolv.conf, MagicDNS "
     "addresses, its TUN, routes and nftables table), then exit (systemd's ExecStopPost).",
 )
+@click.option(
+    "--socks5-server",
+    default="",
+    metavar="ADDR",
+    help=f"With --tun {USERSPACE}: run a SOCKS5 proxy (RFC 1928, no auth, CONNECT) into the tailnet on ADDR "
+    "(host:port, e.g. localhost:1080); tailnet names are resolved by the node.",
+)
+@click.option(
+    "--outbound-http-proxy-listen",
+    "http_proxy",
+    default="",
+    metavar="ADDR",
+    help=f"With --tun {USERSPACE}: run an HTTP proxy (CONNECT and absolute http:// URIs) into the tailnet on "
+    "ADDR (host:port).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(
     state_dir: str,
@@ -146,6 +216,8 @@ def main(
     magicdns: bool,
     netfilter_mode: str,
     cleanup_only: bool,
+    socks5_server: str,
+    http_proxy: str,
     verbose: bool,
 ) -> None:
     """tailpyd: the tailpy node daemon. One runs per state directory: a second one exits (status 3)
@@ -155,6 +227,19 @@ def main(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    userspace = tun == USERSPACE
+    if (socks5_server or http_proxy) and not userspace:
+        click.echo(
+            f"tailpyd: --socks5-server and --outbound-http-proxy-listen need --tun {USERSPACE}", err=True
+        )
+        sys.exit(2)
+    for flag, value in (("--socks5-server", socks5_server), ("--outbound-http-proxy-listen", http_proxy)):
+        if value:
+            try:
+                parse_listen(value)
+            except ParseError as e:
+                click.echo(f"tailpyd: {flag}: {e}", err=True)
+                sys.exit(2)
     lock = DaemonLock(state_dir)
     try:
         lock.acquire()  # before the socket, the TUN, DNS or the state file
@@ -168,14 +253,31 @@ def main(
         prev = lock.previous
         if prev is not None and not cleanup_only:
             log.warning("tailpyd (pid %s) did not exit cleanly: undoing what it left", prev.pid)
-        done = cleanup(state_dir, (tun, prev.tun if prev else ""))
+        tuns = tuple(t for t in (tun, prev.tun if prev else "") if t != USERSPACE)
+        done = cleanup(state_dir, tuns)
         if cleanup_only:
             click.echo("cleaned up: " + "; ".join(done) if done else "nothing to clean up")
             return
-        table = netfilter.table_name(tun) if netfilter_mode == "on" else ""
-        lock.record(RunRecord(pid=os.getpid(), tun=tun, socket=socket_path, netfilter_table=table))
+        table = netfilter.table_name(tun) if netfilter_mode == "on" and not userspace else ""
+        lock.record(
+            RunRecord(
+                pid=os.getpid(), tun="" if userspace else tun, socket=socket_path, netfilter_table=table
+            )
+        )
         asyncio.run(
-            run(state_dir, socket_path, tun, port, mtu, exit_on_down, rotate_before, magicdns, netfilter_mode)
+            run(
+                state_dir,
+                socket_path,
+                tun,
+                port,
+                mtu,
+                exit_on_down,
+                rotate_before,
+                magicdns,
+                netfilter_mode,
+                socks5_server,
+                http_proxy,
+            )
         )
     except TailpyError as e:
         click.echo(f"tailpyd: {e}", err=True)

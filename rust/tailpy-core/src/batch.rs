@@ -53,6 +53,11 @@ impl Batch {
         self.max_packets.saturating_sub(self.pkts.len())
     }
 
+    /// Bytes and packets this batch holds at most; batches of equal capacity may be swapped.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.buf.len(), self.max_packets)
+    }
+
     /// Free bytes after the last packet.
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.used

@@ -52,16 +52,16 @@ const BUF_LEN: usize = MAX_PACKET + 256;
 /// WireGuard's overhead on a data packet (header and tag) plus padding to 16 bytes.
 const WG_OVERHEAD: usize = 32 + 16;
 /// Bytes and packets of the batch read from the TUN (room for a super-packet and its split).
-const TUN_READ_BYTES: usize = 640 << 10;
-const TUN_READ_PACKETS: usize = 512;
+pub(crate) const TUN_READ_BYTES: usize = 640 << 10;
+pub(crate) const TUN_READ_PACKETS: usize = 512;
 /// Bytes and packets of a batch of encrypted datagrams for one peer.
 const UDP_OUT_BYTES: usize = 512 << 10;
 const UDP_OUT_PACKETS: usize = 512;
 /// Receive slots per `recvmmsg` (each holds a GRO bundle of up to 64 KiB).
 const UDP_RECV_SLOTS: usize = 64;
 /// Bytes and packets of the batch of decrypted packets written to the TUN at once.
-const TUN_WRITE_BYTES: usize = 1 << 20;
-const TUN_WRITE_PACKETS: usize = 1024;
+pub(crate) const TUN_WRITE_BYTES: usize = 1 << 20;
+pub(crate) const TUN_WRITE_PACKETS: usize = 1024;
 /// Batches of decrypted packets handed to the TUN writer thread at most at once.
 const TUN_WRITER_DEPTH: usize = 2;
 /// A batch of at least this many packets goes to the TUN writer thread (so that the next batch is
@@ -347,6 +347,8 @@ pub type Drained = (Vec<(Vec<u8>, SocketAddr)>, Vec<([u8; KEY_LEN], Vec<u8>)>);
 /// One node's data plane. Threads stop on `close` (or drop).
 pub struct Device {
     shared: Arc<Shared>,
+    /// The userspace network stack standing in for the TUN, if any (`userspace`).
+    netstack: Option<crate::netstack::Netstack>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     timer_stop: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -367,6 +369,70 @@ impl Device {
         let tun = crate::io::LinuxTun::create(tun_name, mtu)?;
         let udp = crate::io::LinuxUdp::bind(listen_port)?;
         Device::with_io(private_key, Box::new(tun), Box::new(udp))
+    }
+
+    /// A device without a TUN, on UDP `[::]:listen_port`: a userspace TCP/IP stack
+    /// (`crate::netstack`) terminates TCP and UDP for `addresses` (CIDR host prefixes) in the process.
+    /// Needs no privilege.
+    pub fn userspace(
+        private_key: &[u8; KEY_LEN],
+        listen_port: u16,
+        addresses: &[String],
+        mtu: u32,
+    ) -> Result<Device> {
+        keys::check_private_key(private_key, "private key")?;
+        let udp = crate::io::LinuxUdp::bind(listen_port)?;
+        Device::with_netstack(private_key, Box::new(udp), addresses, mtu)
+    }
+
+    /// A device whose packets enter and leave through a userspace stack for `addresses`, over any UDP
+    /// transport (tests pass in-memory ones).
+    pub fn with_netstack(
+        private_key: &[u8; KEY_LEN],
+        udp: Box<dyn Udp>,
+        addresses: &[String],
+        mtu: u32,
+    ) -> Result<Device> {
+        keys::check_private_key(private_key, "private key")?;
+        let ns = crate::netstack::Netstack::new(addresses, mtu)?;
+        let mut dev = match Device::with_io(private_key, Box::new(ns.clone()), udp) {
+            Ok(d) => d,
+            Err(e) => {
+                crate::io::Tun::release(&ns);
+                return Err(e);
+            }
+        };
+        dev.netstack = Some(ns);
+        Ok(dev)
+    }
+
+    /// The userspace network stack; `Error::Device` for a device on a TUN or a closed device.
+    pub fn netstack(&self) -> Result<&crate::netstack::Netstack> {
+        self.check_open()?;
+        self.netstack.as_ref().ok_or_else(|| {
+            Error::Device("this device has a TUN, not a userspace network stack".into())
+        })
+    }
+
+    /// Open a TCP connection to `dst` through the userspace stack (see `Netstack::tcp_dial`);
+    /// `Error::Dial` at once if no peer's allowed IPs contain `dst`.
+    pub fn tcp_dial(&self, dst: SocketAddr, timeout: Duration) -> Result<std::os::fd::OwnedFd> {
+        let ns = self.netstack()?;
+        let dst = unmap(dst);
+        if self
+            .shared
+            .state
+            .read()
+            .routes
+            .longest_match(dst.ip())
+            .is_none()
+        {
+            return Err(Error::Dial(format!(
+                "cannot connect to {dst}: no peer's allowed IPs contain {}",
+                dst.ip()
+            )));
+        }
+        ns.tcp_dial(dst, timeout)
     }
 
     /// A device over any transports (tests pass in-memory ones).
@@ -435,6 +501,7 @@ impl Device {
         ];
         Ok(Device {
             shared,
+            netstack: None,
             threads: Mutex::new(threads),
             timer_stop: Mutex::new(Some(stop_tx)),
         })

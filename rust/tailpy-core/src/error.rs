@@ -13,6 +13,9 @@ pub enum Error {
     Device(String),
     /// A malformed address, prefix or endpoint (Python: `ConfigError`).
     Config(String),
+    /// A TCP connection through the userspace network stack could not be opened: refused (RST),
+    /// timed out, or no source address (Python: `DialError`).
+    Dial(String),
 }
 
 impl Error {
@@ -21,7 +24,8 @@ impl Error {
             Error::InvalidKey(m)
             | Error::PermissionDenied(m)
             | Error::Device(m)
-            | Error::Config(m) => m,
+            | Error::Config(m)
+            | Error::Dial(m) => m,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod filter;
 pub mod io;
 pub mod keys;
 pub mod memory;
+pub mod netstack;
 pub mod offload;
 
 pub use device::{Device, DeviceStats, Path, PeerConfig, PeerStats};

@@ -2,7 +2,9 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::IntoRawFd;
+use std::time::Duration;
 use tailpy_core::device::{parse_endpoint, parse_prefix};
 use tailpy_core::keys::{self, KEY_LEN};
 use tailpy_core::{Device, DropReason, Error, Path, PeerConfig, RuleSpec};
@@ -43,6 +45,7 @@ fn core_err(py: Python<'_>, e: Error) -> PyErr {
         Error::PermissionDenied(_) => "PermissionDeniedError",
         Error::Device(_) => "DeviceError",
         Error::Config(_) => "ConfigError",
+        Error::Dial(_) => "DialError",
     };
     tailpy_error(py, class, e.message())
 }
@@ -54,6 +57,9 @@ fn key(py: Python<'_>, raw: &[u8], what: &str) -> PyResult<[u8; KEY_LEN]> {
 fn config_err(py: Python<'_>, msg: String) -> PyErr {
     tailpy_error(py, "ConfigError", msg)
 }
+
+/// `tun_name` of a device made by `Device.userspace` (Tailscale's name for the mode).
+const USERSPACE: &str = "userspace-networking";
 
 /// One node's data plane: a TUN interface, one UDP socket (IPv4 and IPv6), and a table of peers.
 #[pyclass(frozen, name = "Device", module = "tailpy._native")]
@@ -91,6 +97,125 @@ impl PyDevice {
             .detach(move || Device::open(&k, &name, port, mtu))
             .map_err(|e| core_err(py, e))?;
         Ok(PyDevice { inner, tun_name })
+    }
+
+    /// A device without a TUN: a userspace TCP/IP stack for `addresses`, UDP on `listen_port`.
+    #[staticmethod]
+    #[pyo3(signature = (private_key, listen_port, addresses, mtu = 1280))]
+    fn userspace(
+        py: Python<'_>,
+        private_key: &[u8],
+        listen_port: i64,
+        addresses: Vec<String>,
+        mtu: i64,
+    ) -> PyResult<Self> {
+        let k = key(py, private_key, "private key")?;
+        let port = u16::try_from(listen_port).map_err(|_| {
+            config_err(
+                py,
+                format!("listen_port must be between 0 and 65535, got {listen_port}"),
+            )
+        })?;
+        let mtu = u32::try_from(mtu)
+            .ok()
+            .filter(|m| (576..=65535).contains(m))
+            .ok_or_else(|| {
+                config_err(py, format!("mtu must be between 576 and 65535, got {mtu}"))
+            })?;
+        let inner = py
+            .detach(|| Device::userspace(&k, port, &addresses, mtu))
+            .map_err(|e| core_err(py, e))?;
+        Ok(PyDevice {
+            inner,
+            tun_name: USERSPACE.to_string(),
+        })
+    }
+
+    fn set_addresses(&self, py: Python<'_>, addresses: Vec<String>) -> PyResult<()> {
+        py.detach(|| self.inner.netstack()?.set_addresses(&addresses))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn tcp_dial(&self, py: Python<'_>, dst_ip: &str, dst_port: i64, timeout: f64) -> PyResult<i32> {
+        let ip: IpAddr = dst_ip
+            .trim()
+            .parse()
+            .map_err(|_| config_err(py, format!("malformed IP address {dst_ip:?}")))?;
+        let port = u16::try_from(dst_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| config_err(py, format!("dst_port must be 1-65535, got {dst_port}")))?;
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(config_err(
+                py,
+                format!("timeout must be a positive number of seconds, got {timeout}"),
+            ));
+        }
+        let timeout = Duration::from_secs_f64(timeout.min(1e6));
+        py.detach(|| self.inner.tcp_dial(SocketAddr::new(ip, port), timeout))
+            .map(IntoRawFd::into_raw_fd)
+            .map_err(|e| core_err(py, e))
+    }
+
+    #[pyo3(signature = (port, backlog = 128))]
+    fn tcp_listen(&self, py: Python<'_>, port: i64, backlog: i64) -> PyResult<u32> {
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| config_err(py, format!("port must be 1-65535, got {port}")))?;
+        let backlog = usize::try_from(backlog).unwrap_or(0);
+        py.detach(|| self.inner.netstack()?.tcp_listen(port, backlog))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn tcp_accept_fd(&self, py: Python<'_>, listener: u32) -> PyResult<i32> {
+        self.inner
+            .netstack()
+            .and_then(|ns| ns.tcp_accept_fd(listener))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn tcp_accept(&self, py: Python<'_>, listener: u32) -> PyResult<Option<(i32, String, u16)>> {
+        let next = py
+            .detach(|| self.inner.netstack()?.tcp_accept(listener))
+            .map_err(|e| core_err(py, e))?;
+        Ok(next.map(|(fd, remote)| (fd.into_raw_fd(), remote.ip().to_string(), remote.port())))
+    }
+
+    fn tcp_close_listener(&self, py: Python<'_>, listener: u32) -> PyResult<()> {
+        py.detach(|| self.inner.netstack()?.tcp_close_listener(listener))
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn udp_bind(&self, py: Python<'_>, port: i64) -> PyResult<i32> {
+        let port = u16::try_from(port)
+            .map_err(|_| config_err(py, format!("port must be 0-65535, got {port}")))?;
+        py.detach(|| self.inner.netstack()?.udp_bind(port))
+            .map(|(fd, _)| fd.into_raw_fd())
+            .map_err(|e| core_err(py, e))
+    }
+
+    fn netstack_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self
+            .inner
+            .netstack()
+            .map(|ns| ns.stats())
+            .map_err(|e| core_err(py, e))?;
+        let d = PyDict::new(py);
+        d.set_item("tcp_connections", s.tcp_connections)?;
+        d.set_item("tcp_listeners", s.tcp_listeners)?;
+        d.set_item("udp_sockets", s.udp_sockets)?;
+        d.set_item("rx_packets", s.rx_packets)?;
+        d.set_item("rx_bytes", s.rx_bytes)?;
+        d.set_item("tx_packets", s.tx_packets)?;
+        d.set_item("tx_bytes", s.tx_bytes)?;
+        d.set_item("dropped_rx_queue_full", s.dropped_rx_queue_full)?;
+        d.set_item("tcp_bytes_in", s.tcp_bytes_in)?;
+        d.set_item("tcp_bytes_out", s.tcp_bytes_out)?;
+        d.set_item("udp_datagrams_in", s.udp_datagrams_in)?;
+        d.set_item("udp_datagrams_out", s.udp_datagrams_out)?;
+        d.set_item("udp_dropped", s.udp_dropped)?;
+        Ok(d)
     }
 
     #[getter]

@@ -1,6 +1,7 @@
 """Control server scale: N simulated nodes streaming their netmaps from one `tailpy control serve` process.
 
-    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--json] [--smoke]
+    .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--policy none,realistic]
+        [--json] [--smoke]
 
 The server is a real subprocess on 127.0.0.1 with its own state dir. Simulated nodes live in ``--workers``
 separate processes (each holding thousands of streams): each has its own machine key and NaCl boxes and talks
@@ -12,9 +13,19 @@ netmaps are not parsed into Node objects). Measured, per N:
 * server CPU seconds (utime+stime from /proc/<pid>/stat) spent in the change and in the whole run, and its
   peak RSS (VmHWM, MiB).
 
+Each N runs once per ``--policy``: ``none`` (no policy: every node sees every other, filters allow all) and
+``realistic``, a policy of the shape large tailnets run (:func:`realistic_policy`: 20 groups, 10 tags, 100
+rules, one of them to ``10.0.0.0/8:*``, one from ``*`` to ``tag:web:443``) over N/4 users (three in ten
+nodes tagged, the rest 2-3 devices per user), given with ``serve --policy FILE``. The node that moves and the
+joiner are ``tag:web`` servers, which every node may reach, so every node sees them in both runs. With a
+policy the run also measures a policy change: a rule letting ``tag:t1`` reach every node on one port is
+added to the file and the server is sent SIGHUP; seconds until every node has its new packet filter
+(``policy_p50_s``, ``policy_p99_s``), and the server CPU it took.
+
 Clients and server share the machine's cores, so figures are upper bounds of the server's own latency.
-Exits 1 when some node never saw the change or the join within ``--timeout``. ``--smoke``: 20 nodes in one
-client process, a check (in seconds) that the benchmark still works; its figures mean nothing.
+Exits 1 when some node never saw the change, the join or the policy change within ``--timeout``.
+``--smoke``: 20 nodes in one client process, both policy modes, a check (in seconds) that the benchmark
+still works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import random
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +50,7 @@ from typing import Any
 import nacl.public
 
 from tailpy.control.client import ControlClient
+from tailpy.control.store import Store
 from tailpy.endpoint import Endpoint
 from tailpy.keys import MachinePrivate, NodePublic
 
@@ -74,14 +88,15 @@ def pct(xs: list[float], p: float) -> float:
 # --- worker process: many simulated nodes ---
 
 
-async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Connection) -> None:
+async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pipe: Connection) -> None:
+    """``auth_keys``: one per node (whose owner or tags it gets)."""
     sem = asyncio.Semaphore(32)
     clients = [ControlClient(url, new_key(), stream_silence=600) for _ in range(count)]
     node_keys = [NodePublic(bytes(nacl.public.PrivateKey.generate().public_key)) for _ in range(count)]
 
     async def register(i: int) -> None:
         async with sem:
-            await clients[i].register(node_keys[i], f"w{index}-{i}", auth_key)
+            await clients[i].register(node_keys[i], f"w{index}-{i}", auth_keys[i])
 
     await asyncio.gather(*(register(i) for i in range(count)))
     pipe.send(("registered", count))
@@ -89,6 +104,7 @@ async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Con
     ready = asyncio.Event()
     got_full = 0
     seen: dict[bytes, dict[int, float]] = {}  # marker -> node index -> first arrival (monotonic)
+    mover_too: set[bytes] = set()  # markers the moving node (0, 0) also waits for
 
     async def follow(i: int) -> None:
         nonlocal got_full
@@ -108,7 +124,9 @@ async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Con
                     await asyncio.sleep(0)
                     continue
                 for marker, times in seen.items():
-                    if i not in times and marker in msg.raw and (index, i) != (0, 0):  # (0, 0) moves
+                    if i in times or marker not in msg.raw:
+                        continue
+                    if (index, i) != (0, 0) or marker in mover_too:  # (0, 0) moves
                         times[i] = now
             await sem.acquire()
 
@@ -119,7 +137,10 @@ async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Con
     while True:
         cmd, arg = await loop.run_in_executor(None, pipe.recv)
         if cmd == "watch":
-            seen[arg.encode()] = {}
+            marker, everyone = arg
+            seen[marker.encode()] = {}
+            if everyone:
+                mover_too.add(marker.encode())
             pipe.send(("ok", None))
         elif cmd == "collect":
             marker, expect, deadline = arg
@@ -137,9 +158,66 @@ async def worker_main(url: str, auth_key: str, count: int, index: int, pipe: Con
         await c.close()
 
 
-def worker(url: str, auth_key: str, count: int, index: int, pipe: Connection) -> None:
+def worker(url: str, auth_keys: list[str], count: int, index: int, pipe: Connection) -> None:
     raise_nofile()
-    asyncio.run(worker_main(url, auth_key, count, index, pipe))
+    asyncio.run(worker_main(url, auth_keys, count, index, pipe))
+
+
+# --- the policy ---
+
+GROUPS, TAGS, RULES = 20, 10, 100
+POLICY_PORT = 9173
+"""The port of the rule a policy change adds (no other rule names it: its JSON is the change's marker)."""
+
+
+def realistic_policy(users: int, *, seed: int = 7) -> str:
+    """A policy of the shape large tailnets run, over users ``user0`` .. ``user{users-1}``: 20 groups (each
+    user in one, every fifth in a second), 10 tags (``tag:web``, ``tag:t1`` ..) owned by ``group:g0``, 100
+    ACL rules: ``group:g1`` to ``10.0.0.0/8:*``, ``*`` to ``tag:web:443``, then groups and tags reaching
+    tags and groups on ports of everyday services, a fifth of them for one protocol only. HuJSON text."""
+    rnd = random.Random(seed)
+    groups: dict[str, list[str]] = {f"group:g{g}": [] for g in range(GROUPS)}
+    for u in range(users):
+        groups[f"group:g{u % GROUPS}"].append(f"user{u}@")
+        if u % 5 == 0:
+            groups[f"group:g{(u * 7 + 3) % GROUPS}"].append(f"user{u}@")
+    tags = ["tag:web"] + [f"tag:t{i}" for i in range(1, TAGS)]
+    ports = ["22", "80,443", "5432", "8000-8999", "*", "53", "3000-3100,9090"]
+    acls: list[dict[str, Any]] = [
+        {"action": "accept", "src": ["group:g1"], "dst": ["10.0.0.0/8:*"]},
+        {"action": "accept", "src": ["*"], "dst": ["tag:web:443"]},
+    ]
+    while len(acls) < RULES:
+        src = rnd.choice(list(groups)) if rnd.random() < 0.7 else rnd.choice(tags)
+        dst = rnd.choice(tags) if rnd.random() < 0.7 else rnd.choice(list(groups))
+        rule: dict[str, Any] = {"action": "accept", "src": [src], "dst": [f"{dst}:{rnd.choice(ports)}"]}
+        if rnd.random() < 0.2:
+            rule["proto"] = rnd.choice(["tcp", "udp"])
+        acls.append(rule)
+    body = {"groups": groups, "tagOwners": {t: ["group:g0"] for t in tags}, "acls": acls}
+    return "// control_scale.py's realistic policy\n" + json.dumps(body, indent=1)
+
+
+def with_policy_change(text: str) -> str:
+    """``text`` plus a rule letting ``tag:t1`` reach every node on :data:`POLICY_PORT` (every filter
+    changes)."""
+    body = json.loads(text.split("\n", 1)[1])
+    body["acls"].append({"action": "accept", "src": ["tag:web"], "dst": [f"*:{POLICY_PORT}"]})
+    return "// control_scale.py's realistic policy, changed\n" + json.dumps(body, indent=1)
+
+
+def node_keys(n: int, users: list[str], tag_keys: list[str]) -> list[str]:
+    """Which auth key node ``g`` (0 .. n-1) registers with: node 0 (the one that moves) ``tag:web``, three in
+    ten tagged (the tags in turn), the others users' devices (the users in turn)."""
+    out = []
+    for g in range(n):
+        if g == 0:
+            out.append(tag_keys[0])
+        elif g % 10 < 3:
+            out.append(tag_keys[g // 10 % len(tag_keys)])
+        else:
+            out.append(users[g % len(users)])
+    return out
 
 
 # --- the run ---
@@ -157,16 +235,48 @@ def ask(pipes: list[Connection], cmd: str, arg: Any) -> list[Any]:
     return [p.recv()[1] for p in pipes]
 
 
-def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
+def serves_policy_files() -> bool:
+    """Whether ``tailpy control serve`` takes ``--policy FILE``."""
+    out = subprocess.run([TAILPY, "control", "serve", "--help"], capture_output=True, text=True, check=False)
+    return "--policy" in out.stdout
+
+
+def prepare(state: str, n: int, policy: bool) -> tuple[list[str], str, Path | None]:
+    """Users and auth keys made in the database before the server starts: (one key per node, the joiner's
+    key, the policy file or None)."""
+    store = Store(state)
+    try:
+        if not policy:
+            key = store.create_auth_key(reusable=True, expires=None, now=time.time()).key
+            return [key] * n, key, None
+        users = max(1, n // 4)
+        user_keys = []
+        for u in range(users):
+            store.create_user(f"user{u}", time.time())
+            user_keys.append(
+                store.create_auth_key(reusable=True, expires=None, now=time.time(), user=f"user{u}").key
+            )
+        tags = ["tag:web"] + [f"tag:t{i}" for i in range(1, TAGS)]
+        tag_keys = [
+            store.create_auth_key(reusable=True, expires=None, now=time.time(), tags=[t]).key for t in tags
+        ]
+    finally:
+        store.close()
+    path = Path(state) / "policy.hujson"
+    path.write_text(realistic_policy(users))
+    return node_keys(n, user_keys, tag_keys), tag_keys[0], path
+
+
+def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
     state = tempfile.mkdtemp(prefix="tailpy-control-scale-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    keys, key, policy_file = prepare(state, n, policy)
     log = open(Path(state) / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [TAILPY, "control", "serve", "--state-dir", state, "--listen", f"127.0.0.1:{port}"],
-        stdout=log,
-        stderr=log,
-    )
+    cmd = [TAILPY, "control", "serve", "--state-dir", state, "--listen", f"127.0.0.1:{port}"]
+    if policy_file is not None:
+        cmd += ["--policy", str(policy_file)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     procs: list[mp.process.BaseProcess] = []
     try:
         for _ in range(100):
@@ -175,29 +285,14 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
                 break
             except OSError:
                 time.sleep(0.1)
-        key = subprocess.run(
-            [
-                TAILPY,
-                "control",
-                "authkey",
-                "create",
-                "--state-dir",
-                state,
-                "--reusable",
-                "--expiration",
-                "1h",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()[-1]
         ctx = mp.get_context("spawn")
         pipes: list[Connection] = []
         per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
         t0 = time.monotonic()
         for i, count in enumerate(per):
             a, b = ctx.Pipe()
-            proc_w = ctx.Process(target=worker, args=(url, key, count, i, b), daemon=True)
+            mine = keys[sum(per[:i]) : sum(per[:i]) + count]
+            proc_w = ctx.Process(target=worker, args=(url, mine, count, i, b), daemon=True)
             proc_w.start()
             procs.append(proc_w)
             pipes.append(a)
@@ -208,7 +303,7 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
 
         # One node changes its endpoints.
         marker = "203.0.113.77:4242"
-        ask(pipes, "watch", marker)
+        ask(pipes, "watch", (marker, False))
         cpu0 = server_cpu(proc.pid)
         start = time.monotonic()
         pipes[0].send(("move", marker))
@@ -226,7 +321,7 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
         async def join() -> tuple[float, str]:
             c = ControlClient(url, new_key())
             nk = NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
-            ask(pipes, "watch", nk.text())
+            ask(pipes, "watch", (nk.text(), False))
             begin = time.monotonic()
             await c.register(nk, "joiner", key)
             it = c.stream_messages(nk, [Endpoint.parse("198.51.100.9:9")], "joiner")
@@ -241,10 +336,26 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
         joined: list[float] = []
         for p in pipes:
             joined += [t - begin for t in p.recv()[1]]
+        # The policy changes: every node gets a new packet filter.
+        changed: list[float] = []
+        cpu_policy = 0.0
+        if policy_file is not None:
+            pmarker = f'"First":{POLICY_PORT},'
+            ask(pipes, "watch", (pmarker, True))
+            policy_file.write_text(with_policy_change(policy_file.read_text()))
+            cpu0 = server_cpu(proc.pid)
+            begin = time.monotonic()
+            proc.send_signal(signal.SIGHUP)
+            for p, c in zip(pipes, per, strict=True):
+                p.send(("collect", (pmarker, c, begin + timeout)))
+            for p in pipes:
+                changed += [t - begin for t in p.recv()[1]]
+            cpu_policy = server_cpu(proc.pid) - cpu0
         for pipe in pipes:
             pipe.send(("stop", None))
         return {
             "nodes": n,
+            "policy": "realistic" if policy else "none",
             "workers": workers,
             "register_s": round(t_reg, 1),
             "all_streams_ready_s": round(t_ready, 1),
@@ -257,6 +368,10 @@ def run(n: int, workers: int, timeout: float) -> dict[str, Any]:
             "change_server_cpu_s": round(cpu_change, 2),
             "join_p50_s": round(pct(joined, 50), 3),
             "join_p99_s": round(pct(joined, 99), 3),
+            "policy_received": len(changed) if policy else n,
+            "policy_p50_s": round(pct(changed, 50), 3) if policy else None,
+            "policy_p99_s": round(pct(changed, 99), 3) if policy else None,
+            "policy_server_cpu_s": round(cpu_policy, 2) if policy else None,
             "server_cpu_total_s": round(server_cpu(proc.pid), 1),
             "server_peak_rss_mib": round(server_hwm_mib(proc.pid), 1),
         }
@@ -277,6 +392,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="1000,10000", help="comma-separated node counts")
     ap.add_argument("--workers", type=int, default=4, help="client processes")
+    ap.add_argument("--policy", default="none,realistic", help="comma-separated: none, realistic")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a delta everywhere")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--smoke", action="store_true", help="20 nodes, 1 worker: check it still runs")
@@ -284,12 +400,31 @@ def main() -> int:
     if args.smoke:
         args.nodes, args.workers, args.timeout = "20", 1, 30.0
     raise_nofile()
-    rows = [run(int(n), args.workers, args.timeout) for n in args.nodes.split(",")]
+    modes = [m.strip() for m in args.policy.split(",") if m.strip()]
+    if any(m not in ("none", "realistic") for m in modes):
+        ap.error("--policy takes none and/or realistic")
+    if "realistic" in modes and not serves_policy_files():
+        print(
+            "control_scale: this tailpy's control serve has no --policy: the policy run is left out",
+            file=sys.stderr,
+        )
+        modes.remove("realistic")
+    rows = [
+        run(int(n), args.workers, args.timeout, m == "realistic")
+        for n in args.nodes.split(",")
+        for m in modes
+    ]
     short = [
-        r["nodes"] for r in rows if r["change_received"] < r["expected"] or r["join_received"] < r["expected"]
+        (r["nodes"], r["policy"])
+        for r in rows
+        if r["change_received"] < r["expected"]
+        or r["join_received"] < r["expected"]
+        or r["policy_received"] < r["nodes"]
     ]
     if short:
-        print(f"control_scale: some nodes missed the change or the join with {short} nodes", file=sys.stderr)
+        print(
+            f"control_scale: some nodes missed the change, the join or the policy in {short}", file=sys.stderr
+        )
     status = 1 if short else 0
     if args.json:
         print(json.dumps(rows, indent=2))

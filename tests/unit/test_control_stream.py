@@ -134,7 +134,7 @@ class Client:
             s.resync, s.first = False, None
             body = m.full_map_body(s.node_id)
             assert body is not None
-            s.sent = m.version
+            m.full_map_sent(s)  # as the writer does after a full netmap
             bodies.append(body)
         if s.first is not None:
             bodies.append(s.first)

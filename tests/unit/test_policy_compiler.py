@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tailpy.control.policy import Compiled, Policy, PolicyError, PolicyNode, check_tests, compile_filter
 from tailpy.packetfilter import ALLOW_ALL, filter_to_json
@@ -35,8 +38,6 @@ def policy(rules: str, tail: str = "") -> Policy:
 
 
 def acl(src: list[str], dst: list[str], proto: str = "") -> str:
-    import json
-
     rule: dict[str, Any] = {"action": "accept", "src": src, "dst": dst}
     if proto:
         rule["proto"] = proto
@@ -44,7 +45,10 @@ def acl(src: list[str], dst: list[str], proto: str = "") -> str:
 
 
 def filt(pol: Policy, node: PolicyNode, nodes: list[PolicyNode] = NODES) -> list[dict[str, Any]]:
-    return filter_to_json(compile_filter(pol, node.id, nodes))
+    out = filter_to_json(compile_filter(pol, node.id, nodes))
+    # the netmap's encoding, built from encoded pieces, is the same JSON byte for byte
+    assert Compiled(pol, nodes).filter_json(node.id) == json.dumps(out, separators=(",", ":")).encode()
+    return out
 
 
 def own(node: PolicyNode, *ports: dict[str, int]) -> list[dict[str, Any]]:
@@ -366,3 +370,123 @@ def test_may_own() -> None:
     assert not pol.may_own("tag:nope", "alice", "alice@example.com")
     member = Policy.parse('{"tagOwners": {"tag:x": ["autogroup:member"]}}')
     assert member.may_own("tag:x", "anyone", "")
+
+
+def test_grant_ip_entries_of_one_protocol_form_one_rule() -> None:
+    pol = policy('"grants": [{"src": ["*"], "dst": ["tag:db"], "ip": ["tcp:80", "udp:53", "tcp:443"]}],')
+    out = filt(pol, DB)
+    assert [(r["DstPorts"], r["IPProto"]) for r in out] == [
+        (own(DB, p22(80), p22(443)), [6]),
+        (own(DB, p22(53)), [17]),
+    ]
+
+
+def test_one_targets_ports_are_joined_per_address_and_targets_ordered_by_kind() -> None:
+    pol = policy(acl(["tag:server"], ["tag:db:22", "group:dev:8080", "tag:db:80", "alice@example.com:3000"]))
+    assert filt(pol, DB)[0]["DstPorts"] == own(DB, p22(22), p22(80))
+    # a user's entries come before a group's, as Tailscale lists them
+    assert filt(pol, ALICE1)[0]["DstPorts"] == own(ALICE1, p22(3000)) + own(ALICE1, p22(8080))
+
+
+def test_grants_come_before_acls() -> None:
+    pol = policy(
+        acl(["tag:server"], ["tag:db:22"]) + '"grants": [{"src": ["*"], "dst": ["tag:db"], "ip": ["443"]}],'
+    )
+    assert [r["DstPorts"][0]["Ports"] for r in filt(pol, DB)] == [p22(443), p22(22)]
+
+
+def test_no_acls_and_no_grants_is_tailscales_default_allow() -> None:
+    assert filt(Policy.parse('{"ssh": []}'), BOB) == [
+        {"SrcIPs": TAILNET, "DstPorts": [{"IP": "*", "Ports": ALL}]}
+    ]
+    assert filt(Policy.parse('{"acls": []}'), BOB) == []
+
+
+def test_user_prefix_and_domain_wildcard() -> None:
+    pol = policy(acl(["user:*@example.com"], ["user:bob@example.org:22"]))
+    assert filt(pol, BOB) == [
+        {
+            "SrcIPs": [
+                "100.64.0.1-100.64.0.2",
+                "100.64.0.20",
+                "fd7a:115c:a1e0::1-fd7a:115c:a1e0::2",
+                "fd7a:115c:a1e0::14",
+            ],
+            "DstPorts": own(BOB, p22(22)),
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"acls": [{"action": "accept", "src": ["*"], "dst": ["0.0.0.0/0:*"]}]}',
+            "to allow all IP addresses",
+        ),
+        ('{"grants": [{"src": ["*"], "dst": ["*"], "ip": []}]}', "ip and app cannot both be empty"),
+        (
+            '{"grants": [{"src": ["*"], "dst": ["autogroup:self"], "ip": ["*"]}]}',
+            "autogroup:self can only be used",
+        ),
+        ('{"tests": [{"src": "a@b.c", "accept": ["10.0.0.0/8:22"]}]}', "single host, not a prefix"),
+        ('{"tests": [{"src": "a@b.c"}]}', "a test needs 'accept' or 'deny'"),
+        ('{"tests": [{"src": "a@b.c", "accept": ["a@b.c:1-2"]}]}', "must name one port"),
+    ],
+)
+def test_more_refusals(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Policy.parse(text)
+
+
+# --- incremental compilation against a fresh one ---
+
+MIXED = policy(
+    '"acls": ['
+    '{"action": "accept", "src": ["group:dev"], "dst": ["tag:server:22", "autogroup:self:*"]},'
+    '{"action": "accept", "src": ["*"], "dst": ["tag:db:5432"]},'
+    '{"action": "accept", "src": ["autogroup:tagged", "100.64.0.3"], "dst": ["alice@example.com:80"]},'
+    '{"action": "accept", "src": ["tag:db"], "dst": ["100.64.0.0/29:9", "group:dev:53"], "proto": "udp"}],'
+)
+_owners = st.sampled_from(
+    [
+        ("alice", "alice@example.com", ()),
+        ("bob", "", ()),
+        ("carol", "", ()),
+        ("", "", ("tag:server",)),
+        ("", "", ("tag:db",)),
+        ("", "", ("tag:db", "tag:server")),
+    ]
+)
+_ops = st.lists(st.tuples(st.integers(1, 8), _owners, st.integers(1, 9), st.booleans()), max_size=25)
+
+
+@given(_ops)
+@settings(max_examples=150, deadline=None)
+def test_incremental_updates_equal_a_fresh_compile(ops: list[tuple[int, Any, int, bool]]) -> None:
+    c = Compiled(MIXED)
+    live: dict[int, PolicyNode] = {}
+    for node_id, (user, email, tags), host, delete in ops:
+        filters = {i: c.filter_json(i) for i in live}
+        seen_by = {i for i in live if node_id in c.peers(i)}
+        own_peers = set(c.peers(node_id))
+        if delete:
+            ch = c.remove(node_id)
+            live.pop(node_id, None)
+        else:
+            n = PolicyNode(node_id, (f"100.64.0.{host}/32", f"fd7a:115c:a1e0::{host}/128"), user, email, tags)
+            known = node_id in live
+            ch = c.update(n)
+            live[node_id] = n
+            # what changed is reported: filters that differ, peers that lost sight of the node, its own view
+            assert {i for i in filters if i != node_id and c.filter_json(i) != filters[i]} <= ch.filters
+            if known:
+                assert {i for i in seen_by if node_id not in c.peers(i)} <= ch.lost
+                assert set(c.peers(node_id)) == own_peers or ch.view_changed
+        if delete:
+            assert {i for i in filters if i in live and c.filter_json(i) != filters[i]} <= ch.filters
+    fresh = Compiled(MIXED, live.values())
+    for i in live:
+        assert c.filter(i) == fresh.filter(i)
+        assert c.filter_json(i) == fresh.filter_json(i)
+        assert set(c.peers(i)) == set(fresh.peers(i))

@@ -33,6 +33,15 @@ are built, sealed and written at most ``full_map_concurrency`` at a time (the bo
 write), written in ``CHUNK``-byte slices that each wait for the socket to drain, so a slow reader holds at
 most one sealed message and its socket buffer.
 
+Access control (:mod:`tailpy.control.policy`): every full netmap carries ``"packet_filter"``, its node's
+filter in tailcfg.FilterRule's JSON shape (:data:`tailpy.packetfilter.ALLOW_ALL` while no policy is set, as
+Tailscale's default), and with a policy only the peers the node sees (it may reach them or they it). A
+delta carries ``"packet_filter"`` when the node's filter changed (a policy change, or a node change that
+alters the rule sources, such as a new member of a group), and sends a peer that is no longer visible as
+``peers_removed``; a node change reaches only the streams that see the node. :meth:`Mapper.set_policy`
+logs a change under :data:`POLICY_CHANGE` (a stream resuming across it gets a full netmap) and merges each
+stream's new filter and peer differences into its next delta.
+
 A node whose key has expired (or that logged out) is shown itself, expired, and no peers: its full netmap
 has no peers and its deltas carry only ``self``; when its key expires or becomes valid again its streams get
 a full netmap. Nothing here touches the database: the server reads records and hands them in.
@@ -46,14 +55,16 @@ import dataclasses
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.asyncutil import wait_event
+from tailpy.control.policy import Compiled, Policy, PolicyNode
 from tailpy.dns.config import DNSConfig
 from tailpy.keys import MachinePrivate, MachinePublic
 from tailpy.netmap import DerpMap, NetMap, Node
+from tailpy.packetfilter import ALLOW_ALL, FilterRule, filter_to_json
 from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
@@ -74,6 +85,10 @@ CHUNK = 64 << 10
 BATCH_DELAY = 0.1
 """Seconds a stream waits after writing a delta before it writes the next (changes meanwhile are merged)."""
 
+POLICY_CHANGE = -1
+"""The node id under which a policy change is logged (it names no node; a stream resuming across it gets a
+full netmap)."""
+
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
@@ -93,6 +108,11 @@ class MapStream:
     resync: bool = False  # a full netmap is due (first message, fell behind the log, expiry changed)
     ended: bool = False  # the node was removed or the server is closing: end the stream
     overflows: int = 0  # times it fell behind the change log
+    filter_sig: Any = None  # what its client's filter was made of (Compiled.filter_signature); None: unknown
+    filter_epoch: Any = None  # (compile serial, changes) when filter_sig was last worked out
+    filter_hash: int | None = None  # hash of the packet filter JSON its client has
+    pend_changed: set[int] = field(default_factory=set)  # peers that became visible (send their records)
+    pend_removed: set[int] = field(default_factory=set)  # peers that stopped being visible
 
     def end(self) -> None:
         self.ended = True
@@ -138,6 +158,10 @@ class Mapper:
         self._by_node: dict[int, set[MapStream]] = {}
         self._idle: set[MapStream] = set()  # writers waiting for a change
         self._full_maps = asyncio.Semaphore(full_map_concurrency)
+        self.policy: Policy | None = None
+        self._compiled: Compiled | None = None  # None: no policy, everyone sees everyone, ALLOW_ALL
+        self._emails: dict[str, str] = {}
+        self._last_filter: tuple[int, bytes] | None = None
 
     # --- state ---
 
@@ -154,10 +178,112 @@ class Mapper:
         me = self.nodes.get(node_id)
         if me is None:
             return None
+        pf = self.filter_for(node_id)
         if me.expired:
-            return NetMap(me, {}, self.domain, self.derp_map, self.dns)
-        peers = {i: n for i, n in self.nodes.items() if i != node_id}
-        return NetMap(me, peers, self.domain, self.derp_map, self.dns)
+            return NetMap(me, {}, self.domain, self.derp_map, self.dns, pf)
+        if self._compiled is None:
+            peers = {i: n for i, n in self.nodes.items() if i != node_id}
+        else:
+            peers = {i: self.nodes[i] for i in self._compiled.peers(node_id) if i in self.nodes}
+        return NetMap(me, peers, self.domain, self.derp_map, self.dns, pf)
+
+    # --- policy ---
+
+    def filter_for(self, node_id: int) -> tuple[FilterRule, ...] | None:
+        """Node ``node_id``'s packet filter (tailcfg.FilterRule shape, as its netmap carries it): ALLOW_ALL
+        without a policy, the compiled rules whose destination is the node with one (empty: nothing may
+        reach it); None for a node that is not live."""
+        if node_id not in self.nodes:
+            return None
+        if self._compiled is None:
+            return ALLOW_ALL
+        return self._compiled.filter(node_id)
+
+    def _filter_json(self, node_id: int) -> bytes:
+        if self._compiled is None:
+            return _ALLOW_ALL_JSON
+        return self._compiled.filter_json(node_id)
+
+    def _filter_sig(self, node_id: int) -> Any:
+        c = self._compiled
+        return ("allow-all",) if c is None else (c.serial, c.filter_signature(node_id))
+
+    def _policy_node(self, node: Node) -> PolicyNode:
+        return PolicyNode(node.id, node.addresses, node.user, self._emails.get(node.user, ""), node.tags)
+
+    def _visible(self, a: int, b: int) -> bool:
+        return self._compiled is None or self._compiled.visible(a, b)
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """Make ``policy`` the tailnet's (None: none, everyone reaches everyone): recompile every node's
+        filter and visible peers, then tell the streams whose view changed, merged into their next delta:
+        ``packet_filter`` when a node's filter differs, ``peers_changed`` (full records) for peers that
+        became visible, ``peers_removed`` for peers that no longer are; a stream whose peer set changed
+        by more than half gets a full netmap instead. O(nodes) compile plus O(nodes) per distinct view of
+        the streams' nodes (nodes with the same rules share a view)."""
+        old = self._compiled
+        self.policy = policy
+        new = (
+            None if policy is None else Compiled(policy, (self._policy_node(n) for n in self.nodes.values()))
+        )
+        self._compiled = new
+        self._bump(POLICY_CHANGE)
+        everyone = frozenset(self.nodes)
+        keep: list[frozenset[int]] = []  # the shared sets, alive while their ids key the diffs
+        diffs: dict[tuple[int, int], tuple[frozenset[int], frozenset[int]] | None] = {}
+        for node_id, streams in self._by_node.items():
+            me = self.nodes.get(node_id)
+            if me is None or me.expired:
+                continue
+            # peer sets are shared by nodes of one view: one diff per pair of views
+            before = everyone if old is None else old.visible_set(node_id)
+            after = everyone if new is None else new.visible_set(node_id)
+            key = (id(before), id(after))
+            if key not in diffs:
+                keep += (before, after)
+                added, removed = after - before, before - after
+                big = len(added) + len(removed) > max(LARGE_DELTA, len(after) // 2)
+                diffs[key] = None if big else (added, removed)
+            diff = diffs[key]
+            for st in streams:  # (their filter signatures changed with the compiled policy)
+                if diff is None:
+                    st.resync = True
+                else:
+                    st.pend_changed.update(diff[0])
+                    st.pend_removed.update(diff[1])
+        for st in self._streams:
+            st.wake.set()
+
+    def set_user_emails(self, emails: Mapping[str, str]) -> None:
+        """Login name -> email of every user (users are matched by either in a policy). The nodes of users
+        whose email changed are matched again (as a change of those nodes)."""
+        emails = dict(emails)
+        if emails == self._emails:
+            return
+        changed = {u for u in self._emails.keys() | emails.keys() if self._emails.get(u) != emails.get(u)}
+        self._emails = emails
+        if self._compiled is None:
+            return
+        for n in [n for n in self.nodes.values() if n.user in changed]:  # their owners' nodes, re-matched
+            self._bump(n.id)
+            self._policy_changes(n.id, n)
+        self._wake()
+
+    def _policy_changes(self, node_id: int, node: Node | None) -> None:
+        """Feed a node's new record (None: removed) to the compiled policy and mark the streams it
+        affects: filters that may differ, peers that lost sight of it, its own streams when its view
+        changed."""
+        c = self._compiled
+        if c is None:
+            return
+        known = node_id in c.nodes
+        ch = c.remove(node_id) if node is None else c.update(self._policy_node(node))
+        for i in ch.lost:  # (changed filters: each stream compares its filter signature)
+            for st in self._by_node.get(i, ()):
+                st.pend_removed.add(node_id)
+        if known and ch.view_changed:
+            for st in self._by_node.get(node_id, ()):
+                st.resync = True
 
     def set_dns(self, dns: DNSConfig | None, domain: str) -> bool:
         """New DNS config or tailnet domain (admin ``dns set``): every stream gets a full netmap (deltas
@@ -177,6 +303,8 @@ class Mapper:
             n = self._with_online(n)
             self.nodes[n.id] = n
             self._json[n.id] = _dumps(n.to_json())
+            if self._compiled is not None:
+                self._compiled.update(self._policy_node(n))
 
     def _with_online(self, node: Node) -> Node:
         online = self.is_online(node.id)
@@ -210,6 +338,7 @@ class Mapper:
         self._bump(node.id)
         self.nodes[node.id] = node
         self._json[node.id] = _dumps(node.to_json())
+        self._policy_changes(node.id, node)
         if old is not None and old.expired != node.expired:
             for s in self._by_node.get(node.id, ()):
                 s.resync = True
@@ -224,6 +353,7 @@ class Mapper:
             return False
         del self._json[node_id]
         self._bump(node_id)
+        self._policy_changes(node_id, None)
         for s in self._by_node.get(node_id, ()):
             s.end()
         self._wake()
@@ -255,6 +385,7 @@ class Mapper:
         me = self.nodes.get(node_id)
         if resume is not None and self._resumable(*resume) and not (me is not None and me.expired):
             s.sent = resume[1]
+            s.filter_sig = s.filter_epoch = None  # the filter may have changed meanwhile
             s.first = self.delta_body(s, resumed=True)
         else:
             s.resync = True
@@ -263,7 +394,11 @@ class Mapper:
         return s
 
     def _resumable(self, generation: str, since: int) -> bool:
-        return generation == self.generation and self._log_floor <= since <= self.version
+        """Same server process, the log still reaches back to ``since``, and no policy change since (which
+        may have changed any peer set: a full netmap then)."""
+        if generation != self.generation or not self._log_floor <= since <= self.version:
+            return False
+        return POLICY_CHANGE not in _since(self._log, since)
 
     def changed_since(self, since: int) -> set[int] | None:
         """Ids of the nodes changed after version ``since``; None when the log no longer reaches back."""
@@ -293,12 +428,33 @@ class Mapper:
         if s.node_id in ids:
             parts.append(b'"self":' + self._json[s.node_id])
         if not me.expired:  # an expired node is shown no peers
-            changed = [self._json[i] for i in sorted(ids) if i != s.node_id and i in self._json]
+            ids.update(s.pend_changed)
+            vis = self._visible
+            me_id = s.node_id
+            changed_ids = sorted(i for i in ids if i != me_id and i in self._json and vis(me_id, i))
+            changed = [self._json[i] for i in changed_ids]
             if changed:
                 parts.append(b'"peers_changed":[' + b",".join(changed) + b"]")
-            removed = sorted(i for i in ids if i not in self._json)
+            # gone from the tailnet, or no longer visible (a resumed client may hold any earlier peer)
+            gone = {i for i in ids if i >= 0 and i not in self._json}
+            gone.update(i for i in s.pend_removed if i != me_id and i in self._json and not vis(me_id, i))
+            if resumed:
+                gone.update(i for i in ids if i >= 0 and i != me_id and i in self._json and not vis(me_id, i))
+            removed = sorted(gone)
             if removed:
                 parts.append(b'"peers_removed":' + _dumps(removed))
+        s.pend_changed.clear()
+        s.pend_removed.clear()
+        c = self._compiled
+        epoch = None if c is None else (c.serial, c.changes)
+        sig = s.filter_sig if epoch is not None and epoch == s.filter_epoch else self._filter_sig(s.node_id)
+        s.filter_epoch = epoch
+        if sig != s.filter_sig:  # the filter may have changed: built, and sent when it did
+            s.filter_sig = sig
+            pf = self._filter_json(s.node_id)
+            if hash(pf) != s.filter_hash:
+                s.filter_hash = hash(pf)
+                parts.append(b'"packet_filter":' + pf)
         if len(parts) == 1 and not resumed:
             return None
         return b",".join(parts) + b"}"
@@ -327,10 +483,35 @@ class Mapper:
         head = _dumps({"type": "netmap", "generation": self.generation, "version": self.version})[:-1]
         if self.nodes[node_id].expired:
             peers = b""
-        else:
+        elif self._compiled is None:
             peers = b",".join([j for i, j in self._json.items() if i != node_id])
-        tail = b'],"domain":' + _dumps(self.domain) + self._derp_json + self._dns_json + b"}}"
+        else:
+            peers = b",".join([self._json[i] for i in self._compiled.peers(node_id) if i in self._json])
+        pf = self._filter_json(node_id)
+        self._last_filter = (node_id, pf)  # for full_map_sent, called next
+        tail = (
+            b'],"domain":'
+            + _dumps(self.domain)
+            + self._derp_json
+            + self._dns_json
+            + b',"packet_filter":'
+            + pf
+            + b"}}"
+        )
         return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, tail))
+
+    def full_map_sent(self, s: MapStream) -> None:
+        """Record that ``s`` was just given a full netmap of the current version (with its filter and all its
+        visible peers: nothing is pending)."""
+        s.sent = self.version
+        s.filter_sig = self._filter_sig(s.node_id)
+        s.filter_epoch = None
+        last, self._last_filter = self._last_filter, None
+        s.filter_hash = hash(
+            last[1] if last is not None and last[0] == s.node_id else self._filter_json(s.node_id)
+        )
+        s.pend_changed.clear()
+        s.pend_removed.clear()
 
     async def serve(self, s: MapStream, write: Callable[[bytes], Awaitable[None]], keepalive: float) -> None:
         """Write ``s``'s messages with ``write`` (which applies backpressure) until it ends: a full netmap
@@ -371,7 +552,7 @@ class Mapper:
             body = self.full_map_body(s.node_id)
             if body is None:
                 return False
-            s.sent = self.version
+            self.full_map_sent(s)
             line = s.sealer.seal(body)
             del body
             await _write_line(write, line)
@@ -406,6 +587,9 @@ async def _write_line(write: Callable[[bytes], Awaitable[None]], line: bytes) ->
         await write(line[i : i + CHUNK])
 
 
+_ALLOW_ALL_JSON = _dumps(filter_to_json(ALLOW_ALL))
+
+
 def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[int]:
     """Node ids changed after ``version`` (newest first)."""
     for v, node_id in reversed(log):
@@ -414,4 +598,4 @@ def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[in
         yield node_id
 
 
-__all__ = ["CHUNK", "KEEPALIVE", "LARGE_DELTA", "LOG_LIMIT", "MapStream", "Mapper"]
+__all__ = ["CHUNK", "KEEPALIVE", "LARGE_DELTA", "LOG_LIMIT", "POLICY_CHANGE", "MapStream", "Mapper"]

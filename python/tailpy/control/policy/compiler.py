@@ -38,17 +38,23 @@ of): A and B see each other iff ``src(A) & dst(B)`` or ``src(B) & dst(A)``, memo
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.control.policy import ipset
 from tailpy.control.policy.model import Alias, Policy, PolicyError, PolicyNode, user_matches
-from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange
+from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange, PortRange
 
 ClassKey = tuple[str, str, tuple[str, ...]]
 ViewKey = tuple[frozenset[int], frozenset[int]]
 _NODE = ""  # in a template: "the node's own addresses"
+_RANK = {"*": 0, "user": 1, "group": 2, "tag": 3, "autogroup": 4, "ip": 5}
+"""The order in which Tailscale lists one rule's destinations on a node (observed in captured filters): by
+kind of target, then as written; the entries naming one target are joined (the node's addresses, each with
+all the target's ports)."""
 
 
 def class_key(node: PolicyNode) -> ClassKey:
@@ -63,6 +69,8 @@ class _Class:
     src: frozenset[int]  # rules a non-wildcard, non-literal source of which contains the class
     dst: dict[int, tuple[int, ...]]  # rule -> indexes of its dsts that contain the class (incl. "*")
     self_rules: tuple[int, ...]  # rules with an autogroup:self destination, for an untagged owned class
+    all_src: frozenset[int] = frozenset()  # src with the rules every node is a source of
+    dst_rules: frozenset[int] = frozenset()  # the keys of dst
 
 
 @dataclass
@@ -77,17 +85,39 @@ class _Node:
     dst: frozenset[int]  # every rule the node is a non-self destination of
     self_src: frozenset[int]  # self rules it is a source of (an untagged owned node)
     view: ViewKey = field(default=(frozenset(), frozenset()))
+    epoch: int = 0  # which record of the node this is (a new one per change)
 
 
 @dataclass
 class Changes:
-    """What one node update changed: ``filters`` node ids whose filter may differ now; ``lost``: node ids
-    that saw the updated node before and do not now; ``view_changed``: the updated node's own peer set may
-    differ (its streams need a full netmap)."""
+    """What one node update changed: :attr:`filters` node ids whose filter may differ now (worked out when
+    asked); ``lost``: node ids that saw the updated node before and do not now; ``view_changed``: the
+    updated node's own peer set may differ (its streams need a full netmap)."""
 
-    filters: set[int] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
     view_changed: bool = False
+    _compiled: Compiled | None = None
+    _nodes: set[int] = field(default_factory=set)  # nodes whose filter changed, named directly
+    _rules: set[int] = field(default_factory=set)  # rules whose sources changed
+    _users: set[str] = field(default_factory=set)  # owners whose autogroup:self sources changed
+    _removed: int = -1  # the node removed (its filter is gone, not changed)
+    _filters: set[int] | None = None
+
+    @property
+    def filters(self) -> set[int]:
+        if self._filters is None:
+            out = set(self._nodes)
+            c = self._compiled
+            if c is not None:
+                if self._rules:
+                    for view, members in c.views().items():
+                        if view[1] & self._rules:
+                            out.update(members)
+                for u in self._users:
+                    out.update(c.owned_by(u))
+            out.discard(self._removed)
+            self._filters = out
+        return self._filters
 
 
 class Compiled:
@@ -95,8 +125,12 @@ class Compiled:
     :meth:`filter` gives a node's rules, :meth:`visible` whether two nodes see each other, :meth:`peers`
     every node a node sees."""
 
+    _serials = itertools.count(1)
+
     def __init__(self, policy: Policy, nodes: Iterable[PolicyNode] = ()) -> None:
         self.policy = policy
+        self.serial = next(Compiled._serials)  # unique per compile in this process
+        self.changes = 0  # node updates and removals that changed something (a filter may differ after)
         rules = policy.rules
         self._n = len(rules)
         self._wild = [any(a.kind == "*" for a in r.srcs) for r in rules]
@@ -113,43 +147,71 @@ class Compiled:
             tuple(p for d in r.dsts if d.alias.name == "autogroup:self" for p in d.ports) for r in rules
         ]
         self._classes: dict[ClassKey, _Class] = {}
-        self._templates: dict[tuple[ClassKey, tuple[tuple[int, int], ...]], tuple[Any, ...]] = {}
+        self._class_bodies: dict[tuple[bool, frozenset[str], tuple[str, ...]], _Class] = {}
+        self._rule_names = frozenset(
+            a.name
+            for r in rules
+            for a in (*r.srcs, *(d.alias for d in r.dsts))
+            if a.kind in ("user", "group")
+        )
+        self._templates: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[Any, ...]] = {}
         self.nodes: dict[int, _Node] = {}
         self._src_members: list[set[int]] = [set() for _ in rules]
         self._src_ips: list[tuple[str, ...] | None] = [None] * self._n
-        self._self_src: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._self_src: dict[str, dict[int, tuple[str, ...]]] = {}  # owner -> rule -> SrcIPs
         self._by_user: dict[str, set[int]] = {}
         self._views: dict[ViewKey, set[int]] = {}
         self._vis: dict[tuple[ViewKey, ViewKey], bool] = {}
         self._extra_wild: dict[int, tuple[ipset.Range, ...]] = {}  # node -> routes, addresses outside TAILNET
+        self._vis_sets: dict[tuple[ViewKey, str], frozenset[int]] = {}
+        self._has_self = any(self._self_ports)
+        self._always_src = frozenset(i for i in range(self._n) if self._wild[i] or self._danger[i])
+        self._src_json: list[bytes | None] = [None] * self._n
+        self._rule_gen = [0] * self._n  # bumped when a rule's sources change
+        self._user_gen: dict[str, int] = {}  # bumped when an owner's nodes change (autogroup:self)
+        self._epoch = 0
+        self._proto_json = [b"" if not r.protos else b',"IPProto":' + _dumps(list(r.protos)) for r in rules]
+        self._user_index = _UserIndex(policy)
+        self._bulk = True  # building: no change tracking
         for n in nodes:
             self.update(n)
+        self._bulk = False
 
     # --- classes and nodes ---
 
     def _class(self, key: ClassKey) -> _Class:
         c = self._classes.get(key)
         if c is None:
-            c = self._classes[key] = self._make_class(key)
+            owned = bool(key[0]) and not key[2]
+            names = self._user_index.names(key[0], key[1]) & self._rule_names if owned else frozenset()
+            sig = (owned, names, key[2])  # owners in the same groups share one class body
+            c = self._class_bodies.get(sig)
+            if c is None:
+                c = self._class_bodies[sig] = self._make_class(key, names)
+            self._classes[key] = c
         return c
 
-    def _make_class(self, key: ClassKey) -> _Class:
+    def _make_class(self, key: ClassKey, names: frozenset[str]) -> _Class:
         src: set[int] = set()
         dst: dict[int, tuple[int, ...]] = {}
         self_rules: list[int] = []
         owned = bool(key[0]) and not key[2]
         for i, r in enumerate(self.policy.rules):
-            if any(a.kind != "*" and self._matches(a, key) for a in r.srcs):
+            if any(a.kind != "*" and self._matches(a, key, names) for a in r.srcs):
                 src.add(i)
-            js = tuple(j for j, d in enumerate(r.dsts) if self._matches(d.alias, key))
+            js = tuple(j for j, d in enumerate(r.dsts) if self._matches(d.alias, key, names))
             if js:
                 dst[i] = js
             if owned and self._self_ports[i]:
                 self_rules.append(i)
-        return _Class(frozenset(src), dst, tuple(self_rules))
+        return _Class(
+            frozenset(src), dst, tuple(self_rules), frozenset(src) | self._always_src, frozenset(dst)
+        )
 
-    def _matches(self, a: Alias, key: ClassKey) -> bool:
-        user, email, tags = key
+    def _matches(self, a: Alias, key: ClassKey, names: frozenset[str]) -> bool:
+        """Whether target ``a`` contains nodes of class ``key``; ``names``: the user targets and groups
+        that name the class's owner."""
+        user, _email, tags = key
         kind = a.kind
         if kind == "*":
             return True
@@ -157,12 +219,8 @@ class Compiled:
             return a.name in tags
         if tags:
             return a.name == "autogroup:tagged" or a.name == "autogroup:danger-all"
-        if kind == "user":
-            return bool(user) and user_matches(a.name, user, email)
-        if kind == "group":
-            return bool(user) and any(
-                user_matches(m, user, email) for m in self.policy.groups.get(a.name, ())
-            )
+        if kind == "user" or kind == "group":
+            return a.name in names
         if kind == "autogroup":
             return (a.name == "autogroup:member" and bool(user)) or a.name == "autogroup:danger-all"
         return False
@@ -171,7 +229,7 @@ class Compiled:
         key = class_key(node)
         c = self._class(key)
         addrs = tuple(a.split("/", 1)[0] for a in node.addresses)
-        points = tuple(ipset.addr(a) for a in addrs)
+        points = tuple(map(ipset.fast_addr, addrs))
         routes = tuple(r for r in map(_route_range, node.routes) if r is not None)
         lit_src = frozenset(
             i
@@ -179,30 +237,44 @@ class Compiled:
             if any(ipset.contains(self._lit_src[i], f, v) for f, v in points)
             or any(ipset.overlaps(lr, rr) for lr in self._lit_src[i] for rr in routes)
         )
-        lit_dst = tuple(
-            (i, j)
-            for i, j, rng, _ in self._lit_dst
-            if any(rng[0] == f and rng[1] <= v <= rng[2] for f, v in points)
-            or any(ipset.overlaps(rng, rr) for rr in routes)
-        )
-        wild = frozenset(i for i in range(self._n) if self._wild[i] or self._danger[i])
-        src = c.src | lit_src | wild
-        dst = frozenset(c.dst) | frozenset(i for i, _ in lit_dst)
+        hits = []
+        for i, j, (fam, lo, hi), _ in self._lit_dst:  # a plain loop: run for every node
+            for f, v in points:
+                if f == fam and lo <= v <= hi:
+                    hits.append((i, j))
+                    break
+            else:
+                if routes and any(ipset.overlaps((fam, lo, hi), rr) for rr in routes):
+                    hits.append((i, j))
+        lit_dst = tuple(hits)
+        if lit_src or lit_dst:
+            src = c.src | lit_src | self._always_src
+            dst = c.dst_rules | frozenset(i for i, _ in lit_dst)
+        else:  # shared by the class: views compare and hash them once
+            src, dst = c.all_src, c.dst_rules
         self_src = frozenset(i for i in c.self_rules if i in src)
-        return _Node(node, key, addrs, points, lit_src, lit_dst, src, dst, self_src, (src, dst))
+        self._epoch += 1
+        return _Node(node, key, addrs, points, lit_src, lit_dst, src, dst, self_src, (src, dst), self._epoch)
 
     def update(self, node: PolicyNode) -> Changes:
         """Add ``node`` or replace its record. Returns what changed (:class:`Changes`)."""
         old = self.nodes.get(node.id)
         if old is not None and old.node == node:
             return Changes()
+        self.changes += 1
         new = self._make_node(node)
-        ch = Changes()
+        if self._bulk and old is None:
+            self._link(new)
+            extra = self._wild_extra(new)
+            if extra:
+                self._extra_wild[node.id] = extra
+            return Changes()
+        ch = Changes(_compiled=self)
         old_visible = self._visible_ids_of(old) if old is not None else None
         if old is not None:
             self._unlink(old)
         self._link(new)
-        ch.filters.add(node.id)
+        ch._nodes.add(node.id)
         dirty = set()
         old_src = self._class(old.key).src if old is not None else frozenset()
         new_src = self._class(new.key).src
@@ -234,9 +306,10 @@ class Compiled:
     def remove(self, node_id: int) -> Changes:
         """Forget node ``node_id``. Returns what changed."""
         old = self.nodes.get(node_id)
-        ch = Changes()
+        ch = Changes(_compiled=self, _removed=node_id)
         if old is None:
             return ch
+        self.changes += 1
         self._unlink(old)
         dirty = set(self._class(old.key).src)
         if self._extra_wild.pop(node_id, None) is not None:
@@ -244,7 +317,6 @@ class Compiled:
         self._mark_dirty(dirty, ch)
         if old.key[0] and not old.key[2]:
             self._user_changed(old.key[0], ch)
-        ch.filters.discard(node_id)
         return ch
 
     def _wild_extra(self, n: _Node) -> tuple[ipset.Range, ...]:
@@ -253,6 +325,7 @@ class Compiled:
         return tuple(out)
 
     def _link(self, n: _Node) -> None:
+        self._vis_sets.clear()
         self.nodes[n.node.id] = n
         for i in self._class(n.key).src:
             self._src_members[i].add(n.node.id)
@@ -261,6 +334,7 @@ class Compiled:
             self._by_user.setdefault(n.key[0], set()).add(n.node.id)
 
     def _unlink(self, n: _Node) -> None:
+        self._vis_sets.clear()
         del self.nodes[n.node.id]
         for i in self._class(n.key).src:
             self._src_members[i].discard(n.node.id)
@@ -282,14 +356,18 @@ class Compiled:
             return
         for i in dirty:
             self._src_ips[i] = None
-        for view, members in self._views.items():
-            if view[1] & dirty:
-                ch.filters.update(members)
+            self._src_json[i] = None
+            self._rule_gen[i] += 1
+        ch._rules |= dirty
 
     def _user_changed(self, user: str, ch: Changes) -> None:
-        for k in [k for k in self._self_src if k[1] == user]:
-            del self._self_src[k]
-        ch.filters.update(self._by_user.get(user, ()))
+        self._self_src.pop(user, None)
+        self._user_gen[user] = self._user_gen.get(user, 0) + 1
+        ch._users.add(user)
+
+    def owned_by(self, user: str) -> set[int]:
+        """Ids of the untagged nodes of owner ``user`` (login name, lower case)."""
+        return self._by_user.get(user, set())
 
     # --- filters ---
 
@@ -304,45 +382,52 @@ class Compiled:
         if self._danger[i]:
             return ("*",)
         ranges: list[ipset.Range] = list(self._lit_src[i])
+        names: dict[tuple[int, int], str] = {}
         for nid in self._src_members[i]:
-            ranges.extend((f, v, v) for f, v in self.nodes[nid].points)
+            n = self.nodes[nid]
+            ranges += [(f, v, v) for f, v in n.points]
+            names.update(zip(n.points, n.addrs, strict=True))
         if not self._wild[i]:
-            return ipset.render(ranges)
-        wild = list(ipset.TAILNET)
+            return ipset.render(ranges, names)
+        out = set(_TAILNET_TEXT)  # each route as its own entry, even inside another (as Tailscale lists them)
         for extra in self._extra_wild.values():
-            wild.extend(extra)
-        out = set(ipset.render(wild))
-        out.update(ipset.render(ranges))
+            out.update(ipset.render_range(r) for r in extra)
+        out.update(ipset.render(ranges, names))
         return tuple(sorted(out))
 
     def _self_src_ips(self, rule: int, user: str) -> tuple[str, ...]:
-        k = (rule, user)
-        s = self._self_src.get(k)
+        mine = self._self_src.setdefault(user, {})
+        s = mine.get(rule)
         if s is None:
-            pts = [
-                (f, v, v)
-                for nid in self._by_user.get(user, ())
-                if rule in self.nodes[nid].src
-                for f, v in self.nodes[nid].points
-            ]
-            s = self._self_src[k] = ipset.render(pts)
+            ranges: list[ipset.Range] = []
+            names: dict[tuple[int, int], str] = {}
+            for nid in self._by_user.get(user, ()):
+                n = self.nodes[nid]
+                if rule in n.src:
+                    ranges += [(f, v, v) for f, v in n.points]
+                    names.update(zip(n.points, n.addrs, strict=True))
+            s = mine[rule] = ipset.render(ranges, names)
         return s
 
     def _template(self, n: _Node) -> tuple[Any, ...]:
-        tk = (n.key, n.lit_dst)
+        c = self._class(n.key)
+        tk = (id(c), n.lit_dst)  # class bodies live as long as this object
         t = self._templates.get(tk)
         if t is None:
-            c = self._class(n.key)
             lit = {(i, j): text for i, j, _, text in self._lit_dst}
             out = []
             for i, r in enumerate(self.policy.rules):
                 js = c.dst.get(i, ())
-                items = []
-                for j, d in enumerate(r.dsts):
+                grouped: dict[str, tuple[str, list[PortRange]]] = {}  # alias -> (ip, ports)
+                for j, d in sorted(enumerate(r.dsts), key=lambda jd: _RANK.get(jd[1].alias.kind, 9)):
                     if j in js:
-                        items.append(("*" if d.alias.kind == "*" else _NODE, d.ports))
+                        ip = "*" if d.alias.kind == "*" else _NODE
                     elif (i, j) in n.lit_dst:
-                        items.append((lit[(i, j)], d.ports))
+                        ip = lit[(i, j)]
+                    else:
+                        continue
+                    grouped.setdefault(d.alias.name, (ip, []))[1].extend(d.ports)
+                items = [(ip, tuple(ports)) for ip, ports in grouped.values()]
                 has_self = i in c.self_rules
                 if items or has_self:
                     out.append((i, tuple(items), has_self))
@@ -377,6 +462,62 @@ class Compiled:
                     )
         return _merge(out)
 
+    def filter_signature(self, node_id: int) -> tuple[Any, ...]:
+        """What node ``node_id``'s filter is made of (its record, its class's template, the versions of
+        those rules' sources): equal signatures, equal filters. O(rules reaching the node); lets a
+        stream tell whether its filter may have changed without building it."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return ()
+        t = self._template(n)
+        gen = self._rule_gen
+        return (n.epoch, id(t), [gen[i] for i, _, _ in t], self._user_gen.get(n.key[0], 0))
+
+    def filter_json(self, node_id: int) -> bytes:
+        """:meth:`filter` as compact JSON (``json.dumps(filter_to_json(...), separators=(",", ":"))``, byte
+        for byte), built from each rule's encoded SrcIPs without making rule objects: what a netmap
+        carries. ``b"[]"`` for an unknown node."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return b"[]"
+        out: dict[tuple[bytes, bytes], list[bytes]] = {}  # merged by (SrcIPs, IPProto), first seen first
+        for i, items, has_self in self._template(n):
+            proto = self._proto_json[i]
+            if items:
+                src = self._src_json_of(i)
+                if src != b"[]":
+                    dsts = out.setdefault((src, proto), [])
+                    for ip, ports in items:
+                        suffixes = [_port_json(p) for p in ports]
+                        if ip == _NODE:
+                            for a in n.addrs:
+                                head = b'{"IP":"' + a.encode() + b'"'
+                                dsts += [head + sfx for sfx in suffixes]
+                        else:
+                            head = b'{"IP":' + _dumps(ip)
+                            dsts += [head + sfx for sfx in suffixes]
+            if has_self:
+                ssrc = self._self_src_ips(i, n.key[0])
+                if ssrc:
+                    dsts = out.setdefault((_dumps(list(ssrc)), proto), [])
+                    suffixes = [_port_json(p) for p in self._self_ports[i]]
+                    for a in n.addrs:
+                        head = b'{"IP":"' + a.encode() + b'"'
+                        dsts += [head + sfx for sfx in suffixes]
+        pieces = [b"["]  # one join: the SrcIPs (often tens of kB) are copied once
+        for (src, proto), dsts in out.items():
+            pieces += (b'{"SrcIPs":', src, b',"DstPorts":[', b",".join(dsts), b"]", proto, b"},")
+        if len(pieces) > 1:
+            pieces[-1] = pieces[-1][:-1]
+        pieces.append(b"]")
+        return b"".join(pieces)
+
+    def _src_json_of(self, rule: int) -> bytes:
+        b = self._src_json[rule]
+        if b is None:
+            b = self._src_json[rule] = _dumps(list(self.src_ips(rule)))
+        return b
+
     # --- visibility ---
 
     def visible(self, a: int, b: int) -> bool:
@@ -400,19 +541,36 @@ class Compiled:
         n = self.nodes.get(node_id)
         if n is None:
             return []
-        return [i for i in self._visible_ids_of(n) if i != node_id]
+        return [i for i in self.visible_set(node_id) if i != node_id]
+
+    def visible_set(self, node_id: int) -> frozenset[int]:
+        """The nodes ``node_id`` sees, possibly with itself: one set shared by every node of the same view
+        (and, where ``autogroup:self`` applies, the same owner); O(views + result) when not cached."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return frozenset()
+        key = (n.view, self.self_key(node_id))
+        got = self._vis_sets.get(key)
+        if got is None:
+            out: set[int] = set()
+            for view, members in self._views.items():
+                if self._view_vis(n.view, view):
+                    out.update(members)
+            if key[1]:
+                out.update(self._by_user.get(key[1], ()))
+            got = self._vis_sets[key] = frozenset(out)
+        return got
+
+    def self_key(self, node_id: int) -> str:
+        """The owner whose untagged nodes ``node_id`` sees through ``autogroup:self`` ("" when none)."""
+        n = self.nodes.get(node_id)
+        if n is None or not n.key[0] or n.key[2] or not self._has_self:
+            return ""
+        mine = self._by_user.get(n.key[0], ())
+        return n.key[0] if n.self_src or any(self.nodes[i].self_src for i in mine) else ""
 
     def _visible_ids_of(self, n: _Node) -> set[int]:
-        out: set[int] = set()
-        for view, members in self._views.items():
-            if self._view_vis(n.view, view):
-                out.update(members)
-        if n.key[0] and not n.key[2]:
-            mine = self._by_user.get(n.key[0], ())
-            if n.self_src or any(self.nodes[i].self_src for i in mine):
-                out.update(mine)
-        out.discard(n.node.id)
-        return out
+        return set(self.visible_set(n.node.id)) - {n.node.id}
 
     def views(self) -> Mapping[ViewKey, set[int]]:
         return self._views
@@ -422,11 +580,65 @@ class Compiled:
         return None if n is None else n.view
 
 
+class _UserIndex:
+    """Which user targets and groups of a policy name an owner: a lookup per owner instead of comparing
+    every group member (see :func:`tailpy.control.policy.model.user_matches`)."""
+
+    def __init__(self, policy: Policy) -> None:
+        aliases = {a.name for r in policy.rules for a in r.srcs if a.kind == "user"}
+        aliases |= {d.alias.name for r in policy.rules for d in r.dsts if d.alias.kind == "user"}
+        for members in policy.groups.values():
+            aliases.update(members)
+        self._exact: dict[str, set[str]] = {}  # login name or email -> aliases naming it
+        self._domains: list[str] = []  # "*@example.com" aliases
+        for a in aliases:
+            if a.startswith("*@"):
+                self._domains.append(a)
+            elif a.endswith("@"):
+                self._exact.setdefault(a[:-1], set()).add(a)
+                self._exact.setdefault(a, set()).add(a)
+            else:
+                self._exact.setdefault(a, set()).add(a)
+        self._groups: dict[str, set[str]] = {}  # alias -> groups listing it
+        for g, members in policy.groups.items():
+            for m in members:
+                self._groups.setdefault(m, set()).add(g)
+
+    def names(self, user: str, email: str) -> frozenset[str]:
+        """The user aliases naming the owner (login ``user``, ``email``; lower case) and their groups."""
+        found = set(self._exact.get(user, ()))
+        if email:
+            found |= {a for a in self._exact.get(email, ()) if not a.endswith("@")}
+        found |= {a for a in self._domains if user_matches(a, user, email)}
+        groups = [self._groups.get(a, ()) for a in found]
+        return frozenset(found.union(*groups))
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+_PORTS_JSON: dict[PortRange, bytes] = {}
+
+
+def _port_json(p: PortRange) -> bytes:
+    """``,"Ports":{"First":f,"Last":l}}``: the tail of a DstPorts entry."""
+    b = _PORTS_JSON.get(p)
+    if b is None:
+        b = _PORTS_JSON[p] = b',"Ports":{"First":%d,"Last":%d}}' % (p.first, p.last)
+    return b
+
+
 def _route_range(text: str) -> ipset.Range | None:
+    """A subnet route as a range; None for an exit route (0.0.0.0/0, ::/0: not a subnet) or garbage."""
     try:
-        return ipset.net_range(ipaddress.ip_network(text, strict=False))
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         return None
+    return None if net.prefixlen == 0 else ipset.net_range(net)
+
+
+_TAILNET_TEXT = ipset.render(ipset.TAILNET)
 
 
 def _merge(rules: list[FilterRule]) -> tuple[FilterRule, ...]:
@@ -468,14 +680,26 @@ class _Who:
     points: tuple[tuple[int, int], ...] = ()
 
 
-def _identities(policy: Policy, a: Alias, nodes: list[PolicyNode]) -> list[_Who]:
+class _NodeIndex:
+    """The nodes a policy's tests are judged against, with their addresses parsed once."""
+
+    def __init__(self, nodes: Iterable[PolicyNode]) -> None:
+        self.nodes = list(nodes)
+        self.points = {
+            n.id: tuple(ipset.fast_addr(x.split("/", 1)[0]) for x in n.addresses) for n in self.nodes
+        }
+        self.owner = {p: n for n in self.nodes for p in self.points[n.id]}
+
+
+def _identities(policy: Policy, a: Alias, index: _NodeIndex) -> list[_Who]:
     """Who a test's ``src`` or destination stands for: each member of a group, a user, a tag, an address."""
+    nodes = index.nodes
 
     def pts(ns: Iterable[PolicyNode]) -> tuple[tuple[int, int], ...]:
-        return tuple(ipset.addr(x) for n in ns for x in n.addresses)
+        return tuple(p for n in ns for p in index.points[n.id])
 
     if a.kind == "group":
-        return [_identities(policy, Alias("user", m), nodes)[0] for m in policy.groups.get(a.name, ())]
+        return [_identities(policy, Alias("user", m), index)[0] for m in policy.groups.get(a.name, ())]
     if a.kind == "user":
         mine = [n for n in nodes if not n.tags and user_matches(a.name, n.user, n.email)]
         user = mine[0].user if mine else a.name.rstrip("@")
@@ -487,7 +711,7 @@ def _identities(policy: Policy, a: Alias, nodes: list[PolicyNode]) -> list[_Who]
     assert a.net is not None
     if a.net.num_addresses == 1:
         ip = ipset.addr(str(a.net.network_address))
-        owner = next((n for n in nodes if ip in pts([n])), None)
+        owner = index.owner.get(ip)
         if owner is not None:
             k = class_key(owner)
             return [_Who(k[0], k[1], k[2], (ip,))]
@@ -533,7 +757,9 @@ def check_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[Policy
     ``deny`` one must not (over ``proto``, TCP when not given). Users, groups and tags are judged by who
     they are (a group: every member); ``nodes`` supply the addresses that IP and prefix rules need. Returns
     one PolicyError per failing entry, pointing at the test (empty when all pass)."""
-    ns = list(nodes)
+    if not policy.tests:
+        return []
+    ns = _NodeIndex(nodes)
     errors: list[PolicyError] = []
     for t in policy.tests:
         line, col = t.position
@@ -563,7 +789,7 @@ def _alias_of(policy: Policy, s: str) -> Alias:
     if lo.startswith("tag:"):
         return Alias("tag", lo)
     if "@" in s:
-        return Alias("user", lo)
+        return Alias("user", lo.removeprefix("user:"))
     if lo in policy.hosts:
         return Alias("ip", lo, policy.hosts[lo])
     return Alias("ip", s, ipaddress.ip_network(s, strict=False))

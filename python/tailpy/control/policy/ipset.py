@@ -11,7 +11,8 @@ Source: go4.org/netipx ``IPSet.Ranges`` and ``IPRange.Prefix``; captured Tailsca
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import socket
+from collections.abc import Iterable, Mapping
 
 Range = tuple[int, int, int]
 
@@ -22,6 +23,16 @@ def addr(text: str) -> tuple[int, int]:
     """``"100.64.0.1"`` or ``"100.64.0.1/32"`` (a host prefix) -> (4, int). Raises ValueError."""
     a = ipaddress.ip_address(text.split("/", 1)[0])
     return a.version, int(a)
+
+
+def fast_addr(text: str) -> tuple[int, int]:
+    """:func:`addr` for a bare address, through the C parsers. Raises ValueError."""
+    try:
+        if ":" in text:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        raise ValueError(f"{text!r} is not an IP address") from None
 
 
 def net_range(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Range:
@@ -76,9 +87,15 @@ def render_range(r: Range) -> str:
     return f"{_text(fam, lo)}-{_text(fam, hi)}"
 
 
-def render(ranges: Iterable[Range]) -> tuple[str, ...]:
-    """Merged, rendered and sorted (see the module docstring)."""
-    return tuple(sorted(render_range(r) for r in merge(ranges)))
+def render(ranges: Iterable[Range], names: Mapping[tuple[int, int], str] | None = None) -> tuple[str, ...]:
+    """Merged, rendered and sorted (see the module docstring). ``names``: the text of single addresses
+    already known (the nodes' own), used instead of formatting them again."""
+    out = []
+    for r in merge(ranges):
+        text = names.get((r[0], r[1])) if names is not None and r[1] == r[2] else None
+        out.append(text if text is not None else render_range(r))
+    out.sort()
+    return tuple(out)
 
 
 CGNAT = net_range(ipaddress.ip_network("100.64.0.0/10"))

@@ -14,6 +14,8 @@ are matched without regard to case, as Go's ``encoding/json`` (and so Tailscale)
 * ``grants``: ``{"src": [...], "dst": [...], "ip": ["*", "22", "tcp:80-443", "icmp:*"]}``: the network
   part. ``app`` (capability grants) is ignored with a warning; a grant with ``via`` or ``srcPosture`` is
   not enforced (its rule is left out, so it grants nothing) and reported.
+* without ``acls`` and ``grants`` (absent, not empty), every node may reach every port, as Tailscale's
+  default policy allows; an empty ``acls`` list allows nothing.
 * ``tests``: ``{"src": "alice@example.com", "proto"?: "tcp", "accept": ["tag:server:22"], "deny": [...]}``,
   evaluated by :func:`tailpy.control.policy.compiler.check_tests`.
 * anything else (``autoApprovers``, ``ssh``, ``sshTests``, ``nodeAttrs``, ``postures``, ``ipsets``,
@@ -21,7 +23,8 @@ are matched without regard to case, as Go's ``encoding/json`` (and so Tailscale)
   :attr:`Policy.not_enforced`.
 
 Targets (``src``, ``dst`` and the ``tests``): ``*``; a user, written as an email (``alice@example.com``,
-matched against a node owner's login name and email) or as ``name@`` (matched against the login name);
+matched against a node owner's login name and email) or as ``name@`` (matched against the login name),
+optionally prefixed ``user:``, or ``user:*@example.com`` (every user of a domain);
 ``group:x``; ``tag:x``; a host name; an IP address or CIDR prefix; ``autogroup:member`` (nodes of users,
 untagged), ``autogroup:tagged``, ``autogroup:self`` (destination only: the source user's own untagged
 nodes), ``autogroup:internet`` (destination only; kept for exit nodes, not enforced yet: it matches no
@@ -177,10 +180,11 @@ class PolicyTest:
 class Policy:
     """A checked policy. Build it with :meth:`parse`.
 
-    ``text``: the source as given; ``rules``: the network rules in order (acls first, then grants, each in
-    file order); ``groups`` (name -> users, lower case), ``hosts`` (name -> network), ``tag_owners`` (tag ->
-    owners as written, lower case); ``tests``; ``not_enforced``: sections present but not enforced yet;
-    ``warnings``: what was read but ignored (``"grants[2]: capability grant ignored (app)"``)."""
+    ``text``: the source as given; ``rules``: the network rules in order (grants first, then acls, each in
+    file order; a grant gives one rule per protocol of its ``ip``); ``groups`` (name -> users, lower
+    case), ``hosts`` (name -> network), ``tag_owners`` (tag -> owners as written, lower case); ``tests``;
+    ``not_enforced``: sections present but not enforced yet; ``warnings``: what was read but ignored
+    (``"grants[2]: capability grant ignored (app)"``)."""
 
     text: str
     rules: tuple[Rule, ...]
@@ -234,6 +238,8 @@ def user_matches(alias: str, user: str, email: str) -> bool:
     owner with login name ``user`` and ``email``: an email alias matches the login name or the email, a
     ``name@`` alias the login name ``name`` (or ``name@``)."""
     u = user.lower()
+    if alias.startswith("*@"):  # every user of a domain
+        return u.endswith(alias[1:]) or (bool(email) and email.lower().endswith(alias[1:]))
     if alias.endswith("@"):
         return u == alias[:-1] or u == alias
     return u == alias or (bool(email) and email.lower() == alias)
@@ -313,15 +319,17 @@ class _Reader:
             self.read_hosts(top[names["hosts"]], (names["hosts"],))
         if "tagowners" in names:
             self.read_tag_owners(top[names["tagowners"]], (names["tagowners"],))
-        rules: list[Rule] = []
-        if "acls" in names:
-            k = names["acls"]
-            for i, a in enumerate(self.want(top[k], list, (k,), k)):
-                rules.extend(self.read_acl(a, (k, i), f"acls[{i}]"))
+        rules: list[Rule] = []  # grants first: Tailscale lists their rules before the acls' ones
         if "grants" in names:
             k = names["grants"]
             for i, g in enumerate(self.want(top[k], list, (k,), k)):
                 rules.extend(self.read_grant(g, (k, i), f"grants[{i}]"))
+        if "acls" in names:
+            k = names["acls"]
+            for i, a in enumerate(self.want(top[k], list, (k,), k)):
+                rules.extend(self.read_acl(a, (k, i), f"acls[{i}]"))
+        if "acls" not in names and "grants" not in names:  # Tailscale's default: everyone reaches everything
+            rules.append(Rule((STAR,), (Dst(STAR, (PortRange(0, 65535),)),), (), "default"))
         tests: list[PolicyTest] = []
         if "tests" in names:
             k = names["tests"]
@@ -429,7 +437,11 @@ class _Reader:
             return Alias("autogroup", lo)
         if lo.startswith("ipset:"):
             raise self.fail(path, f"{s}: IP sets are not supported yet")
-        if "@" in s:
+        if lo.startswith("user:"):  # user:alice@example.com, user:*@example.com
+            lo = lo[len("user:") :]
+            if "@" not in lo:
+                raise self.fail(path, f"{s!r} is not a user (write user:alice@example.com)")
+        if "@" in lo:
             return Alias("user", lo)
         if lo in self.hosts:
             return Alias("ip", lo, self.hosts[lo])
@@ -438,6 +450,8 @@ class _Reader:
             raise self.fail(
                 path, f"{s!r} is not defined (not a host, user, group, tag, IP address or prefix)"
             )
+        if net.prefixlen == 0 and side == "dst":
+            raise self.fail(path, f'dst "{s}": to allow all IP addresses, use "*" or "autogroup:internet"')
         return Alias("ip", s, net)
 
     def warn(self, message: str) -> None:
@@ -483,10 +497,16 @@ class _Reader:
             path, f"{what}: unknown protocol {v!r} (a name such as tcp, udp, icmp, or a number 1-255)"
         )
 
-    def check_self(self, srcs: tuple[Alias, ...], dsts: Iterable[Alias], src_path: tuple[Any, ...]) -> None:
+    def check_self(
+        self, srcs: tuple[Alias, ...], dsts: Iterable[Alias], src_path: tuple[Any, ...], *, star: bool = True
+    ) -> None:
+        """autogroup:self takes users, groups and autogroup:member as sources (and ``*`` in acls, not in
+        grants, as Tailscale checks)."""
         if any(d.kind == "autogroup" and d.name == "autogroup:self" for d in dsts):
             for i, a in enumerate(srcs):
-                if not (a.kind in ("*", "user", "group") or a.name == "autogroup:member"):
+                if not (
+                    a.kind in ("user", "group") or a.name == "autogroup:member" or (star and a.kind == "*")
+                ):
                     raise self.fail(
                         (*src_path, i),
                         "autogroup:self can only be used with users, groups, or supported autogroups "
@@ -539,12 +559,13 @@ class _Reader:
             self.alias(s, (*dpath, i), side="dst")
             for i, s in enumerate(self.strings(v[f["dst"]], dpath, f"{where}.dst"))
         )
-        self.check_self(srcs, dsts, (*path, f["src"]))
+        self.check_self(srcs, dsts, (*path, f["src"]), star=False)
         if "app" in f:
             self.warn(f"{where}: capability grant ignored (app)")
+        has_app = bool(v[f["app"]]) if "app" in f else False
         if "ip" not in f:
-            if "app" not in f:
-                raise self.fail(path, f"{where}: a grant needs 'ip' or 'app'")
+            if not has_app:
+                raise self.fail(path, f"{where}: ip and app cannot both be empty")
             return []
         ipk = f["ip"]
         entries: list[tuple[tuple[int, ...], tuple[PortRange, ...]]] = []
@@ -562,11 +583,19 @@ class _Reader:
             if proto not in PORTED_PROTOCOLS and ports != (PortRange(0, 65535),):
                 raise self.fail(epath, f"{where}: protocol {proto_s} has no ports: use {proto_s}:*")
             entries.append(((proto,), ports))
+        if not entries and not has_app:
+            raise self.fail((*path, ipk), f"{where}: ip and app cannot both be empty")
+        for t in self.strings(v[f["via"]], (*path, f["via"]), f"{where}.via") if "via" in f else ():
+            if t.lower() not in self.tag_owners:
+                raise self.fail((*path, f["via"]), f"{where}: via {t} is not defined in tagOwners")
         for k, what in (("via", "via"), ("srcposture", "srcPosture")):
             if k in f:
                 self.warn(f"{where}: {what} is not enforced yet: the grant is left out")
                 return []
-        return [Rule(srcs, tuple(Dst(d, ports) for d in dsts), protos, where) for protos, ports in entries]
+        by_proto: dict[tuple[int, ...], list[PortRange]] = {}  # one rule per protocol, as Tailscale writes
+        for protos, ports in entries:
+            by_proto.setdefault(protos, []).extend(ports)
+        return [Rule(srcs, tuple(Dst(d, tuple(p)) for d in dsts), pr, where) for pr, p in by_proto.items()]
 
     def read_test(self, v: Any, path: tuple[Any, ...], where: str) -> PolicyTest:
         self.want(v, dict, path, where)
@@ -596,7 +625,13 @@ class _Reader:
                         raise self.fail(
                             (*path, f[k], i), f"{where}.{k}: {d!r} must name a user, tag, host or IP"
                         )
+                    if (dd.alias.net is not None and dd.alias.net.num_addresses > 1) or "/" in d:
+                        raise self.fail(
+                            (*path, f[k], i), f"{where}.{k}: {d!r} must name a single host, not a prefix"
+                        )
                 lists[k] = tuple(items)
+        if not lists.get("accept") and not lists.get("deny"):
+            raise self.fail(path, f"{where}: a test needs 'accept' or 'deny'")
         return PolicyTest(
             src,
             proto,

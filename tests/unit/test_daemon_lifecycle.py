@@ -166,22 +166,23 @@ async def test_backend_gives_the_data_plane_each_new_packet_filter(
         await backend.up(url, key, "alpha")
         await until(lambda: backend.state is S.RUNNING, "the first netmap")
         dev = devices[0]
-        assert dev.filters == []  # control sent none: the device keeps admitting everything
+        allow_all = [(["*"], [("*", 0, 65535)], [])]
+        assert dev.filters == [allow_all]  # control without a policy: everyone may reach everything
         base = backend.netmap
-        assert base is not None and base.packet_filter is None
+        assert base is not None and base.packet_filter == ALLOW_ALL
         backend.apply_netmap(dataclasses.replace(base, packet_filter=(ssh,)))
-        assert dev.filters == [[(["100.64.0.1/32"], [("100.64.0.2/32", 22, 22)], [6])]]
+        assert dev.filters[-1] == [(["100.64.0.1/32"], [("100.64.0.2/32", 22, 22)], [6])]
         backend.apply_netmap(dataclasses.replace(base, packet_filter=(ssh,)))  # unchanged: not set again
-        assert len(dev.filters) == 1
+        assert len(dev.filters) == 2
         # A delta carrying a filter replaces the whole filter.
         nm = backend.netmap
         assert nm is not None
         backend.apply_netmap(apply_delta(nm, MapDelta(packet_filter=ALLOW_ALL)))
-        assert dev.filters[-1] == [(["*"], [("*", 0, 65535)], [])]
+        assert dev.filters[-1] == allow_all and len(dev.filters) == 3
         # One the data plane refuses leaves the one in force (and is tried again with the next netmap).
         bad = FilterRule(("bad",), (NetPortRange("*"),))
         backend.apply_netmap(dataclasses.replace(base, packet_filter=(bad,)))
-        assert len(dev.filters) == 2
+        assert len(dev.filters) == 3
         backend.apply_netmap(dataclasses.replace(base, packet_filter=None))
         assert dev.filters[-1] is None
     finally:

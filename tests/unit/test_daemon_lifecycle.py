@@ -166,7 +166,9 @@ async def test_backend_gives_the_data_plane_each_new_packet_filter(
         await backend.up(url, key, "alpha")
         await until(lambda: backend.state is S.RUNNING, "the first netmap")
         dev = devices[0]
-        allow_all = [(["*"], [("*", 0, 65535)], [])]
+        allow_all: list[tuple[list[str], list[tuple[str, int, int]], list[int]]] = [
+            (["*"], [("*", 0, 65535)], [])
+        ]
         assert dev.filters == [allow_all]  # control without a policy: everyone may reach everything
         base = backend.netmap
         assert base is not None and base.packet_filter == ALLOW_ALL

@@ -9,6 +9,9 @@ whatever the control server hands out.
 Rows (``--only`` picks some, comma-separated):
 
 * ``tailpy``: the bare data plane (``python -m tailpy.lab.wgnode`` on each side, static keys and peers);
+* ``tailpy-filter``: the same with a packet filter of 100 rules on each end (``bench_filter``: groups,
+  ranges, single nodes, IPv6 prefixes, assorted ports and protocols), the measured flows matching its last
+  rule; its ratio over ``tailpy`` is the filter's cost;
 * ``tailpy-product``: tailpy as users run it (:mod:`tailpy.lab.tailnet`): ``tailpy control serve`` on a
   control host, then ``tailpyd --mtu M`` + ``tailpy up --auth-key`` on each node;
 * ``wireguard-go-debian``: Debian's wireguard-go (``/usr/bin/wireguard-go``), configured with wg(8);
@@ -34,7 +37,7 @@ Per row and round:
 Rounds alternate (round 1: every row, then round 2: every row, ...), so slow drifts of a shared machine fall
 on every row alike. Each figure is the median over rounds with its spread (min-max). Ratios are taken per
 round (same round, so the closest in time) and summarised the same way: ``tailpy`` and ``tailpy-product``
-over ``wireguard-go-newest``, and ``tailpy-product`` over ``tailpy``.
+over ``wireguard-go-newest``, and ``tailpy-product`` and ``tailpy-filter`` over ``tailpy``.
 
 Usage: ``python benchmarks/throughput.py [--rounds 3] [--seconds 10] [--mtu 1420] [--only ROW,...]
 [--json | --markdown] [--smoke] [--build-tools]``. ``--smoke`` checks in about a minute that the benchmark
@@ -67,7 +70,6 @@ from tailpy.lab import Host, Lab, cpu_seconds, unavailable_reason, wait_for
 from tailpy.lab.tailnet import LabTailnet
 from tailpy.lab.tunnels import (
     Boringtun,
-    TailpyNode,
     Tool,
     UapiPeer,
     WireguardGo,
@@ -76,10 +78,12 @@ from tailpy.lab.tunnels import (
     debian_wireguard_go,
     missing_tools,
     native_device_reason,
+    start_tailpy_pair,
     wg_keypair,
     wireguard_go_newest,
 )
 from tailpy.lab.wgnode import PeerArg
+from tailpy.packetfilter import FilterRule, NetPortRange, PortRange
 
 A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 51820
@@ -92,7 +96,14 @@ SKIPPED = 77
 
 #: The reference row of the ratios, and the ratios printed: (numerator, denominator).
 REFERENCE = "wireguard-go-newest"
-RATIOS = (("tailpy", REFERENCE), ("tailpy-product", REFERENCE), ("tailpy-product", "tailpy"))
+RATIOS = (
+    ("tailpy", REFERENCE),
+    ("tailpy-product", REFERENCE),
+    ("tailpy-product", "tailpy"),
+    ("tailpy-filter", "tailpy"),
+)
+#: Rules in the packet filter of the ``tailpy-filter`` row.
+FILTER_RULES = 100
 
 #: Figures that get a ratio, as (section, key) of a sample. Retransmits get none (the reference's are
 #: often 0).
@@ -159,24 +170,39 @@ def veth_pair(lab: Lab) -> tuple[Host, Host, str, str]:
 def start_tailpy(lab: Lab, mtu: int) -> Tunnel:
     """Both ends as tailpy wgnode processes (the bare data plane)."""
     a, b, ip_a, ip_b = veth_pair(lab)
-    (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
-    na = TailpyNode.start(
-        a,
-        a_priv,
-        address=f"{A_TUN}/32",
-        listen_port=PORT_A,
-        mtu=mtu,
-        peers=[PeerArg(base64.b64decode(b_pub), f"{ip_b}:{PORT_B}", [f"{B_TUN}/32"])],
-    )
-    nb = TailpyNode.start(
-        b,
-        b_priv,
-        address=f"{B_TUN}/32",
-        listen_port=PORT_B,
-        mtu=mtu,
-        peers=[PeerArg(base64.b64decode(a_pub), f"{ip_a}:{PORT_A}", [f"{A_TUN}/32"])],
-    )
-    return Tunnel(a, b, B_TUN, [na.proc.pid, nb.proc.pid], mtu)
+    pair = start_tailpy_pair(a, b, endpoint_a=ip_a, endpoint_b=ip_b, port_a=PORT_A, port_b=PORT_B, mtu=mtu)
+    return Tunnel(a, b, B_TUN, [pair.a.proc.pid, pair.b.proc.pid], mtu)
+
+
+def bench_filter(src: str, dst: str, rules: int = FILTER_RULES) -> tuple[FilterRule, ...]:
+    """A filter of realistic shape for the node at ``dst``: ``rules - 1`` rules from other sources (groups'
+    /24s, address ranges, single nodes, IPv6 prefixes) to assorted ports and protocols of ``dst``, then the
+    one that admits ``src`` to iperf3's TCP port and ping (last, so that matching walks past the others)."""
+    out: list[FilterRule] = []
+    protos: tuple[tuple[int, ...], ...] = ((), (6,), (17,), (6, 17))
+    for i in range(rules - 1):
+        sources = (
+            f"10.{i}.0.0/24",
+            f"100.65.{i}.1-100.65.{i}.200",
+            f"100.66.0.{i + 1}",
+            f"fd7a:115c:a1e0:{i:x}::/64",
+        )
+        port = 1000 + 7 * i
+        dsts = (NetPortRange(f"{dst}/32", PortRange(port, port + (i % 5))),)
+        out.append(FilterRule(sources[: 1 + i % 4], dsts, protos[i % 4]))
+    iperf = NetPortRange(f"{dst}/32", PortRange(IPERF_PORT, IPERF_PORT))
+    out.append(FilterRule((f"{src}/32",), (iperf,), (6,)))
+    return tuple(out)
+
+
+def start_tailpy_filtered(lab: Lab, mtu: int) -> Tunnel:
+    """The bare data plane with a packet filter of :data:`FILTER_RULES` rules on both ends
+    (:func:`bench_filter`; the measured flows match its last rule)."""
+    a, b, ip_a, ip_b = veth_pair(lab)
+    pair = start_tailpy_pair(a, b, endpoint_a=ip_a, endpoint_b=ip_b, port_a=PORT_A, port_b=PORT_B, mtu=mtu)
+    pair.a.set_filter(bench_filter(B_TUN, A_TUN))
+    pair.b.set_filter(bench_filter(A_TUN, B_TUN))
+    return Tunnel(a, b, B_TUN, [pair.a.proc.pid, pair.b.proc.pid], mtu)
 
 
 def start_tailpy_product(lab: Lab, mtu: int) -> Tunnel:
@@ -262,6 +288,12 @@ def make_rows(build: bool) -> list[Row]:
     debian, newest, boringtun = build_tools(build)
     rows = [
         Row("tailpy", "tailpy bare data plane (tailpy.lab.wgnode)", start_tailpy, skipped=native),
+        Row(
+            "tailpy-filter",
+            f"tailpy bare data plane, packet filter of {FILTER_RULES} rules (flows match the last)",
+            start_tailpy_filtered,
+            skipped=native,
+        ),
         Row(
             "tailpy-product",
             "tailpy as users run it (control + tailpyd + tailpy up)",

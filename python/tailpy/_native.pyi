@@ -61,6 +61,19 @@ class OffloadStats(TypedDict):
     udp_gro_receives: int  # received slots that held coalesced datagrams
     udp_gro_datagrams: int  # datagrams they held
 
+class FilterStats(TypedDict):
+    """The packet filter on decrypted inbound packets (``rust/tailpy-core/src/filter.rs``, after Tailscale's
+    ``wgengine/filter/filter.go``) and what it dropped, per reason."""
+
+    rules: int | None  # rules in force; None when no filter is set (everything admitted)
+    dropped_no_rule: int  # TCP SYN or ICMP echo request (or other non-reply ICMP) no rule admits
+    dropped_not_a_reply: int  # UDP/SCTP no rule admits that is not a reply to a flow this node started
+    dropped_protocol: int  # another IP protocol with no all-ports rule listing it
+    dropped_malformed: int  # too short for its headers, or a suspicious fragment
+    dropped_multicast: int  # to a multicast address
+    dropped_link_local: int  # to a link-local address (but 169.254.169.254)
+    udp_flows: int  # UDP/SCTP flows this node started whose replies pass (at most 4096, idle 120 s)
+
 class DeviceStats(TypedDict):
     rx_datagrams: int  # UDP datagrams received on the socket
     tx_datagrams: int
@@ -82,6 +95,7 @@ class DeviceStats(TypedDict):
     # this device's previous run, e.g. across a daemon restart), from the peer's current endpoint or over
     # DERP from it, while we had no session with it; at most one per peer per 5 s (REKEY_TIMEOUT)
     handshakes_for_unknown_index: int
+    filter: FilterStats
     handshakes_retried: int  # pending handshakes sent again at once by retry_handshake
     offload: OffloadStats
 
@@ -208,6 +222,17 @@ class Device:
         authenticated datagrams: roaming). ``persistent_keepalive`` in seconds (None or 0 = off).
         Raises InvalidKeyError (wrong length, all-zero or low-order key, or the device's own key),
         ConfigError (malformed prefix, endpoint or keepalive)."""
+    def set_filter(self, rules: list[tuple[list[str], list[tuple[str, int, int]], list[int]]] | None) -> None:
+        """Set the packet filter on decrypted inbound packets, or none (None: everything admitted). Each rule
+        is ``(src_ips, dst_ports, ip_protos)`` as tailcfg.FilterRule has them: ``src_ips`` entries are
+        ``"*"``, an address, a CIDR prefix or a range ``"first-last"``; ``dst_ports`` are ``(ip, first_port,
+        last_port)`` with ``ip`` of the same forms; ``ip_protos`` IANA numbers (empty: TCP, UDP, ICMP,
+        ICMPv6). The stateful part is the device's: TCP segments other than a connection-opening SYN pass,
+        UDP/SCTP replies to flows this node started pass, ICMP echo replies and errors pass, ICMP echo
+        requests pass when the source may reach any port of the destination, other protocols only through
+        all-ports rules listing them; outbound packets are never filtered. The rules are compiled first and
+        swapped in whole. Raises ConfigError for a malformed address or port range (the filter in force
+        stays), OverflowError/TypeError for values out of range (ports 0-65535, protocols 0-255)."""
     def remove_peer(self, public_key: bytes) -> bool:
         """Remove a peer; True if it existed. Packets in flight for it are dropped and counted."""
     def set_path(

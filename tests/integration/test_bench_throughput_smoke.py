@@ -19,7 +19,15 @@ import pytest
 pytestmark = [pytest.mark.lab, pytest.mark.xdist_group("bench_throughput")]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
-ROWS = {"tailpy", "tailpy-product", "wireguard-go-debian", "wireguard-go-newest", "boringtun", "boringtun-t1"}
+ROWS = {
+    "tailpy",
+    "tailpy-filter",
+    "tailpy-product",
+    "wireguard-go-debian",
+    "wireguard-go-newest",
+    "boringtun",
+    "boringtun-t1",
+}
 SKIPPED = 77  # no row can run here; the reason is stderr's last line
 SECTIONS = {"forward", "reverse", "parallel", "ping_idle", "ping_loaded"}
 
@@ -81,7 +89,11 @@ def test_peer_rows_name_the_binary_they_ran(smoke: dict[str, Any]) -> None:
 
 def test_ratios_present_when_their_rows_were_measured(smoke: dict[str, Any]) -> None:
     measured = {r["name"] for r in smoke["rows"] if r["skipped"] is None}
-    for num, den in (("tailpy", "wireguard-go-newest"), ("tailpy-product", "tailpy")):
+    for num, den in (
+        ("tailpy", "wireguard-go-newest"),
+        ("tailpy-product", "tailpy"),
+        ("tailpy-filter", "tailpy"),
+    ):
         key = f"{num} / {den}"
         if {num, den} <= measured:
             ratio = smoke["ratios"][key]

@@ -8,7 +8,6 @@ fallback in ``Device.stats()["offload"]``.
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
@@ -16,13 +15,10 @@ import pytest
 from tailpy.lab import Host, Lab, wait_for
 from tailpy.lab.offloads import OFFLOAD_MODES, OffloadMode
 from tailpy.lab.tailnet import LabTailnet
-from tailpy.lab.tunnels import TailpyNode, missing_tools, native_device_reason, wg_keypair
-from tailpy.lab.wgnode import PeerArg
+from tailpy.lab.tunnels import TUN_A, TUN_B, missing_tools, native_device_reason, start_tailpy_pair
 
 pytestmark = pytest.mark.lab
 
-A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
-PORT = 41641
 MTU = 1420
 
 
@@ -51,29 +47,13 @@ def test_traffic_flows_and_mode_is_reported(
     ip_a, ip_b = lab.link(a, b, subnet="198.51.100.0/30")
     mode.prepare(a)
     mode.prepare(b)
-    (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
-    na = TailpyNode.start(
-        a,
-        a_priv,
-        address=f"{A_TUN}/32",
-        listen_port=PORT,
-        mtu=MTU,
-        peers=[PeerArg(base64.b64decode(b_pub), f"{ip_b}:{PORT}", [f"{B_TUN}/32"])],
-    )
-    nb = TailpyNode.start(
-        b,
-        b_priv,
-        address=f"{B_TUN}/32",
-        listen_port=PORT,
-        mtu=MTU,
-        peers=[PeerArg(base64.b64decode(a_pub), f"{ip_a}:{PORT}", [f"{A_TUN}/32"])],
-    )
-    a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", B_TUN])
-    b.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", A_TUN])
+    pair = start_tailpy_pair(a, b, endpoint_a=ip_a, endpoint_b=ip_b, mtu=MTU)
+    a.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", TUN_B])
+    b.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "-w", "15", TUN_A])
     # Not a timing test: more than 1 Mbit/s each way means bulk traffic went through.
-    assert _iperf(a, b, B_TUN, lab) > 1e6
-    assert _iperf(b, a, A_TUN, lab) > 1e6
-    for node in (na, nb):
+    assert _iperf(a, b, TUN_B, lab) > 1e6
+    assert _iperf(b, a, TUN_A, lab) > 1e6
+    for node in (pair.a, pair.b):
         device = node.stats()["device"]
         problem = mode.check(device["offload"])
         assert problem is None, f"{node.host.name}: {problem}"

@@ -10,7 +10,6 @@ carry nothing.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import socket
@@ -19,11 +18,9 @@ import pytest
 
 from tailpy.lab import Host, Lab
 from tailpy.lab.relay import RelayBridge
-from tailpy.lab.tunnels import TailpyNode, native_device_reason, wg_keypair
-from tailpy.lab.wgnode import PeerArg
+from tailpy.lab.tunnels import TUN_A, TUN_B, native_device_reason, start_tailpy_pair
 
-A_TUN, B_TUN = "100.64.0.1", "100.64.0.2"
-WG_PORT, RELAY_PORT = 41641, 7000
+RELAY_PORT = 7000
 
 
 @pytest.fixture
@@ -97,30 +94,18 @@ def _ping(host: Host, address: str) -> None:
 def test_ping_over_relay_only(lab: Lab, endpoints: bool) -> None:
     a, b = lab.host("a"), lab.host("b")
     lan = lab.lan("lan", [a, b], subnet="192.0.2.0/24")
-    (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
-    a_ep = f"{lan.ip(a)}:{WG_PORT}" if endpoints else None
-    b_ep = f"{lan.ip(b)}:{WG_PORT}" if endpoints else None
-    node_a = TailpyNode.start(
+    pair = start_tailpy_pair(
         a,
-        a_priv,
-        address=f"{A_TUN}/32",
-        listen_port=WG_PORT,
-        peers=[PeerArg(base64.b64decode(b_pub), b_ep, [f"{B_TUN}/32"])],
-        relay_listen=f"{lan.ip(a)}:{RELAY_PORT}",
-    )
-    node_b = TailpyNode.start(
         b,
-        b_priv,
-        address=f"{B_TUN}/32",
-        listen_port=WG_PORT,
-        peers=[PeerArg(base64.b64decode(a_pub), a_ep, [f"{A_TUN}/32"])],
-        relay_connect=f"{lan.ip(a)}:{RELAY_PORT}",
+        endpoint_a=lan.ip(a) if endpoints else None,
+        endpoint_b=lan.ip(b) if endpoints else None,
+        relay=f"{lan.ip(a)}:{RELAY_PORT}",
     )
 
-    _ping(a, B_TUN)
-    _ping(b, A_TUN)
+    _ping(a, TUN_B)
+    _ping(b, TUN_A)
 
-    for node in (node_a, node_b):
+    for node in (pair.a, pair.b):
         stats = node.stats()
         (peer,) = stats["peers"]
         assert peer["path"] == "relay"

@@ -1,11 +1,12 @@
 """tailpyd's state machine (tailpy.daemon.lifecycle): the transition table, an error for any event it does not
 allow; and a Backend driven through it against a real control server on 127.0.0.1 with a stand-in data plane
-(tests/unit/_conn_device.py): up with an auth key, Running at the first netmap, down, logout, and the state
-strings status --json shows."""
+(tests/unit/_conn_device.py): up with an auth key, Running at the first netmap, down, logout, the state
+strings status --json shows, and each new packet filter of a netmap or delta handed to the data plane."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,8 +18,11 @@ from _conn_device import FakeDevice
 from tailpy.control import ControlServer, Store
 from tailpy.daemon.backend import Backend
 from tailpy.daemon.lifecycle import TRANSITIONS, BackendState, Event, IllegalTransition, transition
+from tailpy.daemon.pfilter import DeviceRule, device_rules, filter_drops
 from tailpy.daemon.state import StateStore
-from tailpy.errors import AuthKeyError
+from tailpy.errors import AuthKeyError, ConfigError
+from tailpy.netmap import MapDelta, apply_delta
+from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange, PortRange
 
 S, E = BackendState, Event
 
@@ -68,12 +72,18 @@ class DataPlane(FakeDevice):
         super().__init__(strict=False)
         self.private_key = private_key
         self.closed = False
+        self.filters: list[list[DeviceRule] | None] = []  # each set_filter call
 
     def remove_peer(self, public_key: bytes) -> bool:
         return self.paths.pop(public_key, None) is not None
 
     def set_private_key(self, private_key: bytes) -> None:
         self.private_key = private_key
+
+    def set_filter(self, rules: list[DeviceRule] | None) -> None:
+        if rules is not None and any("bad" in src for r in rules for src in r[0]):
+            raise ConfigError("malformed filter address 'bad'")  # as the data plane refuses one
+        self.filters.append(rules)
 
     def stats(self) -> dict[str, int]:
         return {}
@@ -135,3 +145,54 @@ async def test_backend_moves_by_the_table(control: tuple[ControlServer, str], tm
         assert backend.state is S.NEEDS_LOGIN and backend.state_data.node_id is None
     finally:
         await backend.close()
+
+
+async def test_backend_gives_the_data_plane_each_new_packet_filter(
+    control: tuple[ControlServer, str], tmp_path: Path
+) -> None:
+    srv, url = control
+    key = srv.store.create_auth_key(reusable=True, expires=None, now=time.time()).key
+    devices: list[DataPlane] = []
+
+    def factory(private_key: bytes) -> Any:
+        devices.append(DataPlane(private_key))
+        return devices[-1]
+
+    (tmp_path / "node").mkdir()
+    backend = Backend(StateStore(tmp_path / "node"), factory, configure_os=False)
+    ssh = FilterRule(("100.64.0.1/32",), (NetPortRange("100.64.0.2/32", PortRange(22, 22)),), (6,))
+    try:
+        await backend.start()
+        await backend.up(url, key, "alpha")
+        await until(lambda: backend.state is S.RUNNING, "the first netmap")
+        dev = devices[0]
+        allow_all: list[tuple[list[str], list[tuple[str, int, int]], list[int]]] = [
+            (["*"], [("*", 0, 65535)], [])
+        ]
+        assert dev.filters == [allow_all]  # control without a policy: everyone may reach everything
+        base = backend.netmap
+        assert base is not None and base.packet_filter == ALLOW_ALL
+        backend.apply_netmap(dataclasses.replace(base, packet_filter=(ssh,)))
+        assert dev.filters[-1] == [(["100.64.0.1/32"], [("100.64.0.2/32", 22, 22)], [6])]
+        backend.apply_netmap(dataclasses.replace(base, packet_filter=(ssh,)))  # unchanged: not set again
+        assert len(dev.filters) == 2
+        # A delta carrying a filter replaces the whole filter.
+        nm = backend.netmap
+        assert nm is not None
+        backend.apply_netmap(apply_delta(nm, MapDelta(packet_filter=ALLOW_ALL)))
+        assert dev.filters[-1] == allow_all and len(dev.filters) == 3
+        # One the data plane refuses leaves the one in force (and is tried again with the next netmap).
+        bad = FilterRule(("bad",), (NetPortRange("*"),))
+        backend.apply_netmap(dataclasses.replace(base, packet_filter=(bad,)))
+        assert len(dev.filters) == 3
+        backend.apply_netmap(dataclasses.replace(base, packet_filter=None))
+        assert dev.filters[-1] is None
+    finally:
+        await backend.close()
+
+
+def test_filter_drops_in_status_words() -> None:
+    assert filter_drops(None) == {}
+    stats = {"filter": {"rules": 3, "dropped_no_rule": 2, "dropped_malformed": 0}}
+    assert filter_drops(stats) == {"no_rule": 2}
+    assert device_rules(None) is None

@@ -66,6 +66,9 @@ class FakeDevice:
     ) -> None:
         pass
 
+    def set_filter(self, rules: Any) -> None:
+        pass
+
     def remove_peer(self, public_key: bytes) -> bool:
         return True
 
@@ -549,5 +552,8 @@ def test_status_text_names_offload_fallbacks() -> None:
 
     fallback = "udp: GSO refused (Input/output error), one datagram per message"
     assert f"data plane: {fallback}" in text({"offload": {"fallbacks": [fallback]}})
+    filtered = {"filter": {"rules": 2, "dropped_no_rule": 3, "dropped_not_a_reply": 1, "dropped_protocol": 0}}
+    assert "packet filter: dropped 4 inbound packets (3 no rule, 1 not a reply)" in text(filtered)
+    assert "packet filter" not in text({"filter": {"rules": 2, "dropped_no_rule": 0}})
     assert "data plane" not in text({"offload": {"fallbacks": []}})
     assert "data plane" not in text(None)

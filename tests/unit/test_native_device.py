@@ -1,5 +1,6 @@
 """``tailpy._native.Device``: argument errors (raised before any TUN is made), and one real device inside a
-throwaway network namespace (root only; never in the machine's own namespace)."""
+throwaway network namespace (root only; never in the machine's own namespace): peers, queues, the packet
+filter's rules and refusals, close."""
 
 from __future__ import annotations
 
@@ -109,6 +110,27 @@ _IN_NETNS = textwrap.dedent(
     assert after["to_python"] - before["to_python"] == 1, after
     assert [len(p) for p, _ in dev.drain()[0]] == [2048]
     assert after["handshakes_for_unknown_index"] == 0, after
+
+    # The packet filter: none at first, rules in tailcfg.FilterRule's parts, refused ones leave it as it was.
+    assert dev.stats()["filter"]["rules"] is None
+    dev.set_filter([(["100.64.0.0/10", "*"], [("100.64.0.1/32", 22, 22)], [6]),
+                    (["10.0.0.1-10.0.0.9"], [], [])])
+    f = dev.stats()["filter"]
+    assert f["rules"] == 2 and f["dropped_no_rule"] == 0 and f["udp_flows"] == 0, f
+    for rules, cls in [([(["nonsense"], [], [])], ConfigError),
+                       ([(["*"], [("*", 9, 1)], [])], ConfigError),
+                       ([(["*"], [("*", 0, 70000)], [])], OverflowError),
+                       ([(["*"], [], [300])], OverflowError)]:
+        try:
+            dev.set_filter(rules)
+            raise AssertionError(f"{rules} not refused")
+        except cls:
+            pass
+    assert dev.stats()["filter"]["rules"] == 2
+    dev.set_filter([])
+    assert dev.stats()["filter"]["rules"] == 0
+    dev.set_filter(None)
+    assert dev.stats()["filter"]["rules"] is None
 
     assert dev.remove_peer(peer) and not dev.remove_peer(peer)
     dev.close()

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import json_option, local, run, socket_option
+from tailpy.daemon.pfilter import filter_drops
 from tailpy.ipnstate import PeerStatus, SelfStatus, Status
 
 
@@ -75,6 +76,12 @@ def render(st: Status, console: Console) -> None:
     offload = (st.device or {}).get("offload") or {}
     for fallback in offload.get("fallbacks", []):
         console.print(f"[yellow]data plane:[/] {fallback}", highlight=False)
+    # Inbound packets the packet filter dropped (the policy, or unsolicited UDP), by reason.
+    drops = filter_drops(st.device)
+    if drops:
+        reasons = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in drops.items())
+        total = sum(drops.values())
+        console.print(f"packet filter: dropped {total} inbound packets ({reasons})", highlight=False)
 
     rows: list[tuple[str, ...]] = []
     if me.addresses:

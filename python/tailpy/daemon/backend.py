@@ -34,6 +34,7 @@ from tailpy.control.client import LoginAnswer
 from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
+from tailpy.daemon.pfilter import DeviceRule, device_rules
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
@@ -50,6 +51,7 @@ from tailpy.errors import (
 from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import Conn, ConnDevice, Options
+from tailpy.packetfilter import FilterRule
 
 if TYPE_CHECKING:
     from tailpy.daemon.netfilter import Firewall
@@ -73,6 +75,7 @@ class DataPlane(ConnDevice, Protocol):
     def tun_name(self) -> str: ...
     def remove_peer(self, public_key: bytes) -> bool: ...
     def set_private_key(self, private_key: bytes) -> None: ...
+    def set_filter(self, rules: list[DeviceRule] | None) -> None: ...
     def stats(self) -> Any: ...
     def close(self) -> None: ...
 
@@ -141,6 +144,7 @@ class Backend:
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
         self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
+        self._applied_filter: tuple[FilterRule, ...] | None = None  # the packet filter in the data plane
         self.state = BackendState.NO_STATE
         self.last_error: str = ""
         self.changed = asyncio.Event()
@@ -620,6 +624,7 @@ class Backend:
                 dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
         for node in d.added:
             dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
+        self._apply_filter(dev, new.packet_filter)
         self.netmap, self._applied = new, wanted
         if self._netmap_since is None:
             self._netmap_since = time.time()
@@ -639,6 +644,20 @@ class Backend:
         else:
             self._fire(Event.NETMAP)
         return d
+
+    def _apply_filter(self, dev: DataPlane, rules: tuple[FilterRule, ...] | None) -> None:
+        """Give the data plane the netmap's packet filter when it changed (None: control sent none, and the
+        device admits everything). A filter the data plane refuses (a malformed address) is logged and the
+        one in force stays, to be retried with the next netmap."""
+        if rules == self._applied_filter:
+            return
+        try:
+            dev.set_filter(device_rules(rules))
+        except ConfigError as e:
+            log.error("packet filter from control refused, keeping the one in force: %s", e)
+            return
+        self._applied_filter = rules
+        log.info("packet filter: %s", "none (everything allowed)" if rules is None else f"{len(rules)} rules")
 
     def _apply_self(self, node: nm.Node) -> None:
         s = self.state_data
@@ -709,6 +728,7 @@ class Backend:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
+        self._applied_filter = None  # and no filter
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.stop()  # no more reads of the device's queue, no more ticks

@@ -24,6 +24,7 @@ from tailpy.errors import LabError
 from tailpy.lab.netns import Host
 from tailpy.lab.procs import read_line, wait_for
 from tailpy.lab.wgnode import PeerArg
+from tailpy.packetfilter import FilterRule, filter_to_json
 
 #: Where wireguard-go and boringtun put their UAPI socket (``<ifname>.sock``). It is not per network
 #: namespace, so the lab names every such interface uniquely (lab prefix + host name) to let parallel labs
@@ -279,11 +280,66 @@ class TailpyNode:
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The node's device and peer stats (``{"device": ..., "peers": [...], "relay": ...}``)."""
+        return self._ask("stats", timeout, f"stats of {self.host.name}")
+
+    def set_filter(self, rules: tuple[FilterRule, ...] | None, timeout: float = 5.0) -> None:
+        """Set the device's packet filter (None: none, everything admitted). Raises LabError with the
+        device's sentence when it refuses the rules."""
+        text = json.dumps(None if rules is None else filter_to_json(rules))
+        reply = self._ask(f"filter {text}", timeout, f"{self.host.name} to set its filter")
+        if "error" in reply:
+            raise LabError(f"{self.host.name} refused the packet filter: {reply['error']}")
+
+    def _ask(self, line: str, timeout: float, what: str) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("stats\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        reply: dict[str, Any] = json.loads(read_line(self.proc.stdout, timeout, f"stats of {self.host.name}"))
+        reply: dict[str, Any] = json.loads(read_line(self.proc.stdout, timeout, what))
         return reply
+
+
+#: The tunnel addresses of :func:`start_tailpy_pair`'s two ends.
+TUN_A, TUN_B = "100.64.0.1", "100.64.0.2"
+
+
+@dataclass(frozen=True)
+class TailpyPair:
+    """Two bare tailpy data planes, each the other's only peer: ``a`` at tunnel address ``tun_a``, ``b`` at
+    ``tun_b``."""
+
+    a: TailpyNode
+    b: TailpyNode
+    tun_a: str = TUN_A
+    tun_b: str = TUN_B
+
+
+def start_tailpy_pair(
+    a: Host,
+    b: Host,
+    *,
+    endpoint_a: str | None,
+    endpoint_b: str | None,
+    port_a: int = 41641,
+    port_b: int = 41641,
+    mtu: int = 1280,
+    relay: str | None = None,
+) -> TailpyPair:
+    """Start ``python -m tailpy.lab.wgnode`` on ``a`` and ``b`` with fresh keys (wg(8)), each the other's
+    peer: ``a`` is 100.64.0.1/32 listening on UDP ``port_a``, ``b`` 100.64.0.2/32 on ``port_b``, both at
+    ``mtu``. ``endpoint_a`` / ``endpoint_b``: the underlay IP where the other end reaches each (None: no
+    endpoint, learned from the peer's handshake). ``relay``: ``"ip:port"`` where ``a`` listens and ``b``
+    connects to bridge their relay queues (every path "relay", :mod:`tailpy.lab.relay`); None: direct.
+    Raises LabError when a node does not come up."""
+    (a_priv, a_pub), (b_priv, b_pub) = wg_keypair(), wg_keypair()
+    to_b = PeerArg(base64.b64decode(b_pub), f"{endpoint_b}:{port_b}" if endpoint_b else None, [f"{TUN_B}/32"])
+    to_a = PeerArg(base64.b64decode(a_pub), f"{endpoint_a}:{port_a}" if endpoint_a else None, [f"{TUN_A}/32"])
+    na = TailpyNode.start(
+        a, a_priv, address=f"{TUN_A}/32", listen_port=port_a, mtu=mtu, peers=[to_b], relay_listen=relay
+    )
+    nb = TailpyNode.start(
+        b, b_priv, address=f"{TUN_B}/32", listen_port=port_b, mtu=mtu, peers=[to_a], relay_connect=relay
+    )
+    return TailpyPair(na, nb)
 
 
 @dataclass

@@ -12,7 +12,10 @@ Run inside a lab host (it configures the TUN with ``ip``, so it must be in the n
 
 Protocol on stdio (one JSON object per line): the node prints ``{"event": "ready", "public_key": B64,
 "listen_port": N}`` once configured; each ``stats`` line read on stdin is answered with
-``{"event": "stats", "device": {...}, "peers": [...], "relay": {...}}`` (keys in base64). SIGTERM or SIGINT
+``{"event": "stats", "device": {...}, "peers": [...], "relay": {...}}`` (keys in base64); a line
+``filter JSON`` sets the device's packet filter (``JSON``: a list of tailcfg.FilterRule objects as
+:func:`tailpy.packetfilter.filter_to_json` writes them, or ``null`` for none) and is answered with
+``{"event": "filter", "rules": N | null}`` or ``{"event": "filter", "error": "..."}``. SIGTERM or SIGINT
 closes the device and exits 0.
 """
 
@@ -99,6 +102,20 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _set_filter(device: Any, text: bytes) -> dict[str, Any]:
+    """Apply a ``filter JSON`` command; the answer to print."""
+    from tailpy.daemon.pfilter import device_rules
+    from tailpy.packetfilter import filter_from_json
+
+    try:
+        obj = json.loads(text)
+        rules = None if obj is None else filter_from_json(obj)
+        device.set_filter(device_rules(rules))
+    except (ValueError, TailpyError) as e:
+        return {"event": "filter", "error": str(e)}
+    return {"event": "filter", "rules": None if rules is None else len(rules)}
+
+
 async def main_async(args: argparse.Namespace) -> None:
     from tailpy._native import Device  # imported here so --help works without the extension
     from tailpy.lab import relay
@@ -134,7 +151,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
         async def serve_stdin() -> None:
             while line := await stdin.readline():
-                if line.strip() == b"stats":
+                if line.startswith(b"filter "):
+                    _emit(_set_filter(device, line[len(b"filter ") :]))
+                elif line.strip() == b"stats":
                     counters = {"sent": bridge.sent, "received": bridge.received} if bridge else None
                     peers = device.peers()
                     _emit(

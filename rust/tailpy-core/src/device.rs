@@ -12,12 +12,17 @@
 //! its receive path for this one. One thread per direction (plus the writer, fed in order) keeps each
 //! flow in order and lets encryption, decryption and TUN writes run on the cores there are.
 //!
-//! Locking: the device state (peers, index map, routes, keys) sits behind one `RwLock`, read-locked per
-//! batch and write-locked only by configuration calls; each peer's `Tunn` has its own `Mutex`; counters
-//! are atomics. No allocation per packet: each thread owns its buffers.
+//! Each decrypted packet passes the packet filter (`filter`), if one is set, before it joins the TUN batch;
+//! outbound UDP packets record their flow for the filter to admit the replies.
+//!
+//! Locking: the device state (peers, index map, routes, keys, the packet filter) sits behind one `RwLock`,
+//! read-locked per batch and write-locked only by configuration calls; each peer's `Tunn` has its own
+//! `Mutex`; counters are atomics, and so is the filter's flow table. No allocation per packet: each thread
+//! owns its buffers.
 
 use crate::batch::{Batch, RecvBatch};
 use crate::error::{Error, Result};
+use crate::filter::{DropReason, Filter, FlowTable, RuleSpec};
 use crate::io::{unmap, EventFd, OffloadStats, Tun, Udp};
 use crate::keys::{self, KEY_LEN};
 use crate::offload::GroTable;
@@ -217,6 +222,8 @@ pub struct Counters {
     pub dropped_send_error: AtomicU64,
     pub handshakes_sent: AtomicU64,
     pub handshakes_for_unknown_index: AtomicU64,
+    /// Inbound packets the packet filter dropped, per `DropReason` (its discriminant).
+    pub filter_dropped: [AtomicU64; DropReason::COUNT],
     pub handshakes_retried: AtomicU64,
 }
 
@@ -236,6 +243,12 @@ pub struct DeviceStats {
     pub dropped_send_error: u64,
     pub handshakes_sent: u64,
     pub handshakes_for_unknown_index: u64,
+    /// Rules of the packet filter in force; None when none is set (everything allowed).
+    pub filter_rules: Option<usize>,
+    /// Inbound packets the filter dropped, per `DropReason` (indexed by its discriminant).
+    pub filter_dropped: [u64; DropReason::COUNT],
+    /// UDP/SCTP flows this node started whose replies pass the filter (live entries of the flow table).
+    pub filter_flows: usize,
     pub handshakes_retried: u64,
 }
 
@@ -296,6 +309,8 @@ struct State {
     by_index: HashMap<u32, Arc<Peer>>,
     routes: IpNetworkTable<Arc<Peer>>,
     next_index: u32,
+    /// The packet filter for decrypted inbound packets; None admits everything.
+    filter: Option<Arc<Filter>>,
 }
 
 #[derive(Default)]
@@ -312,6 +327,9 @@ struct Shared {
     tun: Box<dyn Tun>,
     udp: Box<dyn Udp>,
     counters: Counters,
+    /// Flows this node started (outbound UDP/SCTP), for the filter to admit their replies. Kept across
+    /// filter changes, and recorded while no filter is set, so that setting one breaks no flow.
+    flows: FlowTable,
     queues: Mutex<Queues>,
     /// Peers by their current endpoint, to find which peer data with an unknown index comes from. Entries
     /// are checked against the peer's endpoint on use. Lock order: `state`, then this.
@@ -437,10 +455,12 @@ impl Device {
                 by_index: HashMap::new(),
                 routes: IpNetworkTable::new(),
                 next_index: u32::from_le_bytes(seed) >> 8,
+                filter: None,
             }),
             tun,
             udp,
             counters: Counters::default(),
+            flows: FlowTable::new(),
             queues: Mutex::new(Queues::default()),
             endpoints: Mutex::new(HashMap::new()),
             event: EventFd::new().map_err(|e| io_err("cannot create an eventfd", e))?,
@@ -595,6 +615,16 @@ impl Device {
         Ok(())
     }
 
+    /// Set the packet filter for decrypted inbound packets (see `filter`), or none (`None`: everything
+    /// is admitted, as before any filter). The rules are compiled before the swap; packets of a batch in
+    /// progress see the old filter or the new one, never a mix. Raises `Error::Config` for a malformed
+    /// rule, and then the filter in force stays.
+    pub fn set_filter(&self, rules: Option<&[RuleSpec]>) -> Result<()> {
+        let compiled = rules.map(Filter::new).transpose()?.map(Arc::new);
+        self.shared.state.write().filter = compiled;
+        Ok(())
+    }
+
     /// Remove a peer; true if it existed.
     pub fn remove_peer(&self, public_key: &[u8; KEY_LEN]) -> bool {
         let mut st = self.shared.state.write();
@@ -676,6 +706,7 @@ impl Device {
             return Ok(());
         }
         let mut bufs = self.shared.inject_bufs.lock();
+        bufs.now_s = self.shared.now_s();
         let st = self.shared.state.read();
         self.shared
             .receive_wireguard(&st, datagram, None, Some(&peer), &mut bufs);
@@ -774,6 +805,9 @@ impl Device {
             dropped_send_error: c.dropped_send_error.load(Relaxed),
             handshakes_sent: c.handshakes_sent.load(Relaxed),
             handshakes_for_unknown_index: c.handshakes_for_unknown_index.load(Relaxed),
+            filter_rules: self.shared.state.read().filter.as_ref().map(|f| f.rules()),
+            filter_dropped: std::array::from_fn(|i| c.filter_dropped[i].load(Relaxed)),
+            filter_flows: self.shared.flows.live_flows(self.shared.now_s()),
             handshakes_retried: c.handshakes_retried.load(Relaxed),
         }
     }
@@ -829,6 +863,8 @@ struct Bufs {
     gro: GroTable,
     /// The TUN writer thread, for the UDP thread's full batches.
     pipe: Option<Pipe>,
+    /// Seconds on the device's clock, read once per batch (the filter's flow table).
+    now_s: u64,
 }
 
 impl Bufs {
@@ -840,6 +876,7 @@ impl Bufs {
             tun: Batch::new(tun_bytes, tun_packets),
             gro: GroTable::new(),
             pipe: None,
+            now_s: 0,
         }
     }
 }
@@ -857,6 +894,10 @@ struct Pipe {
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    fn now_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     fn signal_if(&self, was_empty: bool) {
@@ -926,6 +967,7 @@ impl Shared {
     fn outbound(&self, input: &Batch, bufs: &mut Bufs) {
         let mut run: Option<Arc<Peer>> = None;
         let mut last: Option<(IpAddr, Arc<Peer>)> = None;
+        let now = self.now_s();
         let st = self.state.read();
         for packet in input.iter() {
             let Some(dst) = Tunn::dst_address(packet) else {
@@ -952,6 +994,7 @@ impl Shared {
                 }
             }
             run = Some(peer.clone());
+            self.flows.record_outbound(packet, now);
             let res = peer.tunn.lock().encapsulate(packet, bufs.out.spare());
             if let TunnResult::WriteToNetwork(d) = res {
                 let n = d.len();
@@ -1079,6 +1122,7 @@ impl Shared {
                     continue;
                 }
             }
+            bufs.now_s = self.now_s();
             let st = self.state.read();
             for k in 0..rx.len() {
                 let from = rx.meta(k).from;
@@ -1237,13 +1281,13 @@ impl Shared {
                 let n = p.len();
                 drop(tunn);
                 self.authenticated(&peer, from, d.len());
-                self.deliver(st, &peer, n, src.into(), &mut bufs.tun);
+                self.deliver(st, &peer, n, src.into(), bufs);
             }
             TunnResult::WriteToTunnelV6(p, src) => {
                 let n = p.len();
                 drop(tunn);
                 self.authenticated(&peer, from, d.len());
-                self.deliver(st, &peer, n, src.into(), &mut bufs.tun);
+                self.deliver(st, &peer, n, src.into(), bufs);
             }
         }
     }
@@ -1331,12 +1375,19 @@ impl Shared {
         }
     }
 
-    /// Keep the decrypted packet of `len` bytes at the start of `tun.spare()` for the TUN if its source
-    /// is within the sending peer's allowed IPs.
-    fn deliver(&self, st: &State, peer: &Arc<Peer>, len: usize, src: IpAddr, tun: &mut Batch) {
+    /// Keep the decrypted packet of `len` bytes at the start of `bufs.tun.spare()` for the TUN if its
+    /// source is within the sending peer's allowed IPs and the packet filter (if any) admits it.
+    fn deliver(&self, st: &State, peer: &Arc<Peer>, len: usize, src: IpAddr, bufs: &mut Bufs) {
         match st.routes.longest_match(src) {
             Some((_, p)) if Arc::ptr_eq(p, peer) => {
-                tun.commit(len);
+                if let Some(f) = &st.filter {
+                    let packet = &bufs.tun.spare()[..len];
+                    if let Err(why) = f.check_inbound(packet, &self.flows, bufs.now_s) {
+                        self.counters.filter_dropped[why as usize].fetch_add(1, Relaxed);
+                        return;
+                    }
+                }
+                bufs.tun.commit(len);
             }
             _ => {
                 self.counters.dropped_not_allowed.fetch_add(1, Relaxed);

@@ -859,6 +859,70 @@ fn unknown_index_handshake_only_for_a_peer_without_session_and_rate_limited() {
     );
 }
 
+/// A UDP datagram (ports, 4 payload bytes) in an IPv4 packet.
+fn udp4(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let mut u = vec![0u8; 12];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&12u16.to_be_bytes());
+    ipv4_packet(v4(src), v4(dst), &u)
+}
+
+#[test]
+fn packet_filter_drops_unsolicited_udp_and_admits_replies() {
+    use tailpy_core::{DropReason, RuleSpec};
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    // Before any filter: everything passes, and the session is up.
+    expect_delivery(&a.host, &b.host, &udp4("100.64.0.1", 1, "100.64.0.2", 9999));
+    // B admits only UDP 53 from A.
+    let rules = [RuleSpec {
+        src_ips: vec!["100.64.0.1".into()],
+        dst_ports: vec![("100.64.0.2/32".into(), 53, 53)],
+        ip_proto: vec![17],
+    }];
+    b.dev.set_filter(Some(&rules)).unwrap();
+    assert_eq!(b.dev.stats().filter_rules, Some(1));
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &udp4("100.64.0.1", 40000, "100.64.0.2", 53),
+    );
+    a.host.write(&udp4("100.64.0.1", 40000, "100.64.0.2", 54));
+    wait_for(|| b.dev.stats().filter_dropped[DropReason::NotAReply as usize] == 1);
+    assert!(b.host.read(Duration::from_millis(100)).is_none());
+    // B starts a flow to A's port 5000: A's reply from 5000 passes.
+    expect_delivery(
+        &b.host,
+        &a.host,
+        &udp4("100.64.0.2", 33000, "100.64.0.1", 5000),
+    );
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &udp4("100.64.0.1", 5000, "100.64.0.2", 33000),
+    );
+    assert!(b.dev.stats().filter_flows >= 1);
+    // A malformed rule is refused and the filter in force stays.
+    let bad = [RuleSpec {
+        src_ips: vec!["nonsense".into()],
+        ..Default::default()
+    }];
+    assert!(matches!(
+        b.dev.set_filter(Some(&bad)),
+        Err(Error::Config(_))
+    ));
+    assert_eq!(b.dev.stats().filter_rules, Some(1));
+    // No filter: everything again.
+    b.dev.set_filter(None).unwrap();
+    assert_eq!(b.dev.stats().filter_rules, None);
+    expect_delivery(
+        &a.host,
+        &b.host,
+        &udp4("100.64.0.1", 40000, "100.64.0.2", 54),
+    );
+}
+
 #[test]
 fn unconfirmed_direct_path_sends_handshakes_over_the_relay_too() {
     let net = MemNet::new();

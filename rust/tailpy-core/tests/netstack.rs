@@ -1,5 +1,5 @@
 //! Two userspace devices (`Device::with_netstack`) paired over in-memory UDP: TCP and UDP through
-//! both stacks, IPv4 and IPv6, the listener backlog, refusals.
+//! both stacks, IPv4 and IPv6, the listener backlog, refusals, the packet filter.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -441,4 +441,79 @@ fn a_tun_peer_pings_the_stack() {
     assert_eq!(&reply[16..20], &[100, 64, 0, 1]);
     assert_eq!(reply[20], 0, "an echo reply");
     assert_eq!(&reply[24..], &icmp[4..]);
+}
+
+/// The 19-byte address header of the stack's UDP sockets for `ip:port`.
+fn udp_header(ip: &str, port: u16) -> [u8; UDP_HEADER_LEN] {
+    let mut h = [0u8; UDP_HEADER_LEN];
+    match ip.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v) => {
+            h[0] = 4;
+            h[1..5].copy_from_slice(&v.octets());
+        }
+        IpAddr::V6(v) => {
+            h[0] = 6;
+            h[1..17].copy_from_slice(&v.octets());
+        }
+    }
+    h[17..].copy_from_slice(&port.to_be_bytes());
+    h
+}
+
+/// The packet filter runs for a userspace node as for a TUN one: a reply to a UDP flow the stack started
+/// passes a filter with no rule for it, an unsolicited datagram does not.
+#[test]
+fn packet_filter_admits_replies_to_the_stacks_own_udp_flows() {
+    use tailpy_core::DropReason;
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    a.set_filter(Some(&[])).unwrap(); // a admits no one
+    let (fa, pa) = a.netstack().unwrap().udp_bind(0).unwrap();
+    let (fb, _) = b.netstack().unwrap().udp_bind(53).unwrap();
+    let (fc, _) = b.netstack().unwrap().udp_bind(0).unwrap();
+    let (ua, ub, uc) = (
+        UnixDatagram::from(fa),
+        UnixDatagram::from(fb),
+        UnixDatagram::from(fc),
+    );
+    for u in [&ua, &ub] {
+        u.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+    }
+    let mut buf = [0u8; 2048];
+    // a's query to b's port 53 (resent while the handshake completes), b's answer back to it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "a's query never reached b");
+        ua.send(&[&udp_header(B4, 53)[..], b"query"].concat())
+            .unwrap();
+        if ub.recv(&mut buf).is_ok() {
+            break;
+        }
+    }
+    assert_eq!(&buf[..UDP_HEADER_LEN], &udp_header(A4, pa));
+    let mut answer = buf[..UDP_HEADER_LEN].to_vec();
+    answer.extend_from_slice(b"answer");
+    ub.send(&answer).unwrap();
+    ua.set_read_timeout(Some(WAIT)).unwrap();
+    let n = ua.recv(&mut buf).unwrap();
+    assert_eq!(&buf[UDP_HEADER_LEN..n], b"answer");
+    // From another port of b: not a reply to anything a sent.
+    uc.send(&[&udp_header(A4, pa)[..], b"unsolicited"].concat())
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while a.stats().filter_dropped[DropReason::NotAReply as usize] == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the unsolicited datagram was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ua.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        ua.recv(&mut buf).is_err(),
+        "the unsolicited datagram arrived"
+    );
+    assert!(a.stats().filter_flows >= 1);
 }

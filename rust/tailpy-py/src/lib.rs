@@ -7,7 +7,7 @@ use std::os::fd::IntoRawFd;
 use std::time::Duration;
 use tailpy_core::device::{parse_endpoint, parse_prefix};
 use tailpy_core::keys::{self, KEY_LEN};
-use tailpy_core::{Device, Error, Path, PeerConfig};
+use tailpy_core::{Device, DropReason, Error, Path, PeerConfig, RuleSpec};
 
 /// Instantiate one of `tailpy.errors`' classes with a one-sentence message.
 fn tailpy_error(py: Python<'_>, class: &str, msg: impl Into<String>) -> PyErr {
@@ -279,6 +279,27 @@ impl PyDevice {
             .map_err(|e| core_err(py, e))
     }
 
+    /// Rules as `(src_ips, [(dst_ip, first_port, last_port)], ip_protos)` tuples, or None.
+    #[pyo3(signature = (rules))]
+    #[allow(clippy::type_complexity)]
+    fn set_filter(
+        &self,
+        py: Python<'_>,
+        rules: Option<Vec<(Vec<String>, Vec<(String, u16, u16)>, Vec<u8>)>>,
+    ) -> PyResult<()> {
+        let specs: Option<Vec<RuleSpec>> = rules.map(|rs| {
+            rs.into_iter()
+                .map(|(src_ips, dst_ports, ip_proto)| RuleSpec {
+                    src_ips,
+                    dst_ports,
+                    ip_proto,
+                })
+                .collect()
+        });
+        py.detach(|| self.inner.set_filter(specs.as_deref()))
+            .map_err(|e| core_err(py, e))
+    }
+
     fn remove_peer(&self, py: Python<'_>, public_key: &[u8]) -> PyResult<bool> {
         let pk = key(py, public_key, "peer public key")?;
         Ok(py.detach(|| self.inner.remove_peer(&pk)))
@@ -380,6 +401,16 @@ impl PyDevice {
             "handshakes_for_unknown_index",
             s.handshakes_for_unknown_index,
         )?;
+        let fd = PyDict::new(py);
+        fd.set_item("rules", s.filter_rules)?;
+        for r in DropReason::ALL {
+            fd.set_item(
+                format!("dropped_{}", r.as_str()),
+                s.filter_dropped[r as usize],
+            )?;
+        }
+        fd.set_item("udp_flows", s.filter_flows)?;
+        d.set_item("filter", fd)?;
         d.set_item("handshakes_retried", s.handshakes_retried)?;
         let o = self.inner.offload_stats();
         let od = PyDict::new(py);

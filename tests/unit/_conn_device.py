@@ -23,6 +23,7 @@ class FakeDevice(asyncio.DatagramProtocol):
         self.pending: set[bytes] = set()  # keys retry_handshake reports a handshake re-sent for
         self.endpoints: dict[bytes, str | None] = {}
         self.injected: list[tuple[bytes, bytes]] = []
+        self.filters: list[Any] = []  # set_filter calls (recorded, not enforced)
         self.peer_stats: dict[bytes, dict[str, Any]] = {}
         self.received: list[bytes] = []
         self.got = asyncio.Event()
@@ -37,6 +38,9 @@ class FakeDevice(asyncio.DatagramProtocol):
         self.paths[key] = "direct"
         self.endpoints[key] = endpoint
         self.peer_stats[key] = {"tx_packets": 0, "rx_packets": 0, "last_handshake": None}
+
+    def set_filter(self, rules: Any) -> None:
+        self.filters.append(rules)
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()

@@ -253,3 +253,27 @@ def test_dns_os_error_and_reapply_after_stop(tmp_path: Path) -> None:
     m.apply(netmap, accept_dns=False)
     assert m.os_error == ""  # not wanted: nothing to warn about
     m.stop()
+
+
+async def test_dns_os_error_keeps_its_reason_once_magicdns_listens(tmp_path: Path) -> None:
+    """The reason the resolver could not be changed survives MagicDNS's listener starting (which has no
+    error of its own): the warning names the file and why, not only that nothing changed."""
+    from tailpy.dns.manager import DNSManager
+    from tailpy.keys import MachinePublic, NodePublic
+    from tailpy.netmap import NetMap, Node
+
+    (tmp_path / "etc").write_text("")  # a file where a directory should be: resolv.conf cannot be read
+    resolv = tmp_path / "etc" / "resolv.conf"
+    (tmp_path / "state").mkdir()
+    m = DNSManager(tmp_path / "state", listen=[("127.0.0.1", 0)], add_addresses=False, resolv_conf=resolv)
+    me = Node(1, "a", "a", NodePublic(b"\x01" * 32), MachinePublic(b"\x02" * 32), ("100.64.0.1/32",))
+    try:
+        m.apply(NetMap(me, {}, "tail.example"), accept_dns=True)
+        starting = m._starting
+        assert starting is not None
+        await starting
+        assert m.server is not None and m.server.addresses
+        assert str(resolv) in m.os_error and "resolver configuration was not changed" not in m.os_error
+        assert str(resolv) in m.status()["error"]
+    finally:
+        m.stop()

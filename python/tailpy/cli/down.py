@@ -62,7 +62,7 @@ def stop_by_signal(record: RunRecord, state_dir: str) -> str:
         how = "SIGKILL"
         if not _wait_released(state_dir, 5.0):
             raise TailpyError(f"tailpyd (pid {pid}) did not exit even after SIGKILL")
-    done = cleanup(state_dir, (record.tun or "tailpy0",))
+    done = cleanup(state_dir, (record.tun,), magicdns_addresses=bool(record.tun))
     return f"stopped tailpyd (pid {pid}) with {how}" + (f"; {'; '.join(done)}" if done else "")
 
 
@@ -84,7 +84,9 @@ def command(socket_path: str, state_dir: str) -> None:
         if record is None:
             old = leftover(state_dir)  # a daemon that did not exit cleanly (kill -9, a crash)
             done = (
-                cleanup(state_dir, (old.tun or "tailpy0",)) if old is not None and os.geteuid() == 0 else []
+                cleanup(state_dir, (old.tun,), magicdns_addresses=bool(old.tun))
+                if old is not None and os.geteuid() == 0
+                else []
             )
             click.echo(
                 "tailpyd is not running: "

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -147,10 +149,36 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
     return app
 
 
+def socket_listener(socket_path: str) -> str | None:
+    """Who accepts connections on unix socket ``socket_path`` ("pid 4242", or "pid unknown"), None when
+    nothing does (a stale file, or not a socket)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(socket_path)
+        except TimeoutError:
+            return "not accepting"  # bound and listening, its backlog full
+        except OSError:
+            return None
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return "pid unknown"
+        return f"pid {pid}"
+
+
 async def serve(app: web.Application, socket_path: str) -> web.AppRunner:
-    """Start serving ``app`` on unix socket ``socket_path`` (a stale socket file is replaced)."""
+    """Start serving ``app`` on unix socket ``socket_path``. A stale socket file (nothing accepts on it) is
+    replaced; one another process answers on is left alone: raises ConfigError (as Tailscale's
+    ``safesocket`` does before it removes a socket path)."""
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), mode=0o755, exist_ok=True)
     if os.path.exists(socket_path):
+        who = socket_listener(socket_path)
+        if who is not None:
+            raise ConfigError(
+                f"another tailpyd is listening on {socket_path} ({who}): stop it or give this one "
+                "another --socket"
+            )
         os.unlink(socket_path)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

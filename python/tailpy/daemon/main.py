@@ -40,6 +40,14 @@ def _log_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
+def cleanup_after(state_dir: str, prev: RunRecord | None) -> list[str]:
+    """Undo what the daemon of ``prev`` (the lock file's record of one that did not exit cleanly; None:
+    it did) left, and only that: its recorded TUN, firewall table and MagicDNS (a userspace daemon records
+    no TUN and touched no host DNS). Another tailpyd with its own state directory is never touched."""
+    tuns = (prev.tun,) if prev is not None and prev.tun and prev.tun != USERSPACE else ()
+    return cleanup(state_dir, tuns, magicdns_addresses=bool(tuns))
+
+
 async def run(
     state_dir: str,
     socket_path: str,
@@ -253,8 +261,7 @@ def main(
         prev = lock.previous
         if prev is not None and not cleanup_only:
             log.warning("tailpyd (pid %s) did not exit cleanly: undoing what it left", prev.pid)
-        tuns = tuple(t for t in (tun, prev.tun if prev else "") if t != USERSPACE)
-        done = cleanup(state_dir, tuns)
+        done = cleanup_after(state_dir, prev)
         if cleanup_only:
             click.echo("cleaned up: " + "; ".join(done) if done else "nothing to clean up")
             return

@@ -75,7 +75,8 @@ class DNSManager:
         self.resolver = Resolver()
         self.server: DNSServer | None = None
         self._starting: asyncio.Task[None] | None = None
-        self.error = ""  # last OS configuration or listen problem, one sentence
+        self.error = ""  # last listen problem, one sentence
+        self.config_error = ""  # why the host's resolver could not be pointed at MagicDNS, one sentence
         self._os_key: tuple[Any, ...] | None = None
 
     def recover(self) -> None:
@@ -113,8 +114,8 @@ class DNSManager:
         ``accept_dns`` or control's DNS config do not ask for it)."""
         if self._os_key is None or not self._os_key[0]:
             return ""
-        if self.error:
-            return self.error
+        if self.config_error or self.error:
+            return self.config_error or self.error
         if not (self.resolv.active or (self.resolved is not None and self.resolved.active)):
             return "the host's resolver configuration was not changed"
         return ""
@@ -141,9 +142,9 @@ class DNSManager:
                 self.resolved.apply(str(MAGICDNS_V4), domain, search, bool(cfg.nameservers))
             else:
                 self.resolv.apply(str(MAGICDNS_V4), search)
-            self.error = ""
+            self.config_error = ""
         except ConfigError as e:
-            self.error = str(e)
+            self.config_error = str(e)
             log.warning("MagicDNS: %s", e)
 
     def _restore_os(self) -> None:
@@ -214,7 +215,7 @@ class DNSManager:
             "os_configured": self.resolv.active or bool(self.resolved and self.resolved.active),
             "mode": "resolved" if self._resolved_mode else "resolv.conf",
             "names": len(r.names()),
-            "error": self.error,
+            "error": "; ".join(e for e in (self.config_error, self.error) if e),
             "queries": r.queries,
             "forwarded": r.forwarded,
             "servfail": r.servfails,

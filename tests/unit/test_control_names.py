@@ -50,6 +50,9 @@ def store(tmp_path: Path) -> Iterator[Store]:
         ("", "node"),
         ("a" * 80, "a" * 63),
         ("a" * 62 + "_b", "a" * 62),
+        ("7", "node-7"),
+        ("0042.local", "node-0042"),
+        ("1" * 80, "node-" + "1" * 58),
     ],
 )
 def test_sanitize(hostname: str, name: str) -> None:
@@ -133,6 +136,17 @@ def test_reserved_names_get_a_suffix(store: Store, hostname: str) -> None:
     assert store.register(mkey(), nkey(), hostname, key, NOW).name == f"{base}-2"
     with pytest.raises(ConfigError, match="reserved"):
         store.rename_node(n.id, base)
+
+
+def test_all_digit_names_never_shadow_node_ids(store: Store) -> None:
+    """A hostname of digits only is named ``node-<digits>``, and an admin cannot rename a node to digits:
+    ``nodes show 6`` always means node id 6."""
+    key = store.create_auth_key(reusable=True, expires=None, now=NOW).key
+    n = store.register(mkey(), nkey(), "7", key, NOW)
+    assert n.name == "node-7"
+    with pytest.raises(ConfigError, match="would read as a node id"):
+        store.rename_node(n.id, str(n.id + 1))
+    assert store.find_node(str(n.id)) == n.id
 
 
 def test_nodes_found_by_id_name_or_fqdn(store: Store) -> None:

@@ -9,7 +9,8 @@ Names a resolver or a host treats specially are never given as they are (:data:`
 and the other names of /etc/hosts' loopback and multicast lines, ``broadcasthost``, ``wpad`` (proxy
 auto-discovery, which a tailnet name must not answer for), and ``magicdns``, the MagicDNS resolver's own
 name): a node asking for one gets the first free ``<name>-1``, ``<name>-2``, ..., and an admin cannot
-rename a node to one.
+rename a node to one. An all-digit name would read as a node id (``tailpy control nodes show 6``): a node
+asking for hostname "7" is named ``node-7``, and an admin cannot rename a node to digits only.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 def sanitize(hostname: str) -> str:
     """``hostname`` as a DNS label (RFC 1123): lowercase; a trailing ``.local``, ``.localdomain`` or
     ``.lan`` stripped; spaces, dots, ``@`` and ``_`` become ``-``; other characters outside a-z0-9- dropped;
-    leading and trailing hyphens trimmed; at most 63 characters; "node" when nothing is left.
+    leading and trailing hyphens trimmed; at most 63 characters; "node" when nothing is left, ``node-<digits>``
+    when only digits are (a name never reads as a node id).
 
     >>> sanitize("Bob's MacBook.local")
     'bobs-macbook'
@@ -61,6 +63,8 @@ def sanitize(hostname: str) -> str:
     h = re.sub(r"[ .@_]", "-", h)
     h = re.sub(r"[^a-z0-9-]", "", h)
     h = h.strip("-")[:MAX_LABEL].strip("-")
+    if h.isdigit():
+        h = f"{DEFAULT_NAME}-{h}"[:MAX_LABEL]
     return h or DEFAULT_NAME
 
 
@@ -86,6 +90,10 @@ def check_label(name: str) -> str:
         raise ConfigError(
             f"{name!r} is not a valid node name: use 1-63 lowercase letters, digits and inner hyphens "
             f"(for example {sanitize(name)!r})"
+        )
+    if name.isdigit():
+        raise ConfigError(
+            f"{name!r} would read as a node id: choose a node name with a letter (for example {sanitize(name)!r})"
         )
     if name in RESERVED:
         raise ConfigError(f"{name!r} is reserved (resolvers treat it specially): choose another node name")

@@ -49,8 +49,8 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 def sanitize(hostname: str) -> str:
     """``hostname`` as a DNS label (RFC 1123): lowercase; a trailing ``.local``, ``.localdomain`` or
     ``.lan`` stripped; spaces, dots, ``@`` and ``_`` become ``-``; other characters outside a-z0-9- dropped;
-    leading and trailing hyphens trimmed; at most 63 characters; "node" when nothing is left, ``node-<digits>``
-    when only digits are (a name never reads as a node id).
+    leading and trailing hyphens trimmed; at most 63 characters; "node" when nothing is left,
+    ``node-<digits>`` when only digits are (a name never reads as a node id).
 
     >>> sanitize("Bob's MacBook.local")
     'bobs-macbook'
@@ -93,7 +93,8 @@ def check_label(name: str) -> str:
         )
     if name.isdigit():
         raise ConfigError(
-            f"{name!r} would read as a node id: choose a node name with a letter (for example {sanitize(name)!r})"
+            f"{name!r} would read as a node id: choose a node name with a letter "
+            f"(for example {sanitize(name)!r})"
         )
     if name in RESERVED:
         raise ConfigError(f"{name!r} is reserved (resolvers treat it specially): choose another node name")

@@ -310,15 +310,16 @@ class Node:
         """The node and its peers, as ``tailpy status --json`` (:class:`tailpy.ipnstate.Status`)."""
         return self._backend().status()
 
-    async def ping(self, peer: str, timeout: float = 5.0) -> PingReply:
-        """One disco ping to ``peer`` (name, FQDN or tailnet IP): its latency and path (direct endpoint or
+    async def ping(self, peer: str | IPAddress, timeout: float = 5.0) -> PingReply:
+        """One disco ping to ``peer`` (name, FQDN or tailnet IP, a str or an ipaddress object): its latency and path (direct endpoint or
         DERP region). Raises ConfigError (unknown peer, not running)."""
-        return await self._backend().ping(peer, timeout)
+        return await self._backend().ping(str(peer), timeout)
 
-    async def whois(self, address: str) -> PeerStatus | None:
-        """The node owning tailnet ``address`` ("100.64.0.2", or "ip:port" as a peername gives it); None
+    async def whois(self, address: str | IPAddress) -> PeerStatus | None:
+        """The node owning tailnet ``address`` ("100.64.0.2", an ipaddress object, or "ip:port" as a
+        peername gives it); None
         when no node has it."""
-        return self._backend().whois(address)
+        return self._backend().whois(str(address))
 
     def resolve(self, host: str) -> list[IPAddress]:
         """``host``'s tailnet addresses from this node's netmap (:func:`tailpy.netstack.lookup`)."""
@@ -327,24 +328,29 @@ class Node:
     # -- sockets ---------------------------------------------------------------------------------------
 
     async def open_connection(
-        self, host: str, port: int, *, timeout: float = DIAL_TIMEOUT, limit: int = STREAM_LIMIT
+        self, host: str | IPAddress, port: int, *, timeout: float = DIAL_TIMEOUT, limit: int = STREAM_LIMIT
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """``reader, writer`` of a TCP connection to ``host``:``port`` over the tailnet, as
-        :func:`asyncio.open_connection`. ``host``: a MagicDNS name ("beta"), an FQDN or a tailnet IP.
+        :func:`asyncio.open_connection`. ``host``: a MagicDNS name ("beta"), an FQDN or a tailnet IP (str or ipaddress object).
         ``timeout``: seconds for the TCP handshake. Raises DialError (reason "no-name", "refused",
         "timeout")."""
-        return await self._netstack().open_connection(host, port, timeout=timeout, limit=limit)
+        return await self._netstack().open_connection(str(host), port, timeout=timeout, limit=limit)
 
     async def create_connection(
-        self, protocol_factory: Callable[[], P], host: str, port: int, *, timeout: float = DIAL_TIMEOUT
+        self,
+        protocol_factory: Callable[[], P],
+        host: str | IPAddress,
+        port: int,
+        *,
+        timeout: float = DIAL_TIMEOUT,
     ) -> tuple[asyncio.Transport, P]:
         """A TCP connection with a protocol, as ``loop.create_connection``. Raises DialError."""
-        return await self._netstack().create_connection(protocol_factory, host, port, timeout=timeout)
+        return await self._netstack().create_connection(protocol_factory, str(host), port, timeout=timeout)
 
-    async def dial(self, host: str, port: int, *, timeout: float = DIAL_TIMEOUT) -> socket.socket:
+    async def dial(self, host: str | IPAddress, port: int, *, timeout: float = DIAL_TIMEOUT) -> socket.socket:
         """A connected non-blocking socket to ``host``:``port`` over the tailnet (for libraries that take a
         socket: ``asyncio.open_connection(sock=...)``, aiohttp connectors). Raises DialError."""
-        return await self._netstack().dial(host, port, timeout=timeout)
+        return await self._netstack().dial(str(host), port, timeout=timeout)
 
     async def start_server(
         self,

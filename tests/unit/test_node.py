@@ -74,7 +74,14 @@ async def test_two_nodes_in_one_process(control: tuple[ControlServer, str], tmp_
 
         server = await b.start_server(echo, port=80)
         domain = (await b.status()).domain
-        for host in ("beta", f"beta.{domain}.", str(b.addresses[0]), "BETA"):
+        hosts: tuple[str | ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = (
+            "beta",
+            f"beta.{domain}.",
+            str(b.addresses[0]),
+            "BETA",
+            b.addresses[0],  # an ipaddress object, as Node.addresses gives it
+        )
+        for host in hosts:
             reader, writer = await a.open_connection(host, 80)
             assert writer.get_extra_info("peername") == (str(b.addresses[0]), 80)
             writer.write(b"hello\n")
@@ -84,6 +91,13 @@ async def test_two_nodes_in_one_process(control: tuple[ControlServer, str], tmp_
         assert seen[0][0] == str(a.addresses[0])
         who = await b.whois(f"{seen[0][0]}:{seen[0][1]}")
         assert who is not None and who.name == "alpha"
+        who = await b.whois(a.addresses[0])
+        assert who is not None and who.name == "alpha"
+        try:  # the address object finds the peer (in-process, control may not mark it online)
+            pong = await a.ping(b.addresses[0], timeout=2.0)
+            assert pong.peer is not None and pong.peer.name.startswith("beta")
+        except ConfigError as e:
+            assert str(e).startswith("beta")
 
         with pytest.raises(DialError) as refused:
             await a.open_connection("beta", 81)

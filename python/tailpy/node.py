@@ -311,14 +311,13 @@ class Node:
         return self._backend().status()
 
     async def ping(self, peer: str | IPAddress, timeout: float = 5.0) -> PingReply:
-        """One disco ping to ``peer`` (name, FQDN or tailnet IP, a str or an ipaddress object): its latency and path (direct endpoint or
-        DERP region). Raises ConfigError (unknown peer, not running)."""
+        """One disco ping to ``peer`` (name, FQDN or tailnet IP, a str or an ipaddress object): its latency
+        and path (direct endpoint or DERP region). Raises ConfigError (unknown peer, not running)."""
         return await self._backend().ping(str(peer), timeout)
 
     async def whois(self, address: str | IPAddress) -> PeerStatus | None:
         """The node owning tailnet ``address`` ("100.64.0.2", an ipaddress object, or "ip:port" as a
-        peername gives it); None
-        when no node has it."""
+        peername gives it); None when no node has it."""
         return self._backend().whois(str(address))
 
     def resolve(self, host: str) -> list[IPAddress]:
@@ -331,8 +330,8 @@ class Node:
         self, host: str | IPAddress, port: int, *, timeout: float = DIAL_TIMEOUT, limit: int = STREAM_LIMIT
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """``reader, writer`` of a TCP connection to ``host``:``port`` over the tailnet, as
-        :func:`asyncio.open_connection`. ``host``: a MagicDNS name ("beta"), an FQDN or a tailnet IP (str or ipaddress object).
-        ``timeout``: seconds for the TCP handshake. Raises DialError (reason "no-name", "refused",
+        :func:`asyncio.open_connection`. ``host``: a MagicDNS name ("beta"), an FQDN or a tailnet IP (str
+        or ipaddress object). ``timeout``: seconds for the TCP handshake. Raises DialError (reason "no-name", "refused",
         "timeout")."""
         return await self._netstack().open_connection(str(host), port, timeout=timeout, limit=limit)
 

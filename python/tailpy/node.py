@@ -331,8 +331,8 @@ class Node:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """``reader, writer`` of a TCP connection to ``host``:``port`` over the tailnet, as
         :func:`asyncio.open_connection`. ``host``: a MagicDNS name ("beta"), an FQDN or a tailnet IP (str
-        or ipaddress object). ``timeout``: seconds for the TCP handshake. Raises DialError (reason "no-name", "refused",
-        "timeout")."""
+        or ipaddress object). ``timeout``: seconds for the TCP handshake. Raises DialError (reason
+        "no-name", "refused", "timeout")."""
         return await self._netstack().open_connection(str(host), port, timeout=timeout, limit=limit)
 
     async def create_connection(

@@ -115,6 +115,38 @@ def test_second_daemon_and_racing_ups_change_nothing(tailnet: LabTailnet) -> Non
     assert _resolv(b) == ORIGINAL and not Path(b.socket).exists()
 
 
+def test_daemons_of_other_state_dirs_leave_the_running_ones_dns_and_socket(tailnet: LabTailnet) -> None:
+    """Another tailpyd on the host (its own state directory; userspace or another TUN) neither takes the
+    running daemon's socket nor removes its MagicDNS addresses or resolv.conf, starting or stopping."""
+    (a,) = tailnet.connected("a")
+    conf = _resolv(a)
+    assert "nameserver 100.100.100.100" in conf and _lo_has_magicdns(a)
+    base = [sys.executable, "-m", "tailpy.daemon", "--port", "0"]
+    # Same socket: refused with one sentence, the running daemon's socket untouched.
+    other = tailnet.root / "other"
+    same_socket = a.host.run(
+        [*base, "--state-dir", str(other), "--socket", a.socket, "--tun", "userspace-networking"],
+        check=False,
+        timeout=60,
+    )
+    assert same_socket.returncode != 0 and "Traceback" not in same_socket.stderr
+    assert f"another tailpyd is listening on {a.socket} (pid {a.daemon.pid})" in same_socket.stderr
+    assert Path(a.socket).exists() and a.status()["backend_state"] == "Running"
+    # Other socket, userspace and another TUN: each starts and stops, a's DNS stays.
+    for tun in ("userspace-networking", "tailpy9"):
+        sock = str(tailnet.root / f"other-{tun}.sock")
+        argv = [*base, "--state-dir", str(tailnet.root / f"other-{tun}"), "--socket", sock, "--tun", tun]
+        proc = a.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda sock=sock: Path(sock).exists(), timeout=30, what=f"tailpyd --tun {tun} to listen")
+            assert _lo_has_magicdns(a) and _resolv(a) == conf, tun
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        assert _lo_has_magicdns(a) and _resolv(a) == conf, tun
+    assert a.status()["backend_state"] == "Running"
+
+
 def test_down_stops_a_wedged_daemon_and_restores_dns(tailnet: LabTailnet) -> None:
     (a,) = tailnet.connected("a")
     assert "100.100.100.100" in _resolv(a)

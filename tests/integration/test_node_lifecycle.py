@@ -138,7 +138,8 @@ def test_daemons_of_other_state_dirs_leave_the_running_ones_dns_and_socket(tailn
         argv = [*base, "--state-dir", str(tailnet.root / f"other-{tun}"), "--socket", sock, "--tun", tun]
         proc = a.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda sock=sock: Path(sock).exists(), timeout=30, what=f"tailpyd --tun {tun} to listen")
+            listening = Path(sock)
+            wait_for(listening.exists, timeout=30, what=f"tailpyd --tun {tun} to listen")
             assert _lo_has_magicdns(a) and _resolv(a) == conf, tun
         finally:
             proc.send_signal(signal.SIGTERM)

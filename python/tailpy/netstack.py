@@ -139,6 +139,19 @@ def lookup(netmap: nm.NetMap | None, host: str) -> list[IPAddress]:
     return sorted(found, key=lambda ip: ip.version)
 
 
+def check_peer(netmap: nm.NetMap | None, ip: IPAddress) -> None:
+    """Raise DialError (reason "unreachable") when ``ip`` is an address of a peer in ``netmap`` whose node
+    key has expired (or that logged out): the data plane drops such peers, so without this a dial would
+    only learn that no peer's allowed IPs contain ``ip``. Anything else passes."""
+    if netmap is None:
+        return
+    for peer in netmap.peers.values():
+        if peer.expired and ip in _addresses(peer.addresses):
+            raise DialError(
+                f"cannot reach {ip}: peer {peer.name}'s key has expired (it must log in again)", "unreachable"
+            )
+
+
 def _addresses(prefixes: Iterable[str]) -> list[IPAddress]:
     out: list[IPAddress] = []
     for a in prefixes:
@@ -203,7 +216,8 @@ def _sock(fd: int, peer: Address, local: Address) -> socket.socket:
 class Netstack:
     """asyncio sockets on the userspace device ``device()`` returns (None: the node has no data plane now,
     and every call raises DialError). ``resolve`` maps names to tailnet addresses (:func:`lookup` over the
-    node's netmap); ``local_ip()`` is the node's own address reported as ``sockname``.
+    node's netmap); ``local_ip()`` is the node's own address reported as ``sockname``; ``check(ip)`` raises
+    DialError before a dial to ``ip`` that cannot work (:func:`check_peer`: an expired peer).
 
     Used inside one running event loop; :meth:`close` closes every server, endpoint and connection made here
     and waits for the dial threads to end."""
@@ -213,9 +227,11 @@ class Netstack:
         device: Callable[[], UserspaceDevice | None],
         resolve: Resolve,
         local_ip: Callable[[int], str] = lambda version: "0.0.0.0" if version == 4 else "::",
+        check: Callable[[IPAddress], None] = lambda ip: None,
     ) -> None:
         self._device = device
         self._resolve = resolve
+        self._check = check
         self._local_ip = local_ip
         self._servers: set[TailnetServer] = set()
         self._datagrams: set[TailnetDatagramTransport] = set()
@@ -279,6 +295,7 @@ class Netstack:
         for ip in self.resolve(host):
             dev = self.device()
             try:
+                self._check(ip)
                 fd = await self._blocking(functools.partial(dev.tcp_dial, str(ip), port, timeout))
             except (TailpyError, OSError) as e:
                 last = _dial_error(e, ip, port)

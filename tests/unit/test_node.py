@@ -165,7 +165,9 @@ async def test_ephemeral_node_keeps_no_state(control: tuple[ControlServer, str],
     async with n:
         state = n.state_dir
         assert state is not None and state.exists()
+        assert [x.name for x in srv.store.list_nodes()] == ["tmp"]
     assert not state.exists()
+    assert srv.store.list_nodes() == []  # a plain reusable key: deleted at close all the same
 
 
 def test_lookup_names() -> None:
@@ -204,6 +206,41 @@ def test_lookup_names() -> None:
             lookup(m, bad)
     with pytest.raises(DialError, match="no netmap"):
         lookup(None, "beta")
+
+
+async def test_dial_to_expired_peer_names_the_expiry() -> None:
+    from dataclasses import replace
+
+    from tailpy import netmap as nm
+    from tailpy.keys import MachinePrivate, NodePrivate
+    from tailpy.netstack import Netstack, check_peer
+
+    def mk(i: int, name: str, expired: bool = False) -> nm.Node:
+        return nm.Node(
+            id=i,
+            name=name,
+            hostname=name,
+            node_key=NodePrivate.generate().public,
+            machine_key=MachinePrivate.generate().public,
+            addresses=(f"100.64.0.{i}/32", f"fd7a:115c:a1e0::{i}/128"),
+            expired=expired,
+        )
+
+    m = nm.NetMap(mk(1, "alpha"), {2: mk(2, "beta", expired=True), 3: mk(3, "gamma")}, "ts.test")
+
+    class Unreachable:
+        def tcp_dial(self, dst_ip: str, dst_port: int, timeout: float) -> int:
+            raise DialError(f"no peer's allowed IPs contain {dst_ip}")
+
+    stack = Netstack(lambda: Unreachable(), lambda h: lookup(m, h), check=lambda ip: check_peer(m, ip))  # type: ignore[arg-type,return-value]
+    for host in ("beta", "100.64.0.2", "fd7a:115c:a1e0::2"):
+        with pytest.raises(DialError, match="peer beta's key has expired") as e:
+            await stack.open_connection(host, 80)
+        assert e.value.reason == "unreachable"
+    with pytest.raises(DialError, match="allowed IPs"):
+        await stack.open_connection("gamma", 80)
+    check_peer(replace(m, peers={2: replace(m.peers[2], expired=False)}), ipaddress.ip_address("100.64.0.2"))
+    await stack.close()
 
 
 @given(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -48,6 +49,20 @@ DATAGRAM_HEADER = 19
 """Bytes before each UDP payload on a datagram fd: family (1), address (16), port (2, big-endian)."""
 MAX_DATAGRAM = 65535
 """Largest UDP payload, bytes."""
+MAX_UDP_IPV4 = 16384 - 28
+"""Largest UDP payload to or from an IPv4 tailnet address, bytes: the userspace stack fragments and
+reassembles IPv4 packets of up to 16384 bytes (tailpy-core's ``IPV4_MAX_PACKET``; RFC 791 §2.3), less the
+IPv4 and UDP headers."""
+UDP_IPV6_OVERHEAD = 48
+"""Bytes of the IPv6 and UDP headers: an IPv6 UDP payload must fit one packet of the MTU (the userspace
+stack, smoltcp 0.14, does not fragment IPv6)."""
+
+
+def max_udp_payload(ip: IPAddress, mtu: int) -> int:
+    """Largest UDP payload (bytes) the userspace stack sends to ``ip`` on a node of ``mtu`` bytes."""
+    return MAX_UDP_IPV4 if ip.version == 4 else mtu - UDP_IPV6_OVERHEAD
+
+
 STREAM_LIMIT = 2**16
 """Default buffer limit of a StreamReader, bytes (as :func:`asyncio.open_connection`)."""
 
@@ -217,7 +232,8 @@ class Netstack:
     """asyncio sockets on the userspace device ``device()`` returns (None: the node has no data plane now,
     and every call raises DialError). ``resolve`` maps names to tailnet addresses (:func:`lookup` over the
     node's netmap); ``local_ip()`` is the node's own address reported as ``sockname``; ``check(ip)`` raises
-    DialError before a dial to ``ip`` that cannot work (:func:`check_peer`: an expired peer).
+    DialError before a dial to ``ip`` that cannot work (:func:`check_peer`: an expired peer); ``mtu``: the
+    node's MTU, bytes (it bounds IPv6 UDP payloads: :func:`max_udp_payload`).
 
     Used inside one running event loop; :meth:`close` closes every server, endpoint and connection made here
     and waits for the dial threads to end."""
@@ -228,10 +244,12 @@ class Netstack:
         resolve: Resolve,
         local_ip: Callable[[int], str] = lambda version: "0.0.0.0" if version == 4 else "::",
         check: Callable[[IPAddress], None] = lambda ip: None,
+        mtu: int = 1280,
     ) -> None:
         self._device = device
         self._resolve = resolve
         self._check = check
+        self.mtu = mtu
         self._local_ip = local_ip
         self._servers: set[TailnetServer] = set()
         self._datagrams: set[TailnetDatagramTransport] = set()
@@ -599,7 +617,9 @@ class TailnetDatagramTransport(asyncio.DatagramTransport):
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         """Send ``data`` (bytes-like) to ``addr`` = (tailnet name or address, port), or to ``remote_addr``.
-        Raises DialError for an unknown name, ValueError without a destination."""
+        Raises DialError for an unknown name, ValueError without a destination, OSError (errno EMSGSIZE)
+        when ``data`` is larger than :func:`max_udp_payload` (IPv4: 16356 bytes; IPv6: MTU - 48 bytes,
+        1232 at the default MTU 1280)."""
         if self._closing:
             return
         if addr is None:
@@ -608,8 +628,16 @@ class TailnetDatagramTransport(asyncio.DatagramTransport):
             ip, port = self._remote
         else:
             ip, port = self._stack.resolve(str(addr[0]))[0], int(addr[1])
+        payload = bytes(data)
+        limit = max_udp_payload(ip, self._stack.mtu)
+        if len(payload) > limit:
+            raise OSError(
+                errno.EMSGSIZE,
+                f"UDP datagram of {len(payload)} bytes to {ip} is too long: the tailnet carries at most "
+                f"{limit} bytes of payload to an IPv{ip.version} address",
+            )
         try:
-            self._sock.send(encode_datagram(ip, port, bytes(data)))
+            self._sock.send(encode_datagram(ip, port, payload))
         except (BlockingIOError, InterruptedError):
             self.dropped += 1
         except OSError as e:

@@ -188,7 +188,7 @@ class Node:
 
         backend = Backend(StateStore(self.state_dir), make_device, tun_mtu=mtu, userspace=True)
         self.backend = backend
-        self._stack = Netstack(self._device, self._resolve, self._local_ip, self._check_peer)
+        self._stack = Netstack(self._device, self._resolve, self._local_ip, self._check_peer, mtu)
         self._watch = asyncio.create_task(self._watch_login(), name="tailpy-node-login")
         await backend.start()
         s = backend.state_data

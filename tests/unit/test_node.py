@@ -6,6 +6,7 @@ every file descriptor and thread when closed. The datagram header of the netstac
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import threading
@@ -112,6 +113,13 @@ async def test_two_nodes_in_one_process(control: tuple[ControlServer, str], tmp_
         t_a.sendto(b"ping")
         data, addr = await asyncio.wait_for(got.get(), 5)
         assert data == b"gnip" and addr == (str(b.addresses[0]), 5353)
+        # larger than the userspace stack carries: refused at once, not dropped unseen
+        v6 = next(str(ip) for ip in b.addresses if ip.version == 6)
+        for payload, dst in ((bytes(16357), "beta"), (bytes(1233), v6)):
+            with pytest.raises(OSError, match="too long") as big:
+                t_a.sendto(payload, (dst, 5353))
+            assert big.value.errno == errno.EMSGSIZE
+        t_a.sendto(bytes(1232), (v6, 5353))  # fits one IPv6 packet of the default MTU
 
         server.close()
         await server.wait_closed()

@@ -111,6 +111,7 @@ async def run(
                     "0.0.0.0" if version == 4 else "::",
                 ),
                 lambda ip: check_peer(backend.netmap, ip),
+                mtu,
             )
             if socks5_server:
                 proxies.append(await start_socks5(socks5_server, stack.open_connection))

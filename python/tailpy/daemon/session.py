@@ -37,7 +37,7 @@ from tailpy.control import ControlClient
 from tailpy.control.client import LoginAnswer
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
-from tailpy.errors import ControlError, NotRegisteredError, TailpyError
+from tailpy.errors import ControlError, NotRegisteredError, StorageError, TailpyError
 from tailpy.keys import DiscoPublic, MachinePrivate, NodePrivate
 from tailpy.proto import control as proto
 
@@ -274,7 +274,11 @@ class ControlSession:
             except NotRegisteredError as e:
                 self._task = None
                 self._set_connected(False)
-                self.hooks.on_forgotten(e)
+                try:
+                    self.hooks.on_forgotten(e)
+                except StorageError as se:  # never an unretrieved task exception: say it once
+                    log.warning("control session: %s", se)
+                    self.hooks.on_error(str(se))
                 return
             except TailpyError as e:
                 log.warning("control session: %s", e)

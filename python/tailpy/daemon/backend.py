@@ -295,6 +295,8 @@ class Backend:
                 self._drop_intent(*before)  # control said no (or no session carries it): forget it
             if registered_here and not force_reauth and not isinstance(e, refused):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
+                if hostname != before[0]:
+                    self.session.rename_pending = True  # registered before the session's next map request
                 if not connected:
                     self._bring_up_offline(hostname, str(e))
                 return
@@ -382,6 +384,7 @@ class Backend:
         if unsaved:
             s.pending_node_key = node_key  # as on disk: what the next start offers control first
         self.last_error = unsaved
+        self.session.rename_pending = False  # this registration carried the hostname
         self._fire(Event.REGISTERED)
         self._apply_self(node)
         self.session.start()

@@ -165,6 +165,10 @@ class ControlSession:
         self._netmap_changed = asyncio.Event()
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
         self.clock_skew: float | None = None
+        self.rename_pending = False
+        """A new hostname control could not take (``up --hostname`` while it was unreachable): registered
+        before the next map request, since control renames a node at registration only (a map request's
+        hostname is stored without a rename)."""
         """Seconds control's clock is ahead of ours, from its last reply (``ControlClient.clock_skew``)."""
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -301,6 +305,10 @@ class ControlSession:
 
     async def _follow(self, client: ControlClient) -> None:
         s = self.state
+        if self.rename_pending:
+            await client.register(s.node_key.public, s.hostname, None, os=OS_NAME)
+            log.info("hostname %s registered with control", s.hostname)
+            self.rename_pending = False
         self.reported_endpoints = self.hooks.endpoints()
         self._home_changed.clear()  # the map request carries the current home
         self.reported_endpoints_changed.clear()  # and the current endpoints

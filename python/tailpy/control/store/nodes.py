@@ -361,9 +361,7 @@ def update(
     home_derp: int | None,
     disco_key: DiscoPublic | None,
 ) -> Node | None:
-    """A map request's report (see :meth:`Store.update_node`). A new hostname renames the node as a
-    registration does (:func:`follow_hostname`): one asked for while control could not take it (its
-    registration failed) is applied here, as Tailscale's control follows each map request's Hostinfo."""
+    """A map request's report (see :meth:`Store.update_node`)."""
     values: dict[str, Any] = {"last_seen": now}
     if disco_key is not None:
         values["disco_key"] = disco_key.text()
@@ -373,9 +371,6 @@ def update(
         values["home_derp"] = home_derp
     if hostname is not None:
         values["hostname"] = hostname
-        row = conn.execute(sa.select(nodes).where(*_live_of(machine_key))).first()
-        if row is not None:
-            values.update(follow_hostname(conn, row, hostname))
     conn.execute(nodes.update().where(*_live_of(machine_key)).values(**values))
     return by_machine_key(conn, machine_key, now)
 

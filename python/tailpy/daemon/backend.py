@@ -323,9 +323,9 @@ class Backend:
     def _save_intent(self, hostname: str, node_key: NodePrivate) -> None:
         """Before control hears of them, save the hostname asked for and a new node key (as the pending key,
         next to the current one): a state file that cannot be written (StorageError, a full disk) then
-        changes nothing, and a node key control took is never lost. The session's next map request carries
-        the hostname (a rename control could not take now is applied when it answers); the next start
-        offers control the pending key first (:meth:`ControlSession.finish_pending_rotation`)."""
+        changes nothing, and a node key control took is never lost. A rename control cannot take now is
+        registered before the session's next map request (``ControlSession.rename_pending``); the next
+        start offers control the pending key first (:meth:`ControlSession.finish_pending_rotation`)."""
         s = self.state_data
         pending = node_key if node_key is not s.node_key else s.pending_node_key
         if hostname == s.hostname and pending is s.pending_node_key:

@@ -17,7 +17,7 @@ async def fetch(url: str) -> bytes:
         control_url=os.environ["TAILPY_CONTROL_URL"],
         auth_key=os.environ.get("TAILPY_AUTH_KEY"),
         hostname=os.environ.get("TAILPY_HOSTNAME", "fetch"),
-        ephemeral=True,  # no state kept; logged out when done
+        ephemeral=True,  # no state kept; control deletes the node when it closes
     ) as node:
         reader, writer = await node.open_connection(u.hostname or "", u.port or 80)  # a MagicDNS name
         writer.write(f"GET {u.path or '/'} HTTP/1.0\r\nHost: {u.netloc}\r\n\r\n".encode())

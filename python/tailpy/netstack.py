@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -48,6 +49,20 @@ DATAGRAM_HEADER = 19
 """Bytes before each UDP payload on a datagram fd: family (1), address (16), port (2, big-endian)."""
 MAX_DATAGRAM = 65535
 """Largest UDP payload, bytes."""
+MAX_UDP_IPV4 = 16384 - 28
+"""Largest UDP payload to or from an IPv4 tailnet address, bytes: the userspace stack fragments and
+reassembles IPv4 packets of up to 16384 bytes (tailpy-core's ``IPV4_MAX_PACKET``; RFC 791 §2.3), less the
+IPv4 and UDP headers."""
+UDP_IPV6_OVERHEAD = 48
+"""Bytes of the IPv6 and UDP headers: an IPv6 UDP payload must fit one packet of the MTU (the userspace
+stack, smoltcp 0.14, does not fragment IPv6)."""
+
+
+def max_udp_payload(ip: IPAddress, mtu: int) -> int:
+    """Largest UDP payload (bytes) the userspace stack sends to ``ip`` on a node of ``mtu`` bytes."""
+    return MAX_UDP_IPV4 if ip.version == 4 else mtu - UDP_IPV6_OVERHEAD
+
+
 STREAM_LIMIT = 2**16
 """Default buffer limit of a StreamReader, bytes (as :func:`asyncio.open_connection`)."""
 
@@ -139,6 +154,19 @@ def lookup(netmap: nm.NetMap | None, host: str) -> list[IPAddress]:
     return sorted(found, key=lambda ip: ip.version)
 
 
+def check_peer(netmap: nm.NetMap | None, ip: IPAddress) -> None:
+    """Raise DialError (reason "unreachable") when ``ip`` is an address of a peer in ``netmap`` whose node
+    key has expired (or that logged out): the data plane drops such peers, so without this a dial would
+    only learn that no peer's allowed IPs contain ``ip``. Anything else passes."""
+    if netmap is None:
+        return
+    for peer in netmap.peers.values():
+        if peer.expired and ip in _addresses(peer.addresses):
+            raise DialError(
+                f"cannot reach {ip}: peer {peer.name}'s key has expired (it must log in again)", "unreachable"
+            )
+
+
 def _addresses(prefixes: Iterable[str]) -> list[IPAddress]:
     out: list[IPAddress] = []
     for a in prefixes:
@@ -203,7 +231,9 @@ def _sock(fd: int, peer: Address, local: Address) -> socket.socket:
 class Netstack:
     """asyncio sockets on the userspace device ``device()`` returns (None: the node has no data plane now,
     and every call raises DialError). ``resolve`` maps names to tailnet addresses (:func:`lookup` over the
-    node's netmap); ``local_ip()`` is the node's own address reported as ``sockname``.
+    node's netmap); ``local_ip()`` is the node's own address reported as ``sockname``; ``check(ip)`` raises
+    DialError before a dial to ``ip`` that cannot work (:func:`check_peer`: an expired peer); ``mtu``: the
+    node's MTU, bytes (it bounds IPv6 UDP payloads: :func:`max_udp_payload`).
 
     Used inside one running event loop; :meth:`close` closes every server, endpoint and connection made here
     and waits for the dial threads to end."""
@@ -213,9 +243,13 @@ class Netstack:
         device: Callable[[], UserspaceDevice | None],
         resolve: Resolve,
         local_ip: Callable[[int], str] = lambda version: "0.0.0.0" if version == 4 else "::",
+        check: Callable[[IPAddress], None] = lambda ip: None,
+        mtu: int = 1280,
     ) -> None:
         self._device = device
         self._resolve = resolve
+        self._check = check
+        self.mtu = mtu
         self._local_ip = local_ip
         self._servers: set[TailnetServer] = set()
         self._datagrams: set[TailnetDatagramTransport] = set()
@@ -279,6 +313,7 @@ class Netstack:
         for ip in self.resolve(host):
             dev = self.device()
             try:
+                self._check(ip)
                 fd = await self._blocking(functools.partial(dev.tcp_dial, str(ip), port, timeout))
             except (TailpyError, OSError) as e:
                 last = _dial_error(e, ip, port)
@@ -582,7 +617,9 @@ class TailnetDatagramTransport(asyncio.DatagramTransport):
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         """Send ``data`` (bytes-like) to ``addr`` = (tailnet name or address, port), or to ``remote_addr``.
-        Raises DialError for an unknown name, ValueError without a destination."""
+        Raises DialError for an unknown name, ValueError without a destination, OSError (errno EMSGSIZE)
+        when ``data`` is larger than :func:`max_udp_payload` (IPv4: 16356 bytes; IPv6: MTU - 48 bytes,
+        1232 at the default MTU 1280)."""
         if self._closing:
             return
         if addr is None:
@@ -591,8 +628,16 @@ class TailnetDatagramTransport(asyncio.DatagramTransport):
             ip, port = self._remote
         else:
             ip, port = self._stack.resolve(str(addr[0]))[0], int(addr[1])
+        payload = bytes(data)
+        limit = max_udp_payload(ip, self._stack.mtu)
+        if len(payload) > limit:
+            raise OSError(
+                errno.EMSGSIZE,
+                f"UDP datagram of {len(payload)} bytes to {ip} is too long: the tailnet carries at most "
+                f"{limit} bytes of payload to an IPv{ip.version} address",
+            )
         try:
-            self._sock.send(encode_datagram(ip, port, bytes(data)))
+            self._sock.send(encode_datagram(ip, port, payload))
         except (BlockingIOError, InterruptedError):
             self.dropped += 1
         except OSError as e:

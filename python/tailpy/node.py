@@ -59,6 +59,7 @@ from tailpy.netstack import (
     TailnetDatagramTransport,
     TailnetServer,
     UserspaceDevice,
+    check_peer,
     lookup,
 )
 
@@ -104,8 +105,10 @@ class Node:
     with the saved registration, else log in interactively (the sign-in URL goes to ``on_login_url`` and
     :attr:`login_url`). ``state_dir``: where the keys are kept (mode 0700; default
     :func:`default_state_dir`). ``hostname``: the name asked for (default: the host's name).
-    ``ephemeral``: keep no state (a temporary directory removed at :meth:`close`) and log out at close;
-    an ephemeral auth key makes control delete the node once offline. ``port``: the UDP port for
+    ``ephemeral``: register as an ephemeral node whatever the auth key, keep no state (a temporary
+    directory removed at :meth:`close`) and log out at close, which makes control delete the node (as
+    tsnet's ``Server.Ephemeral``); a node that dies without closing is deleted after control's ephemeral
+    timeout. ``port``: the UDP port for
     WireGuard, STUN and disco (0: any free port). ``mtu``: bytes. ``start_timeout``: seconds
     :meth:`start` waits for the node to come up (None: forever, e.g. for an interactive login).
 
@@ -185,7 +188,7 @@ class Node:
 
         backend = Backend(StateStore(self.state_dir), make_device, tun_mtu=mtu, userspace=True)
         self.backend = backend
-        self._stack = Netstack(self._device, self._resolve, self._local_ip)
+        self._stack = Netstack(self._device, self._resolve, self._local_ip, self._check_peer, mtu)
         self._watch = asyncio.create_task(self._watch_login(), name="tailpy-node-login")
         await backend.start()
         s = backend.state_data
@@ -194,7 +197,9 @@ class Node:
             raise ConfigError("no control server: pass control_url")
         registered = s.node_id is not None and s.login_server.rstrip("/") == url.rstrip("/")
         if not registered or not s.want_running or backend.state is not BackendState.STARTING:
-            await backend.up(url, self.auth_key, self.hostname or None, accept_dns=False)
+            await backend.up(
+                url, self.auth_key, self.hostname or None, accept_dns=False, ephemeral=self.ephemeral
+            )
         await asyncio.wait_for(self._until_running(), self.start_timeout)
 
     async def _until_running(self) -> None:
@@ -272,6 +277,9 @@ class Node:
 
     def _resolve(self, host: str) -> list[IPAddress]:
         return lookup(self.backend.netmap if self.backend is not None else None, host)
+
+    def _check_peer(self, ip: IPAddress) -> None:
+        check_peer(self.backend.netmap if self.backend is not None else None, ip)
 
     def _local_ip(self, version: int) -> str:
         for ip in self.addresses:

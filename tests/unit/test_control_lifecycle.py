@@ -127,6 +127,26 @@ async def test_logout_then_login_keeps_record(env_factory: Callable[..., object]
     assert next(k for k in env.store.list_auth_keys() if k.shown == key[:15] + "…").used
 
 
+async def test_ephemeral_node_deleted_at_logout(env_factory: Callable[..., object]) -> None:
+    env: Env = await env_factory()  # type: ignore[misc]
+    peer, c, asked = env.client(), env.client(), env.client()
+    pk = NodePrivate.generate().public
+    await peer.register(pk, "peer", env.key())
+    eph_key = NodePrivate.generate().public
+    e = await c.register(eph_key, "ci", env.key(ephemeral=True))
+    reusable = env.store.create_auth_key(reusable=True, expires=None, now=time.time()).key
+    ask_key = NodePrivate.generate().public
+    a = await asked.register(ask_key, "fetch", reusable, ephemeral=True)  # a plain key, asked ephemeral
+    maps = peer.stream_map(pk, [], "peer")
+    await until(maps, lambda nm: {e.id, a.id} <= set(nm.peers))
+    await c._call("/machine/logout", {"node_key": eph_key.text()})
+    await asked._call("/machine/logout", {"node_key": ask_key.text()})
+    await until(maps, lambda nm: not {e.id, a.id} & set(nm.peers))
+    assert [n.name for n in env.store.list_nodes()] == ["peer"]
+    again = await env.client().register(NodePrivate.generate().public, "fetch", reusable, ephemeral=True)
+    assert again.name == "fetch"  # the name was freed with the node
+
+
 async def test_key_expiry_is_published_by_the_timer(env_factory: Callable[..., object]) -> None:
     env: Env = await env_factory(key_lifetime=1.0)  # type: ignore[misc]
     peer, short = env.client(), env.client()

@@ -6,6 +6,7 @@ every file descriptor and thread when closed. The datagram header of the netstac
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import threading
@@ -112,6 +113,13 @@ async def test_two_nodes_in_one_process(control: tuple[ControlServer, str], tmp_
         t_a.sendto(b"ping")
         data, addr = await asyncio.wait_for(got.get(), 5)
         assert data == b"gnip" and addr == (str(b.addresses[0]), 5353)
+        # larger than the userspace stack carries: refused at once, not dropped unseen
+        v6 = next(str(ip) for ip in b.addresses if ip.version == 6)
+        for payload, dst in ((bytes(16357), "beta"), (bytes(1233), v6)):
+            with pytest.raises(OSError, match="too long") as big:
+                t_a.sendto(payload, (dst, 5353))
+            assert big.value.errno == errno.EMSGSIZE
+        t_a.sendto(bytes(1232), (v6, 5353))  # fits one IPv6 packet of the default MTU
 
         server.close()
         await server.wait_closed()
@@ -165,7 +173,9 @@ async def test_ephemeral_node_keeps_no_state(control: tuple[ControlServer, str],
     async with n:
         state = n.state_dir
         assert state is not None and state.exists()
+        assert [x.name for x in srv.store.list_nodes()] == ["tmp"]
     assert not state.exists()
+    assert srv.store.list_nodes() == []  # a plain reusable key: deleted at close all the same
 
 
 def test_lookup_names() -> None:
@@ -204,6 +214,41 @@ def test_lookup_names() -> None:
             lookup(m, bad)
     with pytest.raises(DialError, match="no netmap"):
         lookup(None, "beta")
+
+
+async def test_dial_to_expired_peer_names_the_expiry() -> None:
+    from dataclasses import replace
+
+    from tailpy import netmap as nm
+    from tailpy.keys import MachinePrivate, NodePrivate
+    from tailpy.netstack import Netstack, check_peer
+
+    def mk(i: int, name: str, expired: bool = False) -> nm.Node:
+        return nm.Node(
+            id=i,
+            name=name,
+            hostname=name,
+            node_key=NodePrivate.generate().public,
+            machine_key=MachinePrivate.generate().public,
+            addresses=(f"100.64.0.{i}/32", f"fd7a:115c:a1e0::{i}/128"),
+            expired=expired,
+        )
+
+    m = nm.NetMap(mk(1, "alpha"), {2: mk(2, "beta", expired=True), 3: mk(3, "gamma")}, "ts.test")
+
+    class Unreachable:
+        def tcp_dial(self, dst_ip: str, dst_port: int, timeout: float) -> int:
+            raise DialError(f"no peer's allowed IPs contain {dst_ip}")
+
+    stack = Netstack(lambda: Unreachable(), lambda h: lookup(m, h), check=lambda ip: check_peer(m, ip))  # type: ignore[arg-type,return-value]
+    for host in ("beta", "100.64.0.2", "fd7a:115c:a1e0::2"):
+        with pytest.raises(DialError, match="peer beta's key has expired") as e:
+            await stack.open_connection(host, 80)
+        assert e.value.reason == "unreachable"
+    with pytest.raises(DialError, match="allowed IPs"):
+        await stack.open_connection("gamma", 80)
+    check_peer(replace(m, peers={2: replace(m.peers[2], expired=False)}), ipaddress.ip_address("100.64.0.2"))
+    await stack.close()
 
 
 @given(

@@ -60,6 +60,21 @@ def test_install_writes_the_three_units_with_absolute_commands(tmp_path: Path) -
         assert "@" not in "".join(unit["ExecStart"])
 
 
+def test_warns_when_the_sandbox_hides_the_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tailpy.cli import install_systemd
+
+    monkeypatch.setattr(
+        install_systemd, "commands", lambda: ("/root/venv/bin/tailpyd", "/root/venv/bin/tailpy")
+    )
+    done = CliRunner().invoke(command, ["--dest", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert "/root/venv/bin/tailpyd" in done.stderr and "/opt/tailpy" in done.stderr
+    assert "systemctl daemon-reload" not in done.stdout  # not the default directory: no enable hint
+    assert install_systemd.hidden_path(["/opt/tailpy/bin/tailpyd", "/usr/bin/python3"]) is None
+    for hidden in ("/tmp/x/bin/tailpy", "/var/tmp/tailpy", "/home/u/.local/bin/tailpy", "/root/t"):
+        assert install_systemd.hidden_path(["/usr/bin/python3", hidden]) == Path(hidden)
+
+
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     done = CliRunner().invoke(command, ["--dest", str(tmp_path / "units"), "--dry-run"])
     assert done.exit_code == 0 and "Type=notify" in done.output

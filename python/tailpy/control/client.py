@@ -248,6 +248,7 @@ class ControlClient:
         old_node_key: NodePublic | None = None,
         old_node_proof: str | None = None,
         request_tags: Sequence[str] = (),
+        ephemeral: bool = False,
     ) -> Node:
         """Register this machine with ``node_key`` and ``hostname``; returns its node (id, name, addresses).
 
@@ -255,14 +256,19 @@ class ControlClient:
         key changes without a rotation proof. Rotation: ``old_node_key`` (the current key) with
         ``old_node_proof`` from :func:`tailpy.proto.control.seal_rotation_proof` replaces it, no auth key.
         ``os``: the node's operating system ("linux"). ``request_tags``: tags this node asks for (``tailpy up
-        --advertise-tags``; empty: no request, its tags stay). Raises AuthKeyError (unknown, expired or
-        used-up key: the server's sentence), TagError (a tag nobody asking may own), or ControlError.
+        --advertise-tags``; empty: no request, its tags stay). ``ephemeral``: register as an ephemeral node
+        whatever the auth key (control deletes it at logout or after its offline timeout; tsnet's
+        ``Server.Ephemeral``, Tailscale's ``RegisterRequest.Ephemeral``). Raises AuthKeyError (unknown,
+        expired or used-up key: the server's sentence), TagError (a tag nobody asking may own),
+        or ControlError.
         """
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname}
         if request_tags:
             body["request_tags"] = list(request_tags)
         if auth_key is not None:
             body["auth_key"] = auth_key
+        if ephemeral:
+            body["ephemeral"] = True
         if os:
             body["os"] = os
         if old_node_key is not None:
@@ -303,7 +309,8 @@ class ControlClient:
 
     async def logout(self, node_key: NodePublic) -> Node:
         """Log this machine out: the server expires ``node_key`` and keeps the node record (id, address,
-        name) for the next registration with an auth key. Raises ControlError."""
+        name) for the next registration with an auth key; an ephemeral node is deleted instead. Raises
+        ControlError."""
         return self._node(await self._call("/machine/logout", {"node_key": node_key.text()}))
 
     async def update_endpoints(self, endpoints: Sequence[Endpoint]) -> None:

@@ -4,7 +4,9 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 
 * ``GET /key`` -> the server's machine public key, ``mkey:<hex>`` as text/plain (public, unauthenticated).
 * ``POST /machine/register`` sealed ``{node_key, hostname, os?, auth_key?, old_node_key?, old_node_proof?,
-  request_tags?}`` -> sealed ``{"node": Node JSON}``. ``request_tags`` (``["tag:a", ...]``, Tailscale's
+  request_tags?, ephemeral?}`` -> sealed ``{"node": Node JSON}``. ``"ephemeral": true`` (Tailscale's
+  ``RegisterRequest.Ephemeral``, tsnet's ``Server.Ephemeral``) makes the node ephemeral whatever the auth
+  key. ``request_tags`` (``["tag:a", ...]``, Tailscale's
   ``Hostinfo.RequestTags``: ``tailpy up --advertise-tags``) are granted only when the auth key's creator or
   the node's owner may own them (:mod:`tailpy.control.tags`); refused, the registration is refused (403,
   ``"kind": "tags"``, nothing changed). With ``old_node_key`` (the machine's current node key) and
@@ -18,7 +20,8 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 * ``GET /login/<id>``, ``GET /login/<id>/start``, ``GET /oidc/callback``: the login pages (HTML), with
   ``oidc`` only.
 * ``POST /machine/logout`` sealed ``{node_key}`` -> sealed ``{"node": Node JSON}``: the node's key is expired
-  and logged out (its record stays; a later register with an auth key brings it back).
+  and logged out (its record stays; a later register with an auth key brings it back). An ephemeral node
+  is deleted instead, as by ``nodes delete`` (its addresses go to the address quarantine).
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, resume?:
   {generation, version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message per line: a
   full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the node can
@@ -517,6 +520,7 @@ class ControlServer:
                         key_lifetime=self.key_lifetime,
                         request_tags=request_tags,
                         tag_check=self.check_tags,
+                        ephemeral=req.body.get("ephemeral") is True,
                     )
             except TagError as e:
                 raise _Refused(403, str(e), "tags") from None
@@ -558,11 +562,16 @@ class ControlServer:
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         def do(req: proto.OpenedRequest) -> web.Response:
             self._live_node(req, _node_key(req.body))
-            node = self.store.logout(req.machine_key, self.clock())
+            now = self.clock()
+            node = self.store.logout(req.machine_key, now)
             if node is None:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
-            log.info("node %d %s logged out", node.id, node.name)
-            self.publish_node(node.id)
+            if self.store.is_ephemeral(node.id) and self.store.delete_node(node.id, now):
+                log.info("node %d %s logged out: ephemeral, removed", node.id, node.name)
+                self.admin_removed(node.id)
+            else:
+                log.info("node %d %s logged out", node.id, node.name)
+                self.publish_node(node.id)
             return self._reply(req, {"node": _with_online(node, self.is_online(node.id)).to_json()})
 
         return await self._handle(request, "/machine/logout", do)

@@ -217,13 +217,15 @@ class Backend:
         force_reauth: bool = False,
         accept_dns: bool | None = None,
         advertise_tags: Sequence[str] | None = None,
+        ephemeral: bool = False,
     ) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
         ``accept_dns``: point the host's resolver at MagicDNS (None: as before; True on a new node).
         ``advertise_tags``: tags to ask control for, kept for later registrations (None: as before; empty:
         ask for none, the node keeps the tags it has); control refuses with TagError when nobody asking may
-        own one (then nothing changes).
+        own one (then nothing changes). ``ephemeral``: with an auth key, register as an ephemeral node
+        whatever the key (control deletes it when it logs out or has been offline too long).
 
         Nothing is changed (state file, tunnel, node key) unless control accepts the registration, except
         that a node already registered with this server, finding control unreachable, comes up on what it
@@ -282,7 +284,9 @@ class Backend:
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
         try:
             # Without an auth key: interactive login where control offers it, an auth key where it does not.
-            answer = await register(url, s.machine_key, node_key, hostname, auth_key, tags)
+            answer = await register(
+                url, s.machine_key, node_key, hostname, auth_key, tags, ephemeral=ephemeral
+            )
         except ControlError as e:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
                 e = AuthKeyError(why)

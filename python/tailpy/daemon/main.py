@@ -22,7 +22,7 @@ from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
 from tailpy.errors import ConfigError, DaemonRunningError, ParseError, TailpyError
-from tailpy.netstack import Netstack, UserspaceDevice, lookup
+from tailpy.netstack import Netstack, UserspaceDevice, check_peer, lookup
 from tailpy.proxy import ProxyServer, parse_listen, start_http_proxy, start_socks5
 from tailpy.storage import is_storage_errno, storage_error
 
@@ -110,6 +110,8 @@ async def run(
                     (a.split("/")[0] for a in backend.state_data.addresses if (":" in a) == (version == 6)),
                     "0.0.0.0" if version == 4 else "::",
                 ),
+                lambda ip: check_peer(backend.netmap, ip),
+                mtu,
             )
             if socks5_server:
                 proxies.append(await start_socks5(socks5_server, stack.open_connection))

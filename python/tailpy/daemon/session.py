@@ -59,16 +59,24 @@ async def register(
     hostname: str,
     auth_key: str | None,
     request_tags: Sequence[str] = (),
+    *,
+    ephemeral: bool = False,
 ) -> nm.Node | LoginAnswer:
     """Register ``node_key`` with control at ``url``: with ``auth_key``, the node; without, control's first
     login answer (the node when the machine is known, else where the user signs in). ``request_tags``: the
-    tags this node asks for (``tailpy up --advertise-tags``). Raises ControlError (AuthKeyError,
+    tags this node asks for (``tailpy up --advertise-tags``). ``ephemeral``: register as an ephemeral node
+    whatever the auth key (:meth:`ControlClient.register`). Raises ControlError (AuthKeyError,
     NotRegisteredError, TagError) with the server's sentence."""
     client = ControlClient(url, machine_key)
     try:
         if auth_key:
             return await client.register(
-                node_key.public, hostname, auth_key, os=OS_NAME, request_tags=request_tags
+                node_key.public,
+                hostname,
+                auth_key,
+                os=OS_NAME,
+                request_tags=request_tags,
+                ephemeral=ephemeral,
             )
         return await client.login_poll(
             node_key.public, hostname, os=OS_NAME, wait=0, request_tags=request_tags

@@ -186,9 +186,11 @@ fn udp_both_ways(a_ip: &str, b_ip: &str) {
     let n = ua.recv(&mut buf).unwrap();
     assert_eq!(&buf[..UDP_HEADER_LEN], &header(b_ip, 5353));
     assert_eq!(&buf[UDP_HEADER_LEN..n], &[7u8; 1200][..]);
-    // A malformed message, and a payload larger than one packet, are dropped and counted.
+    // A malformed message, and a payload too large (IPv4: over the fragmentation buffer; IPv6: over one
+    // packet, as smoltcp does not fragment IPv6), are dropped and counted.
     ua.send(b"short").unwrap();
-    ua.send(&[&header(b_ip, 5353)[..], &[0u8; 1300]].concat())
+    let too_large = if a_ip.contains(':') { 1300 } else { 16384 };
+    ua.send(&[&header(b_ip, 5353)[..], &vec![0u8; too_large]].concat())
         .unwrap();
     let deadline = Instant::now() + WAIT;
     while a.netstack().unwrap().stats().udp_dropped < 2 {
@@ -201,6 +203,52 @@ fn udp_both_ways(a_ip: &str, b_ip: &str) {
 #[test]
 fn udp_both_ways_ipv4() {
     udp_both_ways(A4, B4);
+}
+
+/// A 4000-byte UDP datagram each way over IPv4: fragmented to the MTU by the sender's stack and
+/// reassembled by the receiver's (RFC 791 §2.3).
+#[test]
+fn udp_4000_bytes_both_ways_ipv4_fragmented() {
+    let net = MemNet::new();
+    let (a, b) = pair(&net);
+    let (fa, pa) = a.netstack().unwrap().udp_bind(0).unwrap();
+    let (fb, _) = b.netstack().unwrap().udp_bind(5353).unwrap();
+    let (ua, ub) = (UnixDatagram::from(fa), UnixDatagram::from(fb));
+    ub.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let header = |ip: &str, port: u16| {
+        let mut h = [0u8; UDP_HEADER_LEN];
+        h[0] = 4;
+        h[1..5].copy_from_slice(&ip.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        h[17..].copy_from_slice(&port.to_be_bytes());
+        h
+    };
+    let big: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let mut buf = vec![0u8; 8192];
+    let deadline = Instant::now() + WAIT;
+    let n = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no 4000-byte datagram from a reached b"
+        );
+        ua.send(&[&header(B4, 5353)[..], &big].concat()).unwrap();
+        if let Ok(n) = ub.recv(&mut buf) {
+            break n;
+        }
+    };
+    assert_eq!(&buf[..UDP_HEADER_LEN], &header(A4, pa));
+    assert_eq!(&buf[UDP_HEADER_LEN..n], &big[..]);
+    let reply: Vec<u8> = big.iter().rev().copied().collect();
+    ub.send(&[&header(A4, pa)[..], &reply].concat()).unwrap();
+    ua.set_read_timeout(Some(WAIT)).unwrap();
+    let n = loop {
+        let n = ua.recv(&mut buf).unwrap();
+        if buf[UDP_HEADER_LEN..n] == reply[..] {
+            break n;
+        }
+    };
+    assert_eq!(&buf[..UDP_HEADER_LEN], &header(B4, 5353));
+    assert_eq!(n - UDP_HEADER_LEN, 4000);
 }
 
 #[test]

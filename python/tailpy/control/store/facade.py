@@ -243,6 +243,7 @@ class Store:
         key_lifetime: float | None = DEFAULT_KEY_LIFETIME,
         request_tags: Sequence[str] = (),
         tag_check: TagCheck | None = None,
+        ephemeral: bool = False,
     ) -> Node:
         """Register ``machine_key`` (or re-register it) and return its node (``online`` False).
 
@@ -259,6 +260,7 @@ class Store:
         ``tag_check`` (:data:`~tailpy.control.store.nodes.TagCheck`) for the auth key's creator (its user,
         else the admin) or, with no auth key, the node's owner; granted, they replace the node's tags (whose
         key then never expires, as for a tagged key). Raises TagError (nothing registered) when refused.
+        ``ephemeral``: the node asked to be ephemeral (tsnet's ``Server.Ephemeral``): it is, whatever the key.
         """
         with self.engine.begin() as conn:
             return nodes.register(
@@ -273,6 +275,7 @@ class Store:
                 key_lifetime=key_lifetime,
                 request_tags=request_tags,
                 tag_check=tag_check,
+                ephemeral=ephemeral,
             )
 
     def register_for_user(
@@ -388,9 +391,15 @@ class Store:
 
     def logout(self, machine_key: MachinePublic, now: float) -> Node | None:
         """Log ``machine_key``'s live node out: its key counts as expired from ``now`` and a new
-        registration needs an auth key; the record stays. None if there is no live node."""
+        registration needs an auth key; the record stays (the caller deletes an ephemeral node: see
+        :meth:`delete_node`). None if there is no live node."""
         with self.engine.begin() as conn:
             return nodes.logout(conn, machine_key, now)
+
+    def is_ephemeral(self, node_id: int) -> bool:
+        """True when live node ``node_id`` is ephemeral: deleted at logout or after its offline timeout."""
+        with self.engine.begin() as conn:
+            return nodes.is_ephemeral(conn, node_id)
 
     def node(self, node_id: int, now: float | None = None) -> Node | None:
         """Live node ``node_id`` (``expired`` as of ``now``, default the wall clock), or None."""

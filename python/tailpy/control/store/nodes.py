@@ -207,6 +207,7 @@ def register(
     key_lifetime: float | None,
     request_tags: Sequence[str] = (),
     tag_check: TagCheck | None = None,
+    ephemeral: bool = False,
 ) -> Node:
     """Registration with an auth key (see :meth:`Store.register`)."""
     row = machine_row(conn, machine_key)
@@ -218,6 +219,8 @@ def register(
         and not (row.key_expiry is not None and row.key_expiry <= now)
     ):
         values: dict[str, Any] = {"hostname": hostname, "last_seen": now}
+        if ephemeral:
+            values["ephemeral"] = True
         if os_name:
             values["os"] = os_name
         values.update(follow_hostname(conn, row, hostname))
@@ -246,7 +249,7 @@ def register(
         "last_seen": now,
         "user_id": key.user_id,
         "tags": json.dumps(list(tags)),
-        "ephemeral": bool(key.ephemeral),
+        "ephemeral": bool(key.ephemeral) or ephemeral,
         "key_expiry": expiry,
         "key_expiry_fixed": False,
         "logged_out": False,
@@ -337,6 +340,14 @@ def logout(conn: Connection, machine_key: MachinePublic, now: float) -> Node | N
         nodes.update().where(*_live_of(machine_key)).values(logged_out=True, key_expiry=now, last_seen=now)
     )
     return read(conn, int(row.id), now)
+
+
+def is_ephemeral(conn: Connection, node_id: int) -> bool:
+    """True when live node ``node_id`` is ephemeral (its auth key was, or it asked to be)."""
+    row = conn.execute(
+        sa.select(nodes.c.ephemeral).where(nodes.c.id == node_id, nodes.c.deleted.is_(None))
+    ).first()
+    return row is not None and bool(row.ephemeral)
 
 
 def by_id(conn: Connection, node_id: int, now: float) -> Node | None:

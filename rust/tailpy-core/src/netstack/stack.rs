@@ -28,6 +28,10 @@ const UDP_PACKETS: usize = 512;
 const UDP_BUFFER: usize = 1 << 20;
 /// Length of the header of each UDP message on a socketpair: family, 16-byte IP, port.
 pub const UDP_HEADER_LEN: usize = 19;
+/// Largest IPv4 packet the stack fragments on the way out and reassembles on the way in (smoltcp's
+/// `fragmentation-buffer-size-16384` / `reassembly-buffer-size-16384` features; RFC 791 §2.3). smoltcp
+/// 0.14 fragments IPv4 only: an IPv6 UDP datagram must fit one packet of the MTU.
+pub const IPV4_MAX_PACKET: usize = 16384;
 /// Largest UDP message read from a socketpair (header + the largest UDP payload).
 const UDP_MAX_MESSAGE: usize = UDP_HEADER_LEN + 65535;
 /// Listening sockets kept ready per listener at most (each SYN takes one).
@@ -258,14 +262,19 @@ fn udp_header(ep: IpEndpoint) -> [u8; UDP_HEADER_LEN] {
     h
 }
 
-/// Decode a UDP message header; `None` if malformed, or if the payload would not fit one packet of
-/// `mtu` bytes (IPv4 and UDP headers: 28 bytes; IPv6: 48), as the stack does not fragment.
+/// Decode a UDP message header; `None` if malformed, or if the payload is too large: over
+/// [`IPV4_MAX_PACKET`] bytes with the IPv4 and UDP headers (28 bytes; sent as fragments), or for IPv6 over
+/// one packet of `mtu` bytes with the IPv6 and UDP headers (48 bytes).
 fn parse_udp_header(m: &[u8], mtu: usize) -> Option<IpEndpoint> {
     if m.len() < UDP_HEADER_LEN {
         return None;
     }
-    let overhead = if m[0] == 4 { 28 } else { 48 };
-    if m.len() - UDP_HEADER_LEN + overhead > mtu {
+    let (overhead, limit) = if m[0] == 4 {
+        (28, IPV4_MAX_PACKET)
+    } else {
+        (48, mtu)
+    };
+    if m.len() - UDP_HEADER_LEN + overhead > limit {
         return None;
     }
     let port = u16::from_be_bytes([m[17], m[18]]);

@@ -221,6 +221,8 @@ class SelfStatus:
     tun: str | None
     home_derp: int
     home_derp_code: str
+    name_by_admin: bool = False  # control says an admin gave this node its name (a new hostname keeps it)
+    name_pending: bool = False  # control has not yet taken the hostname asked for (it was not reachable)
 
     @property
     def first_ip(self) -> str:
@@ -247,6 +249,8 @@ class SelfStatus:
             "tun": self.tun,
             "home_derp": self.home_derp,
             "home_derp_code": self.home_derp_code,
+            "name_by_admin": self.name_by_admin,
+            "name_pending": self.name_pending,
         }
 
     @classmethod
@@ -273,6 +277,8 @@ class SelfStatus:
                 tun=_opt_str(obj["tun"]),
                 home_derp=int(obj["home_derp"]),
                 home_derp_code=str(obj["home_derp_code"]),
+                name_by_admin=bool(obj.get("name_by_admin", False)),
+                name_pending=bool(obj.get("name_pending", False)),
             ),
         )
 

@@ -47,6 +47,7 @@ class Node:
     expired: bool = False  # the node key has expired (peers must not talk to it)
     home_derp: int = 0  # DERP region id of the node's home relay; 0 = none
     disco_key: DiscoPublic | None = None
+    name_by_admin: bool = False  # an admin gave the name (`nodes rename`): a new hostname does not change it
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -68,6 +69,8 @@ class Node:
         }
         if self.disco_key is not None:
             out["disco_key"] = self.disco_key.text()
+        if self.name_by_admin:
+            out["name_by_admin"] = True
         return out
 
     @classmethod
@@ -91,6 +94,7 @@ class Node:
                 expired=bool(obj.get("expired", False)),
                 home_derp=parse_home_derp(obj.get("home_derp", 0)),
                 disco_key=parse_disco_key(obj.get("disco_key")),
+                name_by_admin=bool(obj.get("name_by_admin", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ParseError(f"malformed node in netmap: {e}") from None

@@ -270,10 +270,18 @@ def test_full_disk_one_sentence_each_and_down_still_stops(tailnet: LabTailnet, f
         return done.stderr.strip()
 
     saved = (a.state_dir / "tailpyd.state").read_bytes()
+    name = a.status()["self"]["name"]
     up = _run(a, "up", "--hostname", "renamed")
     assert up.returncode == 1 and "no space left" in one_sentence(up)
     assert (a.state_dir / "tailpyd.state").read_bytes() == saved  # nothing acknowledged is lost
     assert a.status()["backend_state"] == "Running"  # still up as it was
+    assert a.status()["self"]["name"] == name  # control was not asked to rename it
+    # A re-login that cannot save its new node key first: control never hears of it, the session goes on.
+    reauth = _run(a, "up", "--force-reauth", "--auth-key", key)
+    assert reauth.returncode == 1 and "no space left" in one_sentence(reauth)
+    assert (a.state_dir / "tailpyd.state").read_bytes() == saved
+    st = a.status()
+    assert st["backend_state"] == "Running" and st["control_connected"] and not st["error"]
     down = _run(a, "down")  # restoring DNS frees the saved copy: the state file fits again
     assert down.returncode == 0 and down.stdout.strip() == "stopped" and "Traceback" not in down.stderr
     assert _resolv(a) == ORIGINAL and _table(a) is None

@@ -179,6 +179,8 @@ EXPECTED_STATUS: dict[str, Any] = {
         "tun": "tailpy0",
         "home_derp": 0,
         "home_derp_code": "",
+        "name_by_admin": False,
+        "name_pending": False,
     },
     "domain": "tail.example",
     "peers": [

@@ -240,9 +240,10 @@ def command(
 
 
 def name_note(hostname: str | None, st: Status) -> str:
-    """What to tell a user who asked for ``hostname`` (``--hostname``) and got another node name: the name
-    is taken or reserved (control added a suffix), or an admin set the name, which control keeps. "" when
-    the name is the one asked for (or none was)."""
+    """What to tell a user who asked for ``hostname`` (``--hostname``) and got another node name: control
+    has not taken the new hostname yet (it was unreachable: tailpyd asks again at its next map request), the
+    name is taken or reserved (control added a suffix), or control says an admin set the name, which it
+    keeps. "" when the name is the one asked for (or none was)."""
     from tailpy.control.names import RESERVED, sanitize
 
     if not hostname:
@@ -250,7 +251,13 @@ def name_note(hostname: str | None, st: Status) -> str:
     want, got = sanitize(hostname), st.self_node.name.split(".")[0]
     if not got or got == want:
         return ""
-    if got.startswith(want[:50]) and got.rsplit("-", 1)[-1].isdigit():
+    me = st.self_node
+    if me.name_pending or not (me.name_by_admin or got.startswith(want[:50])):
+        return (
+            f"note: the new name {want} is pending: control has not taken it yet, and this node is {got} "
+            "until it does (tailpyd asks again when control answers)"
+        )
+    if not me.name_by_admin:
         why = "is reserved" if want in RESERVED else "is taken by another node"
         return f"note: the name {want} {why}: this node is {got}"
     return (

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
 from tailpy.control.client import LoginAnswer
+from tailpy.control.names import sanitize
 from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
@@ -267,16 +268,18 @@ class Backend:
                 f"{head}: once control answers, run `tailpy login` (sign in in a browser, where control "
                 "offers it) or `tailpy up --auth-key KEY`"
             )
+        hostname = hostname or s.hostname or socket.gethostname()
+        # A new node key on every fresh login (forced, or after the key expired): an admin who expired a
+        # node because its key may be compromised must not see that key come back.
+        node_key = NodePrivate.generate() if force_reauth or expired else s.node_key
+        before = (s.hostname, s.pending_node_key)
+        self._save_intent(hostname, node_key)  # StorageError: nothing changed, control not asked
         if not connected:
             await self.session.stop()
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
         self._up_tags = None if advertise_tags is None else tuple(advertise_tags)
         tags = s.advertise_tags if self._up_tags is None else self._up_tags
-        hostname = hostname or s.hostname or socket.gethostname()
-        # A new node key on every fresh login (forced, or after the key expired): an admin who expired a
-        # node because its key may be compromised must not see that key come back.
-        node_key = NodePrivate.generate() if force_reauth or expired else s.node_key
         created = self.device is None
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
         try:
@@ -292,8 +295,12 @@ class Backend:
             elif connected and not why:  # a refused key, say: the node goes on as it was
                 e = type(e)(f"{e}{stays}")
             refused = (AuthKeyError, NotRegisteredError, TagError)  # control answered: not "unreachable"
+            if isinstance(e, refused) or not registered_here or force_reauth:
+                self._drop_intent(*before)  # control said no (or no session carries it): forget it
             if registered_here and not force_reauth and not isinstance(e, refused):
                 log.warning("control unreachable at up (%s): starting on the saved state, retrying", e)
+                if hostname != before[0]:
+                    self.session.rename_pending = True  # registered before the session's next map request
                 if not connected:
                     self._bring_up_offline(hostname, str(e))
                 return
@@ -317,6 +324,31 @@ class Backend:
                 self.session.start()
             raise
 
+    def _save_intent(self, hostname: str, node_key: NodePrivate) -> None:
+        """Before control hears of them, save the hostname asked for and a new node key (as the pending key,
+        next to the current one): a state file that cannot be written (StorageError, a full disk) then
+        changes nothing, and a node key control took is never lost. A rename control cannot take now is
+        registered before the session's next map request (``ControlSession.rename_pending``); the next
+        start offers control the pending key first (:meth:`ControlSession.finish_pending_rotation`)."""
+        s = self.state_data
+        pending = node_key if node_key is not s.node_key else s.pending_node_key
+        if hostname == s.hostname and pending is s.pending_node_key:
+            return
+        self.store.save(dataclasses.replace(s, hostname=hostname, pending_node_key=pending))
+        s.hostname, s.pending_node_key = hostname, pending
+
+    def _drop_intent(self, hostname: str, pending: NodePrivate | None) -> None:
+        """Undo :meth:`_save_intent` after control refused the registration (best effort: the saved pending
+        key is one control never took, so the next start drops it anyway)."""
+        s = self.state_data
+        if (s.hostname, s.pending_node_key) == (hostname, pending):
+            return
+        s.hostname, s.pending_node_key = hostname, pending
+        try:
+            self.store.save(s)
+        except StorageError as e:
+            log.warning("up: %s", e)
+
     def _registered(self, url: str, node_key: NodePrivate, hostname: str, node: nm.Node) -> None:
         """Control registered this machine as ``node`` with ``node_key``: save it and follow the netmap."""
         s = self.state_data
@@ -336,7 +368,16 @@ class Backend:
             if node_key is s.node_key and s.node_key_issued
             else time.time(),
         )
-        self.store.save(new)
+        unsaved = ""
+        try:
+            self.store.save(new)
+        except StorageError as e:
+            if node_key is s.node_key or s.pending_node_key is not node_key:
+                raise
+            # Control took the new node key and knows no other now: switch to it all the same (the state
+            # file holds it as the pending key, which the next start offers control first).
+            log.warning("after login: %s; the new node key is kept as the pending one", e)
+            unsaved = f"logged in, but {e}"
         self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
@@ -344,7 +385,10 @@ class Backend:
             self._drop_netmap()
         for f in dataclasses.fields(new):
             setattr(s, f.name, getattr(new, f.name))
-        self.last_error = ""
+        if unsaved:
+            s.pending_node_key = node_key  # as on disk: what the next start offers control first
+        self.last_error = unsaved
+        self.session.rename_pending = False  # this registration carried the hostname
         self._fire(Event.REGISTERED)
         self._apply_self(node)
         self.session.start()
@@ -554,12 +598,17 @@ class Backend:
         log.warning("control does not know this node any more: %s", e)
         s = self.state_data
         s.node_id, s.addresses, s.want_running = None, (), False
-        self.store.save(s)
+        unsaved = ""
+        try:
+            self.store.save(s)
+        except StorageError as se:  # the node is forgotten all the same; a restart finds out again
+            log.warning("control forgot this node: %s", se)
+            unsaved = f" ({se})"
         self._close_device()
         self._drop_netmap()
         self.last_error = (
             "this node was removed from the tailnet; log in again with `tailpy login` (or "
-            "`tailpy up --auth-key KEY`)"
+            f"`tailpy up --auth-key KEY`){unsaved}"
         )
         self._fire(Event.FORGOTTEN)
 
@@ -667,7 +716,11 @@ class Backend:
         s = self.state_data
         if tuple(node.addresses) != s.addresses or node.id != s.node_id:
             s.addresses, s.node_id = tuple(node.addresses), node.id
-            self.store.save(s)
+            try:
+                self.store.save(s)
+            except StorageError as e:  # the netmap applies all the same; the next save records them
+                log.warning("netmap: %s", e)
+                self.last_error = f"netmap applied, but {e}"
         if self.device is not None:
             self._set_addresses(list(node.addresses))
 
@@ -832,6 +885,10 @@ class Backend:
                 tun=self.tun_name,
                 home_derp=self.home_derp,
                 home_derp_code=conn.region_code(self.home_derp) if conn is not None else "",
+                name_by_admin=me.name_by_admin if me else False,
+                name_pending=me is not None
+                and bool(s.hostname)
+                and sanitize(me.hostname) != sanitize(s.hostname),
             ),
             domain=self.netmap.domain if self.netmap else "",
             peers=peers,

@@ -37,7 +37,7 @@ from tailpy.control import ControlClient
 from tailpy.control.client import LoginAnswer
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
-from tailpy.errors import ControlError, NotRegisteredError, TailpyError
+from tailpy.errors import ControlError, NotRegisteredError, StorageError, TailpyError
 from tailpy.keys import DiscoPublic, MachinePrivate, NodePrivate
 from tailpy.proto import control as proto
 
@@ -173,6 +173,10 @@ class ControlSession:
         self._netmap_changed = asyncio.Event()
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
         self.clock_skew: float | None = None
+        self.rename_pending = False
+        """A new hostname control could not take (``up --hostname`` while it was unreachable): registered
+        before the next map request, since control renames a node at registration only (a map request's
+        hostname is stored without a rename)."""
         """Seconds control's clock is ahead of ours, from its last reply (``ControlClient.clock_skew``)."""
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -282,7 +286,11 @@ class ControlSession:
             except NotRegisteredError as e:
                 self._task = None
                 self._set_connected(False)
-                self.hooks.on_forgotten(e)
+                try:
+                    self.hooks.on_forgotten(e)
+                except StorageError as se:  # never an unretrieved task exception: say it once
+                    log.warning("control session: %s", se)
+                    self.hooks.on_error(str(se))
                 return
             except TailpyError as e:
                 log.warning("control session: %s", e)
@@ -305,6 +313,10 @@ class ControlSession:
 
     async def _follow(self, client: ControlClient) -> None:
         s = self.state
+        if self.rename_pending:
+            await client.register(s.node_key.public, s.hostname, None, os=OS_NAME)
+            log.info("hostname %s registered with control", s.hostname)
+            self.rename_pending = False
         self.reported_endpoints = self.hooks.endpoints()
         self._home_changed.clear()  # the map request carries the current home
         self.reported_endpoints_changed.clear()  # and the current endpoints

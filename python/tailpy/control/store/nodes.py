@@ -67,6 +67,7 @@ def to_node(row: Any, now: float) -> Node:
         expired=bool(row.logged_out) or (row.key_expiry is not None and row.key_expiry <= now),
         home_derp=int(row.home_derp or 0),
         disco_key=DiscoPublic.from_text(row.disco_key) if row.disco_key else None,
+        name_by_admin=bool(row.name_by_admin),
     )
 
 

@@ -175,3 +175,16 @@ def test_routers_gateways_routes_and_roaming(lab: Lab) -> None:
     names = lab.namespaces()
     lab.close()
     assert not set(names) & set(_ours(lab)) and _ours(lab) == []
+
+
+def test_closing_a_lab_gives_the_process_its_signal_dispositions_back() -> None:
+    """A lab run in-process (the demo) ignores SIGINT/SIGTERM while it cleans up; afterwards the process, and
+    every program it starts, must be stoppable again (an ignored SIGTERM is inherited across exec)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    lab = Lab()
+    lab.install_signal_handlers()
+    lab.close()
+    assert {s: signal.getsignal(s) for s in before} == before
+    child = subprocess.Popen(["sleep", "30"])
+    child.terminate()
+    assert child.wait(timeout=10) == -signal.SIGTERM

@@ -449,6 +449,7 @@ class Lab:
         self._blocks = 0
         self._closed = False
         self._signals_installed = False
+        self._saved_handlers: dict[int, Any] = {}  # dispositions before install_signal_handlers
         self._lock = threading.RLock()  # a signal handler may close while close runs
         atexit.register(_close_ref, weakref.ref(self))
 
@@ -637,6 +638,11 @@ class Lab:
                 else:
                     with contextlib.suppress(OSError):
                         path.unlink()
+            if self._signals_installed and threading.current_thread() is threading.main_thread():
+                # Give the process its own dispositions back: an ignored SIGTERM would be inherited by
+                # every program it starts later (a `ping` that `terminate()` can no longer stop).
+                for signum, old in self._saved_handlers.items():
+                    signal.signal(signum, old)
 
     def install_signal_handlers(self) -> None:
         """Make SIGTERM and SIGINT close the lab and exit (status 130/143), for CLI use."""
@@ -651,6 +657,7 @@ class Lab:
             raise SystemExit(128 + signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved_handlers.setdefault(sig, signal.getsignal(sig))
             signal.signal(sig, handler)
         self._signals_installed = True
 

@@ -61,7 +61,15 @@ def test_readme_quick_start_verbatim(tmp_path: Path) -> None:
     with Lab() as lab:
         net = LabTailnet(lab)
         server = net.lan.ip(net.control_host)
-        subs = {"SERVER": server}
+        # `policy set policy.hujson` sets a file the user wrote: here every member may reach every device
+        # and tag:server has an owner (the admin), as a first policy would.
+        policy = tmp_path / "policy.hujson"
+        policy.write_text(
+            "{\n  // who may reach what (the policy format of Tailscale)\n"
+            '  "tagOwners": {"tag:server": []},\n'
+            '  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],\n}\n'
+        )
+        subs = {"SERVER": server, "policy.hujson": str(policy)}
         control_env: dict[str, str] = {}
         for words in commands:  # `export NAME=value` lines set the control commands' environment
             if words[0] == "export":

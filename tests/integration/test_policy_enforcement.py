@@ -15,7 +15,6 @@ Assertions wait for the wanted behaviour to appear (polling up to a generous bou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,50 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _tcp_probe import CONNECT, LISTEN
 
 from tailpy.lab import Host, Lab, wait_for
 from tailpy.lab.procs import read_line
 from tailpy.lab.tailnet import LabNode, LabTailnet
 
-
-def _control_without_policy() -> str | None:
-    """Why this control server cannot enforce a policy yet (the compiler's distribution in the mapper and
-    the ``tailpy control policy`` commands), or None."""
-    from tailpy.control.mapper import Mapper
-
-    if not hasattr(Mapper, "set_policy") or importlib.util.find_spec("tailpy.cli.control.policy") is None:
-        return "control here has no policy surfaces yet (Mapper.set_policy, tailpy control policy)"
-    return None
-
-
 pytestmark = [
     pytest.mark.lab,
-    pytest.mark.skipif(_control_without_policy() is not None, reason=str(_control_without_policy())),
 ]
-
-#: Listen on TCP ports argv[1:] (the kernel completes handshakes from the backlog; nothing is accepted).
-LISTEN = """
-import socket, sys, time
-socks = []
-for port in sys.argv[1:]:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(port)))
-    s.listen(16)
-    socks.append(s)
-print("ready", flush=True)
-time.sleep(3600)
-"""
-
-#: Exit 0 when a TCP connection to argv[1]:argv[2] opens within argv[3] seconds, 1 otherwise.
-CONNECT = """
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-except OSError as e:
-    print(e)
-    sys.exit(1)
-"""
 
 #: How long a wanted behaviour may take to appear after a change (generous: the target is 2 s).
 SETTLE = 30.0

@@ -16,7 +16,17 @@ from tailpy.dns.config import DNSConfig
 from tailpy.endpoint import Endpoint, parse_valid
 from tailpy.errors import InvalidKeyError, ParseError
 from tailpy.keys import DiscoPublic, MachinePublic, NodePublic
-from tailpy.packetfilter import FilterRule, filter_from_json, filter_to_json
+from tailpy.packetfilter import (
+    CLEAR_PARTS,
+    FilterRule,
+    NamedParts,
+    combine_parts,
+    filter_from_json,
+    filter_to_json,
+    parts_from_json,
+    parts_to_json,
+    update_parts,
+)
 
 
 @dataclass(frozen=True)
@@ -296,7 +306,8 @@ class NetMap:
     """A node's view: itself, its peers (by node id), the tailnet's DNS domain, the DERP relays (None:
     control sent no DERP map), the DNS configuration (None: control sent none; MagicDNS defaults) and the
     packet filter for traffic to this node (None: control sent none, everything is allowed; see
-    :mod:`tailpy.packetfilter`)."""
+    :mod:`tailpy.packetfilter`). ``packet_filters``: the filter's named parts when control sent it that way
+    (then ``packet_filter`` is their combination, filled in when not given), else None."""
 
     self_node: Node
     peers: Mapping[int, Node] = field(default_factory=dict)
@@ -304,11 +315,16 @@ class NetMap:
     derp_map: DerpMap | None = None
     dns: DNSConfig | None = None
     packet_filter: tuple[FilterRule, ...] | None = None
+    packet_filters: NamedParts | None = None
+
+    def __post_init__(self) -> None:
+        if self.packet_filters is not None and self.packet_filter is None:
+            object.__setattr__(self, "packet_filter", combine_parts(self.packet_filters))
 
     def to_json(self) -> dict[str, Any]:
-        """``{"self", "peers", "domain", "derp_map"?, "dns"?, "packet_filter"?}`` (the optional parts only
-        when there is one; ``dns``: :class:`tailpy.dns.config.DNSConfig`; ``packet_filter``: a list of
-        tailcfg.FilterRule objects)."""
+        """``{"self", "peers", "domain", "derp_map"?, "dns"?, "packet_filter"? | "packet_filters"?}`` (the
+        optional parts only when there is one; ``dns``: :class:`tailpy.dns.config.DNSConfig`;
+        ``packet_filter``: a list of tailcfg.FilterRule objects; ``packet_filters``: name -> such a list)."""
         out = {
             "self": self.self_node.to_json(),
             "peers": [p.to_json() for p in sorted(self.peers.values(), key=lambda n: n.id)],
@@ -318,7 +334,9 @@ class NetMap:
             out["derp_map"] = self.derp_map.to_json()
         if self.dns is not None:
             out["dns"] = self.dns.to_json()
-        if self.packet_filter is not None:
+        if self.packet_filters is not None:
+            out["packet_filters"] = parts_to_json(self.packet_filters)
+        elif self.packet_filter is not None:
             out["packet_filter"] = filter_to_json(self.packet_filter)
         return out
 
@@ -329,13 +347,16 @@ class NetMap:
             dm = obj.get("derp_map")
             dns = obj.get("dns")
             pf = obj.get("packet_filter")
+            named = obj.get("packet_filters")
+            parts = None if named is None else update_parts(None, parts_from_json(named))
             return cls(
                 Node.from_json(obj["self"]),
                 {p.id: p for p in peers},
                 str(obj.get("domain", "")),
                 None if dm is None else DerpMap.from_json(dm),
                 None if dns is None else DNSConfig.from_json(dns),
-                None if pf is None else filter_from_json(pf),
+                None if pf is None or parts is not None else filter_from_json(pf),
+                parts,
             )
         except (KeyError, TypeError) as e:
             raise ParseError(f"malformed netmap: {e}") from None
@@ -373,7 +394,9 @@ class MapDelta:
     ``self_node``: the recipient's own new record, or None if unchanged; ``changed``: peers added or changed
     (full new records; a peer id the recipient does not know is an addition); ``removed``: ids of peers that
     left the tailnet or are no longer visible to the recipient (unknown ids are ignored); ``packet_filter``:
-    the recipient's whole new packet filter, or None if unchanged. ``version``: the server's change counter
+    the recipient's whole new packet filter, or None if unchanged; ``packet_filters``: the named parts of
+    its filter that changed (name -> rules, None to delete, ``"*"`` first clears them all; see
+    :func:`tailpy.packetfilter.update_parts`), or None. ``version``: the server's change counter
     after this delta (what a client sends back to resume), 0 when unknown.
     """
 
@@ -382,15 +405,21 @@ class MapDelta:
     changed: tuple[Node, ...] = ()
     removed: tuple[int, ...] = ()
     packet_filter: tuple[FilterRule, ...] | None = None
+    packet_filters: Mapping[str, tuple[FilterRule, ...] | None] | None = None
 
     def __bool__(self) -> bool:
         return bool(
-            self.self_node is not None or self.changed or self.removed or self.packet_filter is not None
+            self.self_node is not None
+            or self.changed
+            or self.removed
+            or self.packet_filter is not None
+            or self.packet_filters
         )
 
     def to_json(self) -> dict[str, Any]:
         """``{"type": "delta", "version": int, "self"?: Node, "peers_changed"?: [Node], "peers_removed"?:
-        [int], "packet_filter"?: [FilterRule]}`` (empty parts omitted)."""
+        [int], "packet_filter"?: [FilterRule], "packet_filters"?: {name: [FilterRule] | null}}`` (empty
+        parts omitted)."""
         out: dict[str, Any] = {"type": "delta", "version": self.version}
         if self.self_node is not None:
             out["self"] = self.self_node.to_json()
@@ -400,6 +429,8 @@ class MapDelta:
             out["peers_removed"] = list(self.removed)
         if self.packet_filter is not None:
             out["packet_filter"] = filter_to_json(self.packet_filter)
+        if self.packet_filters:
+            out["packet_filters"] = parts_to_json(self.packet_filters)
         return out
 
     @classmethod
@@ -419,12 +450,14 @@ class MapDelta:
             if not isinstance(version, int) or isinstance(version, bool):
                 raise ParseError("malformed delta: 'version' must be an integer")
             pf = obj.get("packet_filter")
+            named = obj.get("packet_filters")
             return cls(
                 version,
                 None if me is None else Node.from_json(me),
                 tuple(Node.from_json(n) for n in changed),
                 tuple(removed),
                 None if pf is None else filter_from_json(pf),
+                None if named is None else parts_from_json(named, updates=True),
             )
         except (AttributeError, TypeError) as e:
             raise ParseError(f"malformed delta: {e}") from None
@@ -436,6 +469,13 @@ def delta(old: NetMap, new: NetMap, version: int = 0) -> MapDelta:
     changed = tuple(n for i, n in sorted(new.peers.items()) if old.peers.get(i) != n)
     removed = tuple(i for i in sorted(old.peers) if i not in new.peers)
     me = None if old.self_node == new.self_node else new.self_node
+    if new.packet_filters is not None:
+        if old.packet_filters is None:
+            parts: dict[str, tuple[FilterRule, ...] | None] = {CLEAR_PARTS: None, **new.packet_filters}
+        else:
+            parts = {k: v for k, v in new.packet_filters.items() if old.packet_filters.get(k) != v}
+            parts.update((k, None) for k in old.packet_filters if k not in new.packet_filters)
+        return MapDelta(version, me, changed, removed, None, parts or None)
     pf = None if old.packet_filter == new.packet_filter else new.packet_filter
     return MapDelta(version, me, changed, removed, pf)
 
@@ -444,7 +484,7 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
     """``old`` with ``d`` applied (pure: ``old`` is not modified; O(peers) for the copy). A changed peer that
     is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id.
     The DERP map and DNS config are kept (deltas never carry them); a delta's packet filter replaces the
-    old one."""
+    old one, its named parts update the old ones."""
     peers = dict(old.peers)
     for i in d.removed:
         peers.pop(i, None)
@@ -452,8 +492,12 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
         if n.id != old.self_node.id:
             peers[n.id] = n
     me = d.self_node if d.self_node is not None else old.self_node
-    pf = old.packet_filter if d.packet_filter is None else d.packet_filter
-    return NetMap(me, peers, old.domain, old.derp_map, old.dns, pf)
+    if d.packet_filters:
+        parts = update_parts(old.packet_filters, d.packet_filters)
+        return NetMap(me, peers, old.domain, old.derp_map, old.dns, None, parts)
+    if d.packet_filter is not None:
+        return NetMap(me, peers, old.domain, old.derp_map, old.dns, d.packet_filter)
+    return NetMap(me, peers, old.domain, old.derp_map, old.dns, old.packet_filter, old.packet_filters)
 
 
 __all__ = [

@@ -14,6 +14,12 @@ IP protocol in ``ip_proto``. JSON (as tailcfg writes it, and as ``tailpy control
 ICMPv4 (1) and ICMPv6 (58). The stateful parts (TCP connections, UDP replies, ICMP) are the data plane's,
 not the rules': see ``rust/tailpy-core/src/filter.rs``.
 
+Named parts (Tailscale's ``MapResponse.PacketFilters``): control may send a filter as named lists of rules,
+``{"name": [FilterRule, ...]}``; a later update names only the parts that changed (``null`` deletes a part,
+the key ``"*"`` first clears every part). The filter is the parts' rules concatenated in name order
+(:func:`combine_parts`). tailpy's control sends one part per policy rule and :data:`ALLOW_ALL` as the part
+:data:`ALLOW_ALL_PART`.
+
 A netmap with no filter (``packet_filter`` None) comes from a control server that sends none: the node
 allows everything, as it did before filters existed. Control with no policy set sends :data:`ALLOW_ALL`.
 Source: tailscale ``tailcfg/tailcfg.go`` (FilterRule, NetPortRange, PortRange).
@@ -117,6 +123,55 @@ ALLOW_ALL: tuple[FilterRule, ...] = (FilterRule(("*",), (NetPortRange("*", ALL_P
 """The filter of a tailnet without a policy: every source may reach every port (Tailscale's default)."""
 
 
+ALLOW_ALL_PART = "allow-all"
+"""The name under which control sends :data:`ALLOW_ALL` as a named part."""
+
+CLEAR_PARTS = "*"
+"""In an update of named parts: clear every part first (its value is ignored)."""
+
+NamedParts = Mapping[str, tuple[FilterRule, ...]]
+
+
+def combine_parts(parts: NamedParts) -> tuple[FilterRule, ...]:
+    """The filter named parts stand for: their rules concatenated in name order (as Tailscale's client
+    does; order does not change what a filter allows)."""
+    return tuple(r for name in sorted(parts) for r in parts[name])
+
+
+def update_parts(
+    parts: NamedParts | None, update: Mapping[str, tuple[FilterRule, ...] | None]
+) -> dict[str, tuple[FilterRule, ...]]:
+    """``parts`` (None: none yet) with ``update`` applied: :data:`CLEAR_PARTS` clears them first, a
+    ``None`` value deletes a part, a list sets it. Pure."""
+    out = {} if parts is None or CLEAR_PARTS in update else dict(parts)
+    for name, rules in update.items():
+        if name == CLEAR_PARTS:
+            continue
+        if rules is None:
+            out.pop(name, None)
+        else:
+            out[name] = rules
+    return out
+
+
+def parts_to_json(parts: Mapping[str, tuple[FilterRule, ...] | None]) -> dict[str, Any]:
+    return {k: None if v is None else filter_to_json(v) for k, v in parts.items()}
+
+
+def parts_from_json(obj: Any, *, updates: bool = False) -> dict[str, tuple[FilterRule, ...] | None]:
+    """Parse ``{"name": [FilterRule] | null}`` (``null`` and ``"*"`` only when ``updates``). Raises
+    ParseError."""
+    if not isinstance(obj, Mapping):
+        raise ParseError("malformed packet filter: named parts must be an object")
+    out: dict[str, tuple[FilterRule, ...] | None] = {}
+    for name, rules in obj.items():
+        if updates and (rules is None or name == CLEAR_PARTS):
+            out[name] = None
+        else:
+            out[name] = filter_from_json(rules)
+    return out
+
+
 def filter_to_json(rules: tuple[FilterRule, ...]) -> list[dict[str, Any]]:
     return [r.to_json() for r in rules]
 
@@ -130,15 +185,22 @@ def filter_from_json(obj: Any) -> tuple[FilterRule, ...]:
 
 __all__ = [
     "ALLOW_ALL",
+    "ALLOW_ALL_PART",
     "ALL_PORTS",
+    "CLEAR_PARTS",
     "DEFAULT_PROTOS",
     "PROTO_ICMP",
     "PROTO_ICMPV6",
     "PROTO_TCP",
     "PROTO_UDP",
     "FilterRule",
+    "NamedParts",
     "NetPortRange",
     "PortRange",
+    "combine_parts",
     "filter_from_json",
     "filter_to_json",
+    "parts_from_json",
+    "parts_to_json",
+    "update_parts",
 ]

@@ -13,7 +13,7 @@ from tailpy.control.mapper import Mapper
 from tailpy.control.policy import Policy
 from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
-from tailpy.packetfilter import ALLOW_ALL, filter_to_json
+from tailpy.packetfilter import ALLOW_ALL, ALLOW_ALL_PART, CLEAR_PARTS, filter_to_json
 from tailpy.proto import control as proto
 
 
@@ -101,7 +101,7 @@ def test_no_policy_everyone_sees_everyone_and_allows_all() -> None:
     m = tailnet()
     a = Client(m, 1)
     (full,) = a.drain()
-    assert full.body["netmap"]["packet_filter"] == filter_to_json(ALLOW_ALL)
+    assert full.body["netmap"]["packet_filters"] == {ALLOW_ALL_PART: filter_to_json(ALLOW_ALL)}
     assert a.peers() == {2, 3, 4, 5, 6} and m.filter_for(1) == ALLOW_ALL
     assert m.filter_for(99) is None
 
@@ -148,7 +148,8 @@ def test_a_new_group_member_changes_the_filters_of_the_nodes_the_group_reaches()
     web.drain()
     m.publish(node(7, "bob"))  # bob's second device joins
     (d,) = server.drain()
-    assert d.body["packet_filter"][0]["SrcIPs"] == ["100.64.0.1-100.64.0.3", "100.64.0.7"]
+    (part,) = d.body["packet_filters"].values()  # the one rule's part, sent again
+    assert part[0]["SrcIPs"] == ["100.64.0.1-100.64.0.3", "100.64.0.7"]
     assert [n["id"] for n in d.body["peers_changed"]] == [7]
     assert web.drain() == []
     assert server.in_sync()
@@ -188,9 +189,10 @@ def test_policy_change_reaches_affected_streams_as_deltas() -> None:
     )
     (d4,) = clients[4].drain()
     assert d4.type == "delta" and [n["id"] for n in d4.body["peers_changed"]] == [6]
-    assert "packet_filter" not in d4.body  # its filter is still empty: not sent again
+    assert "packet_filters" not in d4.body  # its filter is still empty: not sent again
     (d6,) = clients[6].drain()
-    assert d6.body["packet_filter"][0]["SrcIPs"] == ["100.64.0.4"]
+    (part,) = d6.body["packet_filters"].values()
+    assert part[0]["SrcIPs"] == ["100.64.0.4"]
     assert [n["id"] for n in d6.body["peers_changed"]] == [4]
     for c in clients.values():
         c.drain()
@@ -272,5 +274,31 @@ def test_resume_without_a_policy_change_sends_the_filter_and_removes_hidden_peer
     again.state = a.state
     (first,) = again.drain()
     assert first.body["peers_removed"] == [5] and [n["id"] for n in first.body["peers_changed"]] == [8]
-    assert "packet_filter" in first.body
+    assert CLEAR_PARTS in first.body["packet_filters"]  # what the client had is unknown: all parts again
     assert again.in_sync()
+
+
+def test_a_policy_edit_sends_each_node_only_the_parts_of_the_rules_that_changed() -> None:
+    """Parts are named after their rule's content: adding a rule sends its part, editing one replaces its
+    part (the old name deleted), the rules left alone travel no more; the filters end as the policy's."""
+    base = (
+        '{"groups": {"group:dev": ["alice@", "bob@"], "group:ops": ["carol@"]}, ' + TAGS + ","
+        ' "acls": [{"action": "accept", "src": ["group:dev"], "dst": ["tag:server:22"]}'
+    )
+    m = tailnet()
+    m.set_policy(Policy.parse(base + "]}"))
+    server = Client(m, 5)
+    (full,) = server.drain()
+    (kept,) = full.body["netmap"]["packet_filters"]
+    m.set_policy(Policy.parse(base + ', {"action": "accept", "src": ["group:ops"], "dst": ["*:80"]}]}'))
+    (d,) = server.drain()
+    (added,) = d.body["packet_filters"].items()
+    assert added[0] != kept and added[1][0]["SrcIPs"] == ["100.64.0.4"]
+    m.set_policy(Policy.parse(base + ', {"action": "accept", "src": ["group:ops"], "dst": ["*:81"]}]}'))
+    (d,) = server.drain()
+    assert d.body["packet_filters"][added[0]] is None and kept not in d.body["packet_filters"]
+    assert len(d.body["packet_filters"]) == 2
+    assert server.in_sync()
+    assert server.state is not None and set(server.state.netmap.packet_filter or ()) == set(
+        m.filter_for(5) or ()
+    )

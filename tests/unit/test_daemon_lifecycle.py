@@ -185,7 +185,7 @@ async def test_backend_gives_the_data_plane_each_new_packet_filter(
         bad = FilterRule(("bad",), (NetPortRange("*"),))
         backend.apply_netmap(dataclasses.replace(base, packet_filter=(bad,)))
         assert len(dev.filters) == 3
-        backend.apply_netmap(dataclasses.replace(base, packet_filter=None))
+        backend.apply_netmap(dataclasses.replace(base, packet_filter=None, packet_filters=None))
         assert dev.filters[-1] is None
     finally:
         await backend.close()

@@ -9,6 +9,7 @@ import random
 from typing import Any
 
 from tailpy.control.policy import Compiled, Policy, PolicyNode
+from tailpy.control.policy.compiler import part_json, part_names
 
 USERS = 500
 GROUPS = 20
@@ -87,6 +88,19 @@ def test_each_filter_holds_exactly_the_rules_reaching_its_node() -> None:
             web += 1
             assert any(r.src_ips[-1] == "fd7a:115c:a1e0::/48" for r in rules)  # * -> tag:web:443
         assert json.loads(c.filter_json(node.id)) == [r.to_json() for r in rules]
+        parts = [json.loads(part_json(spec)) for spec in c.filter_parts(node.id).values()]
+        wire = {
+            (tuple(r["SrcIPs"]), tuple(r.get("IPProto", ())), json.dumps(d, sort_keys=True))
+            for p in parts
+            for r in p
+            for d in r["DstPorts"]
+        }
+        merged = {
+            (r.src_ips, r.ip_proto, json.dumps(d.to_json(), sort_keys=True))
+            for r in rules
+            for d in r.dst_ports
+        }
+        assert wire == merged  # the named parts allow what the merged filter allows
     assert web > 0
 
 
@@ -107,3 +121,14 @@ def test_incremental_updates_agree_with_a_fresh_compile() -> None:
     for n in rnd.sample(final, 200):
         assert c.filter(n.id) == fresh.filter(n.id)
         assert c.visible_set(n.id) == fresh.visible_set(n.id)
+
+
+def test_part_names_follow_rule_content_not_position() -> None:
+    """A rule keeps its part's name when rules are added before it; copies of one rule get distinct names."""
+    rule = '{"action": "accept", "src": ["group:g1"], "dst": ["tag:web:443"]}'
+    other = '{"action": "accept", "src": ["*"], "dst": ["tag:web:80"]}'
+    head = '{"groups": {"group:g1": ["a@"]}, "tagOwners": {"tag:web": []}, "acls": ['
+    one = part_names(Policy.parse(head + rule + "]}").rules)
+    two = part_names(Policy.parse(head + other + "," + rule + "," + rule + "]}").rules)
+    assert two[1] == one[0] and two[2] == one[0] + "~2" and two[0] != one[0]
+    assert all(n.startswith("r") and len(n.split("~")[0]) == 13 for n in two)

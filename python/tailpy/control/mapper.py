@@ -33,14 +33,19 @@ are built, sealed and written at most ``full_map_concurrency`` at a time (the bo
 write), written in ``CHUNK``-byte slices that each wait for the socket to drain, so a slow reader holds at
 most one sealed message and its socket buffer.
 
-Access control (:mod:`tailpy.control.policy`): every full netmap carries ``"packet_filter"``, its node's
-filter in tailcfg.FilterRule's JSON shape (:data:`tailpy.packetfilter.ALLOW_ALL` while no policy is set, as
-Tailscale's default), and with a policy only the peers the node sees (it may reach them or they it). A
-delta carries ``"packet_filter"`` when the node's filter changed (a policy change, or a node change that
-alters the rule sources, such as a new member of a group), and sends a peer that is no longer visible as
-``peers_removed``; a node change reaches only the streams that see the node. :meth:`Mapper.set_policy`
-logs a change under :data:`POLICY_CHANGE` (a stream resuming across it gets a full netmap) and merges each
-stream's new filter and peer differences into its next delta.
+Access control (:mod:`tailpy.control.policy`): every full netmap carries ``"packet_filters"``, its node's
+filter as named parts (Tailscale's ``MapResponse.PacketFilters``; see :mod:`tailpy.packetfilter`), each a
+list in tailcfg.FilterRule's JSON shape: one part per policy rule that reaches the node, or
+:data:`~tailpy.packetfilter.ALLOW_ALL` as the part ``"allow-all"`` while no policy is set (Tailscale's
+default); and with a policy only the peers the node sees (it may reach them or they it). A delta carries
+``"packet_filters"`` with the parts that changed (``null`` for a part gone; ``"*"`` first when the stream's
+parts are unknown) when the node's filter changed (a policy change, or a node change that alters the rule
+sources, such as a new member of a group), and sends a peer that is no longer visible as
+``peers_removed``; a node change reaches only the streams that see the node. Parts are named after their
+rule's content, so a policy edit sends each node only the parts of the rules that changed (a full filter
+at 10,000 nodes is tens of kB; one rule's part a few kB), and a stream keeps only a hash per part.
+:meth:`Mapper.set_policy` logs a change under :data:`POLICY_CHANGE` (a stream resuming across it gets a
+full netmap) and merges each stream's new filter and peer differences into its next delta.
 
 A node whose key has expired (or that logged out) is shown itself, expired, and no peers: its full netmap
 has no peers and its deltas carry only ``self``; when its key expires or becomes valid again its streams get
@@ -61,10 +66,18 @@ from typing import Any
 
 from tailpy.asyncutil import wait_event
 from tailpy.control.policy import Compiled, Policy, PolicyNode
+from tailpy.control.policy.compiler import PartSpec, part_json
 from tailpy.dns.config import DNSConfig
 from tailpy.keys import MachinePrivate, MachinePublic
 from tailpy.netmap import DerpMap, NetMap, Node
-from tailpy.packetfilter import ALLOW_ALL, FilterRule, filter_to_json
+from tailpy.packetfilter import (
+    ALLOW_ALL,
+    ALLOW_ALL_PART,
+    CLEAR_PARTS,
+    FilterRule,
+    filter_from_json,
+    filter_to_json,
+)
 from tailpy.proto import control as proto
 
 log = logging.getLogger("tailpy.control")
@@ -110,7 +123,7 @@ class MapStream:
     overflows: int = 0  # times it fell behind the change log
     filter_sig: Any = None  # what its client's filter was made of (Compiled.filter_signature); None: unknown
     filter_epoch: Any = None  # (compile serial, changes) when filter_sig was last worked out
-    filter_hash: int | None = None  # hash of the packet filter JSON its client has
+    filter_parts: dict[str, int] | None = None  # name -> hash of the spec of each filter part its client has
     pend_changed: set[int] = field(default_factory=set)  # peers that became visible (send their records)
     pend_removed: set[int] = field(default_factory=set)  # peers that stopped being visible
 
@@ -161,7 +174,7 @@ class Mapper:
         self.policy: Policy | None = None
         self._compiled: Compiled | None = None  # None: no policy, everyone sees everyone, ALLOW_ALL
         self._emails: dict[str, str] = {}
-        self._last_filter: tuple[int, bytes] | None = None
+        self._last_parts: tuple[int, dict[str, int]] | None = None
 
     # --- state ---
 
@@ -174,18 +187,19 @@ class Mapper:
         return len(self._streams)
 
     def netmap(self, node_id: int) -> NetMap | None:
-        """Node ``node_id``'s full netmap (O(nodes)), None if it is not live (an expired node: no peers)."""
+        """Node ``node_id``'s full netmap as its stream would carry it (O(nodes); the filter as named parts),
+        None if it is not live (an expired node: no peers)."""
         me = self.nodes.get(node_id)
         if me is None:
             return None
-        pf = self.filter_for(node_id)
+        pfs = {k: filter_from_json(json.loads(_part_json(v))) for k, v in self._filter_parts(node_id).items()}
         if me.expired:
-            return NetMap(me, {}, self.domain, self.derp_map, self.dns, pf)
+            return NetMap(me, {}, self.domain, self.derp_map, self.dns, None, pfs)
         if self._compiled is None:
             peers = {i: n for i, n in self.nodes.items() if i != node_id}
         else:
             peers = {i: self.nodes[i] for i in self._compiled.peers(node_id) if i in self.nodes}
-        return NetMap(me, peers, self.domain, self.derp_map, self.dns, pf)
+        return NetMap(me, peers, self.domain, self.derp_map, self.dns, None, pfs)
 
     # --- policy ---
 
@@ -199,10 +213,11 @@ class Mapper:
             return ALLOW_ALL
         return self._compiled.filter(node_id)
 
-    def _filter_json(self, node_id: int) -> bytes:
+    def _filter_parts(self, node_id: int) -> Mapping[str, PartSpec | None]:
+        """Node ``node_id``'s filter parts: name -> spec (None: the allow-all part)."""
         if self._compiled is None:
-            return _ALLOW_ALL_JSON
-        return self._compiled.filter_json(node_id)
+            return _ALLOW_ALL_PARTS
+        return self._compiled.filter_parts(node_id)
 
     def _filter_sig(self, node_id: int) -> Any:
         c = self._compiled
@@ -449,12 +464,22 @@ class Mapper:
         epoch = None if c is None else (c.serial, c.changes)
         sig = s.filter_sig if epoch is not None and epoch == s.filter_epoch else self._filter_sig(s.node_id)
         s.filter_epoch = epoch
-        if sig != s.filter_sig:  # the filter may have changed: built, and sent when it did
+        if sig != s.filter_sig:  # the filter may have changed: its parts compared, the changed ones sent
             s.filter_sig = sig
-            pf = self._filter_json(s.node_id)
-            if hash(pf) != s.filter_hash:
-                s.filter_hash = hash(pf)
-                parts.append(b'"packet_filter":' + pf)
+            specs = self._filter_parts(s.node_id)
+            hashes = {k: hash(v) for k, v in specs.items()}
+            had = s.filter_parts
+            if hashes != had:
+                out = [b'"%s":null' % CLEAR_PARTS.encode()] if had is None else []
+                out += [
+                    b'"%s":%s' % (k.encode(), _part_json(v))
+                    for k, v in specs.items()
+                    if had is None or had.get(k) != hashes[k]
+                ]
+                if had is not None:
+                    out += [b'"%s":null' % k.encode() for k in had if k not in hashes]
+                s.filter_parts = hashes
+                parts.append(b'"packet_filters":{' + b",".join(out) + b"}")
         if len(parts) == 1 and not resumed:
             return None
         return b",".join(parts) + b"}"
@@ -487,16 +512,17 @@ class Mapper:
             peers = b",".join([j for i, j in self._json.items() if i != node_id])
         else:
             peers = b",".join([self._json[i] for i in self._compiled.peers(node_id) if i in self._json])
-        pf = self._filter_json(node_id)
-        self._last_filter = (node_id, pf)  # for full_map_sent, called next
+        specs = self._filter_parts(node_id)
+        self._last_parts = (node_id, {k: hash(v) for k, v in specs.items()})  # for full_map_sent, next
+        pf = b",".join(b'"%s":%s' % (k.encode(), _part_json(v)) for k, v in specs.items())
         tail = (
             b'],"domain":'
             + _dumps(self.domain)
             + self._derp_json
             + self._dns_json
-            + b',"packet_filter":'
+            + b',"packet_filters":{'
             + pf
-            + b"}}"
+            + b"}}}"
         )
         return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, tail))
 
@@ -506,10 +532,11 @@ class Mapper:
         s.sent = self.version
         s.filter_sig = self._filter_sig(s.node_id)
         s.filter_epoch = None
-        last, self._last_filter = self._last_filter, None
-        s.filter_hash = hash(
-            last[1] if last is not None and last[0] == s.node_id else self._filter_json(s.node_id)
-        )
+        last, self._last_parts = self._last_parts, None
+        if last is not None and last[0] == s.node_id:
+            s.filter_parts = last[1]
+        else:
+            s.filter_parts = {k: hash(v) for k, v in self._filter_parts(s.node_id).items()}
         s.pend_changed.clear()
         s.pend_removed.clear()
 
@@ -588,6 +615,11 @@ async def _write_line(write: Callable[[bytes], Awaitable[None]], line: bytes) ->
 
 
 _ALLOW_ALL_JSON = _dumps(filter_to_json(ALLOW_ALL))
+_ALLOW_ALL_PARTS: Mapping[str, PartSpec | None] = {ALLOW_ALL_PART: None}
+
+
+def _part_json(spec: PartSpec | None) -> bytes:
+    return _ALLOW_ALL_JSON if spec is None else part_json(spec)
 
 
 def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[int]:

@@ -24,6 +24,12 @@ node; Tailscale lists the node's own addresses, and so does this compiler. Heads
 ``autogroup:self`` rule lists every device of the user as a destination; the node's own addresses are
 enough (and Tailscale's captures, one device per user, cannot tell the two apart).
 
+Named parts: on the wire a node's filter travels as named parts (Tailscale's ``MapResponse.PacketFilters``),
+one per policy rule that reaches the node (:meth:`Compiled.filter_parts`), named after the rule's content
+(:func:`part_names`), so that a policy edit or a change of a group's members resends only the parts whose
+rules changed. The node concatenates the parts (in name order); rules are not merged across parts, which
+changes nothing a filter allows.
+
 Visibility: node A sees node B when some rule lets A reach B or B reach A (``autogroup:self`` only between
 the untagged nodes of one user). Peers seen in neither direction are left out of A's netmap.
 
@@ -37,6 +43,7 @@ of): A and B see each other iff ``src(A) & dst(B)`` or ``src(B) & dst(A)``, memo
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -45,10 +52,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailpy.control.policy import ipset
-from tailpy.control.policy.model import Alias, Policy, PolicyError, PolicyNode, user_matches
+from tailpy.control.policy.model import Alias, Policy, PolicyError, PolicyNode, Rule, user_matches
 from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange, PortRange
 
 ClassKey = tuple[str, str, tuple[str, ...]]
+PartSpec = tuple[bytes | None, bytes, bytes | None, bytes, bytes]
+"""What one named filter part is made of: (SrcIPs JSON or None, DstPorts entries JSON, the
+``autogroup:self`` SrcIPs JSON or None, its DstPorts entries JSON, the ``,"IPProto":[..]`` suffix or b"").
+Equal specs, equal parts; :func:`part_json` encodes one."""
 ViewKey = tuple[frozenset[int], frozenset[int]]
 _NODE = ""  # in a template: "the node's own addresses"
 _RANK = {"*": 0, "user": 1, "group": 2, "tag": 3, "autogroup": 4, "ip": 5}
@@ -159,6 +170,8 @@ class Compiled:
         self._src_members: list[set[int]] = [set() for _ in rules]
         self._src_ips: list[tuple[str, ...] | None] = [None] * self._n
         self._self_src: dict[str, dict[int, tuple[str, ...]]] = {}  # owner -> rule -> SrcIPs
+        self._self_src_json: dict[str, dict[int, bytes]] = {}  # owner -> rule -> SrcIPs JSON
+        self.part_names = part_names(rules)
         self._by_user: dict[str, set[int]] = {}
         self._views: dict[ViewKey, set[int]] = {}
         self._vis: dict[tuple[ViewKey, ViewKey], bool] = {}
@@ -362,6 +375,7 @@ class Compiled:
 
     def _user_changed(self, user: str, ch: Changes) -> None:
         self._self_src.pop(user, None)
+        self._self_src_json.pop(user, None)
         self._user_gen[user] = self._user_gen.get(user, 0) + 1
         ch._users.add(user)
 
@@ -512,6 +526,57 @@ class Compiled:
         pieces.append(b"]")
         return b"".join(pieces)
 
+    def filter_parts(self, node_id: int) -> dict[str, PartSpec]:
+        """Node ``node_id``'s filter as named parts: part name (:attr:`part_names`) -> what the part is made
+        of (:data:`PartSpec`; encode with :func:`part_json`). One part per rule reaching the node, with the
+        rule's FilterRule and its ``autogroup:self`` FilterRule; rules whose sources are empty are left out.
+        Equal specs mean equal parts, and ``hash(spec)`` is cheap (the large SrcIPs are shared bytes
+        objects, hashed once). Empty for an unknown node."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return {}
+        out: dict[str, PartSpec] = {}
+        names = self.part_names
+        for i, items, has_self in self._template(n):
+            src: bytes | None = None
+            dsts = b""
+            if items:
+                src = self._src_json_of(i)
+                if src == b"[]":
+                    src = None
+                else:
+                    entries: list[bytes] = []
+                    for ip, ports in items:
+                        suffixes = [_port_json(p) for p in ports]
+                        if ip == _NODE:
+                            for a in n.addrs:
+                                head = b'{"IP":"' + a.encode() + b'"'
+                                entries += [head + sfx for sfx in suffixes]
+                        else:
+                            head = b'{"IP":' + _dumps(ip)
+                            entries += [head + sfx for sfx in suffixes]
+                    dsts = b",".join(entries)
+            ssrc: bytes | None = None
+            sdsts = b""
+            if has_self:
+                ssrc = self._self_src_json_of(i, n.key[0])
+                if ssrc is not None:
+                    suffixes = [_port_json(p) for p in self._self_ports[i]]
+                    sdsts = b",".join(
+                        b'{"IP":"' + a.encode() + b'"' + sfx for a in n.addrs for sfx in suffixes
+                    )
+            if src is not None or ssrc is not None:
+                out[names[i]] = (src, dsts, ssrc, sdsts, self._proto_json[i])
+        return out
+
+    def _self_src_json_of(self, rule: int, user: str) -> bytes | None:
+        mine = self._self_src_json.setdefault(user, {})
+        b = mine.get(rule)
+        if b is None:
+            ips = self._self_src_ips(rule, user)
+            b = mine[rule] = _dumps(list(ips)) if ips else b""
+        return b or None
+
     def _src_json_of(self, rule: int) -> bytes:
         b = self._src_json[rule]
         if b is None:
@@ -616,6 +681,38 @@ class _UserIndex:
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def part_names(rules: Iterable[Rule]) -> tuple[str, ...]:
+    """A name for each rule's filter part, from the rule's content (sources, destinations with ports,
+    protocols; not its position): ``"r"`` and 12 hex digits of its BLAKE2b digest, ``"~2"``, ``"~3"``, ...
+    appended for the second, third, ... copy of one rule. A rule kept across policy edits keeps its name,
+    so only the parts of rules that changed travel again."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rules:
+        canon = repr(
+            (
+                [(a.kind, a.name) for a in r.srcs],
+                [(d.alias.kind, d.alias.name, [(p.first, p.last) for p in d.ports]) for d in r.dsts],
+                list(r.protos),
+            )
+        )
+        name = "r" + hashlib.blake2b(canon.encode(), digest_size=6).hexdigest()
+        k = seen[name] = seen.get(name, 0) + 1
+        out.append(name if k == 1 else f"{name}~{k}")
+    return tuple(out)
+
+
+def part_json(spec: PartSpec) -> bytes:
+    """The JSON list of FilterRules (tailcfg shape, compact) a :data:`PartSpec` stands for."""
+    src, dsts, ssrc, sdsts, proto = spec
+    rules = []
+    if src is not None:
+        rules.append(b'{"SrcIPs":' + src + b',"DstPorts":[' + dsts + b"]" + proto + b"}")
+    if ssrc is not None:
+        rules.append(b'{"SrcIPs":' + ssrc + b',"DstPorts":[' + sdsts + b"]" + proto + b"}")
+    return b"[" + b",".join(rules) + b"]"
 
 
 _PORTS_JSON: dict[PortRange, bytes] = {}

@@ -239,7 +239,9 @@ class Mapper:
         old = self._compiled
         self.policy = policy
         new = (
-            None if policy is None else Compiled(policy, (self._policy_node(n) for n in self.nodes.values()))
+            None
+            if policy is None
+            else Compiled(policy, (self._policy_node(n) for n in self.nodes.values()), previous=old)
         )
         self._compiled = new
         self._bump(POLICY_CHANGE)

@@ -138,7 +138,12 @@ class Compiled:
 
     _serials = itertools.count(1)
 
-    def __init__(self, policy: Policy, nodes: Iterable[PolicyNode] = ()) -> None:
+    def __init__(
+        self, policy: Policy, nodes: Iterable[PolicyNode] = (), *, previous: Compiled | None = None
+    ) -> None:
+        """Compile ``policy`` against ``nodes``. ``previous``: the policy compiled before against the same
+        nodes (its current state); the rendered sources of rules both have, with the same source nodes,
+        are taken from it instead of rendered again (a policy edit re-renders only the rules it touched)."""
         self.policy = policy
         self.serial = next(Compiled._serials)  # unique per compile in this process
         self.changes = 0  # node updates and removals that changed something (a filter may differ after)
@@ -189,6 +194,8 @@ class Compiled:
         for n in nodes:
             self.update(n)
         self._bulk = False
+        if previous is not None:
+            self._reuse_sources(previous)
 
     # --- classes and nodes ---
 
@@ -331,6 +338,20 @@ class Compiled:
         if old.key[0] and not old.key[2]:
             self._user_changed(old.key[0], ch)
         return ch
+
+    def _reuse_sources(self, prev: Compiled) -> None:
+        """Take the rendered SrcIPs of each rule ``prev`` has too (same part name: same content) when its
+        source nodes are the same ones (and, for a ``*`` source, the same addresses outside the tailnet
+        ranges). Both were compiled over the same node records, so equal members render equally."""
+        at = {name: j for j, name in enumerate(prev.part_names)}
+        same_extra = prev._extra_wild == self._extra_wild
+        for i, name in enumerate(self.part_names):
+            j = at.get(name)
+            if j is None or prev._src_ips[j] is None or (self._wild[i] and not same_extra):
+                continue
+            if prev._src_members[j] == self._src_members[i]:
+                self._src_ips[i] = prev._src_ips[j]
+                self._src_json[i] = prev._src_json[j]
 
     def _wild_extra(self, n: _Node) -> tuple[ipset.Range, ...]:
         out = [(f, v, v) for f, v in n.points if not ipset.contains(ipset.TAILNET, f, v)]

@@ -35,10 +35,14 @@ the untagged nodes of one user). Peers seen in neither direction are left out of
 
 Scale: nodes are grouped by *class* (owner, email, tags): which non-literal targets contain a node depends
 on its class alone, so target matching is memoized per class; only literal IPs and prefixes are checked
-against each node's own addresses. Each rule's ``SrcIPs`` is rendered once (lazily, after changes) and
-shared by every node's filter. A node's filter is built from its class's template by putting in its own
-addresses. Visibility is decided between *views* (the sets of rules a node is a source and a destination
-of): A and B see each other iff ``src(A) & dst(B)`` or ``src(B) & dst(A)``, memoized per pair of views.
+against each node's own addresses and routes, through an index built once per compile
+(:class:`~tailpy.control.policy.ipset.PrefixIndex`: a dict lookup per address and prefix length, not a scan
+of every literal). Each rule's ``SrcIPs`` is rendered once (lazily, after changes) and shared by every
+node's filter. A node's filter is built from its class's template by putting in its own addresses; nodes
+no literal destination holds share their class's template, and a node some do hold gets the class's
+template with only those rules' entries redone. Visibility is decided between *views* (the sets of rules
+a node is a source and a destination of): A and B see each other iff ``src(A) & dst(B)`` or
+``src(B) & dst(A)``, memoized per pair of views.
 """
 
 from __future__ import annotations
@@ -158,7 +162,14 @@ class Compiled:
             for j, d in enumerate(r.dsts)
             if d.alias.net is not None
         ]
-        self._lit_src_rules = [i for i in range(self._n) if self._lit_src[i]]
+        self._lit_text = {(i, j): text for i, j, _, text in self._lit_dst}
+        self._lit_dst_index: ipset.PrefixIndex[tuple[int, int]] = ipset.PrefixIndex()
+        for i, j, rng, _ in self._lit_dst:
+            self._lit_dst_index.add(rng, (i, j))
+        self._lit_src_index: ipset.PrefixIndex[int] = ipset.PrefixIndex()
+        for i, ranges in enumerate(self._lit_src):
+            for rng in ranges:
+                self._lit_src_index.add(rng, i)
         self._self_ports = [
             tuple(p for d in r.dsts if d.alias.name == "autogroup:self" for p in d.ports) for r in rules
         ]
@@ -251,22 +262,17 @@ class Compiled:
         addrs = tuple(a.split("/", 1)[0] for a in node.addresses)
         points = tuple(map(ipset.fast_addr, addrs))
         routes = tuple(r for r in map(_route_range, node.routes) if r is not None)
-        lit_src = frozenset(
-            i
-            for i in self._lit_src_rules
-            if any(ipset.contains(self._lit_src[i], f, v) for f, v in points)
-            or any(ipset.overlaps(lr, rr) for lr in self._lit_src[i] for rr in routes)
-        )
-        hits = []
-        for i, j, (fam, lo, hi), _ in self._lit_dst:  # a plain loop: run for every node
-            for f, v in points:
-                if f == fam and lo <= v <= hi:
-                    hits.append((i, j))
-                    break
-            else:
-                if routes and any(ipset.overlaps((fam, lo, hi), rr) for rr in routes):
-                    hits.append((i, j))
-        lit_dst = tuple(hits)
+        lit_src: frozenset[int] = frozenset()
+        lit_dst: tuple[tuple[int, int], ...] = ()
+        if self._lit_src_index:  # literal IPs and prefixes: an index lookup per address, not a scan
+            srcs = [i for f, v in points for i in self._lit_src_index.at(f, v)]
+            srcs += [i for rr in routes for i in self._lit_src_index.overlapping(rr)]
+            lit_src = frozenset(srcs)
+        if self._lit_dst_index:
+            dsts = [ij for f, v in points for ij in self._lit_dst_index.at(f, v)]
+            dsts += [ij for rr in routes for ij in self._lit_dst_index.overlapping(rr)]
+            if dsts:
+                lit_dst = tuple(sorted(set(dsts)))  # in rule order, then destination order
         if lit_src or lit_dst:
             src = c.src | lit_src | self._always_src
             dst = c.dst_rules | frozenset(i for i, _ in lit_dst)
@@ -354,8 +360,9 @@ class Compiled:
                 self._src_json[i] = prev._src_json[j]
 
     def _wild_extra(self, n: _Node) -> tuple[ipset.Range, ...]:
-        out = [(f, v, v) for f, v in n.points if not ipset.contains(ipset.TAILNET, f, v)]
-        out += [r for r in (_route_range(x) for x in n.node.routes) if r is not None]
+        out = [(f, v, v) for f, v in n.points if not ipset.in_tailnet(f, v)]
+        if n.node.routes:
+            out += [r for r in (_route_range(x) for x in n.node.routes) if r is not None]
         return tuple(out)
 
     def _link(self, n: _Node) -> None:
@@ -445,29 +452,55 @@ class Compiled:
         return s
 
     def _template(self, n: _Node) -> tuple[Any, ...]:
+        """Node ``n``'s filter with its own addresses left out: ``(rule, ((ip, ports), ...), has_self)`` per
+        rule reaching it, ``ip`` ``"*"``, a literal as rendered or :data:`_NODE`. Shared by the nodes of a
+        class body hit by the same literal destinations (by all of them when none is); a node's template is
+        its class's with the entries of the rules it is a literal destination of redone, O(rules reaching
+        it), never a scan of every literal."""
         c = self._class(n.key)
         tk = (id(c), n.lit_dst)  # class bodies live as long as this object
         t = self._templates.get(tk)
         if t is None:
-            lit = {(i, j): text for i, j, _, text in self._lit_dst}
-            out = []
-            for i, r in enumerate(self.policy.rules):
-                js = c.dst.get(i, ())
-                grouped: dict[str, tuple[str, list[PortRange]]] = {}  # alias -> (ip, ports)
-                for j, d in sorted(enumerate(r.dsts), key=lambda jd: _RANK.get(jd[1].alias.kind, 9)):
-                    if j in js:
-                        ip = "*" if d.alias.kind == "*" else _NODE
-                    elif (i, j) in n.lit_dst:
-                        ip = lit[(i, j)]
-                    else:
-                        continue
-                    grouped.setdefault(d.alias.name, (ip, []))[1].extend(d.ports)
-                items = [(ip, tuple(ports)) for ip, ports in grouped.values()]
-                has_self = i in c.self_rules
-                if items or has_self:
-                    out.append((i, tuple(items), has_self))
-            t = self._templates[tk] = tuple(out)
+            if n.lit_dst:
+                base = self._templates.get((id(c), ()))
+                if base is None:
+                    base = self._templates[(id(c), ())] = self._build_template(c)
+                lits: dict[int, list[int]] = {}
+                for i, j in n.lit_dst:
+                    lits.setdefault(i, []).append(j)
+                entries = {e[0]: e for e in base}
+                for i, js in lits.items():
+                    e = self._entry(c, i, js)
+                    if e is not None:
+                        entries[i] = e
+                t = tuple(entries[i] for i in sorted(entries))
+            else:
+                t = self._build_template(c)
+            self._templates[tk] = t
         return t
+
+    def _build_template(self, c: _Class) -> tuple[Any, ...]:
+        """The template of the nodes of class body ``c`` that no literal destination holds."""
+        out = []
+        for i in sorted({*c.dst, *c.self_rules}):
+            e = self._entry(c, i, ())
+            if e is not None:
+                out.append(e)
+        return tuple(out)
+
+    def _entry(self, c: _Class, i: int, lits: Iterable[int]) -> tuple[Any, ...] | None:
+        """Rule ``i``'s template entry for class body ``c`` and the literal destinations ``lits`` (indexes
+        into the rule's ``dsts``) holding the node; None when the rule does not reach it."""
+        dsts = self.policy.rules[i].dsts
+        js = c.dst.get(i, ())
+        grouped: dict[str, tuple[str, list[PortRange]]] = {}  # alias -> (ip, ports)
+        for j in sorted({*js, *lits}, key=lambda j: (_RANK.get(dsts[j].alias.kind, 9), j)):
+            d = dsts[j]
+            ip = ("*" if d.alias.kind == "*" else _NODE) if j in js else self._lit_text[i, j]
+            grouped.setdefault(d.alias.name, (ip, []))[1].extend(d.ports)
+        items = tuple((ip, tuple(ports)) for ip, ports in grouped.values())
+        has_self = i in c.self_rules
+        return (i, items, has_self) if items or has_self else None
 
     def filter(self, node_id: int) -> tuple[FilterRule, ...]:
         """Node ``node_id``'s filter (empty when no rule reaches it or the node is unknown)."""

@@ -120,8 +120,25 @@ def test_tag_decisions_follow_tag_owners() -> None:
     assert check_tags(policy, ["tag:nope"], [alice], held=["tag:nope"]) == ("tag:nope",)  # held: kept
     with pytest.raises(TagError, match="not tag:<name>"):
         check_tags(policy, ["tag:Bad Name"], [ADMIN])
-    with pytest.raises(TagError, match="this node has no owner who could own it"):
+    with pytest.raises(
+        TagError,
+        match=r"^tag:web is not permitted: tag:web's owners do not include this node's tags \(tag:db\)$",
+    ):
         check_tags(policy, ["tag:web"], [], held=["tag:db"])
+    with pytest.raises(TagError, match="this node has no owner who could own it"):
+        check_tags(policy, ["tag:web"], [])
+
+
+def test_a_tagged_node_may_ask_for_tags_its_tags_own() -> None:
+    policy = Policy.parse(
+        '{"tagOwners": {"tag:dev": ["alice@"], "tag:web": ["tag:dev"], "tag:db": ["alice@"]}}'
+    )
+    # a tag:dev node (no owner left) asks for tag:dev and tag:web: tag:dev owns tag:web
+    assert check_tags(policy, ["tag:dev", "tag:web"], [], held=["tag:dev"]) == ("tag:dev", "tag:web")
+    with pytest.raises(TagError, match=r"tag:db's owners do not include this node's tags \(tag:dev\)"):
+        check_tags(policy, ["tag:db", "tag:dev"], [], held=["tag:dev"])
+    with pytest.raises(TagError, match="does not let user bob own it"):  # an untagged node: its owner
+        check_tags(policy, ["tag:web"], [Requester("bob")])
 
 
 def test_without_a_policy_only_the_admin_tags() -> None:
@@ -150,8 +167,8 @@ def test_registration_tags_granted_refused_and_never_taken_away(store: Store) ->
     again = store.register(mk, nk, "a", None, 4.0, request_tags=["tag:web"], tag_check=_checker(later))
     assert again.tags == ("tag:web",)
     assert store.get_node(node.id).tags == ("tag:web",)
-    # a new tag is decided for the node's owner (alice, kept behind the tags)
-    with pytest.raises(TagError, match="user alice"):
+    # a new tag is decided for the node's owner (alice, kept behind the tags) and for its tags
+    with pytest.raises(TagError, match=r"tag:db's owners do not include this node's tags \(tag:web\)"):
         store.register(mk, nk, "a", None, 5.0, request_tags=["tag:db"], tag_check=_checker(later))
 
 

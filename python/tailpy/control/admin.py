@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import time
@@ -490,7 +491,12 @@ async def call_socket(path: Path, op: str, args: Mapping[str, Any]) -> Any:
     timeout = aiohttp.ClientTimeout(total=30)
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as http,
-        http.post(f"http://control/admin/{op}", json=dict(args), timeout=timeout) as r,
+        http.post(
+            f"http://control/admin/{op}",
+            data=io.BytesIO(json.dumps(dict(args)).encode()),  # (a stream: a policy may be megabytes)
+            headers={"Content-Type": "application/json"},
+            timeout=timeout,
+        ) as r,
     ):
         status = r.status
         body = await r.json(content_type=None)

@@ -123,18 +123,31 @@ def policy_set(state_dir: Path, db: str | None, as_json: bool, file: Path) -> No
     _notes(result)
 
 
+optional_state_dir_option = click.option(
+    "--state-dir",
+    envvar="TAILPY_CONTROL_STATE_DIR",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the server's database and key (default: $TAILPY_CONTROL_STATE_DIR).",
+)
+
+
 @command.group("history", invoke_without_command=True)
-@state_dir_option
+@optional_state_dir_option
 @db_option
 @json_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many.")
 @click.pass_context
-def policy_history(ctx: click.Context, state_dir: Path, db: str | None, as_json: bool, limit: int) -> None:
+def policy_history(
+    ctx: click.Context, state_dir: Path | None, db: str | None, as_json: bool, limit: int
+) -> None:
     """List the policies stored with `policy set`, newest (the running one) first: id, who set it, when,
     and size. `policy history show ID` prints one; to restore it, save that and `policy set` it. (A
     `serve --policy FILE` policy is the file's and is not stored.)"""
     if ctx.invoked_subcommand is not None:
         return
+    if state_dir is None:
+        raise click.UsageError("Missing option '--state-dir'.")
     result = admin(state_dir, db, "policy.history", {"limit": limit})
     if as_json:
         print_json(result)

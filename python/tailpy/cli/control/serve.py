@@ -165,7 +165,9 @@ def command(
     host; when none of these names a host (0.0.0.0, ::) serve refuses to start and says which flag to add.
     A relay that cannot listen (port taken) is logged and left out of the map: control serves regardless.
     --derp-map adds external relays (a Tailscale DERPMap JSON file; region ids must differ from the
-    embedded one). GET /health on control and on the relay answers JSON {"status", "checks"} (200 or 503).
+    embedded one). GET /health on control and on the relay answers JSON {"status", "checks"} (200 or 503;
+    control says "degraded", still 200, while a --policy file's edit is refused and the previous policy
+    runs).
 
     Unless --no-stun, a STUN server answers on UDP --stun-port (3478) of the relay's host and the map says
     so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1).
@@ -180,7 +182,7 @@ def command(
         parse_duration,
         parse_listen,
     )
-    from tailpy.control.service import DERP_PORT, ControlConfig, derp_advertised_host, run_control
+    from tailpy.control.service import DERP_PORT, ControlConfig, derp_advertised_host, run_control, tune_gc
 
     host, port = parse_listen(listen)
     derp_host, derp_port = host, DERP_PORT
@@ -239,6 +241,7 @@ def command(
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tune_gc()
     asyncio.run(run_control(config))
 
 

@@ -168,6 +168,49 @@ def test_autogroup_self_follows_the_other_destinations_of_its_rule() -> None:
     ]
 
 
+def test_autogroup_self_comes_first_when_its_rule_lists_it_first() -> None:
+    """Tailscale orders a rule's two FilterRules by which destination comes first, by kind then as written:
+    ``autogroup:self`` before ``autogroup:member`` (written after it), after any user, group or tag."""
+    pol = policy(acl(["*"], ["autogroup:self:*", "autogroup:member:22"]))
+    assert filt(pol, BOB) == [
+        {"SrcIPs": ["100.64.0.10", "fd7a:115c:a1e0::a"], "DstPorts": own(BOB)},
+        {"SrcIPs": TAILNET, "DstPorts": own(BOB, p22(22))},
+    ]
+    pol = policy(acl(["*"], ["autogroup:self:*", "bob@:22"]))
+    assert filt(pol, BOB) == [
+        {"SrcIPs": TAILNET, "DstPorts": own(BOB, p22(22))},
+        {"SrcIPs": ["100.64.0.10", "fd7a:115c:a1e0::a"], "DstPorts": own(BOB)},
+    ]
+
+
+def test_merged_rules_stand_where_the_first_rule_with_their_sources_stands() -> None:
+    """Rules with equal sources merge across the whole policy, then each node keeps its destinations: a
+    later rule joins an earlier one with its sources even where that earlier one does not reach the node
+    (as Tailscale orders them); an earlier rule that reaches no node at all does not count."""
+    rules = (
+        '"acls": [{"action": "accept", "src": ["bob@"], "dst": ["tag:db:22"]},'
+        ' {"action": "accept", "src": ["carol@example.com"], "dst": ["alice@example.com:80"]},'
+        ' {"action": "accept", "src": ["bob@"], "dst": ["alice@example.com:443"]}],'
+    )
+    pol = policy(rules)
+    bob = ["100.64.0.10", "fd7a:115c:a1e0::a"]
+    carol = ["100.64.0.20", "fd7a:115c:a1e0::14"]
+    flipped = [
+        {"SrcIPs": bob, "DstPorts": own(ALICE1, p22(443))},
+        {"SrcIPs": carol, "DstPorts": own(ALICE1, p22(80))},
+    ]
+    assert filt(pol, ALICE1) == flipped
+    without_db = [n for n in NODES if n is not DB]
+    assert filt(pol, ALICE1, without_db) == flipped[::-1]
+    c = Compiled(pol, without_db)
+    sig = c.filter_signature(ALICE1.id)
+    parts = c.filter_parts(ALICE1.id)
+    c.update(DB)  # the first rule reaches a node now: alice's filter lists its rules the other way round
+    assert c.filter_signature(ALICE1.id) != sig
+    assert c.filter(ALICE1.id) == Compiled(pol, NODES).filter(ALICE1.id)
+    assert c.filter_parts(ALICE1.id) == parts  # the parts (one per policy rule) do not change
+
+
 def test_rules_with_equal_sources_merge() -> None:
     pol = policy(
         '"acls": [{"action": "accept", "src": ["tag:server"], "dst": ["tag:db:22"]},'

@@ -13,10 +13,12 @@ published in Headscale's ``hscontrol/policy/v2/testdata``):
   each with each port range (address outer, ports inner); ``*`` stays ``"*"``; an IP or prefix as written
   (a host name resolved), kept only on nodes it contains or whose routes it overlaps.
 * ``IPProto`` only when the rule names protocols. One FilterRule per ``acls`` entry and per ``ip`` entry
-  of a grant; the ``autogroup:self`` part of a rule follows its other destinations as a rule of its own,
-  with the sources narrowed to the node owner's own untagged nodes; rules with equal ``SrcIPs`` and
-  ``IPProto`` are merged (``DstPorts`` appended, not deduplicated). A node no rule reaches gets an empty
-  filter (nothing inbound is allowed).
+  of a grant; the ``autogroup:self`` part of a rule is a rule of its own, with the sources narrowed to the
+  node owner's own untagged nodes, after the rule's other destinations unless ``autogroup:self`` comes
+  first among them (by kind, then as written). Rules with equal ``SrcIPs`` and ``IPProto`` are merged
+  (``DstPorts`` appended, not deduplicated) across the whole policy before a node keeps its destinations:
+  a merged rule stands where the first of its rules stands, even when that one does not reach the node.
+  A node no rule reaches gets an empty filter (nothing inbound is allowed).
 
 Where Headscale differs, this follows Tailscale: Headscale writes a tag's or user's destinations as the
 prefixes of all their nodes (merging neighbours into ``/31`` and wider) and keeps the ones containing the
@@ -173,6 +175,14 @@ class Compiled:
         self._self_ports = [
             tuple(p for d in r.dsts if d.alias.name == "autogroup:self" for p in d.ports) for r in rules
         ]
+        self._self_first = [int(_self_first(r)) for r in rules]
+        self._always_there = [  # rules whose other destinations never resolve to nothing
+            any(d.alias.kind in ("*", "ip") or d.alias.name == "autogroup:internet" for d in r.dsts)
+            for r in rules
+        ]
+        self._first_at: dict[tuple[bytes, bytes], int] | None = None  # see _first_at_map
+        self._orders: dict[tuple[int, str], tuple[tuple[int, bool], ...]] = {}  # see _order
+        self._template_self: dict[int, bool] = {}  # id(template) -> whether it has autogroup:self parts
         self._classes: dict[ClassKey, _Class] = {}
         self._class_bodies: dict[tuple[bool, frozenset[str], tuple[str, ...]], _Class] = {}
         self._rule_names = frozenset(
@@ -370,7 +380,11 @@ class Compiled:
         self.nodes[n.node.id] = n
         for i in self._class(n.key).src:
             self._src_members[i].add(n.node.id)
-        self._views.setdefault(n.view, set()).add(n.node.id)
+        members = self._views.get(n.view)
+        if members is None:
+            members = self._views[n.view] = set()
+            self._plans_changed()  # a rule may reach a node now
+        members.add(n.node.id)
         if n.key[0] and not n.key[2]:
             self._by_user.setdefault(n.key[0], set()).add(n.node.id)
 
@@ -384,6 +398,7 @@ class Compiled:
             members.discard(n.node.id)
             if not members:
                 del self._views[n.view]
+                self._plans_changed()
         if n.key[0] and not n.key[2]:
             users = self._by_user.get(n.key[0])
             if users is not None:
@@ -399,13 +414,19 @@ class Compiled:
             self._src_ips[i] = None
             self._src_json[i] = None
             self._rule_gen[i] += 1
+        self._plans_changed()
         ch._rules |= dirty
 
     def _user_changed(self, user: str, ch: Changes) -> None:
         self._self_src.pop(user, None)
         self._self_src_json.pop(user, None)
         self._user_gen[user] = self._user_gen.get(user, 0) + 1
+        self._orders.clear()
         ch._users.add(user)
+
+    def _plans_changed(self) -> None:
+        self._first_at = None
+        self._orders.clear()
 
     def owned_by(self, user: str) -> set[int]:
         """Ids of the untagged nodes of owner ``user`` (login name, lower case)."""
@@ -509,26 +530,73 @@ class Compiled:
             return ()
         rules = self.policy.rules
         out: list[FilterRule] = []
-        for i, items, has_self in self._template(n):
+        for _, i, is_self, _, items in self._plan(n):
             protos = rules[i].protos
-            if items:
-                src = self.src_ips(i)
-                if src:
-                    dsts: list[NetPortRange] = []
-                    for ip, ports in items:
-                        if ip == _NODE:
-                            dsts.extend(NetPortRange(a, p) for a in n.addrs for p in ports)
-                        else:
-                            dsts.extend(NetPortRange(ip, p) for p in ports)
-                    out.append(FilterRule(src, tuple(dsts), protos))
-            if has_self:
+            if not is_self:
+                dsts: list[NetPortRange] = []
+                for ip, ports in items:
+                    if ip == _NODE:
+                        dsts.extend(NetPortRange(a, p) for a in n.addrs for p in ports)
+                    else:
+                        dsts.extend(NetPortRange(ip, p) for p in ports)
+                out.append(FilterRule(self.src_ips(i), tuple(dsts), protos))
+            else:
+                ports = self._self_ports[i]
                 src = self._self_src_ips(i, n.key[0])
-                if src:
-                    ports = self._self_ports[i]
-                    out.append(
-                        FilterRule(src, tuple(NetPortRange(a, p) for a in n.addrs for p in ports), protos)
-                    )
+                out.append(FilterRule(src, tuple(NetPortRange(a, p) for a in n.addrs for p in ports), protos))
         return _merge(out)
+
+    def _plan(self, n: _Node) -> list[tuple[int, int, bool, tuple[bytes, bytes], tuple[Any, ...]]]:
+        """The FilterRules node ``n``'s filter is merged from, in the order Tailscale lists them: ``(position,
+        rule, whether it is the rule's autogroup:self part, (SrcIPs JSON, IPProto JSON), the rule's
+        template items)``; rules with empty sources left out.
+
+        Tailscale merges the rules of the whole policy that have equal ``SrcIPs`` and ``IPProto`` before
+        keeping the destinations on a node (Headscale's ``filterRulesForNode``: ``mergeFilterRules`` over
+        the unreduced list, then ``ReduceFilterRules``), so a merged rule stands where the first of its
+        rules stands, even when that first rule does not reach the node; each policy rule holds positions
+        ``2i`` and ``2i + 1``, its ``autogroup:self`` part in the first when ``autogroup:self`` comes first
+        among its destinations in the order they are listed (:func:`_self_first`). Checked against the
+        filters Tailscale's control server sends (Headscale's ``testdata/acl_results``)."""
+        entries = []
+        for i, items, has_self in self._template(n):
+            proto = self._proto_json[i]
+            first = self._self_first[i]
+            if items:
+                src = self._src_json_of(i)
+                if src != b"[]":
+                    entries.append((2 * i + first, i, False, (src, proto), items))
+            if has_self:
+                ssrc = self._self_src_json_of(i, n.key[0])
+                if ssrc is not None:
+                    entries.append((2 * i + 1 - first, i, True, (ssrc, proto), ()))
+        if len(entries) > 1:
+            first_at = self._first_at_map()
+            lead: dict[tuple[bytes, bytes], int] = {}
+            for pos, _, _, key, _ in entries:
+                lead[key] = min(lead.get(key, first_at.get(key, pos)), pos)
+            entries.sort(key=lambda e: (lead[e[3]], e[0]))
+        return entries
+
+    def _first_at_map(self) -> dict[tuple[bytes, bytes], int]:
+        """(SrcIPs JSON, IPProto JSON) -> the first position (see :meth:`_plan`) of a policy rule with those
+        sources and protocols whose destinations other than ``autogroup:self`` hold something (``*``, an
+        address, a prefix, or a node some rule target names). Worked out again after sources change or a
+        rule comes to reach a node or stops reaching any."""
+        m = self._first_at
+        if m is None:
+            reached: set[int] = set()
+            for view in self._views:
+                reached |= view[1]
+            m = {}
+            for i in range(self._n):
+                if not (self._always_there[i] or i in reached):
+                    continue
+                src = self._src_json_of(i)
+                if src != b"[]":
+                    m.setdefault((src, self._proto_json[i]), 2 * i + self._self_first[i])
+            self._first_at = m
+        return m
 
     def filter_signature(self, node_id: int) -> tuple[Any, ...]:
         """What node ``node_id``'s filter is made of (its record, its class's template, the versions of
@@ -539,7 +607,20 @@ class Compiled:
             return ()
         t = self._template(n)
         gen = self._rule_gen
-        return (n.epoch, id(t), [gen[i] for i, _, _ in t], self._user_gen.get(n.key[0], 0))
+        return (n.epoch, id(t), [gen[i] for i, _, _ in t], self._user_gen.get(n.key[0], 0), self._order(n, t))
+
+    def _order(self, n: _Node, t: tuple[Any, ...]) -> tuple[tuple[int, bool], ...]:
+        """(rule, autogroup:self part) of each entry of :meth:`_plan`, in order: the same for every node
+        with template ``t`` (and, when it has autogroup:self parts, the same owner) until sources change,
+        so memoized per (template, owner) until then."""
+        has_self = self._template_self.get(id(t))
+        if has_self is None:
+            has_self = self._template_self[id(t)] = any(e[2] for e in t)
+        key = (id(t), n.key[0] if has_self else "")
+        got = self._orders.get(key)
+        if got is None:
+            got = self._orders[key] = tuple((i, is_self) for _, i, is_self, _, _ in self._plan(n))
+        return got
 
     def filter_json(self, node_id: int) -> bytes:
         """:meth:`filter` as compact JSON (``json.dumps(filter_to_json(...), separators=(",", ":"))``, byte
@@ -548,30 +629,24 @@ class Compiled:
         n = self.nodes.get(node_id)
         if n is None:
             return b"[]"
-        out: dict[tuple[bytes, bytes], list[bytes]] = {}  # merged by (SrcIPs, IPProto), first seen first
-        for i, items, has_self in self._template(n):
-            proto = self._proto_json[i]
-            if items:
-                src = self._src_json_of(i)
-                if src != b"[]":
-                    dsts = out.setdefault((src, proto), [])
-                    for ip, ports in items:
-                        suffixes = [_port_json(p) for p in ports]
-                        if ip == _NODE:
-                            for a in n.addrs:
-                                head = b'{"IP":"' + a.encode() + b'"'
-                                dsts += [head + sfx for sfx in suffixes]
-                        else:
-                            head = b'{"IP":' + _dumps(ip)
+        out: dict[tuple[bytes, bytes], list[bytes]] = {}  # merged by (SrcIPs, IPProto), in plan order
+        for _, i, is_self, key, items in self._plan(n):
+            dsts = out.setdefault(key, [])
+            if not is_self:
+                for ip, ports in items:
+                    suffixes = [_port_json(p) for p in ports]
+                    if ip == _NODE:
+                        for a in n.addrs:
+                            head = b'{"IP":"' + a.encode() + b'"'
                             dsts += [head + sfx for sfx in suffixes]
-            if has_self:
-                ssrc = self._self_src_ips(i, n.key[0])
-                if ssrc:
-                    dsts = out.setdefault((_dumps(list(ssrc)), proto), [])
-                    suffixes = [_port_json(p) for p in self._self_ports[i]]
-                    for a in n.addrs:
-                        head = b'{"IP":"' + a.encode() + b'"'
+                    else:
+                        head = b'{"IP":' + _dumps(ip)
                         dsts += [head + sfx for sfx in suffixes]
+            else:
+                suffixes = [_port_json(p) for p in self._self_ports[i]]
+                for a in n.addrs:
+                    head = b'{"IP":"' + a.encode() + b'"'
+                    dsts += [head + sfx for sfx in suffixes]
         pieces = [b"["]  # one join: the SrcIPs (often tens of kB) are copied once
         for (src, proto), dsts in out.items():
             pieces += (b'{"SrcIPs":', src, b',"DstPorts":[', b",".join(dsts), b"]", proto, b"},")
@@ -731,6 +806,15 @@ class _UserIndex:
         found |= {a for a in self._domains if user_matches(a, user, email)}
         groups = [self._groups.get(a, ()) for a in found]
         return frozenset(found.union(*groups))
+
+
+def _self_first(rule: Rule) -> bool:
+    """Whether Tailscale lists ``rule``'s ``autogroup:self`` FilterRule before its other one: when
+    ``autogroup:self`` comes first among its destinations ordered by kind of target, then as written
+    (:data:`_RANK`; ``["autogroup:self:*", "autogroup:member:22"]``: first, ``["autogroup:self:*",
+    "tag:server:22"]``: after the tag's rule, even on a node with no tag)."""
+    ranked = sorted(range(len(rule.dsts)), key=lambda j: (_RANK.get(rule.dsts[j].alias.kind, 9), j))
+    return bool(ranked) and rule.dsts[ranked[0]].alias.name == "autogroup:self"
 
 
 def _dumps(obj: Any) -> bytes:

@@ -21,6 +21,7 @@ from tailpy.cli.control.common import (
     when,
     with_admin_note,
 )
+from tailpy.control.policy import hujson
 from tailpy.errors import ConfigError
 
 policy_file_argument = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
@@ -36,9 +37,9 @@ def command() -> None:
 
 def _read(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file} is not UTF-8 text") from None
+        return hujson.decode(file.read_bytes())
+    except hujson.HuJSONError as e:
+        raise ConfigError(f"{file}: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read {file}: {e.strerror or e}") from None
 

@@ -69,9 +69,10 @@ all the target's ports)."""
 
 
 def class_key(node: PolicyNode) -> ClassKey:
-    """(owner login, owner email, tags), lower case; a tagged node has no owner."""
+    """(owner login, owner email: lower case; tags: as given, since tags are case-sensitive as in
+    Tailscale); a tagged node has no owner."""
     if node.tags:
-        return ("", "", tuple(sorted(t.lower() for t in node.tags)))
+        return ("", "", tuple(sorted(node.tags)))
     return (node.user.lower(), node.email.lower(), ())
 
 
@@ -824,7 +825,7 @@ def _identities(policy: Policy, a: Alias, index: _NodeIndex) -> list[_Who]:
         email = mine[0].email if mine else (a.name if not a.name.endswith("@") else "")
         return [_Who(user.lower(), email.lower(), (), pts(mine))]
     if a.kind == "tag":  # each node with the tag, with all its tags; the bare tag when none has it
-        tagged = [n for n in nodes if a.name in (t.lower() for t in n.tags)]
+        tagged = [n for n in nodes if a.name in n.tags]
         return [_Who("", "", class_key(n)[2], pts([n])) for n in tagged] or [_Who("", "", (a.name,))]
     assert a.net is not None
     if a.net.num_addresses == 1:
@@ -902,10 +903,10 @@ def check_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[Policy
 
 def _alias_of(policy: Policy, s: str) -> Alias:
     lo = s.lower()
-    if lo.startswith("group:"):
-        return Alias("group", lo)
-    if lo.startswith("tag:"):
-        return Alias("tag", lo)
+    if s.startswith("group:"):
+        return Alias("group", s)
+    if s.startswith("tag:"):
+        return Alias("tag", s)
     if "@" in s:
         return Alias("user", lo.removeprefix("user:"))
     if lo in policy.hosts:

@@ -2,7 +2,11 @@
 
 A policy is a HuJSON object (:mod:`tailpy.control.policy.hujson`) with Tailscale's sections. Field names
 are matched without regard to case, as Go's ``encoding/json`` (and so Tailscale) matches them: ``"ACLs"``,
-``"TagOwners"`` and ``"acls"`` are the same section. Sections:
+``"TagOwners"`` and ``"acls"`` are the same section. A top-level key that is not one of Tailscale's sections,
+or a field Tailscale does not know in an entry of ``acls``, ``grants``, ``tests``, ``ssh`` or ``sshTests``
+(:data:`ENTRY_FIELDS`), is refused, as Tailscale refuses it: a misspelt field must not widen a rule. Group
+and tag names are case-sensitive (``tag:Prod`` and ``tag:prod`` are two tags), as in Tailscale; a tag name
+follows :func:`tag_error`. Sections:
 
 * ``groups``: ``{"group:dev": ["alice@example.com", "bob@"]}``: users only (groups do not nest).
 * ``hosts``: ``{"db": "100.64.0.5", "office": "192.0.2.0/24"}``: names for an IP address or a prefix.
@@ -18,9 +22,12 @@ are matched without regard to case, as Go's ``encoding/json`` (and so Tailscale)
   default policy allows; an empty ``acls`` list allows nothing.
 * ``tests``: ``{"src": "alice@example.com", "proto"?: "tcp", "accept": ["tag:server:22"], "deny": [...]}``,
   evaluated by :func:`tailpy.control.policy.compiler.check_tests`.
-* anything else (``autoApprovers``, ``ssh``, ``sshTests``, ``nodeAttrs``, ``postures``, ``ipsets``,
-  ``derpMap``, ``disableIPv4``, ``randomizeClientPort``, ...) is accepted and listed in
-  :attr:`Policy.not_enforced`.
+* the other sections (:data:`NOT_ENFORCED_SECTIONS`: ``autoApprovers``, ``ssh``, ``sshTests``,
+  ``nodeAttrs``, ``postures``, ``ipsets``, ``derpMap``, ``disableIPv4``, ``randomizeClientPort``, ...) are
+  accepted and listed in :attr:`Policy.not_enforced`; the groups and tags ``ssh`` and ``autoApprovers``
+  name must be defined, and ``ssh`` rules are checked as Tailscale checks them.
+* targets of kinds tailpy does not enforce yet (``ipset:x``, defined in ``ipsets``; ``svc:x``) are left
+  out of their rule with a warning; a rule left with no source or no destination is left out.
 
 Targets (``src``, ``dst`` and the ``tests``): ``*``; a user, written as an email (``alice@example.com``,
 matched against a node owner's login name and email) or as ``name@`` (matched against the login name),
@@ -30,7 +37,8 @@ untagged), ``autogroup:tagged``, ``autogroup:self`` (destination only: the sourc
 nodes), ``autogroup:internet`` (destination only; kept for exit nodes, not enforced yet: it matches no
 node), ``autogroup:danger-all`` (source only: every address, rendered ``"*"``). Autogroups naming user
 roles (``autogroup:admin``, ``autogroup:owner``, ...) match no node: tailpy has no roles. Ports: ``*``,
-``22``, ``80-443`` or a comma-separated list of those. Protocols (``proto``, and grants' ``ip``): IANA
+``22``, ``80-443`` or a comma-separated list of those; a port range starts at 1 or more (``*`` is every
+port, 0 included), as Tailscale requires. Protocols (``proto``, and grants' ``ip``): IANA
 numbers ``1``-``255`` or the names Tailscale accepts (``tcp``, ``udp``, ``icmp``, ``ipv6-icmp``,
 ``sctp``, ``igmp``, ``ipv4``/``ip-in-ip``, ``egp``, ``igp``, ``gre``, ``esp``, ``ah``, ``fc``); a protocol
 without ports (anything but tcp, udp and sctp) only with port ``*``.
@@ -44,6 +52,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,8 +192,9 @@ class Policy:
     """A checked policy. Build it with :meth:`parse`.
 
     ``text``: the source as given; ``rules``: the network rules in order (grants first, then acls, each in
-    file order; a grant gives one rule per protocol of its ``ip``); ``groups`` (name -> users, lower
-    case), ``hosts`` (name -> network), ``tag_owners`` (tag -> owners as written, lower case); ``tests``;
+    file order; a grant gives one rule per protocol of its ``ip``); ``groups`` (name as written -> users,
+    lower case), ``hosts`` (name, lower case -> network), ``tag_owners`` (tag as written -> owners: users
+    and autogroups lower case, groups and tags as written); ``tests``;
     ``not_enforced``: sections present but not enforced yet; ``warnings``: what was read but ignored
     (``"grants[2]: capability grant ignored (app)"``)."""
 
@@ -365,6 +375,7 @@ class _Reader:
         """Check the groups and tags named in a not-enforced section (``ssh``, ``autoApprovers``) are
         defined, as Tailscale checks them."""
         for i, s in enumerate(self.strings(v, path, what)):
+            s = s.strip()  # Tailscale accepts "tag:server " here
             if s.startswith("group:") and s not in self.groups:
                 raise self.fail((*path, i), f"{what}: {s} is not defined")
             if s.startswith("tag:") and s not in self.tag_owners:
@@ -377,9 +388,48 @@ class _Reader:
             where = f"{section}[{i}]"
             f = self.fields(e, (*path, i), where, section)
             if section == "ssh":
-                for k in ("src", "dst"):
-                    if k in f:
-                        self.refs(e[f[k]], (*path, i, f[k]), f"{where}.{k}")
+                self.check_ssh_rule(e, f, (*path, i), where)
+
+    def check_ssh_rule(
+        self, e: dict[str, Any], f: Mapping[str, str], path: tuple[Any, ...], where: str
+    ) -> None:
+        """What Tailscale checks in an ``ssh`` rule although tailpy does not enforce it: ``action`` is
+        ``accept`` or ``check`` (exactly), ``users`` is not empty and has no ``""`` or ``*``,
+        ``acceptEnv`` has no empty value, ``checkPeriod`` is a Go duration in [0, 168h] or ``always``,
+        groups and tags named are defined, and ``dst`` names no host (Tailscale: ``invalid dst "srv"``)."""
+        action = e.get(f.get("action", "action"))
+        if action in (None, ""):
+            raise self.fail(path, f"{where}: action must be specified (accept or check)")
+        if action not in ("accept", "check"):
+            raise self.fail((*path, f["action"]), f"{where}: {json.dumps(action)} is not a valid action")
+        users = e.get(f.get("users", "users"))
+        if not users:
+            raise self.fail(path, f"{where}: users must be specified")
+        for j, u in enumerate(self.strings(users, (*path, f["users"]), f"{where}.users")):
+            if u in ("", "*"):
+                raise self.fail((*path, f["users"], j), f"{where}: user {json.dumps(u)} is not valid")
+        if "acceptenv" in f:
+            env = self.strings(e[f["acceptenv"]], (*path, f["acceptenv"]), f"{where}.acceptEnv")
+            if any(not x for x in env):
+                raise self.fail((*path, f["acceptenv"]), f"{where}: acceptEnv values cannot be empty")
+        if "checkperiod" in f and e[f["checkperiod"]] is not None:
+            period = self.want(e[f["checkperiod"]], str, (*path, f["checkperiod"]), f"{where}.checkPeriod")
+            seconds = _go_duration(period)
+            if period != "always" and (seconds is None or not 0 <= seconds <= 168 * 3600):
+                raise self.fail(
+                    (*path, f["checkperiod"]),
+                    f"{where}: checkPeriod {period!r} must be a duration from 0 to 168h (or always)",
+                )
+        for k in ("src", "dst"):
+            if k in f:
+                self.refs(e[f[k]], (*path, f[k]), f"{where}.{k}")
+        if "dst" in f:
+            for j, d in enumerate(e[f["dst"]]):
+                if d.strip().lower() in self.hosts:
+                    raise self.fail(
+                        (*path, f["dst"], j),
+                        f'{where}: invalid dst "{d}" (a host cannot be an SSH destination)',
+                    )
 
     def read_auto_approvers(self, v: Any, path: tuple[Any, ...]) -> None:
         self.want(v, dict, path, "autoApprovers")
@@ -800,6 +850,28 @@ class _Reader:
             self.doc.position(path) or (None, None),
             where,
         )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _go_duration(s: str) -> float | None:
+    """Seconds in Go's ``time.ParseDuration`` form (``"12h"``, ``"1h30m"``, ``"-1m"``), None if malformed."""
+    body = s.removeprefix("-").removeprefix("+")
+    if not body:
+        return None
+    if body == "0":
+        return 0.0
+    total, at = 0.0, 0
+    for m in _DURATION.finditer(body):
+        if m.start() != at:
+            return None
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        at = m.end()
+    if at != len(body):
+        return None
+    return -total if s.startswith("-") else total
 
 
 def _digits(s: str) -> bool:

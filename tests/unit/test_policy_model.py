@@ -331,8 +331,29 @@ def test_ssh_rules_are_checked_as_tailscale_checks_them(fields: dict[str, object
         {"checkPeriod": "always"},
         {"checkPeriod": None},
         {"dst": ["tag:server "]},  # Tailscale accepts the trailing space here
+        {"action": " accept"},  # and spaces around the action
+        {"acceptEnv": None},
         {"users": ["root", "autogroup:nonroot", "localpart:*@example.com"], "acceptEnv": ["GIT_*"]},
     ],
 )
 def test_ssh_rules_tailscale_accepts_are_accepted(fields: dict[str, object]) -> None:
     assert "ssh" in Policy.parse(_ssh(**fields)).not_enforced
+
+
+@pytest.mark.parametrize(
+    ("dst", "message"),
+    [
+        ("autogroup:internet", "disallowed element"),
+        ("100.64.0.0/24", "disallowed element"),
+        ("tag:server:22", "tag:server:22 is not defined"),
+    ],
+)
+def test_ssh_tests_destinations_are_checked(dst: str, message: str) -> None:
+    def policy(d: str) -> str:
+        return (
+            '{"tagOwners": {"tag:server": []},'
+            f' "sshTests": [{{"src": "bob@", "dst": ["{d}"], "accept": ["root"]}}]}}'
+        )
+
+    assert message in refused(policy(dst)).message
+    Policy.parse(policy("tag:server"))

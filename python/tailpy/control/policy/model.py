@@ -389,6 +389,15 @@ class _Reader:
             f = self.fields(e, (*path, i), where, section)
             if section == "ssh":
                 self.check_ssh_rule(e, f, (*path, i), where)
+            elif "dst" in f:  # sshTests: hosts to log in to, by tag, user, host name or single address
+                dpath = (*path, i, f["dst"])
+                self.refs(e[f["dst"]], dpath, f"{where}.dst")
+                for j, d in enumerate(e[f["dst"]]):
+                    net = _network(d)
+                    if d.startswith("autogroup:internet") or (net is not None and "/" in d):
+                        raise self.fail(
+                            (*dpath, j), f'{where}: SSH tests dst contains disallowed element "{d}"'
+                        )
 
     def check_ssh_rule(
         self, e: dict[str, Any], f: Mapping[str, str], path: tuple[Any, ...], where: str
@@ -400,7 +409,7 @@ class _Reader:
         action = e.get(f.get("action", "action"))
         if action in (None, ""):
             raise self.fail(path, f"{where}: action must be specified (accept or check)")
-        if action not in ("accept", "check"):
+        if not isinstance(action, str) or action.strip() not in ("accept", "check"):  # " accept" passes
             raise self.fail((*path, f["action"]), f"{where}: {json.dumps(action)} is not a valid action")
         users = e.get(f.get("users", "users"))
         if not users:
@@ -408,7 +417,7 @@ class _Reader:
         for j, u in enumerate(self.strings(users, (*path, f["users"]), f"{where}.users")):
             if u in ("", "*"):
                 raise self.fail((*path, f["users"], j), f"{where}: user {json.dumps(u)} is not valid")
-        if "acceptenv" in f:
+        if "acceptenv" in f and e[f["acceptenv"]] is not None:
             env = self.strings(e[f["acceptenv"]], (*path, f["acceptenv"]), f"{where}.acceptEnv")
             if any(not x for x in env):
                 raise self.fail((*path, f["acceptenv"]), f"{where}: acceptEnv values cannot be empty")

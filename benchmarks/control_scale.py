@@ -22,6 +22,10 @@ policy the run also measures a policy change: a rule letting ``tag:t1`` reach ev
 added to the file and the server is sent SIGHUP; seconds until every node has its new packet filter
 (``policy_p50_s``, ``policy_p99_s``), and the server CPU it took.
 
+Each measurement starts once the server is quiet (under a tenth of a core for a second: the last streams
+to open have had their deltas; ``settle_s`` is how long that took after all streams were up), so a figure
+is the measured change alone. The state directory is removed at the end.
+
 Clients and server share the machine's cores, so figures are upper bounds of the server's own latency.
 Exits 1 when some node never saw the change, the join or the policy change within ``--timeout``.
 ``--smoke``: 20 nodes in one client process, both policy modes, a check (in seconds) that the benchmark
@@ -37,6 +41,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +79,19 @@ def server_hwm_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def wait_quiet(pid: int, limit: float = 300.0, window: float = 1.0, busy: float = 0.1) -> float:
+    """Wait (at most ``limit`` seconds) until the server used under ``busy`` of a core over ``window``
+    seconds: the streams that opened last have had their deltas, so what is measured next is the
+    measured change alone. Returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        c0 = server_cpu(pid)
+        time.sleep(window)
+        if server_cpu(pid) - c0 < busy * window:
+            break
+    return time.monotonic() - t0
 
 
 def new_key() -> MachinePrivate:
@@ -300,6 +318,7 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
         t_reg = time.monotonic() - t0
         [p.recv() for p in pipes]
         t_ready = time.monotonic() - t0
+        settle = wait_quiet(proc.pid)
 
         # One node changes its endpoints.
         marker = "203.0.113.77:4242"
@@ -330,6 +349,7 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
             await c.close()
             return begin, nk.text()
 
+        wait_quiet(proc.pid)
         begin, nk_text = asyncio.run(join())
         for p, e in zip(pipes, expect, strict=True):  # the mover (0, 0) is not watched
             p.send(("collect", (nk_text, e, begin + timeout)))
@@ -342,6 +362,7 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
         if policy_file is not None:
             pmarker = f'"First":{POLICY_PORT},'
             ask(pipes, "watch", (pmarker, True))
+            wait_quiet(proc.pid)
             policy_file.write_text(with_policy_change(policy_file.read_text()))
             cpu0 = server_cpu(proc.pid)
             begin = time.monotonic()
@@ -359,6 +380,7 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
             "workers": workers,
             "register_s": round(t_reg, 1),
             "all_streams_ready_s": round(t_ready, 1),
+            "settle_s": round(settle, 1),
             "change_received": len(change),
             "expected": n - 1,
             "change_p50_s": round(pct(change, 50), 3),
@@ -386,6 +408,7 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main() -> int:

@@ -351,3 +351,37 @@ def test_idle_streams_hold_no_message_memory() -> None:
     held, written = asyncio.run(run())
     assert written > 20 * (1 << 20)  # 20 full netmaps of over 1 MB went out
     assert held < 4 << 20, f"idle streams hold {held >> 20} MiB"
+
+
+def test_idle_streams_get_keepalives_and_changes_wake_them() -> None:
+    """An idle stream writes a keepalive line after ``keepalive`` seconds of silence (one sweep for all
+    streams), a change still wakes it at once, and the stream ends cleanly with the sweep stopped."""
+
+    async def run() -> tuple[list[str], Mapper]:
+        m = make_mapper(3)
+        key = mkey()
+        s = m.open_stream(1, proto.public_of(key), "k" * 32)
+        opener = proto.StreamOpener(key, proto.public_of(m.server_key), "k" * 32)
+        types: list[str] = []
+
+        async def write(data: bytes) -> None:
+            types.append(json.loads(opener.open(data.rstrip(b"\n")))["type"])
+
+        task = asyncio.create_task(m.serve(s, write, 0.2))
+        for _ in range(500):  # (a deadline of 5 s, not a timing assertion)
+            if types.count("keepalive") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        m.publish(dataclasses.replace(m.nodes[2], endpoints=(Endpoint.parse("192.0.2.9:9"),)))
+        for _ in range(500):
+            if "delta" in types:
+                break
+            await asyncio.sleep(0.01)
+        s.end()
+        await task
+        m.close_stream(s)
+        return types, m
+
+    types, m = asyncio.run(run())
+    assert types[0] == "netmap" and types.count("keepalive") >= 2 and "delta" in types
+    assert m._sweeper is None  # the last stream closed: no timer left behind

@@ -64,7 +64,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailpy.asyncutil import wait_event
 from tailpy.control.policy import Compiled, Policy, PolicyNode
 from tailpy.control.policy.compiler import PartSpec, part_json
 from tailpy.dns.config import DNSConfig
@@ -126,6 +125,9 @@ class MapStream:
     filter_parts: dict[str, int] | None = None  # name -> hash of the spec of each filter part its client has
     pend_changed: set[int] = field(default_factory=set)  # peers that became visible (send their records)
     pend_removed: set[int] = field(default_factory=set)  # peers that stopped being visible
+    keepalive: float = 0.0  # seconds of silence before a keepalive line (set by Mapper.serve)
+    idle_since: float = 0.0  # loop time its writer went idle
+    keepalive_due: bool = False  # woken by the keepalive sweep, not by a change
 
     def end(self) -> None:
         self.ended = True
@@ -175,6 +177,7 @@ class Mapper:
         self._compiled: Compiled | None = None  # None: no policy, everyone sees everyone, ALLOW_ALL
         self._emails: dict[str, str] = {}
         self._last_parts: tuple[int, dict[str, int]] | None = None
+        self._sweeper: asyncio.Task[None] | None = None  # wakes idle streams whose keepalive is due
 
     # --- state ---
 
@@ -489,6 +492,9 @@ class Mapper:
     def close_stream(self, s: MapStream) -> None:
         """Forget ``s`` (publish the node's record next: it may have gone offline)."""
         self._streams.discard(s)
+        if not self._streams and self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._idle.discard(s)
         mine = self._by_node.get(s.node_id)
         if mine is not None:
@@ -547,6 +553,10 @@ class Mapper:
         when due, else one merged delta of what changed since its last message (then ``batch_delay``
         seconds' pause), a keepalive after ``keepalive`` seconds of silence. Returns when the stream ended
         (node removed, server closing); write errors propagate."""
+        s.keepalive = keepalive
+        loop = asyncio.get_running_loop()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = loop.create_task(self._sweep_keepalives())
         while not s.ended:
             if s.resync:
                 if not await self._write_full_map(s, write):
@@ -561,13 +571,31 @@ class Mapper:
                     await asyncio.sleep(self.batch_delay)
             else:
                 s.wake.clear()
+                s.idle_since = loop.time()
                 self._idle.add(s)
                 try:
-                    woke = await wait_event(s.wake, keepalive)
+                    await s.wake.wait()  # (a plain wait: a timeout per wait would cost a task per wake-up)
                 finally:
                     self._idle.discard(s)
-                if not woke:
-                    await write(s.sealer.seal(KEEPALIVE))
+                if s.keepalive_due:
+                    s.keepalive_due = False
+                    if not s.ended and not s.resync and s.first is None and s.sent >= self.version:
+                        await write(s.sealer.seal(KEEPALIVE))
+
+    async def _sweep_keepalives(self) -> None:
+        """While streams are open: every quarter of the shortest keepalive (at most 1 s), wake the idle
+        streams silent for their ``keepalive`` seconds to write a keepalive line. One timer for all
+        streams instead of one per stream per wait."""
+        loop = asyncio.get_running_loop()
+        while self._streams:
+            idle = list(self._idle)
+            period = min([1.0, *(st.keepalive / 4 for st in idle if st.keepalive > 0)])
+            now = loop.time()
+            for st in idle:
+                if st.keepalive > 0 and now - st.idle_since >= st.keepalive:
+                    st.keepalive_due = True
+                    st.wake.set()
+            await asyncio.sleep(period)
 
     # Each message is built, sealed and written in a function of its own, so that no reference to it outlives
     # the write (a local of serve() would pin every idle stream's last full netmap: hundreds of MB).

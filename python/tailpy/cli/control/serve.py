@@ -180,7 +180,7 @@ def command(
         parse_duration,
         parse_listen,
     )
-    from tailpy.control.service import DERP_PORT, ControlConfig, derp_advertised_host, run_control
+    from tailpy.control.service import DERP_PORT, ControlConfig, derp_advertised_host, run_control, tune_gc
 
     host, port = parse_listen(listen)
     derp_host, derp_port = host, DERP_PORT
@@ -239,6 +239,7 @@ def command(
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tune_gc()
     asyncio.run(run_control(config))
 
 

@@ -357,3 +357,30 @@ def test_ssh_tests_destinations_are_checked(dst: str, message: str) -> None:
 
     assert message in refused(policy(dst)).message
     Policy.parse(policy("tag:server"))
+
+
+@pytest.mark.parametrize(
+    ("grant", "message"),
+    [
+        (
+            '"dst": ["*"], "app": {"https://tailscale.com/cap/ingress": [{}]}',
+            "must have the form {domain}/{path}",
+        ),
+        ('"dst": ["*"], "app": {"nodomain": [{}]}', "must have the form {domain}/{path}"),
+        ('"dst": ["autogroup:internet"], "app": {"example.com/cap/x": [{}]}', "cannot use app grants with"),
+    ],
+)
+def test_capability_grants_are_checked_though_ignored(grant: str, message: str) -> None:
+    assert message in refused(f'{{"grants": [{{"src": ["*"], {grant}}}]}}').message
+    pol = Policy.parse('{"grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap/x": [{}]}}]}')
+    assert pol.rules == () and any("capability grant ignored" in w for w in pol.warnings)
+
+
+def test_node_attribute_targets_must_be_defined() -> None:
+    assert (
+        "tag:nope is not defined"
+        in refused('{"nodeAttrs": [{"target": ["tag:nope"], "attr": ["funnel"]}]}').message
+    )
+    Policy.parse(
+        '{"tagOwners": {"tag:a": []}, "nodeAttrs": [{"target": ["tag:a", "*"], "attr": ["funnel"]}]}'
+    )

@@ -492,6 +492,13 @@ class _Reader:
                 self.read_ssh(top[names[low]], (names[low],), section)
         if "autoapprovers" in names:
             self.read_auto_approvers(top[names["autoapprovers"]], (names["autoapprovers"],))
+        if "nodeattrs" in names:  # not enforced; the tags and groups it targets must be defined
+            k = names["nodeattrs"]
+            for i, e in enumerate(self.want(top[k], list, (k,), k)):
+                self.want(e, dict, (k, i), f"nodeAttrs[{i}]")
+                ef = _fold(e)
+                if "target" in ef:
+                    self.refs(e[ef["target"]], (k, i, ef["target"]), f"nodeAttrs[{i}].target")
         rules: list[Rule] = []  # grants first: Tailscale lists their rules before the acls' ones
         if "grants" in names:
             k = names["grants"]
@@ -771,6 +778,16 @@ class _Reader:
         if "app" in f:
             self.warn(f"{where}: capability grant ignored (app)")
         has_app = bool(v[f["app"]]) if "app" in f else False
+        if has_app:
+            apath = (*path, f["app"])
+            for cap in self.want(v[f["app"]], dict, apath, f"{where}.app"):
+                domain, slash, rest = cap.partition("/")
+                if not slash or not domain or not rest or ":" in domain:
+                    raise self.key_fail(
+                        apath, cap, f"{where}: capability name {cap!r} must have the form {{domain}}/{{path}}"
+                    )
+            if any(d.kind == "autogroup" and d.name == "autogroup:internet" for d in dsts):
+                raise self.fail(apath, f"{where}: cannot use app grants with autogroup:internet")
         if "ip" not in f:
             if not has_app:
                 raise self.fail(path, f"{where}: ip and app cannot both be empty")

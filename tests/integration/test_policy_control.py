@@ -98,3 +98,25 @@ def test_policy_file_tags_and_filter(lab: Lab) -> None:
     (rule,) = _filter(net, "a")
     assert {(d["Ports"]["First"], d["Ports"]["Last"]) for d in rule["DstPorts"]} == {(5432, 5432)}
     assert b.ip() in rule["SrcIPs"] or f"{b.ip()}/32" in rule["SrcIPs"]
+
+    # a refused edit shows in `policy get`
+    _write(policy, '{"acls": [}')
+    wait_for(
+        lambda: "refused" in json.loads(net.control("policy", "get", "--json")),
+        timeout=10,
+        what="the refused edit to show in policy get",
+    )
+    assert "the file's current content was refused at" in net.control("policy", "get")
+    # tags owned by tags: a (tag:db, tag:web) may ask for tag:api, which tag:db owns
+    _write(policy, CLOSED.replace('"tag:db": ["bob@"]', '"tag:db": ["bob@"], "tag:api": ["tag:db"]'))
+    wait_for(
+        lambda: "refused" not in json.loads(net.control("policy", "get", "--json")),
+        timeout=10,
+        what="the fixed file to load",
+    )
+    a.cli(*up, "--advertise-tags", "tag:db,tag:web,tag:api")
+    assert a.status()["self"]["tags"] == ["tag:api", "tag:db", "tag:web"]
+    # asking for no tags on a tagged node: refused with why, the tags stay
+    kept = a.host.run(tailpy_argv(*up, "--advertise-tags=", "--socket", a.socket), check=False)
+    assert kept.returncode == 1 and "this node keeps its tags (tag:api, tag:db, tag:web)" in kept.stderr, kept
+    assert a.status()["self"]["tags"] == ["tag:api", "tag:db", "tag:web"]

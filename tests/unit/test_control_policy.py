@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import nacl.public
 import pytest
 from click.testing import CliRunner
 
 from tailpy.cli.main import cli
 from tailpy.control import ControlClient, ControlConfig, ControlProcess, Store, acl
+from tailpy.control import admin as admin_module
 from tailpy.control.admin import SOCKET_NAME, Admin, call_socket
 from tailpy.control.policy import Policy
 from tailpy.control.tags import ADMIN, Requester, check_tags
@@ -72,6 +76,13 @@ WITH_SSH = """{
 """
 
 
+WITH_GRANT_WARNING = """{
+  "grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap/x": [{}]}}],
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+}
+"""
+
+
 def _mk() -> MachinePublic:
     return MachinePublic(bytes(nacl.public.PrivateKey.generate().public_key))
 
@@ -120,8 +131,25 @@ def test_tag_decisions_follow_tag_owners() -> None:
     assert check_tags(policy, ["tag:nope"], [alice], held=["tag:nope"]) == ("tag:nope",)  # held: kept
     with pytest.raises(TagError, match="may contain only letters"):
         check_tags(policy, ["tag:Bad Name"], [ADMIN])
-    with pytest.raises(TagError, match="this node has no owner who could own it"):
+    with pytest.raises(
+        TagError,
+        match=r"^tag:web is not permitted: tag:web's owners do not include this node's tags \(tag:db\)$",
+    ):
         check_tags(policy, ["tag:web"], [], held=["tag:db"])
+    with pytest.raises(TagError, match="this node has no owner who could own it"):
+        check_tags(policy, ["tag:web"], [])
+
+
+def test_a_tagged_node_may_ask_for_tags_its_tags_own() -> None:
+    policy = Policy.parse(
+        '{"tagOwners": {"tag:dev": ["alice@"], "tag:web": ["tag:dev"], "tag:db": ["alice@"]}}'
+    )
+    # a tag:dev node (no owner left) asks for tag:dev and tag:web: tag:dev owns tag:web
+    assert check_tags(policy, ["tag:dev", "tag:web"], [], held=["tag:dev"]) == ("tag:dev", "tag:web")
+    with pytest.raises(TagError, match=r"tag:db's owners do not include this node's tags \(tag:dev\)"):
+        check_tags(policy, ["tag:db", "tag:dev"], [], held=["tag:dev"])
+    with pytest.raises(TagError, match="does not let user bob own it"):  # an untagged node: its owner
+        check_tags(policy, ["tag:web"], [Requester("bob")])
 
 
 def test_without_a_policy_only_the_admin_tags() -> None:
@@ -150,8 +178,8 @@ def test_registration_tags_granted_refused_and_never_taken_away(store: Store) ->
     again = store.register(mk, nk, "a", None, 4.0, request_tags=["tag:web"], tag_check=_checker(later))
     assert again.tags == ("tag:web",)
     assert store.get_node(node.id).tags == ("tag:web",)
-    # a new tag is decided for the node's owner (alice, kept behind the tags)
-    with pytest.raises(TagError, match="user alice"):
+    # a new tag is decided for the node's owner (alice, kept behind the tags) and for its tags
+    with pytest.raises(TagError, match=r"tag:db's owners do not include this node's tags \(tag:web\)"):
         store.register(mk, nk, "a", None, 5.0, request_tags=["tag:db"], tag_check=_checker(later))
 
 
@@ -173,6 +201,14 @@ def test_admin_sets_tags_as_an_override(store: Store) -> None:
         admin.run("nodes.tag", {"id": node.id, "tags": []})
     with pytest.raises(ConfigError, match="must start with a letter"):
         admin.run("nodes.tag", {"id": node.id, "tags": ["tag:1abc"]})
+    # with a policy, a tag it does not define is refused as for auth keys; tags held already stay allowed
+    admin.run("policy.set", {"text": POLICY})
+    refused = "tag:undefined is not permitted: the policy's tagOwners does not define it"
+    with pytest.raises(TagError, match=f"^{refused}$"):
+        admin.run("nodes.tag", {"id": node.id, "tags": ["tag:undefined"]})
+    with pytest.raises(TagError, match=f"^{refused}$"):
+        admin.run("authkey.create", {"tags": ["tag:undefined"]})
+    assert admin.run("nodes.tag", {"id": node.id, "tags": ["tag:x", "tag:db"]})["tags"] == ["tag:db", "tag:x"]
 
 
 def test_authkey_tags_checked_against_the_policy(store: Store) -> None:
@@ -260,6 +296,12 @@ def test_cli_policy_commands(tmp_path: Path) -> None:
     code, out = _run("policy", "history", *sd)
     assert code == 0 and out.splitlines()[0].split("\t") == ["ID", "SET BY", "SET", "LINES"], out
     assert out.splitlines()[1].startswith("1\t")
+    code, out = _run("policy", "history", "show", "1", *sd)
+    assert code == 0 and out == POLICY, out
+    code, out = _run("policy", "history", "show", "7", *sd)
+    assert code == 1 and "there is no stored policy 7" in out, out
+    code, out = _run("policy", "history", "--limit", "1", *sd)
+    assert code == 0 and len(out.splitlines()) == 2, out
     ssh = tmp_path / "ssh.hujson"
     ssh.write_text(WITH_SSH)
     code, out = _run("policy", "check", str(ssh), *sd)
@@ -276,6 +318,58 @@ def test_cli_policy_commands(tmp_path: Path) -> None:
     for sub in ("get", "set", "history", "check", "test", "filter"):
         code, out = _run("policy", sub, "--help")
         assert code == 0 and "admin.sock" in out
+    code, out = _run("policy", "set", "--help")
+    assert "policy history show ID > old.hujson" in " ".join(out.split())
+
+
+def test_cli_policy_check_without_a_database_and_as_json(tmp_path: Path) -> None:
+    """`policy check` lints a policy with no control anywhere (CI); --json answers JSON either way."""
+    good = tmp_path / "good.hujson"
+    good.write_text(POLICY)
+    for sd in ([], ["--state-dir", str(tmp_path / "nothing-here")]):
+        code, out = _run("policy", "check", str(good), *sd)
+        assert code == 0 and out.startswith(
+            f"{good}: ok\nnote: no control database: tests were evaluated without nodes"
+        ), out
+    code, out = _run("policy", "check", "--json", str(good))
+    doc = json.loads(out)
+    assert code == 0 and doc["ok"] is True and doc["not_enforced"] == [] and "without nodes" in doc["note"]
+    failing = tmp_path / "failing.hujson"
+    failing.write_text(FAILING_TEST)
+    code, out = _run("policy", "check", "--json", str(failing))
+    assert code == 1 and json.loads(out) == {
+        "ok": False,
+        "errors": [f"{failing}:7:5: tests[1]: alice@ may not reach tag:db:22"],
+    }
+    bad = tmp_path / "bad.hujson"
+    bad.write_text(UNDEFINED_GROUP)
+    code, out = _run("policy", "check", "--json", str(bad))
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False and doc["errors"][0].startswith(f"{bad}:3:")
+    code, out = _run("policy", "check", str(bad))
+    assert code == 1 and out.startswith(f"tailpy: {bad}:3:"), out
+    # with a database: the same answers, the tests against its nodes
+    state = tmp_path / "state"
+    state.mkdir()
+    Store(state).close()
+    code, out = _run("policy", "check", "--json", str(failing), "--state-dir", str(state))
+    assert code == 1 and json.loads(out)["errors"] == [
+        f"{failing}:7:5: tests[1]: alice@ may not reach tag:db:22"
+    ]
+    code, out = _run("policy", "check", str(good), "--state-dir", str(state))
+    assert code == 0 and out == f"{good}: ok\n", out
+
+
+def test_cli_refuses_a_policy_over_the_size_limit_itself(tmp_path: Path) -> None:
+    from tailpy.control.store.policy import MAX_POLICY_BYTES
+
+    big = tmp_path / "big.hujson"
+    big.write_text(POLICY + "// " + "x" * MAX_POLICY_BYTES + "\n")
+    for sub in ("check", "set", "test"):
+        code, out = _run("policy", sub, str(big), "--state-dir", str(tmp_path))
+        assert code == 1 and out == f"tailpy: {big}: a policy may have at most {MAX_POLICY_BYTES} bytes\n", (
+            out
+        )
 
 
 # --- the server: database mode, file mode ---------------------------------------------------------------
@@ -332,11 +426,36 @@ async def test_file_mode_reloads_on_change_and_keeps_a_bad_edit_out(
     assert keeper.policy is not None and keeper.policy.text == CLOSED  # the running policy stayed
     with pytest.raises(ConfigError, match=r"takes its policy from .*policy\.hujson .*edit that file"):
         await _admin(process, "policy.set", {"text": POLICY})
+    # the refused edit shows in policy get (JSON and text) and as a degraded health check
+    got = await _admin(process, "policy.get", {})
+    assert isinstance(got, dict) and got["policy"] == CLOSED
+    assert got["refused"]["error"].startswith(f"{path}:3:") and isinstance(got["refused"]["at"], float)
+    state = ["--state-dir", str(process.config.state_dir)]
+    code, out = await asyncio.to_thread(_run, "policy", "get", *state)
+    assert code == 0 and out.startswith(f"# from file {path}: the file's current content was refused at "), (
+        out
+    )
+    assert f": {path}:3:" in out.splitlines()[0] and "; running the policy loaded at " in out.splitlines()[0]
+    assert "group:nope" in out.splitlines()[0] and out.splitlines()[1:] == CLOSED.splitlines()
+    health = process.server.health()
+    assert health["status"] == "degraded" and health["checks"]["policy"]["status"] == "warning"
+    assert f"{path}:3:" in health["checks"]["policy"]["error"]
+    # fixed: loaded, nothing refused any more, its warnings logged
+    _rewrite(path, WITH_GRANT_WARNING)
+    await _until(
+        "the fix to load", lambda: keeper.policy is not None and keeper.policy.text == WITH_GRANT_WARNING
+    )
+    assert keeper.refused is None and process.server.health()["checks"]["policy"]["status"] == "ok"
+    assert process.server.health()["status"] == "ok"
+    got = await _admin(process, "policy.get", {})
+    assert isinstance(got, dict) and "refused" not in got
+    assert f"{path}: grants[0]: " in caplog.text and "capability" in caplog.text
 
 
 async def test_file_mode_reloads_on_sighup(
-    file_mode: tuple[ControlProcess, Path], monkeypatch: pytest.MonkeyPatch
+    file_mode: tuple[ControlProcess, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tailpy.control")
     process, path = file_mode
     assert process.server is not None
     keeper = process.server.policy
@@ -344,6 +463,14 @@ async def test_file_mode_reloads_on_sighup(
     path.write_text(CLOSED)
     os.kill(os.getpid(), signal.SIGHUP)
     await _until("SIGHUP to reload", lambda: keeper.policy is not None and keeper.policy.text == CLOSED)
+    assert f"policy file {path} loaded (on SIGHUP)" in caplog.text
+    path.unlink()  # a SIGHUP that cannot read the file says so, and does not claim a reload
+    os.kill(os.getpid(), signal.SIGHUP)
+    await _until("the failed SIGHUP to be logged", lambda: "cannot read" in caplog.text)
+    line = next(ln for ln in caplog.text.splitlines() if "cannot read" in ln)
+    assert "policy file on SIGHUP: not loaded: cannot read policy file" in line, line
+    assert line.endswith("; keeping the running policy") and "reloaded" not in line
+    assert keeper.policy is not None and keeper.policy.text == CLOSED and keeper.refused is not None
 
 
 async def test_a_bad_policy_file_stops_the_start(tmp_path: Path) -> None:
@@ -391,6 +518,68 @@ async def test_database_mode_set_through_the_socket_and_tags_at_registration(tmp
         await process.stop()
 
 
+async def test_control_answers_health_while_a_policy_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tests of a big policy take a while: control checks them in a worker thread, so it keeps
+    answering (here: /health while the check is held), then runs the policy back on its loop."""
+    entered, release = threading.Event(), threading.Event()
+    threads: list[int] = []
+    from tailpy.control.policy import check_tests as real
+
+    def held_check(policy: Policy, nodes: object) -> object:
+        threads.append(threading.get_ident())
+        entered.set()
+        release.wait(30)
+        return real(policy, nodes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(acl, "check_tests", held_check)
+    monkeypatch.setattr(admin_module, "check_tests", held_check)
+    process = ControlProcess(_config(tmp_path / "state"))
+    await process.start()
+    try:
+        assert process.server is not None
+        setting = asyncio.create_task(_admin(process, "policy.set", {"text": POLICY, "by": "root"}))
+        await asyncio.to_thread(entered.wait, 30)
+        assert entered.is_set() and threads[0] != threading.get_ident()  # not on the event loop's thread
+        host, port = process.addresses[0]
+        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/health") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        assert not setting.done() and process.server.policy.policy is None  # still checking
+        release.set()
+        out = await setting
+        assert isinstance(out, dict) and out["set_by"] == "root"
+        keeper = process.server.policy
+        assert keeper.policy is not None and keeper.policy.text == POLICY
+        # policy check and test through the socket are checked off the loop as well
+        await _admin(process, "policy.check", {"text": POLICY})
+        await _admin(process, "policy.test", {"text": POLICY})
+        assert len(threads) == 3 and threading.get_ident() not in threads
+    finally:
+        release.set()
+        await process.stop()
+
+
+async def test_a_policy_near_the_size_limit_passes_the_admin_socket(tmp_path: Path) -> None:
+    """A policy just under MAX_POLICY_BYTES, full of characters JSON escapes, reaches control's check."""
+    from tailpy.control.store.policy import MAX_POLICY_BYTES
+
+    line = '// "quoted" \\ back\tslash\n'
+    text = POLICY + line * ((MAX_POLICY_BYTES - len(POLICY) - 100) // len(line))
+    assert MAX_POLICY_BYTES - 200 < len(text.encode()) <= MAX_POLICY_BYTES
+    process = ControlProcess(_config(tmp_path / "state"))
+    await process.start()
+    try:
+        out = await _admin(process, "policy.check", {"text": text, "file": "big.hujson"})
+        assert out == {"not_enforced": [], "warnings": []}
+        with pytest.raises(
+            ConfigError, match=f"^big.hujson: a policy may have at most {MAX_POLICY_BYTES} bytes$"
+        ):
+            await _admin(process, "policy.check", {"text": text + "/" * 2000, "file": "big.hujson"})
+    finally:
+        await process.stop()
+
+
 async def test_a_policy_file_edit_reaches_the_nodes_netmaps(file_mode: tuple[ControlProcess, Path]) -> None:
     process, path = file_mode
     assert process.store is not None
@@ -414,6 +603,17 @@ async def test_a_policy_file_edit_reaches_the_nodes_netmaps(file_mode: tuple[Con
 
 
 # --- the node side: --advertise-tags ----------------------------------------------------------------------
+
+
+def test_asking_for_no_tags_on_a_tagged_node_says_why_they_stay() -> None:
+    from tailpy.cli.up import kept_tags
+
+    assert kept_tags(None, ("tag:dev",)) == ""  # not asked
+    assert kept_tags(["tag:dev"], ("tag:dev",)) == ""
+    assert kept_tags([], ()) == ""  # an untagged node: nothing to drop
+    said = kept_tags([], ("tag:dev", "tag:web"))
+    assert said.startswith("this node keeps its tags (tag:dev, tag:web): a tagged node cannot drop all")
+    assert "--force-reauth" in said
 
 
 def test_advertise_tags_are_parsed_and_kept_in_the_state_file() -> None:

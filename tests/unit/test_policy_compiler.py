@@ -491,3 +491,45 @@ def test_incremental_updates_equal_a_fresh_compile(ops: list[tuple[int, Any, int
         assert c.filter(i) == fresh.filter(i)
         assert c.filter_json(i) == fresh.filter_json(i)
         assert set(c.peers(i)) == set(fresh.peers(i))
+
+
+def test_tests_with_a_big_group() -> None:
+    """A 2,000-member group as a test's source: every member is judged (members matched by the same names
+    share one answer), and a failing member is named."""
+    members = [f"user{i}@" for i in range(2000)]
+    body: dict[str, Any] = {
+        "groups": {"group:all": members, "group:eng": members[:500], "group:ops": ["user1999@"]},
+        "tagOwners": {"tag:x": ["group:eng"], "tag:y": ["group:eng"]},
+        "acls": [{"action": "accept", "src": ["group:eng"], "dst": [f"tag:y:{1000 + i}"]} for i in range(50)]
+        + [{"action": "accept", "src": ["group:ops"], "dst": ["tag:x:1"]}],
+    }
+    nodes = [PolicyNode(i + 1, (f"100.64.{i // 256}.{i % 256}/32",), f"user{i}", "") for i in range(2000)]
+    nodes += [
+        PolicyNode(3001, ("100.65.0.1/32",), "", "", ("tag:x",)),
+        PolicyNode(3002, ("100.65.0.2/32",), "", "", ("tag:y",)),
+    ]
+    body["tests"] = [
+        {"src": "group:all", "deny": ["tag:y:1000", "tag:x:2"]},
+        {"src": "group:eng", "accept": ["tag:y:1049"], "deny": ["tag:x:1"]},
+        {"src": "user1999@", "accept": ["tag:x:1"]},
+    ]
+    pol = Policy.parse(json.dumps(body))
+    assert [e.message for e in check_tests(pol, nodes)] == [
+        "tests[0]: group:all member user0 may reach tag:y:1000"
+    ]
+    assert [e.message for e in check_tests(pol, [])] == [
+        "tests[0]: group:all member user0 may reach tag:y:1000"
+    ]
+    body["tests"] = [
+        {"src": "group:all", "deny": ["tag:x:1"]},  # only the last member may
+        {"src": "group:all", "accept": ["tag:y:1000"]},  # only the first 500 may
+        {"src": "group:all", "deny": ["tag:y:999"], "accept": ["tag:x:2"]},
+    ]
+    pol = Policy.parse(json.dumps(body))
+    assert [e.message for e in check_tests(pol, nodes)] == [
+        "tests[0]: group:all member user1999 may reach tag:x:1",
+        "tests[1]: group:all member user500 may not reach tag:y:1000",
+        "tests[2]: group:all member user0 may not reach tag:x:2",
+    ]
+    body["tests"] = [{"src": "group:eng", "deny": ["tag:x:1", "tag:y:999"], "accept": ["tag:y:1000"]}]
+    assert check_tests(Policy.parse(json.dumps(body)), nodes) == []

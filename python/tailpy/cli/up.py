@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -18,7 +19,13 @@ from tailpy.cli.login import wait_login
 from tailpy.daemon.client import LocalClient
 from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, holder
 from tailpy.daemon.netfilter import MODES
-from tailpy.errors import DaemonNotRunningError, DaemonRunningError, PermissionDeniedError, TailpyError
+from tailpy.errors import (
+    ConfigError,
+    DaemonNotRunningError,
+    DaemonRunningError,
+    PermissionDeniedError,
+    TailpyError,
+)
 from tailpy.ipnstate import Status
 from tailpy.storage import directory_problem, storage_error
 
@@ -196,7 +203,8 @@ async def _up(
     metavar="TAGS",
     help="Ask control to tag this node: comma-separated tags (tag:web,tag:db; a bare name gets tag:). "
     "Granted only when this node's owner (or its auth key's creator) owns them in the policy's tagOwners; "
-    "kept for later `up`s (not given: as the last `up` said; empty: ask for none).",
+    "kept for later `up`s (not given: as the last `up` said; empty: ask for none, which a tagged node "
+    "gets only by logging in again as a user: --force-reauth with a user's auth key; else an error).",
 )
 @socket_option
 @state_dir_option
@@ -234,6 +242,9 @@ def command(
         )
     )
     click.echo(connected_line(st))
+    kept = kept_tags(_tags(advertise_tags), st.self_node.tags)
+    if kept:
+        raise ConfigError(kept)
     note = name_note(hostname, st)
     if note:
         console.print(note, highlight=False, markup=False, soft_wrap=True)
@@ -263,6 +274,20 @@ def name_note(hostname: str | None, st: Status) -> str:
     return (
         f"note: this node keeps its name {got}: an admin named it, and control keeps that name (an admin "
         f"can change it with `tailpy control nodes rename {got} {want}`)"
+    )
+
+
+def kept_tags(asked: list[str] | None, tags: Sequence[str]) -> str:
+    """Why a node asked for no tags (``--advertise-tags=``, ``asked`` empty) still has ``tags``: control
+    never takes all of a tagged node's tags away on its own request (a tagged node has no owner left to
+    fall back to). As in Tailscale, only logging in again as a user (``--force-reauth`` with a user's auth
+    key, or in a browser) turns it back into that user's node. "" when there is nothing to say."""
+    if asked is None or asked or not tags:
+        return ""
+    return (
+        f"this node keeps its tags ({', '.join(tags)}): a tagged node cannot drop all its tags by asking; "
+        "log in again as a user to untag it (`tailpy up --force-reauth --advertise-tags= --auth-key KEY` "
+        "with a user's auth key), or ask an admin to retag it (`tailpy control nodes tag`)"
     )
 
 

@@ -15,7 +15,14 @@ A policy comes from one of two places:
 Every candidate goes through :func:`check`: :meth:`Policy.parse` (HuJSON syntax, undefined groups, tags
 without an owner, ...) and the policy's ``tests`` run against the current nodes (:func:`check_tests`). A
 candidate that fails is refused with one sentence ``WHERE:LINE:COLUMN: what is wrong`` and the running
-policy stays; at start, a bad policy file stops the server from starting. An accepted policy goes to
+policy stays; at start, a bad policy file stops the server from starting. A file edit that is refused is
+remembered (:attr:`PolicyKeeper.refused`) until the file loads again: ``policy get`` shows it and control's
+``GET /health`` reports the ``policy`` check as ``"warning"``.
+
+A running server checks candidates off its event loop (:meth:`PolicyKeeper.set_async`,
+:meth:`PolicyKeeper.reload_async`: the ``tests`` of a large policy against many nodes take a while): the
+nodes are read on the loop, :func:`check` runs in a worker thread (``asyncio.to_thread``), and the accepted
+policy is stored and handed to ``on_change`` back on the loop. An accepted policy goes to
 ``on_change`` (the server hands it to the mapper, which recompiles every node's filter and sends deltas).
 Semantics of the policy itself are the compiler's (:mod:`tailpy.control.policy`).
 """
@@ -91,6 +98,18 @@ def check(text: str, where: str, nodes: Iterable[PolicyNode]) -> Policy:
     return policy
 
 
+_WHY = {"changed": "changed", "SIGHUP": "on SIGHUP"}
+
+
+def log_notes(policy: Policy, where: str) -> None:
+    """Log what an accepted policy leaves out: its ``warnings`` (ignored grants, ...) and the sections not
+    enforced yet."""
+    for w in policy.warnings:
+        log.warning("%s: %s", where, w)
+    if policy.not_enforced:
+        log.info("%s: not enforced yet: %s", where, ", ".join(policy.not_enforced))
+
+
 def read_policy_file(path: Path) -> str:
     """The text of policy file ``path``. Raises ConfigError (one sentence naming it)."""
     try:
@@ -99,6 +118,23 @@ def read_policy_file(path: Path) -> str:
         raise ConfigError(f"policy file {path}: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read policy file {path}: {e.strerror or e}") from None
+
+
+async def check_async(text: str, where: str, nodes: Iterable[PolicyNode]) -> Policy:
+    """:func:`check` in a worker thread, so that the event loop keeps serving (``nodes`` are taken as a
+    list here, on the caller's thread). Raises PolicyRefused."""
+    return await asyncio.to_thread(check, text, where, list(nodes))
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A policy file's content that was refused: ``at`` (unix seconds), ``error`` (the sentence)."""
+
+    at: float
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -170,6 +206,9 @@ class PolicyKeeper:
         self._stat: tuple[int, int, int] | None = None
         self._refused_id = -1  # a stored policy that did not parse (logged once)
         self._watcher: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Lock | None = None
+        self.refused: Refused | None = None
+        """The policy file's current content, refused (None when it is the running policy)."""
 
     @property
     def policy(self) -> Policy | None:
@@ -191,6 +230,7 @@ class PolicyKeeper:
             text = read_policy_file(self.path)
             policy = check(text, str(self.path), self.nodes())
             self.running = Running(policy, "file", str(self.path), 0, f"file:{self.path}", self.clock())
+            log_notes(policy, str(self.path))
         else:
             self.running = stored(self.store)
         self.on_change(self.running.policy)
@@ -198,36 +238,101 @@ class PolicyKeeper:
     def set(self, text: str, set_by: str, where: str = "policy") -> Running:
         """Check ``text`` (named ``where`` in messages), store it as set by ``set_by`` and run it. Raises
         PolicyRefused (the running policy stays), ConfigError when the server runs on a policy file."""
+        self._database_mode()
+        return self._store_and_run(check(text, where, self.nodes()), set_by)
+
+    async def set_async(self, text: str, set_by: str, where: str = "policy") -> Running:
+        """:meth:`set` with the check in a worker thread (:func:`check_async`); stored and run back on the
+        calling (event loop) thread."""
+        self._database_mode()
+        return self._store_and_run(await check_async(text, where, self.nodes()), set_by)
+
+    def _database_mode(self) -> None:
         if self.path is not None:
             raise ConfigError(
                 f"this control server takes its policy from {self.path} (serve --policy): edit that file; "
                 "it is reloaded when it changes"
             )
-        policy = check(text, where, self.nodes())
-        rec = self.store.add_policy(text, set_by, self.clock())
+
+    def _store_and_run(self, policy: Policy, set_by: str) -> Running:
+        rec = self.store.add_policy(policy.text, set_by, self.clock())
         self.running = Running(policy, "database", "", rec.id, rec.set_by, rec.set_at)
         log.info("policy %d set by %s", rec.id, set_by or "?")
+        log_notes(policy, f"policy {rec.id}")
         self.on_change(policy)
         return self.running
 
     def reload(self, why: str = "changed") -> bool:
         """Re-read the policy file (or look for a newer policy in the database); run it when it differs and
-        passes :func:`check`, else log the sentence and keep the running policy. True when it changed."""
+        passes :func:`check`, else log the sentence, remember it (:attr:`refused`) and keep the running
+        policy. ``why``: ``"changed"`` or ``"SIGHUP"``, for the log. True when it changed."""
         if self.path is None:
             return self._reload_database()
+        text = self._read_changed(why)
+        if text is None:
+            return False
+        try:
+            policy = check(text, str(self.path), self.nodes())
+        except ConfigError as e:
+            return self._refuse(why, e)
+        return self._run_file(policy, why)
+
+    async def reload_async(self, why: str = "changed") -> bool:
+        """:meth:`reload` with the file read and checked in a worker thread; one reload at a time, the
+        result run back on the event loop."""
+        if self.path is None:
+            return self._reload_database()
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:
+            text = self._read_changed(why)
+            if text is None:
+                return False
+            try:
+                policy = await check_async(text, str(self.path), self.nodes())
+            except ConfigError as e:
+                return self._refuse(why, e)
+            return self._run_file(policy, why)
+
+    def _read_changed(self, why: str) -> str | None:
+        """The file's text when it differs from the running policy's; None when not (or unreadable: logged
+        and remembered)."""
+        assert self.path is not None
         self._stat = self._file_stat()
         try:
             text = read_policy_file(self.path)
-            if self.running.policy is not None and text == self.running.policy.text:
-                return False
-            policy = check(text, str(self.path), self.nodes())
         except ConfigError as e:
-            log.warning("policy file %s: %s; keeping the running policy", why, e)
-            return False
+            self._refuse(why, e)
+            return None
+        if self.running.policy is not None and text == self.running.policy.text:
+            self.refused = None  # back to the running policy's text
+            return None
+        return text
+
+    def _refuse(self, why: str, e: ConfigError) -> bool:
+        self.refused = Refused(self.clock(), str(e))
+        log.warning("policy file %s: not loaded: %s; keeping the running policy", _WHY.get(why, why), e)
+        return False
+
+    def _run_file(self, policy: Policy, why: str) -> bool:
         self.running = Running(policy, "file", str(self.path), 0, f"file:{self.path}", self.clock())
-        log.info("policy file %s %s: reloaded", self.path, why)
+        self.refused = None
+        log.info("policy file %s loaded (%s)", self.path, _WHY.get(why, why))
+        log_notes(policy, str(self.path))
         self.on_change(policy)
         return True
+
+    def health(self) -> dict[str, Any]:
+        """The ``policy`` check of control's ``GET /health``: ``"ok"``, or ``"warning"`` with ``error`` and
+        ``at`` while the policy file's content is refused (the previous policy runs)."""
+        if self.refused is None:
+            return {"status": "ok", "source": self.running.source}
+        return {
+            "status": "warning",
+            "source": self.running.source,
+            "error": f"the policy file's content was refused: {self.refused.error}; the previous policy runs",
+            "at": self.refused.at,
+        }
 
     def _reload_database(self) -> bool:
         newest = self.store.policy_id()
@@ -249,6 +354,11 @@ class PolicyKeeper:
         if self.path is not None and self._file_stat() != self._stat:
             self.reload("changed")
 
+    async def poll_file_async(self) -> None:
+        """:meth:`poll_file` with the check off the event loop (:meth:`reload_async`)."""
+        if self.path is not None and self._file_stat() != self._stat:
+            await self.reload_async("changed")
+
     def start_watching(self, interval: float | None = None) -> None:
         """Look at the policy file every ``interval`` seconds (default :data:`FILE_POLL`; file mode only)
         until :meth:`stop`."""
@@ -260,7 +370,7 @@ class PolicyKeeper:
             while True:
                 await asyncio.sleep(every)
                 try:
-                    self.poll_file()
+                    await self.poll_file_async()
                 except Exception:  # a bug here must not stop the watching: log it, look again
                     log.exception("policy file watch")
 
@@ -279,9 +389,12 @@ __all__ = [
     "NO_POLICY",
     "PolicyKeeper",
     "PolicyRefused",
+    "Refused",
     "Running",
     "check",
+    "check_async",
     "locate",
+    "log_notes",
     "policy_nodes",
     "read_policy_file",
     "stored",

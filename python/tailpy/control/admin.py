@@ -15,8 +15,8 @@ Operations (``op``: arguments -> result, all JSON):
 * ``users.create`` {name} -> User; ``users.list`` {} -> [User]; ``users.delete`` {name} -> {}
 * ``nodes.list`` {} -> [Node]; ``nodes.show`` {id} -> Node; ``nodes.rename`` {id, name} -> Node;
   ``nodes.expire`` {id} -> Node; ``nodes.expiry`` {id, disabled} -> Node; ``nodes.delete`` {id} -> {};
-  ``nodes.tag`` {id, tags: ["tag:a", ...]} -> Node (an admin override: tags validated, no tagOwners
-  check)
+  ``nodes.tag`` {id, tags: ["tag:a", ...]} -> Node (an admin override: tags validated; with a policy set,
+  each tag the node does not hold yet must be defined in its ``tagOwners``, as for ``authkey.create``)
 * ``authkey.create`` {user?, tags?, reusable, ephemeral, expiration (seconds up to 3650 days, or null)} ->
   AuthKey (the full key: the only time it is shown, the database keeps a hash); ``authkey.list`` {} ->
   [AuthKey] (key prefix only; ``uses``, ``last_used``); ``authkey.expire`` {key (id or full key)} -> AuthKey
@@ -26,17 +26,25 @@ Operations (``op``: arguments -> result, all JSON):
   by?} -> the same, plus ``not_enforced`` and ``warnings``; ``policy.check`` {text, file?} -> {not_enforced,
   warnings} (nothing stored); ``policy.test`` {text, file?} -> {tests: count, results: [{test, src, at,
   ok, failures}], failures: [sentence]};
-  ``policy.history`` {limit?} -> [{id, text, set_by, set_at}] newest first;
+  ``policy.history`` {limit?} -> [{id, text, set_by, set_at}] newest first; ``policy.show`` {id} -> {id,
+  text, set_by, set_at} (one stored policy; restoring it is ``policy.set`` of its text);
   ``policy.filter`` {node: id, name or FQDN} -> {node: {id, name}, rules: [tailcfg.FilterRule JSON]}
 * ``dns.show`` {} and ``dns.set`` {fields to replace} -> DNS settings (see :mod:`tailpy.control.dnsconfig`)
 
 Node JSON is :meth:`tailpy.netmap.Node.to_json` plus ``fqdn``.
+
+On the socket, the operations that check a policy (``policy.set``, ``policy.check``, ``policy.test``) run
+the check in a worker thread (:meth:`Admin.run_async`), so that control keeps answering nodes and
+``/health`` meanwhile; a refused policy answers ``400 {"error", "errors": [sentence, ...]}``. The socket
+takes bodies up to :data:`MAX_BODY` (a policy of :data:`~tailpy.control.store.policy.MAX_POLICY_BYTES`
+fits whatever JSON escaping does to it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import time
@@ -48,9 +56,10 @@ import aiohttp
 from aiohttp import web
 
 from tailpy.control import acl, dnsconfig
-from tailpy.control.policy import Policy, PolicyError, check_tests, compile_filter
+from tailpy.control.policy import Policy, PolicyError, PolicyNode, check_tests, compile_filter
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.control.store.database import db_error
+from tailpy.control.store.policy import MAX_POLICY_BYTES
 from tailpy.control.tags import ADMIN, check_tags
 from tailpy.errors import ConfigError, ControlError, StorageError
 from tailpy.httperrors import make_json_errors
@@ -63,6 +72,9 @@ if TYPE_CHECKING:
 SOCKET_NAME = "admin.sock"
 MAX_EXPIRATION = 3650 * 86400.0
 """Longest auth key lifetime, seconds (10 years; `tailpy control` parses durations up to the same)."""
+MAX_BODY = 6 * MAX_POLICY_BYTES + 65536
+"""Largest admin request body, bytes: a policy text at its limit, each byte escaped as JSON's worst case
+(``\u0000``, six bytes), and the other arguments."""
 
 
 def _ref(args: Mapping[str, Any], name: str) -> str | int:
@@ -106,6 +118,24 @@ class Admin:
         if fn is None or "." not in op:
             raise ConfigError(f"unknown admin operation {op!r}")
         return fn(args)
+
+    async def run_async(self, op: str, args: Mapping[str, Any]) -> Any:
+        """:meth:`run`, with the policy checks of ``policy.set``, ``policy.check`` and ``policy.test`` in a
+        worker thread (the nodes are read here, the accepted policy stored and run back here: call it on
+        the event loop that owns :attr:`server`)."""
+        if op == "policy.set":
+            text, where = self._text(args)
+            by = args.get("by")
+            by = by if isinstance(by, str) and by else "admin"
+            running = await self._keeper().set_async(text, by, where)
+            return {**running.to_json(), **self._notes(running.policy)}
+        if op == "policy.check":
+            text, where = self._text(args)
+            return await asyncio.to_thread(_check_result, text, where, self._policy_nodes())
+        if op == "policy.test":
+            text, where = self._text(args)
+            return await asyncio.to_thread(_test_result, text, where, self._policy_nodes())
+        return self.run(op, args)
 
     def _published(self, node_id: int) -> None:
         if self.server is not None:
@@ -193,7 +223,12 @@ class Admin:
         tags = args.get("tags")
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ConfigError("tags must be a list of strings like tag:server")
-        node = self.store.set_node_tags(self._node_id(args), tags, self.clock())
+        node_id = self._node_id(args)
+        policy = self._policy()
+        if policy is not None and tags:  # the admin may apply any tag the policy defines (see .tags)
+            held = self.store.get_node(node_id, self.clock()).tags
+            tags = list(check_tags(policy, tags, [ADMIN], held))
+        node = self.store.set_node_tags(node_id, tags, self.clock())
         self._published(node.id)
         return self._node_json(node)
 
@@ -288,13 +323,15 @@ class Admin:
 
     @staticmethod
     def _notes(policy: Policy | None) -> dict[str, Any]:
-        if policy is None:
-            return {"not_enforced": [], "warnings": []}
-        return {"not_enforced": list(policy.not_enforced), "warnings": list(policy.warnings)}
+        return policy_notes(policy)
 
     def op_policy_get(self, _args: Mapping[str, Any]) -> Any:
-        running = self._keeper().running
-        return {**running.to_json(), **self._notes(running.policy)}
+        keeper = self._keeper()
+        running = keeper.running
+        out = {**running.to_json(), **self._notes(running.policy)}
+        if keeper.refused is not None:
+            out["refused"] = keeper.refused.to_json()
+        return out
 
     def op_policy_set(self, args: Mapping[str, Any]) -> Any:
         text, where = self._text(args)
@@ -308,35 +345,22 @@ class Admin:
             raise ConfigError("limit must be a number of policies from 1 to 1000")
         return [r.to_json() for r in self.store.policy_history(limit)]
 
+    def op_policy_show(self, args: Mapping[str, Any]) -> Any:
+        policy_id = args.get("id")
+        if isinstance(policy_id, bool) or not isinstance(policy_id, int):
+            raise ConfigError("id must be a policy id from `tailpy control policy history`")
+        rec = self.store.policy_record(policy_id)
+        if rec is None:
+            raise ConfigError(f"there is no stored policy {policy_id}; see `tailpy control policy history`")
+        return rec.to_json()
+
     def op_policy_check(self, args: Mapping[str, Any]) -> Any:
         text, where = self._text(args)
-        return self._notes(acl.check(text, where, self._policy_nodes()))
+        return _check_result(text, where, self._policy_nodes())
 
     def op_policy_test(self, args: Mapping[str, Any]) -> Any:
         text, where = self._text(args)
-        try:
-            policy = Policy.parse(text)
-        except PolicyError as e:
-            raise acl.PolicyRefused(acl.locate(where, e)) from None
-        failures = check_tests(policy, self._policy_nodes())
-        results = []
-        for t in policy.tests:  # (check_tests points each failure at its test's position)
-            mine = [f for f in failures if (f.line, f.column) == t.position]
-            line, column = t.position
-            results.append(
-                {
-                    "test": t.where,
-                    "src": t.src,
-                    "at": f"{where}:{line}:{column}" if line is not None else where,
-                    "ok": not mine,
-                    "failures": [f.message for f in mine],
-                }
-            )
-        return {
-            "tests": len(policy.tests),
-            "results": results,
-            "failures": [acl.locate(where, f) for f in failures],
-        }
+        return _test_result(text, where, self._policy_nodes())
 
     def op_policy_filter(self, args: Mapping[str, Any]) -> Any:
         node = self.store.get_node(self.store.find_node(_ref(args, "node")), self.clock())
@@ -359,6 +383,47 @@ class Admin:
         }
 
 
+def policy_notes(policy: Policy | None) -> dict[str, Any]:
+    """``{"not_enforced": [section], "warnings": [sentence]}`` of ``policy`` (empty lists for None)."""
+    if policy is None:
+        return {"not_enforced": [], "warnings": []}
+    return {"not_enforced": list(policy.not_enforced), "warnings": list(policy.warnings)}
+
+
+def _check_result(text: str, where: str, nodes: list[PolicyNode]) -> dict[str, Any]:
+    """``policy.check``: :func:`tailpy.control.acl.check` against ``nodes``, its notes. Raises
+    PolicyRefused."""
+    return policy_notes(acl.check(text, where, nodes))
+
+
+def _test_result(text: str, where: str, nodes: list[PolicyNode]) -> dict[str, Any]:
+    """``policy.test``: each test of ``text`` against ``nodes``. Raises PolicyRefused when it does not
+    parse."""
+    try:
+        policy = Policy.parse(text)
+    except PolicyError as e:
+        raise acl.PolicyRefused(acl.locate(where, e)) from None
+    failures = check_tests(policy, nodes)
+    results = []
+    for t in policy.tests:  # (check_tests points each failure at its test's position)
+        mine = [f for f in failures if (f.line, f.column) == t.position]
+        line, column = t.position
+        results.append(
+            {
+                "test": t.where,
+                "src": t.src,
+                "at": f"{where}:{line}:{column}" if line is not None else where,
+                "ok": not mine,
+                "failures": [f.message for f in mine],
+            }
+        )
+    return {
+        "tests": len(policy.tests),
+        "results": results,
+        "failures": [acl.locate(where, f) for f in failures],
+    }
+
+
 class AdminServer:
     """Serves :class:`Admin` for ``server`` on the unix socket ``path`` (mode 0600)."""
 
@@ -375,7 +440,9 @@ class AdminServer:
                 raise ConfigError(f"another control server is running on {self.path}; stop it first")
             self.path.unlink()
         where = self.admin.store.where
-        app = web.Application(middlewares=[make_json_errors(translate=lambda e: db_error(e, where))])
+        app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[make_json_errors(translate=lambda e: db_error(e, where))]
+        )
         app.router.add_post("/admin/{op}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -398,9 +465,11 @@ class AdminServer:
             args = await request.json()
             if not isinstance(args, dict):
                 raise ConfigError("admin request must be a JSON object")
-            return web.json_response({"result": self.admin.run(request.match_info["op"], args)})
+            return web.json_response({"result": await self.admin.run_async(request.match_info["op"], args)})
         except StorageError as e:
             return web.json_response({"error": str(e)}, status=507)
+        except acl.PolicyRefused as e:
+            return web.json_response({"error": str(e), "errors": list(e.errors)}, status=400)
         except (ConfigError, ControlError) as e:
             return web.json_response({"error": str(e)}, status=400)
         except (ValueError, RecursionError):
@@ -422,12 +491,19 @@ async def call_socket(path: Path, op: str, args: Mapping[str, Any]) -> Any:
     timeout = aiohttp.ClientTimeout(total=30)
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as http,
-        http.post(f"http://control/admin/{op}", json=dict(args), timeout=timeout) as r,
+        http.post(
+            f"http://control/admin/{op}",
+            data=io.BytesIO(json.dumps(dict(args)).encode()),  # (a stream: a policy may be megabytes)
+            headers={"Content-Type": "application/json"},
+            timeout=timeout,
+        ) as r,
     ):
         status = r.status
         body = await r.json(content_type=None)
     if not isinstance(body, dict):
         raise ControlError(f"control server on {path} sent a malformed admin answer")
+    if "error" in body and isinstance(body.get("errors"), list):
+        raise acl.PolicyRefused(str(body["error"]), tuple(str(e) for e in body["errors"]))
     if "error" in body:
         raise (StorageError if status == 507 else ConfigError)(str(body["error"]))
     return body.get("result")
@@ -462,4 +538,13 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2)
 
 
-__all__ = ["MAX_EXPIRATION", "SOCKET_NAME", "Admin", "AdminServer", "call_socket", "run"]
+__all__ = [
+    "MAX_BODY",
+    "MAX_EXPIRATION",
+    "SOCKET_NAME",
+    "Admin",
+    "AdminServer",
+    "call_socket",
+    "policy_notes",
+    "run",
+]

@@ -36,8 +36,8 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
-* ``GET /health`` -> ``{"status": "ok" | "error", "checks": {name: {"status": ..., ...}}}``, 200 or 503
-  when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
+* ``GET /health`` -> ``{"status": "ok" | "degraded" | "error", "checks": {name: {"status": ..., ...}}}``,
+  200, or 503 when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
   :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
   service managers.
 
@@ -231,9 +231,11 @@ class ControlServer:
         return app
 
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` answers: ``{"status": "ok" | "error", "checks": {...}}``, each check
-        ``{"status": "ok" | "error", ...}``: ``database`` (a read of the settings), ``map_streams`` (how many
-        are open), and :attr:`extra_health`'s."""
+        """What ``GET /health`` answers: ``{"status": "ok" | "degraded" | "error", "checks": {...}}``, each
+        check ``{"status": "ok" | "warning" | "error", ...}``: ``database`` (a read of the settings),
+        ``map_streams`` (how many are open), ``policy`` ("warning" while a policy file's content is refused
+        and the previous policy runs: :meth:`tailpy.control.acl.PolicyKeeper.health`), and
+        :attr:`extra_health`'s. "degraded": some check warns, none failed (still HTTP 200)."""
         checks: dict[str, dict[str, Any]] = {}
         try:
             self.store.settings()
@@ -241,17 +243,19 @@ class ControlServer:
         except Exception as e:  # whatever the driver raises: the answer is "not healthy", with why
             checks["database"] = {"status": "error", "error": str(e) or type(e).__name__}
         checks["map_streams"] = {"status": "ok", "open": self.mapper.streams}
+        checks["policy"] = self.policy.health()
         for name, check in self.extra_health.items():
             try:
                 checks[name] = check()
             except Exception as e:
                 checks[name] = {"status": "error", "error": repr(e)}
-        ok = all(c.get("status") != "error" for c in checks.values())
-        return {"status": "ok" if ok else "error", "checks": checks}
+        states = {c.get("status") for c in checks.values()}
+        status = "error" if "error" in states else "degraded" if "warning" in states else "ok"
+        return {"status": status, "checks": checks}
 
     async def _health(self, _request: web.Request) -> web.Response:
         doc = self.health()
-        return web.json_response(doc, status=200 if doc["status"] == "ok" else 503)
+        return web.json_response(doc, status=503 if doc["status"] == "error" else 200)
 
     async def start(self, host: str | None, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (``host`` None: every address, IPv4 and IPv6; ``port`` 0: any free port);

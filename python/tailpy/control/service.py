@@ -196,6 +196,7 @@ class ControlProcess:
         )
         self._stun_note: tuple[int, str] | None = None
         self._sighup = False
+        self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP reloads under way
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -232,9 +233,13 @@ class ControlProcess:
         self._sighup = True
 
     def reload_policy(self) -> None:
-        """Reload the policy file now (SIGHUP); a bad file is logged and the running policy stays."""
+        """Reload the policy file now (SIGHUP; checked off the event loop, see
+        :meth:`tailpy.control.acl.PolicyKeeper.reload_async`); a bad file is logged and the running policy
+        stays."""
         if self.server is not None:
-            self.server.policy.reload("reloaded on SIGHUP")
+            task = asyncio.get_running_loop().create_task(self.server.policy.reload_async("SIGHUP"))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     async def _start_relay(self, derp_key: MachinePrivate) -> None:
         cfg = self.config
@@ -369,6 +374,8 @@ class ControlProcess:
             self._sighup = False
             with contextlib.suppress(RuntimeError):  # (the loop may be closing)
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(self._reloads):
+            task.cancel()
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None

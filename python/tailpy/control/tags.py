@@ -12,6 +12,9 @@ tag, even if they don't own the tag"):
 
 * With a policy: a tag must be defined in the policy's ``tagOwners``; the admin may apply any defined tag,
   a user only those :meth:`tailpy.control.policy.Policy.may_own` grants them.
+* Tags owned by tags: a tag whose ``tagOwners`` lists a tag the node holds may be requested by that node
+  (``"tag:web": ["tag:dev"]`` lets a ``tag:dev`` node ask for ``tag:web``), as Tailscale allows (its
+  Kubernetes operator, tagged ``tag:k8s-operator``, tags the proxies it starts ``tag:k8s``).
 * With no policy: nobody owns any tag (there is no ``tagOwners``), so a user's request for a tag is refused,
   as Tailscale refuses a tag its policy does not define. The admin may still apply any well-formed tag: a
   tailnet without a policy is Tailscale's default ("every node may reach every other"), whose tags only an
@@ -74,8 +77,9 @@ def check_tags(
     held: Iterable[str] = (),
 ) -> tuple[str, ...]:
     """The tags ``tags`` validated (``tag:<name>``, sorted, no duplicates) when every one is ``held``
-    already or may be owned by one of ``requesters`` under ``policy`` (None: no policy set; see the module
-    docstring). Raises TagError with one sentence naming the first refused tag and who asked."""
+    already, may be owned by one of ``requesters``, or is owned by a ``held`` tag under ``policy`` (None:
+    no policy set; see the module docstring). Raises TagError with one sentence naming the first refused
+    tag and who asked."""
     try:
         wanted = parse_tags(tags)
     except ConfigError as e:
@@ -96,6 +100,13 @@ def check_tags(
             raise TagError(f"{tag} is not permitted: the policy's tagOwners does not define it")
         if any(r.admin or policy.may_own(tag, r.name, r.email) for r in requesters):
             continue
+        if have and any(owner in have for owner in policy.tag_owners[tag]):
+            continue  # owned by a tag the node holds
+        if have:
+            raise TagError(
+                f"{tag} is not permitted: {tag}'s owners do not include this node's tags "
+                f"({', '.join(sorted(have))})"
+            )
         if not requesters:
             raise TagError(
                 f"{tag} is not permitted: this node has no owner who could own it (its tags came from an "

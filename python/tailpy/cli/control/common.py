@@ -45,7 +45,7 @@ def with_admin_note(commands: Iterable[click.Command]) -> None:
         cmd.help = f"{inspect.cleandoc(cmd.help or '')}\n\n{ADMIN_NOTE}"
 
 
-def admin(state_dir: Path, db: str | None, op: str, args: dict[str, Any]) -> Any:
+def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any]) -> Any:
     """Run admin operation ``op`` with ``args`` (see :func:`tailpy.control.admin.run`)."""
     from tailpy.control import admin as admin_api
 

@@ -171,8 +171,10 @@ def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node: str, name
 @click.argument("tags")
 def nodes_tag(state_dir: Path, db: str | None, as_json: bool, node: str, tags: str) -> None:
     """Give node NODE (id, name or FQDN) exactly the tags TAGS (comma-separated: tag:web,tag:db): an
-    admin's override, not checked against the policy's tagOwners. A tagged node shows no user and its key
-    does not expire; the policy's rules for those tags apply to it at once."""
+    admin's override: the admin may apply any tag the policy defines (in its tagOwners, whoever owns it;
+    refused for a tag it does not define, as `authkey create --tags` is; any tag when no policy is set). A
+    tagged node shows no user and its key does not expire; the policy's rules for those tags apply to it at
+    once."""
     wanted = [t.strip() for t in tags.split(",") if t.strip()]
     n = admin(state_dir, db, "nodes.tag", {"id": node, "tags": wanted})
     out(as_json, n, f"node {n['id']} ({n['name']}) has tags {','.join(n['tags'])}")

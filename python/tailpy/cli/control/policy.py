@@ -22,7 +22,7 @@ from tailpy.cli.control.common import (
     with_admin_note,
 )
 from tailpy.control.policy import hujson
-from tailpy.errors import ConfigError
+from tailpy.errors import ConfigError, TailpyError
 
 policy_file_argument = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 
@@ -36,8 +36,17 @@ def command() -> None:
 
 
 def _read(file: Path) -> str:
+    """FILE's text. Raises ConfigError: unreadable, not UTF-8, or larger than a policy may be (checked
+    before reading, so a huge file is refused with the same sentence as control's)."""
+    from tailpy.control.store.policy import MAX_POLICY_BYTES
+
     try:
-        return hujson.decode(file.read_bytes())
+        if file.stat().st_size > MAX_POLICY_BYTES:
+            raise ConfigError(f"{file}: a policy may have at most {MAX_POLICY_BYTES} bytes")
+        data = file.read_bytes()
+        if len(data) > MAX_POLICY_BYTES:  # (grew since the look)
+            raise ConfigError(f"{file}: a policy may have at most {MAX_POLICY_BYTES} bytes")
+        return hujson.decode(data)
     except hujson.HuJSONError as e:
         raise ConfigError(f"{file}: {e}") from None
     except OSError as e:
@@ -51,10 +60,21 @@ def _notes(result: dict[str, Any]) -> None:
         click.echo(f"warning: {w}")
 
 
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M", time.localtime(t))
+
+
 def _who(result: dict[str, Any]) -> str:
     at = result.get("set_at")
     since = f", {when(at, time.time())}" if isinstance(at, (int, float)) else ""
     if result.get("source") == "file":
+        refused = result.get("refused")
+        if isinstance(refused, dict):
+            loaded = f" loaded at {_clock(at)}" if isinstance(at, (int, float)) else ""
+            return (
+                f"from file {result.get('path')}: the file's current content was refused at "
+                f"{_clock(float(refused.get('at') or 0))}: {refused.get('error')}; running the policy{loaded}"
+            )
         return f"from file {result.get('path')} (loaded{since})"
     return f"policy {result.get('id')}, set by {result.get('set_by') or '?'}{since}"
 
@@ -71,7 +91,9 @@ def _login_name() -> str:
 @db_option
 @json_option
 def policy_get(state_dir: Path, db: str | None, as_json: bool) -> None:
-    """Print the running policy (its text as it was given) and who set it when."""
+    """Print the running policy (its text as it was given) and who set it when. With `serve --policy FILE`,
+    an edit of FILE that was refused is said first (the previous policy keeps running); --json gives it as
+    `refused` {at, error}."""
     result = admin(state_dir, db, "policy.get", {})
     if as_json:
         print_json(result)
@@ -92,7 +114,8 @@ def policy_set(state_dir: Path, db: str | None, as_json: bool, file: Path) -> No
     """Make FILE the tailnet policy, after checking it: it must parse, define every group, tag and host
     it uses, and pass its `tests` against the current nodes. A refused policy is reported as
     FILE:LINE:COLUMN: what is wrong, and the running policy stays. Refused when control runs with
-    `serve --policy FILE` (edit that file instead)."""
+    `serve --policy FILE` (edit that file instead). To go back to an older policy: `tailpy control policy
+    history show ID > old.hujson`, then `tailpy control policy set old.hujson`."""
     result = admin(state_dir, db, "policy.set", {"text": _read(file), "file": str(file), "by": _login_name()})
     if as_json:
         print_json(result)
@@ -101,14 +124,31 @@ def policy_set(state_dir: Path, db: str | None, as_json: bool, file: Path) -> No
     _notes(result)
 
 
-@command.command("history")
-@state_dir_option
+optional_state_dir_option = click.option(
+    "--state-dir",
+    envvar="TAILPY_CONTROL_STATE_DIR",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the server's database and key (default: $TAILPY_CONTROL_STATE_DIR).",
+)
+
+
+@command.group("history", invoke_without_command=True)
+@optional_state_dir_option
 @db_option
 @json_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many.")
-def policy_history(state_dir: Path, db: str | None, as_json: bool, limit: int) -> None:
+@click.pass_context
+def policy_history(
+    ctx: click.Context, state_dir: Path | None, db: str | None, as_json: bool, limit: int
+) -> None:
     """List the policies stored with `policy set`, newest (the running one) first: id, who set it, when,
-    and size. (A `serve --policy FILE` policy is the file's and is not stored.)"""
+    and size. `policy history show ID` prints one; to restore it, save that and `policy set` it. (A
+    `serve --policy FILE` policy is the file's and is not stored.)"""
+    if ctx.invoked_subcommand is not None:
+        return
+    if state_dir is None:
+        raise click.UsageError("Missing option '--state-dir'.")
     result = admin(state_dir, db, "policy.history", {"limit": limit})
     if as_json:
         print_json(result)
@@ -123,19 +163,81 @@ def policy_history(state_dir: Path, db: str | None, as_json: bool, limit: int) -
     )
 
 
-@command.command("check")
+@policy_history.command("show")
 @state_dir_option
 @db_option
 @json_option
-@policy_file_argument
-def policy_check(state_dir: Path, db: str | None, as_json: bool, file: Path) -> None:
-    """Check FILE as `policy set` would (syntax, definitions, `tests` against the current nodes) and store
-    nothing; print the sections accepted but not enforced yet, and warnings."""
-    result = admin(state_dir, db, "policy.check", {"text": _read(file), "file": str(file)})
+@click.argument("policy_id", metavar="ID", type=int)
+def policy_history_show(state_dir: Path, db: str | None, as_json: bool, policy_id: int) -> None:
+    """Print stored policy ID (from `policy history`) as it was set. To make it the running policy again:
+    `tailpy control policy history show ID > old.hujson && tailpy control policy set old.hujson`."""
+    result = admin(state_dir, db, "policy.show", {"id": policy_id})
     if as_json:
         print_json(result)
         return
+    click.echo(str(result["text"]).rstrip("\n"))
+
+
+def _offline(state_dir: Path | None, db: str | None) -> bool:
+    """Whether there is no control to ask: no --db, and no server socket nor SQLite database in
+    ``state_dir``."""
+    from tailpy.control.admin import SOCKET_NAME
+
+    if db is not None:
+        return False
+    if state_dir is None:
+        return True
+    return not ((state_dir / SOCKET_NAME).exists() or (state_dir / "control.db").exists())
+
+
+WITHOUT_NODES = (
+    "no control database: tests were evaluated without nodes (users, groups and tags by who they are; an "
+    "IP address or prefix matches only rules that name addresses)"
+)
+
+
+@command.command("check")
+@click.option(
+    "--state-dir",
+    envvar="TAILPY_CONTROL_STATE_DIR",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the server's database (default: $TAILPY_CONTROL_STATE_DIR). Without a database the "
+    "policy is checked alone, its tests without nodes (for CI).",
+)
+@db_option
+@json_option
+@policy_file_argument
+def policy_check(state_dir: Path | None, db: str | None, as_json: bool, file: Path) -> None:
+    """Check FILE as `policy set` would (syntax, definitions, `tests` against the current nodes) and store
+    nothing; print the sections accepted but not enforced yet, and warnings. Works without a control
+    database too (lint a policy in CI): then the tests run without nodes. --json prints {"ok": true,
+    "not_enforced", "warnings", "note"?} or {"ok": false, "errors": [FILE:LINE:COLUMN: ...]} (exit
+    status 1)."""
+    try:
+        text = _read(file)
+        if _offline(state_dir, db):
+            from tailpy.control import acl
+            from tailpy.control.admin import policy_notes
+
+            policy = acl.check(text, str(file), [])
+            result: dict[str, Any] = policy_notes(policy)
+            if policy.tests:
+                result["note"] = WITHOUT_NODES
+        else:
+            result = admin(state_dir, db, "policy.check", {"text": text, "file": str(file)})
+    except TailpyError as e:
+        if not as_json:
+            raise
+        errors = getattr(e, "errors", None) or (str(e),)
+        print_json({"ok": False, "errors": list(errors)})
+        raise SystemExit(1) from None
+    if as_json:
+        print_json({"ok": True, **result})
+        return
     click.echo(f"{file}: ok")
+    if result.get("note"):
+        click.echo(f"note: {result['note']}")
     _notes(result)
 
 
@@ -203,6 +305,8 @@ def policy_filter(state_dir: Path, db: str | None, as_json: bool, node: str) -> 
         click.echo("  " + _describe(r))
 
 
-with_admin_note([policy_get, policy_set, policy_history, policy_check, policy_test, policy_filter])
+with_admin_note(
+    [policy_get, policy_set, policy_history, policy_history_show, policy_check, policy_test, policy_filter]
+)
 
 __all__ = ["command"]

@@ -165,7 +165,9 @@ def command(
     host; when none of these names a host (0.0.0.0, ::) serve refuses to start and says which flag to add.
     A relay that cannot listen (port taken) is logged and left out of the map: control serves regardless.
     --derp-map adds external relays (a Tailscale DERPMap JSON file; region ids must differ from the
-    embedded one). GET /health on control and on the relay answers JSON {"status", "checks"} (200 or 503).
+    embedded one). GET /health on control and on the relay answers JSON {"status", "checks"} (200 or 503;
+    control says "degraded", still 200, while a --policy file's edit is refused and the previous policy
+    runs).
 
     Unless --no-stun, a STUN server answers on UDP --stun-port (3478) of the relay's host and the map says
     so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1).

@@ -799,106 +799,224 @@ class _Who:
     points: tuple[tuple[int, int], ...] = ()
 
 
-class _NodeIndex:
-    """The nodes a policy's tests are judged against, with their addresses parsed once."""
+_Entry = tuple[int, int]  # (rule index, destination index)
 
-    def __init__(self, nodes: Iterable[PolicyNode]) -> None:
+
+class _NodeIndex:
+    """The nodes and rules a policy's tests are judged against, indexed once per check.
+
+    Nodes: addresses parsed once; untagged nodes by owner login name and email, nodes by tag (each in the
+    order given). Rules: by the names their sources and destinations can match (user targets, groups, tags,
+    autogroups; see :class:`_UserIndex`), with the wildcard, literal and ``autogroup:self`` targets apart, so
+    judging an identity costs a few dictionary looks instead of a scan of every rule. Identities matched by
+    the same names (and the same literal sources) get the same answer (:meth:`src_rules` is their class)."""
+
+    def __init__(self, policy: Policy, nodes: Iterable[PolicyNode]) -> None:
+        self.policy = policy
         self.nodes = list(nodes)
         self.points = {
             n.id: tuple(ipset.fast_addr(x.split("/", 1)[0]) for x in n.addresses) for n in self.nodes
         }
         self.owner = {p: n for n in self.nodes for p in self.points[n.id]}
+        self.order = {n.id: i for i, n in enumerate(self.nodes)}
+        self.by_login: dict[str, list[PolicyNode]] = {}
+        self.by_email: dict[str, list[PolicyNode]] = {}
+        self.by_tag: dict[str, list[PolicyNode]] = {}
+        for n in self.nodes:
+            if n.tags:
+                for t in set(n.tags):
+                    self.by_tag.setdefault(t, []).append(n)
+                continue
+            self.by_login.setdefault(n.user.lower(), []).append(n)
+            if n.email:
+                self.by_email.setdefault(n.email.lower(), []).append(n)
+        self.users = _UserIndex(policy)
+        rules = policy.rules
+        self.src_any: set[int] = set()  # rules every identity is a source of
+        self.src_named: dict[str, set[int]] = {}  # name -> rules whose sources name it
+        self.src_lit: list[tuple[int, ipset.Range]] = []
+        self.dst_any: set[_Entry] = set()
+        self.dst_named: dict[str, set[_Entry]] = {}
+        self.dst_lit: list[tuple[_Entry, ipset.Range]] = []
+        self.dst_self: list[_Entry] = []
+        for i, r in enumerate(rules):
+            for a in r.srcs:
+                if a.kind == "*" or a.name == "autogroup:danger-all":
+                    self.src_any.add(i)
+                elif a.net is not None:
+                    self.src_lit.append((i, ipset.net_range(a.net)))
+                else:
+                    self.src_named.setdefault(a.name, set()).add(i)
+            for j, d in enumerate(r.dsts):
+                a = d.alias
+                if a.kind == "*" or a.name == "autogroup:danger-all":
+                    self.dst_any.add((i, j))
+                elif a.net is not None:
+                    self.dst_lit.append(((i, j), ipset.net_range(a.net)))
+                elif a.name == "autogroup:self":
+                    self.dst_self.append((i, j))
+                else:
+                    self.dst_named.setdefault(a.name, set()).add((i, j))
+        self._names: dict[tuple[str, str, tuple[str, ...]], frozenset[str]] = {}
+        self._idents: dict[tuple[str, str], list[_Who]] = {}
+        self._src: dict[tuple[frozenset[str], tuple[tuple[int, int], ...]], frozenset[int]] = {}
+        self._dst: dict[tuple[frozenset[str], tuple[tuple[int, int], ...]], frozenset[_Entry]] = {}
+        self._eligible: dict[tuple[int, int], frozenset[_Entry]] = {}
 
+    def names(self, w: _Who) -> frozenset[str]:
+        """The names a rule target can use for ``w``: its tags and ``autogroup:tagged``; an owner's user
+        targets, groups and ``autogroup:member``; nothing for a bare address."""
+        key = (w.user, w.email, w.tags)
+        found = self._names.get(key)
+        if found is None:
+            if w.tags:
+                found = frozenset((*w.tags, "autogroup:tagged"))
+            elif w.user or w.email:
+                found = self.users.names(w.user, w.email) | {"autogroup:member"}
+            else:
+                found = frozenset()
+            self._names[key] = found
+        return found
 
-def _identities(policy: Policy, a: Alias, index: _NodeIndex) -> list[_Who]:
-    """Who a test's ``src`` or destination stands for: each member of a group, a user, a tag, an address."""
-    nodes = index.nodes
+    def src_rules(self, w: _Who) -> frozenset[int]:
+        """The rules ``w`` is a source of."""
+        names = self.names(w)
+        pts = w.points if self.src_lit else ()
+        got = self._src.get((names, pts))
+        if got is None:
+            out = set(self.src_any)
+            for n in names:
+                out.update(self.src_named.get(n, ()))
+            for i, (fam, lo, hi) in self.src_lit:
+                if any(fam == f and lo <= v <= hi for f, v in pts):
+                    out.add(i)
+            got = self._src[(names, pts)] = frozenset(out)
+        return got
 
-    def pts(ns: Iterable[PolicyNode]) -> tuple[tuple[int, int], ...]:
-        return tuple(p for n in ns for p in index.points[n.id])
+    def dst_entries(self, w: _Who) -> frozenset[_Entry]:
+        """The (rule, destination) pairs whose target contains ``w`` (``autogroup:self`` apart)."""
+        names = self.names(w)
+        pts = w.points if self.dst_lit else ()
+        got = self._dst.get((names, pts))
+        if got is None:
+            out = set(self.dst_any)
+            for n in names:
+                out.update(self.dst_named.get(n, ()))
+            for e, (fam, lo, hi) in self.dst_lit:
+                if any(fam == f and lo <= v <= hi for f, v in pts):
+                    out.add(e)
+            got = self._dst[(names, pts)] = frozenset(out)
+        return got
 
-    if a.kind == "group":
-        return [_identities(policy, Alias("user", m), index)[0] for m in policy.groups.get(a.name, ())]
-    if a.kind == "user":
-        mine = [n for n in nodes if not n.tags and user_matches(a.name, n.user, n.email)]
-        user = mine[0].user if mine else a.name.rstrip("@")
-        email = mine[0].email if mine else (a.name if not a.name.endswith("@") else "")
-        return [_Who(user.lower(), email.lower(), (), pts(mine))]
-    if a.kind == "tag":  # each node with the tag, with all its tags; the bare tag when none has it
-        tagged = [n for n in nodes if a.name in n.tags]
-        return [_Who("", "", class_key(n)[2], pts([n])) for n in tagged] or [_Who("", "", (a.name,))]
-    assert a.net is not None
-    if a.net.num_addresses == 1:
-        ip = ipset.addr(str(a.net.network_address))
-        owner = index.owner.get(ip)
-        if owner is not None:
-            k = class_key(owner)
-            return [_Who(k[0], k[1], k[2], (ip,))]
-        return [_Who(points=(ip,))]
-    return [_Who(points=(ipset.addr(str(a.net.network_address)),))]
+    def eligible(self, port: int, proto: int) -> frozenset[_Entry]:
+        """The (rule, destination) pairs that let ``proto`` traffic to ``port`` through."""
+        got = self._eligible.get((port, proto))
+        if got is None:
+            got = frozenset(
+                (i, j)
+                for i, r in enumerate(self.policy.rules)
+                if not r.protos or proto in r.protos
+                for j, d in enumerate(r.dsts)
+                if any(p.first <= port <= p.last for p in d.ports)
+            )
+            self._eligible[(port, proto)] = got
+        return got
 
+    def pts(self, ns: Iterable[PolicyNode]) -> tuple[tuple[int, int], ...]:
+        return tuple(p for n in ns for p in self.points[n.id])
 
-def _who_matches(policy: Policy, a: Alias, w: _Who, *, src: _Who | None = None) -> bool:
-    if a.kind == "*" or a.name == "autogroup:danger-all":
-        return True
-    if a.net is not None:
-        rng = ipset.net_range(a.net)
-        return any(rng[0] == f and rng[1] <= v <= rng[2] for f, v in w.points)
-    if a.name == "autogroup:self":
-        return src is not None and bool(w.user) and not w.tags and not src.tags and src.user == w.user
-    if a.kind == "tag":
-        return a.name in w.tags
-    if w.tags:
-        return a.name == "autogroup:tagged"
-    if a.kind == "user":
-        return bool(w.user or w.email) and user_matches(a.name, w.user, w.email)
-    if a.kind == "group":
-        return any(user_matches(m, w.user, w.email) for m in policy.groups.get(a.name, ()))
-    return a.name == "autogroup:member" and bool(w.user or w.email)
+    def identities(self, a: Alias) -> list[_Who]:
+        """Who a test's ``src`` or destination stands for: each member of a group, a user, each node with a
+        tag (with all its tags; the bare tag when no node has it), an address (its node's owner or tags)."""
+        key = (a.kind, a.name)
+        got = self._idents.get(key)
+        if got is None:
+            got = self._idents[key] = self._identities(a)
+        return got
 
+    def _identities(self, a: Alias) -> list[_Who]:
+        if a.kind == "group":
+            return [self.identities(Alias("user", m))[0] for m in self.policy.groups.get(a.name, ())]
+        if a.kind == "user":
+            mine = self._owned_by(a.name)
+            user = mine[0].user if mine else a.name.rstrip("@")
+            email = mine[0].email if mine else (a.name if not a.name.endswith("@") else "")
+            return [_Who(user.lower(), email.lower(), (), self.pts(mine))]
+        if a.kind == "tag":
+            tagged = self.by_tag.get(a.name, [])
+            return [_Who("", "", class_key(n)[2], self.pts([n])) for n in tagged] or [_Who("", "", (a.name,))]
+        assert a.net is not None
+        if a.net.num_addresses == 1:
+            ip = ipset.addr(str(a.net.network_address))
+            owner = self.owner.get(ip)
+            if owner is not None:
+                k = class_key(owner)
+                return [_Who(k[0], k[1], k[2], (ip,))]
+            return [_Who(points=(ip,))]
+        return [_Who(points=(ipset.addr(str(a.net.network_address)),))]
 
-def _allowed(policy: Policy, src: _Who, dst: _Who, port: int, proto: int) -> bool:
-    for r in policy.rules:
-        if r.protos and proto not in r.protos:
-            continue
-        if not any(_who_matches(policy, a, src) for a in r.srcs):
-            continue
-        for d in r.dsts:
-            if any(p.first <= port <= p.last for p in d.ports) and _who_matches(
-                policy, d.alias, dst, src=src
-            ):
-                return True
-    return False
+    def _owned_by(self, alias: str) -> list[PolicyNode]:
+        """The untagged nodes whose owner ``alias`` names (:func:`user_matches`), in the order given."""
+        if alias.startswith("*@"):
+            found = [n for ns in self.by_login.values() for n in ns if user_matches(alias, n.user, n.email)]
+        elif alias.endswith("@"):
+            found = [*self.by_login.get(alias[:-1], ()), *self.by_login.get(alias, ())]
+        else:
+            found = [*self.by_login.get(alias, ()), *self.by_email.get(alias, ())]
+        unique = {n.id: n for n in found}
+        return sorted(unique.values(), key=lambda n: self.order[n.id])
 
 
 def check_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[PolicyError]:
     """Evaluate the policy's ``tests``: each ``accept`` destination must be reachable from ``src`` and each
     ``deny`` one must not (over ``proto``, TCP when not given). Users, groups and tags are judged by who
     they are (a group: every member); ``nodes`` supply the addresses that IP and prefix rules need. Returns
-    one PolicyError per failing entry, pointing at the test (empty when all pass)."""
+    one PolicyError per failing entry, pointing at the test (empty when all pass).
+
+    Cost: the rules are indexed once by what they can match (:class:`_NodeIndex`); a group's members that
+    are sources of the same rules are judged once together, against the distinct destination classes, so a
+    test naming a 10,000-member group costs about one look per member plus one per class."""
     if not policy.tests:
         return []
-    ns = _NodeIndex(nodes)
+    ix = _NodeIndex(policy, nodes)
     errors: list[PolicyError] = []
     for t in policy.tests:
         line, col = t.position
-        reader_alias = _alias_of(policy, t.src)
-        srcs = _identities(policy, reader_alias, ns)
+        srcs = ix.identities(_alias_of(policy, t.src))
+        proto = t.proto if t.proto is not None else 6
         for want, items in ((True, t.accept), (False, t.deny)):
             for item in items:
                 host, _, port = item.rpartition(":")
                 if item.startswith("["):
                     host, _, port = item[1:].partition("]:")
-                dsts = _identities(policy, _alias_of(policy, host), ns)
-                proto = t.proto if t.proto is not None else 6
-                for s in srcs:
-                    got = any(_allowed(policy, s, d, int(port), proto) for d in dsts)
-                    if got != want:
-                        who = t.src if len(srcs) == 1 else f"{t.src} member {s.user or s.email}"
-                        verb = "may not reach" if want else "may reach"
-                        errors.append(PolicyError(f"{t.where}: {who} {verb} {item}", line, col))
-                        break
+                bad = _first_wrong(ix, srcs, ix.identities(_alias_of(policy, host)), int(port), proto, want)
+                if bad is not None:
+                    who = t.src if len(srcs) == 1 else f"{t.src} member {bad.user or bad.email}"
+                    verb = "may not reach" if want else "may reach"
+                    errors.append(PolicyError(f"{t.where}: {who} {verb} {item}", line, col))
     return errors
+
+
+def _first_wrong(
+    ix: _NodeIndex, srcs: list[_Who], dsts: list[_Who], port: int, proto: int, want: bool
+) -> _Who | None:
+    """The first of ``srcs`` whose reach of some of ``dsts`` on ``port``/``proto`` is not ``want``."""
+    ok = ix.eligible(port, proto)
+    reach = {ix.dst_entries(d) & ok for d in dsts}  # each destination class, as the pairs that reach it
+    reach_rules = [frozenset(i for i, _ in es) for es in reach if es]
+    self_rules = frozenset(i for i, j in ix.dst_self if (i, j) in ok)
+    self_users = {d.user for d in dsts if d.user and not d.tags} if self_rules else set()
+    by_class: dict[frozenset[int], bool] = {}
+    for s in srcs:
+        rules = ix.src_rules(s)
+        got = by_class.get(rules)
+        if got is None:
+            got = by_class[rules] = any(rules & rs for rs in reach_rules)
+        if not got and s.user and not s.tags and s.user in self_users:
+            got = bool(rules & self_rules)
+        if got != want:
+            return s
+    return None
 
 
 def _alias_of(policy: Policy, s: str) -> Alias:

@@ -191,6 +191,11 @@ class Store:
         with self.engine.begin() as conn:
             return policy_repo.add(conn, text, set_by, now)
 
+    def policy_record(self, policy_id: int) -> PolicyRecord | None:
+        """Stored policy ``policy_id`` (from :meth:`policy_history`), or None."""
+        with self.engine.begin() as conn:
+            return policy_repo.get(conn, policy_id)
+
     def policy_history(self, limit: int = 20) -> list[PolicyRecord]:
         """The last ``limit`` policies set, newest first."""
         with self.engine.begin() as conn:

@@ -58,10 +58,16 @@ def add(conn: Connection, text: str, set_by: str, now: float) -> PolicyRecord:
     return PolicyRecord(int(pk[0]), text, set_by, now)
 
 
+def get(conn: Connection, policy_id: int) -> PolicyRecord | None:
+    """Stored policy ``policy_id``, or None when there is none with that id."""
+    r = conn.execute(sa.select(policies).where(policies.c.id == policy_id)).first()
+    return None if r is None else _record(r)
+
+
 def history(conn: Connection, limit: int = 20) -> list[PolicyRecord]:
     """The last ``limit`` policies, newest first."""
     rows = conn.execute(sa.select(policies).order_by(policies.c.id.desc()).limit(limit)).all()
     return [_record(r) for r in rows]
 
 
-__all__ = ["MAX_POLICY_BYTES", "PolicyRecord", "add", "current", "current_id", "history"]
+__all__ = ["MAX_POLICY_BYTES", "PolicyRecord", "add", "current", "current_id", "get", "history"]

@@ -349,6 +349,7 @@ def test_every_section_accepted_and_unenforced_ones_reported() -> None:
     pol = Policy.parse(
         """{
           "ACLs": [{"Action": "accept", "Users": ["*"], "Ports": ["*:*"]}],  // legacy names, any case
+          "tagOwners": {"tag:r": []},
           "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:r"]}},
           "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"],
                    "users": ["root"]}],

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tailpy.control.policy import Policy, PolicyError, PolicyNode, check_tests
+from tailpy.control.policy import Policy, PolicyError, PolicyNode, check_tests, hujson
 from tailpy.control.store import Store
 from tailpy.control.store.policy import MAX_POLICY_BYTES
 from tailpy.errors import ConfigError
@@ -113,9 +113,9 @@ def log_notes(policy: Policy, where: str) -> None:
 def read_policy_file(path: Path) -> str:
     """The text of policy file ``path``. Raises ConfigError (one sentence naming it)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"policy file {path} is not UTF-8 text") from None
+        return hujson.decode(path.read_bytes())
+    except hujson.HuJSONError as e:
+        raise ConfigError(f"policy file {path}: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read policy file {path}: {e.strerror or e}") from None
 

@@ -24,22 +24,21 @@ tag, even if they don't own the tag"):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tailpy.control.policy.model import tag_error
 from tailpy.errors import ConfigError, TagError
 
 if TYPE_CHECKING:
     from tailpy.control.policy import Policy
 
 
-_TAG = re.compile(r"tag:[a-z0-9][a-z0-9-]{0,62}")
-
-
 def parse_tags(tags: Iterable[str]) -> tuple[str, ...]:
-    """Validate tags ``tag:<lowercase label>``; sorted, without duplicates. Raises ConfigError."""
+    """Validate tags (``tag:`` is added when missing) by Tailscale's rule,
+    :func:`tailpy.control.policy.model.tag_error`: ``tag:`` then an ASCII letter, then ASCII letters, digits
+    and hyphens; tags are case-sensitive. Sorted, without duplicates. Raises ConfigError."""
     out = set()
     for t in tags:
         t = t.strip()
@@ -47,8 +46,9 @@ def parse_tags(tags: Iterable[str]) -> tuple[str, ...]:
             continue
         if not t.startswith("tag:"):
             t = "tag:" + t
-        if not _TAG.fullmatch(t):
-            raise ConfigError(f"tag {t!r} is not tag:<name> with lowercase letters, digits and hyphens")
+        problem = tag_error(t)
+        if problem is not None:
+            raise ConfigError(problem)
         out.add(t)
     return tuple(sorted(out))
 

@@ -21,6 +21,7 @@ from tailpy.cli.control.common import (
     when,
     with_admin_note,
 )
+from tailpy.control.policy import hujson
 from tailpy.errors import ConfigError, TailpyError
 
 policy_file_argument = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
@@ -42,12 +43,12 @@ def _read(file: Path) -> str:
     try:
         if file.stat().st_size > MAX_POLICY_BYTES:
             raise ConfigError(f"{file}: a policy may have at most {MAX_POLICY_BYTES} bytes")
-        text = file.read_text(encoding="utf-8")
-        if len(text.encode()) > MAX_POLICY_BYTES:  # (grew since the look)
+        data = file.read_bytes()
+        if len(data) > MAX_POLICY_BYTES:  # (grew since the look)
             raise ConfigError(f"{file}: a policy may have at most {MAX_POLICY_BYTES} bytes")
-        return text
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file} is not UTF-8 text") from None
+        return hujson.decode(data)
+    except hujson.HuJSONError as e:
+        raise ConfigError(f"{file}: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read {file}: {e.strerror or e}") from None
 

@@ -75,9 +75,10 @@ all the target's ports)."""
 
 
 def class_key(node: PolicyNode) -> ClassKey:
-    """(owner login, owner email, tags), lower case; a tagged node has no owner."""
+    """(owner login, owner email: lower case; tags: as given, since tags are case-sensitive as in
+    Tailscale); a tagged node has no owner."""
     if node.tags:
-        return ("", "", tuple(sorted(t.lower() for t in node.tags)))
+        return ("", "", tuple(sorted(node.tags)))
     return (node.user.lower(), node.email.lower(), ())
 
 
@@ -940,7 +941,7 @@ class _NodeIndex:
         self.by_tag: dict[str, list[PolicyNode]] = {}
         for n in self.nodes:
             if n.tags:
-                for t in {t.lower() for t in n.tags}:
+                for t in set(n.tags):
                     self.by_tag.setdefault(t, []).append(n)
                 continue
             self.by_login.setdefault(n.user.lower(), []).append(n)
@@ -1137,10 +1138,10 @@ def _first_wrong(
 
 def _alias_of(policy: Policy, s: str) -> Alias:
     lo = s.lower()
-    if lo.startswith("group:"):
-        return Alias("group", lo)
-    if lo.startswith("tag:"):
-        return Alias("tag", lo)
+    if s.startswith("group:"):
+        return Alias("group", s)
+    if s.startswith("tag:"):
+        return Alias("tag", s)
     if "@" in s:
         return Alias("user", lo.removeprefix("user:"))
     if lo in policy.hosts:

@@ -63,8 +63,26 @@ class Document:
         return None if off is None else self.locate(off)
 
 
+BOM = "\ufeff"
+
+
+def decode(data: bytes) -> str:
+    """``data`` as UTF-8 text. Raises HuJSONError with the line and column (of the characters decoded so
+    far, so as an editor shows them) of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start].decode("utf-8")
+        line = before.count("\n") + 1
+        column = len(before) - (before.rfind("\n") + 1) + 1
+        raise HuJSONError(f"invalid UTF-8 (byte 0x{data[e.start]:02x})", line, column) from None
+
+
 def parse(text: str) -> Document:
-    """Parse ``text``. Raises HuJSONError (with line and column) for anything malformed."""
+    """Parse ``text``. A leading byte order mark (U+FEFF, as some editors write) is skipped; positions
+    count from the character after it. Raises HuJSONError (with line and column) for anything
+    malformed."""
+    text = text.removeprefix(BOM)
     p = _Parser(text)
     p.skip()
     value = p.value((), 0)
@@ -229,4 +247,4 @@ class _Parser:
                 self.fail(f"bad escape \\{esc}")
 
 
-__all__ = ["KEY", "MAX_DEPTH", "Document", "HuJSONError", "parse"]
+__all__ = ["BOM", "KEY", "MAX_DEPTH", "Document", "HuJSONError", "decode", "parse"]

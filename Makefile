@@ -68,7 +68,7 @@ test: test-rust test-py
 # throughput.py --build-tools builds its pinned peers (newest wireguard-go, boringtun-cli) once into
 # $TAILPY_BENCH_CACHE (default ~/.cache/tailpy/bench-tools); without Go or cargo, that row is skipped
 # with the reason.
-BENCHMARKS := throughput derp_relay connect_time magicdns embedded
+BENCHMARKS := throughput derp_relay connect_time magicdns embedded policy_compile
 bench: build
 	$(PY) benchmarks/throughput.py --build-tools
 	@for b in $(BENCHMARKS); do \

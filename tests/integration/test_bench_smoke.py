@@ -26,6 +26,7 @@ TIMEOUT = 600.0  # seconds; a smoke run takes well under a minute once Go tools 
 
 SMOKE = [
     pytest.param("control_scale", id="control_scale"),  # loopback only
+    pytest.param("policy_compile", id="policy_compile"),  # in process
     pytest.param("connect_time", marks=pytest.mark.lab, id="connect_time"),
     pytest.param("derp_relay", marks=pytest.mark.lab, id="derp_relay"),
     pytest.param("magicdns", marks=pytest.mark.lab, id="magicdns"),

@@ -55,7 +55,9 @@ def test_up_while_control_is_down_comes_up_and_reconnects(pair: tuple[LabTailnet
     net.start_control()
     wait_for(lambda: a.status()["backend_state"] == "Running", timeout=60, what="a to reconnect by itself")
     a.wait_peers(1)
-    a.ping(b.ip(), count=2)
+    # (b learns a's new endpoints once its own stream to the restarted control is back: a busy machine may
+    # take a few seconds, so reachability is awaited, not the first two probes)
+    wait_for(lambda: a.pings(b.ip()), timeout=30, what="a to reach b again")
 
 
 def test_deleted_node_needs_login(pair: tuple[LabTailnet, LabNode, LabNode]) -> None:

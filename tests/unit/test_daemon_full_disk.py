@@ -143,7 +143,11 @@ async def test_the_admin_note_comes_from_control(
     assert node_id is not None
     srv.store.rename_node(node_id, "boss")
     await backend.up("", None, "gamma")
-    await until(lambda: backend.status().self_node.name == "boss", "the netmap with the admin's name")
+    # (the name may show before control has answered the hostname: the note waits for that answer)
+    await until(
+        lambda: backend.status().self_node.name == "boss" and not backend.status().self_node.name_pending,
+        "the netmap with the admin's name, and control's answer to the hostname",
+    )
     st = backend.status()
-    assert st.self_node.name_by_admin and not st.self_node.name_pending
+    assert st.self_node.name_by_admin
     assert name_note("gamma", st).startswith("note: this node keeps its name boss: an admin named it")

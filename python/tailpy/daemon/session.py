@@ -166,6 +166,7 @@ class ControlSession:
         self.self_node: nm.Node | None = None
         """This node as the last netmap had it (its key expiry drives rotation)."""
         self._task: asyncio.Task[None] | None = None
+        self._ending: asyncio.Task[None] | None = None  # forgotten by control: still closing its client
         self.reported_endpoints: list[Endpoint] = []
         """This node's endpoints as control was last told them (at the last connection or update)."""
         self.reported_endpoints_changed = asyncio.Event()
@@ -196,6 +197,11 @@ class ControlSession:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        ending, self._ending = self._ending, None
+        if ending is not None and ending is not asyncio.current_task():
+            # (not cancelled: it is closing its HTTP client, which a cancellation could leave open)
+            with contextlib.suppress(asyncio.CancelledError):
+                await ending
         self._set_connected(False)
 
     async def restart(self) -> None:
@@ -284,7 +290,7 @@ class ControlSession:
             except asyncio.CancelledError:
                 raise
             except NotRegisteredError as e:
-                self._task = None
+                self._ending, self._task = self._task, None  # (stop() still waits for its cleanup)
                 self._set_connected(False)
                 try:
                     self.hooks.on_forgotten(e)
@@ -301,9 +307,11 @@ class ControlSession:
             finally:
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                resume = client.map_state if client.map_state is not None and not rotated else None
-                await client.close()
+                try:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                finally:  # (stop() may cancel this cleanup itself: the client is closed all the same)
+                    resume = client.map_state if client.map_state is not None and not rotated else None
+                    await client.close()
             self._set_connected(False)
             self.hooks.on_status()
             if rotated:

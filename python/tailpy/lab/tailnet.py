@@ -245,6 +245,14 @@ class LabNode:
 
         return wait_for(check, timeout=timeout, what=f"{self.name} to see {count} peers", interval=0.2)
 
+    def pings(self, address: str) -> bool:
+        """Whether one ``ping`` from this node to ``address`` is answered within 2 s (never raises)."""
+        flag = ["-6"] if ":" in address else []
+        return (
+            self.host.run(["ping", *flag, "-c", "1", "-W", "2", address], check=False, timeout=30).returncode
+            == 0
+        )
+
     def ping(self, address: str, count: int = 3, timeout: float = 30) -> str:
         """``ping`` from this node, each probe waiting up to 2 s; raises LabError if every probe is lost."""
         flag = ["-6"] if ":" in address else []

@@ -52,10 +52,6 @@ print(hashlib.sha256(data).hexdigest(), hashlib.sha256(got).hexdigest())
 """
 
 
-def _pings(node: LabNode, address: str) -> bool:
-    return node.host.run(["ping", "-c", "1", "-W", "2", address], check=False, timeout=30).returncode == 0
-
-
 def _diagnose(*nodes: LabNode) -> str:
     out = []
     for n in nodes:
@@ -90,9 +86,7 @@ def test_udp_blocked_nodes_talk_through_the_relay(lab: Lab) -> None:
 
         # The first packets go direct and are dropped; after ~5 s without a handshake the peer is relayed.
         try:
-            wait_for(
-                lambda: _pings(a, b.ip()), timeout=90, what="a to ping b through the relay", interval=0.5
-            )
+            wait_for(lambda: a.pings(b.ip()), timeout=90, what="a to ping b through the relay", interval=0.5)
         except LabError as e:
             raise AssertionError(f"{e}: {_diagnose(a, b)}") from None
         a.ping(b.ip(), count=3)

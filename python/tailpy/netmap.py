@@ -8,6 +8,7 @@ The control server sends it (``tailpy.control``); the daemon applies each change
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from tailpy.packetfilter import (
     parts_to_json,
     update_parts,
 )
+from tailpy.routes import has_exit_routes
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,14 @@ class Node:
     seconds or None; ``disco_key`` the node's current disco public key (a new one each time its daemon
     starts; JSON ``"discokey:<hex>"``), None when the node sent none (an old node: peers fall back to a
     path policy without disco).
+
+    Routes (:mod:`tailpy.routes`; CIDR prefixes in canonical text): ``routable_ips`` the routes the node
+    advertises (Tailscale's ``Hostinfo.RoutableIPs``, exit routes included); ``approved_routes`` those of
+    them control approved; ``primary_routes`` the subnet routes this node is the primary router for
+    (``tailcfg.Node.PrimaryRoutes``); ``allowed_ips`` what the recipient may send to this node
+    (``tailcfg.Node.AllowedIPs``: its addresses, its primary routes the recipient may use, and the exit
+    routes when it is an approved exit node the recipient may use); None (absent on the wire) means the
+    addresses alone: read it through :meth:`effective_allowed_ips`.
     """
 
     id: int
@@ -58,6 +68,10 @@ class Node:
     home_derp: int = 0  # DERP region id of the node's home relay; 0 = none
     disco_key: DiscoPublic | None = None
     name_by_admin: bool = False  # an admin gave the name (`nodes rename`): a new hostname does not change it
+    allowed_ips: tuple[str, ...] | None = None  # None: the addresses (see effective_allowed_ips)
+    primary_routes: tuple[str, ...] = ()
+    routable_ips: tuple[str, ...] = ()
+    approved_routes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -81,6 +95,14 @@ class Node:
             out["disco_key"] = self.disco_key.text()
         if self.name_by_admin:
             out["name_by_admin"] = True
+        if self.allowed_ips is not None:
+            out["allowed_ips"] = list(self.allowed_ips)
+        if self.primary_routes:
+            out["primary_routes"] = list(self.primary_routes)
+        if self.routable_ips:
+            out["routable_ips"] = list(self.routable_ips)
+        if self.approved_routes:
+            out["approved_routes"] = list(self.approved_routes)
         return out
 
     @classmethod
@@ -105,9 +127,22 @@ class Node:
                 home_derp=parse_home_derp(obj.get("home_derp", 0)),
                 disco_key=parse_disco_key(obj.get("disco_key")),
                 name_by_admin=bool(obj.get("name_by_admin", False)),
+                allowed_ips=None if obj.get("allowed_ips") is None else _prefixes(obj, "allowed_ips"),
+                primary_routes=_prefixes(obj, "primary_routes"),
+                routable_ips=_prefixes(obj, "routable_ips"),
+                approved_routes=_prefixes(obj, "approved_routes"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ParseError(f"malformed node in netmap: {e}") from None
+
+    def effective_allowed_ips(self) -> tuple[str, ...]:
+        """:attr:`allowed_ips`, or the addresses when control sent none."""
+        return self.addresses if self.allowed_ips is None else self.allowed_ips
+
+    def exit_node_option(self) -> bool:
+        """Whether the recipient may use this node as its exit node: both exit routes are in its allowed IPs
+        (Tailscale's ``tsaddr.ContainsExitRoutes(peer.AllowedIPs)``)."""
+        return has_exit_routes(self.effective_allowed_ips())
 
     def fqdn(self, domain: str) -> str:
         """``<name>.<domain>`` (just the name when the domain is empty)."""
@@ -126,6 +161,22 @@ class Node:
             if ":" in a:
                 return a.split("/")[0]
         return None
+
+
+def _prefixes(obj: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A list of CIDR prefixes from the wire, canonicalised. Raises ParseError."""
+    v = obj.get(name) or ()
+    if not isinstance(v, list | tuple):
+        raise ParseError(f"field {name!r} must be a list of CIDR prefixes, not {v!r}")
+    out = []
+    for p in v:
+        if not isinstance(p, str):
+            raise ParseError(f"field {name!r} must hold CIDR prefix strings, not {p!r}")
+        try:
+            out.append(str(ipaddress.ip_network(p, strict=False)))
+        except ValueError:
+            raise ParseError(f"field {name!r}: {p!r} is not a CIDR prefix") from None
+    return tuple(out)
 
 
 def parse_disco_key(v: object) -> DiscoPublic | None:

@@ -249,6 +249,7 @@ class ControlClient:
         old_node_proof: str | None = None,
         request_tags: Sequence[str] = (),
         ephemeral: bool = False,
+        routable_ips: Sequence[str] | None = None,
     ) -> Node:
         """Register this machine with ``node_key`` and ``hostname``; returns its node (id, name, addresses).
 
@@ -258,7 +259,9 @@ class ControlClient:
         ``os``: the node's operating system ("linux"). ``request_tags``: tags this node asks for (``tailpy up
         --advertise-tags``; empty: no request, its tags stay). ``ephemeral``: register as an ephemeral node
         whatever the auth key (control deletes it at logout or after its offline timeout; tsnet's
-        ``Server.Ephemeral``, Tailscale's ``RegisterRequest.Ephemeral``). Raises AuthKeyError (unknown,
+        ``Server.Ephemeral``, Tailscale's ``RegisterRequest.Ephemeral``). ``routable_ips``: the routes this
+        node advertises (canonical CIDR text, :mod:`tailpy.routes`; Tailscale's ``Hostinfo.RoutableIPs``;
+        None: leave what the server has, ``[]``: none). Raises AuthKeyError (unknown,
         expired or used-up key: the server's sentence), TagError (a tag nobody asking may own),
         or ControlError.
         """
@@ -269,6 +272,8 @@ class ControlClient:
             body["auth_key"] = auth_key
         if ephemeral:
             body["ephemeral"] = True
+        if routable_ips is not None:
+            body["routable_ips"] = list(routable_ips)
         if os:
             body["os"] = os
         if old_node_key is not None:
@@ -284,6 +289,7 @@ class ControlClient:
         os: str = "",
         wait: float = 25.0,
         request_tags: Sequence[str] = (),
+        routable_ips: Sequence[str] | None = None,
     ) -> LoginAnswer:
         """Register with no auth key, interactively (an OpenID Connect login, :mod:`tailpy.control.oidc`):
         the server answers at once with the node when the machine needs no login, else holds the request up
@@ -293,6 +299,8 @@ class ControlClient:
         sentence asks for an auth key), ControlError."""
         body: dict[str, Any] = {"node_key": node_key.text(), "hostname": hostname, "interactive": True}
         body["wait"] = wait
+        if routable_ips is not None:
+            body["routable_ips"] = list(routable_ips)
         if request_tags:
             body["request_tags"] = list(request_tags)
         if os:
@@ -324,11 +332,14 @@ class ControlClient:
         endpoints: Sequence[Endpoint] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
+        routable_ips: Sequence[str] | None = None,
     ) -> None:
         """Tell the server what changed of this node: its UDP endpoints ("ip:port" / "[ipv6]:port"), its
-        home DERP region id (0: none) and/or its disco public key; pushed to every peer. Raises
-        ControlError."""
+        home DERP region id (0: none), its disco public key and/or the routes it advertises (canonical CIDR
+        text; ``[]``: none); pushed to every peer. Raises ControlError."""
         body: dict[str, Any] = {}
+        if routable_ips is not None:
+            body["routable_ips"] = list(routable_ips)
         if disco_key is not None:
             body["disco_key"] = disco_key.text()
         if endpoints is not None:
@@ -360,12 +371,14 @@ class ControlClient:
         resume: tuple[str, int] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
+        routable_ips: Sequence[str] | None = None,
     ) -> AsyncGenerator[MapMessage, None]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
         (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
         of the last message applied, to get a delta since then instead of a full netmap (the server decides:
         the first message says which). ``home_derp``: this node's home DERP region id (0: none; None: leave
         what the server has). ``disco_key``: this node's disco public key (None: leave what the server has).
+        ``routable_ips``: the routes this node advertises (None: leave what the server has).
 
         Ends with ControlError when the stream breaks, the server closes it, or nothing arrives for
         ``stream_silence`` seconds.
@@ -382,6 +395,8 @@ class ControlClient:
             body["home_derp"] = home_derp
         if disco_key is not None:
             body["disco_key"] = disco_key.text()
+        if routable_ips is not None:
+            body["routable_ips"] = list(routable_ips)
         req = proto.seal_request(self.machine_key, server_key, "/machine/map", body, now=self.clock())
         opener = proto.StreamOpener(self.machine_key, server_key, req.nonce_id)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.stream_silence)
@@ -424,6 +439,7 @@ class ControlClient:
         *,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
+        routable_ips: Sequence[str] | None = None,
     ) -> AsyncGenerator[NetMap, None]:
         """Open the map stream and yield the full netmap after each message the server sends: the netmap
         first, then the netmap with each delta applied (keepalives are consumed here).
@@ -438,7 +454,13 @@ class ControlClient:
         resume = None if state is None else (state.generation, state.version)
         first = True
         async for msg in self.stream_messages(
-            node_key, endpoints, hostname, resume=resume, home_derp=home_derp, disco_key=disco_key
+            node_key,
+            endpoints,
+            hostname,
+            resume=resume,
+            home_derp=home_derp,
+            disco_key=disco_key,
+            routable_ips=routable_ips,
         ):
             if first and msg.type == "netmap":
                 state = None  # the server could not resume: start over

@@ -36,6 +36,7 @@ from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules
+from tailpy.daemon.router import FORWARDING_RECORD, Router, RouterConfig, tailnet_routes
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
@@ -142,6 +143,8 @@ class Backend:
         self._userspace = userspace
         self._configure_os = configure_os and not userspace
         self.device: DataPlane | None = None
+        self.router: Router | None = None  # the host's routes into the TUN (made with a TUN device)
+        self._tun_addresses: tuple[str, ...] = ()  # the addresses on the TUN, for the router
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
         self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
@@ -732,6 +735,29 @@ class Backend:
             cast(UserspaceDataPlane, self.device).set_addresses(addresses)
         elif self._configure_os:
             netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
+            self._tun_addresses = tuple(netconf.tun_addresses(addresses, self._mtu))
+            self.apply_routes()
+
+    def router_config(self) -> RouterConfig | None:
+        """The host's routing for the TUN now (None: no TUN, or the host is not configured)."""
+        if self.device is None or self.router is None:
+            return None
+        return RouterConfig(
+            tun=self.device.tun_name,
+            addresses=self._tun_addresses,
+            routes=tailnet_routes(self._tun_addresses),
+        )
+
+    def apply_routes(self) -> None:
+        """Give the router the configuration of :meth:`router_config` (call when the netmap or the prefs
+        change). A failure is logged; the next call retries."""
+        cfg = self.router_config()
+        if cfg is None or self.router is None:
+            return
+        try:
+            self.router.set(cfg)
+        except TailpyError as e:
+            log.error("routes: %s", e)
 
     @property
     def tun_name(self) -> str | None:
@@ -769,6 +795,8 @@ class Backend:
             self.conn.start()
             if self.firewall is not None and self._configure_os:
                 self.firewall.install(tun, dev.listen_port)
+            if self._configure_os:
+                self.router = Router(tun, firewall=self.firewall, record=self.store.dir / FORWARDING_RECORD)
         return self.device
 
     def set_netfilter_mode(self, mode: str) -> None:
@@ -779,6 +807,10 @@ class Backend:
             self.changed.set()
 
     def _close_device(self) -> None:
+        router, self.router = self.router, None
+        if router is not None:
+            router.close()  # before the TUN goes: its routes are deleted, not just gone
+        self._tun_addresses = ()
         if self.firewall is not None:
             self.firewall.remove()
         if self.dns is not None:

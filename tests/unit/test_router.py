@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +29,7 @@ from tailpy.daemon import netfilter
 from tailpy.daemon.router import (
     BYPASS_MARK,
     FORWARDING_RECORD,
+    PlanRouter,
     Router,
     RouterConfig,
     cleanup_leftovers,
@@ -211,6 +213,13 @@ def test_exit_node_routes_into_the_tun_and_marked_traffic_takes_the_main_table(
     assert "via 203.0.113.2 dev inet" in _route_get(a, "198.51.100.7")
     assert "dev inet" in _route_get(a, "203.0.113.7", "mark", hex(BYPASS_MARK))
     assert "dev inet" in _route_get(a, "2001:db8:5::7", "mark", hex(BYPASS_MARK))
+    # Strict reverse-path filtering would drop the replies to the underlay traffic: a warning says so.
+    assert ns(router.warnings) == []
+    a.sysctl(net__ipv4__conf__inet__rp_filter=1)
+    [warning] = ns(router.warnings)
+    assert "rp_filter=1) on inet drops the replies" in warning
+    a.sysctl(net__ipv4__conf__inet__rp_filter=2)
+    assert ns(router.warnings) == []
     # Idempotent; and switching the exit node off removes only its routes.
     during = _snapshot(a)
     ns(router.set, RouterConfig(EXIT.tun, EXIT.addresses, EXIT.routes, local_routes=("198.51.100.0/24",)))
@@ -291,6 +300,32 @@ def test_cleanup_after_a_crash_restores_routing_and_forwarding(
     assert a.run(["ip", "-4", "route", "show", "table", "52"]).stdout == ""
     assert a.run(["ip", "-6", "route", "show", "table", "52"]).stdout == ""
     assert ns(cleanup_leftovers, TUN, record) == []  # nothing more to do
+
+
+@dataclass(frozen=True)
+class Plan:
+    routes: tuple[str, ...]
+    local_routes: tuple[str, ...] = ()
+    subnet_routes: tuple[str, ...] = ()
+    snat_subnet_routes: bool = True
+
+
+@pytest.mark.lab
+def test_a_plan_router_leaves_ipv6_out_of_a_tun_below_1280_bytes(node: tuple[Host, Host, InNetns]) -> None:
+    a, _, ns = node
+    before = _snapshot(a)
+    small = PlanRouter(TUN, mtu=1200)
+    ns(small.apply, ADDRS, Plan(EXIT.routes))
+    assert "default dev tpy0" in a.run(["ip", "-4", "route", "show", "table", "52"]).stdout
+    assert a.run(["ip", "-6", "route", "show", "table", "52"], check=False).stdout == ""
+    assert "lookup 52" not in a.run(["ip", "-6", "rule"]).stdout
+    ns(small.close)
+    assert _snapshot(a) == before
+    full = PlanRouter(TUN, mtu=1280)
+    ns(full.apply, ADDRS, Plan(EXIT.routes))
+    assert "default dev tpy0" in a.run(["ip", "-6", "route", "show", "table", "52"]).stdout
+    ns(full.close)
+    assert _snapshot(a) == before
 
 
 @pytest.mark.lab

@@ -36,8 +36,9 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from tailpy.daemon.netconf import TAILNET_V4, TAILNET_V6, _ip
+from tailpy.daemon.netconf import TAILNET_V4, TAILNET_V6, _ip, tun_addresses
 from tailpy.daemon.netfilter import Firewall
 from tailpy.errors import ConfigError, DeviceError, TailpyError
 
@@ -185,6 +186,25 @@ def _del_rules(version: int) -> bool:
     return found
 
 
+def strict_rp_filter(exclude: tuple[str, ...] = ()) -> list[str]:
+    """Interfaces (not ``lo``, not ``exclude``) whose effective IPv4 ``rp_filter`` is 1 (strict): the
+    larger of ``conf.all`` and the interface's own (ip-sysctl.rst)."""
+    root = Path("/proc/sys/net/ipv4/conf")
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except OSError:
+        return []
+
+    def value(name: str) -> int:
+        try:
+            return int((root / name / "rp_filter").read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    every = value("all")
+    return [n for n in names if n not in ("all", "default", "lo", *exclude) and max(every, value(n)) == 1]
+
+
 def _read_sysctl(key: str) -> str | None:
     try:
         return Path("/proc/sys", *key.split(".")).read_text().strip()
@@ -216,6 +236,7 @@ class Router:
         self._rules: set[int] = set()  # IP versions whose rules this router made sure of
         self._saved: dict[str, str] = {}  # forwarding sysctl -> its value before this router set it
         self._config: RouterConfig | None = None
+        self.error = ""  # the last failure of :meth:`set`, one sentence ("" none)
 
     @property
     def config(self) -> RouterConfig | None:
@@ -258,8 +279,30 @@ class Router:
                 forward=bool(served), masquerade=bool(served) and cfg.snat_subnet_routes
             )
         self._config = cfg
+        self.error = errors[0] if errors else ""
         if errors:
             raise DeviceError(errors[0])
+
+    def warnings(self) -> list[str]:
+        """What keeps the routing in force from working, one sentence each: the last :meth:`set` failure,
+        and, while an exit node takes the default route, interfaces with strict reverse-path filtering
+        (``rp_filter`` 1, ip-sysctl.rst), which drop the replies to this node's own underlay traffic
+        because the reverse lookup (without the bypass mark) finds the tunnel (Tailscale
+        ``net/netutil.CheckReversePathFiltering``)."""
+        out = [f"routes: {self.error}"] if self.error else []
+        cfg = self._config
+        if cfg is not None and any(
+            p.prefixlen == 0 and p.version == 4 for p in _prefixes(cfg.routes, "route")
+        ):
+            strict = strict_rp_filter(exclude=(self.tun,))
+            if strict:
+                names = ", ".join(strict)
+                out.append(
+                    f"strict reverse-path filtering (rp_filter=1) on {names} drops the replies to this "
+                    "node's control, DERP and WireGuard traffic while an exit node is in use; set "
+                    "net.ipv4.conf.all.rp_filter and theirs to 2 (loose)"
+                )
+        return out
 
     def close(self) -> None:
         """Undo everything this router did: its routes, its rules (left while another router's routes are
@@ -343,6 +386,59 @@ class Router:
             log.warning("router: cannot write %s: %s", self.record, e)
 
 
+class RoutePlan(Protocol):
+    """The parts of a :class:`RouterConfig` beyond its TUN and addresses (the daemon's route plan)."""
+
+    @property
+    def routes(self) -> tuple[str, ...]: ...
+    @property
+    def local_routes(self) -> tuple[str, ...]: ...
+    @property
+    def subnet_routes(self) -> tuple[str, ...]: ...
+    @property
+    def snat_subnet_routes(self) -> bool: ...
+
+
+class PlanRouter:
+    """A :class:`Router` driven by the node's addresses and a :class:`RoutePlan`, for a TUN of ``mtu``
+    bytes (below 1280 it carries no IPv6, and IPv6 routes are left out: :func:`tailpy.daemon.netconf.
+    tun_addresses`). ``apply`` is idempotent (DeviceError, one sentence); what keeps the routing from
+    working (:meth:`Router.warnings`) is logged when it changes. ``firewall`` and ``record`` as
+    :class:`Router`."""
+
+    def __init__(
+        self, tun: str, *, mtu: int, firewall: Firewall | None = None, record: Path | None = None
+    ) -> None:
+        self.router = Router(tun, firewall=firewall, record=record)
+        self.mtu = mtu
+        self._warned: list[str] = []
+
+    def apply(self, addresses: tuple[str, ...], plan: RoutePlan) -> None:
+        cfg = RouterConfig(
+            tun=self.router.tun,
+            addresses=tuple(tun_addresses(list(addresses), self.mtu)),
+            routes=tuple(plan.routes),
+            local_routes=tuple(plan.local_routes),
+            subnet_routes=tuple(plan.subnet_routes),
+            snat_subnet_routes=plan.snat_subnet_routes,
+        )
+        try:
+            self.router.set(cfg)
+        finally:
+            warnings = self.router.warnings()
+            for w in warnings:
+                if w not in self._warned:
+                    log.warning("router: %s", w)
+            self._warned = warnings
+
+    def warnings(self) -> list[str]:
+        return self.router.warnings()
+
+    def close(self) -> None:
+        self.router.close()
+        self._warned = []
+
+
 def cleanup_leftovers(tun: str, record: Path | None = None) -> list[str]:
     """Undo what the router of a dead tailpyd with TUN ``tun`` left: table 52's routes through ``tun``
     (there when the TUN was persistent), then, once no route of table 52 goes through any interface (no
@@ -388,8 +484,11 @@ __all__ = [
     "ROUTE_TABLE",
     "RULE_PREFS",
     "SUBNET_ROUTE_MARK",
+    "PlanRouter",
+    "RoutePlan",
     "Router",
     "RouterConfig",
     "cleanup_leftovers",
+    "strict_rp_filter",
     "tailnet_routes",
 ]

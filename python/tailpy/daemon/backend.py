@@ -36,7 +36,7 @@ from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules
-from tailpy.daemon.router import FORWARDING_RECORD, Router, RouterConfig, tailnet_routes
+from tailpy.daemon.router import FORWARDING_RECORD, PlanRouter, RouterConfig, tailnet_routes
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
@@ -143,8 +143,7 @@ class Backend:
         self._userspace = userspace
         self._configure_os = configure_os and not userspace
         self.device: DataPlane | None = None
-        self.router: Router | None = None  # the host's routes into the TUN (made with a TUN device)
-        self._tun_addresses: tuple[str, ...] = ()  # the addresses on the TUN, for the router
+        self.router: PlanRouter | None = None  # the host's routes into the TUN (made with a TUN device)
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
         self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
@@ -735,29 +734,18 @@ class Backend:
             cast(UserspaceDataPlane, self.device).set_addresses(addresses)
         elif self._configure_os:
             netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
-            self._tun_addresses = tuple(netconf.tun_addresses(addresses, self._mtu))
-            self.apply_routes()
+            self._apply_router(tuple(addresses))
 
-    def router_config(self) -> RouterConfig | None:
-        """The host's routing for the TUN now (None: no TUN, or the host is not configured)."""
-        if self.device is None or self.router is None:
-            return None
-        return RouterConfig(
-            tun=self.device.tun_name,
-            addresses=self._tun_addresses,
-            routes=tailnet_routes(self._tun_addresses),
-        )
-
-    def apply_routes(self) -> None:
-        """Give the router the configuration of :meth:`router_config` (call when the netmap or the prefs
-        change). A failure is logged; the next call retries."""
-        cfg = self.router_config()
-        if cfg is None or self.router is None:
+    def _apply_router(self, addresses: tuple[str, ...]) -> None:
+        """The host's routing for the TUN (:class:`tailpy.daemon.router.PlanRouter`): the tailnet ranges
+        into it. A failure is logged; the next call retries."""
+        if self.router is None or self.device is None:
             return
+        plan = RouterConfig(self.device.tun_name, addresses, tailnet_routes(addresses))
         try:
-            self.router.set(cfg)
+            self.router.apply(addresses, plan)
         except TailpyError as e:
-            log.error("routes: %s", e)
+            log.error("routing: %s", e)
 
     @property
     def tun_name(self) -> str | None:
@@ -796,7 +784,8 @@ class Backend:
             if self.firewall is not None and self._configure_os:
                 self.firewall.install(tun, dev.listen_port)
             if self._configure_os:
-                self.router = Router(tun, firewall=self.firewall, record=self.store.dir / FORWARDING_RECORD)
+                record = self.store.dir / FORWARDING_RECORD
+                self.router = PlanRouter(tun, mtu=self._mtu, firewall=self.firewall, record=record)
         return self.device
 
     def set_netfilter_mode(self, mode: str) -> None:
@@ -810,7 +799,6 @@ class Backend:
         router, self.router = self.router, None
         if router is not None:
             router.close()  # before the TUN goes: its routes are deleted, not just gone
-        self._tun_addresses = ()
         if self.firewall is not None:
             self.firewall.remove()
         if self.dns is not None:

@@ -206,6 +206,9 @@ class MeshPeer:
         liveness = asyncio.get_running_loop().create_task(self._liveness(client))
         try:
             await client.watch_conns()
+            # Frames are handled in order: a Pong means the server took WatchConns (a server with another
+            # mesh key closes the connection instead).
+            await client.ping(timeout=self.ping_timeout)
             self.connects += 1
             self._up.set()
             m.mesh_peers_connected += 1
@@ -225,6 +228,8 @@ class MeshPeer:
             return reason or "closed by the peer (a different mesh key refuses WatchConns)"
         except DerpClientError as e:
             return str(e)
+        except asyncio.TimeoutError:
+            return f"no Pong within {self.ping_timeout:g} s after WatchConns"
         finally:
             if self._up.is_set():
                 m.mesh_peers_connected -= 1

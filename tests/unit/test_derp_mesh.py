@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -97,7 +98,7 @@ def test_peer_present_as_derper_sends_it() -> None:
     assert int(proto.PeerPresentFlags.MESH_PEER) == 2 and int(proto.PeerPresentFlags.NOT_IDEAL) == 8
 
 
-def test_mesh_key_text(tmp_path: os.PathLike[str]) -> None:
+def test_mesh_key_text(tmp_path: Path) -> None:
     assert proto.parse_mesh_key(" " + MESH_KEY.hex() + "\n") == MESH_KEY
     for bad in ("", "ab" * 31, "zz" * 32, "ab" * 33):
         with pytest.raises(ParseError):
@@ -105,8 +106,6 @@ def test_mesh_key_text(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "mesh.key")
     with open(path, "w") as f:
         f.write(MESH_KEY.hex() + "\n")
-    from pathlib import Path
-
     assert read_mesh_key(Path(path)) == MESH_KEY
     with open(path, "w") as f:
         f.write("not a key")
@@ -366,3 +365,43 @@ async def test_relay_stopped_clients_move_and_reach_the_rest(region: Region) -> 
     await x.send(ya.public_key, b"x to a")
     assert (await recv_packet(ya)).data == b"x to a"
     assert b.metrics.mesh_peers_connected == 1  # c is gone
+
+
+async def test_local_client_wins_over_the_mesh(region: Region) -> None:
+    """The same key on two relays (a client moving, or a cloned key): a relay delivers to its own
+    connection of that key, not through the mesh (derpserver ``lookupDest``)."""
+    await region.start(2)
+    await region.connected()
+    a = region.servers[0]
+    key = NodePrivate.generate()
+    on_b = await DerpClient.connect(region.urls[1], key)
+    region.clients.append(on_b)
+    await eventually(lambda: a.relay.forwarders(key.public))
+    on_a = await DerpClient.connect(region.urls[0], key)
+    region.clients.append(on_a)
+    sender = await region.client(0)
+    await sender.send(key.public, b"local")
+    assert (await recv_packet(on_a)).data == b"local"
+    assert a.metrics.packets_forwarded_out == 0
+    await on_a.close()  # the key is still in the region (on b): no PeerGone, packets go through the mesh
+    await eventually(lambda: not a.relay.connections(key.public))
+    await sender.send(key.public, b"remote")
+    assert (await recv_packet(on_b)).data == b"remote"
+    assert a.metrics.packets_forwarded_out == 1
+
+
+def test_cli_mesh_flags_errors_are_one_sentence(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tailpy.cli.main import cli
+
+    runner = CliRunner()
+    base = ["derp", "serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--no-stun"]
+    r = runner.invoke(cli, [*base, "--mesh-with", "127.0.0.1:1"])
+    assert r.exit_code == 1 and "--mesh-with needs --mesh-psk-file" in r.output
+    bad = tmp_path / "bad.key"
+    bad.write_text("secret\n")
+    r = runner.invoke(cli, [*base, "--mesh-with", "127.0.0.1:1", "--mesh-psk-file", str(bad)])
+    assert r.exit_code == 1 and "must be 64 hexadecimal digits" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["derp", "serve", "--help"])
+    assert "--mesh-with" in r.output and "--mesh-psk-file" in r.output

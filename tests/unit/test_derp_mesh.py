@@ -405,3 +405,24 @@ def test_cli_mesh_flags_errors_are_one_sentence(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "must be 64 hexadecimal digits" in r.output and "Traceback" not in r.output
     r = runner.invoke(cli, ["derp", "serve", "--help"])
     assert "--mesh-with" in r.output and "--mesh-psk-file" in r.output
+
+
+async def test_watcher_gets_every_client_connected_before_it(region: Region) -> None:
+    """The first PeerPresent burst lists every client (more than the 64 control frames a plain client may
+    have waiting): none is dropped."""
+    await region.start(1)
+    clients = [await region.client(0) for _ in range(150)]
+    watcher = await DerpClient.connect(region.urls[0], NodePrivate.generate(), mesh_key=MESH_KEY)
+    region.clients.append(watcher)
+    await watcher.watch_conns()
+    want = {c.public_key for c in clients} | {watcher.public_key}
+    seen: set[NodePublic] = set()
+
+    async def read() -> None:
+        while not want <= seen:
+            m = await watcher.recv()
+            if isinstance(m, proto.PeerPresent):
+                seen.add(m.key)
+
+    await asyncio.wait_for(read(), 10)
+    assert seen == want

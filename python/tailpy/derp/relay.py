@@ -16,7 +16,7 @@ frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is c
 * SendPacket → RecvPacket on the destination's active connection, through that connection's send queue of at
   most ``queue_depth`` packets; when it is full the OLDEST queued packet is dropped (``queue_head``), so a
   slow reader loses its own stale packets and never stalls the sender or anyone else. A write that does not
-  drain within ``write_timeout`` seconds closes that connection.
+  drain within ``write_timeout`` seconds (a mesh peer's: :data:`MESH_WRITE_TIMEOUT`) closes that connection.
 * An unknown destination: the packet is dropped (``unknown_dest``) and the sender gets PeerGone "not here",
   at most 3 at once and 1 per second after that per sending connection (a token bucket, as derpserver's
   ``peerGoneLim``). When a key's last connection closes, connections that received packets from it get
@@ -118,6 +118,11 @@ _WRITE_BUFFER = 1 << 17
 MESH_QUEUE_FRAMES = 1 << 20
 """Most PeerPresent/PeerGone frames waiting for one mesh peer (derpserver's ``peerStateChange`` has no bound;
 one per client key, so this bounds only a runaway)."""
+
+
+MESH_WRITE_TIMEOUT = 30.0
+"""Seconds a write to a mesh peer may take before its connection is closed, at least (derpserver's
+``privilegedWriteTimeout``: a peer being sent the PeerPresent of every client gets more time)."""
 
 
 class Forwarder(Protocol):
@@ -286,7 +291,9 @@ class Conn:
             if self._packets:
                 self._wake.set()
             try:
-                await asyncio.wait_for(w.drain(), s.write_timeout)
+                await asyncio.wait_for(
+                    w.drain(), max(s.write_timeout, MESH_WRITE_TIMEOUT) if self.can_mesh else s.write_timeout
+                )
             except asyncio.TimeoutError:
                 s.metrics.disconnects["write_timeout"] += 1
                 self._drop_queue()

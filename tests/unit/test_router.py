@@ -224,6 +224,9 @@ def test_exit_node_routes_into_the_tun_and_marked_traffic_takes_the_main_table(
     during = _snapshot(a)
     ns(router.set, RouterConfig(EXIT.tun, EXIT.addresses, EXIT.routes, local_routes=("198.51.100.0/24",)))
     assert _snapshot(a) == during
+    a.run(["ip", "-6", "rule", "del", "pref", "5270"])  # as systemd-networkd may: the next set puts it back
+    ns(router.set, RouterConfig(EXIT.tun, EXIT.addresses, EXIT.routes, local_routes=("198.51.100.0/24",)))
+    assert _snapshot(a) == during
     ns(router.set, RouterConfig(TUN, ADDRS, tailnet_routes(ADDRS)))
     assert "dev inet" in _route_get(a, "203.0.113.7")
     assert " dev tpy0 table 52" in _route_get(a, "100.101.102.103")

@@ -261,8 +261,8 @@ class Router:
             except TailpyError as e:
                 errors.append(str(e))
 
-        for version in (4, 6):
-            if version not in self._rules and (version == 4 or v6):
+        for version in (4, 6):  # checked each time: another program (systemd-networkd) may delete them
+            if version == 4 or v6:
                 attempt(self._add_rules, version)
         for p in sorted(throw - self._throw, key=str):
             attempt(self._add_throw, p)

@@ -296,10 +296,11 @@ def test_cleanup_after_a_crash_restores_routing_and_forwarding(
     assert "5270" in a.run(["ip", "rule"]).stdout and _snapshot(a)["forward"].split() == ["1", "1"]
     done = ns(cleanup_leftovers, TUN, record)
     assert "restored net.ipv4.ip_forward = 0" in done and any("policy routing rules" in d for d in done)
-    after = _snapshot(a)
-    assert {k: v for k, v in after.items() if not k.startswith("routes")} == {
-        k: v for k, v in before.items() if not k.startswith("routes")
-    }
+
+    def without_the_tun(snapshot: dict[str, str]) -> dict[str, str]:
+        return {k: "".join(ln for ln in v.splitlines(True) if TUN not in ln) for k, v in snapshot.items()}
+
+    assert without_the_tun(_snapshot(a)) == without_the_tun(before)
     assert a.run(["ip", "-4", "route", "show", "table", "52"]).stdout == ""
     assert a.run(["ip", "-6", "route", "show", "table", "52"]).stdout == ""
     assert ns(cleanup_leftovers, TUN, record) == []  # nothing more to do
@@ -427,3 +428,57 @@ def test_marked_sockets_leave_through_the_host_while_an_exit_node_takes_everythi
         bypass.set_mark(None)
         ns(router.close)
     assert (line, mark, body) == (b"over-the-underlay\n", BYPASS_MARK, "marked")
+
+
+_SOURCE_OF = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("203.0.113.2", 9998))
+print("ready", flush=True)
+s.settimeout(60)
+for _ in range(2):
+    _, (source, _) = s.recvfrom(100)
+    print(source, flush=True)
+"""
+
+
+@pytest.mark.lab
+def test_a_subnet_router_forwards_from_the_tunnel_masquerading_unless_told_not_to(lab: Lab) -> None:
+    """Packets from a tailnet address arriving on the TUN reach the LAN behind the router: with the
+    router's LAN address as their source (SNAT, the default), or their own (``snat_subnet_routes`` off)."""
+    a, b, peer = lab.host("a"), lab.host("b"), lab.host("peer")
+    lab.lan("inet", [a, b], subnet="203.0.113.0/24")
+    lab.link(a, peer, subnet="198.51.100.0/30", ifname=TUN)  # the TUN: tailnet packets come out of it
+    peer.run(["ip", "addr", "add", "100.64.0.2/32", "dev", TUN])
+    peer.run(["ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1", "src", "100.64.0.2"])
+    a.sysctl(net__ipv4__ip_forward=0)
+    sink = b.popen([sys.executable, "-c", _SOURCE_OF], stdout=subprocess.PIPE)
+    _ready(sink)
+    assert sink.stdout is not None
+    send = [sys.executable, "-c", "import socket; socket.socket(2, 2).sendto(b'x', ('203.0.113.2', 9998))"]
+    ns = InNetns(a)
+    fw = netfilter.Firewall("on")
+    router = Router(TUN, firewall=fw)
+    try:
+        ns(fw.install, TUN, 41641)
+        ns(
+            router.set,
+            RouterConfig(TUN, ("100.64.0.1/32",), ("100.64.0.0/10",), subnet_routes=("203.0.113.0/24",)),
+        )
+        peer.run(send)
+        assert sink.stdout.readline().strip() == "203.0.113.1"  # masqueraded
+        no_snat = RouterConfig(
+            TUN,
+            ("100.64.0.1/32",),
+            ("100.64.0.0/10",),
+            subnet_routes=("203.0.113.0/24",),
+            snat_subnet_routes=False,
+        )
+        ns(router.set, no_snat)
+        a.run(["conntrack", "-F"], check=False)  # the flow above keeps its mapping otherwise
+        peer.run(send)
+        assert sink.stdout.readline().strip() == "100.64.0.2"  # the tailnet source kept
+    finally:
+        ns(router.close)
+        ns(fw.remove)
+        ns.close()

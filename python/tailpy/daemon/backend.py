@@ -36,7 +36,7 @@ from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules
-from tailpy.daemon.router import FORWARDING_RECORD, PlanRouter, RouterConfig, tailnet_routes
+from tailpy.daemon.router import PlanRouter, RouterConfig, tailnet_routes
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
@@ -115,7 +115,8 @@ class Backend:
     firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
     running event loop. ``userspace``: the device is a userspace one (its stack gets the node's addresses;
     the host is left alone whatever ``configure_os`` says, but its interfaces are still read for this
-    node's endpoints)."""
+    node's endpoints). ``router_factory``: the host's routing into the TUN (:class:`tailpy.daemon.router.
+    PlanRouter` in tailpyd; None, and in userspace mode: no route into the TUN is made)."""
 
     USERSPACE_TUN = "userspace-networking"
     """What status shows as the TUN of a userspace node (tailscaled's ``--tun`` value for it)."""
@@ -131,6 +132,7 @@ class Backend:
         dns: DNSManager | None = None,
         firewall: Firewall | None = None,
         userspace: bool = False,
+        router_factory: Callable[[str], PlanRouter] | None = None,
     ) -> None:
         self.store = store
         self.dns = dns
@@ -143,7 +145,8 @@ class Backend:
         self._userspace = userspace
         self._configure_os = configure_os and not userspace
         self.device: DataPlane | None = None
-        self.router: PlanRouter | None = None  # the host's routes into the TUN (made with a TUN device)
+        self._router_factory = None if userspace else router_factory
+        self._router: PlanRouter | None = None
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
         self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
@@ -734,16 +737,20 @@ class Backend:
             cast(UserspaceDataPlane, self.device).set_addresses(addresses)
         elif self._configure_os:
             netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
-            self._apply_router(tuple(addresses))
+            self._apply_router()  # the tailnet ranges into the TUN (table 52), also before a netmap
 
-    def _apply_router(self, addresses: tuple[str, ...]) -> None:
-        """The host's routing for the TUN (:class:`tailpy.daemon.router.PlanRouter`): the tailnet ranges
-        into it. A failure is logged; the next call retries."""
-        if self.router is None or self.device is None:
+    def _apply_router(self) -> None:
+        """The host's routing into the TUN (the router of ``router_factory``): the tailnet ranges. A failure
+        is logged; the next call retries."""
+        if self._router_factory is None or self.device is None:
             return
-        plan = RouterConfig(self.device.tun_name, addresses, tailnet_routes(addresses))
+        addresses = tuple(self.state_data.addresses)
         try:
-            self.router.apply(addresses, plan)
+            if self._router is None:
+                self._router = self._router_factory(self.device.tun_name)
+            self._router.apply(
+                addresses, RouterConfig(self.device.tun_name, addresses, tailnet_routes(addresses))
+            )
         except TailpyError as e:
             log.error("routing: %s", e)
 
@@ -783,9 +790,6 @@ class Backend:
             self.conn.start()
             if self.firewall is not None and self._configure_os:
                 self.firewall.install(tun, dev.listen_port)
-            if self._configure_os:
-                record = self.store.dir / FORWARDING_RECORD
-                self.router = PlanRouter(tun, mtu=self._mtu, firewall=self.firewall, record=record)
         return self.device
 
     def set_netfilter_mode(self, mode: str) -> None:
@@ -796,9 +800,9 @@ class Backend:
             self.changed.set()
 
     def _close_device(self) -> None:
-        router, self.router = self.router, None
+        router, self._router = self._router, None
         if router is not None:
-            router.close()  # before the TUN goes: its routes are deleted, not just gone
+            router.close()  # the host's routes and rules back as they were, before the TUN goes
         if self.firewall is not None:
             self.firewall.remove()
         if self.dns is not None:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, cast
 
 import click
@@ -19,7 +20,7 @@ from tailpy.daemon.backend import Backend
 from tailpy.daemon.cleanup import cleanup
 from tailpy.daemon.client import default_socket, default_state_dir
 from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, DaemonLock, RunRecord
-from tailpy.daemon.router import BYPASS_MARK
+from tailpy.daemon.router import BYPASS_MARK, FORWARDING_RECORD, PlanRouter
 from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
@@ -102,13 +103,20 @@ async def run(
         from tailpy.dns.manager import DNSManager
 
         dns = DNSManager(state_dir) if magicdns else None
+        firewall = netfilter.Firewall(netfilter_mode)
+        record = Path(state_dir) / FORWARDING_RECORD
+
+        def router_factory(tun_name: str) -> PlanRouter:
+            return PlanRouter(tun_name, mtu=mtu, firewall=firewall, record=record)
+
         backend = Backend(
             StateStore(state_dir),
             factory,
             tun_mtu=mtu,
             rotate_before=rotate_before,
             dns=dns,
-            firewall=netfilter.Firewall(netfilter_mode),
+            firewall=firewall,
+            router_factory=router_factory,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

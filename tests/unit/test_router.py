@@ -35,7 +35,7 @@ from tailpy.daemon.router import (
     cleanup_leftovers,
     tailnet_routes,
 )
-from tailpy.errors import ConfigError
+from tailpy.errors import ConfigError, DeviceError
 from tailpy.lab import Host, Lab
 
 T = TypeVar("T")
@@ -344,6 +344,21 @@ def test_cleanup_leaves_another_live_routers_table(node: tuple[Host, Host, InNet
     assert a.run(["ip", "rule"]).stdout == rules and "dev tpy1" in _route_get(a, "100.64.0.5")
     ns(live.close)
     assert "5270" not in a.run(["ip", "rule"]).stdout
+
+
+@pytest.mark.lab
+def test_a_route_the_kernel_refuses_is_one_sentence_and_a_warning(node: tuple[Host, Host, InNetns]) -> None:
+    a, _, ns = node
+    before = _snapshot(a)
+    router = Router("gone0")  # no such interface
+    with pytest.raises(DeviceError, match=r"^cannot route 100\.64\.0\.0/10 into gone0: Cannot find device"):
+        ns(router.set, RouterConfig("gone0", ("100.64.0.1/32",), ("100.64.0.0/10",), ("198.51.100.0/24",)))
+    assert "throw 198.51.100.0/24" in a.run(["ip", "route", "show", "table", "52"]).stdout  # the rest applied
+    assert ns(router.warnings) == [
+        'routes: cannot route 100.64.0.0/10 into gone0: Cannot find device "gone0"'
+    ]
+    ns(router.close)
+    assert _snapshot(a) == before
 
 
 _UDP_SINK = """

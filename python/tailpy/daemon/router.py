@@ -33,6 +33,9 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +103,21 @@ def _prefixes(values: Iterable[str], what: str) -> set[IPNetwork]:
         except ValueError:
             raise ConfigError(f"{what} {v!r} is not an IP prefix such as 198.51.100.0/24") from None
     return out
+
+
+_BATCH_FAILED = re.compile(r"^(?:Error: )?(.*?)\n?Command failed \S*:(\d+)$", re.M)
+
+
+def _ip_batch(lines: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``ip -force -batch -`` with ``lines`` (every one is run, whatever the others do; each failure
+    is reported on stderr as "Command failed -:<line>"). ConfigError when ``ip`` is missing."""
+    exe = shutil.which("ip")
+    if exe is None:
+        raise ConfigError("`ip` not found: install iproute2")
+    script = "".join(f"{line}\n" for line in lines)
+    return subprocess.run(
+        [exe, "-force", "-batch", "-"], input=script, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def _fam(version: int) -> str:
@@ -264,14 +282,12 @@ class Router:
         for version in (4, 6):  # checked each time: another program (systemd-networkd) may delete them
             if version == 4 or v6:
                 attempt(self._add_rules, version)
-        for p in sorted(throw - self._throw, key=str):
-            attempt(self._add_throw, p)
-        for p in sorted(routes - self._routes, key=str):
-            attempt(self._add_route, p)
-        for p in sorted(self._routes - routes, key=str):
-            self._del_route(p)
-        for p in sorted(self._throw - throw, key=str):
-            self._del_throw(p)
+        errors += self._change_routes(
+            [("replace", p, True) for p in sorted(throw - self._throw, key=str)]
+            + [("replace", p, False) for p in sorted(routes - self._routes, key=str)]
+            + [("del", p, False) for p in sorted(self._routes - routes, key=str)]
+            + [("del", p, True) for p in sorted(self._throw - throw, key=str)]
+        )
         for version, key in FORWARDING_SYSCTLS.items():
             attempt(self._forwarding, key, any(p.version == version for p in served))
         if self.firewall is not None:
@@ -310,10 +326,10 @@ class Router:
         Idempotent; never raises (failures are logged)."""
         if self.firewall is not None:
             self.firewall.set_routing(forward=False, masquerade=False)
-        for p in sorted(self._routes, key=str):
-            self._del_route(p)
-        for p in sorted(self._throw, key=str):
-            self._del_throw(p)
+        self._change_routes(
+            [("del", p, False) for p in sorted(self._routes, key=str)]
+            + [("del", p, True) for p in sorted(self._throw, key=str)]
+        )
         for key in list(self._saved):
             try:
                 self._forwarding(key, False)
@@ -341,21 +357,35 @@ class Router:
                 _ip(_fam(version), "rule", "add", *_rule_args(pref))
         self._rules.add(version)
 
-    def _add_route(self, p: IPNetwork) -> None:
-        _ip(_fam(p.version), "route", "replace", str(p), "dev", self.tun, "table", str(ROUTE_TABLE))
-        self._routes.add(p)
-
-    def _del_route(self, p: IPNetwork) -> None:
-        _ip(_fam(p.version), "route", "del", str(p), "dev", self.tun, "table", str(ROUTE_TABLE), check=False)
-        self._routes.discard(p)
-
-    def _add_throw(self, p: IPNetwork) -> None:
-        _ip(_fam(p.version), "route", "replace", "throw", str(p), "table", str(ROUTE_TABLE))
-        self._throw.add(p)
-
-    def _del_throw(self, p: IPNetwork) -> None:
-        _ip(_fam(p.version), "route", "del", "throw", str(p), "table", str(ROUTE_TABLE), check=False)
-        self._throw.discard(p)
+    def _change_routes(self, changes: list[tuple[str, IPNetwork, bool]]) -> list[str]:
+        """Apply ``(verb, prefix, throw)`` changes to table 52 ("replace": add or update; "del") in one
+        ``ip -force -batch`` (the family follows from each prefix), and record what took effect. A
+        route that was already gone counts as deleted. Returns one sentence per route that could not be
+        added."""
+        if not changes:
+            return []
+        lines = []
+        for verb, p, throw in changes:
+            target = f"throw {p}" if throw else f"{p} dev {self.tun}"
+            lines.append(f"route {verb} {target} table {ROUTE_TABLE}")
+        try:
+            done = _ip_batch(lines)
+        except ConfigError as e:
+            return [str(e)]
+        failed = {int(n) - 1: why for why, n in _BATCH_FAILED.findall(done.stderr)}
+        if done.returncode != 0 and not failed:  # ip stopped early: nothing is known to have worked
+            why = (done.stderr.strip().splitlines() or [f"ip exited with status {done.returncode}"])[-1]
+            failed = dict.fromkeys(range(len(changes)), why)
+        errors: list[str] = []
+        for i, (verb, p, throw) in enumerate(changes):
+            kept = self._throw if throw else self._routes
+            if verb == "del":
+                kept.discard(p)
+            elif i in failed:
+                errors.append(f"cannot route {p} {'around' if throw else 'into'} {self.tun}: {failed[i]}")
+            else:
+                kept.add(p)
+        return errors
 
     def _forwarding(self, key: str, on: bool) -> None:
         """Turn forwarding sysctl ``key`` on (remembering what it was), or back to what it was."""

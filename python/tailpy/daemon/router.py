@@ -195,13 +195,11 @@ def _route_args(r: dict[str, object], version: int) -> list[str]:
 def _del_rules(version: int) -> bool:
     """Delete tailpy's rules of IP ``version`` (5270 first: the table stops being used before the bypass
     rules go); whether there were any."""
-    found = False
+    ours = [r.get("priority") for r in _rules(version) or [] if _is_ours(r)]
     for pref in reversed(RULE_PREFS):
-        for r in _rules(version) or []:
-            if r.get("priority") == pref and _is_ours(r):
-                _ip(_fam(version), "rule", "del", *_rule_args(pref), check=False)
-                found = True
-    return found
+        for _ in range(ours.count(pref)):
+            _ip(_fam(version), "rule", "del", *_rule_args(pref), check=False)
+    return bool(ours)
 
 
 def strict_rp_filter(exclude: tuple[str, ...] = ()) -> list[str]:

@@ -240,7 +240,7 @@ class Mapper:
         """Feed ``node``'s eligibility to the election: the subnet routes it serves while it is online and
         its key valid. Returns the ids of the nodes whose primary routes changed."""
         eligible = node_served(node) if node.online and not node.expired else ()
-        return self.primary.set(node.id, eligible)
+        return self.primary.update(node.id, eligible)
 
     def _store(self, node: Node) -> None:
         """Keep ``node`` as the record streams are told (encoded once; reduced encodings dropped)."""

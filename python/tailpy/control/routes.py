@@ -51,7 +51,7 @@ def allowed_ips(addresses: Iterable[str], primary: Iterable[str], exit_node: boo
 
 
 class PrimaryRoutes:
-    """The primary router of each subnet prefix. Feed it each node's *eligible* routes with :meth:`set`
+    """The primary router of each subnet prefix. Feed it each node's *eligible* routes with :meth:`update`
     (the subnet routes it serves when it is online and its key valid, else none) and :meth:`remove`
     departed nodes; both return the ids of the nodes whose primary routes changed (publish their records).
     O(changed prefixes x routers of a prefix) per call."""
@@ -62,7 +62,7 @@ class PrimaryRoutes:
         self._primary: dict[str, int] = {}  # prefix -> primary node
         self._of: dict[int, set[str]] = {}  # node -> prefixes it is primary for
 
-    def set(self, node_id: int, eligible: Iterable[str]) -> set[int]:
+    def update(self, node_id: int, eligible: Iterable[str]) -> set[int]:
         """Node ``node_id`` may now serve exactly the subnet routes ``eligible`` (exit routes are ignored).
         Returns the ids of the nodes whose primary routes changed."""
         new = frozenset(r for r in eligible if not is_exit_route(r))
@@ -88,7 +88,7 @@ class PrimaryRoutes:
 
     def remove(self, node_id: int) -> set[int]:
         """Node ``node_id`` left: it serves nothing. Returns the ids whose primary routes changed."""
-        return self.set(node_id, ())
+        return self.update(node_id, ())
 
     def _elect(self, prefix: str) -> set[int]:
         routers = self._routers.get(prefix, set())
@@ -132,9 +132,10 @@ class PrimaryRoutes:
 
 
 def approver_matches(policy: Policy, approver: str, node: PolicyNode) -> bool:
-    """Whether ``approver`` (an ``autoApprovers`` entry: ``tag:x``, ``group:x``, a user as ``alice@example.com``
-    / ``alice@`` / ``user:…``, ``autogroup:member``, ``autogroup:tagged``, ``*``) names ``node``: a tagged
-    node by its tags only (its owner no longer counts, as in Tailscale), an untagged one by its owner."""
+    """Whether ``approver`` (an ``autoApprovers`` entry: ``tag:x``, ``group:x``, a user as
+    ``alice@example.com`` / ``alice@`` / ``user:…``, ``autogroup:member``, ``autogroup:tagged``, ``*``)
+    names ``node``: a tagged node by its tags only (its owner no longer counts, as in Tailscale), an
+    untagged one by its owner."""
     a = approver.strip()
     lo = a.lower()
     if a == "*":

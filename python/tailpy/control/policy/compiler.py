@@ -943,7 +943,7 @@ def _internet_prefixes() -> tuple[str, ...]:
                 else:
                     nxt.append(n)
             nets = nxt
-        out.extend(sorted(ipaddress.collapse_addresses(nets)))  # type: ignore[arg-type]
+        out.extend(sorted(ipaddress.collapse_addresses(nets)))  # type: ignore[type-var]
     return tuple(map(str, out))
 
 

@@ -528,7 +528,7 @@ class Compiled:
         for j in sorted({*js, *lits}, key=lambda j: (_RANK.get(dsts[j].alias.kind, 9), j)):
             d = dsts[j]
             if j not in js and d.alias.name == INTERNET:  # on an exit node: every internet prefix
-                for text in INTERNET_PREFIXES:
+                for text in INTERNET_DSTS:
                     grouped.setdefault(f"{INTERNET} {text}", (text, []))[1].extend(d.ports)
                 continue
             ip = ("*" if d.alias.kind == "*" else _NODE) if j in js else self._lit_text[i, j]
@@ -917,10 +917,10 @@ _TAILNET_TEXT = ipset.render(ipset.TAILNET)
 INTERNET = "autogroup:internet"
 
 
-def _internet_prefixes() -> tuple[str, ...]:
+def _internet_ranges() -> tuple[ipset.Range, ...]:
     """What ``autogroup:internet`` stands for on an exit node: every IPv4 address and 2000::/3 (global
     unicast) less the private ranges (RFC 1918, fc00::/7), the tailnet's ranges and link-local ones
-    (Headscale's ``util.TheInternet``), as the fewest prefixes, IPv4 first, in address order."""
+    (Headscale's ``util.TheInternet``), merged, IPv4 first, in address order."""
     drop = [
         "10.0.0.0/8",
         "172.16.0.0/12",
@@ -930,25 +930,22 @@ def _internet_prefixes() -> tuple[str, ...]:
         "fe80::/10",
         *TAILNET_RANGES,
     ]
-    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for start in ("0.0.0.0/0", "2000::/3"):
-        nets = [ipaddress.ip_network(start)]
-        for d in map(ipaddress.ip_network, drop):
-            nxt: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-            for n in nets:
-                if n.version == d.version and n.overlaps(d):
-                    if d.subnet_of(n):  # type: ignore[arg-type]
-                        nxt.extend(n.address_exclude(d))  # type: ignore[arg-type]
-                    # (n inside d: dropped whole)
-                else:
-                    nxt.append(n)
-            nets = nxt
-        out.extend(sorted(ipaddress.collapse_addresses(nets)))  # type: ignore[type-var]
-    return tuple(map(str, out))
+    ranges = ipset.merge(ipset.net_range(ipaddress.ip_network(n)) for n in ("0.0.0.0/0", "2000::/3"))
+    for d in drop:
+        ranges = ipset.subtract(ranges, ipset.net_range(ipaddress.ip_network(d)))
+    return ipset.merge(ranges)
 
 
-INTERNET_PREFIXES = _internet_prefixes()
-"""The prefixes an exit node's filter lists for an ``autogroup:internet`` destination."""
+INTERNET_RANGES = _internet_ranges()
+INTERNET_DSTS = tuple(
+    f"{ipaddress.ip_address(lo)}-{ipaddress.ip_address(hi)}"
+    if fam == 4
+    else f"{ipaddress.IPv6Address(lo)}-{ipaddress.IPv6Address(hi)}"
+    for fam, lo, hi in INTERNET_RANGES
+)
+"""An ``autogroup:internet`` destination on an exit node's filter, as Tailscale's control renders it
+(captured in Headscale's ``testdata/routes_results/ROUTES-b11_autogroup_internet_only``): each range
+``first-last``, in address order: ``0.0.0.0-9.255.255.255``, ..., ``2000::-3fff:ffff:...:ffff``."""
 
 
 def _merge(rules: list[FilterRule]) -> tuple[FilterRule, ...]:
@@ -1225,7 +1222,8 @@ def _alias_of(policy: Policy, s: str) -> Alias:
 
 __all__ = [
     "INTERNET",
-    "INTERNET_PREFIXES",
+    "INTERNET_DSTS",
+    "INTERNET_RANGES",
     "Changes",
     "Compiled",
     "check_tests",

@@ -13,10 +13,11 @@ import pytest
 
 from tailpy.control.client import MapMessage, MapState, apply_message
 from tailpy.control.mapper import Mapper
-from tailpy.control.policy import Policy, PolicyError, PolicyNode
+from tailpy.control.policy import Compiled, Policy, PolicyError, PolicyNode
 from tailpy.control.routes import PrimaryRoutes, auto_approved, served_routes
 from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
+from tailpy.packetfilter import filter_to_json
 from tailpy.proto import control as proto
 
 LAN = "198.51.100.0/24"
@@ -307,3 +308,54 @@ def test_a_policy_change_resends_reduced_router_records() -> None:
     m.set_policy(LAN_POLICY)
     alice.drain()
     assert alice.peer(2).allowed_ips == ("100.64.0.2/32", LAN)
+
+
+# --- against Tailscale's control, as captured in Headscale's testdata/routes_results ---
+
+CAPTURE_ROUTERS = [  # (name, tags, address, served routes) of the captures' routers
+    ("big-router", ("tag:router",), "100.97.174.21", ("10.0.0.0/8",)),
+    ("exit-node", ("tag:exit",), "100.85.66.106", EXIT),
+    ("ha-router1", ("tag:ha",), "100.121.186.70", ("192.168.1.0/24",)),
+    ("ha-router2", ("tag:ha",), "100.117.104.82", ("192.168.1.0/24",)),
+    ("multi-router", ("tag:exit", "tag:router"), "100.119.241.111", ("172.16.0.0/24",)),
+    ("subnet-router", ("tag:router",), "100.92.142.61", ("10.33.0.0/16",)),
+    ("user1", (), "100.90.199.68", ()),
+]
+CAPTURE_TAGS = '"tagOwners": {"tag:router": [], "tag:exit": [], "tag:ha": []}'
+ALL_PORTS = {"First": 0, "Last": 65535}
+
+
+def capture_nodes() -> list[PolicyNode]:
+    return [
+        PolicyNode(i, (f"{a}/32",), "user1@" if not tags else "", "", tags, routes)
+        for i, (_, tags, a, routes) in enumerate(CAPTURE_ROUTERS, 1)
+    ]
+
+
+def test_explicit_subnet_destination_lands_on_the_routers_serving_it() -> None:
+    """ROUTES-a3_explicit_subnet_filter_to_router: ``* -> 10.33.0.0/16:*`` reaches the routers whose routes
+    overlap the prefix (10.0.0.0/8 and 10.33.0.0/16), with every served subnet route among the ``*``
+    sources and no exit route."""
+    pol = Policy.parse(
+        "{" + CAPTURE_TAGS + ', "acls": [{"action": "accept", "src": ["*"], "dst": ["10.33.0.0/16:*"]}]}'
+    )
+    c = Compiled(pol, capture_nodes())
+    want = [
+        {
+            "SrcIPs": [
+                "10.0.0.0/8",
+                "10.33.0.0/16",
+                "100.115.94.0-100.127.255.255",
+                "100.64.0.0-100.115.91.255",
+                "172.16.0.0/24",
+                "192.168.1.0/24",
+                "fd7a:115c:a1e0::/48",
+            ],
+            "DstPorts": [{"IP": "10.33.0.0/16", "Ports": ALL_PORTS}],
+        }
+    ]
+    got = {name: filter_to_json(c.filter(i)) for i, (name, *_) in enumerate(CAPTURE_ROUTERS, 1)}
+    assert got == {name: want if name in ("big-router", "subnet-router") else [] for name in got}
+    user1 = len(CAPTURE_ROUTERS)
+    assert c.may_use_route(user1, "10.33.0.0/16") and c.may_use_route(user1, "10.0.0.0/8")
+    assert not c.may_use_route(user1, "192.168.1.0/24") and not c.may_use_route(user1, "0.0.0.0/0")

@@ -462,6 +462,13 @@ class Mapper:
         self._store(node)
         self._policy_changes(node.id, node)
         self._reroute(others - {node.id})
+        if others:
+            log.info(
+                "primary routes now: %s",
+                "; ".join(
+                    f"node {i}: {', '.join(self.primary.primary_routes(i)) or 'none'}" for i in sorted(others)
+                ),
+            )
         if old is not None and old.expired != node.expired:
             for s in self._by_node.get(node.id, ()):
                 s.resync = True
@@ -479,7 +486,10 @@ class Mapper:
         self._routers.discard(node_id)
         self._bump(node_id)
         self._policy_changes(node_id, None)
-        self._reroute(self.primary.remove(node_id))
+        others = self.primary.remove(node_id)
+        self._reroute(others)
+        if others - {node_id}:
+            log.info("node %d removed: primary routes move to nodes %s", node_id, sorted(others - {node_id}))
         for s in self._by_node.get(node_id, ()):
             s.end()
         self._wake()

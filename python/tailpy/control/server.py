@@ -645,7 +645,9 @@ class ControlServer:
                 live = self._live_node(req, None)
                 return self._reply(req, {"streaming": self.is_online(live.id)})
             if not fields & set(body):
-                raise _Refused(400, "an update needs 'endpoints', 'home_derp', 'disco_key' or 'routable_ips'")
+                raise _Refused(
+                    400, "an update needs 'endpoints' or 'home_derp' or 'disco_key' or 'routable_ips'"
+                )
             try:
                 endpoints = parse_endpoints(body["endpoints"]) if "endpoints" in body else None
                 home_derp = parse_home_derp(body["home_derp"]) if "home_derp" in body else None

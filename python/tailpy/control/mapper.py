@@ -228,6 +228,8 @@ class Mapper:
     def _routed(self, node: Node) -> Node:
         """``node`` (``online`` set) with its route fields as recipients see them: the routes it serves as
         ``approved_routes``, the subnet routes it is primary for, and its allowed IPs."""
+        if not node.routable_ips and not node.approved_routes and node.allowed_ips is None:
+            return node  # (the common case: no routes; nothing to elect)
         served = node_served(node)
         primary = self.primary.primary_routes(node.id, node.routable_ips)
         exit_node = has_exit_routes(served)
@@ -239,7 +241,7 @@ class Mapper:
     def _elect(self, node: Node) -> set[int]:
         """Feed ``node``'s eligibility to the election: the subnet routes it serves while it is online and
         its key valid. Returns the ids of the nodes whose primary routes changed."""
-        eligible = node_served(node) if node.online and not node.expired else ()
+        eligible = node_served(node) if node.routable_ips and node.online and not node.expired else ()
         return self.primary.update(node.id, eligible)
 
     def _store(self, node: Node) -> None:
@@ -568,7 +570,8 @@ class Mapper:
             vis = self._visible
             me_id = s.node_id
             changed_ids = sorted(i for i in ids if i != me_id and i in self._json and vis(me_id, i))
-            changed = [self._peer_json(me_id, i) for i in changed_ids]
+            js, routers = self._json, self._routers
+            changed = [js[i] if i not in routers else self._peer_json(me_id, i) for i in changed_ids]
             if changed:
                 parts.append(b'"peers_changed":[' + b",".join(changed) + b"]")
             # gone from the tailnet, or no longer visible (a resumed client may hold any earlier peer)
@@ -635,8 +638,13 @@ class Mapper:
         elif self._compiled is None:
             peers = b",".join([j for i, j in self._json.items() if i != node_id])
         else:
+            js, routers = self._json, self._routers  # (routers' records may be reduced for this node)
             peers = b",".join(
-                [self._peer_json(node_id, i) for i in self._compiled.peers(node_id) if i in self._json]
+                [
+                    js[i] if i not in routers else self._peer_json(node_id, i)
+                    for i in self._compiled.peers(node_id)
+                    if i in js
+                ]
             )
         specs = self._filter_parts(node_id)
         self._last_parts = (node_id, {k: hash(v) for k, v in specs.items()})  # for full_map_sent, next

@@ -359,3 +359,65 @@ def test_explicit_subnet_destination_lands_on_the_routers_serving_it() -> None:
     user1 = len(CAPTURE_ROUTERS)
     assert c.may_use_route(user1, "10.33.0.0/16") and c.may_use_route(user1, "10.0.0.0/8")
     assert not c.may_use_route(user1, "192.168.1.0/24") and not c.may_use_route(user1, "0.0.0.0/0")
+
+
+def test_internet_only_policy_views_as_captured() -> None:
+    """ROUTES-b11_autogroup_internet_only (``* -> autogroup:internet:*``), on the captures' routers: a
+    router sees the exit nodes only, with their exit routes and none of their subnet routes; an exit node
+    sees everyone (everyone may reach it), with every primary subnet route, since ``*`` as a source stands
+    for the hosts behind those routers too; the exit node's filter holds the internet rule."""
+    m = Mapper(mkey(), "ts.net", batch_delay=0)
+    m.load(
+        [
+            node(
+                i,
+                "user1@" if not tags else "",
+                tags,
+                addresses=(f"{a}/32",),
+                routable_ips=r,
+                approved_routes=r,
+            )
+            for i, (name, tags, a, routes) in enumerate(CAPTURE_ROUTERS, 1)
+            # (in this capture multi-router is an exit node as well)
+            for r in [(*EXIT, *routes) if name == "multi-router" else routes]
+        ]
+    )
+    m.set_policy(
+        Policy.parse(
+            "{"
+            + CAPTURE_TAGS
+            + ', "acls": [{"action": "accept", "src": ["*"], "dst": ["autogroup:internet:*"]}]}'
+        )
+    )
+    big, exit_node, ha1, ha2, multi, subnet, user1 = (Client(m, i) for i in range(1, 8))
+    for c in (big, exit_node, ha1, ha2, multi, subnet, user1):
+        c.drain()
+
+    def view(c: Client) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        assert c.state is not None
+        return {
+            n.name: (n.effective_allowed_ips()[1:], n.primary_routes) for n in c.state.netmap.peers.values()
+        }
+
+    exit_only = {"n2": (EXIT, ()), "n5": (EXIT, ())}  # multi-router's 172.16.0.0/24 is left out
+    assert view(big) == view(ha1) == view(user1) == exit_only
+    assert view(exit_node) == {
+        "n1": (("10.0.0.0/8",), ("10.0.0.0/8",)),
+        "n3": (("192.168.1.0/24",), ("192.168.1.0/24",)),
+        "n4": ((), ()),  # the standby
+        "n5": (("172.16.0.0/24", *EXIT), ("172.16.0.0/24",)),
+        "n6": (("10.33.0.0/16",), ("10.33.0.0/16",)),
+        "n7": ((), ()),
+    }
+    rules = filter_to_json(m.filter_for(5) or ())
+    assert rules[0]["SrcIPs"] == [
+        "10.0.0.0/8",
+        "10.33.0.0/16",
+        "100.115.94.0-100.127.255.255",
+        "100.64.0.0-100.115.91.255",
+        "172.16.0.0/24",
+        "192.168.1.0/24",
+        "fd7a:115c:a1e0::/48",
+    ]
+    assert [d["IP"] for d in rules[0]["DstPorts"]][:2] == ["0.0.0.0-9.255.255.255", "11.0.0.0-100.63.255.255"]
+    assert m.filter_for(1) == () and m.filter_for(7) == ()  # nothing lands on routers or clients

@@ -111,7 +111,8 @@ async def test_approved_routes_reach_peers_and_fail_over(control: Control) -> No
 
 async def test_a_policy_without_the_cidr_hides_the_route(control: Control) -> None:
     control.server.policy.set(
-        '{"acls": [{"action": "accept", "src": ["*"], "dst": ["autogroup:member:*"]}]}', "test"
+        '{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}]}',
+        "test",
     )
     r1, s1 = await join(control, "r1", [LAN])
     _, sc = await join(control, "client")
@@ -121,7 +122,8 @@ async def test_a_policy_without_the_cidr_hides_the_route(control: Control) -> No
         control.server.admin_changed(r1)
         await until(s1, lambda nm: nm.self_node.primary_routes == (LAN,))
         nm = await until(sc, lambda nm: r1 in nm.peers and nm.peers[r1].approved_routes)
-        # the rule names the router (a member's node), not the LAN: the client may not use the route
+        # the rule names the router (a member's node), not the LAN, and no source is behind the router: the
+        # client may not use the route
         assert nm.peers[r1].allowed_ips is None and nm.peers[r1].primary_routes == ()
         control.server.policy.set(
             '{"acls": [{"action": "accept", "src": ["*"], "dst": ["198.51.100.0/24:*"]}]}', "test"

@@ -183,7 +183,7 @@ class Compiled:
         )
         self._dst_star = [any(d.alias.kind == "*" for d in r.dsts) for r in rules]
         self._dst_internet = [any(d.alias.name == INTERNET for d in r.dsts) for r in rules]
-        self._may_use: dict[tuple[frozenset[int], str], bool] = {}  # (rules a node is a source of, route)
+        self._may_use: dict[tuple[ViewKey, str], bool] = {}  # (a node's view, route) -> may use
         self._always_there = [  # rules whose other destinations never resolve to nothing
             any(d.alias.kind in ("*", "ip") or d.alias.name == "autogroup:internet" for d in r.dsts)
             for r in rules
@@ -729,15 +729,20 @@ class Compiled:
     # --- routes ---
 
     def may_use_route(self, node_id: int, route: str) -> bool:
-        """Whether node ``node_id`` may send through a router to ``route`` (canonical CIDR text; an exit
-        route: through an exit node): some rule with the node among its sources has a destination ``*``, a
-        prefix or address overlapping ``route``, or, for an exit route, ``autogroup:internet`` (Headscale's
-        ``ReduceRoutes``; Tailscale's route reduction of a peer's AllowedIPs). False for an unknown node.
-        Memoized per (rules the node is a source of, route)."""
+        """Whether a router's ``route`` (canonical CIDR text, a route some node serves) belongs in node
+        ``node_id``'s allowed IPs for that router (Tailscale's route reduction of a peer's AllowedIPs;
+        Headscale's ``ReduceRoutes`` / ``CanAccessRoute``, checked against the captures in its
+        ``testdata/routes_results``). A subnet route: some rule with the node among its sources has a
+        destination ``*`` or a prefix or address overlapping the route (the node may send there), or some
+        rule whose filter the node holds has sources overlapping the route (``*``, which stands for every
+        served route too, or a prefix: hosts behind the router may reach the node, whose WireGuard must
+        accept their packets from the router). An exit route: a rule with the node among its sources has a
+        destination ``*`` or ``autogroup:internet``. False for an unknown node. Memoized per (the node's
+        view, route)."""
         n = self.nodes.get(node_id)
         if n is None:
             return False
-        key = (n.src, route)
+        key = (n.view, route)
         got = self._may_use.get(key)
         if got is None:
             srcs = n.src
@@ -747,7 +752,15 @@ class Compiled:
                 got = any(self._dst_internet[i] for i in srcs)
             else:
                 rr = _route_range(route)
-                got = rr is not None and any(i in srcs for i, _ in self._lit_dst_index.overlapping(rr))
+                got = rr is not None and (
+                    any(i in srcs for i, _ in self._lit_dst_index.overlapping(rr))
+                    or any(
+                        self._wild[i]
+                        or self._danger[i]
+                        or any(ipset.overlaps(x, rr) for x in self._lit_src[i])
+                        for i in n.dst
+                    )
+                )
             self._may_use[key] = got
         return got
 

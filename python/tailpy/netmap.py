@@ -135,6 +135,14 @@ class Node:
         except (KeyError, TypeError, ValueError) as e:
             raise ParseError(f"malformed node in netmap: {e}") from None
 
+    def patched(self, patch: Mapping[str, Any]) -> Node:
+        """This record with ``patch`` applied: ``{"id": id, field: value, ...}``, fields in :meth:`to_json`'s
+        names and forms (a map stream's ``peers_patched``, see :mod:`tailpy.proto.mapcodec`). Raises
+        ParseError for another node's patch or a malformed field."""
+        if patch.get("id") != self.id:
+            raise ParseError(f"a peer patch for node {patch.get('id')!r} applied to node {self.id}")
+        return Node.from_json({**self.to_json(), **patch})
+
     def effective_allowed_ips(self) -> tuple[str, ...]:
         """:attr:`allowed_ips`, or the addresses when control sent none."""
         return self.addresses if self.allowed_ips is None else self.allowed_ips
@@ -400,9 +408,10 @@ class NetMap:
             pf = obj.get("packet_filter")
             named = obj.get("packet_filters")
             parts = None if named is None else update_parts(None, parts_from_json(named))
+            me = Node.from_json(obj["self"])
             return cls(
-                Node.from_json(obj["self"]),
-                {p.id: p for p in peers},
+                me,
+                {p.id: p for p in peers if p.id != me.id},  # (a shared peer list may hold the recipient)
                 str(obj.get("domain", "")),
                 None if dm is None else DerpMap.from_json(dm),
                 None if dns is None else DNSConfig.from_json(dns),
@@ -448,7 +457,9 @@ class MapDelta:
     the recipient's whole new packet filter, or None if unchanged; ``packet_filters``: the named parts of
     its filter that changed (name -> rules, None to delete, ``"*"`` first clears them all; see
     :func:`tailpy.packetfilter.update_parts`), or None. ``version``: the server's change counter
-    after this delta (what a client sends back to resume), 0 when unknown.
+    after this delta (what a client sends back to resume), 0 when unknown. ``patched``: field patches of
+    peers the recipient holds (``{"id": id, field: value, ...}``, applied after ``changed``; see
+    :mod:`tailpy.proto.mapcodec`).
     """
 
     version: int = 0
@@ -457,11 +468,13 @@ class MapDelta:
     removed: tuple[int, ...] = ()
     packet_filter: tuple[FilterRule, ...] | None = None
     packet_filters: Mapping[str, tuple[FilterRule, ...] | None] | None = None
+    patched: tuple[Mapping[str, Any], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
             self.self_node is not None
             or self.changed
+            or self.patched
             or self.removed
             or self.packet_filter is not None
             or self.packet_filters
@@ -476,6 +489,8 @@ class MapDelta:
             out["self"] = self.self_node.to_json()
         if self.changed:
             out["peers_changed"] = [n.to_json() for n in self.changed]
+        if self.patched:
+            out["peers_patched"] = [dict(p) for p in self.patched]
         if self.removed:
             out["peers_removed"] = list(self.removed)
         if self.packet_filter is not None:
@@ -500,6 +515,12 @@ class MapDelta:
             version = obj.get("version", 0)
             if not isinstance(version, int) or isinstance(version, bool):
                 raise ParseError("malformed delta: 'version' must be an integer")
+            patched = obj.get("peers_patched", [])
+            if not isinstance(patched, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("id"), int) and not isinstance(p["id"], bool)
+                for p in patched
+            ):
+                raise ParseError("malformed delta: 'peers_patched' must be a list of objects with an 'id'")
             pf = obj.get("packet_filter")
             named = obj.get("packet_filters")
             return cls(
@@ -509,6 +530,7 @@ class MapDelta:
                 tuple(removed),
                 None if pf is None else filter_from_json(pf),
                 None if named is None else parts_from_json(named, updates=True),
+                tuple(patched),
             )
         except (AttributeError, TypeError) as e:
             raise ParseError(f"malformed delta: {e}") from None
@@ -542,6 +564,10 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
     for n in d.changed:
         if n.id != old.self_node.id:
             peers[n.id] = n
+    for p in d.patched:  # (a patch for a peer not held is ignored, as the removal of an unknown id)
+        peer = peers.get(p["id"])
+        if peer is not None:
+            peers[peer.id] = peer.patched(p)
     me = d.self_node if d.self_node is not None else old.self_node
     if d.packet_filters:
         parts = update_parts(old.packet_filters, d.packet_filters)

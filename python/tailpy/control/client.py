@@ -26,6 +26,7 @@ from tailpy.errors import (
 from tailpy.keys import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
 from tailpy.proto import control as proto
+from tailpy.proto import mapcodec
 
 STREAM_SILENCE = 45.0
 """Seconds without a line (the server sends keepalives every ~15 s) after which a map stream is dead."""
@@ -373,13 +374,16 @@ class ControlClient:
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
         routable_ips: Sequence[str] | None = None,
+        accept: Sequence[str] | None = None,
     ) -> AsyncGenerator[MapMessage, None]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
         (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
         of the last message applied, to get a delta since then instead of a full netmap (the server decides:
         the first message says which). ``home_derp``: this node's home DERP region id (0: none; None: leave
         what the server has). ``disco_key``: this node's disco public key (None: leave what the server has).
-        ``routable_ips``: the routes this node advertises (None: leave what the server has).
+        ``routable_ips``: the routes this node advertises (None: leave what the server has). ``accept``: the
+        compact forms this client reads (:mod:`tailpy.proto.mapcodec`; None: all it can, zstd when the
+        ``zstandard`` package is there; empty: plain JSON, as an old client).
 
         Ends with ControlError when the stream breaks, the server closes it, or nothing arrives for
         ``stream_silence`` seconds.
@@ -398,6 +402,9 @@ class ControlClient:
             body["disco_key"] = disco_key.text()
         if routable_ips is not None:
             body["routable_ips"] = list(routable_ips)
+        features = mapcodec.offered() if accept is None else list(accept)
+        if features:
+            body["accept"] = features
         req = proto.seal_request(self.machine_key, server_key, "/machine/map", body, now=self.clock())
         opener = proto.StreamOpener(self.machine_key, server_key, req.nonce_id)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.stream_silence)

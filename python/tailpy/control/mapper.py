@@ -90,6 +90,7 @@ from tailpy.packetfilter import (
     filter_to_json,
 )
 from tailpy.proto import control as proto
+from tailpy.proto import mapcodec
 from tailpy.routes import has_exit_routes
 
 log = logging.getLogger("tailpy.control")
@@ -98,6 +99,11 @@ LOG_LIMIT = 65536
 """Changes remembered for resuming streams and for streams that fell behind (older: a full netmap)."""
 
 KEEPALIVE = b'{"type":"keepalive"}'
+
+BLOCK = 256
+"""Node ids per block of peer records that zstd streams share: a block's records are compressed once into a
+zstd frame (per view, under a policy) and that frame goes into every full netmap that shows them, until one
+of its nodes changes."""
 
 LARGE_DELTA = 128
 """Changed nodes above which a delta is built and written with the full netmaps (at most
@@ -141,6 +147,8 @@ class MapStream:
     keepalive: float = 0.0  # seconds of silence before a keepalive line (set by Mapper.serve)
     idle_since: float = 0.0  # loop time its writer went idle
     keepalive_due: bool = False  # woken by the keepalive sweep, not by a change
+    zstd: bool = False  # its client reads zstd frames (tailpy.proto.mapcodec)
+    patches: bool = False  # its client applies peers_patched
 
     def end(self) -> None:
         self.ended = True
@@ -195,6 +203,11 @@ class Mapper:
         """The primary router of each subnet route (:class:`tailpy.control.routes.PrimaryRoutes`)."""
         self._routers: set[int] = set()  # nodes whose allowed IPs hold routes (reduced per recipient)
         self._variants: dict[int, dict[tuple[str, ...], bytes]] = {}  # router -> its reduced encodings
+        self._prev_at: dict[int, int] = {}  # node id -> version of the change before its last one
+        self._patches: dict[int, tuple[int, bytes]] = {}  # node id -> (_prev_at, its last change's patch)
+        self._blocks: dict[int, set[int]] = {}  # id // BLOCK -> the live ids in it
+        self._frames: dict[int, dict[int | None, tuple[frozenset[int] | None, bytes]]] = {}
+        # block -> view key (None: no policy) -> (the view's peer set, the block's shared zstd frame)
 
     # --- state ---
 
@@ -245,10 +258,30 @@ class Mapper:
         return self.primary.update(node.id, eligible)
 
     def _store(self, node: Node) -> None:
-        """Keep ``node`` as the record streams are told (encoded once; reduced encodings dropped)."""
+        """Keep ``node`` as the record streams are told (encoded once, fields at their defaults left out;
+        reduced encodings and its block's shared frames dropped). Right after its change was logged, also
+        the field patch from its previous record, for streams that hold that one (not for routers, whose
+        records may be reduced per recipient, nor when what the policy matches on changed: its visibility
+        may have changed with it)."""
+        old = self.nodes.get(node.id)
         self.nodes[node.id] = node
-        self._json[node.id] = _dumps(node.to_json())
+        full = node.to_json()
+        self._json[node.id] = _dumps(mapcodec.compact_record(full))
         self._variants.pop(node.id, None)
+        self._frames.pop(node.id // BLOCK, None)
+        self._blocks.setdefault(node.id // BLOCK, set()).add(node.id)
+        self._patches.pop(node.id, None)
+        if (
+            old is not None
+            and self._log
+            and self._log[-1] == (self.version, node.id)
+            and old.allowed_ips is None
+            and node.allowed_ips is None
+            and (self._compiled is None or self._policy_node(old) == self._policy_node(node))
+        ):
+            p = mapcodec.patch(old.to_json(), full)
+            if p is not None:
+                self._patches[node.id] = (self._prev_at.get(node.id, 0), _dumps(p))
         if node.allowed_ips is not None:
             self._routers.add(node.id)
         else:
@@ -299,7 +332,7 @@ class Mapper:
         mine = self._variants.setdefault(node_id, {})
         b = mine.get(keep)
         if b is None:
-            b = mine[keep] = _dumps(self.peer_record(viewer, node_id).to_json())
+            b = mine[keep] = _dumps(mapcodec.compact_record(self.peer_record(viewer, node_id).to_json()))
         return b
 
     # --- policy ---
@@ -348,6 +381,7 @@ class Mapper:
         )
         self._compiled = new
         self._variants.clear()  # (route reductions follow the policy)
+        self._frames.clear()  # (and the views)
         self._bump(POLICY_CHANGE)
         everyone = frozenset(self.nodes)
         keep: list[frozenset[int]] = []  # the shared sets, alive while their ids key the diffs
@@ -438,6 +472,8 @@ class Mapper:
             self._log_floor = self._log[0][0]
         self.version += 1
         self._log.append((self.version, node_id))
+        self._prev_at[node_id] = self._changed_at.get(node_id, 0)
+        self._patches.pop(node_id, None)
         self._changed_at[node_id] = self.version
         return self.version
 
@@ -485,6 +521,8 @@ class Mapper:
             return False
         del self._json[node_id]
         self._variants.pop(node_id, None)
+        self._frames.pop(node_id // BLOCK, None)
+        self._blocks.get(node_id // BLOCK, set()).discard(node_id)
         self._routers.discard(node_id)
         self._bump(node_id)
         self._policy_changes(node_id, None)
@@ -514,12 +552,21 @@ class Mapper:
     # --- streams ---
 
     def open_stream(
-        self, node_id: int, machine_key: MachinePublic, reply_to: str, resume: tuple[str, int] | None = None
+        self,
+        node_id: int,
+        machine_key: MachinePublic,
+        reply_to: str,
+        resume: tuple[str, int] | None = None,
+        accept: Iterable[str] = (),
     ) -> MapStream:
         """Register a stream for ``node_id`` (it counts as online from now: publish its record next). Its
         first message is a delta since ``resume`` ((generation, version)) when the change log reaches back
-        that far, else a full netmap."""
+        that far, else a full netmap. ``accept``: what its client reads besides plain JSON ("zstd",
+        "patches": :mod:`tailpy.proto.mapcodec`)."""
         s = MapStream(node_id, machine_key, proto.StreamSealer(self.server_key, machine_key, reply_to))
+        features = set(accept)
+        s.zstd = "zstd" in features and mapcodec.ZSTD
+        s.patches = "patches" in features
         me = self.nodes.get(node_id)
         if resume is not None and self._resumable(*resume) and not (me is not None and me.expired):
             s.sent = resume[1]
@@ -554,7 +601,7 @@ class Mapper:
             s.resync = True
             s.overflows += 1
             return None
-        s.sent = self.version
+        before, s.sent = s.sent, self.version
         me = self.nodes.get(s.node_id)
         if me is None:
             return None
@@ -571,9 +618,22 @@ class Mapper:
             me_id = s.node_id
             changed_ids = sorted(i for i in ids if i != me_id and i in self._json and vis(me_id, i))
             js, routers = self._json, self._routers
+            patched: list[bytes] = []
+            if s.patches and not resumed:  # peers it holds as of their previous change: only what changed
+                pats, pend = self._patches, s.pend_changed
+                whole = []
+                for i in changed_ids:
+                    p = pats.get(i)
+                    if p is not None and p[0] <= before and i not in pend:
+                        patched.append(p[1])
+                    else:
+                        whole.append(i)
+                changed_ids = whole
             changed = [js[i] if i not in routers else self._peer_json(me_id, i) for i in changed_ids]
             if changed:
                 parts.append(b'"peers_changed":[' + b",".join(changed) + b"]")
+            if patched:
+                parts.append(b'"peers_patched":[' + b",".join(patched) + b"]")
             # gone from the tailnet, or no longer visible (a resumed client may hold any earlier peer)
             gone = {i for i in ids if i >= 0 and i not in self._json}
             gone.update(i for i in s.pend_removed if i != me_id and i in self._json and not vis(me_id, i))
@@ -632,7 +692,7 @@ class Mapper:
         me = self._json.get(node_id)
         if me is None:
             return None
-        head = _dumps({"type": "netmap", "generation": self.generation, "version": self.version})[:-1]
+        head = self._map_head()
         if self.nodes[node_id].expired:
             peers = b""
         elif self._compiled is None:
@@ -646,10 +706,18 @@ class Mapper:
                     if i in js
                 ]
             )
+        return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, self._map_tail(node_id)))
+
+    def _map_head(self) -> bytes:
+        return _dumps({"type": "netmap", "generation": self.generation, "version": self.version})[:-1]
+
+    def _map_tail(self, node_id: int) -> bytes:
+        """What follows the peers of ``node_id``'s full netmap: ``],"domain":...}}}`` (remembers the filter
+        parts for :meth:`full_map_sent`)."""
         specs = self._filter_parts(node_id)
         self._last_parts = (node_id, {k: hash(v) for k, v in specs.items()})  # for full_map_sent, next
         pf = b",".join(b'"%s":%s' % (k.encode(), _part_json(v)) for k, v in specs.items())
-        tail = (
+        return (
             b'],"domain":'
             + _dumps(self.domain)
             + self._derp_json
@@ -658,7 +726,50 @@ class Mapper:
             + pf
             + b"}}}"
         )
-        return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, tail))
+
+    def full_map_frames(self, node_id: int) -> tuple[list[bytes], bytes] | None:
+        """``node_id``'s full netmap for a zstd stream (None if it is not live): (zstd frames, the rest of
+        the JSON) for :meth:`tailpy.proto.control.StreamSealer.seal_frames`. The same JSON object as
+        :meth:`full_map_body` except that ``peers`` lists the recipient itself too (first, and in its
+        block: clients drop their own id); every block of :data:`BLOCK` ids is one shared frame, compressed
+        once per view until one of its nodes changes; only the head, the routers (reduced per recipient)
+        and the tail are compressed per stream."""
+        me = self._json.get(node_id)
+        if me is None:
+            return None
+        if self.nodes[node_id].expired:
+            body = self.full_map_body(node_id)
+            return None if body is None else ([], body)
+        head = b"".join((self._map_head(), b',"netmap":{"self":', me, b',"peers":[', me))
+        frames = [mapcodec.compress(head)]
+        view = None if self._compiled is None else self._compiled.visible_set(node_id)
+        for b in sorted(self._blocks):
+            f = self._block_frame(b, view)
+            if f:
+                frames.append(f)
+        routers = [
+            self._peer_json(node_id, i)
+            for i in sorted(self._routers)
+            if i != node_id and i in self._json and (view is None or i in view)
+        ]
+        extra = b"".join(b"," + r for r in routers)
+        return frames, extra + self._map_tail(node_id)
+
+    def _block_frame(self, b: int, view: frozenset[int] | None) -> bytes:
+        """Block ``b``'s records (routers left out) that ``view`` holds (None: all), as one zstd frame of
+        ``,record,record...`` (empty bytes: none). Cached per block and view."""
+        cache = self._frames.setdefault(b, {})
+        key = None if view is None else id(view)
+        hit = cache.get(key)
+        if hit is not None and hit[0] is view:
+            return hit[1]
+        js, routers = self._json, self._routers
+        ids = sorted(i for i in self._blocks[b] if i not in routers and (view is None or i in view))
+        frame = mapcodec.compress(b"".join(b"," + js[i] for i in ids)) if ids else b""
+        if len(cache) >= 64:  # (many views: keep the memory bounded)
+            cache.clear()
+        cache[key] = (view, frame)
+        return frame
 
     def full_map_sent(self, s: MapStream) -> None:
         """Record that ``s`` was just given a full netmap of the current version (with its filter and all its
@@ -689,7 +800,7 @@ class Mapper:
                     break
             elif s.first is not None:
                 body, s.first = s.first, None
-                await _write_line(write, s.sealer.seal(body))
+                await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
                 del body
             elif s.sent < self.version:
                 await self._write_delta(s, write)
@@ -732,12 +843,20 @@ class Mapper:
                 return False
             s.resync = False
             s.first = None
-            body = self.full_map_body(s.node_id)
-            if body is None:
-                return False
-            self.full_map_sent(s)
-            line = s.sealer.seal(body)
-            del body
+            if s.zstd:
+                got = self.full_map_frames(s.node_id)
+                if got is None:
+                    return False
+                self.full_map_sent(s)
+                line = s.sealer.seal_frames(*got)
+                del got
+            else:
+                body = self.full_map_body(s.node_id)
+                if body is None:
+                    return False
+                self.full_map_sent(s)
+                line = s.sealer.seal(body)
+                del body
             await _write_line(write, line)
         return True
 
@@ -747,7 +866,7 @@ class Mapper:
             del ids
             body = self.delta_body(s)
             if body is not None:
-                await write(s.sealer.seal(body))
+                await write(s.sealer.seal(body, zstd=s.zstd))
             return
         del ids
         async with self._full_maps:  # a large merged delta: built, sealed and written a few at a time
@@ -755,7 +874,7 @@ class Mapper:
                 return
             body = self.delta_body(s)
             if body is not None:
-                line = s.sealer.seal(body)
+                line = s.sealer.seal(body, zstd=s.zstd)
                 del body
                 await _write_line(write, line)
 

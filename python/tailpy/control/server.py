@@ -23,8 +23,9 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   and logged out (its record stays; a later register with an auth key brings it back). An ephemeral node
   is deleted instead, as by ``nodes delete`` (its addresses go to the address quarantine).
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, routable_ips?,
-  resume?: {generation, version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message
-  per line: a full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the
+  resume?: {generation, version}, accept?: ["zstd", "patches"]}`` -> a stream (``application/x-ndjson``,
+  chunked), one sealed message per line (zstd-compressed and with peer field patches when ``accept`` names
+  them: :mod:`tailpy.proto.mapcodec`): a full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the
   node can see, keepalives after :attr:`ControlServer.keepalive` seconds of silence; the exact format is in
   :mod:`tailpy.control.mapper`. The node is online while one of its map streams is open.
 * ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?, routable_ips?}`` (at least one) ->
@@ -93,6 +94,7 @@ from tailpy.httperrors import make_json_errors
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
+from tailpy.proto import mapcodec
 from tailpy.routes import parse_routes
 
 log = logging.getLogger("tailpy.control")
@@ -682,6 +684,7 @@ class ControlServer:
                 home_derp = parse_home_derp(req.body["home_derp"]) if "home_derp" in req.body else None
                 disco_key = parse_disco_key(req.body.get("disco_key"))
                 routable_ips = parse_routable_ips(req.body)
+                accept = mapcodec.accepted(req.body.get("accept"))
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
@@ -691,7 +694,7 @@ class ControlServer:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             resp.enable_chunked_encoding()
             await resp.prepare(request)
-            stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume)
+            stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume, accept)
             await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key, routable_ips)
             return resp
 

@@ -32,7 +32,7 @@ import base64
 import binascii
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ import nacl.public
 
 from tailpy.errors import ControlError, InvalidKeyError, ParseError
 from tailpy.keys import MachinePrivate, MachinePublic, NodePrivate, NodePublic
+from tailpy.proto import mapcodec
 
 REPLAY_WINDOW = 120.0
 """Seconds a request's ``ts`` may differ from the receiver's clock; also how long nonce_ids are kept."""
@@ -260,6 +261,9 @@ def parse_unary(data: bytes) -> dict[str, Any]:
 MAX_STREAM_LINE = 256 << 20
 """Largest map stream line accepted, bytes (256 MiB: a full netmap of 10,000 peers is about 6 MiB)."""
 
+MAX_STREAM_PLAINTEXT = 512 << 20
+"""Largest map stream message accepted once inflated (a zstd-compressed one), bytes (512 MiB)."""
+
 
 class StreamSealer:
     """Seals the messages of one map stream for ``machine_key``, numbering them ``seq`` 0, 1, 2, ...
@@ -275,12 +279,29 @@ class StreamSealer:
         self._suffix = b',"reply_to":' + json.dumps(reply_to).encode() + b',"seq":'
         self.seq = 0
 
-    def seal(self, body_json: bytes) -> bytes:
+    def seal(self, body_json: bytes, *, zstd: bool = False) -> bytes:
+        """``zstd``: compress the plaintext into one zstd frame when it is at least
+        :data:`tailpy.proto.mapcodec.MIN_COMPRESS` bytes (the stream's client accepts zstd)."""
         if not body_json.startswith(b"{") or not body_json.endswith(b"}") or body_json == b"{}":
             raise ValueError("stream message body must be a non-empty JSON object")
         plaintext = b"".join((body_json[:-1], self._suffix, str(self.seq).encode(), b"}"))
+        if zstd and len(plaintext) >= mapcodec.MIN_COMPRESS:
+            plaintext = mapcodec.compress(plaintext)
         self.seq += 1
-        return base64.b64encode(bytes(self._box.encrypt(plaintext))) + b"\n"
+        return self._line(plaintext)
+
+    def seal_frames(self, frames: Sequence[bytes], tail_json: bytes) -> bytes:
+        """Seal a message made of zstd ``frames`` (already compressed, possibly shared with other streams)
+        followed by ``tail_json``, the rest of the JSON object (ending with ``}``), which is compressed here
+        with ``reply_to`` and ``seq`` appended. For a client that accepts zstd only."""
+        if not tail_json.endswith(b"}"):
+            raise ValueError("the tail of a stream message must end its JSON object")
+        tail = mapcodec.compress(b"".join((tail_json[:-1], self._suffix, str(self.seq).encode(), b"}")))
+        self.seq += 1
+        return self._line(b"".join((*frames, tail)))
+
+    def _line(self, plaintext: bytes) -> bytes:
+        return binascii.b2a_base64(bytes(self._box.encrypt(plaintext)))
 
 
 class StreamOpener:
@@ -300,6 +321,8 @@ class StreamOpener:
 
     def open(self, line: bytes) -> bytes:
         plaintext = _unbox(self._box, line.strip(), MAX_STREAM_LINE, "map stream message", self._server_key)
+        if mapcodec.is_compressed(plaintext):
+            plaintext = mapcodec.decompress(plaintext, MAX_STREAM_PLAINTEXT)
         # Fast path: the server appends reply_to and seq last (StreamSealer); else parse and check.
         if not plaintext.endswith(self._suffix + str(self.seq).encode() + b"}"):
             body = _json_object(plaintext, "sealed map stream message")

@@ -106,8 +106,11 @@ def pct(xs: list[float], p: float) -> float:
 # --- worker process: many simulated nodes ---
 
 
-async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pipe: Connection) -> None:
-    """``auth_keys``: one per node (whose owner or tags it gets)."""
+async def worker_main(
+    url: str, auth_keys: list[str], count: int, index: int, pipe: Connection, compact: bool
+) -> None:
+    """``auth_keys``: one per node (whose owner or tags it gets). ``compact``: the clients accept zstd and
+    peer patches (else plain JSON, as older clients)."""
     sem = asyncio.Semaphore(32)
     clients = [ControlClient(url, new_key(), stream_silence=600) for _ in range(count)]
     node_keys = [NodePublic(bytes(nacl.public.PrivateKey.generate().public_key)) for _ in range(count)]
@@ -121,6 +124,9 @@ async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pi
 
     ready = asyncio.Event()
     got_full = 0
+    first_bytes: list[int] = []  # wire bytes of each first map (base64 line)
+    first_raw: list[int] = []  # its JSON once opened (and inflated)
+    marker_bytes: dict[bytes, list[int]] = {}  # marker -> wire bytes of the messages that brought it
     seen: dict[bytes, dict[int, float]] = {}  # marker -> node index -> first arrival (monotonic)
     mover_too: set[bytes] = set()  # markers the moving node (0, 0) also waits for
 
@@ -128,7 +134,10 @@ async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pi
         nonlocal got_full
         async with sem:
             it = clients[i].stream_messages(
-                node_keys[i], [Endpoint.parse(f"192.0.2.{index}:{i + 1}")], f"w{index}-{i}"
+                node_keys[i],
+                [Endpoint.parse(f"192.0.2.{index}:{i + 1}")],
+                f"w{index}-{i}",
+                accept=None if compact else [],
             )
             first = True
             async for msg in it:
@@ -136,6 +145,8 @@ async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pi
                 if first:
                     first = False
                     got_full += 1
+                    first_bytes.append(msg.wire_bytes)
+                    first_raw.append(len(msg.raw))
                     if got_full == count:
                         ready.set()
                     sem.release()  # only connecting is throttled
@@ -146,11 +157,12 @@ async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pi
                         continue
                     if (index, i) != (0, 0) or marker in mover_too:  # (0, 0) moves
                         times[i] = now
+                        marker_bytes.setdefault(marker, []).append(msg.wire_bytes)
             await sem.acquire()
 
     tasks = [asyncio.create_task(follow(i)) for i in range(count)]
     await ready.wait()
-    pipe.send(("ready", count))
+    pipe.send(("ready", (first_bytes, first_raw)))
     loop = asyncio.get_running_loop()
     while True:
         cmd, arg = await loop.run_in_executor(None, pipe.recv)
@@ -164,7 +176,8 @@ async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pi
             marker, expect, deadline = arg
             while len(seen[marker.encode()]) < expect and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            pipe.send(("times", list(seen[marker.encode()].values())))
+            m = marker.encode()
+            pipe.send(("times", (list(seen[m].values()), marker_bytes.get(m, []))))
         elif cmd == "move":  # node 0 of this worker changes its endpoints to the marker
             await clients[0].update_endpoints([arg])
             pipe.send(("ok", None))
@@ -176,9 +189,9 @@ async def worker_main(url: str, auth_keys: list[str], count: int, index: int, pi
         await c.close()
 
 
-def worker(url: str, auth_keys: list[str], count: int, index: int, pipe: Connection) -> None:
+def worker(url: str, auth_keys: list[str], count: int, index: int, pipe: Connection, compact: bool) -> None:
     raise_nofile()
-    asyncio.run(worker_main(url, auth_keys, count, index, pipe))
+    asyncio.run(worker_main(url, auth_keys, count, index, pipe, compact))
 
 
 # --- the policy ---
@@ -285,7 +298,7 @@ def prepare(state: str, n: int, policy: bool) -> tuple[list[str], str, Path | No
     return node_keys(n, user_keys, tag_keys), tag_keys[0], path
 
 
-def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
+def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True) -> dict[str, Any]:
     state = tempfile.mkdtemp(prefix="tailpy-control-scale-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -310,14 +323,16 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
         for i, count in enumerate(per):
             a, b = ctx.Pipe()
             mine = keys[sum(per[:i]) : sum(per[:i]) + count]
-            proc_w = ctx.Process(target=worker, args=(url, mine, count, i, b), daemon=True)
+            proc_w = ctx.Process(target=worker, args=(url, mine, count, i, b, compact), daemon=True)
             proc_w.start()
             procs.append(proc_w)
             pipes.append(a)
         [p.recv() for p in pipes]
         t_reg = time.monotonic() - t0
-        [p.recv() for p in pipes]
+        firsts = [p.recv()[1] for p in pipes]
         t_ready = time.monotonic() - t0
+        first_wire = [b for f in firsts for b in f[0]]
+        first_json = [b for f in firsts for b in f[1]]
         settle = wait_quiet(proc.pid)
 
         # One node changes its endpoints.
@@ -329,10 +344,13 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
         pipes[0].recv()
         expect = [c - (1 if i == 0 else 0) for i, c in enumerate(per)]
         times: list[float] = []
+        delta_wire: list[int] = []
         for p, e in zip(pipes, expect, strict=True):
             p.send(("collect", (marker, e, start + timeout)))
         for p in pipes:
-            times += p.recv()[1]
+            got, sizes = p.recv()[1]
+            times += got
+            delta_wire += sizes
         change = [t - start for t in times]
         cpu_change = server_cpu(proc.pid) - cpu0
 
@@ -355,7 +373,7 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
             p.send(("collect", (nk_text, e, begin + timeout)))
         joined: list[float] = []
         for p in pipes:
-            joined += [t - begin for t in p.recv()[1]]
+            joined += [t - begin for t in p.recv()[1][0]]
         # The policy changes: every node gets a new packet filter.
         changed: list[float] = []
         cpu_policy = 0.0
@@ -370,16 +388,21 @@ def run(n: int, workers: int, timeout: float, policy: bool) -> dict[str, Any]:
             for p, c in zip(pipes, per, strict=True):
                 p.send(("collect", (pmarker, c, begin + timeout)))
             for p in pipes:
-                changed += [t - begin for t in p.recv()[1]]
+                changed += [t - begin for t in p.recv()[1][0]]
             cpu_policy = server_cpu(proc.pid) - cpu0
         for pipe in pipes:
             pipe.send(("stop", None))
         return {
             "nodes": n,
             "policy": "realistic" if policy else "none",
+            "compact": compact,
             "workers": workers,
             "register_s": round(t_reg, 1),
             "all_streams_ready_s": round(t_ready, 1),
+            "streams_up_s": round(t_ready - t_reg, 1),
+            "first_map_kib": round(sum(first_wire) / max(1, len(first_wire)) / 1024, 1),
+            "first_map_json_kib": round(sum(first_json) / max(1, len(first_json)) / 1024, 1),
+            "change_delta_bytes": round(sum(delta_wire) / max(1, len(delta_wire))),
             "settle_s": round(settle, 1),
             "change_received": len(change),
             "expected": n - 1,
@@ -419,6 +442,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a delta everywhere")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--smoke", action="store_true", help="20 nodes, 1 worker: check it still runs")
+    ap.add_argument(
+        "--plain", action="store_true", help="clients ask for plain JSON (no zstd, no peer patches)"
+    )
     args = ap.parse_args()
     if args.smoke:
         args.nodes, args.workers, args.timeout = "20", 1, 30.0
@@ -433,7 +459,7 @@ def main() -> int:
         )
         modes.remove("realistic")
     rows = [
-        run(int(n), args.workers, args.timeout, m == "realistic")
+        run(int(n), args.workers, args.timeout, m == "realistic", not args.plain)
         for n in args.nodes.split(",")
         for m in modes
     ]

@@ -45,12 +45,14 @@ class MapState:
 class MapMessage:
     """One opened map stream message (``type`` "netmap" or "delta"; see :mod:`tailpy.control.mapper`).
 
-    ``raw`` is the plaintext JSON object (bytes); it is parsed only when :attr:`body` is first read, since a
-    full netmap of 10,000 peers is ~6 MB.
+    ``raw`` is the plaintext JSON object (bytes; inflated when it came zstd-compressed); it is parsed only
+    when :attr:`body` is first read, since a full netmap of 10,000 peers is ~6 MB. ``wire_bytes``: the
+    length of the stream line it came in (base64 of the box; 0 when unknown).
     """
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, wire_bytes: int = 0) -> None:
         self.raw = raw
+        self.wire_bytes = wire_bytes
 
     @cached_property
     def type(self) -> str:
@@ -425,7 +427,7 @@ class ControlClient:
                         del buf[: i + 1]
                         start = 0
                         if line.strip():
-                            msg = MapMessage(self._open_line(opener, line))
+                            msg = MapMessage(self._open_line(opener, line), len(line) + 1)
                             if msg.type != "keepalive":
                                 yield msg
                     if len(buf) > proto.MAX_STREAM_LINE:

@@ -116,6 +116,18 @@ CHUNK = 64 << 10
 BATCH_DELAY = 0.1
 """Seconds a stream waits after writing a delta before it writes the next (changes meanwhile are merged)."""
 
+DELTA_RATE = 4000
+"""Deltas per second the streams write together before each waits longer than ``batch_delay`` between two
+of its deltas: a stream waits ``busy streams / DELTA_RATE`` seconds (rounded up to ``batch_delay`` times a
+power of two, and to a multiple of it on the loop's clock, so that streams due together share one delta
+body). While thousands of streams come up, every stream opening is a change every open stream is told of:
+merged into fewer, larger deltas the fan-out is O(streams) messages per interval instead of per change. An
+idle stream still writes a change at once."""
+
+SHARED_LARGE = 256 << 10
+"""Bytes of a shared delta body above which its streams seal and write it at most ``full_map_concurrency``
+at a time (each sealed copy is the stream's own)."""
+
 POLICY_CHANGE = -1
 """The node id under which a policy change is logged (it names no node; a stream resuming across it gets a
 full netmap)."""
@@ -208,6 +220,8 @@ class Mapper:
         self._blocks: dict[int, set[int]] = {}  # id // BLOCK -> the live ids in it
         self._frames: dict[int, dict[int | None, tuple[frozenset[int] | None, bytes]]] = {}
         # block -> view key (None: no policy) -> (the view's peer set, the block's shared zstd frame)
+        self._shared: dict[tuple[int, bool], bytes | None] = {}  # (from version, zstd) -> shared delta
+        self._shared_version = 0  # the version the shared deltas lead to
 
     # --- state ---
 
@@ -805,7 +819,7 @@ class Mapper:
             elif s.sent < self.version:
                 await self._write_delta(s, write)
                 if self.batch_delay > 0 and not s.ended:
-                    await asyncio.sleep(self.batch_delay)
+                    await asyncio.sleep(self._pause(loop.time()))
             else:
                 s.wake.clear()
                 s.idle_since = loop.time()
@@ -860,15 +874,70 @@ class Mapper:
             await _write_line(write, line)
         return True
 
+    def _pause(self, now: float) -> float:
+        """Seconds a stream that just wrote a delta waits before its next (see :data:`DELTA_RATE`)."""
+        want = (len(self._streams) - len(self._idle)) / DELTA_RATE
+        d = self.batch_delay
+        while d < want:
+            d *= 2
+        if d == self.batch_delay:
+            return d
+        return d - now % d + (d if now % d > d / 2 else 0.0)  # the next tick at least d/2 away
+
+    def shared_delta(self, s: MapStream) -> tuple[bool, bytes | None]:
+        """The delta of ``s`` when it is the same for every stream at its version: (True, body or None when
+        nothing changed), the body built once per (version it starts from, zstd) and moving ``s.sent`` as
+        :meth:`delta_body` would; a zstd body is one frame of the JSON object without its closing brace
+        (for ``seal_frames([frame], b"}")``). (False, None) when ``s``'s delta is its own: a policy, its own
+        record changed, peers pending, a client without patches."""
+        if (
+            self._compiled is not None
+            or not s.patches
+            or s.pend_changed
+            or s.pend_removed
+            or s.filter_sig != self._filter_sig(s.node_id)
+            or s.sent < self._log_floor
+            or self._changed_at.get(s.node_id, 0) > s.sent
+        ):
+            return False, None
+        me = self.nodes.get(s.node_id)
+        if me is None or me.expired:
+            return False, None
+        if self._shared_version != self.version:
+            self._shared.clear()
+            self._shared_version = self.version
+        key = (s.sent, s.zstd)
+        if key in self._shared:
+            s.sent = self.version
+            return True, self._shared[key]
+        body = self.delta_body(s)  # (nothing in it is s's own: the same for every stream at key)
+        shared = body if body is None or not s.zstd else mapcodec.compress(body[:-1])
+        self._shared[key] = shared
+        return True, shared
+
     async def _write_delta(self, s: MapStream, write: Callable[[bytes], Awaitable[None]]) -> None:
-        ids = self.changed_since(s.sent)
-        if ids is None or len(ids) <= LARGE_DELTA:
+        ok, shared = self.shared_delta(s)
+        if ok:
+            if shared is None:
+                return
+            if len(shared) > SHARED_LARGE:
+                async with self._full_maps:
+                    if s.ended or s.resync:
+                        return
+                    await self._write_shared(s, shared, write)
+            else:
+                await self._write_shared(s, shared, write)
+            return
+        large = self.version - s.sent > LARGE_DELTA  # (an upper bound of the nodes changed)
+        if large:
+            ids = self.changed_since(s.sent)
+            large = ids is None or len(ids) > LARGE_DELTA
             del ids
+        if not large:
             body = self.delta_body(s)
             if body is not None:
-                await write(s.sealer.seal(body, zstd=s.zstd))
+                await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
             return
-        del ids
         async with self._full_maps:  # a large merged delta: built, sealed and written a few at a time
             if s.ended or s.resync:
                 return
@@ -877,6 +946,12 @@ class Mapper:
                 line = s.sealer.seal(body, zstd=s.zstd)
                 del body
                 await _write_line(write, line)
+
+    async def _write_shared(
+        self, s: MapStream, shared: bytes, write: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        line = s.sealer.seal_frames([shared], b"}") if s.zstd else s.sealer.seal(shared)
+        await _write_line(write, line)
 
 
 async def _write_line(write: Callable[[bytes], Awaitable[None]], line: bytes) -> None:

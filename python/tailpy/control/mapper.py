@@ -118,11 +118,15 @@ BATCH_DELAY = 0.1
 
 DELTA_RATE = 4000
 """Deltas per second the streams write together before each waits longer than ``batch_delay`` between two
-of its deltas: a stream waits ``busy streams / DELTA_RATE`` seconds (rounded up to ``batch_delay`` times a
-power of two, and to a multiple of it on the loop's clock, so that streams due together share one delta
-body). While thousands of streams come up, every stream opening is a change every open stream is told of:
-merged into fewer, larger deltas the fan-out is O(streams) messages per interval instead of per change. An
-idle stream still writes a change at once."""
+of its deltas. Every second the pause is scaled by (deltas written / DELTA_RATE), between ``batch_delay``
+and :data:`MAX_PAUSE`; one task releases the paused streams (streams paused together are released
+together, so they stay at the same version and share one delta body). While thousands of streams come up,
+every stream opening is a change every open stream is told of: merged into fewer, larger deltas the
+fan-out stays near DELTA_RATE messages per second instead of growing with streams times changes. An idle
+stream still writes a change at once, and the pause is back to ``batch_delay`` a second after the burst."""
+
+MAX_PAUSE = 5.0
+"""Longest pause between two deltas of one stream, seconds."""
 
 SHARED_LARGE = 256 << 10
 """Bytes of a shared delta body above which its streams seal and write it at most ``full_map_concurrency``
@@ -222,6 +226,11 @@ class Mapper:
         # block -> view key (None: no policy) -> (the view's peer set, the block's shared zstd frame)
         self._shared: dict[tuple[int, bool], bytes | None] = {}  # (from version, zstd) -> shared delta
         self._shared_version = 0  # the version the shared deltas lead to
+        self._paused: collections.deque[tuple[float, MapStream]] = collections.deque()  # by pause time
+        self._pause = batch_delay  # seconds between two deltas of a stream now (see DELTA_RATE)
+        self._delta_writes = 0  # deltas written since _rate_since
+        self._rate_since = 0.0
+        self._pacer: asyncio.Task[None] | None = None  # releases paused streams
 
     # --- state ---
 
@@ -688,6 +697,10 @@ class Mapper:
         if not self._streams and self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if not self._streams and self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
+            self._paused.clear()
         self._idle.discard(s)
         mine = self._by_node.get(s.node_id)
         if mine is not None:
@@ -818,8 +831,14 @@ class Mapper:
                 del body
             elif s.sent < self.version:
                 await self._write_delta(s, write)
+                self._delta_writes += 1
                 if self.batch_delay > 0 and not s.ended:
-                    await asyncio.sleep(self._pause(loop.time()))
+                    if self._pacer is None or self._pacer.done():
+                        self._rate_since = loop.time()
+                        self._pacer = loop.create_task(self._release_paused())
+                    s.wake.clear()
+                    self._paused.append((loop.time(), s))
+                    await s.wake.wait()  # (woken by _release_paused, or early by a policy change or end)
             else:
                 s.wake.clear()
                 s.idle_since = loop.time()
@@ -874,15 +893,22 @@ class Mapper:
             await _write_line(write, line)
         return True
 
-    def _pause(self, now: float) -> float:
-        """Seconds a stream that just wrote a delta waits before its next (see :data:`DELTA_RATE`)."""
-        want = (len(self._streams) - len(self._idle)) / DELTA_RATE
-        d = self.batch_delay
-        while d < want:
-            d *= 2
-        if d == self.batch_delay:
-            return d
-        return d - now % d + (d if now % d > d / 2 else 0.0)  # the next tick at least d/2 away
+    async def _release_paused(self) -> None:
+        """While streams are paused after a delta: every ``batch_delay`` seconds wake those paused for the
+        current pause, and every second scale the pause by the delta rate (:data:`DELTA_RATE`). One timer
+        for all streams."""
+        loop = asyncio.get_running_loop()
+        paused = self._paused
+        while paused:
+            await asyncio.sleep(self.batch_delay)
+            now = loop.time()
+            if now - self._rate_since >= 1.0:
+                rate = self._delta_writes / (now - self._rate_since)
+                self._delta_writes, self._rate_since = 0, now
+                self._pause = min(MAX_PAUSE, max(self.batch_delay, self._pause * rate / DELTA_RATE))
+            due = now - self._pause + self.batch_delay / 2
+            while paused and paused[0][0] <= due:
+                paused.popleft()[1].wake.set()
 
     def shared_delta(self, s: MapStream) -> tuple[bool, bytes | None]:
         """The delta of ``s`` when it is the same for every stream at its version: (True, body or None when

@@ -450,6 +450,7 @@ class ControlClient:
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
         routable_ips: Sequence[str] | None = None,
+        accept: Sequence[str] | None = None,
     ) -> AsyncGenerator[NetMap, None]:
         """Open the map stream and yield the full netmap after each message the server sends: the netmap
         first, then the netmap with each delta applied (keepalives are consumed here).
@@ -458,7 +459,7 @@ class ControlClient:
         a new client): the server then sends only what changed since. Ends with ControlError when the stream
         breaks, the server closes it, or nothing arrives for ``stream_silence`` seconds; the caller
         reconnects (with its current endpoints) after :func:`tailpy.backoff.reconnect_delays`, as tailpyd's
-        session does.
+        session does. ``accept``: as for :meth:`stream_messages`.
         """
         state = self.map_state
         resume = None if state is None else (state.generation, state.version)
@@ -471,6 +472,7 @@ class ControlClient:
             home_derp=home_derp,
             disco_key=disco_key,
             routable_ips=routable_ips,
+            accept=accept,
         ):
             if first and msg.type == "netmap":
                 state = None  # the server could not resume: start over

@@ -25,9 +25,10 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, routable_ips?,
   resume?: {generation, version}, accept?: ["zstd", "patches"]}`` -> a stream (``application/x-ndjson``,
   chunked), one sealed message per line (zstd-compressed and with peer field patches when ``accept`` names
-  them: :mod:`tailpy.proto.mapcodec`): a full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the
-  node can see, keepalives after :attr:`ControlServer.keepalive` seconds of silence; the exact format is in
-  :mod:`tailpy.control.mapper`. The node is online while one of its map streams is open.
+  them: :mod:`tailpy.proto.mapcodec`): a full netmap (or, resuming, a delta since ``version``) first,
+  then a ``delta`` per change the node can see, keepalives after :attr:`ControlServer.keepalive` seconds
+  of silence; the exact format is in :mod:`tailpy.control.mapper`. The node is online while one of its
+  map streams is open.
 * ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?, routable_ips?}`` (at least one) ->
   sealed ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed
   on (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current

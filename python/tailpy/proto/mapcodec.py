@@ -37,7 +37,7 @@ ZSTD = zstandard is not None
 """Whether zstd frames can be made and read here."""
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-"""The first four bytes of a zstd frame (RFC 8878 section 3.1.1, ``Magic_Number`` 0xFD2FB528 little-endian)."""
+"""The first four bytes of a zstd frame (RFC 8878 3.1.1, ``Magic_Number`` 0xFD2FB528, little-endian)."""
 
 LEVEL = 1
 """Compression level: zstd's fastest standard level. At 10,000 peers a netmap's records shrink about 5 times
@@ -149,8 +149,9 @@ def compact_record(full: Mapping[str, Any]) -> dict[str, Any]:
 
 def patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
     """The field patch from record ``old`` to record ``new`` (both :meth:`tailpy.netmap.Node.to_json`
-    objects, full or compact, of the same node): ``{"id": id, field: new value, ...}`` with the fields that
-    differ; None when ``id``, ``node_key`` or ``machine_key`` differ (send the whole record) or nothing does."""
+    objects, full or compact, of the same node): ``{"id": id, field: new value, ...}`` with the fields
+    that differ; None when ``id``, ``node_key`` or ``machine_key`` differ (send the whole record) or when
+    nothing does."""
     if old.get("id") != new.get("id"):
         return None
     out: dict[str, Any] = {"id": new["id"]}

@@ -1,14 +1,19 @@
 """Control server scale: N simulated nodes streaming their netmaps from one `tailpy control serve` process.
 
     .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--policy none,realistic]
-        [--json] [--smoke]
+        [--plain] [--json] [--smoke]
 
 The server is a real subprocess on 127.0.0.1 with its own state dir. Simulated nodes live in ``--workers``
 separate processes (each holding thousands of streams): each has its own machine key and NaCl boxes and talks
 the real protocol through ``ControlClient`` (``stream_messages``: every message is opened and checked, full
-netmaps are not parsed into Node objects). Measured, per N:
+netmaps are not parsed into Node objects, but every message is opened, checked and inflated). The clients
+accept zstd and peer patches (:mod:`tailpy.proto.mapcodec`) unless ``--plain``. Measured, per N:
 
-* change: one node changes its endpoints; seconds until every other node has the delta (p50, p99, max);
+* streams up: seconds from the last registration to every node holding its first netmap
+  (``streams_up_s``; ``all_streams_ready_s`` counts from the start, registrations included), and the mean
+  size of a first netmap on the wire and as JSON (``first_map_kib``, ``first_map_json_kib``);
+* change: one node changes its endpoints; seconds until every other node has the delta (p50, p99, max),
+  and the mean size of that delta on the wire (``change_delta_bytes``);
 * join: a new node registers and opens its stream; seconds until every other node has seen it (p50, p99);
 * server CPU seconds (utime+stime from /proc/<pid>/stat) spent in the change and in the whole run, and its
   peak RSS (VmHWM, MiB).

@@ -91,10 +91,13 @@ DeviceFactory = Callable[[bytes], DataPlane]
 
 
 def check_login_server(url: str) -> str:
-    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port.
-    Raises ConfigError with what is wrong."""
+    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port; several such
+    URLs separated by commas (replicas of one control server: :func:`tailpy.control.client.control_urls`)
+    come back joined by commas. Raises ConfigError with what is wrong."""
     if not url:
         raise ConfigError("no login server yet: pass --login-server URL")
+    if "," in url:
+        return ",".join(check_login_server(u.strip()) for u in url.split(",") if u.strip())
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port

@@ -117,7 +117,7 @@ class Replicas:
 
     def online_nodes(self) -> set[int]:
         """Ids of the nodes with a map stream on a live replica."""
-        return {i for i in self.server.mapper.nodes if self.server.is_online(i)} | set(self.elsewhere)
+        return self.server.streaming() | set(self.elsewhere)
 
     def alive(self) -> dict[str, str]:
         """Replica id -> advertised URL of the live replicas (as of the last heartbeat; this one always)."""

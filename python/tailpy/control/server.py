@@ -378,6 +378,10 @@ class ControlServer:
         :meth:`Replicas.online`)."""
         return self._online[node_id] > 0
 
+    def streaming(self) -> set[int]:
+        """Ids of the nodes with a map stream open on this replica."""
+        return {i for i, c in self._online.items() if c > 0}
+
     def admin_changed(self, node_id: int) -> None:
         """An admin command changed node ``node_id`` (name, expiry, tags) or a login registered it: tell the
         nodes now."""

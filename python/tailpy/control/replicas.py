@@ -51,8 +51,9 @@ FEED_POLL = 1.0
 """Seconds between reads of the change feed without a notification (SQLite's only trigger)."""
 FEED_BATCH_DELAY = 0.02
 """Seconds after a read of the feed before the next (a burst of writes is read as one batch)."""
-PRUNE_EVERY = 30
-"""Heartbeats between prunings of the change feed."""
+PRUNE_INTERVAL = 60.0
+"""Seconds between prunings of the change feed (by each replica: all but the newest
+:data:`~tailpy.control.store.changes.KEEP` rows go)."""
 
 
 def new_replica_id() -> str:
@@ -245,11 +246,17 @@ class Replicas:
         return out
 
     async def _follow(self) -> None:
+        loop = asyncio.get_running_loop()
+        pruned = loop.time()
         while True:
             await wait_event(self._wake, self.poll_interval)
             self._wake.clear()
             try:
                 self.apply()
+                if loop.time() - pruned >= PRUNE_INTERVAL:
+                    pruned = loop.time()
+                    with self.engine.begin() as conn:
+                        changes.prune(conn)
             except sa.exc.SQLAlchemyError as e:
                 log.warning("change feed: cannot read the database: %s", e)
             await asyncio.sleep(FEED_BATCH_DELAY)
@@ -291,15 +298,10 @@ class Replicas:
         return dead
 
     async def _heartbeats(self) -> None:
-        beats = 0
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            beats += 1
             try:
                 dead = self._beat()
-                if beats % PRUNE_EVERY == 0:
-                    with self.engine.begin() as conn:
-                        changes.prune(conn)
             except sa.exc.SQLAlchemyError as e:
                 log.warning("replica %s: heartbeat failed: %s", self.id, e)
                 continue

@@ -79,6 +79,7 @@ _SQLITE_DDL = (
     "CREATE TABLE IF NOT EXISTS node_streams (node_id INTEGER NOT NULL, replica_id TEXT NOT NULL, "
     "opened REAL NOT NULL, PRIMARY KEY (node_id, replica_id))",
     "CREATE TABLE IF NOT EXISTS control_keys (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ix_node_streams_replica ON node_streams (replica_id)",
 )
 
 _PG_DDL = (
@@ -88,6 +89,7 @@ _PG_DDL = (
     "CREATE TABLE IF NOT EXISTS node_streams (node_id INTEGER NOT NULL, replica_id TEXT NOT NULL, "
     "opened DOUBLE PRECISION NOT NULL, PRIMARY KEY (node_id, replica_id))",
     "CREATE TABLE IF NOT EXISTS control_keys (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ix_node_streams_replica ON node_streams (replica_id)",
     f"""CREATE OR REPLACE FUNCTION tailpy_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   r RECORD;

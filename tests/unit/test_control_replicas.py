@@ -120,6 +120,8 @@ async def test_two_servers_on_one_sqlite_file(pair: Pair) -> None:
     await _until(sb, lambda nm: na.id in nm.peers and nm.peers[na.id].online)
     assert pair.servers[1].replicas.online(na.id) and not pair.servers[1].is_online(na.id)
     assert pair.servers[1].replicas.alive().keys() == {"r0", "r1"}
+    seen = pair.servers[1].replicas.live()
+    assert seen.node_online(na.id) and seen.replicas.keys() == {"r0", "r1"}
     pair.stores[0].rename_node(na.id, "renamed")
     pair.servers[0].admin_changed(na.id)
     await _until(sb, lambda nm: nm.peers[na.id].name == "renamed")

@@ -29,6 +29,8 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -54,6 +56,18 @@ FEED_BATCH_DELAY = 0.02
 PRUNE_INTERVAL = 60.0
 """Seconds between prunings of the change feed (by each replica: all but the newest
 :data:`~tailpy.control.store.changes.KEEP` rows go)."""
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Who is alive, at one moment (:meth:`Replicas.live`): ``online`` the ids of the nodes with a map
+    stream on a live replica; ``replicas`` live replica id -> advertised URL (this one included)."""
+
+    online: frozenset[int]
+    replicas: Mapping[str, str]
+
+    def node_online(self, node_id: int) -> bool:
+        return node_id in self.online
 
 
 def new_replica_id() -> str:
@@ -119,6 +133,12 @@ class Replicas:
     def online_nodes(self) -> set[int]:
         """Ids of the nodes with a map stream on a live replica."""
         return self.server.streaming() | set(self.elsewhere)
+
+    def live(self) -> Liveness:
+        """Which nodes are online and which replicas alive, as this replica knows now (from its own streams,
+        the last feed read and the last heartbeat): what an election among nodes (a primary subnet router)
+        decides on. O(online nodes)."""
+        return Liveness(frozenset(self.online_nodes()), self.alive())
 
     def alive(self) -> dict[str, str]:
         """Replica id -> advertised URL of the live replicas (as of the last heartbeat; this one always)."""
@@ -310,4 +330,4 @@ class Replicas:
                 self._wake.set()
 
 
-__all__ = ["FEED_POLL", "HEARTBEAT", "STALE_BEATS", "Replicas", "new_replica_id"]
+__all__ = ["FEED_POLL", "HEARTBEAT", "STALE_BEATS", "Liveness", "Replicas", "new_replica_id"]

@@ -15,7 +15,7 @@ import pytest
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control.client import control_urls
 from tailpy.control.store import changes
-from tailpy.daemon.backend import check_login_server
+from tailpy.daemon.backend import check_login_server, same_control
 from tailpy.errors import ConfigError, ControlError
 from tailpy.keys import MachinePrivate, NodePublic
 from tailpy.netmap import NetMap
@@ -152,3 +152,5 @@ def test_url_lists() -> None:
     assert check_login_server("http://a:1/,http://b:2/") == "http://a:1,http://b:2"
     with pytest.raises(ConfigError):
         check_login_server("http://a:1,ftp://b")
+    assert same_control("http://a:1", "http://b:2,http://a:1")
+    assert not same_control("http://a:1", "http://b:2") and not same_control("", "http://a:1")

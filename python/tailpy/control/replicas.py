@@ -51,7 +51,7 @@ STALE_BEATS = 3
 """Missed heartbeats after which a replica counts as dead (its nodes go offline)."""
 FEED_POLL = 1.0
 """Seconds between reads of the change feed without a notification (SQLite's only trigger)."""
-FEED_BATCH_DELAY = 0.02
+FEED_BATCH_DELAY = 0.05
 """Seconds after a read of the feed before the next (a burst of writes is read as one batch)."""
 PRUNE_INTERVAL = 60.0
 """Seconds between prunings of the change feed (by each replica: all but the newest

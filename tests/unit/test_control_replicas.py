@@ -154,3 +154,21 @@ def test_url_lists() -> None:
         check_login_server("http://a:1,ftp://b")
     assert same_control("http://a:1", "http://b:2,http://a:1")
     assert not same_control("http://a:1", "http://b:2") and not same_control("", "http://a:1")
+
+
+async def test_restarted_replica_forgets_the_streams_of_its_killed_predecessor(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    key = store.create_auth_key(reusable=False, expires=None, now=time.time()).key
+    node = store.register(mkey().public, nkey(), "alpha", key, time.time())
+    with store.engine.begin() as conn:  # as a replica "r0" killed while node streamed from it left it
+        changes.heartbeat(conn, "r0", "http://old", time.time(), started=time.time())
+        changes.stream_opened(conn, node.id, "r0", time.time())
+    server = ControlServer(store, replica_id="r0", heartbeat=0.3)
+    await server.start("127.0.0.1", 0)
+    try:
+        assert not server.replicas.online(node.id)
+        with store.engine.begin() as conn:
+            assert changes.streaming_elsewhere(conn, [node.id], "other", ["r0"]) == {}
+    finally:
+        await server.stop()
+        store.close()

@@ -151,6 +151,8 @@ class Replicas:
         first so that nodes streaming elsewhere count as online."""
         self._running = True
         if self.liveness:
+            with self.engine.begin() as conn:  # what an earlier process of this id left (killed): no streams
+                changes.leave(conn, self.id)
             self._beat()
             with self.engine.begin() as conn:
                 self.elsewhere = changes.streaming_elsewhere(conn, None, self.id, list(self._alive))
@@ -210,7 +212,6 @@ class Replicas:
         server = self.server
         total = 0
         while True:
-            now = time.time()
             with self.engine.begin() as conn:
                 batch = changes.read_since(conn, self.seq)
                 if batch.seq == self.seq:
@@ -220,7 +221,7 @@ class Replicas:
                 else:
                     found = self._read_nodes(conn, batch.nodes, server.clock())
                 if self.liveness:
-                    self._alive = changes.alive(conn, now, self.stale)
+                    self._alive = changes.alive(conn, changes.db_now(conn), self.stale)
                     ids = None if batch.lost else batch.nodes
                     seen = changes.streaming_elsewhere(conn, ids, self.id, list(self._alive))
             self.seq = batch.seq
@@ -304,8 +305,8 @@ class Replicas:
     def _beat(self) -> list[str]:
         """One heartbeat: refresh this replica's row (re-recording its streams when another replica took it
         for dead), remove dead replicas, note the live ones. Returns the ids removed."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = changes.db_now(conn)
             known = conn.execute(
                 sa.select(changes.replicas.c.id).where(changes.replicas.c.id == self.id)
             ).first()

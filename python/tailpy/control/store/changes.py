@@ -9,9 +9,9 @@
   transaction holds the database's one writer lock (:mod:`tailpy.control.store.database`), so a reader that
   keeps the last ``seq`` it applied and reads ``WHERE seq > last`` misses nothing. On PostgreSQL the trigger
   also sends ``NOTIFY`` :data:`CHANNEL` (delivered at commit) to wake the replicas' ``LISTEN`` connections.
-* ``replicas (id, url, started, heartbeat)``: each replica's row, its ``heartbeat`` (unix seconds) refreshed
-  every few seconds; a replica whose heartbeat is older than three intervals is dead, and the first live one
-  to notice removes it and its streams (:func:`reap`).
+* ``replicas (id, url, started, heartbeat)``: each replica's row, its ``heartbeat`` (unix seconds by the
+  database's clock, :func:`db_now`) refreshed every few seconds; a replica whose heartbeat is older than
+  three intervals is dead, and the first live one to notice removes it and its streams (:func:`reap`).
 * ``node_streams (node_id, replica_id, opened)``: which replica holds a map stream of which node. A node is
   online while it has a row on a live replica.
 * ``control_keys (name, value)``: the server's machine private key (``server``), shared by every replica
@@ -23,6 +23,7 @@ These tables and triggers are created on every open when missing (idempotent DDL
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -185,6 +186,14 @@ def prune(conn: Connection, keep: int = KEEP) -> int:
 # --- liveness -----------------------------------------------------------------------------------------------
 
 
+def db_now(conn: Connection) -> float:
+    """Unix seconds by the database's clock (PostgreSQL's ``clock_timestamp()``; SQLite, a file on this host:
+    this host's clock), so that heartbeats of replicas on hosts whose clocks differ compare."""
+    if conn.dialect.name == "postgresql":
+        return float(conn.exec_driver_sql("SELECT EXTRACT(EPOCH FROM clock_timestamp())").scalar_one())
+    return time.time()
+
+
 def heartbeat(conn: Connection, replica_id: str, url: str, now: float, *, started: float) -> None:
     """Insert or refresh replica ``replica_id``'s row (``url``: where nodes reach it)."""
     res = conn.execute(replicas.update().where(replicas.c.id == replica_id).values(url=url, heartbeat=now))
@@ -284,6 +293,7 @@ __all__ = [
     "USERS",
     "Batch",
     "alive",
+    "db_now",
     "heartbeat",
     "install",
     "last_seq",

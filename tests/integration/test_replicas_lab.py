@@ -96,7 +96,7 @@ def test_nodes_keep_pinging_while_their_replica_is_killed(lab: Lab, pg_url: str)
     n2.cli("up", "--login-server", f"{r2.url},{r1.url}", "--hostname", "n2", "--auth-key", key)
     n1.wait_peers(1)
     n2.wait_peers(1)
-    n1.ping(n2.ip(), count=2)
+    wait_for(lambda: n1.pings(n2.ip()), timeout=30, what="n1 to reach n2", interval=0.2)
 
     # a change on c1 (rename n1) reaches n2, which streams from c2
     r1.control("nodes", "rename", "n1", "first")

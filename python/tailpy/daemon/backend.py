@@ -208,7 +208,7 @@ class Backend:
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._up_tags: tuple[str, ...] | None = None  # --advertise-tags of the `up` in progress (None: keep)
         self._up_routes: dict[str, Any] = {}  # the route prefs the `up` in progress gives (ROUTE_PREFS keys)
-        self._router_factory = router_factory if self._configure_os else None
+        self._router_factory = None if userspace else router_factory
         self._router: OSRouter | None = None
         self._router_applied: tuple[tuple[str, ...], RoutePlan] | None = None
         self._peer_ips: dict[bytes, list[str]] = {}  # each peer's allowed IPs in the data plane

@@ -312,7 +312,7 @@ def evaluate(tracker: Tracker, watch: HandshakeWatch, i: Inputs) -> None:
     tracker.set(FIREWALL, {"text": "; ".join(i.firewall)} if i.firewall else None)
     skew = clock_skew_text(i.clock_skew)
     tracker.set(CLOCK_SKEW, {"skew": skew} if skew is not None and i.following else None)
-    tracker.set(EXIT_NODE, {"problem": i.exit_node_error} if i.exit_node_error and i.following else None)
+    tracker.set(EXIT_NODE, {"problem": i.exit_node_error} if i.exit_node_error else None)
 
 
 @dataclass

@@ -148,14 +148,20 @@ class RoutePlan:
     snat_subnet_routes: bool = True
 
 
-def route_plan(prefs: RoutePrefs, peers: Iterable[nm.Node], lan_prefixes: Sequence[str] = ()) -> RoutePlan:
-    """The OS routing for ``prefs`` and the netmap's ``peers``: ``routes`` = the tailnet ranges, the peers'
-    subnet routes when accepting routes (except the ones this node advertises itself: its own LAN is
+def route_plan(
+    prefs: RoutePrefs,
+    peers: Iterable[nm.Node],
+    lan_prefixes: Sequence[str] = (),
+    tailnet: Sequence[str] = TAILNET_RANGES,
+) -> RoutePlan:
+    """The OS routing for ``prefs`` and the netmap's ``peers``: ``routes`` = the ``tailnet`` ranges (both
+    by default; the router's own choice, such as the families the TUN has addresses in), the peers' subnet
+    routes when accepting routes (except the ones this node advertises itself: its own LAN is
     reached directly), and both exit routes whenever an exit node is chosen, usable or not (fail closed);
     ``local_routes`` = ``lan_prefixes`` (the host's LANs, canonical CIDR) with an exit node and
     ``exit_node_allow_lan_access``; ``subnet_routes`` = the advertised subnet routes (no exit routes)."""
     own = set(prefs.advertise_routes)
-    routes: list[str] = list(TAILNET_RANGES)
+    routes: list[str] = list(tailnet)
     if prefs.accept_routes:
         for node in sorted(peers, key=lambda n: n.id):
             for prefix in node.effective_allowed_ips():

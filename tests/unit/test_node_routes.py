@@ -584,6 +584,12 @@ async def test_set_through_the_local_api(tmp_path: Path, monkeypatch: pytest.Mon
             assert StateStore(state_dir).load_or_create().hostname == "renamed"
             with pytest.raises(ConfigError, match="unknown preference 'bogus'"):
                 await client.set({"bogus": 1})
+            # a later `up` changes only the route flags it gives
+            await client.up(url, None, None, routes={"accept_routes": True, "advertise_exit_node": False})
+            saved = StateStore(state_dir).load_or_create()
+            assert saved.accept_routes and saved.advertise_routes == (LAN,) and saved.hostname == "renamed"
+            st = await until(lambda st: st.backend_state == "Running" and st.peers)
+            assert st.self_node.node_key == node_key
 
             got = await asyncio.to_thread(tailpy_cli, "exit-node", "list", "--json")
             assert got.exit_code == 0 and json.loads(got.output) == []
@@ -591,7 +597,7 @@ async def test_set_through_the_local_api(tmp_path: Path, monkeypatch: pytest.Mon
             assert got.exit_code == 0 and "no peer offers" in got.output
             got = await asyncio.to_thread(tailpy_cli, "status", "--json")
             doc = json.loads(got.output)
-            assert doc["exit_node"] is None and doc["self"]["advertised_routes"] == [LAN, *EXIT_ROUTES]
+            assert doc["exit_node"] is None and doc["self"]["advertised_routes"] == [LAN]
             assert doc["peers"][0]["exit_node_option"] is False
             await client.down()
             await asyncio.wait_for(daemon, 20)

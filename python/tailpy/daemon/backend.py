@@ -285,8 +285,9 @@ class Backend:
         s = self.state_data
         self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
-        given = self.check_prefs(routes or {})
-        if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
+        waiting = self._login is not None and not auth_key and not force_reauth and url == self._login_server
+        given = self.check_prefs(routes or {}, self._up_routes if waiting else None)
+        if waiting:
             if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
                 self._up_accept_dns = accept_dns
             self._up_routes.update(given)
@@ -836,13 +837,16 @@ class Backend:
             len(want[1].subnet_routes),
         )
 
-    def check_prefs(self, given: Mapping[str, Any]) -> dict[str, Any]:
+    def check_prefs(
+        self, given: Mapping[str, Any], pending: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Route preferences as the local API gives them (:data:`PREF_KEYS`; a key absent or None is not
         given), checked and in canonical form, as :data:`ROUTE_PREFS` fields: ``advertise_routes`` a list of
         CIDR prefixes or a comma-separated string (:func:`tailpy.routes.parse_routes`; the exit routes in it
         stay as they are unless given there or by ``advertise_exit_node``), ``exit_node`` a string checked
-        against the netmap (:func:`tailpy.daemon.routing.check_exit_node`), the rest booleans. Raises
-        ConfigError with one sentence (nothing is changed)."""
+        against the netmap (:func:`tailpy.daemon.routing.check_exit_node`), the rest booleans. ``pending``:
+        preferences an `up` still waiting for its login gives, over the state file's. Raises ConfigError with
+        one sentence (nothing is changed)."""
         out: dict[str, Any] = {}
         exit_flag: bool | None = None
         for name, value in given.items():
@@ -868,7 +872,7 @@ class Backend:
                     raise ConfigError(f"{name} must be true or false")
                 out[name] = value
         if "advertise_routes" in out or exit_flag is not None:
-            current = self._up_routes.get("advertise_routes", self.state_data.advertise_routes)
+            current = (pending or {}).get("advertise_routes", self.state_data.advertise_routes)
             routes = out.get("advertise_routes", current)
             offer = has_exit_routes(current) or has_exit_routes(routes) if exit_flag is None else exit_flag
             out["advertise_routes"] = subnet_routes(routes) + (EXIT_ROUTES if offer else ())

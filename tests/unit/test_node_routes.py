@@ -178,7 +178,7 @@ def test_exit_node_resolution_by_name_fqdn_and_ip() -> None:
     assert "no netmap" in resolve_exit_node(None, "n2").problem
     with pytest.raises(ConfigError, match="no peer 'nope'"):
         check_exit_node(nmap, "nope")
-    with pytest.raises(ConfigError, match="is this node"):
+    with pytest.raises(ConfigError, match="its own exit node"):
         check_exit_node(nmap, "n1.tail.example")
     with pytest.raises(ConfigError, match="n3 is not an exit node"):
         check_exit_node(nmap, "n3")

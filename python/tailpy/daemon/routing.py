@@ -125,7 +125,10 @@ def check_exit_node(netmap: nm.NetMap | None, want: str) -> None:
         return
     node, is_self = _find(netmap, want)
     if is_self:
-        raise ConfigError(f"{want} is this node: choose a peer as exit node (see `tailpy exit-node list`)")
+        raise ConfigError(
+            f"{want} is this node itself: a node cannot be its own exit node; choose a peer (see "
+            "`tailpy exit-node list`)"
+        )
     if node is None:
         raise ConfigError(f"no peer {want!r} in this tailnet: see `tailpy exit-node list` for exit nodes")
     if not node.exit_node_option():

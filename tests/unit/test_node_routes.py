@@ -195,7 +195,7 @@ def test_route_plan() -> None:
     own = RoutePrefs(advertise_routes=(LAN, *EXIT_ROUTES), accept_routes=True, snat_subnet_routes=False)
     plan = route_plan(own, peers)
     assert plan.routes == (*base, "203.0.113.0/24")
-    assert plan.subnet_routes == (LAN,) and plan.snat_subnet_routes is False
+    assert plan.subnet_routes == (LAN, *EXIT_ROUTES) and plan.snat_subnet_routes is False  # it forwards both
     lan = ("192.0.2.0/24",)
     plan = route_plan(RoutePrefs(exit_node="n2"), peers, lan)
     assert plan.routes == (*base, *EXIT_ROUTES) and plan.local_routes == ()
@@ -384,7 +384,7 @@ async def test_set_advertise_routes_keeps_the_other_half(tmp_path: Path) -> None
     assert advertised(b) == (LAN, *EXIT_ROUTES)
     await b.set_prefs(routes={"advertise_routes": f"{LAN6},{LAN}"})  # the exit routes stay
     assert advertised(b) == (LAN6, LAN, *EXIT_ROUTES)
-    assert routers[0].applied[-1][1].subnet_routes == (LAN6, LAN)
+    assert routers[0].applied[-1][1].subnet_routes == (LAN6, LAN, *EXIT_ROUTES)
     await b.set_prefs(routes={"advertise_exit_node": False, "snat_subnet_routes": False})
     assert advertised(b) == (LAN6, LAN)
     assert routers[0].applied[-1][1].snat_subnet_routes is False

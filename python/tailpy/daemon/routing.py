@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tailpy import netmap as nm
 from tailpy.errors import ConfigError
-from tailpy.routes import EXIT_ROUTES, TAILNET_RANGES, is_exit_route, subnet_routes
+from tailpy.routes import EXIT_ROUTES, TAILNET_RANGES, is_exit_route
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,8 @@ def route_plan(
     routes when accepting routes (except the ones this node advertises itself: its own LAN is
     reached directly), and both exit routes whenever an exit node is chosen, usable or not (fail closed);
     ``local_routes`` = ``lan_prefixes`` (the host's LANs, canonical CIDR) with an exit node and
-    ``exit_node_allow_lan_access``; ``subnet_routes`` = the advertised subnet routes (no exit routes)."""
+    ``exit_node_allow_lan_access``; ``subnet_routes`` = every advertised route, the exit routes included
+    (what this node forwards for the tailnet: a LAN behind it, or the internet as an exit node)."""
     own = set(prefs.advertise_routes)
     routes: list[str] = list(tailnet)
     if prefs.accept_routes:
@@ -180,7 +181,7 @@ def route_plan(
     return RoutePlan(
         routes=tuple(routes),
         local_routes=local,
-        subnet_routes=subnet_routes(prefs.advertise_routes),
+        subnet_routes=tuple(prefs.advertise_routes),
         snat_subnet_routes=prefs.snat_subnet_routes,
     )
 

@@ -377,7 +377,7 @@ def advertised(b: Backend) -> tuple[str, ...]:
 
 async def test_set_advertise_routes_keeps_the_other_half(tmp_path: Path) -> None:
     b, _, routers = await routed_backend(tmp_path)
-    b.apply_netmap(netmap())
+    b.apply_netmap(netmap(router(2, *EXIT_ROUTES)))
     await b.set_prefs(routes={"advertise_routes": [LAN]})
     assert advertised(b) == (LAN,)
     await b.set_prefs(routes={"advertise_exit_node": True})
@@ -393,6 +393,10 @@ async def test_set_advertise_routes_keeps_the_other_half(tmp_path: Path) -> None
         await b.set_prefs(routes={"advertise_routes": ["198.51.100.1/24"]})
     with pytest.raises(ConfigError, match="true or false"):
         await b.set_prefs(routes={"accept_routes": "yes"})
+    await b.set_prefs(routes={"advertise_exit_node": True})
+    with pytest.raises(ConfigError, match="cannot offer itself as an exit node and use one"):
+        await b.set_prefs(routes={"exit_node": "n2"})
+    await b.set_prefs(routes={"advertise_exit_node": False})
     assert advertised(b) == (LAN6, LAN)
     await b.close()
 

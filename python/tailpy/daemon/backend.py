@@ -846,7 +846,7 @@ class Backend:
         stay as they are unless given there or by ``advertise_exit_node``), ``exit_node`` a string checked
         against the netmap (:func:`tailpy.daemon.routing.check_exit_node`), the rest booleans. ``pending``:
         preferences an `up` still waiting for its login gives, over the state file's. Raises ConfigError with
-        one sentence (nothing is changed)."""
+        one sentence (nothing is changed), also when the node would offer to be an exit node and use one."""
         out: dict[str, Any] = {}
         exit_flag: bool | None = None
         for name, value in given.items():
@@ -876,6 +876,12 @@ class Backend:
             routes = out.get("advertise_routes", current)
             offer = has_exit_routes(current) or has_exit_routes(routes) if exit_flag is None else exit_flag
             out["advertise_routes"] = subnet_routes(routes) + (EXIT_ROUTES if offer else ())
+        now = {**{k: getattr(self.state_data, k) for k in ROUTE_PREFS}, **(pending or {}), **out}
+        if now["exit_node"] and has_exit_routes(now["advertise_routes"]):
+            raise ConfigError(
+                "this node cannot offer itself as an exit node and use one at the same time (as in "
+                "Tailscale): give --advertise-exit-node=false or --exit-node="
+            )
         return out
 
     async def set_prefs(

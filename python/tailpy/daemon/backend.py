@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
@@ -748,8 +748,14 @@ class Backend:
             if old.node_key != node.node_key:
                 dev.remove_peer(old.node_key.raw)
                 self._peer_ips.pop(old.node_key.raw, None)
+        before = self.exit_choice.node
         self.exit_choice = resolve_exit_node(new, self.state_data.exit_node)
-        self._set_peers(dev, wanted)
+        after = self.exit_choice.node
+        touched = [*d.added, *(node for _, node in d.changed)]
+        if (before and before.node_key) != (after and after.node_key):  # exit routes move between peers
+            keys = {n.node_key for n in (before, after) if n is not None}
+            touched += [n for n in wanted.peers.values() if n.node_key in keys]
+        self._set_peers(dev, touched)
         self._apply_filter(dev, new.packet_filter)
         self.netmap, self._applied = new, wanted
         if self._netmap_since is None:
@@ -789,9 +795,9 @@ class Backend:
             exit_node=exit_node is not None and exit_node.node_key == node.node_key,
         )
 
-    def _set_peers(self, dev: DataPlane, netmap: nm.NetMap) -> None:
-        """Give the data plane each peer of ``netmap`` whose allowed IPs are new or changed."""
-        for node in netmap.peers.values():
+    def _set_peers(self, dev: DataPlane, peers: Iterable[nm.Node]) -> None:
+        """Give the data plane each of ``peers`` whose allowed IPs are new or changed."""
+        for node in peers:
             ips = self.peer_allowed_ips(node)
             if self._peer_ips.get(node.node_key.raw) != ips:
                 dev.set_peer(node.node_key.raw, allowed_ips=ips)
@@ -803,7 +809,7 @@ class Backend:
         if self.netmap is None or self.device is None or self._applied is None:
             return
         self.exit_choice = resolve_exit_node(self.netmap, self.state_data.exit_node)
-        self._set_peers(self.device, self._applied)
+        self._set_peers(self.device, self._applied.peers.values())
         self._apply_router()
         self.changed.set()
 

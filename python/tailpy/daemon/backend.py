@@ -453,7 +453,7 @@ class Backend:
         self._up_routes = {}
         self._fire(Event.REGISTERED)
         self._apply_self(node)
-        self._apply_routes()  # preferences this `up` changed, on the netmap the node has
+        self._apply_prefs()  # preferences this `up` changed, on the netmap the node has
         self.session.start()
 
     # -- interactive login -----------------------------------------------------------------------------
@@ -803,7 +803,7 @@ class Backend:
                 dev.set_peer(node.node_key.raw, allowed_ips=ips)
                 self._peer_ips[node.node_key.raw] = ips
 
-    def _apply_routes(self) -> None:
+    def _apply_prefs(self) -> None:
         """The route preferences changed: resolve the exit node again, and bring the peers' allowed IPs and
         the host's routing in line (nothing before the first netmap)."""
         if self.netmap is None or self.device is None or self._applied is None:
@@ -956,7 +956,7 @@ class Backend:
         if self.dns is not None and accept_dns is not None and self.netmap is not None and self.device:
             expired = self.netmap.self_node.expired
             self.dns.apply(self.netmap, accept_dns=s.accept_dns and not expired, tun=self.device.tun_name)
-        self._apply_routes()
+        self._apply_prefs()
         self.changed.set()
 
     def _apply_filter(self, dev: DataPlane, rules: tuple[FilterRule, ...] | None) -> None:

@@ -273,7 +273,8 @@ def command(
     kept = kept_tags(_tags(advertise_tags), st.self_node.tags)
     if kept:
         raise ConfigError(kept)
-    for note in (name_note(hostname, st), awaiting_note(st) if "advertise_routes" in routes else ""):
+    advertised = {"advertise_routes", "advertise_exit_node"} & set(routes)
+    for note in (name_note(hostname, st), awaiting_note(st) if advertised else ""):
         if note:
             console.print(note, highlight=False, markup=False, soft_wrap=True)
 

@@ -36,6 +36,7 @@ from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules
+from tailpy.daemon.router import tailnet_routes
 from tailpy.daemon.routing import (
     ExitChoice,
     RoutePlan,
@@ -114,9 +115,9 @@ PREF_KEYS = (*ROUTE_PREFS, "advertise_exit_node")
 
 
 class OSRouter(Protocol):
-    """The host's routing for this node's TUN (:class:`tailpy.daemon.router.Router` behind an adapter that
-    builds its ``RouterConfig``): ``apply(addresses, plan)`` (idempotent; DeviceError with one sentence),
-    ``close()`` undoes everything."""
+    """The host's routing for this node's TUN (:class:`tailpy.daemon.router.PlanRouter`, which builds the
+    router's ``RouterConfig``; a Protocol, so tests can pass their own): ``apply(addresses, plan)``
+    (idempotent; DeviceError with one sentence), ``close()`` undoes everything."""
 
     def apply(self, addresses: tuple[str, ...], plan: RoutePlan) -> None: ...
     def close(self) -> None: ...
@@ -150,8 +151,9 @@ class Backend:
     firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
     running event loop. ``userspace``: the device is a userspace one (its stack gets the node's addresses;
     the host is left alone whatever ``configure_os`` says, but its interfaces are still read for this
-    node's endpoints). ``router_factory``: the host's routing for subnet routes and exit nodes (None, and in
-    userspace mode: none; routes then stay as :func:`tailpy.daemon.netconf.configure_tun` sets them)."""
+    node's endpoints). ``router_factory(tun)``: the host's routing into the TUN, the tailnet ranges and
+    what the route preferences add (:class:`tailpy.daemon.router.PlanRouter` in tailpyd; None, and in
+    userspace mode: no route into the TUN is made)."""
 
     USERSPACE_TUN = "userspace-networking"
     """What status shows as the TUN of a userspace node (tailscaled's ``--tun`` value for it)."""
@@ -824,7 +826,8 @@ class Backend:
         if s.exit_node and s.exit_node_allow_lan_access:
             tun = self.device.tun_name
             lan = lan_prefixes(i.network for i in netconf.local_addresses(exclude_ifaces=(tun,)))
-        want = (tuple(s.addresses), route_plan(self.route_prefs(), peers, lan))
+        addresses = tuple(s.addresses)
+        want = (addresses, route_plan(self.route_prefs(), peers, lan, tailnet=tailnet_routes(addresses)))
         if want == self._router_applied:
             return
         try:
@@ -993,6 +996,7 @@ class Backend:
             cast(UserspaceDataPlane, self.device).set_addresses(addresses)
         elif self._configure_os:
             netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
+            self._apply_router()  # the tailnet ranges into the TUN (table 52), also before a netmap
 
     @property
     def tun_name(self) -> str | None:
@@ -1044,7 +1048,7 @@ class Backend:
         router, self._router, self._router_applied = self._router, None, None
         if router is not None:
             try:
-                router.close()  # the host's routes and rules back as they were
+                router.close()  # the host's routes and rules back as they were, before the TUN goes
             except TailpyError as e:
                 log.error("routing: %s", e)
         if self.firewall is not None:

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from tailpy.asyncutil import wait_event
-from tailpy.control.store import changes, schema
+from tailpy.control.primaries import StoredPrimaries
+from tailpy.control.store import changes, primaries, schema
 from tailpy.control.store import nodes as node_repo
 from tailpy.netmap import Node
 
@@ -118,6 +119,11 @@ class Replicas:
         self._running = False
         with self.engine.begin() as conn:
             self.seq = changes.last_seq(conn)
+        self.primaries = StoredPrimaries(
+            self.engine, shared=self.liveness, clock=server.clock, stale=lambda: self.stale
+        )
+        """The primary subnet routers, as the database has them (the mapper's election)."""
+        server.mapper.primary = self.primaries
 
     @property
     def stale(self) -> float:
@@ -162,6 +168,7 @@ class Replicas:
                 if known is not None:
                     self.server.mapper.publish(known)  # (online now)
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="replica-heartbeat"))
+        self._reroute(self.primaries.settle_all())  # (rows naming routers that went offline meanwhile)
         self._tasks.append(asyncio.create_task(self._follow(), name="change-feed"))
         if self.postgres:
             self._tasks.append(asyncio.create_task(self._listen(), name="change-listen"))
@@ -224,6 +231,7 @@ class Replicas:
                     self._alive = changes.alive(conn, changes.db_now(conn), self.stale)
                     ids = None if batch.lost else batch.nodes
                     seen = changes.streaming_elsewhere(conn, ids, self.id, list(self._alive))
+                routes = primaries.read_all(conn) if batch.lost or changes.ROUTES in batch.kinds else None
             self.seq = batch.seq
             self.applied += 1
             total += len(batch.nodes) + len(batch.kinds)
@@ -235,6 +243,8 @@ class Replicas:
                         self.elsewhere.pop(i, None)
                     self.elsewhere.update(seen)
                 server.mapper.elsewhere = set(self.elsewhere)
+            if routes is not None:  # (before the batch's records are published: they show the new primaries)
+                self._reroute(self.primaries.sync(routes) - batch.nodes)
             if found is None:
                 log.warning("change feed: pruned past this replica's position; reloading every node")
                 server._changed()
@@ -255,6 +265,14 @@ class Replicas:
         if total:
             server._lifecycle()
         return total
+
+    def _reroute(self, ids: set[int]) -> None:
+        """The primary routes of nodes ``ids`` changed: publish their records again."""
+        mapper = self.server.mapper
+        for i in sorted(ids):
+            known = mapper.nodes.get(i)
+            if known is not None:
+                mapper.publish(known)
 
     @staticmethod
     def _read_nodes(conn: sa.Connection, ids: frozenset[int], now: float) -> list[Node]:

@@ -50,6 +50,17 @@ def allowed_ips(addresses: Iterable[str], primary: Iterable[str], exit_node: boo
     return (*addresses, *primary, *(EXIT_ROUTES if exit_node else ()))
 
 
+def choose_primary(current: int | None, eligible: Iterable[int]) -> int | None:
+    """The election of one subnet prefix (Headscale's ``hscontrol/routes/primary.go``): ``current`` (the
+    primary so far, None: none) stays while it is in ``eligible`` (the ids of the nodes that serve the prefix,
+    are online and whose key is valid), so a router that comes back takes nothing back; otherwise the lowest
+    eligible id; None when nobody is eligible."""
+    routers = set(eligible)
+    if current is not None and current in routers:
+        return current
+    return min(routers) if routers else None
+
+
 class PrimaryRoutes:
     """The primary router of each subnet prefix. Feed it each node's *eligible* routes with :meth:`update`
     (the subnet routes it serves when it is online and its key valid, else none) and :meth:`remove`
@@ -81,21 +92,27 @@ class PrimaryRoutes:
                     del self._routers[p]
         for p in new - old:
             self._routers.setdefault(p, set()).add(node_id)
-        changed: set[int] = set()
-        for p in old ^ new:
-            changed |= self._elect(p)
-        return changed
+        return self._elect(old ^ new)
 
     def remove(self, node_id: int) -> set[int]:
         """Node ``node_id`` left: it serves nothing. Returns the ids whose primary routes changed."""
         return self.update(node_id, ())
 
-    def _elect(self, prefix: str) -> set[int]:
-        routers = self._routers.get(prefix, set())
+    def _elect(self, prefixes: Iterable[str]) -> set[int]:
+        """Run the election of each of ``prefixes`` (whose routers changed) on this object's view of the
+        routers; returns the ids of the nodes whose primary routes changed. A subclass may decide elsewhere
+        (on a shared view) and record the outcome with :meth:`_set`."""
+        changed: set[int] = set()
+        for p in prefixes:
+            changed |= self._set(p, choose_primary(self._primary.get(p), self._routers.get(p, ())))
+        return changed
+
+    def _set(self, prefix: str, new: int | None) -> set[int]:
+        """Make ``new`` the primary of ``prefix`` (None: nobody); returns the ids whose primary routes
+        changed (the old and the new primary; empty when it stays)."""
         cur = self._primary.get(prefix)
-        if cur is not None and cur in routers:
+        if cur == new:
             return set()
-        new = min(routers) if routers else None
         changed = set()
         if cur is not None:
             del self._primary[prefix]
@@ -184,6 +201,7 @@ __all__ = [
     "allowed_ips",
     "approver_matches",
     "auto_approved",
+    "choose_primary",
     "node_served",
     "served_routes",
 ]

@@ -4,7 +4,9 @@
 * ``changes (seq, kind, node_id)``: one row per write that changes what nodes see, appended by database
   triggers in the writing transaction itself (so every writer counts: a replica, ``tailpy control`` admin
   commands, a future column): ``kind`` ``"node"`` (a ``nodes`` row inserted, updated or deleted, or a
-  ``node_streams`` row: the node went online or offline; ``node_id`` set), ``"policy"`` (``policies``),
+  ``node_streams`` row: the node went online or offline; ``node_id`` set), ``"routes"`` (a primary subnet
+  router changed, :mod:`tailpy.control.store.primaries`: ``node_id`` the old or the new router; its record
+  changes too), ``"policy"`` (``policies``),
   ``"settings"`` (domain, prefixes, DNS) or ``"users"``. ``seq`` grows with commit order, because every
   transaction holds the database's one writer lock (:mod:`tailpy.control.store.database`), so a reader that
   keeps the last ``seq`` it applied and reads ``WHERE seq > last`` misses nothing. On PostgreSQL the trigger
@@ -36,7 +38,7 @@ CHANNEL = "tailpy_changes"
 KEEP = 100_000
 """Rows of the change feed kept (older ones are pruned; a replica further behind reloads every node)."""
 
-NODE, POLICY, SETTINGS, USERS = "node", "policy", "settings", "users"
+NODE, POLICY, ROUTES, SETTINGS, USERS = "node", "policy", "routes", "settings", "users"
 
 _meta = sa.MetaData()
 changes = sa.Table(
@@ -169,7 +171,7 @@ def read_since(conn: Connection, seq: int, limit: int = 50_000) -> Batch:
         return Batch(seq, frozenset(), frozenset())
     pruned = conn.execute(sa.select(control_keys.c.value).where(control_keys.c.name == "pruned")).first()
     lost = pruned is not None and seq < int(pruned.value)
-    nodes = frozenset(int(r.node_id) for r in rows if r.kind == NODE and r.node_id is not None)
+    nodes = frozenset(int(r.node_id) for r in rows if r.kind in (NODE, ROUTES) and r.node_id is not None)
     kinds = frozenset(str(r.kind) for r in rows if r.kind != NODE)
     return Batch(int(rows[-1].seq), nodes, kinds, lost)
 
@@ -289,6 +291,7 @@ __all__ = [
     "KEEP",
     "NODE",
     "POLICY",
+    "ROUTES",
     "SETTINGS",
     "USERS",
     "Batch",

@@ -77,8 +77,8 @@ class Replica:
 @dataclass
 class Follower:
     """A node following its map stream through ``client``, reconnecting after :data:`RECONNECT` seconds when
-    the stream ends (to the next of the client's URLs). ``netmap``: the latest; ``maps``: how many arrived;
-    ``url``: the replica the current stream is on."""
+    the stream ends (to the next of the client's URLs), advertising ``routable_ips``. ``netmap``: the
+    latest; ``maps``: how many arrived; ``url``: the replica the current stream is on."""
 
     client: ControlClient
     node_key: NodePublic
@@ -86,6 +86,7 @@ class Follower:
     netmap: NetMap | None = None
     maps: int = 0
     url: str = ""
+    routable_ips: tuple[str, ...] | None = None  # the routes it advertises (a subnet router)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -96,7 +97,9 @@ class Follower:
         while True:
             try:
                 self.url = self.client.server_url
-                async for nm in self.client.stream_map(self.node_key, [], self.hostname):
+                async for nm in self.client.stream_map(
+                    self.node_key, [], self.hostname, routable_ips=self.routable_ips
+                ):
                     self.netmap, self.maps = nm, self.maps + 1
                     self.changed.set()
             except ControlError:

@@ -386,7 +386,7 @@ class Admin:
 
     def _router_json(self, node: Node) -> dict[str, Any]:
         """A node's routes for ``routes.list`` (see the module docstring)."""
-        online = self.server is not None and self.server.is_online(node.id)
+        online = self.server is not None and self.server.replicas.online(node.id)  # (on any live replica)
         primaries = self.server.mapper.primary if self.server is not None else None
         served = set(node_served(node))
         approved = set(node.approved_routes)

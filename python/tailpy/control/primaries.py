@@ -58,22 +58,29 @@ class StoredPrimaries(PrimaryRoutes):
         todo = set(prefixes) | self._dirty
         if not todo:
             return set()
-        return self._settle(todo)
+        out = self._settle(todo)
+        if out is None:  # (the database is unreachable: this replica's own view decides meanwhile)
+            return super()._elect(todo)
+        return self._apply(out)
 
-    def _settle(self, prefixes: set[str] | None) -> set[int]:
+    def _settle(self, prefixes: set[str] | None) -> dict[str, int | None] | None:
+        """Settle ``prefixes`` (None: all) in the database; returns prefix -> primary, or None (the prefixes
+        marked for another try) when the database cannot be written."""
         eligible = None if self.shared else self._local(prefixes)
         try:
             with self.engine.begin() as conn:
                 out = store.settle(conn, prefixes, self.clock(), stale=self.stale(), eligible=eligible)
         except sa.exc.SQLAlchemyError as e:
             log.warning("primary routes: cannot settle them in the database (%s); deciding locally", e)
-            local = set(self._primary) | set(self._routers) if prefixes is None else prefixes
-            self._dirty |= local
-            return super()._elect(local)
+            self._dirty |= set(self._primary) | set(self._routers) if prefixes is None else prefixes
+            return None
         self.settlements += 1
         self._dirty -= set(out)
         if prefixes is None:  # (prefixes neither stored nor eligible: nobody)
             out.update({p: None for p in self._primary if p not in out})
+        return out
+
+    def _apply(self, out: Mapping[str, int | None]) -> set[int]:
         changed: set[int] = set()
         for p, n in out.items():
             changed |= self._set(p, n)
@@ -86,17 +93,19 @@ class StoredPrimaries(PrimaryRoutes):
     def settle_all(self) -> set[int]:
         """Run the election of every prefix (stored or served): at start, when rows may name routers that
         went offline while no replica ran. Returns the ids whose primary routes changed."""
-        return self._settle(None)
+        out = self._settle(None)
+        return super()._elect(self._dirty) if out is None else self._apply(out)
 
     def sync(self, rows: Mapping[str, int]) -> set[int]:
         """The table as just read (:func:`tailpy.control.store.primaries.read_all`): take its primaries, and
         settle again what failed before. Returns the ids whose primary routes changed."""
-        changed: set[int] = set()
-        for p in set(self._primary) | set(rows):
-            changed |= self._set(p, rows.get(p))
+        out: dict[str, int | None] = {p: rows.get(p) for p in set(self._primary) | set(rows)}
         if self._dirty:
-            changed |= self._settle(set(self._dirty))
-        return changed
+            again = self._settle(set(self._dirty))
+            for p in self._dirty if again is None else again:  # (still unreachable: the local view stays)
+                out.pop(p, None)
+            out.update(again or {})
+        return self._apply(out)
 
 
 __all__ = ["StoredPrimaries"]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tailpy.control.store import authkeys, changes, database, nodes, pending, primaries, schema, settings, users
+from tailpy.control.store import authkeys, changes, database, nodes, pending, schema, settings, users
 from tailpy.control.store import policy as policy_repo
+from tailpy.control.store import primaries as route_primaries
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE, AddressAllocator
 from tailpy.control.store.authkeys import AuthKey
 from tailpy.control.store.nodes import DEFAULT_KEY_LIFETIME, TagCheck
@@ -102,7 +103,7 @@ class Store:
         with self.engine.begin() as conn:
             v = schema.migrate(conn, self.where)
             changes.install(conn)  # the change feed and replica liveness (not a schema version)
-            primaries.install(conn)  # the primary subnet routers (not a schema version)
+            route_primaries.install(conn)  # the primary subnet routers (not a schema version)
             return v
 
     def schema_version(self) -> int:

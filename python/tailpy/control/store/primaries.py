@@ -136,7 +136,9 @@ def settle(
     (:func:`eligible_routers` with ``now`` and ``stale``). Run it in its own transaction: the writer lock
     makes it a compare-and-set against every other replica's."""
     stored = read_all(conn)
-    routers = eligible_routers(conn, now, stale) if eligible is None else {p: set(v) for p, v in eligible.items()}
+    routers = (
+        eligible_routers(conn, now, stale) if eligible is None else {p: set(v) for p, v in eligible.items()}
+    )
     todo = sorted(set(stored) | set(routers)) if prefixes is None else sorted(set(prefixes))
     out: dict[str, int | None] = {}
     since: float | None = None

@@ -199,6 +199,33 @@ class PingStats:
 _SEQ = re.compile(r"icmp_seq=(\d+)")
 
 
+def ping_seqs(text: str) -> tuple[set[int], int]:
+    """From iputils ``ping -O`` output: the probe numbers answered, and the highest probe number reported
+    (answered, or "no answer yet")."""
+    answered: set[int] = set()
+    highest = 0
+    for line in text.splitlines():
+        m = _SEQ.search(line)
+        if m is None:
+            continue
+        seq = int(m.group(1))
+        highest = max(highest, seq)
+        if "bytes from" in line:
+            answered.add(seq)
+    return answered, highest
+
+
+def ping_stats(text: str, interval: float) -> PingStats:
+    """:class:`PingStats` of iputils ``ping -O`` output sent every ``interval`` seconds: probes 1..highest
+    reported, those answered, the longest run of unanswered ones."""
+    answered, highest = ping_seqs(text)
+    longest = run = 0
+    for seq in range(1, highest + 1):
+        run = 0 if seq in answered else run + 1
+        longest = max(longest, run)
+    return PingStats(highest, len(answered), longest, interval)
+
+
 class PingLoop:
     """``ping -i interval -W 1 -O address`` running on ``host`` until :meth:`stop`, its output in a file.
 
@@ -216,17 +243,7 @@ class PingLoop:
             )
 
     def _seqs(self) -> tuple[set[int], int]:
-        answered: set[int] = set()
-        highest = 0
-        for line in self.out.read_text(errors="replace").splitlines():
-            m = _SEQ.search(line)
-            if m is None:
-                continue
-            seq = int(m.group(1))
-            highest = max(highest, seq)
-            if "bytes from" in line:
-                answered.add(seq)
-        return answered, highest
+        return ping_seqs(self.out.read_text(errors="replace"))
 
     def received(self) -> int:
         """Answers so far."""
@@ -248,12 +265,7 @@ class PingLoop:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 stop_process(self.proc)
-        answered, highest = self._seqs()
-        longest = run = 0
-        for seq in range(1, highest + 1):
-            run = 0 if seq in answered else run + 1
-            longest = max(longest, run)
-        return PingStats(highest, len(answered), longest, self.interval)
+        return ping_stats(self.out.read_text(errors="replace"), self.interval)
 
 
 class Counters:
@@ -334,6 +346,8 @@ __all__ = [
     "LabSubnet",
     "PingLoop",
     "PingStats",
+    "ping_seqs",
+    "ping_stats",
     "policy_routing",
     "route_dev",
     "route_get",

@@ -241,7 +241,8 @@ def test_kill_9_while_using_the_exit_node_leaves_no_blackhole(world: World) -> N
         assert TUN not in w.c.host.run(["ip", "link"]).stdout
         direct_at_once = whoami(w.c.host, web_ip)
         print(f"right after kill -9, before any cleanup, the web host saw c as {direct_at_once}")
-        done = w.c.host.run(tailpy_argv("down", "--socket", w.c.socket), check=False)
+        argv = tailpy_argv("down", "--socket", w.c.socket, "--state-dir", str(w.c.state_dir))
+        done = w.c.host.run(argv, check=False, timeout=120)
         assert done.returncode == 0, done.stderr
         assert whoami(w.c.host, web_ip) == w.c_public
         assert tun_routes(w.c) == ""

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from _routes_lab import allowed_ips, eventually, peer, tun_routes
+from _routes_lab import ALLOW_ALL, allowed_ips, eventually, peer, set_policy, tun_routes
 
 from tailpy.lab import Host, Lab
 from tailpy.lab.dns import Dnsmasq, dnsmasq_reason
@@ -251,5 +251,45 @@ def test_kill_9_while_using_the_exit_node_leaves_no_blackhole(world: World) -> N
         if w.c.daemon is None:
             w.c.start_daemon()
             eventually(lambda: w.c.status()["backend_state"] == "Running", "c to come back")
+        _off(w)
+    eventually(lambda: whoami(w.c.host, web_ip) == w.c_public, "c to go out directly")
+
+
+NO_INTERNET = """{
+  // every node reaches every node; nobody may use an exit node
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["autogroup:member:*"]}],
+}
+"""
+
+WITH_INTERNET = """{
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["autogroup:member:*"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:internet:*"]},
+  ],
+}
+"""
+
+
+def test_the_policy_decides_who_may_use_the_exit_node_and_a_lost_exit_node_fails_closed(world: World) -> None:
+    w = world
+    _off(w)
+    web_ip = w.net.lan.ip(w.web)
+    try:
+        _on(w)
+        set_policy(w.net, NO_INTERNET)
+        eventually(lambda: not _offers_exit(w), "the exit routes to leave c's view of e")
+        # The chosen exit node no longer carries c's traffic: it stays in the tunnel (fail closed, no
+        # silent fallback to c's own address) and a health warning says why.
+        eventually(lambda: whoami(w.c.host, web_ip) is None, "c's traffic to stop going out through e")
+        assert route_dev(w.c.host, web_ip) == TUN
+        health = w.c.status()["health"]
+        assert any("exit node" in (h["name"] + " " + h["text"]).lower() for h in health), health
+        assert w.c.pings(w.e.ip())  # e itself is still a peer c reaches
+
+        set_policy(w.net, WITH_INTERNET)
+        eventually(lambda: _offers_exit(w), "e to be offered again")
+        eventually(lambda: whoami(w.c.host, web_ip) == w.e.lan_ip(), "c to go out through e again")
+    finally:
+        set_policy(w.net, ALLOW_ALL)
         _off(w)
     eventually(lambda: whoami(w.c.host, web_ip) == w.c_public, "c to go out directly")

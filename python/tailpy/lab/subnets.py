@@ -20,6 +20,7 @@ peer address it accepted it from, so a test sees which address a flow left the t
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -174,12 +175,14 @@ def subnet_behind(
 @dataclass(frozen=True)
 class PingStats:
     """What a :class:`PingLoop` saw: probes ``sent`` and ``received``, the longest run of consecutive lost
-    probes (``longest_gap``, in probes) and the probe interval in seconds."""
+    probes (``longest_gap``, in probes), the probe interval in seconds, and the longest time between two
+    consecutive answers (``longest_silence``, seconds, from ``ping -D`` timestamps; 0.0 without them)."""
 
     sent: int
     received: int
     longest_gap: int
     interval: float
+    longest_silence: float = 0.0
 
     @property
     def lost(self) -> int:
@@ -192,11 +195,13 @@ class PingStats:
     def __str__(self) -> str:
         return (
             f"{self.sent} sent, {self.received} received, {self.lost} lost; longest outage "
-            f"{self.longest_gap} probes (~{self.longest_gap_seconds:.1f} s at {self.interval:g} s per probe)"
+            f"{self.longest_gap} probes at {self.interval:g} s per probe; longest time between two answers "
+            f"{self.longest_silence:.2f} s"
         )
 
 
 _SEQ = re.compile(r"icmp_seq=(\d+)")
+_STAMP = re.compile(r"^\[(\d+\.\d+)\]")
 
 
 def ping_seqs(text: str) -> tuple[set[int], int]:
@@ -216,18 +221,23 @@ def ping_seqs(text: str) -> tuple[set[int], int]:
 
 
 def ping_stats(text: str, interval: float) -> PingStats:
-    """:class:`PingStats` of iputils ``ping -O`` output sent every ``interval`` seconds: probes 1..highest
-    reported, those answered, the longest run of unanswered ones."""
+    """:class:`PingStats` of iputils ``ping -O`` output (``-D`` adds the timestamps the longest silence is
+    measured from) sent every ``interval`` seconds: probes 1..highest reported, those answered, the longest
+    run of unanswered ones."""
     answered, highest = ping_seqs(text)
     longest = run = 0
     for seq in range(1, highest + 1):
         run = 0 if seq in answered else run + 1
         longest = max(longest, run)
-    return PingStats(highest, len(answered), longest, interval)
+    stamps = [
+        float(m.group(1)) for line in text.splitlines() if "bytes from" in line and (m := _STAMP.match(line))
+    ]
+    silence = max((b - a for a, b in itertools.pairwise(stamps)), default=0.0)
+    return PingStats(highest, len(answered), longest, interval, silence)
 
 
 class PingLoop:
-    """``ping -i interval -W 1 -O address`` running on ``host`` until :meth:`stop`, its output in a file.
+    """``ping -i interval -W 1 -D -O address`` running on ``host`` until :meth:`stop`, its output in a file.
 
     :meth:`received` reads how many answers came so far (to wait for pings to resume); :meth:`stop` ends it
     (SIGINT, as a user would) and counts. The lab stops it on close if a test fails first."""
@@ -239,7 +249,7 @@ class PingLoop:
         flag = ["-6"] if ":" in address else []
         with open(self.out, "w") as f:
             self.proc = host.popen(
-                ["ping", *flag, "-n", "-O", "-i", str(interval), "-W", "1", address], stdout=f
+                ["ping", *flag, "-n", "-D", "-O", "-i", str(interval), "-W", "1", address], stdout=f
             )
 
     def _seqs(self) -> tuple[set[int], int]:

@@ -46,6 +46,9 @@ globals().update(
 globals().update(
     {k.replace("test_", "test_policy_", 1): v for k, v in _store_tests("test_control_policy").items()}
 )
+globals().update(
+    {k.replace("test_", "test_routes_", 1): v for k, v in _store_tests("test_control_routes_admin").items()}
+)
 
 
 @pytest.fixture(scope="module")

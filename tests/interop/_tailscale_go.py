@@ -161,10 +161,19 @@ class Derper:
     """Tailscale's derper on 127.0.0.1:<free port>, plain HTTP (a port other than 443 and certmode other
     than manual means no TLS), STUN off, the HTTP-80 listener off, its key in ``state_dir``."""
 
-    def __init__(self, binary: Path, state_dir: Path) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        state_dir: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
         self.binary = binary
         self.state_dir = state_dir
-        self.port = free_tcp_port()
+        self.extra_args = list(extra_args or [])
+        self.env = env
+        self.port = port or free_tcp_port()
         self.log_path = state_dir / "derper.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -185,7 +194,9 @@ class Derper:
                     "-home=blank",
                     "-c",
                     str(self.state_dir / "derper.key"),
+                    *self.extra_args,
                 ],
+                env=None if self.env is None else {**os.environ, **self.env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

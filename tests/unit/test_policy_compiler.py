@@ -244,10 +244,60 @@ def test_autogroup_danger_all_is_star() -> None:
     assert filt(policy(acl(["autogroup:danger-all"], ["tag:db:22"])), DB)[0]["SrcIPs"] == ["*"]
 
 
-def test_autogroup_internet_is_kept_but_matches_no_node() -> None:
-    pol = policy(acl(["*"], ["autogroup:internet:*"]))
-    assert all(filt(pol, n) == [] for n in NODES)
-    assert any("autogroup:internet is not enforced" in w for w in pol.warnings)
+def test_autogroup_internet_reaches_exit_nodes_only() -> None:
+    pol = policy(acl(["group:dev"], ["autogroup:internet:*"]))
+    assert all(filt(pol, n) == [] for n in NODES)  # no exit node: nobody gets the rule
+    assert not any("autogroup:internet" in w for w in pol.warnings)
+    exit_node = PolicyNode(7, ("100.64.0.50/32",), "", "", ("tag:server",), routes=("0.0.0.0/0", "::/0"))
+    nodes = [*NODES, exit_node]
+    rules = filt(pol, exit_node, nodes)
+    # the exit node accepts the sources' packets to the internet: every address but the private, tailnet
+    # and link-local ranges, rendered as Tailscale's control renders it (Headscale's capture
+    # routes_results/ROUTES-b11_autogroup_internet_only)
+    assert rules == [
+        {
+            "SrcIPs": ["100.64.0.1-100.64.0.2", "100.64.0.10", *ALICE_BOB_V6],
+            "DstPorts": [
+                {"IP": ip, "Ports": ALL}
+                for ip in [
+                    "0.0.0.0-9.255.255.255",
+                    "11.0.0.0-100.63.255.255",
+                    "100.128.0.0-169.253.255.255",
+                    "169.255.0.0-172.15.255.255",
+                    "172.32.0.0-192.167.255.255",
+                    "192.169.0.0-255.255.255.255",
+                    "2000::-3fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                ]
+            ],
+        }
+    ]
+    c = Compiled(pol, nodes)
+    assert c.visible(ALICE1.id, exit_node.id) and not c.visible(CAROL.id, exit_node.id)
+    assert c.may_use_route(ALICE1.id, "0.0.0.0/0") and not c.may_use_route(CAROL.id, "::/0")
+    # only one exit route approved: not an exit node
+    half = PolicyNode(7, ("100.64.0.50/32",), "", "", ("tag:server",), routes=("0.0.0.0/0",))
+    assert filt(pol, half, [*NODES, half]) == []
+
+
+ALICE_BOB_V6 = ["fd7a:115c:a1e0::1-fd7a:115c:a1e0::2", "fd7a:115c:a1e0::a"]
+
+
+def test_route_reduction_follows_rules_naming_the_cidr() -> None:
+    router = PolicyNode(7, ("100.64.0.50/32",), "", "", ("tag:server",), routes=("10.33.0.0/16",))
+    nodes = [*NODES, router]
+    pol = policy(acl(["group:dev"], ["10.33.1.0/24:22"]) + '"tests": [],')
+    c = Compiled(pol, nodes)
+    assert c.may_use_route(ALICE1.id, "10.33.0.0/16")  # a rule overlapping the route
+    assert not c.may_use_route(CAROL.id, "10.33.0.0/16")  # no rule for carol
+    assert not c.may_use_route(ALICE1.id, "192.0.2.0/24")
+    assert not c.may_use_route(ALICE1.id, "0.0.0.0/0")  # not an exit-node user
+    assert c.visible(ALICE1.id, router.id) and not c.visible(CAROL.id, router.id)
+    # naming the router's tag does not grant its routes
+    c2 = Compiled(policy(acl(["group:dev"], ["tag:server:*"])), nodes)
+    assert not c2.may_use_route(ALICE1.id, "10.33.0.0/16")
+    # "*" as a destination grants every route and exit nodes
+    c3 = Compiled(policy(acl(["group:dev"], ["*:*"])), nodes)
+    assert c3.may_use_route(BOB.id, "10.33.0.0/16") and c3.may_use_route(BOB.id, "::/0")
 
 
 def test_visibility_both_directions_and_neither() -> None:
@@ -363,7 +413,6 @@ def test_every_section_accepted_and_unenforced_ones_reported() -> None:
         }"""
     )
     assert set(pol.not_enforced) == {
-        "autoApprovers",
         "ssh",
         "nodeAttrs",
         "postures",

@@ -78,7 +78,7 @@ def test_every_field_tailscale_documents_is_accepted() -> None:
 def test_section_names_match_without_regard_to_case_as_go_does(name: str) -> None:
     value = "[]" if name.lower() in ("acls", "sshtests") else "{}"
     Policy.parse(f'{{"{name}": {value}}}')
-    assert "autoApprovers" in NOT_ENFORCED_SECTIONS
+    assert "autoApprovers" not in NOT_ENFORCED_SECTIONS  # enforced: it approves routes and exit nodes
 
 
 def test_field_names_match_without_regard_to_case_but_once() -> None:
@@ -231,7 +231,9 @@ def test_ssh_with_defined_names_is_accepted_and_not_enforced() -> None:
         ' "autoApprovers": {"routes": {"10.0.0.0/8": ["group:ops"]}, "exitNode": ["tag:srv"]},'
         ' "ssh": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:srv"], "users": ["root"]}]}'
     )
-    assert {"ssh", "autoApprovers"} <= set(pol.not_enforced)
+    assert "ssh" in pol.not_enforced and "autoApprovers" not in pol.not_enforced
+    assert pol.auto_approvers.exit_node == ("tag:srv",)
+    assert [(str(n), a) for n, a in pol.auto_approvers.routes] == [("10.0.0.0/8", ("group:ops",))]
 
 
 # --- messages ---

@@ -50,6 +50,18 @@ def command() -> None:
     type=click.IntRange(0, 65535),
     help="UDP port of the STUN server, on --listen's host (0 picks one).",
 )
+@click.option(
+    "--mesh-with",
+    default="",
+    help="Comma-separated DERP servers of this region to mesh with (HOST[:PORT] or URL; this server's own "
+    "address may be listed). Needs --mesh-psk-file.",
+)
+@click.option(
+    "--mesh-psk-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File of the region's mesh key (64 hex digits, as derper's): servers with it may watch this one's "
+    "clients and forward packets to them.",
+)
 def serve(
     state_dir: Path,
     listen: str,
@@ -60,6 +72,8 @@ def serve(
     verify_client_url: str | None,
     stun: bool,
     stun_port: int,
+    mesh_with: str,
+    mesh_psk_file: Path | None,
 ) -> None:
     """Serve DERP at /derp (plus /derp/probe, /derp/latency-check, /generate_204 and /debug/metrics from
     loopback) until SIGTERM or SIGINT; plain HTTP unless --certfile and --keyfile are given.
@@ -70,8 +84,14 @@ def serve(
 
     Unless --no-stun, a STUN Binding server (RFC 8489) answers on UDP --stun-port (3478) of --listen's host
     (every address, IPv4 and IPv6, when that is 0.0.0.0 or empty), as Tailscale's derper does; its counters
-    are in /debug/metrics. A STUN port that cannot be bound is logged, and the relay serves without STUN."""
+    are in /debug/metrics. A STUN port that cannot be bound is logged, and the relay serves without STUN.
+
+    With --mesh-psk-file (and --mesh-with), several relays form one region as Tailscale's derper does: each
+    watches the others' clients over a connection that carries the mesh key, and forwards packets for a
+    client connected elsewhere to the relay that has it (one hop). Plain HTTP unless --certfile: the peers
+    are dialed with the scheme this relay serves."""
     from tailpy.control.options import parse_listen
+    from tailpy.derp.mesh import mesh_urls, read_mesh_key, start_mesh
     from tailpy.derp.server import DerpServer, load_or_create_key
     from tailpy.derp.stun_server import StunServer
     from tailpy.derp.verify import AdmissionURL, control_admission_url
@@ -109,17 +129,24 @@ def serve(
             state_dir.mkdir(mode=0o700)
         except OSError as e:
             raise ConfigError(f"cannot create state directory {state_dir}: {e.strerror or e}") from None
+    mesh_key = read_mesh_key(mesh_psk_file) if mesh_psk_file is not None else None
+    peers = mesh_urls(mesh_with, tls=certfile is not None)
+    if peers and mesh_key is None:
+        raise ConfigError("--mesh-with needs --mesh-psk-file (the region's mesh key)")
     key = load_or_create_key(state_dir)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("tailpy.derp")
 
     async def run() -> None:
         verifier = AdmissionURL(admit_url) if admit_url is not None else None
-        server = DerpServer(key, verify_client=verifier)
+        server = DerpServer(key, verify_client=verifier, mesh_key=mesh_key)
         try:
             await server.start(host, port, ctx)
         except OSError as e:
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        mesh = start_mesh(server.relay, peers, mesh_key) if mesh_key is not None and peers else None
+        if mesh_key is not None:
+            log.info("DERP mesh key configured; meshing with %s", ", ".join(peers) or "nobody (yet)")
         if admit_url is not None:
             log.info("DERP clients are verified at %s (refused while it does not answer)", admit_url)
         scheme = "https" if ctx else "http"
@@ -151,6 +178,8 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        if mesh is not None:
+            await mesh.stop()
         if stun_server is not None:
             await stun_server.stop()
         await server.stop()

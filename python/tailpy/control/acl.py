@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tailpy.control.policy import Policy, PolicyError, PolicyNode, check_tests, hujson
+from tailpy.control.routes import node_served
 from tailpy.control.store import Store
 from tailpy.control.store.policy import MAX_POLICY_BYTES
 from tailpy.errors import ConfigError
@@ -65,11 +66,13 @@ class PolicyRefused(ConfigError):
 
 def policy_nodes(nodes: Iterable[Node], emails: Mapping[str, str]) -> list[PolicyNode]:
     """The compiler's view of ``nodes``: id, addresses, owner's login name and email (from ``emails``, login
-    name -> email; "" for a tagged node), tags."""
+    name -> email; "" for a tagged node), tags, and the routes it serves
+    (:func:`tailpy.control.routes.node_served`)."""
     out = []
     for n in nodes:
         user = "" if n.tags else n.user
-        out.append(PolicyNode(n.id, tuple(n.addresses), user, emails.get(user, "") if user else "", n.tags))
+        email = emails.get(user, "") if user else ""
+        out.append(PolicyNode(n.id, tuple(n.addresses), user, email, n.tags, node_served(n)))
     return out
 
 

@@ -30,6 +30,14 @@ Operations (``op``: arguments -> result, all JSON):
   text, set_by, set_at} (one stored policy; restoring it is ``policy.set`` of its text);
   ``policy.filter`` {node: id, name or FQDN} -> {node: {id, name}, rules: [tailcfg.FilterRule JSON]}
 * ``dns.show`` {} and ``dns.set`` {fields to replace} -> DNS settings (see :mod:`tailpy.control.dnsconfig`)
+* subnet routes and exit nodes (:mod:`tailpy.control.routes`): ``routes.list`` {} -> [Router] (the nodes
+  that advertise routes or have some approved); ``routes.approve`` {id, routes?: ["198.51.100.0/24", ...],
+  exit_node?: bool} -> Router plus ``not_advertised`` (approved routes the node does not advertise: kept
+  for when it does); ``routes.unapprove`` {id, routes?, exit_node?} -> Router. Router JSON: ``{id, name,
+  fqdn, online, advertised, approved, primary, exit_node: "approved" | "awaiting approval" | "", routes:
+  [{prefix, state}]}``, ``state`` one of ``primary``, ``standby`` (approved, online, another router is
+  primary), ``offline`` (approved, its node offline or expired), ``awaiting approval``, ``not advertised``
+  (approved ahead), ``exit node``.
 
 Node JSON is :meth:`tailpy.netmap.Node.to_json` plus ``fqdn``.
 
@@ -57,14 +65,17 @@ from aiohttp import web
 
 from tailpy.control import acl, dnsconfig
 from tailpy.control.policy import Policy, PolicyError, PolicyNode, check_tests, compile_filter
+from tailpy.control.routes import node_served
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.control.store.database import db_error
+from tailpy.control.store.nodes import sort_routes
 from tailpy.control.store.policy import MAX_POLICY_BYTES
 from tailpy.control.tags import ADMIN, check_tags
 from tailpy.errors import ConfigError, ControlError, StorageError
 from tailpy.httperrors import make_json_errors
 from tailpy.netmap import Node
 from tailpy.packetfilter import filter_to_json
+from tailpy.routes import EXIT_ROUTES, has_exit_routes, is_exit_route, parse_routes
 
 if TYPE_CHECKING:
     from tailpy.control.server import ControlServer
@@ -370,6 +381,77 @@ class Admin:
         if rules is None:
             rules = compile_filter(self._policy(), node.id, self._policy_nodes())
         return {"node": {"id": node.id, "name": node.name}, "rules": filter_to_json(tuple(rules))}
+
+    # --- subnet routes and exit nodes ---
+
+    def _router_json(self, node: Node) -> dict[str, Any]:
+        """A node's routes for ``routes.list`` (see the module docstring)."""
+        online = self.server is not None and self.server.is_online(node.id)
+        primaries = self.server.mapper.primary if self.server is not None else None
+        served = set(node_served(node))
+        approved = set(node.approved_routes)
+        routes = []
+        for prefix in sort_routes({*node.routable_ips, *node.approved_routes}):
+            if prefix not in approved:
+                state = "awaiting approval"
+            elif prefix not in node.routable_ips:
+                state = "not advertised"
+            elif is_exit_route(prefix):
+                state = "exit node" if prefix in served else "awaiting approval"
+            elif primaries is not None and primaries.primary_of(prefix) == node.id:
+                state = "primary"
+            elif online and not node.expired:
+                state = "standby"
+            else:
+                state = "offline"
+            routes.append({"prefix": prefix, "state": state})
+        exit_node = ""
+        if has_exit_routes(node.routable_ips):
+            exit_node = "approved" if has_exit_routes(served) else "awaiting approval"
+        return {
+            "id": node.id,
+            "name": node.name,
+            "fqdn": node.fqdn(self.store.settings().domain),
+            "online": online,
+            "advertised": list(node.routable_ips),
+            "approved": list(node.approved_routes),
+            "primary": [r["prefix"] for r in routes if r["state"] == "primary"],
+            "exit_node": exit_node,
+            "routes": routes,
+        }
+
+    def _route_args(self, args: Mapping[str, Any], verb: str) -> tuple[int, tuple[str, ...]]:
+        node_id = self._node_id(args)
+        given = args.get("routes") or []
+        if isinstance(given, str):
+            given = given.split(",")
+        if not isinstance(given, list) or not all(isinstance(r, str) for r in given):
+            raise ConfigError("routes must be a list of CIDR prefixes like 198.51.100.0/24")
+        routes = parse_routes(given)
+        if args.get("exit_node"):
+            routes = (*routes, *(r for r in EXIT_ROUTES if r not in routes))
+        if not routes:
+            raise ConfigError(f"give the routes to {verb} (like 198.51.100.0/24) or --exit-node")
+        return node_id, routes
+
+    def op_routes_list(self, _args: Mapping[str, Any]) -> Any:
+        nodes = self.store.list_nodes(self.clock())
+        return [self._router_json(n) for n in nodes if n.routable_ips or n.approved_routes]
+
+    def op_routes_approve(self, args: Mapping[str, Any]) -> Any:
+        node_id, routes = self._route_args(args, "approve")
+        node = self.store.approve_routes(node_id, routes, self.clock())
+        self._published(node.id)
+        return {
+            **self._router_json(node),
+            "not_advertised": [r for r in routes if r not in node.routable_ips],
+        }
+
+    def op_routes_unapprove(self, args: Mapping[str, Any]) -> Any:
+        node_id, routes = self._route_args(args, "unapprove")
+        node = self.store.unapprove_routes(node_id, routes, self.clock())
+        self._published(node.id)
+        return self._router_json(node)
 
     # --- settings ---
 

@@ -47,6 +47,17 @@ at 10,000 nodes is tens of kB; one rule's part a few kB), and a stream keeps onl
 :meth:`Mapper.set_policy` logs a change under :data:`POLICY_CHANGE` (a stream resuming across it gets a
 full netmap) and merges each stream's new filter and peer differences into its next delta.
 
+Routes (:mod:`tailpy.control.routes`): every record carries the routes its node advertises
+(``routable_ips``), serves (``approved_routes``: approved and advertised), is primary for
+(``primary_routes``) and ``allowed_ips`` (its addresses, its primary routes, and both exit routes for an
+approved exit node; absent when that is just the addresses). The mapper elects the primary routers
+(:class:`~tailpy.control.routes.PrimaryRoutes`) from the records it is given: a router whose stream
+closes, whose key expires or whose approval goes loses its primary routes at once, and the records of the
+routers concerned go out as one change each. Under a policy a recipient sees only the routes it may use
+(:meth:`tailpy.control.policy.Compiled.may_use_route`): a router's record is encoded once, and again per
+distinct reduction only for recipients that may not use all its routes (cached until the router or the
+policy changes).
+
 A node whose key has expired (or that logged out) is shown itself, expired, and no peers: its full netmap
 has no peers and its deltas carry only ``self``; when its key expires or becomes valid again its streams get
 a full netmap. Nothing here touches the database: the server reads records and hands them in.
@@ -66,6 +77,7 @@ from typing import Any
 
 from tailpy.control.policy import Compiled, Policy, PolicyNode
 from tailpy.control.policy.compiler import PartSpec, part_json
+from tailpy.control.routes import PrimaryRoutes, allowed_ips, node_served
 from tailpy.dns.config import DNSConfig
 from tailpy.keys import MachinePrivate, MachinePublic
 from tailpy.netmap import DerpMap, NetMap, Node
@@ -78,6 +90,7 @@ from tailpy.packetfilter import (
     filter_to_json,
 )
 from tailpy.proto import control as proto
+from tailpy.routes import has_exit_routes
 
 log = logging.getLogger("tailpy.control")
 
@@ -178,6 +191,10 @@ class Mapper:
         self._emails: dict[str, str] = {}
         self._last_parts: tuple[int, dict[str, int]] | None = None
         self._sweeper: asyncio.Task[None] | None = None  # wakes idle streams whose keepalive is due
+        self.primary = PrimaryRoutes()
+        """The primary router of each subnet route (:class:`tailpy.control.routes.PrimaryRoutes`)."""
+        self._routers: set[int] = set()  # nodes whose allowed IPs hold routes (reduced per recipient)
+        self._variants: dict[int, dict[tuple[str, ...], bytes]] = {}  # router -> its reduced encodings
 
     # --- state ---
 
@@ -201,8 +218,89 @@ class Mapper:
         if self._compiled is None:
             peers = {i: n for i, n in self.nodes.items() if i != node_id}
         else:
-            peers = {i: self.nodes[i] for i in self._compiled.peers(node_id) if i in self.nodes}
+            peers = {
+                i: self.peer_record(node_id, i) for i in self._compiled.peers(node_id) if i in self.nodes
+            }
         return NetMap(me, peers, self.domain, self.derp_map, self.dns, None, pfs)
+
+    # --- routes ---
+
+    def _routed(self, node: Node) -> Node:
+        """``node`` (``online`` set) with its route fields as recipients see them: the routes it serves as
+        ``approved_routes``, the subnet routes it is primary for, and its allowed IPs."""
+        if not node.routable_ips and not node.approved_routes and node.allowed_ips is None:
+            return node  # (the common case: no routes; nothing to elect)
+        served = node_served(node)
+        primary = self.primary.primary_routes(node.id, node.routable_ips)
+        exit_node = has_exit_routes(served)
+        allowed = allowed_ips(node.addresses, primary, exit_node) if primary or exit_node else None
+        if (node.approved_routes, node.primary_routes, node.allowed_ips) == (served, primary, allowed):
+            return node
+        return dataclasses.replace(node, approved_routes=served, primary_routes=primary, allowed_ips=allowed)
+
+    def _elect(self, node: Node) -> set[int]:
+        """Feed ``node``'s eligibility to the election: the subnet routes it serves while it is online and
+        its key valid. Returns the ids of the nodes whose primary routes changed."""
+        eligible = node_served(node) if node.routable_ips and node.online and not node.expired else ()
+        return self.primary.update(node.id, eligible)
+
+    def _store(self, node: Node) -> None:
+        """Keep ``node`` as the record streams are told (encoded once; reduced encodings dropped)."""
+        self.nodes[node.id] = node
+        self._json[node.id] = _dumps(node.to_json())
+        self._variants.pop(node.id, None)
+        if node.allowed_ips is not None:
+            self._routers.add(node.id)
+        else:
+            self._routers.discard(node.id)
+
+    def _reroute(self, ids: Iterable[int]) -> None:
+        """The primary routes of nodes ``ids`` changed: publish their new records."""
+        for i in sorted(ids):
+            n = self.nodes.get(i)
+            if n is None:
+                continue
+            new = self._routed(n)
+            if new != n:
+                self._bump(i)
+                self._store(new)
+                self._policy_changes(i, new)
+
+    def peer_record(self, viewer: int, node_id: int) -> Node:
+        """Node ``node_id``'s record as node ``viewer`` is sent it: under a policy, its ``allowed_ips`` and
+        ``primary_routes`` keep only the routes ``viewer`` may use."""
+        n = self.nodes[node_id]
+        reduced = self._reduction(viewer, n)
+        if reduced is None:
+            return n
+        primary = tuple(r for r in n.primary_routes if r in reduced)
+        allowed = (*n.addresses, *reduced) if reduced else None
+        return dataclasses.replace(n, allowed_ips=allowed, primary_routes=primary)
+
+    def _reduction(self, viewer: int, n: Node) -> tuple[str, ...] | None:
+        """The routes of router ``n``'s allowed IPs ``viewer`` may use; None when that is all of them (or
+        there is no policy)."""
+        c = self._compiled
+        if c is None or n.allowed_ips is None or viewer == n.id:
+            return None
+        routes = n.allowed_ips[len(n.addresses) :]
+        keep = tuple(r for r in routes if c.may_use_route(viewer, r))
+        return None if len(keep) == len(routes) else keep
+
+    def _peer_json(self, viewer: int, node_id: int) -> bytes:
+        """The encoded record of ``node_id`` for ``viewer``: the shared encoding unless ``node_id`` is a
+        router whose routes ``viewer`` may not all use (then one encoding per distinct reduction)."""
+        if node_id not in self._routers or self._compiled is None:
+            return self._json[node_id]
+        n = self.nodes[node_id]
+        keep = self._reduction(viewer, n)
+        if keep is None:
+            return self._json[node_id]
+        mine = self._variants.setdefault(node_id, {})
+        b = mine.get(keep)
+        if b is None:
+            b = mine[keep] = _dumps(self.peer_record(viewer, node_id).to_json())
+        return b
 
     # --- policy ---
 
@@ -227,7 +325,9 @@ class Mapper:
         return ("allow-all",) if c is None else (c.serial, c.filter_signature(node_id))
 
     def _policy_node(self, node: Node) -> PolicyNode:
-        return PolicyNode(node.id, node.addresses, node.user, self._emails.get(node.user, ""), node.tags)
+        user = "" if node.tags else node.user
+        email = self._emails.get(user, "") if user else ""
+        return PolicyNode(node.id, node.addresses, user, email, node.tags, node_served(node))
 
     def _visible(self, a: int, b: int) -> bool:
         return self._compiled is None or self._compiled.visible(a, b)
@@ -247,6 +347,7 @@ class Mapper:
             else Compiled(policy, (self._policy_node(n) for n in self.nodes.values()), previous=old)
         )
         self._compiled = new
+        self._variants.clear()  # (route reductions follow the policy)
         self._bump(POLICY_CHANGE)
         everyone = frozenset(self.nodes)
         keep: list[frozenset[int]] = []  # the shared sets, alive while their ids key the diffs
@@ -271,6 +372,7 @@ class Mapper:
                 else:
                     st.pend_changed.update(diff[0])
                     st.pend_removed.update(diff[1])
+                    st.pend_changed.update(self._routers)  # the routes each may use may differ
         for st in self._streams:
             st.wake.set()
 
@@ -321,8 +423,9 @@ class Mapper:
         """Set the starting records (no stream is told: call before streams open)."""
         for n in nodes:
             n = self._with_online(n)
-            self.nodes[n.id] = n
-            self._json[n.id] = _dumps(n.to_json())
+            self._elect(n)
+            n = self._routed(n)
+            self._store(n)
             if self._compiled is not None:
                 self._compiled.update(self._policy_node(n))
 
@@ -352,13 +455,22 @@ class Mapper:
         others as ``peers_changed``; when its expiry flipped its own streams get a full netmap. Returns
         whether anything changed."""
         node = self._with_online(node)
+        others = self._elect(node)
+        node = self._routed(node)
         old = self.nodes.get(node.id)
         if old == node:
             return False
         self._bump(node.id)
-        self.nodes[node.id] = node
-        self._json[node.id] = _dumps(node.to_json())
+        self._store(node)
         self._policy_changes(node.id, node)
+        self._reroute(others - {node.id})
+        if others:
+            log.info(
+                "primary routes now: %s",
+                "; ".join(
+                    f"node {i}: {', '.join(self.primary.primary_routes(i)) or 'none'}" for i in sorted(others)
+                ),
+            )
         if old is not None and old.expired != node.expired:
             for s in self._by_node.get(node.id, ()):
                 s.resync = True
@@ -372,8 +484,14 @@ class Mapper:
         if self.nodes.pop(node_id, None) is None:
             return False
         del self._json[node_id]
+        self._variants.pop(node_id, None)
+        self._routers.discard(node_id)
         self._bump(node_id)
         self._policy_changes(node_id, None)
+        others = self.primary.remove(node_id)
+        self._reroute(others)
+        if others - {node_id}:
+            log.info("node %d removed: primary routes move to nodes %s", node_id, sorted(others - {node_id}))
         for s in self._by_node.get(node_id, ()):
             s.end()
         self._wake()
@@ -452,7 +570,8 @@ class Mapper:
             vis = self._visible
             me_id = s.node_id
             changed_ids = sorted(i for i in ids if i != me_id and i in self._json and vis(me_id, i))
-            changed = [self._json[i] for i in changed_ids]
+            js, routers = self._json, self._routers
+            changed = [js[i] if i not in routers else self._peer_json(me_id, i) for i in changed_ids]
             if changed:
                 parts.append(b'"peers_changed":[' + b",".join(changed) + b"]")
             # gone from the tailnet, or no longer visible (a resumed client may hold any earlier peer)
@@ -519,7 +638,14 @@ class Mapper:
         elif self._compiled is None:
             peers = b",".join([j for i, j in self._json.items() if i != node_id])
         else:
-            peers = b",".join([self._json[i] for i in self._compiled.peers(node_id) if i in self._json])
+            js, routers = self._json, self._routers  # (routers' records may be reduced for this node)
+            peers = b",".join(
+                [
+                    js[i] if i not in routers else self._peer_json(node_id, i)
+                    for i in self._compiled.peers(node_id)
+                    if i in js
+                ]
+            )
         specs = self._filter_parts(node_id)
         self._last_parts = (node_id, {k: hash(v) for k, v in specs.items()})  # for full_map_sent, next
         pf = b",".join(b'"%s":%s' % (k.encode(), _part_json(v)) for k, v in specs.items())

@@ -4,34 +4,34 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
 
 * ``GET /key`` -> the server's machine public key, ``mkey:<hex>`` as text/plain (public, unauthenticated).
 * ``POST /machine/register`` sealed ``{node_key, hostname, os?, auth_key?, old_node_key?, old_node_proof?,
-  request_tags?, ephemeral?}`` -> sealed ``{"node": Node JSON}``. ``"ephemeral": true`` (Tailscale's
-  ``RegisterRequest.Ephemeral``, tsnet's ``Server.Ephemeral``) makes the node ephemeral whatever the auth
-  key. ``request_tags`` (``["tag:a", ...]``, Tailscale's
-  ``Hostinfo.RequestTags``: ``tailpy up --advertise-tags``) are granted only when the auth key's creator or
-  the node's owner may own them (:mod:`tailpy.control.tags`); refused, the registration is refused (403,
-  ``"kind": "tags"``, nothing changed). With ``old_node_key`` (the machine's current node key) and
-  ``old_node_proof`` (:func:`tailpy.proto.control.seal_rotation_proof`, fresh) the node key is rotated to
-  ``node_key`` with no auth key: same id, addresses and name, a new expiry, the old key refused at once.
-  Otherwise see :meth:`tailpy.control.store.Store.register` (a restart with the same, unexpired node key
-  needs no auth key; a new machine, new node key, expired or logged-out key needs one). With
-  ``"interactive": true``, no auth key and a login provider configured (``oidc``), a machine that needs one
-  gets instead sealed ``{"auth_url"}`` / ``{"pending_approval": true}`` after a long poll of up to ``wait``
-  seconds, or ``{"node"}`` once its user has signed in (:meth:`tailpy.control.oidc.Logins.poll`).
+  request_tags?, ephemeral?, routable_ips?}`` -> sealed ``{"node": Node JSON}``. ``"ephemeral": true``
+  (Tailscale's ``RegisterRequest.Ephemeral``, tsnet's ``Server.Ephemeral``) makes the node ephemeral whatever
+  the auth key. ``request_tags`` (``["tag:a", ...]``, Tailscale's ``Hostinfo.RequestTags``: ``tailpy up
+  --advertise-tags``) are granted only when the auth key's creator or the node's owner may own them
+  (:mod:`tailpy.control.tags`); refused, the registration is refused (403, ``"kind": "tags"``, nothing
+  changed). With ``old_node_key`` (the machine's current node key) and ``old_node_proof``
+  (:func:`tailpy.proto.control.seal_rotation_proof`, fresh) the node key is rotated to ``node_key`` with no
+  auth key: same id, addresses and name, a new expiry, the old key refused at once. Otherwise see
+  :meth:`tailpy.control.store.Store.register` (a restart with the same, unexpired node key needs no auth key;
+  a new machine, new node key, expired or logged-out key needs one). With ``"interactive": true``, no auth key
+  and a login provider configured (``oidc``), a machine that needs one gets instead sealed ``{"auth_url"}`` /
+  ``{"pending_approval": true}`` after a long poll of up to ``wait`` seconds, or ``{"node"}`` once its user
+  has signed in (:meth:`tailpy.control.oidc.Logins.poll`).
 * ``GET /login/<id>``, ``GET /login/<id>/start``, ``GET /oidc/callback``: the login pages (HTML), with
   ``oidc`` only.
 * ``POST /machine/logout`` sealed ``{node_key}`` -> sealed ``{"node": Node JSON}``: the node's key is expired
   and logged out (its record stays; a later register with an auth key brings it back). An ephemeral node
   is deleted instead, as by ``nodes delete`` (its addresses go to the address quarantine).
-* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, resume?:
-  {generation, version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message per line: a
-  full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the node can
-  see, keepalives after :attr:`ControlServer.keepalive` seconds of silence; the exact format is in
+* ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, routable_ips?,
+  resume?: {generation, version}}`` -> a stream (``application/x-ndjson``, chunked), one sealed message
+  per line: a full netmap (or, resuming, a delta since ``version``) first, then a ``delta`` per change the
+  node can see, keepalives after :attr:`ControlServer.keepalive` seconds of silence; the exact format is in
   :mod:`tailpy.control.mapper`. The node is online while one of its map streams is open.
-* ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?}`` (at least one) -> sealed
-  ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed on
-  (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current
-  disco public key (peers' disco pings are sealed to it). ``{"check_stream": true}`` alone changes nothing
-  and answers ``{"streaming": bool}``: whether the server holds an open map stream of this node.
+* ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?, routable_ips?}`` (at least one) ->
+  sealed ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed
+  on (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current
+  disco public key (peers' disco pings are sealed to it). ``{"check_stream": true}`` alone changes nothing and
+  answers ``{"streaming": bool}``: whether the server holds an open map stream of this node.
 * ``POST /derp/admit`` plain JSON ``{"NodePublic": "nodekey:<hex>", "Source": ip}`` -> ``{"Allow": bool}``:
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
@@ -40,6 +40,13 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   200, or 503 when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
   :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
   service managers.
+
+``routable_ips`` (register, map, update): the routes the node advertises, a list of CIDR prefixes (exit
+routes ``0.0.0.0/0`` and ``::/0`` when it offers itself as an exit node; Tailscale's
+``Hostinfo.RoutableIPs``), checked with :func:`tailpy.routes.parse_routes` (a bad list: 400 with the
+sentence) and stored canonical; absent or null leaves the stored ones. The policy's ``autoApprovers``
+approve what they name at once; an admin approves the rest (``tailpy control routes approve``). Netmaps
+carry each router's served, primary and allowed routes (:mod:`tailpy.control.mapper`).
 
 Every request acts only on the node of the machine key that sealed it. Errors: 400 malformed, 401 a box that
 does not open / stale or replayed request / refused auth key, 403 an unregistered machine or wrong node key;
@@ -68,15 +75,25 @@ from tailpy.control.acl import PolicyKeeper, policy_nodes
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.policy import Policy, PolicyNode
+from tailpy.control.routes import auto_approved
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.control.store.database import db_error
 from tailpy.control.tags import Requester, check_tags
 from tailpy.endpoint import Endpoint
-from tailpy.errors import AuthKeyError, ControlError, EndpointError, InvalidKeyError, ParseError, TagError
+from tailpy.errors import (
+    AuthKeyError,
+    ConfigError,
+    ControlError,
+    EndpointError,
+    InvalidKeyError,
+    ParseError,
+    TagError,
+)
 from tailpy.httperrors import make_json_errors
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
+from tailpy.routes import parse_routes
 
 log = logging.getLogger("tailpy.control")
 
@@ -123,6 +140,20 @@ def parse_request_tags(obj: object) -> tuple[str, ...]:
     ):
         raise ParseError(f'request_tags must be a list of at most {MAX_REQUEST_TAGS} tags like "tag:server"')
     return tuple(obj)
+
+
+def parse_routable_ips(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The ``routable_ips`` field of a request: None when absent or null (leave the stored routes), else
+    the routes canonical (:func:`tailpy.routes.parse_routes`). Raises ParseError with one sentence."""
+    v = body.get("routable_ips")
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(r, str) for r in v):
+        raise ParseError('routable_ips must be a list of CIDR prefixes like "198.51.100.0/24"')
+    try:
+        return parse_routes(v)
+    except ConfigError as e:
+        raise ParseError(f"routable_ips: {e}") from None
 
 
 def _str_field(
@@ -354,8 +385,29 @@ class ControlServer:
     # --- the tailnet policy ---
 
     def _apply_policy(self, policy: Policy | None) -> None:
-        """The running policy changed (or was loaded): every node's filter is recompiled and sent."""
+        """The running policy changed (or was loaded): every node's filter is recompiled and sent, and the
+        advertised routes its ``autoApprovers`` name are approved (approvals are never taken back here)."""
         self.mapper.set_policy(policy)
+        if policy is None or not (policy.auto_approvers.routes or policy.auto_approvers.exit_node):
+            return
+        for node in [n for n in self.mapper.nodes.values() if n.routable_ips]:
+            approved = self.auto_approve(node)
+            if approved is not node:
+                self.mapper.publish(approved)
+
+    def auto_approve(self, node: Node) -> Node:
+        """Approve the routes ``node`` advertises that the running policy's ``autoApprovers`` name and are
+        not approved yet (stored at once); returns the node as stored then (``node`` itself when nothing
+        was approved)."""
+        policy = self.policy.policy if hasattr(self, "policy") else None
+        if policy is None or not node.routable_ips:
+            return node
+        pn = policy_nodes([node], self._emails)[0]
+        missing = [r for r in auto_approved(policy, pn, node.routable_ips) if r not in node.approved_routes]
+        if not missing:
+            return node
+        log.info("node %d %s: routes %s approved by the policy's autoApprovers", node.id, node.name, missing)
+        return self.store.approve_routes(node.id, missing, self.clock())
 
     def policy_nodes(self) -> list[PolicyNode]:
         """The live nodes as the policy compiler sees them (owner emails included)."""
@@ -506,6 +558,7 @@ class ControlServer:
             os_name = _str_field(req.body, "os", max_len=64, required=False) or ""
             try:
                 request_tags = parse_request_tags(req.body.get("request_tags"))
+                routable_ips = parse_routable_ips(req.body)
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             assert hostname is not None
@@ -525,6 +578,7 @@ class ControlServer:
                         request_tags=request_tags,
                         tag_check=self.check_tags,
                         ephemeral=req.body.get("ephemeral") is True,
+                        routable_ips=routable_ips,
                     )
             except TagError as e:
                 raise _Refused(403, str(e), "tags") from None
@@ -541,6 +595,7 @@ class ControlServer:
                 raise _Refused(409, str(e)) from None
             self._lifecycle()
             log.info("registered node %d %s (%s) %s", node.id, node.name, node.ipv4, req.machine_key.short())
+            node = self.auto_approve(node)
             self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
@@ -583,17 +638,21 @@ class ControlServer:
     async def _update(self, request: web.Request) -> web.StreamResponse:
         def do(req: proto.OpenedRequest) -> web.Response:
             body = req.body
-            if body.get("check_stream") is True and not {"endpoints", "home_derp", "disco_key"} & set(body):
+            fields = {"endpoints", "home_derp", "disco_key", "routable_ips"}
+            if body.get("check_stream") is True and not fields & set(body):
                 # tailpyd's check that its map stream still reaches it (a NAT that lost its state drops
                 # the stream's packets silently on the node's side): changes nothing
                 live = self._live_node(req, None)
                 return self._reply(req, {"streaming": self.is_online(live.id)})
-            if "endpoints" not in body and "home_derp" not in body and "disco_key" not in body:
-                raise _Refused(400, "an update needs 'endpoints' or 'home_derp' or 'disco_key'")
+            if not fields & set(body):
+                raise _Refused(
+                    400, "an update needs 'endpoints' or 'home_derp' or 'disco_key' or 'routable_ips'"
+                )
             try:
                 endpoints = parse_endpoints(body["endpoints"]) if "endpoints" in body else None
                 home_derp = parse_home_derp(body["home_derp"]) if "home_derp" in body else None
                 disco_key = parse_disco_key(body.get("disco_key"))
+                routable_ips = parse_routable_ips(body)
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             self._live_node(req, None)
@@ -602,10 +661,13 @@ class ControlServer:
                 endpoints=endpoints,
                 home_derp=home_derp,
                 disco_key=disco_key,
+                routable_ips=routable_ips,
                 now=self.clock(),
             )
             if node is None:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
+            if routable_ips is not None:
+                node = self.auto_approve(node)
             self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
@@ -619,6 +681,7 @@ class ControlServer:
                 endpoints = parse_endpoints(req.body.get("endpoints", []))
                 home_derp = parse_home_derp(req.body["home_derp"]) if "home_derp" in req.body else None
                 disco_key = parse_disco_key(req.body.get("disco_key"))
+                routable_ips = parse_routable_ips(req.body)
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
@@ -629,7 +692,7 @@ class ControlServer:
             resp.enable_chunked_encoding()
             await resp.prepare(request)
             stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume)
-            await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key)
+            await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key, routable_ips)
             return resp
 
         return await self._handle(request, "/machine/map", do)
@@ -642,6 +705,7 @@ class ControlServer:
         hostname: str | None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
+        routable_ips: tuple[str, ...] | None = None,
     ) -> None:
         self._online[stream.node_id] += 1
         try:
@@ -651,12 +715,15 @@ class ControlServer:
                 hostname=hostname,
                 home_derp=home_derp,
                 disco_key=disco_key,
+                routable_ips=routable_ips,
                 now=self.clock(),
             )
             if node is None:
                 self.publish_removed(stream.node_id)
                 return
-            self.mapper.publish(node)  # endpoints, online
+            if routable_ips is not None:
+                node = self.auto_approve(node)
+            self.mapper.publish(node)  # endpoints, online (a router may become primary)
             log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
             await self.mapper.serve(stream, resp.write, self.keepalive)
         except (ConnectionError, RuntimeError) as e:  # client went away mid-write
@@ -721,4 +788,4 @@ def _with_online(node: Node, online: bool) -> Node:
     return node if node.online == online else dataclasses.replace(node, online=online)
 
 
-__all__ = ["ControlServer", "http_url", "parse_endpoints", "parse_request_tags"]
+__all__ = ["ControlServer", "http_url", "parse_endpoints", "parse_request_tags", "parse_routable_ips"]

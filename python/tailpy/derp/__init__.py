@@ -1,7 +1,8 @@
 """DERP relay over the codec :mod:`tailpy.proto.derp`: the HTTP front :class:`DerpServer`
 (:mod:`tailpy.derp.server`), the relay core :class:`Relay` (:mod:`tailpy.derp.relay`), its counters
 :class:`Metrics` (:mod:`tailpy.derp.metrics`), the WebSocket transport (:mod:`tailpy.derp.ws`), client
-admission (:mod:`tailpy.derp.verify`) and the STUN server (:mod:`tailpy.derp.stun_server`)."""
+admission (:mod:`tailpy.derp.verify`), the mesh of several relays in one region (:mod:`tailpy.derp.mesh`) and
+the STUN server (:mod:`tailpy.derp.stun_server`)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
@@ -147,15 +147,20 @@ class DerpClient:
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         queue_size: int = 1024,
+        mesh_key: bytes | None = None,
     ) -> DerpClient:
         """Connect to ``url`` (``http(s)://host[:port]/derp``), upgrade to DERP and log in as ``private_key``.
 
         ``timeout`` (seconds) bounds TCP, TLS, HTTP upgrade and login together. ``ssl_context`` is used for
-        https (default: the system's verified context). Raises DerpClientError with one sentence on refusal,
+        https (default: the system's verified context). ``mesh_key`` (32 bytes) goes in ClientInfo as
+        ``meshKey`` (64 hex digits): a server with the same key lets this client watch its connections and
+        forward packets (:mod:`tailpy.derp.mesh`). Raises DerpClientError with one sentence on refusal,
         timeout or a malformed greeting."""
         target = _Target.parse(url)
         try:
-            return await asyncio.wait_for(cls._connect(target, private_key, ssl_context, queue_size), timeout)
+            return await asyncio.wait_for(
+                cls._connect(target, private_key, ssl_context, queue_size, mesh_key), timeout
+            )
         except asyncio.TimeoutError:
             raise DerpClientError(f"DERP server {url} did not complete login within {timeout:g} s") from None
         except DerpClientError:
@@ -177,6 +182,7 @@ class DerpClient:
         private_key: NodePrivate,
         ssl_context: ssl.SSLContext | None,
         queue_size: int,
+        mesh_key: bytes | None = None,
     ) -> DerpClient:
         ctx: ssl.SSLContext | None = None
         if target.tls:
@@ -219,7 +225,9 @@ class DerpClient:
                 raise ParseError(f"expected a ServerKey frame first, got {type(first).__name__}")
             server_key = first.key
 
-            info = {"version": proto.PROTOCOL_VERSION, "CanAckPings": True}
+            info: dict[str, object] = {"version": proto.PROTOCOL_VERSION, "CanAckPings": True}
+            if mesh_key is not None:
+                info["meshKey"] = mesh_key.hex()
             writer.write(proto.encode(proto.seal_client_info(private_key, server_key, info)))
             await writer.drain()
 
@@ -254,6 +262,26 @@ class DerpClient:
 
         Raises ValueError for an oversized payload, DerpClosedError when the connection is gone."""
         await self._write(proto.encode_send_packet(dst, payload))
+
+    def write_nowait(self, frame: bytes, limit: int = 1 << 20) -> bool:
+        """Write encoded frame bytes without waiting (a relay's forwarding path): False, writing nothing,
+        when the connection is closed or more than ``limit`` bytes already wait unsent."""
+        if self._closed or self._writer.transport.is_closing():
+            return False
+        if self._writer.transport.get_write_buffer_size() > limit:
+            return False
+        self._writer.write(frame)
+        return True
+
+    async def watch_conns(self) -> None:
+        """Ask for PeerPresent/PeerGone about every client of the server (frameWatchConns; the server closes
+        the connection unless this client logged in with its mesh key)."""
+        await self._write(proto.encode(proto.WatchConns()))
+
+    async def close_peer(self, key: NodePublic) -> None:
+        """Ask the server to close ``key``'s connections (frameClosePeer; mesh key needed, as for
+        :meth:`watch_conns`)."""
+        await self._write(proto.encode(proto.ClosePeer(key)))
 
     async def note_preferred(self, preferred: bool = True) -> None:
         """Tell the server whether it is this node's home DERP (frameNotePreferred; stats only)."""
@@ -429,6 +457,10 @@ PING_TIMEOUT = 5.0
 class ReconnectingDerpClient:
     """Keeps one DERP connection up: reconnects after failures with :func:`tailpy.backoff.reconnect_delays`.
 
+    ``fallback_urls`` are other nodes of the same region: each attempt dials ``url`` first and, when that
+    fails, each fallback in turn (as derphttp's ``dialRegion`` walks a region's nodes), so a client whose
+    relay died lands on another server of the region's mesh.
+
     Messages from every connection come out of :meth:`recv`; :meth:`send` waits (up to ``timeout``) for a
     connection. ``on_connect`` is called with each new :class:`DerpClient` (to send NotePreferred, say),
     ``on_disconnect`` with the reason (``last_error``) when a logged-in connection ends.
@@ -454,8 +486,12 @@ class ReconnectingDerpClient:
         stable_after: float = STABLE_AFTER,
         idle_ping: float = IDLE_PING,
         ping_timeout: float = PING_TIMEOUT,
+        fallback_urls: Sequence[str] = (),
     ) -> None:
         self.url = url
+        self.fallback_urls = list(fallback_urls)
+        self.connected_url: str | None = None
+        """The URL of the current (or last) connection."""
         self.private_key = private_key
         self.cap = cap
         self.base = base
@@ -495,14 +531,19 @@ class ReconnectingDerpClient:
         delays = reconnect_delays(self.base, self.cap, self._rng.random)
         while True:
             delay: float | None = None
-            try:
-                client = await DerpClient.connect(
-                    self.url, self.private_key, timeout=self.connect_timeout, ssl_context=self.ssl_context
-                )
-            except DerpClientError as exc:
-                self.last_error = str(exc)
-                log.info("DERP %s: %s", self.url, exc)
-            else:
+            client: DerpClient | None = None
+            for url in [self.url, *self.fallback_urls]:
+                try:
+                    client = await DerpClient.connect(
+                        url, self.private_key, timeout=self.connect_timeout, ssl_context=self.ssl_context
+                    )
+                except DerpClientError as exc:
+                    self.last_error = str(exc)
+                    log.info("DERP %s: %s", url, exc)
+                else:
+                    self.connected_url = url
+                    break
+            if client is not None:
                 up_at = time.monotonic()
                 self.connects += 1
                 self.last_error = None
@@ -522,7 +563,7 @@ class ReconnectingDerpClient:
                     await asyncio.wait({watch})  # a cancellation of this task itself still propagates
                     await client.close()
                 if self.last_error is None:
-                    self.last_error = f"connection to {self.url} ended{client._reason()}"
+                    self.last_error = f"connection to {url} ended{client._reason()}"
                 if self.on_disconnect is not None:
                     self.on_disconnect(self.last_error)
                 if time.monotonic() - up_at >= self.stable_after:

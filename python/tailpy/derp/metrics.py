@@ -7,8 +7,18 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-DROP_REASONS = ("unknown_dest", "gone_disconnected", "queue_head", "write_error")
-"""Labels of ``derp_packets_dropped_total`` (names as derpserver's ``dropReason``)."""
+DROP_REASONS = (
+    "unknown_dest",
+    "unknown_dest_on_fwd",
+    "gone_disconnected",
+    "queue_head",
+    "queue_tail",
+    "write_error",
+)
+"""Labels of ``derp_packets_dropped_total`` (names as derpserver's ``dropReason``): no such key here (nor in
+the mesh); no such key here for a packet a mesh peer forwarded; the receiver left before its packet was
+written; its queue was full (oldest dropped); a mesh peer's connection was full (newest dropped); the write
+failed or the mesh peer is not connected."""
 
 REFUSAL_REASONS = ("not_admitted", "verify_failed")
 """Labels of ``derp_clients_refused_total``: the verifier said no; the verifier could not answer."""
@@ -31,6 +41,14 @@ class Metrics:
     packets_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     bytes_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     peer_gone_frames: dict[str, int] = field(default_factory=lambda: {"disconnected": 0, "not_here": 0})
+    packets_forwarded_out: int = 0
+    bytes_forwarded_out: int = 0
+    packets_forwarded_in: int = 0
+    bytes_forwarded_in: int = 0
+    mesh_peers: int = 0
+    mesh_peers_connected: int = 0
+    mesh_watchers: int = 0
+    remote_clients: int = 0
     pings: int = 0
     ignored_frames: int = 0
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
@@ -105,6 +123,21 @@ class Metrics:
         metric(
             "derp_peer_gone_frames_total", "counter", "PeerGone frames sent.", self.peer_gone_frames, "reason"
         )
+        metric("derp_mesh_peers", "gauge", "Mesh peers this server dials (--mesh-with, itself left out).",
+               self.mesh_peers)  # fmt: skip
+        metric("derp_mesh_peers_connected", "gauge", "Mesh peers whose connections are watched now.",
+               self.mesh_peers_connected)  # fmt: skip
+        metric("derp_mesh_watchers", "gauge", "Mesh peers watching this server's connections.",
+               self.mesh_watchers)  # fmt: skip
+        metric("derp_remote_clients", "gauge", "Keys reachable through a mesh peer.", self.remote_clients)
+        metric("derp_packets_forwarded_out_total", "counter", "Packets forwarded to a mesh peer.",
+               self.packets_forwarded_out)  # fmt: skip
+        metric("derp_bytes_forwarded_out_total", "counter", "Packet bytes forwarded to a mesh peer.",
+               self.bytes_forwarded_out)  # fmt: skip
+        metric("derp_packets_forwarded_in_total", "counter", "Packets a mesh peer forwarded here.",
+               self.packets_forwarded_in)  # fmt: skip
+        metric("derp_bytes_forwarded_in_total", "counter", "Packet bytes a mesh peer forwarded here.",
+               self.bytes_forwarded_in)  # fmt: skip
         metric("derp_pings_total", "counter", "Ping frames answered.", self.pings)
         metric(
             "derp_ignored_frames_total",

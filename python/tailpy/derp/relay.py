@@ -16,7 +16,7 @@ frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is c
 * SendPacket → RecvPacket on the destination's active connection, through that connection's send queue of at
   most ``queue_depth`` packets; when it is full the OLDEST queued packet is dropped (``queue_head``), so a
   slow reader loses its own stale packets and never stalls the sender or anyone else. A write that does not
-  drain within ``write_timeout`` seconds closes that connection.
+  drain within ``write_timeout`` seconds (a mesh peer's: :data:`MESH_WRITE_TIMEOUT`) closes that connection.
 * An unknown destination: the packet is dropped (``unknown_dest``) and the sender gets PeerGone "not here",
   at most 3 at once and 1 per second after that per sending connection (a token bucket, as derpserver's
   ``peerGoneLim``). When a key's last connection closes, connections that received packets from it get
@@ -27,6 +27,16 @@ frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is c
   seconds more, it is closed. TCP keepalive is also on.
 * A frame header claiming more than :data:`~tailpy.proto.derp.MAX_FRAME_LEN` bytes, or any malformed frame,
   closes that connection alone, before its body is read.
+* Mesh (derper's ``--mesh-with``, ``derpserver.go``): with a ``mesh_key``, a client whose ClientInfo carries
+  the same ``meshKey`` (compared in constant time) is a mesh peer: it skips ``verify_client``, and may send
+  WatchConns (it is then sent PeerPresent, with the client's IP:port and flags, for every key connected here,
+  and for every later login, and PeerGone "disconnected" when a key's last connection leaves), ForwardPacket
+  (delivered to a client of this server only, never forwarded again: one hop; an unknown destination is
+  dropped as ``unknown_dest_on_fwd``) and ClosePeer. :meth:`Relay.add_forwarder` /
+  :meth:`Relay.remove_forwarder` (called by :mod:`tailpy.derp.mesh`) keep the table key -> mesh peers that
+  have it: a packet to a key with no connection here goes to the peer that has had it longest (derpserver's
+  ``multiForwarder``); a local connection always wins. PeerGone "disconnected" reaches a key's senders only
+  when the key is gone from the whole region (no connection here, no forwarder).
 * What derpserver's ``sclient.run`` ignores is ignored, what it refuses closes: frames of any type a client
   does not send to a server (unknown types, and server-to-client ones: ServerKey, ServerInfo, RecvPacket,
   KeepAlive, PeerGone, PeerPresent, Health, Restarting, a second ClientInfo; also Pong) are read and
@@ -55,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import logging
 import random
 import secrets
@@ -62,6 +73,8 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Protocol
 
 from tailpy.derp.metrics import Metrics
 from tailpy.derp.verify import AdmissionError, Verifier
@@ -102,6 +115,25 @@ _WRITE_BUFFER = 1 << 17
 """Bytes a connection's transport may hold unsent before packets stay in its send queue."""
 
 
+MESH_QUEUE_FRAMES = 1 << 20
+"""Most PeerPresent/PeerGone frames waiting for one mesh peer (derpserver's ``peerStateChange`` has no bound;
+one per client key, so this bounds only a runaway)."""
+
+
+MESH_WRITE_TIMEOUT = 30.0
+"""Seconds a write to a mesh peer may take before its connection is closed, at least (derpserver's
+``privilegedWriteTimeout``: a peer being sent the PeerPresent of every client gets more time)."""
+
+
+class Forwarder(Protocol):
+    """Where packets for a key connected to another server of the mesh go (derpserver's ``PacketForwarder``):
+    :class:`tailpy.derp.mesh.MeshPeer`."""
+
+    def forward_packet(self, src: NodePublic, dst: NodePublic, data: bytes) -> str | None:
+        """Send a ForwardPacket; None when written, else the drop reason (a :data:`DROP_REASONS` label)."""
+        ...
+
+
 class _TokenBucket:
     """``burst`` tokens, refilled at ``rate`` per second (clock in seconds)."""
 
@@ -130,9 +162,15 @@ class Conn:
         self.info: dict[str, object] = {}
         self.preferred = False
         self.closed = False
+        self.can_mesh = False
+        """Logged in with the mesh key: may watch connections and forward packets (derpserver ``canMesh``)."""
+        self.endpoint: tuple[IPv4Address | IPv6Address, int] | None = None
+        """The client's IP and port as this server sees them (sent in PeerPresent)."""
         self._writer = writer
         self._packets: collections.deque[tuple[NodePublic, bytes]] = collections.deque()
         self._control: collections.deque[bytes] = collections.deque(maxlen=64)
+        self._mesh: collections.deque[bytes] = collections.deque(maxlen=MESH_QUEUE_FRAMES)
+        """A mesh peer's control frames (PeerPresent, PeerGone, Pong, ...), in order, none dropped."""
         self._wake = asyncio.Event()
         self.senders: set[NodePublic] = set()
         """Keys that sent packets to this connection (told PeerGone when they leave)."""
@@ -207,8 +245,9 @@ class Conn:
             self._queue(src, data)
 
     def enqueue_frame(self, frame: proto.Frame) -> None:
-        """Queue a control frame (Pong, PeerGone, Health, ...); at most 64 wait, the oldest dropped first."""
-        self._control.append(proto.encode(frame))
+        """Queue a control frame (Pong, PeerGone, Health, ...); at most 64 wait, the oldest dropped first
+        (a mesh peer's are all kept, in order: they are its view of who is connected)."""
+        (self._mesh if self.can_mesh else self._control).append(proto.encode(frame))
         self._wake.set()
 
     def close(self) -> None:
@@ -230,6 +269,7 @@ class Conn:
             self._wake.clear()
             if self.closed:
                 return
+            transport = w.transport
             if time.monotonic() >= next_keepalive:
                 w.write(proto.encode(proto.KeepAlive()))
                 next_keepalive = (
@@ -237,9 +277,12 @@ class Conn:
                 )
             while self._control:
                 w.write(self._control.popleft())
+            while self._mesh and transport.get_write_buffer_size() < _WRITE_BUFFER:
+                w.write(self._mesh.popleft())
+            if self._mesh:
+                self._wake.set()
             # Hand packets to the transport only while its buffer is small: the rest wait in the bounded
             # queue, where newer packets push out older ones, instead of piling up unbounded in the transport.
-            transport = w.transport
             while self._packets and transport.get_write_buffer_size() < _WRITE_BUFFER:
                 src, data = self._packets.popleft()
                 w.write(proto.encode_recv_packet(src, data))
@@ -248,7 +291,9 @@ class Conn:
             if self._packets:
                 self._wake.set()
             try:
-                await asyncio.wait_for(w.drain(), s.write_timeout)
+                await asyncio.wait_for(
+                    w.drain(), max(s.write_timeout, MESH_WRITE_TIMEOUT) if self.can_mesh else s.write_timeout
+                )
             except asyncio.TimeoutError:
                 s.metrics.disconnects["write_timeout"] += 1
                 self._drop_queue()
@@ -292,10 +337,13 @@ class Relay:
         write_timeout: float = 10.0,
         verify_client: Verifier | None = None,
         verify_timeout: float = 10.0,
+        mesh_key: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.private_key = private_key
         self.public_key = private_key.public
+        self.public_key_node = NodePublic(self.public_key.raw)
+        """The server's key as a client key (a mesh peer logs in to the others with it)."""
         self.queue_depth = queue_depth
         self.keepalive_interval = keepalive_interval
         self.keepalive_jitter = keepalive_jitter
@@ -307,6 +355,11 @@ class Relay:
         """Admission check run at each login (None: every client that logs in is admitted); see
         :mod:`tailpy.derp.verify`. May be set after construction, before clients connect."""
         self.verify_timeout = verify_timeout
+        if mesh_key is not None and len(mesh_key) != proto.MESH_KEY_LEN:
+            raise ValueError(f"a DERP mesh key is {proto.MESH_KEY_LEN} bytes, got {len(mesh_key)}")
+        self.mesh_key = mesh_key
+        """The region's pre-shared mesh key (32 bytes; None: no client may mesh); see
+        :func:`tailpy.proto.derp.parse_mesh_key`."""
         self.clock = clock
         self.metrics = Metrics()
         self._clients: dict[NodePublic, _KeySet] = {}
@@ -315,11 +368,46 @@ class Relay:
         self._dirty: list[Conn] = []
         """Connections with packets gathered by Conn.push, flushed after each read."""
         self._watchers: collections.defaultdict[NodePublic, set[Conn]] = collections.defaultdict(set)
+        """Key -> connections that received packets from it (told PeerGone when it leaves the region)."""
+        self._mesh_watchers: set[Conn] = set()
+        """Mesh peers that sent WatchConns (derpserver ``watchers``)."""
+        self._forwarders: dict[bytes, list[Forwarder]] = {}
+        """Raw key of a client connected to another server of the mesh -> the mesh peers that said so, the
+        one that said so first first (derpserver ``clientsMesh`` and ``multiForwarder``)."""
 
     def connections(self, key: NodePublic) -> list[Conn]:
         """The live connections of ``key`` (oldest first)."""
         ks = self._clients.get(key)
         return list(ks.conns) if ks else []
+
+    def forwarders(self, key: NodePublic) -> list[Forwarder]:
+        """The mesh peers through which ``key`` is reachable (the first gets its packets)."""
+        return list(self._forwarders.get(key.raw, ()))
+
+    def add_forwarder(self, key: NodePublic, fwd: Forwarder) -> None:
+        """``key`` is connected to the mesh peer ``fwd`` (a PeerPresent from it; derpserver
+        ``AddPacketForwarder``). A second peer for the same key is kept behind the first."""
+        if key == self.public_key_node:
+            return
+        fwds = self._forwarders.setdefault(key.raw, [])
+        if fwd not in fwds:
+            fwds.append(fwd)
+            self.metrics.remote_clients = len(self._forwarders)
+
+    def remove_forwarder(self, key: NodePublic, fwd: Forwarder) -> None:
+        """``key`` left the mesh peer ``fwd`` (a PeerGone from it, or the mesh connection broke; derpserver
+        ``RemovePacketForwarder``). When no connection or forwarder is left for ``key`` in the region, the
+        clients it sent to here are told PeerGone "disconnected"."""
+        fwds = self._forwarders.get(key.raw)
+        if fwds is None or fwd not in fwds:
+            return
+        fwds.remove(fwd)
+        if fwds:
+            return
+        del self._forwarders[key.raw]
+        self.metrics.remote_clients = len(self._forwarders)
+        if key not in self._clients:
+            self._peer_gone_from_region(key)
 
     def close_all(self) -> None:
         """Close every logged-in connection (their :meth:`serve` calls return)."""
@@ -351,10 +439,15 @@ class Relay:
             else:
                 log.info("DERP login from %s refused: %s", peer, e)
             return
-        if self.verify_client is not None and not await self._admit(first.key, writer, peer):
+        can_mesh = self._is_mesh_peer(info)
+        if can_mesh:
+            log.info("DERP mesh peer %s logged in from %s", first.key.short(), peer)
+        elif self.verify_client is not None and not await self._admit(first.key, writer, peer):
             return
         conn = Conn(self, first.key, writer, peer)
         conn.info = info
+        conn.can_mesh = can_mesh
+        conn.endpoint = _peer_endpoint(writer.get_extra_info("peername"))
         writer.write(proto.encode(proto.seal_server_info(self.private_key, first.key)))
         self._register(conn)
         sender = asyncio.create_task(conn.send_loop())
@@ -368,6 +461,17 @@ class Relay:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+
+    def _is_mesh_peer(self, info: dict[str, object]) -> bool:
+        """Whether ClientInfo's ``meshKey`` is this server's mesh key (derpserver ``isMeshPeer``)."""
+        given = info.get("meshKey")
+        if self.mesh_key is None or not isinstance(given, str) or not given:
+            return False
+        try:
+            key = proto.parse_mesh_key(given)
+        except ParseError:
+            return False
+        return hmac.compare_digest(key, self.mesh_key)
 
     async def _admit(self, key: NodePublic, writer: Writer, peer: str) -> bool:
         """Ask :attr:`verify_client` about ``key``; a refused client (or one the verifier cannot answer
@@ -479,7 +583,7 @@ class Relay:
                 m.bytes_received += n
                 target = active.get(payload[: proto.KEY_LEN])
                 if target is None or target.closed:
-                    self._not_here(conn, NodePublic(payload[: proto.KEY_LEN]), n)
+                    self._elsewhere(conn, payload)
                     continue
                 target.push(conn, payload)
             elif t in HANDLED_FRAMES:
@@ -487,8 +591,12 @@ class Relay:
                     raise ParseError(f"DERP Ping frame of {len(payload)} bytes (at most {MAX_PING_LEN})")
                 self._handle(conn, proto.parse_frame(t, payload))
             elif t in MESH_FRAMES:
-                name = proto.FrameType(t).name
-                raise ParseError(f"DERP {name} frame from a client: insufficient permissions (no mesh key)")
+                if not conn.can_mesh:
+                    name = proto.FrameType(t).name
+                    raise ParseError(
+                        f"DERP {name} frame from a client: insufficient permissions (no mesh key)"
+                    )
+                self._handle_mesh(conn, proto.parse_frame(t, payload))
             elif len(payload) > MAX_IGNORED_FRAME_LEN:
                 raise ParseError(f"DERP frame of type {t} is too large to ignore: {len(payload)} bytes")
             else:
@@ -503,7 +611,7 @@ class Relay:
                 ks = self._clients.get(dst)
                 target = ks.active if ks else None
                 if target is None or target.closed:
-                    self._not_here(conn, dst, len(data))
+                    self._elsewhere(conn, dst.raw + data)
                     return
                 target.enqueue_packet(conn.key, data)
             case proto.Ping(data):
@@ -516,8 +624,80 @@ class Relay:
             case _:
                 pass  # only the frame types of HANDLED_FRAMES come here
 
-    def _not_here(self, conn: Conn, dst: NodePublic, nbytes: int) -> None:
-        self.metrics.drop("unknown_dest", nbytes)
+    def _elsewhere(self, conn: Conn, payload: bytes) -> None:
+        """A SendPacket (``payload``: destination key + packet) for a key with no connection here: forwarded
+        to the mesh peer that has it, else dropped (``unknown_dest``) with a PeerGone "not here"."""
+        raw = payload[: proto.KEY_LEN]
+        fwds = self._forwarders.get(raw)
+        data = payload[proto.KEY_LEN :]
+        if fwds:
+            dst = NodePublic(raw)
+            why = fwds[0].forward_packet(conn.key, dst, data)
+            if why is None:
+                self.metrics.packets_forwarded_out += 1
+                self.metrics.bytes_forwarded_out += len(data)
+            else:
+                self.metrics.drop(why, len(data))
+            return
+        self._not_here(conn, NodePublic(raw), len(data))
+
+    def _handle_mesh(self, conn: Conn, f: proto.Frame) -> None:
+        """A mesh frame from a mesh peer (derpserver ``handleFrameWatchConns``, ``handleFrameForwardPacket``,
+        ``handleFrameClosePeer``)."""
+        match f:
+            case proto.WatchConns():
+                self._add_mesh_watcher(conn)
+            case proto.ForwardPacket(src, dst, data):
+                m = self.metrics
+                m.packets_forwarded_in += 1
+                m.bytes_forwarded_in += len(data)
+                target = self._active.get(dst.raw)
+                if target is None or target.closed:  # never forwarded again: one hop
+                    self._not_here(conn, dst, len(data), reason="unknown_dest_on_fwd")
+                    return
+                target.enqueue_packet(src, data)
+            case proto.ClosePeer(key):
+                targets = self.connections(key)
+                log.info("DERP mesh peer %s asked to close %s (%d connections)", conn.peer, key.short(),
+                         len(targets))  # fmt: skip
+                for c in targets:
+                    c.close()
+            case _:
+                pass  # only the frame types of MESH_FRAMES come here
+
+    def _add_mesh_watcher(self, conn: Conn) -> None:
+        """Send ``conn`` PeerPresent for every key connected here, then every change (derpserver
+        ``addWatcher``); a server watching itself is ignored."""
+        if conn.key == self.public_key_node or conn in self._mesh_watchers:
+            return
+        for ks in self._clients.values():
+            if ks.active is not None:
+                conn.enqueue_frame(self._present_frame(ks.active))
+        self._mesh_watchers.add(conn)
+        self.metrics.mesh_watchers = len(self._mesh_watchers)
+
+    @staticmethod
+    def _present_frame(c: Conn) -> proto.PeerPresent:
+        flags = proto.PeerPresentFlags(0)
+        if c.info.get("IsProber") is True:
+            flags |= proto.PeerPresentFlags.PROBER
+        if c.can_mesh:
+            flags |= proto.PeerPresentFlags.MESH_PEER
+        return proto.PeerPresent(
+            c.key, c.endpoint or (IPv6Address(0), 0), int(flags or proto.PeerPresentFlags.REGULAR)
+        )
+
+    def _peer_gone_from_region(self, key: NodePublic) -> None:
+        """Tell the clients that received packets from ``key`` that it is gone (derpserver
+        ``notePeerGoneFromRegionLocked``)."""
+        for w in self._watchers.pop(key, set()):
+            if not w.closed:
+                self.metrics.peer_gone_frames["disconnected"] += 1
+                w.enqueue_frame(proto.PeerGone(key, proto.PeerGoneReason.DISCONNECTED))
+            w.senders.discard(key)
+
+    def _not_here(self, conn: Conn, dst: NodePublic, nbytes: int, reason: str = "unknown_dest") -> None:
+        self.metrics.drop(reason, nbytes)
         if conn.peer_gone_limit.allow():
             self.metrics.peer_gone_frames["not_here"] += 1
             conn.enqueue_frame(proto.PeerGone(dst, proto.PeerGoneReason.NOT_HERE))
@@ -533,6 +713,10 @@ class Relay:
         self.metrics.accepts += 1
         if len(ks.conns) == 2:
             self.metrics.duplicate_keys += 1
+        if self._mesh_watchers:
+            present = self._present_frame(conn)
+            for w in self._mesh_watchers:
+                w.enqueue_frame(present)
         if len(ks.conns) > 1:
             log.warning(
                 "DERP key %s connected %d times (latest from %s)", conn.key.short(), len(ks.conns), conn.peer
@@ -557,6 +741,9 @@ class Relay:
                 if not ws:
                     del self._watchers[src]
         conn.senders.clear()
+        if conn in self._mesh_watchers:
+            self._mesh_watchers.discard(conn)
+            self.metrics.mesh_watchers = len(self._mesh_watchers)
         ks = self._clients.get(conn.key)
         if ks is None or conn not in ks.conns:
             return
@@ -572,11 +759,11 @@ class Relay:
             return
         del self._clients[conn.key]
         self._active.pop(conn.key.raw, None)
-        for w in self._watchers.pop(conn.key, set()):
-            if not w.closed:
-                self.metrics.peer_gone_frames["disconnected"] += 1
-                w.enqueue_frame(proto.PeerGone(conn.key, proto.PeerGoneReason.DISCONNECTED))
-            w.senders.discard(conn.key)
+        gone = proto.PeerGone(conn.key, proto.PeerGoneReason.DISCONNECTED)
+        for w in self._mesh_watchers:
+            w.enqueue_frame(gone)
+        if conn.key.raw not in self._forwarders:
+            self._peer_gone_from_region(conn.key)
 
 
 def _peer_ip(peer: object) -> str:
@@ -584,6 +771,16 @@ def _peer_ip(peer: object) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0]).split("%", 1)[0]
     return ""
+
+
+def _peer_endpoint(peer: object) -> tuple[IPv4Address | IPv6Address, int] | None:
+    """(IP, port) of a peername tuple; None when it is not one (a Unix socket, a test stream)."""
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(peer[1], int):
+        try:
+            return ip_address(str(peer[0]).split("%", 1)[0]), peer[1]
+        except ValueError:
+            return None
+    return None
 
 
 def _peer_text(peer: object) -> str:
@@ -604,4 +801,4 @@ def _set_keepalive(writer: Writer) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-__all__ = ["DUPLICATE_KEY_PROBLEM", "READ_CHUNK", "REFUSED_PREFIX", "Conn", "Relay"]
+__all__ = ["DUPLICATE_KEY_PROBLEM", "READ_CHUNK", "REFUSED_PREFIX", "Conn", "Forwarder", "Relay"]

@@ -115,6 +115,7 @@ class DerpServer:
         public_metrics: bool = False,
         verify_client: Verifier | None = None,
         verify_timeout: float = 10.0,
+        mesh_key: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.relay = Relay(
@@ -128,6 +129,7 @@ class DerpServer:
             write_timeout=write_timeout,
             verify_client=verify_client,
             verify_timeout=verify_timeout,
+            mesh_key=mesh_key,
             clock=clock,
         )
         """The relay core every ``/derp`` upgrade is handed to."""

@@ -1,7 +1,8 @@
 """The node's DERP connections: one to its home region (NotePreferred), others to peers' regions on demand.
 
 Each region has a :class:`tailpy.derp.client.ReconnectingDerpClient` (reconnects with
-:func:`tailpy.backoff.reconnect_delays`, jittered, capped at ``cap`` seconds), a bounded send queue drained by
+:func:`tailpy.backoff.reconnect_delays`, jittered, capped at ``cap`` seconds; each attempt dials the region's
+first node, then the others in order, which a DERP mesh makes one relay), a bounded send queue drained by
 one writer task, and a reader task that hands every RecvPacket to ``on_packet(src_node_key, payload,
 region_id)``. A connection other than the home one is closed after ``idle_timeout`` seconds without sending
 (:meth:`DerpConnections.sweep`); the home connection stays. Every connection checks its own liveness (a DERP
@@ -211,6 +212,7 @@ class DerpConnections:
             ssl_context=self.ssl_context,
             idle_ping=self.idle_ping,
             ping_timeout=self.ping_timeout,
+            fallback_urls=[n.url() for n in region.nodes[1:]],  # the region's other (meshed) servers
         )
         r = _Region(region, rc, asyncio.Queue(maxsize=SEND_QUEUE), last_send=self.clock())
         rc.on_connect = lambda client: self._on_connect(r, client)

@@ -10,6 +10,12 @@ a NaCl box of JSON ``{"version": 2, ...}`` sealed to the server key); the server
 :class:`RecvPacket` to the destination; the server sends :class:`KeepAlive` about every
 :data:`KEEPALIVE_INTERVAL` seconds and answers :class:`Ping` with :class:`Pong`.
 
+Mesh (servers of one region, derper's ``--mesh-with``): a client whose ClientInfo JSON carries the region's
+``meshKey`` (:func:`parse_mesh_key`) may send :class:`WatchConns` and is then sent :class:`PeerPresent` (key,
+the client's IP:port, :class:`PeerPresentFlags`) for every client connected there and :class:`PeerGone` when
+one leaves; it may send :class:`ForwardPacket` (source key, destination key, packet), which that server
+delivers to its own client only (one hop), and :class:`ClosePeer`.
+
 API
 ---
 * Frames are frozen dataclasses, one per type (:data:`Frame` is their union); a frame type this module does
@@ -96,6 +102,38 @@ class FrameType(enum.IntEnum):
     PONG = 0x13
     HEALTH = 0x14
     RESTARTING = 0x15
+
+
+class PeerPresentFlags(enum.IntFlag):
+    """The flags byte of a PeerPresent frame (derp.go ``PeerPresentFlags``); a server that sends none (or 0)
+    predates them. derpserver's ``sclient.presentFlags`` sends REGULAR for a plain client, else the others."""
+
+    REGULAR = 1 << 0
+    MESH_PEER = 1 << 1
+    """The connection logged in with the mesh key (another server of the region, or a trusted monitor)."""
+    PROBER = 1 << 2
+    """The client said ``IsProber`` in its ClientInfo."""
+    NOT_IDEAL = 1 << 3
+    """The client said this server is not its region's first (ideal) node (``Ideal-Node`` header)."""
+
+
+MESH_KEY_LEN: Final = 32
+"""A DERP mesh key, bytes: 64 lowercase hex digits in files and in ClientInfo's ``meshKey`` (Go
+``key.DERPMesh``)."""
+
+
+def parse_mesh_key(text: str) -> bytes:
+    """The 32 bytes of a mesh key written as 64 hexadecimal digits, whitespace around them trimmed (Go
+    ``key.ParseDERPMesh``; derper's ``--mesh-psk-file`` holds one). Raises ParseError otherwise."""
+    t = text.strip()
+    if len(t) != 2 * MESH_KEY_LEN:
+        raise ParseError(
+            f"a DERP mesh key must be {2 * MESH_KEY_LEN} hexadecimal digits, got {len(t)} characters"
+        )
+    try:
+        return bytes.fromhex(t)
+    except ValueError:
+        raise ParseError("a DERP mesh key must be hexadecimal digits only") from None
 
 
 class PeerGoneReason(enum.IntEnum):
@@ -301,6 +339,11 @@ def encode_send_packet(dst: NodePublic, data: bytes) -> bytes:
     return _frame(FrameType.SEND_PACKET, dst.raw + _packet(data))
 
 
+def encode_forward_packet(src: NodePublic, dst: NodePublic, data: bytes) -> bytes:
+    """ForwardPacket frame bytes; a mesh forwarder's per-packet path. ValueError if too big."""
+    return _frame(FrameType.FORWARD_PACKET, src.raw + dst.raw + _packet(data))
+
+
 def encode(frame: Frame) -> bytes:
     """The bytes of ``frame``, header included.
 
@@ -338,7 +381,7 @@ def encode(frame: Frame) -> bytes:
                 raise ValueError("PeerPresent flags need an endpoint before them")
             return _frame(FrameType.PEER_PRESENT, body)
         case ForwardPacket(src, dst, data):
-            return _frame(FrameType.FORWARD_PACKET, src.raw + dst.raw + _packet(data))
+            return encode_forward_packet(src, dst, data)
         case WatchConns():
             return _frame(FrameType.WATCH_CONNS, b"")
         case ClosePeer(key):
@@ -617,6 +660,7 @@ __all__ = [
     "MAGIC",
     "MAX_FRAME_LEN",
     "MAX_PACKET_SIZE",
+    "MESH_KEY_LEN",
     "NONCE_LEN",
     "PING_LEN",
     "PROTOCOL_VERSION",
@@ -632,6 +676,7 @@ __all__ = [
     "PeerGone",
     "PeerGoneReason",
     "PeerPresent",
+    "PeerPresentFlags",
     "Ping",
     "Pong",
     "RecvPacket",
@@ -642,6 +687,7 @@ __all__ = [
     "Unknown",
     "WatchConns",
     "encode",
+    "encode_forward_packet",
     "encode_header",
     "encode_recv_packet",
     "encode_send_packet",
@@ -649,6 +695,7 @@ __all__ = [
     "open_server_info",
     "parse_frame",
     "parse_header",
+    "parse_mesh_key",
     "seal_client_info",
     "seal_server_info",
 ]

@@ -1,9 +1,9 @@
 """`tailpy control`: run the coordination server and administer it, one module per subcommand group:
 :mod:`~tailpy.cli.control.serve` (the server: :func:`tailpy.control.service.run_control`),
 :mod:`~tailpy.cli.control.users`, :mod:`~tailpy.cli.control.authkey`, :mod:`~tailpy.cli.control.nodes`,
-:mod:`~tailpy.cli.control.dns` and :mod:`~tailpy.cli.control.policy`.
+:mod:`~tailpy.cli.control.dns`, :mod:`~tailpy.cli.control.policy` and :mod:`~tailpy.cli.control.routes`.
 
-Admin commands (users, nodes, authkey, dns, policy) go through ``<state_dir>/admin.sock`` when `tailpy
+Admin commands (users, nodes, authkey, dns, policy, routes) go through ``<state_dir>/admin.sock`` when `tailpy
 control serve` runs on that state dir (the server applies them and tells the nodes at once), and straight to
 the database otherwise (see :mod:`tailpy.control.admin`). Nodes can never reach them.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from tailpy.cli.control import authkey, dns, nodes, policy, serve, users
+from tailpy.cli.control import authkey, dns, nodes, policy, routes, serve, users
 
 
 @click.group("control")
@@ -20,7 +20,7 @@ def command() -> None:
     """Run and administer the coordination server."""
 
 
-for _group in (serve, users, authkey, nodes, dns, policy):
+for _group in (serve, users, authkey, nodes, dns, policy, routes):
     command.add_command(_group.command)
 
 __all__ = ["command"]

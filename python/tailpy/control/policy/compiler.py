@@ -60,6 +60,7 @@ from typing import Any
 from tailpy.control.policy import ipset
 from tailpy.control.policy.model import Alias, Policy, PolicyError, PolicyNode, Rule, user_matches
 from tailpy.packetfilter import ALLOW_ALL, FilterRule, NetPortRange, PortRange
+from tailpy.routes import EXIT_ROUTES, TAILNET_RANGES, has_exit_routes
 
 ClassKey = tuple[str, str, tuple[str, ...]]
 PartSpec = tuple[bytes | None, bytes, bytes | None, bytes, bytes]
@@ -177,6 +178,12 @@ class Compiled:
             tuple(p for d in r.dsts if d.alias.name == "autogroup:self" for p in d.ports) for r in rules
         ]
         self._self_first = [int(_self_first(r)) for r in rules]
+        self._internet_dst = tuple(  # autogroup:internet destinations: on exit nodes only
+            (i, j) for i, r in enumerate(rules) for j, d in enumerate(r.dsts) if d.alias.name == INTERNET
+        )
+        self._dst_star = [any(d.alias.kind == "*" for d in r.dsts) for r in rules]
+        self._dst_internet = [any(d.alias.name == INTERNET for d in r.dsts) for r in rules]
+        self._may_use: dict[tuple[ViewKey, str], bool] = {}  # (a node's view, route) -> may use
         self._always_there = [  # rules whose other destinations never resolve to nothing
             any(d.alias.kind in ("*", "ip") or d.alias.name == "autogroup:internet" for d in r.dsts)
             for r in rules
@@ -284,6 +291,8 @@ class Compiled:
             dsts += [ij for rr in routes for ij in self._lit_dst_index.overlapping(rr)]
             if dsts:
                 lit_dst = tuple(sorted(set(dsts)))  # in rule order, then destination order
+        if self._internet_dst and has_exit_routes(node.routes):  # an exit node: the internet is behind it
+            lit_dst = tuple(sorted({*lit_dst, *self._internet_dst}))
         if lit_src or lit_dst:
             src = c.src | lit_src | self._always_src
             dst = c.dst_rules | frozenset(i for i, _ in lit_dst)
@@ -518,6 +527,10 @@ class Compiled:
         grouped: dict[str, tuple[str, list[PortRange]]] = {}  # alias -> (ip, ports)
         for j in sorted({*js, *lits}, key=lambda j: (_RANK.get(dsts[j].alias.kind, 9), j)):
             d = dsts[j]
+            if j not in js and d.alias.name == INTERNET:  # on an exit node: every internet prefix
+                for text in INTERNET_DSTS:
+                    grouped.setdefault(f"{INTERNET} {text}", (text, []))[1].extend(d.ports)
+                continue
             ip = ("*" if d.alias.kind == "*" else _NODE) if j in js else self._lit_text[i, j]
             grouped.setdefault(d.alias.name, (ip, []))[1].extend(d.ports)
         items = tuple((ip, tuple(ports)) for ip, ports in grouped.values())
@@ -713,6 +726,44 @@ class Compiled:
             b = self._src_json[rule] = _dumps(list(self.src_ips(rule)))
         return b
 
+    # --- routes ---
+
+    def may_use_route(self, node_id: int, route: str) -> bool:
+        """Whether a router's ``route`` (canonical CIDR text, a route some node serves) belongs in node
+        ``node_id``'s allowed IPs for that router (Tailscale's route reduction of a peer's AllowedIPs;
+        Headscale's ``ReduceRoutes`` / ``CanAccessRoute``, checked against the captures in its
+        ``testdata/routes_results``). A subnet route: some rule with the node among its sources has a
+        destination ``*`` or a prefix or address overlapping the route (the node may send there), or some
+        rule whose filter the node holds has sources overlapping the route (``*``, which stands for every
+        served route too, or a prefix: hosts behind the router may reach the node, whose WireGuard must
+        accept their packets from the router). An exit route: a rule with the node among its sources has a
+        destination ``*`` or ``autogroup:internet``. False for an unknown node. Memoized per (the node's
+        view, route)."""
+        n = self.nodes.get(node_id)
+        if n is None:
+            return False
+        key = (n.view, route)
+        got = self._may_use.get(key)
+        if got is None:
+            srcs = n.src
+            if any(self._dst_star[i] for i in srcs):
+                got = True
+            elif route in EXIT_ROUTES:
+                got = any(self._dst_internet[i] for i in srcs)
+            else:
+                rr = _route_range(route)
+                got = rr is not None and (
+                    any(i in srcs for i, _ in self._lit_dst_index.overlapping(rr))
+                    or any(
+                        self._wild[i]
+                        or self._danger[i]
+                        or any(ipset.overlaps(x, rr) for x in self._lit_src[i])
+                        for i in n.dst
+                    )
+                )
+            self._may_use[key] = got
+        return got
+
     # --- visibility ---
 
     def visible(self, a: int, b: int) -> bool:
@@ -875,6 +926,39 @@ def _route_range(text: str) -> ipset.Range | None:
 
 
 _TAILNET_TEXT = ipset.render(ipset.TAILNET)
+
+INTERNET = "autogroup:internet"
+
+
+def _internet_ranges() -> tuple[ipset.Range, ...]:
+    """What ``autogroup:internet`` stands for on an exit node: every IPv4 address and 2000::/3 (global
+    unicast) less the private ranges (RFC 1918, fc00::/7), the tailnet's ranges and link-local ones
+    (Headscale's ``util.TheInternet``), merged, IPv4 first, in address order."""
+    drop = [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+        *TAILNET_RANGES,
+    ]
+    ranges = ipset.merge(ipset.net_range(ipaddress.ip_network(n)) for n in ("0.0.0.0/0", "2000::/3"))
+    for d in drop:
+        ranges = ipset.subtract(ranges, ipset.net_range(ipaddress.ip_network(d)))
+    return ipset.merge(ranges)
+
+
+INTERNET_RANGES = _internet_ranges()
+INTERNET_DSTS = tuple(
+    f"{ipaddress.ip_address(lo)}-{ipaddress.ip_address(hi)}"
+    if fam == 4
+    else f"{ipaddress.IPv6Address(lo)}-{ipaddress.IPv6Address(hi)}"
+    for fam, lo, hi in INTERNET_RANGES
+)
+"""An ``autogroup:internet`` destination on an exit node's filter, as Tailscale's control renders it
+(captured in Headscale's ``testdata/routes_results/ROUTES-b11_autogroup_internet_only``): each range
+``first-last``, in address order: ``0.0.0.0-9.255.255.255``, ..., ``2000::-3fff:ffff:...:ffff``."""
 
 
 def _merge(rules: list[FilterRule]) -> tuple[FilterRule, ...]:
@@ -1149,4 +1233,13 @@ def _alias_of(policy: Policy, s: str) -> Alias:
     return Alias("ip", s, ipaddress.ip_network(s, strict=False))
 
 
-__all__ = ["Changes", "Compiled", "check_tests", "class_key", "compile_filter"]
+__all__ = [
+    "INTERNET",
+    "INTERNET_DSTS",
+    "INTERNET_RANGES",
+    "Changes",
+    "Compiled",
+    "check_tests",
+    "class_key",
+    "compile_filter",
+]

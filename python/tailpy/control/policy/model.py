@@ -22,10 +22,13 @@ follows :func:`tag_error`. Sections:
   default policy allows; an empty ``acls`` list allows nothing.
 * ``tests``: ``{"src": "alice@example.com", "proto"?: "tcp", "accept": ["tag:server:22"], "deny": [...]}``,
   evaluated by :func:`tailpy.control.policy.compiler.check_tests`.
-* the other sections (:data:`NOT_ENFORCED_SECTIONS`: ``autoApprovers``, ``ssh``, ``sshTests``,
+* ``autoApprovers``: ``{"routes": {"198.51.100.0/24": ["group:x", "tag:r"]}, "exitNode": [...]}``: who
+  gets advertised routes and exit nodes approved without an admin (:attr:`Policy.auto_approvers`, applied
+  by :func:`tailpy.control.routes.auto_approved`); the groups and tags it names must be defined.
+* the other sections (:data:`NOT_ENFORCED_SECTIONS`: ``ssh``, ``sshTests``,
   ``nodeAttrs``, ``postures``, ``ipsets``, ``derpMap``, ``disableIPv4``, ``randomizeClientPort``, ...) are
-  accepted and listed in :attr:`Policy.not_enforced`; the groups and tags ``ssh`` and ``autoApprovers``
-  name must be defined, and ``ssh`` rules are checked as Tailscale checks them.
+  accepted and listed in :attr:`Policy.not_enforced`; the groups and tags ``ssh`` names must be defined,
+  and ``ssh`` rules are checked as Tailscale checks them.
 * targets of kinds tailpy does not enforce yet (``ipset:x``, defined in ``ipsets``; ``svc:x``) are left
   out of their rule with a warning; a rule left with no source or no destination is left out.
 
@@ -34,8 +37,9 @@ matched against a node owner's login name and email) or as ``name@`` (matched ag
 optionally prefixed ``user:``, or ``user:*@example.com`` (every user of a domain);
 ``group:x``; ``tag:x``; a host name; an IP address or CIDR prefix; ``autogroup:member`` (nodes of users,
 untagged), ``autogroup:tagged``, ``autogroup:self`` (destination only: the source user's own untagged
-nodes), ``autogroup:internet`` (destination only; kept for exit nodes, not enforced yet: it matches no
-node), ``autogroup:danger-all`` (source only: every address, rendered ``"*"``). Autogroups naming user
+nodes), ``autogroup:internet`` (destination only: the internet through exit nodes; it lets the source use
+exit nodes, and an exit node's filter accepts the source's packets to every non-private address),
+``autogroup:danger-all`` (source only: every address, rendered ``"*"``). Autogroups naming user
 roles (``autogroup:admin``, ``autogroup:owner``, ...) match no node: tailpy has no roles. Ports: ``*``,
 ``22``, ``80-443`` or a comma-separated list of those; a port range starts at 1 or more (``*`` is every
 port, 0 included), as Tailscale requires. Protocols (``proto``, and grants' ``ip``): IANA
@@ -84,8 +88,9 @@ class PolicyNode:
 
     ``addresses``: CIDR host prefixes as :attr:`tailpy.netmap.Node.addresses` (``"100.64.0.1/32"``); ``user``:
     the owner's login name (``"alice"`` or ``"alice@example.com"``), ``""`` for a tagged node; ``email``:
-    the owner's email, ``""`` when unknown; ``tags``: ``("tag:server",)``; ``routes``: approved subnet
-    routes the node serves (CIDR prefixes; none until tailpy has subnet routers)."""
+    the owner's email, ``""`` when unknown; ``tags``: ``("tag:server",)``; ``routes``: the routes the node
+    serves (approved and advertised, CIDR prefixes: :func:`tailpy.control.routes.served_routes`), the exit
+    routes ``0.0.0.0/0`` and ``::/0`` included for an exit node."""
 
     id: int
     addresses: tuple[str, ...]
@@ -187,6 +192,15 @@ class PolicyTest:
     where: str
 
 
+@dataclass(frozen=True)
+class AutoApprovers:
+    """The policy's ``autoApprovers``: ``routes`` (prefix, its approvers as written) in file order;
+    ``exit_node``: the approvers of exit nodes. Approvers are ``tag:x``, ``group:x``, users, autogroups."""
+
+    routes: tuple[tuple[Network, tuple[str, ...]], ...] = ()
+    exit_node: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, eq=False)
 class Policy:
     """A checked policy. Build it with :meth:`parse`.
@@ -196,7 +210,8 @@ class Policy:
     lower case), ``hosts`` (name, lower case -> network), ``tag_owners`` (tag as written -> owners: users
     and autogroups lower case, groups and tags as written); ``tests``;
     ``not_enforced``: sections present but not enforced yet; ``warnings``: what was read but ignored
-    (``"grants[2]: capability grant ignored (app)"``)."""
+    (``"grants[2]: capability grant ignored (app)"``); ``auto_approvers``: the ``autoApprovers``
+    section."""
 
     text: str
     rules: tuple[Rule, ...]
@@ -207,6 +222,7 @@ class Policy:
     not_enforced: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     _doc: hujson.Document | None = field(default=None, repr=False)
+    auto_approvers: AutoApprovers = AutoApprovers()
 
     @classmethod
     def parse(cls, text: str) -> Policy:
@@ -259,9 +275,8 @@ def user_matches(alias: str, user: str, email: str) -> bool:
 
 # --- reading ---
 
-ENFORCED_SECTIONS = ("acls", "grants", "groups", "hosts", "tagOwners", "tests")
+ENFORCED_SECTIONS = ("acls", "grants", "groups", "hosts", "tagOwners", "tests", "autoApprovers")
 NOT_ENFORCED_SECTIONS = (
-    "autoApprovers",
     "ssh",
     "sshTests",
     "nodeAttrs",
@@ -341,6 +356,7 @@ class _Reader:
         self.hosts: dict[str, Network] = {}
         self.tag_owners: dict[str, tuple[str, ...]] = {}
         self.ipsets: set[str] = set()
+        self.auto_approvers = AutoApprovers()
 
     def fail(self, path: tuple[Any, ...], message: str) -> PolicyError:
         pos = self.doc.position(path)
@@ -443,17 +459,23 @@ class _Reader:
     def read_auto_approvers(self, v: Any, path: tuple[Any, ...]) -> None:
         self.want(v, dict, path, "autoApprovers")
         f = _fold(v)
+        routes_out: list[tuple[Network, tuple[str, ...]]] = []
+        exit_out: tuple[str, ...] = ()
         if "routes" in f:
             rpath = (*path, f["routes"])
             routes = self.want(v[f["routes"]], dict, rpath, "autoApprovers.routes")
             for prefix, approvers in routes.items():
-                if _network(prefix) is None:
+                net = _network(prefix)
+                if net is None:
                     raise self.key_fail(
                         rpath, prefix, f"autoApprovers.routes: {prefix!r} is not a CIDR prefix"
                     )
                 self.refs(approvers, (*rpath, prefix), f"autoApprovers.routes[{prefix!r}]")
+                routes_out.append((net, tuple(a.strip() for a in approvers)))
         if "exitnode" in f:
             self.refs(v[f["exitnode"]], (*path, f["exitnode"]), "autoApprovers.exitNode")
+            exit_out = tuple(a.strip() for a in v[f["exitnode"]])
+        self.auto_approvers = AutoApprovers(tuple(routes_out), exit_out)
 
     def strings(self, v: Any, path: tuple[Any, ...], what: str) -> list[str]:
         self.want(v, list, path, what)
@@ -527,6 +549,7 @@ class _Reader:
             tuple(self.not_enforced),
             tuple(self.warnings),
             self.doc,
+            self.auto_approvers,
         )
 
     # definitions
@@ -631,8 +654,6 @@ class _Reader:
                 raise self.fail(path, f'"autogroup:internet" is not valid on the {side} side of a rule')
             if lo == "autogroup:danger-all" and side != "src":
                 raise self.fail(path, '"autogroup:danger-all" is only valid as a source')
-            if lo == "autogroup:internet":
-                self.warn("autogroup:internet is not enforced yet (exit nodes): it matches no node")
             return Alias("autogroup", lo)
         if lo.startswith("user:"):  # user:alice@example.com, user:*@example.com
             lo = lo[len("user:") :]
@@ -933,6 +954,7 @@ def _jsontype(v: Any) -> str:
 __all__ = [
     "PROTOCOLS",
     "Alias",
+    "AutoApprovers",
     "Dst",
     "Policy",
     "PolicyError",

@@ -249,6 +249,7 @@ class Store:
         request_tags: Sequence[str] = (),
         tag_check: TagCheck | None = None,
         ephemeral: bool = False,
+        routable_ips: Sequence[str] | None = None,
     ) -> Node:
         """Register ``machine_key`` (or re-register it) and return its node (``online`` False).
 
@@ -266,6 +267,8 @@ class Store:
         else the admin) or, with no auth key, the node's owner; granted, they replace the node's tags (whose
         key then never expires, as for a tagged key). Raises TagError (nothing registered) when refused.
         ``ephemeral``: the node asked to be ephemeral (tsnet's ``Server.Ephemeral``): it is, whatever the key.
+        ``routable_ips``: the routes the node advertises (canonical CIDR text, checked by the caller; None:
+        keep the stored ones).
         """
         with self.engine.begin() as conn:
             return nodes.register(
@@ -281,6 +284,7 @@ class Store:
                 request_tags=request_tags,
                 tag_check=tag_check,
                 ephemeral=ephemeral,
+                routable_ips=routable_ips,
             )
 
     def register_for_user(
@@ -432,10 +436,12 @@ class Store:
         hostname: str | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
+        routable_ips: Sequence[str] | None = None,
     ) -> Node | None:
-        """Set the endpoints, hostname, home DERP region id (0: none) and/or disco public key of
-        ``machine_key``'s live node and its last_seen; None if there is no such node. (The node's name stays:
-        only an admin rename changes it.)"""
+        """Set the endpoints, hostname, home DERP region id (0: none), disco public key and/or advertised
+        routes (``routable_ips``, canonical CIDR text, checked by the caller) of ``machine_key``'s live node
+        and its last_seen; None if there is no such node. (The node's name stays: only an admin rename
+        changes it.)"""
         with self.engine.begin() as conn:
             return nodes.update(
                 conn,
@@ -445,7 +451,31 @@ class Store:
                 hostname=hostname,
                 home_derp=home_derp,
                 disco_key=disco_key,
+                routable_ips=routable_ips,
             )
+
+    def approve_routes(self, node_id: int, routes: Iterable[str], now: float | None = None) -> Node:
+        """Add ``routes`` (canonical CIDR text) to live node ``node_id``'s approved routes (an approval of a
+        route the node does not advertise is kept for when it does); returns the node. Raises ConfigError
+        when there is no such node."""
+        with self.engine.begin() as conn:
+            node = nodes.by_id(conn, node_id, _now(now))
+            if node is None:
+                nodes.live(conn, node_id)  # raises
+                raise AssertionError
+            return nodes.set_approved_routes(conn, node_id, [*node.approved_routes, *routes], _now(now))
+
+    def unapprove_routes(self, node_id: int, routes: Iterable[str], now: float | None = None) -> Node:
+        """Remove ``routes`` from live node ``node_id``'s approved routes; returns the node. Raises
+        ConfigError when there is no such node."""
+        gone = set(routes)
+        with self.engine.begin() as conn:
+            node = nodes.by_id(conn, node_id, _now(now))
+            if node is None:
+                nodes.live(conn, node_id)  # raises
+                raise AssertionError
+            kept = [r for r in node.approved_routes if r not in gone]
+            return nodes.set_approved_routes(conn, node_id, kept, _now(now))
 
     def list_nodes(self, now: float | None = None) -> list[Node]:
         """All live nodes, by id (``online`` False: the server knows who is online; ``expired`` as of

@@ -11,8 +11,9 @@ Tailscale, by default for tagged nodes); a logged-out node counts as expired.
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -68,6 +69,8 @@ def to_node(row: Any, now: float) -> Node:
         home_derp=int(row.home_derp or 0),
         disco_key=DiscoPublic.from_text(row.disco_key) if row.disco_key else None,
         name_by_admin=bool(row.name_by_admin),
+        routable_ips=tuple(json.loads(row.routable_ips or "[]")),
+        approved_routes=tuple(json.loads(row.approved_routes or "[]")),
     )
 
 
@@ -208,6 +211,7 @@ def register(
     request_tags: Sequence[str] = (),
     tag_check: TagCheck | None = None,
     ephemeral: bool = False,
+    routable_ips: Sequence[str] | None = None,
 ) -> Node:
     """Registration with an auth key (see :meth:`Store.register`)."""
     row = machine_row(conn, machine_key)
@@ -219,6 +223,8 @@ def register(
         and not (row.key_expiry is not None and row.key_expiry <= now)
     ):
         values: dict[str, Any] = {"hostname": hostname, "last_seen": now}
+        if routable_ips is not None:
+            values["routable_ips"] = json.dumps(list(routable_ips))
         if ephemeral:
             values["ephemeral"] = True
         if os_name:
@@ -254,6 +260,8 @@ def register(
         "key_expiry_fixed": False,
         "logged_out": False,
     }
+    if routable_ips is not None:
+        values["routable_ips"] = json.dumps(list(routable_ips))
     if os_name:
         values["os"] = os_name
     node_id = write(conn, addresses, row, machine_key, hostname, values, now)
@@ -371,9 +379,12 @@ def update(
     hostname: str | None,
     home_derp: int | None,
     disco_key: DiscoPublic | None,
+    routable_ips: Sequence[str] | None = None,
 ) -> Node | None:
     """A map request's report (see :meth:`Store.update_node`)."""
     values: dict[str, Any] = {"last_seen": now}
+    if routable_ips is not None:
+        values["routable_ips"] = json.dumps(list(routable_ips))
     if disco_key is not None:
         values["disco_key"] = disco_key.text()
     if endpoints is not None:
@@ -384,6 +395,26 @@ def update(
         values["hostname"] = hostname
     conn.execute(nodes.update().where(*_live_of(machine_key)).values(**values))
     return by_machine_key(conn, machine_key, now)
+
+
+def set_approved_routes(conn: Connection, node_id: int, routes: Sequence[str], now: float) -> Node:
+    """Make ``routes`` (canonical CIDR text) live node ``node_id``'s approved routes, sorted (IPv4 first,
+    then by address and length). Raises ConfigError when there is no such node."""
+    live(conn, node_id)
+    conn.execute(
+        nodes.update().where(nodes.c.id == node_id).values(approved_routes=json.dumps(sort_routes(routes)))
+    )
+    return read(conn, node_id, now)
+
+
+def sort_routes(routes: Iterable[str]) -> list[str]:
+    """``routes`` (canonical CIDR text) without duplicates, IPv4 first, then by address and length."""
+
+    def key(r: str) -> tuple[int, int, int]:
+        net = ipaddress.ip_network(r)
+        return (net.version, int(net.network_address), net.prefixlen)
+
+    return sorted(set(routes), key=key)
 
 
 def list_live(conn: Connection, now: float) -> list[Node]:
@@ -511,7 +542,9 @@ __all__ = [
     "register_for_user",
     "rename",
     "rotate_key",
+    "set_approved_routes",
     "set_key_expiry",
+    "sort_routes",
     "to_node",
     "unique_name",
     "update",

@@ -206,6 +206,19 @@ def _m9_policies(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _m10_routes(conn: Connection) -> None:
+    """10 (subnet routers and exit nodes): ``routable_ips`` on nodes, the routes the node advertises
+    (JSON list of canonical CIDR text, exit routes included: Tailscale's ``Hostinfo.RoutableIPs``), and
+    ``approved_routes``, those an admin or the policy's ``autoApprovers`` approved (JSON list; an approval
+    stays when the node stops advertising the route)."""
+    _add_columns(
+        conn,
+        "nodes",
+        sa.Column("routable_ips", sa.Text, nullable=False, server_default="[]"),
+        sa.Column("approved_routes", sa.Text, nullable=False, server_default="[]"),
+    )
+
+
 MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m1,
     _m2,
@@ -216,6 +229,7 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m7_expiry_fixed,
     _m8_names_addresses,
     _m9_policies,
+    _m10_routes,
 )
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
@@ -336,6 +350,8 @@ nodes = sa.Table(
     sa.Column("disco_key", sa.Text),
     sa.Column("key_expiry_fixed", sa.Boolean),
     sa.Column("name_by_admin", sa.Boolean),  # migration 8
+    sa.Column("routable_ips", sa.Text),  # migration 10: advertised routes (JSON list)
+    sa.Column("approved_routes", sa.Text),  # migration 10: approved routes (JSON list)
 )
 
 __all__ = [

@@ -99,6 +99,15 @@ def row_primary(row: dict[str, Any]) -> set[str]:
     return set()
 
 
+def route_state(net: LabTailnet, node_name: str, prefix: str) -> str:
+    """Control's word for ``prefix`` on ``node_name`` in ``routes list --json``: "primary", "standby",
+    "offline", "awaiting approval", "not advertised", "exit node"; "" when the row does not list it."""
+    for r in route_row(net, node_name).get("routes", []):
+        if isinstance(r, dict) and r.get("prefix") == prefix:
+            return str(r.get("state", ""))
+    return ""
+
+
 def reachable(node: LabNode, address: str) -> bool:
     """One ping from ``node`` answered within 2 s."""
     return node.pings(address)

@@ -36,6 +36,7 @@ from _routes_lab import (
     primary_routes,
     reachable,
     route_row,
+    route_state,
     row_primary,
     set_policy,
 )
@@ -206,6 +207,7 @@ def test_an_unapproved_route_is_not_served_until_approved(corp: Corp) -> None:
     assert whoami(w.c.host, h_ip) is None
     row = route_row(w.net, "r")
     assert SUBNET in row["advertised"] and SUBNET not in row["approved"], row
+    assert route_state(w.net, "r", SUBNET) == "awaiting approval"
     own = w.r.status()["self"]
     assert SUBNET in own["advertised_routes"] and SUBNET not in own["approved_routes"], own
     assert SUBNET not in own["primary_routes"], own
@@ -322,6 +324,7 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
 
     # r1 registered first (lowest id): it is the primary, r2 the standby.
     eventually(lambda: _primary_of(c, routers) == ["r1"], "r1 to be primary in c's netmap")
+    assert (route_state(net, "r1", SUBNET), route_state(net, "r2", SUBNET)) == ("primary", "standby")
     eventually(lambda: reachable(c, h_ip), "c to reach the LAN host")
     assert whoami(c.host, h_ip) == sub.ip(r1)
     assert route_row(net, "r2")["approved"] == [SUBNET]
@@ -342,6 +345,7 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
     eventually(lambda: loop.answered_since(since) >= 40, "pings to keep flowing after r1 returned")
     assert _primary_of(c, routers) == ["r2"]
     assert whoami(c.host, h_ip) == sub.ip(r2)
+    assert (route_state(net, "r1", SUBNET), route_state(net, "r2", SUBNET)) == ("standby", "primary")
     stats = loop.stop()
     print(f"failover ping loss: {stats}")
     # The outage is r1's death until c moved to r2: a few seconds, never the whole run.
@@ -354,6 +358,7 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
     assert not reachable(c, h_ip)
     for name in ("r1", "r2"):
         assert SUBNET not in row_primary(route_row(net, name)), route_row(net, name)
+        assert route_state(net, name, SUBNET) == "offline"
 
     # Only r2 returns: it serves again.
     _back(r2)

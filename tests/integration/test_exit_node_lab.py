@@ -7,7 +7,8 @@ internet, beside control (and its DERP and STUN) and a DNS resolver.
   traffic (control, DERP and STUN on the control host, WireGuard datagrams to ``e``'s endpoint) still leaves
   through ``c``'s LAN interface, never into the TUN: nftables counters in ``c``'s namespace, the route the
   kernel picks for a packet with the bypass mark, and ``c`` reconnecting to a restarted control server while
-  the exit node is in use. MagicDNS names and forwarded names keep resolving.
+  the exit node is in use. IPv6 goes through e too (c's site has none). MagicDNS names and forwarded names
+  keep resolving.
 * ``tailpy set --exit-node=`` puts ``ip rule`` and every routing table back exactly as they were.
 * ``--exit-node-allow-lan-access`` lets ``c`` reach its own LAN directly; without it the LAN goes into the
   tunnel too (and ``e`` has no way there).
@@ -103,6 +104,11 @@ def _offers_exit(w: World) -> bool:
     return set(allowed_ips(w.c, "e")) >= EXIT_ROUTES
 
 
+def _v6(host: Host) -> str:
+    """``host``'s IPv6 address on the internet LAN."""
+    return next(c.split("/")[0] for c in host.addresses["lan0"] if ":" in c)
+
+
 def _home_derp_connected(node: LabNode) -> bool:
     derp = node.status()["derp"]
     return derp is not None and any(c["home"] and c["connected"] for c in derp["connections"])
@@ -139,6 +145,12 @@ def test_exit_node_carries_traffic_and_the_underlay_stays_outside(world: World) 
         pe = peer(w.c, "e")
         assert pe is not None and pe["exit_node"] is True and pe["exit_node_option"] is True, pe
         assert "exit node" in w.c.cli("status")
+
+        # IPv6 too: c's site has none at all, yet it reaches the web host's IPv6 address through e.
+        seen6 = eventually(
+            lambda: whoami(w.c.host, _v6(w.web)), "c to reach the web host over IPv6 through e"
+        )
+        assert seen6 == _v6(w.e.host)
 
         # Everything else goes into the tunnel; packets with the bypass mark keep the main table's route.
         assert route_dev(w.c.host, web_ip) == TUN

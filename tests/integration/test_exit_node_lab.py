@@ -114,9 +114,13 @@ def _home_derp_connected(node: LabNode) -> bool:
     return derp is not None and any(c["home"] and c["connected"] for c in derp["connections"])
 
 
-def _on(w: World) -> None:
+def _on(w: World, *, with_up: bool = False) -> None:
+    """Use ``e`` as ``c``'s exit node (``tailpy set``, or ``tailpy up`` again) and wait until it carries."""
     eventually(lambda: _offers_exit(w), "c's netmap to offer e as exit node")
-    w.c.cli("set", "--exit-node=e")
+    if with_up:
+        w.c.up(flags=("--exit-node", "e"))
+    else:
+        w.c.cli("set", "--exit-node=e")
     web_ip = w.net.lan.ip(w.web)
     eventually(lambda: whoami(w.c.host, web_ip) == w.e.lan_ip(), "the web host to see e's address")
 
@@ -246,7 +250,7 @@ def test_kill_9_while_using_the_exit_node_leaves_no_blackhole(world: World) -> N
     _off(w)
     web_ip = w.net.lan.ip(w.web)
     try:
-        _on(w)
+        _on(w, with_up=True)
         assert "52" in w.c.host.run(["ip", "rule"]).stdout
         w.c.kill_daemon()
         # The TUN went with the process, and with it the routes into it.

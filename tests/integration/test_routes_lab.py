@@ -10,7 +10,8 @@ address it sees.
   ``autoApprovers`` approve a route a node advertises with ``tailpy set``.
 * A policy that grants the client only the tailnet's nodes keeps the LAN out of its reach (and out of the
   router's allowed IPs in its netmap); a rule naming the CIDR lets it in.
-* Failover between two routers of one LAN under a running ping (kill -9 of the primary's tailpyd), no
+* Failover between two routers of one LAN under a running ping (kill -9 of the primary's tailpyd; a policy
+  in force, so the standby's filter must already accept the LAN's prefix), no
   flapping when it returns, nobody serving with both down, the second serving again alone.
 * ``tailpy status`` (table and ``--json``) shows a peer's routes and which router is primary.
 
@@ -309,6 +310,9 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
     net.start_control()
     for user in ("ops", "alice"):
         net.control("users", "create", user)
+    # A policy (not allow-all): the standby's packet filter must already accept the LAN's prefix from c,
+    # so that failover needs no filter change.
+    set_policy(net, ALICE_TO_NODES_AND_CORP)
     r1, r2 = net.add_node("r1"), net.add_node("r2")
     sub = subnet_behind(net, [r1, r2])
     ops = key(net, "ops")

@@ -203,6 +203,11 @@ class Device:
     def tun_name(self) -> str: ...
     @property
     def listen_port(self) -> int: ...
+    def set_fwmark(self, mark: int) -> None:
+        """Mark every datagram the device's UDP socket sends (WireGuard, STUN, disco) with fwmark ``mark``
+        (``SO_MARK``, socket(7); 0 clears), so policy routing keeps it out of the tunnel
+        (:data:`tailpy.daemon.router.BYPASS_MARK`). Needs CAP_NET_ADMIN: PermissionDeniedError without;
+        ConfigError for a mark outside 0..0xffffffff; DeviceError once closed."""
     def set_private_key(self, private_key: bytes) -> None:
         """Replace the device's private key (node key rotation); existing sessions are dropped."""
     def set_peer(

@@ -61,7 +61,7 @@ def _lo_has_magicdns(node: LabNode) -> bool:
 
 
 def _tailnet_route(node: LabNode) -> str:
-    return node.host.run(["ip", "-4", "route", "show", "100.64.0.0/10"]).stdout.strip()
+    return node.host.run(["ip", "-4", "route", "show", "table", "52", "100.64.0.0/10"]).stdout.strip()
 
 
 def _resolv(node: LabNode) -> str:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from tailpy.daemon import cleanup as cl
 from tailpy.daemon import main as daemon_main
-from tailpy.daemon import netfilter
+from tailpy.daemon import netfilter, router
 from tailpy.daemon.api import serve
 from tailpy.daemon.lock import RunRecord
 from tailpy.errors import ConfigError
@@ -27,6 +27,7 @@ class FakeIp:
     def __init__(self, del_rc: int = 0) -> None:
         self.calls: list[tuple[str, ...]] = []
         self.del_rc = del_rc
+        self.routers: list[tuple[str, Path | None]] = []  # router.cleanup_leftovers calls: (tun, record)
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         self.calls.append(args)
@@ -48,6 +49,12 @@ def fake_ip(monkeypatch: pytest.MonkeyPatch) -> FakeIp:
     ip = FakeIp()
     monkeypatch.setattr(cl, "_ip", ip)
     monkeypatch.setattr(netfilter, "delete_table", lambda table: False)
+
+    def leftovers(tun: str, record: Path | None = None) -> list[str]:
+        ip.routers.append((tun, record))
+        return [f"removed {tun}'s policy routing rules"]
+
+    monkeypatch.setattr(router, "cleanup_leftovers", leftovers)  # this test's namespace is the machine's
     return ip
 
 
@@ -80,6 +87,9 @@ def test_crashed_daemons_magicdns_is_removed_when_no_one_serves_it(
     done = daemon_main.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="tailpy9"))
     assert len(fake_ip.deleted()) == 2
     assert "removed 100.100.100.100 from lo" in done
+    # The dead daemon's routing goes too (its rules, table 52, the forwarding sysctls it recorded).
+    assert fake_ip.routers == [("tailpy9", tmp_path / router.FORWARDING_RECORD)]
+    assert "removed tailpy9's policy routing rules" in done
 
 
 def test_failed_address_removal_is_not_reported_as_done(

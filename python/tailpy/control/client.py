@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from tailpy import bypass
 from tailpy.endpoint import Endpoint
 from tailpy.errors import (
     AuthKeyError,
@@ -147,7 +148,7 @@ class ControlClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            self._session = bypass.client_session(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         return self._session
 
     def _note_date(self, headers: Mapping[str, str]) -> None:

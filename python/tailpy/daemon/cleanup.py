@@ -1,6 +1,7 @@
 """Undo what a tailpyd that did not exit cleanly (kill -9, a crash, a power cut) left on the host: the host's
-resolver pointed at MagicDNS, the MagicDNS addresses on ``lo``, a persistent TUN and its routes, and the
-nftables table of :mod:`tailpy.daemon.netfilter`.
+resolver pointed at MagicDNS, the MagicDNS addresses on ``lo``, a persistent TUN and its routes, the
+nftables table of :mod:`tailpy.daemon.netfilter`, and the policy routing rules, routing table 52 and
+forwarding sysctls of :mod:`tailpy.daemon.router`.
 
 Run by tailpyd at every start (after taking the lock), by ``tailpyd --cleanup`` (systemd's
 ``ExecStopPost``), and by ``tailpy down`` when no daemon runs. Only what no running daemon owns is touched:
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tailpy.daemon import netfilter
+from tailpy.daemon import netfilter, router
 from tailpy.dns.osconfig import RESOLV_CONF, ResolvConf
 from tailpy.dns.resolver import MAGICDNS_V4, MAGICDNS_V6
 
@@ -132,6 +133,7 @@ def cleanup(
             done.append(f"removed TUN {tun} and its routes")
         if netfilter.delete_table(netfilter.table_name(tun)):
             done.append(f"removed nftables table inet {netfilter.table_name(tun)}")
+        done += router.cleanup_leftovers(tun, Path(state_dir) / router.FORWARDING_RECORD)
     for what in done:
         log.info("cleanup: %s", what)
     return done

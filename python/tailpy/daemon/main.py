@@ -8,16 +8,19 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, cast
 
 import click
 
+from tailpy import bypass
 from tailpy.daemon import netfilter
 from tailpy.daemon.api import make_app, serve
 from tailpy.daemon.backend import Backend
 from tailpy.daemon.cleanup import cleanup
 from tailpy.daemon.client import default_socket, default_state_dir
 from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, DaemonLock, RunRecord
+from tailpy.daemon.router import BYPASS_MARK, FORWARDING_RECORD, PlanRouter
 from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
@@ -85,20 +88,35 @@ async def run(
             StateStore(state_dir), userspace_factory, tun_mtu=mtu, rotate_before=rotate_before, userspace=True
         )
     else:
+        # Every underlay socket carries the bypass mark, so policy routing keeps it out of the tunnel
+        # (:mod:`tailpy.daemon.router`): the Python ones (control, DERP, DNS upstreams) from now on...
+        bypass.set_mark(BYPASS_MARK)
 
         def factory(private_key: bytes) -> Device:
-            return Device(private_key, tun_name=tun, listen_port=port, mtu=mtu)
+            dev = Device(private_key, tun_name=tun, listen_port=port, mtu=mtu)
+            try:
+                dev.set_fwmark(BYPASS_MARK)  # ...and the data plane's UDP socket (WireGuard, STUN, disco)
+            except TailpyError as e:
+                log.warning("%s: with an exit node in use, WireGuard may loop into the tunnel", e)
+            return dev
 
         from tailpy.dns.manager import DNSManager
 
         dns = DNSManager(state_dir) if magicdns else None
+        firewall = netfilter.Firewall(netfilter_mode)
+        record = Path(state_dir) / FORWARDING_RECORD
+
+        def router_factory(tun_name: str) -> PlanRouter:
+            return PlanRouter(tun_name, mtu=mtu, firewall=firewall, record=record)
+
         backend = Backend(
             StateStore(state_dir),
             factory,
             tun_mtu=mtu,
             rotate_before=rotate_before,
             dns=dns,
-            firewall=netfilter.Firewall(netfilter_mode),
+            firewall=firewall,
+            router_factory=router_factory,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -136,6 +154,7 @@ async def run(
         if stack is not None:
             await stack.close()
         await backend.close()
+        bypass.set_mark(None)
         if stack is not None:
             await stack.wait_threads()
         if os.path.exists(socket_path):

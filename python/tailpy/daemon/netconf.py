@@ -33,14 +33,20 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 IPV6_MIN_MTU = 1280  # bytes, RFC 8200 §5: below it the kernel disables IPv6 on the link
 
 
+def tun_addresses(addresses: list[str], mtu: int) -> list[str]:
+    """Which of the node's tailnet ``addresses`` (CIDR host prefixes) a TUN of ``mtu`` bytes carries: all,
+    or only the IPv4 ones below 1280 bytes (see :func:`mtu_warnings`)."""
+    want = [str(ipaddress.ip_interface(a)) for a in addresses]
+    return want if mtu >= IPV6_MIN_MTU else [a for a in want if ":" not in a]
+
+
 def configure_tun(name: str, addresses: list[str], mtu: int) -> None:
-    """Give TUN ``name`` its tailnet addresses (CIDR host prefixes), bring it up, and route 100.64.0.0/10 and
-    fd7a:115c:a1e0::/48 into it. Idempotent: addresses no longer wanted are removed. With ``mtu`` below
-    1280 bytes the IPv6 addresses are left out (see :func:`mtu_warnings`)."""
+    """Give TUN ``name`` its tailnet addresses (CIDR host prefixes) and bring it up. Idempotent: addresses
+    no longer wanted are removed. With ``mtu`` below 1280 bytes the IPv6 addresses are left out
+    (:func:`tun_addresses`). Routes into the TUN (the tailnet ranges and more) are the router's
+    (:class:`tailpy.daemon.router.Router`, table 52)."""
     _ip("link", "set", "dev", name, "mtu", str(mtu), "up")
-    want = {str(ipaddress.ip_interface(a)) for a in addresses}
-    if mtu < IPV6_MIN_MTU:
-        want = {a for a in want if ":" not in a}
+    want = set(tun_addresses(addresses, mtu))
     have = set(interface_addresses(name))
     for a in sorted(have - want):
         _ip("addr", "del", a, "dev", name, check=False)
@@ -49,9 +55,6 @@ def configure_tun(name: str, addresses: list[str], mtu: int) -> None:
             _ip("-6", "addr", "add", a, "dev", name, "nodad")
         else:
             _ip("addr", "add", a, "dev", name)
-    _ip("route", "replace", str(TAILNET_V4), "dev", name)
-    if any(":" in a for a in want):
-        _ip("-6", "route", "replace", str(TAILNET_V6), "dev", name)
 
 
 WIREGUARD_OVERHEAD = 80

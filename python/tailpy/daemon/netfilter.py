@@ -19,6 +19,15 @@ a TUN not named ``tailpy0``)::
         type filter hook forward priority filter - 1; policy accept;
         iifname != "<tun>" ip saddr 100.64.0.0/10 counter drop
         iifname != "<tun>" ip6 saddr fd7a:115c:a1e0::/48 counter drop
+        # while the node serves subnet routes or is an exit node (:mod:`tailpy.daemon.router`):
+        iifname "<tun>" meta mark set meta mark & 0xff00ffff | 0x40000
+        meta mark & 0xff0000 == 0x40000 accept       # from the tailnet, to the LAN
+        oifname "<tun>" ip saddr 100.64.0.0/10 drop
+        oifname "<tun>" accept                       # from the LAN, to the tailnet
+    }
+    chain postrouting {                              # as ts-postrouting, unless --snat-subnet-routes=false
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname != "<tun>" meta mark & 0xff0000 == 0x40000 masquerade
     }
 
 ``accept`` ends only this table's chain (nftables evaluates every base chain of a hook), so the host's own
@@ -41,6 +50,9 @@ MODES = ("on", "off")
 DEFAULT_TABLE = "tailpy"
 CHAIN = "input"
 FORWARD_CHAIN = "forward"
+POSTROUTING_CHAIN = "postrouting"
+SUBNET_ROUTE_MARK = 0x40000  # tailscaled's TailscaleSubnetRouteMark: forwarded from the TUN
+MARK_MASK = 0xFF0000  # the fwmark bits tailpy (as tailscaled) owns
 TAILNET_V4 = "100.64.0.0/10"
 TAILNET_V6 = "fd7a:115c:a1e0::/48"
 
@@ -50,8 +62,11 @@ def table_name(tun: str) -> str:
     return DEFAULT_TABLE if tun == "tailpy0" else f"tailpy-{tun}"
 
 
-def ruleset(table: str, tun: str, port: int) -> str:
-    """The ``nft -f`` script that creates (or atomically replaces) ``table`` for ``tun`` and UDP ``port``."""
+def ruleset(table: str, tun: str, port: int, *, forward: bool = False, masquerade: bool = False) -> str:
+    """The ``nft -f`` script that creates (or atomically replaces) ``table`` for ``tun`` and UDP ``port``.
+    ``forward``: accept forwarding between the TUN and other interfaces (the node serves routes);
+    ``masquerade``: and masquerade what is forwarded from the TUN to other interfaces (SNAT of subnet
+    routes). Both follow tailscaled's ``ts-forward`` / ``ts-postrouting`` (Tailscale ``util/linuxfw``)."""
     q = json.dumps(tun)  # a quoted nft string
     rules = [
         'iifname "lo" accept',
@@ -61,12 +76,29 @@ def ruleset(table: str, tun: str, port: int) -> str:
     ]
     if port:
         rules.append(f"udp dport {port} accept")
-    forward = [
+    forward_rules = [
         f"iifname != {q} ip saddr {TAILNET_V4} counter drop",
         f"iifname != {q} ip6 saddr {TAILNET_V6} counter drop",
     ]
+    if forward:
+        keep = f"{MARK_MASK ^ 0xFFFFFFFF:#010x}"
+        mark, mask = f"{SUBNET_ROUTE_MARK:#x}", f"{MARK_MASK:#x}"
+        forward_rules += [
+            f"iifname {q} meta mark set meta mark & {keep} | {mark}",
+            f"meta mark & {mask} == {mark} accept",
+            f"oifname {q} ip saddr {TAILNET_V4} drop",
+            f"oifname {q} accept",
+        ]
     body = "\n".join(f"    {r}" for r in rules)
-    fbody = "\n".join(f"    {r}" for r in forward)
+    fbody = "\n".join(f"    {r}" for r in forward_rules)
+    nat = ""
+    if forward and masquerade:
+        nat = (
+            f"  chain {POSTROUTING_CHAIN} {{\n"
+            "    type nat hook postrouting priority srcnat; policy accept;\n"
+            f"    oifname != {q} meta mark & {MARK_MASK:#x} == {SUBNET_ROUTE_MARK:#x} masquerade\n"
+            "  }\n"
+        )
     return (
         f"table inet {table}\n"
         f"delete table inet {table}\n"
@@ -79,6 +111,7 @@ def ruleset(table: str, tun: str, port: int) -> str:
         "    type filter hook forward priority filter - 1; policy accept;\n"
         f"{fbody}\n"
         "  }\n"
+        f"{nat}"
         "}\n"
     )
 
@@ -127,6 +160,9 @@ class Firewall:
         self.mode = mode
         self.table = ""  # the installed table ("" none)
         self.warning = ""  # one sentence when the rules could not be installed
+        self.forward = False  # accept forwarding to and from the TUN (the node serves routes)
+        self.masquerade = False  # and masquerade what the TUN forwards to the LAN
+        self._installed_for: tuple[str, int] | None = None  # (tun, port) of the installed table
 
     def install(self, tun: str, port: int) -> None:
         """Create or replace the table for ``tun`` and UDP ``port``; a failure becomes :attr:`warning`."""
@@ -135,7 +171,7 @@ class Firewall:
             self.warning = ""
             return
         table = table_name(tun)
-        done = _nft(["-f", "-"], ruleset(table, tun, port))
+        done = _nft(["-f", "-"], ruleset(table, tun, port, forward=self.forward, masquerade=self.masquerade))
         if done is None:
             self.warning = (
                 "nft (nftables) is not installed: packets forging a tailnet source address from the LAN are "
@@ -147,7 +183,7 @@ class Firewall:
                 "packets forging a tailnet source address from the LAN are not dropped"
             )
         else:
-            self.table, self.warning = table, ""
+            self.table, self.warning, self._installed_for = table, "", (tun, port)
             log.info("firewall: nftables table inet %s drops tailnet sources not on %s", table, tun)
             return
         log.warning("firewall: %s", self.warning)
@@ -158,9 +194,18 @@ class Firewall:
         if tun is not None:
             self.install(tun, port)
 
+    def set_routing(self, *, forward: bool, masquerade: bool) -> None:
+        """Accept forwarding to and from the TUN, and masquerade what it forwards toward other interfaces
+        (:func:`ruleset`); re-installs the table when installed and this changes it."""
+        if (forward, masquerade) == (self.forward, self.masquerade):
+            return
+        self.forward, self.masquerade = forward, masquerade
+        if self.table and self._installed_for is not None:
+            self.install(*self._installed_for)
+
     def remove(self) -> None:
         """Delete the table if installed. Idempotent."""
-        table, self.table = self.table, ""
+        table, self.table, self._installed_for = self.table, "", None
         if table:
             delete_table(table)
 

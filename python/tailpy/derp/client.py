@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
+from tailpy import bypass
 from tailpy.asyncutil import wait_event
 from tailpy.backoff import reconnect_delays
 from tailpy.derp import ws
@@ -187,7 +188,7 @@ class DerpClient:
         ctx: ssl.SSLContext | None = None
         if target.tls:
             ctx = ssl_context or ssl.create_default_context()
-        raw_reader, raw_writer = await asyncio.open_connection(
+        raw_reader, raw_writer = await bypass.open_connection(
             target.host,
             target.port,
             ssl=ctx,

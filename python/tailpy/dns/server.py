@@ -31,6 +31,7 @@ import dns.exception
 import dns.message
 import dns.rcode
 
+from tailpy import bypass
 from tailpy.asyncutil import CLOSE_TIMEOUT, close_writer
 from tailpy.dns.resolver import Forward, Reply, Resolver, Upstream, question_end, well_formed
 from tailpy.errors import ParseError
@@ -124,9 +125,15 @@ class UpstreamPool:
         socks[:] = [s for s in socks if s.transport is not None]
         if len(socks) < SOCKETS_PER_UPSTREAM:
             ip, port = upstream
-            _, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-                _UpstreamSocket, remote_addr=(str(ip), port)
-            )
+            # A connected socket of the underlay (tailpyd's bypass mark: never through an exit node).
+            sock = bypass.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect((str(ip), port))
+            except BaseException:
+                sock.close()
+                raise
+            _, proto = await asyncio.get_running_loop().create_datagram_endpoint(_UpstreamSocket, sock=sock)
             socks.append(proto)
             return proto
         self._next += 1
@@ -213,6 +220,30 @@ async def race(
 _FAILED = (dns.exception.DNSException, OSError, EOFError, ValueError, asyncio.TimeoutError)
 
 
+async def tcp_query(query: dns.message.Message, ip: str, port: int, timeout: float) -> dns.message.Message:
+    """``query``'s answer from ``ip``:``port`` over TCP (RFC 1035 section 4.2.2: each message after its
+    two-byte length), on a socket of the underlay (:mod:`tailpy.bypass`), within ``timeout`` seconds.
+    Raises asyncio.TimeoutError, OSError, EOFError, dnspython's errors for an answer that does not parse,
+    or ParseError for one that does not match."""
+
+    async def exchange() -> dns.message.Message:
+        reader, writer = await bypass.open_connection(ip, port)
+        try:
+            wire = query.to_wire()
+            writer.write(struct.pack("!H", len(wire)) + wire)
+            await writer.drain()
+            (size,) = struct.unpack("!H", await reader.readexactly(2))
+            data = await reader.readexactly(size)
+        finally:
+            await close_writer(writer)
+        answer = dns.message.from_wire(data)
+        if not query.is_response(answer):
+            raise ParseError("upstream answer does not match the query")
+        return answer
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
 async def forward(
     query: dns.message.Message,
     upstreams: Iterable[Upstream],
@@ -236,7 +267,7 @@ async def forward(
                     up, where, timeout=timeout, port=port, ignore_unexpected=True, ignore_errors=True
                 )
             if answer.flags & dns.flags.TC:
-                answer = await dns.asyncquery.tcp(up, where, timeout=timeout, port=port)
+                answer = await tcp_query(up, where, port, timeout)
         except (OSError, asyncio.TimeoutError) as e:
             log.debug("upstream %s:%d: %s", where, port, type(e).__name__)
             if pool is not None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tailpy import bypass
 from tailpy.asyncutil import close_writer
 from tailpy.derp.client import IDLE_PING, PING_TIMEOUT, DerpClient, DerpClientError, ReconnectingDerpClient
 from tailpy.ipnstate import DerpConnStatus
@@ -383,7 +384,7 @@ async def _latency_check(node: DerpNode, ssl_context: ssl.SSLContext | None) -> 
     host = node.ipv4 or node.ipv6 or node.host_name
     port = node.derp_port or 443
     ctx = (ssl_context or ssl.create_default_context()) if tls else None
-    reader, writer = await asyncio.open_connection(
+    reader, writer = await bypass.open_connection(
         host, port, ssl=ctx, server_hostname=node.host_name if ctx is not None else None
     )
     try:

@@ -515,6 +515,19 @@ impl Device {
         self.shared.udp.local_port()
     }
 
+    /// Mark every datagram the device's UDP socket sends with `mark` (`SO_MARK`; 0 clears): the bypass
+    /// mark of policy routing, so WireGuard, STUN and disco never loop into the tunnel (Tailscale
+    /// `wgengine/router`, `linuxfw.TailscaleBypassMark`). Needs CAP_NET_ADMIN.
+    pub fn set_fwmark(&self, mark: u32) -> Result<()> {
+        self.check_open()?;
+        self.shared.udp.set_mark(mark).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(format!(
+                "setting the UDP socket's fwmark {mark:#x} needs CAP_NET_ADMIN"
+            )),
+            _ => io_err(&format!("cannot set the UDP socket's fwmark {mark:#x}"), e),
+        })
+    }
+
     /// Replace the private key; every peer's sessions are dropped.
     pub fn set_private_key(&self, private_key: &[u8; KEY_LEN]) -> Result<()> {
         keys::check_private_key(private_key, "private key")?;

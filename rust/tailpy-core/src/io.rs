@@ -87,6 +87,13 @@ pub trait Udp: Send + Sync + 'static {
         let _ = stats;
     }
     fn local_port(&self) -> u16;
+    /// Mark every datagram this socket sends with `mark` (Linux `SO_MARK`, socket(7); 0 clears), so that
+    /// policy routing can keep it out of the tunnel. Needs CAP_NET_ADMIN. Transports that are not kernel
+    /// sockets accept and ignore it.
+    fn set_mark(&self, mark: u32) -> io::Result<()> {
+        let _ = mark;
+        Ok(())
+    }
     fn close(&self);
     /// Close the socket; called once no thread reads it any more.
     fn release(&self) {}
@@ -1163,11 +1170,53 @@ impl Udp for LinuxUdp {
         self.port
     }
 
+    fn set_mark(&self, mark: u32) -> io::Result<()> {
+        // One dual-stack socket carries IPv4 and IPv6, so one SO_MARK covers both.
+        socket2::SockRef::from(&*self.sock()).set_mark(mark)
+    }
+
     fn close(&self) {
         self.wake.signal();
     }
 
     fn release(&self) {
         self.fd.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark_of(fd: RawFd) -> u32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a valid int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt(SO_MARK)");
+        v as u32
+    }
+
+    #[test]
+    fn set_mark_marks_the_socket_and_zero_clears() {
+        let udp = LinuxUdp::bind(0).expect("bind");
+        match udp.set_mark(0x80000) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: SO_MARK needs CAP_NET_ADMIN");
+                return;
+            }
+            r => r.expect("set_mark"),
+        }
+        assert_eq!(mark_of(udp.fd.get()), 0x80000);
+        udp.set_mark(0).expect("clear");
+        assert_eq!(mark_of(udp.fd.get()), 0);
     }
 }

@@ -233,6 +233,17 @@ impl PyDevice {
         self.inner.listen_port()
     }
 
+    fn set_fwmark(&self, py: Python<'_>, mark: i64) -> PyResult<()> {
+        let m = u32::try_from(mark).map_err(|_| {
+            config_err(
+                py,
+                format!("fwmark must be between 0 and 0xffffffff, got {mark}"),
+            )
+        })?;
+        py.detach(|| self.inner.set_fwmark(m))
+            .map_err(|e| core_err(py, e))
+    }
+
     fn set_private_key(&self, py: Python<'_>, private_key: &[u8]) -> PyResult<()> {
         let k = key(py, private_key, "private key")?;
         py.detach(|| self.inner.set_private_key(&k))

@@ -14,6 +14,9 @@ internet, beside control (and its DERP and STUN) and a DNS resolver.
   tunnel too (and ``e`` has no way there).
 * ``tailpy exit-node list`` shows ``e`` (and which one is in use); choosing a node that is not an exit node,
   or an unknown one, is one sentence of error.
+* The policy decides who may use an exit node (``autogroup:internet``); an exit node in use that stops being
+  allowed keeps ``c``'s traffic in the tunnel (fails closed) with a health warning. ``autoApprovers``
+  ``exitNode`` approves a second exit node as it advertises.
 * kill -9 of ``c``'s tailpyd while it uses the exit node: ``c`` reaches the web host directly at once (the
   routes into the TUN went with it), and after ``tailpy down`` (which cleans up after a dead daemon) no
   policy-routing rule of tailpyd is left.
@@ -28,9 +31,10 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from _routes_lab import ALLOW_ALL, allowed_ips, eventually, peer, set_policy, tun_routes
+from _routes_lab import ALLOW_ALL, allowed_ips, eventually, peer, route_row, set_policy, tun_routes
 
 from tailpy.lab import Host, Lab
 from tailpy.lab.dns import Dnsmasq, dnsmasq_reason
@@ -215,14 +219,23 @@ def test_allow_lan_access_keeps_the_lan_direct(world: World) -> None:
     eventually(lambda: whoami(w.c.host, printer_ip) == w.c.lan_ip(), "c to reach its LAN with no exit node")
 
 
+def _exit_rows(node: LabNode) -> list[dict[str, Any]]:
+    """``tailpy exit-node list --json`` rows (a list, or under ``exit_nodes``/``peers``)."""
+    listed = json.loads(node.cli("exit-node", "list", "--json"))
+    rows = listed if isinstance(listed, list) else listed.get("exit_nodes", listed.get("peers", []))
+    assert isinstance(rows, list), listed
+    return rows
+
+
+def _exit_rows_names(node: LabNode) -> list[str]:
+    return [str(r.get("name", "")).split(".")[0] for r in _exit_rows(node)]
+
+
 def test_exit_node_list_and_bad_choices(world: World) -> None:
     w = world
     _off(w)
     eventually(lambda: _offers_exit(w), "c's netmap to offer e as exit node")
-    listed = json.loads(w.c.cli("exit-node", "list", "--json"))
-    rows = listed if isinstance(listed, list) else listed.get("exit_nodes", listed.get("peers", []))
-    names = [str(r.get("name", "")).split(".")[0] for r in rows]
-    assert names == ["e"], listed
+    assert _exit_rows_names(w.c) == ["e"]
     assert "e" in w.c.cli("exit-node", "list")
     # e's own view: it offers, it is not a candidate for itself.
     own = w.e.status()["self"]
@@ -238,9 +251,8 @@ def test_exit_node_list_and_bad_choices(world: World) -> None:
     assert w.c.status()["exit_node"] is None
     try:
         _on(w)
-        listed = json.loads(w.c.cli("exit-node", "list", "--json"))
-        rows = listed if isinstance(listed, list) else listed.get("exit_nodes", listed.get("peers", []))
-        assert [r.get("in_use", r.get("selected")) for r in rows] == [True], listed
+        rows = _exit_rows(w.c)
+        assert [r.get("in_use", r.get("selected")) for r in rows] == [True], rows
     finally:
         _off(w)
 
@@ -312,3 +324,34 @@ def test_the_policy_decides_who_may_use_the_exit_node_and_a_lost_exit_node_fails
         set_policy(w.net, ALLOW_ALL)
         _off(w)
     eventually(lambda: whoami(w.c.host, web_ip) == w.c_public, "c to go out directly")
+
+
+AUTO_EXIT = """{
+  "autoApprovers": {"exitNode": ["default@"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+}
+"""
+
+
+def test_autoapprovers_approve_an_exit_node(world: World) -> None:
+    """Runs last: it leaves a second exit node (offline) in the tailnet."""
+    w = world
+    _off(w)
+    try:
+        set_policy(w.net, AUTO_EXIT)
+        e2 = w.net.add_node("e2")
+        e2.up(w.net.authkey(reusable=False), flags=("--advertise-exit-node",))
+        eventually(
+            lambda: set(route_row(w.net, "e2")["approved"]) >= EXIT_ROUTES,
+            "autoApprovers to approve e2's exit routes",
+        )
+        eventually(lambda: set(allowed_ips(w.c, "e2")) >= EXIT_ROUTES, "c's netmap to offer e2 as exit node")
+        assert sorted(_exit_rows_names(w.c)) == ["e", "e2"]
+        w.c.cli("set", "--exit-node=e2")
+        web_ip = w.net.lan.ip(w.web)
+        eventually(lambda: whoami(w.c.host, web_ip) == e2.lan_ip(), "the web host to see e2's address")
+    finally:
+        _off(w)
+        set_policy(w.net, ALLOW_ALL)
+        if "e2" in w.net.nodes:
+            w.net.nodes["e2"].stop_daemon()

@@ -168,7 +168,8 @@ async def _up(
     "--login-server",
     default="",
     envvar="TAILPY_LOGIN_SERVER",
-    help="URL of the coordination server, e.g. http://192.0.2.1:8080 (default: the one used last).",
+    help="URL of the coordination server, e.g. http://192.0.2.1:8080, or the URLs of its replicas "
+    "separated by commas (the node moves to the next when its replica goes away); default: the last used.",
 )
 @click.option(
     "--auth-key",

@@ -191,6 +191,9 @@ class Mapper:
         self._emails: dict[str, str] = {}
         self._last_parts: tuple[int, dict[str, int]] | None = None
         self._sweeper: asyncio.Task[None] | None = None  # wakes idle streams whose keepalive is due
+        self.elsewhere: set[int] = set()
+        """Nodes with a map stream on another live control replica (online too; see
+        :mod:`tailpy.control.replicas`)."""
         self.primary = PrimaryRoutes()
         """The primary router of each subnet route (:class:`tailpy.control.routes.PrimaryRoutes`)."""
         self._routers: set[int] = set()  # nodes whose allowed IPs hold routes (reduced per recipient)
@@ -199,8 +202,9 @@ class Mapper:
     # --- state ---
 
     def is_online(self, node_id: int) -> bool:
-        """True while node ``node_id`` has a map stream open."""
-        return bool(self._by_node.get(node_id))
+        """True while node ``node_id`` has a map stream open here, or on another replica
+        (:attr:`elsewhere`)."""
+        return bool(self._by_node.get(node_id)) or node_id in self.elsewhere
 
     @property
     def streams(self) -> int:

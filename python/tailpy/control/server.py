@@ -75,6 +75,7 @@ from tailpy.control.acl import PolicyKeeper, policy_nodes
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.policy import Policy, PolicyNode
+from tailpy.control.replicas import FEED_POLL, HEARTBEAT, Replicas
 from tailpy.control.routes import auto_approved
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.control.store.database import db_error
@@ -101,7 +102,7 @@ MAX_ENDPOINTS = 64
 MAX_REQUEST_TAGS = 64
 DERP_ADMIT_PATH = "/derp/admit"  # (tailpy.derp.verify.CONTROL_ADMIT_PATH)
 EPHEMERAL_TIMEOUT = 1800.0  # seconds an ephemeral node may be offline before it is removed
-POLL_INTERVAL = 5.0  # seconds between looks for changes made by other processes (admin commands)
+POLL_INTERVAL = FEED_POLL  # seconds between reads of the change feed without a notification
 
 
 class _Refused(Exception):
@@ -178,9 +179,12 @@ class ControlServer:
     """The control server's request handling and netmap streams.
 
     ``clock`` gives unix seconds (injected for tests); ``keepalive`` seconds of stream silence before a
-    keepalive line; ``poll_interval`` seconds between looks at the database for changes other processes made
-    (``tailpy control nodes delete``); ``domain`` is the tailnet's DNS domain sent in netmaps (None: the one
-    stored in the database, default ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
+    keepalive line; ``poll_interval`` seconds between reads of the database's change feed without a
+    notification (changes other processes made: other replicas, ``tailpy control nodes delete``; see
+    :mod:`tailpy.control.replicas`); ``replica_id`` / ``replica_url`` / ``heartbeat``: this process as a
+    replica of its database (:class:`tailpy.control.replicas.Replicas`, :attr:`replicas`); ``domain`` is
+    the tailnet's DNS domain sent in netmaps (None: the one stored in the database, default
+    ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
     registration (None: never expires); ``ephemeral_timeout`` seconds an ephemeral node may stay offline
     before it is removed; ``derp_map``: the DERP relays every full netmap carries (static for the server's
     life; None: no DERP map); ``oidc``: login with an OpenID Connect provider for nodes without an auth key
@@ -203,6 +207,9 @@ class ControlServer:
         derp_map: DerpMap | None = None,
         oidc: OIDCConfig | None = None,
         policy_file: Path | None = None,
+        replica_id: str | None = None,
+        replica_url: str = "",
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -220,6 +227,11 @@ class ControlServer:
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
         self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
+        self.replicas = Replicas(  # (reads the feed's position before the nodes: nothing is missed)
+            self, replica_id=replica_id, url=replica_url, heartbeat=heartbeat, poll_interval=poll_interval
+        )
+        """This process as one replica of the database: the change feed, and which nodes are online on
+        which live replica (:meth:`Replicas.online`, :meth:`Replicas.alive`)."""
         self.mapper.load(store.list_nodes())
         self._emails: dict[str, str] = {}
         self.users_changed()
@@ -229,7 +241,6 @@ class ControlServer:
         self.policy.load()
         self._closing = False
         self._runner: web.AppRunner | None = None
-        self._poller: asyncio.Task[None] | None = None
         self.extra_health: dict[str, Callable[[], dict[str, Any]]] = {}
         """More checks for ``GET /health``: name -> a function answering ``{"status": ..., ...}``."""
         self.logins: Logins | None = None  # interactive login (OpenID Connect), see tailpy.control.oidc
@@ -317,7 +328,7 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._closing = False
-        self._poller = asyncio.create_task(self._poll())
+        await self.replicas.start()
         self.policy.start_watching()
         self._lifecycle()
 
@@ -326,22 +337,9 @@ class ControlServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await self.replicas.stop()
         await self.policy.stop()
         self.mapper.end_all()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            self._changed()  # streams hear only of records that differ
-            self.dns_changed()  # DNS settings changed straight in the database
-            self.users_changed()  # users made by logins or other processes
-            if self.policy.path is None:
-                self.policy.reload()  # a policy another process stored (database mode)
-            self._lifecycle()  # other processes' changes, streams closed: move the timer
 
     # --- netmaps ---
 
@@ -371,8 +369,7 @@ class ControlServer:
 
     def _changed(self) -> None:
         """Full resync: read every node from the store and send deltas for what differs (O(nodes) reads and
-        compares; only changed records are sent). For changes made where :meth:`publish_node` was not
-        called (other processes: ``tailpy control nodes delete``)."""
+        compares; only changed records are sent). For a replica that fell behind the change feed."""
         since = self.mapper.version
         self.mapper.resync(self.store.list_nodes(), since)
 
@@ -429,8 +426,13 @@ class ControlServer:
     # --- lifecycle: admin changes, key expiry, ephemeral nodes ---
 
     def is_online(self, node_id: int) -> bool:
-        """True while node ``node_id`` has a map stream open."""
+        """True while node ``node_id`` has a map stream open on this replica (any live replica:
+        :meth:`Replicas.online`)."""
         return self._online[node_id] > 0
+
+    def streaming(self) -> set[int]:
+        """Ids of the nodes with a map stream open on this replica."""
+        return {i for i, c in self._online.items() if c > 0}
 
     def admin_changed(self, node_id: int) -> None:
         """An admin command changed node ``node_id`` (name, expiry, tags) or a login registered it: tell the
@@ -450,7 +452,7 @@ class ControlServer:
         if self._closing:
             return
         now = self.clock()
-        online = {i for i, c in self._online.items() if c > 0}
+        online = self.replicas.online_nodes()  # (an ephemeral node streaming on another replica stays)
         for node_id in self.store.expired_between(self._last_check, now):
             log.info("node %d: key expired", node_id)
             self.publish_node(node_id)
@@ -709,6 +711,8 @@ class ControlServer:
     ) -> None:
         self._online[stream.node_id] += 1
         try:
+            if self._online[stream.node_id] == 1:
+                self.replicas.opened(stream.node_id)  # (online on every replica)
             node = self.store.update_node(
                 stream.machine_key,
                 endpoints=endpoints,
@@ -733,6 +737,8 @@ class ControlServer:
             self._online[stream.node_id] -= 1
             if self._online[stream.node_id] <= 0:
                 del self._online[stream.node_id]
+                if not self._closing:
+                    self.replicas.closed(stream.node_id)
             if not self._closing:
                 node = self.store.update_node(stream.machine_key, now=self.clock())
                 if node is not None:

@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import logging
 import signal
+import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
 from tailpy.control.options import WILDCARDS
+from tailpy.control.replicas import HEARTBEAT
 from tailpy.control.server import ControlServer, http_url
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
@@ -73,6 +75,9 @@ class ControlConfig:
     * ``server_url``: the URL nodes reach control at (``--server-url``; None: from ``host``).
     * ``policy_file``: the tailnet policy is this HuJSON file, reloaded when it changes and on SIGHUP (None:
       the policy stored in the database, ``tailpy control policy set``); see :mod:`tailpy.control.acl`.
+    * ``replica_id``: this process's id among the replicas of its database (``--replica-id``; None: with
+      PostgreSQL ``<hostname>:<port>``, stable across restarts; with SQLite none, a single process);
+      ``heartbeat``: seconds between its heartbeats (:mod:`tailpy.control.replicas`).
     """
 
     state_dir: Path
@@ -99,6 +104,8 @@ class ControlConfig:
     oidc: OIDCConfig | None = None
     server_url: str | None = None
     policy_file: Path | None = None
+    replica_id: str | None = None
+    heartbeat: float = HEARTBEAT
 
     def check(self) -> None:
         """Raise ConfigError for settings that cannot work together (region id out of range, or taken by
@@ -305,6 +312,9 @@ class ControlProcess:
         cfg = self.config
         assert self.store is not None
         settings = self.store.configure(domain=cfg.domain, prefix_v4=cfg.prefix_v4, prefix_v6=cfg.prefix_v6)
+        replica_id = cfg.replica_id
+        if replica_id is None and self.store.url.startswith("postgresql"):
+            replica_id = f"{socket.gethostname()}:{cfg.port}"
         server = ControlServer(
             self.store,
             key_lifetime=cfg.key_lifetime,
@@ -312,6 +322,9 @@ class ControlProcess:
             derp_map=self.derp_map,
             oidc=cfg.oidc,
             policy_file=cfg.policy_file,
+            replica_id=replica_id,
+            replica_url=cfg.server_url or http_url(cfg.host or socket.gethostname(), cfg.port),
+            heartbeat=cfg.heartbeat,
         )
         if self.relay is not None and cfg.derp_verify_clients:
             self.relay.verify_client = local_admission(server.derp_admits)

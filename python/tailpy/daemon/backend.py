@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
-from tailpy.control.client import LoginAnswer
+from tailpy.control.client import LoginAnswer, control_urls
 from tailpy.control.names import sanitize
 from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
@@ -128,10 +128,13 @@ RouterFactory = Callable[[str], OSRouter]
 
 
 def check_login_server(url: str) -> str:
-    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port.
-    Raises ConfigError with what is wrong."""
+    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port; several such
+    URLs separated by commas (replicas of one control server: :func:`tailpy.control.client.control_urls`)
+    come back joined by commas. Raises ConfigError with what is wrong."""
     if not url:
         raise ConfigError("no login server yet: pass --login-server URL")
+    if "," in url:
+        return ",".join(check_login_server(u.strip()) for u in url.split(",") if u.strip())
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -142,6 +145,13 @@ def check_login_server(url: str) -> str:
             f"login server {url!r} must be an http:// or https:// URL with a host, e.g. http://192.0.2.1:8080"
         )
     return url.rstrip("/")
+
+
+def same_control(a: str, b: str) -> bool:
+    """Whether login server settings ``a`` and ``b`` (each one URL or a comma-separated list of replicas)
+    share a URL: one control database, where the node's registration holds (``http://a,http://b`` adds a
+    replica to ``http://a``)."""
+    return bool(a and b and set(control_urls(a)) & set(control_urls(b)))
 
 
 class Backend:
@@ -294,7 +304,7 @@ class Backend:
                 self._up_accept_dns = accept_dns
             self._up_routes.update(given)
             return
-        registered_here = s.node_id is not None and url == s.login_server
+        registered_here = s.node_id is not None and same_control(url, s.login_server)
         expired = self.netmap is not None and self.netmap.self_node.expired
         why = why_offline = ""
         connected = self.session.running and self.netmap is not None  # a re-login must not disconnect it
@@ -444,7 +454,7 @@ class Backend:
         self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
-        if url != s.login_server:
+        if not same_control(url, s.login_server):
             self._drop_netmap()
         for f in dataclasses.fields(new):
             setattr(s, f.name, getattr(new, f.name))

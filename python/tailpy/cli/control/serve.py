@@ -124,6 +124,12 @@ from tailpy.errors import ConfigError
     default=None,
     help="URL browsers and nodes reach this server at (login links, OIDC redirect); default from --listen.",
 )
+@click.option(
+    "--replica-id",
+    default=None,
+    help="This server's id among several serving one PostgreSQL database (default: HOSTNAME:PORT). "
+    "Replicas share the tailnet, its nodes and server key; each runs its own listener and relay.",
+)
 def command(
     state_dir: Path,
     db: str | None,
@@ -155,6 +161,7 @@ def command(
     approve_nodes: bool,
     policy_file: Path | None,
     server_url: str | None,
+    replica_id: str | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
     through <state-dir>/admin.sock (mode 0600).
@@ -173,7 +180,12 @@ def command(
     so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1).
 
     With --policy FILE the tailnet policy is that file: a bad one stops the server from starting (the
-    sentence gives FILE:LINE:COLUMN); later, a bad edit is logged and the running policy stays."""
+    sentence gives FILE:LINE:COLUMN); later, a bad edit is logged and the running policy stays.
+
+    Several `serve` processes with one --db postgresql://... serve one tailnet together (replicas): any of
+    them takes registrations, map streams and admin commands, a change made on one reaches the nodes of all,
+    and when one stops beating (3 heartbeats of 2 s) the others mark its nodes offline. Give nodes every
+    replica's URL: `tailpy up --login-server http://a:8080,http://b:8080`."""
     from tailpy.control.options import (
         check_server_url,
         default_server_url,
@@ -238,6 +250,7 @@ def command(
         oidc=oidc,
         policy_file=policy_file,
         server_url=server_url,
+        replica_id=replica_id,
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -54,6 +54,11 @@ class StoredPrimaries(PrimaryRoutes):
         for p, n in rows.items():
             self._set(p, n)
 
+    @property
+    def dirty(self) -> bool:
+        """True while some prefixes wait to be settled again (the database could not be written)."""
+        return bool(self._dirty)
+
     def _elect(self, prefixes: Iterable[str]) -> set[int]:
         todo = set(prefixes) | self._dirty
         if not todo:

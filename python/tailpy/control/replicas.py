@@ -15,6 +15,13 @@ Each :class:`~tailpy.control.server.ControlServer` runs one :class:`Replicas`, w
   stream rows, so its nodes go offline on every replica (unless they already stream elsewhere), each as a
   change of the feed. A node is online while it streams on a live replica (:meth:`Replicas.online`).
 
+* **Primary subnet routers** (:class:`~tailpy.control.primaries.StoredPrimaries`, the mapper's election):
+  the primary of each subnet prefix is a row of the database's ``route_primaries`` table, settled by
+  whichever replica notices a router's eligibility change (compare-and-set in one transaction, eligibility
+  from the database: served, key valid, streaming on a live replica); the row change is a ``"routes"`` row
+  of the feed, so every replica republishes both routers. A replica that starts reads the table, so
+  replicas with different histories show the same primary.
+
 Streams keep per-replica versions: the mapper's ``generation`` is the process's and its ``version`` counts
 that process's publications, so a node that moves to another replica gets a full netmap there (its resume
 point names another generation). The feed's sequence is not used as the stream version because a replica
@@ -231,7 +238,8 @@ class Replicas:
                     self._alive = changes.alive(conn, changes.db_now(conn), self.stale)
                     ids = None if batch.lost else batch.nodes
                     seen = changes.streaming_elsewhere(conn, ids, self.id, list(self._alive))
-                routes = primaries.read_all(conn) if batch.lost or changes.ROUTES in batch.kinds else None
+                again = batch.lost or changes.ROUTES in batch.kinds or self.primaries.dirty
+                routes = primaries.read_all(conn) if again else None
             self.seq = batch.seq
             self.applied += 1
             total += len(batch.nodes) + len(batch.kinds)

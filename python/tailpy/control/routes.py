@@ -10,8 +10,10 @@ says changed.
 * *Primary* routers (:class:`PrimaryRoutes`, after Headscale's ``hscontrol/routes/primary.go``): per subnet
   prefix, among the nodes that serve it and are *eligible* (online: a map stream open; key not expired),
   the current primary stays while it is eligible (no flapping when another router comes back); otherwise
-  the eligible node with the lowest id becomes primary; with none eligible nobody serves the prefix. Exit
-  routes have no primary: every approved exit node offers them.
+  the eligible node with the lowest id becomes primary; with none eligible nobody serves the prefix
+  (:func:`choose_primary`). Exit routes have no primary: every approved exit node offers them. A control
+  server with a store keeps the primaries in its database, one truth for all its replicas
+  (:class:`tailpy.control.primaries.StoredPrimaries`, the same decision run as a compare-and-set).
 * ``autoApprovers`` (:func:`auto_approved`): ``{"routes": {"198.51.100.0/24": ["group:x", "tag:r",
   "alice@"]}, "exitNode": [...]}``: an advertised route equal to or inside a listed prefix is approved when
   the node matches one of the prefix's approvers (a tagged node by its tags, an untagged node by its owner:
@@ -65,7 +67,8 @@ class PrimaryRoutes:
     """The primary router of each subnet prefix. Feed it each node's *eligible* routes with :meth:`update`
     (the subnet routes it serves when it is online and its key valid, else none) and :meth:`remove`
     departed nodes; both return the ids of the nodes whose primary routes changed (publish their records).
-    O(changed prefixes x routers of a prefix) per call."""
+    O(changed prefixes x routers of a prefix) per call. Decides on its own view of the routers
+    (:meth:`_elect`); a subclass may decide on a shared one."""
 
     def __init__(self) -> None:
         self._eligible: dict[int, frozenset[str]] = {}

@@ -124,11 +124,13 @@ async def store(pg_url: str, tmp_path: Path) -> AsyncIterator[Store]:
     s.close()
 
 
-async def _join(store: Store, hostname: str, urls: str, followers: list[Follower]) -> Follower:
+async def _join(
+    store: Store, hostname: str, urls: str, followers: list[Follower], routes: tuple[str, ...] | None = None
+) -> Follower:
     key = store.create_auth_key(reusable=False, expires=None, now=time.time()).key
     client = ControlClient(urls, mkey())
     node = await client.register(nkey(), hostname, key)
-    f = Follower(client, node.node_key, hostname)
+    f = Follower(client, node.node_key, hostname, routable_ips=routes)
     followers.append(f)
     f.start()
     await f.until(lambda nm: nm.self_node.name == hostname)
@@ -183,6 +185,51 @@ async def test_sigkill_replica_nodes_move_within_10s(
         )
         for w in watchers:
             await w.until(lambda nm: all(peer_online(nm, before[f.hostname].id) for f in movers))
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+async def test_sigkill_replica_of_the_primary_router_moves_the_route(
+    replicas: tuple[ServeProcess, ServeProcess], store: Store
+) -> None:
+    """Two subnet routers of one prefix, the primary streaming on replica a only: after a SIGKILL of a, the
+    streams on b show the standby as primary (default heartbeat); the primary returning through b takes
+    nothing back."""
+    a, b = replicas
+    lan = "198.51.100.0/24"
+    followers: list[Follower] = []
+
+    def primary(nm: NetMap) -> int | None:
+        owners = [p.id for p in nm.peers.values() if lan in p.primary_routes]
+        assert len(owners) <= 1
+        return owners[0] if owners else None
+
+    try:
+        r1 = await _join(store, "r1", a.url, followers, (lan,))
+        r2 = await _join(store, "r2", b.url, followers, (lan,))
+        w = await _join(store, "w", b.url, followers)
+        assert r1.netmap is not None and r2.netmap is not None
+        id1, id2 = r1.netmap.self_node.id, r2.netmap.self_node.id
+        for i in (id1, id2):
+            store.approve_routes(i, [lan], time.time())
+        await w.until(lambda nm: primary(nm) == id1)
+        await w.until(lambda nm: peer_online(nm, id2) and primary(nm) == id1)
+
+        a.kill()
+        t0 = time.monotonic()
+        await w.until(lambda nm: primary(nm) == id2, timeout=15)
+        took = time.monotonic() - t0
+        log.info("SIGKILL of the primary router's replica: standby primary on the other after %.2f s", took)
+        assert took < FAILOVER_LIMIT
+
+        followers.remove(r1)
+        await r1.stop()
+        back = Follower(ControlClient(b.url, r1.client.machine_key), r1.node_key, "r1", routable_ips=(lan,))
+        followers.append(back)
+        back.start()
+        await w.until(lambda nm: peer_online(nm, id1))
+        assert w.netmap is not None and primary(w.netmap) == id2
     finally:
         for f in followers:
             await f.stop()

@@ -6,6 +6,7 @@ gone nobody serves the prefix anywhere."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -166,6 +167,26 @@ async def test_replicas_agree_on_primary_failover_and_no_flapping(trio: list[Rep
         await net.follow("r2", a.url, (LAN,))
         took = await all_see([oa, ob, oc], is_primary(r2))
         log.info("router back on a: primary on a, b, c after %s s", _fmt(took))
+    finally:
+        await net.close()
+
+
+async def test_routers_opening_at_once_on_two_replicas(trio: list[Replica]) -> None:
+    """Both routers' streams open at the same moment, each on its own replica (each replica notices its
+    own router first): both replicas' streams still agree on one primary, and it is the stored one."""
+    a, b, _ = trio
+    net = Tailnet(trio)
+    try:
+        ids = [net.register(h) for h in ("r1", "r2", "oa", "ob")]
+        for i in ids[:2]:
+            a.store.approve_routes(i, [LAN], time.time())
+        oa = await net.follow("oa", a.url)
+        ob = await net.follow("ob", b.url)
+        await asyncio.gather(net.follow("r1", a.url, (LAN,)), net.follow("r2", b.url, (LAN,)))
+        await all_see([oa, ob], lambda nm: peer_online(nm, ids[0]) and peer_online(nm, ids[1]))
+        primary = stored(a)[LAN]
+        assert primary in ids[:2]
+        await all_see([oa, ob], is_primary(primary))
     finally:
         await net.close()
 

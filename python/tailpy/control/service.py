@@ -80,7 +80,7 @@ class ControlConfig:
       the policy stored in the database, ``tailpy control policy set``); see :mod:`tailpy.control.acl`.
     * ``mesh_with``: DERP URLs of standalone relays (``tailpy derp serve``, Tailscale's derper) of the
       embedded relay's region to mesh with (``--mesh-with``, :func:`tailpy.derp.mesh.mesh_urls`);
-      ``mesh_psk_file``: the region's mesh key (``--mesh-psk-file``; None: with PostgreSQL the database's,
+      ``mesh_psk_file``: the region's mesh key (``--mesh-psk-file``; None: with replicas the database's,
       :func:`~tailpy.control.store.changes.shared_mesh_key`; needed for ``mesh_with``). With PostgreSQL the
       embedded relays of the replicas of one region mesh on their own (:mod:`tailpy.control.derpmesh`).
     * ``replica_id``: this process's id among the replicas of its database (``--replica-id``; None: with
@@ -372,7 +372,7 @@ class ControlProcess:
         mesh_key: bytes | None = None
         if cfg.mesh_psk_file is not None:
             mesh_key = read_mesh_key(cfg.mesh_psk_file)
-        elif self.store.url.startswith("postgresql"):
+        elif server.replicas.liveness:  # (PostgreSQL, or replica ids given: replicas of one database)
             with self.store.engine.begin() as conn:
                 mesh_key = parse_mesh_key(changes.shared_mesh_key(conn))
         peers = mesh_urls(cfg.mesh_with, tls=False)

@@ -8,7 +8,8 @@ what a test or a program can run in its own event loop.
 The embedded relay is left out of the DERP map (and logged) when nodes could not be told where to reach it
 (every address, no ``derp_hostname``) or when it cannot listen; a STUN port that cannot be bound is logged
 and left out of the map (STUNPort -1). Control serves regardless. Headscale's embedded DERP server
-(``hscontrol/derp/server``) is the model.
+(``hscontrol/derp/server``) is the model. The embedded relay joins the DERP mesh of its region: the relays
+of the other control replicas on the database and ``--mesh-with`` (:mod:`tailpy.control.derpmesh`).
 """
 
 from __future__ import annotations

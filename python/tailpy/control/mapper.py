@@ -151,8 +151,8 @@ class MapStream:
 class Mapper:
     """Every live node as peers see it (``online`` set from open streams), and the streams to tell.
 
-    ``server_key`` seals stream messages; ``domain`` and ``derp_map`` (static for the server's life: full
-    netmaps carry it, deltas never) go into netmaps. Call :meth:`load` with the store's
+    ``server_key`` seals stream messages; ``domain`` and ``derp_map`` (full netmaps carry them, deltas
+    never; :meth:`set_derp_map`) go into netmaps. Call :meth:`load` with the store's
     nodes first, :meth:`publish` / :meth:`remove` for every change, :meth:`open_stream` / :meth:`serve` /
     :meth:`close_stream` per map request. ``batch_delay``: seconds between two deltas of one stream.
     """
@@ -418,6 +418,18 @@ class Mapper:
             return False
         self.dns, self.domain = dns, domain
         self._dns_json = b"" if dns is None else b',"dns":' + _dumps(dns.to_json())
+        for s in self._streams:
+            s.resync = True
+            s.wake.set()
+        return True
+
+    def set_derp_map(self, derp_map: DerpMap | None) -> bool:
+        """A new DERP map (the live control replicas' relays changed): every stream gets a full netmap.
+        Returns whether it changed."""
+        if derp_map == self.derp_map:
+            return False
+        self.derp_map = derp_map
+        self._derp_json = b"" if derp_map is None else b',"derp_map":' + _dumps(derp_map.to_json())
         for s in self._streams:
             s.resync = True
             s.wake.set()

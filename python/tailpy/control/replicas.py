@@ -14,6 +14,9 @@ Each :class:`~tailpy.control.server.ControlServer` runs one :class:`Replicas`, w
   heartbeat is :data:`STALE_BEATS` intervals old is dead: the first live replica to notice removes it and its
   stream rows, so its nodes go offline on every replica (unless they already stream elsewhere), each as a
   change of the feed. A node is online while it streams on a live replica (:meth:`Replicas.online`).
+  The row also records the replica's embedded DERP relay (:attr:`Replicas.relay`); after each heartbeat
+  :attr:`Replicas.on_relays` gets the live replicas' relays (the DERP mesh of a region and the DERP map
+  follow them: :mod:`tailpy.control.derpmesh`).
 
 * **Primary subnet routers** (:class:`~tailpy.control.primaries.StoredPrimaries`, the mapper's election):
   the primary of each subnet prefix is a row of the database's ``route_primaries`` table, settled by
@@ -36,7 +39,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,6 +127,12 @@ class Replicas:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
+        self.relay: str | None = None
+        """This replica's embedded DERP relay as recorded in its row (a one-region DERP map region, JSON;
+        None: none). Set before :meth:`start`."""
+        self.on_relays: Callable[[dict[str, str]], None] | None = None
+        """Called after each heartbeat with replica id -> recorded relay of every live replica that has one
+        (this one included); exceptions are logged."""
         with self.engine.begin() as conn:
             self.seq = changes.last_seq(conn)
         self.primaries = StoredPrimaries(
@@ -336,12 +345,18 @@ class Replicas:
             known = conn.execute(
                 sa.select(changes.replicas.c.id).where(changes.replicas.c.id == self.id)
             ).first()
-            changes.heartbeat(conn, self.id, self.url, now, started=self.started)
+            changes.heartbeat(conn, self.id, self.url, now, started=self.started, derp=self.relay)
             if known is None:
                 for node_id in sorted(self._local):  # (reaped while it could not beat: streams again)
                     changes.stream_opened(conn, node_id, self.id, now)
             dead = changes.reap(conn, now, self.stale)
             self._alive = changes.alive(conn, now, self.stale)
+            relays = changes.relays(conn, now, self.stale) if self.on_relays is not None else None
+        if relays is not None and self.on_relays is not None:
+            try:
+                self.on_relays(relays)
+            except Exception:
+                log.exception("replica %s: following the replicas' DERP relays failed", self.id)
         return dead
 
     async def _heartbeats(self) -> None:

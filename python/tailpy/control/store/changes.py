@@ -11,13 +11,16 @@
   transaction holds the database's one writer lock (:mod:`tailpy.control.store.database`), so a reader that
   keeps the last ``seq`` it applied and reads ``WHERE seq > last`` misses nothing. On PostgreSQL the trigger
   also sends ``NOTIFY`` :data:`CHANNEL` (delivered at commit) to wake the replicas' ``LISTEN`` connections.
-* ``replicas (id, url, started, heartbeat)``: each replica's row, its ``heartbeat`` (unix seconds by the
-  database's clock, :func:`db_now`) refreshed every few seconds; a replica whose heartbeat is older than
+* ``replicas (id, url, started, heartbeat, derp)``: each replica's row, its ``heartbeat`` (unix seconds by
+  the database's clock, :func:`db_now`) refreshed every few seconds; a replica whose heartbeat is older than
   three intervals is dead, and the first live one to notice removes it and its streams (:func:`reap`).
+  ``derp``: its embedded DERP relay as a one-node region of the DERP map (JSON, Tailscale's ``DERPRegion``
+  form; NULL: none), from which the replicas of one region mesh (:mod:`tailpy.control.derpmesh`).
 * ``node_streams (node_id, replica_id, opened)``: which replica holds a map stream of which node. A node is
   online while it has a row on a live replica.
 * ``control_keys (name, value)``: the server's machine private key (``server``), shared by every replica
-  of the database so that a node's sealed requests open on any of them.
+  of the database so that a node's sealed requests open on any of them, and the DERP mesh key of the
+  replicas' relays (``derp_mesh``, 64 hex digits; :func:`shared_mesh_key`).
 
 These tables and triggers are created on every open when missing (idempotent DDL, like the indexes of
 :mod:`tailpy.control.store.schema`): they hold no tailnet data, so they are not a schema version.
@@ -25,6 +28,7 @@ These tables and triggers are created on every open when missing (idempotent DDL
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -55,6 +59,7 @@ replicas = sa.Table(
     sa.Column("url", sa.Text),
     sa.Column("started", sa.Float),
     sa.Column("heartbeat", sa.Float),
+    sa.Column("derp", sa.Text),
 )
 node_streams = sa.Table(
     "node_streams",
@@ -136,6 +141,11 @@ def install(conn: Connection) -> None:
     ddl = (*_PG_DDL, *_pg_triggers()) if pg else (*_SQLITE_DDL, *_sqlite_triggers())
     for stmt in ddl:
         conn.exec_driver_sql(stmt)
+    # (a replicas table made before the relay column)
+    if pg:
+        conn.exec_driver_sql("ALTER TABLE replicas ADD COLUMN IF NOT EXISTS derp TEXT")
+    elif "derp" not in {c["name"] for c in sa.inspect(conn).get_columns("replicas")}:
+        conn.exec_driver_sql("ALTER TABLE replicas ADD COLUMN derp TEXT")
 
 
 # --- the feed -----------------------------------------------------------------------------------------------
@@ -196,17 +206,31 @@ def db_now(conn: Connection) -> float:
     return time.time()
 
 
-def heartbeat(conn: Connection, replica_id: str, url: str, now: float, *, started: float) -> None:
-    """Insert or refresh replica ``replica_id``'s row (``url``: where nodes reach it)."""
-    res = conn.execute(replicas.update().where(replicas.c.id == replica_id).values(url=url, heartbeat=now))
+def heartbeat(
+    conn: Connection, replica_id: str, url: str, now: float, *, started: float, derp: str | None = None
+) -> None:
+    """Insert or refresh replica ``replica_id``'s row (``url``: where nodes reach it; ``derp``: its relay's
+    region JSON, None: no relay)."""
+    values = {"url": url, "heartbeat": now, "derp": derp}
+    res = conn.execute(replicas.update().where(replicas.c.id == replica_id).values(**values))
     if not res.rowcount:
-        conn.execute(replicas.insert().values(id=replica_id, url=url, started=started, heartbeat=now))
+        conn.execute(replicas.insert().values(id=replica_id, started=started, **values))
 
 
 def alive(conn: Connection, now: float, stale: float) -> dict[str, str]:
     """Replica id -> advertised URL of every replica whose heartbeat is younger than ``stale`` seconds."""
     rows = conn.execute(sa.select(replicas.c.id, replicas.c.url).where(replicas.c.heartbeat > now - stale))
     return {str(r.id): str(r.url) for r in rows}
+
+
+def relays(conn: Connection, now: float, stale: float) -> dict[str, str]:
+    """Replica id -> recorded relay (region JSON, :func:`heartbeat`) of every live replica that has one."""
+    rows = conn.execute(
+        sa.select(replicas.c.id, replicas.c.derp).where(
+            replicas.c.heartbeat > now - stale, replicas.c.derp.is_not(None)
+        )
+    )
+    return {str(r.id): str(r.derp) for r in rows}
 
 
 def reap(conn: Connection, now: float, stale: float) -> list[str]:
@@ -286,6 +310,17 @@ def shared_key(conn: Connection, fallback: str) -> str:
     return fallback
 
 
+def shared_mesh_key(conn: Connection) -> str:
+    """The database's DERP mesh key (64 hex digits, derper's ``--mesh-psk-file`` form), made (random) by the
+    first replica that asks: the embedded relays of every replica of the database share it."""
+    row = conn.execute(sa.select(control_keys.c.value).where(control_keys.c.name == "derp_mesh")).first()
+    if row is not None:
+        return str(row.value)
+    key = secrets.token_hex(32)
+    _put_key(conn, "derp_mesh", key)
+    return key
+
+
 __all__ = [
     "CHANNEL",
     "KEEP",
@@ -304,7 +339,9 @@ __all__ = [
     "prune",
     "read_since",
     "reap",
+    "relays",
     "shared_key",
+    "shared_mesh_key",
     "stream_closed",
     "stream_opened",
     "streaming_elsewhere",

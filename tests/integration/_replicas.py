@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from tailpy.control import ControlClient, ControlServer, Store
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError
 from tailpy.keys import MachinePrivate, NodePublic
 from tailpy.netmap import NetMap
@@ -87,6 +88,7 @@ class Follower:
     maps: int = 0
     url: str = ""
     routable_ips: tuple[str, ...] | None = None  # the routes it advertises (a subnet router)
+    endpoints: list[Endpoint] = field(default_factory=list)  # sent on every stream it opens, as tailpyd does
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -98,7 +100,7 @@ class Follower:
             try:
                 self.url = self.client.server_url
                 async for nm in self.client.stream_map(
-                    self.node_key, [], self.hostname, routable_ips=self.routable_ips
+                    self.node_key, self.endpoints, self.hostname, routable_ips=self.routable_ips
                 ):
                     self.netmap, self.maps = nm, self.maps + 1
                     self.changed.set()

@@ -101,7 +101,11 @@ class PeerStatus:
     a peer without disco; "relay"; None for no path yet or a peer not in the data plane), ``endpoint`` (the
     direct path's endpoint; None unless ``path`` is "direct"), ``relay_region`` /
     ``relay_region_code`` (the DERP region relayed through, 0 / "" when direct), ``last_handshake`` (unix
-    seconds or None), ``active`` (a handshake within the last 180 s), ``tx_bytes`` / ``rx_bytes``."""
+    seconds or None), ``active`` (a handshake within the last 180 s), ``tx_bytes`` / ``rx_bytes``.
+    Routes (CIDR prefixes, :mod:`tailpy.routes`): ``primary_routes`` (the subnet routes it is the primary
+    router for, ``tailcfg.Node.PrimaryRoutes``), ``allowed_ips`` (what this node may send to it, as control
+    says: ``tailcfg.Node.AllowedIPs``), ``exit_node_option`` (it offers to be this node's exit node),
+    ``exit_node`` (it is this node's exit node now)."""
 
     id: int
     name: str
@@ -127,6 +131,10 @@ class PeerStatus:
     active: bool
     tx_bytes: int
     rx_bytes: int
+    primary_routes: tuple[str, ...] = ()
+    allowed_ips: tuple[str, ...] = ()
+    exit_node_option: bool = False
+    exit_node: bool = False
 
     @property
     def first_ip(self) -> str:
@@ -159,6 +167,10 @@ class PeerStatus:
             "active": self.active,
             "tx_bytes": self.tx_bytes,
             "rx_bytes": self.rx_bytes,
+            "primary_routes": list(self.primary_routes),
+            "allowed_ips": list(self.allowed_ips),
+            "exit_node_option": self.exit_node_option,
+            "exit_node": self.exit_node,
         }
 
     @classmethod
@@ -191,6 +203,10 @@ class PeerStatus:
                 active=bool(obj["active"]),
                 tx_bytes=int(obj["tx_bytes"]),
                 rx_bytes=int(obj["rx_bytes"]),
+                primary_routes=_strs(obj.get("primary_routes", [])),
+                allowed_ips=_strs(obj.get("allowed_ips", [])),
+                exit_node_option=bool(obj.get("exit_node_option", False)),
+                exit_node=bool(obj.get("exit_node", False)),
             ),
         )
 
@@ -201,7 +217,10 @@ class SelfStatus:
     ``tags``, ``os``, ``key_expiry`` (unix seconds or None), ``expired`` (from the netmap; empty before the
     first one), its keys, ``addresses`` (CIDR host prefixes), ``listen_port`` and ``tun`` (None without a
     data plane), ``endpoints`` (as last sent to control), ``home_derp`` (region id, 0 none) and
-    ``home_derp_code``."""
+    ``home_derp_code``. Routes (CIDR prefixes): ``advertised_routes`` (what it offers, ``tailpy up
+    --advertise-routes``, exit routes included with ``--advertise-exit-node``), ``approved_routes`` (those
+    control approved), ``primary_routes`` (the subnet routes it serves now as primary router); an advertised
+    route not approved awaits an admin's approval."""
 
     id: int | None
     name: str
@@ -223,6 +242,9 @@ class SelfStatus:
     home_derp_code: str
     name_by_admin: bool = False  # control says an admin gave this node its name (a new hostname keeps it)
     name_pending: bool = False  # control has not yet taken the hostname asked for (it was not reachable)
+    advertised_routes: tuple[str, ...] = ()
+    approved_routes: tuple[str, ...] = ()
+    primary_routes: tuple[str, ...] = ()
 
     @property
     def first_ip(self) -> str:
@@ -251,6 +273,9 @@ class SelfStatus:
             "home_derp_code": self.home_derp_code,
             "name_by_admin": self.name_by_admin,
             "name_pending": self.name_pending,
+            "advertised_routes": list(self.advertised_routes),
+            "approved_routes": list(self.approved_routes),
+            "primary_routes": list(self.primary_routes),
         }
 
     @classmethod
@@ -279,6 +304,9 @@ class SelfStatus:
                 home_derp_code=str(obj["home_derp_code"]),
                 name_by_admin=bool(obj.get("name_by_admin", False)),
                 name_pending=bool(obj.get("name_pending", False)),
+                advertised_routes=_strs(obj.get("advertised_routes", [])),
+                approved_routes=_strs(obj.get("approved_routes", [])),
+                primary_routes=_strs(obj.get("primary_routes", [])),
             ),
         )
 
@@ -517,7 +545,9 @@ class Status:
     most severe first); ``now`` (unix seconds, the daemon's clock when it answered); ``self_node`` (JSON
     ``self``); ``domain`` (the tailnet's DNS domain); ``peers`` sorted by name; ``device``, ``derp``,
     ``derp_map`` and ``traversal`` (None without a data plane, or before a netmap for ``derp_map``);
-    ``ignored_datagrams``; ``dns`` (None without MagicDNS)."""
+    ``ignored_datagrams``; ``dns`` (None without MagicDNS); ``exit_node`` (the exit node this node sends
+    its internet traffic through: the peer's name, or the preference as given when no peer matches it; None
+    when it uses none)."""
 
     backend_state: str
     login_server: str
@@ -536,6 +566,7 @@ class Status:
     traversal: TraversalStatus | None
     ignored_datagrams: int
     dns: Mapping[str, Any] | None
+    exit_node: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -556,6 +587,7 @@ class Status:
             "traversal": None if self.traversal is None else self.traversal.to_json(),
             "ignored_datagrams": self.ignored_datagrams,
             "dns": None if self.dns is None else dict(self.dns),
+            "exit_node": self.exit_node,
         }
 
     @classmethod
@@ -581,6 +613,7 @@ class Status:
                 traversal=None if obj["traversal"] is None else TraversalStatus.from_json(obj["traversal"]),
                 ignored_datagrams=int(obj["ignored_datagrams"]),
                 dns=_mapping(obj["dns"]),
+                exit_node=_opt_str(obj.get("exit_node")),
             ),
         )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tailpy.control import ControlConfig, ControlProcess
 from tailpy.derp.client import DerpClient
 from tailpy.derp.mesh import Mesh, start_mesh
 from tailpy.derp.server import DerpServer
@@ -174,3 +175,43 @@ async def test_derper_peer_present_fields_as_tailpy_reads_them(meshed_derper: De
     finally:
         await client.close()
         await watcher.close()
+
+
+async def test_control_embedded_relay_meshed_with_derper(
+    meshed_derper: Derper, tailpy_port: int, tmp_path: Path
+) -> None:
+    """`tailpy control serve --mesh-with DERPER --mesh-psk-file FILE`: the relay embedded in control and
+    derper carry packets both ways."""
+    key_file = tmp_path / "mesh.key"
+    key_file.write_text(MESH_KEY.hex() + "\n")
+    config = ControlConfig(
+        state_dir=tmp_path / "control",
+        host="127.0.0.1",
+        port=0,
+        derp_host="127.0.0.1",
+        derp_port=tailpy_port,  # (where derper's --mesh-with dials)
+        stun=False,
+        derp_verify_clients=False,
+        mesh_with=(meshed_derper.url,),
+        mesh_psk_file=key_file,
+    )
+    process = ControlProcess(config)
+    await process.start()
+    try:
+        assert process.relay is not None and process.mesh is not None and process.mesh.mesh is not None
+        mesh, metrics = process.mesh.mesh, process.relay.metrics
+        assert await mesh.wait_connected(20), [(p.url, p.last_error) for p in mesh.peers]
+        await _eventually(
+            lambda: metrics.mesh_watchers == 1,
+            f"derper watching control's relay ({meshed_derper.log_tail()})",
+        )
+        on_control = await DerpClient.connect(f"http://127.0.0.1:{tailpy_port}/derp", NodePrivate.generate())
+        on_derper = await DerpClient.connect(meshed_derper.url, NodePrivate.generate())
+        try:
+            await _send_until_received(on_control, on_derper, b"control's relay -> derper")
+            await _send_until_received(on_derper, on_control, b"derper -> control's relay")
+        finally:
+            await on_control.close()
+            await on_derper.close()
+    finally:
+        await process.stop()

@@ -352,3 +352,31 @@ def test_benchmark_validates_options(argv: list[str], words: str) -> None:
     )
     assert r.returncode == 2, r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+async def test_new_derp_map_reconnects_the_home_region_to_its_new_first_node() -> None:
+    """A DERP map whose home region changed (a relay joined or left the region) closes that connection and
+    opens it again at once, as the home (told it is preferred), to the region's new first node."""
+    servers = [DerpServer(MachinePrivate(bytes(nacl.public.PrivateKey.generate()))) for _ in range(2)]
+    for s in servers:
+        await s.start("127.0.0.1", 0)
+
+    def relay(i: int) -> DerpNode:
+        port = servers[i].addresses[0][1]
+        return DerpNode(f"900{'ab'[i]}", 900, "127.0.0.1", ipv4="127.0.0.1", derp_port=port,
+                        insecure_for_tests=True)  # fmt: skip
+
+    conns = DerpConnections(node(), lambda *_: None)
+    try:
+        await conns.set_derp_map(DerpMap({900: DerpRegion(900, "t", "t", (relay(0),))}))
+        await conns.set_home(900)
+        await eventually(lambda: conns.connected(900))
+        await conns.set_derp_map(DerpMap({900: DerpRegion(900, "t", "t", (relay(1), relay(0)))}))
+        await eventually(lambda: conns.connected(900))
+        (st,) = conns.status()
+        assert st.home and st.url == relay(1).url()
+        await eventually(lambda: servers[1].metrics.home_clients == 1)
+    finally:
+        await conns.close()
+        for s in servers:
+            await s.stop()

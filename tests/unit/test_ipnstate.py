@@ -181,6 +181,9 @@ EXPECTED_STATUS: dict[str, Any] = {
         "home_derp_code": "",
         "name_by_admin": False,
         "name_pending": False,
+        "advertised_routes": [],
+        "approved_routes": [],
+        "primary_routes": [],
     },
     "domain": "tail.example",
     "peers": [
@@ -209,6 +212,10 @@ EXPECTED_STATUS: dict[str, Any] = {
             "active": False,
             "tx_bytes": 10,
             "rx_bytes": 20,
+            "primary_routes": [],
+            "allowed_ips": ["100.64.0.2/32", "fd7a:115c:a1e0::2/128"],
+            "exit_node_option": False,
+            "exit_node": False,
         },
         {
             "id": 3,
@@ -235,6 +242,10 @@ EXPECTED_STATUS: dict[str, Any] = {
             "active": False,
             "tx_bytes": 0,
             "rx_bytes": 7,
+            "primary_routes": [],
+            "allowed_ips": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"],
+            "exit_node_option": False,
+            "exit_node": False,
         },
         {
             "id": 4,
@@ -261,6 +272,10 @@ EXPECTED_STATUS: dict[str, Any] = {
             "active": False,
             "tx_bytes": 0,
             "rx_bytes": 0,
+            "primary_routes": [],
+            "allowed_ips": ["100.64.0.4/32", "fd7a:115c:a1e0::4/128"],
+            "exit_node_option": False,
+            "exit_node": False,
         },
     ],
     "device": {"dropped_send_error": 0, "tx_datagrams": 12, "gso": True},
@@ -286,6 +301,7 @@ EXPECTED_STATUS: dict[str, Any] = {
     "traversal": "X",
     "ignored_datagrams": 0,
     "dns": None,
+    "exit_node": None,
 }
 """The status JSON of :func:`backend` (``now``, this node's random keys and the magicsock parts ``derp`` and
 ``traversal``, which depend on this host's addresses, blanked), as tailpyd sent it before the status had
@@ -316,6 +332,10 @@ EXPECTED_WHOIS: dict[str, Any] = {
     "active": False,
     "tx_bytes": 0,
     "rx_bytes": 7,
+    "primary_routes": [],
+    "allowed_ips": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"],
+    "exit_node_option": False,
+    "exit_node": False,
 }
 
 

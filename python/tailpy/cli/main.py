@@ -31,6 +31,7 @@ def _register() -> None:
         demo,
         derp,
         down,
+        exit_node,
         install_systemd,
         ip,
         login,
@@ -41,9 +42,11 @@ def _register() -> None:
         up,
         whois,
     )
+    from tailpy.cli import set as set_cmd
 
     for mod in (
         up,
+        set_cmd,
         login,
         down,
         logout,
@@ -51,6 +54,7 @@ def _register() -> None:
         ip,
         ping,
         whois,
+        exit_node,
         netcheck,
         control,
         derp,

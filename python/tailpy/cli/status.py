@@ -13,6 +13,7 @@ from rich.console import Console
 from tailpy.cli.common import json_option, local, run, socket_option
 from tailpy.daemon.pfilter import filter_drops
 from tailpy.ipnstate import PeerStatus, SelfStatus, Status
+from tailpy.routes import EXIT_ROUTES, has_exit_routes
 
 
 def ago(ts: float | None, now: float) -> str:
@@ -54,6 +55,37 @@ def peer_state(p: PeerStatus, now: float) -> str:
     return f"active; {path}, tx {human_bytes(p.tx_bytes)} rx {human_bytes(p.rx_bytes)}"
 
 
+def peer_routes(p: PeerStatus) -> str:
+    """What a peer routes, after its state: "; routes A, B" (the subnet routes it is primary for), and
+    "; exit node" when it offers to be this node's exit node ("exit node (in use)" when it is)."""
+    out = ""
+    if p.primary_routes:
+        out += f"; routes {', '.join(p.primary_routes)}"
+    if p.exit_node:
+        out += "; exit node (in use)"
+    elif p.exit_node_option:
+        out += "; exit node"
+    return out
+
+
+def self_routes(me: SelfStatus) -> str:
+    """The routes this node advertises: "; advertises A (primary), B (approved, standby), C (awaiting
+    approval)", and "exit node" for the exit routes ("" when it advertises none)."""
+    parts = []
+    subnets = [r for r in me.advertised_routes if r not in EXIT_ROUTES]
+    for r in subnets:
+        if r not in me.approved_routes:
+            parts.append(f"{r} (awaiting approval)")
+        elif r in me.primary_routes:
+            parts.append(f"{r} (primary)")
+        else:
+            parts.append(f"{r} (approved, standby)")
+    if has_exit_routes(me.advertised_routes):
+        approved = has_exit_routes(me.approved_routes)
+        parts.append("exit node" + ("" if approved else " (awaiting approval)"))
+    return f"; advertises {', '.join(parts)}" if parts else ""
+
+
 def _owner(n: PeerStatus | SelfStatus) -> str:
     return n.user or ", ".join(n.tags) or "-"
 
@@ -69,6 +101,8 @@ def render(st: Status, console: Console) -> None:
         console.print(f"[{color}]health:[/] {w.name}: {w.text}", highlight=False)
     if state == "Running" and st.error and not any(st.error in w.text for w in st.health):
         console.print(f"[red]{st.error}[/]")
+    if st.exit_node:
+        console.print(f"exit node: {st.exit_node}", highlight=False, markup=False)
     names = {w.name for w in st.health}
     if not st.control_connected and state == "Running" and "control-unreachable" not in names:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
@@ -87,9 +121,10 @@ def render(st: Status, console: Console) -> None:
     if me.addresses:
         code = me.home_derp_code or (str(me.home_derp) if me.home_derp else "")
         home = f'home DERP "{code}"' if code else "-"
+        home += self_routes(me)
         rows.append((me.first_ip, me.name or me.hostname, _owner(me), me.os or "-", home))
     for p in st.peers:
-        rows.append((p.first_ip, p.name, _owner(p), p.os or "-", peer_state(p, now)))
+        rows.append((p.first_ip, p.name, _owner(p), p.os or "-", peer_state(p, now) + peer_routes(p)))
     # Plain aligned columns, never wrapped or cut, whatever the terminal width (as `tailscale status`).
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
     for r in rows:
@@ -105,8 +140,9 @@ def render(st: Status, console: Console) -> None:
 @json_option
 @socket_option
 def command(as_json: bool, socket_path: str) -> None:
-    """Show this node (with its home DERP region) and its peers: address, name, owner, OS, and active/idle
-    with the path (direct ip:port, or relay "region" through DERP), offline with last seen, or expired."""
+    """Show this node (with its home DERP region and the routes it advertises) and its peers: address, name,
+    owner, OS, and active/idle with the path (direct ip:port, or relay "region" through DERP), offline with
+    last seen, or expired; then the subnet routes a peer serves and whether it is an exit node (in use)."""
     st = run(local(socket_path).status())
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=2))

@@ -10,12 +10,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 
 from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state_dir_option
 from tailpy.cli.login import wait_login
+from tailpy.cli.set import awaiting_note, route_options, route_prefs
 from tailpy.daemon.client import LocalClient
 from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, holder
 from tailpy.daemon.netfilter import MODES
@@ -108,6 +110,7 @@ async def _up(
     accept_dns: bool | None = None,
     netfilter_mode: str | None = None,
     advertise_tags: list[str] | None = None,
+    routes: dict[str, Any] | None = None,
 ) -> Status:
     client = local(socket_path)
     started = False
@@ -123,7 +126,14 @@ async def _up(
     try:
         with console.status(f"registering with {login_server or 'the login server'}"):
             st = await client.up(
-                login_server, auth_key, hostname, force_reauth, accept_dns, netfilter_mode, advertise_tags
+                login_server,
+                auth_key,
+                hostname,
+                force_reauth,
+                accept_dns,
+                netfilter_mode,
+                advertise_tags,
+                routes,
             )
     except TailpyError:
         if started:  # leave nothing running behind a failed first `up`
@@ -158,7 +168,8 @@ async def _up(
     "--login-server",
     default="",
     envvar="TAILPY_LOGIN_SERVER",
-    help="URL of the coordination server, e.g. http://192.0.2.1:8080 (default: the one used last).",
+    help="URL of the coordination server, e.g. http://192.0.2.1:8080, or the URLs of its replicas "
+    "separated by commas (the node moves to the next when its replica goes away); default: the last used.",
 )
 @click.option(
     "--auth-key",
@@ -206,6 +217,7 @@ async def _up(
     "kept for later `up`s (not given: as the last `up` said; empty: ask for none, which a tagged node "
     "gets only by logging in again as a user: --force-reauth with a user's auth key; else an error).",
 )
+@route_options
 @socket_option
 @state_dir_option
 def command(
@@ -218,12 +230,28 @@ def command(
     accept_dns: bool | None,
     netfilter_mode: str | None,
     advertise_tags: str | None,
+    advertise_routes: str | None,
+    advertise_exit_node: bool | None,
+    accept_routes: bool | None,
+    exit_node: str | None,
+    exit_node_allow_lan_access: bool | None,
+    snat_subnet_routes: bool | None,
     socket_path: str,
     state_dir: str,
 ) -> None:
     """Connect this device to the tailnet; shows progress until it is connected. Without --auth-key, a
-    control server with a login provider prints a URL to sign in at, and this waits until you have."""
+    control server with a login provider prints a URL to sign in at, and this waits until you have.
+    Preferences not given (--accept-dns, --advertise-tags, the route flags) stay as the last `up` or
+    `set` left them."""
     check_auth_key(auth_key)
+    routes = route_prefs(
+        advertise_routes,
+        advertise_exit_node,
+        accept_routes,
+        exit_node,
+        exit_node_allow_lan_access,
+        snat_subnet_routes,
+    )
     console = Console(stderr=True)
     st = run(
         _up(
@@ -239,15 +267,17 @@ def command(
             accept_dns,
             netfilter_mode,
             _tags(advertise_tags),
+            routes,
         )
     )
     click.echo(connected_line(st))
     kept = kept_tags(_tags(advertise_tags), st.self_node.tags)
     if kept:
         raise ConfigError(kept)
-    note = name_note(hostname, st)
-    if note:
-        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    advertised = {"advertise_routes", "advertise_exit_node"} & set(routes)
+    for note in (name_note(hostname, st), awaiting_note(st) if advertised else ""):
+        if note:
+            console.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
 def name_note(hostname: str | None, st: Status) -> str:

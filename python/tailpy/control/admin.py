@@ -157,7 +157,7 @@ class Admin:
             self.server.admin_removed(node_id)
 
     def _node_json(self, node: Node) -> dict[str, Any]:
-        online = self.server is not None and self.server.is_online(node.id)
+        online = self.server is not None and self.server.replicas.online(node.id)
         domain = self.store.settings().domain
         return {**node.to_json(), "online": online, "fqdn": node.fqdn(domain)}
 
@@ -386,7 +386,7 @@ class Admin:
 
     def _router_json(self, node: Node) -> dict[str, Any]:
         """A node's routes for ``routes.list`` (see the module docstring)."""
-        online = self.server is not None and self.server.is_online(node.id)
+        online = self.server is not None and self.server.replicas.online(node.id)  # (on any live replica)
         primaries = self.server.mapper.primary if self.server is not None else None
         served = set(node_served(node))
         approved = set(node.approved_routes)

@@ -6,10 +6,10 @@ import asyncio
 import email.utils
 import json
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -28,8 +28,25 @@ from tailpy.netmap import MapDelta, NetMap, Node, apply_delta
 from tailpy.proto import control as proto
 from tailpy.proto import mapcodec
 
+_T = TypeVar("_T")
+
 STREAM_SILENCE = 45.0
 """Seconds without a line (the server sends keepalives every ~15 s) after which a map stream is dead."""
+
+_PREFERRED: dict[tuple[str, ...], int] = {}
+"""Control URL list -> index of the URL the last client of that list moved to (the next client starts
+there)."""
+
+
+def control_urls(server_url: str) -> tuple[str, ...]:
+    """The control URLs of a login server setting: one URL, or several separated by commas (replicas of one
+    control database: ``http://a:8080,http://b:8080``), each without a trailing slash."""
+    urls = tuple(u.strip().rstrip("/") for u in server_url.split(",") if u.strip())
+    return urls or (server_url,)
+
+
+class _Unreachable(ControlError):
+    """The server could not be connected to (the request was not delivered: another URL may take it)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,11 @@ class LoginAnswer:
 class ControlClient:
     """Talks to the control server at ``server_url`` ("http://host:port") as the machine ``machine_key``.
 
+    ``server_url`` may name several replicas of one control database, separated by commas
+    (:func:`control_urls`): a request that cannot connect goes to the next one, and a map stream that broke
+    makes the next stream (of any client of the same list) start at the next one (:meth:`next_server`).
+    A host name with several addresses is tried address by address when connecting.
+
     Every method raises ControlError with a sentence when the server refuses the request (AuthKeyError for
     a refused auth key) or cannot be reached ("cannot reach control server at URL: ..."). ``clock`` gives
     unix seconds (the request timestamp). Call :meth:`close` when done.
@@ -136,7 +158,8 @@ class ControlClient:
         clock: Callable[[], float] = time.time,
         stream_silence: float = STREAM_SILENCE,
     ) -> None:
-        self.server_url = server_url.rstrip("/")
+        self.server_urls = control_urls(server_url)
+        self._url_index = _PREFERRED.get(self.server_urls, 0) % len(self.server_urls)
         self.machine_key = machine_key
         self.clock = clock
         self.stream_silence = stream_silence
@@ -148,6 +171,34 @@ class ControlClient:
         last reply (RFC 9110 section 6.6.1, one-second resolution); None before one."""
         self.on_clock_skew: Callable[[float], None] | None = None
         """Called with :attr:`clock_skew` at each reply that has a ``Date`` header."""
+
+    @property
+    def server_url(self) -> str:
+        """The control URL requests go to now."""
+        return self.server_urls[self._url_index]
+
+    @server_url.setter
+    def server_url(self, url: str) -> None:
+        self.server_urls, self._url_index, self._server_key = control_urls(url), 0, None
+
+    def next_server(self) -> None:
+        """Move to the next control URL (after the last, the first again), also for the next client of the
+        same URL list; no-op with one URL."""
+        if len(self.server_urls) > 1:
+            self._url_index = (self._url_index + 1) % len(self.server_urls)
+            _PREFERRED[self.server_urls] = self._url_index
+            self._server_key = None  # (replicas of one database share one key: fetched again all the same)
+
+    async def _failover(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """``fn()``, again on the next URLs while the server cannot be connected to."""
+        for i in range(len(self.server_urls)):
+            try:
+                return await fn()
+            except _Unreachable:
+                if i == len(self.server_urls) - 1:
+                    raise
+                self.next_server()
+        raise AssertionError("unreachable")
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -175,7 +226,8 @@ class ControlClient:
             detail = "timed out"
         else:
             detail = str(e) or type(e).__name__
-        return ControlError(f"cannot reach control server at {self.server_url}: {detail}")
+        cls = _Unreachable if isinstance(e, aiohttp.ClientConnectorError) else ControlError
+        return cls(f"cannot reach control server at {self.server_url}: {detail}")
 
     async def close(self) -> None:
         """Close the HTTP session (ends any open map stream). Idempotent."""
@@ -185,6 +237,9 @@ class ControlClient:
 
     async def server_key(self) -> MachinePublic:
         """The server's machine public key from ``GET /key`` (fetched once, then cached)."""
+        return await self._failover(self._fetch_key)
+
+    async def _fetch_key(self) -> MachinePublic:
         if self._server_key is None:
             try:
                 async with self._http().get(
@@ -205,7 +260,10 @@ class ControlClient:
         return self._server_key
 
     async def _call(self, path: str, body: Mapping[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        server_key = await self.server_key()
+        return await self._failover(lambda: self._call_once(path, body, timeout))
+
+    async def _call_once(self, path: str, body: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        server_key = await self._fetch_key()
         req = proto.seal_request(self.machine_key, server_key, path, body, now=self.clock())
         try:
             async with self._http().post(
@@ -436,10 +494,14 @@ class ControlClient:
                             f"{proto.MAX_STREAM_LINE} bytes"
                         )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            url = self.server_url
+            self.next_server()  # (the next stream tries another replica, if there is one)
             raise ControlError(
-                f"map stream from control server at {self.server_url} broke: {e or type(e).__name__}"
+                f"map stream from control server at {url} broke: {e or type(e).__name__}"
             ) from None
-        raise ControlError(f"control server at {self.server_url} closed the map stream")
+        url = self.server_url
+        self.next_server()
+        raise ControlError(f"control server at {url} closed the map stream")
 
     async def stream_map(
         self,

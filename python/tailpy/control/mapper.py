@@ -193,8 +193,8 @@ class MapStream:
 class Mapper:
     """Every live node as peers see it (``online`` set from open streams), and the streams to tell.
 
-    ``server_key`` seals stream messages; ``domain`` and ``derp_map`` (static for the server's life: full
-    netmaps carry it, deltas never) go into netmaps. Call :meth:`load` with the store's
+    ``server_key`` seals stream messages; ``domain`` and ``derp_map`` (full netmaps carry them, deltas
+    never; :meth:`set_derp_map`) go into netmaps. Call :meth:`load` with the store's
     nodes first, :meth:`publish` / :meth:`remove` for every change, :meth:`open_stream` / :meth:`serve` /
     :meth:`close_stream` per map request. ``batch_delay``: seconds between two deltas of one stream.
     """
@@ -233,6 +233,9 @@ class Mapper:
         self._emails: dict[str, str] = {}
         self._last_parts: tuple[int, dict[str, int]] | None = None
         self._sweeper: asyncio.Task[None] | None = None  # wakes idle streams whose keepalive is due
+        self.elsewhere: set[int] = set()
+        """Nodes with a map stream on another live control replica (online too; see
+        :mod:`tailpy.control.replicas`)."""
         self.primary = PrimaryRoutes()
         """The primary router of each subnet route (:class:`tailpy.control.routes.PrimaryRoutes`)."""
         self._routers: set[int] = set()  # nodes whose allowed IPs hold routes (reduced per recipient)
@@ -253,8 +256,9 @@ class Mapper:
     # --- state ---
 
     def is_online(self, node_id: int) -> bool:
-        """True while node ``node_id`` has a map stream open."""
-        return bool(self._by_node.get(node_id))
+        """True while node ``node_id`` has a map stream open here, or on another replica
+        (:attr:`elsewhere`)."""
+        return bool(self._by_node.get(node_id)) or node_id in self.elsewhere
 
     @property
     def streams(self) -> int:
@@ -489,6 +493,18 @@ class Mapper:
             return False
         self.dns, self.domain = dns, domain
         self._dns_json = b"" if dns is None else b',"dns":' + _dumps(dns.to_json())
+        for s in self._streams:
+            s.resync = True
+            s.wake.set()
+        return True
+
+    def set_derp_map(self, derp_map: DerpMap | None) -> bool:
+        """A new DERP map (the live control replicas' relays changed): every stream gets a full netmap.
+        Returns whether it changed."""
+        if derp_map == self.derp_map:
+            return False
+        self.derp_map = derp_map
+        self._derp_json = b"" if derp_map is None else b',"derp_map":' + _dumps(derp_map.to_json())
         for s in self._streams:
             s.resync = True
             s.wake.set()

@@ -10,8 +10,10 @@ says changed.
 * *Primary* routers (:class:`PrimaryRoutes`, after Headscale's ``hscontrol/routes/primary.go``): per subnet
   prefix, among the nodes that serve it and are *eligible* (online: a map stream open; key not expired),
   the current primary stays while it is eligible (no flapping when another router comes back); otherwise
-  the eligible node with the lowest id becomes primary; with none eligible nobody serves the prefix. Exit
-  routes have no primary: every approved exit node offers them.
+  the eligible node with the lowest id becomes primary; with none eligible nobody serves the prefix
+  (:func:`choose_primary`). Exit routes have no primary: every approved exit node offers them. A control
+  server with a store keeps the primaries in its database, one truth for all its replicas
+  (:class:`tailpy.control.primaries.StoredPrimaries`, the same decision run as a compare-and-set).
 * ``autoApprovers`` (:func:`auto_approved`): ``{"routes": {"198.51.100.0/24": ["group:x", "tag:r",
   "alice@"]}, "exitNode": [...]}``: an advertised route equal to or inside a listed prefix is approved when
   the node matches one of the prefix's approvers (a tagged node by its tags, an untagged node by its owner:
@@ -50,11 +52,23 @@ def allowed_ips(addresses: Iterable[str], primary: Iterable[str], exit_node: boo
     return (*addresses, *primary, *(EXIT_ROUTES if exit_node else ()))
 
 
+def choose_primary(current: int | None, eligible: Iterable[int]) -> int | None:
+    """The election of one subnet prefix (Headscale's ``hscontrol/routes/primary.go``): ``current`` (the
+    primary so far, None: none) stays while it is in ``eligible`` (the ids of the nodes that serve the prefix,
+    are online and whose key is valid), so a router that comes back takes nothing back; otherwise the lowest
+    eligible id; None when nobody is eligible."""
+    routers = set(eligible)
+    if current is not None and current in routers:
+        return current
+    return min(routers) if routers else None
+
+
 class PrimaryRoutes:
     """The primary router of each subnet prefix. Feed it each node's *eligible* routes with :meth:`update`
     (the subnet routes it serves when it is online and its key valid, else none) and :meth:`remove`
     departed nodes; both return the ids of the nodes whose primary routes changed (publish their records).
-    O(changed prefixes x routers of a prefix) per call."""
+    O(changed prefixes x routers of a prefix) per call. Decides on its own view of the routers
+    (:meth:`_elect`); a subclass may decide on a shared one."""
 
     def __init__(self) -> None:
         self._eligible: dict[int, frozenset[str]] = {}
@@ -81,21 +95,27 @@ class PrimaryRoutes:
                     del self._routers[p]
         for p in new - old:
             self._routers.setdefault(p, set()).add(node_id)
-        changed: set[int] = set()
-        for p in old ^ new:
-            changed |= self._elect(p)
-        return changed
+        return self._elect(old ^ new)
 
     def remove(self, node_id: int) -> set[int]:
         """Node ``node_id`` left: it serves nothing. Returns the ids whose primary routes changed."""
         return self.update(node_id, ())
 
-    def _elect(self, prefix: str) -> set[int]:
-        routers = self._routers.get(prefix, set())
+    def _elect(self, prefixes: Iterable[str]) -> set[int]:
+        """Run the election of each of ``prefixes`` (whose routers changed) on this object's view of the
+        routers; returns the ids of the nodes whose primary routes changed. A subclass may decide elsewhere
+        (on a shared view) and record the outcome with :meth:`_set`."""
+        changed: set[int] = set()
+        for p in prefixes:
+            changed |= self._set(p, choose_primary(self._primary.get(p), self._routers.get(p, ())))
+        return changed
+
+    def _set(self, prefix: str, new: int | None) -> set[int]:
+        """Make ``new`` the primary of ``prefix`` (None: nobody); returns the ids whose primary routes
+        changed (the old and the new primary; empty when it stays)."""
         cur = self._primary.get(prefix)
-        if cur is not None and cur in routers:
+        if cur == new:
             return set()
-        new = min(routers) if routers else None
         changed = set()
         if cur is not None:
             del self._primary[prefix]
@@ -184,6 +204,7 @@ __all__ = [
     "allowed_ips",
     "approver_matches",
     "auto_approved",
+    "choose_primary",
     "node_served",
     "served_routes",
 ]

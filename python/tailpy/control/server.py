@@ -77,6 +77,7 @@ from tailpy.control.acl import PolicyKeeper, policy_nodes
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.policy import Policy, PolicyNode
+from tailpy.control.replicas import FEED_POLL, HEARTBEAT, Replicas
 from tailpy.control.routes import auto_approved
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.control.store.database import db_error
@@ -104,7 +105,7 @@ MAX_ENDPOINTS = 64
 MAX_REQUEST_TAGS = 64
 DERP_ADMIT_PATH = "/derp/admit"  # (tailpy.derp.verify.CONTROL_ADMIT_PATH)
 EPHEMERAL_TIMEOUT = 1800.0  # seconds an ephemeral node may be offline before it is removed
-POLL_INTERVAL = 5.0  # seconds between looks for changes made by other processes (admin commands)
+POLL_INTERVAL = FEED_POLL  # seconds between reads of the change feed without a notification
 
 
 class _Refused(Exception):
@@ -181,9 +182,12 @@ class ControlServer:
     """The control server's request handling and netmap streams.
 
     ``clock`` gives unix seconds (injected for tests); ``keepalive`` seconds of stream silence before a
-    keepalive line; ``poll_interval`` seconds between looks at the database for changes other processes made
-    (``tailpy control nodes delete``); ``domain`` is the tailnet's DNS domain sent in netmaps (None: the one
-    stored in the database, default ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
+    keepalive line; ``poll_interval`` seconds between reads of the database's change feed without a
+    notification (changes other processes made: other replicas, ``tailpy control nodes delete``; see
+    :mod:`tailpy.control.replicas`); ``replica_id`` / ``replica_url`` / ``heartbeat``: this process as a
+    replica of its database (:class:`tailpy.control.replicas.Replicas`, :attr:`replicas`); ``domain`` is
+    the tailnet's DNS domain sent in netmaps (None: the one stored in the database, default
+    ``tailnet.internal``); ``key_lifetime`` seconds a node key is valid after
     registration (None: never expires); ``ephemeral_timeout`` seconds an ephemeral node may stay offline
     before it is removed; ``derp_map``: the DERP relays every full netmap carries (static for the server's
     life; None: no DERP map); ``oidc``: login with an OpenID Connect provider for nodes without an auth key
@@ -206,6 +210,9 @@ class ControlServer:
         derp_map: DerpMap | None = None,
         oidc: OIDCConfig | None = None,
         policy_file: Path | None = None,
+        replica_id: str | None = None,
+        replica_url: str = "",
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -222,7 +229,13 @@ class ControlServer:
         self._started = self._last_check  # offline time of ephemeral nodes counts from here at the earliest
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
+        self._stream_socks: dict[MapStream, socket.socket | None] = {}  # open map streams and their sockets
         self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
+        self.replicas = Replicas(  # (reads the feed's position before the nodes: nothing is missed)
+            self, replica_id=replica_id, url=replica_url, heartbeat=heartbeat, poll_interval=poll_interval
+        )
+        """This process as one replica of the database: the change feed, and which nodes are online on
+        which live replica (:meth:`Replicas.online`, :meth:`Replicas.alive`)."""
         self.mapper.load(store.list_nodes())
         self._emails: dict[str, str] = {}
         self.users_changed()
@@ -232,7 +245,6 @@ class ControlServer:
         self.policy.load()
         self._closing = False
         self._runner: web.AppRunner | None = None
-        self._poller: asyncio.Task[None] | None = None
         self.extra_health: dict[str, Callable[[], dict[str, Any]]] = {}
         """More checks for ``GET /health``: name -> a function answering ``{"status": ..., ...}``."""
         self.logins: Logins | None = None  # interactive login (OpenID Connect), see tailpy.control.oidc
@@ -320,7 +332,7 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._closing = False
-        self._poller = asyncio.create_task(self._poll())
+        await self.replicas.start()
         self.policy.start_watching()
         self._lifecycle()
 
@@ -329,22 +341,9 @@ class ControlServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await self.replicas.stop()
         await self.policy.stop()
         self.mapper.end_all()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            self._changed()  # streams hear only of records that differ
-            self.dns_changed()  # DNS settings changed straight in the database
-            self.users_changed()  # users made by logins or other processes
-            if self.policy.path is None:
-                self.policy.reload()  # a policy another process stored (database mode)
-            self._lifecycle()  # other processes' changes, streams closed: move the timer
 
     # --- netmaps ---
 
@@ -374,8 +373,7 @@ class ControlServer:
 
     def _changed(self) -> None:
         """Full resync: read every node from the store and send deltas for what differs (O(nodes) reads and
-        compares; only changed records are sent). For changes made where :meth:`publish_node` was not
-        called (other processes: ``tailpy control nodes delete``)."""
+        compares; only changed records are sent). For a replica that fell behind the change feed."""
         since = self.mapper.version
         self.mapper.resync(self.store.list_nodes(), since)
 
@@ -432,8 +430,13 @@ class ControlServer:
     # --- lifecycle: admin changes, key expiry, ephemeral nodes ---
 
     def is_online(self, node_id: int) -> bool:
-        """True while node ``node_id`` has a map stream open."""
+        """True while node ``node_id`` has a map stream open on this replica (any live replica:
+        :meth:`Replicas.online`)."""
         return self._online[node_id] > 0
+
+    def streaming(self) -> set[int]:
+        """Ids of the nodes with a map stream open on this replica."""
+        return {i for i, c in self._online.items() if c > 0}
 
     def admin_changed(self, node_id: int) -> None:
         """An admin command changed node ``node_id`` (name, expiry, tags) or a login registered it: tell the
@@ -453,7 +456,7 @@ class ControlServer:
         if self._closing:
             return
         now = self.clock()
-        online = {i for i, c in self._online.items() if c > 0}
+        online = self.replicas.online_nodes()  # (an ephemeral node streaming on another replica stays)
         for node_id in self.store.expired_between(self._last_check, now):
             log.info("node %d: key expired", node_id)
             self.publish_node(node_id)
@@ -671,6 +674,7 @@ class ControlServer:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
             if routable_ips is not None:
                 node = self.auto_approve(node)
+                self._tune_node_liveness(node.id, router=bool(node.routable_ips))
             self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
@@ -690,16 +694,38 @@ class ControlServer:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
             node = self._live_node(req, node_key)
-            if request.transport is not None:
-                set_stream_keepalive(request.transport.get_extra_info("socket"))
+            sock = None if request.transport is None else request.transport.get_extra_info("socket")
+            set_stream_keepalive(sock)
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             resp.enable_chunked_encoding()
             await resp.prepare(request)
             stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume, accept)
-            await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key, routable_ips)
+            self._stream_socks[stream] = sock
+            try:
+                await self._serve_stream(
+                    resp, stream, endpoints, hostname, home_derp, disco_key, routable_ips
+                )
+            finally:
+                self._stream_socks.pop(stream, None)
             return resp
 
         return await self._handle(request, "/machine/map", do)
+
+    def _tune_liveness(self, stream: MapStream, *, router: bool) -> None:
+        """Give ``stream`` the keepalive and TCP user timeout of a router's stream (:data:`ROUTER_KEEPALIVE`,
+        :data:`ROUTER_USER_TIMEOUT`) when its node advertises routes, else the default ones."""
+        keepalive = min(self.keepalive, ROUTER_KEEPALIVE) if router else self.keepalive
+        stream.keepalive = keepalive
+        set_stream_keepalive(
+            self._stream_socks.get(stream),
+            user_timeout=ROUTER_USER_TIMEOUT if router else STREAM_USER_TIMEOUT,
+        )
+
+    def _tune_node_liveness(self, node_id: int, *, router: bool) -> None:
+        """:meth:`_tune_liveness` for every open stream of node ``node_id`` (its advertised routes
+        changed)."""
+        for stream in [st for st in self._stream_socks if st.node_id == node_id]:
+            self._tune_liveness(stream, router=router)  # (the keepalive sweep reads it at its next round)
 
     async def _serve_stream(
         self,
@@ -713,6 +739,8 @@ class ControlServer:
     ) -> None:
         self._online[stream.node_id] += 1
         try:
+            if self._online[stream.node_id] == 1:
+                self.replicas.opened(stream.node_id)  # (online on every replica)
             node = self.store.update_node(
                 stream.machine_key,
                 endpoints=endpoints,
@@ -729,7 +757,8 @@ class ControlServer:
                 node = self.auto_approve(node)
             self.mapper.publish(node)  # endpoints, online (a router may become primary)
             log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
-            await self.mapper.serve(stream, resp.write, self.keepalive)
+            self._tune_liveness(stream, router=bool(node.routable_ips))
+            await self.mapper.serve(stream, resp.write, stream.keepalive)
         except (ConnectionError, RuntimeError) as e:  # client went away mid-write
             log.info("map stream for node %d broke: %s", stream.node_id, e)
         finally:
@@ -737,6 +766,8 @@ class ControlServer:
             self._online[stream.node_id] -= 1
             if self._online[stream.node_id] <= 0:
                 del self._online[stream.node_id]
+                if not self._closing:
+                    self.replicas.closed(stream.node_id)
             if not self._closing:
                 node = self.store.update_node(stream.machine_key, now=self.clock())
                 if node is not None:
@@ -755,9 +786,20 @@ cable, a crashed VM: no FIN or RST) counts as offline within about 45 s instead 
 retransmissions."""
 
 
-def set_stream_keepalive(sock: socket.socket | None) -> None:
+ROUTER_KEEPALIVE = 2.0
+"""Seconds of silence before a keepalive line on the map stream of a node that advertises routes (a subnet
+router or exit node). With :data:`ROUTER_USER_TIMEOUT` control notices such a node vanishing (power cut,
+cable, its LAN link down: no FIN or RST) within about 7 s instead of 45 s, and moves its routes to a standby
+(Tailscale fails over HA subnet routers when control sees the primary offline). Routers are few: the extra
+lines cost nothing that matters."""
+ROUTER_USER_TIMEOUT = 5.0
+"""``TCP_USER_TIMEOUT`` of a router's map stream, seconds (see :data:`STREAM_USER_TIMEOUT`)."""
+
+
+def set_stream_keepalive(sock: socket.socket | None, user_timeout: float = STREAM_USER_TIMEOUT) -> None:
     """Make ``sock`` (a map stream's TCP connection) notice a peer that vanished: keepalive probes
-    (:data:`STREAM_KEEPALIVE`) and a user timeout (:data:`STREAM_USER_TIMEOUT`), where the OS has them."""
+    (:data:`STREAM_KEEPALIVE`) and a user timeout (``user_timeout`` seconds, by default
+    :data:`STREAM_USER_TIMEOUT`), where the OS has them."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     with contextlib.suppress(OSError):
@@ -767,9 +809,9 @@ def set_stream_keepalive(sock: socket.socket | None) -> None:
             opt = getattr(socket, name, None)
             if opt is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, value)
-        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if user_timeout is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(STREAM_USER_TIMEOUT * 1000))
+        opt_user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if opt_user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt_user_timeout, int(user_timeout * 1000))
 
 
 def http_url(host: str, port: int) -> str:

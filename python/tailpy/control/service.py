@@ -8,7 +8,8 @@ what a test or a program can run in its own event loop.
 The embedded relay is left out of the DERP map (and logged) when nodes could not be told where to reach it
 (every address, no ``derp_hostname``) or when it cannot listen; a STUN port that cannot be bound is logged
 and left out of the map (STUNPort -1). Control serves regardless. Headscale's embedded DERP server
-(``hscontrol/derp/server``) is the model.
+(``hscontrol/derp/server``) is the model. The embedded relay joins the DERP mesh of its region: the relays
+of the other control replicas on the database and ``--mesh-with`` (:mod:`tailpy.control.derpmesh`).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ import gc
 import ipaddress
 import logging
 import signal
+import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
+from tailpy.control.derpmesh import RelayMesh
 from tailpy.control.options import WILDCARDS
+from tailpy.control.replicas import HEARTBEAT
 from tailpy.control.server import ControlServer, http_url
-from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store
+from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store, changes
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
+from tailpy.derp.mesh import Mesh, mesh_urls, read_mesh_key, start_mesh
 from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.derp.stun_server import StunServer
 from tailpy.derp.verify import local_admission
@@ -36,6 +41,7 @@ from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError, ParseError
 from tailpy.keys import MachinePrivate
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
+from tailpy.proto.derp import parse_mesh_key
 
 if TYPE_CHECKING:
     from tailpy.control.oidc import OIDCConfig
@@ -73,6 +79,14 @@ class ControlConfig:
     * ``server_url``: the URL nodes reach control at (``--server-url``; None: from ``host``).
     * ``policy_file``: the tailnet policy is this HuJSON file, reloaded when it changes and on SIGHUP (None:
       the policy stored in the database, ``tailpy control policy set``); see :mod:`tailpy.control.acl`.
+    * ``mesh_with``: DERP URLs of standalone relays (``tailpy derp serve``, Tailscale's derper) of the
+      embedded relay's region to mesh with (``--mesh-with``, :func:`tailpy.derp.mesh.mesh_urls`);
+      ``mesh_psk_file``: the region's mesh key (``--mesh-psk-file``; None: with replicas the database's,
+      :func:`~tailpy.control.store.changes.shared_mesh_key`; needed for ``mesh_with``). With PostgreSQL the
+      embedded relays of the replicas of one region mesh on their own (:mod:`tailpy.control.derpmesh`).
+    * ``replica_id``: this process's id among the replicas of its database (``--replica-id``; None: with
+      PostgreSQL ``<hostname>:<port>``, stable across restarts; with SQLite none, a single process);
+      ``heartbeat``: seconds between its heartbeats (:mod:`tailpy.control.replicas`).
     """
 
     state_dir: Path
@@ -99,6 +113,10 @@ class ControlConfig:
     oidc: OIDCConfig | None = None
     server_url: str | None = None
     policy_file: Path | None = None
+    mesh_with: tuple[str, ...] = ()
+    mesh_psk_file: Path | None = None
+    replica_id: str | None = None
+    heartbeat: float = HEARTBEAT
 
     def check(self) -> None:
         """Raise ConfigError for settings that cannot work together (region id out of range, or taken by
@@ -111,6 +129,10 @@ class ControlConfig:
                 f"--derp-map{source} has region {self.derp_region_id}, the embedded relay's: "
                 "pass another --derp-region-id"
             )
+        if self.mesh_with and self.mesh_psk_file is None:
+            raise ConfigError("--mesh-with needs --mesh-psk-file (the region's mesh key)")
+        if self.mesh_with and not self.derp:
+            raise ConfigError("--mesh-with meshes the embedded DERP relay: it cannot go with --no-derp")
 
 
 def derp_advertised_host(
@@ -191,6 +213,11 @@ class ControlProcess:
         self.relay: DerpServer | None = None
         self.stun_server: StunServer | None = None
         self.derp_map: DerpMap | None = config.derp_map
+        self.mesh: RelayMesh | None = None
+        """The embedded relay in its region's mesh and the DERP map of the live replicas' relays (None: no
+        relay)."""
+        self._own_region: DerpRegion | None = None  # the embedded relay, when in the DERP map
+        self._static_mesh: Mesh | None = None  # --mesh-with of a relay left out of the DERP map
         self._derp_note: tuple[int, str] | None = (
             None  # logged after the "listening" line (read first by tools)
         )
@@ -273,7 +300,8 @@ class ControlProcess:
             self.derp_map = own if cfg.derp_map is None else own.merged(cfg.derp_map)
         except ParseError as e:  # (region ids were checked by ControlConfig.check)
             raise ConfigError(str(e)) from None
-        at = own.regions[cfg.derp_region_id].nodes[0].url()
+        self._own_region = own.regions[cfg.derp_region_id]
+        at = self._own_region.nodes[0].url()
         self._derp_note = (
             logging.INFO,
             f"embedded DERP relay listening on {urls} (key {key_text}), region "
@@ -305,6 +333,9 @@ class ControlProcess:
         cfg = self.config
         assert self.store is not None
         settings = self.store.configure(domain=cfg.domain, prefix_v4=cfg.prefix_v4, prefix_v6=cfg.prefix_v6)
+        replica_id = cfg.replica_id
+        if replica_id is None and self.store.url.startswith("postgresql"):
+            replica_id = f"{socket.gethostname()}:{cfg.port}"
         server = ControlServer(
             self.store,
             key_lifetime=cfg.key_lifetime,
@@ -312,11 +343,16 @@ class ControlProcess:
             derp_map=self.derp_map,
             oidc=cfg.oidc,
             policy_file=cfg.policy_file,
+            replica_id=replica_id,
+            replica_url=cfg.server_url or http_url(cfg.host or socket.gethostname(), cfg.port),
+            heartbeat=cfg.heartbeat,
         )
         if self.relay is not None and cfg.derp_verify_clients:
             self.relay.verify_client = local_admission(server.derp_admits)
         if cfg.derp:
             server.extra_health["derp"] = self._derp_health
+        if self.relay is not None:
+            self._join_mesh(server)
         self.admin = AdminServer(
             Admin(self.store, server=server, key_lifetime=cfg.key_lifetime), cfg.state_dir / SOCKET_NAME
         )
@@ -328,6 +364,43 @@ class ControlProcess:
             raise ConfigError(f"cannot listen on {where}: {e.strerror or e}") from None
         self.server = server
         return settings
+
+    def _join_mesh(self, server: ControlServer) -> None:
+        """Put the embedded relay in its region's mesh (``--mesh-with`` relays, and with PostgreSQL the
+        relays of the other live replicas, followed at each heartbeat) and keep the DERP map in step."""
+        cfg = self.config
+        assert self.relay is not None and self.store is not None
+        mesh_key: bytes | None = None
+        if cfg.mesh_psk_file is not None:
+            mesh_key = read_mesh_key(cfg.mesh_psk_file)
+        elif server.replicas.liveness:  # (PostgreSQL, or replica ids given: replicas of one database)
+            with self.store.engine.begin() as conn:
+                mesh_key = parse_mesh_key(changes.shared_mesh_key(conn))
+        peers = mesh_urls(cfg.mesh_with, tls=False)
+        own = self._own_region
+        if own is None:  # (not in the DERP map: nobody to tell where it is; --mesh-with still holds)
+            if mesh_key is not None:
+                self._static_mesh = start_mesh(self.relay.relay, peers, mesh_key)
+            return
+
+        def on_map(derp_map: DerpMap) -> None:
+            self.derp_map = derp_map
+            server.mapper.set_derp_map(derp_map)
+
+        self.mesh = RelayMesh(
+            self.relay.relay,
+            server.replicas.id,
+            own,
+            static_map=cfg.derp_map,
+            mesh_key=mesh_key,
+            static_peers=peers,
+            on_map=on_map,
+        )
+        if server.replicas.liveness:
+            server.replicas.relay = self.mesh.record
+            server.replicas.on_relays = self.mesh.update
+        if peers:
+            log.info("DERP mesh: meshing with %s", ", ".join(peers))
 
     def _derp_health(self) -> dict[str, Any]:
         """The embedded relay's part of control's ``GET /health``: "error" when it does not run, "warning"
@@ -382,6 +455,12 @@ class ControlProcess:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.mesh is not None:
+            await self.mesh.stop()
+            self.mesh = None
+        if self._static_mesh is not None:
+            await self._static_mesh.stop()
+            self._static_mesh = None
         if self.stun_server is not None:
             await self.stun_server.stop()
             self.stun_server = None

@@ -1,8 +1,11 @@
 """tailpyd's local API: HTTP over a unix socket (mode 0600), for the CLI.
 
 Routes (JSON): ``GET /localapi/v0/status``, ``POST /localapi/v0/up`` ({login_server, auth_key, hostname,
-force_reauth, accept_dns?, advertise_tags?: ["tag:a", ...]}), ``POST /localapi/v0/down``,
-``POST /localapi/v0/logout``,
+force_reauth, accept_dns?, advertise_tags?: ["tag:a", ...], and the route preferences below}),
+``POST /localapi/v0/set`` (any of {hostname, accept_dns, advertise_tags, advertise_routes: ["CIDR", ...],
+advertise_exit_node, accept_routes, exit_node: name or tailnet IP ("" none), exit_node_allow_lan_access,
+snat_subnet_routes}: only those given change, on the running node, without a new login) -> the status,
+``POST /localapi/v0/down``, ``POST /localapi/v0/logout``,
 ``GET /localapi/v0/whois?addr=IP``, ``POST /localapi/v0/ping`` ({target: peer name or tailnet IP, timeout:
 seconds}) -> one disco ping's answer (:meth:`Backend.ping`), ``POST /localapi/v0/netcheck`` ({timeout}) -> a
 netcheck report made over the data plane's own socket (:meth:`Backend.netcheck`).
@@ -23,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tailpy.daemon.backend import Backend
+from tailpy.daemon.backend import PREF_KEYS, Backend
 from tailpy.daemon.netfilter import MODES
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, StorageError, TagError, TailpyError
 from tailpy.httperrors import json_errors
@@ -39,6 +42,18 @@ def _tags(obj: object) -> list[str] | None:
     if not isinstance(obj, list) or not all(isinstance(t, str) for t in obj):
         raise ConfigError('advertise_tags must be a list of tags like ["tag:server"]')
     return obj
+
+
+def _routes(body: dict[str, Any]) -> dict[str, Any]:
+    """The route preferences given in a request body (:data:`tailpy.daemon.backend.PREF_KEYS`)."""
+    return {k: body[k] for k in PREF_KEYS if body.get(k) is not None}
+
+
+def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
+    v = body.get(key)
+    if v is None or isinstance(v, bool):
+        return v
+    raise ConfigError(f"{key} must be true or false")
 
 
 def _error(status: int, e: BaseException) -> web.Response:
@@ -72,6 +87,7 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
                 force_reauth=bool(body.get("force_reauth", False)),
                 accept_dns=None if body.get("accept_dns") is None else bool(body["accept_dns"]),
                 advertise_tags=_tags(body.get("advertise_tags")),
+                routes=_routes(body),
             )
         except AuthKeyError as e:
             return _error(401, e)
@@ -85,6 +101,38 @@ def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web
             return _error(507, e)
         except TailpyError as e:
             return _error(500, e)
+        return web.json_response(backend.status().to_json())
+
+    @routes.post(PREFIX + "/set")
+    async def set_prefs(request: web.Request) -> web.Response:
+        try:
+            body: dict[str, Any] = await request.json()
+        except ValueError:
+            return _error(400, ConfigError("request body is not JSON"))
+        if not isinstance(body, dict):
+            return _error(400, ConfigError("request body must be a JSON object of preferences"))
+        known = {"hostname", "accept_dns", "advertise_tags", *PREF_KEYS}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            return _error(400, ConfigError(f"unknown preference {unknown[0]!r}"))
+        try:
+            hostname = body.get("hostname")
+            if hostname is not None and not isinstance(hostname, str):
+                raise ConfigError("hostname must be a string")
+            await backend.set_prefs(
+                routes=_routes(body),
+                hostname=hostname,
+                accept_dns=_opt_bool(body, "accept_dns"),
+                advertise_tags=_tags(body.get("advertise_tags")),
+            )
+        except TagError as e:
+            return _error(403, e)
+        except ConfigError as e:
+            return _error(400, e)
+        except ControlError as e:
+            return _error(502, e)
+        except StorageError as e:
+            return _error(507, e)
         return web.json_response(backend.status().to_json())
 
     @routes.get(PREFIX + "/whois")

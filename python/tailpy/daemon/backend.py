@@ -26,17 +26,27 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tailpy import netmap as nm
-from tailpy.control.client import LoginAnswer
+from tailpy.control.client import LoginAnswer, control_urls
 from tailpy.control.names import sanitize
 from tailpy.daemon import health as hl
 from tailpy.daemon import netconf
 from tailpy.daemon.lifecycle import BackendState, Event, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules
-from tailpy.daemon.router import PlanRouter, RouterConfig, tailnet_routes
+from tailpy.daemon.router import tailnet_routes
+from tailpy.daemon.routing import (
+    ExitChoice,
+    RoutePlan,
+    RoutePrefs,
+    check_exit_node,
+    lan_prefixes,
+    peer_allowed_ips,
+    resolve_exit_node,
+    route_plan,
+)
 from tailpy.daemon.session import ROTATE_BEFORE, ControlSession, SessionHooks, logout, poll_login, register
 from tailpy.daemon.state import NodeState, StateStore
 from tailpy.endpoint import Endpoint
@@ -54,6 +64,7 @@ from tailpy.ipnstate import PeerStatus, PingPeer, PingReply, SelfStatus, Status
 from tailpy.keys import DiscoPrivate, NodePrivate
 from tailpy.magicsock import Conn, ConnDevice, Options
 from tailpy.packetfilter import FilterRule
+from tailpy.routes import EXIT_ROUTES, has_exit_routes, parse_routes, subnet_routes
 
 if TYPE_CHECKING:
     from tailpy.daemon.netfilter import Firewall
@@ -90,12 +101,40 @@ class UserspaceDataPlane(DataPlane, Protocol):
 
 DeviceFactory = Callable[[bytes], DataPlane]
 
+ROUTE_PREFS = (
+    "advertise_routes",
+    "accept_routes",
+    "exit_node",
+    "exit_node_allow_lan_access",
+    "snat_subnet_routes",
+)
+"""The route preferences (:class:`tailpy.daemon.routing.RoutePrefs`) as fields of the state file."""
+PREF_KEYS = (*ROUTE_PREFS, "advertise_exit_node")
+"""The route preferences a local API request may give: :data:`ROUTE_PREFS` and ``advertise_exit_node``
+(a boolean: add or remove both exit routes, keeping the subnet routes)."""
+
+
+class OSRouter(Protocol):
+    """The host's routing for this node's TUN (:class:`tailpy.daemon.router.PlanRouter`, which builds the
+    router's ``RouterConfig``; a Protocol, so tests can pass their own): ``apply(addresses, plan)``
+    (idempotent; DeviceError with one sentence), ``close()`` undoes everything."""
+
+    def apply(self, addresses: tuple[str, ...], plan: RoutePlan) -> None: ...
+    def close(self) -> None: ...
+
+
+RouterFactory = Callable[[str], OSRouter]
+"""Makes the :class:`OSRouter` of a TUN (by name)."""
+
 
 def check_login_server(url: str) -> str:
-    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port.
-    Raises ConfigError with what is wrong."""
+    """``url`` without a trailing slash, if it is an http(s) URL with a host and a valid port; several such
+    URLs separated by commas (replicas of one control server: :func:`tailpy.control.client.control_urls`)
+    come back joined by commas. Raises ConfigError with what is wrong."""
     if not url:
         raise ConfigError("no login server yet: pass --login-server URL")
+    if "," in url:
+        return ",".join(check_login_server(u.strip()) for u in url.split(",") if u.strip())
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -108,6 +147,13 @@ def check_login_server(url: str) -> str:
     return url.rstrip("/")
 
 
+def same_control(a: str, b: str) -> bool:
+    """Whether login server settings ``a`` and ``b`` (each one URL or a comma-separated list of replicas)
+    share a URL: one control database, where the node's registration holds (``http://a,http://b`` adds a
+    replica to ``http://a``)."""
+    return bool(a and b and set(control_urls(a)) & set(control_urls(b)))
+
+
 class Backend:
     """One node. ``device_factory(private_key)`` creates the data plane (a real ``tailpy._native.Device``
     in production); ``tun_mtu`` bytes; ``dns``: MagicDNS (None: no resolver, the host's DNS untouched);
@@ -115,8 +161,9 @@ class Backend:
     firewall (:mod:`tailpy.daemon.netfilter`; None: the host's nftables untouched). Made and used inside a
     running event loop. ``userspace``: the device is a userspace one (its stack gets the node's addresses;
     the host is left alone whatever ``configure_os`` says, but its interfaces are still read for this
-    node's endpoints). ``router_factory``: the host's routing into the TUN (:class:`tailpy.daemon.router.
-    PlanRouter` in tailpyd; None, and in userspace mode: no route into the TUN is made)."""
+    node's endpoints). ``router_factory(tun)``: the host's routing into the TUN, the tailnet ranges and
+    what the route preferences add (:class:`tailpy.daemon.router.PlanRouter` in tailpyd; None, and in
+    userspace mode: no route into the TUN is made)."""
 
     USERSPACE_TUN = "userspace-networking"
     """What status shows as the TUN of a userspace node (tailscaled's ``--tun`` value for it)."""
@@ -132,7 +179,7 @@ class Backend:
         dns: DNSManager | None = None,
         firewall: Firewall | None = None,
         userspace: bool = False,
-        router_factory: Callable[[str], PlanRouter] | None = None,
+        router_factory: RouterFactory | None = None,
     ) -> None:
         self.store = store
         self.dns = dns
@@ -145,8 +192,6 @@ class Backend:
         self._userspace = userspace
         self._configure_os = configure_os and not userspace
         self.device: DataPlane | None = None
-        self._router_factory = None if userspace else router_factory
-        self._router: PlanRouter | None = None
         self.conn: Conn | None = None  # the peers' paths; made with the device
         self.netmap: nm.NetMap | None = None  # as control sent it
         self._applied: nm.NetMap | None = None  # the part of it in the data plane (no expired peers)
@@ -174,6 +219,13 @@ class Backend:
         self._login_server = ""  # the control server of that login
         self._up_accept_dns: bool | None = None  # --accept-dns of the `up` in progress (None: keep)
         self._up_tags: tuple[str, ...] | None = None  # --advertise-tags of the `up` in progress (None: keep)
+        self._up_routes: dict[str, Any] = {}  # the route prefs the `up` in progress gives (ROUTE_PREFS keys)
+        self._router_factory = None if userspace else router_factory
+        self._router: OSRouter | None = None
+        self._router_applied: tuple[tuple[str, ...], RoutePlan] | None = None
+        self._peer_ips: dict[bytes, list[str]] = {}  # each peer's allowed IPs in the data plane
+        self.exit_choice = ExitChoice()
+        """The exit node preference resolved against the last netmap (:func:`resolve_exit_node`)."""
         self._login: asyncio.Task[None] | None = None
         self.health = hl.Tracker()
         """Named warnings (:mod:`tailpy.daemon.health`), checked every :data:`HEALTH_INTERVAL` seconds."""
@@ -223,6 +275,7 @@ class Backend:
         accept_dns: bool | None = None,
         advertise_tags: Sequence[str] | None = None,
         ephemeral: bool = False,
+        routes: Mapping[str, Any] | None = None,
     ) -> None:
         """Register with ``login_server`` (re-registering a known machine needs no key) and start following
         the netmap. ``force_reauth``: log in again with ``auth_key`` and a new node key even if registered.
@@ -230,7 +283,9 @@ class Backend:
         ``advertise_tags``: tags to ask control for, kept for later registrations (None: as before; empty:
         ask for none, the node keeps the tags it has); control refuses with TagError when nobody asking may
         own one (then nothing changes). ``ephemeral``: with an auth key, register as an ephemeral node
-        whatever the key (control deletes it when it logs out or has been offline too long).
+        whatever the key (control deletes it when it logs out or has been offline too long). ``routes``: the
+        route preferences given (:data:`ROUTE_PREFS` keys, checked by :meth:`check_prefs`; the others stay
+        as they were), kept for later registrations; the advertised routes go to control with it.
 
         Nothing is changed (state file, tunnel, node key) unless control accepts the registration, except
         that a node already registered with this server, finding control unreachable, comes up on what it
@@ -242,11 +297,14 @@ class Backend:
         s = self.state_data
         self._start_health()
         url = check_login_server(login_server or s.login_server or self._login_server)
-        if self._login is not None and not auth_key and not force_reauth and url == self._login_server:
+        waiting = self._login is not None and not auth_key and not force_reauth and url == self._login_server
+        given = self.check_prefs(routes or {}, self._up_routes if waiting else None)
+        if waiting:
             if accept_dns is not None:  # a plain `up` while a browser login waits: keep waiting for it
                 self._up_accept_dns = accept_dns
+            self._up_routes.update(given)
             return
-        registered_here = s.node_id is not None and url == s.login_server
+        registered_here = s.node_id is not None and same_control(url, s.login_server)
         expired = self.netmap is not None and self.netmap.self_node.expired
         why = why_offline = ""
         connected = self.session.running and self.netmap is not None  # a re-login must not disconnect it
@@ -284,13 +342,22 @@ class Backend:
         await self._stop_login()
         self._up_accept_dns = accept_dns  # applied when the registration (maybe a browser login) completes
         self._up_tags = None if advertise_tags is None else tuple(advertise_tags)
+        self._up_routes = dict(given)
         tags = s.advertise_tags if self._up_tags is None else self._up_tags
+        advertised = self._up_routes.get("advertise_routes", s.advertise_routes)
         created = self.device is None
         self._ensure_device()  # before registering: a node that cannot make its tunnel must not register
         try:
             # Without an auth key: interactive login where control offers it, an auth key where it does not.
             answer = await register(
-                url, s.machine_key, node_key, hostname, auth_key, tags, ephemeral=ephemeral
+                url,
+                s.machine_key,
+                node_key,
+                hostname,
+                auth_key,
+                tags,
+                ephemeral=ephemeral,
+                routable_ips=list(advertised),
             )
         except ControlError as e:
             if why and isinstance(e, AuthKeyError):  # control has no interactive login: say what to do
@@ -369,6 +436,7 @@ class Backend:
             want_running=True,
             accept_dns=s.accept_dns if self._up_accept_dns is None else self._up_accept_dns,
             advertise_tags=s.advertise_tags if self._up_tags is None else self._up_tags,
+            **self._up_routes,
             node_key_issued=s.node_key_issued
             if node_key is s.node_key and s.node_key_issued
             else time.time(),
@@ -386,7 +454,7 @@ class Backend:
         self.auth_url = ""
         if node_key is not s.node_key:
             self._adopt_node_key(node_key)
-        if url != s.login_server:
+        if not same_control(url, s.login_server):
             self._drop_netmap()
         for f in dataclasses.fields(new):
             setattr(s, f.name, getattr(new, f.name))
@@ -394,8 +462,10 @@ class Backend:
             s.pending_node_key = node_key  # as on disk: what the next start offers control first
         self.last_error = unsaved
         self.session.rename_pending = False  # this registration carried the hostname
+        self._up_routes = {}
         self._fire(Event.REGISTERED)
         self._apply_self(node)
+        self._apply_prefs()  # preferences this `up` changed, on the netmap the node has
         self.session.start()
 
     # -- interactive login -----------------------------------------------------------------------------
@@ -426,8 +496,15 @@ class Backend:
             self.changed.set()
 
         machine_key = self.state_data.machine_key
+        s = self.state_data
         node = await poll_login(
-            url, machine_key, node_key, hostname, on_answer=self._show_login, on_error=on_error
+            url,
+            machine_key,
+            node_key,
+            hostname,
+            on_answer=self._show_login,
+            on_error=on_error,
+            routable_ips=list(self._up_routes.get("advertise_routes", s.advertise_routes)),
         )
         log.info("login done: node %d %s", node.id, node.name)
         self._login = None
@@ -450,6 +527,9 @@ class Backend:
     def _bring_up_offline(self, hostname: str, error: str) -> None:
         s = self.state_data
         s.hostname, s.want_running = hostname, True
+        for name, value in self._up_routes.items():  # control hears of them when it answers
+            setattr(s, name, value)
+        self._up_routes = {}
         self.store.save(s)
         self.last_error = error
         self._fire(Event.UP_OFFLINE)
@@ -595,6 +675,7 @@ class Backend:
                 mtu=netconf.mtu_warnings(self._mtu, self._link_mtu(now)),
                 firewall=self.firewall.warnings() if self.firewall else (),
                 clock_skew=self.session.clock_skew,
+                exit_node_error=self.exit_choice.problem if self.netmap is not None and s.exit_node else "",
             ),
         )
 
@@ -674,14 +755,19 @@ class Backend:
         # WireGuard's part here (keys, allowed IPs); endpoints and paths are the Conn's.
         for old in d.removed:
             dev.remove_peer(old.node_key.raw)
+            self._peer_ips.pop(old.node_key.raw, None)
         for old, node in d.changed:
             if old.node_key != node.node_key:
                 dev.remove_peer(old.node_key.raw)
-                dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
-            elif old.addresses != node.addresses:
-                dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
-        for node in d.added:
-            dev.set_peer(node.node_key.raw, allowed_ips=list(node.addresses))
+                self._peer_ips.pop(old.node_key.raw, None)
+        before = self.exit_choice.node
+        self.exit_choice = resolve_exit_node(new, self.state_data.exit_node)
+        after = self.exit_choice.node
+        touched = [*d.added, *(node for _, node in d.changed)]
+        if (before and before.node_key) != (after and after.node_key):  # exit routes move between peers
+            keys = {n.node_key for n in (before, after) if n is not None}
+            touched += [n for n in wanted.peers.values() if n.node_key in keys]
+        self._set_peers(dev, touched)
         self._apply_filter(dev, new.packet_filter)
         self.netmap, self._applied = new, wanted
         if self._netmap_since is None:
@@ -690,6 +776,7 @@ class Backend:
             self.conn.set_netmap(wanted)
         if self.dns is not None:
             self.dns.apply(new, accept_dns=self.state_data.accept_dns and not me_expired, tun=dev.tun_name)
+        self._apply_router()
         if d:
             log.info("netmap: +%d -%d ~%d peers", len(d.added), len(d.removed), len(d.changed))
         if me_expired:
@@ -702,6 +789,188 @@ class Backend:
         else:
             self._fire(Event.NETMAP)
         return d
+
+    # -- routes: allowed IPs, exit node, the host's routing -------------------------------------------------
+
+    def route_prefs(self) -> RoutePrefs:
+        """The route preferences in force (from the state file)."""
+        s = self.state_data
+        return RoutePrefs(**{name: getattr(s, name) for name in ROUTE_PREFS})
+
+    def peer_allowed_ips(self, node: nm.Node) -> list[str]:
+        """Peer ``node``'s allowed IPs in the data plane, for every ``set_peer`` (this backend's and the
+        Conn's): :func:`tailpy.daemon.routing.peer_allowed_ips` with the preferences and the exit node."""
+        exit_node = self.exit_choice.node
+        return peer_allowed_ips(
+            node,
+            accept_routes=self.state_data.accept_routes,
+            exit_node=exit_node is not None and exit_node.node_key == node.node_key,
+        )
+
+    def _set_peers(self, dev: DataPlane, peers: Iterable[nm.Node]) -> None:
+        """Give the data plane each of ``peers`` whose allowed IPs are new or changed."""
+        for node in peers:
+            ips = self.peer_allowed_ips(node)
+            if self._peer_ips.get(node.node_key.raw) != ips:
+                dev.set_peer(node.node_key.raw, allowed_ips=ips)
+                self._peer_ips[node.node_key.raw] = ips
+
+    def _apply_prefs(self) -> None:
+        """The route preferences changed: resolve the exit node again, and bring the peers' allowed IPs and
+        the host's routing in line (nothing before the first netmap)."""
+        if self.netmap is None or self.device is None or self._applied is None:
+            return
+        self.exit_choice = resolve_exit_node(self.netmap, self.state_data.exit_node)
+        self._set_peers(self.device, self._applied.peers.values())
+        self._apply_router()
+        self.changed.set()
+
+    def _apply_router(self) -> None:
+        """The host's routing (:class:`OSRouter`) for the preferences and the netmap, when it changed. A
+        router that fails is logged and shown in the status's error; the next netmap tries again."""
+        if self._router_factory is None or self.device is None:
+            return
+        s = self.state_data
+        peers = self._applied.peers.values() if self._applied is not None else ()
+        lan: tuple[str, ...] = ()
+        if s.exit_node and s.exit_node_allow_lan_access:
+            tun = self.device.tun_name
+            lan = lan_prefixes(i.network for i in netconf.local_addresses(exclude_ifaces=(tun,)))
+        addresses = tuple(s.addresses)
+        want = (addresses, route_plan(self.route_prefs(), peers, lan, tailnet=tailnet_routes(addresses)))
+        if want == self._router_applied:
+            return
+        try:
+            if self._router is None:
+                self._router = self._router_factory(self.device.tun_name)
+            self._router.apply(*want)
+        except TailpyError as e:
+            log.error("routing: %s", e)
+            self.last_error = f"routing not applied: {e}"
+            return
+        self._router_applied = want
+        log.info(
+            "routing: %d routes into the tunnel, %d kept out, serving %d subnets",
+            len(want[1].routes),
+            len(want[1].local_routes),
+            len(want[1].subnet_routes),
+        )
+
+    def check_prefs(
+        self, given: Mapping[str, Any], pending: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Route preferences as the local API gives them (:data:`PREF_KEYS`; a key absent or None is not
+        given), checked and in canonical form, as :data:`ROUTE_PREFS` fields: ``advertise_routes`` a list of
+        CIDR prefixes or a comma-separated string (:func:`tailpy.routes.parse_routes`; the exit routes in it
+        stay as they are unless given there or by ``advertise_exit_node``), ``exit_node`` a string checked
+        against the netmap (:func:`tailpy.daemon.routing.check_exit_node`), the rest booleans. ``pending``:
+        preferences an `up` still waiting for its login gives, over the state file's. Raises ConfigError with
+        one sentence (nothing is changed), also when the node would offer to be an exit node and use one."""
+        out: dict[str, Any] = {}
+        exit_flag: bool | None = None
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name not in PREF_KEYS:
+                raise ConfigError(f"unknown preference {name!r}")
+            if name == "advertise_exit_node":
+                if not isinstance(value, bool):
+                    raise ConfigError("advertise_exit_node must be true or false")
+                exit_flag = value
+            elif name == "advertise_routes":
+                if not isinstance(value, (str, list)) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError("advertise_routes must be a list of prefixes like 198.51.100.0/24")
+                out[name] = parse_routes(value)
+            elif name == "exit_node":
+                if not isinstance(value, str):
+                    raise ConfigError("exit_node must be a peer's name or tailnet IP")
+                check_exit_node(self.netmap, value)
+                out[name] = value.strip()
+            else:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{name} must be true or false")
+                out[name] = value
+        if "advertise_routes" in out or exit_flag is not None:
+            current = (pending or {}).get("advertise_routes", self.state_data.advertise_routes)
+            routes = out.get("advertise_routes", current)
+            offer = has_exit_routes(current) or has_exit_routes(routes) if exit_flag is None else exit_flag
+            out["advertise_routes"] = subnet_routes(routes) + (EXIT_ROUTES if offer else ())
+        now = {**{k: getattr(self.state_data, k) for k in ROUTE_PREFS}, **(pending or {}), **out}
+        if now["exit_node"] and has_exit_routes(now["advertise_routes"]):
+            raise ConfigError(
+                "this node cannot offer itself as an exit node and use one at the same time (as in "
+                "Tailscale): give --advertise-exit-node=false or --exit-node="
+            )
+        return out
+
+    async def set_prefs(
+        self,
+        *,
+        routes: Mapping[str, Any] | None = None,
+        hostname: str | None = None,
+        accept_dns: bool | None = None,
+        advertise_tags: Sequence[str] | None = None,
+    ) -> None:
+        """``tailpy set``: change the given preferences of this node now, without a new login (None: leave
+        it). ``routes``: route preferences (:meth:`check_prefs`); new advertised routes go to control on the
+        map stream's session (:meth:`ControlSession.notify_routes`). ``hostname`` and ``advertise_tags`` are
+        registered with control as ``up`` does (same node key, no auth key): TagError when the policy refuses
+        a tag, ControlError when control cannot be reached for tags (nothing changed); a new hostname control
+        cannot take now is registered when it answers. Raises ConfigError (a malformed preference, an exit
+        node that is unknown, this node, or not offering), StorageError (the state file; nothing changed)."""
+        s = self.state_data
+        given = self.check_prefs(routes or {})
+        tags = None if advertise_tags is None else tuple(advertise_tags)
+        new_name = None
+        if hostname is not None:
+            if not hostname.strip():
+                raise ConfigError("--hostname is empty: give a name")
+            new_name = hostname.strip() if hostname.strip() != s.hostname else None
+        if tags == s.advertise_tags:
+            tags = None
+        rename_pending = False
+        if new_name is not None or tags is not None:
+            if s.node_id is None or not s.login_server:
+                raise ConfigError("this node is not logged in: use `tailpy up` to set its name and tags")
+            try:
+                answer = await register(
+                    s.login_server,
+                    s.machine_key,
+                    s.node_key,
+                    new_name or s.hostname,
+                    None,
+                    s.advertise_tags if tags is None else tags,
+                )
+            except ControlError as e:
+                if tags is not None or isinstance(e, (AuthKeyError, NotRegisteredError, TagError)):
+                    raise
+                log.warning("set: control unreachable (%s): the new hostname waits for it", e)
+                rename_pending = True
+            else:
+                if not isinstance(answer, nm.Node) and answer.node is None:  # not for `set`
+                    raise ControlError("control asks this node to log in again: run `tailpy login`")
+        changed = {k: v for k, v in given.items() if getattr(s, k) != v}
+        new = dataclasses.replace(
+            s,
+            hostname=new_name or s.hostname,
+            accept_dns=s.accept_dns if accept_dns is None else accept_dns,
+            advertise_tags=s.advertise_tags if tags is None else tags,
+            **changed,
+        )
+        if new != s:
+            self.store.save(new)  # StorageError: nothing changed here (control may have the new name)
+            for f in dataclasses.fields(new):
+                setattr(s, f.name, getattr(new, f.name))
+        if rename_pending:
+            self.session.rename_pending = True
+        if "advertise_routes" in changed:
+            log.info("advertised routes: %s", ", ".join(s.advertise_routes) or "none")
+            self.session.notify_routes()
+        if self.dns is not None and accept_dns is not None and self.netmap is not None and self.device:
+            expired = self.netmap.self_node.expired
+            self.dns.apply(self.netmap, accept_dns=s.accept_dns and not expired, tun=self.device.tun_name)
+        self._apply_prefs()
+        self.changed.set()
 
     def _apply_filter(self, dev: DataPlane, rules: tuple[FilterRule, ...] | None) -> None:
         """Give the data plane the netmap's packet filter when it changed (None: control sent none, and the
@@ -739,21 +1008,6 @@ class Backend:
             netconf.configure_tun(self.device.tun_name, addresses, self._mtu)
             self._apply_router()  # the tailnet ranges into the TUN (table 52), also before a netmap
 
-    def _apply_router(self) -> None:
-        """The host's routing into the TUN (the router of ``router_factory``): the tailnet ranges. A failure
-        is logged; the next call retries."""
-        if self._router_factory is None or self.device is None:
-            return
-        addresses = tuple(self.state_data.addresses)
-        try:
-            if self._router is None:
-                self._router = self._router_factory(self.device.tun_name)
-            self._router.apply(
-                addresses, RouterConfig(self.device.tun_name, addresses, tailnet_routes(addresses))
-            )
-        except TailpyError as e:
-            log.error("routing: %s", e)
-
     @property
     def tun_name(self) -> str | None:
         """The data plane's TUN ("userspace-networking" for a userspace one; None: no data plane)."""
@@ -779,6 +1033,7 @@ class Backend:
                 self.state_data.node_key,
                 Options(
                     self.disco_key,
+                    allowed_ips=self.peer_allowed_ips,
                     on_endpoints=self._on_endpoints,
                     on_home_changed=self._on_home_changed,
                     on_link_change=self._on_link_change,
@@ -800,15 +1055,19 @@ class Backend:
             self.changed.set()
 
     def _close_device(self) -> None:
-        router, self._router = self._router, None
+        router, self._router, self._router_applied = self._router, None, None
         if router is not None:
-            router.close()  # the host's routes and rules back as they were, before the TUN goes
+            try:
+                router.close()  # the host's routes and rules back as they were, before the TUN goes
+            except TailpyError as e:
+                log.error("routing: %s", e)
         if self.firewall is not None:
             self.firewall.remove()
         if self.dns is not None:
             self.dns.stop()  # the host's resolver back as it was
         dev, self.device = self.device, None
         self._applied = None  # a new device starts with no peers
+        self._peer_ips = {}
         self._applied_filter = None  # and no filter
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -865,6 +1124,12 @@ class Backend:
             active=hs is not None and now - hs < ACTIVE_WINDOW,
             tx_bytes=st.get("tx_bytes", 0),
             rx_bytes=st.get("rx_bytes", 0),
+            primary_routes=tuple(node.primary_routes),
+            allowed_ips=tuple(node.effective_allowed_ips()),
+            exit_node_option=node.exit_node_option(),
+            exit_node=self.exit_choice.node is not None
+            and self.exit_choice.node.node_key == node.node_key
+            and bool(self.state_data.exit_node),
         )
 
     def status(self) -> Status:
@@ -913,6 +1178,9 @@ class Backend:
                 name_pending=me is not None
                 and bool(s.hostname)
                 and sanitize(me.hostname) != sanitize(s.hostname),
+                advertised_routes=tuple(s.advertise_routes),
+                approved_routes=tuple(me.approved_routes) if me else (),
+                primary_routes=tuple(me.primary_routes) if me else (),
             ),
             domain=self.netmap.domain if self.netmap else "",
             peers=peers,
@@ -923,7 +1191,16 @@ class Backend:
             # datagrams from the socket that were neither disco nor STUN
             ignored_datagrams=conn.ignored if conn is not None else 0,
             dns=self.dns.status() if self.dns is not None else None,
+            exit_node=self._exit_node_name(),
         )
+
+    def _exit_node_name(self) -> str | None:
+        """The exit node for status: the peer's name, else the preference as given; None without one."""
+        want = self.state_data.exit_node
+        if not want:
+            return None
+        node = self.exit_choice.node if self.netmap is not None else None
+        return node.name if node is not None else want
 
     def find_peer(self, target: str) -> nm.Node:
         """The peer called ``target`` (its name, its FQDN with or without the final dot, or its hostname)

@@ -115,9 +115,12 @@ class LocalClient:
         accept_dns: bool | None = None,
         netfilter_mode: str | None = None,
         advertise_tags: list[str] | None = None,
+        routes: dict[str, Any] | None = None,
     ) -> Status:
         """Log in / bring the node up (``POST /up``): the status after it. ``advertise_tags``: tags to ask
-        control for (None: as the last `up` said)."""
+        control for (None: as the last `up` said). ``routes``: route preferences given (``advertise_routes``
+        list of CIDR, ``accept_routes``, ``exit_node``, ``exit_node_allow_lan_access``,
+        ``snat_subnet_routes``; a key absent: as the last `up` said)."""
         body: dict[str, Any] = {
             "login_server": login_server,
             "auth_key": auth_key,
@@ -129,7 +132,16 @@ class LocalClient:
             body["netfilter_mode"] = netfilter_mode
         if advertise_tags is not None:
             body["advertise_tags"] = advertise_tags
+        body.update(routes or {})
         return Status.from_json(await self._call("POST", "/up", body))
+
+    async def set(self, prefs: dict[str, Any]) -> Status:
+        """Change the given preferences of the running node (``POST /set``: ``hostname``, ``accept_dns``,
+        ``advertise_tags``, ``advertise_routes``, ``accept_routes``, ``exit_node``,
+        ``exit_node_allow_lan_access``, ``snat_subnet_routes``): the status after it. Raises ConfigError
+        (a malformed preference; an exit node that is unknown, this node, or not offering), TagError,
+        ControlError, StorageError, each with one sentence; nothing is changed then."""
+        return Status.from_json(await self._call("POST", "/set", prefs))
 
     async def logout(self) -> Status:
         return Status.from_json(await self._call("POST", "/logout"))

@@ -101,6 +101,17 @@ DNS_NOT_APPLIED = Warnable(
         "(fix the cause and run `tailpy up` again, or `tailpy up --accept-dns=false` to stop trying)"
     ),
 )
+EXIT_NODE = Warnable(
+    "exit-node",
+    Severity.HIGH,
+    lambda a: (
+        f"{a['problem']}: internet traffic is dropped rather than sent outside the tunnel (choose another "
+        "exit node with `tailpy set --exit-node NAME`, see `tailpy exit-node list`, or none with "
+        "`tailpy set --exit-node=`)"
+    ),
+)
+"""The chosen exit node cannot carry traffic now (Tailscale's ``exitNodeUnreachable`` warnings); the
+problem is :func:`tailpy.daemon.routing.resolve_exit_node`'s sentence."""
 MTU = Warnable("mtu", Severity.MEDIUM, lambda a: a["text"])
 FIREWALL = Warnable("firewall", Severity.MEDIUM, lambda a: a["text"])
 """The node firewall (:mod:`tailpy.daemon.netfilter`) could not be installed; its own sentence says why."""
@@ -238,7 +249,8 @@ class Inputs:
     home DERP side (None: no data plane). ``peers``: per-peer handshakes. ``dns_error``: why MagicDNS is not
     applied to the host's resolver ("" applied or not wanted). ``mtu``: MTU warnings, one sentence each.
     ``firewall``: node firewall warnings, one sentence each. ``clock_skew``: control's clock minus ours,
-    seconds (None unknown)."""
+    seconds (None unknown). ``exit_node_error``: why the chosen exit node carries no traffic ("" it does,
+    or none is chosen)."""
 
     now: float
     following: bool = False
@@ -253,6 +265,7 @@ class Inputs:
     mtu: Sequence[str] = field(default_factory=tuple)
     firewall: Sequence[str] = field(default_factory=tuple)
     clock_skew: float | None = None
+    exit_node_error: str = ""
 
 
 DERP_GRACE = 10.0
@@ -299,6 +312,7 @@ def evaluate(tracker: Tracker, watch: HandshakeWatch, i: Inputs) -> None:
     tracker.set(FIREWALL, {"text": "; ".join(i.firewall)} if i.firewall else None)
     skew = clock_skew_text(i.clock_skew)
     tracker.set(CLOCK_SKEW, {"skew": skew} if skew is not None and i.following else None)
+    tracker.set(EXIT_NODE, {"problem": i.exit_node_error} if i.exit_node_error else None)
 
 
 @dataclass
@@ -356,6 +370,7 @@ __all__ = [
     "CLOCK_SKEW_MAX",
     "CONTROL_UNREACHABLE",
     "DNS_NOT_APPLIED",
+    "EXIT_NODE",
     "FIREWALL",
     "HANDSHAKE_FAILING",
     "HOME_DERP_UNREACHABLE",

@@ -61,11 +61,13 @@ async def register(
     request_tags: Sequence[str] = (),
     *,
     ephemeral: bool = False,
+    routable_ips: Sequence[str] | None = None,
 ) -> nm.Node | LoginAnswer:
     """Register ``node_key`` with control at ``url``: with ``auth_key``, the node; without, control's first
     login answer (the node when the machine is known, else where the user signs in). ``request_tags``: the
     tags this node asks for (``tailpy up --advertise-tags``). ``ephemeral``: register as an ephemeral node
-    whatever the auth key (:meth:`ControlClient.register`). Raises ControlError (AuthKeyError,
+    whatever the auth key (:meth:`ControlClient.register`). ``routable_ips``: the routes this node advertises
+    (None: leave what control has). Raises ControlError (AuthKeyError,
     NotRegisteredError, TagError) with the server's sentence."""
     client = ControlClient(url, machine_key)
     try:
@@ -77,9 +79,15 @@ async def register(
                 os=OS_NAME,
                 request_tags=request_tags,
                 ephemeral=ephemeral,
+                routable_ips=routable_ips,
             )
         return await client.login_poll(
-            node_key.public, hostname, os=OS_NAME, wait=0, request_tags=request_tags
+            node_key.public,
+            hostname,
+            os=OS_NAME,
+            wait=0,
+            request_tags=request_tags,
+            routable_ips=routable_ips,
         )
     finally:
         await client.close()
@@ -93,16 +101,20 @@ async def poll_login(
     *,
     on_answer: Callable[[LoginAnswer], None],
     on_error: Callable[[str], None],
+    routable_ips: Sequence[str] | None = None,
 ) -> nm.Node:
     """Long-poll control until the interactive login (and any approval) is done: the node. Each answer
     without one (a new sign-in URL, pending approval) goes to ``on_answer``; a ControlError (control
-    restarting, say) to ``on_error``, then the poll goes on after a backoff."""
+    restarting, say) to ``on_error``, then the poll goes on after a backoff. ``routable_ips``: the routes this
+    node advertises (None: leave what control has)."""
     delays = reconnect_delays(BACKOFF_MIN, BACKOFF_MAX)
     client = ControlClient(url, machine_key)
     try:
         while True:
             try:
-                answer = await client.login_poll(node_key.public, hostname, os=OS_NAME, wait=LOGIN_POLL)
+                answer = await client.login_poll(
+                    node_key.public, hostname, os=OS_NAME, wait=LOGIN_POLL, routable_ips=routable_ips
+                )
             except ControlError as e:
                 log.warning("waiting for login: %s", e)
                 on_error(str(e))
@@ -171,6 +183,7 @@ class ControlSession:
         """This node's endpoints as control was last told them (at the last connection or update)."""
         self.reported_endpoints_changed = asyncio.Event()
         self._home_changed = asyncio.Event()
+        self._routes_changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
         self.clock_skew: float | None = None
@@ -220,6 +233,10 @@ class ControlSession:
     def notify_home(self) -> None:
         """This node's home DERP region changed: tell control."""
         self._home_changed.set()
+
+    def notify_routes(self) -> None:
+        """The routes this node advertises (``state.advertise_routes``) changed: tell control."""
+        self._routes_changed.set()
 
     # -- node key rotation -------------------------------------------------------------------------------
 
@@ -275,6 +292,7 @@ class ControlSession:
                 asyncio.create_task(self._rotate_when_due(client), name="rotate"),
                 asyncio.create_task(self._report_endpoints(client), name="endpoints"),
                 asyncio.create_task(self._report_home(client), name="home-derp"),
+                asyncio.create_task(self._report_routes(client), name="routes"),
                 asyncio.create_task(self._check_stream(client), name="stream-check"),
             }
             rotated = False
@@ -327,6 +345,7 @@ class ControlSession:
             self.rename_pending = False
         self.reported_endpoints = self.hooks.endpoints()
         self._home_changed.clear()  # the map request carries the current home
+        self._routes_changed.clear()  # and the advertised routes
         self.reported_endpoints_changed.clear()  # and the current endpoints
         async for netmap in client.stream_map(
             s.node_key.public,
@@ -334,6 +353,7 @@ class ControlSession:
             s.hostname,
             home_derp=self.hooks.home_derp(),
             disco_key=self.disco_key,
+            routable_ips=list(s.advertise_routes),
         ):
             self.self_node = netmap.self_node
             self.connected = True  # on_netmap reports it with the rest
@@ -384,6 +404,20 @@ class ControlSession:
             except ControlError as e:
                 log.warning("home DERP update: %s", e)
                 self._home_changed.set()
+                await asyncio.sleep(5.0)
+
+    async def _report_routes(self, client: ControlClient) -> None:
+        """Tell control the advertised routes each time they change (``tailpy set --advertise-routes``)."""
+        while True:
+            await wait_event(self._routes_changed, 3600.0)
+            if not self._routes_changed.is_set():
+                continue
+            self._routes_changed.clear()
+            try:
+                await client.update(routable_ips=list(self.state.advertise_routes))
+            except ControlError as e:
+                log.warning("advertised routes update: %s", e)
+                self._routes_changed.set()
                 await asyncio.sleep(5.0)
 
     async def _check_stream(self, client: ControlClient) -> None:

@@ -41,6 +41,12 @@ class NodeState:
     advertise_tags: tuple[
         str, ...
     ] = ()  # tags asked of control at registration (`tailpy up --advertise-tags`)
+    # Routes (:mod:`tailpy.routes`), as `tailpy up` / `tailpy set` gave them:
+    advertise_routes: tuple[str, ...] = ()  # canonical CIDR, exit routes included with --advertise-exit-node
+    accept_routes: bool = False  # install peers' subnet routes (off by default, as Tailscale on Linux)
+    exit_node: str = ""  # the exit node as the user named it (name, FQDN or tailnet IP); "" none
+    exit_node_allow_lan_access: bool = False  # with an exit node: the host's LANs stay out of the tunnel
+    snat_subnet_routes: bool = True  # masquerade tailnet sources onto the advertised subnets
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +62,11 @@ class NodeState:
             "pending_node_key": self.pending_node_key.text() if self.pending_node_key else None,
             "accept_dns": self.accept_dns,
             "advertise_tags": list(self.advertise_tags),
+            "advertise_routes": list(self.advertise_routes),
+            "accept_routes": self.accept_routes,
+            "exit_node": self.exit_node,
+            "exit_node_allow_lan_access": self.exit_node_allow_lan_access,
+            "snat_subnet_routes": self.snat_subnet_routes,
         }
 
     @classmethod
@@ -74,6 +85,11 @@ class NodeState:
             else None,
             accept_dns=bool(obj.get("accept_dns", True)),
             advertise_tags=tuple(str(t) for t in obj.get("advertise_tags") or ()),
+            advertise_routes=tuple(str(r) for r in obj.get("advertise_routes") or ()),
+            accept_routes=bool(obj.get("accept_routes", False)),
+            exit_node=str(obj.get("exit_node") or ""),
+            exit_node_allow_lan_access=bool(obj.get("exit_node_allow_lan_access", False)),
+            snat_subnet_routes=bool(obj.get("snat_subnet_routes", True)),
         )
 
 

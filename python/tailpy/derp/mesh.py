@@ -262,11 +262,53 @@ class MeshPeer:
 
 class Mesh:
     """This server's side of a DERP mesh: one :class:`MeshPeer` per other server. Made by
-    :func:`start_mesh`; ``await stop()`` ends every watch connection."""
+    :func:`start_mesh`; peers may come and go (:meth:`add`, :meth:`remove`: the relay embedded in a control
+    replica follows the live replicas of its region); ``await stop()`` ends every watch connection."""
 
-    def __init__(self, relay: Relay, peers: list[MeshPeer]) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        peers: list[MeshPeer],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        base: float = 0.5,
+        cap: float = 5.0,
+    ) -> None:
         self.relay = relay
         self.peers = peers
+        self.ssl_context = ssl_context
+        self.base, self.cap = base, cap
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs of the peers, in the order they were added."""
+        return [p.url for p in self.peers]
+
+    def add(self, url: str) -> MeshPeer:
+        """Start watching the server at DERP URL ``url`` (the peer already there when it is one)."""
+        for p in self.peers:
+            if p.url == url:
+                return p
+        assert self.relay.mesh_key is not None
+        peer = MeshPeer(
+            self.relay, url, self.relay.mesh_key, ssl_context=self.ssl_context, base=self.base, cap=self.cap
+        )
+        self.peers.append(peer)
+        self.relay.metrics.mesh_peers += 1
+        peer.start()
+        return peer
+
+    async def remove(self, url: str) -> bool:
+        """Stop watching the server at ``url``: its clients are forgotten (no more forwarding to them).
+        Returns whether it was a peer."""
+        for p in self.peers:
+            if p.url == url:
+                self.peers.remove(p)
+                if not p.is_self:
+                    self.relay.metrics.mesh_peers -= 1
+                await p.stop()
+                return True
+        return False
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until every peer (but this server itself) is watched."""
@@ -302,7 +344,7 @@ def start_mesh(
     relay.metrics.mesh_peers += len(peers)
     for p in peers:
         p.start()
-    return Mesh(relay, peers)
+    return Mesh(relay, peers, ssl_context=ssl_context, base=base, cap=cap)
 
 
 __all__ = ["Mesh", "MeshPeer", "mesh_urls", "read_mesh_key", "start_mesh"]

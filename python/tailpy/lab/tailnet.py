@@ -218,13 +218,21 @@ class LabNode:
             stop_process(self.daemon)
             self.daemon = None
 
-    def up(self, auth_key: str | None = None) -> dict[str, Any]:
-        """``tailpy up`` against the lab's control server; returns ``tailpy status --json``."""
-        args = ["up", "--login-server", self.tailnet.control_url, "--hostname", self.name]
+    def up(self, auth_key: str | None = None, *, flags: Sequence[str] = ()) -> dict[str, Any]:
+        """``tailpy up [flags]`` against the lab's control server (``flags`` such as
+        ``("--accept-routes",)``); returns ``tailpy status --json``."""
+        args = ["up", "--login-server", self.tailnet.control_url, "--hostname", self.name, *flags]
         if auth_key:
             args += ["--auth-key", auth_key]
         self.cli(*args)
         return self.status()
+
+    def kill_daemon(self) -> None:
+        """kill -9 tailpyd (a crash: nothing of its own cleanup runs) and wait for it to be gone."""
+        if self.daemon is not None:
+            self.daemon.kill()
+            self.daemon.wait(timeout=10)
+            self.daemon = None
 
     def status(self) -> dict[str, Any]:
         """What ``tailpy status --json`` prints, read from the local API (see the module docstring)."""

@@ -139,6 +139,10 @@ def _first(endpoints: list[Endpoint]) -> Endpoint | None:
     return endpoints[0] if endpoints else None
 
 
+def _addresses(node: Node) -> list[str]:
+    return list(node.addresses)
+
+
 @dataclass
 class Options:
     """What :class:`Conn` is given once. ``local_endpoints()``: this host's endpoints at the listen port
@@ -146,9 +150,12 @@ class Options:
     ``choose_endpoint(peer_endpoints)``: the endpoint to try first from a peer's netmap endpoints (same LAN
     first). Callbacks: ``on_endpoints(endpoints)`` when this node's endpoint list changed (tell control),
     ``on_home_changed(region_id)`` when the home DERP region moved, ``on_link_change()`` when a local
-    address went away (reconnect to control)."""
+    address went away (reconnect to control). ``allowed_ips(peer)``: the peer's allowed IPs in the data plane,
+    given again with every endpoint the Conn sets (``Device.set_peer`` replaces them; the daemon's
+    :func:`tailpy.daemon.routing.peer_allowed_ips`; default: its addresses)."""
 
     disco_private: DiscoPrivate
+    allowed_ips: Callable[[Node], list[str]] = _addresses
     on_endpoints: Callable[[list[Endpoint]], None] | None = None
     on_home_changed: Callable[[int], None] | None = None
     on_link_change: Callable[[], None] | None = None
@@ -599,7 +606,9 @@ class Conn:
         if endpoint is None:
             return True
         try:
-            self.device.set_peer(node.node_key.raw, allowed_ips=list(node.addresses), endpoint=str(endpoint))
+            self.device.set_peer(
+                node.node_key.raw, allowed_ips=self.options.allowed_ips(node), endpoint=str(endpoint)
+            )
         except DeviceError as e:
             log.debug("peer %s: cannot set endpoint %s: %s", node.name, endpoint, e)
             return False

@@ -111,13 +111,18 @@ class DerpConnections:
     # -- configuration ---------------------------------------------------------------------------------
 
     async def set_derp_map(self, derp_map: DerpMap) -> None:
-        """Adopt a new DERP map: connections to regions no longer in it (or whose nodes changed) close."""
+        """Adopt a new DERP map: connections to regions no longer in it (or whose nodes changed) close; the
+        home region, when still in the map, is connected again at once (to its new first node)."""
         self.derp_map = derp_map
         for rid, r in list(self._regions.items()):
             if derp_map.regions.get(rid) != r.region:
                 await self._close_region(rid)
         if self.home not in derp_map.regions:
             self.home = 0
+        elif self.home and self.home not in self._regions:
+            home = self._ensure(self.home)
+            if home is not None:
+                home.home = True
 
     async def set_home(self, region_id: int) -> None:
         """Make ``region_id`` the home (0: none): connect now and tell the server it is preferred; the old

@@ -23,7 +23,7 @@ Design note: how the daemon drives it
                 case SendUDP(endpoint, datagram):   device.send_datagram(datagram, str(endpoint))
                 case SendDERP(node_key, datagram):  relay.send(node_key, datagram)  # the peer's region
                 case SetPath(node_key, None):       device.set_path(node_key.raw, "relay")
-                case SetPath(node_key, endpoint):   device.set_peer(node_key.raw, allowed_ips=addresses,
+                case SetPath(node_key, endpoint):   device.set_peer(node_key.raw, allowed_ips=allowed_ips,
                                                                     endpoint=str(endpoint))
                                                     device.set_path(node_key.raw, "direct")
                 case PingResult() | PingTimeout():  hand to the waiting `tailpy ping` (by .request)
@@ -38,7 +38,9 @@ kind, against the real data plane with a TCP stand-in for DERP, is ``tests/integ
 
 Every peer starts on the relay path (``SetPath(peer, None)`` from :meth:`DiscoNode.on_netmap`); the switch
 to direct and back never touches the WireGuard session (``set_peer`` keeps it when only the endpoint
-changes). Timing and path choice are in :mod:`tailpy.magicsock.paths`.
+changes; ``allowed_ips`` are the peer's as the daemon computes them,
+:func:`tailpy.daemon.routing.peer_allowed_ips`, since ``set_peer`` replaces them). Timing and path choice are
+in :mod:`tailpy.magicsock.paths`.
 
 Other inputs: :meth:`DiscoNode.set_endpoints` when this node's own endpoints change (local addresses, STUN
 results: they go out in CallMeMaybe; refresh them before they are 27 s old, as Tailscale re-STUNs before

@@ -66,6 +66,20 @@ from tailpy.errors import ConfigError
     help="The embedded relay admits only this tailnet's nodes (live, unexpired node keys).",
 )
 @click.option(
+    "--mesh-with",
+    default="",
+    help="Comma-separated standalone DERP servers of the embedded relay's region to mesh with (HOST[:PORT], "
+    "dialed over plain HTTP as the embedded relay serves, or a http(s):// URL: `tailpy derp serve`, "
+    "Tailscale's derper). Needs --mesh-psk-file.",
+)
+@click.option(
+    "--mesh-psk-file",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File of the region's DERP mesh key (64 hex digits, as derper's). Default with PostgreSQL: a key "
+    "kept in the database, shared by the replicas' relays.",
+)
+@click.option(
     "--stun/--no-stun",
     default=True,
     show_default=True,
@@ -124,6 +138,12 @@ from tailpy.errors import ConfigError
     default=None,
     help="URL browsers and nodes reach this server at (login links, OIDC redirect); default from --listen.",
 )
+@click.option(
+    "--replica-id",
+    default=None,
+    help="This server's id among several serving one PostgreSQL database (default: HOSTNAME:PORT). "
+    "Replicas share the tailnet, its nodes and server key; each runs its own listener and relay.",
+)
 def command(
     state_dir: Path,
     db: str | None,
@@ -141,6 +161,8 @@ def command(
     derp_region_code: str,
     derp_map_file: Path | None,
     derp_verify_clients: bool,
+    mesh_with: str,
+    mesh_psk_file: Path | None,
     stun: bool,
     stun_port: int,
     oidc_issuer: str | None,
@@ -155,6 +177,7 @@ def command(
     approve_nodes: bool,
     policy_file: Path | None,
     server_url: str | None,
+    replica_id: str | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
     through <state-dir>/admin.sock (mode 0600).
@@ -173,7 +196,15 @@ def command(
     so (STUNPort); a STUN port that cannot be bound is logged and left out of the map (STUNPort -1).
 
     With --policy FILE the tailnet policy is that file: a bad one stops the server from starting (the
-    sentence gives FILE:LINE:COLUMN); later, a bad edit is logged and the running policy stays."""
+    sentence gives FILE:LINE:COLUMN); later, a bad edit is logged and the running policy stays.
+
+    Several `serve` processes with one --db postgresql://... serve one tailnet together (replicas): any of
+    them takes registrations, map streams and admin commands, a change made on one reaches the nodes of all,
+    and when one stops beating (3 heartbeats of 2 s) the others mark its nodes offline. Give nodes every
+    replica's URL: `tailpy up --login-server http://a:8080,http://b:8080`. The embedded relays of replicas
+    with one --derp-region-id form a DERP mesh (derper's protocol; the key kept in the database, or given by
+    --mesh-psk-file) and the DERP map lists each live replica's relay as a node of that region.
+    --mesh-with adds standalone relays (derper) to the mesh."""
     from tailpy.control.options import (
         check_server_url,
         default_server_url,
@@ -183,6 +214,7 @@ def command(
         parse_listen,
     )
     from tailpy.control.service import DERP_PORT, ControlConfig, derp_advertised_host, run_control, tune_gc
+    from tailpy.derp.mesh import mesh_urls
 
     host, port = parse_listen(listen)
     derp_host, derp_port = host, DERP_PORT
@@ -233,11 +265,14 @@ def command(
         derp_map=load_derp_map(derp_map_file) if derp_map_file is not None else None,
         derp_map_file=derp_map_file,
         derp_verify_clients=derp_verify_clients,
+        mesh_with=tuple(mesh_urls(mesh_with, tls=False)),
+        mesh_psk_file=mesh_psk_file,
         stun=stun,
         stun_port=stun_port,
         oidc=oidc,
         policy_file=policy_file,
         server_url=server_url,
+        replica_id=replica_id,
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tailpy.control.store import authkeys, database, nodes, pending, schema, settings, users
+from tailpy.control.store import authkeys, changes, database, nodes, pending, schema, settings, users
 from tailpy.control.store import policy as policy_repo
+from tailpy.control.store import primaries as route_primaries
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE, AddressAllocator
 from tailpy.control.store.authkeys import AuthKey
 from tailpy.control.store.nodes import DEFAULT_KEY_LIFETIME, TagCheck
@@ -100,7 +101,10 @@ class Store:
     def migrate(self) -> int:
         """Run the migrations the database lacks; returns the resulting version (== len(MIGRATIONS))."""
         with self.engine.begin() as conn:
-            return schema.migrate(conn, self.where)
+            v = schema.migrate(conn, self.where)
+            changes.install(conn)  # the change feed and replica liveness (not a schema version)
+            route_primaries.install(conn)  # the primary subnet routers (not a schema version)
+            return v
 
     def schema_version(self) -> int:
         """The database's schema version."""
@@ -110,8 +114,14 @@ class Store:
     # --- server key and settings ---
 
     def server_key(self) -> MachinePrivate:
-        """The server's machine private key from ``control.key`` (created, mode 0600, on first use)."""
-        return database.load_or_create_server_key(self.state_dir)
+        """The server's machine private key: from ``control.key`` (created, mode 0600, on first use) with
+        SQLite; with PostgreSQL the database's (:func:`~tailpy.control.store.changes.shared_key`: every
+        replica of the database answers with one key; the first replica's key file gives it)."""
+        key = database.load_or_create_server_key(self.state_dir)
+        if not self.url.startswith("postgresql"):
+            return key
+        with self.engine.begin() as conn:
+            return MachinePrivate.from_text(changes.shared_key(conn, key.text()))
 
     def settings(self) -> Settings:
         """The stored tailnet settings (defaults where none is stored)."""

@@ -1,0 +1,375 @@
+"""Control replicas: several ``tailpy control serve`` processes on one database serve one tailnet.
+
+Each :class:`~tailpy.control.server.ControlServer` runs one :class:`Replicas`, which does two things:
+
+* **Follows the change feed** (:mod:`tailpy.control.store.changes`): every write that changes what nodes see
+  (by this replica, another one, or a ``tailpy control`` admin command writing straight to the database)
+  appends a row in its own transaction; the replica reads the rows after the last sequence number it
+  applied, re-reads the nodes they name (and which of them stream on other live replicas) and publishes them
+  to its mapper; a policy, settings or users change reloads that. It reads when PostgreSQL's ``NOTIFY``
+  wakes its ``LISTEN`` connection (psycopg, asynchronous), and every ``poll_interval`` seconds besides (the
+  only trigger with SQLite, and a safety net if a notification is lost).
+* **Liveness** (on with PostgreSQL, or when a replica id is given): a heartbeat row refreshed every
+  ``heartbeat`` seconds, a ``node_streams`` row per node this replica holds a map stream of. A replica whose
+  heartbeat is :data:`STALE_BEATS` intervals old is dead: the first live replica to notice removes it and its
+  stream rows, so its nodes go offline on every replica (unless they already stream elsewhere), each as a
+  change of the feed. A node is online while it streams on a live replica (:meth:`Replicas.online`).
+  The row also records the replica's embedded DERP relay (:attr:`Replicas.relay`); after each heartbeat
+  :attr:`Replicas.on_relays` gets the live replicas' relays (the DERP mesh of a region and the DERP map
+  follow them: :mod:`tailpy.control.derpmesh`).
+
+* **Primary subnet routers** (:class:`~tailpy.control.primaries.StoredPrimaries`, the mapper's election):
+  the primary of each subnet prefix is a row of the database's ``route_primaries`` table, settled by
+  whichever replica notices a router's eligibility change (compare-and-set in one transaction, eligibility
+  from the database: served, key valid, streaming on a live replica); the row change is a ``"routes"`` row
+  of the feed, so every replica republishes both routers. A replica that starts reads the table, so
+  replicas with different histories show the same primary.
+
+Streams keep per-replica versions: the mapper's ``generation`` is the process's and its ``version`` counts
+that process's publications, so a node that moves to another replica gets a full netmap there (its resume
+point names another generation). The feed's sequence is not used as the stream version because a replica
+publishes its own writes at once (before the feed echoes them) and logs changes no row records (policy
+recompiles, stream counts), so the two orders differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from tailpy.asyncutil import wait_event
+from tailpy.control.primaries import StoredPrimaries
+from tailpy.control.store import changes, primaries, schema
+from tailpy.control.store import nodes as node_repo
+from tailpy.netmap import Node
+
+if TYPE_CHECKING:
+    from tailpy.control.server import ControlServer
+
+log = logging.getLogger("tailpy.control")
+
+HEARTBEAT = 2.0
+"""Seconds between a replica's heartbeats."""
+STALE_BEATS = 3
+"""Missed heartbeats after which a replica counts as dead (its nodes go offline)."""
+FEED_POLL = 1.0
+"""Seconds between reads of the change feed without a notification (SQLite's only trigger)."""
+FEED_BATCH_DELAY = 0.05
+"""Seconds after a read of the feed before the next (a burst of writes is read as one batch)."""
+PRUNE_INTERVAL = 60.0
+"""Seconds between prunings of the change feed (by each replica: all but the newest
+:data:`~tailpy.control.store.changes.KEEP` rows go)."""
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Who is alive, at one moment (:meth:`Replicas.live`): ``online`` the ids of the nodes with a map
+    stream on a live replica; ``replicas`` live replica id -> advertised URL (this one included)."""
+
+    online: frozenset[int]
+    replicas: Mapping[str, str]
+
+    def node_online(self, node_id: int) -> bool:
+        return node_id in self.online
+
+
+def new_replica_id() -> str:
+    """A random replica id (``r-`` and 8 hex digits)."""
+    return "r-" + secrets.token_hex(4)
+
+
+def _listen_url(url: str) -> str:
+    """psycopg's connection string for SQLAlchemy URL ``url`` (``postgresql+psycopg://`` -> libpq URI)."""
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Replicas:
+    """The replica side of one control server (see the module docstring).
+
+    ``replica_id``: this replica's id (None: a random one); ``url``: where nodes reach it (advertised in the
+    ``replicas`` table); ``liveness``: keep heartbeats and stream rows (None: when the database is
+    PostgreSQL or ``replica_id`` was given); ``heartbeat``: seconds between heartbeats; ``poll_interval``:
+    seconds between reads of the feed without a notification. :attr:`seq` is the last feed sequence number
+    applied; :attr:`applied` counts reads that brought changes (for tests and diagnostics)."""
+
+    def __init__(
+        self,
+        server: ControlServer,
+        *,
+        replica_id: str | None = None,
+        url: str = "",
+        liveness: bool | None = None,
+        heartbeat: float = HEARTBEAT,
+        poll_interval: float = FEED_POLL,
+    ) -> None:
+        self.server = server
+        self.store = server.store
+        self.engine = server.store.engine
+        self.postgres = self.engine.dialect.name == "postgresql"
+        self.id = replica_id or new_replica_id()
+        self.url = url
+        self.liveness = (self.postgres or replica_id is not None) if liveness is None else liveness
+        self.heartbeat_interval = heartbeat
+        self.poll_interval = poll_interval
+        self.started = time.time()
+        self.applied = 0
+        self.elsewhere: dict[int, str] = {}  # node id -> the other live replica holding its stream
+        self._alive: dict[str, str] = {}
+        self._local: set[int] = set()  # nodes with a stream here (as recorded in node_streams)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+        self.relay: str | None = None
+        """This replica's embedded DERP relay as recorded in its row (a one-region DERP map region, JSON;
+        None: none). Set before :meth:`start`."""
+        self.on_relays: Callable[[dict[str, str]], None] | None = None
+        """Called after each heartbeat with replica id -> recorded relay of every live replica that has one
+        (this one included); exceptions are logged."""
+        with self.engine.begin() as conn:
+            self.seq = changes.last_seq(conn)
+        self.primaries = StoredPrimaries(
+            self.engine, shared=self.liveness, clock=server.clock, stale=lambda: self.stale
+        )
+        """The primary subnet routers, as the database has them (the mapper's election)."""
+        server.mapper.primary = self.primaries
+
+    @property
+    def stale(self) -> float:
+        """Seconds without a heartbeat after which a replica is dead."""
+        return STALE_BEATS * self.heartbeat_interval
+
+    # --- what the rest of control asks ---
+
+    def online(self, node_id: int) -> bool:
+        """True when node ``node_id`` has a map stream on a live replica (this one or another)."""
+        return self.server.is_online(node_id) or node_id in self.elsewhere
+
+    def online_nodes(self) -> set[int]:
+        """Ids of the nodes with a map stream on a live replica."""
+        return self.server.streaming() | set(self.elsewhere)
+
+    def live(self) -> Liveness:
+        """Which nodes are online and which replicas alive, as this replica knows now (from its own streams,
+        the last feed read and the last heartbeat): what an election among nodes (a primary subnet router)
+        decides on. O(online nodes)."""
+        return Liveness(frozenset(self.online_nodes()), self.alive())
+
+    def alive(self) -> dict[str, str]:
+        """Replica id -> advertised URL of the live replicas (as of the last heartbeat; this one always)."""
+        return {**self._alive, self.id: self.url}
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Start following the feed (and, with liveness, the heartbeat); reads the other replicas' streams
+        first so that nodes streaming elsewhere count as online."""
+        self._running = True
+        if self.liveness:
+            with self.engine.begin() as conn:  # what an earlier process of this id left (killed): no streams
+                changes.leave(conn, self.id)
+            self._beat()
+            with self.engine.begin() as conn:
+                self.elsewhere = changes.streaming_elsewhere(conn, None, self.id, list(self._alive))
+            self.server.mapper.elsewhere = set(self.elsewhere)
+            for node_id in self.elsewhere:
+                known = self.server.mapper.nodes.get(node_id)
+                if known is not None:
+                    self.server.mapper.publish(known)  # (online now)
+            self._tasks.append(asyncio.create_task(self._heartbeats(), name="replica-heartbeat"))
+        self._reroute(self.primaries.settle_all())  # (rows naming routers that went offline meanwhile)
+        self._tasks.append(asyncio.create_task(self._follow(), name="change-feed"))
+        if self.postgres:
+            self._tasks.append(asyncio.create_task(self._listen(), name="change-listen"))
+
+    async def stop(self) -> None:
+        """Stop; with liveness, remove this replica's row and stream rows (its nodes go offline on the
+        others at once, until they reconnect there)."""
+        self._running = False
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self.liveness:
+            try:
+                with self.engine.begin() as conn:
+                    changes.leave(conn, self.id)
+            except sa.exc.SQLAlchemyError as e:
+                log.warning("replica %s: could not leave the replicas table: %s", self.id, e)
+            self._local.clear()
+
+    def opened(self, node_id: int) -> None:
+        """This replica now holds a map stream of ``node_id`` (its first)."""
+        if not self.liveness or not self._running:
+            return
+        with self.engine.begin() as conn:
+            changes.stream_opened(conn, node_id, self.id, time.time())
+        self._local.add(node_id)
+
+    def closed(self, node_id: int) -> None:
+        """This replica's last map stream of ``node_id`` ended."""
+        self._local.discard(node_id)
+        if not self.liveness or not self._running:
+            return
+        with self.engine.begin() as conn:
+            changes.stream_closed(conn, node_id, self.id)
+
+    def wake(self) -> None:
+        """Read the feed soon (a notification arrived, or a caller knows of a write)."""
+        self._wake.set()
+
+    # --- the feed ---
+
+    def apply(self) -> int:
+        """Read the feed after :attr:`seq` and publish what it names; returns how many rows' worth of nodes
+        and kinds were applied (0: nothing new). Synchronous: no other publication interleaves."""
+        server = self.server
+        total = 0
+        while True:
+            with self.engine.begin() as conn:
+                batch = changes.read_since(conn, self.seq)
+                if batch.seq == self.seq:
+                    break
+                if batch.lost:
+                    found: list[Node] | None = None
+                else:
+                    found = self._read_nodes(conn, batch.nodes, server.clock())
+                if self.liveness:
+                    self._alive = changes.alive(conn, changes.db_now(conn), self.stale)
+                    ids = None if batch.lost else batch.nodes
+                    seen = changes.streaming_elsewhere(conn, ids, self.id, list(self._alive))
+                again = batch.lost or changes.ROUTES in batch.kinds or self.primaries.dirty
+                routes = primaries.read_all(conn) if again else None
+            self.seq = batch.seq
+            self.applied += 1
+            total += len(batch.nodes) + len(batch.kinds)
+            if self.liveness:
+                if batch.lost:
+                    self.elsewhere = seen
+                else:
+                    for i in batch.nodes:
+                        self.elsewhere.pop(i, None)
+                    self.elsewhere.update(seen)
+                server.mapper.elsewhere = set(self.elsewhere)
+            if routes is not None:  # (before the batch's records are published: they show the new primaries)
+                self._reroute(self.primaries.sync(routes) - batch.nodes)
+            if found is None:
+                log.warning("change feed: pruned past this replica's position; reloading every node")
+                server._changed()
+            else:
+                by_id = {n.id: n for n in found}
+                for i in sorted(batch.nodes):
+                    n = by_id.get(i)
+                    if n is None:
+                        server.publish_removed(i)
+                    else:
+                        server.mapper.publish(n)
+            if changes.USERS in batch.kinds:
+                server.users_changed()
+            if changes.SETTINGS in batch.kinds:
+                server.dns_changed()
+            if changes.POLICY in batch.kinds and server.policy.path is None:
+                server.policy.reload()
+        if total:
+            server._lifecycle()
+        return total
+
+    def _reroute(self, ids: set[int]) -> None:
+        """The primary routes of nodes ``ids`` changed: publish their records again."""
+        mapper = self.server.mapper
+        for i in sorted(ids):
+            known = mapper.nodes.get(i)
+            if known is not None:
+                mapper.publish(known)
+
+    @staticmethod
+    def _read_nodes(conn: sa.Connection, ids: frozenset[int], now: float) -> list[Node]:
+        out: list[Node] = []
+        order = sorted(ids)
+        nodes = schema.nodes
+        for i in range(0, len(order), 500):
+            q = node_repo.query().where(nodes.c.id.in_(order[i : i + 500]), nodes.c.deleted.is_(None))
+            out += [node_repo.to_node(r, now) for r in conn.execute(q)]
+        return out
+
+    async def _follow(self) -> None:
+        loop = asyncio.get_running_loop()
+        pruned = loop.time()
+        while True:
+            await wait_event(self._wake, self.poll_interval)
+            self._wake.clear()
+            try:
+                self.apply()
+                if loop.time() - pruned >= PRUNE_INTERVAL:
+                    pruned = loop.time()
+                    with self.engine.begin() as conn:
+                        changes.prune(conn)
+            except sa.exc.SQLAlchemyError as e:
+                log.warning("change feed: cannot read the database: %s", e)
+            await asyncio.sleep(FEED_BATCH_DELAY)
+
+    async def _listen(self) -> None:
+        """PostgreSQL ``LISTEN`` on :data:`~tailpy.control.store.changes.CHANNEL`: each notification wakes
+        the feed reader; reconnects after a second when the connection drops."""
+        import psycopg
+
+        conninfo = _listen_url(self.store.url)
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {changes.CHANNEL}")
+                    self._wake.set()  # whatever was written while not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as e:
+                log.warning("change feed: LISTEN connection lost (%s); reconnecting", e)
+            await asyncio.sleep(1.0)
+
+    # --- liveness ---
+
+    def _beat(self) -> list[str]:
+        """One heartbeat: refresh this replica's row (re-recording its streams when another replica took it
+        for dead), remove dead replicas, note the live ones. Returns the ids removed."""
+        with self.engine.begin() as conn:
+            now = changes.db_now(conn)
+            known = conn.execute(
+                sa.select(changes.replicas.c.id).where(changes.replicas.c.id == self.id)
+            ).first()
+            changes.heartbeat(conn, self.id, self.url, now, started=self.started, derp=self.relay)
+            if known is None:
+                for node_id in sorted(self._local):  # (reaped while it could not beat: streams again)
+                    changes.stream_opened(conn, node_id, self.id, now)
+            dead = changes.reap(conn, now, self.stale)
+            self._alive = changes.alive(conn, now, self.stale)
+            relays = changes.relays(conn, now, self.stale) if self.on_relays is not None else None
+        if relays is not None and self.on_relays is not None:
+            try:
+                self.on_relays(relays)
+            except Exception:
+                log.exception("replica %s: following the replicas' DERP relays failed", self.id)
+        return dead
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                dead = self._beat()
+            except sa.exc.SQLAlchemyError as e:
+                log.warning("replica %s: heartbeat failed: %s", self.id, e)
+                continue
+            if dead:
+                log.warning("control replicas %s stopped beating: their nodes are offline", ", ".join(dead))
+                self._wake.set()
+
+
+__all__ = ["FEED_POLL", "HEARTBEAT", "STALE_BEATS", "Liveness", "Replicas", "new_replica_id"]

@@ -1,0 +1,231 @@
+"""Control replicas in this process on one PostgreSQL database (started here, removed afterwards): one
+server key, changes made on one replica reach the streams of the other, online state across replicas, a
+replica that stops (its nodes go offline on the other, then move to it), concurrent registrations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from _replicas import (
+    Follower,
+    Replica,
+    empty_database,
+    mkey,
+    nkey,
+    peer_named,
+    peer_online,
+    pg_server,
+)
+
+from tailpy.control import ControlClient, Store
+from tailpy.control.store import changes
+from tailpy.netmap import NetMap
+
+log = logging.getLogger(__name__)
+
+POLICY_SSH_ONLY = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}'
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    yield from pg_server()
+
+
+@pytest.fixture
+async def pair(pg_url: str, tmp_path: Path) -> AsyncIterator[tuple[Replica, Replica]]:
+    empty_database(pg_url)
+    a = Replica("a", tmp_path / "a", pg_url)
+    b = Replica("b", tmp_path / "b", pg_url)
+    await a.start()
+    await b.start()
+    yield a, b
+    for r in (a, b):
+        await r.stop()
+
+
+def policy_applied(nm: NetMap) -> bool:
+    """The netmap's filter came from a policy (not the allow-all part of a tailnet without one)."""
+    return nm.packet_filters is not None and "allow-all" not in nm.packet_filters
+
+
+async def join(replica: Replica, hostname: str, urls: str, followers: list[Follower]) -> Follower:
+    """Register a node through ``replica`` and follow its map stream at ``urls``."""
+    key = replica.store.create_auth_key(reusable=False, expires=None, now=time.time()).key
+    client = ControlClient(urls, mkey())
+    node = await client.register(nkey(), hostname, key)
+    f = Follower(client, node.node_key, hostname)
+    followers.append(f)
+    f.start()
+    await f.until(lambda nm: nm.self_node.name == hostname)
+    return f
+
+
+async def test_replicas_share_key_changes_and_online_state(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    assert a.server.public_key == b.server.public_key  # (separate state dirs: the database's key)
+    followers: list[Follower] = []
+    try:
+        fa = await join(a, "alpha", a.url, followers)
+        fb = await join(b, "beta", b.url, followers)
+        assert fa.netmap is not None and fb.netmap is not None
+        ida, idb = fa.netmap.self_node.id, fb.netmap.self_node.id
+        # each sees the other, online, though it streams from the other replica
+        await fa.until(lambda nm: peer_online(nm, idb))
+        await fb.until(lambda nm: peer_online(nm, ida))
+        assert a.server.replicas.alive().keys() == {"a", "b"}
+        assert a.server.replicas.online(idb) and b.server.replicas.online(ida)
+
+        # an admin rename on a reaches b's stream
+        a.store.rename_node(ida, "alpha-renamed")
+        a.server.admin_changed(ida)
+        took = await fb.until(lambda nm: peer_named(nm, "alpha-renamed"))
+        log.info("rename on replica a reached a stream on replica b in %.3f s", took)
+
+        # a new node on b reaches a's stream
+        fc = await join(b, "gamma", b.url, followers)
+        assert fc.netmap is not None
+        idc = fc.netmap.self_node.id
+        took = await fa.until(lambda nm: peer_online(nm, idc))
+        log.info("new node on replica b reached a stream on replica a in %.3f s", took)
+
+        # a policy stored through a reaches the filters of b's nodes
+        a.store.add_policy(POLICY_SSH_ONLY, "admin", time.time())
+        took = await fb.until(policy_applied)
+        log.info("policy set on replica a reached a stream on replica b in %.3f s", took)
+        assert b.server.policy.policy is not None
+
+        # a stream that ends on b: offline on a
+        await fc.stop()
+        followers.remove(fc)
+        await fa.until(lambda nm: peer_online(nm, idc, False))
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+async def test_stopped_replica_nodes_move_and_keep_addresses(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    followers: list[Follower] = []
+    try:
+        fa = await join(a, "alpha", f"{a.url},{b.url}", followers)
+        fb = await join(b, "beta", f"{b.url},{a.url}", followers)
+        assert fa.netmap is not None and fb.netmap is not None
+        me = fa.netmap.self_node
+        await fb.until(lambda nm: peer_online(nm, me.id))
+        await a.server.stop()  # (graceful: its stream rows go at once)
+        t0 = time.monotonic()
+        await fa.until(lambda nm: fa.url == b.url and nm.self_node.id == me.id)
+        log.info("node of a stopped replica streams from the other after %.2f s", time.monotonic() - t0)
+        assert fa.netmap.self_node.addresses == me.addresses
+        await fb.until(lambda nm: peer_online(nm, me.id))
+        assert b.server.replicas.online(me.id)
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+async def test_dead_replica_is_reaped(pair: tuple[Replica, Replica]) -> None:
+    """A replica that stops beating without leaving (as after SIGKILL): the other marks its nodes offline
+    after three heartbeats."""
+    a, b = pair
+    followers: list[Follower] = []
+    try:
+        fb = await join(b, "beta", b.url, followers)
+        fa = await join(a, "alpha", a.url, followers)
+        assert fa.netmap is not None
+        ida = fa.netmap.self_node.id
+        await fb.until(lambda nm: peer_online(nm, ida))
+        # a freezes: no heartbeat, no leave, its stream rows stay
+        for t in a.server.replicas._tasks:
+            t.cancel()
+        a.server.replicas.liveness = False  # (its stop() neither leaves nor records streams)
+        took = await fb.until(lambda nm: peer_online(nm, ida, False), timeout=10)
+        log.info("node of a frozen replica offline on the other after %.2f s", took)
+        assert "a" not in b.server.replicas.alive()
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+def test_concurrent_registrations_never_share_address_or_name(pg_url: str, tmp_path: Path) -> None:
+    """Threads registering through two stores (two replicas' connections) at once, all with one hostname:
+    distinct addresses, distinct names."""
+    empty_database(pg_url)
+    stores = []
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+        stores.append(Store(tmp_path / f"s{i}", db=pg_url))
+    key = stores[0].create_auth_key(reusable=True, expires=None, now=time.time()).key
+    out: list[tuple[int, str, str | None, str | None]] = []
+    errors: list[BaseException] = []
+
+    def worker(store: Store) -> None:
+        try:
+            for _ in range(15):
+                n = store.register(mkey().public, nkey(), "box", key, time.time())
+                out.append((n.id, n.name, n.ipv4, n.ipv6))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert not errors
+    assert len(out) == 90
+    for col in range(4):
+        assert len({row[col] for row in out}) == 90
+
+
+def test_feed_records_every_kind(pg_url: str, tmp_path: Path) -> None:
+    empty_database(pg_url)
+    store = Store(tmp_path, db=pg_url)
+    try:
+        with store.engine.begin() as conn:
+            start = changes.last_seq(conn)
+        key = store.create_auth_key(reusable=False, expires=None, now=time.time()).key
+        node = store.register(mkey().public, nkey(), "alpha", key, time.time())
+        store.add_policy(POLICY_SSH_ONLY, "admin", time.time())
+        store.configure(domain="example.internal")
+        store.create_user("bob", time.time())
+        with store.engine.begin() as conn:
+            batch = changes.read_since(conn, start)
+        assert node.id in batch.nodes
+        assert {"policy", "settings", "users"} <= batch.kinds
+        assert not batch.lost
+    finally:
+        store.close()
+
+
+async def test_listen_wakes_feed_quickly(pair: tuple[Replica, Replica]) -> None:
+    """A write by another process (here: a store that is no replica, as `tailpy control nodes rename
+    --db ...` is) reaches the replicas' streams through NOTIFY."""
+    a, b = pair
+    followers: list[Follower] = []
+    try:
+        fa = await join(a, "alpha", a.url, followers)
+        assert fa.netmap is not None
+        ida = fa.netmap.self_node.id
+        fb = await join(b, "beta", b.url, followers)
+        await fb.until(lambda nm: peer_online(nm, ida))
+        admin = Store(a.store.state_dir, db=a.store.url)
+        try:
+            admin.rename_node(ida, "renamed-outside")
+        finally:
+            admin.close()
+        await asyncio.gather(
+            fa.until(lambda nm: nm.self_node.name == "renamed-outside"),
+            fb.until(lambda nm: peer_named(nm, "renamed-outside")),
+        )
+    finally:
+        for f in followers:
+            await f.stop()

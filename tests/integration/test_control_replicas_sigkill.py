@@ -1,0 +1,305 @@
+"""Two `tailpy control serve` replicas (subprocesses on 127.0.0.1) on one PostgreSQL database started here:
+one is killed with SIGKILL under running nodes, which move to the other; registrations from threads and
+processes on both at once. Every process is stopped by pid; the database is removed afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _replicas import Follower, empty_database, mkey, nkey, peer_online, pg_server
+
+from tailpy.control import ControlClient, Store
+from tailpy.endpoint import Endpoint
+from tailpy.netmap import NetMap
+
+log = logging.getLogger(__name__)
+
+TAILPY = [sys.executable, "-m", "tailpy.cli.main"]
+FAILOVER_WAIT = 15.0  # seconds the test waits for a move (the figure is logged, not asserted: shared machine)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServeProcess:
+    """`tailpy control serve --db URL --replica-id NAME` on a free port of 127.0.0.1; stderr to a file."""
+
+    def __init__(self, name: str, db: str, tmp: Path) -> None:
+        self.name = name
+        self.state = tmp / name
+        self.state.mkdir()
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = tmp / f"{name}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                *TAILPY,
+                "control",
+                "serve",
+                "--db",
+                db,
+                "--state-dir",
+                str(self.state),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--no-derp",
+                "--no-stun",
+                "--replica-id",
+                name,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def wait_listening(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if re.search(r"listening on http://", self.log_path.read_text()):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"replica {self.name} did not start: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=FAILOVER_WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    yield from pg_server()
+
+
+@pytest.fixture
+def replicas(pg_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, ServeProcess]]:
+    empty_database(pg_url)
+    Store(tmp_path, db=pg_url).close()  # (schema made once, before two processes race to make it)
+    a = ServeProcess("a", pg_url, tmp_path)
+    b = ServeProcess("b", pg_url, tmp_path)
+    try:
+        a.wait_listening()
+        b.wait_listening()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+async def store(pg_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    (tmp_path / "admin").mkdir()
+    s = Store(tmp_path / "admin", db=pg_url)
+    yield s
+    s.close()
+
+
+async def _join(
+    store: Store, hostname: str, urls: str, followers: list[Follower], routes: tuple[str, ...] | None = None
+) -> Follower:
+    key = store.create_auth_key(reusable=False, expires=None, now=time.time()).key
+    client = ControlClient(urls, mkey())
+    node = await client.register(nkey(), hostname, key)
+    f = Follower(client, node.node_key, hostname, routable_ips=routes)
+    followers.append(f)
+    f.start()
+    await f.until(lambda nm: nm.self_node.name == hostname)
+    return f
+
+
+def _moved_to(f: Follower, url: str, maps_before: int) -> Callable[[NetMap], bool]:
+    """``f`` has a netmap from a stream on ``url`` newer than its ``maps_before``-th."""
+    return lambda _nm: f.url == url and f.maps > maps_before
+
+
+async def test_sigkill_replica_nodes_move_within_10s(
+    replicas: tuple[ServeProcess, ServeProcess], store: Store
+) -> None:
+    a, b = replicas
+    followers: list[Follower] = []
+    try:
+        movers = [await _join(store, f"a{i}", f"{a.url},{b.url}", followers) for i in range(3)]
+        stay = await _join(store, "a-only", a.url, followers)  # knows no other replica: goes offline
+        watchers = [await _join(store, f"b{i}", f"{b.url},{a.url}", followers) for i in range(2)]
+        before = {f.hostname: f.netmap.self_node for f in followers if f.netmap is not None}
+        every = {n.id for n in before.values()}
+        for f in followers:
+            await f.until(lambda nm: all(peer_online(nm, i) for i in every - {nm.self_node.id}))
+        assert all(f.url == a.url for f in [*movers, stay]) and all(f.url == b.url for f in watchers)
+
+        # an acknowledged change made on a, then a dies at once
+        moved = movers[0]
+        new_endpoint = Endpoint.parse("198.51.100.7:41641")
+        await moved.client.update(endpoints=[new_endpoint])
+        moved.endpoints = [new_endpoint]  # its next stream (on b) says the same, as tailpyd's would
+        maps_before = {f.hostname: f.maps for f in movers}
+        a.kill()
+        t0 = time.monotonic()
+        for f in movers:
+            await f.until(_moved_to(f, b.url, maps_before[f.hostname]), timeout=FAILOVER_WAIT)
+        failover = time.monotonic() - t0
+        log.info("SIGKILL: %d nodes of the killed replica stream from the other after %.2f s", 3, failover)
+
+        # nobody lost an address; the change acknowledged by a is there
+        for f in movers:
+            assert f.netmap is not None
+            assert f.netmap.self_node.addresses == before[f.hostname].addresses
+        me = before[moved.hostname]
+        for w in watchers:
+            await w.until(lambda nm: nm.peers[me.id].endpoints == (new_endpoint,))
+        # the node that could not move goes offline on b; the movers are online there
+        gone = before[stay.hostname].id
+        took = await watchers[0].until(lambda nm: peer_online(nm, gone, False), timeout=FAILOVER_WAIT)
+        log.info(
+            "node left on the killed replica offline on the other %.2f s after the kill", failover + took
+        )
+        for w in watchers:
+            await w.until(lambda nm: all(peer_online(nm, before[f.hostname].id) for f in movers))
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+async def test_sigkill_replica_of_the_primary_router_moves_the_route(
+    replicas: tuple[ServeProcess, ServeProcess], store: Store
+) -> None:
+    """Two subnet routers of one prefix, the primary streaming on replica a only: after a SIGKILL of a, the
+    streams on b show the standby as primary (default heartbeat); the primary returning through b takes
+    nothing back."""
+    a, b = replicas
+    lan = "198.51.100.0/24"
+    followers: list[Follower] = []
+
+    def primary(nm: NetMap) -> int | None:
+        owners = [p.id for p in nm.peers.values() if lan in p.primary_routes]
+        assert len(owners) <= 1
+        return owners[0] if owners else None
+
+    try:
+        r1 = await _join(store, "r1", a.url, followers, (lan,))
+        r2 = await _join(store, "r2", b.url, followers, (lan,))
+        w = await _join(store, "w", b.url, followers)
+        assert r1.netmap is not None and r2.netmap is not None
+        id1, id2 = r1.netmap.self_node.id, r2.netmap.self_node.id
+        for i in (id1, id2):
+            store.approve_routes(i, [lan], time.time())
+        await w.until(lambda nm: primary(nm) == id1)
+        await w.until(lambda nm: peer_online(nm, id2) and primary(nm) == id1)
+
+        a.kill()
+        t0 = time.monotonic()
+        await w.until(lambda nm: primary(nm) == id2, timeout=FAILOVER_WAIT)
+        took = time.monotonic() - t0
+        log.info("SIGKILL of the primary router's replica: standby primary on the other after %.2f s", took)
+
+        followers.remove(r1)
+        await r1.stop()
+        back = Follower(ControlClient(b.url, r1.client.machine_key), r1.node_key, "r1", routable_ips=(lan,))
+        followers.append(back)
+        back.start()
+        await w.until(lambda nm: peer_online(nm, id1))
+        assert w.netmap is not None and primary(w.netmap) == id2
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+_REGISTER = """
+import asyncio, json, sys
+import nacl.public
+from tailpy.control import ControlClient
+from tailpy.keys import MachinePrivate, NodePublic
+
+async def main(url, key, count):
+    out = []
+    for _ in range(count):
+        c = ControlClient(url, MachinePrivate(bytes(nacl.public.PrivateKey.generate())))
+        try:
+            n = await c.register(NodePublic(bytes(nacl.public.PrivateKey.generate().public_key)), "box", key)
+            out.append([n.id, n.name, n.ipv4, n.ipv6])
+        finally:
+            await c.close()
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_concurrent_registrations_on_both_replicas(
+    replicas: tuple[ServeProcess, ServeProcess], pg_url: str, tmp_path: Path
+) -> None:
+    """Threads and processes register at once through both replicas, every node with the hostname "box":
+    no two share an address or a name."""
+    a, b = replicas
+    (tmp_path / "keys").mkdir()
+    s = Store(tmp_path / "keys", db=pg_url)
+    key = s.create_auth_key(reusable=True, expires=None, now=time.time()).key
+    s.close()
+    rows: list[list[object]] = []
+    errors: list[BaseException] = []
+
+    async def register(url: str, count: int) -> None:
+        for _ in range(count):
+            c = ControlClient(url, mkey())
+            try:
+                n = await c.register(nkey(), "box", key)
+                rows.append([n.id, n.name, n.ipv4, n.ipv6])
+            finally:
+                await c.close()
+
+    def thread(url: str) -> None:
+        try:
+            asyncio.run(register(url, 10))
+        except BaseException as e:
+            errors.append(e)
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REGISTER, url, key, "10"], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for url in (a.url, b.url, a.url, b.url)
+    ]
+    threads = [threading.Thread(target=thread, args=(url,)) for url in (a.url, b.url, a.url, b.url)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        rows += json.loads(out)
+    assert not errors
+    assert len(rows) == 80
+    for col in range(4):
+        assert len({r[col] for r in rows}) == 80, col

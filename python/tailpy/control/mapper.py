@@ -136,7 +136,9 @@ BATCH_DELAY = 0.1
 
 DELTA_RATE = 4000
 """Deltas per second the streams write together before each waits longer than ``batch_delay`` between two
-of its deltas. Every second the pause is scaled by (deltas written / DELTA_RATE), between ``batch_delay``
+of its deltas. Every second the pause is scaled by (deltas written right after a pause / DELTA_RATE: a
+stream's first delta after it was idle does not count, so one change told to every stream leaves the
+pause as it is), between ``batch_delay``
 and :data:`MAX_PAUSE`; one task releases the paused streams (streams paused together are released
 together, so they stay at the same version and share one delta body). While thousands of streams come up,
 every stream opening is a change every open stream is told of: merged into fewer, larger deltas the
@@ -183,6 +185,7 @@ class MapStream:
     keepalive_due: bool = False  # woken by the keepalive sweep, not by a change
     zstd: bool = False  # its client reads zstd frames (tailpy.proto.mapcodec)
     patches: bool = False  # its client applies peers_patched
+    paced: bool = False  # its last delta was followed by a pause (its next one counts towards the rate)
 
     def end(self) -> None:
         self.ended = True
@@ -865,15 +868,19 @@ class Mapper:
                 del body
             elif s.sent < self.version:
                 await self._write_delta(s, write)
-                self._delta_writes += 1
+                self._delta_writes += s.paced  # (one delta per stream for one change is no load to pace)
                 if self.batch_delay > 0 and not s.ended:
+                    s.paced = True
                     if self._pacer is None or self._pacer.done():
                         self._rate_since = loop.time()
+                        self._delta_writes = 0
+                        self._pause = self.batch_delay
                         self._pacer = loop.create_task(self._release_paused())
                     s.wake.clear()
                     self._paused.append((loop.time(), s))
                     await s.wake.wait()  # (woken by _release_paused, or early by a policy change or end)
             else:
+                s.paced = False
                 s.wake.clear()
                 s.idle_since = loop.time()
                 self._idle.add(s)

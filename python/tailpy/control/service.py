@@ -38,7 +38,7 @@ from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.derp.stun_server import StunServer
 from tailpy.derp.verify import local_admission
 from tailpy.endpoint import Endpoint
-from tailpy.errors import ConfigError, ParseError
+from tailpy.errors import ConfigError, ControlError, ParseError
 from tailpy.keys import MachinePrivate
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
 from tailpy.proto.derp import parse_mesh_key
@@ -223,6 +223,10 @@ class ControlProcess:
         )
         self._stun_note: tuple[int, str] | None = None
         self._sighup = False
+        self.fatal: str | None = None
+        """Why the process must stop (its replica id was taken over by another process); None: it runs."""
+        self.died = asyncio.Event()
+        """Set with :attr:`fatal`."""
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP reloads under way
 
     @property
@@ -362,8 +366,14 @@ class ControlProcess:
         except OSError as e:
             where = f"{_host_port(cfg.host, cfg.port) if cfg.host else f':{cfg.port}'}"
             raise ConfigError(f"cannot listen on {where}: {e.strerror or e}") from None
+        server.replicas.on_fatal = self._die
         self.server = server
         return settings
+
+    def _die(self, why: str) -> None:
+        if self.fatal is None:
+            self.fatal = why
+        self.died.set()
 
     def _join_mesh(self, server: ControlServer) -> None:
         """Put the embedded relay in its region's mesh (``--mesh-with`` relays, and with PostgreSQL the
@@ -496,11 +506,16 @@ async def run_control(config: ControlConfig, stop: asyncio.Event | None = None) 
             loop.add_signal_handler(sig, stop.set)
     process = ControlProcess(config)
     await process.start()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(process.died.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down")
     finally:
+        for w in waits:
+            w.cancel()
         await process.stop()
+    if process.fatal is not None:
+        raise ControlError(process.fatal)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ another daemon answers on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -137,3 +138,44 @@ async def test_serve_refuses_a_socket_another_daemon_answers_on(tmp_path: Path) 
     # a stale socket file (nothing listening) is replaced
     second = await serve(web.Application(), path)
     await second.cleanup()
+
+
+def test_down_after_a_crash_finds_the_state_dir_beside_the_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tailpy down --socket S` (no --state-dir) after kill -9 of the tailpyd that served on S runs the
+    same cleanup as `tailpyd --cleanup` for that daemon's state directory, and says what it removed."""
+    from click.testing import CliRunner
+
+    from tailpy.cli import down as down_cli
+    from tailpy.daemon.lock import LOCK_FILE, state_dir_of_socket, write_state_dir_pointer
+
+    state, sock = tmp_path / "node-state", str(tmp_path / "run" / "tailpyd.sock")
+    state.mkdir()
+    (state / LOCK_FILE).write_text(json.dumps({"pid": 4242, "tun": "tailpy7", "socket": sock}))
+    write_state_dir_pointer(sock, state)  # what tailpyd writes when it starts
+    assert state_dir_of_socket(sock) == str(state)
+    calls: list[tuple[str, RunRecord | None]] = []
+
+    def fake_cleanup(state_dir: str, prev: RunRecord | None) -> list[str]:
+        calls.append((state_dir, prev))
+        return ["restored /etc/resolv.conf", "removed tailpy7's policy routing rules"]
+
+    monkeypatch.setattr(down_cli, "cleanup_after", fake_cleanup)
+    monkeypatch.setattr(down_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setenv("TAILPY_STATE_DIR", str(tmp_path / "default-state"))
+    out = CliRunner().invoke(down_cli.command, ["--socket", sock])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == (
+        "tailpyd is not running: cleaned up after it: restored /etc/resolv.conf; "
+        "removed tailpy7's policy routing rules"
+    )
+    assert calls == [(str(state), RunRecord(pid=4242, tun="tailpy7", socket=sock))]
+
+    # Not root: says so instead of "nothing to stop".
+    monkeypatch.setattr(down_cli.os, "geteuid", lambda: 1000)
+    out = CliRunner().invoke(down_cli.command, ["--socket", sock])
+    assert out.exit_code != 0 and "did not exit cleanly: run `tailpy down` as root" in str(out.exception)
+    # An explicit --state-dir wins over the record beside the socket.
+    out = CliRunner().invoke(down_cli.command, ["--socket", sock, "--state-dir", str(tmp_path / "other")])
+    assert out.exit_code == 0 and out.output.strip().endswith("nothing to stop")

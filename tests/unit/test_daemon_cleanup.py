@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import pytest
 from aiohttp import web
 
 from tailpy.daemon import cleanup as cl
-from tailpy.daemon import main as daemon_main
 from tailpy.daemon import netfilter, router
 from tailpy.daemon.api import serve
 from tailpy.daemon.lock import RunRecord
@@ -65,8 +65,8 @@ def test_start_after_clean_exit_leaves_another_daemons_magicdns(
     """A second daemon (its own state dir, another TUN or userspace) starting while a TUN daemon serves
     MagicDNS removes nothing: its previous run exited cleanly (no record), so there is nothing of its own."""
     monkeypatch.setattr(cl, "magicdns_in_use", lambda: False)
-    assert daemon_main.cleanup_after(str(tmp_path), None) == []
-    assert daemon_main.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="")) == []  # a userspace one
+    assert cl.cleanup_after(str(tmp_path), None) == []
+    assert cl.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="")) == []  # a userspace one
     assert fake_ip.deleted() == []
 
 
@@ -85,7 +85,7 @@ def test_crashed_daemons_magicdns_is_removed_when_no_one_serves_it(
     fake_ip: FakeIp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cl, "magicdns_in_use", lambda: False)
-    done = daemon_main.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="tailpy9"))
+    done = cl.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="tailpy9"))
     assert len(fake_ip.deleted()) == 2
     assert "removed 100.100.100.100 from lo" in done
     # The dead daemon's routing goes too (its rules, table 52, the forwarding sysctls it recorded).
@@ -162,7 +162,7 @@ def test_down_after_a_crash_finds_the_state_dir_beside_the_socket(
         return ["restored /etc/resolv.conf", "removed tailpy7's policy routing rules"]
 
     monkeypatch.setattr(down_cli, "cleanup_after", fake_cleanup)
-    monkeypatch.setattr(down_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setenv("TAILPY_STATE_DIR", str(tmp_path / "default-state"))
     out = CliRunner().invoke(down_cli.command, ["--socket", sock])
     assert out.exit_code == 0, out.output
@@ -173,7 +173,7 @@ def test_down_after_a_crash_finds_the_state_dir_beside_the_socket(
     assert calls == [(str(state), RunRecord(pid=4242, tun="tailpy7", socket=sock))]
 
     # Not root: says so instead of "nothing to stop".
-    monkeypatch.setattr(down_cli.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     out = CliRunner().invoke(down_cli.command, ["--socket", sock])
     assert out.exit_code != 0 and "did not exit cleanly: run `tailpy down` as root" in str(out.exception)
     # An explicit --state-dir wins over the record beside the socket.

@@ -22,8 +22,10 @@ from tailpy.cli import set as set_cli
 from tailpy.cli import status as status_cli
 from tailpy.cli import up as up_cli
 from tailpy.cli.main import cli
+from tailpy.cli.set import router_note
 from tailpy.daemon import health as hl
 from tailpy.daemon.backend import Backend
+from tailpy.daemon.router import RP_FILTER_FIX, rp_filter_warning, strict_rp_filter
 from tailpy.daemon.routing import (
     RoutePlan,
     RoutePrefs,
@@ -270,9 +272,13 @@ class FakeRouter:
         self.tun = tun
         self.applied: list[tuple[tuple[str, ...], RoutePlan]] = []
         self.closed = False
+        self.warned: list[str] = []  # what warnings() says (a test sets it)
 
     def apply(self, addresses: tuple[str, ...], plan: RoutePlan) -> None:
         self.applied.append((addresses, plan))
+
+    def warnings(self) -> list[str]:
+        return list(self.warned)
 
     def close(self) -> None:
         self.closed = True
@@ -321,6 +327,19 @@ async def test_backend_allowed_ips_router_and_exit_node_health(tmp_path: Path) -
     assert peer.exit_node and peer.exit_node_option and peer.allowed_ips[-2:] == EXIT_ROUTES
     assert not next(p for p in st.peers if p.name == "n3").exit_node_option
     assert not any(w.name == "exit-node" for w in st.health)
+
+    assert not any(w.name == "router" for w in st.health)
+    # the host's routing warns (strict rp_filter with an exit node): a health warning at once, and the
+    # line `tailpy set --exit-node` prints
+    routers[0].warned = [rp_filter_warning(["eth0"])]
+    await b.set_prefs(routes={"exit_node": "n2"})
+    [rp] = [w for w in b.status().health if w.name == "router"]
+    assert rp.severity == "high" and "rp_filter=1) on eth0" in rp.text and RP_FILTER_FIX in rp.text
+    assert router_note(b.status()) == f"warning: {rp.text}"
+    routers[0].warned = []
+    b.check_health()
+    assert not any(w.name == "router" for w in b.status().health) and router_note(b.status()) == ""
+    await b.set_prefs(routes={"exit_node": "n2.tail.example"})
 
     # the exit node goes offline: still routed into the tunnel (fail closed), and a health warning
     b.apply_netmap(netmap(dataclasses.replace(exit2, online=False), router(3, "203.0.113.0/24")))
@@ -610,3 +629,24 @@ async def test_set_through_the_local_api(tmp_path: Path, monkeypatch: pytest.Mon
         await asyncio.gather(daemon, return_exceptions=True)
         await srv.stop()
         store.close()
+
+
+def test_strict_rp_filter_from_the_sysctls(tmp_path: Path) -> None:
+    """The effective rp_filter of an interface is the larger of conf.all's and its own (ip-sysctl.rst):
+    strict only when that is 1; lo and the TUN are never named; 2 on conf.all fixes every interface."""
+
+    def sysctls(**values: int) -> Path:
+        root = tmp_path / "-".join(f"{k}{v}" for k, v in values.items())
+        for name, value in values.items():
+            (root / name).mkdir(parents=True)
+            (root / name / "rp_filter").write_text(f"{value}\n")
+        return root
+
+    assert strict_rp_filter(root=sysctls(all=0, default=1, lo=1, eth0=0, eth1=1)) == ["eth1"]
+    assert strict_rp_filter(root=sysctls(all=1, lo=0, eth0=0, eth1=2, tailpy0=0), exclude=("tailpy0",)) == [
+        "eth0"
+    ]
+    assert strict_rp_filter(root=sysctls(all=2, eth0=1, eth1=0)) == []  # the fix the warning gives
+    assert strict_rp_filter(root=tmp_path / "absent") == []
+    text = rp_filter_warning(["eth0"])
+    assert "sysctl -w net.ipv4.conf.all.rp_filter=2" in text and "tailpy set --exit-node=" in text

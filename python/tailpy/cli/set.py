@@ -102,6 +102,13 @@ def awaiting_note(st: Status) -> str:
     )
 
 
+def router_note(st: Status) -> str:
+    """The ``router`` health warning of ``st`` (strict reverse-path filtering with an exit node, routes
+    that failed), as a line for stderr ("" none)."""
+    texts = [w.text for w in st.health if w.name == "router"]
+    return f"warning: {'; '.join(texts)}" if texts else ""
+
+
 @click.command("set")
 @click.option("--hostname", default=None, help="Ask control for this name (as `tailpy up --hostname`).")
 @_bool_option("--accept-dns", "Point this host's resolver at MagicDNS (=false leaves it alone).")
@@ -148,6 +155,10 @@ def command(
     if not prefs:
         raise click.UsageError("give at least one preference to change (see `tailpy set --help`)")
     st = run(local(socket_path).set(prefs))
-    note = awaiting_note(st) if "advertise_routes" in prefs or "advertise_exit_node" in prefs else ""
-    if note:
-        Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
+    notes = (
+        awaiting_note(st) if "advertise_routes" in prefs or "advertise_exit_node" in prefs else "",
+        router_note(st) if prefs.get("exit_node") else "",
+    )
+    for note in notes:
+        if note:
+            Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)

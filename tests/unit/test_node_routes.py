@@ -601,6 +601,16 @@ async def test_set_through_the_local_api(tmp_path: Path, monkeypatch: pytest.Mon
             assert saved.advertise_routes == (LAN, *EXIT_ROUTES)
             assert (saved.accept_routes, saved.accept_dns, saved.snat_subnet_routes) == (False, False, True)
             assert "await approval" in got.output  # nothing approved them (yet)
+            assert "not confirmed" not in got.output  # control's answer: it has them, none approved
+            # approved on control, then withdrawn and offered again: the approval is kept, and the CLI
+            # goes by control's answer (no note)
+            assert st.self_node.id is not None
+            store.approve_routes(st.self_node.id, [LAN, *EXIT_ROUTES])
+            await until(lambda st: set(st.self_node.approved_routes) == {LAN, *EXIT_ROUTES})
+            got = await asyncio.to_thread(tailpy_cli, "set", "--advertise-exit-node=false")
+            assert got.exit_code == 0 and got.output == "", got.output
+            got = await asyncio.to_thread(tailpy_cli, "set", "--advertise-exit-node")
+            assert got.exit_code == 0 and got.output == "", got.output
             st = await client.set({"hostname": "renamed"})
             st = await until(lambda st: st.self_node.name == "renamed")
             assert st.self_node.node_key == node_key and st.backend_state == "Running" and st.peers

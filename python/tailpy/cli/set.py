@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,6 +12,7 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import local, run, socket_option
+from tailpy.daemon.client import LocalClient
 from tailpy.ipnstate import Status
 from tailpy.routes import parse_routes
 
@@ -90,15 +93,38 @@ def route_prefs(
     return out
 
 
+CONTROL_ROUTES_WAIT = 5.0
+"""Seconds `up`/`set` wait for control to take new advertised routes (and approve them by policy, or keep
+an earlier approval) before saying which await approval."""
+
+
+def _control_has_routes(st: Status) -> bool:
+    me = st.self_node
+    return set(me.control_routes) == set(me.advertised_routes)
+
+
+async def routes_answered(client: LocalClient, st: Status, timeout: float = CONTROL_ROUTES_WAIT) -> Status:
+    """``st``, or a later status of ``client``'s node once control has the advertised routes (its answer,
+    :attr:`tailpy.ipnstate.SelfStatus.approved_routes`, then says which it approved: autoApprovers, an
+    approval kept from before); after ``timeout`` seconds the last status."""
+    deadline = time.monotonic() + timeout
+    while not _control_has_routes(st) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        st = await client.status()
+    return st
+
+
 def awaiting_note(st: Status) -> str:
-    """A note on advertised routes control has not approved yet ("" none)."""
+    """A note on advertised routes control has not approved ("" none): ``st`` from
+    :func:`routes_answered`."""
     me = st.self_node
     waiting = [r for r in me.advertised_routes if r not in me.approved_routes]
     if not waiting or not me.name:
         return ""
+    unconfirmed = "" if _control_has_routes(st) else " (control has not confirmed them yet)"
     return (
-        f"note: {', '.join(waiting)} await approval on control (an admin runs `tailpy control routes "
-        f"approve {me.name} ...`, or the policy's autoApprovers approve them)"
+        f"note: {', '.join(waiting)} await approval on control{unconfirmed} (an admin runs `tailpy control "
+        f"routes approve {me.name} ...`, or the policy's autoApprovers approve them)"
     )
 
 
@@ -154,9 +180,13 @@ def command(
         prefs["advertise_tags"] = tags
     if not prefs:
         raise click.UsageError("give at least one preference to change (see `tailpy set --help`)")
-    st = run(local(socket_path).set(prefs))
+    advertised = "advertise_routes" in prefs or "advertise_exit_node" in prefs
+    client = local(socket_path)
+    st = run(client.set(prefs))
+    if advertised:
+        st = run(routes_answered(client, st))
     notes = (
-        awaiting_note(st) if "advertise_routes" in prefs or "advertise_exit_node" in prefs else "",
+        awaiting_note(st) if advertised else "",
         router_note(st) if prefs.get("exit_node") else "",
     )
     for note in notes:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state_dir_option
 from tailpy.cli.login import wait_login
-from tailpy.cli.set import awaiting_note, route_options, route_prefs, router_note
+from tailpy.cli.set import awaiting_note, route_options, route_prefs, router_note, routes_answered
 from tailpy.daemon.client import LocalClient
 from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, holder
 from tailpy.daemon.netfilter import MODES
@@ -275,6 +275,8 @@ def command(
     if kept:
         raise ConfigError(kept)
     advertised = {"advertise_routes", "advertise_exit_node"} & set(routes)
+    if advertised:
+        st = run(routes_answered(LocalClient(os.path.abspath(socket_path)), st))
     notes = (
         name_note(hostname, st),
         awaiting_note(st) if advertised else "",

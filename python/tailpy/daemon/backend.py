@@ -1189,6 +1189,7 @@ class Backend:
                 advertised_routes=tuple(s.advertise_routes),
                 approved_routes=tuple(me.approved_routes) if me else (),
                 primary_routes=tuple(me.primary_routes) if me else (),
+                control_routes=tuple(me.routable_ips) if me else (),
             ),
             domain=self.netmap.domain if self.netmap else "",
             peers=peers,

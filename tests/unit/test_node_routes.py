@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
@@ -116,6 +117,11 @@ def test_up_and_set_route_flags() -> None:
             False,
             True,
         )
+    for cmd in (up_cli.command, set_cli.command):  # the error names the values people type, not ""
+        with pytest.raises(click.BadParameter) as bad:
+            params(cmd, "--accept-routes=maybe")
+        assert "'maybe' is not a boolean: use true or false (or 1/0, yes/no, on/off)" in str(bad.value)
+        assert params(cmd, "--accept-routes=No")["accept_routes"] is False
     prefs = set_cli.route_prefs(f"{LAN}, 2001:DB8:1::/64", None, True, "", None, None)
     assert prefs == {"advertise_routes": [LAN, LAN6], "accept_routes": True, "exit_node": ""}
     assert set_cli.route_prefs(None, None, None, None, None, None) == {}

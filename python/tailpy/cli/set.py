@@ -19,10 +19,21 @@ from tailpy.routes import parse_routes
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Boolean(click.types.BoolParamType):
+    """click's boolean (true/false, 1/0, yes/no, on/off, t/f, y/n, any case), whose error names the values
+    a person types rather than click's whole set (which lists the empty string)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not a boolean: use true or false (or 1/0, yes/no, on/off)", param, ctx)
+
+
 def _bool_option(name: str, help_text: str) -> Callable[[F], F]:
     """``--NAME`` (true), ``--NAME=false``; None when not given. A bare flag never takes the next argument
     as its value."""
-    return click.option(name, type=click.BOOL, default=None, is_flag=False, flag_value=True, help=help_text)
+    return click.option(name, type=Boolean(), default=None, is_flag=False, flag_value=True, help=help_text)
 
 
 def route_options(f: F) -> F:

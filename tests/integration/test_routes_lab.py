@@ -369,3 +369,34 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
     eventually(lambda: _primary_of(c, routers) == ["r2"], "r2 to serve again")
     eventually(lambda: reachable(c, h_ip), "c to reach the LAN host through r2")
     assert whoami(c.host, h_ip) == sub.ip(r2)
+
+    # r1 back as the standby; then r2's host vanishes without a word (every packet in and out of its
+    # namespace dropped: no FIN, no RST, tailpyd still running). Control notices by the short keepalive and
+    # TCP user timeout of a router's map stream, and c's pings move to r1.
+    _back(r1)
+    eventually(lambda: route_state(net, "r1", SUBNET) == "standby", "r1 to be the standby again")
+    loop = PingLoop(c.host, h_ip, net.root, interval=0.05)
+    eventually(lambda: loop.received() >= 20, "the ping loop to get answers through r2")
+    at_vanish = loop.last_seq()
+    r2.host.run(
+        ["nft", "-f", "-"],
+        input="""table inet vanish {
+  chain input_all {
+    type filter hook input priority -300; policy drop;
+    iifname "lo" accept
+  }
+  chain output_all {
+    type filter hook output priority -300; policy drop;
+    oifname "lo" accept
+  }
+  chain forward_all {
+    type filter hook forward priority -300; policy drop;
+  }
+}
+""",
+    )
+    eventually(lambda: loop.answered_since(at_vanish) >= 20, "pings to resume through r1", timeout=60)
+    assert _primary_of(c, routers) == ["r1"]
+    stats = loop.stop()
+    print(f"vanished primary router, ping loss: {stats}")
+    r2.host.run(["nft", "delete", "table", "inet", "vanish"])

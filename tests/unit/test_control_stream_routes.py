@@ -179,3 +179,46 @@ def test_bad_routable_ips_are_one_sentence(body: dict[str, object], sentence: st
         parse_routable_ips(body)
     assert parse_routable_ips({}) is None and parse_routable_ips({"routable_ips": []}) == ()
     assert parse_routable_ips({"routable_ips": ["2001:DB8:1::/64"]}) == ("2001:db8:1::/64",)
+
+
+def _user_timeout_ms(control: Control, node_id: int) -> int:
+    import socket as socket_mod
+
+    (sock,) = [s for st, s in control.server._stream_socks.items() if st.node_id == node_id]
+    assert sock is not None
+    return int(sock.getsockopt(socket_mod.IPPROTO_TCP, socket_mod.TCP_USER_TIMEOUT))
+
+
+async def test_a_router_stream_notices_a_vanished_router_sooner(tmp_path: Path) -> None:
+    """A node that advertises routes gets keepalive lines every ROUTER_KEEPALIVE seconds and a short TCP user
+    timeout on its stream, so that control notices its host vanishing (no FIN, no RST) in seconds and moves
+    its routes; a node that stops advertising gets the defaults back."""
+    from tailpy.control.server import ROUTER_KEEPALIVE, ROUTER_USER_TIMEOUT, STREAM_USER_TIMEOUT
+
+    c = Control(tmp_path)
+    c.server.keepalive = 15.0  # the default, so the router's own keepalive is the one that shows
+    await c.start()
+    try:
+        r1, s1 = await join(c, "r1", [LAN])
+        n1, sn = await join(c, "n1")
+        await next_map(s1)
+        await next_map(sn)
+        by_node = {st.node_id: st for st in c.server._stream_socks}
+        assert by_node[r1].keepalive == ROUTER_KEEPALIVE
+        assert by_node[n1].keepalive == 15.0
+        assert _user_timeout_ms(c, r1) == int(ROUTER_USER_TIMEOUT * 1000)
+        assert _user_timeout_ms(c, n1) == int(STREAM_USER_TIMEOUT * 1000)
+
+        # routes advertised later with an update: the open stream becomes a router's; and back
+        client_n1 = c.clients[1]
+        await client_n1.update(routable_ips=["203.0.113.0/24"])
+        assert by_node[n1].keepalive == ROUTER_KEEPALIVE
+        assert _user_timeout_ms(c, n1) == int(ROUTER_USER_TIMEOUT * 1000)
+        await client_n1.update(routable_ips=[])
+        assert by_node[n1].keepalive == 15.0
+        assert _user_timeout_ms(c, n1) == int(STREAM_USER_TIMEOUT * 1000)
+    finally:
+        for client in c.clients:
+            await client.close()
+        await c.server.stop()
+        c.store.close()

@@ -226,6 +226,7 @@ class ControlServer:
         self._started = self._last_check  # offline time of ephemeral nodes counts from here at the earliest
         self._guard = proto.ReplayGuard()
         self._online: Counter[int] = Counter()
+        self._stream_socks: dict[MapStream, socket.socket | None] = {}  # open map streams and their sockets
         self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
         self.replicas = Replicas(  # (reads the feed's position before the nodes: nothing is missed)
             self, replica_id=replica_id, url=replica_url, heartbeat=heartbeat, poll_interval=poll_interval
@@ -670,6 +671,7 @@ class ControlServer:
                 raise _Refused(403, "this machine is not registered (or was deleted)")
             if routable_ips is not None:
                 node = self.auto_approve(node)
+                self._tune_node_liveness(node.id, router=bool(node.routable_ips))
             self.mapper.publish(node)
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
@@ -688,16 +690,38 @@ class ControlServer:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
             node = self._live_node(req, node_key)
-            if request.transport is not None:
-                set_stream_keepalive(request.transport.get_extra_info("socket"))
+            sock = None if request.transport is None else request.transport.get_extra_info("socket")
+            set_stream_keepalive(sock)
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             resp.enable_chunked_encoding()
             await resp.prepare(request)
             stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume)
-            await self._serve_stream(resp, stream, endpoints, hostname, home_derp, disco_key, routable_ips)
+            self._stream_socks[stream] = sock
+            try:
+                await self._serve_stream(
+                    resp, stream, endpoints, hostname, home_derp, disco_key, routable_ips
+                )
+            finally:
+                self._stream_socks.pop(stream, None)
             return resp
 
         return await self._handle(request, "/machine/map", do)
+
+    def _tune_liveness(self, stream: MapStream, *, router: bool) -> None:
+        """Give ``stream`` the keepalive and TCP user timeout of a router's stream (:data:`ROUTER_KEEPALIVE`,
+        :data:`ROUTER_USER_TIMEOUT`) when its node advertises routes, else the default ones."""
+        keepalive = min(self.keepalive, ROUTER_KEEPALIVE) if router else self.keepalive
+        stream.keepalive = keepalive
+        set_stream_keepalive(
+            self._stream_socks.get(stream),
+            user_timeout=ROUTER_USER_TIMEOUT if router else STREAM_USER_TIMEOUT,
+        )
+
+    def _tune_node_liveness(self, node_id: int, *, router: bool) -> None:
+        """:meth:`_tune_liveness` for every open stream of node ``node_id`` (its advertised routes
+        changed)."""
+        for stream in [st for st in self._stream_socks if st.node_id == node_id]:
+            self._tune_liveness(stream, router=router)  # (the keepalive sweep reads it at its next round)
 
     async def _serve_stream(
         self,
@@ -729,7 +753,8 @@ class ControlServer:
                 node = self.auto_approve(node)
             self.mapper.publish(node)  # endpoints, online (a router may become primary)
             log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
-            await self.mapper.serve(stream, resp.write, self.keepalive)
+            self._tune_liveness(stream, router=bool(node.routable_ips))
+            await self.mapper.serve(stream, resp.write, stream.keepalive)
         except (ConnectionError, RuntimeError) as e:  # client went away mid-write
             log.info("map stream for node %d broke: %s", stream.node_id, e)
         finally:
@@ -757,9 +782,20 @@ cable, a crashed VM: no FIN or RST) counts as offline within about 45 s instead 
 retransmissions."""
 
 
-def set_stream_keepalive(sock: socket.socket | None) -> None:
+ROUTER_KEEPALIVE = 2.0
+"""Seconds of silence before a keepalive line on the map stream of a node that advertises routes (a subnet
+router or exit node). With :data:`ROUTER_USER_TIMEOUT` control notices such a node vanishing (power cut,
+cable, its LAN link down: no FIN or RST) within about 7 s instead of 45 s, and moves its routes to a standby
+(Tailscale fails over HA subnet routers when control sees the primary offline). Routers are few: the extra
+lines cost nothing that matters."""
+ROUTER_USER_TIMEOUT = 5.0
+"""``TCP_USER_TIMEOUT`` of a router's map stream, seconds (see :data:`STREAM_USER_TIMEOUT`)."""
+
+
+def set_stream_keepalive(sock: socket.socket | None, user_timeout: float = STREAM_USER_TIMEOUT) -> None:
     """Make ``sock`` (a map stream's TCP connection) notice a peer that vanished: keepalive probes
-    (:data:`STREAM_KEEPALIVE`) and a user timeout (:data:`STREAM_USER_TIMEOUT`), where the OS has them."""
+    (:data:`STREAM_KEEPALIVE`) and a user timeout (``user_timeout`` seconds, by default
+    :data:`STREAM_USER_TIMEOUT`), where the OS has them."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     with contextlib.suppress(OSError):
@@ -769,9 +805,9 @@ def set_stream_keepalive(sock: socket.socket | None) -> None:
             opt = getattr(socket, name, None)
             if opt is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, value)
-        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if user_timeout is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(STREAM_USER_TIMEOUT * 1000))
+        opt_user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if opt_user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt_user_timeout, int(user_timeout * 1000))
 
 
 def http_url(host: str, port: int) -> str:

@@ -357,6 +357,8 @@ class ControlProcess:
             server.extra_health["derp"] = self._derp_health
         if self.relay is not None:
             self._join_mesh(server)
+            if self._meshed() is not None:
+                server.extra_health["derp_mesh"] = self._mesh_health
         self.admin = AdminServer(
             Admin(self.store, server=server, key_lifetime=cfg.key_lifetime), cfg.state_dir / SOCKET_NAME
         )
@@ -383,9 +385,18 @@ class ControlProcess:
         mesh_key: bytes | None = None
         if cfg.mesh_psk_file is not None:
             mesh_key = read_mesh_key(cfg.mesh_psk_file)
-        elif server.replicas.liveness:  # (PostgreSQL, or replica ids given: replicas of one database)
+        if server.replicas.liveness:  # (PostgreSQL, or replica ids given: replicas of one database)
             with self.store.engine.begin() as conn:
-                mesh_key = parse_mesh_key(changes.shared_mesh_key(conn))
+                given = None if mesh_key is None else mesh_key.hex()
+                kept = parse_mesh_key(changes.shared_mesh_key(conn, given))
+            if mesh_key is not None and kept != mesh_key:
+                raise ConfigError(
+                    f"--mesh-psk-file {cfg.mesh_psk_file} holds another DERP mesh key than the one the "
+                    "replicas of this database use (their relays would refuse this one): give every replica "
+                    "the same file, or leave --mesh-psk-file out (`tailpy control mesh-key --out FILE` "
+                    "writes the database's key for standalone relays)"
+                )
+            mesh_key = kept
         peers = mesh_urls(cfg.mesh_with, tls=False)
         own = self._own_region
         if own is None:  # (not in the DERP map: nobody to tell where it is; --mesh-with still holds)
@@ -411,6 +422,16 @@ class ControlProcess:
             server.replicas.on_relays = self.mesh.update
         if peers:
             log.info("DERP mesh: meshing with %s", ", ".join(peers))
+
+    def _meshed(self) -> Mesh | None:
+        """The embedded relay's mesh (None: not meshed)."""
+        return self.mesh.mesh if self.mesh is not None and self.mesh.mesh is not None else self._static_mesh
+
+    def _mesh_health(self) -> dict[str, Any]:
+        """The embedded relay's mesh in control's ``GET /health``: "warning" (degraded) while a peer of its
+        region (another replica's relay, a --mesh-with relay) is not watched (:meth:`Mesh.health`)."""
+        mesh = self._meshed()
+        return {"status": "ok", "peers": 0} if mesh is None else mesh.health()
 
     def _derp_health(self) -> dict[str, Any]:
         """The embedded relay's part of control's ``GET /health``: "error" when it does not run, "warning"

@@ -335,13 +335,14 @@ def shared_key(conn: Connection, fallback: str) -> str:
     return fallback
 
 
-def shared_mesh_key(conn: Connection) -> str:
-    """The database's DERP mesh key (64 hex digits, derper's ``--mesh-psk-file`` form), made (random) by the
-    first replica that asks: the embedded relays of every replica of the database share it."""
+def shared_mesh_key(conn: Connection, given: str | None = None) -> str:
+    """The database's DERP mesh key (64 hex digits, derper's ``--mesh-psk-file`` form), made by the first
+    replica that asks (``given``, its ``--mesh-psk-file`` key, else random): the embedded relays of every
+    replica of the database share it. A database that has one keeps it (the caller compares)."""
     row = conn.execute(sa.select(control_keys.c.value).where(control_keys.c.name == "derp_mesh")).first()
     if row is not None:
         return str(row.value)
-    key = secrets.token_hex(32)
+    key = given if given is not None else secrets.token_hex(32)
     _put_key(conn, "derp_mesh", key)
     return key
 

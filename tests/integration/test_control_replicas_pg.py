@@ -277,10 +277,13 @@ async def test_replica_cut_from_database_ends_its_streams(pair: tuple[Replica, R
             await f.stop()
 
 
-async def test_replica_back_from_outage_reaps_nobody(pair: tuple[Replica, Replica]) -> None:
+async def test_replica_back_from_outage_reaps_nobody(
+    pair: tuple[Replica, Replica], caplog: pytest.LogCaptureFixture
+) -> None:
     """After a database outage longer than the stale window, the first replica back does not take the
     others for dead (their heartbeats are old only because of the outage): it judges only after beating
-    for a whole window itself."""
+    for a whole window itself. The failing heartbeats are logged once per outage, not once per beat."""
+    caplog.set_level(logging.INFO, "tailpy.control")
     a, b = pair
     ra, rb = a.server.replicas, b.server.replicas
     loop = asyncio.get_running_loop()
@@ -302,6 +305,9 @@ async def test_replica_back_from_outage_reaps_nobody(pair: tuple[Replica, Replic
         reaped |= {"a"} - set(rb.alive())
         await asyncio.sleep(0.05)
     assert not reaped
+    for name in ("a", "b"):
+        assert caplog.text.count(f"replica {name}: heartbeat failed") == 1
+        assert caplog.text.count(f"replica {name}: heartbeat succeeded again") == 1
     with a.store.engine.begin() as conn:
         rows = {r.id for r in conn.execute(sa.select(changes.replicas.c.id))}
     assert rows == {"a", "b"}

@@ -371,6 +371,7 @@ class Replicas:
     async def _follow(self) -> None:
         loop = asyncio.get_running_loop()
         pruned = loop.time()
+        failing = False
         while True:
             await wait_event(self._wake, self.poll_interval)
             self._wake.clear()
@@ -381,7 +382,13 @@ class Replicas:
                     with self.engine.begin() as conn:
                         changes.prune(conn)
             except sa.exc.SQLAlchemyError as e:
-                log.warning("change feed: cannot read the database: %s", e)
+                if not failing:  # (once per outage, not once per poll)
+                    log.warning("change feed: cannot read the database: %s", _short(e))
+                    failing = True
+            else:
+                if failing:
+                    log.warning("change feed: reading the database again")
+                    failing = False
             await asyncio.sleep(FEED_BATCH_DELAY)
 
     async def _listen(self) -> None:
@@ -390,16 +397,24 @@ class Replicas:
         import psycopg
 
         conninfo = _listen_url(self.store.url)
+        lost = False
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {changes.CHANNEL}")
+                    if lost:
+                        log.warning("change feed: LISTEN connection back")
+                        lost = False
                     self._wake.set()  # whatever was written while not listening
                     async for _ in conn.notifies():
                         self._wake.set()
             except (psycopg.Error, OSError) as e:
-                log.warning("change feed: LISTEN connection lost (%s); reconnecting", e)
+                if not lost:  # (once until it is back, not once per attempt)
+                    log.warning(
+                        "change feed: LISTEN connection lost (%s); reconnecting every second", _short(e)
+                    )
+                    lost = True
             await asyncio.sleep(1.0)
 
     # --- liveness ---

@@ -786,7 +786,8 @@ class ControlServer:
                 try:
                     node = self.store.update_node(stream.machine_key, now=self.clock())
                 except SQLAlchemyError as e:  # (the database is unreachable: the feed brings it later)
-                    log.info("map stream for node %d: cannot record its last seen: %s", stream.node_id, e)
+                    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    log.info("map stream for node %d: cannot record its last seen: %s", stream.node_id, why)
                     node = None
                 if node is not None:
                     self.mapper.publish(node)  # last_seen, offline

@@ -219,8 +219,10 @@ class SelfStatus:
     data plane), ``endpoints`` (as last sent to control), ``home_derp`` (region id, 0 none) and
     ``home_derp_code``. Routes (CIDR prefixes): ``advertised_routes`` (what it offers, ``tailpy up
     --advertise-routes``, exit routes included with ``--advertise-exit-node``), ``approved_routes`` (those
-    control approved), ``primary_routes`` (the subnet routes it serves now as primary router); an advertised
-    route not approved awaits an admin's approval."""
+    control approved), ``primary_routes`` (the subnet routes it serves now as primary router),
+    ``control_routes`` (the advertised routes control has: its netmap's self node ``routable_ips``; once they
+    equal ``advertised_routes``, ``approved_routes`` is control's answer to them); an advertised route not
+    approved awaits an admin's approval."""
 
     id: int | None
     name: str
@@ -245,6 +247,7 @@ class SelfStatus:
     advertised_routes: tuple[str, ...] = ()
     approved_routes: tuple[str, ...] = ()
     primary_routes: tuple[str, ...] = ()
+    control_routes: tuple[str, ...] = ()
 
     @property
     def first_ip(self) -> str:
@@ -276,6 +279,7 @@ class SelfStatus:
             "advertised_routes": list(self.advertised_routes),
             "approved_routes": list(self.approved_routes),
             "primary_routes": list(self.primary_routes),
+            "control_routes": list(self.control_routes),
         }
 
     @classmethod
@@ -307,6 +311,7 @@ class SelfStatus:
                 advertised_routes=_strs(obj.get("advertised_routes", [])),
                 approved_routes=_strs(obj.get("approved_routes", [])),
                 primary_routes=_strs(obj.get("primary_routes", [])),
+                control_routes=_strs(obj.get("control_routes", [])),
             ),
         )
 

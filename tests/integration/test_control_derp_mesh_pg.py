@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import signal
@@ -15,14 +16,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _replicas import Follower, empty_database, mkey, nkey, pg_server
 
 from tailpy.control import ControlClient, Store
+from tailpy.control.store import changes
 from tailpy.derp.client import ReconnectingDerpClient
 from tailpy.keys import NodePrivate, NodePublic
 from tailpy.netmap import NetMap
@@ -45,7 +49,7 @@ class ServeProcess:
     """`tailpy control serve --db URL --replica-id NAME` with its embedded relay (no STUN, admitting any
     client) on free ports of 127.0.0.1; stderr to a file."""
 
-    def __init__(self, name: str, db: str, tmp: Path) -> None:
+    def __init__(self, name: str, db: str, tmp: Path, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.state = tmp / name
         self.state.mkdir()
@@ -73,6 +77,7 @@ class ServeProcess:
                 "--no-stun",
                 "--replica-id",
                 name,
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -290,3 +295,64 @@ async def test_replica_relays_mesh_and_survive_a_killed_replica(
         await clients.close()
         for f in followers:
             await f.stop()
+
+
+def _health(port: int) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return dict(json.load(r))
+    except urllib.error.HTTPError as e:
+        return dict(json.load(e))
+
+
+async def test_mesh_key_file_other_than_the_databases_is_refused(
+    replicas: tuple[ServeProcess, ServeProcess], pg_url: str, tmp_path: Path
+) -> None:
+    """A replica given a --mesh-psk-file whose key is not the one the database keeps refuses to start with
+    one sentence (it would split the region); `tailpy control mesh-key` writes the database's key (mode
+    0600), and a replica given that file joins the mesh; control's /health counts mesh peers."""
+    a, _b = replicas
+    port_a = int(a.url.rsplit(":", 1)[1])
+    await _until(
+        lambda: _health(port_a)["checks"].get("derp_mesh", {}).get("connected") == 1,
+        "a's relay meshed with b's",
+    )
+    assert _health(port_a)["status"] == "ok"
+
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("ab" * 32 + "\n")
+    c = ServeProcess("c", pg_url, tmp_path, extra=("--mesh-psk-file", str(wrong)))
+    try:
+        rc = await asyncio.to_thread(c.proc.wait, 30)
+    finally:
+        c.stop()
+    out = c.log_text()
+    assert rc != 0, out[-2000:]
+    assert "holds another DERP mesh key than the one the replicas of this database use" in out
+    assert "Traceback" not in out
+
+    key_file = tmp_path / "region.key"
+    done = subprocess.run(
+        [*TAILPY, "control", "mesh-key", "--db", pg_url, "--state-dir", str(a.state), "--out", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    store = Store(tmp_path, db=pg_url)
+    try:
+        with store.engine.begin() as conn:
+            assert key_file.read_text().strip() == changes.shared_mesh_key(conn)
+    finally:
+        store.close()
+    d = ServeProcess("d", pg_url, tmp_path, extra=("--mesh-psk-file", str(key_file)))
+    try:
+        d.wait_listening()
+        port_d = int(d.url.rsplit(":", 1)[1])
+        await _until(
+            lambda: _health(port_d)["checks"].get("derp_mesh", {}).get("connected") == 2,
+            "d's relay meshed with a's and b's",
+        )
+    finally:
+        d.stop()

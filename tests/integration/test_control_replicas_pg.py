@@ -8,10 +8,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from _replicas import (
     Follower,
     Replica,
@@ -24,6 +25,7 @@ from _replicas import (
 )
 
 from tailpy.control import ControlClient, Store
+from tailpy.control.replicas import ReplicaConflict
 from tailpy.control.store import changes
 from tailpy.netmap import NetMap
 
@@ -229,3 +231,125 @@ async def test_listen_wakes_feed_quickly(pair: tuple[Replica, Replica]) -> None:
     finally:
         for f in followers:
             await f.stop()
+
+
+def _cut_from_database(replica: Replica) -> Callable[[], None]:
+    """Make ``replica``'s heartbeats fail as when it cannot reach the database (its other queries still
+    work); returns the function that mends it."""
+    r = replica.server.replicas
+    beat = r._beat
+
+    def failing() -> list[str]:
+        raise sa.exc.OperationalError("SELECT 1", {}, OSError("connection refused (simulated)"))
+
+    r._beat = failing  # type: ignore[method-assign]
+
+    def mend() -> None:
+        r._beat = beat  # type: ignore[method-assign]
+
+    return mend
+
+
+async def test_replica_cut_from_database_ends_its_streams(pair: tuple[Replica, Replica]) -> None:
+    """A replica whose heartbeats fail (cut from the database, streams still open) ends its map streams
+    after the stale window: its nodes move to the other replica instead of being shown offline there."""
+    a, b = pair
+    followers: list[Follower] = []
+    try:
+        fa = await join(a, "alpha", f"{a.url},{b.url}", followers)
+        fb = await join(b, "beta", b.url, followers)
+        assert fa.netmap is not None and fa.url == a.url
+        ida = fa.netmap.self_node.id
+        await fb.until(lambda nm: peer_online(nm, ida))
+        maps = fa.maps
+        _cut_from_database(a)
+        t0 = time.monotonic()
+        await fa.until(lambda _nm: fa.url == b.url and fa.maps > maps, timeout=15)
+        log.info(
+            "node of a replica cut from the database streams from the other after %.2f s",
+            time.monotonic() - t0,
+        )
+        assert a.server.replicas.severed
+        await fb.until(lambda nm: peer_online(nm, ida))
+        assert not a.server.streaming()
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+async def test_replica_back_from_outage_reaps_nobody(
+    pair: tuple[Replica, Replica], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a database outage longer than the stale window, the first replica back does not take the
+    others for dead (their heartbeats are old only because of the outage): it judges only after beating
+    for a whole window itself. The failing heartbeats are logged once per outage, not once per beat."""
+    caplog.set_level(logging.INFO, "tailpy.control")
+    a, b = pair
+    ra, rb = a.server.replicas, b.server.replicas
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not ("b" in ra.alive() and "a" in rb.alive()) and loop.time() < end:
+        await asyncio.sleep(0.05)
+    mend_a, mend_b = _cut_from_database(a), _cut_from_database(b)
+    await asyncio.sleep(ra.stale_window * 2)  # (both rows are older than the window now)
+    mend_a()
+    end = loop.time() + ra.heartbeat_interval * 1.5
+    reaped: set[str] = set()
+    while loop.time() < end:  # a beats again; b not yet (it comes back a heartbeat later)
+        reaped |= {"b"} - set(ra.alive())
+        await asyncio.sleep(0.05)
+    mend_b()
+    end = loop.time() + ra.stale_window * 2
+    while loop.time() < end:
+        reaped |= {"b"} - set(ra.alive())
+        reaped |= {"a"} - set(rb.alive())
+        await asyncio.sleep(0.05)
+    assert not reaped
+    for name in ("a", "b"):
+        assert caplog.text.count(f"replica {name}: heartbeat failed") == 1
+        assert caplog.text.count(f"replica {name}: heartbeat succeeded again") == 1
+    with a.store.engine.begin() as conn:
+        rows = {r.id for r in conn.execute(sa.select(changes.replicas.c.id))}
+    assert rows == {"a", "b"}
+
+
+async def test_second_process_with_one_replica_id_is_refused(
+    pair: tuple[Replica, Replica], tmp_path: Path
+) -> None:
+    """A second process started with a replica id that a live process holds is refused with one sentence;
+    a process whose row another process took over stops (``on_fatal``)."""
+    a, _b = pair
+    twin = Replica("a", tmp_path / "twin", a.store.url)
+    with pytest.raises(ReplicaConflict, match="another control process is running as replica 'a'"):
+        await twin.start()
+    await twin.stop()
+    assert "a" in a.server.replicas.alive()
+
+    fatal: list[str] = []
+    a.server.replicas.on_fatal = fatal.append
+    with a.store.engine.begin() as conn:  # (what a second process of this id, started meanwhile, writes)
+        conn.execute(changes.replicas.update().where(changes.replicas.c.id == "a").values(token="other"))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not fatal and loop.time() < end:
+        await asyncio.sleep(0.05)
+    assert fatal and "another process took over this replica id" in fatal[0]
+    assert a.server.replicas.severed
+
+
+async def test_replica_restarted_at_once_takes_its_id_back(pg_url: str, tmp_path: Path) -> None:
+    """A process of a replica id killed just now (its row still fresh, no longer beating) does not keep
+    its successor from starting."""
+    empty_database(pg_url)
+    a = Replica("a", tmp_path / "a", pg_url)
+    await a.start()
+    for t in a.server.replicas._tasks:  # (killed: no more heartbeats, no leave)
+        t.cancel()
+    a.server.replicas.liveness = False
+    await a.stop()
+    again = Replica("a", tmp_path / "again", pg_url)
+    await again.start()
+    try:
+        assert "a" in again.server.replicas.alive()
+    finally:
+        await again.stop()

@@ -40,7 +40,7 @@ def _free_port() -> int:
 class ServeProcess:
     """`tailpy control serve --db URL --replica-id NAME` on a free port of 127.0.0.1; stderr to a file."""
 
-    def __init__(self, name: str, db: str, tmp: Path) -> None:
+    def __init__(self, name: str, db: str, tmp: Path, replica_id: str | None = None) -> None:
         self.name = name
         self.state = tmp / name
         self.state.mkdir()
@@ -62,7 +62,7 @@ class ServeProcess:
                 "--no-derp",
                 "--no-stun",
                 "--replica-id",
-                name,
+                replica_id or name,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -79,6 +79,13 @@ class ServeProcess:
             time.sleep(0.1)
         self.stop()
         pytest.fail(f"replica {self.name} did not start: {self.log_path.read_text()[-2000:]}")
+
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs (its sockets stay open, nothing is answered)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -188,6 +195,56 @@ async def test_sigkill_replica_nodes_move_within_10s(
     finally:
         for f in followers:
             await f.stop()
+
+
+async def test_hung_replica_nodes_move_before_long(
+    replicas: tuple[ServeProcess, ServeProcess], store: Store
+) -> None:
+    """A replica that hangs (SIGSTOP: its connections stay open) is counted dead by the other after the
+    stale window; its nodes notice the silence of their streams after a few keepalive intervals (control
+    announces one heartbeat) and stream from the other replica, online there."""
+    a, b = replicas
+    followers: list[Follower] = []
+    try:
+        movers = [await _join(store, f"h{i}", f"{a.url},{b.url}", followers) for i in range(2)]
+        watcher = await _join(store, "w", f"{b.url},{a.url}", followers)
+        ids = {f.netmap.self_node.id for f in movers if f.netmap is not None}
+        await watcher.until(lambda nm: all(peer_online(nm, i) for i in ids))
+        assert all(f.url == a.url for f in movers)
+        maps_before = {f.hostname: f.maps for f in movers}
+        a.pause()
+        try:
+            t0 = time.monotonic()
+            for f in movers:
+                await f.until(_moved_to(f, b.url, maps_before[f.hostname]), timeout=FAILOVER_WAIT * 2)
+            moved = time.monotonic() - t0
+            await watcher.until(lambda nm: all(peer_online(nm, i) for i in ids), timeout=FAILOVER_WAIT)
+            log.info(
+                "SIGSTOP: nodes of the hung replica stream from the other after %.2f s, online there after "
+                "%.2f s",
+                moved,
+                time.monotonic() - t0,
+            )
+        finally:
+            a.resume()
+    finally:
+        for f in followers:
+            await f.stop()
+
+
+def test_second_process_with_a_live_replica_id_is_refused(
+    replicas: tuple[ServeProcess, ServeProcess], pg_url: str, tmp_path: Path
+) -> None:
+    """`control serve --replica-id a` while a process of replica a runs: refused with one sentence."""
+    twin = ServeProcess("twin", pg_url, tmp_path, replica_id="a")
+    try:
+        rc = twin.proc.wait(timeout=FAILOVER_WAIT * 2)
+    finally:
+        twin.stop()
+    out = twin.log_path.read_text()
+    assert rc != 0, out[-2000:]
+    assert "another control process is running as replica 'a'" in out
+    assert "Traceback" not in out
 
 
 async def test_sigkill_replica_of_the_primary_router_moves_the_route(

@@ -286,6 +286,38 @@ def test_kill_9_while_using_the_exit_node_leaves_no_blackhole(world: World) -> N
     eventually(lambda: whoami(w.c.host, web_ip) == w.c_public, "c to go out directly")
 
 
+def test_strict_rp_filter_with_an_exit_node_is_a_health_warning_saying_what_to_do(world: World) -> None:
+    """With net.ipv4.conf.all.rp_filter=1 the replies to c's underlay traffic are dropped while e carries
+    its internet traffic: `tailpy set --exit-node` prints the warning, `tailpy status` shows it with the
+    command that fixes it, and it clears once rp_filter is loose (tailpyd does not change it itself)."""
+    w = world
+    _off(w)
+    before = w.c.host.run(["sysctl", "-n", "net.ipv4.conf.all.rp_filter"]).stdout.strip()
+    fix = "sysctl -w net.ipv4.conf.all.rp_filter=2"
+
+    def router_warning() -> str:
+        return next((h["text"] for h in w.c.status()["health"] if h["name"] == "router"), "")
+
+    try:
+        w.c.host.sysctl(net__ipv4__conf__all__rp_filter=1)
+        assert router_warning() == ""  # no exit node in use: strict filtering harms nothing
+        eventually(lambda: _offers_exit(w), "c's netmap to offer e as exit node")
+        done = w.c.host.run(tailpy_argv("set", "--exit-node=e", "--socket", w.c.socket), check=False)
+        assert done.returncode == 0, done.stderr
+        assert "warning: strict reverse-path filtering (rp_filter=1)" in done.stderr and fix in done.stderr
+        text = router_warning()
+        assert "rp_filter=1" in text and fix in text, text
+        assert "rp_filter=1" in w.c.cli("status")
+        assert w.c.host.run(["sysctl", "-n", "net.ipv4.conf.all.rp_filter"]).stdout.strip() == "1"
+        w.c.host.sysctl(net__ipv4__conf__all__rp_filter=2)
+        eventually(lambda: router_warning() == "", "the router warning to clear")
+        web_ip = w.net.lan.ip(w.web)
+        eventually(lambda: whoami(w.c.host, web_ip) == w.e.lan_ip(), "the web host to see e's address")
+    finally:
+        w.c.host.sysctl(net__ipv4__conf__all__rp_filter=before or 0)
+        _off(w)
+
+
 NO_INTERNET = """{
   // every node reaches every node; nobody may use an exit node
   "acls": [{"action": "accept", "src": ["*"], "dst": ["autogroup:member:*"]}],

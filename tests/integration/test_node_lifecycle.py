@@ -174,6 +174,7 @@ def test_kill_9_then_cleanup_by_flag_by_down_and_by_the_next_start(tailnet: LabT
     def clean() -> None:
         assert _resolv(a) == ORIGINAL and _table(a) is None and not _lo_has_magicdns(a)
         assert _tailnet_route(a) == "" and "tailpy0" not in a.host.run(["ip", "link"]).stdout
+        assert "lookup 52" not in a.host.run(["ip", "-4", "rule"]).stdout  # the policy routing rules
 
     crash()
     done = _tailpyd(a, "--cleanup")
@@ -184,8 +185,10 @@ def test_kill_9_then_cleanup_by_flag_by_down_and_by_the_next_start(tailnet: LabT
     a.start_daemon()  # reconnects by itself (it was up)
     wait_for(lambda: a.status()["backend_state"] == "Running", timeout=30, what="a to come back")
     crash()
-    done = _run(a, "down")
+    # `down` with only --socket, as one types it: the state directory is the one tailpyd recorded beside it.
+    done = a.host.run(tailpy_argv("down", "--socket", a.socket), check=False, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("tailpyd is not running: cleaned up after it:")
+    assert "removed nftables table inet tailpy" in done.stdout
     clean()
 
     a.start_daemon()

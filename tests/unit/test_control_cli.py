@@ -467,3 +467,13 @@ def test_serve_on_a_state_dir_it_cannot_write_says_so(where: str) -> None:
         assert r.stderr.startswith(f"tailpy: cannot create {what} {state}"), r.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_nodes_list_last_seen_of_a_streaming_node_is_now() -> None:
+    """A node online (streaming) is seen now, whatever its stored last seen (the end of its last stream)."""
+    from tailpy.cli.control.nodes import last_seen
+
+    now = 1_800_000_000.0
+    assert last_seen({"online": True, "last_seen": now - 3600}, now) == "now"
+    assert last_seen({"online": False, "last_seen": None}, now) == "-"
+    assert last_seen({"online": False, "last_seen": now - 3600}, now) != "now"

@@ -621,7 +621,9 @@ def test_advertise_tags_are_parsed_and_kept_in_the_state_file() -> None:
     from tailpy.daemon.state import NodeState
     from tailpy.keys import NodePrivate
 
-    assert _tags(None) is None and _tags("") == [] and _tags("web, tag:db") == ["tag:db", "tag:web"]
+    assert _tags(None) is None and _tags("") == [] and _tags("tag:web, tag:db") == ["tag:db", "tag:web"]
+    with pytest.raises(ConfigError, match=r"""'junk' is not a tag: tags start with "tag:" \(tag:junk\)"""):
+        _tags("tag:web,junk")  # as tailscale (tailcfg.CheckTag), not "tag:junk is not permitted" by control
     with pytest.raises(ConfigError, match="may contain only letters"):
         _tags("tag:web_1")
     assert _tags("tag:Web") == ["tag:Web"]  # Tailscale's rule: ASCII letters of either case

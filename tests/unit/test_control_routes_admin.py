@@ -107,6 +107,18 @@ def test_routes_cli_list_approve_unapprove(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "does not advertise 203.0.113.0/24" in r.output, r.output
     r = CliRunner().invoke(cli, ["control", "routes", "list"], env=env)
     assert r.exit_code == 0 and "r1" in r.output and f"{LAN} (offline)" in r.output
+    # one exit route alone: approved, but the node is no exit node until the other is; said so
+    r = CliRunner().invoke(cli, ["control", "routes", "approve", "r1", "0.0.0.0/0"], env=env)
+    assert r.exit_code == 0 and "note: ::/0 is not approved: node r1 is an exit node only with" in r.output
+    assert "`tailpy control routes approve r1 --exit-node`" in r.output, r.output
+    out = run("approve", "r1", "::/0")
+    assert isinstance(out, dict) and out["exit_node"] == "approved" and out["exit_route_missing"] == []
+    # unapproving what was not approved: a note for a part, an error (nothing changed) for all of it
+    r = CliRunner().invoke(cli, ["control", "routes", "unapprove", "r1", "::/0,10.9.0.0/16"], env=env)
+    assert r.exit_code == 0 and "note: 10.9.0.0/16 of node r1 was not approved (unchanged)" in r.output
+    r = CliRunner().invoke(cli, ["control", "routes", "unapprove", "r1", "10.9.0.0/16"], env=env)
+    assert r.exit_code == 1 and "node r1 has no approval for 10.9.0.0/16: nothing to unapprove" in r.output
+    assert r.output.count("\n") == 1
     # mistakes: one sentence each
     for args, sentence in [
         (["approve", "nope", LAN], "no node named 'nope'"),

@@ -4,6 +4,8 @@ another daemon answers on."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -14,7 +16,6 @@ import pytest
 from aiohttp import web
 
 from tailpy.daemon import cleanup as cl
-from tailpy.daemon import main as daemon_main
 from tailpy.daemon import netfilter, router
 from tailpy.daemon.api import serve
 from tailpy.daemon.lock import RunRecord
@@ -64,8 +65,8 @@ def test_start_after_clean_exit_leaves_another_daemons_magicdns(
     """A second daemon (its own state dir, another TUN or userspace) starting while a TUN daemon serves
     MagicDNS removes nothing: its previous run exited cleanly (no record), so there is nothing of its own."""
     monkeypatch.setattr(cl, "magicdns_in_use", lambda: False)
-    assert daemon_main.cleanup_after(str(tmp_path), None) == []
-    assert daemon_main.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="")) == []  # a userspace one
+    assert cl.cleanup_after(str(tmp_path), None) == []
+    assert cl.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="")) == []  # a userspace one
     assert fake_ip.deleted() == []
 
 
@@ -84,7 +85,7 @@ def test_crashed_daemons_magicdns_is_removed_when_no_one_serves_it(
     fake_ip: FakeIp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cl, "magicdns_in_use", lambda: False)
-    done = daemon_main.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="tailpy9"))
+    done = cl.cleanup_after(str(tmp_path), RunRecord(pid=42, tun="tailpy9"))
     assert len(fake_ip.deleted()) == 2
     assert "removed 100.100.100.100 from lo" in done
     # The dead daemon's routing goes too (its rules, table 52, the forwarding sysctls it recorded).
@@ -137,3 +138,44 @@ async def test_serve_refuses_a_socket_another_daemon_answers_on(tmp_path: Path) 
     # a stale socket file (nothing listening) is replaced
     second = await serve(web.Application(), path)
     await second.cleanup()
+
+
+def test_down_after_a_crash_finds_the_state_dir_beside_the_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tailpy down --socket S` (no --state-dir) after kill -9 of the tailpyd that served on S runs the
+    same cleanup as `tailpyd --cleanup` for that daemon's state directory, and says what it removed."""
+    from click.testing import CliRunner
+
+    from tailpy.cli import down as down_cli
+    from tailpy.daemon.lock import LOCK_FILE, state_dir_of_socket, write_state_dir_pointer
+
+    state, sock = tmp_path / "node-state", str(tmp_path / "run" / "tailpyd.sock")
+    state.mkdir()
+    (state / LOCK_FILE).write_text(json.dumps({"pid": 4242, "tun": "tailpy7", "socket": sock}))
+    write_state_dir_pointer(sock, state)  # what tailpyd writes when it starts
+    assert state_dir_of_socket(sock) == str(state)
+    calls: list[tuple[str, RunRecord | None]] = []
+
+    def fake_cleanup(state_dir: str, prev: RunRecord | None) -> list[str]:
+        calls.append((state_dir, prev))
+        return ["restored /etc/resolv.conf", "removed tailpy7's policy routing rules"]
+
+    monkeypatch.setattr(down_cli, "cleanup_after", fake_cleanup)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("TAILPY_STATE_DIR", str(tmp_path / "default-state"))
+    out = CliRunner().invoke(down_cli.command, ["--socket", sock])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == (
+        "tailpyd is not running: cleaned up after it: restored /etc/resolv.conf; "
+        "removed tailpy7's policy routing rules"
+    )
+    assert calls == [(str(state), RunRecord(pid=4242, tun="tailpy7", socket=sock))]
+
+    # Not root: says so instead of "nothing to stop".
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    out = CliRunner().invoke(down_cli.command, ["--socket", sock])
+    assert out.exit_code != 0 and "did not exit cleanly: run `tailpy down` as root" in str(out.exception)
+    # An explicit --state-dir wins over the record beside the socket.
+    out = CliRunner().invoke(down_cli.command, ["--socket", sock, "--state-dir", str(tmp_path / "other")])
+    assert out.exit_code == 0 and out.output.strip().endswith("nothing to stop")

@@ -402,7 +402,8 @@ def test_down_without_a_daemon_and_with_a_wedged_one(tmp_path: Path) -> None:
         )
 
     done = down()
-    assert done.returncode == 0 and done.stdout.strip() == "tailpyd is not running: nothing to stop"
+    assert done.returncode == 0 and done.stdout.strip().startswith("tailpyd is not running (nothing answers")
+    assert done.stdout.strip().endswith("no record of a daemon that crashed): nothing to stop")
     # A "daemon" that holds the lock and accepts on its socket but never answers.
     wedged = """
 import socket, sys, time

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
@@ -285,7 +286,8 @@ async def test_watcher_sees_present_and_gone_with_derper_fields(region: Region) 
     assert s.metrics.mesh_watchers == 1
 
 
-async def test_wrong_mesh_key_refused(region: Region) -> None:
+async def test_wrong_mesh_key_refused(region: Region, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "tailpy.derp")
     await region.start(2, keys=[MESH_KEY, OTHER_KEY])  # the second dials with a key the first does not have
     a, b = region.servers
     b.relay.mesh_key = MESH_KEY  # b accepts a's key, and dials a with another one
@@ -293,6 +295,15 @@ async def test_wrong_mesh_key_refused(region: Region) -> None:
     assert await region.meshes[0].wait_connected(10)
     assert not await region.meshes[1].peers[0].wait_connected(1.0)
     assert a.metrics.mesh_watchers == 0 and a.metrics.disconnects["bad_frame"] >= 1
+    # said as it is: a mesh key that is not a's, not "no mesh key"; b's health counts the peer not watched
+    assert "presented a mesh key that is not this server's (another key)" in caplog.text
+    assert "without mesh rights (its mesh key is not this server's)" in caplog.text
+    health = region.meshes[1].health()
+    assert health["status"] == "warning" and health["connected"] == 0
+    assert [p["url"] for p in health["not_connected"]] == [region.urls[0]]
+    assert region.meshes[0].health() == {"status": "ok", "peers": 1, "connected": 1, "not_connected": []}
+    b.extra_health["mesh"] = region.meshes[1].health
+    assert b.health()["status"] == "degraded"
     watcher = await DerpClient.connect(region.urls[0], NodePrivate.generate(), mesh_key=OTHER_KEY)
     region.clients.append(watcher)
     await watcher.watch_conns()

@@ -184,6 +184,7 @@ EXPECTED_STATUS: dict[str, Any] = {
         "advertised_routes": [],
         "approved_routes": [],
         "primary_routes": [],
+        "control_routes": [],
     },
     "domain": "tail.example",
     "peers": [

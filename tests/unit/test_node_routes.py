@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
@@ -22,8 +23,10 @@ from tailpy.cli import set as set_cli
 from tailpy.cli import status as status_cli
 from tailpy.cli import up as up_cli
 from tailpy.cli.main import cli
+from tailpy.cli.set import router_note
 from tailpy.daemon import health as hl
 from tailpy.daemon.backend import Backend
+from tailpy.daemon.router import RP_FILTER_FIX, rp_filter_warning, strict_rp_filter
 from tailpy.daemon.routing import (
     RoutePlan,
     RoutePrefs,
@@ -114,6 +117,11 @@ def test_up_and_set_route_flags() -> None:
             False,
             True,
         )
+    for cmd in (up_cli.command, set_cli.command):  # the error names the values people type, not ""
+        with pytest.raises(click.BadParameter) as bad:
+            params(cmd, "--accept-routes=maybe")
+        assert "'maybe' is not a boolean: use true or false (or 1/0, yes/no, on/off)" in str(bad.value)
+        assert params(cmd, "--accept-routes=No")["accept_routes"] is False
     prefs = set_cli.route_prefs(f"{LAN}, 2001:DB8:1::/64", None, True, "", None, None)
     assert prefs == {"advertise_routes": [LAN, LAN6], "accept_routes": True, "exit_node": ""}
     assert set_cli.route_prefs(None, None, None, None, None, None) == {}
@@ -270,9 +278,13 @@ class FakeRouter:
         self.tun = tun
         self.applied: list[tuple[tuple[str, ...], RoutePlan]] = []
         self.closed = False
+        self.warned: list[str] = []  # what warnings() says (a test sets it)
 
     def apply(self, addresses: tuple[str, ...], plan: RoutePlan) -> None:
         self.applied.append((addresses, plan))
+
+    def warnings(self) -> list[str]:
+        return list(self.warned)
 
     def close(self) -> None:
         self.closed = True
@@ -321,6 +333,19 @@ async def test_backend_allowed_ips_router_and_exit_node_health(tmp_path: Path) -
     assert peer.exit_node and peer.exit_node_option and peer.allowed_ips[-2:] == EXIT_ROUTES
     assert not next(p for p in st.peers if p.name == "n3").exit_node_option
     assert not any(w.name == "exit-node" for w in st.health)
+
+    assert not any(w.name == "router" for w in st.health)
+    # the host's routing warns (strict rp_filter with an exit node): a health warning at once, and the
+    # line `tailpy set --exit-node` prints
+    routers[0].warned = [rp_filter_warning(["eth0"])]
+    await b.set_prefs(routes={"exit_node": "n2"})
+    [rp] = [w for w in b.status().health if w.name == "router"]
+    assert rp.severity == "high" and "rp_filter=1) on eth0" in rp.text and RP_FILTER_FIX in rp.text
+    assert router_note(b.status()) == f"warning: {rp.text}"
+    routers[0].warned = []
+    b.check_health()
+    assert not any(w.name == "router" for w in b.status().health) and router_note(b.status()) == ""
+    await b.set_prefs(routes={"exit_node": "n2.tail.example"})
 
     # the exit node goes offline: still routed into the tunnel (fail closed), and a health warning
     b.apply_netmap(netmap(dataclasses.replace(exit2, online=False), router(3, "203.0.113.0/24")))
@@ -582,6 +607,16 @@ async def test_set_through_the_local_api(tmp_path: Path, monkeypatch: pytest.Mon
             assert saved.advertise_routes == (LAN, *EXIT_ROUTES)
             assert (saved.accept_routes, saved.accept_dns, saved.snat_subnet_routes) == (False, False, True)
             assert "await approval" in got.output  # nothing approved them (yet)
+            assert "not confirmed" not in got.output  # control's answer: it has them, none approved
+            # approved on control, then withdrawn and offered again: the approval is kept, and the CLI
+            # goes by control's answer (no note)
+            assert st.self_node.id is not None
+            store.approve_routes(st.self_node.id, [LAN, *EXIT_ROUTES])
+            await until(lambda st: set(st.self_node.approved_routes) == {LAN, *EXIT_ROUTES})
+            got = await asyncio.to_thread(tailpy_cli, "set", "--advertise-exit-node=false")
+            assert got.exit_code == 0 and got.output == "", got.output
+            got = await asyncio.to_thread(tailpy_cli, "set", "--advertise-exit-node")
+            assert got.exit_code == 0 and got.output == "", got.output
             st = await client.set({"hostname": "renamed"})
             st = await until(lambda st: st.self_node.name == "renamed")
             assert st.self_node.node_key == node_key and st.backend_state == "Running" and st.peers
@@ -610,3 +645,24 @@ async def test_set_through_the_local_api(tmp_path: Path, monkeypatch: pytest.Mon
         await asyncio.gather(daemon, return_exceptions=True)
         await srv.stop()
         store.close()
+
+
+def test_strict_rp_filter_from_the_sysctls(tmp_path: Path) -> None:
+    """The effective rp_filter of an interface is the larger of conf.all's and its own (ip-sysctl.rst):
+    strict only when that is 1; lo and the TUN are never named; 2 on conf.all fixes every interface."""
+
+    def sysctls(**values: int) -> Path:
+        root = tmp_path / "-".join(f"{k}{v}" for k, v in values.items())
+        for name, value in values.items():
+            (root / name).mkdir(parents=True)
+            (root / name / "rp_filter").write_text(f"{value}\n")
+        return root
+
+    assert strict_rp_filter(root=sysctls(all=0, default=1, lo=1, eth0=0, eth1=1)) == ["eth1"]
+    assert strict_rp_filter(root=sysctls(all=1, lo=0, eth0=0, eth1=2, tailpy0=0), exclude=("tailpy0",)) == [
+        "eth0"
+    ]
+    assert strict_rp_filter(root=sysctls(all=2, eth0=1, eth1=0)) == []  # the fix the warning gives
+    assert strict_rp_filter(root=tmp_path / "absent") == []
+    text = rp_filter_warning(["eth0"])
+    assert "sysctl -w net.ipv4.conf.all.rp_filter=2" in text and "tailpy set --exit-node=" in text

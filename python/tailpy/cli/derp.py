@@ -145,6 +145,8 @@ def serve(
         except OSError as e:
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
         mesh = start_mesh(server.relay, peers, mesh_key) if mesh_key is not None and peers else None
+        if mesh is not None:
+            server.extra_health["mesh"] = mesh.health
         if mesh_key is not None:
             log.info("DERP mesh key configured; meshing with %s", ", ".join(peers) or "nobody (yet)")
         if admit_url is not None:

@@ -3,8 +3,9 @@
 ``down`` always ends with the tunnel gone and the host's DNS restored: when tailpyd does not answer on its
 socket within :data:`DOWN_TIMEOUT` seconds (wedged, stopped, or its disk full), the daemon holding the
 state directory's lock (:mod:`tailpy.daemon.lock`) is sent SIGTERM (and SIGCONT), then SIGKILL after
-:data:`KILL_AFTER` seconds, and what it left is undone (:func:`tailpy.daemon.cleanup.cleanup`); when no
-daemon runs, what a crashed one left is undone.
+:data:`KILL_AFTER` seconds, and what it left is undone (:func:`tailpy.daemon.cleanup.cleanup_after`); when
+no daemon runs, what a crashed one left is undone, as ``tailpyd --cleanup`` does. The state directory is
+``--state-dir``, else the one tailpyd recorded beside its socket (``<socket>.state-dir``), else the default.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 import click
 
 from tailpy.cli.common import run, socket_option
-from tailpy.daemon.cleanup import cleanup
+from tailpy.daemon.cleanup import cleanup_after
 from tailpy.daemon.client import DaemonUnresponsiveError, LocalClient, default_state_dir
-from tailpy.daemon.lock import RunRecord, holder, leftover
+from tailpy.daemon.lock import RunRecord, holder, leftover, state_dir_of_socket
 from tailpy.errors import DaemonNotRunningError, PermissionDeniedError, TailpyError
 
 DOWN_TIMEOUT = 10.0
@@ -62,8 +63,37 @@ def stop_by_signal(record: RunRecord, state_dir: str) -> str:
         how = "SIGKILL"
         if not _wait_released(state_dir, 5.0):
             raise TailpyError(f"tailpyd (pid {pid}) did not exit even after SIGKILL")
-    done = cleanup(state_dir, (record.tun,), magicdns_addresses=bool(record.tun))
+    done = cleanup_after(state_dir, record)
     return f"stopped tailpyd (pid {pid}) with {how}" + (f"; {'; '.join(done)}" if done else "")
+
+
+def _state_dir(ctx: click.Context, socket_path: str, state_dir: str) -> str:
+    """``--state-dir`` when given on the command line, else the one the daemon that served on
+    ``socket_path`` recorded beside it (:func:`tailpy.daemon.lock.state_dir_of_socket`), else the default."""
+    if ctx.get_parameter_source("state_dir") == click.core.ParameterSource.COMMANDLINE:
+        return state_dir
+    return state_dir_of_socket(socket_path) or state_dir
+
+
+def clean_up_crashed(state_dir: str, socket_path: str) -> str:
+    """No daemon holds ``state_dir``: undo what one that did not exit cleanly left there (what ``tailpyd
+    --cleanup`` does); returns one sentence saying what was removed. Raises PermissionDeniedError when
+    there is something to undo and this is not root."""
+    old = leftover(state_dir)  # a daemon that did not exit cleanly (kill -9, a crash)
+    if old is None:
+        return (
+            f"tailpyd is not running (nothing answers on {socket_path}, and {state_dir} holds no record of "
+            "a daemon that crashed): nothing to stop"
+        )
+    if os.geteuid() != 0:
+        raise PermissionDeniedError(
+            f"tailpyd (pid {old.pid}) did not exit cleanly: run `tailpy down` as root (sudo) to undo "
+            "what it left (DNS, routes, firewall)"
+        )
+    done = cleanup_after(state_dir, old)
+    return "tailpyd is not running: " + (
+        "cleaned up after it: " + "; ".join(done) if done else "it left nothing to clean up"
+    )
 
 
 @click.command("down")
@@ -71,27 +101,21 @@ def stop_by_signal(record: RunRecord, state_dir: str) -> str:
 @click.option(
     "--state-dir",
     default=default_state_dir,
-    show_default="$TAILPY_STATE_DIR or /var/lib/tailpy",
-    help="tailpyd's state directory (its lock names the daemon to stop when it does not answer).",
+    show_default="the one tailpyd on --socket recorded, else $TAILPY_STATE_DIR or /var/lib/tailpy",
+    help="tailpyd's state directory (its lock names the daemon to stop when it does not answer, or what a "
+    "crashed one left).",
 )
-def command(socket_path: str, state_dir: str) -> None:
+@click.pass_context
+def command(ctx: click.Context, socket_path: str, state_dir: str) -> None:
     """Disconnect this device from the tailnet. A tailpyd that does not answer is stopped by signal, and
-    what a stopped or crashed one left (DNS, TUN, firewall table) is undone."""
+    what a stopped or crashed one left (DNS, TUN, routes, firewall table) is undone."""
+    state_dir = _state_dir(ctx, socket_path, state_dir)
     try:
         st = run(LocalClient(socket_path, timeout=DOWN_TIMEOUT).down())
     except DaemonNotRunningError:
         record = holder(state_dir)
         if record is None:
-            old = leftover(state_dir)  # a daemon that did not exit cleanly (kill -9, a crash)
-            done = (
-                cleanup(state_dir, (old.tun,), magicdns_addresses=bool(old.tun))
-                if old is not None and os.geteuid() == 0
-                else []
-            )
-            click.echo(
-                "tailpyd is not running: "
-                + ("cleaned up after it: " + "; ".join(done) if done else "nothing to stop")
-            )
+            click.echo(clean_up_crashed(state_dir, socket_path))
             return
         why = f"tailpyd (pid {record.pid}) does not answer on {socket_path}"
     except (DaemonUnresponsiveError, TailpyError) as e:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,16 +12,28 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import local, run, socket_option
+from tailpy.daemon.client import LocalClient
 from tailpy.ipnstate import Status
 from tailpy.routes import parse_routes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Boolean(click.types.BoolParamType):
+    """click's boolean (true/false, 1/0, yes/no, on/off, t/f, y/n, any case), whose error names the values
+    a person types rather than click's whole set (which lists the empty string)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not a boolean: use true or false (or 1/0, yes/no, on/off)", param, ctx)
+
+
 def _bool_option(name: str, help_text: str) -> Callable[[F], F]:
     """``--NAME`` (true), ``--NAME=false``; None when not given. A bare flag never takes the next argument
     as its value."""
-    return click.option(name, type=click.BOOL, default=None, is_flag=False, flag_value=True, help=help_text)
+    return click.option(name, type=Boolean(), default=None, is_flag=False, flag_value=True, help=help_text)
 
 
 def route_options(f: F) -> F:
@@ -90,16 +104,46 @@ def route_prefs(
     return out
 
 
+CONTROL_ROUTES_WAIT = 5.0
+"""Seconds `up`/`set` wait for control to take new advertised routes (and approve them by policy, or keep
+an earlier approval) before saying which await approval."""
+
+
+def _control_has_routes(st: Status) -> bool:
+    me = st.self_node
+    return set(me.control_routes) == set(me.advertised_routes)
+
+
+async def routes_answered(client: LocalClient, st: Status, timeout: float = CONTROL_ROUTES_WAIT) -> Status:
+    """``st``, or a later status of ``client``'s node once control has the advertised routes (its answer,
+    :attr:`tailpy.ipnstate.SelfStatus.approved_routes`, then says which it approved: autoApprovers, an
+    approval kept from before); after ``timeout`` seconds the last status."""
+    deadline = time.monotonic() + timeout
+    while not _control_has_routes(st) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        st = await client.status()
+    return st
+
+
 def awaiting_note(st: Status) -> str:
-    """A note on advertised routes control has not approved yet ("" none)."""
+    """A note on advertised routes control has not approved ("" none): ``st`` from
+    :func:`routes_answered`."""
     me = st.self_node
     waiting = [r for r in me.advertised_routes if r not in me.approved_routes]
     if not waiting or not me.name:
         return ""
+    unconfirmed = "" if _control_has_routes(st) else " (control has not confirmed them yet)"
     return (
-        f"note: {', '.join(waiting)} await approval on control (an admin runs `tailpy control routes "
-        f"approve {me.name} ...`, or the policy's autoApprovers approve them)"
+        f"note: {', '.join(waiting)} await approval on control{unconfirmed} (an admin runs `tailpy control "
+        f"routes approve {me.name} ...`, or the policy's autoApprovers approve them)"
     )
+
+
+def router_note(st: Status) -> str:
+    """The ``router`` health warning of ``st`` (strict reverse-path filtering with an exit node, routes
+    that failed), as a line for stderr ("" none)."""
+    texts = [w.text for w in st.health if w.name == "router"]
+    return f"warning: {'; '.join(texts)}" if texts else ""
 
 
 @click.command("set")
@@ -147,7 +191,15 @@ def command(
         prefs["advertise_tags"] = tags
     if not prefs:
         raise click.UsageError("give at least one preference to change (see `tailpy set --help`)")
-    st = run(local(socket_path).set(prefs))
-    note = awaiting_note(st) if "advertise_routes" in prefs or "advertise_exit_node" in prefs else ""
-    if note:
-        Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
+    advertised = "advertise_routes" in prefs or "advertise_exit_node" in prefs
+    client = local(socket_path)
+    st = run(client.set(prefs))
+    if advertised:
+        st = run(routes_answered(client, st))
+    notes = (
+        awaiting_note(st) if advertised else "",
+        router_note(st) if prefs.get("exit_node") else "",
+    )
+    for note in notes:
+        if note:
+            Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)

@@ -17,7 +17,14 @@ from rich.console import Console
 
 from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state_dir_option
 from tailpy.cli.login import wait_login
-from tailpy.cli.set import awaiting_note, route_options, route_prefs
+from tailpy.cli.set import (
+    Boolean,
+    awaiting_note,
+    route_options,
+    route_prefs,
+    router_note,
+    routes_answered,
+)
 from tailpy.daemon.client import LocalClient
 from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, holder
 from tailpy.daemon.netfilter import MODES
@@ -194,7 +201,7 @@ async def _up(
 @click.option("--qr", is_flag=True, help="Also show the login URL as a QR code.")
 @click.option(
     "--accept-dns",
-    type=click.BOOL,
+    type=Boolean(),
     default=None,
     is_flag=False,
     flag_value=True,  # a bare --accept-dns means true; it never takes the next argument as its value
@@ -212,7 +219,7 @@ async def _up(
     "--advertise-tags",
     default=None,
     metavar="TAGS",
-    help="Ask control to tag this node: comma-separated tags (tag:web,tag:db; a bare name gets tag:). "
+    help="Ask control to tag this node: comma-separated tags (tag:web,tag:db; each starts with tag:). "
     "Granted only when this node's owner (or its auth key's creator) owns them in the policy's tagOwners; "
     "kept for later `up`s (not given: as the last `up` said; empty: ask for none, which a tagged node "
     "gets only by logging in again as a user: --force-reauth with a user's auth key; else an error).",
@@ -275,7 +282,14 @@ def command(
     if kept:
         raise ConfigError(kept)
     advertised = {"advertise_routes", "advertise_exit_node"} & set(routes)
-    for note in (name_note(hostname, st), awaiting_note(st) if advertised else ""):
+    if advertised:
+        st = run(routes_answered(LocalClient(os.path.abspath(socket_path)), st))
+    notes = (
+        name_note(hostname, st),
+        awaiting_note(st) if advertised else "",
+        router_note(st) if routes.get("exit_node") else "",
+    )
+    for note in notes:
         if note:
             console.print(note, highlight=False, markup=False, soft_wrap=True)
 
@@ -329,13 +343,18 @@ def check_auth_key(auth_key: str | None) -> None:
 
 
 def _tags(text: str | None) -> list[str] | None:
-    """``--advertise-tags`` -> tags (``tag:`` prepended to a bare name, as tailscale does), None when not
-    given. Raises ConfigError for a malformed tag."""
+    """``--advertise-tags`` -> tags, None when not given. Each must start with ``tag:``, as tailscale's
+    (``tailcfg.CheckTag``: "tags must start with 'tag:'"); raises ConfigError for one that does not or is
+    otherwise malformed."""
     if text is None:
         return None
     from tailpy.control.tags import parse_tags
 
-    return list(parse_tags(t for t in text.split(",")))
+    given = [t.strip() for t in text.split(",") if t.strip()]
+    for t in given:
+        if not t.startswith("tag:"):
+            raise ConfigError(f'--advertise-tags: {t!r} is not a tag: tags start with "tag:" (tag:{t})')
+    return list(parse_tags(given))
 
 
 def connected_line(st: Status) -> str:

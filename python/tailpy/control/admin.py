@@ -33,7 +33,9 @@ Operations (``op``: arguments -> result, all JSON):
 * subnet routes and exit nodes (:mod:`tailpy.control.routes`): ``routes.list`` {} -> [Router] (the nodes
   that advertise routes or have some approved); ``routes.approve`` {id, routes?: ["198.51.100.0/24", ...],
   exit_node?: bool} -> Router plus ``not_advertised`` (approved routes the node does not advertise: kept
-  for when it does); ``routes.unapprove`` {id, routes?, exit_node?} -> Router. Router JSON: ``{id, name,
+  for when it does) and ``exit_route_missing`` (an exit route was given but the other one is not approved:
+  an exit node needs both); ``routes.unapprove`` {id, routes?, exit_node?} -> Router plus ``not_approved``
+  (given routes that were not approved); ConfigError when none of them was. Router JSON: ``{id, name,
   fqdn, online, advertised, approved, primary, exit_node: "approved" | "awaiting approval" | "", routes:
   [{prefix, state}]}``, ``state`` one of ``primary``, ``standby`` (approved, online, another router is
   primary), ``offline`` (approved, its node offline or expired), ``awaiting approval``, ``not advertised``
@@ -442,16 +444,28 @@ class Admin:
         node_id, routes = self._route_args(args, "approve")
         node = self.store.approve_routes(node_id, routes, self.clock())
         self._published(node.id)
+        approved = set(node.approved_routes)
+        # An exit node is one only with both exit routes approved (as Tailscale's "Use as exit node").
+        half = [r for r in EXIT_ROUTES if r not in approved] if any(is_exit_route(r) for r in routes) else []
         return {
             **self._router_json(node),
             "not_advertised": [r for r in routes if r not in node.routable_ips],
+            "exit_route_missing": half,
         }
 
     def op_routes_unapprove(self, args: Mapping[str, Any]) -> Any:
         node_id, routes = self._route_args(args, "unapprove")
+        before = set(self.store.get_node(node_id, self.clock()).approved_routes)
+        not_approved = [r for r in routes if r not in before]
+        if len(not_approved) == len(routes):
+            name = self.store.get_node(node_id, self.clock()).name
+            raise ConfigError(
+                f"node {name} has no approval for {', '.join(routes)}: nothing to unapprove (see "
+                "`tailpy control routes list`)"
+            )
         node = self.store.unapprove_routes(node_id, routes, self.clock())
         self._published(node.id)
-        return self._router_json(node)
+        return {**self._router_json(node), "not_approved": not_approved}
 
     # --- settings ---
 

@@ -474,8 +474,13 @@ class ControlClient:
             ) as r:
                 self._note_date(r.headers)
                 if r.status != 200:
-                    self._decode(await r.read(), r.status, req.nonce_id)
+                    try:
+                        self._decode(await r.read(), r.status, req.nonce_id)
+                    finally:
+                        if r.status >= 500:  # (a replica that cannot serve: the next stream tries another)
+                            self.next_server()
                     raise ControlError(f"control server answered HTTP {r.status} to the map request")
+                self._fit_silence(r)
                 buf = bytearray()
                 async for chunk in r.content.iter_any():
                     start = len(buf)
@@ -541,6 +546,22 @@ class ControlClient:
             first = False
             state = self.map_state = apply_message(state, msg)
             yield state.netmap
+
+    def _fit_silence(self, r: aiohttp.ClientResponse) -> None:
+        """Count the stream dead after :data:`~tailpy.proto.control.SILENCE_KEEPALIVES` of the keepalive
+        intervals the server announced (:data:`~tailpy.proto.control.KEEPALIVE_HEADER`; control replicas
+        announce one heartbeat, so a node leaves a hung replica about when the others count it dead), one
+        second more, at most ``stream_silence``."""
+        try:
+            keepalive = float(r.headers.get(proto.KEEPALIVE_HEADER, ""))
+        except ValueError:
+            return
+        if not 0 < keepalive < self.stream_silence:
+            return
+        silence = min(self.stream_silence, proto.SILENCE_KEEPALIVES * keepalive + 1.0)
+        protocol = None if r.connection is None else r.connection.protocol
+        if protocol is not None:
+            protocol.read_timeout = silence
 
     def _open_line(self, opener: proto.StreamOpener, line: bytes) -> bytes:
         try:

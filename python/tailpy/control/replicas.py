@@ -17,6 +17,12 @@ Each :class:`~tailpy.control.server.ControlServer` runs one :class:`Replicas`, w
   The row also records the replica's embedded DERP relay (:attr:`Replicas.relay`); after each heartbeat
   :attr:`Replicas.on_relays` gets the live replicas' relays (the DERP mesh of a region and the DERP map
   follow them: :mod:`tailpy.control.derpmesh`).
+  A replica judges others dead only after its own heartbeats have succeeded for a whole stale window (after
+  a database outage every row is old: the first replica back must not reap the others, which are about to
+  beat again). A replica whose heartbeats fail for a stale window ends its map streams (the others count it
+  dead by then: its nodes reconnect to a replica that can reach the database instead of being shown offline).
+  Each process's row carries a random token: a second process started with a replica id whose row beats
+  under another token is refused (:class:`ReplicaConflict`), and a process whose row was taken over stops.
 
 * **Primary subnet routers** (:class:`~tailpy.control.primaries.StoredPrimaries`, the mapper's election):
   the primary of each subnet prefix is a row of the database's ``route_primaries`` table, settled by
@@ -49,6 +55,7 @@ from tailpy.asyncutil import wait_event
 from tailpy.control.primaries import StoredPrimaries
 from tailpy.control.store import changes, primaries, schema
 from tailpy.control.store import nodes as node_repo
+from tailpy.errors import ConfigError
 from tailpy.netmap import Node
 
 if TYPE_CHECKING:
@@ -64,6 +71,8 @@ FEED_POLL = 1.0
 """Seconds between reads of the change feed without a notification (SQLite's only trigger)."""
 FEED_BATCH_DELAY = 0.05
 """Seconds after a read of the feed before the next (a burst of writes is read as one batch)."""
+UNJUDGED = 1e9
+"""The stale window (seconds) of a replica that has not beaten for a whole window yet: nobody is dead."""
 PRUNE_INTERVAL = 60.0
 """Seconds between prunings of the change feed (by each replica: all but the newest
 :data:`~tailpy.control.store.changes.KEEP` rows go)."""
@@ -79,6 +88,10 @@ class Liveness:
 
     def node_online(self, node_id: int) -> bool:
         return node_id in self.online
+
+
+class ReplicaConflict(ConfigError):
+    """Another live process holds this replica id (its row beats under another process token)."""
 
 
 def new_replica_id() -> str:
@@ -120,6 +133,16 @@ class Replicas:
         self.heartbeat_interval = heartbeat
         self.poll_interval = poll_interval
         self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.token = secrets.token_hex(8)
+        """This process's token in its row (another process of the same replica id has another)."""
+        self._beating_since: float | None = None  # monotonic time of the first beat of the current good run
+        self._last_beat: float | None = None  # monotonic time of the last good beat
+        self._severed = False  # heartbeats failed for a stale window: streams ended, new ones refused
+        self._unclosed: set[int] = set()  # stream rows whose removal failed (database unreachable)
+        self.on_fatal: Callable[[str], None] | None = None
+        """Called with a sentence when this replica must stop (its row was taken over by another process);
+        None: the replica only logs it and ends its streams."""
         self.applied = 0
         self.elsewhere: dict[int, str] = {}  # node id -> the other live replica holding its stream
         self._alive: dict[str, str] = {}
@@ -143,8 +166,22 @@ class Replicas:
 
     @property
     def stale(self) -> float:
-        """Seconds without a heartbeat after which a replica is dead."""
+        """Seconds without a heartbeat after which a replica is dead, as this replica judges now: an
+        unbounded window (nobody is dead) until its own heartbeats have succeeded for
+        :attr:`stale_window` seconds in a row."""
+        if self._beating_since is None or time.monotonic() - self._beating_since < self.stale_window:
+            return UNJUDGED
+        return self.stale_window
+
+    @property
+    def stale_window(self) -> float:
+        """Seconds without a heartbeat after which a replica is dead (:data:`STALE_BEATS` heartbeats)."""
         return STALE_BEATS * self.heartbeat_interval
+
+    @property
+    def severed(self) -> bool:
+        """True while this replica's heartbeats have failed for a stale window (its streams were ended)."""
+        return self._severed
 
     # --- what the rest of control asks ---
 
@@ -173,6 +210,7 @@ class Replicas:
         first so that nodes streaming elsewhere count as online."""
         self._running = True
         if self.liveness:
+            await self._claim()
             with self.engine.begin() as conn:  # what an earlier process of this id left (killed): no streams
                 changes.leave(conn, self.id)
             self._beat()
@@ -207,6 +245,30 @@ class Replicas:
                 log.warning("replica %s: could not leave the replicas table: %s", self.id, e)
             self._local.clear()
 
+    async def _claim(self) -> None:
+        """Refuse to start (:class:`ReplicaConflict`) while another process beats under this replica id: a
+        row with another token whose heartbeat is fresh is watched for up to two heartbeats (a process of
+        this id killed just now beats no more: it is taken over)."""
+        loop = asyncio.get_running_loop()
+        first: tuple[str | None, float] | None = None
+        deadline = loop.time() + 2 * self.heartbeat_interval + 0.5
+        while True:
+            with self.engine.begin() as conn:
+                now = changes.db_now(conn)
+                held = changes.holder(conn, self.id)
+            if held is None or held[0] in (None, self.token) or now - held[1] >= self.stale_window:
+                return
+            if first is None:
+                first = held
+            elif held[1] != first[1]:
+                raise ReplicaConflict(
+                    f"another control process is running as replica {self.id!r} (its heartbeat is "
+                    f"{now - held[1]:.1f} s old): give each replica its own --replica-id"
+                )
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(min(0.25, self.heartbeat_interval / 4))
+
     def opened(self, node_id: int) -> None:
         """This replica now holds a map stream of ``node_id`` (its first)."""
         if not self.liveness or not self._running:
@@ -220,8 +282,13 @@ class Replicas:
         self._local.discard(node_id)
         if not self.liveness or not self._running:
             return
-        with self.engine.begin() as conn:
-            changes.stream_closed(conn, node_id, self.id)
+        try:
+            with self.engine.begin() as conn:
+                changes.stream_closed(conn, node_id, self.id)
+        except sa.exc.SQLAlchemyError:
+            self._unclosed.add(node_id)  # (removed at the next good heartbeat)
+            return
+        self._unclosed.discard(node_id)
 
     def wake(self) -> None:
         """Read the feed soon (a notification arrived, or a caller knows of a write)."""
@@ -304,6 +371,7 @@ class Replicas:
     async def _follow(self) -> None:
         loop = asyncio.get_running_loop()
         pruned = loop.time()
+        failing = False
         while True:
             await wait_event(self._wake, self.poll_interval)
             self._wake.clear()
@@ -314,7 +382,13 @@ class Replicas:
                     with self.engine.begin() as conn:
                         changes.prune(conn)
             except sa.exc.SQLAlchemyError as e:
-                log.warning("change feed: cannot read the database: %s", e)
+                if not failing:  # (once per outage, not once per poll)
+                    log.warning("change feed: cannot read the database: %s", _short(e))
+                    failing = True
+            else:
+                if failing:
+                    log.warning("change feed: reading the database again")
+                    failing = False
             await asyncio.sleep(FEED_BATCH_DELAY)
 
     async def _listen(self) -> None:
@@ -323,16 +397,24 @@ class Replicas:
         import psycopg
 
         conninfo = _listen_url(self.store.url)
+        lost = False
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {changes.CHANNEL}")
+                    if lost:
+                        log.warning("change feed: LISTEN connection back")
+                        lost = False
                     self._wake.set()  # whatever was written while not listening
                     async for _ in conn.notifies():
                         self._wake.set()
             except (psycopg.Error, OSError) as e:
-                log.warning("change feed: LISTEN connection lost (%s); reconnecting", e)
+                if not lost:  # (once until it is back, not once per attempt)
+                    log.warning(
+                        "change feed: LISTEN connection lost (%s); reconnecting every second", _short(e)
+                    )
+                    lost = True
             await asyncio.sleep(1.0)
 
     # --- liveness ---
@@ -340,18 +422,32 @@ class Replicas:
     def _beat(self) -> list[str]:
         """One heartbeat: refresh this replica's row (re-recording its streams when another replica took it
         for dead), remove dead replicas, note the live ones. Returns the ids removed."""
+        stale = self.stale
         with self.engine.begin() as conn:
             now = changes.db_now(conn)
             known = conn.execute(
                 sa.select(changes.replicas.c.id).where(changes.replicas.c.id == self.id)
             ).first()
-            changes.heartbeat(conn, self.id, self.url, now, started=self.started, derp=self.relay)
+            if not changes.heartbeat(
+                conn, self.id, self.url, now, started=self.started, derp=self.relay, token=self.token
+            ):
+                raise ReplicaConflict(
+                    f"control replica {self.id!r}: another process took over this replica id: stopping "
+                    "(give each replica its own --replica-id)"
+                )
             if known is None:
                 for node_id in sorted(self._local):  # (reaped while it could not beat: streams again)
                     changes.stream_opened(conn, node_id, self.id, now)
-            dead = changes.reap(conn, now, self.stale)
-            self._alive = changes.alive(conn, now, self.stale)
-            relays = changes.relays(conn, now, self.stale) if self.on_relays is not None else None
+            for node_id in sorted(self._unclosed - self._local):
+                changes.stream_closed(conn, node_id, self.id)
+            self._unclosed.clear()
+            dead = changes.reap(conn, now, stale)
+            self._alive = changes.alive(conn, now, stale)
+            relays = changes.relays(conn, now, stale) if self.on_relays is not None else None
+        mono = time.monotonic()
+        if self._beating_since is None:
+            self._beating_since = mono
+        self._last_beat = mono
         if relays is not None and self.on_relays is not None:
             try:
                 self.on_relays(relays)
@@ -360,16 +456,59 @@ class Replicas:
         return dead
 
     async def _heartbeats(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 dead = self._beat()
+            except ReplicaConflict as e:
+                log.error("%s", e)
+                self._sever()
+                if self.on_fatal is not None:
+                    self.on_fatal(str(e))
+                return
             except sa.exc.SQLAlchemyError as e:
-                log.warning("replica %s: heartbeat failed: %s", self.id, e)
+                self._beating_since = None  # (others' rows age meanwhile: judge them only after a window)
+                if not failing:
+                    log.warning("replica %s: heartbeat failed: %s", self.id, _short(e))
+                    failing = True
+                last = self._last_beat if self._last_beat is not None else self.started_mono
+                if not self._severed and time.monotonic() - last >= self.stale_window:
+                    log.warning(
+                        "replica %s: no heartbeat for %.0f s (the database cannot be reached): ending its "
+                        "%d map streams so that their nodes move to another replica",
+                        self.id,
+                        time.monotonic() - last,
+                        len(self.server.streaming()),
+                    )
+                    self._sever()
                 continue
+            if failing:
+                log.warning("replica %s: heartbeat succeeded again", self.id)
+                failing = False
+            self._severed = False
             if dead:
                 log.warning("control replicas %s stopped beating: their nodes are offline", ", ".join(dead))
                 self._wake.set()
 
+    def _sever(self) -> None:
+        """End every map stream (they come back here or elsewhere once this replica can serve them)."""
+        self._severed = True
+        self.server.mapper.end_all()
 
-__all__ = ["FEED_POLL", "HEARTBEAT", "STALE_BEATS", "Liveness", "Replicas", "new_replica_id"]
+
+def _short(e: BaseException) -> str:
+    """The first line of a database error (SQLAlchemy appends the statement and a link)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+__all__ = [
+    "FEED_POLL",
+    "HEARTBEAT",
+    "STALE_BEATS",
+    "UNJUDGED",
+    "Liveness",
+    "ReplicaConflict",
+    "Replicas",
+    "new_replica_id",
+]

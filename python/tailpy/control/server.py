@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from tailpy.control import dnsconfig, pages
 from tailpy.control.acl import PolicyKeeper, policy_nodes
@@ -693,10 +694,17 @@ class ControlServer:
             except ParseError as e:
                 raise _Refused(400, str(e)) from None
             resume = _resume(req.body.get("resume"))
+            if self.replicas.severed:
+                raise _Refused(503, "this control replica cannot reach its database: try another replica")
             node = self._live_node(req, node_key)
             sock = None if request.transport is None else request.transport.get_extra_info("socket")
             set_stream_keepalive(sock)
-            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            resp = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/x-ndjson",
+                    proto.KEEPALIVE_HEADER: f"{self.stream_keepalive:g}",
+                }
+            )
             resp.enable_chunked_encoding()
             await resp.prepare(request)
             stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume, accept)
@@ -711,10 +719,20 @@ class ControlServer:
 
         return await self._handle(request, "/machine/map", do)
 
+    @property
+    def stream_keepalive(self) -> float:
+        """Seconds of silence before a keepalive line on a map stream: :attr:`keepalive`, or with replica
+        liveness at most one heartbeat interval, so that a node notices a hung replica (its client gives up
+        after a few keepalives' silence, :data:`tailpy.proto.control.KEEPALIVE_HEADER`) about when the
+        others count it dead."""
+        if self.replicas.liveness:
+            return min(self.keepalive, self.replicas.heartbeat_interval)
+        return self.keepalive
+
     def _tune_liveness(self, stream: MapStream, *, router: bool) -> None:
         """Give ``stream`` the keepalive and TCP user timeout of a router's stream (:data:`ROUTER_KEEPALIVE`,
         :data:`ROUTER_USER_TIMEOUT`) when its node advertises routes, else the default ones."""
-        keepalive = min(self.keepalive, ROUTER_KEEPALIVE) if router else self.keepalive
+        keepalive = min(self.stream_keepalive, ROUTER_KEEPALIVE) if router else self.stream_keepalive
         stream.keepalive = keepalive
         set_stream_keepalive(
             self._stream_socks.get(stream),
@@ -769,7 +787,12 @@ class ControlServer:
                 if not self._closing:
                     self.replicas.closed(stream.node_id)
             if not self._closing:
-                node = self.store.update_node(stream.machine_key, now=self.clock())
+                try:
+                    node = self.store.update_node(stream.machine_key, now=self.clock())
+                except SQLAlchemyError as e:  # (the database is unreachable: the feed brings it later)
+                    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    log.info("map stream for node %d: cannot record its last seen: %s", stream.node_id, why)
+                    node = None
                 if node is not None:
                     self.mapper.publish(node)  # last_seen, offline
                 self._lifecycle()  # an ephemeral node's offline timeout starts now

@@ -38,7 +38,7 @@ from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.derp.stun_server import StunServer
 from tailpy.derp.verify import local_admission
 from tailpy.endpoint import Endpoint
-from tailpy.errors import ConfigError, ParseError
+from tailpy.errors import ConfigError, ControlError, ParseError
 from tailpy.keys import MachinePrivate
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
 from tailpy.proto.derp import parse_mesh_key
@@ -223,6 +223,10 @@ class ControlProcess:
         )
         self._stun_note: tuple[int, str] | None = None
         self._sighup = False
+        self.fatal: str | None = None
+        """Why the process must stop (its replica id was taken over by another process); None: it runs."""
+        self.died = asyncio.Event()
+        """Set with :attr:`fatal`."""
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP reloads under way
 
     @property
@@ -353,6 +357,8 @@ class ControlProcess:
             server.extra_health["derp"] = self._derp_health
         if self.relay is not None:
             self._join_mesh(server)
+            if self._meshed() is not None:
+                server.extra_health["derp_mesh"] = self._mesh_health
         self.admin = AdminServer(
             Admin(self.store, server=server, key_lifetime=cfg.key_lifetime), cfg.state_dir / SOCKET_NAME
         )
@@ -362,8 +368,14 @@ class ControlProcess:
         except OSError as e:
             where = f"{_host_port(cfg.host, cfg.port) if cfg.host else f':{cfg.port}'}"
             raise ConfigError(f"cannot listen on {where}: {e.strerror or e}") from None
+        server.replicas.on_fatal = self._die
         self.server = server
         return settings
+
+    def _die(self, why: str) -> None:
+        if self.fatal is None:
+            self.fatal = why
+        self.died.set()
 
     def _join_mesh(self, server: ControlServer) -> None:
         """Put the embedded relay in its region's mesh (``--mesh-with`` relays, and with PostgreSQL the
@@ -373,9 +385,18 @@ class ControlProcess:
         mesh_key: bytes | None = None
         if cfg.mesh_psk_file is not None:
             mesh_key = read_mesh_key(cfg.mesh_psk_file)
-        elif server.replicas.liveness:  # (PostgreSQL, or replica ids given: replicas of one database)
+        if server.replicas.liveness:  # (PostgreSQL, or replica ids given: replicas of one database)
             with self.store.engine.begin() as conn:
-                mesh_key = parse_mesh_key(changes.shared_mesh_key(conn))
+                given = None if mesh_key is None else mesh_key.hex()
+                kept = parse_mesh_key(changes.shared_mesh_key(conn, given))
+            if mesh_key is not None and kept != mesh_key:
+                raise ConfigError(
+                    f"--mesh-psk-file {cfg.mesh_psk_file} holds another DERP mesh key than the one the "
+                    "replicas of this database use (their relays would refuse this one): give every replica "
+                    "the same file, or leave --mesh-psk-file out (`tailpy control mesh-key --out FILE` "
+                    "writes the database's key for standalone relays)"
+                )
+            mesh_key = kept
         peers = mesh_urls(cfg.mesh_with, tls=False)
         own = self._own_region
         if own is None:  # (not in the DERP map: nobody to tell where it is; --mesh-with still holds)
@@ -401,6 +422,16 @@ class ControlProcess:
             server.replicas.on_relays = self.mesh.update
         if peers:
             log.info("DERP mesh: meshing with %s", ", ".join(peers))
+
+    def _meshed(self) -> Mesh | None:
+        """The embedded relay's mesh (None: not meshed)."""
+        return self.mesh.mesh if self.mesh is not None and self.mesh.mesh is not None else self._static_mesh
+
+    def _mesh_health(self) -> dict[str, Any]:
+        """The embedded relay's mesh in control's ``GET /health``: "warning" (degraded) while a peer of its
+        region (another replica's relay, a --mesh-with relay) is not watched (:meth:`Mesh.health`)."""
+        mesh = self._meshed()
+        return {"status": "ok", "peers": 0} if mesh is None else mesh.health()
 
     def _derp_health(self) -> dict[str, Any]:
         """The embedded relay's part of control's ``GET /health``: "error" when it does not run, "warning"
@@ -496,11 +527,16 @@ async def run_control(config: ControlConfig, stop: asyncio.Event | None = None) 
             loop.add_signal_handler(sig, stop.set)
     process = ControlProcess(config)
     await process.start()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(process.died.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down")
     finally:
+        for w in waits:
+            w.cancel()
         await process.stop()
+    if process.fatal is not None:
+        raise ControlError(process.fatal)
 
 
 __all__ = [

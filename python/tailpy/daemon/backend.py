@@ -117,9 +117,11 @@ PREF_KEYS = (*ROUTE_PREFS, "advertise_exit_node")
 class OSRouter(Protocol):
     """The host's routing for this node's TUN (:class:`tailpy.daemon.router.PlanRouter`, which builds the
     router's ``RouterConfig``; a Protocol, so tests can pass their own): ``apply(addresses, plan)``
-    (idempotent; DeviceError with one sentence), ``close()`` undoes everything."""
+    (idempotent; DeviceError with one sentence), ``warnings()`` (what keeps the routing in force from
+    working, one sentence each: the ``router`` health warning), ``close()`` undoes everything."""
 
     def apply(self, addresses: tuple[str, ...], plan: RoutePlan) -> None: ...
+    def warnings(self) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -674,6 +676,7 @@ class Backend:
                 dns_error=dns_error,
                 mtu=netconf.mtu_warnings(self._mtu, self._link_mtu(now)),
                 firewall=self.firewall.warnings() if self.firewall else (),
+                router=self._router.warnings() if self._router is not None else (),
                 clock_skew=self.session.clock_skew,
                 exit_node_error=self.exit_choice.problem if self.netmap is not None and s.exit_node else "",
             ),
@@ -839,11 +842,16 @@ class Backend:
         addresses = tuple(s.addresses)
         want = (addresses, route_plan(self.route_prefs(), peers, lan, tailnet=tailnet_routes(addresses)))
         if want == self._router_applied:
+            if self._router is not None:  # shown at once (the `up`/`set` answer carries it)
+                hl.set_router(self.health, self._router.warnings())
             return
         try:
             if self._router is None:
                 self._router = self._router_factory(self.device.tun_name)
-            self._router.apply(*want)
+            try:
+                self._router.apply(*want)
+            finally:  # shown at once (the `up`/`set` answer carries it), not at the next health look
+                hl.set_router(self.health, self._router.warnings())
         except TailpyError as e:
             log.error("routing: %s", e)
             self.last_error = f"routing not applied: {e}"
@@ -1181,6 +1189,7 @@ class Backend:
                 advertised_routes=tuple(s.advertise_routes),
                 approved_routes=tuple(me.approved_routes) if me else (),
                 primary_routes=tuple(me.primary_routes) if me else (),
+                control_routes=tuple(me.routable_ips) if me else (),
             ),
             domain=self.netmap.domain if self.netmap else "",
             peers=peers,

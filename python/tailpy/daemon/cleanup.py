@@ -27,10 +27,14 @@ import sys
 from pathlib import Path
 
 from tailpy.daemon import netfilter, router
+from tailpy.daemon.lock import RunRecord
 from tailpy.dns.osconfig import RESOLV_CONF, ResolvConf
 from tailpy.dns.resolver import MAGICDNS_V4, MAGICDNS_V6
 
 log = logging.getLogger("tailpy.daemon")
+
+USERSPACE_TUN = "userspace-networking"
+"""``--tun`` value of a userspace data plane (tailscaled's name for it): no TUN, no host DNS to undo."""
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str] | None:
@@ -139,4 +143,13 @@ def cleanup(
     return done
 
 
-__all__ = ["cleanup", "magicdns_in_use"]
+def cleanup_after(state_dir: str | Path, prev: RunRecord | None) -> list[str]:
+    """Undo what the daemon of ``prev`` (the lock file's record of one that did not exit cleanly; None:
+    it did) left, and only that: its recorded TUN, firewall table, policy routing, forwarding sysctls and
+    MagicDNS (a userspace daemon records no TUN and touched no host DNS). Another tailpyd with its own state
+    directory is never touched. What ``tailpyd --cleanup``, the next start and ``tailpy down`` run."""
+    tuns = (prev.tun,) if prev is not None and prev.tun and prev.tun != USERSPACE_TUN else ()
+    return cleanup(state_dir, tuns, magicdns_addresses=bool(tuns))
+
+
+__all__ = ["USERSPACE_TUN", "cleanup", "cleanup_after", "magicdns_in_use"]

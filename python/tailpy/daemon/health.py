@@ -115,6 +115,10 @@ problem is :func:`tailpy.daemon.routing.resolve_exit_node`'s sentence."""
 MTU = Warnable("mtu", Severity.MEDIUM, lambda a: a["text"])
 FIREWALL = Warnable("firewall", Severity.MEDIUM, lambda a: a["text"])
 """The node firewall (:mod:`tailpy.daemon.netfilter`) could not be installed; its own sentence says why."""
+ROUTER = Warnable("router", Severity.HIGH, lambda a: a["text"])
+"""The host's routing into the TUN does not work (:meth:`tailpy.daemon.router.Router.warnings`: a route or
+rule that failed, or strict reverse-path filtering while an exit node is in use, which drops every reply
+on the physical interface; Tailscale warns of the latter, ``net/netutil.CheckReversePathFiltering``)."""
 CLOCK_SKEW = Warnable(
     "clock-skew",
     Severity.MEDIUM,
@@ -248,9 +252,10 @@ class Inputs:
     seconds of the first netmap (None: none yet); ``derp_regions``: regions in its DERP map. ``home``: the
     home DERP side (None: no data plane). ``peers``: per-peer handshakes. ``dns_error``: why MagicDNS is not
     applied to the host's resolver ("" applied or not wanted). ``mtu``: MTU warnings, one sentence each.
-    ``firewall``: node firewall warnings, one sentence each. ``clock_skew``: control's clock minus ours,
-    seconds (None unknown). ``exit_node_error``: why the chosen exit node carries no traffic ("" it does,
-    or none is chosen)."""
+    ``firewall``: node firewall warnings, one sentence each. ``router``: the host routing's warnings, one
+    sentence each (:meth:`tailpy.daemon.router.PlanRouter.warnings`). ``clock_skew``: control's clock minus
+    ours, seconds (None unknown). ``exit_node_error``: why the chosen exit node carries no traffic ("" it
+    does, or none is chosen)."""
 
     now: float
     following: bool = False
@@ -264,6 +269,7 @@ class Inputs:
     dns_error: str = ""
     mtu: Sequence[str] = field(default_factory=tuple)
     firewall: Sequence[str] = field(default_factory=tuple)
+    router: Sequence[str] = field(default_factory=tuple)
     clock_skew: float | None = None
     exit_node_error: str = ""
 
@@ -310,9 +316,15 @@ def evaluate(tracker: Tracker, watch: HandshakeWatch, i: Inputs) -> None:
     tracker.set(DNS_NOT_APPLIED, {"error": i.dns_error} if i.dns_error else None)
     tracker.set(MTU, {"text": "; ".join(i.mtu)} if i.mtu else None)
     tracker.set(FIREWALL, {"text": "; ".join(i.firewall)} if i.firewall else None)
+    set_router(tracker, i.router)
     skew = clock_skew_text(i.clock_skew)
     tracker.set(CLOCK_SKEW, {"skew": skew} if skew is not None and i.following else None)
     tracker.set(EXIT_NODE, {"problem": i.exit_node_error} if i.exit_node_error else None)
+
+
+def set_router(tracker: Tracker, warnings: Sequence[str]) -> None:
+    """Set or clear :data:`ROUTER` from the host routing's ``warnings`` (one sentence each)."""
+    tracker.set(ROUTER, {"text": "; ".join(warnings)} if warnings else None)
 
 
 @dataclass
@@ -376,6 +388,7 @@ __all__ = [
     "HOME_DERP_UNREACHABLE",
     "MTU",
     "NO_DERP_MAP",
+    "ROUTER",
     "HandshakeWatch",
     "HomeDerp",
     "Inputs",
@@ -386,4 +399,5 @@ __all__ = [
     "clock_skew_text",
     "derp_todo",
     "evaluate",
+    "set_router",
 ]

@@ -179,4 +179,40 @@ def leftover(state_dir: str | os.PathLike[str]) -> RunRecord | None:
         return None
 
 
-__all__ = ["EXIT_ALREADY_RUNNING", "LOCK_FILE", "DaemonLock", "RunRecord", "holder", "leftover"]
+STATE_DIR_SUFFIX = ".state-dir"
+"""Suffix of the file beside tailpyd's socket that names its state directory (``<socket>.state-dir``), so
+that ``tailpy down --socket S`` finds the lock, and so the record, of a daemon that died on ``S``."""
+
+
+def write_state_dir_pointer(socket_path: str, state_dir: str | os.PathLike[str]) -> None:
+    """Record ``state_dir`` beside ``socket_path`` (``<socket>.state-dir``, its absolute path). A failure is
+    logged, not raised: only ``tailpy down`` without ``--state-dir`` needs it."""
+    path = Path(socket_path + STATE_DIR_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(Path(state_dir).absolute()) + "\n")
+    except OSError as e:
+        log.warning("cannot write %s: %s", path, e.strerror or e)
+
+
+def state_dir_of_socket(socket_path: str) -> str | None:
+    """The state directory the tailpyd that last served on ``socket_path`` recorded beside it; None when
+    none did (or the file is unreadable)."""
+    try:
+        text = Path(socket_path + STATE_DIR_SUFFIX).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text if text and os.path.isabs(text) else None
+
+
+__all__ = [
+    "EXIT_ALREADY_RUNNING",
+    "LOCK_FILE",
+    "STATE_DIR_SUFFIX",
+    "DaemonLock",
+    "RunRecord",
+    "holder",
+    "leftover",
+    "state_dir_of_socket",
+    "write_state_dir_pointer",
+]

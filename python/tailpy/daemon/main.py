@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -17,9 +18,15 @@ from tailpy import bypass
 from tailpy.daemon import netfilter
 from tailpy.daemon.api import make_app, serve
 from tailpy.daemon.backend import Backend
-from tailpy.daemon.cleanup import cleanup
+from tailpy.daemon.cleanup import USERSPACE_TUN, cleanup_after
 from tailpy.daemon.client import default_socket, default_state_dir
-from tailpy.daemon.lock import EXIT_ALREADY_RUNNING, DaemonLock, RunRecord
+from tailpy.daemon.lock import (
+    EXIT_ALREADY_RUNNING,
+    STATE_DIR_SUFFIX,
+    DaemonLock,
+    RunRecord,
+    write_state_dir_pointer,
+)
 from tailpy.daemon.router import BYPASS_MARK, FORWARDING_RECORD, PlanRouter
 from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
@@ -31,7 +38,7 @@ from tailpy.storage import is_storage_errno, storage_error
 
 log = logging.getLogger("tailpy.daemon")
 
-USERSPACE = "userspace-networking"
+USERSPACE = USERSPACE_TUN
 """``--tun`` value for a userspace data plane (tailscaled's name for it)."""
 
 
@@ -41,14 +48,6 @@ def _log_tasks() -> None:
         out = io.StringIO()
         task.print_stack(file=out)
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
-
-
-def cleanup_after(state_dir: str, prev: RunRecord | None) -> list[str]:
-    """Undo what the daemon of ``prev`` (the lock file's record of one that did not exit cleanly; None:
-    it did) left, and only that: its recorded TUN, firewall table and MagicDNS (a userspace daemon records
-    no TUN and touched no host DNS). Another tailpyd with its own state directory is never touched."""
-    tuns = (prev.tun,) if prev is not None and prev.tun and prev.tun != USERSPACE else ()
-    return cleanup(state_dir, tuns, magicdns_addresses=bool(tuns))
 
 
 async def run(
@@ -159,6 +158,8 @@ async def run(
             await stack.wait_threads()
         if os.path.exists(socket_path):
             os.unlink(socket_path)
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path + STATE_DIR_SUFFIX)  # a clean exit leaves nothing to clean up
         log.info("tailpyd stopped")
 
 
@@ -292,6 +293,7 @@ def main(
                 pid=os.getpid(), tun="" if userspace else tun, socket=socket_path, netfilter_table=table
             )
         )
+        write_state_dir_pointer(socket_path, state_dir)  # `tailpy down --socket` finds a crashed daemon's
         asyncio.run(
             run(
                 state_dir,

@@ -202,10 +202,29 @@ def _del_rules(version: int) -> bool:
     return bool(ours)
 
 
-def strict_rp_filter(exclude: tuple[str, ...] = ()) -> list[str]:
+SYSCTL_CONF = Path("/proc/sys/net/ipv4/conf")
+"""Where the IPv4 per-interface sysctls are (``<name>/rp_filter``, proc(5))."""
+
+RP_FILTER_FIX = "sysctl -w net.ipv4.conf.all.rp_filter=2"
+"""The command that makes reverse-path filtering loose on every interface: the effective value is the
+larger of ``conf.all`` and the interface's own (ip-sysctl.rst), so 2 on ``all`` is enough."""
+
+
+def rp_filter_warning(strict: list[str]) -> str:
+    """The sentence for interfaces ``strict`` (from :func:`strict_rp_filter`) while an exit node is used."""
+    return (
+        f"strict reverse-path filtering (rp_filter=1) on {', '.join(strict)} drops the replies to this "
+        "node's control, DERP and WireGuard traffic while an exit node is in use (nothing reaches this "
+        f"host); make it loose: `{RP_FILTER_FIX}` (keep it in /etc/sysctl.d/ across reboots), or stop "
+        "using the exit node: `tailpy set --exit-node=`"
+    )
+
+
+def strict_rp_filter(exclude: tuple[str, ...] = (), *, root: Path | None = None) -> list[str]:
     """Interfaces (not ``lo``, not ``exclude``) whose effective IPv4 ``rp_filter`` is 1 (strict): the
-    larger of ``conf.all`` and the interface's own (ip-sysctl.rst)."""
-    root = Path("/proc/sys/net/ipv4/conf")
+    larger of ``conf.all`` and the interface's own (ip-sysctl.rst), read under ``root`` (default
+    :data:`SYSCTL_CONF`). Tailscale's ``net/netutil.CheckReversePathFiltering`` checks the same."""
+    root = root if root is not None else SYSCTL_CONF
     try:
         names = sorted(p.name for p in root.iterdir())
     except OSError:
@@ -253,6 +272,7 @@ class Router:
         self._saved: dict[str, str] = {}  # forwarding sysctl -> its value before this router set it
         self._config: RouterConfig | None = None
         self.error = ""  # the last failure of :meth:`set`, one sentence ("" none)
+        self.sysctl_conf = SYSCTL_CONF  # where :meth:`warnings` reads rp_filter (a test points it elsewhere)
 
     @property
     def config(self) -> RouterConfig | None:
@@ -308,14 +328,9 @@ class Router:
         if cfg is not None and any(
             p.prefixlen == 0 and p.version == 4 for p in _prefixes(cfg.routes, "route")
         ):
-            strict = strict_rp_filter(exclude=(self.tun,))
+            strict = strict_rp_filter(exclude=(self.tun,), root=self.sysctl_conf)
             if strict:
-                names = ", ".join(strict)
-                out.append(
-                    f"strict reverse-path filtering (rp_filter=1) on {names} drops the replies to this "
-                    "node's control, DERP and WireGuard traffic while an exit node is in use; set "
-                    "net.ipv4.conf.all.rp_filter and theirs to 2 (loose)"
-                )
+                out.append(rp_filter_warning(strict))
         return out
 
     def close(self) -> None:
@@ -510,13 +525,16 @@ __all__ = [
     "FORWARDING_SYSCTLS",
     "MARK_MASK",
     "ROUTE_TABLE",
+    "RP_FILTER_FIX",
     "RULE_PREFS",
     "SUBNET_ROUTE_MARK",
+    "SYSCTL_CONF",
     "PlanRouter",
     "RoutePlan",
     "Router",
     "RouterConfig",
     "cleanup_leftovers",
+    "rp_filter_warning",
     "strict_rp_filter",
     "tailnet_routes",
 ]

@@ -26,6 +26,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tailpy.backoff import reconnect_delays
@@ -309,6 +310,19 @@ class Mesh:
                 await p.stop()
                 return True
         return False
+
+    def health(self) -> dict[str, Any]:
+        """The mesh's ``GET /health`` check: ``{"status": "ok" | "warning", "peers": N, "connected": N,
+        "not_connected": [{"url": ..., "error": ...}, ...]}``; "warning" (degraded) while a peer (other than
+        this server itself) is not watched, e.g. one that refuses this server's mesh key."""
+        others = [p for p in self.peers if not p.is_self]
+        down = [p for p in others if not p.connected]
+        return {
+            "status": "warning" if down else "ok",
+            "peers": len(others),
+            "connected": len(others) - len(down),
+            "not_connected": [{"url": p.url, "error": p.last_error} for p in down],
+        }
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until every peer (but this server itself) is watched."""

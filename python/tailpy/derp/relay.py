@@ -42,8 +42,10 @@ frame starting :data:`REFUSED_PREFIX` with one sentence, and the connection is c
   KeepAlive, PeerGone, PeerPresent, Health, Restarting, a second ClientInfo; also Pong) are read and
   dropped unanswered (``derp_ignored_frames_total``), up to :data:`MAX_IGNORED_FRAME_LEN` bytes
   (``maxUnknownFrameLen``; a longer one closes); a Ping shorter than 8 or longer than :data:`MAX_PING_LEN`
-  bytes closes; mesh frames (ForwardPacket, WatchConns, ClosePeer) close the connection ("insufficient
-  permissions": this server has no mesh key).
+  bytes closes; mesh frames (ForwardPacket, WatchConns, ClosePeer) from a client without mesh rights close
+  the connection (derpserver's "insufficient permissions"; the log says whether it presented no mesh key or
+  another one). A login presenting a mesh key that is not this server's is logged as a warning (a relay of
+  the region given another ``--mesh-psk-file``).
 * One key on two or more connections (cloned machines, or a reconnect racing the old connection's close):
   every connection is kept; packets go to the one that most recently sent a frame (the newest at first); each
   gets a Health frame saying the key is connected more than once (cleared with an empty Health when one is
@@ -440,9 +442,20 @@ class Relay:
                 log.info("DERP login from %s refused: %s", peer, e)
             return
         can_mesh = self._is_mesh_peer(info)
+        wrong_mesh_key = not can_mesh and isinstance(info.get("meshKey"), str) and bool(info.get("meshKey"))
         if can_mesh:
             log.info("DERP mesh peer %s logged in from %s", first.key.short(), peer)
-        elif self.verify_client is not None and not await self._admit(first.key, writer, peer):
+        elif wrong_mesh_key:
+            log.warning(
+                "DERP server %s from %s presented a mesh key that is not this server's (%s): no mesh rights "
+                "(give every relay of the region the same --mesh-psk-file; `tailpy control mesh-key` writes "
+                "a control database's)",
+                first.key.short(),
+                peer,
+                "this server has none" if self.mesh_key is None else "another key",
+            )
+        admit = not can_mesh and self.verify_client is not None
+        if admit and not await self._admit(first.key, writer, peer, wrong_mesh_key=wrong_mesh_key):
             return
         conn = Conn(self, first.key, writer, peer)
         conn.info = info
@@ -473,9 +486,13 @@ class Relay:
             return False
         return hmac.compare_digest(key, self.mesh_key)
 
-    async def _admit(self, key: NodePublic, writer: Writer, peer: str) -> bool:
+    async def _admit(
+        self, key: NodePublic, writer: Writer, peer: str, *, wrong_mesh_key: bool = False
+    ) -> bool:
         """Ask :attr:`verify_client` about ``key``; a refused client (or one the verifier cannot answer
-        for: fail closed) is sent a Health frame saying why, then closed."""
+        for: fail closed) is sent a Health frame saying why, then closed. ``wrong_mesh_key``: the client
+        presented a mesh key that is not this server's (another relay of a misconfigured region: said so
+        when refused)."""
         assert self.verify_client is not None
         source = _peer_ip(writer.get_extra_info("peername"))
         try:
@@ -493,12 +510,26 @@ class Relay:
         else:
             if allowed:
                 return True
-            log.info("DERP client %s from %s refused: not an admitted node key", key.short(), peer)
             reason = "not_admitted"
-            problem = (
-                f"this DERP server admits only known nodes and node key {key.short()} is not one "
-                "(unknown to its control server, expired or logged out)"
-            )
+            if wrong_mesh_key:
+                log.info(
+                    "DERP server %s from %s refused: its mesh key is not this server's", key.short(), peer
+                )
+                problem = (
+                    "this DERP server's mesh key differs from the one presented (give every relay of the "
+                    "region the same --mesh-psk-file), and it admits only known nodes"
+                )
+            else:
+                log.info(
+                    "DERP client %s from %s refused: not an admitted node key (unknown to control, expired "
+                    "or logged out)",
+                    key.short(),
+                    peer,
+                )
+                problem = (
+                    f"this DERP server admits only known nodes and node key {key.short()} is not one "
+                    "(unknown to its control server, expired or logged out)"
+                )
         self.metrics.refused[reason] += 1
         self.metrics.disconnects[reason] += 1
         writer.write(proto.encode(proto.Health(REFUSED_PREFIX + problem)))
@@ -593,9 +624,14 @@ class Relay:
             elif t in MESH_FRAMES:
                 if not conn.can_mesh:
                     name = proto.FrameType(t).name
-                    raise ParseError(
-                        f"DERP {name} frame from a client: insufficient permissions (no mesh key)"
+                    why = (
+                        "its mesh key is not this server's"
+                        if conn.info.get("meshKey")
+                        else "it presented no mesh key"
+                        if self.mesh_key is not None
+                        else "this server has no mesh key"
                     )
+                    raise ParseError(f"DERP {name} frame from a client without mesh rights ({why})")
                 self._handle_mesh(conn, proto.parse_frame(t, payload))
             elif len(payload) > MAX_IGNORED_FRAME_LEN:
                 raise ParseError(f"DERP frame of type {t} is too large to ignore: {len(payload)} bytes")

@@ -190,9 +190,10 @@ class DerpServer:
         self._servers.append(srv)
 
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` answers: ``{"status": "ok" | "error", "checks": {...}}``; a check is
-        ``{"status": "ok" | "error", ...}``: ``listening`` (the listening addresses), ``relay`` (connected
-        clients), and :attr:`extra_health`'s."""
+        """What ``GET /health`` answers: ``{"status": "ok" | "degraded" | "error", "checks": {...}}``; a
+        check is ``{"status": "ok" | "warning" | "error", ...}``: ``listening`` (the listening addresses),
+        ``relay`` (connected clients), and :attr:`extra_health`'s (``mesh``: the mesh peers not watched).
+        "degraded" (a check warns) is served with HTTP 200, "error" with 503."""
         m = self.metrics
         listening = [f"{h}:{p}" for h, p in self.addresses]
         checks: dict[str, dict[str, Any]] = {
@@ -204,8 +205,9 @@ class DerpServer:
                 checks[name] = check()
             except Exception as e:  # a broken check is a failed check, not a broken endpoint
                 checks[name] = {"status": "error", "error": repr(e)}
-        ok = all(c.get("status") != "error" for c in checks.values())
-        return {"status": "ok" if ok else "error", "checks": checks}
+        states = {c.get("status") for c in checks.values()}
+        status = "error" if "error" in states else "degraded" if "warning" in states else "ok"
+        return {"status": status, "checks": checks}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -323,7 +325,7 @@ class DerpServer:
             await self._respond(writer, 200, "OK", {"Content-Type": "text/plain; version=0.0.4"}, body)
         elif path == "/health":
             doc = self.health()
-            code, reason = (200, "OK") if doc["status"] == "ok" else (503, "Service Unavailable")
+            code, reason = (503, "Service Unavailable") if doc["status"] == "error" else (200, "OK")
             body = json.dumps(doc).encode() + b"\n"
             await self._respond(writer, code, reason, {"Content-Type": "application/json"}, body)
         elif path == "/":

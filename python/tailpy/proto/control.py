@@ -264,6 +264,13 @@ MAX_STREAM_LINE = 256 << 20
 MAX_STREAM_PLAINTEXT = 512 << 20
 """Largest map stream message accepted once inflated (a zstd-compressed one), bytes (512 MiB)."""
 
+KEEPALIVE_HEADER = "Tailpy-Keepalive"
+"""Response header of a map stream: seconds of silence after which the server writes a keepalive line. The
+client counts the stream dead after :data:`SILENCE_KEEPALIVES` of them (at most its own silence limit)."""
+SILENCE_KEEPALIVES = 3.0
+"""Keepalive intervals of silence after which a client counts a map stream dead (see
+:data:`KEEPALIVE_HEADER`; one second more for the way there)."""
+
 
 class StreamSealer:
     """Seals the messages of one map stream for ``machine_key``, numbering them ``seq`` 0, 1, 2, ...
@@ -387,9 +394,11 @@ def open_rotation_proof(
 
 
 __all__ = [
+    "KEEPALIVE_HEADER",
     "MAX_MESSAGE",
     "MAX_STREAM_LINE",
     "REPLAY_WINDOW",
+    "SILENCE_KEEPALIVES",
     "OpenedRequest",
     "ReplayError",
     "ReplayGuard",

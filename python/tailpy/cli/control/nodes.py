@@ -27,6 +27,14 @@ def command() -> None:
     """Machines registered with this server."""
 
 
+def last_seen(n: dict[str, Any], now: float) -> str:
+    """The LAST SEEN cell of node JSON ``n``: "now" while it streams (online: it is being seen), else when
+    its last stream ended ("-": never)."""
+    if n.get("online"):
+        return "now"
+    return "-" if n.get("last_seen") is None else when(n["last_seen"], now)
+
+
 @command.command("list")
 @state_dir_option
 @db_option
@@ -50,7 +58,7 @@ def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
                 n["os"],
                 "yes" if n["online"] else "no",
                 _expiry(n, now),
-                "-" if n["last_seen"] is None else when(n["last_seen"], now),
+                last_seen(n, now),
                 n["node_key"][:16] + "…",
             ]
             for n in result
@@ -219,4 +227,4 @@ def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node: str) -> N
 
 with_admin_note([nodes_list, nodes_show, nodes_rename, nodes_tag, nodes_expire, nodes_expiry, nodes_delete])
 
-__all__ = ["command"]
+__all__ = ["command", "last_seen"]

@@ -83,6 +83,12 @@ def routes_approve(
     click.echo(f"node {r['id']} ({r['name']}): {_routes_text(r)}")
     if r.get("not_advertised"):
         click.echo(f"note: node {r['name']} does not advertise {', '.join(r['not_advertised'])} (yet)")
+    if r.get("exit_route_missing"):
+        click.echo(
+            f"note: {', '.join(r['exit_route_missing'])} is not approved: node {r['name']} is an exit node "
+            f"only with both 0.0.0.0/0 and ::/0 approved (`tailpy control routes approve {r['name']} "
+            "--exit-node`)"
+        )
 
 
 @command.command("unapprove")
@@ -96,12 +102,14 @@ def routes_unapprove(
     state_dir: Path, db: str | None, as_json: bool, exit_node: bool, node: str, prefixes: str | None
 ) -> None:
     """Take back the approval of routes PREFIXES (comma-separated) of node NODE, or with --exit-node of its
-    exit routes: peers stop using them at once."""
+    exit routes: peers stop using them at once. Fails (exit 1) when none of them was approved."""
     r = admin(state_dir, db, "routes.unapprove", _args(node, prefixes, exit_node))
     if as_json:
         print_json(r)
         return
     click.echo(f"node {r['id']} ({r['name']}): {_routes_text(r)}")
+    if r.get("not_approved"):
+        click.echo(f"note: {', '.join(r['not_approved'])} of node {r['name']} was not approved (unchanged)")
 
 
 with_admin_note([routes_list, routes_approve, routes_unapprove])

@@ -60,6 +60,7 @@ replicas = sa.Table(
     sa.Column("started", sa.Float),
     sa.Column("heartbeat", sa.Float),
     sa.Column("derp", sa.Text),
+    sa.Column("token", sa.Text),
 )
 node_streams = sa.Table(
     "node_streams",
@@ -141,11 +142,13 @@ def install(conn: Connection) -> None:
     ddl = (*_PG_DDL, *_pg_triggers()) if pg else (*_SQLITE_DDL, *_sqlite_triggers())
     for stmt in ddl:
         conn.exec_driver_sql(stmt)
-    # (a replicas table made before the relay column)
-    if pg:
-        conn.exec_driver_sql("ALTER TABLE replicas ADD COLUMN IF NOT EXISTS derp TEXT")
-    elif "derp" not in {c["name"] for c in sa.inspect(conn).get_columns("replicas")}:
-        conn.exec_driver_sql("ALTER TABLE replicas ADD COLUMN derp TEXT")
+    # (a replicas table made before the relay or the process token column)
+    have = None if pg else {c["name"] for c in sa.inspect(conn).get_columns("replicas")}
+    for column in ("derp", "token"):
+        if pg:
+            conn.exec_driver_sql(f"ALTER TABLE replicas ADD COLUMN IF NOT EXISTS {column} TEXT")
+        elif have is not None and column not in have:
+            conn.exec_driver_sql(f"ALTER TABLE replicas ADD COLUMN {column} TEXT")
 
 
 # --- the feed -----------------------------------------------------------------------------------------------
@@ -207,14 +210,36 @@ def db_now(conn: Connection) -> float:
 
 
 def heartbeat(
-    conn: Connection, replica_id: str, url: str, now: float, *, started: float, derp: str | None = None
-) -> None:
+    conn: Connection,
+    replica_id: str,
+    url: str,
+    now: float,
+    *,
+    started: float,
+    derp: str | None = None,
+    token: str | None = None,
+) -> bool:
     """Insert or refresh replica ``replica_id``'s row (``url``: where nodes reach it; ``derp``: its relay's
-    region JSON, None: no relay)."""
+    region JSON, None: no relay; ``token``: the process's own token, None: any). Returns False, changing
+    nothing, when the row is held by a process with another token (two processes given one replica id)."""
     values = {"url": url, "heartbeat": now, "derp": derp}
-    res = conn.execute(replicas.update().where(replicas.c.id == replica_id).values(**values))
+    mine = replicas.c.id == replica_id
+    if token is not None:
+        mine = mine & ((replicas.c.token == token) | replicas.c.token.is_(None))
+    res = conn.execute(replicas.update().where(mine).values(**values, token=token))
     if not res.rowcount:
-        conn.execute(replicas.insert().values(id=replica_id, started=started, **values))
+        if conn.execute(sa.select(replicas.c.id).where(replicas.c.id == replica_id)).first() is not None:
+            return False
+        conn.execute(replicas.insert().values(id=replica_id, started=started, token=token, **values))
+    return True
+
+
+def holder(conn: Connection, replica_id: str) -> tuple[str | None, float] | None:
+    """(process token, heartbeat in unix seconds) of replica ``replica_id``'s row; None: no row."""
+    row = conn.execute(
+        sa.select(replicas.c.token, replicas.c.heartbeat).where(replicas.c.id == replica_id)
+    ).first()
+    return None if row is None else (row.token, float(row.heartbeat or 0.0))
 
 
 def alive(conn: Connection, now: float, stale: float) -> dict[str, str]:
@@ -310,13 +335,14 @@ def shared_key(conn: Connection, fallback: str) -> str:
     return fallback
 
 
-def shared_mesh_key(conn: Connection) -> str:
-    """The database's DERP mesh key (64 hex digits, derper's ``--mesh-psk-file`` form), made (random) by the
-    first replica that asks: the embedded relays of every replica of the database share it."""
+def shared_mesh_key(conn: Connection, given: str | None = None) -> str:
+    """The database's DERP mesh key (64 hex digits, derper's ``--mesh-psk-file`` form), made by the first
+    replica that asks (``given``, its ``--mesh-psk-file`` key, else random): the embedded relays of every
+    replica of the database share it. A database that has one keeps it (the caller compares)."""
     row = conn.execute(sa.select(control_keys.c.value).where(control_keys.c.name == "derp_mesh")).first()
     if row is not None:
         return str(row.value)
-    key = secrets.token_hex(32)
+    key = given if given is not None else secrets.token_hex(32)
     _put_key(conn, "derp_mesh", key)
     return key
 

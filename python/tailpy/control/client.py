@@ -480,9 +480,11 @@ class ControlClient:
                         if r.status >= 500:  # (a replica that cannot serve: the next stream tries another)
                             self.next_server()
                     raise ControlError(f"control server answered HTTP {r.status} to the map request")
-                self._fit_silence(r)
+                silence = self._fit_silence(r)
                 buf = bytearray()
-                async for chunk in r.content.iter_any():
+                while chunk := await (
+                    r.content.readany() if silence is None else asyncio.wait_for(r.content.readany(), silence)
+                ):
                     start = len(buf)
                     buf += chunk
                     while (i := buf.find(b"\n", start)) >= 0:
@@ -547,21 +549,20 @@ class ControlClient:
             state = self.map_state = apply_message(state, msg)
             yield state.netmap
 
-    def _fit_silence(self, r: aiohttp.ClientResponse) -> None:
-        """Count the stream dead after :data:`~tailpy.proto.control.SILENCE_KEEPALIVES` of the keepalive
-        intervals the server announced (:data:`~tailpy.proto.control.KEEPALIVE_HEADER`; control replicas
-        announce one heartbeat, so a node leaves a hung replica about when the others count it dead), one
-        second more, at most ``stream_silence``."""
+    def _fit_silence(self, r: aiohttp.ClientResponse) -> float | None:
+        """Seconds of silence after which the stream counts as dead (a timer per read, so that it holds from
+        the first byte): :data:`~tailpy.proto.control.SILENCE_KEEPALIVES` of the keepalive intervals the
+        server announced
+        (:data:`~tailpy.proto.control.KEEPALIVE_HEADER`; control replicas announce one heartbeat, so a node
+        leaves a hung replica about when the others count it dead), one second more; None when the server
+        announced none shorter than ``stream_silence`` (aiohttp's read timeout applies)."""
         try:
             keepalive = float(r.headers.get(proto.KEEPALIVE_HEADER, ""))
         except ValueError:
-            return
+            return None
         if not 0 < keepalive < self.stream_silence:
-            return
-        silence = min(self.stream_silence, proto.SILENCE_KEEPALIVES * keepalive + 1.0)
-        protocol = None if r.connection is None else r.connection.protocol
-        if protocol is not None:
-            protocol.read_timeout = silence
+            return None
+        return min(self.stream_silence, proto.SILENCE_KEEPALIVES * keepalive + 1.0)
 
     def _open_line(self, opener: proto.StreamOpener, line: bytes) -> bytes:
         try:

@@ -480,11 +480,9 @@ class ControlClient:
                         if r.status >= 500:  # (a replica that cannot serve: the next stream tries another)
                             self.next_server()
                     raise ControlError(f"control server answered HTTP {r.status} to the map request")
-                silence = self._fit_silence(r)
+                self._fit_silence(r)
                 buf = bytearray()
-                while chunk := await (
-                    r.content.readany() if silence is None else asyncio.wait_for(r.content.readany(), silence)
-                ):
+                async for chunk in r.content.iter_any():
                     start = len(buf)
                     buf += chunk
                     while (i := buf.find(b"\n", start)) >= 0:
@@ -549,20 +547,22 @@ class ControlClient:
             state = self.map_state = apply_message(state, msg)
             yield state.netmap
 
-    def _fit_silence(self, r: aiohttp.ClientResponse) -> float | None:
-        """Seconds of silence after which the stream counts as dead (a timer per read, so that it holds from
-        the first byte): :data:`~tailpy.proto.control.SILENCE_KEEPALIVES` of the keepalive intervals the
-        server announced
-        (:data:`~tailpy.proto.control.KEEPALIVE_HEADER`; control replicas announce one heartbeat, so a node
-        leaves a hung replica about when the others count it dead), one second more; None when the server
-        announced none shorter than ``stream_silence`` (aiohttp's read timeout applies)."""
+    def _fit_silence(self, r: aiohttp.ClientResponse) -> None:
+        """Count the stream dead after :data:`~tailpy.proto.control.SILENCE_KEEPALIVES` of the keepalive
+        intervals the server announced (:data:`~tailpy.proto.control.KEEPALIVE_HEADER`; control replicas
+        announce one heartbeat, so a node leaves a hung replica about when the others count it dead), one
+        second more, at most ``stream_silence``."""
         try:
             keepalive = float(r.headers.get(proto.KEEPALIVE_HEADER, ""))
         except ValueError:
-            return None
+            return
         if not 0 < keepalive < self.stream_silence:
-            return None
-        return min(self.stream_silence, proto.SILENCE_KEEPALIVES * keepalive + 1.0)
+            return
+        silence = min(self.stream_silence, proto.SILENCE_KEEPALIVES * keepalive + 1.0)
+        protocol = None if r.connection is None else r.connection.protocol
+        if protocol is not None:
+            protocol.read_timeout = silence
+            protocol.start_timeout()  # (a timer set before with the old limit would otherwise stay)
 
     def _open_line(self, opener: proto.StreamOpener, line: bytes) -> bytes:
         try:

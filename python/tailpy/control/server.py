@@ -38,6 +38,8 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
+* ``/api/v1/…``: the HTTP admin API, authenticated by admin API keys, described at ``GET
+  /api/v1/openapi.json`` (:mod:`tailpy.control.adminapi`).
 * ``GET /health`` -> ``{"status": "ok" | "degraded" | "error", "checks": {name: {"status": ..., ...}}}``,
   200, or 503 when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
   :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
@@ -75,6 +77,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tailpy.control import dnsconfig, pages
 from tailpy.control.acl import PolicyKeeper, policy_nodes
+from tailpy.control.admin import Admin
+from tailpy.control.adminapi import AdminApi
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.policy import Policy, PolicyNode
@@ -271,6 +275,9 @@ class ControlServer:
         app.router.add_post("/machine/update", self._update)
         app.router.add_post("/machine/logout", self._logout)
         app.router.add_post(DERP_ADMIT_PATH, self._derp_admit)
+        AdminApi(Admin(self.store, server=self, clock=self.clock, key_lifetime=self.key_lifetime)).install(
+            app
+        )
         if self.logins is not None:
             self.logins.install(app)
         app.on_startup.append(self._on_startup)

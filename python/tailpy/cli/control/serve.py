@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from tailpy.cli.control.common import db_option, state_dir_option
+from tailpy.cli.control.common import db_option, server_state_dir_option
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.errors import ConfigError
 
 
 @click.command("serve")
-@state_dir_option
+@server_state_dir_option
 @db_option
 @click.option("--listen", default="0.0.0.0:8080", show_default=True, help="HOST:PORT to serve HTTP on.")
 @click.option("--domain", default=None, help="Tailnet DNS domain, stored (default: tailnet.internal).")

@@ -42,6 +42,8 @@ class ThreadedControl:
     def start(self) -> None:
         self._thread.start()
 
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
         async def start() -> str:
             self.store = Store(self.state_dir)
             self.server = ControlServer(self.store, keepalive=0.5, poll_interval=0.2)

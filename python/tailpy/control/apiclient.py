@@ -137,6 +137,14 @@ def call(url: str, key: str, op: str, args: Mapping[str, Any], *, timeout: float
             f"{base} answered HTTP {status} to {method} {path.split('?')[0]}, not as a tailpy control "
             "server's admin API (check --control-url)"
         )
+    if status in (404, 405) and error in (
+        "Not Found",
+        "Method Not Allowed",
+    ):  # (aiohttp's, not an operation's)
+        raise ConfigError(
+            f"{base} has no admin API endpoint {method} {path.split('?')[0]} (HTTP {status}): check "
+            "--control-url, and that the server's tailpy has the admin API"
+        )
     if status == 401:
         raise ConfigError(f"the control server at {base} refused the API key: {error}")
     if status == 507:

@@ -346,6 +346,11 @@ def test_remote_cli_failures_are_one_sentence(control: ThreadedControl, tmp_path
         "nodes", "list", "--api-key-file", str(tmp_path / "missing"), env={"TAILPY_CONTROL_URL": control.url}
     )
     assert r.returncode == 1 and "cannot read the API key file" in r.stderr
+    # $TAILPY_CONTROL_URL (which embedded nodes read too) gives way to a state dir; the flag does not
+    local = {"TAILPY_CONTROL_URL": closed, "TAILPY_CONTROL_STATE_DIR": str(control.state_dir)}
+    assert _cli("users", "list", "--json", env=local).returncode == 0
+    r = _cli("users", "list", "--control-url", closed, env=local | {"TAILPY_API_KEY": control.key})
+    assert r.returncode == 1 and "cannot reach" in r.stderr
     r = _cli("nodes", "list")
     assert r.returncode == 2 and "--state-dir" in r.stderr and "--control-url" in r.stderr
 

@@ -58,7 +58,7 @@ def remote_options(f: Any) -> Any:
         expose_value=False,
         callback=_remember(_META_URL),
         help=f"Administer the control server at this URL over its HTTP admin API, with an admin API key "
-        f"(default: ${ENV_CONTROL_URL}).",
+        f"(default: ${ENV_CONTROL_URL} when no --state-dir is given).",
     )(f)
 
 
@@ -97,19 +97,26 @@ def with_admin_note(commands: Iterable[click.Command]) -> None:
         cmd.help = f"{inspect.cleandoc(cmd.help or '')}\n\n{ADMIN_NOTE}"
 
 
-def control_url() -> str | None:
-    """The ``--control-url`` (or ``$TAILPY_CONTROL_URL``) of the running command, or None."""
+def control_url(state_dir: Path | None = None) -> str | None:
+    """The ``--control-url`` of the running command, or None. ``$TAILPY_CONTROL_URL`` counts only when no
+    ``state_dir`` is given (a flag or ``$TAILPY_CONTROL_STATE_DIR``): the variable also tells embedded
+    nodes where control is, and a local admin command keeps going to the local server."""
     ctx = click.get_current_context(silent=True)
     url = ctx.meta.get(_META_URL) if ctx is not None else None
-    return url if isinstance(url, str) and url.strip() else None
+    if not isinstance(url, str) or not url.strip():
+        return None
+    assert ctx is not None
+    from_env = ctx.get_parameter_source("control_url") == click.core.ParameterSource.ENVIRONMENT
+    return None if from_env and state_dir is not None else url
 
 
 def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any]) -> Any:
-    """Run admin operation ``op`` with ``args``: over the HTTP admin API with ``--control-url`` (the key from
-    ``--api-key-file`` or ``$TAILPY_API_KEY``: :func:`tailpy.control.apiclient.call`), else through the
+    """Run admin operation ``op`` with ``args``: over the HTTP admin API with ``--control-url`` (see
+    :func:`control_url`; the key from ``--api-key-file`` or ``$TAILPY_API_KEY``:
+    :func:`tailpy.control.apiclient.call`), else through the
     admin socket or the database (:func:`tailpy.control.admin.run`). Raises ConfigError; click's usage error
     when neither ``--state-dir`` nor ``--control-url`` is given."""
-    url = control_url()
+    url = control_url(state_dir)
     if url is not None:
         from tailpy.control import apiclient
 

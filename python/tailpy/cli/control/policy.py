@@ -184,7 +184,7 @@ def _offline(state_dir: Path | None, db: str | None) -> bool:
     ``state_dir``."""
     from tailpy.control.admin import SOCKET_NAME
 
-    if db is not None or control_url() is not None:
+    if db is not None or control_url(state_dir) is not None:
         return False
     if state_dir is None:
         return True

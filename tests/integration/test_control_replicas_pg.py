@@ -242,7 +242,7 @@ def _cut_from_database(replica: Replica) -> Callable[[], None]:
     def failing(*_args: object) -> tuple[list[str], dict[str, str] | None]:
         raise sa.exc.OperationalError("SELECT 1", {}, OSError("connection refused (simulated)"))
 
-    r._beat_db = failing  # type: ignore[method-assign]
+    r._beat_db = failing  # type: ignore[method-assign,assignment]
 
     def mend() -> None:
         r._beat_db = beat  # type: ignore[method-assign]

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from aiohttp import web
 
-from tailpy.control import acl
+from tailpy.control import acl, apikeys
 from tailpy.control import identity as ident
 from tailpy.control.admin import Admin
 from tailpy.errors import ConfigError, ControlError, StorageError
@@ -286,10 +286,12 @@ class Console:
             return None
         return session
 
-    def _start_session(self, request: web.Request, who: str, via: str, key_id: int | None) -> web.HTTPFound:
+    def _start_session(
+        self, request: web.Request, who: str, via: str, key_id: int | None, target: str
+    ) -> web.Response:
+        """A redirect to ``target`` setting the new session's cookie."""
         session = Session(who, via, key_id, self.server.clock() + SESSION_LIFETIME, secrets.token_urlsafe(18))
-        target = self._next(request.query.get("next", ""))
-        found = web.HTTPFound(target)
+        found = _redirect(302, target)
         found.set_cookie(
             COOKIE,
             sign(self._key, "session", session.to_json()),
@@ -410,8 +412,7 @@ class Console:
     ) -> web.Response:
         """Redirect (303, POST-redirect-GET) to ``to`` (default: the page the action belongs to) with
         ``text`` as a one-shot notice."""
-        target = to or self._page_of(request.path)
-        found = web.HTTPSeeOther(target)
+        found = _redirect(303, to or self._page_of(request.path))
         found.set_cookie(
             FLASH_COOKIE,
             sign(self._key, "notice", {"text": text[:2000], "ok": ok}),
@@ -464,22 +465,16 @@ class Console:
     # --- API keys ---
 
     def _check_api_key(self, secret: str) -> tuple[int, str] | None:
-        """(id, how to name it) of the valid API key ``secret``, or None."""
-        try:
-            from tailpy.control import apikeys  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            return None
-        info = apikeys.check_api_key(self.server.store, secret)
+        """(id, how pages name it) of the valid API key ``secret``, or None (unknown, expired, malformed)."""
+        info = apikeys.check_api_key(self.server.store, secret, now=self.server.clock())
         if info is None:
             return None
-        return int(info.id), f"API key {getattr(info, 'prefix', info.id)}"
+        return info.id, f"API key {apikeys.shown(info.prefix)}"
 
     def _api_key_live(self, key_id: int) -> bool:
-        try:
-            from tailpy.control import apikeys  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            return False
-        return bool(apikeys.api_key_live(self.server.store, key_id, self.server.clock()))
+        """Whether API key ``key_id`` still exists and has not expired (a session ends with its key)."""
+        now = self.server.clock()
+        return any(k.id == key_id and not k.expired(now) for k in apikeys.list_api_keys(self.server.store))
 
     # --- sign-in ---
 
@@ -521,7 +516,9 @@ class Console:
                 request, error="That API key is not valid (unknown, expired or revoked).", status=401
             )
         key_id, name = found
-        raise self._start_session(request, name, "api key", key_id)
+        return self._start_session(
+            request, name, "api key", key_id, self._next(request.query.get("next", ""))
+        )
 
     async def _signin_oidc(self, request: web.Request) -> web.StreamResponse:
         logins = self.server.logins
@@ -539,14 +536,12 @@ class Console:
                     f"You signed in as {who.shown}, who is not an administrator of this tailnet "
                     "(see `tailpy control serve --admin`)."
                 )
-            resp = self._start_session(callback, name, "oidc", None)
-            resp.location = nxt
-            return resp
+            return self._start_session(callback, name, "oidc", None, nxt)
 
         return await logins.start_signin(finish)
 
     async def _signout(self, request: web.Request, session: Session) -> web.StreamResponse:
-        found = web.HTTPSeeOther(PREFIX + "/signin")
+        found = _redirect(303, PREFIX + "/signin")
         found.del_cookie(COOKIE, path=PREFIX)
         log.info("console: %s signed out", session.who)
         return found
@@ -688,13 +683,15 @@ class Console:
             text, shown_version = rec["text"], rec["id"]
         if text is None:
             text = current.get("policy") or ""
-        located = []
+        located: list[dict[str, Any]] = []
+        mark: int | None = None
         for e in errors:
             pos = policy_error_position(e)
             located.append(
                 {"sentence": e, "line": pos[0] if pos else None, "column": pos[1] if pos else None}
             )
-        mark = next((e["line"] for e in located if e["line"] is not None), None)
+            if mark is None and pos is not None:
+                mark = pos[0]
         lines = text.split("\n")
         excerpt = []
         if mark is not None:
@@ -788,6 +785,10 @@ def dns_form(form: Mapping[str, Any]) -> dict[str, Any]:
     if domain:
         args["domain"] = domain
     return args
+
+
+def _redirect(status: int, location: str) -> web.Response:
+    return web.Response(status=status, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 def _int(text: str) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,19 +20,19 @@ from typing import Any, TypeVar
 import nacl.public
 import pytest
 
+from _browser_login import CHROMIUM, DRIVER, find, unavailable_reason
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control.apikeys import create_api_key
 from tailpy.keys import MachinePrivate, NodePublic
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _browser_login import CHROMIUM, DRIVER, find, unavailable_reason  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "test-output" / "console"
 ROUTE = "198.51.100.0/24"
-BAD_POLICY = '{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:*"]},\n    {"action": "nope"}\n  ]\n}'
+BAD_POLICY = (
+    '{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:*"]},\n    {"action": "nope"}\n  ]\n}'
+)
 GOOD_POLICY = '{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:*"]}\n  ]\n}'
 T = TypeVar("T")
 

@@ -177,31 +177,37 @@ async def test_session_cookie_flags_and_signature(env: Env, tmp_path: Path) -> N
     forged = sign(session_key(bytes(32)), "session", payload)
     tampered = sign(key, "session", {**payload, "expires": time.time() - 1})
     for value in (forged, tampered, morsel.value[:-2] + "AA"):
-        async with aiohttp.ClientSession() as other:
-            async with other.get(
+        async with (
+            aiohttp.ClientSession() as other,
+            other.get(
                 env.url + "/admin/machines", headers={"Cookie": f"{COOKIE}={value}"}, allow_redirects=False
-            ) as resp:
-                assert resp.status == 302
+            ) as resp,
+        ):
+            assert resp.status == 302
     # A second server on the same database (a replica: the same machine key) accepts the session.
     replica = ControlServer(env.store, keepalive=0.5, poll_interval=0.2)
     host, port = await replica.start("127.0.0.1", 0)
     try:
-        async with aiohttp.ClientSession() as other:
-            async with other.get(
+        async with (
+            aiohttp.ClientSession() as other,
+            other.get(
                 f"http://{host}:{port}/admin/users", headers={"Cookie": f"{COOKIE}={morsel.value}"}
-            ) as resp:
-                assert resp.status == 200 and "Users" in await resp.text()
+            ) as resp,
+        ):
+            assert resp.status == 200 and "Users" in await resp.text()
     finally:
         await replica.stop()
     # Served over HTTPS (server_url https://, a TLS proxy in front): the cookie is Secure.
     secure = ControlServer(env.store, console=ConsoleConfig(server_url="https://control.example"))
     host, port = await secure.start("127.0.0.1", 0)
     try:
-        async with aiohttp.ClientSession() as other:
-            async with other.post(
+        async with (
+            aiohttp.ClientSession() as other,
+            other.post(
                 f"http://{host}:{port}/admin/signin", data={"api_key": api_key(env)}, allow_redirects=False
-            ) as resp:
-                assert resp.status == 302 and resp.cookies[COOKIE]["secure"] is True
+            ) as resp,
+        ):
+            assert resp.status == 302 and resp.cookies[COOKIE]["secure"] is True
     finally:
         await secure.stop()
 
@@ -222,7 +228,7 @@ async def test_listings_are_readable_without_javascript(env: Env) -> None:
             assert "<script" not in pages[path], path  # listings need no script
     node = env.store.list_nodes()[0]
     assert f'id="node-{machine}"' in pages["machines"] and "router-1" in pages["machines"]
-    assert node.ipv4 in pages["machines"] and "198.51.100.0/24" in pages["machines"]
+    assert str(node.ipv4) in pages["machines"] and "198.51.100.0/24" in pages["machines"]
     assert "awaiting approval" in pages["machines"]
     assert "alice@example.com" in pages["users"]
     assert "tailnet.internal" in pages["dns"]
@@ -260,7 +266,10 @@ async def test_actions_change_the_store(env: Env) -> None:
     await post(f"/admin/keys/{key_id}/expire", {})
     assert next(k for k in env.store.list_auth_keys() if k.id == key_id).expires is not None
     # Policy: a bad one refused with its line, a good one saved.
-    bad = '{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:*"]},\n    {"action": "nope"}\n  ]\n}'
+    bad = (
+        '{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:*"]},\n'
+        '    {"action": "nope"}\n  ]\n}'
+    )
     page = await post("/admin/policy", {"text": bad, "action": "save"}, 400)
     assert "line 4, column" in page and 'class="mark"' in page and 'data-line="4"' in page
     assert env.store.policy_history(5) == []

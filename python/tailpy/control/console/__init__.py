@@ -334,7 +334,15 @@ class Console:
             if request.method == "POST":
                 if session is None or not self._same_origin(request):
                     return self._forbidden("Sign in again: this request has no valid console session.")
-                form = await request.post()
+                try:
+                    form = await request.post()
+                except web.HTTPRequestEntityTooLarge:
+                    return self._back(
+                        request,
+                        "The form is larger than the control server accepts (1 MiB): use the admin CLI "
+                        "(`tailpy control policy set FILE`) for a policy that large.",
+                        ok=False,
+                    )
                 token = form.get(CSRF_FIELD)
                 if not isinstance(token, str) or not hmac.compare_digest(token, self.csrf_token(session)):
                     return self._forbidden("This form is stale or did not come from the console: reload it.")

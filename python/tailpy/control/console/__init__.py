@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -211,6 +212,25 @@ def _ago(ts: Any, now: float) -> str:
 Handler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
 
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The templates (every value escaped; a missing variable is an error), loaded once per process."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = _when
+    return env
+
+
+@functools.cache
+def _stylesheet() -> bytes:
+    return (HERE / "static" / "console.css").read_bytes()
+
+
 class Console:
     """The console of ``server`` (a :class:`tailpy.control.server.ControlServer`): :meth:`install` adds its
     routes to the server's aiohttp app."""
@@ -220,15 +240,8 @@ class Console:
         self.config = config or ConsoleConfig()
         self.admin = Admin(server.store, server=server, clock=server.clock, key_lifetime=server.key_lifetime)
         self._key = session_key(server.key.raw)
-        self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(HERE / "templates"),
-            autoescape=jinja2.select_autoescape(default=True),
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
-        self.env.filters["when"] = _when
-        self._css = (HERE / "static" / "console.css").read_bytes()
+        self.env = _environment()
+        self._css = _stylesheet()
 
     # --- routes ---
 

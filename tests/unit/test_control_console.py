@@ -251,6 +251,13 @@ async def test_actions_change_the_store(env: Env) -> None:
     assert env.store.list_nodes()[0].approved_routes == ("198.51.100.0/24",)
     await post(f"/admin/machines/{machine}/unapprove-routes", {"route": "198.51.100.0/24"})
     assert env.store.list_nodes()[0].approved_routes == ()
+    exit_node = await _join(env, "exit-1", routes=["0.0.0.0/0", "::/0"])
+    async with env.http.get(env.url + "/admin/machines") as r:
+        assert f'id="exit-{exit_node}"' in await r.text()
+    await post(f"/admin/machines/{exit_node}/approve-routes", {"exit_node": "1"})
+    by_id = {n.id: n for n in env.store.list_nodes()}
+    assert set(by_id[exit_node].approved_routes) == {"0.0.0.0/0", "::/0"}
+    await post(f"/admin/machines/{exit_node}/delete", {})
     # A mistake comes back as a notice, nothing changed.
     await post(f"/admin/machines/{machine}/rename", {"name": "Not A Name!"})
     async with env.http.get(env.url + "/admin/machines") as r:
@@ -259,7 +266,7 @@ async def test_actions_change_the_store(env: Env) -> None:
     # Auth keys: the new key shown once in the answer (not a redirect), usable.
     page = await post("/admin/keys", {"user": "", "tags": "", "expiration": "1h", "reusable": "1"}, 200)
     m = re.search(r'id="new-key"[^>]*value="([^"]+)"', page)
-    assert m is not None and len(env.store.list_auth_keys()) == 2
+    assert m is not None and len(env.store.list_auth_keys()) == 3
     async with env.http.get(env.url + "/admin/keys") as r:
         assert m.group(1) not in await r.text()  # a listing shows only its prefix
     key_id = max(k.id for k in env.store.list_auth_keys())

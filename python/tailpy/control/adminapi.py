@@ -12,7 +12,7 @@ unknown field (checked against the endpoint's schema in :data:`ROUTES` before th
 an operation's refusal (:class:`~tailpy.errors.ConfigError`) is 400, or 404 when a path names something
 that does not exist; a refused policy is 400 with ``errors`` (every problem, ``FILE:LINE:COLUMN:
 message``) and ``details`` (``[{line, column, message}]``, line and column null when unknown); a full disk
-is 507.
+is 507, a database that does not answer (a lost connection, a lock wait that timed out) 503.
 
 Changes made through the API are recorded as made by ``apikey:<prefix>`` (the ``set_by`` of a policy, the
 ``created_by`` of an API key).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -32,10 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from tailpy.control import acl, apikeys
 from tailpy.control.admin import MAX_BODY, MAX_EXPIRATION, Admin
+from tailpy.control.store.database import db_error
 from tailpy.errors import ConfigError, ControlError, InvalidKeyError, ParseError, StorageError
+
+log = logging.getLogger("tailpy.control.adminapi")
 
 PREFIX = "/api/v1"
 OPENAPI_PATH = PREFIX + "/openapi.json"
@@ -733,6 +738,12 @@ class AdminApi:
                 return web.json_response(await self._run(route, args))
             except ApiError as e:
                 return e.response()
+            except SQLAlchemyError as e:  # (a lost connection, a lock wait that timed out: may work again)
+                known = db_error(e, self.admin.store.where)
+                if isinstance(known, StorageError):
+                    return ApiError(507, str(known)).response()
+                log.warning("%s %s: the database did not answer: %s", request.method, request.path, e)
+                return ApiError(503, "the control database did not answer: try again").response()
 
         return handle
 
@@ -837,6 +848,7 @@ def openapi_document() -> dict[str, Any]:
                 "required": bool(r.body.get("required")),
                 "content": {"application/json": {"schema": r.body}},
             }
+        op["responses"]["503"] = {"description": "the database did not answer (try again)", "content": error}
         op["responses"]["507"] = {"description": "the database's disk is full", "content": error}
         parameters = [
             {"name": name, "in": "path", "required": True, "schema": schema}

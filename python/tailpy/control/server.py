@@ -40,6 +40,7 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
 * ``/api/v1/…``: the HTTP admin API, authenticated by admin API keys, described at ``GET
   /api/v1/openapi.json`` (:mod:`tailpy.control.adminapi`).
+* ``/admin`` and below: the web console, HTML pages for admins (:mod:`tailpy.control.console`).
 * ``GET /health`` -> ``{"status": "ok" | "degraded" | "error", "checks": {name: {"status": ..., ...}}}``,
   200, or 503 when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
   :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
@@ -79,6 +80,8 @@ from tailpy.control import dnsconfig, pages
 from tailpy.control.acl import PolicyKeeper, policy_nodes
 from tailpy.control.admin import Admin
 from tailpy.control.adminapi import AdminApi
+from tailpy.control.console import PREFIX as CONSOLE_PREFIX
+from tailpy.control.console import Console, ConsoleConfig
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.policy import Policy, PolicyNode
@@ -199,7 +202,9 @@ class ControlServer:
     (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only). One timer fires at the next key
     expiry or ephemeral deadline (no per-node polling). ``policy_file``: the tailnet policy is that file's
     (``serve --policy``), else the database's (:class:`tailpy.control.acl.PolicyKeeper`, :attr:`policy`).
-    Raises ConfigError when the policy cannot be loaded (a bad policy file: line, column, what is wrong).
+    ``console``: who may sign in to the web console at ``/admin`` (:mod:`tailpy.control.console`; None: API
+    keys only). Raises ConfigError when the policy cannot be loaded (a bad policy file: line, column, what
+    is wrong).
     """
 
     def __init__(
@@ -218,6 +223,7 @@ class ControlServer:
         replica_id: str | None = None,
         replica_url: str = "",
         heartbeat: float = HEARTBEAT,
+        console: ConsoleConfig | None = None,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -257,6 +263,8 @@ class ControlServer:
             self.logins = Logins(
                 oidc, store, on_node=self.admin_changed, key_lifetime=key_lifetime, clock=clock
             )
+        self.console = Console(self, console)
+        """The web console (:mod:`tailpy.control.console`)."""
 
     # --- app and lifecycle ---
 
@@ -266,7 +274,11 @@ class ControlServer:
         app = web.Application(
             client_max_size=proto.MAX_MESSAGE + 4096,
             # every error JSON (login pages keep their own HTML error pages)
-            middlewares=[make_json_errors(skip=pages.PAGE_PREFIXES, translate=lambda e: db_error(e, where))],
+            middlewares=[
+                make_json_errors(
+                    skip=(*pages.PAGE_PREFIXES, CONSOLE_PREFIX), translate=lambda e: db_error(e, where)
+                )
+            ],
         )
         app.router.add_get("/key", self._key)
         app.router.add_get("/health", self._health)
@@ -280,6 +292,7 @@ class ControlServer:
         )
         if self.logins is not None:
             self.logins.install(app)
+        self.console.install(app)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -548,6 +561,11 @@ class ControlServer:
             if req is None:
                 return web.json_response({"error": e.message}, status=e.status)
             return self._reply(req, {"error": e.message, "kind": e.kind}, e.status)
+        except SQLAlchemyError as e:  # (a lost connection, a lock wait that timed out: the next try may work)
+            log.warning("%s failed: the database did not answer: %s", path, str(e).splitlines()[0])
+            return web.json_response(
+                {"error": "the control database did not answer: try again (or another replica)"}, status=503
+            )
 
     def _live_node(self, req: proto.OpenedRequest, node_key: NodePublic | None) -> Node:
         node = self.store.node_by_machine_key(req.machine_key)

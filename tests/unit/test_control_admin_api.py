@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from _admin_api import ThreadedControl, call, threaded_control
 
 from tailpy.control.adminapi import OPENAPI_PATH, PREFIX, ROUTES, located
@@ -260,6 +261,17 @@ def test_body_over_the_limit_is_413(control: ThreadedControl) -> None:
 
     status, error = _fail(control, "PUT", "/policy", raw=b" " * (MAX_BODY + 1))
     assert status == 413 and "larger than" in error
+
+
+def test_database_that_does_not_answer_is_503(
+    control: ThreadedControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gone() -> None:
+        raise sa.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(control.db, "list_users", gone)
+    status, _, doc = call(control.url, "GET", PREFIX + "/users", key=control.key)
+    assert status == 503 and doc == {"error": "the control database did not answer: try again"}
 
 
 def test_located_reads_line_and_column() -> None:

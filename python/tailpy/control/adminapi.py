@@ -742,7 +742,8 @@ class AdminApi:
                 known = db_error(e, self.admin.store.where)
                 if isinstance(known, StorageError):
                     return ApiError(507, str(known)).response()
-                log.warning("%s %s: the database did not answer: %s", request.method, request.path, e)
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log.warning("%s %s: the database did not answer: %s", request.method, request.path, why)
                 return ApiError(503, "the control database did not answer: try again").response()
 
         return handle

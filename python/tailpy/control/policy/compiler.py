@@ -109,8 +109,11 @@ class _Node:
 
 @dataclass
 class Changes:
-    """What one node update changed: :attr:`filters` node ids whose filter may differ now (worked out when
-    asked); ``lost``: node ids that saw the updated node before and do not now; ``view_changed``: the
+    """What one node update changed: :attr:`filters` node ids whose filter parts (the form nodes get,
+    :meth:`Compiled.filter_parts`) may differ now, worked out when asked (the merged form,
+    :meth:`Compiled.filter_json`, built on demand, may also change for the destinations of a rule whose
+    sources became equal to, or stopped being equal to, a changed rule's: merging is across the policy);
+    ``lost``: node ids that saw the updated node before and do not now; ``view_changed``: the
     updated node's own peer set may differ (its streams need a full netmap)."""
 
     lost: set[int] = field(default_factory=set)

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import nacl.public
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tailpy.control import ControlClient, ControlServer, Store
-from tailpy.control.metrics import LOOPBACK_ONLY, is_loopback, metrics_app
+from tailpy.control.metrics import LOOPBACK_ONLY
+from tailpy.metrics import is_loopback, start_metrics_listener
 from tailpy.errors import AuthKeyError
 from tailpy.keys import MachinePrivate, NodePublic
 
@@ -158,10 +158,7 @@ async def test_metrics_refused_to_a_remote_peer_on_the_main_listener() -> None:
 
 async def test_metrics_listen_serves_anyone(server: tuple[ControlServer, Store, str]) -> None:
     srv, _, _ = server
-    runner = web.AppRunner(metrics_app(srv.metrics))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner = await start_metrics_listener(srv.metrics.registry, "127.0.0.1", 0)
     try:
         port = runner.addresses[0][1]
         types, _ = await scrape(f"http://127.0.0.1:{port}")

@@ -5,51 +5,43 @@ one), so several servers in one process (tests, replicas) keep apart. Values tha
 state, open map streams) are read from the server at scrape time (:class:`_StateCollector`); events are
 counted where they happen:
 
-=============================================== ========= =====================================================
-name                                            type      what
-=============================================== ========= =====================================================
-``tailpy_control_nodes{state}``                 gauge     live nodes ``online`` (a map stream open on some
-                                                          replica), ``offline``, ``expired`` (key expired or
-                                                          logged out); ``pending``: sign-ins waiting for an
-                                                          admin's approval
-``tailpy_control_map_streams``                  gauge     map streams open on this replica
-``tailpy_control_registrations_total``          counter   registrations that succeeded
-``tailpy_control_registration_failures_total``  counter   refused registrations ``{reason}``
-                                                          (:data:`REGISTRATION_FAILURES`)
-``tailpy_control_delta_latency_seconds``        histogram from a change to its delta written to a stream
-``tailpy_control_db_operation_duration_seconds`` histogram database statements ``{operation}``: ``select``,
-                                                          ``insert``, ``update``, ``delete``, ``other``
-``tailpy_control_policy_compile_seconds``       histogram compiling the tailnet policy for every node
-``tailpy_control_http_requests_total``          counter   ``{route, method, status}``; ``route`` is the
-                                                          route's pattern (``/login/{id}``), ``unmatched``
-                                                          for paths no route serves
-``tailpy_control_replica_info{replica}``        gauge     1, naming this replica (with replica liveness only)
-=============================================== ========= =====================================================
+* ``tailpy_control_nodes{state}`` (gauge): live nodes ``online`` (a map stream open on some live replica),
+  ``offline``, ``expired`` (key expired or logged out); ``pending``: sign-ins waiting for an admin's approval.
+* ``tailpy_control_map_streams`` (gauge): map streams open on this replica.
+* ``tailpy_control_registrations_total`` (counter): registrations that succeeded;
+  ``tailpy_control_registration_failures_total{reason}`` (counter): refused ones
+  (:data:`REGISTRATION_FAILURES`).
+* ``tailpy_control_delta_latency_seconds`` (histogram): from a change to its delta written to a stream.
+* ``tailpy_control_db_operation_duration_seconds{operation}`` (histogram): database statements, by
+  ``select``, ``insert``, ``update``, ``delete``, ``other``.
+* ``tailpy_control_policy_compile_seconds`` (histogram): compiling the tailnet policy for every node.
+* ``tailpy_control_http_requests_total{route, method, status}`` (counter): ``route`` is the route's pattern
+  (``/login/{id}``), ``unmatched`` for paths no route serves.
+* ``tailpy_control_replica_info{replica}`` (gauge, 1): this replica's id (with replica liveness only).
 
 With the embedded DERP relay, its metrics (:mod:`tailpy.derp.metrics`) join the same exposition.
 
 On control's main listener ``/metrics`` answers loopback peers only (as derper's ``/debug/*`` handlers:
 Tailscale's ``tsweb.AllowDebugAccess``); ``--metrics-listen`` serves it on a listener of its own to anyone
-who reaches that address (:func:`metrics_app`).
+who reaches that address (:func:`tailpy.metrics.start_metrics_listener`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tailpy.metrics import METRICS_PATH, is_loopback, metrics_response
+
 if TYPE_CHECKING:
     from tailpy.control.server import ControlServer
-
-METRICS_PATH = "/metrics"
 
 LOOPBACK_ONLY = (
     "metrics are served on this listener to loopback clients only: start control with --metrics-listen "
@@ -88,19 +80,6 @@ def failure_reason(status: int, kind: str) -> str:
     return {400: "bad_request", 401: "unauthenticated", 403: "not_registered", 409: "conflict"}.get(
         status, "other"
     )
-
-
-def is_loopback(remote: str | None) -> bool:
-    """True when ``remote`` (aiohttp's ``request.remote``: an IP address, maybe with an IPv6 zone) is a
-    loopback address (127.0.0.0/8, ::1, or an IPv4-mapped loopback)."""
-    if not remote:
-        return False
-    try:
-        ip = ip_address(remote.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 class _StateCollector(Collector):
@@ -237,12 +216,6 @@ class ControlMetrics:
         """Every metric in the Prometheus text format (``prometheus_client.generate_latest``)."""
         return generate_latest(self.registry)
 
-    def response(self) -> web.Response:
-        """The exposition as an aiohttp response."""
-        resp = web.Response(body=self.exposition())
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
-
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         """An aiohttp middleware counting each request by route pattern, method and status (put it first,
         outermost, so it sees the status other middlewares made of errors)."""
@@ -269,7 +242,7 @@ class ControlMetrics:
         :data:`LOOPBACK_ONLY`."""
         if not is_loopback(request.remote):
             return web.Response(status=403, text=LOOPBACK_ONLY)
-        return self.response()
+        return metrics_response(self.registry)
 
 
 def route_of(request: web.Request) -> str:
@@ -281,18 +254,6 @@ def route_of(request: web.Request) -> str:
     return resource.canonical
 
 
-def metrics_app(metrics: ControlMetrics) -> web.Application:
-    """The application of ``--metrics-listen``: ``GET /metrics`` to anyone (the operator chose where it
-    listens), nothing else."""
-
-    async def serve(_request: web.Request) -> web.Response:
-        return metrics.response()
-
-    app = web.Application()
-    app.router.add_get(METRICS_PATH, serve)
-    return app
-
-
 __all__ = [
     "DB_OPERATIONS",
     "LOOPBACK_ONLY",
@@ -301,6 +262,5 @@ __all__ = [
     "ControlMetrics",
     "failure_reason",
     "is_loopback",
-    "metrics_app",
     "route_of",
 ]

@@ -144,6 +144,13 @@ from tailpy.errors import ConfigError
     help="This server's id among several serving one PostgreSQL database (default: HOSTNAME:PORT). "
     "Replicas share the tailnet, its nodes and server key; each runs its own listener and relay.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve GET /metrics (Prometheus) on HOST:PORT to anyone who reaches it (on --listen it is "
+    "served to loopback clients only).",
+)
 def command(
     state_dir: Path,
     db: str | None,
@@ -178,6 +185,7 @@ def command(
     policy_file: Path | None,
     server_url: str | None,
     replica_id: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
     through <state-dir>/admin.sock (mode 0600).
@@ -204,7 +212,10 @@ def command(
     replica's URL: `tailpy up --login-server http://a:8080,http://b:8080`. The embedded relays of replicas
     with one --derp-region-id form a DERP mesh (derper's protocol; the key kept in the database, or given by
     --mesh-psk-file) and the DERP map lists each live replica's relay as a node of that region.
-    --mesh-with adds standalone relays (derper) to the mesh."""
+    --mesh-with adds standalone relays (derper) to the mesh.
+
+    GET /metrics serves Prometheus metrics (tailpy_control_*, and the embedded relay's tailpy_derp_*) to
+    loopback clients; --metrics-listen HOST:PORT serves them to anyone who reaches that address."""
     from tailpy.control.options import (
         check_server_url,
         default_server_url,
@@ -217,6 +228,7 @@ def command(
     from tailpy.derp.mesh import mesh_urls
 
     host, port = parse_listen(listen)
+    metrics_at = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen is not None else None
     derp_host, derp_port = host, DERP_PORT
     if derp_listen is not None:
         derp_host, derp_port = parse_listen(derp_listen, "--derp-listen")
@@ -273,6 +285,7 @@ def command(
         policy_file=policy_file,
         server_url=server_url,
         replica_id=replica_id,
+        metrics_listen=metrics_at,
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control.metrics import LOOPBACK_ONLY
-from tailpy.metrics import is_loopback, start_metrics_listener
 from tailpy.errors import AuthKeyError
 from tailpy.keys import MachinePrivate, NodePublic
+from tailpy.metrics import is_loopback, start_metrics_listener
 
 STEP = 5.0
 

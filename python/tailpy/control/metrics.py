@@ -16,7 +16,8 @@ counted where they happen:
   ``select``, ``insert``, ``update``, ``delete``, ``other``.
 * ``tailpy_control_policy_compile_seconds`` (histogram): compiling the tailnet policy for every node.
 * ``tailpy_control_http_requests_total{route, method, status}`` (counter): ``route`` is the route's pattern
-  (``/login/{id}``), ``unmatched`` for paths no route serves.
+  (``/login/{id}``), ``unmatched`` for paths no route serves; ``status`` 499 (:data:`CLIENT_CLOSED`) when the
+  client left before the handler returned.
 * ``tailpy_control_replica_info{replica}`` (gauge, 1): this replica's id (with replica liveness only).
 
 With the embedded DERP relay, its metrics (:mod:`tailpy.derp.metrics`) join the same exposition.
@@ -28,6 +29,7 @@ who reaches that address (:func:`tailpy.metrics.start_metrics_listener`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,10 @@ REGISTRATION_FAILURES = (
 not open, a stale or replayed request, a refused key rotation proof; a refused auth key; requested tags the
 policy does not grant; a machine control does not know; a conflict with the stored state (another
 machine's node key, say); anything else."""
+
+CLIENT_CLOSED = 499
+"""The ``status`` label of a request whose client went away before its handler returned (a map stream
+ended by its node, say; nginx's code for it): its real status was sent, or never will be."""
 
 DB_OPERATIONS = ("select", "insert", "update", "delete")
 """``operation`` labels of the database latency histogram (every other statement is ``other``)."""
@@ -232,6 +238,9 @@ class ControlMetrics:
             except web.HTTPException as e:
                 status = e.status
                 raise
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED  # (a map stream whose client left, mostly)
+                raise
             finally:
                 self.http_requests.labels(route_of(request), request.method, str(status)).inc()
 
@@ -255,6 +264,7 @@ def route_of(request: web.Request) -> str:
 
 
 __all__ = [
+    "CLIENT_CLOSED",
     "DB_OPERATIONS",
     "LOOPBACK_ONLY",
     "METRICS_PATH",

@@ -360,3 +360,58 @@ def test_concurrent_registrations_on_both_replicas(
     assert len(rows) == 80
     for col in range(4):
         assert len({r[col] for r in rows}) == 80, col
+
+
+_HOLD_THE_LOCK = """
+import os, signal, sys
+import sqlalchemy as sa
+from tailpy.control.store.database import create_engine, database_url
+engine = create_engine(database_url(sys.argv[1], None))
+with engine.connect() as conn, conn.begin():  # takes the writer lock
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # hangs here, idle inside its transaction
+    try:
+        conn.exec_driver_sql("SELECT 1")
+    except sa.exc.DBAPIError as e:  # IdleInTransactionSessionTimeout: the server ended the session
+        sys.exit(3 if "idle-in-transaction" in str(e) else 4)
+sys.exit(0)
+"""
+
+
+def test_process_hung_inside_a_transaction_releases_the_writer_lock(pg_url: str, tmp_path: Path) -> None:
+    """A control process that hangs in the middle of a transaction (SIGSTOP while it holds the writer lock)
+    does not stall the others' writes for good: PostgreSQL ends its idle session and the lock is free; the
+    hung process finds its session gone when it resumes."""
+    empty_database(pg_url)
+    (tmp_path / "writer").mkdir()
+    writer = Store(tmp_path / "writer", db=pg_url)
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_LOCK, pg_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+            deadline = time.monotonic() + FAILOVER_WAIT * 2
+            while holder.poll() is None and not _stopped(holder.pid):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            key = writer.create_auth_key(reusable=False, expires=None, now=time.time())  # waits for the lock
+            log.info("a write waited %.2f s for the lock of a hung process", time.monotonic() - t0)
+            assert key.id in {k.id for k in writer.list_auth_keys()}
+            holder.send_signal(signal.SIGCONT)
+            rc = holder.wait(timeout=FAILOVER_WAIT)
+            assert rc == 3, holder.stderr.read().decode() if holder.stderr else rc
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+            writer.close()
+
+
+def _stopped(pid: int) -> bool:
+    """True while process ``pid`` is stopped by a signal (state T in /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False

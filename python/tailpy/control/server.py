@@ -555,6 +555,11 @@ class ControlServer:
             if req is None:
                 return web.json_response({"error": e.message}, status=e.status)
             return self._reply(req, {"error": e.message, "kind": e.kind}, e.status)
+        except SQLAlchemyError as e:  # (a lost connection, a lock wait that timed out: the next try may work)
+            log.warning("%s failed: the database did not answer: %s", path, str(e).splitlines()[0])
+            return web.json_response(
+                {"error": "the control database did not answer: try again (or another replica)"}, status=503
+            )
 
     def _live_node(self, req: proto.OpenedRequest, node_key: NodePublic | None) -> Node:
         node = self.store.node_by_machine_key(req.machine_key)

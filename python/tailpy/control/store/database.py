@@ -32,6 +32,18 @@ KEY_NAME = "control.key"
 PG_LOCK = 0x7A11_9C
 """The ``pg_advisory_xact_lock`` id every PostgreSQL transaction takes: one writer at a time, like SQLite's
 ``BEGIN IMMEDIATE``."""
+PG_IDLE_IN_TRANSACTION = 3.0
+"""Seconds a PostgreSQL session may sit idle inside a transaction before the server ends it
+(``idle_in_transaction_session_timeout``), releasing the writer lock. A control process that hangs in the
+middle of a transaction (SIGSTOP, a frozen VM, a host gone from the network) would otherwise hold
+:data:`PG_LOCK` for good and stall every other replica's writes, heartbeats included. Our transactions run
+their statements back to back (no waiting on the network or on users inside one), so a live process is
+never idle this long; it is below the replicas' stale window (three heartbeats) so the others carry on
+before they would count each other dead."""
+PG_LOCK_TIMEOUT = 10.0
+"""Seconds a PostgreSQL statement waits for a lock (``lock_timeout``) before it fails: a write that cannot
+get :data:`PG_LOCK` ends with an error (the request is refused, a heartbeat counts as failed) instead of
+blocking its process without end."""
 
 
 def database_url(db: str | None, state_dir: Path) -> str:
@@ -49,12 +61,20 @@ def database_url(db: str | None, state_dir: Path) -> str:
 
 def create_engine(url: str) -> Engine:
     """An engine for ``url`` whose every transaction (``engine.begin()``) holds the database's one writer
-    lock: PostgreSQL's advisory lock :data:`PG_LOCK`, SQLite's ``BEGIN IMMEDIATE`` (WAL, 30 s busy timeout,
-    ``synchronous=FULL``). Raises ConfigError for PostgreSQL without its driver (the ``tailpy[postgres]``
-    extra)."""
+    lock: PostgreSQL's advisory lock :data:`PG_LOCK` (released by the server when its holder hangs idle
+    in its transaction, :data:`PG_IDLE_IN_TRANSACTION`; waited for at most :data:`PG_LOCK_TIMEOUT`),
+    SQLite's ``BEGIN IMMEDIATE`` (WAL, 30 s busy timeout, ``synchronous=FULL``). Raises ConfigError for
+    PostgreSQL without its driver (the ``tailpy[postgres]`` extra)."""
     if url.startswith("postgresql"):
         require_psycopg()
         engine = sa.create_engine(url, pool_pre_ping=True)
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET idle_in_transaction_session_timeout = {int(PG_IDLE_IN_TRANSACTION * 1000)}")
+                cur.execute(f"SET lock_timeout = {int(PG_LOCK_TIMEOUT * 1000)}")
+            dbapi_conn.commit()
 
         @sa.event.listens_for(engine, "begin")
         def _on_pg_begin(conn: Connection) -> None:

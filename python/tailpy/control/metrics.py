@@ -58,12 +58,13 @@ REGISTRATION_FAILURES = (
     "tags",
     "not_registered",
     "conflict",
+    "database",
     "other",
 )
 """``reason`` labels of ``tailpy_control_registration_failures_total``: a malformed request; a box that did
 not open, a stale or replayed request, a refused key rotation proof; a refused auth key; requested tags the
 policy does not grant; a machine control does not know; a conflict with the stored state (another
-machine's node key, say); anything else."""
+machine's node key, say); the database did not answer (503); anything else."""
 
 CLIENT_CLOSED = 499
 """The ``status`` label of a request whose client went away before its handler returned (a map stream

@@ -556,6 +556,8 @@ class ControlServer:
                 return web.json_response({"error": e.message}, status=e.status)
             return self._reply(req, {"error": e.message, "kind": e.kind}, e.status)
         except SQLAlchemyError as e:  # (a lost connection, a lock wait that timed out: the next try may work)
+            if path == "/machine/register":
+                self.metrics.registration_failures.labels("database").inc()
             log.warning("%s failed: the database did not answer: %s", path, str(e).splitlines()[0])
             return web.json_response(
                 {"error": "the control database did not answer: try again (or another replica)"}, status=503

@@ -237,15 +237,15 @@ def _cut_from_database(replica: Replica) -> Callable[[], None]:
     """Make ``replica``'s heartbeats fail as when it cannot reach the database (its other queries still
     work); returns the function that mends it."""
     r = replica.server.replicas
-    beat = r._beat
+    beat = r._beat_db
 
-    def failing() -> list[str]:
+    def failing(*_args: object) -> tuple[list[str], dict[str, str] | None]:
         raise sa.exc.OperationalError("SELECT 1", {}, OSError("connection refused (simulated)"))
 
-    r._beat = failing  # type: ignore[method-assign]
+    r._beat_db = failing  # type: ignore[method-assign,assignment]
 
     def mend() -> None:
-        r._beat = beat  # type: ignore[method-assign]
+        r._beat_db = beat  # type: ignore[method-assign]
 
     return mend
 

@@ -27,6 +27,7 @@ _UNDO: dict[int, tuple[str, ...]] = {
     8: ("DROP INDEX ix_nodes_deleted", "ALTER TABLE nodes DROP COLUMN name_by_admin"),
     9: ("DROP TABLE policies",),
     10: ("ALTER TABLE nodes DROP COLUMN routable_ips", "ALTER TABLE nodes DROP COLUMN approved_routes"),
+    11: ("DROP TABLE api_keys",),
 }
 
 

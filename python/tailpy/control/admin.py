@@ -20,6 +20,10 @@ Operations (``op``: arguments -> result, all JSON):
 * ``authkey.create`` {user?, tags?, reusable, ephemeral, expiration (seconds up to 3650 days, or null)} ->
   AuthKey (the full key: the only time it is shown, the database keeps a hash); ``authkey.list`` {} ->
   [AuthKey] (key prefix only; ``uses``, ``last_used``); ``authkey.expire`` {key (id or full key)} -> AuthKey
+* ``apikey.create`` {expiration (seconds up to 3650 days, or null: never; absent: 90 days), description?,
+  by?} -> ApiKey plus ``key`` (the whole ``tpyapi-…`` key: the only time it is shown); ``apikey.list`` {}
+  -> [ApiKey]; ``apikey.expire`` {key (id, prefix or the whole key)} -> ApiKey (ApiKey JSON:
+  :meth:`tailpy.control.apikeys.ApiKeyInfo.to_json`; keys of the HTTP admin API)
 * ``settings.show`` {} -> {domain, prefix_v4, prefix_v6, database}
 * the tailnet policy (:mod:`tailpy.control.acl`; ``file`` names the policy in messages, ``FILE:LINE:COLUMN:
   message``): ``policy.get`` {} -> :meth:`tailpy.control.acl.Running.to_json`; ``policy.set`` {text, file?,
@@ -65,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from tailpy.control import acl, dnsconfig
+from tailpy.control import acl, apikeys, dnsconfig
 from tailpy.control.policy import Policy, PolicyError, PolicyNode, check_tests, compile_filter
 from tailpy.control.routes import node_served
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
@@ -295,6 +299,34 @@ class Admin:
 
     def op_authkey_expire(self, args: Mapping[str, Any]) -> Any:
         return self.store.expire_auth_key(_str(args, "key"), self.clock()).to_json()
+
+    # --- admin API keys ---
+
+    def op_apikey_create(self, args: Mapping[str, Any]) -> Any:
+        now = self.clock()
+        description = args.get("description") or ""
+        by = args.get("by") or ""
+        if not isinstance(by, str):
+            raise ConfigError("by must be text")
+        info, key = apikeys.create_api_key(
+            self.store,
+            expiration_seconds=args.get("expiration", apikeys.DEFAULT_EXPIRATION),
+            description=description,
+            created_by=by,
+            now=now,
+        )
+        return {**info.to_json(now), "key": key}
+
+    def op_apikey_list(self, _args: Mapping[str, Any]) -> Any:
+        now = self.clock()
+        return [k.to_json(now) for k in apikeys.list_api_keys(self.store)]
+
+    def op_apikey_expire(self, args: Mapping[str, Any]) -> Any:
+        ref = args.get("key")
+        if isinstance(ref, bool) or not isinstance(ref, (int, str)) or ref == "":
+            raise ConfigError("key must be an API key's id or prefix; see `tailpy control apikey list`")
+        now = self.clock()
+        return apikeys.expire_api_key(self.store, ref, now=now).to_json(now)
 
     # --- DNS ---
 

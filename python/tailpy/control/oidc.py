@@ -32,7 +32,7 @@ import hmac
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,12 @@ class _Attempt:
     verifier: str
     created: float
     binding: str  # SHA-256 (hex) of the secret in the browser's cookie set at /start
+    finish: SignIn | None = None  # a sign-in of another page (the web console), not of a node
+
+
+SignIn = Callable[[web.Request, ident.Identity], Awaitable[web.StreamResponse]]
+"""What finishes a browser sign-in started by :meth:`Logins.start_signin`: the callback request and the
+verified identity -> the response (a page, a redirect)."""
 
 
 BINDING_COOKIE = "tailpy_signin_"
@@ -524,6 +530,16 @@ class Logins:
         login = self._login_for(request.match_info["login_id"])
         if login is None:
             return self._stale()
+        return await self._redirect(login.id, None)
+
+    async def start_signin(self, finish: SignIn) -> web.StreamResponse:
+        """Send a browser to the provider to sign in for another page than a node's login (the web console,
+        :mod:`tailpy.control.console`): the same ``state``, nonce, PKCE and browser binding as a node's
+        sign-in, through the same redirect URI (``<server_url>/oidc/callback``, the one registered at the
+        provider); the verified identity goes to ``finish`` instead of registering a node."""
+        return await self._redirect("", finish)
+
+    async def _redirect(self, login_id: str, finish: SignIn | None) -> web.StreamResponse:
         try:
             await self.provider.discover()
         except ControlError as e:
@@ -538,7 +554,7 @@ class Logins:
         secret = generate_token(32)
         while len(self.attempts) >= MAX_PENDING:
             del self.attempts[next(iter(self.attempts))]
-        self.attempts[state] = _Attempt(login.id, nonce, verifier, self.clock(), _digest(secret))
+        self.attempts[state] = _Attempt(login_id, nonce, verifier, self.clock(), _digest(secret), finish)
         # The callback is accepted only from the browser holding this cookie: someone who fetched /start
         # and hands the provider URL to another person cannot have that person sign their device in.
         found = web.HTTPFound(self.provider.authorization_url(state, nonce, verifier))
@@ -588,6 +604,8 @@ class Logins:
                 "Open the link that `tailpy login` printed on your device in this browser and sign in "
                 "from there.",
             )
+        if attempt.finish is not None:
+            return await self._finish_signin(q.get("code", ""), attempt, attempt.finish, request)
         login = self.pending.get(attempt.login_id)
         if login is None:
             return self._stale()
@@ -617,6 +635,36 @@ class Logins:
                 "Open the link on the device again in a minute.",
             )
         return self._admit(login, who)
+
+    async def _finish_signin(
+        self, code: str, attempt: _Attempt, finish: SignIn, request: web.Request
+    ) -> web.StreamResponse:
+        """The callback of a :meth:`start_signin` sign-in: the code exchanged, the ID token verified, the
+        identity handed to ``finish``."""
+        if not code or len(code) > 2048:
+            return pages.error_page(
+                400, "Sign-in answer incomplete", "The provider's answer has no code.", "Sign in again."
+            )
+        try:
+            tokens = await self.provider.exchange(code, attempt.verifier)
+            who = await self.provider.verify_id_token(tokens["id_token"], attempt.nonce)
+        except IdTokenError as e:
+            log.warning("sign-in refused: %s", e)
+            return pages.error_page(
+                401,
+                "Sign-in could not be verified",
+                f"The control server did not accept the provider's answer: {e}.",
+                "Sign in again; if it keeps failing, tell the administrator.",
+            )
+        except ControlError as e:
+            log.warning("sign-in: %s", e)
+            return pages.error_page(
+                502,
+                "The identity provider cannot be reached",
+                f"The control server could not finish the sign-in with {self.config.provider_name}.",
+                "Sign in again in a minute.",
+            )
+        return await finish(request, who)
 
     def _admit(self, login: PendingLogin, who: ident.Identity) -> web.Response:
         refusal = self.config.refusal(who)
@@ -673,4 +721,4 @@ class Logins:
         return pages.success_page(who.shown, login.hostname, node.name, node.ipv4 or "")
 
 
-__all__ = ["IdTokenError", "Logins", "OIDCConfig", "PendingLogin", "Provider", "read_secret"]
+__all__ = ["IdTokenError", "Logins", "OIDCConfig", "PendingLogin", "Provider", "SignIn", "read_secret"]

@@ -149,6 +149,7 @@ class Replicas:
         self._local: set[int] = set()  # nodes with a stream here (as recorded in node_streams)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._beating: asyncio.Future[tuple[list[str], dict[str, str] | None]] | None = None
         self._running = False
         self.relay: str | None = None
         """This replica's embedded DERP relay as recorded in its row (a one-region DERP map region, JSON;
@@ -237,6 +238,10 @@ class Replicas:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        if self._beating is not None:  # (a heartbeat in its thread would record this replica again)
+            with contextlib.suppress(Exception):
+                await self._beating
+            self._beating = None
         if self.liveness:
             try:
                 with self.engine.begin() as conn:
@@ -420,8 +425,29 @@ class Replicas:
     # --- liveness ---
 
     def _beat(self) -> list[str]:
-        """One heartbeat: refresh this replica's row (re-recording its streams when another replica took it
-        for dead), remove dead replicas, note the live ones. Returns the ids removed."""
+        """One heartbeat on the event loop (at start): :meth:`_beat_db`, then :meth:`_beat_done`."""
+        local, unclosed = frozenset(self._local), frozenset(self._unclosed)
+        dead, relays = self._beat_db(local, unclosed)
+        self._beat_done(unclosed, relays)
+        return dead
+
+    async def _beat_off_loop(self) -> list[str]:
+        """One heartbeat whose database work runs in a worker thread, so that a slow database (a lock held
+        by a hung replica, a lost connection) never stalls this replica's map streams."""
+        local, unclosed = frozenset(self._local), frozenset(self._unclosed)
+        self._beating = asyncio.ensure_future(asyncio.to_thread(self._beat_db, local, unclosed))
+        dead, relays = await asyncio.shield(self._beating)
+        self._beat_done(unclosed, relays)
+        return dead
+
+    def _beat_db(
+        self, local: frozenset[int], unclosed: frozenset[int]
+    ) -> tuple[list[str], dict[str, str] | None]:
+        """The database part of a heartbeat (any thread; reads no mutable state of this object but
+        ``local``, the nodes streaming here, and ``unclosed``, stream rows whose removal failed): refresh
+        this replica's row (re-recording its streams when another replica took it for dead), remove dead
+        replicas, note the live ones. Returns the ids removed and, with :attr:`on_relays`, the live
+        replicas' relays."""
         stale = self.stale
         with self.engine.begin() as conn:
             now = changes.db_now(conn)
@@ -436,14 +462,19 @@ class Replicas:
                     "(give each replica its own --replica-id)"
                 )
             if known is None:
-                for node_id in sorted(self._local):  # (reaped while it could not beat: streams again)
+                for node_id in sorted(local):  # (reaped while it could not beat: streams again)
                     changes.stream_opened(conn, node_id, self.id, now)
-            for node_id in sorted(self._unclosed - self._local):
+            for node_id in sorted(unclosed - local):
                 changes.stream_closed(conn, node_id, self.id)
-            self._unclosed.clear()
             dead = changes.reap(conn, now, stale)
             self._alive = changes.alive(conn, now, stale)
             relays = changes.relays(conn, now, stale) if self.on_relays is not None else None
+        return dead, relays
+
+    def _beat_done(self, unclosed: frozenset[int], relays: dict[str, str] | None) -> None:
+        """The event-loop part of a good heartbeat: forget the stream rows it removed, note the time, tell
+        :attr:`on_relays`."""
+        self._unclosed -= unclosed
         mono = time.monotonic()
         if self._beating_since is None:
             self._beating_since = mono
@@ -453,14 +484,13 @@ class Replicas:
                 self.on_relays(relays)
             except Exception:
                 log.exception("replica %s: following the replicas' DERP relays failed", self.id)
-        return dead
 
     async def _heartbeats(self) -> None:
         failing = False
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
-                dead = self._beat()
+                dead = await self._beat_off_loop()
             except ReplicaConflict as e:
                 log.error("%s", e)
                 self._sever()

@@ -40,6 +40,7 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
 * ``GET /metrics`` -> Prometheus metrics (text format; :mod:`tailpy.control.metrics`), to loopback peers
   only (403 otherwise: ``tailpy control serve --metrics-listen`` serves them on a listener of their own).
+* ``/admin`` and below: the web console, HTML pages for admins (:mod:`tailpy.control.console`).
 * ``GET /health`` -> ``{"status": "ok" | "degraded" | "error", "checks": {name: {"status": ..., ...}}}``,
   200, or 503 when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
   :attr:`ControlServer.extra_health`, the embedded relay's, say); unauthenticated, for load balancers and
@@ -77,6 +78,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tailpy.control import dnsconfig, pages
 from tailpy.control.acl import PolicyKeeper, policy_nodes
+from tailpy.control.console import PREFIX as CONSOLE_PREFIX
+from tailpy.control.console import Console, ConsoleConfig
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.metrics import METRICS_PATH, ControlMetrics, failure_reason
 from tailpy.control.oidc import Logins, OIDCConfig
@@ -198,7 +201,9 @@ class ControlServer:
     (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only). One timer fires at the next key
     expiry or ephemeral deadline (no per-node polling). ``policy_file``: the tailnet policy is that file's
     (``serve --policy``), else the database's (:class:`tailpy.control.acl.PolicyKeeper`, :attr:`policy`).
-    Raises ConfigError when the policy cannot be loaded (a bad policy file: line, column, what is wrong).
+    ``console``: who may sign in to the web console at ``/admin`` (:mod:`tailpy.control.console`; None: API
+    keys only). Raises ConfigError when the policy cannot be loaded (a bad policy file: line, column, what
+    is wrong).
     """
 
     def __init__(
@@ -217,6 +222,7 @@ class ControlServer:
         replica_id: str | None = None,
         replica_url: str = "",
         heartbeat: float = HEARTBEAT,
+        console: ConsoleConfig | None = None,
     ) -> None:
         self.store = store
         self.key = store.server_key()
@@ -259,6 +265,8 @@ class ControlServer:
             self.logins = Logins(
                 oidc, store, on_node=self.admin_changed, key_lifetime=key_lifetime, clock=clock
             )
+        self.console = Console(self, console)
+        """The web console (:mod:`tailpy.control.console`)."""
 
     # --- app and lifecycle ---
 
@@ -270,7 +278,9 @@ class ControlServer:
             # every error JSON (login pages keep their own HTML error pages)
             middlewares=[
                 self.metrics.middleware(),
-                make_json_errors(skip=pages.PAGE_PREFIXES, translate=lambda e: db_error(e, where)),
+                make_json_errors(
+                    skip=(*pages.PAGE_PREFIXES, CONSOLE_PREFIX), translate=lambda e: db_error(e, where)
+                ),
             ],
         )
         app.router.add_get("/key", self._key)
@@ -283,6 +293,7 @@ class ControlServer:
         app.router.add_post(DERP_ADMIT_PATH, self._derp_admit)
         if self.logins is not None:
             self.logins.install(app)
+        self.console.install(app)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
+from tailpy.control.console import ConsoleConfig
 from tailpy.control.derpmesh import RelayMesh
 from tailpy.control.options import WILDCARDS
 from tailpy.control.replicas import HEARTBEAT
@@ -81,6 +82,8 @@ class ControlConfig:
     * ``stun``: a STUN server beside the relay on UDP ``stun_port`` (0 picks one).
     * ``oidc``: browser login (:class:`tailpy.control.oidc.OIDCConfig`; None: auth keys only).
     * ``server_url``: the URL nodes reach control at (``--server-url``; None: from ``host``).
+    * ``admins``: who may sign in to the web console with ``oidc`` (``--admin``: emails, login names,
+      ``group:NAME`` of the policy; :class:`tailpy.control.console.ConsoleConfig`).
     * ``policy_file``: the tailnet policy is this HuJSON file, reloaded when it changes and on SIGHUP (None:
       the policy stored in the database, ``tailpy control policy set``); see :mod:`tailpy.control.acl`.
     * ``mesh_with``: DERP URLs of standalone relays (``tailpy derp serve``, Tailscale's derper) of the
@@ -118,6 +121,7 @@ class ControlConfig:
     stun_port: int = 3478
     oidc: OIDCConfig | None = None
     server_url: str | None = None
+    admins: tuple[str, ...] = ()
     policy_file: Path | None = None
     mesh_with: tuple[str, ...] = ()
     mesh_psk_file: Path | None = None
@@ -360,6 +364,7 @@ class ControlProcess:
             replica_id=replica_id,
             replica_url=cfg.server_url or http_url(cfg.host or socket.gethostname(), cfg.port),
             heartbeat=cfg.heartbeat,
+            console=ConsoleConfig(admins=cfg.admins, server_url=cfg.server_url),
         )
         if self.relay is not None and cfg.derp_verify_clients:
             self.relay.verify_client = local_admission(server.derp_admits)

@@ -139,6 +139,13 @@ from tailpy.errors import ConfigError
     help="URL browsers and nodes reach this server at (login links, OIDC redirect); default from --listen.",
 )
 @click.option(
+    "--admin",
+    "admins",
+    multiple=True,
+    help="May sign in to the web console at /admin with the OIDC provider: an email or login name, or "
+    "group:NAME for the members of that tailnet policy group (repeat). API keys sign in regardless.",
+)
+@click.option(
     "--replica-id",
     default=None,
     help="This server's id among several serving one PostgreSQL database (default: HOSTNAME:PORT). "
@@ -184,6 +191,7 @@ def command(
     approve_nodes: bool,
     policy_file: Path | None,
     server_url: str | None,
+    admins: tuple[str, ...],
     replica_id: str | None,
     metrics_listen: str | None,
 ) -> None:
@@ -214,8 +222,12 @@ def command(
     --mesh-psk-file) and the DERP map lists each live replica's relay as a node of that region.
     --mesh-with adds standalone relays (derper) to the mesh.
 
+    The web console is at /admin: sign in with an API key (`tailpy control apikey create`), or with the
+    OIDC provider as one of the --admin accounts.
+
     GET /metrics serves Prometheus metrics (tailpy_control_*, and the embedded relay's tailpy_derp_*) to
     loopback clients; --metrics-listen HOST:PORT serves them to anyone who reaches that address."""
+    from tailpy.control.console import parse_admins
     from tailpy.control.options import (
         check_server_url,
         default_server_url,
@@ -284,6 +296,7 @@ def command(
         oidc=oidc,
         policy_file=policy_file,
         server_url=server_url,
+        admins=parse_admins(admins),
         replica_id=replica_id,
         metrics_listen=metrics_at,
     )

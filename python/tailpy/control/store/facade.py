@@ -11,10 +11,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tailpy.control.store import authkeys, changes, database, nodes, pending, schema, settings, users
+from tailpy.control.store import apikeys, authkeys, changes, database, nodes, pending, schema, settings, users
 from tailpy.control.store import policy as policy_repo
 from tailpy.control.store import primaries as route_primaries
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE, AddressAllocator
+from tailpy.control.store.apikeys import ApiKeyInfo
 from tailpy.control.store.authkeys import AuthKey
 from tailpy.control.store.nodes import DEFAULT_KEY_LIFETIME, TagCheck
 from tailpy.control.store.pending import PendingNode
@@ -243,6 +244,46 @@ class Store:
         """Make a key (by id, or the full ``tskey-auth-…`` text) expire now. Raises ConfigError if unknown."""
         with self.engine.begin() as conn:
             return authkeys.expire(conn, key_or_id, now)
+
+    # --- admin API keys (the format and public functions: tailpy.control.apikeys) ---
+
+    def add_api_key(
+        self,
+        *,
+        prefix: str,
+        secret: str,
+        description: str,
+        created_by: str,
+        now: float,
+        expires_at: float | None,
+    ) -> ApiKeyInfo | None:
+        """Store an admin API key (its secret hashed); None when ``prefix`` is taken."""
+        with self.engine.begin() as conn:
+            return apikeys.create(
+                conn,
+                prefix=prefix,
+                secret=secret,
+                description=description,
+                created_by=created_by,
+                now=now,
+                expires_at=expires_at,
+            )
+
+    def check_api_key(self, prefix: str, secret: str, now: float) -> ApiKeyInfo | None:
+        """The unexpired key of ``prefix`` and ``secret``, or None (its ``last_used`` refreshed at most once a
+        minute)."""
+        with self.engine.begin() as conn:
+            return apikeys.check(conn, prefix, secret, now)
+
+    def list_api_keys(self) -> list[ApiKeyInfo]:
+        """Every admin API key, by id."""
+        with self.engine.begin() as conn:
+            return apikeys.list_all(conn)
+
+    def expire_api_key(self, ref: str | int, now: float) -> ApiKeyInfo:
+        """Make admin API key ``ref`` (id or prefix) expire now. Raises ConfigError when unknown."""
+        with self.engine.begin() as conn:
+            return apikeys.expire(conn, ref, now)
 
     # --- registration ---
 

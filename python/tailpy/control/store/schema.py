@@ -219,6 +219,29 @@ def _m10_routes(conn: Connection) -> None:
     )
 
 
+def _m11_api_keys(conn: Connection) -> None:
+    """11 (admin API): ``api_keys``, the keys of the HTTP admin API (:mod:`tailpy.control.apikeys`): a
+    visible ``prefix`` (unique; how listings and ``apikey expire`` name a key), ``hash`` (``sha256:<hex>``
+    of the secret part: the secret itself is shown once and never stored), ``description``,
+    ``created_by``, ``created_at``, ``expires_at`` (None: never) and ``last_used`` (unix seconds, updated
+    at most once a minute)."""
+    md = sa.MetaData()
+    sa.Table(
+        "api_keys",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("prefix", sa.Text, nullable=False, unique=True),
+        sa.Column("hash", sa.Text, nullable=False),
+        sa.Column("description", sa.Text, nullable=False, server_default=""),
+        sa.Column("created_by", sa.Text, nullable=False, server_default=""),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float),
+        sa.Column("last_used", sa.Float),
+        sqlite_autoincrement=True,
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m1,
     _m2,
@@ -230,6 +253,7 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m8_names_addresses,
     _m9_policies,
     _m10_routes,
+    _m11_api_keys,
 )
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
@@ -308,6 +332,18 @@ policies = sa.Table(  # migration 8: the tailnet policy's history (newest id: th
     sa.Column("set_by", sa.Text),
     sa.Column("set_at", sa.Float),
 )
+api_keys = sa.Table(  # migration 11: keys of the HTTP admin API
+    "api_keys",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("prefix", sa.Text),
+    sa.Column("hash", sa.Text),
+    sa.Column("description", sa.Text),
+    sa.Column("created_by", sa.Text),
+    sa.Column("created_at", sa.Float),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("last_used", sa.Float),
+)
 settings = sa.Table("settings", _meta, sa.Column("name", sa.Text), sa.Column("value", sa.Text))
 auth_keys = sa.Table(
     "auth_keys",
@@ -358,6 +394,7 @@ __all__ = [
     "AUTH_KEY_PREFIX",
     "INDEXES",
     "MIGRATIONS",
+    "api_keys",
     "auth_key_prefix",
     "auth_keys",
     "hash_auth_key",

@@ -1,0 +1,404 @@
+"""The web console over plain HTTP (an aiohttp client, no browser, no JavaScript): a real control server on
+127.0.0.1 and a real SQLite store. Sign-in with API keys (valid, invalid, expired) and through the test
+OpenID Connect provider (tests/_oidc_provider.py) for admins only; the session cookie's flags and signature;
+redirects and 403s without a session or CSRF token; the listings and actions, each checked in the store."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import nacl.public
+import pytest
+from aiohttp import web
+
+from _oidc_provider import Provider, User
+from tailpy.control import ControlClient, ControlServer, Store
+from tailpy.control.apikeys import create_api_key, expire_api_key
+from tailpy.control.console import (
+    COOKIE,
+    CSRF_FIELD,
+    ConsoleConfig,
+    dns_form,
+    parse_admins,
+    policy_error_position,
+    session_key,
+    sign,
+    verify,
+)
+from tailpy.control.oidc import OIDCConfig
+from tailpy.errors import ConfigError
+from tailpy.keys import MachinePrivate, NodePublic
+
+CLIENT_ID, SECRET = "tailpy", "s3cret-value"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mkey() -> MachinePrivate:
+    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
+
+
+def nkey() -> NodePublic:
+    return NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
+
+
+@dataclass
+class Env:
+    store: Store
+    server: ControlServer
+    url: str
+    http: aiohttp.ClientSession
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    store = Store(tmp_path)
+    server = ControlServer(store, keepalive=0.5, poll_interval=0.2)
+    host, port = await server.start("127.0.0.1", 0)
+    http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # (cookies of IP hosts too)
+    try:
+        yield Env(store, server, f"http://{host}:{port}", http)
+    finally:
+        await http.close()
+        await server.stop()
+        store.close()
+
+
+def api_key(env: Env, seconds: float | None = 3600) -> str:
+    return create_api_key(env.store, expiration_seconds=seconds, description="console test")[1]
+
+
+async def sign_in(env: Env, key: str) -> aiohttp.ClientResponse:
+    async with env.http.post(env.url + "/admin/signin", data={"api_key": key}, allow_redirects=False) as r:
+        await r.read()
+        return r
+
+
+async def csrf(env: Env, page: str = "/admin/machines") -> str:
+    async with env.http.get(env.url + page) as r:
+        assert r.status == 200, await r.text()
+        m = re.search(rf'name="{CSRF_FIELD}" value="([^"]+)"', await r.text())
+    assert m is not None
+    return m.group(1)
+
+
+async def test_unauthenticated_pages_redirect_to_sign_in(env: Env) -> None:
+    for path in ("/admin", "/admin/", "/admin/machines", "/admin/keys", "/admin/policy", "/admin/nothing"):
+        async with env.http.get(env.url + path, allow_redirects=False) as r:
+            assert r.status == 302, path
+            where = r.headers["Location"]
+            if path not in ("/admin", "/admin/"):
+                assert urllib.parse.unquote(where) == f"/admin/signin?next={path}", path
+    async with env.http.get(env.url + "/admin/machines") as r:  # followed: the sign-in page itself
+        page = await r.text()
+        assert r.status == 200 and "Sign in" in page and 'name="api_key"' in page
+        assert "Sign in with" not in page  # (no OpenID Connect provider configured)
+    async with env.http.get(env.url + "/admin/console.css") as r:
+        assert r.status == 200 and r.content_type == "text/css"
+
+
+async def test_posts_without_session_or_csrf_token_are_refused(env: Env) -> None:
+    store = env.store
+    machine = await _join(env, "laptop")
+    # No session at all: 403, nothing renamed.
+    async with env.http.post(
+        env.url + f"/admin/machines/{machine}/rename", data={"name": "evil"}, allow_redirects=False
+    ) as r:
+        assert r.status == 403
+    await sign_in(env, api_key(env))
+    token = await csrf(env)
+    for data, headers in (
+        ({"name": "evil"}, {}),  # no token
+        ({"name": "evil", CSRF_FIELD: "0" * 64}, {}),  # a wrong one
+        ({"name": "evil", CSRF_FIELD: token}, {"Origin": "https://attacker.example"}),  # another site
+    ):
+        async with env.http.post(
+            env.url + f"/admin/machines/{machine}/rename", data=data, headers=headers, allow_redirects=False
+        ) as r:
+            assert r.status == 403, data
+    assert store.list_nodes()[0].name == "laptop"
+    async with env.http.post(
+        env.url + f"/admin/machines/{machine}/rename",
+        data={"name": "desk", CSRF_FIELD: token},
+        headers={"Origin": env.url},
+        allow_redirects=False,
+    ) as r:
+        assert r.status == 303 and r.headers["Location"] == "/admin/machines"
+    assert store.list_nodes()[0].name == "desk"
+    async with env.http.get(env.url + "/admin/machines") as r:  # the one-shot notice, then gone
+        assert "is now named desk" in await r.text()
+    async with env.http.get(env.url + "/admin/machines") as r:
+        assert "is now named desk" not in await r.text()
+
+
+async def test_invalid_and_expired_api_keys_are_refused_at_sign_in(env: Env) -> None:
+    info, key = create_api_key(env.store, expiration_seconds=3600, description="x")
+    expire_api_key(env.store, info.id)
+    for bad in (key, "tpyapi-0123456789-" + "A" * 43, "not a key", ""):
+        r = await sign_in(env, bad)
+        assert r.status == 401 if bad else r.status in (400, 401), bad
+        assert COOKIE not in r.cookies
+    async with env.http.get(env.url + "/admin/machines", allow_redirects=False) as r:
+        assert r.status == 302
+    # A session ends when its API key is expired.
+    info2, key2 = create_api_key(env.store, expiration_seconds=3600, description="y")
+    assert (await sign_in(env, key2)).status == 302
+    async with env.http.get(env.url + "/admin/users", allow_redirects=False) as r:
+        assert r.status == 200
+    expire_api_key(env.store, info2.id)
+    async with env.http.get(env.url + "/admin/users", allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"].startswith("/admin/signin")
+
+
+async def test_session_cookie_flags_and_signature(env: Env, tmp_path: Path) -> None:
+    r = await sign_in(env, api_key(env))
+    assert r.status == 302 and r.headers["Location"] == "/admin/machines"
+    morsel = r.cookies[COOKIE]
+    assert morsel["httponly"] is True and morsel["samesite"] == "Lax" and morsel["path"] == "/admin"
+    assert not morsel["secure"]  # (plain HTTP here; see below for HTTPS)
+    assert 0 < int(morsel["max-age"]) <= 12 * 3600
+    key = session_key(env.server.key.raw)
+    payload = verify(key, "session", morsel.value)
+    assert payload["via"] == "api key" and payload["who"].startswith("API key tpyapi-")
+    assert verify(session_key(bytes(32)), "session", morsel.value) is None  # another server's key
+    assert verify(key, "notice", morsel.value) is None  # another purpose
+    # A forged session (signed with another key, or an edited payload) is not accepted.
+    forged = sign(session_key(bytes(32)), "session", payload)
+    tampered = sign(key, "session", {**payload, "expires": time.time() - 1})
+    for value in (forged, tampered, morsel.value[:-2] + "AA"):
+        async with (
+            aiohttp.ClientSession() as other,
+            other.get(
+                env.url + "/admin/machines", headers={"Cookie": f"{COOKIE}={value}"}, allow_redirects=False
+            ) as resp,
+        ):
+            assert resp.status == 302
+    # A second server on the same database (a replica: the same machine key) accepts the session.
+    replica = ControlServer(env.store, keepalive=0.5, poll_interval=0.2)
+    host, port = await replica.start("127.0.0.1", 0)
+    try:
+        async with (
+            aiohttp.ClientSession() as other,
+            other.get(
+                f"http://{host}:{port}/admin/users", headers={"Cookie": f"{COOKIE}={morsel.value}"}
+            ) as resp,
+        ):
+            assert resp.status == 200 and "Users" in await resp.text()
+    finally:
+        await replica.stop()
+    # Served over HTTPS (server_url https://, a TLS proxy in front): the cookie is Secure.
+    secure = ControlServer(env.store, console=ConsoleConfig(server_url="https://control.example"))
+    host, port = await secure.start("127.0.0.1", 0)
+    try:
+        async with (
+            aiohttp.ClientSession() as other,
+            other.post(
+                f"http://{host}:{port}/admin/signin", data={"api_key": api_key(env)}, allow_redirects=False
+            ) as resp,
+        ):
+            assert resp.status == 302 and resp.cookies[COOKIE]["secure"] is True
+    finally:
+        await secure.stop()
+
+
+async def test_listings_are_readable_without_javascript(env: Env) -> None:
+    env.store.create_user("alice@example.com", time.time())
+    machine = await _join(env, "router-1", routes=["198.51.100.0/24"])
+    await sign_in(env, api_key(env))
+    pages = {}
+    for path in ("machines", "users", "keys", "policy", "dns"):
+        async with env.http.get(env.url + "/admin/" + path) as r:
+            assert r.status == 200 and r.content_type == "text/html"
+            assert (
+                r.headers["Cache-Control"] == "no-store"
+                and "frame-ancestors 'none'" in (r.headers["Content-Security-Policy"])
+            )
+            pages[path] = await r.text()
+            assert "<script" not in pages[path], path  # listings need no script
+    node = env.store.list_nodes()[0]
+    assert f'id="node-{machine}"' in pages["machines"] and "router-1" in pages["machines"]
+    assert str(node.ipv4) in pages["machines"] and "198.51.100.0/24" in pages["machines"]
+    assert "awaiting approval" in pages["machines"]
+    assert "alice@example.com" in pages["users"]
+    assert "tailnet.internal" in pages["dns"]
+
+
+async def test_actions_change_the_store(env: Env) -> None:
+    machine = await _join(env, "router-1", routes=["198.51.100.0/24"])
+    await sign_in(env, api_key(env))
+    token = await csrf(env)
+
+    async def post(path: str, data: dict[str, str], status: int = 303) -> str:
+        async with env.http.post(
+            env.url + path, data={**data, CSRF_FIELD: token}, allow_redirects=False
+        ) as r:
+            text = await r.text()
+            assert r.status == status, text
+            return text
+
+    await post(f"/admin/machines/{machine}/approve-routes", {"route": "198.51.100.0/24"})
+    assert env.store.list_nodes()[0].approved_routes == ("198.51.100.0/24",)
+    await post(f"/admin/machines/{machine}/unapprove-routes", {"route": "198.51.100.0/24"})
+    assert env.store.list_nodes()[0].approved_routes == ()
+    exit_node = await _join(env, "exit-1", routes=["0.0.0.0/0", "::/0"])
+    async with env.http.get(env.url + "/admin/machines") as r:
+        assert f'id="exit-{exit_node}"' in await r.text()
+    await post(f"/admin/machines/{exit_node}/approve-routes", {"exit_node": "1"})
+    by_id = {n.id: n for n in env.store.list_nodes()}
+    assert set(by_id[exit_node].approved_routes) == {"0.0.0.0/0", "::/0"}
+    await post(f"/admin/machines/{exit_node}/delete", {})
+    # A mistake comes back as a notice, nothing changed.
+    await post(f"/admin/machines/{machine}/rename", {"name": "Not A Name!"})
+    async with env.http.get(env.url + "/admin/machines") as r:
+        assert 'class="notice bad"' in await r.text()
+    assert env.store.list_nodes()[0].name == "router-1"
+    # Auth keys: the new key shown once in the answer (not a redirect), usable.
+    page = await post("/admin/keys", {"user": "", "tags": "", "expiration": "1h", "reusable": "1"}, 200)
+    m = re.search(r'id="new-key"[^>]*value="([^"]+)"', page)
+    assert m is not None and len(env.store.list_auth_keys()) == 3
+    async with env.http.get(env.url + "/admin/keys") as r:
+        assert m.group(1) not in await r.text()  # a listing shows only its prefix
+    key_id = max(k.id for k in env.store.list_auth_keys())
+    await post(f"/admin/keys/{key_id}/expire", {})
+    assert next(k for k in env.store.list_auth_keys() if k.id == key_id).expires is not None
+    # Policy: a bad one refused with its line, a good one saved.
+    bad = (
+        '{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:*"]},\n'
+        '    {"action": "nope"}\n  ]\n}'
+    )
+    page = await post("/admin/policy", {"text": bad, "action": "save"}, 400)
+    assert "line 4, column" in page and 'class="mark"' in page and 'data-line="4"' in page
+    assert env.store.policy_history(5) == []
+    good = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+    page = await post("/admin/policy", {"text": good, "action": "check"}, 200)
+    assert "The policy is valid" in page and env.store.policy_history(5) == []
+    await post("/admin/policy", {"text": good, "action": "save"})
+    (rec,) = env.store.policy_history(5)
+    assert rec.text == good and rec.set_by.startswith("API key tpyapi-")
+    # DNS.
+    await post(
+        "/admin/dns",
+        {
+            "domain": "ts.example",
+            "magic_dns": "1",
+            "nameservers": "192.0.2.53\n",
+            "routes": "corp.example 192.0.2.54",
+        },
+    )
+    shown = env.server.console.admin.run("dns.show", {})
+    assert shown["domain"] == "ts.example" and shown["nameservers"] == ["192.0.2.53"]
+    assert shown["routes"] == {"corp.example": ["192.0.2.54"]}
+    # Users, then expire and delete the machine.
+    await post("/admin/users", {"name": "carol"})
+    assert "carol" in {u.name for u in env.store.list_users()}
+    await post(f"/admin/machines/{machine}/expire", {})
+    assert env.store.list_nodes()[0].expired
+    await post(f"/admin/machines/{machine}/delete", {})
+    assert env.store.list_nodes() == []
+    # Signing out ends the session.
+    await post("/admin/signout", {})
+    async with env.http.get(env.url + "/admin/machines", allow_redirects=False) as r:
+        assert r.status == 302
+
+
+async def _join(env: Env, hostname: str, routes: list[str] | None = None) -> int:
+    key = env.store.create_auth_key(reusable=False, expires=None, now=time.time()).key
+    client = ControlClient(env.url, mkey())
+    try:
+        node = await client.register(nkey(), hostname, key, os="linux", routable_ips=routes)
+    finally:
+        await client.close()
+    return node.id
+
+
+def test_helpers() -> None:
+    assert policy_error_position("policy:12:5: unknown action") == (12, 5, "unknown action")
+    assert policy_error_position("policy: too big") is None
+    assert parse_admins(("alice@example.com", " group:admins ", "bob")) == (
+        "alice@example.com",
+        "group:admins",
+        "bob",
+    )
+    with pytest.raises(ConfigError, match="--admin"):
+        parse_admins(("a b",))
+    assert dns_form({"routes": "a.example 192.0.2.1, 192.0.2.2", "extra_records": "x.ts A 100.64.0.9"}) == {
+        "magic_dns": False,
+        "nameservers": [],
+        "search_domains": [],
+        "routes": {"a.example": ["192.0.2.1", "192.0.2.2"]},
+        "extra_records": [{"name": "x.ts", "type": "A", "value": "100.64.0.9"}],
+    }
+    with pytest.raises(ConfigError, match="split DNS route"):
+        dns_form({"routes": "lonely.example"})
+
+
+async def test_oidc_sign_in_admits_admins_only(tmp_path: Path) -> None:
+    pport, cport = free_port(), free_port()
+    issuer, url = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{cport}"
+    provider = Provider(
+        issuer,
+        CLIENT_ID,
+        SECRET,
+        url + "/oidc/callback",
+        {
+            "alice": User("pw-alice", "alice@example.com", "Alice A"),
+            "bob": User("pw-bob", "bob@example.com", "Bob B"),
+            "carol": User("pw-carol", "carol@example.com", "Carol C"),
+        },
+    )
+    prunner = web.AppRunner(provider.app(), access_log=None)
+    await prunner.setup()
+    await web.TCPSite(prunner, "127.0.0.1", pport).start()
+    store = Store(tmp_path)
+    store.add_policy('{"groups": {"group:admins": ["carol@example.com"]}}', "test", time.time())
+    server = ControlServer(
+        store,
+        oidc=OIDCConfig(issuer, CLIENT_ID, SECRET, url),
+        console=ConsoleConfig(admins=("alice@example.com", "group:admins"), server_url=url),
+    )
+    await server.start("127.0.0.1", cport)
+    try:
+        for user, admitted in (("alice", True), ("carol", True), ("bob", False)):
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+                async with browser.get(url + "/admin/signin?next=/admin/users") as r:
+                    assert "Sign in with 127.0.0.1" in await r.text()
+                async with browser.get(
+                    url + "/admin/signin/oidc?next=/admin/users", allow_redirects=False
+                ) as r:
+                    assert r.status == 302
+                    auth = r.headers["Location"]
+                query = dict(urllib.parse.parse_qsl(auth.split("?", 1)[1]))
+                async with browser.post(
+                    auth.split("?")[0],
+                    data={**query, "login": user, "password": f"pw-{user}"},
+                    allow_redirects=False,
+                ) as r:
+                    assert r.status == 302
+                    cb = r.headers["Location"]
+                async with browser.get(cb, allow_redirects=False) as r:
+                    text = await r.text()
+                    if admitted:
+                        assert r.status == 302 and r.headers["Location"] == "/admin/users", text
+                        assert r.cookies[COOKIE]["httponly"] is True
+                    else:
+                        assert r.status == 403 and "not an administrator" in text
+                        assert COOKIE not in r.cookies
+                async with browser.get(url + "/admin/users", allow_redirects=False) as r:
+                    assert r.status == (200 if admitted else 302), user
+                    if admitted:
+                        assert f"{user}@example.com" in await r.text()
+    finally:
+        await server.stop()
+        store.close()
+        await prunner.cleanup()

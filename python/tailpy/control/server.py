@@ -83,11 +83,13 @@ from tailpy.control.console import Console, ConsoleConfig
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.control.metrics import METRICS_PATH, ControlMetrics, failure_reason
 from tailpy.control.oidc import Logins, OIDCConfig
+from tailpy.control.openwrites import StreamOpenWrites
 from tailpy.control.policy import Policy, PolicyNode
 from tailpy.control.replicas import FEED_POLL, HEARTBEAT, Replicas
 from tailpy.control.routes import auto_approved
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Store
 from tailpy.control.store.database import db_error
+from tailpy.control.store.nodes import NodeReport
 from tailpy.control.tags import Requester, check_tags
 from tailpy.endpoint import Endpoint
 from tailpy.errors import (
@@ -225,6 +227,8 @@ class ControlServer:
         console: ConsoleConfig | None = None,
     ) -> None:
         self.store = store
+        self.open_writes = StreamOpenWrites(store)
+        """The reports of map streams opening, grouped into shared transactions."""
         self.key = store.server_key()
         self.public_key = proto.public_of(self.key)
         self.clock = clock
@@ -366,6 +370,7 @@ class ControlServer:
             self._timer = None
         await self.replicas.stop()
         await self.policy.stop()
+        self.open_writes.flush()
         self.mapper.end_all()
         self.metrics.detach()
 
@@ -792,14 +797,16 @@ class ControlServer:
         try:
             if self._online[stream.node_id] == 1:
                 self.replicas.opened(stream.node_id)  # (online on every replica)
-            node = self.store.update_node(
-                stream.machine_key,
-                endpoints=endpoints,
-                hostname=hostname,
-                home_derp=home_derp,
-                disco_key=disco_key,
-                routable_ips=routable_ips,
-                now=self.clock(),
+            node = await self.open_writes.report(  # (committed before the stream starts)
+                NodeReport(
+                    stream.machine_key,
+                    endpoints=endpoints,
+                    hostname=hostname,
+                    home_derp=home_derp,
+                    disco_key=disco_key,
+                    routable_ips=routable_ips,
+                    now=self.clock(),
+                )
             )
             if node is None:
                 self.publish_removed(stream.node_id)

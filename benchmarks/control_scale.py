@@ -1,7 +1,7 @@
 """Control server scale: N simulated nodes streaming their netmaps from one `tailpy control serve` process.
 
     .venv/bin/python benchmarks/control_scale.py --nodes 1000,10000 [--workers 4] [--policy none,realistic]
-        [--plain] [--json] [--smoke]
+        [--plain] [--replicas 2] [--json] [--smoke]
 
 The server is a real subprocess on 127.0.0.1 with its own state dir. Simulated nodes live in ``--workers``
 separate processes (each holding thousands of streams): each has its own machine key and NaCl boxes and talks
@@ -27,20 +27,31 @@ policy the run also measures a policy change: a rule letting ``tag:t1`` reach ev
 added to the file and the server is sent SIGHUP; seconds until every node has its new packet filter
 (``policy_p50_s``, ``policy_p99_s``), and the server CPU it took.
 
+With ``--replicas R`` (2 or more) the run starts a throwaway PostgreSQL (as the store tests do,
+``tests/unit/_postgres.py``; exits 77 with the reason when none can start) and R ``control serve --db``
+replicas on it (no embedded relay or STUN). Every node is given every replica's URL, node g starting on
+replica g mod R, so the nodes spread evenly; the moving node streams from the first replica and the joiner
+registers with the last, so change and join cross replicas. CPU is the replicas' sum, ``server_peak_rss_mib``
+the largest and ``replica_peak_rss_mib`` each one's. At the end the last replica is sent SIGKILL: its
+nodes' streams break and each opens its stream again after half a second (tailpyd's first backoff step) on
+the next URL of its list; ``failover_p50_s`` / ``failover_max_s`` are the seconds from the kill until each
+had a netmap from another replica (``failover_moved`` of ``failover_nodes``). The policy run is left out.
+
 Each measurement starts once the server is quiet (under a tenth of a core for a second: the last streams
 to open have had their deltas; ``settle_s`` is how long that took after all streams were up), so a figure
 is the measured change alone. The state directory is removed at the end.
 
 Clients and server share the machine's cores, so figures are upper bounds of the server's own latency.
 Exits 1 when some node never saw the change, the join or the policy change within ``--timeout``.
-``--smoke``: 20 nodes in one client process, both policy modes, a check (in seconds) that the benchmark
-still works; its figures mean nothing.
+``--smoke``: 20 nodes in one client process, both policy modes (with ``--replicas``: no policy), a check
+(in seconds) that the benchmark still works; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -62,10 +73,14 @@ import nacl.public
 from tailpy.control.client import ControlClient
 from tailpy.control.store import Store
 from tailpy.endpoint import Endpoint
+from tailpy.errors import ControlError
 from tailpy.keys import MachinePrivate, NodePublic
 
 TAILPY = str(Path(sys.executable).with_name("tailpy"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RECONNECT = 0.5  # seconds before a simulated node opens its stream again (tailpyd's first backoff step)
+SKIPPED = 77  # exit status: cannot run here (automake's "skipped"), the reason on stderr
+UNIT_TESTS = Path(__file__).resolve().parents[1] / "tests" / "unit"  # _postgres.py: a throwaway PostgreSQL
 
 
 def raise_nofile() -> None:
@@ -73,10 +88,13 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def server_cpu(pid: int) -> float:
-    """utime + stime of ``pid``, seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def server_cpu(pids: list[int]) -> float:
+    """utime + stime of the processes ``pids`` together, seconds."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def server_hwm_mib(pid: int) -> float:
@@ -86,15 +104,15 @@ def server_hwm_mib(pid: int) -> float:
     return 0.0
 
 
-def wait_quiet(pid: int, limit: float = 300.0, window: float = 1.0, busy: float = 0.1) -> float:
-    """Wait (at most ``limit`` seconds) until the server used under ``busy`` of a core over ``window``
+def wait_quiet(pids: list[int], limit: float = 300.0, window: float = 1.0, busy: float = 0.1) -> float:
+    """Wait (at most ``limit`` seconds) until the servers used under ``busy`` of a core over ``window``
     seconds: the streams that opened last have had their deltas, so what is measured next is the
     measured change alone. Returns the seconds waited."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit:
-        c0 = server_cpu(pid)
+        c0 = server_cpu(pids)
         time.sleep(window)
-        if server_cpu(pid) - c0 < busy * window:
+        if server_cpu(pids) - c0 < busy * window:
             break
     return time.monotonic() - t0
 
@@ -112,12 +130,14 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def worker_main(
-    url: str, auth_keys: list[str], count: int, index: int, pipe: Connection, compact: bool
+    urls: list[str], auth_keys: list[str], count: int, index: int, pipe: Connection, compact: bool
 ) -> None:
-    """``auth_keys``: one per node (whose owner or tags it gets). ``compact``: the clients accept zstd and
-    peer patches (else plain JSON, as older clients)."""
+    """``urls``: each node's control URL list (one URL, or the replicas' URLs separated by commas, the one it
+    streams from first). ``auth_keys``: one per node (whose owner or tags it gets). ``compact``: the clients
+    accept zstd and peer patches (else plain JSON, as older clients). A stream that ends is opened again
+    after :data:`RECONNECT` seconds (on the next URL of the node's list, as tailpyd's session does)."""
     sem = asyncio.Semaphore(32)
-    clients = [ControlClient(url, new_key(), stream_silence=600) for _ in range(count)]
+    clients = [ControlClient(urls[i], new_key(), stream_silence=600) for i in range(count)]
     node_keys = [NodePublic(bytes(nacl.public.PrivateKey.generate().public_key)) for _ in range(count)]
 
     async def register(i: int) -> None:
@@ -134,41 +154,61 @@ async def worker_main(
     marker_bytes: dict[bytes, list[int]] = {}  # marker -> wire bytes of the messages that brought it
     seen: dict[bytes, dict[int, float]] = {}  # marker -> node index -> first arrival (monotonic)
     mover_too: set[bytes] = set()  # markers the moving node (0, 0) also waits for
+    stream_url: dict[int, str] = {}  # node index -> the URL its current stream came up on
+    reopened: dict[int, float] = {}  # node index -> when its last reopened stream brought its netmap
 
     async def follow(i: int) -> None:
         nonlocal got_full
-        async with sem:
-            it = clients[i].stream_messages(
-                node_keys[i],
-                [Endpoint.parse(f"192.0.2.{index}:{i + 1}")],
-                f"w{index}-{i}",
-                accept=None if compact else [],
-            )
-            first = True
-            async for msg in it:
-                now = time.monotonic()
-                if first:
-                    first = False
-                    got_full += 1
-                    first_bytes.append(msg.wire_bytes)
-                    first_raw.append(len(msg.raw))
-                    if got_full == count:
-                        ready.set()
-                    sem.release()  # only connecting is throttled
-                    await asyncio.sleep(0)
-                    continue
-                for marker, times in seen.items():
-                    if i in times or marker not in msg.raw:
+        initial = True
+        while True:
+            held = initial
+            if held:
+                await sem.acquire()  # only the first connecting is throttled
+            try:
+                url = clients[i].server_url
+                it = clients[i].stream_messages(
+                    node_keys[i],
+                    [Endpoint.parse(f"192.0.2.{index}:{i + 1}")],
+                    f"w{index}-{i}",
+                    accept=None if compact else [],
+                )
+                first = True
+                async for msg in it:
+                    now = time.monotonic()
+                    if first:
+                        first = False
+                        stream_url[i] = url
+                        if not initial:
+                            reopened[i] = now
+                            continue
+                        initial = False
+                        got_full += 1
+                        first_bytes.append(msg.wire_bytes)
+                        first_raw.append(len(msg.raw))
+                        if got_full == count:
+                            ready.set()
+                        held = False
+                        sem.release()
+                        await asyncio.sleep(0)
                         continue
-                    if (index, i) != (0, 0) or marker in mover_too:  # (0, 0) moves
-                        times[i] = now
-                        marker_bytes.setdefault(marker, []).append(msg.wire_bytes)
-            await sem.acquire()
+                    for marker, times in seen.items():
+                        if i in times or marker not in msg.raw:
+                            continue
+                        if (index, i) != (0, 0) or marker in mover_too:  # (0, 0) moves
+                            times[i] = now
+                            marker_bytes.setdefault(marker, []).append(msg.wire_bytes)
+            except ControlError:
+                pass
+            finally:
+                if held:
+                    sem.release()
+            await asyncio.sleep(RECONNECT)
 
     tasks = [asyncio.create_task(follow(i)) for i in range(count)]
     await ready.wait()
     pipe.send(("ready", (first_bytes, first_raw)))
     loop = asyncio.get_running_loop()
+    moving: set[int] = set()
     while True:
         cmd, arg = await loop.run_in_executor(None, pipe.recv)
         if cmd == "watch":
@@ -186,6 +226,15 @@ async def worker_main(
         elif cmd == "move":  # node 0 of this worker changes its endpoints to the marker
             await clients[0].update_endpoints([arg])
             pipe.send(("ok", None))
+        elif cmd == "failover-watch":  # the nodes streaming from replica ``arg``, about to be killed
+            moving = {i for i, u in stream_url.items() if u == arg}
+            reopened.clear()
+            pipe.send(("count", len(moving)))
+        elif cmd == "failover-collect":  # when each of them had its netmap from another replica
+            deadline = arg
+            while not moving <= reopened.keys() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            pipe.send(("times", [reopened[i] for i in moving if i in reopened]))
         elif cmd == "stop":
             break
     for t in tasks:
@@ -194,9 +243,11 @@ async def worker_main(
         await c.close()
 
 
-def worker(url: str, auth_keys: list[str], count: int, index: int, pipe: Connection, compact: bool) -> None:
+def worker(
+    urls: list[str], auth_keys: list[str], count: int, index: int, pipe: Connection, compact: bool
+) -> None:
     raise_nofile()
-    asyncio.run(worker_main(url, auth_keys, count, index, pipe, compact))
+    asyncio.run(worker_main(urls, auth_keys, count, index, pipe, compact))
 
 
 # --- the policy ---
@@ -277,10 +328,10 @@ def serves_policy_files() -> bool:
     return "--policy" in out.stdout
 
 
-def prepare(state: str, n: int, policy: bool) -> tuple[list[str], str, Path | None]:
-    """Users and auth keys made in the database before the server starts: (one key per node, the joiner's
-    key, the policy file or None)."""
-    store = Store(state)
+def prepare(state: str, n: int, policy: bool, db: str | None) -> tuple[list[str], str, Path | None]:
+    """Users and auth keys made in the database (SQLite in ``state``, or ``db``) before the server starts:
+    (one key per node, the joiner's key, the policy file or None)."""
+    store = Store(state, db=db)
     try:
         if not policy:
             key = store.create_auth_key(reusable=True, expires=None, now=time.time()).key
@@ -303,32 +354,72 @@ def prepare(state: str, n: int, policy: bool) -> tuple[list[str], str, Path | No
     return node_keys(n, user_keys, tag_keys), tag_keys[0], path
 
 
-def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True) -> dict[str, Any]:
-    state = tempfile.mkdtemp(prefix="tailpy-control-scale-")
+def start_server(
+    state: str, db: str | None, name: str, policy_file: Path | None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`tailpy control serve` on a free port of 127.0.0.1, its log in ``state``/serve.log; with ``db`` a
+    replica named ``name`` on that database (no embedded relay, no STUN: replicas on one host would share
+    their ports). Returns (process, URL) once it accepts connections."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    keys, key, policy_file = prepare(state, n, policy)
-    log = open(Path(state) / "serve.log", "wb")  # noqa: SIM115
     cmd = [TAILPY, "control", "serve", "--state-dir", state, "--listen", f"127.0.0.1:{port}"]
+    if db is not None:
+        cmd += ["--db", db, "--replica-id", name, "--no-derp", "--no-stun"]
     if policy_file is not None:
         cmd += ["--policy", str(policy_file)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    with open(Path(state) / "serve.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def node_urls(urls: list[str], g: int) -> str:
+    """Node ``g``'s control URL list: every replica's URL, node ``g`` starting on replica ``g % len(urls)``
+    (the nodes spread evenly)."""
+    k = g % len(urls)
+    return ",".join(urls[k:] + urls[:k])
+
+
+def run(
+    n: int,
+    workers: int,
+    timeout: float,
+    policy: bool,
+    compact: bool = True,
+    db: str | None = None,
+    replicas: int = 1,
+) -> dict[str, Any]:
+    """One measurement of ``n`` nodes; with ``db`` (a PostgreSQL URL, emptied first) ``replicas`` servers on
+    it, the nodes spread over them, and a failover measured at the end (the last replica is killed)."""
+    state = tempfile.mkdtemp(prefix="tailpy-control-scale-")
+    if db is not None:
+        empty_database(db)
+    keys, key, policy_file = prepare(state, n, policy, db)
+    servers: list[subprocess.Popen[bytes]] = []
     procs: list[mp.process.BaseProcess] = []
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        urls: list[str] = []
+        for r in range(replicas):
+            sdir = state if replicas == 1 else os.path.join(state, f"r{r}")
+            os.makedirs(sdir, exist_ok=True)
+            proc, url = start_server(sdir, db, f"r{r}", policy_file)
+            servers.append(proc)
+            urls.append(url)
+        pids = [p.pid for p in servers]
         ctx = mp.get_context("spawn")
         pipes: list[Connection] = []
         per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
         t0 = time.monotonic()
         for i, count in enumerate(per):
             a, b = ctx.Pipe()
-            mine = keys[sum(per[:i]) : sum(per[:i]) + count]
-            proc_w = ctx.Process(target=worker, args=(url, mine, count, i, b, compact), daemon=True)
+            lo = sum(per[:i])
+            mine = keys[lo : lo + count]
+            lists = [node_urls(urls, g) for g in range(lo, lo + count)]
+            proc_w = ctx.Process(target=worker, args=(lists, mine, count, i, b, compact), daemon=True)
             proc_w.start()
             procs.append(proc_w)
             pipes.append(a)
@@ -338,12 +429,12 @@ def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True
         t_ready = time.monotonic() - t0
         first_wire = [b for f in firsts for b in f[0]]
         first_json = [b for f in firsts for b in f[1]]
-        settle = wait_quiet(proc.pid)
+        settle = wait_quiet(pids)
 
-        # One node changes its endpoints.
+        # One node changes its endpoints (node 0, on the first replica).
         marker = "203.0.113.77:4242"
         ask(pipes, "watch", (marker, False))
-        cpu0 = server_cpu(proc.pid)
+        cpu0 = server_cpu(pids)
         start = time.monotonic()
         pipes[0].send(("move", marker))
         pipes[0].recv()
@@ -357,11 +448,11 @@ def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True
             times += got
             delta_wire += sizes
         change = [t - start for t in times]
-        cpu_change = server_cpu(proc.pid) - cpu0
+        cpu_change = server_cpu(pids) - cpu0
 
-        # A node joins: registers and opens its stream; others see its node key.
+        # A node joins (on the last replica): registers and opens its stream; others see its node key.
         async def join() -> tuple[float, str]:
-            c = ControlClient(url, new_key())
+            c = ControlClient(node_urls(urls, replicas - 1), new_key())
             nk = NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
             ask(pipes, "watch", (nk.text(), False))
             begin = time.monotonic()
@@ -372,7 +463,7 @@ def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True
             await c.close()
             return begin, nk.text()
 
-        wait_quiet(proc.pid)
+        wait_quiet(pids)
         begin, nk_text = asyncio.run(join())
         for p, e in zip(pipes, expect, strict=True):  # the mover (0, 0) is not watched
             p.send(("collect", (nk_text, e, begin + timeout)))
@@ -385,20 +476,37 @@ def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True
         if policy_file is not None:
             pmarker = f'"First":{POLICY_PORT},'
             ask(pipes, "watch", (pmarker, True))
-            wait_quiet(proc.pid)
+            wait_quiet(pids)
             policy_file.write_text(with_policy_change(policy_file.read_text()))
-            cpu0 = server_cpu(proc.pid)
+            cpu0 = server_cpu(pids)
             begin = time.monotonic()
-            proc.send_signal(signal.SIGHUP)
+            for proc in servers:
+                proc.send_signal(signal.SIGHUP)
             for p, c in zip(pipes, per, strict=True):
                 p.send(("collect", (pmarker, c, begin + timeout)))
             for p in pipes:
                 changed += [t - begin for t in p.recv()[1][0]]
-            cpu_policy = server_cpu(proc.pid) - cpu0
+            cpu_policy = server_cpu(pids) - cpu0
+        cpu_total = server_cpu(pids)
+        rss = [round(server_hwm_mib(pid), 1) for pid in pids]
+        # Failover: the last replica is killed; its nodes open their streams on another.
+        failover: list[float] = []
+        moving = 0
+        if replicas > 1:
+            wait_quiet(pids)
+            moving = sum(ask(pipes, "failover-watch", urls[-1]))
+            killed = time.monotonic()
+            servers[-1].send_signal(signal.SIGKILL)
+            servers[-1].wait()
+            for p in pipes:
+                p.send(("failover-collect", killed + timeout))
+            for p in pipes:
+                failover += [t - killed for t in p.recv()[1]]
         for pipe in pipes:
             pipe.send(("stop", None))
-        return {
+        row: dict[str, Any] = {
             "nodes": n,
+            "replicas": replicas,
             "policy": "realistic" if policy else "none",
             "compact": compact,
             "workers": workers,
@@ -422,21 +530,41 @@ def run(n: int, workers: int, timeout: float, policy: bool, compact: bool = True
             "policy_p50_s": round(pct(changed, 50), 3) if policy else None,
             "policy_p99_s": round(pct(changed, 99), 3) if policy else None,
             "policy_server_cpu_s": round(cpu_policy, 2) if policy else None,
-            "server_cpu_total_s": round(server_cpu(proc.pid), 1),
-            "server_peak_rss_mib": round(server_hwm_mib(proc.pid), 1),
+            "server_cpu_total_s": round(cpu_total, 1),
+            "server_peak_rss_mib": max(rss),
         }
+        if replicas > 1:
+            row |= {
+                "replica_peak_rss_mib": rss,
+                "failover_nodes": moving,
+                "failover_moved": len(failover),
+                "failover_p50_s": round(pct(failover, 50), 2),
+                "failover_max_s": round(max(failover, default=float("nan")), 2),
+            }
+        return row
     finally:
         for w in procs:
             w.join(timeout=10)
             if w.is_alive():
                 w.kill()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        for proc in servers:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def empty_database(url: str) -> None:
+    """Drop every table of the PostgreSQL database at ``url`` (a run starts from an empty tailnet)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
 
 
 def main() -> int:
@@ -450,43 +578,70 @@ def main() -> int:
     ap.add_argument(
         "--plain", action="store_true", help="clients ask for plain JSON (no zstd, no peer patches)"
     )
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="control servers: 1 (SQLite) or more, replicas on one throwaway PostgreSQL (failover measured)",
+    )
     args = ap.parse_args()
+    if args.replicas < 1:
+        ap.error("--replicas takes 1 or more")
     if args.smoke:
         args.nodes, args.workers, args.timeout = "20", 1, 30.0
     raise_nofile()
     modes = [m.strip() for m in args.policy.split(",") if m.strip()]
     if any(m not in ("none", "realistic") for m in modes):
         ap.error("--policy takes none and/or realistic")
+    if args.replicas > 1 and "realistic" in modes:
+        print(
+            "control_scale: with --replicas the policy run is left out (one policy file per replica)",
+            file=sys.stderr,
+        )
+        modes.remove("realistic")
     if "realistic" in modes and not serves_policy_files():
         print(
             "control_scale: this tailpy's control serve has no --policy: the policy run is left out",
             file=sys.stderr,
         )
         modes.remove("realistic")
-    rows = [
-        run(int(n), args.workers, args.timeout, m == "realistic", not args.plain)
-        for n in args.nodes.split(",")
-        for m in modes
-    ]
+    with contextlib.ExitStack() as stack:
+        db: str | None = None
+        if args.replicas > 1:
+            sys.path.insert(0, str(UNIT_TESTS))
+            import _postgres
+
+            reason = _postgres.unavailable_reason()
+            if reason:
+                print(f"control_scale: --replicas needs PostgreSQL: {reason}", file=sys.stderr)
+                return SKIPPED
+            db = stack.enter_context(_postgres.postgres_server())
+        rows = [
+            run(int(n), args.workers, args.timeout, m == "realistic", not args.plain, db, args.replicas)
+            for n in args.nodes.split(",")
+            for m in modes
+        ]
     short = [
         (r["nodes"], r["policy"])
         for r in rows
         if r["change_received"] < r["expected"]
         or r["join_received"] < r["expected"]
         or r["policy_received"] < r["nodes"]
+        or r.get("failover_moved", 0) < r.get("failover_nodes", 0)
     ]
     if short:
         print(
-            f"control_scale: some nodes missed the change, the join or the policy in {short}", file=sys.stderr
+            f"control_scale: some nodes missed the change, the join, the policy or the failover in {short}",
+            file=sys.stderr,
         )
     status = 1 if short else 0
     if args.json:
         print(json.dumps(rows, indent=2))
         return status
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
+        print(" | ".join(str(r.get(c, "")) for c in cols))
     print(f"({os.cpu_count()} cores shared by the server and the client processes)")
     return status
 

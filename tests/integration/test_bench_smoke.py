@@ -36,8 +36,18 @@ SMOKE = [
 
 @pytest.mark.parametrize("name", SMOKE)
 def test_benchmark_smoke(name: str) -> None:
+    _smoke(name)
+
+
+def test_control_scale_replicas_smoke() -> None:
+    """``control_scale.py --replicas 2``: two `control serve` replicas on a throwaway PostgreSQL (skipped
+    without one), the last killed at the end, its nodes moving to the first."""
+    _smoke("control_scale", "--replicas", "2")
+
+
+def _smoke(name: str, *args: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke"],
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke", *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,

@@ -505,6 +505,25 @@ class Store:
                 routable_ips=routable_ips,
             )
 
+    def update_nodes(self, reports: Sequence[nodes.NodeReport]) -> list[Node | None]:
+        """:meth:`update_node` for each of ``reports`` in one transaction (one commit: what many map streams
+        opening at once report); the nodes as committed, in order (None: no live node of that machine
+        key)."""
+        with self.engine.begin() as conn:
+            return [
+                nodes.update(
+                    conn,
+                    r.machine_key,
+                    now=r.now,
+                    endpoints=r.endpoints,
+                    hostname=r.hostname,
+                    home_derp=r.home_derp,
+                    disco_key=r.disco_key,
+                    routable_ips=r.routable_ips,
+                )
+                for r in reports
+            ]
+
     def approve_routes(self, node_id: int, routes: Iterable[str], now: float | None = None) -> Node:
         """Add ``routes`` (canonical CIDR text) to live node ``node_id``'s approved routes (an approval of a
         route the node does not advertise is kept for when it does); returns the node. Raises ConfigError

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -368,6 +369,20 @@ def by_machine_key(conn: Connection, machine_key: MachinePublic, now: float) -> 
     """The live node of ``machine_key``, or None."""
     row = conn.execute(query().where(*_live_of(machine_key))).first()
     return None if row is None else to_node(row, now)
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What a map request reports of ``machine_key``'s node (the arguments of :meth:`Store.update_node`):
+    None leaves a field as it is; ``now`` (unix seconds) becomes its last seen."""
+
+    machine_key: MachinePublic
+    now: float
+    endpoints: Sequence[Endpoint] | None = None
+    hostname: str | None = None
+    home_derp: int | None = None
+    disco_key: DiscoPublic | None = None
+    routable_ips: Sequence[str] | None = None
 
 
 def update(

@@ -17,6 +17,7 @@ import time
 import click
 
 from tailpy.cli.common import run, socket_option
+from tailpy.cli.safetext import say_lines
 from tailpy.daemon.cleanup import cleanup_after
 from tailpy.daemon.client import DaemonUnresponsiveError, LocalClient, default_state_dir
 from tailpy.daemon.lock import RunRecord, holder, leftover, state_dir_of_socket
@@ -128,6 +129,6 @@ def command(ctx: click.Context, socket_path: str, state_dir: str) -> None:
     else:
         click.echo("stopped")
         if st.error:
-            click.echo(f"tailpy: warning: {st.error}", err=True)
+            say_lines(f"tailpy: warning: {st.error}", err=True)
         return
     click.echo(f"{why}: {stop_by_signal(record, state_dir)}")

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from tailpy.cli.common import json_option, local, run, socket_option
+from tailpy.cli.safetext import visible
 from tailpy.ipnstate import Status
 
 
@@ -23,11 +24,17 @@ def candidates(st: Status) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    """``rows`` (:func:`candidates`) as aligned text lines with a header."""
+    """``rows`` (:func:`candidates`) as aligned text lines with a header (each cell
+    :func:`~tailpy.cli.safetext.visible`)."""
     cells = [("IP", "NAME", "STATUS", "IN USE")]
     for r in rows:
         cells.append(
-            (r["ip"], r["name"], "online" if r["online"] else "offline", "yes" if r["in_use"] else "-")
+            (
+                visible(r["ip"]),
+                visible(r["name"]),
+                "online" if r["online"] else "offline",
+                "yes" if r["in_use"] else "-",
+            )
         )
     widths = [max(len(c[i]) for c in cells) for i in range(3)]
     return ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in cells]

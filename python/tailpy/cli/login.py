@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import FiniteFloatRange, run, socket_option, state_dir_option
+from tailpy.cli.safetext import say, visible, visible_lines
 from tailpy.daemon.client import LocalClient
 from tailpy.errors import TailpyError
 from tailpy.ipnstate import Status
@@ -40,7 +41,10 @@ async def wait_login(client: LocalClient, st: Status, console: Console, qr: bool
         if url and url != shown_url:
             # One plain line per piece: a URL wrapped at the terminal width could not be clicked or copied.
             console.print(
-                f"\nTo log in, open this page in a browser:\n\n\t{url}\n", soft_wrap=True, highlight=False
+                f"\nTo log in, open this page in a browser:\n\n\t{visible(url)}\n",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
             )
             if qr:
                 show_qr(url, console)
@@ -48,7 +52,7 @@ async def wait_login(client: LocalClient, st: Status, console: Console, qr: bool
             announced = False
         note = st.error
         if note and note != shown_note:
-            console.print(note, soft_wrap=True, highlight=False, markup=False)
+            console.print(visible_lines(note), soft_wrap=True, highlight=False, markup=False)
             shown_note = note
         if not announced:
             console.print("waiting for the sign-in to finish (Ctrl-C stops waiting)", highlight=False)
@@ -112,4 +116,4 @@ def command(
             qr,
         )
     )
-    click.echo(connected_line(st))
+    say(connected_line(st))

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from tailpy.cli.safetext import say_lines
 from tailpy.errors import TailpyError
 
 
@@ -16,7 +17,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TailpyError as e:
-            click.echo(f"tailpy: {e}", err=True)
+            say_lines(f"tailpy: {e}", err=True)  # (its lines may quote names from outside)
             sys.exit(1)
 
 

@@ -8,6 +8,7 @@ import click
 from prometheus_client.parser import text_string_to_metric_families
 
 from tailpy.cli.common import json_option, local, run, socket_option
+from tailpy.cli.safetext import on_terminal, visible_lines
 from tailpy.errors import ParseError
 
 
@@ -36,9 +37,11 @@ def samples_json(text: str) -> list[dict[str, object]]:
 def command(as_json: bool, socket_path: str) -> None:
     """Print this node's metrics in the Prometheus text format (what tailpyd serves at GET /metrics on its
     socket, and on `tailpyd --metrics-listen`): per-peer bytes, path and handshake age, DERP, disco, drops.
-    --json prints the samples as a JSON list for scripts."""
+    --json prints the samples as a JSON list for scripts. On a terminal, control characters in label values
+    (a peer's name) are shown as escapes (\\x1b); into a pipe or a file the text is exact."""
     text = run(local(socket_path).metrics())
     if as_json:
         click.echo(json.dumps(samples_json(text), indent=2))
     else:
-        click.echo(text, nl=False)
+        # On a terminal, a label value's control characters (a peer's name) as escapes; exact into a pipe.
+        click.echo(visible_lines(text) if on_terminal() else text, nl=False)

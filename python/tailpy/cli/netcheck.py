@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import click
 
 from tailpy.cli.common import FiniteFloatRange, json_option, socket_option
+from tailpy.cli.safetext import visible
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError, TailpyError
 from tailpy.netmap import DerpMap
@@ -100,7 +101,7 @@ def format_report(report: Report, derp_map: DerpMap | None) -> str:
     else:
         pref = regions.get(report.preferred_derp)
         if pref is not None:
-            lines.append(f"\t* Nearest DERP: {pref.region_name or pref.region_code}")
+            lines.append(f"\t* Nearest DERP: {visible(pref.region_name or pref.region_code)}")
         elif report.preferred_derp:
             lines.append(f"\t* Nearest DERP: {report.preferred_derp} (region not found in map)")
         else:
@@ -110,7 +111,8 @@ def format_report(report: Report, derp_map: DerpMap | None) -> str:
         for rid in sorted(regions, key=lambda r: (report.region_latency.get(r, inf), r)):
             r = regions[rid]
             latency = _ms(report.region_latency[rid]) if rid in report.region_latency else ""
-            lines.append(f"\t\t- {r.region_code:>3}: {latency:<7} ({r.region_name or r.region_code})")
+            code, name = visible(r.region_code), visible(r.region_name or r.region_code)
+            lines.append(f"\t\t- {code:>3}: {latency:<7} ({name})")
     return "\n".join(lines)
 
 

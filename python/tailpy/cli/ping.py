@@ -21,6 +21,7 @@ import sys
 import click
 
 from tailpy.cli.common import FiniteFloatRange, json_option, local, socket_option
+from tailpy.cli.safetext import say, say_lines
 from tailpy.errors import TailpyError
 from tailpy.ipnstate import PingPeer, PingReply
 
@@ -64,7 +65,7 @@ def command(
             peer = reply.peer or PingPeer(target, "", "")
             replies.append(reply)
             if not as_json:
-                click.echo(describe(peer, reply))
+                say(describe(peer, reply))
             if until_direct and reply.direct:
                 break
             if i + 1 < count and not reply.timeout:
@@ -74,7 +75,7 @@ def command(
     try:
         replies, peer = asyncio.run(main())
     except TailpyError as e:
-        click.echo(f"tailpy: {e}", err=True)
+        say_lines(f"tailpy: {e}", err=True)
         sys.exit(1)
     name = peer.name if peer else target
     answered = [r for r in replies if not r.timeout]
@@ -84,11 +85,11 @@ def command(
         out = {"peer": None if peer is None else peer.to_json(), "pongs": pongs, "direct": direct}
         click.echo(json.dumps(out, indent=2))
     if not answered:
-        click.echo(f"tailpy: no pong from {name} in {len(replies)} pings", err=True)
+        say(f"tailpy: no pong from {name} in {len(replies)} pings", err=True)
         sys.exit(1)
     if until_direct and not direct:
         last = answered[-1].via
-        click.echo(
+        say(
             f"tailpy: direct connection not established with {name} after {len(replies)} pings (the peer is "
             f"reached via {last})",
             err=True,

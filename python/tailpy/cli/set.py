@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import local, run, socket_option
+from tailpy.cli.safetext import visible_lines
 from tailpy.daemon.client import LocalClient
 from tailpy.ipnstate import Status
 from tailpy.routes import parse_routes
@@ -202,4 +203,4 @@ def command(
     )
     for note in notes:
         if note:
-            Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
+            Console(stderr=True).print(visible_lines(note), highlight=False, markup=False, soft_wrap=True)

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from tailpy.cli.common import json_option, local, run, socket_option
+from tailpy.cli.safetext import assemble, cell, visible
 from tailpy.daemon.pfilter import filter_drops
 from tailpy.ipnstate import PeerStatus, SelfStatus, Status
 from tailpy.routes import EXIT_ROUTES, has_exit_routes
@@ -95,27 +96,27 @@ def render(st: Status, console: Console) -> None:
     now = st.now or time.time()
     state = st.backend_state
     if state != "Running":
-        console.print(f"[yellow]{state}[/]" + (f": {st.error}" if st.error else ""))
+        console.print(assemble((state, "yellow"), f": {st.error}" if st.error else ""))
     for w in st.health:  # at the top, the most severe first
         color = "red" if w.severity == "high" else "yellow"
-        console.print(f"[{color}]health:[/] {w.name}: {w.text}", highlight=False)
+        console.print(assemble(("health:", color), f" {w.name}: {w.text}"))
     if state == "Running" and st.error and not any(st.error in w.text for w in st.health):
-        console.print(f"[red]{st.error}[/]")
+        console.print(assemble((st.error, "red")))
     if st.exit_node:
-        console.print(f"exit node: {st.exit_node}", highlight=False, markup=False)
+        console.print(cell(f"exit node: {st.exit_node}"))
     names = {w.name for w in st.health}
     if not st.control_connected and state == "Running" and "control-unreachable" not in names:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
     # The data plane works without an offload it fell back from, at a higher CPU cost per packet.
     offload = (st.device or {}).get("offload") or {}
     for fallback in offload.get("fallbacks", []):
-        console.print(f"[yellow]data plane:[/] {fallback}", highlight=False)
+        console.print(assemble(("data plane:", "yellow"), f" {fallback}"))
     # Inbound packets the packet filter dropped (the policy, or unsolicited UDP), by reason.
     drops = filter_drops(st.device)
     if drops:
         reasons = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in drops.items())
         total = sum(drops.values())
-        console.print(f"packet filter: dropped {total} inbound packets ({reasons})", highlight=False)
+        console.print(cell(f"packet filter: dropped {total} inbound packets ({reasons})"))
 
     rows: list[tuple[str, ...]] = []
     if me.addresses:
@@ -125,6 +126,8 @@ def render(st: Status, console: Console) -> None:
         rows.append((me.first_ip, me.name or me.hostname, _owner(me), me.os or "-", home))
     for p in st.peers:
         rows.append((p.first_ip, p.name, _owner(p), p.os or "-", peer_state(p, now) + peer_routes(p)))
+    # What peers and control chose (names, OS, tags, region codes), one line per node whatever they hold.
+    rows = [tuple(visible(c) for c in r) for r in rows]
     # Plain aligned columns, never wrapped or cut, whatever the terminal width (as `tailscale status`).
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
     for r in rows:

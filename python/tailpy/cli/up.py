@@ -17,6 +17,7 @@ from rich.console import Console
 
 from tailpy.cli.common import FiniteFloatRange, local, run, socket_option, state_dir_option
 from tailpy.cli.login import wait_login
+from tailpy.cli.safetext import markup, say, visible_lines
 from tailpy.cli.set import (
     Boolean,
     awaiting_note,
@@ -132,12 +133,16 @@ async def _up(
         running = holder(state_dir)
         if running is not None:  # a daemon holds the state directory but does not answer on this socket
             raise DaemonRunningError(running.pid) from None
-        console.print(f"starting tailpyd (state {state_dir}, socket {socket_path}, log tailpyd.log there)")
+        console.print(
+            f"starting tailpyd (state {state_dir}, socket {socket_path}, log tailpyd.log there)",
+            markup=False,
+            highlight=False,
+        )
         proc = _start_daemon(socket_path, state_dir, netfilter_mode, metrics_listen)
         await _wait_daemon(client, proc, state_dir)
         started = True
     try:
-        with console.status(f"registering with {login_server or 'the login server'}"):
+        with console.status(f"registering with {markup(login_server or 'the login server')}"):
             st = await client.up(
                 login_server,
                 auth_key,
@@ -159,7 +164,7 @@ async def _up(
     with console.status("waiting for the netmap") as spinner:
         while st.backend_state != "Running":
             if not st.control_connected and st.error:
-                spinner.update(f"waiting for control ({st.error})")
+                spinner.update(f"waiting for control ({markup(st.error)})")
             if st.backend_state == "NeedsLogin":
                 raise TailpyError(
                     st.error or "this node needs login: run `tailpy login` (or `tailpy up --auth-key KEY`)"
@@ -170,7 +175,7 @@ async def _up(
                     + (f": {st.error}" if st.error else "")
                     + ")"
                 )
-            spinner.update(f"waiting for the netmap ({st.backend_state})")
+            spinner.update(f"waiting for the netmap ({markup(st.backend_state)})")
             await asyncio.sleep(0.1)
             st = await client.status()
     return st
@@ -292,7 +297,7 @@ def command(
             metrics_listen,
         )
     )
-    click.echo(connected_line(st))
+    say(connected_line(st))
     kept = kept_tags(_tags(advertise_tags), st.self_node.tags)
     if kept:
         raise ConfigError(kept)
@@ -306,7 +311,7 @@ def command(
     )
     for note in notes:
         if note:
-            console.print(note, highlight=False, markup=False, soft_wrap=True)
+            console.print(visible_lines(note), highlight=False, markup=False, soft_wrap=True)
 
 
 def name_note(hostname: str | None, st: Status) -> str:

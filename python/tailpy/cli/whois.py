@@ -7,6 +7,7 @@ import json
 import click
 
 from tailpy.cli.common import json_option, local, run, socket_option
+from tailpy.cli.safetext import fields
 
 
 @click.command("whois")
@@ -20,15 +21,18 @@ def command(address: str, as_json: bool, socket_path: str) -> None:
         click.echo(json.dumps(node.to_json(), indent=2))
         return
     owner = node.user or ", ".join(node.tags) or "-"
-    for label, value in (
-        ("Machine", node.fqdn or node.name),
-        ("  Name", node.name),
-        ("  ID", node.id),
-        ("  Addresses", ", ".join(a.split("/")[0] for a in node.addresses)),
-        ("  OS", node.os or "-"),
-        ("  Node key", node.node_key.text()),
-        ("  Online", "yes" if node.online else "no"),
-        ("  Key expired", "yes" if node.expired else "no"),
-        ("User", owner),
-    ):
-        click.echo(f"{label + ':':16}{value}")
+    fields(
+        [
+            ("Machine", node.fqdn or node.name),
+            ("  Name", node.name),
+            ("  ID", node.id),
+            ("  Addresses", ", ".join(a.split("/")[0] for a in node.addresses)),
+            ("  OS", node.os or "-"),
+            ("  Node key", node.node_key.text()),
+            ("  Online", "yes" if node.online else "no"),
+            ("  Key expired", "yes" if node.expired else "no"),
+            ("User", owner),
+        ],
+        16,
+        sep="",
+    )

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+from tailpy.cli.safetext import cell, on_terminal, say, visible
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
 
@@ -131,25 +135,33 @@ def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any])
     return admin_api.run(state_dir, db, op, args)
 
 
-def table(headers: list[str], rows: list[list[str]]) -> None:
+def table(headers: list[str], rows: list[list[str]], console: Console | None = None) -> None:
     """A table on a terminal; when stdout is not one (a pipe, a file), tab-separated lines: a header line,
-    then one line per row, nothing cut short whatever the width."""
-    if not sys.stdout.isatty():
+    then one line per row, nothing cut short whatever the width. Each cell is shown
+    :func:`~tailpy.cli.safetext.visible` (a control character as its escape, ``\\t`` and ``\\n`` too: one
+    line per row, one tab between cells) and reaches rich as text, not markup: cells hold what nodes and
+    API clients chose (hostnames, OS, descriptions). ``console``: print the table there (a terminal or
+    not; default: a new :class:`rich.console.Console` on stdout)."""
+    if console is None and not on_terminal():
         for r in [headers, *rows]:
-            click.echo("\t".join(c.replace("\t", " ").replace("\n", " ") for c in r))
+            click.echo("\t".join(visible(c) for c in r))
         return
     from rich.console import Console
     from rich.table import Table
 
     t = Table(*headers)
     for r in rows:
-        t.add_row(*r)
-    Console().print(t)
+        t.add_row(*(cell(c) for c in r))
+    (console or Console()).print(t)
 
 
 def out(as_json: bool, result: Any, sentence: str) -> None:
-    """Print ``result`` as JSON when ``as_json``, else ``sentence``."""
-    click.echo(json.dumps(result, indent=2) if as_json else sentence)
+    """Print ``result`` as JSON when ``as_json``, else ``sentence`` (one line, made
+    :func:`~tailpy.cli.safetext.visible`: it may quote names from outside)."""
+    if as_json:
+        print_json(result)
+    else:
+        say(sentence)
 
 
 def print_json(result: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from tailpy.cli.control.common import admin, db_option, json_option, print_json, state_dir_option
+from tailpy.cli.safetext import fields
 from tailpy.dns.config import MAX_ITEMS
 from tailpy.errors import ConfigError
 
@@ -18,15 +19,20 @@ def _print(cfg: dict[str, Any], as_json: bool) -> None:
         print_json(cfg)
         return
     routes = cfg["routes"]
-    for k, v in [
-        ("MagicDNS", "on" if cfg["magic_dns"] else "off"),
-        ("domain", cfg["domain"]),
-        ("nameservers", " ".join(cfg["nameservers"]) or "- (each node's own resolvers)"),
-        ("split DNS", "; ".join(f"{d} -> {' '.join(r)}" for d, r in routes.items()) or "-"),
-        ("search", " ".join(cfg["search_domains"]) or "-"),
-        ("records", "; ".join(f"{r['name']} {r['type']} {r['value']}" for r in cfg["extra_records"]) or "-"),
-    ]:
-        click.echo(f"{k + ':':13} {v}")
+    fields(
+        [
+            ("MagicDNS", "on" if cfg["magic_dns"] else "off"),
+            ("domain", cfg["domain"]),
+            ("nameservers", " ".join(cfg["nameservers"]) or "- (each node's own resolvers)"),
+            ("split DNS", "; ".join(f"{d} -> {' '.join(r)}" for d, r in routes.items()) or "-"),
+            ("search", " ".join(cfg["search_domains"]) or "-"),
+            (
+                "records",
+                "; ".join(f"{r['name']} {r['type']} {r['value']}" for r in cfg["extra_records"]) or "-",
+            ),
+        ],
+        13,
+    )
 
 
 def parse_route(text: str) -> tuple[str, list[str]]:

@@ -20,6 +20,7 @@ from tailpy.cli.control.common import (
     when,
     with_admin_note,
 )
+from tailpy.cli.safetext import fields
 
 
 @click.group("nodes")
@@ -141,21 +142,23 @@ def nodes_show(state_dir: Path | None, db: str | None, as_json: bool, node: str)
         print_json(n)
         return
     now = time.time()
-    for k, v in [
-        ("id", n["id"]),
-        ("name", n["fqdn"]),
-        ("hostname", n["hostname"]),
-        ("user", n["user"] or "-"),
-        ("tags", ",".join(n["tags"]) or "-"),
-        ("os", n["os"] or "-"),
-        ("addresses", " ".join(n["addresses"])),
-        ("endpoints", " ".join(n["endpoints"]) or "-"),
-        ("online", "yes" if n["online"] else "no"),
-        ("key expiry", _expiry(n, now)),
-        ("node key", n["node_key"]),
-        ("machine key", n["machine_key"]),
-    ]:
-        click.echo(f"{k + ':':13} {v}")
+    fields(
+        [
+            ("id", n["id"]),
+            ("name", n["fqdn"]),
+            ("hostname", n["hostname"]),
+            ("user", n["user"] or "-"),
+            ("tags", ",".join(n["tags"]) or "-"),
+            ("os", n["os"] or "-"),
+            ("addresses", " ".join(n["addresses"])),
+            ("endpoints", " ".join(n["endpoints"]) or "-"),
+            ("online", "yes" if n["online"] else "no"),
+            ("key expiry", _expiry(n, now)),
+            ("node key", n["node_key"]),
+            ("machine key", n["machine_key"]),
+        ],
+        13,
+    )
 
 
 @command.command("rename")

@@ -23,6 +23,7 @@ from tailpy.cli.control.common import (
     when,
     with_admin_note,
 )
+from tailpy.cli.safetext import on_terminal, say, say_lines, visible_lines
 from tailpy.control.policy import hujson
 from tailpy.errors import ConfigError, TailpyError
 
@@ -57,9 +58,17 @@ def _read(file: Path) -> str:
 
 def _notes(result: dict[str, Any]) -> None:
     for section in result.get("not_enforced") or []:
-        click.echo(f"not enforced yet: {section} (accepted, has no effect)")
+        say(f"not enforced yet: {section} (accepted, has no effect)")
     for w in result.get("warnings") or []:
-        click.echo(f"warning: {w}")
+        say_lines(f"warning: {w}")
+
+
+def _print_policy(text: str) -> None:
+    """A policy's text as it was set: exact into a pipe or a file (`policy history show ID > old.hujson`
+    restores it); on a terminal with its control characters other than newline and tab shown as escapes
+    (:func:`~tailpy.cli.safetext.visible_lines`)."""
+    text = text.rstrip("\n")
+    click.echo(visible_lines(text) if on_terminal() else text)
 
 
 def _clock(t: float) -> str:
@@ -101,10 +110,10 @@ def policy_get(state_dir: Path | None, db: str | None, as_json: bool) -> None:
         print_json(result)
         return
     if result.get("policy") is None:
-        click.echo(result.get("message") or "no policy set")
+        say(result.get("message") or "no policy set")
         return
-    click.echo(f"# {_who(result)}")
-    click.echo(str(result["policy"]).rstrip("\n"))
+    say(f"# {_who(result)}")
+    _print_policy(str(result["policy"]))
 
 
 @command.command("set")
@@ -122,7 +131,7 @@ def policy_set(state_dir: Path | None, db: str | None, as_json: bool, file: Path
     if as_json:
         print_json(result)
         return
-    click.echo(f"policy set: {_who(result)}")
+    say(f"policy set: {_who(result)}")
     _notes(result)
 
 
@@ -176,7 +185,7 @@ def policy_history_show(state_dir: Path | None, db: str | None, as_json: bool, p
     if as_json:
         print_json(result)
         return
-    click.echo(str(result["text"]).rstrip("\n"))
+    _print_policy(str(result["text"]))
 
 
 def _offline(state_dir: Path | None, db: str | None) -> bool:
@@ -237,9 +246,9 @@ def policy_check(state_dir: Path | None, db: str | None, as_json: bool, file: Pa
     if as_json:
         print_json({"ok": True, **result})
         return
-    click.echo(f"{file}: ok")
+    say(f"{file}: ok")
     if result.get("note"):
-        click.echo(f"note: {result['note']}")
+        say(f"note: {result['note']}")
     _notes(result)
 
 
@@ -258,14 +267,14 @@ def policy_test(state_dir: Path | None, db: str | None, as_json: bool, file: Pat
     else:
         for r in result.get("results") or []:
             if r.get("ok"):
-                click.echo(f"PASS {r.get('at')}: {r.get('test')} (src {r.get('src')})")
+                say(f"PASS {r.get('at')}: {r.get('test')} (src {r.get('src')})")
             for f in r.get("failures") or []:
-                click.echo(f"FAIL {r.get('at')}: {f}")
+                say_lines(f"FAIL {r.get('at')}: {f}")
         total = int(result.get("tests") or 0)
         if total == 0:
-            click.echo(f"{file}: has no tests")
+            say(f"{file}: has no tests")
         else:
-            click.echo(f"{file}: {total - len(failures)} of {total} tests pass")
+            say(f"{file}: {total - len(failures)} of {total} tests pass")
     if failures:
         raise SystemExit(1)
 
@@ -300,11 +309,11 @@ def policy_filter(state_dir: Path | None, db: str | None, as_json: bool, node: s
         return
     n = result.get("node") or {}
     if not rules:
-        click.echo(f"node {n.get('id')} {n.get('name')}: no rule lets anything in (inbound dropped)")
+        say(f"node {n.get('id')} {n.get('name')}: no rule lets anything in (inbound dropped)")
         return
-    click.echo(f"node {n.get('id')} {n.get('name')}: {len(rules)} rule{'' if len(rules) == 1 else 's'}")
+    say(f"node {n.get('id')} {n.get('name')}: {len(rules)} rule{'' if len(rules) == 1 else 's'}")
     for r in rules:
-        click.echo("  " + _describe(r))
+        say_lines("  " + _describe(r))
 
 
 with_admin_note(

@@ -17,6 +17,7 @@ from tailpy.cli.control.common import (
     table,
     with_admin_note,
 )
+from tailpy.cli.safetext import say
 
 
 @click.group("routes")
@@ -80,11 +81,11 @@ def routes_approve(
     if as_json:
         print_json(r)
         return
-    click.echo(f"node {r['id']} ({r['name']}): {_routes_text(r)}")
+    say(f"node {r['id']} ({r['name']}): {_routes_text(r)}")
     if r.get("not_advertised"):
-        click.echo(f"note: node {r['name']} does not advertise {', '.join(r['not_advertised'])} (yet)")
+        say(f"note: node {r['name']} does not advertise {', '.join(r['not_advertised'])} (yet)")
     if r.get("exit_route_missing"):
-        click.echo(
+        say(
             f"note: {', '.join(r['exit_route_missing'])} is not approved: node {r['name']} is an exit node "
             f"only with both 0.0.0.0/0 and ::/0 approved (`tailpy control routes approve {r['name']} "
             "--exit-node`)"
@@ -107,9 +108,9 @@ def routes_unapprove(
     if as_json:
         print_json(r)
         return
-    click.echo(f"node {r['id']} ({r['name']}): {_routes_text(r)}")
+    say(f"node {r['id']} ({r['name']}): {_routes_text(r)}")
     if r.get("not_approved"):
-        click.echo(f"note: {', '.join(r['not_approved'])} of node {r['name']} was not approved (unchanged)")
+        say(f"note: {', '.join(r['not_approved'])} of node {r['name']} was not approved (unchanged)")
 
 
 with_admin_note([routes_list, routes_approve, routes_unapprove])

@@ -33,6 +33,7 @@ from tailpy.control.console import (
     verify,
 )
 from tailpy.control.oidc import OIDCConfig
+from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
 from tailpy.keys import MachinePrivate, NodePublic
 
@@ -215,6 +216,10 @@ async def test_session_cookie_flags_and_signature(env: Env, tmp_path: Path) -> N
 async def test_listings_are_readable_without_javascript(env: Env) -> None:
     env.store.create_user("alice@example.com", time.time())
     machine = await _join(env, "router-1", routes=["198.51.100.0/24"])
+    router = env.store.list_nodes()[0]
+    eps = [Endpoint.parse("198.51.100.7:41641"), Endpoint.parse("[2001:db8::7]:41641")]
+    env.store.update_node(router.machine_key, now=time.time(), endpoints=eps, home_derp=900)
+    await _join(env, "quiet-1")
     await sign_in(env, api_key(env))
     pages = {}
     for path in ("machines", "users", "keys", "policy", "dns"):
@@ -228,6 +233,11 @@ async def test_listings_are_readable_without_javascript(env: Env) -> None:
             assert "<script" not in pages[path], path  # listings need no script
     node = env.store.list_nodes()[0]
     assert f'id="node-{machine}"' in pages["machines"] and "router-1" in pages["machines"]
+    paths = re.findall(r'<div class="hint path">\s*(.*?)\s*</div>', pages["machines"], re.S)
+    assert [" ".join(p.split()) for p in paths] == [
+        "relay 900, 2 direct endpoints",  # (no DERP map here: the region's id)
+        "no home relay, no direct endpoint",
+    ]
     assert str(node.ipv4) in pages["machines"] and "198.51.100.0/24" in pages["machines"]
     assert "awaiting approval" in pages["machines"]
     assert "alice@example.com" in pages["users"]

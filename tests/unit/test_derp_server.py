@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nacl.public
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tailpy.derp.server import DUPLICATE_KEY_PROBLEM, DerpServer, load_or_create_key
 from tailpy.errors import ConfigError
@@ -109,6 +110,15 @@ async def server() -> AsyncIterator[DerpServer]:
     await s.start("127.0.0.1", 0)
     yield s
     await s.stop()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value of a Prometheus text exposition (prometheus-client's parser)."""
+    return {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+    }
 
 
 def port_of(s: DerpServer) -> int:
@@ -252,6 +262,16 @@ async def test_slow_reader_does_not_stall_others() -> None:
         for i in range(20):
             assert await b.recv(timeout=2) == proto.RecvPacket(a.public, b"p%d" % i)
         assert 'derp_packets_dropped_total{reason="queue_head"}' in s.metrics.prometheus()
+        status, _, body = await http(port_of(s), b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert status == 200
+        samples = _samples(body.decode())
+        assert 0 < samples[("tailpy_derp_queue_depth_max_packets", ())] <= 8
+        assert (
+            samples[("tailpy_derp_queued_packets", ())]
+            >= samples[("tailpy_derp_queue_depth_max_packets", ())]
+        )
+        assert samples[("tailpy_derp_queue_limit_packets", ())] == 8
+        assert samples[("tailpy_derp_packets_dropped_total", (("reason", "queue_head"),))] > 0
         for c in (a, b, slow):
             await c.close()
     finally:
@@ -455,3 +475,43 @@ async def test_fast_path_short_send_packet_closes_only_that_client(server: DerpS
     assert await b.recv(skip=(proto.KeepAlive,)) == proto.Pong(b"12345678")
     await eventually(lambda: server.metrics.disconnects["bad_frame"] == 1)
     await b.close()
+
+
+async def test_metrics_count_relayed_packets_and_clients() -> None:
+    s = DerpServer(SERVER_KEY)
+    await s.start("127.0.0.1", 0)
+    try:
+        p = port_of(s)
+        _, headers, body = await http(p, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert headers["content-type"].startswith("text/plain")
+        types = {fam.name: fam.type for fam in text_string_to_metric_families(body.decode())}
+        assert types["tailpy_derp_clients"] == "gauge"
+        assert types["tailpy_derp_packets_relayed"] == "counter"  # (the parser drops _total)
+        assert types["tailpy_derp_relayed_bytes"] == "counter"
+        assert types["tailpy_derp_packets_dropped"] == "counter"
+        assert types["tailpy_derp_queued_packets"] == "gauge"
+        assert types["tailpy_derp_mesh_peers"] == "gauge"
+        before = _samples(body.decode())
+        assert before[("tailpy_derp_clients", ())] == 0
+        assert before[("tailpy_derp_packets_dropped_total", (("reason", "unknown_dest"),))] == 0
+        a = await Client().login(p)
+        b = await Client().login(p)
+        await eventually(lambda: s.metrics.clients == 2)
+        for _ in range(3):
+            a.send(proto.SendPacket(b.public, b"x" * 100))
+            assert isinstance(await b.recv(), proto.RecvPacket)
+        a.send(proto.SendPacket(node().public, b"nobody"))
+        await eventually(lambda: s.metrics.packets_dropped["unknown_dest"] == 1)
+        _, _, body = await http(p, b"GET /metrics HTTP/1.1\r\n\r\n")
+        after = _samples(body.decode())
+        assert after[("tailpy_derp_clients", ())] == 2
+        assert after[("tailpy_derp_accepts_total", ())] == 2
+        assert after[("tailpy_derp_packets_relayed_total", ())] == 3
+        assert after[("tailpy_derp_relayed_bytes_total", ())] == 300
+        assert after[("tailpy_derp_packets_dropped_total", (("reason", "unknown_dest"),))] == 1
+        _, _, legacy = await http(p, b"GET /debug/metrics HTTP/1.1\r\n\r\n")
+        assert b"derp_packets_relayed_total 3" in legacy  # (derper's names, as before)
+        await a.close()
+        await b.close()
+    finally:
+        await s.stop()

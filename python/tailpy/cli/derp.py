@@ -62,6 +62,13 @@ def command() -> None:
     help="File of the region's mesh key (64 hex digits, as derper's): servers with it may watch this one's "
     "clients and forward packets to them.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve GET /metrics (Prometheus) on HOST:PORT to anyone who reaches it (on --listen it is "
+    "served to loopback only).",
+)
 def serve(
     state_dir: Path,
     listen: str,
@@ -74,9 +81,11 @@ def serve(
     stun_port: int,
     mesh_with: str,
     mesh_psk_file: Path | None,
+    metrics_listen: str | None,
 ) -> None:
-    """Serve DERP at /derp (plus /derp/probe, /derp/latency-check, /generate_204 and /debug/metrics from
-    loopback) until SIGTERM or SIGINT; plain HTTP unless --certfile and --keyfile are given.
+    """Serve DERP at /derp (plus /derp/probe, /derp/latency-check, /generate_204, and from loopback
+    /debug/metrics with derper's names and /metrics with tailpy_derp_* ones) until SIGTERM or SIGINT; plain
+    HTTP unless --certfile and --keyfile are given. --metrics-listen serves /metrics to anyone there.
 
     With --verify-clients (and --control-url) or --verify-client-url, each client's node key is checked at
     login (POST {"NodePublic", "Source"} -> {"Allow"}); refused keys, and every key while the check does not
@@ -92,11 +101,14 @@ def serve(
     are dialed with the scheme this relay serves."""
     from tailpy.control.options import parse_listen
     from tailpy.derp.mesh import mesh_urls, read_mesh_key, start_mesh
+    from tailpy.derp.metrics import StunCollector
     from tailpy.derp.server import DerpServer, load_or_create_key
     from tailpy.derp.stun_server import StunServer
     from tailpy.derp.verify import AdmissionURL, control_admission_url
+    from tailpy.metrics import start_metrics_listener
 
     host, port = parse_listen(listen)
+    metrics_at = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen is not None else None
     if verify_clients and verify_client_url:
         raise ConfigError("give --verify-clients (with --control-url) or --verify-client-url, not both")
     if verify_clients and not control_url:
@@ -144,6 +156,19 @@ def serve(
             await server.start(host, port, ctx)
         except OSError as e:
             raise ConfigError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        metrics_runner = None
+        if metrics_at is not None:
+            try:
+                metrics_runner = await start_metrics_listener(server.registry, *metrics_at)
+            except OSError as e:
+                await server.stop()
+                raise ConfigError(
+                    f"cannot listen on --metrics-listen {metrics_listen}: {e.strerror or e}"
+                ) from None
+            log.info(
+                "metrics at %s",
+                ", ".join(f"http://{Endpoint.from_sockaddr(a)}/metrics" for a in metrics_runner.addresses),
+            )
         mesh = start_mesh(server.relay, peers, mesh_key) if mesh_key is not None and peers else None
         if mesh is not None:
             server.extra_health["mesh"] = mesh.health
@@ -170,6 +195,8 @@ def serve(
                 )
             else:
                 server.extra_metrics.append(stun_server.metrics.prometheus)
+                stun_metrics = stun_server.metrics
+                server.registry.register(StunCollector(lambda: stun_metrics))
                 log.info(
                     "STUN server listening on %s",
                     ", ".join(f"udp {Endpoint.from_sockaddr(a)}" for a in stun_server.addresses),
@@ -180,6 +207,8 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if mesh is not None:
             await mesh.stop()
         if stun_server is not None:

@@ -40,7 +40,7 @@ from tailpy.storage import directory_problem, storage_error
 
 
 def _start_daemon(
-    socket_path: str, state_dir: str, netfilter_mode: str | None = None
+    socket_path: str, state_dir: str, netfilter_mode: str | None = None, metrics_listen: str | None = None
 ) -> subprocess.Popen[bytes]:
     if os.geteuid() != 0:
         raise PermissionDeniedError(
@@ -53,6 +53,8 @@ def _start_daemon(
     except OSError as e:
         raise storage_error(e, Path(state_dir) / "tailpyd.log", "tailpyd's log") from None
     extra = ["--netfilter-mode", netfilter_mode] if netfilter_mode else []
+    if metrics_listen:
+        extra += ["--metrics-listen", metrics_listen]
     return subprocess.Popen(
         [
             sys.executable,
@@ -118,17 +120,21 @@ async def _up(
     netfilter_mode: str | None = None,
     advertise_tags: list[str] | None = None,
     routes: dict[str, Any] | None = None,
+    metrics_listen: str | None = None,
 ) -> Status:
     client = local(socket_path)
     started = False
     try:
         await client.status()
+        if metrics_listen:
+            console.print("tailpyd is already running: --metrics-listen applies when `tailpy up` starts it")
     except DaemonNotRunningError:
         running = holder(state_dir)
         if running is not None:  # a daemon holds the state directory but does not answer on this socket
             raise DaemonRunningError(running.pid) from None
         console.print(f"starting tailpyd (state {state_dir}, socket {socket_path}, log tailpyd.log there)")
-        await _wait_daemon(client, _start_daemon(socket_path, state_dir, netfilter_mode), state_dir)
+        proc = _start_daemon(socket_path, state_dir, netfilter_mode, metrics_listen)
+        await _wait_daemon(client, proc, state_dir)
         started = True
     try:
         with console.status(f"registering with {login_server or 'the login server'}"):
@@ -224,6 +230,13 @@ async def _up(
     "kept for later `up`s (not given: as the last `up` said; empty: ask for none, which a tagged node "
     "gets only by logging in again as a user: --force-reauth with a user's auth key; else an error).",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="When this starts tailpyd: have it serve GET /metrics (Prometheus) over TCP on HOST:PORT too "
+    "(`tailpy metrics` reads them from the local socket either way).",
+)
 @route_options
 @socket_option
 @state_dir_option
@@ -243,6 +256,7 @@ def command(
     exit_node: str | None,
     exit_node_allow_lan_access: bool | None,
     snat_subnet_routes: bool | None,
+    metrics_listen: str | None,
     socket_path: str,
     state_dir: str,
 ) -> None:
@@ -275,6 +289,7 @@ def command(
             netfilter_mode,
             _tags(advertise_tags),
             routes,
+            metrics_listen,
         )
     )
     click.echo(connected_line(st))

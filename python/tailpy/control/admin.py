@@ -94,11 +94,22 @@ MAX_BODY = 6 * MAX_POLICY_BYTES + 65536
 (``\u0000``, six bytes), and the other arguments."""
 
 
+MAX_ID = 2**63 - 1
+"""Largest id the database holds (a signed 64-bit integer)."""
+
+
 def _ref(args: Mapping[str, Any], name: str) -> str | int:
     """A node given by id (a number) or by name (or FQDN), as the admin typed it."""
     v = args.get(name)
     if isinstance(v, bool) or not isinstance(v, (int, str)) or v == "":
         raise ConfigError(f"{name} must be a node id or name; see `tailpy control nodes list`")
+    digits = v.strip() if isinstance(v, str) else None
+    if (isinstance(v, int) and not 0 <= v <= MAX_ID) or (
+        digits is not None
+        and digits.isdigit()
+        and not (digits.isascii() and len(digits) <= 19 and int(digits) <= MAX_ID)
+    ):  # (a database integer has 63 bits; "²" is a digit to str.isdigit but not to int())
+        raise ConfigError(f"{name} {v} is not an id; see `tailpy control nodes list`")
     return v
 
 
@@ -392,7 +403,7 @@ class Admin:
 
     def op_policy_show(self, args: Mapping[str, Any]) -> Any:
         policy_id = args.get("id")
-        if isinstance(policy_id, bool) or not isinstance(policy_id, int):
+        if isinstance(policy_id, bool) or not isinstance(policy_id, int) or not 0 <= policy_id <= MAX_ID:
             raise ConfigError("id must be a policy id from `tailpy control policy history`")
         rec = self.store.policy_record(policy_id)
         if rec is None:

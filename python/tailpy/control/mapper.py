@@ -89,6 +89,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,9 @@ at a time (each sealed copy is the stream's own)."""
 POLICY_CHANGE = -1
 """The node id under which a policy change is logged (it names no node; a stream resuming across it gets a
 full netmap)."""
+CHANGE_TIMES = 4096
+"""Changes whose time is kept for the delta latency metric (:attr:`Mapper.on_delta_written`): a stream
+further behind than that is catching up, not measuring fan-out."""
 
 
 def _dumps(obj: Any) -> bytes:
@@ -255,6 +259,12 @@ class Mapper:
         self._delta_writes = 0  # deltas written since _rate_since
         self._rate_since = 0.0
         self._pacer: asyncio.Task[None] | None = None  # releases paused streams
+        self._change_times = [0.0] * CHANGE_TIMES  # monotonic time of version v at [v % CHANGE_TIMES]
+        self.on_policy_compiled: Callable[[float], None] | None = None
+        """Called with the seconds each policy compile took (:meth:`set_policy`; metrics)."""
+        self.on_delta_written: Callable[[float], None] | None = None
+        """Called after a stream's delta was written with the seconds since the oldest change in it
+        (changes older than :data:`CHANGE_TIMES` versions are not timed; metrics)."""
 
     # --- state ---
 
@@ -422,11 +432,14 @@ class Mapper:
         the streams' nodes (nodes with the same rules share a view)."""
         old = self._compiled
         self.policy = policy
+        started = time.perf_counter()
         new = (
             None
             if policy is None
             else Compiled(policy, (self._policy_node(n) for n in self.nodes.values()), previous=old)
         )
+        if new is not None and self.on_policy_compiled is not None:
+            self.on_policy_compiled(time.perf_counter() - started)
         self._compiled = new
         self._variants.clear()  # (route reductions follow the policy)
         self._frames.clear()  # (and the views)
@@ -535,6 +548,7 @@ class Mapper:
         self._prev_at[node_id] = self._changed_at.get(node_id, 0)
         self._patches.pop(node_id, None)
         self._changed_at[node_id] = self.version
+        self._change_times[self.version % CHANGE_TIMES] = time.monotonic()
         return self.version
 
     def _wake(self) -> None:
@@ -867,7 +881,10 @@ class Mapper:
                 await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
                 del body
             elif s.sent < self.version:
-                await self._write_delta(s, write)
+                if self.on_delta_written is None:
+                    await self._write_delta(s, write)
+                else:
+                    await self._timed_delta(s, write, self.on_delta_written)
                 self._delta_writes += s.paced  # (one delta per stream for one change is no load to pace)
                 if self.batch_delay > 0 and not s.ended:
                     s.paced = True
@@ -1013,6 +1030,23 @@ class Mapper:
                 line = s.sealer.seal(body, zstd=s.zstd)
                 del body
                 await _write_line(write, line)
+
+    async def _timed_delta(
+        self, s: MapStream, write: Callable[[bytes], Awaitable[None]], observe: Callable[[float], None]
+    ) -> None:
+        """:meth:`_write_delta`, then ``observe`` the seconds since the oldest change it carried (when a
+        line was written and that change is still timed)."""
+        oldest = s.sent + 1
+        wrote = False
+
+        async def counting(data: bytes) -> None:
+            nonlocal wrote
+            wrote = True
+            await write(data)
+
+        await self._write_delta(s, counting)
+        if wrote and oldest > self.version - CHANGE_TIMES:
+            observe(time.monotonic() - self._change_times[oldest % CHANGE_TIMES])
 
     async def _write_shared(
         self, s: MapStream, shared: bytes, write: Callable[[bytes], Awaitable[None]]

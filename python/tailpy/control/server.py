@@ -38,6 +38,10 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   DERP admission (Tailscale's ``tailcfg.DERPAdmitClientRequest``, derper's ``-verify-client-url``); Allow
   when the key is a live node's current, unexpired key (:meth:`ControlServer.derp_admits`). Unsealed, as
   derper sends it; it tells only whether a given 32-byte public key is in the tailnet.
+* ``/api/v1/…``: the HTTP admin API, authenticated by admin API keys, described at ``GET
+  /api/v1/openapi.json`` (:mod:`tailpy.control.adminapi`).
+* ``GET /metrics`` -> Prometheus metrics (text format; :mod:`tailpy.control.metrics`), to loopback peers
+  only (403 otherwise: ``tailpy control serve --metrics-listen`` serves them on a listener of their own).
 * ``/admin`` and below: the web console, HTML pages for admins (:mod:`tailpy.control.console`).
 * ``GET /health`` -> ``{"status": "ok" | "degraded" | "error", "checks": {name: {"status": ..., ...}}}``,
   200, or 503 when a check failed (:meth:`ControlServer.health`: the database, the map streams, and
@@ -76,9 +80,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tailpy.control import dnsconfig, pages
 from tailpy.control.acl import PolicyKeeper, policy_nodes
+from tailpy.control.admin import Admin
+from tailpy.control.adminapi import AdminApi
 from tailpy.control.console import PREFIX as CONSOLE_PREFIX
 from tailpy.control.console import Console, ConsoleConfig
 from tailpy.control.mapper import Mapper, MapStream
+from tailpy.control.metrics import METRICS_PATH, ControlMetrics, failure_reason
 from tailpy.control.oidc import Logins, OIDCConfig
 from tailpy.control.openwrites import StreamOpenWrites
 from tailpy.control.policy import Policy, PolicyNode
@@ -247,6 +254,9 @@ class ControlServer:
         )
         """This process as one replica of the database: the change feed, and which nodes are online on
         which live replica (:meth:`Replicas.online`, :meth:`Replicas.alive`)."""
+        self.metrics = ControlMetrics()
+        """Prometheus metrics served at ``GET /metrics`` (:mod:`tailpy.control.metrics`)."""
+        self.metrics.attach(self)
         self.mapper.load(store.list_nodes())
         self._emails: dict[str, str] = {}
         self.users_changed()
@@ -275,18 +285,23 @@ class ControlServer:
             client_max_size=proto.MAX_MESSAGE + 4096,
             # every error JSON (login pages keep their own HTML error pages)
             middlewares=[
+                self.metrics.middleware(),
                 make_json_errors(
                     skip=(*pages.PAGE_PREFIXES, CONSOLE_PREFIX), translate=lambda e: db_error(e, where)
-                )
+                ),
             ],
         )
         app.router.add_get("/key", self._key)
         app.router.add_get("/health", self._health)
+        app.router.add_get(METRICS_PATH, self.metrics.handle)
         app.router.add_post("/machine/register", self._register)
         app.router.add_post("/machine/map", self._map)
         app.router.add_post("/machine/update", self._update)
         app.router.add_post("/machine/logout", self._logout)
         app.router.add_post(DERP_ADMIT_PATH, self._derp_admit)
+        AdminApi(Admin(self.store, server=self, clock=self.clock, key_lifetime=self.key_lifetime)).install(
+            app
+        )
         if self.logins is not None:
             self.logins.install(app)
         self.console.install(app)
@@ -350,6 +365,7 @@ class ControlServer:
 
     async def _on_startup(self, _app: web.Application) -> None:
         self._closing = False
+        self.metrics.listen_db(self.store)
         await self.replicas.start()
         self.policy.start_watching()
         self._lifecycle()
@@ -363,6 +379,7 @@ class ControlServer:
         await self.policy.stop()
         self.open_writes.flush()
         self.mapper.end_all()
+        self.metrics.detach()
 
     # --- netmaps ---
 
@@ -554,12 +571,16 @@ class ControlServer:
             assert isinstance(result, web.StreamResponse)
             return result
         except _Refused as e:
+            if path == "/machine/register":
+                self.metrics.registration_failures.labels(failure_reason(e.status, e.kind)).inc()
             who = req.machine_key.short() if req is not None else request.remote
             log.warning("refused %s from %s: %s", path, who, e.message)
             if req is None:
                 return web.json_response({"error": e.message}, status=e.status)
             return self._reply(req, {"error": e.message, "kind": e.kind}, e.status)
         except SQLAlchemyError as e:  # (a lost connection, a lock wait that timed out: the next try may work)
+            if path == "/machine/register":
+                self.metrics.registration_failures.labels("database").inc()
             log.warning("%s failed: the database did not answer: %s", path, str(e).splitlines()[0])
             return web.json_response(
                 {"error": "the control database did not answer: try again (or another replica)"}, status=503
@@ -627,6 +648,7 @@ class ControlServer:
             log.info("registered node %d %s (%s) %s", node.id, node.name, node.ipv4, req.machine_key.short())
             node = self.auto_approve(node)
             self.mapper.publish(node)
+            self.metrics.registrations.inc()
             return self._reply(req, {"node": _with_online(node, self._online[node.id] > 0).to_json()})
 
         return await self._handle(request, "/machine/register", do)

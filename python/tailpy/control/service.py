@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+
 from tailpy.control.admin import SOCKET_NAME, Admin, AdminServer
 from tailpy.control.console import ConsoleConfig
 from tailpy.control.derpmesh import RelayMesh
@@ -35,12 +37,14 @@ from tailpy.control.server import ControlServer, http_url
 from tailpy.control.store import DEFAULT_KEY_LIFETIME, Settings, Store, changes
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.derp.mesh import Mesh, mesh_urls, read_mesh_key, start_mesh
+from tailpy.derp.metrics import RelayCollector, StunCollector
 from tailpy.derp.server import DerpServer, load_or_create_key
 from tailpy.derp.stun_server import StunServer
 from tailpy.derp.verify import local_admission
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError, ControlError, ParseError
 from tailpy.keys import MachinePrivate
+from tailpy.metrics import start_metrics_listener
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion
 from tailpy.proto.derp import parse_mesh_key
 
@@ -90,6 +94,8 @@ class ControlConfig:
     * ``replica_id``: this process's id among the replicas of its database (``--replica-id``; None: with
       PostgreSQL ``<hostname>:<port>``, stable across restarts; with SQLite none, a single process);
       ``heartbeat``: seconds between its heartbeats (:mod:`tailpy.control.replicas`).
+    * ``metrics_listen``: (host, port) of a listener serving ``GET /metrics`` to anyone (``--metrics-listen``;
+      None: none; control's own listener serves it to loopback peers: :mod:`tailpy.control.metrics`).
     """
 
     state_dir: Path
@@ -121,6 +127,7 @@ class ControlConfig:
     mesh_psk_file: Path | None = None
     replica_id: str | None = None
     heartbeat: float = HEARTBEAT
+    metrics_listen: tuple[str | None, int] | None = None
 
     def check(self) -> None:
         """Raise ConfigError for settings that cannot work together (region id out of range, or taken by
@@ -232,6 +239,8 @@ class ControlProcess:
         self.died = asyncio.Event()
         """Set with :attr:`fatal`."""
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP reloads under way
+        self.metrics_runner: web.AppRunner | None = None
+        """The ``--metrics-listen`` listener (None: none)."""
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -333,6 +342,7 @@ class ControlProcess:
             return -1
         self.stun_server = stun
         self.relay.extra_metrics.append(stun.metrics.prometheus)
+        self.relay.registry.register(StunCollector(lambda: stun.metrics))
         listening = ", ".join(f"udp {Endpoint.from_sockaddr(a)}" for a in stun.addresses)
         self._stun_note = (logging.INFO, "STUN server listening on " + listening)
         return stun.addresses[0][1]
@@ -375,6 +385,20 @@ class ControlProcess:
             raise ConfigError(f"cannot listen on {where}: {e.strerror or e}") from None
         server.replicas.on_fatal = self._die
         self.server = server
+        if self.relay is not None:
+            server.metrics.add(RelayCollector(self.relay.relay))
+            server.metrics.add(
+                StunCollector(lambda: None if self.stun_server is None else self.stun_server.metrics)
+            )
+        if cfg.metrics_listen is not None:
+            try:
+                self.metrics_runner = await start_metrics_listener(
+                    server.metrics.registry, *cfg.metrics_listen
+                )
+            except OSError as e:
+                host, port = cfg.metrics_listen
+                where = _host_port(host, port) if host else f":{port}"
+                raise ConfigError(f"cannot listen on --metrics-listen {where}: {e.strerror or e}") from None
         return settings
 
     def _die(self, why: str) -> None:
@@ -475,6 +499,11 @@ class ControlProcess:
         log.info("DERP map: %s", ", ".join(map(str, regions)) if regions else "none")
         if self._stun_note is not None:
             log.log(*self._stun_note)
+        if self.metrics_runner is not None:
+            where = " and ".join(
+                f"{http_url(str(a[0]), int(a[1]))}/metrics" for a in self.metrics_runner.addresses
+            )
+            log.info("metrics served at %s (and to loopback at control's /metrics)", where)
 
     async def stop(self) -> None:
         """Stop the admin socket, control, the STUN server and the relay, and close the database (each that
@@ -485,6 +514,9 @@ class ControlProcess:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in list(self._reloads):
             task.cancel()
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None

@@ -8,7 +8,8 @@ snat_subnet_routes}: only those given change, on the running node, without a new
 ``POST /localapi/v0/down``, ``POST /localapi/v0/logout``,
 ``GET /localapi/v0/whois?addr=IP``, ``POST /localapi/v0/ping`` ({target: peer name or tailnet IP, timeout:
 seconds}) -> one disco ping's answer (:meth:`Backend.ping`), ``POST /localapi/v0/netcheck`` ({timeout}) -> a
-netcheck report made over the data plane's own socket (:meth:`Backend.netcheck`).
+netcheck report made over the data plane's own socket (:meth:`Backend.netcheck`); ``GET /metrics`` (also
+``GET /localapi/v0/metrics``) -> the node's Prometheus metrics, text format (:mod:`tailpy.daemon.metrics`).
 Errors: ``{"error": "<one sentence>"}`` with status 400 (bad request), 401 (auth key refused), 403 (a
 requested tag refused by control's policy), 404 (no such node), 502 (control unreachable or refused), 507
 (the state file cannot be written: disk full, read-only), 500 (anything else, logged with its traceback:
@@ -25,11 +26,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from tailpy.daemon.backend import PREF_KEYS, Backend
+from tailpy.daemon.metrics import node_registry
 from tailpy.daemon.netfilter import MODES
 from tailpy.errors import AuthKeyError, ConfigError, ControlError, StorageError, TagError, TailpyError
 from tailpy.httperrors import json_errors
+from tailpy.metrics import METRICS_PATH, metrics_response
 
 PREFIX = "/localapi/v0"
 
@@ -90,9 +94,18 @@ async def _change(
     return web.json_response(backend.status().to_json())
 
 
-def make_app(backend: Backend, on_down: Callable[[], None] | None = None) -> web.Application:
-    """The aiohttp application serving ``backend``. ``on_down`` runs after a successful ``down``."""
+def make_app(
+    backend: Backend, on_down: Callable[[], None] | None = None, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """The aiohttp application serving ``backend``. ``on_down`` runs after a successful ``down``;
+    ``registry``: the metrics served (None: :func:`tailpy.daemon.metrics.node_registry` of ``backend``)."""
     routes = web.RouteTableDef()
+    metrics = registry if registry is not None else node_registry(backend.status)
+
+    @routes.get(METRICS_PATH)
+    @routes.get(PREFIX + METRICS_PATH)
+    async def get_metrics(request: web.Request) -> web.Response:
+        return metrics_response(metrics)
 
     @routes.get(PREFIX + "/status")
     async def status(request: web.Request) -> web.Response:

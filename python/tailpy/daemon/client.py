@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,20 @@ class LocalClient:
         self.timeout = timeout
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        status, raw = await self._request(method, path, body)
+        try:
+            data: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            raise TailpyError(f"tailpyd answered HTTP {status} without JSON") from None
+        if not isinstance(data, dict):
+            raise TailpyError(f"tailpyd answered HTTP {status} with malformed JSON")
+        if status >= 400:
+            raise _ERRORS.get(status, TailpyError)(data.get("error", f"HTTP {status}"))
+        return data
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """(HTTP status, body) of one local API request; raises the errors :meth:`_call` documents for an
+        unreachable or silent daemon."""
         conn = aiohttp.UnixConnector(path=self.socket_path)
         try:
             async with (
@@ -72,15 +87,7 @@ class LocalClient:
                 ) as session,
                 session.request(method, "http://local-tailpyd/localapi/v0" + path, json=body) as resp,
             ):
-                try:
-                    data: dict[str, Any] = await resp.json(content_type=None)
-                except ValueError:
-                    raise TailpyError(f"tailpyd answered HTTP {resp.status} without JSON") from None
-                if not isinstance(data, dict):
-                    raise TailpyError(f"tailpyd answered HTTP {resp.status} with malformed JSON")
-                if resp.status >= 400:
-                    raise _ERRORS.get(resp.status, TailpyError)(data.get("error", f"HTTP {resp.status}"))
-                return data
+                return resp.status, await resp.read()
         except asyncio.TimeoutError:
             raise DaemonUnresponsiveError(
                 f"tailpyd did not answer on {self.socket_path} within {self.timeout:.0f} s"
@@ -101,6 +108,13 @@ class LocalClient:
             raise DaemonNotRunningError(
                 f"tailpyd is not running (no answer on {self.socket_path}); start it with `tailpy up`"
             ) from None
+
+    async def metrics(self) -> str:
+        """tailpyd's Prometheus metrics, text format (``GET /localapi/v0/metrics``)."""
+        status, raw = await self._request("GET", "/metrics")
+        if status != 200:
+            raise TailpyError(f"tailpyd answered HTTP {status} for its metrics (an older tailpyd?)")
+        return raw.decode("utf-8", "replace")
 
     async def status(self) -> Status:
         """tailpyd's status. Raises ParseError for an answer that is not a status."""

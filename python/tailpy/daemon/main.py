@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import click
+from aiohttp import web
 
 from tailpy import bypass
 from tailpy.daemon import netfilter
@@ -27,11 +28,13 @@ from tailpy.daemon.lock import (
     RunRecord,
     write_state_dir_pointer,
 )
+from tailpy.daemon.metrics import node_registry
 from tailpy.daemon.router import BYPASS_MARK, FORWARDING_RECORD, PlanRouter
 from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
 from tailpy.errors import ConfigError, DaemonRunningError, ParseError, TailpyError
+from tailpy.metrics import start_metrics_listener
 from tailpy.netstack import Netstack, UserspaceDevice, check_peer, lookup
 from tailpy.proxy import ProxyServer, parse_listen, start_http_proxy, start_socks5
 from tailpy.storage import is_storage_errno, storage_error
@@ -40,6 +43,13 @@ log = logging.getLogger("tailpy.daemon")
 
 USERSPACE = USERSPACE_TUN
 """``--tun`` value for a userspace data plane (tailscaled's name for it)."""
+
+
+def parse_metrics_listen(text: str) -> tuple[str | None, int]:
+    """``--metrics-listen``'s HOST:PORT (``[v6]:PORT``, ``:PORT`` for every address). Raises ConfigError."""
+    from tailpy.control.options import parse_listen as parse_host_port
+
+    return parse_host_port(text, "--metrics-listen")
 
 
 def _log_tasks() -> None:
@@ -62,6 +72,7 @@ async def run(
     netfilter_mode: str = "on",
     socks5_server: str = "",
     http_proxy: str = "",
+    metrics_listen: str = "",
 ) -> None:
     """Serve the node until SIGTERM/SIGINT (or ``down`` with ``exit_on_down``). The caller holds the state
     directory's lock (:class:`tailpy.daemon.lock.DaemonLock`). Tells systemd READY=1 once the node is up or
@@ -69,7 +80,8 @@ async def run(
 
     ``tun`` :data:`USERSPACE` runs the node on a userspace data plane (no TUN, no root; MagicDNS, routes and
     the firewall left alone) with a SOCKS5 proxy on ``socks5_server`` and an HTTP proxy on ``http_proxy``
-    ("host:port"; "" none) into the tailnet (:mod:`tailpy.proxy`)."""
+    ("host:port"; "" none) into the tailnet (:mod:`tailpy.proxy`). ``metrics_listen`` ("host:port"; "" none):
+    also serve ``GET /metrics`` there over TCP (:mod:`tailpy.daemon.metrics`)."""
     from tailpy._native import Device
 
     userspace = tun == USERSPACE
@@ -122,11 +134,24 @@ async def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
-    runner = await serve(make_app(backend, on_down=stop.set if exit_on_down else None), socket_path)
+    registry = node_registry(backend.status)
+    runner = await serve(
+        make_app(backend, on_down=stop.set if exit_on_down else None, registry=registry), socket_path
+    )
     log.info("tailpyd listening on %s (state %s)", socket_path, state_dir)
     proxies: list[ProxyServer] = []
     stack: Netstack | None = None
+    metrics_runner: web.AppRunner | None = None
     try:
+        if metrics_listen:
+            host, mport = parse_metrics_listen(metrics_listen)
+            try:
+                metrics_runner = await start_metrics_listener(registry, host, mport)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot listen on --metrics-listen {metrics_listen}: {e.strerror or e}"
+                ) from None
+            log.info("metrics served at http://%s/metrics", metrics_listen)
         if socks5_server or http_proxy:
             stack = Netstack(
                 lambda: cast(UserspaceDevice | None, backend.device),
@@ -147,6 +172,8 @@ async def run(
         await stop.wait()
     finally:
         notify("STOPPING=1")
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         for proxy in proxies:
             await proxy.close()
@@ -234,6 +261,13 @@ async def run(
     help=f"With --tun {USERSPACE}: run an HTTP proxy (CONNECT and absolute http:// URIs) into the tailnet on "
     "ADDR (host:port).",
 )
+@click.option(
+    "--metrics-listen",
+    default="",
+    metavar="ADDR",
+    help="Also serve GET /metrics (Prometheus; `tailpy metrics` reads it from the local API) over TCP on "
+    "ADDR (host:port, e.g. 127.0.0.1:9101), to anyone who reaches it.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(
     state_dir: str,
@@ -248,6 +282,7 @@ def main(
     cleanup_only: bool,
     socks5_server: str,
     http_proxy: str,
+    metrics_listen: str,
     verbose: bool,
 ) -> None:
     """tailpyd: the tailpy node daemon. One runs per state directory: a second one exits (status 3)
@@ -270,6 +305,12 @@ def main(
             except ParseError as e:
                 click.echo(f"tailpyd: {flag}: {e}", err=True)
                 sys.exit(2)
+    if metrics_listen:
+        try:
+            parse_metrics_listen(metrics_listen)
+        except ConfigError as e:
+            click.echo(f"tailpyd: {e}", err=True)
+            sys.exit(2)
     lock = DaemonLock(state_dir)
     try:
         lock.acquire()  # before the socket, the TUN, DNS or the state file
@@ -307,6 +348,7 @@ def main(
                 netfilter_mode,
                 socks5_server,
                 http_proxy,
+                metrics_listen,
             )
         )
     except TailpyError as e:

@@ -377,6 +377,10 @@ class Relay:
         """Raw key of a client connected to another server of the mesh -> the mesh peers that said so, the
         one that said so first first (derpserver ``clientsMesh`` and ``multiForwarder``)."""
 
+    def queued_packets(self) -> list[int]:
+        """Packets waiting in each live connection's send queue (for the queue depth metrics)."""
+        return [len(c._packets) for ks in self._clients.values() for c in ks.conns]
+
     def connections(self, key: NodePublic) -> list[Conn]:
         """The live connections of ``key`` (oldest first)."""
         ks = self._clients.get(key)

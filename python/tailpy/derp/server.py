@@ -14,7 +14,8 @@ The server reads each connection's HTTP/1.1 request head itself (``asyncio.start
 * The request-head read is bounded in size *and time*; aiohttp bounds size but not the time a client may
   take to send its head (slowloris). Here both are one ``wait_for(readuntil(...))``.
 * The other paths are fixed one-shot answers (``/derp/probe``, ``/derp/latency-check``, ``/generate_204``,
-  ``/debug/metrics``, ``/``), each sent with ``Connection: close``; no request body is ever read.
+  ``/debug/metrics``, ``/metrics``, ``/``), each sent with ``Connection: close``; no request body is ever
+  read.
 
 Paths (as Tailscale's ``derpserver/handler.go`` and ``cmd/derper``):
 
@@ -25,8 +26,10 @@ Paths (as Tailscale's ``derpserver/handler.go`` and ``cmd/derper``):
 * ``GET|HEAD /derp/probe`` and ``/derp/latency-check`` → 200, ``Access-Control-Allow-Origin: *``.
 * ``GET /generate_204`` → 204; an ``X-Tailscale-Challenge`` of at most 64 characters from
   ``[A-Za-z0-9._:-]`` is answered with ``X-Tailscale-Response: response <challenge>``.
-* ``GET /debug/metrics`` → counters in Prometheus text format (:mod:`tailpy.derp.metrics`; from loopback
-  only unless ``public_metrics``).
+* ``GET /debug/metrics`` → counters in Prometheus text format under derper's names
+  (:mod:`tailpy.derp.metrics`; from loopback only unless ``public_metrics``).
+* ``GET /metrics`` → :attr:`DerpServer.registry`'s metrics (``tailpy_derp_*``, ``tailpy_stun_*``) by
+  ``prometheus_client``, under the same loopback rule.
 * ``GET /health`` → ``{"status": "ok" | "error", "checks": {name: {"status": ..., ...}}}`` with 200, or 503
   when a check failed (:meth:`DerpServer.health`; for load balancers and service managers).
 
@@ -48,9 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import nacl.public
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tailpy.derp import ws
-from tailpy.derp.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics
+from tailpy.derp.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics, RelayCollector
 from tailpy.derp.relay import DUPLICATE_KEY_PROBLEM, READ_CHUNK, REFUSED_PREFIX, Conn, Relay
 from tailpy.derp.verify import Verifier
 from tailpy.errors import ConfigError, ParseError
@@ -141,6 +145,10 @@ class DerpServer:
         self.public_metrics = public_metrics
         self.extra_metrics: list[Callable[[], str]] = []
         """More Prometheus text served at /debug/metrics after the relay's (the STUN server's, say)."""
+        self.registry = CollectorRegistry(auto_describe=False)
+        """What ``GET /metrics`` serves: the relay's (:class:`~tailpy.derp.metrics.RelayCollector`), and
+        collectors registered beside it (the STUN server's, say)."""
+        self.registry.register(RelayCollector(self.relay))
         self.extra_health: dict[str, Callable[[], dict[str, Any]]] = {}
         """More checks for /health: name -> a function answering ``{"status": "ok" | "error", ...}``."""
         self._servers: list[asyncio.Server] = []
@@ -316,13 +324,17 @@ class DerpServer:
             if challenge and len(challenge) <= 64 and set(challenge) <= _CHALLENGE_CHARS:
                 extra["X-Tailscale-Response"] = "response " + challenge
             await self._respond(writer, 204, "No Content", extra)
-        elif path == "/debug/metrics":
+        elif path in ("/debug/metrics", "/metrics"):
             peer = writer.get_extra_info("peername")
             if not self.public_metrics and not _is_loopback(peer):
                 await self._respond(writer, 403, "Forbidden", body=b"metrics are served to loopback only\n")
                 return
-            body = "".join([self.metrics.prometheus(), *(f() for f in self.extra_metrics)]).encode()
-            await self._respond(writer, 200, "OK", {"Content-Type": "text/plain; version=0.0.4"}, body)
+            if path == "/metrics":
+                body, kind = generate_latest(self.registry), CONTENT_TYPE_LATEST
+            else:
+                body = "".join([self.metrics.prometheus(), *(f() for f in self.extra_metrics)]).encode()
+                kind = "text/plain; version=0.0.4"
+            await self._respond(writer, 200, "OK", {"Content-Type": kind}, body)
         elif path == "/health":
             doc = self.health()
             code, reason = (503, "Service Unavailable") if doc["status"] == "error" else (200, "OK")

@@ -36,7 +36,7 @@ def command() -> None:
 @click.option("--ephemeral", is_flag=True, help="Its nodes are removed after --ephemeral-timeout offline.")
 @click.option("--expiration", default="1h", show_default=True, help="Lifetime: 90s, 30m, 1h, 7d or never.")
 def authkey_create(
-    state_dir: Path,
+    state_dir: Path | None,
     db: str | None,
     as_json: bool,
     user: str | None,
@@ -63,7 +63,7 @@ def authkey_create(
 @state_dir_option
 @db_option
 @json_option
-def authkey_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+def authkey_list(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """List pre-auth keys (prefix only): owner or tags, reusable, ephemeral, uses, last use, expiry."""
     result = admin(state_dir, db, "authkey.list", {})
     if as_json:
@@ -94,7 +94,7 @@ def authkey_list(state_dir: Path, db: str | None, as_json: bool) -> None:
 @db_option
 @json_option
 @click.argument("key")
-def authkey_expire(state_dir: Path, db: str | None, as_json: bool, key: str) -> None:
+def authkey_expire(state_dir: Path | None, db: str | None, as_json: bool, key: str) -> None:
     """Make auth key KEY (its ID from `authkey list`, or the full key) expire now."""
     out(as_json, admin(state_dir, db, "authkey.expire", {"key": key}), f"expired auth key {key}")
 

@@ -1,6 +1,8 @@
 """Options and helpers shared by the `tailpy control` subcommands: ``--state-dir``, ``--db``, ``--json``,
-the admin call (through ``<state_dir>/admin.sock`` when the server runs, else straight to the database: see
-:mod:`tailpy.control.admin`) and the output (tables, relative times)."""
+``--control-url`` and ``--api-key-file``, the admin call (over control's HTTP admin API with
+``--control-url``: :mod:`tailpy.control.apiclient`; else through ``<state_dir>/admin.sock`` when the server
+runs, else straight to the database: see :mod:`tailpy.control.admin`) and the output (tables, relative
+times)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,63 @@ import click
 
 ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
 
-state_dir_option = click.option(
+server_state_dir_option = click.option(
     "--state-dir",
     envvar=ENV_STATE_DIR,
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
     help=f"Directory of the server's database and key (default: ${ENV_STATE_DIR}).",
 )
+"""``--state-dir`` of the commands that need the state directory itself (``serve``, ``mesh-key``)."""
+
+ENV_CONTROL_URL = "TAILPY_CONTROL_URL"
+_META_URL = "tailpy.control_url"
+_META_KEY_FILE = "tailpy.api_key_file"
+
+
+def _remember(meta_name: str) -> Any:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            ctx.meta[meta_name] = value
+        return value
+
+    return callback
+
+
+def remote_options(f: Any) -> Any:
+    """``--control-url`` and ``--api-key-file``: run the admin command over control's HTTP admin API
+    (:mod:`tailpy.control.apiclient`); :func:`admin` reads them from the click context."""
+    f = click.option(
+        "--api-key-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        expose_value=False,
+        callback=_remember(_META_KEY_FILE),
+        help="File holding the admin API key for --control-url (default: $TAILPY_API_KEY).",
+    )(f)
+    return click.option(
+        "--control-url",
+        envvar=ENV_CONTROL_URL,
+        default=None,
+        expose_value=False,
+        callback=_remember(_META_URL),
+        help=f"Administer the control server at this URL over its HTTP admin API, with an admin API key "
+        f"(default: ${ENV_CONTROL_URL} when no --state-dir is given).",
+    )(f)
+
+
+def state_dir_option(f: Any) -> Any:
+    """``--state-dir`` (optional with ``--control-url``) and :func:`remote_options`, for admin commands."""
+    f = click.option(
+        "--state-dir",
+        envvar=ENV_STATE_DIR,
+        default=None,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=f"Directory of the server's database and key (default: ${ENV_STATE_DIR}); not needed with "
+        "--control-url.",
+    )(f)
+    return remote_options(f)
+
 
 db_option = click.option(
     "--db",
@@ -35,7 +87,7 @@ json_option = click.option(
 
 ADMIN_NOTE = (
     "Goes through <state-dir>/admin.sock when `tailpy control serve` runs there (nodes hear of changes at "
-    "once), else straight to the database."
+    "once), else straight to the database; with --control-url, over that server's HTTP admin API."
 )
 
 
@@ -45,8 +97,35 @@ def with_admin_note(commands: Iterable[click.Command]) -> None:
         cmd.help = f"{inspect.cleandoc(cmd.help or '')}\n\n{ADMIN_NOTE}"
 
 
+def control_url(state_dir: Path | None = None) -> str | None:
+    """The ``--control-url`` of the running command, or None. ``$TAILPY_CONTROL_URL`` counts only when no
+    ``state_dir`` is given (a flag or ``$TAILPY_CONTROL_STATE_DIR``): the variable also tells embedded
+    nodes where control is, and a local admin command keeps going to the local server."""
+    ctx = click.get_current_context(silent=True)
+    url = ctx.meta.get(_META_URL) if ctx is not None else None
+    if not isinstance(url, str) or not url.strip():
+        return None
+    assert ctx is not None
+    from_env = ctx.get_parameter_source("control_url") == click.core.ParameterSource.ENVIRONMENT
+    return None if from_env and state_dir is not None else url
+
+
 def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any]) -> Any:
-    """Run admin operation ``op`` with ``args`` (see :func:`tailpy.control.admin.run`)."""
+    """Run admin operation ``op`` with ``args``: over the HTTP admin API with ``--control-url`` (see
+    :func:`control_url`; the key from ``--api-key-file`` or ``$TAILPY_API_KEY``:
+    :func:`tailpy.control.apiclient.call`), else through the
+    admin socket or the database (:func:`tailpy.control.admin.run`). Raises ConfigError; click's usage error
+    when neither ``--state-dir`` nor ``--control-url`` is given."""
+    url = control_url(state_dir)
+    if url is not None:
+        from tailpy.control import apiclient
+
+        ctx = click.get_current_context()
+        key_file = ctx.meta.get(_META_KEY_FILE)
+        key = apiclient.read_key(key_file if isinstance(key_file, Path) else None)
+        return apiclient.call(url, key, op, args)
+    if state_dir is None:
+        raise click.UsageError(f"Missing option '--state-dir' (or --control-url, ${ENV_CONTROL_URL}).")
     from tailpy.control import admin as admin_api
 
     return admin_api.run(state_dir, db, op, args)
@@ -100,12 +179,16 @@ def when(t: float, now: float) -> str:
 
 __all__ = [
     "ADMIN_NOTE",
+    "ENV_CONTROL_URL",
     "ENV_STATE_DIR",
     "admin",
+    "control_url",
     "db_option",
     "json_option",
     "out",
     "print_json",
+    "remote_options",
+    "server_state_dir_option",
     "span",
     "state_dir_option",
     "table",

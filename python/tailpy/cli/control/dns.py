@@ -55,7 +55,7 @@ def command() -> None:
 @state_dir_option
 @db_option
 @json_option
-def show(state_dir: Path, db: str | None, as_json: bool) -> None:
+def show(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """Show the DNS settings."""
     _print(admin(state_dir, db, "dns.show", {}), as_json)
 
@@ -77,7 +77,7 @@ def show(state_dir: Path, db: str | None, as_json: bool) -> None:
 )
 @click.option("--no-records", is_flag=True, help="Forget the extra records.")
 def set_(
-    state_dir: Path,
+    state_dir: Path | None,
     db: str | None,
     as_json: bool,
     magic_dns: bool | None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tailpy.cli.control.common import db_option, state_dir_option
+from tailpy.cli.control.common import db_option, server_state_dir_option
 from tailpy.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ def write_secret(path: Path, text: str) -> None:
 
 
 @click.command("mesh-key")
-@state_dir_option
+@server_state_dir_option
 @db_option
 @click.option(
     "--out",

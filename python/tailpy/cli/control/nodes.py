@@ -39,7 +39,7 @@ def last_seen(n: dict[str, Any], now: float) -> str:
 @state_dir_option
 @db_option
 @json_option
-def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+def nodes_list(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """List nodes: id, name, owner, addresses, online, key expiry, last seen."""
     result = admin(state_dir, db, "nodes.list", {})
     if as_json:
@@ -70,7 +70,7 @@ def nodes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
 @state_dir_option
 @db_option
 @json_option
-def nodes_pending(state_dir: Path, db: str | None, as_json: bool) -> None:
+def nodes_pending(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """List machines that signed in and wait for approval (serve --approve-nodes)."""
     result = admin(state_dir, db, "nodes.pending", {})
     if as_json:
@@ -99,7 +99,7 @@ def nodes_pending(state_dir: Path, db: str | None, as_json: bool) -> None:
 @db_option
 @json_option
 @click.argument("pending")
-def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending: str) -> None:
+def nodes_approve(state_dir: Path | None, db: str | None, as_json: bool, pending: str) -> None:
     """Let pending machine PENDING (its id in `nodes pending`, or its hostname) join the tailnet."""
     n = admin(state_dir, db, "nodes.approve", {"id": pending})
     out(as_json, n, f"approved: node {n['id']} {n['name']} {_addr(n, 4)} ({n['user']})")
@@ -110,7 +110,7 @@ def nodes_approve(state_dir: Path, db: str | None, as_json: bool, pending: str) 
 @db_option
 @json_option
 @click.argument("pending")
-def nodes_reject(state_dir: Path, db: str | None, as_json: bool, pending: str) -> None:
+def nodes_reject(state_dir: Path | None, db: str | None, as_json: bool, pending: str) -> None:
     """Refuse pending machine PENDING (id or hostname); it may sign in again."""
     p = admin(state_dir, db, "nodes.reject", {"id": pending})
     out(as_json, p, f"rejected: {p['hostname']} ({p['user']})")
@@ -134,7 +134,7 @@ def _expiry(n: dict[str, Any], now: float) -> str:
 @db_option
 @json_option
 @click.argument("node")
-def nodes_show(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+def nodes_show(state_dir: Path | None, db: str | None, as_json: bool, node: str) -> None:
     """Show node NODE (its id, name or FQDN) in full."""
     n = admin(state_dir, db, "nodes.show", {"id": node})
     if as_json:
@@ -164,7 +164,7 @@ def nodes_show(state_dir: Path, db: str | None, as_json: bool, node: str) -> Non
 @json_option
 @click.argument("node")
 @click.argument("name")
-def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node: str, name: str) -> None:
+def nodes_rename(state_dir: Path | None, db: str | None, as_json: bool, node: str, name: str) -> None:
     """Rename node NODE (id, name or FQDN) to NAME (a DNS label; refused when another node has it or
     it is reserved, e.g. localhost). The node keeps it when it later asks for another hostname."""
     n = admin(state_dir, db, "nodes.rename", {"id": node, "name": name})
@@ -177,7 +177,7 @@ def nodes_rename(state_dir: Path, db: str | None, as_json: bool, node: str, name
 @json_option
 @click.argument("node")
 @click.argument("tags")
-def nodes_tag(state_dir: Path, db: str | None, as_json: bool, node: str, tags: str) -> None:
+def nodes_tag(state_dir: Path | None, db: str | None, as_json: bool, node: str, tags: str) -> None:
     """Give node NODE (id, name or FQDN) exactly the tags TAGS (comma-separated: tag:web,tag:db): an
     admin's override: the admin may apply any tag the policy defines (in its tagOwners, whoever owns it;
     refused for a tag it does not define, as `authkey create --tags` is; any tag when no policy is set). A
@@ -193,7 +193,7 @@ def nodes_tag(state_dir: Path, db: str | None, as_json: bool, node: str, tags: s
 @db_option
 @json_option
 @click.argument("node")
-def nodes_expire(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+def nodes_expire(state_dir: Path | None, db: str | None, as_json: bool, node: str) -> None:
     """Expire node NODE's key (id, name or FQDN) now: peers stop talking to it until it logs in again with
     an auth key."""
     n = admin(state_dir, db, "nodes.expire", {"id": node})
@@ -206,7 +206,7 @@ def nodes_expire(state_dir: Path, db: str | None, as_json: bool, node: str) -> N
 @json_option
 @click.argument("node")
 @click.option("--disable/--enable", "disable", required=True, help="Turn key expiry off or back on.")
-def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node: str, disable: bool) -> None:
+def nodes_expiry(state_dir: Path | None, db: str | None, as_json: bool, node: str, disable: bool) -> None:
     """Disable key expiry for node NODE (id, name or FQDN): its key never expires; or enable it again
     (from now)."""
     n = admin(state_dir, db, "nodes.expiry", {"id": node, "disabled": disable})
@@ -218,7 +218,7 @@ def nodes_expiry(state_dir: Path, db: str | None, as_json: bool, node: str, disa
 @db_option
 @json_option
 @click.argument("node")
-def nodes_delete(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+def nodes_delete(state_dir: Path | None, db: str | None, as_json: bool, node: str) -> None:
     """Remove node NODE (id, name or FQDN) from the tailnet (its machine may rejoin, with `tailpy login`
     where control has a login provider, or with an auth key; its addresses return to the pool after
     `serve --address-quarantine`)."""

@@ -13,9 +13,11 @@ import click
 
 from tailpy.cli.control.common import (
     admin,
+    control_url,
     db_option,
     json_option,
     print_json,
+    remote_options,
     state_dir_option,
     table,
     when,
@@ -90,7 +92,7 @@ def _login_name() -> str:
 @state_dir_option
 @db_option
 @json_option
-def policy_get(state_dir: Path, db: str | None, as_json: bool) -> None:
+def policy_get(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """Print the running policy (its text as it was given) and who set it when. With `serve --policy FILE`,
     an edit of FILE that was refused is said first (the previous policy keeps running); --json gives it as
     `refused` {at, error}."""
@@ -110,7 +112,7 @@ def policy_get(state_dir: Path, db: str | None, as_json: bool) -> None:
 @db_option
 @json_option
 @policy_file_argument
-def policy_set(state_dir: Path, db: str | None, as_json: bool, file: Path) -> None:
+def policy_set(state_dir: Path | None, db: str | None, as_json: bool, file: Path) -> None:
     """Make FILE the tailnet policy, after checking it: it must parse, define every group, tag and host
     it uses, and pass its `tests` against the current nodes. A refused policy is reported as
     FILE:LINE:COLUMN: what is wrong, and the running policy stays. Refused when control runs with
@@ -135,6 +137,7 @@ optional_state_dir_option = click.option(
 
 @command.group("history", invoke_without_command=True)
 @optional_state_dir_option
+@remote_options
 @db_option
 @json_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many.")
@@ -147,8 +150,6 @@ def policy_history(
     `serve --policy FILE` policy is the file's and is not stored.)"""
     if ctx.invoked_subcommand is not None:
         return
-    if state_dir is None:
-        raise click.UsageError("Missing option '--state-dir'.")
     result = admin(state_dir, db, "policy.history", {"limit": limit})
     if as_json:
         print_json(result)
@@ -168,7 +169,7 @@ def policy_history(
 @db_option
 @json_option
 @click.argument("policy_id", metavar="ID", type=int)
-def policy_history_show(state_dir: Path, db: str | None, as_json: bool, policy_id: int) -> None:
+def policy_history_show(state_dir: Path | None, db: str | None, as_json: bool, policy_id: int) -> None:
     """Print stored policy ID (from `policy history`) as it was set. To make it the running policy again:
     `tailpy control policy history show ID > old.hujson && tailpy control policy set old.hujson`."""
     result = admin(state_dir, db, "policy.show", {"id": policy_id})
@@ -183,7 +184,7 @@ def _offline(state_dir: Path | None, db: str | None) -> bool:
     ``state_dir``."""
     from tailpy.control.admin import SOCKET_NAME
 
-    if db is not None:
+    if db is not None or control_url(state_dir) is not None:
         return False
     if state_dir is None:
         return True
@@ -205,6 +206,7 @@ WITHOUT_NODES = (
     help="Directory of the server's database (default: $TAILPY_CONTROL_STATE_DIR). Without a database the "
     "policy is checked alone, its tests without nodes (for CI).",
 )
+@remote_options
 @db_option
 @json_option
 @policy_file_argument
@@ -246,7 +248,7 @@ def policy_check(state_dir: Path | None, db: str | None, as_json: bool, file: Pa
 @db_option
 @json_option
 @policy_file_argument
-def policy_test(state_dir: Path, db: str | None, as_json: bool, file: Path) -> None:
+def policy_test(state_dir: Path | None, db: str | None, as_json: bool, file: Path) -> None:
     """Run the `tests` section of FILE against the current nodes and print each test's result, PASS or
     FAIL with FILE:LINE:COLUMN (exit status 1 when one fails); stores nothing."""
     result = admin(state_dir, db, "policy.test", {"text": _read(file), "file": str(file)})
@@ -287,7 +289,7 @@ def _describe(rule: dict[str, Any]) -> str:
 @db_option
 @json_option
 @click.argument("node")
-def policy_filter(state_dir: Path, db: str | None, as_json: bool, node: str) -> None:
+def policy_filter(state_dir: Path | None, db: str | None, as_json: bool, node: str) -> None:
     """Print the packet filter NODE (id, name or FQDN) receives: the rules whose destination is that node.
     --json prints exactly Tailscale's tailcfg.FilterRule list ({"SrcIPs", "DstPorts": [{"IP", "Ports":
     {"First", "Last"}}], "IPProto"?}), as Tailscale renders it (a `*` source becomes the tailnet's ranges)."""

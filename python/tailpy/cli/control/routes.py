@@ -35,7 +35,7 @@ def _routes_text(r: dict[str, Any]) -> str:
 @state_dir_option
 @db_option
 @json_option
-def routes_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+def routes_list(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """List the nodes that advertise routes or have routes approved: each route with its state (primary,
     standby, offline, awaiting approval, not advertised, exit node)."""
     result = admin(state_dir, db, "routes.list", {})
@@ -72,7 +72,7 @@ exit_node_option = click.option(
 @click.argument("node")
 @click.argument("prefixes", required=False)
 def routes_approve(
-    state_dir: Path, db: str | None, as_json: bool, exit_node: bool, node: str, prefixes: str | None
+    state_dir: Path | None, db: str | None, as_json: bool, exit_node: bool, node: str, prefixes: str | None
 ) -> None:
     """Approve routes PREFIXES (comma-separated CIDR prefixes) of node NODE (id, name or FQDN), or with
     --exit-node its exit routes. A route the node does not advertise yet may be approved ahead."""
@@ -99,7 +99,7 @@ def routes_approve(
 @click.argument("node")
 @click.argument("prefixes", required=False)
 def routes_unapprove(
-    state_dir: Path, db: str | None, as_json: bool, exit_node: bool, node: str, prefixes: str | None
+    state_dir: Path | None, db: str | None, as_json: bool, exit_node: bool, node: str, prefixes: str | None
 ) -> None:
     """Take back the approval of routes PREFIXES (comma-separated) of node NODE, or with --exit-node of its
     exit routes: peers stop using them at once. Fails (exit 1) when none of them was approved."""

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from tailpy.cli.control.common import db_option, state_dir_option
+from tailpy.cli.control.common import db_option, server_state_dir_option
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.errors import ConfigError
 
 
 @click.command("serve")
-@state_dir_option
+@server_state_dir_option
 @db_option
 @click.option("--listen", default="0.0.0.0:8080", show_default=True, help="HOST:PORT to serve HTTP on.")
 @click.option("--domain", default=None, help="Tailnet DNS domain, stored (default: tailnet.internal).")
@@ -151,6 +151,13 @@ from tailpy.errors import ConfigError
     help="This server's id among several serving one PostgreSQL database (default: HOSTNAME:PORT). "
     "Replicas share the tailnet, its nodes and server key; each runs its own listener and relay.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve GET /metrics (Prometheus) on HOST:PORT to anyone who reaches it (on --listen it is "
+    "served to loopback clients only).",
+)
 def command(
     state_dir: Path,
     db: str | None,
@@ -186,6 +193,7 @@ def command(
     server_url: str | None,
     admins: tuple[str, ...],
     replica_id: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """Run the coordination server until SIGTERM or SIGINT (logs go to stderr); admin commands reach it
     through <state-dir>/admin.sock (mode 0600).
@@ -215,7 +223,10 @@ def command(
     --mesh-with adds standalone relays (derper) to the mesh.
 
     The web console is at /admin: sign in with an API key (`tailpy control apikey create`), or with the
-    OIDC provider as one of the --admin accounts."""
+    OIDC provider as one of the --admin accounts.
+
+    GET /metrics serves Prometheus metrics (tailpy_control_*, and the embedded relay's tailpy_derp_*) to
+    loopback clients; --metrics-listen HOST:PORT serves them to anyone who reaches that address."""
     from tailpy.control.console import parse_admins
     from tailpy.control.options import (
         check_server_url,
@@ -229,6 +240,7 @@ def command(
     from tailpy.derp.mesh import mesh_urls
 
     host, port = parse_listen(listen)
+    metrics_at = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen is not None else None
     derp_host, derp_port = host, DERP_PORT
     if derp_listen is not None:
         derp_host, derp_port = parse_listen(derp_listen, "--derp-listen")
@@ -286,6 +298,7 @@ def command(
         server_url=server_url,
         admins=parse_admins(admins),
         replica_id=replica_id,
+        metrics_listen=metrics_at,
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -31,7 +31,7 @@ def command() -> None:
 @db_option
 @json_option
 @click.argument("name")
-def users_create(state_dir: Path, db: str | None, as_json: bool, name: str) -> None:
+def users_create(state_dir: Path | None, db: str | None, as_json: bool, name: str) -> None:
     """Create user NAME (alice, alice@example.com)."""
     out(as_json, admin(state_dir, db, "users.create", {"name": name}), f"created user {name}")
 
@@ -40,7 +40,7 @@ def users_create(state_dir: Path, db: str | None, as_json: bool, name: str) -> N
 @state_dir_option
 @db_option
 @json_option
-def users_list(state_dir: Path, db: str | None, as_json: bool) -> None:
+def users_list(state_dir: Path | None, db: str | None, as_json: bool) -> None:
     """List users."""
     result = admin(state_dir, db, "users.list", {})
     if as_json:
@@ -55,7 +55,7 @@ def users_list(state_dir: Path, db: str | None, as_json: bool) -> None:
 @db_option
 @json_option
 @click.argument("name")
-def users_delete(state_dir: Path, db: str | None, as_json: bool, name: str) -> None:
+def users_delete(state_dir: Path | None, db: str | None, as_json: bool, name: str) -> None:
     """Delete user NAME and its auth keys (refused while it owns nodes)."""
     out(as_json, admin(state_dir, db, "users.delete", {"name": name}), f"deleted user {name}")
 

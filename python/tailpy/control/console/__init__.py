@@ -579,8 +579,21 @@ class Console:
         routers = {r["id"]: r for r in self.admin.run("routes.list", {})}
         pending = self.admin.run("nodes.pending", {})
         emails = self.server.store.user_emails()
+        derp_map = self.server.mapper.derp_map
+        regions = (
+            {}
+            if derp_map is None
+            else {i: r.region_name or r.region_code for i, r in derp_map.regions.items()}
+        )
         return self._page(
-            request, session, "machines.html", nodes=nodes, routers=routers, pending=pending, emails=emails
+            request,
+            session,
+            "machines.html",
+            nodes=nodes,
+            routers=routers,
+            pending=pending,
+            emails=emails,
+            regions=regions,
         )
 
     async def _machine_action(self, request: web.Request, session: Session) -> web.StreamResponse:

@@ -135,7 +135,7 @@ def expire(conn: Connection, key_or_id: str, now: float) -> AuthKey:
     """Make a key (by id, or the full ``tskey-auth-…`` text) expire now. Raises ConfigError if unknown."""
     where = (
         auth_keys.c.id == int(key_or_id)
-        if key_or_id.isdigit()
+        if key_or_id.isascii() and key_or_id.isdigit() and len(key_or_id) <= 18
         else auth_keys.c.key == hash_auth_key(key_or_id)
     )
     res = conn.execute(auth_keys.update().where(where).values(expires=now))

@@ -17,6 +17,7 @@ import aiohttp
 import nacl.public
 import pytest
 import yarl
+from _schema import rewind
 from aiohttp import web
 
 from _oidc_provider import Provider, User
@@ -516,6 +517,24 @@ async def _join(env: Env, hostname: str, routes: list[str] | None = None) -> int
     finally:
         await client.close()
     return node.id
+
+
+def test_revoked_console_tokens_in_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.close()
+    rewind(tmp_path / "control.db", 11)  # before the migration that adds console_revoked
+    store = Store(tmp_path)
+    try:
+        assert store.revoke_console_token("form:a", expires=100.0, now=10.0)
+        assert not store.revoke_console_token("form:a", expires=100.0, now=20.0)  # a one-time token: once
+        assert store.console_token_revoked("form:a", now=50.0)
+        assert not store.console_token_revoked("form:b", now=50.0)
+        assert not store.console_token_revoked("form:a", now=100.0)  # expired: the session would be too
+        assert store.revoke_console_token("session:x", expires=300.0, now=200.0)  # (prunes form:a)
+        with store.engine.begin() as conn:
+            assert conn.exec_driver_sql("SELECT token FROM console_revoked").scalars().all() == ["session:x"]
+    finally:
+        store.close()
 
 
 def test_helpers() -> None:

@@ -177,7 +177,9 @@ async def test_console_flow_in_chromium(
     field = await find_id(f"rename-{node.id}")
     await in_thread(field.clear)
     await in_thread(field.send_keys, "x" * 300)
+    shown = await find_id("notice")  # (the rename's notice: wait for the next page to replace it)
     await click(f"rename-button-{node.id}")
+    await in_thread(wait.until, ec.staleness_of(shown))
     assert "x" * 300 in await notice()
     widths = await in_thread(
         driver.execute_script,

@@ -28,6 +28,7 @@ _UNDO: dict[int, tuple[str, ...]] = {
     9: ("DROP TABLE policies",),
     10: ("ALTER TABLE nodes DROP COLUMN routable_ips", "ALTER TABLE nodes DROP COLUMN approved_routes"),
     11: ("DROP TABLE api_keys",),
+    12: ("DROP INDEX ix_console_revoked_expires", "DROP TABLE console_revoked"),
 }
 
 

@@ -173,6 +173,21 @@ async def test_console_flow_in_chromium(
     assert "web-1" in (await find_id(f"node-{node.id}")).text
     await shot("machine-renamed")
 
+    # A refused long name is echoed in the notice, which wraps inside its box instead of overflowing.
+    field = await find_id(f"rename-{node.id}")
+    await in_thread(field.clear)
+    await in_thread(field.send_keys, "x" * 300)
+    shown = await find_id("notice")  # (the rename's notice: wait for the next page to replace it)
+    await click(f"rename-button-{node.id}")
+    await in_thread(wait.until, ec.staleness_of(shown))
+    assert "x" * 300 in await notice()
+    widths = await in_thread(
+        driver.execute_script,
+        "var n = document.getElementById('notice'); return [n.scrollWidth, n.clientWidth];",
+    )
+    assert widths[0] <= widths[1], widths
+    assert store.list_nodes()[0].name == "web-1"
+
     # A bad policy is refused: the error names line 4, the line is marked and selected in the editor.
     await in_thread(driver.get, url + "/admin/policy")
     editor = await find_id("policy-text")
@@ -197,7 +212,7 @@ async def test_console_flow_in_chromium(
     await click("policy-save")
     assert "saved" in await notice()
     (saved,) = store.policy_history(5)
-    assert saved.text == GOOD_POLICY and saved.set_by.startswith("API key ")
+    assert saved.text == GOOD_POLICY and saved.set_by.startswith("apikey:")
     await shot("policy-saved")
 
     # Approve the route.

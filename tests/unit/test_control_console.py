@@ -16,6 +16,8 @@ from pathlib import Path
 import aiohttp
 import nacl.public
 import pytest
+import yarl
+from _schema import rewind
 from aiohttp import web
 
 from _oidc_provider import Provider, User
@@ -25,6 +27,7 @@ from tailpy.control.console import (
     COOKIE,
     CSRF_FIELD,
     ConsoleConfig,
+    Session,
     dns_form,
     parse_admins,
     policy_error_position,
@@ -171,7 +174,7 @@ async def test_session_cookie_flags_and_signature(env: Env, tmp_path: Path) -> N
     assert 0 < int(morsel["max-age"]) <= 12 * 3600
     key = session_key(env.server.key.raw)
     payload = verify(key, "session", morsel.value)
-    assert payload["via"] == "api key" and payload["who"].startswith("API key tpyapi-")
+    assert payload["via"] == "api key" and payload["who"].startswith("apikey:")
     assert verify(session_key(bytes(32)), "session", morsel.value) is None  # another server's key
     assert verify(key, "notice", morsel.value) is None  # another purpose
     # A forged session (signed with another key, or an edited payload) is not accepted.
@@ -209,6 +212,22 @@ async def test_session_cookie_flags_and_signature(env: Env, tmp_path: Path) -> N
             ) as resp,
         ):
             assert resp.status == 302 and resp.cookies[COOKIE]["secure"] is True
+        # The browser on a plain-http page (its Origin says so) would drop that Secure cookie and loop back
+        # to the sign-in page: the sign-in is refused with the reason and a link to the https address.
+        async with (
+            aiohttp.ClientSession() as other,
+            other.post(
+                f"http://{host}:{port}/admin/signin?next=/admin/users",
+                data={"api_key": api_key(env)},
+                headers={"Origin": f"http://{host}:{port}"},
+                allow_redirects=False,
+            ) as resp,
+        ):
+            text = await resp.text()
+            assert resp.status == 400 and COOKIE not in resp.cookies
+            assert "plain http" in text and "https://control.example/admin/signin?next=/admin/users" in (
+                text.replace("%2F", "/")
+            )
     finally:
         await secure.stop()
 
@@ -274,9 +293,11 @@ async def test_actions_change_the_store(env: Env) -> None:
         assert 'class="notice bad"' in await r.text()
     assert env.store.list_nodes()[0].name == "router-1"
     # Auth keys: the new key shown once in the answer (not a redirect), usable.
-    page = await post("/admin/keys", {"user": "", "tags": "", "expiration": "1h", "reusable": "1"}, 200)
+    form = {"user": "", "tags": "", "expiration": "1h", "reusable": "1", "form_token": await form_token(env)}
+    page = await post("/admin/keys", form, 200)
     m = re.search(r'id="new-key"[^>]*value="([^"]+)"', page)
     assert m is not None and len(env.store.list_auth_keys()) == 3
+    assert f"tailpy up --login-server {env.url} --auth-key" in page
     async with env.http.get(env.url + "/admin/keys") as r:
         assert m.group(1) not in await r.text()  # a listing shows only its prefix
     key_id = max(k.id for k in env.store.list_auth_keys())
@@ -295,7 +316,7 @@ async def test_actions_change_the_store(env: Env) -> None:
     assert "The policy is valid" in page and env.store.policy_history(5) == []
     await post("/admin/policy", {"text": good, "action": "save"})
     (rec,) = env.store.policy_history(5)
-    assert rec.text == good and rec.set_by.startswith("API key tpyapi-")
+    assert rec.text == good and rec.set_by.startswith("apikey:")  # (as the admin API names a key)
     # DNS.
     await post(
         "/admin/dns",
@@ -322,6 +343,172 @@ async def test_actions_change_the_store(env: Env) -> None:
         assert r.status == 302
 
 
+async def form_token(env: Env) -> str:
+    async with env.http.get(env.url + "/admin/keys") as r:
+        m = re.search(r'name="form_token" value="([^"]+)"', await r.text())
+    assert m is not None
+    return m.group(1)
+
+
+async def test_sign_out_revokes_the_session_on_every_replica(env: Env) -> None:
+    r = await sign_in(env, api_key(env))
+    copy = r.cookies[COOKIE].value
+    replica = ControlServer(env.store, keepalive=0.5, poll_interval=0.2)
+    host, port = await replica.start("127.0.0.1", 0)
+    try:
+        for base in (env.url, f"http://{host}:{port}"):
+            async with (
+                aiohttp.ClientSession() as other,
+                other.get(base + "/admin/users", headers={"Cookie": f"{COOKIE}={copy}"}) as resp,
+            ):
+                assert resp.status == 200
+        token = await csrf(env)
+        async with env.http.post(
+            env.url + "/admin/signout", data={CSRF_FIELD: token}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+        # A copy of the cookie (another browser, a stolen one) is refused after sign-out: here and on a
+        # second server on the same database; a POST with it changes nothing.
+        machine = await _join(env, "laptop")
+        for base in (env.url, f"http://{host}:{port}"):
+            async with (
+                aiohttp.ClientSession() as other,
+                other.get(
+                    base + "/admin/users", headers={"Cookie": f"{COOKIE}={copy}"}, allow_redirects=False
+                ) as resp,
+            ):
+                assert resp.status == 302
+                assert "why=signed-out" in resp.headers["Location"], base
+            async with (
+                aiohttp.ClientSession() as other,
+                other.post(
+                    base + f"/admin/machines/{machine}/rename",
+                    data={"name": "evil", CSRF_FIELD: token},
+                    headers={"Cookie": f"{COOKIE}={copy}"},
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                assert resp.status == 403 and "signed out" in await resp.text()
+        assert env.store.list_nodes()[0].name == "laptop"
+        async with env.http.get(env.url + "/admin/signin?why=signed-out") as resp:
+            assert "This session was signed out" in await resp.text()
+    finally:
+        await replica.stop()
+
+
+@pytest.mark.parametrize(
+    ("given", "lands"),
+    [
+        ("/admin/users", "/admin/users"),
+        ("/admin/policy?version=2", "/admin/policy?version=2"),
+        ("/admin/%0d%0aX:1", "/admin/machines"),
+        ("/admin/\r\nX-Injected:%201", "/admin/machines"),
+        ("/admin/../../health", "/admin/machines"),
+        ("/admin/./users", "/admin/users"),
+        ("/admin/%2e%2e/health", "/admin/machines"),
+        ("//evil.example/admin/", "/admin/machines"),
+        ("https://evil.example/admin/", "/admin/machines"),
+        ("/admin/signin", "/admin/machines"),
+        ("/administrator", "/admin/machines"),
+    ],
+)
+async def test_next_is_a_console_path_on_get_and_post(env: Env, given: str, lands: str) -> None:
+    quoted = urllib.parse.quote(given, safe="/?=:%")  # (a %0d%0a stays an escape: CR LF once decoded)
+    async with env.http.post(
+        env.url + "/admin/signin?next=" + quoted, data={"api_key": api_key(env)}, allow_redirects=False
+    ) as r:
+        assert r.status == 302 and r.headers["Location"] == lands, given
+    async with env.http.get(env.url + "/admin/signin?next=" + quoted, allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == lands, given  # (signed in: straight there)
+
+
+async def test_auth_key_form_is_one_time_and_refused_forms_keep_input(env: Env) -> None:
+    await sign_in(env, api_key(env))
+    token = await csrf(env)
+    form = {
+        "user": "",
+        "tags": "",
+        "expiration": "2h",
+        "reusable": "1",
+        "form_token": await form_token(env),
+        CSRF_FIELD: token,
+    }
+    async with env.http.post(env.url + "/admin/keys", data=form) as r:
+        assert r.status == 200 and 'id="new-key"' in await r.text()
+    assert len(env.store.list_auth_keys()) == 1
+    # The answer page reloaded (the same form sent again): nothing created, the key is not shown again.
+    async with env.http.post(env.url + "/admin/keys", data=form) as r:
+        page = await r.text()
+        assert r.status == 409 and 'id="new-key"' not in page
+        assert "shown once" in page and "create another" in page
+    assert len(env.store.list_auth_keys()) == 1
+    # A refused form comes back with what was typed.
+    bad = {**form, "tags": "tag:web", "expiration": "9999d", "form_token": await form_token(env)}
+    async with env.http.post(env.url + "/admin/keys", data=bad) as r:
+        page = await r.text()
+        assert r.status == 400 and 'class="notice bad"' in page
+        assert 'value="tag:web"' in page and 'value="9999d"' in page
+        assert re.search(r'id="key-reusable" value="1"\s*checked', page)
+    bad = {**form, "expiration": "soon", "form_token": await form_token(env)}
+    async with env.http.post(env.url + "/admin/keys", data=bad) as r:
+        page = await r.text()
+        assert r.status == 400 and 'value="soon"' in page
+    assert len(env.store.list_auth_keys()) == 1
+    # The DNS form, refused, keeps every field as typed (not the stored settings).
+    dns = {
+        "domain": "ts.example",
+        "nameservers": "192.0.2.53\n192.0.2.54",
+        "routes": "lonely.example",
+        CSRF_FIELD: token,
+    }
+    async with env.http.post(env.url + "/admin/dns", data=dns) as r:
+        page = await r.text()
+        assert r.status == 400 and "split DNS route" in page
+        assert 'value="ts.example"' in page and "192.0.2.53\n192.0.2.54</textarea>" in page
+        assert ">lonely.example</textarea>" in page
+    assert env.server.console.admin.run("dns.show", {})["nameservers"] == []
+
+
+async def test_refusals_say_why(env: Env, tmp_path: Path) -> None:
+    await sign_in(env, api_key(env))
+    token = await csrf(env)
+    # A cross-origin POST with a valid session: the message names the other site, not the session.
+    async with env.http.post(
+        env.url + "/admin/users",
+        data={"name": "mallory", CSRF_FIELD: token},
+        headers={"Origin": "https://attacker.example"},
+    ) as r:
+        text = await r.text()
+        assert r.status == 403 and "another site" in text and "session" not in text
+    # Deleting a user that does not exist (a name no user may have) suggests no command with it.
+    async with env.http.post(env.url + "/admin/users/%3Cscript%3E/delete", data={CSRF_FIELD: token}) as r:
+        text = await r.text()
+        assert "There is no user" in text and "users create" not in text
+    # An admin by policy group removed from the group: the sign-in page says why.
+    env.store.add_policy('{"groups": {"group:admins": ["carol@example.com"]}}', "test", time.time())
+    server = ControlServer(env.store, console=ConsoleConfig(admins=("group:admins",)))
+    host, port = await server.start("127.0.0.1", 0)
+    base = f"http://{host}:{port}"
+    value = sign(
+        session_key(server.key.raw),
+        "session",
+        Session("carol@example.com", "oidc", None, time.time() + 3600, "s" * 24).to_json(),
+    )
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            browser.cookie_jar.update_cookies({COOKIE: value}, response_url=yarl.URL(base + "/admin/"))
+            async with browser.get(base + "/admin/users") as r:
+                assert r.status == 200
+            await server.console.admin.run_async(
+                "policy.set", {"text": '{"groups": {"group:admins": []}}', "by": "test"}
+            )
+            async with browser.get(base + "/admin/users") as r:
+                text = await r.text()
+                assert "/admin/signin" in str(r.url) and "no longer an administrator" in text
+    finally:
+        await server.stop()
+
+
 async def _join(env: Env, hostname: str, routes: list[str] | None = None) -> int:
     key = env.store.create_auth_key(reusable=False, expires=None, now=time.time()).key
     client = ControlClient(env.url, mkey())
@@ -330,6 +517,24 @@ async def _join(env: Env, hostname: str, routes: list[str] | None = None) -> int
     finally:
         await client.close()
     return node.id
+
+
+def test_revoked_console_tokens_in_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.close()
+    rewind(tmp_path / "control.db", 11)  # before the migration that adds console_revoked
+    store = Store(tmp_path)
+    try:
+        assert store.revoke_console_token("form:a", expires=100.0, now=10.0)
+        assert not store.revoke_console_token("form:a", expires=100.0, now=20.0)  # a one-time token: once
+        assert store.console_token_revoked("form:a", now=50.0)
+        assert not store.console_token_revoked("form:b", now=50.0)
+        assert not store.console_token_revoked("form:a", now=100.0)  # expired: the session would be too
+        assert store.revoke_console_token("session:x", expires=300.0, now=200.0)  # (prunes form:a)
+        with store.engine.begin() as conn:
+            assert conn.exec_driver_sql("SELECT token FROM console_revoked").scalars().all() == ["session:x"]
+    finally:
+        store.close()
 
 
 def test_helpers() -> None:

@@ -19,8 +19,11 @@ Session: the cookie :data:`COOKIE` (``HttpOnly``, ``SameSite=Lax``, ``Secure`` w
 ``Path=/admin``, :data:`SESSION_LIFETIME`) holds who signed in, how, a random session id and its expiry,
 authenticated with HMAC-SHA256 (RFC 2104) under a key derived from the control server's machine private key
 (keyed BLAKE2b, RFC 7693, personalised ``tailpy console``): every replica of one database shares that key
-(:meth:`tailpy.control.store.Store.server_key`), so each accepts the others' sessions; nothing is kept on the
-server. Admin rights and an API key's validity are checked again on every request. CSRF: each form carries
+(:meth:`tailpy.control.store.Store.server_key`), so each accepts the others' sessions. Signing out records
+the session id in the database (``console_revoked``, kept until the session would have expired), which every
+request checks, so a copy of the cookie stops working on every replica. Admin rights and an API key's
+validity are checked again on every request; a session refused for them sends the browser to the sign-in
+page with the reason. CSRF: each form carries
 a token (HMAC of the session id under the same key) checked on every POST, and a POST whose ``Origin`` (or,
 without it, ``Referer``) is another site is refused (OWASP CSRF Prevention Cheat Sheet: synchronizer token,
 origin verification). Unauthenticated page requests redirect to the sign-in page; a POST without a valid
@@ -37,6 +40,7 @@ import hashlib
 import hmac
 import json
 import logging
+import posixpath
 import re
 import secrets
 import urllib.parse
@@ -71,6 +75,50 @@ CSRF_FIELD = "csrf_token"
 """The form field carrying the CSRF token."""
 HERE = Path(__file__).parent
 _POLICY_AT = re.compile(r"^[^:\n]*:(\d+):(\d+): (.*)$", re.S)
+DEFAULT_PAGE = PREFIX + "/machines"
+"""Where sign-in lands without a (valid) ``next``."""
+FORM_TOKEN_FIELD = "form_token"
+"""The field carrying a one-time form's token (the auth-key form: a resubmission creates nothing)."""
+SIGNIN_REASONS = {
+    "signed-out": "This session was signed out: sign in again.",
+    "expired": "Your console session expired: sign in again.",
+    "not-admin": "You are no longer an administrator of this tailnet (the --admin list or its policy group "
+    "changed): ask an administrator, or sign in with an API key.",
+    "api-key": "The API key this session signed in with expired or was deleted: sign in with another one.",
+}
+"""The sentences the sign-in page shows for ``?why=`` (a fixed set: the page never echoes the query)."""
+KEY_FORM_LIFETIME = 90 * 86400.0
+"""Seconds an auth key made in the console lasts by default: 90 days, Tailscale's admin console default (the
+CLI's ``authkey create`` and the admin API's ``POST /api/v1/authkeys`` default to 1 hour)."""
+KEY_FORM_DEFAULTS: Mapping[str, Any] = {
+    "user": "",
+    "tags": "",
+    "expiration": "90d",
+    "reusable": False,
+    "ephemeral": False,
+}
+"""The auth-key form's initial values."""
+
+
+def safe_next(target: object) -> str:
+    """The page to go back to after sign-in, from a ``next`` parameter: a path of the console (``/admin`` or
+    below, query kept), normalised (``posixpath.normpath``: no ``..`` out of it), without control
+    characters, backslashes or percent escapes in the path and not the sign-in pages; anything else gives
+    :data:`DEFAULT_PAGE` (no open redirect, no header injection)."""
+    if not isinstance(target, str) or not target.startswith("/") or len(target) > 2048:
+        return DEFAULT_PAGE
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target) or "\\" in target:
+        return DEFAULT_PAGE
+    path, q, query = target.partition("?")
+    path = path.partition("#")[0]
+    if "%" in path or path.startswith("//"):
+        return DEFAULT_PAGE
+    norm = posixpath.normpath(path)
+    if norm != PREFIX and not norm.startswith(PREFIX + "/"):
+        return DEFAULT_PAGE
+    if norm.startswith(PREFIX + "/sign"):
+        return DEFAULT_PAGE
+    return norm + (q + query.partition("#")[0] if query else "")
 
 
 @dataclass(frozen=True)
@@ -86,9 +134,9 @@ class ConsoleConfig:
 
 @dataclass(frozen=True)
 class Session:
-    """A signed-in admin: ``who`` (an email, login name or ``api key <prefix>``), ``via`` ("oidc" or "api
-    key"), ``key_id`` (the API key's id, or None), ``expires`` (unix seconds), ``sid`` (random, names the
-    session for its CSRF token)."""
+    """A signed-in admin: ``who`` (an email, login name or ``apikey:<prefix>``, as the admin API records
+    changes), ``via`` ("oidc" or "api key"), ``key_id`` (the API key's id, or None), ``expires`` (unix
+    seconds), ``sid`` (random: names the session for its CSRF token and its sign-out)."""
 
     who: str
     via: str
@@ -284,27 +332,39 @@ class Console:
         return hmac.new(self._key, b"csrf\0" + session.sid.encode(), hashlib.sha256).hexdigest()
 
     def session_of(self, request: web.Request) -> Session | None:
-        """The valid session of ``request``'s cookie, or None (none, forged, expired, its admin no longer
-        one, its API key expired or deleted)."""
+        """The valid session of ``request``'s cookie, or None (none, forged, expired, signed out, its admin
+        no longer one, its API key expired or deleted)."""
+        return self._session_and_why(request)[0]
+
+    def _session_and_why(self, request: web.Request) -> tuple[Session | None, str]:
+        """``(session, "")``, or ``(None, why)``: ``why`` a key of :data:`SIGNIN_REASONS` when the cookie is
+        genuine but no longer valid, "" when there is none (or it is forged)."""
         value = request.cookies.get(COOKIE)
         if not value:
-            return None
+            return None, ""
         session = Session.from_json(verify(self._key, "session", value))
-        if session is None or session.expires <= self.server.clock():
-            return None
+        if session is None:
+            return None, ""
+        now = self.server.clock()
+        if session.expires <= now:
+            return None, "expired"
+        if self.server.store.console_token_revoked("session:" + session.sid, now):
+            return None, "signed-out"
         if session.via == "api key":
             if session.key_id is None or not self._api_key_live(session.key_id):
-                return None
-        elif session.via != "oidc" or not self.is_admin_name(session.who):
-            return None
-        return session
+                return None, "api-key"
+        elif session.via != "oidc":
+            return None, ""
+        elif not self.is_admin_name(session.who):
+            return None, "not-admin"
+        return session, ""
 
     def _start_session(
         self, request: web.Request, who: str, via: str, key_id: int | None, target: str
     ) -> web.Response:
         """A redirect to ``target`` setting the new session's cookie."""
         session = Session(who, via, key_id, self.server.clock() + SESSION_LIFETIME, secrets.token_urlsafe(18))
-        found = _redirect(302, target)
+        found = _redirect(302, safe_next(target))
         found.set_cookie(
             COOKIE,
             sign(self._key, "session", session.to_json()),
@@ -318,12 +378,16 @@ class Console:
         log.info("console: %s signed in (%s) from %s", who, via, request.remote)
         return found
 
-    @staticmethod
-    def _next(target: str) -> str:
-        """A page to go back to after sign-in: only a path of the console (no open redirect)."""
-        if target.startswith(PREFIX + "/") and not target.startswith(PREFIX + "/sign") and "//" not in target:
-            return target
-        return PREFIX + "/machines"
+    def _insecure_origin(self, request: web.Request) -> str | None:
+        """The https sign-in URL when the session cookie must be ``Secure`` (``server_url`` is https) but
+        the browser sent this POST from a plain-http page (its ``Origin``, else ``Referer``): a browser drops
+        a Secure cookie set over http, so signing in would loop. None otherwise."""
+        if not self._https or request.secure:
+            return None
+        source = request.headers.get("Origin") or request.headers.get("Referer") or ""
+        if urllib.parse.urlsplit(source).scheme.lower() != "http":
+            return None
+        return (self.config.server_url or "").rstrip("/") + PREFIX + "/signin"
 
     def _same_origin(self, request: web.Request) -> bool:
         """Whether a POST comes from the console's own origin: its ``Origin`` (else ``Referer``) names this
@@ -343,10 +407,17 @@ class Console:
         (ConfigError, a refused policy) come back as notices; anything else is logged and a plain 500 page."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            session = self.session_of(request)
+            session, why = self._session_and_why(request)
             if request.method == "POST":
-                if session is None or not self._same_origin(request):
-                    return self._forbidden("Sign in again: this request has no valid console session.")
+                if not self._same_origin(request):
+                    return self._forbidden(
+                        "This request came from another site (its Origin or Referer is not the console's "
+                        "own): it was refused. Use the console's own pages."
+                    )
+                if session is None:
+                    return self._forbidden(
+                        SIGNIN_REASONS.get(why, "Sign in again: this request has no valid console session.")
+                    )
                 try:
                     form = await request.post()
                 except web.HTTPRequestEntityTooLarge:
@@ -360,8 +431,8 @@ class Console:
                 if not isinstance(token, str) or not hmac.compare_digest(token, self.csrf_token(session)):
                     return self._forbidden("This form is stale or did not come from the console: reload it.")
             elif session is None:
-                back = urllib.parse.urlencode({"next": request.path_qs})
-                raise web.HTTPFound(f"{PREFIX}/signin?{back}")
+                query = {"next": request.path_qs, **({"why": why} if why else {})}
+                raise web.HTTPFound(f"{PREFIX}/signin?{urllib.parse.urlencode(query)}")
             try:
                 return await handler(request, session)
             except web.HTTPException:
@@ -400,10 +471,20 @@ class Console:
         )
 
     def _page(
-        self, request: web.Request, session: Session | None, template: str, *, status: int = 200, **ctx: Any
+        self,
+        request: web.Request,
+        session: Session | None,
+        template: str,
+        *,
+        status: int = 200,
+        refused: str = "",
+        **ctx: Any,
     ) -> web.Response:
+        """``template`` rendered for ``session``, with the one-shot notice, or ``refused`` (an action refused
+        and answered with its page, the form keeping what was typed) as a bad notice."""
         nonce = secrets.token_urlsafe(12)
-        notice = self._take_notice(request)
+        taken = self._take_notice(request)
+        notice = {"text": refused, "ok": False} if refused else taken
         text = self.env.get_template(template).render(
             session=session,
             csrf=self.csrf_token(session) if session is not None else "",
@@ -417,7 +498,7 @@ class Console:
             **ctx,
         )
         resp = self._respond(text, status, nonce)
-        if notice is not None:
+        if taken is not None:
             resp.del_cookie(FLASH_COOKIE, path=PREFIX)
         return resp
 
@@ -490,7 +571,7 @@ class Console:
         info = apikeys.check_api_key(self.server.store, secret, now=self.server.clock())
         if info is None:
             return None
-        return info.id, f"API key {apikeys.shown(info.prefix)}"
+        return info.id, f"apikey:{info.prefix}"  # (as the admin API records its changes)
 
     def _api_key_live(self, key_id: int) -> bool:
         """Whether API key ``key_id`` still exists and has not expired (a session ends with its key)."""
@@ -500,34 +581,50 @@ class Console:
     # --- sign-in ---
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPFound(PREFIX + "/machines")
+        raise web.HTTPFound(DEFAULT_PAGE)
 
     async def _stylesheet(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=self._css, content_type="text/css", headers={"Cache-Control": "max-age=3600"}
         )
 
-    def _signin(self, request: web.Request, *, error: str = "", status: int = 200) -> web.Response:
+    def _signin(
+        self, request: web.Request, *, error: str = "", status: int = 200, https_url: str = ""
+    ) -> web.Response:
         logins = self.server.logins
-        nxt = self._next(request.query.get("next", ""))
+        nxt = safe_next(request.query.get("next", ""))
         return self._page(
             request,
             None,
             "signin.html",
             status=status,
-            error=error,
+            error=error or SIGNIN_REASONS.get(request.query.get("why", ""), ""),
             oidc=logins.config.provider_name if logins is not None else "",
             next=nxt,
+            https_url=https_url,
         )
 
     async def _signin_page(self, request: web.Request) -> web.StreamResponse:
         if self.session_of(request) is not None:
-            raise web.HTTPFound(self._next(request.query.get("next", "")))
+            raise web.HTTPFound(safe_next(request.query.get("next", "")))
         return self._signin(request)
 
     async def _signin_key(self, request: web.Request) -> web.StreamResponse:
         if not self._same_origin(request):
-            return self._forbidden("This sign-in did not come from the console's own page.")
+            return self._forbidden(
+                "This sign-in came from another site (its Origin or Referer is not the console's own page)."
+            )
+        https_url = self._insecure_origin(request)
+        if https_url is not None:
+            log.warning("console: sign-in over plain http refused (the session cookie is Secure)")
+            return self._signin(
+                request,
+                error="This page was opened over plain http, but this control server's console sessions "
+                "need HTTPS (its --server-url is https://): the browser would drop the session cookie. "
+                "Open the console at its https address.",
+                status=400,
+                https_url=https_url,
+            )
         form = await request.post()
         secret = form.get("api_key")
         found = self._check_api_key(secret.strip()) if isinstance(secret, str) and secret.strip() else None
@@ -537,9 +634,7 @@ class Console:
                 request, error="That API key is not valid (unknown, expired or revoked).", status=401
             )
         key_id, name = found
-        return self._start_session(
-            request, name, "api key", key_id, self._next(request.query.get("next", ""))
-        )
+        return self._start_session(request, name, "api key", key_id, safe_next(request.query.get("next", "")))
 
     async def _signin_oidc(self, request: web.Request) -> web.StreamResponse:
         logins = self.server.logins
@@ -547,7 +642,7 @@ class Console:
             return self._signin(
                 request, error="This control server has no OpenID Connect provider.", status=404
             )
-        nxt = self._next(request.query.get("next", ""))
+        nxt = safe_next(request.query.get("next", ""))
 
         async def finish(callback: web.Request, who: ident.Identity) -> web.StreamResponse:
             name = self._identity_admin(who)
@@ -562,6 +657,10 @@ class Console:
         return await logins.start_signin(finish)
 
     async def _signout(self, request: web.Request, session: Session) -> web.StreamResponse:
+        # Recorded in the database until the session would have expired: a copy of the cookie is refused
+        # from now on, by every replica.
+        now = self.server.clock()
+        self.server.store.revoke_console_token("session:" + session.sid, max(session.expires, now), now)
         found = _redirect(303, PREFIX + "/signin")
         found.del_cookie(COOKIE, path=PREFIX)
         log.info("console: %s signed out", session.who)
@@ -651,43 +750,96 @@ class Console:
 
     async def _user_delete(self, request: web.Request, session: Session) -> web.StreamResponse:
         name = request.match_info["name"]
+        if name not in {u["name"] for u in self.admin.run("users.list", {})}:
+            return self._back(request, f"There is no user {name!r}.", ok=False, to=PREFIX + "/users")
         self.admin.run("users.delete", {"name": name})
         return self._back(request, f"User {name} was deleted.", to=PREFIX + "/users")
 
     # --- auth keys ---
 
     def _keys_page(
-        self, request: web.Request, session: Session, *, created: dict[str, Any] | None = None
+        self,
+        request: web.Request,
+        session: Session,
+        *,
+        created: dict[str, Any] | None = None,
+        typed: Mapping[str, Any] | None = None,
+        refused: str = "",
+        status: int = 200,
     ) -> web.Response:
+        """The auth keys page: ``created`` the key just made (shown once), ``typed`` the create form's
+        values to show again (its defaults otherwise). The form carries a fresh one-time token."""
         keys = self.admin.run("authkey.list", {})
         users = self.admin.run("users.list", {})
-        return self._page(request, session, "keys.html", keys=keys, users=users, created=created)
+        server_url = self.config.server_url or f"{request.scheme}://{request.host}"
+        return self._page(
+            request,
+            session,
+            "keys.html",
+            status=status,
+            refused=refused,
+            keys=keys,
+            users=users,
+            created=created,
+            typed=typed or KEY_FORM_DEFAULTS,
+            form_token=secrets.token_urlsafe(18),
+            form_token_field=FORM_TOKEN_FIELD,
+            server_url=server_url.rstrip("/"),
+        )
 
     async def _keys(self, request: web.Request, session: Session) -> web.StreamResponse:
         return self._keys_page(request, session)
 
     async def _key_create(self, request: web.Request, session: Session) -> web.StreamResponse:
         form = await request.post()
-        tags = [t.strip() for t in str(form.get("tags", "")).replace(",", " ").split() if t.strip()]
-        expiration = str(form.get("expiration", "")).strip()
+        typed: dict[str, Any] = {
+            "user": str(form.get("user", "")).strip(),
+            "tags": str(form.get("tags", "")).strip(),
+            "expiration": str(form.get("expiration", "")).strip(),
+            "reusable": bool(form.get("reusable")),
+            "ephemeral": bool(form.get("ephemeral")),
+        }
+        token = form.get(FORM_TOKEN_FIELD)
+        if not isinstance(token, str) or not 16 <= len(token) <= 64:
+            return self._keys_page(
+                request, session, typed=typed, status=400, refused="This form is stale: nothing was created."
+            )
+        now = self.server.clock()
+        # The token is spent in the database (every replica sees it) before the key is made: a reload of
+        # the answer page sends the same token again and creates nothing.
+        if not self.server.store.revoke_console_token("form:" + token, now + SESSION_LIFETIME, now):
+            log.info("console: %s sent the auth key form again; nothing created", session.who)
+            return self._keys_page(
+                request,
+                session,
+                typed=typed,
+                status=409,
+                refused="This form was already sent (the page was reloaded or sent again): its key was "
+                "shown once, when it was created, and is not shown again. Nothing new was created: create "
+                "another key below if you need one.",
+            )
+        tags = [t.strip() for t in str(typed["tags"]).replace(",", " ").split() if t.strip()]
+        expiration = str(typed["expiration"])
         seconds: float | None
-        if expiration in ("", "never"):
-            seconds = None if expiration == "never" else 90 * 86400.0
-        else:
-            from tailpy.control.options import parse_duration
+        try:
+            if expiration in ("", "never"):
+                seconds = None if expiration == "never" else KEY_FORM_LIFETIME
+            else:
+                from tailpy.control.options import parse_duration
 
-            seconds = parse_duration(expiration, "expiration")
-        user = str(form.get("user", "")).strip()
-        key = self.admin.run(
-            "authkey.create",
-            {
-                "user": user or None,
-                "tags": tags,
-                "reusable": bool(form.get("reusable")),
-                "ephemeral": bool(form.get("ephemeral")),
-                "expiration": seconds,
-            },
-        )
+                seconds = parse_duration(expiration, "expiration")
+            key = self.admin.run(
+                "authkey.create",
+                {
+                    "user": typed["user"] or None,
+                    "tags": tags,
+                    "reusable": typed["reusable"],
+                    "ephemeral": typed["ephemeral"],
+                    "expiration": seconds,
+                },
+            )
+        except (ConfigError, ControlError) as e:
+            return self._keys_page(request, session, typed=typed, status=400, refused=str(e))
         log.info("console: %s created auth key %s", session.who, key["id"])
         # The full key is shown in this answer only (not stored in a cookie or URL for a redirect).
         return self._keys_page(request, session, created=key)
@@ -775,13 +927,39 @@ class Console:
     # --- DNS ---
 
     async def _dns(self, request: web.Request, session: Session) -> web.StreamResponse:
-        return self._page(request, session, "dns.html", dns=self.admin.run("dns.show", {}))
+        return self._page(request, session, "dns.html", dns=_dns_typed(self.admin.run("dns.show", {})))
 
     async def _dns_post(self, request: web.Request, session: Session) -> web.StreamResponse:
         form = await request.post()
-        args = dns_form(form)
-        self.admin.run("dns.set", args)
+        try:
+            self.admin.run("dns.set", dns_form(form))
+        except (ConfigError, ControlError) as e:
+            # Refused: the form comes back with what was typed (not the stored settings) and the reason.
+            typed = {
+                "domain": str(form.get("domain", "")).strip(),
+                "magic_dns": bool(form.get("magic_dns")),
+                **{
+                    f: str(form.get(f, "")).replace("\r\n", "\n")
+                    for f in ("nameservers", "search_domains", "routes", "extra_records")
+                },
+            }
+            return self._page(request, session, "dns.html", status=400, refused=str(e), dns=typed)
         return self._back(request, "The DNS settings were saved and sent to the nodes.")
+
+
+def _dns_typed(shown: Mapping[str, Any]) -> dict[str, Any]:
+    """The DNS form's fields (``domain``, ``magic_dns``, and the text of each textarea) from ``dns.show``'s
+    answer ``shown``: what the page shows before anything is typed."""
+    return {
+        "domain": shown.get("domain") or "",
+        "magic_dns": bool(shown.get("magic_dns")),
+        "nameservers": "\n".join(shown.get("nameservers") or []),
+        "search_domains": "\n".join(shown.get("search_domains") or []),
+        "routes": "".join(f"{d} {' '.join(rs)}\n" for d, rs in (shown.get("routes") or {}).items()),
+        "extra_records": "".join(
+            f"{r['name']} {r['type']} {r['value']}\n" for r in shown.get("extra_records") or []
+        ),
+    }
 
 
 def dns_form(form: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tailpy.control.store import apikeys, authkeys, changes, database, nodes, pending, schema, settings, users
+from tailpy.control.store import (
+    apikeys,
+    authkeys,
+    changes,
+    console,
+    database,
+    nodes,
+    pending,
+    schema,
+    settings,
+    users,
+)
 from tailpy.control.store import policy as policy_repo
 from tailpy.control.store import primaries as route_primaries
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE, AddressAllocator
@@ -284,6 +295,19 @@ class Store:
         """Make admin API key ``ref`` (id or prefix) expire now. Raises ConfigError when unknown."""
         with self.engine.begin() as conn:
             return apikeys.expire(conn, ref, now)
+
+    # --- web console one-time tokens ---
+
+    def revoke_console_token(self, token: str, expires: float, now: float) -> bool:
+        """Revoke console token ``token`` (``session:<id>``, ``form:<token>``) until ``expires`` (unix
+        seconds), pruning those expired at ``now``; False when it was already revoked."""
+        with self.engine.begin() as conn:
+            return console.revoke(conn, token, expires, now)
+
+    def console_token_revoked(self, token: str, now: float) -> bool:
+        """Whether console token ``token`` is revoked at ``now``."""
+        with self.engine.begin() as conn:
+            return console.is_revoked(conn, token, now)
 
     # --- registration ---
 

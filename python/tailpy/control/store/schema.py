@@ -242,6 +242,22 @@ def _m11_api_keys(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _m12_console_revoked(conn: Connection) -> None:
+    """12 (web console): ``console_revoked``, one-time console tokens no longer valid: the ids of signed-out
+    sessions (``session:<id>``) and the one-time tokens of forms already sent (``form:<token>``), each kept
+    until ``expires`` (unix seconds: when the session or form would have expired anyway), then pruned. Every
+    replica of the database reads it, so a sign-out on one ends the session on all."""
+    md = sa.MetaData()
+    sa.Table(
+        "console_revoked",
+        md,
+        sa.Column("token", sa.Text, primary_key=True),
+        sa.Column("expires", sa.Float, nullable=False),
+    )
+    md.create_all(conn)
+    conn.exec_driver_sql("CREATE INDEX ix_console_revoked_expires ON console_revoked (expires)")
+
+
 MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m1,
     _m2,
@@ -254,6 +270,7 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (
     _m9_policies,
     _m10_routes,
     _m11_api_keys,
+    _m12_console_revoked,
 )
 """Ordered schema steps, each run in one transaction on SQLite and PostgreSQL alike; step i (1-based) brings
 the database to version i. Append, never edit."""
@@ -344,6 +361,12 @@ api_keys = sa.Table(  # migration 11: keys of the HTTP admin API
     sa.Column("expires_at", sa.Float),
     sa.Column("last_used", sa.Float),
 )
+console_revoked = sa.Table(  # migration 12: signed-out console sessions, used one-time form tokens
+    "console_revoked",
+    _meta,
+    sa.Column("token", sa.Text, primary_key=True),
+    sa.Column("expires", sa.Float),
+)
 settings = sa.Table("settings", _meta, sa.Column("name", sa.Text), sa.Column("value", sa.Text))
 auth_keys = sa.Table(
     "auth_keys",
@@ -397,6 +420,7 @@ __all__ = [
     "api_keys",
     "auth_key_prefix",
     "auth_keys",
+    "console_revoked",
     "hash_auth_key",
     "migrate",
     "nodes",

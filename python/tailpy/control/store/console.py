@@ -1,0 +1,27 @@
+"""The web console's revoked one-time tokens (:data:`tailpy.control.store.schema.console_revoked`): ids of
+signed-out sessions and one-time form tokens already used, each kept until it would have expired anyway.
+Functions over an open transaction, as the other modules of :mod:`tailpy.control.store`."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tailpy.control.store.schema import console_revoked
+
+
+def revoke(conn: Connection, token: str, expires: float, now: float) -> bool:
+    """Record ``token`` as revoked until ``expires`` (unix seconds) and prune rows expired at ``now``.
+    Returns False when it was already revoked (a one-time token sent twice), True otherwise."""
+    conn.execute(console_revoked.delete().where(console_revoked.c.expires <= now))
+    seen = conn.execute(sa.select(console_revoked.c.token).where(console_revoked.c.token == token)).first()
+    if seen is not None:
+        return False
+    conn.execute(console_revoked.insert().values(token=token, expires=expires))
+    return True
+
+
+def is_revoked(conn: Connection, token: str, now: float) -> bool:
+    """Whether ``token`` is revoked and its row has not expired at ``now`` (one primary-key read)."""
+    row = conn.execute(sa.select(console_revoked.c.expires).where(console_revoked.c.token == token)).first()
+    return row is not None and float(row.expires) > now

@@ -4,11 +4,12 @@ aiohttp's plain-text or HTML error page nor a traceback.
 :func:`json_errors` is an aiohttp middleware (``web.Application(middlewares=[json_errors])``) for the
 control server's node API, its admin socket and tailpyd's local API. A handler's ``web.HTTPException`` (404
 for an unknown path, 405 for a wrong method, 413 for a body too large) keeps its status with its reason as
-the sentence, and its ``Allow``, ``WWW-Authenticate`` and ``Retry-After`` headers; a body that cannot be read (``aiohttp.web.RequestPayloadError``) is 400; a
-:class:`~tailpy.errors.StorageError` is 507 Insufficient Storage (RFC 4918 §11.5); another
-TailpyError is 500 with its sentence; any other exception is logged with its traceback and answered 500 with
-a sentence pointing at the log. Redirects and non-error statuses pass through; paths in ``skip`` (prefixes:
-browser pages with their own error pages) pass untouched.
+the sentence, and its ``Allow``, ``WWW-Authenticate`` and ``Retry-After`` headers; a body that cannot be
+read (``aiohttp.web.RequestPayloadError``) is 400; a :class:`~tailpy.errors.StorageError` is 507
+Insufficient Storage (RFC 4918 §11.5); another TailpyError is 500 with its sentence; any other exception is
+logged with its traceback and answered 500 with a sentence pointing at the log. Redirects and non-error
+statuses pass through; paths in ``skip`` (prefixes: browser pages with their own error pages) pass
+untouched.
 """
 
 from __future__ import annotations

@@ -220,6 +220,9 @@ def test_dns_and_settings(control: ThreadedControl) -> None:
         ("POST", "/users", None, b'{"name": NaN}', "not JSON"),
         ("POST", "/users", None, b"[" * 100000, "not JSON"),
         ("POST", "/users", ["alice"], None, "must be an object"),
+        ("POST", "/users", None, b"null", "must be an object"),
+        ("PATCH", "/dns", None, b"null", "must be an object"),
+        ("PATCH", "/dns", None, b"5", "must be an object"),
         ("POST", "/users", {}, None, "needs field 'name'"),
         ("POST", "/users", {"name": 5}, None, "field 'name' must be text"),
         ("POST", "/users", {"name": "a", "admin": True}, None, "unknown field 'admin'"),
@@ -254,6 +257,12 @@ def test_bad_input_is_a_4xx_with_a_sentence(
 ) -> None:
     _, error = _fail(control, method, path, body, raw=raw)
     assert says in error
+
+
+def test_wrong_method_is_405_with_allow(control: ThreadedControl) -> None:
+    status, headers, doc = call(control.url, "PUT", PREFIX + "/users", key=control.key, body={})
+    assert status == 405 and "Method Not Allowed" in doc["error"]
+    assert set(headers["Allow"].split(",")) >= {"GET", "POST"}
 
 
 def test_body_over_the_limit_is_413(control: ThreadedControl) -> None:

@@ -355,6 +355,25 @@ def test_remote_cli_failures_are_one_sentence(control: ThreadedControl, tmp_path
             {"TAILPY_CONTROL_URL": control.url + "/key", "TAILPY_API_KEY": control.key},
             "has no admin API endpoint",
         ),
+        *(
+            ({"TAILPY_CONTROL_URL": bad, "TAILPY_API_KEY": control.key}, "must be an http:// or https://")
+            for bad in (
+                "http://[::1",
+                "http://127.0.0.1:abc",
+                "http://ex ample.com",
+                "http://user:pw@127.0.0.1:80",
+                "http://127.0.0.1:99999",
+            )
+        ),
+        (
+            {"TAILPY_CONTROL_URL": control.url, "TAILPY_API_KEY": "bad\nkey"},
+            "API key in $TAILPY_API_KEY is malformed",
+        ),
+        ({"TAILPY_CONTROL_URL": control.url, "TAILPY_API_KEY": "tpyapi-a b"}, "is malformed"),
+        (
+            {"TAILPY_CONTROL_URL": control.url, "TAILPY_CONTROL_STATE_DIR": str(tmp_path / "none")},
+            "TAILPY_CONTROL_URL is set but not used while a state directory is given",
+        ),
     ]
     for env, says in cases:
         r = _cli("nodes", "list", env=env)

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from tailpy.errors import ConfigError
+
 ENV_STATE_DIR = "TAILPY_CONTROL_STATE_DIR"
 
 server_state_dir_option = click.option(
@@ -121,6 +123,7 @@ def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any])
         from tailpy.control import apiclient
 
         ctx = click.get_current_context()
+        apiclient.base_url(url)  # (a malformed URL is said before a missing key)
         key_file = ctx.meta.get(_META_KEY_FILE)
         key = apiclient.read_key(key_file if isinstance(key_file, Path) else None)
         return apiclient.call(url, key, op, args)
@@ -128,7 +131,25 @@ def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any])
         raise click.UsageError(f"Missing option '--state-dir' (or --control-url, ${ENV_CONTROL_URL}).")
     from tailpy.control import admin as admin_api
 
-    return admin_api.run(state_dir, db, op, args)
+    try:
+        return admin_api.run(state_dir, db, op, args)
+    except ConfigError as e:
+        if not _url_set_aside():
+            raise
+        raise ConfigError(
+            f"{e} (${ENV_CONTROL_URL} is set but not used while a state directory is given: unset "
+            "$TAILPY_CONTROL_STATE_DIR, or pass --control-url, to use the API)"
+        ) from None
+
+
+def _url_set_aside() -> bool:
+    """True when ``$TAILPY_CONTROL_URL`` is set and :func:`control_url` set it aside for a state directory."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    url = ctx.meta.get(_META_URL)
+    from_env = ctx.get_parameter_source("control_url") == click.core.ParameterSource.ENVIRONMENT
+    return isinstance(url, str) and bool(url.strip()) and from_env
 
 
 def table(headers: list[str], rows: list[list[str]]) -> None:

@@ -259,6 +259,18 @@ def test_bad_input_is_a_4xx_with_a_sentence(
     assert says in error
 
 
+def test_unknown_pending_login_is_404_by_id_or_hostname(control: ThreadedControl) -> None:
+    for ref in ("999", "abc"):
+        for verb in ("approve", "reject"):
+            status, error = _fail(control, "POST", f"/pending/{ref}/{verb}")
+            assert status == 404 and error.startswith("there is no pending"), (ref, verb, error)
+
+
+def test_refusals_name_fields_not_cli_flags(control: ThreadedControl) -> None:
+    _, error = _fail(control, "POST", "/authkeys", {"user": "alice@", "tags": ["tag:a"]})
+    assert "--" not in error and "user or tags" in error
+
+
 def test_wrong_method_is_405_with_allow(control: ThreadedControl) -> None:
     status, headers, doc = call(control.url, "PUT", PREFIX + "/users", key=control.key, body={})
     assert status == 405 and "Method Not Allowed" in doc["error"]
@@ -401,4 +413,8 @@ def test_key_expired_by_cli_is_refused_by_the_api(control: ThreadedControl) -> N
     assert r.returncode == 0, r.stderr
     status, _, _ = call(control.url, "GET", PREFIX + "/users", key=control.key)
     assert status == 401
-    control.on_loop(lambda: expire_api_key(control.db, prefix))  # (already expired: stays so)
+    first = control.on_loop(lambda: expire_api_key(control.db, prefix)).expires_at
+    r = _cli("apikey", "expire", prefix, env={"TAILPY_CONTROL_STATE_DIR": str(control.state_dir)})
+    assert r.returncode == 0, r.stderr
+    again = control.on_loop(lambda: expire_api_key(control.db, prefix))  # (already expired: stays so)
+    assert again.expires_at == first

@@ -179,17 +179,20 @@ def print_json(result: Any) -> None:
 
 
 def span(seconds: float) -> str:
-    """A duration for people: "45s", "12m", "3h 5m", "2d 4h", "180d"."""
+    """A duration for people, rounded to its last unit shown (30 days less a few seconds is "30d", not
+    "29d"): "45s", "12m", "3h 5m", "2d 4h", "180d"."""
     s = round(abs(seconds))
     if s < 120:
         return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 2 * 86400:
-        h, m = divmod(s // 60, 60)
+    if s < 3600 - 30:
+        return f"{round(s / 60)}m"
+    if s < 2 * 86400 - 30:
+        h, m = divmod(round(s / 60), 60)
         return f"{h}h {m}m" if m else f"{h}h"
-    d, h = divmod(s // 3600, 24)
-    return f"{d}d {h}h" if h and d < 10 else f"{d}d"
+    if s < 10 * 86400 - 1800:
+        d, h = divmod(round(s / 3600), 24)
+        return f"{d}d {h}h" if h else f"{d}d"
+    return f"{round(s / 86400)}d"
 
 
 def when(t: float, now: float) -> str:

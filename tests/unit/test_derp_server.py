@@ -401,7 +401,7 @@ async def test_metrics_through_a_reverse_proxy_refused(server: DerpServer) -> No
     status, _, body = await http(p, b"GET /metrics HTTP/1.1\r\n\r\n")
     assert status == 200
     samples = _samples(body.decode())
-    assert ("tailpy_derp_disconnects_total", (("reason", "eof"),)) in samples  # (every reason, from the start)
+    assert ("tailpy_derp_disconnects_total", (("reason", "eof"),)) in samples  # (every reason, at start)
     assert not any(name.endswith("_created") for name, _ in samples)
     for header in (b"X-Forwarded-For: 192.0.2.7", b"Forwarded: for=192.0.2.7", b"X-Real-IP: 192.0.2.7"):
         for path in (b"/metrics", b"/debug/metrics"):

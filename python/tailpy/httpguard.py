@@ -76,10 +76,17 @@ def came_through_proxy(headers: Mapping[str, str]) -> bool:
     return any(name in headers for name in PROXY_HEADERS)
 
 
+MULTILINE = "tailpy_multiline"
+"""``extra={MULTILINE: True}`` on a log call keeps its message's line breaks (a stack dump tailpy writes)."""
+
+
 class EscapeControls(logging.Filter):
-    """A handler filter writing each record's message with :func:`escape_controls` (tracebacks untouched)."""
+    """A handler filter writing each record's message with :func:`escape_controls` (tracebacks untouched;
+    a record logged with ``extra={MULTILINE: True}`` too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, MULTILINE, False):
+            return True
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: let the handler report it as it would
@@ -120,6 +127,7 @@ def install_log_guards() -> None:
 
 __all__ = [
     "ENCODED_BODY",
+    "MULTILINE",
     "PROXY_HEADERS",
     "RUNNER_OPTIONS",
     "EscapeControls",

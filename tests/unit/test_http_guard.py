@@ -15,7 +15,7 @@ import pytest
 
 from tailpy.control import ControlServer, Store
 from tailpy.control.apikeys import create_api_key
-from tailpy.httpguard import EscapeControls, escape_controls
+from tailpy.httpguard import MULTILINE, EscapeControls, escape_controls
 
 SECRET = "tpyapi-0123456789abcdef0123456789abcdef"
 
@@ -138,3 +138,6 @@ def test_escape_controls_and_the_log_filter() -> None:
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "user %s signed in", ("x\ny",), None)
     assert EscapeControls().filter(record)
     assert record.getMessage() == "user x\\ny signed in"
+    dump = logging.LogRecord("t", logging.WARNING, __file__, 1, "task %s:\n%s", ("t", "a\nb"), None)
+    dump.__dict__[MULTILINE] = True
+    assert EscapeControls().filter(dump) and dump.getMessage() == "task t:\na\nb"

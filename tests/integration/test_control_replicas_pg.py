@@ -8,7 +8,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,15 @@ from _replicas import (
     Follower,
     Replica,
     empty_database,
+    join,
     mkey,
     nkey,
     peer_named,
     peer_online,
-    pg_server,
 )
+from _replicas import pg_url as pg_url
 
-from tailpy.control import ControlClient, Store
+from tailpy.control import Store
 from tailpy.control.replicas import ReplicaConflict
 from tailpy.control.store import changes
 from tailpy.netmap import NetMap
@@ -32,11 +33,6 @@ from tailpy.netmap import NetMap
 log = logging.getLogger(__name__)
 
 POLICY_SSH_ONLY = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}'
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    yield from pg_server()
 
 
 @pytest.fixture
@@ -56,25 +52,13 @@ def policy_applied(nm: NetMap) -> bool:
     return nm.packet_filters is not None and "allow-all" not in nm.packet_filters
 
 
-async def join(replica: Replica, hostname: str, urls: str, followers: list[Follower]) -> Follower:
-    """Register a node through ``replica`` and follow its map stream at ``urls``."""
-    key = replica.store.create_auth_key(reusable=False, expires=None, now=time.time()).key
-    client = ControlClient(urls, mkey())
-    node = await client.register(nkey(), hostname, key)
-    f = Follower(client, node.node_key, hostname)
-    followers.append(f)
-    f.start()
-    await f.until(lambda nm: nm.self_node.name == hostname)
-    return f
-
-
 async def test_replicas_share_key_changes_and_online_state(pair: tuple[Replica, Replica]) -> None:
     a, b = pair
     assert a.server.public_key == b.server.public_key  # (separate state dirs: the database's key)
     followers: list[Follower] = []
     try:
-        fa = await join(a, "alpha", a.url, followers)
-        fb = await join(b, "beta", b.url, followers)
+        fa = await join(a.store, "alpha", a.url, followers)
+        fb = await join(b.store, "beta", b.url, followers)
         assert fa.netmap is not None and fb.netmap is not None
         ida, idb = fa.netmap.self_node.id, fb.netmap.self_node.id
         # each sees the other, online, though it streams from the other replica
@@ -90,7 +74,7 @@ async def test_replicas_share_key_changes_and_online_state(pair: tuple[Replica, 
         log.info("rename on replica a reached a stream on replica b in %.3f s", took)
 
         # a new node on b reaches a's stream
-        fc = await join(b, "gamma", b.url, followers)
+        fc = await join(b.store, "gamma", b.url, followers)
         assert fc.netmap is not None
         idc = fc.netmap.self_node.id
         took = await fa.until(lambda nm: peer_online(nm, idc))
@@ -115,8 +99,8 @@ async def test_stopped_replica_nodes_move_and_keep_addresses(pair: tuple[Replica
     a, b = pair
     followers: list[Follower] = []
     try:
-        fa = await join(a, "alpha", f"{a.url},{b.url}", followers)
-        fb = await join(b, "beta", f"{b.url},{a.url}", followers)
+        fa = await join(a.store, "alpha", f"{a.url},{b.url}", followers)
+        fb = await join(b.store, "beta", f"{b.url},{a.url}", followers)
         assert fa.netmap is not None and fb.netmap is not None
         me = fa.netmap.self_node
         await fb.until(lambda nm: peer_online(nm, me.id))
@@ -138,8 +122,8 @@ async def test_dead_replica_is_reaped(pair: tuple[Replica, Replica]) -> None:
     a, b = pair
     followers: list[Follower] = []
     try:
-        fb = await join(b, "beta", b.url, followers)
-        fa = await join(a, "alpha", a.url, followers)
+        fb = await join(b.store, "beta", b.url, followers)
+        fa = await join(a.store, "alpha", a.url, followers)
         assert fa.netmap is not None
         ida = fa.netmap.self_node.id
         await fb.until(lambda nm: peer_online(nm, ida))
@@ -214,10 +198,10 @@ async def test_listen_wakes_feed_quickly(pair: tuple[Replica, Replica]) -> None:
     a, b = pair
     followers: list[Follower] = []
     try:
-        fa = await join(a, "alpha", a.url, followers)
+        fa = await join(a.store, "alpha", a.url, followers)
         assert fa.netmap is not None
         ida = fa.netmap.self_node.id
-        fb = await join(b, "beta", b.url, followers)
+        fb = await join(b.store, "beta", b.url, followers)
         await fb.until(lambda nm: peer_online(nm, ida))
         admin = Store(a.store.state_dir, db=a.store.url)
         try:
@@ -256,8 +240,8 @@ async def test_replica_cut_from_database_ends_its_streams(pair: tuple[Replica, R
     a, b = pair
     followers: list[Follower] = []
     try:
-        fa = await join(a, "alpha", f"{a.url},{b.url}", followers)
-        fb = await join(b, "beta", b.url, followers)
+        fa = await join(a.store, "alpha", f"{a.url},{b.url}", followers)
+        fb = await join(b.store, "beta", b.url, followers)
         assert fa.netmap is not None and fa.url == a.url
         ida = fa.netmap.self_node.id
         await fb.until(lambda nm: peer_online(nm, ida))

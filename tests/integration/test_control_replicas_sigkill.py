@@ -8,18 +8,27 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _replicas import Follower, empty_database, mkey, nkey, peer_online, pg_server
+from _replicas import (
+    Follower,
+    ServeProcess,
+    empty_database,
+    join,
+    mkey,
+    nkey,
+    peer_online,
+    serve_pair,
+)
+from _replicas import pg_url as pg_url
+from _replicas import store as store
 
 from tailpy.control import ControlClient, Store
 from tailpy.endpoint import Endpoint
@@ -27,121 +36,14 @@ from tailpy.netmap import NetMap
 
 log = logging.getLogger(__name__)
 
-TAILPY = [sys.executable, "-m", "tailpy.cli.main"]
 FAILOVER_WAIT = 15.0  # seconds the test waits for a move (the figure is logged, not asserted: shared machine)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServeProcess:
-    """`tailpy control serve --db URL --replica-id NAME` on a free port of 127.0.0.1; stderr to a file."""
-
-    def __init__(self, name: str, db: str, tmp: Path, replica_id: str | None = None) -> None:
-        self.name = name
-        self.state = tmp / name
-        self.state.mkdir()
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = tmp / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                *TAILPY,
-                "control",
-                "serve",
-                "--db",
-                db,
-                "--state-dir",
-                str(self.state),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--no-derp",
-                "--no-stun",
-                "--replica-id",
-                replica_id or name,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-
-    def wait_listening(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if re.search(r"listening on http://", self.log_path.read_text()):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"replica {self.name} did not start: {self.log_path.read_text()[-2000:]}")
-
-    def pause(self) -> None:
-        """SIGSTOP: the process hangs (its sockets stay open, nothing is answered)."""
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=FAILOVER_WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    yield from pg_server()
 
 
 @pytest.fixture
 def replicas(pg_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, ServeProcess]]:
-    empty_database(pg_url)
-    Store(tmp_path, db=pg_url).close()  # (schema made once, before two processes race to make it)
-    a = ServeProcess("a", pg_url, tmp_path)
-    b = ServeProcess("b", pg_url, tmp_path)
-    try:
-        a.wait_listening()
-        b.wait_listening()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
-
-
-@pytest.fixture
-async def store(pg_url: str, tmp_path: Path) -> AsyncIterator[Store]:
-    (tmp_path / "admin").mkdir()
-    s = Store(tmp_path / "admin", db=pg_url)
-    yield s
-    s.close()
-
-
-async def _join(
-    store: Store, hostname: str, urls: str, followers: list[Follower], routes: tuple[str, ...] | None = None
-) -> Follower:
-    key = store.create_auth_key(reusable=False, expires=None, now=time.time()).key
-    client = ControlClient(urls, mkey())
-    node = await client.register(nkey(), hostname, key)
-    f = Follower(client, node.node_key, hostname, routable_ips=routes)
-    followers.append(f)
-    f.start()
-    await f.until(lambda nm: nm.self_node.name == hostname)
-    return f
+    """Replicas ``a`` and ``b`` without relay or STUN."""
+    with serve_pair(pg_url, tmp_path) as pair:
+        yield pair
 
 
 def _moved_to(f: Follower, url: str, maps_before: int) -> Callable[[NetMap], bool]:
@@ -155,9 +57,9 @@ async def test_sigkill_replica_nodes_move_within_10s(
     a, b = replicas
     followers: list[Follower] = []
     try:
-        movers = [await _join(store, f"a{i}", f"{a.url},{b.url}", followers) for i in range(3)]
-        stay = await _join(store, "a-only", a.url, followers)  # knows no other replica: goes offline
-        watchers = [await _join(store, f"b{i}", f"{b.url},{a.url}", followers) for i in range(2)]
+        movers = [await join(store, f"a{i}", f"{a.url},{b.url}", followers) for i in range(3)]
+        stay = await join(store, "a-only", a.url, followers)  # knows no other replica: goes offline
+        watchers = [await join(store, f"b{i}", f"{b.url},{a.url}", followers) for i in range(2)]
         before = {f.hostname: f.netmap.self_node for f in followers if f.netmap is not None}
         every = {n.id for n in before.values()}
         for f in followers:
@@ -206,8 +108,8 @@ async def test_hung_replica_nodes_move_before_long(
     a, b = replicas
     followers: list[Follower] = []
     try:
-        movers = [await _join(store, f"h{i}", f"{a.url},{b.url}", followers) for i in range(2)]
-        watcher = await _join(store, "w", f"{b.url},{a.url}", followers)
+        movers = [await join(store, f"h{i}", f"{a.url},{b.url}", followers) for i in range(2)]
+        watcher = await join(store, "w", f"{b.url},{a.url}", followers)
         ids = {f.netmap.self_node.id for f in movers if f.netmap is not None}
         await watcher.until(lambda nm: all(peer_online(nm, i) for i in ids))
         assert all(f.url == a.url for f in movers)
@@ -236,7 +138,7 @@ def test_second_process_with_a_live_replica_id_is_refused(
     replicas: tuple[ServeProcess, ServeProcess], pg_url: str, tmp_path: Path
 ) -> None:
     """`control serve --replica-id a` while a process of replica a runs: refused with one sentence."""
-    twin = ServeProcess("twin", pg_url, tmp_path, replica_id="a")
+    twin = ServeProcess.control("twin", pg_url, tmp_path, replica_id="a")
     try:
         rc = twin.proc.wait(timeout=FAILOVER_WAIT * 2)
     finally:
@@ -263,9 +165,9 @@ async def test_sigkill_replica_of_the_primary_router_moves_the_route(
         return owners[0] if owners else None
 
     try:
-        r1 = await _join(store, "r1", a.url, followers, (lan,))
-        r2 = await _join(store, "r2", b.url, followers, (lan,))
-        w = await _join(store, "w", b.url, followers)
+        r1 = await join(store, "r1", a.url, followers, (lan,))
+        r2 = await join(store, "r2", b.url, followers, (lan,))
+        w = await join(store, "w", b.url, followers)
         assert r1.netmap is not None and r2.netmap is not None
         id1, id2 = r1.netmap.self_node.id, r2.netmap.self_node.id
         for i in (id1, id2):

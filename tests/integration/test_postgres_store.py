@@ -14,13 +14,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from _replicas import empty_database
+from _replicas import pg_url as pg_url
 
 from tailpy.control import Store
 from tailpy.control.store import MIGRATIONS
 
 UNIT = Path(__file__).resolve().parents[1] / "unit"
-sys.path.insert(0, str(UNIT))
-import _postgres  # noqa: E402
+sys.path.insert(0, str(UNIT))  # (the unit test modules read below import their helpers: _schema)
 
 
 def _store_tests(module: str) -> dict[str, Any]:
@@ -51,22 +52,10 @@ globals().update(
 )
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    reason = _postgres.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with _postgres.postgres_server() as url:
-        yield url
-
-
 @pytest.fixture
 def store(pg_url: str, tmp_path: Path) -> Iterator[Store]:
     """A Store on an empty PostgreSQL database (every table dropped first)."""
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    s = Store(tmp_path, db=pg_url)
+    s = Store(tmp_path, db=empty_database(pg_url))
     yield s
     s.close()
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from _replicas import Follower, Replica, empty_database, mkey, nkey, peer_online, pg_server
+from _replicas import Follower, Replica, empty_database, mkey, nkey, peer_online
+from _replicas import pg_url as pg_url
 
 from tailpy.control import ControlClient
 from tailpy.control.store import primaries
@@ -23,11 +24,6 @@ from tailpy.netmap import NetMap
 log = logging.getLogger(__name__)
 
 LAN = "198.51.100.0/24"
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    yield from pg_server()
 
 
 @pytest.fixture

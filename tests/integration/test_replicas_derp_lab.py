@@ -12,64 +12,19 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tailpy.lab import Lab, wait_for
-from tailpy.lab.netns import Host
-from tailpy.lab.tailnet import CONTROL_PORT, LabNode, LabTailnet, tailpy_argv
+from tailpy.lab.tailnet import LabNode, LabTailnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _replicas import empty_database, pg_server
+from _replicas import LabReplica, empty_database
+from _replicas import pg_url as pg_url
 
 pytestmark = pytest.mark.lab
-
-DERP_PORT = 3340
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    yield from pg_server()
-
-
-class LabReplica:
-    """`tailpy control serve --db ... --replica-id NAME` on lab host ``host`` with its relay and STUN server
-    on the host's LAN address."""
-
-    def __init__(self, net: LabTailnet, host: Host, name: str, db: str) -> None:
-        self.host, self.name, self.db = host, name, db
-        self.state = net.root / f"control-{name}"
-        self.state.mkdir()
-        ip = net.lan.ip(host)
-        self.url = f"http://{ip}:{CONTROL_PORT}"
-        self.derp_url = f"http://{ip}:{DERP_PORT}/derp"
-        self.log = net.root / f"control-{name}.log"
-        with open(self.log, "a") as logf:
-            self.proc = host.python(
-                "tailpy.cli.main",
-                "control",
-                "serve",
-                "--db",
-                db,
-                "--state-dir",
-                str(self.state),
-                "--listen",
-                f"{ip}:{CONTROL_PORT}",
-                "--derp-listen",
-                f"{ip}:{DERP_PORT}",
-                "--replica-id",
-                name,
-                stdout=logf,
-                stderr=logf,
-            )
-        wait_for(lambda: "DERP map:" in self.log.read_text(), timeout=30, what=f"replica {name} to start")
-
-    def control(self, *args: str) -> str:
-        argv = tailpy_argv("control", *args, "--state-dir", str(self.state), "--db", self.db)
-        return self.host.run(argv).stdout
 
 
 def _home(node: LabNode) -> dict[str, Any] | None:
@@ -92,8 +47,8 @@ def test_relayed_nodes_on_two_replicas_ping_through_the_mesh(lab: Lab, pg_url: s
     net = LabTailnet(lab)
     other = lab.host("control2")
     net.lan.attach(other)
-    r1 = LabReplica(net, net.control_host, "c1", pg_url)
-    r2 = LabReplica(net, other, "c2", pg_url)
+    r1 = LabReplica(net, net.control_host, "c1", pg_url, relay=True)
+    r2 = LabReplica(net, other, "c2", pg_url, relay=True)
     wait_for(
         lambda: (
             "watching its connections" in r1.log.read_text()

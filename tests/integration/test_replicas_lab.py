@@ -5,71 +5,23 @@ two nodes ping each other: the ping never stops and the node moves to the other 
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from tailpy.lab import Lab, wait_for
-from tailpy.lab.netns import Host
-from tailpy.lab.tailnet import CONTROL_PORT, LabNode, LabTailnet, tailpy_argv
+from tailpy.lab.tailnet import LabNode, LabTailnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _replicas import empty_database, pg_server
+from _replicas import LabReplica, empty_database
+from _replicas import pg_url as pg_url
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    yield from pg_server()
-
-
-class LabReplica:
-    """`tailpy control serve --db ... --replica-id NAME` on lab host ``host``, without relay or STUN (the
-    nodes share a LAN)."""
-
-    def __init__(self, net: LabTailnet, host: Host, name: str, db: str) -> None:
-        self.host, self.name, self.db = host, name, db
-        self.state = net.root / f"control-{name}"
-        self.state.mkdir()
-        self.url = f"http://{net.lan.ip(host)}:{CONTROL_PORT}"
-        self.log = net.root / f"control-{name}.log"
-        with open(self.log, "a") as logf:
-            self.proc = host.python(
-                "tailpy.cli.main",
-                "control",
-                "serve",
-                "--db",
-                db,
-                "--state-dir",
-                str(self.state),
-                "--listen",
-                f"{net.lan.ip(host)}:{CONTROL_PORT}",
-                "--no-derp",
-                "--no-stun",
-                "--replica-id",
-                name,
-                stdout=logf,
-                stderr=logf,
-            )
-        wait_for(lambda: "listening on" in self.log.read_text(), timeout=30, what=f"replica {name} to listen")
-
-    def control(self, *args: str) -> str:
-        """``tailpy control <args>`` against this replica (its admin socket)."""
-        argv = tailpy_argv("control", *args, "--state-dir", str(self.state), "--db", self.db)
-        return self.host.run(argv).stdout
-
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        """Name -> node as this replica lists it (``online``: streaming on a live replica)."""
-        return {n["name"]: n for n in json.loads(self.control("nodes", "list", "--json"))}
 
 
 def peer_names(node: LabNode) -> set[str]:

@@ -142,15 +142,36 @@ def _baseline(w: Corp) -> None:
     w.corp.route_tailnet_via(w.h, None)
 
 
+def _lan_host_through_r(w: Corp, *, v6: bool = False) -> str:
+    """Back to :func:`_baseline`, then wait until c pings the LAN host through r; returns the host's address
+    (its IPv6 one with ``v6``)."""
+    _baseline(w)
+    address = w.corp.ip6(w.h) if v6 else w.corp.ip(w.h)
+    what = "the LAN host's IPv6 address" if v6 else "the LAN host"
+    eventually(lambda: reachable(w.c, address), f"c to ping {what} through r")
+    return address
+
+
+def _reaches(client: LabNode, address: str, seen_as: str, what: str) -> None:
+    """Wait until ``client`` pings ``address`` (LabError naming ``what``); the host there sees ``seen_as`` as
+    the source of a TCP connection from ``client`` (a router's LAN address: SNAT)."""
+    eventually(lambda: reachable(client, address), what)
+    assert whoami(client.host, address) == seen_as
+
+
+def _unreachable(client: LabNode, address: str) -> None:
+    """``client`` gets no answer from ``address``: not to a ping, not over TCP."""
+    assert not reachable(client, address)
+    assert whoami(client.host, address) is None
+
+
 group = pytest.mark.xdist_group("routes_corp")
 
 
 @group
 def test_lan_host_reachable_through_the_router_with_snat(corp: Corp) -> None:
     w = corp
-    _baseline(w)
-    h_ip = w.corp.ip(w.h)
-    eventually(lambda: reachable(w.c, h_ip), "c to ping the LAN host through r")
+    h_ip = _lan_host_through_r(w)
     assert whoami(w.c.host, h_ip) == w.corp.ip(w.r)  # masqueraded onto the LAN
     assert route_dev(w.c.host, h_ip) == TUN
     assert w.h.default_route() is None  # the LAN host has no way to the tailnet but the router's SNAT
@@ -158,25 +179,20 @@ def test_lan_host_reachable_through_the_router_with_snat(corp: Corp) -> None:
     # d has the route in its netmap (r's primary route) but did not ask for routes: nothing installed.
     eventually(lambda: SUBNET in primary_routes(w.d, "r"), "d's netmap to show r's route")
     assert route_dev(w.d.host, h_ip) != TUN
-    assert not reachable(w.d, h_ip)
-    assert whoami(w.d.host, h_ip) is None
+    _unreachable(w.d, h_ip)
 
 
 @group
 def test_lan_host_over_ipv6_through_the_router(corp: Corp) -> None:
     w = corp
-    _baseline(w)
-    h6 = w.corp.ip6(w.h)
-    eventually(lambda: reachable(w.c, h6), "c to ping the LAN host's IPv6 address through r")
+    h6 = _lan_host_through_r(w, v6=True)
     assert whoami(w.c.host, h6) == w.corp.ip6(w.r)
 
 
 @group
 def test_without_snat_the_lan_host_sees_the_client_and_needs_a_route_back(corp: Corp) -> None:
     w = corp
-    _baseline(w)
-    h_ip = w.corp.ip(w.h)
-    eventually(lambda: reachable(w.c, h_ip), "c to ping the LAN host through r")
+    h_ip = _lan_host_through_r(w)
     daemon = w.r.daemon
     try:
         w.r.cli("set", "--snat-subnet-routes=false")
@@ -196,16 +212,13 @@ def test_without_snat_the_lan_host_sees_the_client_and_needs_a_route_back(corp: 
 @group
 def test_an_unapproved_route_is_not_served_until_approved(corp: Corp) -> None:
     w = corp
-    _baseline(w)
-    h_ip = w.corp.ip(w.h)
-    eventually(lambda: reachable(w.c, h_ip), "c to ping the LAN host through r")
+    h_ip = _lan_host_through_r(w)
     daemons = (w.r.daemon, w.c.daemon)
     _unapprove(w.net, "r", SUBNET)
     eventually(lambda: SUBNET not in allowed_ips(w.c, "r"), "r's route to leave c's netmap")
     assert SUBNET not in primary_routes(w.c, "r")
     eventually(lambda: route_dev(w.c.host, h_ip) != TUN, "c to remove the route")
-    assert not reachable(w.c, h_ip)
-    assert whoami(w.c.host, h_ip) is None
+    _unreachable(w.c, h_ip)
     row = route_row(w.net, "r")
     assert SUBNET in row["advertised"] and SUBNET not in row["approved"], row
     assert route_state(w.net, "r", SUBNET) == "awaiting approval"
@@ -215,8 +228,7 @@ def test_an_unapproved_route_is_not_served_until_approved(corp: Corp) -> None:
     assert "awaiting" in w.r.cli("status")
 
     _approve(w.net, "r", SUBNET)
-    eventually(lambda: reachable(w.c, h_ip), "c to reach the LAN host once the route is approved")
-    assert whoami(w.c.host, h_ip) == w.corp.ip(w.r)
+    _reaches(w.c, h_ip, w.corp.ip(w.r), "c to reach the LAN host once the route is approved")
     assert (w.r.daemon, w.c.daemon) == daemons and all(d is not None and d.poll() is None for d in daemons)
     assert SUBNET in route_row(w.net, "r")["approved"]
 
@@ -245,9 +257,7 @@ def test_autoapprovers_approve_a_route_advertised_with_set(corp: Corp) -> None:
 @group
 def test_a_policy_without_the_cidr_blocks_it_and_one_naming_it_allows_it(corp: Corp) -> None:
     w = corp
-    _baseline(w)
-    h_ip = w.corp.ip(w.h)
-    eventually(lambda: reachable(w.c, h_ip), "c to ping the LAN host through r")
+    h_ip = _lan_host_through_r(w)
     try:
         set_policy(w.net, OPS_TO_EVERYTHING_ALICE_TO_NODES)
         eventually(lambda: SUBNET not in allowed_ips(w.c, "r"), "the route to leave c's view of r")
@@ -255,8 +265,7 @@ def test_a_policy_without_the_cidr_blocks_it_and_one_naming_it_allows_it(corp: C
         assert whoami(w.c.host, h_ip) is None
         assert reachable(w.c, w.r.ip())  # the router itself stays reachable
         set_policy(w.net, ALICE_TO_NODES_AND_CORP)
-        eventually(lambda: reachable(w.c, h_ip), "c to reach the LAN once a rule names its CIDR")
-        assert whoami(w.c.host, h_ip) == w.corp.ip(w.r)
+        _reaches(w.c, h_ip, w.corp.ip(w.r), "c to reach the LAN once a rule names its CIDR")
     finally:
         _baseline(w)
 
@@ -329,8 +338,7 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
     # r1 registered first (lowest id): it is the primary, r2 the standby.
     eventually(lambda: _primary_of(c, routers) == ["r1"], "r1 to be primary in c's netmap")
     assert (route_state(net, "r1", SUBNET), route_state(net, "r2", SUBNET)) == ("primary", "standby")
-    eventually(lambda: reachable(c, h_ip), "c to reach the LAN host")
-    assert whoami(c.host, h_ip) == sub.ip(r1)
+    _reaches(c, h_ip, sub.ip(r1), "c to reach the LAN host")
     assert route_row(net, "r2")["approved"] == [SUBNET]
 
     # 20 probes a second: a loss-count fine enough to see a failover shorter than a second.
@@ -367,8 +375,7 @@ def test_failover_between_two_routers_under_a_running_ping(lab: Lab) -> None:
     # Only r2 returns: it serves again.
     _back(r2)
     eventually(lambda: _primary_of(c, routers) == ["r2"], "r2 to serve again")
-    eventually(lambda: reachable(c, h_ip), "c to reach the LAN host through r2")
-    assert whoami(c.host, h_ip) == sub.ip(r2)
+    _reaches(c, h_ip, sub.ip(r2), "c to reach the LAN host through r2")
 
     # r1 back as the standby; then r2's host vanishes without a word (every packet in and out of its
     # namespace dropped: no FIN, no RST, tailpyd still running). Control notices by the short keepalive and

@@ -22,7 +22,7 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -64,6 +64,36 @@ def _error(status: int, e: BaseException) -> web.Response:
     return web.json_response({"error": str(e)}, status=status)
 
 
+_Statuses = tuple[tuple[type[TailpyError], int], ...]
+
+_SET_STATUS: _Statuses = (
+    (TagError, 403),
+    (ConfigError, 400),
+    (ControlError, 502),
+    (StorageError, 507),
+)
+"""The status of a failed ``set`` by the error's class, the first that matches (TagError is a
+ControlError); another TailpyError is left to :func:`tailpy.httperrors.json_errors`."""
+
+_UP_STATUS: _Statuses = ((AuthKeyError, 401), *_SET_STATUS, (TailpyError, 500))
+"""The same for ``up``, where a refused auth key (a ControlError too) is 401, anything else 500."""
+
+
+async def _change(
+    backend: Backend, change: Callable[[], Awaitable[None]], statuses: _Statuses
+) -> web.Response:
+    """Run ``change`` (an ``up`` or ``set`` of ``backend``, with the request's preferences); the status
+    after it, or the error with the status of the first of ``statuses`` whose class it is."""
+    try:
+        await change()
+    except TailpyError as e:
+        for cls, status in statuses:
+            if isinstance(e, cls):
+                return _error(status, e)
+        raise
+    return web.json_response(backend.status().to_json())
+
+
 def make_app(
     backend: Backend, on_down: Callable[[], None] | None = None, registry: CollectorRegistry | None = None
 ) -> web.Application:
@@ -92,8 +122,9 @@ def make_app(
             if mode not in MODES:
                 return _error(400, ConfigError(f"netfilter_mode must be one of {', '.join(MODES)}"))
             backend.set_netfilter_mode(str(mode))
-        try:
-            await backend.up(
+        return await _change(
+            backend,
+            lambda: backend.up(
                 str(body.get("login_server", "")),
                 body.get("auth_key"),
                 body.get("hostname"),
@@ -101,20 +132,9 @@ def make_app(
                 accept_dns=None if body.get("accept_dns") is None else bool(body["accept_dns"]),
                 advertise_tags=_tags(body.get("advertise_tags")),
                 routes=_routes(body),
-            )
-        except AuthKeyError as e:
-            return _error(401, e)
-        except TagError as e:
-            return _error(403, e)
-        except ConfigError as e:
-            return _error(400, e)
-        except ControlError as e:
-            return _error(502, e)
-        except StorageError as e:
-            return _error(507, e)
-        except TailpyError as e:
-            return _error(500, e)
-        return web.json_response(backend.status().to_json())
+            ),
+            _UP_STATUS,
+        )
 
     @routes.post(PREFIX + "/set")
     async def set_prefs(request: web.Request) -> web.Response:
@@ -128,25 +148,19 @@ def make_app(
         unknown = sorted(set(body) - known)
         if unknown:
             return _error(400, ConfigError(f"unknown preference {unknown[0]!r}"))
-        try:
-            hostname = body.get("hostname")
-            if hostname is not None and not isinstance(hostname, str):
-                raise ConfigError("hostname must be a string")
-            await backend.set_prefs(
+        hostname = body.get("hostname")
+        if hostname is not None and not isinstance(hostname, str):
+            return _error(400, ConfigError("hostname must be a string"))
+        return await _change(
+            backend,
+            lambda: backend.set_prefs(
                 routes=_routes(body),
                 hostname=hostname,
                 accept_dns=_opt_bool(body, "accept_dns"),
                 advertise_tags=_tags(body.get("advertise_tags")),
-            )
-        except TagError as e:
-            return _error(403, e)
-        except ConfigError as e:
-            return _error(400, e)
-        except ControlError as e:
-            return _error(502, e)
-        except StorageError as e:
-            return _error(507, e)
-        return web.json_response(backend.status().to_json())
+            ),
+            _SET_STATUS,
+        )
 
     @routes.get(PREFIX + "/whois")
     async def whois(request: web.Request) -> web.Response:

@@ -4,10 +4,12 @@ aiohttp's plain-text or HTML error page nor a traceback.
 :func:`json_errors` is an aiohttp middleware (``web.Application(middlewares=[json_errors])``) for the
 control server's node API, its admin socket and tailpyd's local API. A handler's ``web.HTTPException`` (404
 for an unknown path, 405 for a wrong method, 413 for a body too large) keeps its status with its reason as
-the sentence; a :class:`~tailpy.errors.StorageError` is 507 Insufficient Storage (RFC 4918 §11.5); another
-TailpyError is 500 with its sentence; any other exception is logged with its traceback and answered 500 with
-a sentence pointing at the log. Redirects and non-error statuses pass through; paths in ``skip`` (prefixes:
-browser pages with their own error pages) pass untouched.
+the sentence, and its ``Allow``, ``WWW-Authenticate`` and ``Retry-After`` headers; a body that cannot be
+read (``aiohttp.web.RequestPayloadError``) is 400; a :class:`~tailpy.errors.StorageError` is 507
+Insufficient Storage (RFC 4918 §11.5); another TailpyError is 500 with its sentence; any other exception is
+logged with its traceback and answered 500 with a sentence pointing at the log. Redirects and non-error
+statuses pass through; paths in ``skip`` (prefixes: browser pages with their own error pages) pass
+untouched.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from tailpy.errors import StorageError, TailpyError
 
 log = logging.getLogger("tailpy.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+"""Headers of a handler's ``web.HTTPException`` the JSON answer keeps."""
 
 
 def error_response(status: int, sentence: str) -> web.Response:
@@ -45,9 +52,16 @@ def make_json_errors(
             if e.status < 400:
                 raise
             text = e.text or ""
-            return error_response(
+            resp = error_response(
                 e.status, text if text and not text.startswith(f"{e.status}:") else e.reason
             )
+            for name in _KEPT_HEADERS:  # (a 405's Allow: RFC 9110 §15.5.6)
+                if name in e.headers:
+                    resp.headers[name] = e.headers[name]
+            return resp
+        except RequestPayloadError as e:  # a body cut short or malformed in its framing
+            log.info("%s %s: unreadable request body (%s)", request.method, request.path, e)
+            return error_response(400, "the request body could not be read")
         except StorageError as e:
             log.warning("%s %s: %s", request.method, request.path, e)
             return error_response(507, str(e))

@@ -10,17 +10,43 @@ global one, so that several servers in one process keep their values apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from ipaddress import ip_address
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 
 METRICS_PATH = "/metrics"
 
 
+class _WithoutCreated:
+    """``registry`` as a collector whose counters, histograms and summaries have no ``<name>_created``
+    sample (``prometheus_client`` adds one to each, a timestamp no tailpy dashboard reads)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            created = metric.name + "_created"
+            if not any(s.name == created for s in metric.samples):
+                yield metric
+                continue
+            trimmed = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            trimmed.samples = [s for s in metric.samples if s.name != created]
+            yield trimmed
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """``registry``'s metrics in the Prometheus text format (``prometheus_client.generate_latest``), without
+    the ``_created`` series."""
+    return generate_latest(_WithoutCreated(registry))
+
+
 def metrics_response(registry: CollectorRegistry) -> web.Response:
-    """``registry``'s metrics in the Prometheus text format (``prometheus_client.generate_latest``)."""
-    resp = web.Response(body=generate_latest(registry))
+    """``registry``'s metrics in the Prometheus text format (:func:`exposition`)."""
+    resp = web.Response(body=exposition(registry))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 
@@ -63,4 +89,11 @@ async def start_metrics_listener(registry: CollectorRegistry, host: str | None, 
     return runner
 
 
-__all__ = ["METRICS_PATH", "is_loopback", "metrics_app", "metrics_response", "start_metrics_listener"]
+__all__ = [
+    "METRICS_PATH",
+    "exposition",
+    "is_loopback",
+    "metrics_app",
+    "metrics_response",
+    "start_metrics_listener",
+]

@@ -220,6 +220,9 @@ def test_dns_and_settings(control: ThreadedControl) -> None:
         ("POST", "/users", None, b'{"name": NaN}', "not JSON"),
         ("POST", "/users", None, b"[" * 100000, "not JSON"),
         ("POST", "/users", ["alice"], None, "must be an object"),
+        ("POST", "/users", None, b"null", "must be an object"),
+        ("PATCH", "/dns", None, b"null", "must be an object"),
+        ("PATCH", "/dns", None, b"5", "must be an object"),
         ("POST", "/users", {}, None, "needs field 'name'"),
         ("POST", "/users", {"name": 5}, None, "field 'name' must be text"),
         ("POST", "/users", {"name": "a", "admin": True}, None, "unknown field 'admin'"),
@@ -254,6 +257,24 @@ def test_bad_input_is_a_4xx_with_a_sentence(
 ) -> None:
     _, error = _fail(control, method, path, body, raw=raw)
     assert says in error
+
+
+def test_unknown_pending_login_is_404_by_id_or_hostname(control: ThreadedControl) -> None:
+    for ref in ("999", "abc"):
+        for verb in ("approve", "reject"):
+            status, error = _fail(control, "POST", f"/pending/{ref}/{verb}")
+            assert status == 404 and error.startswith("there is no pending"), (ref, verb, error)
+
+
+def test_refusals_name_fields_not_cli_flags(control: ThreadedControl) -> None:
+    _, error = _fail(control, "POST", "/authkeys", {"user": "alice@", "tags": ["tag:a"]})
+    assert "--" not in error and "user or tags" in error
+
+
+def test_wrong_method_is_405_with_allow(control: ThreadedControl) -> None:
+    status, headers, doc = call(control.url, "PUT", PREFIX + "/users", key=control.key, body={})
+    assert status == 405 and "Method Not Allowed" in doc["error"]
+    assert set(headers["Allow"].split(",")) >= {"GET", "POST"}
 
 
 def test_body_over_the_limit_is_413(control: ThreadedControl) -> None:
@@ -346,6 +367,25 @@ def test_remote_cli_failures_are_one_sentence(control: ThreadedControl, tmp_path
             {"TAILPY_CONTROL_URL": control.url + "/key", "TAILPY_API_KEY": control.key},
             "has no admin API endpoint",
         ),
+        *(
+            ({"TAILPY_CONTROL_URL": bad, "TAILPY_API_KEY": control.key}, "must be an http:// or https://")
+            for bad in (
+                "http://[::1",
+                "http://127.0.0.1:abc",
+                "http://ex ample.com",
+                "http://user:pw@127.0.0.1:80",
+                "http://127.0.0.1:99999",
+            )
+        ),
+        (
+            {"TAILPY_CONTROL_URL": control.url, "TAILPY_API_KEY": "bad\nkey"},
+            "API key in $TAILPY_API_KEY is malformed",
+        ),
+        ({"TAILPY_CONTROL_URL": control.url, "TAILPY_API_KEY": "tpyapi-a b"}, "is malformed"),
+        (
+            {"TAILPY_CONTROL_URL": control.url, "TAILPY_CONTROL_STATE_DIR": str(tmp_path / "none")},
+            "TAILPY_CONTROL_URL is set but not used while a state directory is given",
+        ),
     ]
     for env, says in cases:
         r = _cli("nodes", "list", env=env)
@@ -373,4 +413,8 @@ def test_key_expired_by_cli_is_refused_by_the_api(control: ThreadedControl) -> N
     assert r.returncode == 0, r.stderr
     status, _, _ = call(control.url, "GET", PREFIX + "/users", key=control.key)
     assert status == 401
-    control.on_loop(lambda: expire_api_key(control.db, prefix))  # (already expired: stays so)
+    first = control.on_loop(lambda: expire_api_key(control.db, prefix)).expires_at
+    r = _cli("apikey", "expire", prefix, env={"TAILPY_CONTROL_STATE_DIR": str(control.state_dir)})
+    assert r.returncode == 0, r.stderr
+    again = control.on_loop(lambda: expire_api_key(control.db, prefix))  # (already expired: stays so)
+    assert again.expires_at == first

@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from tailpy.control.adminapi import openapi_document  # noqa: E402
@@ -65,6 +66,7 @@ def test_admin_api_has_no_server_errors(case: Case[Any], control: ThreadedContro
             status_code_conformance,
             content_type_conformance,
             response_schema_conformance,
+            unsupported_method,  # (a 405 with Allow for a method the document does not list)
         ],
         timeout=30,
     )

@@ -93,11 +93,15 @@ async def test_metrics_follow_the_tailnet(server: tuple[ControlServer, Store, st
         try:
             with pytest.raises(AuthKeyError):
                 await c.register(nkey(), "gamma", "tskey-wrong")
+            with pytest.raises(AuthKeyError):  # (no key at all, no interactive login)
+                await c.register(nkey(), "delta", None)
         finally:
             await c.close()
         _, samples = await scrape(url)
         assert value(samples, "tailpy_control_registrations_total") == 2
         assert value(samples, "tailpy_control_registration_failures_total", reason="auth_key") == 1
+        assert value(samples, "tailpy_control_registration_failures_total", reason="unauthenticated") == 1
+        assert not any(name.endswith("_created") for name, _ in samples)
         assert value(samples, "tailpy_control_nodes", state="offline") == 2
         assert value(samples, "tailpy_control_nodes", state="online") == 0
 
@@ -154,6 +158,16 @@ async def test_metrics_refused_to_a_remote_peer_on_the_main_listener() -> None:
     assert not is_loopback("192.0.2.7") and not is_loopback("2001:db8::1") and not is_loopback(None)
     assert not is_loopback("not-an-address")
     assert "--metrics-listen" in LOOPBACK_ONLY and LOOPBACK_ONLY.count(".") <= 1
+
+
+async def test_metrics_through_a_reverse_proxy_refused(server: tuple[ControlServer, Store, str]) -> None:
+    """A proxy on the same host connects from loopback: its forwarding headers say the client is elsewhere."""
+    _, _, url = server
+    async with aiohttp.ClientSession() as http:
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            async with http.get(url + "/metrics", headers={header: "192.0.2.7"}) as r:
+                assert r.status == 403
+                assert await r.text() == LOOPBACK_ONLY
 
 
 async def test_metrics_listen_serves_anyone(server: tuple[ControlServer, Store, str]) -> None:

@@ -520,6 +520,9 @@ def test_scopes_always_ask_for_openid(tmp_path: Path) -> None:
         (30 * 60, "in 30m"),
         (2 * 86400 + 4 * 3600, "in 2d 4h"),
         (-(3 * 86400 + 60), "3d ago"),
+        (30 * 86400 - 3, "in 30d"),
+        (3 * 86400 - 3, "in 3d"),
+        (3600 - 2, "in 1h"),
     ],
 )
 def test_expiry_times_are_humanised(delta: float, shown: str) -> None:

@@ -395,6 +395,20 @@ async def test_http_endpoints(server: DerpServer) -> None:
     assert status == 400
 
 
+async def test_metrics_through_a_reverse_proxy_refused(server: DerpServer) -> None:
+    """A proxy on the same host connects from loopback: its forwarding headers say the client is elsewhere."""
+    p = port_of(server)
+    status, _, body = await http(p, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert status == 200
+    samples = _samples(body.decode())
+    assert ("tailpy_derp_disconnects_total", (("reason", "eof"),)) in samples  # (every reason, at start)
+    assert not any(name.endswith("_created") for name, _ in samples)
+    for header in (b"X-Forwarded-For: 192.0.2.7", b"Forwarded: for=192.0.2.7", b"X-Real-IP: 192.0.2.7"):
+        for path in (b"/metrics", b"/debug/metrics"):
+            status, _, body = await http(p, b"GET " + path + b" HTTP/1.1\r\n" + header + b"\r\n\r\n")
+            assert status == 403 and b"--metrics-listen" in body
+
+
 async def test_request_head_bounded_in_size_and_time() -> None:
     s = DerpServer(SERVER_KEY, header_timeout=0.3)
     await s.start("127.0.0.1", 0)

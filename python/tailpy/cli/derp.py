@@ -13,6 +13,7 @@ import click
 
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
+from tailpy.httpguard import install_log_guards
 
 
 @click.group("derp")
@@ -147,6 +148,7 @@ def serve(
         raise ConfigError("--mesh-with needs --mesh-psk-file (the region's mesh key)")
     key = load_or_create_key(state_dir)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    install_log_guards()  # one line per record: control characters from requests escaped
     log = logging.getLogger("tailpy.derp")
 
     async def run() -> None:

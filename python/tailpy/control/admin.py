@@ -208,10 +208,13 @@ class Admin:
         if isinstance(ref, int) or ref.strip().isdigit():
             return int(ref)
         matches = [p.id for p in self.store.list_pending() if p.hostname.lower() == ref.strip().lower()]
-        if len(matches) != 1:
-            how = "none has" if not matches else f"{len(matches)} have"
+        if not matches:  # (worded like an unknown id: the admin API answers 404 for both)
             raise ConfigError(
-                f"{how} hostname {ref!r} among pending logins: give its id "
+                f"there is no pending login with id or hostname {ref!r} (see `tailpy control nodes pending`)"
+            )
+        if len(matches) > 1:
+            raise ConfigError(
+                f"{len(matches)} pending logins have hostname {ref!r}: give its id "
                 "(see `tailpy control nodes pending`)"
             )
         return matches[0]
@@ -476,7 +479,7 @@ class Admin:
         if args.get("exit_node"):
             routes = (*routes, *(r for r in EXIT_ROUTES if r not in routes))
         if not routes:
-            raise ConfigError(f"give the routes to {verb} (like 198.51.100.0/24) or --exit-node")
+            raise ConfigError(f"give the routes to {verb} (like 198.51.100.0/24), or the exit node routes")
         return node_id, routes
 
     def op_routes_list(self, _args: Mapping[str, Any]) -> Any:

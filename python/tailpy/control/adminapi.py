@@ -643,8 +643,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_NO_BODY = object()
+"""What :func:`_read_json` returns for an empty body (JSON ``null`` is None)."""
+
+
 async def _read_json(request: web.Request) -> Any:
-    """The request's JSON (None when the body is empty). Raises ApiError (413 too large, 400 not JSON)."""
+    """The request's JSON (:data:`_NO_BODY` when the body is empty). Raises ApiError (413 too large, 400 not
+    JSON)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
     chunks, size = [], 0
@@ -655,7 +660,7 @@ async def _read_json(request: web.Request) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
-        return None
+        return _NO_BODY
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
@@ -755,7 +760,7 @@ class AdminApi:
         try:
             if route.body is not None:
                 body = await _read_json(request)
-                if body is None:
+                if body is _NO_BODY:
                     body = {}
                 _clean_strings(body)
                 check(route.body, body, "the request body")

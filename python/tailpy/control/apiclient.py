@@ -34,7 +34,7 @@ TIMEOUT = 120.0
 
 def read_key(key_file: Path | None) -> str:
     """The admin API key: the first line of ``key_file`` when given, else ``$TAILPY_API_KEY``. Raises
-    ConfigError when there is none or the file cannot be read."""
+    ConfigError when there is none, the file cannot be read, or the key has a space or control character."""
     if key_file is not None:
         try:
             text = key_file.read_text(encoding="utf-8")
@@ -45,25 +45,46 @@ def read_key(key_file: Path | None) -> str:
         key = text.strip().splitlines()[0].strip() if text.strip() else ""
         if not key:
             raise ConfigError(f"the API key file {key_file} is empty")
-        return key
+        return _checked_key(key, f"the file {key_file}")
     key = os.environ.get(ENV_KEY, "").strip()
     if not key:
         raise ConfigError(
             f"--control-url needs an admin API key: set ${ENV_KEY} or pass --api-key-file (create one on the "
             "control host with `tailpy control apikey create`)"
         )
-    return key
+    return _checked_key(key, f"${ENV_KEY}")
 
 
 def base_url(url: str) -> str:
-    """``url`` checked (http or https with a host) and without a trailing slash. Raises ConfigError."""
+    """``url`` checked (http or https, a host, a numeric port if any, no user name or password, no space nor
+    control character) and without a trailing slash. Raises ConfigError."""
     u = url.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(u)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(
-            f"--control-url {url!r} must be an http:// or https:// URL like https://control.example"
-        )
+    wrong = f"--control-url {url!r} must be an http:// or https:// URL like https://control.example"
+    try:
+        parts = urllib.parse.urlsplit(u)
+        port = parts.port  # (ValueError for a port that is not a number from 0 to 65535)
+    except ValueError as e:  # an unclosed "[" of an IPv6 address, say
+        raise ConfigError(f"{wrong} ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(wrong)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{wrong}, without a user name or password (the API key authenticates)")
+    if not _printable(parts.netloc) or " " in parts.netloc or port == 0:
+        raise ConfigError(f"{wrong} (its host has a space or a character a host name cannot have)")
     return u
+
+
+def _printable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
+def _checked_key(key: str, where: str) -> str:
+    if not _printable(key) or any(c.isspace() for c in key):
+        raise ConfigError(
+            f"the API key in {where} is malformed: it has a space or a control character (an admin API "
+            "key is one word, tpyapi-...)"
+        )
+    return key
 
 
 def request_for(op: str, args: Mapping[str, Any]) -> tuple[str, str, bytes | None]:

@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tailpy.httpguard import came_through_proxy
 from tailpy.metrics import METRICS_PATH, is_loopback, metrics_response
+from tailpy.metrics import exposition as text_exposition
 
 if TYPE_CHECKING:
     from tailpy.control.server import ControlServer
@@ -62,7 +64,8 @@ REGISTRATION_FAILURES = (
     "other",
 )
 """``reason`` labels of ``tailpy_control_registration_failures_total``: a malformed request; a box that did
-not open, a stale or replayed request, a refused key rotation proof; a refused auth key; requested tags the
+not open, a stale or replayed request, a refused key rotation proof, a registration with no auth key (and
+no interactive login); a refused auth key; requested tags the
 policy does not grant; a machine control does not know; a conflict with the stored state (another
 machine's node key, say); the database did not answer (503); anything else."""
 
@@ -220,8 +223,8 @@ class ControlMetrics:
         self.db_seconds.labels(word if word in DB_OPERATIONS else "other").observe(seconds)
 
     def exposition(self) -> bytes:
-        """Every metric in the Prometheus text format (``prometheus_client.generate_latest``)."""
-        return generate_latest(self.registry)
+        """Every metric in the Prometheus text format (:func:`tailpy.metrics.exposition`: no ``_created``)."""
+        return text_exposition(self.registry)
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         """An aiohttp middleware counting each request by route pattern, method and status (put it first,
@@ -249,8 +252,9 @@ class ControlMetrics:
 
     async def handle(self, request: web.Request) -> web.Response:
         """``GET /metrics`` on control's main listener: the exposition to loopback peers, else 403 with
-        :data:`LOOPBACK_ONLY`."""
-        if not is_loopback(request.remote):
+        :data:`LOOPBACK_ONLY`; also 403 when the request carries a reverse proxy's header
+        (:func:`tailpy.httpguard.came_through_proxy`: its TCP peer is the proxy, not the client)."""
+        if not is_loopback(request.remote) or came_through_proxy(request.headers):
             return web.Response(status=403, text=LOOPBACK_ONLY)
         return metrics_response(self.registry)
 

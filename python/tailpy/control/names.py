@@ -105,7 +105,7 @@ def check_domain(domain: str) -> str:
     """``domain`` lowercased if it is a DNS name of valid labels ("tailnet.internal"). Raises ConfigError."""
     d = domain.strip().lower().rstrip(".")
     if not d or len(d) > 200 or not all(_LABEL.fullmatch(p) for p in d.split(".")):
-        raise ConfigError(f"--domain {domain!r} is not a DNS name like tailnet.internal")
+        raise ConfigError(f"the tailnet domain {domain!r} is not a DNS name like tailnet.internal")
     return d
 
 

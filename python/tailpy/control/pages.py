@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from tailpy.httpguard import escape_controls
+
 log = logging.getLogger("tailpy.control.login")
 
 PAGE_PREFIXES = ("/login", "/oidc")
@@ -155,21 +157,22 @@ def redact_path(path: str, query: str) -> str:
 
 class AccessLogger(AbstractAccessLogger):
     """The control server's access log (logger ``aiohttp.access``): client, request line with
-    :func:`redact_path`, status, size, seconds, user agent. No Referer: a provider's page may put the
-    sign-in's parameters in it."""
+    :func:`redact_path`, status, size, seconds, user agent, each control character in them escaped
+    (:func:`tailpy.httpguard.escape_controls`: a request cannot forge a log line). No Referer: a provider's
+    page may put the sign-in's parameters in it."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"',
             request.remote,
-            request.method,
-            redact_path(request.path, request.query_string),
+            escape_controls(request.method),
+            escape_controls(redact_path(request.path, request.query_string)),
             request.version.major,
             request.version.minor,
             response.status,
             response.body_length,
             time,
-            request.headers.get("User-Agent", "-"),
+            escape_controls(request.headers.get("User-Agent", "-")),
         )
 
 

@@ -106,6 +106,7 @@ from tailpy.errors import (
     TagError,
 )
 from tailpy.httperrors import make_json_errors
+from tailpy.httpguard import RUNNER_OPTIONS, install_log_guards, refuse_encoded_bodies
 from tailpy.keys import DiscoPublic, NodePublic
 from tailpy.netmap import DerpMap, NetMap, Node, parse_disco_key, parse_home_derp
 from tailpy.proto import control as proto
@@ -122,11 +123,12 @@ POLL_INTERVAL = FEED_POLL  # seconds between reads of the change feed without a 
 
 
 class _Refused(Exception):
-    """Internal: answer with ``status`` and ``message`` (sealed to ``machine_key`` when known)."""
+    """Internal: answer with ``status`` and ``message`` (sealed to ``machine_key`` when known); ``reason``,
+    when given, is the registration failure's metrics label (else :func:`failure_reason`'s)."""
 
-    def __init__(self, status: int, message: str, kind: str = "control") -> None:
+    def __init__(self, status: int, message: str, kind: str = "control", reason: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.reason = status, message, kind, reason
 
 
 def parse_endpoints(obj: object) -> list[Endpoint]:
@@ -286,6 +288,7 @@ class ControlServer:
             # every error JSON (login pages keep their own HTML error pages)
             middlewares=[
                 self.metrics.middleware(),
+                refuse_encoded_bodies,
                 make_json_errors(
                     skip=(*pages.PAGE_PREFIXES, CONSOLE_PREFIX), translate=lambda e: db_error(e, where)
                 ),
@@ -344,7 +347,9 @@ class ControlServer:
             handler_cancellation=True,
             shutdown_timeout=5.0,
             access_log_class=pages.AccessLogger,  # login link ids and callback codes stay out of logs
+            **RUNNER_OPTIONS,
         )
+        install_log_guards()
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -572,7 +577,8 @@ class ControlServer:
             return result
         except _Refused as e:
             if path == "/machine/register":
-                self.metrics.registration_failures.labels(failure_reason(e.status, e.kind)).inc()
+                reason = e.reason or failure_reason(e.status, e.kind)
+                self.metrics.registration_failures.labels(reason).inc()
             who = req.machine_key.short() if req is not None else request.remote
             log.warning("refused %s from %s: %s", path, who, e.message)
             if req is None:
@@ -641,7 +647,10 @@ class ControlServer:
                     )
                     answer = await self.logins.poll(req.machine_key, node_key, hostname, os_name, wait)
                     return self._reply(req, answer)
-                raise _Refused(401, str(e), "auth_key") from None
+                # (no key at all, and no interactive login: unauthenticated rather than a refused key)
+                raise _Refused(
+                    401, str(e), "auth_key", reason="unauthenticated" if auth_key is None else None
+                ) from None
             except ControlError as e:
                 raise _Refused(409, str(e)) from None
             self._lifecycle()

@@ -34,6 +34,7 @@ from tailpy.daemon.sdnotify import notify
 from tailpy.daemon.session import ROTATE_BEFORE
 from tailpy.daemon.state import StateStore
 from tailpy.errors import ConfigError, DaemonRunningError, ParseError, TailpyError
+from tailpy.httpguard import MULTILINE, install_log_guards
 from tailpy.metrics import start_metrics_listener
 from tailpy.netstack import Netstack, UserspaceDevice, check_peer, lookup
 from tailpy.proxy import ProxyServer, parse_listen, start_http_proxy, start_socks5
@@ -57,7 +58,7 @@ def _log_tasks() -> None:
     for task in asyncio.all_tasks():
         out = io.StringIO()
         task.print_stack(file=out)
-        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue(), extra={MULTILINE: True})
 
 
 async def run(
@@ -292,6 +293,7 @@ def main(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    install_log_guards()  # one line per record: control characters from requests escaped
     userspace = tun == USERSPACE
     if (socks5_server or http_proxy) and not userspace:
         click.echo(

@@ -39,6 +39,19 @@ failed or the mesh peer is not connected."""
 REFUSAL_REASONS = ("not_admitted", "verify_failed")
 """Labels of ``derp_clients_refused_total``: the verifier said no; the verifier could not answer."""
 
+DISCONNECT_REASONS = (
+    "eof",
+    "closed",
+    "read_error",
+    "idle_timeout",
+    "bad_frame",
+    "write_timeout",
+    *REFUSAL_REASONS,
+)
+"""``reason`` labels of ``derp_disconnects_total``: the client closed; the server closed it (a duplicate key,
+shutdown); a read failed; no frame within the idle and ping timeouts; a malformed frame; a write did not
+finish in time; and the refusals of :data:`REFUSAL_REASONS`."""
+
 
 @dataclass
 class Metrics:
@@ -68,7 +81,9 @@ class Metrics:
     pings: int = 0
     ignored_frames: int = 0
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
-    disconnects: dict[str, int] = field(default_factory=collections.Counter)
+    disconnects: dict[str, int] = field(
+        default_factory=lambda: collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
+    )
 
     def drop(self, reason: str, nbytes: int) -> None:
         """Count a dropped packet of ``nbytes`` bytes under ``reason`` (one of :data:`DROP_REASONS`)."""
@@ -164,9 +179,9 @@ class Metrics:
         metric(
             "derp_disconnects_total",
             "counter",
-            "Closed client connections, by cause.",
+            "Closed client connections, by reason.",
             dict(self.disconnects),
-            "cause",
+            "reason",
         )
         return "\n".join(out) + "\n"
 
@@ -197,7 +212,7 @@ class RelayCollector(Collector):
       (:data:`DROP_REASONS`), ``tailpy_derp_packets_forwarded_total{direction}`` and
       ``tailpy_derp_forwarded_bytes_total{direction}`` (``in``/``out``: through the mesh),
       ``tailpy_derp_peer_gone_frames_total{reason}``, ``tailpy_derp_pings_total``,
-      ``tailpy_derp_ignored_frames_total``, ``tailpy_derp_disconnects_total{cause}``.
+      ``tailpy_derp_ignored_frames_total``, ``tailpy_derp_disconnects_total{reason}``.
     """
 
     def __init__(self, relay: Relay) -> None:
@@ -295,8 +310,8 @@ class RelayCollector(Collector):
         )
         yield by(
             "tailpy_derp_disconnects_total",
-            "Closed client connections, by cause.",
-            "cause",
+            "Closed client connections, by reason.",
+            "reason",
             dict(m.disconnects),
         )
 
@@ -334,4 +349,11 @@ class StunCollector(Collector):
         )
 
 
-__all__ = ["DROP_REASONS", "REFUSAL_REASONS", "Metrics", "RelayCollector", "StunCollector"]
+__all__ = [
+    "DISCONNECT_REASONS",
+    "DROP_REASONS",
+    "REFUSAL_REASONS",
+    "Metrics",
+    "RelayCollector",
+    "StunCollector",
+]

@@ -468,11 +468,11 @@ class Relay:
         writer.write(proto.encode(proto.seal_server_info(self.private_key, first.key)))
         self._register(conn)
         sender = asyncio.create_task(conn.send_loop())
-        cause = "eof"
+        reason = "eof"
         try:
-            cause = await self._read_loop(conn, reader, frames, pending)
+            reason = await self._read_loop(conn, reader, frames, pending)
         finally:
-            self.metrics.disconnects[cause] += 1
+            self.metrics.disconnects[reason] += 1
             self._unregister(conn)
             conn.close()
             sender.cancel()
@@ -560,7 +560,7 @@ class Relay:
         frames: proto.FrameReader,
         pending: list[tuple[int, bytes]],
     ) -> str:
-        """Read and handle frames until the connection ends; returns the cause (a metrics label)."""
+        """Read and handle frames until the connection ends; returns the reason (a metrics label)."""
         try:
             self._handle_raw(conn, pending)
         except ParseError as e:

@@ -29,7 +29,9 @@ Paths (as Tailscale's ``derpserver/handler.go`` and ``cmd/derper``):
 * ``GET /debug/metrics`` → counters in Prometheus text format under derper's names
   (:mod:`tailpy.derp.metrics`; from loopback only unless ``public_metrics``).
 * ``GET /metrics`` → :attr:`DerpServer.registry`'s metrics (``tailpy_derp_*``, ``tailpy_stun_*``) by
-  ``prometheus_client``, under the same loopback rule.
+  ``prometheus_client``, under the same loopback rule. A request carrying a reverse proxy's header
+  (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``) came through one, so its peer says nothing about the
+  client: refused like a remote one.
 * ``GET /health`` → ``{"status": "ok" | "error", "checks": {name: {"status": ..., ...}}}`` with 200, or 503
   when a check failed (:meth:`DerpServer.health`; for load balancers and service managers).
 
@@ -51,14 +53,16 @@ from pathlib import Path
 from typing import Any
 
 import nacl.public
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from tailpy.derp import ws
 from tailpy.derp.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics, RelayCollector
 from tailpy.derp.relay import DUPLICATE_KEY_PROBLEM, READ_CHUNK, REFUSED_PREFIX, Conn, Relay
 from tailpy.derp.verify import Verifier
 from tailpy.errors import ConfigError, ParseError
+from tailpy.httpguard import came_through_proxy
 from tailpy.keys import MachinePrivate, NodePublic
+from tailpy.metrics import exposition
 from tailpy.proto import derp as proto
 
 KEY_NAME = "derp.key"
@@ -93,6 +97,13 @@ def load_or_create_key(state_dir: Path) -> MachinePrivate:
     with os.fdopen(fd, "w") as f:
         f.write(key.text() + "\n")
     return key
+
+
+LOOPBACK_ONLY = (
+    "metrics are served on this listener to loopback clients only: start the relay with --metrics-listen "
+    "HOST:PORT to serve them to a Prometheus elsewhere\n"
+)
+"""The 403 body for ``/metrics`` and ``/debug/metrics`` asked by a peer that is not on loopback."""
 
 
 class DerpServer:
@@ -326,11 +337,11 @@ class DerpServer:
             await self._respond(writer, 204, "No Content", extra)
         elif path in ("/debug/metrics", "/metrics"):
             peer = writer.get_extra_info("peername")
-            if not self.public_metrics and not _is_loopback(peer):
-                await self._respond(writer, 403, "Forbidden", body=b"metrics are served to loopback only\n")
+            if not self.public_metrics and (not _is_loopback(peer) or came_through_proxy(headers)):
+                await self._respond(writer, 403, "Forbidden", body=LOOPBACK_ONLY.encode())
                 return
             if path == "/metrics":
-                body, kind = generate_latest(self.registry), CONTENT_TYPE_LATEST
+                body, kind = exposition(self.registry), CONTENT_TYPE_LATEST
             else:
                 body = "".join([self.metrics.prometheus(), *(f() for f in self.extra_metrics)]).encode()
                 kind = "text/plain; version=0.0.4"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tailpy.cli.safetext import cell, on_terminal, say, visible
+from tailpy.errors import ConfigError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -125,6 +126,7 @@ def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any])
         from tailpy.control import apiclient
 
         ctx = click.get_current_context()
+        apiclient.base_url(url)  # (a malformed URL is said before a missing key)
         key_file = ctx.meta.get(_META_KEY_FILE)
         key = apiclient.read_key(key_file if isinstance(key_file, Path) else None)
         return apiclient.call(url, key, op, args)
@@ -132,7 +134,25 @@ def admin(state_dir: Path | None, db: str | None, op: str, args: dict[str, Any])
         raise click.UsageError(f"Missing option '--state-dir' (or --control-url, ${ENV_CONTROL_URL}).")
     from tailpy.control import admin as admin_api
 
-    return admin_api.run(state_dir, db, op, args)
+    try:
+        return admin_api.run(state_dir, db, op, args)
+    except ConfigError as e:
+        if not _url_set_aside():
+            raise
+        raise ConfigError(
+            f"{e} (${ENV_CONTROL_URL} is set but not used while a state directory is given: unset "
+            "$TAILPY_CONTROL_STATE_DIR, or pass --control-url, to use the API)"
+        ) from None
+
+
+def _url_set_aside() -> bool:
+    """True when ``$TAILPY_CONTROL_URL`` is set and :func:`control_url` set it aside for a state directory."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    url = ctx.meta.get(_META_URL)
+    from_env = ctx.get_parameter_source("control_url") == click.core.ParameterSource.ENVIRONMENT
+    return isinstance(url, str) and bool(url.strip()) and from_env
 
 
 def table(headers: list[str], rows: list[list[str]], console: Console | None = None) -> None:
@@ -170,17 +190,20 @@ def print_json(result: Any) -> None:
 
 
 def span(seconds: float) -> str:
-    """A duration for people: "45s", "12m", "3h 5m", "2d 4h", "180d"."""
+    """A duration for people, rounded to its last unit shown (30 days less a few seconds is "30d", not
+    "29d"): "45s", "12m", "3h 5m", "2d 4h", "180d"."""
     s = round(abs(seconds))
     if s < 120:
         return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 2 * 86400:
-        h, m = divmod(s // 60, 60)
+    if s < 3600 - 30:
+        return f"{round(s / 60)}m"
+    if s < 2 * 86400 - 30:
+        h, m = divmod(round(s / 60), 60)
         return f"{h}h {m}m" if m else f"{h}h"
-    d, h = divmod(s // 3600, 24)
-    return f"{d}d {h}h" if h and d < 10 else f"{d}d"
+    if s < 10 * 86400 - 1800:
+        d, h = divmod(round(s / 3600), 24)
+        return f"{d}d {h}h" if h else f"{d}d"
+    return f"{round(s / 86400)}d"
 
 
 def when(t: float, now: float) -> str:

@@ -14,6 +14,7 @@ import click
 from tailpy.cli.control.common import db_option, server_state_dir_option
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.errors import ConfigError
+from tailpy.httpguard import install_log_guards
 
 
 @click.command("serve")
@@ -302,6 +303,7 @@ def command(
     )
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    install_log_guards()  # one line per record: control characters from requests escaped
     tune_gc()
     asyncio.run(run_control(config))
 

@@ -77,7 +77,7 @@ def create(
     """A new key (see :meth:`Store.create_auth_key`). Raises ConfigError (unknown user, bad tag)."""
     tag_list = parse_tags(tags)
     if user is not None and tag_list:
-        raise ConfigError("give an auth key either --user or --tags, not both (tagged nodes have no user)")
+        raise ConfigError("give an auth key a user or tags, not both (tagged nodes have no user)")
     key = AUTH_KEY_PREFIX + secrets.token_urlsafe(24)
     uid: int | None = None
     if user is not None:

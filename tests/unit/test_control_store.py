@@ -357,3 +357,21 @@ def test_quarantined_addresses_are_not_given_and_a_deleted_node_gets_its_own_bac
                 conn.execute(sa.text("UPDATE nodes SET ipv4 = :a WHERE id = :i"), {"a": row, "i": back.id})
     finally:
         s.close()
+
+
+def test_user_names_equal_ignoring_case_and_trailing_at_are_refused(store: Store) -> None:
+    """The policy compares user names ignoring ASCII case and a trailing '@', so the store refuses such a
+    second name on every path that creates users (admin, OpenID Connect login, the default user)."""
+    store.create_user("alice", NOW)
+    for other in ("ALICE", "Alice", "alice@", "ALICE@"):
+        with pytest.raises(ConfigError, match="would be the same user as 'alice' in the policy"):
+            store.create_user(other, NOW)
+    store.create_user("Bob@", NOW)
+    with pytest.raises(ConfigError, match="same user as 'Bob@'"):
+        store.create_user("bob", NOW)
+    store.create_user("alicea", NOW)  # only exact equality after folding counts
+    uid = store.user_for_login("https://idp.example", "s1", "ALICE", "", NOW)
+    assert {u.id: u.name for u in store.list_users()}[uid] == "ALICE-2"
+    store.create_user("DEFAULT", NOW)
+    with pytest.raises(ConfigError, match="same user as 'DEFAULT'"):
+        store.create_auth_key(reusable=False, expires=None, now=NOW)

@@ -30,15 +30,37 @@ class User:
         return {"id": self.id, "name": self.name, "created": self.created}
 
 
+def _clash(conn: Connection, name: str) -> str | None:
+    """The existing user name that a policy would take for ``name`` (equal ignoring ASCII case and one
+    trailing ``@``, as :func:`tailpy.control.policy.model.user_matches` compares them), else None."""
+    key = name.lower()
+    key = key[:-1] if key.endswith("@") else key
+    row = conn.execute(
+        sa.select(users.c.name).where(sa.func.lower(users.c.name).in_([key, key + "@"])).limit(1)
+    ).first()
+    return None if row is None else str(row.name)
+
+
+def _refuse_clash(conn: Connection, name: str) -> None:
+    other = _clash(conn, name)
+    if other == name:
+        raise ConfigError(f"user {name} already exists")
+    if other is not None:
+        raise ConfigError(
+            f"user name {name!r} would be the same user as {other!r} in the policy (names are compared "
+            "ignoring case and a trailing '@'); choose another name"
+        )
+
+
 def create(conn: Connection, name: str, now: float) -> User:
-    """Create user ``name``. Raises ConfigError for a bad or taken name."""
+    """Create user ``name``. Raises ConfigError for a bad or taken name (one equal to an existing name
+    ignoring ASCII case and a trailing ``@`` is taken)."""
     if not _USER_NAME.fullmatch(name):
         raise ConfigError(
             f"user name {name!r} must be 1-64 letters, digits, '.', '_', '@', '+' or '-' (alice, "
             "alice@example.com)"
         )
-    if conn.execute(sa.select(users.c.id).where(users.c.name == name)).first() is not None:
-        raise ConfigError(f"user {name} already exists")
+    _refuse_clash(conn, name)
     res = conn.execute(users.insert().values(name=name, created=now))
     pk = res.inserted_primary_key
     assert pk is not None
@@ -66,10 +88,12 @@ def user_id(conn: Connection, name: str) -> int:
 
 
 def default_user_id(conn: Connection, now: float) -> int:
-    """The id of the user :data:`DEFAULT_USER`, created when missing."""
+    """The id of the user :data:`DEFAULT_USER`, created when missing. Raises ConfigError when it is missing
+    and another user's name equals it ignoring case and a trailing ``@``."""
     row = conn.execute(sa.select(users.c.id).where(users.c.name == DEFAULT_USER)).first()
     if row is not None:
         return int(row.id)
+    _refuse_clash(conn, DEFAULT_USER)
     res = conn.execute(users.insert().values(name=DEFAULT_USER, created=now))
     assert res.inserted_primary_key is not None
     return int(res.inserted_primary_key[0])
@@ -98,7 +122,8 @@ def _login_name(issuer: str, subject: str, email: str) -> str:
 
 def for_login(conn: Connection, issuer: str, subject: str, email: str, display_name: str, now: float) -> int:
     """The id of the user of an identity provider's ``issuer`` and ``subject``, created on first login
-    (named after ``email``, else ``subject@issuer-host``; ``-2``, ``-3``... appended when the name is taken),
+    (named after ``email``, else ``subject@issuer-host``; ``-2``, ``-3``... appended when the name is taken,
+    names equal ignoring case and a trailing ``@`` counting as taken),
     its ``email`` and ``display_name`` refreshed."""
     row = conn.execute(
         sa.select(users.c.id).where(users.c.oidc_issuer == issuer, users.c.oidc_subject == subject)
@@ -110,7 +135,7 @@ def for_login(conn: Connection, issuer: str, subject: str, email: str, display_n
         return int(row.id)
     base = _login_name(issuer, subject, email)
     name, n = base, 1
-    while conn.execute(sa.select(users.c.id).where(users.c.name == name)).first() is not None:
+    while _clash(conn, name) is not None:
         n += 1
         name = f"{base}-{n}"
     res = conn.execute(

@@ -14,6 +14,7 @@ import click
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ConfigError
 from tailpy.httpguard import install_log_guards
+from tailpy.rlimits import raise_nofile_limit
 
 
 @click.group("derp")
@@ -149,6 +150,7 @@ def serve(
     key = load_or_create_key(state_dir)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install_log_guards()  # one line per record: control characters from requests escaped
+    raise_nofile_limit()  # soft open-files limit up to the hard one, as Go programs do
     log = logging.getLogger("tailpy.derp")
 
     async def run() -> None:

@@ -38,6 +38,7 @@ from tailpy.httpguard import MULTILINE, install_log_guards
 from tailpy.metrics import start_metrics_listener
 from tailpy.netstack import Netstack, UserspaceDevice, check_peer, lookup
 from tailpy.proxy import ProxyServer, parse_listen, start_http_proxy, start_socks5
+from tailpy.rlimits import raise_nofile_limit
 from tailpy.storage import is_storage_errno, storage_error
 
 log = logging.getLogger("tailpy.daemon")
@@ -294,6 +295,7 @@ def main(
         stream=sys.stderr,
     )
     install_log_guards()  # one line per record: control characters from requests escaped
+    raise_nofile_limit()  # soft open-files limit up to the hard one, as Go programs do
     userspace = tun == USERSPACE
     if (socks5_server or http_proxy) and not userspace:
         click.echo(

@@ -15,6 +15,7 @@ from tailpy.cli.control.common import db_option, server_state_dir_option
 from tailpy.control.store.addresses import DEFAULT_QUARANTINE
 from tailpy.errors import ConfigError
 from tailpy.httpguard import install_log_guards
+from tailpy.rlimits import raise_nofile_limit
 
 
 @click.command("serve")
@@ -304,6 +305,7 @@ def command(
     config.check()  # (before any output: a usage mistake is one sentence)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install_log_guards()  # one line per record: control characters from requests escaped
+    raise_nofile_limit()  # soft open-files limit up to the hard one, as Go programs do
     tune_gc()
     asyncio.run(run_control(config))
 

@@ -372,3 +372,22 @@ async def test_deeply_nested_json_is_a_400_and_one_log_line(
         f"refused {path} from 127.0.0.1: control request is nested too deeply"
     ]
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_unfinished_request_head_is_closed(tmp_path: Path) -> None:
+    """A connection that never finishes its request head (slowloris) is closed after header_timeout, while a
+    complete request on another connection is answered."""
+    store = Store(tmp_path)
+    srv = ControlServer(store, header_timeout=0.5)
+    host, port = await srv.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head never ends
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server, nothing answered
+        writer.close()
+        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/health") as r:
+            assert r.status == 200
+    finally:
+        await srv.stop()
+        store.close()

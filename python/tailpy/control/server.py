@@ -120,6 +120,10 @@ MAX_REQUEST_TAGS = 64
 DERP_ADMIT_PATH = "/derp/admit"  # (tailpy.derp.verify.CONTROL_ADMIT_PATH)
 EPHEMERAL_TIMEOUT = 1800.0  # seconds an ephemeral node may be offline before it is removed
 POLL_INTERVAL = FEED_POLL  # seconds between reads of the change feed without a notification
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection may take to send a complete request head, counted from its accept or from the end
+of the previous response (so also the longest idle keep-alive), as the relay's front
+(:class:`tailpy.derp.server.DerpServer`'s ``header_timeout``) and Go's ``http.Server.ReadHeaderTimeout``."""
 
 
 class _Refused(Exception):
@@ -210,7 +214,10 @@ class ControlServer:
     expiry or ephemeral deadline (no per-node polling). ``policy_file``: the tailnet policy is that file's
     (``serve --policy``), else the database's (:class:`tailpy.control.acl.PolicyKeeper`, :attr:`policy`).
     ``console``: who may sign in to the web console at ``/admin`` (:mod:`tailpy.control.console`; None: API
-    keys only). Raises ConfigError when the policy cannot be loaded (a bad policy file: line, column, what
+    keys only). ``header_timeout``: seconds a connection may take to send a request head, from its accept or
+    the previous response (:data:`HEADER_TIMEOUT`; aiohttp's ``keepalive_timeout``, whose timer runs until a
+    complete head has arrived); a connection still without one is closed (slowloris). Raises ConfigError
+    when the policy cannot be loaded (a bad policy file: line, column, what
     is wrong).
     """
 
@@ -231,8 +238,10 @@ class ControlServer:
         replica_url: str = "",
         heartbeat: float = HEARTBEAT,
         console: ConsoleConfig | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self.store = store
+        self.header_timeout = header_timeout
         self.open_writes = StreamOpenWrites(store)
         """The reports of map streams opening, grouped into shared transactions."""
         self.key = store.server_key()
@@ -346,6 +355,7 @@ class ControlServer:
             self.app(),
             handler_cancellation=True,
             shutdown_timeout=5.0,
+            keepalive_timeout=self.header_timeout,  # an unfinished head is closed after this
             access_log_class=pages.AccessLogger,  # login link ids and callback codes stay out of logs
             **RUNNER_OPTIONS,
         )

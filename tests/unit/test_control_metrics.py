@@ -151,6 +151,13 @@ async def test_metrics_follow_the_tailnet(server: tuple[ControlServer, Store, st
         == 1
     )
     assert not any("/no/such" in str(k) for k in samples)  # (raw paths never become labels)
+    for method in ("PROPFIND", "BREW", "get"):  # unknown methods (and case variants) are one "other"
+        async with aiohttp.ClientSession() as http, http.request(method, url + "/health") as r:
+            await r.read()
+    _, samples = await scrape(url)
+    methods = {dict(k[1]).get("method") for k in samples if k[0] == "tailpy_control_http_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+    assert "other" in methods
 
 
 async def test_metrics_refused_to_a_remote_peer_on_the_main_listener() -> None:

@@ -17,7 +17,8 @@ counted where they happen:
 * ``tailpy_control_policy_compile_seconds`` (histogram): compiling the tailnet policy for every node.
 * ``tailpy_control_http_requests_total{route, method, status}`` (counter): ``route`` is the route's pattern
   (``/login/{id}``), ``unmatched`` for paths no route serves; ``status`` 499 (:data:`CLIENT_CLOSED`) when the
-  client left before the handler returned.
+  client left before the handler returned; ``method`` is one of :data:`METHODS` as sent, any other
+  ``other`` (so a client cannot add series by inventing methods).
 * ``tailpy_control_replica_info{replica}`` (gauge, 1): this replica's id (with replica liveness only).
 
 With the embedded DERP relay, its metrics (:mod:`tailpy.derp.metrics`) join the same exposition.
@@ -246,7 +247,7 @@ class ControlMetrics:
                 status = CLIENT_CLOSED  # (a map stream whose client left, mostly)
                 raise
             finally:
-                self.http_requests.labels(route_of(request), request.method, str(status)).inc()
+                self.http_requests.labels(route_of(request), method_label(request.method), str(status)).inc()
 
         return count
 
@@ -257,6 +258,16 @@ class ControlMetrics:
         if not is_loopback(request.remote) or came_through_proxy(request.headers):
             return web.Response(status=403, text=LOOPBACK_ONLY)
         return metrics_response(self.registry)
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Request methods counted under their own ``method`` label (RFC 9110 section 9, RFC 5789's PATCH)."""
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label of a request: ``method`` when in :data:`METHODS` (case as sent: methods are
+    case-sensitive, RFC 9110 section 9.1), else ``"other"``."""
+    return method if method in METHODS else "other"
 
 
 def route_of(request: web.Request) -> str:
@@ -272,10 +283,12 @@ __all__ = [
     "CLIENT_CLOSED",
     "DB_OPERATIONS",
     "LOOPBACK_ONLY",
+    "METHODS",
     "METRICS_PATH",
     "REGISTRATION_FAILURES",
     "ControlMetrics",
     "failure_reason",
     "is_loopback",
+    "method_label",
     "route_of",
 ]

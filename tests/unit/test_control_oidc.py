@@ -387,6 +387,10 @@ def test_policy() -> None:
     unverified = replace(alice, email_verified=False)
     assert replace(base, allowed_domains=("example.com",)).refusal(unverified) is not None
     assert replace(base, allowed_users=("ALICE@example.com",)).refusal(alice) is None
+    # an allowed user's email admits only once the provider verified it (as the domain rule); a subject does
+    refused = replace(base, allowed_users=("alice@example.com",)).refusal(unverified)
+    assert refused is not None and "verified" in refused
+    assert replace(base, allowed_users=("1",)).refusal(unverified) is None
     assert replace(base, allowed_groups=("staff",)).refusal(alice) is None
     refused = replace(base, allowed_groups=("admins",)).refusal(alice)
     assert refused is not None and "alice@example.com" in refused and "admins" in refused

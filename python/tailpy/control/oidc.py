@@ -81,10 +81,11 @@ class OIDCConfig:
     ``<issuer>/.well-known/openid-configuration``); ``client_id`` and ``client_secret`` of the client
     registered there, with redirect URI ``<server_url>/oidc/callback``; ``server_url``: how browsers reach
     this control server. ``scopes`` requested ("openid" is always added). Who may join: with none of
-    ``allowed_domains`` (email domains, the email must be verified), ``allowed_users`` (emails or subjects)
-    and ``allowed_groups`` (from claim ``groups_claim``) set, anyone the provider signs in; else anyone
-    matching one of them. ``expiry_from_token``: the node key expires with the ID token (``exp``) instead of
-    after the server's key lifetime. ``approval``: new machines wait for ``tailpy control nodes approve``.
+    ``allowed_domains`` (email domains, the email must be verified), ``allowed_users`` (emails, which must
+    be verified, or subjects) and ``allowed_groups`` (from claim ``groups_claim``) set, anyone the provider
+    signs in; else anyone matching one of them. ``expiry_from_token``: the node key expires with the ID
+    token (``exp``) instead of after the server's key lifetime. ``approval``: new machines wait
+    for ``tailpy control nodes approve``.
     """
 
     issuer: str
@@ -114,7 +115,8 @@ class OIDCConfig:
             return None
         email = who.email.lower()
         if self.allowed_users and (
-            email in {u.lower() for u in self.allowed_users} or who.subject in self.allowed_users
+            (email and who.email_verified and email in {u.lower() for u in self.allowed_users})
+            or who.subject in self.allowed_users
         ):
             return None
         domain = email.rpartition("@")[2]
@@ -133,7 +135,9 @@ class OIDCConfig:
                 part
                 for part in (
                     f"verified emails at {', '.join(self.allowed_domains)}" if self.allowed_domains else "",
-                    f"the users {', '.join(self.allowed_users)}" if self.allowed_users else "",
+                    f"the users {', '.join(self.allowed_users)} (by verified email or subject)"
+                    if self.allowed_users
+                    else "",
                     f"members of {', '.join(self.allowed_groups)}" if self.allowed_groups else "",
                 )
                 if part

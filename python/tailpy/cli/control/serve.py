@@ -117,7 +117,10 @@ from tailpy.rlimits import raise_nofile_limit
     help="Admit verified emails at this domain (repeat).",
 )
 @click.option(
-    "--oidc-allowed-user", "oidc_users", multiple=True, help="Admit this email or subject (repeat)."
+    "--oidc-allowed-user",
+    "oidc_users",
+    multiple=True,
+    help="Admit this email (once the provider has verified it) or subject (repeat).",
 )
 @click.option(
     "--oidc-allowed-group", "oidc_groups", multiple=True, help="Admit members of this group (repeat)."

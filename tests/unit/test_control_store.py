@@ -375,3 +375,15 @@ def test_user_names_equal_ignoring_case_and_trailing_at_are_refused(store: Store
     store.create_user("DEFAULT", NOW)
     with pytest.raises(ConfigError, match="same user as 'DEFAULT'"):
         store.create_auth_key(reusable=False, expires=None, now=NOW)
+
+
+def test_console_token_revoked_once_even_when_sent_at_once(store: Store) -> None:
+    """Revoking a console one-time token answers True once and False after, also for simultaneous revokes
+    (two replicas: one INSERT ... ON CONFLICT DO NOTHING, never an IntegrityError)."""
+    assert store.revoke_console_token("t1", NOW + 60, NOW) is True
+    assert store.revoke_console_token("t1", NOW + 60, NOW) is False
+    assert store.console_token_revoked("t1", NOW)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: store.revoke_console_token("t2", NOW + 60, NOW), range(16)))
+    assert got.count(True) == 1 and got.count(False) == 15
+    assert store.revoke_console_token("t1", NOW + 120, NOW + 61) is True  # its row expired: pruned, then new

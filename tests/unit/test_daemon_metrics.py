@@ -4,8 +4,11 @@ the local API serves it at /metrics, and `tailpy metrics` prints it (or one sent
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import socket
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -122,4 +125,30 @@ def test_metrics_without_a_daemon_is_one_sentence(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["metrics", "--socket", str(tmp_path / "none.sock")])
     assert result.exit_code == 1
     assert result.output.strip().startswith("tailpy: tailpyd is not running")
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_metrics_from_a_socket_answering_garbage_is_one_sentence(tmp_path: Path) -> None:
+    """Something other than tailpyd on the socket (a line that is not HTTP): one sentence, no traceback."""
+    path = str(tmp_path / "other.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):  # (one connection: the command's one request)
+            c, _ = srv.accept()
+            with c:
+                c.recv(4096)
+                c.sendall(b"SSH-2.0-OpenSSH_9.6 not http at all\r\n\r\n")
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        result = CliRunner().invoke(cli, ["metrics", "--socket", path])
+        t.join(10)
+    finally:
+        srv.close()
+    assert result.exit_code == 1
+    assert result.output.strip().startswith(f"tailpy: what answers on {path} is not tailpyd")
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -108,6 +108,10 @@ class LocalClient:
             raise DaemonNotRunningError(
                 f"tailpyd is not running (no answer on {self.socket_path}); start it with `tailpy up`"
             ) from None
+        except aiohttp.ClientError:  # an answer that is not HTTP (a bad status line, a broken body)
+            raise TailpyError(
+                f"what answers on {self.socket_path} is not tailpyd (its answer is not HTTP); check --socket"
+            ) from None
 
     async def metrics(self) -> str:
         """tailpyd's Prometheus metrics, text format (``GET /localapi/v0/metrics``)."""

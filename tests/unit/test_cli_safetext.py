@@ -68,8 +68,9 @@ def test_visible_escapes_every_control_character() -> None:
         visible("tab\there\rcr\x00nul\x7fdel\x85nel\x9bcsi")
         == "tab\\there\\rcr\\x00nul\\x7fdel\\x85nel\\x9bcsi"
     )
-    for cp in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]:
+    for cp in [0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]:
         assert visible(chr(cp)) == f"\\u{cp:04x}"
+        assert visible_lines(chr(cp)) == f"\\u{cp:04x}"  # (line separators too: only \n keeps its line)
     # Everything else as it is: accents, CJK, emoji, backslashes, brackets.
     assert visible("café 東京 🙂 C:\\path [x]") == "café 東京 🙂 C:\\path [x]"
     assert visible_lines("a\n\tb\x1bc\rd") == "a\n\tb\\x1bc\\rd"

@@ -152,6 +152,8 @@ def test_auth_keys(control: ThreadedControl) -> None:
     never = _ok(control, "POST", "/authkeys", {"tags": ["tag:ci"], "expiration": None})
     assert never["expires"] is None and never["tags"] == ["tag:ci"]
     assert _fail(control, "POST", "/authkeys", {"user": "bob"})[1].startswith("there is no user bob")
+    status, error = _fail(control, "POST", "/authkeys", {"expiration": 1e12})
+    assert status == 400 and error.endswith("must be at most 315360000 seconds (3650 days)")
 
 
 POLICY = '{\n  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],\n}\n'

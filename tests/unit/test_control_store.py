@@ -370,6 +370,8 @@ def test_user_names_equal_ignoring_case_and_trailing_at_are_refused(store: Store
     with pytest.raises(ConfigError, match="same user as 'Bob@'"):
         store.create_user("bob", NOW)
     store.create_user("alicea", NOW)  # only exact equality after folding counts
+    with pytest.raises(ConfigError, match=r"^there is no user '<script>' \(not a valid user name\)$"):
+        store.delete_user("<script>")
     uid = store.user_for_login("https://idp.example", "s1", "ALICE", "", NOW)
     assert {u.id: u.name for u in store.list_users()}[uid] == "ALICE-2"
     store.create_user("DEFAULT", NOW)

@@ -33,17 +33,22 @@ def _escape_of(cp: int) -> str:
     return f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}"
 
 
-# C0 (U+0000..U+001F), DEL (U+007F), C1 (U+0080..U+009F) and the bidi controls -> their visible escape.
-_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), *sorted(BIDI_CONTROLS)]
+# LINE SEPARATOR and PARAGRAPH SEPARATOR: line breaks to some terminals and viewers (as in the logs'
+# escaping, tailpy.httpguard.escape_controls).
+LINE_SEPARATORS = frozenset({0x2028, 0x2029})
+
+# C0 (U+0000..U+001F), DEL (U+007F), C1 (U+0080..U+009F), the line separators and the bidi controls -> their
+# visible escape.
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), *sorted(LINE_SEPARATORS), *sorted(BIDI_CONTROLS)]
 _TABLE: dict[int, str] = {cp: _escape_of(cp) for cp in _CONTROLS}
 _TABLE_KEEP_LINES: dict[int, str] = {cp: e for cp, e in _TABLE.items() if cp not in (0x09, 0x0A)}
 
 
 def visible(value: object) -> str:
     """``str(value)`` with each control character replaced by a visible escape: ``\\t``, ``\\n``, ``\\r``,
-    ``\\xNN`` for the rest of C0 (ESC is ``\\x1b``), DEL and C1, ``\\uNNNN`` for the bidi controls (U+202A..
-    U+202E, U+2066..U+2069). One line, whatever ``value`` holds; other characters (and backslashes) as they
-    are."""
+    ``\\xNN`` for the rest of C0 (ESC is ``\\x1b``), DEL and C1, ``\\uNNNN`` for U+2028, U+2029 and the bidi
+    controls (U+202A..U+202E, U+2066..U+2069). One line, whatever ``value`` holds; other characters (and
+    backslashes) as they are."""
     return str(value).translate(_TABLE)
 
 

@@ -564,6 +564,15 @@ def _type_ok(t: str, v: Any) -> bool:
     return isinstance(v, _TYPES[t])
 
 
+def _limit(bound: float, schema: Schema) -> str:
+    """A schema's bound as people read it: a whole number without an exponent, and for a lifetime in seconds
+    also in days (``315360000 seconds (3650 days)``)."""
+    text = str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+    if "seconds" in str(schema.get("description", "")) and bound >= 86400 and bound % 86400 == 0:
+        text += f" seconds ({int(bound) // 86400} days)"
+    return text
+
+
 def check(schema: Schema, value: Any, where: str) -> None:
     """Check ``value`` against ``schema`` (the subset of JSON Schema :data:`ROUTES` uses: type, enum,
     min/maxLength, minimum, exclusiveMinimum, maximum, items, maxItems, properties, required,
@@ -595,7 +604,7 @@ def check(schema: Schema, value: Any, where: str) -> None:
         if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
             raise ConfigError(f"{where} must be more than {schema['exclusiveMinimum']}")
         if "maximum" in schema and value > schema["maximum"]:
-            raise ConfigError(f"{where} must be at most {schema['maximum']:g}")
+            raise ConfigError(f"{where} must be at most {_limit(schema['maximum'], schema)}")
     elif isinstance(value, list):
         if len(value) > schema.get("maxItems", 1024):
             raise ConfigError(f"{where} must have at most {schema.get('maxItems', 1024)} items")

@@ -83,6 +83,8 @@ def user_id(conn: Connection, name: str) -> int:
     """The id of user ``name``. Raises ConfigError when there is none."""
     row = conn.execute(sa.select(users.c.id).where(users.c.name == name)).first()
     if row is None:
+        if not _USER_NAME.fullmatch(name):  # (no user can have it: suggest no command that would refuse it)
+            raise ConfigError(f"there is no user {name!r} (not a valid user name)")
         raise ConfigError(f"there is no user {name}; create it with `tailpy control users create {name}`")
     return int(row.id)
 

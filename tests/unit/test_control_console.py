@@ -537,6 +537,8 @@ async def _join(env: Env, hostname: str, routes: list[str] | None = None) -> int
 async def test_wrong_methods_and_oversized_forms_get_console_pages(env: Env) -> None:
     for method, path, allow in [
         ("PUT", "/admin/machines", "GET, HEAD"),
+        ("POST", "/admin", "GET, HEAD"),
+        ("POST", "/admin/", "GET, HEAD"),
         ("DELETE", "/admin/machines", "GET, HEAD"),
         ("PATCH", "/admin/keys", "GET, HEAD, POST"),
         ("OPTIONS", "/admin/signin", "GET, HEAD, POST"),

@@ -27,7 +27,8 @@ page with the reason. CSRF: each form carries
 a token (HMAC of the session id under the same key) checked on every POST, and a POST whose ``Origin`` (or,
 without it, ``Referer``) is another site is refused (OWASP CSRF Prevention Cheat Sheet: synchronizer token,
 origin verification). Unauthenticated page requests redirect to the sign-in page; a POST without a valid
-session and token gets 403. Pages carry a Content-Security-Policy allowing only the console's stylesheet
+session and token gets 403; a method a console address does not serve gets 405 with ``Allow`` (before
+sign-in, as a page). Pages carry a Content-Security-Policy allowing only the console's stylesheet
 and its inline scripts by nonce (the copy button, the jump to a policy error line).
 """
 
@@ -324,7 +325,7 @@ class Console:
         """Add the console's routes to ``app`` (before it starts)."""
         r = app.router
         before = len(r.resources())
-        r.add_get(PREFIX, self._root)
+        r.add_route("*", PREFIX, self._bare_prefix)  # (a wrong method: the console's 405, not aiohttp's)
         r.add_get(PREFIX + "/", self._root)
         r.add_get(PREFIX + "/console.css", self._stylesheet)
         r.add_get(PREFIX + "/signin", self._signin_page)
@@ -614,6 +615,11 @@ class Console:
     async def _root(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound(DEFAULT_PAGE)
 
+    async def _bare_prefix(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return self._method_not_allowed(request, {"GET", "HEAD"})
+        return await self._root(request)
+
     async def _stylesheet(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=self._css, content_type="text/css", headers={"Cache-Control": "max-age=3600"}
@@ -713,6 +719,9 @@ class Console:
                 allowed |= methods
         if not allowed:
             return await self._guarded_not_found(request)
+        return self._method_not_allowed(request, allowed)
+
+    def _method_not_allowed(self, request: web.Request, allowed: set[str]) -> web.Response:
         allow = ", ".join(sorted(allowed))
         resp = self._page(
             request,

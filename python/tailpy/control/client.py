@@ -31,7 +31,7 @@ from tailpy.proto import mapcodec
 _T = TypeVar("_T")
 
 STREAM_SILENCE = 45.0
-"""Seconds without a line (the server sends keepalives every ~15 s) after which a map stream is dead."""
+"""Seconds without a message (the server sends keepalives every ~15 s) after which a map stream is dead."""
 
 _PREFERRED: dict[tuple[str, ...], int] = {}
 """Control URL list -> index of the URL the last client of that list moved to (the next client starts
@@ -64,7 +64,8 @@ class MapMessage:
 
     ``raw`` is the plaintext JSON object (bytes; inflated when it came zstd-compressed); it is parsed only
     when :attr:`body` is first read, since a full netmap of 10,000 peers is ~6 MB. ``wire_bytes``: the
-    length of the stream line it came in (base64 of the box; 0 when unknown).
+    length of the stream line it came in (base64 of the box), or of its frame (4-byte length + box) on a
+    framed stream (:data:`tailpy.proto.control.FRAMES_CONTENT_TYPE`); 0 when unknown.
     """
 
     def __init__(self, raw: bytes, wire_bytes: int = 0) -> None:
@@ -443,7 +444,9 @@ class ControlClient:
         what the server has). ``disco_key``: this node's disco public key (None: leave what the server has).
         ``routable_ips``: the routes this node advertises (None: leave what the server has). ``accept``: the
         compact forms this client reads (:mod:`tailpy.proto.mapcodec`; None: all it can, zstd when the
-        ``zstandard`` package is there; empty: plain JSON, as an old client).
+        ``zstandard`` package is there; empty: plain JSON, as an old client). The stream is read as binary
+        frames when the server answers :data:`tailpy.proto.control.FRAMES_CONTENT_TYPE` (it granted
+        ``"frames"``), else as base64 lines.
 
         Ends with ControlError when the stream breaks, the server closes it, or nothing arrives for
         ``stream_silence`` seconds.
@@ -481,23 +484,39 @@ class ControlClient:
                             self.next_server()
                     raise ControlError(f"control server answered HTTP {r.status} to the map request")
                 self._fit_silence(r)
-                buf = bytearray()
-                async for chunk in r.content.iter_any():
-                    start = len(buf)
-                    buf += chunk
-                    while (i := buf.find(b"\n", start)) >= 0:
-                        line = bytes(buf[:i])
-                        del buf[: i + 1]
-                        start = 0
-                        if line.strip():
-                            msg = MapMessage(self._open_line(opener, line), len(line) + 1)
+                if r.content_type == proto.FRAMES_CONTENT_TYPE:
+                    frames = proto.FrameReader()
+                    async for chunk in r.content.iter_any():
+                        for sealed in self._feed(frames, chunk):
+                            size = len(sealed) + proto.FRAME_HEADER
+                            msg = MapMessage(self._open_frame(opener, sealed), size)
                             if msg.type != "keepalive":
                                 yield msg
-                    if len(buf) > proto.MAX_STREAM_LINE:
+                    if frames.pending:
+                        url = self.server_url
+                        self.next_server()
                         raise ControlError(
-                            f"control server at {self.server_url} sent a map message larger than "
-                            f"{proto.MAX_STREAM_LINE} bytes"
+                            f"control server at {url} closed the map stream in the middle of a message "
+                            f"({frames.pending} of {frames.expected() or '?'} bytes)"
                         )
+                else:
+                    buf = bytearray()
+                    async for chunk in r.content.iter_any():
+                        start = len(buf)
+                        buf += chunk
+                        while (i := buf.find(b"\n", start)) >= 0:
+                            line = bytes(buf[:i])
+                            del buf[: i + 1]
+                            start = 0
+                            if line.strip():
+                                msg = MapMessage(self._open_line(opener, line), len(line) + 1)
+                                if msg.type != "keepalive":
+                                    yield msg
+                        if len(buf) > proto.MAX_STREAM_LINE:
+                            raise ControlError(
+                                f"control server at {self.server_url} sent a map message larger than "
+                                f"{proto.MAX_STREAM_LINE} bytes"
+                            )
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             url = self.server_url
             self.next_server()  # (the next stream tries another replica, if there is one)
@@ -569,6 +588,20 @@ class ControlClient:
             return opener.open(line)
         except ParseError as e:
             raise ControlError(f"bad map message from control server at {self.server_url}: {e}") from None
+
+    def _open_frame(self, opener: proto.StreamOpener, sealed: bytes) -> bytes:
+        try:
+            return opener.open_frame(sealed)
+        except ParseError as e:
+            raise ControlError(f"bad map message from control server at {self.server_url}: {e}") from None
+
+    def _feed(self, frames: proto.FrameReader, chunk: bytes) -> list[bytes]:
+        try:
+            return frames.feed(chunk)
+        except ParseError:
+            raise ControlError(
+                f"control server at {self.server_url} sent a map message larger than {frames.limit} bytes"
+            ) from None
 
 
 __all__ = ["ControlClient", "LoginAnswer", "MapMessage", "MapState", "apply_message"]

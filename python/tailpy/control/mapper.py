@@ -2,7 +2,10 @@
 
 Wire format of a map stream (``POST /machine/map``; response ``application/x-ndjson``, chunked): one line
 per message, each line the base64 NaCl box (server machine key -> node machine key, see
-:mod:`tailpy.proto.control`) of one compact JSON object, ``\\n`` terminated. Every object ends with
+:mod:`tailpy.proto.control`) of one compact JSON object, ``\\n`` terminated. When the map request's
+``accept`` names ``"frames"`` the response is ``application/x-tailpy-frames`` instead: each message is a
+4-byte big-endian length and the raw box (24-byte nonce + ciphertext), no base64
+(:class:`tailpy.proto.control.FrameReader`); the messages are the same. Every object ends with
 ``"reply_to"`` (the request's ``nonce_id``) and ``"seq"`` (0, 1, 2, ... per stream). Types:
 
 * ``{"type": "netmap", "generation": G, "version": V, "netmap": NetMap JSON}``: the full netmap (with the
@@ -16,7 +19,7 @@ per message, each line the base64 NaCl box (server machine key -> node machine k
 
 Records leave out the fields at their defaults (:func:`tailpy.proto.mapcodec.compact_record`: no
 ``"tags":[]``, ``"expired":false``, ...; :meth:`tailpy.netmap.Node.from_json` reads them back). A map
-request may name compact forms its client reads, ``"accept": ["zstd", "patches"]``
+request may name compact forms its client reads, ``"accept": ["zstd", "patches", "frames"]``
 (:mod:`tailpy.proto.mapcodec`); a client that names none gets the plain stream above.
 
 * ``zstd``: a message's sealed plaintext may be concatenated zstd frames whose contents, concatenated, are
@@ -635,10 +638,11 @@ class Mapper:
     ) -> MapStream:
         """Register a stream for ``node_id`` (it counts as online from now: publish its record next). Its
         first message is a delta since ``resume`` ((generation, version)) when the change log reaches back
-        that far, else a full netmap. ``accept``: what its client reads besides plain JSON ("zstd",
-        "patches": :mod:`tailpy.proto.mapcodec`)."""
-        s = MapStream(node_id, machine_key, proto.StreamSealer(self.server_key, machine_key, reply_to))
+        that far, else a full netmap. ``accept``: what its client reads besides plain JSON in base64 lines
+        ("zstd", "patches", "frames": :mod:`tailpy.proto.mapcodec`)."""
         features = set(accept)
+        sealer = proto.StreamSealer(self.server_key, machine_key, reply_to, framed="frames" in features)
+        s = MapStream(node_id, machine_key, sealer)
         s.zstd = "zstd" in features and mapcodec.ZSTD
         s.patches = "patches" in features
         me = self.nodes.get(node_id)

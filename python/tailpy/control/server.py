@@ -23,12 +23,13 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   and logged out (its record stays; a later register with an auth key brings it back). An ephemeral node
   is deleted instead, as by ``nodes delete`` (its addresses go to the address quarantine).
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, routable_ips?,
-  resume?: {generation, version}, accept?: ["zstd", "patches"]}`` -> a stream (``application/x-ndjson``,
-  chunked), one sealed message per line (zstd-compressed and with peer field patches when ``accept`` names
-  them: :mod:`tailpy.proto.mapcodec`): a full netmap (or, resuming, a delta since ``version``) first,
-  then a ``delta`` per change the node can see, keepalives after :attr:`ControlServer.keepalive` seconds
-  of silence; the exact format is in :mod:`tailpy.control.mapper`. The node is online while one of its
-  map streams is open.
+  resume?: {generation, version}, accept?: ["zstd", "patches", "frames"]}`` -> a stream
+  (``application/x-ndjson``, chunked), one sealed message per line (``application/x-tailpy-frames``, one
+  length-prefixed binary frame per message, when ``accept`` names ``frames``; zstd-compressed and with peer
+  field patches when it names those: :mod:`tailpy.proto.mapcodec`): a full netmap (or, resuming, a delta
+  since ``version``) first, then a ``delta`` per change the node can see, keepalives after
+  :attr:`ControlServer.keepalive` seconds of silence; the exact format is in :mod:`tailpy.control.mapper`.
+  The node is online while one of its map streams is open.
 * ``POST /machine/update`` sealed ``{endpoints?, home_derp?, disco_key?, routable_ips?}`` (at least one) ->
   sealed ``{"node": Node JSON}``; pushed to all streams. ``home_derp``: the DERP region id the node is homed
   on (0: none), which peers use to reach it over DERP; ``disco_key``: ``"discokey:<hex>"``, the node's current
@@ -755,7 +756,9 @@ class ControlServer:
             set_stream_keepalive(sock)
             resp = web.StreamResponse(
                 headers={
-                    "Content-Type": "application/x-ndjson",
+                    "Content-Type": proto.FRAMES_CONTENT_TYPE
+                    if "frames" in accept
+                    else proto.LINES_CONTENT_TYPE,
                     proto.KEEPALIVE_HEADER: f"{self.stream_keepalive:g}",
                 }
             )

@@ -19,7 +19,15 @@ The server refuses a body whose ``ts`` is more than :data:`REPLAY_WINDOW` second
 ``nonce_id`` it has already seen from that machine key within the window (:class:`ReplayGuard`).
 
 Response: a unary response is ``{"box": "<base64>"}`` (or ``{"error": "..."}`` in plain JSON when the
-request could not be authenticated); a streamed response is one base64 box per line (``\\n`` terminated).
+request could not be authenticated). A streamed response (a map stream) is a sequence of sealed messages in
+one of two framings, chosen per stream (:class:`StreamSealer`, :class:`StreamOpener`, :class:`FrameReader`):
+
+* lines (``Content-Type: application/x-ndjson``, the default): one base64 box (24-byte nonce + ciphertext)
+  per line, ``\\n`` terminated, at most :data:`MAX_STREAM_LINE` bytes;
+* frames (``Content-Type: application/x-tailpy-frames``, :data:`FRAMES_CONTENT_TYPE`, when the map request's
+  ``accept`` names ``"frames"`` and the server grants it): each message is a 4-byte big-endian unsigned
+  length N followed by N raw bytes, the 24-byte nonce + ciphertext, N at most :data:`MAX_STREAM_FRAME`. No
+  base64 on either side (a first netmap is about a megabyte sealed). Keepalives are frames too.
 Each boxed response body carries ``reply_to`` (the request's ``nonce_id``) so that a client never accepts a
 response recorded from another exchange; stream messages also carry ``seq`` (0, 1, 2, ... per stream).
 
@@ -36,8 +44,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
+import nacl.utils
 
 from tailpy.errors import ControlError, InvalidKeyError, ParseError
 from tailpy.keys import MachinePrivate, MachinePublic, NodePrivate, NodePublic
@@ -82,6 +92,12 @@ def _unbox(box: nacl.public.Box, sealed: str | bytes, limit: int, what: str, pee
         raw = base64.b64decode(sealed, validate=True)
     except (binascii.Error, ValueError):
         raise ParseError(f"{what} is not valid base64") from None
+    return _decrypt(box, raw, what, peer)
+
+
+def _decrypt(box: nacl.public.Box, raw: bytes, what: str, peer: MachinePublic) -> bytes:
+    """The plaintext of ``raw`` (24-byte nonce + NaCl box). Raises UnauthenticatedError (too short, does not
+    open)."""
     if len(raw) < nacl.public.Box.NONCE_SIZE + 16:
         raise UnauthenticatedError(f"{what} is too short to be a NaCl box")
     try:
@@ -261,6 +277,20 @@ def parse_unary(data: bytes) -> dict[str, Any]:
 MAX_STREAM_LINE = 256 << 20
 """Largest map stream line accepted, bytes (256 MiB: a full netmap of 10,000 peers is about 6 MiB)."""
 
+MAX_STREAM_FRAME = MAX_STREAM_LINE // 4 * 3
+"""Largest map stream frame accepted (its length prefix), bytes: the sealed size a line of
+:data:`MAX_STREAM_LINE` base64 characters holds (192 MiB)."""
+
+FRAME_HEADER = 4
+"""Bytes of a frame's length prefix (big-endian unsigned)."""
+
+LINES_CONTENT_TYPE = "application/x-ndjson"
+"""Content-Type of a map stream of base64 lines (the default)."""
+
+FRAMES_CONTENT_TYPE = "application/x-tailpy-frames"
+"""Content-Type of a map stream of length-prefixed binary frames (the client's ``accept`` names
+``"frames"``)."""
+
 MAX_STREAM_PLAINTEXT = 512 << 20
 """Largest map stream message accepted once inflated (a zstd-compressed one), bytes (512 MiB)."""
 
@@ -278,13 +308,19 @@ class StreamSealer:
     The NaCl box (one Curve25519 agreement) is computed once per stream. :meth:`seal` takes a body already
     encoded as a compact JSON object (``b'{"type":...}'``, encoded once and shared by every stream that gets
     it) and appends ``,"reply_to":"<nonce_id>","seq":<n>}`` to it, so the plaintext is the same JSON object
-    :func:`seal_response` would make. Returns one stream line: base64 of (24-byte nonce + ciphertext), ``\n``.
+    :func:`seal_response` would make. Returns one message as written on the stream: with ``framed`` False a
+    line, base64 of (24-byte nonce + ciphertext) and ``\n``; with ``framed`` True a frame, the 4-byte
+    big-endian length of (24-byte nonce + ciphertext) and those bytes (:data:`FRAMES_CONTENT_TYPE`).
     """
 
-    def __init__(self, server_key: MachinePrivate, machine_key: MachinePublic, reply_to: str) -> None:
+    def __init__(
+        self, server_key: MachinePrivate, machine_key: MachinePublic, reply_to: str, *, framed: bool = False
+    ) -> None:
         self._box = _box(server_key, machine_key)
+        self._shared = self._box.shared_key()
         self._suffix = b',"reply_to":' + json.dumps(reply_to).encode() + b',"seq":'
         self.seq = 0
+        self.framed = framed
 
     def seal(self, body_json: bytes, *, zstd: bool = False) -> bytes:
         """``zstd``: compress the plaintext into one zstd frame when it is at least
@@ -308,15 +344,23 @@ class StreamSealer:
         return self._line(b"".join((*frames, tail)))
 
     def _line(self, plaintext: bytes) -> bytes:
-        return binascii.b2a_base64(bytes(self._box.encrypt(plaintext)))
+        if not self.framed:
+            return binascii.b2a_base64(bytes(self._box.encrypt(plaintext)))
+        # Straight from libsodium's output into the frame: one copy, no base64.
+        nonce = nacl.utils.random(nacl.public.Box.NONCE_SIZE)
+        ciphertext = nacl.bindings.crypto_box_easy_afternm(plaintext, nonce, self._shared)
+        size = len(nonce) + len(ciphertext)
+        return b"".join((size.to_bytes(FRAME_HEADER, "big"), nonce, ciphertext))
 
 
 class StreamOpener:
-    """Opens the lines of one map stream (the client's side of :class:`StreamSealer`).
+    """Opens the messages of one map stream (the client's side of :class:`StreamSealer`).
 
-    :meth:`open` returns the plaintext JSON object as bytes (not parsed: a full netmap of many peers is
-    megabytes, and a caller may only need its ``type``), after checking that it answers ``reply_to`` and is
-    message number ``seq`` (0, 1, 2, ... counted here). Raises ParseError / UnauthenticatedError.
+    :meth:`open` (a line: base64) and :meth:`open_frame` (a frame's payload: 24-byte nonce + ciphertext,
+    from :class:`FrameReader`) return the plaintext JSON object as bytes (not parsed: a full netmap of many
+    peers is megabytes, and a caller may only need its ``type``), after checking that it answers
+    ``reply_to`` and is message number ``seq`` (0, 1, 2, ... counted here). Raises ParseError /
+    UnauthenticatedError.
     """
 
     def __init__(self, machine_key: MachinePrivate, server_key: MachinePublic, reply_to: str) -> None:
@@ -328,6 +372,14 @@ class StreamOpener:
 
     def open(self, line: bytes) -> bytes:
         plaintext = _unbox(self._box, line.strip(), MAX_STREAM_LINE, "map stream message", self._server_key)
+        return self._check(plaintext)
+
+    def open_frame(self, sealed: bytes) -> bytes:
+        if len(sealed) > MAX_STREAM_FRAME:
+            raise ParseError(f"map stream message is larger than {MAX_STREAM_FRAME} bytes")
+        return self._check(_decrypt(self._box, sealed, "map stream message", self._server_key))
+
+    def _check(self, plaintext: bytes) -> bytes:
         if mapcodec.is_compressed(plaintext):
             plaintext = mapcodec.decompress(plaintext, MAX_STREAM_PLAINTEXT)
         # Fast path: the server appends reply_to and seq last (StreamSealer); else parse and check.
@@ -339,6 +391,53 @@ class StreamOpener:
                 raise UnauthenticatedError(f"control stream message out of order: expected seq {self.seq}")
         self.seq += 1
         return plaintext
+
+
+class FrameReader:
+    """Splits a map stream of frames (:data:`FRAMES_CONTENT_TYPE`) into their payloads, whatever the chunk
+    boundaries (sans-IO: the caller feeds what it read).
+
+    :meth:`feed` appends a chunk to one buffer and returns the payloads it completes (bytes: 24-byte nonce +
+    ciphertext, for :meth:`StreamOpener.open_frame`); each payload is copied out once and the consumed prefix
+    is dropped once per chunk, so a message arriving in many chunks costs no copy per chunk. Raises
+    ParseError as soon as a length prefix exceeds ``limit`` bytes (before buffering that frame).
+    :attr:`pending` is what a stream that ends now would leave unread (non-zero: truncated).
+    """
+
+    def __init__(self, limit: int = MAX_STREAM_FRAME) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered towards a frame not yet complete."""
+        return len(self._buf)
+
+    def expected(self) -> int | None:
+        """The full size (prefix included) of the frame being buffered, None while its prefix is
+        incomplete or nothing is buffered."""
+        if len(self._buf) < FRAME_HEADER:
+            return None
+        return FRAME_HEADER + int.from_bytes(self._buf[:FRAME_HEADER], "big")
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += chunk
+        out: list[bytes] = []
+        pos, end_of_data, limit = 0, len(buf), self.limit
+        with memoryview(buf) as view:
+            while end_of_data - pos >= FRAME_HEADER:
+                size = int.from_bytes(view[pos : pos + FRAME_HEADER], "big")
+                if size > limit:
+                    raise ParseError(f"map stream frame of {size} bytes is larger than {limit} bytes")
+                end = pos + FRAME_HEADER + size
+                if end > end_of_data:
+                    break
+                out.append(bytes(view[pos + FRAME_HEADER : end]))
+                pos = end
+        if pos:
+            del buf[:pos]
+        return out
 
 
 ROTATION_PROOF_AGE = REPLAY_WINDOW
@@ -394,11 +493,16 @@ def open_rotation_proof(
 
 
 __all__ = [
+    "FRAMES_CONTENT_TYPE",
+    "FRAME_HEADER",
     "KEEPALIVE_HEADER",
+    "LINES_CONTENT_TYPE",
     "MAX_MESSAGE",
+    "MAX_STREAM_FRAME",
     "MAX_STREAM_LINE",
     "REPLAY_WINDOW",
     "SILENCE_KEEPALIVES",
+    "FrameReader",
     "OpenedRequest",
     "ReplayError",
     "ReplayGuard",

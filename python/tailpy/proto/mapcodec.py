@@ -1,6 +1,6 @@
 """Compact map stream messages: zstd frames and peer field patches (sans-IO, both sides).
 
-A client that can read them says so in its map request (``"accept": ["zstd", "patches"]``, see
+A client that can read them says so in its map request (``"accept": ["zstd", "patches", "frames"]``, see
 :mod:`tailpy.control.mapper` for the stream they change); a client that does not gets plain JSON, as before.
 
 * ``zstd`` (RFC 8878, through the ``zstandard`` package; Tailscale compresses its MapResponses the same way):
@@ -16,6 +16,10 @@ A client that can read them says so in its map request (``"accept": ["zstd", "pa
   ``tailcfg.PeerChange`` / ``MapResponse.PeersChangedPatch``), in :meth:`tailpy.netmap.Node.to_json`'s
   names and forms; a field that went back to its default is sent with that default (``null``, ``[]``,
   ``false``, ``0``, ``""``).
+* ``frames``: the stream is framed in binary, each sealed message a 4-byte big-endian length and the raw
+  nonce + ciphertext, instead of one base64 line per message; the server says it granted this with the
+  response's ``Content-Type: application/x-tailpy-frames`` (:mod:`tailpy.proto.control`,
+  :class:`~tailpy.proto.control.FrameReader`).
 
 When the ``zstandard`` package is missing, :data:`ZSTD` is False: the server compresses nothing and the
 client does not ask for it (plain JSON, as an old client).
@@ -46,7 +50,7 @@ LEVEL = 1
 MIN_COMPRESS = 512
 """Bytes below which a message is sent as plain JSON even on a zstd stream."""
 
-FEATURES = ("zstd", "patches")
+FEATURES = ("zstd", "patches", "frames")
 """What a map request's ``accept`` may name."""
 
 _ZERO: dict[str, Any] = {

@@ -5,6 +5,7 @@ redirects and 403s without a session or CSRF token; the listings and actions, ea
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import time
@@ -410,6 +411,12 @@ async def test_sign_out_revokes_the_session_on_every_replica(env: Env) -> None:
         ("https://evil.example/admin/", "/admin/machines"),
         ("/admin/signin", "/admin/machines"),
         ("/administrator", "/admin/machines"),
+        ("/admin/%C2%85", "/admin/machines"),  # (C1 control NEL)
+        ("/admin/\u2028x", "/admin/machines"),  # (line separator)
+        ("/admin/\u202eusers", "/admin/machines"),  # (bidi override)
+        ("/admin/machin\u00e9s", "/admin/machin%C3%A9s"),  # (percent-encoded: Location is ASCII)
+        ("/admin/machin%25C3%25A9s", "/admin/machin%C3%A9s"),  # (what the sign-in page passes on)
+        ("/admin/policy?q=\u00e9 x", "/admin/policy?q=%C3%A9%20x"),
     ],
 )
 async def test_next_is_a_console_path_on_get_and_post(env: Env, given: str, lands: str) -> None:
@@ -442,18 +449,26 @@ async def test_auth_key_form_is_one_time_and_refused_forms_keep_input(env: Env) 
         assert r.status == 409 and 'id="new-key"' not in page
         assert "shown once" in page and "create another" in page
     assert len(env.store.list_auth_keys()) == 1
-    # A refused form comes back with what was typed.
-    bad = {**form, "tags": "tag:web", "expiration": "9999d", "form_token": await form_token(env)}
+    # A refused form comes back with what was typed, and keeps its token: nothing was created.
+    retry = await form_token(env)
+    bad = {**form, "tags": "tag:web", "expiration": "9999d", "form_token": retry}
     async with env.http.post(env.url + "/admin/keys", data=bad) as r:
         page = await r.text()
         assert r.status == 400 and 'class="notice bad"' in page
         assert 'value="tag:web"' in page and 'value="9999d"' in page
         assert re.search(r'id="key-reusable" value="1"\s*checked', page)
-    bad = {**form, "expiration": "soon", "form_token": await form_token(env)}
+    bad = {**form, "expiration": "soon", "form_token": retry}
     async with env.http.post(env.url + "/admin/keys", data=bad) as r:
         page = await r.text()
         assert r.status == 400 and 'value="soon"' in page
     assert len(env.store.list_auth_keys()) == 1
+    # The same form corrected and sent again (the browser's Back, say) creates its key, once.
+    fixed = {**form, "expiration": "3h", "form_token": retry}
+    async with env.http.post(env.url + "/admin/keys", data=fixed) as r:
+        assert r.status == 200 and 'id="new-key"' in await r.text()
+    async with env.http.post(env.url + "/admin/keys", data=fixed) as r:
+        assert r.status == 409 and 'id="new-key"' not in await r.text()
+    assert len(env.store.list_auth_keys()) == 2
     # The DNS form, refused, keeps every field as typed (not the stored settings).
     dns = {
         "domain": "ts.example",
@@ -519,6 +534,33 @@ async def _join(env: Env, hostname: str, routes: list[str] | None = None) -> int
     return node.id
 
 
+async def test_wrong_methods_and_oversized_forms_get_console_pages(env: Env) -> None:
+    for method, path, allow in [
+        ("PUT", "/admin/machines", "GET, HEAD"),
+        ("POST", "/admin", "GET, HEAD"),
+        ("POST", "/admin/", "GET, HEAD"),
+        ("DELETE", "/admin/machines", "GET, HEAD"),
+        ("PATCH", "/admin/keys", "GET, HEAD, POST"),
+        ("OPTIONS", "/admin/signin", "GET, HEAD, POST"),
+        ("GET", "/admin/machines/3/rename", "POST"),
+    ]:
+        async with env.http.request(method, env.url + path, allow_redirects=False) as r:
+            text = await r.text()
+            assert r.status == 405 and r.headers["Allow"] == allow, (method, path)
+            assert r.content_type == "text/html" and f"answers {allow} only" in text
+    # Not a console address: still sign-in first, then the console's 404 page.
+    async with env.http.get(env.url + "/admin/nowhere", allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"].startswith("/admin/signin?")
+    big = io.BytesIO(b"api_key=" + b"x" * 3_000_000)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with env.http.post(env.url + "/admin/signin", data=big, headers=form) as r:
+        text = await r.text()
+        assert r.status == 413 and r.content_type == "text/html" and "larger than" in text
+    await sign_in(env, api_key(env))
+    async with env.http.delete(env.url + "/admin/nowhere") as r:
+        assert r.status == 404 and "There is no such console page." in await r.text()
+
+
 def test_revoked_console_tokens_in_the_store(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.close()
@@ -530,7 +572,11 @@ def test_revoked_console_tokens_in_the_store(tmp_path: Path) -> None:
         assert store.console_token_revoked("form:a", now=50.0)
         assert not store.console_token_revoked("form:b", now=50.0)
         assert not store.console_token_revoked("form:a", now=100.0)  # expired: the session would be too
-        assert store.revoke_console_token("session:x", expires=300.0, now=200.0)  # (prunes form:a)
+        assert store.revoke_console_token("form:c", expires=100.0, now=30.0)
+        store.release_console_token("form:c")  # (a refused form: its token may be sent again)
+        assert not store.console_token_revoked("form:c", now=50.0)
+        assert store.revoke_console_token("form:c", expires=100.0, now=60.0)
+        assert store.revoke_console_token("session:x", expires=300.0, now=200.0)  # (prunes form:a, form:c)
         with store.engine.begin() as conn:
             assert conn.exec_driver_sql("SELECT token FROM console_revoked").scalars().all() == ["session:x"]
     finally:

@@ -27,7 +27,8 @@ page with the reason. CSRF: each form carries
 a token (HMAC of the session id under the same key) checked on every POST, and a POST whose ``Origin`` (or,
 without it, ``Referer``) is another site is refused (OWASP CSRF Prevention Cheat Sheet: synchronizer token,
 origin verification). Unauthenticated page requests redirect to the sign-in page; a POST without a valid
-session and token gets 403. Pages carry a Content-Security-Policy allowing only the console's stylesheet
+session and token gets 403; a method a console address does not serve gets 405 with ``Allow`` (before
+sign-in, as a page). Pages carry a Content-Security-Policy allowing only the console's stylesheet
 and its inline scripts by nonce (the copy button, the jump to a policy error line).
 """
 
@@ -43,6 +44,7 @@ import logging
 import posixpath
 import re
 import secrets
+import unicodedata
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -78,7 +80,8 @@ _POLICY_AT = re.compile(r"^[^:\n]*:(\d+):(\d+): (.*)$", re.S)
 DEFAULT_PAGE = PREFIX + "/machines"
 """Where sign-in lands without a (valid) ``next``."""
 FORM_TOKEN_FIELD = "form_token"
-"""The field carrying a one-time form's token (the auth-key form: a resubmission creates nothing)."""
+"""The field carrying a one-time form's token (the auth-key form: once a key is created, sending the same
+form again creates nothing; a refused form keeps its token)."""
 SIGNIN_REASONS = {
     "signed-out": "This session was signed out: sign in again.",
     "expired": "Your console session expired: sign in again.",
@@ -100,25 +103,48 @@ KEY_FORM_DEFAULTS: Mapping[str, Any] = {
 """The auth-key form's initial values."""
 
 
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+"""Characters a URI path keeps as they are (RFC 3986 §3.3 ``pchar`` and ``/``, without ``%``)."""
+_QUERY_SAFE = _PATH_SAFE + "?%"
+"""Characters a URI query keeps (RFC 3986 §3.4), ``%`` too: its escapes stay as they came."""
+_LONE_PERCENT = re.compile("%(?![0-9A-Fa-f]{2})")
+
+
+def _unsafe_char(c: str) -> bool:
+    """Control and format characters (C0, DEL, C1, bidi and zero-width marks: Unicode categories Cc, Cf),
+    surrogates (Cs) and the line and paragraph separators U+2028/U+2029 (Zl, Zp)."""
+    return unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
 def safe_next(target: object) -> str:
-    """The page to go back to after sign-in, from a ``next`` parameter: a path of the console (``/admin`` or
-    below, query kept), normalised (``posixpath.normpath``: no ``..`` out of it), without control
-    characters, backslashes or percent escapes in the path and not the sign-in pages; anything else gives
-    :data:`DEFAULT_PAGE` (no open redirect, no header injection)."""
+    """The page to go back to after sign-in, from a ``next`` parameter (decoded text): a path of the console
+    (``/admin`` or below, query kept), normalised (``posixpath.normpath``: no ``..`` out of it) after its
+    percent escapes are decoded (UTF-8; a browser reads ``%2e%2e`` as ``..``, WHATWG URL "path state"), not
+    the sign-in pages, without control or format characters (:func:`_unsafe_char`), backslashes or a
+    ``%`` left in the path; anything else gives :data:`DEFAULT_PAGE` (no open redirect, no header
+    injection). The answer is an ASCII URI reference (RFC 3986 §4.2), fit for a ``Location`` header: any
+    other character is percent-encoded as UTF-8 (``/admin/é`` -> ``/admin/%C3%A9``), as is a ``%`` of the
+    query not starting an escape; it is its own ``safe_next`` (the sign-in page passes it on as ``next``)."""
     if not isinstance(target, str) or not target.startswith("/") or len(target) > 2048:
         return DEFAULT_PAGE
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target) or "\\" in target:
+    if "\\" in target or any(_unsafe_char(c) for c in target):
         return DEFAULT_PAGE
-    path, q, query = target.partition("?")
-    path = path.partition("#")[0]
-    if "%" in path or path.startswith("//"):
+    path, _, query = target.partition("#")[0].partition("?")
+    try:
+        path = urllib.parse.unquote(path, errors="strict")  # (what this function answered comes back)
+    except UnicodeDecodeError:
+        return DEFAULT_PAGE
+    if "%" in path or "\\" in path or path.startswith("//") or any(_unsafe_char(c) for c in path):
         return DEFAULT_PAGE
     norm = posixpath.normpath(path)
     if norm != PREFIX and not norm.startswith(PREFIX + "/"):
         return DEFAULT_PAGE
     if norm.startswith(PREFIX + "/sign"):
         return DEFAULT_PAGE
-    return norm + (q + query.partition("#")[0] if query else "")
+    out = urllib.parse.quote(norm, safe=_PATH_SAFE)
+    if query:
+        out += "?" + urllib.parse.quote(_LONE_PERCENT.sub("%25", query), safe=_QUERY_SAFE)
+    return out
 
 
 @dataclass(frozen=True)
@@ -290,13 +316,16 @@ class Console:
         self._key = session_key(server.key.raw)
         self.env = _environment()
         self._css = _stylesheet()
+        self._resources: list[web.AbstractResource] = []  # (the console's routes: see _unrouted)
+        self._guarded_not_found = self._guard(self._not_found)
 
     # --- routes ---
 
     def install(self, app: web.Application) -> None:
         """Add the console's routes to ``app`` (before it starts)."""
         r = app.router
-        r.add_get(PREFIX, self._root)
+        before = len(r.resources())
+        r.add_route("*", PREFIX, self._bare_prefix)  # (a wrong method: the console's 405, not aiohttp's)
         r.add_get(PREFIX + "/", self._root)
         r.add_get(PREFIX + "/console.css", self._stylesheet)
         r.add_get(PREFIX + "/signin", self._signin_page)
@@ -316,7 +345,8 @@ class Console:
         r.add_post(PREFIX + "/policy", self._guard(self._policy_post))
         r.add_get(PREFIX + "/dns", self._guard(self._dns))
         r.add_post(PREFIX + "/dns", self._guard(self._dns_post))
-        r.add_route("*", PREFIX + "/{tail:.*}", self._guard(self._not_found))
+        self._resources = list(r.resources())[before:]
+        r.add_route("*", PREFIX + "/{tail:.*}", self._unrouted)
 
     # --- sessions ---
 
@@ -443,7 +473,9 @@ class Console:
                 return self._back(request, str(e), ok=False)
             except Exception:
                 log.exception("console page %s failed", request.path)
-                return self._page(request, session, "error.html", status=500, message="")
+                return self._page(
+                    request, session, "error.html", status=500, title="Something went wrong", message=""
+                )
 
         return guarded
 
@@ -583,6 +615,11 @@ class Console:
     async def _root(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound(DEFAULT_PAGE)
 
+    async def _bare_prefix(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return self._method_not_allowed(request, {"GET", "HEAD"})
+        return await self._root(request)
+
     async def _stylesheet(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=self._css, content_type="text/css", headers={"Cache-Control": "max-age=3600"}
@@ -625,7 +662,12 @@ class Console:
                 status=400,
                 https_url=https_url,
             )
-        form = await request.post()
+        try:
+            form = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            return self._signin(
+                request, error="This sign-in form is larger than the control server accepts.", status=413
+            )
         secret = form.get("api_key")
         found = self._check_api_key(secret.strip()) if isinstance(secret, str) and secret.strip() else None
         if found is None:
@@ -666,9 +708,40 @@ class Console:
         log.info("console: %s signed out", session.who)
         return found
 
+    async def _unrouted(self, request: web.Request) -> web.StreamResponse:
+        """A request no other console route took: 405 with ``Allow`` (RFC 9110 §15.5.6) when a console page
+        or action has this path but not this method (``PUT /admin/machines``), answered before sign-in as
+        aiohttp answers elsewhere; else the signed-in admin's 404 page."""
+        allowed: set[str] = set()
+        for resource in self._resources:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+        if not allowed:
+            return await self._guarded_not_found(request)
+        return self._method_not_allowed(request, allowed)
+
+    def _method_not_allowed(self, request: web.Request, allowed: set[str]) -> web.Response:
+        allow = ", ".join(sorted(allowed))
+        resp = self._page(
+            request,
+            None,
+            "error.html",
+            status=405,
+            title="Method not allowed",
+            message=f"This console address answers {allow} only, not {request.method}.",
+        )
+        resp.headers["Allow"] = allow
+        return resp
+
     async def _not_found(self, request: web.Request, session: Session) -> web.StreamResponse:
         return self._page(
-            request, session, "error.html", status=404, message="There is no such console page."
+            request,
+            session,
+            "error.html",
+            status=404,
+            title="Not found",
+            message="There is no such console page.",
         )
 
     # --- machines ---
@@ -804,20 +877,6 @@ class Console:
             return self._keys_page(
                 request, session, typed=typed, status=400, refused="This form is stale: nothing was created."
             )
-        now = self.server.clock()
-        # The token is spent in the database (every replica sees it) before the key is made: a reload of
-        # the answer page sends the same token again and creates nothing.
-        if not self.server.store.revoke_console_token("form:" + token, now + SESSION_LIFETIME, now):
-            log.info("console: %s sent the auth key form again; nothing created", session.who)
-            return self._keys_page(
-                request,
-                session,
-                typed=typed,
-                status=409,
-                refused="This form was already sent (the page was reloaded or sent again): its key was "
-                "shown once, when it was created, and is not shown again. Nothing new was created: create "
-                "another key below if you need one.",
-            )
         tags = [t.strip() for t in str(typed["tags"]).replace(",", " ").split() if t.strip()]
         expiration = str(typed["expiration"])
         seconds: float | None
@@ -828,6 +887,25 @@ class Console:
                 from tailpy.control.options import parse_duration
 
                 seconds = parse_duration(expiration, "expiration")
+        except ConfigError as e:
+            return self._keys_page(request, session, typed=typed, status=400, refused=str(e))
+        now = self.server.clock()
+        # The token is spent in the database (every replica sees it) before the key is made, so that two
+        # sends of one form (a reload of the answer page, a double click) make one key at most; a form
+        # that is then refused (nothing created) gets its token back and may be corrected and sent again.
+        spent = "form:" + token
+        if not self.server.store.revoke_console_token(spent, now + SESSION_LIFETIME, now):
+            log.info("console: %s sent the auth key form again; nothing created", session.who)
+            return self._keys_page(
+                request,
+                session,
+                typed=typed,
+                status=409,
+                refused="This form was already sent (the page was reloaded or sent again): its key was "
+                "shown once, when it was created, and is not shown again. Nothing new was created: create "
+                "another key below if you need one.",
+            )
+        try:
             key = self.admin.run(
                 "authkey.create",
                 {
@@ -838,7 +916,10 @@ class Console:
                     "expiration": seconds,
                 },
             )
-        except (ConfigError, ControlError) as e:
+        except (ConfigError, ControlError, StorageError) as e:
+            self.server.store.release_console_token(spent)
+            if isinstance(e, StorageError):
+                raise
             return self._keys_page(request, session, typed=typed, status=400, refused=str(e))
         log.info("console: %s created auth key %s", session.who, key["id"])
         # The full key is shown in this answer only (not stored in a cookie or URL for a redirect).

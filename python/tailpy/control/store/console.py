@@ -33,6 +33,12 @@ def revoke(conn: Connection, token: str, expires: float, now: float) -> bool:
     return conn.execute(stmt).first() is not None
 
 
+def release(conn: Connection, token: str) -> None:
+    """Forget ``token``'s revocation: a one-time token spent for an action that was then refused (nothing
+    done) may be sent again."""
+    conn.execute(console_revoked.delete().where(console_revoked.c.token == token))
+
+
 def is_revoked(conn: Connection, token: str, now: float) -> bool:
     """Whether ``token`` is revoked and its row has not expired at ``now`` (one primary-key read)."""
     row = conn.execute(sa.select(console_revoked.c.expires).where(console_revoked.c.token == token)).first()

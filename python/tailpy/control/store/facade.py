@@ -304,6 +304,12 @@ class Store:
         with self.engine.begin() as conn:
             return console.revoke(conn, token, expires, now)
 
+    def release_console_token(self, token: str) -> None:
+        """Give back console token ``token`` revoked by :meth:`revoke_console_token` for an action that was
+        refused (nothing done): it may be sent again."""
+        with self.engine.begin() as conn:
+            console.release(conn, token)
+
     def console_token_revoked(self, token: str, now: float) -> bool:
         """Whether console token ``token`` is revoked at ``now``."""
         with self.engine.begin() as conn:

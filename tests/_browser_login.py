@@ -8,11 +8,14 @@ page was reached, whatever it says (the test judges it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 CHROMIUM = ("chromium", "chromium-browser")
 DRIVER = ("chromedriver",)
@@ -39,20 +42,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def main(url: str, user: str, password: str) -> None:
+@contextlib.contextmanager
+def headless_chromium(*extra_args: str) -> Iterator[Any]:
+    """A Selenium driver of Debian's headless chromium with a throwaway profile (removed afterwards), no
+    sandbox (root in CI containers and lab namespaces), and ``extra_args`` (``--window-size=W,H``...)."""
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to download a browser or driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     profile = tempfile.mkdtemp(prefix="tailpy-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = find(CHROMIUM) or ""
     for arg in (
         "--headless=new",
-        "--no-sandbox",  # root inside a lab namespace
+        "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
         "--no-first-run",
@@ -60,11 +63,24 @@ def main(url: str, user: str, password: str) -> None:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        *extra_args,
         f"--user-data-dir={profile}",
     ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=find(DRIVER)), options=opts)
     try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def main(url: str, user: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with headless_chromium() as driver:
         wait = WebDriverWait(driver, 30)
         driver.get(url)
         wait.until(ec.element_to_be_clickable((By.ID, "continue"))).click()  # tailpy's "Sign in"
@@ -83,9 +99,6 @@ def main(url: str, user: str, password: str) -> None:
             ),
             flush=True,
         )
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 if __name__ == "__main__":

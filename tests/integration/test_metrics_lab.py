@@ -11,8 +11,8 @@ import shutil
 import sys
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from _metrics import Samples, samples
 from tailpy.control.service import DERP_PORT
 from tailpy.lab import Lab, wait_for
 from tailpy.lab.netns import Host
@@ -49,21 +49,11 @@ while c.recv(65536):
 c.close()
 """
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 
 def fetch(host: Host, url: str) -> tuple[int, str]:
     out = host.run([sys.executable, "-c", _FETCH, url], timeout=30).stdout
     code, _, body = out.partition("\n")
     return int(code), body
-
-
-def samples(text: str) -> Samples:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
 
 
 def node_metrics(node: LabNode) -> Samples:

@@ -10,9 +10,7 @@ Skips with the reason when chromium, chromedriver or selenium is missing (``make
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +18,7 @@ from typing import Any, TypeVar
 import nacl.public
 import pytest
 
-from _browser_login import CHROMIUM, DRIVER, find, unavailable_reason
+from _browser_login import headless_chromium, unavailable_reason
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control.apikeys import create_api_key
 from tailpy.keys import MachinePrivate, NodePublic
@@ -42,33 +40,8 @@ def driver() -> Iterator[Any]:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to download a browser or driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="tailpy-console-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = find(CHROMIUM) or ""
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # (root in CI containers)
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-extensions",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1400,1000",
-        f"--user-data-dir={profile}",
-    ):
-        opts.add_argument(arg)
-    d = webdriver.Chrome(service=Service(executable_path=find(DRIVER)), options=opts)
-    try:
+    with headless_chromium("--window-size=1400,1000") as d:
         yield d
-    finally:
-        d.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import nacl.public
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from _metrics import Samples, parse, value
 from tailpy.control import ControlClient, ControlServer, Store
 from tailpy.control.metrics import LOOPBACK_ONLY
 from tailpy.errors import AuthKeyError
@@ -31,24 +31,6 @@ def mkey() -> MachinePrivate:
 
 def nkey() -> NodePublic:
     return NodePublic(bytes(nacl.public.PrivateKey.generate().public_key))
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> tuple[dict[str, str], Samples]:
-    """(family name -> type, (sample name, sorted labels) -> value) of a Prometheus text exposition."""
-    types: dict[str, str] = {}
-    samples: Samples = {}
-    for fam in text_string_to_metric_families(text):
-        types[fam.name] = fam.type
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return types, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.fixture

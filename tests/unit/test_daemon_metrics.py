@@ -14,26 +14,14 @@ from pathlib import Path
 import aiohttp
 from click.testing import CliRunner
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from test_ipnstate import DERP_JSON, TRAVERSAL_JSON, backend
 
+from _metrics import parse
 from tailpy.cli.main import cli
 from tailpy.cli.metrics import samples_json
 from tailpy.daemon.api import make_app, serve
 from tailpy.daemon.metrics import node_registry
 from tailpy.ipnstate import DerpStatus, Status, TraversalStatus
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> tuple[dict[str, str], Samples]:
-    types: dict[str, str] = {}
-    samples: Samples = {}
-    for fam in text_string_to_metric_families(text):
-        types[fam.name] = fam.type
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return types, samples
 
 
 def with_parts(st: Status) -> Status:

@@ -14,6 +14,7 @@ import nacl.public
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from _metrics import samples as samples_of
 from tailpy.derp.server import DUPLICATE_KEY_PROBLEM, DerpServer, load_or_create_key
 from tailpy.errors import ConfigError
 from tailpy.keys import MachinePrivate, NodePrivate, NodePublic
@@ -110,15 +111,6 @@ async def server() -> AsyncIterator[DerpServer]:
     await s.start("127.0.0.1", 0)
     yield s
     await s.stop()
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, sorted labels) -> value of a Prometheus text exposition (prometheus-client's parser)."""
-    return {
-        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
-        for fam in text_string_to_metric_families(text)
-        for smp in fam.samples
-    }
 
 
 def port_of(s: DerpServer) -> int:
@@ -264,7 +256,7 @@ async def test_slow_reader_does_not_stall_others() -> None:
         assert 'derp_packets_dropped_total{reason="queue_head"}' in s.metrics.prometheus()
         status, _, body = await http(port_of(s), b"GET /metrics HTTP/1.1\r\n\r\n")
         assert status == 200
-        samples = _samples(body.decode())
+        samples = samples_of(body.decode())
         assert 0 < samples[("tailpy_derp_queue_depth_max_packets", ())] <= 8
         assert (
             samples[("tailpy_derp_queued_packets", ())]
@@ -400,7 +392,7 @@ async def test_metrics_through_a_reverse_proxy_refused(server: DerpServer) -> No
     p = port_of(server)
     status, _, body = await http(p, b"GET /metrics HTTP/1.1\r\n\r\n")
     assert status == 200
-    samples = _samples(body.decode())
+    samples = samples_of(body.decode())
     assert ("tailpy_derp_disconnects_total", (("reason", "eof"),)) in samples  # (every reason, at start)
     assert not any(name.endswith("_created") for name, _ in samples)
     for header in (b"X-Forwarded-For: 192.0.2.7", b"Forwarded: for=192.0.2.7", b"X-Real-IP: 192.0.2.7"):
@@ -505,7 +497,7 @@ async def test_metrics_count_relayed_packets_and_clients() -> None:
         assert types["tailpy_derp_packets_dropped"] == "counter"
         assert types["tailpy_derp_queued_packets"] == "gauge"
         assert types["tailpy_derp_mesh_peers"] == "gauge"
-        before = _samples(body.decode())
+        before = samples_of(body.decode())
         assert before[("tailpy_derp_clients", ())] == 0
         assert before[("tailpy_derp_packets_dropped_total", (("reason", "unknown_dest"),))] == 0
         a = await Client().login(p)
@@ -517,7 +509,7 @@ async def test_metrics_count_relayed_packets_and_clients() -> None:
         a.send(proto.SendPacket(node().public, b"nobody"))
         await eventually(lambda: s.metrics.packets_dropped["unknown_dest"] == 1)
         _, _, body = await http(p, b"GET /metrics HTTP/1.1\r\n\r\n")
-        after = _samples(body.decode())
+        after = samples_of(body.decode())
         assert after[("tailpy_derp_clients", ())] == 2
         assert after[("tailpy_derp_accepts_total", ())] == 2
         assert after[("tailpy_derp_packets_relayed_total", ())] == 3

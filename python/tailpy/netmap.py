@@ -459,7 +459,9 @@ class MapDelta:
     :func:`tailpy.packetfilter.update_parts`), or None. ``version``: the server's change counter
     after this delta (what a client sends back to resume), 0 when unknown. ``patched``: field patches of
     peers the recipient holds (``{"id": id, field: value, ...}``, applied after ``changed``; see
-    :mod:`tailpy.proto.mapcodec`).
+    :mod:`tailpy.proto.mapcodec`). ``derp_map``: the server's new DERP map (Tailscale's
+    ``MapResponse.DERPMap`` in a delta), or None if unchanged; sent only to clients that name
+    ``"derp_map"`` in their map request's ``accept``.
     """
 
     version: int = 0
@@ -469,10 +471,12 @@ class MapDelta:
     packet_filter: tuple[FilterRule, ...] | None = None
     packet_filters: Mapping[str, tuple[FilterRule, ...] | None] | None = None
     patched: tuple[Mapping[str, Any], ...] = ()
+    derp_map: DerpMap | None = None
 
     def __bool__(self) -> bool:
         return bool(
             self.self_node is not None
+            or self.derp_map is not None
             or self.changed
             or self.patched
             or self.removed
@@ -482,8 +486,8 @@ class MapDelta:
 
     def to_json(self) -> dict[str, Any]:
         """``{"type": "delta", "version": int, "self"?: Node, "peers_changed"?: [Node], "peers_removed"?:
-        [int], "packet_filter"?: [FilterRule], "packet_filters"?: {name: [FilterRule] | null}}`` (empty
-        parts omitted)."""
+        [int], "packet_filter"?: [FilterRule], "packet_filters"?: {name: [FilterRule] | null}, "derp_map"?:
+        DERPMap}`` (empty parts omitted)."""
         out: dict[str, Any] = {"type": "delta", "version": self.version}
         if self.self_node is not None:
             out["self"] = self.self_node.to_json()
@@ -497,6 +501,8 @@ class MapDelta:
             out["packet_filter"] = filter_to_json(self.packet_filter)
         if self.packet_filters:
             out["packet_filters"] = parts_to_json(self.packet_filters)
+        if self.derp_map is not None:
+            out["derp_map"] = self.derp_map.to_json()
         return out
 
     @classmethod
@@ -523,6 +529,7 @@ class MapDelta:
                 raise ParseError("malformed delta: 'peers_patched' must be a list of objects with an 'id'")
             pf = obj.get("packet_filter")
             named = obj.get("packet_filters")
+            derp = obj.get("derp_map")
             return cls(
                 version,
                 None if me is None else Node.from_json(me),
@@ -531,6 +538,7 @@ class MapDelta:
                 None if pf is None else filter_from_json(pf),
                 None if named is None else parts_from_json(named, updates=True),
                 tuple(patched),
+                None if derp is None else DerpMap.from_json(derp),
             )
         except (AttributeError, TypeError) as e:
             raise ParseError(f"malformed delta: {e}") from None
@@ -538,26 +546,27 @@ class MapDelta:
 
 def delta(old: NetMap, new: NetMap, version: int = 0) -> MapDelta:
     """The delta that turns ``old`` into ``new`` (pure; O(peers)): ``apply_delta(old, delta(old, new)) ==
-    new`` for netmaps of the same domain."""
+    new`` for netmaps of the same domain and DNS config (a DERP map is replaced, never taken away)."""
     changed = tuple(n for i, n in sorted(new.peers.items()) if old.peers.get(i) != n)
     removed = tuple(i for i in sorted(old.peers) if i not in new.peers)
     me = None if old.self_node == new.self_node else new.self_node
+    derp = None if old.derp_map == new.derp_map else new.derp_map  # (a DERP map cannot be taken away)
     if new.packet_filters is not None:
         if old.packet_filters is None:
             parts: dict[str, tuple[FilterRule, ...] | None] = {CLEAR_PARTS: None, **new.packet_filters}
         else:
             parts = {k: v for k, v in new.packet_filters.items() if old.packet_filters.get(k) != v}
             parts.update((k, None) for k in old.packet_filters if k not in new.packet_filters)
-        return MapDelta(version, me, changed, removed, None, parts or None)
+        return MapDelta(version, me, changed, removed, None, parts or None, derp_map=derp)
     pf = None if old.packet_filter == new.packet_filter else new.packet_filter
-    return MapDelta(version, me, changed, removed, pf)
+    return MapDelta(version, me, changed, removed, pf, derp_map=derp)
 
 
 def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
     """``old`` with ``d`` applied (pure: ``old`` is not modified; O(peers) for the copy). A changed peer that
     is the recipient itself (same id as ``old.self_node``) is ignored, as is the removal of an unknown id.
-    The DERP map and DNS config are kept (deltas never carry them); a delta's packet filter replaces the
-    old one, its named parts update the old ones."""
+    The DNS config is kept (deltas never carry it), the DERP map unless the delta carries a new one; a
+    delta's packet filter replaces the old one, its named parts update the old ones."""
     peers = dict(old.peers)
     for i in d.removed:
         peers.pop(i, None)
@@ -569,12 +578,13 @@ def apply_delta(old: NetMap, d: MapDelta) -> NetMap:
         if peer is not None:
             peers[peer.id] = peer.patched(p)
     me = d.self_node if d.self_node is not None else old.self_node
+    derp = d.derp_map if d.derp_map is not None else old.derp_map
     if d.packet_filters:
         parts = update_parts(old.packet_filters, d.packet_filters)
-        return NetMap(me, peers, old.domain, old.derp_map, old.dns, None, parts)
+        return NetMap(me, peers, old.domain, derp, old.dns, None, parts)
     if d.packet_filter is not None:
-        return NetMap(me, peers, old.domain, old.derp_map, old.dns, d.packet_filter)
-    return NetMap(me, peers, old.domain, old.derp_map, old.dns, old.packet_filter, old.packet_filters)
+        return NetMap(me, peers, old.domain, derp, old.dns, d.packet_filter)
+    return NetMap(me, peers, old.domain, derp, old.dns, old.packet_filter, old.packet_filters)
 
 
 __all__ = [

@@ -8,22 +8,18 @@ import dataclasses
 import json
 import tracemalloc
 
-import nacl.public
 import pytest
+from _mapclient import Client, mkey
 
 from tailpy.backoff import reconnect_delays
-from tailpy.control.client import MapMessage, MapState, apply_message
+from tailpy.control.client import MapMessage, apply_message
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError, ParseError
-from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
+from tailpy.keys import MachinePublic, NodePublic
 from tailpy.netmap import MapDelta, NetMap, Node, apply_delta, delta
 from tailpy.proto import control as proto
 from tailpy.proto.mapcodec import compact_record
-
-
-def mkey() -> MachinePrivate:
-    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
 
 
 def node(i: int, machine: MachinePublic | None = None, **kw: object) -> Node:
@@ -115,42 +111,6 @@ def test_reconnect_delays_grow_with_jitter_and_cap() -> None:
 
 
 # --- the mapper, driven directly ---
-
-
-class Client:
-    """One node's side of a mapper stream: opens its lines and applies them like ControlClient does."""
-
-    def __init__(self, mapper: Mapper, node_id: int, resume: tuple[str, int] | None = None) -> None:
-        self.key = mkey()
-        self.mapper = mapper
-        self.stream = mapper.open_stream(node_id, proto.public_of(self.key), "n" * 32, resume)
-        self.opener = proto.StreamOpener(self.key, proto.public_of(mapper.server_key), "n" * 32)
-        self.state: MapState | None = None
-        self.messages: list[MapMessage] = []
-
-    def drain(self) -> list[MapMessage]:
-        """What the stream's writer would send now (a full netmap if due, else one merged delta)."""
-        s, m, bodies = self.stream, self.mapper, []
-        if s.resync:
-            s.resync, s.first = False, None
-            body = m.full_map_body(s.node_id)
-            assert body is not None
-            m.full_map_sent(s)  # as the writer does after a full netmap
-            bodies.append(body)
-        if s.first is not None:
-            bodies.append(s.first)
-            s.first = None
-        if s.sent < m.version:
-            body = m.delta_body(s)
-            if s.resync:
-                return self.drain()
-            if body is not None:
-                bodies.append(body)
-        out = [MapMessage(self.opener.open(s.sealer.seal(b))) for b in bodies]
-        for msg in out:
-            self.state = apply_message(self.state, msg)
-        self.messages += out
-        return out
 
 
 def make_mapper(n: int) -> Mapper:
@@ -295,8 +255,9 @@ def test_resume_beyond_the_log_gets_a_full_map() -> None:
         m.publish(node(2, endpoints=(f"192.0.2.2:{i + 1}",)))
     assert Client(m, 1, (m.generation, 0)).stream.resync  # versions 1 and 2 were dropped from the log
     resumed = Client(m, 1, (m.generation, 2))
-    first = resumed.stream.first
-    assert not resumed.stream.resync and first is not None and json.loads(first)["version"] == 3
+    assert not resumed.stream.resync and resumed.stream.first
+    first = m.delta_body(resumed.stream, resumed=True)
+    assert first is not None and json.loads(first)["version"] == 3
 
 
 def test_resync_publishes_differences_but_not_newer_records() -> None:
@@ -319,9 +280,9 @@ def test_delta_without_a_netmap_is_refused() -> None:
 
 def test_ended_stream_drops_its_resume_delta() -> None:
     s = MapStream(1, MachinePublic(b"\1" * 32), proto.StreamSealer(mkey(), MachinePublic(b"\1" * 32), "x"))
-    s.first = b'{"type":"delta"}'
+    s.first = True
     s.end()
-    assert s.first is None and s.ended and s.wake.is_set()
+    assert not s.first and s.ended and s.wake.is_set()
 
 
 def test_idle_streams_hold_no_message_memory() -> None:

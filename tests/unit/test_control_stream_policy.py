@@ -6,19 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import nacl.public
+from _mapclient import Client, mkey
 
-from tailpy.control.client import MapMessage, MapState, apply_message
 from tailpy.control.mapper import Mapper
 from tailpy.control.policy import Policy
-from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
+from tailpy.keys import MachinePublic, NodePublic
 from tailpy.netmap import Node
 from tailpy.packetfilter import ALLOW_ALL, ALLOW_ALL_PART, CLEAR_PARTS, filter_to_json
-from tailpy.proto import control as proto
-
-
-def mkey() -> MachinePrivate:
-    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
 
 
 def node(i: int, user: str = "", tags: tuple[str, ...] = (), **kw: Any) -> Node:
@@ -33,46 +27,6 @@ def node(i: int, user: str = "", tags: tuple[str, ...] = (), **kw: Any) -> Node:
         tags=tags,
     )
     return dataclasses.replace(base, **kw)
-
-
-class Client:
-    """One node's side of a stream: opens what the writer would send and applies it like ControlClient."""
-
-    def __init__(self, mapper: Mapper, node_id: int, resume: tuple[str, int] | None = None) -> None:
-        self.key = mkey()
-        self.mapper = mapper
-        self.stream = mapper.open_stream(node_id, proto.public_of(self.key), "n" * 32, resume)
-        self.opener = proto.StreamOpener(self.key, proto.public_of(mapper.server_key), "n" * 32)
-        self.state: MapState | None = None
-
-    def drain(self) -> list[MapMessage]:
-        s, m, bodies = self.stream, self.mapper, []
-        if s.resync:
-            s.resync, s.first = False, None
-            body = m.full_map_body(s.node_id)
-            assert body is not None
-            m.full_map_sent(s)
-            bodies.append(body)
-        if s.first is not None:
-            bodies.append(s.first)
-            s.first = None
-        if s.sent < m.version:
-            body = m.delta_body(s)
-            if s.resync:
-                return self.drain()
-            if body is not None:
-                bodies.append(body)
-        out = [MapMessage(self.opener.open(s.sealer.seal(b))) for b in bodies]
-        for msg in out:
-            self.state = apply_message(self.state, msg)
-        return out
-
-    def peers(self) -> set[int]:
-        assert self.state is not None
-        return set(self.state.netmap.peers)
-
-    def in_sync(self) -> bool:
-        return self.state is not None and self.state.netmap == self.mapper.netmap(self.stream.node_id)
 
 
 TAGS = '"tagOwners": {"tag:server": ["group:dev"], "tag:db": ["group:dev"], "tag:web": []}'

@@ -52,11 +52,18 @@ class _Unreachable(ControlError):
 @dataclass(frozen=True)
 class MapState:
     """What a client has applied: its netmap and where it is in the server's change stream (``generation``
-    and ``version`` from the last message), sent back as ``resume`` on reconnect."""
+    and ``version`` from the last message; ``feed``: the resume point control replicas add, None from a
+    single server), sent back as ``resume`` on reconnect (:mod:`tailpy.control.mapper`)."""
 
     netmap: NetMap
     generation: str
     version: int
+    feed: str | None = None
+
+    @property
+    def resume(self) -> tuple[str, int, str | None]:
+        """What :meth:`ControlClient.stream_messages` takes as ``resume``."""
+        return self.generation, self.version, self.feed
 
 
 class MapMessage:
@@ -109,20 +116,30 @@ class MapMessage:
         v = self.body.get("version", 0)
         return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
+    def feed(self) -> str | None:
+        """The message's resume point on control replicas (``"feed"``), None without one."""
+        f = self.body.get("feed")
+        return f if isinstance(f, str) and len(f) <= 128 else None
+
 
 def apply_message(state: MapState | None, msg: MapMessage) -> MapState:
     """The state after ``msg`` (pure): a netmap replaces it, a delta is applied to it. Raises ControlError for
-    a delta with nothing to apply it to (or for another tailnet generation)."""
+    a delta with nothing to apply it to (or, unless the state has a feed resume point, for another
+    generation). A delta that names another generation is the first of a stream resumed on another control
+    replica: the state moves to that generation."""
     generation = msg.body.get("generation")
     if msg.type == "netmap":
         if not isinstance(generation, str):
             raise ControlError("control server sent a netmap without a generation")
-        return MapState(msg.netmap(), generation, msg.version())
+        return MapState(msg.netmap(), generation, msg.version(), msg.feed())
     if msg.type != "delta":
         raise ControlError(f"control server sent a map message of unknown type {msg.type!r}")
-    if state is None or (generation is not None and generation != state.generation):
+    if state is None or (generation is not None and generation != state.generation and state.feed is None):
         raise ControlError("control server sent a delta to a node that has no netmap to apply it to")
-    return MapState(apply_delta(state.netmap, msg.delta()), state.generation, msg.version())
+    if not isinstance(generation, str):
+        generation = state.generation
+    feed = msg.feed() or state.feed
+    return MapState(apply_delta(state.netmap, msg.delta()), generation, msg.version(), feed)
 
 
 @dataclass(frozen=True)
@@ -431,17 +448,18 @@ class ControlClient:
         endpoints: Sequence[Endpoint],
         hostname: str,
         *,
-        resume: tuple[str, int] | None = None,
+        resume: tuple[str, int] | tuple[str, int, str | None] | None = None,
         home_derp: int | None = None,
         disco_key: DiscoPublic | None = None,
         routable_ips: Sequence[str] | None = None,
         accept: Sequence[str] | None = None,
     ) -> AsyncGenerator[MapMessage, None]:
         """Open the map stream and yield each "netmap" / "delta" message as it arrives, opened and checked
-        (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version)
-        of the last message applied, to get a delta since then instead of a full netmap (the server decides:
-        the first message says which). ``home_derp``: this node's home DERP region id (0: none; None: leave
-        what the server has). ``disco_key``: this node's disco public key (None: leave what the server has).
+        (reply_to, seq) but parsed lazily; keepalives are consumed here. ``resume``: (generation, version[,
+        feed]) of the last message applied (:attr:`MapState.resume`), to get a delta since then instead of a
+        full netmap (the server decides: the first message says which). ``home_derp``: this node's home
+        DERP region id (0: none; None: leave what the server has). ``disco_key``: this node's disco public
+        key (None: leave what the server has).
         ``routable_ips``: the routes this node advertises (None: leave what the server has). ``accept``: the
         compact forms this client reads (:mod:`tailpy.proto.mapcodec`; None: all it can, zstd when the
         ``zstandard`` package is there; empty: plain JSON, as an old client). The stream is read as binary
@@ -459,6 +477,8 @@ class ControlClient:
         }
         if resume is not None:
             body["resume"] = {"generation": resume[0], "version": resume[1]}
+            if len(resume) > 2 and resume[2] is not None:
+                body["resume"]["feed"] = resume[2]
         if home_derp is not None:
             body["home_derp"] = home_derp
         if disco_key is not None:
@@ -548,7 +568,7 @@ class ControlClient:
         session does. ``accept``: as for :meth:`stream_messages`.
         """
         state = self.map_state
-        resume = None if state is None else (state.generation, state.version)
+        resume = None if state is None else state.resume
         first = True
         async for msg in self.stream_messages(
             node_key,

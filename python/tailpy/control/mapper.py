@@ -12,9 +12,11 @@ per message, each line the base64 NaCl box (server machine key -> node machine k
   server's DERP map, when it has one). First on a stream that does not resume, and again whenever the stream
   fell behind (its queue overflowed).
 * ``{"type": "delta", "version": V, "self"?: Node JSON, "peers_changed"?: [Node JSON], "peers_removed"?:
-  [node id]}``: what changed (:class:`tailpy.netmap.MapDelta`); a changed peer carries its full new record
-  (endpoints, keys, name, online, expiry, ...). The first message of a resumed stream is a delta that also
-  carries ``"generation"`` (everything that changed since the version the client named; possibly empty).
+  [node id], "derp_map"?: DERPMap}``: what changed (:class:`tailpy.netmap.MapDelta`); a changed peer
+  carries its full new record (endpoints, keys, name, online, expiry, ...); ``derp_map`` only to clients
+  that read it (a new DERP map reaches the others as a full netmap). The first message of a resumed stream
+  is a delta that also carries ``"generation"`` (everything that changed since the version the client
+  named; possibly empty).
 * ``{"type": "keepalive"}`` after ``keepalive`` seconds of silence.
 
 Records leave out the fields at their defaults (:func:`tailpy.proto.mapcodec.compact_record`: no
@@ -38,6 +40,17 @@ server published (every node add/change/remove is one version). A client that re
 ``"resume": {"generation": G, "version": V}`` in its map request (V: the version of the last message it
 applied); when G is the current generation and the server's change log still reaches back to V, the stream
 starts with a delta of the nodes changed since V, else with a full netmap.
+
+Control replicas (:mod:`tailpy.control.replicas`) add ``"feed": "<feed id>.<seq>.<time>"`` after
+``"version"`` of every netmap and delta: the database's change feed id, the feed sequence number up to which
+the message holds every change, and the unix time that position was read. A client that read DERP maps in
+deltas (``accept`` ``"derp_map"``) sends it back as ``resume.feed``; another replica of the same database that
+has applied the feed that far resumes the stream there (:meth:`Mapper.resume_point`): its first delta carries
+its own generation, its DERP map, the whole packet filter, every node changed since, and the keys that
+expired since (each replica publishes expiries on its own clock). So a node whose replica died moves with one
+small delta instead of a full netmap. Whatever no delta carries (a policy change, a DNS config or domain
+change, a change of the peers the node may see, a DERP map for a client that does not read it in deltas)
+still costs a full netmap.
 
 Costs: a change is one JSON encoding of the node, one entry in a shared change log, and a wake-up of the
 streams that are idle; a stream holds no queue, only the version its client has. When its writer runs it
@@ -87,6 +100,7 @@ a full netmap. Nothing here touches the database: the server reads records and h
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import dataclasses
 import json
@@ -159,6 +173,23 @@ at a time (each sealed copy is the stream's own)."""
 POLICY_CHANGE = -1
 """The node id under which a policy change is logged (it names no node; a stream resuming across it gets a
 full netmap)."""
+SETTINGS_CHANGE = -2
+"""The node id under which a new DNS config or tailnet domain is logged (a stream resuming across it gets a
+full netmap: deltas do not carry them)."""
+DERP_CHANGE = -3
+"""The node id under which a new DERP map is logged (a stream resuming across it gets a full netmap unless
+its client reads DERP maps in deltas)."""
+_VIEW_CHANGE = -16
+"""``_VIEW_CHANGE - node_id`` is logged when the peers node ``node_id`` may see changed (a policy matched it
+differently: its streams get a full netmap, and so does a stream of it resuming across that)."""
+INF_VERSION = 1 << 62
+"""Above any version, node id or sequence number (a bound for bisections)."""
+FEED_MARKS = 4096
+"""Change feed positions remembered for streams resuming from another control replica (one per read of the
+feed that brought changes)."""
+EXPIRY_SLACK = 60.0
+"""Seconds before a resume point's time from which keys that expired are sent again to a stream resuming
+from another replica (each replica publishes expiries on its own clock)."""
 CHANGE_TIMES = 4096
 """Changes whose time is kept for the delta latency metric (:attr:`Mapper.on_delta_written`): a stream
 further behind than that is catching up, not measuring fan-out."""
@@ -177,7 +208,7 @@ class MapStream:
     machine_key: MachinePublic
     sealer: proto.StreamSealer
     sent: int = 0
-    first: bytes | None = None  # the resume delta, written before anything else
+    first: bool = False  # its first message is the delta of a resumed stream (since ``sent``)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     resync: bool = False  # a full netmap is due (first message, fell behind the log, expiry changed)
     ended: bool = False  # the node was removed or the server is closing: end the stream
@@ -192,11 +223,14 @@ class MapStream:
     keepalive_due: bool = False  # woken by the keepalive sweep, not by a change
     zstd: bool = False  # its client reads zstd frames (tailpy.proto.mapcodec)
     patches: bool = False  # its client applies peers_patched
+    derp: bool = False  # its client applies a DERP map carried by a delta
+    pend_derp: bool = False  # its next delta carries the DERP map
+    expired_since: float | None = None  # resumed from another replica: also send keys expired since then
     paced: bool = False  # its last delta was followed by a pause (its next one counts towards the rate)
 
     def end(self) -> None:
         self.ended = True
-        self.first = None
+        self.first = False
         self.wake.set()
 
 
@@ -268,6 +302,15 @@ class Mapper:
         self.on_delta_written: Callable[[float], None] | None = None
         """Called after a stream's delta was written with the seconds since the oldest change in it
         (changes older than :data:`CHANGE_TIMES` versions are not timed; metrics)."""
+        self.feed_id: str | None = None
+        """The database's change feed id when this server is one of several control replicas
+        (:mod:`tailpy.control.replicas`): messages then carry a resume point any replica of the database
+        understands (see :meth:`feed_applied`). None: resume only on this process."""
+        self._marks: list[tuple[int, int, float]] = []  # (feed seq, version before its read, unix time)
+        self._feed_json = b""  # ',"feed":"<id>.<seq>.<time>"' of the newest mark
+        self._expiries: list[tuple[float, int]] | None = []  # (key expiry, node id) sorted; None: rebuild
+        self.clock: Callable[[], float] = time.time
+        """Unix seconds now (the server's clock: which keys have expired)."""
 
     # --- state ---
 
@@ -326,6 +369,8 @@ class Mapper:
         may have changed with it)."""
         old = self.nodes.get(node.id)
         self.nodes[node.id] = node
+        if old is None or old.key_expiry != node.key_expiry:
+            self._expiries = None
         full = node.to_json()
         self._json[node.id] = _dumps(mapcodec.compact_record(full))
         self._variants.pop(node.id, None)
@@ -502,6 +547,7 @@ class Mapper:
             for st in self._by_node.get(i, ()):
                 st.pend_removed.add(node_id)
         if known and ch.view_changed:
+            self._bump(_VIEW_CHANGE - node_id)  # (a stream of it resuming across this: a full netmap)
             for st in self._by_node.get(node_id, ()):
                 st.resync = True
 
@@ -512,20 +558,26 @@ class Mapper:
             return False
         self.dns, self.domain = dns, domain
         self._dns_json = b"" if dns is None else b',"dns":' + _dumps(dns.to_json())
+        self._bump(SETTINGS_CHANGE)
         for s in self._streams:
             s.resync = True
             s.wake.set()
         return True
 
     def set_derp_map(self, derp_map: DerpMap | None) -> bool:
-        """A new DERP map (the live control replicas' relays changed): every stream gets a full netmap.
-        Returns whether it changed."""
+        """A new DERP map (the live control replicas' relays changed): a stream whose client reads DERP maps
+        in deltas (``accept`` ``"derp_map"``) gets it in its next delta, every other stream (and every
+        stream when there is no DERP map any more) a full netmap. Returns whether it changed."""
         if derp_map == self.derp_map:
             return False
         self.derp_map = derp_map
         self._derp_json = b"" if derp_map is None else b',"derp_map":' + _dumps(derp_map.to_json())
+        self._bump(DERP_CHANGE)
         for s in self._streams:
-            s.resync = True
+            if s.derp and derp_map is not None:
+                s.pend_derp = True
+            else:
+                s.resync = True
             s.wake.set()
         return True
 
@@ -633,35 +685,101 @@ class Mapper:
         node_id: int,
         machine_key: MachinePublic,
         reply_to: str,
-        resume: tuple[str, int] | None = None,
+        resume: tuple[str, int] | tuple[str, int, str | None] | None = None,
         accept: Iterable[str] = (),
     ) -> MapStream:
         """Register a stream for ``node_id`` (it counts as online from now: publish its record next). Its
-        first message is a delta since ``resume`` ((generation, version)) when the change log reaches back
-        that far, else a full netmap. ``accept``: what its client reads besides plain JSON in base64 lines
-        ("zstd", "patches", "frames": :mod:`tailpy.proto.mapcodec`)."""
+        first message is a delta since ``resume`` ((generation, version[, feed resume point])) when
+        :meth:`resume_point` places it and the change log reaches back that far, else a full netmap.
+        ``accept``: what its client reads besides plain JSON in base64 lines ("zstd", "patches", "frames",
+        "derp_map": :mod:`tailpy.proto.mapcodec`)."""
         features = set(accept)
         sealer = proto.StreamSealer(self.server_key, machine_key, reply_to, framed="frames" in features)
         s = MapStream(node_id, machine_key, sealer)
         s.zstd = "zstd" in features and mapcodec.ZSTD
         s.patches = "patches" in features
+        s.derp = "derp_map" in features
         me = self.nodes.get(node_id)
-        if resume is not None and self._resumable(*resume) and not (me is not None and me.expired):
-            s.sent = resume[1]
+        point = None if resume is None else self.resume_point(resume, derp=s.derp)
+        if (
+            point is not None
+            and self._resumable(point[0], node_id, derp=s.derp)
+            and not (me is not None and me.expired)
+        ):
+            s.sent, s.expired_since = point
             s.filter_sig = s.filter_epoch = None  # the filter may have changed meanwhile
-            s.first = self.delta_body(s, resumed=True)
+            s.first = True
         else:
             s.resync = True
         self._streams.add(s)
         self._by_node.setdefault(node_id, set()).add(s)
         return s
 
-    def _resumable(self, generation: str, since: int) -> bool:
-        """Same server process, the log still reaches back to ``since``, and no policy change since (which
-        may have changed any peer set: a full netmap then)."""
-        if generation != self.generation or not self._log_floor <= since <= self.version:
+    def resume_point(
+        self, resume: tuple[str, int] | tuple[str, int, str | None], *, derp: bool = False
+    ) -> tuple[int, float | None] | None:
+        """Where a stream resuming from ``resume`` (generation, version[, feed resume point]) starts:
+        (version of this process's log, unix time from which expired keys are sent again, or None), or None
+        for a full netmap. Same process: the version it names. Another replica of this database (a client
+        that reads DERP maps in deltas, ``derp``): the feed resume point ``"<feed id>.<seq>.<time>"`` its
+        last message carried says its netmap holds every change of the feed up to ``seq``; it resumes from
+        the version before this replica's read of the feed after the newest position it applied at or
+        before ``seq`` (every change with a later sequence number was published after that version). None
+        when the feed is another database's, this replica has not applied ``seq`` yet, or its marks no
+        longer reach back."""
+        generation, version = resume[0], resume[1]
+        if generation == self.generation:
+            return version, None
+        feed = resume[2] if len(resume) > 2 else None
+        if not derp or feed is None or self.feed_id is None:
+            return None
+        fid, _, rest = feed.partition(".")
+        seq_text, _, time_text = rest.partition(".")
+        if fid != self.feed_id or not seq_text.isdigit() or not time_text.isdigit():
+            return None
+        seq, at = int(seq_text), float(time_text)
+        marks = self._marks
+        if not marks or seq > marks[-1][0]:
+            return None
+        k = bisect.bisect_right(marks, (seq, INF_VERSION, 0.0)) - 1
+        if k < 0:
+            return None
+        return marks[k][1], at - EXPIRY_SLACK
+
+    def feed_applied(self, seq: int, before: int) -> None:
+        """The change feed was applied up to sequence number ``seq`` by a read that started when the version
+        was ``before``: every message from now on holds every change up to ``seq`` (their resume point
+        says so), and every change with a higher sequence number is published after ``before`` (what
+        :meth:`resume_point` resumes from). Marks nothing while :attr:`feed_id` is None."""
+        if self.feed_id is None or (self._marks and self._marks[-1][0] >= seq):
+            return
+        now = self.clock()
+        self._marks.append((seq, before, now))
+        if len(self._marks) > FEED_MARKS:
+            del self._marks[: FEED_MARKS // 2]
+        self._feed_json = b',"feed":"%s.%d.%d"' % (self.feed_id.encode(), seq, int(now))
+
+    def _resumable(self, since: int, node_id: int, *, derp: bool = False) -> bool:
+        """The log still reaches back to ``since``, and nothing since calls for a full netmap: a policy
+        change (which may have changed any peer set), a new DNS config or domain, a change of what
+        ``node_id`` may see, or (unless its client reads them in deltas, ``derp``) a new DERP map."""
+        if not self._log_floor <= since <= self.version:
             return False
-        return POLICY_CHANGE not in _since(self._log, since)
+        full = {POLICY_CHANGE, SETTINGS_CHANGE, _VIEW_CHANGE - node_id}
+        if not derp:
+            full.add(DERP_CHANGE)
+        return full.isdisjoint(_since(self._log, since))
+
+    def _expired_since(self, since: float) -> list[int]:
+        """Ids of the nodes whose key expired at or after unix time ``since`` (by now)."""
+        if self._expiries is None:
+            self._expiries = sorted(
+                (n.key_expiry, i) for i, n in self.nodes.items() if n.key_expiry is not None
+            )
+        ex = self._expiries
+        lo = bisect.bisect_left(ex, (since, -INF_VERSION))
+        hi = bisect.bisect_right(ex, (self.clock(), INF_VERSION))
+        return [i for _, i in ex[lo:hi]]
 
     def changed_since(self, since: int) -> set[int] | None:
         """Ids of the nodes changed after version ``since``; None when the log no longer reaches back."""
@@ -683,11 +801,18 @@ class Mapper:
         me = self.nodes.get(s.node_id)
         if me is None:
             return None
-        parts = [b'{"type":"delta","version":%d' % self.version]
+        parts = [b'{"type":"delta","version":%d%s' % (self.version, self._feed_json)]
         if resumed:
             parts = [
-                b'{"type":"delta","generation":%s,"version":%d' % (_dumps(self.generation), self.version)
+                b'{"type":"delta","generation":%s,"version":%d%s'
+                % (_dumps(self.generation), self.version, self._feed_json)
             ]
+            if s.expired_since is not None:  # (resumed from another replica: its clock's expiries again)
+                ids.update(self._expired_since(s.expired_since))
+                s.expired_since = None
+        if s.derp and (s.pend_derp or resumed) and self.derp_map is not None:
+            parts.append(self._derp_json[1:])
+        s.pend_derp = False
         if s.node_id in ids:
             parts.append(b'"self":' + self._json[s.node_id])
         if not me.expired:  # an expired node is shown no peers
@@ -791,7 +916,8 @@ class Mapper:
         return b"".join((head, b',"netmap":{"self":', me, b',"peers":[', peers, self._map_tail(node_id)))
 
     def _map_head(self) -> bytes:
-        return _dumps({"type": "netmap", "generation": self.generation, "version": self.version})[:-1]
+        head = _dumps({"type": "netmap", "generation": self.generation, "version": self.version})[:-1]
+        return head + self._feed_json
 
     def _map_tail(self, node_id: int) -> bytes:
         """What follows the peers of ``node_id``'s full netmap: ``],"domain":...}}}`` (remembers the filter
@@ -866,6 +992,8 @@ class Mapper:
             s.filter_parts = {k: hash(v) for k, v in self._filter_parts(s.node_id).items()}
         s.pend_changed.clear()
         s.pend_removed.clear()
+        s.pend_derp = False
+        s.expired_since = None
 
     async def serve(self, s: MapStream, write: Callable[[bytes], Awaitable[None]], keepalive: float) -> None:
         """Write ``s``'s messages with ``write`` (which applies backpressure) until it ends: a full netmap
@@ -880,10 +1008,8 @@ class Mapper:
             if s.resync:
                 if not await self._write_full_map(s, write):
                     break
-            elif s.first is not None:
-                body, s.first = s.first, None
-                await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
-                del body
+            elif s.first:
+                await self._write_first(s, write)
             elif s.sent < self.version:
                 if self.on_delta_written is None:
                     await self._write_delta(s, write)
@@ -911,7 +1037,7 @@ class Mapper:
                     self._idle.discard(s)
                 if s.keepalive_due:
                     s.keepalive_due = False
-                    if not s.ended and not s.resync and s.first is None and s.sent >= self.version:
+                    if not s.ended and not s.resync and not s.first and s.sent >= self.version:
                         await write(s.sealer.seal(KEEPALIVE))
 
     async def _sweep_keepalives(self) -> None:
@@ -937,7 +1063,7 @@ class Mapper:
             if s.ended:
                 return False
             s.resync = False
-            s.first = None
+            s.first = False
             if s.zstd:
                 got = self.full_map_frames(s.node_id)
                 if got is None:
@@ -954,6 +1080,29 @@ class Mapper:
                 del body
             await _write_line(write, line)
         return True
+
+    async def _write_first(self, s: MapStream, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """The first message of a resumed stream: the delta since its resume point, built, sealed and
+        written with the full netmaps (at most ``full_map_concurrency`` at once) when it is large (many
+        streams resuming at once after a replica died must not each hold one)."""
+        ids = self.changed_since(s.sent)
+        large = ids is None or len(ids) > LARGE_DELTA
+        del ids
+        if not large:
+            s.first = False
+            body = self.delta_body(s, resumed=True)
+            if body is not None:
+                await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
+            return
+        async with self._full_maps:
+            if s.ended or not s.first:
+                return
+            s.first = False
+            body = self.delta_body(s, resumed=True)
+            if body is not None:
+                line = s.sealer.seal(body, zstd=s.zstd)
+                del body
+                await _write_line(write, line)
 
     async def _release_paused(self) -> None:
         """While streams are paused after a delta: every ``batch_delay`` seconds wake those paused for the
@@ -983,6 +1132,7 @@ class Mapper:
             or not s.patches
             or s.pend_changed
             or s.pend_removed
+            or s.pend_derp
             or s.filter_sig != self._filter_sig(s.node_id)
             or s.sent < self._log_floor
             or self._changed_at.get(s.node_id, 0) > s.sent

@@ -32,10 +32,16 @@ Each :class:`~tailpy.control.server.ControlServer` runs one :class:`Replicas`, w
   replicas with different histories show the same primary.
 
 Streams keep per-replica versions: the mapper's ``generation`` is the process's and its ``version`` counts
-that process's publications, so a node that moves to another replica gets a full netmap there (its resume
-point names another generation). The feed's sequence is not used as the stream version because a replica
-publishes its own writes at once (before the feed echoes them) and logs changes no row records (policy
-recompiles, stream counts), so the two orders differ.
+that process's publications. The feed's sequence is not used as the stream version because a replica publishes
+its own writes at once (before the feed echoes them) and logs changes no row records (policy recompiles,
+stream counts), so the two orders differ. Instead, after each read of the feed the replica marks its mapper
+(:meth:`~tailpy.control.mapper.Mapper.feed_applied`: the sequence number read up to, and the version before
+the read), and every message carries the newest mark as a resume point (``"<feed id>.<seq>.<time>"``, the feed
+id from :func:`~tailpy.control.store.changes.feed_id`). A node that moves to another replica sends it back,
+and that replica resumes its stream with a delta from the version before its own read that reached the newest
+position at or before that sequence number (:meth:`~tailpy.control.mapper.Mapper.resume_point`; it reads the
+feed first when the node's replica was ahead, :meth:`Replicas.catch_up`). So the nodes of a dead replica move
+with one small delta each, not a full netmap.
 """
 
 from __future__ import annotations
@@ -159,6 +165,8 @@ class Replicas:
         (this one included); exceptions are logged."""
         with self.engine.begin() as conn:
             self.seq = changes.last_seq(conn)
+            if self.liveness:
+                server.mapper.feed_id = changes.feed_id(conn)
         self.primaries = StoredPrimaries(
             self.engine, shared=self.liveness, clock=server.clock, stale=lambda: self.stale
         )
@@ -307,6 +315,7 @@ class Replicas:
         server = self.server
         total = 0
         while True:
+            before = server.mapper.version  # (every change after what this read returns is published later)
             with self.engine.begin() as conn:
                 batch = changes.read_since(conn, self.seq)
                 if batch.seq == self.seq:
@@ -351,9 +360,24 @@ class Replicas:
                 server.dns_changed()
             if changes.POLICY in batch.kinds and server.policy.path is None:
                 server.policy.reload()
+            server.mapper.feed_applied(batch.seq, before)
         if total:
             server._lifecycle()
         return total
+
+    def catch_up(self, point: str) -> None:
+        """Read the feed now when the map stream resume point ``point`` (``"<feed id>.<seq>.<time>"``, see
+        :mod:`tailpy.control.mapper`) is ahead of this replica, so that its node resumes here with a delta
+        (it came from a replica that read the feed more recently). A database error is logged: the stream
+        then starts with a full netmap."""
+        fid, _, rest = point.partition(".")
+        seq = rest.partition(".")[0]
+        if fid != self.server.mapper.feed_id or not seq.isdigit() or int(seq) <= self.seq:
+            return
+        try:
+            self.apply()
+        except sa.exc.SQLAlchemyError as e:
+            log.warning("change feed: cannot read the database: %s", _short(e))
 
     def _reroute(self, ids: set[int]) -> None:
         """The primary routes of nodes ``ids`` changed: publish their records again."""

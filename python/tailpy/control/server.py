@@ -23,7 +23,7 @@ Routes (requests and responses sealed as :mod:`tailpy.proto.control` describes):
   and logged out (its record stays; a later register with an auth key brings it back). An ephemeral node
   is deleted instead, as by ``nodes delete`` (its addresses go to the address quarantine).
 * ``POST /machine/map`` sealed ``{node_key, endpoints, hostname?, home_derp?, disco_key?, routable_ips?,
-  resume?: {generation, version}, accept?: ["zstd", "patches", "frames"]}`` -> a stream
+  resume?: {generation, version, feed?}, accept?: ["zstd", "patches", "frames", "derp_map"]}`` -> a stream
   (``application/x-ndjson``, chunked), one sealed message per line (``application/x-tailpy-frames``, one
   length-prefixed binary frame per message, when ``accept`` names ``frames``; zstd-compressed and with peer
   field patches when it names those: :mod:`tailpy.proto.mapcodec`): a full netmap (or, resuming, a delta
@@ -261,6 +261,7 @@ class ControlServer:
         self._online: Counter[int] = Counter()
         self._stream_socks: dict[MapStream, socket.socket | None] = {}  # open map streams and their sockets
         self.mapper = Mapper(self.key, self.domain, derp_map=derp_map, dns=dnsconfig.for_netmap(store))
+        self.mapper.clock = clock
         self.replicas = Replicas(  # (reads the feed's position before the nodes: nothing is missed)
             self, replica_id=replica_id, url=replica_url, heartbeat=heartbeat, poll_interval=poll_interval
         )
@@ -761,6 +762,8 @@ class ControlServer:
             resume = _resume(req.body.get("resume"))
             if self.replicas.severed:
                 raise _Refused(503, "this control replica cannot reach its database: try another replica")
+            if resume is not None and resume[2] is not None:
+                self.replicas.catch_up(resume[2])  # (a node from a replica ahead of this one)
             node = self._live_node(req, node_key)
             sock = None if request.transport is None else request.transport.get_extra_info("socket")
             set_stream_keepalive(sock)
@@ -911,15 +914,26 @@ def http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _resume(obj: object) -> tuple[str, int] | None:
-    """The ``resume`` field of a map request: ``{"generation": str, "version": int}`` or absent."""
+def _resume(obj: object) -> tuple[str, int, str | None] | None:
+    """The ``resume`` field of a map request: ``{"generation": str, "version": int, "feed"?: str}`` or
+    absent (:mod:`tailpy.control.mapper`)."""
     if obj is None:
         return None
     if isinstance(obj, dict):
-        g, v = obj.get("generation"), obj.get("version")
-        if isinstance(g, str) and len(g) <= 64 and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            return g, v
-    raise _Refused(400, 'field \'resume\' must be {"generation": string, "version": integer >= 0}')
+        g, v, f = obj.get("generation"), obj.get("version"), obj.get("feed")
+        if (
+            isinstance(g, str)
+            and len(g) <= 64
+            and isinstance(v, int)
+            and not isinstance(v, bool)
+            and v >= 0
+            and (f is None or (isinstance(f, str) and len(f) <= 128))
+        ):
+            return g, v, f
+    raise _Refused(
+        400,
+        'field \'resume\' must be {"generation": string, "version": integer >= 0, "feed"?: string}',
+    )
 
 
 def _with_online(node: Node, online: bool) -> Node:

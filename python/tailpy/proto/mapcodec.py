@@ -1,7 +1,8 @@
 """Compact map stream messages: zstd frames and peer field patches (sans-IO, both sides).
 
-A client that can read them says so in its map request (``"accept": ["zstd", "patches", "frames"]``, see
-:mod:`tailpy.control.mapper` for the stream they change); a client that does not gets plain JSON, as before.
+A client that can read them says so in its map request (``"accept": ["zstd", "patches", "frames",
+"derp_map"]``, see :mod:`tailpy.control.mapper` for the stream they change); a client that does not gets
+plain JSON, as before.
 
 * ``zstd`` (RFC 8878, through the ``zstandard`` package; Tailscale compresses its MapResponses the same way):
   the sealed plaintext of a message may be one or more concatenated zstd frames instead of the JSON object;
@@ -20,6 +21,9 @@ A client that can read them says so in its map request (``"accept": ["zstd", "pa
   nonce + ciphertext, instead of one base64 line per message; the server says it granted this with the
   response's ``Content-Type: application/x-tailpy-frames`` (:mod:`tailpy.proto.control`,
   :class:`~tailpy.proto.control.FrameReader`).
+* ``derp_map``: a delta may carry ``"derp_map"`` (the server's new DERP map, replacing the client's), so a
+  DERP map change is one small delta, not a full netmap per stream; and the client may resume its stream on
+  another control replica of the same database (the first delta then carries that replica's DERP map).
 
 When the ``zstandard`` package is missing, :data:`ZSTD` is False: the server compresses nothing and the
 client does not ask for it (plain JSON, as an old client).
@@ -50,8 +54,10 @@ LEVEL = 1
 MIN_COMPRESS = 512
 """Bytes below which a message is sent as plain JSON even on a zstd stream."""
 
-FEATURES = ("zstd", "patches", "frames")
-"""What a map request's ``accept`` may name."""
+FEATURES = ("zstd", "patches", "frames", "derp_map")
+"""What a map request's ``accept`` may name (``derp_map``: the client applies a DERP map carried by a delta,
+:class:`tailpy.netmap.MapDelta`, so a new DERP map or a stream resumed on another control replica needs no
+full netmap)."""
 
 _ZERO: dict[str, Any] = {
     "endpoints": [],

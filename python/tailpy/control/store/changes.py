@@ -20,7 +20,8 @@
   online while it has a row on a live replica.
 * ``control_keys (name, value)``: the server's machine private key (``server``), shared by every replica
   of the database so that a node's sealed requests open on any of them, and the DERP mesh key of the
-  replicas' relays (``derp_mesh``, 64 hex digits; :func:`shared_mesh_key`).
+  replicas' relays (``derp_mesh``, 64 hex digits; :func:`shared_mesh_key`), and the feed's id (``feed``,
+  :func:`feed_id`).
 
 These tables and triggers are created on every open when missing (idempotent DDL, like the indexes of
 :mod:`tailpy.control.store.schema`): they hold no tailnet data, so they are not a schema version.
@@ -335,6 +336,19 @@ def shared_key(conn: Connection, fallback: str) -> str:
     return fallback
 
 
+def feed_id(conn: Connection) -> str:
+    """The database's change feed id (16 hex digits, made by the first replica that asks): names the feed in
+    the resume points of map streams (:mod:`tailpy.control.mapper`), so that a stream resumes on another
+    replica only when both read the same feed (not a database restored or made anew, whose sequence numbers
+    mean other changes)."""
+    row = conn.execute(sa.select(control_keys.c.value).where(control_keys.c.name == "feed")).first()
+    if row is not None:
+        return str(row.value)
+    value = secrets.token_hex(8)
+    _put_key(conn, "feed", value)
+    return value
+
+
 def shared_mesh_key(conn: Connection, given: str | None = None) -> str:
     """The database's DERP mesh key (64 hex digits, derper's ``--mesh-psk-file`` form), made by the first
     replica that asks (``given``, its ``--mesh-psk-file`` key, else random): the embedded relays of every
@@ -358,6 +372,7 @@ __all__ = [
     "Batch",
     "alive",
     "db_now",
+    "feed_id",
     "heartbeat",
     "install",
     "last_seq",

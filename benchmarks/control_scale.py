@@ -34,8 +34,11 @@ replica g mod R, so the nodes spread evenly; the moving node streams from the fi
 registers with the last, so change and join cross replicas. CPU is the replicas' sum, ``server_peak_rss_mib``
 the largest and ``replica_peak_rss_mib`` each one's. At the end the last replica is sent SIGKILL: its
 nodes' streams break and each opens its stream again after half a second (tailpyd's first backoff step) on
-the next URL of its list; ``failover_p50_s`` / ``failover_max_s`` are the seconds from the kill until each
-had a netmap from another replica (``failover_moved`` of ``failover_nodes``). The policy run is left out.
+the next URL of its list, resuming from the last message it had (as tailpyd does: ``resume`` with the
+message's generation, version and feed resume point, so another replica of the database may answer with a
+delta instead of a full netmap); ``failover_p50_s`` / ``failover_max_s`` are the seconds from the kill until
+each had its first message from another replica (``failover_moved`` of ``failover_nodes``;
+``failover_resumed``: how many of those were deltas). The policy run is left out.
 
 Each measurement starts once the server is quiet (under a tenth of a core for a second: the last streams
 to open have had their deltas; ``settle_s`` is how long that took after all streams were up), so a figure
@@ -56,6 +59,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -78,6 +82,10 @@ from tailpy.keys import MachinePrivate, NodePublic
 
 TAILPY = str(Path(sys.executable).with_name("tailpy"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+HEAD = re.compile(
+    rb'\{"type":"(?:netmap|delta)"(?:,"generation":"([0-9a-f]+)")?,"version":(\d+)(?:,"feed":"([^"]+)")?'
+)
+"""The start of a netmap or delta message: generation (netmaps and resumed deltas), version, resume point."""
 RECONNECT = 0.5  # seconds before a simulated node opens its stream again (tailpyd's first backoff step)
 SKIPPED = 77  # exit status: cannot run here (automake's "skipped"), the reason on stderr
 UNIT_TESTS = Path(__file__).resolve().parents[1] / "tests" / "unit"  # _postgres.py: a throwaway PostgreSQL
@@ -156,6 +164,8 @@ async def worker_main(
     mover_too: set[bytes] = set()  # markers the moving node (0, 0) also waits for
     stream_url: dict[int, str] = {}  # node index -> the URL its current stream came up on
     reopened: dict[int, float] = {}  # node index -> when its last reopened stream brought its netmap
+    resumed: set[int] = set()  # node indexes whose last reopened stream began with a delta
+    resume: dict[int, tuple[str, int, str | None]] = {}  # node index -> its resume point (last message)
 
     async def follow(i: int) -> None:
         nonlocal got_full
@@ -170,16 +180,26 @@ async def worker_main(
                     node_keys[i],
                     [Endpoint.parse(f"192.0.2.{index}:{i + 1}")],
                     f"w{index}-{i}",
+                    resume=resume.get(i),
                     accept=None if compact else [],
                 )
                 first = True
                 async for msg in it:
                     now = time.monotonic()
+                    head = HEAD.match(msg.raw, 0, 240)
+                    if head is not None:  # (what tailpyd keeps to resume: generation, version, feed)
+                        gen, feed = head[1], head[3]
+                        old = resume.get(i)
+                        g = gen.decode() if gen else (old[0] if old else "")
+                        f = feed.decode() if feed else (old[2] if old else None)
+                        resume[i] = (g, int(head[2]), f)
                     if first:
                         first = False
                         stream_url[i] = url
                         if not initial:
                             reopened[i] = now
+                            if msg.type == "delta":
+                                resumed.add(i)
                             continue
                         initial = False
                         got_full += 1
@@ -229,12 +249,13 @@ async def worker_main(
         elif cmd == "failover-watch":  # the nodes streaming from replica ``arg``, about to be killed
             moving = {i for i, u in stream_url.items() if u == arg}
             reopened.clear()
+            resumed.clear()
             pipe.send(("count", len(moving)))
         elif cmd == "failover-collect":  # when each of them had its netmap from another replica
             deadline = arg
             while not moving <= reopened.keys() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            pipe.send(("times", [reopened[i] for i in moving if i in reopened]))
+            pipe.send(("times", ([reopened[i] for i in moving if i in reopened], len(moving & resumed))))
         elif cmd == "stop":
             break
     for t in tasks:
@@ -491,7 +512,7 @@ def run(
         rss = [round(server_hwm_mib(pid), 1) for pid in pids]
         # Failover: the last replica is killed; its nodes open their streams on another.
         failover: list[float] = []
-        moving = 0
+        moving = resumed_n = 0
         if replicas > 1:
             wait_quiet(pids)
             moving = sum(ask(pipes, "failover-watch", urls[-1]))
@@ -501,7 +522,9 @@ def run(
             for p in pipes:
                 p.send(("failover-collect", killed + timeout))
             for p in pipes:
-                failover += [t - killed for t in p.recv()[1]]
+                times, n_resumed = p.recv()[1]
+                failover += [t - killed for t in times]
+                resumed_n += n_resumed
         for pipe in pipes:
             pipe.send(("stop", None))
         row: dict[str, Any] = {
@@ -538,6 +561,7 @@ def run(
                 "replica_peak_rss_mib": rss,
                 "failover_nodes": moving,
                 "failover_moved": len(failover),
+                "failover_resumed": resumed_n,
                 "failover_p50_s": round(pct(failover, 50), 2),
                 "failover_max_s": round(max(failover, default=float("nan")), 2),
             }

@@ -184,6 +184,9 @@ class ControlClient:
         self._server_key: MachinePublic | None = None
         self._session: aiohttp.ClientSession | None = None
         self.map_state: MapState | None = None
+        self.stream_starts: dict[str, int] = {"netmap": 0, "delta": 0}
+        """How the map streams of :meth:`stream_map` began: with a full netmap, or resumed with a delta
+        (on the same server, or on another control replica of its database)."""
         self.clock_skew: float | None = None
         """Seconds control's clock is ahead of ``clock`` (negative: behind), from the ``Date`` header of its
         last reply (RFC 9110 section 6.6.1, one-second resolution); None before one."""
@@ -580,8 +583,10 @@ class ControlClient:
             routable_ips=routable_ips,
             accept=accept,
         ):
-            if first and msg.type == "netmap":
-                state = None  # the server could not resume: start over
+            if first:
+                self.stream_starts[msg.type] = self.stream_starts.get(msg.type, 0) + 1
+                if msg.type == "netmap":
+                    state = None  # the server could not resume: start over
             first = False
             state = self.map_state = apply_message(state, msg)
             yield state.netmap

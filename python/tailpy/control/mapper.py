@@ -306,7 +306,7 @@ class Mapper:
         """The database's change feed id when this server is one of several control replicas
         (:mod:`tailpy.control.replicas`): messages then carry a resume point any replica of the database
         understands (see :meth:`feed_applied`). None: resume only on this process."""
-        self._marks: list[tuple[int, int, float]] = []  # (feed seq, version before its read, unix time)
+        self._marks: list[tuple[int, int, float]] = []  # (feed seq, version after its read, unix time)
         self._feed_json = b""  # ',"feed":"<id>.<seq>.<time>"' of the newest mark
         self._expiries: list[tuple[float, int]] | None = []  # (key expiry, node id) sorted; None: rebuild
         self.clock: Callable[[], float] = time.time
@@ -723,10 +723,9 @@ class Mapper:
         for a full netmap. Same process: the version it names. Another replica of this database (a client
         that reads DERP maps in deltas, ``derp``): the feed resume point ``"<feed id>.<seq>.<time>"`` its
         last message carried says its netmap holds every change of the feed up to ``seq``; it resumes from
-        the version before this replica's read of the feed after the newest position it applied at or
-        before ``seq`` (every change with a later sequence number was published after that version). None
-        when the feed is another database's, this replica has not applied ``seq`` yet, or its marks no
-        longer reach back."""
+        the version of this replica's newest mark at or before ``seq`` (:meth:`feed_applied`: every change
+        with a later sequence number was published after that version). None when the feed is another
+        database's, this replica has not applied ``seq`` yet, or its marks no longer reach back."""
         generation, version = resume[0], resume[1]
         if generation == self.generation:
             return version, None
@@ -746,15 +745,17 @@ class Mapper:
             return None
         return marks[k][1], at - EXPIRY_SLACK
 
-    def feed_applied(self, seq: int, before: int) -> None:
-        """The change feed was applied up to sequence number ``seq`` by a read that started when the version
-        was ``before``: every message from now on holds every change up to ``seq`` (their resume point
-        says so), and every change with a higher sequence number is published after ``before`` (what
-        :meth:`resume_point` resumes from). Marks nothing while :attr:`feed_id` is None."""
+    def feed_applied(self, seq: int) -> None:
+        """The change feed was applied up to sequence number ``seq``, by a read that published what it
+        found synchronously (nothing else was published while it ran): every message from now on holds
+        every change up to ``seq`` (their resume point says so), and every change with a higher sequence
+        number is published after the current version (it is read later, or it is this replica's own
+        write, committed after the read and published after it; what :meth:`resume_point` resumes from).
+        Marks nothing while :attr:`feed_id` is None."""
         if self.feed_id is None or (self._marks and self._marks[-1][0] >= seq):
             return
         now = self.clock()
-        self._marks.append((seq, before, now))
+        self._marks.append((seq, self.version, now))
         if len(self._marks) > FEED_MARKS:
             del self._marks[: FEED_MARKS // 2]
         self._feed_json = b',"feed":"%s.%d.%d"' % (self.feed_id.encode(), seq, int(now))

@@ -32,16 +32,17 @@ Each :class:`~tailpy.control.server.ControlServer` runs one :class:`Replicas`, w
   replicas with different histories show the same primary.
 
 Streams keep per-replica versions: the mapper's ``generation`` is the process's and its ``version`` counts
-that process's publications. The feed's sequence is not used as the stream version because a replica publishes
-its own writes at once (before the feed echoes them) and logs changes no row records (policy recompiles,
-stream counts), so the two orders differ. Instead, after each read of the feed the replica marks its mapper
-(:meth:`~tailpy.control.mapper.Mapper.feed_applied`: the sequence number read up to, and the version before
-the read), and every message carries the newest mark as a resume point (``"<feed id>.<seq>.<time>"``, the feed
-id from :func:`~tailpy.control.store.changes.feed_id`). A node that moves to another replica sends it back,
-and that replica resumes its stream with a delta from the version before its own read that reached the newest
-position at or before that sequence number (:meth:`~tailpy.control.mapper.Mapper.resume_point`; it reads the
-feed first when the node's replica was ahead, :meth:`Replicas.catch_up`). So the nodes of a dead replica move
-with one small delta each, not a full netmap.
+that process's publications. The feed's sequence is not used as the stream version because a replica
+publishes its own writes at once (before the feed echoes them) and logs changes no row records (policy
+recompiles, stream counts), so the two orders differ. Instead, after each read of the feed (synchronous: it
+publishes what it read with nothing else in between) the replica marks its mapper with the sequence number
+read up to (:meth:`~tailpy.control.mapper.Mapper.feed_applied`), and every message carries the newest mark
+as a resume point (``"<feed id>.<seq>.<time>"``, the feed id from
+:func:`~tailpy.control.store.changes.feed_id`). A node that moves to another replica sends it back, and that
+replica resumes its stream with a delta from its own newest mark at or before that sequence number
+(:meth:`~tailpy.control.mapper.Mapper.resume_point`; it reads the feed first when the node's replica was
+ahead, :meth:`Replicas.catch_up`). So the nodes of a dead replica move with one small delta each, not a full
+netmap.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ FEED_BATCH_DELAY = 0.05
 """Seconds after a read of the feed before the next (a burst of writes is read as one batch)."""
 UNJUDGED = 1e9
 """The stale window (seconds) of a replica that has not beaten for a whole window yet: nobody is dead."""
+OPEN_WINDOW = 0.002
+"""Seconds a new stream row waits for others to share its transaction (many streams open at once when a
+replica's nodes move here)."""
 PRUNE_INTERVAL = 60.0
 """Seconds between prunings of the change feed (by each replica: all but the newest
 :data:`~tailpy.control.store.changes.KEEP` rows go)."""
@@ -146,6 +150,9 @@ class Replicas:
         self._last_beat: float | None = None  # monotonic time of the last good beat
         self._severed = False  # heartbeats failed for a stale window: streams ended, new ones refused
         self._unclosed: set[int] = set()  # stream rows whose removal failed (database unreachable)
+        self._opening: set[int] = set()  # stream rows waiting for their grouped insert (OPEN_WINDOW)
+        self._open_timer: asyncio.TimerHandle | None = None
+        self._unopened: set[int] = set()  # stream rows whose insert failed (written at the next heartbeat)
         self.on_fatal: Callable[[str], None] | None = None
         """Called with a sentence when this replica must stop (its row was taken over by another process);
         None: the replica only logs it and ends its streams."""
@@ -240,6 +247,10 @@ class Replicas:
         """Stop; with liveness, remove this replica's row and stream rows (its nodes go offline on the
         others at once, until they reconnect there)."""
         self._running = False
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        self._opening.clear()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -283,16 +294,35 @@ class Replicas:
             await asyncio.sleep(min(0.25, self.heartbeat_interval / 4))
 
     def opened(self, node_id: int) -> None:
-        """This replica now holds a map stream of ``node_id`` (its first)."""
+        """This replica now holds a map stream of ``node_id`` (its first). Its row is written within
+        :data:`OPEN_WINDOW` seconds, in one transaction with the rows of the streams opening meanwhile; a
+        row the database does not take is written at the next good heartbeat."""
         if not self.liveness or not self._running:
             return
-        with self.engine.begin() as conn:
-            changes.stream_opened(conn, node_id, self.id, time.time())
         self._local.add(node_id)
+        self._opening.add(node_id)
+        if self._open_timer is None:
+            self._open_timer = asyncio.get_running_loop().call_later(OPEN_WINDOW, self._write_opened)
+
+    def _write_opened(self) -> None:
+        self._open_timer = None
+        ids, self._opening = self._opening, set()
+        if not ids or not self._running:
+            return
+        try:
+            with self.engine.begin() as conn:
+                changes.streams_opened(conn, ids, self.id, time.time())
+        except sa.exc.SQLAlchemyError as e:
+            log.warning("replica %s: could not record %d map streams: %s", self.id, len(ids), _short(e))
+            self._unopened |= ids
 
     def closed(self, node_id: int) -> None:
         """This replica's last map stream of ``node_id`` ended."""
         self._local.discard(node_id)
+        self._unopened.discard(node_id)
+        if node_id in self._opening:  # (its row was never written)
+            self._opening.discard(node_id)
+            return
         if not self.liveness or not self._running:
             return
         try:
@@ -315,7 +345,6 @@ class Replicas:
         server = self.server
         total = 0
         while True:
-            before = server.mapper.version  # (every change after what this read returns is published later)
             with self.engine.begin() as conn:
                 batch = changes.read_since(conn, self.seq)
                 if batch.seq == self.seq:
@@ -360,7 +389,7 @@ class Replicas:
                 server.dns_changed()
             if changes.POLICY in batch.kinds and server.policy.path is None:
                 server.policy.reload()
-            server.mapper.feed_applied(batch.seq, before)
+            server.mapper.feed_applied(batch.seq)  # (synchronous: nothing else was published meanwhile)
         if total:
             server._lifecycle()
         return total
@@ -450,28 +479,34 @@ class Replicas:
 
     def _beat(self) -> list[str]:
         """One heartbeat on the event loop (at start): :meth:`_beat_db`, then :meth:`_beat_done`."""
-        local, unclosed = frozenset(self._local), frozenset(self._unclosed)
-        dead, relays = self._beat_db(local, unclosed)
-        self._beat_done(unclosed, relays)
+        local, unclosed, unopened = self._beat_state()
+        dead, relays = self._beat_db(local, unclosed, unopened)
+        self._beat_done(unclosed, unopened, relays)
         return dead
 
     async def _beat_off_loop(self) -> list[str]:
         """One heartbeat whose database work runs in a worker thread, so that a slow database (a lock held
         by a hung replica, a lost connection) never stalls this replica's map streams."""
-        local, unclosed = frozenset(self._local), frozenset(self._unclosed)
-        self._beating = asyncio.ensure_future(asyncio.to_thread(self._beat_db, local, unclosed))
+        local, unclosed, unopened = self._beat_state()
+        self._beating = asyncio.ensure_future(asyncio.to_thread(self._beat_db, local, unclosed, unopened))
         dead, relays = await asyncio.shield(self._beating)
-        self._beat_done(unclosed, relays)
+        self._beat_done(unclosed, unopened, relays)
         return dead
 
+    def _beat_state(self) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+        """What a heartbeat writes besides the replica's row: (nodes streaming here, stream rows whose
+        removal failed, stream rows of nodes still streaming here whose insert failed)."""
+        local = frozenset(self._local)
+        return local, frozenset(self._unclosed), frozenset(self._unopened) & local
+
     def _beat_db(
-        self, local: frozenset[int], unclosed: frozenset[int]
+        self, local: frozenset[int], unclosed: frozenset[int], unopened: frozenset[int] = frozenset()
     ) -> tuple[list[str], dict[str, str] | None]:
         """The database part of a heartbeat (any thread; reads no mutable state of this object but
-        ``local``, the nodes streaming here, and ``unclosed``, stream rows whose removal failed): refresh
-        this replica's row (re-recording its streams when another replica took it for dead), remove dead
-        replicas, note the live ones. Returns the ids removed and, with :attr:`on_relays`, the live
-        replicas' relays."""
+        ``local``, the nodes streaming here, ``unclosed``, stream rows whose removal failed, and
+        ``unopened``, stream rows whose insert failed): refresh this replica's row (re-recording its
+        streams when another replica took it for dead), remove dead replicas, note the live ones. Returns
+        the ids removed and, with :attr:`on_relays`, the live replicas' relays."""
         stale = self.stale
         with self.engine.begin() as conn:
             now = changes.db_now(conn)
@@ -490,15 +525,20 @@ class Replicas:
                     changes.stream_opened(conn, node_id, self.id, now)
             for node_id in sorted(unclosed - local):
                 changes.stream_closed(conn, node_id, self.id)
+            if unopened and known is not None:
+                changes.streams_opened(conn, unopened, self.id, now)
             dead = changes.reap(conn, now, stale)
             self._alive = changes.alive(conn, now, stale)
             relays = changes.relays(conn, now, stale) if self.on_relays is not None else None
         return dead, relays
 
-    def _beat_done(self, unclosed: frozenset[int], relays: dict[str, str] | None) -> None:
-        """The event-loop part of a good heartbeat: forget the stream rows it removed, note the time, tell
-        :attr:`on_relays`."""
+    def _beat_done(
+        self, unclosed: frozenset[int], unopened: frozenset[int], relays: dict[str, str] | None
+    ) -> None:
+        """The event-loop part of a good heartbeat: forget the stream rows it removed or wrote, note the
+        time, tell :attr:`on_relays`."""
         self._unclosed -= unclosed
+        self._unopened -= unopened
         mono = time.monotonic()
         if self._beating_since is None:
             self._beating_since = mono

@@ -289,6 +289,20 @@ def stream_opened(conn: Connection, node_id: int, replica_id: str, now: float) -
         conn.execute(node_streams.insert().values(node_id=node_id, replica_id=replica_id, opened=now))
 
 
+def streams_opened(conn: Connection, node_ids: Iterable[int], replica_id: str, now: float) -> None:
+    """:func:`stream_opened` for each of ``node_ids`` (one query for the rows there are, one insert)."""
+    ids = sorted(set(node_ids))
+    have: set[int] = set()
+    for i in range(0, len(ids), 500):
+        q = sa.select(node_streams.c.node_id).where(
+            node_streams.c.replica_id == replica_id, node_streams.c.node_id.in_(ids[i : i + 500])
+        )
+        have.update(int(r.node_id) for r in conn.execute(q))
+    rows = [{"node_id": i, "replica_id": replica_id, "opened": now} for i in ids if i not in have]
+    if rows:
+        conn.execute(node_streams.insert(), rows)
+
+
 def stream_closed(conn: Connection, node_id: int, replica_id: str) -> None:
     """``replica_id`` holds no map stream of ``node_id`` any more."""
     mine = (node_streams.c.node_id == node_id, node_streams.c.replica_id == replica_id)
@@ -386,4 +400,5 @@ __all__ = [
     "stream_closed",
     "stream_opened",
     "streaming_elsewhere",
+    "streams_opened",
 ]

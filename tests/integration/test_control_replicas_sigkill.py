@@ -72,12 +72,15 @@ async def test_sigkill_replica_nodes_move_within_10s(
         await moved.client.update(endpoints=[new_endpoint])
         moved.endpoints = [new_endpoint]  # its next stream (on b) says the same, as tailpyd's would
         maps_before = {f.hostname: f.maps for f in movers}
+        resumed_before = {f.hostname: f.client.stream_starts["delta"] for f in movers}
         a.kill()
         t0 = time.monotonic()
         for f in movers:
             await f.until(_moved_to(f, b.url, maps_before[f.hostname]), timeout=FAILOVER_WAIT)
         failover = time.monotonic() - t0
         log.info("SIGKILL: %d nodes of the killed replica stream from the other after %.2f s", 3, failover)
+        # each resumed on b where its last message from a left it: one delta, no full netmap
+        assert all(f.client.stream_starts["delta"] > resumed_before[f.hostname] for f in movers)
 
         # nobody lost an address; the change acknowledged by a is there
         for f in movers:

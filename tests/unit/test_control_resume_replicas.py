@@ -206,3 +206,17 @@ def test_client_takes_a_resumed_delta_of_another_generation_only_with_a_resume_p
     assert out.netmap == state.netmap
     with pytest.raises(ControlError, match="no netmap"):
         apply_message(dataclasses.replace(state, feed=None), msg)
+
+
+def test_reconnecting_is_no_change_for_peers() -> None:
+    """A node that opens a stream records its last seen; while it is online peers are not sent that (a
+    replica's nodes moving to another would otherwise be a change every peer gets, for each of them)."""
+    m = Mapper(mkey(), "ts.net")
+    m.load(node(i) for i in range(1, 3))
+    c = Client(m, 2)
+    assert m.publish(node(2, last_seen=100.0))  # online now: a change, without the last seen
+    assert m.nodes[2].online and m.nodes[2].last_seen is None
+    assert not m.publish(node(2, last_seen=200.0))  # a second stream opening (a move): nothing to send
+    m.close_stream(c.stream)
+    assert m.publish(node(2, last_seen=300.0))  # offline: peers see when it was last seen
+    assert not m.nodes[2].online and m.nodes[2].last_seen == 300.0

@@ -209,9 +209,11 @@ def test_expired_node_sees_itself_expired_and_no_peers() -> None:
     assert b.state is not None and b.state.netmap.peers[1].expired
     m.publish(node(3, endpoints=("192.0.2.3:3",)))  # peer changes do not reach the expired node
     assert a.drain() == []
-    m.publish(node(1, expired=True, last_seen=7.0))  # its own record does, as "self" only
+    m.publish(node(1, expired=True, hostname="renamed"))  # its own record does, as "self" only
     (own,) = a.drain()
-    assert own.type == "delta" and "peers_changed" not in own.body and own.body["self"]["last_seen"] == 7.0
+    assert (
+        own.type == "delta" and "peers_changed" not in own.body and own.body["self"]["hostname"] == "renamed"
+    )
     fresh = Client(m, 1, (a.state.generation, a.state.version))  # a resumed stream of an expired node too
     assert fresh.stream.resync and [x.type for x in fresh.drain()] == ["netmap"]
     m.publish(node(1))  # logged in again: a full netmap with the peers

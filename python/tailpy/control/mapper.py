@@ -33,7 +33,8 @@ request may name compact forms its client reads, ``"accept": ["zstd", "patches",
   a peer on the wire at 10,000 nodes instead of 600.
 * ``patches``: a delta carries ``"peers_patched": [{"id": N, field: value, ...}]`` (Tailscale's
   ``PeersChangedPatch``) instead of the whole record for a peer whose previous record the client holds:
-  a node coming online is ``{"id", "endpoints", "online", "last_seen"}``, not its keys and names again.
+  a node coming online is ``{"id", "endpoints", "online", "last_seen"}``, not its keys and names again
+  (``last_seen`` is null while a node is online: it says when an offline node was last seen).
 
 ``generation`` is 32 hex characters chosen when the server process starts; ``version`` counts the changes the
 server published (every node add/change/remove is one version). A client that reconnects sends
@@ -592,8 +593,14 @@ class Mapper:
                 self._compiled.update(self._policy_node(n))
 
     def _with_online(self, node: Node) -> Node:
+        """``node`` with ``online`` from the streams, and no ``last_seen`` while online (as Tailscale's
+        ``tailcfg.Node.LastSeen``, it tells when an offline node was last seen; a node that opens a stream
+        records its last seen each time, and reconnecting must not be a change every peer is sent)."""
         online = self.is_online(node.id)
-        return node if node.online == online else dataclasses.replace(node, online=online)
+        last_seen = None if online else node.last_seen
+        if node.online == online and node.last_seen == last_seen:
+            return node
+        return dataclasses.replace(node, online=online, last_seen=last_seen)
 
     def _bump(self, node_id: int) -> int:
         if len(self._log) == self._log.maxlen:

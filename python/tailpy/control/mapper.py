@@ -265,6 +265,7 @@ class Mapper:
         self.version = 0
         self.batch_delay = batch_delay
         self.nodes: dict[int, Node] = {}
+        self._by_machine: dict[MachinePublic, int] = {}  # machine key -> node id
         self._json: dict[int, bytes] = {}
         self._changed_at: dict[int, int] = {}  # node id -> version of its last change
         self._log: collections.deque[tuple[int, int]] = collections.deque(maxlen=log_limit)
@@ -320,6 +321,11 @@ class Mapper:
         (:attr:`elsewhere`)."""
         return bool(self._by_node.get(node_id)) or node_id in self.elsewhere
 
+    def node_by_machine_key(self, machine_key: MachinePublic) -> Node | None:
+        """The record of the live node of ``machine_key`` as streams are told it (None: none known)."""
+        i = self._by_machine.get(machine_key)
+        return None if i is None else self.nodes.get(i)
+
     @property
     def streams(self) -> int:
         return len(self._streams)
@@ -370,6 +376,9 @@ class Mapper:
         may have changed with it)."""
         old = self.nodes.get(node.id)
         self.nodes[node.id] = node
+        if old is not None and old.machine_key != node.machine_key:
+            self._by_machine.pop(old.machine_key, None)
+        self._by_machine[node.machine_key] = node.id
         if old is None or old.key_expiry != node.key_expiry:
             self._expiries = None
         full = node.to_json()
@@ -653,8 +662,11 @@ class Mapper:
     def remove(self, node_id: int) -> bool:
         """Node ``node_id`` left the tailnet: peers get ``peers_removed``, its own streams end. Returns
         whether it was known."""
-        if self.nodes.pop(node_id, None) is None:
+        old = self.nodes.pop(node_id, None)
+        if old is None:
             return False
+        if self._by_machine.get(old.machine_key) == node_id:
+            del self._by_machine[old.machine_key]
         del self._json[node_id]
         self._variants.pop(node_id, None)
         self._frames.pop(node_id // BLOCK, None)

@@ -604,7 +604,18 @@ class ControlServer:
                 {"error": "the control database did not answer: try again (or another replica)"}, status=503
             )
 
-    def _live_node(self, req: proto.OpenedRequest, node_key: NodePublic | None) -> Node:
+    def _live_node(
+        self, req: proto.OpenedRequest, node_key: NodePublic | None, *, known: bool = False
+    ) -> Node:
+        """The live node of the request's machine key, refused (403) when there is none or ``node_key`` is
+        not its key. ``known``: the mapper's record may answer (no database round trip on the event loop:
+        thousands of map streams open at once when a replica's nodes move here); the database is asked
+        when the mapper knows no such node with that key (it may lag another replica's write by a feed
+        read), and the stream's opening write checks again that the node is live."""
+        if known:
+            cached = self.mapper.node_by_machine_key(req.machine_key)
+            if cached is not None and (node_key is None or cached.node_key == node_key):
+                return cached
         node = self.store.node_by_machine_key(req.machine_key)
         if node is None:
             raise _Refused(403, "this machine is not registered (or was deleted); register with an auth key")
@@ -764,7 +775,7 @@ class ControlServer:
                 raise _Refused(503, "this control replica cannot reach its database: try another replica")
             if resume is not None and resume[2] is not None:
                 self.replicas.catch_up(resume[2])  # (a node from a replica ahead of this one)
-            node = self._live_node(req, node_key)
+            node = self._live_node(req, node_key, known=True)
             sock = None if request.transport is None else request.transport.get_extra_info("socket")
             set_stream_keepalive(sock)
             resp = web.StreamResponse(

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+LISTEN_BACKLOG = 4096
+"""Connections a server's listening socket queues before it accepts them (``listen(2)``'s backlog; the
+kernel caps it at ``net.core.somaxconn``, as Go's ``net.Listen`` asks for). asyncio's default, 100, is too few
+for a control replica or DERP relay that takes over thousands of nodes at once when another dies: the
+connections past the backlog lose their SYN and retry it after 1, 3, 7, 15... seconds."""
+
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Wait until ``event`` is set or ``timeout`` seconds pass; True if it was set.

@@ -136,3 +136,30 @@ def test_store_without_grouped_writes_is_written_directly(store: Store) -> None:
 
     node = asyncio.run(StreamOpenWrites(Plain()).report(NodeReport(k, NOW, hostname="direct")))
     assert node is not None and node.hostname == "direct"
+
+
+def test_grouped_reports_with_different_fields_each_keep_their_own(store: Store) -> None:
+    """One transaction, reports setting different columns (one executemany per set of columns): each node
+    gets exactly what it reported, the rest stays; answers come in the reports' order."""
+    keys = _nodes(store, 4)
+    before = store.node_by_machine_key(keys[3])
+    assert before is not None
+    got = store.update_nodes(
+        [
+            NodeReport(keys[2], NOW + 1, hostname="two"),
+            NodeReport(mkey(), NOW + 1, hostname="nobody"),
+            NodeReport(
+                keys[0], NOW + 2, endpoints=[Endpoint.parse("192.0.2.9:9")], routable_ips=["10.0.0.0/24"]
+            ),
+            NodeReport(keys[1], NOW + 3, endpoints=[Endpoint.parse("192.0.2.8:8")], hostname="one"),
+            NodeReport(keys[3], NOW + 4),
+        ]
+    )
+    two, nobody, zero, one, three = got
+    assert nobody is None
+    assert two is not None and (two.machine_key, two.hostname, two.last_seen) == (keys[2], "two", NOW + 1)
+    assert zero is not None and zero.machine_key == keys[0] and zero.routable_ips == ("10.0.0.0/24",)
+    assert [str(e) for e in zero.endpoints] == ["192.0.2.9:9"] and zero.hostname == "n0"
+    assert one is not None and one.hostname == "one" and [str(e) for e in one.endpoints] == ["192.0.2.8:8"]
+    assert three is not None and three.last_seen == NOW + 4
+    assert (three.hostname, three.endpoints) == (before.hostname, before.endpoints)

@@ -79,6 +79,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
+from tailpy.asyncutil import LISTEN_BACKLOG
 from tailpy.control import dnsconfig, pages
 from tailpy.control.acl import PolicyKeeper, policy_nodes
 from tailpy.control.admin import Admin
@@ -363,7 +364,7 @@ class ControlServer:
         )
         install_log_guards()
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         return self.addresses[0]
 

@@ -55,6 +55,7 @@ from typing import Any
 import nacl.public
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from tailpy.asyncutil import LISTEN_BACKLOG
 from tailpy.derp import ws
 from tailpy.derp.metrics import DROP_REASONS, REFUSAL_REASONS, Metrics, RelayCollector
 from tailpy.derp.relay import DUPLICATE_KEY_PROBLEM, READ_CHUNK, REFUSED_PREFIX, Conn, Relay
@@ -205,6 +206,7 @@ class DerpServer:
             limit=max(self.max_header_bytes, READ_CHUNK),
             ssl=ssl_context,
             ssl_handshake_timeout=self.header_timeout if ssl_context else None,
+            backlog=LISTEN_BACKLOG,
         )
         self._servers.append(srv)
 

@@ -540,19 +540,7 @@ class Store:
         opening at once report); the nodes as committed, in order (None: no live node of that machine
         key)."""
         with self.engine.begin() as conn:
-            return [
-                nodes.update(
-                    conn,
-                    r.machine_key,
-                    now=r.now,
-                    endpoints=r.endpoints,
-                    hostname=r.hostname,
-                    home_derp=r.home_derp,
-                    disco_key=r.disco_key,
-                    routable_ips=r.routable_ips,
-                )
-                for r in reports
-            ]
+            return nodes.update_many(conn, reports)
 
     def approve_routes(self, node_id: int, routes: Iterable[str], now: float | None = None) -> Node:
         """Add ``routes`` (canonical CIDR text) to live node ``node_id``'s approved routes (an approval of a

@@ -397,6 +397,49 @@ def update(
     routable_ips: Sequence[str] | None = None,
 ) -> Node | None:
     """A map request's report (see :meth:`Store.update_node`)."""
+    values = _report_values(now, endpoints, hostname, home_derp, disco_key, routable_ips)
+    conn.execute(nodes.update().where(*_live_of(machine_key)).values(**values))
+    return by_machine_key(conn, machine_key, now)
+
+
+def update_many(conn: Connection, reports: Sequence[NodeReport]) -> list[Node | None]:
+    """:func:`update` for each of ``reports``, in a few statements: one executemany per set of fields
+    reported (the driver sends its rows in one round trip where it can: psycopg's pipeline), then the nodes
+    read back by machine key in chunks. The nodes in order (None: no live node of that machine key; a
+    machine key reported twice gets its last report)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in reports:
+        values = _report_values(r.now, r.endpoints, r.hostname, r.home_derp, r.disco_key, r.routable_ips)
+        values["b_machine_key"] = r.machine_key.text()
+        groups.setdefault(tuple(sorted(values)), []).append(values)
+    for keys, rows in groups.items():
+        stmt = (
+            nodes.update()
+            .where(nodes.c.machine_key == sa.bindparam("b_machine_key"), nodes.c.deleted.is_(None))
+            .values({k: sa.bindparam(k) for k in keys if k != "b_machine_key"})
+        )
+        conn.execute(stmt, rows)
+    texts = sorted({r.machine_key.text() for r in reports})
+    found: dict[str, Any] = {}
+    for i in range(0, len(texts), 500):
+        q = query().where(nodes.c.machine_key.in_(texts[i : i + 500]), nodes.c.deleted.is_(None))
+        found.update((row.machine_key, row) for row in conn.execute(q))
+    out: list[Node | None] = []
+    for r in reports:
+        row = found.get(r.machine_key.text())
+        out.append(None if row is None else to_node(row, r.now))
+    return out
+
+
+def _report_values(
+    now: float,
+    endpoints: Sequence[Endpoint] | None,
+    hostname: str | None,
+    home_derp: int | None,
+    disco_key: DiscoPublic | None,
+    routable_ips: Sequence[str] | None,
+) -> dict[str, Any]:
+    """The ``nodes`` columns a map request's report sets (``last_seen`` always)."""
     values: dict[str, Any] = {"last_seen": now}
     if routable_ips is not None:
         values["routable_ips"] = json.dumps(list(routable_ips))
@@ -408,8 +451,7 @@ def update(
         values["home_derp"] = home_derp
     if hostname is not None:
         values["hostname"] = hostname
-    conn.execute(nodes.update().where(*_live_of(machine_key)).values(**values))
-    return by_machine_key(conn, machine_key, now)
+    return values
 
 
 def set_approved_routes(conn: Connection, node_id: int, routes: Sequence[str], now: float) -> Node:

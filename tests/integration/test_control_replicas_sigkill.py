@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from _replicas import (
 from _replicas import pg_url as pg_url
 from _replicas import store as store
 
+from _metrics import samples, value
 from tailpy.control import ControlClient, Store
 from tailpy.endpoint import Endpoint
 from tailpy.netmap import NetMap
@@ -81,6 +83,10 @@ async def test_sigkill_replica_nodes_move_within_10s(
         log.info("SIGKILL: %d nodes of the killed replica stream from the other after %.2f s", 3, failover)
         # each resumed on b where its last message from a left it: one delta, no full netmap
         assert all(f.client.stream_starts["delta"] > resumed_before[f.hostname] for f in movers)
+        with urllib.request.urlopen(b.url + "/metrics", timeout=10) as r:
+            found = samples(r.read().decode())
+        starts = "tailpy_control_map_stream_starts_total"
+        assert value(found, starts, start="resumed_elsewhere") >= len(movers)
 
         # nobody lost an address; the change acknowledged by a is there
         for f in movers:

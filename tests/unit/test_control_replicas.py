@@ -108,6 +108,31 @@ async def _until(stream: AsyncIterator[NetMap], cond: object) -> NetMap:
             return nm
 
 
+def test_reaped_replica_leaves_its_nodes_last_seen_at_its_last_heartbeat(tmp_path: Path) -> None:
+    """A replica that died never closed its streams: its nodes were last seen at its last heartbeat, not
+    when their streams opened (an ephemeral node's offline time counts from then), unless they were seen
+    later elsewhere (a node that moved keeps its newer last seen)."""
+    store = Store(tmp_path)
+    try:
+        key = store.create_auth_key(reusable=True, expires=None, now=1000.0).key
+        stranded = store.register(mkey().public, nkey(), "stranded", key, 1000.0)
+        moved = store.register(mkey().public, nkey(), "moved", key, 1000.0)
+        with store.engine.begin() as conn:
+            changes.heartbeat(conn, "r-dead", "http://192.0.2.1", 1500.0, started=900.0)
+            changes.streams_opened(conn, [stranded.id, moved.id], "r-dead", 1000.0)
+            changes.stream_opened(conn, moved.id, "r-live", 1510.0)
+        store.update_node(moved.machine_key, now=1510.0)  # (its stream opened on the other replica)
+        with store.engine.begin() as conn:
+            assert changes.reap(conn, 1600.0, 6.0) == ["r-dead"]
+            left = changes.streaming_elsewhere(conn, None, "r-x", ["r-dead", "r-live"])
+        assert left == {moved.id: "r-live"}
+        by_name = {n.hostname: n for n in store.list_nodes()}
+        assert by_name["stranded"].last_seen == 1500.0
+        assert by_name["moved"].last_seen == 1510.0
+    finally:
+        store.close()
+
+
 async def test_two_servers_on_one_sqlite_file(pair: Pair) -> None:
     key = pair.stores[0].create_auth_key(reusable=True, expires=None, now=time.time()).key
     a, b = pair.client(pair.urls[0]), pair.client(pair.urls[1])

@@ -11,7 +11,7 @@ import pytest
 from _mapclient import Client, mkey
 
 from tailpy.control.client import MapMessage, MapState, apply_message
-from tailpy.control.mapper import Mapper
+from tailpy.control.mapper import Mapper, parse_feed_point
 from tailpy.control.policy import Policy
 from tailpy.dns.config import DNSConfig
 from tailpy.errors import ControlError
@@ -220,3 +220,30 @@ def test_reconnecting_is_no_change_for_peers() -> None:
     m.close_stream(c.stream)
     assert m.publish(node(2, last_seen=300.0))  # offline: peers see when it was last seen
     assert not m.nodes[2].online and m.nodes[2].last_seen == 300.0
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        FEED + ".\u00b2.1000",  # (str.isdigit() says yes, int() says no)
+        FEED + ".1.\u00b2",
+        FEED + ".\u0661.1000",  # (an Arabic-Indic digit: not ASCII)
+        FEED + ".-1.1000",
+        FEED + ".1",
+        FEED + ".1.1000.7",
+        FEED.upper() + ".1.1000",
+        FEED + "." + "9" * 40 + ".1000",
+        FEED + ".1.1000\n",
+        "",
+        "...",
+    ],
+)
+def test_garbage_resume_point_is_no_resume_point(
+    pair: tuple[Replica, Replica, list[Node | int]], point: str
+) -> None:
+    _, b, feed = pair
+    feed.append(node(2, name="x"))
+    b.read(feed)
+    assert parse_feed_point(point) is None
+    assert b.m.resume_point(("0" * 32, 1, point), derp=True) is None
+    assert b.m.resume_point(("0" * 32, 1, FEED + ".1.1000"), derp=True) is not None  # (the real form)

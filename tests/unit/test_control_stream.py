@@ -350,3 +350,42 @@ def test_idle_streams_get_keepalives_and_changes_wake_them() -> None:
     types, m = asyncio.run(run())
     assert types[0] == "netmap" and types.count("keepalive") >= 2 and "delta" in types
     assert m._sweeper is None  # the last stream closed: no timer left behind
+
+
+def test_stream_waiting_for_a_full_netmap_slot_gets_keepalives() -> None:
+    """Thousands of streams opening at once wait for one of the few full-netmap slots: meanwhile each gets a
+    keepalive per interval (its client counts a silent stream dead and would reconnect, queueing again),
+    then its netmap; a stream that ends while it waits gives up its place without taking a slot."""
+
+    async def go() -> None:
+        m = Mapper(mkey(), "ts.net", full_map_concurrency=1)
+        m.load([node(1), node(2)])
+        key = mkey()
+        s = m.open_stream(1, proto.public_of(key), "n" * 32)
+        opener = proto.StreamOpener(key, proto.public_of(m.server_key), "n" * 32)
+        lines: list[bytes] = []
+
+        async def write(b: bytes) -> None:
+            lines.append(b)
+
+        await m._full_maps.acquire()  # (another stream's netmap is being written)
+        task = asyncio.create_task(m.serve(s, write, keepalive=0.05))
+        while len(lines) < 3:
+            await asyncio.sleep(0.01)
+        assert all(opener.open(line).startswith(b'{"type":"keepalive"') for line in lines)
+        m._full_maps.release()
+        while not any(b'"type":"netmap"' in opener.open(line) for line in lines[3:]):
+            await asyncio.sleep(0.01)
+        s.end()
+        await task
+        # a stream that ends while it waits: the slot stays free for the others
+        late = m.open_stream(2, proto.public_of(key), "m" * 32)
+        await m._full_maps.acquire()
+        waiting = asyncio.create_task(m.serve(late, write, keepalive=0.05))
+        await asyncio.sleep(0.12)
+        late.end()
+        await waiting
+        m._full_maps.release()
+        assert not m._full_maps.locked()
+
+    asyncio.run(asyncio.wait_for(go(), 30))

@@ -103,12 +103,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +198,16 @@ CHANGE_TIMES = 4096
 further behind than that is catching up, not measuring fan-out."""
 
 
+_FEED_POINT = re.compile(r"([0-9a-f]{1,32})\.([0-9]{1,18})\.([0-9]{1,12})")
+
+
+def parse_feed_point(text: str) -> tuple[str, int, int] | None:
+    """A map stream resume point ``"<feed id>.<seq>.<unix seconds>"`` (ASCII: hex id, decimal numbers) as
+    (feed id, seq, time); None for anything else (a client's garbage is no resume point)."""
+    m = _FEED_POINT.fullmatch(text)
+    return None if m is None else (m[1], int(m[2]), int(m[3]))
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -227,6 +239,7 @@ class MapStream:
     derp: bool = False  # its client applies a DERP map carried by a delta
     pend_derp: bool = False  # its next delta carries the DERP map
     expired_since: float | None = None  # resumed from another replica: also send keys expired since then
+    start: str = "netmap"  # how it began: "netmap", "resumed" (this process), "resumed_elsewhere" (replica)
     paced: bool = False  # its last delta was followed by a pause (its next one counts towards the rate)
 
     def end(self) -> None:
@@ -728,6 +741,7 @@ class Mapper:
             s.sent, s.expired_since = point
             s.filter_sig = s.filter_epoch = None  # the filter may have changed meanwhile
             s.first = True
+            s.start = "resumed" if s.expired_since is None else "resumed_elsewhere"
         else:
             s.resync = True
         self._streams.add(s)
@@ -749,20 +763,17 @@ class Mapper:
         if generation == self.generation:
             return version, None
         feed = resume[2] if len(resume) > 2 else None
-        if not derp or feed is None or self.feed_id is None:
+        point = None if feed is None else parse_feed_point(feed)
+        if not derp or point is None or point[0] != self.feed_id:
             return None
-        fid, _, rest = feed.partition(".")
-        seq_text, _, time_text = rest.partition(".")
-        if fid != self.feed_id or not seq_text.isdigit() or not time_text.isdigit():
-            return None
-        seq, at = int(seq_text), float(time_text)
+        _, seq, at = point
         marks = self._marks
         if not marks or seq > marks[-1][0]:
             return None
         k = bisect.bisect_right(marks, (seq, INF_VERSION, 0.0)) - 1
         if k < 0:
             return None
-        return marks[k][1], at - EXPIRY_SLACK
+        return marks[k][1], float(at) - EXPIRY_SLACK
 
     def feed_applied(self, seq: int) -> None:
         """The change feed was applied up to sequence number ``seq``, by a read that published what it
@@ -1078,8 +1089,45 @@ class Mapper:
     # Each message is built, sealed and written in a function of its own, so that no reference to it outlives
     # the write (a local of serve() would pin every idle stream's last full netmap: hundreds of MB).
 
+    @contextlib.asynccontextmanager
+    async def _full_turn(
+        self, s: MapStream, write: Callable[[bytes], Awaitable[None]]
+    ) -> AsyncIterator[None]:
+        """Hold one of the ``full_map_concurrency`` slots for a large message of ``s``; while it waits for
+        one, write a keepalive every ``s.keepalive`` seconds, so that its client, which counts a silent
+        stream dead after a few keepalive intervals (:data:`tailpy.proto.control.SILENCE_KEEPALIVES`),
+        does not give up and reconnect while thousands of streams wait for their first netmap (each
+        reconnection would queue again, behind the others)."""
+        sem = self._full_maps
+        turn = asyncio.ensure_future(sem.acquire())
+        try:
+            while True:
+                done, _ = await asyncio.wait({turn}, timeout=s.keepalive if s.keepalive > 0 else None)
+                if done:
+                    break
+                if s.ended:
+                    break
+                await write(s.sealer.seal(KEEPALIVE))
+        except BaseException:
+            turn.cancel()
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                sem.release()
+            raise
+        if not turn.done():  # (ended while waiting)
+            turn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await turn
+            if turn.cancelled():
+                yield
+                return
+        turn.result()
+        try:
+            yield
+        finally:
+            sem.release()
+
     async def _write_full_map(self, s: MapStream, write: Callable[[bytes], Awaitable[None]]) -> bool:
-        async with self._full_maps:
+        async with self._full_turn(s, write):
             if s.ended:
                 return False
             s.resync = False
@@ -1114,7 +1162,7 @@ class Mapper:
             if body is not None:
                 await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
             return
-        async with self._full_maps:
+        async with self._full_turn(s, write):
             if s.ended or not s.first:
                 return
             s.first = False
@@ -1179,7 +1227,7 @@ class Mapper:
             if shared is None:
                 return
             if len(shared) > SHARED_LARGE:
-                async with self._full_maps:
+                async with self._full_turn(s, write):
                     if s.ended or s.resync:
                         return
                     await self._write_shared(s, shared, write)
@@ -1196,7 +1244,7 @@ class Mapper:
             if body is not None:
                 await _write_line(write, s.sealer.seal(body, zstd=s.zstd))
             return
-        async with self._full_maps:  # a large merged delta: built, sealed and written a few at a time
+        async with self._full_turn(s, write):  # a large merged delta: built, sealed and written a few at once
             if s.ended or s.resync:
                 return
             body = self.delta_body(s)
@@ -1255,4 +1303,13 @@ def _since(log: collections.deque[tuple[int, int]], version: int) -> Iterator[in
         yield node_id
 
 
-__all__ = ["CHUNK", "KEEPALIVE", "LARGE_DELTA", "LOG_LIMIT", "POLICY_CHANGE", "MapStream", "Mapper"]
+__all__ = [
+    "CHUNK",
+    "KEEPALIVE",
+    "LARGE_DELTA",
+    "LOG_LIMIT",
+    "POLICY_CHANGE",
+    "MapStream",
+    "Mapper",
+    "parse_feed_point",
+]

@@ -8,6 +8,9 @@ counted where they happen:
 * ``tailpy_control_nodes{state}`` (gauge): live nodes ``online`` (a map stream open on some live replica),
   ``offline``, ``expired`` (key expired or logged out); ``pending``: sign-ins waiting for an admin's approval.
 * ``tailpy_control_map_streams`` (gauge): map streams open on this replica.
+* ``tailpy_control_map_stream_starts_total{start}`` (counter): map streams opened, by how they began:
+  ``netmap`` (a full netmap), ``resumed`` (a delta since the client's version on this server),
+  ``resumed_elsewhere`` (a delta since the client's resume point from another replica of the database).
 * ``tailpy_control_registrations_total`` (counter): registrations that succeeded;
   ``tailpy_control_registration_failures_total{reason}`` (counter): refused ones
   (:data:`REGISTRATION_FAILURES`).
@@ -54,6 +57,8 @@ LOOPBACK_ONLY = (
 )
 """The 403 body for ``/metrics`` asked on the main listener by a peer that is not on loopback."""
 
+STREAM_STARTS = ("netmap", "resumed", "resumed_elsewhere")
+"""The ``start`` label values of ``tailpy_control_map_stream_starts_total``."""
 REGISTRATION_FAILURES = (
     "bad_request",
     "unauthenticated",
@@ -158,6 +163,14 @@ class ControlMetrics:
         )
         for reason in REGISTRATION_FAILURES:
             self.registration_failures.labels(reason)
+        self.stream_starts = Counter(
+            "tailpy_control_map_stream_starts_total",
+            "Map streams opened, by how they began (a full netmap, or a delta resuming the client's).",
+            ["start"],
+            registry=r,
+        )
+        for start in STREAM_STARTS:
+            self.stream_starts.labels(start)
         self.delta_latency = Histogram(
             "tailpy_control_delta_latency_seconds",
             "Seconds from a change to its delta being written to a map stream (per stream).",

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from tailpy.asyncutil import wait_event
+from tailpy.control.mapper import parse_feed_point
 from tailpy.control.primaries import StoredPrimaries
 from tailpy.control.store import changes, primaries, schema
 from tailpy.control.store import nodes as node_repo
@@ -399,9 +400,8 @@ class Replicas:
         :mod:`tailpy.control.mapper`) is ahead of this replica, so that its node resumes here with a delta
         (it came from a replica that read the feed more recently). A database error is logged: the stream
         then starts with a full netmap."""
-        fid, _, rest = point.partition(".")
-        seq = rest.partition(".")[0]
-        if fid != self.server.mapper.feed_id or not seq.isdigit() or int(seq) <= self.seq:
+        parsed = parse_feed_point(point)
+        if parsed is None or parsed[0] != self.server.mapper.feed_id or parsed[1] <= self.seq:
             return
         try:
             self.apply()

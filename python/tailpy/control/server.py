@@ -774,9 +774,9 @@ class ControlServer:
             resume = _resume(req.body.get("resume"))
             if self.replicas.severed:
                 raise _Refused(503, "this control replica cannot reach its database: try another replica")
+            node = self._live_node(req, node_key, known=True)
             if resume is not None and resume[2] is not None:
                 self.replicas.catch_up(resume[2])  # (a node from a replica ahead of this one)
-            node = self._live_node(req, node_key, known=True)
             sock = None if request.transport is None else request.transport.get_extra_info("socket")
             set_stream_keepalive(sock)
             resp = web.StreamResponse(
@@ -789,7 +789,11 @@ class ControlServer:
             )
             resp.enable_chunked_encoding()
             await resp.prepare(request)
-            stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume, accept)
+            try:
+                stream = self.mapper.open_stream(node.id, req.machine_key, req.nonce_id, resume, accept)
+            except Exception:  # (the answer has begun: a 500 now would be written into the stream's body)
+                log.exception("map stream for node %d could not start", node.id)
+                return resp
             self._stream_socks[stream] = sock
             try:
                 await self._serve_stream(
@@ -858,7 +862,13 @@ class ControlServer:
             if routable_ips is not None:
                 node = self.auto_approve(node)
             self.mapper.publish(node)  # endpoints, online (a router may become primary)
-            log.info("map stream opened for node %d (%s)", stream.node_id, stream.machine_key.short())
+            self.metrics.stream_starts.labels(stream.start).inc()
+            log.info(
+                "map stream opened for node %d (%s)%s",
+                stream.node_id,
+                stream.machine_key.short(),
+                _STARTS.get(stream.start, ""),
+            )
             self._tune_liveness(stream, router=bool(node.routable_ips))
             await self.mapper.serve(stream, resp.write, stream.keepalive)
         except (ConnectionError, RuntimeError) as e:  # client went away mid-write
@@ -919,6 +929,10 @@ def set_stream_keepalive(sock: socket.socket | None, user_timeout: float = STREA
         opt_user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
         if opt_user_timeout is not None:
             sock.setsockopt(socket.IPPROTO_TCP, opt_user_timeout, int(user_timeout * 1000))
+
+
+_STARTS = {"resumed": ", resumed", "resumed_elsewhere": ", resumed from another replica"}
+"""What the log line of a stream that opened says of how it began (a full netmap: nothing)."""
 
 
 def http_url(host: str, port: int) -> str:

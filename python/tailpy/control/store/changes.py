@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from tailpy.control.store.schema import nodes as _nodes
+
 CHANNEL = "tailpy_changes"
 """The PostgreSQL ``NOTIFY`` channel of the change feed (payload empty)."""
 
@@ -261,11 +263,23 @@ def relays(conn: Connection, now: float, stale: float) -> dict[str, str]:
 
 def reap(conn: Connection, now: float, stale: float) -> list[str]:
     """Remove the replicas whose heartbeat is ``stale`` seconds old or older, and their streams (each stream
-    row deleted is a change of its node: it is offline unless it streams elsewhere). Returns their ids."""
-    dead = [
-        str(r.id)
-        for r in conn.execute(sa.select(replicas.c.id).where(replicas.c.heartbeat <= now - stale)).all()
-    ]
+    row deleted is a change of its node: it is offline unless it streams elsewhere). Their nodes' last seen
+    becomes the dead replica's last heartbeat where it was older (the stream's opening), so that an
+    ephemeral node's offline time counts from then. Returns their ids."""
+    rows = conn.execute(
+        sa.select(replicas.c.id, replicas.c.heartbeat).where(replicas.c.heartbeat <= now - stale)
+    ).all()
+    dead = [str(r.id) for r in rows]
+    for r in rows:  # (its nodes were last seen when it last beat, not when their streams opened)
+        held = sa.select(node_streams.c.node_id).where(node_streams.c.replica_id == r.id)
+        conn.execute(
+            _nodes.update()
+            .where(
+                _nodes.c.id.in_(held),
+                sa.or_(_nodes.c.last_seen.is_(None), _nodes.c.last_seen < r.heartbeat),
+            )
+            .values(last_seen=r.heartbeat)
+        )
     if dead:
         conn.execute(node_streams.delete().where(node_streams.c.replica_id.in_(dead)))
         conn.execute(replicas.delete().where(replicas.c.id.in_(dead)))

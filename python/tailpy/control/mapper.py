@@ -1099,6 +1099,13 @@ class Mapper:
         does not give up and reconnect while thousands of streams wait for their first netmap (each
         reconnection would queue again, behind the others)."""
         sem = self._full_maps
+        if not sem.locked():  # (a free slot: taken at once, no task, no trip through the event loop)
+            await sem.acquire()
+            try:
+                yield
+            finally:
+                sem.release()
+            return
         turn = asyncio.ensure_future(sem.acquire())
         try:
             while True:

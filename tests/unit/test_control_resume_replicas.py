@@ -135,7 +135,7 @@ def test_what_cannot_resume_elsewhere_gets_a_full_netmap(
     b.read(feed)
     c.drain()
     assert c.state is not None
-    accept = READS_DERP
+    accept: tuple[str, ...] = READS_DERP
     if why == "old client":  # (reads no DERP map in a delta: b's could not reach it)
         accept = ()
     elif why == "another feed":

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _mapclient import Client, mkey
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_control_stream import Client, mkey, node
+from test_control_stream import node
 
 from tailpy.cli.control.dns import parse_record, parse_route
 from tailpy.cli.main import cli

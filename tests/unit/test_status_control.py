@@ -8,16 +8,22 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 from rich.console import Console
+from test_daemon_lifecycle import DataPlane, until
 from test_ipnstate import backend
 
 from _metrics import parse
 from tailpy.cli import status
+from tailpy.control import ControlServer, Store
+from tailpy.daemon.backend import Backend
 from tailpy.daemon.metrics import node_registry
+from tailpy.daemon.state import StateStore
 from tailpy.errors import ParseError
 from tailpy.ipnstate import Status
 
@@ -97,3 +103,29 @@ async def test_stream_starts_metric_is_the_status(tmp_path: Path) -> None:
     _, samples = parse(generate_latest(node_registry(lambda: older)).decode())
     assert samples[("tailpy_node_control_stream_starts_total", (("start", "netmap"),))] == 0
     assert samples[("tailpy_node_control_stream_starts_total", (("start", "delta"),))] == 0
+
+
+async def test_node_reports_the_url_it_streams_from(tmp_path: Path) -> None:
+    """A node given an unreachable URL first streams from the second: its status names that one."""
+    (tmp_path / "control").mkdir()
+    store = Store(tmp_path / "control")
+    srv = ControlServer(store, keepalive=0.5, poll_interval=0.2)
+    host, port = await srv.start("127.0.0.1", 0)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = f"http://{host}:{port}"
+    (tmp_path / "node").mkdir()
+    node = Backend(StateStore(tmp_path / "node"), DataPlane, configure_os=False)
+    try:
+        await node.start()
+        key = srv.store.create_auth_key(reusable=True, expires=None, now=time.time()).key
+        await node.up(f"{dead},{url}", key, "alpha")
+        await until(lambda: node.status().control_connected, "the map stream")
+        st = node.status()
+        assert st.control_url == url and st.map_stream_starts == {"netmap": 1, "delta": 0}
+        assert f"control: {url} (2 of 2 URLs)" in _render(st)
+    finally:
+        await node.close()
+        await srv.stop()
+        store.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 from rich.console import Console
+from test_control_replicas import Pair, nkey
 from test_daemon_lifecycle import DataPlane, until
 from test_ipnstate import backend
 
@@ -129,3 +130,37 @@ async def test_node_reports_the_url_it_streams_from(tmp_path: Path) -> None:
         await node.close()
         await srv.stop()
         store.close()
+
+
+async def test_failover_shows_the_other_replica_and_a_delta_start(tmp_path: Path) -> None:
+    """Two control servers on one database: when the first stops, the node streams from the second, resumed
+    with a delta; its status names the second URL and counts one start of each kind."""
+    (tmp_path / "control").mkdir()
+    pair = Pair(tmp_path / "control")
+    await pair.start()
+    (tmp_path / "node").mkdir()
+    node = Backend(StateStore(tmp_path / "node"), DataPlane, configure_os=False)
+    try:
+        await node.start()
+        key = pair.stores[0].create_auth_key(reusable=True, expires=None, now=time.time()).key
+        await node.up(",".join(pair.urls), key, "alpha")
+        await until(lambda: node.status().control_connected, "the map stream")
+        first = node.status()
+        assert first.control_url == pair.urls[0] and first.map_stream_starts == {"netmap": 1, "delta": 0}
+        me = node.state_data.node_id
+        assert me is not None  # the second replica has read the feed that far (it can place a resume point):
+        await until(lambda: pair.servers[1].replicas.online(me), "the second replica seeing the node online")
+        # a peer joins: a delta to the node, carrying a resume point in the change feed
+        await pair.client(pair.urls[1]).register(nkey(), "beta", key)
+        await until(lambda: node.netmap is not None and len(node.netmap.peers) == 1, "the peer's delta")
+        await pair.servers[0].stop()
+        await until(lambda: node.status().control_url == pair.urls[1], "the move to the second replica")
+        await until(lambda: node.status().control_connected, "the resumed stream")
+        st = node.status()
+        assert st.map_stream_starts == {"netmap": 1, "delta": 1}
+        assert f"control: {pair.urls[1]} (2 of 2 URLs)" in _render(st)
+        _, samples = parse(generate_latest(node_registry(node.status)).decode())
+        assert samples[("tailpy_node_control_stream_starts_total", (("start", "delta"),))] == 1
+    finally:
+        await node.close()
+        await pair.stop()

@@ -86,6 +86,18 @@ def _mapping(v: Any) -> Mapping[str, Any] | None:
     return v
 
 
+def _counts(v: Any) -> dict[str, int]:
+    """A JSON object of counts: ``{"name": n, ...}``."""
+    if not isinstance(v, dict):
+        raise TypeError(f"expected an object of counts, got {type(v).__name__}")
+    out: dict[str, int] = {}
+    for k, n in v.items():
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"expected a count, got {n!r}")
+        out[str(k)] = n
+    return out
+
+
 # --- nodes --------------------------------------------------------------------------------------------------
 
 
@@ -545,14 +557,17 @@ class Status:
     """``GET /localapi/v0/status``, what ``tailpy status --json`` prints.
 
     ``backend_state``: "NoState", "NeedsLogin", "Starting", "Running" or "Stopped"; ``login_server``;
-    ``control_connected``; ``error`` (the last problem, "" none); ``auth_url`` (where to sign in while an
-    interactive login waits, "" otherwise) and ``login_pending``; ``health`` (:class:`HealthWarning`, the
-    most severe first); ``now`` (unix seconds, the daemon's clock when it answered); ``self_node`` (JSON
-    ``self``); ``domain`` (the tailnet's DNS domain); ``peers`` sorted by name; ``device``, ``derp``,
-    ``derp_map`` and ``traversal`` (None without a data plane, or before a netmap for ``derp_map``);
-    ``ignored_datagrams``; ``dns`` (None without MagicDNS); ``exit_node`` (the exit node this node sends
-    its internet traffic through: the peer's name, or the preference as given when no peer matches it; None
-    when it uses none)."""
+    ``control_connected``; ``control_url`` (the URL of the current map stream, one of ``login_server``'s
+    comma-separated URLs, or of the last stream while none is up; "" before any); ``map_stream_starts``
+    (``{"netmap": n, "delta": n}``: how this node's map streams began, with a full netmap or resumed with a
+    delta, ``tailpy.control.client.ControlClient.stream_starts``; {} from an older tailpyd); ``error`` (the
+    last problem, "" none); ``auth_url`` (where to sign in while an interactive login waits, "" otherwise) and
+    ``login_pending``; ``health`` (:class:`HealthWarning`, the most severe first); ``now`` (unix seconds, the
+    daemon's clock when it answered); ``self_node`` (JSON ``self``); ``domain`` (the tailnet's DNS domain);
+    ``peers`` sorted by name; ``device``, ``derp``, ``derp_map`` and ``traversal`` (None without a data plane,
+    or before a netmap for ``derp_map``); ``ignored_datagrams``; ``dns`` (None without MagicDNS);
+    ``exit_node`` (the exit node this node sends its internet traffic through: the peer's name, or the
+    preference as given when no peer matches it; None when it uses none)."""
 
     backend_state: str
     login_server: str
@@ -572,12 +587,16 @@ class Status:
     ignored_datagrams: int
     dns: Mapping[str, Any] | None
     exit_node: str | None = None
+    control_url: str = ""
+    map_stream_starts: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "backend_state": self.backend_state,
             "login_server": self.login_server,
             "control_connected": self.control_connected,
+            "control_url": self.control_url,
+            "map_stream_starts": dict(self.map_stream_starts),
             "error": self.error,
             "auth_url": self.auth_url,
             "login_pending": self.login_pending,
@@ -619,6 +638,8 @@ class Status:
                 ignored_datagrams=int(obj["ignored_datagrams"]),
                 dns=_mapping(obj["dns"]),
                 exit_node=_opt_str(obj.get("exit_node")),
+                control_url=str(obj.get("control_url", "")),
+                map_stream_starts=_counts(obj.get("map_stream_starts", {})),
             ),
         )
 

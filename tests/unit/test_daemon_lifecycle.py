@@ -16,6 +16,7 @@ import pytest
 from _conn_device import FakeDevice
 
 from tailpy.control import ControlServer, Store
+from tailpy.control.client import control_urls
 from tailpy.daemon.backend import Backend
 from tailpy.daemon.lifecycle import TRANSITIONS, BackendState, Event, IllegalTransition, transition
 from tailpy.daemon.pfilter import DeviceRule, device_rules, filter_drops
@@ -137,8 +138,10 @@ async def test_backend_moves_by_the_table(control: tuple[ControlServer, str], tm
         st = backend.status()
         assert st.backend_state == "Running" and st.control_connected and st.self_node.name == "alpha"
         assert st.traversal is not None and st.derp is not None
+        assert st.control_url == control_urls(url)[0] and st.map_stream_starts == {"netmap": 1, "delta": 0}
         await backend.down()
         assert backend.state is S.STOPPED and devices[0].closed and not backend.status().control_connected
+        assert backend.status().control_url == control_urls(url)[0]  # the last stream's, while none is up
         await backend.up("", None, None)  # registered here: no key needed
         await until(lambda: backend.state is S.RUNNING, "running again")
         await backend.logout()

@@ -155,6 +155,8 @@ EXPECTED_STATUS: dict[str, Any] = {
     "backend_state": "Running",
     "login_server": "http://192.0.2.1:8080",
     "control_connected": False,
+    "control_url": "",
+    "map_stream_starts": {"netmap": 0, "delta": 0},
     "error": "an error",
     "auth_url": "",
     "login_pending": False,

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tailpy.cli.common import json_option, local, run, socket_option
 from tailpy.cli.safetext import assemble, cell, visible
+from tailpy.control.client import control_urls
 from tailpy.daemon.pfilter import filter_drops
 from tailpy.ipnstate import PeerStatus, SelfStatus, Status
 from tailpy.routes import EXIT_ROUTES, has_exit_routes
@@ -87,6 +88,18 @@ def self_routes(me: SelfStatus) -> str:
     return f"; advertises {', '.join(parts)}" if parts else ""
 
 
+def control_line(st: Status) -> str:
+    """The control URL in use when the login server lists several (replicas of one control database):
+    "control: http://b:8080 (2 of 2 URLs)", "(not in the login server's URLs)" for one that is not in the
+    list; "" for a single URL or before any map stream (``control_url`` "")."""
+    urls = control_urls(st.login_server) if st.login_server else ()
+    if len(urls) < 2 or not st.control_url:
+        return ""
+    if st.control_url in urls:
+        return f"control: {st.control_url} ({urls.index(st.control_url) + 1} of {len(urls)} URLs)"
+    return f"control: {st.control_url} (not in the login server's URLs)"
+
+
 def _owner(n: PeerStatus | SelfStatus) -> str:
     return n.user or ", ".join(n.tags) or "-"
 
@@ -105,6 +118,9 @@ def render(st: Status, console: Console) -> None:
     if st.exit_node:
         console.print(cell(f"exit node: {st.exit_node}"))
     names = {w.name for w in st.health}
+    line = control_line(st)
+    if line:
+        console.print(cell(line))
     if not st.control_connected and state == "Running" and "control-unreachable" not in names:
         console.print("[yellow]control server not connected: peers keep working, changes wait[/]")
     # The data plane works without an offload it fell back from, at a higher CPU cost per packet.

@@ -1154,10 +1154,14 @@ class Backend:
             self._peer_status(node, stats.get(node.node_key.raw, {}), now)
             for node in (sorted(self.netmap.peers.values(), key=lambda n: n.name) if self.netmap else [])
         )
+        login_server = s.login_server or (self._login_server if self._login is not None else "")
+        control_url = self.session.control_url
         return Status(
             backend_state=self.backend_state,
-            login_server=s.login_server or (self._login_server if self._login is not None else ""),
+            login_server=login_server,
             control_connected=self.control_connected,
+            control_url=control_url if control_url in control_urls(login_server) else "",
+            map_stream_starts=dict(self.session.stream_starts),
             error=self.last_error,
             auth_url=self.auth_url,
             login_pending=self._login is not None,

@@ -8,6 +8,10 @@ tailnet, else its node key's short form), bounded by the tailnet's size.
 
 * ``tailpy_node_state{state}`` (gauge, 1 for the current backend state), ``tailpy_node_control_connected``,
   ``tailpy_node_health_warnings``, ``tailpy_node_peers``.
+* ``tailpy_node_control_stream_starts_total{start}`` (counter): how this node's map streams began,
+  ``netmap`` (a full netmap) or ``delta`` (resumed with one delta, on the same control server or, after a
+  failover, on another replica of its database); from ``Status.map_stream_starts``
+  (``tailpy.control.client.ControlClient.stream_starts``). Both labels always, 0 before any stream.
 * ``tailpy_node_peer_sent_bytes_total{peer}``, ``tailpy_node_peer_received_bytes_total{peer}`` (counters:
   WireGuard datagram bytes, overhead included); ``tailpy_node_peer_path{peer, path}`` (gauge: 1 for the
   path in use, ``direct`` or ``relay``, 0 for the other; both 0 while there is none);
@@ -43,6 +47,9 @@ from tailpy.ipnstate import Status
 STATES = ("NoState", "NeedsLogin", "Starting", "Running", "Stopped")
 """The ``state`` labels of ``tailpy_node_state`` (:attr:`tailpy.ipnstate.Status.backend_state`)."""
 
+STREAM_STARTS = ("netmap", "delta")
+"""The ``start`` labels of ``tailpy_node_control_stream_starts_total`` (:attr:`Status.map_stream_starts`)."""
+
 DISCO_ACCEPTED = {"pings": "ping", "pongs": "pong", "call_me_maybes": "call_me_maybe"}
 DISCO_SENT = {"sent_udp": "udp", "sent_derp": "derp"}
 _DISCO_NOT_DROPS = {"received", *DISCO_ACCEPTED, *DISCO_SENT}
@@ -73,6 +80,12 @@ class NodeCollector(Collector):
             "tailpy_node_control_connected",
             "1 while the node's map stream to control is up.",
             value=int(st.control_connected),
+        )
+        yield _counter(
+            "tailpy_node_control_stream_starts",
+            "Map streams to control this node opened, by how they began: a full netmap or a resuming delta.",
+            "start",
+            {start: st.map_stream_starts.get(start, 0) for start in STREAM_STARTS},
         )
         yield GaugeMetricFamily(
             "tailpy_node_health_warnings", "Health warnings raised now.", value=len(st.health)

@@ -186,6 +186,12 @@ class ControlSession:
         self._routes_changed = asyncio.Event()
         self._netmap_changed = asyncio.Event()
         self._unextendable_expiry: float | None = None  # a key expiry that rotation did not extend
+        self.control_url = ""
+        """The control URL of the current map stream, or of the last one while none is up ("" before any):
+        one of ``state.login_server``'s URLs (:func:`tailpy.control.client.control_urls`)."""
+        self.stream_starts: dict[str, int] = {"netmap": 0, "delta": 0}
+        """How this session's map streams began, over all its clients (``ControlClient.stream_starts``):
+        ``netmap`` (a full netmap) or ``delta`` (resumed, on the same server or another control replica)."""
         self.clock_skew: float | None = None
         self.rename_pending = False
         """A new hostname control could not take (``up --hostname`` while it was unreachable): registered
@@ -287,6 +293,7 @@ class ControlSession:
             client = ControlClient(self.state.login_server, self.state.machine_key)
             client.on_clock_skew = self._note_skew
             client.map_state = resume  # resume from what the last stream applied (only deltas since)
+            client.stream_starts = self.stream_starts  # counted on across reconnects
             tasks = {
                 asyncio.create_task(self._follow(client), name="follow"),
                 asyncio.create_task(self._rotate_when_due(client), name="rotate"),
@@ -356,6 +363,7 @@ class ControlSession:
             routable_ips=list(s.advertise_routes),
         ):
             self.self_node = netmap.self_node
+            self.control_url = client.server_url  # (the URL this stream was opened on)
             self.connected = True  # on_netmap reports it with the rest
             self.hooks.on_netmap(netmap)
             self._netmap_changed.set()

@@ -367,8 +367,9 @@ def shared_key(conn: Connection, fallback: str) -> str:
 def feed_id(conn: Connection) -> str:
     """The database's change feed id (16 hex digits, made by the first replica that asks): names the feed in
     the resume points of map streams (:mod:`tailpy.control.mapper`), so that a stream resumes on another
-    replica only when both read the same feed (not a database restored or made anew, whose sequence numbers
-    mean other changes)."""
+    replica only when both read the same feed (not a database made anew, whose sequence numbers mean other
+    changes). A database restored from a backup keeps its id: a node holding a point past the restored
+    feed gets a full netmap until the feed passes that point again."""
     row = conn.execute(sa.select(control_keys.c.value).where(control_keys.c.name == "feed")).first()
     if row is not None:
         return str(row.value)

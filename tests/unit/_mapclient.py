@@ -1,18 +1,42 @@
-"""One node's side of a mapper stream, without a server: opens what the stream's writer would send now and
-applies it as :class:`tailpy.control.client.ControlClient` does (for the mapper's unit tests)."""
+"""The mapper's unit tests without a server: node records (:func:`node`), and one node's side of a mapper
+stream (:class:`Client`), which opens what the stream's writer would send now and applies it as
+:class:`tailpy.control.client.ControlClient` does."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import nacl.public
 
 from tailpy.control.client import MapMessage, MapState, apply_message
 from tailpy.control.mapper import Mapper
-from tailpy.keys import MachinePrivate
+from tailpy.endpoint import Endpoint
+from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
+from tailpy.netmap import Node
 from tailpy.proto import control as proto
 
 
 def mkey() -> MachinePrivate:
     return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
+
+
+def node(i: int, user: str = "", tags: tuple[str, ...] = (), **kw: Any) -> Node:
+    """Node ``i`` (name ``n<i>``, address 100.64.0.<i>, keys made of byte ``i``), with ``kw`` replacing
+    fields (``endpoints`` may be given as strings)."""
+    base = Node(
+        id=i,
+        name=f"n{i}",
+        hostname=f"n{i}",
+        node_key=NodePublic(bytes([i]) * 32),
+        machine_key=MachinePublic(bytes([i + 100]) * 32),
+        addresses=(f"100.64.0.{i}/32",),
+        user=user,
+        tags=tags,
+    )
+    if "endpoints" in kw:
+        kw["endpoints"] = tuple(Endpoint.parse(str(e)) for e in kw["endpoints"])
+    return dataclasses.replace(base, **kw)
 
 
 class Client:

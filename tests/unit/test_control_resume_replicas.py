@@ -6,33 +6,27 @@ its last message; and DERP map changes sent as deltas."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from _mapclient import Client, mkey
+from _mapclient import node as mapnode
 
 from tailpy.control.client import MapMessage, MapState, apply_message
 from tailpy.control.mapper import Mapper, parse_feed_point
 from tailpy.control.policy import Policy
 from tailpy.dns.config import DNSConfig
 from tailpy.errors import ControlError
-from tailpy.keys import MachinePublic, NodePublic
 from tailpy.netmap import DerpMap, DerpNode, DerpRegion, NetMap, Node
 
 FEED = "0123456789abcdef"
 READS_DERP = ("derp_map",)
 
 
-def node(i: int, **kw: object) -> Node:
-    base = Node(
-        id=i,
-        name=f"n{i}",
-        hostname=f"n{i}",
-        node_key=NodePublic(bytes([i]) * 32),
-        machine_key=MachinePublic(bytes([i + 100]) * 32),
-        addresses=(f"100.64.0.{i}/32",),
-        key_expiry=10_000.0 + i,
-    )
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+def node(i: int, **kw: Any) -> Node:
+    """:func:`_mapclient.node` whose key expires at unix time 10,000 + ``i``."""
+    kw.setdefault("key_expiry", 10_000.0 + i)
+    return mapnode(i, **kw)
 
 
 def derp_map(first: int) -> DerpMap:

@@ -8,17 +8,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import nacl.public
+import _mapclient
 import pytest
+from _mapclient import mkey, node
 
-from tailpy.control.client import MapMessage, MapState, apply_message
 from tailpy.control.mapper import Mapper
 from tailpy.control.policy import Compiled, Policy, PolicyError, PolicyNode
 from tailpy.control.routes import PrimaryRoutes, auto_approved, served_routes
-from tailpy.keys import MachinePrivate, MachinePublic, NodePublic
 from tailpy.netmap import Node
 from tailpy.packetfilter import filter_to_json
-from tailpy.proto import control as proto
 
 LAN = "198.51.100.0/24"
 LAN6 = "2001:db8:1::/64"
@@ -122,51 +120,12 @@ def test_auto_approvers_must_name_defined_groups_and_tags() -> None:
 # --- the mapper's records ---
 
 
-def mkey() -> MachinePrivate:
-    return MachinePrivate(bytes(nacl.public.PrivateKey.generate()))
-
-
-def node(i: int, user: str = "", tags: tuple[str, ...] = (), **kw: Any) -> Node:
-    base = Node(
-        id=i,
-        name=f"n{i}",
-        hostname=f"n{i}",
-        node_key=NodePublic(bytes([i]) * 32),
-        machine_key=MachinePublic(bytes([i + 100]) * 32),
-        addresses=(f"100.64.0.{i}/32",),
-        user=user,
-        tags=tags,
-    )
-    return dataclasses.replace(base, **kw)
-
-
-class Client:
-    """One node's stream, opened and applied as ControlClient applies it."""
+class Client(_mapclient.Client):
+    """One node's stream, published online when it opens and offline when it closes (as the server does)."""
 
     def __init__(self, mapper: Mapper, node_id: int) -> None:
-        self.key = mkey()
-        self.mapper = mapper
-        self.stream = mapper.open_stream(node_id, proto.public_of(self.key), "n" * 32)
-        self.opener = proto.StreamOpener(self.key, proto.public_of(mapper.server_key), "n" * 32)
-        self.state: MapState | None = None
+        super().__init__(mapper, node_id)
         self.mapper.publish(self.mapper.nodes[node_id])  # online now, as the server publishes it
-
-    def drain(self) -> list[MapMessage]:
-        s, m, bodies = self.stream, self.mapper, []
-        if s.resync:
-            s.resync = False
-            body = m.full_map_body(s.node_id)
-            assert body is not None
-            m.full_map_sent(s)
-            bodies.append(body)
-        if s.sent < m.version:
-            body = m.delta_body(s)
-            if body is not None:
-                bodies.append(body)
-        out = [MapMessage(self.opener.open(s.sealer.seal(b))) for b in bodies]
-        for msg in out:
-            self.state = apply_message(self.state, msg)
-        return out
 
     def close(self) -> None:
         self.mapper.close_stream(self.stream)

@@ -9,32 +9,17 @@ import json
 import tracemalloc
 
 import pytest
-from _mapclient import Client, mkey
+from _mapclient import Client, mkey, node
 
 from tailpy.backoff import reconnect_delays
 from tailpy.control.client import MapMessage, apply_message
 from tailpy.control.mapper import Mapper, MapStream
 from tailpy.endpoint import Endpoint
 from tailpy.errors import ControlError, ParseError
-from tailpy.keys import MachinePublic, NodePublic
-from tailpy.netmap import MapDelta, NetMap, Node, apply_delta, delta
+from tailpy.keys import MachinePublic
+from tailpy.netmap import MapDelta, NetMap, apply_delta, delta
 from tailpy.proto import control as proto
 from tailpy.proto.mapcodec import compact_record
-
-
-def node(i: int, machine: MachinePublic | None = None, **kw: object) -> Node:
-    base = Node(
-        id=i,
-        name=f"n{i}",
-        hostname=f"n{i}",
-        node_key=NodePublic(bytes([i]) * 32),
-        machine_key=machine or MachinePublic(bytes([i + 100]) * 32),
-        addresses=(f"100.64.0.{i}/32",),
-    )
-    if "endpoints" in kw:
-        kw["endpoints"] = tuple(Endpoint.parse(str(e)) for e in kw["endpoints"])  # type: ignore[attr-defined]
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
-
 
 # --- pure delta functions ---
 

@@ -3,31 +3,11 @@ sees; node changes and policy changes reach exactly the streams they affect, as 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-from _mapclient import Client, mkey
+from _mapclient import Client, mkey, node
 
 from tailpy.control.mapper import Mapper
 from tailpy.control.policy import Policy
-from tailpy.keys import MachinePublic, NodePublic
-from tailpy.netmap import Node
 from tailpy.packetfilter import ALLOW_ALL, ALLOW_ALL_PART, CLEAR_PARTS, filter_to_json
-
-
-def node(i: int, user: str = "", tags: tuple[str, ...] = (), **kw: Any) -> Node:
-    base = Node(
-        id=i,
-        name=f"n{i}",
-        hostname=f"n{i}",
-        node_key=NodePublic(bytes([i]) * 32),
-        machine_key=MachinePublic(bytes([i + 100]) * 32),
-        addresses=(f"100.64.0.{i}/32",),
-        user=user,
-        tags=tags,
-    )
-    return dataclasses.replace(base, **kw)
-
 
 TAGS = '"tagOwners": {"tag:server": ["group:dev"], "tag:db": ["group:dev"], "tag:web": []}'
 DEV_TO_SERVER = Policy.parse(

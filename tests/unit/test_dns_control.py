@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _mapclient import Client, mkey
+from _mapclient import Client, mkey, node
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_control_stream import node
 
 from tailpy.cli.control.dns import parse_record, parse_route
 from tailpy.cli.main import cli

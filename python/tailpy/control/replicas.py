@@ -520,13 +520,10 @@ class Replicas:
                     f"control replica {self.id!r}: another process took over this replica id: stopping "
                     "(give each replica its own --replica-id)"
                 )
-            if known is None:
-                for node_id in sorted(local):  # (reaped while it could not beat: streams again)
-                    changes.stream_opened(conn, node_id, self.id, now)
+            # (reaped while it could not beat: all its streams again; else those whose insert failed)
+            changes.streams_opened(conn, local if known is None else unopened, self.id, now)
             for node_id in sorted(unclosed - local):
                 changes.stream_closed(conn, node_id, self.id)
-            if unopened and known is not None:
-                changes.streams_opened(conn, unopened, self.id, now)
             dead = changes.reap(conn, now, stale)
             self._alive = changes.alive(conn, now, stale)
             relays = changes.relays(conn, now, stale) if self.on_relays is not None else None

@@ -293,18 +293,13 @@ def leave(conn: Connection, replica_id: str) -> None:
 
 
 def stream_opened(conn: Connection, node_id: int, replica_id: str, now: float) -> None:
-    """Record that ``replica_id`` holds a map stream of ``node_id`` (idempotent)."""
-    exists = conn.execute(
-        sa.select(node_streams.c.node_id).where(
-            node_streams.c.node_id == node_id, node_streams.c.replica_id == replica_id
-        )
-    ).first()
-    if exists is None:
-        conn.execute(node_streams.insert().values(node_id=node_id, replica_id=replica_id, opened=now))
+    """:func:`streams_opened` for one node."""
+    streams_opened(conn, (node_id,), replica_id, now)
 
 
 def streams_opened(conn: Connection, node_ids: Iterable[int], replica_id: str, now: float) -> None:
-    """:func:`stream_opened` for each of ``node_ids`` (one query for the rows there are, one insert)."""
+    """Record that ``replica_id`` holds a map stream of each of ``node_ids`` (idempotent: one query for the
+    rows there are, one insert of the others)."""
     ids = sorted(set(node_ids))
     have: set[int] = set()
     for i in range(0, len(ids), 500):
